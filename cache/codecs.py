@@ -1,0 +1,162 @@
+"""Codecs: a batch of logits [B, C] <-> B fixed-size byte strings.
+
+Every codec has a fixed record size for a given class count, so a batch
+decodes with one ``frombuffer`` instead of a Python loop per row.
+
+* ``fp32``, ``fp16``, ``bf16``: full logits.
+* ``int8``: per-row affine quantisation (fp32 scale and offset, 256 levels).
+* ``topk:K``: the K largest logits (fp16), their class indices (the smallest
+  unsigned type that holds the class count) and the row's log-sum-exp (fp32),
+  so the probability mass outside the top K stays known. Decoding to dense
+  spreads that mass evenly over the other classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def _index_dtype(num_classes: int) -> np.dtype:
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if num_classes - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt).newbyteorder("<")
+    raise ValueError(f"{num_classes} classes do not fit uint32 indices")
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+
+    def record_bytes(self, num_classes: int) -> int:
+        raise NotImplementedError
+
+    def encode(self, logits: torch.Tensor) -> np.ndarray:
+        """[B, C] logits -> uint8 array [B, record_bytes]."""
+        raise NotImplementedError
+
+    def decode(self, raw: np.ndarray, num_classes: int) -> torch.Tensor:
+        """uint8 [B, record_bytes] -> float32 dense logits [B, C]."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class FullCodec(Codec):
+    torch_dtype: torch.dtype = torch.float32
+
+    def record_bytes(self, num_classes: int) -> int:
+        return num_classes * torch.empty((), dtype=self.torch_dtype).element_size()
+
+    def encode(self, logits: torch.Tensor) -> np.ndarray:
+        t = logits.detach().to("cpu", self.torch_dtype).contiguous()
+        return t.view(torch.uint8).numpy().reshape(t.shape[0], -1)
+
+    def decode(self, raw: np.ndarray, num_classes: int) -> torch.Tensor:
+        t = torch.from_numpy(np.require(raw, requirements=["C", "W"])).view(self.torch_dtype)
+        return t.reshape(raw.shape[0], num_classes).float()
+
+
+@dataclass(frozen=True)
+class Int8Codec(Codec):
+    """Row-wise affine: q = round((z - lo) / scale) - 128, scale = (hi - lo) / 255."""
+
+    def record_bytes(self, num_classes: int) -> int:
+        return 8 + num_classes
+
+    def encode(self, logits: torch.Tensor) -> np.ndarray:
+        z = logits.detach().to("cpu", torch.float32).numpy()
+        lo = z.min(axis=1, keepdims=True)
+        hi = z.max(axis=1, keepdims=True)
+        scale = np.maximum((hi - lo) / 255.0, np.finfo(np.float32).tiny).astype(np.float32)
+        q = (np.rint((z - lo) / scale) - 128).clip(-128, 127).astype(np.int8)
+        head = np.concatenate([scale, lo.astype(np.float32)], axis=1).astype("<f4")
+        return np.concatenate([head.view(np.uint8), q.view(np.uint8)], axis=1)
+
+    def decode(self, raw: np.ndarray, num_classes: int) -> torch.Tensor:
+        raw = np.ascontiguousarray(raw)
+        head = raw[:, :8].copy().view("<f4")
+        q = raw[:, 8:].view(np.int8).astype(np.float32) + 128.0
+        return torch.from_numpy(q * head[:, :1] + head[:, 1:2])
+
+
+@dataclass(frozen=True)
+class TopKCodec(Codec):
+    k: int = 10
+
+    def _layout(self, num_classes: int) -> tuple[np.dtype, int, int]:
+        idx = _index_dtype(num_classes)
+        return idx, 2 * self.k, idx.itemsize * self.k
+
+    def record_bytes(self, num_classes: int) -> int:
+        if self.k > num_classes:
+            raise ValueError(f"topk:{self.k} needs at least {self.k} classes, got {num_classes}")
+        _, vbytes, ibytes = self._layout(num_classes)
+        return vbytes + ibytes + 4
+
+    def encode(self, logits: torch.Tensor) -> np.ndarray:
+        z = logits.detach().to("cpu", torch.float32)
+        c = z.shape[1]
+        self.record_bytes(c)
+        values, indices = z.topk(self.k, dim=1)
+        lse = torch.logsumexp(z, dim=1, keepdim=True)
+        idx_dt, _, _ = self._layout(c)
+        parts = [
+            values.to(torch.float16).numpy().view(np.uint8),
+            indices.numpy().astype(idx_dt).view(np.uint8),
+            lse.numpy().astype("<f4").view(np.uint8),
+        ]
+        return np.concatenate(parts, axis=1)
+
+    def decode_sparse(self, raw: np.ndarray, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (values fp32 [B, K], indices int64 [B, K], logsumexp fp32 [B])."""
+        idx_dt, vbytes, ibytes = self._layout(num_classes)
+        raw = np.ascontiguousarray(raw)
+        values = raw[:, :vbytes].copy().view("<f2").astype(np.float32)
+        indices = raw[:, vbytes : vbytes + ibytes].copy().view(idx_dt).astype(np.int64)
+        lse = raw[:, vbytes + ibytes :].copy().view("<f4")[:, 0]
+        return torch.from_numpy(values), torch.from_numpy(indices), torch.from_numpy(lse.copy())
+
+    def decode(self, raw: np.ndarray, num_classes: int) -> torch.Tensor:
+        values, indices, lse = self.decode_sparse(raw, num_classes)
+        b = values.shape[0]
+        rest = num_classes - self.k
+        out = torch.empty(b, num_classes)
+        if rest:
+            # Tail mass = 1 - sum(top-k probs), spread evenly as log-probabilities + lse.
+            top_mass = torch.exp(values - lse[:, None]).sum(dim=1).clamp(max=1.0)
+            tail = (1.0 - top_mass).clamp(min=1e-12) / rest
+            out[:] = (torch.log(tail) + lse)[:, None]
+        out.scatter_(1, indices, values)
+        return out
+
+
+CODECS: dict[str, Codec] = {
+    "fp32": FullCodec("fp32", torch.float32),
+    "fp16": FullCodec("fp16", torch.float16),
+    "bf16": FullCodec("bf16", torch.bfloat16),
+    "int8": Int8Codec("int8"),
+}
+
+
+def get_codec(name: str) -> Codec:
+    """``fp32``, ``fp16``, ``bf16``, ``int8`` or ``topk:K``."""
+    if name in CODECS:
+        return CODECS[name]
+    if name.startswith("topk:"):
+        try:
+            k = int(name.split(":", 1)[1])
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise ValueError(f"codec {name!r}: K must be a positive integer, as in topk:10")
+        return TopKCodec(name, k)
+    raise ValueError(f"unknown codec {name!r}; choose from {', '.join(CODECS)} or topk:K")
+
+
+def bytes_per_sample(codec: str, num_classes: int) -> int:
+    return get_codec(codec).record_bytes(num_classes) + RECORD_OVERHEAD
+
+
+RECORD_OVERHEAD = 8  # header (4) + crc32 (4); see cache.store

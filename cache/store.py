@@ -1,0 +1,385 @@
+"""LMDB storage of teacher outputs.
+
+Layout of one environment (a directory with ``data.mdb``):
+
+* ``b"\\x00meta"`` -> JSON metadata (``CacheMeta``).
+* record keys ``b"r" + fp[8] + ds[8] + index u64 BE + view u32 BE``, where
+  ``fp``/``ds`` are the first bytes of sha256 of the teacher fingerprint and of
+  the dataset id. Big-endian integers make a cursor walk one teacher/dataset
+  in index order.
+* record values ``b"KD" + version u8 + 0 + payload + crc32 u32 LE``; the crc
+  covers the key too, so a value under the wrong key is caught as well.
+
+Writes are batched into large transactions; an acknowledged record is one
+whose transaction committed (LMDB commits are durable and atomic, so a killed
+writer loses at most the uncommitted batch). Readers open read-only, lazily in
+each process, so a reader object can be handed to DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import torch
+
+from cache.codecs import get_codec
+
+FORMAT_VERSION = 1
+META_KEY = b"\x00meta"
+_HEADER = b"KD" + bytes([FORMAT_VERSION, 0])
+_KEY = struct.Struct(">QI")
+_CRC = struct.Struct("<I")
+_INITIAL_MAP = 64 << 20
+
+
+class CacheError(RuntimeError):
+    """A cache that cannot be opened, read or written; the message says which and why."""
+
+
+class StaleCacheError(CacheError):
+    """The cache was built for another teacher, dataset or codec."""
+
+
+class CorruptRecordError(CacheError):
+    """A record whose checksum or layout is wrong."""
+
+
+class MissingRecordError(CacheError, KeyError):
+    """A (sample, view) the cache does not hold."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+def _kd_version() -> str:
+    from kd import __version__
+
+    return f"kd {__version__}"
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    teacher_fingerprint: str
+    dataset_id: str
+    dataset_size: int
+    codec: str
+    num_classes: int
+    teacher: str = ""
+    views: int = 1
+    temperature: float | None = None
+    format_version: int = FORMAT_VERSION
+    created_by: str = field(default_factory=_kd_version)
+
+    # Fields that must agree between a cache and the one who opens it.
+    IDENTITY = ("format_version", "teacher_fingerprint", "dataset_id", "dataset_size", "codec", "num_classes", "views")
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> CacheMeta:
+        data = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def check(self, path: str | Path, **expected: object) -> None:
+        """Raise StaleCacheError naming the first field that differs from ``expected``."""
+        for name, want in expected.items():
+            if want is None:
+                continue
+            have = getattr(self, name)
+            if have != want:
+                raise StaleCacheError(
+                    f"cache {str(path)!r} was built with {name}={have!r}, but {want!r} was requested; "
+                    "rebuild it with `kd precompute` or open the cache that matches"
+                )
+
+    @property
+    def record_prefix(self) -> bytes:
+        fp = hashlib.sha256(self.teacher_fingerprint.encode()).digest()[:8]
+        ds = hashlib.sha256(self.dataset_id.encode()).digest()[:8]
+        return b"r" + fp + ds
+
+
+def record_key(prefix: bytes, index: int, view: int = 0) -> bytes:
+    return prefix + _KEY.pack(index, view)
+
+
+def _seal(key: bytes, payload: bytes) -> bytes:
+    body = _HEADER + payload
+    return body + _CRC.pack(zlib.crc32(body, zlib.crc32(key)))
+
+
+def _unseal(path: str, key: bytes, value: bytes, payload_bytes: int) -> bytes:
+    index, view = _KEY.unpack(key[-_KEY.size :])
+    where = f"record (index={index}, view={view}) of cache {path!r}"
+    if len(value) != len(_HEADER) + payload_bytes + _CRC.size:
+        raise CorruptRecordError(f"{where} has {len(value)} bytes, expected {len(_HEADER) + payload_bytes + 4}")
+    body, crc = value[: -_CRC.size], _CRC.unpack(value[-_CRC.size :])[0]
+    if zlib.crc32(body, zlib.crc32(key)) != crc:
+        raise CorruptRecordError(f"{where} fails its checksum: the stored targets are corrupted")
+    if body[:2] != _HEADER[:2] or body[2] != FORMAT_VERSION:
+        raise CorruptRecordError(f"{where} has an unknown header {body[:4]!r}")
+    return body[len(_HEADER) :]
+
+
+_ENVS: dict[str, tuple[int, lmdb.Environment, bool]] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+def _environment(path: Path, *, write: bool) -> lmdb.Environment:
+    """The process's one handle on ``path``.
+
+    LMDB allows one open environment per file per process, and handles must
+    not cross fork(): so readers and writers share a handle per (path, pid),
+    and a child process opens its own.
+    """
+    key = os.path.realpath(path)
+    with _ENVS_LOCK:
+        entry = _ENVS.get(key)
+        if entry is not None and entry[0] == os.getpid() and (entry[2] or not write):
+            return entry[1]
+        if entry is not None and entry[0] == os.getpid():
+            entry[1].close()  # read-only handle; reopen writable
+        try:
+            if write:
+                path.mkdir(parents=True, exist_ok=True)
+                env = lmdb.open(str(path), map_size=_INITIAL_MAP, subdir=True, readahead=False, max_readers=1024)
+            else:
+                env = lmdb.open(str(path), readonly=True, lock=True, readahead=False, max_readers=1024, subdir=True)
+        except lmdb.Error as e:
+            raise CacheError(f"cannot open cache {str(path)!r}: {e}") from e
+        _ENVS[key] = (os.getpid(), env, write)
+        return env
+
+
+def _release(path: Path) -> None:
+    key = os.path.realpath(path)
+    with _ENVS_LOCK:
+        entry = _ENVS.pop(key, None)
+        if entry is not None and entry[0] == os.getpid():
+            entry[1].close()
+
+
+class CacheWriter:
+    """Fills one cache; re-opening an existing cache with the same metadata resumes it."""
+
+    def __init__(self, path: str | Path, meta: CacheMeta, *, commit_every: int = 4096) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self.codec = get_codec(meta.codec)
+        self.record_bytes = self.codec.record_bytes(meta.num_classes)
+        self.commit_every = commit_every
+        self._prefix = meta.record_prefix
+        self._pending: list[tuple[bytes, bytes]] = []
+        self.committed = 0
+        self.env = _environment(self.path, write=True)
+        with self.env.begin() as txn:
+            raw = txn.get(META_KEY)
+        if raw is not None:
+            CacheMeta.from_json(raw).check(self.path, **{k: getattr(meta, k) for k in CacheMeta.IDENTITY})
+        else:
+            self._commit([(META_KEY, meta.to_json())])
+
+    def present(self) -> set[tuple[int, int]]:
+        """(index, view) of every committed record."""
+        out: set[tuple[int, int]] = set()
+        with self.env.begin() as txn:
+            cur = txn.cursor()
+            if cur.set_range(self._prefix):
+                for key in cur.iternext(keys=True, values=False):
+                    if not key.startswith(self._prefix):
+                        break
+                    out.add(_KEY.unpack(key[len(self._prefix) :]))
+        return out
+
+    def put(self, indices: Iterable[int], logits: torch.Tensor, views: Iterable[int] | None = None) -> None:
+        """Buffer a batch of rows; committed every ``commit_every`` records and on ``flush``."""
+        idx = [int(i) for i in indices]
+        vw = [0] * len(idx) if views is None else [int(v) for v in views]
+        if logits.ndim != 2 or logits.shape[0] != len(idx) or len(vw) != len(idx):
+            raise ValueError(f"put: {len(idx)} indices, {len(vw)} views but logits of shape {tuple(logits.shape)}")
+        if logits.shape[1] != self.meta.num_classes:
+            raise ValueError(f"put: logits have {logits.shape[1]} classes, cache has {self.meta.num_classes}")
+        if not torch.isfinite(logits).all():
+            raise ValueError("put: logits contain NaN or Inf; refusing to cache them")
+        for i, v in zip(idx, vw):
+            if not 0 <= i < self.meta.dataset_size or not 0 <= v < self.meta.views:
+                raise ValueError(
+                    f"put: (index={i}, view={v}) outside dataset_size={self.meta.dataset_size}, views={self.meta.views}"
+                )
+        encoded = self.codec.encode(logits)
+        for row, i, v in zip(encoded, idx, vw):
+            key = record_key(self._prefix, i, v)
+            self._pending.append((key, _seal(key, row.tobytes())))
+        if len(self._pending) >= self.commit_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._commit(self._pending)
+            self.committed += len(self._pending)
+            self._pending = []
+
+    def _commit(self, items: list[tuple[bytes, bytes]]) -> None:
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for k, v in items:
+                        txn.put(k, v)
+                return
+            except lmdb.MapFullError:
+                # Grow the map and redo the whole (aborted) transaction.
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.Error as e:
+                if "No space left" in str(e) or getattr(e, "errno", None) == 28:
+                    raise CacheError(
+                        f"disk full while writing cache {str(self.path)!r}: the last batch was not committed; "
+                        "records committed before it are intact. Free space and re-run to resume."
+                    ) from e
+                raise CacheError(f"cannot write cache {str(self.path)!r}: {e}") from e
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            _release(self.path)
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CacheReader:
+    """Read-only view of a cache; safe to pickle into DataLoader worker processes.
+
+    ``expect`` fields (teacher_fingerprint, dataset_id, codec, ...) are checked
+    against the metadata at open: a mismatch raises StaleCacheError naming the field.
+    """
+
+    def __init__(self, path: str | Path, **expect: object) -> None:
+        self.path = Path(path)
+        if not (self.path / "data.mdb").is_file():
+            raise CacheError(f"no cache at {str(self.path)!r} (no data.mdb); create one with `kd precompute`")
+        raw = self._get_raw(META_KEY)
+        if raw is None:
+            raise CacheError(f"cache {str(self.path)!r} has no metadata record")
+        self.meta = CacheMeta.from_json(raw)
+        unknown = set(expect) - set(CacheMeta.IDENTITY) - {"teacher"}
+        if unknown:
+            raise TypeError(f"unknown cache fields {sorted(unknown)}")
+        self.meta.check(self.path, **expect)
+        self.codec = get_codec(self.meta.codec)
+        self.record_bytes = self.codec.record_bytes(self.meta.num_classes)
+        self._prefix = self.meta.record_prefix
+
+    def _environment(self) -> lmdb.Environment:
+        return _environment(self.path, write=False)
+
+    def _get_raw(self, key: bytes) -> bytes | None:
+        with self._environment().begin(buffers=False) as txn:
+            return txn.get(key)
+
+    def _txn(self) -> lmdb.Transaction:
+        env = self._environment()
+        try:
+            return env.begin(buffers=False)
+        except lmdb.MapResizedError:
+            env.set_mapsize(0)  # a writer grew the map: adopt its size
+            return env.begin(buffers=False)
+
+    def read_raw(self, indices: Iterable[int], views: Iterable[int] | None = None) -> np.ndarray:
+        """Checked payloads, uint8 [B, record_bytes]."""
+        idx = [int(i) for i in indices]
+        vw = [0] * len(idx) if views is None else [int(v) for v in views]
+        out = np.empty((len(idx), self.record_bytes), dtype=np.uint8)
+        path = str(self.path)
+        with self._txn() as txn:
+            for row, (i, v) in enumerate(zip(idx, vw)):
+                key = record_key(self._prefix, i, v)
+                value = txn.get(key)
+                if value is None:
+                    raise MissingRecordError(f"cache {path!r} has no record for (index={i}, view={v})")
+                out[row] = np.frombuffer(_unseal(path, key, value, self.record_bytes), dtype=np.uint8)
+        return out
+
+    def get(
+        self, indices: Iterable[int] | torch.Tensor, views: Iterable[int] | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Dense float32 logits [B, C] for the given samples (and views)."""
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()
+        if isinstance(views, torch.Tensor):
+            views = views.tolist()
+        return self.codec.decode(self.read_raw(indices, views), self.meta.num_classes)
+
+    def keys(self) -> Iterator[tuple[int, int]]:
+        with self._txn() as txn:
+            cur = txn.cursor()
+            if cur.set_range(self._prefix):
+                for key in cur.iternext(keys=True, values=False):
+                    if not key.startswith(self._prefix):
+                        break
+                    yield _KEY.unpack(key[len(self._prefix) :])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.keys())
+
+    def verify(self) -> VerifyReport:
+        """Check every record's checksum and decode, and which (index, view) are missing."""
+        report = VerifyReport(expected=self.meta.dataset_size * self.meta.views)
+        seen: set[tuple[int, int]] = set()
+        path = str(self.path)
+        with self._txn() as txn:
+            cur = txn.cursor()
+            for key, value in cur:
+                if key == META_KEY:
+                    continue
+                if not key.startswith(self._prefix) or len(key) != len(self._prefix) + _KEY.size:
+                    report.problems.append(f"foreign key {key[:40]!r}")
+                    continue
+                iv = _KEY.unpack(key[len(self._prefix) :])
+                try:
+                    payload = _unseal(path, key, value, self.record_bytes)
+                    decoded = self.codec.decode(np.frombuffer(payload, dtype=np.uint8)[None], self.meta.num_classes)
+                    if not torch.isfinite(decoded).all():
+                        raise CorruptRecordError(f"record (index={iv[0]}, view={iv[1]}) decodes to NaN/Inf")
+                except CorruptRecordError as e:
+                    report.problems.append(str(e))
+                    continue
+                if not (0 <= iv[0] < self.meta.dataset_size and 0 <= iv[1] < self.meta.views):
+                    report.problems.append(f"record (index={iv[0]}, view={iv[1]}) is outside the dataset")
+                    continue
+                seen.add(iv)
+        report.present = len(seen)
+        report.missing = [
+            (i, v) for i in range(self.meta.dataset_size) for v in range(self.meta.views) if (i, v) not in seen
+        ]
+        return report
+
+    def close(self) -> None:
+        """Nothing to do: the handle is shared per process and closed at exit."""
+
+
+@dataclass
+class VerifyReport:
+    expected: int
+    present: int = 0
+    missing: list[tuple[int, int]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.problems

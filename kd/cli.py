@@ -1,0 +1,269 @@
+"""The ``kd`` command line (typer)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="kd: teacher-as-a-service knowledge distillation.", no_args_is_help=True, add_completion=False)
+cache_app = typer.Typer(help="Inspect and check soft-label caches.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _parse_options(items: list[str]) -> dict[str, object]:
+    """``key=value`` pairs; values parsed as JSON where they can be (numbers, true/false)."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"option {item!r} must look like key=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command()
+def serve(
+    teacher: list[str] = typer.Option(
+        ...,
+        "--teacher",
+        "-t",
+        help="NAME=SPEC; SPEC is module:factory@WEIGHTS or an archive path. Repeat for several teachers.",
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 for all interfaces)."),
+    port: int = typer.Option(50051, help="Port to bind; 0 picks a free one (see --port-file)."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    amp: str = typer.Option("fp32", help="Autocast dtype of the forward: fp32, bf16 or fp16."),
+    max_batch_size: int = typer.Option(256, help="Largest merged forward, in samples."),
+    max_queue_delay_us: int = typer.Option(2000, help="How long a partial batch waits for more requests."),
+    max_queue_size: int = typer.Option(0, help="Queued samples per teacher before RESOURCE_EXHAUSTED (0 = unbounded)."),
+    max_message_mb: int = typer.Option(256, help="Largest request/response message, MiB."),
+    workers: int = typer.Option(32, help="gRPC handler threads."),
+    trust_archive: bool = typer.Option(
+        False, help="Allow TorchScript / torch.export archives (they are executable code)."
+    ),
+    port_file: Path | None = typer.Option(None, help="Write the bound port here once serving."),
+) -> None:
+    """Serve teachers over gRPC with dynamic batching."""
+    from teacher_server.loading import TeacherLoadError, load_teacher
+    from teacher_server.server import BatchingOptions, serve_until_signalled, start_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    teachers = []
+    for item in teacher:
+        name, sep, spec = item.partition("=")
+        if not sep or not name:
+            _fail(f"--teacher {item!r} must look like NAME=SPEC")
+        try:
+            teachers.append(load_teacher(name, spec, device=device, trust_archive=trust_archive))
+        except TeacherLoadError as e:
+            _fail(str(e))
+    running = start_server(
+        teachers,
+        host=host,
+        port=port,
+        batching=BatchingOptions(max_batch_size, max_queue_delay_us, max_queue_size, amp),
+        max_workers=workers,
+        max_message_bytes=max_message_mb << 20,
+    )
+    for t in teachers:
+        console.print(
+            f"teacher [bold]{t.name}[/] fingerprint {t.fingerprint[:16]} input {list(t.input_shape)} "
+            f"classes {t.num_classes} on {t.device}",
+            highlight=False,
+        )
+    console.print(f"serving on {host}:{running.port}", highlight=False)
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(running.port))
+        tmp.replace(port_file)  # atomic: a reader never sees a half-written port
+    serve_until_signalled(running)
+    console.print("drained; bye")
+
+
+@app.command()
+def precompute(
+    source: str = typer.Option(..., help="Teacher to run: server:HOST:PORT[/TEACHER] or local:SPEC."),
+    out: Path = typer.Option(..., help="Cache directory (created, or resumed if it exists)."),
+    dataset: str = typer.Option("digits", help="Dataset and split, e.g. digits or digits:test."),
+    codec: str = typer.Option("fp32", help="fp32, fp16, bf16, int8 or topk:K."),
+    batch_size: int = typer.Option(256),
+    device: str = typer.Option("cpu", help="Device for a local: teacher."),
+) -> None:
+    """Run a dataset through a teacher and store its soft targets in an LMDB cache."""
+    from cache import CacheError
+    from kd.data import parse_dataset
+    from kd.precompute import precompute as run
+    from student_trainer.sources import parse_source
+
+    if source.startswith("cache:"):
+        _fail("precompute needs a teacher: server:... or local:...")
+    data = parse_dataset(dataset)
+    try:
+        src = parse_source(source, **({"device": device} if source.startswith("local:") else {}))
+        with src:
+            report = run(data, src, out, codec=codec, batch_size=batch_size)
+    except (CacheError, ValueError) as e:
+        _fail(str(e))
+    console.print(
+        f"wrote {report.written}, skipped {report.skipped} already cached, {report.bytes_per_sample} B/sample, "
+        f"{report.seconds:.1f}s -> {out}",
+        highlight=False,
+    )
+
+
+@app.command()
+def train(
+    source: str | None = typer.Option(
+        None, help="cache:PATH, server:HOST:PORT[/TEACHER] or local:SPEC (not needed for ce)."
+    ),
+    method: str = typer.Option("kd", help="A method from `kd methods`."),
+    opt: list[str] = typer.Option([], "--opt", help="Method option key=value, e.g. --opt temperature=4. Repeatable."),
+    dataset: str = typer.Option("digits", help="Training dataset; evaluated on its test split."),
+    student: str = typer.Option("kd.models:digits_student", help="module:factory of the student."),
+    subset: int = typer.Option(0, help="Train on the first N samples of a seeded permutation (0 = all)."),
+    epochs: int = typer.Option(60),
+    batch_size: int = typer.Option(32),
+    lr: float = typer.Option(3e-3),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu"),
+    out: Path | None = typer.Option(None, help="Save the student's weights here (safetensors)."),
+) -> None:
+    """Train a student from a soft-target source with a KD method."""
+    import torch
+
+    from kd.data import load_dataset, parse_dataset
+    from student_trainer.sources import parse_source
+    from student_trainer.train import TrainConfig, seed_everything, train_student
+    from teacher_server.loading import TeacherLoadError, TeacherSpec, build_model
+
+    train_data = parse_dataset(dataset)
+    test_data = load_dataset(train_data.name, "test")
+    seed_everything(seed)
+    try:
+        model = build_model(TeacherSpec.parse(student))
+    except TeacherLoadError as e:
+        _fail(str(e))
+    src = None
+    try:
+        if source is not None:
+            kwargs = {"dataset_id": train_data.dataset_id} if source.startswith("cache:") else {}
+            if source.startswith("local:"):
+                kwargs = {"device": device}
+            src = parse_source(source, **kwargs)
+        sub = None
+        if subset:
+            sub = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(seed))[:subset]
+        config = TrainConfig(
+            method=method,
+            method_options=_parse_options(opt),
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+        )
+        result = train_student(model, train_data, test_data, config, source=src, subset=sub)
+    except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
+        _fail(f"{type(e).__name__}: {e}")
+    finally:
+        if src is not None:
+            src.close()
+    if out is not None:
+        from safetensors.torch import save_file
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out))
+    print(
+        json.dumps(
+            {
+                "method": method,
+                "source": source,
+                "test_acc": result.test_acc,
+                "epochs": epochs,
+                "seconds": round(result.seconds, 2),
+            }
+        )
+    )
+
+
+@app.command()
+def methods() -> None:
+    """List the KD methods with their papers and default options."""
+    from student_trainer.losses import METHODS
+
+    table = Table("method", "paper", "defaults")
+    for name, m in sorted(METHODS.items()):
+        table.add_row(name, m.paper, ", ".join(f"{k}={v}" for k, v in m.defaults.items()))
+    Console().print(table)
+
+
+@cache_app.command("info")
+def cache_info(path: Path) -> None:
+    """Print a cache's metadata and size."""
+    from cache import CacheError, CacheReader
+    from cache.codecs import bytes_per_sample
+
+    try:
+        reader = CacheReader(path)
+    except CacheError as e:
+        _fail(str(e))
+    info = dict(vars(reader.meta))
+    info["records"] = len(reader)
+    info["bytes_per_sample"] = bytes_per_sample(reader.meta.codec, reader.meta.num_classes)
+    info["file_bytes"] = (path / "data.mdb").stat().st_size
+    print(json.dumps(info, indent=2))
+
+
+@cache_app.command("verify")
+def cache_verify(path: Path) -> None:
+    """Check every record's checksum and the coverage; exit 1 on any problem."""
+    from cache import CacheError, CacheReader
+
+    try:
+        report = CacheReader(path).verify()
+    except CacheError as e:
+        _fail(str(e))
+    for p in report.problems[:20]:
+        console.print(f"[red]corrupt:[/] {p}", highlight=False)
+    if report.missing:
+        shown = ", ".join(f"{i}/{v}" for i, v in report.missing[:10])
+        console.print(
+            f"[red]missing {len(report.missing)} of {report.expected}[/] (index/view): {shown}"
+            + (" ..." if len(report.missing) > 10 else ""),
+            highlight=False,
+        )
+    console.print(
+        f"{report.present}/{report.expected} records present, {len(report.problems)} problems", highlight=False
+    )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), help="Where teacher, cache, results.json and curves.png go."),
+    seeds: int = typer.Option(3, help="Student seeds per setting."),
+    epochs: int = typer.Option(300, help="Student epochs."),
+    labeled: int = typer.Option(100, help="Training samples the student sees (the teacher sees the whole split)."),
+    teacher_epochs: int = typer.Option(40),
+) -> None:
+    """Serve a teacher, cache its soft targets, train students from cache and server, print a table."""
+    from kd.demo import run_demo
+
+    results = run_demo(out, seeds=seeds, epochs=epochs, labeled=labeled, teacher_epochs=teacher_epochs)
+    sys.exit(0 if results else 1)

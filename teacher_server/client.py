@@ -1,0 +1,226 @@
+"""The client students use to reach one teacher server or a pool of them.
+
+Several addresses (or a DNS name resolving to several) are balanced by gRPC's
+own ``round_robin`` policy; UNAVAILABLE is retried by gRPC's retry policy.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from kd.v1 import teacher_pb2 as pb
+from kd.v1 import teacher_pb2_grpc as pb_grpc
+from kd.wire import from_proto, proto_dtype, to_proto, torch_dtype
+from teacher_server.server import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options
+
+
+class TeacherRequestError(RuntimeError):
+    """The server refused or failed one request; ``code`` is its grpc.StatusCode."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TeacherDescription:
+    name: str
+    fingerprint: str
+    input_shape: tuple[int, ...]
+    input_dtype: torch.dtype
+    num_classes: int
+    max_batch_size: int
+    device: str
+
+
+def _service_config() -> str:
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "methodConfig": [
+                {
+                    "name": [{"service": SERVICE_NAME}],
+                    "retryPolicy": {
+                        "maxAttempts": 5,
+                        "initialBackoff": "0.1s",
+                        "maxBackoff": "2s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ],
+        }
+    )
+
+
+def target_of(addresses: str | list[str]) -> str:
+    """``host:port``, a list of them, or ``dns:///name:port`` -> a gRPC target."""
+    if isinstance(addresses, str):
+        addresses = [a for a in addresses.split(",") if a]
+    if len(addresses) == 1:
+        return addresses[0]
+    if any("://" in a for a in addresses):
+        raise ValueError("give either one resolver URI (dns:///...) or a list of host:port")
+    return "ipv4:" + ",".join(addresses)
+
+
+def spec_of(logits: bool, top_k: int, temperature: float, dtype: torch.dtype) -> pb.OutputSpec:
+    return pb.OutputSpec(logits=logits, logits_dtype=proto_dtype(dtype), top_k=top_k, probs_temperature=temperature)
+
+
+class TeacherClient:
+    def __init__(
+        self,
+        addresses: str | list[str],
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        timeout: float | None = 60.0,
+    ) -> None:
+        options: list[tuple[str, Any]] = channel_options(max_message_bytes)
+        options += [("grpc.service_config", _service_config()), ("grpc.enable_retries", 1)]
+        self.target = target_of(addresses)
+        self.channel = grpc.insecure_channel(self.target, options=options)
+        self.stub = pb_grpc.TeacherServiceStub(self.channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> TeacherClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def list_teachers(self) -> list[TeacherDescription]:
+        resp = self._call(self.stub.ListTeachers, pb.ListTeachersRequest())
+        return [
+            TeacherDescription(
+                t.name,
+                t.fingerprint,
+                tuple(t.input_shape),
+                torch_dtype(t.input_dtype),
+                int(t.num_classes),
+                int(t.max_batch_size),
+                t.device,
+            )
+            for t in resp.teachers
+        ]
+
+    def describe(self, teacher: str | None = None) -> TeacherDescription:
+        """The named teacher, or the only one when the server has exactly one."""
+        teachers = self.list_teachers()
+        if teacher is None:
+            if len(teachers) != 1:
+                names = ", ".join(t.name for t in teachers)
+                raise ValueError(f"server {self.target} has {len(teachers)} teachers ({names}); name one")
+            return teachers[0]
+        for t in teachers:
+            if t.name == teacher:
+                return t
+        raise TeacherRequestError(
+            grpc.StatusCode.NOT_FOUND,
+            f"unknown teacher {teacher!r}; server {self.target} has: {', '.join(t.name for t in teachers)}",
+        )
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout, wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise TeacherRequestError(e.code(), e.details()) from None
+
+    def infer(
+        self,
+        teacher: str,
+        inputs: torch.Tensor,
+        *,
+        logits: bool = True,
+        top_k: int = 0,
+        temperature: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> dict[str, torch.Tensor]:
+        """One unary request; returns the named output tensors."""
+        req = pb.InferRequest(
+            teacher=teacher, inputs=to_proto(inputs), outputs=spec_of(logits, top_k, temperature, dtype)
+        )
+        resp = self._call(self.stub.Infer, req)
+        return {k: from_proto(v) for k, v in resp.outputs.items()}
+
+    def infer_stream(
+        self,
+        teacher: str,
+        batches: Iterable[tuple[Any, torch.Tensor]],
+        *,
+        depth: int = 8,
+        logits: bool = True,
+        top_k: int = 0,
+        temperature: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[tuple[Any, dict[str, torch.Tensor]]]:
+        """Pipelined inference over one InferStream.
+
+        ``batches`` yields ``(key, inputs)``; up to ``depth`` are in flight
+        ahead of the consumer. Yields ``(key, outputs)`` in input order.
+        """
+        spec = spec_of(logits, top_k, temperature, dtype)
+        outbox: queue.Queue = queue.Queue()
+
+        def requests() -> Iterator[pb.InferRequest]:
+            while (req := outbox.get()) is not None:
+                yield req
+
+        call = self.stub.InferStream(requests(), timeout=None, wait_for_ready=True)
+        source = iter(batches)
+        keys: dict[int, Any] = {}
+        ready: dict[int, dict[str, torch.Tensor]] = {}
+        sent = 0
+
+        def send_next() -> bool:
+            nonlocal sent
+            try:
+                key, x = next(source)
+            except StopIteration:
+                return False
+            keys[sent] = key
+            outbox.put(pb.InferRequest(request_id=str(sent), teacher=teacher, inputs=to_proto(x), outputs=spec))
+            sent += 1
+            return True
+
+        try:
+            while len(keys) < depth and send_next():
+                pass
+            want = 0
+            while want < sent:
+                while want not in ready:
+                    try:
+                        resp = next(call)
+                    except grpc.RpcError as e:
+                        raise TeacherRequestError(e.code(), e.details()) from None
+                    if resp.HasField("error"):
+                        raise TeacherRequestError(status_code(resp.error.code), resp.error.message)
+                    ready[int(resp.request_id)] = {k: from_proto(v) for k, v in resp.outputs.items()}
+                yield keys.pop(want), ready.pop(want)
+                want += 1
+                send_next()
+        finally:
+            outbox.put(None)
+            call.cancel()
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    """The grpc.StatusCode whose number is ``value`` (UNKNOWN if none)."""
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN
