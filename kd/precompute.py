@@ -50,7 +50,7 @@ def precompute(
     with CacheWriter(out, meta, commit_every=commit_every) as writer:
         present = writer.present()
         todo = torch.tensor([i for i in range(len(dataset)) if (i, 0) not in present], dtype=torch.long)
-        batches = ((idx, dataset.inputs[idx], dataset.labels[idx]) for idx in torch.split(todo, batch_size))
+        batches = ((idx, dataset.inputs[idx], dataset.labels[idx]) for idx in torch.split(todo, batch_size) if len(idx))
         with Progress(
             TextColumn("precompute {task.description}"),
             BarColumn(),

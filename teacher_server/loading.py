@@ -181,7 +181,10 @@ def load_teacher(
             f"cannot tell the input shape of teacher {name!r}: give the model an `input_shape` "
             "attribute or append ?input_shape=CxHxW to its spec"
         )
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass  # torch.export modules are frozen in the mode they were exported in
     for p in model.parameters():
         p.requires_grad_(False)
     fp = fingerprint(model)

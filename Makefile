@@ -1,0 +1,30 @@
+# The two quick-start commands (`make demo`, `make test`) build their own
+# environment in $(VENV) first. TORCH picks the torch build: the CPU wheel by
+# default; on a GPU node use e.g. `make TORCH=torch demo` for the CUDA build.
+PY    ?= python3
+VENV  ?= .venv
+TORCH ?= torch==2.13.0
+BIN   := $(VENV)/bin
+
+.PHONY: demo test lint protos clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/kd demo --out demo-out
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+protos: $(VENV)/.installed
+	$(BIN)/python -m kd.protogen
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

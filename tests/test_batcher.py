@@ -1,0 +1,142 @@
+"""The dynamic batcher on its own: merging, splitting, queue bound, errors, drain."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from teacher_server.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
+
+
+class RecordingForward:
+    """A real computation (a fixed linear map) that records each batch size it ran."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        torch.manual_seed(0)
+        self.w = torch.randn(8, 5)
+        self.sizes: list[int] = []
+        self.threads: set[str] = set()
+        self.delay = delay
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(int(x.shape[0]))
+        self.threads.add(threading.current_thread().name)
+        if self.delay:
+            time.sleep(self.delay)
+        return x @ self.w
+
+
+def test_concurrent_requests_are_merged_and_split_back_exactly() -> None:
+    fwd = RecordingForward()
+    b = DynamicBatcher(fwd, max_batch_size=64, max_queue_delay_s=0.05, name="t")
+    inputs = [torch.randn(n, 8) for n in (3, 5, 1, 7, 2, 4, 6, 8)]
+    barrier = threading.Barrier(len(inputs))
+    futures: list = [None] * len(inputs)
+
+    def client(i: int) -> None:
+        barrier.wait()
+        futures[i] = b.submit(inputs[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for x, f in zip(inputs, futures):
+        torch.testing.assert_close(f.result(timeout=5), x @ fwd.w)
+    b.close()
+    assert sum(fwd.sizes) == sum(len(x) for x in inputs)
+    assert len(fwd.sizes) < len(inputs), f"nothing was merged: {fwd.sizes}"
+    assert fwd.threads == {"batcher-t"}, "only the batcher thread may run the model"
+
+
+def test_request_larger_than_max_batch_is_split_and_reassembled() -> None:
+    fwd = RecordingForward()
+    b = DynamicBatcher(fwd, max_batch_size=16, max_queue_delay_s=0.0)
+    x = torch.randn(50, 8)
+    out = b.submit(x).result(timeout=5)
+    b.close()
+    torch.testing.assert_close(out, x @ fwd.w)
+    assert max(fwd.sizes) <= 16 and sum(fwd.sizes) == 50 and len(fwd.sizes) == 4
+
+
+def test_partial_batch_waits_at_most_the_queue_delay() -> None:
+    fwd = RecordingForward()
+    b = DynamicBatcher(fwd, max_batch_size=1000, max_queue_delay_s=0.2)
+    t0 = time.monotonic()
+    b.submit(torch.randn(2, 8)).result(timeout=5)
+    waited = time.monotonic() - t0
+    b.close()
+    # Lower bound only (CI machines are slow, never fast): the batch was held for more.
+    assert waited >= 0.15, waited
+
+
+def test_full_batch_runs_without_waiting_for_the_delay() -> None:
+    fwd = RecordingForward()
+    b = DynamicBatcher(fwd, max_batch_size=4, max_queue_delay_s=30.0)
+    out = b.submit(torch.randn(4, 8)).result(timeout=10)  # would time out if it waited 30 s
+    b.close()
+    assert out.shape == (4, 5)
+
+
+def test_bounded_queue_rejects_at_once() -> None:
+    fwd = RecordingForward(delay=0.3)
+    b = DynamicBatcher(fwd, max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=8)
+    first = b.submit(torch.randn(4, 8))  # taken by the forward (sleeping)
+    time.sleep(0.05)
+    queued = b.submit(torch.randn(8, 8))  # fills the queue
+    with pytest.raises(QueueFullError, match="max_queue_size=8"):
+        b.submit(torch.randn(1, 8))
+    assert first.result(timeout=5).shape == (4, 5)
+    assert queued.result(timeout=5).shape == (8, 5)
+    b.close()
+
+
+def test_forward_error_reaches_every_caller_and_batcher_keeps_running() -> None:
+    calls = {"n": 0}
+
+    def flaky(x: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA out of memory (simulated by this forward)")
+        return x * 2
+
+    b = DynamicBatcher(flaky, max_batch_size=8, max_queue_delay_s=0.0)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        b.submit(torch.ones(2, 3)).result(timeout=5)
+    torch.testing.assert_close(b.submit(torch.ones(2, 3)).result(timeout=5), torch.full((2, 3), 2.0))
+    b.close()
+
+
+def test_cancelled_request_is_not_computed() -> None:
+    fwd = RecordingForward(delay=0.3)
+    b = DynamicBatcher(fwd, max_batch_size=4, max_queue_delay_s=0.0)
+    busy = b.submit(torch.randn(4, 8))
+    time.sleep(0.05)
+    gone = b.submit(torch.randn(3, 8))
+    assert gone.cancel()
+    busy.result(timeout=5)
+    after = b.submit(torch.randn(2, 8)).result(timeout=5)
+    b.close()
+    assert after.shape == (2, 5)
+    assert 3 not in fwd.sizes and sum(fwd.sizes) == 6
+
+
+def test_close_drains_queued_work_then_refuses() -> None:
+    fwd = RecordingForward(delay=0.05)
+    b = DynamicBatcher(fwd, max_batch_size=2, max_queue_delay_s=0.0)
+    futures = [b.submit(torch.randn(2, 8)) for _ in range(5)]
+    b.close()
+    assert all(f.result(timeout=0).shape == (2, 5) for f in futures)
+    with pytest.raises(BatcherClosedError):
+        b.submit(torch.randn(1, 8))
+
+
+def test_empty_batch_is_refused() -> None:
+    b = DynamicBatcher(RecordingForward(), max_batch_size=2)
+    with pytest.raises(ValueError, match="empty"):
+        b.submit(torch.randn(0, 8))
+    b.close()

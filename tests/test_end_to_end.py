@@ -1,0 +1,108 @@
+"""End to end through the CLI: `kd serve` as a real subprocess on loopback,
+`kd precompute` through it, the cache read back, `kd train` from every source,
+and `kd demo` in a reduced form."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cache import CacheReader
+from kd.data import load_dataset
+from teacher_server.loading import Teacher
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def kd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kd", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+@pytest.fixture()
+def served(tmp_path: Path, teacher_spec: str):
+    port_file = tmp_path / "port"
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kd", "serve", "--teacher", f"digits={teacher_spec}", "--port", "0",
+         "--port-file", str(port_file)],
+        stdout=log, stderr=subprocess.STDOUT, env=ENV,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not port_file.exists():
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        assert time.monotonic() < deadline, "kd serve did not start"
+        time.sleep(0.05)
+    yield proc, f"127.0.0.1:{port_file.read_text()}"
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+def test_serve_precompute_verify_train_from_every_source(tmp_path: Path, served, teacher: Teacher, teacher_spec):
+    proc, address = served
+    cache_dir = tmp_path / "cache"
+    r = kd("precompute", "--source", f"server:{address}", "--out", str(cache_dir), "--dataset", "digits")
+    assert r.returncode == 0, r.stderr
+    train = load_dataset("digits", "train")
+    assert f"wrote {len(train)}" in r.stderr
+    again = kd("precompute", "--source", f"server:{address}", "--out", str(cache_dir))
+    assert again.returncode == 0 and f"wrote 0, skipped {len(train)}" in again.stderr
+
+    verify = kd("cache", "verify", str(cache_dir))
+    assert verify.returncode == 0, verify.stderr
+    reader = CacheReader(cache_dir, teacher_fingerprint=teacher.fingerprint, dataset_id=train.dataset_id)
+    with torch.inference_mode():
+        torch.testing.assert_close(reader.get(range(len(train))), teacher.model(train.inputs), rtol=1e-5, atol=1e-5)
+
+    accs = {}
+    for source in (f"cache:{cache_dir}", f"server:{address}/digits", f"local:{teacher_spec}"):
+        out = tmp_path / f"student-{source.split(':')[0]}.safetensors"
+        r = kd("train", "--source", source, "--method", "kd", "--epochs", "2", "--subset", "200", "--opt",
+               "temperature=2", "--out", str(out))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        result = json.loads(r.stdout.strip().splitlines()[-1])
+        assert 0.0 <= result["test_acc"] <= 1.0 and out.is_file()
+        accs[source.split(":")[0]] = result["test_acc"]
+    # Same targets, same seed: the three students agree (to float rounding of batched forwards).
+    assert max(accs.values()) - min(accs.values()) <= 0.01, accs
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_cli_errors_are_clear(tmp_path: Path, served) -> None:
+    _, address = served
+    r = kd("train", "--source", f"server:{address}/ghost", "--epochs", "1")
+    assert r.returncode != 0 and "unknown teacher 'ghost'" in r.stderr
+    r = kd("train", "--source", f"cache:{tmp_path / 'none'}", "--epochs", "1")
+    assert r.returncode != 0 and "no cache at" in r.stderr
+    r = kd("train", "--method", "nope", "--source", f"server:{address}", "--epochs", "1")
+    assert r.returncode != 0 and "unknown method 'nope'" in r.stderr
+    r = kd("serve", "--teacher", f"t=kd.models:digits_teacher@{tmp_path / 'missing.safetensors'}", "--port", "0")
+    assert r.returncode != 0 and "does not exist" in r.stderr
+    r = kd("precompute", "--source", f"server:{address}", "--out", str(tmp_path / "c"), "--codec", "zip")
+    assert r.returncode != 0 and "unknown codec 'zip'" in r.stderr
+
+
+def test_demo_reduced(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    r = kd("demo", "--out", str(out), "--seeds", "2", "--epochs", "4", "--labeled", "60", "--teacher-epochs", "3")
+    assert r.returncode == 0, r.stderr
+    results = json.loads((out / "results.json").read_text())
+    for key in ("teacher_acc", "student_ce_acc", "student_kd_cache_acc", "student_kd_server_acc"):
+        assert 0.0 < results[key] <= 1.0, key
+    assert results["seeds"] == [0, 1]
+    assert results["cache_bytes"] == 1198 * results["cache_bytes_per_sample"]
+    assert results["max_abs_diff_cache_vs_server"] <= 1e-5
+    assert results["server_exit_code"] == 0 and results["seconds"] > 0
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert "KD from the live server" in r.stdout

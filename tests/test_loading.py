@@ -1,0 +1,93 @@
+"""Loading teachers from local files: safetensors, weights-only state_dicts, refusals."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kd.models import digits_student, digits_teacher
+from teacher_server.loading import TeacherLoadError, TeacherSpec, fingerprint, load_teacher
+
+
+class NotWeights:
+    """Anything that is not a tensor: unpickling it would run code."""
+
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+def test_safetensors_and_state_dict_give_the_same_teacher(tmp_path: Path, teacher_weights: Path) -> None:
+    a = load_teacher("a", f"kd.models:digits_teacher@{teacher_weights}")
+    model = digits_teacher()
+    a_state = a.model.state_dict()
+    torch.save(a_state, tmp_path / "w.pt")
+    b = load_teacher("b", f"kd.models:digits_teacher@{tmp_path / 'w.pt'}")
+    torch.save({"state_dict": a_state, "epoch": 3}, tmp_path / "ckpt.pth")
+    c = load_teacher("c", f"kd.models:digits_teacher@{tmp_path / 'ckpt.pth'}")
+    assert a.fingerprint == b.fingerprint == c.fingerprint
+    assert a.fingerprint != fingerprint(model), "fingerprint must depend on the weights"
+    assert not a.model.training and a.num_classes == 10 and a.input_shape == (64,)
+    x = torch.rand(3, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(a.model(x), b.model(x))
+
+
+def test_fingerprint_depends_on_architecture_and_every_weight(teacher_weights: Path) -> None:
+    t = load_teacher("t", f"kd.models:digits_teacher@{teacher_weights}")
+    before = t.fingerprint
+    with torch.no_grad():
+        next(iter(t.model.parameters())).view(-1)[0] += 1e-6
+    assert fingerprint(t.model) != before
+    assert fingerprint(digits_student()) != fingerprint(digits_teacher())
+
+
+def test_pickled_objects_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"w": NotWeights()}, f)
+    torch.save({"model": NotWeights()}, tmp_path / "evil2.pt")
+    for p in (path, tmp_path / "evil2.pt"):
+        with pytest.raises(TeacherLoadError, match="not plain weights|cannot read"):
+            load_teacher("t", f"kd.models:digits_teacher@{p}")
+
+
+def test_missing_file_and_mismatched_checkpoint_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(TeacherLoadError, match="does not exist"):
+        load_teacher("t", f"kd.models:digits_teacher@{tmp_path / 'nope.safetensors'}")
+    save_file({k: v.contiguous() for k, v in digits_student().state_dict().items()}, str(tmp_path / "s.safetensors"))
+    with pytest.raises(TeacherLoadError, match="does not fit the architecture"):
+        load_teacher("t", f"kd.models:digits_teacher@{tmp_path / 's.safetensors'}")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TeacherLoadError, match="not a valid safetensors"):
+        load_teacher("t", f"kd.models:digits_teacher@{tmp_path / 'junk.safetensors'}")
+    with pytest.raises(TeacherLoadError, match="cannot import module"):
+        load_teacher("t", "no_such_module_kd:factory")
+    with pytest.raises(TeacherLoadError, match="no attribute"):
+        load_teacher("t", "kd.models:no_such_factory")
+
+
+def test_export_archive_needs_trust(tmp_path: Path) -> None:
+    model = digits_teacher().eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (torch.rand(4, 64),), dynamic_shapes=({0: batch},))
+    path = tmp_path / "teacher.pt2"
+    torch.export.save(program, str(path))
+    with pytest.raises(TeacherLoadError, match="--trust-archive"):
+        load_teacher("t", f"{path}?input_shape=64")
+    t = load_teacher("t", f"{path}?input_shape=64", trust_archive=True)
+    assert t.num_classes == 10 and t.input_shape == (64,)
+    x = torch.rand(5, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(t.model(x), model(x))
+
+
+def test_spec_parsing() -> None:
+    s = TeacherSpec.parse("pkg.mod:make_net@/w/x.safetensors?input_shape=3x32x32")
+    assert s.factory == "pkg.mod:make_net" and str(s.weights) == "/w/x.safetensors" and s.input_shape == (3, 32, 32)
+    assert TeacherSpec.parse("/models/t.pt2").archive == Path("/models/t.pt2")
+    with pytest.raises(TeacherLoadError, match="unknown option"):
+        TeacherSpec.parse("a:b@w.pt?colour=red")
