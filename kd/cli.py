@@ -36,57 +36,141 @@ def _parse_options(items: list[str]) -> dict[str, object]:
     return out
 
 
+def _floats(text: str | None) -> list[float] | None:
+    return None if text is None else [float(v) for v in text.split(",") if v.strip()]
+
+
 @app.command()
 def serve(
     teacher: list[str] = typer.Option(
-        ...,
-        "--teacher",
-        "-t",
-        help="NAME=SPEC; SPEC is module:factory@WEIGHTS or an archive path. Repeat for several teachers.",
+        [], "--teacher", "-t", help="NAME=SPEC; SPEC is module:factory@WEIGHTS or an archive path. Repeatable."
     ),
-    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 for all interfaces)."),
-    port: int = typer.Option(50051, help="Port to bind; 0 picks a free one (see --port-file)."),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    config: Path | None = typer.Option(None, help="TOML/YAML file of teachers, datasets and server options."),
+    dataset: list[str] = typer.Option(
+        [], help="NAME=REF: register a dataset for inputs by reference, e.g. digits=digits:train."
+    ),
+    host: str | None = typer.Option(None, help="Address to bind [127.0.0.1]; 0.0.0.0 for all interfaces."),
+    port: int | None = typer.Option(None, help="Port to bind [50051]; 0 picks a free one (see --port-file)."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (for --teacher)."),
     amp: str = typer.Option("fp32", help="Autocast dtype of the forward: fp32, bf16 or fp16."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the teachers."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Run 4-D inputs in channels-last layout."),
+    warmup: bool = typer.Option(True, help="Run each batch size once before serving."),
     max_batch_size: int = typer.Option(256, help="Largest merged forward, in samples."),
+    preferred_batch_size: list[int] = typer.Option([], help="A batch of this size runs at once. Repeatable."),
     max_queue_delay_us: int = typer.Option(2000, help="How long a partial batch waits for more requests."),
     max_queue_size: int = typer.Option(0, help="Queued samples per teacher before RESOURCE_EXHAUSTED (0 = unbounded)."),
-    max_message_mb: int = typer.Option(256, help="Largest request/response message, MiB."),
-    workers: int = typer.Option(32, help="gRPC handler threads."),
+    mean: str | None = typer.Option(None, help="uint8 inputs: per-channel mean after /255, e.g. 0.485,0.456,0.406."),
+    std: str | None = typer.Option(None, help="uint8 inputs: per-channel std after /255."),
+    max_message_mb: int | None = typer.Option(None, help="Largest request/response message, MiB [256]."),
+    workers: int | None = typer.Option(None, help="gRPC handler threads [32]."),
     trust_archive: bool = typer.Option(
         False, help="Allow TorchScript / torch.export archives (they are executable code)."
     ),
+    token_file: Path | None = typer.Option(
+        None, help="Require 'authorization: Bearer <token>' (token in this file; or env KD_TOKEN)."
+    ),
+    tls_cert: Path | None = typer.Option(None, help="Server certificate (PEM) for TLS."),
+    tls_key: Path | None = typer.Option(None, help="Server private key (PEM) for TLS."),
+    tls_client_ca: Path | None = typer.Option(
+        None, help="CA (PEM) that client certificates must chain to: mutual TLS."
+    ),
+    metrics_port: int | None = typer.Option(None, help="Serve Prometheus /metrics on this port."),
     port_file: Path | None = typer.Option(None, help="Write the bound port here once serving."),
 ) -> None:
     """Serve teachers over gRPC with dynamic batching."""
+    import os
+
+    from kd.data import parse_dataset
+    from teacher_server.auth import TLSConfig
+    from teacher_server.config import ConfigError, ServerConfig, TeacherEntry, load_config
     from teacher_server.loading import TeacherLoadError, load_teacher
-    from teacher_server.server import BatchingOptions, serve_until_signalled, start_server
+    from teacher_server.server import TeacherOptions, serve_until_signalled, start_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    teachers = []
+    try:
+        cfg = load_config(config) if config is not None else ServerConfig()
+    except ConfigError as e:
+        _fail(str(e))
+    flags = TeacherOptions(
+        max_batch_size=max_batch_size,
+        preferred_batch_sizes=list(preferred_batch_size),
+        max_queue_delay_us=max_queue_delay_us,
+        max_queue_size=max_queue_size,
+        amp=amp,
+        compile=compile,
+        channels_last=channels_last,
+        warmup=warmup,
+        mean=_floats(mean),
+        std=_floats(std),
+    )
     for item in teacher:
         name, sep, spec = item.partition("=")
         if not sep or not name:
             _fail(f"--teacher {item!r} must look like NAME=SPEC")
+        cfg.teachers.append(TeacherEntry(name, spec, device, flags))
+    for item in dataset:
+        name, sep, ref = item.partition("=")
+        if not sep or not name:
+            _fail(f"--dataset {item!r} must look like NAME=REF")
+        cfg.datasets[name] = ref
+    if not cfg.teachers:
+        _fail("no teachers: give --teacher NAME=SPEC or --config FILE")
+    for key, value in (("host", host), ("port", port), ("max_message_mb", max_message_mb), ("workers", workers),
+                       ("metrics_port", metrics_port)):  # fmt: skip
+        if value is not None:
+            setattr(cfg, key, value)
+    for key, value in (("token_file", token_file), ("tls_cert", tls_cert), ("tls_key", tls_key),
+                       ("tls_client_ca", tls_client_ca)):  # fmt: skip
+        if value is not None:
+            setattr(cfg, key, str(value))
+    cfg.trust_archive = cfg.trust_archive or trust_archive
+    token = os.environ.get("KD_TOKEN") or None
+    if cfg.token_file:
         try:
-            teachers.append(load_teacher(name, spec, device=device, trust_archive=trust_archive))
-        except TeacherLoadError as e:
-            _fail(str(e))
-    running = start_server(
-        teachers,
-        host=host,
-        port=port,
-        batching=BatchingOptions(max_batch_size, max_queue_delay_us, max_queue_size, amp),
-        max_workers=workers,
-        max_message_bytes=max_message_mb << 20,
-    )
+            token = Path(cfg.token_file).read_text().strip()
+        except OSError as e:
+            _fail(f"cannot read token file {cfg.token_file!r}: {e}")
+        if not token:
+            _fail(f"token file {cfg.token_file!r} is empty")
+    tls = None
+    if cfg.tls_cert or cfg.tls_key:
+        if not (cfg.tls_cert and cfg.tls_key):
+            _fail("TLS needs both --tls-cert and --tls-key")
+        tls = TLSConfig(Path(cfg.tls_cert), Path(cfg.tls_key), Path(cfg.tls_client_ca) if cfg.tls_client_ca else None)
+    elif cfg.tls_client_ca:
+        _fail("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    try:
+        datasets = {name: parse_dataset(ref) for name, ref in cfg.datasets.items()}
+        teachers = [
+            load_teacher(e.name, e.spec, device=e.device, trust_archive=cfg.trust_archive) for e in cfg.teachers
+        ]
+        running = start_server(
+            teachers,
+            host=cfg.host,
+            port=cfg.port,
+            options={e.name: e.options for e in cfg.teachers},
+            datasets=datasets,
+            max_workers=cfg.workers,
+            max_message_bytes=cfg.max_message_mb << 20,
+            tls=tls,
+            token=token,
+            metrics_port=cfg.metrics_port,
+        )
+    except (TeacherLoadError, ValueError, OSError) as e:
+        _fail(str(e))
     for t in teachers:
         console.print(
             f"teacher [bold]{t.name}[/] fingerprint {t.fingerprint[:16]} input {list(t.input_shape)} "
             f"classes {t.num_classes} on {t.device}",
             highlight=False,
         )
-    console.print(f"serving on {host}:{running.port}", highlight=False)
+    security = ("mutual TLS" if cfg.tls_client_ca else "TLS") if tls else "plaintext"
+    console.print(
+        f"serving on {cfg.host}:{running.port} ({security}{', token' if token else ''})"
+        + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""),
+        highlight=False,
+    )
     if port_file is not None:
         tmp = port_file.with_suffix(".tmp")
         tmp.write_text(str(running.port))

@@ -38,6 +38,21 @@ class Dataset:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def views(self, indices: torch.Tensor | list[int], seeds: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+        """The samples at ``indices``; with ``seeds``, each sample's augmented view.
+
+        A view is a deterministic function of (sample, seed), so a server, a
+        cache and a trainer that agree on the seed see exactly the same pixels.
+        """
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        x = self.inputs[idx]
+        if seeds is None:
+            return x
+        seeds = torch.as_tensor(seeds, dtype=torch.long)
+        if seeds.shape != idx.shape:
+            raise ValueError(f"{len(seeds)} view seeds for {len(idx)} indices")
+        return torch.stack([augment(self.name, row, int(s)) for row, s in zip(x, seeds)]) if len(idx) else x
+
 
 @cache
 def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -64,6 +79,24 @@ def load_dataset(name: str = "digits", split: str = "train") -> Dataset:
     else:
         raise ValueError(f"unknown split {split!r} of dataset digits; splits: train, test")
     return Dataset(name, split, torch.from_numpy(x.copy()), torch.from_numpy(y.copy()), 10)
+
+
+def augment(name: str, sample: torch.Tensor, seed: int) -> torch.Tensor:
+    """The seeded augmentation of one sample of dataset ``name``.
+
+    digits: a random translation of the 8x8 image by -1, 0 or +1 pixels on
+    each axis (zero fill), as in small-image KD training.
+    """
+    if name != "digits":
+        raise ValueError(f"no augmentation defined for dataset {name!r}")
+    g = torch.Generator().manual_seed(seed)
+    dy, dx = (torch.randint(-1, 2, (2,), generator=g)).tolist()
+    img = sample.reshape(8, 8)
+    out = torch.zeros_like(img)
+    ys, yd = (slice(0, 8 - dy), slice(dy, 8)) if dy >= 0 else (slice(-dy, 8), slice(0, 8 + dy))
+    xs, xd = (slice(0, 8 - dx), slice(dx, 8)) if dx >= 0 else (slice(-dx, 8), slice(0, 8 + dx))
+    out[yd, xd] = img[ys, xs]
+    return out.reshape(sample.shape)
 
 
 def parse_dataset(ref: str) -> Dataset:

@@ -60,7 +60,10 @@ def proto_dtype(dtype: torch.dtype) -> int:
 def to_proto(t: torch.Tensor | np.ndarray) -> pb.Tensor:
     """Encode a tensor (any device) as a ``kd.v1.Tensor``."""
     if isinstance(t, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(t))
+        if t.dtype.byteorder == ">":
+            t = t.astype(t.dtype.newbyteorder("<"))
+        # Writable and contiguous: torch warns on read-only buffers (np.frombuffer).
+        t = torch.from_numpy(np.require(t, requirements=["C", "W"]))
     t = t.detach().to("cpu").contiguous()
     # bytes() of a uint8 view is one memcpy, whatever the element type.
     data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""

@@ -1,23 +1,38 @@
 """Dynamic batching: requests from every client are queued and merged into
 forwards of up to ``max_batch_size`` samples.
 
-Semantics follow Triton's dynamic batcher: a partial batch waits at most
-``max_queue_delay`` after its oldest request arrived; requests larger than
-``max_batch_size`` are split across forwards and reassembled; a bounded queue
-(``max_queue_size`` samples) rejects new work at once instead of growing.
-One thread per batcher owns the model; callers only ever get futures.
+Semantics follow Triton's dynamic batcher:
+
+* a partial batch waits at most ``max_queue_delay`` after its oldest request
+  arrived; a batch that reaches ``max_batch_size`` (or one of
+  ``preferred_batch_sizes``) runs at once;
+* requests larger than ``max_batch_size`` are split across forwards and
+  reassembled, many small ones are merged; each caller gets its own rows back;
+* a bounded queue (``max_queue_size`` samples) rejects new work at once
+  instead of growing; a request whose deadline passes while queued is dropped
+  before the forward, and so is one whose caller cancelled.
+
+Three threads per teacher form a pipeline, so the device is not idle while
+Python does bookkeeping: the *assembler* forms the next batch and prepares its
+input (concatenate, pin, copy to the device) while the *model* thread runs the
+current forward; the *completion* thread copies outputs back and hands each
+caller its slice. Only the model thread ever runs the model.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
+
+Outputs = torch.Tensor | dict[str, torch.Tensor]
 
 
 class QueueFullError(RuntimeError):
@@ -28,14 +43,47 @@ class BatcherClosedError(RuntimeError):
     """Submitted after ``close()``: the server is draining."""
 
 
+class DeadlineExpiredError(TimeoutError):
+    """The request's deadline passed while it was queued; it was not computed."""
+
+
+class BatchRunner(Protocol):
+    """What the batcher drives. ``prepare`` runs on the assembler thread,
+    ``forward`` on the model thread, ``to_host`` on the completion thread."""
+
+    def prepare(self, x: torch.Tensor) -> Any: ...
+
+    def forward(self, prepared: Any, layers: frozenset[str]) -> Outputs: ...
+
+    def to_host(self, outputs: Outputs) -> Outputs: ...
+
+
+class FunctionRunner:
+    """Adapts a plain ``fn(x) -> outputs`` (CPU, no features) to ``BatchRunner``."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], Outputs]) -> None:
+        self.fn = fn
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, prepared: torch.Tensor, layers: frozenset[str]) -> Outputs:
+        return self.fn(prepared)
+
+    def to_host(self, outputs: Outputs) -> Outputs:
+        return outputs
+
+
 @dataclass(eq=False)
 class _Request:
     inputs: torch.Tensor
     future: Future
     arrival: float
+    layers: frozenset[str]
+    deadline: float | None
     next_row: int = 0  # first row not yet handed to a forward
     done_rows: int = 0
-    out: torch.Tensor | None = None
+    parts: list[tuple[int, Outputs]] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -43,51 +91,115 @@ class _Request:
 
 
 @dataclass
+class BatchObservation:
+    """One forward, as reported to an observer (metrics)."""
+
+    size: int
+    queue_waits: list[float]  # seconds each request piece waited before its forward started
+    compute_seconds: float
+
+
+@dataclass
 class BatcherStats:
     requests: int = 0
     samples: int = 0
     forwards: int = 0
+    rejected: int = 0
+    expired: int = 0
+    cancelled: int = 0
+    max_queued_samples: int = 0
     batch_sizes: deque = field(default_factory=lambda: deque(maxlen=10_000))
+
+
+def _slice(out: Outputs, start: int, stop: int) -> Outputs:
+    if isinstance(out, dict):
+        return {k: v[start:stop] for k, v in out.items()}
+    return out[start:stop]
+
+
+def _concat(parts: list[tuple[int, Outputs]]) -> Outputs:
+    parts = [p for _, p in sorted(parts, key=lambda item: item[0])]
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], dict):
+        # Each forward computed the union of its requests' layers: keep the keys
+        # every part has (this request's own layers are among them).
+        keys = set.intersection(*(set(p) for p in parts))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k in keys}
+    return torch.cat(parts)
+
+
+_STOP = object()
 
 
 class DynamicBatcher:
     def __init__(
         self,
-        forward: Callable[[torch.Tensor], torch.Tensor],
+        runner: BatchRunner | Callable[[torch.Tensor], Outputs],
         *,
         max_batch_size: int = 256,
+        preferred_batch_sizes: Iterable[int] = (),
         max_queue_delay_s: float = 0.002,
         max_queue_size: int = 0,
         name: str = "teacher",
+        observer: Callable[[BatchObservation], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
-        self._forward = forward
+        preferred = sorted({int(p) for p in preferred_batch_sizes})
+        if any(not 1 <= p <= max_batch_size for p in preferred):
+            raise ValueError(f"preferred_batch_sizes {preferred} must lie in 1..max_batch_size={max_batch_size}")
+        self.runner: BatchRunner = runner if hasattr(runner, "forward") else FunctionRunner(runner)  # type: ignore[arg-type]
+        self.name = name
         self.max_batch_size = max_batch_size
+        self.preferred_batch_sizes = preferred
         self.max_queue_delay_s = max(0.0, max_queue_delay_s)
         self.max_queue_size = max_queue_size
         self.stats = BatcherStats()
+        self._observer = observer
+        self._on_queue_depth = on_queue_depth
         self._queue: deque[_Request] = deque()
         self._queued_rows = 0
         self._cv = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        # Depth 1 between stages: the next batch is prepared while the current one runs.
+        self._to_model: queue.Queue = queue.Queue(maxsize=1)
+        self._to_completion: queue.Queue = queue.Queue(maxsize=2)
+        self._threads = [
+            threading.Thread(target=self._assemble_loop, name=f"batcher-{name}", daemon=True),
+            threading.Thread(target=self._model_loop, name=f"model-{name}", daemon=True),
+            threading.Thread(target=self._completion_loop, name=f"completion-{name}", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
 
     @property
     def queued_samples(self) -> int:
         return self._queued_rows
 
-    def submit(self, inputs: torch.Tensor) -> Future:
-        """Queue a batch [N, ...]; the future resolves to the outputs [N, ...]."""
+    def _depth_changed(self) -> None:
+        self.stats.max_queued_samples = max(self.stats.max_queued_samples, self._queued_rows)
+        if self._on_queue_depth is not None:
+            self._on_queue_depth(self._queued_rows)
+
+    def submit(
+        self, inputs: torch.Tensor, *, layers: Iterable[str] = (), deadline: float | None = None
+    ) -> Future:
+        """Queue a batch [N, ...]; the future resolves to the outputs for these N rows.
+
+        ``deadline`` is a ``time.monotonic()`` instant after which the request is
+        dropped unanswered (DeadlineExpiredError) if it has not started.
+        """
         n = int(inputs.shape[0])
         if n == 0:
             raise ValueError("empty batch")
-        req = _Request(inputs, Future(), time.monotonic())
+        req = _Request(inputs, Future(), time.monotonic(), frozenset(layers), deadline)
         with self._cv:
             if self._closed:
                 raise BatcherClosedError("the teacher is shutting down and takes no new requests")
             if self.max_queue_size and self._queued_rows + n > self.max_queue_size:
+                self.stats.rejected += 1
                 raise QueueFullError(
                     f"queue full: {self._queued_rows} samples queued, {n} more would exceed "
                     f"max_queue_size={self.max_queue_size}"
@@ -95,37 +207,76 @@ class DynamicBatcher:
             self._queue.append(req)
             self._queued_rows += n
             self.stats.requests += 1
+            self._depth_changed()
             self._cv.notify()
         return req.future
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop taking requests, finish everything queued, stop the thread."""
+        """Stop taking requests, finish everything queued, stop the threads."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        self._thread.join(timeout)
+        for t in self._threads:
+            t.join(timeout)
+
+    # -- stage 1: form a batch and prepare its input -----------------------------------
+    def _ready_size(self) -> int | None:
+        """Rows to take now, or None to keep waiting (caller holds the lock)."""
+        if self._queued_rows >= self.max_batch_size:
+            return self.max_batch_size
+        fitting = [p for p in self.preferred_batch_sizes if p <= self._queued_rows]
+        return fitting[-1] if fitting else None
+
+    def _drop_dead(self, now: float) -> None:
+        """Remove requests that were cancelled or expired before any row ran (lock held)."""
+        keep: deque[_Request] = deque()
+        for req in self._queue:
+            if req.next_row == 0:
+                if req.deadline is not None and now > req.deadline:
+                    if req.future.set_running_or_notify_cancel():
+                        req.future.set_exception(
+                            DeadlineExpiredError(f"deadline passed after {now - req.arrival:.3f}s in the queue")
+                        )
+                        self.stats.expired += 1
+                    else:
+                        self.stats.cancelled += 1
+                    self._queued_rows -= req.rows
+                    continue
+                if req.future.cancelled():
+                    self.stats.cancelled += 1
+                    self._queued_rows -= req.rows
+                    continue
+            keep.append(req)
+        self._queue = keep
 
     def _take_batch(self) -> list[tuple[_Request, int, int]] | None:
         with self._cv:
-            while not self._queue and not self._closed:
-                self._cv.wait()
-            if not self._queue:
-                return None  # closed and drained
-            deadline = self._queue[0].arrival + self.max_queue_delay_s
-            while self._queued_rows < self.max_batch_size and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+            while True:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return None  # closed and drained
+                deadline = self._queue[0].arrival + self.max_queue_delay_s
+                size = self._ready_size()
+                while size is None and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cv.wait(remaining)
+                    size = self._ready_size()
+                self._drop_dead(time.monotonic())
+                if self._queue:
                     break
-                self._cv.wait(remaining)
+                self._depth_changed()
+            room = min(size or self.max_batch_size, self.max_batch_size)
             pieces: list[tuple[_Request, int, int]] = []
-            room = self.max_batch_size
             while self._queue and room:
                 req = self._queue[0]
-                # Marks the future running, so it cannot be cancelled mid-forward;
-                # False means the caller already gave up: do not compute it.
+                # Marks the future running, so it cannot be cancelled mid-forward.
                 if req.next_row == 0 and not req.future.set_running_or_notify_cancel():
                     self._queue.popleft()
-                    self._queued_rows -= req.rows - req.next_row
+                    self._queued_rows -= req.rows
+                    self.stats.cancelled += 1
                     continue
                 take = min(room, req.rows - req.next_row)
                 pieces.append((req, req.next_row, take))
@@ -134,41 +285,77 @@ class DynamicBatcher:
                 self._queued_rows -= take
                 if req.next_row == req.rows:
                     self._queue.popleft()
+            self._depth_changed()
             return pieces
 
-    def _loop(self) -> None:
-        while True:
-            pieces = self._take_batch()
-            if pieces is None:
-                return
-            if not pieces:
-                continue
-            if len(pieces) == 1 and pieces[0][2] == pieces[0][0].rows:
-                x = pieces[0][0].inputs
-            else:
-                x = torch.cat([req.inputs[start : start + k] for req, start, k in pieces])
+    def _assemble_loop(self) -> None:
+        try:
+            while (pieces := self._take_batch()) is not None:
+                if not pieces:
+                    continue
+                started = time.monotonic()
+                try:
+                    if len(pieces) == 1 and pieces[0][2] == pieces[0][0].rows:
+                        x = pieces[0][0].inputs
+                    else:
+                        x = torch.cat([req.inputs[start : start + k] for req, start, k in pieces])
+                    prepared = self.runner.prepare(x)
+                except BaseException as e:  # noqa: BLE001 - belongs to the callers
+                    self._fail(pieces, e)
+                    continue
+                layers = frozenset().union(*(req.layers for req, _, _ in pieces))
+                waits = [started - req.arrival for req, _, _ in pieces]
+                self._to_model.put((pieces, prepared, layers, int(x.shape[0]), waits))
+        finally:
+            self._to_model.put(_STOP)
+
+    # -- stage 2: the forward ----------------------------------------------------------
+    def _model_loop(self) -> None:
+        try:
+            while (item := self._to_model.get()) is not _STOP:
+                pieces, prepared, layers, size, waits = item
+                t0 = time.perf_counter()
+                try:
+                    out = self.runner.forward(prepared, layers)
+                except BaseException as e:  # noqa: BLE001
+                    self._fail(pieces, e)
+                    continue
+                self._to_completion.put((pieces, out, size, waits, t0))
+        finally:
+            self._to_completion.put(_STOP)
+
+    # -- stage 3: copy back and answer -------------------------------------------------
+    def _completion_loop(self) -> None:
+        while (item := self._to_completion.get()) is not _STOP:
+            pieces, out, size, waits, t0 = item
             try:
-                y = self._forward(x)
-            except BaseException as e:  # noqa: BLE001 - the error belongs to the callers
-                for req, _, _ in pieces:
-                    if not req.future.done():
-                        req.future.set_exception(e)
+                out = self.runner.to_host(out)
+            except BaseException as e:  # noqa: BLE001
+                self._fail(pieces, e)
                 continue
+            compute = time.perf_counter() - t0
             self.stats.forwards += 1
-            self.stats.samples += int(x.shape[0])
-            self.stats.batch_sizes.append(int(x.shape[0]))
+            self.stats.samples += size
+            self.stats.batch_sizes.append(size)
+            if self._observer is not None:
+                self._observer(BatchObservation(size, waits, compute))
             offset = 0
             for req, start, k in pieces:
-                chunk = y[offset : offset + k]
+                chunk = _slice(out, offset, offset + k)
                 offset += k
                 if req.future.done():
                     continue
-                if start == 0 and k == req.rows:
+                if k == req.rows:
                     req.future.set_result(chunk)
                     continue
-                if req.out is None:
-                    req.out = torch.empty((req.rows, *y.shape[1:]), dtype=y.dtype)
-                req.out[start : start + k] = chunk
+                req.parts.append((start, chunk))
                 req.done_rows += k
                 if req.done_rows == req.rows:
-                    req.future.set_result(req.out)
+                    req.future.set_result(_concat(req.parts))
+                    req.parts = []
+
+    @staticmethod
+    def _fail(pieces: list[tuple[_Request, int, int]], e: BaseException) -> None:
+        for req, _, _ in pieces:
+            if not req.future.done():
+                req.future.set_exception(e)

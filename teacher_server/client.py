@@ -72,24 +72,78 @@ def target_of(addresses: str | list[str]) -> str:
     return "ipv4:" + ",".join(addresses)
 
 
-def spec_of(logits: bool, top_k: int, temperature: float, dtype: torch.dtype) -> pb.OutputSpec:
-    return pb.OutputSpec(logits=logits, logits_dtype=proto_dtype(dtype), top_k=top_k, probs_temperature=temperature)
+def spec_of(
+    logits: bool = True,
+    top_k: int = 0,
+    temperature: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+    features: Iterable[str] = (),
+    pool_features: bool = False,
+    features_dtype: torch.dtype = torch.float32,
+) -> pb.OutputSpec:
+    return pb.OutputSpec(
+        logits=logits,
+        logits_dtype=proto_dtype(dtype),
+        top_k=top_k,
+        probs_temperature=temperature,
+        features=list(features),
+        pool_features=pool_features,
+        features_dtype=proto_dtype(features_dtype),
+    )
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """Inputs by reference: samples of a dataset registered on the server."""
+
+    dataset: str
+    indices: list[int]
+    view_seeds: list[int] | None = None
+
+
+def make_request(
+    teacher: str, inputs: torch.Tensor | None, ref: DatasetRef | None, spec: pb.OutputSpec, request_id: str = ""
+) -> pb.InferRequest:
+    if (inputs is None) == (ref is None):
+        raise ValueError("give exactly one of inputs (a tensor) or ref (a DatasetRef)")
+    if ref is not None:
+        msg = pb.DatasetRef(dataset=ref.dataset, indices=list(ref.indices), view_seeds=list(ref.view_seeds or []))
+        return pb.InferRequest(request_id=request_id, teacher=teacher, ref=msg, outputs=spec)
+    return pb.InferRequest(request_id=request_id, teacher=teacher, inputs=to_proto(inputs), outputs=spec)
 
 
 class TeacherClient:
+    """One client for one server or a pool (round_robin over addresses or a DNS name).
+
+    ``token`` is sent as ``authorization: Bearer <token>``; ``root_certificates``
+    (PEM bytes) turns on TLS, ``client_cert``/``client_key`` add mutual TLS.
+    """
+
     def __init__(
         self,
         addresses: str | list[str],
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         timeout: float | None = 60.0,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        client_cert: bytes | None = None,
+        client_key: bytes | None = None,
+        server_name: str | None = None,
     ) -> None:
         options: list[tuple[str, Any]] = channel_options(max_message_bytes)
         options += [("grpc.service_config", _service_config()), ("grpc.enable_retries", 1)]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
         self.target = target_of(addresses)
-        self.channel = grpc.insecure_channel(self.target, options=options)
+        if root_certificates is not None or client_cert is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates, client_key, client_cert)
+            self.channel = grpc.secure_channel(self.target, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(self.target, options=options)
         self.stub = pb_grpc.TeacherServiceStub(self.channel)
         self.timeout = timeout
+        self.metadata = [("authorization", f"Bearer {token}")] if token else None
 
     def close(self) -> None:
         self.channel.close()
@@ -136,51 +190,56 @@ class TeacherClient:
 
     def _call(self, method, request):
         try:
-            return method(request, timeout=self.timeout, wait_for_ready=True)
+            return method(request, timeout=self.timeout, wait_for_ready=True, metadata=self.metadata)
         except grpc.RpcError as e:
             raise TeacherRequestError(e.code(), e.details()) from None
 
     def infer(
         self,
         teacher: str,
-        inputs: torch.Tensor,
+        inputs: torch.Tensor | None = None,
         *,
+        ref: DatasetRef | None = None,
         logits: bool = True,
         top_k: int = 0,
         temperature: float = 0.0,
         dtype: torch.dtype = torch.float32,
+        features: Iterable[str] = (),
+        pool_features: bool = False,
+        features_dtype: torch.dtype = torch.float32,
     ) -> dict[str, torch.Tensor]:
-        """One unary request; returns the named output tensors."""
-        req = pb.InferRequest(
-            teacher=teacher, inputs=to_proto(inputs), outputs=spec_of(logits, top_k, temperature, dtype)
-        )
-        resp = self._call(self.stub.Infer, req)
+        """One unary request, with inputs by value or by ``ref``; returns the named outputs."""
+        spec = spec_of(logits, top_k, temperature, dtype, features, pool_features, features_dtype)
+        resp = self._call(self.stub.Infer, make_request(teacher, inputs, ref, spec))
         return {k: from_proto(v) for k, v in resp.outputs.items()}
 
     def infer_stream(
         self,
         teacher: str,
-        batches: Iterable[tuple[Any, torch.Tensor]],
+        batches: Iterable[tuple[Any, torch.Tensor | DatasetRef]],
         *,
         depth: int = 8,
         logits: bool = True,
         top_k: int = 0,
         temperature: float = 0.0,
         dtype: torch.dtype = torch.float32,
+        features: Iterable[str] = (),
+        pool_features: bool = False,
+        features_dtype: torch.dtype = torch.float32,
     ) -> Iterator[tuple[Any, dict[str, torch.Tensor]]]:
         """Pipelined inference over one InferStream.
 
-        ``batches`` yields ``(key, inputs)``; up to ``depth`` are in flight
+        ``batches`` yields ``(key, inputs or DatasetRef)``; up to ``depth`` are in flight
         ahead of the consumer. Yields ``(key, outputs)`` in input order.
         """
-        spec = spec_of(logits, top_k, temperature, dtype)
+        spec = spec_of(logits, top_k, temperature, dtype, features, pool_features, features_dtype)
         outbox: queue.Queue = queue.Queue()
 
         def requests() -> Iterator[pb.InferRequest]:
             while (req := outbox.get()) is not None:
                 yield req
 
-        call = self.stub.InferStream(requests(), timeout=None, wait_for_ready=True)
+        call = self.stub.InferStream(requests(), timeout=None, wait_for_ready=True, metadata=self.metadata)
         source = iter(batches)
         keys: dict[int, Any] = {}
         ready: dict[int, dict[str, torch.Tensor]] = {}
@@ -193,7 +252,10 @@ class TeacherClient:
             except StopIteration:
                 return False
             keys[sent] = key
-            outbox.put(pb.InferRequest(request_id=str(sent), teacher=teacher, inputs=to_proto(x), outputs=spec))
+            if isinstance(x, DatasetRef):
+                outbox.put(make_request(teacher, None, x, spec, str(sent)))
+            else:
+                outbox.put(make_request(teacher, x, None, spec, str(sent)))
             sent += 1
             return True
 

@@ -18,7 +18,7 @@ import hashlib
 import importlib
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -77,6 +77,8 @@ class Teacher:
     num_classes: int
     device: torch.device
     spec: str
+    # Module path -> per-sample output shape, for every module whose output is a tensor.
+    layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def _import_factory(path: str):
@@ -190,8 +192,27 @@ def load_teacher(
     fp = fingerprint(model)
     dev = torch.device(device)
     model.to(dev)
-    with torch.inference_mode():
-        probe = model(torch.zeros((1, *input_shape), device=dev))
+    layers: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for mod_name, module in model.named_modules():
+        if not mod_name:
+            continue
+
+        def hook(_m, _i, output, mod_name=mod_name) -> None:
+            out = output[0] if isinstance(output, (tuple, list)) and output else output
+            if isinstance(out, torch.Tensor) and out.ndim >= 1:
+                layers[mod_name] = tuple(int(d) for d in out.shape[1:])
+
+        try:
+            handles.append(module.register_forward_hook(hook))
+        except (RuntimeError, AttributeError, NotImplementedError):
+            pass  # scripted/exported modules may not take hooks: no features then
+    try:
+        with torch.inference_mode():
+            probe = model(torch.zeros((2, *input_shape), device=dev))
+    finally:
+        for h in handles:
+            h.remove()
     logits = probe[0] if isinstance(probe, (tuple, list)) else probe
     if logits.ndim != 2:
         raise TeacherLoadError(f"teacher {name!r} returned shape {tuple(logits.shape)}; expected [batch, classes]")
@@ -204,4 +225,5 @@ def load_teacher(
         num_classes=int(logits.shape[1]),
         device=dev,
         spec=spec,
+        layers=layers,
     )

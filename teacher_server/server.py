@@ -1,7 +1,8 @@
 """Wire teachers, batchers and the servicer into a ``grpc.Server``.
 
 The server also speaks the standard gRPC health protocol (grpc.health.v1)
-and server reflection, so grpcurl or any language's client can discover it.
+and server reflection, so grpcurl or any language's client can discover it;
+optionally TLS / mutual TLS, a bearer token and Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kd.data import Dataset
 from kd.v1 import teacher_pb2 as pb
 from kd.v1 import teacher_pb2_grpc as pb_grpc
+from teacher_server.auth import TLSConfig, TokenInterceptor
 from teacher_server.batcher import DynamicBatcher
 from teacher_server.loading import Teacher
+from teacher_server.metrics import ServerMetrics
 from teacher_server.runner import ModelRunner
 from teacher_server.service import Endpoint, TeacherServicer
 
@@ -30,11 +35,24 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
-class BatchingOptions:
+class TeacherOptions:
+    """How one teacher is served (``kd serve`` flags or a ``[[teacher]]`` table of the config)."""
+
     max_batch_size: int = 256
+    preferred_batch_sizes: list[int] = field(default_factory=list)
     max_queue_delay_us: int = 2000
     max_queue_size: int = 0  # samples; 0 = unbounded
     amp: str = "fp32"
+    compile: bool = False
+    channels_last: bool = False
+    warmup: bool = True
+    # uint8 inputs: x / 255, then (x - mean[c]) / std[c] over the first per-sample dim.
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+# The first version's name, kept for callers that only set batching fields.
+BatchingOptions = TeacherOptions
 
 
 @dataclass
@@ -43,10 +61,12 @@ class RunningServer:
     port: int
     endpoints: dict[str, Endpoint]
     health: health.HealthServicer
+    metrics: ServerMetrics
+    metrics_port: int | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def stop(self, grace: float | None = 5.0) -> None:
-        """Drain: report NOT_SERVING, refuse new RPCs, finish queued work, stop batchers."""
+        """Drain: report NOT_SERVING, refuse new RPCs, finish accepted work, stop batchers."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -66,51 +86,84 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def _endpoint(t: Teacher, o: TeacherOptions, metrics: ServerMetrics) -> Endpoint:
+    runner = ModelRunner(t, amp=o.amp, compile=o.compile, channels_last=o.channels_last)
+    if o.warmup:
+        runner.warmup([1, *o.preferred_batch_sizes, o.max_batch_size])
+    mean = std = None
+    if (o.mean is None) != (o.std is None):
+        raise ValueError(f"teacher {t.name!r}: give both mean and std for uint8 inputs, or neither")
+    if o.mean is not None:
+        mean, std = torch.tensor(o.mean, dtype=torch.float32), torch.tensor(o.std, dtype=torch.float32)
+        channels = t.input_shape[0] if t.input_shape else 1
+        if mean.numel() != channels or std.numel() != channels or bool((std <= 0).any()):
+            raise ValueError(
+                f"teacher {t.name!r}: mean/std need {channels} values (first input dim) and std > 0, "
+                f"got mean={o.mean} std={o.std}"
+            )
+    batcher = DynamicBatcher(
+        runner,
+        max_batch_size=o.max_batch_size,
+        preferred_batch_sizes=o.preferred_batch_sizes,
+        max_queue_delay_s=o.max_queue_delay_us / 1e6,
+        max_queue_size=o.max_queue_size,
+        name=t.name,
+        observer=metrics.batch_observer(t.name),
+        on_queue_depth=metrics.depth_setter(t.name),
+    )
+    return Endpoint(t, batcher, mean, std)
+
+
 def start_server(
     teachers: list[Teacher],
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    batching: BatchingOptions | None = None,
+    batching: TeacherOptions | None = None,
+    options: dict[str, TeacherOptions] | None = None,
+    datasets: dict[str, Dataset] | None = None,
     max_workers: int = 32,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    tls: TLSConfig | None = None,
+    token: str | None = None,
+    metrics_port: int | None = None,
 ) -> RunningServer:
-    """Start serving ``teachers`` on ``host:port`` (0 = any free port)."""
-    batching = batching or BatchingOptions()
+    """Start serving ``teachers`` on ``host:port`` (0 = any free port).
+
+    ``options`` gives per-teacher options by name; ``batching`` the default for
+    the others. ``datasets`` are registered for inputs by reference.
+    """
+    default = batching or TeacherOptions()
+    options = options or {}
     names = [t.name for t in teachers]
     if len(set(names)) != len(names):
         raise ValueError(f"teacher names must be unique, got {names}")
-    endpoints = {
-        t.name: Endpoint(
-            t,
-            DynamicBatcher(
-                ModelRunner(t, amp=batching.amp),
-                max_batch_size=batching.max_batch_size,
-                max_queue_delay_s=batching.max_queue_delay_us / 1e6,
-                max_queue_size=batching.max_queue_size,
-                name=t.name,
-            ),
-        )
-        for t in teachers
-    }
+    unknown = set(options) - set(names)
+    if unknown:
+        raise ValueError(f"options given for unknown teacher(s) {sorted(unknown)}")
+    metrics = ServerMetrics()
+    endpoints = {t.name: _endpoint(t, options.get(t.name, default), metrics) for t in teachers}
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=channel_options(max_message_bytes),
+        interceptors=[TokenInterceptor(token)] if token else [],
     )
-    pb_grpc.add_TeacherServiceServicer_to_server(TeacherServicer(endpoints), server)
+    pb_grpc.add_TeacherServiceServicer_to_server(TeacherServicer(endpoints, datasets, metrics), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
+        raise OSError(f"cannot bind {address}")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, bound, endpoints, health_servicer)
+    bound_metrics = metrics.serve_http(metrics_port, host) if metrics_port is not None else None
+    return RunningServer(server, bound, endpoints, health_servicer, metrics, bound_metrics)
 
 
 def serve_until_signalled(running: RunningServer, grace: float = 30.0) -> None:

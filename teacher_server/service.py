@@ -1,8 +1,9 @@
 """The RPC layer: validates requests, hands tensors to batchers, encodes replies.
 
-Handler threads never run a model: they decode, submit to the teacher's
-batcher, wait on a future and encode the outputs (top-k, probabilities,
-dtype casts happen here, off the model's thread).
+Handler threads never run a model: they decode (or load samples by
+reference), submit to the teacher's batcher, wait on a future and encode the
+outputs (top-k, probabilities, pooling and dtype casts happen here, off the
+model's thread). Every refusal is a ``RequestError`` with a precise status.
 """
 
 from __future__ import annotations
@@ -10,20 +11,24 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
 
+from kd.data import Dataset
 from kd.v1 import teacher_pb2 as pb
 from kd.v1 import teacher_pb2_grpc as pb_grpc
 from kd.wire import WireError, dtype_name, from_proto, proto_dtype, to_proto
-from teacher_server.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
+from teacher_server.batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
 from teacher_server.loading import Teacher
+from teacher_server.metrics import ServerMetrics
 
-_LOGIT_DTYPES = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16}
+_FLOAT_OUT = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16}
+_MAX_LISTED = 40
 
 
 class RequestError(Exception):
@@ -35,15 +40,30 @@ class RequestError(Exception):
         self.message = message
 
 
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > _MAX_LISTED else "")
+
+
 @dataclass
 class Endpoint:
-    """One served teacher and its batcher."""
+    """One served teacher, its batcher, and how it takes uint8 inputs."""
 
     teacher: Teacher
     batcher: DynamicBatcher
+    mean: torch.Tensor | None = None  # per channel, for uint8 inputs
+    std: torch.Tensor | None = None
+    accepted: tuple[int, ...] = field(default=(pb.FLOAT16, pb.UINT8))
 
-    def info(self) -> pb.TeacherInfo:
+    def info(self, datasets: list[str]) -> pb.TeacherInfo:
         t = self.teacher
+        norm = pb.Normalization(
+            mean=[] if self.mean is None else self.mean.tolist(), std=[] if self.std is None else self.std.tolist()
+        )
         return pb.TeacherInfo(
             name=t.name,
             fingerprint=t.fingerprint,
@@ -52,7 +72,18 @@ class Endpoint:
             num_classes=t.num_classes,
             max_batch_size=self.batcher.max_batch_size,
             device=str(t.device),
+            accepted_input_dtypes=list(self.accepted),
+            normalization=norm,
+            layers=[pb.LayerInfo(name=n, shape=list(s)) for n, s in t.layers.items()],
+            datasets=datasets,
         )
+
+    def from_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.to(torch.float32) / 255.0
+        if self.mean is None:
+            return y
+        shape = (1, -1) + (1,) * (y.ndim - 2)
+        return (y - self.mean.view(shape)) / self.std.view(shape)
 
 
 @dataclass
@@ -63,10 +94,17 @@ class _Prepared:
 
 
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
-    def __init__(self, endpoints: dict[str, Endpoint]) -> None:
+    def __init__(
+        self,
+        endpoints: dict[str, Endpoint],
+        datasets: dict[str, Dataset] | None = None,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self.endpoints = endpoints
+        self.datasets = datasets or {}
+        self.metrics = metrics
 
-    # -- validation and encoding -------------------------------------------------
+    # -- validation ---------------------------------------------------------------
     def _prepare(self, request: pb.InferRequest) -> _Prepared:
         ep = self.endpoints.get(request.teacher)
         if ep is None:
@@ -74,71 +112,116 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"unknown teacher {request.teacher!r}; this server has: {', '.join(sorted(self.endpoints))}",
             )
+        kind = request.WhichOneof("input")
+        if kind == "inputs":
+            x = self._decode_inputs(ep, request.inputs)
+        elif kind == "ref":
+            x = self._load_ref(ep, request.ref)
+        else:
+            raise _invalid("request has no inputs: set `inputs` (a tensor) or `ref` (dataset samples)")
+        self._check_spec(ep.teacher, request.outputs)
+        return _Prepared(ep, x, request.outputs)
+
+    def _decode_inputs(self, ep: Endpoint, msg: pb.Tensor) -> torch.Tensor:
         t = ep.teacher
-        if not request.HasField("inputs"):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request has no inputs tensor")
         want = proto_dtype(t.input_dtype)
-        if request.inputs.dtype != want:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"inputs have dtype {dtype_name(request.inputs.dtype)} but teacher {t.name!r} takes {dtype_name(want)}",
-            )
-        shape = tuple(request.inputs.shape)
-        if len(shape) != 1 + len(t.input_shape) or shape[1:] != t.input_shape:
-            want_shape = ", ".join(map(str, t.input_shape))
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"inputs have shape {list(shape)} but teacher {t.name!r} takes [N, {want_shape}]",
-            )
-        if shape[0] == 0:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "empty batch: inputs have 0 samples")
+        if msg.dtype != want and msg.dtype not in ep.accepted:
+            takes = ", ".join(dtype_name(d) for d in (want, *ep.accepted))
+            raise _invalid(f"inputs have dtype {dtype_name(msg.dtype)} but teacher {t.name!r} takes {takes}")
+        shape = tuple(msg.shape)
+        self._check_shape(t, shape)
         try:
-            x = from_proto(request.inputs)
+            x = from_proto(msg)
         except WireError as e:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"inputs: {e}") from None
-        if x.is_floating_point():
-            bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-            if bad.any():
-                first = int(bad.nonzero()[0])
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"inputs contain NaN or Inf in {int(bad.sum())} sample(s), first at index {first}",
-                )
-        spec = request.outputs
-        if spec.logits_dtype not in (pb.DTYPE_UNSPECIFIED, *_LOGIT_DTYPES):
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"logits_dtype {dtype_name(spec.logits_dtype)} not offered; use FLOAT32, FLOAT16 or BFLOAT16",
-            )
-        if not 0 <= spec.top_k <= t.num_classes:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"top_k={spec.top_k} out of range: teacher {t.name!r} has {t.num_classes} classes",
-            )
-        if not (spec.probs_temperature >= 0 and math.isfinite(spec.probs_temperature)):
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"probs_temperature must be a finite number > 0 (or 0 for none), got {spec.probs_temperature}",
-            )
-        return _Prepared(ep, x, spec)
+            raise _invalid(f"inputs: {e}") from None
+        if msg.dtype == pb.UINT8:
+            return ep.from_uint8(x)
+        x = x.to(t.input_dtype)
+        self._check_finite(x)
+        return x
 
     @staticmethod
-    def _submit(p: _Prepared) -> Future:
-        try:
-            return p.endpoint.batcher.submit(p.inputs)
-        except QueueFullError as e:
+    def _check_shape(t: Teacher, shape: tuple[int, ...]) -> None:
+        if len(shape) != 1 + len(t.input_shape) or tuple(shape[1:]) != t.input_shape:
+            want_shape = ", ".join(map(str, t.input_shape))
+            raise _invalid(f"inputs have shape {list(shape)} but teacher {t.name!r} takes [N, {want_shape}]")
+        if shape[0] == 0:
+            raise _invalid("empty batch: inputs have 0 samples")
+
+    @staticmethod
+    def _check_finite(x: torch.Tensor) -> None:
+        bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+        if bad.any():
+            first = int(bad.nonzero()[0])
+            raise _invalid(f"inputs contain NaN or Inf in {int(bad.sum())} sample(s), first at index {first}")
+
+    def _load_ref(self, ep: Endpoint, ref: pb.DatasetRef) -> torch.Tensor:
+        data = self.datasets.get(ref.dataset)
+        if data is None:
+            have = ", ".join(sorted(self.datasets)) or "none"
             raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"teacher {p.endpoint.teacher.name!r}: {e}"
-            ) from None
+                grpc.StatusCode.NOT_FOUND, f"unknown dataset {ref.dataset!r}; this server has registered: {have}"
+            )
+        if not ref.indices:
+            raise _invalid("empty batch: ref has no indices")
+        idx = torch.tensor(list(ref.indices), dtype=torch.long)
+        bad = (idx < 0) | (idx >= len(data))
+        if bad.any():
+            raise _invalid(
+                f"index {int(idx[bad][0])} out of range for dataset {ref.dataset!r} of {len(data)} samples"
+            )
+        if ref.view_seeds and len(ref.view_seeds) != len(ref.indices):
+            raise _invalid(f"ref has {len(ref.view_seeds)} view_seeds for {len(ref.indices)} indices")
+        seeds = list(ref.view_seeds) if ref.view_seeds else None
+        x = data.views(idx, seeds)
+        self._check_shape(ep.teacher, tuple(x.shape))
+        return x.to(ep.teacher.input_dtype)
+
+    @staticmethod
+    def _check_spec(t: Teacher, spec: pb.OutputSpec) -> None:
+        for what, dt in (("logits_dtype", spec.logits_dtype), ("features_dtype", spec.features_dtype)):
+            if dt not in (pb.DTYPE_UNSPECIFIED, *_FLOAT_OUT):
+                raise _invalid(f"{what} {dtype_name(dt)} not offered; use FLOAT32, FLOAT16 or BFLOAT16")
+        if not 0 <= spec.top_k <= t.num_classes:
+            raise _invalid(f"top_k={spec.top_k} out of range: teacher {t.name!r} has {t.num_classes} classes")
+        if not (spec.probs_temperature >= 0 and math.isfinite(spec.probs_temperature)):
+            raise _invalid(
+                f"probs_temperature must be a finite number > 0 (or 0 for none), got {spec.probs_temperature}"
+            )
+        unknown = [name for name in spec.features if name not in t.layers]
+        if unknown:
+            raise _invalid(f"unknown layer(s) {unknown} of teacher {t.name!r}; valid: {_listing(list(t.layers))}")
+
+    # -- batching -----------------------------------------------------------------
+    def _submit(self, p: _Prepared, context: grpc.ServicerContext | None) -> Future:
+        remaining = context.time_remaining() if context is not None else None
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        try:
+            future = p.endpoint.batcher.submit(p.inputs, layers=p.spec.features, deadline=deadline)
+        except QueueFullError as e:
+            name = p.endpoint.teacher.name
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"teacher {name!r}: {e}") from None
         except BatcherClosedError as e:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        if self.metrics is not None:
+            self.metrics.accepted(p.endpoint.teacher.name, int(p.inputs.shape[0]))
+        return future
 
     @staticmethod
-    def _encode(request: pb.InferRequest, p: _Prepared, logits: torch.Tensor) -> pb.InferResponse:
+    def _failed(future: Future) -> RequestError:
+        e = future.exception()
+        if isinstance(e, DeadlineExpiredError):
+            return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"not computed: {e}")
+        return RequestError(grpc.StatusCode.INTERNAL, f"teacher forward failed: {type(e).__name__}: {e}")
+
+    # -- encoding -----------------------------------------------------------------
+    @staticmethod
+    def _encode(request: pb.InferRequest, p: _Prepared, out: dict[str, torch.Tensor]) -> pb.InferResponse:
         spec = p.spec
-        dt = _LOGIT_DTYPES.get(spec.logits_dtype, torch.float32)
+        logits = out["logits"]
+        dt = _FLOAT_OUT.get(spec.logits_dtype, torch.float32)
         outs: dict[str, pb.Tensor] = {}
-        nothing_asked = not spec.logits and spec.top_k == 0 and spec.probs_temperature == 0
+        nothing_asked = not spec.logits and spec.top_k == 0 and spec.probs_temperature == 0 and not spec.features
         if spec.logits or nothing_asked:
             outs["logits"] = to_proto(logits.to(dt))
         if spec.top_k:
@@ -148,30 +231,37 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             outs["logsumexp"] = to_proto(torch.logsumexp(logits, dim=1))
         if spec.probs_temperature > 0:
             outs["probs"] = to_proto(torch.softmax(logits / spec.probs_temperature, dim=1).to(dt))
+        fdt = _FLOAT_OUT.get(spec.features_dtype, torch.float32)
+        for name in spec.features:
+            feat = out[f"feature/{name}"]
+            if spec.pool_features:
+                feat = pool(feat)
+            outs[f"feature/{name}"] = to_proto(feat.to(fdt))
         t = p.endpoint.teacher
         return pb.InferResponse(request_id=request.request_id, teacher=t.name, fingerprint=t.fingerprint, outputs=outs)
 
-    @staticmethod
-    def _failed(future: Future) -> RequestError:
-        e = future.exception()
-        return RequestError(grpc.StatusCode.INTERNAL, f"teacher forward failed: {type(e).__name__}: {e}")
+    def _count_error(self, teacher: str, code: grpc.StatusCode) -> None:
+        if self.metrics is not None:
+            self.metrics.error(teacher if teacher in self.endpoints else "", code.name)
 
-    # -- RPCs ----------------------------------------------------------------------
+    # -- RPCs ---------------------------------------------------------------------
     def ListTeachers(self, request: pb.ListTeachersRequest, context: grpc.ServicerContext) -> pb.ListTeachersResponse:
-        return pb.ListTeachersResponse(teachers=[ep.info() for _, ep in sorted(self.endpoints.items())])
+        datasets = sorted(self.datasets)
+        return pb.ListTeachersResponse(teachers=[ep.info(datasets) for _, ep in sorted(self.endpoints.items())])
 
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferResponse:
         try:
             p = self._prepare(request)
-            future = self._submit(p)
+            future = self._submit(p, context)
             # A client that goes away cancels its queued work instead of leaving it to run.
             context.add_callback(future.cancel)
             try:
-                logits = future.result()
+                out = future.result()
             except Exception:  # noqa: BLE001
                 raise self._failed(future) from None
-            return self._encode(request, p, logits)
+            return self._encode(request, p, out)
         except RequestError as e:
+            self._count_error(request.teacher, e.code)
             context.abort(e.code, e.message)
 
     def InferStream(self, request_iterator: Iterator[pb.InferRequest], context: grpc.ServicerContext):
@@ -188,7 +278,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                     n += 1
                     try:
                         p = self._prepare(request)
-                        future = self._submit(p)
+                        future = self._submit(p, context)
                     except RequestError as e:
                         done.put((request, None, e))
                         continue
@@ -215,13 +305,25 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             answered += 1
             request, p, result = item
             if isinstance(result, RequestError):
+                self._count_error(request.teacher, result.code)
                 yield _error_response(request, result)
             elif result.cancelled():
                 continue
             elif result.exception() is not None:
-                yield _error_response(request, self._failed(result))
+                err = self._failed(result)
+                self._count_error(request.teacher, err.code)
+                yield _error_response(request, err)
             else:
                 yield self._encode(request, p, result.result())
+
+
+def pool(feature: torch.Tensor) -> torch.Tensor:
+    """Global average: [N, C, *spatial] -> [N, C]; [N, T, D] (tokens) -> [N, D]; [N, D] unchanged."""
+    if feature.ndim == 3:
+        return feature.mean(dim=1)
+    if feature.ndim > 3:
+        return feature.mean(dim=tuple(range(2, feature.ndim)))
+    return feature
 
 
 def _error_response(request: pb.InferRequest, e: RequestError) -> pb.InferResponse:

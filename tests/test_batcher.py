@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from teacher_server.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
+from teacher_server.batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
 
 
 class RecordingForward:
@@ -50,7 +50,7 @@ def test_concurrent_requests_are_merged_and_split_back_exactly() -> None:
     b.close()
     assert sum(fwd.sizes) == sum(len(x) for x in inputs)
     assert len(fwd.sizes) < len(inputs), f"nothing was merged: {fwd.sizes}"
-    assert fwd.threads == {"batcher-t"}, "only the batcher thread may run the model"
+    assert fwd.threads == {"model-t"}, "only the model thread may run the model"
 
 
 def test_request_larger_than_max_batch_is_split_and_reassembled() -> None:
@@ -82,17 +82,28 @@ def test_full_batch_runs_without_waiting_for_the_delay() -> None:
     assert out.shape == (4, 5)
 
 
+def fill_pipeline(b: DynamicBatcher, rows: int) -> list:
+    """Submit ``rows``-row requests until some wait in the queue (every stage busy)."""
+    futures = []
+    deadline = time.monotonic() + 5
+    while b.queued_samples == 0:
+        assert time.monotonic() < deadline
+        futures.append(b.submit(torch.randn(rows, 8)))
+        time.sleep(0.02)
+    return futures
+
+
 def test_bounded_queue_rejects_at_once() -> None:
-    fwd = RecordingForward(delay=0.3)
+    fwd = RecordingForward(delay=0.2)
     b = DynamicBatcher(fwd, max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=8)
-    first = b.submit(torch.randn(4, 8))  # taken by the forward (sleeping)
-    time.sleep(0.05)
-    queued = b.submit(torch.randn(8, 8))  # fills the queue
+    accepted = fill_pipeline(b, 4)
     with pytest.raises(QueueFullError, match="max_queue_size=8"):
-        b.submit(torch.randn(1, 8))
-    assert first.result(timeout=5).shape == (4, 5)
-    assert queued.result(timeout=5).shape == (8, 5)
+        for _ in range(3):
+            accepted.append(b.submit(torch.randn(4, 8)))
+    assert b.queued_samples <= 8 and b.stats.rejected == 1
+    assert all(f.result(timeout=10).shape == (4, 5) for f in accepted)
     b.close()
+    assert b.stats.max_queued_samples <= 8
 
 
 def test_forward_error_reaches_every_caller_and_batcher_keeps_running() -> None:
@@ -112,17 +123,16 @@ def test_forward_error_reaches_every_caller_and_batcher_keeps_running() -> None:
 
 
 def test_cancelled_request_is_not_computed() -> None:
-    fwd = RecordingForward(delay=0.3)
+    fwd = RecordingForward(delay=0.2)
     b = DynamicBatcher(fwd, max_batch_size=4, max_queue_delay_s=0.0)
-    busy = b.submit(torch.randn(4, 8))
-    time.sleep(0.05)
+    busy = fill_pipeline(b, 4)
     gone = b.submit(torch.randn(3, 8))
     assert gone.cancel()
-    busy.result(timeout=5)
+    assert all(f.result(timeout=10).shape == (4, 5) for f in busy)
     after = b.submit(torch.randn(2, 8)).result(timeout=5)
     b.close()
     assert after.shape == (2, 5)
-    assert 3 not in fwd.sizes and sum(fwd.sizes) == 6
+    assert 3 not in fwd.sizes and sum(fwd.sizes) == 4 * len(busy) + 2
 
 
 def test_close_drains_queued_work_then_refuses() -> None:
@@ -140,3 +150,51 @@ def test_empty_batch_is_refused() -> None:
     with pytest.raises(ValueError, match="empty"):
         b.submit(torch.randn(0, 8))
     b.close()
+
+
+def test_preferred_batch_size_runs_without_waiting_for_the_delay() -> None:
+    fwd = RecordingForward()
+    b = DynamicBatcher(fwd, max_batch_size=64, preferred_batch_sizes=[8], max_queue_delay_s=30.0)
+    out = b.submit(torch.randn(8, 8)).result(timeout=10)  # would wait 30 s without the preferred size
+    b.close()
+    assert out.shape == (8, 5) and fwd.sizes == [8]
+    with pytest.raises(ValueError, match="preferred_batch_sizes"):
+        DynamicBatcher(fwd, max_batch_size=4, preferred_batch_sizes=[8])
+
+
+def test_expired_deadline_is_dropped_before_the_forward() -> None:
+    fwd = RecordingForward(delay=0.2)
+    b = DynamicBatcher(fwd, max_batch_size=4, max_queue_delay_s=0.0)
+    busy = fill_pipeline(b, 4)
+    late = b.submit(torch.randn(3, 8), deadline=time.monotonic() + 0.05)
+    with pytest.raises(DeadlineExpiredError):
+        late.result(timeout=5)
+    assert all(f.result(timeout=10).shape == (4, 5) for f in busy)
+    b.close()
+    assert 3 not in fwd.sizes and b.stats.expired == 1
+
+
+def test_dict_outputs_and_layers_reach_the_runner() -> None:
+    seen: list[frozenset[str]] = []
+
+    class Runner:
+        def prepare(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        def forward(self, x: torch.Tensor, layers: frozenset[str]) -> dict[str, torch.Tensor]:
+            seen.append(layers)
+            return {"logits": x * 2, **{f"feature/{name}": x + 1 for name in layers}}
+
+        def to_host(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return out
+
+    b = DynamicBatcher(Runner(), max_batch_size=5, max_queue_delay_s=0.2)
+    x1, x2 = torch.randn(3, 2), torch.randn(4, 2)
+    f1 = b.submit(x1, layers=["a"])
+    f2 = b.submit(x2, layers=["b"])
+    o1, o2 = f1.result(timeout=5), f2.result(timeout=5)
+    b.close()
+    torch.testing.assert_close(o1["logits"], x1 * 2)
+    torch.testing.assert_close(o2["logits"], x2 * 2)  # split 2 + 2 across forwards, reassembled
+    torch.testing.assert_close(o2["feature/b"], x2 + 1)
+    assert seen[0] == {"a", "b"}

@@ -198,13 +198,13 @@ def test_stop_finishes_accepted_work_then_refuses(teacher: Teacher) -> None:
     # A slow forward keeps requests queued while the server is told to stop.
     running = start_server([teacher], port=0, batching=BatchingOptions(max_batch_size=8, max_queue_delay_us=0))
     batcher = running.endpoints["digits"].batcher
-    forward = batcher._forward
+    forward = batcher.runner.forward
 
-    def slow(x: torch.Tensor) -> torch.Tensor:
+    def slow(x, layers):
         time.sleep(0.02)
-        return forward(x)
+        return forward(x, layers)
 
-    batcher._forward = slow
+    batcher.runner.forward = slow
     client = TeacherClient(f"127.0.0.1:{running.port}")
     client.wait_ready()
     futures = [

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kd/v1/teacher.proto\x12\x05kd.v1\"B\n\x06Tensor\x12\x1b\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0c.kd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xba\x01\n\x0bTeacherInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12!\n\x0binput_dtype\x18\x04 \x01(\x0e\x32\x0c.kd.v1.DType\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x03\x12\x13\n\x0b\x63lass_names\x18\x06 \x03(\t\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\"\x15\n\x13ListTeachersRequest\"<\n\x14ListTeachersResponse\x12$\n\x08teachers\x18\x01 \x03(\x0b\x32\x12.kd.v1.TeacherInfo\"j\n\nOutputSpec\x12\x0e\n\x06logits\x18\x01 \x01(\x08\x12\"\n\x0clogits_dtype\x18\x02 \x01(\x0e\x32\x0c.kd.v1.DType\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x19\n\x11probs_temperature\x18\x04 \x01(\x02\"v\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07teacher\x18\x02 \x01(\t\x12\x1d\n\x06inputs\x18\x03 \x01(\x0b\x32\r.kd.v1.Tensor\x12\"\n\x07outputs\x18\x04 \x01(\x0b\x32\x11.kd.v1.OutputSpec\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd9\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07teacher\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x32\n\x07outputs\x18\x04 \x03(\x0b\x32!.kd.v1.InferResponse.OutputsEntry\x12\x1b\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x0c.kd.v1.Error\x1a=\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1c\n\x05value\x18\x02 \x01(\x0b\x32\r.kd.v1.Tensor:\x02\x38\x01*\xab\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\t\n\x05UINT8\x10\x05\x12\x08\n\x04INT8\x10\x06\x12\t\n\x05INT16\x10\x07\x12\t\n\x05INT32\x10\x08\x12\t\n\x05INT64\x10\t\x12\x08\n\x04\x42OOL\x10\n\x12\n\n\x06UINT16\x10\x0b\x12\n\n\x06UINT32\x10\x0c\x32\xcb\x01\n\x0eTeacherService\x12G\n\x0cListTeachers\x12\x1a.kd.v1.ListTeachersRequest\x1a\x1b.kd.v1.ListTeachersResponse\x12\x32\n\x05Infer\x12\x13.kd.v1.InferRequest\x1a\x14.kd.v1.InferResponse\x12<\n\x0bInferStream\x12\x13.kd.v1.InferRequest\x1a\x14.kd.v1.InferResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kd/v1/teacher.proto\x12\x05kd.v1\"B\n\x06Tensor\x12\x1b\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0c.kd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xc8\x02\n\x0bTeacherInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12!\n\x0binput_dtype\x18\x04 \x01(\x0e\x32\x0c.kd.v1.DType\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x03\x12\x13\n\x0b\x63lass_names\x18\x06 \x03(\t\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12+\n\x15\x61\x63\x63\x65pted_input_dtypes\x18\t \x03(\x0e\x32\x0c.kd.v1.DType\x12+\n\rnormalization\x18\n \x01(\x0b\x32\x14.kd.v1.Normalization\x12 \n\x06layers\x18\x0b \x03(\x0b\x32\x10.kd.v1.LayerInfo\x12\x10\n\x08\x64\x61tasets\x18\x0c \x03(\t\"*\n\rNormalization\x12\x0c\n\x04mean\x18\x01 \x03(\x02\x12\x0b\n\x03std\x18\x02 \x03(\x02\"(\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\x15\n\x13ListTeachersRequest\"<\n\x14ListTeachersResponse\x12$\n\x08teachers\x18\x01 \x03(\x0b\x32\x12.kd.v1.TeacherInfo\"\xb9\x01\n\nOutputSpec\x12\x0e\n\x06logits\x18\x01 \x01(\x08\x12\"\n\x0clogits_dtype\x18\x02 \x01(\x0e\x32\x0c.kd.v1.DType\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x19\n\x11probs_temperature\x18\x04 \x01(\x02\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x03(\t\x12\x15\n\rpool_features\x18\x06 \x01(\x08\x12$\n\x0e\x66\x65\x61tures_dtype\x18\x07 \x01(\x0e\x32\x0c.kd.v1.DType\"B\n\nDatasetRef\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07indices\x18\x02 \x03(\x03\x12\x12\n\nview_seeds\x18\x03 \x03(\x03\"\xa3\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07teacher\x18\x02 \x01(\t\x12\x1f\n\x06inputs\x18\x03 \x01(\x0b\x32\r.kd.v1.TensorH\x00\x12 \n\x03ref\x18\x05 \x01(\x0b\x32\x11.kd.v1.DatasetRefH\x00\x12\"\n\x07outputs\x18\x04 \x01(\x0b\x32\x11.kd.v1.OutputSpecB\x07\n\x05input\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd9\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07teacher\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x32\n\x07outputs\x18\x04 \x03(\x0b\x32!.kd.v1.InferResponse.OutputsEntry\x12\x1b\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x0c.kd.v1.Error\x1a=\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1c\n\x05value\x18\x02 \x01(\x0b\x32\r.kd.v1.Tensor:\x02\x38\x01*\xab\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\t\n\x05UINT8\x10\x05\x12\x08\n\x04INT8\x10\x06\x12\t\n\x05INT16\x10\x07\x12\t\n\x05INT32\x10\x08\x12\t\n\x05INT64\x10\t\x12\x08\n\x04\x42OOL\x10\n\x12\n\n\x06UINT16\x10\x0b\x12\n\n\x06UINT32\x10\x0c\x32\xcb\x01\n\x0eTeacherService\x12G\n\x0cListTeachers\x12\x1a.kd.v1.ListTeachersRequest\x1a\x1b.kd.v1.ListTeachersResponse\x12\x32\n\x05Infer\x12\x13.kd.v1.InferRequest\x1a\x14.kd.v1.InferResponse\x12<\n\x0bInferStream\x12\x13.kd.v1.InferRequest\x1a\x14.kd.v1.InferResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,26 +33,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFERRESPONSE_OUTPUTSENTRY']._loaded_options = None
   _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=861
-  _globals['_DTYPE']._serialized_end=1032
+  _globals['_DTYPE']._serialized_start=1283
+  _globals['_DTYPE']._serialized_end=1454
   _globals['_TENSOR']._serialized_start=30
   _globals['_TENSOR']._serialized_end=96
   _globals['_TEACHERINFO']._serialized_start=99
-  _globals['_TEACHERINFO']._serialized_end=285
-  _globals['_LISTTEACHERSREQUEST']._serialized_start=287
-  _globals['_LISTTEACHERSREQUEST']._serialized_end=308
-  _globals['_LISTTEACHERSRESPONSE']._serialized_start=310
-  _globals['_LISTTEACHERSRESPONSE']._serialized_end=370
-  _globals['_OUTPUTSPEC']._serialized_start=372
-  _globals['_OUTPUTSPEC']._serialized_end=478
-  _globals['_INFERREQUEST']._serialized_start=480
-  _globals['_INFERREQUEST']._serialized_end=598
-  _globals['_ERROR']._serialized_start=600
-  _globals['_ERROR']._serialized_end=638
-  _globals['_INFERRESPONSE']._serialized_start=641
-  _globals['_INFERRESPONSE']._serialized_end=858
-  _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_start=797
-  _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_end=858
-  _globals['_TEACHERSERVICE']._serialized_start=1035
-  _globals['_TEACHERSERVICE']._serialized_end=1238
+  _globals['_TEACHERINFO']._serialized_end=427
+  _globals['_NORMALIZATION']._serialized_start=429
+  _globals['_NORMALIZATION']._serialized_end=471
+  _globals['_LAYERINFO']._serialized_start=473
+  _globals['_LAYERINFO']._serialized_end=513
+  _globals['_LISTTEACHERSREQUEST']._serialized_start=515
+  _globals['_LISTTEACHERSREQUEST']._serialized_end=536
+  _globals['_LISTTEACHERSRESPONSE']._serialized_start=538
+  _globals['_LISTTEACHERSRESPONSE']._serialized_end=598
+  _globals['_OUTPUTSPEC']._serialized_start=601
+  _globals['_OUTPUTSPEC']._serialized_end=786
+  _globals['_DATASETREF']._serialized_start=788
+  _globals['_DATASETREF']._serialized_end=854
+  _globals['_INFERREQUEST']._serialized_start=857
+  _globals['_INFERREQUEST']._serialized_end=1020
+  _globals['_ERROR']._serialized_start=1022
+  _globals['_ERROR']._serialized_end=1060
+  _globals['_INFERRESPONSE']._serialized_start=1063
+  _globals['_INFERRESPONSE']._serialized_end=1280
+  _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_start=1219
+  _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_end=1280
+  _globals['_TEACHERSERVICE']._serialized_start=1457
+  _globals['_TEACHERSERVICE']._serialized_end=1660
 # @@protoc_insertion_point(module_scope)

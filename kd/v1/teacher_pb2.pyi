@@ -47,7 +47,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TeacherInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "input_shape", "input_dtype", "num_classes", "class_names", "max_batch_size", "device")
+    __slots__ = ("name", "fingerprint", "input_shape", "input_dtype", "num_classes", "class_names", "max_batch_size", "device", "accepted_input_dtypes", "normalization", "layers", "datasets")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,10 @@ class TeacherInfo(_message.Message):
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_INPUT_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -64,7 +68,27 @@ class TeacherInfo(_message.Message):
     class_names: _containers.RepeatedScalarFieldContainer[str]
     max_batch_size: int
     device: str
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    accepted_input_dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    normalization: Normalization
+    layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
+    datasets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., device: _Optional[str] = ..., accepted_input_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., datasets: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Normalization(_message.Message):
+    __slots__ = ("mean", "std")
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class LayerInfo(_message.Message):
+    __slots__ = ("name", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ListTeachersRequest(_message.Message):
     __slots__ = ()
@@ -77,28 +101,46 @@ class ListTeachersResponse(_message.Message):
     def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherInfo, _Mapping]]] = ...) -> None: ...
 
 class OutputSpec(_message.Message):
-    __slots__ = ("logits", "logits_dtype", "top_k", "probs_temperature")
+    __slots__ = ("logits", "logits_dtype", "top_k", "probs_temperature", "features", "pool_features", "features_dtype")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_DTYPE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     PROBS_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    POOL_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_DTYPE_FIELD_NUMBER: _ClassVar[int]
     logits: bool
     logits_dtype: DType
     top_k: int
     probs_temperature: float
-    def __init__(self, logits: _Optional[bool] = ..., logits_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., probs_temperature: _Optional[float] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[str]
+    pool_features: bool
+    features_dtype: DType
+    def __init__(self, logits: _Optional[bool] = ..., logits_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., probs_temperature: _Optional[float] = ..., features: _Optional[_Iterable[str]] = ..., pool_features: _Optional[bool] = ..., features_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class DatasetRef(_message.Message):
+    __slots__ = ("dataset", "indices", "view_seeds")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VIEW_SEEDS_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    view_seeds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dataset: _Optional[str] = ..., indices: _Optional[_Iterable[int]] = ..., view_seeds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "teacher", "inputs", "outputs")
+    __slots__ = ("request_id", "teacher", "inputs", "ref", "outputs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     teacher: str
     inputs: Tensor
+    ref: DatasetRef
     outputs: OutputSpec
-    def __init__(self, request_id: _Optional[str] = ..., teacher: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., outputs: _Optional[_Union[OutputSpec, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., teacher: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., ref: _Optional[_Union[DatasetRef, _Mapping]] = ..., outputs: _Optional[_Union[OutputSpec, _Mapping]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")

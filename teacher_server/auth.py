@@ -1,0 +1,67 @@
+"""Bearer-token authentication and TLS credentials for ``kd serve``."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+# Health checks stay open: load balancers and orchestrators probe without tokens.
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses every RPC whose ``authorization`` metadata is not ``Bearer <token>``."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("empty token")
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(_OPEN_PREFIXES):
+            return continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = metadata.get("authorization", "")
+        if isinstance(given, str):
+            given = given.encode()
+        if hmac.compare_digest(given, self._expected):
+            return continuation(handler_call_details)
+        message = "missing bearer token" if not given else "invalid bearer token"
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+
+        def deny(_request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(lambda it, ctx: deny(None, ctx))
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: deny(None, ctx))
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Server certificate and key (PEM); with ``client_ca`` clients must present a
+    certificate signed by it (mutual TLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        for what, path in (("certificate", self.cert), ("key", self.key), ("client CA", self.client_ca)):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"TLS {what} file {str(path)!r} does not exist")
+        ca = Path(self.client_ca).read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials(
+            [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
