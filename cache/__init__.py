@@ -7,7 +7,15 @@ the writer (batched transactions, growing map, resumable) and the reader
 """
 
 from cache.codecs import CODECS, Codec, get_codec
-from cache.store import CacheError, CacheMeta, CacheReader, CacheWriter, CorruptRecordError, StaleCacheError
+from cache.store import (
+    CacheError,
+    CacheMeta,
+    CacheReader,
+    CacheWriter,
+    CorruptRecordError,
+    MissingRecordError,
+    StaleCacheError,
+)
 
 __all__ = [
     "CODECS",
@@ -18,5 +26,6 @@ __all__ = [
     "CacheReader",
     "CacheWriter",
     "CorruptRecordError",
+    "MissingRecordError",
     "StaleCacheError",
 ]

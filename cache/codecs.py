@@ -30,6 +30,11 @@ def _index_dtype(num_classes: int) -> np.dtype:
 class Codec:
     name: str
 
+    @property
+    def max_abs(self) -> float | None:
+        """Largest |logit| the codec stores without overflow (None: no limit)."""
+        return None
+
     def record_bytes(self, num_classes: int) -> int:
         raise NotImplementedError
 
@@ -46,12 +51,16 @@ class Codec:
 class FullCodec(Codec):
     torch_dtype: torch.dtype = torch.float32
 
+    @property
+    def max_abs(self) -> float | None:
+        return float(torch.finfo(self.torch_dtype).max)
+
     def record_bytes(self, num_classes: int) -> int:
         return num_classes * torch.empty((), dtype=self.torch_dtype).element_size()
 
     def encode(self, logits: torch.Tensor) -> np.ndarray:
         t = logits.detach().to("cpu", self.torch_dtype).contiguous()
-        return t.view(torch.uint8).numpy().reshape(t.shape[0], -1)
+        return t.view(torch.uint8).numpy().reshape(t.shape[0], self.record_bytes(t.shape[1]))
 
     def decode(self, raw: np.ndarray, num_classes: int) -> torch.Tensor:
         t = torch.from_numpy(np.require(raw, requirements=["C", "W"])).view(self.torch_dtype)
@@ -84,6 +93,10 @@ class Int8Codec(Codec):
 @dataclass(frozen=True)
 class TopKCodec(Codec):
     k: int = 10
+
+    @property
+    def max_abs(self) -> float | None:
+        return float(torch.finfo(torch.float16).max)  # values are stored as fp16
 
     def _layout(self, num_classes: int) -> tuple[np.dtype, int, int]:
         idx = _index_dtype(num_classes)

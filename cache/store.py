@@ -151,6 +151,16 @@ def _environment(path: Path, *, write: bool) -> lmdb.Environment:
             return entry[1]
         if entry is not None and entry[0] == os.getpid():
             entry[1].close()  # read-only handle; reopen writable
+        elif entry is not None:
+            # Inherited across fork() (a DataLoader worker): py-lmdb still counts the
+            # parent's handle as open in this process and refuses a new one, so close
+            # this process's copy first (that frees only the child's mapping and fds;
+            # the parent's handle and reader slots are untouched).
+            del _ENVS[key]
+            try:
+                entry[1].close()
+            except lmdb.Error:
+                pass
         try:
             if write:
                 path.mkdir(parents=True, exist_ok=True)
@@ -187,7 +197,11 @@ class CacheWriter:
         with self.env.begin() as txn:
             raw = txn.get(META_KEY)
         if raw is not None:
-            CacheMeta.from_json(raw).check(self.path, **{k: getattr(meta, k) for k in CacheMeta.IDENTITY})
+            try:
+                CacheMeta.from_json(raw).check(self.path, **{k: getattr(meta, k) for k in CacheMeta.IDENTITY})
+            except StaleCacheError:
+                _release(self.path)
+                raise
         else:
             self._commit([(META_KEY, meta.to_json())])
 
@@ -213,6 +227,12 @@ class CacheWriter:
             raise ValueError(f"put: logits have {logits.shape[1]} classes, cache has {self.meta.num_classes}")
         if not torch.isfinite(logits).all():
             raise ValueError("put: logits contain NaN or Inf; refusing to cache them")
+        limit = self.codec.max_abs
+        if limit is not None and float(logits.abs().max()) > limit:
+            raise ValueError(
+                f"put: |logits| up to {float(logits.abs().max()):.4g} exceed the {self.meta.codec} range "
+                f"({limit:.4g}); use a codec with a wider range (fp32, bf16)"
+            )
         for i, v in zip(idx, vw):
             if not 0 <= i < self.meta.dataset_size or not 0 <= v < self.meta.views:
                 raise ValueError(
@@ -289,7 +309,7 @@ class CacheReader:
         return _environment(self.path, write=False)
 
     def _get_raw(self, key: bytes) -> bytes | None:
-        with self._environment().begin(buffers=False) as txn:
+        with self._txn() as txn:
             return txn.get(key)
 
     def _txn(self) -> lmdb.Transaction:
