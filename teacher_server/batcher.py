@@ -183,9 +183,7 @@ class DynamicBatcher:
         if self._on_queue_depth is not None:
             self._on_queue_depth(self._queued_rows)
 
-    def submit(
-        self, inputs: torch.Tensor, *, layers: Iterable[str] = (), deadline: float | None = None
-    ) -> Future:
+    def submit(self, inputs: torch.Tensor, *, layers: Iterable[str] = (), deadline: float | None = None) -> Future:
         """Queue a batch [N, ...]; the future resolves to the outputs for these N rows.
 
         ``deadline`` is a ``time.monotonic()`` instant after which the request is

@@ -68,10 +68,13 @@ class ModelRunner:
 
             handles.append(self._modules[name].register_forward_hook(hook))
         try:
-            with torch.inference_mode(), torch.autocast(
-                self.teacher.device.type,
-                dtype=self.amp_dtype or torch.float32,
-                enabled=self.amp_dtype is not None,
+            with (
+                torch.inference_mode(),
+                torch.autocast(
+                    self.teacher.device.type,
+                    dtype=self.amp_dtype or torch.float32,
+                    enabled=self.amp_dtype is not None,
+                ),
             ):
                 out = self._model(prepared.x)
         finally:

@@ -141,6 +141,7 @@ def start_server(
     unknown = set(options) - set(names)
     if unknown:
         raise ValueError(f"options given for unknown teacher(s) {sorted(unknown)}")
+    credentials = tls.server_credentials() if tls else None  # fail on bad files before any thread starts
     metrics = ServerMetrics()
     endpoints = {t.name: _endpoint(t, options.get(t.name, default), metrics) for t in teachers}
     server = grpc.server(
@@ -156,7 +157,7 @@ def start_server(
         server,
     )
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot bind {address}")
     server.start()

@@ -167,9 +167,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         idx = torch.tensor(list(ref.indices), dtype=torch.long)
         bad = (idx < 0) | (idx >= len(data))
         if bad.any():
-            raise _invalid(
-                f"index {int(idx[bad][0])} out of range for dataset {ref.dataset!r} of {len(data)} samples"
-            )
+            raise _invalid(f"index {int(idx[bad][0])} out of range for dataset {ref.dataset!r} of {len(data)} samples")
         if ref.view_seeds and len(ref.view_seeds) != len(ref.indices):
             raise _invalid(f"ref has {len(ref.view_seeds)} view_seeds for {len(ref.indices)} indices")
         seeds = list(ref.view_seeds) if ref.view_seeds else None
