@@ -31,3 +31,26 @@ def digits_teacher() -> nn.Module:
 def digits_student() -> nn.Module:
     """A small MLP student, 64-16-10 (~1.2k parameters)."""
     return MLP([64, 16, 10])
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN on 1x8x8 digits: named stages (``layer1``, ``layer2``) give
+    4-D feature maps for feature distillation and channels-last serving."""
+
+    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
+        super().__init__()
+        self.input_shape = (1, 8, 8)
+        self.layer1 = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.layer2 = nn.Sequential(
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True)
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], *self.input_shape)
+        return self.head(self.pool(self.layer2(self.layer1(x))).flatten(1))
+
+
+def digits_cnn() -> nn.Module:
+    return DigitsCNN()

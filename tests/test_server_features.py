@@ -225,3 +225,50 @@ def test_several_teachers_each_with_its_own_batcher(teacher: Teacher, teacher_sp
         assert running.endpoints["digits"].batcher.max_batch_size == 256
     finally:
         running.stop(grace=1)
+
+
+def test_client_balances_over_a_pool_and_skips_a_dead_address(teacher: Teacher) -> None:
+    import socket
+
+    servers = [start_server([teacher], port=0) for _ in range(2)]
+    with socket.socket() as s:  # a port with nothing behind it
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    try:
+        addresses = [f"127.0.0.1:{r.port}" for r in servers] + [f"127.0.0.1:{dead}"]
+        x = torch.rand(2, 64)
+        with TeacherClient(addresses, timeout=10) as c:
+            outs = [c.infer("digits", x)["logits"] for _ in range(30)]
+        with torch.inference_mode():
+            ref = teacher.model(x)
+        for o in outs:
+            torch.testing.assert_close(o, ref)
+        counts = [r.endpoints["digits"].batcher.stats.requests for r in servers]
+        assert sum(counts) == 30 and min(counts) >= 5, counts
+    finally:
+        for r in servers:
+            r.stop(grace=1)
+
+
+def test_cnn_features_survive_inplace_relu_and_channels_last() -> None:
+    from teacher_server.loading import load_teacher
+
+    torch.manual_seed(0)
+    cnn = load_teacher("cnn", "kd.models:digits_cnn")
+    running = start_server([cnn], port=0, options={"cnn": TeacherOptions(channels_last=True)})
+    try:
+        x = torch.rand(5, 1, 8, 8)
+        with TeacherClient(f"127.0.0.1:{running.port}") as c:
+            out = c.infer("cnn", x, features=["layer1.1", "layer2"])
+            pooled = c.infer("cnn", x, features=["layer2"], pool_features=True)
+        m = cnn.model
+        with torch.inference_mode():
+            bn = m.layer1[1](m.layer1[0](x))  # before the in-place ReLU that follows it
+            l2 = m.layer2(m.layer1(x))
+            torch.testing.assert_close(out["logits"], m(x), rtol=1e-5, atol=1e-5)
+        assert (bn < 0).any(), "the reference must have negatives for this test to mean anything"
+        torch.testing.assert_close(out["feature/layer1.1"], bn, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["feature/layer2"], l2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pooled["feature/layer2"], l2.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
+    finally:
+        running.stop(grace=1)

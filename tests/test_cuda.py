@@ -1,0 +1,63 @@
+"""The CUDA path of the server and the trainer. Skipped where no GPU is present
+(CI and most machines); run on a GPU node with `pytest tests/test_cuda.py`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kd.data import load_dataset
+from kd.models import digits_student
+from student_trainer.sources import LocalSource
+from student_trainer.train import TrainConfig, seed_everything, train_student
+from teacher_server.client import TeacherClient
+from teacher_server.loading import load_teacher
+from teacher_server.server import TeacherOptions, start_server
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize(
+    ("amp", "channels_last", "tol"), [("fp32", False, 1e-4), ("bf16", True, 5e-2), ("fp16", True, 1e-2)]
+)
+def test_served_on_cuda_matches_cpu(amp: str, channels_last: bool, tol: float) -> None:
+    torch.manual_seed(0)
+    cpu = load_teacher("cnn", "kd.models:digits_cnn")
+    gpu = load_teacher("cnn", "kd.models:digits_cnn", device="cuda")
+    gpu.model.load_state_dict(cpu.model.state_dict())
+    running = start_server(
+        [gpu], port=0, options={"cnn": TeacherOptions(amp=amp, channels_last=channels_last, max_batch_size=64)}
+    )
+    try:
+        x = torch.rand(100, 1, 8, 8)
+        with TeacherClient(f"127.0.0.1:{running.port}") as c:
+            out = c.infer("cnn", x, features=["layer1", "layer2"], pool_features=True)
+            streamed = torch.cat(
+                [o["logits"] for _, o in c.infer_stream("cnn", [(i, x[i : i + 7]) for i in range(0, 100, 7)])]
+            )
+        with torch.inference_mode():
+            ref = cpu.model(x)
+            feat = cpu.model.layer2(cpu.model.layer1(x)).mean(dim=(2, 3))
+        torch.testing.assert_close(out["logits"], ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(streamed, ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(out["feature/layer2"], feat, rtol=tol, atol=tol)
+        assert out["feature/layer1"].shape == (100, 32)
+        assert running.endpoints["cnn"].teacher.device.type == "cuda"
+    finally:
+        running.stop(grace=1)
+
+
+def test_local_source_and_training_on_cuda() -> None:
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    teacher = load_teacher("t", "kd.models:digits_teacher", device="cuda")
+    src = LocalSource(teacher)
+    idx = torch.arange(50)
+    with torch.inference_mode():
+        ref = teacher.model.cpu()(train.inputs[idx])
+    teacher.model.cuda()
+    torch.testing.assert_close(src.targets(idx, train.inputs[idx]), ref, rtol=1e-4, atol=1e-4)
+    seed_everything(0)
+    student = digits_student()
+    r = train_student(student, train, test, TrainConfig(method="kd", epochs=3, device="cuda"), source=src)
+    assert len(r.acc_per_epoch) == 3 and next(student.parameters()).device.type == "cuda"
+    assert r.test_acc > 0.2
