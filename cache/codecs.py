@@ -7,8 +7,12 @@ decodes with one ``frombuffer`` instead of a Python loop per row.
 * ``int8``: per-row affine quantisation (fp32 scale and offset, 256 levels).
 * ``topk:K``: the K largest logits (fp16), their class indices (the smallest
   unsigned type that holds the class count) and the row's log-sum-exp (fp32),
-  so the probability mass outside the top K stays known. Decoding to dense
-  spreads that mass evenly over the other classes.
+  so the probability mass outside the top K stays known. Decodes to
+  ``kd.targets.SparseTargets`` (the KD loss uses it without densifying) or,
+  for small class counts, to dense logits with that mass spread evenly.
+* ``sample:K``: K classes drawn with replacement from softmax(z / T) (T the
+  cache's temperature), their logits (fp16) and log-sum-exp of z / T: an
+  unbiased sparse estimate of the KL at T (Anshumann et al. 2025).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from kd.targets import SparseTargets
 
 
 def _index_dtype(num_classes: int) -> np.dtype:
@@ -45,6 +51,10 @@ class Codec:
     def decode(self, raw: np.ndarray, num_classes: int) -> torch.Tensor:
         """uint8 [B, record_bytes] -> float32 dense logits [B, C]."""
         raise NotImplementedError
+
+    def decode_targets(self, raw: np.ndarray, num_classes: int) -> torch.Tensor | SparseTargets:
+        """What a loss consumes: dense logits, or sparse targets for sparse codecs."""
+        return self.decode(raw, num_classes)
 
 
 @dataclass(frozen=True)
@@ -110,17 +120,9 @@ class TopKCodec(Codec):
 
     def encode(self, logits: torch.Tensor) -> np.ndarray:
         z = logits.detach().to("cpu", torch.float32)
-        c = z.shape[1]
-        self.record_bytes(c)
+        self.record_bytes(z.shape[1])
         values, indices = z.topk(self.k, dim=1)
-        lse = torch.logsumexp(z, dim=1, keepdim=True)
-        idx_dt, _, _ = self._layout(c)
-        parts = [
-            values.to(torch.float16).numpy().view(np.uint8),
-            indices.numpy().astype(idx_dt).view(np.uint8),
-            lse.numpy().astype("<f4").view(np.uint8),
-        ]
-        return np.concatenate(parts, axis=1)
+        return self._pack(values, indices, torch.logsumexp(z, dim=1), z.shape[1])
 
     def decode_sparse(self, raw: np.ndarray, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (values fp32 [B, K], indices int64 [B, K], logsumexp fp32 [B])."""
@@ -131,18 +133,50 @@ class TopKCodec(Codec):
         lse = raw[:, vbytes + ibytes :].copy().view("<f4")[:, 0]
         return torch.from_numpy(values), torch.from_numpy(indices), torch.from_numpy(lse.copy())
 
-    def decode(self, raw: np.ndarray, num_classes: int) -> torch.Tensor:
+    def _pack(self, values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int) -> np.ndarray:
+        idx_dt, _, _ = self._layout(num_classes)
+        parts = [
+            values.to(torch.float16).numpy().view(np.uint8),
+            indices.numpy().astype(idx_dt).view(np.uint8),
+            lse.reshape(-1, 1).numpy().astype("<f4").view(np.uint8),
+        ]
+        return np.concatenate(parts, axis=1)
+
+    def decode_targets(self, raw: np.ndarray, num_classes: int) -> SparseTargets:
         values, indices, lse = self.decode_sparse(raw, num_classes)
-        b = values.shape[0]
-        rest = num_classes - self.k
-        out = torch.empty(b, num_classes)
-        if rest:
-            # Tail mass = 1 - sum(top-k probs), spread evenly as log-probabilities + lse.
-            top_mass = torch.exp(values - lse[:, None]).sum(dim=1).clamp(max=1.0)
-            tail = (1.0 - top_mass).clamp(min=1e-12) / rest
-            out[:] = (torch.log(tail) + lse)[:, None]
-        out.scatter_(1, indices, values)
-        return out
+        return SparseTargets("topk", indices, values, lse, num_classes)
+
+    def decode(self, raw: np.ndarray, num_classes: int) -> torch.Tensor:
+        return self.decode_targets(raw, num_classes).dense()
+
+
+@dataclass(frozen=True)
+class SampleCodec(TopKCodec):
+    """K draws from softmax(z / T) with their logits and logsumexp(z / T)."""
+
+    temperature: float = 1.0
+    seed: int = 0
+
+    def encode(self, logits: torch.Tensor) -> np.ndarray:
+        z = logits.detach().to("cpu", torch.float32)
+        c = z.shape[1]
+        self.record_bytes(c)
+        scaled = z / self.temperature
+        # Seeded from the batch's content: re-encoding the same rows gives the same draws.
+        seed = (self.seed * 1_000_003 + int(z.numel()) + int(z.abs().sum().item() * 1e3)) % (2**63)
+        g = torch.Generator().manual_seed(seed)
+        draws = torch.multinomial(torch.softmax(scaled, dim=1), self.k, replacement=True, generator=g)
+        return self._pack(z.gather(1, draws), draws, torch.logsumexp(scaled, dim=1), c)
+
+    def decode_targets(self, raw: np.ndarray, num_classes: int) -> SparseTargets:
+        values, indices, lse = self.decode_sparse(raw, num_classes)
+        return SparseTargets("sample", indices, values, lse, num_classes, self.temperature)
+
+    def decode(self, raw: np.ndarray, num_classes: int) -> torch.Tensor:
+        raise ValueError(
+            f"{self.name} targets are a sampled estimator with no dense form; use a method that "
+            "accepts sparse targets (kd) or a dense codec (fp32, fp16, bf16, int8, topk:K)"
+        )
 
 
 CODECS: dict[str, Codec] = {
@@ -153,19 +187,22 @@ CODECS: dict[str, Codec] = {
 }
 
 
-def get_codec(name: str) -> Codec:
-    """``fp32``, ``fp16``, ``bf16``, ``int8`` or ``topk:K``."""
+def get_codec(name: str, temperature: float | None = None) -> Codec:
+    """``fp32``, ``fp16``, ``bf16``, ``int8``, ``topk:K`` or ``sample:K`` (needs ``temperature``)."""
     if name in CODECS:
         return CODECS[name]
-    if name.startswith("topk:"):
+    kind, _, arg = name.partition(":")
+    if kind in ("topk", "sample"):
         try:
-            k = int(name.split(":", 1)[1])
+            k = int(arg)
         except ValueError:
             k = 0
         if k < 1:
-            raise ValueError(f"codec {name!r}: K must be a positive integer, as in topk:10")
-        return TopKCodec(name, k)
-    raise ValueError(f"unknown codec {name!r}; choose from {', '.join(CODECS)} or topk:K")
+            raise ValueError(f"codec {name!r}: K must be a positive integer, as in {kind}:10")
+        if kind == "topk":
+            return TopKCodec(name, k)
+        return SampleCodec(name, k, temperature=float(temperature or 1.0))
+    raise ValueError(f"unknown codec {name!r}; choose from {', '.join(CODECS)}, topk:K or sample:K")
 
 
 def bytes_per_sample(codec: str, num_classes: int) -> int:

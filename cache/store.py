@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from cache.codecs import get_codec
+from kd.targets import SparseTargets, Targets
 
 FORMAT_VERSION = 1
 META_KEY = b"\x00meta"
@@ -76,12 +77,36 @@ class CacheMeta:
     num_classes: int
     teacher: str = ""
     views: int = 1
+    # Name of the seeded augmentation that made views (kd.data.augment); "" when views == 1.
+    augmentation: str = ""
     temperature: float | None = None
+    # This environment holds the indices i with i % shard_count == shard_index.
+    shard_index: int = 0
+    shard_count: int = 1
     format_version: int = FORMAT_VERSION
     created_by: str = field(default_factory=_kd_version)
 
     # Fields that must agree between a cache and the one who opens it.
-    IDENTITY = ("format_version", "teacher_fingerprint", "dataset_id", "dataset_size", "codec", "num_classes", "views")
+    IDENTITY = (
+        "format_version",
+        "teacher_fingerprint",
+        "dataset_id",
+        "dataset_size",
+        "codec",
+        "num_classes",
+        "views",
+        "augmentation",
+        "temperature",
+        "shard_index",
+        "shard_count",
+    )
+
+    def owns(self, index: int) -> bool:
+        return index % self.shard_count == self.shard_index
+
+    def expected_keys(self) -> list[tuple[int, int]]:
+        """Every (index, view) this environment should hold when complete."""
+        return [(i, v) for i in range(self.shard_index, self.dataset_size, self.shard_count) for v in range(self.views)]
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -187,7 +212,7 @@ class CacheWriter:
     def __init__(self, path: str | Path, meta: CacheMeta, *, commit_every: int = 4096) -> None:
         self.path = Path(path)
         self.meta = meta
-        self.codec = get_codec(meta.codec)
+        self.codec = get_codec(meta.codec, meta.temperature)
         self.record_bytes = self.codec.record_bytes(meta.num_classes)
         self.commit_every = commit_every
         self._prefix = meta.record_prefix
@@ -237,6 +262,10 @@ class CacheWriter:
             if not 0 <= i < self.meta.dataset_size or not 0 <= v < self.meta.views:
                 raise ValueError(
                     f"put: (index={i}, view={v}) outside dataset_size={self.meta.dataset_size}, views={self.meta.views}"
+                )
+            if not self.meta.owns(i):
+                raise ValueError(
+                    f"put: index {i} belongs to another shard than {self.meta.shard_index}/{self.meta.shard_count}"
                 )
         encoded = self.codec.encode(logits)
         for row, i, v in zip(encoded, idx, vw):
@@ -301,7 +330,7 @@ class CacheReader:
         if unknown:
             raise TypeError(f"unknown cache fields {sorted(unknown)}")
         self.meta.check(self.path, **expect)
-        self.codec = get_codec(self.meta.codec)
+        self.codec = get_codec(self.meta.codec, self.meta.temperature)
         self.record_bytes = self.codec.record_bytes(self.meta.num_classes)
         self._prefix = self.meta.record_prefix
 
@@ -339,11 +368,27 @@ class CacheReader:
         self, indices: Iterable[int] | torch.Tensor, views: Iterable[int] | torch.Tensor | None = None
     ) -> torch.Tensor:
         """Dense float32 logits [B, C] for the given samples (and views)."""
+        return self.codec.decode(self._raw(indices, views), self.meta.num_classes)
+
+    def targets(
+        self, indices: Iterable[int] | torch.Tensor, views: Iterable[int] | torch.Tensor | None = None
+    ) -> Targets:
+        """What a loss consumes: dense logits, or ``SparseTargets`` for topk/sample codecs."""
+        return self.codec.decode_targets(self._raw(indices, views), self.meta.num_classes)
+
+    def _raw(self, indices: Iterable[int] | torch.Tensor, views: Iterable[int] | torch.Tensor | None) -> np.ndarray:
         if isinstance(indices, torch.Tensor):
             indices = indices.tolist()
         if isinstance(views, torch.Tensor):
             views = views.tolist()
-        return self.codec.decode(self.read_raw(indices, views), self.meta.num_classes)
+        return self.read_raw(indices, views)
+
+    def present(self, indices: Iterable[int], views: Iterable[int] | None = None) -> list[bool]:
+        """Whether each (index, view) has a record (no decoding, no checksum)."""
+        idx = [int(i) for i in indices]
+        vw = [0] * len(idx) if views is None else [int(v) for v in views]
+        with self._txn() as txn:
+            return [txn.get(record_key(self._prefix, i, v)) is not None for i, v in zip(idx, vw)]
 
     def keys(self) -> Iterator[tuple[int, int]]:
         with self._txn() as txn:
@@ -359,7 +404,8 @@ class CacheReader:
 
     def verify(self) -> VerifyReport:
         """Check every record's checksum and decode, and which (index, view) are missing."""
-        report = VerifyReport(expected=self.meta.dataset_size * self.meta.views)
+        expected = self.meta.expected_keys()
+        report = VerifyReport(expected=len(expected))
         seen: set[tuple[int, int]] = set()
         path = str(self.path)
         with self._txn() as txn:
@@ -373,20 +419,20 @@ class CacheReader:
                 iv = _KEY.unpack(key[len(self._prefix) :])
                 try:
                     payload = _unseal(path, key, value, self.record_bytes)
-                    decoded = self.codec.decode(np.frombuffer(payload, dtype=np.uint8)[None], self.meta.num_classes)
-                    if not torch.isfinite(decoded).all():
+                    row = np.frombuffer(payload, dtype=np.uint8)[None]
+                    decoded = self.codec.decode_targets(row, self.meta.num_classes)
+                    values = decoded.logits if isinstance(decoded, SparseTargets) else decoded
+                    if not torch.isfinite(values).all():
                         raise CorruptRecordError(f"record (index={iv[0]}, view={iv[1]}) decodes to NaN/Inf")
                 except CorruptRecordError as e:
                     report.problems.append(str(e))
                     continue
-                if not (0 <= iv[0] < self.meta.dataset_size and 0 <= iv[1] < self.meta.views):
+                if not (0 <= iv[0] < self.meta.dataset_size and 0 <= iv[1] < self.meta.views and self.meta.owns(iv[0])):
                     report.problems.append(f"record (index={iv[0]}, view={iv[1]}) is outside the dataset")
                     continue
                 seen.add(iv)
         report.present = len(seen)
-        report.missing = [
-            (i, v) for i in range(self.meta.dataset_size) for v in range(self.meta.views) if (i, v) not in seen
-        ]
+        report.missing = [key for key in expected if key not in seen]
         return report
 
     def close(self) -> None:

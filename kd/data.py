@@ -38,6 +38,11 @@ class Dataset:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def augmentation(self) -> str:
+        """Name (and version) of the seeded augmentation ``views`` applies."""
+        return AUGMENTATIONS[self.name]
+
     def views(self, indices: torch.Tensor | list[int], seeds: torch.Tensor | list[int] | None = None) -> torch.Tensor:
         """The samples at ``indices``; with ``seeds``, each sample's augmented view.
 
@@ -79,6 +84,23 @@ def load_dataset(name: str = "digits", split: str = "train") -> Dataset:
     else:
         raise ValueError(f"unknown split {split!r} of dataset digits; splits: train, test")
     return Dataset(name, split, torch.from_numpy(x.copy()), torch.from_numpy(y.copy()), 10)
+
+
+AUGMENTATIONS = {"digits": "digits-shift1-v1"}
+VIEW_STRIDE = 1 << 16  # views per sample at most
+
+
+def view_seeds(indices: torch.Tensor, views: torch.Tensor | None, num_views: int) -> torch.Tensor | None:
+    """The augmentation seed of each (sample, view); None when there is one plain view.
+
+    ``seed = index * 65536 + view``: a pure function of the key, so precompute,
+    server and trainer agree without storing seeds.
+    """
+    if num_views <= 1 or views is None:
+        return None
+    if num_views > VIEW_STRIDE:
+        raise ValueError(f"at most {VIEW_STRIDE} views per sample")
+    return indices.long() * VIEW_STRIDE + views.long()
 
 
 def augment(name: str, sample: torch.Tensor, seed: int) -> torch.Tensor:

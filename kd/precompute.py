@@ -1,12 +1,16 @@
 """Fill a cache with a teacher's outputs for a whole dataset split.
 
 The teacher is any soft-target source that computes (a ``LocalSource`` or a
-``ServerSource``); re-running skips every record already committed, so a
-killed run resumes where it stopped.
+``ServerSource`` over one or several servers). Work is keyed by (sample,
+view): re-running skips every record already committed, so a killed run
+resumes where it stopped. ``shard=(I, N)`` computes only samples i with
+i % N == I into ``OUT/shard-IIIII-of-NNNNN`` (one shard per machine or per
+``torchrun`` rank); readers open the directory of shards as one cache.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cache import CacheMeta, CacheWriter
 from cache.codecs import bytes_per_sample
-from kd.data import Dataset
-from student_trainer.sources import SoftTargetSource
+from cache.sharded import shard_dir
+from kd.data import Dataset, view_seeds
+from student_trainer.sources import Batch, SoftTargetSource
 
 
 @dataclass
@@ -26,6 +31,14 @@ class PrecomputeReport:
     skipped: int
     seconds: float
     bytes_per_sample: int
+    path: Path
+
+
+def torchrun_shard() -> tuple[int, int] | None:
+    """(rank, world size) when running under torchrun / torch.distributed launchers."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
 
 
 def precompute(
@@ -35,10 +48,17 @@ def precompute(
     *,
     codec: str = "fp32",
     batch_size: int = 256,
+    views: int = 1,
+    temperature: float | None = None,
+    shard: tuple[int, int] | None = None,
     commit_every: int = 4096,
     progress: bool = True,
 ) -> PrecomputeReport:
     t0 = time.perf_counter()
+    shard_index, shard_count = shard or (0, 1)
+    path = shard_dir(out, shard_index, shard_count) if shard_count > 1 else Path(out)
+    if codec.startswith("sample:") and not temperature:
+        raise ValueError("codec sample:K draws from softmax(z / T): give the training temperature (--temperature)")
     meta = CacheMeta(
         teacher_fingerprint=teacher.fingerprint,
         dataset_id=dataset.dataset_id,
@@ -46,26 +66,41 @@ def precompute(
         codec=codec,
         num_classes=teacher.num_classes,
         teacher=teacher.teacher_name,
+        views=views,
+        augmentation=dataset.augmentation if views > 1 else "",
+        temperature=temperature if codec.startswith("sample:") else None,
+        shard_index=shard_index,
+        shard_count=shard_count,
     )
-    with CacheWriter(out, meta, commit_every=commit_every) as writer:
+    with CacheWriter(path, meta, commit_every=commit_every) as writer:
         present = writer.present()
-        todo = torch.tensor([i for i in range(len(dataset)) if (i, 0) not in present], dtype=torch.long)
-        batches = ((idx, dataset.inputs[idx], dataset.labels[idx]) for idx in torch.split(todo, batch_size) if len(idx))
+        todo = [key for key in meta.expected_keys() if key not in present]
+        keys = torch.tensor(todo, dtype=torch.long).reshape(-1, 2)
+
+        def batches():
+            for chunk in torch.split(keys, batch_size):
+                if not len(chunk):
+                    continue
+                idx, vw = chunk[:, 0], chunk[:, 1]
+                seeds = view_seeds(idx, vw, views)
+                yield Batch(idx, dataset.views(idx, seeds), dataset.labels[idx], vw if views > 1 else None)
+
+        total = len(meta.expected_keys())
         with Progress(
             TextColumn("precompute {task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
             disable=not progress,
-            transient=False,
         ) as bar:
-            task = bar.add_task(dataset.dataset_id, total=len(dataset), completed=len(dataset) - len(todo))
-            for (idx, _, _), logits in teacher.iter_targets(batches):
-                writer.put(idx.tolist(), logits)
-                bar.advance(task, len(idx))
+            task = bar.add_task(f"{dataset.dataset_id} -> {path}", total=total, completed=total - len(todo))
+            for batch, logits in teacher.iter_targets(batches()):
+                writer.put(batch.indices.tolist(), logits, None if batch.views is None else batch.views.tolist())
+                bar.advance(task, len(batch.indices))
     return PrecomputeReport(
         written=len(todo),
-        skipped=len(dataset) - len(todo),
+        skipped=total - len(todo),
         seconds=time.perf_counter() - t0,
         bytes_per_sample=bytes_per_sample(codec, teacher.num_classes),
+        path=path,
     )

@@ -1,30 +1,46 @@
-"""Soft-target sources: where a training step gets the teacher's logits.
+"""Soft-target sources: where a training step gets the teacher's targets.
 
-All three give the same targets for the same sample (a test compares them):
+All of them give the same targets for the same sample and view (a test compares them):
 
-* ``CacheSource``: reads precomputed targets from an LMDB cache by sample index.
-* ``ServerSource``: asks a running ``kd serve`` over one bidirectional stream,
-  keeping ``depth`` batches in flight ahead of the training step, so the
-  student rarely waits for the network or the teacher.
+* ``CacheSource``: reads precomputed targets from an LMDB cache (or a directory
+  of shards) by (sample index, view id).
+* ``ServerSource``: asks a running ``kd serve`` (or a pool of them) over one
+  bidirectional stream, keeping ``depth`` batches in flight ahead of the
+  training step, so the student rarely waits for the network or the teacher.
+  With ``dataset=`` it sends sample keys instead of pixels (inputs by
+  reference; the server holds the data and replays the same seeded views).
 * ``LocalSource``: runs a teacher in this process (the classic way).
+* ``ReadThroughSource``: a cache in front of another source: a miss asks the
+  other source and writes the answer back, so the first epoch fills the cache
+  and later ones read it.
 
-A source yields dense float32 logits [B, C]; losses never see where they came from.
+Targets are dense float32 logits [B, C] or ``kd.targets.SparseTargets``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from cache import CacheReader
-from teacher_server.client import TeacherClient
+from cache import CacheMeta, CacheWriter
+from cache.sharded import open_cache
+from kd.data import Dataset, view_seeds
+from kd.targets import Targets
+from teacher_server.client import DatasetRef, TeacherClient
 from teacher_server.loading import Teacher, load_teacher
 from teacher_server.runner import ModelRunner
 
-# A batch as the trainer builds it: (sample indices [B], inputs [B, ...], labels [B]).
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+class Batch(NamedTuple):
+    """A batch as the trainer builds it. ``inputs`` are already the pixels of
+    the views named by ``views`` (None: the plain samples)."""
+
+    indices: torch.Tensor
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    views: torch.Tensor | None = None
 
 
 class SoftTargetSource:
@@ -33,14 +49,15 @@ class SoftTargetSource:
     fingerprint: str
     num_classes: int
 
-    def targets(self, indices: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """Teacher logits [B, C] (float32) for these samples."""
+    def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
+        """Teacher targets for these samples (and views)."""
         raise NotImplementedError
 
-    def iter_targets(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
+    def iter_targets(self, batches: Iterable[Batch | tuple]) -> Iterator[tuple[Batch, Targets]]:
         """Pair each batch with its targets; sources that can work ahead override this."""
-        for batch in batches:
-            yield batch, self.targets(batch[0], batch[1])
+        for b in batches:
+            b = Batch(*b)
+            yield b, self.targets(b.indices, b.inputs, b.views)
 
     def close(self) -> None:
         pass
@@ -55,33 +72,55 @@ class SoftTargetSource:
 class CacheSource(SoftTargetSource):
     name = "cache"
 
-    def __init__(self, path: str, *, teacher_fingerprint: str | None = None, dataset_id: str | None = None) -> None:
-        self.reader = CacheReader(path, teacher_fingerprint=teacher_fingerprint, dataset_id=dataset_id)
-        self.fingerprint = self.reader.meta.teacher_fingerprint
-        self.num_classes = self.reader.meta.num_classes
-        self.dataset_id = self.reader.meta.dataset_id
-        self.teacher_name = self.reader.meta.teacher
+    def __init__(self, path: str, **expect: Any) -> None:
+        self.reader = open_cache(path, **{k: v for k, v in expect.items() if v is not None})
+        meta = self.reader.meta
+        self.fingerprint = meta.teacher_fingerprint
+        self.num_classes = meta.num_classes
+        self.dataset_id = meta.dataset_id
+        self.teacher_name = meta.teacher
+        self.views = meta.views
 
-    def targets(self, indices: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        return self.reader.get(indices)
+    def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
+        return self.reader.targets(indices, views)
 
 
 class ServerSource(SoftTargetSource):
     name = "server"
 
-    def __init__(self, address: str | list[str], teacher: str | None = None, *, depth: int = 8) -> None:
-        self.client = TeacherClient(address)
+    def __init__(
+        self,
+        address: str | list[str],
+        teacher: str | None = None,
+        *,
+        depth: int = 8,
+        dataset: str | None = None,
+        num_views: int = 1,
+        **client_options: Any,
+    ) -> None:
+        self.client = TeacherClient(address, **client_options)
         desc = self.client.describe(teacher)
         self.teacher = self.teacher_name = desc.name
         self.fingerprint = desc.fingerprint
         self.num_classes = desc.num_classes
         self.depth = depth
+        self.dataset = dataset  # a dataset registered on the server: send keys, not pixels
+        self.num_views = num_views
 
-    def targets(self, indices: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        return self.client.infer(self.teacher, inputs)["logits"]
+    def _payload(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None):
+        if self.dataset is None:
+            return inputs
+        seeds = view_seeds(indices, views, self.num_views)
+        return DatasetRef(self.dataset, indices.tolist(), None if seeds is None else seeds.tolist())
 
-    def iter_targets(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
-        keyed = ((b, b[1]) for b in batches)
+    def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
+        payload = self._payload(indices, inputs, views)
+        if isinstance(payload, DatasetRef):
+            return self.client.infer(self.teacher, ref=payload)["logits"]
+        return self.client.infer(self.teacher, payload)["logits"]
+
+    def iter_targets(self, batches: Iterable[Batch | tuple]) -> Iterator[tuple[Batch, Targets]]:
+        keyed = ((b, self._payload(b.indices, b.inputs, b.views)) for b in (Batch(*x) for x in batches))
         for batch, outputs in self.client.infer_stream(self.teacher, keyed, depth=self.depth):
             yield batch, outputs["logits"]
 
@@ -101,8 +140,56 @@ class LocalSource(SoftTargetSource):
         self.fingerprint = teacher.fingerprint
         self.num_classes = teacher.num_classes
 
-    def targets(self, indices: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         return self.runner(inputs)
+
+
+class ReadThroughSource(SoftTargetSource):
+    """A cache in front of ``upstream``: misses are computed upstream, written, then read.
+
+    Hits and misses both come back through the cache's codec, so a student sees
+    the same targets in its first epoch as in later ones.
+    """
+
+    name = "read-through"
+
+    def __init__(self, path: str, upstream: SoftTargetSource, dataset: Dataset, *, codec: str = "fp32",
+                 views: int = 1, temperature: float | None = None) -> None:  # fmt: skip
+        self.upstream = upstream
+        self.fingerprint = upstream.fingerprint
+        self.num_classes = upstream.num_classes
+        self.teacher_name = upstream.teacher_name
+        meta = CacheMeta(
+            teacher_fingerprint=upstream.fingerprint,
+            dataset_id=dataset.dataset_id,
+            dataset_size=len(dataset),
+            codec=codec,
+            num_classes=upstream.num_classes,
+            teacher=upstream.teacher_name,
+            views=views,
+            augmentation=dataset.augmentation if views > 1 else "",
+            temperature=temperature,
+        )
+        self.writer = CacheWriter(path, meta)
+        self.reader = open_cache(path)
+        self.hits = 0
+        self.misses = 0
+
+    def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
+        present = torch.tensor(self.reader.present(indices.tolist(), None if views is None else views.tolist()))
+        missing = (~present).nonzero().flatten()
+        self.hits += int(present.sum())
+        self.misses += len(missing)
+        if len(missing):
+            mv = None if views is None else views[missing]
+            logits = self.upstream.targets(indices[missing], inputs[missing], mv)
+            self.writer.put(indices[missing].tolist(), logits, None if mv is None else mv.tolist())
+            self.writer.flush()
+        return self.reader.targets(indices, views)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.upstream.close()
 
 
 def parse_source(ref: str, **kwargs: Any) -> SoftTargetSource:
@@ -114,7 +201,7 @@ def parse_source(ref: str, **kwargs: Any) -> SoftTargetSource:
         return CacheSource(rest, **kwargs)
     if kind == "server":
         address, _, teacher = rest.partition("/")
-        return ServerSource(address, teacher or None)
+        return ServerSource(address, teacher or None, **kwargs)
     if kind == "local":
         return LocalSource(rest, **kwargs)
     raise ValueError(f"unknown source kind {kind!r} in {ref!r}; use cache:, server: or local:")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kd.data import Dataset
+from kd.data import Dataset, view_seeds
 from student_trainer.losses import get_method
 from student_trainer.sources import Batch, SoftTargetSource
 
@@ -29,6 +29,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "cpu"
+    # > 1: each step replays, per sample, one of `views` seeded augmented views
+    # (kd.data.Dataset.views); a cache must hold the same views.
+    views: int = 1
 
 
 @dataclass
@@ -59,11 +62,15 @@ def accuracy(model: nn.Module, data: Dataset, *, device: str = "cpu", batch_size
     return correct / len(data)
 
 
-def _batches(train: Dataset, subset: torch.Tensor, batch_size: int, gen: torch.Generator) -> Iterator[Batch]:
+def _batches(train: Dataset, subset: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> Iterator[Batch]:
     order = subset[torch.randperm(len(subset), generator=gen)]
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        yield idx, train.inputs[idx], train.labels[idx]
+    for s in range(0, len(order), config.batch_size):
+        idx = order[s : s + config.batch_size]
+        if config.views > 1:
+            views = torch.randint(0, config.views, (len(idx),), generator=gen)
+            yield Batch(idx, train.views(idx, view_seeds(idx, views, config.views)), train.labels[idx], views)
+        else:
+            yield Batch(idx, train.inputs[idx], train.labels[idx])
 
 
 def train_student(
@@ -84,6 +91,8 @@ def train_student(
     method = get_method(config.method)
     if method.needs_teacher and source is None:
         raise ValueError(f"method {config.method!r} needs a soft-target source (--source)")
+    if source is not None and getattr(source, "views", config.views) != config.views:
+        raise ValueError(f"the cache holds {source.views} view(s) per sample but training asks for {config.views}")
     if source is not None and source.num_classes != train.num_classes:
         raise ValueError(f"source has {source.num_classes} classes, dataset {train.dataset_id} has {train.num_classes}")
     dev = torch.device(config.device)
@@ -96,14 +105,14 @@ def train_student(
     losses: list[float] = []
     for epoch in range(config.epochs):
         student.train()
-        batches = _batches(train, subset, config.batch_size, gen)
+        batches = _batches(train, subset, config, gen)
         pairs = (
             source.iter_targets(batches)
             if (source is not None and method.needs_teacher)
             else ((b, None) for b in batches)
         )
         total, n = 0.0, 0
-        for (idx, x, y), teacher_logits in pairs:
+        for (idx, x, y, _), teacher_logits in pairs:
             x, y = x.to(dev), y.to(dev)
             if teacher_logits is not None:
                 teacher_logits = teacher_logits.to(dev)

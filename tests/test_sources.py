@@ -36,8 +36,11 @@ def test_cache_server_and_local_sources_yield_the_same_targets(tmp_path: Path, a
     torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
     # The pipelined path pairs every batch with its own targets, in order.
     batches = [(i, train.inputs[i], train.labels[i]) for i in torch.split(idx, 37)]
-    for (bi, _, _), t in server.iter_targets(batches):
-        torch.testing.assert_close(t, local.targets(bi, train.inputs[bi]), rtol=1e-5, atol=1e-5)
+    seen = []
+    for b, t in server.iter_targets(batches):
+        seen.append(b.indices)
+        torch.testing.assert_close(t, local.targets(b.indices, train.inputs[b.indices]), rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.cat(seen), idx)
     server.close()
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kd.targets import SparseTargets
+
 LossFn = Callable[..., torch.Tensor]
 
 
@@ -23,6 +25,8 @@ class Method:
     loss: LossFn
     paper: str
     needs_teacher: bool = True
+    # Works on kd.targets.SparseTargets (topk/sample caches) without densifying.
+    accepts_sparse: bool = False
 
     @property
     def defaults(self) -> dict[str, object]:
@@ -34,24 +38,35 @@ class Method:
         }
 
     def __call__(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, **hparams: object
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | SparseTargets | None,
+        labels: torch.Tensor,
+        **hparams: object,
     ) -> torch.Tensor:
         unknown = set(hparams) - set(self.defaults)
         if unknown:
             raise TypeError(f"method {self.name!r} has no option(s) {sorted(unknown)}; options: {self.defaults}")
         if self.needs_teacher and teacher_logits is None:
             raise ValueError(f"method {self.name!r} needs teacher targets; give it a --source")
+        if isinstance(teacher_logits, SparseTargets) and not self.accepts_sparse:
+            raise ValueError(
+                f"method {self.name!r} needs dense teacher logits, but the targets are sparse "
+                f"({teacher_logits.kind}); use a dense cache codec (fp32, fp16, bf16, int8) or a server/local source"
+            )
         return self.loss(student_logits, teacher_logits, labels, **hparams)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, paper: str, *, needs_teacher: bool = True) -> Callable[[LossFn], LossFn]:
+def register(
+    name: str, paper: str, *, needs_teacher: bool = True, accepts_sparse: bool = False
+) -> Callable[[LossFn], LossFn]:
     def deco(fn: LossFn) -> LossFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = Method(name, fn, paper, needs_teacher)
+        METHODS[name] = Method(name, fn, paper, needs_teacher, accepts_sparse)
         return fn
 
     return deco

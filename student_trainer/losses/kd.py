@@ -6,6 +6,8 @@
 KL is "batchmean": summed over classes, averaged over samples (the true KL per
 sample, not PyTorch's reduction="mean" which also divides by the class count).
 T^2 keeps the soft term's gradient magnitude comparable across temperatures.
+Sparse targets (cache codecs ``topk:K``, ``sample:K``) use ``kd.targets.sparse_kl``:
+the same KL, never materialising the teacher's [B, C] distribution.
 Defaults T = 4, alpha = 0.9 (mdistiller's CIFAR-100 setting: CE weight 0.1,
 KD weight 0.9). With alpha = 1 the loss is zero iff the student's softened
 distribution equals the teacher's.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kd.targets import SparseTargets, sparse_kl
 from student_trainer.losses import register
 
 
@@ -27,10 +30,10 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
 
 
-@register("kd", "Hinton, Vinyals, Dean 2015, Distilling the Knowledge in a Neural Network")
+@register("kd", "Hinton, Vinyals, Dean 2015, Distilling the Knowledge in a Neural Network", accepts_sparse=True)
 def kd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseTargets,
     labels: torch.Tensor,
     *,
     temperature: float = 4.0,
@@ -38,7 +41,10 @@ def kd_loss(
 ) -> torch.Tensor:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    soft = soft_kl(student_logits, teacher_logits, temperature) * temperature**2
+    if isinstance(teacher_logits, SparseTargets):
+        soft = sparse_kl(student_logits, teacher_logits, temperature) * temperature**2
+    else:
+        soft = soft_kl(student_logits, teacher_logits, temperature) * temperature**2
     if alpha == 1.0:
         return alpha * soft
     return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
