@@ -1,0 +1,152 @@
+"""The cache at dataset scale: sparse codecs in the loss, augmentation views,
+shards, read-through, and concurrent readers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cache import CacheError, CacheMeta, CacheWriter, StaleCacheError
+from cache.sharded import ShardedCacheReader, open_cache, parse_shard, shard_dir
+from kd.data import load_dataset, view_seeds
+from kd.models import digits_student
+from kd.precompute import precompute
+from kd.targets import SparseTargets, sparse_kl
+from student_trainer.losses import get_method
+from student_trainer.losses.kd import soft_kl
+from student_trainer.sources import CacheSource, LocalSource, ReadThroughSource
+from student_trainer.train import TrainConfig, seed_everything, train_student
+from teacher_server.loading import Teacher
+
+
+@pytest.fixture(scope="module")
+def train():
+    return load_dataset("digits", "train")
+
+
+def test_topk_cache_feeds_the_loss_sparse_and_equals_its_dense_decode(tmp_path: Path, teacher: Teacher, train):
+    precompute(train, LocalSource(teacher), tmp_path / "c", codec="topk:3", progress=False)
+    reader = open_cache(tmp_path / "c")
+    idx = torch.arange(64)
+    sparse = reader.targets(idx)
+    assert isinstance(sparse, SparseTargets) and sparse.indices.shape == (64, 3)
+    student = torch.randn(64, 10, dtype=torch.float64)
+    for t in (1.0, 4.0):
+        torch.testing.assert_close(sparse_kl(student, sparse, t), soft_kl(student, reader.get(idx).double(), t))
+    kd = get_method("kd")
+    labels = train.labels[idx]
+    torch.testing.assert_close(kd(student, sparse, labels), kd(student, reader.get(idx).double(), labels))
+    from student_trainer.losses import Method
+
+    dense_only = Method("dense-only", lambda s, t, y: (s - t).pow(2).mean(), "a method that needs dense targets")
+    with pytest.raises(ValueError, match="needs dense teacher logits, but the targets are sparse"):
+        dense_only(student, sparse, labels)
+
+
+def test_sampled_kl_is_unbiased(teacher: Teacher, train) -> None:
+    from cache.codecs import get_codec
+
+    x = train.inputs[:8]
+    with torch.inference_mode():
+        z = teacher.model(x).double() * 3  # sharper than a random init, like a trained teacher
+    student = torch.randn(8, 10, dtype=torch.float64)
+    temperature = 2.0
+    exact = float(soft_kl(student, z, temperature))
+    estimates = []
+    for seed in range(200):
+        codec = get_codec("sample:16", temperature)
+        codec = type(codec)(codec.name, codec.k, temperature=temperature, seed=seed)
+        targets = codec.decode_targets(codec.encode(z.float()), 10)
+        estimates.append(float(sparse_kl(student, targets, temperature)))
+    mean = torch.tensor(estimates).mean().item()
+    stderr = torch.tensor(estimates).std().item() / len(estimates) ** 0.5
+    assert abs(mean - exact) < 4 * stderr + 0.02 * abs(exact), (mean, exact, stderr)
+    assert all(e == e for e in estimates)
+    with pytest.raises(ValueError, match="sampled at temperature 2.0"):
+        sparse_kl(student, targets, 4.0)
+
+
+def test_views_are_cached_and_replayed_exactly(tmp_path: Path, teacher: Teacher, train) -> None:
+    report = precompute(train, LocalSource(teacher), tmp_path / "v", views=3, progress=False)
+    assert report.written == 3 * len(train)
+    cache = CacheSource(str(tmp_path / "v"))
+    assert cache.views == 3 and cache.reader.meta.augmentation == train.augmentation
+    idx = torch.tensor([0, 7, 7, 100])
+    views = torch.tensor([0, 1, 2, 2])
+    x = train.views(idx, view_seeds(idx, views, 3))
+    with torch.inference_mode():
+        torch.testing.assert_close(cache.targets(idx, x, views), teacher.model(x), rtol=1e-5, atol=1e-5)
+    # Views 1 and 2 of sample 7 are different shifts (seeds 7*65536+1, +2), so different targets.
+    assert not torch.equal(x[1], x[2])
+    assert not torch.equal(cache.targets(idx[1:2], None, views[1:2]), cache.targets(idx[2:3], None, views[2:3]))
+    # Training with views from the cache equals training with the teacher on the same views.
+    test = load_dataset("digits", "test")
+    subset = torch.arange(64)
+    cfg = TrainConfig(method="kd", epochs=2, views=3, seed=3)
+    weights = []
+    for source in (cache, LocalSource(teacher)):
+        seed_everything(3)
+        s = digits_student()
+        train_student(s, train, test, cfg, source=source, subset=subset)
+        weights.append(s.state_dict())
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="3 view"):
+        train_student(digits_student(), train, test, TrainConfig(method="kd", epochs=1), source=cache)
+
+
+def test_shards_read_as_one_cache(tmp_path: Path, teacher: Teacher, train) -> None:
+    local = LocalSource(teacher)
+    for i in range(3):
+        r = precompute(train, local, tmp_path / "s", shard=(i, 3), codec="fp16", progress=False)
+        assert r.path == shard_dir(tmp_path / "s", i, 3)
+        assert r.written == len(range(i, len(train), 3))
+    reader = open_cache(tmp_path / "s")
+    assert isinstance(reader, ShardedCacheReader) and len(reader) == len(train)
+    report = reader.verify()
+    assert report.ok and report.expected == len(train)
+    idx = torch.tensor([5, 0, 4, 1198 - 1, 3])
+    with torch.inference_mode():
+        torch.testing.assert_close(reader.get(idx), teacher.model(train.inputs[idx]), rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="another shard"):
+        meta = CacheMeta(teacher.fingerprint, train.dataset_id, len(train), "fp16", 10, shard_index=1, shard_count=3)
+        with CacheWriter(tmp_path / "x", meta) as w:
+            w.put([0], torch.zeros(1, 10))
+    assert parse_shard("2/4") == (2, 4)
+    with pytest.raises(ValueError):
+        parse_shard("4/4")
+    import shutil
+
+    shutil.rmtree(shard_dir(tmp_path / "s", 1, 3))
+    with pytest.raises(CacheError, match=r"missing shard\(s\) \[1\]"):
+        open_cache(tmp_path / "s")
+
+
+def test_read_through_fills_the_cache_in_the_first_epoch(tmp_path: Path, teacher: Teacher, train) -> None:
+    test = load_dataset("digits", "test")
+    source = ReadThroughSource(str(tmp_path / "rt"), LocalSource(teacher), train, codec="fp32")
+    subset = torch.arange(100)
+    seed_everything(0)
+    train_student(digits_student(), train, test, TrainConfig(method="kd", epochs=1), source=source, subset=subset)
+    assert source.misses == 100 and source.hits == 0
+    train_student(digits_student(), train, test, TrainConfig(method="kd", epochs=2), source=source, subset=subset)
+    assert source.misses == 100 and source.hits == 200
+    source.close()
+    cache = CacheSource(str(tmp_path / "rt"), teacher_fingerprint=teacher.fingerprint)
+    assert len(cache.reader) == 100
+    with torch.inference_mode():
+        torch.testing.assert_close(cache.targets(subset, None), teacher.model(train.inputs[subset]))
+
+
+def test_mismatched_views_or_temperature_are_stale(tmp_path: Path, teacher: Teacher, train) -> None:
+    local = LocalSource(teacher)
+    precompute(train, local, tmp_path / "c", codec="sample:8", temperature=4.0, progress=False)
+    with pytest.raises(StaleCacheError, match="temperature"):
+        precompute(train, local, tmp_path / "c", codec="sample:8", temperature=2.0, progress=False)
+    with pytest.raises(ValueError, match="--temperature"):
+        precompute(train, local, tmp_path / "d", codec="sample:8", progress=False)
+    precompute(train, local, tmp_path / "e", progress=False)
+    with pytest.raises(StaleCacheError, match="views"):
+        precompute(train, local, tmp_path / "e", views=2, progress=False)
