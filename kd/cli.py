@@ -181,31 +181,44 @@ def serve(
 
 @app.command()
 def precompute(
-    source: str = typer.Option(..., help="Teacher to run: server:HOST:PORT[/TEACHER] or local:SPEC."),
+    source: str = typer.Option(..., help="Teacher to run: server:HOST:PORT[,HOST:PORT...][/TEACHER] or local:SPEC."),
     out: Path = typer.Option(..., help="Cache directory (created, or resumed if it exists)."),
     dataset: str = typer.Option("digits", help="Dataset and split, e.g. digits or digits:test."),
-    codec: str = typer.Option("fp32", help="fp32, fp16, bf16, int8 or topk:K."),
+    codec: str = typer.Option("fp32", help="fp32, fp16, bf16, int8, topk:K or sample:K."),
+    temperature: float | None = typer.Option(None, help="sample:K draws from softmax(z/T): the training temperature."),
+    views: int = typer.Option(1, help="Augmented views per sample (seeded; 1 = the plain samples)."),
+    shard: str | None = typer.Option(None, help="I/N: samples i % N == I into OUT/shard-I-of-N (torchrun: rank)."),
+    by_reference: str | None = typer.Option(None, help="Send keys, not pixels: the dataset name on the server."),
     batch_size: int = typer.Option(256),
+    commit_every: int = typer.Option(4096, help="Records per LMDB transaction (a kill loses at most these)."),
     device: str = typer.Option("cpu", help="Device for a local: teacher."),
 ) -> None:
-    """Run a dataset through a teacher and store its soft targets in an LMDB cache."""
+    """Run a dataset through a teacher and store its soft targets in an LMDB cache (resumable)."""
     from cache import CacheError
+    from cache.sharded import parse_shard
     from kd.data import parse_dataset
     from kd.precompute import precompute as run
+    from kd.precompute import torchrun_shard
     from student_trainer.sources import parse_source
 
     if source.startswith("cache:"):
         _fail("precompute needs a teacher: server:... or local:...")
+    if by_reference and not source.startswith("server:"):
+        _fail("--by-reference needs a server: source")
     data = parse_dataset(dataset)
     try:
-        src = parse_source(source, **({"device": device} if source.startswith("local:") else {}))
-        with src:
-            report = run(data, src, out, codec=codec, batch_size=batch_size)
-    except (CacheError, ValueError) as e:
+        which = parse_shard(shard) if shard else torchrun_shard()
+        kwargs: dict = {"device": device} if source.startswith("local:") else {}
+        if by_reference:
+            kwargs = {"dataset": by_reference, "num_views": views}
+        with parse_source(source, **kwargs) as src:
+            report = run(data, src, out, codec=codec, batch_size=batch_size, views=views, temperature=temperature,
+                         shard=which, commit_every=commit_every)  # fmt: skip
+    except (CacheError, ValueError, RuntimeError) as e:
         _fail(str(e))
     console.print(
         f"wrote {report.written}, skipped {report.skipped} already cached, {report.bytes_per_sample} B/sample, "
-        f"{report.seconds:.1f}s -> {out}",
+        f"{report.seconds:.1f}s -> {report.path}",
         highlight=False,
     )
 
@@ -220,6 +233,11 @@ def train(
     dataset: str = typer.Option("digits", help="Training dataset; evaluated on its test split."),
     student: str = typer.Option("kd.models:digits_student", help="module:factory of the student."),
     subset: int = typer.Option(0, help="Train on the first N samples of a seeded permutation (0 = all)."),
+    views: int = typer.Option(1, help="Replay one of this many seeded augmented views per sample and step."),
+    read_through: str | None = typer.Option(
+        None, help="With --source cache:PATH: compute misses with this source (server:... or local:...) and store them."
+    ),
+    codec: str = typer.Option("fp32", help="Codec of a cache created by --read-through."),
     epochs: int = typer.Option(60),
     batch_size: int = typer.Option(32),
     lr: float = typer.Option(3e-3),
@@ -244,7 +262,14 @@ def train(
         _fail(str(e))
     src = None
     try:
-        if source is not None:
+        if read_through is not None:
+            if source is None or not source.startswith("cache:"):
+                _fail("--read-through needs --source cache:PATH")
+            from student_trainer.sources import ReadThroughSource
+
+            upstream = parse_source(read_through, **({"device": device} if read_through.startswith("local:") else {}))
+            src = ReadThroughSource(source[len("cache:") :], upstream, train_data, codec=codec, views=views)
+        elif source is not None:
             kwargs = {"dataset_id": train_data.dataset_id} if source.startswith("cache:") else {}
             if source.startswith("local:"):
                 kwargs = {"device": device}
@@ -298,44 +323,127 @@ def methods() -> None:
 
 @cache_app.command("info")
 def cache_info(path: Path) -> None:
-    """Print a cache's metadata and size."""
-    from cache import CacheError, CacheReader
+    """Print a cache's metadata, record count and size (a directory of shards counts as one)."""
+    from cache import CacheError
     from cache.codecs import bytes_per_sample
+    from cache.sharded import open_cache
 
     try:
-        reader = CacheReader(path)
+        reader = open_cache(path)
     except CacheError as e:
         _fail(str(e))
     info = dict(vars(reader.meta))
     info["records"] = len(reader)
     info["bytes_per_sample"] = bytes_per_sample(reader.meta.codec, reader.meta.num_classes)
-    info["file_bytes"] = (path / "data.mdb").stat().st_size
+    info["file_bytes"] = sum(f.stat().st_size for f in path.rglob("data.mdb"))
+    if hasattr(reader, "shards"):
+        info["shards"] = len(reader.shards)
     print(json.dumps(info, indent=2))
 
 
 @cache_app.command("verify")
 def cache_verify(path: Path) -> None:
     """Check every record's checksum and the coverage; exit 1 on any problem."""
-    from cache import CacheError, CacheReader
+    from cache import CacheError
+    from cache.sharded import open_cache
 
     try:
-        report = CacheReader(path).verify()
+        report = open_cache(path).verify()
     except CacheError as e:
         _fail(str(e))
     for p in report.problems[:20]:
         console.print(f"[red]corrupt:[/] {p}", highlight=False)
     if report.missing:
         shown = ", ".join(f"{i}/{v}" for i, v in report.missing[:10])
-        console.print(
-            f"[red]missing {len(report.missing)} of {report.expected}[/] (index/view): {shown}"
-            + (" ..." if len(report.missing) > 10 else ""),
-            highlight=False,
-        )
-    console.print(
-        f"{report.present}/{report.expected} records present, {len(report.problems)} problems", highlight=False
-    )
+        console.print(f"[red]missing {len(report.missing)} of {report.expected}[/] (index/view): {shown}"
+                      + (" ..." if len(report.missing) > 10 else ""), highlight=False)  # fmt: skip
+    console.print(f"{report.present}/{report.expected} records present, {len(report.problems)} problems",
+                  highlight=False)  # fmt: skip
     if not report.ok:
         raise typer.Exit(1)
+
+
+@cache_app.command("export")
+def cache_export(
+    path: Path,
+    out: Path = typer.Option(..., help="Output file (.npz)."),
+    to: str = typer.Option("npz", help="Format: npz."),
+) -> None:
+    """Export every record for other tools: arrays index, view, and logits (dense codecs)
+    or topk/sample indices, logits and logsumexp (sparse codecs), plus the metadata as JSON."""
+    import numpy as np
+
+    from cache import CacheError
+    from cache.sharded import open_cache
+    from kd.targets import SparseTargets
+
+    if to != "npz":
+        _fail(f"unknown export format {to!r}; supported: npz")
+    try:
+        reader = open_cache(path)
+        keys = sorted(reader.keys())
+        idx = [i for i, _ in keys]
+        views = [v for _, v in keys]
+        targets = reader.targets(idx, views)
+    except (CacheError, ValueError) as e:
+        _fail(str(e))
+    arrays = {"index": np.asarray(idx, dtype=np.int64), "view": np.asarray(views, dtype=np.int64)}
+    if isinstance(targets, SparseTargets):
+        arrays.update(
+            class_index=targets.indices.numpy(), logits=targets.logits.numpy(), logsumexp=targets.logsumexp.numpy()
+        )
+    else:
+        arrays["logits"] = targets.numpy()
+    meta = json.dumps(dict(vars(reader.meta)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, meta=np.asarray(meta), **arrays)
+    console.print(f"exported {len(idx)} records to {out}", highlight=False)
+
+
+bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("serve")
+def bench_serve(
+    seconds: float | None = typer.Option(None, help="Measured seconds per phase window [3; 1 with --quick]."),
+    rounds: int | None = typer.Option(None, help="Alternated windows behind each ratio [3; 1 with --quick]."),
+    clients: int = typer.Option(16, help="Client processes of the saturation, batching and overload phases."),
+    served_clients: int = typer.Option(2, help="Clients sending batch 64 for served_over_inprocess."),
+    served_depth: int = typer.Option(0, help="0: those clients send unary requests; N: InferStream, N in flight."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N: the server's and the in-process model's."),
+    threads: int = typer.Option(
+        0, help="torch threads of the server and of the in-process loop [0 = half the logical CPUs]."
+    ),
+    teacher: str = typer.Option("kd.models:bench_teacher", help="module:factory[@WEIGHTS] of the teacher."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the results here as JSON."),
+    quick: bool = typer.Option(False, "--quick", help="Short phases (tests, smoke runs)."),
+) -> None:
+    """Throughput and latency of `kd serve` (subprocess, N client processes) against the model in-process."""
+    from kd.bench.serve import BenchSettings, print_report, run_bench
+
+    if clients < 1 or served_clients < 1 or served_depth < 0 or (rounds is not None and rounds < 1):
+        _fail("--clients, --served-clients and --rounds must be >= 1, --served-depth >= 0")
+    settings = BenchSettings(
+        seconds=seconds if seconds is not None else (1.0 if quick else 3.0),
+        rounds=rounds if rounds is not None else (1 if quick else 3),
+        warmup=0.25 if quick else 0.5,
+        clients=clients,
+        served_clients=served_clients,
+        served_depth=served_depth,
+        device=device,
+        threads=threads,
+        teacher=teacher,
+    )
+    try:
+        results = run_bench(settings)
+    except (RuntimeError, ValueError, OSError) as e:
+        _fail(str(e), code=1)
+    print_report(results)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=2))
+        console.print(f"wrote {json_out}", highlight=False)
 
 
 @app.command()

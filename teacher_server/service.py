@@ -207,6 +207,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
     @staticmethod
     def _failed(future: Future) -> RequestError:
+        if future.cancelled():  # the client went away or its deadline passed while queued
+            return RequestError(grpc.StatusCode.CANCELLED, "cancelled while queued: the caller went away")
         e = future.exception()
         if isinstance(e, DeadlineExpiredError):
             return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"not computed: {e}")

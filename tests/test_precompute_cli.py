@@ -1,0 +1,173 @@
+"""`kd precompute` as a process: kill -9 and resume, shards, inputs by
+reference through `kd serve`, export, read-through training, concurrent readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache import CacheMeta, CacheReader, CacheWriter
+from cache.sharded import open_cache
+from kd.data import load_dataset, view_seeds
+from teacher_server.loading import Teacher
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def kd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kd", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def test_kill_9_during_precompute_loses_only_the_open_batch(tmp_path: Path, teacher_spec: str, teacher: Teacher):
+    out = tmp_path / "c"
+    cmd = [sys.executable, "-m", "kd", "precompute", "--source", f"local:{teacher_spec}", "--out", str(out),
+           "--views", "8", "--batch-size", "8", "--commit-every", "64"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.monotonic() + 120
+    committed = 0
+    try:
+        while committed < 200:  # some transactions committed, far from done (1198 * 8 records)
+            assert proc.poll() is None, "precompute finished before it could be killed"
+            assert time.monotonic() < deadline, "precompute made no progress"
+            if (out / "data.mdb").exists():
+                try:
+                    committed = len(CacheReader(out))
+                except Exception:  # noqa: BLE001 - metadata not committed yet
+                    committed = 0
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    train = load_dataset("digits", "train")
+    after_kill = CacheReader(out).verify()
+    assert after_kill.problems == [], after_kill.problems
+    assert 200 <= after_kill.present < len(train) * 8 and after_kill.present % 64 == 0
+    resumed = kd("precompute", "--source", f"local:{teacher_spec}", "--out", str(out), "--views", "8")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"skipped {after_kill.present} already cached" in resumed.stderr
+    verify = kd("cache", "verify", str(out))
+    assert verify.returncode == 0, verify.stderr
+    reader = CacheReader(out)
+    keys = list(reader.keys())
+    assert len(keys) == len(set(keys)) == len(train) * 8
+    idx, views = torch.tensor([3, 900]), torch.tensor([7, 0])
+    with torch.inference_mode():
+        ref = teacher.model(train.views(idx, view_seeds(idx, views, 8)))
+    torch.testing.assert_close(reader.get(idx, views), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_shards_by_reference_through_the_server_then_export(tmp_path: Path, teacher_spec: str, teacher: Teacher):
+    port_file = tmp_path / "port"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "kd", "serve", "--teacher", f"digits={teacher_spec}", "--dataset", "train=digits:train",
+         "--port", "0", "--port-file", str(port_file)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            assert serve.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        address = f"127.0.0.1:{port_file.read_text()}"
+        out = tmp_path / "sharded"
+        for i in range(2):
+            r = kd("precompute", "--source", f"server:{address}", "--by-reference", "train", "--views", "2",
+                   "--shard", f"{i}/2", "--out", str(out), "--codec", "fp16")  # fmt: skip
+            assert r.returncode == 0, r.stderr
+        # torchrun-style: rank/world from the environment pick the shard.
+        env_out = tmp_path / "ranked"
+        for rank in range(2):
+            r = subprocess.run(
+                [sys.executable, "-m", "kd", "precompute", "--source", f"server:{address}", "--out", str(env_out)],
+                capture_output=True, text=True, timeout=300, env={**ENV, "RANK": str(rank), "WORLD_SIZE": "2"},
+            )  # fmt: skip
+            assert r.returncode == 0, r.stderr
+        assert len(open_cache(env_out)) == 1198
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=30) == 0
+    info = json.loads(kd("cache", "info", str(out)).stdout)
+    assert info["records"] == 2 * 1198 and info["shards"] == 2 and info["codec"] == "fp16"
+    assert kd("cache", "verify", str(out)).returncode == 0
+    train = load_dataset("digits", "train")
+    reader = open_cache(out)
+    idx, views = torch.tensor([10, 11, 12]), torch.tensor([1, 0, 1])
+    with torch.inference_mode():
+        ref = teacher.model(train.views(idx, view_seeds(idx, views, 2)))
+    torch.testing.assert_close(reader.get(idx, views), ref, rtol=2e-3, atol=2e-3)
+    npz = tmp_path / "export.npz"
+    r = kd("cache", "export", str(out), "--to", "npz", "--out", str(npz))
+    assert r.returncode == 0, r.stderr
+    data = np.load(npz)
+    assert data["logits"].shape == (2 * 1198, 10) and json.loads(str(data["meta"]))["views"] == 2
+    row = int(np.nonzero((data["index"] == 12) & (data["view"] == 1))[0][0])
+    np.testing.assert_allclose(data["logits"][row], ref[2].numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_read_through_training_from_the_cli(tmp_path: Path, teacher_spec: str) -> None:
+    cache = tmp_path / "rt"
+    r = kd("train", "--source", f"cache:{cache}", "--read-through", f"local:{teacher_spec}", "--subset", "120",
+           "--epochs", "2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert len(CacheReader(cache)) == 120 and kd("cache", "info", str(cache)).returncode == 0
+
+
+class CachedTargets(torch.utils.data.Dataset):
+    """Inputs and labels with teacher targets read from the cache in each worker."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, reader: CacheReader) -> None:
+        self.inputs, self.labels, self.reader = inputs, labels, reader
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return i, self.inputs[i], self.labels[i], self.reader.get([i])[0]
+
+
+def test_training_from_a_cache_while_another_process_reads_it(tmp_path: Path, teacher: Teacher) -> None:
+    from torch.utils.data import DataLoader
+
+    from student_trainer.losses import get_method
+
+    train = load_dataset("digits", "train")
+    meta = CacheMeta(teacher.fingerprint, train.dataset_id, len(train), "fp32", 10)
+    with torch.inference_mode():
+        logits = teacher.model(train.inputs)
+    with CacheWriter(tmp_path / "c", meta) as w:
+        w.put(range(len(train)), logits)
+    reader = CacheReader(tmp_path / "c", teacher_fingerprint=teacher.fingerprint)
+    other = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, torch; from cache import CacheReader; r = CacheReader(sys.argv[1]);"
+         "[r.get(torch.randint(0, 1198, (64,))) for _ in range(300)]; print(len(r))", str(tmp_path / "c")],
+        stdout=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+
+    dataset = CachedTargets(train.inputs, train.labels, reader)
+    torch.manual_seed(0)
+    student = torch.nn.Linear(64, 10)
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    kd_loss = get_method("kd")
+    loader = DataLoader(dataset, batch_size=64, shuffle=True, num_workers=2, multiprocessing_context="spawn")
+    seen = 0
+    for i, x, y, t in loader:
+        torch.testing.assert_close(t, logits[i])  # each worker read the right records
+        loss = kd_loss(student(x), t, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen += len(x)
+    assert seen == len(train) and torch.isfinite(loss)
+    out, _ = other.communicate(timeout=120)
+    assert other.returncode == 0 and out.strip() == str(len(train))
