@@ -116,7 +116,7 @@ def train_student(
             x, y = x.to(dev), y.to(dev)
             if teacher_logits is not None:
                 teacher_logits = teacher_logits.to(dev)
-            loss = method(student(x), teacher_logits, y, **config.method_options)
+            loss = method(student(x), teacher_logits, y, epoch=epoch, epochs=config.epochs, **config.method_options)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

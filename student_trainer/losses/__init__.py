@@ -17,6 +17,8 @@ import torch
 from kd.targets import SparseTargets
 
 LossFn = Callable[..., torch.Tensor]
+# Passed by the training loop to losses that declare them (0-based epoch, total epochs).
+SCHEDULE_ARGS = ("epoch", "epochs")
 
 
 @dataclass(frozen=True)
@@ -34,14 +36,24 @@ class Method:
         return {
             n: p.default
             for n, p in sig.parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+            and p.default is not inspect.Parameter.empty
+            and n not in SCHEDULE_ARGS
         }
+
+    @property
+    def schedule_args(self) -> set[str]:
+        """Which of ``epoch`` / ``epochs`` the loss takes (warm-ups, decays, early stops)."""
+        return set(inspect.signature(self.loss).parameters) & set(SCHEDULE_ARGS)
 
     def __call__(
         self,
         student_logits: torch.Tensor,
         teacher_logits: torch.Tensor | SparseTargets | None,
         labels: torch.Tensor,
+        *,
+        epoch: int | None = None,
+        epochs: int | None = None,
         **hparams: object,
     ) -> torch.Tensor:
         unknown = set(hparams) - set(self.defaults)
@@ -54,6 +66,11 @@ class Method:
                 f"method {self.name!r} needs dense teacher logits, but the targets are sparse "
                 f"({teacher_logits.kind}); use a dense cache codec (fp32, fp16, bf16, int8) or a server/local source"
             )
+        schedule = {"epoch": epoch, "epochs": epochs}
+        for name in self.schedule_args:
+            if schedule[name] is None:
+                raise ValueError(f"method {self.name!r} needs the {name} (the training loop passes it)")
+            hparams[name] = schedule[name]
         return self.loss(student_logits, teacher_logits, labels, **hparams)
 
 
@@ -79,5 +96,13 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}") from None
 
 
-# Importing the method modules registers them.
-from student_trainer.losses import ce, kd  # noqa: E402,F401
+def _register_all() -> None:
+    """Import every module of this package: each registers its method(s)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_register_all()
