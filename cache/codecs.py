@@ -6,7 +6,8 @@ decodes with one ``frombuffer`` instead of a Python loop per row.
 * ``fp32``, ``fp16``, ``bf16``: full logits.
 * ``int8``: per-row affine quantisation (fp32 scale and offset, 256 levels).
 * ``topk:K``: the K largest logits (fp16), their class indices (the smallest
-  unsigned type that holds the class count) and the row's log-sum-exp (fp32),
+  unsigned type that holds the class count) and the row's log-sum-exp of
+  z / T (fp32; T the cache's temperature, 1 unless precomputed with one),
   so the probability mass outside the top K stays known. Decodes to
   ``kd.targets.SparseTargets`` (the KD loss uses it without densifying) or,
   for small class counts, to dense logits with that mass spread evenly.
@@ -103,6 +104,7 @@ class Int8Codec(Codec):
 @dataclass(frozen=True)
 class TopKCodec(Codec):
     k: int = 10
+    temperature: float = 1.0  # the row's log-sum-exp is of z / temperature
 
     @property
     def max_abs(self) -> float | None:
@@ -122,7 +124,7 @@ class TopKCodec(Codec):
         z = logits.detach().to("cpu", torch.float32)
         self.record_bytes(z.shape[1])
         values, indices = z.topk(self.k, dim=1)
-        return self._pack(values, indices, torch.logsumexp(z, dim=1), z.shape[1])
+        return self._pack(values, indices, torch.logsumexp(z / self.temperature, dim=1), z.shape[1])
 
     def decode_sparse(self, raw: np.ndarray, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (values fp32 [B, K], indices int64 [B, K], logsumexp fp32 [B])."""
@@ -144,7 +146,7 @@ class TopKCodec(Codec):
 
     def decode_targets(self, raw: np.ndarray, num_classes: int) -> SparseTargets:
         values, indices, lse = self.decode_sparse(raw, num_classes)
-        return SparseTargets("topk", indices, values, lse, num_classes)
+        return SparseTargets("topk", indices, values, lse, num_classes, self.temperature)
 
     def decode(self, raw: np.ndarray, num_classes: int) -> torch.Tensor:
         return self.decode_targets(raw, num_classes).dense()
@@ -154,7 +156,6 @@ class TopKCodec(Codec):
 class SampleCodec(TopKCodec):
     """K draws from softmax(z / T) with their logits and logsumexp(z / T)."""
 
-    temperature: float = 1.0
     seed: int = 0
 
     def encode(self, logits: torch.Tensor) -> np.ndarray:
@@ -200,7 +201,7 @@ def get_codec(name: str, temperature: float | None = None) -> Codec:
         if k < 1:
             raise ValueError(f"codec {name!r}: K must be a positive integer, as in {kind}:10")
         if kind == "topk":
-            return TopKCodec(name, k)
+            return TopKCodec(name, k, temperature=float(temperature or 1.0))
         return SampleCodec(name, k, temperature=float(temperature or 1.0))
     raise ValueError(f"unknown codec {name!r}; choose from {', '.join(CODECS)}, topk:K or sample:K")
 

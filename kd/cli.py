@@ -185,7 +185,7 @@ def precompute(
     out: Path = typer.Option(..., help="Cache directory (created, or resumed if it exists)."),
     dataset: str = typer.Option("digits", help="Dataset and split, e.g. digits or digits:test."),
     codec: str = typer.Option("fp32", help="fp32, fp16, bf16, int8, topk:K or sample:K."),
-    temperature: float | None = typer.Option(None, help="sample:K draws from softmax(z/T): the training temperature."),
+    temperature: float | None = typer.Option(None, help="Training T: sample:K draws at it, topk:K is exact at it."),
     views: int = typer.Option(1, help="Augmented views per sample (seeded; 1 = the plain samples)."),
     shard: str | None = typer.Option(None, help="I/N: samples i % N == I into OUT/shard-I-of-N (torchrun: rank)."),
     by_reference: str | None = typer.Option(None, help="Send keys, not pixels: the dataset name on the server."),
@@ -409,7 +409,7 @@ def bench_serve(
     seconds: float | None = typer.Option(None, help="Measured seconds per phase window [3; 1 with --quick]."),
     rounds: int | None = typer.Option(None, help="Alternated windows behind each ratio [3; 1 with --quick]."),
     clients: int = typer.Option(16, help="Client processes of the saturation, batching and overload phases."),
-    served_clients: int = typer.Option(2, help="Clients sending batch 64 for served_over_inprocess."),
+    served_clients: int = typer.Option(3, help="Clients sending batch 64 for served_over_inprocess."),
     served_depth: int = typer.Option(0, help="0: those clients send unary requests; N: InferStream, N in flight."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N: the server's and the in-process model's."),
     threads: int = typer.Option(
@@ -435,6 +435,36 @@ def bench_serve(
         threads=threads,
         teacher=teacher,
     )
+    try:
+        results = run_bench(settings)
+    except (RuntimeError, ValueError, OSError) as e:
+        _fail(str(e), code=1)
+    print_report(results)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=2))
+        console.print(f"wrote {json_out}", highlight=False)
+
+
+@bench_app.command("cache")
+def bench_cache(
+    seeds: int | None = typer.Option(None, help="Student seeds per codec on digits [3; 1 with --quick]."),
+    epochs: int | None = typer.Option(None, help="Student epochs on digits [300; 15 with --quick]."),
+    views: int = typer.Option(4, help="Augmented views of the V > 1 cache (compared with V = 1)."),
+    threads: int = typer.Option(0, help="torch threads [0 = torch's default]."),
+    teacher: str = typer.Option(
+        "kd.models:bench_teacher", help="module:factory (optionally @WEIGHTS): teacher of the speed phases."
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the results here as JSON."),
+    quick: bool = typer.Option(False, "--quick", help="Few epochs, one seed, short phases (tests, smoke runs)."),
+) -> None:
+    """Cache codecs: bytes per sample, KL error, student accuracy; views; read, precompute and step-time ratios."""
+    from kd.bench.cache import CacheBenchSettings, print_report, run_bench
+
+    if (seeds is not None and seeds < 1) or (epochs is not None and epochs < 1) or views < 2 or threads < 0:
+        _fail("--seeds and --epochs must be >= 1, --views >= 2, --threads >= 0")
+    settings = CacheBenchSettings.make(quick, seeds=seeds, epochs=epochs, views=views, threads=threads,
+                                       teacher=teacher)  # fmt: skip
     try:
         results = run_bench(settings)
     except (RuntimeError, ValueError, OSError) as e:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ class Dataset:
     labels: torch.Tensor
     num_classes: int
 
-    @property
+    @cached_property
     def dataset_id(self) -> str:
         """``name/split@hash``: the hash covers the samples and labels, so a
         cache built on other data (or another split) is refused."""

@@ -7,6 +7,7 @@ They are ``module:factory`` targets for ``kd serve --teacher`` and ``kd train``
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -54,3 +55,12 @@ class DigitsCNN(nn.Module):
 
 def digits_cnn() -> nn.Module:
     return DigitsCNN()
+
+
+def bench_teacher() -> nn.Module:
+    """A large MLP for ``kd bench serve``, 512-2048-2048-1000 (~7.3M parameters): one forward
+    of a batch of 64 takes several ms on a CPU. Seeded, so every process builds the same weights
+    (the served and the in-process model have the same fingerprint); the global RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return MLP([512, 2048, 2048, 1000])

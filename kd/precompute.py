@@ -22,7 +22,7 @@ from cache import CacheMeta, CacheWriter
 from cache.codecs import bytes_per_sample
 from cache.sharded import shard_dir
 from kd.data import Dataset, view_seeds
-from student_trainer.sources import Batch, SoftTargetSource
+from student_trainer.sources import Batch, SoftTargetSource, prefetched
 
 
 @dataclass
@@ -68,7 +68,8 @@ def precompute(
         teacher=teacher.teacher_name,
         views=views,
         augmentation=dataset.augmentation if views > 1 else "",
-        temperature=temperature if codec.startswith("sample:") else None,
+        # Sparse codecs are exact at this temperature (topk) or only valid at it (sample).
+        temperature=temperature if codec.startswith(("sample:", "topk:")) else None,
         shard_index=shard_index,
         shard_count=shard_count,
     )
@@ -94,7 +95,8 @@ def precompute(
             disable=not progress,
         ) as bar:
             task = bar.add_task(f"{dataset.dataset_id} -> {path}", total=total, completed=total - len(todo))
-            for batch, logits in teacher.iter_targets(batches()):
+            # The teacher runs in a background thread while this one encodes and commits.
+            for batch, logits in prefetched(teacher.iter_targets(batches()), depth=2):
                 writer.put(batch.indices.tolist(), logits, None if batch.views is None else batch.views.tolist())
                 bar.advance(task, len(batch.indices))
     return PrecomputeReport(

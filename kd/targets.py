@@ -5,9 +5,12 @@ Dense targets are plain logits ``[B, C]``. Sparse ones come from the cache's
 ``K << C`` entries per row, so a 32000-class teacher costs K entries, not C.
 
 * ``topk``: the K largest teacher logits, their classes and the row's
-  log-sum-exp at temperature 1, so the tail mass ``1 - sum(top-K probs)`` is
-  known; it is spread evenly over the other C - K classes (the dense decode
-  of the cache codec is exactly this distribution). Truncation is biased.
+  log-sum-exp of z / T_c (T_c the cache's temperature, 1 by default), so the
+  tail mass ``1 - sum(top-K probs)`` at T_c is known; it is spread evenly over
+  the other C - K classes (the dense decode of the cache codec is exactly this
+  distribution). At T = T_c the top-K probabilities and the tail mass are
+  exact; truncation still biases how the tail is shared, and training at
+  another temperature than T_c adds error (precompute with the training T).
 * ``sample``: K classes drawn with replacement from the teacher's
   distribution at the sampling temperature T_s, with their logits and the
   row's log-sum-exp at T_s. With the proposal equal to the target, each draw
@@ -32,9 +35,9 @@ class SparseTargets:
     kind: str  # "topk" | "sample"
     indices: torch.Tensor  # [B, K] int64 class ids
     logits: torch.Tensor  # [B, K] float32 teacher logits at those classes
-    logsumexp: torch.Tensor  # [B] float32: of z (topk) or of z / T_s (sample)
+    logsumexp: torch.Tensor  # [B] float32: of z / temperature
     num_classes: int
-    temperature: float | None = None  # sampling temperature (sample only)
+    temperature: float | None = None  # T_c (topk; None = 1) or the sampling temperature T_s
 
     def __post_init__(self) -> None:
         if self.kind not in ("topk", "sample"):
@@ -61,11 +64,13 @@ class SparseTargets:
         )
 
     def tail_logit(self) -> torch.Tensor:
-        """topk: the logit each non-top class gets so the tail mass is spread evenly. [B]"""
+        """topk: the logit each non-top class gets so that, at T_c, the tail mass
+        is spread evenly over them. [B]"""
+        tc = self.temperature or 1.0
         rest = self.num_classes - self.indices.shape[1]
-        top_mass = torch.exp(self.logits - self.logsumexp[:, None]).sum(dim=1).clamp(max=1.0)
+        top_mass = torch.exp(self.logits / tc - self.logsumexp[:, None]).sum(dim=1).clamp(max=1.0)
         tail = (1.0 - top_mass).clamp(min=TAIL_FLOOR) / max(rest, 1)
-        return torch.log(tail) + self.logsumexp
+        return tc * (torch.log(tail) + self.logsumexp)
 
     def dense(self) -> torch.Tensor:
         """The dense logits [B, C] this stands for (topk only; for tests and small C)."""

@@ -19,6 +19,8 @@ Targets are dense float32 logits [B, C] or ``kd.targets.SparseTargets``.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -31,6 +33,46 @@ from kd.targets import Targets
 from teacher_server.client import DatasetRef, TeacherClient
 from teacher_server.loading import Teacher, load_teacher
 from teacher_server.runner import ModelRunner
+
+
+def prefetched(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """Iterate ``items`` in a background thread, ``depth`` items ahead of the consumer.
+
+    Reading targets (LMDB reads, decoding) or running a teacher then overlaps the
+    consumer's work (the student's step, or cache writes). Errors are re-raised
+    in the consumer; closing the consumer stops the thread.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((done, e))
+
+    thread = threading.Thread(target=work, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 class Batch(NamedTuple):
@@ -83,6 +125,10 @@ class CacheSource(SoftTargetSource):
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         return self.reader.targets(indices, views)
+
+    def iter_targets(self, batches: Iterable[Batch | tuple]) -> Iterator[tuple[Batch, Targets]]:
+        # Reads (and builds) the next batches while the student trains on this one.
+        return prefetched(super().iter_targets(batches), depth=2)
 
 
 class ServerSource(SoftTargetSource):

@@ -150,3 +150,40 @@ def test_mismatched_views_or_temperature_are_stale(tmp_path: Path, teacher: Teac
     precompute(train, local, tmp_path / "e", progress=False)
     with pytest.raises(StaleCacheError, match="views"):
         precompute(train, local, tmp_path / "e", views=2, progress=False)
+
+
+def test_topk_at_its_cache_temperature_keeps_exact_top_probabilities_and_tail_mass() -> None:
+    from cache.codecs import get_codec
+
+    torch.manual_seed(0)
+    z = torch.randn(16, 1000) * 2
+    z[:, :3] += 6
+    tc = 4.0
+    codec = get_codec("topk:10", tc)
+    t = codec.decode_targets(codec.encode(z), 1000)
+    assert t.temperature == tc
+    dense = t.dense()
+    p_exact, p_dense = torch.softmax(z / tc, 1), torch.softmax(dense / tc, 1)
+    top = t.indices
+    torch.testing.assert_close(p_dense.gather(1, top), p_exact.gather(1, top), rtol=5e-3, atol=1e-6)
+    tail_exact = 1 - p_exact.gather(1, top).sum(1)
+    tail_dense = 1 - p_dense.gather(1, top).sum(1)
+    torch.testing.assert_close(tail_dense, tail_exact, rtol=5e-3, atol=1e-6)
+    student = torch.randn(16, 1000, dtype=torch.float64)
+    torch.testing.assert_close(sparse_kl(student, t, tc), soft_kl(student, dense.double(), tc))
+
+
+def test_prefetched_keeps_order_and_reraises() -> None:
+    from student_trainer.sources import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise RuntimeError("boom at item 2")
+
+    got = []
+    with pytest.raises(RuntimeError, match="boom at item 2"):
+        for item in prefetched(failing()):
+            got.append(item)
+    assert got == [1]

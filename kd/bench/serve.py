@@ -1,0 +1,736 @@
+"""``kd bench serve``: the teacher server against the same model run in-process, in one run.
+
+Absolute numbers depend on the machine and its neighbours, so the results that
+matter are ratios of windows measured in the same run, alternated (ABBA) over
+``rounds`` and reported as the median of the per-round ratios:
+
+* ``served_over_inprocess``: samples/s through ``kd serve`` / samples/s of the
+  same model's forward in a loop in this process, both at batch 64 with the same
+  torch threads. The served side runs with ``max_batch_size`` = the client batch,
+  so its forwards have the in-process size and the ratio isolates what serving
+  costs (RPCs, encoding, the batcher's threads). The same clients against
+  default batching (forwards merged up to 256) are reported as ``merged``.
+* ``batching_gain``: samples/s of N clients sending batch 4 with the batcher
+  merging (max 256 + a queue delay) / with ``max_batch_size`` 4 (each request
+  alone).
+* latency p50/p99 of batch-4 requests at low load (1 client, sequential) and at
+  saturation (N clients); under overload (a small ``max_queue_size``, clients
+  offering twice what the server holds, no back-off) every answer must be OK or
+  RESOURCE_EXHAUSTED.
+
+Each configuration is its own ``kd serve`` subprocess (own interpreter and GIL),
+all started up front and idle (no CPU) while another is measured, with
+``OMP_NUM_THREADS`` = the in-process torch threads: half the logical CPUs by
+default, since the clients share the machine (see ``default_threads``). The
+clients are separate processes (multiprocessing, spawn), 1 torch thread each,
+started once and reused; each window warms up, starts all clients at one
+instant and counts the requests completed inside it. The server's Prometheus
+histogram gives the mean forward size inside the window.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import platform
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.request
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+TEACHER_NAME = "bench"
+DEFAULT_TEACHER = "kd.models:bench_teacher"
+OK, QUEUE_FULL = "OK", "RESOURCE_EXHAUSTED"
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    seconds: float = 3.0  # measured window per phase
+    warmup: float = 0.5  # per phase, before the window (not counted)
+    clients: int = 16  # client processes for saturation, batching and overload
+    served_clients: int = 3  # clients sending batch `served_batch` for served_over_inprocess
+    served_depth: int = 0  # 0: sequential unary requests; >0: one InferStream per client, this deep
+    served_batch: int = 64
+    small_batch: int = 4  # batching_gain and latency phases
+    merged_max_batch: int = 256  # batcher on
+    queue_delay_us: int = 2000  # batcher on
+    overload_queue: int = 64  # max_queue_size (samples) of the overload phase
+    overload_max_batch: int = 16  # its max_batch_size
+    device: str = "cpu"
+    threads: int = 0  # torch threads of the server and the in-process loop; 0 = default_threads()
+    teacher: str = DEFAULT_TEACHER
+    rounds: int = 3  # alternated windows behind each ratio (in-process/served, batcher on/off)
+
+    @property
+    def overload_batch(self) -> int:
+        """Request size of the overload phase: the clients together keep twice what the server
+        can hold in flight (three batches in its pipeline, being formed, waiting, running, plus
+        the queue), so the queue stays full and some requests are refused."""
+        held = 3 * self.overload_max_batch + self.overload_queue
+        return min(self.overload_queue, max(self.overload_max_batch, math.ceil(2 * held / self.clients)))
+
+
+def default_threads() -> int:
+    """Half the logical CPUs, at least 1: the model's share of a machine it shares with its clients.
+
+    Clients normally run elsewhere; here they and the RPC layer need CPU too. Given every core,
+    the server's OpenMP team would fight its own clients for them (a thread preempted in a
+    parallel region stalls the team at the barrier while the others spin), and the ratio would
+    measure that contention rather than the cost of serving. ``--threads`` overrides it; the
+    in-process side always uses the same number."""
+    return max(1, _cpus() // 2)
+
+
+def _cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask, e.g. under taskset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+# -- client processes -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    address: str
+    teacher: str
+    input_shape: tuple[int, ...]
+    batch: int
+    depth: int  # 0: sequential unary requests; >0: InferStream with this many in flight
+    warmup: float
+    seconds: float
+    seed: int
+
+
+@dataclass
+class ClientReport:
+    requests: int = 0  # completed inside the window, whatever the outcome
+    samples: int = 0  # answered samples inside the window
+    codes: dict[str, int] = field(default_factory=dict)  # inside the window, by gRPC code name
+    latencies: list[float] = field(default_factory=list)  # seconds, answered requests inside the window
+    stray_errors: dict[str, int] = field(default_factory=dict)  # non-OK, non-queue-full outside the window
+
+    def add(self, code: str, latency: float | None, batch: int, inside: bool) -> None:
+        if inside:
+            self.requests += 1
+            self.codes[code] = self.codes.get(code, 0) + 1
+            if code == OK:
+                self.samples += batch
+                if latency is not None:
+                    self.latencies.append(latency)
+        elif code not in (OK, QUEUE_FULL):
+            self.stray_errors[code] = self.stray_errors.get(code, 0) + 1
+
+
+def _sleep_until(t: float) -> None:
+    while (left := t - time.monotonic()) > 0:
+        time.sleep(min(left, 0.05))
+
+
+def _client_worker(index: int, inbox: Any, outbox: Any) -> None:
+    """A client process: runs one plan per message until it gets None."""
+    try:
+        torch.set_num_threads(1)
+        from teacher_server.client import TeacherClient  # noqa: F401 - import cost paid before any phase
+
+        outbox.put(("up", index, None))
+        while (plan := inbox.get()) is not None:
+            outbox.put(("done", index, _run_client(plan, index, inbox, outbox)))
+    except BaseException:  # noqa: BLE001 - the parent must hear of it, not wait forever
+        outbox.put(("failed", index, traceback.format_exc()))
+
+
+def _run_client(plan: ClientPlan, index: int, inbox: Any, outbox: Any) -> ClientReport:
+    from teacher_server.client import TeacherClient, TeacherRequestError
+
+    x = torch.randn((plan.batch, *plan.input_shape), generator=torch.Generator().manual_seed(plan.seed))
+    report = ClientReport()
+    with TeacherClient(plan.address, timeout=60.0) as client:
+        client.wait_ready(60.0)
+        try:  # connection set-up and first-call costs stay out of the window
+            client.infer(plan.teacher, x)
+        except TeacherRequestError as e:
+            report.add(e.code.name, None, plan.batch, inside=False)
+        outbox.put(("ready", index, None))
+        start = inbox.get()
+        begin = start + plan.warmup
+        end = begin + plan.seconds
+        _sleep_until(start)
+        if plan.depth == 0:
+            while (t0 := time.monotonic()) < end:
+                try:
+                    client.infer(plan.teacher, x)
+                    code = OK
+                except TeacherRequestError as e:
+                    code = e.code.name
+                t1 = time.monotonic()
+                report.add(code, t1 - t0, plan.batch, begin <= t1 <= end)
+        else:
+
+            def batches():
+                while (t := time.monotonic()) < end:
+                    yield t, x
+
+            while time.monotonic() < end:
+                try:
+                    for t0, _outputs in client.infer_stream(plan.teacher, batches(), depth=plan.depth):
+                        t1 = time.monotonic()
+                        report.add(OK, t1 - t0, plan.batch, begin <= t1 <= end)
+                except TeacherRequestError as e:  # the stream ends; open another
+                    t1 = time.monotonic()
+                    report.add(e.code.name, None, plan.batch, begin <= t1 <= end)
+    return report
+
+
+class ClientPool:
+    """``n`` client processes, started once (spawn) and reused by every phase."""
+
+    def __init__(self, n: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.outbox = ctx.Queue()
+        self.inboxes = [ctx.Queue() for _ in range(n)]
+        self.procs = [
+            ctx.Process(target=_client_worker, args=(i, self.inboxes[i], self.outbox), daemon=True, name=f"client-{i}")
+            for i in range(n)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def wait_up(self, timeout: float = 600.0) -> None:
+        self._collect("up", len(self.procs), timeout)
+
+    def _collect(self, kind: str, n: int, timeout: float) -> dict[int, Any]:
+        got: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        while len(got) < n:
+            try:
+                what, index, payload = self.outbox.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p.name for p in self.procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"client process(es) {', '.join(dead)} died") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"clients did not report {kind!r} within {timeout:.0f} s") from None
+                continue
+            if what == "failed":
+                raise RuntimeError(f"client {index} failed:\n{payload}")
+            if what != kind:
+                raise RuntimeError(f"client {index} sent {what!r}, expected {kind!r}")
+            got[index] = payload
+        return got
+
+    def run(self, plans: list[ClientPlan], on_window=None) -> list[ClientReport]:
+        """Run ``plans`` on the first len(plans) clients, all starting at one instant.
+
+        ``on_window(begin, end)``, if given, runs here while the clients work (it sleeps
+        until the instants it needs)."""
+        if len(plans) > len(self.procs):
+            raise ValueError(f"{len(plans)} plans for {len(self.procs)} client processes")
+        for inbox, plan in zip(self.inboxes, plans):
+            inbox.put(plan)
+        self._collect("ready", len(plans), 180.0)
+        start = time.monotonic() + 0.05
+        for inbox in self.inboxes[: len(plans)]:
+            inbox.put(start)
+        if on_window is not None:
+            begin = start + plans[0].warmup
+            on_window(begin, begin + plans[0].seconds)
+        done = self._collect("done", len(plans), plans[0].warmup + plans[0].seconds + 180.0)
+        return [done[i] for i in range(len(plans))]
+
+    def close(self) -> None:
+        for inbox in self.inboxes:
+            inbox.put(None)
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+
+    def __enter__(self) -> ClientPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- the server subprocess ------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerConfig:
+    label: str
+    max_batch_size: int
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 0
+
+    def describe(self) -> str:
+        text = f"max {self.max_batch_size}"
+        if self.max_queue_delay_us:
+            text += f", {self.max_queue_delay_us / 1000:g} ms"
+        if self.max_queue_size:
+            text += f", queue {self.max_queue_size}"
+        return text
+
+
+class ServerProcess:
+    """``kd serve`` as a subprocess on a free loopback port, with Prometheus metrics."""
+
+    def __init__(self, config: ServerConfig, settings: BenchSettings, threads: int, workdir: Path) -> None:
+        self.config = config
+        self.log_path = workdir / f"server-{config.label}.log"
+        port_file = workdir / f"server-{config.label}.port"
+        self.metrics_port = _free_port()
+        cmd = [
+            sys.executable, "-m", "kd", "serve",
+            "--teacher", f"{TEACHER_NAME}={settings.teacher}",
+            "--port", "0", "--port-file", str(port_file),
+            "--device", settings.device,
+            "--max-batch-size", str(config.max_batch_size),
+            "--max-queue-delay-us", str(config.max_queue_delay_us),
+            "--max-queue-size", str(config.max_queue_size),
+            "--metrics-port", str(self.metrics_port),
+        ]  # fmt: skip
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+        }
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self._port_file = port_file
+        self.address = ""
+
+    def wait_started(self, timeout: float = 300.0) -> None:
+        port_file = self._port_file
+        deadline = time.monotonic() + timeout
+        while not port_file.exists():
+            if self.proc.poll() is not None:
+                self._log.close()
+                raise RuntimeError(f"kd serve exited with {self.proc.returncode}:\n{self._log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"kd serve did not start within {timeout:.0f} s:\n{self._log_tail()}")
+            time.sleep(0.05)
+        self.address = f"127.0.0.1:{int(port_file.read_text())}"
+
+    def _log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def metrics(self) -> dict[str, float]:
+        """The server's counters for the bench teacher: samples, forwards, errors by code."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.labels.get("teacher") != TEACHER_NAME:
+                    continue
+                if s.name in ("kd_batch_size_sum", "kd_batch_size_count"):  # samples and forwards, as run
+                    out[s.name] = s.value
+                elif s.name == "kd_errors_total":
+                    out[f"error/{s.labels['code']}"] = s.value
+        return out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return int(self.proc.returncode)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- phases ---------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """One measured window of one phase."""
+
+    samples_per_s: float
+    requests: int = 0
+    codes: Counter = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)  # seconds
+    forwards: float = 0.0  # server forwards inside the window
+    forwarded: float = 0.0  # samples in those forwards
+    other_errors: int = 0  # neither OK nor RESOURCE_EXHAUSTED, inside the window or not
+    server_errors: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    server: str  # the server configuration, or "in-process"
+    clients: int
+    batch: int
+    mode: str
+    samples_per_s: float  # mean over the windows
+    windows_samples_per_s: list[float]
+    requests: int = 0
+    codes: dict[str, int] = field(default_factory=dict)
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    mean_forward: float | None = None
+    other_errors: int = 0
+    server_errors: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, name: str, server: str, clients: int, batch: int, mode: str, windows: list[Window]) -> PhaseResult:
+        codes: Counter[str] = Counter()
+        server_errors: Counter[str] = Counter()
+        latencies: list[float] = []
+        for w in windows:
+            codes.update(w.codes)
+            server_errors.update(w.server_errors)
+            latencies.extend(w.latencies)
+        p50 = p99 = None
+        if latencies:
+            p50, p99 = (float(v) * 1e3 for v in np.percentile(latencies, [50, 99]))
+        forwards = sum(w.forwards for w in windows)
+        rates = [w.samples_per_s for w in windows]
+        return cls(
+            name=name,
+            server=server,
+            clients=clients,
+            batch=batch,
+            mode=mode,
+            samples_per_s=sum(rates) / len(rates),
+            windows_samples_per_s=rates,
+            requests=sum(w.requests for w in windows),
+            codes=dict(codes),
+            p50_ms=p50,
+            p99_ms=p99,
+            mean_forward=sum(w.forwarded for w in windows) / forwards if forwards else None,
+            other_errors=sum(w.other_errors for w in windows),
+            server_errors={k: v for k, v in server_errors.items() if v},
+        )
+
+
+def _inprocess(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device,
+               warmup: float, seconds: float) -> Window:  # fmt: skip
+    """The forward in a loop, counted like the clients count: completions inside the window.
+
+    On CUDA each iteration copies the batch in and the logits out, as serving does."""
+    x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0))
+    cuda = device.type == "cuda"
+    forwards = 0
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x.to(device))
+        if cuda:
+            torch.cuda.synchronize(device)
+        begin = time.monotonic() + warmup
+        end = begin + seconds
+        while True:
+            out = model(x.to(device) if cuda else x)
+            if cuda:
+                out.to("cpu")
+            t = time.monotonic()
+            if t > end:
+                break
+            if t >= begin:
+                forwards += 1
+    return Window(forwards * batch / seconds, forwards, forwards=forwards, forwarded=forwards * batch)
+
+
+def _served(pool: ClientPool, server: ServerProcess, input_shape: tuple[int, ...], *, clients: int, batch: int,
+            depth: int, warmup: float, seconds: float) -> Window:  # fmt: skip
+    plans = [
+        ClientPlan(server.address, TEACHER_NAME, input_shape, batch, depth, warmup, seconds, seed)
+        for seed in range(clients)
+    ]
+    metrics: dict[str, dict[str, float]] = {}
+
+    def on_window(begin: float, end: float) -> None:
+        _sleep_until(begin)
+        metrics["begin"] = server.metrics()
+        _sleep_until(end)
+        metrics["end"] = server.metrics()
+
+    reports = pool.run(plans, on_window)
+    w = Window(sum(r.samples for r in reports) / seconds, sum(r.requests for r in reports))
+    for r in reports:
+        w.codes.update(r.codes)
+        w.latencies.extend(r.latencies)
+        w.other_errors += sum(r.stray_errors.values())
+    w.other_errors += sum(n for code, n in w.codes.items() if code not in (OK, QUEUE_FULL))
+    m0, m1 = metrics["begin"], metrics["end"]
+    w.forwards = m1.get("kd_batch_size_count", 0.0) - m0.get("kd_batch_size_count", 0.0)
+    w.forwarded = m1.get("kd_batch_size_sum", 0.0) - m0.get("kd_batch_size_sum", 0.0)
+    for key in m1:
+        if key.startswith("error/"):
+            w.server_errors[key[len("error/") :]] = int(m1[key] - m0.get(key, 0.0))
+    return w
+
+
+def _alternate(a, b, rounds: int) -> tuple[list[Window], list[Window]]:
+    """``rounds`` windows of each, in ABBA order, so a slow drift of the machine's load
+    (other tenants) weighs on both sides alike."""
+    wa: list[Window] = []
+    wb: list[Window] = []
+    for r in range(rounds):
+        if r % 2 == 0:
+            wa.append(a())
+            wb.append(b())
+        else:
+            wb.append(b())
+            wa.append(a())
+    return wa, wb
+
+
+def _median_ratio(num: list[Window], den: list[Window]) -> tuple[float, list[float]]:
+    ratios = [n.samples_per_s / d.samples_per_s if d.samples_per_s else math.inf for n, d in zip(num, den)]
+    return float(np.median(ratios)), ratios
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({_cpus()} logical CPUs)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({_cpus()} logical CPUs)"
+
+
+def run_bench(settings: BenchSettings) -> dict[str, Any]:
+    """Run every phase; returns the results (what ``--json`` writes)."""
+    from teacher_server.client import TeacherClient
+    from teacher_server.loading import load_teacher
+
+    t_start = time.perf_counter()
+    s = settings
+    threads = s.threads or default_threads()
+    torch.set_num_threads(threads)
+    teacher = load_teacher(TEACHER_NAME, s.teacher, device=s.device)
+    shape = teacher.input_shape
+    params = sum(p.numel() for p in teacher.model.parameters())
+    console.print(
+        f"teacher {s.teacher}: {params / 1e6:.1f}M parameters, input {list(shape)}, {teacher.num_classes} classes, "
+        f"on {teacher.device}; torch threads {threads}; {s.seconds:g} s windows after {s.warmup:g} s warm-up, "
+        f"{s.rounds} round(s) per ratio",
+        highlight=False,
+    )
+    n_procs = max(s.clients, s.served_clients)
+    configs = {
+        "served": ServerConfig("served", s.served_batch),
+        "batcher_on": ServerConfig("batcher_on", s.merged_max_batch, s.queue_delay_us),
+        "batcher_off": ServerConfig("batcher_off", s.small_batch),
+        "overload": ServerConfig("overload", s.overload_max_batch, s.queue_delay_us, s.overload_queue),
+    }
+    console.print(
+        f"starting {n_procs} client processes and {len(configs)} servers: "
+        + "; ".join(f"{k} ({c.describe()})" for k, c in configs.items()),
+        highlight=False,
+    )
+    phases: dict[str, PhaseResult] = {}
+
+    def note(p: PhaseResult) -> None:
+        phases[p.name] = p
+        lat = f", p50 {p.p50_ms:.2f} ms, p99 {p.p99_ms:.2f} ms" if p.p50_ms is not None else ""
+        console.print(f"  {p.name}: {p.samples_per_s:,.0f} samples/s{lat}", highlight=False)
+
+    def inprocess() -> Window:
+        return _inprocess(teacher.model, shape, s.served_batch, teacher.device, s.warmup, s.seconds)
+
+    def served(key: str, clients: int, batch: int, depth: int = 0):
+        return lambda: _served(pool, servers[key], shape, clients=clients, batch=batch, depth=depth,
+                               warmup=s.warmup, seconds=s.seconds)  # fmt: skip
+
+    def mode(depth: int) -> str:
+        return f"InferStream depth {depth}" if depth else "unary"
+
+    with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp, ClientPool(n_procs) as pool, ExitStack() as stack:
+        servers = {k: stack.enter_context(ServerProcess(c, s, threads, Path(tmp))) for k, c in configs.items()}
+        pool.wait_up()
+        for server in servers.values():
+            server.wait_started()
+        with TeacherClient(servers["served"].address) as c:
+            if c.describe(TEACHER_NAME).fingerprint != teacher.fingerprint:
+                raise RuntimeError("the served teacher's fingerprint differs from the in-process one")
+        # Every server but the one measured sits idle (no CPU) during a window.
+        console.print("measuring ...", highlight=False)
+        w_in, w_served = _alternate(inprocess, served("served", s.served_clients, s.served_batch, s.served_depth),
+                                    s.rounds)  # fmt: skip
+        served_ratio, served_ratios = _median_ratio(w_served, w_in)
+        note(PhaseResult.of("inprocess", "in-process", 0, s.served_batch, "forward loop", w_in))
+        note(PhaseResult.of("served", configs["served"].describe(), s.served_clients, s.served_batch,
+                            mode(s.served_depth), w_served))  # fmt: skip
+        note(PhaseResult.of("merged", configs["batcher_on"].describe(), s.served_clients, s.served_batch,
+                            mode(s.served_depth),
+                            [served("batcher_on", s.served_clients, s.served_batch, s.served_depth)()]))  # fmt: skip
+        note(PhaseResult.of("low_load", configs["batcher_on"].describe(), 1, s.small_batch, mode(0),
+                            [served("batcher_on", 1, s.small_batch)()]))  # fmt: skip
+        w_on, w_off = _alternate(served("batcher_on", s.clients, s.small_batch),
+                                 served("batcher_off", s.clients, s.small_batch), s.rounds)  # fmt: skip
+        gain, gains = _median_ratio(w_on, w_off)
+        note(PhaseResult.of("saturation", configs["batcher_on"].describe(), s.clients, s.small_batch, mode(0), w_on))
+        note(PhaseResult.of("batcher_off", configs["batcher_off"].describe(), s.clients, s.small_batch, mode(0),
+                            w_off))  # fmt: skip
+        note(PhaseResult.of("overload", configs["overload"].describe(), s.clients, s.overload_batch, mode(0),
+                            [served("overload", s.clients, s.overload_batch)()]))  # fmt: skip
+        exit_codes = {k: server.stop() for k, server in servers.items()}
+    bad_exits = {k: rc for k, rc in exit_codes.items() if rc != 0}
+    if bad_exits:
+        raise RuntimeError(f"kd serve exited with {bad_exits} after SIGTERM (expected 0: drained)")
+
+    p = phases
+    over = p["overload"]
+    return {
+        "served_over_inprocess": served_ratio,
+        "served_over_inprocess_rounds": served_ratios,
+        "merged_over_inprocess": p["merged"].samples_per_s / p["inprocess"].samples_per_s,
+        "batching_gain": gain,
+        "batching_gain_rounds": gains,
+        "latency_ms": {
+            "low_load": {"p50": p["low_load"].p50_ms, "p99": p["low_load"].p99_ms},
+            "saturation": {"p50": p["saturation"].p50_ms, "p99": p["saturation"].p99_ms},
+        },
+        "overload": {
+            "requests": over.requests,
+            "ok": over.codes.get(OK, 0),
+            "resource_exhausted": over.codes.get(QUEUE_FULL, 0),
+            "other_errors": over.other_errors,
+            "ok_samples_per_s": over.samples_per_s,
+            "clients": over.clients,
+            "batch": over.batch,
+            "max_queue_size": s.overload_queue,
+        },
+        "other_errors_all_phases": sum(ph.other_errors for ph in p.values()),
+        "samples_per_s": {
+            "inprocess": p["inprocess"].samples_per_s,
+            "served": p["served"].samples_per_s,
+            "merged": p["merged"].samples_per_s,
+            "batcher_on": p["saturation"].samples_per_s,
+            "batcher_off": p["batcher_off"].samples_per_s,
+            "low_load": p["low_load"].samples_per_s,
+            "overload_ok": over.samples_per_s,
+        },
+        "phases": {name: asdict(ph) for name, ph in p.items()},
+        "settings": {**asdict(s), "threads": threads, "overload_batch": s.overload_batch},
+        "torch_threads": threads,
+        "device": str(teacher.device),
+        "device_name": _device_name(teacher.device),
+        "teacher": {"spec": s.teacher, "parameters": params, "fingerprint": teacher.fingerprint},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+
+
+def print_report(results: dict[str, Any], out: Console | None = None) -> None:
+    """The phases as a table, then the ratios."""
+    if out is None:
+        out = Console()
+        if not out.is_terminal:  # a pipe or a file: rich would wrap at 80 columns
+            out = Console(width=150)
+    s = results["settings"]
+    table = Table(
+        title=f"kd bench serve: {results['teacher']['spec']} on {results['device']} ({results['device_name']}), "
+        f"torch threads {results['torch_threads']}, {s['seconds']:g} s windows"
+    )
+    for col in ("phase", "server", "clients x batch", "client", "samples/s", "p50 ms", "p99 ms", "mean fwd",
+                "OK / full / other"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("phase", "server", "client") else "right")
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    for name, p in results["phases"].items():
+        codes = p["codes"]
+        outcome = f"{codes.get(OK, 0)} / {codes.get(QUEUE_FULL, 0)} / {p['other_errors']}" if p["clients"] else "-"
+        windows = len(p["windows_samples_per_s"])
+        table.add_row(
+            name + (f" (x{windows})" if windows > 1 else ""),
+            p["server"],
+            f"{p['clients'] or '-'} x {p['batch']}",
+            p["mode"],
+            f"{p['samples_per_s']:,.0f}",
+            ms(p["p50_ms"]),
+            ms(p["p99_ms"]),
+            "-" if p["mean_forward"] is None else f"{p['mean_forward']:.1f}",
+            outcome,
+        )
+    out.print(table)
+    sps, lat, o = results["samples_per_s"], results["latency_ms"], results["overload"]
+    served = results["phases"]["served"]
+
+    def rounds(key: str) -> str:
+        values = results[f"{key}_rounds"]
+        return f"median of {len(values)}: " + ", ".join(f"{v:.3f}" for v in values) if len(values) > 1 else ""
+
+    summary = Table(title="ratios and latencies, measured in this run", show_header=False)
+    for justify in ("left", "right", "left"):
+        summary.add_column(justify=justify)  # type: ignore[arg-type]
+    summary.add_row(
+        "served_over_inprocess",
+        f"{results['served_over_inprocess']:.3f}",
+        f"served {sps['served']:,.0f} / in-process {sps['inprocess']:,.0f} samples/s at batch {s['served_batch']} "
+        f"({served['clients']} clients, {served['mode']}; forwards of {s['served_batch']}) "
+        + rounds("served_over_inprocess"),
+    )
+    summary.add_row(
+        "merged_over_inprocess",
+        f"{results['merged_over_inprocess']:.3f}",
+        f"the same clients, the batcher merging up to {s['merged_max_batch']} (mean forward "
+        f"{results['phases']['merged']['mean_forward'] or 0:.0f})",
+    )
+    summary.add_row(
+        "batching_gain",
+        f"{results['batching_gain']:.2f}",
+        f"{s['clients']} clients x batch {s['small_batch']}: batcher on {sps['batcher_on']:,.0f} / off "
+        f"{sps['batcher_off']:,.0f} samples/s {rounds('batching_gain')}",
+    )
+    for key in ("low_load", "saturation"):
+        clients = 1 if key == "low_load" else s["clients"]
+        summary.add_row(
+            f"latency {key}",
+            f"{lat[key]['p50']:.2f} / {lat[key]['p99']:.2f}",
+            f"p50 / p99 ms, {clients} client(s) x batch {s['small_batch']}, unary",
+        )
+    summary.add_row(
+        "overload",
+        f"{o['resource_exhausted']} refused",
+        f"{o['requests']} requests: {o['ok']} OK, {o['resource_exhausted']} RESOURCE_EXHAUSTED, {o['other_errors']} "
+        f"other errors ({o['clients']} clients x batch {o['batch']}, max_queue_size {o['max_queue_size']})",
+    )
+    out.print(summary)

@@ -1,0 +1,49 @@
+"""`kd bench serve --quick` end to end: a real server subprocess and client processes.
+
+Only the shape of the results is checked, never a speed: timings on a shared
+CI machine are noise."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def test_bench_serve_quick_writes_every_result(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "kd", "bench", "serve", "--quick", "--seconds", "0.5", "--clients", "4",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "served_over_inprocess" in r.stdout and "batching_gain" in r.stdout
+    res = json.loads(out.read_text())
+
+    for key in ("served_over_inprocess", "merged_over_inprocess", "batching_gain", "torch_threads"):
+        assert _positive(res[key]), (key, res[key])
+    for load in ("low_load", "saturation"):
+        for q in ("p50", "p99"):
+            assert _positive(res["latency_ms"][load][q]), (load, q, res["latency_ms"])
+        assert res["latency_ms"][load]["p50"] <= res["latency_ms"][load]["p99"]
+    for key in ("inprocess", "served", "merged", "batcher_on", "batcher_off", "low_load"):
+        assert _positive(res["samples_per_s"][key]), (key, res["samples_per_s"])
+
+    over = res["overload"]
+    assert over["other_errors"] == 0, res["phases"]["overload"]
+    assert res["other_errors_all_phases"] == 0, {k: p["codes"] for k, p in res["phases"].items()}
+    assert over["requests"] == over["ok"] + over["resource_exhausted"] > 0
+    assert over["ok"] > 0
+
+    assert res["device"] == "cpu" and res["device_name"]
+    assert res["settings"]["clients"] == 4 and res["settings"]["seconds"] == 0.5
+    assert res["phases"]["served"]["mean_forward"] == res["settings"]["served_batch"]
+    assert res["phases"]["batcher_off"]["mean_forward"] == res["settings"]["small_batch"]
