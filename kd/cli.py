@@ -238,6 +238,7 @@ def train(
         None, help="With --source cache:PATH: compute misses with this source (server:... or local:...) and store them."
     ),
     codec: str = typer.Option("fp32", help="Codec of a cache created by --read-through."),
+    prefetch: int = typer.Option(0, help="cache: source: read this many batches ahead in a thread (spare cores)."),
     epochs: int = typer.Option(60),
     batch_size: int = typer.Option(32),
     lr: float = typer.Option(3e-3),
@@ -270,7 +271,7 @@ def train(
             upstream = parse_source(read_through, **({"device": device} if read_through.startswith("local:") else {}))
             src = ReadThroughSource(source[len("cache:") :], upstream, train_data, codec=codec, views=views)
         elif source is not None:
-            kwargs = {"dataset_id": train_data.dataset_id} if source.startswith("cache:") else {}
+            kwargs = {"dataset_id": train_data.dataset_id, "prefetch": prefetch} if source.startswith("cache:") else {}
             if source.startswith("local:"):
                 kwargs = {"device": device}
             src = parse_source(source, **kwargs)

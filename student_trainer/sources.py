@@ -114,8 +114,13 @@ class SoftTargetSource:
 class CacheSource(SoftTargetSource):
     name = "cache"
 
-    def __init__(self, path: str, **expect: Any) -> None:
+    def __init__(self, path: str, *, prefetch: int = 0, **expect: Any) -> None:
         self.reader = open_cache(path, **{k: v for k, v in expect.items() if v is not None})
+        # Batches read ahead in a background thread. Off by default: on a machine whose
+        # cores are all busy with the student's step (2 CPU cores, kd bench cache) the
+        # reader's Python competes with the step and makes it slower; with spare cores
+        # (a GPU trainer) it takes the read off the step's critical path.
+        self.prefetch = prefetch
         meta = self.reader.meta
         self.fingerprint = meta.teacher_fingerprint
         self.num_classes = meta.num_classes
@@ -127,8 +132,10 @@ class CacheSource(SoftTargetSource):
         return self.reader.targets(indices, views)
 
     def iter_targets(self, batches: Iterable[Batch | tuple]) -> Iterator[tuple[Batch, Targets]]:
-        # Reads (and builds) the next batches while the student trains on this one.
-        return prefetched(super().iter_targets(batches), depth=2)
+        if self.prefetch:
+            # Reads (and builds) the next batches while the student trains on this one.
+            return prefetched(super().iter_targets(batches), depth=self.prefetch)
+        return super().iter_targets(batches)
 
 
 class ServerSource(SoftTargetSource):

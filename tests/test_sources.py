@@ -63,10 +63,11 @@ def test_training_is_reproducible_and_source_independent(tmp_path: Path, teacher
     local = LocalSource(teacher)
     precompute(train, local, tmp_path / "c", progress=False)
     cache = CacheSource(str(tmp_path / "c"))
+    ahead = CacheSource(str(tmp_path / "c"), prefetch=2)  # reads in a background thread
     subset = torch.randperm(len(train), generator=torch.Generator().manual_seed(3))[:96]
     cfg = TrainConfig(method="kd", epochs=3, seed=7)
     students = []
-    for source in (local, cache, local):
+    for source in (local, cache, local, ahead):
         seed_everything(7)
         s = digits_student()
         r = train_student(s, train, test, cfg, source=source, subset=subset)
@@ -75,6 +76,7 @@ def test_training_is_reproducible_and_source_independent(tmp_path: Path, teacher
     for k in students[0]:
         assert torch.equal(students[0][k], students[2][k]), "same seed, same source: must be identical"
         torch.testing.assert_close(students[0][k], students[1][k], rtol=1e-4, atol=1e-5)
+        assert torch.equal(students[1][k], students[3][k]), "prefetching must not change what is read"
 
 
 def test_kd_needs_a_source_and_sources_parse(tmp_path: Path, digits) -> None:
