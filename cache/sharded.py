@@ -40,6 +40,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 def _merge_rows(parts: list[tuple[list[int], Targets]], n: int) -> Targets:
     """Put each shard's rows back at their positions in the request."""
     first = parts[0][1]
+    if isinstance(first, dict):
+        return {k: _merge_rows([(pos, part[k]) for pos, part in parts], n) for k in first}
     if isinstance(first, SparseTargets):
         k = first.indices.shape[1]
         out = SparseTargets(
@@ -85,6 +87,7 @@ class ShardedCacheReader:
         self.meta: CacheMeta = base
         self.codec = self.shards[0].codec
         self.record_bytes = self.shards[0].record_bytes
+        self.logit_bytes = self.shards[0].logit_bytes
 
     def _route(self, indices, views) -> list[tuple[list[int], CacheReader, list[int], list[int] | None]]:
         idx = indices.tolist() if isinstance(indices, torch.Tensor) else [int(i) for i in indices]
@@ -111,6 +114,10 @@ class ShardedCacheReader:
     def targets(self, indices: Iterable[int] | torch.Tensor, views=None) -> Targets:
         idx = list(indices.tolist() if isinstance(indices, torch.Tensor) else indices)
         return self._gather("targets", idx, views, len(idx))
+
+    def features(self, indices: Iterable[int] | torch.Tensor, views=None) -> dict[str, torch.Tensor]:
+        idx = list(indices.tolist() if isinstance(indices, torch.Tensor) else indices)
+        return self._gather("features", idx, views, len(idx))
 
     def read_raw(self, indices: Iterable[int], views=None) -> np.ndarray:
         idx = list(indices)

@@ -84,6 +84,9 @@ class CacheMeta:
     # This environment holds the indices i with i % shard_count == shard_index.
     shard_index: int = 0
     shard_count: int = 1
+    # Teacher features stored beside the targets: layer -> per-sample shape (fp16, after pooling).
+    features: dict[str, list[int]] = field(default_factory=dict)
+    features_pooled: bool = False
     format_version: int = FORMAT_VERSION
     created_by: str = field(default_factory=_kd_version)
 
@@ -100,7 +103,14 @@ class CacheMeta:
         "temperature",
         "shard_index",
         "shard_count",
+        "features",
+        "features_pooled",
     )
+
+    @property
+    def feature_bytes(self) -> dict[str, int]:
+        """Bytes of each stored feature (fp16) in a record, in record order."""
+        return {name: 2 * math.prod(shape) for name, shape in sorted(self.features.items())}
 
     def owns(self, index: int) -> bool:
         return index % self.shard_count == self.shard_index
@@ -234,7 +244,8 @@ class CacheWriter:
         self.path = Path(path)
         self.meta = meta
         self.codec = get_codec(meta.codec, meta.temperature)
-        self.record_bytes = self.codec.record_bytes(meta.num_classes)
+        self.logit_bytes = self.codec.record_bytes(meta.num_classes)
+        self.record_bytes = self.logit_bytes + sum(meta.feature_bytes.values())
         self.commit_every = commit_every
         self._prefix = meta.record_prefix
         self._pending: list[tuple[bytes, bytes]] = []
@@ -263,8 +274,16 @@ class CacheWriter:
                     out.add(_KEY.unpack(key[len(self._prefix) :]))
         return out
 
-    def put(self, indices: Iterable[int], logits: torch.Tensor, views: Iterable[int] | None = None) -> None:
-        """Buffer a batch of rows; committed every ``commit_every`` records and on ``flush``."""
+    def put(
+        self,
+        indices: Iterable[int],
+        logits: torch.Tensor,
+        views: Iterable[int] | None = None,
+        features: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Buffer a batch of rows; committed every ``commit_every`` records and on ``flush``.
+
+        ``features`` (layer -> [B, *shape]) is required exactly when the cache stores features."""
         idx = [int(i) for i in indices]
         vw = [0] * len(idx) if views is None else [int(v) for v in views]
         if logits.ndim != 2 or logits.shape[0] != len(idx) or len(vw) != len(idx):
@@ -296,11 +315,28 @@ class CacheWriter:
                     f"put: index {idx[r]} belongs to another shard than {self.meta.shard_index}/{self.meta.shard_count}"
                 )
         encoded = self.codec.encode(logits)
+        if self.meta.features or features:
+            encoded = np.concatenate([encoded, *self._encode_features(features or {}, len(idx))], axis=1)
         for row, i, v in zip(encoded, idx, vw):
             key = record_key(self._prefix, i, v)
             self._pending.append((key, _seal(key, row.tobytes())))
         if len(self._pending) >= self.commit_every:
             self.flush()
+
+    def _encode_features(self, features: dict[str, torch.Tensor], n: int) -> list[np.ndarray]:
+        want = self.meta.features
+        if set(features) != set(want):
+            raise ValueError(f"put: features {sorted(features)} given, the cache stores {sorted(want)}")
+        out = []
+        for name in sorted(want):
+            f = features[name].detach().to("cpu", torch.float32)
+            if tuple(f.shape) != (n, *want[name]):
+                raise ValueError(f"put: feature {name!r} has shape {tuple(f.shape)}, expected {(n, *want[name])}")
+            peak = float(f.abs().max()) if f.numel() else 0.0
+            if not math.isfinite(peak) or peak > 65504.0:
+                raise ValueError(f"put: feature {name!r} has NaN/Inf or values beyond the fp16 range ({peak:.4g})")
+            out.append(f.to(torch.float16).reshape(n, -1).numpy().view(np.uint8))
+        return out
 
     def flush(self) -> None:
         if self._pending:
@@ -359,7 +395,8 @@ class CacheReader:
             raise TypeError(f"unknown cache fields {sorted(unknown)}")
         self.meta.check(self.path, **expect)
         self.codec = get_codec(self.meta.codec, self.meta.temperature)
-        self.record_bytes = self.codec.record_bytes(self.meta.num_classes)
+        self.logit_bytes = self.codec.record_bytes(self.meta.num_classes)
+        self.record_bytes = self.logit_bytes + sum(self.meta.feature_bytes.values())
         self._prefix = self.meta.record_prefix
 
     def _environment(self) -> lmdb.Environment:
@@ -400,13 +437,28 @@ class CacheReader:
         self, indices: Iterable[int] | torch.Tensor, views: Iterable[int] | torch.Tensor | None = None
     ) -> torch.Tensor:
         """Dense float32 logits [B, C] for the given samples (and views)."""
-        return self.codec.decode(self._raw(indices, views), self.meta.num_classes)
+        return self.codec.decode(self._raw(indices, views)[:, : self.logit_bytes], self.meta.num_classes)
 
     def targets(
         self, indices: Iterable[int] | torch.Tensor, views: Iterable[int] | torch.Tensor | None = None
     ) -> Targets:
         """What a loss consumes: dense logits, or ``SparseTargets`` for topk/sample codecs."""
-        return self.codec.decode_targets(self._raw(indices, views), self.meta.num_classes)
+        return self.codec.decode_targets(self._raw(indices, views)[:, : self.logit_bytes], self.meta.num_classes)
+
+    def features(
+        self, indices: Iterable[int] | torch.Tensor, views: Iterable[int] | torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The stored teacher features, layer -> float32 [B, *shape]."""
+        raw = self._raw(indices, views)
+        return self._split_features(raw)
+
+    def _split_features(self, raw: np.ndarray) -> dict[str, torch.Tensor]:
+        out, at = {}, self.logit_bytes
+        for name, nbytes in self.meta.feature_bytes.items():
+            part = np.ascontiguousarray(raw[:, at : at + nbytes]).view("<f2").astype(np.float32)
+            out[name] = torch.from_numpy(part).reshape(raw.shape[0], *self.meta.features[name])
+            at += nbytes
+        return out
 
     def _raw(self, indices: Iterable[int] | torch.Tensor, views: Iterable[int] | torch.Tensor | None) -> np.ndarray:
         if isinstance(indices, torch.Tensor):
@@ -452,9 +504,10 @@ class CacheReader:
                 try:
                     payload = _unseal(path, key, value, self.record_bytes)
                     row = np.frombuffer(payload, dtype=np.uint8)[None]
-                    decoded = self.codec.decode_targets(row, self.meta.num_classes)
+                    decoded = self.codec.decode_targets(row[:, : self.logit_bytes], self.meta.num_classes)
                     values = decoded.logits if isinstance(decoded, SparseTargets) else decoded
-                    if not torch.isfinite(values).all():
+                    feats = self._split_features(row).values()
+                    if not torch.isfinite(values).all() or not all(torch.isfinite(f).all() for f in feats):
                         raise CorruptRecordError(f"record (index={iv[0]}, view={iv[1]}) decodes to NaN/Inf")
                 except CorruptRecordError as e:
                     report.problems.append(str(e))

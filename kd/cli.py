@@ -191,6 +191,8 @@ def precompute(
     by_reference: str | None = typer.Option(None, help="Send keys, not pixels: the dataset name on the server."),
     batch_size: int = typer.Option(256),
     commit_every: int = typer.Option(4096, help="Records per LMDB transaction (a kill loses at most these)."),
+    feature: list[str] = typer.Option([], help="Also store this teacher layer's output (fp16). Repeatable."),
+    pool_features: bool = typer.Option(False, help="Store features globally average-pooled."),
     device: str = typer.Option("cpu", help="Device for a local: teacher."),
 ) -> None:
     """Run a dataset through a teacher and store its soft targets in an LMDB cache (resumable)."""
@@ -213,7 +215,8 @@ def precompute(
             kwargs = {"dataset": by_reference, "num_views": views}
         with parse_source(source, **kwargs) as src:
             report = run(data, src, out, codec=codec, batch_size=batch_size, views=views, temperature=temperature,
-                         shard=which, commit_every=commit_every)  # fmt: skip
+                         shard=which, commit_every=commit_every, features=feature,
+                         pool_features=pool_features)  # fmt: skip
     except (CacheError, ValueError, RuntimeError) as e:
         _fail(str(e))
     console.print(
@@ -335,7 +338,10 @@ def cache_info(path: Path) -> None:
         _fail(str(e))
     info = dict(vars(reader.meta))
     info["records"] = len(reader)
-    info["bytes_per_sample"] = bytes_per_sample(reader.meta.codec, reader.meta.num_classes)
+    info["bytes_per_sample"] = bytes_per_sample(reader.meta.codec, reader.meta.num_classes) + sum(
+        reader.meta.feature_bytes.values()
+    )
+    info["feature_bytes_per_sample"] = reader.meta.feature_bytes
     info["file_bytes"] = sum(f.stat().st_size for f in path.rglob("data.mdb"))
     if hasattr(reader, "shards"):
         info["shards"] = len(reader.shards)

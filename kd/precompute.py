@@ -51,10 +51,19 @@ def precompute(
     views: int = 1,
     temperature: float | None = None,
     shard: tuple[int, int] | None = None,
+    features: list[str] | None = None,
+    pool_features: bool = False,
     commit_every: int = 4096,
     progress: bool = True,
 ) -> PrecomputeReport:
+    """``features`` (teacher layer names) are stored beside the targets, fp16, optionally pooled."""
     t0 = time.perf_counter()
+    features = sorted(features or [])
+    shapes: dict[str, list[int]] = {}
+    if features:  # one probe sample tells the stored shape of every requested layer
+        probe = Batch(torch.tensor([0]), dataset.inputs[:1], dataset.labels[:1])
+        _, _, feats = next(iter(teacher.iter_outputs([probe], features, pool_features)))
+        shapes = {name: list(f.shape[1:]) for name, f in feats.items()}
     shard_index, shard_count = shard or (0, 1)
     path = shard_dir(out, shard_index, shard_count) if shard_count > 1 else Path(out)
     if codec.startswith("sample:") and not temperature:
@@ -72,6 +81,8 @@ def precompute(
         temperature=temperature if codec.startswith(("sample:", "topk:")) else None,
         shard_index=shard_index,
         shard_count=shard_count,
+        features=shapes,
+        features_pooled=pool_features and bool(features),
     )
     with CacheWriter(path, meta, commit_every=commit_every) as writer:
         present = writer.present()
@@ -96,13 +107,14 @@ def precompute(
         ) as bar:
             task = bar.add_task(f"{dataset.dataset_id} -> {path}", total=total, completed=total - len(todo))
             # The teacher runs in a background thread while this one encodes and commits.
-            for batch, logits in prefetched(teacher.iter_targets(batches()), depth=2):
-                writer.put(batch.indices.tolist(), logits, None if batch.views is None else batch.views.tolist())
+            for batch, logits, feats in prefetched(teacher.iter_outputs(batches(), features, pool_features), 2):
+                views_list = None if batch.views is None else batch.views.tolist()
+                writer.put(batch.indices.tolist(), logits, views_list, feats or None)
                 bar.advance(task, len(batch.indices))
     return PrecomputeReport(
         written=len(todo),
         skipped=total - len(todo),
         seconds=time.perf_counter() - t0,
-        bytes_per_sample=bytes_per_sample(codec, teacher.num_classes),
+        bytes_per_sample=bytes_per_sample(codec, teacher.num_classes) + sum(meta.feature_bytes.values()),
         path=path,
     )

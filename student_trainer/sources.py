@@ -33,6 +33,7 @@ from kd.targets import Targets
 from teacher_server.client import DatasetRef, TeacherClient
 from teacher_server.loading import Teacher, load_teacher
 from teacher_server.runner import ModelRunner
+from teacher_server.service import pool as pool_feature
 
 
 def prefetched(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
@@ -100,6 +101,15 @@ class SoftTargetSource:
         for b in batches:
             b = Batch(*b)
             yield b, self.targets(b.indices, b.inputs, b.views)
+
+    def iter_outputs(
+        self, batches: Iterable[Batch | tuple], features: list[str], pool: bool = False
+    ) -> Iterator[tuple[Batch, torch.Tensor, dict[str, torch.Tensor]]]:
+        """Like ``iter_targets`` plus the teacher's named features (for precompute)."""
+        if features:
+            raise ValueError(f"a {self.name} source cannot compute teacher features; use server: or local:")
+        for b, t in self.iter_targets(batches):
+            yield b, t, {}
 
     def close(self) -> None:
         pass
@@ -173,9 +183,16 @@ class ServerSource(SoftTargetSource):
         return self.client.infer(self.teacher, payload)["logits"]
 
     def iter_targets(self, batches: Iterable[Batch | tuple]) -> Iterator[tuple[Batch, Targets]]:
+        for batch, logits, _ in self.iter_outputs(batches, []):
+            yield batch, logits
+
+    def iter_outputs(
+        self, batches: Iterable[Batch | tuple], features: list[str], pool: bool = False
+    ) -> Iterator[tuple[Batch, torch.Tensor, dict[str, torch.Tensor]]]:
         keyed = ((b, self._payload(b.indices, b.inputs, b.views)) for b in (Batch(*x) for x in batches))
-        for batch, outputs in self.client.infer_stream(self.teacher, keyed, depth=self.depth):
-            yield batch, outputs["logits"]
+        stream = self.client.infer_stream(self.teacher, keyed, depth=self.depth, features=features, pool_features=pool)
+        for batch, outputs in stream:
+            yield batch, outputs["logits"], {name: outputs[f"feature/{name}"] for name in features}
 
     def close(self) -> None:
         self.client.close()
@@ -195,6 +212,18 @@ class LocalSource(SoftTargetSource):
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         return self.runner(inputs)
+
+    def iter_outputs(
+        self, batches: Iterable[Batch | tuple], features: list[str], pool: bool = False
+    ) -> Iterator[tuple[Batch, torch.Tensor, dict[str, torch.Tensor]]]:
+        unknown = [f for f in features if f not in self.teacher.layers]
+        if unknown:
+            raise ValueError(f"unknown layer(s) {unknown} of teacher {self.teacher.name!r}")
+        for b in batches:
+            b = Batch(*b)
+            out = self.runner.to_host(self.runner.forward(self.runner.prepare(b.inputs), frozenset(features)))
+            feats = {name: out[f"feature/{name}"].float() for name in features}
+            yield b, out["logits"], {k: pool_feature(v) for k, v in feats.items()} if pool else feats
 
 
 class ReadThroughSource(SoftTargetSource):

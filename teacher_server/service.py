@@ -266,7 +266,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
     def InferStream(self, request_iterator: Iterator[pb.InferRequest], context: grpc.ServicerContext):
         # A reader thread submits requests as they arrive, so many batches are in
-        # flight at once; this handler thread encodes replies as they complete.
+        # flight at once; this handler thread encodes replies and sends them in
+        # request order (a reply that completes early waits for those before it).
         done: queue.Queue = queue.Queue()
         futures: list[Future] = []
         total: list[int] = []  # set by the reader when the client half-closes
@@ -275,16 +276,16 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             n = 0
             try:
                 for request in request_iterator:
-                    n += 1
+                    seq, n = n, n + 1
                     try:
                         p = self._prepare(request)
                         future = self._submit(p, context)
                     except RequestError as e:
-                        done.put((request, None, e))
+                        done.put((seq, request, None, e))
                         continue
                     futures.append(future)
                     # Fires on completion, failure or cancellation: one item per request.
-                    future.add_done_callback(lambda f, r=request, p=p: done.put((r, p, f)))
+                    future.add_done_callback(lambda f, s=seq, r=request, p=p: done.put((s, r, p, f)))
             except Exception:  # noqa: BLE001 - stream broken by the client; nothing to answer
                 pass
             finally:
@@ -297,24 +298,31 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
         context.add_callback(cancel_all)
         threading.Thread(target=read, name="infer-stream-reader", daemon=True).start()
-        answered = 0
-        while not total or answered < total[0]:
+        ready: dict[int, tuple] = {}
+        next_seq = 0
+        while not total or next_seq < total[0]:
             item = done.get()
             if item is None:
                 continue
-            answered += 1
-            request, p, result = item
-            if isinstance(result, RequestError):
-                self._count_error(request.teacher, result.code)
-                yield _error_response(request, result)
-            elif result.cancelled():
-                continue
-            elif result.exception() is not None:
-                err = self._failed(result)
-                self._count_error(request.teacher, err.code)
-                yield _error_response(request, err)
-            else:
-                yield self._encode(request, p, result.result())
+            ready[item[0]] = item[1:]
+            while next_seq in ready:
+                request, p, result = ready.pop(next_seq)
+                next_seq += 1
+                reply = self._reply(request, p, result)
+                if reply is not None:
+                    yield reply
+
+    def _reply(self, request: pb.InferRequest, p: _Prepared | None, result) -> pb.InferResponse | None:
+        if isinstance(result, RequestError):
+            self._count_error(request.teacher, result.code)
+            return _error_response(request, result)
+        if result.cancelled():
+            return None  # the stream is going away
+        if result.exception() is not None:
+            err = self._failed(result)
+            self._count_error(request.teacher, err.code)
+            return _error_response(request, err)
+        return self._encode(request, p, result.result())
 
 
 def pool(feature: torch.Tensor) -> torch.Tensor:

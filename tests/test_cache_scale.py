@@ -187,3 +187,45 @@ def test_prefetched_keeps_order_and_reraises() -> None:
         for item in prefetched(failing()):
             got.append(item)
     assert got == [1]
+
+
+def test_features_are_cached_beside_the_targets(tmp_path: Path, train) -> None:
+    from student_trainer.sources import ServerSource
+    from teacher_server.loading import load_teacher
+    from teacher_server.server import start_server
+    from teacher_server.service import pool
+
+    torch.manual_seed(0)
+    cnn = load_teacher("cnn", "kd.models:digits_cnn")
+    images = train.inputs.reshape(-1, 1, 8, 8)
+    data = type(train)("digits", "train", images, train.labels, 10)
+    local = LocalSource(cnn)
+    r = precompute(data, local, tmp_path / "f", codec="fp16", features=["layer2", "layer1"], progress=False)
+    reader = open_cache(tmp_path / "f")
+    assert reader.meta.features == {"layer1": [32, 8, 8], "layer2": [64, 8, 8]} and not reader.meta.features_pooled
+    assert r.bytes_per_sample == 20 + 8 + 2 * (32 + 64) * 64
+    idx = torch.tensor([3, 500, 42])
+    feats = reader.features(idx)
+    m = cnn.model
+    with torch.inference_mode():
+        l1 = m.layer1(images[idx])
+        l2 = m.layer2(l1)
+        torch.testing.assert_close(reader.get(idx), m(images[idx]), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(feats["layer1"], l1, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(feats["layer2"], l2, rtol=2e-3, atol=2e-3)
+    assert reader.verify().ok
+    # Pooled, computed by the server: the same numbers as pooling the full maps here.
+    running = start_server([cnn], port=0)
+    try:
+        server = ServerSource(f"127.0.0.1:{running.port}")
+        precompute(data, server, tmp_path / "p", features=["layer2"], pool_features=True, progress=False)
+        server.close()
+    finally:
+        running.stop(grace=1)
+    pooled = open_cache(tmp_path / "p")
+    assert pooled.meta.features == {"layer2": [64]} and pooled.meta.features_pooled
+    torch.testing.assert_close(pooled.features(idx)["layer2"], pool(l2), rtol=2e-3, atol=2e-3)
+    with pytest.raises(StaleCacheError, match="features"):
+        precompute(data, local, tmp_path / "p", features=["layer1"], pool_features=True, progress=False)
+    with pytest.raises(ValueError, match="cannot compute teacher features"):
+        precompute(data, CacheSource(str(tmp_path / "f")), tmp_path / "q", features=["layer1"], progress=False)

@@ -221,3 +221,31 @@ def test_stop_finishes_accepted_work_then_refuses(teacher: Teacher) -> None:
     with pytest.raises(TeacherRequestError):
         TeacherClient(f"127.0.0.1:{running.port}", timeout=2).infer("digits", torch.rand(1, 64))
     client.close()
+
+
+def test_stream_replies_keep_request_order_across_teachers(teacher: Teacher) -> None:
+    from teacher_server.loading import load_teacher
+
+    slow_teacher = load_teacher("slow", "kd.models:digits_student")
+    running = start_server([teacher, slow_teacher], port=0, batching=BatchingOptions(max_queue_delay_us=0))
+    slow = running.endpoints["slow"].batcher
+    forward = slow.runner.forward
+
+    def slower(x, layers):
+        time.sleep(0.1)
+        return forward(x, layers)
+
+    slow.runner.forward = slower
+    try:
+        stub = _raw_stub(f"127.0.0.1:{running.port}")
+        names = ["slow", "digits", "digits", "slow", "digits"]
+        reqs = [
+            pb.InferRequest(request_id=str(i), teacher=name, inputs=to_proto(torch.rand(2, 64)))
+            for i, name in enumerate(names)
+        ]
+        replies = list(stub.InferStream(iter(reqs), timeout=20))
+        # The fast teacher's replies finish first, but go out after the slow ones before them.
+        assert [r.request_id for r in replies] == ["0", "1", "2", "3", "4"]
+        assert [r.teacher for r in replies] == names
+    finally:
+        running.stop(grace=1)

@@ -67,7 +67,7 @@ class TeacherServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def InferStream(self, request_iterator, context):
-        """Many batches in flight on one stream; responses may come out of order
+        """Many batches in flight on one stream; responses come in request order
         and carry the request_id of their request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
