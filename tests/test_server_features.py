@@ -272,3 +272,20 @@ def test_cnn_features_survive_inplace_relu_and_channels_last() -> None:
         torch.testing.assert_close(pooled["feature/layer2"], l2.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
     finally:
         running.stop(grace=1)
+
+
+def test_torch_compile_teacher_serves_the_same_logits() -> None:
+    from teacher_server.loading import load_teacher
+
+    small = load_teacher("small", "kd.models:digits_student")
+    # Warm-up compiles before the port opens, so the first request is not slow.
+    running = start_server([small], port=0, options={"small": TeacherOptions(compile=True, max_batch_size=16)})
+    try:
+        x = torch.rand(5, 64)
+        with TeacherClient(f"127.0.0.1:{running.port}") as c:
+            out = c.infer("small", x)["logits"]
+        with torch.inference_mode():
+            torch.testing.assert_close(out, small.model(x), rtol=1e-5, atol=1e-5)
+        assert running.endpoints["small"].batcher.runner._model is not small.model  # the compiled wrapper ran
+    finally:
+        running.stop(grace=1)
