@@ -112,6 +112,35 @@ class CacheMeta:
         """Bytes of each stored feature (fp16) in a record, in record order."""
         return {name: 2 * math.prod(shape) for name, shape in sorted(self.features.items())}
 
+    @classmethod
+    def for_dataset(
+        cls,
+        *,
+        teacher_fingerprint: str,
+        teacher: str,
+        num_classes: int,
+        dataset,  # kd.data.Dataset: dataset_id, len(), augmentation
+        codec: str,
+        views: int = 1,
+        temperature: float | None = None,
+        **extra: object,
+    ) -> CacheMeta:
+        """The metadata of a cache of ``dataset``'s targets: views record the dataset's
+        augmentation; the temperature is kept for the sparse codecs that depend on it."""
+        return cls(
+            teacher_fingerprint=teacher_fingerprint,
+            dataset_id=dataset.dataset_id,
+            dataset_size=len(dataset),
+            codec=codec,
+            num_classes=num_classes,
+            teacher=teacher,
+            views=views,
+            augmentation=dataset.augmentation if views > 1 else "",
+            # Sparse codecs are exact at this temperature (topk) or only valid at it (sample).
+            temperature=temperature if codec.startswith(("sample:", "topk:")) else None,
+            **extra,
+        )
+
     def owns(self, index: int) -> bool:
         return index % self.shard_count == self.shard_index
 

@@ -407,6 +407,19 @@ def cache_export(
     console.print(f"exported {len(idx)} records to {out}", highlight=False)
 
 
+def _report_bench(run_bench, print_report, settings, json_out: Path | None) -> None:
+    """Run a benchmark, print its tables, and write its JSON if asked."""
+    try:
+        results = run_bench(settings)
+    except (RuntimeError, ValueError, OSError) as e:
+        _fail(str(e), code=1)
+    print_report(results)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=2))
+        console.print(f"wrote {json_out}", highlight=False)
+
+
 bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -442,15 +455,7 @@ def bench_serve(
         threads=threads,
         teacher=teacher,
     )
-    try:
-        results = run_bench(settings)
-    except (RuntimeError, ValueError, OSError) as e:
-        _fail(str(e), code=1)
-    print_report(results)
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(results, indent=2))
-        console.print(f"wrote {json_out}", highlight=False)
+    _report_bench(run_bench, print_report, settings, json_out)
 
 
 @bench_app.command("cache")
@@ -472,15 +477,7 @@ def bench_cache(
         _fail("--seeds and --epochs must be >= 1, --views >= 2, --threads >= 0")
     settings = CacheBenchSettings.make(quick, seeds=seeds, epochs=epochs, views=views, threads=threads,
                                        teacher=teacher)  # fmt: skip
-    try:
-        results = run_bench(settings)
-    except (RuntimeError, ValueError, OSError) as e:
-        _fail(str(e), code=1)
-    print_report(results)
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(results, indent=2))
-        console.print(f"wrote {json_out}", highlight=False)
+    _report_bench(run_bench, print_report, settings, json_out)
 
 
 @app.command()

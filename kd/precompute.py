@@ -68,17 +68,14 @@ def precompute(
     path = shard_dir(out, shard_index, shard_count) if shard_count > 1 else Path(out)
     if codec.startswith("sample:") and not temperature:
         raise ValueError("codec sample:K draws from softmax(z / T): give the training temperature (--temperature)")
-    meta = CacheMeta(
+    meta = CacheMeta.for_dataset(
         teacher_fingerprint=teacher.fingerprint,
-        dataset_id=dataset.dataset_id,
-        dataset_size=len(dataset),
-        codec=codec,
-        num_classes=teacher.num_classes,
         teacher=teacher.teacher_name,
+        num_classes=teacher.num_classes,
+        dataset=dataset,
+        codec=codec,
         views=views,
-        augmentation=dataset.augmentation if views > 1 else "",
-        # Sparse codecs are exact at this temperature (topk) or only valid at it (sample).
-        temperature=temperature if codec.startswith(("sample:", "topk:")) else None,
+        temperature=temperature,
         shard_index=shard_index,
         shard_count=shard_count,
         features=shapes,

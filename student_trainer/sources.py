@@ -241,15 +241,13 @@ class ReadThroughSource(SoftTargetSource):
         self.fingerprint = upstream.fingerprint
         self.num_classes = upstream.num_classes
         self.teacher_name = upstream.teacher_name
-        meta = CacheMeta(
+        meta = CacheMeta.for_dataset(
             teacher_fingerprint=upstream.fingerprint,
-            dataset_id=dataset.dataset_id,
-            dataset_size=len(dataset),
-            codec=codec,
-            num_classes=upstream.num_classes,
             teacher=upstream.teacher_name,
+            num_classes=upstream.num_classes,
+            dataset=dataset,
+            codec=codec,
             views=views,
-            augmentation=dataset.augmentation if views > 1 else "",
             temperature=temperature,
         )
         self.writer = CacheWriter(path, meta)
