@@ -180,9 +180,20 @@ def record_key(prefix: bytes, index: int, view: int = 0) -> bytes:
     return prefix + _KEY.pack(index, view)
 
 
-def _seal(key: bytes, payload: bytes) -> bytes:
-    body = _HEADER + payload
-    return body + _CRC.pack(zlib.crc32(body, zlib.crc32(key)))
+def _seal_rows(keys: list[bytes], payloads: np.ndarray) -> list[tuple[bytes, bytes]]:
+    """(key, value) per payload row: value = header + payload + crc32(key, header + payload), little-endian.
+
+    Built for the whole batch in one array; only the C-level crc32 runs per record."""
+    n, width = payloads.shape
+    rows = np.empty((n, len(_HEADER) + width + _CRC.size), dtype=np.uint8)
+    rows[:, : len(_HEADER)] = np.frombuffer(_HEADER, dtype=np.uint8)
+    rows[:, len(_HEADER) : -_CRC.size] = payloads
+    view = memoryview(rows).cast("B")
+    stride = rows.shape[1]
+    crcs = rows[:, -_CRC.size :].view("<u4")
+    for r, key in enumerate(keys):
+        crcs[r, 0] = zlib.crc32(view[r * stride : (r + 1) * stride - _CRC.size], zlib.crc32(key))
+    return [(key, rows[r].tobytes()) for r, key in enumerate(keys)]
 
 
 def _unseal(path: str, key: bytes, value: bytes, payload_bytes: int) -> bytes:
@@ -346,9 +357,7 @@ class CacheWriter:
         encoded = self.codec.encode(logits)
         if self.meta.features or features:
             encoded = np.concatenate([encoded, *self._encode_features(features or {}, len(idx))], axis=1)
-        for row, i, v in zip(encoded, idx, vw):
-            key = record_key(self._prefix, i, v)
-            self._pending.append((key, _seal(key, row.tobytes())))
+        self._pending.extend(_seal_rows([record_key(self._prefix, i, v) for i, v in zip(idx, vw)], encoded))
         if len(self._pending) >= self.commit_every:
             self.flush()
 
@@ -377,8 +386,7 @@ class CacheWriter:
         while True:
             try:
                 with self.env.begin(write=True) as txn:
-                    for k, v in items:
-                        txn.put(k, v)
+                    txn.cursor().putmulti(items)  # one C call for the whole batch
                 return
             except lmdb.MapFullError:
                 # Grow the map and redo the whole (aborted) transaction.
