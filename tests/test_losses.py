@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import make_batch, np64, ref_ce, ref_log_softmax, ref_softmax
 
 from student_trainer.losses import METHODS, get_method
 from student_trainer.losses.kd import kd_loss
@@ -12,21 +13,6 @@ from student_trainer.losses.kd import kd_loss
 # ---------------------------------------------------------------------------
 # Independent reference: numpy float64, explicit exp / sum / log.
 # ---------------------------------------------------------------------------
-
-
-def ref_log_softmax(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64)
-    shifted = a - a.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-def ref_softmax(a: np.ndarray) -> np.ndarray:
-    return np.exp(ref_log_softmax(a))
-
-
-def ref_ce(zs: np.ndarray, labels: np.ndarray) -> float:
-    log_p = ref_log_softmax(zs)
-    return float(-log_p[np.arange(len(labels)), labels].mean())
 
 
 def ref_t2_kl(zs: np.ndarray, zt: np.ndarray, temperature: float) -> float:
@@ -40,20 +26,6 @@ def ref_t2_kl(zs: np.ndarray, zt: np.ndarray, temperature: float) -> float:
 
 def ref_kd(zs: np.ndarray, zt: np.ndarray, labels: np.ndarray, temperature: float, alpha: float) -> float:
     return alpha * ref_t2_kl(zs, zt, temperature) + (1.0 - alpha) * ref_ce(zs, labels)
-
-
-def make_batch(
-    batch: int, classes: int, scale: float, seed: int, dtype: torch.dtype = torch.float64
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    zs = (torch.randn(batch, classes, generator=g, dtype=torch.float64) * scale).to(dtype)
-    zt = (torch.randn(batch, classes, generator=g, dtype=torch.float64) * scale).to(dtype)
-    y = torch.randint(0, classes, (batch,), generator=g)
-    return zs, zt, y
-
-
-def np64(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float64).numpy()
 
 
 # ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference import make_batch, np64, ref_softmax
 
 from kd.targets import SparseTargets
 from student_trainer.losses import get_method
@@ -32,10 +33,6 @@ def ref_log_softmax(a: np.ndarray) -> np.ndarray:
     return a - ref_logsumexp(a)[:, None]
 
 
-def ref_softmax(a: np.ndarray) -> np.ndarray:
-    return np.exp(ref_log_softmax(a))
-
-
 def ref_ce(zs: np.ndarray, labels: np.ndarray) -> float:
     return float(-ref_log_softmax(zs)[np.arange(len(labels)), labels].mean())
 
@@ -53,16 +50,6 @@ def ref_kd(zs: np.ndarray, zt: np.ndarray, labels: np.ndarray, t: float, alpha: 
     return alpha * ref_t2_kl(zs, zt, t) + (1 - alpha) * ref_ce(zs, labels)
 
 
-def make_batch(
-    batch: int, classes: int, scale: float, seed: int, dtype: torch.dtype = torch.float64
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    zs = (torch.randn(batch, classes, generator=g, dtype=torch.float64) * scale).to(dtype)
-    zt = (torch.randn(batch, classes, generator=g, dtype=torch.float64) * scale).to(dtype)
-    y = torch.randint(0, classes, (batch,), generator=g)
-    return zs, zt, y
-
-
 def extreme_batch(batch: int = 8, classes: int = 10, seed: int = 13) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 logits of +-1e4: every softmax saturates."""
     g = torch.Generator().manual_seed(seed)
@@ -71,10 +58,6 @@ def extreme_batch(batch: int = 8, classes: int = 10, seed: int = 13) -> tuple[to
     zt = -signs.roll(1, dims=1) * 1e4
     y = torch.randint(0, classes, (batch,), generator=g)
     return zs, zt, y
-
-
-def np64(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float64).numpy()
 
 
 # --- DKD -------------------------------------------------------------------
