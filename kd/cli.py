@@ -248,6 +248,11 @@ def train(
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
     out: Path | None = typer.Option(None, help="Save the student's weights here (safetensors)."),
+    run_dir: Path | None = typer.Option(
+        None, help="Write config.json, metrics.csv and a checkpoint per epoch here (see `kd plot`)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue from --run-dir's checkpoint (exact resume)."),
+    progress: bool = typer.Option(False, "--progress", help="A progress bar with samples/s and target wait time."),
 ) -> None:
     """Train a student from a soft-target source with a KD method."""
     import torch
@@ -290,7 +295,8 @@ def train(
             seed=seed,
             device=device,
         )
-        result = train_student(model, train_data, test_data, config, source=src, subset=sub)
+        result = train_student(model, train_data, test_data, config, source=src, subset=sub, run_dir=run_dir,
+                               resume=resume, progress=progress)  # fmt: skip
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
         _fail(f"{type(e).__name__}: {e}")
     finally:
@@ -312,6 +318,34 @@ def train(
             }
         )
     )
+
+
+@app.command()
+def plot(run: Path = typer.Argument(..., help="A --run-dir of `kd train`.")) -> None:
+    """Draw a run's metrics.csv (test accuracy and training loss per epoch) to RUN/curves.png."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = run / "metrics.csv"
+    if not metrics.is_file():
+        _fail(f"no metrics.csv in {str(run)!r}; train with `kd train --run-dir {run}`")
+    rows = list(csv.DictReader(open(metrics)))
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
+    a.plot(epochs, [float(r["test_acc"]) for r in rows])
+    a.set(xlabel="epoch", ylabel="test accuracy")
+    b.plot(epochs, [float(r["train_loss"]) for r in rows], color="tab:orange")
+    b.set(xlabel="epoch", ylabel="training loss")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.suptitle(str(run))
+    fig.tight_layout()
+    fig.savefig(run / "curves.png")
+    console.print(f"wrote {run / 'curves.png'}", highlight=False)
 
 
 @app.command()
@@ -477,6 +511,32 @@ def bench_cache(
         _fail("--seeds and --epochs must be >= 1, --views >= 2, --threads >= 0")
     settings = CacheBenchSettings.make(quick, seeds=seeds, epochs=epochs, views=views, threads=threads,
                                        teacher=teacher)  # fmt: skip
+    _report_bench(run_bench, print_report, settings, json_out)
+
+
+@bench_app.command("methods")
+def bench_methods(
+    methods: str | None = typer.Option(None, help="Comma-separated methods to run [all registered]; ce, kd always."),
+    seeds: int | None = typer.Option(None, help="Student seeds per method [3; 1 with --quick]."),
+    epochs: int | None = typer.Option(None, help="Student epochs [300; 10 with --quick]."),
+    labeled: int | None = typer.Option(None, help="Labelled training samples the student sees [100]."),
+    teacher_epochs: int | None = typer.Option(None, help="Teacher epochs (CE, whole split) [40; 3 with --quick]."),
+    threads: int | None = typer.Option(None, help="torch threads [2; 0 = torch's default]."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the results here as JSON."),
+    quick: bool = typer.Option(False, "--quick", help="One seed, few epochs (tests, smoke runs)."),
+) -> None:
+    """Every registered KD method on the demo's digits setting: test accuracy next to CE and plain KD."""
+    from kd.bench.methods import MethodsBenchSettings, print_report, run_bench, selected_methods
+
+    names = tuple(m.strip() for m in (methods or "").split(",") if m.strip())
+    try:
+        selected_methods(names)
+    except ValueError as e:
+        _fail(str(e))
+    if any(v is not None and v < 1 for v in (seeds, epochs, labeled, teacher_epochs)) or (threads or 0) < 0:
+        _fail("--seeds, --epochs, --labeled and --teacher-epochs must be >= 1, --threads >= 0")
+    settings = MethodsBenchSettings.make(quick, seeds=seeds, epochs=epochs, labeled=labeled,
+                                         teacher_epochs=teacher_epochs, threads=threads, methods=names)  # fmt: skip
     _report_bench(run_bench, print_report, settings, json_out)
 
 

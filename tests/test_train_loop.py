@@ -1,0 +1,79 @@
+"""The training loop's run directory: effective config, metrics, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd.data import load_dataset
+from student_trainer.sources import LocalSource
+from student_trainer.train import TrainConfig, seed_everything, train_student
+from teacher_server.loading import Teacher
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path: Path, teacher: Teacher) -> None:
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    source = LocalSource(teacher)
+    subset = torch.arange(150)
+    # Dropout in the student makes the global RNG part of the state to restore.
+    cfg = TrainConfig(method="kd", epochs=4, seed=5, views=1)
+
+    def student() -> torch.nn.Module:
+        seed_everything(5)
+        return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+                                   torch.nn.Linear(32, 10))  # fmt: skip
+
+    straight = student()
+    full = train_student(straight, train, test, cfg, source=source, subset=subset, run_dir=tmp_path / "a")
+
+    def stop_after_two(epoch: int, loss: float, acc: float) -> None:
+        if epoch == 1:
+            raise Interrupt
+
+    interrupted = student()
+    with pytest.raises(Interrupt):
+        train_student(interrupted, train, test, cfg, source=source, subset=subset, run_dir=tmp_path / "b",
+                      on_epoch=stop_after_two)  # fmt: skip
+    resumed = student()  # a fresh process would start from scratch weights too
+    result = train_student(resumed, train, test, cfg, source=source, subset=subset, run_dir=tmp_path / "b",
+                           resume=True)  # fmt: skip
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert result.acc_per_epoch == full.acc_per_epoch and len(result.acc_per_epoch) == 4
+    rows = list(csv.DictReader(open(tmp_path / "b" / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    assert all(float(r["samples_per_s"]) > 0 and float(r["source_wait_s"]) >= 0 for r in rows)
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["method"] == "kd" and config["teacher_fingerprint"] == teacher.fingerprint
+    assert config["train_samples"] == 150
+    with pytest.raises(ValueError, match=r"config differs in \['epochs'\]"):
+        train_student(student(), train, test, TrainConfig(method="kd", epochs=6, seed=5), source=source,
+                      subset=subset, run_dir=tmp_path / "b", resume=True)  # fmt: skip
+
+
+def test_cli_run_dir_resume_and_plot(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "kd"]
+    r = subprocess.run([*cmd, "train", "--method", "ce", "--epochs", "3", "--run-dir", str(run)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    again = subprocess.run([*cmd, "train", "--method", "ce", "--epochs", "3", "--run-dir", str(run), "--resume"],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert (
+        json.loads(again.stdout.strip().splitlines()[-1])["test_acc"]
+        == json.loads(r.stdout.strip().splitlines()[-1])["test_acc"]
+    )  # nothing left to train: the same student
+    p = subprocess.run([*cmd, "plot", str(run)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (run / "curves.png").stat().st_size > 5_000
