@@ -330,7 +330,8 @@ class CacheWriter:
             raise ValueError(f"put: {len(idx)} indices, {len(vw)} views but logits of shape {tuple(logits.shape)}")
         if logits.shape[1] != self.meta.num_classes:
             raise ValueError(f"put: logits have {logits.shape[1]} classes, cache has {self.meta.num_classes}")
-        peak = float(logits.detach().abs().max()) if logits.numel() else 0.0
+        # One pass (NaN propagates through min/max): finiteness and the codec's range.
+        peak = max(-float((mm := torch.aminmax(logits.detach())).min), float(mm.max)) if logits.numel() else 0.0
         if not math.isfinite(peak):
             raise ValueError("put: logits contain NaN or Inf; refusing to cache them")
         limit = self.codec.max_abs
