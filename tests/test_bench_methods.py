@@ -1,0 +1,70 @@
+"""`kd bench methods --quick` end to end, in a subprocess.
+
+Only the shape of the results is checked, never an accuracy: --quick trains
+one seed for a few epochs, and a method that loses to plain KD is not wrong."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from student_trainer.losses import METHODS
+
+
+def _acc(value: object) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kd", "bench", "methods", *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+
+
+def test_bench_methods_quick_covers_every_registered_method(tmp_path: Path) -> None:
+    out = tmp_path / "methods.json"
+    r = _run("--quick", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "kd bench methods" in r.stdout
+    res = json.loads(out.read_text())
+
+    assert set(res["methods"]) == set(METHODS)
+    for name, m in res["methods"].items():
+        method = METHODS[name]
+        assert m["options"] == method.defaults, name  # registered defaults, no overrides
+        assert m["needs_teacher"] == method.needs_teacher
+        assert (m["source"] is None) == (not method.needs_teacher), (name, m["source"])
+        if m["acc_mean"] is None:
+            assert isinstance(m.get("skipped"), str) and m["skipped"], (name, m)
+            continue
+        assert len(m["acc_per_seed"]) == res["settings"]["seeds"] == 1
+        assert all(_acc(a) for a in m["acc_per_seed"]), (name, m)
+        assert _acc(m["acc_mean"]) and math.isfinite(m["acc_std"]), (name, m)
+        assert math.isfinite(m["delta_vs_kd_mean"]) and math.isfinite(m["delta_vs_ce_mean"])
+        assert m["seconds"] >= 0
+
+    # The baselines are never skipped and are repeated at the top level.
+    for ref in ("ce", "kd"):
+        assert res[ref]["acc_per_seed"] == res["methods"][ref]["acc_per_seed"]
+        assert _acc(res[ref]["acc_mean"])
+    assert res["methods"]["kd"]["delta_vs_kd_mean"] == 0.0
+    assert _acc(res["teacher_acc"])
+    s = res["settings"]
+    assert s["quick"] is True and s["labeled"] == 100 and s["methods"] == ["ce", "kd", *[
+        n for n in METHODS if n not in ("ce", "kd")
+    ]]  # fmt: skip
+
+
+def test_bench_methods_subset_and_unknown_name(tmp_path: Path) -> None:
+    out = tmp_path / "subset.json"
+    r = _run("--quick", "--epochs", "2", "--methods", "dkd", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert set(json.loads(out.read_text())["methods"]) == {"ce", "kd", "dkd"}
+
+    bad = _run("--quick", "--methods", "no-such-method")
+    assert bad.returncode == 2 and "unknown method" in bad.stderr
