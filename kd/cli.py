@@ -228,9 +228,13 @@ def precompute(
 
 @app.command()
 def train(
-    source: str | None = typer.Option(
-        None, help="cache:PATH, server:HOST:PORT[/TEACHER] or local:SPEC (not needed for ce)."
+    source: list[str] = typer.Option(
+        [],
+        help="cache:PATH, server:HOST:PORT[/TEACHER] or local:SPEC (not needed for ce). "
+        "Repeat for several teachers, merged by --combiner.",
     ),
+    combiner: str = typer.Option("mean", help="How several sources' targets merge: see student_trainer/multi.py."),
+    combiner_opt: list[str] = typer.Option([], help="Combiner option key=value (e.g. weights=[1,2]). Repeatable."),
     method: str = typer.Option("kd", help="A method from `kd methods`."),
     opt: list[str] = typer.Option([], "--opt", help="Method option key=value, e.g. --opt temperature=4. Repeatable."),
     dataset: str = typer.Option("digits", help="Training dataset; evaluated on its test split."),
@@ -269,20 +273,36 @@ def train(
         model = build_model(TeacherSpec.parse(student))
     except TeacherLoadError as e:
         _fail(str(e))
+
+    def open_source(ref: str):
+        if ref.startswith("cache:"):
+            return parse_source(ref, dataset_id=train_data.dataset_id, prefetch=prefetch)
+        return parse_source(ref, **({"device": device} if ref.startswith("local:") else {}))
+
     src = None
     try:
         if read_through is not None:
-            if source is None or not source.startswith("cache:"):
-                _fail("--read-through needs --source cache:PATH")
+            if len(source) != 1 or not source[0].startswith("cache:"):
+                _fail("--read-through needs one --source cache:PATH")
             from student_trainer.sources import ReadThroughSource
 
             upstream = parse_source(read_through, **({"device": device} if read_through.startswith("local:") else {}))
-            src = ReadThroughSource(source[len("cache:") :], upstream, train_data, codec=codec, views=views)
-        elif source is not None:
-            kwargs = {"dataset_id": train_data.dataset_id, "prefetch": prefetch} if source.startswith("cache:") else {}
-            if source.startswith("local:"):
-                kwargs = {"device": device}
-            src = parse_source(source, **kwargs)
+            src = ReadThroughSource(source[0][len("cache:") :], upstream, train_data, codec=codec, views=views)
+        elif len(source) == 1:
+            src = open_source(source[0])
+        elif len(source) > 1:
+            from student_trainer.losses import get_method
+            from student_trainer.multi import MultiTeacherSource
+
+            # Mix at the loss's temperature, so softmax(targets / T) is the teachers' mixture at T.
+            options = {"temperature": get_method(method).defaults.get("temperature", 1.0),
+                       **{k: v for k, v in _parse_options(opt).items() if k == "temperature"},
+                       **_parse_options(combiner_opt)}  # fmt: skip
+            from student_trainer.multi import COMBINERS
+
+            if combiner in COMBINERS and "temperature" not in COMBINERS[combiner].options:
+                options.pop("temperature")
+            src = MultiTeacherSource([open_source(ref) for ref in source], combiner, student=model, **options)
         sub = None
         if subset:
             sub = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(seed))[:subset]
@@ -294,6 +314,7 @@ def train(
             lr=lr,
             seed=seed,
             device=device,
+            views=views,
         )
         result = train_student(model, train_data, test_data, config, source=src, subset=sub, run_dir=run_dir,
                                resume=resume, progress=progress)  # fmt: skip

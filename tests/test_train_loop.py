@@ -77,3 +77,27 @@ def test_cli_run_dir_resume_and_plot(tmp_path: Path) -> None:
     p = subprocess.run([*cmd, "plot", str(run)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert (run / "curves.png").stat().st_size > 5_000
+
+
+def test_cli_trains_from_two_teachers_with_a_combiner(tmp_path: Path, teacher_spec: str) -> None:
+    cmd = [sys.executable, "-m", "kd", "train", "--epochs", "2", "--subset", "100"]
+    two = ["--source", f"local:{teacher_spec}", "--source", "local:kd.models:digits_teacher"]
+    for combiner in ("mean", "mean-logits", "confidence"):
+        r = subprocess.run([*cmd, *two, "--combiner", combiner], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert 0 <= json.loads(r.stdout.strip().splitlines()[-1])["test_acc"] <= 1
+    bad = subprocess.run([*cmd, *two, "--combiner", "weighted", "--combiner-opt", "weights=[1,2,3]"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode != 0 and "3 weight(s) for 2 source(s)" in bad.stderr
+
+
+def test_cli_views_reach_the_trainer(tmp_path: Path, teacher_spec: str) -> None:
+    cache = tmp_path / "v"
+    args = ["precompute", "--source", f"local:{teacher_spec}", "--out", str(cache), "--views", "2"]
+    pre = subprocess.run([sys.executable, "-m", "kd", *args], capture_output=True, text=True, timeout=300)
+    assert pre.returncode == 0, pre.stderr
+    base = [sys.executable, "-m", "kd", "train", "--source", f"cache:{cache}", "--epochs", "1", "--subset", "50"]
+    ok = subprocess.run([*base, "--views", "2"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    wrong = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    assert wrong.returncode != 0 and "2 view(s) per sample but training asks for 1" in wrong.stderr
