@@ -61,3 +61,26 @@ def test_local_source_and_training_on_cuda() -> None:
     r = train_student(student, train, test, TrainConfig(method="kd", epochs=3, device="cuda"), source=src)
     assert len(r.acc_per_epoch) == 3 and next(student.parameters()).device.type == "cuda"
     assert r.test_acc > 0.2
+
+
+def test_every_method_runs_on_cuda_and_matches_cpu() -> None:
+    from student_trainer.losses import METHODS
+
+    g = torch.Generator().manual_seed(0)
+    zs = torch.randn(16, 10, generator=g) * 3
+    zt = torch.randn(16, 10, generator=g) * 3
+    y = torch.randint(0, 10, (16,), generator=g)
+    for name, method in sorted(METHODS.items()):
+        opts = {"seed": 0} if "seed" in method.defaults else {}
+        out = {}
+        for dev in ("cpu", "cuda"):
+            s = zs.clone().to(dev).requires_grad_(True)
+            t = None if not method.needs_teacher else zt.to(dev)
+            loss = method(s, t, y.to(dev), epoch=3, epochs=10, **opts)
+            loss.backward()
+            out[dev] = (loss.detach().cpu(), s.grad.cpu())
+        if name == "noisy":  # the noise is drawn on each device's own generator: compare shapes only
+            assert torch.isfinite(out["cuda"][0]) and out["cuda"][1].shape == zs.shape
+            continue
+        torch.testing.assert_close(out["cuda"][0], out["cpu"][0], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(out["cuda"][1], out["cpu"][1], rtol=1e-4, atol=1e-5, msg=name)
