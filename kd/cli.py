@@ -226,8 +226,33 @@ def precompute(
     )
 
 
+def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    """``--config FILE``: every ``kd train`` option from a TOML or YAML table; options
+    given on the command line win. Keys are option names (``batch-size`` or ``batch_size``)."""
+    if value is None:
+        return value
+    from teacher_server.config import ConfigError, read_table
+
+    try:
+        table = read_table(value)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from None
+    names = {p.name for p in ctx.command.params}
+    values = {str(k).replace("-", "_"): v for k, v in table.items()}
+    unknown = sorted(set(values) - names - {"config"})
+    if unknown:
+        raise typer.BadParameter(f"{value}: unknown option(s) {unknown}; see `kd train --help`")
+    if "opt" in values and isinstance(values["opt"], dict):  # a table of method options
+        values["opt"] = [f"{k}={json.dumps(v)}" for k, v in values["opt"].items()]
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
 @app.command()
 def train(
+    config: Path | None = typer.Option(
+        None, is_eager=True, callback=_train_config, help="TOML/YAML file of these options (the command line wins)."
+    ),
     source: list[str] = typer.Option(
         [],
         help="cache:PATH, server:HOST:PORT[/TEACHER] or local:SPEC (not needed for ce). "

@@ -68,6 +68,11 @@ class ServerConfig:
     datasets: dict[str, str] = field(default_factory=dict)  # name -> bundled dataset ref
 
 
+def read_table(path: str | Path) -> dict[str, Any]:
+    """A TOML or YAML file's top-level table (ConfigError naming the file otherwise)."""
+    return _read(Path(path))
+
+
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")

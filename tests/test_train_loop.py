@@ -101,3 +101,24 @@ def test_cli_views_reach_the_trainer(tmp_path: Path, teacher_spec: str) -> None:
     assert ok.returncode == 0, ok.stderr
     wrong = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert wrong.returncode != 0 and "2 view(s) per sample but training asks for 1" in wrong.stderr
+
+
+def test_train_options_from_a_config_file(tmp_path: Path, teacher_spec: str) -> None:
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(
+        f'method = "kd"\nsource = ["local:{teacher_spec}"]\nepochs = 2\nbatch-size = 64\nsubset = 100\n'
+        "[opt]\ntemperature = 3\n"
+    )
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "kd", "train", "--config", str(cfg), "--run-dir", str(run)]
+    r = subprocess.run([*cmd, "--epochs", "3"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    effective = json.loads((run / "config.json").read_text())
+    assert effective["epochs"] == 3  # the command line wins
+    assert effective["batch_size"] == 64 and effective["method_options"] == {"temperature": 3}
+    assert effective["train_samples"] == 100 and effective["source"] == "local"
+    yaml_cfg = tmp_path / "train.yaml"
+    yaml_cfg.write_text("method: ce\nepochs: 1\nbatchsize: 8\n")
+    bad = subprocess.run([sys.executable, "-m", "kd", "train", "--config", str(yaml_cfg)],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode != 0 and "unknown option(s) ['batchsize']" in bad.stderr
