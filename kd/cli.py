@@ -284,13 +284,20 @@ def train(
     progress: bool = typer.Option(False, "--progress", help="A progress bar with samples/s and target wait time."),
 ) -> None:
     """Train a student from a soft-target source with a KD method."""
+    import os
+
     import torch
+    import torch.distributed as dist
 
     from kd.data import load_dataset, parse_dataset
     from student_trainer.sources import parse_source
     from student_trainer.train import TrainConfig, seed_everything, train_student
     from teacher_server.loading import TeacherLoadError, TeacherSpec, build_model
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        # Under torchrun: one process per rank, DistributedDataParallel in train_student.
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
     train_data = parse_dataset(dataset)
     test_data = load_dataset(train_data.name, "test")
     seed_everything(seed)
@@ -348,6 +355,11 @@ def train(
     finally:
         if src is not None:
             src.close()
+    ranks = dist.get_world_size() if dist.is_initialized() else 1
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank != 0:
+        return
     if out is not None:
         from safetensors.torch import save_file
 
@@ -361,6 +373,7 @@ def train(
                 "test_acc": result.test_acc,
                 "epochs": epochs,
                 "seconds": round(result.seconds, 2),
+                "world_size": ranks,
             }
         )
     )

@@ -84,6 +84,8 @@ class Batch(NamedTuple):
     inputs: torch.Tensor
     labels: torch.Tensor
     views: torch.Tensor | None = None
+    # Samples in the global batch this one is a rank's part of (None: it is the whole batch).
+    global_size: int | None = None
 
 
 class SoftTargetSource:

@@ -10,6 +10,13 @@ step waited for its source, which shows when the teacher is the bottleneck)
 and ``checkpoint.pt`` at the end of every epoch (model, optimiser, the batch
 order's and torch's RNG states, history). ``resume=True`` continues from it
 and ends with exactly the weights of an uninterrupted run.
+
+Under ``torchrun`` (an initialised torch.distributed group) the student is
+wrapped in DistributedDataParallel and every global batch is split across the
+ranks; each rank asks its source only for its own samples (its part of the
+cache, or its own stream to the server pool), and each rank's loss is weighted
+by its share of the batch, so the update equals a single process's with the
+same global batch. Only rank 0 writes the run directory.
 """
 
 from __future__ import annotations
@@ -86,6 +93,24 @@ def _batches(train: Dataset, subset: torch.Tensor, config: TrainConfig, gen: tor
 METRICS = ("epoch", "train_loss", "test_acc", "seconds", "samples_per_s", "source_wait_s")
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _my_part(batch: Batch, rank: int, size: int) -> Batch:
+    """This rank's contiguous slice of a global batch (the last slices may be smaller)."""
+    n = len(batch.indices)
+    per = -(-n // size)
+    sl = slice(min(rank * per, n), min((rank + 1) * per, n))
+    views = None if batch.views is None else batch.views[sl]
+    return Batch(batch.indices[sl], batch.inputs[sl], batch.labels[sl], views, n)
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -126,12 +151,20 @@ def train_student(
         raise ValueError(f"source has {source.num_classes} classes, dataset {train.dataset_id} has {train.num_classes}")
     dev = torch.device(config.device)
     student.to(dev)
+    rank, size = world()
+    model: nn.Module = student
+    if size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(student, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
     opt = torch.optim.Adam(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
     subset = torch.arange(len(train)) if subset is None else subset
     history: list[dict] = []
     start = 0
     ckpt_path = None
+    if run_dir is not None and rank != 0:
+        run_dir = None if not resume else run_dir  # only rank 0 writes; every rank may resume
     if run_dir is not None:
         run = Path(run_dir)
         run.mkdir(parents=True, exist_ok=True)
@@ -155,13 +188,17 @@ def train_student(
             torch.set_rng_state(ckpt["torch_rng"])
             history = list(ckpt["history"])
             start = int(ckpt["epoch"]) + 1
-        else:
+        elif rank == 0:
             (run / "config.json").write_text(json.dumps(effective, indent=2))
-    bar = _progress(progress, config.epochs, start)
+    if rank != 0:
+        ckpt_path = None
+    bar = _progress(progress and rank == 0, config.epochs, start)
     t0 = time.perf_counter()
     for epoch in range(start, config.epochs):
         student.train()
         batches = _batches(train, subset, config, gen)
+        if size > 1:
+            batches = (_my_part(b, rank, size) for b in batches)
         pairs = (
             source.iter_targets(batches)
             if (source is not None and method.needs_teacher)
@@ -173,16 +210,28 @@ def train_student(
         while True:
             t_wait = time.perf_counter()
             try:
-                (idx, x, y, _), teacher_logits = next(it)
+                batch, teacher_logits = next(it)
             except StopIteration:
                 break
+            idx, x, y = batch.indices, batch.inputs, batch.labels
             wait += time.perf_counter() - t_wait
             x, y = x.to(dev), y.to(dev)
             if teacher_logits is not None:
                 teacher_logits = teacher_logits.to(dev)
-            loss = method(student(x), teacher_logits, y, epoch=epoch, epochs=config.epochs, **config.method_options)
+            loss = (
+                method(model(x), teacher_logits, y, epoch=epoch, epochs=config.epochs, **config.method_options)
+                if len(idx)
+                else torch.zeros((), device=dev)
+            )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages gradients over ranks: weight this rank's mean by its share of the
+            # global batch, so the update is the global batch's mean whatever the split.
+            if size == 1:
+                loss.backward()
+            elif len(idx):
+                (loss * (len(idx) * size / batch.global_size)).backward()
+            else:  # a rank with no samples in a short last batch still joins the all-reduce
+                (model(x).sum() * 0.0).backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
             n += len(idx)

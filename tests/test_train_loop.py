@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,36 @@ def test_train_options_from_a_config_file(tmp_path: Path, teacher_spec: str) -> 
     bad = subprocess.run([sys.executable, "-m", "kd", "train", "--config", str(yaml_cfg)],
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode != 0 and "unknown option(s) ['batchsize']" in bad.stderr
+
+
+def test_torchrun_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path: Path, teacher_spec: str) -> None:
+    cache = tmp_path / "c"
+    pre = subprocess.run([sys.executable, "-m", "kd", "precompute", "--source", f"local:{teacher_spec}",
+                          "--out", str(cache)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert pre.returncode == 0, pre.stderr
+    # 101 samples in batches of 32: the last global batch (5) splits 3 + 2 across the ranks.
+    args = ["train", "--source", f"cache:{cache}", "--method", "kd", "--epochs", "3", "--batch-size", "32",
+            "--subset", "101"]  # fmt: skip
+    single = subprocess.run([sys.executable, "-m", "kd", *args, "--out", str(tmp_path / "one.safetensors")],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kd", *args,
+         "--out", str(tmp_path / "two.safetensors")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert json.loads(ddp.stdout.strip().splitlines()[-1])["world_size"] == 2
+    assert json.loads(single.stdout.strip().splitlines()[-1])["world_size"] == 1
+    from safetensors.torch import load_file
+
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    # The updates did move the weights: the comparison is not between two initialisations.
+    from kd.models import digits_student
+
+    seed_everything(0)
+    init = digits_student().state_dict()
+    assert any(not torch.allclose(init[k], one[k]) for k in one)
