@@ -600,6 +600,44 @@ def bench_methods(
 
 
 @app.command()
+def chain(
+    mode: str = typer.Option("takd", help="takd (teacher -> assistant(s) -> student) or born-again (N generations)."),
+    teacher: str | None = typer.Option(
+        None, help="module:factory@WEIGHTS of a trained teacher; left out, one is trained as in `kd demo`."
+    ),
+    model: list[str] = typer.Option(
+        [], "--model", "-m", help="module:factory of each successive model, in order. Repeatable."
+    ),
+    epochs: int = typer.Option(300, help="Epochs of each stage."),
+    seeds: int = typer.Option(1, help="Seeds: the whole chain is run once per seed."),
+    labeled: int = typer.Option(100, help="Labelled training samples each stage sees."),
+    temperature: float = typer.Option(4.0, "--temperature", "-T", help="KD temperature."),
+    alpha: float = typer.Option(0.9, help="KD weight of the soft term."),
+    teacher_factory: str = typer.Option("kd.models:digits_teacher", help="Architecture of a teacher trained here."),
+    teacher_epochs: int = typer.Option(40, help="Epochs of a teacher trained here."),
+    tolerant_gamma: float = typer.Option(0.0, help="Tolerant-teacher weight (Yang et al. 2018), teacher trained here."),
+    tolerant_k: int = typer.Option(5, help="K of the tolerant-teacher term (top-1 vs the next K-1 logits)."),
+    direct: bool = typer.Option(True, help="takd: also train the last model straight from the teacher."),
+    serve: bool = typer.Option(True, help="Serve each stage with `kd serve` (--no-serve: in process)."),
+    out: Path = typer.Option(Path("chain-out"), help="Where stage-<i>.safetensors, server logs and chain.json go."),
+) -> None:
+    """Distillation chains: TAKD (teacher -> assistant -> student) or born-again generations, each served in turn."""
+    from kd.chain import MODES, run_chain
+
+    if mode not in MODES:
+        _fail(f"--mode must be one of {', '.join(MODES)}")
+    if min(epochs, seeds, labeled, teacher_epochs, tolerant_k - 1) < 1 or temperature <= 0:
+        _fail("--epochs, --seeds, --labeled, --teacher-epochs must be >= 1, --tolerant-k >= 2, -T > 0")
+    try:
+        run_chain(out, mode=mode, teacher=teacher, models=model or None, epochs=epochs, seeds=seeds,
+                  labeled=labeled, temperature=temperature, alpha=alpha, teacher_factory=teacher_factory,
+                  teacher_epochs=teacher_epochs, tolerant_gamma=tolerant_gamma, tolerant_k=tolerant_k,
+                  direct=direct, serve=serve)  # fmt: skip
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e), 1)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="Where teacher, cache, results.json and curves.png go."),
     seeds: int = typer.Option(3, help="Student seeds per setting."),

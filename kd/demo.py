@@ -43,37 +43,27 @@ LABELS = {
 }
 
 
-def _start_server(weights: Path, out: Path) -> tuple[subprocess.Popen, int]:
-    port_file = out / "server.port"
+def start_server_process(spec: str, out: Path, *, name: str = "digits", log_name: str = "server.log"):
+    """``kd serve --teacher NAME=SPEC`` as a subprocess on a free loopback port -> (process, port)."""
+    port_file = out / f"{log_name}.port"
     port_file.unlink(missing_ok=True)
-    log = open(out / "server.log", "w")  # noqa: SIM115 - lives as long as the server
-    cmd = [
-        sys.executable,
-        "-m",
-        "kd",
-        "serve",
-        "--teacher",
-        f"digits=kd.models:digits_teacher@{weights}",
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        "--max-queue-delay-us",
-        "500",
-    ]
+    log = open(out / log_name, "w")  # noqa: SIM115 - lives as long as the server
+    cmd = [sys.executable, "-m", "kd", "serve", "--teacher", f"{name}={spec}", "--port", "0",
+           "--port-file", str(port_file), "--max-queue-delay-us", "500"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120
-    while not port_file.exists():
+    while not port_file.exists():  # written atomically by kd serve once it listens
         if proc.poll() is not None:
-            raise RuntimeError(f"kd serve exited with {proc.returncode}; see {out / 'server.log'}")
+            raise RuntimeError(f"kd serve exited with {proc.returncode}; see {out / log_name}")
         if time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"kd serve did not start within 120 s; see {out / 'server.log'}")
+            raise RuntimeError(f"kd serve did not start within 120 s; see {out / log_name}")
         time.sleep(0.05)
     return proc, int(port_file.read_text())
 
 
-def _stop_server(proc: subprocess.Popen) -> int:
+def stop_server_process(proc: subprocess.Popen) -> int:
+    """SIGTERM (the server drains), then the exit code."""
     proc.send_signal(signal.SIGTERM)
     try:
         return proc.wait(timeout=60)
@@ -132,7 +122,7 @@ def run_demo(out: Path, *, seeds: int = 3, epochs: int = 300, labeled: int = 100
     console.print(f"teacher: test acc {res.test_acc:.4f}, fingerprint {fingerprint[:16]}", highlight=False)
 
     # 2. the server, as its own process
-    proc, port = _start_server(weights, out)
+    proc, port = start_server_process(f"kd.models:digits_teacher@{weights}", out)
     address = f"127.0.0.1:{port}"
     console.print(f"kd serve running (pid {proc.pid}) on {address}", highlight=False)
     cache_dir = out / "cache"
@@ -177,7 +167,7 @@ def run_demo(out: Path, *, seeds: int = 3, epochs: int = 300, labeled: int = 100
         server_stats = server.client.list_teachers()[0]
         server.close()
     finally:
-        rc = _stop_server(proc)
+        rc = stop_server_process(proc)
     if rc != 0:
         raise RuntimeError(f"kd serve exited with {rc} after SIGTERM; see {out / 'server.log'}")
 
