@@ -124,6 +124,28 @@ def _write_metrics(run_dir: Path, history: list[dict]) -> None:
         w.writerows(history)
 
 
+def same_class_partners(indices: torch.Tensor, labels: torch.Tensor, subset: torch.Tensor,
+                        gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """For each sample, another sample of the same class from ``subset`` (itself only when
+    its class has a single member), drawn with ``gen`` (CS-KD's pair sampler)."""
+    subset_labels = labels[subset]
+    out = torch.empty_like(indices)
+    for k, i in enumerate(indices.tolist()):
+        same = subset[subset_labels == labels[i]]
+        others = same[same != i]
+        pool = others if len(others) else same
+        out[k] = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+    return out
+
+
+def _with_partners(batch: Batch, train: Dataset, subset: torch.Tensor, gen: torch.Generator) -> Batch:
+    if batch.views is not None:
+        raise ValueError("pairs of samples (cskd) do not combine with augmented views yet")
+    partners = same_class_partners(batch.indices, train.labels, subset, gen)
+    idx = torch.cat([batch.indices, partners])
+    return Batch(idx, train.inputs[idx], train.labels[idx])
+
+
 def train_student(
     student: nn.Module,
     train: Dataset,
@@ -197,6 +219,9 @@ def train_student(
     for epoch in range(start, config.epochs):
         student.train()
         batches = _batches(train, subset, config, gen)
+        if method.pairs:
+            # A list: all of the epoch's draws from ``gen`` happen in a fixed order.
+            batches = iter([_with_partners(b, train, subset, gen) for b in batches])
         if size > 1:
             batches = (_my_part(b, rank, size) for b in batches)
         pairs = (

@@ -29,6 +29,9 @@ class Method:
     needs_teacher: bool = True
     # Works on kd.targets.SparseTargets (topk/sample caches) without densifying.
     accepts_sparse: bool = False
+    # The loop doubles each batch with a same-class partner per sample (CS-KD):
+    # the loss gets the student's logits for [x; x'] and labels for both halves.
+    pairs: bool = False
 
     @property
     def defaults(self) -> dict[str, object]:
@@ -78,12 +81,12 @@ METHODS: dict[str, Method] = {}
 
 
 def register(
-    name: str, paper: str, *, needs_teacher: bool = True, accepts_sparse: bool = False
+    name: str, paper: str, *, needs_teacher: bool = True, accepts_sparse: bool = False, pairs: bool = False
 ) -> Callable[[LossFn], LossFn]:
     def deco(fn: LossFn) -> LossFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = Method(name, fn, paper, needs_teacher, accepts_sparse)
+        METHODS[name] = Method(name, fn, paper, needs_teacher, accepts_sparse, pairs)
         return fn
 
     return deco
