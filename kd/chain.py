@@ -54,7 +54,7 @@ from kd.demo import start_server_process, stop_server_process
 from kd.models import MLP
 from student_trainer.sources import LocalSource, ServerSource, SoftTargetSource
 from student_trainer.train import TrainConfig, accuracy, seed_everything, train_student
-from teacher_server.loading import _import_factory, load_teacher
+from teacher_server.loading import _import_factory, load_teacher, save_weights
 
 console = Console(stderr=True)
 MODES = ("takd", "born-again")
@@ -63,12 +63,6 @@ MODES = ("takd", "born-again")
 def digits_assistant() -> nn.Module:
     """A teacher assistant for the digits chain, 64-64-10 (~4.8k parameters)."""
     return MLP([64, 64, 10])
-
-
-def _save(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
 def _params(model: nn.Module) -> int:
@@ -179,7 +173,7 @@ def run_chain(
         model0 = _import_factory(teacher_factory)()
         acc0, secs0 = _train_teacher(model0, train, test, epochs=teacher_epochs, gamma=tolerant_gamma, k=tolerant_k)
         weights0 = out / "stage-0.safetensors"
-        _save(model0, weights0)
+        save_weights(model0, weights0)
         teacher = f"{teacher_factory}@{weights0}"
     else:
         t0 = time.perf_counter()
@@ -216,7 +210,7 @@ def run_chain(
             if serve and rc != 0:
                 raise RuntimeError(f"kd serve exited with {rc} after SIGTERM (stage {i}, seed {seed})")
             weights = out / f"{prefix}stage-{i}.safetensors"
-            _save(student, weights)
+            save_weights(student, weights)
             prev_spec = f"{factory}@{weights}"
             trained.append(student)
             stages.append({"stage": i, "model": factory, "spec": prev_spec, "test_acc": accuracy(student, test),

@@ -361,10 +361,10 @@ def train(
     if rank != 0:
         return
     if out is not None:
-        from safetensors.torch import save_file
+        from teacher_server.loading import save_weights
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out))
+        save_weights(model, out)
     print(
         json.dumps(
             {

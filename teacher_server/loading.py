@@ -124,6 +124,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def save_weights(model: nn.Module, path: str | Path) -> Path:
+    """Write a model's state_dict as safetensors (what ``read_state_dict`` and SPECs load)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
 def fingerprint(model: nn.Module) -> str:
     """sha256 over the architecture (module repr) and every parameter and buffer."""
     h = hashlib.sha256()

@@ -67,7 +67,8 @@ from cache import CacheMeta, CacheReader, CacheWriter
 from cache.codecs import SampleCodec, bytes_per_sample, get_codec
 from cache.store import record_key
 from kd.data import Dataset, load_dataset
-from kd.models import MLP, digits_student, digits_teacher
+from kd.demo import train_digits_teacher
+from kd.models import MLP, digits_student
 from kd.precompute import precompute
 from kd.targets import SparseTargets, sparse_kl
 from student_trainer.losses import get_method
@@ -501,18 +502,12 @@ def _acc(accs: list[float], ref: list[float] | None = None) -> dict[str, Any]:
 
 
 def digits_part(s: CacheBenchSettings, root: Path) -> dict[str, Any]:
-    from safetensors.torch import save_file
 
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
-    seed_everything(0)
-    teacher_model = digits_teacher()
-    teacher_res = train_student(teacher_model, train, test,
-                                TrainConfig(method="ce", epochs=s.teacher_epochs, lr=1e-3, batch_size=64))  # fmt: skip
-    weights = root / "digits-teacher.safetensors"
-    save_file({k: v.contiguous() for k, v in teacher_model.state_dict().items()}, str(weights))
-    teacher = load_teacher("digits", f"kd.models:digits_teacher@{weights}")
+    teacher, teacher_acc = train_digits_teacher(train, test, root / "digits-teacher.safetensors",
+                                                epochs=s.teacher_epochs)  # fmt: skip
     local = LocalSource(teacher)
-    console.print(f"  digits teacher: test acc {teacher_res.test_acc:.4f}", highlight=False)
+    console.print(f"  digits teacher: test acc {teacher_acc:.4f}", highlight=False)
 
     caches: dict[str, Path] = {}
     precompute_s: dict[str, float] = {}
@@ -581,7 +576,7 @@ def digits_part(s: CacheBenchSettings, root: Path) -> dict[str, Any]:
         temperature=s.temperature,
     )
     return {
-        "teacher_acc": teacher_res.test_acc,
+        "teacher_acc": teacher_acc,
         "ce": _acc(ce),
         "codecs": {c: _acc(a, None if c == "fp32" else fp32) for c, a in per_codec.items()},
         "views": views,

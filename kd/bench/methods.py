@@ -41,12 +41,13 @@ from rich.console import Console
 from rich.table import Table
 
 from kd.data import Dataset, load_dataset
-from kd.models import digits_student, digits_teacher
+from kd.demo import train_digits_teacher
+from kd.models import digits_student
 from kd.precompute import precompute
 from student_trainer.losses import METHODS, get_method
 from student_trainer.sources import CacheSource, LocalSource, SoftTargetSource
 from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.loading import load_teacher
+from teacher_server.loading import load_teacher, save_weights
 
 console = Console(stderr=True)
 
@@ -80,8 +81,6 @@ class MethodsBenchSettings:
     epochs: int = 300  # student epochs on the labelled subset
     labeled: int = 100
     teacher_epochs: int = 40
-    teacher_lr: float = 1e-3
-    teacher_batch_size: int = 64
     threads: int = 2  # torch threads (the demo's min(2, default)); 0: torch's default
     methods: tuple[str, ...] = ()  # empty: every registered method
 
@@ -115,7 +114,6 @@ def _subset(train: Dataset, s: MethodsBenchSettings, seed: int) -> torch.Tensor:
 
 
 def run_bench(s: MethodsBenchSettings) -> dict[str, Any]:
-    from safetensors.torch import save_file
 
     t_start = time.perf_counter()
     if s.threads:
@@ -125,15 +123,9 @@ def run_bench(s: MethodsBenchSettings) -> dict[str, Any]:
     results: dict[str, Any] = {"methods": {}}
     with tempfile.TemporaryDirectory(prefix="kd-bench-methods-") as tmp:
         root = Path(tmp)
-        seed_everything(0)
-        teacher_model = digits_teacher()
-        teacher_cfg = TrainConfig(method="ce", epochs=s.teacher_epochs, lr=s.teacher_lr,
-                                  batch_size=s.teacher_batch_size)  # fmt: skip
-        teacher_res = train_student(teacher_model, train, test, teacher_cfg)
-        weights = root / "digits-teacher.safetensors"
-        save_file({k: v.contiguous() for k, v in teacher_model.state_dict().items()}, str(weights))
-        teacher = load_teacher("digits", f"kd.models:digits_teacher@{weights}")
-        console.print(f"digits teacher: test acc {teacher_res.test_acc:.4f} ({s.teacher_epochs} epochs)",
+        teacher, teacher_acc = train_digits_teacher(train, test, root / "digits-teacher.safetensors",
+                                                    epochs=s.teacher_epochs)  # fmt: skip
+        console.print(f"digits teacher: test acc {teacher_acc:.4f} ({s.teacher_epochs} epochs)",
                       highlight=False)  # fmt: skip
         rep = precompute(train, LocalSource(teacher), root / "cache-fp32", codec="fp32", progress=False)
         cache = CacheSource(str(rep.path), teacher_fingerprint=teacher.fingerprint, dataset_id=train.dataset_id)
@@ -178,8 +170,7 @@ def run_bench(s: MethodsBenchSettings) -> dict[str, Any]:
                     row["seconds_per_seed"].append(round(r.seconds, 3))
                     if name == "ce":
                         ce_students[seed] = root / f"ce-student-{seed}.safetensors"
-                        save_file({k: v.contiguous() for k, v in student.state_dict().items()},
-                                  str(ce_students[seed]))  # fmt: skip
+                        save_weights(student, ce_students[seed])
                         self_teacher_acc.append(r.test_acc)
             except Exception as e:  # noqa: BLE001 - recorded: the bench goes on with the other methods
                 if name in BASELINES:
@@ -206,7 +197,7 @@ def run_bench(s: MethodsBenchSettings) -> dict[str, Any]:
     results.update(
         ce={k: ms["ce"][k] for k in ("acc_mean", "acc_std", "acc_per_seed", "seconds")},
         kd={k: ms["kd"][k] for k in ("acc_mean", "acc_std", "acc_per_seed", "seconds", "options")},
-        teacher_acc=teacher_res.test_acc,
+        teacher_acc=teacher_acc,
         settings={
             **asdict(s),
             "methods": names,
@@ -214,7 +205,7 @@ def run_bench(s: MethodsBenchSettings) -> dict[str, Any]:
             "student": "kd.models:digits_student",
             "teacher": "kd.models:digits_teacher",
             "student_params": sum(p.numel() for p in digits_student().parameters()),
-            "teacher_params": sum(p.numel() for p in teacher_model.parameters()),
+            "teacher_params": sum(p.numel() for p in teacher.model.parameters()),
             "student_lr": TrainConfig.lr,
             "student_batch_size": TrainConfig.batch_size,
             "cache_codec": "fp32",
