@@ -191,7 +191,11 @@ def precompute(
     by_reference: str | None = typer.Option(None, help="Send keys, not pixels: the dataset name on the server."),
     batch_size: int = typer.Option(256),
     commit_every: int = typer.Option(4096, help="Records per LMDB transaction (a kill loses at most these)."),
-    feature: list[str] = typer.Option([], help="Also store this teacher layer's output (fp16). Repeatable."),
+    feature: list[str] = typer.Option(
+        [],
+        help="Also store this teacher layer's output (fp16), or a statistic of it: LAYER@at, LAYER@fsp:OTHER, "
+        "LAYER@nst, LAYER@adain, LAYER@pool (kd/reductions.py). Repeatable.",
+    ),
     pool_features: bool = typer.Option(False, help="Store features globally average-pooled."),
     device: str = typer.Option("cpu", help="Device for a local: teacher."),
 ) -> None:
@@ -262,6 +266,9 @@ def train(
     combiner_opt: list[str] = typer.Option([], help="Combiner option key=value (e.g. weights=[1,2]). Repeatable."),
     method: str = typer.Option("kd", help="A method from `kd methods`."),
     opt: list[str] = typer.Option([], "--opt", help="Method option key=value, e.g. --opt temperature=4. Repeatable."),
+    match: list[str] = typer.Option(
+        [], help="Feature methods: STUDENT_LAYER=TEACHER_LAYER (module paths; 'logits' = the output). Repeatable."
+    ),
     dataset: str = typer.Option("digits", help="Training dataset; evaluated on its test split."),
     student: str = typer.Option("kd.models:digits_student", help="module:factory of the student."),
     subset: int = typer.Option(0, help="Train on the first N samples of a seeded permutation (0 = all)."),
@@ -347,6 +354,7 @@ def train(
             seed=seed,
             device=device,
             views=views,
+            matches=list(match),
         )
         result = train_student(model, train_data, test_data, config, source=src, subset=sub, run_dir=run_dir,
                                resume=resume, progress=progress)  # fmt: skip
@@ -365,6 +373,8 @@ def train(
 
         out.parent.mkdir(parents=True, exist_ok=True)
         save_weights(model, out)
+        if result.connectors is not None:  # a feature method's trained connectors, beside the student
+            save_weights(result.connectors, out.with_suffix(".connectors.safetensors"))
     print(
         json.dumps(
             {
@@ -412,9 +422,13 @@ def methods() -> None:
     """List the KD methods with their papers and default options."""
     from student_trainer.losses import METHODS
 
-    table = Table("method", "paper", "defaults")
+    table = Table("method", "kind", "paper", "defaults")
     for name, m in sorted(METHODS.items()):
-        table.add_row(name, m.paper, ", ".join(f"{k}={v}" for k, v in m.defaults.items()))
+        kind = getattr(m, "kind", "logit")
+        defaults = m.own_defaults if kind == "feature" else m.defaults
+        if kind == "feature" and m.reduce:
+            kind = f"feature (@{m.reduce})"
+        table.add_row(name, kind, m.paper, ", ".join(f"{k}={v}" for k, v in defaults.items()))
     Console().print(table)
 
 
@@ -650,3 +664,99 @@ def demo(
 
     results = run_demo(out, seeds=seeds, epochs=epochs, labeled=labeled, teacher_epochs=teacher_epochs)
     sys.exit(0 if results else 1)
+
+
+@app.command()
+def qkd(
+    teacher: str | None = typer.Option(
+        None,
+        help="module:factory@WEIGHTS (or local:SPEC) of a trained teacher, co-studied in process; "
+        "cache:PATH or server:HOST:PORT[/NAME] can only tutor (add --skip-co-studying). "
+        "Left out, a digits teacher is trained here as in `kd demo`.",
+    ),
+    student: str = typer.Option("kd.models:digits_student", help="module:factory of the (float) student."),
+    dataset: str = typer.Option("digits", help="Training dataset; evaluated on its test split."),
+    epochs_self: int = typer.Option(6, help="Self-studying epochs: the quantized student alone, cross-entropy."),
+    epochs_co: int = typer.Option(20, help="Co-studying epochs: teacher and student learn from each other."),
+    epochs_tutor: int = typer.Option(14, help="Tutoring epochs: frozen teacher, student with CE + KD."),
+    teacher_epochs: int = typer.Option(40, help="Epochs of a teacher trained here (no --teacher)."),
+    lr: float = typer.Option(3e-3, help="Student learning rate (Adam)."),
+    teacher_lr: float = typer.Option(1e-4, help="Teacher learning rate in co-studying (Adam)."),
+    temperature: float = typer.Option(2.0, "--temperature", "-T", help="KD temperature."),
+    alpha: float = typer.Option(0.5, help="KD weight of the student's loss."),
+    teacher_alpha: float = typer.Option(0.5, help="KD weight of the teacher's co-studying loss."),
+    batch_size: int = typer.Option(32),
+    seed: int = typer.Option(0),
+    backend: str = typer.Option("auto", help="Quantized CPU backend: auto, fbgemm, x86 or qnnpack."),
+    skip_co_studying: bool = typer.Option(
+        False, "--skip-co-studying", help="Skip co-studying when the teacher cannot be trained here (cache/server)."
+    ),
+    out: Path = typer.Option(Path("qkd-out"), help="Where the int8 student, teacher weights and results.json go."),
+) -> None:
+    """QKD (Kim et al. 2019): a quantization-aware student trained in three phases, converted to int8."""
+    import torch
+
+    from kd.data import load_dataset, parse_dataset
+    from student_trainer.qkd import QKDConfig, quiet_quantization_warnings, train_qkd
+    from student_trainer.sources import parse_source
+    from student_trainer.train import seed_everything
+    from teacher_server.loading import TeacherLoadError, TeacherSpec, build_model, load_teacher, save_weights
+
+    config = QKDConfig(epochs_self=epochs_self, epochs_co=epochs_co, epochs_tutor=epochs_tutor, lr=lr,
+                       teacher_lr=teacher_lr, temperature=temperature, alpha=alpha, teacher_alpha=teacher_alpha,
+                       batch_size=batch_size, seed=seed, backend=backend,
+                       untrainable_teacher="skip" if skip_co_studying else "error")  # fmt: skip
+    try:
+        config.validate()
+        train_data = parse_dataset(dataset)
+        test_data = load_dataset(train_data.name, "test")
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    if teacher is None and (train_data.name != "digits" or teacher_epochs < 1):
+        _fail("without --teacher a digits teacher is trained here: --dataset digits, --teacher-epochs >= 1")
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_info: dict[str, object] = {"spec": teacher}
+    src = None
+    try:
+        if teacher is None:
+            from kd.demo import train_digits_teacher
+
+            weights = out / "teacher.safetensors"
+            loaded, acc = train_digits_teacher(train_data, test_data, weights, epochs=teacher_epochs)
+            teacher_obj: object = loaded
+            teacher_info = {"spec": loaded.spec, "trained_here": True, "test_acc": acc}
+        elif teacher.startswith(("cache:", "server:")):
+            kwargs = {"dataset_id": train_data.dataset_id} if teacher.startswith("cache:") else {}
+            teacher_obj = src = parse_source(teacher, **kwargs)
+        else:
+            teacher_obj = load_teacher("qkd", teacher.removeprefix("local:"))
+        seed_everything(seed)
+        model = build_model(TeacherSpec.parse(student))
+        result = train_qkd(model, teacher_obj, train_data, test_data, config)
+    except TeacherLoadError as e:
+        _fail(str(e))
+    except (ValueError, RuntimeError, TypeError) as e:
+        _fail(f"{type(e).__name__}: {e}")
+    finally:
+        if src is not None:
+            src.close()
+    with quiet_quantization_warnings():
+        torch.save(result.int8_model.state_dict(), out / "student-int8.state_dict.pt")
+        torch.jit.save(torch.jit.script(result.int8_model), str(out / "student-int8.torchscript.pt"))
+    if result.teacher is not None and "co_studying" not in result.skipped and config.epochs_co > 0:
+        save_weights(result.teacher, out / "teacher-co-studied.safetensors")
+    summary = {**result.summary(), "teacher": teacher_info, "student": student, "dataset": train_data.dataset_id}
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    table = Table(title="QKD")
+    table.add_column("model")
+    table.add_column("test acc", justify="right")
+    table.add_column("state_dict bytes", justify="right")
+    if result.teacher_acc_before is not None:
+        table.add_row("teacher (before QKD)", f"{result.teacher_acc_before:.4f}", "")
+        table.add_row("teacher (after QKD)", f"{result.teacher_acc_after:.4f}", "")
+    table.add_row("student, fake-quant (QAT, float)", f"{result.float_acc:.4f}", str(result.float_state_bytes))
+    table.add_row(f"student, int8 ({result.backend})", f"{result.int8_acc:.4f}", str(result.int8_state_bytes))
+    console.print(table)
+    print(json.dumps({"float_acc": result.float_acc, "int8_acc": result.int8_acc, "agreement": result.agreement,
+                      "teacher_acc_before": result.teacher_acc_before, "teacher_acc_after": result.teacher_acc_after,
+                      "skipped": result.skipped, "out": str(out)}))  # fmt: skip

@@ -57,6 +57,11 @@ def digits_cnn() -> nn.Module:
     return DigitsCNN()
 
 
+def digits_cnn_student() -> nn.Module:
+    """The feature-distillation student: DigitsCNN at width 8 (layer1 [8, 8, 8], layer2 [16, 8, 8])."""
+    return DigitsCNN(width=8)
+
+
 def bench_teacher() -> nn.Module:
     """A large MLP for ``kd bench serve``, 512-2048-2048-1000 (~7.3M parameters): one forward
     of a batch of 64 takes several ms on a CPU. Seeded, so every process builds the same weights

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cache import CacheMeta, CacheWriter
 from cache.codecs import bytes_per_sample
 from cache.sharded import shard_dir
+from kd import reductions
 from kd.data import Dataset, view_seeds
 from student_trainer.sources import Batch, SoftTargetSource, prefetched
 
@@ -59,6 +60,12 @@ def precompute(
     """``features`` (teacher layer names) are stored beside the targets, fp16, optionally pooled."""
     t0 = time.perf_counter()
     features = sorted(features or [])
+    batchwise = [name for name in features if not reductions.parse(name).per_sample]
+    if batchwise:
+        raise ValueError(
+            f"feature(s) {batchwise} relate the samples of a batch to each other and cannot be cached per sample; "
+            "cache the full (or pooled) map and let the trainer compute them"
+        )
     shapes: dict[str, list[int]] = {}
     if features:  # one probe sample tells the stored shape of every requested layer
         probe = Batch(torch.tensor([0]), dataset.inputs[:1], dataset.labels[:1])

@@ -19,6 +19,7 @@ Targets are dense float32 logits [B, C] or ``kd.targets.SparseTargets``.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -28,12 +29,12 @@ import torch
 
 from cache import CacheMeta, CacheWriter
 from cache.sharded import open_cache
+from kd import reductions
 from kd.data import Dataset, view_seeds
 from kd.targets import Targets
 from teacher_server.client import DatasetRef, TeacherClient
 from teacher_server.loading import Teacher, load_teacher
 from teacher_server.runner import ModelRunner
-from teacher_server.service import pool as pool_feature
 
 
 def prefetched(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
@@ -149,6 +150,46 @@ class CacheSource(SoftTargetSource):
             return prefetched(super().iter_targets(batches), depth=self.prefetch)
         return super().iter_targets(batches)
 
+    def iter_outputs(
+        self, batches: Iterable[Batch | tuple], features: list[str], pool: bool = False
+    ) -> Iterator[tuple[Batch, Targets, dict[str, torch.Tensor]]]:
+        """Targets plus stored teacher features. A reduced feature (``layer@at``) is read
+        as stored, or computed here from the stored full map of its layer."""
+        plan = self._feature_plan(features, pool)
+
+        def read() -> Iterator[tuple[Batch, Targets, dict[str, torch.Tensor]]]:
+            for b in batches:
+                b = Batch(*b)
+                stored = self.reader.features(b.indices, b.views) if features else {}
+                feats = {name: stored[name] if direct else reductions.reduce(name, stored) for name, direct in plan}
+                yield b, self.reader.targets(b.indices, b.views), feats
+
+        return prefetched(read(), depth=self.prefetch) if self.prefetch else read()
+
+    def _feature_plan(self, features: list[str], pool: bool) -> list[tuple[str, bool]]:
+        stored = self.reader.meta.features
+        pooled = self.reader.meta.features_pooled
+        plan = []
+        for name in features:
+            f = reductions.parse(name)
+            if name in stored and (pool or f.reduction is not None or not pooled):
+                plan.append((name, True))
+                continue
+            if not f.per_sample:
+                raise ValueError(
+                    f"feature {name!r} relates the samples of a batch to each other and cannot be read from a "
+                    f"cache; ask for {f.layer!r} (the cache computes nothing) or use a server/local source"
+                )
+            missing = [layer for layer in f.layers if layer not in stored]
+            if missing or (pooled and f.reduction not in (None, "pool")):
+                raise ValueError(
+                    f"cache {self.name!r} does not store teacher feature {name!r}"
+                    + (f" (its layers {missing} are not stored)" if missing else " (its maps are stored pooled)")
+                    + f"; stored: {sorted(stored) or 'none'}{' (pooled)' if pooled else ''}"
+                )
+            plan.append((name, False))
+        return plan
+
 
 class ServerSource(SoftTargetSource):
     name = "server"
@@ -168,12 +209,17 @@ class ServerSource(SoftTargetSource):
         self.teacher = self.teacher_name = desc.name
         self.fingerprint = desc.fingerprint
         self.num_classes = desc.num_classes
+        self.input_shape = tuple(desc.input_shape)
         self.depth = depth
         self.dataset = dataset  # a dataset registered on the server: send keys, not pixels
         self.num_views = num_views
 
     def _payload(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None):
         if self.dataset is None:
+            if tuple(inputs.shape[1:]) != self.input_shape and inputs[0].numel() == math.prod(self.input_shape):
+                # The same samples in the teacher's declared layout (flat digits for a CNN
+                # teacher): a view, as an in-process teacher's own reshape would do.
+                return inputs.reshape(len(inputs), *self.input_shape)
             return inputs
         seeds = view_seeds(indices, views, self.num_views)
         return DatasetRef(self.dataset, indices.tolist(), None if seeds is None else seeds.tolist())
@@ -218,14 +264,19 @@ class LocalSource(SoftTargetSource):
     def iter_outputs(
         self, batches: Iterable[Batch | tuple], features: list[str], pool: bool = False
     ) -> Iterator[tuple[Batch, torch.Tensor, dict[str, torch.Tensor]]]:
-        unknown = [f for f in features if f not in self.teacher.layers]
+        layers = reductions.layers_needed(features)
+        unknown = [f for f in layers if f not in self.teacher.layers]
         if unknown:
             raise ValueError(f"unknown layer(s) {unknown} of teacher {self.teacher.name!r}")
         for b in batches:
             b = Batch(*b)
-            out = self.runner.to_host(self.runner.forward(self.runner.prepare(b.inputs), frozenset(features)))
-            feats = {name: out[f"feature/{name}"].float() for name in features}
-            yield b, out["logits"], {k: pool_feature(v) for k, v in feats.items()} if pool else feats
+            out = self.runner.to_host(self.runner.forward(self.runner.prepare(b.inputs), frozenset(layers)))
+            maps = {name: out[f"feature/{name}"] for name in layers}
+            feats = {}
+            for name in features:
+                f = reductions.reduce(name, maps)
+                feats[name] = reductions.pool(f) if pool and reductions.parse(name).reduction is None else f
+            yield b, out["logits"], feats
 
 
 class ReadThroughSource(SoftTargetSource):

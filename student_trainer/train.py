@@ -31,8 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kd import reductions
 from kd.data import Dataset, view_seeds
-from student_trainer.losses import get_method
+from student_trainer.features import LOGITS, Distilled, Match, feature_name, make_connector, probe_student_shapes
+from student_trainer.losses import FeatureMethod, get_method
 from student_trainer.sources import Batch, SoftTargetSource
 
 
@@ -49,6 +51,9 @@ class TrainConfig:
     # > 1: each step replays, per sample, one of `views` seeded augmented views
     # (kd.data.Dataset.views); a cache must hold the same views.
     views: int = 1
+    # Feature methods: student layer(s) = teacher layer(s), e.g. "layer2=layer2"
+    # (student_trainer.features.Match); empty: the method's default matches.
+    matches: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -57,6 +62,8 @@ class TrainResult:
     acc_per_epoch: list[float]
     loss_per_epoch: list[float]
     seconds: float
+    # Feature methods: the trained connectors (one per match), saved beside the student.
+    connectors: nn.Module | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -172,16 +179,22 @@ def train_student(
     if source is not None and source.num_classes != train.num_classes:
         raise ValueError(f"source has {source.num_classes} classes, dataset {train.dataset_id} has {train.num_classes}")
     dev = torch.device(config.device)
-    student.to(dev)
+    subset = torch.arange(len(train)) if subset is None else subset
+    plan = None
+    if isinstance(method, FeatureMethod):
+        plan = _FeaturePlan(method, config, student, train, subset, source)
+    elif config.matches:
+        raise ValueError(f"method {config.method!r} works on logits; --match is for feature methods")
+    trained: nn.Module = student if plan is None else plan.distilled
+    trained.to(dev)
     rank, size = world()
-    model: nn.Module = student
+    model: nn.Module = trained
     if size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(student, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
-    opt = torch.optim.Adam(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        model = DistributedDataParallel(trained, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
+    opt = torch.optim.Adam(trained.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
-    subset = torch.arange(len(train)) if subset is None else subset
     history: list[dict] = []
     start = 0
     ckpt_path = None
@@ -205,6 +218,8 @@ def train_student(
                 diff = sorted(k for k in effective if saved.get(k) != json.loads(json.dumps(effective)).get(k))
                 raise ValueError(f"cannot resume {str(run)!r}: its config differs in {diff}")
             student.load_state_dict(ckpt["model"])
+            if plan is not None:
+                plan.distilled.connectors.load_state_dict(ckpt["connectors"])
             opt.load_state_dict(ckpt["optimizer"])
             gen.set_state(ckpt["batch_rng"])
             torch.set_rng_state(ckpt["torch_rng"])
@@ -215,27 +230,29 @@ def train_student(
     if rank != 0:
         ckpt_path = None
     bar = _progress(progress and rank == 0, config.epochs, start)
+    board = _tensorboard(ckpt_path.parent if ckpt_path is not None else None)
     t0 = time.perf_counter()
     for epoch in range(start, config.epochs):
-        student.train()
+        trained.train()
         batches = _batches(train, subset, config, gen)
         if method.pairs:
             # A list: all of the epoch's draws from ``gen`` happen in a fixed order.
             batches = iter([_with_partners(b, train, subset, gen) for b in batches])
         if size > 1:
             batches = (_my_part(b, rank, size) for b in batches)
-        pairs = (
-            source.iter_targets(batches)
-            if (source is not None and method.needs_teacher)
-            else ((b, None) for b in batches)
-        )
+        if plan is not None:
+            pairs = source.iter_outputs(batches, plan.teacher_names)
+        elif source is not None and method.needs_teacher:
+            pairs = source.iter_targets(batches)
+        else:
+            pairs = ((b, None) for b in batches)
         total, n, wait = 0.0, 0, 0.0
         t_epoch = time.perf_counter()
         it = iter(pairs)
         while True:
             t_wait = time.perf_counter()
             try:
-                batch, teacher_logits = next(it)
+                batch, teacher_logits, *teacher_feats = next(it)
             except StopIteration:
                 break
             idx, x, y = batch.indices, batch.inputs, batch.labels
@@ -243,11 +260,12 @@ def train_student(
             x, y = x.to(dev), y.to(dev)
             if teacher_logits is not None:
                 teacher_logits = teacher_logits.to(dev)
-            loss = (
-                method(model(x), teacher_logits, y, epoch=epoch, epochs=config.epochs, **config.method_options)
-                if len(idx)
-                else torch.zeros((), device=dev)
-            )
+            if not len(idx):
+                loss = torch.zeros((), device=dev)
+            elif plan is not None:
+                loss = plan.loss(model, x, y, teacher_logits, teacher_feats[0], dev, epoch, config)
+            else:
+                loss = method(model(x), teacher_logits, y, epoch=epoch, epochs=config.epochs, **config.method_options)
             opt.zero_grad(set_to_none=True)
             # DDP averages gradients over ranks: weight this rank's mean by its share of the
             # global batch, so the update is the global batch's mean whatever the split.
@@ -256,7 +274,8 @@ def train_student(
             elif len(idx):
                 (loss * (len(idx) * size / batch.global_size)).backward()
             else:  # a rank with no samples in a short last batch still joins the all-reduce
-                (model(x).sum() * 0.0).backward()
+                out = model(x)
+                (out[0] if isinstance(out, tuple) else out).sum().mul(0.0).backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
             n += len(idx)
@@ -270,16 +289,106 @@ def train_student(
             _save_checkpoint(ckpt_path, {
                 "epoch": epoch, "model": student.state_dict(), "optimizer": opt.state_dict(),
                 "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                **({} if plan is None else {"connectors": plan.distilled.connectors.state_dict()}),
             })  # fmt: skip
             _write_metrics(ckpt_path.parent, history)
         if bar is not None:
             bar.update(epoch, history[-1])
+        if board is not None:
+            for key in METRICS[1:]:
+                board.add_scalar(key, history[-1][key], epoch)
+            board.flush()
         if on_epoch is not None:
             on_epoch(epoch, history[-1]["train_loss"], acc)
     if bar is not None:
         bar.close()
+    if board is not None:
+        board.close()
     accs = [h["test_acc"] for h in history]
-    return TrainResult(accs[-1], accs, [h["train_loss"] for h in history], time.perf_counter() - t0)
+    connectors = None if plan is None else plan.distilled.connectors
+    return TrainResult(accs[-1], accs, [h["train_loss"] for h in history], time.perf_counter() - t0, connectors)
+
+
+class _FeaturePlan:
+    """What a feature method needs in the loop: the matches, the teacher feature names to
+    ask the source for, and the student wrapped with its connectors (``Distilled``)."""
+
+    def __init__(self, method: FeatureMethod, config: TrainConfig, student: nn.Module, train: Dataset,
+                 subset: torch.Tensor, source: SoftTargetSource | None) -> None:  # fmt: skip
+        if source is None:
+            raise ValueError(f"feature method {method.name!r} needs a teacher source (server:, cache: or local:)")
+        method.check_options(config.method_options)
+        texts = config.matches or list(method.default_matches)
+        if not texts:
+            raise ValueError(f"method {method.name!r} matches student layers to teacher layers: give --match S=T")
+        self.method = method
+        self.matches = [Match.parse(t) for t in texts]
+        for m in self.matches:
+            if len(m.student) != method.layers:
+                raise ValueError(f"method {method.name!r} takes {method.layers} layer(s) per side, match {m.text!r}")
+        self.at_source = config.method_options.get("teacher_reduce", "source") == "source"
+        # The teacher layer "logits" is the teacher's output: it comes with every reply, and
+        # any statistic of it is computed here.
+        names = []
+        for m in self.matches:
+            if LOGITS in m.teacher:
+                continue
+            if self.at_source:
+                names.append(feature_name(m.teacher, method.reduce))
+            else:
+                names.extend(m.teacher)
+        self.teacher_names = list(dict.fromkeys(names))
+        # Shapes of both sides from one small probe, to build the connectors.
+        idx = subset[:2]
+        views = torch.zeros(len(idx), dtype=torch.long) if config.views > 1 else None
+        x = train.inputs[idx] if views is None else train.views(idx, view_seeds(idx, views, config.views))
+        s_shapes = probe_student_shapes(student, x, [m.student[0] for m in self.matches])
+        connectors = []
+        if method.connector is not None:
+            _, t_logits, t_feats = next(iter(source.iter_outputs([Batch(idx, x, train.labels[idx], views)],
+                                                                 self.teacher_names)))  # fmt: skip
+            for m, t in zip(self.matches, self._teacher_side(t_feats, t_logits)):
+                connectors.append(make_connector(method.connector, s_shapes[m.student[0]], tuple(t.shape[1:])))
+        else:
+            connectors = [nn.Identity() for _ in self.matches]
+        self.distilled = Distilled(student, self.matches, connectors)
+
+    def _teacher_side(self, feats: dict[str, torch.Tensor], logits) -> list[torch.Tensor]:
+        out = []
+        for m in self.matches:
+            name = feature_name(m.teacher, self.method.reduce)
+            if LOGITS in m.teacher:
+                if not isinstance(logits, torch.Tensor):
+                    raise ValueError(f"match {m.text!r} needs the teacher's dense logits; the source gave sparse ones")
+                out.append(reductions.reduce(name, {**feats, LOGITS: logits}))
+            elif self.at_source:
+                out.append(feats[name])
+            else:
+                out.append(reductions.reduce(name, feats))
+        return out
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher_logits, teacher_feats: dict,
+             dev: torch.device, epoch: int, config: TrainConfig) -> torch.Tensor:  # fmt: skip
+        t_list = [t.to(dev) for t in self._teacher_side(teacher_feats, teacher_logits)]
+        logits, connected, maps = model(x, t_list)
+        s_list = []
+        for m, f in zip(self.matches, connected):
+            if self.method.reduce is not None:
+                f = reductions.reduce(feature_name(m.student, self.method.reduce), {**maps, m.student[0]: f})
+            s_list.append(f)
+        return self.method.objective(logits, teacher_logits, y, s_list, t_list, epoch=epoch, epochs=config.epochs,
+                                     **config.method_options)  # fmt: skip
+
+
+def _tensorboard(run_dir: Path | None):
+    """A SummaryWriter on RUN_DIR/tensorboard when a run directory is set and tensorboard is installed."""
+    if run_dir is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional: metrics.csv has the same numbers
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 class _Bar:

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from kd import reductions
 from kd.data import Dataset
+from kd.reductions import pool
 from kd.v1 import teacher_pb2 as pb
 from kd.v1 import teacher_pb2_grpc as pb_grpc
 from kd.wire import WireError, dtype_name, from_proto, proto_dtype, to_proto
@@ -189,7 +191,11 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             raise _invalid(
                 f"probs_temperature must be a finite number > 0 (or 0 for none), got {spec.probs_temperature}"
             )
-        unknown = [name for name in spec.features if name not in t.layers]
+        try:
+            layers = reductions.layers_needed(spec.features)
+        except ValueError as e:
+            raise _invalid(str(e)) from None
+        unknown = [name for name in layers if name not in t.layers]
         if unknown:
             raise _invalid(f"unknown layer(s) {unknown} of teacher {t.name!r}; valid: {_listing(list(t.layers))}")
 
@@ -198,7 +204,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         remaining = context.time_remaining() if context is not None else None
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
-            future = p.endpoint.batcher.submit(p.inputs, layers=p.spec.features, deadline=deadline)
+            layers = reductions.layers_needed(p.spec.features)
+            future = p.endpoint.batcher.submit(p.inputs, layers=layers, deadline=deadline)
         except QueueFullError as e:
             name = p.endpoint.teacher.name
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"teacher {name!r}: {e}") from None
@@ -235,9 +242,11 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         if spec.probs_temperature > 0:
             outs["probs"] = to_proto(torch.softmax(logits / spec.probs_temperature, dim=1).to(dt))
         fdt = _FLOAT_OUT.get(spec.features_dtype, torch.float32)
+        maps = {k.removeprefix("feature/"): v for k, v in out.items() if k.startswith("feature/")}
         for name in spec.features:
-            feat = out[f"feature/{name}"]
-            if spec.pool_features:
+            # Reductions run on this request's samples only (batch ones relate them to each other).
+            feat = reductions.reduce(name, maps)
+            if spec.pool_features and reductions.parse(name).reduction is None:
                 feat = pool(feat)
             outs[f"feature/{name}"] = to_proto(feat.to(fdt))
         t = p.endpoint.teacher
@@ -326,15 +335,6 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             self._count_error(request.teacher, err.code)
             return _error_response(request, err)
         return self._encode(request, p, result.result())
-
-
-def pool(feature: torch.Tensor) -> torch.Tensor:
-    """Global average: [N, C, *spatial] -> [N, C]; [N, T, D] (tokens) -> [N, D]; [N, D] unchanged."""
-    if feature.ndim == 3:
-        return feature.mean(dim=1)
-    if feature.ndim > 3:
-        return feature.mean(dim=tuple(range(2, feature.ndim)))
-    return feature
 
 
 def _error_response(request: pb.InferRequest, e: RequestError) -> pb.InferResponse:

@@ -13,6 +13,7 @@ from cache.sharded import ShardedCacheReader, open_cache, parse_shard, shard_dir
 from kd.data import load_dataset, view_seeds
 from kd.models import digits_student
 from kd.precompute import precompute
+from kd.reductions import attention
 from kd.targets import SparseTargets, sparse_kl
 from student_trainer.losses import get_method
 from student_trainer.losses.kd import soft_kl
@@ -227,5 +228,9 @@ def test_features_are_cached_beside_the_targets(tmp_path: Path, train) -> None:
     torch.testing.assert_close(pooled.features(idx)["layer2"], pool(l2), rtol=2e-3, atol=2e-3)
     with pytest.raises(StaleCacheError, match="features"):
         precompute(data, local, tmp_path / "p", features=["layer1"], pool_features=True, progress=False)
-    with pytest.raises(ValueError, match="cannot compute teacher features"):
-        precompute(data, CacheSource(str(tmp_path / "f")), tmp_path / "q", features=["layer1"], progress=False)
+    # A cache serves the features it stores (and statistics of them), nothing else.
+    with pytest.raises(ValueError, match="does not store teacher feature 'head'"):
+        precompute(data, CacheSource(str(tmp_path / "f")), tmp_path / "q", features=["head"], progress=False)
+    precompute(data, CacheSource(str(tmp_path / "f")), tmp_path / "q", features=["layer1@at"], progress=False)
+    l1_at = open_cache(tmp_path / "q").features(idx)["layer1@at"]
+    torch.testing.assert_close(l1_at, attention(l1), rtol=5e-3, atol=5e-3)

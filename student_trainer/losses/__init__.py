@@ -77,7 +77,107 @@ class Method:
         return self.loss(student_logits, teacher_logits, labels, **hparams)
 
 
-METHODS: dict[str, Method] = {}
+# Options every feature method takes besides its own: the terms added to the feature
+# loss (CE on the labels, Hinton KD on the teacher's logits) and where the teacher's
+# reduced statistic is computed ("source": asked reduced from the server/cache/local
+# teacher; "trainer": the full map is fetched and reduced here).
+FEATURE_COMMON: dict[str, object] = {
+    "ce_weight": 1.0,
+    "kd_weight": 0.0,
+    "kd_temperature": 4.0,
+    "teacher_reduce": "source",
+}
+# Extra tensors a feature loss may declare by name; the loop passes them.
+FEATURE_EXTRAS = ("labels", "student_logits", "teacher_logits")
+
+
+@dataclass(frozen=True)
+class FeatureMethod:
+    """A feature-level method: ``loss(student_feats, teacher_feats, *, ...)`` on one tensor
+    (or connector output) per match, after the connector and the reduction.
+
+    ``reduce`` names the statistic of ``kd.reductions`` both sides are compared in
+    (``"at"``, ``"fsp:{1}"`` with ``{1}`` the second layer of the match side, ...);
+    ``connector`` a key of ``student_trainer.features.CONNECTORS`` or a factory
+    ``(student_shape, teacher_shape) -> nn.Module`` applied to the student's map
+    first (a module with ``takes_teacher = True`` also gets the teacher's feature).
+    ``layers`` is how many layers each side of a match names (2 for FSP).
+    """
+
+    name: str
+    loss: LossFn
+    paper: str
+    reduce: str | None = None
+    connector: object = None
+    layers: int = 1
+    default_matches: tuple[str, ...] = ()
+    needs_teacher = True
+    accepts_sparse = False
+    pairs = False
+    kind = "feature"
+
+    @property
+    def own_defaults(self) -> dict[str, object]:
+        sig = inspect.signature(self.loss)
+        return {
+            n: p.default
+            for n, p in sig.parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+            and p.default is not inspect.Parameter.empty
+            and n not in SCHEDULE_ARGS
+        }
+
+    @property
+    def defaults(self) -> dict[str, object]:
+        return {**self.own_defaults, **FEATURE_COMMON}
+
+    @property
+    def extras(self) -> set[str]:
+        return set(inspect.signature(self.loss).parameters) & set(FEATURE_EXTRAS + SCHEDULE_ARGS)
+
+    def check_options(self, options: dict[str, object]) -> None:
+        unknown = set(options) - set(self.defaults)
+        if unknown:
+            raise TypeError(f"method {self.name!r} has no option(s) {sorted(unknown)}; options: {self.defaults}")
+        where = options.get("teacher_reduce", "source")
+        if where not in ("source", "trainer"):
+            raise ValueError(f"teacher_reduce must be 'source' or 'trainer', got {where!r}")
+
+    def objective(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | SparseTargets | None,
+        labels: torch.Tensor,
+        student_feats: list,
+        teacher_feats: list,
+        *,
+        epoch: int | None = None,
+        epochs: int | None = None,
+        **options: object,
+    ) -> torch.Tensor:
+        """ce_weight * CE + kd_weight * KD(T = kd_temperature) + the method's feature loss."""
+        self.check_options(options)
+        opts = {**FEATURE_COMMON, **options}
+        own = {k: v for k, v in opts.items() if k not in FEATURE_COMMON}
+        given = {"labels": labels, "student_logits": student_logits, "teacher_logits": teacher_logits,
+                 "epoch": epoch, "epochs": epochs}  # fmt: skip
+        for name in self.extras:
+            if given[name] is None:
+                raise ValueError(f"method {self.name!r} needs the {name}")
+            own[name] = given[name]
+        total = self.loss(student_feats, teacher_feats, **own)
+        if opts["ce_weight"]:
+            total = total + float(opts["ce_weight"]) * torch.nn.functional.cross_entropy(student_logits, labels)
+        if opts["kd_weight"]:
+            if teacher_logits is None:
+                raise ValueError("kd_weight > 0 needs the teacher's logits")
+            kd = METHODS["kd"]
+            term = kd(student_logits, teacher_logits, labels, temperature=opts["kd_temperature"], alpha=1.0)
+            total = total + float(opts["kd_weight"]) * term
+        return total
+
+
+METHODS: dict[str, Method | FeatureMethod] = {}
 
 
 def register(
@@ -92,7 +192,27 @@ def register(
     return deco
 
 
-def get_method(name: str) -> Method:
+def register_feature(
+    name: str,
+    paper: str,
+    *,
+    reduce: str | None = None,
+    connector: object = None,
+    layers: int = 1,
+    default_matches: tuple[str, ...] = (),
+) -> Callable[[LossFn], LossFn]:
+    """Register a feature method (see ``FeatureMethod``)."""
+
+    def deco(fn: LossFn) -> LossFn:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        METHODS[name] = FeatureMethod(name, fn, paper, reduce, connector, layers, tuple(default_matches))
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method | FeatureMethod:
     try:
         return METHODS[name]
     except KeyError:
