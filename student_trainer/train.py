@@ -369,7 +369,10 @@ class _FeaturePlan:
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher_logits, teacher_feats: dict,
              dev: torch.device, epoch: int, config: TrainConfig) -> torch.Tensor:  # fmt: skip
+        if isinstance(teacher_logits, torch.Tensor) and teacher_logits.is_inference():
+            teacher_logits = teacher_logits.clone()  # an in-process teacher's: usable in autograd
         t_list = [t.to(dev) for t in self._teacher_side(teacher_feats, teacher_logits)]
+        t_list = [t.clone() if t.is_inference() else t for t in t_list]
         logits, connected, maps = model(x, t_list)
         s_list = []
         for m, f in zip(self.matches, connected):
