@@ -11,7 +11,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="kd: teacher-as-a-service knowledge distillation.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="kd: teacher-as-a-service knowledge distillation.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
 cache_app = typer.Typer(help="Inspect and check soft-label caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 console = Console(stderr=True)
@@ -671,7 +676,7 @@ def qkd(
     teacher: str | None = typer.Option(
         None,
         help="module:factory@WEIGHTS (or local:SPEC) of a trained teacher, co-studied in process; "
-        "cache:PATH or server:HOST:PORT[/NAME] can only tutor (add --skip-co-studying). "
+        "cache:PATH or server:HOST:PORT (/NAME) can only tutor (add --skip-co-studying). "
         "Left out, a digits teacher is trained here as in `kd demo`.",
     ),
     student: str = typer.Option("kd.models:digits_student", help="module:factory of the (float) student."),
@@ -750,12 +755,15 @@ def qkd(
     table = Table(title="QKD")
     table.add_column("model")
     table.add_column("test acc", justify="right")
-    table.add_column("state_dict bytes", justify="right")
+    table.add_column("weight bytes", justify="right")
+    table.add_column("state_dict file bytes", justify="right")
     if result.teacher_acc_before is not None:
-        table.add_row("teacher (before QKD)", f"{result.teacher_acc_before:.4f}", "")
-        table.add_row("teacher (after QKD)", f"{result.teacher_acc_after:.4f}", "")
-    table.add_row("student, fake-quant (QAT, float)", f"{result.float_acc:.4f}", str(result.float_state_bytes))
-    table.add_row(f"student, int8 ({result.backend})", f"{result.int8_acc:.4f}", str(result.int8_state_bytes))
+        table.add_row("teacher (before QKD)", f"{result.teacher_acc_before:.4f}", "", "")
+        table.add_row("teacher (after QKD)", f"{result.teacher_acc_after:.4f}", "", "")
+    table.add_row("student, fake-quant (QAT, float)", f"{result.float_acc:.4f}", str(result.float_weight_bytes),
+                  str(result.float_state_bytes))  # fmt: skip
+    table.add_row(f"student, int8 ({result.backend})", f"{result.int8_acc:.4f}", str(result.int8_weight_bytes),
+                  str(result.int8_state_bytes))  # fmt: skip
     console.print(table)
     print(json.dumps({"float_acc": result.float_acc, "int8_acc": result.int8_acc, "agreement": result.agreement,
                       "teacher_acc_before": result.teacher_acc_before, "teacher_acc_after": result.teacher_acc_after,
