@@ -50,11 +50,12 @@ class Match:
         return f"{','.join(self.student)}={','.join(self.teacher)}"
 
 
-def feature_name(layers: Sequence[str], reduce: str | None) -> str:
-    """The feature name for a match side: ``layer`` or ``layer@<reduce with {1}.. filled in>``."""
+def feature_name(layers: Sequence[str], reduce: str | None, options: dict | None = None) -> str:
+    """The feature name for a match side: ``layer``, or ``layer@REDUCE`` with ``{1}``... the
+    side's other layers and ``{name}`` the method's options (e.g. ``cc:{gamma}:{order}``)."""
     if reduce is None:
         return layers[0]
-    return f"{layers[0]}{reductions.SEP}{reduce.format(*layers)}"
+    return f"{layers[0]}{reductions.SEP}{reduce.format(*layers, **(options or {}))}"
 
 
 class Taps:
@@ -136,9 +137,18 @@ def make_connector(kind: str | ConnectorFactory | None, s: tuple[int, ...], t: t
     return kind(tuple(s), tuple(t))
 
 
+class PerLayer(nn.Module):
+    """The connectors of a match that names several student layers (FSP): one per layer."""
+
+    def __init__(self, connectors: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(connectors)
+
+
 class Distilled(nn.Module):
     """The student plus the connectors of a feature method, as one module: ``forward(x)``
-    returns the student's logits and its captured maps (after each match's connector).
+    returns the student's logits and its captured maps (after each match's connector;
+    a ``PerLayer`` connector maps each of the match's layers, in ``maps``).
 
     One module so that DistributedDataParallel, the optimiser and checkpoints see the
     connectors as part of what is trained.
@@ -162,7 +172,11 @@ class Distilled(nn.Module):
         feats: list[object] = []
         for k, (m, conn) in enumerate(zip(self.matches, self.connectors)):
             s = maps[m.student[0]]
-            if self.takes_teacher[k]:
+            if isinstance(conn, PerLayer):
+                for layer, c in zip(m.student, conn.layers):
+                    maps[layer] = c(maps[layer])
+                feats.append(maps[m.student[0]])
+            elif self.takes_teacher[k]:
                 feats.append(conn(s, None if teacher_maps is None else teacher_maps[k]))
             else:
                 feats.append(conn(s))

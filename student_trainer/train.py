@@ -33,7 +33,15 @@ from torch import nn
 
 from kd import reductions
 from kd.data import Dataset, view_seeds
-from student_trainer.features import LOGITS, Distilled, Match, feature_name, make_connector, probe_student_shapes
+from student_trainer.features import (
+    LOGITS,
+    Distilled,
+    Match,
+    PerLayer,
+    feature_name,
+    make_connector,
+    probe_student_shapes,
+)
 from student_trainer.losses import FeatureMethod, get_method
 from student_trainer.sources import Batch, SoftTargetSource
 
@@ -322,6 +330,7 @@ class _FeaturePlan:
         if not texts:
             raise ValueError(f"method {method.name!r} matches student layers to teacher layers: give --match S=T")
         self.method = method
+        self.options = dict(config.method_options)
         self.matches = [Match.parse(t) for t in texts]
         for m in self.matches:
             if len(m.student) != method.layers:
@@ -334,29 +343,48 @@ class _FeaturePlan:
             if LOGITS in m.teacher:
                 continue
             if self.at_source:
-                names.append(feature_name(m.teacher, method.reduce))
+                names.append(self._name(m.teacher))
             else:
                 names.extend(m.teacher)
         self.teacher_names = list(dict.fromkeys(names))
-        # Shapes of both sides from one small probe, to build the connectors.
-        idx = subset[:2]
-        views = torch.zeros(len(idx), dtype=torch.long) if config.views > 1 else None
-        x = train.inputs[idx] if views is None else train.views(idx, view_seeds(idx, views, config.views))
-        s_shapes = probe_student_shapes(student, x, [m.student[0] for m in self.matches])
-        connectors = []
+        connectors: list[nn.Module] = [nn.Identity() for _ in self.matches]
         if method.connector is not None:
-            _, t_logits, t_feats = next(iter(source.iter_outputs([Batch(idx, x, train.labels[idx], views)],
-                                                                 self.teacher_names)))  # fmt: skip
-            for m, t in zip(self.matches, self._teacher_side(t_feats, t_logits)):
-                connectors.append(make_connector(method.connector, s_shapes[m.student[0]], tuple(t.shape[1:])))
-        else:
-            connectors = [nn.Identity() for _ in self.matches]
+            # Shapes of both sides from one small probe: a connector maps the student's full
+            # map to the teacher's full map (the statistic, if any, is taken after it).
+            idx = subset[:2]
+            views = torch.zeros(len(idx), dtype=torch.long) if config.views > 1 else None
+            x = train.inputs[idx] if views is None else train.views(idx, view_seeds(idx, views, config.views))
+            s_shapes = probe_student_shapes(student, x, [layer for m in self.matches for layer in m.student])
+            t_shapes = self._teacher_shapes(source, Batch(idx, x, train.labels[idx], views))
+            connectors = []
+            for i, m in enumerate(self.matches):
+                made = [make_connector(method.connector, s_shapes[s], t_shapes[i, k]) for k, s in enumerate(m.student)]
+                connectors.append(made[0] if len(made) == 1 else PerLayer(made))
         self.distilled = Distilled(student, self.matches, connectors)
+
+    def _name(self, layers) -> str:
+        return feature_name(layers, self.method.reduce, {**self.method.own_defaults, **self.options})
+
+    def _teacher_shapes(self, source: SoftTargetSource, probe: Batch) -> dict[tuple[int, int], tuple[int, ...]]:
+        """Per-sample shape of each teacher layer of each match, (match, layer) -> shape: the full
+        map where the source can give it (server, local teacher, a cache storing it), else the
+        feature the method asks for."""
+        full = [layer for m in self.matches for layer in m.teacher if layer != LOGITS]
+        try:
+            _, logits, feats = next(iter(source.iter_outputs([probe], list(dict.fromkeys(full)))))
+        except ValueError:
+            _, logits, feats = next(iter(source.iter_outputs([probe], self.teacher_names)))
+            asked = self._teacher_side(feats, logits)
+            return {(i, k): tuple(asked[i].shape[1:]) for i, m in enumerate(self.matches)
+                    for k in range(len(m.teacher))}  # fmt: skip
+        feats = {**feats, LOGITS: logits}
+        return {(i, k): tuple(feats[layer].shape[1:]) for i, m in enumerate(self.matches)
+                for k, layer in enumerate(m.teacher)}  # fmt: skip
 
     def _teacher_side(self, feats: dict[str, torch.Tensor], logits) -> list[torch.Tensor]:
         out = []
         for m in self.matches:
-            name = feature_name(m.teacher, self.method.reduce)
+            name = self._name(m.teacher)
             if LOGITS in m.teacher:
                 if not isinstance(logits, torch.Tensor):
                     raise ValueError(f"match {m.text!r} needs the teacher's dense logits; the source gave sparse ones")
@@ -377,7 +405,7 @@ class _FeaturePlan:
         s_list = []
         for m, f in zip(self.matches, connected):
             if self.method.reduce is not None:
-                f = reductions.reduce(feature_name(m.student, self.method.reduce), {**maps, m.student[0]: f})
+                f = reductions.reduce(self._name(m.student), {**maps, m.student[0]: f})
             s_list.append(f)
         return self.method.objective(logits, teacher_logits, y, s_list, t_list, epoch=epoch, epochs=config.epochs,
                                      **config.method_options)  # fmt: skip
