@@ -82,6 +82,15 @@ def serve(
     ),
     metrics_port: int | None = typer.Option(None, help="Serve Prometheus /metrics on this port."),
     port_file: Path | None = typer.Option(None, help="Write the bound port here once serving."),
+    access: list[str] = typer.Option(
+        [],
+        help="What clients may see: TIER for every --teacher, or NAME=TIER; tiers white (default: + gradients, "
+        "BN statistics, records, synthesis), features, scores, labels. Repeatable.",
+    ),
+    records: list[str] = typer.Option([], help="NAME=FILE: serve activation records made by `kd records`."),
+    query_budget: int | None = typer.Option(
+        None, help="Per client: samples + gradient samples before RESOURCE_EXHAUSTED [0 = no budget]."
+    ),
 ) -> None:
     """Serve teachers over gRPC with dynamic batching."""
     import os
@@ -109,11 +118,33 @@ def serve(
         mean=_floats(mean),
         std=_floats(std),
     )
+    import dataclasses
+
+    tiers: dict[str, str] = {}
+    for item in access:
+        name, sep, tier = item.rpartition("=")
+        tiers[name if sep else "*"] = tier
+    served_records = {}
+    for item in records:
+        name, sep, path = item.partition("=")
+        if not sep or not name:
+            _fail(f"--records {item!r} must look like NAME=FILE")
+        served_records[name] = path
     for item in teacher:
         name, sep, spec = item.partition("=")
         if not sep or not name:
             _fail(f"--teacher {item!r} must look like NAME=SPEC")
         cfg.teachers.append(TeacherEntry(name, spec, device, flags))
+    for entry in cfg.teachers:
+        tier = tiers.get(entry.name, tiers.get("*"))
+        extra = {"access": tier} if tier else {}
+        if entry.name in served_records:
+            extra["records"] = served_records[entry.name]
+        if extra:
+            entry.options = dataclasses.replace(entry.options, **extra)
+    unknown = (set(tiers) - {"*"} | set(served_records)) - {e.name for e in cfg.teachers}
+    if unknown:
+        _fail(f"--access/--records name unknown teacher(s) {sorted(unknown)}")
     for item in dataset:
         name, sep, ref = item.partition("=")
         if not sep or not name:
@@ -122,7 +153,7 @@ def serve(
     if not cfg.teachers:
         _fail("no teachers: give --teacher NAME=SPEC or --config FILE")
     for key, value in (("host", host), ("port", port), ("max_message_mb", max_message_mb), ("workers", workers),
-                       ("metrics_port", metrics_port)):  # fmt: skip
+                       ("metrics_port", metrics_port), ("query_budget", query_budget)):  # fmt: skip
         if value is not None:
             setattr(cfg, key, value)
     for key, value in (("token_file", token_file), ("tls_cert", tls_cert), ("tls_key", tls_key),
@@ -161,13 +192,16 @@ def serve(
             tls=tls,
             token=token,
             metrics_port=cfg.metrics_port,
+            query_budget=cfg.query_budget,
         )
     except (TeacherLoadError, ValueError, OSError) as e:
         _fail(str(e))
     for t in teachers:
+        ep = running.endpoints[t.name]
         console.print(
             f"teacher [bold]{t.name}[/] fingerprint {t.fingerprint[:16]} input {list(t.input_shape)} "
-            f"classes {t.num_classes} on {t.device}",
+            f"classes {t.num_classes} on {t.device}, access {ep.access}"
+            + (", activation records" if ep.records is not None else ""),
             highlight=False,
         )
     security = ("mutual TLS" if cfg.tls_client_ca else "TLS") if tls else "plaintext"
@@ -392,6 +426,34 @@ def train(
             }
         )
     )
+
+
+@app.command()
+def records(
+    teacher: str = typer.Option(..., help="The teacher as kd serve loads it: module:factory@WEIGHTS or local:SPEC."),
+    out: Path = typer.Option(..., help="Records file to write (safetensors)."),
+    layer: list[str] = typer.Option(
+        ["logits"], help="Layer (module path) to record, or 'logits' for the output. Repeatable."
+    ),
+    dataset: str = typer.Option("digits", help="The real data the records summarise (it stays here)."),
+    rank: int = typer.Option(8, help="Principal directions kept per class and layer (the spectral record)."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Compute Lopes et al. activation records of a teacher on its real data, for `kd serve --records`."""
+    from kd.data import parse_dataset
+    from teacher_server.loading import TeacherLoadError, load_teacher
+    from teacher_server.records import compute_records, save_records
+
+    spec = teacher.removeprefix("local:")
+    try:
+        t = load_teacher("teacher", spec, device=device)
+        data = parse_dataset(dataset)
+        recs = compute_records(t, data, list(layer), rank=rank)
+        path = save_records(out, recs, t, data.dataset_id)
+    except (TeacherLoadError, ValueError) as e:
+        _fail(str(e))
+    size = sum(v.numel() * v.element_size() for v in recs.values())
+    console.print(f"wrote {path}: {len(layer)} layer(s), {size:,} bytes, from {len(data)} samples", highlight=False)
 
 
 @app.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import queue
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -18,6 +18,7 @@ import torch
 from kd.v1 import teacher_pb2 as pb
 from kd.v1 import teacher_pb2_grpc as pb_grpc
 from kd.wire import from_proto, proto_dtype, to_proto, torch_dtype
+from teacher_server import access as access_names
 from teacher_server.server import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options
 
 
@@ -39,6 +40,32 @@ class TeacherDescription:
     num_classes: int
     max_batch_size: int
     device: str
+    access: str = "white"
+    layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    batch_norms: tuple[str, ...] = ()
+    has_activation_records: bool = False
+
+
+@dataclass(frozen=True)
+class Usage:
+    """This client's query accounting as the server reported it on the last reply."""
+
+    client: str = ""
+    samples: int = 0
+    gradient_samples: int = 0
+    budget: int = 0
+
+    @classmethod
+    def of(cls, msg: pb.Usage) -> Usage:
+        return cls(msg.client, int(msg.samples), int(msg.gradient_samples), int(msg.budget))
+
+
+@dataclass
+class BNLoss:
+    loss: float
+    per_layer: dict[str, float]
+    input_grad: torch.Tensor
+    logits: torch.Tensor
 
 
 def _service_config() -> str:
@@ -80,8 +107,10 @@ def spec_of(
     features: Iterable[str] = (),
     pool_features: bool = False,
     features_dtype: torch.dtype = torch.float32,
+    labels: bool = False,
 ) -> pb.OutputSpec:
     return pb.OutputSpec(
+        labels=labels,
         logits=logits,
         logits_dtype=proto_dtype(dtype),
         top_k=top_k,
@@ -130,6 +159,7 @@ class TeacherClient:
         client_cert: bytes | None = None,
         client_key: bytes | None = None,
         server_name: str | None = None,
+        client_id: str | None = None,
     ) -> None:
         options: list[tuple[str, Any]] = channel_options(max_message_bytes)
         options += [("grpc.service_config", _service_config()), ("grpc.enable_retries", 1)]
@@ -143,7 +173,11 @@ class TeacherClient:
             self.channel = grpc.insecure_channel(self.target, options=options)
         self.stub = pb_grpc.TeacherServiceStub(self.channel)
         self.timeout = timeout
-        self.metadata = [("authorization", f"Bearer {token}")] if token else None
+        metadata = [("authorization", f"Bearer {token}")] if token else []
+        if client_id:  # how the server names this client in its query accounting (without a token)
+            metadata.append(("kd-client-id", client_id))
+        self.metadata = metadata or None
+        self.usage = Usage()
 
     def close(self) -> None:
         self.channel.close()
@@ -168,6 +202,10 @@ class TeacherClient:
                 int(t.num_classes),
                 int(t.max_batch_size),
                 t.device,
+                access_names.FROM_PROTO.get(t.access, "white"),
+                {layer.name: tuple(layer.shape) for layer in t.layers},
+                tuple(b.name for b in t.batch_norms),
+                bool(t.has_activation_records),
             )
             for t in resp.teachers
         ]
@@ -207,11 +245,70 @@ class TeacherClient:
         features: Iterable[str] = (),
         pool_features: bool = False,
         features_dtype: torch.dtype = torch.float32,
+        labels: bool = False,
     ) -> dict[str, torch.Tensor]:
         """One unary request, with inputs by value or by ``ref``; returns the named outputs."""
-        spec = spec_of(logits, top_k, temperature, dtype, features, pool_features, features_dtype)
+        spec = spec_of(logits, top_k, temperature, dtype, features, pool_features, features_dtype, labels)
         resp = self._call(self.stub.Infer, make_request(teacher, inputs, ref, spec))
+        self.usage = Usage.of(resp.usage)
         return {k: from_proto(v) for k, v in resp.outputs.items()}
+
+    # -- data-free distillation (a teacher served at the WHITE tier) ------------------------
+    def input_gradient(
+        self, teacher: str, inputs: torch.Tensor, upstream: dict[str, torch.Tensor], *, return_outputs: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """d/d inputs of sum_o <upstream[o], output_o(inputs)> through the frozen teacher;
+        keys "logits" and "feature/<layer>". -> (input gradient, outputs if asked)."""
+        req = pb.GradientRequest(teacher=teacher, inputs=to_proto(inputs.detach().float()),
+                                 upstream={k: to_proto(v.detach().float()) for k, v in upstream.items()},
+                                 return_outputs=return_outputs)  # fmt: skip
+        resp = self._call(self.stub.InputGradient, req)
+        self.usage = Usage.of(resp.usage)
+        return from_proto(resp.input_grad), {k: from_proto(v) for k, v in resp.outputs.items()}
+
+    def batchnorm_stats(self, teacher: str) -> dict[str, torch.Tensor]:
+        """ "<layer>/running_mean" and "<layer>/running_var" of every BN layer."""
+        resp = self._call(self.stub.GetBatchNormStats, pb.BatchNormStatsRequest(teacher=teacher))
+        return {k: from_proto(v) for k, v in resp.stats.items()}
+
+    def batchnorm_loss(
+        self, teacher: str, inputs: torch.Tensor, *, state_id: str = "", momentum: float = 0.0,
+        ttl_seconds: float = 600.0, upstream_logits: torch.Tensor | None = None,
+        layer_weights: Iterable[float] = (),
+    ) -> BNLoss:  # fmt: skip
+        """DeepInversion's BN-statistics loss of this batch and its input gradient (server-side)."""
+        req = pb.BatchNormLossRequest(teacher=teacher, inputs=to_proto(inputs.detach().float()), state_id=state_id,
+                                      momentum=momentum, ttl_seconds=ttl_seconds if state_id else 0.0,
+                                      layer_weights=list(layer_weights))  # fmt: skip
+        if upstream_logits is not None:
+            req.upstream_logits.CopyFrom(to_proto(upstream_logits.detach().float()))
+        resp = self._call(self.stub.BatchNormLoss, req)
+        self.usage = Usage.of(resp.usage)
+        return BNLoss(resp.loss, dict(resp.per_layer), from_proto(resp.input_grad), from_proto(resp.logits))
+
+    def activation_records(self, teacher: str) -> tuple[dict[str, torch.Tensor], str]:
+        """Lopes et al. activation records -> (records by "<layer>/<stat>", dataset id)."""
+        resp = self._call(self.stub.GetActivationRecords, pb.ActivationRecordsRequest(teacher=teacher))
+        return {k: from_proto(v) for k, v in resp.records.items()}, resp.dataset
+
+    def synthesize(
+        self, teacher: str, batch_size: int, *, targets: Iterable[int] = (), iterations: int = 200,
+        lr: float = 0.05, bn_weight: float = 1.0, tv_weight: float = 1e-4, l2_weight: float = 1e-5,
+        seed: int = 0, report_every: int = 0,
+    ) -> Iterator[dict]:  # fmt: skip
+        """Server-side DeepInversion: yields progress dicts, the last with "inputs" and "targets"."""
+        req = pb.SynthesisRequest(teacher=teacher, batch_size=batch_size, targets=list(targets),
+                                  iterations=iterations, lr=lr, bn_weight=bn_weight, tv_weight=tv_weight,
+                                  l2_weight=l2_weight, seed=seed, report_every=report_every)  # fmt: skip
+        try:
+            for msg in self.stub.Synthesize(req, timeout=None, wait_for_ready=True, metadata=self.metadata):
+                self.usage = Usage.of(msg.usage)
+                update = {"iteration": msg.iteration, "loss": msg.loss, "terms": dict(msg.terms), "done": msg.done}
+                if msg.done:
+                    update["inputs"], update["targets"] = from_proto(msg.inputs), from_proto(msg.targets)
+                yield update
+        except grpc.RpcError as e:
+            raise TeacherRequestError(e.code(), e.details()) from None
 
     def infer_stream(
         self,
@@ -271,6 +368,7 @@ class TeacherClient:
                         raise TeacherRequestError(e.code(), e.details()) from None
                     if resp.HasField("error"):
                         raise TeacherRequestError(status_code(resp.error.code), resp.error.message)
+                    self.usage = Usage.of(resp.usage)
                     ready[int(resp.request_id)] = {k: from_proto(v) for k, v in resp.outputs.items()}
                 yield keys.pop(want), ready.pop(want)
                 want += 1

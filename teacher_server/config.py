@@ -64,6 +64,8 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     metrics_port: int | None = None
+    # Per client: samples + gradient samples before RESOURCE_EXHAUSTED (0 = no budget).
+    query_budget: int = 0
     teachers: list[TeacherEntry] = field(default_factory=list)
     datasets: dict[str, str] = field(default_factory=dict)  # name -> bundled dataset ref
 

@@ -35,6 +35,13 @@ class ServerMetrics:
             buckets=_TIME_BUCKETS, registry=r,
         )  # fmt: skip
         self.errors = Counter("kd_errors", "Refused or failed requests by gRPC code", ["teacher", "code"], registry=r)
+        self.client_queries = Counter(
+            "kd_client_queries", "Samples (kind=samples) and gradient samples answered per client",
+            ["client", "kind"], registry=r,
+        )  # fmt: skip
+
+    def charged(self, client: str, kind: str, n: int) -> None:
+        self.client_queries.labels(client, kind).inc(n)
 
     def accepted(self, teacher: str, samples: int) -> None:
         self.requests.labels(teacher).inc()

@@ -9,6 +9,7 @@ hooks. ``to_host`` (completion thread): copy outputs back.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -59,9 +60,12 @@ class ModelRunner:
             prepared.x.record_stream(torch.cuda.current_stream(self.teacher.device))
         captured: dict[str, torch.Tensor] = {}
         handles = []
+        owner = threading.get_ident()
         for name in layers:
 
             def hook(_module, _inputs, output, name=name) -> None:
+                if threading.get_ident() != owner:
+                    return  # another path (input gradients) running the same module concurrently
                 out = output[0] if isinstance(output, (tuple, list)) else output
                 # A clone: a later in-place op (ReLU(inplace=True)) must not change it.
                 captured[f"feature/{name}"] = out.clone()

@@ -21,10 +21,12 @@ from grpc_reflection.v1alpha import reflection
 from kd.data import Dataset
 from kd.v1 import teacher_pb2 as pb
 from kd.v1 import teacher_pb2_grpc as pb_grpc
+from teacher_server.access import Accounting, parse_access
 from teacher_server.auth import TLSConfig, TokenInterceptor
 from teacher_server.batcher import DynamicBatcher
 from teacher_server.loading import Teacher
 from teacher_server.metrics import ServerMetrics
+from teacher_server.records import load_records
 from teacher_server.runner import ModelRunner
 from teacher_server.service import Endpoint, TeacherServicer
 
@@ -49,6 +51,10 @@ class TeacherOptions:
     # uint8 inputs: x / 255, then (x - mean[c]) / std[c] over the first per-sample dim.
     mean: list[float] | None = None
     std: list[float] | None = None
+    # What clients may see: white, features, scores or labels (teacher_server.access).
+    access: str = "white"
+    # Activation records file (``kd records``) served to data-free clients.
+    records: str | None = None
 
 
 # The first version's name, kept for callers that only set batching fields.
@@ -73,7 +79,7 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         for ep in self.endpoints.values():
-            ep.batcher.close(timeout=grace)
+            ep.close(timeout=grace)
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -111,7 +117,11 @@ def _endpoint(t: Teacher, o: TeacherOptions, metrics: ServerMetrics) -> Endpoint
         observer=metrics.batch_observer(t.name),
         on_queue_depth=metrics.depth_setter(t.name),
     )
-    return Endpoint(t, batcher, mean, std)
+    records, records_dataset = None, ""
+    if o.records:
+        records, records_dataset = load_records(o.records, t)
+    return Endpoint(t, batcher, mean, std, access=parse_access(o.access), records=records,
+                    records_dataset=records_dataset)  # fmt: skip
 
 
 def start_server(
@@ -127,6 +137,7 @@ def start_server(
     tls: TLSConfig | None = None,
     token: str | None = None,
     metrics_port: int | None = None,
+    query_budget: int = 0,
 ) -> RunningServer:
     """Start serving ``teachers`` on ``host:port`` (0 = any free port).
 
@@ -149,7 +160,8 @@ def start_server(
         options=channel_options(max_message_bytes),
         interceptors=[TokenInterceptor(token)] if token else [],
     )
-    pb_grpc.add_TeacherServiceServicer_to_server(TeacherServicer(endpoints, datasets, metrics), server)
+    accounting = Accounting(query_budget, on_charge=metrics.charged)
+    pb_grpc.add_TeacherServiceServicer_to_server(TeacherServicer(endpoints, datasets, metrics, accounting), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -25,7 +25,18 @@ from kd.reductions import pool
 from kd.v1 import teacher_pb2 as pb
 from kd.v1 import teacher_pb2_grpc as pb_grpc
 from kd.wire import WireError, dtype_name, from_proto, proto_dtype, to_proto
+from teacher_server import access as tiers
+from teacher_server.access import Accounting, BudgetExceeded, client_identity
 from teacher_server.batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
+from teacher_server.gradients import (
+    BNStates,
+    PackLayout,
+    SynthesisParams,
+    VJPRunner,
+    batchnorm_layers,
+    batchnorm_loss,
+    synthesize,
+)
 from teacher_server.loading import Teacher
 from teacher_server.metrics import ServerMetrics
 
@@ -60,6 +71,43 @@ class Endpoint:
     mean: torch.Tensor | None = None  # per channel, for uint8 inputs
     std: torch.Tensor | None = None
     accepted: tuple[int, ...] = field(default=(pb.FLOAT16, pb.UINT8))
+    access: str = "white"
+    # Lopes et al. activation records (teacher_server.records), computed by the operator.
+    records: dict[str, torch.Tensor] | None = None
+    records_dataset: str = ""
+    # Input-gradient batchers, one per set of feature layers with an upstream gradient.
+    vjp_batchers: dict[frozenset[str], DynamicBatcher] = field(default_factory=dict)
+    vjp_lock: threading.Lock = field(default_factory=threading.Lock)
+    bn_states: BNStates = field(default_factory=BNStates)
+
+    MAX_VJP_BATCHERS = 16
+
+    def vjp_batcher(self, layers: frozenset[str]) -> tuple[DynamicBatcher, PackLayout]:
+        t = self.teacher
+        layout = PackLayout(t.input_shape, t.num_classes, tuple((n, tuple(t.layers[n])) for n in sorted(layers)))
+        with self.vjp_lock:
+            b = self.vjp_batchers.get(layers)
+            if b is None:
+                if len(self.vjp_batchers) >= self.MAX_VJP_BATCHERS:
+                    raise RequestError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"teacher {t.name!r}: at most {self.MAX_VJP_BATCHERS} distinct sets of feature layers "
+                        "with upstream gradients are served at once",
+                    )
+                b = DynamicBatcher(
+                    VJPRunner(t, layout),
+                    max_batch_size=self.batcher.max_batch_size,
+                    max_queue_delay_s=self.batcher.max_queue_delay_s,
+                    max_queue_size=self.batcher.max_queue_size,
+                    name=f"{t.name}-vjp",
+                )
+                self.vjp_batchers[layers] = b
+        return b, layout
+
+    def close(self, timeout: float | None) -> None:
+        self.batcher.close(timeout=timeout)
+        for b in list(self.vjp_batchers.values()):
+            b.close(timeout=timeout)
 
     def info(self, datasets: list[str]) -> pb.TeacherInfo:
         t = self.teacher
@@ -78,6 +126,11 @@ class Endpoint:
             normalization=norm,
             layers=[pb.LayerInfo(name=n, shape=list(s)) for n, s in t.layers.items()],
             datasets=datasets,
+            access=tiers.PROTO[self.access],
+            batch_norms=[
+                pb.BatchNormInfo(name=n, num_features=m.num_features, eps=m.eps) for n, m in batchnorm_layers(t.model)
+            ],
+            has_activation_records=self.records is not None,
         )
 
     def from_uint8(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +146,7 @@ class _Prepared:
     endpoint: Endpoint
     inputs: torch.Tensor
     spec: pb.OutputSpec
+    usage: pb.Usage | None = None
 
 
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
@@ -101,19 +155,34 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         endpoints: dict[str, Endpoint],
         datasets: dict[str, Dataset] | None = None,
         metrics: ServerMetrics | None = None,
+        accounting: Accounting | None = None,
     ) -> None:
         self.endpoints = endpoints
         self.datasets = datasets or {}
         self.metrics = metrics
+        self.accounting = accounting or Accounting()
 
     # -- validation ---------------------------------------------------------------
-    def _prepare(self, request: pb.InferRequest) -> _Prepared:
-        ep = self.endpoints.get(request.teacher)
+    def _endpoint(self, name: str, needed: str | None = None, what: str = "") -> Endpoint:
+        ep = self.endpoints.get(name)
         if ep is None:
             raise RequestError(
                 grpc.StatusCode.NOT_FOUND,
-                f"unknown teacher {request.teacher!r}; this server has: {', '.join(sorted(self.endpoints))}",
+                f"unknown teacher {name!r}; this server has: {', '.join(sorted(self.endpoints))}",
             )
+        if needed is not None and not tiers.allows(ep.access, needed):
+            denied = tiers.AccessDenied(name, ep.access, needed, what)
+            raise RequestError(grpc.StatusCode.PERMISSION_DENIED, str(denied))
+        return ep
+
+    def _charge(self, context, *, samples: int = 0, gradient_samples: int = 0) -> pb.Usage:
+        try:
+            return self.accounting.charge(client_identity(context), samples=samples, gradient_samples=gradient_samples)
+        except BudgetExceeded as e:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+
+    def _prepare(self, request: pb.InferRequest, context: grpc.ServicerContext | None = None) -> _Prepared:
+        ep = self._endpoint(request.teacher)
         kind = request.WhichOneof("input")
         if kind == "inputs":
             x = self._decode_inputs(ep, request.inputs)
@@ -122,7 +191,22 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         else:
             raise _invalid("request has no inputs: set `inputs` (a tensor) or `ref` (dataset samples)")
         self._check_spec(ep.teacher, request.outputs)
-        return _Prepared(ep, x, request.outputs)
+        self._check_tier(ep, request.outputs)
+        usage = self._charge(context, samples=int(x.shape[0]))
+        return _Prepared(ep, x, request.outputs, usage)
+
+    @staticmethod
+    def _check_tier(ep: Endpoint, spec: pb.OutputSpec) -> None:
+        name, tier = ep.teacher.name, ep.access
+        if spec.features and not tiers.allows(tier, "features"):
+            raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
+                               str(tiers.AccessDenied(name, tier, "features", "features")))  # fmt: skip
+        scores = spec.logits or spec.top_k or spec.probs_temperature > 0
+        if scores and not tiers.allows(tier, "scores"):
+            raise RequestError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                str(tiers.AccessDenied(name, tier, "scores", "logits, probabilities and top-k")) + "; ask for labels",
+            )
 
     def _decode_inputs(self, ep: Endpoint, msg: pb.Tensor) -> torch.Tensor:
         t = ep.teacher
@@ -231,9 +315,15 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         logits = out["logits"]
         dt = _FLOAT_OUT.get(spec.logits_dtype, torch.float32)
         outs: dict[str, pb.Tensor] = {}
-        nothing_asked = not spec.logits and spec.top_k == 0 and spec.probs_temperature == 0 and not spec.features
-        if spec.logits or nothing_asked:
+        nothing_asked = (
+            not spec.logits and spec.top_k == 0 and spec.probs_temperature == 0 and not spec.features
+            and not spec.labels
+        )  # fmt: skip
+        labels_only = not tiers.allows(p.endpoint.access, "scores")
+        if spec.logits or (nothing_asked and not labels_only):
             outs["logits"] = to_proto(logits.to(dt))
+        if spec.labels or (nothing_asked and labels_only):
+            outs["labels"] = to_proto(logits.argmax(dim=1).to(torch.int64))
         if spec.top_k:
             values, indices = logits.topk(spec.top_k, dim=1)
             outs["topk_values"] = to_proto(values.to(dt))
@@ -250,7 +340,9 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 feat = pool(feat)
             outs[f"feature/{name}"] = to_proto(feat.to(fdt))
         t = p.endpoint.teacher
-        return pb.InferResponse(request_id=request.request_id, teacher=t.name, fingerprint=t.fingerprint, outputs=outs)
+        return pb.InferResponse(
+            request_id=request.request_id, teacher=t.name, fingerprint=t.fingerprint, outputs=outs, usage=p.usage
+        )
 
     def _count_error(self, teacher: str, code: grpc.StatusCode) -> None:
         if self.metrics is not None:
@@ -263,7 +355,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferResponse:
         try:
-            p = self._prepare(request)
+            p = self._prepare(request, context)
             future = self._submit(p, context)
             # A client that goes away cancels its queued work instead of leaving it to run.
             context.add_callback(future.cancel)
@@ -290,7 +382,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 for request in request_iterator:
                     seq, n = n, n + 1
                     try:
-                        p = self._prepare(request)
+                        p = self._prepare(request, context)
                         future = self._submit(p, context)
                     except RequestError as e:
                         done.put((seq, request, None, e))
@@ -323,6 +415,160 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 reply = self._reply(request, p, result)
                 if reply is not None:
                     yield reply
+
+    # -- data-free distillation (WHITE tier) ----------------------------------------
+    def _float_inputs(self, ep: Endpoint, msg: pb.Tensor) -> torch.Tensor:
+        if msg.dtype not in (pb.FLOAT32, pb.FLOAT16):
+            raise _invalid(f"inputs have dtype {dtype_name(msg.dtype)}; gradients need FLOAT32 (or FLOAT16) inputs")
+        return self._decode_inputs(ep, msg).float()
+
+    @staticmethod
+    def _tensor(msg: pb.Tensor, what: str, shape: tuple[int, ...]) -> torch.Tensor:
+        try:
+            t = from_proto(msg)
+        except WireError as e:
+            raise _invalid(f"{what}: {e}") from None
+        if tuple(t.shape) != shape:
+            raise _invalid(f"{what} has shape {list(t.shape)}, expected {list(shape)}")
+        if not t.is_floating_point():
+            raise _invalid(f"{what} must be a float tensor, got {dtype_name(msg.dtype)}")
+        t = t.float()
+        if not bool(torch.isfinite(t).all()):
+            raise _invalid(f"{what} contains NaN or Inf")
+        return t
+
+    def InputGradient(self, request: pb.GradientRequest, context: grpc.ServicerContext) -> pb.GradientResponse:
+        try:
+            ep = self._endpoint(request.teacher, "white", "input gradients")
+            t = ep.teacher
+            x = self._float_inputs(ep, request.inputs)
+            n = int(x.shape[0])
+            if not request.upstream:
+                raise _invalid("upstream is empty: give your loss's gradient for 'logits' and/or 'feature/<layer>'")
+            upstream: dict[str, torch.Tensor] = {}
+            layers = set()
+            for key, msg in request.upstream.items():
+                if key == "logits":
+                    upstream[key] = self._tensor(msg, "upstream 'logits'", (n, t.num_classes))
+                elif key.startswith("feature/") and key[len("feature/") :] in t.layers:
+                    name = key[len("feature/") :]
+                    upstream[key] = self._tensor(msg, f"upstream {key!r}", (n, *t.layers[name]))
+                    layers.add(name)
+                else:
+                    raise _invalid(
+                        f"upstream key {key!r}: use 'logits' or 'feature/<layer>' with a layer of teacher {t.name!r}: "
+                        f"{_listing(list(t.layers))}"
+                    )
+            usage = self._charge(context, gradient_samples=n)
+            batcher, layout = ep.vjp_batcher(frozenset(layers))
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None else None
+            try:
+                future = batcher.submit(layout.pack(x, upstream), deadline=deadline)
+            except QueueFullError as e:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"teacher {t.name!r}: {e}") from None
+            except BatcherClosedError as e:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+            context.add_callback(future.cancel)
+            try:
+                out = future.result()
+            except Exception:  # noqa: BLE001
+                raise self._failed(future) from None
+            outputs = {}
+            if request.return_outputs:
+                outputs = {key: to_proto(out[key]) for key in upstream}
+            return pb.GradientResponse(request_id=request.request_id, input_grad=to_proto(out["input_grad"]),
+                                       outputs=outputs, usage=usage)  # fmt: skip
+        except RequestError as e:
+            self._count_error(request.teacher, e.code)
+            context.abort(e.code, e.message)
+
+    def GetBatchNormStats(self, request: pb.BatchNormStatsRequest, context) -> pb.BatchNormStatsResponse:
+        try:
+            ep = self._endpoint(request.teacher, "white", "BatchNorm statistics")
+            stats, infos = {}, []
+            for name, m in batchnorm_layers(ep.teacher.model):
+                stats[f"{name}/running_mean"] = to_proto(m.running_mean.detach().float().cpu())
+                stats[f"{name}/running_var"] = to_proto(m.running_var.detach().float().cpu())
+                infos.append(pb.BatchNormInfo(name=name, num_features=m.num_features, eps=m.eps))
+            return pb.BatchNormStatsResponse(stats=stats, layers=infos)
+        except RequestError as e:
+            self._count_error(request.teacher, e.code)
+            context.abort(e.code, e.message)
+
+    def BatchNormLoss(self, request: pb.BatchNormLossRequest, context) -> pb.BatchNormLossResponse:
+        try:
+            ep = self._endpoint(request.teacher, "white", "the BatchNorm loss")
+            x = self._float_inputs(ep, request.inputs)
+            n = int(x.shape[0])
+            upstream = None
+            if request.HasField("upstream_logits"):
+                upstream = self._tensor(request.upstream_logits, "upstream_logits", (n, ep.teacher.num_classes))
+            if request.state_id and not request.ttl_seconds > 0:
+                raise _invalid("a state_id needs ttl_seconds > 0 (how long the server keeps the momentum state)")
+            usage = self._charge(context, gradient_samples=n)
+            try:
+                res = batchnorm_loss(ep.teacher, x, states=ep.bn_states, state_id=request.state_id,
+                                     momentum=request.momentum, ttl=request.ttl_seconds,
+                                     upstream_logits=upstream, layer_weights=list(request.layer_weights))  # fmt: skip
+            except ValueError as e:
+                raise _invalid(str(e)) from None
+            return pb.BatchNormLossResponse(request_id=request.request_id, loss=res.loss, per_layer=res.per_layer,
+                                            input_grad=to_proto(res.input_grad), logits=to_proto(res.logits),
+                                            usage=usage)  # fmt: skip
+        except RequestError as e:
+            self._count_error(request.teacher, e.code)
+            context.abort(e.code, e.message)
+
+    def GetActivationRecords(self, request: pb.ActivationRecordsRequest, context) -> pb.ActivationRecordsResponse:
+        try:
+            ep = self._endpoint(request.teacher, "white", "activation records")
+            if ep.records is None:
+                raise RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"teacher {ep.teacher.name!r} has no activation records; the operator computes them with "
+                    "`kd records` and serves them with `kd serve --records NAME=FILE`",
+                )
+            layers = sorted({k.rsplit("/", 1)[0] for k in ep.records})
+            return pb.ActivationRecordsResponse(records={k: to_proto(v) for k, v in ep.records.items()},
+                                                dataset=ep.records_dataset, layers=layers)  # fmt: skip
+        except RequestError as e:
+            self._count_error(request.teacher, e.code)
+            context.abort(e.code, e.message)
+
+    MAX_SYNTHESIS_BATCH = 1024
+
+    def Synthesize(self, request: pb.SynthesisRequest, context):
+        try:
+            ep = self._endpoint(request.teacher, "white", "server-side synthesis")
+            t = ep.teacher
+            b = request.batch_size
+            if not 1 <= b <= self.MAX_SYNTHESIS_BATCH:
+                raise _invalid(f"batch_size must be in 1..{self.MAX_SYNTHESIS_BATCH}, got {b}")
+            if request.iterations < 1:
+                raise _invalid(f"iterations must be >= 1, got {request.iterations}")
+            if not (request.lr > 0 and math.isfinite(request.lr)):
+                raise _invalid(f"lr must be a finite number > 0, got {request.lr}")
+            targets = list(request.targets) or [i % t.num_classes for i in range(b)]
+            if len(targets) != b or any(not 0 <= y < t.num_classes for y in targets):
+                raise _invalid(f"targets: {b} classes in 0..{t.num_classes - 1} expected, got {targets[:8]}...")
+            usage = self._charge(context, gradient_samples=b * request.iterations)
+            params = SynthesisParams(
+                batch_size=b, targets=targets, iterations=request.iterations, lr=request.lr,
+                bn_weight=request.bn_weight, tv_weight=request.tv_weight, l2_weight=request.l2_weight,
+                seed=request.seed, report_every=request.report_every,
+            )  # fmt: skip
+        except RequestError as e:
+            self._count_error(request.teacher, e.code)
+            context.abort(e.code, e.message)
+        for update in synthesize(t, params, should_stop=lambda: not context.is_active()):
+            msg = pb.SynthesisUpdate(request_id=request.request_id, iteration=update["iteration"],
+                                     loss=update["loss"], terms=update["terms"], usage=usage)  # fmt: skip
+            if update.get("done"):
+                msg.done = True
+                msg.inputs.CopyFrom(to_proto(update["inputs"]))
+                msg.targets.CopyFrom(to_proto(update["targets"]))
+            yield msg
 
     def _reply(self, request: pb.InferRequest, p: _Prepared | None, result) -> pb.InferResponse | None:
         if isinstance(result, RequestError):

@@ -116,6 +116,11 @@ EXPECTED_METHODS = {
     "ListTeachers": ("kd.v1.ListTeachersRequest", "kd.v1.ListTeachersResponse", False, False),
     "Infer": ("kd.v1.InferRequest", "kd.v1.InferResponse", False, False),
     "InferStream": ("kd.v1.InferRequest", "kd.v1.InferResponse", True, True),
+    "InputGradient": ("kd.v1.GradientRequest", "kd.v1.GradientResponse", False, False),
+    "GetBatchNormStats": ("kd.v1.BatchNormStatsRequest", "kd.v1.BatchNormStatsResponse", False, False),
+    "BatchNormLoss": ("kd.v1.BatchNormLossRequest", "kd.v1.BatchNormLossResponse", False, False),
+    "GetActivationRecords": ("kd.v1.ActivationRecordsRequest", "kd.v1.ActivationRecordsResponse", False, False),
+    "Synthesize": ("kd.v1.SynthesisRequest", "kd.v1.SynthesisUpdate", False, True),
 }
 
 
@@ -144,6 +149,7 @@ def test_service_methods_match_descriptor(compiled: descriptor_pb2.FileDescripto
         kinds = {
             (False, False): grpc.UnaryUnaryMultiCallable,
             (True, True): grpc.StreamStreamMultiCallable,
+            (False, True): grpc.UnaryStreamMultiCallable,
         }
         for name, (_, _, cs, ss) in EXPECTED_METHODS.items():
             assert isinstance(getattr(stub, name), kinds[(cs, ss)]), name
@@ -241,7 +247,8 @@ def test_float_list_finder_finds_nested_fields() -> None:
 # Deliberate exceptions: a few per-channel constants describing a teacher's
 # input preprocessing (TeacherInfo.normalization), not tensor payloads. Any other
 # repeated float/double field is a tensor sneaking around the bytes encoding.
-SMALL_CONSTANT_FLOAT_LISTS = {"Normalization.mean", "Normalization.std"}
+# A handful of per-channel / per-layer constants, not tensors.
+SMALL_CONSTANT_FLOAT_LISTS = {"Normalization.mean", "Normalization.std", "BatchNormLossRequest.layer_weights"}
 
 
 def test_tensors_travel_as_bytes(compiled: descriptor_pb2.FileDescriptorProto) -> None:

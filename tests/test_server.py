@@ -191,7 +191,10 @@ def test_health_and_reflection(address: str) -> None:
     db = ProtoReflectionDescriptorDatabase(channel)
     assert "kd.v1.TeacherService" in set(db.get_services())
     service = db.FindFileContainingSymbol("kd.v1.TeacherService").service[0]
-    assert {m.name for m in service.method} == {"ListTeachers", "Infer", "InferStream"}
+    assert {m.name for m in service.method} == {
+        "ListTeachers", "Infer", "InferStream", "InputGradient", "GetBatchNormStats", "BatchNormLoss",
+        "GetActivationRecords", "Synthesize",
+    }  # fmt: skip
 
 
 def test_stop_finishes_accepted_work_then_refuses(teacher: Teacher) -> None:

@@ -22,6 +22,14 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BOOL: _ClassVar[DType]
     UINT16: _ClassVar[DType]
     UINT32: _ClassVar[DType]
+
+class Access(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACCESS_UNSPECIFIED: _ClassVar[Access]
+    WHITE: _ClassVar[Access]
+    FEATURES: _ClassVar[Access]
+    SCORES: _ClassVar[Access]
+    LABELS: _ClassVar[Access]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -35,6 +43,11 @@ INT64: DType
 BOOL: DType
 UINT16: DType
 UINT32: DType
+ACCESS_UNSPECIFIED: Access
+WHITE: Access
+FEATURES: Access
+SCORES: Access
+LABELS: Access
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -47,7 +60,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TeacherInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "input_shape", "input_dtype", "num_classes", "class_names", "max_batch_size", "device", "accepted_input_dtypes", "normalization", "layers", "datasets")
+    __slots__ = ("name", "fingerprint", "input_shape", "input_dtype", "num_classes", "class_names", "max_batch_size", "device", "accepted_input_dtypes", "normalization", "layers", "datasets", "access", "batch_norms", "has_activation_records")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +73,9 @@ class TeacherInfo(_message.Message):
     NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     DATASETS_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_NORMS_FIELD_NUMBER: _ClassVar[int]
+    HAS_ACTIVATION_RECORDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -72,7 +88,20 @@ class TeacherInfo(_message.Message):
     normalization: Normalization
     layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
     datasets: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., device: _Optional[str] = ..., accepted_input_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., datasets: _Optional[_Iterable[str]] = ...) -> None: ...
+    access: Access
+    batch_norms: _containers.RepeatedCompositeFieldContainer[BatchNormInfo]
+    has_activation_records: bool
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., device: _Optional[str] = ..., accepted_input_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., datasets: _Optional[_Iterable[str]] = ..., access: _Optional[_Union[Access, str]] = ..., batch_norms: _Optional[_Iterable[_Union[BatchNormInfo, _Mapping]]] = ..., has_activation_records: _Optional[bool] = ...) -> None: ...
+
+class BatchNormInfo(_message.Message):
+    __slots__ = ("name", "num_features", "eps")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    num_features: int
+    eps: float
+    def __init__(self, name: _Optional[str] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ...) -> None: ...
 
 class Normalization(_message.Message):
     __slots__ = ("mean", "std")
@@ -101,7 +130,7 @@ class ListTeachersResponse(_message.Message):
     def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherInfo, _Mapping]]] = ...) -> None: ...
 
 class OutputSpec(_message.Message):
-    __slots__ = ("logits", "logits_dtype", "top_k", "probs_temperature", "features", "pool_features", "features_dtype")
+    __slots__ = ("logits", "logits_dtype", "top_k", "probs_temperature", "features", "pool_features", "features_dtype", "labels")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_DTYPE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +138,7 @@ class OutputSpec(_message.Message):
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     POOL_FEATURES_FIELD_NUMBER: _ClassVar[int]
     FEATURES_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     logits: bool
     logits_dtype: DType
     top_k: int
@@ -116,7 +146,8 @@ class OutputSpec(_message.Message):
     features: _containers.RepeatedScalarFieldContainer[str]
     pool_features: bool
     features_dtype: DType
-    def __init__(self, logits: _Optional[bool] = ..., logits_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., probs_temperature: _Optional[float] = ..., features: _Optional[_Iterable[str]] = ..., pool_features: _Optional[bool] = ..., features_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    labels: bool
+    def __init__(self, logits: _Optional[bool] = ..., logits_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., probs_temperature: _Optional[float] = ..., features: _Optional[_Iterable[str]] = ..., pool_features: _Optional[bool] = ..., features_dtype: _Optional[_Union[DType, str]] = ..., labels: _Optional[bool] = ...) -> None: ...
 
 class DatasetRef(_message.Message):
     __slots__ = ("dataset", "indices", "view_seeds")
@@ -151,7 +182,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("request_id", "teacher", "fingerprint", "outputs", "error")
+    __slots__ = ("request_id", "teacher", "fingerprint", "outputs", "error", "usage")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -164,9 +195,203 @@ class InferResponse(_message.Message):
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     teacher: str
     fingerprint: str
     outputs: _containers.MessageMap[str, Tensor]
     error: Error
-    def __init__(self, request_id: _Optional[str] = ..., teacher: _Optional[str] = ..., fingerprint: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    usage: Usage
+    def __init__(self, request_id: _Optional[str] = ..., teacher: _Optional[str] = ..., fingerprint: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("client", "samples", "gradient_samples", "budget")
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    client: str
+    samples: int
+    gradient_samples: int
+    budget: int
+    def __init__(self, client: _Optional[str] = ..., samples: _Optional[int] = ..., gradient_samples: _Optional[int] = ..., budget: _Optional[int] = ...) -> None: ...
+
+class GradientRequest(_message.Message):
+    __slots__ = ("request_id", "teacher", "inputs", "upstream", "return_outputs")
+    class UpstreamEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    RETURN_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    teacher: str
+    inputs: Tensor
+    upstream: _containers.MessageMap[str, Tensor]
+    return_outputs: bool
+    def __init__(self, request_id: _Optional[str] = ..., teacher: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., upstream: _Optional[_Mapping[str, Tensor]] = ..., return_outputs: _Optional[bool] = ...) -> None: ...
+
+class GradientResponse(_message.Message):
+    __slots__ = ("request_id", "input_grad", "outputs", "usage")
+    class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_GRAD_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    input_grad: Tensor
+    outputs: _containers.MessageMap[str, Tensor]
+    usage: Usage
+    def __init__(self, request_id: _Optional[str] = ..., input_grad: _Optional[_Union[Tensor, _Mapping]] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
+class BatchNormStatsRequest(_message.Message):
+    __slots__ = ("teacher",)
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
+    teacher: str
+    def __init__(self, teacher: _Optional[str] = ...) -> None: ...
+
+class BatchNormStatsResponse(_message.Message):
+    __slots__ = ("stats", "layers")
+    class StatsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    stats: _containers.MessageMap[str, Tensor]
+    layers: _containers.RepeatedCompositeFieldContainer[BatchNormInfo]
+    def __init__(self, stats: _Optional[_Mapping[str, Tensor]] = ..., layers: _Optional[_Iterable[_Union[BatchNormInfo, _Mapping]]] = ...) -> None: ...
+
+class BatchNormLossRequest(_message.Message):
+    __slots__ = ("request_id", "teacher", "inputs", "state_id", "momentum", "ttl_seconds", "upstream_logits", "layer_weights")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_ID_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    teacher: str
+    inputs: Tensor
+    state_id: str
+    momentum: float
+    ttl_seconds: float
+    upstream_logits: Tensor
+    layer_weights: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, request_id: _Optional[str] = ..., teacher: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., state_id: _Optional[str] = ..., momentum: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., upstream_logits: _Optional[_Union[Tensor, _Mapping]] = ..., layer_weights: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class BatchNormLossResponse(_message.Message):
+    __slots__ = ("request_id", "loss", "per_layer", "input_grad", "logits", "usage")
+    class PerLayerEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    INPUT_GRAD_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    loss: float
+    per_layer: _containers.ScalarMap[str, float]
+    input_grad: Tensor
+    logits: Tensor
+    usage: Usage
+    def __init__(self, request_id: _Optional[str] = ..., loss: _Optional[float] = ..., per_layer: _Optional[_Mapping[str, float]] = ..., input_grad: _Optional[_Union[Tensor, _Mapping]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
+class ActivationRecordsRequest(_message.Message):
+    __slots__ = ("teacher",)
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
+    teacher: str
+    def __init__(self, teacher: _Optional[str] = ...) -> None: ...
+
+class ActivationRecordsResponse(_message.Message):
+    __slots__ = ("records", "dataset", "layers")
+    class RecordsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.MessageMap[str, Tensor]
+    dataset: str
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, records: _Optional[_Mapping[str, Tensor]] = ..., dataset: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SynthesisRequest(_message.Message):
+    __slots__ = ("request_id", "teacher", "batch_size", "targets", "iterations", "lr", "bn_weight", "tv_weight", "l2_weight", "seed", "report_every")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    BN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TV_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    L2_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    REPORT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    teacher: str
+    batch_size: int
+    targets: _containers.RepeatedScalarFieldContainer[int]
+    iterations: int
+    lr: float
+    bn_weight: float
+    tv_weight: float
+    l2_weight: float
+    seed: int
+    report_every: int
+    def __init__(self, request_id: _Optional[str] = ..., teacher: _Optional[str] = ..., batch_size: _Optional[int] = ..., targets: _Optional[_Iterable[int]] = ..., iterations: _Optional[int] = ..., lr: _Optional[float] = ..., bn_weight: _Optional[float] = ..., tv_weight: _Optional[float] = ..., l2_weight: _Optional[float] = ..., seed: _Optional[int] = ..., report_every: _Optional[int] = ...) -> None: ...
+
+class SynthesisUpdate(_message.Message):
+    __slots__ = ("request_id", "iteration", "loss", "terms", "inputs", "targets", "done", "usage")
+    class TermsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    iteration: int
+    loss: float
+    terms: _containers.ScalarMap[str, float]
+    inputs: Tensor
+    targets: Tensor
+    done: bool
+    usage: Usage
+    def __init__(self, request_id: _Optional[str] = ..., iteration: _Optional[int] = ..., loss: _Optional[float] = ..., terms: _Optional[_Mapping[str, float]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., done: _Optional[bool] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...

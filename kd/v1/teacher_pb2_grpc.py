@@ -49,6 +49,31 @@ class TeacherServiceStub:
                 request_serializer=kd_dot_v1_dot_teacher__pb2.InferRequest.SerializeToString,
                 response_deserializer=kd_dot_v1_dot_teacher__pb2.InferResponse.FromString,
                 _registered_method=True)
+        self.InputGradient = channel.unary_unary(
+                '/kd.v1.TeacherService/InputGradient',
+                request_serializer=kd_dot_v1_dot_teacher__pb2.GradientRequest.SerializeToString,
+                response_deserializer=kd_dot_v1_dot_teacher__pb2.GradientResponse.FromString,
+                _registered_method=True)
+        self.GetBatchNormStats = channel.unary_unary(
+                '/kd.v1.TeacherService/GetBatchNormStats',
+                request_serializer=kd_dot_v1_dot_teacher__pb2.BatchNormStatsRequest.SerializeToString,
+                response_deserializer=kd_dot_v1_dot_teacher__pb2.BatchNormStatsResponse.FromString,
+                _registered_method=True)
+        self.BatchNormLoss = channel.unary_unary(
+                '/kd.v1.TeacherService/BatchNormLoss',
+                request_serializer=kd_dot_v1_dot_teacher__pb2.BatchNormLossRequest.SerializeToString,
+                response_deserializer=kd_dot_v1_dot_teacher__pb2.BatchNormLossResponse.FromString,
+                _registered_method=True)
+        self.GetActivationRecords = channel.unary_unary(
+                '/kd.v1.TeacherService/GetActivationRecords',
+                request_serializer=kd_dot_v1_dot_teacher__pb2.ActivationRecordsRequest.SerializeToString,
+                response_deserializer=kd_dot_v1_dot_teacher__pb2.ActivationRecordsResponse.FromString,
+                _registered_method=True)
+        self.Synthesize = channel.unary_stream(
+                '/kd.v1.TeacherService/Synthesize',
+                request_serializer=kd_dot_v1_dot_teacher__pb2.SynthesisRequest.SerializeToString,
+                response_deserializer=kd_dot_v1_dot_teacher__pb2.SynthesisUpdate.FromString,
+                _registered_method=True)
 
 
 class TeacherServiceServicer:
@@ -74,6 +99,37 @@ class TeacherServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InputGradient(self, request, context):
+        """Data-free distillation (WHITE tier).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatchNormStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchNormLoss(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetActivationRecords(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Synthesize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TeacherServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +147,31 @@ def add_TeacherServiceServicer_to_server(servicer, server):
                     servicer.InferStream,
                     request_deserializer=kd_dot_v1_dot_teacher__pb2.InferRequest.FromString,
                     response_serializer=kd_dot_v1_dot_teacher__pb2.InferResponse.SerializeToString,
+            ),
+            'InputGradient': grpc.unary_unary_rpc_method_handler(
+                    servicer.InputGradient,
+                    request_deserializer=kd_dot_v1_dot_teacher__pb2.GradientRequest.FromString,
+                    response_serializer=kd_dot_v1_dot_teacher__pb2.GradientResponse.SerializeToString,
+            ),
+            'GetBatchNormStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatchNormStats,
+                    request_deserializer=kd_dot_v1_dot_teacher__pb2.BatchNormStatsRequest.FromString,
+                    response_serializer=kd_dot_v1_dot_teacher__pb2.BatchNormStatsResponse.SerializeToString,
+            ),
+            'BatchNormLoss': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchNormLoss,
+                    request_deserializer=kd_dot_v1_dot_teacher__pb2.BatchNormLossRequest.FromString,
+                    response_serializer=kd_dot_v1_dot_teacher__pb2.BatchNormLossResponse.SerializeToString,
+            ),
+            'GetActivationRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetActivationRecords,
+                    request_deserializer=kd_dot_v1_dot_teacher__pb2.ActivationRecordsRequest.FromString,
+                    response_serializer=kd_dot_v1_dot_teacher__pb2.ActivationRecordsResponse.SerializeToString,
+            ),
+            'Synthesize': grpc.unary_stream_rpc_method_handler(
+                    servicer.Synthesize,
+                    request_deserializer=kd_dot_v1_dot_teacher__pb2.SynthesisRequest.FromString,
+                    response_serializer=kd_dot_v1_dot_teacher__pb2.SynthesisUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +255,141 @@ class TeacherService:
             '/kd.v1.TeacherService/InferStream',
             kd_dot_v1_dot_teacher__pb2.InferRequest.SerializeToString,
             kd_dot_v1_dot_teacher__pb2.InferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InputGradient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kd.v1.TeacherService/InputGradient',
+            kd_dot_v1_dot_teacher__pb2.GradientRequest.SerializeToString,
+            kd_dot_v1_dot_teacher__pb2.GradientResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatchNormStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kd.v1.TeacherService/GetBatchNormStats',
+            kd_dot_v1_dot_teacher__pb2.BatchNormStatsRequest.SerializeToString,
+            kd_dot_v1_dot_teacher__pb2.BatchNormStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchNormLoss(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kd.v1.TeacherService/BatchNormLoss',
+            kd_dot_v1_dot_teacher__pb2.BatchNormLossRequest.SerializeToString,
+            kd_dot_v1_dot_teacher__pb2.BatchNormLossResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetActivationRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kd.v1.TeacherService/GetActivationRecords',
+            kd_dot_v1_dot_teacher__pb2.ActivationRecordsRequest.SerializeToString,
+            kd_dot_v1_dot_teacher__pb2.ActivationRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Synthesize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kd.v1.TeacherService/Synthesize',
+            kd_dot_v1_dot_teacher__pb2.SynthesisRequest.SerializeToString,
+            kd_dot_v1_dot_teacher__pb2.SynthesisUpdate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,123 @@
+"""Access tiers and query accounting: how much of a teacher each client may see and use.
+
+Tiers, most to least (each includes those below it):
+
+* ``white``: everything, including input gradients, BatchNorm statistics and loss,
+  activation records and server-side synthesis (white-box data-free methods);
+* ``features``: outputs plus named intermediate features;
+* ``scores``: logits, probabilities, top-k (black-box methods such as DFME);
+* ``labels``: the argmax class only (decision-based methods such as ZSDB3KD).
+
+Accounting counts, per client, the samples answered and the samples whose gradient was
+computed (a zeroth-order probe is an ordinary sample). With a budget, a request that
+would exceed it is refused with RESOURCE_EXHAUSTED before any work is done. Even score
+access permits model extraction (Truong et al. 2021), so a low tier goes with a budget.
+
+A client is identified by its bearer token (hashed) when the server requires one, else
+by its ``kd-client-id`` metadata, else by its address without the port. Without tokens an
+identity is only a claim: budgets are as strong as the authentication in front of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+
+import grpc
+
+from kd.v1 import teacher_pb2 as pb
+
+TIERS = ("white", "features", "scores", "labels")
+_RANK = {name: i for i, name in enumerate(TIERS)}
+PROTO = {"white": pb.WHITE, "features": pb.FEATURES, "scores": pb.SCORES, "labels": pb.LABELS}
+FROM_PROTO = {v: k for k, v in PROTO.items()} | {pb.ACCESS_UNSPECIFIED: "white"}
+
+
+def parse_access(value: str) -> str:
+    tier = value.strip().lower()
+    if tier not in _RANK:
+        raise ValueError(f"unknown access tier {value!r}; use one of {', '.join(TIERS)}")
+    return tier
+
+
+def allows(tier: str, needed: str) -> bool:
+    """Whether a teacher served at ``tier`` may give what ``needed`` requires."""
+    return _RANK[tier] <= _RANK[needed]
+
+
+class AccessDenied(Exception):
+    def __init__(self, teacher: str, tier: str, needed: str, what: str) -> None:
+        super().__init__(
+            f"teacher {teacher!r} is served at access tier {tier!r}; {what} needs tier {needed!r} or above "
+            f"(tiers from most to least: {', '.join(TIERS)})"
+        )
+
+
+def require(teacher: str, tier: str, needed: str, what: str) -> None:
+    if not allows(tier, needed):
+        raise AccessDenied(teacher, tier, needed, what)
+
+
+def client_identity(context: grpc.ServicerContext | None) -> str:
+    if context is None:
+        return "local"
+    metadata = dict(context.invocation_metadata() or ())
+    token = metadata.get("authorization")
+    if token:
+        if isinstance(token, bytes):
+            token = token.decode(errors="replace")
+        return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+    declared = metadata.get("kd-client-id")
+    if declared:
+        return f"id:{declared}"
+    peer = context.peer() or "unknown"
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
+class BudgetExceeded(Exception):
+    pass
+
+
+@dataclass
+class _Count:
+    samples: int = 0
+    gradient_samples: int = 0
+
+
+class Accounting:
+    """Thread-safe per-client counters with an optional budget on samples + gradient samples."""
+
+    def __init__(self, budget: int = 0, on_charge=None) -> None:
+        if budget < 0:
+            raise ValueError(f"query budget must be >= 0 (0 = none), got {budget}")
+        self.budget = budget
+        self._counts: dict[str, _Count] = {}
+        self._lock = threading.Lock()
+        self._on_charge = on_charge  # (client, kind, n) -> None, e.g. a metrics counter
+
+    def charge(self, client: str, *, samples: int = 0, gradient_samples: int = 0) -> pb.Usage:
+        """Count a request before doing it; refuse it if it would go over the budget."""
+        with self._lock:
+            c = self._counts.setdefault(client, _Count())
+            used = c.samples + c.gradient_samples
+            if self.budget and used + samples + gradient_samples > self.budget:
+                raise BudgetExceeded(
+                    f"query budget exhausted for client {client!r}: {used} of {self.budget} queries used, this "
+                    f"request needs {samples + gradient_samples} (samples {samples}, gradient samples "
+                    f"{gradient_samples})"
+                )
+            c.samples += samples
+            c.gradient_samples += gradient_samples
+            usage = pb.Usage(client=client, samples=c.samples, gradient_samples=c.gradient_samples, budget=self.budget)
+        if self._on_charge is not None:
+            if samples:
+                self._on_charge(client, "samples", samples)
+            if gradient_samples:
+                self._on_charge(client, "gradient_samples", gradient_samples)
+        return usage
+
+    def usage(self, client: str) -> pb.Usage:
+        with self._lock:
+            c = self._counts.get(client, _Count())
+            return pb.Usage(client=client, samples=c.samples, gradient_samples=c.gradient_samples, budget=self.budget)
