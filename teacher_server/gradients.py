@@ -213,8 +213,8 @@ def batchnorm_loss(
     if states is not None and state_id:
         states.put(state_id, blends, ttl)
     return BNLossResult(
-        float(loss),
-        {name: float(t) for (name, _), t in zip(bns, terms)},
+        float(loss.detach()),
+        {name: float(t.detach()) for (name, _), t in zip(bns, terms)},
         grad.detach().float().cpu(),
         logits.detach().cpu(),
     )

@@ -1,0 +1,228 @@
+"""What every data-free method shares: the served teacher as a (differentiable) function,
+a generator, the KD step on synthetic inputs, evaluation and the result record.
+
+``ServedTeacher(client, name)(x)`` returns the teacher's logits for ``x`` and is
+differentiable with respect to ``x``: the backward pass asks the server for the input
+gradient (``InputGradient``, WHITE tier) with the upstream gradient autograd computed on
+the client. So a generator-based method is written as ordinary PyTorch -- the teacher
+just lives on another machine. ``bn_loss(x)`` is DeepInversion's BatchNorm regulariser
+computed server-side, differentiable the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd.data import Dataset
+from teacher_server.client import TeacherClient, Usage
+
+
+@dataclass
+class DataFreeConfig:
+    """Shared knobs; each method documents what its ``steps`` are and adds its own options."""
+
+    steps: int = 200  # outer iterations (generator/student rounds, or synthesis batches)
+    batch_size: int = 64
+    lr: float = 1e-3  # student (Adam)
+    generator_lr: float = 1e-3
+    temperature: float = 4.0  # KD temperature on synthetic inputs
+    seed: int = 0
+    device: str = "cpu"
+    eval_every: int = 0  # evaluate on the test set every N steps (0: only at the end)
+
+
+@dataclass
+class DataFreeResult:
+    method: str
+    test_acc: float
+    # Teacher queries this run spent, as the server counted them.
+    samples: int
+    gradient_samples: int
+    seconds: float
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, test accuracy)
+    synthetic: torch.Tensor | None = None  # a few synthesised inputs, for inspection
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "test_acc": self.test_acc, "samples": self.samples,
+                "gradient_samples": self.gradient_samples, "queries": self.samples + self.gradient_samples,
+                "seconds": round(self.seconds, 2), "history": self.history}  # fmt: skip
+
+
+class ServedTeacher:
+    """A teacher behind ``kd serve``, as the data-free methods use it."""
+
+    def __init__(self, client: TeacherClient, name: str | None = None) -> None:
+        desc = client.describe(name)
+        self.client = client
+        self.name = desc.name
+        self.num_classes = desc.num_classes
+        self.input_shape = tuple(desc.input_shape)
+        self.access = desc.access
+        self.layers = dict(desc.layers)
+        self.batch_norms = tuple(desc.batch_norms)
+        self.has_activation_records = desc.has_activation_records
+        self._start = client.usage
+
+    # -- shapes ------------------------------------------------------------------------
+    def to_wire(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the teacher's declared per-sample shape (a view), on the CPU, detached."""
+        x = x.detach().to("cpu", torch.float32)
+        if tuple(x.shape[1:]) != self.input_shape:
+            if x[0].numel() != math.prod(self.input_shape):
+                raise ValueError(f"inputs of shape {list(x.shape)} do not fit teacher input {list(self.input_shape)}")
+            x = x.reshape(len(x), *self.input_shape)
+        return x.contiguous()
+
+    # -- queries -----------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (SCORES tier), on ``x``'s device; no gradient."""
+        return self.client.infer(self.name, self.to_wire(x))["logits"].to(x.device)
+
+    @torch.no_grad()
+    def labels(self, x: torch.Tensor) -> torch.Tensor:
+        """The argmax class only (LABELS tier)."""
+        return self.client.infer(self.name, self.to_wire(x), logits=False, labels=True)["labels"].to(x.device)
+
+    def __call__(self, x: torch.Tensor, features: tuple[str, ...] = ()):
+        """Logits (and named features), differentiable w.r.t. ``x`` through the server's VJP."""
+        outs = _TeacherFunction.apply(self, tuple(features), x)
+        return outs[0] if not features else (outs[0], dict(zip(features, outs[1:])))
+
+    def bn_loss(self, x: torch.Tensor, *, state_id: str = "", momentum: float = 0.0, ttl: float = 600.0):
+        """DeepInversion's BN-statistics loss of the batch, computed server-side; differentiable."""
+        return _BNLossFunction.apply(self, state_id, momentum, ttl, x)
+
+    def records(self) -> dict[str, torch.Tensor]:
+        return self.client.activation_records(self.name)[0]
+
+    def bn_stats(self) -> dict[str, torch.Tensor]:
+        return self.client.batchnorm_stats(self.name)
+
+    # -- accounting --------------------------------------------------------------------
+    @property
+    def usage(self) -> Usage:
+        """Queries since this object was made (the server's counters, per client)."""
+        now = self.client.usage
+        return Usage(now.client, now.samples - self._start.samples,
+                     now.gradient_samples - self._start.gradient_samples, now.budget)  # fmt: skip
+
+
+class _TeacherFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, teacher: ServedTeacher, features: tuple[str, ...], x: torch.Tensor):
+        wire = teacher.to_wire(x)
+        out = teacher.client.infer(teacher.name, wire, features=list(features))
+        ctx.teacher, ctx.features, ctx.x_shape, ctx.device = teacher, features, x.shape, x.device
+        ctx.save_for_backward(x.detach())
+        return tuple(t.to(x.device) for t in (out["logits"], *(out[f"feature/{f}"] for f in features)))
+
+    @staticmethod
+    def backward(ctx, g_logits: torch.Tensor, *g_feats: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        teacher: ServedTeacher = ctx.teacher
+        upstream = {"logits": g_logits.detach().cpu()}
+        for name, g in zip(ctx.features, g_feats):
+            upstream[f"feature/{name}"] = g.detach().cpu()
+        grad, _ = teacher.client.input_gradient(teacher.name, teacher.to_wire(x), upstream)
+        return None, None, grad.reshape(ctx.x_shape).to(ctx.device)
+
+
+class _BNLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, teacher: ServedTeacher, state_id: str, momentum: float, ttl: float, x: torch.Tensor):
+        res = teacher.client.batchnorm_loss(teacher.name, teacher.to_wire(x), state_id=state_id, momentum=momentum,
+                                            ttl_seconds=ttl)  # fmt: skip
+        ctx.save_for_backward(res.input_grad.reshape(x.shape).to(x.device))
+        return x.new_tensor(res.loss)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return None, None, None, None, g * grad
+
+
+class Generator(nn.Module):
+    """DAFL's image generator (Chen et al. 2019, after DCGAN): z -> linear -> 2x upsampling
+    conv blocks -> tanh -> BatchNorm without affine (outputs standardised per channel),
+    sized for ``shape`` = (C, H, W) with H, W multiples of 4."""
+
+    def __init__(self, shape: tuple[int, ...], nz: int = 100, width: int = 64) -> None:
+        super().__init__()
+        if len(shape) != 3 or shape[1] % 4 or shape[2] % 4:
+            raise ValueError(f"the generator makes [C, H, W] images with H, W multiples of 4, got {list(shape)}")
+        self.shape, self.nz = tuple(shape), nz
+        c, h, w = shape
+        self.init = (h // 4, w // 4)
+        self.l1 = nn.Linear(nz, 2 * width * self.init[0] * self.init[1])
+        self.width = width
+        self.blocks = nn.Sequential(
+            nn.BatchNorm2d(2 * width),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * width, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(width, c, 3, padding=1),
+            nn.Tanh(),
+            nn.BatchNorm2d(c, affine=False),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.l1(z).view(len(z), 2 * self.width, *self.init)
+        return self.blocks(x)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton KD, T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="batchmean",
+                    log_target=True) * t * t  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate(student: nn.Module, test: Dataset | None, device: str = "cpu") -> float:
+    if test is None:
+        return float("nan")
+    was = student.training
+    student.eval()
+    correct = 0
+    for s in range(0, len(test), 1024):
+        x = test.inputs[s : s + 1024].to(device)
+        correct += int((student(x).argmax(1).cpu() == test.labels[s : s + 1024]).sum())
+    student.train(was)
+    return correct / len(test)
+
+
+class Run:
+    """Book-keeping of one method run: timing, periodic evaluation, the result."""
+
+    def __init__(self, method: str, teacher: ServedTeacher, student: nn.Module, config: DataFreeConfig,
+                 test: Dataset | None) -> None:  # fmt: skip
+        self.method, self.teacher, self.student, self.config, self.test = method, teacher, student, config, test
+        self.t0 = time.perf_counter()
+        self.history: list[tuple[int, float]] = []
+        torch.manual_seed(config.seed)
+
+    def step(self, step: int) -> None:
+        """Call after each outer step (0-based): evaluates every ``eval_every`` steps."""
+        every = self.config.eval_every
+        if every and (step + 1) % every == 0 and step + 1 < self.config.steps:
+            self.history.append((step + 1, evaluate(self.student, self.test, self.config.device)))
+
+    def result(self, synthetic: torch.Tensor | None = None) -> DataFreeResult:
+        acc = evaluate(self.student, self.test, self.config.device)
+        self.history.append((self.config.steps, acc))
+        u = self.teacher.usage
+        keep = None if synthetic is None else synthetic[:16].detach().cpu()
+        return DataFreeResult(self.method, acc, u.samples, u.gradient_samples, time.perf_counter() - self.t0,
+                              self.history, keep)  # fmt: skip
