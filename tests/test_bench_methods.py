@@ -33,10 +33,24 @@ def test_bench_methods_quick_covers_every_registered_method(tmp_path: Path) -> N
     assert "kd bench methods" in r.stdout
     res = json.loads(out.read_text())
 
-    assert set(res["methods"]) == set(METHODS)
+    # Logit methods on the MLP pair, feature methods on the CNN pair: together, every method.
+    assert set(res["methods"]) | set(res["feature_methods"]) == set(METHODS)
+    assert set(res["feature_methods"]) == {n for n, m in METHODS.items() if m.kind == "feature"} | {"ce", "kd"}
+    for name, m in res["feature_methods"].items():
+        if name in ("ce", "kd"):
+            continue
+        assert m["matches"], name
+        if m["acc_mean"] is None:
+            assert isinstance(m.get("skipped"), str) and m["skipped"], (name, m)
+            continue
+        assert _acc(m["acc_mean"]) and math.isfinite(m["delta_vs_kd_mean"]), (name, m)
+        # what the method's teacher features cost in the cache, per sample (fp16)
+        assert m["feature_bytes_per_sample"] == sum(res["cnn"]["cache_features"][f] for f in m["teacher_features"])
+    assert res["feature_methods"]["at"]["feature_bytes_per_sample"] == 2 * 2 * 64  # two 8x8 attention maps
     for name, m in res["methods"].items():
         method = METHODS[name]
-        assert m["options"] == method.defaults, name  # registered defaults, no overrides
+        if name in ("ce", "kd") or method.kind != "feature":
+            assert m["options"] == method.defaults, name  # registered defaults, no overrides
         assert m["needs_teacher"] == method.needs_teacher
         assert (m["source"] is None) == (not method.needs_teacher), (name, m["source"])
         if m["acc_mean"] is None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -71,6 +73,8 @@ def test_every_method_runs_on_cuda_and_matches_cpu() -> None:
     zt = torch.randn(16, 10, generator=g) * 3
     y = torch.randint(0, 10, (16,), generator=g)
     for name, method in sorted(METHODS.items()):
+        if method.kind == "feature":  # see test_every_feature_method_trains_on_cuda
+            continue
         opts = {"seed": 0} if "seed" in method.defaults else {}
         out = {}
         for dev in ("cpu", "cuda"):
@@ -84,3 +88,28 @@ def test_every_method_runs_on_cuda_and_matches_cpu() -> None:
             continue
         torch.testing.assert_close(out["cuda"][0], out["cpu"][0], rtol=1e-4, atol=1e-5, msg=name)
         torch.testing.assert_close(out["cuda"][1], out["cpu"][1], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_every_feature_method_trains_on_cuda(tmp_path) -> None:
+    """Each feature method's loop (hooks, connectors, reductions) on a CUDA student and teacher."""
+    from kd.bench.methods import FEATURE_MATCHES
+    from kd.data import load_dataset
+    from kd.models import digits_cnn, digits_cnn_student
+    from student_trainer.losses import METHODS
+    from student_trainer.sources import LocalSource
+    from student_trainer.train import TrainConfig, seed_everything, train_student
+    from teacher_server.loading import load_teacher, save_weights
+
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    seed_everything(0)
+    path = save_weights(digits_cnn(), tmp_path / "cnn.safetensors")
+    teacher = load_teacher("cnn", f"kd.models:digits_cnn@{path}", device="cuda")
+    for name, method in sorted(METHODS.items()):
+        if method.kind != "feature":
+            continue
+        seed_everything(0)
+        student = digits_cnn_student()
+        config = TrainConfig(method=name, matches=list(FEATURE_MATCHES[name]), epochs=1, device="cuda")
+        res = train_student(student, train, test, config, source=LocalSource(teacher), subset=torch.arange(64))
+        assert all(math.isfinite(v) for v in res.loss_per_epoch), name
+        assert next(student.parameters()).device.type == "cuda", name

@@ -76,7 +76,7 @@ def huber(x: float) -> float:
 # -- registry -----------------------------------------------------------------------------------
 def test_methods_are_registered_with_their_reduction_connector_and_layers() -> None:
     expected = {
-        "fsp": ("fsp:{1}", None, 2),
+        "fsp": ("fsp:{1}", "auto", 2),
         "nst": ("nst", None, 1),
         "sp": ("sp", None, 1),
         "cckd": ("cc", None, 1),
@@ -489,10 +489,16 @@ def test_method_trains_a_student_from_a_local_teacher(cnn_teacher: Teacher, meth
     assert result.connectors is not None and not list(result.connectors.parameters())  # no connector
 
 
-def test_fsp_trains_a_student_of_the_teachers_widths_and_refuses_other_widths(cnn_teacher: Teacher) -> None:
-    _train(cnn_teacher, "fsp", ["layer1,layer2=layer1,layer2"], student=DigitsCNN(width=32))
-    with pytest.raises(ValueError, match="channel count"):
-        _train(cnn_teacher, "fsp", ["layer1,layer2=layer1,layer2"])  # student 8/16 channels, teacher 32/64
+def test_fsp_matches_same_widths_directly_and_narrower_students_through_per_layer_connectors(
+    cnn_teacher: Teacher,
+) -> None:
+    same = _train(cnn_teacher, "fsp", ["layer1,layer2=layer1,layer2"], student=DigitsCNN(width=32))
+    (conn,) = same.connectors
+    assert all(isinstance(c, nn.Identity) for c in conn.layers)  # the paper's setting: no connector
+    narrow = _train(cnn_teacher, "fsp", ["layer1,layer2=layer1,layer2"])  # student 8/16 channels, teacher 32/64
+    (conn,) = narrow.connectors
+    assert [(c.conv.in_channels, c.conv.out_channels) for c in conn.layers] == [(8, 32), (16, 64)]
+    assert not torch.equal(conn.layers[0].bn.weight.detach(), torch.ones(32))
 
 
 def test_adain_trains_its_conv_bn_connector(cnn_teacher: Teacher) -> None:

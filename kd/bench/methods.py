@@ -21,8 +21,19 @@ student as its teacher: for each seed that is the CE baseline student of the
 same seed (trained with CE on the same subset, same budget), run in-process
 through a ``LocalSource``.
 
+Feature methods (``kind == "feature"``) need maps to match, so they run in a second
+section on a CNN pair: ``digits_cnn`` (DigitsCNN width 32, BatchNorm) as the teacher and
+``digits_cnn_student`` (width 8) on the same labelled subsets, next to CE and KD on that
+pair. Their teacher features come from one cache too: precomputed once with every
+feature any method asks for, stored as each method asks for it (``layer2@at`` is 64
+values per sample, not the 64x8x8 map), and the table reports the bytes per sample of
+each method's feature targets. ``FEATURE_MATCHES`` gives each method's layer matches;
+methods whose statistic relates the samples of a batch (``sp``, ``cckd``) cannot be
+cached per sample, so they read the full map and reduce it in the trainer.
+
 The accuracies are what they are on this small task; a method below plain KD is
-not wrong if its loss matches its formula (``tests/test_losses*.py`` check that).
+not wrong if its loss matches its formula (``tests/test_losses*.py`` and
+``tests/test_feature_losses_*.py`` check that).
 """
 
 from __future__ import annotations
@@ -40,11 +51,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from kd import reductions
 from kd.data import Dataset, load_dataset
 from kd.demo import train_digits_teacher
-from kd.models import digits_student
+from kd.models import digits_cnn, digits_cnn_student, digits_student
 from kd.precompute import precompute
-from student_trainer.losses import METHODS, get_method
+from student_trainer.features import LOGITS, Match, feature_name
+from student_trainer.losses import METHODS, FeatureMethod, get_method
 from student_trainer.sources import CacheSource, LocalSource, SoftTargetSource
 from student_trainer.train import TrainConfig, seed_everything, train_student
 from teacher_server.loading import load_teacher, save_weights
@@ -74,6 +87,38 @@ NOTES: dict[str, str] = {
 }
 
 
+# Layer matches of each feature method on the CNN pair (DigitsCNN: layer1 [C, 8, 8], layer2 [2C, 8, 8],
+# pool [2C, 1, 1], head = logits).
+FEATURE_MATCHES: dict[str, tuple[str, ...]] = {
+    "at": ("layer1=layer1", "layer2=layer2"),
+    "fitnet": ("layer2=layer2",),
+    "fsp": ("layer1,layer2=layer1,layer2",),
+    "nst": ("layer2=layer2",),
+    "sp": ("layer2=layer2",),
+    "cckd": ("pool=pool",),
+    "adain": ("layer2=layer2",),
+    "rkd": ("pool=pool",),
+    "pkt": ("pool=pool",),
+    "cd": ("layer1=layer1", "layer2=layer2"),
+    "mimic": ("pool=pool",),
+    "mgd": ("layer2=layer2",),
+    "kp": ("layer2=layer2",),
+    "kr": ("layer2=layer2",),
+    "tat": ("layer2=layer2",),
+    "dfa": ("layer2=layer2.0", "layer2=layer2.1", "layer2=layer2"),
+    "recurrent": ("layer2=layer2",),
+    "pad-feat": ("layer2=layer2",),
+    "pad": ("pool=logits",),
+    "adversarial": ("logits=logits",),
+}
+FEATURE_NOTES: dict[str, str] = {
+    "sp": "batch statistic: full map cached, reduced in the trainer",
+    "cckd": "batch statistic: full map cached, reduced in the trainer",
+    "recurrent": "AT loss on a plain (not recurrent) student here",
+    "dfa": "candidates: layer2 conv, BN and ReLU outputs",
+}
+
+
 @dataclass
 class MethodsBenchSettings:
     quick: bool = False
@@ -83,12 +128,13 @@ class MethodsBenchSettings:
     teacher_epochs: int = 40
     threads: int = 2  # torch threads (the demo's min(2, default)); 0: torch's default
     methods: tuple[str, ...] = ()  # empty: every registered method
+    feature_epochs: int = 150  # CNN student epochs (feature section)
 
     @classmethod
     def make(cls, quick: bool = False, **overrides: Any) -> MethodsBenchSettings:
         base = cls()
         if quick:
-            base = replace(base, quick=True, seeds=1, epochs=10, teacher_epochs=3)
+            base = replace(base, quick=True, seeds=1, epochs=10, teacher_epochs=3, feature_epochs=3)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -98,6 +144,10 @@ def selected_methods(names: tuple[str, ...] | list[str]) -> list[str]:
         get_method(name)  # ValueError for an unknown name
     chosen = set(names) if names else set(METHODS)
     return list(BASELINES) + [m for m in METHODS if m in chosen and m not in BASELINES]
+
+
+def is_feature(name: str) -> bool:
+    return isinstance(METHODS[name], FeatureMethod)
 
 
 def _mean(xs: list[float]) -> float:
@@ -118,7 +168,9 @@ def run_bench(s: MethodsBenchSettings) -> dict[str, Any]:
     t_start = time.perf_counter()
     if s.threads:
         torch.set_num_threads(s.threads)
-    names = selected_methods(s.methods)
+    everything = selected_methods(s.methods)
+    names = [n for n in everything if not is_feature(n)]
+    feature_names = [n for n in everything if is_feature(n)]
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     results: dict[str, Any] = {"methods": {}}
     with tempfile.TemporaryDirectory(prefix="kd-bench-methods-") as tmp:
@@ -193,6 +245,9 @@ def run_bench(s: MethodsBenchSettings) -> dict[str, Any]:
             console.print(f"  {name:10s} acc {row['acc_mean']:.4f} ± {row['acc_std']:.4f} "
                           f"({row['seconds']:.1f}s)", highlight=False)  # fmt: skip
 
+        if feature_names:
+            results["feature_methods"], results["cnn"] = _feature_section(s, feature_names, train, test, root)
+
     ms = results["methods"]
     results.update(
         ce={k: ms["ce"][k] for k in ("acc_mean", "acc_std", "acc_per_seed", "seconds")},
@@ -200,7 +255,7 @@ def run_bench(s: MethodsBenchSettings) -> dict[str, Any]:
         teacher_acc=teacher_acc,
         settings={
             **asdict(s),
-            "methods": names,
+            "methods": everything,
             "torch_threads": torch.get_num_threads(),
             "student": "kd.models:digits_student",
             "teacher": "kd.models:digits_teacher",
@@ -216,6 +271,101 @@ def run_bench(s: MethodsBenchSettings) -> dict[str, Any]:
         seconds=round(time.perf_counter() - t_start, 1),
     )
     return results
+
+
+def _feature_options(name: str) -> dict[str, object]:
+    method = get_method(name)
+    opts = {**method.own_defaults, **OVERRIDES.get(name, {})}
+    if method.reduce is not None and not reductions.parse(f"x@{method.reduce.format('x', 'x', **opts)}").per_sample:
+        opts["teacher_reduce"] = "trainer"  # a batch statistic: cache the map, reduce it here
+    return opts
+
+
+def _teacher_names(name: str, opts: dict[str, object]) -> list[str]:
+    """The teacher features a feature method reads (what the cache must store for it)."""
+    method = get_method(name)
+    out: list[str] = []
+    for text in FEATURE_MATCHES[name]:
+        m = Match.parse(text)
+        if LOGITS in m.teacher:
+            continue
+        if opts.get("teacher_reduce") == "trainer":
+            out += list(m.teacher)
+        else:
+            out.append(feature_name(m.teacher, method.reduce, {**method.own_defaults, **opts}))
+    return list(dict.fromkeys(out))
+
+
+def _feature_section(s: MethodsBenchSettings, names: list[str], train: Dataset, test: Dataset,
+                     root: Path) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """CE, KD and every feature method on the CNN pair, features from one cache."""
+    seed_everything(0)
+    model = digits_cnn()
+    r = train_student(model, train, test, TrainConfig(method="ce", epochs=s.teacher_epochs, lr=1e-3, batch_size=64))
+    path = save_weights(model, root / "digits-cnn.safetensors")
+    teacher = load_teacher("digits-cnn", f"kd.models:digits_cnn@{path}")
+    console.print(f"digits CNN teacher: test acc {r.test_acc:.4f} ({s.teacher_epochs} epochs)", highlight=False)
+    missing = [n for n in names if n not in FEATURE_MATCHES]
+    if missing:
+        raise ValueError(f"no layer matches for feature method(s) {missing} in kd.bench.methods.FEATURE_MATCHES")
+    wanted = {n: _teacher_names(n, _feature_options(n)) for n in names}
+    stored = sorted({f for fs in wanted.values() for f in fs})
+    rep = precompute(train, LocalSource(teacher), root / "cache-cnn", codec="fp32", features=stored, progress=False)
+    cache = CacheSource(str(rep.path), teacher_fingerprint=teacher.fingerprint, dataset_id=train.dataset_id)
+    feature_bytes = cache.reader.meta.feature_bytes
+    rows: dict[str, Any] = {}
+    for name in ["ce", "kd", *names]:
+        feature = name not in BASELINES
+        opts = _feature_options(name) if feature else dict(get_method(name).defaults)
+        row: dict[str, Any] = {
+            "paper": get_method(name).paper,
+            "options": opts,
+            "matches": list(FEATURE_MATCHES.get(name, ())),
+            "teacher_features": wanted.get(name, []),
+            "feature_bytes_per_sample": sum(feature_bytes[f] for f in wanted.get(name, [])),
+            "note": FEATURE_NOTES.get(name, ""),
+            "acc_per_seed": [],
+            "seconds_per_seed": [],
+        }
+        try:
+            for seed in range(s.seeds):
+                seed_everything(seed)
+                student = digits_cnn_student()
+                config = TrainConfig(method=name, method_options=dict(opts), epochs=s.feature_epochs, seed=seed,
+                                     matches=list(FEATURE_MATCHES.get(name, ())))  # fmt: skip
+                res = train_student(student, train, test, config, source=None if name == "ce" else cache,
+                                    subset=_subset(train, s, seed))  # fmt: skip
+                if not math.isfinite(res.test_acc):
+                    raise RuntimeError(f"non-finite accuracy {res.test_acc}")
+                row["acc_per_seed"].append(res.test_acc)
+                row["seconds_per_seed"].append(round(res.seconds, 3))
+        except Exception as e:  # noqa: BLE001 - recorded: the bench goes on with the other methods
+            if not feature:
+                raise
+            row.update(acc_mean=None, acc_std=None, seconds=round(sum(row["seconds_per_seed"]), 2),
+                       skipped=f"{type(e).__name__}: {e}")  # fmt: skip
+            console.print(f"  {name:10s} skipped: {row['skipped']}", highlight=False)
+            rows[name] = row
+            continue
+        accs = row["acc_per_seed"]
+        row.update(acc_mean=_mean(accs), acc_std=_std(accs), seconds=round(sum(row["seconds_per_seed"]), 2))
+        for ref in BASELINES:
+            deltas = [a - b for a, b in zip(accs, rows.get(ref, row)["acc_per_seed"])]
+            row[f"delta_vs_{ref}_mean"], row[f"delta_vs_{ref}_std"] = _mean(deltas), _std(deltas)
+        rows[name] = row
+        console.print(f"  {name:10s} acc {row['acc_mean']:.4f} ± {row['acc_std']:.4f} ({row['seconds']:.1f}s, "
+                      f"{row['feature_bytes_per_sample']} B/sample features)", highlight=False)  # fmt: skip
+    cnn = {
+        "teacher_acc": r.test_acc,
+        "teacher": "kd.models:digits_cnn",
+        "student": "kd.models:digits_cnn_student",
+        "teacher_params": sum(p.numel() for p in teacher.model.parameters()),
+        "student_params": sum(p.numel() for p in digits_cnn_student().parameters()),
+        "epochs": s.feature_epochs,
+        "cache_features": dict(feature_bytes),
+        "logit_bytes_per_sample": cache.reader.logit_bytes,
+    }
+    return rows, cnn
 
 
 def print_report(r: dict[str, Any], out: Console | None = None) -> None:
@@ -264,4 +414,34 @@ def print_report(r: dict[str, Any], out: Console | None = None) -> None:
         "matches its formula.",
         highlight=False,
     )
+    if r.get("feature_methods"):
+        _print_feature_table(r, out)
     out.print(f"{r['seconds']:.1f}s total", highlight=False)
+
+
+def _print_feature_table(r: dict[str, Any], out: Console) -> None:
+    c, s = r["cnn"], r["settings"]
+    t = Table(
+        title=f"feature methods: digits_cnn_student ({c['student_params']} params) from digits_cnn "
+        f"({c['teacher_params']} params, test acc {c['teacher_acc']:.4f}), {s['labeled']} labelled samples, "
+        f"{c['epochs']} epochs, {s['seeds']} seed(s); teacher features from the cache"
+    )
+    for col in ("#", "method", "test acc (mean ± std)", "vs KD", "vs CE", "feature B/sample", "matches", "s", "note"):
+        t.add_column(col, justify="left" if col in ("method", "matches", "note") else "right")
+    rows = r["feature_methods"]
+    done = sorted(((n, m) for n, m in rows.items() if m["acc_mean"] is not None), key=lambda nm: -nm[1]["acc_mean"])
+    for rank, (name, m) in enumerate(done, 1):
+
+        def delta(ref: str, m: dict[str, Any] = m, name: str = name) -> str:
+            return "-" if name == ref else f"{m[f'delta_vs_{ref}_mean']:+.4f} ± {m[f'delta_vs_{ref}_std']:.4f}"
+
+        t.add_row(str(rank), name, f"{m['acc_mean']:.4f} ± {m['acc_std']:.4f}", delta("kd"), delta("ce"),
+                  str(m["feature_bytes_per_sample"]), " ".join(m["matches"]), f"{m['seconds']:.1f}", m["note"],
+                  style={"ce": "bold yellow", "kd": "bold cyan"}.get(name))  # fmt: skip
+    for name, m in rows.items():
+        if m["acc_mean"] is None:
+            t.add_row("-", name, "skipped", "", "", "", " ".join(m["matches"]), f"{m['seconds']:.1f}", m["skipped"],
+                      style="dim")  # fmt: skip
+    out.print(t)
+    out.print(f"feature B/sample: fp16 bytes per sample of the teacher features the method reads from the cache "
+              f"(logits: {c['logit_bytes_per_sample']} B/sample more).", highlight=False)  # fmt: skip

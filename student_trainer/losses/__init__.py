@@ -32,6 +32,7 @@ class Method:
     # The loop doubles each batch with a same-class partner per sample (CS-KD):
     # the loss gets the student's logits for [x; x'] and labels for both halves.
     pairs: bool = False
+    kind = "logit"  # class attribute (FeatureMethod: "feature")
 
     @property
     def defaults(self) -> dict[str, object]:

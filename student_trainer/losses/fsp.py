@@ -10,11 +10,12 @@ matrix of their maps, F1 [C1, H, W] and F2 [C2, H, W] at the same spatial size:
 first, as CRD's ``FSP`` does; the server computes G for the teacher as ``L1@fsp:L2``
 so only the [C1, C2] matrix travels.) A match names two layers per side,
 ``"s1,s2=t1,t2"``, and compares G_s = G(s1, s2) with G_t = G(t1, t2) entry by entry, so
-**the student's layers must have the teacher's channel counts** (C1 of s1 = C1 of t1,
-C2 of s2 = C2 of t2); otherwise the loss raises a ValueError naming both shapes. As in
-the paper, FSP suits a student of the teacher's widths (the paper's students are
-shallower ResNets of the same widths); there is no connector (the trainer's connector
-only sees the first layer of a match, and FSP has two).
+the matrices need the teacher's channel counts (C1 of s1 = C1 of t1, C2 of s2 = C2 of t2).
+The paper's students have the teacher's widths (shallower ResNets of the same widths);
+there the connector is the identity. For a narrower student each of its two layers
+goes through its own 1x1 conv + BN to the teacher layer's width first (connector
+"auto", one per layer; an adaptation, trained with the student). The loss raises a
+ValueError naming both shapes if the matrices still differ.
 
 Loss, summed over matches (pairs of layer pairs):
 
@@ -42,6 +43,9 @@ from student_trainer.losses import register_feature
     "Network Minimization and Transfer Learning (CVPR)",
     reduce="fsp:{1}",
     layers=2,
+    # Identity when a student layer has the teacher's width (the paper's setting); else a 1x1 conv + BN
+    # per layer, so students narrower than their teacher can be matched (an adaptation).
+    connector="auto",
 )
 def fsp_loss(
     student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], *, weight: float = 50.0
