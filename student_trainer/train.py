@@ -355,7 +355,7 @@ class _FeaturePlan:
             views = torch.zeros(len(idx), dtype=torch.long) if config.views > 1 else None
             x = train.inputs[idx] if views is None else train.views(idx, view_seeds(idx, views, config.views))
             s_shapes = probe_student_shapes(student, x, [layer for m in self.matches for layer in m.student])
-            t_shapes = self._teacher_shapes(source, Batch(idx, x, train.labels[idx], views))
+            t_shapes = self._teacher_shapes(source, Batch(idx, x, train.labels[idx], views), s_shapes)
             connectors = []
             for i, m in enumerate(self.matches):
                 made = [make_connector(method.connector, s_shapes[s], t_shapes[i, k]) for k, s in enumerate(m.student)]
@@ -365,18 +365,25 @@ class _FeaturePlan:
     def _name(self, layers) -> str:
         return feature_name(layers, self.method.reduce, {**self.method.own_defaults, **self.options})
 
-    def _teacher_shapes(self, source: SoftTargetSource, probe: Batch) -> dict[tuple[int, int], tuple[int, ...]]:
+    def _teacher_shapes(self, source: SoftTargetSource, probe: Batch,
+                        s_shapes: dict[str, tuple[int, ...]]) -> dict[tuple[int, int], tuple[int, ...]]:  # fmt: skip
         """Per-sample shape of each teacher layer of each match, (match, layer) -> shape: the full
-        map where the source can give it (server, local teacher, a cache storing it), else the
-        feature the method asks for."""
+        map where the source can give it (server, local teacher, a cache storing it), else what
+        the feature the method asks for tells (an FSP matrix [C1, C2] tells both widths)."""
         full = [layer for m in self.matches for layer in m.teacher if layer != LOGITS]
         try:
             _, logits, feats = next(iter(source.iter_outputs([probe], list(dict.fromkeys(full)))))
         except ValueError:
             _, logits, feats = next(iter(source.iter_outputs([probe], self.teacher_names)))
             asked = self._teacher_side(feats, logits)
-            return {(i, k): tuple(asked[i].shape[1:]) for i, m in enumerate(self.matches)
-                    for k in range(len(m.teacher))}  # fmt: skip
+            shapes = {}
+            for i, m in enumerate(self.matches):
+                got = tuple(asked[i].shape[1:])
+                for k, s in enumerate(m.student):
+                    fsp = self.method.reduce is not None and self.method.reduce.startswith("fsp")
+                    # a teacher map of this width at the student's spatial size
+                    shapes[i, k] = (got[k], *s_shapes[s][1:]) if fsp else got
+            return shapes
         feats = {**feats, LOGITS: logits}
         return {(i, k): tuple(feats[layer].shape[1:]) for i, m in enumerate(self.matches)
                 for k, layer in enumerate(m.teacher)}  # fmt: skip
