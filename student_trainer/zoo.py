@@ -51,6 +51,7 @@ from torch import nn
 __all__ = [
     "ZOO",
     "mobilenet_v2",
+    "moonshine_wrn",
     "resnet8x4",
     "resnet32x4",
     "shufflenet_v1",
@@ -149,14 +150,14 @@ class _WideBlock(nn.Module):
 
     When the shape changes, the shortcut takes the pre-activated input (as in the reference)."""
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, conv: str = "conv") -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
         self.relu1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv1 = cheap_conv(cin, cout, stride, conv)
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu2 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.conv2 = cheap_conv(cout, cout, 1, conv)
         # Reference parameter name, kept so checkpoints load.
         self.convShortcut = None if cin == cout else nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
 
@@ -167,10 +168,10 @@ class _WideBlock(nn.Module):
 
 
 class _WideStage(nn.Module):
-    def __init__(self, n: int, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, n: int, cin: int, cout: int, stride: int, conv: str = "conv") -> None:
         super().__init__()
         self.layer = nn.Sequential(
-            *[_WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)]
+            *[_WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, conv) for i in range(n)]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,16 +190,16 @@ class WideResNet(nn.Module):
     input_shape = INPUT_SHAPE
     stages = ("block1", "block2", "block3")
 
-    def __init__(self, depth: int, widen: int, num_classes: int = 100) -> None:
+    def __init__(self, depth: int, widen: int, num_classes: int = 100, conv: str = "conv") -> None:
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
         widths = (16, 16 * widen, 32 * widen, 64 * widen)
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        self.block1 = _WideStage(n, widths[0], widths[1], 1)
-        self.block2 = _WideStage(n, widths[1], widths[2], 2)
-        self.block3 = _WideStage(n, widths[2], widths[3], 2)
+        self.block1 = _WideStage(n, widths[0], widths[1], 1, conv)
+        self.block2 = _WideStage(n, widths[1], widths[2], 2, conv)
+        self.block3 = _WideStage(n, widths[2], widths[3], 2, conv)
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(widths[3], num_classes)
@@ -219,6 +220,63 @@ def wrn_16_2(num_classes: int = 100) -> nn.Module:
 def wrn_40_2(num_classes: int = 100) -> nn.Module:
     """WRN-40-2 (CRD): 2,255,156 params at 100 classes (CRD: 2.26M)."""
     return WideResNet(40, 2, num_classes)
+
+
+# --------------------------------------------------------------------------- Moonshine
+
+
+def cheap_conv(cin: int, cout: int, stride: int, kind: str = "conv") -> nn.Module:
+    """A 3x3 convolution or one of Moonshine's cheap substitutes (Crowley, Gray, Storkey,
+    "Moonshine: Distilling with Cheap Convolutions", NeurIPS 2018, Section 3):
+
+    * ``conv``: the standard 3x3 convolution (the teacher's);
+    * ``G<g>``: a grouped 3x3 convolution with g groups, then a 1x1 pointwise convolution
+      so the groups mix (``G<C>`` is a depthwise-separable convolution);
+    * ``B<b>``: a bottleneck: 1x1 to C_out/b channels, BN-ReLU, 3x3, BN-ReLU, 1x1 back to C_out;
+    * ``B<b>G<g>``: the bottleneck with its 3x3 convolution grouped (the paper's BG blocks).
+    """
+    if kind == "conv":
+        return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+    import re
+
+    m = re.fullmatch(r"(?:B(\d+))?(?:G(\d+))?", kind)
+    if not m or not any(m.groups()):
+        raise ValueError(f"cheap convolution {kind!r}: use conv, G<groups>, B<bottleneck> or B<b>G<g>")
+    b, g = int(m.group(1) or 0), int(m.group(2) or 1)
+    if b:
+        mid = max(1, cout // b)
+        if mid % g:
+            raise ValueError(f"{kind}: the bottleneck's {mid} channels do not split into {g} groups")
+        return nn.Sequential(
+            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+            nn.Conv2d(mid, mid, 3, stride, 1, groups=g, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+            nn.Conv2d(mid, cout, 1, bias=False),
+        )  # fmt: skip
+    if cin % g or cout % g:
+        raise ValueError(f"{kind}: {cin} -> {cout} channels do not split into {g} groups")
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, groups=g, bias=False), nn.Conv2d(cout, cout, 1, bias=False))
+
+
+def moonshine_wrn(depth: int = 40, widen: int = 2, conv: str = "G4", num_classes: int = 100) -> nn.Module:
+    """A Moonshine student: WRN-d-k with every block convolution replaced by ``cheap_conv(conv)``,
+    same stages (``block1``..``block3``) as the WRN teacher, so attention transfer matches
+    them stage by stage (``kd train --method at --match block1=block1 ...``)."""
+    return WideResNet(depth, widen, num_classes, conv=conv)
+
+
+def moonshine_wrn_40_2_g4(num_classes: int = 100) -> nn.Module:
+    """WRN-40-2 with G(4) blocks (grouped 3x3 with 4 groups + pointwise)."""
+    return moonshine_wrn(40, 2, "G4", num_classes)
+
+
+def moonshine_wrn_40_2_b2(num_classes: int = 100) -> nn.Module:
+    """WRN-40-2 with B(2) bottleneck blocks."""
+    return moonshine_wrn(40, 2, "B2", num_classes)
+
+
+def moonshine_wrn_40_2_b2g2(num_classes: int = 100) -> nn.Module:
+    """WRN-40-2 with BG(2, 2) blocks (bottleneck 2, grouped middle conv with 2 groups)."""
+    return moonshine_wrn(40, 2, "B2G2", num_classes)
 
 
 # --------------------------------------------------------------------------- ShuffleNet
@@ -487,6 +545,9 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "shufflenet_v1": shufflenet_v1,
     "shufflenet_v2": shufflenet_v2,
     "mobilenet_v2": mobilenet_v2,
+    "moonshine_wrn_40_2_g4": moonshine_wrn_40_2_g4,
+    "moonshine_wrn_40_2_b2": moonshine_wrn_40_2_b2,
+    "moonshine_wrn_40_2_b2g2": moonshine_wrn_40_2_b2g2,
 }
 
 for _factory in ZOO.values():

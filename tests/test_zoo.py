@@ -33,7 +33,53 @@ REFERENCE_KEYS = {
     "mobilenet_v2": "blocks.6.0.conv.7.weight",
 }
 
+
+def _moonshine_params(kind: str) -> int:
+    """WRN-40-2's count with each block's two 3x3 convolutions swapped for Moonshine's cheap
+    ones, counted by formula: G(g) = 9 cin cout / g + cout^2 (grouped + pointwise);
+    B(b)G(g) = cin m + 2m + 9 m^2 / g + 2m + m cout with m = cout / b (1x1, BN, 3x3, BN, 1x1)."""
+    b = int(kind[1:].split("G")[0]) if kind.startswith("B") else 0
+    g = int(kind.split("G")[1]) if "G" in kind else 1
+
+    def cheap(cin: int, cout: int) -> int:
+        if b:
+            m = cout // b
+            return cin * m + 2 * m + 9 * m * m // g + 2 * m + m * cout
+        return 9 * cin * cout // g + cout * cout
+
+    total = PARAMS["wrn_40_2"][0]
+    for cin, cout in ((16, 32), (32, 64), (64, 128)):
+        for i in range(6):
+            first = cin if i == 0 else cout
+            total += cheap(first, cout) - 9 * first * cout + cheap(cout, cout) - 9 * cout * cout
+    return total
+
+
+# Moonshine students (no published counts to compare: the formula's count, twice).
+for _name, _kind in (("moonshine_wrn_40_2_g4", "G4"), ("moonshine_wrn_40_2_b2", "B2"),
+                     ("moonshine_wrn_40_2_b2g2", "B2G2")):  # fmt: skip
+    PARAMS[_name] = (_moonshine_params(_kind), float(_moonshine_params(_kind)))
+REFERENCE_KEYS |= {
+    "moonshine_wrn_40_2_g4": "block3.layer.5.conv2.1.weight",
+    "moonshine_wrn_40_2_b2": "block2.layer.0.conv1.4.running_mean",
+    "moonshine_wrn_40_2_b2g2": "block1.layer.3.conv2.6.weight",
+}
+
 NAMES = list(zoo.ZOO)
+
+
+def test_cheap_convolutions_are_what_moonshine_describes() -> None:
+    g4 = zoo.cheap_conv(32, 64, 2, "G4")
+    assert g4[0].groups == 4 and g4[0].stride == (2, 2) and g4[1].kernel_size == (1, 1)
+    b2g2 = zoo.cheap_conv(32, 64, 1, "B2G2")
+    assert [type(m).__name__ for m in b2g2] == ["Conv2d", "BatchNorm2d", "ReLU"] * 2 + ["Conv2d"]
+    assert b2g2[0].out_channels == 32 and b2g2[3].groups == 2
+    x = torch.randn(2, 32, 8, 8)
+    assert g4(x).shape == (2, 64, 4, 4) and b2g2(x).shape == (2, 64, 8, 8)
+    for bad in ("G3", "X2", "B2G5"):
+        with pytest.raises(ValueError, match="split into|cheap convolution"):
+            zoo.cheap_conv(32, 64, 1, bad)
+    assert sum(p.numel() for p in zoo.moonshine_wrn_40_2_b2g2().parameters()) < 0.3 * PARAMS["wrn_40_2"][0]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -131,3 +177,24 @@ def test_loads_weights_from_safetensors(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(t.model(x), src(x))
     assert t.layers["layer3"] == (256, 8, 8)
+
+
+def test_attention_transfer_into_a_moonshine_student_stage_by_stage(tmp_path) -> None:
+    """Moonshine's recipe: a WRN teacher, the same WRN with cheap convolutions as the student,
+    AT on every stage (generated images: a shape-and-plumbing test)."""
+    from kd.data import Dataset
+    from student_trainer.sources import LocalSource
+    from student_trainer.train import TrainConfig, train_student
+    from teacher_server.loading import save_weights
+
+    torch.manual_seed(0)
+    data = Dataset("noise", "train", torch.randn(16, 3, 32, 32), torch.randint(0, 100, (16,)), 100)
+    path = save_weights(zoo.wrn_16_2(), tmp_path / "wrn.safetensors")
+    teacher = load_teacher("wrn", f"student_trainer.zoo:wrn_16_2@{path}")
+    student = zoo.moonshine_wrn(16, 2, "G4")
+    before = student.block1.layer[0].conv1[0].weight.detach().clone()
+    matches = [f"{s}={s}" for s in student.stages]
+    res = train_student(student, data, data, TrainConfig(method="at", matches=matches, epochs=1, batch_size=8),
+                        source=LocalSource(teacher))  # fmt: skip
+    assert torch.isfinite(torch.tensor(res.loss_per_epoch)).all()
+    assert not torch.equal(before, student.block1.layer[0].conv1[0].weight)
