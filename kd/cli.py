@@ -718,6 +718,27 @@ def chain(
         _fail(str(e), 1)
 
 
+@app.command("demo-datafree")
+def demo_datafree(
+    out: Path = typer.Option(Path("demo-datafree-out"), help="Where results.json, the teacher and its records go."),
+    method: list[str] = typer.Option([], help="Run only these data-free methods (repeatable) [all registered]."),
+    teacher_epochs: int = typer.Option(40, help="Epochs of the teacher's CE training on the real data."),
+    quick: bool = typer.Option(False, "--quick", help="A few steps per method (tests, smoke runs)."),
+) -> None:
+    """Data-free distillation on digits: every method against a served teacher, next to real-data KD."""
+    import torch
+
+    from kd.demo_datafree import print_report, run_demo_datafree
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    try:
+        result = run_demo_datafree(out, methods=list(method) or None, quick=quick, teacher_epochs=teacher_epochs)
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    print_report(result)
+    console.print(f"wrote {out / 'results.json'}", highlight=False)
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="Where teacher, cache, results.json and curves.png go."),

@@ -54,13 +54,14 @@ def train_digits_teacher(train, test, path: Path, *, epochs: int = 40) -> tuple[
     return load_teacher("digits", f"kd.models:digits_teacher@{path}"), res.test_acc
 
 
-def start_server_process(spec: str, out: Path, *, name: str = "digits", log_name: str = "server.log"):
-    """``kd serve --teacher NAME=SPEC`` as a subprocess on a free loopback port -> (process, port)."""
+def start_server_process(spec: str, out: Path, *, name: str = "digits", log_name: str = "server.log",
+                         extra: list[str] | None = None):  # fmt: skip
+    """``kd serve --teacher NAME=SPEC [extra flags]`` as a subprocess on a free loopback port -> (process, port)."""
     port_file = out / f"{log_name}.port"
     port_file.unlink(missing_ok=True)
     log = open(out / log_name, "w")  # noqa: SIM115 - lives as long as the server
     cmd = [sys.executable, "-m", "kd", "serve", "--teacher", f"{name}={spec}", "--port", "0",
-           "--port-file", str(port_file), "--max-queue-delay-us", "500"]  # fmt: skip
+           "--port-file", str(port_file), "--max-queue-delay-us", "500", *(extra or [])]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120
     while not port_file.exists():  # written atomically by kd serve once it listens
