@@ -44,6 +44,7 @@ class TeacherDescription:
     layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
     batch_norms: tuple[str, ...] = ()
     has_activation_records: bool = False
+    class_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ class TeacherClient:
                 {layer.name: tuple(layer.shape) for layer in t.layers},
                 tuple(b.name for b in t.batch_norms),
                 bool(t.has_activation_records),
+                tuple(t.class_names),
             )
             for t in resp.teachers
         ]

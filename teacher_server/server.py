@@ -55,6 +55,8 @@ class TeacherOptions:
     access: str = "white"
     # Activation records file (``kd records``) served to data-free clients.
     records: str | None = None
+    # The class map: a name per output index (reported by ListTeachers).
+    class_names: list[str] | None = None
 
 
 # The first version's name, kept for callers that only set batching fields.
@@ -117,11 +119,13 @@ def _endpoint(t: Teacher, o: TeacherOptions, metrics: ServerMetrics) -> Endpoint
         observer=metrics.batch_observer(t.name),
         on_queue_depth=metrics.depth_setter(t.name),
     )
+    if o.class_names is not None and len(o.class_names) != t.num_classes:
+        raise ValueError(f"teacher {t.name!r}: {len(o.class_names)} class_names for {t.num_classes} classes")
     records, records_dataset = None, ""
     if o.records:
         records, records_dataset = load_records(o.records, t)
     return Endpoint(t, batcher, mean, std, access=parse_access(o.access), records=records,
-                    records_dataset=records_dataset)  # fmt: skip
+                    records_dataset=records_dataset, class_names=list(o.class_names or []))  # fmt: skip
 
 
 def start_server(

@@ -75,6 +75,7 @@ class Endpoint:
     # Lopes et al. activation records (teacher_server.records), computed by the operator.
     records: dict[str, torch.Tensor] | None = None
     records_dataset: str = ""
+    class_names: list[str] = field(default_factory=list)
     # Input-gradient batchers, one per set of feature layers with an upstream gradient.
     vjp_batchers: dict[frozenset[str], DynamicBatcher] = field(default_factory=dict)
     vjp_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -131,6 +132,7 @@ class Endpoint:
                 pb.BatchNormInfo(name=n, num_features=m.num_features, eps=m.eps) for n, m in batchnorm_layers(t.model)
             ],
             has_activation_records=self.records is not None,
+            class_names=self.class_names,
         )
 
     def from_uint8(self, x: torch.Tensor) -> torch.Tensor:

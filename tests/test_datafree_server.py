@@ -240,7 +240,8 @@ def test_server_side_synthesis_streams_progress_then_the_batch(address, cnn: Tea
 @pytest.fixture(scope="module")
 def tiered(cnn_spec: str, records_file: Path):
     teachers = [load_teacher(tier, cnn_spec) for tier in ("white", "features", "scores", "labels")]
-    options = {t.name: TeacherOptions(access=t.name, records=str(records_file)) for t in teachers}
+    names = [str(k) for k in range(10)]
+    options = {t.name: TeacherOptions(access=t.name, records=str(records_file), class_names=names) for t in teachers}
     running = start_server(teachers, options=options)
     yield f"127.0.0.1:{running.port}"
     running.stop(grace=1)
@@ -271,7 +272,9 @@ def test_each_tier_refuses_what_it_should(tiered: str) -> None:
         }
         order = ["white", "features", "scores", "labels"]
         for served in order:
-            assert c.describe(served).access == served
+            desc = c.describe(served)
+            assert desc.access == served and desc.class_names == tuple(str(k) for k in range(10))
+            assert desc.layers["layer2"] == (64, 8, 8) and desc.input_shape == (1, 8, 8)
             for needed, call in calls.items():
                 if order.index(served) <= order.index(needed):
                     call(served)  # allowed
@@ -320,6 +323,8 @@ def test_access_options_from_config_and_cli(cnn_spec: str, tmp_path: Path, recor
     )
     cfg = load_config(cfg_file)
     assert cfg.query_budget == 100 and cfg.teachers[0].options.access == "scores"
+    with pytest.raises(ValueError, match="3 class_names for 10 classes"):
+        start_server([load_teacher("t", cnn_spec)], options={"t": TeacherOptions(class_names=["a", "b", "c"])})
     with pytest.raises(ValueError, match="unknown access tier 'gray'"):
         start_server([load_teacher("t", cnn_spec)], options={"t": TeacherOptions(access="gray")})
     out = tmp_path / "r.safetensors"
