@@ -27,9 +27,21 @@ this command (no ``teacher`` spec) and ``tolerant_gamma > 0``::
     L = CE(z, y) + gamma * ( z_(1) - 1/(K-1) * sum_{k=2..K} z_(k) )
 
 with z_(k) the k-th largest logit of a sample (K = ``tolerant_k``, default 5):
-the gap between the top-1 logit and the mean of the next K-1. The paper states
-the term on the top-K confidence scores; we could not retrieve its exact text
-while writing this, so treat the logit form as this project's reading of it.
+the gap between the top-1 logit and the mean of the next K-1.
+
+STILL UNVERIFIED against the paper's equation. What was checked: the abstracts
+of arXiv 1805.05551 v1 ("adding an extra loss term to a patriarch network so
+that it preserves confidence scores on a primary class (the ground-truth) and
+several visually-similar secondary classes") and v2 / AAAI 2019 ("merely an
+extra loss term added to the teacher network, facilitating a few secondary
+classes to emerge and complement to the primary class"). Not found: the paper's
+body (the term itself; whether its "confidence scores" are logits or
+probabilities; its K and gamma), nor any official code (the first author's
+publication page, Chenglin-Yang/starter-hugo-academic, has an empty code link).
+So the logit form and K = 5 are this project's reading. Note that v1 names the
+primary class as the ground truth, while z_(1) here is the teacher's own top-1:
+the two coincide on every sample the teacher classifies correctly, and differ
+(this term then lowers the wrong top-1) on the others.
 
 The first stage's teacher, when not given, is trained like ``kd demo``'s: the
 ``teacher_factory`` (default ``kd.models:digits_teacher``) on the whole

@@ -340,21 +340,24 @@ def ae_kd(
 
 
 def ekd_1909_08097(logits: torch.Tensor, *, temperature: float = 4.0) -> Combined:
-    """arXiv 1909.08097: Asif, Tang & Harrer, "Ensemble Knowledge Distillation for Learning
-    Improved and Efficient Networks" (ECAI 2020), "EKD".
+    """arXiv 1909.08097: Umar Asif, J. Tang & S. Harrer, "Ensemble Knowledge Distillation
+    for Learning Improved and Efficient Networks" (v3; EKD). Title, authors and abstract checked on
+    its deepai.org and emergentmind.com pages (ECAI 2020 venue not checked).
 
-    Verified (abstract): the student has parallel branches; each branch is distilled from a
-    *different* teacher (to diversify the branches), and the branches' outputs are ensembled
-    into the student's final prediction. A single-head student trained from one [B, C] target
-    cannot have a branch per teacher, so what this combiner provides is the teachers'
-    ensemble target for the single head:
+    Verified (abstract): the student has parallel branches, "trained using ground truth labels and
+    information from high capacity teacher networks in an ensemble learning fashion"; knowledge
+    from *different* teachers goes into different branches (to diversify them), and the branches
+    are coupled by ensembling into the final prediction. A single-head student trained from one
+    [B, C] target cannot have a branch per teacher, so what this combiner provides is the
+    teachers' ensemble target for the single head:
 
         p_mix = (1/K) sum_k softmax(z_k / T);   out = T * log p_mix    (== ``mean-probs``)
 
-    UNVERIFIED (the paper's body was not available to check): how exactly the paper combines
-    the teachers' outputs for the ensembled head (uniform mean of probabilities is assumed), its
-    temperature, its loss weights, and any feature-level terms. The per-branch teacher
-    assignment needs a multi-branch student and per-teacher targets; it is out of this
+    STILL UNVERIFIED (the paper's body could not be retrieved -- only abstract and introduction
+    openings were found, and no code): how the paper combines the teachers' outputs for the
+    ensembled head, if at all (uniform mean of probabilities is assumed), how the branches are
+    ensembled, its temperature, its loss weights, and any feature-level terms. The per-branch
+    teacher assignment needs a multi-branch student and per-teacher targets; it is out of this
     combiner's scope (take each source's targets separately for that).
     """
     return mean_probs(logits, temperature=temperature)

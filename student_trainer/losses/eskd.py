@@ -14,13 +14,41 @@ student trains as it would without a teacher. The motivation is the paper's capa
 a small student cannot mimic a much larger teacher, so the KD term that helps early in training
 can hold the student back late in training.
 
-The paper's other remedy, distilling from an early-stopped *teacher* checkpoint, is a choice of
-source, not of loss: precompute a cache (or serve a model) from the early checkpoint and train
-with ``kd`` or ``eskd`` against it.
+Checked against (the paper's body text itself could not be retrieved -- only its abstract):
 
-Defaults: T = 4, alpha = 0.9 (those of ``kd``), stop_fraction = 0.5 (KD for the first half of
-training). The stop point is this project's default; the paper's exact per-dataset stop epochs
-were not checked against its text -- set ``stop_epoch`` or ``stop_fraction`` to match a schedule.
+* arXiv 1910.01348 / ICCV 2019 abstract: larger teachers are often worse teachers (capacity
+  mismatch) and "this effect can be mitigated by stopping the teacher's training early" -- the
+  paper's headline remedy is an early-stopped *teacher* (see below).
+* The student-side schedule implemented here (the KD term removed partway through the student's
+  training, which then continues on the classification loss alone) is the paper's early-stopped
+  KD as described by a third-party summary of the paper citing its Tables 1 and 3 (ImageNet,
+  ResNet18 student, top-1 error: scratch 30.24; full KD from ResNet34 / ResNet50 30.79 / 30.95;
+  early-stopped KD 29.16 / 29.35), and consistent with HobbitLong/RepDistiller issue #10, whose
+  90-epoch ImageNet run shows "exactly" the pattern of the paper's Figure 3 (KD ahead of scratch
+  in the first two learning-rate stages, behind in the last one).
+* A third-party mdistiller-style ``ESKD`` distiller ("On the Efficacy of Knowledge
+  Distillation"): ``ce_weight * CE + kd_weight * KD`` while ``epoch < STOP_EPOCH``, then plain CE
+  with weight 1 -- the same switch, and the same full CE weight after it, as here.
+
+Still unverified: the paper's stop point. ``stop_fraction = 0.5`` is this project's default, not a
+value read from the paper; set ``stop_epoch`` (or ``stop_fraction``) to match a schedule.
+
+Early-stopped teacher (the paper's other remedy) is a choice of *source*, not of loss, so it is not
+an option here. With ``kd train``: train the teacher architecture with ``--method ce`` for fewer
+epochs and ``--out`` its weights (``kd train`` uses Adam at a constant learning rate and the seed
+fixes the initialisation and every epoch's order, so ``--epochs E`` gives the weights a longer run
+with the same seed had after epoch E, up to nondeterministic kernels; ``--run-dir`` keeps only
+the latest ``checkpoint.pt``), e.g.
+
+    kd train --student kd.models:digits_teacher --method ce --epochs 10 --out teacher-e10.safetensors
+    kd train --method eskd --source local:kd.models:digits_teacher@teacher-e10.safetensors
+
+(or serve it with ``kd serve --teacher t=kd.models:digits_teacher@teacher-e10.safetensors`` /
+cache it with ``kd precompute``, and train with ``kd`` or ``eskd`` against that). With ``kd
+chain``: pass the early checkpoint as ``--teacher module:factory@WEIGHTS``, or, for a teacher
+trained by the chain itself, lower ``--teacher-epochs``.
+
+Defaults: T = 4, alpha = 0.9 (those of ``kd``), stop_fraction = 0.5 (see above).
 """
 
 from __future__ import annotations

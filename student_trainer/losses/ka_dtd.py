@@ -18,12 +18,9 @@ their targets are sharper and their gradients larger), with the batch mean as th
     flsw ("focal-loss-style weights"):  w_i = (1 - cos(z_s[i], z'_t[i])) ** gamma
     cwsm ("confidence weighted by student max"):  w_i = 1 / max_c softmax(z_s[i])_c
 
-w is computed without gradient (detached student logits) and from the adjusted teacher logits,
-as TextBrewer's ``flsw`` / ``cwsm`` temperature schedulers (airaria/TextBrewer
-``schedulers.py``, "adapted from arXiv:1911.07471") do; the formulas are taken from that
-implementation, the paper's own text was not available to check them against. TextBrewer adds
-1e-3 to max p_s in cwsm; not needed here (max p_s >= 1/C). The floor tau_0 / 10 is this
-project's guard (neither source has one): it only binds when beta * (spread of w) exceeds
+w is computed without gradient (detached student logits) and from the adjusted teacher logits.
+TextBrewer adds 1e-3 to max p_s in cwsm; not needed here (max p_s >= 1/C). The floor tau_0 / 10 is
+this project's guard (no source has one): it only binds when beta * (spread of w) exceeds
 0.9 * tau_0, and keeps the temperature positive.
 
     L = alpha * (1 / B) * sum_i tau_i^2 * KL(softmax(z'_t[i] / tau_i) || softmax(z_s[i] / tau_i))
@@ -34,7 +31,28 @@ tau_i^2 as in Hinton KD, so that with beta = 0 (or ``dtd="none"``) and a teacher
 right this is exactly ``kd``. ``ka="none"`` switches KA off (DTD only).
 
 Defaults: tau_0 = 4, alpha = 0.9 (those of ``kd``), flsw with beta = 1, gamma = 1 (our choice;
-the paper's per-dataset values were not checked).
+the paper's per-dataset values were not found).
+
+What this was checked against:
+
+* The paper (arXiv 1911.07471, v1-v3): only its abstract and introduction could be retrieved (KA
+  for incorrect teacher supervision, DTD for "overly uncertain" supervision). Its method section --
+  the KA and DTD equations, the loss weights, beta / gamma -- was not, so the formulas above are
+  STILL UNVERIFIED against the paper's own text.
+* airaria/TextBrewer, which cites arXiv:1911.07471: ``src/textbrewer/distiller_utils.py``
+  ``probability_shift_`` swaps the teacher's values at its argmax and at the label (as here);
+  ``src/textbrewer/schedulers.py`` flsw: w = (1 - <v/|v|, t/|t|>) ** gamma and cwsm:
+  w = 1 / (max softmax(v) + 1e-3), both tau = tau_0 + beta * (mean(w) - w) on detached logits (as
+  here); its distillers call the scheduler on the teacher logits *after* ``probability_shift_``
+  (as here). Differences: TextBrewer's ``kd_ce_loss`` (its "ce" KD loss) is the soft
+  cross-entropy -- the KL up to the teacher's entropy, so the same student gradient -- with no
+  tau^2 factor; here each sample's KL is scaled by tau_i^2 as in Hinton KD. TextBrewer has no
+  temperature floor; some versions of its flsw add eps = 1e-4 to the norms (here: cosine, eps 1e-12).
+* SforAiDl/KD_Lib ``KD_Lib/KD/vision/KA/PS.py`` swaps the teacher's top-1 and *top-2* values
+  instead (the same as here only when the label is the teacher's second choice); its
+  ``KA/LSR.py`` is KA's other variant, label-smoothing regularization (where the teacher is wrong
+  the target becomes ``correct_prob`` at the label and the rest spread uniformly) -- not
+  implemented here (``ka="lsr"`` is refused).
 """
 
 from __future__ import annotations
