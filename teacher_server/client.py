@@ -194,6 +194,7 @@ class TeacherClient:
 
     def list_teachers(self) -> list[TeacherDescription]:
         resp = self._call(self.stub.ListTeachers, pb.ListTeachersRequest())
+        self.usage = Usage.of(resp.usage)
         return [
             TeacherDescription(
                 t.name,
@@ -291,7 +292,8 @@ class TeacherClient:
     def activation_records(self, teacher: str) -> tuple[dict[str, torch.Tensor], str]:
         """Lopes et al. activation records -> (records by "<layer>/<stat>", dataset id)."""
         resp = self._call(self.stub.GetActivationRecords, pb.ActivationRecordsRequest(teacher=teacher))
-        return {k: from_proto(v) for k, v in resp.records.items()}, resp.dataset
+        # A protobuf map has no order: sorted, so consumers iterate the same way every time.
+        return {k: from_proto(resp.records[k]) for k in sorted(resp.records)}, resp.dataset
 
     def synthesize(
         self, teacher: str, batch_size: int, *, targets: Iterable[int] = (), iterations: int = 200,

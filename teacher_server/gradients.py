@@ -272,7 +272,7 @@ def synthesize(teacher: Teacher, p: SynthesisParams, *, should_stop=lambda: Fals
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         terms = {"ce": float(ce), "bn": float(bn), "tv": float(tv), "l2": float(l2),
                  "accuracy": float((logits.argmax(1) == y).float().mean())}  # fmt: skip
         if p.report_every and it % p.report_every == 0 and it < p.iterations:

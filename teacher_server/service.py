@@ -353,7 +353,10 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
     # -- RPCs ---------------------------------------------------------------------
     def ListTeachers(self, request: pb.ListTeachersRequest, context: grpc.ServicerContext) -> pb.ListTeachersResponse:
         datasets = sorted(self.datasets)
-        return pb.ListTeachersResponse(teachers=[ep.info(datasets) for _, ep in sorted(self.endpoints.items())])
+        return pb.ListTeachersResponse(
+            teachers=[ep.info(datasets) for _, ep in sorted(self.endpoints.items())],
+            usage=self.accounting.usage(client_identity(context)),
+        )
 
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferResponse:
         try:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from student_trainer.losses import METHODS
 
 
@@ -67,6 +69,9 @@ def test_bench_methods_quick_covers_every_registered_method(tmp_path: Path) -> N
         assert res[ref]["acc_per_seed"] == res["methods"][ref]["acc_per_seed"]
         assert _acc(res[ref]["acc_mean"])
     assert res["methods"]["kd"]["delta_vs_kd_mean"] == 0.0
+    for part in ("methods", "feature_methods"):  # CE's paired difference to KD, filled in after KD ran
+        ce, kd = res[part]["ce"], res[part]["kd"]
+        assert ce["delta_vs_kd_mean"] == pytest.approx(ce["acc_per_seed"][0] - kd["acc_per_seed"][0])
     assert _acc(res["teacher_acc"])
     s = res["settings"]
     assert s["quick"] is True and s["labeled"] == 100 and s["methods"] == ["ce", "kd", *[

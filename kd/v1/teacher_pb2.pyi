@@ -124,10 +124,12 @@ class ListTeachersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListTeachersResponse(_message.Message):
-    __slots__ = ("teachers",)
+    __slots__ = ("teachers", "usage")
     TEACHERS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     teachers: _containers.RepeatedCompositeFieldContainer[TeacherInfo]
-    def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherInfo, _Mapping]]] = ...) -> None: ...
+    usage: Usage
+    def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherInfo, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class OutputSpec(_message.Message):
     __slots__ = ("logits", "logits_dtype", "top_k", "probs_temperature", "features", "pool_features", "features_dtype", "labels")

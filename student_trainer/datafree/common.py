@@ -29,7 +29,7 @@ class DataFreeConfig:
 
     steps: int = 200  # outer iterations (generator/student rounds, or synthesis batches)
     batch_size: int = 64
-    lr: float = 1e-3  # student (Adam)
+    lr: float = 1e-3  # student (Adam unless a method's student_optimizer option says otherwise)
     generator_lr: float = 1e-3
     temperature: float = 4.0  # KD temperature on synthetic inputs
     seed: int = 0
@@ -92,6 +92,12 @@ class ServedTeacher:
 
     def __call__(self, x: torch.Tensor, features: tuple[str, ...] = ()):
         """Logits (and named features), differentiable w.r.t. ``x`` through the server's VJP."""
+        reduced = [f for f in features if "@" in f]
+        if reduced and torch.is_grad_enabled() and x.requires_grad:
+            raise ValueError(
+                f"features {reduced} are statistics the server computes without a gradient path; ask for the "
+                "layer itself (and reduce it here) when the loss must flow back to the inputs"
+            )
         outs = _TeacherFunction.apply(self, tuple(features), x)
         return outs[0] if not features else (outs[0], dict(zip(features, outs[1:])))
 
