@@ -38,6 +38,19 @@ from teacher_server.records import compute_records, save_records
 
 console = Console(stderr=True)
 RECORDED_LAYERS = ["logits", "pool", "layer2", "layer1"]
+# --quick (tests, smoke runs): a couple of steps with the inner loops cut to the bone.
+QUICK: dict[str, dict] = {
+    "adv-samples": {"config": {"steps": 2, "batch_size": 8},
+                    "options": {"base_batches": 1, "base_iterations": 2, "attack_size": 4, "attack_steps": 1}},
+    "dafl": {"config": {"steps": 2, "batch_size": 8}},
+    "dfad": {"config": {"steps": 2, "batch_size": 8}, "options": {"k": 1}},
+    "zskt": {"config": {"steps": 2, "batch_size": 8}, "options": {"ns": 1}},
+    "deepinversion": {"config": {"steps": 1, "batch_size": 8}, "options": {"iterations": 2, "kd_steps": 2}},
+    "fast-dfkd": {"config": {"steps": 2, "batch_size": 8}, "options": {"g_steps": 1, "kd_steps": 2, "warmup": 0}},
+    "dfme": {"config": {"steps": 2, "batch_size": 8}},
+    "zsdb3kd": {"config": {"steps": 2, "batch_size": 8}, "options": {"samples_per_class": 1, "optimize_iters": 0}},
+    "lopes": {"config": {"steps": 1, "batch_size": 8}, "options": {"iterations": 2, "kd_steps": 2}},
+}  # fmt: skip
 
 
 def _demo_settings(name: str, quick: bool) -> tuple[DataFreeConfig, dict]:
@@ -49,12 +62,9 @@ def _demo_settings(name: str, quick: bool) -> tuple[DataFreeConfig, dict]:
     config = DataFreeConfig(**{k: v for k, v in demo.get("config", {}).items() if k in known})
     options = dict(demo.get("options", {}))
     if quick:
-        quick_demo = getattr(module, "QUICK", None)
-        if quick_demo is not None:
-            config = replace(config, **quick_demo.get("config", {}))
-            options.update(quick_demo.get("options", {}))
-        else:
-            config = replace(config, steps=min(config.steps, 2), batch_size=min(config.batch_size, 16))
+        quick_demo = QUICK.get(name, {"config": {"steps": 1, "batch_size": 8}})
+        config = replace(config, **quick_demo.get("config", {}))
+        options.update(quick_demo.get("options", {}))
     return config, options
 
 
