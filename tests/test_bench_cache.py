@@ -70,6 +70,22 @@ def test_bench_cache_quick_writes_every_result(tmp_path: Path) -> None:
             assert _positive(step[key]), (key, step)
         assert all(_positive(ms) for ms in step["median_step_ms"].values())
 
+    # The CRD/CIFAR-100 pair (resnet32x4 -> resnet8x4) on generated 3x32x32 inputs.
+    crd = res["crd"]
+    assert "CRD precompute / bare forward" in r.stdout and "CRD step: cache / no teacher" in r.stdout
+    assert crd["teacher"].endswith(":resnet32x4") and crd["student"].endswith(":resnet8x4")
+    assert crd["input_shape"] == [3, 32, 32] and crd["num_classes"] == 100
+    for key in ("precompute_samples_per_s", "bare_forward_samples_per_s", "ratio"):
+        assert _positive(crd["precompute"][key]), (key, crd["precompute"])
+    assert crd["precompute"]["samples"] == res["settings"]["crd_samples"]
+    for key in ("cache_over_no_teacher", "cache_over_inprocess_teacher", "inprocess_over_cache",
+                "memory_targets_over_no_teacher", "cache_over_memory_targets"):  # fmt: skip
+        assert _positive(crd["step"][key]), (key, crd["step"])
+    assert all(_positive(ms) for ms in crd["step"]["median_step_ms"].values())
+    assert crd["step"]["student_parameters"] == 1_233_540 and crd["step"]["teacher_parameters"] == 7_433_860
+    for key in ("crd_precompute_ratio_at_least_0_9", "crd_step_cache_over_no_teacher_at_most_1_05"):
+        assert isinstance(res["goals"][key], bool)
+
     s = res["settings"]
     assert s["quick"] is True and s["torch_threads"] >= 1
     assert isinstance(res["goals"]["codecs_at_most_1_50_of_fp32_bytes_at_1000"], list)

@@ -40,11 +40,17 @@ reported as a ratio of two things measured in the same run, interleaved.
   Adam) reading its targets from the cache / with no teacher (CE) / with the
   teacher run in-process, in interleaved blocks; at 1000 classes (the bench
   teacher and a 5x smaller student) and on digits (the tiny digits student).
+* **The CRD/CIFAR-100 pair**: precompute efficiency and step time again with
+  the canonical pair of ``student_trainer.zoo`` (teacher ``resnet32x4``,
+  student ``resnet8x4``, 100 classes) on generated 3x32x32 inputs, where the
+  forward passes are convolutions that cost far more than writing or reading
+  100-class targets (the MLP pair above is the opposite regime).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import platform
 import shutil
@@ -113,6 +119,15 @@ class CacheBenchSettings:
     digits_step_rounds: int = 5
     threads: int = 0  # 0: torch's default
     teacher: str = "kd.models:bench_teacher"
+    # The canonical CRD/CIFAR-100 pair on generated 3x32x32 inputs (untrained weights: speed only).
+    crd_teacher: str = "student_trainer.zoo:resnet32x4"
+    crd_student: str = "student_trainer.zoo:resnet8x4"
+    crd_samples: int = 384
+    crd_precompute_batch: int = 64
+    crd_precompute_rounds: int = 3
+    crd_step_batch: int = 32
+    crd_step_block: int = 4
+    crd_step_rounds: int = 3
     # The many-class task (generated): where a <= 1/50 codec has to prove itself.
     many_classes: int = 1000
     many_train_per_class: int = 10
@@ -147,6 +162,12 @@ class CacheBenchSettings:
                 many_classes=100,
                 many_teacher_epochs=3,
                 many_epochs=3,
+                crd_samples=16,
+                crd_precompute_batch=8,
+                crd_precompute_rounds=1,
+                crd_step_batch=4,
+                crd_step_block=2,
+                crd_step_rounds=1,
             )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -324,9 +345,20 @@ def _generated_dataset(n: int, dim: int, classes: int) -> Dataset:
                    classes)  # fmt: skip
 
 
-def precompute_efficiency(s: CacheBenchSettings, root: Path, teacher: Teacher, data: Dataset) -> dict[str, Any]:
+def precompute_efficiency(
+    s: CacheBenchSettings,
+    root: Path,
+    teacher: Teacher,
+    data: Dataset,
+    *,
+    batch: int | None = None,
+    rounds: int | None = None,
+) -> dict[str, Any]:
+    """``batch`` and ``rounds`` default to ``s.precompute_batch`` and ``s.precompute_rounds``."""
     source = LocalSource(teacher)
-    model, b, n = teacher.model, s.precompute_batch, len(data)
+    b = s.precompute_batch if batch is None else batch
+    n_rounds = s.precompute_rounds if rounds is None else rounds
+    model, n = teacher.model, len(data)
 
     def bare() -> float:
         t0 = time.perf_counter()
@@ -348,16 +380,16 @@ def precompute_efficiency(s: CacheBenchSettings, root: Path, teacher: Teacher, d
             model(data.inputs[start : start + b])
     bare_sps: list[float] = []
     pre_sps: list[float] = []
-    for r in range(s.precompute_rounds):
+    for r in range(n_rounds):
         if r % 2 == 0:
             bare_sps.append(bare())
             pre_sps.append(pre(r))
         else:
             pre_sps.append(pre(r))
             bare_sps.append(bare())
-        if r < s.precompute_rounds - 1:
+        if r < n_rounds - 1:
             shutil.rmtree(root / f"precompute-{r}")
-    last = root / f"precompute-{s.precompute_rounds - 1}"
+    last = root / f"precompute-{n_rounds - 1}"
     ratios = [p / q for p, q in zip(pre_sps, bare_sps)]
     return {
         "precompute_samples_per_s": float(np.median(pre_sps)),
@@ -450,6 +482,42 @@ def step_times(
         "median_step_ms": {m: v * 1e3 for m, v in med.items()},
         "steps_per_mode": len(times["cache"]),
         "batch": batch,
+    }
+
+
+def crd_part(s: CacheBenchSettings, root: Path) -> dict[str, Any]:
+    """Precompute efficiency and step times with the CRD/CIFAR-100 pair (resnet32x4 -> resnet8x4)
+    on generated 3x32x32 inputs: the same measurements as for the MLP pair, convolutional models."""
+    teacher = load_teacher("crd", s.crd_teacher)
+    data = _generated_dataset(s.crd_samples, int(np.prod(teacher.input_shape)), teacher.num_classes)
+    data = replace(data, inputs=data.inputs.reshape(len(data), *teacher.input_shape))
+    pre = precompute_efficiency(s, root / "crd", teacher, data, batch=s.crd_precompute_batch,
+                                rounds=s.crd_precompute_rounds)  # fmt: skip
+    torch.manual_seed(6)
+    module, _, attr = s.crd_student.partition(":")
+    student = getattr(importlib.import_module(module), attr)(num_classes=teacher.num_classes)  # trainable
+    step = step_times(
+        student,
+        data,
+        CacheSource(pre.pop("cache"), dataset_id=data.dataset_id),
+        LocalSource(teacher),
+        batch=s.crd_step_batch,
+        block=s.crd_step_block,
+        rounds=s.crd_step_rounds,
+        temperature=s.temperature,
+    )
+    step["student_parameters"] = sum(p.numel() for p in student.parameters())
+    step["teacher_parameters"] = sum(p.numel() for p in teacher.model.parameters())
+    step["student"] = s.crd_student
+    step["codec"] = s.precompute_codec
+    step["num_classes"] = teacher.num_classes
+    return {
+        "teacher": s.crd_teacher,
+        "student": s.crd_student,
+        "input_shape": list(teacher.input_shape),
+        "num_classes": teacher.num_classes,
+        "precompute": pre,
+        "step": step,
     }
 
 
@@ -702,6 +770,10 @@ def run_bench(s: CacheBenchSettings) -> dict[str, Any]:
         step["codec"] = s.precompute_codec
         step["num_classes"] = teacher.num_classes
 
+        console.print(f"CRD pair: precompute efficiency and step time, {s.crd_teacher} -> {s.crd_student} ...",
+                      highlight=False)  # fmt: skip
+        crd = crd_part(s, root)
+
         console.print(
             f"digits: teacher, {len(ACC_CODECS)} caches, students over {s.seeds} seed(s) x {s.epochs} epochs ...",
             highlight=False,
@@ -736,6 +808,7 @@ def run_bench(s: CacheBenchSettings) -> dict[str, Any]:
         },  # fmt: skip
         views=digits["views"],
         step=step,
+        crd=crd,
         many_classes=many,
         goals={
             "codecs_at_most_1_50_of_fp32_bytes_at_1000": small,
@@ -746,6 +819,8 @@ def run_bench(s: CacheBenchSettings) -> dict[str, Any]:
             ],
             "precompute_ratio_at_least_0_9": pre["ratio"] >= 0.9,
             "step_cache_over_no_teacher_at_most_1_05": step["cache_over_no_teacher"] <= 1.05,
+            "crd_precompute_ratio_at_least_0_9": crd["precompute"]["ratio"] >= 0.9,
+            "crd_step_cache_over_no_teacher_at_most_1_05": crd["step"]["cache_over_no_teacher"] <= 1.05,
         },
         settings={**asdict(s), "torch_threads": threads},
         torch_threads=threads,
@@ -942,6 +1017,31 @@ def print_report(r: dict[str, Any], out: Console | None = None) -> None:
         f"{dg['cache_over_inprocess_teacher']:.3f}",
         f"median {dms['cache']:.3f} / {dms['inprocess_teacher']:.3f} ms (digits_teacher in-process)",
     )
+    crd = r.get("crd")
+    if crd is not None:
+        cp, cs = crd["precompute"], crd["step"]
+        cms = cs["median_step_ms"]
+        shape = "x".join(str(d) for d in crd["input_shape"])
+        speed.add_row(
+            "CRD precompute / bare forward",
+            f"{cp['ratio']:.3f}",
+            f"{cp['precompute_samples_per_s']:,.1f} / {cp['bare_forward_samples_per_s']:,.1f} samples/s "
+            f"({crd['teacher']}, {crd['num_classes']} classes, generated {shape} inputs, batch {cp['batch']}, "
+            f"{cp['samples']} samples, codec {cp['codec']}; goal >= 0.9)",
+        )
+        speed.add_row(
+            "CRD step: cache / no teacher",
+            f"{cs['cache_over_no_teacher']:.3f}",
+            f"median {cms['cache']:.1f} / {cms['no_teacher']:.1f} ms ({crd['student']}, "
+            f"{cs['student_parameters']:,} params, batch {cs['batch']}; goal <= 1.05); KD loss / CE "
+            f"{cs['memory_targets_over_no_teacher']:.3f}, cache / RAM targets {cs['cache_over_memory_targets']:.3f}",
+        )
+        speed.add_row(
+            "CRD step: cache / in-process",
+            f"{cs['cache_over_inprocess_teacher']:.3f}",
+            f"median {cms['cache']:.1f} / {cms['inprocess_teacher']:.1f} ms (teacher {cs['teacher_parameters']:,} "
+            f"params in-process): offline KD is {cs['inprocess_over_cache']:.2f}x faster per step",
+        )
     out.print(speed)
     for line in r["notes"]:
         out.print(f"- {line}", highlight=False)
