@@ -47,3 +47,28 @@ def server(teacher: Teacher):
 @pytest.fixture()
 def address(server: RunningServer) -> str:
     return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="session")
+def digits_cnn_spec(tmp_path_factory: pytest.TempPathFactory):
+    """``spec(epochs)``: the SPEC of ``kd.models:digits_cnn`` trained with CE on the digits
+    training split (seed 0, Adam 1e-3, batch 64) for that many epochs; trained once per
+    session for each epoch count, however many test modules ask for it."""
+    from kd.data import load_dataset
+    from kd.models import digits_cnn
+    from student_trainer.train import TrainConfig, seed_everything, train_student
+    from teacher_server.loading import save_weights
+
+    specs: dict[int, str] = {}
+
+    def spec(epochs: int) -> str:
+        if epochs not in specs:
+            train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+            seed_everything(0)
+            model = digits_cnn()
+            train_student(model, train, test, TrainConfig(method="ce", epochs=epochs, lr=1e-3, batch_size=64))
+            path = save_weights(model, tmp_path_factory.mktemp(f"digits-cnn-{epochs}") / "teacher.safetensors")
+            specs[epochs] = f"kd.models:digits_cnn@{path}"
+        return specs[epochs]
+
+    return spec

@@ -8,19 +8,18 @@ from __future__ import annotations
 import inspect
 import math
 import uuid
-from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
 from kd.data import load_dataset
-from kd.models import digits_cnn, digits_cnn_student
+from kd.models import digits_cnn_student
 from student_trainer.datafree import DATAFREE, dafl, dfad, get, zskt
 from student_trainer.datafree.common import DataFreeConfig, Generator, ServedTeacher
-from student_trainer.train import TrainConfig, seed_everything, train_student
+from student_trainer.train import seed_everything
 from teacher_server.client import TeacherClient, TeacherRequestError
-from teacher_server.loading import Teacher, load_teacher, save_weights
+from teacher_server.loading import Teacher, load_teacher
 from teacher_server.server import TeacherOptions, start_server
 
 TRAIN = load_dataset("digits", "train")
@@ -29,13 +28,8 @@ MODULES = {"dafl": dafl, "dfad": dfad, "zskt": zskt}
 
 
 @pytest.fixture(scope="module")
-def cnn_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
-    seed_everything(0)
-    model = digits_cnn()
-    train_student(model, TRAIN, TEST, TrainConfig(method="ce", epochs=5, lr=1e-3, batch_size=64))
-    path: Path = tmp_path_factory.mktemp("dfg") / "teacher.safetensors"
-    save_weights(model, path)
-    return f"kd.models:digits_cnn@{path}"
+def cnn_spec(digits_cnn_spec) -> str:
+    return digits_cnn_spec(5)
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from kd.data import load_dataset
-from kd.models import digits_cnn, digits_cnn_student
+from kd.models import digits_cnn_student
 from student_trainer.datafree import adv_samples as bss
 from student_trainer.datafree import get, lopes
 from student_trainer.datafree.common import DataFreeConfig, ServedTeacher
-from student_trainer.train import TrainConfig, seed_everything, train_student
 from teacher_server.client import TeacherClient, TeacherRequestError
-from teacher_server.loading import load_teacher, save_weights
+from teacher_server.loading import load_teacher
 from teacher_server.records import compute_records, save_records
 from teacher_server.server import TeacherOptions, start_server
 
@@ -40,13 +39,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory: pytest.TempPathFactory) -> str:
-    seed_everything(0)
-    model = digits_cnn()
-    train_student(model, TRAIN, TEST, TrainConfig(method="ce", epochs=5, lr=1e-3, batch_size=64))
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_weights(model, path)
-    return f"kd.models:digits_cnn@{path}"
+def spec(digits_cnn_spec) -> str:
+    return digits_cnn_spec(5)
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,11 @@ from typer.testing import CliRunner
 
 from kd.cli import app
 from kd.data import load_dataset
-from kd.models import digits_cnn
-from student_trainer.train import TrainConfig, seed_everything, train_student
+from student_trainer.train import seed_everything
 from teacher_server.client import TeacherClient, TeacherRequestError
 from teacher_server.config import load_config
 from teacher_server.gradients import batchnorm_layers
-from teacher_server.loading import Teacher, load_teacher, save_weights
+from teacher_server.loading import Teacher, load_teacher
 from teacher_server.records import compute_records, save_records
 from teacher_server.server import TeacherOptions, start_server
 
@@ -31,13 +30,8 @@ TEST = load_dataset("digits", "test")
 
 
 @pytest.fixture(scope="module")
-def cnn_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
-    seed_everything(0)
-    model = digits_cnn()
-    train_student(model, TRAIN, TEST, TrainConfig(method="ce", epochs=2, lr=1e-3, batch_size=64))
-    path = tmp_path_factory.mktemp("cnn") / "teacher.safetensors"
-    save_weights(model, path)
-    return f"kd.models:digits_cnn@{path}"
+def cnn_spec(digits_cnn_spec) -> str:
+    return digits_cnn_spec(2)
 
 
 @pytest.fixture(scope="module")

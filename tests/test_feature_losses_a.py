@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +16,13 @@ from torch import nn
 
 from kd import reductions
 from kd.data import load_dataset
-from kd.models import DigitsCNN, digits_cnn, digits_cnn_student
+from kd.models import DigitsCNN, digits_cnn_student
 from student_trainer.features import ConvBN
 from student_trainer.losses import FeatureMethod, get_method
 from student_trainer.losses.adain import moments_connector
 from student_trainer.sources import LocalSource
 from student_trainer.train import TrainConfig, TrainResult, seed_everything, train_student
-from teacher_server.loading import Teacher, load_teacher, save_weights
+from teacher_server.loading import Teacher, load_teacher
 
 TRAIN = load_dataset("digits", "train")
 TEST = load_dataset("digits", "test")
@@ -453,13 +452,8 @@ def test_pkt_properties() -> None:
 
 # -- end to end ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cnn_teacher(tmp_path_factory: pytest.TempPathFactory) -> Teacher:
-    seed_everything(0)
-    model = digits_cnn()
-    train_student(model, TRAIN, TEST, TrainConfig(method="ce", epochs=3, lr=1e-3, batch_size=64))
-    path: Path = tmp_path_factory.mktemp("cnn_a") / "teacher.safetensors"
-    save_weights(model, path)
-    return load_teacher("cnn", f"kd.models:digits_cnn@{path}")
+def cnn_teacher(digits_cnn_spec) -> Teacher:
+    return load_teacher("cnn", digits_cnn_spec(3))
 
 
 def _train(teacher: Teacher, method: str, matches: list[str], student: nn.Module | None = None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from kd.data import load_dataset
-from kd.models import digits_cnn, digits_cnn_student
+from kd.models import digits_cnn_student
 from student_trainer.losses import METHODS, FeatureMethod, get_method
 from student_trainer.losses.cd import cd_connector, cd_loss
 from student_trainer.losses.kp import kp_connector, kp_loss
@@ -22,7 +21,7 @@ from student_trainer.losses.mgd import mgd_connector, mgd_loss
 from student_trainer.losses.mimic import lsh_hyperplanes, mimic_connector, mimic_loss
 from student_trainer.sources import LocalSource
 from student_trainer.train import TrainConfig, train_student
-from teacher_server.loading import load_teacher, save_weights
+from teacher_server.loading import load_teacher
 
 EPS_BN = 1e-5
 
@@ -512,13 +511,8 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def cnn_teacher(digits, tmp_path_factory: pytest.TempPathFactory):
-    train, test = digits
-    torch.manual_seed(0)
-    model = digits_cnn()
-    train_student(model, train, test, TrainConfig(method="ce", epochs=3, lr=1e-3, batch_size=64))
-    path = save_weights(model, Path(tmp_path_factory.mktemp("cnn")) / "teacher.safetensors")
-    return load_teacher("cnn", f"kd.models:digits_cnn@{path}")
+def cnn_teacher(digits_cnn_spec):
+    return load_teacher("cnn", digits_cnn_spec(3))
 
 
 E2E = {

@@ -6,7 +6,6 @@ the papers rely on, and a short end-to-end run from a local DigitsCNN teacher.""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 
 from kd import reductions
 from kd.data import load_dataset
-from kd.models import digits_cnn, digits_cnn_student
+from kd.models import digits_cnn_student
 from student_trainer.features import Taps
 from student_trainer.losses import get_method
 from student_trainer.losses.dfa import DFAConnector, DFAFeatures, dfa_loss
@@ -25,7 +24,7 @@ from student_trainer.losses.recurrent import RecurrentResidual, recurrent_loss
 from student_trainer.losses.tat import TaTConnector, TaTFeatures, tat_loss
 from student_trainer.sources import LocalSource
 from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.loading import load_teacher, save_weights
+from teacher_server.loading import load_teacher
 
 TRAIN = load_dataset("digits", "train")
 TEST = load_dataset("digits", "test")
@@ -43,13 +42,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> LocalSource:
-    seed_everything(0)
-    teacher = digits_cnn()
-    train_student(teacher, TRAIN, TEST, TrainConfig(method="ce", epochs=3, lr=1e-3, batch_size=64))
-    path: Path = tmp_path_factory.mktemp("cnn_c") / "teacher.safetensors"
-    save_weights(teacher, path)
-    return LocalSource(load_teacher("cnn", f"kd.models:digits_cnn@{path}"))
+def source(digits_cnn_spec) -> LocalSource:
+    return LocalSource(load_teacher("cnn", digits_cnn_spec(3)))
 
 
 def _run(source: LocalSource, method: str, matches: list[str], student: nn.Module | None = None, **options):

@@ -12,12 +12,12 @@ import torch
 
 from kd.bench.methods import FEATURE_MATCHES, _feature_options, _teacher_names
 from kd.data import load_dataset
-from kd.models import digits_cnn, digits_cnn_student
+from kd.models import digits_cnn_student
 from kd.precompute import precompute
 from student_trainer.losses import METHODS
 from student_trainer.sources import CacheSource, LocalSource, ServerSource
 from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.loading import Teacher, load_teacher, save_weights
+from teacher_server.loading import Teacher, load_teacher
 from teacher_server.server import start_server
 
 TRAIN = load_dataset("digits", "train")
@@ -26,12 +26,8 @@ FEATURE_METHODS = sorted(n for n, m in METHODS.items() if m.kind == "feature")
 
 
 @pytest.fixture(scope="module")
-def cnn(tmp_path_factory: pytest.TempPathFactory) -> Teacher:
-    seed_everything(0)
-    model = digits_cnn()
-    train_student(model, TRAIN, TEST, TrainConfig(method="ce", epochs=2, lr=1e-3, batch_size=64))
-    path = save_weights(model, tmp_path_factory.mktemp("cnn") / "teacher.safetensors")
-    return load_teacher("cnn", f"kd.models:digits_cnn@{path}")
+def cnn(digits_cnn_spec) -> Teacher:
+    return load_teacher("cnn", digits_cnn_spec(2))
 
 
 @pytest.fixture(scope="module")

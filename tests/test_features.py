@@ -16,13 +16,13 @@ from typer.testing import CliRunner
 from kd import reductions
 from kd.cli import app
 from kd.data import load_dataset
-from kd.models import digits_cnn, digits_cnn_student
+from kd.models import digits_cnn_student
 from kd.precompute import precompute
 from student_trainer.features import Match, Taps
 from student_trainer.sources import CacheSource, LocalSource, ServerSource
 from student_trainer.train import TrainConfig, seed_everything, train_student
 from teacher_server.client import TeacherClient, TeacherRequestError
-from teacher_server.loading import Teacher, load_teacher, save_weights
+from teacher_server.loading import Teacher, load_teacher
 from teacher_server.server import start_server
 
 TRAIN = load_dataset("digits", "train")
@@ -31,13 +31,8 @@ SUBSET = torch.arange(96)
 
 
 @pytest.fixture(scope="module")
-def cnn_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
-    seed_everything(0)
-    model = digits_cnn()
-    train_student(model, TRAIN, TEST, TrainConfig(method="ce", epochs=2, lr=1e-3, batch_size=64))
-    path = tmp_path_factory.mktemp("cnn") / "teacher.safetensors"
-    save_weights(model, path)
-    return f"kd.models:digits_cnn@{path}"
+def cnn_spec(digits_cnn_spec) -> str:
+    return digits_cnn_spec(2)
 
 
 @pytest.fixture(scope="module")
