@@ -6,8 +6,8 @@ the writer (batched transactions, growing map, resumable) and the reader
 (read-only, safe across DataLoader worker processes).
 """
 
-from cache.codecs import CODECS, Codec, get_codec
-from cache.store import (
+from kd.cache.codecs import CODECS, Codec, get_codec
+from kd.cache.store import (
     CacheError,
     CacheMeta,
     CacheReader,

@@ -9,7 +9,7 @@ decodes with one ``frombuffer`` instead of a Python loop per row.
   unsigned type that holds the class count) and the row's log-sum-exp of
   z / T (fp32; T the cache's temperature, 1 unless precomputed with one),
   so the probability mass outside the top K stays known. Decodes to
-  ``kd.targets.SparseTargets`` (the KD loss uses it without densifying) or,
+  ``kd.core.targets.SparseTargets`` (the KD loss uses it without densifying) or,
   for small class counts, to dense logits with that mass spread evenly.
 * ``sample:K``: K classes drawn with replacement from softmax(z / T) (T the
   cache's temperature), their logits (fp16) and log-sum-exp of z / T: an
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kd.targets import SparseTargets
+from kd.core.targets import SparseTargets
 
 
 def _index_dtype(num_classes: int) -> np.dtype:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.store import CacheError, CacheMeta, CacheReader, VerifyReport
-from kd.targets import SparseTargets, Targets
+from kd.cache.store import CacheError, CacheMeta, CacheReader, VerifyReport
+from kd.core.targets import SparseTargets, Targets
 
 _SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
 

@@ -33,8 +33,8 @@ import lmdb
 import numpy as np
 import torch
 
-from cache.codecs import get_codec
-from kd.targets import SparseTargets, Targets
+from kd.cache.codecs import get_codec
+from kd.core.targets import SparseTargets, Targets
 
 FORMAT_VERSION = 1
 META_KEY = b"\x00meta"
@@ -78,7 +78,7 @@ class CacheMeta:
     num_classes: int
     teacher: str = ""
     views: int = 1
-    # Name of the seeded augmentation that made views (kd.data.augment); "" when views == 1.
+    # Name of the seeded augmentation that made views (kd.core.data.augment); "" when views == 1.
     augmentation: str = ""
     temperature: float | None = None
     # This environment holds the indices i with i % shard_count == shard_index.
@@ -119,7 +119,7 @@ class CacheMeta:
         teacher_fingerprint: str,
         teacher: str,
         num_classes: int,
-        dataset,  # kd.data.Dataset: dataset_id, len(), augmentation
+        dataset,  # kd.core.data.Dataset: dataset_id, len(), augmentation
         codec: str,
         views: int = 1,
         temperature: float | None = None,

@@ -61,12 +61,12 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from kd.data import Dataset, load_dataset
+from kd.core.data import Dataset, load_dataset
 from kd.demo import start_server_process, stop_server_process
 from kd.models import MLP
-from student_trainer.sources import LocalSource, ServerSource, SoftTargetSource
-from student_trainer.train import TrainConfig, accuracy, seed_everything, train_student
-from teacher_server.loading import _import_factory, load_teacher, save_weights
+from kd.student_trainer.sources import LocalSource, ServerSource, SoftTargetSource
+from kd.student_trainer.train import TrainConfig, accuracy, seed_everything, train_student
+from kd.teacher_server.loading import _import_factory, load_teacher, save_weights
 
 console = Console(stderr=True)
 MODES = ("takd", "born-again")

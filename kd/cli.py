@@ -95,11 +95,11 @@ def serve(
     """Serve teachers over gRPC with dynamic batching."""
     import os
 
-    from kd.data import parse_dataset
-    from teacher_server.auth import TLSConfig
-    from teacher_server.config import ConfigError, ServerConfig, TeacherEntry, load_config
-    from teacher_server.loading import TeacherLoadError, load_teacher
-    from teacher_server.server import TeacherOptions, serve_until_signalled, start_server
+    from kd.core.data import parse_dataset
+    from kd.teacher_server.auth import TLSConfig
+    from kd.teacher_server.config import ConfigError, ServerConfig, TeacherEntry, load_config
+    from kd.teacher_server.loading import TeacherLoadError, load_teacher
+    from kd.teacher_server.server import TeacherOptions, serve_until_signalled, start_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -239,12 +239,12 @@ def precompute(
     device: str = typer.Option("cpu", help="Device for a local: teacher."),
 ) -> None:
     """Run a dataset through a teacher and store its soft targets in an LMDB cache (resumable)."""
-    from cache import CacheError
-    from cache.sharded import parse_shard
-    from kd.data import parse_dataset
+    from kd.cache import CacheError
+    from kd.cache.sharded import parse_shard
+    from kd.core.data import parse_dataset
     from kd.precompute import precompute as run
     from kd.precompute import torchrun_shard
-    from student_trainer.sources import parse_source
+    from kd.student_trainer.sources import parse_source
 
     if source.startswith("cache:"):
         _fail("precompute needs a teacher: server:... or local:...")
@@ -274,7 +274,7 @@ def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
     given on the command line win. Keys are option names (``batch-size`` or ``batch_size``)."""
     if value is None:
         return value
-    from teacher_server.config import ConfigError, read_table
+    from kd.teacher_server.config import ConfigError, read_table
 
     try:
         table = read_table(value)
@@ -335,10 +335,10 @@ def train(
     import torch
     import torch.distributed as dist
 
-    from kd.data import load_dataset, parse_dataset
-    from student_trainer.sources import parse_source
-    from student_trainer.train import TrainConfig, seed_everything, train_student
-    from teacher_server.loading import TeacherLoadError, TeacherSpec, build_model
+    from kd.core.data import load_dataset, parse_dataset
+    from kd.student_trainer.sources import parse_source
+    from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+    from kd.teacher_server.loading import TeacherLoadError, TeacherSpec, build_model
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         # Under torchrun: one process per rank, DistributedDataParallel in train_student.
@@ -362,21 +362,21 @@ def train(
         if read_through is not None:
             if len(source) != 1 or not source[0].startswith("cache:"):
                 _fail("--read-through needs one --source cache:PATH")
-            from student_trainer.sources import ReadThroughSource
+            from kd.student_trainer.sources import ReadThroughSource
 
             upstream = parse_source(read_through, **({"device": device} if read_through.startswith("local:") else {}))
             src = ReadThroughSource(source[0][len("cache:") :], upstream, train_data, codec=codec, views=views)
         elif len(source) == 1:
             src = open_source(source[0])
         elif len(source) > 1:
-            from student_trainer.losses import get_method
-            from student_trainer.multi import MultiTeacherSource
+            from kd.student_trainer.losses import get_method
+            from kd.student_trainer.multi import MultiTeacherSource
 
             # Mix at the loss's temperature, so softmax(targets / T) is the teachers' mixture at T.
             options = {"temperature": get_method(method).defaults.get("temperature", 1.0),
                        **{k: v for k, v in _parse_options(opt).items() if k == "temperature"},
                        **_parse_options(combiner_opt)}  # fmt: skip
-            from student_trainer.multi import COMBINERS
+            from kd.student_trainer.multi import COMBINERS
 
             if combiner in COMBINERS and "temperature" not in COMBINERS[combiner].options:
                 options.pop("temperature")
@@ -408,7 +408,7 @@ def train(
     if rank != 0:
         return
     if out is not None:
-        from teacher_server.loading import save_weights
+        from kd.teacher_server.loading import save_weights
 
         out.parent.mkdir(parents=True, exist_ok=True)
         save_weights(model, out)
@@ -440,9 +440,9 @@ def records(
     device: str = typer.Option("cpu"),
 ) -> None:
     """Compute Lopes et al. activation records of a teacher on its real data, for `kd serve --records`."""
-    from kd.data import parse_dataset
-    from teacher_server.loading import TeacherLoadError, load_teacher
-    from teacher_server.records import compute_records, save_records
+    from kd.core.data import parse_dataset
+    from kd.teacher_server.loading import TeacherLoadError, load_teacher
+    from kd.teacher_server.records import compute_records, save_records
 
     spec = teacher.removeprefix("local:")
     try:
@@ -487,7 +487,7 @@ def plot(run: Path = typer.Argument(..., help="A --run-dir of `kd train`.")) -> 
 @app.command()
 def methods() -> None:
     """List the KD methods with their papers and default options."""
-    from student_trainer.losses import METHODS
+    from kd.student_trainer.losses import METHODS
 
     table = Table("method", "kind", "paper", "defaults")
     for name, m in sorted(METHODS.items()):
@@ -502,9 +502,9 @@ def methods() -> None:
 @cache_app.command("info")
 def cache_info(path: Path) -> None:
     """Print a cache's metadata, record count and size (a directory of shards counts as one)."""
-    from cache import CacheError
-    from cache.codecs import bytes_per_sample
-    from cache.sharded import open_cache
+    from kd.cache import CacheError
+    from kd.cache.codecs import bytes_per_sample
+    from kd.cache.sharded import open_cache
 
     try:
         reader = open_cache(path)
@@ -525,8 +525,8 @@ def cache_info(path: Path) -> None:
 @cache_app.command("verify")
 def cache_verify(path: Path) -> None:
     """Check every record's checksum and the coverage; exit 1 on any problem."""
-    from cache import CacheError
-    from cache.sharded import open_cache
+    from kd.cache import CacheError
+    from kd.cache.sharded import open_cache
 
     try:
         report = open_cache(path).verify()
@@ -554,9 +554,9 @@ def cache_export(
     or topk/sample indices, logits and logsumexp (sparse codecs), plus the metadata as JSON."""
     import numpy as np
 
-    from cache import CacheError
-    from cache.sharded import open_cache
-    from kd.targets import SparseTargets
+    from kd.cache import CacheError
+    from kd.cache.sharded import open_cache
+    from kd.core.targets import SparseTargets
 
     if to != "npz":
         _fail(f"unknown export format {to!r}; supported: npz")
@@ -747,7 +747,7 @@ def demo(
     labeled: int = typer.Option(100, help="Training samples the student sees (the teacher sees the whole split)."),
     teacher_epochs: int = typer.Option(40),
 ) -> None:
-    """Serve a teacher, cache its soft targets, train students from cache and server, print a table."""
+    """Serve a teacher, cache its soft targets, train students from kd.cache and server, print a table."""
     from kd.demo import run_demo
 
     results = run_demo(out, seeds=seeds, epochs=epochs, labeled=labeled, teacher_epochs=teacher_epochs)
@@ -784,11 +784,11 @@ def qkd(
     """QKD (Kim et al. 2019): a quantization-aware student trained in three phases, converted to int8."""
     import torch
 
-    from kd.data import load_dataset, parse_dataset
-    from student_trainer.qkd import QKDConfig, quiet_quantization_warnings, train_qkd
-    from student_trainer.sources import parse_source
-    from student_trainer.train import seed_everything
-    from teacher_server.loading import TeacherLoadError, TeacherSpec, build_model, load_teacher, save_weights
+    from kd.core.data import load_dataset, parse_dataset
+    from kd.student_trainer.qkd import QKDConfig, quiet_quantization_warnings, train_qkd
+    from kd.student_trainer.sources import parse_source
+    from kd.student_trainer.train import seed_everything
+    from kd.teacher_server.loading import TeacherLoadError, TeacherSpec, build_model, load_teacher, save_weights
 
     config = QKDConfig(epochs_self=epochs_self, epochs_co=epochs_co, epochs_tutor=epochs_tutor, lr=lr,
                        teacher_lr=teacher_lr, temperature=temperature, alpha=alpha, teacher_alpha=teacher_alpha,

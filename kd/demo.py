@@ -26,13 +26,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cache.codecs import bytes_per_sample
-from kd.data import load_dataset
+from kd.cache.codecs import bytes_per_sample
+from kd.core.data import load_dataset
 from kd.models import digits_student, digits_teacher
 from kd.precompute import precompute
-from student_trainer.sources import CacheSource, ServerSource
-from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.loading import Teacher, load_teacher, save_weights
+from kd.student_trainer.sources import CacheSource, ServerSource
+from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+from kd.teacher_server.loading import Teacher, load_teacher, save_weights
 
 console = Console(stderr=True)
 MODES = ("ce", "kd_cache", "kd_server")

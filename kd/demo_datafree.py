@@ -25,16 +25,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kd.data import load_dataset
+from kd.core.data import load_dataset
 from kd.demo import start_server_process, stop_server_process
 from kd.models import digits_cnn, digits_cnn_student
-from student_trainer.datafree import DATAFREE, DataFreeConfig, ServedTeacher, get
-from student_trainer.sources import ServerSource
-from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.access import TIERS
-from teacher_server.client import TeacherClient
-from teacher_server.loading import load_teacher, save_weights
-from teacher_server.records import compute_records, save_records
+from kd.student_trainer.datafree import DATAFREE, DataFreeConfig, ServedTeacher, get
+from kd.student_trainer.sources import ServerSource
+from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+from kd.teacher_server.access import TIERS
+from kd.teacher_server.client import TeacherClient
+from kd.teacher_server.loading import load_teacher, save_weights
+from kd.teacher_server.records import compute_records, save_records
 
 console = Console(stderr=True)
 RECORDED_LAYERS = ["logits", "pool", "layer2", "layer1"]

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from cache import CacheMeta, CacheWriter
-from cache.codecs import bytes_per_sample
-from cache.sharded import shard_dir
-from kd import reductions
-from kd.data import Dataset, view_seeds
-from student_trainer.sources import Batch, SoftTargetSource, prefetched
+from kd.cache import CacheMeta, CacheWriter
+from kd.cache.codecs import bytes_per_sample
+from kd.cache.sharded import shard_dir
+from kd.core import reductions
+from kd.core.data import Dataset, view_seeds
+from kd.student_trainer.sources import Batch, SoftTargetSource, prefetched
 
 
 @dataclass

@@ -6,7 +6,7 @@ A *match* pairs student module paths with teacher module paths
 with forward hooks (``Taps``), passes each through the method's *connector*
 (a trainable module: a 1x1 conv + BN, a linear map, or the method's own, built
 from the shapes of both sides, trained with the student and saved with it),
-and reduces it with the method's statistic (``kd.reductions``). The teacher's
+and reduces it with the method's statistic (``kd.core.reductions``). The teacher's
 side is asked from the source under the reduced name (``layer2@at``), so the
 server computes the statistic and only it travels; ``teacher_reduce="trainer"``
 asks for the full map and reduces it here (a test checks the two agree).
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd import reductions
+from kd.core import reductions
 
 LOGITS = "logits"
 ConnectorFactory = Callable[[tuple[int, ...], tuple[int, ...]], nn.Module]

@@ -63,8 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.targets import SparseTargets, Targets
-from student_trainer.sources import Batch, SoftTargetSource
+from kd.core.targets import SparseTargets, Targets
+from kd.student_trainer.sources import Batch, SoftTargetSource
 
 
 class Combined(NamedTuple):

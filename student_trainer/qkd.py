@@ -75,10 +75,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd.data import Dataset
-from student_trainer.losses import get_method
-from student_trainer.sources import Batch, SoftTargetSource
-from student_trainer.train import accuracy, seed_everything
+from kd.core.data import Dataset
+from kd.student_trainer.losses import get_method
+from kd.student_trainer.sources import Batch, SoftTargetSource
+from kd.student_trainer.train import accuracy, seed_everything
 
 PHASES = ("self_studying", "co_studying", "tutoring")
 BACKENDS = ("fbgemm", "x86", "qnnpack")

@@ -14,7 +14,7 @@ All of them give the same targets for the same sample and view (a test compares 
   other source and writes the answer back, so the first epoch fills the cache
   and later ones read it.
 
-Targets are dense float32 logits [B, C] or ``kd.targets.SparseTargets``.
+Targets are dense float32 logits [B, C] or ``kd.core.targets.SparseTargets``.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-from cache import CacheMeta, CacheWriter
-from cache.sharded import open_cache
-from kd import reductions
-from kd.data import Dataset, view_seeds
-from kd.targets import Targets
-from teacher_server.client import DatasetRef, TeacherClient
-from teacher_server.loading import Teacher, load_teacher
-from teacher_server.runner import ModelRunner
+from kd.cache import CacheMeta, CacheWriter
+from kd.cache.sharded import open_cache
+from kd.core import reductions
+from kd.core.data import Dataset, view_seeds
+from kd.core.targets import Targets
+from kd.teacher_server.client import DatasetRef, TeacherClient
+from kd.teacher_server.loading import Teacher, load_teacher
+from kd.teacher_server.runner import ModelRunner
 
 
 def prefetched(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:

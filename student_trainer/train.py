@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd import reductions
-from kd.data import Dataset, view_seeds
-from student_trainer.features import (
+from kd.core import reductions
+from kd.core.data import Dataset, view_seeds
+from kd.student_trainer.features import (
     LOGITS,
     Distilled,
     Match,
@@ -42,8 +42,8 @@ from student_trainer.features import (
     make_connector,
     probe_student_shapes,
 )
-from student_trainer.losses import FeatureMethod, get_method
-from student_trainer.sources import Batch, SoftTargetSource
+from kd.student_trainer.losses import FeatureMethod, get_method
+from kd.student_trainer.sources import Batch, SoftTargetSource
 
 
 @dataclass
@@ -57,7 +57,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     # > 1: each step replays, per sample, one of `views` seeded augmented views
-    # (kd.data.Dataset.views); a cache must hold the same views.
+    # (kd.core.data.Dataset.views); a cache must hold the same views.
     views: int = 1
     # Feature methods: student layer(s) = teacher layer(s), e.g. "layer2=layer2"
     # (student_trainer.features.Match); empty: the method's default matches.

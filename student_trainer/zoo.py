@@ -31,7 +31,7 @@ factory            parameters   published  reference definition
 
 Every factory is ``factory(num_classes=100) -> nn.Module``; the model has
 ``input_shape = (3, 32, 32)`` (so ``kd serve --teacher
-t=student_trainer.zoo:resnet8x4@weights.safetensors`` needs no ``?input_shape``) and
+t=kd.student_trainer.zoo:resnet8x4@weights.safetensors`` needs no ``?input_shape``) and
 ``stages``, the names of its feature stages for feature distillation (ask the server for
 e.g. ``layer3``). Blocks return plain tensors: a stage's output is the feature CRD's
 ``is_feat=True, preact=False`` returns for it (after the ReLU for ResNet and ShuffleNet; WRN's

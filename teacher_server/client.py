@@ -15,11 +15,11 @@ from typing import Any
 import grpc
 import torch
 
+from kd.core.wire import from_proto, proto_dtype, to_proto, torch_dtype
+from kd.teacher_server import access as access_names
+from kd.teacher_server.server import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options
 from kd.v1 import teacher_pb2 as pb
 from kd.v1 import teacher_pb2_grpc as pb_grpc
-from kd.wire import from_proto, proto_dtype, to_proto, torch_dtype
-from teacher_server import access as access_names
-from teacher_server.server import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options
 
 
 class TeacherRequestError(RuntimeError):

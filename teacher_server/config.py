@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from teacher_server.server import TeacherOptions
+from kd.teacher_server.server import TeacherOptions
 
 
 class ConfigError(ValueError):

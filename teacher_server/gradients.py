@@ -1,7 +1,7 @@
 """Gradients through a frozen teacher, for data-free distillation (WHITE tier).
 
 * ``VJPRunner``: the input gradient of sum_o <upstream_o, output_o(x)>, a batcher runner
-  (``teacher_server.batcher``), so requests from many clients share one forward and
+  (``kd.teacher_server.batcher``), so requests from many clients share one forward and
   backward like Infer requests do. Correct to batch: the teacher is in eval mode, so
   sample i's outputs depend only on sample i. Rows travel packed as
   [inputs | upstream logits | upstream features ...] so the batcher's row slicing applies.
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teacher_server.loading import Teacher
+from kd.teacher_server.loading import Teacher
 
 LOGITS = "logits"
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from kd.data import Dataset
-from teacher_server.loading import Teacher
+from kd.core.data import Dataset
+from kd.teacher_server.loading import Teacher
 
 LOGITS = "logits"
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from teacher_server.loading import Teacher
+from kd.teacher_server.loading import Teacher
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -18,17 +18,17 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kd.data import Dataset
+from kd.core.data import Dataset
+from kd.teacher_server.access import Accounting, parse_access
+from kd.teacher_server.auth import TLSConfig, TokenInterceptor
+from kd.teacher_server.batcher import DynamicBatcher
+from kd.teacher_server.loading import Teacher
+from kd.teacher_server.metrics import ServerMetrics
+from kd.teacher_server.records import load_records
+from kd.teacher_server.runner import ModelRunner
+from kd.teacher_server.service import Endpoint, TeacherServicer
 from kd.v1 import teacher_pb2 as pb
 from kd.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server.access import Accounting, parse_access
-from teacher_server.auth import TLSConfig, TokenInterceptor
-from teacher_server.batcher import DynamicBatcher
-from teacher_server.loading import Teacher
-from teacher_server.metrics import ServerMetrics
-from teacher_server.records import load_records
-from teacher_server.runner import ModelRunner
-from teacher_server.service import Endpoint, TeacherServicer
 
 log = logging.getLogger("kd.serve")
 

@@ -19,16 +19,14 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from kd import reductions
-from kd.data import Dataset
-from kd.reductions import pool
-from kd.v1 import teacher_pb2 as pb
-from kd.v1 import teacher_pb2_grpc as pb_grpc
-from kd.wire import WireError, dtype_name, from_proto, proto_dtype, to_proto
-from teacher_server import access as tiers
-from teacher_server.access import Accounting, BudgetExceeded, client_identity
-from teacher_server.batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
-from teacher_server.gradients import (
+from kd.core import reductions
+from kd.core.data import Dataset
+from kd.core.reductions import pool
+from kd.core.wire import WireError, dtype_name, from_proto, proto_dtype, to_proto
+from kd.teacher_server import access as tiers
+from kd.teacher_server.access import Accounting, BudgetExceeded, client_identity
+from kd.teacher_server.batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
+from kd.teacher_server.gradients import (
     BNStates,
     PackLayout,
     SynthesisParams,
@@ -37,8 +35,10 @@ from teacher_server.gradients import (
     batchnorm_loss,
     synthesize,
 )
-from teacher_server.loading import Teacher
-from teacher_server.metrics import ServerMetrics
+from kd.teacher_server.loading import Teacher
+from kd.teacher_server.metrics import ServerMetrics
+from kd.v1 import teacher_pb2 as pb
+from kd.v1 import teacher_pb2_grpc as pb_grpc
 
 _FLOAT_OUT = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16}
 _MAX_LISTED = 40

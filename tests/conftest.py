@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from kd.models import digits_teacher
-from teacher_server.loading import Teacher, load_teacher
-from teacher_server.server import BatchingOptions, RunningServer, start_server
+from kd.teacher_server.loading import Teacher, load_teacher
+from kd.teacher_server.server import BatchingOptions, RunningServer, start_server
 
 torch.set_num_threads(2)
 
@@ -54,10 +54,10 @@ def digits_cnn_spec(tmp_path_factory: pytest.TempPathFactory):
     """``spec(epochs)``: the SPEC of ``kd.models:digits_cnn`` trained with CE on the digits
     training split (seed 0, Adam 1e-3, batch 64) for that many epochs; trained once per
     session for each epoch count, however many test modules ask for it."""
-    from kd.data import load_dataset
+    from kd.core.data import load_dataset
     from kd.models import digits_cnn
-    from student_trainer.train import TrainConfig, seed_everything, train_student
-    from teacher_server.loading import save_weights
+    from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+    from kd.teacher_server.loading import save_weights
 
     specs: dict[int, str] = {}
 

@@ -7,13 +7,13 @@ import math
 
 import torch
 
-from kd.data import load_dataset
+from kd.core.data import load_dataset
 from kd.models import digits_student
-from student_trainer.losses import get_method
-from student_trainer.losses.adversarial import LogitDiscriminator, adversarial_loss
-from student_trainer.sources import LocalSource
-from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.loading import Teacher
+from kd.student_trainer.losses import get_method
+from kd.student_trainer.losses.adversarial import LogitDiscriminator, adversarial_loss
+from kd.student_trainer.sources import LocalSource
+from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+from kd.teacher_server.loading import Teacher
 
 
 def _log_sigmoid(v: float) -> float:

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from teacher_server.batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
+from kd.teacher_server.batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
 
 
 class RecordingForward:

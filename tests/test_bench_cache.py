@@ -12,8 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cache.codecs import bytes_per_sample
 from kd.bench.cache import ACC_CODECS, CODECS
+from kd.cache.codecs import bytes_per_sample
 
 
 def _positive(value: object) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from student_trainer.losses import METHODS
+from kd.student_trainer.losses import METHODS
 
 
 def _acc(value: object) -> bool:

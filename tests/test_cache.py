@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from cache import CacheError, CacheMeta, CacheReader, CacheWriter, CorruptRecordError, StaleCacheError, get_codec
-from cache.codecs import RECORD_OVERHEAD, bytes_per_sample
-from cache.store import MissingRecordError, record_key
+from kd.cache import CacheError, CacheMeta, CacheReader, CacheWriter, CorruptRecordError, StaleCacheError, get_codec
+from kd.cache.codecs import RECORD_OVERHEAD, bytes_per_sample
+from kd.cache.store import MissingRecordError, record_key
 
 ROOT = Path(__file__).resolve().parents[1]
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -603,7 +603,7 @@ def test_cli_info_prints_json(tmp_path: Path) -> None:
 
 
 def test_fp16_overflow_is_refused_not_stored_as_inf(tmp_path: Path) -> None:
-    from cache import CacheMeta, CacheReader, CacheWriter
+    from kd.cache import CacheMeta, CacheReader, CacheWriter
 
     meta = CacheMeta("fp", "ds", 4, "fp16", 3)
     with CacheWriter(tmp_path / "c", meta) as w:

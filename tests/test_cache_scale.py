@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache import CacheError, CacheMeta, CacheWriter, StaleCacheError
-from cache.sharded import ShardedCacheReader, open_cache, parse_shard, shard_dir
-from kd.data import load_dataset, view_seeds
+from kd.cache import CacheError, CacheMeta, CacheWriter, StaleCacheError
+from kd.cache.sharded import ShardedCacheReader, open_cache, parse_shard, shard_dir
+from kd.core.data import load_dataset, view_seeds
+from kd.core.reductions import attention
+from kd.core.targets import SparseTargets, sparse_kl
 from kd.models import digits_student
 from kd.precompute import precompute
-from kd.reductions import attention
-from kd.targets import SparseTargets, sparse_kl
-from student_trainer.losses import get_method
-from student_trainer.losses.kd import soft_kl
-from student_trainer.sources import CacheSource, LocalSource, ReadThroughSource
-from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.loading import Teacher
+from kd.student_trainer.losses import get_method
+from kd.student_trainer.losses.kd import soft_kl
+from kd.student_trainer.sources import CacheSource, LocalSource, ReadThroughSource
+from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+from kd.teacher_server.loading import Teacher
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_topk_cache_feeds_the_loss_sparse_and_equals_its_dense_decode(tmp_path: 
     kd = get_method("kd")
     labels = train.labels[idx]
     torch.testing.assert_close(kd(student, sparse, labels), kd(student, reader.get(idx).double(), labels))
-    from student_trainer.losses import Method
+    from kd.student_trainer.losses import Method
 
     dense_only = Method("dense-only", lambda s, t, y: (s - t).pow(2).mean(), "a method that needs dense targets")
     with pytest.raises(ValueError, match="needs dense teacher logits, but the targets are sparse"):
@@ -47,7 +47,7 @@ def test_topk_cache_feeds_the_loss_sparse_and_equals_its_dense_decode(tmp_path: 
 
 
 def test_sampled_kl_is_unbiased(teacher: Teacher, train) -> None:
-    from cache.codecs import get_codec
+    from kd.cache.codecs import get_codec
 
     x = train.inputs[:8]
     with torch.inference_mode():
@@ -154,7 +154,7 @@ def test_mismatched_views_or_temperature_are_stale(tmp_path: Path, teacher: Teac
 
 
 def test_topk_at_its_cache_temperature_keeps_exact_top_probabilities_and_tail_mass() -> None:
-    from cache.codecs import get_codec
+    from kd.cache.codecs import get_codec
 
     torch.manual_seed(0)
     z = torch.randn(16, 1000) * 2
@@ -175,7 +175,7 @@ def test_topk_at_its_cache_temperature_keeps_exact_top_probabilities_and_tail_ma
 
 
 def test_prefetched_keeps_order_and_reraises() -> None:
-    from student_trainer.sources import prefetched
+    from kd.student_trainer.sources import prefetched
 
     assert list(prefetched(iter(range(50)), depth=3)) == list(range(50))
 
@@ -191,10 +191,10 @@ def test_prefetched_keeps_order_and_reraises() -> None:
 
 
 def test_features_are_cached_beside_the_targets(tmp_path: Path, train) -> None:
-    from student_trainer.sources import ServerSource
-    from teacher_server.loading import load_teacher
-    from teacher_server.server import start_server
-    from teacher_server.service import pool
+    from kd.student_trainer.sources import ServerSource
+    from kd.teacher_server.loading import load_teacher
+    from kd.teacher_server.server import start_server
+    from kd.teacher_server.service import pool
 
     torch.manual_seed(0)
     cnn = load_teacher("cnn", "kd.models:digits_cnn")

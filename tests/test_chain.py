@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from kd.chain import tolerant_loss
-from teacher_server.loading import load_teacher
+from kd.teacher_server.loading import load_teacher
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

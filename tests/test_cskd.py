@@ -7,10 +7,10 @@ import pytest
 import torch
 from reference import ref_log_softmax
 
-from kd.data import load_dataset
+from kd.core.data import load_dataset
 from kd.models import digits_student
-from student_trainer.losses import get_method
-from student_trainer.train import TrainConfig, same_class_partners, seed_everything, train_student
+from kd.student_trainer.losses import get_method
+from kd.student_trainer.train import TrainConfig, same_class_partners, seed_everything, train_student
 
 
 def ref_cskd(z: np.ndarray, y: np.ndarray, t: float, lam: float) -> float:

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from kd.data import load_dataset
+from kd.core.data import load_dataset
 from kd.models import digits_student
-from student_trainer.sources import LocalSource
-from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.client import TeacherClient
-from teacher_server.loading import load_teacher
-from teacher_server.server import TeacherOptions, start_server
+from kd.student_trainer.sources import LocalSource
+from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+from kd.teacher_server.client import TeacherClient
+from kd.teacher_server.loading import load_teacher
+from kd.teacher_server.server import TeacherOptions, start_server
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -66,7 +66,7 @@ def test_local_source_and_training_on_cuda() -> None:
 
 
 def test_every_method_runs_on_cuda_and_matches_cpu() -> None:
-    from student_trainer.losses import METHODS
+    from kd.student_trainer.losses import METHODS
 
     g = torch.Generator().manual_seed(0)
     zs = torch.randn(16, 10, generator=g) * 3
@@ -93,12 +93,12 @@ def test_every_method_runs_on_cuda_and_matches_cpu() -> None:
 def test_every_feature_method_trains_on_cuda(tmp_path) -> None:
     """Each feature method's loop (hooks, connectors, reductions) on a CUDA student and teacher."""
     from kd.bench.methods import FEATURE_MATCHES
-    from kd.data import load_dataset
+    from kd.core.data import load_dataset
     from kd.models import digits_cnn, digits_cnn_student
-    from student_trainer.losses import METHODS
-    from student_trainer.sources import LocalSource
-    from student_trainer.train import TrainConfig, seed_everything, train_student
-    from teacher_server.loading import load_teacher, save_weights
+    from kd.student_trainer.losses import METHODS
+    from kd.student_trainer.sources import LocalSource
+    from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+    from kd.teacher_server.loading import load_teacher, save_weights
 
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     seed_everything(0)

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.data import load_dataset
+from kd.core.data import load_dataset
 from kd.models import digits_cnn_student
-from student_trainer.datafree import DataFreeConfig, ServedTeacher, dfme, get, zsdb3kd
-from teacher_server.client import TeacherClient, TeacherRequestError
-from teacher_server.loading import Teacher, load_teacher
-from teacher_server.server import TeacherOptions, start_server
+from kd.student_trainer.datafree import DataFreeConfig, ServedTeacher, dfme, get, zsdb3kd
+from kd.teacher_server.client import TeacherClient, TeacherRequestError
+from kd.teacher_server.loading import Teacher, load_teacher
+from kd.teacher_server.server import TeacherOptions, start_server
 
 TRAIN = load_dataset("digits", "train")
 TEST = load_dataset("digits", "test")

@@ -13,14 +13,14 @@ import grpc
 import pytest
 import torch
 
-from kd.data import load_dataset
+from kd.core.data import load_dataset
 from kd.models import digits_cnn_student
-from student_trainer.datafree import DATAFREE, dafl, dfad, get, zskt
-from student_trainer.datafree.common import DataFreeConfig, Generator, ServedTeacher
-from student_trainer.train import seed_everything
-from teacher_server.client import TeacherClient, TeacherRequestError
-from teacher_server.loading import Teacher, load_teacher
-from teacher_server.server import TeacherOptions, start_server
+from kd.student_trainer.datafree import DATAFREE, dafl, dfad, get, zskt
+from kd.student_trainer.datafree.common import DataFreeConfig, Generator, ServedTeacher
+from kd.student_trainer.train import seed_everything
+from kd.teacher_server.client import TeacherClient, TeacherRequestError
+from kd.teacher_server.loading import Teacher, load_teacher
+from kd.teacher_server.server import TeacherOptions, start_server
 
 TRAIN = load_dataset("digits", "train")
 TEST = load_dataset("digits", "test")

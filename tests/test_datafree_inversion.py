@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.data import load_dataset
+from kd.core.data import load_dataset
 from kd.models import digits_cnn_student
-from student_trainer.datafree import DATAFREE, DataFreeConfig, ServedTeacher, get
-from student_trainer.datafree import deepinversion as di
-from student_trainer.datafree import fast_dfkd as fd
-from teacher_server.client import TeacherClient, TeacherRequestError
-from teacher_server.gradients import total_variation
-from teacher_server.loading import Teacher, load_teacher
-from teacher_server.server import TeacherOptions, start_server
+from kd.student_trainer.datafree import DATAFREE, DataFreeConfig, ServedTeacher, get
+from kd.student_trainer.datafree import deepinversion as di
+from kd.student_trainer.datafree import fast_dfkd as fd
+from kd.teacher_server.client import TeacherClient, TeacherRequestError
+from kd.teacher_server.gradients import total_variation
+from kd.teacher_server.loading import Teacher, load_teacher
+from kd.teacher_server.server import TeacherOptions, start_server
 
 TRAIN = load_dataset("digits", "train")
 TEST = load_dataset("digits", "test")

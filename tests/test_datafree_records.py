@@ -14,15 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.data import load_dataset
+from kd.core.data import load_dataset
 from kd.models import digits_cnn_student
-from student_trainer.datafree import adv_samples as bss
-from student_trainer.datafree import get, lopes
-from student_trainer.datafree.common import DataFreeConfig, ServedTeacher
-from teacher_server.client import TeacherClient, TeacherRequestError
-from teacher_server.loading import load_teacher
-from teacher_server.records import compute_records, save_records
-from teacher_server.server import TeacherOptions, start_server
+from kd.student_trainer.datafree import adv_samples as bss
+from kd.student_trainer.datafree import get, lopes
+from kd.student_trainer.datafree.common import DataFreeConfig, ServedTeacher
+from kd.teacher_server.client import TeacherClient, TeacherRequestError
+from kd.teacher_server.loading import load_teacher
+from kd.teacher_server.records import compute_records, save_records
+from kd.teacher_server.server import TeacherOptions, start_server
 
 TRAIN = load_dataset("digits", "train")
 TEST = load_dataset("digits", "test")

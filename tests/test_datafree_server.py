@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from kd.cli import app
-from kd.data import load_dataset
-from student_trainer.train import seed_everything
-from teacher_server.client import TeacherClient, TeacherRequestError
-from teacher_server.config import load_config
-from teacher_server.gradients import batchnorm_layers
-from teacher_server.loading import Teacher, load_teacher
-from teacher_server.records import compute_records, save_records
-from teacher_server.server import TeacherOptions, start_server
+from kd.core.data import load_dataset
+from kd.student_trainer.train import seed_everything
+from kd.teacher_server.client import TeacherClient, TeacherRequestError
+from kd.teacher_server.config import load_config
+from kd.teacher_server.gradients import batchnorm_layers
+from kd.teacher_server.loading import Teacher, load_teacher
+from kd.teacher_server.records import compute_records, save_records
+from kd.teacher_server.server import TeacherOptions, start_server
 
 TRAIN = load_dataset("digits", "train")
 TEST = load_dataset("digits", "test")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from student_trainer.datafree import DATAFREE
+from kd.student_trainer.datafree import DATAFREE
 
 
 def test_demo_datafree_quick_runs_every_method_at_its_tier(tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache import CacheReader
-from kd.data import load_dataset
-from teacher_server.loading import Teacher
+from kd.cache import CacheReader
+from kd.core.data import load_dataset
+from kd.teacher_server.loading import Teacher
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

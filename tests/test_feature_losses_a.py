@@ -14,15 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from kd import reductions
-from kd.data import load_dataset
+from kd.core import reductions
+from kd.core.data import load_dataset
 from kd.models import DigitsCNN, digits_cnn_student
-from student_trainer.features import ConvBN
-from student_trainer.losses import FeatureMethod, get_method
-from student_trainer.losses.adain import moments_connector
-from student_trainer.sources import LocalSource
-from student_trainer.train import TrainConfig, TrainResult, seed_everything, train_student
-from teacher_server.loading import Teacher, load_teacher
+from kd.student_trainer.features import ConvBN
+from kd.student_trainer.losses import FeatureMethod, get_method
+from kd.student_trainer.losses.adain import moments_connector
+from kd.student_trainer.sources import LocalSource
+from kd.student_trainer.train import TrainConfig, TrainResult, seed_everything, train_student
+from kd.teacher_server.loading import Teacher, load_teacher
 
 TRAIN = load_dataset("digits", "train")
 TEST = load_dataset("digits", "test")

@@ -11,17 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from kd.data import load_dataset
+from kd.core.data import load_dataset
 from kd.models import digits_cnn_student
-from student_trainer.losses import METHODS, FeatureMethod, get_method
-from student_trainer.losses.cd import cd_connector, cd_loss
-from student_trainer.losses.kp import kp_connector, kp_loss
-from student_trainer.losses.kr import kr_connector, kr_loss
-from student_trainer.losses.mgd import mgd_connector, mgd_loss
-from student_trainer.losses.mimic import lsh_hyperplanes, mimic_connector, mimic_loss
-from student_trainer.sources import LocalSource
-from student_trainer.train import TrainConfig, train_student
-from teacher_server.loading import load_teacher
+from kd.student_trainer.losses import METHODS, FeatureMethod, get_method
+from kd.student_trainer.losses.cd import cd_connector, cd_loss
+from kd.student_trainer.losses.kp import kp_connector, kp_loss
+from kd.student_trainer.losses.kr import kr_connector, kr_loss
+from kd.student_trainer.losses.mgd import mgd_connector, mgd_loss
+from kd.student_trainer.losses.mimic import lsh_hyperplanes, mimic_connector, mimic_loss
+from kd.student_trainer.sources import LocalSource
+from kd.student_trainer.train import TrainConfig, train_student
+from kd.teacher_server.loading import load_teacher
 
 EPS_BN = 1e-5
 
@@ -121,7 +121,7 @@ def ref_cd(s_maps, t_maps, conns, weight, decay, every, epoch, epochs) -> float:
 
 
 def cd_pipeline(s_maps, t_maps, conns, **kw) -> torch.Tensor:
-    from kd.reductions import pool
+    from kd.core.reductions import pool
 
     return cd_loss([pool(c(s)) for s, c in zip(s_maps, conns)], [pool(t) for t in t_maps], **kw)
 
@@ -175,7 +175,7 @@ def test_cd_gradients() -> None:
     # through the connector: the gradient reaches the conv weights
     torch.manual_seed(1)
     conn = cd_connector((3, 4, 4), (5,)).double()
-    from kd.reductions import pool
+    from kd.core.reductions import pool
 
     cd_loss([pool(conn(randn(6, 3, 4, 4, seed=13)))], [t.abs()], epoch=0, epochs=1).backward()
     assert conn.conv.weight.grad.abs().sum() > 0
@@ -344,7 +344,7 @@ def test_mgd_matches_reference(reduction: str) -> None:
 def test_mgd_random_drop_picks_an_assigned_channel() -> None:
     s, t = randn(4, 3, 4, 4, seed=34), randn(4, 6, 4, 4, seed=35)
     torch.manual_seed(0)
-    from student_trainer.losses.mgd import assign_channels, channel_distance, reduce_teacher
+    from kd.student_trainer.losses.mgd import assign_channels, channel_distance, reduce_teacher
 
     index = assign_channels(channel_distance(s, t), "rd")
     assert index.shape == (2, 3) and len(set(index.flatten().tolist())) == 6

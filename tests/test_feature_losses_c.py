@@ -12,19 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd import reductions
-from kd.data import load_dataset
+from kd.core import reductions
+from kd.core.data import load_dataset
 from kd.models import digits_cnn_student
-from student_trainer.features import Taps
-from student_trainer.losses import get_method
-from student_trainer.losses.dfa import DFAConnector, DFAFeatures, dfa_loss
-from student_trainer.losses.pad import PADLogitConnector, pad_loss
-from student_trainer.losses.pad_feat import PADConnector, pad_feat_loss
-from student_trainer.losses.recurrent import RecurrentResidual, recurrent_loss
-from student_trainer.losses.tat import TaTConnector, TaTFeatures, tat_loss
-from student_trainer.sources import LocalSource
-from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.loading import load_teacher
+from kd.student_trainer.features import Taps
+from kd.student_trainer.losses import get_method
+from kd.student_trainer.losses.dfa import DFAConnector, DFAFeatures, dfa_loss
+from kd.student_trainer.losses.pad import PADLogitConnector, pad_loss
+from kd.student_trainer.losses.pad_feat import PADConnector, pad_feat_loss
+from kd.student_trainer.losses.recurrent import RecurrentResidual, recurrent_loss
+from kd.student_trainer.losses.tat import TaTConnector, TaTFeatures, tat_loss
+from kd.student_trainer.sources import LocalSource
+from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+from kd.teacher_server.loading import load_teacher
 
 TRAIN = load_dataset("digits", "train")
 TEST = load_dataset("digits", "test")

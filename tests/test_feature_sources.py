@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from kd.bench.methods import FEATURE_MATCHES, _feature_options, _teacher_names
-from kd.data import load_dataset
+from kd.core.data import load_dataset
 from kd.models import digits_cnn_student
 from kd.precompute import precompute
-from student_trainer.losses import METHODS
-from student_trainer.sources import CacheSource, LocalSource, ServerSource
-from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.loading import Teacher, load_teacher
-from teacher_server.server import start_server
+from kd.student_trainer.losses import METHODS
+from kd.student_trainer.sources import CacheSource, LocalSource, ServerSource
+from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+from kd.teacher_server.loading import Teacher, load_teacher
+from kd.teacher_server.server import start_server
 
 TRAIN = load_dataset("digits", "train")
 TEST = load_dataset("digits", "test")

@@ -13,17 +13,17 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from kd import reductions
 from kd.cli import app
-from kd.data import load_dataset
+from kd.core import reductions
+from kd.core.data import load_dataset
 from kd.models import digits_cnn_student
 from kd.precompute import precompute
-from student_trainer.features import Match, Taps
-from student_trainer.sources import CacheSource, LocalSource, ServerSource
-from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.client import TeacherClient, TeacherRequestError
-from teacher_server.loading import Teacher, load_teacher
-from teacher_server.server import start_server
+from kd.student_trainer.features import Match, Taps
+from kd.student_trainer.sources import CacheSource, LocalSource, ServerSource
+from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+from kd.teacher_server.client import TeacherClient, TeacherRequestError
+from kd.teacher_server.loading import Teacher, load_teacher
+from kd.teacher_server.server import start_server
 
 TRAIN = load_dataset("digits", "train")
 TEST = load_dataset("digits", "test")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from kd.models import digits_student, digits_teacher
-from teacher_server.loading import TeacherLoadError, TeacherSpec, fingerprint, load_teacher
+from kd.teacher_server.loading import TeacherLoadError, TeacherSpec, fingerprint, load_teacher
 
 
 class NotWeights:

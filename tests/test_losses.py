@@ -7,8 +7,8 @@ import pytest
 import torch
 from reference import make_batch, np64, ref_ce, ref_log_softmax, ref_softmax
 
-from student_trainer.losses import METHODS, get_method
-from student_trainer.losses.kd import kd_loss
+from kd.student_trainer.losses import METHODS, get_method
+from kd.student_trainer.losses.kd import kd_loss
 
 # ---------------------------------------------------------------------------
 # Independent reference: numpy float64, explicit exp / sum / log.

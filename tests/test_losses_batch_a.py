@@ -9,13 +9,13 @@ import pytest
 import torch
 from reference import make_batch, np64, ref_softmax
 
-from kd.targets import SparseTargets
-from student_trainer.losses import get_method
-from student_trainer.losses.dist import dist_loss
-from student_trainer.losses.dkd import dkd_loss
-from student_trainer.losses.kd import kd_loss
-from student_trainer.losses.noisy import noisy_teacher_loss, perturb_teacher
-from student_trainer.losses.spherical import spherical_loss
+from kd.core.targets import SparseTargets
+from kd.student_trainer.losses import get_method
+from kd.student_trainer.losses.dist import dist_loss
+from kd.student_trainer.losses.dkd import dkd_loss
+from kd.student_trainer.losses.kd import kd_loss
+from kd.student_trainer.losses.noisy import noisy_teacher_loss, perturb_teacher
+from kd.student_trainer.losses.spherical import spherical_loss
 
 # ---------------------------------------------------------------------------
 # Independent references: numpy float64, explicit exp / sum / log.
@@ -404,7 +404,7 @@ def test_spherical_matches_reference_float32() -> None:
 
 
 def test_spherical_projects_onto_sphere_of_radius_m_sqrt_c() -> None:
-    from student_trainer.losses.spherical import spherical_normalize
+    from kd.student_trainer.losses.spherical import spherical_normalize
 
     zs, _, _ = make_batch(5, 13, 7.0, seed=1)
     n = spherical_normalize(zs, 2.5)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from reference import make_batch, np64, ref_ce, ref_log_softmax, ref_softmax
 
-from kd.targets import SparseTargets
-from student_trainer.losses import get_method
-from student_trainer.losses.eskd import eskd_loss
-from student_trainer.losses.gkd import gkd_loss
-from student_trainer.losses.ka_dtd import dtd_temperatures, ka_dtd_loss, probability_shift
-from student_trainer.losses.tfkd_reg import tfkd_reg_loss, virtual_teacher
-from student_trainer.losses.tfkd_self import tfkd_self_loss
+from kd.core.targets import SparseTargets
+from kd.student_trainer.losses import get_method
+from kd.student_trainer.losses.eskd import eskd_loss
+from kd.student_trainer.losses.gkd import gkd_loss
+from kd.student_trainer.losses.ka_dtd import dtd_temperatures, ka_dtd_loss, probability_shift
+from kd.student_trainer.losses.tfkd_reg import tfkd_reg_loss, virtual_teacher
+from kd.student_trainer.losses.tfkd_self import tfkd_self_loss
 
 NEW = ("tfkd-reg", "tfkd-self", "gkd", "eskd", "ka-dtd")
 

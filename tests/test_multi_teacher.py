@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from kd.data import load_dataset
+from kd.core.data import load_dataset
+from kd.core.targets import SparseTargets
 from kd.models import digits_student, digits_teacher
-from kd.targets import SparseTargets
-from student_trainer.losses.kd import kd_loss
-from student_trainer.multi import COMBINERS, MultiTeacherSource, ae_kd, get_combiner, min_norm_weights, mixture
-from student_trainer.sources import Batch, LocalSource, ServerSource, SoftTargetSource
-from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.loading import Teacher, load_teacher
+from kd.student_trainer.losses.kd import kd_loss
+from kd.student_trainer.multi import COMBINERS, MultiTeacherSource, ae_kd, get_combiner, min_norm_weights, mixture
+from kd.student_trainer.sources import Batch, LocalSource, ServerSource, SoftTargetSource
+from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+from kd.teacher_server.loading import Teacher, load_teacher
 
 # ---------------------------------------------------------------- references (float64, numpy)
 

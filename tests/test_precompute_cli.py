@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache import CacheMeta, CacheReader, CacheWriter
-from cache.sharded import open_cache
-from kd.data import load_dataset, view_seeds
-from teacher_server.loading import Teacher
+from kd.cache import CacheMeta, CacheReader, CacheWriter
+from kd.cache.sharded import open_cache
+from kd.core.data import load_dataset, view_seeds
+from kd.teacher_server.loading import Teacher
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -138,7 +138,7 @@ class CachedTargets(torch.utils.data.Dataset):
 def test_training_from_a_cache_while_another_process_reads_it(tmp_path: Path, teacher: Teacher) -> None:
     from torch.utils.data import DataLoader
 
-    from student_trainer.losses import get_method
+    from kd.student_trainer.losses import get_method
 
     train = load_dataset("digits", "train")
     meta = CacheMeta(teacher.fingerprint, train.dataset_id, len(train), "fp32", 10)
@@ -149,7 +149,7 @@ def test_training_from_a_cache_while_another_process_reads_it(tmp_path: Path, te
     reader = CacheReader(tmp_path / "c", teacher_fingerprint=teacher.fingerprint)
     other = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, torch; from cache import CacheReader; r = CacheReader(sys.argv[1]);"
+         "import sys, torch; from kd.cache import CacheReader; r = CacheReader(sys.argv[1]);"
          "[r.get(torch.randint(0, 1198, (64,))) for _ in range(300)]; print(len(r))", str(tmp_path / "c")],
         stdout=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip

@@ -205,7 +205,7 @@ def test_importing_stubs_creates_no_top_level_proto_module() -> None:
     # In a fresh interpreter (this one may have imported anything by now).
     code = (
         "import sys\n"
-        "import kd.v1.teacher_pb2, kd.v1.teacher_pb2_grpc, kd.wire\n"
+        "import kd.v1.teacher_pb2, kd.v1.teacher_pb2_grpc, kd.core.wire\n"
         "bad = sorted(m for m in sys.modules if m == 'proto' or m.startswith('proto.') or m == 'teacher_pb2')\n"
         "assert not bad, bad\n"
         "assert kd.v1.teacher_pb2.__name__ == 'kd.v1.teacher_pb2'\n"

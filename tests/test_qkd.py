@@ -14,13 +14,13 @@ from torch.ao.nn import quantized as nnq
 from typer.testing import CliRunner
 
 from kd.cli import app
-from kd.data import load_dataset
+from kd.core.data import load_dataset
 from kd.demo import train_digits_teacher
 from kd.models import MLP, digits_student
 from kd.precompute import precompute
-from student_trainer.qkd import PHASES, QKDConfig, QKDResult, fusable_groups, train_qkd
-from student_trainer.sources import CacheSource, LocalSource
-from teacher_server.loading import Teacher
+from kd.student_trainer.qkd import PHASES, QKDConfig, QKDResult, fusable_groups, train_qkd
+from kd.student_trainer.sources import CacheSource, LocalSource
+from kd.teacher_server.loading import Teacher
 
 EPOCHS = {"self_studying": 3, "co_studying": 4, "tutoring": 3}
 

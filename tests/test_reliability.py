@@ -33,13 +33,13 @@ import grpc
 import pytest
 import torch
 
-from kd.data import load_dataset
+from kd.core.data import load_dataset
+from kd.core.wire import from_proto, to_proto
+from kd.teacher_server.client import TeacherClient, TeacherRequestError
+from kd.teacher_server.loading import Teacher
+from kd.teacher_server.server import RunningServer, TeacherOptions, start_server
 from kd.v1 import teacher_pb2 as pb
 from kd.v1 import teacher_pb2_grpc as pb_grpc
-from kd.wire import from_proto, to_proto
-from teacher_server.client import TeacherClient, TeacherRequestError
-from teacher_server.loading import Teacher
-from teacher_server.server import RunningServer, TeacherOptions, start_server
 
 FUZZ_SEED = 20_240_611
 FUZZ_REQUESTS = 300

@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from teacher_server.auth import TLSConfig
-from teacher_server.client import TeacherClient, TeacherRequestError
-from teacher_server.loading import Teacher
-from teacher_server.server import start_server
+from kd.teacher_server.auth import TLSConfig
+from kd.teacher_server.client import TeacherClient, TeacherRequestError
+from kd.teacher_server.loading import Teacher
+from kd.teacher_server.server import start_server
 
 
 def _pem_key(key) -> bytes:

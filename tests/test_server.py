@@ -10,12 +10,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kd.core.wire import from_proto, to_proto
+from kd.teacher_server.client import TeacherClient, TeacherRequestError
+from kd.teacher_server.loading import Teacher
+from kd.teacher_server.server import BatchingOptions, start_server
 from kd.v1 import teacher_pb2 as pb
 from kd.v1 import teacher_pb2_grpc as pb_grpc
-from kd.wire import from_proto, to_proto
-from teacher_server.client import TeacherClient, TeacherRequestError
-from teacher_server.loading import Teacher
-from teacher_server.server import BatchingOptions, start_server
 
 
 def reference(teacher: Teacher, x: torch.Tensor) -> torch.Tensor:
@@ -227,7 +227,7 @@ def test_stop_finishes_accepted_work_then_refuses(teacher: Teacher) -> None:
 
 
 def test_stream_replies_keep_request_order_across_teachers(teacher: Teacher) -> None:
-    from teacher_server.loading import load_teacher
+    from kd.teacher_server.loading import load_teacher
 
     slow_teacher = load_teacher("slow", "kd.models:digits_student")
     running = start_server([teacher, slow_teacher], port=0, batching=BatchingOptions(max_queue_delay_us=0))

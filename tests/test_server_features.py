@@ -11,15 +11,15 @@ import grpc
 import pytest
 import torch
 
-from kd.data import load_dataset
+from kd.core.data import load_dataset
+from kd.core.wire import to_proto
+from kd.teacher_server.client import DatasetRef, TeacherClient, TeacherRequestError
+from kd.teacher_server.config import ConfigError, load_config
+from kd.teacher_server.loading import Teacher
+from kd.teacher_server.server import TeacherOptions, start_server
+from kd.teacher_server.service import pool
 from kd.v1 import teacher_pb2 as pb
 from kd.v1 import teacher_pb2_grpc as pb_grpc
-from kd.wire import to_proto
-from teacher_server.client import DatasetRef, TeacherClient, TeacherRequestError
-from teacher_server.config import ConfigError, load_config
-from teacher_server.loading import Teacher
-from teacher_server.server import TeacherOptions, start_server
-from teacher_server.service import pool
 
 
 def hooked(teacher: Teacher, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +206,7 @@ ref = "digits:train"
 
 
 def test_several_teachers_each_with_its_own_batcher(teacher: Teacher, teacher_spec: str) -> None:
-    from teacher_server.loading import load_teacher
+    from kd.teacher_server.loading import load_teacher
 
     other = load_teacher("other", "kd.models:digits_student")
     running = start_server(
@@ -251,7 +251,7 @@ def test_client_balances_over_a_pool_and_skips_a_dead_address(teacher: Teacher) 
 
 
 def test_cnn_features_survive_inplace_relu_and_channels_last() -> None:
-    from teacher_server.loading import load_teacher
+    from kd.teacher_server.loading import load_teacher
 
     torch.manual_seed(0)
     cnn = load_teacher("cnn", "kd.models:digits_cnn")
@@ -275,7 +275,7 @@ def test_cnn_features_survive_inplace_relu_and_channels_last() -> None:
 
 
 def test_torch_compile_teacher_serves_the_same_logits() -> None:
-    from teacher_server.loading import load_teacher
+    from kd.teacher_server.loading import load_teacher
 
     small = load_teacher("small", "kd.models:digits_student")
     # Warm-up compiles before the port opens, so the first request is not slow.

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache import StaleCacheError
-from kd.data import load_dataset
+from kd.cache import StaleCacheError
+from kd.core.data import load_dataset
 from kd.models import digits_student
 from kd.precompute import precompute
-from student_trainer.sources import CacheSource, LocalSource, ServerSource, parse_source
-from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.loading import Teacher
+from kd.student_trainer.sources import CacheSource, LocalSource, ServerSource, parse_source
+from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+from kd.teacher_server.loading import Teacher
 
 
 @pytest.fixture(scope="module")

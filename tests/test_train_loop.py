@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.data import load_dataset
-from student_trainer.sources import LocalSource
-from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.loading import Teacher
+from kd.core.data import load_dataset
+from kd.student_trainer.sources import LocalSource
+from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+from kd.teacher_server.loading import Teacher
 
 
 class Interrupt(Exception):

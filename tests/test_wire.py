@@ -1,4 +1,4 @@
-"""kd.wire: tensors as dtype + shape + raw little-endian row-major bytes."""
+"""kd.core.wire: tensors as dtype + shape + raw little-endian row-major bytes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd import wire
+from kd.core import wire
 from kd.v1 import teacher_pb2 as pb
 
 # Encoding and decoding must be warning-free (torch warns, once per process,
@@ -308,7 +308,7 @@ def test_decode_is_warning_free_in_a_fresh_process() -> None:
     code = (
         "import torch, warnings\n"
         "warnings.simplefilter('error')\n"
-        "from kd import wire\n"
+        "from kd.core import wire\n"
         "t = wire.from_proto(wire.to_proto(torch.arange(6, dtype=torch.float32)))\n"
         "t += 1\n"
         "assert t.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], t\n"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from student_trainer import zoo
-from teacher_server.loading import load_teacher
+from kd.student_trainer import zoo
+from kd.teacher_server.loading import load_teacher
 
 # Parameter counts at 100 classes, counted from modules that follow the RepDistiller
 # (CRD) definitions layer for layer; the CRD paper/mdistiller tables round them to
@@ -157,7 +157,7 @@ def test_ten_classes_train_step(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_loads_as_teacher(name):
-    t = load_teacher("x", f"student_trainer.zoo:{name}")
+    t = load_teacher("x", f"kd.student_trainer.zoo:{name}")
     assert t.input_shape == (3, 32, 32)
     assert t.num_classes == 100
     assert not t.model.training
@@ -172,7 +172,7 @@ def test_loads_weights_from_safetensors(tmp_path):
     src = zoo.resnet8x4().eval()
     path = tmp_path / "r8x4.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
-    t = load_teacher("x", f"student_trainer.zoo:resnet8x4@{path}")
+    t = load_teacher("x", f"kd.student_trainer.zoo:resnet8x4@{path}")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(t.model(x), src(x))
@@ -182,15 +182,15 @@ def test_loads_weights_from_safetensors(tmp_path):
 def test_attention_transfer_into_a_moonshine_student_stage_by_stage(tmp_path) -> None:
     """Moonshine's recipe: a WRN teacher, the same WRN with cheap convolutions as the student,
     AT on every stage (generated images: a shape-and-plumbing test)."""
-    from kd.data import Dataset
-    from student_trainer.sources import LocalSource
-    from student_trainer.train import TrainConfig, train_student
-    from teacher_server.loading import save_weights
+    from kd.core.data import Dataset
+    from kd.student_trainer.sources import LocalSource
+    from kd.student_trainer.train import TrainConfig, train_student
+    from kd.teacher_server.loading import save_weights
 
     torch.manual_seed(0)
     data = Dataset("noise", "train", torch.randn(16, 3, 32, 32), torch.randint(0, 100, (16,)), 100)
     path = save_weights(zoo.wrn_16_2(), tmp_path / "wrn.safetensors")
-    teacher = load_teacher("wrn", f"student_trainer.zoo:wrn_16_2@{path}")
+    teacher = load_teacher("wrn", f"kd.student_trainer.zoo:wrn_16_2@{path}")
     student = zoo.moonshine_wrn(16, 2, "G4")
     before = student.block1.layer[0].conv1[0].weight.detach().clone()
     matches = [f"{s}={s}" for s in student.stages]

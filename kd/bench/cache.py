@@ -10,7 +10,7 @@ reported as a ratio of two things measured in the same run, interleaved.
   C = 1000 (seeded; N(0, 1) * 2 plus a few large entries, so the top class
   holds most of the mass) go through each codec's encode/decode, and
   KL(p_t || p_s) for random student logits is computed from the decoded
-  targets (``soft_kl`` on dense logits, ``kd.targets.sparse_kl`` on
+  targets (``soft_kl`` on dense logits, ``kd.core.targets.sparse_kl`` on
   ``SparseTargets``, never densified) at T = 1 and T = 4. Reported: the mean
   over rows of |KL_codec - KL_exact| / KL_exact. ``sample:K`` is sampled at
   the temperature it is evaluated at; its relative bias (the mean of the
@@ -41,7 +41,7 @@ reported as a ratio of two things measured in the same run, interleaved.
   teacher run in-process, in interleaved blocks; at 1000 classes (the bench
   teacher and a 5x smaller student) and on digits (the tiny digits student).
 * **The CRD/CIFAR-100 pair**: precompute efficiency and step time again with
-  the canonical pair of ``student_trainer.zoo`` (teacher ``resnet32x4``,
+  the canonical pair of ``kd.student_trainer.zoo`` (teacher ``resnet32x4``,
   student ``resnet8x4``, 100 classes) on generated 3x32x32 inputs, where the
   forward passes are convolutions that cost far more than writing or reading
   100-class targets (the MLP pair above is the opposite regime).
@@ -69,18 +69,18 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from cache import CacheMeta, CacheReader, CacheWriter
-from cache.codecs import SampleCodec, bytes_per_sample, get_codec
-from cache.store import record_key
-from kd.data import Dataset, load_dataset
+from kd.cache import CacheMeta, CacheReader, CacheWriter
+from kd.cache.codecs import SampleCodec, bytes_per_sample, get_codec
+from kd.cache.store import record_key
+from kd.core.data import Dataset, load_dataset
+from kd.core.targets import SparseTargets, sparse_kl
 from kd.demo import train_digits_teacher
 from kd.models import MLP, digits_student
 from kd.precompute import precompute
-from kd.targets import SparseTargets, sparse_kl
-from student_trainer.losses import get_method
-from student_trainer.sources import Batch, CacheSource, LocalSource, SoftTargetSource
-from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.loading import Teacher, fingerprint, load_teacher
+from kd.student_trainer.losses import get_method
+from kd.student_trainer.sources import Batch, CacheSource, LocalSource, SoftTargetSource
+from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+from kd.teacher_server.loading import Teacher, fingerprint, load_teacher
 
 console = Console(stderr=True)
 
@@ -120,8 +120,8 @@ class CacheBenchSettings:
     threads: int = 0  # 0: torch's default
     teacher: str = "kd.models:bench_teacher"
     # The canonical CRD/CIFAR-100 pair on generated 3x32x32 inputs (untrained weights: speed only).
-    crd_teacher: str = "student_trainer.zoo:resnet32x4"
-    crd_student: str = "student_trainer.zoo:resnet8x4"
+    crd_teacher: str = "kd.student_trainer.zoo:resnet32x4"
+    crd_student: str = "kd.student_trainer.zoo:resnet8x4"
     crd_samples: int = 384
     crd_precompute_batch: int = 64
     crd_precompute_rounds: int = 3

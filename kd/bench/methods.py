@@ -51,16 +51,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kd import reductions
-from kd.data import Dataset, load_dataset
+from kd.core import reductions
+from kd.core.data import Dataset, load_dataset
 from kd.demo import train_digits_teacher
 from kd.models import digits_cnn, digits_cnn_student, digits_student
 from kd.precompute import precompute
-from student_trainer.features import LOGITS, Match, feature_name
-from student_trainer.losses import METHODS, FeatureMethod, get_method
-from student_trainer.sources import CacheSource, LocalSource, SoftTargetSource
-from student_trainer.train import TrainConfig, seed_everything, train_student
-from teacher_server.loading import load_teacher, save_weights
+from kd.student_trainer.features import LOGITS, Match, feature_name
+from kd.student_trainer.losses import METHODS, FeatureMethod, get_method
+from kd.student_trainer.sources import CacheSource, LocalSource, SoftTargetSource
+from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+from kd.teacher_server.loading import load_teacher, save_weights
 
 console = Console(stderr=True)
 

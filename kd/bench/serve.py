@@ -150,7 +150,7 @@ def _client_worker(index: int, inbox: Any, outbox: Any) -> None:
     """A client process: runs one plan per message until it gets None."""
     try:
         torch.set_num_threads(1)
-        from teacher_server.client import TeacherClient  # noqa: F401 - import cost paid before any phase
+        from kd.teacher_server.client import TeacherClient  # noqa: F401 - import cost paid before any phase
 
         outbox.put(("up", index, None))
         while (plan := inbox.get()) is not None:
@@ -160,7 +160,7 @@ def _client_worker(index: int, inbox: Any, outbox: Any) -> None:
 
 
 def _run_client(plan: ClientPlan, index: int, inbox: Any, outbox: Any) -> ClientReport:
-    from teacher_server.client import TeacherClient, TeacherRequestError
+    from kd.teacher_server.client import TeacherClient, TeacherRequestError
 
     x = torch.randn((plan.batch, *plan.input_shape), generator=torch.Generator().manual_seed(plan.seed))
     report = ClientReport()
@@ -535,8 +535,8 @@ def _device_name(device: torch.device) -> str:
 
 def run_bench(settings: BenchSettings) -> dict[str, Any]:
     """Run every phase; returns the results (what ``--json`` writes)."""
-    from teacher_server.client import TeacherClient
-    from teacher_server.loading import load_teacher
+    from kd.teacher_server.client import TeacherClient
+    from kd.teacher_server.loading import load_teacher
 
     t_start = time.perf_counter()
     s = settings

@@ -15,7 +15,7 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from student_trainer.datafree.common import DataFreeConfig, DataFreeResult, ServedTeacher
+from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, ServedTeacher
 
 __all__ = ["DATAFREE", "DataFreeConfig", "DataFreeMethod", "DataFreeResult", "ServedTeacher", "get", "register"]
 

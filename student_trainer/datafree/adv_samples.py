@@ -67,10 +67,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.data import Dataset
-from student_trainer.datafree import register
-from student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Run, ServedTeacher
-from student_trainer.datafree.lopes import Reconstructor, for_student
+from kd.core.data import Dataset
+from kd.student_trainer.datafree import register
+from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Run, ServedTeacher
+from kd.student_trainer.datafree.lopes import Reconstructor, for_student
 
 NAME = "adv-samples"
 PAPER = ("Heo, Lee, Yun & Choi 2019, Knowledge Distillation with Adversarial Samples Supporting Decision Boundary, "

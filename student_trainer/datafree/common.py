@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.data import Dataset
-from teacher_server.client import TeacherClient, Usage
+from kd.core.data import Dataset
+from kd.teacher_server.client import TeacherClient, Usage
 
 
 @dataclass

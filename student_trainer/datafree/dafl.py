@@ -65,9 +65,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.data import Dataset
-from student_trainer.datafree import register
-from student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Generator, Run, ServedTeacher, kd_loss
+from kd.core.data import Dataset
+from kd.student_trainer.datafree import register
+from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Generator, Run, ServedTeacher, kd_loss
 
 NAME = "dafl"
 PAPER = "Chen et al., Data-Free Learning of Student Networks, ICCV 2019 (arXiv:1904.01186)"

@@ -50,10 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.data import Dataset
-from student_trainer.datafree import register
-from student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Generator, Run, ServedTeacher
-from student_trainer.datafree.dafl import (
+from kd.core.data import Dataset
+from kd.student_trainer.datafree import register
+from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Generator, Run, ServedTeacher
+from kd.student_trainer.datafree.dafl import (
     check_options,
     cosine_schedules,
     finite_or_raise,

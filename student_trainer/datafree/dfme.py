@@ -66,9 +66,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.data import Dataset
-from student_trainer.datafree import register
-from student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Generator, Run, ServedTeacher
+from kd.core.data import Dataset
+from kd.student_trainer.datafree import register
+from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Generator, Run, ServedTeacher
 
 NAME = "dfme"
 PAPER = "Truong, Maini, Walls, Papernot 2021, Data-Free Model Extraction (CVPR 2021, arXiv 2011.14779)"

@@ -65,10 +65,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.data import Dataset
-from student_trainer.datafree import register
-from student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Run, ServedTeacher
-from student_trainer.datafree.deepinversion import (
+from kd.core.data import Dataset
+from kd.student_trainer.datafree import register
+from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Run, ServedTeacher
+from kd.student_trainer.datafree.deepinversion import (
     SyntheticBank,
     batch_targets,
     bn_loss_and_logits,

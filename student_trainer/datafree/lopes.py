@@ -6,7 +6,7 @@ arXiv:1710.07535; official code irapha/replayed_distillation (TensorFlow).
 
 The data owner ships *activation records* with the model: statistics of the teacher's
 activations on its training data, per recorded layer l and class k (``kd records`` ->
-``teacher_server.records``; served by ``kd serve --records NAME=FILE``): the per-unit mean
+``kd.teacher_server.records``; served by ``kd serve --records NAME=FILE``): the per-unit mean
 mu_lk and standard deviation sigma_lk (D_l units), and the top-R principal directions
 E_lk [D_l, R] with their variances lambda_lk [R] of the class's activation covariance.
 From the records alone, inputs are *reconstructed* by optimising them through the frozen
@@ -35,7 +35,7 @@ recorded classes, with targets drawn once per batch and then held fixed (as the 
   of those coefficients,
       c_il(x) = E_lk^T (a_l(x_i) - mu_lk),   c_hat_il ~ N(0, diag(lambda_lk)),
       L = sum_l 1/(N R) sum_i ||c_il(x) - c_hat_il||^2 / mean_{i,r}(lambda_{l k_i r}),
-  i.e. the sample mu + E diag(sqrt(lambda)) z that ``teacher_server.records`` documents,
+  i.e. the sample mu + E diag(sqrt(lambda)) z that ``kd.teacher_server.records`` documents,
   compared in the R-dimensional spectral space rather than unit by unit (only R << D
   numbers per layer are constrained: the compression that motivates the spectral
   records). Dividing by the batch's mean recorded variance puts layers of different
@@ -76,9 +76,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.data import Dataset
-from student_trainer.datafree import register
-from student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Run, ServedTeacher, kd_loss
+from kd.core.data import Dataset
+from kd.student_trainer.datafree import register
+from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Run, ServedTeacher, kd_loss
 
 NAME = "lopes"
 PAPER = ("Lopes, Fenu & Starner 2017, Data-Free Knowledge Distillation for Deep Neural Networks, "

@@ -76,9 +76,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.data import Dataset
-from student_trainer.datafree import register
-from student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Run, ServedTeacher, kd_loss
+from kd.core.data import Dataset
+from kd.student_trainer.datafree import register
+from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Run, ServedTeacher, kd_loss
 
 NAME = "zsdb3kd"
 PAPER = (

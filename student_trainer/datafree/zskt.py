@@ -7,7 +7,7 @@ divergence; the student also matches the teacher's spatial attention maps::
 
     D(x)   = KL(softmax(T(x)/tau) || softmax(S(x)/tau)), averaged over the n*K entries
              (the official ``F.kl_div`` default reduction, i.e. the batch-mean KL / K)
-    a(A)   = normalize_rows(mean_c A_c^2)   (Zagoruyko & Komodakis; kd.reductions.attention)
+    a(A)   = normalize_rows(mean_c A_c^2)   (Zagoruyko & Komodakis; kd.core.reductions.attention)
     L_G    = -D(G(z))
     L_S    = D(x) + beta * sum_l mean_{i,j} (a(A_l^S(x))_ij - a(A_l^T(x))_ij)^2,  x = G(z) fixed
 
@@ -56,11 +56,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.data import Dataset
-from kd.reductions import attention as attention_map
-from student_trainer.datafree import register
-from student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Generator, Run, ServedTeacher
-from student_trainer.datafree.dafl import (
+from kd.core.data import Dataset
+from kd.core.reductions import attention as attention_map
+from kd.student_trainer.datafree import register
+from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Generator, Run, ServedTeacher
+from kd.student_trainer.datafree.dafl import (
     check_options,
     cosine_schedules,
     finite_or_raise,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kd.targets import SparseTargets
+from kd.core.targets import SparseTargets
 
 LossFn = Callable[..., torch.Tensor]
 # Passed by the training loop to losses that declare them (0-based epoch, total epochs).
@@ -27,7 +27,7 @@ class Method:
     loss: LossFn
     paper: str
     needs_teacher: bool = True
-    # Works on kd.targets.SparseTargets (topk/sample caches) without densifying.
+    # Works on kd.core.targets.SparseTargets (topk/sample caches) without densifying.
     accepts_sparse: bool = False
     # The loop doubles each batch with a same-class partner per sample (CS-KD):
     # the loss gets the student's logits for [x; x'] and labels for both halves.
@@ -97,7 +97,7 @@ class FeatureMethod:
     """A feature-level method: ``loss(student_feats, teacher_feats, *, ...)`` on one tensor
     (or connector output) per match, after the connector and the reduction.
 
-    ``reduce`` names the statistic of ``kd.reductions`` both sides are compared in
+    ``reduce`` names the statistic of ``kd.core.reductions`` both sides are compared in
     (``"at"``, ``"fsp:{1}"`` with ``{1}`` the second layer of the match side, ...);
     ``connector`` a key of ``student_trainer.features.CONNECTORS`` or a factory
     ``(student_shape, teacher_shape) -> nn.Module`` applied to the student's map

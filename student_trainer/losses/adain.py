@@ -17,7 +17,7 @@ logits, so the AdaIN term cannot be computed through it. This method implements 
 
     L = weight * sum_pairs mean_{n, c} [(mu_s[n, c] - mu_t[n, c])^2 + (sigma_s[n, c] - sigma_t[n, c])^2]
 
-with mu, sigma from ``kd.reductions.channel_moments`` (reduction ``adain``: population
+with mu, sigma from ``kd.core.reductions.channel_moments`` (reduction ``adain``: population
 variance over H*W, sigma = sqrt(var + 1e-5), the eps of AdaIN/instance norm; the
 server sends [2, C] per sample as ``layer@adain``). The paper matches mean and
 variance; we match sigma (same statistic, better-conditioned scale, and the quantity
@@ -44,8 +44,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from student_trainer.features import ConvBN
-from student_trainer.losses import register_feature
+from kd.student_trainer.features import ConvBN
+from kd.student_trainer.losses import register_feature
 
 
 def moments_connector(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:

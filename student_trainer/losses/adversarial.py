@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from student_trainer.losses import register_feature
+from kd.student_trainer.losses import register_feature
 
 
 class LogitDiscriminator(nn.Module):

@@ -3,7 +3,7 @@ Performance of Convolutional Neural Networks via Attention Transfer" (ICLR 2017)
 
 For each matched pair of maps F (student) and G (teacher) with the same spatial size,
 the spatial attention map is a(F) = normalize(mean_c |F_c|^p) (flattened over H*W,
-L2-normalised per sample; ``kd.reductions.attention``, so the server can send a(G)
+L2-normalised per sample; ``kd.core.reductions.attention``, so the server can send a(G)
 instead of G as ``layer@at``). The loss, as in the authors' code
 (``szagoruyko/attention-transfer``, ``at_loss``):
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from student_trainer.losses import register_feature
+from kd.student_trainer.losses import register_feature
 
 
 @register_feature(

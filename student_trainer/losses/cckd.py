@@ -9,7 +9,7 @@ exp(-2 gamma) exp(2 gamma x^T y), approximated by its P-th order Taylor expansio
 
     psi(F)[i, j] = sum_{p=0..P} exp(-2 gamma) (2 gamma)^p / p! (e_i^T e_j)^p,    e_i = F_i / ||F_i||
 
-(``kd.reductions.rbf_taylor``, reduction ``cc``; the server sends psi(F_t) as
+(``kd.core.reductions.rbf_taylor``, reduction ``cc``; the server sends psi(F_t) as
 ``layer@cc``, computed over each request's samples.) gamma = 0.4, P = 2: the values of
 torchdistill's CCKD configuration (this package's notes); the paper's own table of
 values was not re-checked here. They are fixed by the reduction name: to change them
@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import torch
 
-from student_trainer.losses import register_feature
-from student_trainer.losses.kd import soft_kl
+from kd.student_trainer.losses import register_feature
+from kd.student_trainer.losses.kd import soft_kl
 
 
 @register_feature("cckd", "Peng et al. 2019, Correlation Congruence for Knowledge Distillation (ICCV)", reduce="cc")

@@ -3,7 +3,7 @@ Knowledge Distillation" (arXiv 2006.01683): the channel-distillation (CD) featur
 paper's Early Decay Teacher (EDT) on its weight.
 
 The channel-wise attention of a map F in R^{C x H x W} is the global average of each channel,
-w_c(F) = 1/(H W) sum_{h,w} F_{c,h,w} (``kd.reductions.pool``, so a server sends only the [C]
+w_c(F) = 1/(H W) sum_{h,w} F_{c,h,w} (``kd.core.reductions.pool``, so a server sends only the [C]
 vector as ``layer@pool``). The student's map first passes through a trainable connector r --
 1x1 conv + BN + ReLU to the teacher's channel count, as the authors' code builds it
 (zhouzaida/channel-distillation ``models/channel_distillation.py``, ``conv1x1_bn``, applied to
@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from student_trainer.losses import register_feature
-from student_trainer.losses.gkd import edt_weight
+from kd.student_trainer.losses import register_feature
+from kd.student_trainer.losses.gkd import edt_weight
 
 
 class ChannelConnector(nn.Module):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from student_trainer.losses import register
+from kd.student_trainer.losses import register
 
 
 @register("ce", "cross-entropy only (no distillation)", needs_teacher=False)

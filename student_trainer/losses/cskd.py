@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from student_trainer.losses import register
+from kd.student_trainer.losses import register
 
 
 @register("cskd", "Yun, Park, Lee, Shin 2020, Class-wise Self-Knowledge Distillation (CVPR)", needs_teacher=False,

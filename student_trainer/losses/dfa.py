@@ -54,8 +54,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from student_trainer.features import auto
-from student_trainer.losses import register_feature
+from kd.student_trainer.features import auto
+from kd.student_trainer.losses import register_feature
 
 
 class DFAFeatures(NamedTuple):

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from student_trainer.losses import register
+from kd.student_trainer.losses import register
 
 EPS = 1e-8
 

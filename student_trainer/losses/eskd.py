@@ -8,7 +8,7 @@ Hinton KD for the first part of the student's training, then cross-entropy alone
              = CE(z_s, y)                                                 otherwise
 
 The KD phase is exactly ``kd`` (KL "batchmean": the true per-sample KL averaged over the batch,
-times T^2; sparse ``topk:K`` / ``sample:K`` targets via ``kd.targets.sparse_kl``). After the stop
+times T^2; sparse ``topk:K`` / ``sample:K`` targets via ``kd.core.targets.sparse_kl``). After the stop
 the CE weight is 1, not 1 - alpha (as in the ESKD distiller of mdistiller-style code bases): the
 student trains as it would without a teacher. The motivation is the paper's capacity-gap finding:
 a small student cannot mimic a much larger teacher, so the KD term that helps early in training
@@ -56,9 +56,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kd.targets import SparseTargets
-from student_trainer.losses import register
-from student_trainer.losses.kd import kd_loss
+from kd.core.targets import SparseTargets
+from kd.student_trainer.losses import register
+from kd.student_trainer.losses.kd import kd_loss
 
 
 def kd_stop_epoch(epochs: int, stop_fraction: float, stop_epoch: int | None) -> float:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from student_trainer.losses import register_feature
+from kd.student_trainer.losses import register_feature
 
 
 @register_feature("fitnet", "Romero et al. 2015, FitNets: Hints for Thin Deep Nets (ICLR)", connector="auto")

@@ -6,7 +6,7 @@ matrix of their maps, F1 [C1, H, W] and F2 [C2, H, W] at the same spatial size:
 
     G(F1, F2)[i, j] = sum_{h, w} F1[i, h, w] * F2[j, h, w] / (H * W)         ([C1, C2])
 
-(``kd.reductions.fsp_matrix``: the larger map is average-pooled to the smaller's size
+(``kd.core.reductions.fsp_matrix``: the larger map is average-pooled to the smaller's size
 first, as CRD's ``FSP`` does; the server computes G for the teacher as ``L1@fsp:L2``
 so only the [C1, C2] matrix travels.) A match names two layers per side,
 ``"s1,s2=t1,t2"``, and compares G_s = G(s1, s2) with G_t = G(t1, t2) entry by entry, so
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from student_trainer.losses import register_feature
+from kd.student_trainer.losses import register_feature
 
 
 @register_feature(

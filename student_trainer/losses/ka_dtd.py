@@ -60,7 +60,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from student_trainer.losses import register
+from kd.student_trainer.losses import register
 
 DTD_MODES = ("flsw", "cwsm", "none")
 KA_MODES = ("ps", "none")

@@ -6,7 +6,7 @@
 KL is "batchmean": summed over classes, averaged over samples (the true KL per
 sample, not PyTorch's reduction="mean" which also divides by the class count).
 T^2 keeps the soft term's gradient magnitude comparable across temperatures.
-Sparse targets (cache codecs ``topk:K``, ``sample:K``) use ``kd.targets.sparse_kl``:
+Sparse targets (cache codecs ``topk:K``, ``sample:K``) use ``kd.core.targets.sparse_kl``:
 the same KL, never materialising the teacher's [B, C] distribution.
 Defaults T = 4, alpha = 0.9 (mdistiller's CIFAR-100 setting: CE weight 0.1,
 KD weight 0.9). With alpha = 1 the loss is zero iff the student's softened
@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kd.targets import SparseTargets, sparse_kl
-from student_trainer.losses import register
+from kd.core.targets import SparseTargets, sparse_kl
+from kd.student_trainer.losses import register
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from student_trainer.losses import register_feature
+from kd.student_trainer.losses import register_feature
 
 
 def resize_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

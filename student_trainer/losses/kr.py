@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from student_trainer.features import ConvBN
-from student_trainer.losses import register_feature
+from kd.student_trainer.features import ConvBN
+from kd.student_trainer.losses import register_feature
 
 
 class KnowledgeRepresenting(nn.Module):

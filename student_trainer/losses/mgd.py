@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from student_trainer.losses import register_feature
+from kd.student_trainer.losses import register_feature
 
 REDUCTIONS = ("sm", "rd", "amp")
 

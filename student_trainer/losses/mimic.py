@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd import reductions
-from student_trainer.losses import register_feature
+from kd.core import reductions
+from kd.student_trainer.losses import register_feature
 
 VARIANTS = ("l2", "lsh", "lshl2")
 

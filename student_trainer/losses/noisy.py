@@ -50,8 +50,8 @@ import math
 
 import torch
 
-from student_trainer.losses import register
-from student_trainer.losses.kd import kd_loss
+from kd.student_trainer.losses import register
+from kd.student_trainer.losses.kd import kd_loss
 
 
 def perturb_teacher(

@@ -11,7 +11,7 @@ Mean Discrepancy, here with the polynomial kernel k(x, y) = (x^T y + c)^d, d = 2
 
 Reduced form (what is computed). For unit vectors x, y: (x^T y)^2 = <x x^T, y y^T>_F
 (the Frobenius inner product of the rank-one [HW, HW] matrices). With the spatial Gram
-matrix G = (1/C) sum_i f_i f_i^T = f^T f / C ([HW, HW], f = [C, HW], ``kd.reductions``
+matrix G = (1/C) sum_i f_i f_i^T = f^T f / C ([HW, HW], f = [C, HW], ``kd.core.reductions``
 ``nst``, so the server sends G_t as ``layer@nst``):
 
     1/C_t^2 sum_{i,i'} k(t_i, t_i') = <G_t, G_t>_F,   1/C_s^2 sum_{j,j'} k(s_j, s_j') = <G_s, G_s>_F,
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from student_trainer.losses import register_feature
+from kd.student_trainer.losses import register_feature
 
 
 @register_feature(

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from student_trainer.losses import register_feature
+from kd.student_trainer.losses import register_feature
 
 
 class PADLogitConnector(nn.Module):

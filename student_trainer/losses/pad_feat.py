@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from student_trainer.features import ConvBN, auto
-from student_trainer.losses import register_feature
+from kd.student_trainer.features import ConvBN, auto
+from kd.student_trainer.losses import register_feature
 
 
 class PADConnector(nn.Module):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from student_trainer.losses import register_feature
+from kd.student_trainer.losses import register_feature
 
 
 def _conditional(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ and the student is trained by knowledge distillation from the teacher.
 Distillation term (what the loss computes): attention transfer (Zagoruyko & Komodakis
 2017) between each matched student map S and teacher map T,
 
-    a(F) = normalize(mean_c F_c^2)   (flattened over H*W, L2 per sample; ``kd.reductions``)
+    a(F) = normalize(mean_c F_c^2)   (flattened over H*W, L2 per sample; ``kd.core.reductions``)
     L    = beta / 2 * sum_matches mean_{n, hw} (a(S) - a(T))^2
 
 so the teacher's side travels as ``layer@at``. Matches are the outputs of the recurrent
@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from student_trainer.losses import register_feature
+from kd.student_trainer.losses import register_feature
 
 
 class RecurrentResidual(nn.Module):

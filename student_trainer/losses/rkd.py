@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from student_trainer.losses import register_feature
+from kd.student_trainer.losses import register_feature
 
 
 def _distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 For a batch of b samples and a matched layer, Q = the map flattened per sample
 ([b, C*H*W]); the similarity matrix is G = normalize_rows(Q Q^T) ([b, b], each row
-L2-normalised; ``kd.reductions.similarity``, so the server sends G_t as ``layer@sp``,
+L2-normalised; ``kd.core.reductions.similarity``, so the server sends G_t as ``layer@sp``,
 computed over the samples of each request). Teacher and student may have any shapes:
 only the batch has to be the same. Loss, summed over the matched pairs:
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from student_trainer.losses import register_feature
+from kd.student_trainer.losses import register_feature
 
 
 @register_feature("sp", "Tung & Mori 2019, Similarity-Preserving Knowledge Distillation (ICCV)", reduce="sp")

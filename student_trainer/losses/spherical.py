@@ -45,8 +45,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from student_trainer.losses import register
-from student_trainer.losses.kd import soft_kl
+from kd.student_trainer.losses import register
+from kd.student_trainer.losses.kd import soft_kl
 
 EPS = 1e-7
 

@@ -16,7 +16,7 @@ by C / 100 to keep the CIFAR-100 strength.
 
 Defaults (ResNet18 self-teacher, CIFAR-100, the reference's
 ``resnet18_self_teacher/params.json``): alpha = 0.95, T = 6, m = 50. Sparse targets (``topk:K``,
-``sample:K`` caches) use ``kd.targets.sparse_kl`` (batchmean) divided by C: the same quantity.
+``sample:K`` caches) use ``kd.core.targets.sparse_kl`` (batchmean) divided by C: the same quantity.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kd.targets import SparseTargets, sparse_kl
-from student_trainer.losses import register
+from kd.core.targets import SparseTargets, sparse_kl
+from kd.student_trainer.losses import register
 
 
 @register(

@@ -12,6 +12,8 @@ from functools import cache, cached_property
 import numpy as np
 import torch
 
+from kd.core.samples import VIEW_STRIDE, view_seeds  # noqa: F401 - re-exported
+
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 1 / 3
 
@@ -42,6 +44,13 @@ class Dataset:
     def augmentation(self) -> str:
         """Name (and version) of the seeded augmentation ``views`` applies."""
         return AUGMENTATIONS[self.name]
+
+    def get(self, indices: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
+        """``kd.core.samples.SampleSource.get``: the samples, or their seeded views."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if views is None:
+            return self.inputs[idx]
+        return self.views(idx, idx * VIEW_STRIDE + torch.as_tensor(views, dtype=torch.long))
 
     def views(self, indices: torch.Tensor | list[int], seeds: torch.Tensor | list[int] | None = None) -> torch.Tensor:
         """The samples at ``indices``; with ``seeds``, each sample's augmented view.
@@ -87,20 +96,6 @@ def load_dataset(name: str = "digits", split: str = "train") -> Dataset:
 
 
 AUGMENTATIONS = {"digits": "digits-shift1-v1"}
-VIEW_STRIDE = 1 << 16  # views per sample at most
-
-
-def view_seeds(indices: torch.Tensor, views: torch.Tensor | None, num_views: int) -> torch.Tensor | None:
-    """The augmentation seed of each (sample, view); None when there is one plain view.
-
-    ``seed = index * 65536 + view``: a pure function of the key, so precompute,
-    server and trainer agree without storing seeds.
-    """
-    if num_views <= 1 or views is None:
-        return None
-    if num_views > VIEW_STRIDE:
-        raise ValueError(f"at most {VIEW_STRIDE} views per sample")
-    return indices.long() * VIEW_STRIDE + views.long()
 
 
 def augment(name: str, sample: torch.Tensor, seed: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ _TORCH_OF = {
 _PROTO_OF = {v: k for k, v in _TORCH_OF.items()}
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts in sight
-    raise ImportError("kd.wire assumes a little-endian host")
+    raise ImportError("kd.core.wire assumes a little-endian host")
 
 
 class WireError(ValueError):
