@@ -86,8 +86,10 @@ class Taps:
 
 
 class ConvBN(nn.Module):
-    """1x1 conv + BN (FitNets-style regressor as CRD and mdistiller build it); a student map of
-    another spatial size is resized to the teacher's first (average pooling down, bilinear up)."""
+    """1x1 conv (no bias) + BN, kd's default regressor; a student map of another spatial size is
+    resized to the teacher's first (average pooling down, bilinear up). Not quite CRD's and
+    mdistiller's FitNets regressor (``ConvReg``: a conv with bias whose kernel/stride depends on
+    the two sizes, + BN + ReLU): that one is the ``convreg`` connector below."""
 
     def __init__(self, cin: int, cout: int, size: tuple[int, int]) -> None:
         super().__init__()
@@ -123,7 +125,39 @@ def auto(s: tuple[int, ...], t: tuple[int, ...]) -> nn.Module:
     return conv1x1bn(s, t) if len(s) == 3 else linear(s, t)
 
 
+class ConvReg(nn.Module):
+    """FitNets regressor as CRD (RepDistiller ``models/util.py``) and mdistiller (``_common.py``)
+    build it: a conv with bias -- 3x3 stride 2 when the student map is twice the teacher's size,
+    a 4x4 stride-2 transposed conv when it is half, else a (1 + Hs - Ht) x (1 + Ws - Wt) kernel
+    (1x1 at equal sizes) -- then BN and ReLU (theirs ``use_relu=True`` by default). The ReLU
+    suits teacher hints that are non-negative (post-ReLU maps); a pre-activation hint cannot be
+    reached below 0."""
+
+    def __init__(self, s: tuple[int, ...], t: tuple[int, ...]) -> None:
+        super().__init__()
+        (cs, hs, ws), (ct, ht, wt) = s, t
+        if hs == 2 * ht:
+            self.conv: nn.Module = nn.Conv2d(cs, ct, kernel_size=3, stride=2, padding=1)
+        elif hs * 2 == ht:
+            self.conv = nn.ConvTranspose2d(cs, ct, kernel_size=4, stride=2, padding=1)
+        elif hs >= ht and ws >= wt:
+            self.conv = nn.Conv2d(cs, ct, kernel_size=(1 + hs - ht, 1 + ws - wt))
+        else:
+            raise ValueError(f"connector convreg: student map {list(s)} is smaller than teacher map {list(t)}")
+        self.bn = nn.BatchNorm2d(ct)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+def convreg(s: tuple[int, ...], t: tuple[int, ...]) -> nn.Module:
+    if len(s) != 3 or len(t) != 3:
+        raise ValueError(f"connector convreg joins [C, H, W] maps, got student {list(s)} and teacher {list(t)}")
+    return ConvReg(tuple(s), tuple(t))
+
+
 CONNECTORS: dict[str, ConnectorFactory] = {"conv1x1bn": conv1x1bn, "linear": linear, "auto": auto}
+CONNECTORS["convreg"] = convreg
 
 
 def make_connector(kind: str | ConnectorFactory | None, s: tuple[int, ...], t: tuple[int, ...]) -> nn.Module:

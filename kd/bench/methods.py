@@ -13,8 +13,9 @@ Methods are taken from ``student_trainer.losses.METHODS`` (a newly registered
 method is benchmarked automatically), each with its registered defaults
 (``Method.defaults``; ``OVERRIDES`` is empty). Many defaults come from CIFAR or
 ImageNet schedules; ``NOTES`` says, per method, what they mean on 300 epochs of
-10 classes here. A method that raises is recorded with its error and skipped,
-not retried with other options.
+10 classes here. A method that raises is recorded with its error as failed (the
+bench goes on with the others, lists every failure in ``failed`` and ``kd bench
+methods`` exits 1), not retried with other options.
 
 ``tfkd-self`` (Teacher-free KD, self-training) needs a pretrained copy of the
 student as its teacher: for each seed that is the CE baseline student of the
@@ -110,6 +111,12 @@ FEATURE_MATCHES: dict[str, tuple[str, ...]] = {
     "pad-feat": ("layer2=layer2",),
     "pad": ("pool=logits",),
     "adversarial": ("logits=logits",),
+    "fitnet-convreg": ("layer2=layer2",),
+    "vid": ("layer1=layer1", "layer2=layer2"),
+    "ofd": ("layer2.1=layer2.1",),
+    "ab": ("layer1.1=layer1.1", "layer2.1=layer2.1"),
+    "ft": ("layer2=layer2",),
+    "kdsvd": ("layer1=layer1", "layer2=layer2"),
 }
 FEATURE_NOTES: dict[str, str] = {
     "at": "beta = 1000 is set for 32x32 maps; the mean over H*W makes it ~16x stronger on 8x8 maps",
@@ -229,8 +236,8 @@ def run_bench(s: MethodsBenchSettings) -> dict[str, Any]:
                 if name in BASELINES:
                     raise
                 row.update(acc_mean=None, acc_std=None, seconds=round(sum(row["seconds_per_seed"]), 2),
-                           skipped=f"{type(e).__name__}: {e}")  # fmt: skip
-                console.print(f"  {name:10s} skipped: {row['skipped']}", highlight=False)
+                           failed=f"{type(e).__name__}: {e}")  # fmt: skip
+                console.print(f"  {name:10s} FAILED: {row['failed']}", highlight=False)
                 results["methods"][name] = row
                 continue
             accs = row["acc_per_seed"]
@@ -255,6 +262,10 @@ def run_bench(s: MethodsBenchSettings) -> dict[str, Any]:
         ce={k: ms["ce"][k] for k in ("acc_mean", "acc_std", "acc_per_seed", "seconds")},
         kd={k: ms["kd"][k] for k in ("acc_mean", "acc_std", "acc_per_seed", "seconds", "options")},
         teacher_acc=teacher_acc,
+        # every method that raised, logit or feature: `kd bench methods` exits 1 when any did
+        failed=sorted(
+            n for part in ("methods", "feature_methods") for n, m in results.get(part, {}).items() if m.get("failed")
+        ),  # fmt: skip
         settings={
             **asdict(s),
             "methods": everything,
@@ -353,8 +364,8 @@ def _feature_section(s: MethodsBenchSettings, names: list[str], train: Dataset, 
             if not feature:
                 raise
             row.update(acc_mean=None, acc_std=None, seconds=round(sum(row["seconds_per_seed"]), 2),
-                       skipped=f"{type(e).__name__}: {e}")  # fmt: skip
-            console.print(f"  {name:10s} skipped: {row['skipped']}", highlight=False)
+                       failed=f"{type(e).__name__}: {e}")  # fmt: skip
+            console.print(f"  {name:10s} FAILED: {row['failed']}", highlight=False)
             rows[name] = row
             continue
         accs = row["acc_per_seed"]
@@ -417,7 +428,7 @@ def print_report(r: dict[str, Any], out: Console | None = None) -> None:
         )
     for name, m in r["methods"].items():
         if m["acc_mean"] is None:
-            t.add_row("-", name, "skipped", "", "", "", f"{m['seconds']:.1f}", "", m["skipped"], style="dim")
+            t.add_row("-", name, "FAILED", "", "", "", f"{m['seconds']:.1f}", "", m["failed"], style="red")
     out.print(t)
     out.print(
         "vs KD / vs CE: mean ± std over seeds of the paired difference (same seed, subset, init and batch order). "
@@ -451,8 +462,8 @@ def _print_feature_table(r: dict[str, Any], out: Console) -> None:
                   style={"ce": "bold yellow", "kd": "bold cyan"}.get(name))  # fmt: skip
     for name, m in rows.items():
         if m["acc_mean"] is None:
-            t.add_row("-", name, "skipped", "", "", "", " ".join(m["matches"]), f"{m['seconds']:.1f}", m["skipped"],
-                      style="dim")  # fmt: skip
+            t.add_row("-", name, "FAILED", "", "", "", " ".join(m["matches"]), f"{m['seconds']:.1f}", m["failed"],
+                      style="red")  # fmt: skip
     out.print(t)
     out.print(f"feature B/sample: fp16 bytes per sample of the teacher features the method reads from the cache "
               f"(logits: {c['logit_bytes_per_sample']} B/sample more).", highlight=False)  # fmt: skip

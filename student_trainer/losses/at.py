@@ -5,12 +5,21 @@ For each matched pair of maps F (student) and G (teacher) with the same spatial 
 the spatial attention map is a(F) = normalize(mean_c |F_c|^p) (flattened over H*W,
 L2-normalised per sample; ``kd.core.reductions.attention``, so the server can send a(G)
 instead of G as ``layer@at``). The loss, as in the authors' code
-(``szagoruyko/attention-transfer``, ``at_loss``):
+(``szagoruyko/attention-transfer`` ``utils.at_loss``, added to the loss in ``cifar.py`` as
+``opt.beta * sum(loss_groups)``), RepDistiller (``Attention``, weight beta = 1000) and
+mdistiller (``AT.py``, ``FEAT_WEIGHT`` = 1000):
 
-    L = beta / 2 * sum_pairs mean_{n, hw} (a(F)_{n,hw} - a(G)_{n,hw})^2
+    L = beta * sum_pairs mean_{n, hw} (a(F)_{n,hw} - a(G)_{n,hw})^2
 
-Defaults: p = 2, beta = 1000 (the paper's CIFAR setting). The channel counts may
-differ (the mean over channels removes them); the spatial sizes must agree.
+The paper's equation writes beta / 2 times the p-norm of the difference of the normalised
+vectors (not squared, not averaged); every released code, and so this method, uses beta
+times the mean of the squared differences, with which the paper's beta = 1000 was run.
+(Before this was checked, kd used beta / 2 here: a run with the old beta = B is this
+method with beta = B / 2.)
+
+Defaults: p = 2, beta = 1000 (the authors' CIFAR setting, ``--beta 1e+3``). The channel
+counts may differ (the mean over channels removes them); the spatial sizes must agree
+(mdistiller average-pools the larger map to the smaller; here a mismatch is an error).
 
 Crowley et al. 2018, "Moonshine: Distilling with Cheap Convolutions" (NeurIPS) trains
 students built from cheap grouped / bottleneck convolutions with exactly this loss:
@@ -40,4 +49,4 @@ def at_loss(
                 "the matched maps need the same spatial size"
             )
         total = total + (s - t.to(s.dtype)).pow(2).mean()
-    return beta / 2 * total
+    return beta * total

@@ -2,9 +2,9 @@
 Deep Nets" (ICLR 2015).
 
 The student's guided layer F passes through a trainable regressor r (here the
-connector: a 1x1 conv + BN for maps, a linear map for vectors, as CRD and mdistiller
-build it; the paper used a convolutional regressor) to the shape of the teacher's
-hint layer G:
+connector: a 1x1 conv + BN for maps, a linear map for vectors; CRD and mdistiller build
+theirs with a bias and a ReLU after the BN, which ``fitnet-convreg`` uses; the paper used a
+convolutional regressor) to the shape of the teacher's hint layer G:
 
     L = weight * mean_{n, c, h, w} (r(F) - G)^2
 

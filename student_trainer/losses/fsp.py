@@ -24,10 +24,19 @@ Loss, summed over matches (pairs of layer pairs):
 The paper writes L_FSP = 1/N sum_x sum_i lambda_i ||G_i^T(x) - G_i^S(x)||_2^2, i.e. the
 squared Frobenius norm summed over entries with a weight lambda_i per pair (the same for
 every pair). We use CRD's convention (RepDistiller ``distiller_zoo/FSP.py``: the mean
-over entries and samples, weight beta = 50): per pair this is the paper's term divided
-by C1 * C2, so lambda_i = weight / (C1 * C2). Default weight = 50 (CRD's CIFAR-100
-setting). The paper trains in two stages (FSP alone, then the task loss); like CRD we
-train the FSP term jointly with CE (``ce_weight``) and optionally KD (``kd_weight``).
+over entries and samples): per pair this is the paper's term divided by C1 * C2, so
+lambda_i = weight / (C1 * C2).
+
+Stages: the paper trains in two stages (FSP alone, then the task loss), and so does
+RepDistiller: ``helper/pretrain.py`` first trains the student's feature modules on the sum
+of the FSP terms alone (weight 1, ``--init_epochs`` 30), then its main stage trains with CE
+(and KD if asked) and *no* FSP term (``loss_kd = 0`` for fsp in ``helper/loops.py``; the
+``-b 50`` its script passes has no effect). kd trains the FSP term jointly with CE
+(``ce_weight``) and optionally KD (``kd_weight``), an adaptation; its default weight = 50 is
+kd's own choice for that joint objective, not a reference setting. RepDistiller's recipe
+here: ``--opt weight=1 --opt ce_weight=0`` for the first stage, then ``--method ce`` (or
+``kd``) from that student (kd trains the whole student in the first stage, RepDistiller
+only its feature modules, i.e. all but the classifier).
 """
 
 from __future__ import annotations

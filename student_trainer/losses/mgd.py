@@ -41,7 +41,9 @@ Assumptions / differences from the authors' code:
   fit worst.
 - ``amp`` takes the value of largest *absolute* value, sign kept, as the paper and project page
   describe it ("the maximum activations ... including positive (usable) and negative (adverse)
-  information"); the released code takes a plain argmax (identical on non-negative maps).
+  information"), and as the released code does since its commit cc25dd3 of 2021-03-04 ("fix the
+  bug of missing torch.abs() in AMP": ``argmax(abs(t))`` in ``mgd/builder.py``, then gathers the
+  signed value); earlier versions took a plain argmax (identical on non-negative maps).
 - ``rd`` draws from torch's global generator (seeded by the training run).
 """
 

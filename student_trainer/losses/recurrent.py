@@ -13,7 +13,8 @@ Distillation term (what the loss computes): attention transfer (Zagoruyko & Komo
 2017) between each matched student map S and teacher map T,
 
     a(F) = normalize(mean_c F_c^2)   (flattened over H*W, L2 per sample; ``kd.core.reductions``)
-    L    = beta / 2 * sum_matches mean_{n, hw} (a(S) - a(T))^2
+    L    = beta * sum_matches mean_{n, hw} (a(S) - a(T))^2      (as ``at``: the authors' AT code,
+                                                              RepDistiller and mdistiller)
 
 so the teacher's side travels as ``layer@at``. Matches are the outputs of the recurrent
 stage and of the teacher stage it replaces (the end of a residual group, as in AT), and
@@ -79,4 +80,4 @@ def recurrent_loss(
                 f"{tuple(t.shape)}; the matched maps need the same spatial size"
             )
         terms.append((s - t.to(s.dtype)).pow(2).mean())
-    return beta / 2 * torch.stack(terms).sum()
+    return beta * torch.stack(terms).sum()

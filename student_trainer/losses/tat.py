@@ -38,10 +38,17 @@ anchor = 0 reproduce the official classification code (7x7 maps, no hierarchy).
 
 Assumptions (the paper's text could not be retrieved through the search tool, only the
 official ImageNet code, which has no patch-group / anchor code):
-* the index order follows the paper's description (rows of the similarity = teacher
-  pixels, columns = student pixels, values = phi(student)); the official ``MaskedFM``
-  computes softmax_j(<gamma(s_i), t_j>) and sums phi(s_j), i.e. student rows and teacher
-  columns. Both agree when the attention is one-to-one; we follow the paper's wording.
+* direction. By default (``direction="paper"``) the index order follows the paper's
+  description: rows of the similarity = teacher pixels, columns = student pixels,
+  w_ij = softmax_j(<theta(t_i), gamma(s_j)>). The only official code (sihaoevery/TaT,
+  ``torchdistill/losses/single.py`` ``MaskedFM`` with ``heads: 1``) attends the other way
+  round: student queries against teacher keys,
+
+      w_ij = softmax_j( <gamma(s_i), theta(t_j)> ),   s'_i = sum_j w_ij * phi(s_j)
+
+  (the softmax runs over *teacher* positions j, and the values phi(s_j) are taken at those
+  positions), then MSE(s', t). ``direction="official"`` computes exactly that. The two agree
+  when the attention is one-to-one; kd's measured numbers (README) use the default.
 * the segmentation defaults of p, g and a are not known here; they are options.
 * anchors pool the projected maps (gamma(s), phi(s)); the paper pools the features.
 * a student map of another spatial size is resized to the teacher's first (average
@@ -123,9 +130,16 @@ def _tokens(x: torch.Tensor, patch: int, groups: int) -> torch.Tensor:
     return x.reshape(n * groups, patch * patch, per * c)
 
 
-def _reconfigure(gamma: torch.Tensor, phi: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """s'_i = sum_j softmax_j(<theta_i, gamma_j>) phi_j on token tensors [B, P, D]."""
-    weights = torch.softmax(theta @ gamma.transpose(1, 2), dim=-1)  # [B, P_teacher, P_student]
+DIRECTIONS = ("paper", "official")
+
+
+def _reconfigure(gamma: torch.Tensor, phi: torch.Tensor, theta: torch.Tensor, direction: str = "paper") -> torch.Tensor:
+    """On token tensors [B, P, D]: ``paper``: s'_i = sum_j softmax_j(<theta_i, gamma_j>) phi_j;
+    ``official``: s'_i = sum_j softmax_j(<gamma_i, theta_j>) phi_j (sihaoevery/TaT ``MaskedFM``)."""
+    if direction == "official":
+        weights = torch.softmax(gamma @ theta.transpose(1, 2), dim=-1)  # [B, P_student i, P_teacher j]
+    else:
+        weights = torch.softmax(theta @ gamma.transpose(1, 2), dim=-1)  # [B, P_teacher, P_student]
     return weights @ phi
 
 
@@ -143,7 +157,10 @@ def tat_loss(
     groups: int = 1,
     anchor: int = 0,
     anchor_weight: float = 1.0,
+    direction: str = "paper",
 ) -> torch.Tensor:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"tat: direction must be one of {DIRECTIONS}, got {direction!r}")
     if patch < 0 or groups < 1 or anchor < 0:
         raise ValueError(f"tat: patch and anchor must be >= 0 and groups >= 1, got {patch}, {groups}, {anchor}")
     if patch == 0 and groups != 1:
@@ -171,13 +188,13 @@ def tat_loss(
         if patch and ((h // patch) * (w // patch)) % groups:
             raise ValueError(f"tat: match {k}: {(h // patch) * (w // patch)} patches do not split into {groups} groups")
         rebuilt = _reconfigure(
-            _tokens(gamma, patch, groups), _tokens(phi, patch, groups), _tokens(theta, patch, groups)
+            _tokens(gamma, patch, groups), _tokens(phi, patch, groups), _tokens(theta, patch, groups), direction
         )
         terms.append((rebuilt - _tokens(t, patch, groups)).pow(2).mean())
         if anchor:
             if anchor > min(h, w):
                 raise ValueError(f"tat: match {k}: {anchor}x{anchor} anchors on a {h}x{w} map")
             pooled = [F.adaptive_avg_pool2d(x, anchor) for x in (gamma, phi, theta, t)]
-            rebuilt = _reconfigure(*(_tokens(x, 0, 1) for x in pooled[:3]))
+            rebuilt = _reconfigure(*(_tokens(x, 0, 1) for x in pooled[:3]), direction)
             terms.append(anchor_weight * (rebuilt - _tokens(pooled[3], 0, 1)).pow(2).mean())
     return weight * torch.stack(terms).sum()
