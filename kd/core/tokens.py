@@ -1,0 +1,609 @@
+"""Token datasets for language-model teachers: tokenizers, sample sources, sparse targets.
+
+A **token source** is a ``kd.core.samples.SampleSource`` over a text corpus, opened
+by URI like every other dataset (``kd.core.data.open_source``)::
+
+    open_source("text:corpus/?block=128&tokenizer=byte")        # *.txt files, one document each
+    open_source("text:wiki.txt?doc=line&block=256")             # one document per non-empty line
+    open_source("jsonl:chat.jsonl?prompt=question&completion=answer&pack=0&block=512")
+    open_source("jsonl:web.jsonl?text=body&tokenizer=tok/tokenizer.json")
+    open_source("hf:saved_dir?text=content&split=train")         # datasets.save_to_disk
+
+``get(indices)`` returns int64 token ids ``[B, S]``; ``batch(indices)`` returns them
+with the loss mask (which tokens are prediction targets) and the attention mask
+(which are real, not padding). Two layouts:
+
+* ``pack=1`` (default): every document becomes ``[bos] tokens [eos]``, the documents
+  are concatenated in order and cut into blocks of ``block`` tokens (the remainder
+  is dropped). Attention is not masked across document boundaries (standard packing).
+* ``pack=0``: one sample per document, truncated to ``block`` tokens when given,
+  right-padded with the pad id to the longest sample *of the batch*.
+
+The loss mask marks the tokens a model is trained to predict: every document token
+and its eos, never bos or padding, and for instruction data (``prompt=`` /
+``completion=``) only the completion and its eos. ``next_token_labels`` shifts it
+onto the logits' positions (position s predicts token s + 1; ``IGNORE_INDEX``
+elsewhere), the form the per-token losses and metrics take.
+
+``dataset_id`` is ``name/split@hash16`` over the file manifest (content hashes) or
+Arrow's fingerprint, the tokenizer's hash and every option that changes a token,
+so a cache precomputed on other tokens is refused. There are no views: a token
+sample has one plain form, and its class label is 0 (the targets are per token).
+
+``TokenTargets`` is the sparse per-position form of a token teacher's output: the
+stored ids with either their logits and the row's log-sum-exp (top-k or sampled
+ids; the rest of the mass is known exactly) or their draw counts (Anshumann et al.
+2025, "Sparse Logit Sampling": unique ids drawn from the teacher at T = 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100  # labels at positions without a next-token target (PyTorch's / HF's convention)
+BYTE_TOKENIZER_VERSION = 1
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded, named with the file or package at fault."""
+
+
+class Tokenizer(Protocol):
+    """What a token source needs from a tokenizer."""
+
+    name: str
+    vocab_size: int
+    pad_id: int
+    bos_id: int | None
+    eos_id: int | None
+
+    @property
+    def hash(self) -> str: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, then pad = 256, bos = 257, eos = 258 (vocabulary 259).
+
+    The zero-dependency default: every string round-trips exactly, any model can
+    use it without a vocabulary file.
+    """
+
+    name = "byte"
+    vocab_size = 259
+    pad_id, bos_id, eos_id = 256, 257, 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of the byte ids; special ids are dropped, broken UTF-8 replaced."""
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+    @property
+    def hash(self) -> str:
+        spec = {"kind": "byte", "version": BYTE_TOKENIZER_VERSION, "pad": 256, "bos": 257, "eos": 258}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
+_BOS_NAMES = ("<s>", "<bos>", "[BOS]", "<|begin_of_text|>", "<|startoftext|>", "[CLS]")
+_EOS_NAMES = ("</s>", "<eos>", "[EOS]", "<|endoftext|>", "<|end_of_text|>", "[SEP]")
+
+
+class JsonTokenizer:
+    """A local ``tokenizer.json`` read by the ``tokenizers`` package (optional: ``pip install tokenizers``).
+
+    Special ids are found by their usual names (``<pad>``/``[PAD]``, ``<s>``/``<bos>``,
+    ``</s>``/``<|endoftext|>``...); without a pad token padding uses eos (or 0): padded
+    positions are masked anyway. The hash is that of the file's bytes.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise TokenizerError(f"tokenizer file {self.path} does not exist")
+        try:
+            import tokenizers
+        except ImportError:
+            raise TokenizerError(
+                f"tokenizer={self.path}: reading a tokenizer.json needs the 'tokenizers' package "
+                "(pip install tokenizers), or use tokenizer=byte"
+            ) from None
+        raw = self.path.read_bytes()
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as e:  # the Rust side raises a plain Exception on a malformed file
+            raise TokenizerError(f"{self.path} is not a valid tokenizer.json: {e}") from None
+        self._hash = hashlib.sha256(raw).hexdigest()[:16]
+        self.name = f"json:{self.path.name}"
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        self.bos_id = self._special(_BOS_NAMES)
+        self.eos_id = self._special(_EOS_NAMES)
+        pad = self._special(_PAD_NAMES)
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+
+    def _special(self, names: Sequence[str]) -> int | None:
+        for n in names:
+            i = self._tok.token_to_id(n)
+            if i is not None:
+                return int(i)
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    @property
+    def hash(self) -> str:
+        return self._hash
+
+    def __getstate__(self) -> dict[str, Any]:  # the Rust tokenizer is rebuilt from the file's text
+        state = self.__dict__.copy()
+        state["_tok"] = self._tok.to_str()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import tokenizers
+
+        state = dict(state)
+        state["_tok"] = tokenizers.Tokenizer.from_str(state["_tok"])
+        self.__dict__.update(state)
+
+
+def load_tokenizer(spec: str | None) -> ByteTokenizer | JsonTokenizer:
+    """``byte`` (or empty) -> ``ByteTokenizer``; a path to a ``tokenizer.json`` -> ``JsonTokenizer``."""
+    if not spec or spec == "byte":
+        return ByteTokenizer()
+    return JsonTokenizer(spec)
+
+
+class TokenBatch(NamedTuple):
+    tokens: torch.Tensor  # int64 [B, S]
+    loss_mask: torch.Tensor  # bool [B, S]: the token is a prediction target
+    attention_mask: torch.Tensor  # bool [B, S]: the token is real (not padding)
+
+
+def next_token_labels(tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Labels on the logits' positions: ``labels[:, s] = tokens[:, s + 1]`` where that token is a
+    target, ``IGNORE_INDEX`` elsewhere (and at the last position, which predicts nothing here)."""
+    labels = torch.full_like(tokens, IGNORE_INDEX)
+    labels[:, :-1] = torch.where(loss_mask[:, 1:], tokens[:, 1:], torch.full_like(tokens[:, 1:], IGNORE_INDEX))
+    return labels
+
+
+# -- corpora --------------------------------------------------------------------------------------
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _flag(opts: dict[str, str], key: str, default: bool, fmt: str) -> bool:
+    v = opts.get(key)
+    if v is None:
+        return default
+    if v.lower() in _TRUE:
+        return True
+    if v.lower() in _FALSE:
+        return False
+    raise _error(f"{fmt}: {key}={v!r}: expected 0 or 1")
+
+
+def _error(msg: str) -> ValueError:
+    from kd.core.data import DatasetError
+
+    return DatasetError(msg)
+
+
+class TokenSource:
+    """A tokenised text corpus as a sample source (see the module docstring for URIs and layouts).
+
+    Tokenisation runs once per process, on first use (``len``, ``get``...), so opening
+    is cheap and a DataLoader worker forked after it shares the arrays.
+    """
+
+    COMMON = ("block", "tokenizer", "pack", "bos", "eos", "name", "split")
+    OPTIONS = {
+        "text": ("doc", "glob", "encoding"),
+        "jsonl": ("text", "prompt", "completion"),
+        "hf": ("text", "prompt", "completion"),
+    }
+
+    def __init__(self, uri: str, fmt: str, target: str, opts: dict[str, str]) -> None:
+        from kd.core.data import _existing_dir, _existing_file
+
+        if fmt not in self.OPTIONS:
+            raise _error(f"{fmt}: not a token format; token formats: text, jsonl, hf (with text=)")
+        unknown = set(opts) - set(self.COMMON) - set(self.OPTIONS[fmt])
+        if unknown:
+            valid = ", ".join(sorted({*self.COMMON, *self.OPTIONS[fmt]}))
+            raise _error(f"{fmt}: unknown option(s) {sorted(unknown)}; valid: {valid}")
+        self.uri, self.format, self.target, self.options = uri, fmt, target, dict(opts)
+        self.pack = _flag(opts, "pack", True, fmt)
+        block = opts.get("block")
+        if block is None:
+            self.block: int | None = 128 if self.pack else None
+        else:
+            if not re.fullmatch(r"[0-9]+", block) or int(block) < 2:
+                raise _error(f"{fmt}: block={block!r}: expected an integer >= 2 (tokens per sample)")
+            self.block = int(block)
+        try:
+            self.tokenizer = load_tokenizer(opts.get("tokenizer"))
+        except TokenizerError as e:
+            raise _error(f"{uri}: {e}") from None
+        self.add_bos = _flag(opts, "bos", self.tokenizer.bos_id is not None, fmt)
+        self.add_eos = _flag(opts, "eos", self.tokenizer.eos_id is not None, fmt)
+        for key, tid in (("bos", self.tokenizer.bos_id), ("eos", self.tokenizer.eos_id)):
+            if getattr(self, f"add_{key}") and tid is None:
+                raise _error(f"{fmt}: {key}=1 but the tokenizer {self.tokenizer.name} has no {key} token")
+        self.instruct = "prompt" in opts or "completion" in opts
+        if self.instruct and not ("prompt" in opts and "completion" in opts):
+            raise _error(f"{fmt}: instruction data needs both prompt= and completion= (the field names)")
+        if self.instruct and "text" in opts:
+            raise _error(f"{fmt}: give text= or prompt=/completion=, not both")
+        if fmt == "text":
+            self.doc = opts.get("doc", "file")
+            if self.doc not in ("file", "line"):
+                raise _error(f"text: doc={self.doc!r}: expected file or line")
+            p = Path(target).expanduser()
+            if p.is_dir():
+                self.root = _existing_dir(fmt, target)
+                pattern = opts.get("glob", "*.txt")
+                self.rels = sorted(str(f.relative_to(self.root)) for f in self.root.rglob(pattern) if f.is_file())
+                if not self.rels:
+                    raise _error(f"text: no files matching {pattern!r} under {self.root}")
+            else:
+                f = _existing_file(fmt, target)
+                self.root, self.rels = f.parent, [f.name]
+        elif fmt == "jsonl":
+            f = _existing_file(fmt, target)
+            self.root, self.rels = f.parent, [f.name]
+        else:
+            self.root = _existing_dir(fmt, target)
+            self.rels = []
+        self.fields = (opts["prompt"], opts["completion"]) if self.instruct else (opts.get("text", "text"),)
+
+    # -- identity ---------------------------------------------------------------------------------
+    @cached_property
+    def name_split(self) -> tuple[str, str]:
+        from kd.core.data import _name_split
+
+        if self.format == "hf":
+            name = re.sub(r"[^A-Za-z0-9._-]+", "-", self.options.get("name", self.root.resolve().name)) or "data"
+            return name, self.options.get("split", "train")
+        path = Path(self.target)
+        return _name_split(path.with_suffix("") if path.is_file() else path, self.options)  # val.jsonl: split val
+
+    def _identity(self) -> dict[str, Any]:
+        from kd.core.data import file_manifest
+
+        ident: dict[str, Any] = {
+            "tokenizer": {"name": self.tokenizer.name, "hash": self.tokenizer.hash},
+            "block": self.block,
+            "pack": self.pack,
+            "bos": self.add_bos,
+            "eos": self.add_eos,
+            "fields": list(self.fields),
+            "instruct": self.instruct,
+        }
+        if self.format == "text":
+            ident["doc"] = self.doc
+            ident["encoding"] = self.options.get("encoding", "utf-8")
+        if self.format == "hf":
+            ident["fingerprint"] = str(self._hf_dataset()._fingerprint)
+        else:
+            ident["files"] = [(rel, size, h) for rel, size, _mtime, h in file_manifest(self.root, self.rels)]
+        return ident
+
+    @cached_property
+    def dataset_id(self) -> str:
+        """``name/split@hash16``: changes with any file's content, the tokenizer, block, layout or fields."""
+        from kd.core.data import _digest
+
+        name, split = self.name_split
+        return f"{name}/{split}@{_digest(self.format, self._identity())[:16]}"
+
+    def manifest(self) -> dict[str, Any]:
+        """JSON-able identity for cache metadata; refuses when the files changed since opening."""
+        ident = self._identity()
+        from kd.core.data import _digest
+
+        name, split = self.name_split
+        if f"{name}/{split}@{_digest(self.format, ident)[:16]}" != self.dataset_id:
+            raise _error(f"{self.uri} changed since it was opened (was {self.dataset_id}); open it again")
+        return {
+            "format": self.format,
+            "uri": self.uri,
+            "dataset_id": self.dataset_id,
+            "num_samples": len(self),
+            "num_classes": self.num_classes,
+            "num_tokens": int(self._arrays[0].shape[0]),
+            **ident,
+        }
+
+    # -- reading documents ------------------------------------------------------------------------
+    def _hf_dataset(self) -> Any:
+        if getattr(self, "_hf", None) is None:
+            try:
+                import datasets
+            except ImportError:
+                raise _error("hf: needs the 'datasets' package: pip install 'kd[hf]'") from None
+            try:
+                ds = datasets.load_from_disk(str(self.root))
+            except FileNotFoundError as e:
+                raise _error(f"hf: {self.root} is not a dataset saved with save_to_disk ({e})") from None
+            if isinstance(ds, datasets.DatasetDict):
+                split = self.options.get("split", "train")
+                if split not in ds:
+                    raise _error(f"hf: no split {split!r} in {self.root}; splits: {', '.join(ds)}")
+                ds = ds[split]
+            for f in self.fields:
+                if f not in ds.column_names:
+                    raise _error(f"hf: no column {f!r}; columns: {', '.join(ds.column_names)}")
+            self._hf = ds
+        return self._hf
+
+    def _documents(self) -> list[tuple[str, ...]]:
+        """Each document as (text,) or (prompt, completion), in a fixed order."""
+        docs: list[tuple[str, ...]] = []
+        if self.format == "text":
+            enc = self.options.get("encoding", "utf-8")
+            for rel in self.rels:
+                try:
+                    text = (self.root / rel).read_text(encoding=enc)
+                except (UnicodeDecodeError, LookupError) as e:
+                    raise _error(f"text: cannot decode {self.root / rel} as {enc}: {e}") from None
+                if self.doc == "file":
+                    docs.append((text,))
+                else:
+                    docs.extend((line,) for line in text.splitlines() if line.strip())
+            return docs
+        if self.format == "hf":
+            ds = self._hf_dataset().select_columns(list(self.fields))
+            cols = [ds[f] for f in self.fields]
+            for i, row in enumerate(zip(*cols)):
+                for f, v in zip(self.fields, row):
+                    if not isinstance(v, str):
+                        raise _error(f"hf: row {i} of {self.root}: column {f!r} is {type(v).__name__}, not text")
+                docs.append(tuple(row))
+            return docs
+        path = self.root / self.rels[0]
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise _error(f"jsonl: {path}:{n} is not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise _error(f"jsonl: {path}:{n} is a JSON {type(obj).__name__}, not an object")
+                row = []
+                for f in self.fields:
+                    if f not in obj:
+                        raise _error(f"jsonl: {path}:{n} has no field {f!r}; fields: {', '.join(obj)}")
+                    if not isinstance(obj[f], str):
+                        raise _error(f"jsonl: {path}:{n}: field {f!r} is {type(obj[f]).__name__}, not text")
+                    row.append(obj[f])
+                docs.append(tuple(row))
+        return docs
+
+    def _encode_doc(self, doc: tuple[str, ...]) -> tuple[list[int], list[bool]]:
+        tok = self.tokenizer
+        ids: list[int] = []
+        mask: list[bool] = []
+        if self.add_bos:
+            ids.append(int(tok.bos_id))  # type: ignore[arg-type]
+            mask.append(False)
+        if self.instruct:
+            p, c = tok.encode(doc[0]), tok.encode(doc[1])
+            ids += p + c
+            mask += [False] * len(p) + [True] * len(c)
+        else:
+            t = tok.encode(doc[0])
+            ids += t
+            mask += [True] * len(t)
+        if self.add_eos:
+            ids.append(int(tok.eos_id))  # type: ignore[arg-type]
+            mask.append(True)
+        return ids, mask
+
+    @cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token stream int64, loss mask bool, document start offsets int64 [D + 1])."""
+        ids: list[int] = []
+        mask: list[bool] = []
+        offsets = [0]
+        for doc in self._documents():
+            i, m = self._encode_doc(doc)
+            if not i:
+                continue
+            ids += i
+            mask += m
+            offsets.append(len(ids))
+        return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool), np.asarray(offsets, dtype=np.int64)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_arrays", None)  # re-tokenised in the receiving process
+        state.pop("_hf", None)
+        return state
+
+    # -- the SampleSource protocol -------------------------------------------------------------
+    def __len__(self) -> int:
+        tokens, _, offsets = self._arrays
+        if self.pack:
+            return int(tokens.shape[0]) // int(self.block or 1)
+        return int(offsets.shape[0]) - 1
+
+    def __repr__(self) -> str:
+        return f"TokenSource({self.uri!r})"
+
+    @property
+    def num_classes(self) -> int:
+        """The vocabulary size (a token teacher's logits have this last dimension)."""
+        return int(self.tokenizer.vocab_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.vocab_size)
+
+    @property
+    def class_names(self) -> list[str]:
+        return []
+
+    @property
+    def augmentation(self) -> str:
+        return "none"
+
+    @cached_property
+    def labels(self) -> torch.Tensor:
+        """All 0: a token sample has no class; its targets are its own next tokens."""
+        return torch.zeros(len(self), dtype=torch.int64)
+
+    def _sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self)
+        if not 0 <= i < n:
+            raise IndexError(f"sample {i} out of range for {self.uri} ({n} samples)")
+        tokens, mask, offsets = self._arrays
+        if self.pack:
+            b = int(self.block or 0)
+            return tokens[i * b : (i + 1) * b], mask[i * b : (i + 1) * b]
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        if self.block is not None:
+            hi = min(hi, lo + self.block)
+        return tokens[lo:hi], mask[lo:hi]
+
+    def batch(self, indices: torch.Tensor | Sequence[int]) -> TokenBatch:
+        """Tokens, loss mask and attention mask of ``indices``; documents right-padded to the longest."""
+        idx = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
+        rows = [self._sample(i) for i in idx]
+        width = max((len(t) for t, _ in rows), default=0)
+        tokens = torch.full((len(rows), width), int(self.tokenizer.pad_id), dtype=torch.int64)
+        loss = torch.zeros((len(rows), width), dtype=torch.bool)
+        attn = torch.zeros((len(rows), width), dtype=torch.bool)
+        for r, (t, m) in enumerate(rows):
+            tokens[r, : len(t)] = torch.from_numpy(np.array(t, dtype=np.int64))
+            loss[r, : len(t)] = torch.from_numpy(np.array(m, dtype=bool))
+            attn[r, : len(t)] = True
+        return TokenBatch(tokens, loss, attn)
+
+    def get(self, indices: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids int64 ``[B, S]`` (padded with the pad id in ``pack=0``; see ``masks``)."""
+        if views is not None and bool((torch.as_tensor(views) != 0).any()):
+            raise _error(f"{self.uri}: token sources have no views (got view ids other than 0)")
+        return self.batch(indices).tokens
+
+    def masks(self, indices: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss mask, attention mask), both bool ``[B, S]``, aligned with ``get(indices)``."""
+        b = self.batch(indices)
+        return b.loss_mask, b.attention_mask
+
+
+def open_token_source(uri: str, fmt: str, target: str, opts: dict[str, str]) -> TokenSource:
+    """What ``kd.core.data.open_source`` calls for ``text:``, ``jsonl:`` and ``hf:...?text=``."""
+    return TokenSource(uri, fmt, target, opts)
+
+
+# -- sparse per-position teacher targets -------------------------------------------------------
+@dataclass
+class TokenTargets:
+    """A token teacher's output at each position, sparse: ``K << V`` ids per position.
+
+    Two forms (the per-token losses in ``kd.student_trainer.losses.token_kd`` take both):
+
+    * ``logits`` + ``lse`` (top-k or sampled unique ids): the teacher's logits at the
+      stored ids and the row's ``logsumexp(z / temperature)`` over the whole vocabulary,
+      so each stored probability and the remaining mass ``1 - sum`` are exact at that
+      temperature; the losses compare the remaining mass as one "rest" bucket.
+    * ``counts`` (sampled ids, Anshumann et al. 2025): unique ids drawn from the teacher
+      at ``temperature`` with how often each was drawn; ``counts / N`` is an unbiased
+      estimate of the teacher's distribution.
+
+    ``ids`` are int64 ``[B, S, K]``; a slot with id ``-1`` is unused (fewer unique ids at
+    that position). ``temperature`` is the one the lse / draws were taken at; the losses
+    refuse another.
+    """
+
+    ids: torch.Tensor
+    vocab_size: int
+    logits: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.ids.dim() != 3 or self.ids.dtype != torch.int64:
+            raise ValueError(f"ids must be int64 [B, S, K], got {self.ids.dtype} {list(self.ids.shape)}")
+        if (self.logits is None) != (self.lse is None):
+            raise ValueError("give logits and lse together")
+        if self.logits is None and self.counts is None:
+            raise ValueError("sparse token targets need logits + lse, or counts")
+        for name in ("logits", "counts"):
+            t = getattr(self, name)
+            if t is not None and t.shape != self.ids.shape:
+                raise ValueError(f"{name} has shape {list(t.shape)}; ids have {list(self.ids.shape)}")
+        if self.lse is not None and self.lse.shape != self.ids.shape[:2]:
+            raise ValueError(f"lse has shape {list(self.lse.shape)}; expected {list(self.ids.shape[:2])}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if bool(((self.ids < -1) | (self.ids >= self.vocab_size)).any()):
+            raise ValueError(f"ids must lie in [0, {self.vocab_size}) (or be -1 for an unused slot)")
+
+    def to(self, device: torch.device | str) -> TokenTargets:
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return TokenTargets(
+            self.ids.to(device), self.vocab_size, mv(self.logits), mv(self.lse), mv(self.counts), self.temperature
+        )
+
+    @classmethod
+    def topk(cls, teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> TokenTargets:
+        """The top-``k`` form of dense teacher logits ``[B, S, V]`` (what a cache would store), in
+        float32 or wider. The rest mass 1 - sum(stored p) is as exact as the stored lse: in
+        float32 it carries an absolute error of ~1e-7."""
+        z = teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32))
+        vals, ids = z.topk(k, dim=-1)
+        return cls(ids, z.shape[-1], vals, torch.logsumexp(z / temperature, dim=-1), None, temperature)
+
+    @classmethod
+    def sample(
+        cls,
+        teacher_logits: torch.Tensor,
+        draws: int,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        with_logits: bool = False,
+    ) -> TokenTargets:
+        """``draws`` ids drawn with replacement from softmax(z / T) per position, merged into
+        unique ids with counts (unused slots -1). ``with_logits`` also keeps their logits and
+        the lse (then the losses use the exact probabilities and the rest bucket instead)."""
+        z = teacher_logits.float()
+        b, s, v = z.shape
+        probs = torch.softmax(z / temperature, dim=-1).reshape(b * s, v)
+        drawn = torch.multinomial(probs, draws, replacement=True, generator=generator)  # [B*S, N]
+        ones = torch.ones(b * s, draws, device=z.device)
+        counts_full = torch.zeros(b * s, v, device=z.device).scatter_add_(1, drawn, ones)
+        k = min(draws, v)
+        counts, ids = counts_full.topk(k, dim=1)  # the unique ids first, then zero counts
+        ids = torch.where(counts > 0, ids, torch.full_like(ids, -1))
+        logits = torch.where(counts > 0, z.reshape(b * s, v).gather(1, ids.clamp(min=0)), torch.zeros_like(counts))
+        lse = torch.logsumexp(z / temperature, dim=-1)
+        ids, counts = ids.reshape(b, s, k), counts.reshape(b, s, k)
+        if not with_logits:
+            return cls(ids, v, None, None, counts, temperature)
+        return cls(ids, v, logits.reshape(b, s, k), lse, counts, temperature)
