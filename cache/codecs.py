@@ -18,6 +18,7 @@ decodes with one ``frombuffer`` instead of a Python loop per row.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,9 +201,13 @@ def get_codec(name: str, temperature: float | None = None) -> Codec:
             k = 0
         if k < 1:
             raise ValueError(f"codec {name!r}: K must be a positive integer, as in {kind}:10")
+        t = 1.0 if temperature is None else temperature
+        # z / T with T <= 0, NaN or Inf gives NaN or inverted targets (and no distribution to draw from).
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"codec {name!r}: temperature must be a finite number > 0, got {temperature!r}")
         if kind == "topk":
-            return TopKCodec(name, k, temperature=float(temperature or 1.0))
-        return SampleCodec(name, k, temperature=float(temperature or 1.0))
+            return TopKCodec(name, k, temperature=float(t))
+        return SampleCodec(name, k, temperature=float(t))
     raise ValueError(f"unknown codec {name!r}; choose from {', '.join(CODECS)}, topk:K or sample:K")
 
 

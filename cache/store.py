@@ -18,10 +18,12 @@ each process, so a reader object can be handed to DataLoader workers.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 import threading
 import zlib
@@ -38,6 +40,7 @@ from kd.core.targets import SparseTargets, Targets
 
 FORMAT_VERSION = 1
 META_KEY = b"\x00meta"
+_META_CRC_TAG = b"\ncrc32="
 _HEADER = b"KD" + bytes([FORMAT_VERSION, 0])
 _KEY = struct.Struct(">QI")
 _CRC = struct.Struct("<I")
@@ -87,6 +90,11 @@ class CacheMeta:
     # Teacher features stored beside the targets: layer -> per-sample shape (fp16, after pooling).
     features: dict[str, list[int]] = field(default_factory=dict)
     features_pooled: bool = False
+    # The data's manifest without its per-file list (``SampleSource.manifest(files=False)``: format, uri to
+    # reopen it with ``kd.core.data.open_source``, sizes, class names). Not identity: dataset_id is.
+    dataset_manifest: dict = field(default_factory=dict)
+    # Views' params (``kd.core.views``, float32 [view_params]) are stored per record in OUT/view-params: 0 = none.
+    view_params: int = 0
     format_version: int = FORMAT_VERSION
     created_by: str = field(default_factory=_kd_version)
 
@@ -148,14 +156,49 @@ class CacheMeta:
         """Every (index, view) this environment should hold when complete."""
         return [(i, v) for i in range(self.shard_index, self.dataset_size, self.shard_count) for v in range(self.views)]
 
+    def __post_init__(self) -> None:
+        # A temperature divides logits: 0, negative, NaN or Inf would give NaN targets or
+        # an invalid distribution to draw from, so no cache is written or read with one.
+        if self.temperature is not None:
+            t = self.temperature
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+                raise ValueError(f"cache temperature must be a finite number > 0, got {t!r}")
+        for name in ("dataset_size", "num_classes", "views", "shard_count"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"cache {name} must be a positive integer, got {value!r}")
+
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        """The metadata record: sorted JSON, then a line ``crc32=XXXXXXXX`` over those bytes
+        (a same-length edit such as fp16 -> bf16 would otherwise decode every record wrongly)."""
+        body = json.dumps(asdict(self), sort_keys=True).encode()
+        return body + _META_CRC_TAG + b"%08x" % zlib.crc32(body)
 
     @classmethod
-    def from_json(cls, raw: bytes) -> CacheMeta:
-        data = json.loads(raw)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_json(cls, raw: bytes, path: str | Path = "?") -> CacheMeta:
+        """Parse and check a metadata record; CacheError naming ``path`` when it is damaged.
+
+        Records written before the checksum (plain JSON) are still read."""
+        body = raw
+        tail = len(_META_CRC_TAG) + 8
+        if len(raw) > tail and raw[-tail:-8] == _META_CRC_TAG:
+            body = raw[:-tail]
+            try:
+                stored = int(raw[-8:], 16)
+            except ValueError:
+                stored = -1
+            if zlib.crc32(body) != stored:
+                raise CorruptRecordError(
+                    f"the metadata record of cache {str(path)!r} fails its checksum: it was changed or corrupted "
+                    "after it was written, so its codec, temperature or sizes cannot be trusted; rebuild the "
+                    "cache with `kd precompute`"
+                )
+        try:
+            data = json.loads(body)
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise CorruptRecordError(f"the metadata record of cache {str(path)!r} is unreadable: {e}") from e
 
     def check(self, path: str | Path, **expected: object) -> None:
         """Raise StaleCacheError naming the first field that differs from ``expected``."""
@@ -224,9 +267,63 @@ def _check_rows(path: str, keys: list[bytes], joined: bytes, n: int, payload_byt
     return rows[:, len(_HEADER) : -_CRC.size]
 
 
+def _as_lists(indices, views) -> tuple[list[int], list[int] | None]:
+    idx = indices.tolist() if isinstance(indices, torch.Tensor) else [int(i) for i in indices]
+    vw = None if views is None else (views.tolist() if isinstance(views, torch.Tensor) else [int(v) for v in views])
+    return idx, vw
+
+
 def _where(path: str, key: bytes) -> str:
     index, view = _KEY.unpack(key[-_KEY.size :])
     return f"record (index={index}, view={view}) of cache {path!r}"
+
+
+# LMDB's meta pages (pages 0 and 1; mdb.c, MDB_meta after the 16-byte page header, 64-bit build):
+# magic u32, version u32, address, mapsize, two MDB_db of 48 bytes (the first one's md_pad is the page
+# size), last used page number, txnid.
+_LMDB_MAGIC = 0xBEEFC0DE
+_META_FIELDS = struct.Struct("=II8x8xI44x48xQQ")
+_META_OFFSET = 16
+
+
+def check_data_file(path: str | Path, *, allow_empty: bool = False) -> None:
+    """Refuse an LMDB file shorter than its own header says, before it is mapped.
+
+    Reading a page of a mapping past the end of a truncated file kills the process with
+    SIGBUS, so the file is checked first: the newer of the two meta pages holds the last
+    used page number and the page size, and the file must hold every page up to it.
+    ``allow_empty``: a writer may open an empty file (LMDB initialises it).
+    """
+    data = Path(path) / "data.mdb"
+    try:
+        size = data.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        if allow_empty:
+            return
+        raise CacheError(f"cache file {str(data)!r} is empty (0 bytes); rebuild the cache with `kd precompute`")
+    metas = []
+    with open(data, "rb") as f:
+        head = f.read(_META_OFFSET + _META_FIELDS.size)
+        if len(head) == _META_OFFSET + _META_FIELDS.size:
+            metas.append(_META_FIELDS.unpack_from(head, _META_OFFSET))
+        psize = metas[0][2] if metas and metas[0][0] == _LMDB_MAGIC else 0
+        if psize >= _META_OFFSET + _META_FIELDS.size:
+            f.seek(psize)
+            second = f.read(_META_OFFSET + _META_FIELDS.size)
+            if len(second) == _META_OFFSET + _META_FIELDS.size:
+                metas.append(_META_FIELDS.unpack_from(second, _META_OFFSET))
+    valid = [m for m in metas if m[0] == _LMDB_MAGIC]
+    if not valid:
+        raise CacheError(f"cache file {str(data)!r} ({size} bytes) is not an LMDB file: no valid meta page")
+    pages = max(2, max(valid, key=lambda m: m[4])[3] + 1)  # last used page of the newer transaction, + 1
+    if psize == 0 or size < pages * psize:
+        raise CacheError(
+            f"cache file {str(data)!r} is truncated: {size} bytes, but its LMDB header says it holds "
+            f"{pages * psize} ({pages} pages of {psize} bytes); it was cut short (an interrupted copy, "
+            "a full disk?). Restore it or rebuild the cache with `kd precompute`"
+        )
 
 
 _ENVS: dict[str, tuple[int, lmdb.Environment, bool]] = {}
@@ -257,6 +354,7 @@ def _environment(path: Path, *, write: bool) -> lmdb.Environment:
                 entry[1].close()
             except lmdb.Error:
                 pass
+        check_data_file(path, allow_empty=write)
         try:
             if write:
                 path.mkdir(parents=True, exist_ok=True)
@@ -295,7 +393,9 @@ class CacheWriter:
             raw = txn.get(META_KEY)
         if raw is not None:
             try:
-                CacheMeta.from_json(raw).check(self.path, **{k: getattr(meta, k) for k in CacheMeta.IDENTITY})
+                CacheMeta.from_json(raw, self.path).check(
+                    self.path, **{k: getattr(meta, k) for k in CacheMeta.IDENTITY}
+                )
             except StaleCacheError:
                 _release(self.path)
                 raise
@@ -393,12 +493,37 @@ class CacheWriter:
                 # Grow the map and redo the whole (aborted) transaction.
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
             except lmdb.Error as e:
-                if "No space left" in str(e) or getattr(e, "errno", None) == 28:
-                    raise CacheError(
-                        f"disk full while writing cache {str(self.path)!r}: the last batch was not committed; "
-                        "records committed before it are intact. Free space and re-run to resume."
-                    ) from e
-                raise CacheError(f"cannot write cache {str(self.path)!r}: {e}") from e
+                # The transaction was aborted: drop the batch (close() must not retry it) and the
+                # handle, so a later writer in this process starts from what is on disk.
+                self._pending = []
+                _release(self.path)
+                raise CacheError(self._write_error(e, len(items))) from e
+
+    def _write_error(self, e: lmdb.Error, n: int) -> str:
+        """Why a commit failed, naming the cache and, when it is full, the disk. LMDB reports
+        a short write (ENOSPC, EFBIG) as EIO, so the free space decides."""
+        code = getattr(e, "errno", None) or next(
+            (c for c in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO) if os.strerror(c) in str(e)), None
+        )
+        try:
+            usage = shutil.disk_usage(self.path)
+        except OSError:
+            usage = None
+        kept = f"the last batch ({n} records) was not committed; every record committed before it is intact"
+        if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO):
+            mount = Path(os.path.realpath(self.path))
+            while not os.path.ismount(mount) and mount != mount.parent:
+                mount = mount.parent
+            where = (
+                f" (mounted at {str(mount)!r}"
+                + ("" if usage is None else f", {usage.free:,} of {usage.total:,} bytes free")
+                + ")"
+            )
+            return (
+                f"cannot write cache {str(self.path)!r}: the disk holding it{where} is full, or the file reached "
+                f"a size or quota limit ({e}); {kept}. Free space and re-run the same command to resume"
+            )
+        return f"cannot write cache {str(self.path)!r}: {e}; {kept}"
 
     def close(self) -> None:
         try:
@@ -427,7 +552,7 @@ class CacheReader:
         raw = self._get_raw(META_KEY)
         if raw is None:
             raise CacheError(f"cache {str(self.path)!r} has no metadata record")
-        self.meta = CacheMeta.from_json(raw)
+        self.meta = CacheMeta.from_json(raw, self.path)
         unknown = set(expect) - set(CacheMeta.IDENTITY) - {"teacher"}
         if unknown:
             raise TypeError(f"unknown cache fields {sorted(unknown)}")
@@ -475,20 +600,41 @@ class CacheReader:
         self, indices: Iterable[int] | torch.Tensor, views: Iterable[int] | torch.Tensor | None = None
     ) -> torch.Tensor:
         """Dense float32 logits [B, C] for the given samples (and views)."""
-        return self.codec.decode(self._raw(indices, views)[:, : self.logit_bytes], self.meta.num_classes)
+        idx, vw = _as_lists(indices, views)
+        out = self.codec.decode(self.read_raw(idx, vw)[:, : self.logit_bytes], self.meta.num_classes)
+        self._check_finite([out], idx, vw)
+        return out
 
     def targets(
         self, indices: Iterable[int] | torch.Tensor, views: Iterable[int] | torch.Tensor | None = None
     ) -> Targets:
         """What a loss consumes: dense logits, or ``SparseTargets`` for topk/sample codecs."""
-        return self.codec.decode_targets(self._raw(indices, views)[:, : self.logit_bytes], self.meta.num_classes)
+        idx, vw = _as_lists(indices, views)
+        out = self.codec.decode_targets(self.read_raw(idx, vw)[:, : self.logit_bytes], self.meta.num_classes)
+        self._check_finite([out.logits, out.logsumexp] if isinstance(out, SparseTargets) else [out], idx, vw)
+        return out
 
     def features(
         self, indices: Iterable[int] | torch.Tensor, views: Iterable[int] | torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """The stored teacher features, layer -> float32 [B, *shape]."""
-        raw = self._raw(indices, views)
-        return self._split_features(raw)
+        idx, vw = _as_lists(indices, views)
+        out = self._split_features(self.read_raw(idx, vw))
+        self._check_finite(list(out.values()), idx, vw)
+        return out
+
+    def _check_finite(self, parts: list[torch.Tensor], idx: list[int], vw: list[int] | None) -> None:
+        """A record can pass its checksum and still hold NaN/Inf (written by other code, or
+        before put() refused them): training on it would give a NaN loss, so it is refused,
+        naming the record. One reduction per tensor; the search runs only on failure."""
+        for t in parts:
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                row = int((~torch.isfinite(t.reshape(t.shape[0], -1))).any(1).nonzero()[0][0])
+                view = 0 if vw is None else vw[row]
+                raise CorruptRecordError(
+                    f"record (index={idx[row]}, view={view}) of cache {str(self.path)!r} holds NaN or Inf "
+                    "targets; rebuild it with `kd precompute` (`kd cache verify` lists every such record)"
+                )
 
     def _split_features(self, raw: np.ndarray) -> dict[str, torch.Tensor]:
         out, at = {}, self.logit_bytes
@@ -497,13 +643,6 @@ class CacheReader:
             out[name] = torch.from_numpy(part).reshape(raw.shape[0], *self.meta.features[name])
             at += nbytes
         return out
-
-    def _raw(self, indices: Iterable[int] | torch.Tensor, views: Iterable[int] | torch.Tensor | None) -> np.ndarray:
-        if isinstance(indices, torch.Tensor):
-            indices = indices.tolist()
-        if isinstance(views, torch.Tensor):
-            views = views.tolist()
-        return self.read_raw(indices, views)
 
     def present(self, indices: Iterable[int], views: Iterable[int] | None = None) -> list[bool]:
         """Whether each (index, view) has a record (no decoding, no checksum)."""

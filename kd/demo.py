@@ -8,7 +8,9 @@
    cache, KD from the live server -- over several seeds, on a small labelled
    subset (KD helps most when the student is small and labels are few);
 5. stop the server (SIGTERM, drained), print a table, write ``results.json``
-   and ``curves.png``.
+   and ``curves.png``; exit 1 unless the checks hold: ``max |cache - server| = 0`` (fp32 targets
+   through the cache are bit-identical to the server's) and the cache and server students
+   are the same (same accuracy per seed and epoch).
 """
 
 from __future__ import annotations
@@ -210,6 +212,14 @@ def run_demo(out: Path, *, seeds: int = 3, epochs: int = 300, labeled: int = 100
         "server_exit_code": rc,
         "seconds": round(time.perf_counter() - t_start, 2),
     }
+    # What the README says the demo checks: the cache holds exactly the server's targets (fp32),
+    # so the students trained from either, seeded alike, are the same.
+    results["checks"] = {
+        "max_abs_diff_cache_vs_server_is_0": diff == 0.0,
+        "cache_and_server_students_equal": finals["kd_cache"] == finals["kd_server"]
+        and curves["kd_cache"] == curves["kd_server"],
+    }
+    results["problems"] = [name for name, ok in results["checks"].items() if not ok]
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _plot(curves, teacher_acc, out / "curves.png")
 
@@ -227,4 +237,9 @@ def run_demo(out: Path, *, seeds: int = 3, epochs: int = 300, labeled: int = 100
         f"results: {out / 'results.json'}, curves: {out / 'curves.png'}, {results['seconds']:.1f}s total",
         highlight=False,
     )
+    if results["problems"]:
+        raise RuntimeError(
+            f"demo check(s) failed: {', '.join(results['problems'])} (max |cache - server| = {diff:.3g}); "
+            f"see {out / 'results.json'}"
+        )
     return results

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -144,8 +145,30 @@ def run_demo_datafree(out: Path, *, methods: list[str] | None = None, quick: boo
         "server_exit_code": code,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    result["problems"] = problems(result)
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def problems(result: dict) -> list[str]:
+    """What the demo checks: every method ran to a finite accuracy, the queries each one reports
+    are what the server counted for its client id, black-box methods asked for no gradients,
+    and the server drained and exited 0 on SIGTERM. ``kd demo-datafree`` exits 1 on any."""
+    out = []
+    if result["server_exit_code"] != 0:
+        out.append(f"kd serve exited with {result['server_exit_code']} after SIGTERM")
+    for name, m in result["methods"].items():
+        if m.get("error") is not None:
+            out.append(f"{name} failed: {m['error']}")
+            continue
+        if not isinstance(m.get("test_acc"), float) or not math.isfinite(m["test_acc"]):
+            out.append(f"{name}: test accuracy {m.get('test_acc')!r} is not a finite number")
+        if (m["samples"], m["gradient_samples"]) != (m["server_samples"], m["server_gradient_samples"]):
+            out.append(f"{name} reports {m['samples']} + {m['gradient_samples']} queries, the server counted "
+                       f"{m['server_samples']} + {m['server_gradient_samples']}")  # fmt: skip
+        if m["tier"] in ("scores", "labels") and m["gradient_samples"]:
+            out.append(f"{name} ({m['tier']} tier) asked for {m['gradient_samples']} gradient samples")
+    return out
 
 
 def print_report(r: dict) -> None:

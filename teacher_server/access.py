@@ -14,14 +14,18 @@ would exceed it is refused with RESOURCE_EXHAUSTED before any work is done. Even
 access permits model extraction (Truong et al. 2021), so a low tier goes with a budget.
 
 A client is identified by its bearer token (hashed) when the server requires one, else
-by its ``kd-client-id`` metadata, else by its address without the port. Without tokens an
-identity is only a claim: budgets are as strong as the authentication in front of them.
+by its TLS client certificate under mutual TLS (the name gRPC authenticated), else by its
+``kd-client-id`` metadata, else by its address without the port. Without tokens or
+certificates an identity is only a claim: budgets are as strong as the authentication in
+front of them. At most ``max_clients`` clients are remembered (the least recently seen go
+first), so distinct claimed ids cannot grow the server's memory or its metrics.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import grpc
@@ -68,11 +72,30 @@ def client_identity(context: grpc.ServicerContext | None) -> str:
         if isinstance(token, bytes):
             token = token.decode(errors="replace")
         return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+    cert = _certificate_identity(context)
+    if cert:
+        return f"cert:{cert}"
     declared = metadata.get("kd-client-id")
     if declared:
-        return f"id:{declared}"
+        if isinstance(declared, bytes):
+            declared = declared.decode(errors="replace")
+        return f"id:{declared[:_MAX_ID]}"
     peer = context.peer() or "unknown"
     return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
+_MAX_ID = 128
+
+
+def _certificate_identity(context: grpc.ServicerContext) -> str:
+    """The authenticated client certificate's name (mutual TLS), '' without one."""
+    try:
+        names = context.peer_identities()
+    except Exception:  # noqa: BLE001 - a context without transport security
+        return ""
+    if not names:
+        return ""
+    return b",".join(names).decode(errors="replace")[:_MAX_ID]
 
 
 class BudgetExceeded(Exception):
@@ -88,18 +111,34 @@ class _Count:
 class Accounting:
     """Thread-safe per-client counters with an optional budget on samples + gradient samples."""
 
-    def __init__(self, budget: int = 0, on_charge=None) -> None:
+    def __init__(self, budget: int = 0, on_charge=None, *, max_clients: int = 10_000, on_forget=None) -> None:
         if budget < 0:
             raise ValueError(f"query budget must be >= 0 (0 = none), got {budget}")
+        if max_clients < 1:
+            raise ValueError(f"max_clients must be >= 1, got {max_clients}")
         self.budget = budget
-        self._counts: dict[str, _Count] = {}
+        self.max_clients = max_clients
+        self._counts: OrderedDict[str, _Count] = OrderedDict()
         self._lock = threading.Lock()
         self._on_charge = on_charge  # (client, kind, n) -> None, e.g. a metrics counter
+        self._on_forget = on_forget  # (client) -> None: drop its metrics series
+
+    @property
+    def clients(self) -> int:
+        """How many clients are remembered (at most ``max_clients``)."""
+        return len(self._counts)
 
     def charge(self, client: str, *, samples: int = 0, gradient_samples: int = 0) -> pb.Usage:
         """Count a request before doing it; refuse it if it would go over the budget."""
+        forgotten = []
         with self._lock:
-            c = self._counts.setdefault(client, _Count())
+            c = self._counts.get(client)
+            if c is None:
+                c = self._counts[client] = _Count()
+                while len(self._counts) > self.max_clients:
+                    forgotten.append(self._counts.popitem(last=False)[0])
+            else:
+                self._counts.move_to_end(client)
             used = c.samples + c.gradient_samples
             if self.budget and used + samples + gradient_samples > self.budget:
                 raise BudgetExceeded(
@@ -110,6 +149,9 @@ class Accounting:
             c.samples += samples
             c.gradient_samples += gradient_samples
             usage = pb.Usage(client=client, samples=c.samples, gradient_samples=c.gradient_samples, budget=self.budget)
+        if self._on_forget is not None:
+            for name in forgotten:
+                self._on_forget(name)
         if self._on_charge is not None:
             if samples:
                 self._on_charge(client, "samples", samples)

@@ -15,10 +15,11 @@ _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 class TokenInterceptor(grpc.ServerInterceptor):
     """Refuses every RPC whose ``authorization`` metadata is not ``Bearer <token>``."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, on_deny=None) -> None:
         if not token:
             raise ValueError("empty token")
         self._expected = f"Bearer {token}".encode()
+        self._on_deny = on_deny  # () -> None: counts the refusal (kd_errors_total)
 
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(_OPEN_PREFIXES):
@@ -35,6 +36,8 @@ class TokenInterceptor(grpc.ServerInterceptor):
             return None
 
         def deny(_request, context):
+            if self._on_deny is not None:
+                self._on_deny()
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
         if handler.request_streaming and handler.response_streaming:

@@ -9,6 +9,7 @@ token_file = "/etc/kd/token"        # bearer token; clients send "authorization:
 tls_cert = "server.pem"             # TLS; add tls_client_ca for mutual TLS
 tls_key = "server.key"
 metrics_port = 9090                 # Prometheus /metrics
+max_streams = 64                    # open InferStream/Synthesize calls; 16 per client (max_streams_per_client)
 
 [[teacher]]
 name = "resnet"
@@ -66,6 +67,12 @@ class ServerConfig:
     metrics_port: int | None = None
     # Per client: samples + gradient samples before RESOURCE_EXHAUSTED (0 = no budget).
     query_budget: int = 0
+    # Long-lived calls (InferStream, Synthesize) at once, overall and per client; requests per
+    # stream between read and answered; clients remembered by the query accounting.
+    max_streams: int = 64
+    max_streams_per_client: int = 16
+    stream_window: int = 32
+    max_clients: int = 10_000
     teachers: list[TeacherEntry] = field(default_factory=list)
     datasets: dict[str, str] = field(default_factory=dict)  # name -> bundled dataset ref
 

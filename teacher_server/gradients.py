@@ -9,6 +9,9 @@
   batch (it couples the batch's samples, so it is never merged with other requests),
   optionally with Fast-DFKD's momentum state kept under a client-chosen id (``BNStates``).
 * ``synthesize``: a DeepInversion loop next to the model, yielding progress.
+* ``JobQueue``: one worker thread per teacher and kind that runs those whole jobs
+  (a BatchNorm loss couples its batch, a synthesis is a loop), behind a bounded queue,
+  so gRPC handler threads never run the model and a burst of jobs is refused at once.
 
 Forward hooks capture only on the thread that registered them: Infer's runner and these
 paths may run the same module at the same time.
@@ -17,16 +20,20 @@ paths may run the same module at the same time.
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd.core.factory import logits_of
+from kd.teacher_server.batcher import BatcherClosedError, QueueFullError
 from kd.teacher_server.loading import Teacher
 
 LOGITS = "logits"
@@ -105,7 +112,7 @@ class VJPRunner:
         names = [name for name, _ in self.layout.layers]
         with torch.enable_grad(), _ThreadHooks(self.modules, names) as hooks:
             out = self.teacher.model(x)
-            logits = out[0] if isinstance(out, (tuple, list)) else out
+            logits = logits_of(out)
             total = (logits.float() * g_logits).sum()
             for name in names:
                 total = total + (hooks.seen[name].float() * g_feats[name]).sum()
@@ -205,11 +212,16 @@ def batchnorm_loss(
     modules = dict(model.named_modules())
     with torch.enable_grad(), _ThreadHooks(modules, [n for n, _ in bns], inputs=True) as hooks:
         out = model(x)
-        logits = (out[0] if isinstance(out, (tuple, list)) else out).float()
+        logits = logits_of(out).float()
         terms, blends = _bn_terms(hooks, bns, previous, momentum)
         loss = sum(w * t for w, t in zip(weights, terms))
         total = loss if upstream_logits is None else loss + (logits * upstream_logits.to(logits.device)).sum()
         (grad,) = torch.autograd.grad(total, x)
+    if not (bool(torch.isfinite(loss.detach())) and bool(torch.isfinite(grad).all())):
+        raise ValueError(
+            "the BatchNorm loss or its input gradient is not finite for these inputs (NaN or Inf): "
+            "inputs or layer_weights too large for float32"
+        )
     if states is not None and state_id:
         states.put(state_id, blends, ttl)
     return BNLossResult(
@@ -230,6 +242,10 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
     d4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
     return sum(torch.linalg.vector_norm(d) for d in (d1, d2, d3, d4))
+
+
+class SynthesisDiverged(ValueError):
+    """The synthesis loss became NaN or Inf: the request's settings make it diverge."""
 
 
 @dataclass
@@ -263,7 +279,7 @@ def synthesize(teacher: Teacher, p: SynthesisParams, *, should_stop=lambda: Fals
             return
         with torch.enable_grad(), _ThreadHooks(modules, [n for n, _ in bns], inputs=True) as hooks:
             out = teacher.model(x)
-            logits = (out[0] if isinstance(out, (tuple, list)) else out).float()
+            logits = logits_of(out).float()
             ce = F.cross_entropy(logits, y)
             bn = sum(_bn_terms(hooks, bns, None, 0.0)[0]) if bns else logits.new_zeros(())
             tv = total_variation(x)
@@ -271,11 +287,75 @@ def synthesize(teacher: Teacher, p: SynthesisParams, *, should_stop=lambda: Fals
             loss = ce + p.bn_weight * bn + p.tv_weight * tv + p.l2_weight * l2
             opt.zero_grad(set_to_none=True)
             loss.backward()
-        opt.step()
         loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise SynthesisDiverged(
+                f"synthesis diverged at iteration {it}: the loss is {loss_value}; lower lr or the weights"
+            )
+        opt.step()
         terms = {"ce": float(ce), "bn": float(bn), "tv": float(tv), "l2": float(l2),
                  "accuracy": float((logits.argmax(1) == y).float().mean())}  # fmt: skip
         if p.report_every and it % p.report_every == 0 and it < p.iterations:
             yield {"iteration": it, "loss": loss_value, "terms": terms}
     yield {"iteration": p.iterations, "loss": loss_value, "terms": terms, "done": True,
            "inputs": x.detach().float().cpu(), "targets": y.cpu()}  # fmt: skip
+
+
+class JobQueue:
+    """Runs whole jobs (callables) one at a time on its own thread, next to the model.
+
+    At most ``max_queued`` jobs wait; ``submit`` beyond that raises QueueFullError at
+    once (the caller answers RESOURCE_EXHAUSTED), after ``close`` BatcherClosedError.
+    A job whose future was cancelled while queued (its caller went away) never runs.
+    """
+
+    def __init__(self, name: str, max_queued: int = 8) -> None:
+        if max_queued < 1:
+            raise ValueError(f"max_queued must be >= 1, got {max_queued}")
+        self.name = name
+        self.max_queued = max_queued
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
+        self._closed = False
+        self._running = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name=f"jobs-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job is queued or running."""
+        return self._running or not self._queue.empty()
+
+    def submit(self, fn: Callable[[], object]) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise BatcherClosedError("the teacher is shutting down and takes no new requests")
+            try:
+                self._queue.put_nowait((fn, future))
+            except queue.Full:
+                raise QueueFullError(
+                    f"{self.name}: {self.max_queued} jobs already queued (max_jobs_queued={self.max_queued})"
+                ) from None
+        return future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no new jobs, finish the queued ones, stop the thread."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            self._running = True
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - belongs to the caller
+                future.set_exception(e)
+            finally:
+                self._running = False

@@ -35,6 +35,7 @@ class ServerMetrics:
             buckets=_TIME_BUCKETS, registry=r,
         )  # fmt: skip
         self.errors = Counter("kd_errors", "Refused or failed requests by gRPC code", ["teacher", "code"], registry=r)
+        self.streams_open = Gauge("kd_streams_open", "Open InferStream and Synthesize calls", registry=r)
         self.client_queries = Counter(
             "kd_client_queries", "Samples (kind=samples) and gradient samples answered per client",
             ["client", "kind"], registry=r,
@@ -42,6 +43,14 @@ class ServerMetrics:
 
     def charged(self, client: str, kind: str, n: int) -> None:
         self.client_queries.labels(client, kind).inc(n)
+
+    def forget_client(self, client: str) -> None:
+        """Drop a client's series (accounting forgot it): /metrics stays bounded."""
+        for kind in ("samples", "gradient_samples"):
+            try:
+                self.client_queries.remove(client, kind)
+            except KeyError:
+                pass
 
     def accepted(self, teacher: str, samples: int) -> None:
         self.requests.labels(teacher).inc()

@@ -28,7 +28,7 @@ def test_bench_cache_quick_writes_every_result(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     r = subprocess.run(
         [sys.executable, "-m", "kd", "bench", "cache", "--quick", "--json", str(out)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-4000:]
     assert "cache / raw LMDB" in r.stdout and "precompute / bare forward" in r.stdout
@@ -51,7 +51,8 @@ def test_bench_cache_quick_writes_every_result(tmp_path: Path) -> None:
             assert c["student_acc_mean"] is None and c["student_acc_std"] is None
     assert res["codecs"]["fp32"]["kl_rel_error_T1"] == 0.0  # fp32 decodes to the exact logits
     assert res["codecs"]["fp16"]["ratio_to_fp32_1000"] == 2008 / 4008
-    assert 0 < res["student"]["ce_acc_mean"] <= 1 and 0 < res["student"]["teacher_acc"] <= 1
+    # The digits teacher is trained to ~0.98; a CE student on 100 samples is far above chance (0.1).
+    assert res["student"]["teacher_acc"] > 0.9 and 0.3 < res["student"]["ce_acc_mean"] <= 1
 
     v = res["views"]
     assert v["views"] == 4

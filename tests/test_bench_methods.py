@@ -1,7 +1,8 @@
 """`kd bench methods --quick` end to end, in a subprocess.
 
-Only the shape of the results is checked, never an accuracy: --quick trains
-one seed for a few epochs, and a method that loses to plain KD is not wrong."""
+No accuracy is compared with another: --quick trains one seed for a few epochs, and a
+method that loses to plain KD is not wrong. But every registered method must run: a method
+that raises is a failure (listed in ``failed``, exit 1), never accepted as a skip."""
 
 from __future__ import annotations
 
@@ -21,10 +22,22 @@ def _acc(value: object) -> bool:
     return isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run(*args: str, register_broken: bool = False) -> subprocess.CompletedProcess:
+    # register_broken: a user's method registered through the public registry that raises on every
+    # call, as a bug in a new method would; the bench must report it.
+    code = (
+        "import sys\n"
+        "from kd.student_trainer.losses import register\n"
+        "if sys.argv[1] == 'broken':\n"
+        "    @register('broken', 'a method that raises')\n"
+        "    def broken(student_logits, teacher_logits, labels, *, temperature: float = 4.0):\n"
+        "        raise RuntimeError('broken on purpose')\n"
+        "from kd.cli import app\n"
+        "app(['bench', 'methods', *sys.argv[2:]], prog_name='kd')\n"
+    )
     return subprocess.run(
-        [sys.executable, "-m", "kd", "bench", "methods", *args],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [sys.executable, "-c", code, "broken" if register_broken else "-", *args],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
 
 
@@ -38,13 +51,12 @@ def test_bench_methods_quick_covers_every_registered_method(tmp_path: Path) -> N
     # Logit methods on the MLP pair, feature methods on the CNN pair: together, every method.
     assert set(res["methods"]) | set(res["feature_methods"]) == set(METHODS)
     assert set(res["feature_methods"]) == {n for n, m in METHODS.items() if m.kind == "feature"} | {"ce", "kd"}
+    assert res["failed"] == []
     for name, m in res["feature_methods"].items():
         if name in ("ce", "kd"):
             continue
         assert m["matches"], name
-        if m["acc_mean"] is None:
-            assert isinstance(m.get("skipped"), str) and m["skipped"], (name, m)
-            continue
+        assert "failed" not in m and "skipped" not in m, (name, m)
         assert _acc(m["acc_mean"]) and math.isfinite(m["delta_vs_kd_mean"]), (name, m)
         # what the method's teacher features cost in the cache, per sample (fp16)
         assert m["feature_bytes_per_sample"] == sum(res["cnn"]["cache_features"][f] for f in m["teacher_features"])
@@ -55,9 +67,7 @@ def test_bench_methods_quick_covers_every_registered_method(tmp_path: Path) -> N
             assert m["options"] == method.defaults, name  # registered defaults, no overrides
         assert m["needs_teacher"] == method.needs_teacher
         assert (m["source"] is None) == (not method.needs_teacher), (name, m["source"])
-        if m["acc_mean"] is None:
-            assert isinstance(m.get("skipped"), str) and m["skipped"], (name, m)
-            continue
+        assert "failed" not in m and "skipped" not in m, (name, m)
         assert len(m["acc_per_seed"]) == res["settings"]["seeds"] == 1
         assert all(_acc(a) for a in m["acc_per_seed"]), (name, m)
         assert _acc(m["acc_mean"]) and math.isfinite(m["acc_std"]), (name, m)
@@ -79,11 +89,15 @@ def test_bench_methods_quick_covers_every_registered_method(tmp_path: Path) -> N
     ]]  # fmt: skip
 
 
-def test_bench_methods_subset_and_unknown_name(tmp_path: Path) -> None:
+def test_bench_methods_subset_and_a_method_that_raises(tmp_path: Path) -> None:
     out = tmp_path / "subset.json"
-    r = _run("--quick", "--epochs", "2", "--methods", "dkd", "--json", str(out))
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert set(json.loads(out.read_text())["methods"]) == {"ce", "kd", "dkd"}
+    r = _run("--quick", "--epochs", "2", "--methods", "dkd,broken", "--json", str(out), register_broken=True)
+    assert r.returncode == 1, (r.returncode, r.stderr[-4000:])
+    assert "1 method(s) raised: broken" in " ".join(r.stderr.split())
+    res = json.loads(out.read_text())  # the results are still written, with the failure in them
+    assert set(res["methods"]) == {"ce", "kd", "dkd", "broken"} and res["failed"] == ["broken"]
+    assert res["methods"]["broken"]["failed"] == "RuntimeError: broken on purpose"
+    assert res["methods"]["broken"]["acc_mean"] is None and _acc(res["methods"]["dkd"]["acc_mean"])
 
     bad = _run("--quick", "--methods", "no-such-method")
     assert bad.returncode == 2 and "unknown method" in bad.stderr

@@ -243,8 +243,22 @@ def test_client_loop_equals_server_synthesis_without_client_extras(server, clien
     student = digits_cnn_student()
     on_server = di.synthesize_on_server(teacher, y, 11, o)
     here = di.synthesize_here(teacher, student, y, 11, o, torch.Generator())
-    torch.testing.assert_close(here, on_server, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(on_server, torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(11)))
+    # The two loops compute the same loss in different orders (one graph on the server; BN loss and
+    # VJP by RPC here), and parallel reductions depend on thread scheduling, so the gradients agree
+    # only to float rounding. Adam divides by sqrt(v): on pixels whose gradient is near 0 that rounding
+    # decides the step, so single pixels can differ by ~lr (3.7e-3 was seen on a loaded machine). What
+    # is invariant is the move away from the shared starting noise: compare it as a whole.
+    noise = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(11))
+    moved_here, moved_server = here - noise, on_server - noise
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    assert float(moved_server.abs().mean()) > 0.05  # the loop moved the batch (5 steps of lr 0.1)
+    assert rel(moved_here, moved_server) < 0.02, rel(moved_here, moved_server)
+    # the measure tells loops apart: one term changed by a quarter is far outside that bound
+    other = di.synthesize_here(teacher, student, y, 11, {**o, "bn_weight": 0.75}, torch.Generator())
+    assert rel(other - noise, moved_server) > 0.05, rel(other - noise, moved_server)
     # ADI's competition changes the batch, and leaves no gradient on the student's weights
     adi = di.synthesize_here(teacher, student, y, 11, {**o, "adi_scale": 5.0}, torch.Generator())
     assert not torch.allclose(adi, on_server, atol=1e-3)
@@ -294,7 +308,10 @@ def test_deepinversion_run_counts_its_queries(server, client, mode: str) -> None
     per_iteration = 2 if mode == "client" else 1  # BN + VJP calls here; one step of the server's loop
     assert (res.samples, res.gradient_samples) == (2 * 16, per_iteration * 16 * 4 * 2)
     assert (res.samples, res.gradient_samples) == (client.usage.samples, client.usage.gradient_samples)
-    assert changed(before, student) and 0.0 <= res.test_acc <= 1.0
+    student.eval()
+    with torch.no_grad():
+        own = int((student(TEST.inputs).argmax(1) == TEST.labels).sum()) / len(TEST)
+    assert changed(before, student) and res.test_acc == pytest.approx(own, abs=1e-6)  # the trained student's
     assert res.synthetic is not None and res.synthetic.shape == (16, 1, 8, 8) and torch.isfinite(res.synthetic).all()
     assert [s for s, _ in res.history] == [1, 2]
     if mode == "client":

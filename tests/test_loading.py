@@ -10,14 +10,17 @@ import torch
 from safetensors.torch import save_file
 
 from kd.models import digits_student, digits_teacher
-from kd.teacher_server.loading import TeacherLoadError, TeacherSpec, fingerprint, load_teacher
+from kd.teacher_server.loading import TeacherLoadError, TeacherSpec, build_model, fingerprint, load_teacher
 
 
 class NotWeights:
-    """Anything that is not a tensor: unpickling it would run code."""
+    """Anything that is not a tensor: unpickling it would run code (here: create ``marker``)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
 
     def __reduce__(self):
-        return (print, ("unpickled code ran",))
+        return (open, (str(self.marker), "w"))
 
 
 def test_safetensors_and_state_dict_give_the_same_teacher(tmp_path: Path, teacher_weights: Path) -> None:
@@ -47,12 +50,17 @@ def test_fingerprint_depends_on_architecture_and_every_weight(teacher_weights: P
 
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
+    marker = tmp_path / "payload-ran"
     with open(path, "wb") as f:
-        pickle.dump({"w": NotWeights()}, f)
-    torch.save({"model": NotWeights()}, tmp_path / "evil2.pt")
+        pickle.dump({"w": NotWeights(marker)}, f)
+    torch.save({"model": NotWeights(marker)}, tmp_path / "evil2.pt")
     for p in (path, tmp_path / "evil2.pt"):
         with pytest.raises(TeacherLoadError, match="not plain weights|cannot read"):
             load_teacher("t", f"kd.models:digits_teacher@{p}")
+        assert not marker.exists(), f"loading {p.name} ran its pickled payload"
+    # Control: the same payload does run when unpickled plainly, so the check above can fail.
+    pickle.loads(pickle.dumps(NotWeights(tmp_path / "control")))
+    assert (tmp_path / "control").exists()
 
 
 def test_missing_file_and_mismatched_checkpoint_are_clear(tmp_path: Path) -> None:
@@ -89,5 +97,37 @@ def test_spec_parsing() -> None:
     s = TeacherSpec.parse("pkg.mod:make_net@/w/x.safetensors?input_shape=3x32x32")
     assert s.factory == "pkg.mod:make_net" and str(s.weights) == "/w/x.safetensors" and s.input_shape == (3, 32, 32)
     assert TeacherSpec.parse("/models/t.pt2").archive == Path("/models/t.pt2")
-    with pytest.raises(TeacherLoadError, match="unknown option"):
-        TeacherSpec.parse("a:b@w.pt?colour=red")
+    # Other options are the factory's keyword arguments; one it does not take is refused when built.
+    assert dict(TeacherSpec.parse("a:b@w.pt?colour=red").kwargs) == {"colour": "red"}
+    with pytest.raises(TeacherLoadError, match="refused the arguments"):
+        build_model(TeacherSpec.parse("kd.models:digits_student?colour=red"))
+
+
+class _Output:
+    """What a Hugging Face model returns: an object whose ``.logits`` is the tensor."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+
+class HFStyleTeacher(torch.nn.Module):
+    input_shape = (64,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> _Output:
+        return _Output(self.body(x))
+
+
+def test_a_teacher_returning_an_output_object_is_served_by_its_logits() -> None:
+    """Hugging Face-style outputs are unwrapped to ``.logits`` by the probe, the runner and the VJP."""
+    from kd.teacher_server.runner import ModelRunner
+
+    teacher = load_teacher("hf", "test_loading:HFStyleTeacher")
+    assert teacher.num_classes == 10
+    x = torch.rand(5, 64)
+    expected = teacher.model.body(x)
+    torch.testing.assert_close(ModelRunner(teacher)(x), expected)

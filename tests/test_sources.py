@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.cache import StaleCacheError
+from kd.cache import CacheMeta, CacheReader, CacheWriter, StaleCacheError
 from kd.core.data import load_dataset
 from kd.models import digits_student
 from kd.precompute import precompute
@@ -47,10 +47,23 @@ def test_cache_server_and_local_sources_yield_the_same_targets(tmp_path: Path, a
 def test_precompute_resumes_and_refuses_another_teacher(tmp_path: Path, teacher: Teacher, digits) -> None:
     train, _ = digits
     local = LocalSource(teacher)
-    half = load_dataset("digits", "train")
-    first = precompute(half, local, tmp_path / "c", progress=False)
-    again = precompute(half, local, tmp_path / "c", progress=False)
-    assert first.written == len(train) and again.written == 0 and again.skipped == len(train)
+    # A cache interrupted after its first 500 records (committed, as by a killed precompute). They
+    # hold the teacher's logits + 1, so the test can tell whether the resumed run skipped them.
+    meta = CacheMeta.for_dataset(teacher_fingerprint=local.fingerprint, teacher=local.teacher_name,
+                                 num_classes=local.num_classes, dataset=train, codec="fp32")  # fmt: skip
+    with torch.inference_mode():
+        logits = teacher.model(train.inputs)
+    with CacheWriter(tmp_path / "c", meta) as w:
+        w.put(range(500), logits[:500] + 1.0)
+    first = precompute(train, local, tmp_path / "c", progress=False)
+    assert (first.written, first.skipped) == (len(train) - 500, 500)
+    reader = CacheReader(tmp_path / "c")
+    assert reader.verify().ok
+    got = reader.get(range(len(train)))
+    assert torch.equal(got[:500], logits[:500] + 1.0)  # skipped, not recomputed
+    torch.testing.assert_close(got[500:], logits[500:], rtol=1e-5, atol=1e-5)  # the rest computed now
+    again = precompute(train, local, tmp_path / "c", progress=False)
+    assert again.written == 0 and again.skipped == len(train)
     with pytest.raises(StaleCacheError, match="dataset_id"):
         CacheSource(str(tmp_path / "c"), dataset_id=load_dataset("digits", "test").dataset_id)
     other = LocalSource("kd.models:digits_teacher")  # fresh random weights: another fingerprint

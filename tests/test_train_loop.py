@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -68,13 +69,24 @@ def test_cli_run_dir_resume_and_plot(tmp_path: Path) -> None:
     r = subprocess.run([*cmd, "train", "--method", "ce", "--epochs", "3", "--run-dir", str(run)],
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr
+    ckpt, metrics = run / "checkpoint.pt", (run / "metrics.csv").read_bytes()
+    before = (ckpt.stat().st_ino, ckpt.stat().st_mtime_ns, ckpt.read_bytes())
     again = subprocess.run([*cmd, "train", "--method", "ce", "--epochs", "3", "--run-dir", str(run), "--resume"],
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert again.returncode == 0, again.stderr
+    # --resume skipped all three finished epochs: a fresh run would have rewritten the checkpoint
+    # (a new file renamed over it) and metrics.csv (new timings), and seeded training would give the
+    # same accuracy either way, so the accuracy alone cannot tell.
+    assert (ckpt.stat().st_ino, ckpt.stat().st_mtime_ns, ckpt.read_bytes()) == before
+    assert (run / "metrics.csv").read_bytes() == metrics
     assert (
         json.loads(again.stdout.strip().splitlines()[-1])["test_acc"]
         == json.loads(r.stdout.strip().splitlines()[-1])["test_acc"]
-    )  # nothing left to train: the same student
+        == float(list(csv.DictReader(io.StringIO(metrics.decode())))[-1]["test_acc"])
+    )
+    empty = subprocess.run([*cmd, "train", "--method", "ce", "--epochs", "3", "--run-dir", str(tmp_path / "none"),
+                            "--resume"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert empty.returncode == 2 and "has no checkpoint.pt" in " ".join(empty.stderr.split()), empty.stderr
     p = subprocess.run([*cmd, "plot", str(run)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert (run / "curves.png").stat().st_size > 5_000
@@ -83,10 +95,29 @@ def test_cli_run_dir_resume_and_plot(tmp_path: Path) -> None:
 def test_cli_trains_from_two_teachers_with_a_combiner(tmp_path: Path, teacher_spec: str) -> None:
     cmd = [sys.executable, "-m", "kd", "train", "--epochs", "2", "--subset", "100"]
     two = ["--source", f"local:{teacher_spec}", "--source", "local:kd.models:digits_teacher"]
+    from safetensors.torch import load_file
+
+    from kd.models import digits_student
+
+    test = load_dataset("digits", "test")
+    weights = {}
     for combiner in ("mean", "mean-logits", "confidence"):
-        r = subprocess.run([*cmd, *two, "--combiner", combiner], capture_output=True, text=True, timeout=300)
+        out = tmp_path / f"{combiner}.safetensors"
+        r = subprocess.run([*cmd, *two, "--combiner", combiner, "--out", str(out)], capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
         assert r.returncode == 0, r.stderr
-        assert 0 <= json.loads(r.stdout.strip().splitlines()[-1])["test_acc"] <= 1
+        weights[combiner] = load_file(out)
+        student = digits_student()
+        student.load_state_dict(weights[combiner])
+        with torch.no_grad():
+            acc = int((student(test.inputs).argmax(1) == test.labels).sum()) / len(test)
+        # the printed accuracy is the saved student's
+        assert json.loads(r.stdout.strip().splitlines()[-1])["test_acc"] == acc
+    # each combiner reached the trainer: different targets, different students
+    names = list(weights)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a]), (a, b)
     bad = subprocess.run([*cmd, *two, "--combiner", "weighted", "--combiner-opt", "weights=[1,2,3]"],
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode != 0 and "3 weight(s) for 2 source(s)" in bad.stderr

@@ -33,7 +33,7 @@ requests it batches together), and they cannot be cached per sample.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -141,25 +141,127 @@ REDUCTIONS: dict[str, Callable[..., torch.Tensor]] = {
 _ARITY = {"pool": (0, 0), "at": (0, 1), "adain": (0, 0), "nst": (0, 0), "fsp": (1, 1), "sp": (0, 0), "cc": (0, 2)}
 
 
+# Argument ranges: outside them a statistic overflows or is undefined (|F|^p with p <= 0
+# is Inf at zeros; exp(2g) and (2g)^P / P! overflow for large g or P).
+AT_P_RANGE = (0.0, 8.0)  # 0 < p <= 8
+CC_GAMMA_RANGE = (0.0, 10.0)  # 0 < g <= 10
+CC_MAX_ORDER = 16  # P in 0..16
+_MAX_SHOWN = 80
+
+
+def shorten(text: str, limit: int = _MAX_SHOWN) -> str:
+    """``repr`` of a client-given name, cut to ``limit`` characters: error messages echo
+    names, and gRPC's status metadata is small (a 100 KB name must not overflow it)."""
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def _number(name: str, reduction: str, arg: str) -> float:
+    try:
+        v = float(arg)
+    except ValueError:
+        raise ValueError(f"feature {shorten(name)}: {reduction} arguments must be numbers") from None
+    if not math.isfinite(v):
+        raise ValueError(f"feature {shorten(name)}: {reduction} argument {shorten(arg)} is not a finite number")
+    return v
+
+
+def _check_args(name: str, reduction: str, args: list[str]) -> None:
+    if reduction == "at" and args:
+        p = _number(name, reduction, args[0])
+        if not AT_P_RANGE[0] < p <= AT_P_RANGE[1]:
+            raise ValueError(f"feature {shorten(name)}: at's power p must be in ({AT_P_RANGE[0]:g}, {AT_P_RANGE[1]:g}]")
+    if reduction == "cc":
+        if args:
+            g = _number(name, reduction, args[0])
+            if not CC_GAMMA_RANGE[0] < g <= CC_GAMMA_RANGE[1]:
+                raise ValueError(
+                    f"feature {shorten(name)}: cc's gamma must be in ({CC_GAMMA_RANGE[0]:g}, {CC_GAMMA_RANGE[1]:g}]"
+                )
+        if len(args) > 1:
+            order = _number(name, reduction, args[1])
+            if order != int(order) or not 0 <= order <= CC_MAX_ORDER:
+                raise ValueError(f"feature {shorten(name)}: cc's order P must be an integer in 0..{CC_MAX_ORDER}")
+
+
 def parse(name: str) -> FeatureName:
-    """Parse and validate a feature name; errors name what is wrong."""
+    """Parse and validate a feature name (its syntax and its arguments' ranges);
+    errors name what is wrong."""
     layer, sep, rest = name.partition(SEP)
     if not layer:
-        raise ValueError(f"feature {name!r}: empty layer name")
+        raise ValueError(f"feature {shorten(name)}: empty layer name")
     if not sep:
         return FeatureName(layer)
     reduction, *args = rest.split(":")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"feature {name!r}: unknown reduction {reduction!r}; known: {', '.join(sorted(REDUCTIONS))}")
+        raise ValueError(
+            f"feature {shorten(name)}: unknown reduction {shorten(reduction)}; known: {', '.join(sorted(REDUCTIONS))}"
+        )
     lo, hi = _ARITY[reduction]
     if not lo <= len(args) <= hi or any(not a for a in args):
-        raise ValueError(f"feature {name!r}: reduction {reduction!r} takes {lo}..{hi} ':'-separated argument(s)")
-    if reduction in ("at", "cc"):
-        try:
-            [float(a) for a in args]
-        except ValueError:
-            raise ValueError(f"feature {name!r}: {reduction} arguments must be numbers") from None
+        raise ValueError(f"feature {shorten(name)}: reduction {reduction!r} takes {lo}..{hi} ':'-separated argument(s)")
+    _check_args(name, reduction, args)
     return FeatureName(layer, reduction, tuple(args))
+
+
+def _spatial(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(channels, positions) of a per-sample map [C, H, W] or tokens [T, D]; None otherwise."""
+    if len(shape) == 3:
+        return shape[0], shape[1] * shape[2]
+    if len(shape) == 2:
+        return shape[1], shape[0]
+    return None
+
+
+def output_shape(
+    name: str | FeatureName, layer_shapes: Mapping[str, Sequence[int]], n: int, *, pool_raw: bool = False
+) -> tuple[int, ...]:
+    """The shape of feature ``name`` for a request of ``n`` samples, given the per-sample
+    shapes of the layers (``[C, H, W]``, ``[T, D]`` or ``[D]``), *without computing it*:
+    a server checks a name against the layer before any work (a reduction that cannot
+    apply is a ValueError naming the problem) and sizes the answer up front.
+    ``pool_raw``: a plain layer name is pooled (OutputSpec.pool_features)."""
+    f = parse(name) if isinstance(name, str) else name
+    for layer in f.layers:
+        if layer not in layer_shapes:
+            raise ValueError(f"feature {shorten(f.text)}: unknown layer {shorten(layer)}")
+    shape = tuple(int(d) for d in layer_shapes[f.layer])
+    r = f.reduction
+    if r is None and not pool_raw:
+        return (n, *shape)
+    if r is None or r == "pool":
+        if len(shape) == 1:
+            return (n, *shape)
+        cp = _spatial(shape)
+        if cp is None:
+            raise ValueError(f"feature {shorten(f.text)}: pool needs a per-sample map [C, H, W], [T, D] or [D], "
+                             f"layer {shorten(f.layer)} has {list(shape)}")  # fmt: skip
+        return (n, cp[0])
+    if r in ("sp", "cc"):
+        if not shape:
+            raise ValueError(f"feature {shorten(f.text)}: {r} needs a per-sample feature, layer has shape []")
+        return (n, n)
+    if r == "fsp":
+        other = tuple(int(d) for d in layer_shapes[f.args[0]])
+        if len(shape) != 3 or len(other) != 3:
+            raise ValueError(f"feature {shorten(f.text)}: fsp needs two 4-D feature maps [N, C, H, W], "
+                             f"layers have per-sample shapes {list(shape)} and {list(other)}")  # fmt: skip
+        return (n, shape[0], other[0])
+    cp = _spatial(shape)
+    if cp is None:
+        raise ValueError(f"feature {shorten(f.text)}: {r} needs a 4-D [N, C, H, W] or 3-D [N, T, D] feature map, "
+                         f"layer {shorten(f.layer)} has per-sample shape {list(shape)}")  # fmt: skip
+    c, hw = cp
+    return {"at": (n, hw), "adain": (n, 2, c), "nst": (n, hw, hw)}[r]
+
+
+def check_name(name: str, layer_shapes: Mapping[str, Sequence[int]]) -> FeatureName:
+    """Validate ``name`` against the layers it reads (syntax, argument ranges, the
+    layer's rank): a ValueError naming the problem, else the parsed name."""
+    f = parse(name)
+    output_shape(f, layer_shapes, 1)
+    return f
 
 
 def layers_needed(names: Iterable[str]) -> list[str]:
