@@ -12,15 +12,21 @@ Semantics follow Triton's dynamic batcher:
   instead of growing; a request whose deadline passes while queued is dropped
   before the forward, and so is one whose caller cancelled.
 
-Three threads per teacher form a pipeline, so the device is not idle while
-Python does bookkeeping: the *assembler* forms the next batch and prepares its
-input (concatenate, pin, copy to the device) while the *model* thread runs the
+A batch is formed only when the model can take it. Forming batches ahead of a
+busy model would split closed-loop clients into small batches; waiting lets the
+queue fill up to a full batch instead. Where nothing overlaps the forward (a
+runner without ``overlaps_copy``: CPU), one *model* thread per teacher forms each
+batch, runs it and answers the callers, so a request crosses two threads (its
+handler's and this one), not four. Where the copy to the device overlaps the
+forward (CUDA), three threads form a pipeline: the *assembler* forms one batch
+ahead and starts its copy (pin, side stream) while the *model* thread runs the
 current forward; the *completion* thread copies outputs back and hands each
-caller its slice. Only the model thread ever runs the model.
+caller its slice. Either way only the model thread ever runs the model.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -33,6 +39,7 @@ from typing import Any, Protocol
 import torch
 
 Outputs = torch.Tensor | dict[str, torch.Tensor]
+log = logging.getLogger("kd.serve")
 
 
 class QueueFullError(RuntimeError):
@@ -48,8 +55,10 @@ class DeadlineExpiredError(TimeoutError):
 
 
 class BatchRunner(Protocol):
-    """What the batcher drives. ``prepare`` runs on the assembler thread,
-    ``forward`` on the model thread, ``to_host`` on the completion thread."""
+    """What the batcher drives. ``forward`` runs on the model thread; ``prepare`` and
+    ``to_host`` on it too, or on the assembler and completion threads where the runner
+    says ``overlaps_copy = True`` (an optional attribute; so is ``on_thread_start()``,
+    called on the model thread before its first forward)."""
 
     def prepare(self, x: torch.Tensor) -> Any: ...
 
@@ -161,22 +170,38 @@ class DynamicBatcher:
         self._on_queue_depth = on_queue_depth
         self._queue: deque[_Request] = deque()
         self._queued_rows = 0
+        self._unresolved = 0  # requests submitted whose future is not done yet
         self._cv = threading.Condition()
         self._closed = False
-        # Depth 1 between stages: the next batch is prepared while the current one runs.
+        # Pipelined only where a stage overlaps the forward (see the module docstring).
+        self.pipelined = bool(getattr(self.runner, "overlaps_copy", False))
+        # Pipeline: batches formed and not yet through their forward, at most one ahead.
+        self._slots = threading.Semaphore(2)
         self._to_model: queue.Queue = queue.Queue(maxsize=1)
         self._to_completion: queue.Queue = queue.Queue(maxsize=2)
-        self._threads = [
-            threading.Thread(target=self._assemble_loop, name=f"batcher-{name}", daemon=True),
-            threading.Thread(target=self._model_loop, name=f"model-{name}", daemon=True),
-            threading.Thread(target=self._completion_loop, name=f"completion-{name}", daemon=True),
-        ]
+        if self.pipelined:
+            self._threads = [
+                threading.Thread(target=self._assemble_loop, name=f"batcher-{name}", daemon=True),
+                threading.Thread(target=self._model_loop, name=f"model-{name}", daemon=True),
+                threading.Thread(target=self._completion_loop, name=f"completion-{name}", daemon=True),
+            ]
+        else:
+            self._threads = [threading.Thread(target=self._serial_loop, name=f"model-{name}", daemon=True)]
         for t in self._threads:
             t.start()
 
     @property
     def queued_samples(self) -> int:
         return self._queued_rows
+
+    @property
+    def unresolved(self) -> int:
+        """Requests accepted and not yet answered (queued or in the pipeline): a drain waits for 0."""
+        return self._unresolved
+
+    def _resolved(self, _future: Future) -> None:
+        with self._cv:
+            self._unresolved -= 1
 
     def _depth_changed(self) -> None:
         self.stats.max_queued_samples = max(self.stats.max_queued_samples, self._queued_rows)
@@ -198,10 +223,17 @@ class DynamicBatcher:
                 raise BatcherClosedError("the teacher is shutting down and takes no new requests")
             if self.max_queue_size and self._queued_rows + n > self.max_queue_size:
                 self.stats.rejected += 1
+                if n > self.max_queue_size:
+                    raise QueueFullError(
+                        f"queue full: a request of {n} samples can never fit max_queue_size={self.max_queue_size}; "
+                        "split it"
+                    )
                 raise QueueFullError(
                     f"queue full: {self._queued_rows} samples queued, {n} more would exceed "
                     f"max_queue_size={self.max_queue_size}"
                 )
+            self._unresolved += 1
+            req.future.add_done_callback(self._resolved)
             self._queue.append(req)
             self._queued_rows += n
             self.stats.requests += 1
@@ -286,71 +318,109 @@ class DynamicBatcher:
             self._depth_changed()
             return pieces
 
+    def _thread_start(self) -> None:
+        start = getattr(self.runner, "on_thread_start", None)  # optional: per-thread set-up (torch threads)
+        if start is not None:
+            try:
+                start()
+            except Exception:  # noqa: BLE001 - the forwards still run, with torch's defaults
+                log.exception("batcher %s: the runner's thread set-up failed", self.name)
+
+    def _assemble(self, pieces: list[tuple[_Request, int, int]]) -> tuple | None:
+        """Concatenate and prepare a batch -> the model's work item (None: failed, callers told)."""
+        started = time.monotonic()
+        try:
+            if len(pieces) == 1 and pieces[0][2] == pieces[0][0].rows:
+                x = pieces[0][0].inputs
+            else:
+                x = torch.cat([req.inputs[start : start + k] for req, start, k in pieces])
+            prepared = self.runner.prepare(x)
+        except BaseException as e:  # noqa: BLE001 - belongs to the callers
+            self._fail(pieces, e)
+            return None
+        layers = frozenset().union(*(req.layers for req, _, _ in pieces))
+        waits = [started - req.arrival for req, _, _ in pieces]
+        return pieces, prepared, layers, int(x.shape[0]), waits
+
+    def _forward(self, item: tuple) -> tuple | None:
+        """Run a work item -> the completion's item (None: failed, callers told)."""
+        pieces, prepared, layers, size, waits = item
+        t0 = time.perf_counter()
+        try:
+            out = self.runner.forward(prepared, layers)
+        except BaseException as e:  # noqa: BLE001
+            self._fail(pieces, e)
+            return None
+        return pieces, out, size, waits, t0
+
+    # -- no overlap to gain (CPU): one thread forms, runs and answers each batch -----------
+    def _serial_loop(self) -> None:
+        self._thread_start()
+        while (pieces := self._take_batch()) is not None:
+            if pieces and (item := self._assemble(pieces)) is not None and (done := self._forward(item)) is not None:
+                self._complete(done)
+
+    # -- pipelined (CUDA): stage 1, form a batch and start its copy to the device ----------
     def _assemble_loop(self) -> None:
         try:
-            while (pieces := self._take_batch()) is not None:
-                if not pieces:
+            while True:
+                self._slots.acquire()  # released by the model thread once a forward is done
+                if (pieces := self._take_batch()) is None:
+                    break
+                item = self._assemble(pieces) if pieces else None
+                if item is None:
+                    self._slots.release()
                     continue
-                started = time.monotonic()
-                try:
-                    if len(pieces) == 1 and pieces[0][2] == pieces[0][0].rows:
-                        x = pieces[0][0].inputs
-                    else:
-                        x = torch.cat([req.inputs[start : start + k] for req, start, k in pieces])
-                    prepared = self.runner.prepare(x)
-                except BaseException as e:  # noqa: BLE001 - belongs to the callers
-                    self._fail(pieces, e)
-                    continue
-                layers = frozenset().union(*(req.layers for req, _, _ in pieces))
-                waits = [started - req.arrival for req, _, _ in pieces]
-                self._to_model.put((pieces, prepared, layers, int(x.shape[0]), waits))
+                self._to_model.put(item)
         finally:
             self._to_model.put(_STOP)
 
     # -- stage 2: the forward ----------------------------------------------------------
     def _model_loop(self) -> None:
         try:
+            self._thread_start()
             while (item := self._to_model.get()) is not _STOP:
-                pieces, prepared, layers, size, waits = item
-                t0 = time.perf_counter()
                 try:
-                    out = self.runner.forward(prepared, layers)
-                except BaseException as e:  # noqa: BLE001
-                    self._fail(pieces, e)
-                    continue
-                self._to_completion.put((pieces, out, size, waits, t0))
+                    done = self._forward(item)
+                finally:
+                    self._slots.release()  # the assembler may form the next batch now
+                if done is not None:
+                    self._to_completion.put(done)
         finally:
             self._to_completion.put(_STOP)
 
     # -- stage 3: copy back and answer -------------------------------------------------
     def _completion_loop(self) -> None:
         while (item := self._to_completion.get()) is not _STOP:
-            pieces, out, size, waits, t0 = item
-            try:
-                out = self.runner.to_host(out)
-            except BaseException as e:  # noqa: BLE001
-                self._fail(pieces, e)
+            self._complete(item)
+
+    def _complete(self, item: tuple) -> None:
+        pieces, out, size, waits, t0 = item
+        try:
+            out = self.runner.to_host(out)
+        except BaseException as e:  # noqa: BLE001
+            self._fail(pieces, e)
+            return
+        compute = time.perf_counter() - t0
+        self.stats.forwards += 1
+        self.stats.samples += size
+        self.stats.batch_sizes.append(size)
+        if self._observer is not None:
+            self._observer(BatchObservation(size, waits, compute))
+        offset = 0
+        for req, start, k in pieces:
+            chunk = _slice(out, offset, offset + k)
+            offset += k
+            if req.future.done():
                 continue
-            compute = time.perf_counter() - t0
-            self.stats.forwards += 1
-            self.stats.samples += size
-            self.stats.batch_sizes.append(size)
-            if self._observer is not None:
-                self._observer(BatchObservation(size, waits, compute))
-            offset = 0
-            for req, start, k in pieces:
-                chunk = _slice(out, offset, offset + k)
-                offset += k
-                if req.future.done():
-                    continue
-                if k == req.rows:
-                    req.future.set_result(chunk)
-                    continue
-                req.parts.append((start, chunk))
-                req.done_rows += k
-                if req.done_rows == req.rows:
-                    req.future.set_result(_concat(req.parts))
-                    req.parts = []
+            if k == req.rows:
+                req.future.set_result(chunk)
+                continue
+            req.parts.append((start, chunk))
+            req.done_rows += k
+            if req.done_rows == req.rows:
+                req.future.set_result(_concat(req.parts))
+                req.parts = []
 
     @staticmethod
     def _fail(pieces: list[tuple[_Request, int, int]], e: BaseException) -> None:

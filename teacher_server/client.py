@@ -15,7 +15,8 @@ from typing import Any
 import grpc
 import torch
 
-from kd.core.wire import from_proto, proto_dtype, to_proto, torch_dtype
+from kd.core.signature import TeacherSignature
+from kd.core.wire import fill_proto, from_proto, proto_dtype, tensor_field, to_proto, torch_dtype
 from kd.teacher_server import access as access_names
 from kd.teacher_server.server import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options
 from kd.v1 import teacher_pb2 as pb
@@ -45,6 +46,11 @@ class TeacherDescription:
     batch_norms: tuple[str, ...] = ()
     has_activation_records: bool = False
     class_names: tuple[str, ...] = ()
+    # kd.core.signature: inputs/outputs with per-sample shapes, class names, normalisation.
+    signature: TeacherSignature | None = None
+    # ``fingerprint`` is the target fingerprint: weights_fingerprint + target_options.
+    weights_fingerprint: str = ""
+    target_options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,23 @@ def make_request(
     if ref is not None:
         msg = pb.DatasetRef(dataset=ref.dataset, indices=list(ref.indices), view_seeds=list(ref.view_seeds or []))
         return pb.InferRequest(request_id=request_id, teacher=teacher, ref=msg, outputs=spec)
-    return pb.InferRequest(request_id=request_id, teacher=teacher, inputs=to_proto(inputs), outputs=spec)
+    req = pb.InferRequest(request_id=request_id, teacher=teacher, outputs=spec)
+    fill_proto(req.inputs, inputs)  # in place: a Tensor message assigned to the field would be copied again
+    return req
+
+
+_INPUTS_FIELD = pb.InferRequest.DESCRIPTOR.fields_by_name["inputs"].number
+
+
+def encode_request(
+    teacher: str, inputs: torch.Tensor | None, ref: DatasetRef | None, spec: pb.OutputSpec, request_id: str = ""
+) -> bytes:
+    """The serialised ``make_request(...)``, with the input payload copied once (into the
+    body) instead of into a tensor message, the request and the serialisation."""
+    if inputs is None or ref is not None:
+        return make_request(teacher, inputs, ref, spec, request_id).SerializeToString()
+    head = pb.InferRequest(request_id=request_id, teacher=teacher, outputs=spec).SerializeToString()
+    return b"".join([head, *tensor_field(_INPUTS_FIELD, inputs)])
 
 
 class TeacherClient:
@@ -173,6 +195,13 @@ class TeacherClient:
         else:
             self.channel = grpc.insecure_channel(self.target, options=options)
         self.stub = pb_grpc.TeacherServiceStub(self.channel)
+        # Infer and InferStream take requests already serialised (encode_request).
+        self._infer = self.channel.unary_unary(
+            f"/{SERVICE_NAME}/Infer", request_serializer=None, response_deserializer=pb.InferResponse.FromString
+        )
+        self._infer_stream = self.channel.stream_stream(
+            f"/{SERVICE_NAME}/InferStream", request_serializer=None, response_deserializer=pb.InferResponse.FromString
+        )
         self.timeout = timeout
         metadata = [("authorization", f"Bearer {token}")] if token else []
         if client_id:  # how the server names this client in its query accounting (without a token)
@@ -209,6 +238,9 @@ class TeacherClient:
                 tuple(b.name for b in t.batch_norms),
                 bool(t.has_activation_records),
                 tuple(t.class_names),
+                TeacherSignature.from_info(t),
+                t.weights_fingerprint or t.fingerprint,
+                dict(t.target_options),
             )
             for t in resp.teachers
         ]
@@ -252,7 +284,7 @@ class TeacherClient:
     ) -> dict[str, torch.Tensor]:
         """One unary request, with inputs by value or by ``ref``; returns the named outputs."""
         spec = spec_of(logits, top_k, temperature, dtype, features, pool_features, features_dtype, labels)
-        resp = self._call(self.stub.Infer, make_request(teacher, inputs, ref, spec))
+        resp = self._call(self._infer, encode_request(teacher, inputs, ref, spec))
         self.usage = Usage.of(resp.usage)
         return {k: from_proto(v) for k, v in resp.outputs.items()}
 
@@ -336,11 +368,11 @@ class TeacherClient:
         spec = spec_of(logits, top_k, temperature, dtype, features, pool_features, features_dtype)
         outbox: queue.Queue = queue.Queue()
 
-        def requests() -> Iterator[pb.InferRequest]:
+        def requests() -> Iterator[bytes]:
             while (req := outbox.get()) is not None:
                 yield req
 
-        call = self.stub.InferStream(requests(), timeout=None, wait_for_ready=True, metadata=self.metadata)
+        call = self._infer_stream(requests(), timeout=None, wait_for_ready=True, metadata=self.metadata)
         source = iter(batches)
         keys: dict[int, Any] = {}
         ready: dict[int, dict[str, torch.Tensor]] = {}
@@ -354,9 +386,9 @@ class TeacherClient:
                 return False
             keys[sent] = key
             if isinstance(x, DatasetRef):
-                outbox.put(make_request(teacher, None, x, spec, str(sent)))
+                outbox.put(encode_request(teacher, None, x, spec, str(sent)))
             else:
-                outbox.put(make_request(teacher, x, None, spec, str(sent)))
+                outbox.put(encode_request(teacher, x, None, spec, str(sent)))
             sent += 1
             return True
 

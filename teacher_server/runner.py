@@ -1,10 +1,11 @@
 """Runs batches through one teacher on its device (the ``BatchRunner`` of the batcher).
 
-``prepare`` (assembler thread): pin host memory and start the copy to the
-device on a side CUDA stream, so it overlaps the forward in flight.
+``prepare`` (assembler thread on CUDA): pin host memory and start the copy to
+the device on a side CUDA stream, so it overlaps the forward in flight.
 ``forward`` (model thread): wait for that copy, run the model under
 inference mode and optional autocast, capture requested layers with forward
-hooks. ``to_host`` (completion thread): copy outputs back.
+hooks. ``to_host`` (completion thread on CUDA): copy outputs back. On CPU
+nothing overlaps, so the batcher runs all three on its model thread.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kd.core.factory import logits_of
 from kd.teacher_server.loading import Teacher
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -27,20 +29,38 @@ class _Prepared:
 
 class ModelRunner:
     def __init__(
-        self, teacher: Teacher, amp: str = "fp32", *, compile: bool = False, channels_last: bool = False
+        self,
+        teacher: Teacher,
+        amp: str = "fp32",
+        *,
+        compile: bool = False,
+        channels_last: bool = False,
+        threads: int = 0,
     ) -> None:
         if amp not in AMP_DTYPES:
             raise ValueError(f"unknown amp dtype {amp!r}; choose from {', '.join(AMP_DTYPES)}")
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = torch's default), got {threads}")
+        self.threads = threads
         self.teacher = teacher
         self.amp_dtype = AMP_DTYPES[amp]
         self.channels_last = channels_last
         self._cuda = teacher.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(teacher.device) if self._cuda else None
+        # The batcher forms one batch ahead only when its copy to the device overlaps the forward.
+        self.overlaps_copy = self._cuda
         self._modules = dict(teacher.model.named_modules())
         model = teacher.model
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self._model = torch.compile(model) if compile else model
+
+    def on_thread_start(self) -> None:
+        """Called by the batcher on its model thread before the first forward: torch's
+        intra-op thread count is per thread, so ``torch.set_num_threads`` in the main
+        thread does not reliably reach the thread that runs the model."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
 
     def prepare(self, x: torch.Tensor) -> _Prepared:
         if not self._cuda:
@@ -84,7 +104,7 @@ class ModelRunner:
         finally:
             for h in handles:
                 h.remove()
-        logits = out[0] if isinstance(out, (tuple, list)) else out
+        logits = logits_of(out)
         return {"logits": logits.float(), **captured}
 
     def to_host(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

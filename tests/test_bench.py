@@ -22,14 +22,24 @@ def test_bench_serve_quick_writes_every_result(tmp_path: Path) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "kd", "bench", "serve", "--quick", "--seconds", "0.5", "--clients", "4",
          "--json", str(out)],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-4000:]
     assert "served_over_inprocess" in r.stdout and "batching_gain" in r.stdout
     res = json.loads(out.read_text())
 
-    for key in ("served_over_inprocess", "merged_over_inprocess", "batching_gain", "torch_threads"):
+    for key in ("served_over_inprocess", "merged_over_inprocess", "batched_over_inprocess", "batching_gain",
+                "torch_threads", "mean_batch_16x4", "floor_share_b1", "floor_share_b64", "large_input_share_f32",
+                "large_input_share_u8"):  # fmt: skip
         assert _positive(res[key]), (key, res[key])
+    for key in ("served_over_inprocess", "batching_gain", "floor_share_b1", "floor_share_b64",
+                "large_input_share_f32", "large_input_share_u8"):  # fmt: skip
+        assert len(res[f"{key}_rounds"]) == res["settings"]["rounds"] == 1, key  # every round is kept
+    for key in ("free_b1", "floor_b1", "free_b64", "floor_b64", "large_f32", "echo_f32", "large_u8", "echo_u8"):
+        assert _positive(res["phases"][key]["samples_per_s"]), (key, res["phases"][key])
+    assert res["phases"]["free_b64"]["mean_forward"] == res["settings"]["served_batch"]
+    assert res["phases"]["large_u8"]["mean_forward"] == res["settings"]["large_batch"]
+    assert set(res["large_input_mb_per_s"]) == {"large_f32", "echo_f32", "large_u8", "echo_u8"}
     for load in ("low_load", "saturation"):
         for q in ("p50", "p99"):
             assert _positive(res["latency_ms"][load][q]), (load, q, res["latency_ms"])

@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import urllib.request
@@ -58,7 +59,36 @@ console = Console(stderr=True)
 
 TEACHER_NAME = "bench"
 DEFAULT_TEACHER = "kd.models:bench_teacher"
+FREE_TEACHER = "kd.bench.serve:free_teacher"
+FREE_IMAGE_TEACHER = "kd.bench.serve:free_image_teacher"
 OK, QUEUE_FULL = "OK", "RESOURCE_EXHAUSTED"
+ECHO_METHOD = "/kd.v1.TeacherService/Echo"  # only the floor server has it
+
+
+class _Free(torch.nn.Module):
+    """A near-free teacher: the mean over all but the first input dim, then a fixed 1 -> C
+    map. It reads every input value once, so the measures price serving, not the model."""
+
+    def __init__(self, input_shape: tuple[int, ...], classes: int = 10) -> None:
+        super().__init__()
+        self.input_shape = input_shape
+        self.register_buffer("w", torch.linspace(-1.0, 1.0, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(len(x), -1).mean(dim=1, keepdim=True) * self.w
+
+
+def free_teacher() -> torch.nn.Module:
+    """Near-free teacher on 64 values per sample (``floor_share_b1`` / ``_b64``)."""
+    return _Free((64,))
+
+
+FREE_SHAPE, FREE_IMAGE_SHAPE, FREE_CLASSES = (64,), (3, 224, 224), 10
+
+
+def free_image_teacher() -> torch.nn.Module:
+    """Near-free teacher on 3x224x224 images (``large_input_share_f32`` / ``_u8``)."""
+    return _Free((3, 224, 224))
 
 
 @dataclass(frozen=True)
@@ -77,7 +107,8 @@ class BenchSettings:
     device: str = "cpu"
     threads: int = 0  # torch threads of the server and the in-process loop; 0 = default_threads()
     teacher: str = DEFAULT_TEACHER
-    rounds: int = 3  # alternated windows behind each ratio (in-process/served, batcher on/off)
+    rounds: int = 3  # alternated windows behind each ratio (in-process/served, batcher on/off, kd/floor)
+    large_batch: int = 32  # 3x224x224 images per request of the large-input phases
 
     @property
     def overload_batch(self) -> int:
@@ -119,6 +150,8 @@ class ClientPlan:
     warmup: float
     seconds: float
     seed: int
+    dtype: str = "float32"  # of the inputs sent: float32 or uint8
+    echo: bool = False  # raw grpcio: send the same request bytes to the floor's Echo, get them back
 
 
 @dataclass
@@ -162,8 +195,15 @@ def _client_worker(index: int, inbox: Any, outbox: Any) -> None:
 def _run_client(plan: ClientPlan, index: int, inbox: Any, outbox: Any) -> ClientReport:
     from kd.teacher_server.client import TeacherClient, TeacherRequestError
 
-    x = torch.randn((plan.batch, *plan.input_shape), generator=torch.Generator().manual_seed(plan.seed))
+    g = torch.Generator().manual_seed(plan.seed)
+    shape = (plan.batch, *plan.input_shape)
+    if plan.dtype == "uint8":
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    else:
+        x = torch.randn(shape, generator=g)
     report = ClientReport()
+    if plan.echo:
+        return _run_echo(plan, x, index, inbox, outbox, report)
     with TeacherClient(plan.address, timeout=60.0) as client:
         client.wait_ready(60.0)
         try:  # connection set-up and first-call costs stay out of the window
@@ -198,6 +238,41 @@ def _run_client(plan: ClientPlan, index: int, inbox: Any, outbox: Any) -> Client
                 except TeacherRequestError as e:  # the stream ends; open another
                     t1 = time.monotonic()
                     report.add(e.code.name, None, plan.batch, begin <= t1 <= end)
+    return report
+
+
+def _run_echo(plan: ClientPlan, x: torch.Tensor, index: int, inbox: Any, outbox: Any,
+              report: ClientReport) -> ClientReport:  # fmt: skip
+    """The raw grpcio floor of a large request: the same bytes a kd client sends (built and
+    serialised per call, as ``TeacherClient.infer`` does), echoed back unparsed."""
+    import grpc
+
+    from kd.teacher_server.client import make_request, spec_of
+    from kd.teacher_server.server import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+
+    with grpc.insecure_channel(plan.address, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel:
+        echo = channel.unary_unary(ECHO_METHOD)
+        spec = spec_of()
+
+        def call() -> None:
+            body = make_request(plan.teacher, x, None, spec).SerializeToString()
+            if len(echo(body, timeout=60.0, wait_for_ready=True)) != len(body):
+                raise RuntimeError("the echo floor answered a different size")
+
+        call()
+        outbox.put(("ready", index, None))
+        start = inbox.get()
+        begin = start + plan.warmup
+        end = begin + plan.seconds
+        _sleep_until(start)
+        while (t0 := time.monotonic()) < end:
+            try:
+                call()
+                code = OK
+            except grpc.RpcError as e:
+                code = e.code().name
+            t1 = time.monotonic()
+            report.add(code, t1 - t0, plan.batch, begin <= t1 <= end)
     return report
 
 
@@ -288,9 +363,12 @@ class ServerConfig:
     max_batch_size: int
     max_queue_delay_us: int = 0
     max_queue_size: int = 0
+    teacher: str = ""  # module:factory; "" = the bench's teacher (settings.teacher)
 
     def describe(self) -> str:
         text = f"max {self.max_batch_size}"
+        if self.teacher:
+            text = f"{self.teacher.rpartition(':')[2]}, " + text
         if self.max_queue_delay_us:
             text += f", {self.max_queue_delay_us / 1000:g} ms"
         if self.max_queue_size:
@@ -308,9 +386,10 @@ class ServerProcess:
         self.metrics_port = _free_port()
         cmd = [
             sys.executable, "-m", "kd", "serve",
-            "--teacher", f"{TEACHER_NAME}={settings.teacher}",
+            "--teacher", f"{TEACHER_NAME}={config.teacher or settings.teacher}",
             "--port", "0", "--port-file", str(port_file),
             "--device", settings.device,
+            "--threads", str(threads),
             "--max-batch-size", str(config.max_batch_size),
             "--max-queue-delay-us", str(config.max_queue_delay_us),
             "--max-queue-size", str(config.max_queue_size),
@@ -376,6 +455,61 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class FloorProcess(ServerProcess):
+    """The raw grpcio floor: a servicer that does no work, on the same kind of gRPC server as
+    ``kd serve`` (sync, thread pool, the same message limits), in its own interpreter. Its
+    ``Infer`` returns a valid reply of the size kd's reply would have (logits [N, C] float32,
+    N from the request's size, without parsing it); ``Echo`` returns the request's bytes."""
+
+    def __init__(self, workdir: Path, sample_bytes: int, classes: int) -> None:
+        self.config = ServerConfig("floor", 0)
+        self.log_path = workdir / "server-floor.log"
+        self._port_file = workdir / "server-floor.port"
+        cmd = [sys.executable, "-m", "kd.bench.serve", "floor", str(self._port_file), str(sample_bytes), str(classes)]
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        self.address = ""
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
+def _floor_main(port_file: str, sample_bytes: int, classes: int) -> None:
+    from concurrent import futures
+
+    import grpc
+
+    from kd.core.wire import to_proto
+    from kd.teacher_server.server import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options
+    from kd.v1 import teacher_pb2 as pb
+
+    replies: dict[int, bytes] = {}
+
+    def infer(body: bytes, _context) -> bytes:
+        n = max(1, round(len(body) / sample_bytes))
+        if n not in replies:  # a dict lookup per call after the first
+            logits = to_proto(torch.zeros(n, classes))
+            replies[n] = pb.InferResponse(teacher=TEACHER_NAME, outputs={"logits": logits}).SerializeToString()
+        return replies[n]
+
+    def echo(body: bytes, _context) -> bytes:
+        return body
+
+    handlers = {"Infer": grpc.unary_unary_rpc_method_handler(infer), "Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=channel_options(DEFAULT_MAX_MESSAGE_BYTES))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    tmp = Path(port_file + ".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(port_file)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    server.stop(1).wait()
 
 
 # -- phases ---------------------------------------------------------------------------
@@ -472,9 +606,10 @@ def _inprocess(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int,
 
 
 def _served(pool: ClientPool, server: ServerProcess, input_shape: tuple[int, ...], *, clients: int, batch: int,
-            depth: int, warmup: float, seconds: float) -> Window:  # fmt: skip
+            depth: int, warmup: float, seconds: float, dtype: str = "float32",
+            echo: bool = False) -> Window:  # fmt: skip
     plans = [
-        ClientPlan(server.address, TEACHER_NAME, input_shape, batch, depth, warmup, seconds, seed)
+        ClientPlan(server.address, TEACHER_NAME, input_shape, batch, depth, warmup, seconds, seed, dtype, echo)
         for seed in range(clients)
     ]
     metrics: dict[str, dict[str, float]] = {}
@@ -557,6 +692,8 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "batcher_on": ServerConfig("batcher_on", s.merged_max_batch, s.queue_delay_us),
         "batcher_off": ServerConfig("batcher_off", s.small_batch),
         "overload": ServerConfig("overload", s.overload_max_batch, s.queue_delay_us, s.overload_queue),
+        "free": ServerConfig("free", s.served_batch, teacher=FREE_TEACHER),
+        "free_image": ServerConfig("free_image", s.large_batch, teacher=FREE_IMAGE_TEACHER),
     }
     console.print(
         f"starting {n_procs} client processes and {len(configs)} servers: "
@@ -573,15 +710,17 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     def inprocess() -> Window:
         return _inprocess(teacher.model, shape, s.served_batch, teacher.device, s.warmup, s.seconds)
 
-    def served(key: str, clients: int, batch: int, depth: int = 0):
-        return lambda: _served(pool, servers[key], shape, clients=clients, batch=batch, depth=depth,
-                               warmup=s.warmup, seconds=s.seconds)  # fmt: skip
+    def served(key: str, clients: int, batch: int, depth: int = 0, input_shape: tuple[int, ...] = shape,
+               dtype: str = "float32", echo: bool = False):  # fmt: skip
+        return lambda: _served(pool, servers[key], input_shape, clients=clients, batch=batch, depth=depth,
+                               warmup=s.warmup, seconds=s.seconds, dtype=dtype, echo=echo)  # fmt: skip
 
     def mode(depth: int) -> str:
         return f"InferStream depth {depth}" if depth else "unary"
 
     with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp, ClientPool(n_procs) as pool, ExitStack() as stack:
         servers = {k: stack.enter_context(ServerProcess(c, s, threads, Path(tmp))) for k, c in configs.items()}
+        servers["floor"] = stack.enter_context(FloorProcess(Path(tmp), 4 * math.prod(FREE_SHAPE), FREE_CLASSES))
         pool.wait_up()
         for server in servers.values():
             server.wait_started()
@@ -609,6 +748,26 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
                             w_off))  # fmt: skip
         note(PhaseResult.of("overload", configs["overload"].describe(), s.clients, s.overload_batch, mode(0),
                             [served("overload", s.clients, s.overload_batch)()]))  # fmt: skip
+        # Against the raw grpcio floor (a servicer doing no work), near-free teachers.
+        shares: dict[str, tuple[float, list[float]]] = {}
+        n = s.served_clients
+        for batch in (1, s.served_batch):
+            w_kd, w_floor = _alternate(served("free", n, batch, input_shape=FREE_SHAPE),
+                                       served("floor", n, batch, input_shape=FREE_SHAPE), s.rounds)  # fmt: skip
+            key = f"b{batch}"
+            shares[key] = _median_ratio(w_kd, w_floor)
+            note(PhaseResult.of(f"free_{key}", configs["free"].describe(), n, batch, mode(0), w_kd))
+            note(PhaseResult.of(f"floor_{key}", "raw grpcio, same-size reply", n, batch, mode(0), w_floor))
+        for dtype, key in (("float32", "f32"), ("uint8", "u8")):
+            w_kd, w_echo = _alternate(
+                served("free_image", n, s.large_batch, input_shape=FREE_IMAGE_SHAPE, dtype=dtype),
+                served("floor", n, s.large_batch, input_shape=FREE_IMAGE_SHAPE, dtype=dtype, echo=True),
+                s.rounds,
+            )
+            shares[key] = _median_ratio(w_kd, w_echo)
+            note(PhaseResult.of(f"large_{key}", configs["free_image"].describe(), n, s.large_batch,
+                                f"unary, {dtype}", w_kd))  # fmt: skip
+            note(PhaseResult.of(f"echo_{key}", "raw grpcio echo", n, s.large_batch, f"raw bytes, {dtype}", w_echo))
         exit_codes = {k: server.stop() for k, server in servers.items()}
     bad_exits = {k: rc for k, rc in exit_codes.items() if rc != 0}
     if bad_exits:
@@ -616,12 +775,28 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
 
     p = phases
     over = p["overload"]
+    image_mb = {"f32": 4 * math.prod(FREE_IMAGE_SHAPE) / 1e6, "u8": math.prod(FREE_IMAGE_SHAPE) / 1e6}
     return {
         "served_over_inprocess": served_ratio,
         "served_over_inprocess_rounds": served_ratios,
+        "batched_over_inprocess": p["merged"].samples_per_s / p["inprocess"].samples_per_s,
         "merged_over_inprocess": p["merged"].samples_per_s / p["inprocess"].samples_per_s,
         "batching_gain": gain,
         "batching_gain_rounds": gains,
+        "mean_batch_16x4": p["saturation"].mean_forward,
+        "floor_share_b1": shares["b1"][0],
+        "floor_share_b1_rounds": shares["b1"][1],
+        "floor_share_b64": shares[f"b{s.served_batch}"][0],
+        "floor_share_b64_rounds": shares[f"b{s.served_batch}"][1],
+        "large_input_share_f32": shares["f32"][0],
+        "large_input_share_f32_rounds": shares["f32"][1],
+        "large_input_share_u8": shares["u8"][0],
+        "large_input_share_u8_rounds": shares["u8"][1],
+        "large_input_mb_per_s": {
+            f"{side}_{key}": p[f"{side}_{key}"].samples_per_s * mb
+            for key, mb in image_mb.items()
+            for side in ("large", "echo")
+        },
         "latency_ms": {
             "low_load": {"p50": p["low_load"].p50_ms, "p99": p["low_load"].p99_ms},
             "saturation": {"p50": p["saturation"].p50_ms, "p99": p["saturation"].p99_ms},
@@ -727,6 +902,28 @@ def print_report(results: dict[str, Any], out: Console | None = None) -> None:
             f"{lat[key]['p50']:.2f} / {lat[key]['p99']:.2f}",
             f"p50 / p99 ms, {clients} client(s) x batch {s['small_batch']}, unary",
         )
+    floor = results["phases"]
+    for key, what in (("floor_share_b1", "b1"), ("floor_share_b64", f"b{s['served_batch']}")):
+        summary.add_row(
+            key,
+            f"{results[key]:.3f}",
+            f"kd {floor['free_' + what]['samples_per_s']:,.0f} / raw grpcio "
+            f"{floor['floor_' + what]['samples_per_s']:,.0f} samples/s, near-free teacher, "
+            f"{s['served_clients']} clients x {what[1:]} " + rounds(key),
+        )
+    mb = results["large_input_mb_per_s"]
+    for key in ("f32", "u8"):
+        summary.add_row(
+            f"large_input_share_{key}",
+            f"{results['large_input_share_' + key]:.3f}",
+            f"kd {mb['large_' + key]:,.0f} / raw echo {mb['echo_' + key]:,.0f} MB/s of requests, "
+            f"{s['served_clients']} clients x {s['large_batch']} x 3x224x224 " + rounds(f"large_input_share_{key}"),
+        )
+    summary.add_row(
+        "mean_batch_16x4",
+        "-" if results["mean_batch_16x4"] is None else f"{results['mean_batch_16x4']:.1f}",
+        f"mean forward with the batcher on, {s['clients']} clients x batch {s['small_batch']}",
+    )
     summary.add_row(
         "overload",
         f"{o['resource_exhausted']} refused",
@@ -734,3 +931,9 @@ def print_report(results: dict[str, Any], out: Console | None = None) -> None:
         f"other errors ({o['clients']} clients x batch {o['batch']}, max_queue_size {o['max_queue_size']})",
     )
     out.print(summary)
+
+
+if __name__ == "__main__":  # the floor server: python -m kd.bench.serve floor PORT_FILE SAMPLE_BYTES CLASSES
+    if len(sys.argv) != 5 or sys.argv[1] != "floor":
+        sys.exit("usage: python -m kd.bench.serve floor PORT_FILE SAMPLE_BYTES CLASSES")
+    _floor_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -57,36 +58,88 @@ def proto_dtype(dtype: torch.dtype) -> int:
         raise WireError(f"torch dtype {dtype} has no wire encoding") from None
 
 
-def to_proto(t: torch.Tensor | np.ndarray) -> pb.Tensor:
-    """Encode a tensor (any device) as a ``kd.v1.Tensor``."""
+def _cpu_contiguous(t: torch.Tensor | np.ndarray) -> torch.Tensor:
     if isinstance(t, np.ndarray):
         if t.dtype.byteorder == ">":
             t = t.astype(t.dtype.newbyteorder("<"))
         # Writable and contiguous: torch warns on read-only buffers (np.frombuffer).
         t = torch.from_numpy(np.require(t, requirements=["C", "W"]))
-    t = t.detach().to("cpu").contiguous()
+    return t.detach().to("cpu").contiguous()
+
+
+def to_proto(t: torch.Tensor | np.ndarray) -> pb.Tensor:
+    """Encode a tensor (any device) as a ``kd.v1.Tensor``."""
+    msg = pb.Tensor()
+    fill_proto(msg, t)
+    return msg
+
+
+def fill_proto(msg: pb.Tensor, t: torch.Tensor | np.ndarray) -> None:
+    """Encode ``t`` into ``msg`` in place (e.g. ``request.inputs``): building a tensor
+    message and then assigning it to a field would copy the payload once more."""
+    t = _cpu_contiguous(t)
+    msg.dtype = proto_dtype(t.dtype)
+    msg.shape[:] = list(t.shape)
     # bytes() of a uint8 view is one memcpy, whatever the element type.
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return pb.Tensor(dtype=proto_dtype(t.dtype), shape=list(t.shape), data=data)
+    msg.data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
-def from_proto(msg: pb.Tensor) -> torch.Tensor:
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_DATA_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
+
+
+def tensor_field(field_number: int, t: torch.Tensor | np.ndarray) -> list:
+    """``t`` encoded as the ``kd.v1.Tensor`` field ``field_number`` of an enclosing message,
+    as parts to join: appended to that message's serialisation, ``b"".join(parts)`` sets
+    the field (protobuf parses concatenated fields). The payload part is a view of ``t``'s
+    memory, so the join is its only copy (a message built with ``to_proto`` and
+    serialised copies it three times)."""
+    t = _cpu_contiguous(t)
+    head = pb.Tensor(dtype=proto_dtype(t.dtype), shape=list(t.shape)).SerializeToString()
+    size = t.numel() * t.element_size()
+    data = t.reshape(-1).view(torch.uint8).numpy() if size else b""
+    data_key = _varint(_DATA_FIELD << 3 | 2) + _varint(size)
+    return [_varint(field_number << 3 | 2) + _varint(len(head) + len(data_key) + size), head, data_key, data]
+
+
+def from_proto(msg: pb.Tensor, *, copy: bool = True) -> torch.Tensor:
     """Decode a ``kd.v1.Tensor`` into a CPU tensor, checking dtype, shape and size.
 
-    The result shares no memory with the message and is writable.
+    ``copy=True``: the result shares no memory with the message and is writable.
+    ``copy=False`` (large inputs on the server): the payload is read once from the
+    message and the tensor is a view of that private ``bytes`` object, so a 19 MB batch
+    costs one copy instead of three; it must be treated as read-only (convert or clone
+    before writing). Payloads under ``_SHARE_MIN_BYTES`` are copied anyway: small
+    ``bytes`` objects can be shared interpreter-wide, and copying them costs nothing.
     """
     dtype = torch_dtype(msg.dtype)
     shape = tuple(int(d) for d in msg.shape)
     if any(d < 0 for d in shape):
         raise WireError(f"tensor shape {list(shape)} has a negative dimension")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _ITEMSIZE.get(dtype) or torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize
-    if len(msg.data) != expected:
+    data = msg.data  # each access copies the payload out of the message: read it once
+    if len(data) != expected:
         raise WireError(
-            f"tensor of dtype {dtype_name(msg.dtype)} and shape {list(shape)} needs "
-            f"{expected} bytes, got {len(msg.data)}"
+            f"tensor of dtype {dtype_name(msg.dtype)} and shape {list(shape)} needs {expected} bytes, got {len(data)}"
         )
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
-    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
-    return raw.view(dtype).reshape(shape)
+    buffer = data if not copy and expected >= _SHARE_MIN_BYTES else bytearray(data)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+_ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _TORCH_OF.values()}
+_SHARE_MIN_BYTES = 1 << 16
+# torch warns (once) that a tensor on an immutable ``bytes`` buffer is not writable: the
+# ``copy=False`` contract above says so already.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
+                        module=r"kd\.core\.wire")  # fmt: skip
