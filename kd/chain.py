@@ -62,11 +62,12 @@ from rich.table import Table
 from torch import nn
 
 from kd.core.data import Dataset, load_dataset
+from kd.core.factory import build
 from kd.demo import start_server_process, stop_server_process
 from kd.models import MLP
 from kd.student_trainer.sources import LocalSource, ServerSource, SoftTargetSource
-from kd.student_trainer.train import TrainConfig, accuracy, seed_everything, train_student
-from kd.teacher_server.loading import _import_factory, load_teacher, save_weights
+from kd.student_trainer.train import Hooks, StepContext, TrainConfig, accuracy, seed_everything, train_student
+from kd.teacher_server.loading import load_teacher, save_weights
 
 console = Console(stderr=True)
 MODES = ("takd", "born-again")
@@ -75,6 +76,12 @@ MODES = ("takd", "born-again")
 def digits_assistant() -> nn.Module:
     """A teacher assistant for the digits chain, 64-64-10 (~4.8k parameters)."""
     return MLP([64, 64, 10])
+
+
+def with_weights(factory: str, weights: Path) -> str:
+    """``module:attr[?args]`` + weights -> ``module:attr@WEIGHTS[?args]`` (the spec grammar's order)."""
+    head, sep, args = factory.partition("?")
+    return f"{head}@{weights}{sep}{args}"
 
 
 def _params(model: nn.Module) -> int:
@@ -93,23 +100,18 @@ def tolerant_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float, k: i
 def _train_teacher(
     model: nn.Module, train: Dataset, test: Dataset, *, epochs: int, gamma: float, k: int
 ) -> tuple[float, float]:
-    """Cross-entropy (plus the tolerant term when gamma > 0) on the whole split, as the demo."""
-    t0 = time.perf_counter()
-    if gamma <= 0:
-        res = train_student(model, train, test, TrainConfig(method="ce", epochs=epochs, lr=1e-3, batch_size=64))
-        return res.test_acc, res.seconds
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(train), generator=gen)
-        for s in range(0, len(order), 64):
-            idx = order[s : s + 64]
-            loss = tolerant_loss(model(train.inputs[idx]), train.labels[idx], gamma, k)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return accuracy(model, test), time.perf_counter() - t0
+    """Cross-entropy (plus the tolerant term when gamma > 0) on the whole split, as the demo:
+    the shared trainer, its loss replaced by ``tolerant_loss`` through a hook."""
+    hooks = None
+    if gamma > 0:
+
+        def loss(ctx: StepContext) -> torch.Tensor:
+            return tolerant_loss(ctx.model(ctx.inputs), ctx.labels, gamma, k)
+
+        hooks = Hooks(loss=loss)
+    res = train_student(model, train, test, TrainConfig(method="ce", epochs=epochs, lr=1e-3, batch_size=64),
+                        hooks=hooks)  # fmt: skip
+    return res.test_acc, res.seconds
 
 
 @torch.no_grad()
@@ -182,24 +184,24 @@ def run_chain(
     # stage 0: the teacher
     if teacher is None:
         seed_everything(0)
-        model0 = _import_factory(teacher_factory)()
+        model0 = build(teacher_factory, "teacher")
         acc0, secs0 = _train_teacher(model0, train, test, epochs=teacher_epochs, gamma=tolerant_gamma, k=tolerant_k)
         weights0 = out / "stage-0.safetensors"
         save_weights(model0, weights0)
-        teacher = f"{teacher_factory}@{weights0}"
+        teacher = with_weights(teacher_factory, weights0)
     else:
         t0 = time.perf_counter()
         model0 = load_teacher("chain", teacher).model
         acc0, secs0 = accuracy(model0, test), time.perf_counter() - t0
     t0info = load_teacher("chain", teacher)
-    stage0 = {"stage": 0, "model": teacher.split("@")[0], "spec": teacher, "test_acc": acc0,
+    stage0 = {"stage": 0, "model": teacher.split("@")[0].split("?")[0], "spec": teacher, "test_acc": acc0,
               "params": _params(t0info.model), "seconds": round(secs0, 2), "fingerprint": t0info.fingerprint,
               "tolerant_gamma": tolerant_gamma if tolerant_gamma > 0 else None}  # fmt: skip
     console.print(f"stage 0 (teacher): acc {acc0:.4f}, fingerprint {t0info.fingerprint[:16]}", highlight=False)
 
     def train_from(served: _Served, factory: str, seed: int, subset: torch.Tensor) -> tuple[nn.Module, float, float]:
         seed_everything(seed)
-        student = _import_factory(factory)()
+        student = build(factory, "student")
         cfg = TrainConfig(method="kd", method_options=opts, epochs=epochs, seed=seed)
         r = train_student(student, train, test, cfg, source=served.source, subset=subset)
         return student, r.test_acc, r.seconds
@@ -223,7 +225,7 @@ def run_chain(
                 raise RuntimeError(f"kd serve exited with {rc} after SIGTERM (stage {i}, seed {seed})")
             weights = out / f"{prefix}stage-{i}.safetensors"
             save_weights(student, weights)
-            prev_spec = f"{factory}@{weights}"
+            prev_spec = with_weights(factory, weights)
             trained.append(student)
             stages.append({"stage": i, "model": factory, "spec": prev_spec, "test_acc": accuracy(student, test),
                            "params": _params(student), "seconds": round(secs, 2),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import typer
@@ -23,7 +22,10 @@ console = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    # escaped: a message's own square brackets ("[x]", a list of names) are text, not markup
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -52,7 +54,9 @@ def serve(
     ),
     config: Path | None = typer.Option(None, help="TOML/YAML file of teachers, datasets and server options."),
     dataset: list[str] = typer.Option(
-        [], help="NAME=REF: register a dataset for inputs by reference, e.g. digits=digits:train."
+        [],
+        help="NAME=URI: register a dataset for inputs by reference (any dataset URI kd reads, e.g. "
+        "digits=digits:train); samples are read per request and shaped as the teacher takes them. Repeatable.",
     ),
     host: str | None = typer.Option(None, help="Address to bind [127.0.0.1]; 0.0.0.0 for all interfaces."),
     port: int | None = typer.Option(None, help="Port to bind [50051]; 0 picks a free one (see --port-file)."),
@@ -61,10 +65,13 @@ def serve(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the teachers."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Run 4-D inputs in channels-last layout."),
     warmup: bool = typer.Option(True, help="Run each batch size once before serving."),
+    threads: int = typer.Option(0, help="torch threads of each teacher's model thread [0 = torch's default]."),
     max_batch_size: int = typer.Option(256, help="Largest merged forward, in samples."),
     preferred_batch_size: list[int] = typer.Option([], help="A batch of this size runs at once. Repeatable."),
     max_queue_delay_us: int = typer.Option(2000, help="How long a partial batch waits for more requests."),
-    max_queue_size: int = typer.Option(0, help="Queued samples per teacher before RESOURCE_EXHAUSTED (0 = unbounded)."),
+    max_queue_size: int = typer.Option(
+        4096, help="Queued samples per teacher before RESOURCE_EXHAUSTED (0 = unbounded, not advised)."
+    ),
     mean: str | None = typer.Option(None, help="uint8 inputs: per-channel mean after /255, e.g. 0.485,0.456,0.406."),
     std: str | None = typer.Option(None, help="uint8 inputs: per-channel std after /255."),
     max_message_mb: int | None = typer.Option(None, help="Largest request/response message, MiB [256]."),
@@ -91,11 +98,13 @@ def serve(
     query_budget: int | None = typer.Option(
         None, help="Per client: samples + gradient samples before RESOURCE_EXHAUSTED [0 = no budget]."
     ),
+    max_streams: int | None = typer.Option(None, help="Open InferStream/Synthesize calls at once [64]."),
+    max_streams_per_client: int | None = typer.Option(None, help="Open streams per client [16]."),
 ) -> None:
     """Serve teachers over gRPC with dynamic batching."""
     import os
 
-    from kd.core.data import parse_dataset
+    from kd.core.data import open_source
     from kd.teacher_server.auth import TLSConfig
     from kd.teacher_server.config import ConfigError, ServerConfig, TeacherEntry, load_config
     from kd.teacher_server.loading import TeacherLoadError, load_teacher
@@ -115,6 +124,7 @@ def serve(
         compile=compile,
         channels_last=channels_last,
         warmup=warmup,
+        threads=threads,
         mean=_floats(mean),
         std=_floats(std),
     )
@@ -148,12 +158,13 @@ def serve(
     for item in dataset:
         name, sep, ref = item.partition("=")
         if not sep or not name:
-            _fail(f"--dataset {item!r} must look like NAME=REF")
+            _fail(f"--dataset {item!r} must look like NAME=URI")
         cfg.datasets[name] = ref
     if not cfg.teachers:
         _fail("no teachers: give --teacher NAME=SPEC or --config FILE")
     for key, value in (("host", host), ("port", port), ("max_message_mb", max_message_mb), ("workers", workers),
-                       ("metrics_port", metrics_port), ("query_budget", query_budget)):  # fmt: skip
+                       ("metrics_port", metrics_port), ("query_budget", query_budget), ("max_streams", max_streams),
+                       ("max_streams_per_client", max_streams_per_client)):  # fmt: skip
         if value is not None:
             setattr(cfg, key, value)
     for key, value in (("token_file", token_file), ("tls_cert", tls_cert), ("tls_key", tls_key),
@@ -177,7 +188,8 @@ def serve(
     elif cfg.tls_client_ca:
         _fail("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     try:
-        datasets = {name: parse_dataset(ref) for name, ref in cfg.datasets.items()}
+        # SampleSources read by index per request (kd.core.data.open_source), never one tensor in RAM.
+        datasets = {name: open_source(uri) for name, uri in cfg.datasets.items()}
         teachers = [
             load_teacher(e.name, e.spec, device=e.device, trust_archive=cfg.trust_archive) for e in cfg.teachers
         ]
@@ -193,17 +205,23 @@ def serve(
             token=token,
             metrics_port=cfg.metrics_port,
             query_budget=cfg.query_budget,
+            max_streams=cfg.max_streams,
+            max_streams_per_client=cfg.max_streams_per_client,
+            stream_window=cfg.stream_window,
+            max_clients=cfg.max_clients,
         )
     except (TeacherLoadError, ValueError, OSError) as e:
         _fail(str(e))
     for t in teachers:
         ep = running.endpoints[t.name]
         console.print(
-            f"teacher [bold]{t.name}[/] fingerprint {t.fingerprint[:16]} input {list(t.input_shape)} "
+            f"teacher [bold]{t.name}[/] fingerprint {ep.fingerprint[:16]} input {list(t.input_shape)} "
             f"classes {t.num_classes} on {t.device}, access {ep.access}"
             + (", activation records" if ep.records is not None else ""),
             highlight=False,
         )
+    for name, source in datasets.items():
+        console.print(f"dataset [bold]{name}[/] {source.dataset_id}, {len(source)} samples", highlight=False)
     security = ("mutual TLS" if cfg.tls_client_ca else "TLS") if tls else "plaintext"
     console.print(
         f"serving on {cfg.host}:{running.port} ({security}{', token' if token else ''})"
@@ -222,10 +240,16 @@ def serve(
 def precompute(
     source: str = typer.Option(..., help="Teacher to run: server:HOST:PORT[,HOST:PORT...][/TEACHER] or local:SPEC."),
     out: Path = typer.Option(..., help="Cache directory (created, or resumed if it exists)."),
-    dataset: str = typer.Option("digits", help="Dataset and split, e.g. digits or digits:test."),
+    dataset: str = typer.Option(
+        "digits",
+        help="Dataset URI: digits[:test], imagefolder:DIR, npz:FILE, cifar:DIR, hf:DIR, webdataset:GLOB, "
+        "module:MOD:ATTR, with ?size=..&views=.. options (kd.core.data.open_source).",
+    ),
     codec: str = typer.Option("fp32", help="fp32, fp16, bf16, int8, topk:K or sample:K."),
     temperature: float | None = typer.Option(None, help="Training T: sample:K draws at it, topk:K is exact at it."),
-    views: int = typer.Option(1, help="Augmented views per sample (seeded; 1 = the plain samples)."),
+    views: int = typer.Option(
+        1, help="Augmented views per sample (seeded; 1 = the plain samples); each view's params are stored."
+    ),
     shard: str | None = typer.Option(None, help="I/N: samples i % N == I into OUT/shard-I-of-N (torchrun: rank)."),
     by_reference: str | None = typer.Option(None, help="Send keys, not pixels: the dataset name on the server."),
     batch_size: int = typer.Option(256),
@@ -237,21 +261,26 @@ def precompute(
     ),
     pool_features: bool = typer.Option(False, help="Store features globally average-pooled."),
     device: str = typer.Option("cpu", help="Device for a local: teacher."),
+    workers: int | None = typer.Option(
+        None, help="DataLoader worker processes that decode the samples [min(4, CPUs); 0 = in this process]."
+    ),
 ) -> None:
     """Run a dataset through a teacher and store its soft targets in an LMDB cache (resumable)."""
     from kd.cache import CacheError
     from kd.cache.sharded import parse_shard
-    from kd.core.data import parse_dataset
+    from kd.core.data import open_source
     from kd.precompute import precompute as run
     from kd.precompute import torchrun_shard
     from kd.student_trainer.sources import parse_source
 
     if source.startswith("cache:"):
         _fail("precompute needs a teacher: server:... or local:...")
+    if temperature is not None and not 0 < temperature < float("inf"):  # NaN fails both comparisons
+        _fail(f"--temperature must be a finite number > 0, got {temperature}")
     if by_reference and not source.startswith("server:"):
         _fail("--by-reference needs a server: source")
-    data = parse_dataset(dataset)
     try:
+        data = open_source(dataset)
         which = parse_shard(shard) if shard else torchrun_shard()
         kwargs: dict = {"device": device} if source.startswith("local:") else {}
         if by_reference:
@@ -259,7 +288,7 @@ def precompute(
         with parse_source(source, **kwargs) as src:
             report = run(data, src, out, codec=codec, batch_size=batch_size, views=views, temperature=temperature,
                          shard=which, commit_every=commit_every, features=feature,
-                         pool_features=pool_features)  # fmt: skip
+                         pool_features=pool_features, workers=workers)  # fmt: skip
     except (CacheError, ValueError, RuntimeError) as e:
         _fail(str(e))
     console.print(
@@ -287,8 +316,53 @@ def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
         raise typer.BadParameter(f"{value}: unknown option(s) {unknown}; see `kd train --help`")
     if "opt" in values and isinstance(values["opt"], dict):  # a table of method options
         values["opt"] = [f"{k}={json.dumps(v)}" for k, v in values["opt"].items()]
+    if isinstance(values.get("milestones"), list):  # milestones: [150, 180, 210]
+        values["milestones"] = ",".join(str(m) for m in values["milestones"])
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
+
+
+def _build_student(spec: str):
+    """``module:factory[@WEIGHTS][?key=value&...]`` -> the student (kd.core.factory; errors say "student")."""
+    from kd.core import factory
+
+    parsed = factory.parse_factory(spec, "student")
+    model = factory.call_factory(parsed.factory, parsed.arguments, "student")
+    if parsed.weights is not None:
+        from kd.teacher_server.loading import read_state_dict
+
+        model.load_state_dict(read_state_dict(Path(parsed.weights)), strict=True)
+    return model
+
+
+def _train_and_val(dataset: str, val_dataset: str | None):
+    """``kd train``'s training and evaluation sources, opened by URI (``kd.core.data.open_source``).
+
+    The evaluation split is the user's to name: only the bundled digits have a known test
+    split (``digits:test``, with the training URI's options), so any other dataset without
+    ``--val-dataset`` is refused up front rather than trained without a validation number.
+    """
+    from kd.core.data import open_source, split_uri
+
+    fmt, _, opts = split_uri(dataset)
+    if val_dataset is None:
+        if fmt != "digits":
+            _fail(f"--val-dataset URI is required with --dataset {dataset!r}: the split to report top-1/top-5 on "
+                  "(e.g. imagefolder:DIR/val); only digits defaults to its test split")  # fmt: skip
+        query = "&".join(f"{k}={v}" for k, v in opts.items() if k != "split")
+        val_dataset = "digits:test" + (f"?{query}" if query else "")
+    try:
+        train_data, val_data = open_source(dataset), open_source(val_dataset)
+    except ValueError as e:
+        _fail(str(e))
+    # Labels are class positions: a val folder missing a class would shift every later label.
+    names, val_names = list(train_data.class_names), list(val_data.class_names)
+    named = val_names != [str(c) for c in range(len(val_names))]
+    if val_data.num_classes > train_data.num_classes or (named and val_names != names):
+        _fail(f"--val-dataset {val_dataset!r} has classes {val_names[:10]}{' ...' if len(val_names) > 10 else ''}"
+              f" but --dataset {dataset!r} has {names[:10]}{' ...' if len(names) > 10 else ''}; "
+              "both must hold the same classes")  # fmt: skip
+    return train_data, val_data
 
 
 @app.command()
@@ -308,7 +382,16 @@ def train(
     match: list[str] = typer.Option(
         [], help="Feature methods: STUDENT_LAYER=TEACHER_LAYER (module paths; 'logits' = the output). Repeatable."
     ),
-    dataset: str = typer.Option("digits", help="Training dataset; evaluated on its test split."),
+    dataset: str = typer.Option(
+        "digits",
+        help="Training dataset URI: digits[:test], imagefolder:DIR, npz:FILE, cifar:DIR, hf:DIR, webdataset:GLOB, "
+        "module:MOD:ATTR, with ?size=..&views=.. options (kd.core.data.open_source).",
+    ),
+    val_dataset: str | None = typer.Option(
+        None,
+        help="Dataset URI to evaluate on (top-1 and top-5) after every epoch; required except for digits, "
+        "whose default is its test split.",
+    ),
     student: str = typer.Option("kd.models:digits_student", help="module:factory of the student."),
     subset: int = typer.Option(0, help="Train on the first N samples of a seeded permutation (0 = all)."),
     views: int = typer.Option(1, help="Replay one of this many seeded augmented views per sample and step."),
@@ -319,7 +402,21 @@ def train(
     prefetch: int = typer.Option(0, help="cache: source: read this many batches ahead in a thread (spare cores)."),
     epochs: int = typer.Option(60),
     batch_size: int = typer.Option(32),
-    lr: float = typer.Option(3e-3),
+    lr: float = typer.Option(3e-3, help="Base learning rate (see --schedule, --warmup-epochs)."),
+    weight_decay: float = typer.Option(0.0, help="Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
+    optimizer: str = typer.Option("adam", help="adam, adamw or sgd."),
+    momentum: float = typer.Option(0.9, help="sgd: momentum."),
+    nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
+    schedule: str = typer.Option("constant", help="constant, cosine (per step) or multistep (per epoch)."),
+    milestones: str = typer.Option(
+        "", help="multistep: epochs (from 0) at which lr is multiplied by --gamma, e.g. 150,180,210."
+    ),
+    gamma: float = typer.Option(0.1, help="multistep: the factor at each milestone."),
+    warmup_epochs: float = typer.Option(0.0, help="Linear warm-up of the learning rate over this many epochs."),
+    amp: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast; fp16 with a grad scaler). CUDA; bf16 on CPU."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format (CUDA convnets)."),
+    clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
+    workers: int = typer.Option(0, help="Read training batches in this many worker processes (file datasets)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
     out: Path | None = typer.Option(None, help="Save the student's weights here (safetensors)."),
@@ -335,21 +432,38 @@ def train(
     import torch
     import torch.distributed as dist
 
-    from kd.core.data import load_dataset, parse_dataset
+    from kd.student_trainer.optim import recipe_of
     from kd.student_trainer.sources import parse_source
     from kd.student_trainer.train import TrainConfig, seed_everything, train_student
-    from kd.teacher_server.loading import TeacherLoadError, TeacherSpec, build_model
+    from kd.teacher_server.loading import TeacherLoadError
 
+    try:
+        steps = [int(m) for m in milestones.replace(" ", "").split(",") if m]
+    except ValueError:
+        _fail(f"--milestones must be comma-separated epochs like 150,180,210, got {milestones!r}")
+    recipe = {"lr": lr, "weight_decay": weight_decay, "optimizer": optimizer, "momentum": momentum,
+              "nesterov": nesterov, "schedule": schedule, "milestones": steps, "gamma": gamma,
+              "warmup_epochs": warmup_epochs, "amp": amp, "channels_last": channels_last,
+              "clip_grad_norm": clip_grad_norm}  # fmt: skip
+    try:
+        recipe_of(TrainConfig(**recipe)).validate()
+    except ValueError as e:
+        _fail(str(e))
+    from kd.student_trainer.losses import get_method as _get_method
+
+    try:  # before any source is opened: a bad --opt is the user's to fix, not a training run's
+        _get_method(method).check_options(_parse_options(opt))
+    except (TypeError, ValueError) as e:
+        _fail(str(e))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         # Under torchrun: one process per rank, DistributedDataParallel in train_student.
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    train_data = parse_dataset(dataset)
-    test_data = load_dataset(train_data.name, "test")
+    train_data, test_data = _train_and_val(dataset, val_dataset)
     seed_everything(seed)
     try:
-        model = build_model(TeacherSpec.parse(student))
-    except TeacherLoadError as e:
+        model = _build_student(student)
+    except (TeacherLoadError, ValueError) as e:
         _fail(str(e))
 
     def open_source(ref: str):
@@ -389,11 +503,12 @@ def train(
             method_options=_parse_options(opt),
             epochs=epochs,
             batch_size=batch_size,
-            lr=lr,
             seed=seed,
             device=device,
             views=views,
             matches=list(match),
+            workers=workers,
+            **recipe,
         )
         result = train_student(model, train_data, test_data, config, source=src, subset=sub, run_dir=run_dir,
                                resume=resume, progress=progress)  # fmt: skip
@@ -414,18 +529,68 @@ def train(
         save_weights(model, out)
         if result.connectors is not None:  # a feature method's trained connectors, beside the student
             save_weights(result.connectors, out.with_suffix(".connectors.safetensors"))
+    from kd.student_trainer.train import evaluate as _evaluate
+
+    # The trained student on the evaluation split once more, for top-5 (the loop's last top-1 is the same).
+    top5 = _evaluate(model, test_data, device=device).get(5)
+    console.print(
+        f"top-1 {result.test_acc:.4f}"
+        + (f", top-5 {top5:.4f}" if top5 is not None else "")
+        + f" on {test_data.dataset_id} ({len(test_data)} samples)",
+        highlight=False,
+    )
     print(
         json.dumps(
             {
                 "method": method,
                 "source": source,
+                "dataset": train_data.dataset_id,
+                "val_dataset": test_data.dataset_id,
                 "test_acc": result.test_acc,
+                "test_top5": top5,
                 "epochs": epochs,
                 "seconds": round(result.seconds, 2),
                 "world_size": ranks,
             }
         )
     )
+
+
+@app.command("evaluate")
+def evaluate_model(
+    model: str = typer.Option(
+        ...,
+        help="module:factory@WEIGHTS[?key=value&...] of a trained model (a student from `kd train --out`, "
+        "or a teacher's SPEC as `kd serve` takes it).",
+    ),
+    dataset: str = typer.Option(..., help="Dataset URI of the evaluation split, e.g. imagefolder:DIR/val."),
+    batch_size: int = typer.Option(256),
+    workers: int = typer.Option(0, help="DataLoader worker processes that decode the samples (0 = in this process)."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Top-1 and top-5 accuracy of a trained model on a dataset (your validation split)."""
+    from kd.core import factory
+    from kd.core.data import open_source
+    from kd.student_trainer.evaluate import evaluate
+    from kd.teacher_server.loading import TeacherLoadError
+
+    if batch_size < 1 or workers < 0:
+        _fail("--batch-size must be >= 1, --workers >= 0")
+    try:
+        data = open_source(dataset)
+        net = _build_student(model)
+        shape = factory.parse_factory(model, "model").input_shape  # only an explicit ?input_shape= reshapes
+        net.to(device)
+        acc = evaluate(net, data, batch_size=batch_size, workers=workers, device=device, input_shape=shape)
+    except (TeacherLoadError, ValueError, RuntimeError, TypeError) as e:
+        _fail(f"{type(e).__name__}: {e}")
+    top5 = acc.top5 if data.num_classes > 5 else None  # with <= 5 classes every class is in the top 5
+    console.print(
+        f"top-1 {acc.top1:.4f}" + (f", top-5 {top5:.4f}" if top5 is not None else "")
+        + f" on {data.dataset_id} ({acc.n} samples)",
+        highlight=False,
+    )  # fmt: skip
+    print(json.dumps({"model": model, "dataset": data.dataset_id, "top1": acc.top1, "top5": top5, "n": acc.n}))
 
 
 @app.command()
@@ -592,6 +757,8 @@ def _report_bench(run_bench, print_report, settings, json_out: Path | None) -> N
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=2))
         console.print(f"wrote {json_out}", highlight=False)
+    if results.get("failed"):  # a method that raised is a failure to report, never a skip
+        _fail(f"{len(results['failed'])} method(s) raised: {', '.join(results['failed'])} (see the table)", code=1)
 
 
 bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
@@ -622,6 +789,7 @@ def bench_serve(
         seconds=seconds if seconds is not None else (1.0 if quick else 3.0),
         rounds=rounds if rounds is not None else (1 if quick else 3),
         warmup=0.25 if quick else 0.5,
+        large_batch=4 if quick else 32,
         clients=clients,
         served_clients=served_clients,
         served_depth=served_depth,
@@ -651,6 +819,44 @@ def bench_cache(
         _fail("--seeds and --epochs must be >= 1, --views >= 2, --threads >= 0")
     settings = CacheBenchSettings.make(quick, seeds=seeds, epochs=epochs, views=views, threads=threads,
                                        teacher=teacher)  # fmt: skip
+    _report_bench(run_bench, print_report, settings, json_out)
+
+
+@bench_app.command("data")
+def bench_data(
+    samples: int = typer.Option(50_000, help="JPEG files the bench writes (an ImageFolder of 100 classes)."),
+    size: int = typer.Option(64, help="Side of the JPEG files in pixels."),
+    resolution: int = typer.Option(32, help="Decoded and resized to this for the teacher and the student."),
+    teacher: str = typer.Option("kd.student_trainer.zoo:resnet8x4", help="module:factory[@WEIGHTS] of the teacher."),
+    student: str = typer.Option("kd.student_trainer.zoo:wrn_16_2", help="module:factory of the student."),
+    workers: int = typer.Option(0, help="DataLoader workers of every phase [0 = min(4, CPUs)]."),
+    batch: int = typer.Option(256, help="Batch of decode, forward and precompute."),
+    rounds: int = typer.Option(3, help="Interleaved rounds of decode, forward and precompute measurements."),
+    window: int = typer.Option(1024, help="Samples per measurement of a round."),
+    step_batch: int = typer.Option(64, help="Student batch of the step phase."),
+    step_block: int = typer.Option(4, help="Steps per mode per block (the first is not counted)."),
+    step_rounds: int = typer.Option(3, help="Interleaved blocks per mode."),
+    threads: int = typer.Option(0, help="torch threads [0 = torch's default]."),
+    root: Path | None = typer.Option(None, help="Keep the images and cache here (reused if complete) [temporary]."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the results here as JSON."),
+) -> None:
+    """Data flow at scale: decode, teacher forward and `kd precompute` rates, RSS, step from cache vs no teacher."""
+    from kd.bench.data import DataBenchSettings, print_report, run_bench
+
+    if (
+        min(samples, size, resolution, batch, rounds, window, step_batch, step_block, step_rounds) < 1
+        or min(workers, threads) < 0
+    ):
+        _fail("--samples, --size, --resolution, --batch, --rounds, --window and the step options must be >= 1; "
+              "--workers and --threads >= 0")  # fmt: skip
+    if samples < 10:
+        _fail("--samples must be >= 10")
+    settings = DataBenchSettings(
+        samples=samples, size=size, resolution=resolution, teacher=teacher, student=student, workers=workers,
+        batch=batch, rounds=rounds, window=window,
+        step_batch=step_batch, step_block=step_block, step_rounds=step_rounds, threads=threads,
+        root=str(root) if root else "",
+    )  # fmt: skip
     _report_bench(run_bench, print_report, settings, json_out)
 
 
@@ -737,6 +943,8 @@ def demo_datafree(
         _fail(str(e))
     print_report(result)
     console.print(f"wrote {out / 'results.json'}", highlight=False)
+    if result["problems"]:
+        _fail("demo check(s) failed: " + "; ".join(result["problems"]), code=1)
 
 
 @app.command()
@@ -750,8 +958,10 @@ def demo(
     """Serve a teacher, cache its soft targets, train students from kd.cache and server, print a table."""
     from kd.demo import run_demo
 
-    results = run_demo(out, seeds=seeds, epochs=epochs, labeled=labeled, teacher_epochs=teacher_epochs)
-    sys.exit(0 if results else 1)
+    try:
+        run_demo(out, seeds=seeds, epochs=epochs, labeled=labeled, teacher_epochs=teacher_epochs)
+    except RuntimeError as e:  # a failed check or a server that did not exit cleanly
+        _fail(str(e), code=1)
 
 
 @app.command()
@@ -788,7 +998,7 @@ def qkd(
     from kd.student_trainer.qkd import QKDConfig, quiet_quantization_warnings, train_qkd
     from kd.student_trainer.sources import parse_source
     from kd.student_trainer.train import seed_everything
-    from kd.teacher_server.loading import TeacherLoadError, TeacherSpec, build_model, load_teacher, save_weights
+    from kd.teacher_server.loading import TeacherLoadError, load_teacher, save_weights
 
     config = QKDConfig(epochs_self=epochs_self, epochs_co=epochs_co, epochs_tutor=epochs_tutor, lr=lr,
                        teacher_lr=teacher_lr, temperature=temperature, alpha=alpha, teacher_alpha=teacher_alpha,
@@ -819,7 +1029,7 @@ def qkd(
         else:
             teacher_obj = load_teacher("qkd", teacher.removeprefix("local:"))
         seed_everything(seed)
-        model = build_model(TeacherSpec.parse(student))
+        model = _build_student(student)
         result = train_qkd(model, teacher_obj, train_data, test_data, config)
     except TeacherLoadError as e:
         _fail(str(e))

@@ -1,28 +1,46 @@
 """Fill a cache with a teacher's outputs for a whole dataset split.
 
-The teacher is any soft-target source that computes (a ``LocalSource`` or a
-``ServerSource`` over one or several servers). Work is keyed by (sample,
-view): re-running skips every record already committed, so a killed run
-resumes where it stopped. ``shard=(I, N)`` computes only samples i with
-i % N == I into ``OUT/shard-IIIII-of-NNNNN`` (one shard per machine or per
-``torchrun`` rank); readers open the directory of shards as one cache.
+The data is any ``kd.core.samples.SampleSource`` (the bundled digits, or a
+file format opened by URI): it is read through a ``torch.utils.data.DataLoader``
+whose worker processes decode the samples (and make the seeded views), with
+pinned memory when the teacher is on CUDA, so decoding overlaps the teacher
+and neither the reader nor the writer holds more than a few batches: memory
+does not grow with the dataset. The teacher is any soft-target source that
+computes (a ``LocalSource`` or a ``ServerSource`` over one or several servers;
+a pool gets one stream per server).
+
+Work is keyed by (sample, view): re-running skips every record already
+committed, so a killed run resumes where it stopped. ``shard=(I, N)`` computes
+only samples i with i % N == I into ``OUT/shard-IIIII-of-NNNNN`` (one shard per
+machine or per ``torchrun`` rank); a rank's workers decode only its samples.
+Readers open the directory of shards as one cache.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
+import inspect
+import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from kd.cache import CacheMeta, CacheWriter
+from kd.cache import CacheMeta, CacheReader, CacheWriter
 from kd.cache.codecs import bytes_per_sample
-from kd.cache.sharded import shard_dir
+from kd.cache.sharded import open_cache, shard_dir
 from kd.core import reductions
-from kd.core.data import Dataset, view_seeds
+from kd.core.data import loader as data_loader
+from kd.core.samples import SampleSource
+from kd.core.views import PARAM_WIDTH
 from kd.student_trainer.sources import Batch, SoftTargetSource, prefetched
 
 
@@ -42,8 +60,150 @@ def torchrun_shard() -> tuple[int, int] | None:
     return None
 
 
+def default_workers() -> int:
+    """DataLoader worker processes when none are asked for: up to 4, never more than the CPUs."""
+    return min(4, os.cpu_count() or 1)
+
+
+def present_codes(path: str | Path, views: int) -> np.ndarray:
+    """``index * views + view`` of every committed record, int64 (8 bytes a record, not a Python set)."""
+    return np.fromiter((i * views + v for i, v in CacheReader(path).keys()), dtype=np.int64)
+
+
+def todo_keys(meta: CacheMeta, present: np.ndarray) -> np.ndarray:
+    """(index, view) int64 ``[M, 2]`` this environment still lacks, in index order.
+
+    ``present``: ``present_codes`` of the environment. A numpy array (16 bytes a
+    key) rather than a list of tuples, so the plan of a large dataset stays small."""
+    idx = np.arange(meta.shard_index, meta.dataset_size, meta.shard_count, dtype=np.int64)
+    keys = np.stack([np.repeat(idx, meta.views), np.tile(np.arange(meta.views, dtype=np.int64), len(idx))], axis=1)
+    if len(present):
+        keys = keys[~np.isin(keys[:, 0] * meta.views + keys[:, 1], present)]
+    return keys
+
+
+class KeyBatches(torch.utils.data.Dataset):
+    """Item k = the k-th batch of ``keys``: (indices, views, inputs, labels), made in a DataLoader worker.
+
+    ``decode=False`` (the server holds the data: inputs by reference) skips the
+    samples and yields an empty input tensor."""
+
+    def __init__(self, source: SampleSource, keys: np.ndarray, batch_size: int, views: int, decode: bool = True):
+        self.source = source
+        self.keys = keys
+        self.batch_size = batch_size
+        self.views = views
+        self.decode = decode
+        self.labels = torch.as_tensor(source.labels, dtype=torch.long)  # read once, not per batch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.keys) / self.batch_size)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        chunk = torch.from_numpy(self.keys[k * self.batch_size : (k + 1) * self.batch_size])
+        idx, vw = chunk[:, 0].contiguous(), chunk[:, 1].contiguous()
+        if self.decode:
+            inputs = self.source.get(idx, vw if self.views > 1 else None)
+        else:
+            inputs = torch.empty(len(idx), 0)
+        return idx, vw, inputs, self.labels[idx]
+
+
+VIEW_PARAMS_DIR = "view-params"
+
+
+def view_params_path(cache: str | Path) -> Path:
+    """Where the view params of the cache environment ``cache`` live (an LMDB beside its records)."""
+    return Path(cache) / VIEW_PARAMS_DIR
+
+
+def _params_meta(meta: CacheMeta) -> CacheMeta:
+    """The params store is a cache of its own: PARAM_WIDTH exact fp32 values per (sample, view),
+    keyed, checksummed and resumed like the targets."""
+    return CacheMeta(
+        teacher_fingerprint=f"view-params:{meta.augmentation}",
+        dataset_id=meta.dataset_id,
+        dataset_size=meta.dataset_size,
+        codec="fp32",
+        num_classes=PARAM_WIDTH,
+        teacher="view-params",
+        views=meta.views,
+        augmentation=meta.augmentation,
+        shard_index=meta.shard_index,
+        shard_count=meta.shard_count,
+    )
+
+
+def read_view_params(
+    cache: str | Path, indices: torch.Tensor | list[int], views: torch.Tensor | list[int]
+) -> torch.Tensor:
+    """float32 ``[B, PARAM_WIDTH]``: the stored params of these (sample, view) records of a cache
+    (one environment or a directory of shards); replay with ``kd.core.views.apply_params``."""
+    meta = open_cache(cache).meta
+    if not meta.view_params:
+        raise ValueError(f"cache {str(cache)!r} stores no view params (precomputed with views=1 or by reference)")
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    vw = torch.as_tensor(views, dtype=torch.long)
+    root = Path(cache)
+    if (root / "data.mdb").is_file():
+        return CacheReader(view_params_path(root)).get(idx, vw)
+    count = open_cache(cache).shards[0].meta.shard_count  # type: ignore[union-attr]
+    out = torch.empty(len(idx), PARAM_WIDTH)
+    for s in range(count):
+        rows = (idx % count == s).nonzero().flatten()
+        if len(rows):
+            out[rows] = CacheReader(view_params_path(shard_dir(root, s, count))).get(idx[rows], vw[rows])
+    return out
+
+
+def manifest_of(dataset: SampleSource) -> dict[str, Any]:
+    """The data's manifest for the cache metadata, without a per-file list (that grows with the data)."""
+    fn = getattr(dataset, "manifest", None)
+    if fn is None:
+        return {"dataset_id": dataset.dataset_id, "num_samples": len(dataset)}
+    return fn(files=False) if "files" in inspect.signature(fn).parameters else fn()
+
+
+def _skipping(rows, skip: np.ndarray, views: int):
+    """Drop the (sample, view) rows already committed (``skip``: their codes; samples a killed
+    run left half done)."""
+    for idx, x, y, vw, params in rows:
+        keep = torch.from_numpy(~np.isin((idx * views + vw).numpy(), skip))
+        if keep.all():
+            yield idx, x, y, vw, params
+        elif keep.any():
+            yield idx[keep], x[keep], y[keep], vw[keep], None if params is None else params[keep]
+
+
+def _on_cuda(teacher: SoftTargetSource) -> bool:
+    inner = getattr(teacher, "teacher", None)
+    device = getattr(inner, "device", None)
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def batch_loader(
+    source: SampleSource,
+    keys: np.ndarray,
+    *,
+    batch_size: int,
+    views: int,
+    workers: int,
+    pin_memory: bool = False,
+    decode: bool = True,
+) -> torch.utils.data.DataLoader:
+    """The batches of ``keys`` read through a DataLoader (``workers`` processes; 0 = in this one)."""
+    return torch.utils.data.DataLoader(
+        KeyBatches(source, keys, batch_size, views, decode),
+        batch_size=None,  # every item already is a batch
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers else None,
+    )
+
+
 def precompute(
-    dataset: Dataset,
+    dataset: SampleSource,
     teacher: SoftTargetSource,
     out: str | Path,
     *,
@@ -56,19 +216,38 @@ def precompute(
     pool_features: bool = False,
     commit_every: int = 4096,
     progress: bool = True,
+    workers: int | None = None,
+    on_batch: Callable[[int], Any] | None = None,
 ) -> PrecomputeReport:
-    """``features`` (teacher layer names) are stored beside the targets, fp16, optionally pooled."""
+    """Run ``dataset`` (any SampleSource) through ``teacher`` into the cache at ``out``.
+
+    ``features`` (teacher layer names) are stored beside the targets, fp16,
+    optionally pooled. ``workers`` DataLoader processes decode the samples
+    (default ``default_workers()``; 0 decodes in this process). The data's
+    manifest (format, URI, sizes; ``dataset_id`` names it exactly) goes into the
+    metadata; with views, each record's view params (``kd.core.views``) go into
+    ``OUT/view-params``, committed before the targets, so a reader can replay the
+    exact view (``read_view_params``). ``on_batch(records_done)`` is called after
+    each batch (the data benchmark samples memory with it).
+    """
     t0 = time.perf_counter()
     features = sorted(features or [])
+    workers = default_workers() if workers is None else workers
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
     batchwise = [name for name in features if not reductions.parse(name).per_sample]
     if batchwise:
         raise ValueError(
             f"feature(s) {batchwise} relate the samples of a batch to each other and cannot be cached per sample; "
             "cache the full (or pooled) map and let the trainer compute them"
         )
+    if views > 1 and getattr(dataset, "augmentation", "none") in ("", "none"):
+        raise ValueError(f"dataset {dataset.dataset_id!r} has no augmentation: --views {views} would be {views} "
+                         "copies of the same sample")  # fmt: skip
     shapes: dict[str, list[int]] = {}
     if features:  # one probe sample tells the stored shape of every requested layer
-        probe = Batch(torch.tensor([0]), dataset.inputs[:1], dataset.labels[:1])
+        first = torch.tensor([0])
+        probe = Batch(first, dataset.get(first), torch.as_tensor(dataset.labels[:1]))
         _, _, feats = next(iter(teacher.iter_outputs([probe], features, pool_features)))
         shapes = {name: list(f.shape[1:]) for name, f in feats.items()}
     shard_index, shard_count = shard or (0, 1)
@@ -87,21 +266,46 @@ def precompute(
         shard_count=shard_count,
         features=shapes,
         features_pooled=pool_features and bool(features),
+        dataset_manifest=manifest_of(dataset),
     )
-    with CacheWriter(path, meta, commit_every=commit_every) as writer:
-        present = writer.present()
-        todo = [key for key in meta.expected_keys() if key not in present]
-        keys = torch.tensor(todo, dtype=torch.long).reshape(-1, 2)
+    by_reference = getattr(teacher, "dataset", None) is not None  # the server holds the data
+    store_params = views > 1 and not by_reference and hasattr(dataset, "read")
+    if store_params:
+        meta = dataclasses.replace(meta, view_params=PARAM_WIDTH)
+    flush_at = commit_every
+    never = 1 << 62  # the writers commit when this loop says: view params first, then the targets
+    with (
+        CacheWriter(path, meta, commit_every=never) as writer,
+        CacheWriter(view_params_path(path), _params_meta(meta), commit_every=never)
+        if store_params
+        else contextlib.nullcontext() as params_writer,
+    ):
+        present = present_codes(path, views)
+        keys = todo_keys(meta, present)
+        total = len(range(shard_index, meta.dataset_size, shard_count)) * views
+        pin = _on_cuda(teacher)
+        if by_reference:
+            loader = batch_loader(dataset, keys, batch_size=batch_size, views=views, workers=workers,
+                                  pin_memory=pin, decode=False)  # fmt: skip
+            rows = ((idx, x, y, vw if views > 1 else None, None) for idx, vw, x, y in loader)
+        else:
+            samples = np.unique(keys[:, 0])
+            # Samples a killed run left with some of their views: the committed views are not redone.
+            skip = present[np.isin(present // views, samples)] if views > 1 and len(present) else present[:0]
+            stream = data_loader(dataset, torch.from_numpy(samples), batch_size, num_views=views, workers=workers,
+                                 pin_memory=pin)  # fmt: skip
+            rows = ((b.indices, b.inputs, b.labels, b.views, b.params) for b in stream)
+            if len(skip):
+                rows = _skipping(rows, skip, views)
+        params_fifo: collections.deque = collections.deque()
 
         def batches():
-            for chunk in torch.split(keys, batch_size):
-                if not len(chunk):
-                    continue
-                idx, vw = chunk[:, 0], chunk[:, 1]
-                seeds = view_seeds(idx, vw, views)
-                yield Batch(idx, dataset.views(idx, seeds), dataset.labels[idx], vw if views > 1 else None)
+            for idx, x, y, vw, params in rows:
+                params_fifo.append(params)
+                yield Batch(idx, x, y, vw)
 
-        total = len(meta.expected_keys())
+        done = total - len(keys)
+        pending = 0
         with Progress(
             TextColumn("precompute {task.description}"),
             BarColumn(),
@@ -109,15 +313,31 @@ def precompute(
             TimeRemainingColumn(),
             disable=not progress,
         ) as bar:
-            task = bar.add_task(f"{dataset.dataset_id} -> {path}", total=total, completed=total - len(todo))
-            # The teacher runs in a background thread while this one encodes and commits.
-            for batch, logits, feats in prefetched(teacher.iter_outputs(batches(), features, pool_features), 2):
-                views_list = None if batch.views is None else batch.views.tolist()
-                writer.put(batch.indices.tolist(), logits, views_list, feats or None)
-                bar.advance(task, len(batch.indices))
+            task = bar.add_task(f"{dataset.dataset_id} -> {path}", total=total, completed=done)
+            # Workers decode ahead; the teacher runs in a background thread while this one encodes and commits.
+            # closing(): an error here (a full disk) stops and joins the teacher's thread before the
+            # exception leaves, so the process never exits with that thread inside native code.
+            outputs = contextlib.closing(prefetched(teacher.iter_outputs(batches(), features, pool_features), 2))
+            with outputs as results:
+                for batch, logits, feats in results:
+                    views_list = None if batch.views is None else batch.views.tolist()
+                    params = params_fifo.popleft()  # the teacher's sources answer in input order
+                    if params_writer is not None:
+                        params_writer.put(batch.indices.tolist(), params, views_list)
+                    writer.put(batch.indices.tolist(), logits, views_list, feats or None)
+                    pending += len(batch.indices)
+                    if pending >= flush_at:
+                        if params_writer is not None:
+                            params_writer.flush()  # a committed record always has its view's params
+                        writer.flush()
+                        pending = 0
+                    bar.advance(task, len(batch.indices))
+                    done += len(batch.indices)
+                    if on_batch is not None:
+                        on_batch(done)
     return PrecomputeReport(
-        written=len(todo),
-        skipped=total - len(todo),
+        written=len(keys),
+        skipped=total - len(keys),
         seconds=time.perf_counter() - t0,
         bytes_per_sample=bytes_per_sample(codec, teacher.num_classes) + sum(meta.feature_bytes.values()),
         path=path,

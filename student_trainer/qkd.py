@@ -59,6 +59,10 @@ What is implemented here versus the paper
 * The teacher is copied before co-studying: the caller's module is never modified; the
   co-studied teacher is ``QKDResult.teacher``.
 * Everything runs on the CPU (quantized kernels are CPU kernels).
+* Each phase is one call of the shared trainer (``student_trainer.train.train_student``)
+  continuing one Adam optimiser and one batch-order generator: co-studying adds the teacher
+  as a hook's extra module with its own optimiser (one backward over both detached terms),
+  tutoring a loss hook, and the fake-quant evaluation an evaluate hook (observers frozen).
 """
 
 from __future__ import annotations
@@ -77,8 +81,8 @@ from torch import nn
 
 from kd.core.data import Dataset
 from kd.student_trainer.losses import get_method
-from kd.student_trainer.sources import Batch, SoftTargetSource
-from kd.student_trainer.train import accuracy, seed_everything
+from kd.student_trainer.sources import SoftTargetSource
+from kd.student_trainer.train import Hooks, StepContext, TrainConfig, accuracy, seed_everything, train_student
 
 PHASES = ("self_studying", "co_studying", "tutoring")
 BACKENDS = ("fbgemm", "x86", "qnnpack")
@@ -347,13 +351,6 @@ def _check_logits(who: str, out: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"the {who} returns {shape} per sample; expected logits of shape ({num_classes},)")
 
 
-def _batches(train: Dataset, batch_size: int, gen: torch.Generator) -> Iterator[Batch]:
-    order = torch.randperm(len(train), generator=gen)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        yield Batch(idx, train.inputs[idx], train.labels[idx])
-
-
 def train_qkd(
     student: nn.Module,
     teacher: nn.Module | SoftTargetSource | Any,
@@ -377,7 +374,6 @@ def train_qkd(
     backend = resolve_backend(config.backend)
     teacher = _teacher_module(teacher)
     kd = get_method("kd")
-    ce = get_method("ce")
     if len(train) == 0 or len(test) == 0:
         raise ValueError("train_qkd needs non-empty train and test datasets")
     if train.num_classes != test.num_classes:
@@ -414,6 +410,8 @@ def train_qkd(
             _check_logits("teacher", local_teacher.eval()(train.inputs[:2]), train.num_classes)
         teacher_acc_before = accuracy(local_teacher, test)
 
+    # One optimiser and one batch-order generator across the phases, continued by each call of
+    # the shared trainer (student_trainer.train.train_student); each phase is a loss hook.
     opt = torch.optim.Adam(qat.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     opts = {"temperature": config.temperature, "alpha": config.alpha}
@@ -422,60 +420,59 @@ def train_qkd(
     loss_per_epoch: dict[str, list[float]] = {p: [] for p in PHASES}
     teacher_acc_per_epoch: list[float] = []
 
+    def co_studying(ctx: StepContext) -> dict[str, torch.Tensor]:
+        assert local_teacher is not None
+        z_s = ctx.model(ctx.inputs)
+        z_t = local_teacher(ctx.inputs)
+        # each side learns from the other's detached logits: one backward over both terms
+        return {
+            "loss": kd(z_s, z_t.detach(), ctx.labels, **opts),
+            "teacher": kd(z_t, z_s.detach(), ctx.labels, **t_opts),
+        }
+
+    def tutoring(ctx: StepContext) -> torch.Tensor:
+        targets = ctx.teacher_logits
+        if targets is None:  # a local module: the frozen teacher's logits
+            assert local_teacher is not None
+            local_teacher.eval()
+            with torch.no_grad():
+                targets = local_teacher(ctx.inputs)
+        return kd(ctx.model(ctx.inputs), targets, ctx.labels, **opts)
+
     for phase in PHASES:
         if epochs[phase] == 0:
             continue
-        t_opt = None
+        hooks = Hooks(evaluate=lambda model, data: qat_accuracy(model, data))
+        source = None
+        method = "ce"
         if phase == "co_studying":
             assert local_teacher is not None
             for p in local_teacher.parameters():
                 p.requires_grad_(True)
-            t_opt = torch.optim.Adam(local_teacher.parameters(), lr=config.teacher_lr)
-        elif local_teacher is not None:
-            for p in local_teacher.parameters():
-                p.requires_grad_(False)
-        for epoch in range(epochs[phase]):
-            qat.train()
-            total, n = 0.0, 0
-            batches = _batches(train, config.batch_size, gen)
-            if phase == "tutoring" and isinstance(teacher, SoftTargetSource):
-                pairs: Iterator[tuple[Batch, Any]] = teacher.iter_targets(batches)
-            else:
-                pairs = ((b, None) for b in batches)
-            for batch, targets in pairs:
-                x, y = batch.inputs, batch.labels
-                z_s = qat(x)
-                if phase == "self_studying":
-                    loss = ce(z_s, None, y)
-                elif phase == "co_studying":
-                    assert local_teacher is not None and t_opt is not None
-                    local_teacher.train()
-                    z_t = local_teacher(x)
-                    loss = kd(z_s, z_t.detach(), y, **opts)
-                    t_loss = kd(z_t, z_s.detach(), y, **t_opts)
-                    t_opt.zero_grad(set_to_none=True)
-                    t_loss.backward()
-                    t_opt.step()
-                else:  # tutoring: the teacher is frozen
-                    if targets is None:
-                        assert local_teacher is not None
-                        local_teacher.eval()
-                        with torch.no_grad():
-                            targets = local_teacher(x)
-                    loss = kd(z_s, targets, y, **opts)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(y)
-                n += len(y)
-            acc = qat_accuracy(qat, test)
-            acc_per_epoch[phase].append(acc)
-            loss_per_epoch[phase].append(total / max(n, 1))
-            if phase == "co_studying":
-                assert local_teacher is not None
+            hooks.extra = [(local_teacher, torch.optim.Adam(local_teacher.parameters(), lr=config.teacher_lr))]
+            hooks.loss = co_studying
+
+            def teacher_acc(epoch: int, row: dict) -> None:
                 teacher_acc_per_epoch.append(accuracy(local_teacher, test))
+
+            hooks.on_epoch = teacher_acc
+        elif phase == "tutoring":
+            if local_teacher is not None:
+                for p in local_teacher.parameters():
+                    p.requires_grad_(False)
+            method, hooks.loss = "kd", tutoring
+            source = teacher if isinstance(teacher, SoftTargetSource) else None
+
+        def report(epoch: int, loss: float, acc: float, phase: str = phase) -> None:
             if on_epoch is not None:
-                on_epoch(phase, epoch, loss_per_epoch[phase][-1], acc)
+                on_epoch(phase, epoch, loss, acc)
+
+        cfg = TrainConfig(method=method, epochs=epochs[phase], batch_size=config.batch_size, lr=config.lr,
+                          seed=config.seed)  # fmt: skip
+        res = train_student(qat, train, test, cfg, source=source, hooks=hooks, optimizer=opt, generator=gen,
+                            on_epoch=report)  # fmt: skip
+        acc_per_epoch[phase] = list(res.acc_per_epoch)
+        loss_per_epoch[phase] = list(res.loss_per_epoch)
         if local_teacher is not None:
             for p in local_teacher.parameters():
                 p.requires_grad_(False)

@@ -31,6 +31,7 @@ from kd.cache import CacheMeta, CacheWriter
 from kd.cache.sharded import open_cache
 from kd.core import reductions
 from kd.core.data import Dataset, view_seeds
+from kd.core.signature import target_fingerprint
 from kd.core.targets import Targets
 from kd.teacher_server.client import DatasetRef, TeacherClient
 from kd.teacher_server.loading import Teacher, load_teacher
@@ -48,20 +49,24 @@ def prefetched(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     done = object()
     stop = threading.Event()
 
+    def put(entry: tuple) -> bool:
+        """Hand ``entry`` to the consumer; False once the consumer has gone."""
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((item, None)):
                     return
-            q.put((done, None))
+            put((done, None))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put((done, e))
+            put((done, e))
 
     thread = threading.Thread(target=work, name="prefetch", daemon=True)
     thread.start()
@@ -75,6 +80,9 @@ def prefetched(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
+        # Wait for the item in progress (a teacher forward, a read): a process that exits while
+        # this thread is inside native code can abort ("terminate called without an active exception").
+        thread.join(timeout=60)
 
 
 class Batch(NamedTuple):
@@ -205,6 +213,12 @@ class ServerSource(SoftTargetSource):
         **client_options: Any,
     ) -> None:
         self.client = TeacherClient(address, **client_options)
+        self.addresses = [a for a in address.split(",") if a] if isinstance(address, str) else list(address)
+        # One channel per server for streams: a stream is one HTTP/2 call, which gRPC's round_robin
+        # pins to a single server, so a pool gets a stream per server and the batches take turns.
+        self.pool: list[TeacherClient] = []
+        if len(self.addresses) > 1:
+            self.pool = [TeacherClient(a, **client_options) for a in self.addresses]
         desc = self.client.describe(teacher)
         self.teacher = self.teacher_name = desc.name
         self.fingerprint = desc.fingerprint
@@ -238,12 +252,88 @@ class ServerSource(SoftTargetSource):
         self, batches: Iterable[Batch | tuple], features: list[str], pool: bool = False
     ) -> Iterator[tuple[Batch, torch.Tensor, dict[str, torch.Tensor]]]:
         keyed = ((b, self._payload(b.indices, b.inputs, b.views)) for b in (Batch(*x) for x in batches))
-        stream = self.client.infer_stream(self.teacher, keyed, depth=self.depth, features=features, pool_features=pool)
+        options = {"features": features, "pool_features": pool}
+        if self.pool:
+            stream = _pooled_stream(self.pool, self.teacher, keyed, depth=self.depth, **options)
+        else:
+            stream = self.client.infer_stream(self.teacher, keyed, depth=self.depth, **options)
         for batch, outputs in stream:
             yield batch, outputs["logits"], {name: outputs[f"feature/{name}"] for name in features}
 
     def close(self) -> None:
         self.client.close()
+        for c in self.pool:
+            c.close()
+
+
+def _pooled_stream(
+    clients: list[TeacherClient], teacher: str, keyed: Iterator[tuple[Any, Any]], *, depth: int, **options: Any
+) -> Iterator[tuple[Any, dict[str, torch.Tensor]]]:
+    """``TeacherClient.infer_stream`` over a pool: batch i goes to server i % n, each server
+    on its own stream (thread) with up to ``depth`` batches in flight; results come back in
+    input order. An error on any stream is raised here; closing the iterator stops them all."""
+    n = len(clients)
+    stop = threading.Event()
+    done = object()
+    inboxes = [queue.Queue(maxsize=max(1, depth)) for _ in range(n)]
+    outboxes: list[queue.Queue] = [queue.Queue() for _ in range(n)]
+
+    def put(q: queue.Queue, item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def feed() -> None:
+        try:
+            for i, item in enumerate(keyed):
+                if not put(inboxes[i % n], item):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            for out in outboxes:
+                out.put((done, e))
+        for box in inboxes:
+            put(box, done)
+
+    def requests(k: int) -> Iterator[tuple[Any, Any]]:
+        while True:
+            try:
+                item = inboxes[k].get(timeout=0.1)
+            except queue.Empty:
+                if stop.is_set():
+                    return
+                continue
+            if item is done:
+                return
+            yield item
+
+    def serve(k: int) -> None:
+        try:
+            for result in clients[k].infer_stream(teacher, requests(k), depth=depth, **options):
+                outboxes[k].put((result, None))
+            outboxes[k].put((done, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            outboxes[k].put((done, e))
+
+    threads = [threading.Thread(target=feed, name="pool-feed", daemon=True)]
+    threads += [threading.Thread(target=serve, args=(k,), name=f"pool-stream-{k}", daemon=True) for k in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        i = 0
+        while True:
+            result, error = outboxes[i % n].get()
+            if error is not None:
+                raise error
+            if result is done:
+                return  # server i % n has no more batches: neither has any later one
+            yield result
+            i += 1
+    finally:
+        stop.set()
 
 
 class LocalSource(SoftTargetSource):
@@ -255,7 +345,8 @@ class LocalSource(SoftTargetSource):
         self.teacher = teacher
         self.teacher_name = teacher.name
         self.runner = ModelRunner(teacher, amp=amp)
-        self.fingerprint = teacher.fingerprint
+        # The targets' identity: the same weights under bf16 autocast give other targets.
+        self.fingerprint = target_fingerprint(teacher.weights_fingerprint, amp=amp)
         self.num_classes = teacher.num_classes
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:

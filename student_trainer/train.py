@@ -4,9 +4,20 @@ Seeded and reproducible: the seed fixes the student's initialisation and the
 order of every epoch, so two runs with the same seed and the same targets give
 the same student, whatever source the targets came from.
 
-With a run directory the loop writes ``config.json`` (the effective config),
-``metrics.csv`` (per epoch: loss, test accuracy, samples/s, and the seconds the
-step waited for its source, which shows when the teacher is the bottleneck)
+The recipe -- optimiser (adam, adamw, sgd), learning-rate schedule (constant,
+cosine, multistep, linear warm-up), AMP (bf16, fp16 with a grad scaler),
+channels-last, gradient clipping -- is part of ``TrainConfig`` and lives in
+``student_trainer.optim``; the defaults (Adam, constant rate, fp32) are this
+loop's original behaviour, bit for bit. ``Hooks`` let a method bring extra
+modules with their own optimisers, its own loss and per-step/per-epoch
+callbacks (QKD and ``kd chain``'s tolerant teacher train through it). Data is
+read through the SampleSource protocol (``source.get(indices, views)``), so the
+bundled digits and file datasets train alike.
+
+With a run directory the loop writes ``config.json`` (the effective config,
+recipe included), ``metrics.csv`` (per epoch: loss, top-1 and top-5 test
+accuracy, the learning rate at the epoch's first step, samples/s, and the
+seconds the step waited for its source, which shows when the teacher is the bottleneck)
 and ``checkpoint.pt`` at the end of every epoch (model, optimiser, the batch
 order's and torch's RNG states, history). ``resume=True`` continues from it
 and ends with exactly the weights of an uninterrupted run.
@@ -23,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,7 +44,10 @@ import torch
 from torch import nn
 
 from kd.core import reductions
-from kd.core.data import Dataset, view_seeds
+from kd.core.factory import logits_of
+from kd.core.samples import SampleSource
+from kd.student_trainer import optim
+from kd.student_trainer.evaluate import evaluate as evaluate_source
 from kd.student_trainer.features import (
     LOGITS,
     Distilled,
@@ -62,6 +77,20 @@ class TrainConfig:
     # Feature methods: student layer(s) = teacher layer(s), e.g. "layer2=layer2"
     # (student_trainer.features.Match); empty: the method's default matches.
     matches: list[str] = field(default_factory=list)
+    # The recipe (student_trainer.optim.Recipe): optimiser, schedule, precision, clipping.
+    optimizer: str = "adam"
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    schedule: str = "constant"
+    milestones: list[int] = field(default_factory=list)  # multistep: epochs at which lr *= gamma
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    amp: str = "fp32"  # fp32, bf16, fp16 (autocast; fp16 with a grad scaler)
+    channels_last: bool = False
+    clip_grad_norm: float = 0.0  # 0: off
+    # > 0: read batches (source.get) in this many DataLoader worker processes, pinned for CUDA;
+    # the batch order and views are still drawn here, so results equal workers=0's.
+    workers: int = 0
 
 
 @dataclass
@@ -84,28 +113,99 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, data: Dataset, *, device: str = "cpu", batch_size: int = 1024) -> float:
-    model.eval()
-    correct = 0
-    for s in range(0, len(data), batch_size):
-        x = data.inputs[s : s + batch_size].to(device)
-        correct += int((model(x).argmax(1).cpu() == data.labels[s : s + batch_size]).sum())
-    return correct / len(data)
+def evaluate(model: nn.Module, data: SampleSource, *, device: str = "cpu", batch_size: int = 1024,
+             topk: tuple[int, ...] = (1, 5)) -> dict[int, float]:  # fmt: skip
+    """Top-k accuracies ``{k: fraction}`` of ``model`` on ``data``: top-1 always, top-5 when
+    ``5 in topk`` and the data has more than 5 classes (``kd.student_trainer.evaluate``)."""
+    acc = evaluate_source(model, data, batch_size=batch_size, device=device)
+    return {1: acc.top1, **({5: acc.top5} if 5 in topk and 5 < data.num_classes else {})}
 
 
-def _batches(train: Dataset, subset: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> Iterator[Batch]:
+def accuracy(model: nn.Module, data: SampleSource, *, device: str = "cpu", batch_size: int = 1024) -> float:
+    """Top-1 accuracy of ``model`` on ``data`` (any SampleSource; the bundled digits too)."""
+    return evaluate_source(model, data, batch_size=batch_size, device=device).top1
+
+
+class _Planned(torch.utils.data.Dataset):
+    """The epoch's batches, planned (indices, views) in the main process, read in workers."""
+
+    def __init__(self, source: SampleSource, plan: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        self.source, self.plan = source, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.source.get(*self.plan[i])
+
+
+def _batches(train: SampleSource, subset: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> Iterator[Batch]:
     order = subset[torch.randperm(len(subset), generator=gen)]
+    labels = train.labels
+    if config.workers > 0:
+        plan = []
+        for s in range(0, len(order), config.batch_size):
+            idx = order[s : s + config.batch_size]
+            views = torch.randint(0, config.views, (len(idx),), generator=gen) if config.views > 1 else None
+            plan.append((idx, views))
+        # its own generator: the loader's worker seeds must not be drawn from torch's global RNG
+        loader = torch.utils.data.DataLoader(
+            _Planned(train, plan), batch_size=None, num_workers=config.workers,
+            pin_memory=config.device.startswith("cuda"), generator=torch.Generator().manual_seed(config.seed),
+        )  # fmt: skip
+        for (idx, views), x in zip(plan, loader):
+            yield Batch(idx, x, labels[idx], views)
+        return
     for s in range(0, len(order), config.batch_size):
         idx = order[s : s + config.batch_size]
         if config.views > 1:
             views = torch.randint(0, config.views, (len(idx),), generator=gen)
-            yield Batch(idx, train.views(idx, view_seeds(idx, views, config.views)), train.labels[idx], views)
+            yield Batch(idx, train.get(idx, views), labels[idx], views)
         else:
-            yield Batch(idx, train.inputs[idx], train.labels[idx])
+            yield Batch(idx, train.get(idx), labels[idx])
 
 
-METRICS = ("epoch", "train_loss", "test_acc", "seconds", "samples_per_s", "source_wait_s")
+# test_top5: empty for datasets of 5 classes or fewer; lr: the learning rate at the epoch's first step.
+METRICS = ("epoch", "train_loss", "test_acc", "seconds", "samples_per_s", "source_wait_s", "test_top5", "lr")
+
+
+@dataclass
+class StepContext:
+    """What a ``Hooks.loss`` sees of one training step (tensors on the training device)."""
+
+    model: nn.Module  # the student as trained (DistributedDataParallel-wrapped under torchrun)
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    teacher_logits: torch.Tensor | None
+    indices: torch.Tensor
+    epoch: int
+    step: int
+    config: TrainConfig
+
+
+@dataclass
+class Hooks:
+    """Ways in for methods that need more than a loss over the student's logits, so they reuse
+    this loop (recipe, AMP, clipping, run directory, evaluation) instead of carrying their own.
+
+    * ``extra``: modules trained beside the student, each with its own optimiser (moved to the
+      device, put in train mode every epoch, zeroed, clipped and stepped with the student's; the
+      schedule's factor applies to their base rates too). Their losses come from ``loss``.
+    * ``loss(ctx) -> loss``: replaces the method's loss (logit methods only; the method then
+      needs no source). It may return ``{"loss": student_loss, "name": term, ...}``: every term
+      is back-propagated (one backward over their sum), ``"loss"`` alone is reported. The extra
+      modules' terms come this way (detach what one side must not train).
+    * ``on_step(epoch, step, loss, lr)`` after each optimiser step; ``on_epoch(epoch, row)``
+      after each epoch's evaluation (``row``: the metrics.csv row).
+    * ``evaluate(model, data) -> top-1``: replaces the evaluation (e.g. QAT models whose
+      observers must not see the test data).
+    """
+
+    extra: list[tuple[nn.Module, torch.optim.Optimizer]] = field(default_factory=list)
+    loss: Callable[[StepContext], torch.Tensor | dict[str, torch.Tensor]] | None = None
+    on_step: Callable[[int, int, float, float], None] | None = None
+    on_epoch: Callable[[int, dict], None] | None = None
+    evaluate: Callable[[nn.Module, SampleSource], float] | None = None
 
 
 def world() -> tuple[int, int]:
@@ -126,17 +226,57 @@ def _my_part(batch: Batch, rank: int, size: int) -> Batch:
     return Batch(batch.indices[sl], batch.inputs[sl], batch.labels[sl], views, n)
 
 
+def _replace_atomically(path: Path, write: Callable[[object], None], *, binary: bool) -> None:
+    """Write through ``write(file)`` into a temporary file, flush it to disk, then rename it over
+    ``path``: a kill at any moment leaves either the previous file or the new one, never a
+    half-written (or, after a crash, empty) one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a kill mid-save leaves the previous checkpoint
+    _replace_atomically(path, lambda f: torch.save(state, f), binary=True)
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
-    with open(run_dir / "metrics.csv", "w", newline="") as f:
+    def write(f) -> None:
         w = csv.DictWriter(f, fieldnames=METRICS)
         w.writeheader()
         w.writerows(history)
+
+    _replace_atomically(run_dir / "metrics.csv", write, binary=False)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A run's checkpoint, read with ``weights_only=True``; errors name the file and what to do.
+
+    A file that holds anything but tensors and plain containers is refused: unpickling it
+    could run code, so the message says not to load it with ``weights_only=False``."""
+    import pickle
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds objects other than tensors and plain containers and was refused "
+            f"({first}). Do not re-run with weights_only=False or load it with pickle: unpickling a file "
+            "can run arbitrary code. Resume only from checkpoints this trainer wrote"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is unreadable (truncated or corrupted: {type(e).__name__}: {e}); "
+            "restore it, or start the run again without --resume"
+        ) from e
+    keys = set(ckpt) if isinstance(ckpt, dict) else set()
+    missing = {"epoch", "model", "optimizer", "batch_rng", "torch_rng", "history"} - keys
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} is not a kd training checkpoint (missing {sorted(missing)})")
+    return ckpt
 
 
 def same_class_partners(indices: torch.Tensor, labels: torch.Tensor, subset: torch.Tensor,
@@ -153,18 +293,19 @@ def same_class_partners(indices: torch.Tensor, labels: torch.Tensor, subset: tor
     return out
 
 
-def _with_partners(batch: Batch, train: Dataset, subset: torch.Tensor, gen: torch.Generator) -> Batch:
+def _with_partners(batch: Batch, train: SampleSource, subset: torch.Tensor, gen: torch.Generator) -> Batch:
     if batch.views is not None:
         raise ValueError("pairs of samples (cskd) do not combine with augmented views yet")
-    partners = same_class_partners(batch.indices, train.labels, subset, gen)
+    labels = train.labels
+    partners = same_class_partners(batch.indices, labels, subset, gen)
     idx = torch.cat([batch.indices, partners])
-    return Batch(idx, train.inputs[idx], train.labels[idx])
+    return Batch(idx, train.get(idx), labels[idx])
 
 
 def train_student(
     student: nn.Module,
-    train: Dataset,
-    test: Dataset,
+    train: SampleSource,
+    test: SampleSource,
     config: TrainConfig,
     *,
     source: SoftTargetSource | None = None,
@@ -173,14 +314,29 @@ def train_student(
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = False,
+    hooks: Hooks | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
 ) -> TrainResult:
     """Train ``student`` in place on ``train[subset]``; evaluate on ``test`` every epoch.
 
-    ``subset`` holds indices into ``train`` (all by default): targets are read
-    by these indices, so a cache built on the whole split serves any subset.
+    ``train`` and ``test`` are sample sources (``kd.core.samples.SampleSource``: the bundled
+    digits, or file datasets), read by index through ``get``. ``subset`` holds indices into
+    ``train`` (all by default): targets are read by these indices, so a cache built on the
+    whole split serves any subset. The recipe (optimiser, schedule, AMP, clipping) comes from
+    ``config`` (``student_trainer.optim``); ``hooks`` lets a method add modules, its own loss
+    and callbacks. ``optimizer`` and ``generator`` (the batch order's RNG), when given, are
+    used instead of fresh ones, so a multi-phase method (QKD) continues both across calls.
     """
+    hooks = hooks or Hooks()
+    recipe = optim.recipe_of(config)
+    recipe.validate()
+    if resume and hooks.extra:
+        raise ValueError("resume does not restore a hook's extra modules yet; train them without resume")
+    if config.workers < 0:
+        raise ValueError(f"workers must be >= 0, got {config.workers}")
     method = get_method(config.method)
-    if method.needs_teacher and source is None:
+    if method.needs_teacher and source is None and hooks.loss is None:
         raise ValueError(f"method {config.method!r} needs a soft-target source (--source)")
     if source is not None and getattr(source, "views", config.views) != config.views:
         raise ValueError(f"the cache holds {source.views} view(s) per sample but training asks for {config.views}")
@@ -193,16 +349,31 @@ def train_student(
         plan = _FeaturePlan(method, config, student, train, subset, source)
     elif config.matches:
         raise ValueError(f"method {config.method!r} works on logits; --match is for feature methods")
+    if hooks.loss is not None and plan is not None:
+        raise ValueError(f"a loss hook replaces a logit method's loss; {config.method!r} is a feature method")
     trained: nn.Module = student if plan is None else plan.distilled
     trained.to(dev)
+    if recipe.channels_last:
+        trained.to(memory_format=torch.channels_last)
+    for module, _ in hooks.extra:
+        module.to(dev)
     rank, size = world()
+    if size > 1 and hooks.extra:
+        raise ValueError("a hook's extra modules are not synchronised across torchrun ranks yet; train on one process")
     model: nn.Module = trained
     if size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(trained, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
-    opt = torch.optim.Adam(trained.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    gen = torch.Generator().manual_seed(config.seed)
+    opt = optimizer if optimizer is not None else optim.make_optimizer(trained.parameters(), recipe)
+    optimizers = [opt, *(o for _, o in hooks.extra)]
+    for o in optimizers:  # the schedule scales every group's own base rate
+        for group in o.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+    scheduled = recipe.schedule != "constant" or recipe.warmup_epochs > 0
+    steps_per_epoch = -(-len(subset) // config.batch_size)
+    scaler = optim.grad_scaler(recipe, dev)
+    gen = generator if generator is not None else torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
     start = 0
     ckpt_path = None
@@ -219,9 +390,15 @@ def train_student(
             "source": None if source is None else source.name,
             "teacher_fingerprint": None if source is None else source.fingerprint,
         }
+        if resume and not ckpt_path.exists():
+            raise ValueError(f"cannot resume {str(run)!r}: it has no checkpoint.pt (no epoch finished there); "
+                             "run without --resume to start it")  # fmt: skip
         if resume and ckpt_path.exists():
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            saved = json.loads((run / "config.json").read_text())
+            ckpt = load_checkpoint(ckpt_path)
+            try:
+                saved = json.loads((run / "config.json").read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot resume {str(run)!r}: its config.json is unreadable ({e})") from e
             if saved != json.loads(json.dumps(effective)):
                 diff = sorted(k for k in effective if saved.get(k) != json.loads(json.dumps(effective)).get(k))
                 raise ValueError(f"cannot resume {str(run)!r}: its config differs in {diff}")
@@ -234,7 +411,7 @@ def train_student(
             history = list(ckpt["history"])
             start = int(ckpt["epoch"]) + 1
         elif rank == 0:
-            (run / "config.json").write_text(json.dumps(effective, indent=2))
+            _replace_atomically(run / "config.json", lambda f: f.write(json.dumps(effective, indent=2)), binary=False)
     if rank != 0:
         ckpt_path = None
     bar = _progress(progress and rank == 0, config.epochs, start)
@@ -242,6 +419,9 @@ def train_student(
     t0 = time.perf_counter()
     for epoch in range(start, config.epochs):
         trained.train()
+        for module, _ in hooks.extra:
+            module.train()
+        epoch_lr = config.lr * optim.lr_factor(recipe, epoch, 0, steps_per_epoch, config.epochs)
         batches = _batches(train, subset, config, gen)
         if method.pairs:
             # A list: all of the epoch's draws from ``gen`` happen in a fixed order.
@@ -254,10 +434,11 @@ def train_student(
             pairs = source.iter_targets(batches)
         else:
             pairs = ((b, None) for b in batches)
-        total, n, wait = 0.0, 0, 0.0
+        total, n, wait, step = 0.0, 0, 0.0, -1
         t_epoch = time.perf_counter()
         it = iter(pairs)
         while True:
+            step += 1
             t_wait = time.perf_counter()
             try:
                 batch, teacher_logits, *teacher_feats = next(it)
@@ -265,33 +446,64 @@ def train_student(
                 break
             idx, x, y = batch.indices, batch.inputs, batch.labels
             wait += time.perf_counter() - t_wait
-            x, y = x.to(dev), y.to(dev)
+            x, y = optim.to_memory_format(x.to(dev, non_blocking=True), recipe), y.to(dev)
             if teacher_logits is not None:
                 teacher_logits = teacher_logits.to(dev)
-            if not len(idx):
-                loss = torch.zeros((), device=dev)
-            elif plan is not None:
-                loss = plan.loss(model, x, y, teacher_logits, teacher_feats[0], dev, epoch, config)
-            else:
-                loss = method(model(x), teacher_logits, y, epoch=epoch, epochs=config.epochs, **config.method_options)
-            opt.zero_grad(set_to_none=True)
+            lr = config.lr
+            if scheduled:
+                factor = optim.lr_factor(recipe, epoch, step, steps_per_epoch, config.epochs)
+                lr *= factor
+                for o in optimizers:
+                    for group in o.param_groups:
+                        group["lr"] = group["initial_lr"] * factor
+            extra_terms: list[torch.Tensor] = []
+            with optim.autocast(recipe, dev):
+                if not len(idx):
+                    loss = torch.zeros((), device=dev)
+                elif plan is not None:
+                    loss = plan.loss(model, x, y, teacher_logits, teacher_feats[0], dev, epoch, config)
+                elif hooks.loss is not None:
+                    loss = hooks.loss(StepContext(model, x, y, teacher_logits, idx, epoch, step, config))
+                    if isinstance(loss, dict):  # {"loss": the student's (reported), other terms...}
+                        extra_terms = [v for k, v in loss.items() if k != "loss"]
+                        loss = loss["loss"]
+                else:
+                    loss = method(logits_of(model(x)), teacher_logits, y, epoch=epoch, epochs=config.epochs,
+                                  **config.method_options)  # fmt: skip
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
             # DDP averages gradients over ranks: weight this rank's mean by its share of the
             # global batch, so the update is the global batch's mean whatever the split.
+            objective = loss
+            for term in extra_terms:  # one backward: each term reaches only its own module's weights
+                objective = objective + term
             if size == 1:
-                loss.backward()
+                backward = objective
             elif len(idx):
-                (loss * (len(idx) * size / batch.global_size)).backward()
+                backward = objective * (len(idx) * size / batch.global_size)
             else:  # a rank with no samples in a short last batch still joins the all-reduce
-                out = model(x)
-                (out[0] if isinstance(out, tuple) else out).sum().mul(0.0).backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
+                with optim.autocast(recipe, dev):
+                    backward = logits_of(model(x)).sum().mul(0.0)
+            (backward if scaler is None else scaler.scale(backward)).backward()
+            for o in optimizers:
+                optim.optimizer_step(o, recipe, scaler)
+            if scaler is not None:
+                scaler.update()
+            value = float(loss.detach())
+            total += value * len(idx)
             n += len(idx)
+            if hooks.on_step is not None:
+                hooks.on_step(epoch, step, value, lr)
         seconds = time.perf_counter() - t_epoch
-        acc = accuracy(student, test, device=config.device)
+        if hooks.evaluate is not None:
+            acc, top5 = hooks.evaluate(student, test), None
+        else:
+            accs = evaluate(student, test, device=config.device)
+            acc, top5 = accs[1], accs.get(5)
         history.append(
             {"epoch": epoch, "train_loss": total / max(n, 1), "test_acc": acc, "seconds": round(seconds, 4),
-             "samples_per_s": round(n / max(seconds, 1e-9), 1), "source_wait_s": round(wait, 4)}
+             "samples_per_s": round(n / max(seconds, 1e-9), 1), "source_wait_s": round(wait, 4),
+             "test_top5": top5, "lr": epoch_lr}
         )  # fmt: skip
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, {
@@ -304,8 +516,11 @@ def train_student(
             bar.update(epoch, history[-1])
         if board is not None:
             for key in METRICS[1:]:
-                board.add_scalar(key, history[-1][key], epoch)
+                if history[-1].get(key) is not None:
+                    board.add_scalar(key, history[-1][key], epoch)
             board.flush()
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(epoch, history[-1])
         if on_epoch is not None:
             on_epoch(epoch, history[-1]["train_loss"], acc)
     if bar is not None:
@@ -321,7 +536,7 @@ class _FeaturePlan:
     """What a feature method needs in the loop: the matches, the teacher feature names to
     ask the source for, and the student wrapped with its connectors (``Distilled``)."""
 
-    def __init__(self, method: FeatureMethod, config: TrainConfig, student: nn.Module, train: Dataset,
+    def __init__(self, method: FeatureMethod, config: TrainConfig, student: nn.Module, train: SampleSource,
                  subset: torch.Tensor, source: SoftTargetSource | None) -> None:  # fmt: skip
         if source is None:
             raise ValueError(f"feature method {method.name!r} needs a teacher source (server:, cache: or local:)")
@@ -353,7 +568,7 @@ class _FeaturePlan:
             # map to the teacher's full map (the statistic, if any, is taken after it).
             idx = subset[:2]
             views = torch.zeros(len(idx), dtype=torch.long) if config.views > 1 else None
-            x = train.inputs[idx] if views is None else train.views(idx, view_seeds(idx, views, config.views))
+            x = train.get(idx, views)
             s_shapes = probe_student_shapes(student, x, [layer for m in self.matches for layer in m.student])
             t_shapes = self._teacher_shapes(source, Batch(idx, x, train.labels[idx], views), s_shapes)
             connectors = []

@@ -15,7 +15,6 @@ A SPEC is either
 from __future__ import annotations
 
 import hashlib
-import importlib
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -23,6 +22,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from kd.core import factory
+from kd.core.signature import TeacherSignature
 
 _FACTORY_RE = re.compile(
     r"^(?P<module>[A-Za-z_][\w.]*):(?P<attr>[A-Za-z_][\w.]*)(?:@(?P<weights>[^?]+))?(?:\?(?P<opts>.*))?$"
@@ -39,29 +41,31 @@ class TeacherSpec:
     weights: Path | None
     archive: Path | None
     input_shape: tuple[int, ...] | None
+    kwargs: tuple[tuple[str, object], ...] = ()  # the factory's arguments (kd.core.factory)
 
     @classmethod
     def parse(cls, spec: str) -> TeacherSpec:
         m = _FACTORY_RE.match(spec)
-        if m is None:
-            if "?" in spec:
-                path, _, opts = spec.partition("?")
-                return cls(None, None, Path(path), _parse_opts(opts, spec))
-            return cls(None, None, Path(spec), None)
-        weights = Path(m["weights"]) if m["weights"] else None
-        return cls(f"{m['module']}:{m['attr']}", weights, None, _parse_opts(m["opts"], spec))
+        if m is not None:
+            try:
+                f = factory.parse_factory(spec, "teacher")
+            except factory.FactoryError as e:
+                raise TeacherLoadError(str(e)) from None
+            return cls(f.factory, Path(f.weights) if f.weights else None, None, f.input_shape, f.kwargs)
+        if "?" in spec:
+            path, _, opts = spec.partition("?")
+            return cls(None, None, Path(path), _parse_opts(opts, spec))
+        return cls(None, None, Path(spec), None)
 
 
 def _parse_opts(opts: str | None, spec: str) -> tuple[int, ...] | None:
-    shape = None
-    for item in filter(None, (opts or "").split("&")):
-        key, _, value = item.partition("=")
-        if key != "input_shape":
-            raise TeacherLoadError(f"unknown option {key!r} in teacher spec {spec!r}; known: input_shape")
-        try:
-            shape = tuple(int(d) for d in value.lower().split("x"))
-        except ValueError:
-            raise TeacherLoadError(f"input_shape must look like 3x32x32, got {value!r} in {spec!r}") from None
+    """An archive's options: only input_shape (factory arguments are for module:factory specs)."""
+    try:
+        kwargs, shape = factory.parse_options(opts, spec, "teacher")
+    except factory.FactoryError as e:
+        raise TeacherLoadError(str(e)) from None
+    if kwargs:
+        raise TeacherLoadError(f"unknown option(s) {sorted(kwargs)} in archive spec {spec!r}; known: input_shape")
     return shape
 
 
@@ -79,21 +83,27 @@ class Teacher:
     spec: str
     # Module path -> per-sample output shape, for every module whose output is a tensor.
     layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # What it takes and gives (kd.core.signature); built from input_shape/num_classes when None.
+    signature: TeacherSignature | None = None
+    # ``fingerprint(model)``: architecture + weights. ``fingerprint`` above is the target
+    # fingerprint of this teacher run as loaded (fp32, eager), which equals it; a server
+    # with other options reports kd.core.signature.target_fingerprint(weights_fingerprint, ...).
+    weights_fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        if self.signature is None:
+            self.signature = TeacherSignature.classifier(self.input_shape, self.num_classes,
+                                                         input_dtype=self.input_dtype)  # fmt: skip
+        if not self.weights_fingerprint:
+            self.weights_fingerprint = self.fingerprint
 
 
 def _import_factory(path: str):
-    module_name, _, attr = path.partition(":")
+    """kd.core.factory.import_factory, failing with TeacherLoadError."""
     try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise TeacherLoadError(f"cannot import module {module_name!r} for teacher factory {path!r}: {e}") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise TeacherLoadError(f"module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TeacherLoadError(f"{path!r} is not callable")
-    return obj
+        return factory.import_factory(path, "teacher")
+    except factory.FactoryError as e:
+        raise TeacherLoadError(str(e)) from e
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -162,9 +172,10 @@ def build_model(spec: TeacherSpec, *, trust_archive: bool = False) -> nn.Module:
         except Exception as e:  # noqa: BLE001
             raise TeacherLoadError(f"cannot load TorchScript archive {str(path)!r}: {e}") from e
     assert spec.factory is not None
-    model = _import_factory(spec.factory)()
-    if not isinstance(model, nn.Module):
-        raise TeacherLoadError(f"factory {spec.factory!r} returned {type(model).__name__}, not an nn.Module")
+    try:
+        model = factory.call_factory(spec.factory, dict(spec.kwargs), "teacher")
+    except factory.FactoryError as e:
+        raise TeacherLoadError(str(e)) from e
     if spec.weights is not None:
         state = read_state_dict(spec.weights)
         try:
@@ -222,7 +233,7 @@ def load_teacher(
     finally:
         for h in handles:
             h.remove()
-    logits = probe[0] if isinstance(probe, (tuple, list)) else probe
+    logits = factory.logits_of(probe)
     if logits.ndim != 2:
         raise TeacherLoadError(f"teacher {name!r} returned shape {tuple(logits.shape)}; expected [batch, classes]")
     return Teacher(
@@ -235,4 +246,5 @@ def load_teacher(
         device=dev,
         spec=spec,
         layers=layers,
+        weights_fingerprint=fp,
     )

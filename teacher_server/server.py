@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -18,7 +19,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kd.core.data import Dataset
+from kd.core.samples import SampleSource
+from kd.core.signature import target_fingerprint, target_options
 from kd.teacher_server.access import Accounting, parse_access
 from kd.teacher_server.auth import TLSConfig, TokenInterceptor
 from kd.teacher_server.batcher import DynamicBatcher
@@ -26,9 +28,8 @@ from kd.teacher_server.loading import Teacher
 from kd.teacher_server.metrics import ServerMetrics
 from kd.teacher_server.records import load_records
 from kd.teacher_server.runner import ModelRunner
-from kd.teacher_server.service import Endpoint, TeacherServicer
+from kd.teacher_server.service import Endpoint, TeacherServicer, add_to_server
 from kd.v1 import teacher_pb2 as pb
-from kd.v1 import teacher_pb2_grpc as pb_grpc
 
 log = logging.getLogger("kd.serve")
 
@@ -43,11 +44,16 @@ class TeacherOptions:
     max_batch_size: int = 256
     preferred_batch_sizes: list[int] = field(default_factory=list)
     max_queue_delay_us: int = 2000
-    max_queue_size: int = 0  # samples; 0 = unbounded
+    # Samples queued per teacher before RESOURCE_EXHAUSTED (bounded by default; 0 = unbounded).
+    max_queue_size: int = 4096
+    # amp, compile and mean/std change the targets, so the fingerprint the server reports
+    # covers them (kd.core.signature.target_fingerprint); channels_last does not.
     amp: str = "fp32"
     compile: bool = False
     channels_last: bool = False
     warmup: bool = True
+    # torch intra-op threads of the model thread (0 = torch's default, e.g. OMP_NUM_THREADS).
+    threads: int = 0
     # uint8 inputs: x / 255, then (x - mean[c]) / std[c] over the first per-sample dim.
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -57,6 +63,11 @@ class TeacherOptions:
     records: str | None = None
     # The class map: a name per output index (reported by ListTeachers).
     class_names: list[str] | None = None
+    # Gradient paths: samples per BatchNormLoss / InputGradient call, iterations per Synthesize,
+    # and jobs waiting per job queue (BatchNormLoss and Synthesize run on a thread of their own).
+    max_gradient_batch: int = 1024
+    max_synthesis_iterations: int = 10_000
+    max_jobs_queued: int = 8
 
 
 # The first version's name, kept for callers that only set batching fields.
@@ -71,14 +82,23 @@ class RunningServer:
     health: health.HealthServicer
     metrics: ServerMetrics
     metrics_port: int | None = None
+    servicer: TeacherServicer | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def stop(self, grace: float | None = 5.0) -> None:
-        """Drain: report NOT_SERVING, refuse new RPCs, finish accepted work, stop batchers."""
+        """Drain: report NOT_SERVING, refuse new work with UNAVAILABLE (answered, not reset),
+        finish accepted work, then stop gRPC and the batchers."""
         if self._stopped.is_set():
             return
         self._stopped.set()
         self.health.enter_graceful_shutdown()
+        if self.servicer is not None:
+            # While gRPC still listens, new calls get an in-app UNAVAILABLE at once; only the
+            # few that reach gRPC's core in the instant of server.stop can still be reset.
+            self.servicer.draining.set()
+            deadline = time.monotonic() + (grace if grace is not None else 30.0)
+            while time.monotonic() < deadline and any(ep.busy() for ep in self.endpoints.values()):
+                time.sleep(0.005)
         self.server.stop(grace).wait()
         for ep in self.endpoints.values():
             ep.close(timeout=grace)
@@ -95,7 +115,7 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 def _endpoint(t: Teacher, o: TeacherOptions, metrics: ServerMetrics) -> Endpoint:
-    runner = ModelRunner(t, amp=o.amp, compile=o.compile, channels_last=o.channels_last)
+    runner = ModelRunner(t, amp=o.amp, compile=o.compile, channels_last=o.channels_last, threads=o.threads)
     if o.warmup:
         runner.warmup([1, *o.preferred_batch_sizes, o.max_batch_size])
     mean = std = None
@@ -124,8 +144,12 @@ def _endpoint(t: Teacher, o: TeacherOptions, metrics: ServerMetrics) -> Endpoint
     records, records_dataset = None, ""
     if o.records:
         records, records_dataset = load_records(o.records, t)
+    # The fingerprint clients and caches see covers every option that changes the targets.
+    fp_options = dict(amp=o.amp, compile=o.compile, mean=o.mean, std=o.std)
     return Endpoint(t, batcher, mean, std, access=parse_access(o.access), records=records,
-                    records_dataset=records_dataset, class_names=list(o.class_names or []))  # fmt: skip
+                    records_dataset=records_dataset, class_names=list(o.class_names or []),
+                    fingerprint=target_fingerprint(t.weights_fingerprint, **fp_options),
+                    target_options=target_options(**fp_options))  # fmt: skip
 
 
 def start_server(
@@ -135,18 +159,28 @@ def start_server(
     port: int = 0,
     batching: TeacherOptions | None = None,
     options: dict[str, TeacherOptions] | None = None,
-    datasets: dict[str, Dataset] | None = None,
+    datasets: dict[str, SampleSource] | None = None,
     max_workers: int = 32,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     tls: TLSConfig | None = None,
     token: str | None = None,
     metrics_port: int | None = None,
     query_budget: int = 0,
+    max_streams: int = 64,
+    max_streams_per_client: int = 16,
+    stream_window: int = 32,
+    max_clients: int = 10_000,
 ) -> RunningServer:
     """Start serving ``teachers`` on ``host:port`` (0 = any free port).
 
     ``options`` gives per-teacher options by name; ``batching`` the default for
     the others. ``datasets`` are registered for inputs by reference.
+
+    Threads: ``max_workers`` handle unary calls and health checks; long-lived calls
+    (InferStream, Synthesize) run on ``max_streams`` threads of their own, at most
+    ``max_streams_per_client`` per client, so idle streams never take the unary
+    calls' threads. Each stream has at most ``stream_window`` requests between read
+    and answered. Query accounting keeps at most ``max_clients`` clients.
     """
     default = batching or TeacherOptions()
     options = options or {}
@@ -159,13 +193,24 @@ def start_server(
     credentials = tls.server_credentials() if tls else None  # fail on bad files before any thread starts
     metrics = ServerMetrics()
     endpoints = {t.name: _endpoint(t, options.get(t.name, default), metrics) for t in teachers}
+    for t in teachers:
+        o, ep = options.get(t.name, default), endpoints[t.name]
+        ep.max_gradient_batch, ep.max_jobs_queued = o.max_gradient_batch, o.max_jobs_queued
+        ep.max_synthesis_iterations = o.max_synthesis_iterations
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        # A thread per open stream beyond the unary workers; calls beyond the threads wait in a
+        # bounded backlog (maximum_concurrent_rpcs) instead of an unbounded one.
+        futures.ThreadPoolExecutor(max_workers=max_workers + max_streams, thread_name_prefix="grpc"),
         options=channel_options(max_message_bytes),
-        interceptors=[TokenInterceptor(token)] if token else [],
+        interceptors=[TokenInterceptor(token, on_deny=lambda: metrics.error("", "UNAUTHENTICATED"))] if token else [],
+        maximum_concurrent_rpcs=4 * max_workers + max_streams,
     )
-    accounting = Accounting(query_budget, on_charge=metrics.charged)
-    pb_grpc.add_TeacherServiceServicer_to_server(TeacherServicer(endpoints, datasets, metrics, accounting), server)
+    accounting = Accounting(query_budget, on_charge=metrics.charged, max_clients=max_clients,
+                            on_forget=metrics.forget_client)  # fmt: skip
+    servicer = TeacherServicer(endpoints, datasets, metrics, accounting, max_message_bytes=max_message_bytes,
+                               max_streams=max_streams, max_streams_per_client=max_streams_per_client,
+                               stream_window=stream_window)  # fmt: skip
+    add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -180,7 +225,7 @@ def start_server(
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     bound_metrics = metrics.serve_http(metrics_port, host) if metrics_port is not None else None
-    return RunningServer(server, bound, endpoints, health_servicer, metrics, bound_metrics)
+    return RunningServer(server, bound, endpoints, health_servicer, metrics, bound_metrics, servicer)
 
 
 def serve_until_signalled(running: RunningServer, grace: float = 30.0) -> None:

@@ -1,13 +1,22 @@
 """The RPC layer: validates requests, hands tensors to batchers, encodes replies.
 
-Handler threads never run a model: they decode (or load samples by
-reference), submit to the teacher's batcher, wait on a future and encode the
-outputs (top-k, probabilities, pooling and dtype casts happen here, off the
-model's thread). Every refusal is a ``RequestError`` with a precise status.
+Handler threads never run a model: they parse the raw request bytes (a body
+that does not parse is INVALID_ARGUMENT naming the RPC), validate everything
+(names against layer shapes, numeric options, the answer's size) before any
+work, decode (or load samples by reference), submit to the teacher's batcher or
+job queue, wait on a future and encode the outputs (top-k, probabilities,
+pooling and dtype casts happen here, off the model's thread). Every refusal is
+a ``RequestError`` with a precise status; an output that is not finite is
+refused, never sent. Streams are bounded in number (per client and overall, on
+threads of their own, so idle streams cannot starve unary calls and health
+checks) and flow-controlled (a bounded window of requests between read and
+answered per stream).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import queue
 import threading
@@ -20,15 +29,18 @@ import grpc
 import torch
 
 from kd.core import reductions
-from kd.core.data import Dataset
-from kd.core.reductions import pool
+from kd.core.reductions import pool, shorten
+from kd.core.samples import VIEW_STRIDE, SampleSource
+from kd.core.signature import SignatureError, TeacherSignature, TensorSpec, format_shape
 from kd.core.wire import WireError, dtype_name, from_proto, proto_dtype, to_proto
 from kd.teacher_server import access as tiers
 from kd.teacher_server.access import Accounting, BudgetExceeded, client_identity
 from kd.teacher_server.batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
 from kd.teacher_server.gradients import (
     BNStates,
+    JobQueue,
     PackLayout,
+    SynthesisDiverged,
     SynthesisParams,
     VJPRunner,
     batchnorm_layers,
@@ -40,8 +52,19 @@ from kd.teacher_server.metrics import ServerMetrics
 from kd.v1 import teacher_pb2 as pb
 from kd.v1 import teacher_pb2_grpc as pb_grpc
 
+log = logging.getLogger("kd.serve")
+
 _FLOAT_OUT = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16}
+_OUT_ITEMSIZE = {pb.DTYPE_UNSPECIFIED: 4, pb.FLOAT32: 4, pb.FLOAT16: 2, pb.BFLOAT16: 2}
 _MAX_LISTED = 40
+_MAX_DETAILS = 1000  # characters of a status message: gRPC's metadata limit is a few KB
+# Numeric options: outside these ranges the arithmetic overflows or means nothing.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+MAX_TTL_SECONDS = 7 * 24 * 3600.0
+MAX_STATE_ID = 256
+MAX_LR = 10.0
+MAX_WEIGHT = 1e6
+SERVICE = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
 
 
 class RequestError(Exception):
@@ -62,6 +85,95 @@ def _listing(names: list[str]) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > _MAX_LISTED else "")
 
 
+def _clip(message: str) -> str:
+    """A status message short enough for gRPC's metadata whatever the request echoed."""
+    return message if len(message) <= _MAX_DETAILS else message[: _MAX_DETAILS - 20] + " ... (truncated)"
+
+
+def _abort(context: grpc.ServicerContext, e: RequestError) -> None:
+    context.abort(e.code, _clip(e.message))
+
+
+def _finite_number(what: str, value: float, lo: float, hi: float, *, open_lo: bool = False) -> None:
+    ok = math.isfinite(value) and (lo < value if open_lo else lo <= value) and value <= hi
+    if not ok:
+        interval = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+        raise _invalid(f"{what} must be a finite number in {interval}, got {value}")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every value is finite, from two scalars: min and max propagate NaN and
+    surface +-Inf, so one pass without a boolean tensor the size of ``t`` (``isfinite``
+    of a 19 MB batch allocated 4.8 MB and took ~5x longer)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _check_outputs(outputs: dict[str, torch.Tensor]) -> None:
+    """Refuse (OUT_OF_RANGE) rather than send NaN or Inf: the inputs are finite, so a
+    non-finite output means they (or the dtype asked for) overflow the teacher's range."""
+    for key, t in outputs.items():
+        if not _all_finite(t):
+            raise RequestError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"output {shorten(key)} has NaN or Inf values for these inputs ({str(t.dtype).removeprefix('torch.')}):"
+                " inputs or options outside the range the teacher computes in; nothing is sent",
+            )
+
+
+class StreamSlots:
+    """Long-lived calls (InferStream, Synthesize) each hold a handler thread: at most
+    ``max_streams`` at once and ``per_client`` per client identity; beyond that a new
+    one is refused (RESOURCE_EXHAUSTED) at once. Per-client entries exist only while open."""
+
+    def __init__(self, max_streams: int, per_client: int, on_change=None) -> None:
+        if max_streams < 1 or per_client < 1:
+            raise ValueError(f"stream limits must be >= 1, got {max_streams} overall, {per_client} per client")
+        self.max_streams = max_streams
+        self.per_client = per_client
+        self.open = 0
+        self._by_client: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._on_change = on_change
+
+    def acquire(self, client: str):
+        with self._lock:
+            mine = self._by_client.get(client, 0)
+            if self.open >= self.max_streams:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"{self.open} streams open, the server's limit (max_streams={self.max_streams}); "
+                                   "retry later or use unary calls")  # fmt: skip
+            if mine >= self.per_client:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"client {shorten(client)} has {mine} streams open, the limit per client "
+                                   f"(max_streams_per_client={self.per_client})")  # fmt: skip
+            self._by_client[client] = mine + 1
+            self.open += 1
+            self._changed()
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if released.is_set():
+                    return
+                released.set()
+                left = self._by_client.get(client, 1) - 1
+                if left:
+                    self._by_client[client] = left
+                else:
+                    self._by_client.pop(client, None)
+                self.open -= 1
+                self._changed()
+
+        return release
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.open)
+
+
 @dataclass
 class Endpoint:
     """One served teacher, its batcher, and how it takes uint8 inputs."""
@@ -76,10 +188,33 @@ class Endpoint:
     records: dict[str, torch.Tensor] | None = None
     records_dataset: str = ""
     class_names: list[str] = field(default_factory=list)
+    # Operator limits of the gradient paths: samples per BatchNormLoss / InputGradient call,
+    # iterations per Synthesize, jobs waiting per job queue (BatchNormLoss, Synthesize).
+    max_gradient_batch: int = 1024
+    max_synthesis_iterations: int = 10_000
+    max_jobs_queued: int = 8
+    jobs: dict[str, JobQueue] = field(default_factory=dict)
     # Input-gradient batchers, one per set of feature layers with an upstream gradient.
     vjp_batchers: dict[frozenset[str], DynamicBatcher] = field(default_factory=dict)
     vjp_lock: threading.Lock = field(default_factory=threading.Lock)
     bn_states: BNStates = field(default_factory=BNStates)
+    # The target fingerprint (kd.core.signature.target_fingerprint of the serving options,
+    # named in target_options) and the signature as served; the teacher's own when empty.
+    fingerprint: str = ""
+    target_options: dict[str, str] = field(default_factory=dict)
+    signature: TeacherSignature | None = None
+
+    def __post_init__(self) -> None:
+        t = self.teacher
+        self.fingerprint = self.fingerprint or t.fingerprint
+        if self.signature is None:
+            base = t.signature or TeacherSignature.classifier(t.input_shape, t.num_classes, input_dtype=t.input_dtype)
+            self.signature = dataclasses.replace(
+                base,
+                class_names=tuple(self.class_names),
+                mean=None if self.mean is None else tuple(self.mean.tolist()),
+                std=None if self.std is None else tuple(self.std.tolist()),
+            )
 
     MAX_VJP_BATCHERS = 16
 
@@ -105,19 +240,36 @@ class Endpoint:
                 self.vjp_batchers[layers] = b
         return b, layout
 
+    def busy(self) -> bool:
+        """Whether accepted work is still queued or running (a drain waits for False)."""
+        batchers = [self.batcher, *self.vjp_batchers.values()]
+        return any(b.unresolved for b in batchers) or any(q.busy for q in self.jobs.values())
+
+    def job_queue(self, kind: str) -> JobQueue:
+        """The queue whose one thread runs this teacher's ``kind`` jobs (made on first use)."""
+        with self.vjp_lock:
+            q = self.jobs.get(kind)
+            if q is None:
+                q = self.jobs[kind] = JobQueue(f"{self.teacher.name}-{kind}", self.max_jobs_queued)
+            return q
+
     def close(self, timeout: float | None) -> None:
         self.batcher.close(timeout=timeout)
         for b in list(self.vjp_batchers.values()):
             b.close(timeout=timeout)
+        for q in list(self.jobs.values()):
+            q.close(timeout=timeout)
 
     def info(self, datasets: list[str]) -> pb.TeacherInfo:
         t = self.teacher
         norm = pb.Normalization(
             mean=[] if self.mean is None else self.mean.tolist(), std=[] if self.std is None else self.std.tolist()
         )
-        return pb.TeacherInfo(
+        info = pb.TeacherInfo(
             name=t.name,
-            fingerprint=t.fingerprint,
+            fingerprint=self.fingerprint,
+            weights_fingerprint=t.weights_fingerprint,
+            target_options=self.target_options,
             input_shape=list(t.input_shape),
             input_dtype=proto_dtype(t.input_dtype),
             num_classes=t.num_classes,
@@ -134,13 +286,16 @@ class Endpoint:
             has_activation_records=self.records is not None,
             class_names=self.class_names,
         )
+        return self.signature.fill_info(info)
 
     def from_uint8(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.to(torch.float32) / 255.0
+        """x / 255, then (x - mean[c]) / std[c]: in place on the one float copy (the same
+        operations in the same order as out of place, so the same values bit for bit)."""
+        y = x.to(torch.float32).div_(255.0)
         if self.mean is None:
             return y
         shape = (1, -1) + (1,) * (y.ndim - 2)
-        return (y - self.mean.view(shape)) / self.std.view(shape)
+        return y.sub_(self.mean.view(shape)).div_(self.std.view(shape))
 
 
 @dataclass
@@ -149,28 +304,46 @@ class _Prepared:
     inputs: torch.Tensor
     spec: pb.OutputSpec
     usage: pb.Usage | None = None
+    layers: frozenset[str] = frozenset()  # the layers spec's features need
 
 
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
     def __init__(
         self,
         endpoints: dict[str, Endpoint],
-        datasets: dict[str, Dataset] | None = None,
+        datasets: dict[str, SampleSource] | None = None,
         metrics: ServerMetrics | None = None,
         accounting: Accounting | None = None,
+        *,
+        max_message_bytes: int = 256 << 20,
+        max_streams: int = 64,
+        max_streams_per_client: int = 16,
+        stream_window: int = 32,
     ) -> None:
         self.endpoints = endpoints
         self.datasets = datasets or {}
         self.metrics = metrics
         self.accounting = accounting or Accounting()
+        self.max_message_bytes = max_message_bytes
+        if stream_window < 1:
+            raise ValueError(f"stream_window must be >= 1, got {stream_window}")
+        self.stream_window = stream_window
+        self.streams = StreamSlots(max_streams, max_streams_per_client,
+                                   on_change=metrics.streams_open.set if metrics is not None else None)  # fmt: skip
+        # Set by RunningServer.stop: new work is refused with UNAVAILABLE while accepted work finishes.
+        self.draining = threading.Event()
 
     # -- validation ---------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.draining.is_set():
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is draining (shutting down): retry elsewhere")
+
     def _endpoint(self, name: str, needed: str | None = None, what: str = "") -> Endpoint:
         ep = self.endpoints.get(name)
         if ep is None:
             raise RequestError(
                 grpc.StatusCode.NOT_FOUND,
-                f"unknown teacher {name!r}; this server has: {', '.join(sorted(self.endpoints))}",
+                f"unknown teacher {shorten(name)}; this server has: {_listing(sorted(self.endpoints))}",
             )
         if needed is not None and not tiers.allows(ep.access, needed):
             denied = tiers.AccessDenied(name, ep.access, needed, what)
@@ -184,6 +357,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
 
     def _prepare(self, request: pb.InferRequest, context: grpc.ServicerContext | None = None) -> _Prepared:
+        self._check_open()
         ep = self._endpoint(request.teacher)
         kind = request.WhichOneof("input")
         if kind == "inputs":
@@ -192,10 +366,11 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             x = self._load_ref(ep, request.ref)
         else:
             raise _invalid("request has no inputs: set `inputs` (a tensor) or `ref` (dataset samples)")
-        self._check_spec(ep.teacher, request.outputs)
+        layers = self._check_spec(ep.teacher, request.outputs)
         self._check_tier(ep, request.outputs)
+        self._check_reply_size(ep, request.outputs, int(x.shape[0]))
         usage = self._charge(context, samples=int(x.shape[0]))
-        return _Prepared(ep, x, request.outputs, usage)
+        return _Prepared(ep, x, request.outputs, usage, layers)
 
     @staticmethod
     def _check_tier(ep: Endpoint, spec: pb.OutputSpec) -> None:
@@ -219,7 +394,9 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         shape = tuple(msg.shape)
         self._check_shape(t, shape)
         try:
-            x = from_proto(msg)
+            # One copy of the payload (kd.core.wire): a read-only view, converted (uint8,
+            # float16) or handed to the model as is; nothing here writes to it.
+            x = from_proto(msg, copy=False)
         except WireError as e:
             raise _invalid(f"inputs: {e}") from None
         if msg.dtype == pb.UINT8:
@@ -230,16 +407,18 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
     @staticmethod
     def _check_shape(t: Teacher, shape: tuple[int, ...]) -> None:
-        if len(shape) != 1 + len(t.input_shape) or tuple(shape[1:]) != t.input_shape:
-            want_shape = ", ".join(map(str, t.input_shape))
-            raise _invalid(f"inputs have shape {list(shape)} but teacher {t.name!r} takes [N, {want_shape}]")
+        # Per the signature: a variable dim (-1, the positions axis of a token teacher) takes any size.
+        spec = t.signature.inputs[0] if t.signature is not None else TensorSpec("input", t.input_dtype, t.input_shape)
+        if len(shape) == 0 or not spec.matches(shape[1:]):
+            want = format_shape(spec.shape, batch=True)
+            raise _invalid(f"inputs have shape {list(shape)} but teacher {t.name!r} takes {want}")
         if shape[0] == 0:
             raise _invalid("empty batch: inputs have 0 samples")
 
     @staticmethod
     def _check_finite(x: torch.Tensor) -> None:
         # One reduction on the common path; the per-sample search only for the error message.
-        if bool(torch.isfinite(x).all()):
+        if _all_finite(x):
             return
         bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
         if bad.any():
@@ -261,37 +440,101 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             raise _invalid(f"index {int(idx[bad][0])} out of range for dataset {ref.dataset!r} of {len(data)} samples")
         if ref.view_seeds and len(ref.view_seeds) != len(ref.indices):
             raise _invalid(f"ref has {len(ref.view_seeds)} view_seeds for {len(ref.indices)} indices")
-        seeds = list(ref.view_seeds) if ref.view_seeds else None
-        x = data.views(idx, seeds)
-        self._check_shape(ep.teacher, tuple(x.shape))
-        return x.to(ep.teacher.input_dtype)
+        seeds = torch.tensor(list(ref.view_seeds), dtype=torch.long) if ref.view_seeds else None
+        try:
+            x = _read_samples(data, idx, seeds)
+        except RequestError:
+            raise
+        except (ValueError, OSError, RuntimeError, KeyError) as e:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"dataset {ref.dataset!r}: cannot read the samples: {e}"
+            ) from None
+        return self._conform(ep, x, ref.dataset)
+
+    def _conform(self, ep: Endpoint, x: torch.Tensor, dataset: str) -> torch.Tensor:
+        """Dataset samples in the teacher's input shape and dtype (kd.core.signature):
+        reshaped when the element count matches, uint8 normalised like uint8 inputs."""
+        spec = ep.signature.input
+        try:
+            x = spec.conform(x, f"dataset {dataset!r}")
+        except SignatureError as e:
+            raise _invalid(f"{e}; teacher {ep.teacher.name!r} takes {spec}") from None
+        if x.dtype == torch.uint8 and spec.dtype.is_floating_point:
+            return ep.from_uint8(x)
+        if x.dtype != spec.dtype:
+            if x.dtype.is_floating_point != spec.dtype.is_floating_point:
+                raise _invalid(
+                    f"dataset {dataset!r} gives {str(x.dtype).removeprefix('torch.')} samples but teacher "
+                    f"{ep.teacher.name!r} takes {spec}"
+                )
+            x = x.to(spec.dtype)
+        if x.is_floating_point():
+            self._check_finite(x)
+        return x
 
     @staticmethod
-    def _check_spec(t: Teacher, spec: pb.OutputSpec) -> None:
+    def _check_spec(t: Teacher, spec: pb.OutputSpec) -> frozenset[str]:
+        """Refuse a bad output spec; the layers its features need (computed once per request)."""
         for what, dt in (("logits_dtype", spec.logits_dtype), ("features_dtype", spec.features_dtype)):
             if dt not in (pb.DTYPE_UNSPECIFIED, *_FLOAT_OUT):
                 raise _invalid(f"{what} {dtype_name(dt)} not offered; use FLOAT32, FLOAT16 or BFLOAT16")
         if not 0 <= spec.top_k <= t.num_classes:
             raise _invalid(f"top_k={spec.top_k} out of range: teacher {t.name!r} has {t.num_classes} classes")
-        if not (spec.probs_temperature >= 0 and math.isfinite(spec.probs_temperature)):
+        temp = spec.probs_temperature
+        if temp != 0 and not (math.isfinite(temp) and MIN_TEMPERATURE <= temp <= MAX_TEMPERATURE):
             raise _invalid(
-                f"probs_temperature must be a finite number > 0 (or 0 for none), got {spec.probs_temperature}"
+                f"probs_temperature must be a finite number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
+                f"(or 0 for none), got {temp}"
             )
         try:
             layers = reductions.layers_needed(spec.features)
         except ValueError as e:
             raise _invalid(str(e)) from None
-        unknown = [name for name in layers if name not in t.layers]
+        unknown = [shorten(name) for name in layers if name not in t.layers]
         if unknown:
-            raise _invalid(f"unknown layer(s) {unknown} of teacher {t.name!r}; valid: {_listing(list(t.layers))}")
+            raise _invalid(
+                f"unknown layer(s) [{', '.join(unknown[:8])}] of teacher {t.name!r}; valid: {_listing(list(t.layers))}"
+            )
+        for name in spec.features:  # each reduction against its layers' shapes, before any work
+            try:
+                reductions.output_shape(name, t.layers, 1, pool_raw=spec.pool_features)
+            except ValueError as e:
+                raise _invalid(str(e)) from None
+        return frozenset(layers)
+
+    def _check_reply_size(self, ep: Endpoint, spec: pb.OutputSpec, n: int) -> None:
+        """Refuse (RESOURCE_EXHAUSTED) before the forward an answer that could not be sent."""
+        c, isz = ep.teacher.num_classes, _OUT_ITEMSIZE[spec.logits_dtype]
+        nothing_asked = (not spec.logits and spec.top_k == 0 and spec.probs_temperature == 0
+                         and not spec.features and not spec.labels)  # fmt: skip
+        labels_only = not tiers.allows(ep.access, "scores")
+        per_sample = 0
+        if spec.logits or (nothing_asked and not labels_only):
+            per_sample += c * isz
+        if spec.labels or (nothing_asked and labels_only):
+            per_sample += 8
+        if spec.top_k:
+            per_sample += spec.top_k * (isz + 4) + 4
+        if spec.probs_temperature > 0:
+            per_sample += c * isz
+        total = n * per_sample + 4096
+        fsz = _OUT_ITEMSIZE[spec.features_dtype]
+        for name in spec.features:
+            shape = reductions.output_shape(name, ep.teacher.layers, n, pool_raw=spec.pool_features)
+            total += math.prod(shape) * fsz + 64
+        if total > self.max_message_bytes:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the answer to this request would be {total / 2**20:.1f} MiB, over the server's message limit of "
+                f"{self.max_message_bytes / 2**20:.1f} MiB: send fewer samples per request or ask for smaller outputs",
+            )
 
     # -- batching -----------------------------------------------------------------
     def _submit(self, p: _Prepared, context: grpc.ServicerContext | None) -> Future:
         remaining = context.time_remaining() if context is not None else None
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
-            layers = reductions.layers_needed(p.spec.features)
-            future = p.endpoint.batcher.submit(p.inputs, layers=layers, deadline=deadline)
+            future = p.endpoint.batcher.submit(p.inputs, layers=p.layers, deadline=deadline)
         except QueueFullError as e:
             name = p.endpoint.teacher.name
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"teacher {name!r}: {e}") from None
@@ -322,8 +565,12 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             and not spec.labels
         )  # fmt: skip
         labels_only = not tiers.allows(p.endpoint.access, "scores")
+        checked = {"logits": logits.to(dt)} if dt != torch.float32 else {"logits": logits}
+        if spec.probs_temperature > 0:
+            checked["probs"] = torch.softmax(logits / spec.probs_temperature, dim=1).to(dt)
+        _check_outputs(checked)
         if spec.logits or (nothing_asked and not labels_only):
-            outs["logits"] = to_proto(logits.to(dt))
+            outs["logits"] = to_proto(checked["logits"])
         if spec.labels or (nothing_asked and labels_only):
             outs["labels"] = to_proto(logits.argmax(dim=1).to(torch.int64))
         if spec.top_k:
@@ -332,7 +579,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             outs["topk_indices"] = to_proto(indices.to(torch.int32))
             outs["logsumexp"] = to_proto(torch.logsumexp(logits, dim=1))
         if spec.probs_temperature > 0:
-            outs["probs"] = to_proto(torch.softmax(logits / spec.probs_temperature, dim=1).to(dt))
+            outs["probs"] = to_proto(checked["probs"])
         fdt = _FLOAT_OUT.get(spec.features_dtype, torch.float32)
         maps = {k.removeprefix("feature/"): v for k, v in out.items() if k.startswith("feature/")}
         for name in spec.features:
@@ -340,10 +587,16 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             feat = reductions.reduce(name, maps)
             if spec.pool_features and reductions.parse(name).reduction is None:
                 feat = pool(feat)
-            outs[f"feature/{name}"] = to_proto(feat.to(fdt))
+            feat = feat.to(fdt)
+            _check_outputs({f"feature/{name}": feat})
+            outs[f"feature/{name}"] = to_proto(feat)
         t = p.endpoint.teacher
         return pb.InferResponse(
-            request_id=request.request_id, teacher=t.name, fingerprint=t.fingerprint, outputs=outs, usage=p.usage
+            request_id=request.request_id,
+            teacher=t.name,
+            fingerprint=p.endpoint.fingerprint,
+            outputs=outs,
+            usage=p.usage,
         )
 
     def _count_error(self, teacher: str, code: grpc.StatusCode) -> None:
@@ -371,28 +624,46 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             return self._encode(request, p, out)
         except RequestError as e:
             self._count_error(request.teacher, e.code)
-            context.abort(e.code, e.message)
+            _abort(context, e)
 
-    def InferStream(self, request_iterator: Iterator[pb.InferRequest], context: grpc.ServicerContext):
-        # A reader thread submits requests as they arrive, so many batches are in
-        # flight at once; this handler thread encodes replies and sends them in
-        # request order (a reply that completes early waits for those before it).
+    def InferStream(self, request_iterator: Iterator[bytes | pb.InferRequest], context: grpc.ServicerContext):
+        # A reader thread parses and submits requests as they arrive, so many batches are in
+        # flight at once; this handler thread encodes replies and sends them in request order
+        # (a reply that completes early waits for those before it). Flow control: at most
+        # `stream_window` requests are between read and sent, so a client that does not read
+        # its answers stops the reader instead of piling answers up in memory. A request that
+        # does not parse or is refused is answered in-band and the stream goes on.
+        release = self._open_stream(context)
+        window = threading.Semaphore(self.stream_window)
         done: queue.Queue = queue.Queue()
-        futures: list[Future] = []
+        inflight: dict[int, Future] = {}
+        stop = threading.Event()
         total: list[int] = []  # set by the reader when the client half-closes
 
         def read() -> None:
             n = 0
             try:
-                for request in request_iterator:
-                    seq, n = n, n + 1
+                while not stop.is_set():
+                    if not window.acquire(timeout=0.25):
+                        continue
                     try:
+                        raw = next(request_iterator)
+                    except StopIteration:
+                        break
+                    seq, n = n, n + 1
+                    request = pb.InferRequest()
+                    try:
+                        request = _parse("InferStream", pb.InferRequest, raw, f" (message #{seq} of the stream)")
                         p = self._prepare(request, context)
                         future = self._submit(p, context)
                     except RequestError as e:
                         done.put((seq, request, None, e))
                         continue
-                    futures.append(future)
+                    except Exception as e:  # noqa: BLE001 - a server bug: answer it in-band, keep the stream
+                        log.exception("InferStream: request #%d failed", seq)
+                        done.put((seq, request, None, RequestError(grpc.StatusCode.INTERNAL, _internal(e))))
+                        continue
+                    inflight[seq] = future
                     # Fires on completion, failure or cancellation: one item per request.
                     future.add_done_callback(lambda f, s=seq, r=request, p=p: done.put((s, r, p, f)))
             except Exception:  # noqa: BLE001 - stream broken by the client; nothing to answer
@@ -401,25 +672,43 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 total.append(n)
                 done.put(None)
 
-        def cancel_all() -> None:
-            for f in list(futures):
+        def on_end() -> None:  # the call ended (completed, cancelled, deadline): free everything
+            stop.set()
+            for f in list(inflight.values()):
                 f.cancel()
+            done.put(_CLOSED)
+            release()
 
-        context.add_callback(cancel_all)
+        context.add_callback(on_end)
         threading.Thread(target=read, name="infer-stream-reader", daemon=True).start()
         ready: dict[int, tuple] = {}
         next_seq = 0
-        while not total or next_seq < total[0]:
-            item = done.get()
-            if item is None:
-                continue
-            ready[item[0]] = item[1:]
-            while next_seq in ready:
-                request, p, result = ready.pop(next_seq)
-                next_seq += 1
-                reply = self._reply(request, p, result)
-                if reply is not None:
-                    yield reply
+        try:
+            while not total or next_seq < total[0]:
+                item = done.get()
+                if item is _CLOSED:
+                    return
+                if item is None:
+                    continue
+                ready[item[0]] = item[1:]
+                while next_seq in ready:
+                    request, p, result = ready.pop(next_seq)
+                    inflight.pop(next_seq, None)
+                    next_seq += 1
+                    reply = self._reply(request, p, result)
+                    if reply is not None:
+                        yield reply  # returns once gRPC has sent it (HTTP/2 flow control)
+                    window.release()
+        finally:
+            stop.set()
+            for f in list(inflight.values()):
+                f.cancel()
+            release()
+
+    def _open_stream(self, context: grpc.ServicerContext):
+        """A slot for a long-lived call (RequestError RESOURCE_EXHAUSTED when none is free)."""
+        self._check_open()
+        return self.streams.acquire(client_identity(context))
 
     # -- data-free distillation (WHITE tier) ----------------------------------------
     def _float_inputs(self, ep: Endpoint, msg: pb.Tensor) -> torch.Tensor:
@@ -442,8 +731,29 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             raise _invalid(f"{what} contains NaN or Inf")
         return t
 
+    def _submit_job(self, ep: Endpoint, kind: str, fn, context) -> Future:
+        try:
+            future = ep.job_queue(kind).submit(fn)
+        except QueueFullError as e:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"teacher {ep.teacher.name!r}: {e}") from None
+        except BatcherClosedError as e:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        context.add_callback(future.cancel)
+        return future
+
+    def _check_gradient_batch(self, ep: Endpoint, n: int, what: str, bytes_per_sample: int) -> None:
+        if n > ep.max_gradient_batch:
+            raise _invalid(f"{what}: {n} samples, at most {ep.max_gradient_batch} per call "
+                           "(the operator's max_gradient_batch); split the batch")  # fmt: skip
+        if n * bytes_per_sample + 4096 > self.max_message_bytes:
+            size, limit = n * bytes_per_sample / 2**20, self.max_message_bytes / 2**20
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{what}: the answer would be {size:.1f} MiB, over the server's message limit of "
+                               f"{limit:.1f} MiB; send fewer samples")  # fmt: skip
+
     def InputGradient(self, request: pb.GradientRequest, context: grpc.ServicerContext) -> pb.GradientResponse:
         try:
+            self._check_open()
             ep = self._endpoint(request.teacher, "white", "input gradients")
             t = ep.teacher
             x = self._float_inputs(ep, request.inputs)
@@ -461,9 +771,14 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                     layers.add(name)
                 else:
                     raise _invalid(
-                        f"upstream key {key!r}: use 'logits' or 'feature/<layer>' with a layer of teacher {t.name!r}: "
-                        f"{_listing(list(t.layers))}"
+                        f"upstream key {shorten(key)}: use 'logits' or 'feature/<layer>' with a layer of teacher "
+                        f"{t.name!r}: {_listing(list(t.layers))}"
                     )
+            per_sample = 4 * math.prod(t.input_shape)
+            if request.return_outputs:
+                per_sample += 4 * sum(t.num_classes if k == "logits" else math.prod(v.shape[1:])
+                                      for k, v in upstream.items())  # fmt: skip
+            self._check_gradient_batch(ep, n, "InputGradient", per_sample)
             usage = self._charge(context, gradient_samples=n)
             batcher, layout = ep.vjp_batcher(frozenset(layers))
             remaining = context.time_remaining()
@@ -479,14 +794,16 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 out = future.result()
             except Exception:  # noqa: BLE001
                 raise self._failed(future) from None
-            outputs = {}
+            results = {"input_grad": out["input_grad"]}
             if request.return_outputs:
-                outputs = {key: to_proto(out[key]) for key in upstream}
+                results.update({key: out[key] for key in upstream})
+            _check_outputs(results)
+            outputs = {key: to_proto(out[key]) for key in upstream} if request.return_outputs else {}
             return pb.GradientResponse(request_id=request.request_id, input_grad=to_proto(out["input_grad"]),
                                        outputs=outputs, usage=usage)  # fmt: skip
         except RequestError as e:
             self._count_error(request.teacher, e.code)
-            context.abort(e.code, e.message)
+            _abort(context, e)
 
     def GetBatchNormStats(self, request: pb.BatchNormStatsRequest, context) -> pb.BatchNormStatsResponse:
         try:
@@ -499,31 +816,52 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             return pb.BatchNormStatsResponse(stats=stats, layers=infos)
         except RequestError as e:
             self._count_error(request.teacher, e.code)
-            context.abort(e.code, e.message)
+            _abort(context, e)
 
     def BatchNormLoss(self, request: pb.BatchNormLossRequest, context) -> pb.BatchNormLossResponse:
         try:
+            self._check_open()
             ep = self._endpoint(request.teacher, "white", "the BatchNorm loss")
             x = self._float_inputs(ep, request.inputs)
             n = int(x.shape[0])
             upstream = None
             if request.HasField("upstream_logits"):
                 upstream = self._tensor(request.upstream_logits, "upstream_logits", (n, ep.teacher.num_classes))
+            _finite_number("momentum", request.momentum, 0.0, 1.0)
+            if request.momentum >= 1:
+                raise _invalid(f"momentum must be in [0, 1), got {request.momentum}")
+            _finite_number("ttl_seconds", request.ttl_seconds, 0.0, MAX_TTL_SECONDS)
             if request.state_id and not request.ttl_seconds > 0:
                 raise _invalid("a state_id needs ttl_seconds > 0 (how long the server keeps the momentum state)")
+            if len(request.state_id) > MAX_STATE_ID:
+                raise _invalid(f"state_id has {len(request.state_id)} characters, at most {MAX_STATE_ID}")
+            weights = list(request.layer_weights)
+            bad = [w for w in weights if not (math.isfinite(w) and 0 <= w <= MAX_WEIGHT)]
+            if bad:
+                raise _invalid(f"layer_weights must be finite numbers in [0, {MAX_WEIGHT:g}], got {bad[:4]}")
+            t = ep.teacher
+            self._check_gradient_batch(ep, n, "BatchNormLoss", 4 * (math.prod(t.input_shape) + t.num_classes))
             usage = self._charge(context, gradient_samples=n)
+
+            def job():
+                return batchnorm_loss(t, x, states=ep.bn_states, state_id=request.state_id,
+                                      momentum=request.momentum, ttl=request.ttl_seconds,
+                                      upstream_logits=upstream, layer_weights=weights)  # fmt: skip
+
+            # On the teacher's job thread (a bounded queue), never on this handler thread.
+            future = self._submit_job(ep, "batchnorm-loss", job, context)
             try:
-                res = batchnorm_loss(ep.teacher, x, states=ep.bn_states, state_id=request.state_id,
-                                     momentum=request.momentum, ttl=request.ttl_seconds,
-                                     upstream_logits=upstream, layer_weights=list(request.layer_weights))  # fmt: skip
+                res = future.result()
             except ValueError as e:
                 raise _invalid(str(e)) from None
+            except Exception:  # noqa: BLE001
+                raise self._failed(future) from None
             return pb.BatchNormLossResponse(request_id=request.request_id, loss=res.loss, per_layer=res.per_layer,
                                             input_grad=to_proto(res.input_grad), logits=to_proto(res.logits),
                                             usage=usage)  # fmt: skip
         except RequestError as e:
             self._count_error(request.teacher, e.code)
-            context.abort(e.code, e.message)
+            _abort(context, e)
 
     def GetActivationRecords(self, request: pb.ActivationRecordsRequest, context) -> pb.ActivationRecordsResponse:
         try:
@@ -539,41 +877,70 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                                                 dataset=ep.records_dataset, layers=layers)  # fmt: skip
         except RequestError as e:
             self._count_error(request.teacher, e.code)
-            context.abort(e.code, e.message)
+            _abort(context, e)
 
     MAX_SYNTHESIS_BATCH = 1024
 
     def Synthesize(self, request: pb.SynthesisRequest, context):
+        release = None
         try:
+            self._check_open()
             ep = self._endpoint(request.teacher, "white", "server-side synthesis")
             t = ep.teacher
             b = request.batch_size
             if not 1 <= b <= self.MAX_SYNTHESIS_BATCH:
                 raise _invalid(f"batch_size must be in 1..{self.MAX_SYNTHESIS_BATCH}, got {b}")
-            if request.iterations < 1:
-                raise _invalid(f"iterations must be >= 1, got {request.iterations}")
-            if not (request.lr > 0 and math.isfinite(request.lr)):
-                raise _invalid(f"lr must be a finite number > 0, got {request.lr}")
+            if not 1 <= request.iterations <= ep.max_synthesis_iterations:
+                raise _invalid(f"iterations must be in 1..{ep.max_synthesis_iterations} "
+                               f"(the operator's max_synthesis_iterations), got {request.iterations}")  # fmt: skip
+            _finite_number("lr", request.lr, 0.0, MAX_LR, open_lo=True)
+            for what in ("bn_weight", "tv_weight", "l2_weight"):
+                _finite_number(what, getattr(request, what), 0.0, MAX_WEIGHT)
+            if request.report_every < 0:
+                raise _invalid(f"report_every must be >= 0, got {request.report_every}")
             targets = list(request.targets) or [i % t.num_classes for i in range(b)]
             if len(targets) != b or any(not 0 <= y < t.num_classes for y in targets):
                 raise _invalid(f"targets: {b} classes in 0..{t.num_classes - 1} expected, got {targets[:8]}...")
-            usage = self._charge(context, gradient_samples=b * request.iterations)
+            if b * 4 * math.prod(t.input_shape) + 4096 > self.max_message_bytes:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"Synthesize: a batch of {b} inputs is over the server's message limit "
+                                   f"of {self.max_message_bytes / 2**20:.1f} MiB")  # fmt: skip
             params = SynthesisParams(
                 batch_size=b, targets=targets, iterations=request.iterations, lr=request.lr,
                 bn_weight=request.bn_weight, tv_weight=request.tv_weight, l2_weight=request.l2_weight,
                 seed=request.seed, report_every=request.report_every,
             )  # fmt: skip
+            release = self._open_stream(context)
+            usage = self._charge(context, gradient_samples=b * request.iterations)
+            updates: queue.Queue = queue.Queue()
+            stop = threading.Event()
+
+            def job() -> None:  # on the teacher's synthesis thread; progress goes to this handler
+                for update in synthesize(t, params, should_stop=lambda: stop.is_set() or not context.is_active()):
+                    updates.put(update)
+
+            future = self._submit_job(ep, "synthesis", job, context)
+            context.add_callback(stop.set)
+            future.add_done_callback(lambda f: updates.put(_CLOSED))
+            while (update := updates.get()) is not _CLOSED:
+                msg = pb.SynthesisUpdate(request_id=request.request_id, iteration=update["iteration"],
+                                         loss=update["loss"], terms=update["terms"], usage=usage)  # fmt: skip
+                if update.get("done"):
+                    msg.done = True
+                    msg.inputs.CopyFrom(to_proto(update["inputs"]))
+                    msg.targets.CopyFrom(to_proto(update["targets"]))
+                yield msg
+            if not future.cancelled() and future.exception() is not None:
+                e = future.exception()
+                if isinstance(e, SynthesisDiverged):
+                    raise _invalid(str(e))
+                raise self._failed(future)
         except RequestError as e:
             self._count_error(request.teacher, e.code)
-            context.abort(e.code, e.message)
-        for update in synthesize(t, params, should_stop=lambda: not context.is_active()):
-            msg = pb.SynthesisUpdate(request_id=request.request_id, iteration=update["iteration"],
-                                     loss=update["loss"], terms=update["terms"], usage=usage)  # fmt: skip
-            if update.get("done"):
-                msg.done = True
-                msg.inputs.CopyFrom(to_proto(update["inputs"]))
-                msg.targets.CopyFrom(to_proto(update["targets"]))
-            yield msg
+            _abort(context, e)
+        finally:
+            if release is not None:
+                release()
 
     def _reply(self, request: pb.InferRequest, p: _Prepared | None, result) -> pb.InferResponse | None:
         if isinstance(result, RequestError):
@@ -585,12 +952,131 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             err = self._failed(result)
             self._count_error(request.teacher, err.code)
             return _error_response(request, err)
-        return self._encode(request, p, result.result())
+        try:
+            return self._encode(request, p, result.result())
+        except RequestError as e:
+            self._count_error(request.teacher, e.code)
+            return _error_response(request, e)
+        except Exception as e:  # noqa: BLE001 - a server bug: answer it in-band, keep the stream
+            log.exception("InferStream: encoding a reply failed")
+            self._count_error(request.teacher, grpc.StatusCode.INTERNAL)
+            return _error_response(request, RequestError(grpc.StatusCode.INTERNAL, _internal(e)))
+
+
+def _read_samples(source: SampleSource, idx: torch.Tensor, seeds: torch.Tensor | None) -> torch.Tensor:
+    """The samples through ``SampleSource.get``. A view seed is ``index * VIEW_STRIDE + view``
+    (kd.core.samples.view_seeds), so view ids are recovered from the seeds; other seeds only
+    reach a source that takes any seed (the bundled digits' ``views``)."""
+    if seeds is None:
+        return source.get(idx, None)
+    views = seeds - idx * VIEW_STRIDE
+    if bool(((views >= 0) & (views < VIEW_STRIDE)).all()):
+        return source.get(idx, views)
+    by_seed = getattr(source, "views", None)
+    if callable(by_seed):
+        return by_seed(idx, seeds)
+    bad = int((~((views >= 0) & (views < VIEW_STRIDE))).nonzero()[0])
+    raise _invalid(
+        f"view seed {int(seeds[bad])} of index {int(idx[bad])} is not index * {VIEW_STRIDE} + view "
+        f"(kd.core.samples.view_seeds); this dataset serves views by id only"
+    )
 
 
 def _error_response(request: pb.InferRequest, e: RequestError) -> pb.InferResponse:
     return pb.InferResponse(
-        request_id=request.request_id,
-        teacher=request.teacher,
-        error=pb.Error(code=e.code.value[0], message=e.message),
+        request_id=request.request_id[:_MAX_DETAILS],
+        teacher=request.teacher[:_MAX_DETAILS],
+        error=pb.Error(code=e.code.value[0], message=_clip(e.message)),
     )
+
+
+_CLOSED = object()
+
+
+def _internal(e: BaseException) -> str:
+    return f"internal error: {type(e).__name__}: {e}"
+
+
+def _parse(rpc: str, cls, data, where: str = ""):
+    """The request message of ``rpc`` from its raw bytes (INVALID_ARGUMENT naming the RPC
+    when they do not parse); a message object (in-process callers) passes through."""
+    if isinstance(data, cls):
+        return data
+    try:
+        return cls.FromString(data)
+    except Exception as e:  # noqa: BLE001 - DecodeError and whatever else a corrupt body raises
+        size = len(data) if isinstance(data, (bytes, bytearray)) else "?"
+        raise _invalid(
+            f"{rpc}: the request body{where} ({size} bytes) does not parse as {cls.DESCRIPTOR.full_name}: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+
+
+# RPC -> (request streaming, response streaming, request class, response class).
+_RPCS = {
+    "ListTeachers": (False, False, pb.ListTeachersRequest, pb.ListTeachersResponse),
+    "Infer": (False, False, pb.InferRequest, pb.InferResponse),
+    "InferStream": (True, True, pb.InferRequest, pb.InferResponse),
+    "InputGradient": (False, False, pb.GradientRequest, pb.GradientResponse),
+    "GetBatchNormStats": (False, False, pb.BatchNormStatsRequest, pb.BatchNormStatsResponse),
+    "BatchNormLoss": (False, False, pb.BatchNormLossRequest, pb.BatchNormLossResponse),
+    "GetActivationRecords": (False, False, pb.ActivationRecordsRequest, pb.ActivationRecordsResponse),
+    "Synthesize": (False, True, pb.SynthesisRequest, pb.SynthesisUpdate),
+}
+
+
+def add_to_server(servicer: TeacherServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` with raw-bytes request handlers: the servicer parses each body
+    itself, so one that does not parse is INVALID_ARGUMENT naming the RPC (gRPC's own
+    deserializer answers INTERNAL, and on a stream ends it), and an unexpected exception is
+    INTERNAL with its message (never gRPC's bare UNKNOWN)."""
+
+    def failed(rpc: str, e: Exception, context: grpc.ServicerContext) -> None:
+        if context.code() is not None:  # the servicer aborted the call with its own status
+            raise e
+        if isinstance(e, RequestError):
+            servicer._count_error("", e.code)
+            _abort(context, e)
+        log.exception("%s failed", rpc)
+        servicer._count_error("", grpc.StatusCode.INTERNAL)
+        context.abort(grpc.StatusCode.INTERNAL, _clip(f"{rpc}: {_internal(e)}"))
+
+    def unary(rpc: str, cls, method):
+        def handle(data, context):
+            try:
+                return method(_parse(rpc, cls, data), context)
+            except Exception as e:  # noqa: BLE001
+                failed(rpc, e, context)
+
+        return handle
+
+    def unary_stream(rpc: str, cls, method):
+        def handle(data, context):
+            try:
+                yield from method(_parse(rpc, cls, data), context)
+            except Exception as e:  # noqa: BLE001
+                failed(rpc, e, context)
+
+        return handle
+
+    def stream_stream(rpc: str, method):
+        def handle(iterator, context):
+            try:
+                yield from method(iterator, context)
+            except Exception as e:  # noqa: BLE001
+                failed(rpc, e, context)
+
+        return handle
+
+    handlers = {}
+    for rpc, (req_streaming, resp_streaming, req_cls, resp_cls) in _RPCS.items():
+        method, ser = getattr(servicer, rpc), resp_cls.SerializeToString
+        if req_streaming:
+            handlers[rpc] = grpc.stream_stream_rpc_method_handler(stream_stream(rpc, method), response_serializer=ser)
+        elif resp_streaming:
+            handlers[rpc] = grpc.unary_stream_rpc_method_handler(unary_stream(rpc, req_cls, method),
+                                                                 response_serializer=ser)  # fmt: skip
+        else:
+            handlers[rpc] = grpc.unary_unary_rpc_method_handler(unary(rpc, req_cls, method), response_serializer=ser)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)

@@ -1,21 +1,65 @@
-"""Bundled datasets. The default is scikit-learn's handwritten digits (1797
-8x8 images, shipped inside scikit-learn: no download), split once with a fixed
-seed so every command and every process sees the same train/test samples.
+"""kd's data layer: sample sources opened by URI, their identity, seeded views, and a loader.
+
+Open any dataset by URI (options in the query; ``&`` between options)::
+
+    src = open_source("imagefolder:/data/train?size=64&views=rrc:size=56;flip")
+    src = open_source("npz:f.npz?x=images&y=labels")        # memory-mapped (stored, not compressed, npz)
+    src = open_source("npy:x.npy?y=y.npy")                  # y relative to x's folder
+    src = open_source("hf:dir?image=img&label=label&split=train")   # datasets.save_to_disk, Arrow mmap
+    src = open_source("cifar:dir?split=test")                # official *binary* CIFAR-10/100
+    src = open_source("webdataset:shards/{000..009}.tar")    # or a directory / glob of .tar shards
+    src = open_source("module:pkg.mod:factory?arg=1")        # any map-style torch Dataset of (x, y)
+    src = open_source("digits:test?shape=1x8x8")             # bundled (``kd.core.data.Dataset``)
+
+Every source is a ``kd.core.samples.SampleSource``: ``len``, ``labels`` (int64,
+no image decoded), ``num_classes``, ``class_names``, ``dataset_id``
+(``name/split@hash16`` from a per-file manifest, cached in a sidecar keyed by
+path+size+mtime; Arrow's fingerprint for ``hf:``), ``augmentation`` (the view
+policy's name), ``manifest()`` (a JSON-able dict for cache metadata),
+``get(indices, views)`` and ``read(i, seed) -> (input, view params | None)``.
+Sources are picklable and open files lazily per process.
+
+Common options: ``size=N|HxW`` (resize shorter side + centre crop; default: the
+images must all share the first one's size), ``dtype=float32|uint8`` (float32:
+CHW in [0, 1]), ``views=POLICY`` (``kd.core.views``, e.g. ``crop:pad=4;flip``),
+``mode=RGB|L``, ``shape=1x8x8`` (reshape each sample), ``name=``, ``split=``,
+``classes=N``.
+
+Streaming: ``loader(src, indices, batch_size, num_views=V, fresh_views=True,
+workers=4, pin_memory=True, shuffle_seed=0)`` is a ``torch.utils.data.DataLoader``
+yielding ``ViewBatch(indices, inputs, labels, views, params)``; decoding and
+views run in the workers; ``loader.set_epoch(e)`` draws the next epoch.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import importlib
+import io
+import json
+import math
+import os
+import re
+import struct
+import tarfile
+import time
+import zipfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache, cached_property
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from kd.core.samples import VIEW_STRIDE, view_seeds  # noqa: F401 - re-exported
+from kd.core.samples import VIEW_STRIDE, SampleSource, view_seeds  # noqa: F401 - re-exported
+from kd.core.views import IDENTITY_PARAMS, ViewPolicy, resize_center
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 1 / 3
+DIGITS_POLICY = ViewPolicy.parse("shift1")  # pixel-identical to ``augment("digits", ...)``
 
 
 @dataclass(frozen=True)
@@ -42,8 +86,8 @@ class Dataset:
 
     @property
     def augmentation(self) -> str:
-        """Name (and version) of the seeded augmentation ``views`` applies."""
-        return AUGMENTATIONS[self.name]
+        """Name (and version) of the seeded augmentation ``views`` applies ("none": no views)."""
+        return AUGMENTATIONS.get(self.name, "none")
 
     def get(self, indices: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
         """``kd.core.samples.SampleSource.get``: the samples, or their seeded views."""
@@ -51,6 +95,39 @@ class Dataset:
         if views is None:
             return self.inputs[idx]
         return self.views(idx, idx * VIEW_STRIDE + torch.as_tensor(views, dtype=torch.long))
+
+    format = "digits"
+
+    @property
+    def policy(self) -> ViewPolicy:
+        """The view policy of ``views`` (``augment`` as a ``kd.core.views`` policy)."""
+        return DIGITS_POLICY
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c) for c in range(self.num_classes)]
+
+    def manifest(self) -> dict[str, Any]:
+        """What a cache stores to name this data (``FileSource.manifest`` for files)."""
+        return {
+            "format": self.format,
+            "uri": self.name if self.split == "train" else f"{self.name}:{self.split}",
+            "dataset_id": self.dataset_id,
+            "num_samples": len(self),
+            "num_classes": self.num_classes,
+            "sample_shape": list(self.inputs.shape[1:]),
+            "augmentation": self.augmentation,
+        }
+
+    def read(self, index: int, seed: int | None = None, policy: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One sample (``seed`` None) or its seeded view, with the view's params."""
+        x = self.inputs[int(index)]
+        if seed is None:
+            return x, None
+        pol = DIGITS_POLICY if policy is None else ViewPolicy.parse(policy)
+        img = x.reshape(1, 8, 8) if x.numel() == 64 else x
+        params = pol.draw(int(seed), img.shape[-2], img.shape[-1])
+        return pol.apply(img, params).reshape(x.shape), params
 
     def views(self, indices: torch.Tensor | list[int], seeds: torch.Tensor | list[int] | None = None) -> torch.Tensor:
         """The samples at ``indices``; with ``seeds``, each sample's augmented view.
@@ -120,3 +197,1266 @@ def parse_dataset(ref: str) -> Dataset:
     """``digits`` or ``digits:test`` -> Dataset (split defaults to train)."""
     name, _, split = ref.partition(":")
     return load_dataset(name, split or "train")
+
+
+# =============================================================================
+# Sample sources from files, opened by URI
+# =============================================================================
+
+FORMATS = ("digits", "imagefolder", "npz", "npy", "hf", "cifar", "webdataset", "module")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test", "eval")
+_COMMON_OPTIONS = ("size", "dtype", "views", "mode", "shape", "name", "split", "classes")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be opened or read, with the file or option at fault named."""
+
+
+def _parse_size(text: str, what: str = "size") -> tuple[int, ...]:
+    try:
+        dims = tuple(int(v) for v in re.split(r"[x,]", text))
+    except ValueError:
+        raise DatasetError(f"{what}={text!r}: expected N or HxW (e.g. 64 or 48x64)") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise DatasetError(f"{what}={text!r}: sizes must be positive")
+    return dims
+
+
+def split_uri(uri: str) -> tuple[str, str, dict[str, str]]:
+    """``"fmt:target?k=v&k2=v2"`` -> (fmt, target, options). Values may hold ``=``, ``;``, ``,``."""
+    base, _, query = uri.partition("?")
+    fmt, _, target = base.partition(":")
+    opts: dict[str, str] = {}
+    for part in filter(None, query.split("&")):
+        k, eq, v = part.partition("=")
+        if not eq:
+            raise DatasetError(f"{uri!r}: option {part!r} is not key=value")
+        opts[k.strip()] = v.strip()
+    return fmt.strip().lower(), target, opts
+
+
+def open_source(uri: str) -> SampleSource:
+    """Open a dataset named by URI (see the module docstring for formats and options)."""
+    if not isinstance(uri, str) or not uri:
+        raise DatasetError("empty dataset URI")
+    fmt, target, opts = split_uri(uri)
+    if fmt == "digits":
+        return _open_digits(target, opts)
+    if fmt in ("text", "jsonl") or (fmt == "hf" and {"text", "prompt", "completion"} & set(opts)):
+        from kd.core.tokens import open_token_source  # token corpora (language-model teachers)
+
+        if not target:
+            raise DatasetError(f"{uri!r}: {fmt} needs a path after '{fmt}:'")
+        return open_token_source(uri, fmt, target, opts)
+    cls = _SOURCES.get(fmt)
+    if cls is None:
+        hint = " (prefix a path with its format, e.g. imagefolder:DIR)" if ("/" in uri or fmt == "") else ""
+        known = ", ".join((*FORMATS, "text", "jsonl"))
+        raise DatasetError(f"unknown dataset format {fmt!r} in {uri!r}{hint}; known formats: {known}")
+    if not target:
+        raise DatasetError(f"{uri!r}: {fmt} needs a path after '{fmt}:'")
+    return cls(uri, target, opts)
+
+
+def _open_digits(split: str, opts: dict[str, str]) -> Dataset:
+    unknown = set(opts) - {"shape", "split"}
+    if unknown:
+        raise DatasetError(f"digits: unknown option(s) {sorted(unknown)}; digits takes: shape, split")
+    data = load_dataset("digits", opts.get("split") or split or "train")
+    if "shape" in opts:
+        shape = _parse_size(opts["shape"], "shape")
+        if math.prod(shape) != data.inputs[0].numel():
+            raise DatasetError(f"digits: shape={opts['shape']} does not hold {data.inputs[0].numel()} values")
+        data = Dataset(data.name, data.split, data.inputs.reshape(len(data), *shape), data.labels, data.num_classes)
+    return data
+
+
+# -- manifests -------------------------------------------------------------------
+MANIFEST_VERSION = 1
+_RACY_NS = 2_000_000_000  # files modified this close to a hash are hashed again next time
+
+
+def cache_dir() -> Path:
+    """Where kd keeps per-user metadata (manifests): ``$KD_CACHE_DIR`` or ``~/.cache/kd``."""
+    env = os.environ.get("KD_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kd"
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_manifest(root: Path, rels: Sequence[str]) -> list[tuple[str, int, int, str]]:
+    """(relative path, size, mtime_ns, content hash) of each file under ``root``.
+
+    A file's hash is computed once and kept in a sidecar (``cache_dir()/manifests``)
+    keyed by path, size and mtime, so re-opening a large folder only stats it.
+    A file modified within 2 s of its hashing is hashed again (as git's racy index).
+    """
+    root = Path(root).resolve()
+    side = cache_dir() / "manifests" / (hashlib.sha256(str(root).encode()).hexdigest()[:32] + ".tsv")
+    known: dict[str, tuple[int, int, str]] = {}
+    written_ns = 0
+    try:
+        with open(side, encoding="utf-8") as f:
+            head = f.readline().split()
+            if len(head) == 3 and head[1] == f"v{MANIFEST_VERSION}":
+                written_ns = int(head[2])
+                for line in f:
+                    h, size, mtime, rel = line.rstrip("\n").split("\t", 3)
+                    known[rel] = (int(size), int(mtime), h)
+    except (OSError, ValueError):
+        known = {}
+    out, fresh = [], 0
+    for rel in rels:
+        path = root / rel
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise DatasetError(f"cannot read {path}: {e.strerror}") from None
+        hit = known.get(rel)
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns and st.st_mtime_ns < written_ns - _RACY_NS:
+            h = hit[2]
+        else:
+            h, fresh = _hash_file(path), fresh + 1
+        out.append((rel, st.st_size, st.st_mtime_ns, h))
+    if fresh or len(known) != len(out):
+        try:
+            side.parent.mkdir(parents=True, exist_ok=True)
+            tmp = side.with_suffix(f".{os.getpid()}.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(f"kd-manifest v{MANIFEST_VERSION} {time.time_ns()}\n")
+                f.writelines(f"{h}\t{size}\t{mtime}\t{rel}\n" for rel, size, mtime, h in out)
+            os.replace(tmp, side)
+        except OSError:
+            pass  # a read-only cache dir only costs re-hashing next time
+    return out
+
+
+def _digest(*parts: object) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _name_split(path: Path, opts: dict[str, str], default_split: str = "train") -> tuple[str, str]:
+    p = Path(str(path).rstrip("/"))
+    stem = p.stem if p.suffix in (".npz", ".npy", ".tar") else p.name
+    if "split" not in opts and stem.lower() in SPLIT_NAMES:
+        name, split = p.parent.name or stem, stem.lower()
+    else:
+        name, split = stem, opts.get("split", default_split)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", opts.get("name", name)) or "data"
+    return name, split
+
+
+def _decode_image(src: str | Path | bytes, mode: str, what: str) -> torch.Tensor:
+    """Decode one image file (or its bytes) with Pillow to uint8 CHW."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+            arr = np.asarray(im.convert(mode))
+    except FileNotFoundError:
+        raise DatasetError(f"image {what} is missing (was the dataset changed after opening?)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DatasetError(f"cannot decode image {what}: {e}") from None
+    t = torch.from_numpy(arr.copy())
+    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def _array_to_chw(a: np.ndarray, layout: str) -> torch.Tensor:
+    """One sample of an array: integers are pixel values 0..255 (kept uint8), floats stay floats."""
+    a = np.asarray(a)
+    if a.dtype.kind in "iub" and a.dtype != np.uint8:
+        if a.size and (a.min() < 0 or a.max() > 255):
+            raise DatasetError(f"integer samples are read as pixel values 0..255; found {a.min()}..{a.max()}")
+        a = a.astype(np.uint8)
+    t = torch.from_numpy(np.array(a, copy=True))
+    if t.dtype not in (torch.uint8, torch.float32):
+        t = t.float()
+    if layout == "nhwc" and t.dim() == 3:
+        t = t.permute(2, 0, 1).contiguous()
+    elif t.dim() == 2 and layout != "flat":
+        t = t[None]
+    return t
+
+
+class FileSource:
+    """A sample source over files: common options, views, identity, lazy per-process handles.
+
+    Subclasses set ``format`` and ``OPTIONS`` and implement ``__len__``,
+    ``_read_labels``, ``_raw(i)`` (the decoded sample, uint8 or float), ``_what(i)``
+    (the file a sample comes from, for messages) and ``_identity()``.
+    """
+
+    format = "?"
+    OPTIONS: tuple[str, ...] = ()
+
+    def __init__(self, uri: str, target: str, opts: dict[str, str]) -> None:
+        unknown = set(opts) - set(_COMMON_OPTIONS) - set(self.OPTIONS)
+        if unknown:
+            valid = ", ".join(sorted({*_COMMON_OPTIONS, *self.OPTIONS}))
+            raise DatasetError(f"{self.format}: unknown option(s) {sorted(unknown)}; valid: {valid}")
+        self.uri, self.target, self.options = uri, target, dict(opts)
+        self.size: tuple[int, int] | None = None
+        if "size" in opts:
+            dims = _parse_size(opts["size"])
+            if len(dims) > 2:
+                raise DatasetError(f"size={opts['size']!r}: expected N or HxW")
+            self.size = (dims[0], dims[-1])
+        self.out_dtype = opts.get("dtype", "float32")
+        if self.out_dtype not in ("float32", "uint8"):
+            raise DatasetError(f"dtype={self.out_dtype!r}: expected float32 or uint8")
+        self.mode = opts.get("mode", "RGB")
+        if self.mode not in ("RGB", "L"):
+            raise DatasetError(f"mode={self.mode!r}: expected RGB or L")
+        self.shape = _parse_size(opts["shape"], "shape") if "shape" in opts else None
+        try:
+            self.policy = ViewPolicy.parse(opts.get("views"))
+        except ValueError as e:
+            raise DatasetError(f"views={opts.get('views')!r}: {e}") from None
+        self._h: dict[str, Any] = {}
+        self._pid = os.getpid()
+
+    # -- per-process handles ---------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_h"] = {}  # file handles and memory maps are reopened in each process
+        return state
+
+    def _handles(self) -> dict[str, Any]:
+        if self._pid != os.getpid():  # forked: never share a descriptor's offset with the parent
+            self._h, self._pid = {}, os.getpid()
+        return self._h
+
+    # -- the SampleSource protocol ---------------------------------------------------
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _read_labels(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _raw(self, i: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _what(self, i: int) -> str:
+        return f"sample {i} of {self.uri}"
+
+    def _identity(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _class_names(self) -> list[str] | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r}, {len(self)} samples)"
+
+    @cached_property
+    def labels(self) -> torch.Tensor:
+        """int64 ``[N]``, read without decoding any sample."""
+        return torch.from_numpy(np.array(self._read_labels(), dtype=np.int64, copy=True))
+
+    @cached_property
+    def num_classes(self) -> int:
+        if "classes" in self.options:
+            return int(self.options["classes"])
+        names = self._class_names()
+        if names:
+            return len(names)
+        return int(self.labels.max()) + 1 if len(self) else 0
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        return self._class_names() or [str(c) for c in range(self.num_classes)]
+
+    @property
+    def augmentation(self) -> str:
+        return self.policy.name
+
+    @cached_property
+    def name_split(self) -> tuple[str, str]:
+        return _name_split(Path(self.target), self.options)
+
+    @property
+    def name(self) -> str:
+        return self.name_split[0]
+
+    @property
+    def split(self) -> str:
+        return self.name_split[1]
+
+    def _ident(self) -> dict[str, Any]:
+        ident = self._identity()
+        ident["decode"] = {k: self.options[k] for k in ("size", "mode", "shape", "dtype") if k in self.options}
+        return ident
+
+    def _id_of(self, ident: dict[str, Any]) -> str:
+        content = {k: v for k, v in ident.items() if k != "files"}
+        files = [(rel, size, h) for rel, size, _mtime, h in ident.get("files", [])]
+        return f"{self.name}/{self.split}@{_digest(self.format, content, files)[:16]}"
+
+    @cached_property
+    def dataset_id(self) -> str:
+        """``name/split@hash16``: any changed, added or removed file (or decode option) changes it.
+
+        Only the id is kept (not the per-file list), so a source stays small in
+        every DataLoader worker however many files it has.
+        """
+        return self._id_of(self._ident())
+
+    def manifest(self, files: bool = True) -> dict[str, Any]:
+        """JSON-able identity for cache metadata: URI, id, counts, classes, per-file entries.
+
+        Re-reads the per-file manifest (stat only: hashes come from the sidecar)
+        and refuses if the data changed since ``dataset_id`` was taken.
+        """
+        ident = self._ident()
+        if self._id_of(ident) != self.dataset_id:
+            raise DatasetError(f"{self.uri} changed since it was opened (was {self.dataset_id}); open it again")
+        out = {
+            "format": self.format,
+            "uri": self.uri,
+            "dataset_id": self.dataset_id,
+            "num_samples": len(self),
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "sample_shape": list(self.sample_shape),
+            "augmentation": self.augmentation,
+        }
+        for k, v in ident.items():
+            if k == "files":
+                if files:
+                    out["files"] = [list(e) for e in v]
+            else:
+                out[k] = v
+        return out
+
+    @cached_property
+    def native_size(self) -> tuple[int, int] | None:
+        """The size every sample must have when no ``size`` option is given (that of sample 0)."""
+        if self.size is not None or not len(self):
+            return self.size
+        x = self._shaped(0)
+        return (int(x.shape[-2]), int(x.shape[-1])) if x.dim() == 3 else None
+
+    @cached_property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of a plain sample (a view with rrc:size=S is S x S instead)."""
+        if not len(self):
+            return ()
+        return tuple(self.read(0)[0].shape)
+
+    def _shaped(self, i: int) -> torch.Tensor:
+        x = self._raw(i)
+        if self.shape is not None:
+            if x.numel() != math.prod(self.shape):
+                raise DatasetError(
+                    f"{self._what(i)} has {x.numel()} values; shape={self.options['shape']} needs "
+                    f"{math.prod(self.shape)}"
+                )
+            x = x.reshape(self.shape)
+        return x
+
+    def _fit(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            return x
+        if self.size is not None:
+            return resize_center(x, self.size)
+        want = self.native_size
+        if want is not None and tuple(x.shape[-2:]) != want:
+            raise DatasetError(
+                f"{self._what(i)} is {x.shape[-1]}x{x.shape[-2]} (WxH) but this source's images are "
+                f"{want[1]}x{want[0]}; give ?size=N to resize every image"
+            )
+        return x
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_dtype == "uint8":
+            return x if x.dtype == torch.uint8 else (x * 255).round().clamp(0, 255).to(torch.uint8)
+        return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+    def read(self, index: int, seed: int | None = None, policy: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sample ``index`` (``seed`` None) or its view ``seed``, and the view's params.
+
+        Decoding happens here, so it runs in DataLoader workers. The params
+        replay the view through ``kd.core.views.apply_params``.
+        """
+        i = int(index)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {self.uri} of {len(self)} samples")
+        x = self._shaped(i)
+        if seed is None:
+            return self._out(self._fit(i, x)), None
+        pol = self.policy if policy is None else ViewPolicy.parse(policy)
+        if pol.is_identity:
+            return self._out(self._fit(i, x)), IDENTITY_PARAMS.clone()
+        if x.dim() != 3:
+            raise DatasetError(
+                f"views need images [C, H, W]; {self.uri} has samples of shape {list(x.shape)} (give ?shape=CxHxW)"
+            )
+        if pol.needs_raw:
+            params = pol.draw(int(seed), x.shape[-2], x.shape[-1])
+            return self._out(pol.apply(x, params, size=self.size or self.native_size)), params
+        x = self._fit(i, x)
+        params = pol.draw(int(seed), x.shape[-2], x.shape[-1])
+        return self._out(pol.apply(x, params)), params
+
+    def views(
+        self, indices: torch.Tensor | Sequence[int], seeds: torch.Tensor | Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """The samples at ``indices``; with ``seeds`` (one per index), their seeded views."""
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1).tolist()
+        if seeds is None:
+            rows = [self.read(i)[0] for i in idx]
+        else:
+            sd = torch.as_tensor(seeds, dtype=torch.long).reshape(-1).tolist()
+            if len(sd) != len(idx):
+                raise ValueError(f"{len(sd)} view seeds for {len(idx)} indices")
+            rows = [self.read(i, s)[0] for i, s in zip(idx, sd)]
+        if not rows:
+            return torch.empty(0, *self.sample_shape)
+        return torch.stack(rows)
+
+    def get(self, indices: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
+        """``SampleSource.get``: the samples, or views ``views`` of them (seed = index*65536 + view)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if views is None:
+            return self.views(idx)
+        return self.views(idx, idx * VIEW_STRIDE + torch.as_tensor(views, dtype=torch.long))
+
+
+def _existing_dir(fmt: str, target: str) -> Path:
+    root = Path(target).expanduser()
+    if not root.exists():
+        raise DatasetError(f"{fmt}: {root} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"{fmt}: {root} is not a directory")
+    return root
+
+
+def _existing_file(fmt: str, target: str) -> Path:
+    path = Path(target).expanduser()
+    if not path.exists():
+        raise DatasetError(f"{fmt}: {path} does not exist")
+    if not path.is_file():
+        raise DatasetError(f"{fmt}: {path} is not a file")
+    return path
+
+
+# -- imagefolder -----------------------------------------------------------------------
+class ImageFolderSource(FileSource):
+    """``imagefolder:DIR``: ``DIR/<class>/**/<image>``, classes sorted by name (torchvision's layout)."""
+
+    format = "imagefolder"
+
+    def __init__(self, uri: str, target: str, opts: dict[str, str]) -> None:
+        super().__init__(uri, target, opts)
+        self.root = _existing_dir(self.format, target)
+        classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise DatasetError(f"imagefolder: no class folders in {self.root} (expected {self.root}/<class>/<image>)")
+        files: list[str] = []
+        labels: list[int] = []
+        for c, cls in enumerate(classes):
+            found = []
+            for dirpath, dirnames, names in os.walk(self.root / cls, followlinks=True):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                rel = os.path.relpath(dirpath, self.root)
+                found += [os.path.join(rel, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTS)]
+            if not found:
+                raise DatasetError(
+                    f"imagefolder: class folder {self.root / cls} has no images ({', '.join(IMAGE_EXTS)})"
+                )
+            files += found
+            labels += [c] * len(found)
+        self.classes, self.files = classes, files
+        self._labels = np.asarray(labels, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _read_labels(self) -> np.ndarray:
+        return self._labels
+
+    def _class_names(self) -> list[str]:
+        return self.classes
+
+    def _what(self, i: int) -> str:
+        return str(self.root / self.files[i])
+
+    def _raw(self, i: int) -> torch.Tensor:
+        return _decode_image(self.root / self.files[i], self.mode, self._what(i))
+
+    def _identity(self) -> dict[str, Any]:
+        return {"classes": self.classes, "files": file_manifest(self.root, self.files)}
+
+
+# -- npz / npy --------------------------------------------------------------------------
+def _npz_memmap(path: Path, key: str) -> np.ndarray | None:
+    """Member ``key`` of an npz as a read-only memory map (None when stored compressed)."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(key + ".npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            return None
+        offset = f.tell()
+    if dtype.hasobject:
+        raise DatasetError(f"{path}: member {key!r} holds Python objects; kd never unpickles dataset files")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise DatasetError(f"{path}: {e} (kd never unpickles dataset files)") from None
+
+
+class ArraySource(FileSource):
+    """``npz:FILE?x=KEY&y=KEY`` or ``npy:X.npy?y=Y.npy``: arrays, memory-mapped.
+
+    Samples ``[N, C, H, W]`` / ``[N, H, W, C]`` (``layout=nchw|nhwc``, guessed by
+    default) / ``[N, H, W]`` are images (uint8 read as value/255); ``[N, D]`` are
+    vectors. A compressed npz cannot be memory-mapped and is read into memory.
+    """
+
+    OPTIONS = ("x", "y", "layout")
+    X_KEYS = ("x", "images", "image", "inputs", "data", "X")
+    Y_KEYS = ("y", "labels", "label", "targets", "Y")
+
+    def __init__(self, uri: str, target: str, opts: dict[str, str], fmt: str) -> None:
+        self.format = fmt
+        super().__init__(uri, target, opts)
+        self.path = _existing_file(fmt, target)
+        self.layout = opts.get("layout", "auto")
+        if self.layout not in ("auto", "nchw", "nhwc", "flat"):
+            raise DatasetError(f"layout={self.layout!r}: expected nchw, nhwc or flat")
+        if fmt == "npz":
+            try:
+                with zipfile.ZipFile(self.path) as z:
+                    keys = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+            except zipfile.BadZipFile:
+                raise DatasetError(f"npz: {self.path} is not an npz (zip) file") from None
+            self.x_key = self._pick(opts.get("x"), self.X_KEYS, keys, "x")
+            self.y_key = self._pick(opts.get("y"), self.Y_KEYS, keys, "y")
+            self.y_path = self.path
+        else:
+            if "y" not in opts:
+                raise DatasetError("npy: give the labels file as ?y=LABELS.npy (relative to the inputs' folder)")
+            self.y_path = _existing_file(fmt, str(self.path.parent / opts["y"]))
+        x, y = self._arrays()
+        if len(x) != len(y):
+            raise DatasetError(f"{fmt}: {len(x)} inputs but {len(y)} labels in {self.path}")
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise DatasetError(f"{fmt}: labels must be a 1-d integer array, got {y.dtype} {list(y.shape)}")
+        self.n = len(x)
+        self.sample_dims = tuple(x.shape[1:])
+        if self.layout == "auto":
+            nd = len(self.sample_dims)
+            self.layout = (
+                "nhwc"
+                if nd == 3 and self.sample_dims[-1] in (1, 3, 4) and self.sample_dims[0] not in (1, 3, 4)
+                else "nchw"
+                if nd in (2, 3)
+                else "flat"
+            )
+
+    @staticmethod
+    def _pick(given: str | None, candidates: Sequence[str], keys: list[str], what: str) -> str:
+        if given is not None:
+            if given not in keys:
+                raise DatasetError(f"npz: no array {given!r} ({what}=); arrays: {', '.join(keys)}")
+            return given
+        for k in candidates:
+            if k in keys:
+                return k
+        raise DatasetError(f"npz: no {what} array among {', '.join(keys)}; name it with ?{what}=KEY")
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        h = self._handles()
+        if "x" not in h:
+            if self.format == "npz":
+                x = _npz_memmap(self.path, self.x_key)
+                y = _npz_memmap(self.path, self.y_key)
+                if x is None or y is None:  # compressed: no memory map possible
+                    with np.load(self.path, allow_pickle=False) as z:
+                        x = z[self.x_key] if x is None else x
+                        y = z[self.y_key] if y is None else y
+            else:
+                x, y = _load_npy(self.path), _load_npy(self.y_path)
+            h["x"], h["y"] = x, y
+        return h["x"], h["y"]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _read_labels(self) -> np.ndarray:
+        return np.asarray(self._arrays()[1])
+
+    def _what(self, i: int) -> str:
+        return f"sample {i} of {self.path}"
+
+    def _raw(self, i: int) -> torch.Tensor:
+        try:
+            return _array_to_chw(self._arrays()[0][i], self.layout)
+        except DatasetError as e:
+            raise DatasetError(f"{self._what(i)}: {e}") from None
+
+    def _identity(self) -> dict[str, Any]:
+        paths = [self.path] if self.y_path == self.path else [self.path, self.y_path]
+        root = self.path.parent
+        rels = [os.path.relpath(p, root) for p in paths]
+        keys = {"x": self.x_key, "y": self.y_key} if self.format == "npz" else {}
+        return {"arrays": keys, "layout": self.layout, "files": file_manifest(root, rels)}
+
+
+# -- CIFAR (binary version only) ---------------------------------------------------------
+CIFAR10_FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+CIFAR100_FILES = {"train": ["train.bin"], "test": ["test.bin"]}
+_CIFAR_PICKLED = ("data_batch_1", "test_batch", "batches.meta", "train", "test", "meta")
+
+
+class CifarSource(FileSource):
+    """``cifar:DIR?split=train|test``: the official *binary* CIFAR-10/100, memory-mapped.
+
+    CIFAR-10 records: 1 label byte + 3072 pixel bytes (R, G, B planes of 32x32);
+    CIFAR-100: coarse + fine label bytes + 3072 (``label=fine|coarse``). The
+    python version (pickled dicts) is refused: kd never unpickles dataset files.
+    """
+
+    format = "cifar"
+    OPTIONS = ("label",)
+
+    def __init__(self, uri: str, target: str, opts: dict[str, str]) -> None:
+        super().__init__(uri, target, opts)
+        root = _existing_dir(self.format, target)
+        split = opts.get("split", "train")
+        if split not in ("train", "test"):
+            raise DatasetError(f"cifar: split={split!r}; expected train or test")
+        self.label_kind = opts.get("label", "fine")
+        if self.label_kind not in ("fine", "coarse"):
+            raise DatasetError(f"cifar: label={self.label_kind!r}; expected fine or coarse")
+        for d in (root, root / "cifar-10-batches-bin", root / "cifar-100-binary"):
+            if all((d / f).is_file() for f in CIFAR10_FILES[split]):
+                self.root, self.variant, names = d, 10, CIFAR10_FILES[split]
+                break
+            if all((d / f).is_file() for f in CIFAR100_FILES[split]):
+                self.root, self.variant, names = d, 100, CIFAR100_FILES[split]
+                break
+        else:
+            pickled = [
+                str(d / f)
+                for d in (root, root / "cifar-10-batches-py", root / "cifar-100-python")
+                for f in _CIFAR_PICKLED
+                if (d / f).is_file()
+            ]
+            if pickled:
+                raise DatasetError(
+                    f"cifar: {pickled[0]} is the python (pickled) version of CIFAR; kd never unpickles dataset "
+                    "files (unpickling can run code). Use the binary version (cifar-10-binary.tar.gz / "
+                    "cifar-100-binary.tar.gz)"
+                )
+            want = ", ".join(CIFAR10_FILES[split]) + " (CIFAR-10) or " + ", ".join(CIFAR100_FILES[split])
+            raise DatasetError(f"cifar: no {split} files in {root}: expected {want} (CIFAR-100)")
+        self.label_bytes = 1 if self.variant == 10 else 2
+        self.record = self.label_bytes + 3072
+        self.files, counts = names, []
+        for f in names:
+            size = (self.root / f).stat().st_size
+            if size % self.record:
+                raise DatasetError(
+                    f"cifar: {self.root / f} is {size} bytes, not a whole number of {self.record}-byte "
+                    f"CIFAR-{self.variant} records"
+                )
+            counts.append(size // self.record)
+        self.starts = np.cumsum([0, *counts])
+        self._split = split
+
+    @cached_property
+    def name_split(self) -> tuple[str, str]:
+        return self.options.get("name", f"cifar{self.variant}"), self._split
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _maps(self) -> list[np.ndarray]:
+        h = self._handles()
+        if "maps" not in h:
+            h["maps"] = [
+                np.memmap(self.root / f, dtype=np.uint8, mode="r").reshape(-1, self.record) for f in self.files
+            ]
+        return h["maps"]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        f = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return f, i - int(self.starts[f])
+
+    def _read_labels(self) -> np.ndarray:
+        col = 1 if self.variant == 100 and self.label_kind == "fine" else 0
+        out = []
+        for f in self.files:  # streamed in chunks: memory flat in the file size
+            with open(self.root / f, "rb") as fh:
+                while chunk := fh.read(self.record * 4096):
+                    out.append(np.frombuffer(chunk, dtype=np.uint8).reshape(-1, self.record)[:, col].copy())
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def _class_names(self) -> list[str] | None:
+        meta = {10: "batches.meta.txt", 100: f"{self.label_kind}_label_names.txt"}[self.variant]
+        path = self.root / meta
+        if path.is_file():
+            names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+            if names:
+                return names
+        return [str(c) for c in range({10: 10, 100: 100 if self.label_kind == "fine" else 20}[self.variant])]
+
+    def _what(self, i: int) -> str:
+        f, r = self._locate(i)
+        return f"record {r} of {self.root / self.files[f]}"
+
+    def _raw(self, i: int) -> torch.Tensor:
+        f, r = self._locate(i)
+        rec = self._maps()[f][r]
+        return torch.from_numpy(np.array(rec[self.label_bytes :], copy=True).reshape(3, 32, 32))
+
+    def _identity(self) -> dict[str, Any]:
+        return {"variant": self.variant, "label": self.label_kind, "files": file_manifest(self.root, self.files)}
+
+
+# -- Hugging Face datasets (save_to_disk) ------------------------------------------------
+class HFSource(FileSource):
+    """``hf:DIR?image=COL&label=COL&split=train``: a ``datasets`` dataset saved with ``save_to_disk``.
+
+    Arrow files are memory-mapped; images stored as ``Image`` features are read
+    as bytes and decoded here (in the workers); array columns are read as is.
+    Identity: Arrow's fingerprint of the chosen split.
+    """
+
+    format = "hf"
+    OPTIONS = ("image", "label")
+    IMAGE_KEYS = ("image", "img", "pixel_values", "x", "inputs")
+    LABEL_KEYS = ("label", "labels", "fine_label", "y", "target")
+
+    def __init__(self, uri: str, target: str, opts: dict[str, str]) -> None:
+        super().__init__(uri, target, opts)
+        self.root = _existing_dir(self.format, target)
+        ds = self._dataset()
+        cols = list(ds.column_names)
+        self.image_col = self._pick(opts.get("image"), self.IMAGE_KEYS, cols, "image", ds)
+        self.label_col = self._pick(opts.get("label"), self.LABEL_KEYS, cols, "label", ds)
+        self.n = len(ds)
+        self.fingerprint = str(ds._fingerprint)
+
+    def _dataset(self) -> Any:
+        h = self._handles()
+        if "ds" not in h:
+            try:
+                import datasets
+            except ImportError:
+                raise DatasetError("hf: needs the 'datasets' package: pip install 'kd[hf]'") from None
+            try:
+                ds = datasets.load_from_disk(str(self.root))
+            except FileNotFoundError as e:
+                raise DatasetError(f"hf: {self.root} is not a dataset saved with save_to_disk ({e})") from None
+            if isinstance(ds, datasets.DatasetDict):
+                split = self.options.get("split", "train")
+                if split not in ds:
+                    raise DatasetError(f"hf: no split {split!r} in {self.root}; splits: {', '.join(ds)}")
+                ds = ds[split]
+            h["ds"] = ds
+            h["raw"] = None
+        return h["ds"]
+
+    def _rows(self) -> Any:
+        """The dataset with images as undecoded bytes (``Image(decode=False)``) or numpy arrays."""
+        h = self._handles()
+        ds = self._dataset()
+        if h.get("raw") is None:
+            import datasets
+
+            feat = ds.features[self.image_col]
+            if isinstance(feat, datasets.Image):
+                h["raw"] = ds.cast_column(self.image_col, datasets.Image(decode=False)).select_columns([self.image_col])
+            else:
+                h["raw"] = ds.select_columns([self.image_col]).with_format("numpy")
+        return h["raw"]
+
+    @staticmethod
+    def _pick(given: str | None, candidates: Sequence[str], cols: list[str], what: str, ds: Any) -> str:
+        if given is not None:
+            if given not in cols:
+                raise DatasetError(f"hf: no column {given!r} ({what}=); columns: {', '.join(cols)}")
+            return given
+        for c in candidates:
+            if c in cols:
+                return c
+        raise DatasetError(f"hf: no {what} column among {', '.join(cols)}; name it with ?{what}=COLUMN")
+
+    @cached_property
+    def name_split(self) -> tuple[str, str]:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", self.options.get("name", self.root.resolve().name)) or "data"
+        return name, self.options.get("split", "train")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _read_labels(self) -> np.ndarray:
+        col = self._dataset().data.column(self.label_col)
+        return np.asarray(col.to_numpy(zero_copy_only=False))
+
+    def _class_names(self) -> list[str] | None:
+        feat = self._dataset().features[self.label_col]
+        names = getattr(feat, "names", None)
+        return list(names) if names else None
+
+    def _what(self, i: int) -> str:
+        return f"row {i} of {self.root}"
+
+    def _raw(self, i: int) -> torch.Tensor:
+        v = self._rows()[int(i)][self.image_col]
+        if isinstance(v, dict):  # an Image feature, undecoded
+            if v.get("bytes"):
+                return _decode_image(v["bytes"], self.mode, self._what(i))
+            if v.get("path"):
+                return _decode_image(v["path"], self.mode, f"{v['path']} ({self._what(i)})")
+            raise DatasetError(f"hf: {self._what(i)} has no image bytes or path")
+        a = np.asarray(v)
+        layout = "nhwc" if a.ndim == 3 and a.shape[-1] in (1, 3, 4) and a.shape[0] not in (1, 3, 4) else "nchw"
+        try:
+            return _array_to_chw(a, layout)
+        except DatasetError as e:
+            raise DatasetError(f"{self._what(i)}: {e}") from None
+
+    def _identity(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "columns": {"image": self.image_col, "label": self.label_col}}
+
+
+# -- WebDataset tar shards ---------------------------------------------------------------
+def _expand_braces(pattern: str) -> list[str]:
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+    out = []
+    for k in range(int(lo), int(hi) + 1):
+        out += _expand_braces(pattern[: m.start()] + str(k).zfill(width) + pattern[m.end() :])
+    return out
+
+
+class WebDatasetSource(FileSource):
+    """``webdataset:SHARDS``: POSIX tar shards, one sample = the members sharing a basename.
+
+    SHARDS: ``dir/`` (every ``*.tar``), a glob, or ``shard-{000..009}.tar``.
+    ``image=png,jpg,...`` picks the image member, ``label=cls`` the label member
+    (an integer as text). An index of (shard, offset, size) per sample is built
+    from the tar headers at open; reads then seek straight to a member, so the
+    shards are random-access (uncompressed ``.tar`` only).
+    """
+
+    format = "webdataset"
+    OPTIONS = ("image", "label")
+
+    def __init__(self, uri: str, target: str, opts: dict[str, str]) -> None:
+        super().__init__(uri, target, opts)
+        path = Path(target).expanduser()
+        if path.is_dir():
+            shards = sorted(str(p) for p in path.glob("*.tar"))
+        elif any(c in target for c in "*?[") and "{" not in target:
+            shards = sorted(glob.glob(str(path)))
+        else:
+            shards = _expand_braces(str(path))
+        if not shards:
+            raise DatasetError(f"webdataset: no .tar shards match {target!r}")
+        missing = [s for s in shards if not Path(s).is_file()]
+        if missing:
+            raise DatasetError(
+                f"webdataset: shard {missing[0]} does not exist ({len(missing)} of {len(shards)} missing)"
+            )
+        self.shards = [Path(s).resolve() for s in shards]
+        self.root = Path(os.path.commonpath([str(p.parent) for p in self.shards]))
+        self.image_exts = tuple(
+            "." + e.strip().lower().lstrip(".") for e in opts.get("image", "png,jpg,jpeg,webp").split(",")
+        )
+        self.label_ext = "." + opts.get("label", "cls").lower().lstrip(".")
+        parts = [self._shard_index(shard) for shard in self.shards]
+        if not sum(len(p["labels"]) for p in parts):
+            raise DatasetError(f"webdataset: no samples in {target!r}")
+        self.shard_of = np.concatenate([np.full(len(p["labels"]), s, np.int32) for s, p in enumerate(parts)])
+        self.offsets = np.concatenate([p["offsets"] for p in parts])
+        self.sizes = np.concatenate([p["sizes"] for p in parts])
+        self._labels = np.concatenate([p["labels"] for p in parts])
+        self.keys = np.concatenate([p["keys"] for p in parts])
+
+    def _shard_index(self, shard: Path) -> dict[str, np.ndarray]:
+        """One shard's index, from a sidecar keyed by path, size, mtime and options (else from its headers)."""
+        st = shard.stat()
+        tag = f"{shard}|{st.st_size}|{st.st_mtime_ns}|{self.image_exts}|{self.label_ext}"
+        side = cache_dir() / "wds-index" / (hashlib.sha256(tag.encode()).hexdigest()[:32] + ".npz")
+        try:
+            with np.load(side, allow_pickle=False) as z:
+                return {k: z[k] for k in ("offsets", "sizes", "labels", "keys")}
+        except (OSError, ValueError, KeyError):
+            pass
+        rows = list(self._scan(shard))
+        index = {
+            "offsets": np.asarray([r[1][0] for r in rows], dtype=np.int64),
+            "sizes": np.asarray([r[1][1] for r in rows], dtype=np.int64),
+            "labels": np.asarray([r[2] for r in rows], dtype=np.int64),
+            "keys": np.asarray([r[0] for r in rows], dtype=np.str_),
+        }
+        if time.time_ns() - st.st_mtime_ns > _RACY_NS:  # a shard still being written is not cached
+            try:
+                side.parent.mkdir(parents=True, exist_ok=True)
+                tmp = side.with_name(f"{side.stem}.{os.getpid()}.tmp.npz")
+                np.savez(tmp, **index)
+                os.replace(tmp, side)
+            except OSError:
+                pass
+        return index
+
+    @cached_property
+    def name_split(self) -> tuple[str, str]:
+        return _name_split(self.root, self.options)
+
+    def _scan(self, shard: Path) -> Iterator[tuple[str, tuple[int, int], int]]:
+        """(key, (offset, size) of the image member, label) per sample of one shard, in order."""
+        try:
+            tf = tarfile.open(shard, "r:")
+        except tarfile.TarError as e:
+            raise DatasetError(f"webdataset: {shard} is not an uncompressed tar file ({e})") from None
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        with tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                d, base = os.path.split(m.name)
+                stem, dot, ext = base.partition(".")
+                if not dot:
+                    continue
+                groups.setdefault(os.path.join(d, stem), {})["." + ext.lower()] = m
+            for key, members in groups.items():
+                img = next((members[e] for e in self.image_exts if e in members), None)
+                lab = members.get(self.label_ext)
+                if img is None or lab is None:
+                    what = "image (" + ", ".join(self.image_exts) + ")" if img is None else self.label_ext
+                    raise DatasetError(f"webdataset: sample {key!r} in {shard} has no {what} member")
+                text = tf.extractfile(lab).read().decode("utf-8", "replace").strip()  # type: ignore[union-attr]
+                try:
+                    label = int(text)
+                except ValueError:
+                    raise DatasetError(
+                        f"webdataset: label {key}{self.label_ext} in {shard} is {text!r}, not an integer"
+                    ) from None
+                yield key, (img.offset_data, img.size), label
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def _read_labels(self) -> np.ndarray:
+        return self._labels
+
+    def _what(self, i: int) -> str:
+        return f"sample {str(self.keys[i])!r} in {self.shards[self.shard_of[i]]}"
+
+    def _raw(self, i: int) -> torch.Tensor:
+        h = self._handles()
+        s = int(self.shard_of[i])
+        fd = h.get(s)
+        if fd is None:
+            fd = h[s] = os.open(self.shards[s], os.O_RDONLY)
+        data = os.pread(fd, int(self.sizes[i]), int(self.offsets[i]))  # no shared file offset: safe in threads
+        return _decode_image(data, self.mode, self._what(i))
+
+    def _identity(self) -> dict[str, Any]:
+        rels = [os.path.relpath(p, self.root) for p in self.shards]
+        return {"image": list(self.image_exts), "label": self.label_ext, "files": file_manifest(self.root, rels)}
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in getattr(self, "_h", {}).values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+# -- module:factory -----------------------------------------------------------------------
+class ModuleSource(FileSource):
+    """``module:pkg.mod:factory?k=v``: ``factory(**options)`` returns a map-style torch Dataset.
+
+    Items are ``(input, label)`` (or dicts with image/label keys); inputs may be
+    tensors, arrays or PIL images. Labels come from the dataset's ``targets`` or
+    ``labels`` attribute when it has one (else every item is read once).
+    Identity: the dataset's ``dataset_id``/``fingerprint`` attribute, else a hash
+    of every sample streamed once (cached for the process).
+    """
+
+    format = "module"
+
+    def __init__(self, uri: str, target: str, opts: dict[str, str]) -> None:
+        common = {k: v for k, v in opts.items() if k in _COMMON_OPTIONS}
+        super().__init__(uri, target, common)
+        self.kwargs = {k: v for k, v in opts.items() if k not in _COMMON_OPTIONS}
+        mod, sep, fn = target.partition(":")
+        if not sep or not mod or not fn:
+            raise DatasetError(f"module: expected module:PACKAGE.MODULE:FACTORY, got {uri!r}")
+        self.module_name, self.factory_name = mod, fn
+        self.n = len(self._dataset())
+
+    def _dataset(self) -> Any:
+        h = self._handles()
+        if "ds" not in h:
+            try:
+                factory = getattr(importlib.import_module(self.module_name), self.factory_name)
+            except (ImportError, AttributeError) as e:
+                raise DatasetError(f"module: cannot load {self.module_name}:{self.factory_name}: {e}") from None
+            h["ds"] = factory(**self.kwargs)
+            if not hasattr(h["ds"], "__getitem__") or not hasattr(h["ds"], "__len__"):
+                raise DatasetError(f"module: {self.module_name}:{self.factory_name} did not return a map-style dataset")
+        return h["ds"]
+
+    @cached_property
+    def name_split(self) -> tuple[str, str]:
+        return self.options.get("name", self.factory_name), self.options.get("split", "train")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _item(self, i: int) -> tuple[Any, Any]:
+        item = self._dataset()[i]
+        if isinstance(item, dict):
+            x = next((item[k] for k in ("image", "img", "input", "x") if k in item), None)
+            y = next((item[k] for k in ("label", "labels", "target", "y") if k in item), None)
+            return x, y
+        return item[0], item[1]
+
+    def _read_labels(self) -> np.ndarray:
+        ds = self._dataset()
+        for attr in ("targets", "labels"):
+            v = getattr(ds, attr, None)
+            if v is not None and len(v) == self.n:
+                return np.asarray(torch.as_tensor(v), dtype=np.int64)
+        return np.asarray([int(self._item(i)[1]) for i in range(self.n)], dtype=np.int64)
+
+    def _class_names(self) -> list[str] | None:
+        names = getattr(self._dataset(), "classes", None)
+        return [str(c) for c in names] if names else None
+
+    def _raw(self, i: int) -> torch.Tensor:
+        x = self._item(i)[0]
+        if isinstance(x, torch.Tensor):
+            return x if x.dtype in (torch.uint8, torch.float32) else x.float()
+        if hasattr(x, "convert") and hasattr(x, "size"):  # a PIL image
+            arr = np.asarray(x.convert(self.mode))
+            t = torch.from_numpy(arr.copy())
+            return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+        a = np.asarray(x)
+        return _array_to_chw(a, "nhwc" if a.ndim == 3 and a.shape[-1] in (1, 3, 4) else "nchw")
+
+    @cached_property
+    def _fingerprint(self) -> str:
+        ds = self._dataset()
+        fp = getattr(ds, "dataset_id", None) or getattr(ds, "fingerprint", None)
+        if fp is not None:
+            return str(fp)
+        h = hashlib.sha256()  # no declared identity: hash every sample once, streaming
+        for i in range(self.n):
+            h.update(self._raw(i).numpy().tobytes())
+        h.update(self._read_labels().tobytes())
+        return "content:" + h.hexdigest()
+
+    def _identity(self) -> dict[str, Any]:
+        factory = f"{self.module_name}:{self.factory_name}"
+        return {"factory": factory, "kwargs": self.kwargs, "fingerprint": self._fingerprint}
+
+
+# =============================================================================
+# Streaming: a DataLoader over (sample, view) keys
+# =============================================================================
+
+
+class ViewBatch(NamedTuple):
+    """One loader batch. ``views``/``params`` are None for plain samples."""
+
+    indices: torch.Tensor  # int64 [B]
+    inputs: torch.Tensor  # [B, *sample_shape]
+    labels: torch.Tensor  # int64 [B]
+    views: torch.Tensor | None  # int64 [B]: view ids (seed = index * 65536 + view)
+    params: torch.Tensor | None  # float32 [B, PARAM_WIDTH]: the views, replayable
+
+
+def _epoch_generator(seed: int | None, epoch: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed or 0) * 1_000_003 + epoch) * 8 + salt)
+
+
+class KeySampler(torch.utils.data.Sampler[int]):
+    """Yields keys ``index * 65536 + view``, lazily (memory: a few int64 per sample).
+
+    ``num_views <= 1``: plain samples (view 0). ``fresh_views``: one view per
+    sample per epoch, drawn from an epoch-seeded generator. Otherwise every
+    view of every sample, sample-major (the cache's key order).
+    """
+
+    def __init__(
+        self,
+        indices: torch.Tensor,
+        num_views: int = 1,
+        fresh_views: bool = False,
+        shuffle_seed: int | None = None,
+        epoch: int = 0,
+    ) -> None:
+        if num_views > VIEW_STRIDE:
+            raise ValueError(f"at most {VIEW_STRIDE} views per sample")
+        self.indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        self.num_views, self.fresh_views, self.shuffle_seed, self.epoch = num_views, fresh_views, shuffle_seed, epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def plain(self) -> bool:
+        return self.num_views <= 1
+
+    def __len__(self) -> int:
+        n = len(self.indices)
+        return n if self.plain or self.fresh_views else n * self.num_views
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.indices)
+        pos = torch.arange(n)
+        if self.shuffle_seed is not None:
+            pos = torch.randperm(n, generator=_epoch_generator(self.shuffle_seed, self.epoch, 1))
+        if self.plain:
+            keys = self.indices[pos] * VIEW_STRIDE
+        elif self.fresh_views:
+            v = torch.randint(0, self.num_views, (n,), generator=_epoch_generator(self.shuffle_seed, self.epoch, 2))
+            keys = self.indices[pos] * VIEW_STRIDE + v[pos]
+        else:
+            for i in self.indices[pos].tolist():
+                yield from range(i * VIEW_STRIDE, i * VIEW_STRIDE + self.num_views)
+            return
+        yield from keys.tolist()
+
+
+class _Keyed(torch.utils.data.Dataset):
+    """Maps a key to (index, input, label, view, params); runs in the DataLoader workers."""
+
+    def __init__(self, source: Any, policy: ViewPolicy | None, plain: bool, labels: torch.Tensor) -> None:
+        self.source, self.policy, self.plain, self.labels = source, policy, plain, labels
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int) -> tuple[int, torch.Tensor, int, int, torch.Tensor | None]:
+        i, v = divmod(int(key), VIEW_STRIDE)
+        seed = None if self.plain else int(key)
+        if hasattr(self.source, "read"):
+            x, params = self.source.read(i, seed, self.policy)
+        else:  # any other SampleSource: its own views, no params
+            x, params = self.source.get(torch.tensor([i]), None if seed is None else torch.tensor([v]))[0], None
+        return i, x, int(self.labels[i]), v, params
+
+
+def _collate(items: list[tuple[int, torch.Tensor, int, int, torch.Tensor | None]]) -> ViewBatch:
+    idx = torch.tensor([it[0] for it in items], dtype=torch.long)
+    x = torch.stack([it[1] for it in items])
+    y = torch.tensor([it[2] for it in items], dtype=torch.long)
+    return ViewBatch(idx, x, y, None, None)
+
+
+def _collate_views(items: list[tuple[int, torch.Tensor, int, int, torch.Tensor | None]]) -> ViewBatch:
+    b = _collate(items)
+    views = torch.tensor([it[3] for it in items], dtype=torch.long)
+    params = [it[4] for it in items]
+    return b._replace(views=views, params=torch.stack(params) if all(p is not None for p in params) else None)
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # workers decode in parallel; no intra-op threads fighting them
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader of ``ViewBatch`` over a sample source; ``set_epoch`` draws the next epoch."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+
+
+def loader(
+    source: SampleSource,
+    indices: torch.Tensor | Sequence[int] | None = None,
+    batch_size: int = 256,
+    *,
+    views: ViewPolicy | str | None = None,
+    num_views: int = 1,
+    fresh_views: bool = False,
+    epoch: int = 0,
+    shuffle_seed: int | None = None,
+    workers: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+    persistent_workers: bool = False,
+    prefetch_factor: int | None = None,
+) -> Loader:
+    """Stream ``source`` in batches: decoding and views in ``workers`` processes.
+
+    ``views``: the view policy (default: the source's own, ``?views=``);
+    ``num_views``: views per sample (<= 1: plain samples, ``views`` None in the
+    batches); ``fresh_views``: one view per sample per epoch drawn from
+    ``range(num_views)`` (training), else every view of every sample
+    (precompute); ``shuffle_seed``: shuffle per epoch (None: index order).
+    Memory is flat in the dataset size: only indices and labels are held.
+    """
+    idx = torch.arange(len(source)) if indices is None else torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(source)):
+        raise IndexError(f"indices out of range for a source of {len(source)} samples")
+    policy = None if views is None else ViewPolicy.parse(views)
+    sampler = KeySampler(idx, num_views, fresh_views, shuffle_seed, epoch)
+    keyed = _Keyed(source, policy, sampler.plain, source.labels)
+    extra: dict[str, Any] = {}
+    if workers > 0:
+        extra = {"worker_init_fn": _worker_init, "persistent_workers": persistent_workers}
+        if prefetch_factor is not None:
+            extra["prefetch_factor"] = prefetch_factor
+    return Loader(
+        keyed,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=_collate if sampler.plain else _collate_views,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        drop_last=drop_last,
+        **extra,
+    )
+
+
+_SOURCES: dict[str, Any] = {
+    "imagefolder": ImageFolderSource,
+    "npz": lambda uri, target, opts: ArraySource(uri, target, opts, "npz"),
+    "npy": lambda uri, target, opts: ArraySource(uri, target, opts, "npy"),
+    "hf": HFSource,
+    "cifar": CifarSource,
+    "webdataset": WebDatasetSource,
+    "module": ModuleSource,
+}

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.core.data import Dataset
+from kd.core.samples import SampleSource
+from kd.student_trainer.evaluate import evaluate as evaluate_source
 from kd.teacher_server.client import TeacherClient, Usage
 
 
@@ -196,17 +198,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 @torch.no_grad()
-def evaluate(student: nn.Module, test: Dataset | None, device: str = "cpu") -> float:
+def evaluate(student: nn.Module, test: SampleSource | None, device: str = "cpu") -> float:
+    """Top-1 accuracy on ``test`` (NaN without one), by ``kd.student_trainer.evaluate``."""
     if test is None:
         return float("nan")
-    was = student.training
-    student.eval()
-    correct = 0
-    for s in range(0, len(test), 1024):
-        x = test.inputs[s : s + 1024].to(device)
-        correct += int((student(x).argmax(1).cpu() == test.labels[s : s + 1024]).sum())
-    student.train(was)
-    return correct / len(test)
+    return evaluate_source(student, test, batch_size=1024, device=device).top1
 
 
 class Run:

@@ -9,6 +9,7 @@ whether targets come from a server, a cache or a local teacher.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +46,13 @@ class Method:
             and n not in SCHEDULE_ARGS
         }
 
+    def check_options(self, options: dict[str, object]) -> None:
+        """Refuse unknown options and values out of range (see ``check_option_values``)."""
+        unknown = set(options) - set(self.defaults)
+        if unknown:
+            raise TypeError(f"method {self.name!r} has no option(s) {sorted(unknown)}; options: {self.defaults}")
+        check_option_values(self.name, self.defaults, options)
+
     @property
     def schedule_args(self) -> set[str]:
         """Which of ``epoch`` / ``epochs`` the loss takes (warm-ups, decays, early stops)."""
@@ -60,9 +68,7 @@ class Method:
         epochs: int | None = None,
         **hparams: object,
     ) -> torch.Tensor:
-        unknown = set(hparams) - set(self.defaults)
-        if unknown:
-            raise TypeError(f"method {self.name!r} has no option(s) {sorted(unknown)}; options: {self.defaults}")
+        self.check_options(hparams)
         if self.needs_teacher and teacher_logits is None:
             raise ValueError(f"method {self.name!r} needs teacher targets; give it a --source")
         if isinstance(teacher_logits, SparseTargets) and not self.accepts_sparse:
@@ -76,6 +82,72 @@ class Method:
                 raise ValueError(f"method {self.name!r} needs the {name} (the training loop passes it)")
             hparams[name] = schedule[name]
         return self.loss(student_logits, teacher_logits, labels, **hparams)
+
+
+_INF = math.inf
+# Allowed ranges (low, high, low is excluded) of options by name; a method may override one.
+# A temperature divides logits (0, negative, NaN or Inf give NaN or inverted targets); alpha
+# mixes the KD and CE terms; weights and coefficients scale a term and are never negative.
+OPTION_RANGES: dict[str, tuple[float, float, bool]] = {
+    "temperature": (0.0, _INF, True),
+    "kd_temperature": (0.0, _INF, True),
+    "multiplier": (0.0, _INF, True),
+    "alpha": (0.0, 1.0, False),
+    "correct_prob": (0.0, 1.0, False),
+    "noise_fraction": (0.0, 1.0, False),
+    "stop_fraction": (0.0, 1.0, False),
+    "search_fraction": (0.0, 1.0, False),
+    "decay_every": (0.0, 1.0, True),
+    "beta": (0.0, _INF, False),
+    "gamma": (0.0, _INF, False),
+    "lam": (0.0, _INF, False),
+    "decay": (0.0, _INF, False),
+    "eps": (0.0, _INF, False),
+    "noise_variance": (0.0, _INF, False),
+    "warmup": (0.0, _INF, False),
+    "sparsity": (0.0, _INF, False),
+    "hash_ratio": (0.0, _INF, True),
+}
+METHOD_OPTION_RANGES: dict[tuple[str, str], tuple[float, float, bool]] = {
+    ("dkd", "alpha"): (0.0, _INF, False),  # DKD's alpha weighs TCKD; it is not a KD/CE mix
+    ("token-gjsd", "beta"): (0.0, 1.0, False),  # GKD's mixture weight: 0 = forward KL, 1 = reverse KL
+}
+
+
+def check_option_values(method: str, defaults: dict[str, object], options: dict[str, object]) -> None:
+    """Every option's value has its default's type, is finite, and lies in its range.
+
+    ``--opt temperature=NaN`` parses to a float NaN; without this it would train to a NaN loss
+    and exit 0. The message names the method, the option and the allowed range."""
+    for name, value in options.items():
+        default = defaults.get(name)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"method {method!r}: option {name}={value!r} must be true or false")
+            continue
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise ValueError(f"method {method!r}: option {name}={value!r} must be a string (default {default!r})")
+            continue
+        if default is None and (value is None or not isinstance(value, (int, float)) or isinstance(value, bool)):
+            continue  # an optional setting left unset, or not a number
+        if not isinstance(default, (int, float)) and default is not None:
+            continue  # lists, tensors, ...: the method checks them
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"method {method!r}: option {name}={value!r} must be a number (default {default!r})")
+        if not math.isfinite(value):
+            raise ValueError(f"method {method!r}: option {name}={value!r} must be finite")
+        if isinstance(default, int) and not float(value).is_integer():
+            raise ValueError(f"method {method!r}: option {name}={value!r} must be an integer (default {default!r})")
+        rng = METHOD_OPTION_RANGES.get((method, name)) or OPTION_RANGES.get(name)
+        if rng is None and name.endswith("weight"):
+            rng = (0.0, _INF, False)
+        if rng is not None:
+            lo, hi, open_low = rng
+            if value < lo or (open_low and value == lo) or value > hi:
+                low = f"> {lo:g}" if open_low else f">= {lo:g}"
+                high = "" if hi == _INF else f" and <= {hi:g}"
+                raise ValueError(f"method {method!r}: option {name}={value!r} must be {low}{high}")
 
 
 # Options every feature method takes besides its own: the terms added to the feature
@@ -140,6 +212,7 @@ class FeatureMethod:
         unknown = set(options) - set(self.defaults)
         if unknown:
             raise TypeError(f"method {self.name!r} has no option(s) {sorted(unknown)}; options: {self.defaults}")
+        check_option_values(self.name, self.defaults, options)
         where = options.get("teacher_reduce", "source")
         if where not in ("source", "trainer"):
             raise ValueError(f"teacher_reduce must be 'source' or 'trainer', got {where!r}")

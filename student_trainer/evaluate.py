@@ -1,0 +1,94 @@
+"""Accuracy of a model over a sample source, streamed in batches.
+
+``evaluate(model, source)`` reads the plain samples (no views) through
+``kd.core.data.loader`` (decoding in ``workers`` processes), shapes them for
+the model (``conform`` to ``input_shape``, then the model's ``final`` transform:
+resolution and normalisation), and counts top-1 and top-5 hits. Outputs that are
+not a tensor (Hugging Face ``.logits``, dicts, tuples) are unwrapped with
+``kd.core.factory.logits_of``. Memory is flat
+in the dataset size: one batch at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kd.core.data import loader
+from kd.core.factory import logits_of
+from kd.core.samples import SampleSource
+from kd.core.views import conform
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Top-k accuracy (fractions in [0, 1]) over ``n`` samples."""
+
+    top1: float
+    top5: float
+    n: int
+    correct1: int
+    correct5: int
+
+
+def _batches(
+    source: SampleSource, indices: torch.Tensor | Sequence[int] | None, batch_size: int, workers: int, pin: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, labels) per batch: one batched ``get`` per batch in this process
+    (in-memory sources read a whole batch at once), or DataLoader workers decoding samples."""
+    if workers > 0:
+        for b in loader(source, indices, batch_size, workers=workers, pin_memory=pin):
+            yield b.inputs, b.labels
+        return
+    order = torch.arange(len(source)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+    labels = source.labels
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        yield source.get(idx), labels[idx]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    source: SampleSource,
+    *,
+    indices: torch.Tensor | Sequence[int] | None = None,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    input_shape: Sequence[int] | None = None,
+    final: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Accuracy:
+    """Top-1 and top-5 accuracy of ``model`` on ``source`` (or its ``indices``).
+
+    With fewer than 5 classes, top-5 counts every class (so it is 1.0). The
+    model is put in eval mode and restored to its previous mode afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    pin = device.type == "cuda"
+    correct1 = correct5 = n = 0
+    try:
+        for inputs, labels in _batches(source, indices, batch_size, workers, pin):
+            x = inputs.to(device, non_blocking=pin)
+            if input_shape is not None:
+                x = conform(x, input_shape)
+            if final is not None:
+                x = final(x)
+            logits = logits_of(model(x.to(dtype)))
+            y = labels.to(device)
+            # top-1 by argmax (ties to the lowest index, as everywhere in kd); topk may order ties otherwise
+            correct1 += int((logits.argmax(1) == y).sum())
+            k = min(5, logits.shape[1])
+            correct5 += int((logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum())
+            n += len(y)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluate: no samples to evaluate")
+    return Accuracy(correct1 / n, correct5 / n, n, correct1, correct5)
