@@ -213,6 +213,23 @@ class DatasetError(ValueError):
     """A dataset that cannot be opened or read, with the file or option at fault named."""
 
 
+def load_hf_split(root: Path, split: str = "train") -> Any:
+    """One split of a Hugging Face dataset saved with ``save_to_disk`` (Arrow, memory-mapped)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError("hf: needs the 'datasets' package: pip install 'kd[hf]'") from None
+    try:
+        ds = datasets.load_from_disk(str(root))
+    except FileNotFoundError as e:
+        raise DatasetError(f"hf: {root} is not a dataset saved with save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DatasetError(f"hf: no split {split!r} in {root}; splits: {', '.join(ds)}")
+        ds = ds[split]
+    return ds
+
+
 def _parse_size(text: str, what: str = "size") -> tuple[int, ...]:
     try:
         dims = tuple(int(v) for v in re.split(r"[x,]", text))
@@ -970,20 +987,7 @@ class HFSource(FileSource):
     def _dataset(self) -> Any:
         h = self._handles()
         if "ds" not in h:
-            try:
-                import datasets
-            except ImportError:
-                raise DatasetError("hf: needs the 'datasets' package: pip install 'kd[hf]'") from None
-            try:
-                ds = datasets.load_from_disk(str(self.root))
-            except FileNotFoundError as e:
-                raise DatasetError(f"hf: {self.root} is not a dataset saved with save_to_disk ({e})") from None
-            if isinstance(ds, datasets.DatasetDict):
-                split = self.options.get("split", "train")
-                if split not in ds:
-                    raise DatasetError(f"hf: no split {split!r} in {self.root}; splits: {', '.join(ds)}")
-                ds = ds[split]
-            h["ds"] = ds
+            h["ds"] = load_hf_split(self.root, self.options.get("split", "train"))
             h["raw"] = None
         return h["ds"]
 

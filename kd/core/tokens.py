@@ -337,19 +337,9 @@ class TokenSource:
     # -- reading documents ------------------------------------------------------------------------
     def _hf_dataset(self) -> Any:
         if getattr(self, "_hf", None) is None:
-            try:
-                import datasets
-            except ImportError:
-                raise _error("hf: needs the 'datasets' package: pip install 'kd[hf]'") from None
-            try:
-                ds = datasets.load_from_disk(str(self.root))
-            except FileNotFoundError as e:
-                raise _error(f"hf: {self.root} is not a dataset saved with save_to_disk ({e})") from None
-            if isinstance(ds, datasets.DatasetDict):
-                split = self.options.get("split", "train")
-                if split not in ds:
-                    raise _error(f"hf: no split {split!r} in {self.root}; splits: {', '.join(ds)}")
-                ds = ds[split]
+            from kd.core.data import load_hf_split
+
+            ds = load_hf_split(self.root, self.options.get("split", "train"))
             for f in self.fields:
                 if f not in ds.column_names:
                     raise _error(f"hf: no column {f!r}; columns: {', '.join(ds.column_names)}")
