@@ -213,6 +213,20 @@ class DatasetError(ValueError):
     """A dataset that cannot be opened or read, with the file or option at fault named."""
 
 
+def _pick(given: str | None, candidates: Sequence[str], available: list[str], what: str, *,
+          fmt: str, noun: str, ref: str) -> str:  # fmt: skip
+    """The array/column for ``what``: the one named by ``?what=`` (which must exist), else the
+    first of ``candidates`` present; the error lists what there is."""
+    if given is not None:
+        if given not in available:
+            raise DatasetError(f"{fmt}: no {noun} {given!r} ({what}=); {noun}s: {', '.join(available)}")
+        return given
+    for c in candidates:
+        if c in available:
+            return c
+    raise DatasetError(f"{fmt}: no {what} {noun} among {', '.join(available)}; name it with ?{what}={ref}")
+
+
 def load_hf_split(root: Path, split: str = "train") -> Any:
     """One split of a Hugging Face dataset saved with ``save_to_disk`` (Arrow, memory-mapped)."""
     try:
@@ -775,8 +789,8 @@ class ArraySource(FileSource):
                     keys = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
             except zipfile.BadZipFile:
                 raise DatasetError(f"npz: {self.path} is not an npz (zip) file") from None
-            self.x_key = self._pick(opts.get("x"), self.X_KEYS, keys, "x")
-            self.y_key = self._pick(opts.get("y"), self.Y_KEYS, keys, "y")
+            self.x_key = _pick(opts.get("x"), self.X_KEYS, keys, "x", fmt="npz", noun="array", ref="KEY")
+            self.y_key = _pick(opts.get("y"), self.Y_KEYS, keys, "y", fmt="npz", noun="array", ref="KEY")
             self.y_path = self.path
         else:
             if "y" not in opts:
@@ -798,17 +812,6 @@ class ArraySource(FileSource):
                 if nd in (2, 3)
                 else "flat"
             )
-
-    @staticmethod
-    def _pick(given: str | None, candidates: Sequence[str], keys: list[str], what: str) -> str:
-        if given is not None:
-            if given not in keys:
-                raise DatasetError(f"npz: no array {given!r} ({what}=); arrays: {', '.join(keys)}")
-            return given
-        for k in candidates:
-            if k in keys:
-                return k
-        raise DatasetError(f"npz: no {what} array among {', '.join(keys)}; name it with ?{what}=KEY")
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         h = self._handles()
@@ -979,8 +982,8 @@ class HFSource(FileSource):
         self.root = _existing_dir(self.format, target)
         ds = self._dataset()
         cols = list(ds.column_names)
-        self.image_col = self._pick(opts.get("image"), self.IMAGE_KEYS, cols, "image", ds)
-        self.label_col = self._pick(opts.get("label"), self.LABEL_KEYS, cols, "label", ds)
+        self.image_col = _pick(opts.get("image"), self.IMAGE_KEYS, cols, "image", fmt="hf", noun="column", ref="COLUMN")
+        self.label_col = _pick(opts.get("label"), self.LABEL_KEYS, cols, "label", fmt="hf", noun="column", ref="COLUMN")
         self.n = len(ds)
         self.fingerprint = str(ds._fingerprint)
 
@@ -1004,17 +1007,6 @@ class HFSource(FileSource):
             else:
                 h["raw"] = ds.select_columns([self.image_col]).with_format("numpy")
         return h["raw"]
-
-    @staticmethod
-    def _pick(given: str | None, candidates: Sequence[str], cols: list[str], what: str, ds: Any) -> str:
-        if given is not None:
-            if given not in cols:
-                raise DatasetError(f"hf: no column {given!r} ({what}=); columns: {', '.join(cols)}")
-            return given
-        for c in candidates:
-            if c in cols:
-                return c
-        raise DatasetError(f"hf: no {what} column among {', '.join(cols)}; name it with ?{what}=COLUMN")
 
     @cached_property
     def name_split(self) -> tuple[str, str]:
