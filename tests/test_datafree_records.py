@@ -29,13 +29,7 @@ TEST = load_dataset("digits", "test")
 LAYERS = ["layer2", "logits"]  # the order lopes matches them in: the teacher's, logits last
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """conftest asks for 2 threads; on a shared 2-core machine that is many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import torch
 from kd.student_trainer import zoo
 from kd.teacher_server.loading import load_teacher
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # batches of 2 gain nothing from threads
+
 # Parameter counts at 100 classes, counted from modules that follow the RepDistiller
 # (CRD) definitions layer for layer; the CRD paper/mdistiller tables round them to
 # 1.23M, 7.43M, 0.70M, 2.26M, 0.95M, 1.36M, 0.81M.
@@ -80,16 +82,6 @@ def test_cheap_convolutions_are_what_moonshine_describes() -> None:
         with pytest.raises(ValueError, match="split into|cheap convolution"):
             zoo.cheap_conv(32, 64, 1, bad)
     assert sum(p.numel() for p in zoo.moonshine_wrn_40_2_b2g2().parameters()) < 0.3 * PARAMS["wrn_40_2"][0]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batches of 2 gain nothing from intra-op threads, and on a busy CPU OpenMP spin-waits
-    make them many times slower; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_registry_covers_the_zoo():
