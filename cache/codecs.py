@@ -1,30 +1,67 @@
 """Codecs: a batch of logits [B, C] <-> B fixed-size byte strings.
 
 Every codec has a fixed record size for a given class count, so a batch
-decodes with one ``frombuffer`` instead of a Python loop per row.
+decodes with one ``frombuffer`` instead of a Python loop per row. A token
+cache stores one record per sequence: ``S`` such rows behind a small header
+(``kd.cache.store``), so bytes per token = ``record_bytes(V)`` + header / S.
 
 * ``fp32``, ``fp16``, ``bf16``: full logits.
-* ``int8``: per-row affine quantisation (fp32 scale and offset, 256 levels).
+* ``int8``: per-row affine quantisation of the logits (fp32 scale and offset, 256 levels).
+* ``q8``, ``q4``: dense log-probabilities at the cache temperature T_c, quantised
+  below the row's maximum in 255 / 15 equal steps (fp32 step; two classes a byte
+  for q4). Values more than ``log C + 20`` (q8) / ``log C + 10`` (q4) nats below
+  the maximum are clipped there: together they hold at most e^-20 / e^-10 of the
+  mass. Meant for flat teachers, whose mass is spread over many classes, where no
+  sparse codec covers it.
 * ``topk:K``: the K largest logits (fp16), their class indices (the smallest
   unsigned type that holds the class count) and the row's log-sum-exp of
-  z / T (fp32; T the cache's temperature, 1 unless precomputed with one),
-  so the probability mass outside the top K stays known. Decodes to
-  ``kd.core.targets.SparseTargets`` (the KD loss uses it without densifying) or,
-  for small class counts, to dense logits with that mass spread evenly.
-* ``sample:K``: K classes drawn with replacement from softmax(z / T) (T the
-  cache's temperature), their logits (fp16) and log-sum-exp of z / T: an
-  unbiased sparse estimate of the KL at T (Anshumann et al. 2025).
+  z / T_c (fp32), so the mass outside the top K at T_c is known exactly. The
+  top K of z are the top K at every temperature; the mass they cover does depend
+  on T (``covered_mass``; ``kd cache info`` reports it). Decodes to
+  ``SparseTargets("topk")``: the KD losses compare the K stored classes plus one
+  **rest bucket** holding the exact remaining mass (never spread over the other
+  classes); ``decode`` (dense logits, for methods that need them) is the
+  maximum-entropy completion: the remaining mass spread evenly.
+* ``sample:K`` and ``sample:KxR`` (Anshumann et al. 2025, "Sparse Logit
+  Sampling"): K ids drawn with replacement from softmax(z / T_s), T_s the cache
+  temperature (1 by default, the paper's), stored as unique ids with uint8
+  counts; no logits (they would not reach the loss). The target is the empirical
+  distribution counts / K, trained at T_s: its cross-entropy gradient is an
+  unbiased estimate of the full KL gradient. ``xR`` stores R independent rounds
+  of K draws; each read uses one round per record, drawn from torch's global RNG
+  (so every epoch can see other draws; seeded runs repeat). With record keys the
+  draws are a function of (index, view, round), so re-encoding gives the same
+  record.
+* ``rand:M`` (``rand:MbB``: B bits, 2..8): M classes chosen uniformly without
+  replacement by a hash of the record key (index, view), so the ids cost no bytes;
+  their log-probabilities at T_c in 4 (B) bits relative to the subset's maximum
+  (fp16 step, at most 12 nats covered) and the log of the mass they cover (fp16).
+  Decodes to ``SparseTargets("subset")``: the KD loss uses the M classes plus the
+  rest bucket. Across records every class is
+  seen with its probability, which is what a student needs from a flat teacher
+  at T = 4 whose mass is mostly outside any top-K.
+
+Codec version 2 (``CODEC_VERSION``, stored in the cache metadata): ``sample:K``
+changed layout (version 1 stored one draw at T with replacement and its unused
+logits); a version-1 ``sample:K`` cache is refused with a message to rebuild it.
+Every other version-1 cache reads as before (same bytes; topk's loss now uses
+the rest bucket).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from kd.core.targets import SparseTargets
+from kd.core.tokens import TokenTargets
+
+CODEC_VERSION = 2
+MAX_SAMPLE_DRAWS = 255  # counts are uint8
 
 
 def _index_dtype(num_classes: int) -> np.dtype:
@@ -34,9 +71,44 @@ def _index_dtype(num_classes: int) -> np.dtype:
     raise ValueError(f"{num_classes} classes do not fit uint32 indices")
 
 
+def index_bytes(num_classes: int) -> int:
+    """Bytes of one stored class / token id: 1 up to 256 classes, 2 up to 65536, else 4."""
+    return _index_dtype(num_classes).itemsize
+
+
+_M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, vectorised: a fixed, platform-independent hash of uint64s."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + _GOLD
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def key_seeds(keys: np.ndarray, salt: int) -> np.ndarray:
+    """One uint64 seed per record key (index, view) [B, 2] and codec salt."""
+    k = np.asarray(keys, dtype=np.int64).reshape(-1, 2).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        return _mix(_mix(k[:, 0] ^ np.uint64(salt)) + k[:, 1])
+
+
+def _uniforms(seeds: np.ndarray, n: int, offset: int = 0) -> np.ndarray:
+    """[B, n] uniforms in [0, 1) from per-row seeds (float64, 53 random bits)."""
+    with np.errstate(over="ignore"):
+        j = np.arange(offset + 1, offset + n + 1, dtype=np.uint64)
+        h = _mix(seeds[:, None] + j[None, :] * _GOLD)
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
 @dataclass(frozen=True)
 class Codec:
     name: str
+    temperature: float = 1.0  # T_c: the temperature the cache was made for (sparse and q codecs)
+
+    needs_keys = False  # True: encode/decode need the record keys (index, view)
 
     @property
     def max_abs(self) -> float | None:
@@ -46,17 +118,27 @@ class Codec:
     def record_bytes(self, num_classes: int) -> int:
         raise NotImplementedError
 
-    def encode(self, logits: torch.Tensor) -> np.ndarray:
-        """[B, C] logits -> uint8 array [B, record_bytes]."""
+    def encode(self, logits: torch.Tensor, keys: np.ndarray | None = None) -> np.ndarray:
+        """[B, C] logits -> uint8 array [B, record_bytes]. ``keys``: int64 [B, 2] (index, view)."""
         raise NotImplementedError
 
-    def decode(self, raw: np.ndarray, num_classes: int) -> torch.Tensor:
+    def decode(self, raw: np.ndarray, num_classes: int, keys: np.ndarray | None = None) -> torch.Tensor:
         """uint8 [B, record_bytes] -> float32 dense logits [B, C]."""
         raise NotImplementedError
 
-    def decode_targets(self, raw: np.ndarray, num_classes: int) -> torch.Tensor | SparseTargets:
+    def decode_targets(
+        self, raw: np.ndarray, num_classes: int, keys: np.ndarray | None = None
+    ) -> torch.Tensor | SparseTargets:
         """What a loss consumes: dense logits, or sparse targets for sparse codecs."""
-        return self.decode(raw, num_classes)
+        return self.decode(raw, num_classes, keys)
+
+    def _need_keys(self, keys: np.ndarray | None, n: int) -> np.ndarray:
+        if keys is None:
+            raise ValueError(f"codec {self.name} derives its classes from the record keys; pass keys (index, view)")
+        k = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
+        if len(k) != n:
+            raise ValueError(f"codec {self.name}: {len(k)} keys for {n} records")
+        return k
 
 
 @dataclass(frozen=True)
@@ -70,11 +152,11 @@ class FullCodec(Codec):
     def record_bytes(self, num_classes: int) -> int:
         return num_classes * torch.empty((), dtype=self.torch_dtype).element_size()
 
-    def encode(self, logits: torch.Tensor) -> np.ndarray:
+    def encode(self, logits: torch.Tensor, keys: np.ndarray | None = None) -> np.ndarray:
         t = logits.detach().to("cpu", self.torch_dtype).contiguous()
         return t.view(torch.uint8).numpy().reshape(t.shape[0], self.record_bytes(t.shape[1]))
 
-    def decode(self, raw: np.ndarray, num_classes: int) -> torch.Tensor:
+    def decode(self, raw: np.ndarray, num_classes: int, keys: np.ndarray | None = None) -> torch.Tensor:
         t = torch.from_numpy(np.require(raw, requirements=["C", "W"])).view(self.torch_dtype)
         return t.reshape(raw.shape[0], num_classes).float()
 
@@ -86,7 +168,7 @@ class Int8Codec(Codec):
     def record_bytes(self, num_classes: int) -> int:
         return 8 + num_classes
 
-    def encode(self, logits: torch.Tensor) -> np.ndarray:
+    def encode(self, logits: torch.Tensor, keys: np.ndarray | None = None) -> np.ndarray:
         z = logits.detach().to("cpu", torch.float32).numpy()
         lo = z.min(axis=1, keepdims=True)
         hi = z.max(axis=1, keepdims=True)
@@ -95,17 +177,71 @@ class Int8Codec(Codec):
         head = np.concatenate([scale, lo.astype(np.float32)], axis=1).astype("<f4")
         return np.concatenate([head.view(np.uint8), q.view(np.uint8)], axis=1)
 
-    def decode(self, raw: np.ndarray, num_classes: int) -> torch.Tensor:
+    def decode(self, raw: np.ndarray, num_classes: int, keys: np.ndarray | None = None) -> torch.Tensor:
         raw = np.ascontiguousarray(raw)
         head = raw[:, :8].copy().view("<f4")
         q = raw[:, 8:].view(np.int8).astype(np.float32) + 128.0
         return torch.from_numpy(q * head[:, :1] + head[:, 1:2])
 
 
+def _pack_bits(q: np.ndarray, bits: int = 4) -> np.ndarray:
+    """uint8 [B, N] values < 2^bits -> [B, ceil(N * bits / 8)], little-endian bit order
+    (4 bits: the even column in the low nibble)."""
+    b = np.unpackbits(q[..., None], axis=-1, bitorder="little")[..., :bits]
+    return np.packbits(b.reshape(q.shape[0], -1), axis=1, bitorder="little")
+
+
+def _unpack_bits(raw: np.ndarray, n: int, bits: int = 4) -> np.ndarray:
+    b = np.unpackbits(raw, axis=1, bitorder="little")[:, : n * bits].reshape(raw.shape[0], n, bits)
+    return (b.astype(np.uint8) << np.arange(bits, dtype=np.uint8)).sum(axis=2).astype(np.uint8)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    return _pack_bits(q, 4)
+
+
+def _unpack_nibbles(b: np.ndarray, n: int) -> np.ndarray:
+    return _unpack_bits(b, n, 4)
+
+
+@dataclass(frozen=True)
+class QuantCodec(Codec):
+    """Dense log-probabilities at T_c in ``bits`` (8 or 4) below the row's maximum."""
+
+    bits: int = 8
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1
+
+    def cap(self, num_classes: int) -> float:
+        """Nats below the maximum that the steps cover (lower values are clipped there)."""
+        return math.log(num_classes) + (20.0 if self.bits == 8 else 10.0)
+
+    def record_bytes(self, num_classes: int) -> int:
+        return 4 + (num_classes if self.bits == 8 else -(-num_classes // 2))
+
+    def encode(self, logits: torch.Tensor, keys: np.ndarray | None = None) -> np.ndarray:
+        u = logits.detach().to("cpu", torch.float64) / self.temperature
+        u = (u - u.max(dim=1, keepdim=True).values).numpy()  # <= 0; the shift does not change softmax
+        c = u.shape[1]
+        span = np.minimum(-u.min(axis=1, keepdims=True), self.cap(c))
+        step = np.maximum(span / self.levels, 1e-30).astype(np.float32)
+        q = np.rint(-u / step.astype(np.float64)).clip(0, self.levels).astype(np.uint8)
+        body = q if self.bits == 8 else _pack_nibbles(q)
+        return np.concatenate([step.astype("<f4").view(np.uint8), body], axis=1)
+
+    def decode(self, raw: np.ndarray, num_classes: int, keys: np.ndarray | None = None) -> torch.Tensor:
+        raw = np.ascontiguousarray(raw)
+        step = raw[:, :4].copy().view("<f4")
+        body = raw[:, 4:]
+        q = body if self.bits == 8 else _unpack_nibbles(body, num_classes)
+        return torch.from_numpy((-q.astype(np.float32) * step) * np.float32(self.temperature))
+
+
 @dataclass(frozen=True)
 class TopKCodec(Codec):
     k: int = 10
-    temperature: float = 1.0  # the row's log-sum-exp is of z / temperature
 
     @property
     def max_abs(self) -> float | None:
@@ -116,12 +252,12 @@ class TopKCodec(Codec):
         return idx, 2 * self.k, idx.itemsize * self.k
 
     def record_bytes(self, num_classes: int) -> int:
-        if self.k > num_classes and not isinstance(self, SampleCodec):  # draws may repeat; top-k may not
+        if self.k > num_classes:
             raise ValueError(f"topk:{self.k} needs at least {self.k} classes, got {num_classes}")
         _, vbytes, ibytes = self._layout(num_classes)
         return vbytes + ibytes + 4
 
-    def encode(self, logits: torch.Tensor) -> np.ndarray:
+    def encode(self, logits: torch.Tensor, keys: np.ndarray | None = None) -> np.ndarray:
         z = logits.detach().to("cpu", torch.float32)
         self.record_bytes(z.shape[1])
         values, indices = z.topk(self.k, dim=1)
@@ -145,70 +281,225 @@ class TopKCodec(Codec):
         ]
         return np.concatenate(parts, axis=1)
 
-    def decode_targets(self, raw: np.ndarray, num_classes: int) -> SparseTargets:
+    def decode_targets(self, raw: np.ndarray, num_classes: int, keys: np.ndarray | None = None) -> SparseTargets:
         values, indices, lse = self.decode_sparse(raw, num_classes)
         return SparseTargets("topk", indices, values, lse, num_classes, self.temperature)
 
-    def decode(self, raw: np.ndarray, num_classes: int) -> torch.Tensor:
+    def decode(self, raw: np.ndarray, num_classes: int, keys: np.ndarray | None = None) -> torch.Tensor:
         return self.decode_targets(raw, num_classes).dense()
 
 
+def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws int64 [B, N] -> (unique ids [B, N], counts [B, N]); unused slots have id 0, count 0."""
+    s, _ = draws.sort(dim=1)
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    group = new.long().cumsum(dim=1) - 1
+    counts = torch.zeros(s.shape, dtype=torch.int64).scatter_add_(1, group, torch.ones_like(s))
+    ids = torch.zeros_like(s).scatter_(1, group, s)
+    return ids, counts
+
+
 @dataclass(frozen=True)
-class SampleCodec(TopKCodec):
-    """K draws from softmax(z / T) with their logits and logsumexp(z / T)."""
+class SampleCodec(Codec):
+    """R rounds of K draws from softmax(z / T_s): unique ids and uint8 counts per round."""
 
-    seed: int = 0
+    k: int = 12
+    rounds: int = 1
+    seed: int = 0  # mixed into the draws (without keys: with the rows' content)
 
-    def encode(self, logits: torch.Tensor) -> np.ndarray:
-        z = logits.detach().to("cpu", torch.float32)
-        c = z.shape[1]
-        self.record_bytes(c)
-        scaled = z / self.temperature
-        # Seeded from the batch's content: re-encoding the same rows gives the same draws.
-        seed = (self.seed * 1_000_003 + int(z.numel()) + int(z.abs().sum().item() * 1e3)) % (2**63)
-        g = torch.Generator().manual_seed(seed)
-        draws = torch.multinomial(torch.softmax(scaled, dim=1), self.k, replacement=True, generator=g)
-        return self._pack(z.gather(1, draws), draws, torch.logsumexp(scaled, dim=1), c)
+    def record_bytes(self, num_classes: int) -> int:
+        return self.rounds * self.k * (index_bytes(num_classes) + 1)
 
-    def decode_targets(self, raw: np.ndarray, num_classes: int) -> SparseTargets:
-        values, indices, lse = self.decode_sparse(raw, num_classes)
-        return SparseTargets("sample", indices, values, lse, num_classes, self.temperature)
+    def encode(self, logits: torch.Tensor, keys: np.ndarray | None = None) -> np.ndarray:
+        z = logits.detach().to("cpu", torch.float64)
+        b, c = z.shape
+        cdf = torch.softmax(z / self.temperature, dim=1).cumsum(dim=1)
+        cdf = cdf / cdf[:, -1:]  # exactly 1 at the end
+        n = self.rounds * self.k
+        if keys is not None:
+            u = torch.from_numpy(_uniforms(key_seeds(self._need_keys(keys, b), 0x5A17 + self.seed), n))
+        else:  # seeded from the batch's content: re-encoding the same rows gives the same draws
+            seed = (self.seed * 1_000_003 + int(z.numel()) + int(z.abs().sum().item() * 1e3)) % (2**63)
+            u = torch.rand(b, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        draws = torch.searchsorted(cdf, u, right=True).clamp(max=c - 1)  # [B, R * K]
+        idx_dt = _index_dtype(c)
+        parts = []
+        for r in range(self.rounds):
+            ids, counts = unique_counts(draws[:, r * self.k : (r + 1) * self.k])
+            parts += [ids.numpy().astype(idx_dt).view(np.uint8), counts.numpy().astype(np.uint8)]
+        return np.concatenate(parts, axis=1)
 
-    def decode(self, raw: np.ndarray, num_classes: int) -> torch.Tensor:
+    def decode_rounds(self, raw: np.ndarray, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (ids int64 [B, R, K], counts float32 [B, R, K])."""
+        idx_dt = _index_dtype(num_classes)
+        raw = np.ascontiguousarray(raw)
+        per = self.k * (idx_dt.itemsize + 1)
+        ids, counts = [], []
+        for r in range(self.rounds):
+            part = raw[:, r * per : (r + 1) * per]
+            ids.append(part[:, : self.k * idx_dt.itemsize].copy().view(idx_dt).astype(np.int64))
+            counts.append(part[:, self.k * idx_dt.itemsize :].astype(np.float32))
+        return torch.from_numpy(np.stack(ids, axis=1)), torch.from_numpy(np.stack(counts, axis=1))
+
+    def decode_targets(self, raw: np.ndarray, num_classes: int, keys: np.ndarray | None = None) -> SparseTargets:
+        ids, counts = self.decode_rounds(raw, num_classes)
+        if self.rounds == 1:
+            pick = torch.zeros(len(ids), dtype=torch.int64)
+        else:
+            pick = torch.randint(self.rounds, (len(ids),))  # the global RNG: seeded runs repeat
+        rows = torch.arange(len(ids))
+        ids, counts = ids[rows, pick], counts[rows, pick]
+        return SparseTargets("sample", ids, counts, counts.sum(dim=1), num_classes, self.temperature)
+
+    def decode(self, raw: np.ndarray, num_classes: int, keys: np.ndarray | None = None) -> torch.Tensor:
         raise ValueError(
-            f"{self.name} targets are a sampled estimator with no dense form; use a method that "
-            "accepts sparse targets (kd) or a dense codec (fp32, fp16, bf16, int8, topk:K)"
+            f"{self.name} targets are sampled counts with no dense form; use a method that accepts sparse "
+            "targets (kd, token-fkl) or a dense codec (fp32, fp16, bf16, int8, q8, q4, topk:K)"
+        )
+
+
+@dataclass(frozen=True)
+class RandomSubsetCodec(Codec):
+    """M key-derived classes, their log-probs at T_c in ``bits`` (4; ``rand:MbB`` for B in 2..8)
+    below the subset's maximum, and the log of the mass they cover."""
+
+    m: int = 64
+    bits: int = 4
+
+    needs_keys = True
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1
+
+    def record_bytes(self, num_classes: int) -> int:
+        if self.m > num_classes:
+            raise ValueError(f"rand:{self.m} needs at least {self.m} classes, got {num_classes}")
+        return 4 + -(-self.m * self.bits // 8)
+
+    def class_ids(self, keys: np.ndarray, num_classes: int) -> np.ndarray:
+        """int64 [B, M], sorted: the classes a record with these keys stores (a hash of the key)."""
+        seeds = key_seeds(keys, 0x7A4D)
+        with np.errstate(over="ignore"):
+            scores = _mix(seeds[:, None] ^ (np.arange(num_classes, dtype=np.uint64)[None, :] * _GOLD))
+        ids = np.argpartition(scores, self.m - 1, axis=1)[:, : self.m] if self.m < num_classes else None
+        if ids is None:
+            ids = np.broadcast_to(np.arange(num_classes), scores.shape)
+        return np.sort(ids, axis=1).astype(np.int64)
+
+    def encode(self, logits: torch.Tensor, keys: np.ndarray | None = None) -> np.ndarray:
+        z = logits.detach().to("cpu", torch.float64)
+        b, c = z.shape
+        self.record_bytes(c)
+        ids = torch.from_numpy(self.class_ids(self._need_keys(keys, b), c))
+        logp = torch.log_softmax(z / self.temperature, dim=1).gather(1, ids)  # [B, M]
+        log_cov = torch.logsumexp(logp, dim=1).clamp(min=-60000.0)
+        rel = (logp - logp.max(dim=1, keepdim=True).values).numpy()  # <= 0
+        span = np.minimum(-rel.min(axis=1, keepdims=True), 12.0)
+        step = np.maximum(span / self.levels, 1e-4).astype(np.float16).astype(np.float64)
+        q = np.rint(-rel / step).clip(0, self.levels).astype(np.uint8)
+        head = np.concatenate([step, log_cov.numpy()[:, None]], axis=1).astype("<f2")
+        return np.concatenate([head.view(np.uint8), _pack_bits(q, self.bits)], axis=1)
+
+    def decode_targets(self, raw: np.ndarray, num_classes: int, keys: np.ndarray | None = None) -> SparseTargets:
+        raw = np.ascontiguousarray(raw)
+        ids = torch.from_numpy(self.class_ids(self._need_keys(keys, len(raw)), num_classes))
+        head = raw[:, :4].copy().view("<f2").astype(np.float32)
+        rel = -_unpack_bits(raw[:, 4:], self.m, self.bits).astype(np.float32) * head[:, :1]
+        rel_t = torch.from_numpy(rel)
+        logp = rel_t - torch.logsumexp(rel_t, dim=1, keepdim=True) + torch.from_numpy(head[:, 1].copy())[:, None]
+        # Stored as logits at T_c with logsumexp 0: p_k = exp(v / T_c - 0).
+        return SparseTargets("subset", ids, logp * self.temperature, torch.zeros(len(raw)), num_classes,
+                             self.temperature)  # fmt: skip
+
+    def decode(self, raw: np.ndarray, num_classes: int, keys: np.ndarray | None = None) -> torch.Tensor:
+        raise ValueError(
+            f"{self.name} stores a random subset of the classes and the mass of the rest, with no dense form; use a "
+            "method that accepts sparse targets (kd, token-fkl) or a dense codec"
         )
 
 
 CODECS: dict[str, Codec] = {
-    "fp32": FullCodec("fp32", torch.float32),
-    "fp16": FullCodec("fp16", torch.float16),
-    "bf16": FullCodec("bf16", torch.bfloat16),
+    "fp32": FullCodec("fp32", torch_dtype=torch.float32),
+    "fp16": FullCodec("fp16", torch_dtype=torch.float16),
+    "bf16": FullCodec("bf16", torch_dtype=torch.bfloat16),
     "int8": Int8Codec("int8"),
 }
+TEMPERED = ("topk:", "sample:", "rand:", "q8", "q4")  # codecs whose records depend on the cache temperature
 
 
-def get_codec(name: str, temperature: float | None = None) -> Codec:
-    """``fp32``, ``fp16``, ``bf16``, ``int8``, ``topk:K`` or ``sample:K`` (needs ``temperature``)."""
+def codec_uses_temperature(name: str) -> bool:
+    return name.startswith(TEMPERED)
+
+
+def get_codec(name: str, temperature: float | None = None, version: int = CODEC_VERSION) -> Codec:
+    """``fp32``, ``fp16``, ``bf16``, ``int8``, ``q8``, ``q4``, ``topk:K``, ``sample:K[xR]`` or ``rand:M``.
+
+    ``temperature``: the cache's T_c (1 when None). ``version``: the codec version the
+    cache was written with (``CODEC_VERSION`` for new caches)."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"codec version must be a positive integer, got {version!r}")
+    if version > CODEC_VERSION:
+        raise ValueError(
+            f"this cache was written with codec version {version}, newer than this kd reads ({CODEC_VERSION}); "
+            "upgrade kd"
+        )
     if name in CODECS:
         return CODECS[name]
+    t = 1.0 if temperature is None else temperature
+    # z / T with T <= 0, NaN or Inf gives NaN or inverted targets (and no distribution to draw from).
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise ValueError(f"codec {name!r}: temperature must be a finite number > 0, got {temperature!r}")
+    t = float(t)
+    if name in ("q8", "q4"):
+        return QuantCodec(name, t, bits=int(name[1]))
     kind, _, arg = name.partition(":")
-    if kind in ("topk", "sample"):
-        try:
-            k = int(arg)
-        except ValueError:
-            k = 0
-        if k < 1:
-            raise ValueError(f"codec {name!r}: K must be a positive integer, as in {kind}:10")
-        t = 1.0 if temperature is None else temperature
-        # z / T with T <= 0, NaN or Inf gives NaN or inverted targets (and no distribution to draw from).
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise ValueError(f"codec {name!r}: temperature must be a finite number > 0, got {temperature!r}")
+    if kind in ("topk", "sample", "rand"):
+        m = re.fullmatch(r"([0-9]+)(?:x([0-9]+)|b([2-8]))?", arg)
+        k = int(m.group(1)) if m else 0
+        rounds = int(m.group(2)) if m and m.group(2) else 1
+        bits = int(m.group(3)) if m and m.group(3) else 4
+        if k < 1 or rounds < 1 or (m and m.group(2) and kind != "sample") or (m and m.group(3) and kind != "rand"):
+            example = "sample:12 or sample:12x4" if kind == "sample" else f"{kind}:10"
+            raise ValueError(f"codec {name!r}: K must be a positive integer, as in {example}")
         if kind == "topk":
-            return TopKCodec(name, k, temperature=float(t))
-        return SampleCodec(name, k, temperature=float(t))
-    raise ValueError(f"unknown codec {name!r}; choose from {', '.join(CODECS)}, topk:K or sample:K")
+            return TopKCodec(name, t, k=k)
+        if kind == "rand":
+            return RandomSubsetCodec(name, t, m=k, bits=bits)
+        if version < 2:
+            raise ValueError(
+                f"this {name} cache was written with codec version {version}: one draw at the training temperature "
+                "with replacement, reused every epoch, whose stored logits never reached the loss (it pulls the "
+                "student away from the teacher). kd no longer reads it; rebuild it with `kd precompute --codec "
+                f"{name}` (version {CODEC_VERSION}: unique ids with counts, drawn at T = 1)"
+            )
+        if k > MAX_SAMPLE_DRAWS:
+            raise ValueError(f"codec {name!r}: at most {MAX_SAMPLE_DRAWS} draws per round (uint8 counts)")
+        return SampleCodec(name, t, k=k, rounds=rounds)
+    raise ValueError(
+        f"unknown codec {name!r}; choose from {', '.join(CODECS)}, q8, q4, topk:K, sample:K, sample:KxR or rand:M"
+    )
+
+
+def covered_mass(targets: SparseTargets | TokenTargets, temperature: float | None = None) -> torch.Tensor:
+    """The teacher's mass on the stored classes of topk/subset targets, at T (default the
+    targets' T_c; exact there): ``[B]`` for ``SparseTargets``, one value per real position
+    (flattened) for ``TokenTargets`` with logits + lse. Sampled counts cover their draws: 1."""
+    if isinstance(targets, TokenTargets):
+        if targets.logits is None or targets.lse is None:
+            return torch.ones(int((targets.ids >= 0).any(-1).sum()))
+        t = targets.temperature if temperature is None else temperature
+        if not math.isclose(t, targets.temperature, rel_tol=1e-6):
+            raise ValueError(f"token targets hold their lse at T = {targets.temperature}, not {t}")
+        slot = targets.ids >= 0
+        p = torch.where(slot, torch.exp(targets.logits.double() / t - targets.lse.double()[..., None]), 0.0)
+        return p.sum(-1)[slot.any(-1)]
+    if targets.kind == "sample":
+        return torch.ones(len(targets))
+    log_p, _ = targets.bucket_log_probs(targets.temperature or 1.0 if temperature is None else temperature,
+                                        torch.float64)  # fmt: skip
+    return log_p.exp().sum(dim=1)
 
 
 def bytes_per_sample(codec: str, num_classes: int) -> int:

@@ -35,8 +35,9 @@ import lmdb
 import numpy as np
 import torch
 
-from kd.cache.codecs import get_codec
+from kd.cache.codecs import CODEC_VERSION, codec_uses_temperature, get_codec
 from kd.core.targets import SparseTargets, Targets
+from kd.core.tokens import TokenTargets
 
 FORMAT_VERSION = 1
 META_KEY = b"\x00meta"
@@ -95,12 +96,18 @@ class CacheMeta:
     dataset_manifest: dict = field(default_factory=dict)
     # Views' params (``kd.core.views``, float32 [view_params]) are stored per record in OUT/view-params: 0 = none.
     view_params: int = 0
+    # The codec's layout version (kd.cache.codecs.CODEC_VERSION when written; caches from before
+    # the field read as 1). A version-1 sample:K cache is refused with a message to rebuild it.
+    codec_version: int | None = None
+    # One record per sequence: a u32 position count S, then S rows of the codec (token teachers).
+    per_token: bool = False
     format_version: int = FORMAT_VERSION
     created_by: str = field(default_factory=_kd_version)
 
     # Fields that must agree between a cache and the one who opens it.
     IDENTITY = (
         "format_version",
+        "per_token",
         "teacher_fingerprint",
         "dataset_id",
         "dataset_size",
@@ -145,7 +152,7 @@ class CacheMeta:
             views=views,
             augmentation=dataset.augmentation if views > 1 else "",
             # Sparse codecs are exact at this temperature (topk) or only valid at it (sample).
-            temperature=temperature if codec.startswith(("sample:", "topk:")) else None,
+            temperature=temperature if codec_uses_temperature(codec) else None,
             **extra,
         )
 
@@ -157,6 +164,8 @@ class CacheMeta:
         return [(i, v) for i in range(self.shard_index, self.dataset_size, self.shard_count) for v in range(self.views)]
 
     def __post_init__(self) -> None:
+        if self.codec_version is None:  # a new cache: the codecs' current layout
+            object.__setattr__(self, "codec_version", CODEC_VERSION)
         # A temperature divides logits: 0, negative, NaN or Inf would give NaN targets or
         # an invalid distribution to draw from, so no cache is written or read with one.
         if self.temperature is not None:
@@ -195,6 +204,8 @@ class CacheMeta:
                 )
         try:
             data = json.loads(body)
+            if isinstance(data, dict):
+                data.setdefault("codec_version", 1)  # written before the field: the first layouts
             known = {f.name for f in fields(cls)}
             return cls(**{k: v for k, v in data.items() if k in known})
         except (ValueError, TypeError, UnicodeDecodeError) as e:
@@ -265,6 +276,12 @@ def _check_rows(path: str, keys: list[bytes], joined: bytes, n: int, payload_byt
         r = int(bad.nonzero()[0][0])
         raise CorruptRecordError(f"{_where(path, keys[r])} has an unknown header {bytes(rows[r, :4])!r}")
     return rows[:, len(_HEADER) : -_CRC.size]
+
+
+def _keys(idx: list[int], vw: list[int] | None) -> np.ndarray:
+    """Record keys int64 [B, 2] (index, view): what key-derived codecs (rand:M, sample:K) hash."""
+    views = np.asarray(vw if vw is not None else [0] * len(idx), dtype=np.int64)
+    return np.stack([np.asarray(idx, dtype=np.int64), views], axis=1).reshape(len(idx), 2)
 
 
 def _as_lists(indices, views) -> tuple[list[int], list[int] | None]:
@@ -381,7 +398,7 @@ class CacheWriter:
     def __init__(self, path: str | Path, meta: CacheMeta, *, commit_every: int = 4096) -> None:
         self.path = Path(path)
         self.meta = meta
-        self.codec = get_codec(meta.codec, meta.temperature)
+        self.codec = get_codec(meta.codec, meta.temperature, meta.codec_version)
         self.logit_bytes = self.codec.record_bytes(meta.num_classes)
         self.record_bytes = self.logit_bytes + sum(meta.feature_bytes.values())
         self.commit_every = commit_every
@@ -393,9 +410,12 @@ class CacheWriter:
             raw = txn.get(META_KEY)
         if raw is not None:
             try:
-                CacheMeta.from_json(raw, self.path).check(
-                    self.path, **{k: getattr(meta, k) for k in CacheMeta.IDENTITY}
-                )
+                existing = CacheMeta.from_json(raw, self.path)
+                existing.check(self.path, **{k: getattr(meta, k) for k in CacheMeta.IDENTITY})
+                try:  # resuming a cache of an older codec version: only where its layout is still read
+                    get_codec(existing.codec, existing.temperature, existing.codec_version)
+                except ValueError as e:
+                    raise StaleCacheError(f"cache {str(self.path)!r}: {e}") from None
             except StaleCacheError:
                 _release(self.path)
                 raise
@@ -455,7 +475,58 @@ class CacheWriter:
                 raise ValueError(
                     f"put: index {idx[r]} belongs to another shard than {self.meta.shard_index}/{self.meta.shard_count}"
                 )
-        encoded = self.codec.encode(logits)
+        if self.meta.per_token:
+            raise ValueError("put: this cache holds one record per sequence; use put_sequences")
+        encoded = self.codec.encode(logits, _keys(idx, vw))
+        if self.meta.features or features:
+            encoded = np.concatenate([encoded, *self._encode_features(features or {}, len(idx))], axis=1)
+        self._pending.extend(_seal_rows([record_key(self._prefix, i, v) for i, v in zip(idx, vw)], encoded))
+        if len(self._pending) >= self.commit_every:
+            self.flush()
+
+    def put_topk(
+        self,
+        indices: Iterable[int],
+        targets: SparseTargets,
+        views: Iterable[int] | None = None,
+        features: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Like ``put`` for a ``topk:K`` cache, from the top-k parts instead of full logits (a
+        server's top-k reply, ``kd.core.sparse.topk_parts``): the same records ``put`` writes
+        from the full logits, when the parts' log-sum-exp is at this cache's temperature."""
+        codec = self.codec
+        if not (hasattr(codec, "_pack") and self.meta.codec.startswith("topk:")) or targets.kind != "topk":
+            raise ValueError(f"put_topk: {targets.kind} targets for a {self.meta.codec} cache; use put with logits")
+        k = int(targets.indices.shape[1]) if targets.indices.ndim == 2 else -1
+        if k != codec.k or targets.num_classes != self.meta.num_classes:
+            raise ValueError(f"put_topk: {k} of {targets.num_classes} classes given, the cache keeps "
+                             f"{self.meta.codec} of {self.meta.num_classes}")  # fmt: skip
+        t_cache, t_given = codec.temperature, targets.temperature or 1.0
+        if not math.isclose(t_cache, t_given, rel_tol=1e-6):
+            raise ValueError(f"put_topk: log-sum-exp at temperature {t_given}, the cache stores it at {t_cache}")
+        idx = [int(i) for i in indices]
+        vw = [0] * len(idx) if views is None else [int(v) for v in views]
+        values, classes = targets.logits.float().cpu(), targets.indices.long().cpu()
+        lse = targets.logsumexp.float().cpu()
+        if values.shape[0] != len(idx) or len(vw) != len(idx) or lse.shape != (len(idx),):
+            raise ValueError(f"put_topk: {len(idx)} indices, {len(vw)} views, targets of {values.shape[0]} rows")
+        if len(idx) and (int(classes.min()) < 0 or int(classes.max()) >= self.meta.num_classes):
+            raise ValueError(f"put_topk: class ids outside 0..{self.meta.num_classes - 1}")
+        peak = float(values.abs().max()) if values.numel() else 0.0
+        if not (math.isfinite(peak) and bool(torch.isfinite(lse).all())):
+            raise ValueError("put_topk: values or log-sum-exp contain NaN or Inf; refusing to cache them")
+        if peak > codec.max_abs:
+            raise ValueError(f"put_topk: |logits| up to {peak:.4g} exceed the {self.meta.codec} range "
+                             f"({codec.max_abs:.4g})")  # fmt: skip
+        ii, vv = torch.tensor(idx, dtype=torch.long), torch.tensor(vw, dtype=torch.long)
+        bad = (ii < 0) | (ii >= self.meta.dataset_size) | (vv < 0) | (vv >= self.meta.views)
+        bad |= (ii % self.meta.shard_count) != self.meta.shard_index
+        if bad.any():
+            r = int(bad.nonzero()[0][0])
+            raise ValueError(f"put_topk: (index={idx[r]}, view={vw[r]}) is not a record of this cache (shard "
+                             f"{self.meta.shard_index}/{self.meta.shard_count}, {self.meta.dataset_size} samples, "
+                             f"{self.meta.views} views)")  # fmt: skip
+        encoded = codec._pack(values, classes, lse, self.meta.num_classes)
         if self.meta.features or features:
             encoded = np.concatenate([encoded, *self._encode_features(features or {}, len(idx))], axis=1)
         self._pending.extend(_seal_rows([record_key(self._prefix, i, v) for i, v in zip(idx, vw)], encoded))
@@ -476,6 +547,39 @@ class CacheWriter:
                 raise ValueError(f"put: feature {name!r} has NaN/Inf or values beyond the fp16 range ({peak:.4g})")
             out.append(f.to(torch.float16).reshape(n, -1).numpy().view(np.uint8))
         return out
+
+    def put_sequences(self, indices: Iterable[int], sequences: list[torch.Tensor]) -> None:
+        """Buffer one record per sequence (``per_token`` caches): ``sequences[i]`` is the
+        teacher's logits ``[L_i, V]`` at the sequence's L_i real positions (L_i >= 1).
+        Position p of sequence i is encoded with the key (i, p) (key-derived codecs)."""
+        if not self.meta.per_token:
+            raise ValueError("put_sequences: this cache holds one record per sample; use put")
+        idx = [int(i) for i in indices]
+        if len(idx) != len(sequences):
+            raise ValueError(f"put_sequences: {len(idx)} indices for {len(sequences)} sequences")
+        limit = self.codec.max_abs
+        items: list[tuple[bytes, bytes]] = []
+        for i, z in zip(idx, sequences):
+            if z.ndim != 2 or z.shape[0] < 1 or z.shape[1] != self.meta.num_classes:
+                raise ValueError(f"put_sequences: sequence {i} has logits {list(z.shape)}, expected "
+                                 f"[positions >= 1, {self.meta.num_classes}]")  # fmt: skip
+            if not 0 <= i < self.meta.dataset_size or not self.meta.owns(i):
+                raise ValueError(
+                    f"put_sequences: index {i} outside dataset_size={self.meta.dataset_size} or this shard"
+                )
+            peak = float(z.detach().abs().max())
+            if not math.isfinite(peak):
+                raise ValueError(f"put_sequences: sequence {i} has NaN or Inf logits; refusing to cache them")
+            if limit is not None and peak > limit:
+                raise ValueError(f"put_sequences: |logits| up to {peak:.4g} exceed the {self.meta.codec} range "
+                                 f"({limit:.4g}); use a codec with a wider range (fp32, bf16)")  # fmt: skip
+            n = z.shape[0]
+            rows = self.codec.encode(z, np.stack([np.full(n, i), np.arange(n)], axis=1))
+            payload = np.concatenate([np.frombuffer(struct.pack("<I", n), dtype=np.uint8), rows.reshape(-1)])
+            items.extend(_seal_rows([record_key(self._prefix, i, 0)], payload[None]))
+        self._pending.extend(items)
+        if len(self._pending) >= self.commit_every:
+            self.flush()
 
     def flush(self) -> None:
         if self._pending:
@@ -557,7 +661,10 @@ class CacheReader:
         if unknown:
             raise TypeError(f"unknown cache fields {sorted(unknown)}")
         self.meta.check(self.path, **expect)
-        self.codec = get_codec(self.meta.codec, self.meta.temperature)
+        try:
+            self.codec = get_codec(self.meta.codec, self.meta.temperature, self.meta.codec_version)
+        except ValueError as e:
+            raise StaleCacheError(f"cache {str(self.path)!r}: {e}") from None
         self.logit_bytes = self.codec.record_bytes(self.meta.num_classes)
         self.record_bytes = self.logit_bytes + sum(self.meta.feature_bytes.values())
         self._prefix = self.meta.record_prefix
@@ -601,7 +708,8 @@ class CacheReader:
     ) -> torch.Tensor:
         """Dense float32 logits [B, C] for the given samples (and views)."""
         idx, vw = _as_lists(indices, views)
-        out = self.codec.decode(self.read_raw(idx, vw)[:, : self.logit_bytes], self.meta.num_classes)
+        self._not_per_token()
+        out = self.codec.decode(self.read_raw(idx, vw)[:, : self.logit_bytes], self.meta.num_classes, _keys(idx, vw))
         self._check_finite([out], idx, vw)
         return out
 
@@ -610,9 +718,98 @@ class CacheReader:
     ) -> Targets:
         """What a loss consumes: dense logits, or ``SparseTargets`` for topk/sample codecs."""
         idx, vw = _as_lists(indices, views)
-        out = self.codec.decode_targets(self.read_raw(idx, vw)[:, : self.logit_bytes], self.meta.num_classes)
+        self._not_per_token()
+        raw = self.read_raw(idx, vw)[:, : self.logit_bytes]
+        out = self.codec.decode_targets(raw, self.meta.num_classes, _keys(idx, vw))
         self._check_finite([out.logits, out.logsumexp] if isinstance(out, SparseTargets) else [out], idx, vw)
         return out
+
+    def _not_per_token(self) -> None:
+        if self.meta.per_token:
+            raise CacheError(f"cache {str(self.path)!r} holds one record per sequence (a token teacher's); "
+                             "read it with token_targets / a token source")  # fmt: skip
+
+    def _sequence_rows(self, path: str, key: bytes, value: bytes) -> np.ndarray:
+        """Check one sequence record; -> its codec rows uint8 [L, logit_bytes]."""
+        if len(value) < len(_HEADER) + 4 + _CRC.size:
+            raise CorruptRecordError(f"{_where(path, key)} has {len(value)} bytes, too few for a sequence record")
+        payload = _check_rows(path, [key], value, 1, len(value) - len(_HEADER) - _CRC.size)[0]
+        (n,) = struct.unpack("<I", payload[:4].tobytes())
+        if n < 1 or len(payload) != 4 + n * self.logit_bytes:
+            raise CorruptRecordError(
+                f"{_where(path, key)} says {n} positions of {self.logit_bytes} bytes but holds {len(payload) - 4}"
+            )
+        return payload[4:].reshape(n, self.logit_bytes)
+
+    def read_sequences(self, indices: Iterable[int] | torch.Tensor) -> list[np.ndarray]:
+        """Checked codec rows of each sequence, uint8 [L_i, logit_bytes] (``per_token`` caches)."""
+        if not self.meta.per_token:
+            raise CacheError(f"cache {str(self.path)!r} holds one record per sample, not per sequence")
+        idx, _ = _as_lists(indices, None)
+        keys = [record_key(self._prefix, i, 0) for i in idx]
+        path = str(self.path)
+        with self._txn() as txn:
+            values = [txn.get(k) for k in keys]
+        out = []
+        for i, k, value in zip(idx, keys, values):
+            if value is None:
+                raise MissingRecordError(f"cache {path!r} has no record for sequence {i}")
+            out.append(self._sequence_rows(path, k, value))
+        return out
+
+    def token_targets(self, indices: Iterable[int] | torch.Tensor, width: int | None = None) -> Targets | TokenTargets:
+        """A token teacher's targets for these sequences, positions right-padded to ``width``
+        (default: the longest): dense logits float32 ``[B, W, V]`` (full and quantised codecs;
+        zeros at padding) or ``TokenTargets`` ``[B, W, K]`` (topk / rand: logits + lse, the rest
+        bucket; sample: unique ids with counts), unused slots and padding with id -1."""
+        idx, _ = _as_lists(indices, None)
+        rows = self.read_sequences(idx)
+        lengths = [len(r) for r in rows]
+        w = max(lengths, default=0) if width is None else int(width)
+        if lengths and max(lengths) > w:
+            raise ValueError(f"sequence records hold up to {max(lengths)} positions, more than the width {w} asked for")
+        keys = np.concatenate([np.stack([np.full(n, i), np.arange(n)], axis=1) for i, n in zip(idx, lengths)]) if idx \
+            else np.empty((0, 2), dtype=np.int64)  # fmt: skip
+        flat = self.codec.decode_targets(np.concatenate(rows) if rows else np.empty((0, self.logit_bytes), np.uint8),
+                                         self.meta.num_classes, keys)  # fmt: skip
+        b, v = len(idx), self.meta.num_classes
+        where = torch.zeros(b, w, dtype=torch.bool)
+        for r, n in enumerate(lengths):
+            where[r, :n] = True
+        if not isinstance(flat, SparseTargets):
+            self._check_finite([flat], idx, None)
+            out = torch.zeros(b, w, v)
+            out[where] = flat
+            return out
+        self._check_finite([flat.logits, flat.logsumexp], idx, None)
+        k = flat.indices.shape[1]
+        ids = torch.full((b, w, k), -1, dtype=torch.int64)
+        vals = torch.zeros(b, w, k)
+        if flat.kind == "sample":
+            used = flat.counts > 0
+            ids[where] = torch.where(used, flat.indices, -1)
+            vals[where] = flat.counts
+            return TokenTargets(ids, v, None, None, vals, float(flat.temperature))
+        ids[where] = flat.indices
+        vals[where] = flat.logits
+        lse = torch.zeros(b, w)
+        lse[where] = flat.logsumexp
+        return TokenTargets(ids, v, vals, lse, None, float(flat.temperature or 1.0))
+
+    def token_stats(self) -> dict[str, float]:
+        """Sequences, positions and bytes (values incl. header and crc) of a ``per_token`` cache."""
+        seqs = positions = nbytes = 0
+        with self._txn() as txn:
+            cur = txn.cursor()
+            if cur.set_range(self._prefix):
+                for key, value in cur:
+                    if not key.startswith(self._prefix):
+                        break
+                    seqs += 1
+                    nbytes += len(value)
+                    positions += struct.unpack("<I", value[len(_HEADER) : len(_HEADER) + 4])[0]
+        return {"sequences": seqs, "positions": positions, "bytes": nbytes,
+                "bytes_per_token": nbytes / positions if positions else math.nan}  # fmt: skip
 
     def features(
         self, indices: Iterable[int] | torch.Tensor, views: Iterable[int] | torch.Tensor | None = None
@@ -679,9 +876,14 @@ class CacheReader:
                     continue
                 iv = _KEY.unpack(key[len(self._prefix) :])
                 try:
-                    payload = _unseal(path, key, value, self.record_bytes)
-                    row = np.frombuffer(payload, dtype=np.uint8)[None]
-                    decoded = self.codec.decode_targets(row[:, : self.logit_bytes], self.meta.num_classes)
+                    if self.meta.per_token:
+                        row = self._sequence_rows(path, key, value)
+                        keys = np.stack([np.full(len(row), iv[0]), np.arange(len(row))], axis=1)
+                    else:
+                        payload = _unseal(path, key, value, self.record_bytes)
+                        row = np.frombuffer(payload, dtype=np.uint8)[None]
+                        keys = np.asarray([iv], dtype=np.int64)
+                    decoded = self.codec.decode_targets(row[:, : self.logit_bytes], self.meta.num_classes, keys)
                     values = decoded.logits if isinstance(decoded, SparseTargets) else decoded
                     feats = self._split_features(row).values()
                     if not torch.isfinite(values).all() or not all(torch.isfinite(f).all() for f in feats):

@@ -11,7 +11,8 @@
 4. train the student with every registered data-free method (each module's ``DEMO``
    settings): the student never sees a real training image; the test split is used only
    for evaluation. Each method runs with its own client id, so the server's query
-   accounting reports the samples and gradient samples it spent;
+   accounting reports the samples and gradient samples it spent; its student trains through
+   the shared trainer, whose run directory is ``DIR/runs/METHOD`` (config.json, metrics.csv);
 5. print a table and write ``DIR/results.json``.
 """
 
@@ -113,7 +114,8 @@ def run_demo_datafree(out: Path, *, methods: list[str] | None = None, quick: boo
         for name in names:
             method = get(name)
             config, options = _demo_settings(name, quick)
-            config = replace(config, seed=seed)
+            # each student trains through the shared trainer: its metrics.csv and config.json go here
+            config = replace(config, seed=seed, run_dir=str(out / "runs" / name))
             seed_everything(seed)
             student = digits_cnn_student()
             row = {"paper": method.paper, "tier": method.tier, "config": config.__dict__, "options": options}

@@ -35,11 +35,12 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kd.cache import CacheMeta, CacheReader, CacheWriter
-from kd.cache.codecs import bytes_per_sample
+from kd.cache.codecs import bytes_per_sample, codec_uses_temperature
 from kd.cache.sharded import open_cache, shard_dir
 from kd.core import reductions
 from kd.core.data import loader as data_loader
 from kd.core.samples import SampleSource
+from kd.core.targets import SparseTargets
 from kd.core.views import PARAM_WIDTH
 from kd.student_trainer.sources import Batch, SoftTargetSource, prefetched
 
@@ -141,7 +142,8 @@ def read_view_params(
     (one environment or a directory of shards); replay with ``kd.core.views.apply_params``."""
     meta = open_cache(cache).meta
     if not meta.view_params:
-        raise ValueError(f"cache {str(cache)!r} stores no view params (precomputed with views=1 or by reference)")
+        raise ValueError(f"cache {str(cache)!r} stores no view params "
+                         "(precomputed with views=1, or by reference through a source that reports none)")  # fmt: skip
     idx = torch.as_tensor(indices, dtype=torch.long)
     vw = torch.as_tensor(views, dtype=torch.long)
     root = Path(cache)
@@ -202,6 +204,38 @@ def batch_loader(
     )
 
 
+_MALLOC_BOUNDED = False
+
+
+def bound_malloc_retention() -> bool:
+    """Fix glibc malloc's mmap threshold at its default 128 KiB, once per process (True if set).
+
+    glibc raises the threshold whenever a large mmap'd block is freed (up to 32 MiB): after
+    the first batches, the teacher's activations (MiBs each, sizes varying by layer) come
+    from the heap instead, and the freed holes are kept, so a long CPU precompute's RSS
+    crept from ~690 to ~1100 MiB over 40k samples (`kd bench data`). A fixed threshold
+    (what ``MALLOC_MMAP_THRESHOLD_=131072`` does) returns each large block when it is freed:
+    flat. DataLoader workers forked later inherit it. A user's own setting of the
+    threshold (environment or tunable) is left alone; other C libraries are left alone."""
+    global _MALLOC_BOUNDED
+    if _MALLOC_BOUNDED:
+        return True
+    import ctypes
+    import platform
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3  # <malloc.h> M_MMAP_THRESHOLD
+    _MALLOC_BOUNDED = bool(mallopt(m_mmap_threshold, 128 * 1024))
+    return _MALLOC_BOUNDED
+
+
 def precompute(
     dataset: SampleSource,
     teacher: SoftTargetSource,
@@ -227,10 +261,14 @@ def precompute(
     manifest (format, URI, sizes; ``dataset_id`` names it exactly) goes into the
     metadata; with views, each record's view params (``kd.core.views``) go into
     ``OUT/view-params``, committed before the targets, so a reader can replay the
-    exact view (``read_view_params``). ``on_batch(records_done)`` is called after
+    exact view (``read_view_params``); by reference, the params the server drew.
+    The cache keeps the data's identity and view policy, never the teacher's final
+    transform (its resolution and normalisation are in the teacher's fingerprint): one
+    cache serves students at any resolution (``TrainConfig.input_size``). ``on_batch(records_done)`` is called after
     each batch (the data benchmark samples memory with it).
     """
     t0 = time.perf_counter()
+    bound_malloc_retention()  # memory flat in the dataset size on glibc, without MALLOC_MMAP_THRESHOLD_
     features = sorted(features or [])
     workers = default_workers() if workers is None else workers
     if workers < 0:
@@ -252,8 +290,7 @@ def precompute(
         shapes = {name: list(f.shape[1:]) for name, f in feats.items()}
     shard_index, shard_count = shard or (0, 1)
     path = shard_dir(out, shard_index, shard_count) if shard_count > 1 else Path(out)
-    if codec.startswith("sample:") and not temperature:
-        raise ValueError("codec sample:K draws from softmax(z / T): give the training temperature (--temperature)")
+    # sample:K draws at T = 1 unless a temperature is given (Anshumann et al. 2025: draw and train at T = 1).
     meta = CacheMeta.for_dataset(
         teacher_fingerprint=teacher.fingerprint,
         teacher=teacher.teacher_name,
@@ -269,7 +306,16 @@ def precompute(
         dataset_manifest=manifest_of(dataset),
     )
     by_reference = getattr(teacher, "dataset", None) is not None  # the server holds the data
-    store_params = views > 1 and not by_reference and hasattr(dataset, "read")
+    topk = codec.startswith("topk:") and callable(getattr(teacher, "keeping_topk", None))
+    if topk:  # a server sends only what the cache keeps, with its log-sum-exp at the cache's T
+        teacher = teacher.keeping_topk(int(codec.partition(":")[2]), meta.temperature)
+    # By reference the server decodes the views, and it returns the params it drew with the
+    # targets (DatasetRef.return_view_params). Recomputing them here was the other way; it is
+    # not taken: a random-resized crop's params depend on the decoded image's size, so this
+    # process would decode every image (what inputs by reference exist to avoid), and the
+    # result would be a claim about what the server did rather than its record of it.
+    reports_params = callable(getattr(teacher, "iter_outputs_and_params", None))
+    store_params = views > 1 and (reports_params if by_reference else hasattr(dataset, "read"))
     if store_params:
         meta = dataclasses.replace(meta, view_params=PARAM_WIDTH)
     flush_at = commit_every
@@ -317,14 +363,23 @@ def precompute(
             # Workers decode ahead; the teacher runs in a background thread while this one encodes and commits.
             # closing(): an error here (a full disk) stops and joins the teacher's thread before the
             # exception leaves, so the process never exits with that thread inside native code.
-            outputs = contextlib.closing(prefetched(teacher.iter_outputs(batches(), features, pool_features), 2))
+            if by_reference and store_params:
+                answers = teacher.iter_outputs_and_params(batches(), features, pool_features, view_params=True)
+            else:
+                answers = ((*out, None) for out in teacher.iter_outputs(batches(), features, pool_features))
+            outputs = contextlib.closing(prefetched(answers, 2))
             with outputs as results:
-                for batch, logits, feats in results:
+                for batch, logits, feats, served_params in results:
                     views_list = None if batch.views is None else batch.views.tolist()
                     params = params_fifo.popleft()  # the teacher's sources answer in input order
+                    if served_params is not None:  # by reference: the params the server drew
+                        params = served_params
                     if params_writer is not None:
                         params_writer.put(batch.indices.tolist(), params, views_list)
-                    writer.put(batch.indices.tolist(), logits, views_list, feats or None)
+                    if isinstance(logits, SparseTargets):  # a top-k reply: the same records as from logits
+                        writer.put_topk(batch.indices.tolist(), logits, views_list, feats or None)
+                    else:
+                        writer.put(batch.indices.tolist(), logits, views_list, feats or None)
                     pending += len(batch.indices)
                     if pending >= flush_at:
                         if params_writer is not None:
@@ -340,5 +395,101 @@ def precompute(
         skipped=total - len(keys),
         seconds=time.perf_counter() - t0,
         bytes_per_sample=bytes_per_sample(codec, teacher.num_classes) + sum(meta.feature_bytes.values()),
+        path=path,
+    )
+
+
+# -- token teachers: one record per sequence ---------------------------------------------------
+class LocalTokenTeacher:
+    """An in-process token teacher: ``model(tokens [B, S] int64) -> logits [B, S, V]`` (or an
+    output with ``.logits``). Padding is on the right, so a causal model's real positions never
+    see it; the fingerprint is the weights' (``kd.teacher_server.loading.fingerprint``)."""
+
+    def __init__(self, model: torch.nn.Module, name: str = "module", device: str | torch.device = "cpu") -> None:
+        from kd.teacher_server.loading import fingerprint
+
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.teacher_name = name
+        self.fingerprint = fingerprint(model)
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        out = self.model(tokens.to(self.device))
+        return getattr(out, "logits", out).float().cpu()
+
+
+class ServerTokenTeacher:
+    """A served token teacher (``kd serve --teacher lm=...``): full logits at every real position
+    of each sequence (``TeacherClient.token_logits``), encoded here by the cache's codec."""
+
+    def __init__(self, address: str, teacher: str | None = None, **client_options: Any) -> None:
+        from kd.teacher_server.client import TeacherClient
+
+        self.client = TeacherClient(address, **client_options)
+        desc = self.client.describe(teacher)
+        self.teacher_name = desc.name
+        self.fingerprint = desc.fingerprint
+
+    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.client.token_logits(self.teacher_name, tokens, lengths=lengths.tolist()).float()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def precompute_tokens(
+    source: Any,
+    teacher: LocalTokenTeacher | ServerTokenTeacher | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    out: str | Path,
+    *,
+    codec: str = "fp16",
+    batch_size: int = 8,
+    temperature: float | None = None,
+    commit_every: int = 256,
+) -> PrecomputeReport:
+    """One record per sequence of a token source (``kd.core.tokens.TokenSource``): the teacher's
+    logits at each real position, through ``codec`` (``fp16``, ``topk:K`` + rest, ``sample:K``
+    counts, ...; ids in 1, 2 or 4 bytes by vocabulary). Resumes: sequences already committed are
+    skipped. ``temperature``: the T the sparse codecs are exact at (topk, rand) or draw at (sample,
+    default 1). Read back with ``CacheReader.token_targets`` or ``CacheSource`` (``TokenTargets``)."""
+    t0 = time.perf_counter()
+    n = len(source)
+    vocab = int(source.vocab_size)
+    meta = CacheMeta(
+        teacher_fingerprint=teacher.fingerprint,
+        dataset_id=source.dataset_id,
+        dataset_size=n,
+        codec=codec,
+        num_classes=vocab,
+        teacher=getattr(teacher, "teacher_name", ""),
+        temperature=temperature if codec_uses_temperature(codec) else None,
+        per_token=True,
+        dataset_manifest=manifest_of(source),
+    )
+    positions = 0
+    with CacheWriter(out, meta, commit_every=commit_every) as writer:
+        done = {i for i, _ in writer.present()}
+        todo = [i for i in range(n) if i not in done]
+        for lo in range(0, len(todo), batch_size):
+            idx = todo[lo : lo + batch_size]
+            b = source.batch(idx)
+            lengths = b.attention_mask.sum(dim=1)
+            logits = teacher(b.tokens, lengths)
+            if logits.ndim != 3 or logits.shape[:2] != b.tokens.shape or logits.shape[2] != vocab:
+                raise ValueError(
+                    f"the token teacher gave logits {list(logits.shape)} for tokens {list(b.tokens.shape)}; "
+                    f"expected [B, S, {vocab}] (the source's vocabulary)"
+                )
+            seqs = [logits[r, : int(lengths[r])] for r in range(len(idx))]
+            writer.put_sequences(idx, seqs)
+            positions += int(lengths.sum())
+    path = Path(out)
+    stats = CacheReader(path).token_stats()
+    return PrecomputeReport(
+        written=len(todo),
+        skipped=n - len(todo),
+        seconds=time.perf_counter() - t0,
+        bytes_per_sample=round(stats["bytes"] / max(stats["sequences"], 1)),
         path=path,
     )

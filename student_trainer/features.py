@@ -182,7 +182,8 @@ class PerLayer(nn.Module):
 class Distilled(nn.Module):
     """The student plus the connectors of a feature method, as one module: ``forward(x)``
     returns the student's logits and its captured maps (after each match's connector;
-    a ``PerLayer`` connector maps each of the match's layers, in ``maps``).
+    a ``PerLayer`` connector maps each of the match's layers, in ``maps``; a connector with
+    ``takes_layers = True`` gets the list of all the match's student maps at once).
 
     One module so that DistributedDataParallel, the optimiser and checkpoints see the
     connectors as part of what is trained.
@@ -210,6 +211,8 @@ class Distilled(nn.Module):
                 for layer, c in zip(m.student, conn.layers):
                     maps[layer] = c(maps[layer])
                 feats.append(maps[m.student[0]])
+            elif getattr(conn, "takes_layers", False):  # one module over all the match's layers (ReviewKD)
+                feats.append(conn([maps[layer] for layer in m.student]))
             elif self.takes_teacher[k]:
                 feats.append(conn(s, None if teacher_maps is None else teacher_maps[k]))
             else:

@@ -3,7 +3,8 @@
 What the literature's recipes need (mdistiller's CIFAR-100 and ImageNet setups, torchdistill's):
 
 * optimisers ``adam`` (L2 weight decay, this project's default), ``adamw`` (decoupled weight
-  decay, Loshchilov & Hutter) and ``sgd`` (momentum, optionally Nesterov);
+  decay, Loshchilov & Hutter), ``sgd`` (momentum, optionally Nesterov) and ``dot`` (DOT's SGD with
+  separate task and distillation momenta, ``student_trainer.losses.dot``);
 * schedules as a pure function of the position in training, ``lr_factor``, so a resumed run
   recomputes the rate and no scheduler state has to be saved:
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "dot")
 SCHEDULES = ("constant", "cosine", "multistep")
 AMP_MODES = ("fp32", "bf16", "fp16")
 
@@ -68,6 +69,8 @@ class Recipe:
             raise ValueError(f"gamma must be a finite number > 0, got {self.gamma!r}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
             raise ValueError("nesterov needs --optimizer sgd with momentum > 0")
+        if self.optimizer == "dot" and (self.amp == "fp16" or self.clip_grad_norm > 0):
+            raise ValueError("--optimizer dot does not combine with fp16 AMP or gradient clipping")
         if self.schedule == "multistep" and not self.milestones:
             raise ValueError("the multistep schedule needs milestones (epochs at which lr is multiplied by gamma)")
         if list(self.milestones) != sorted(self.milestones) or any(int(m) < 0 for m in self.milestones):
@@ -88,6 +91,10 @@ def make_optimizer(params: Iterable[nn.Parameter], recipe: Recipe) -> torch.opti
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                                nesterov=recipe.nesterov)  # fmt: skip
+    if recipe.optimizer == "dot":
+        from kd.student_trainer.losses.dot import DOT
+
+        return DOT(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
 
 

@@ -79,7 +79,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd.core.data import Dataset
+from kd.core.samples import SampleSource
 from kd.student_trainer.losses import get_method
 from kd.student_trainer.sources import SoftTargetSource
 from kd.student_trainer.train import Hooks, StepContext, TrainConfig, accuracy, seed_everything, train_student
@@ -111,12 +111,14 @@ class QKDConfig:
     teacher_alpha: float = 0.5  # KD weight of the teacher's loss (CS)
     batch_size: int = 32
     seed: int = 0
+    # > 0: read (decode) training batches in this many DataLoader worker processes; results equal 0's.
+    workers: int = 0
     backend: str = "auto"  # fbgemm, x86, qnnpack, or auto (the first of them this torch supports)
     # "error": co-studying with a teacher that cannot be trained here raises; "skip": it is skipped.
     untrainable_teacher: str = "error"
 
     def validate(self) -> None:
-        for name in ("epochs_self", "epochs_co", "epochs_tutor", "batch_size"):
+        for name in ("epochs_self", "epochs_co", "epochs_tutor", "batch_size", "workers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0 or (name == "batch_size" and value < 1):
                 raise ValueError(f"QKDConfig.{name} must be an integer >= {int(name == 'batch_size')}, got {value!r}")
@@ -270,7 +272,7 @@ def _observers(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def qat_accuracy(model: nn.Module, data: Dataset) -> float:
+def qat_accuracy(model: nn.Module, data: SampleSource) -> float:
     """Test accuracy of a fake-quant model without letting the test data move its observers."""
     obs = _observers(model)
     saved = [o.observer_enabled.clone() for o in obs]
@@ -283,6 +285,16 @@ def qat_accuracy(model: nn.Module, data: Dataset) -> float:
         for o, s in zip(obs, saved):
             o.observer_enabled.copy_(s)
         model.train(was_training)
+
+
+@torch.no_grad()
+def _agreement(a: nn.Module, b: nn.Module, data: SampleSource, batch_size: int = 1024) -> float:
+    """Fraction of ``data`` on which ``a`` and ``b`` predict the same class, read batch by batch."""
+    same = 0
+    for s in range(0, len(data), batch_size):
+        x = data.get(torch.arange(s, min(s + batch_size, len(data))))
+        same += int((a(x).argmax(1) == b(x).argmax(1)).sum())
+    return same / len(data)
 
 
 def _state_bytes(state: dict[str, Any]) -> int:
@@ -354,8 +366,8 @@ def _check_logits(who: str, out: torch.Tensor, num_classes: int) -> None:
 def train_qkd(
     student: nn.Module,
     teacher: nn.Module | SoftTargetSource | Any,
-    train: Dataset,
-    test: Dataset,
+    train: SampleSource,
+    test: SampleSource,
     config: QKDConfig | None = None,
     *,
     on_phase_end: Callable[[str, nn.Module, nn.Module | None], None] | None = None,
@@ -396,8 +408,9 @@ def train_qkd(
     t0 = time.perf_counter()
     seed_everything(config.seed)
     torch.backends.quantized.engine = backend
+    probe = train.get(torch.arange(min(2, len(train))))  # two samples, not the dataset
     with torch.no_grad():
-        _check_logits("student", copy.deepcopy(student).eval()(train.inputs[:2]), train.num_classes)
+        _check_logits("student", copy.deepcopy(student).eval()(probe), train.num_classes)
     qat = prepare_qat_student(student, backend)
 
     local_teacher: nn.Module | None = None
@@ -407,7 +420,7 @@ def train_qkd(
         for p in local_teacher.parameters():
             p.requires_grad_(False)
         with torch.no_grad():
-            _check_logits("teacher", local_teacher.eval()(train.inputs[:2]), train.num_classes)
+            _check_logits("teacher", local_teacher.eval()(probe), train.num_classes)
         teacher_acc_before = accuracy(local_teacher, test)
 
     # One optimiser and one batch-order generator across the phases, continued by each call of
@@ -468,7 +481,7 @@ def train_qkd(
                 on_epoch(phase, epoch, loss, acc)
 
         cfg = TrainConfig(method=method, epochs=epochs[phase], batch_size=config.batch_size, lr=config.lr,
-                          seed=config.seed)  # fmt: skip
+                          seed=config.seed, workers=config.workers)  # fmt: skip
         res = train_student(qat, train, test, cfg, source=source, hooks=hooks, optimizer=opt, generator=gen,
                             on_epoch=report)  # fmt: skip
         acc_per_epoch[phase] = list(res.acc_per_epoch)
@@ -487,8 +500,7 @@ def train_qkd(
     int8 = convert_int8(qat, backend)
     float_acc = qat_accuracy(qat, test)
     int8_acc = accuracy(int8, test)
-    with torch.no_grad():
-        agreement = float((qat(test.inputs).argmax(1) == int8(test.inputs).argmax(1)).float().mean())
+    agreement = _agreement(qat, int8, test)
     float_weights = {k: p.detach().clone() for k, p in qat.named_parameters()}
     int8_state = int8.state_dict()
     return QKDResult(

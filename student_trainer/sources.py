@@ -19,6 +19,7 @@ Targets are dense float32 logits [B, C] or ``kd.core.targets.SparseTargets``.
 
 from __future__ import annotations
 
+import copy
 import math
 import queue
 import threading
@@ -32,7 +33,8 @@ from kd.cache.sharded import open_cache
 from kd.core import reductions
 from kd.core.data import Dataset, view_seeds
 from kd.core.signature import target_fingerprint
-from kd.core.targets import Targets
+from kd.core.targets import SparseTargets, Targets
+from kd.core.views import pixels_to_input
 from kd.teacher_server.client import DatasetRef, TeacherClient
 from kd.teacher_server.loading import Teacher, load_teacher
 from kd.teacher_server.runner import ModelRunner
@@ -148,8 +150,13 @@ class CacheSource(SoftTargetSource):
         self.dataset_id = meta.dataset_id
         self.teacher_name = meta.teacher
         self.views = meta.views
+        self.augmentation = meta.augmentation  # the view policy its views were made with ("" without views)
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
+        if self.reader.meta.per_token:
+            # A token teacher's cache: TokenTargets (or dense [B, S, V]) padded to the batch's tokens [B, S].
+            width = inputs.shape[1] if isinstance(inputs, torch.Tensor) and inputs.dim() == 2 else None
+            return self.reader.token_targets(indices, width)  # type: ignore[union-attr]
         return self.reader.targets(indices, views)
 
     def iter_targets(self, batches: Iterable[Batch | tuple]) -> Iterator[tuple[Batch, Targets]]:
@@ -210,8 +217,16 @@ class ServerSource(SoftTargetSource):
         depth: int = 8,
         dataset: str | None = None,
         num_views: int = 1,
+        topk: int = 0,
+        temperature: float | None = None,
         **client_options: Any,
     ) -> None:
+        """``topk=K``: ask the server only for what a ``topk:K`` cache (or a loss that accepts
+        sparse targets) keeps: K logits and classes and the log-sum-exp of z / ``temperature``
+        per row, made next to the model, instead of C logits; targets are ``SparseTargets``."""
+        if topk < 0 or (temperature is not None and not (math.isfinite(temperature) and temperature > 0)):
+            raise ValueError(f"topk must be >= 0 and temperature a finite number > 0, got {topk}, {temperature}")
+        self.topk, self.topk_temperature = topk, temperature or 1.0
         self.client = TeacherClient(address, **client_options)
         self.addresses = [a for a in address.split(",") if a] if isinstance(address, str) else list(address)
         # One channel per server for streams: a stream is one HTTP/2 call, which gRPC's round_robin
@@ -224,25 +239,57 @@ class ServerSource(SoftTargetSource):
         self.fingerprint = desc.fingerprint
         self.num_classes = desc.num_classes
         self.input_shape = tuple(desc.input_shape)
+        # The teacher's final transform (kd.core.views.pixels_to_input): image views sent by value
+        # are resized to its input and normalised with its mean/std, as the server does by reference.
+        sig = desc.signature
+        self.mean = None if sig is None else sig.mean
+        self.std = None if sig is None else sig.std
+        self.floating = desc.input_dtype.is_floating_point
         self.depth = depth
         self.dataset = dataset  # a dataset registered on the server: send keys, not pixels
         self.num_views = num_views
 
-    def _payload(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None):
+    def _payload(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None,
+                 view_params: bool = False):  # fmt: skip
         if self.dataset is None:
+            same_size = tuple(inputs.shape[2:]) == self.input_shape[1:]
+            if inputs.dtype == torch.uint8 and same_size and inputs.ndim == 4:
+                return inputs  # the server normalises uint8 pixels itself (the same operations), 4x fewer bytes
+            pixels = pixels_to_input(inputs, self.input_shape, self.mean, self.std) if self.floating else None
+            if pixels is not None:
+                return pixels
             if tuple(inputs.shape[1:]) != self.input_shape and inputs[0].numel() == math.prod(self.input_shape):
                 # The same samples in the teacher's declared layout (flat digits for a CNN
                 # teacher): a view, as an in-process teacher's own reshape would do.
                 return inputs.reshape(len(inputs), *self.input_shape)
             return inputs
         seeds = view_seeds(indices, views, self.num_views)
-        return DatasetRef(self.dataset, indices.tolist(), None if seeds is None else seeds.tolist())
+        if seeds is None:
+            return DatasetRef(self.dataset, indices.tolist())
+        return DatasetRef(self.dataset, indices.tolist(), seeds.tolist(), view_params)
+
+    def keeping_topk(self, k: int, temperature: float | None = None) -> ServerSource:
+        """This source (the same connections) asking for top-k only: see ``topk``."""
+        other = copy.copy(self)
+        other.topk, other.topk_temperature = k, temperature or 1.0
+        return other
+
+    def _asked(self) -> dict[str, Any]:
+        if not self.topk:
+            return {}
+        return {"logits": False, "top_k": self.topk, "sparse_temperature": self.topk_temperature}
+
+    def _targets_of(self, outputs: dict[str, torch.Tensor]) -> Targets:
+        if not self.topk:
+            return outputs["logits"]
+        return SparseTargets("topk", outputs["topk_indices"].long(), outputs["topk_values"].float(),
+                             outputs["logsumexp"], self.num_classes, self.topk_temperature)  # fmt: skip
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         payload = self._payload(indices, inputs, views)
         if isinstance(payload, DatasetRef):
-            return self.client.infer(self.teacher, ref=payload)["logits"]
-        return self.client.infer(self.teacher, payload)["logits"]
+            return self._targets_of(self.client.infer(self.teacher, ref=payload, **self._asked()))
+        return self._targets_of(self.client.infer(self.teacher, payload, **self._asked()))
 
     def iter_targets(self, batches: Iterable[Batch | tuple]) -> Iterator[tuple[Batch, Targets]]:
         for batch, logits, _ in self.iter_outputs(batches, []):
@@ -251,14 +298,23 @@ class ServerSource(SoftTargetSource):
     def iter_outputs(
         self, batches: Iterable[Batch | tuple], features: list[str], pool: bool = False
     ) -> Iterator[tuple[Batch, torch.Tensor, dict[str, torch.Tensor]]]:
-        keyed = ((b, self._payload(b.indices, b.inputs, b.views)) for b in (Batch(*x) for x in batches))
-        options = {"features": features, "pool_features": pool}
+        for batch, logits, feats, _ in self.iter_outputs_and_params(batches, features, pool):
+            yield batch, logits, feats
+
+    def iter_outputs_and_params(
+        self, batches: Iterable[Batch | tuple], features: list[str], pool: bool = False, *, view_params: bool = False
+    ) -> Iterator[tuple[Batch, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]]:
+        """``iter_outputs`` plus, by reference with ``view_params``, the params of each view as
+        the server drew them (float32 [B, PARAM_WIDTH]; None for plain samples or by value)."""
+        keyed = ((b, self._payload(b.indices, b.inputs, b.views, view_params)) for b in (Batch(*x) for x in batches))
+        options = {"features": features, "pool_features": pool, **self._asked()}
         if self.pool:
             stream = _pooled_stream(self.pool, self.teacher, keyed, depth=self.depth, **options)
         else:
             stream = self.client.infer_stream(self.teacher, keyed, depth=self.depth, **options)
         for batch, outputs in stream:
-            yield batch, outputs["logits"], {name: outputs[f"feature/{name}"] for name in features}
+            feats = {name: outputs[f"feature/{name}"] for name in features}
+            yield batch, self._targets_of(outputs), feats, outputs.get("view_params")
 
     def close(self) -> None:
         self.client.close()
@@ -339,18 +395,30 @@ def _pooled_stream(
 class LocalSource(SoftTargetSource):
     name = "local"
 
-    def __init__(self, teacher: Teacher | str, *, device: str = "cpu", amp: str = "fp32") -> None:
+    def __init__(self, teacher: Teacher | str, *, device: str = "cpu", amp: str = "fp32",
+                 mean: list[float] | None = None, std: list[float] | None = None) -> None:  # fmt: skip
+        """``mean``/``std``: the teacher's normalisation (as ``kd serve --mean/--std``): image views
+        are resized to its input shape and normalised (kd.core.views.pixels_to_input)."""
         if isinstance(teacher, str):
             teacher = load_teacher("local", teacher, device=device)
         self.teacher = teacher
         self.teacher_name = teacher.name
         self.runner = ModelRunner(teacher, amp=amp)
-        # The targets' identity: the same weights under bf16 autocast give other targets.
-        self.fingerprint = target_fingerprint(teacher.weights_fingerprint, amp=amp)
+        # The targets' identity: the same weights under bf16 autocast (or another normalisation)
+        # give other targets; equal to a server's fingerprint with the same options.
+        self.fingerprint = target_fingerprint(teacher.weights_fingerprint, amp=amp, mean=mean, std=std)
         self.num_classes = teacher.num_classes
+        self.mean, self.std = mean, std
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """Image views through the teacher's final transform; other samples as they are."""
+        if not self.teacher.input_dtype.is_floating_point:
+            return x
+        y = pixels_to_input(x, self.teacher.input_shape, self.mean, self.std)
+        return x if y is None else y
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
-        return self.runner(inputs)
+        return self.runner(self._input(inputs))
 
     def iter_outputs(
         self, batches: Iterable[Batch | tuple], features: list[str], pool: bool = False
@@ -361,7 +429,8 @@ class LocalSource(SoftTargetSource):
             raise ValueError(f"unknown layer(s) {unknown} of teacher {self.teacher.name!r}")
         for b in batches:
             b = Batch(*b)
-            out = self.runner.to_host(self.runner.forward(self.runner.prepare(b.inputs), frozenset(layers)))
+            prepared = self.runner.prepare(self._input(b.inputs))
+            out = self.runner.to_host(self.runner.forward(prepared, frozenset(layers)))
             maps = {name: out[f"feature/{name}"] for name in layers}
             feats = {}
             for name in features:

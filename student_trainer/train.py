@@ -10,7 +10,8 @@ channels-last, gradient clipping -- is part of ``TrainConfig`` and lives in
 ``student_trainer.optim``; the defaults (Adam, constant rate, fp32) are this
 loop's original behaviour, bit for bit. ``Hooks`` let a method bring extra
 modules with their own optimisers, its own loss and per-step/per-epoch
-callbacks (QKD and ``kd chain``'s tolerant teacher train through it). Data is
+callbacks (QKD and ``kd chain``'s tolerant teacher train through it), and its own
+batches (the data-free methods' synthetic inputs, ``Hooks.batches``). Data is
 read through the SampleSource protocol (``source.get(indices, views)``), so the
 bundled digits and file datasets train alike.
 
@@ -36,7 +37,7 @@ import csv
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from torch import nn
 from kd.core import reductions
 from kd.core.factory import logits_of
 from kd.core.samples import SampleSource
+from kd.core.views import Final
 from kd.student_trainer import optim
 from kd.student_trainer.evaluate import evaluate as evaluate_source
 from kd.student_trainer.features import (
@@ -58,6 +60,7 @@ from kd.student_trainer.features import (
     probe_student_shapes,
 )
 from kd.student_trainer.losses import FeatureMethod, get_method
+from kd.student_trainer.losses.dot import DOT, task_loss, task_weight
 from kd.student_trainer.sources import Batch, SoftTargetSource
 
 
@@ -91,6 +94,24 @@ class TrainConfig:
     # > 0: read batches (source.get) in this many DataLoader worker processes, pinned for CUDA;
     # the batch order and views are still drawn here, so results equal workers=0's.
     workers: int = 0
+    # The student's own final transform (kd.core.views.Final), applied on the device to each batch
+    # of views (and to the evaluation samples): the view is shared with the teacher, resolution and
+    # normalisation are per model. 0 / empty: the views' own size / no normalisation.
+    input_size: int = 0
+    input_mean: list[float] = field(default_factory=list)
+    input_std: list[float] = field(default_factory=list)
+
+
+def student_final(config: TrainConfig) -> Final | None:
+    """The student's ``Final`` from ``config`` (None when it changes nothing)."""
+    if bool(config.input_mean) != bool(config.input_std):
+        raise ValueError("give both input_mean and input_std, or neither")
+    if config.input_size < 0:
+        raise ValueError(f"input_size must be >= 0, got {config.input_size}")
+    if not config.input_size and not config.input_mean:
+        return None
+    return Final(size=config.input_size or None, mean=tuple(config.input_mean) or None,
+                 std=tuple(config.input_std) or None)  # fmt: skip
 
 
 @dataclass
@@ -114,10 +135,10 @@ def seed_everything(seed: int) -> None:
 
 
 def evaluate(model: nn.Module, data: SampleSource, *, device: str = "cpu", batch_size: int = 1024,
-             topk: tuple[int, ...] = (1, 5)) -> dict[int, float]:  # fmt: skip
+             topk: tuple[int, ...] = (1, 5), final: Final | None = None) -> dict[int, float]:  # fmt: skip
     """Top-k accuracies ``{k: fraction}`` of ``model`` on ``data``: top-1 always, top-5 when
     ``5 in topk`` and the data has more than 5 classes (``kd.student_trainer.evaluate``)."""
-    acc = evaluate_source(model, data, batch_size=batch_size, device=device)
+    acc = evaluate_source(model, data, batch_size=batch_size, device=device, final=final)
     return {1: acc.top1, **({5: acc.top5} if 5 in topk and 5 < data.num_classes else {})}
 
 
@@ -137,6 +158,12 @@ class _Planned(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.source.get(*self.plan[i])
+
+
+def _own_batches(items: Iterable[tuple]) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+    """A method's own ``(inputs, labels or None[, teacher_logits])`` as the loop's (Batch, logits)."""
+    for inputs, labels, *logits in items:
+        yield Batch(torch.arange(len(inputs)), inputs, labels), (logits[0] if logits else None)
 
 
 def _batches(train: SampleSource, subset: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> Iterator[Batch]:
@@ -175,7 +202,7 @@ class StepContext:
 
     model: nn.Module  # the student as trained (DistributedDataParallel-wrapped under torchrun)
     inputs: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None  # None: a ``Hooks.batches`` batch without labels
     teacher_logits: torch.Tensor | None
     indices: torch.Tensor
     epoch: int
@@ -199,6 +226,14 @@ class Hooks:
       after each epoch's evaluation (``row``: the metrics.csv row).
     * ``evaluate(model, data) -> top-1``: replaces the evaluation (e.g. QAT models whose
       observers must not see the test data).
+    * ``batches(epoch)``: the epoch's batches when a method makes its own inputs (the data-free
+      methods: a generator, a synthesis loop, a transfer set) instead of reading ``train``; each
+      item is ``(inputs, labels or None[, teacher_logits])`` and reaches ``loss`` as a
+      ``StepContext``. The iterator runs between student steps, so a method's own updates (its
+      generator's step, an input optimisation) live in it. Needs ``loss`` and
+      ``steps_per_epoch`` (the student steps of a full epoch, for the schedule); ``train`` may be
+      None. An ``extra`` optimiser whose parameters got no gradient in a step is not stepped: a
+      module that the iterator updates itself still gets the schedule's rate and train mode.
     """
 
     extra: list[tuple[nn.Module, torch.optim.Optimizer]] = field(default_factory=list)
@@ -206,6 +241,8 @@ class Hooks:
     on_step: Callable[[int, int, float, float], None] | None = None
     on_epoch: Callable[[int, dict], None] | None = None
     evaluate: Callable[[nn.Module, SampleSource], float] | None = None
+    batches: Callable[[int], Iterable[tuple]] | None = None
+    steps_per_epoch: int = 0
 
 
 def world() -> tuple[int, int]:
@@ -302,9 +339,39 @@ def _with_partners(batch: Batch, train: SampleSource, subset: torch.Tensor, gen:
     return Batch(idx, train.get(idx), labels[idx])
 
 
+def rotation_shape(student: nn.Module, train: SampleSource, source: SoftTargetSource | None) -> tuple[int, ...]:
+    """The per-sample image shape [..., H, W] (H = W) in which the loop rotates a batch (SSKD), and a
+    check that the source computes the teacher on the pixels it is given (not a cache, which reads
+    stored outputs by index, nor a server that reads the dataset itself)."""
+    if source is None or source.name not in ("local", "server") or getattr(source, "dataset", None) is not None:
+        name = None if source is None else source.name
+        raise ValueError(f"rotated inputs need a teacher that runs on them (local: or server: sending pixels), "
+                         f"not {name!r}")  # fmt: skip
+    shape = tuple(train.get(torch.arange(1)).shape[1:])
+    if len(shape) < 3:
+        shape = tuple(getattr(student, "input_shape", ()) or ())
+    if len(shape) < 2 or shape[-1] != shape[-2]:
+        raise ValueError(f"rotations need square images [.., H, W]; samples have shape {list(shape)} "
+                         "(a flat sample needs the student's input_shape)")  # fmt: skip
+    return shape
+
+
+def _with_rotations(batch: Batch, shape: tuple[int, ...]) -> Batch:
+    """Each sample followed by its rotations by 90, 180 and 270 degrees (rows 4i..4i+3)."""
+    x = batch.inputs
+    img = x.reshape(len(x), *shape)
+    rotated = torch.stack([torch.rot90(img, k, dims=(-2, -1)) for k in range(4)], dim=1)
+
+    def four(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.repeat_interleave(4, dim=0)
+
+    return Batch(four(batch.indices), rotated.reshape(4 * len(x), *x.shape[1:]), four(batch.labels),
+                 four(batch.views), None if batch.global_size is None else 4 * batch.global_size)  # fmt: skip
+
+
 def train_student(
     student: nn.Module,
-    train: SampleSource,
+    train: SampleSource | None,
     test: SampleSource,
     config: TrainConfig,
     *,
@@ -336,14 +403,25 @@ def train_student(
     if config.workers < 0:
         raise ValueError(f"workers must be >= 0, got {config.workers}")
     method = get_method(config.method)
+    if hooks.batches is not None:
+        if hooks.loss is None or hooks.steps_per_epoch < 1 or source is not None or method.pairs or resume:
+            raise ValueError("Hooks.batches needs Hooks.loss and steps_per_epoch >= 1, and takes no source, "
+                             "pair method or resume")  # fmt: skip
+    elif train is None:
+        raise ValueError("train_student needs a training set (or Hooks.batches)")
     if method.needs_teacher and source is None and hooks.loss is None:
         raise ValueError(f"method {config.method!r} needs a soft-target source (--source)")
     if source is not None and getattr(source, "views", config.views) != config.views:
         raise ValueError(f"the cache holds {source.views} view(s) per sample but training asks for {config.views}")
+    made_with = getattr(source, "augmentation", None)
+    if config.views > 1 and made_with is not None and train is not None and made_with != train.augmentation:
+        raise ValueError(f"the cache's views were made with {made_with!r} but the training data's views are "
+                         f"{train.augmentation!r}: its targets are for other pixels")  # fmt: skip
+    final = student_final(config)
     if source is not None and source.num_classes != train.num_classes:
         raise ValueError(f"source has {source.num_classes} classes, dataset {train.dataset_id} has {train.num_classes}")
     dev = torch.device(config.device)
-    subset = torch.arange(len(train)) if subset is None else subset
+    subset = torch.arange(0 if train is None else len(train)) if subset is None else subset
     plan = None
     if isinstance(method, FeatureMethod):
         plan = _FeaturePlan(method, config, student, train, subset, source)
@@ -351,6 +429,7 @@ def train_student(
         raise ValueError(f"method {config.method!r} works on logits; --match is for feature methods")
     if hooks.loss is not None and plan is not None:
         raise ValueError(f"a loss hook replaces a logit method's loss; {config.method!r} is a feature method")
+    rot_shape = rotation_shape(student, train, source) if getattr(method, "rotations", False) else None
     trained: nn.Module = student if plan is None else plan.distilled
     trained.to(dev)
     if recipe.channels_last:
@@ -358,8 +437,9 @@ def train_student(
     for module, _ in hooks.extra:
         module.to(dev)
     rank, size = world()
-    if size > 1 and hooks.extra:
-        raise ValueError("a hook's extra modules are not synchronised across torchrun ranks yet; train on one process")
+    if size > 1 and (hooks.extra or hooks.batches is not None):
+        raise ValueError("a hook's extra modules and batches are not shared across torchrun ranks yet; "
+                         "train on one process")  # fmt: skip
     model: nn.Module = trained
     if size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -367,11 +447,16 @@ def train_student(
         model = DistributedDataParallel(trained, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
     opt = optimizer if optimizer is not None else optim.make_optimizer(trained.parameters(), recipe)
     optimizers = [opt, *(o for _, o in hooks.extra)]
+    dot = opt if isinstance(opt, DOT) else None  # DOT: the task and distillation gradients apart
+    if dot is not None:
+        if hooks.loss is not None or hooks.extra or size > 1:
+            raise ValueError("--optimizer dot works on one process, without loss hooks or extra modules")
+        task_weight(method, config.method_options)  # refuses a method it cannot split
     for o in optimizers:  # the schedule scales every group's own base rate
         for group in o.param_groups:
             group.setdefault("initial_lr", group["lr"])
     scheduled = recipe.schedule != "constant" or recipe.warmup_epochs > 0
-    steps_per_epoch = -(-len(subset) // config.batch_size)
+    steps_per_epoch = -(-len(subset) // config.batch_size) if hooks.batches is None else hooks.steps_per_epoch
     scaler = optim.grad_scaler(recipe, dev)
     gen = generator if generator is not None else torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
@@ -385,7 +470,7 @@ def train_student(
         ckpt_path = run / "checkpoint.pt"
         effective = {
             **asdict(config),
-            "dataset": train.dataset_id,
+            "dataset": None if train is None else train.dataset_id,
             "train_samples": len(subset),
             "source": None if source is None else source.name,
             "teacher_fingerprint": None if source is None else source.fingerprint,
@@ -422,13 +507,20 @@ def train_student(
         for module, _ in hooks.extra:
             module.train()
         epoch_lr = config.lr * optim.lr_factor(recipe, epoch, 0, steps_per_epoch, config.epochs)
-        batches = _batches(train, subset, config, gen)
+        if hooks.batches is not None:
+            batches = _own_batches(hooks.batches(epoch))
+        else:
+            batches = _batches(train, subset, config, gen)
         if method.pairs:
             # A list: all of the epoch's draws from ``gen`` happen in a fixed order.
             batches = iter([_with_partners(b, train, subset, gen) for b in batches])
         if size > 1:
             batches = (_my_part(b, rank, size) for b in batches)
-        if plan is not None:
+        if rot_shape is not None:
+            batches = (_with_rotations(b, rot_shape) for b in batches)
+        if hooks.batches is not None:
+            pairs = batches
+        elif plan is not None:
             pairs = source.iter_outputs(batches, plan.teacher_names)
         elif source is not None and method.needs_teacher:
             pairs = source.iter_targets(batches)
@@ -446,7 +538,10 @@ def train_student(
                 break
             idx, x, y = batch.indices, batch.inputs, batch.labels
             wait += time.perf_counter() - t_wait
-            x, y = optim.to_memory_format(x.to(dev, non_blocking=True), recipe), y.to(dev)
+            x = x.to(dev, non_blocking=True)
+            if final is not None:
+                x = final(x)  # the student's resolution and normalisation, on the device
+            x, y = optim.to_memory_format(x, recipe), None if y is None else y.to(dev)
             if teacher_logits is not None:
                 teacher_logits = teacher_logits.to(dev)
             lr = config.lr
@@ -457,19 +552,26 @@ def train_student(
                     for group in o.param_groups:
                         group["lr"] = group["initial_lr"] * factor
             extra_terms: list[torch.Tensor] = []
+            task = None
             with optim.autocast(recipe, dev):
                 if not len(idx):
                     loss = torch.zeros((), device=dev)
                 elif plan is not None:
-                    loss = plan.loss(model, x, y, teacher_logits, teacher_feats[0], dev, epoch, config)
+                    loss = plan.loss(model, x, y, teacher_logits, teacher_feats[0], dev, epoch, config,
+                                     indices=idx.to(dev))  # fmt: skip
+                    if dot is not None:
+                        task = task_loss(method, config.method_options, plan.last_logits, y)
                 elif hooks.loss is not None:
                     loss = hooks.loss(StepContext(model, x, y, teacher_logits, idx, epoch, step, config))
                     if isinstance(loss, dict):  # {"loss": the student's (reported), other terms...}
                         extra_terms = [v for k, v in loss.items() if k != "loss"]
                         loss = loss["loss"]
                 else:
-                    loss = method(logits_of(model(x)), teacher_logits, y, epoch=epoch, epochs=config.epochs,
+                    logits = logits_of(model(x))
+                    loss = method(logits, teacher_logits, y, epoch=epoch, epochs=config.epochs,
                                   **config.method_options)  # fmt: skip
+                    if dot is not None:
+                        task = task_loss(method, config.method_options, logits, y)
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
             # DDP averages gradients over ranks: weight this rank's mean by its share of the
@@ -484,9 +586,14 @@ def train_student(
             else:  # a rank with no samples in a short last batch still joins the all-reduce
                 with optim.autocast(recipe, dev):
                     backward = logits_of(model(x)).sum().mul(0.0)
+            if task is not None:  # DOT: the distillation gradient first, kept apart, then the task's
+                (backward - task).backward(retain_graph=True)
+                dot.capture_kd()
+                backward = task
             (backward if scaler is None else scaler.scale(backward)).backward()
-            for o in optimizers:
-                optim.optimizer_step(o, recipe, scaler)
+            for i, o in enumerate(optimizers):
+                if i == 0 or any(p.grad is not None for p in optim.params_of(o)):
+                    optim.optimizer_step(o, recipe, scaler)
             if scaler is not None:
                 scaler.update()
             value = float(loss.detach())
@@ -498,7 +605,7 @@ def train_student(
         if hooks.evaluate is not None:
             acc, top5 = hooks.evaluate(student, test), None
         else:
-            accs = evaluate(student, test, device=config.device)
+            accs = evaluate(student, test, device=config.device, final=final)
             acc, top5 = accs[1], accs.get(5)
         history.append(
             {"epoch": epoch, "train_loss": total / max(n, 1), "test_acc": acc, "seconds": round(seconds, 4),
@@ -548,7 +655,7 @@ class _FeaturePlan:
         self.options = dict(config.method_options)
         self.matches = [Match.parse(t) for t in texts]
         for m in self.matches:
-            if len(m.student) != method.layers:
+            if method.layers and len(m.student) != method.layers:  # 0: any number (ReviewKD)
                 raise ValueError(f"method {method.name!r} takes {method.layers} layer(s) per side, match {m.text!r}")
         self.at_source = config.method_options.get("teacher_reduce", "source") == "source"
         # The teacher layer "logits" is the teacher's output: it comes with every reply, and
@@ -557,9 +664,9 @@ class _FeaturePlan:
         for m in self.matches:
             if LOGITS in m.teacher:
                 continue
-            if self.at_source:
+            if self.at_source and method.reduce is not None:
                 names.append(self._name(m.teacher))
-            else:
+            else:  # full maps: every layer of the match (a method without a statistic takes them all)
                 names.extend(m.teacher)
         self.teacher_names = list(dict.fromkeys(names))
         connectors: list[nn.Module] = [nn.Identity() for _ in self.matches]
@@ -569,12 +676,25 @@ class _FeaturePlan:
             idx = subset[:2]
             views = torch.zeros(len(idx), dtype=torch.long) if config.views > 1 else None
             x = train.get(idx, views)
-            s_shapes = probe_student_shapes(student, x, [layer for m in self.matches for layer in m.student])
+            final = student_final(config)  # the student sees its own resolution
+            s_in = x if final is None else final(x)
+            s_shapes = probe_student_shapes(student, s_in, [layer for m in self.matches for layer in m.student])
             t_shapes = self._teacher_shapes(source, Batch(idx, x, train.labels[idx], views), s_shapes)
             connectors = []
             for i, m in enumerate(self.matches):
+                if getattr(method.connector, "takes_layers", False):  # one module over all the match's layers
+                    connectors.append(method.connector([s_shapes[s] for s in m.student],
+                                                       [t_shapes[i, k] for k in range(len(m.teacher))]))  # fmt: skip
+                    continue
                 made = [make_connector(method.connector, s_shapes[s], t_shapes[i, k]) for k, s in enumerate(m.student)]
                 connectors.append(made[0] if len(made) == 1 else PerLayer(made))
+        # A connector with state sized by the training set (CRD's memory bank) or taken from the
+        # teacher (SRD's classifier) declares ``bind(labels=, subset=, source=, options=)``: called once, before a
+        # resumed checkpoint restores its buffers.
+        for conn in connectors:
+            for module in conn.modules():
+                if callable(getattr(module, "bind", None)):
+                    module.bind(labels=train.labels, subset=subset, source=source, options=self.options)
         self.distilled = Distilled(student, self.matches, connectors)
 
     def _name(self, layers) -> str:
@@ -607,7 +727,9 @@ class _FeaturePlan:
         out = []
         for m in self.matches:
             name = self._name(m.teacher)
-            if LOGITS in m.teacher:
+            if self.method.reduce is None and len(m.teacher) > 1:  # every layer's map (ReviewKD)
+                out.append([logits if layer == LOGITS else feats[layer] for layer in m.teacher])
+            elif LOGITS in m.teacher:
                 if not isinstance(logits, torch.Tensor):
                     raise ValueError(f"match {m.text!r} needs the teacher's dense logits; the source gave sparse ones")
                 out.append(reductions.reduce(name, {**feats, LOGITS: logits}))
@@ -618,18 +740,27 @@ class _FeaturePlan:
         return out
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher_logits, teacher_feats: dict,
-             dev: torch.device, epoch: int, config: TrainConfig) -> torch.Tensor:  # fmt: skip
+             dev: torch.device, epoch: int, config: TrainConfig,
+             indices: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         if isinstance(teacher_logits, torch.Tensor) and teacher_logits.is_inference():
             teacher_logits = teacher_logits.clone()  # an in-process teacher's: usable in autograd
-        t_list = [t.to(dev) for t in self._teacher_side(teacher_feats, teacher_logits)]
-        t_list = [t.clone() if t.is_inference() else t for t in t_list]
+
+        def ready(t):  # on the device, and usable in autograd
+            if isinstance(t, list):
+                return [ready(v) for v in t]
+            t = t.to(dev)
+            return t.clone() if t.is_inference() else t
+
+        t_list = [ready(t) for t in self._teacher_side(teacher_feats, teacher_logits)]
         logits, connected, maps = model(x, t_list)
+        self.last_logits = logits  # the student's logits of this step (DOT's task term)
         s_list = []
         for m, f in zip(self.matches, connected):
             if self.method.reduce is not None:
                 f = reductions.reduce(self._name(m.student), {**maps, m.student[0]: f})
             s_list.append(f)
         return self.method.objective(logits, teacher_logits, y, s_list, t_list, epoch=epoch, epochs=config.epochs,
+                                     indices=indices,
                                      **config.method_options)  # fmt: skip
 
 
@@ -668,3 +799,50 @@ class _Bar:
 
 def _progress(enabled: bool, epochs: int, start: int) -> _Bar | None:
     return _Bar(epochs, start) if enabled else None
+
+
+def train_tokens(
+    student: nn.Module,
+    train: SampleSource,
+    source: SoftTargetSource,
+    *,
+    method: str = "token-fkl",
+    epochs: int = 1,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    seed: int = 0,
+    method_options: dict | None = None,
+    device: str = "cpu",
+) -> list[float]:
+    """Distil a causal LM ``student`` (tokens [B, S] -> logits [B, S, V]) on a token source
+    (``kd.core.tokens.TokenSource``) from ``source``'s per-token targets (a token cache read as
+    ``TokenTargets`` or dense logits, a live teacher...) with a per-token loss (``token-*``):
+    next-token labels mask padding and prompt positions. Adam, shuffled batches; -> the mean
+    loss of each epoch."""
+    from kd.core.tokens import next_token_labels
+
+    loss_fn = get_method(method)
+    if source.num_classes != train.num_classes:
+        raise ValueError(f"source has vocabulary {source.num_classes}, the token source {train.num_classes}")
+    dev = torch.device(device)
+    student.to(dev).train()
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(len(train), generator=gen)
+        total, n = 0.0, 0
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            b = train.batch(idx)
+            labels = next_token_labels(b.tokens, b.loss_mask)
+            targets = source.targets(idx, b.tokens)
+            logits = logits_of(student(b.tokens.to(dev)))
+            loss = loss_fn(logits, targets.to(dev), labels.to(dev), **(method_options or {}))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            n += len(idx)
+        losses.append(total / max(n, 1))
+    return losses

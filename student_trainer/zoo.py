@@ -553,3 +553,127 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
 for _factory in ZOO.values():
     _factory.input_shape = INPUT_SHAPE  # type: ignore[attr-defined]
 del _factory
+
+
+# --------------------------------------------------------------------------- online distillation
+
+# Small CNNs for the online methods of ``kd.student_trainer.online`` (ONE, OKDDip, PCL, DCM),
+# at any C x H x W input (flat inputs of a square size, e.g. digits' 64, are read as 1 x 8 x 8).
+# One branch path (stem + branch) is ``kd.models.digits_cnn_student`` layer for layer at width 8,
+# so an online method's branch compares with a student trained alone.
+
+
+def image_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """C x H x W of one sample: a 3-D shape as is, a flat square one (digits: 64) as 1 x s x s."""
+    if len(shape) == 3:
+        return (int(shape[0]), int(shape[1]), int(shape[2]))
+    if len(shape) == 1 and round(shape[0] ** 0.5) ** 2 == shape[0]:
+        side = round(shape[0] ** 0.5)
+        return (1, side, side)
+    raise ValueError(f"the online CNNs take C x H x W samples or flat square ones (e.g. 64 = 8x8), not {tuple(shape)}")
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class CNNBranch(nn.Module):
+    """conv -> BN -> ReLU -> global average pool -> linear; returns (logits, pooled feature)."""
+
+    def __init__(self, cin: int, cout: int, num_classes: int) -> None:
+        super().__init__()
+        self.layer2 = _conv_block(cin, cout)
+        self.head = nn.Linear(cout, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feat = F.adaptive_avg_pool2d(self.layer2(x), 1).flatten(1)
+        return self.head(feat), feat
+
+
+class MultiBranchCNN(nn.Module):
+    """A shared stem (``layer1``, the shared low layers) and ``branches`` parallel high-layer
+    branches (ONE, OKDDip, PCL). ``forward`` gives the mean of the branches' logits;
+    ``forward_all`` gives (stem output, [logits], [pooled features])."""
+
+    def __init__(self, input_shape: tuple[int, ...] = (1, 8, 8), num_classes: int = 10, width: int = 8,
+                 branches: int = 3) -> None:  # fmt: skip
+        super().__init__()
+        if branches < 1:
+            raise ValueError(f"a multi-branch model needs >= 1 branch, got {branches}")
+        self.input_shape = tuple(input_shape)
+        self.image_shape = image_shape(self.input_shape)
+        self.width = width
+        self.layer1 = _conv_block(self.image_shape[0], width)
+        self.branches = nn.ModuleList(CNNBranch(width, 2 * width, num_classes) for _ in range(branches))
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        low = self.layer1(x.reshape(x.shape[0], *self.image_shape))
+        outs = [b(low) for b in self.branches]
+        return low, [o[0] for o in outs], [o[1] for o in outs]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self.forward_all(x)[1]).mean(0)
+
+
+class AuxCNN(nn.Module):
+    """``depth`` conv stages and a classifier (the network deployed), plus an auxiliary branch
+    off each earlier stage (DCM's auxiliary classifiers at several depths): the branch off stage
+    ``i`` runs its own copies of the later stages, then its own classifier (as the official DCM's
+    extra residual groups do). At ``depth=2`` the main path is ``kd.models.digits_cnn_student``
+    layer for layer. ``forward`` gives the main classifier's logits; ``forward_all`` gives the
+    auxiliary branches' (shallowest branch point first), then the main one's."""
+
+    def __init__(self, input_shape: tuple[int, ...] = (1, 8, 8), num_classes: int = 10, width: int = 8,
+                 depth: int = 2) -> None:  # fmt: skip
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"AuxCNN needs depth >= 2 (an auxiliary branch needs an earlier stage), got {depth}")
+        self.input_shape = tuple(input_shape)
+        self.image_shape = image_shape(self.input_shape)
+        widths = [width] + [2 * width] * (depth - 1)
+        ins = [self.image_shape[0], *widths[:-1]]
+        self.stages = nn.ModuleList(_conv_block(i, o) for i, o in zip(ins, widths))
+        self.head = nn.Linear(widths[-1], num_classes)
+        self.aux = nn.ModuleList(
+            nn.Sequential(*(_conv_block(ins[k], widths[k]) for k in range(i + 1, depth))) for i in range(depth - 1)
+        )
+        self.aux_heads = nn.ModuleList(nn.Linear(widths[-1], num_classes) for _ in range(depth - 1))
+
+    def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = x.reshape(x.shape[0], *self.image_shape)
+        out = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i < len(self.aux):
+                a = F.adaptive_avg_pool2d(self.aux[i](x), 1).flatten(1)
+                out.append(self.aux_heads[i](a))
+        return [*out, self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], *self.image_shape)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class CheapCNN(nn.Module):
+    """A standard conv stage, then a cheap one (``cheap_conv(kind)``: Moonshine's grouped or
+    bottleneck substitutes) -> BN -> ReLU; a classifier on the pooled map. The students of online
+    distillation with cheap convolutions (Xie et al. 2019). ``forward_all`` gives (logits, the
+    last stage's map) so a teacher head can read the maps."""
+
+    def __init__(self, input_shape: tuple[int, ...] = (1, 8, 8), num_classes: int = 10, width: int = 8,
+                 conv: str = "G4") -> None:  # fmt: skip
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.image_shape = image_shape(self.input_shape)
+        self.layer1 = _conv_block(self.image_shape[0], width)
+        self.layer2 = nn.Sequential(cheap_conv(width, 2 * width, 1, conv), nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.layer2(self.layer1(x.reshape(x.shape[0], *self.image_shape)))
+        return self.head(F.adaptive_avg_pool2d(fmap, 1).flatten(1)), fmap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_all(x)[0]

@@ -22,6 +22,14 @@ forward (CUDA), three threads form a pipeline: the *assembler* forms one batch
 ahead and starts its copy (pin, side stream) while the *model* thread runs the
 current forward; the *completion* thread copies outputs back and hands each
 caller its slice. Either way only the model thread ever runs the model.
+
+Several runners (``kd serve --instances N``, Triton's instance groups: copies of
+one teacher on one or several devices) each get their own threads (a *lane*);
+every lane takes the next batch from the one queue when its model is free.
+
+A request may carry ``post``: its outputs are post-processed (top-k, probabilities,
+reductions: ``kd.teacher_server.outputs``) while still on the model's device,
+and only that result is copied to the host (``runner.to_host``).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -90,6 +98,7 @@ class _Request:
     arrival: float
     layers: frozenset[str]
     deadline: float | None
+    post: Callable[[Outputs], Outputs] | None = None  # on the model's device, before the host copy
     next_row: int = 0  # first row not yet handed to a forward
     done_rows: int = 0
     parts: list[tuple[int, Outputs]] = field(default_factory=list)
@@ -106,6 +115,7 @@ class BatchObservation:
     size: int
     queue_waits: list[float]  # seconds each request piece waited before its forward started
     compute_seconds: float
+    instance: int = 0  # which runner (lane) ran it
 
 
 @dataclass
@@ -118,6 +128,7 @@ class BatcherStats:
     cancelled: int = 0
     max_queued_samples: int = 0
     batch_sizes: deque = field(default_factory=lambda: deque(maxlen=10_000))
+    instance_forwards: list[int] = field(default_factory=lambda: [0])  # forwards per runner (lane)
 
 
 def _slice(out: Outputs, start: int, stop: int) -> Outputs:
@@ -134,17 +145,32 @@ def _concat(parts: list[tuple[int, Outputs]]) -> Outputs:
         # Each forward computed the union of its requests' layers: keep the keys
         # every part has (this request's own layers are among them).
         keys = set.intersection(*(set(p) for p in parts))
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k in keys}
-    return torch.cat(parts)
+        return {k: torch.cat([p[k].to(parts[0][k].device) for p in parts]) for k in parts[0] if k in keys}
+    # Parts of one request may come from instances on different devices: gathered on the first's.
+    return torch.cat([p.to(parts[0].device) for p in parts])
 
 
 _STOP = object()
 
 
+@dataclass(eq=False)
+class _Lane:
+    """One runner (model instance) and the threads that drive it."""
+
+    index: int
+    runner: BatchRunner
+    suffix: str  # of its threads' names: "" for the first lane, "-1", "-2", ... after
+    pipelined: bool
+    # Pipeline: batches formed and not yet through their forward, at most one ahead.
+    slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(2))
+    to_model: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=1))
+    to_completion: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=2))
+
+
 class DynamicBatcher:
     def __init__(
         self,
-        runner: BatchRunner | Callable[[torch.Tensor], Outputs],
+        runner: BatchRunner | Callable[[torch.Tensor], Outputs] | Sequence[BatchRunner],
         *,
         max_batch_size: int = 256,
         preferred_batch_sizes: Iterable[int] = (),
@@ -159,13 +185,19 @@ class DynamicBatcher:
         preferred = sorted({int(p) for p in preferred_batch_sizes})
         if any(not 1 <= p <= max_batch_size for p in preferred):
             raise ValueError(f"preferred_batch_sizes {preferred} must lie in 1..max_batch_size={max_batch_size}")
-        self.runner: BatchRunner = runner if hasattr(runner, "forward") else FunctionRunner(runner)  # type: ignore[arg-type]
+        # Several runners: instances of one teacher (identical targets), each on its own lane.
+        runners = list(runner) if isinstance(runner, (list, tuple)) else [runner]
+        if not runners:
+            raise ValueError("a batcher needs at least one runner")
+        self.runners: list[BatchRunner] = [r if hasattr(r, "forward") else FunctionRunner(r) for r in runners]  # type: ignore[arg-type]
+        self.runner = self.runners[0]
         self.name = name
         self.max_batch_size = max_batch_size
         self.preferred_batch_sizes = preferred
         self.max_queue_delay_s = max(0.0, max_queue_delay_s)
         self.max_queue_size = max_queue_size
-        self.stats = BatcherStats()
+        self.stats = BatcherStats(instance_forwards=[0] * len(self.runners))
+        self._stats_lock = threading.Lock()  # lanes complete concurrently
         self._observer = observer
         self._on_queue_depth = on_queue_depth
         self._queue: deque[_Request] = deque()
@@ -174,19 +206,25 @@ class DynamicBatcher:
         self._cv = threading.Condition()
         self._closed = False
         # Pipelined only where a stage overlaps the forward (see the module docstring).
-        self.pipelined = bool(getattr(self.runner, "overlaps_copy", False))
-        # Pipeline: batches formed and not yet through their forward, at most one ahead.
-        self._slots = threading.Semaphore(2)
-        self._to_model: queue.Queue = queue.Queue(maxsize=1)
-        self._to_completion: queue.Queue = queue.Queue(maxsize=2)
-        if self.pipelined:
-            self._threads = [
-                threading.Thread(target=self._assemble_loop, name=f"batcher-{name}", daemon=True),
-                threading.Thread(target=self._model_loop, name=f"model-{name}", daemon=True),
-                threading.Thread(target=self._completion_loop, name=f"completion-{name}", daemon=True),
-            ]
-        else:
-            self._threads = [threading.Thread(target=self._serial_loop, name=f"model-{name}", daemon=True)]
+        self._lanes = [
+            _Lane(i, r, f"-{i}" if i else "", bool(getattr(r, "overlaps_copy", False)))
+            for i, r in enumerate(self.runners)
+        ]
+        self.pipelined = self._lanes[0].pipelined
+        self._threads: list[threading.Thread] = []
+        for lane in self._lanes:
+            if lane.pipelined:
+                self._threads += [
+                    threading.Thread(target=self._assemble_loop, args=(lane,), name=f"batcher-{name}{lane.suffix}",
+                                     daemon=True),
+                    threading.Thread(target=self._model_loop, args=(lane,), name=f"model-{name}{lane.suffix}",
+                                     daemon=True),
+                    threading.Thread(target=self._completion_loop, args=(lane,),
+                                     name=f"completion-{name}{lane.suffix}", daemon=True),
+                ]  # fmt: skip
+            else:
+                self._threads.append(threading.Thread(target=self._serial_loop, args=(lane,),
+                                                      name=f"model-{name}{lane.suffix}", daemon=True))  # fmt: skip
         for t in self._threads:
             t.start()
 
@@ -208,16 +246,25 @@ class DynamicBatcher:
         if self._on_queue_depth is not None:
             self._on_queue_depth(self._queued_rows)
 
-    def submit(self, inputs: torch.Tensor, *, layers: Iterable[str] = (), deadline: float | None = None) -> Future:
+    def submit(
+        self,
+        inputs: torch.Tensor,
+        *,
+        layers: Iterable[str] = (),
+        deadline: float | None = None,
+        post: Callable[[Outputs], Outputs] | None = None,
+    ) -> Future:
         """Queue a batch [N, ...]; the future resolves to the outputs for these N rows.
 
         ``deadline`` is a ``time.monotonic()`` instant after which the request is
-        dropped unanswered (DeadlineExpiredError) if it has not started.
+        dropped unanswered (DeadlineExpiredError) if it has not started. ``post`` maps
+        this request's outputs (all N rows, on the model's device) to what is copied
+        to the host and returned; an exception it raises is the request's.
         """
         n = int(inputs.shape[0])
         if n == 0:
             raise ValueError("empty batch")
-        req = _Request(inputs, Future(), time.monotonic(), frozenset(layers), deadline)
+        req = _Request(inputs, Future(), time.monotonic(), frozenset(layers), deadline, post)
         with self._cv:
             if self._closed:
                 raise BatcherClosedError("the teacher is shutting down and takes no new requests")
@@ -318,15 +365,15 @@ class DynamicBatcher:
             self._depth_changed()
             return pieces
 
-    def _thread_start(self) -> None:
-        start = getattr(self.runner, "on_thread_start", None)  # optional: per-thread set-up (torch threads)
+    def _thread_start(self, lane: _Lane) -> None:
+        start = getattr(lane.runner, "on_thread_start", None)  # optional: per-thread set-up (torch threads)
         if start is not None:
             try:
                 start()
             except Exception:  # noqa: BLE001 - the forwards still run, with torch's defaults
                 log.exception("batcher %s: the runner's thread set-up failed", self.name)
 
-    def _assemble(self, pieces: list[tuple[_Request, int, int]]) -> tuple | None:
+    def _assemble(self, lane: _Lane, pieces: list[tuple[_Request, int, int]]) -> tuple | None:
         """Concatenate and prepare a batch -> the model's work item (None: failed, callers told)."""
         started = time.monotonic()
         try:
@@ -334,7 +381,7 @@ class DynamicBatcher:
                 x = pieces[0][0].inputs
             else:
                 x = torch.cat([req.inputs[start : start + k] for req, start, k in pieces])
-            prepared = self.runner.prepare(x)
+            prepared = lane.runner.prepare(x)
         except BaseException as e:  # noqa: BLE001 - belongs to the callers
             self._fail(pieces, e)
             return None
@@ -342,85 +389,107 @@ class DynamicBatcher:
         waits = [started - req.arrival for req, _, _ in pieces]
         return pieces, prepared, layers, int(x.shape[0]), waits
 
-    def _forward(self, item: tuple) -> tuple | None:
+    def _forward(self, lane: _Lane, item: tuple) -> tuple | None:
         """Run a work item -> the completion's item (None: failed, callers told)."""
         pieces, prepared, layers, size, waits = item
         t0 = time.perf_counter()
         try:
-            out = self.runner.forward(prepared, layers)
+            out = lane.runner.forward(prepared, layers)
         except BaseException as e:  # noqa: BLE001
             self._fail(pieces, e)
             return None
         return pieces, out, size, waits, t0
 
     # -- no overlap to gain (CPU): one thread forms, runs and answers each batch -----------
-    def _serial_loop(self) -> None:
-        self._thread_start()
+    def _serial_loop(self, lane: _Lane) -> None:
+        self._thread_start(lane)
         while (pieces := self._take_batch()) is not None:
-            if pieces and (item := self._assemble(pieces)) is not None and (done := self._forward(item)) is not None:
-                self._complete(done)
+            if not pieces or (item := self._assemble(lane, pieces)) is None:
+                continue
+            if (done := self._forward(lane, item)) is not None:
+                self._complete(lane, done)
 
     # -- pipelined (CUDA): stage 1, form a batch and start its copy to the device ----------
-    def _assemble_loop(self) -> None:
+    def _assemble_loop(self, lane: _Lane) -> None:
         try:
             while True:
-                self._slots.acquire()  # released by the model thread once a forward is done
+                lane.slots.acquire()  # released by the model thread once a forward is done
                 if (pieces := self._take_batch()) is None:
                     break
-                item = self._assemble(pieces) if pieces else None
+                item = self._assemble(lane, pieces) if pieces else None
                 if item is None:
-                    self._slots.release()
+                    lane.slots.release()
                     continue
-                self._to_model.put(item)
+                lane.to_model.put(item)
         finally:
-            self._to_model.put(_STOP)
+            lane.to_model.put(_STOP)
 
     # -- stage 2: the forward ----------------------------------------------------------
-    def _model_loop(self) -> None:
+    def _model_loop(self, lane: _Lane) -> None:
         try:
-            self._thread_start()
-            while (item := self._to_model.get()) is not _STOP:
+            self._thread_start(lane)
+            while (item := lane.to_model.get()) is not _STOP:
                 try:
-                    done = self._forward(item)
+                    done = self._forward(lane, item)
                 finally:
-                    self._slots.release()  # the assembler may form the next batch now
+                    lane.slots.release()  # the assembler may form the next batch now
                 if done is not None:
-                    self._to_completion.put(done)
+                    lane.to_completion.put(done)
         finally:
-            self._to_completion.put(_STOP)
+            lane.to_completion.put(_STOP)
 
     # -- stage 3: copy back and answer -------------------------------------------------
-    def _completion_loop(self) -> None:
-        while (item := self._to_completion.get()) is not _STOP:
-            self._complete(item)
+    def _completion_loop(self, lane: _Lane) -> None:
+        while (item := lane.to_completion.get()) is not _STOP:
+            self._complete(lane, item)
 
-    def _complete(self, item: tuple) -> None:
+    def _complete(self, lane: _Lane, item: tuple) -> None:
         pieces, out, size, waits, t0 = item
+        # With a request to post-process, the outputs stay on the device until each
+        # request's own result is made; then only that result is copied to the host.
+        on_device = any(req.post is not None for req, _, _ in pieces)
         try:
-            out = self.runner.to_host(out)
+            if not on_device:
+                out = lane.runner.to_host(out)
         except BaseException as e:  # noqa: BLE001
             self._fail(pieces, e)
             return
-        compute = time.perf_counter() - t0
-        self.stats.forwards += 1
-        self.stats.samples += size
-        self.stats.batch_sizes.append(size)
-        if self._observer is not None:
-            self._observer(BatchObservation(size, waits, compute))
+        answers: list[tuple[_Request, Any, BaseException | None]] = []
         offset = 0
         for req, start, k in pieces:
             chunk = _slice(out, offset, offset + k)
             offset += k
             if req.future.done():
                 continue
-            if k == req.rows:
-                req.future.set_result(chunk)
+            if k != req.rows:  # one piece of a request split over forwards (maybe over lanes)
+                with self._stats_lock:
+                    req.parts.append((start, chunk))
+                    req.done_rows += k
+                    if req.done_rows < req.rows:
+                        continue
+                    parts, req.parts = req.parts, []
+                chunk = _concat(parts)
+            try:
+                if on_device:
+                    chunk = lane.runner.to_host(req.post(chunk) if req.post is not None else chunk)
+                answers.append((req, chunk, None))
+            except BaseException as e:  # noqa: BLE001 - this request's, not the batch's
+                answers.append((req, None, e))
+        compute = time.perf_counter() - t0
+        with self._stats_lock:
+            self.stats.forwards += 1
+            self.stats.samples += size
+            self.stats.batch_sizes.append(size)
+            self.stats.instance_forwards[lane.index] += 1
+        if self._observer is not None:
+            self._observer(BatchObservation(size, waits, compute, lane.index))
+        for req, result, error in answers:
+            if req.future.done():
                 continue
-            req.parts.append((start, chunk))
-            req.done_rows += k
-            if req.done_rows == req.rows:
-                req.future.set_result(_concat(req.parts))
-                req.parts = []
+            if error is not None:
+                req.future.set_exception(error)
+            else:
+                req.future.set_result(result)
 
     @staticmethod
     def _fail(pieces: list[tuple[_Request, int, int]], e: BaseException) -> None:

@@ -18,6 +18,7 @@ import torch
 from kd.core.signature import TeacherSignature
 from kd.core.wire import fill_proto, from_proto, proto_dtype, tensor_field, to_proto, torch_dtype
 from kd.teacher_server import access as access_names
+from kd.teacher_server.lm_client import TokenClientMixin
 from kd.teacher_server.server import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options
 from kd.v1 import teacher_pb2 as pb
 from kd.v1 import teacher_pb2_grpc as pb_grpc
@@ -115,9 +116,13 @@ def spec_of(
     pool_features: bool = False,
     features_dtype: torch.dtype = torch.float32,
     labels: bool = False,
+    sparse_temperature: float = 0.0,
 ) -> pb.OutputSpec:
+    """What to ask for. ``top_k`` with ``sparse_temperature`` T: the sparse targets a
+    ``topk:K`` cache at T stores (K logits and classes, the log-sum-exp of z / T)."""
     return pb.OutputSpec(
         labels=labels,
+        sparse_temperature=sparse_temperature,
         logits=logits,
         logits_dtype=proto_dtype(dtype),
         top_k=top_k,
@@ -135,6 +140,8 @@ class DatasetRef:
     dataset: str
     indices: list[int]
     view_seeds: list[int] | None = None
+    # Ask for the params of each view as the server drew them: outputs["view_params"] [N, 10].
+    view_params: bool = False
 
 
 def make_request(
@@ -143,7 +150,8 @@ def make_request(
     if (inputs is None) == (ref is None):
         raise ValueError("give exactly one of inputs (a tensor) or ref (a DatasetRef)")
     if ref is not None:
-        msg = pb.DatasetRef(dataset=ref.dataset, indices=list(ref.indices), view_seeds=list(ref.view_seeds or []))
+        msg = pb.DatasetRef(dataset=ref.dataset, indices=list(ref.indices), view_seeds=list(ref.view_seeds or []),
+                            return_view_params=ref.view_params)  # fmt: skip
         return pb.InferRequest(request_id=request_id, teacher=teacher, ref=msg, outputs=spec)
     req = pb.InferRequest(request_id=request_id, teacher=teacher, outputs=spec)
     fill_proto(req.inputs, inputs)  # in place: a Tensor message assigned to the field would be copied again
@@ -164,8 +172,12 @@ def encode_request(
     return b"".join([head, *tensor_field(_INPUTS_FIELD, inputs)])
 
 
-class TeacherClient:
+class TeacherClient(TokenClientMixin):
     """One client for one server or a pool (round_robin over addresses or a DNS name).
+
+    Token teachers (language models): ``infer_tokens``, ``token_logits``, ``token_topk``,
+    ``token_samples``, ``token_logprobs``, ``token_hidden``, ``infer_tokens_stream``
+    (kd.teacher_server.lm_client).
 
     ``token`` is sent as ``authorization: Bearer <token>``; ``root_certificates``
     (PEM bytes) turns on TLS, ``client_cert``/``client_key`` add mutual TLS.
@@ -281,12 +293,14 @@ class TeacherClient:
         pool_features: bool = False,
         features_dtype: torch.dtype = torch.float32,
         labels: bool = False,
+        sparse_temperature: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """One unary request, with inputs by value or by ``ref``; returns the named outputs."""
-        spec = spec_of(logits, top_k, temperature, dtype, features, pool_features, features_dtype, labels)
+        spec = spec_of(logits, top_k, temperature, dtype, features, pool_features, features_dtype, labels,
+                       sparse_temperature)  # fmt: skip
         resp = self._call(self._infer, encode_request(teacher, inputs, ref, spec))
         self.usage = Usage.of(resp.usage)
-        return {k: from_proto(v) for k, v in resp.outputs.items()}
+        return _outputs(resp)
 
     # -- data-free distillation (a teacher served at the WHITE tier) ------------------------
     def input_gradient(
@@ -359,13 +373,15 @@ class TeacherClient:
         features: Iterable[str] = (),
         pool_features: bool = False,
         features_dtype: torch.dtype = torch.float32,
+        sparse_temperature: float = 0.0,
     ) -> Iterator[tuple[Any, dict[str, torch.Tensor]]]:
         """Pipelined inference over one InferStream.
 
         ``batches`` yields ``(key, inputs or DatasetRef)``; up to ``depth`` are in flight
         ahead of the consumer. Yields ``(key, outputs)`` in input order.
         """
-        spec = spec_of(logits, top_k, temperature, dtype, features, pool_features, features_dtype)
+        spec = spec_of(logits, top_k, temperature, dtype, features, pool_features, features_dtype,
+                       sparse_temperature=sparse_temperature)  # fmt: skip
         outbox: queue.Queue = queue.Queue()
 
         def requests() -> Iterator[bytes]:
@@ -405,13 +421,21 @@ class TeacherClient:
                     if resp.HasField("error"):
                         raise TeacherRequestError(status_code(resp.error.code), resp.error.message)
                     self.usage = Usage.of(resp.usage)
-                    ready[int(resp.request_id)] = {k: from_proto(v) for k, v in resp.outputs.items()}
+                    ready[int(resp.request_id)] = _outputs(resp)
                 yield keys.pop(want), ready.pop(want)
                 want += 1
                 send_next()
         finally:
             outbox.put(None)
             call.cancel()
+
+
+def _outputs(resp: pb.InferResponse) -> dict[str, torch.Tensor]:
+    """A reply's named outputs, plus "view_params" when the server sent the views' params."""
+    out = {k: from_proto(v) for k, v in resp.outputs.items()}
+    if resp.HasField("view_params"):
+        out["view_params"] = from_proto(resp.view_params)
+    return out
 
 
 def status_code(value: int) -> grpc.StatusCode:

@@ -18,12 +18,19 @@ device = "cuda:0"
 amp = "bf16"
 compile = false
 channels_last = true
+instances = 2                       # model copies fed by one batcher (Triton's instance groups)
+devices = ["cuda:0", "cuda:1"]      # where the instances go, round-robin [device]
 max_batch_size = 256
 preferred_batch_sizes = [64, 128]
 max_queue_delay_us = 2000
 max_queue_size = 4096
 mean = [0.485, 0.456, 0.406]        # uint8 inputs: x/255 normalised per channel
 std = [0.229, 0.224, 0.225]
+
+[[teacher]]
+name = "lm"
+spec = "hf:/models/gpt2-small"        # a local Hugging Face LM directory (config + safetensors)
+max_batch_tokens = 8192             # token teachers: positions per forward, padding included
 
 [[dataset]]
 name = "digits-train"

@@ -7,6 +7,8 @@ A SPEC is either
   a ``.safetensors`` file or a state_dict read with ``torch.load(...,
   weights_only=True)``; anything that unpickles to more than tensors is refused.
 * ``module:factory`` alone: the factory's own initialisation (tests, demos).
+* ``hf:DIR[?task=causal-lm|masked-lm]``: a Hugging Face language model from a
+  local directory (config + safetensors), a token teacher (kd.teacher_server.lm).
 * ``PATH`` of a TorchScript or ``torch.export`` archive. Those are executable
   code (PyTorch's SECURITY.md), so they load only with ``trust_archive=True``
   (``kd serve --trust-archive``).
@@ -194,10 +196,21 @@ def load_teacher(
     device: str = "cpu",
     trust_archive: bool = False,
 ) -> Teacher:
-    """Build, fill, fingerprint and probe a teacher; ready to serve in eval mode."""
+    """Build, fill, fingerprint and probe a teacher; ready to serve in eval mode.
+
+    ``hf:DIR`` specs and models whose input shape is ``(-1,)`` are token teachers
+    (kd.teacher_server.lm): probed with int64 token ids, never float zeros."""
+    if spec.startswith("hf:"):
+        from kd.teacher_server.lm import load_token_teacher
+
+        return load_token_teacher(name, spec, device=device)
     parsed = TeacherSpec.parse(spec)
     model = build_model(parsed, trust_archive=trust_archive)
     input_shape = parsed.input_shape or getattr(model, "input_shape", None)
+    if input_shape is not None and tuple(input_shape) == (-1,):
+        from kd.teacher_server.lm import load_token_teacher
+
+        return load_token_teacher(name, spec, device=device, model=model)
     if input_shape is None:
         raise TeacherLoadError(
             f"cannot tell the input shape of teacher {name!r}: give the model an `input_shape` "

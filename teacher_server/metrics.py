@@ -22,6 +22,14 @@ class ServerMetrics:
         self.requests = Counter("kd_requests", "Inference requests accepted into a queue", ["teacher"], registry=r)
         self.samples = Counter("kd_samples", "Samples accepted into a queue", ["teacher"], registry=r)
         self.forwards = Counter("kd_forwards", "Batched forwards run", ["teacher"], registry=r)
+        self.instance_forwards = Counter(
+            "kd_instance_forwards", "Batched forwards run per model instance (kd serve --instances)",
+            ["teacher", "instance"], registry=r,
+        )  # fmt: skip
+        self.reply_bytes = Counter(
+            "kd_reply_bytes", "Output tensor bytes sent in Infer replies (top-k instead of logits: fewer)",
+            ["teacher"], registry=r,
+        )  # fmt: skip
         self.batch_size = Histogram(
             "kd_batch_size", "Samples per forward", ["teacher"], buckets=_SIZE_BUCKETS, registry=r
         )
@@ -41,6 +49,33 @@ class ServerMetrics:
             ["client", "kind"], registry=r,
         )  # fmt: skip
 
+        # Token teachers (kd.teacher_server.lm): positions computed in forwards, padding included,
+        # and those that were padding; kd_padding_share = padded / computed so far.
+        self.token_positions = Counter(
+            "kd_token_positions", "Positions computed by token forwards, padding included", ["teacher"], registry=r
+        )
+        self.padding_positions = Counter(
+            "kd_padding_positions", "Padded positions computed by token forwards", ["teacher"], registry=r
+        )
+        self.padding_share = Gauge(
+            "kd_padding_share", "Share of padded positions in the token forwards so far", ["teacher"], registry=r
+        )
+
+    def token_observer(self, teacher: str):
+        """``on_tokens(real, computed)`` of a token batcher: the padding counters and share."""
+        total, padded, share = (m.labels(teacher) for m in (self.token_positions, self.padding_positions,
+                                                            self.padding_share))  # fmt: skip
+        sums = [0, 0]
+
+        def observe(real: int, computed: int) -> None:
+            total.inc(computed)
+            padded.inc(computed - real)
+            sums[0] += real
+            sums[1] += computed
+            share.set(1.0 - sums[0] / sums[1] if sums[1] else 0.0)
+
+        return observe
+
     def charged(self, client: str, kind: str, n: int) -> None:
         self.client_queries.labels(client, kind).inc(n)
 
@@ -56,6 +91,9 @@ class ServerMetrics:
         self.requests.labels(teacher).inc()
         self.samples.labels(teacher).inc(samples)
 
+    def replied(self, teacher: str, nbytes: int) -> None:
+        self.reply_bytes.labels(teacher).inc(nbytes)
+
     def error(self, teacher: str, code: str) -> None:
         self.errors.labels(teacher, code).inc()
 
@@ -63,8 +101,14 @@ class ServerMetrics:
         forwards, size = self.forwards.labels(teacher), self.batch_size.labels(teacher)
         wait, compute = self.queue_wait.labels(teacher), self.compute.labels(teacher)
 
+        instances: dict[int, Counter] = {}
+
         def observe(obs: BatchObservation) -> None:
             forwards.inc()
+            per = instances.get(obs.instance)
+            if per is None:
+                per = instances[obs.instance] = self.instance_forwards.labels(teacher, str(obs.instance))
+            per.inc()
             size.observe(obs.size)
             compute.observe(obs.compute_seconds)
             for w in obs.queue_waits:

@@ -7,6 +7,8 @@ optionally TLS / mutual TLS, a bearer token and Prometheus metrics.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import signal
 import threading
@@ -54,6 +56,11 @@ class TeacherOptions:
     warmup: bool = True
     # torch intra-op threads of the model thread (0 = torch's default, e.g. OMP_NUM_THREADS).
     threads: int = 0
+    # Model instances (Triton's instance groups): copies of the teacher, each with its own
+    # threads, spread round-robin over `devices` (default: the teacher's device); the batcher
+    # feeds whichever is free. The fingerprint is the teacher's whatever the count.
+    instances: int = 1
+    devices: list[str] | None = None
     # uint8 inputs: x / 255, then (x - mean[c]) / std[c] over the first per-sample dim.
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -68,6 +75,9 @@ class TeacherOptions:
     max_gradient_batch: int = 1024
     max_synthesis_iterations: int = 10_000
     max_jobs_queued: int = 8
+    # Token teachers (kd.teacher_server.lm): positions per forward, padding included
+    # (rows x longest row); a longer row is refused with INVALID_ARGUMENT.
+    max_batch_tokens: int = 8192
 
 
 # The first version's name, kept for callers that only set batching fields.
@@ -114,10 +124,39 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def model_instances(t: Teacher, instances: int = 1, devices: list[str] | None = None) -> list[Teacher]:
+    """``instances`` copies of teacher ``t`` (the first is ``t`` itself where it is already on
+    its device), placed round-robin on ``devices`` (default: ``t``'s device). Each copy has its
+    own parameters on its device, so instances never share a module between threads."""
+    if instances < 1:
+        raise ValueError(f"teacher {t.name!r}: instances must be >= 1, got {instances}")
+    try:
+        places = [torch.device(d) for d in (devices or [str(t.device)])]
+    except RuntimeError as e:
+        raise ValueError(f"teacher {t.name!r}: bad device in {devices}: {e}") from None
+    for d in places:
+        if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+            raise ValueError(f"teacher {t.name!r}: device {d} is not available here")
+    out = []
+    for i in range(instances):
+        place = places[i % len(places)]
+        if i == 0 and place == t.device:
+            out.append(t)
+            continue
+        out.append(dataclasses.replace(t, model=copy.deepcopy(t.model).to(place), device=place))
+    return out
+
+
 def _endpoint(t: Teacher, o: TeacherOptions, metrics: ServerMetrics) -> Endpoint:
-    runner = ModelRunner(t, amp=o.amp, compile=o.compile, channels_last=o.channels_last, threads=o.threads)
+    from kd.teacher_server import lm
+
+    if lm.is_token_teacher(t):
+        return lm.token_endpoint(t, o, metrics)
+    runners = [ModelRunner(inst, amp=o.amp, compile=o.compile, channels_last=o.channels_last, threads=o.threads)
+               for inst in model_instances(t, o.instances, o.devices)]  # fmt: skip
     if o.warmup:
-        runner.warmup([1, *o.preferred_batch_sizes, o.max_batch_size])
+        for runner in runners:
+            runner.warmup([1, *o.preferred_batch_sizes, o.max_batch_size])
     mean = std = None
     if (o.mean is None) != (o.std is None):
         raise ValueError(f"teacher {t.name!r}: give both mean and std for uint8 inputs, or neither")
@@ -130,7 +169,7 @@ def _endpoint(t: Teacher, o: TeacherOptions, metrics: ServerMetrics) -> Endpoint
                 f"got mean={o.mean} std={o.std}"
             )
     batcher = DynamicBatcher(
-        runner,
+        runners,
         max_batch_size=o.max_batch_size,
         preferred_batch_sizes=o.preferred_batch_sizes,
         max_queue_delay_s=o.max_queue_delay_us / 1e6,

@@ -4,8 +4,10 @@ Handler threads never run a model: they parse the raw request bytes (a body
 that does not parse is INVALID_ARGUMENT naming the RPC), validate everything
 (names against layer shapes, numeric options, the answer's size) before any
 work, decode (or load samples by reference), submit to the teacher's batcher or
-job queue, wait on a future and encode the outputs (top-k, probabilities,
-pooling and dtype casts happen here, off the model's thread). Every refusal is
+job queue, wait on a future and encode the outputs. What the request asks for
+(top-k with its log-sum-exp at T, probabilities, labels, reductions, pooling and
+dtype casts) is made by ``kd.teacher_server.outputs.postprocess`` on the model's
+device before the copy to the host, so only that crosses it. Every refusal is
 a ``RequestError`` with a precise status; an output that is not finite is
 refused, never sent. Streams are bounded in number (per client and overall, on
 threads of their own, so idle streams cannot starve unary calls and health
@@ -16,6 +18,7 @@ answered per stream).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import queue
@@ -29,11 +32,13 @@ import grpc
 import torch
 
 from kd.core import reductions
-from kd.core.reductions import pool, shorten
+from kd.core.reductions import pool, shorten  # noqa: F401 - pool: re-exported (tests, older callers)
 from kd.core.samples import VIEW_STRIDE, SampleSource
 from kd.core.signature import SignatureError, TeacherSignature, TensorSpec, format_shape
+from kd.core.views import pixels_to_input
 from kd.core.wire import WireError, dtype_name, from_proto, proto_dtype, to_proto
 from kd.teacher_server import access as tiers
+from kd.teacher_server import lm
 from kd.teacher_server.access import Accounting, BudgetExceeded, client_identity
 from kd.teacher_server.batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
 from kd.teacher_server.gradients import (
@@ -49,6 +54,7 @@ from kd.teacher_server.gradients import (
 )
 from kd.teacher_server.loading import Teacher
 from kd.teacher_server.metrics import ServerMetrics
+from kd.teacher_server.outputs import OutputRangeError, nothing_asked, postprocess
 from kd.v1 import teacher_pb2 as pb
 from kd.v1 import teacher_pb2_grpc as pb_grpc
 
@@ -305,6 +311,7 @@ class _Prepared:
     spec: pb.OutputSpec
     usage: pb.Usage | None = None
     layers: frozenset[str] = frozenset()  # the layers spec's features need
+    view_params: torch.Tensor | None = None  # DatasetRef.return_view_params: float32 [N, PARAM_WIDTH]
 
 
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
@@ -348,6 +355,10 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         if needed is not None and not tiers.allows(ep.access, needed):
             denied = tiers.AccessDenied(name, ep.access, needed, what)
             raise RequestError(grpc.StatusCode.PERMISSION_DENIED, str(denied))
+        if needed == "white" and lm.is_token_teacher(ep.teacher):
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"teacher {name!r} takes token ids: {what or 'this call'} needs a teacher with "
+                               "float inputs (kd.teacher_server.lm serves Infer and InferStream)")  # fmt: skip
         return ep
 
     def _charge(self, context, *, samples: int = 0, gradient_samples: int = 0) -> pb.Usage:
@@ -359,18 +370,50 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
     def _prepare(self, request: pb.InferRequest, context: grpc.ServicerContext | None = None) -> _Prepared:
         self._check_open()
         ep = self._endpoint(request.teacher)
+        if lm.is_token_teacher(ep.teacher):
+            return self._prepare_tokens(ep, request, context)
+        token_only = lm.token_only_fields(request)
+        if token_only:
+            raise _invalid(f"{', '.join(token_only)}: only for token teachers; teacher {ep.teacher.name!r} is not one")
         kind = request.WhichOneof("input")
+        params = None
         if kind == "inputs":
             x = self._decode_inputs(ep, request.inputs)
         elif kind == "ref":
-            x = self._load_ref(ep, request.ref)
+            x, params = self._load_ref(ep, request.ref)
         else:
             raise _invalid("request has no inputs: set `inputs` (a tensor) or `ref` (dataset samples)")
         layers = self._check_spec(ep.teacher, request.outputs)
         self._check_tier(ep, request.outputs)
         self._check_reply_size(ep, request.outputs, int(x.shape[0]))
         usage = self._charge(context, samples=int(x.shape[0]))
-        return _Prepared(ep, x, request.outputs, usage, layers)
+        return _Prepared(ep, x, request.outputs, usage, layers, params)
+
+    def _prepare_tokens(self, ep: Endpoint, request: pb.InferRequest, context) -> _Prepared:
+        """A token teacher's request (kd.teacher_server.lm): ids [N, S] int64/int32 with lengths and
+        positions, or a token dataset's samples by reference (asked: the next-token targets)."""
+        kind = request.WhichOneof("input")
+        lengths, default = list(request.lengths), None
+        try:
+            if kind == "ref":
+                tokens, lengths, default = lm.read_ref(self.datasets, request.ref)
+            elif kind == "inputs":
+                if request.inputs.dtype not in (pb.INT64, pb.INT32):
+                    raise _invalid(f"inputs have dtype {dtype_name(request.inputs.dtype)} but token teacher "
+                                   f"{ep.teacher.name!r} takes token ids, INT64 or INT32")  # fmt: skip
+                tokens = from_proto(request.inputs, copy=False)
+            else:
+                raise _invalid("request has no inputs: set `inputs` (token ids) or `ref` (a token dataset's samples)")
+            positions = from_proto(request.positions) if request.HasField("positions") else default
+            work = lm.prepare(ep.teacher, tokens, lengths, positions, request.outputs, access=ep.access,
+                              max_batch_tokens=ep.batcher.max_batch_tokens, max_message_bytes=self.max_message_bytes,
+                              echo_positions=kind == "ref")  # fmt: skip
+        except WireError as e:
+            raise _invalid(f"inputs: {e}") from None
+        except lm.TokenRequestError as e:
+            raise RequestError(e.code, e.message) from None
+        usage = self._charge(context, samples=work.rows)
+        return _Prepared(ep, work, request.outputs, usage)
 
     @staticmethod
     def _check_tier(ep: Endpoint, spec: pb.OutputSpec) -> None:
@@ -425,7 +468,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             first = int(bad.nonzero()[0])
             raise _invalid(f"inputs contain NaN or Inf in {int(bad.sum())} sample(s), first at index {first}")
 
-    def _load_ref(self, ep: Endpoint, ref: pb.DatasetRef) -> torch.Tensor:
+    def _load_ref(self, ep: Endpoint, ref: pb.DatasetRef) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The samples of ``ref`` as the teacher's inputs, and their view params when asked for."""
         data = self.datasets.get(ref.dataset)
         if data is None:
             have = ", ".join(sorted(self.datasets)) or "none"
@@ -441,20 +485,44 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         if ref.view_seeds and len(ref.view_seeds) != len(ref.indices):
             raise _invalid(f"ref has {len(ref.view_seeds)} view_seeds for {len(ref.indices)} indices")
         seeds = torch.tensor(list(ref.view_seeds), dtype=torch.long) if ref.view_seeds else None
+        params = None
+        if ref.return_view_params:
+            if seeds is None:
+                raise _invalid("return_view_params needs view_seeds: plain samples have no view params")
+            if not callable(getattr(data, "read", None)):
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"dataset {ref.dataset!r} cannot report view params (it has no read())")  # fmt: skip
         try:
-            x = _read_samples(data, idx, seeds)
+            if ref.return_view_params:
+                # The params this server drew for these very pixels (SampleSource.read), not a
+                # recomputation: what the teacher saw is what the client stores.
+                rows = [data.read(int(i), int(s)) for i, s in zip(idx.tolist(), seeds.tolist())]
+                x = torch.stack([r[0] for r in rows])
+                params = torch.stack([r[1] for r in rows]).float()
+            else:
+                x = _read_samples(data, idx, seeds)
         except RequestError:
             raise
         except (ValueError, OSError, RuntimeError, KeyError) as e:
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"dataset {ref.dataset!r}: cannot read the samples: {e}"
             ) from None
-        return self._conform(ep, x, ref.dataset)
+        return self._conform(ep, x, ref.dataset), params
 
     def _conform(self, ep: Endpoint, x: torch.Tensor, dataset: str) -> torch.Tensor:
         """Dataset samples in the teacher's input shape and dtype (kd.core.signature):
-        reshaped when the element count matches, uint8 normalised like uint8 inputs."""
+        image views [C, H, W] (pixels, uint8 or float in [0, 1]) through the teacher's final
+        transform (kd.core.views.pixels_to_input: resized to its H x W, normalised with its
+        mean/std), as a client sending them by value does; other samples reshaped when the
+        element count matches, uint8 normalised like uint8 inputs."""
         spec = ep.signature.input
+        if spec.dtype.is_floating_point and spec.static:
+            mean, std = (None, None) if ep.mean is None else (ep.mean.tolist(), ep.std.tolist())
+            y = pixels_to_input(x, spec.shape, mean, std)
+            if y is not None:
+                y = y.to(spec.dtype)
+                self._check_finite(y)
+                return y
         try:
             x = spec.conform(x, f"dataset {dataset!r}")
         except SignatureError as e:
@@ -480,12 +548,13 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 raise _invalid(f"{what} {dtype_name(dt)} not offered; use FLOAT32, FLOAT16 or BFLOAT16")
         if not 0 <= spec.top_k <= t.num_classes:
             raise _invalid(f"top_k={spec.top_k} out of range: teacher {t.name!r} has {t.num_classes} classes")
-        temp = spec.probs_temperature
-        if temp != 0 and not (math.isfinite(temp) and MIN_TEMPERATURE <= temp <= MAX_TEMPERATURE):
-            raise _invalid(
-                f"probs_temperature must be a finite number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
-                f"(or 0 for none), got {temp}"
-            )
+        for what in ("probs_temperature", "sparse_temperature"):
+            temp = getattr(spec, what)
+            if temp != 0 and not (math.isfinite(temp) and MIN_TEMPERATURE <= temp <= MAX_TEMPERATURE):
+                raise _invalid(
+                    f"{what} must be a finite number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
+                    f"(or 0 for {'none' if what == 'probs_temperature' else '1'}), got {temp}"
+                )
         try:
             layers = reductions.layers_needed(spec.features)
         except ValueError as e:
@@ -505,13 +574,12 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
     def _check_reply_size(self, ep: Endpoint, spec: pb.OutputSpec, n: int) -> None:
         """Refuse (RESOURCE_EXHAUSTED) before the forward an answer that could not be sent."""
         c, isz = ep.teacher.num_classes, _OUT_ITEMSIZE[spec.logits_dtype]
-        nothing_asked = (not spec.logits and spec.top_k == 0 and spec.probs_temperature == 0
-                         and not spec.features and not spec.labels)  # fmt: skip
+        empty = nothing_asked(spec)
         labels_only = not tiers.allows(ep.access, "scores")
         per_sample = 0
-        if spec.logits or (nothing_asked and not labels_only):
+        if spec.logits or (empty and not labels_only):
             per_sample += c * isz
-        if spec.labels or (nothing_asked and labels_only):
+        if spec.labels or (empty and labels_only):
             per_sample += 8
         if spec.top_k:
             per_sample += spec.top_k * (isz + 4) + 4
@@ -534,7 +602,10 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         remaining = context.time_remaining() if context is not None else None
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
-            future = p.endpoint.batcher.submit(p.inputs, layers=p.layers, deadline=deadline)
+            # The outputs asked for are made next to the model, before the copy to the host.
+            labels_only = not tiers.allows(p.endpoint.access, "scores")
+            post = functools.partial(postprocess, p.spec, labels_only=labels_only)
+            future = p.endpoint.batcher.submit(p.inputs, layers=p.layers, deadline=deadline, post=post)
         except QueueFullError as e:
             name = p.endpoint.teacher.name
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"teacher {name!r}: {e}") from None
@@ -551,52 +622,22 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         e = future.exception()
         if isinstance(e, DeadlineExpiredError):
             return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"not computed: {e}")
+        if isinstance(e, OutputRangeError):  # refused rather than sending NaN or Inf
+            return RequestError(grpc.StatusCode.OUT_OF_RANGE, str(e))
         return RequestError(grpc.StatusCode.INTERNAL, f"teacher forward failed: {type(e).__name__}: {e}")
 
     # -- encoding -----------------------------------------------------------------
-    @staticmethod
-    def _encode(request: pb.InferRequest, p: _Prepared, out: dict[str, torch.Tensor]) -> pb.InferResponse:
-        spec = p.spec
-        logits = out["logits"]
-        dt = _FLOAT_OUT.get(spec.logits_dtype, torch.float32)
-        outs: dict[str, pb.Tensor] = {}
-        nothing_asked = (
-            not spec.logits and spec.top_k == 0 and spec.probs_temperature == 0 and not spec.features
-            and not spec.labels
-        )  # fmt: skip
-        labels_only = not tiers.allows(p.endpoint.access, "scores")
-        checked = {"logits": logits.to(dt)} if dt != torch.float32 else {"logits": logits}
-        if spec.probs_temperature > 0:
-            checked["probs"] = torch.softmax(logits / spec.probs_temperature, dim=1).to(dt)
-        _check_outputs(checked)
-        if spec.logits or (nothing_asked and not labels_only):
-            outs["logits"] = to_proto(checked["logits"])
-        if spec.labels or (nothing_asked and labels_only):
-            outs["labels"] = to_proto(logits.argmax(dim=1).to(torch.int64))
-        if spec.top_k:
-            values, indices = logits.topk(spec.top_k, dim=1)
-            outs["topk_values"] = to_proto(values.to(dt))
-            outs["topk_indices"] = to_proto(indices.to(torch.int32))
-            outs["logsumexp"] = to_proto(torch.logsumexp(logits, dim=1))
-        if spec.probs_temperature > 0:
-            outs["probs"] = to_proto(checked["probs"])
-        fdt = _FLOAT_OUT.get(spec.features_dtype, torch.float32)
-        maps = {k.removeprefix("feature/"): v for k, v in out.items() if k.startswith("feature/")}
-        for name in spec.features:
-            # Reductions run on this request's samples only (batch ones relate them to each other).
-            feat = reductions.reduce(name, maps)
-            if spec.pool_features and reductions.parse(name).reduction is None:
-                feat = pool(feat)
-            feat = feat.to(fdt)
-            _check_outputs({f"feature/{name}": feat})
-            outs[f"feature/{name}"] = to_proto(feat)
-        t = p.endpoint.teacher
+    def _encode(self, request: pb.InferRequest, p: _Prepared, out: dict[str, torch.Tensor]) -> pb.InferResponse:
+        """The reply from the outputs ``postprocess`` made (on the model's device, checked finite)."""
+        if self.metrics is not None:
+            self.metrics.replied(p.endpoint.teacher.name, sum(t.numel() * t.element_size() for t in out.values()))
         return pb.InferResponse(
             request_id=request.request_id,
-            teacher=t.name,
+            teacher=p.endpoint.teacher.name,
             fingerprint=p.endpoint.fingerprint,
-            outputs=outs,
+            outputs={key: to_proto(t) for key, t in out.items()},
             usage=p.usage,
+            **({} if p.view_params is None else {"view_params": to_proto(p.view_params)}),
         )
 
     def _count_error(self, teacher: str, code: grpc.StatusCode) -> None:

@@ -45,6 +45,7 @@ def test_tiny_bench_data_writes_consistent_json(tmp_path: Path) -> None:
     assert res["rss_mb_10k"] == pytest.approx(trace[1][1], abs=0.1)
     assert res["rss_mb_50k"] == pytest.approx(trace[-1][1], abs=0.1)
     assert res["rss_checkpoints"][0]["workers_mb"] > 0  # the workers were alive and measured
+    assert isinstance(res["malloc_bounded"], bool) and res["rss_workers_mb_10k"] > 0  # worker RSS measured apart
     step = res["step"]
     ms = step["median_step_ms"]
     assert step["step_over_no_teacher"] == pytest.approx(ms["cache"] / ms["no_teacher"]) and step["steps_per_mode"] == 1

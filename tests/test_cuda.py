@@ -113,3 +113,43 @@ def test_every_feature_method_trains_on_cuda(tmp_path) -> None:
         res = train_student(student, train, test, config, source=LocalSource(teacher), subset=torch.arange(64))
         assert all(math.isfinite(v) for v in res.loss_per_epoch), name
         assert next(student.parameters()).device.type == "cuda", name
+
+
+def test_outputs_made_on_cuda_through_pinned_buffers_equal_cpus() -> None:
+    """Top-k, log-sum-exp at T, probabilities, labels and reduced features are made on the
+    GPU (kd.teacher_server.outputs) and copied back through reused pinned buffers; they equal
+    the CPU server's. Two instances on the one GPU serve the same answers."""
+    from kd.teacher_server.runner import HostStaging
+
+    torch.manual_seed(0)
+    cpu = load_teacher("cnn", "kd.models:digits_cnn")
+    gpu = load_teacher("cnn", "kd.models:digits_cnn", device="cuda")
+    gpu.model.load_state_dict(cpu.model.state_dict())
+    servers = [start_server([t], port=0, options={"cnn": TeacherOptions(max_batch_size=16, instances=n)})
+               for t, n in ((cpu, 1), (gpu, 2))]  # fmt: skip
+    try:
+        x = torch.rand(40, 1, 8, 8)
+        asked = dict(logits=False, top_k=5, sparse_temperature=4.0, temperature=2.0, labels=True,
+                     features=["layer1@at", "layer2"], pool_features=True)  # fmt: skip
+        outs = []
+        for s in servers:
+            with TeacherClient(f"127.0.0.1:{s.port}") as c:
+                outs.append(c.infer("cnn", x, **asked))
+        want, got = outs
+        assert set(got) == set(want) == {"topk_values", "topk_indices", "logsumexp", "probs", "labels",
+                                         "feature/layer1@at", "feature/layer2"}  # fmt: skip
+        assert torch.equal(got["topk_indices"], want["topk_indices"]) and torch.equal(got["labels"], want["labels"])
+        for key in want:
+            torch.testing.assert_close(got[key].float(), want[key].float(), rtol=1e-4, atol=1e-4)
+        runner = servers[1].endpoints["cnn"].batcher.runners[0]
+        assert runner.staging.pin and runner.staging.allocated >= 1
+    finally:
+        for s in servers:
+            s.stop(grace=1)
+    staging = HostStaging(pin=True)
+    y = torch.randn(1000, device="cuda")
+    first = staging.copy_out({"y": y})
+    assert first["y"].is_pinned() and torch.equal(first["y"], y.cpu())
+    del first
+    staging.copy_out({"y": y[:10]})
+    assert staging.reused == 1 and staging.allocated == 1

@@ -3,6 +3,7 @@ access tier, every registered data-free method run against it, queries accounted
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -43,6 +44,9 @@ def test_demo_datafree_quick_runs_every_method_at_its_tier(tmp_path: Path) -> No
         assert m["queries"] == m["samples"] + m["gradient_samples"] > 0, name
         if m["tier"] in ("scores", "labels"):  # black-box methods never ask for gradients
             assert m["gradient_samples"] == 0, name
+        # the student trained through the shared trainer: its run directory's last row is the result
+        with open(out / "runs" / name / "metrics.csv", newline="") as f:
+            assert float(list(csv.DictReader(f))[-1]["test_acc"]) == m["test_acc"], name
     assert "kd demo-datafree" in r.stdout
 
 

@@ -388,15 +388,17 @@ def test_classifier_logits_are_one_position_per_sample() -> None:
 
 
 def test_cache_sample_targets_become_counts() -> None:
-    """A cache's ``sample:K`` record (ids drawn with repeats) is merged into unique ids with counts;
-    its forward-KL gradient is the one kd's sparse_kl gives for the same draws."""
+    """A cache's ``sample:K`` record (draws merged into unique ids with counts, unused slots count 0)
+    becomes TokenTargets counts; its forward-KL gradient is the one kd's sparse_kl gives for the same draws."""
+    from kd.cache.codecs import unique_counts
     from kd.core.targets import sparse_kl
     from kd.student_trainer.losses.token_kd import _as_token_targets
 
     g = torch.Generator().manual_seed(4)
     zs, zt = torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g) * 2
     ids = torch.multinomial(torch.softmax(zt, 1), 12, replacement=True, generator=g)
-    st = SparseTargets("sample", ids, zt.gather(1, ids), torch.logsumexp(zt, 1), 9, 1.0)
+    uid, cnt = unique_counts(ids)
+    st = SparseTargets("sample", uid, cnt.float(), cnt.sum(1).float(), 9, 1.0)
     tt = _as_token_targets(st)
     for r in range(6):
         got = {i: c for i, c in zip(tt.ids[r, 0].tolist(), tt.counts[r, 0].tolist()) if i >= 0}

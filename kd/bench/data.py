@@ -28,7 +28,14 @@ DataLoader workers. Then, on this machine:
   second and of the last tenth of the samples (10k and 50k at the default
   50,000; the keys keep their names at other sizes), since one reading swings
   by a batch's transient activations; ``rss_trace`` has median and max per
-  tenth, ``rss_checkpoints`` single readings with the workers' memory. Goal: flat.
+  tenth, ``rss_checkpoints`` single readings with the workers' memory, and
+  ``rss_workers_mb_10k`` / ``rss_workers_mb_50k`` the same medians of the
+  DataLoader workers' memory (all of them together), so a growth is placed in
+  the process that has it. Goal: flat. ``kd.precompute`` fixes glibc's mmap
+  threshold (``bound_malloc_retention``; ``malloc_bounded`` says whether it
+  did): with glibc's dynamic threshold, this process's RSS crept from ~690 to
+  ~1100 MiB over 40k samples (the teacher's activations of a batch), flat only
+  under ``MALLOC_MMAP_THRESHOLD_=131072``.
 * **step**: a student's training step (forward, backward, SGD) fed by a
   DataLoader with workers: from the cache (``SoftTargetDataset``: decoded
   inputs + cached targets, KD loss) against the same loader without targets
@@ -114,6 +121,12 @@ def _children_rss_mb() -> float:
         if int(stat.rsplit(")", 1)[1].split()[1]) == me:
             total += _rss_mb(entry.name)
     return total
+
+
+def _malloc_bounded() -> bool:
+    import kd.precompute
+
+    return bool(getattr(kd.precompute, "_MALLOC_BOUNDED", False))
 
 
 def _load() -> list[float]:
@@ -362,6 +375,9 @@ def run_bench(s: DataBenchSettings) -> dict[str, Any]:
         "rss_mb_10k": pre["median_10k"],
         "rss_mb_50k": pre["median_50k"],
         "rss_growth_mb": pre["median_50k"] - pre["median_10k"],
+        "rss_workers_mb_10k": pre["workers_10k"],
+        "rss_workers_mb_50k": pre["workers_50k"],
+        "malloc_bounded": _malloc_bounded(),
         "step_over_no_teacher": step["step_over_no_teacher"],
         "decode_samples_per_s": decode,
         "forward_samples_per_s": forward,
@@ -400,11 +416,15 @@ def _precompute(src, teacher, out: Path, s: DataBenchSettings, workers: int) -> 
     marks = sorted({max(1, n // 5), max(1, int(n * 0.95)), n})
     rss: list[dict[str, Any]] = []
     every: list[tuple[int, float]] = []  # (samples done, main MiB) after every batch
+    workers_every: list[tuple[int, float]] = []  # (samples done, workers' MiB) while they run
 
     def on_batch(done: int) -> None:
         every.append((done, _rss_mb()))
+        children = _children_rss_mb()
+        if children > 0:  # 0: the workers have exited after the last batch
+            workers_every.append((done, children))
         while len(rss) < len(marks) and done >= marks[len(rss)]:
-            rss.append({"samples": done, "main_mb": every[-1][1], "workers_mb": _children_rss_mb()})
+            rss.append({"samples": done, "main_mb": every[-1][1], "workers_mb": children})
 
     console.print(f"precompute: {n} samples, {s.teacher}, {workers} workers ...", highlight=False)
     t0 = time.perf_counter()
@@ -416,9 +436,10 @@ def _precompute(src, teacher, out: Path, s: DataBenchSettings, workers: int) -> 
 
     # RSS swings by the teacher's transient activations (a forward of one batch): so the
     # median over the batches of a tenth of the samples, from the second tenth and the last.
-    def tenth(k: int) -> list[float]:
-        inside = [mb for done, mb in every if (k - 1) * n / 10 < done <= k * n / 10]
-        return inside or [next(mb for done, mb in every if done > (k - 1) * n / 10)]  # a batch spans the tenth
+    def tenth(k: int, readings: list[tuple[int, float]] = every) -> list[float]:
+        inside = [mb for done, mb in readings if (k - 1) * n / 10 < done <= k * n / 10]
+        later = [mb for done, mb in readings if done > (k - 1) * n / 10]  # a batch spans the tenth
+        return inside or later[:1] or [readings[-1][1] if readings else 0.0]
 
     trace = [(k * n // 10, round(statistics.median(tenth(k)), 1), round(max(tenth(k)), 1)) for k in range(1, 11)]
     return {
@@ -428,6 +449,8 @@ def _precompute(src, teacher, out: Path, s: DataBenchSettings, workers: int) -> 
         "trace": trace,
         "median_10k": statistics.median(tenth(2)),
         "median_50k": statistics.median(tenth(10)),
+        "workers_10k": statistics.median(tenth(2, workers_every)),
+        "workers_50k": statistics.median(tenth(10, workers_every)),
         "records": len(open_cache(out)),
         "bytes_per_sample": report.bytes_per_sample,
         "path": str(report.path),
@@ -448,6 +471,9 @@ def print_report(r: dict[str, Any], out: Console | None = None) -> None:
     t.add_row(f"full pass over {r['records']} samples, samples/s", f"{r['full_pass_samples_per_s']:.0f}", "")
     t.add_row("RSS MiB, median over the 2nd / last tenth of the samples",
               f"{r['rss_mb_10k']:.0f} / {r['rss_mb_50k']:.0f}", "flat")  # fmt: skip
+    if "rss_workers_mb_10k" in r:
+        t.add_row("workers' RSS MiB (all), the same medians",
+                  f"{r['rss_workers_mb_10k']:.0f} / {r['rss_workers_mb_50k']:.0f}", "flat")  # fmt: skip
     for c in r["rss_checkpoints"]:
         t.add_row(f"RSS at {c['samples']} samples (main / workers MiB)", f"{c['main_mb']:.0f} / {c['workers_mb']:.0f}",
                   "flat")  # fmt: skip

@@ -68,7 +68,7 @@ console = Console(stderr=True)
 # The references every other method is compared with (always run).
 BASELINES = ("ce", "kd")
 # Options passed instead of a method's registered defaults (none: the defaults are benchmarked).
-OVERRIDES: dict[str, dict[str, object]] = {}
+OVERRIDES: dict[str, dict[str, object]] = {"crd": {"nce_k": 1024}}
 # What the registered defaults mean here (300 epochs, 10 classes, 100 labelled samples).
 NOTES: dict[str, str] = {
     "ce": "no teacher; the baseline",
@@ -117,6 +117,11 @@ FEATURE_MATCHES: dict[str, tuple[str, ...]] = {
     "ab": ("layer1.1=layer1.1", "layer2.1=layer2.1"),
     "ft": ("layer2=layer2",),
     "kdsvd": ("layer1=layer1", "layer2=layer2"),
+    "crd": ("pool=pool",),
+    "srd": ("layer2=layer2",),
+    "reviewkd": ("layer1,layer2,pool=layer1,layer2,pool",),
+    "sskd": ("pool=pool",),
+    "dist-feat": ("layer2=layer2",),
 }
 FEATURE_NOTES: dict[str, str] = {
     "at": "beta = 1000 is set for 32x32 maps; the mean over H*W makes it ~16x stronger on 8x8 maps",
@@ -124,6 +129,9 @@ FEATURE_NOTES: dict[str, str] = {
     "cckd": "batch statistic: full map cached, reduced in the trainer",
     "recurrent": "AT loss on a plain (not recurrent) student here",
     "dfa": "candidates: layer2 conv, BN and ReLU outputs",
+    "crd": "K = 1024 negatives (16384 for N = 50000 in the paper), drawn with replacement among ~90",
+    "srd": "teacher head fitted to the cached teacher outputs (head=fit: a cache holds no weights)",
+    "sskd": "in-process teacher (it answers for the rotated inputs, which a cache does not hold)",
 }
 
 
@@ -142,7 +150,7 @@ class MethodsBenchSettings:
     def make(cls, quick: bool = False, **overrides: Any) -> MethodsBenchSettings:
         base = cls()
         if quick:
-            base = replace(base, quick=True, seeds=1, epochs=10, teacher_epochs=3, feature_epochs=3)
+            base = replace(base, quick=True, seeds=1, epochs=10, teacher_epochs=3, feature_epochs=2)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -310,7 +318,7 @@ def _teacher_names(name: str, opts: dict[str, object]) -> list[str]:
         m = Match.parse(text)
         if LOGITS in m.teacher:
             continue
-        if opts.get("teacher_reduce") == "trainer":
+        if opts.get("teacher_reduce") == "trainer" or method.reduce is None:  # full maps, every layer
             out += list(m.teacher)
         else:
             out.append(feature_name(m.teacher, method.reduce, {**method.own_defaults, **opts}))
@@ -354,7 +362,8 @@ def _feature_section(s: MethodsBenchSettings, names: list[str], train: Dataset, 
                 student = digits_cnn_student()
                 config = TrainConfig(method=name, method_options=dict(opts), epochs=s.feature_epochs, seed=seed,
                                      matches=list(FEATURE_MATCHES.get(name, ())))  # fmt: skip
-                res = train_student(student, train, test, config, source=None if name == "ce" else cache,
+                src = LocalSource(teacher) if getattr(get_method(name), "rotations", False) else cache
+                res = train_student(student, train, test, config, source=None if name == "ce" else src,
                                     subset=_subset(train, s, seed))  # fmt: skip
                 if not math.isfinite(res.test_acc):
                     raise RuntimeError(f"non-finite accuracy {res.test_acc}")

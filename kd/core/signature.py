@@ -37,6 +37,11 @@ changes the computed function:
   ~1e-3 relative). A cache precomputed on one device is accepted on the other:
   the fingerprint promises the same function, not the same bits.
 
+* a token teacher's signature facts (``facts``): YES. Its task (causal or masked
+  LM), vocabulary size, maximum length and the hash of its tokenizer files say what
+  the ids mean and which positions exist; the same weights behind another tokenizer
+  name other targets (kd.teacher_server.lm).
+
 The reference configuration (fp32, eager, no normalisation) has the weights
 fingerprint itself as its target fingerprint, so caches, local teachers and
 activation records made before options were fingerprinted keep their identity.
@@ -331,9 +336,12 @@ def target_options(
     compile: bool = False,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    facts: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The serving options that change the targets, those away from the reference
-    configuration only (fp32, eager, no normalisation): what the target fingerprint covers."""
+    configuration only (fp32, eager, no normalisation): what the target fingerprint covers.
+    ``facts``: signature facts that name the targets too (a token teacher's ``task``,
+    ``vocab_size``, ``max_length`` and ``tokenizer`` hash, kd.teacher_server.lm)."""
     if amp not in AMP_CHOICES:
         raise ValueError(f"unknown amp dtype {amp!r}; choose from {', '.join(AMP_CHOICES)}")
     if (mean is None) != (std is None):
@@ -346,6 +354,10 @@ def target_options(
     if mean is not None and std is not None:
         options["mean"] = ",".join(repr(v) for v in _float32_values(mean))
         options["std"] = ",".join(repr(v) for v in _float32_values(std))
+    for key, value in (facts or {}).items():
+        if key in options:
+            raise ValueError(f"signature fact {key!r} clashes with a serving option")
+        options[key] = str(value)
     return options
 
 
@@ -356,6 +368,7 @@ def target_fingerprint(
     compile: bool = False,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    facts: Mapping[str, str] | None = None,
 ) -> str:
     """The fingerprint of the soft targets of a teacher served with these options.
 
@@ -363,7 +376,7 @@ def target_fingerprint(
     configuration returns ``weights_fingerprint`` unchanged (see the module
     docstring for which options count and why channels_last and the device do not).
     """
-    options = target_options(amp=amp, compile=compile, mean=mean, std=std)
+    options = target_options(amp=amp, compile=compile, mean=mean, std=std, facts=facts)
     if not options:
         return weights_fingerprint
     payload = {"version": FINGERPRINT_VERSION, "weights": weights_fingerprint, "options": options}

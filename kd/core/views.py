@@ -15,6 +15,7 @@ API::
     view = policy.apply(image, params)             # image: CHW float in [0, 1] (uint8 accepted)
     final = Final(size=160, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     x = final(batch)                               # per-model resolution + normalisation, any device
+    x = pixels_to_input(views, (3, 224, 224), mean, std)   # a teacher's Final from its signature
     x = conform(batch, (1, 8, 8))                  # shape a batch as a model's signature requires
 
 Ops (applied in this order; random draws are made in this order too):
@@ -311,6 +312,44 @@ class Final:
             std = torch.tensor(self.std or (1.0,) * c, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
             x = (x - mean) / std
         return x
+
+    @classmethod
+    def for_input(
+        cls, shape: Sequence[int], mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+    ) -> Final:
+        """The final transform of a model whose per-sample input is ``shape`` ([C, H, W]: views
+        are resized to H x W) with its own per-channel normalisation ``mean``/``std``."""
+        shape = tuple(int(s) for s in shape)
+        size = shape[1:] if len(shape) == 3 and min(shape[1:]) > 0 else None
+        return cls(
+            size=size,  # type: ignore[arg-type]
+            mean=None if mean is None else tuple(float(v) for v in mean),
+            std=None if std is None else tuple(float(v) for v in std),
+        )
+
+
+def is_image_batch(x: torch.Tensor, shape: Sequence[int]) -> bool:
+    """Whether ``x`` is a batch of images [B, C, H, W] for a model taking images ``shape`` =
+    [C, h, w] (same channels, any size): view pixels that a model's ``Final`` maps to its input."""
+    shape = tuple(int(s) for s in shape)
+    return x.ndim == 4 and len(shape) == 3 and min(shape) > 0 and int(x.shape[1]) == shape[0]
+
+
+def pixels_to_input(
+    x: torch.Tensor, shape: Sequence[int], mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> torch.Tensor | None:
+    """The teacher's side of "the view is shared, the final transform is per model".
+
+    ``x``: view pixels [B, C, H, W], uint8 (read as value/255) or float in [0, 1], as every kd
+    image source gives them. Returns ``Final.for_input(shape, mean, std)(x)``: float32 in the
+    model's resolution and normalisation. None when ``x`` is not an image batch for such a model
+    (flat samples, tokens): the caller shapes those as before (a reshape; uint8 normalisation).
+    One definition for every place a teacher meets pixels (a local teacher, the client sending
+    them by value, the server reading them by reference), so all of them give the same targets.
+    """
+    if not is_image_batch(x, shape):
+        return None
+    return Final.for_input(shape, mean, std)(x)
 
 
 def conform(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -166,7 +166,7 @@ class ListTeachersResponse(_message.Message):
     def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherInfo, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class OutputSpec(_message.Message):
-    __slots__ = ("logits", "logits_dtype", "top_k", "probs_temperature", "features", "pool_features", "features_dtype", "labels")
+    __slots__ = ("logits", "logits_dtype", "top_k", "probs_temperature", "features", "pool_features", "features_dtype", "labels", "sparse_temperature", "token_samples", "token_sample_seed", "token_logprobs")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_DTYPE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,10 @@ class OutputSpec(_message.Message):
     POOL_FEATURES_FIELD_NUMBER: _ClassVar[int]
     FEATURES_DTYPE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_SAMPLE_SEED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     logits: bool
     logits_dtype: DType
     top_k: int
@@ -183,31 +187,41 @@ class OutputSpec(_message.Message):
     pool_features: bool
     features_dtype: DType
     labels: bool
-    def __init__(self, logits: _Optional[bool] = ..., logits_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., probs_temperature: _Optional[float] = ..., features: _Optional[_Iterable[str]] = ..., pool_features: _Optional[bool] = ..., features_dtype: _Optional[_Union[DType, str]] = ..., labels: _Optional[bool] = ...) -> None: ...
+    sparse_temperature: float
+    token_samples: int
+    token_sample_seed: int
+    token_logprobs: bool
+    def __init__(self, logits: _Optional[bool] = ..., logits_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., probs_temperature: _Optional[float] = ..., features: _Optional[_Iterable[str]] = ..., pool_features: _Optional[bool] = ..., features_dtype: _Optional[_Union[DType, str]] = ..., labels: _Optional[bool] = ..., sparse_temperature: _Optional[float] = ..., token_samples: _Optional[int] = ..., token_sample_seed: _Optional[int] = ..., token_logprobs: _Optional[bool] = ...) -> None: ...
 
 class DatasetRef(_message.Message):
-    __slots__ = ("dataset", "indices", "view_seeds")
+    __slots__ = ("dataset", "indices", "view_seeds", "return_view_params")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
     VIEW_SEEDS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_VIEW_PARAMS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     indices: _containers.RepeatedScalarFieldContainer[int]
     view_seeds: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, dataset: _Optional[str] = ..., indices: _Optional[_Iterable[int]] = ..., view_seeds: _Optional[_Iterable[int]] = ...) -> None: ...
+    return_view_params: bool
+    def __init__(self, dataset: _Optional[str] = ..., indices: _Optional[_Iterable[int]] = ..., view_seeds: _Optional[_Iterable[int]] = ..., return_view_params: _Optional[bool] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "teacher", "inputs", "ref", "outputs")
+    __slots__ = ("request_id", "teacher", "inputs", "ref", "outputs", "lengths", "positions")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     REF_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     teacher: str
     inputs: Tensor
     ref: DatasetRef
     outputs: OutputSpec
-    def __init__(self, request_id: _Optional[str] = ..., teacher: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., ref: _Optional[_Union[DatasetRef, _Mapping]] = ..., outputs: _Optional[_Union[OutputSpec, _Mapping]] = ...) -> None: ...
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    positions: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., teacher: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., ref: _Optional[_Union[DatasetRef, _Mapping]] = ..., outputs: _Optional[_Union[OutputSpec, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -218,7 +232,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("request_id", "teacher", "fingerprint", "outputs", "error", "usage")
+    __slots__ = ("request_id", "teacher", "fingerprint", "outputs", "error", "usage", "view_params")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -232,13 +246,15 @@ class InferResponse(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    VIEW_PARAMS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     teacher: str
     fingerprint: str
     outputs: _containers.MessageMap[str, Tensor]
     error: Error
     usage: Usage
-    def __init__(self, request_id: _Optional[str] = ..., teacher: _Optional[str] = ..., fingerprint: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    view_params: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., teacher: _Optional[str] = ..., fingerprint: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., view_params: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("client", "samples", "gradient_samples", "budget")

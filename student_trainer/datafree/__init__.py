@@ -3,7 +3,9 @@
 Each method is one module here and registers a ``DataFreeMethod`` by name: a function
 ``run(teacher: ServedTeacher, student: nn.Module, config: DataFreeConfig, **options) ->
 DataFreeResult`` that synthesises inputs (a generator, an optimisation loop, records,
-boundary search) and distils the student on them through the teacher service. What a
+boundary search) and distils the student on them through the teacher service, with the
+shared trainer (``common.Run.train`` -> ``kd.student_trainer.train.train_student``: the recipe,
+run directory and evaluation of ``kd train``; no method steps the student itself). What a
 method needs from the teacher decides the access tier it requires (``tier``); the
 server refuses anything beyond the tier it grants.
 """

@@ -51,7 +51,8 @@ Steps: ``base_batches`` reconstructed batches of ``config.batch_size`` form the 
 (their teacher logits are queried once); then ``config.steps`` student steps each take a
 random minibatch of it, run the attack on up to ``attack_size`` of its samples, and
 update the student with L. The learning rate follows the official step schedule (x0.1 at
-half of the steps, x0.01 at 3/4) on Adam at ``config.lr`` instead of SGD from 0.1.
+half of the steps, x0.01 at 3/4: the trainer's multistep schedule) on the config's recipe
+(Adam at ``config.lr`` by default) instead of SGD from 0.1.
 Simplifications: a fixed synthetic base set instead of epochs over real data with
 augmentation; the official clip range [-2.5, 2.5] (normalised CIFAR) becomes
 ``input_range``.
@@ -94,7 +95,8 @@ def beta_schedule(progress: float) -> float:
 
 
 def lr_factor(progress: float) -> float:
-    """The official step schedule: the learning rate / 10 at half of training, / 100 at 3/4."""
+    """The official step schedule: the learning rate / 10 at half of training, / 100 at 3/4 (the
+    trainer's multistep schedule with milestones at those fractions of the steps)."""
     return 1.0 if progress < 0.5 else 0.1 if progress < 0.75 else 0.01
 
 
@@ -203,16 +205,21 @@ def run(
     pool_x, pool_y = torch.cat(xs), torch.cat(ys)
     pool_t = torch.cat([teacher.logits(pool_x[s : s + 256]) for s in range(0, len(pool_x), 256)])
     student.to(config.device).train()
-    opt = torch.optim.Adam(student.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed + 1)
-    for step in range(config.steps):
-        progress = (step + 1) / config.steps
-        alpha, beta = alpha_schedule(progress), beta_schedule(progress)
-        for group in opt.param_groups:
-            group["lr"] = config.lr * lr_factor(step / config.steps)
-        idx = torch.randint(len(pool_x), (min(config.batch_size, len(pool_x)),), generator=gen).to(pool_x.device)
-        x, y, t = pool_x[idx], pool_y[idx], pool_t[idx]
-        s = student(for_student(student, x))
+    now: dict[str, object] = {}
+
+    def rounds(first: int, end: int):
+        """One student batch of the base set per step (its BSS are made in the loss: they need the
+        student's logits on the batch)."""
+        for step in range(first, end):
+            idx = torch.randint(len(pool_x), (min(config.batch_size, len(pool_x)),), generator=gen).to(pool_x.device)
+            now["progress"] = (step + 1) / config.steps
+            yield pool_x[idx], pool_y[idx], pool_t[idx]
+
+    def loss(ctx) -> torch.Tensor:
+        x, y, t = ctx.inputs, ctx.labels, ctx.teacher_logits
+        alpha, beta = alpha_schedule(now["progress"]), beta_schedule(now["progress"])
+        s = ctx.model(for_student(student, x))
         s_adv = t_adv = None
         if beta > 0 and attack_size > 0 and attack_steps > 0:
             pick = select_bases(t, s, y, attack_size)
@@ -221,11 +228,10 @@ def run(
                 x_adv, _ = boundary_samples(teacher, x[pick], t[pick].argmax(1), targets, steps=attack_steps, eta=eta,
                                             input_range=input_range)  # fmt: skip
                 t_adv = teacher.logits(x_adv)
-                s_adv = student(for_student(student, x_adv))
-        loss = bss_loss(s, t, y, s_adv, t_adv, alpha=alpha, beta=beta, temperature=config.temperature,
+                s_adv = ctx.model(for_student(student, x_adv))
+        return bss_loss(s, t, y, s_adv, t_adv, alpha=alpha, beta=beta, temperature=config.temperature,
                         ce_weight=ce_weight)  # fmt: skip
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        r.step(step)
+
+    # The official step schedule (x0.1 at half of the steps, x0.01 at 3/4) as the trainer's multistep.
+    r.train(rounds, loss, asks={"schedule": "multistep"}, fractions=(0.5, 0.75))
     return r.result(pool_x)

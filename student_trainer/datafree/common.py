@@ -1,6 +1,15 @@
 """What every data-free method shares: the served teacher as a (differentiable) function,
 a generator, the KD step on synthetic inputs, evaluation and the result record.
 
+The student is trained by the shared trainer (``kd.student_trainer.train.train_student``):
+``Run.train`` hands it a method's batch source (``Hooks.batches``: one "round" of the method --
+a generator step, a synthesised batch -- and the student batches it yields), the method's loss
+on them (``Hooks.loss``) and its generator as an extra module, so the recipe (optimiser,
+schedule, AMP, clipping), the run directory and the evaluation are the trainer's. One trainer
+epoch is ``eval_every`` rounds (all ``steps`` when 0); a method's own recipe defaults (SGD,
+cosine, clipping, a step schedule at fractions of the run) fill the fields the config leaves at
+their defaults.
+
 ``ServedTeacher(client, name)(x)`` returns the teacher's logits for ``x`` and is
 differentiable with respect to ``x``: the backward pass asks the server for the input
 gradient (``InputGradient``, WHITE tier) with the upstream gradient autograd computed on
@@ -11,17 +20,20 @@ computed server-side, differentiable the same way.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.core.data import Dataset
 from kd.core.samples import SampleSource
+from kd.student_trainer import optim
 from kd.student_trainer.evaluate import evaluate as evaluate_source
+from kd.student_trainer.train import Hooks, TrainConfig, train_student
 from kd.teacher_server.client import TeacherClient, Usage
 
 
@@ -31,12 +43,26 @@ class DataFreeConfig:
 
     steps: int = 200  # outer iterations (generator/student rounds, or synthesis batches)
     batch_size: int = 64
-    lr: float = 1e-3  # student (Adam unless a method's student_optimizer option says otherwise)
+    lr: float = 1e-3  # the student's base learning rate
     generator_lr: float = 1e-3
     temperature: float = 4.0  # KD temperature on synthetic inputs
     seed: int = 0
     device: str = "cpu"
-    eval_every: int = 0  # evaluate on the test set every N steps (0: only at the end)
+    eval_every: int = 0  # evaluate on the test set every N steps (0: only at the end); one trainer epoch
+    # The student's recipe (``student_trainer.optim.Recipe``, the shared trainer's fields); a method's
+    # own defaults (e.g. dafl's student_optimizer="sgd", zskt's cosine) fill those left at these values.
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: str = "constant"
+    milestones: list[int] = field(default_factory=list)  # multistep: epochs of eval_every steps
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    amp: str = "fp32"
+    channels_last: bool = False
+    clip_grad_norm: float = 0.0
+    run_dir: str | None = None  # the trainer's config.json, metrics.csv (one row per epoch), checkpoint.pt
 
 
 @dataclass
@@ -205,25 +231,121 @@ def evaluate(student: nn.Module, test: SampleSource | None, device: str = "cpu")
     return evaluate_source(student, test, batch_size=1024, device=device).top1
 
 
+RECIPE_FIELDS = ("optimizer", "weight_decay", "momentum", "nesterov", "schedule", "milestones", "gamma",
+                 "warmup_epochs", "amp", "channels_last", "clip_grad_norm")  # fmt: skip
+
+
+def recipe_fields(config: DataFreeConfig, asks: dict[str, object] | None = None) -> dict[str, object]:
+    """The student's recipe: ``config``'s fields, where a field still has DataFreeConfig's default
+    value replaced by the method's ask (``asks``: e.g. ``{"optimizer": "sgd", "schedule": "cosine"}``)."""
+    defaults = {f.name: (f.default_factory() if callable(f.default_factory) else f.default)
+                for f in fields(DataFreeConfig)}  # fmt: skip
+    out = {k: getattr(config, k) for k in RECIPE_FIELDS}
+    for k, v in (asks or {}).items():
+        if k not in out:
+            raise KeyError(f"{k!r} is not a recipe field")
+        if v is not None and out[k] == defaults[k]:
+            out[k] = v
+    return out
+
+
+def epoch_plan(config: DataFreeConfig, recipe: dict, fractions: Iterable[float] = ()) -> tuple[int, list[int]]:
+    """(rounds per trainer epoch, multistep milestones in epochs). An epoch is ``eval_every`` rounds
+    (all when 0); a method's step schedule at ``fractions`` of the run (multistep without milestones)
+    shortens the epoch to a common divisor so each milestone starts an epoch."""
+    steps = config.steps
+    per = config.eval_every if 0 < config.eval_every < steps else steps
+    milestones = list(recipe["milestones"])
+    if recipe["schedule"] == "multistep" and not milestones:
+        rounds = sorted({math.ceil(f * steps) for f in fractions if 0 < math.ceil(f * steps) < steps})
+        for r in rounds:
+            per = math.gcd(per, r)
+        milestones = [r // per for r in rounds]
+        if not milestones:  # no milestone inside the run: a constant rate
+            recipe["schedule"] = "constant"
+    return per, milestones
+
+
 class Run:
-    """Book-keeping of one method run: timing, periodic evaluation, the result."""
+    """One method run: seeding, timing, the student's training by the shared trainer, the result."""
 
     def __init__(self, method: str, teacher: ServedTeacher, student: nn.Module, config: DataFreeConfig,
-                 test: Dataset | None) -> None:  # fmt: skip
+                 test: SampleSource | None) -> None:  # fmt: skip
+        if config.steps < 1:
+            raise ValueError(f"{method}: steps must be >= 1, got {config.steps}")
         self.method, self.teacher, self.student, self.config, self.test = method, teacher, student, config, test
         self.t0 = time.perf_counter()
         self.history: list[tuple[int, float]] = []
+        self.last_loss = float("nan")  # the student's last step loss
         torch.manual_seed(config.seed)
 
-    def step(self, step: int) -> None:
-        """Call after each outer step (0-based): evaluates every ``eval_every`` steps."""
-        every = self.config.eval_every
-        if every and (step + 1) % every == 0 and step + 1 < self.config.steps:
-            self.history.append((step + 1, evaluate(self.student, self.test, self.config.device)))
+    def train(
+        self,
+        batches: Callable[[int, int], Iterable[tuple]],
+        loss: Callable,
+        *,
+        steps_per_round: int | Callable[[int], int] = 1,
+        extra: Iterable[tuple[nn.Module, torch.optim.Optimizer]] = (),
+        asks: dict[str, object] | None = None,
+        fractions: Iterable[float] = (),
+    ) -> None:
+        """Train the student with ``train_student`` on ``batches(first_round, end_round)`` (the
+        student batches of those rounds, ``(inputs, labels or None[, teacher_logits])``; the
+        iterator runs the method's own updates between them) with ``loss(ctx)``. ``extra``: the
+        generator(s) with their optimisers (the schedule scales them too); ``asks``: the method's
+        recipe defaults (``recipe_fields``); ``fractions``: where a method's step schedule falls."""
+        c = self.config
+        recipe = recipe_fields(c, asks)
+        per, milestones = epoch_plan(c, recipe, fractions)
+        recipe["milestones"] = milestones
+        epochs = -(-c.steps // per)
+        count = steps_per_round if callable(steps_per_round) else (lambda _r, n=steps_per_round: n)
+        spe = max(sum(count(r) for r in range(e * per, min((e + 1) * per, c.steps))) for e in range(epochs))
+
+        def checked(ctx):
+            out = loss(ctx)
+            value = float((out["loss"] if isinstance(out, dict) else out).detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{self.method}: non-finite student loss {value} in epoch {ctx.epoch}")
+            return out
+
+        def on_step(_epoch: int, _step: int, value: float, _lr: float) -> None:
+            self.last_loss = value
+
+        def on_epoch(epoch: int, row: dict) -> None:
+            done = min((epoch + 1) * per, c.steps)
+            if done == c.steps or (c.eval_every and done % c.eval_every == 0):
+                self.history.append((done, row["test_acc"]))
+
+        config = TrainConfig(method="kd", method_options={"datafree": self.method}, epochs=epochs,
+                             batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=c.device, **recipe)  # fmt: skip
+        extra = list(extra)
+        schedule = optim.recipe_of(config)
+        scheduled = schedule.schedule != "constant" or schedule.warmup_epochs > 0
+
+        def feed(epoch: int):
+            """The epoch's batches; before each is made, the extra optimisers get the rate of the
+            student step it feeds (the trainer sets the same one before that step), so a generator
+            step made in the iterator between student steps s-1 and s follows step s's rate."""
+            items = iter(batches(epoch * per, min((epoch + 1) * per, c.steps)))
+            for step in itertools.count():
+                if scheduled:
+                    factor = optim.lr_factor(schedule, epoch, step, max(spe, 1), epochs)
+                    for _, o in extra:
+                        for group in o.param_groups:
+                            group["lr"] = group["initial_lr"] * factor
+                item = next(items, None)
+                if item is None:
+                    return
+                yield item
+
+        no_test = None if self.test is not None else (lambda _m, _d: float("nan"))
+        hooks = Hooks(extra=extra, loss=checked, on_step=on_step, on_epoch=on_epoch, steps_per_epoch=max(spe, 1),
+                      batches=feed, evaluate=no_test)  # fmt: skip
+        train_student(self.student, None, self.test, config, hooks=hooks, run_dir=c.run_dir)
 
     def result(self, synthetic: torch.Tensor | None = None) -> DataFreeResult:
-        acc = evaluate(self.student, self.test, self.config.device)
-        self.history.append((self.config.steps, acc))
+        acc = self.history[-1][1] if self.history else evaluate(self.student, self.test, self.config.device)
         u = self.teacher.usage
         keep = None if synthetic is None else synthetic[:16].detach().cpu()
         return DataFreeResult(self.method, acc, u.samples, u.gradient_samples, time.perf_counter() - self.t0,

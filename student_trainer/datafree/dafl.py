@@ -136,19 +136,15 @@ def check_options(method: str, fn, options: dict) -> None:
         raise TypeError(f"{method}: unknown option(s) {', '.join(sorted(options))}; known: {', '.join(known)}")
 
 
-def make_student_optimizer(student: nn.Module, config: DataFreeConfig, kind: str, momentum: float,
-                           weight_decay: float) -> torch.optim.Optimizer:  # fmt: skip
-    """Adam (the default) or SGD with momentum for the student, at ``config.lr``."""
-    if kind == "adam":
-        return torch.optim.Adam(student.parameters(), lr=config.lr, weight_decay=weight_decay)
-    if kind == "sgd":
-        return torch.optim.SGD(student.parameters(), lr=config.lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"student_optimizer must be 'adam' or 'sgd', got {kind!r}")
-
-
-def cosine_schedules(optimizers, steps: int, on: bool) -> list:
-    """Cosine annealing to 0 over ``steps`` for each optimiser (none when ``on`` is false)."""
-    return [torch.optim.lr_scheduler.CosineAnnealingLR(o, max(steps, 1)) for o in optimizers] if on else []
+def student_recipe(student_optimizer: str | None = None, momentum: float | None = None,
+                   weight_decay: float | None = None, cosine: bool = False,
+                   clip: float | None = None) -> dict[str, object]:  # fmt: skip
+    """A method's student options as asks on the recipe (``common.recipe_fields``): ``"adam"`` or
+    ``"sgd"`` (with ``momentum``, ``weight_decay``), ``cosine`` annealing, gradient clipping."""
+    if student_optimizer not in (None, "adam", "sgd"):
+        raise ValueError(f"student_optimizer must be 'adam' or 'sgd', got {student_optimizer!r}")
+    return {"optimizer": student_optimizer, "momentum": momentum, "weight_decay": weight_decay,
+            "schedule": "cosine" if cosine else None, "clip_grad_norm": clip or None}  # fmt: skip
 
 
 def to_input(images: torch.Tensor, mean: float, std: float, clamp: tuple[float, float] | None) -> torch.Tensor:
@@ -187,7 +183,8 @@ def run(
     ``oh``, ``ie``, ``a``: the loss weights; ``feature``: the teacher layer of the activation
     loss (default: the penultimate); ``input_mean``/``input_std``/``clamp``: see ``to_input``;
     ``student_optimizer`` ("adam" or "sgd", with ``momentum``, ``weight_decay``) at
-    ``config.lr``; ``cosine``: anneal both learning rates to 0 over the run;
+    ``config.lr``; ``cosine``: anneal both learning rates to 0 over the run (these four fill
+    the student's recipe where ``config`` leaves it at its defaults: ``common.recipe_fields``);
     ``generator``: train this one (e.g. to continue a run) instead of a fresh
     ``Generator(teacher.input_shape, nz, generator_width)``; ``callback(step, losses)``
     receives each step's loss values."""
@@ -204,27 +201,26 @@ def run(
     generator.to(device).train()
     student.to(device).train()
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.generator_lr)
-    opt_s = make_student_optimizer(student, config, student_optimizer, momentum, weight_decay)
-    schedules = cosine_schedules((opt_g, opt_s), config.steps, cosine)
-    x = None
-    for step in range(config.steps):
-        z = torch.randn(config.batch_size, generator.nz, device=device)
-        x = to_input(generator(z), input_mean, input_std, clamp)
-        t_logits, feats = teacher(x, features=(feature,))
-        loss_g, terms = generator_loss(t_logits, feats[feature], oh=oh, ie=ie, a=a)
-        loss_s = kd_loss(student(x.detach()), t_logits.detach(), config.temperature)
-        losses = {"generator": float(loss_g.detach()), "student": float(loss_s.detach()),
-                  **{k: float(v.detach()) for k, v in terms.items()}}  # fmt: skip
-        finite_or_raise(NAME, step, losses)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        opt_s.zero_grad(set_to_none=True)
-        loss_s.backward()
-        opt_s.step()
-        for schedule in schedules:
-            schedule.step()
-        if callback is not None:
-            callback(step, losses)
-        book.step(step)
-    return book.result(None if x is None else x.detach())
+    last: dict[str, torch.Tensor] = {}
+
+    def rounds(first: int, end: int):
+        """Per round: a generator step on G(z), then the student's batch: the same images, detached."""
+        for step in range(first, end):
+            z = torch.randn(config.batch_size, generator.nz, device=device)
+            x = to_input(generator(z), input_mean, input_std, clamp)
+            t_logits, feats = teacher(x, features=(feature,))
+            loss_g, terms = generator_loss(t_logits, feats[feature], oh=oh, ie=ie, a=a)
+            losses = {"generator": float(loss_g.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+            finite_or_raise(NAME, step, losses)
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+            last["x"] = x.detach()
+            yield x.detach(), None, t_logits.detach()
+            if callback is not None:
+                callback(step, {"generator": losses.pop("generator"), "student": book.last_loss, **losses})
+
+    book.train(rounds, lambda ctx: kd_loss(ctx.model(ctx.inputs), ctx.teacher_logits, config.temperature),
+               extra=[(generator, opt_g)],
+               asks=student_recipe(student_optimizer, momentum, weight_decay, cosine))  # fmt: skip
+    return book.result(last.get("x"))

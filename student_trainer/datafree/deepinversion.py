@@ -24,7 +24,8 @@ inputs themselves, starting from Gaussian noise, with Adam for ``iterations`` st
 ``x'`` is ``x`` after a random jitter (``torch.roll`` by up to ``jitter`` pixels) and, with
 ``flip``, a random horizontal flip; ``clip`` clamps ``x`` to the teacher's input range after
 each step. The batch joins a memory bank together with the teacher's logits on it, and the
-student takes ``kd_steps`` Adam steps of Hinton KD (``common.kd_loss``, ``config.temperature``)
+student takes ``kd_steps`` steps (the shared trainer's, Adam by default) of Hinton KD
+(``common.kd_loss``, ``config.temperature``)
 on random batches of the bank (``config.batch_size``, ``config.lr``, decayed with a cosine over
 the run unless ``student_schedule="constant"``). Competing with a
 student that is being trained between batches is what makes ADI adaptive: R_adi pushes the
@@ -60,7 +61,7 @@ and distillation alternate in one loop over a growing bank (which ADI's competit
 student that changes between batches). No multi-resolution schedule, cosine learning-rate policy
 for the inputs, TV-L1 term or mixed precision; the last iterate is kept (the ImageNet code's
 ``best_inputs`` is in effect the last iterate too, its ``best_cost`` never being updated). The
-student is distilled with Adam (the shared ``DataFreeConfig``) instead of SGD, on the bank's
+student is distilled with the config's recipe (Adam by default) instead of SGD, on the bank's
 stored logits (one Infer per batch) without augmentation. Clipping needs the teacher's input
 range, which the service does not declare (``clip``, off by default). In client mode R_adi's
 gradient reaches ``x`` through the student locally and through the teacher via the server's VJP.
@@ -244,33 +245,24 @@ class SyntheticBank:
         return self._x[idx], self._t[idx]
 
 
-def student_optimizer(student: nn.Module, config: DataFreeConfig, total_steps: int, schedule: str):
-    """Adam(config.lr) for the student and, for ``schedule="cosine"``, a per-step cosine decay to 0
-    over ``total_steps`` (Fast-Datafree anneals its student's learning rate with a cosine too)."""
+def student_asks(schedule: str) -> dict[str, object]:
+    """The student's recipe default: a per-step cosine decay to 0 over the run for ``"cosine"``
+    (Fast-Datafree anneals its student's learning rate with a cosine too), else the config's."""
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"student_schedule must be 'cosine' or 'constant', got {schedule!r}")
-    opt = torch.optim.Adam(student.parameters(), lr=config.lr)
-    total = max(1, total_steps)
-    lam = (lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total) / total))) if schedule == "cosine" else None
-    return opt, (torch.optim.lr_scheduler.LambdaLR(opt, lam) if lam else None)
+    return {"schedule": "cosine" if schedule == "cosine" else None}
 
 
-def distil(student: nn.Module, opt: torch.optim.Optimizer, sched, bank: SyntheticBank, steps: int,
-           config: DataFreeConfig, gen: torch.Generator) -> float:  # fmt: skip
-    """``steps`` Adam steps of KD on the bank; returns the last loss (nan when no step ran)."""
-    student.train()
-    loss_value = float("nan")
+def bank_batches(bank: SyntheticBank, steps: int, config: DataFreeConfig, gen: torch.Generator):
+    """``steps`` KD batches drawn from the bank: (inputs, None, the teacher's stored logits)."""
     for _ in range(steps):
         x, t = bank.sample(config.batch_size, gen)
-        x, t = x.to(config.device), t.to(config.device)
-        loss = kd_loss(student(x), t, config.temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        loss_value = value(loss)
-    return loss_value
+        yield x, None, t
+
+
+def kd_on_bank(config: DataFreeConfig):
+    """The student's loss on a bank batch: Hinton KD at ``config.temperature``."""
+    return lambda ctx: kd_loss(ctx.model(ctx.inputs), ctx.teacher_logits, config.temperature)
 
 
 # -- synthesis ------------------------------------------------------------------------------------
@@ -363,20 +355,24 @@ def run(teacher: ServedTeacher, student: nn.Module, config: DataFreeConfig, *, t
     r = Run(NAME, teacher, student, config, test)
     gen = torch.Generator().manual_seed(config.seed)
     student.to(config.device)
-    opt, sched = student_optimizer(student, config, config.steps * o["kd_steps"], o["student_schedule"])
     bank = SyntheticBank()
-    x = None
-    for step in range(config.steps):
-        y = batch_targets(o["targets"], step, config.batch_size, teacher.num_classes, gen).to(config.device)
-        seed = synthesis_seed(config, step)
-        if o["mode"] == "server":
-            x = synthesize_on_server(teacher, y, seed, o).to(config.device)
-        else:
-            x = synthesize_here(teacher, student, y, seed, o, gen)
-        bank.add(x, teacher.logits(x))
-        distil(student, opt, sched, bank, o["kd_steps"], config, gen)
-        r.step(step)
-    return r.result(x)
+    last: dict[str, torch.Tensor] = {}
+
+    def rounds(first: int, end: int):
+        """Per round: synthesise a batch, add it to the bank, then ``kd_steps`` student batches of the bank."""
+        for step in range(first, end):
+            y = batch_targets(o["targets"], step, config.batch_size, teacher.num_classes, gen).to(config.device)
+            seed = synthesis_seed(config, step)
+            if o["mode"] == "server":
+                x = synthesize_on_server(teacher, y, seed, o).to(config.device)
+            else:
+                x = synthesize_here(teacher, student, y, seed, o, gen)
+            bank.add(x, teacher.logits(x))
+            last["x"] = x
+            yield from bank_batches(bank, o["kd_steps"], config, gen)
+
+    r.train(rounds, kd_on_bank(config), steps_per_round=o["kd_steps"], asks=student_asks(o["student_schedule"]))
+    return r.result(last.get("x"))
 
 
 # `kd demo-datafree` on the bundled digits (DigitsCNN teacher, width-8 student). ADI's competition is

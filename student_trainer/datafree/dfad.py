@@ -26,7 +26,9 @@ Assumed or simplified:
   shared ``DataFreeConfig`` convention); the official code uses SGD, momentum 0.9 (MNIST:
   lr 0.01, weight decay 1e-4, batch 512, 2,000 generator steps; CIFAR: lr 0.1, weight
   decay 5e-4, nz 256, an optional step schedule) -- ``student_optimizer="sgd"``.
-  ``cosine`` (off by default) anneals both learning rates to 0 over the run.
+  ``cosine`` (off by default) anneals both learning rates to 0 over the run, per student
+  step (the shared trainer's schedule; these options fill the recipe fields that
+  ``DataFreeConfig`` leaves at their defaults).
 * The generator's last BatchNorm standardises its images; the official teachers take
   standardised inputs, so the default hands them over as they are.
   ``input_mean``/``input_std``/``clamp`` (``dafl.to_input``) map them into another
@@ -53,14 +55,7 @@ from torch import nn
 from kd.core.data import Dataset
 from kd.student_trainer.datafree import register
 from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Generator, Run, ServedTeacher
-from kd.student_trainer.datafree.dafl import (
-    check_options,
-    cosine_schedules,
-    finite_or_raise,
-    make_student_optimizer,
-    require_tier,
-    to_input,
-)
+from kd.student_trainer.datafree.dafl import check_options, finite_or_raise, require_tier, student_recipe, to_input
 
 NAME = "dfad"
 PAPER = "Fang et al., Data-Free Adversarial Distillation, 2019 (arXiv:1912.11006)"
@@ -115,36 +110,33 @@ def run(
     generator.to(device).train()
     student.to(device).train()
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.generator_lr)
-    opt_s = make_student_optimizer(student, config, student_optimizer, momentum, weight_decay)
-    schedules = cosine_schedules((opt_g, opt_s), config.steps, cosine)
 
     def sample() -> torch.Tensor:
         z = torch.randn(config.batch_size, generator.nz, device=device)
         return to_input(generator(z), input_mean, input_std, clamp)
 
-    x = None
-    for step in range(config.steps):
-        for _ in range(k):
-            with torch.no_grad():
-                x = sample()
-                t_logits = teacher.logits(x)
-            loss_s = mae(student(x), t_logits)
-            finite_or_raise(NAME, step, {"student": float(loss_s.detach())})
-            opt_s.zero_grad(set_to_none=True)
-            loss_s.backward()
-            opt_s.step()
+    last: dict[str, torch.Tensor] = {}
 
-        x = sample()
-        loss_g = -mae(student(x), teacher(x))
-        losses = {"student": float(loss_s.detach()), "generator": float(loss_g.detach())}
-        finite_or_raise(NAME, step, losses)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        for schedule in schedules:
-            schedule.step()
-        if callback is not None:
-            callback(step, losses)
-        book.step(step)
-    student.zero_grad(set_to_none=True)  # the generator step left gradients on the student
-    return book.result(None if x is None else x.detach())
+    def rounds(first: int, end: int):
+        """Per round: ``k`` student batches (fresh images, the teacher's logits), then a generator step."""
+        for step in range(first, end):
+            for _ in range(k):
+                with torch.no_grad():  # (never yield inside it: the trainer's step would run without grad)
+                    x = sample()
+                    t_logits = teacher.logits(x)
+                yield x, None, t_logits
+            x = sample()
+            loss_g = -mae(student(x), teacher(x))
+            losses = {"student": book.last_loss, "generator": float(loss_g.detach())}
+            finite_or_raise(NAME, step, losses)
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward(inputs=list(generator.parameters()))  # the student's own step is the trainer's
+            opt_g.step()
+            last["x"] = x.detach()
+            if callback is not None:
+                callback(step, losses)
+
+    book.train(rounds, lambda ctx: mae(ctx.model(ctx.inputs), ctx.teacher_logits), steps_per_round=k,
+               extra=[(generator, opt_g)],
+               asks=student_recipe(student_optimizer, momentum, weight_decay, cosine))  # fmt: skip
+    return book.result(last.get("x"))

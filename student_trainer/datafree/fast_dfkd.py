@@ -46,8 +46,9 @@ last inner step's statistics, and every inner step reads the committed state; th
 updates a state on each call, so inner step j uses its own state id and reads the average of
 inner step j's statistics over past rounds -- exact for the last step and for the committed
 average, an approximation for the earlier ones. No ``reset_l0`` (its official condition is
-always true and resets every layer). The student is distilled with Adam (the shared
-``DataFreeConfig``) decayed per step with a cosine to 0 over the KD steps (``student_schedule``)
+always true and resets every layer). The student is distilled with the shared trainer's
+recipe (``DataFreeConfig``: Adam by default) decayed per step with a cosine to 0 over the KD
+steps (``student_schedule``)
 instead of SGD(lr 0.2, momentum 0.9, wd 1e-4) with a per-epoch cosine to 2e-4, on
 the bank's stored logits without the official re-query on augmented samples. The generator's
 sigmoid output is in [0, 1]: a teacher expecting normalised inputs would need the official
@@ -70,12 +71,13 @@ from kd.student_trainer.datafree import register
 from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Run, ServedTeacher
 from kd.student_trainer.datafree.deepinversion import (
     SyntheticBank,
+    bank_batches,
     batch_targets,
     bn_loss_and_logits,
-    distil,
+    kd_on_bank,
     merge_options,
     require_white,
-    student_optimizer,
+    student_asks,
     value,
 )
 
@@ -255,18 +257,23 @@ def run(teacher: ServedTeacher, student: nn.Module, config: DataFreeConfig, *, t
     generator.to(config.device).train()
     student.to(config.device)
     synth = FastSynthesizer(teacher, generator, o, config.generator_lr, config.device)
-    kd_total = max(0, config.steps - o["warmup"]) * o["kd_steps"]
-    opt, sched = student_optimizer(student, config, kd_total, o["student_schedule"])
     bank = SyntheticBank()
-    x = None
-    for step in range(config.steps):
-        y = batch_targets(o["targets"], step, config.batch_size, teacher.num_classes, gen).to(config.device)
-        x, _ = synth.synthesize(y, student if step + 1 >= o["warmup"] else None, gen)
-        bank.add(x, teacher.logits(x))
-        if step >= o["warmup"]:
-            distil(student, opt, sched, bank, o["kd_steps"], config, gen)
-        r.step(step)
-    return r.result(x)
+    last: dict[str, torch.Tensor] = {}
+
+    def rounds(first: int, end: int):
+        """Per round: one batch from the adapted generator into the bank, then (after ``warmup``
+        rounds) ``kd_steps`` student batches of the bank."""
+        for step in range(first, end):
+            y = batch_targets(o["targets"], step, config.batch_size, teacher.num_classes, gen).to(config.device)
+            x, _ = synth.synthesize(y, student if step + 1 >= o["warmup"] else None, gen)
+            bank.add(x, teacher.logits(x))
+            last["x"] = x
+            if step >= o["warmup"]:
+                yield from bank_batches(bank, o["kd_steps"], config, gen)
+
+    r.train(rounds, kd_on_bank(config), steps_per_round=lambda step: o["kd_steps"] if step >= o["warmup"] else 0,
+            asks=student_asks(o["student_schedule"]))  # fmt: skip
+    return r.result(last.get("x"))
 
 
 # `kd demo-datafree` on the bundled digits: 5 inner steps (the official "fast5" lr_z) instead of 2,

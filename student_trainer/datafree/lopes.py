@@ -50,7 +50,8 @@ step, which the official MNIST path did not do.
 
 Distillation: each outer step (``config.steps`` of them) reconstructs one batch of
 ``config.batch_size`` inputs, asks the teacher for their logits once (``teacher.logits``)
-and adds them to the transfer set; then the student takes ``kd_steps`` Adam steps on
+and adds them to the transfer set; then the student takes ``kd_steps`` steps (the shared
+trainer's recipe, Adam by default) on
 minibatches drawn from the whole transfer set with Hinton's KD loss at
 ``config.temperature`` (the official distillation used temperature 8 and epochs over the
 finished reconstructed set; interleaving lets the run report progress and is the same
@@ -323,24 +324,21 @@ def run(
     maker = Reconstructor(teacher, variant=variant, layers=layers, iterations=iterations, lr=input_lr, init=init,
                           input_range=input_range, seed=config.seed, device=config.device)  # fmt: skip
     student.to(config.device).train()
-    opt = torch.optim.Adam(student.parameters(), lr=config.lr)
-    total = max(config.steps * kd_steps, 1)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total) if cosine else None
     pool_x: list[torch.Tensor] = []
     pool_t: list[torch.Tensor] = []
     pick = torch.Generator().manual_seed(config.seed + 1)
-    for step in range(config.steps):
-        x, _ = maker.batch(config.batch_size)
-        pool_x.append(x)
-        pool_t.append(teacher.logits(x))
-        xs, ts = torch.cat(pool_x), torch.cat(pool_t)
-        for _ in range(kd_steps):
-            idx = torch.randint(len(xs), (min(config.batch_size, len(xs)),), generator=pick).to(xs.device)
-            loss = kd_loss(student(for_student(student, xs[idx])), ts[idx], config.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-        r.step(step)
+
+    def rounds(first: int, end: int):
+        """Per step: reconstruct a batch into the transfer set, then ``kd_steps`` student batches of it."""
+        for _ in range(first, end):
+            x, _ = maker.batch(config.batch_size)
+            pool_x.append(x)
+            pool_t.append(teacher.logits(x))
+            xs, ts = torch.cat(pool_x), torch.cat(pool_t)
+            for _ in range(kd_steps):
+                idx = torch.randint(len(xs), (min(config.batch_size, len(xs)),), generator=pick).to(xs.device)
+                yield for_student(student, xs[idx]), None, ts[idx]
+
+    r.train(rounds, lambda ctx: kd_loss(ctx.model(ctx.inputs), ctx.teacher_logits, config.temperature),
+            steps_per_round=max(kd_steps, 1), asks={"schedule": "cosine" if cosine else None})  # fmt: skip
     return r.result(torch.cat(pool_x) if pool_x else None)

@@ -35,7 +35,8 @@ stages, all queries label queries:
    boundary is near gets more probability (the paper's premise), the own class the most.
    ``label_form="official"`` reproduces ``get_soft_labels.py``: logits BD_j for j != c and
    sum_j BD_j for c, softmax(logits / T).
-3. Distillation on (pseudo samples, soft labels): Adam, ``config.steps`` batches,
+3. Distillation on (pseudo samples, soft labels): the shared trainer's recipe (Adam by
+   default), ``config.steps`` batches,
    loss = ``ce_weight`` CE(S(x), c) + T^2 KL(p || softmax(S(x) / T)) (official: CE plus KL
    with reduction "sum", T = 20).
 
@@ -369,22 +370,23 @@ def run(teacher: ServedTeacher, student: nn.Module, config: DataFreeConfig, *, t
 
     device = config.device
     student.to(device).train()
-    opt = torch.optim.Adam(student.parameters(), lr=config.lr)
     xd, yd, td = x.to(device), y.to(device), targets.to(device)
-    order = torch.randperm(len(x), generator=gen)
-    pos = 0
-    for step in range(config.steps):
-        if pos + config.batch_size > len(order):
-            order, pos = torch.randperm(len(x), generator=gen), 0
-        idx = order[pos : pos + config.batch_size].to(device)
-        pos += config.batch_size
-        loss = zsdb3kd_loss(student(xd[idx]), td[idx], yd[idx], config.temperature, float(o["ce_weight"]))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"zsdb3kd loss is {float(loss)} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if o["log"] is not None:
-            o["log"](step + 1, {"loss": float(loss.detach())})
-        book.step(step)
+    state = {"order": torch.randperm(len(x), generator=gen), "pos": 0}
+
+    def rounds(first: int, end: int):
+        """One student batch per step, in epochs of seeded permutations of the transfer set."""
+        for step in range(first, end):
+            if state["pos"] + config.batch_size > len(state["order"]):
+                state["order"], state["pos"] = torch.randperm(len(x), generator=gen), 0
+            idx = state["order"][state["pos"] : state["pos"] + config.batch_size].to(device)
+            state["pos"] += config.batch_size
+            yield xd[idx], yd[idx], td[idx]
+            if o["log"] is not None:
+                o["log"](step + 1, {"loss": book.last_loss})
+
+    def loss(ctx) -> torch.Tensor:
+        return zsdb3kd_loss(ctx.model(ctx.inputs), ctx.teacher_logits, ctx.labels, config.temperature,
+                            float(o["ce_weight"]))  # fmt: skip
+
+    book.train(rounds, loss)
     return book.result(x)

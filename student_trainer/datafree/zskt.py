@@ -33,7 +33,9 @@ Assumed or simplified:
 * The paper writes the attention term as a norm of the difference of the normalised
   maps; the official code, followed here, uses the mean squared difference.
 * The student optimiser is ``student_optimizer`` (Adam by default, as official) at
-  ``config.lr``; ``cosine`` and ``clip`` can be turned off.
+  ``config.lr``; ``cosine`` and ``clip`` can be turned off. They are the shared trainer's
+  recipe (where ``DataFreeConfig`` leaves it at its defaults): the cosine anneals per student
+  step, and the generator's rate with it.
 * The generator's last BatchNorm standardises its images; the official teachers take
   standardised inputs, so the default hands them over as they are.
   ``input_mean``/``input_std``/``clamp`` (``dafl.to_input``) map them into another
@@ -60,14 +62,7 @@ from kd.core.data import Dataset
 from kd.core.reductions import attention as attention_map
 from kd.student_trainer.datafree import register
 from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Generator, Run, ServedTeacher
-from kd.student_trainer.datafree.dafl import (
-    check_options,
-    cosine_schedules,
-    finite_or_raise,
-    make_student_optimizer,
-    require_tier,
-    to_input,
-)
+from kd.student_trainer.datafree.dafl import check_options, finite_or_raise, require_tier, student_recipe, to_input
 
 NAME = "zskt"
 PAPER = (
@@ -162,8 +157,6 @@ def run(
     generator.to(device).train()
     student.to(device).train()
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.generator_lr)
-    opt_s = make_student_optimizer(student, config, student_optimizer, momentum, weight_decay)
-    schedules = cosine_schedules((opt_g, opt_s), config.steps, cosine)
 
     seen: dict[str, torch.Tensor] = {}
     hooks = [modules[s].register_forward_hook(lambda _m, _i, out, s=s: seen.__setitem__(s, out)) for _, s in pairs]
@@ -171,45 +164,44 @@ def run(
     def sample(z: torch.Tensor) -> torch.Tensor:
         return to_input(generator(z), input_mean, input_std, clamp)
 
-    x = None
-    try:
-        for step in range(config.steps):
+    now: dict[str, object] = {}
+
+    def rounds(first: int, end: int):
+        """Per pseudo-batch: ``ng`` generator steps on G(z), then ``ns`` student batches of the same
+        (now fixed) G(z) with the teacher's logits and attention maps, asked once."""
+        for step in range(first, end):
             z = torch.randn(config.batch_size, generator.nz, device=device)
             for _ in range(ng):
                 x = sample(z)
                 loss_g = -divergence(student(x), teacher(x), config.temperature)
                 finite_or_raise(NAME, step, {"generator": float(loss_g.detach())})
                 opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
+                loss_g.backward(inputs=list(generator.parameters()))  # the student's step is the trainer's
                 if clip:
                     nn.utils.clip_grad_norm_(generator.parameters(), clip)
                 opt_g.step()
-
             with torch.no_grad():
                 x = sample(z)
                 out = teacher(x, features=t_features)
-            t_logits, t_att = (out[0], [out[1][f] for f in t_features]) if t_features else (out, [])
+            t_logits, now["t_att"] = (out[0], [out[1][f] for f in t_features]) if t_features else (out, [])
+            now["x"] = x
             for _ in range(ns):
-                s_logits = student(x)
-                kl = divergence(s_logits, t_logits, config.temperature)
-                at = attention_loss([seen[s] for _, s in pairs], t_att) if pairs else kl.new_zeros(())
-                loss_s = kl + beta * at
-                losses = {"generator": float(loss_g.detach()), "student": float(loss_s.detach()),
-                          "kl": float(kl.detach()), "attention": float(at.detach())}  # fmt: skip
-                finite_or_raise(NAME, step, losses)
-                opt_s.zero_grad(set_to_none=True)
-                loss_s.backward()
-                if clip:
-                    nn.utils.clip_grad_norm_(student.parameters(), clip)
-                opt_s.step()
-            for schedule in schedules:
-                schedule.step()
+                yield x, None, t_logits
             if callback is not None:
-                callback(step, losses)
-            book.step(step)
+                callback(step, {"generator": float(loss_g.detach()), "student": book.last_loss,
+                                "kl": now["kl"], "attention": now["attention"]})  # fmt: skip
+
+    def loss(ctx) -> torch.Tensor:
+        kl = divergence(ctx.model(ctx.inputs), ctx.teacher_logits, config.temperature)
+        at = attention_loss([seen[s] for _, s in pairs], now["t_att"]) if pairs else kl.new_zeros(())
+        now["kl"], now["attention"] = float(kl.detach()), float(at.detach())
+        return kl + beta * at
+
+    try:
+        asks = student_recipe(student_optimizer, momentum, weight_decay, cosine, clip)
+        book.train(rounds, loss, steps_per_round=ns, extra=[(generator, opt_g)], asks=asks)
     finally:
         for h in hooks:
             h.remove()
         seen.clear()
-    student.zero_grad(set_to_none=True)  # the generator steps left gradients on the student
-    return book.result(None if x is None else x.detach())
+    return book.result(now.get("x"))

@@ -160,8 +160,9 @@ FEATURE_COMMON: dict[str, object] = {
     "kd_temperature": 4.0,
     "teacher_reduce": "source",
 }
-# Extra tensors a feature loss may declare by name; the loop passes them.
-FEATURE_EXTRAS = ("labels", "student_logits", "teacher_logits")
+# Extra tensors a feature loss may declare by name; the loop passes them ("indices": the
+# batch's indices into the training set, e.g. CRD's memory bank).
+FEATURE_EXTRAS = ("labels", "student_logits", "teacher_logits", "indices")
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,11 @@ class FeatureMethod:
     connector: object = None
     layers: int = 1
     default_matches: tuple[str, ...] = ()
+    # The loop turns each batch into its four rotations (0, 90, 180, 270 degrees, sample-major:
+    # rows 4i..4i+3), the teacher answering for all (SSKD); the common CE / KD terms see row 4i only.
+    rotations: bool = False
+    # The method's own defaults for FEATURE_COMMON options, as (name, value) pairs.
+    common: tuple[tuple[str, object], ...] = ()
     needs_teacher = True
     accepts_sparse = False
     pairs = False
@@ -202,7 +208,7 @@ class FeatureMethod:
 
     @property
     def defaults(self) -> dict[str, object]:
-        return {**self.own_defaults, **FEATURE_COMMON}
+        return {**self.own_defaults, **FEATURE_COMMON, **dict(self.common)}
 
     @property
     def extras(self) -> set[str]:
@@ -227,19 +233,23 @@ class FeatureMethod:
         *,
         epoch: int | None = None,
         epochs: int | None = None,
+        indices: torch.Tensor | None = None,
         **options: object,
     ) -> torch.Tensor:
         """ce_weight * CE + kd_weight * KD(T = kd_temperature) + the method's feature loss."""
         self.check_options(options)
-        opts = {**FEATURE_COMMON, **options}
+        opts = {**FEATURE_COMMON, **dict(self.common), **options}
         own = {k: v for k, v in opts.items() if k not in FEATURE_COMMON}
         given = {"labels": labels, "student_logits": student_logits, "teacher_logits": teacher_logits,
-                 "epoch": epoch, "epochs": epochs}  # fmt: skip
+                 "epoch": epoch, "epochs": epochs, "indices": indices}  # fmt: skip
         for name in self.extras:
             if given[name] is None:
                 raise ValueError(f"method {self.name!r} needs the {name}")
             own[name] = given[name]
         total = self.loss(student_feats, teacher_feats, **own)
+        if self.rotations:  # the common terms on the unrotated samples only
+            student_logits, labels = student_logits[::4], labels[::4]
+            teacher_logits = None if teacher_logits is None else teacher_logits[::4]
         if opts["ce_weight"]:
             total = total + float(opts["ce_weight"]) * torch.nn.functional.cross_entropy(student_logits, labels)
         if opts["kd_weight"]:
@@ -274,13 +284,16 @@ def register_feature(
     connector: object = None,
     layers: int = 1,
     default_matches: tuple[str, ...] = (),
+    rotations: bool = False,
+    common: dict[str, object] | None = None,
 ) -> Callable[[LossFn], LossFn]:
     """Register a feature method (see ``FeatureMethod``)."""
 
     def deco(fn: LossFn) -> LossFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = FeatureMethod(name, fn, paper, reduce, connector, layers, tuple(default_matches))
+        METHODS[name] = FeatureMethod(name, fn, paper, reduce, connector, layers, tuple(default_matches), rotations,
+                                      tuple((common or {}).items()))  # fmt: skip
         return fn
 
     return deco

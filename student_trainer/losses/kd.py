@@ -6,8 +6,11 @@
 KL is "batchmean": summed over classes, averaged over samples (the true KL per
 sample, not PyTorch's reduction="mean" which also divides by the class count).
 T^2 keeps the soft term's gradient magnitude comparable across temperatures.
-Sparse targets (cache codecs ``topk:K``, ``sample:K``) use ``kd.core.targets.sparse_kl``:
-the same KL, never materialising the teacher's [B, C] distribution.
+Sparse targets (cache codecs ``topk:K``, ``rand:M``, ``sample:K``) use ``kd.core.targets.sparse_kl``,
+never materialising the teacher's [B, C] distribution: the KL over the stored classes plus one
+rest bucket holding the exact remaining mass (minimised by the teacher; the tail is not spread
+evenly), or, for ``sample:K``, against the empirical distribution of the draws, at the
+temperature they were drawn at (T = 1 by default: pass temperature=1).
 Defaults T = 4, alpha = 0.9 (mdistiller's CIFAR-100 setting: CE weight 0.1,
 KD weight 0.9). With alpha = 1 the loss is zero iff the student's softened
 distribution equals the teacher's.

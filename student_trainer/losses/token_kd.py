@@ -96,8 +96,8 @@ def bucket_divergence(
 
 def _as_token_targets(t: SparseTargets | TokenTargets) -> TokenTargets:
     """A cache's ``SparseTargets`` (``[B, K]`` per sample or ``[B, S, K]`` per token) as ``TokenTargets``:
-    top-k keeps its logits and lse (rest bucket); ``sample`` draws (ids with repeats) become unique
-    ids with counts, the paper's estimator."""
+    top-k and subsets keep their logits and lse (rest bucket); ``sample`` targets are unique ids with
+    counts (the paper's estimator), unused slots (count 0) become id -1."""
     if isinstance(t, TokenTargets):
         return t
     ids, logits, lse = t.indices, t.logits, t.logsumexp
@@ -105,14 +105,10 @@ def _as_token_targets(t: SparseTargets | TokenTargets) -> TokenTargets:
         ids, logits, lse = ids[:, None], logits[:, None], lse[:, None]
     if ids.dim() != 3:
         raise ValueError(f"per-token losses need [B, S, K] sparse targets, got indices {list(t.indices.shape)}")
-    if t.kind == "topk":
+    if t.kind in ("topk", "subset"):
         return TokenTargets(ids.long(), t.num_classes, logits, lse, None, t.temperature or 1.0)
-    k = ids.shape[-1]
-    same = ids[..., :, None] == ids[..., None, :]  # [B, S, K, K]
-    earlier = torch.ones(k, k, dtype=torch.bool, device=ids.device).tril(-1)
-    first = ~(same & earlier).any(-1)  # the first slot of each distinct id
-    counts = torch.where(first, same.sum(-1), 0).to(torch.float32)
-    unique = torch.where(first, ids.long(), torch.full_like(ids.long(), -1))
+    counts = logits.to(torch.float32)
+    unique = torch.where(counts > 0, ids.long(), torch.full_like(ids.long(), -1))
     return TokenTargets(unique, t.num_classes, None, None, counts, float(t.temperature or 1.0))
 
 

@@ -1,0 +1,157 @@
+"""The data-free methods train their student through the shared trainer
+(``kd.student_trainer.train.train_student``): the recipe (optimiser, schedule, clipping) is the
+one the config names, the run directory gets the trainer's config.json and metrics.csv, and no
+method steps the student with an optimiser of its own. Runs go through a real teacher server."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd.core.data import load_dataset
+from kd.demo_datafree import QUICK
+from kd.models import digits_cnn_student
+from kd.student_trainer.datafree import DATAFREE, get
+from kd.student_trainer.datafree.common import DataFreeConfig, Generator, ServedTeacher
+from kd.student_trainer.datafree.fast_dfkd import MetaGenerator
+from kd.student_trainer.train import seed_everything
+from kd.teacher_server.client import TeacherClient
+from kd.teacher_server.loading import load_teacher
+from kd.teacher_server.records import compute_records, save_records
+from kd.teacher_server.server import TeacherOptions, start_server
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TRAIN = load_dataset("digits", "train")
+TEST = load_dataset("digits", "test")
+
+
+@pytest.fixture(scope="module")
+def address(digits_cnn_spec, tmp_path_factory: pytest.TempPathFactory):
+    """One white-tier digits CNN teacher with activation records (lopes and adv-samples need them)."""
+    spec = digits_cnn_spec(5)
+    t = load_teacher("white", spec)
+    recs = compute_records(t, TRAIN, ["layer2", "logits"], rank=4)
+    records = save_records(tmp_path_factory.mktemp("records") / "r.safetensors", recs, t, TRAIN.dataset_id)
+    running = start_server([t], options={"white": TeacherOptions(access="white", records=str(records))})
+    yield f"127.0.0.1:{running.port}"
+    running.stop(grace=1)
+
+
+def run(address: str, name: str, config: DataFreeConfig, student: torch.nn.Module, **options):
+    with TeacherClient(address, client_id=f"dft-{uuid.uuid4().hex[:8]}") as client:
+        return get(name).run(ServedTeacher(client, "white"), student, config, test=TEST, **options)
+
+
+def rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_dafl_trains_with_the_recipes_sgd_and_cosine_and_writes_the_run_directory(address: str, tmp_path: Path):
+    """6 rounds, an epoch every 2: three metrics rows whose learning rate is the cosine's at each
+    epoch's first step, SGD recorded in config.json and its momentum buffers in the checkpoint,
+    and the result's history is the trainer's per-epoch evaluation."""
+    seed_everything(0)
+    config = DataFreeConfig(steps=6, batch_size=8, lr=0.05, eval_every=2, optimizer="sgd", momentum=0.8,
+                            schedule="cosine", run_dir=str(tmp_path))  # fmt: skip
+    res = run(address, "dafl", config, digits_cnn_student(), nz=16, generator_width=8)
+    got = rows(tmp_path)
+    assert [int(r["epoch"]) for r in got] == [0, 1, 2]
+    # one student step per round: epoch e starts at step 2e of 6
+    assert [float(r["lr"]) for r in got] == pytest.approx([0.05 * 0.5 * (1 + math.cos(math.pi * 2 * e / 6))
+                                                          for e in range(3)], rel=1e-12)  # fmt: skip
+    assert res.history == [(2, float(got[0]["test_acc"])), (4, float(got[1]["test_acc"])),
+                           (6, float(got[2]["test_acc"]))]  # fmt: skip
+    assert res.test_acc == float(got[2]["test_acc"])
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["optimizer"], saved["schedule"], saved["momentum"], saved["epochs"]) == ("sgd", "cosine", 0.8, 3)
+    assert saved["method_options"] == {"datafree": "dafl"}
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]
+    assert state["param_groups"][0]["momentum"] == 0.8
+    assert all("momentum_buffer" in s for s in state["state"].values()) and state["state"]
+
+
+def test_a_methods_recipe_defaults_fill_only_what_the_config_leaves_at_its_default(address: str, tmp_path: Path):
+    """dafl's ``student_optimizer="sgd"`` becomes the recipe's optimiser, but a config that names
+    one (as ``--optimizer`` would) wins; dfme's step schedule at 10/30/50% of the run is the
+    trainer's multistep schedule (epochs shortened so each milestone starts one)."""
+    opts = dict(nz=16, generator_width=8)
+    run(address, "dafl", DataFreeConfig(steps=1, batch_size=8, run_dir=str(tmp_path / "a")), digits_cnn_student(),
+        student_optimizer="sgd", **opts)  # fmt: skip
+    run(address, "dafl", DataFreeConfig(steps=1, batch_size=8, optimizer="adamw", run_dir=str(tmp_path / "b")),
+        digits_cnn_student(), student_optimizer="sgd", **opts)  # fmt: skip
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["optimizer"] == "sgd"
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["optimizer"] == "adamw"
+
+    config = DataFreeConfig(steps=10, batch_size=8, lr=0.1, run_dir=str(tmp_path / "c"))
+    res = run(address, "dfme", config, digits_cnn_student(), nz=16, generator_width=8, d_iter=1)
+    saved = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert (saved["schedule"], saved["milestones"], saved["gamma"], saved["epochs"]) == ("multistep", [1, 3, 5],
+                                                                                         0.3, 10)  # fmt: skip
+    assert [float(r["lr"]) for r in rows(tmp_path / "c")] == pytest.approx(
+        [0.1 * 0.3**k for k in (0, 1, 1, 2, 2, 3, 3, 3, 3, 3)], rel=1e-12)  # fmt: skip
+    assert [s for s, _ in res.history] == [10]  # eval_every 0: the result reports the end only
+
+
+@pytest.mark.parametrize("name", sorted(DATAFREE))
+def test_no_method_steps_the_student_outside_the_recipe(address: str, name: str) -> None:
+    """With config.lr 0.05 but a recipe that scales it by 1e-30 from the first step, every
+    method's student keeps its weights (a method stepping the student with an optimiser of its
+    own at config.lr would move them by ~1e-3); the same run at gamma 1 moves them."""
+    settings = QUICK[name]
+    base = replace(DataFreeConfig(lr=0.05, generator_lr=1e-2), **settings["config"])
+    options = dict(settings.get("options", {}), **({"max_draws": 1000} if name == "zsdb3kd" else {}))
+    moved = {}
+    for gamma in (1e-30, 1.0):
+        seed_everything(0)
+        student = digits_cnn_student()
+        before = {k: v.detach().clone() for k, v in student.named_parameters()}
+        extra = {}
+        if name in ("dafl", "dfad", "zskt"):
+            extra["generator"] = Generator((1, 8, 8), nz=16, width=8)
+        elif name == "fast-dfkd":
+            extra.update(generator=MetaGenerator((1, 8, 8), nz=16, ngf=8), nz=16)
+        g0 = {k: v.detach().clone() for k, v in extra["generator"].named_parameters()} if extra else {}
+        config = replace(base, schedule="multistep", milestones=[0], gamma=gamma)
+        res = run(address, name, config, student, **options, **extra)
+        assert res.samples > 0 and math.isfinite(res.test_acc)
+        moved[gamma] = max(float((v.detach() - before[k]).abs().max()) for k, v in student.named_parameters())
+        if name == "fast-dfkd":  # its meta-generator keeps its own optimiser: it learns either way
+            assert any(not torch.equal(v, g0[k]) for k, v in extra["generator"].named_parameters())
+    assert moved[1e-30] < 1e-20, moved
+    assert moved[1.0] > 1e-4, moved
+
+
+def test_kd_datafree_takes_the_train_commands_recipe_flags(address: str, tmp_path: Path) -> None:
+    """``kd datafree`` runs a method against the server with ``kd train``'s recipe flags, writes the
+    run directory and the student's weights; a bad recipe flag exits 2 naming it before any query."""
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+    from kd.teacher_server.loading import read_state_dict
+
+    args = ["datafree", "dafl", "--server", f"{address}/white", "--steps", "2", "--eval-every", "1", "--batch-size",
+            "8", "--lr", "0.05", "--optimizer", "sgd", "--momentum", "0.5", "--schedule", "cosine", "--opt", "nz=16",
+            "--opt", "generator_width=8", "--run-dir", str(tmp_path / "run"),
+            "--out", str(tmp_path / "s.safetensors")]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    printed = json.loads(res.stdout.strip().splitlines()[-1])
+    got = rows(tmp_path / "run")
+    assert [float(r["lr"]) for r in got] == pytest.approx([0.05, 0.05 * 0.5 * (1 + math.cos(math.pi / 2))])
+    assert printed["method"] == "dafl" and printed["test_acc"] == float(got[-1]["test_acc"]) and printed["samples"] > 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["optimizer"], saved["momentum"], saved["schedule"]) == ("sgd", 0.5, "cosine")
+    student = digits_cnn_student()
+    student.load_state_dict(read_state_dict(tmp_path / "s.safetensors"))  # the trained student, loadable
+
+    bad = CliRunner().invoke(app, [*args[:4], "--optimizer", "nope"])
+    assert bad.exit_code == 2 and "unknown optimizer 'nope'" in bad.output
