@@ -24,8 +24,9 @@ console = Console(stderr=True)
 def _fail(message: str, code: int = 2) -> None:
     from rich.markup import escape
 
-    # escaped: a message's own square brackets ("[x]", a list of names) are text, not markup
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    # escaped: a message's own square brackets ("[x]", a list of names) are text, not markup;
+    # never wrapped: a path or a name cut by the terminal's width is no longer findable
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
