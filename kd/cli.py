@@ -1174,6 +1174,26 @@ def onpolicy(
     print(json.dumps(result.as_dict()))
 
 
+@app.command("demo-lm")
+def demo_lm(
+    out: Path = typer.Option(Path("demo-lm-out"), help="Where corpus, teacher, caches, results.json, ppl.png go."),
+    seed: int = typer.Option(0, help="Seed of the teacher's and the students' initial weights and batch order."),
+    quick: bool = typer.Option(False, "--quick", help="A tiny corpus and models (tests, smoke runs)."),
+) -> None:
+    """Language-model KD on the Python standard library: CE vs dense/sparse caches vs on-policy, val perplexity."""
+    import torch
+
+    from kd.demo_lm import print_report, run_demo_lm
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    try:
+        result = run_demo_lm(out, quick=quick, seed=seed)
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    print_report(result)
+    console.print(f"wrote {out / 'results.json'}", highlight=False)
+
+
 @app.command("demo-datafree")
 def demo_datafree(
     out: Path = typer.Option(Path("demo-datafree-out"), help="Where results.json, the teacher and its records go."),
