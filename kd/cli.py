@@ -1414,10 +1414,7 @@ def graph(
         table.add_column(col)
     table.add_row("teacher GCN", str(res["teacher_params"]), f"{res['teacher_acc']:.4f}")
     for name in ("ce", "lsp"):
-        accs = res[name]["acc_per_seed"]
-        std = (sum((a - res[name]["acc_mean"]) ** 2 for a in accs) / max(len(accs) - 1, 1)) ** 0.5
-        acc = f"{res[name]['acc_mean']:.4f} +- {std:.4f}"
-        table.add_row(f"student, {name.upper()}", str(res["student_params"]), acc)
+        table.add_row(f"student, {name.upper()}", str(res["student_params"]), _mean_std(res[name]["acc_per_seed"]))
     Console().print(table)
     if json_out is not None:
         json_out.write_text(json.dumps(res, indent=1))
