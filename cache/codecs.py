@@ -40,6 +40,14 @@ cache stores one record per sequence: ``S`` such rows behind a small header
   rest bucket. Across records every class is
   seen with its probability, which is what a student needs from a flat teacher
   at T = 4 whose mass is mostly outside any top-K.
+* ``pca:K`` (``pca:KbB``): K coefficients of the row-centred logits in a low-rank basis
+  (``LowRankBasis``: the mean and top K principal directions, fitted once on the first
+  records), B bits each (4 by default) with per-coefficient steps from the basis, no
+  header. A teacher's logits are ``W h + b``: they lie near a subspace of its hidden width
+  (on the 1000-class bench 64 directions hold 99% of the spread), so 32 bytes carry almost
+  the whole row. Decodes to dense logits (every method and temperature). The basis is stored
+  once per cache (``to_bytes``, CRC32-checked; about ``2 K C`` bytes) and must exist
+  before the first record: the cache store does not hold one yet (see ``LowRankCodec``).
 
 Codec version 2 (``CODEC_VERSION``, stored in the cache metadata): ``sample:K``
 changed layout (version 1 stored one draw at T with replacement and its unused
@@ -52,11 +60,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
+from kd.core.sparse import sample_parts
 from kd.core.targets import SparseTargets
 from kd.core.tokens import TokenTargets
 
@@ -109,6 +119,7 @@ class Codec:
     temperature: float = 1.0  # T_c: the temperature the cache was made for (sparse and q codecs)
 
     needs_keys = False  # True: encode/decode need the record keys (index, view)
+    needs_basis = False  # True: encode/decode need a LowRankBasis fitted on the first records (pca:K)
 
     @property
     def max_abs(self) -> float | None:
@@ -289,17 +300,6 @@ class TopKCodec(Codec):
         return self.decode_targets(raw, num_classes).dense()
 
 
-def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draws int64 [B, N] -> (unique ids [B, N], counts [B, N]); unused slots have id 0, count 0."""
-    s, _ = draws.sort(dim=1)
-    new = torch.ones_like(s, dtype=torch.bool)
-    new[:, 1:] = s[:, 1:] != s[:, :-1]
-    group = new.long().cumsum(dim=1) - 1
-    counts = torch.zeros(s.shape, dtype=torch.int64).scatter_add_(1, group, torch.ones_like(s))
-    ids = torch.zeros_like(s).scatter_(1, group, s)
-    return ids, counts
-
-
 @dataclass(frozen=True)
 class SampleCodec(Codec):
     """R rounds of K draws from softmax(z / T_s): unique ids and uint8 counts per round."""
@@ -311,23 +311,26 @@ class SampleCodec(Codec):
     def record_bytes(self, num_classes: int) -> int:
         return self.rounds * self.k * (index_bytes(num_classes) + 1)
 
+    def uniforms(self, keys: np.ndarray) -> torch.Tensor:
+        """The uniforms the records with these keys ([B, 2] int64: index, view) are drawn with,
+        float64 [B, R * K]. A server given them draws exactly the records ``encode`` makes."""
+        return torch.from_numpy(_uniforms(key_seeds(self._need_keys(keys, len(keys)), 0x5A17 + self.seed),
+                                          self.rounds * self.k))  # fmt: skip
+
     def encode(self, logits: torch.Tensor, keys: np.ndarray | None = None) -> np.ndarray:
         z = logits.detach().to("cpu", torch.float64)
         b, c = z.shape
-        cdf = torch.softmax(z / self.temperature, dim=1).cumsum(dim=1)
-        cdf = cdf / cdf[:, -1:]  # exactly 1 at the end
         n = self.rounds * self.k
         if keys is not None:
-            u = torch.from_numpy(_uniforms(key_seeds(self._need_keys(keys, b), 0x5A17 + self.seed), n))
+            u = self.uniforms(self._need_keys(keys, b))
         else:  # seeded from the batch's content: re-encoding the same rows gives the same draws
             seed = (self.seed * 1_000_003 + int(z.numel()) + int(z.abs().sum().item() * 1e3)) % (2**63)
             u = torch.rand(b, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        draws = torch.searchsorted(cdf, u, right=True).clamp(max=c - 1)  # [B, R * K]
+        ids, counts = sample_parts(z, self.k, self.rounds, self.temperature, u)  # [B, R, K] each
         idx_dt = _index_dtype(c)
         parts = []
         for r in range(self.rounds):
-            ids, counts = unique_counts(draws[:, r * self.k : (r + 1) * self.k])
-            parts += [ids.numpy().astype(idx_dt).view(np.uint8), counts.numpy().astype(np.uint8)]
+            parts += [ids[:, r].numpy().astype(idx_dt).view(np.uint8), counts[:, r].numpy().astype(np.uint8)]
         return np.concatenate(parts, axis=1)
 
     def decode_rounds(self, raw: np.ndarray, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,6 +423,145 @@ class RandomSubsetCodec(Codec):
         )
 
 
+# Step of the uniform quantiser with 2^B levels that has the least squared error on a unit
+# Gaussian (Max 1960), per B: a coefficient of spread sigma is quantised in steps of sigma * this.
+GAUSS_STEP = {2: 0.9957, 3: 0.5860, 4: 0.3352, 5: 0.1881, 6: 0.1041, 7: 0.0568, 8: 0.0308}
+_BASIS_MAGIC, _BASIS_VERSION = b"KDLR", 1
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankBasis:
+    """The basis of a ``pca:K`` cache: the mean and the top principal directions of the
+    row-centred teacher logits, fitted once on the first records and stored beside them.
+
+    A teacher's logits are ``W h + b`` with ``h`` of the teacher's hidden width, so they lie
+    in a subspace far smaller than the class count (a language model's in one of its model
+    dimension); on a dataset they concentrate further. Row centring drops the log-sum-exp,
+    so the basis is the same at every temperature."""
+
+    mean: np.ndarray  # float32 [C]
+    components: np.ndarray  # float32 [K, C] holding fp16 values (as stored), near-orthonormal rows by decreasing spread
+    sigma: np.ndarray  # float32 [K]: each coefficient's standard deviation on the fitted rows
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return int(self.components.shape[0])
+
+    @classmethod
+    def fit(cls, logits: torch.Tensor, k: int) -> LowRankBasis:
+        """The top ``k`` principal directions of the row-centred logits [N, C] (float64 SVD)."""
+        z = logits.detach().to("cpu", torch.float64)
+        if z.dim() != 2 or not 1 <= k <= min(z.shape):
+            raise ValueError(f"a rank-{k} basis needs logits [N, C] with N and C at least {k}, got {list(z.shape)}")
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("the logits to fit a basis on hold NaN or Inf")
+        x = z - z.mean(dim=1, keepdim=True)
+        mean = x.mean(dim=0)
+        _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
+        comps = vh[:k].half().double()  # stored in fp16: the encoder uses what the decoder will read
+        sigma = ((x - mean) @ comps.T).std(dim=0, correction=0)
+        return cls(mean.float().numpy(), comps.float().numpy(), sigma.float().numpy())
+
+    def to_bytes(self) -> bytes:
+        """``KDLR``, u32 version, u32 C, u32 K, float32 mean [C], float32 sigma [K], float16
+        components [K, C], crc32 of all before: ``20 + 4 C + 4 K + 2 K C`` bytes."""
+        body = _BASIS_MAGIC + np.array([_BASIS_VERSION, self.num_classes, self.rank], "<u4").tobytes()
+        body += np.ascontiguousarray(self.mean, "<f4").tobytes() + np.ascontiguousarray(self.sigma, "<f4").tobytes()
+        body += np.ascontiguousarray(self.components, "<f2").tobytes()
+        return body + np.array([zlib.crc32(body)], "<u4").tobytes()
+
+    @staticmethod
+    def size(num_classes: int, rank: int) -> int:
+        """Bytes of a stored basis (``to_bytes``)."""
+        return 20 + 4 * num_classes + 4 * rank + 2 * rank * num_classes
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> LowRankBasis:
+        raw = bytes(raw)
+        if len(raw) < 20 or raw[:4] != _BASIS_MAGIC:
+            raise ValueError("not a kd low-rank basis (bad magic or too short)")
+        if zlib.crc32(raw[:-4]) != int(np.frombuffer(raw[-4:], "<u4")[0]):
+            raise ValueError("the low-rank basis fails its checksum: it is corrupted")
+        version, c, k = (int(v) for v in np.frombuffer(raw[4:16], "<u4"))
+        if version != _BASIS_VERSION:
+            raise ValueError(f"low-rank basis version {version}; this kd reads version {_BASIS_VERSION}")
+        if len(raw) != cls.size(c, k):
+            raise ValueError(f"a low-rank basis of {k} x {c} has {cls.size(c, k)} bytes, not {len(raw)}")
+        f = np.frombuffer(raw[16 : 16 + 4 * (c + k)], "<f4").astype(np.float32)
+        comps = np.frombuffer(raw[16 + 4 * (c + k) : -4], "<f2").astype(np.float32).reshape(k, c)
+        return cls(f[:c].copy(), comps, f[c:].copy())
+
+
+@dataclass(frozen=True)
+class LowRankCodec(Codec):
+    """``pca:K[bB]``: K coefficients of the row-centred logits in a fitted ``LowRankBasis``,
+    each in B bits (4 by default) with a step fixed by the basis (``GAUSS_STEP[B] * sigma``),
+    no header: ``ceil(K * B / 8)`` bytes. Decodes to dense logits (up to a constant per row,
+    which no softmax sees), so every method and every temperature can use them.
+
+    A cache stores the basis once (``cache.store``: fitted by ``kd.precompute`` on the first
+    records' teacher outputs, committed with the metadata before any record, reused on resume,
+    checked on open); shards fit their own unless given one (``--basis``). Outside a cache,
+    ``get_codec(name, basis=...)`` takes the basis explicitly."""
+
+    k: int = 64
+    bits: int = 4
+    basis: LowRankBasis | None = field(default=None, compare=False, repr=False)
+
+    needs_basis = True
+
+    def record_bytes(self, num_classes: int) -> int:
+        return -(-self.k * self.bits // 8)
+
+    def with_basis(self, basis: LowRankBasis | bytes) -> LowRankCodec:
+        b = LowRankBasis.from_bytes(basis) if isinstance(basis, (bytes, bytearray, memoryview)) else basis
+        if b.rank < self.k:
+            raise ValueError(f"codec {self.name} needs a basis of rank {self.k} or more, got {b.rank}")
+        return replace(self, basis=b)
+
+    def _basis(self, num_classes: int) -> LowRankBasis:
+        if self.basis is None:
+            raise ValueError(
+                f"codec {self.name} needs its low-rank basis (LowRankBasis.fit on the first records' logits) and "
+                "none was given (a cache stores its own: open it with CacheReader; in memory: "
+                "get_codec(name, basis=...))"
+            )
+        if self.basis.num_classes != num_classes:
+            n = self.basis.num_classes
+            raise ValueError(f"codec {self.name}: the basis has {n} classes, the rows {num_classes}")
+        return self.basis
+
+    def steps(self, num_classes: int) -> np.ndarray:
+        """float64 [K]: each coefficient's quantisation step (tiny spreads get a tiny floor)."""
+        sigma = self._basis(num_classes).sigma[: self.k].astype(np.float64)
+        return np.maximum(GAUSS_STEP[self.bits] * sigma, 1e-12)
+
+    def encode(self, logits: torch.Tensor, keys: np.ndarray | None = None) -> np.ndarray:
+        z = logits.detach().to("cpu", torch.float64).numpy()
+        b = self._basis(z.shape[1])
+        if not np.isfinite(z).all():
+            raise ValueError(f"codec {self.name}: the logits hold NaN or Inf")
+        x = z - z.mean(axis=1, keepdims=True) - b.mean.astype(np.float64)
+        coef = x @ b.components[: self.k].astype(np.float64).T  # [B, K]
+        half = 1 << (self.bits - 1)
+        q = np.floor(coef / self.steps(z.shape[1])).clip(-half, half - 1) + half  # the cell, 0 .. 2^B - 1
+        return _pack_bits(q.astype(np.uint8), self.bits)
+
+    def coefficients(self, raw: np.ndarray, num_classes: int) -> np.ndarray:
+        """float64 [B, K]: the midpoints of the stored cells."""
+        q = _unpack_bits(np.ascontiguousarray(raw), self.k, self.bits).astype(np.float64)
+        return (q - (1 << (self.bits - 1)) + 0.5) * self.steps(num_classes)
+
+    def decode(self, raw: np.ndarray, num_classes: int, keys: np.ndarray | None = None) -> torch.Tensor:
+        b = self._basis(num_classes)
+        c = self.coefficients(raw, num_classes).astype(np.float32)
+        return torch.from_numpy(b.mean[None, :] + c @ b.components[: self.k])
+
+
 CODECS: dict[str, Codec] = {
     "fp32": FullCodec("fp32", torch_dtype=torch.float32),
     "fp16": FullCodec("fp16", torch_dtype=torch.float16),
@@ -433,11 +575,18 @@ def codec_uses_temperature(name: str) -> bool:
     return name.startswith(TEMPERED)
 
 
-def get_codec(name: str, temperature: float | None = None, version: int = CODEC_VERSION) -> Codec:
-    """``fp32``, ``fp16``, ``bf16``, ``int8``, ``q8``, ``q4``, ``topk:K``, ``sample:K[xR]`` or ``rand:M``.
+def get_codec(
+    name: str,
+    temperature: float | None = None,
+    version: int = CODEC_VERSION,
+    basis: LowRankBasis | bytes | None = None,
+) -> Codec:
+    """``fp32``, ``fp16``, ``bf16``, ``int8``, ``q8``, ``q4``, ``topk:K``, ``sample:K[xR]``,
+    ``rand:M[bB]`` or ``pca:K[bB]``.
 
     ``temperature``: the cache's T_c (1 when None). ``version``: the codec version the
-    cache was written with (``CODEC_VERSION`` for new caches)."""
+    cache was written with (``CODEC_VERSION`` for new caches). ``basis``: a ``pca:K``
+    cache's ``LowRankBasis`` (or its bytes); without it the codec only reports its sizes."""
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"codec version must be a positive integer, got {version!r}")
     if version > CODEC_VERSION:
@@ -447,6 +596,15 @@ def get_codec(name: str, temperature: float | None = None, version: int = CODEC_
         )
     if name in CODECS:
         return CODECS[name]
+    pca = re.fullmatch(r"pca:([0-9]+)(?:b([2-8]))?", name)
+    if pca:  # the row-centred logits: no temperature in the record
+        k, bits = int(pca.group(1)), int(pca.group(2) or 4)
+        if k < 1:
+            raise ValueError(f"codec {name!r}: K must be a positive integer, as in pca:64")
+        codec = LowRankCodec(name, 1.0, k=k, bits=bits)
+        return codec if basis is None else codec.with_basis(basis)
+    if name.startswith("pca:"):
+        raise ValueError(f"codec {name!r}: expected pca:K or pca:KbB (B bits, 2..8), as in pca:64 or pca:80b3")
     t = 1.0 if temperature is None else temperature
     # z / T with T <= 0, NaN or Inf gives NaN or inverted targets (and no distribution to draw from).
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
@@ -478,7 +636,8 @@ def get_codec(name: str, temperature: float | None = None, version: int = CODEC_
             raise ValueError(f"codec {name!r}: at most {MAX_SAMPLE_DRAWS} draws per round (uint8 counts)")
         return SampleCodec(name, t, k=k, rounds=rounds)
     raise ValueError(
-        f"unknown codec {name!r}; choose from {', '.join(CODECS)}, q8, q4, topk:K, sample:K, sample:KxR or rand:M"
+        f"unknown codec {name!r}; choose from {', '.join(CODECS)}, q8, q4, topk:K, sample:K, sample:KxR, rand:M or "
+        "pca:K"
     )
 
 

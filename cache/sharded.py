@@ -80,12 +80,16 @@ class ShardedCacheReader:
         self.shards = [CacheReader(shard_dir(self.path, i, count), **expect) for i in range(count)]
         base = dataclasses.replace(self.shards[0].meta, shard_index=0, shard_count=1)
         for i, r in enumerate(self.shards):
-            if dataclasses.replace(r.meta, shard_index=0, shard_count=1, created_by=base.created_by) != base:
+            # pca:K: each shard decodes with its own stored basis (one fitted per shard unless
+            # `kd precompute --basis` shared one), so the bases may differ
+            same = dict(shard_index=0, shard_count=1, created_by=base.created_by, basis_sha256=base.basis_sha256)
+            if dataclasses.replace(r.meta, **same) != base:
                 raise CacheError(f"shard {i} of {str(self.path)!r} was built with other metadata than shard 0")
             if (r.meta.shard_index, r.meta.shard_count) != (i, count):
                 raise CacheError(f"shard folder {i}/{count} of {str(self.path)!r} holds shard {r.meta.shard_index}")
         self.meta: CacheMeta = base
-        self.codec = self.shards[0].codec
+        self.codec = self.shards[0].codec  # sizes and name; records decode with their shard's codec
+        self.basis_bytes = sum(getattr(r, "basis_bytes", 0) for r in self.shards)
         self.record_bytes = self.shards[0].record_bytes
         self.logit_bytes = self.shards[0].logit_bytes
 

@@ -3,6 +3,8 @@
 Layout of one environment (a directory with ``data.mdb``):
 
 * ``b"\\x00meta"`` -> JSON metadata (``CacheMeta``).
+* ``b"\\x00basis"`` -> a ``pca:K`` cache's ``LowRankBasis`` bytes (CRC inside; its sha256 is
+  ``CacheMeta.basis_sha256``), committed in the metadata's transaction, before any record.
 * record keys ``b"r" + fp[8] + ds[8] + index u64 BE + view u32 BE``, where
   ``fp``/``ds`` are the first bytes of sha256 of the teacher fingerprint and of
   the dataset id. Big-endian integers make a cursor walk one teacher/dataset
@@ -28,7 +30,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import lmdb
@@ -41,6 +43,7 @@ from kd.core.tokens import TokenTargets
 
 FORMAT_VERSION = 1
 META_KEY = b"\x00meta"
+BASIS_KEY = b"\x00basis"  # a pca:K cache's LowRankBasis: written with the metadata, before any record
 _META_CRC_TAG = b"\ncrc32="
 _HEADER = b"KD" + bytes([FORMAT_VERSION, 0])
 _KEY = struct.Struct(">QI")
@@ -101,6 +104,9 @@ class CacheMeta:
     codec_version: int | None = None
     # One record per sequence: a u32 position count S, then S rows of the codec (token teachers).
     per_token: bool = False
+    # sha256 (hex) of the stored low-rank basis (BASIS_KEY) of a pca:K cache; "" for other codecs.
+    # Not identity: a resumed cache keeps the basis it was started with.
+    basis_sha256: str = ""
     format_version: int = FORMAT_VERSION
     created_by: str = field(default_factory=_kd_version)
 
@@ -392,13 +398,72 @@ def _release(path: Path) -> None:
             entry[1].close()
 
 
-class CacheWriter:
-    """Fills one cache; re-opening an existing cache with the same metadata resumes it."""
+def _cache_codec(path: Path, meta: CacheMeta, basis: bytes | None):
+    """The codec of a cache; for ``pca:K`` built from its stored basis, checked against the
+    metadata's sha256, its own CRC, its rank and class count. A missing or damaged basis is a
+    CorruptRecordError naming the cache: never a crash in the decoder or a wrong decode."""
+    try:
+        codec = get_codec(meta.codec, meta.temperature, meta.codec_version)
+    except ValueError as e:
+        raise StaleCacheError(f"cache {str(path)!r}: {e}") from None
+    if not codec.needs_basis:
+        return codec
+    rebuild = "its records cannot be decoded; rebuild it with `kd precompute`"
+    if basis is None:
+        raise CorruptRecordError(f"cache {str(path)!r} ({meta.codec}) has no low-rank basis record; {rebuild}")
+    if hashlib.sha256(basis).hexdigest() != meta.basis_sha256:
+        raise CorruptRecordError(
+            f"the low-rank basis of cache {str(path)!r} does not match the sha256 in its metadata "
+            f"({meta.basis_sha256[:16] or 'none'}...): it was changed or corrupted; {rebuild}"
+        )
+    try:
+        codec = get_codec(meta.codec, meta.temperature, meta.codec_version, basis=basis)
+        if codec.basis.num_classes != meta.num_classes:
+            raise ValueError(f"it has {codec.basis.num_classes} classes, the cache {meta.num_classes}")
+    except ValueError as e:
+        raise CorruptRecordError(f"the low-rank basis of cache {str(path)!r} is unusable: {e}; {rebuild}") from None
+    return codec
 
-    def __init__(self, path: str | Path, meta: CacheMeta, *, commit_every: int = 4096) -> None:
+
+def stored_basis(path: str | Path) -> bytes | None:
+    """The checked low-rank basis bytes a cache environment at ``path`` was started with;
+    None when there is no cache there yet or its codec has no basis. A resumed precompute
+    uses it instead of fitting another (its records were encoded with it)."""
+    path = Path(path)
+    if not (path / "data.mdb").is_file():
+        return None
+    with _environment(path, write=False).begin(buffers=False) as txn:
+        raw, basis = txn.get(META_KEY), txn.get(BASIS_KEY)
+    if raw is None:
+        return None
+    codec = _cache_codec(path, CacheMeta.from_json(raw, path), basis)
+    return basis if codec.needs_basis else None
+
+
+class CacheWriter:
+    """Fills one cache; re-opening an existing cache with the same metadata resumes it.
+
+    ``basis``: the ``LowRankBasis.to_bytes()`` of a ``pca:K`` cache (required for a new one),
+    committed under ``BASIS_KEY`` in the metadata's transaction, so no record exists without
+    it; the metadata gets its sha256. Resuming, the stored basis is used and a different
+    ``basis`` is ignored (``basis_ignored``): the committed records were encoded with the
+    stored one, and one cache must decode with one basis."""
+
+    def __init__(
+        self, path: str | Path, meta: CacheMeta, *, commit_every: int = 4096, basis: bytes | None = None
+    ) -> None:
         self.path = Path(path)
+        codec = get_codec(meta.codec, meta.temperature, meta.codec_version)
+        self.basis: bytes | None = None
+        self.basis_ignored = False
+        if not codec.needs_basis and basis is not None:
+            raise ValueError(f"codec {meta.codec} takes no low-rank basis (only pca:K does)")
+        if codec.needs_basis and basis is not None:
+            basis = bytes(basis)
+            meta = replace(meta, basis_sha256=hashlib.sha256(basis).hexdigest())
+            codec = _cache_codec(self.path, meta, basis)  # a new basis: refuse a bad one before any write
         self.meta = meta
-        self.codec = get_codec(meta.codec, meta.temperature, meta.codec_version)
+        self.codec = codec
         self.logit_bytes = self.codec.record_bytes(meta.num_classes)
         self.record_bytes = self.logit_bytes + sum(meta.feature_bytes.values())
         self.commit_every = commit_every
@@ -407,18 +472,30 @@ class CacheWriter:
         self.committed = 0
         self.env = _environment(self.path, write=True)
         with self.env.begin() as txn:
-            raw = txn.get(META_KEY)
+            raw, stored = txn.get(META_KEY), txn.get(BASIS_KEY)
         if raw is not None:
             try:
                 existing = CacheMeta.from_json(raw, self.path)
                 existing.check(self.path, **{k: getattr(meta, k) for k in CacheMeta.IDENTITY})
-                try:  # resuming a cache of an older codec version: only where its layout is still read
-                    get_codec(existing.codec, existing.temperature, existing.codec_version)
-                except ValueError as e:
-                    raise StaleCacheError(f"cache {str(self.path)!r}: {e}") from None
-            except StaleCacheError:
+                # resuming a cache of an older codec version: only where its layout is still read;
+                # a pca:K cache: with the basis its records were encoded with
+                self.codec = _cache_codec(self.path, existing, stored)
+            except CacheError:
                 _release(self.path)
                 raise
+            if self.codec.needs_basis:
+                self.basis_ignored = basis is not None and basis != stored
+                self.basis = stored
+                self.meta = replace(meta, basis_sha256=existing.basis_sha256)
+        elif codec.needs_basis:
+            if basis is None:
+                _release(self.path)
+                raise ValueError(
+                    f"a {meta.codec} cache needs its low-rank basis before the first record: pass "
+                    "basis=LowRankBasis.fit(first logits, K).to_bytes() (kd precompute fits one)"
+                )
+            self.basis = basis
+            self._commit([(META_KEY, self.meta.to_json()), (BASIS_KEY, basis)])  # one transaction
         else:
             self._commit([(META_KEY, meta.to_json())])
 
@@ -533,6 +610,52 @@ class CacheWriter:
         if len(self._pending) >= self.commit_every:
             self.flush()
 
+    def put_samples(
+        self,
+        indices: Iterable[int],
+        ids: torch.Tensor,
+        counts: torch.Tensor,
+        views: Iterable[int] | None = None,
+        features: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Like ``put`` for a ``sample:K[xR]`` cache, from draws made elsewhere (a server's
+        "sample_indices" / "sample_counts" [B, R, K], unique ids with counts per round, drawn
+        with this codec's keyed uniforms at its temperature): the records ``put`` writes from
+        the full logits."""
+        from kd.cache.codecs import SampleCodec, _index_dtype
+
+        codec = self.codec
+        if not isinstance(codec, SampleCodec):
+            raise ValueError(f"put_samples: a {self.meta.codec} cache stores no draws; use put with logits")
+        idx = [int(i) for i in indices]
+        vw = [0] * len(idx) if views is None else [int(v) for v in views]
+        want = (len(idx), codec.rounds, codec.k)
+        if tuple(ids.shape) != want or tuple(counts.shape) != want or len(vw) != len(idx):
+            raise ValueError(f"put_samples: ids {tuple(ids.shape)}, counts {tuple(counts.shape)} for {len(idx)} "
+                             f"indices, {len(vw)} views; the cache keeps {self.meta.codec}: {want}")  # fmt: skip
+        ids, counts = ids.detach().to("cpu", torch.int64), counts.detach().to("cpu", torch.int64)
+        c = self.meta.num_classes
+        if len(idx) and (int(ids.min()) < 0 or int(ids.max()) >= c or int(counts.min()) < 0):
+            raise ValueError(f"put_samples: class ids outside 0..{c - 1} or negative counts")
+        if bool((counts.sum(dim=2) != codec.k).any()):
+            raise ValueError(f"put_samples: every round must count {codec.k} draws")
+        ii, vv = torch.tensor(idx, dtype=torch.long), torch.tensor(vw, dtype=torch.long)
+        bad = (ii < 0) | (ii >= self.meta.dataset_size) | (vv < 0) | (vv >= self.meta.views)
+        bad |= (ii % self.meta.shard_count) != self.meta.shard_index
+        if bad.any():
+            r = int(bad.nonzero()[0][0])
+            raise ValueError(f"put_samples: (index={idx[r]}, view={vw[r]}) is not a record of this cache")
+        idx_dt = _index_dtype(c)
+        parts = []
+        for r in range(codec.rounds):
+            parts += [ids[:, r].numpy().astype(idx_dt).view(np.uint8), counts[:, r].numpy().astype(np.uint8)]
+        encoded = np.concatenate(parts, axis=1) if parts else np.zeros((len(idx), 0), np.uint8)
+        if self.meta.features or features:
+            encoded = np.concatenate([encoded, *self._encode_features(features or {}, len(idx))], axis=1)
+        self._pending.extend(_seal_rows([record_key(self._prefix, i, v) for i, v in zip(idx, vw)], encoded))
+        if len(self._pending) >= self.commit_every:
+            self.flush()
+
     def _encode_features(self, features: dict[str, torch.Tensor], n: int) -> list[np.ndarray]:
         want = self.meta.features
         if set(features) != set(want):
@@ -576,6 +699,31 @@ class CacheWriter:
             n = z.shape[0]
             rows = self.codec.encode(z, np.stack([np.full(n, i), np.arange(n)], axis=1))
             payload = np.concatenate([np.frombuffer(struct.pack("<I", n), dtype=np.uint8), rows.reshape(-1)])
+            items.extend(_seal_rows([record_key(self._prefix, i, 0)], payload[None]))
+        self._pending.extend(items)
+        if len(self._pending) >= self.commit_every:
+            self.flush()
+
+    def put_sequence_rows(self, indices: Iterable[int], rows: list[np.ndarray]) -> None:
+        """Like ``put_sequences`` from rows already in the codec's layout, uint8 ``[L_i,
+        record_bytes]`` each: what a server's top-k or sampled reply encodes to without the
+        full logits (``kd.precompute.precompute_tokens``)."""
+        if not self.meta.per_token:
+            raise ValueError("put_sequence_rows: this cache holds one record per sample; use put")
+        idx = [int(i) for i in indices]
+        if len(idx) != len(rows):
+            raise ValueError(f"put_sequence_rows: {len(idx)} indices for {len(rows)} sequences")
+        width = self.codec.record_bytes(self.meta.num_classes)
+        items: list[tuple[bytes, bytes]] = []
+        for i, r in zip(idx, rows):
+            if r.dtype != np.uint8 or r.ndim != 2 or r.shape[0] < 1 or r.shape[1] != width:
+                raise ValueError(f"put_sequence_rows: sequence {i} has rows {r.dtype} {list(r.shape)}, expected "
+                                 f"uint8 [positions >= 1, {width}] ({self.meta.codec})")  # fmt: skip
+            if not 0 <= i < self.meta.dataset_size or not self.meta.owns(i):
+                raise ValueError(
+                    f"put_sequence_rows: index {i} outside dataset_size={self.meta.dataset_size} or this shard"
+                )
+            payload = np.concatenate([np.frombuffer(struct.pack("<I", r.shape[0]), dtype=np.uint8), r.reshape(-1)])
             items.extend(_seal_rows([record_key(self._prefix, i, 0)], payload[None]))
         self._pending.extend(items)
         if len(self._pending) >= self.commit_every:
@@ -661,10 +809,10 @@ class CacheReader:
         if unknown:
             raise TypeError(f"unknown cache fields {sorted(unknown)}")
         self.meta.check(self.path, **expect)
-        try:
-            self.codec = get_codec(self.meta.codec, self.meta.temperature, self.meta.codec_version)
-        except ValueError as e:
-            raise StaleCacheError(f"cache {str(self.path)!r}: {e}") from None
+        # pca:K: the codec holds the stored basis (checked); other codecs read no basis key
+        basis = self._get_raw(BASIS_KEY) if self.meta.codec.startswith("pca:") else None
+        self.codec = _cache_codec(self.path, self.meta, basis)
+        self.basis_bytes = 0 if basis is None else len(basis)  # stored once, beside the records
         self.logit_bytes = self.codec.record_bytes(self.meta.num_classes)
         self.record_bytes = self.logit_bytes + sum(self.meta.feature_bytes.values())
         self._prefix = self.meta.record_prefix
@@ -869,7 +1017,7 @@ class CacheReader:
         with self._txn() as txn:
             cur = txn.cursor()
             for key, value in cur:
-                if key == META_KEY:
+                if key in (META_KEY, BASIS_KEY):  # the basis was checked when this reader opened
                     continue
                 if not key.startswith(self._prefix) or len(key) != len(self._prefix) + _KEY.size:
                     report.problems.append(f"foreign key {key[:40]!r}")

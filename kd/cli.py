@@ -48,6 +48,28 @@ def _floats(text: str | None) -> list[float] | None:
     return None if text is None else [float(v) for v in text.split(",") if v.strip()]
 
 
+def _call(fn, *args, errors: tuple[type[Exception], ...] = (ValueError, TypeError), **kwargs):
+    """``fn(*args, **kwargs)``; a refusal (ValueError/TypeError: bad option, data or recipe) becomes
+    ``_fail`` with its message, so every command reports refusals the same way."""
+    try:
+        return fn(*args, **kwargs)
+    except errors as e:
+        _fail(str(e))
+
+
+def _report(title: str, columns: list[str], rows: list[list[str]], *, caption: str | None = None,
+            json_out: Path | None = None, result: object = None) -> None:  # fmt: skip
+    """The study commands' output: one table on stdout, and the full result as JSON when asked."""
+    table = Table(title=title, caption=caption)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))
+
+
 @app.command()
 def serve(
     teacher: list[str] = typer.Option(
@@ -112,6 +134,9 @@ def serve(
     ),
     max_streams: int | None = typer.Option(None, help="Open InferStream/Synthesize calls at once [64]."),
     max_streams_per_client: int | None = typer.Option(None, help="Open streams per client [16]."),
+    accept_weights: bool = typer.Option(
+        False, "--accept-weights", help="Let clients replace the weights while serving (PublishWeights; kd peer)."
+    ),
 ) -> None:
     """Serve teachers over gRPC with dynamic batching."""
     import os
@@ -165,6 +190,8 @@ def serve(
     for entry in cfg.teachers:
         tier = tiers.get(entry.name, tiers.get("*"))
         extra = {"access": tier} if tier else {}
+        if accept_weights:
+            extra["accept_weights"] = True
         if entry.name in served_records:
             extra["records"] = served_records[entry.name]
         if extra:
@@ -255,14 +282,24 @@ def serve(
 
 @app.command()
 def precompute(
-    source: str = typer.Option(..., help="Teacher to run: server:HOST:PORT[,HOST:PORT...][/TEACHER] or local:SPEC."),
+    source: str = typer.Option(
+        ...,
+        help="Teacher to run: server:HOST:PORT[,HOST:PORT...][/TEACHER] or local:SPEC (a token teacher: "
+        "local:hf:DIR or local:MOD:FACTORY@WEIGHTS?input_shape=-1).",
+    ),
     out: Path = typer.Option(..., help="Cache directory (created, or resumed if it exists)."),
     dataset: str = typer.Option(
         "digits",
         help="Dataset URI: digits[:test], imagefolder:DIR, npz:FILE, cifar:DIR, hf:DIR, webdataset:GLOB, "
-        "module:MOD:ATTR, with ?size=..&views=.. options (kd.core.data.open_source).",
+        "module:MOD:ATTR, with ?size=..&views=.. options (kd.core.data.open_source); token datasets "
+        "(one record per sequence): text:DIR|FILE, jsonl:FILE, hf:DIR?text=COL, with ?block=&pack=&tokenizer=.",
     ),
-    codec: str = typer.Option("fp32", help="fp32, fp16, bf16, int8, q8, q4, topk:K, sample:K[xR] or rand:M."),
+    codec: str = typer.Option(
+        "fp32", help="fp32, fp16, bf16, int8, q8, q4, topk:K, sample:K[xR], rand:M or pca:K[bB] (low-rank basis)."
+    ),
+    basis: Path | None = typer.Option(
+        None, help="pca:K: use this saved LowRankBasis file (shards share one) instead of fitting on the first rows."
+    ),
     temperature: float | None = typer.Option(
         None, help="Training T: topk:K, rand:M, q8/q4 are exact at it; sample:K draws at it (default 1, the paper's)."
     ),
@@ -308,6 +345,21 @@ def precompute(
         _fail("--mean/--std are a local: teacher's normalisation; a server applies its own (kd serve --mean/--std)")
     try:
         data = open_source(dataset)
+    except (CacheError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    try:
+        basis_raw = None if basis is None else basis.read_bytes()
+    except OSError as e:
+        _fail(f"--basis {str(basis)!r}: {e}")
+    from kd.core.tokens import TokenSource
+
+    if isinstance(data, TokenSource):  # a token dataset: one record per sequence, a token teacher
+        unused = {"--views": views != 1, "--shard": bool(shard), "--by-reference": bool(by_reference),
+                  "--feature": bool(feature), "--pool-features": pool_features}  # fmt: skip
+        if [k for k, v in unused.items() if v]:
+            _fail(f"{', '.join(k for k, v in unused.items() if v)}: not for token datasets (one record per sequence)")
+        return _precompute_tokens(data, source, out, codec, temperature, batch_size, commit_every, device, basis_raw)
+    try:
         which = parse_shard(shard) if shard else torchrun_shard()
         kwargs: dict = {}
         if source.startswith("local:"):
@@ -317,12 +369,41 @@ def precompute(
         with parse_source(source, **kwargs) as src:
             report = run(data, src, out, codec=codec, batch_size=batch_size, views=views, temperature=temperature,
                          shard=which, commit_every=commit_every, features=feature,
-                         pool_features=pool_features, workers=workers)  # fmt: skip
+                         pool_features=pool_features, workers=workers, basis=basis_raw)  # fmt: skip
     except (CacheError, ValueError, RuntimeError) as e:
         _fail(str(e))
     console.print(
         f"wrote {report.written}, skipped {report.skipped} already cached, {report.bytes_per_sample} B/sample, "
         f"{report.seconds:.1f}s -> {report.path}",
+        highlight=False,
+    )
+
+
+def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: float | None, batch_size: int,
+                       commit_every: int, device: str, basis: bytes | None = None) -> None:  # fmt: skip
+    """``kd precompute`` of a token dataset: a token teacher (``kd.precompute.token_teacher``)
+    asked only for what ``codec`` keeps, one record per sequence."""
+    from kd.cache import CacheError
+    from kd.precompute import precompute_tokens, token_teacher
+
+    try:
+        teacher = token_teacher(source, device=device)
+        try:
+            report = precompute_tokens(data, teacher, out, codec=codec, batch_size=batch_size,
+                                       temperature=temperature, commit_every=commit_every, progress=True,
+                                       basis=basis)  # fmt: skip
+        finally:
+            if hasattr(teacher, "close"):
+                teacher.close()
+        from kd.cache import CacheReader
+
+        stats = CacheReader(out).token_stats()
+    except (CacheError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    console.print(
+        f"wrote {report.written}, skipped {report.skipped} already cached sequences, "
+        f"{stats['bytes_per_token']:.1f} B/token ({int(stats['positions'])} positions), {report.seconds:.1f}s "
+        f"-> {report.path}",
         highlight=False,
     )
 
@@ -489,9 +570,15 @@ def train(
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from --run-dir's checkpoint (exact resume)."),
     progress: bool = typer.Option(False, "--progress", help="A progress bar with samples/s and target wait time."),
+    keep_every: int = typer.Option(
+        0, help="Also keep the weights every N epochs as RUN_DIR/epochs/epoch_NNNN.safetensors (for `kd explain`)."
+    ),
 ) -> None:
     """Train a student from a soft-target source with a KD method."""
     import os
+
+    if keep_every and run_dir is None:
+        _fail("--keep-every needs --run-dir")
 
     import torch
     import torch.distributed as dist
@@ -573,8 +660,17 @@ def train(
             input_std=_floats(input_std) or [],
             **recipe,
         )
+        hooks = None
+        if keep_every and int(os.environ.get("RANK", "0")) == 0:
+            from kd.explain import EpochSaver
+            from kd.student_trainer.train import Hooks
+
+            saver = EpochSaver(model, run_dir / "epochs", every=keep_every, last=epochs)
+            if not resume:
+                saver.save_initial()
+            hooks = Hooks(on_epoch=saver)
         result = train_student(model, train_data, test_data, config, source=src, subset=sub, run_dir=run_dir,
-                               resume=resume, progress=progress)  # fmt: skip
+                               resume=resume, progress=progress, hooks=hooks)  # fmt: skip
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
         _fail(f"{type(e).__name__}: {e}")
     finally:
@@ -767,6 +863,11 @@ def cache_info(path: Path) -> None:
         info["bytes_per_sample"] = round(stats["bytes"] / max(stats["sequences"], 1), 1)
         info.update(positions=stats["positions"], bytes_per_token=round(stats["bytes_per_token"], 3),
                     index_bytes=index_bytes(reader.meta.num_classes))  # fmt: skip
+    if getattr(reader, "basis_bytes", 0):  # pca:K: the basis is stored once (per shard), amortised over the records
+        info["basis_bytes"] = reader.basis_bytes
+        unit, count = ("token", info["positions"]) if reader.meta.per_token else ("sample", info["records"])
+        per = info[f"bytes_per_{unit}"] + reader.basis_bytes / max(count, 1)
+        info[f"bytes_per_{unit}_with_basis"] = round(per, 3)
     if reader.meta.codec.startswith(("topk:", "rand:")) and info["records"]:
         # How much of the teacher's mass at the cache temperature the stored classes hold (first 1024 records).
         keys = sorted(reader.keys())[:1024]
@@ -778,6 +879,29 @@ def cache_info(path: Path) -> None:
         info["covered_mass"] = {"mean": round(float(mass.mean()), 6), "min": round(float(mass.min()), 6),
                                 "temperature": reader.codec.temperature, "records": len(keys)}  # fmt: skip
     print(json.dumps(info, indent=2))
+
+
+@cache_app.command("basis")
+def cache_basis(path: Path, out: Path) -> None:
+    """Save a pca:K cache's checked low-rank basis to OUT, for `kd precompute --basis OUT` (shards share it).
+
+    PATH: one environment, or a directory of shards (the first shard present: the one a
+    sharded precompute runs first, which fits it)."""
+    from kd.cache import CacheError
+    from kd.cache.store import stored_basis
+
+    env = path if (path / "data.mdb").is_file() else next(iter(sorted(path.glob("shard-*-of-*/data.mdb"))), None)
+    if env is None:
+        _fail(f"no cache at {str(path)!r}; create one with `kd precompute`")
+    env = env if env == path else env.parent
+    try:
+        raw = stored_basis(env)  # checked: sha256 in the metadata, CRC, shape
+    except CacheError as e:
+        _fail(str(e))
+    if raw is None:
+        _fail(f"cache {str(env)!r} has no low-rank basis: only pca:K caches have one")
+    out.write_bytes(raw)
+    console.print(f"wrote the {len(raw)}-byte basis of {env} -> {out}", highlight=False)
 
 
 @cache_app.command("verify")
@@ -886,12 +1010,11 @@ def bench_serve(
 
         if peer != "triton":
             _fail(f"--peer {peer!r}: the only peer is triton")
-        if importlib.util.find_spec("pytriton") is None:
-            _fail("--peer triton needs PyTriton (pip install nvidia-pytriton), which is not installed here; "
-                  "nothing was measured. Where the system libpython differs from the venv's, PyTriton's stub "
-                  "also needs the venv interpreter's lib directory first on LD_LIBRARY_PATH.")  # fmt: skip
-        _fail("--peer triton: PyTriton is installed, but this version of kd bench serve has no Triton peer run "
-              "yet; nothing was measured")  # fmt: skip
+        if importlib.util.find_spec("pytriton") is None or importlib.util.find_spec("tritonclient") is None:
+            _fail("--peer triton needs PyTriton (pip install 'kd[triton]' or nvidia-pytriton), which is not "
+                  "installed here; nothing was measured. PyTriton 0.7 needs numpy < 2: the Triton server may run "
+                  "in another interpreter with torch and kd (KD_TRITON_PYTHON=PATH); the bench puts that "
+                  "interpreter's lib directory first on LD_LIBRARY_PATH for PyTriton's stub.")  # fmt: skip
     from kd.bench.serve import BenchSettings, print_report, run_bench
 
     if clients < 1 or served_clients < 1 or served_depth < 0 or (rounds is not None and rounds < 1):
@@ -907,7 +1030,28 @@ def bench_serve(
         device=device,
         threads=threads,
         teacher=teacher,
+        peer=peer or "",
     )
+    _report_bench(run_bench, print_report, settings, json_out)
+
+
+@bench_app.command("lm")
+def bench_lm(
+    seconds: float | None = typer.Option(None, help="Measured seconds per window [2; 0.2 with --quick]."),
+    rounds: int | None = typer.Option(None, help="Alternated in-process / served windows per load [3; 2 --quick]."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N: the server's and the in-process model's."),
+    threads: int = typer.Option(0, help="torch threads of the served and in-process model [0 = half the CPUs]."),
+    hf: bool = typer.Option(True, help="Also a tiny GPT-2 served as hf:DIR (if transformers imports; not --quick)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the results here as JSON."),
+    quick: bool = typer.Option(False, "--quick", help="A small teacher, short windows (tests, smoke runs)."),
+) -> None:
+    """Token teachers: served / in-process tokens/s by batch and length mix, padding, bytes per token per codec."""
+    from kd.bench.lm import LMBenchSettings, print_report, run_bench
+
+    if (seconds is not None and seconds <= 0) or (rounds is not None and rounds < 1) or threads < 0:
+        _fail("--seconds must be > 0, --rounds >= 1, --threads >= 0")
+    settings = LMBenchSettings.make(quick, seconds=seconds, rounds=rounds, device=device, threads=threads,
+                                    hf=None if quick else hf)  # fmt: skip
     _report_bench(run_bench, print_report, settings, json_out)
 
 
@@ -981,19 +1125,30 @@ def bench_methods(
     threads: int | None = typer.Option(None, help="torch threads [2; 0 = torch's default]."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the results here as JSON."),
     quick: bool = typer.Option(False, "--quick", help="One seed, few epochs (tests, smoke runs)."),
+    online_methods: str | None = typer.Option(
+        None,
+        help="Comma-separated online methods (kd online) of the online section [all; okddip,dist-plus with "
+        "--quick]; 'none' skips it.",
+    ),
+    online_epochs: int | None = typer.Option(None, help="Epochs of the online section [150; 1 with --quick]."),
 ) -> None:
     """Every registered KD method on the demo's digits setting: test accuracy next to CE and plain KD."""
-    from kd.bench.methods import MethodsBenchSettings, print_report, run_bench, selected_methods
+    from kd.bench.methods import MethodsBenchSettings, print_report, run_bench, selected_methods, selected_online
 
     names = tuple(m.strip() for m in (methods or "").split(",") if m.strip())
+    online = None if online_methods is None else tuple(m.strip() for m in online_methods.split(",") if m.strip())
+    online = () if online == ("none",) else online
     try:
         selected_methods(names)
+        selected_online(online)
     except ValueError as e:
         _fail(str(e))
-    if any(v is not None and v < 1 for v in (seeds, epochs, labeled, teacher_epochs)) or (threads or 0) < 0:
-        _fail("--seeds, --epochs, --labeled and --teacher-epochs must be >= 1, --threads >= 0")
+    counts = (seeds, epochs, labeled, teacher_epochs, online_epochs)
+    if any(v is not None and v < 1 for v in counts) or (threads or 0) < 0:
+        _fail("--seeds, --epochs, --labeled, --teacher-epochs and --online-epochs must be >= 1, --threads >= 0")
     settings = MethodsBenchSettings.make(quick, seeds=seeds, epochs=epochs, labeled=labeled,
-                                         teacher_epochs=teacher_epochs, threads=threads, methods=names)  # fmt: skip
+                                         teacher_epochs=teacher_epochs, threads=threads, methods=names,
+                                         online_epochs=online_epochs, online_methods=online)  # fmt: skip
     _report_bench(run_bench, print_report, settings, json_out)
 
 
@@ -1174,6 +1329,89 @@ def onpolicy(
     print(json.dumps(result.as_dict()))
 
 
+@app.command("train-lm")
+def train_lm(
+    source: str = typer.Option(..., help="cache:PATH of a token cache (kd precompute with a token dataset)."),
+    dataset: str = typer.Option(..., help="The token dataset the cache was precomputed on, e.g. text:DIR?block=128."),
+    val_dataset: str = typer.Option(..., help="Held-out token dataset: validation perplexity and next-token accuracy."),
+    student: str = typer.Option(..., help="module:factory[@WEIGHTS][?k=v] of the causal-LM student."),
+    method: str = typer.Option("token-fkl", help="token-fkl, token-rkl, token-gjsd, token-tv or token-skl."),
+    opt: list[str] = typer.Option([], "--opt", help="Method option key=value, e.g. --opt beta=0.5. Repeatable."),
+    epochs: int = typer.Option(1),
+    batch_size: int = typer.Option(8, help="Sequences per micro-batch."),
+    accumulate: int = typer.Option(1, help="Micro-batches per optimizer step, weighted by their token counts."),
+    amp: str = typer.Option("fp32", help="fp32 or bf16 (autocast of the student's forward)."),
+    optimizer: str = typer.Option("adam", help="adam, adamw or sgd."),
+    lr: float = typer.Option(1e-3),
+    weight_decay: float = typer.Option(0.0),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu"),
+    out: Path | None = typer.Option(None, help="Save the student's weights here (safetensors)."),
+) -> None:
+    """Distil a causal-LM student from a token cache with a per-token loss; validation perplexity and accuracy."""
+    import time
+
+    from kd.cache import CacheError
+    from kd.core.data import open_source
+    from kd.core.tokens import TokenSource
+    from kd.student_trainer.losses import METHODS, get_method
+    from kd.student_trainer.losses.token_kd import evaluate_tokens
+    from kd.student_trainer.sources import CacheSource
+    from kd.student_trainer.train import seed_everything, train_tokens
+
+    token_methods = sorted(m for m in METHODS if m.startswith("token-"))
+    if method not in token_methods:
+        _fail(f"--method {method!r}: kd train-lm takes a per-token loss: {', '.join(token_methods)}")
+    if not source.startswith("cache:"):
+        _fail(f"--source {source!r}: kd train-lm trains from a token cache, cache:PATH (kd precompute makes it; "
+              "kd onpolicy trains against a live server)")  # fmt: skip
+    options = _parse_options(opt)
+    try:
+        get_method(method).check_options(options)
+        train_data, val_data = open_source(dataset), open_source(val_dataset)
+        for flag, d in (("--dataset", train_data), ("--val-dataset", val_data)):
+            if not isinstance(d, TokenSource):
+                raise ValueError(f"{flag} {d.dataset_id}: not a token dataset (text:, jsonl:, hf:DIR?text=...)")
+        if val_data.vocab_size != train_data.vocab_size:
+            raise ValueError(f"--val-dataset has vocabulary {val_data.vocab_size}, --dataset {train_data.vocab_size}")
+        cache = CacheSource(source[len("cache:") :], dataset_id=train_data.dataset_id)
+        if not cache.reader.meta.per_token:
+            raise ValueError(f"{source} holds one record per sample; kd train-lm needs a token cache")
+    except (CacheError, ValueError, TypeError) as e:
+        _fail(str(e))
+    seed_everything(seed)
+    try:
+        model = _build_student(student)
+    except (RuntimeError, ValueError) as e:
+        _fail(str(e))
+    t0 = time.perf_counter()
+
+    def validate(epoch: int, loss: float) -> None:
+        m = evaluate_tokens(model, val_data, batch_size=batch_size, device=device)
+        console.print(f"epoch {epoch + 1}: loss {loss:.4f}, val perplexity {m.perplexity:.3f}, "
+                      f"next-token accuracy {m.accuracy:.4f}", highlight=False)  # fmt: skip
+
+    try:
+        losses = train_tokens(model, train_data, cache, method=method, epochs=epochs, batch_size=batch_size,
+                              lr=lr, seed=seed, method_options=options, device=device, accumulate=accumulate,
+                              amp=amp, optimizer=optimizer, weight_decay=weight_decay, on_epoch=validate)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
+        _fail(f"{type(e).__name__}: {e}")
+    finally:
+        cache.close()
+    metrics = evaluate_tokens(model, val_data, batch_size=batch_size, device=device)
+    if out is not None:
+        from kd.teacher_server.loading import save_weights
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(model, out)
+    result = {"method": method, "source": source, "dataset": train_data.dataset_id, "val_dataset": val_data.dataset_id,
+              "losses": losses, "val_ppl": metrics.perplexity, "val_accuracy": metrics.accuracy,
+              "val_tokens": metrics.tokens, "epochs": epochs, "accumulate": accumulate, "amp": amp,
+              "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+    print(json.dumps(result))
+
+
 @app.command("demo-lm")
 def demo_lm(
     out: Path = typer.Option(Path("demo-lm-out"), help="Where corpus, teacher, caches, results.json, ppl.png go."),
@@ -1232,6 +1470,53 @@ def demo(
         run_demo(out, seeds=seeds, epochs=epochs, labeled=labeled, teacher_epochs=teacher_epochs)
     except RuntimeError as e:  # a failed check or a server that did not exit cleanly
         _fail(str(e), code=1)
+
+
+@app.command()
+def explain(
+    out: Path = typer.Option(Path("explain-out"), help="Where results.json, a plot per model and checkpoints go."),
+    demo_dir: Path | None = typer.Option(None, "--demo", help="A `kd demo --out` folder: retrain its models, explain."),
+    model: list[str] = typer.Option(
+        [],
+        help="NAME=FACTORY@CHECKPOINTS (a folder of epoch_NNNN.safetensors or one "
+        "weights file), e.g. kd=kd.models:digits_student@runs/kd. Repeatable.",
+    ),
+    seeds: int | None = typer.Option(None, help="--demo: student seeds to redo [all of the demo's]."),
+    every: int = typer.Option(10, help="--demo: keep the students' weights every N epochs."),
+    teacher_path: bool = typer.Option(True, help="--demo: retrain the teacher too, for its D and rho."),
+    images: int = typer.Option(100, help="Test images measured (the first N)."),
+    lam: float = typer.Option(0.005, help="The Lagrange weight lambda of the entropy term."),
+    b: float = typer.Option(0.25, help="A concept's entropy lies b nats below the background's mean."),
+    steps: int = typer.Option(300, help="Adam steps of the sigma optimisation."),
+    samples: int = typer.Option(8, help="Noise draws per image and step."),
+    layer: str | None = typer.Option(None, help="Module whose output is explained [the last Linear's input]."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Cheng et al. 2020: visual concepts (N_fg, N_bg, lambda), D_mean, D_std and rho of models."""
+    from kd.explain import METRICS, ExplainConfig, run_explain, table_rows
+
+    specs = dict(_parse_options_pairs(model, "--model"))
+    config = ExplainConfig(lam=lam, b=b, steps=steps, samples=samples, layer=layer, images=images, device=device)
+    res = _call(
+        run_explain, config, out, demo_dir=demo_dir, specs=specs, seeds=seeds, every=every, teacher_path=teacher_path
+    )
+    _report(f"kd explain (Cheng et al. 2020) on {images} digits test images", ["model", *METRICS],
+            table_rows(res["summary"]), caption=f"{out / 'results.json'}; plots in {out}")  # fmt: skip
+    if res.get("problems"):
+        _fail(f"the retrained models differ from the demo's: {res['problems']}", code=1)
+
+
+def _parse_options_pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
+    """``NAME=VALUE`` items of a repeatable option -> pairs (names unique)."""
+    pairs = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            _fail(f"{flag} {item!r}: expected NAME=VALUE")
+        if name in dict(pairs):
+            _fail(f"{flag}: the name {name!r} is given twice")
+        pairs.append((name, value))
+    return pairs
 
 
 @app.command()
@@ -1340,7 +1625,9 @@ def qkd(
 
 @app.command()
 def online(
-    method: str = typer.Argument(..., help="one, okddip, pcl, dcm, od-cheap or oemc (kd.student_trainer.online)."),
+    method: str = typer.Argument(
+        ..., help="one, okddip, pcl, dcm, od-cheap, oemc, hes or frskd (kd.student_trainer.online)."
+    ),
     dataset: str = typer.Option("digits", help="Training dataset URI (kd.core.data.open_source)."),
     val_dataset: str | None = typer.Option(None, help="Evaluation dataset URI; digits defaults to digits:test."),
     epochs: int = typer.Option(150, help="Epochs."),
@@ -1355,8 +1642,16 @@ def online(
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
     run_dir: Path | None = typer.Option(None, help="Write config.json, metrics.csv, checkpoint.pt, online.json."),
+    teacher: str | None = typer.Option(
+        None,
+        help="module:factory@WEIGHTS (or local:SPEC) of a pretrained teacher, for methods that need one "
+        "(hes: the expert).",
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --run-dir from its last checkpoint (every module and optimiser)."
+    ),
 ) -> None:
-    """Online distillation (ONE, OKDDip, PCL, DCM, od-cheap, OEMC): peers teach each other; reports each head."""
+    """Online distillation (ONE, OKDDip, PCL, DCM, od-cheap, OEMC, HES, FRSKD): teachers train with the students."""
     import torch
 
     from kd.student_trainer.online import train_online
@@ -1369,22 +1664,65 @@ def online(
     if labeled is not None:
         subset = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(1000 + seed))[:labeled]
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
-    try:
-        result = train_online(method, train_data, val_data, config, branches=branches, width=width,
-                              options=_parse_options(opt), subset=subset, run_dir=run_dir)  # fmt: skip
-    except (ValueError, TypeError) as e:
-        _fail(str(e))
+    if resume and run_dir is None:
+        _fail("--resume continues the run in --run-dir: give --run-dir")
+    expert = None
+    if teacher is not None and teacher.startswith(("cache:", "server:")):
+        _fail(f"--teacher {teacher!r}: online methods run their teacher in this process (dist-plus adapts its "
+              "weights, hes reads its maps): a cache holds fixed outputs and a server's weights cannot be trained "
+              "from here; give module:factory@WEIGHTS or local:SPEC")  # fmt: skip
+    if teacher is not None:
+        from kd.teacher_server.loading import TeacherLoadError, load_teacher
+
+        try:
+            expert = load_teacher("expert", teacher.removeprefix("local:"), device=device).model
+        except TeacherLoadError as e:
+            _fail(str(e))
+    result = _call(train_online, method, train_data, val_data, config, branches=branches, width=width,
+                   options=_parse_options(opt), subset=subset, run_dir=run_dir, teacher=expert,
+                   resume=resume)  # fmt: skip
     ens = "none" if result.ensemble_acc is None else f"{result.ensemble_acc:.4f}"
-    table = Table(
-        title=f"online: {method}",
-        caption=f"best single head {result.best_branch} {result.best_branch_acc:.4f}; ensemble {ens}",
-    )
-    table.add_column("head")
-    table.add_column("test acc", justify="right")
-    for head, acc in result.accuracies.items():
-        table.add_row(head, f"{acc:.4f}")
-    console.print(table)
+    _report(f"online: {method}", ["head", "test acc"], [[h, f"{a:.4f}"] for h, a in result.accuracies.items()],
+            caption=f"best single head {result.best_branch} {result.best_branch_acc:.4f}; ensemble {ens}")  # fmt: skip
     print(json.dumps(result.summary()))
+
+
+@app.command()
+def peer(
+    name: str = typer.Option(..., help="This peer's teacher name on its own server."),
+    peer: list[str] = typer.Option(..., "--peer", help="Another peer: HOST:PORT/NAME (PORT may be @PORT_FILE)."),
+    model: str = typer.Option("kd.models:digits_cnn_student", help="module:factory of this peer's model."),
+    init_seed: int = typer.Option(0, help="Seed of this peer's initialisation (give each peer its own)."),
+    serve_port: int = typer.Option(0, help="Port of this peer's own server (0: a free one, see --port-file)."),
+    host: str = typer.Option("127.0.0.1", help="Address this peer's server binds."),
+    server: str | None = typer.Option(None, help="Publish to this `kd serve --accept-weights` instead of serving."),
+    port_file: Path | None = typer.Option(None, help="Write the own server's port here once serving."),
+    publish_every: int = typer.Option(1, help="Publish the weights every N steps."),
+    max_lag: int | None = typer.Option(
+        None, help="Bounded staleness: ask a peer again until its weights are at most this many steps old."
+    ),
+    temperature: float = typer.Option(1.0, help="DML's temperature (the paper: 1)."),
+    dataset: str = typer.Option("digits"),
+    val_dataset: str = typer.Option("digits:test"),
+    labeled: int | None = typer.Option(100, help="Train on this many samples (kd online's seeded draw)."),
+    epochs: int = typer.Option(150),
+    batch_size: int = typer.Option(32),
+    lr: float = typer.Option(3e-3),
+    seed: int = typer.Option(0, help="Batch order and labelled draw (the same for all peers)."),
+    device: str = typer.Option("cpu"),
+    linger: float = typer.Option(3.0, help="After training, serve until no peer asked for this many seconds."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write this peer's results here."),
+    save: Path | None = typer.Option(None, help="Save the last published weights (safetensors)."),
+) -> None:
+    """Deep mutual learning with each peer in its own process, through live-updated servers."""
+    from kd.peers import PeerRun, run_peer
+
+    run = PeerRun(name=name, peers=list(peer), model=model, init_seed=init_seed, serve_port=serve_port, host=host,
+                  server=server, port_file=port_file, publish_every=publish_every, max_lag=max_lag,
+                  temperature=temperature,
+                  dataset=dataset, val_dataset=val_dataset, labeled=labeled, epochs=epochs, batch_size=batch_size,
+                  lr=lr, seed=seed, device=device, linger=linger, json_out=json_out, save=save)  # fmt: skip
+    print(json.dumps(_call(run_peer, run)))
 
 
 @app.command()
@@ -1405,19 +1743,12 @@ def graph(
     config = GraphDistillConfig(spec=spec, seeds=seeds, epochs=epochs, teacher_epochs=teacher_epochs,
                                 lsp_weight=lsp_weight, scale=scale, student_hidden=student_hidden,
                                 train_graphs=10)  # fmt: skip
-    try:
-        res = run(config)
-    except ValueError as e:
-        _fail(str(e))
-    table = Table(title=f"GCN distillation (LSP) on generated graphs, {seeds} seed(s)")
-    for col in ("model", "params", "node accuracy"):
-        table.add_column(col)
-    table.add_row("teacher GCN", str(res["teacher_params"]), f"{res['teacher_acc']:.4f}")
-    for name in ("ce", "lsp"):
-        table.add_row(f"student, {name.upper()}", str(res["student_params"]), _mean_std(res[name]["acc_per_seed"]))
-    Console().print(table)
-    if json_out is not None:
-        json_out.write_text(json.dumps(res, indent=1))
+    res = _call(run, config)
+    rows = [["teacher GCN", str(res["teacher_params"]), f"{res['teacher_acc']:.4f}"]]
+    for n in ("ce", "lsp"):
+        rows.append([f"student, {n.upper()}", str(res["student_params"]), _mean_std(res[n]["acc_per_seed"])])
+    _report(f"GCN distillation (LSP) on generated graphs, {seeds} seed(s)", ["model", "params", "node accuracy"],
+            rows, json_out=json_out, result=res)  # fmt: skip
 
 
 def _mean_std(values: list[float]) -> str:
@@ -1446,21 +1777,15 @@ def multitask(
     config = MultiTaskConfig(tasks=names, seeds=seeds, epochs=epochs, teacher_epochs=teacher_epochs, lr=lr,
                              adaptor_lr=adaptor_lr, student_width=student_width, served=served,
                              dist_weights=dict.fromkeys(names, dist_weight))  # fmt: skip
-    try:
-        res = run(config)
-    except ValueError as e:
-        _fail(str(e))
-    table = Table(title=f"multi-task distillation (KD-MTL) on digits, {seeds} seed(s)")
-    for col in ("model", *(f"{t} ({res['metrics'][t]})" for t in names), "delta_MTL %"):
-        table.add_column(col)
-    table.add_row("single-task teachers", *(f"{res['single_task'][t]:.4f}" for t in names), "0")
+    res = _call(run, config)
+    rows = [["single-task teachers", *(f"{res['single_task'][t]:.4f}" for t in names), "0"]]
     for key, label in (("mtl", "multi-task, task losses"), ("kdmtl", "multi-task, KD-MTL")):
         per = res[key]["per_seed"]
-        table.add_row(label, *(_mean_std([m[t] for m in per]) for t in names),
-                      _mean_std(res[key]["delta_mtl_per_seed"]))  # fmt: skip
-    Console().print(table)
-    if json_out is not None:
-        json_out.write_text(json.dumps(res, indent=1))
+        delta = _mean_std(res[key]["delta_mtl_per_seed"])
+        rows.append([label, *(_mean_std([m[t] for m in per]) for t in names), delta])
+    _report(f"multi-task distillation (KD-MTL) on digits, {seeds} seed(s)",
+            ["model", *(f"{t} ({res['metrics'][t]})" for t in names), "delta_MTL %"], rows,
+            json_out=json_out, result=res)  # fmt: skip
 
 
 @app.command()
@@ -1476,16 +1801,8 @@ def taskdistill(
     from kd.student_trainer.multitask.taskdistill import ROWS, TaskDistillConfig, run
 
     config = TaskDistillConfig(seeds=seeds, epochs=epochs, width=width, lr=lr, temperature=temperature)
-    try:
-        res = run(config)
-    except ValueError as e:
-        _fail(str(e))
-    table = Table(title=f"task distillation, digits -> re-rendered digits, {seeds} seed(s)")
-    for col in ("model", "evaluated on", "accuracy"):
-        table.add_column(col)
+    res = _call(run, config)
     where = {"source_model_on_source": "source test", "proxy_on_target_masks": "target test masks"}
-    for row in ROWS:
-        table.add_row(row, where.get(row, "target test"), _mean_std([r[row] for r in res["per_seed"]]))
-    Console().print(table)
-    if json_out is not None:
-        json_out.write_text(json.dumps(res, indent=1))
+    rows = [[row, where.get(row, "target test"), _mean_std([r[row] for r in res["per_seed"]])] for row in ROWS]
+    _report(f"task distillation, digits -> re-rendered digits, {seeds} seed(s)", ["model", "evaluated on", "accuracy"],
+            rows, json_out=json_out, result=res)  # fmt: skip

@@ -35,14 +35,15 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kd.cache import CacheMeta, CacheReader, CacheWriter
-from kd.cache.codecs import bytes_per_sample, codec_uses_temperature
+from kd.cache.codecs import LowRankBasis, bytes_per_sample, codec_uses_temperature, get_codec
 from kd.cache.sharded import open_cache, shard_dir
+from kd.cache.store import stored_basis
 from kd.core import reductions
 from kd.core.data import loader as data_loader
 from kd.core.samples import SampleSource
 from kd.core.targets import SparseTargets
 from kd.core.views import PARAM_WIDTH
-from kd.student_trainer.sources import Batch, SoftTargetSource, prefetched
+from kd.student_trainer.sources import Batch, SampleDraws, SoftTargetSource, prefetched
 
 
 @dataclass
@@ -204,6 +205,38 @@ def batch_loader(
     )
 
 
+BASIS_FIT_ROWS = 1024  # a pca:K basis is fitted on the first max(K, this) rows (or all there are)
+
+
+def basis_fit_rows(k: int, available: int) -> int:
+    """Rows a rank-``k`` basis is fitted on: max(k, BASIS_FIT_ROWS), or all ``available`` if fewer."""
+    return min(max(k, BASIS_FIT_ROWS), available)
+
+
+def cache_basis(path: Path, codec: str, basis: bytes | None, fit: Callable[[], torch.Tensor]) -> bytes | None:
+    """The low-rank basis a ``pca:K`` cache at ``path`` is written with: the one it already
+    stores (a resumed run: its records were encoded with it), else ``basis`` (``--basis FILE``,
+    so shards share one), else ``LowRankBasis.fit`` on ``fit()``'s first teacher logits [N, C].
+    A given ``basis`` that differs from the stored one is refused: it was asked for explicitly
+    (shards meant to share it would silently not). None for codecs without a basis."""
+    codec_obj = get_codec(codec, 1.0)
+    if not codec_obj.needs_basis:
+        if basis is not None:
+            raise ValueError(f"a basis is only used by pca:K codecs, not {codec}")
+        return None
+    stored = stored_basis(path)
+    if stored is not None:
+        if basis is not None and bytes(basis) != stored:
+            raise ValueError(
+                f"cache {str(path)!r} was started with another low-rank basis than the one given; resume it "
+                "without --basis (it keeps its own) or write to a new path"
+            )
+        return stored
+    if basis is not None:
+        return bytes(basis)
+    return LowRankBasis.fit(fit(), codec_obj.k).to_bytes()
+
+
 _MALLOC_BOUNDED = False
 
 
@@ -252,8 +285,14 @@ def precompute(
     progress: bool = True,
     workers: int | None = None,
     on_batch: Callable[[int], Any] | None = None,
+    basis: bytes | None = None,
 ) -> PrecomputeReport:
     """Run ``dataset`` (any SampleSource) through ``teacher`` into the cache at ``out``.
+
+    ``pca:K``: the basis is the cache's stored one when resuming, else ``basis``
+    (``LowRankBasis.to_bytes``; one for all shards), else fitted on the teacher's logits
+    of this environment's first ``basis_fit_rows`` (index, view) keys in order (computed
+    twice: once to fit, once as records).
 
     ``features`` (teacher layer names) are stored beside the targets, fp16,
     optionally pooled. ``workers`` DataLoader processes decode the samples
@@ -309,6 +348,9 @@ def precompute(
     topk = codec.startswith("topk:") and callable(getattr(teacher, "keeping_topk", None))
     if topk:  # a server sends only what the cache keeps, with its log-sum-exp at the cache's T
         teacher = teacher.keeping_topk(int(codec.partition(":")[2]), meta.temperature)
+    elif codec.startswith("sample:") and callable(getattr(teacher, "keeping_samples", None)):
+        # A server draws next to the model, with the codec's keyed uniforms: the same records.
+        teacher = teacher.keeping_samples(get_codec(meta.codec, meta.temperature, meta.codec_version))
     # By reference the server decodes the views, and it returns the params it drew with the
     # targets (DatasetRef.return_view_params). Recomputing them here was the other way; it is
     # not taken: a random-resized crop's params depend on the decoded image's size, so this
@@ -320,8 +362,17 @@ def precompute(
         meta = dataclasses.replace(meta, view_params=PARAM_WIDTH)
     flush_at = commit_every
     never = 1 << 62  # the writers commit when this loop says: view params first, then the targets
+
+    def first_logits() -> torch.Tensor:
+        first = todo_keys(meta, np.empty(0, dtype=np.int64))
+        first = first[: basis_fit_rows(get_codec(codec, 1.0).k, len(first))]
+        loader = batch_loader(dataset, first, batch_size=batch_size, views=views, workers=0, decode=not by_reference)
+        fit_batches = (Batch(idx, x, y, vw if views > 1 else None) for idx, vw, x, y in loader)
+        return torch.cat([z.float().cpu() for _, z, _ in teacher.iter_outputs(fit_batches, [], False)])
+
+    cache_b = cache_basis(path, codec, basis, first_logits)
     with (
-        CacheWriter(path, meta, commit_every=never) as writer,
+        CacheWriter(path, meta, commit_every=never, basis=cache_b) as writer,
         CacheWriter(view_params_path(path), _params_meta(meta), commit_every=never)
         if store_params
         else contextlib.nullcontext() as params_writer,
@@ -378,6 +429,8 @@ def precompute(
                         params_writer.put(batch.indices.tolist(), params, views_list)
                     if isinstance(logits, SparseTargets):  # a top-k reply: the same records as from logits
                         writer.put_topk(batch.indices.tolist(), logits, views_list, feats or None)
+                    elif isinstance(logits, SampleDraws):  # a server's draws: the same records as from logits
+                        writer.put_samples(batch.indices.tolist(), logits.ids, logits.counts, views_list, feats or None)
                     else:
                         writer.put(batch.indices.tolist(), logits, views_list, feats or None)
                     pending += len(batch.indices)
@@ -400,10 +453,114 @@ def precompute(
 
 
 # -- token teachers: one record per sequence ---------------------------------------------------
+@dataclass(frozen=True)
+class TokenAsk:
+    """What a token cache keeps, hence what to ask a served teacher for (``token_ask``).
+
+    * ``logits``: full logits in ``dtype`` (fp32, or the fp16 / bf16 a cache of that codec
+      stores anyway: half the bytes on the wire, the same records). Dense and quantised
+      codecs, and ``rand:M``, whose ids derive from the record key (index, position) and
+      cannot be sent in a request: the client picks them from full logits.
+    * ``topk``: the K largest logits and the row's log-sum-exp of z / T (``top_k`` with
+      ``sparse_temperature``).
+    * ``sample``: K draws at T per round, as unique ids with counts (``token_samples``),
+      one request per sequence and round with the seed ``sample_seed(index, round)``.
+    """
+
+    kind: str
+    k: int = 0
+    rounds: int = 1
+    temperature: float = 1.0
+    dtype: torch.dtype = torch.float32
+
+
+def token_ask(codec: Any) -> TokenAsk:
+    """The ``TokenAsk`` of a codec object (``kd.cache.codecs.get_codec``)."""
+    from kd.cache.codecs import FullCodec, SampleCodec, TopKCodec
+
+    if isinstance(codec, TopKCodec):
+        return TokenAsk("topk", k=codec.k, temperature=codec.temperature)
+    if isinstance(codec, SampleCodec):
+        return TokenAsk("sample", k=codec.k, rounds=codec.rounds, temperature=codec.temperature)
+    if isinstance(codec, FullCodec) and codec.torch_dtype in (torch.float16, torch.bfloat16):
+        return TokenAsk("logits", dtype=codec.torch_dtype)
+    return TokenAsk("logits")
+
+
+def sample_seed(index: int, round_: int) -> int:
+    """The draw seed of sequence ``index``, round ``round_`` (a request's ``token_sample_seed``):
+    a function of the record alone, so a resumed or re-run precompute draws the same ids,
+    in process or through a server."""
+    import hashlib
+
+    digest = hashlib.sha256(f"kd-token-cache:{int(index)}:{int(round_)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def draw_counts(z: torch.Tensor, draws: int, temperature: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A served teacher's draws for one sequence's logits ``z`` [L, V] asked with ``seed``:
+    the server's own function (``kd.teacher_server.lm.sample_counts``, row 0 of a request),
+    so the in-process path writes the records the server's answer writes."""
+    from kd.teacher_server.lm import _row_seed, sample_counts
+
+    g = torch.Generator(device=z.device).manual_seed(_row_seed(seed, 0))
+    return sample_counts(z, draws, temperature, g)
+
+
+def sample_rows(codec: Any, ids: list[torch.Tensor], counts: list[torch.Tensor], vocab: int) -> np.ndarray:
+    """``sample:K[xR]`` codec rows uint8 [L, record_bytes] from R rounds of unique ids [L, k <= K]
+    (-1 unused) and counts: per round the ids ascending, unused slots id 0 with count 0 (the
+    layout ``SampleCodec`` writes and ``decode_rounds`` reads)."""
+    from kd.cache.codecs import index_bytes
+
+    idx_dt = np.dtype({1: np.uint8, 2: np.uint16, 4: np.uint32}[index_bytes(vocab)]).newbyteorder("<")
+    parts = []
+    for i, c in zip(ids, counts):
+        i, c = i.to("cpu", torch.int64), c.to("cpu", torch.int64)
+        if i.shape[1] > codec.k:
+            raise ValueError(f"{i.shape[1]} sampled ids per position for a {codec.name} cache")
+        if bool((c.sum(dim=1) != codec.k).any()):
+            raise ValueError(f"sampled counts do not sum to {codec.k} draws per position ({codec.name})")
+        order = torch.where(i >= 0, i, vocab).sort(dim=1)
+        sid = torch.where(order.values < vocab, order.values, 0)
+        sc = torch.where(order.values < vocab, c.gather(1, order.indices), 0)
+        pad = codec.k - sid.shape[1]
+        sid, sc = torch.nn.functional.pad(sid, (0, pad)), torch.nn.functional.pad(sc, (0, pad))
+        parts += [sid.numpy().astype(idx_dt).view(np.uint8), sc.numpy().astype(np.uint8)]
+    return np.ascontiguousarray(np.concatenate(parts, axis=1))
+
+
+def topk_rows(codec: Any, values: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, vocab: int) -> np.ndarray:
+    """``topk:K`` codec rows from the parts (values [L, K], ids [L, K], lse [L]); refuses what
+    the codec would: NaN/Inf, or values beyond its fp16 range."""
+    values, lse = values.to("cpu", torch.float32), lse.to("cpu", torch.float32)
+    peak = float(values.abs().max()) if values.numel() else 0.0
+    if not (math.isfinite(peak) and bool(torch.isfinite(lse).all())):
+        raise ValueError("top-k values or log-sum-exp contain NaN or Inf; refusing to cache them")
+    if peak > codec.max_abs:
+        raise ValueError(f"|logits| up to {peak:.4g} exceed the {codec.name} range ({codec.max_abs:.4g})")
+    return codec._pack(values, ids.to("cpu", torch.int64), lse, vocab)
+
+
+def parts_rows(codec: Any, ask: TokenAsk, index: int, z: torch.Tensor, vocab: int) -> np.ndarray:
+    """Codec rows of one sequence from its logits [L, V], computed as a server computes its
+    answer (top-k and lse of z / T; draws by ``draw_counts`` with ``sample_seed``)."""
+    z = z.float()
+    if ask.kind == "topk":
+        values, ids = z.topk(ask.k, dim=-1)
+        return topk_rows(codec, values, ids, torch.logsumexp(z / ask.temperature, dim=-1), vocab)
+    drawn = [draw_counts(z, ask.k, ask.temperature, sample_seed(index, r)) for r in range(ask.rounds)]
+    return sample_rows(codec, [d[0] for d in drawn], [d[1] for d in drawn], vocab)
+
+
 class LocalTokenTeacher:
     """An in-process token teacher: ``model(tokens [B, S] int64) -> logits [B, S, V]`` (or an
     output with ``.logits``). Padding is on the right, so a causal model's real positions never
-    see it; the fingerprint is the weights' (``kd.teacher_server.loading.fingerprint``)."""
+    see it; the fingerprint is the weights' (``kd.teacher_server.loading.fingerprint``).
+
+    ``from_spec`` loads what ``kd serve --teacher`` loads (``hf:DIR`` or a module factory),
+    calls it as the server does (with the attention mask) and takes the fingerprint the
+    server would give it at fp32, so its caches equal those precomputed through a server."""
 
     def __init__(self, model: torch.nn.Module, name: str = "module", device: str | torch.device = "cpu") -> None:
         from kd.teacher_server.loading import fingerprint
@@ -412,30 +569,99 @@ class LocalTokenTeacher:
         self.device = torch.device(device)
         self.teacher_name = name
         self.fingerprint = fingerprint(model)
+        self.hf: bool | None = None  # None: called as model(tokens); else as the server calls it
+
+    @classmethod
+    def from_spec(cls, spec: str, name: str = "teacher", device: str | torch.device = "cpu") -> LocalTokenTeacher:
+        from kd.teacher_server.lm import is_token_teacher, token_target_options
+        from kd.teacher_server.loading import load_teacher
+
+        teacher = load_teacher(name, spec, device=str(device))
+        if not is_token_teacher(teacher):
+            raise ValueError(f"teacher {spec!r} is not a token teacher (tokens [B, S] -> logits [B, S, V]); "
+                             "give a module with input_shape (-1,) (or ?input_shape=-1) or hf:DIR")  # fmt: skip
+        self = cls(teacher.model, name, device)
+        self.fingerprint = token_target_options(teacher, "fp32", False)[0]
+        self.hf = teacher.signature is not None and teacher.signature.extra.get("source") == "hf"
+        return self
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        out = self.model(tokens.to(self.device))
-        return getattr(out, "logits", out).float().cpu()
+        tokens = tokens.to(self.device)
+        if self.hf is None:
+            out = self.model(tokens)
+            return getattr(out, "logits", out).float().cpu()
+        from kd.teacher_server.lm import call_model
+
+        mask = torch.arange(tokens.shape[1], device=self.device)[None, :] < lengths.to(self.device)[:, None]
+        with torch.inference_mode():
+            return call_model(self.model, tokens, mask, self.hf).float().cpu()
 
 
 class ServerTokenTeacher:
-    """A served token teacher (``kd serve --teacher lm=...``): full logits at every real position
-    of each sequence (``TeacherClient.token_logits``), encoded here by the cache's codec."""
+    """A served token teacher (``kd serve --teacher lm=...``), asked only for what the cache
+    keeps (``TokenAsk``): top-k + lse for ``topk:K``, sampled ids with counts for ``sample:K``
+    (drawn next to the model), full logits (fp16/bf16 for those codecs) otherwise."""
 
-    def __init__(self, address: str, teacher: str | None = None, **client_options: Any) -> None:
+    def __init__(self, address: str, teacher: str | None = None, *, depth: int = 8, **client_options: Any) -> None:
         from kd.teacher_server.client import TeacherClient
 
         self.client = TeacherClient(address, **client_options)
         desc = self.client.describe(teacher)
         self.teacher_name = desc.name
         self.fingerprint = desc.fingerprint
+        self.depth = depth
 
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Full fp32 logits ``[B, S, V]`` (0 at padding)."""
         return self.client.token_logits(self.teacher_name, tokens, lengths=lengths.tolist()).float()
+
+    def sequences(
+        self, indices: list[int], tokens: torch.Tensor, lengths: torch.Tensor, ask: TokenAsk
+    ) -> list[Any]:  # fmt: skip
+        """Per sequence: logits [L, V] (``logits``), (values, ids, lse) (``topk``) or a list of
+        (ids, counts) per round (``sample``), each over the sequence's L real positions."""
+        lens = [int(n) for n in lengths]
+        name = self.teacher_name
+        if ask.kind == "sample":
+            from concurrent.futures import ThreadPoolExecutor
+
+            def one(job: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+                r, rnd = job
+                out = self.client.infer_tokens(name, tokens[r : r + 1, : lens[r]], samples=ask.k,
+                                               seed=sample_seed(indices[r], rnd),
+                                               sparse_temperature=ask.temperature)  # fmt: skip
+                return out["sample_indices"], out["sample_counts"]
+
+            jobs = [(r, rnd) for r in range(len(indices)) for rnd in range(ask.rounds)]
+            with ThreadPoolExecutor(max_workers=self.depth) as pool:  # the server batches them
+                answers = list(pool.map(one, jobs))
+            return [answers[r * ask.rounds : (r + 1) * ask.rounds] for r in range(len(indices))]
+        if ask.kind == "topk":
+            out = self.client.infer_tokens(name, tokens, lengths=lens, top_k=ask.k,
+                                           sparse_temperature=ask.temperature)  # fmt: skip
+            parts = [torch.split(out[key], lens) for key in ("topk_values", "topk_indices", "logsumexp")]
+            return list(zip(*parts))
+        out = self.client.infer_tokens(name, tokens, lengths=lens, logits=True, dtype=ask.dtype)
+        return [z.float() for z in torch.split(out["logits"], lens)]
 
     def close(self) -> None:
         self.client.close()
+
+
+def token_teacher(ref: str, device: str = "cpu") -> LocalTokenTeacher | ServerTokenTeacher:
+    """``server:HOST:PORT[/TEACHER]`` or ``local:SPEC`` (``hf:DIR``, ``module:factory[@WEIGHTS]?...``)
+    as a token teacher for ``precompute_tokens`` (``kd precompute`` with a token dataset)."""
+    kind, sep, rest = ref.partition(":")
+    if kind == "server" and sep and rest:
+        address, _, name = rest.partition("/")
+        if "," in address:
+            raise ValueError(f"source {ref!r}: token precompute talks to one server; give one HOST:PORT")
+        return ServerTokenTeacher(address, name or None)
+    if kind == "local" and sep and rest:
+        return LocalTokenTeacher.from_spec(rest, device=device)
+    raise ValueError(f"source {ref!r}: a token teacher is server:HOST:PORT[/TEACHER] or local:SPEC "
+                     "(local:hf:DIR, local:module:factory@WEIGHTS?input_shape=-1)")  # fmt: skip
 
 
 def precompute_tokens(
@@ -447,15 +673,30 @@ def precompute_tokens(
     batch_size: int = 8,
     temperature: float | None = None,
     commit_every: int = 256,
+    progress: bool = False,
+    basis: bytes | None = None,
 ) -> PrecomputeReport:
     """One record per sequence of a token source (``kd.core.tokens.TokenSource``): the teacher's
-    logits at each real position, through ``codec`` (``fp16``, ``topk:K`` + rest, ``sample:K``
+    targets at each real position, through ``codec`` (``fp16``, ``topk:K`` + rest, ``sample:K``
     counts, ...; ids in 1, 2 or 4 bytes by vocabulary). Resumes: sequences already committed are
     skipped. ``temperature``: the T the sparse codecs are exact at (topk, rand) or draw at (sample,
-    default 1). Read back with ``CacheReader.token_targets`` or ``CacheSource`` (``TokenTargets``)."""
+    default 1). Read back with ``CacheReader.token_targets`` or ``CacheSource`` (``TokenTargets``).
+
+    A ``ServerTokenTeacher`` is asked only for what the codec keeps (``token_ask``); an
+    in-process teacher's logits go through the same arithmetic (``parts_rows``), so both
+    paths write the same records for the same logits (sampled ids included: the draws are
+    the server's function of ``sample_seed(index, round)``). ``pca:K``: as ``precompute``,
+    the basis fitted on the positions of the first sequences (at least ``basis_fit_rows``)."""
+    from kd.cache.codecs import get_codec
+
     t0 = time.perf_counter()
     n = len(source)
     vocab = int(source.vocab_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    codec_obj = get_codec(codec, temperature if codec_uses_temperature(codec) else None)
+    ask = token_ask(codec_obj)
+    served = isinstance(teacher, ServerTokenTeacher)
     meta = CacheMeta(
         teacher_fingerprint=teacher.fingerprint,
         dataset_id=source.dataset_id,
@@ -467,23 +708,51 @@ def precompute_tokens(
         per_token=True,
         dataset_manifest=manifest_of(source),
     )
-    positions = 0
-    with CacheWriter(out, meta, commit_every=commit_every) as writer:
+
+    def logits_of(idx: list[int]) -> list[torch.Tensor]:
+        b = source.batch(idx)
+        lengths = b.attention_mask.sum(dim=1)
+        if served:
+            return teacher.sequences(idx, b.tokens, lengths, ask)
+        logits = teacher(b.tokens, lengths)
+        if logits.ndim != 3 or logits.shape[:2] != b.tokens.shape or logits.shape[2] != vocab:
+            raise ValueError(
+                f"the token teacher gave logits {list(logits.shape)} for tokens {list(b.tokens.shape)}; "
+                f"expected [B, S, {vocab}] (the source's vocabulary)"
+            )
+        return [logits[r, : int(lengths[r])] for r in range(len(idx))]
+
+    def first_positions() -> torch.Tensor:
+        rows: list[torch.Tensor] = []
+        want = max(codec_obj.k, BASIS_FIT_ROWS)
+        for lo in range(0, n, batch_size):
+            rows += [z.float().cpu() for z in logits_of(list(range(lo, min(lo + batch_size, n))))]
+            if sum(len(z) for z in rows) >= want:
+                break
+        return torch.cat(rows)[:want]
+
+    cache_b = cache_basis(Path(out), codec, basis, first_positions)
+    with (
+        CacheWriter(out, meta, commit_every=commit_every, basis=cache_b) as writer,
+        Progress(TextColumn("precompute {task.description}"), BarColumn(), MofNCompleteColumn(),
+                 TimeRemainingColumn(), disable=not progress) as bar,
+    ):  # fmt: skip
         done = {i for i, _ in writer.present()}
         todo = [i for i in range(n) if i not in done]
+        task = bar.add_task(f"{source.dataset_id} -> {out}", total=n, completed=n - len(todo))
         for lo in range(0, len(todo), batch_size):
             idx = todo[lo : lo + batch_size]
-            b = source.batch(idx)
-            lengths = b.attention_mask.sum(dim=1)
-            logits = teacher(b.tokens, lengths)
-            if logits.ndim != 3 or logits.shape[:2] != b.tokens.shape or logits.shape[2] != vocab:
-                raise ValueError(
-                    f"the token teacher gave logits {list(logits.shape)} for tokens {list(b.tokens.shape)}; "
-                    f"expected [B, S, {vocab}] (the source's vocabulary)"
-                )
-            seqs = [logits[r, : int(lengths[r])] for r in range(len(idx))]
-            writer.put_sequences(idx, seqs)
-            positions += int(lengths.sum())
+            answers = logits_of(idx)
+            if ask.kind == "logits":
+                writer.put_sequences(idx, answers)
+            elif not served:
+                writer.put_sequence_rows(idx, [parts_rows(codec_obj, ask, i, z, vocab) for i, z in zip(idx, answers)])
+            elif ask.kind == "topk":
+                writer.put_sequence_rows(idx, [topk_rows(codec_obj, *a, vocab) for a in answers])
+            else:
+                rows = [sample_rows(codec_obj, [p[0] for p in a], [p[1] for p in a], vocab) for a in answers]
+                writer.put_sequence_rows(idx, rows)
+            bar.advance(task, len(idx))
     path = Path(out)
     stats = CacheReader(path).token_stats()
     return PrecomputeReport(

@@ -24,8 +24,10 @@ import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from kd.cache import CacheMeta, CacheWriter
@@ -206,6 +208,24 @@ class CacheSource(SoftTargetSource):
         return plan
 
 
+@dataclass(frozen=True)
+class SampleDraws:
+    """A server's draws for a ``sample:K[xR]`` cache (``ServerSource.keeping_samples``):
+    unique ids and counts per round, int32 [B, R, K] (``CacheWriter.put_samples`` stores them)."""
+
+    ids: torch.Tensor
+    counts: torch.Tensor
+
+
+def sample_uniforms(codec: Any, indices: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
+    """The uniforms a ``sample:K[xR]`` codec draws the records (index, view) with, float64
+    [B, R * K]: sent to the server so that its draws are the records the codec makes from
+    full logits (the codec's keyed draws: ``SampleCodec.encode`` with record keys)."""
+    idx = indices.detach().cpu().numpy().astype(np.int64)
+    vw = np.zeros_like(idx) if views is None else views.detach().cpu().numpy().astype(np.int64)
+    return codec.uniforms(np.stack([idx, vw], axis=1))
+
+
 class ServerSource(SoftTargetSource):
     name = "server"
 
@@ -227,6 +247,7 @@ class ServerSource(SoftTargetSource):
         if topk < 0 or (temperature is not None and not (math.isfinite(temperature) and temperature > 0)):
             raise ValueError(f"topk must be >= 0 and temperature a finite number > 0, got {topk}, {temperature}")
         self.topk, self.topk_temperature = topk, temperature or 1.0
+        self.sample_codec: Any = None  # keeping_samples: a sample:K[xR] codec whose draws are asked for
         self.client = TeacherClient(address, **client_options)
         self.addresses = [a for a in address.split(",") if a] if isinstance(address, str) else list(address)
         # One channel per server for streams: a stream is one HTTP/2 call, which gRPC's round_robin
@@ -274,12 +295,25 @@ class ServerSource(SoftTargetSource):
         other.topk, other.topk_temperature = k, temperature or 1.0
         return other
 
+    def keeping_samples(self, codec: Any) -> ServerSource:
+        """This source (the same connections) asking only for the draws a ``sample:K[xR]`` cache
+        keeps (``codec``: its ``SampleCodec``, at the cache's temperature), drawn on the server
+        with the codec's keyed uniforms: targets are ``SampleDraws``, no logits cross the wire."""
+        other = copy.copy(self)
+        other.topk, other.sample_codec = 0, codec
+        return other
+
     def _asked(self) -> dict[str, Any]:
+        c = self.sample_codec
+        if c is not None:
+            return {"logits": False, "samples": c.k, "sample_rounds": c.rounds, "sparse_temperature": c.temperature}
         if not self.topk:
             return {}
         return {"logits": False, "top_k": self.topk, "sparse_temperature": self.topk_temperature}
 
-    def _targets_of(self, outputs: dict[str, torch.Tensor]) -> Targets:
+    def _targets_of(self, outputs: dict[str, torch.Tensor]) -> Targets | SampleDraws:
+        if self.sample_codec is not None:
+            return SampleDraws(outputs["sample_indices"], outputs["sample_counts"])
         if not self.topk:
             return outputs["logits"]
         return SparseTargets("topk", outputs["topk_indices"].long(), outputs["topk_values"].float(),
@@ -287,9 +321,12 @@ class ServerSource(SoftTargetSource):
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         payload = self._payload(indices, inputs, views)
+        asked = self._asked()
+        if self.sample_codec is not None:
+            asked["sample_uniforms"] = sample_uniforms(self.sample_codec, indices, views)
         if isinstance(payload, DatasetRef):
-            return self._targets_of(self.client.infer(self.teacher, ref=payload, **self._asked()))
-        return self._targets_of(self.client.infer(self.teacher, payload, **self._asked()))
+            return self._targets_of(self.client.infer(self.teacher, ref=payload, **asked))
+        return self._targets_of(self.client.infer(self.teacher, payload, **asked))
 
     def iter_targets(self, batches: Iterable[Batch | tuple]) -> Iterator[tuple[Batch, Targets]]:
         for batch, logits, _ in self.iter_outputs(batches, []):
@@ -307,6 +344,8 @@ class ServerSource(SoftTargetSource):
         """``iter_outputs`` plus, by reference with ``view_params``, the params of each view as
         the server drew them (float32 [B, PARAM_WIDTH]; None for plain samples or by value)."""
         keyed = ((b, self._payload(b.indices, b.inputs, b.views, view_params)) for b in (Batch(*x) for x in batches))
+        if self.sample_codec is not None:  # each batch's draws: its records' keyed uniforms
+            keyed = ((b, x, sample_uniforms(self.sample_codec, b.indices, b.views)) for b, x in keyed)
         options = {"features": features, "pool_features": pool, **self._asked()}
         if self.pool:
             stream = _pooled_stream(self.pool, self.teacher, keyed, depth=self.depth, **options)
@@ -467,6 +506,12 @@ class ReadThroughSource(SoftTargetSource):
         self.reader = open_cache(path)
         self.hits = 0
         self.misses = 0
+        # Ask upstream only for what the cache keeps (a server draws or picks next to the model).
+        c = self.writer.codec
+        if meta.codec.startswith("topk:") and callable(getattr(upstream, "keeping_topk", None)):
+            self.upstream = upstream.keeping_topk(c.k, c.temperature)
+        elif meta.codec.startswith("sample:") and callable(getattr(upstream, "keeping_samples", None)):
+            self.upstream = upstream.keeping_samples(c)
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         present = torch.tensor(self.reader.present(indices.tolist(), None if views is None else views.tolist()))
@@ -475,8 +520,14 @@ class ReadThroughSource(SoftTargetSource):
         self.misses += len(missing)
         if len(missing):
             mv = None if views is None else views[missing]
-            logits = self.upstream.targets(indices[missing], inputs[missing], mv)
-            self.writer.put(indices[missing].tolist(), logits, None if mv is None else mv.tolist())
+            got = self.upstream.targets(indices[missing], inputs[missing], mv)
+            keys, vws = indices[missing].tolist(), None if mv is None else mv.tolist()
+            if isinstance(got, SampleDraws):
+                self.writer.put_samples(keys, got.ids, got.counts, vws)
+            elif isinstance(got, SparseTargets) and got.kind == "topk":
+                self.writer.put_topk(keys, got, vws)
+            else:
+                self.writer.put(keys, got, vws)
             self.writer.flush()
         return self.reader.targets(indices, views)
 

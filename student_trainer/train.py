@@ -20,7 +20,8 @@ recipe included), ``metrics.csv`` (per epoch: loss, top-1 and top-5 test
 accuracy, the learning rate at the epoch's first step, samples/s, and the
 seconds the step waited for its source, which shows when the teacher is the bottleneck)
 and ``checkpoint.pt`` at the end of every epoch (model, optimiser, the batch
-order's and torch's RNG states, history). ``resume=True`` continues from it
+order's and torch's RNG states, history, and a method's ``Hooks.extra`` modules with their
+optimisers and its ``Hooks.state()``). ``resume=True`` continues from it
 and ends with exactly the weights of an uninterrupted run.
 
 Under ``torchrun`` (an initialised torch.distributed group) the student is
@@ -234,6 +235,10 @@ class Hooks:
       ``steps_per_epoch`` (the student steps of a full epoch, for the schedule); ``train`` may be
       None. An ``extra`` optimiser whose parameters got no gradient in a step is not stepped: a
       module that the iterator updates itself still gets the schedule's rate and train mode.
+    * ``state() -> dict`` / ``load_state(dict)``: a method's own state beyond its ``extra`` modules
+      (an EMA model, a step counter), saved in ``checkpoint.pt`` every epoch and given back on
+      ``resume`` (tensors and plain containers only: the checkpoint is read with weights_only).
+      The ``extra`` modules and their optimisers are saved and restored by the loop itself.
     """
 
     extra: list[tuple[nn.Module, torch.optim.Optimizer]] = field(default_factory=list)
@@ -243,6 +248,8 @@ class Hooks:
     evaluate: Callable[[nn.Module, SampleSource], float] | None = None
     batches: Callable[[int], Iterable[tuple]] | None = None
     steps_per_epoch: int = 0
+    state: Callable[[], dict] | None = None
+    load_state: Callable[[dict], None] | None = None
 
 
 def world() -> tuple[int, int]:
@@ -398,8 +405,6 @@ def train_student(
     hooks = hooks or Hooks()
     recipe = optim.recipe_of(config)
     recipe.validate()
-    if resume and hooks.extra:
-        raise ValueError("resume does not restore a hook's extra modules yet; train them without resume")
     if config.workers < 0:
         raise ValueError(f"workers must be >= 0, got {config.workers}")
     method = get_method(config.method)
@@ -484,9 +489,24 @@ def train_student(
                 saved = json.loads((run / "config.json").read_text())
             except (OSError, ValueError) as e:
                 raise ValueError(f"cannot resume {str(run)!r}: its config.json is unreadable ({e})") from e
+            # A run dir written before a TrainConfig field existed lacks that key; it ran with what is now
+            # the field's default, so a missing key equal to its default is no difference.
+            defaults = json.loads(json.dumps(asdict(TrainConfig())))
+            saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
             if saved != json.loads(json.dumps(effective)):
                 diff = sorted(k for k in effective if saved.get(k) != json.loads(json.dumps(effective)).get(k))
                 raise ValueError(f"cannot resume {str(run)!r}: its config differs in {diff}")
+            if hooks.load_state is not None:  # first: a method's own check names a run of another method
+                if "hooks" not in ckpt:
+                    raise ValueError(f"cannot resume {str(run)!r}: its checkpoint holds no state of this method")
+                hooks.load_state(ckpt["hooks"])
+            saved_extra = ckpt.get("extra", [])
+            if len(saved_extra) != len(hooks.extra):
+                raise ValueError(f"cannot resume {str(run)!r}: its checkpoint holds {len(saved_extra)} extra "
+                                 f"module(s), this run trains {len(hooks.extra)}")  # fmt: skip
+            for (module, extra_opt), saved_state in zip(hooks.extra, saved_extra):
+                module.load_state_dict(saved_state["module"])
+                extra_opt.load_state_dict(saved_state["optimizer"])
             student.load_state_dict(ckpt["model"])
             if plan is not None:
                 plan.distilled.connectors.load_state_dict(ckpt["connectors"])
@@ -617,6 +637,8 @@ def train_student(
                 "epoch": epoch, "model": student.state_dict(), "optimizer": opt.state_dict(),
                 "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
                 **({} if plan is None else {"connectors": plan.distilled.connectors.state_dict()}),
+                "extra": [{"module": m.state_dict(), "optimizer": o.state_dict()} for m, o in hooks.extra],
+                **({} if hooks.state is None else {"hooks": hooks.state()}),
             })  # fmt: skip
             _write_metrics(ckpt_path.parent, history)
         if bar is not None:
@@ -801,6 +823,10 @@ def _progress(enabled: bool, epochs: int, start: int) -> _Bar | None:
     return _Bar(epochs, start) if enabled else None
 
 
+TOKEN_OPTIMIZERS = ("adam", "adamw", "sgd")
+TOKEN_AMP = ("fp32", "bf16")
+
+
 def train_tokens(
     student: nn.Module,
     train: SampleSource,
@@ -813,36 +839,76 @@ def train_tokens(
     seed: int = 0,
     method_options: dict | None = None,
     device: str = "cpu",
+    accumulate: int = 1,
+    amp: str = "fp32",
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Distil a causal LM ``student`` (tokens [B, S] -> logits [B, S, V]) on a token source
     (``kd.core.tokens.TokenSource``) from ``source``'s per-token targets (a token cache read as
     ``TokenTargets`` or dense logits, a live teacher...) with a per-token loss (``token-*``):
-    next-token labels mask padding and prompt positions. Adam, shuffled batches; -> the mean
-    loss of each epoch."""
+    next-token labels mask padding and prompt positions. Shuffled batches; -> the mean loss of
+    each epoch (per token). ``on_epoch(epoch, loss)`` is called after each epoch (a validation).
+
+    ``accumulate``: one optimizer step per ``accumulate`` micro-batches of ``batch_size``. The
+    token losses are means over a micro-batch's counted tokens, so each micro-batch's loss is
+    weighted by its share of the step's tokens (n_j / sum n): the step's gradient is that of one
+    batch of ``batch_size * accumulate`` sequences, whatever their lengths (a plain mean of the
+    micro-batch losses would over-weight short ones). ``amp="bf16"``: the student's forward in
+    bfloat16 autocast (CUDA or CPU); the losses are computed in float32 or wider."""
     from kd.core.tokens import next_token_labels
+    from kd.student_trainer.losses.token_kd import token_mask
 
     loss_fn = get_method(method)
     if source.num_classes != train.num_classes:
         raise ValueError(f"source has vocabulary {source.num_classes}, the token source {train.num_classes}")
+    if accumulate < 1 or batch_size < 1 or epochs < 0:
+        raise ValueError(f"accumulate and batch_size must be >= 1 and epochs >= 0; got {accumulate}, {batch_size}, "
+                         f"{epochs}")  # fmt: skip
+    if amp not in TOKEN_AMP:
+        raise ValueError(f"amp={amp!r}: token training takes {' or '.join(TOKEN_AMP)} (bf16 needs no grad scaler)")
+    if optimizer not in TOKEN_OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}: choose {', '.join(TOKEN_OPTIMIZERS)}")
     dev = torch.device(device)
     student.to(dev).train()
-    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
+    options = method_options or {}
+    step_size = batch_size * accumulate
     losses = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(len(train), generator=gen)
-        total, n = 0.0, 0
-        for lo in range(0, len(order), batch_size):
-            idx = order[lo : lo + batch_size]
-            b = train.batch(idx)
-            labels = next_token_labels(b.tokens, b.loss_mask)
-            targets = source.targets(idx, b.tokens)
-            logits = logits_of(student(b.tokens.to(dev)))
-            loss = loss_fn(logits, targets.to(dev), labels.to(dev), **(method_options or {}))
+        total, tokens_seen = 0.0, 0
+        for lo in range(0, len(order), step_size):
+            step = order[lo : lo + step_size]
+            micro = []
+            for m in range(0, len(step), batch_size):
+                idx = step[m : m + batch_size]
+                b = train.batch(idx)
+                labels = next_token_labels(b.tokens, b.loss_mask)
+                micro.append((idx, b.tokens, labels, int(token_mask(labels).sum())))
+            counted = sum(n for *_, n in micro)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = 0.0
+            for idx, tokens, labels, n in micro:
+                if counted and not n:
+                    continue  # no counted token: its loss is 0 and its weight 0
+                targets = source.targets(idx, tokens)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                    logits = logits_of(student(tokens.to(dev)))
+                loss = loss_fn(logits, targets.to(dev), labels.to(dev), **options)
+                weight = n / counted if counted else 1.0 / len(micro)
+                (loss * weight).backward()
+                step_loss += float(loss.detach()) * weight
             opt.step()
-            total += float(loss.detach()) * len(idx)
-            n += len(idx)
-        losses.append(total / max(n, 1))
+            total += step_loss * counted
+            tokens_seen += counted
+        losses.append(total / tokens_seen if tokens_seen else float("nan"))
+        if on_epoch is not None:
+            on_epoch(epoch, losses[-1])
     return losses

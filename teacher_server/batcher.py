@@ -17,7 +17,10 @@ busy model would split closed-loop clients into small batches; waiting lets the
 queue fill up to a full batch instead. Where nothing overlaps the forward (a
 runner without ``overlaps_copy``: CPU), one *model* thread per teacher forms each
 batch, runs it and answers the callers, so a request crosses two threads (its
-handler's and this one), not four. Where the copy to the device overlaps the
+handler's and this one), not four; with one such lane and no queue delay, a request
+whose caller waits for it (``submit(waits=True)``: a unary handler) and finds the queue
+empty and the model idle crosses none: it runs on its caller's thread (``inline``), and
+the model thread forms no batch until it is done. Where the copy to the device overlaps the
 forward (CUDA), three threads form a pipeline: the *assembler* forms one batch
 ahead and starts its copy (pin, side stream) while the *model* thread runs the
 current forward; the *completion* thread copies outputs back and hands each
@@ -167,7 +170,58 @@ class _Lane:
     to_completion: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=2))
 
 
-class DynamicBatcher:
+class QueueAccounting:
+    """What every batcher keeps about its queue for the service (drain, limits, metrics): rows
+    queued, requests not yet answered, the max-depth statistic and the depth callback, and the
+    admission of a request (closed? over ``max_queue_size``?). ``DynamicBatcher`` (tensor rows)
+    and ``kd.teacher_server.lm.TokenBatcher`` (token rows) share it; the subclass sets
+    ``stats``, ``max_queue_size`` and ``_on_queue_depth`` and holds ``_cv`` around ``_admit``."""
+
+    def _init_accounting(self) -> None:
+        self._queued_rows = 0
+        self._unresolved = 0  # requests submitted whose future is not done yet
+        self._cv = threading.Condition()
+        self._closed = False
+
+    @property
+    def queued_samples(self) -> int:
+        return self._queued_rows
+
+    @property
+    def unresolved(self) -> int:
+        """Requests accepted and not yet answered (queued or in the pipeline): a drain waits for 0."""
+        return self._unresolved
+
+    def _resolved(self, _future: Future) -> None:
+        with self._cv:
+            self._unresolved -= 1
+
+    def _depth_changed(self) -> None:
+        self.stats.max_queued_samples = max(self.stats.max_queued_samples, self._queued_rows)
+        if self._on_queue_depth is not None:
+            self._on_queue_depth(self._queued_rows)
+
+    def _admit(self, future: Future, n: int, unit: str = "samples") -> None:
+        """Accept a request of ``n`` rows (under ``_cv``) or raise why not; an accepted request
+        counts as unresolved until its future is done."""
+        if self._closed:
+            raise BatcherClosedError("the teacher is shutting down and takes no new requests")
+        if self.max_queue_size and self._queued_rows + n > self.max_queue_size:
+            self.stats.rejected += 1
+            if n > self.max_queue_size:
+                raise QueueFullError(
+                    f"queue full: a request of {n} {unit} can never fit max_queue_size={self.max_queue_size}; split it"
+                )
+            raise QueueFullError(
+                f"queue full: {self._queued_rows} {unit} queued, {n} more would exceed "
+                f"max_queue_size={self.max_queue_size}"
+            )
+        self._unresolved += 1
+        future.add_done_callback(self._resolved)
+        self.stats.requests += 1
+
+
+class DynamicBatcher(QueueAccounting):
     def __init__(
         self,
         runner: BatchRunner | Callable[[torch.Tensor], Outputs] | Sequence[BatchRunner],
@@ -201,16 +255,21 @@ class DynamicBatcher:
         self._observer = observer
         self._on_queue_depth = on_queue_depth
         self._queue: deque[_Request] = deque()
-        self._queued_rows = 0
-        self._unresolved = 0  # requests submitted whose future is not done yet
-        self._cv = threading.Condition()
-        self._closed = False
+        self._init_accounting()
         # Pipelined only where a stage overlaps the forward (see the module docstring).
         self._lanes = [
             _Lane(i, r, f"-{i}" if i else "", bool(getattr(r, "overlaps_copy", False)))
             for i, r in enumerate(self.runners)
         ]
         self.pipelined = self._lanes[0].pipelined
+        # The inline path: with one serial lane and no queue delay, a request that arrives with
+        # nothing queued and the model idle runs on its caller's thread (no hand-off: the
+        # caller's future is done when submit returns); the model thread forms no batch
+        # meanwhile, so forwards never overlap, and what arrives during it is merged after.
+        self.inline = len(self._lanes) == 1 and not self.pipelined and self.max_queue_delay_s == 0
+        self._inline_busy = False
+        self._model_busy = False
+        self._tls = threading.local()  # callers' threads that ran the runner's per-thread set-up
         self._threads: list[threading.Thread] = []
         for lane in self._lanes:
             if lane.pipelined:
@@ -228,24 +287,6 @@ class DynamicBatcher:
         for t in self._threads:
             t.start()
 
-    @property
-    def queued_samples(self) -> int:
-        return self._queued_rows
-
-    @property
-    def unresolved(self) -> int:
-        """Requests accepted and not yet answered (queued or in the pipeline): a drain waits for 0."""
-        return self._unresolved
-
-    def _resolved(self, _future: Future) -> None:
-        with self._cv:
-            self._unresolved -= 1
-
-    def _depth_changed(self) -> None:
-        self.stats.max_queued_samples = max(self.stats.max_queued_samples, self._queued_rows)
-        if self._on_queue_depth is not None:
-            self._on_queue_depth(self._queued_rows)
-
     def submit(
         self,
         inputs: torch.Tensor,
@@ -253,8 +294,13 @@ class DynamicBatcher:
         layers: Iterable[str] = (),
         deadline: float | None = None,
         post: Callable[[Outputs], Outputs] | None = None,
+        waits: bool = False,
     ) -> Future:
         """Queue a batch [N, ...]; the future resolves to the outputs for these N rows.
+
+        ``waits``: the caller blocks on the result right after (a unary RPC handler), so where
+        the inline path applies (``inline``: one serial lane, no queue delay, nothing queued,
+        the model idle) the forward runs here and the future is done on return.
 
         ``deadline`` is a ``time.monotonic()`` instant after which the request is
         dropped unanswered (DeadlineExpiredError) if it has not started. ``post`` maps
@@ -266,27 +312,43 @@ class DynamicBatcher:
             raise ValueError("empty batch")
         req = _Request(inputs, Future(), time.monotonic(), frozenset(layers), deadline, post)
         with self._cv:
-            if self._closed:
-                raise BatcherClosedError("the teacher is shutting down and takes no new requests")
-            if self.max_queue_size and self._queued_rows + n > self.max_queue_size:
-                self.stats.rejected += 1
-                if n > self.max_queue_size:
-                    raise QueueFullError(
-                        f"queue full: a request of {n} samples can never fit max_queue_size={self.max_queue_size}; "
-                        "split it"
-                    )
-                raise QueueFullError(
-                    f"queue full: {self._queued_rows} samples queued, {n} more would exceed "
-                    f"max_queue_size={self.max_queue_size}"
-                )
-            self._unresolved += 1
-            req.future.add_done_callback(self._resolved)
-            self._queue.append(req)
-            self._queued_rows += n
-            self.stats.requests += 1
-            self._depth_changed()
-            self._cv.notify()
+            self._admit(req.future, n)
+            inline = (waits and self.inline and not self._queue and not self._model_busy and not self._inline_busy
+                      and n <= self.max_batch_size)  # fmt: skip
+            if inline:
+                self._inline_busy = True
+            else:
+                self._queue.append(req)
+                self._queued_rows += n
+                self._depth_changed()
+                self._cv.notify()
+        if inline:
+            self._run_inline(req)
         return req.future
+
+    def _run_inline(self, req: _Request) -> None:
+        """Form, run and answer ``req`` alone on the caller's thread (see ``inline``)."""
+        lane = self._lanes[0]
+        try:
+            if not getattr(self._tls, "started", False):
+                self._tls.started = True
+                self._thread_start(lane)
+            if req.deadline is not None and time.monotonic() > req.deadline:
+                if req.future.set_running_or_notify_cancel():
+                    req.future.set_exception(DeadlineExpiredError("deadline passed before the forward"))
+                    self.stats.expired += 1
+                return
+            if not req.future.set_running_or_notify_cancel():
+                self.stats.cancelled += 1
+                return
+            req.next_row = req.rows
+            pieces = [(req, 0, req.rows)]
+            if (item := self._assemble(lane, pieces)) is not None and (done := self._forward(lane, item)) is not None:
+                self._complete(lane, done)
+        finally:
+            with self._cv:
+                self._inline_busy = False
+                self._cv.notify_all()  # the model thread may form the batch that queued meanwhile
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, finish everything queued, stop the threads."""
@@ -329,7 +391,7 @@ class DynamicBatcher:
     def _take_batch(self) -> list[tuple[_Request, int, int]] | None:
         with self._cv:
             while True:
-                while not self._queue and not self._closed:
+                while (not self._queue and not self._closed) or self._inline_busy:
                     self._cv.wait()
                 if not self._queue:
                     return None  # closed and drained
@@ -363,6 +425,7 @@ class DynamicBatcher:
                 if req.next_row == req.rows:
                     self._queue.popleft()
             self._depth_changed()
+            self._model_busy = True  # until this batch is answered (the serial loop clears it)
             return pieces
 
     def _thread_start(self, lane: _Lane) -> None:
@@ -404,10 +467,14 @@ class DynamicBatcher:
     def _serial_loop(self, lane: _Lane) -> None:
         self._thread_start(lane)
         while (pieces := self._take_batch()) is not None:
-            if not pieces or (item := self._assemble(lane, pieces)) is None:
-                continue
-            if (done := self._forward(lane, item)) is not None:
-                self._complete(lane, done)
+            try:
+                if not pieces or (item := self._assemble(lane, pieces)) is None:
+                    continue
+                if (done := self._forward(lane, item)) is not None:
+                    self._complete(lane, done)
+            finally:
+                with self._cv:
+                    self._model_busy = False
 
     # -- pipelined (CUDA): stage 1, form a batch and start its copy to the device ----------
     def _assemble_loop(self, lane: _Lane) -> None:

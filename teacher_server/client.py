@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import queue
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,9 @@ class TeacherDescription:
     # ``fingerprint`` is the target fingerprint: weights_fingerprint + target_options.
     weights_fingerprint: str = ""
     target_options: dict[str, str] = field(default_factory=dict)
+    # Live weight updates (kd.teacher_server.weights): updates taken so far, and whether it takes them.
+    weights_version: int = 0
+    accepts_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,10 +120,21 @@ def spec_of(
     features_dtype: torch.dtype = torch.float32,
     labels: bool = False,
     sparse_temperature: float = 0.0,
+    samples: int = 0,
+    sample_rounds: int = 0,
+    sample_uniforms: torch.Tensor | None = None,
+    sample_seed: int = 0,
 ) -> pb.OutputSpec:
     """What to ask for. ``top_k`` with ``sparse_temperature`` T: the sparse targets a
-    ``topk:K`` cache at T stores (K logits and classes, the log-sum-exp of z / T)."""
+    ``topk:K`` cache at T stores (K logits and classes, the log-sum-exp of z / T).
+    ``samples`` K (x ``sample_rounds``) draws at T, as a ``sample:K`` cache stores them
+    ("sample_indices", "sample_counts" [N, R, K]), from ``sample_uniforms`` [N, R * K] float64
+    when given (a cache's keyed draws), else from ``sample_seed``."""
     return pb.OutputSpec(
+        class_samples=samples,
+        class_sample_rounds=sample_rounds,
+        class_sample_seed=sample_seed,
+        **({} if sample_uniforms is None else {"sample_uniforms": to_proto(sample_uniforms.to(torch.float64))}),
         labels=labels,
         sparse_temperature=sparse_temperature,
         logits=logits,
@@ -220,6 +234,8 @@ class TeacherClient(TokenClientMixin):
             metadata.append(("kd-client-id", client_id))
         self.metadata = metadata or None
         self.usage = Usage()
+        # (fingerprint, weights_version) of the weights that answered the last ``infer``.
+        self.served_by: tuple[str, int] = ("", 0)
 
     def close(self) -> None:
         self.channel.close()
@@ -253,6 +269,8 @@ class TeacherClient(TokenClientMixin):
                 TeacherSignature.from_info(t),
                 t.weights_fingerprint or t.fingerprint,
                 dict(t.target_options),
+                int(t.weights_version),
+                bool(t.accepts_weights),
             )
             for t in resp.teachers
         ]
@@ -294,13 +312,31 @@ class TeacherClient(TokenClientMixin):
         features_dtype: torch.dtype = torch.float32,
         labels: bool = False,
         sparse_temperature: float = 0.0,
+        samples: int = 0,
+        sample_rounds: int = 0,
+        sample_uniforms: torch.Tensor | None = None,
+        sample_seed: int = 0,
     ) -> dict[str, torch.Tensor]:
         """One unary request, with inputs by value or by ``ref``; returns the named outputs."""
         spec = spec_of(logits, top_k, temperature, dtype, features, pool_features, features_dtype, labels,
-                       sparse_temperature)  # fmt: skip
+                       sparse_temperature, samples, sample_rounds, sample_uniforms, sample_seed)  # fmt: skip
         resp = self._call(self._infer, encode_request(teacher, inputs, ref, spec))
         self.usage = Usage.of(resp.usage)
+        self.served_by = (resp.fingerprint, int(resp.weights_version))
         return _outputs(resp)
+
+    def publish_weights(
+        self, teacher: str, weights: torch.nn.Module | dict[str, torch.Tensor], *, expected_version: int = 0,
+        chunk_bytes: int = 4 << 20,
+    ) -> int:  # fmt: skip
+        """Replace a teacher's weights on a server started with ``--accept-weights`` (a module
+        or its state_dict, sent as safetensors in ``chunk_bytes`` slices) -> the version now
+        served. ``expected_version`` > 0: refused (ABORTED) unless that is the next version."""
+        from kd.teacher_server.weights import chunks_of, encode_state
+
+        data = encode_state(weights)
+        chunks = chunks_of(teacher, data, chunk_bytes=chunk_bytes, expected_version=expected_version)
+        return int(self._call(self.stub.PublishWeights, chunks).weights_version)
 
     # -- data-free distillation (a teacher served at the WHITE tier) ------------------------
     def input_gradient(
@@ -374,14 +410,43 @@ class TeacherClient(TokenClientMixin):
         pool_features: bool = False,
         features_dtype: torch.dtype = torch.float32,
         sparse_temperature: float = 0.0,
+        samples: int = 0,
+        sample_rounds: int = 0,
     ) -> Iterator[tuple[Any, dict[str, torch.Tensor]]]:
         """Pipelined inference over one InferStream.
 
-        ``batches`` yields ``(key, inputs or DatasetRef)``; up to ``depth`` are in flight
-        ahead of the consumer. Yields ``(key, outputs)`` in input order.
+        ``batches`` yields ``(key, inputs or DatasetRef)``, or ``(key, inputs or DatasetRef,
+        uniforms)`` with ``samples``: that batch's draws (``spec_of``); up to ``depth`` are in
+        flight ahead of the consumer. Yields ``(key, outputs)`` in input order.
         """
-        spec = spec_of(logits, top_k, temperature, dtype, features, pool_features, features_dtype,
-                       sparse_temperature=sparse_temperature)  # fmt: skip
+        spec_base = spec_of(logits, top_k, temperature, dtype, features, pool_features, features_dtype,
+                            sparse_temperature=sparse_temperature, samples=samples,
+                            sample_rounds=sample_rounds)  # fmt: skip
+
+        def encode(item: tuple, request_id: str) -> tuple[Any, bytes]:
+            key, x, *uniforms = item
+            spec = spec_base
+            if uniforms and uniforms[0] is not None:
+                spec = pb.OutputSpec()
+                spec.CopyFrom(spec_base)
+                spec.sample_uniforms.CopyFrom(to_proto(uniforms[0].to(torch.float64)))
+            if isinstance(x, DatasetRef):
+                return key, encode_request(teacher, None, x, spec, request_id)
+            return key, encode_request(teacher, x, None, spec, request_id)
+
+        yield from self._ordered_stream(batches, encode, lambda key, resp: (key, _outputs(resp)), depth)
+
+    def _ordered_stream(
+        self,
+        items: Iterable[Any],
+        encode: Callable[[Any, str], tuple[Any, bytes]],
+        decode: Callable[[Any, pb.InferResponse], Any],
+        depth: int,
+    ) -> Iterator[Any]:
+        """The ordered window of one InferStream (``infer_stream``, ``infer_tokens_stream``):
+        ``encode(item, request_id) -> (state, body)`` per item, up to ``depth`` requests in
+        flight; replies (in any order) are matched by request id and yielded in input order as
+        ``decode(state, reply)``; an error reply or a broken stream raises TeacherRequestError."""
         outbox: queue.Queue = queue.Queue()
 
         def requests() -> Iterator[bytes]:
@@ -389,27 +454,24 @@ class TeacherClient(TokenClientMixin):
                 yield req
 
         call = self._infer_stream(requests(), timeout=None, wait_for_ready=True, metadata=self.metadata)
-        source = iter(batches)
-        keys: dict[int, Any] = {}
-        ready: dict[int, dict[str, torch.Tensor]] = {}
+        source = iter(items)
+        states: dict[int, Any] = {}
+        ready: dict[int, pb.InferResponse] = {}
         sent = 0
 
         def send_next() -> bool:
             nonlocal sent
             try:
-                key, x = next(source)
+                item = next(source)
             except StopIteration:
                 return False
-            keys[sent] = key
-            if isinstance(x, DatasetRef):
-                outbox.put(encode_request(teacher, None, x, spec, str(sent)))
-            else:
-                outbox.put(encode_request(teacher, x, None, spec, str(sent)))
+            states[sent], body = encode(item, str(sent))
+            outbox.put(body)
             sent += 1
             return True
 
         try:
-            while len(keys) < depth and send_next():
+            while len(states) < depth and send_next():
                 pass
             want = 0
             while want < sent:
@@ -421,8 +483,8 @@ class TeacherClient(TokenClientMixin):
                     if resp.HasField("error"):
                         raise TeacherRequestError(status_code(resp.error.code), resp.error.message)
                     self.usage = Usage.of(resp.usage)
-                    ready[int(resp.request_id)] = _outputs(resp)
-                yield keys.pop(want), ready.pop(want)
+                    ready[int(resp.request_id)] = resp
+                yield decode(states.pop(want), ready.pop(want))
                 want += 1
                 send_next()
         finally:

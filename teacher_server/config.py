@@ -26,6 +26,7 @@ max_queue_delay_us = 2000
 max_queue_size = 4096
 mean = [0.485, 0.456, 0.406]        # uint8 inputs: x/255 normalised per channel
 std = [0.229, 0.224, 0.225]
+accept_weights = false              # true: clients may replace the weights while serving (PublishWeights, kd peer)
 
 [[teacher]]
 name = "lm"

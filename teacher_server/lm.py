@@ -59,11 +59,10 @@ from kd.core import factory
 from kd.core.signature import VARIABLE, TeacherSignature, TensorSpec, target_fingerprint, target_options
 from kd.teacher_server import access as tiers
 from kd.teacher_server.batcher import (
-    BatcherClosedError,
     BatcherStats,
     BatchObservation,
     DeadlineExpiredError,
-    QueueFullError,
+    QueueAccounting,
 )
 from kd.teacher_server.loading import Teacher, TeacherLoadError, TeacherSpec, build_model, fingerprint
 from kd.teacher_server.outputs import FLOAT_OUT, check_finite
@@ -675,7 +674,7 @@ def group_rows(
     return by_len[lo : hi + 1]
 
 
-class TokenBatcher:
+class TokenBatcher(QueueAccounting):
     """Queues token requests and runs their rows in length-grouped forwards within a token
     budget, on one model thread. Same contract as ``DynamicBatcher`` for the service:
     ``submit`` -> a future of the request's packed outputs; a bounded queue (rows),
@@ -706,30 +705,10 @@ class TokenBatcher:
         self.stats = TokenStats()
         self._observer, self._on_queue_depth, self._on_tokens = observer, on_queue_depth, on_tokens
         self._queue: list[_Req] = []
-        self._queued_rows = 0
         self._queued_tokens = 0
-        self._unresolved = 0
-        self._cv = threading.Condition()
-        self._closed = False
+        self._init_accounting()
         self._thread = threading.Thread(target=self._loop, name=f"model-{name}", daemon=True)
         self._thread.start()
-
-    @property
-    def queued_samples(self) -> int:
-        return self._queued_rows
-
-    @property
-    def unresolved(self) -> int:
-        return self._unresolved
-
-    def _resolved(self, _f: Future) -> None:
-        with self._cv:
-            self._unresolved -= 1
-
-    def _depth(self) -> None:
-        self.stats.max_queued_samples = max(self.stats.max_queued_samples, self._queued_rows)
-        if self._on_queue_depth is not None:
-            self._on_queue_depth(self._queued_rows)
 
     def submit(self, work: TokenWork, *, layers: Iterable[str] = (), deadline: float | None = None,
                post: object = None) -> Future:  # fmt: skip
@@ -745,19 +724,11 @@ class TokenBatcher:
             raise ValueError("no position asked: nothing to compute")
         req = _Req(work, Future(), time.monotonic(), deadline, rows, needed=n)
         with self._cv:
-            if self._closed:
-                raise BatcherClosedError("the teacher is shutting down and takes no new requests")
-            if self.max_queue_size and self._queued_rows + n > self.max_queue_size:
-                self.stats.rejected += 1
-                raise QueueFullError(f"queue full: {self._queued_rows} rows queued, {n} more would exceed "
-                                     f"max_queue_size={self.max_queue_size}")  # fmt: skip
-            self._unresolved += 1
-            req.future.add_done_callback(self._resolved)
+            self._admit(req.future, n, unit="rows")
             self._queue.append(req)
             self._queued_rows += n
             self._queued_tokens += sum(work.lengths[r] for r in rows)
-            self.stats.requests += 1
-            self._depth()
+            self._depth_changed()
             self._cv.notify()
         return req.future
 
@@ -807,7 +778,7 @@ class TokenBatcher:
                     self._cv.wait(remaining)
                 self._drop_dead(time.monotonic())
                 if not self._queue:
-                    self._depth()
+                    self._depth_changed()
                     continue
                 candidates = [(req, r) for req in self._queue for r in req.pending]
                 rows = [(req.work.lengths[r], i) for i, (req, r) in enumerate(candidates)]
@@ -827,7 +798,7 @@ class TokenBatcher:
                             del groups[key]
                 if groups:
                     break
-                self._depth()
+                self._depth_changed()
             for req, taken in groups.values():
                 picked = set(taken)
                 req.pending = [r for r in req.pending if r not in picked]
@@ -835,7 +806,7 @@ class TokenBatcher:
                 self._queued_tokens -= sum(req.work.lengths[r] for r in taken)
                 if not req.pending:
                     self._queue.remove(req)
-            self._depth()
+            self._depth_changed()
             return list(groups.values())
 
     def _loop(self) -> None:

@@ -20,12 +20,10 @@ but the last, which has no next token).
 
 from __future__ import annotations
 
-import queue
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import torch
 
 from kd.core.tokens import TokenTargets
@@ -115,15 +113,27 @@ def token_request(
     request_id: str = "",
 ) -> pb.InferRequest:  # fmt: skip
     """The request for right-padded ``ids`` [N, S] with their lengths, or for a DatasetRef
-    (``ids``; then lengths are the server's and the answer carries "positions")."""
-    req = pb.InferRequest(request_id=request_id, teacher=teacher, outputs=spec, lengths=list(lengths))
-    if _is_ref(ids):
-        req.ref.CopyFrom(pb.DatasetRef(dataset=ids.dataset, indices=list(ids.indices)))
-    else:
-        fill_proto(req.inputs, ids)
+    (``ids``; then lengths are the server's and the answer carries "positions"): the image
+    request of ``kd.teacher_server.client.make_request`` plus the token fields."""
+    from kd.teacher_server.client import make_request
+
+    ref = _is_ref(ids)
+    req = make_request(teacher, None if ref else ids, ids if ref else None, spec, request_id)
+    req.lengths.extend(lengths)
     if positions is not None:
         fill_proto(req.positions, positions.to(torch.bool))
     return req
+
+
+def encode_token_request(
+    teacher: str, spec: pb.OutputSpec, tokens: Any, lengths: Any, attention_mask: torch.Tensor | None,
+    positions: torch.Tensor | None, drop_last: bool, request_id: str = "",
+) -> tuple[tuple[Any, list[int], torch.Tensor | None], bytes]:  # fmt: skip
+    """The one way a token request is made (``infer_tokens`` and ``infer_tokens_stream``):
+    ((ids or the ref, lengths, positions sent), serialised request). ``drop_last``: by
+    default ask every real position but the last (``token_logprobs``)."""
+    ids, lens, sent = _inputs(tokens, lengths, attention_mask, positions, drop_last)
+    return (ids, lens, sent), token_request(teacher, ids, lens, sent, spec, request_id).SerializeToString()
 
 
 @dataclass
@@ -197,7 +207,7 @@ def _outputs(
 
 class TokenClientMixin:
     """Token-teacher calls of ``TeacherClient`` (needs its ``_call``, ``_infer``,
-    ``_infer_stream``, ``metadata``, ``describe`` and ``usage``)."""
+    ``_ordered_stream``, ``describe`` and ``usage``)."""
 
     _vocab_sizes: dict[str, int]
 
@@ -243,9 +253,9 @@ class TokenClientMixin:
         spec = token_spec(logits=logits, dtype=dtype, top_k=top_k, sparse_temperature=sparse_temperature,
                           samples=samples, seed=seed, temperature=temperature, labels=labels,
                           token_logprobs=token_logprobs, hidden=hidden, hidden_dtype=hidden_dtype)  # fmt: skip
-        ids, lens, sent = _inputs(tokens, lengths, attention_mask, positions, token_logprobs)
-        req = token_request(teacher, ids, lens, sent, spec)
-        resp = self._call(self._infer, req.SerializeToString())  # type: ignore[attr-defined]
+        (ids, lens, sent), body = encode_token_request(teacher, spec, tokens, lengths, attention_mask, positions,
+                                                       token_logprobs)  # fmt: skip
+        resp = self._call(self._infer, body)  # type: ignore[attr-defined]
         self.usage = Usage.of(resp.usage)
         return _outputs(resp, ids, lens, sent, token_logprobs, self._vocab(teacher), sparse_temperature)
 
@@ -289,56 +299,18 @@ class TokenClientMixin:
         """Pipelined token requests over one InferStream: ``batches`` yields ``(key, tokens (or a
         DatasetRef), lengths or None, positions or None)``; up to ``depth`` in flight; yields ``(key,
         TokenOutputs)`` in input order. ``kw``: the outputs, as ``infer_tokens`` takes them."""
-        from kd.teacher_server.client import TeacherRequestError, Usage, status_code
-
         sparse_t = kw.get("sparse_temperature", 0.0)
         drop_last = bool(kw.get("token_logprobs", False))
         spec = token_spec(**kw)
         vocab = self._vocab(teacher)
-        outbox: queue.Queue = queue.Queue()
 
-        def requests() -> Iterator[bytes]:
-            while (req := outbox.get()) is not None:
-                yield req
+        def encode(item: tuple[Any, Any, Any, torch.Tensor | None], request_id: str) -> tuple[Any, bytes]:
+            key, tokens, lengths, positions = item
+            sent, body = encode_token_request(teacher, spec, tokens, lengths, None, positions, drop_last, request_id)
+            return (key, *sent), body
 
-        call = self._infer_stream(requests(), timeout=None, wait_for_ready=True,  # type: ignore[attr-defined]
-                                  metadata=self.metadata)  # type: ignore[attr-defined]  # fmt: skip
-        source = iter(batches)
-        pending: dict[int, tuple[Any, Any, list[int], torch.Tensor | None]] = {}
-        ready: dict[int, pb.InferResponse] = {}
-        sent = 0
+        def decode(state: tuple[Any, Any, list[int], torch.Tensor | None], resp: pb.InferResponse):
+            key, ids, lens, wanted = state
+            return key, _outputs(resp, ids, lens, wanted, drop_last, vocab, sparse_t)
 
-        def send_next() -> bool:
-            nonlocal sent
-            try:
-                key, tokens, lengths, positions = next(source)
-            except StopIteration:
-                return False
-            ids, lens, wanted = _inputs(tokens, lengths, None, positions, drop_last)
-            pending[sent] = (key, ids, lens, wanted)
-            outbox.put(token_request(teacher, ids, lens, wanted, spec, str(sent)).SerializeToString())
-            sent += 1
-            return True
-
-        try:
-            while len(pending) < depth and send_next():
-                pass
-            want = 0
-            while want < sent:
-                while want not in ready:
-                    try:
-                        resp = next(call)
-                    except grpc.RpcError as e:
-                        raise TeacherRequestError(e.code(), e.details()) from None
-                    if resp.HasField("error"):
-                        raise TeacherRequestError(status_code(resp.error.code), resp.error.message)
-                    self.usage = Usage.of(resp.usage)
-                    ready[int(resp.request_id)] = resp
-                resp = ready.pop(want)
-                key, ids, lens, wanted = pending.pop(want)
-                yield key, _outputs(resp, ids, lens, wanted, drop_last, vocab, sparse_t)
-                want += 1
-                send_next()
-        finally:
-            outbox.put(None)
-            call.cancel()
+        yield from self._ordered_stream(batches, encode, decode, depth)  # type: ignore[attr-defined]

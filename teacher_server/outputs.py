@@ -9,8 +9,8 @@ would dominate the copy; here they never leave the device unless asked for. The
 same code runs on the CPU (nothing to copy there).
 
 Output names are the wire's (proto ``OutputSpec``): "logits", "probs", "labels",
-"topk_values", "topk_indices", "logsumexp",
-"feature/<name>". An output that is not finite raises ``OutputRangeError``
+"topk_values", "topk_indices", "logsumexp", "sample_indices", "sample_counts"
+(draws in the sample:K codec's layout), "feature/<name>". An output that is not finite raises ``OutputRangeError``
 (the service answers OUT_OF_RANGE; nothing is sent).
 """
 
@@ -20,7 +20,7 @@ import torch
 
 from kd.core import reductions
 from kd.core.reductions import shorten
-from kd.core.sparse import topk_parts
+from kd.core.sparse import sample_parts, topk_parts
 from kd.v1 import teacher_pb2 as pb
 
 FLOAT_OUT = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16}
@@ -50,14 +50,25 @@ def check_finite(key: str, t: torch.Tensor) -> None:
 def nothing_asked(spec: pb.OutputSpec) -> bool:
     """An empty spec: the default answer (logits, or labels for the LABELS tier)."""
     return (not spec.logits and spec.top_k == 0 and spec.probs_temperature == 0
-            and not spec.features and not spec.labels)  # fmt: skip
+            and not spec.features and not spec.labels and spec.class_samples == 0)  # fmt: skip
 
 
-def postprocess(spec: pb.OutputSpec, out: dict[str, torch.Tensor], *, labels_only: bool) -> dict[str, torch.Tensor]:
+def draw_samples(logits: torch.Tensor, k: int, rounds: int, temperature: float,
+                 uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``rounds`` x ``k`` draws per row from softmax(logits / T), exactly as the sample:K codec
+    draws (``kd.core.sparse.sample_parts``): -> (ids, counts) int32 [N, rounds, k]."""
+    ids, counts = sample_parts(logits, k, rounds, temperature, uniforms)
+    return ids.to(torch.int32), counts.to(torch.int32)
+
+
+def postprocess(spec: pb.OutputSpec, out: dict[str, torch.Tensor], *, labels_only: bool,
+                uniforms: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """The outputs ``spec`` asks for, from one request's forward outputs, on their device.
 
     ``out``: "logits" [N, C] float32 and the captured "feature/<layer>" maps of these
-    N rows. ``labels_only``: the teacher is served at the LABELS tier."""
+    N rows. ``labels_only``: the teacher is served at the LABELS tier. ``uniforms``: of the
+    draws ``spec.class_samples`` asks for, [N, R * K] (decoded and checked by the service;
+    None: drawn from ``spec.class_sample_seed``)."""
     logits = out["logits"]
     dt = FLOAT_OUT.get(spec.logits_dtype, torch.float32)
     empty = nothing_asked(spec)
@@ -74,6 +85,12 @@ def postprocess(spec: pb.OutputSpec, out: dict[str, torch.Tensor], *, labels_onl
         result["topk_values"] = values.to(dt)
         result["topk_indices"] = indices.to(torch.int32)
         result["logsumexp"] = lse
+    if spec.class_samples:
+        k, rounds = spec.class_samples, spec.class_sample_rounds or 1
+        if uniforms is None:
+            g = torch.Generator().manual_seed(int(spec.class_sample_seed) % (1 << 63))
+            uniforms = torch.rand(len(logits), rounds * k, generator=g, dtype=torch.float64)
+        result["sample_indices"], result["sample_counts"] = draw_samples(logits, k, rounds, temperature, uniforms)
     if spec.probs_temperature > 0:
         result["probs"] = torch.softmax(logits / spec.probs_temperature, dim=1).to(dt)
         check_finite("probs", result["probs"])

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kd.core.samples import SampleSource
 from kd.core.signature import target_fingerprint, target_options
+from kd.teacher_server import weights
 from kd.teacher_server.access import Accounting, parse_access
 from kd.teacher_server.auth import TLSConfig, TokenInterceptor
 from kd.teacher_server.batcher import DynamicBatcher
@@ -78,6 +79,8 @@ class TeacherOptions:
     # Token teachers (kd.teacher_server.lm): positions per forward, padding included
     # (rows x longest row); a longer row is refused with INVALID_ARGUMENT.
     max_batch_tokens: int = 8192
+    # Live weight updates (PublishWeights, kd.teacher_server.weights): off unless the operator says.
+    accept_weights: bool = False
 
 
 # The first version's name, kept for callers that only set batching fields.
@@ -151,9 +154,13 @@ def _endpoint(t: Teacher, o: TeacherOptions, metrics: ServerMetrics) -> Endpoint
     from kd.teacher_server import lm
 
     if lm.is_token_teacher(t):
+        if o.accept_weights:
+            raise ValueError(f"teacher {t.name!r}: live weight updates (accept_weights) serve classifier teachers only")
         return lm.token_endpoint(t, o, metrics)
     runners = [ModelRunner(inst, amp=o.amp, compile=o.compile, channels_last=o.channels_last, threads=o.threads)
                for inst in model_instances(t, o.instances, o.devices)]  # fmt: skip
+    if o.accept_weights:  # forwards hold a lock and tag their rows with the weights' version
+        runners = [weights.VersionedRunner(r) for r in runners]
     if o.warmup:
         for runner in runners:
             runner.warmup([1, *o.preferred_batch_sizes, o.max_batch_size])
@@ -185,10 +192,11 @@ def _endpoint(t: Teacher, o: TeacherOptions, metrics: ServerMetrics) -> Endpoint
         records, records_dataset = load_records(o.records, t)
     # The fingerprint clients and caches see covers every option that changes the targets.
     fp_options = dict(amp=o.amp, compile=o.compile, mean=o.mean, std=o.std)
-    return Endpoint(t, batcher, mean, std, access=parse_access(o.access), records=records,
-                    records_dataset=records_dataset, class_names=list(o.class_names or []),
-                    fingerprint=target_fingerprint(t.weights_fingerprint, **fp_options),
-                    target_options=target_options(**fp_options))  # fmt: skip
+    ep = Endpoint(t, batcher, mean, std, access=parse_access(o.access), records=records,
+                  records_dataset=records_dataset, class_names=list(o.class_names or []),
+                  fingerprint=target_fingerprint(t.weights_fingerprint, **fp_options),
+                  target_options=target_options(**fp_options))  # fmt: skip
+    return weights.enable(ep, runners, fp_options) if o.accept_weights else ep
 
 
 def start_server(

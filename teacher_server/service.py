@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import torch
@@ -70,6 +71,7 @@ MAX_TTL_SECONDS = 7 * 24 * 3600.0
 MAX_STATE_ID = 256
 MAX_LR = 10.0
 MAX_WEIGHT = 1e6
+MAX_CLASS_SAMPLES, MAX_SAMPLE_ROUNDS = 4096, 256  # draws per round, rounds (OutputSpec.class_samples)
 SERVICE = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
 
 
@@ -209,6 +211,8 @@ class Endpoint:
     fingerprint: str = ""
     target_options: dict[str, str] = field(default_factory=dict)
     signature: TeacherSignature | None = None
+    # Live weight updates (kd.teacher_server.weights.WeightSlot; accept_weights): None = off.
+    weights: Any = None
 
     def __post_init__(self) -> None:
         t = self.teacher
@@ -292,6 +296,8 @@ class Endpoint:
             has_activation_records=self.records is not None,
             class_names=self.class_names,
         )
+        if self.weights is not None:  # the live version and its fingerprints
+            self.weights.describe(info)
         return self.signature.fill_info(info)
 
     def from_uint8(self, x: torch.Tensor) -> torch.Tensor:
@@ -312,6 +318,7 @@ class _Prepared:
     usage: pb.Usage | None = None
     layers: frozenset[str] = frozenset()  # the layers spec's features need
     view_params: torch.Tensor | None = None  # DatasetRef.return_view_params: float32 [N, PARAM_WIDTH]
+    uniforms: torch.Tensor | None = None  # OutputSpec.sample_uniforms: float64 [N, R * K]
 
 
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
@@ -386,14 +393,41 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         layers = self._check_spec(ep.teacher, request.outputs)
         self._check_tier(ep, request.outputs)
         self._check_reply_size(ep, request.outputs, int(x.shape[0]))
+        uniforms = self._sample_uniforms(request.outputs, int(x.shape[0]))
         usage = self._charge(context, samples=int(x.shape[0]))
-        return _Prepared(ep, x, request.outputs, usage, layers, params)
+        return _Prepared(ep, x, request.outputs, usage, layers, params, uniforms)
+
+    @staticmethod
+    def _sample_uniforms(spec: pb.OutputSpec, n: int) -> torch.Tensor | None:
+        """The uniforms of the draws ``class_samples`` asks for (None: the server draws them)."""
+        if not spec.HasField("sample_uniforms"):
+            return None
+        if not spec.class_samples:
+            raise _invalid("sample_uniforms without class_samples: set class_samples (K draws per round)")
+        want = (n, (spec.class_sample_rounds or 1) * spec.class_samples)
+        msg = spec.sample_uniforms
+        if msg.dtype != pb.FLOAT64:
+            raise _invalid(f"sample_uniforms have dtype {dtype_name(msg.dtype)}; FLOAT64 expected")
+        try:
+            u = from_proto(msg, copy=False)
+        except WireError as e:
+            raise _invalid(f"sample_uniforms: {e}") from None
+        if tuple(u.shape) != want:
+            raise _invalid(f"sample_uniforms have shape {list(u.shape)}, expected {list(want)} "
+                           "(one per draw: samples x rounds x class_samples)")  # fmt: skip
+        lo, hi = torch.aminmax(u) if u.numel() else (torch.tensor(0.0), torch.tensor(0.0))
+        if not (float(lo) >= 0.0 and float(hi) < 1.0):  # NaN fails both
+            raise _invalid(f"sample_uniforms must lie in [0, 1), got values in [{float(lo)}, {float(hi)}]")
+        return u
 
     def _prepare_tokens(self, ep: Endpoint, request: pb.InferRequest, context) -> _Prepared:
         """A token teacher's request (kd.teacher_server.lm): ids [N, S] int64/int32 with lengths and
         positions, or a token dataset's samples by reference (asked: the next-token targets)."""
         kind = request.WhichOneof("input")
         lengths, default = list(request.lengths), None
+        if request.outputs.class_samples or request.outputs.HasField("sample_uniforms"):
+            raise _invalid(f"class_samples: for class outputs; token teacher {ep.teacher.name!r} draws per "
+                           "position with token_samples")  # fmt: skip
         try:
             if kind == "ref":
                 tokens, lengths, default = lm.read_ref(self.datasets, request.ref)
@@ -421,7 +455,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         if spec.features and not tiers.allows(tier, "features"):
             raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
                                str(tiers.AccessDenied(name, tier, "features", "features")))  # fmt: skip
-        scores = spec.logits or spec.top_k or spec.probs_temperature > 0
+        scores = spec.logits or spec.top_k or spec.probs_temperature > 0 or spec.class_samples
         if scores and not tiers.allows(tier, "scores"):
             raise RequestError(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -548,6 +582,9 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 raise _invalid(f"{what} {dtype_name(dt)} not offered; use FLOAT32, FLOAT16 or BFLOAT16")
         if not 0 <= spec.top_k <= t.num_classes:
             raise _invalid(f"top_k={spec.top_k} out of range: teacher {t.name!r} has {t.num_classes} classes")
+        if not 0 <= spec.class_samples <= MAX_CLASS_SAMPLES or not 0 <= spec.class_sample_rounds <= MAX_SAMPLE_ROUNDS:
+            raise _invalid(f"class_samples={spec.class_samples} must be in 0..{MAX_CLASS_SAMPLES} and "
+                           f"class_sample_rounds={spec.class_sample_rounds} in 0..{MAX_SAMPLE_ROUNDS}")  # fmt: skip
         for what in ("probs_temperature", "sparse_temperature"):
             temp = getattr(spec, what)
             if temp != 0 and not (math.isfinite(temp) and MIN_TEMPERATURE <= temp <= MAX_TEMPERATURE):
@@ -585,6 +622,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             per_sample += spec.top_k * (isz + 4) + 4
         if spec.probs_temperature > 0:
             per_sample += c * isz
+        per_sample += 8 * spec.class_samples * (spec.class_sample_rounds or 1)  # ids and counts, INT32
         total = n * per_sample + 4096
         fsz = _OUT_ITEMSIZE[spec.features_dtype]
         for name in spec.features:
@@ -598,14 +636,20 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             )
 
     # -- batching -----------------------------------------------------------------
-    def _submit(self, p: _Prepared, context: grpc.ServicerContext | None) -> Future:
+    def _submit(self, p: _Prepared, context: grpc.ServicerContext | None, *, waits: bool = False) -> Future:
+        """Hand ``p`` to its batcher; ``waits``: the caller blocks on the result at once (Infer),
+        so the batcher may run it on this thread when the model is idle (no hand-off)."""
         remaining = context.time_remaining() if context is not None else None
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
             # The outputs asked for are made next to the model, before the copy to the host.
             labels_only = not tiers.allows(p.endpoint.access, "scores")
-            post = functools.partial(postprocess, p.spec, labels_only=labels_only)
-            future = p.endpoint.batcher.submit(p.inputs, layers=p.layers, deadline=deadline, post=post)
+            post = functools.partial(postprocess, p.spec, labels_only=labels_only, uniforms=p.uniforms)
+            if p.endpoint.weights is not None:  # live weights: the rows keep their version tags
+                post = p.endpoint.weights.tag(post)
+            batcher = p.endpoint.batcher
+            more = {"waits": True} if waits and isinstance(batcher, DynamicBatcher) else {}  # not token batchers
+            future = batcher.submit(p.inputs, layers=p.layers, deadline=deadline, post=post, **more)
         except QueueFullError as e:
             name = p.endpoint.teacher.name
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"teacher {name!r}: {e}") from None
@@ -629,16 +673,40 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
     # -- encoding -----------------------------------------------------------------
     def _encode(self, request: pb.InferRequest, p: _Prepared, out: dict[str, torch.Tensor]) -> pb.InferResponse:
         """The reply from the outputs ``postprocess`` made (on the model's device, checked finite)."""
+        fingerprint, version = p.endpoint.fingerprint, 0
+        if p.endpoint.weights is not None:  # live weights: one version answers (recomputed if mixed)
+            out, fingerprint, version = p.endpoint.weights.settle(out, lambda: self._recompute(p))
         if self.metrics is not None:
             self.metrics.replied(p.endpoint.teacher.name, sum(t.numel() * t.element_size() for t in out.values()))
         return pb.InferResponse(
             request_id=request.request_id,
             teacher=p.endpoint.teacher.name,
-            fingerprint=p.endpoint.fingerprint,
+            fingerprint=fingerprint,
+            weights_version=version,
             outputs={key: to_proto(t) for key, t in out.items()},
             usage=p.usage,
             **({} if p.view_params is None else {"view_params": to_proto(p.view_params)}),
         )
+
+    def _recompute(self, p: _Prepared) -> dict[str, torch.Tensor]:
+        future = self._submit(p, None)
+        try:
+            return future.result()
+        except Exception:  # noqa: BLE001
+            raise self._failed(future) from None
+
+    def PublishWeights(self, request_iterator, context) -> pb.PublishWeightsResponse:
+        """Live weight update (kd.teacher_server.weights): off unless the teacher accepts them."""
+        from kd.teacher_server.weights import publish_rpc
+
+        try:
+            self._check_open()
+            chunks = (_parse("PublishWeights", pb.WeightsChunk, raw, f" (chunk #{i})")
+                      for i, raw in enumerate(request_iterator))  # fmt: skip
+            return publish_rpc(self.endpoints, chunks, self._endpoint)
+        except RequestError as e:
+            self._count_error("", e.code)
+            _abort(context, e)
 
     def _count_error(self, teacher: str, code: grpc.StatusCode) -> None:
         if self.metrics is not None:
@@ -655,7 +723,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferResponse:
         try:
             p = self._prepare(request, context)
-            future = self._submit(p, context)
+            future = self._submit(p, context, waits=True)
             # A client that goes away cancels its queued work instead of leaving it to run.
             context.add_callback(future.cancel)
             try:
@@ -1063,6 +1131,7 @@ _RPCS = {
     "BatchNormLoss": (False, False, pb.BatchNormLossRequest, pb.BatchNormLossResponse),
     "GetActivationRecords": (False, False, pb.ActivationRecordsRequest, pb.ActivationRecordsResponse),
     "Synthesize": (False, True, pb.SynthesisRequest, pb.SynthesisUpdate),
+    "PublishWeights": (True, False, pb.WeightsChunk, pb.PublishWeightsResponse),
 }
 
 
@@ -1100,6 +1169,15 @@ def add_to_server(servicer: TeacherServicer, server: grpc.Server) -> None:
 
         return handle
 
+    def stream_unary(rpc: str, method):
+        def handle(iterator, context):
+            try:
+                return method(iterator, context)
+            except Exception as e:  # noqa: BLE001
+                failed(rpc, e, context)
+
+        return handle
+
     def stream_stream(rpc: str, method):
         def handle(iterator, context):
             try:
@@ -1114,6 +1192,8 @@ def add_to_server(servicer: TeacherServicer, server: grpc.Server) -> None:
         method, ser = getattr(servicer, rpc), resp_cls.SerializeToString
         if req_streaming:
             handlers[rpc] = grpc.stream_stream_rpc_method_handler(stream_stream(rpc, method), response_serializer=ser)
+            if not resp_streaming:  # client streaming (PublishWeights): the method parses each message
+                handlers[rpc] = grpc.stream_unary_rpc_method_handler(stream_unary(rpc, method), response_serializer=ser)
         elif resp_streaming:
             handlers[rpc] = grpc.unary_stream_rpc_method_handler(unary_stream(rpc, req_cls, method),
                                                                  response_serializer=ser)  # fmt: skip

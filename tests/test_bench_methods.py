@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kd.student_trainer.losses import METHODS
+from kd.student_trainer.online import METHODS as ONLINE
 
 
 def _acc(value: object) -> bool:
@@ -88,16 +89,37 @@ def test_bench_methods_quick_covers_every_registered_method(tmp_path: Path) -> N
         n for n in METHODS if n not in ("ce", "kd")
     ]]  # fmt: skip
 
+    # The online section (--quick: one epoch of okddip and dist-plus) next to CE and KD on the CNN pair, same
+    # subset and seed; each reports its deployed head, which is one of its evaluated heads.
+    online = res["online_methods"]
+    assert list(online) == ["ce", "kd", "okddip", "dist-plus"] and res["online"]["epochs"] == 1
+    assert set(ONLINE) >= {"okddip", "dist-plus"}
+    assert res["online"]["teacher_acc"] == res["cnn"]["teacher_acc"]  # one CNN teacher for both sections
+    for name, m in online.items():
+        assert "failed" not in m, (name, m)
+        assert len(m["acc_per_seed"]) == 1 and _acc(m["acc_mean"]) and math.isfinite(m["delta_vs_kd_mean"]), name
+        if name in ("ce", "kd"):
+            continue
+        heads = m["accuracies_per_seed"][0]
+        assert m["acc_per_seed"][0] == heads[m["head"]], (name, m["head"], heads)
+        assert m["best_single_per_seed"][0] == max(v for k, v in heads.items() if "ensemble" not in k), name
+        assert m["delta_vs_ce_mean"] == pytest.approx(m["acc_per_seed"][0] - online["ce"]["acc_per_seed"][0])
+    assert set(online["dist-plus"]["accuracies_per_seed"][0]) == {"student", "teacher"}
+
 
 def test_bench_methods_subset_and_a_method_that_raises(tmp_path: Path) -> None:
     out = tmp_path / "subset.json"
-    r = _run("--quick", "--epochs", "2", "--methods", "dkd,broken", "--json", str(out), register_broken=True)
+    r = _run("--quick", "--epochs", "2", "--methods", "dkd,broken", "--online-methods", "none", "--json", str(out),
+             register_broken=True)  # fmt: skip
     assert r.returncode == 1, (r.returncode, r.stderr[-4000:])
     assert "1 method(s) raised: broken" in " ".join(r.stderr.split())
     res = json.loads(out.read_text())  # the results are still written, with the failure in them
     assert set(res["methods"]) == {"ce", "kd", "dkd", "broken"} and res["failed"] == ["broken"]
     assert res["methods"]["broken"]["failed"] == "RuntimeError: broken on purpose"
     assert res["methods"]["broken"]["acc_mean"] is None and _acc(res["methods"]["dkd"]["acc_mean"])
+    assert "online_methods" not in res and res["settings"]["online_methods"] == []  # --online-methods none
 
     bad = _run("--quick", "--methods", "no-such-method")
     assert bad.returncode == 2 and "unknown method" in bad.stderr
+    bad = _run("--quick", "--online-methods", "dml")
+    assert bad.returncode == 2 and "unknown online method(s) ['dml']" in bad.stderr

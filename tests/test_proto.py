@@ -150,6 +150,7 @@ EXPECTED_METHODS = {
     "BatchNormLoss": ("kd.v1.BatchNormLossRequest", "kd.v1.BatchNormLossResponse", False, False),
     "GetActivationRecords": ("kd.v1.ActivationRecordsRequest", "kd.v1.ActivationRecordsResponse", False, False),
     "Synthesize": ("kd.v1.SynthesisRequest", "kd.v1.SynthesisUpdate", False, True),
+    "PublishWeights": ("kd.v1.WeightsChunk", "kd.v1.PublishWeightsResponse", True, False),
 }
 
 
@@ -179,6 +180,7 @@ def test_service_methods_match_descriptor(compiled: descriptor_pb2.FileDescripto
             (False, False): grpc.UnaryUnaryMultiCallable,
             (True, True): grpc.StreamStreamMultiCallable,
             (False, True): grpc.UnaryStreamMultiCallable,
+            (True, False): grpc.StreamUnaryMultiCallable,
         }
         for name, (_, _, cs, ss) in EXPECTED_METHODS.items():
             assert isinstance(getattr(stub, name), kinds[(cs, ss)]), name

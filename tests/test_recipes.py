@@ -469,12 +469,25 @@ def test_worker_processes_give_the_same_training() -> None:
     assert ra.acc_per_epoch == rb.acc_per_epoch
 
 
-def test_resume_with_extra_modules_is_refused(tmp_path: Path) -> None:
-    extra = nn.Linear(2, 2)
-    hooks = Hooks(extra=[(extra, torch.optim.SGD(extra.parameters(), lr=0.1))])
-    with pytest.raises(ValueError, match="extra modules"):
-        train_student(_student(), TRAIN, TEST, TrainConfig(method="ce", epochs=1), subset=SUB, run_dir=tmp_path,
-                      resume=True, hooks=hooks)  # fmt: skip
+def test_resume_restores_extra_modules_and_refuses_another_set(tmp_path: Path) -> None:
+    """A hook's extra modules and their optimisers are in every checkpoint and come back on resume
+    (tests/test_online_resume.py checks whole online runs); a run with another number of them is refused."""
+    cfg = TrainConfig(method="ce", epochs=1)
+
+    def hooks_with(*modules: nn.Module) -> Hooks:
+        return Hooks(extra=[(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)) for m in modules])
+
+    saved = nn.Linear(2, 2)
+    with torch.no_grad():
+        saved.weight.fill_(0.25)
+    train_student(_student(), TRAIN, TEST, cfg, subset=SUB, run_dir=tmp_path, hooks=hooks_with(saved))
+    fresh = nn.Linear(2, 2)  # other weights than the checkpoint's
+    train_student(_student(), TRAIN, TEST, cfg, subset=SUB, run_dir=tmp_path, resume=True, hooks=hooks_with(fresh))
+    for k, v in saved.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    with pytest.raises(ValueError, match=r"holds 1 extra module\(s\), this run trains 2"):
+        train_student(_student(), TRAIN, TEST, cfg, subset=SUB, run_dir=tmp_path, resume=True,
+                      hooks=hooks_with(nn.Linear(2, 2), nn.Linear(2, 2)))  # fmt: skip
 
 
 def test_chain_stages_from_factories_with_arguments(tmp_path: Path) -> None:

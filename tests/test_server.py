@@ -193,7 +193,7 @@ def test_health_and_reflection(address: str) -> None:
     service = db.FindFileContainingSymbol("kd.v1.TeacherService").service[0]
     assert {m.name for m in service.method} == {
         "ListTeachers", "Infer", "InferStream", "InputGradient", "GetBatchNormStats", "BatchNormLoss",
-        "GetActivationRecords", "Synthesize",
+        "GetActivationRecords", "Synthesize", "PublishWeights",
     }  # fmt: skip
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kd.cache import CacheMeta, CacheReader, CacheWriter, StaleCacheError
-from kd.cache.codecs import CODEC_VERSION, covered_mass, get_codec
+from kd.cache.codecs import CODEC_VERSION, GAUSS_STEP, LowRankBasis, bytes_per_sample, covered_mass, get_codec
 from kd.cache.store import META_KEY
 from kd.core.targets import SparseTargets, sparse_kl
 from kd.student_trainer.losses import get_method
@@ -297,3 +297,92 @@ def test_cache_info_reports_the_covered_mass(tmp_path: Path) -> None:
     assert mass["temperature"] == 4.0 and mass["records"] == 20
     assert mass["mean"] == pytest.approx(float(exact.mean()), rel=2e-3)
     assert mass["min"] == pytest.approx(float(exact.min()), rel=2e-3)
+
+
+# ---------------------------------------------------------------- pca:K (low-rank basis)
+
+
+def low_rank_logits(rows: int, classes: int, rank: int, seed: int = 0) -> torch.Tensor:
+    """Logits W h + b with h of width ``rank``: what a teacher's last linear layer makes."""
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(classes, rank, generator=g), torch.randn(classes, generator=g)
+    return torch.randn(rows, rank, generator=g) @ w.T * 0.8 + b
+
+
+def test_pca_decode_and_kd_loss_match_the_float64_definition() -> None:
+    c, k = 40, 6
+    z = low_rank_logits(48, c, rank=10, seed=20)
+    basis = LowRankBasis.fit(z[:32], k)  # fitted on the first records, used for all
+    codec = get_codec("pca:6b4", basis=basis)
+    assert codec.record_bytes(c) == 3 and bytes_per_sample("pca:6b4", c) == 3 + 8  # 24 bits, no header
+    dec = codec.decode(codec.encode(z), c).double()
+    # float64 reference, by the definition: centre each row, subtract the mean row, project,
+    # take the cell of each coefficient (step GAUSS_STEP[4] * sigma_j, 16 cells), rebuild from the midpoints.
+    mean, comps, sigma = basis.mean.astype(float).tolist(), basis.components.astype(float).tolist(), basis.sigma
+    ref = []
+    for r in range(48):
+        row = [float(v) for v in z[r]]
+        x = [v - sum(row) / c - m for v, m in zip(row, mean)]
+        out = list(mean)
+        for j in range(k):
+            step = GAUSS_STEP[4] * float(sigma[j])
+            cell = min(max(math.floor(sum(a * b for a, b in zip(x, comps[j])) / step), -8), 7)
+            out = [o + (cell + 0.5) * step * v for o, v in zip(out, comps[j])]
+        ref.append(out)
+    torch.testing.assert_close(dec, torch.tensor(ref, dtype=torch.float64), rtol=0, atol=2e-5)
+    # The KD loss on the decoded logits is the dense KL (any temperature: the record holds no T).
+    student = torch.randn(48, c, dtype=torch.float64, generator=torch.Generator().manual_seed(21))
+    labels = torch.zeros(48, dtype=torch.long)
+    for t in (1.0, 4.0):
+        want = 0.0
+        for r in range(48):
+            p = torch.softmax(torch.tensor(ref[r], dtype=torch.float64) / t, 0).tolist()
+            q = torch.softmax(student[r] / t, 0).tolist()
+            want += sum(a * math.log(a / b) for a, b in zip(p, q))
+        got = get_method("kd")(student, dec, labels, temperature=t, alpha=1.0)
+        assert float(got) == pytest.approx(t * t * want / 48, rel=1e-5)
+
+
+def test_pca_exact_for_a_low_rank_teacher_up_to_its_step() -> None:
+    """Logits of rank r (plus a per-row constant) lie in a rank-r basis: only quantisation remains,
+    at most half a step per coefficient (none is clipped at 8 bits), and more bits shrink it."""
+    c, r = 300, 8
+    z = low_rank_logits(64, c, rank=r - 1, seed=22) + torch.randn(64, 1, generator=torch.Generator().manual_seed(2))
+    basis = LowRankBasis.fit(z, r)
+    errs = []
+    for bits in (3, 8):
+        codec = get_codec(f"pca:{r}b{bits}", basis=basis)
+        dec = codec.decode(codec.encode(z), c).double()
+        x = z.double() - z.double().mean(1, keepdim=True)
+        err = (dec - dec.mean(1, keepdim=True)) - x
+        errs.append(float(err.abs().max()))
+        if bits == 8:
+            bound = 0.5 * torch.from_numpy(codec.steps(c)) @ torch.from_numpy(basis.components).double().abs()
+            assert bool((err.abs() <= bound + 1e-4).all())
+    assert errs[1] < errs[0] / 10
+
+
+def test_pca_basis_bytes_checksum_and_errors() -> None:
+    z = low_rank_logits(20, 30, rank=5, seed=23)
+    basis = LowRankBasis.fit(z, 4)
+    raw = basis.to_bytes()
+    assert len(raw) == LowRankBasis.size(30, 4) == 20 + 4 * 30 + 4 * 4 + 2 * 4 * 30  # fp16 components
+    back = LowRankBasis.from_bytes(raw)
+    assert np.array_equal(back.components, basis.components) and np.array_equal(back.sigma, basis.sigma)
+    codec = get_codec("pca:4", basis=raw)
+    assert np.array_equal(codec.encode(z), get_codec("pca:4", basis=basis).encode(z))
+    bad = bytearray(raw)
+    bad[100] ^= 1
+    with pytest.raises(ValueError, match="checksum"):
+        LowRankBasis.from_bytes(bytes(bad))
+    with pytest.raises(ValueError, match="needs its low-rank basis"):
+        get_codec("pca:4").encode(z)
+    with pytest.raises(ValueError, match="rank 5 or more"):
+        get_codec("pca:5", basis=basis)
+    with pytest.raises(ValueError, match="the basis has 30 classes, the rows 31"):
+        codec.encode(torch.zeros(2, 31))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        codec.encode(torch.full((2, 30), math.nan))
+    for name in ("pca:0", "pca:4b9", "pca:x"):
+        with pytest.raises(ValueError, match="pca:"):
+            get_codec(name)

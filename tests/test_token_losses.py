@@ -390,7 +390,7 @@ def test_classifier_logits_are_one_position_per_sample() -> None:
 def test_cache_sample_targets_become_counts() -> None:
     """A cache's ``sample:K`` record (draws merged into unique ids with counts, unused slots count 0)
     becomes TokenTargets counts; its forward-KL gradient is the one kd's sparse_kl gives for the same draws."""
-    from kd.cache.codecs import unique_counts
+    from kd.core.sparse import unique_counts
     from kd.core.targets import sparse_kl
     from kd.student_trainer.losses.token_kd import _as_token_targets
 

@@ -61,6 +61,19 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path: Path
     with pytest.raises(ValueError, match=r"config differs in \['epochs'\]"):
         train_student(student(), train, test, TrainConfig(method="kd", epochs=6, seed=5), source=source,
                       subset=subset, run_dir=tmp_path / "b", resume=True)  # fmt: skip
+    # A run dir written before a config field existed (here the final-transform fields) resumes when the
+    # field's default is what the run asks for; a missing key whose value is not the default is a difference.
+    for key in ("input_size", "input_mean", "input_std"):
+        del config[key]
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    again = train_student(student(), train, test, cfg, source=source, subset=subset, run_dir=tmp_path / "b",
+                          resume=True)  # fmt: skip
+    assert again.acc_per_epoch == full.acc_per_epoch
+    del config["epochs"]  # 4 here, 60 by default
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config differs in \['epochs'\]"):
+        train_student(student(), train, test, cfg, source=source, subset=subset, run_dir=tmp_path / "b",
+                      resume=True)  # fmt: skip
 
 
 def test_cli_run_dir_resume_and_plot(tmp_path: Path) -> None:

@@ -32,6 +32,14 @@ each method's feature targets. ``FEATURE_MATCHES`` gives each method's layer mat
 methods whose statistic relates the samples of a batch (``sp``, ``cckd``) cannot be
 cached per sample, so they read the full map and reduce it in the trainer.
 
+Online methods (``kd.student_trainer.online``: the teachers train together with the
+students, no pretrained teacher) run in a third section on the same CNN pair: each method
+with ``branches=3, width=8`` (one branch path of width 8 is exactly ``digits_cnn_student``),
+on the same labelled subsets and seeds, next to CE and KD (from the same ``digits_cnn``
+teacher, in process) trained for the same ``online_epochs``. Each method reports the head it
+deploys (``ONLINE_HEADS``: a single network, comparable with the CE and KD students), the best
+single head (picked on the test set: optimistic) and its ensemble.
+
 The accuracies are what they are on this small task; a method below plain KD is
 not wrong if its loss matches its formula (``tests/test_losses*.py`` and
 ``tests/test_feature_losses_*.py`` check that).
@@ -39,6 +47,7 @@ not wrong if its loss matches its formula (``tests/test_losses*.py`` and
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
 import statistics
@@ -59,6 +68,8 @@ from kd.models import digits_cnn, digits_cnn_student, digits_student
 from kd.precompute import precompute
 from kd.student_trainer.features import LOGITS, Match, feature_name
 from kd.student_trainer.losses import METHODS, FeatureMethod, get_method
+from kd.student_trainer.online import METHODS as ONLINE_METHODS
+from kd.student_trainer.online import method_options, train_online
 from kd.student_trainer.sources import CacheSource, LocalSource, SoftTargetSource
 from kd.student_trainer.train import TrainConfig, seed_everything, train_student
 from kd.teacher_server.loading import load_teacher, save_weights
@@ -123,6 +134,30 @@ FEATURE_MATCHES: dict[str, tuple[str, ...]] = {
     "sskd": ("pool=pool",),
     "dist-feat": ("layer2=layer2",),
 }
+# Online section: the head each method deploys (a single network; an unknown method: the head its
+# trainer evaluates every epoch), options instead of the registered defaults, and notes.
+ONLINE_HEADS: dict[str, str] = {"one": "branch0", "okddip": "leader", "pcl": "mean_branch0", "dcm": "a_main",
+                                "od-cheap": "student0", "oemc": "student0", "hes": "student", "frskd": "student",
+                                "dist-plus": "student"}  # fmt: skip
+ONLINE_OVERRIDES: dict[str, dict[str, object]] = {"pcl": {"ema_decay": 0.99}}
+ONLINE_NOTES: dict[str, str] = {
+    "one": "deployed: branch 0 (its trainer evaluates the gated ensemble every epoch)",
+    "okddip": "deployed: the group leader",
+    "pcl": "deployed: the temporal mean's branch 0; ema_decay 0.99 (the paper's 0.999 lags in a run of a few "
+    "hundred steps: see its docstring)",
+    "dcm": "deployed: network A's main classifier (digits_cnn_student's architecture)",
+    "od-cheap": "deployed: cheap-convolution student 0 (fewer parameters than digits_cnn_student)",
+    "oemc": "deployed: the uncompressed student 0",
+    "hes": "expert: a copy of the digits_cnn teacher; scratch teacher width 32 (among the single heads)",
+    "frskd": "deployed: the classifier (its self-teacher is dropped)",
+    "dist-plus": "teacher: a copy of the digits_cnn teacher, acclimated (trained) during the run (among the "
+    "single heads)",
+}
+ONLINE_BRANCHES, ONLINE_WIDTH = 3, 8
+# --quick runs two online methods (one without and one with a pretrained teacher), to stay cheap in tests;
+# every online method is trained by tests/test_online_methods.py.
+QUICK_ONLINE = ("okddip", "dist-plus")
+
 FEATURE_NOTES: dict[str, str] = {
     "at": "beta = 1000 is set for 32x32 maps; the mean over H*W makes it ~16x stronger on 8x8 maps",
     "sp": "batch statistic: full map cached, reduced in the trainer",
@@ -145,12 +180,15 @@ class MethodsBenchSettings:
     threads: int = 2  # torch threads (the demo's min(2, default)); 0: torch's default
     methods: tuple[str, ...] = ()  # empty: every registered method
     feature_epochs: int = 150  # CNN student epochs (feature section)
+    online_epochs: int = 150  # epochs of the online section (its CE and KD students too)
+    online_methods: tuple[str, ...] | None = None  # None: every registered online method; (): no online section
 
     @classmethod
     def make(cls, quick: bool = False, **overrides: Any) -> MethodsBenchSettings:
         base = cls()
         if quick:
-            base = replace(base, quick=True, seeds=1, epochs=10, teacher_epochs=3, feature_epochs=2)
+            base = replace(base, quick=True, seeds=1, epochs=10, teacher_epochs=3, feature_epochs=2, online_epochs=1,
+                           online_methods=QUICK_ONLINE)  # fmt: skip
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -160,6 +198,14 @@ def selected_methods(names: tuple[str, ...] | list[str]) -> list[str]:
         get_method(name)  # ValueError for an unknown name
     chosen = set(names) if names else set(METHODS)
     return list(BASELINES) + [m for m in METHODS if m in chosen and m not in BASELINES]
+
+
+def selected_online(names: tuple[str, ...] | None) -> list[str]:
+    """The online methods to run, in registry order (None: all of them); an unknown name is refused."""
+    unknown = [n for n in names or () if n not in ONLINE_METHODS]
+    if unknown:
+        raise ValueError(f"unknown online method(s) {unknown}; choose from {', '.join(ONLINE_METHODS)}")
+    return [n for n in ONLINE_METHODS if names is None or n in names]
 
 
 def is_feature(name: str) -> bool:
@@ -261,8 +307,14 @@ def run_bench(s: MethodsBenchSettings) -> dict[str, Any]:
             console.print(f"  {name:10s} acc {row['acc_mean']:.4f} ± {row['acc_std']:.4f} "
                           f"({row['seconds']:.1f}s)", highlight=False)  # fmt: skip
 
+        cnn_teacher: dict[str, Any] = {}  # trained once, for the feature and the online sections
         if feature_names:
-            results["feature_methods"], results["cnn"] = _feature_section(s, feature_names, train, test, root)
+            results["feature_methods"], results["cnn"] = _feature_section(s, feature_names, train, test, root,
+                                                                          cnn_teacher)  # fmt: skip
+        online = selected_online(s.online_methods)
+        if online:
+            results["online_methods"], results["online"] = _online_section(s, online, train, test, root,
+                                                                           cnn_teacher)  # fmt: skip
 
     _ce_vs_kd(results["methods"])
     ms = results["methods"]
@@ -272,7 +324,10 @@ def run_bench(s: MethodsBenchSettings) -> dict[str, Any]:
         teacher_acc=teacher_acc,
         # every method that raised, logit or feature: `kd bench methods` exits 1 when any did
         failed=sorted(
-            n for part in ("methods", "feature_methods") for n, m in results.get(part, {}).items() if m.get("failed")
+            n
+            for part in ("methods", "feature_methods", "online_methods")
+            for n, m in results.get(part, {}).items()
+            if m.get("failed")
         ),  # fmt: skip
         settings={
             **asdict(s),
@@ -325,15 +380,24 @@ def _teacher_names(name: str, opts: dict[str, object]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _cnn_teacher(s: MethodsBenchSettings, train: Dataset, test: Dataset, root: Path, memo: dict[str, Any]):
+    """The ``digits_cnn`` teacher (CE on the whole split, seed 0), trained once per run: -> (teacher, test acc)."""
+    if "teacher" not in memo:
+        seed_everything(0)
+        model = digits_cnn()
+        r = train_student(model, train, test, TrainConfig(method="ce", epochs=s.teacher_epochs, lr=1e-3,
+                                                          batch_size=64))  # fmt: skip
+        path = save_weights(model, root / "digits-cnn.safetensors")
+        memo["teacher"] = load_teacher("digits-cnn", f"kd.models:digits_cnn@{path}")
+        memo["acc"] = r.test_acc
+        console.print(f"digits CNN teacher: test acc {r.test_acc:.4f} ({s.teacher_epochs} epochs)", highlight=False)
+    return memo["teacher"], memo["acc"]
+
+
 def _feature_section(s: MethodsBenchSettings, names: list[str], train: Dataset, test: Dataset,
-                     root: Path) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+                     root: Path, memo: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """CE, KD and every feature method on the CNN pair, features from one cache."""
-    seed_everything(0)
-    model = digits_cnn()
-    r = train_student(model, train, test, TrainConfig(method="ce", epochs=s.teacher_epochs, lr=1e-3, batch_size=64))
-    path = save_weights(model, root / "digits-cnn.safetensors")
-    teacher = load_teacher("digits-cnn", f"kd.models:digits_cnn@{path}")
-    console.print(f"digits CNN teacher: test acc {r.test_acc:.4f} ({s.teacher_epochs} epochs)", highlight=False)
+    teacher, teacher_acc = _cnn_teacher(s, train, test, root, memo)
     missing = [n for n in names if n not in FEATURE_MATCHES]
     if missing:
         raise ValueError(f"no layer matches for feature method(s) {missing} in kd.bench.methods.FEATURE_MATCHES")
@@ -387,7 +451,7 @@ def _feature_section(s: MethodsBenchSettings, names: list[str], train: Dataset, 
                       f"{row['feature_bytes_per_sample']} B/sample features)", highlight=False)  # fmt: skip
     _ce_vs_kd(rows)
     cnn = {
-        "teacher_acc": r.test_acc,
+        "teacher_acc": teacher_acc,
         "teacher": "kd.models:digits_cnn",
         "student": "kd.models:digits_cnn_student",
         "teacher_params": sum(p.numel() for p in teacher.model.parameters()),
@@ -397,6 +461,84 @@ def _feature_section(s: MethodsBenchSettings, names: list[str], train: Dataset, 
         "logit_bytes_per_sample": cache.reader.logit_bytes,
     }
     return rows, cnn
+
+
+def _online_section(s: MethodsBenchSettings, names: list[str], train: Dataset, test: Dataset, root: Path,
+                    memo: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """CE and KD on the CNN pair, then every online method, ``online_epochs`` each, same subsets and seeds."""
+    teacher, teacher_acc = _cnn_teacher(s, train, test, root, memo)
+    rows: dict[str, Any] = {}
+    for name in BASELINES:
+        method = get_method(name)
+        row: dict[str, Any] = {"paper": method.paper, "options": dict(method.defaults), "head": "student",
+                               "note": "digits_cnn_student" + ("" if name == "ce" else ", teacher in process"),
+                               "acc_per_seed": [], "seconds_per_seed": []}  # fmt: skip
+        for seed in range(s.seeds):
+            seed_everything(seed)
+            student = digits_cnn_student()
+            config = TrainConfig(method=name, method_options=dict(method.defaults), epochs=s.online_epochs, seed=seed)
+            res = train_student(student, train, test, config, source=None if name == "ce" else LocalSource(teacher),
+                                subset=_subset(train, s, seed))  # fmt: skip
+            row["acc_per_seed"].append(res.test_acc)
+            row["seconds_per_seed"].append(round(res.seconds, 3))
+        rows[name] = row
+    for name in names:
+        module = ONLINE_METHODS[name]
+        row = {"paper": module.PAPER, "options": method_options(name, ONLINE_OVERRIDES.get(name)),
+               "head": ONLINE_HEADS.get(name, "deployed"), "note": ONLINE_NOTES.get(name, ""), "acc_per_seed": [],
+               "best_single_per_seed": [], "best_single_head_per_seed": [], "ensemble_per_seed": [],
+               "accuracies_per_seed": [], "seconds_per_seed": []}  # fmt: skip
+        try:
+            for seed in range(s.seeds):
+                config = TrainConfig(epochs=s.online_epochs, seed=seed)
+                # a method with a pretrained teacher gets a fresh copy (dist-plus trains it)
+                given = copy.deepcopy(teacher.model) if getattr(module, "NEEDS_TEACHER", False) else None
+                res = train_online(name, train, test, config, branches=ONLINE_BRANCHES, width=ONLINE_WIDTH,
+                                   options=ONLINE_OVERRIDES.get(name), subset=_subset(train, s, seed),
+                                   teacher=given)  # fmt: skip
+                acc = res.accuracies[ONLINE_HEADS[name]] if name in ONLINE_HEADS else res.acc_per_epoch[-1]
+                if not all(math.isfinite(a) for a in res.accuracies.values()):
+                    raise RuntimeError(f"non-finite accuracy in {res.accuracies}")
+                row["acc_per_seed"].append(acc)
+                row["best_single_per_seed"].append(res.best_branch_acc)
+                row["best_single_head_per_seed"].append(res.best_branch)
+                row["ensemble_per_seed"].append(res.ensemble_acc)
+                row["accuracies_per_seed"].append(res.accuracies)
+                row["seconds_per_seed"].append(round(res.seconds, 3))
+        except Exception as e:  # noqa: BLE001 - recorded: the bench goes on with the other methods
+            row.update(acc_mean=None, acc_std=None, seconds=round(sum(row["seconds_per_seed"]), 2),
+                       failed=f"{type(e).__name__}: {e}")  # fmt: skip
+            console.print(f"  {name:10s} FAILED: {row['failed']}", highlight=False)
+            rows[name] = row
+            continue
+        rows[name] = row
+    for name, row in rows.items():
+        if row.get("failed"):
+            continue
+        accs = row["acc_per_seed"]
+        row.update(acc_mean=_mean(accs), acc_std=_std(accs), seconds=round(sum(row["seconds_per_seed"]), 2))
+        for key in ("best_single", "ensemble"):
+            vals = row.get(f"{key}_per_seed")
+            if vals and None not in vals:
+                row[f"{key}_mean"], row[f"{key}_std"] = _mean(vals), _std(vals)
+        for ref in BASELINES:
+            deltas = [a - b for a, b in zip(accs, rows[ref]["acc_per_seed"])]
+            row[f"delta_vs_{ref}_mean"], row[f"delta_vs_{ref}_std"] = _mean(deltas), _std(deltas)
+        if name not in BASELINES:
+            console.print(f"  {name:10s} acc {row['acc_mean']:.4f} ± {row['acc_std']:.4f} ({row['seconds']:.1f}s)",
+                          highlight=False)  # fmt: skip
+    info = {
+        "teacher_acc": teacher_acc,
+        "teacher": "kd.models:digits_cnn",
+        "student": "kd.models:digits_cnn_student",
+        "student_params": sum(p.numel() for p in digits_cnn_student().parameters()),
+        "epochs": s.online_epochs,
+        "branches": ONLINE_BRANCHES,
+        "width": ONLINE_WIDTH,
+        "methods": names,
+        "overrides": {n: o for n, o in ONLINE_OVERRIDES.items() if n in names},
+    }
+    return rows, info
 
 
 def print_report(r: dict[str, Any], out: Console | None = None) -> None:
@@ -447,6 +589,8 @@ def print_report(r: dict[str, Any], out: Console | None = None) -> None:
     )
     if r.get("feature_methods"):
         _print_feature_table(r, out)
+    if r.get("online_methods"):
+        _print_online_table(r, out)
     out.print(f"{r['seconds']:.1f}s total", highlight=False)
 
 
@@ -476,3 +620,35 @@ def _print_feature_table(r: dict[str, Any], out: Console) -> None:
     out.print(t)
     out.print(f"feature B/sample: fp16 bytes per sample of the teacher features the method reads from the cache "
               f"(logits: {c['logit_bytes_per_sample']} B/sample more).", highlight=False)  # fmt: skip
+
+
+def _print_online_table(r: dict[str, Any], out: Console) -> None:
+    o, s = r["online"], r["settings"]
+    t = Table(
+        title=f"online methods: {o['branches']} branches of width {o['width']} (a branch path = digits_cnn_student, "
+        f"{o['student_params']} params), {s['labeled']} labelled samples, {o['epochs']} epochs, {s['seeds']} seed(s); "
+        f"CE and KD (from digits_cnn, test acc {o['teacher_acc']:.4f}): digits_cnn_student"
+    )
+    for col in ("#", "method", "deployed head", "test acc (mean ± std)", "vs KD", "vs CE", "best single head",
+                "ensemble", "s", "note"):  # fmt: skip
+        t.add_column(col, justify="left" if col in ("method", "deployed head", "note") else "right")
+    rows = r["online_methods"]
+    done = sorted(((n, m) for n, m in rows.items() if m["acc_mean"] is not None), key=lambda nm: -nm[1]["acc_mean"])
+
+    def pm(m: dict[str, Any], key: str) -> str:
+        return "" if m.get(f"{key}_mean") is None else f"{m[f'{key}_mean']:.4f} ± {m[f'{key}_std']:.4f}"
+
+    for rank, (name, m) in enumerate(done, 1):
+
+        def delta(ref: str, m: dict[str, Any] = m, name: str = name) -> str:
+            return "-" if name == ref else f"{m[f'delta_vs_{ref}_mean']:+.4f} ± {m[f'delta_vs_{ref}_std']:.4f}"
+
+        t.add_row(str(rank), name, m["head"], pm(m, "acc"), delta("kd"), delta("ce"), pm(m, "best_single"),
+                  pm(m, "ensemble"), f"{m['seconds']:.1f}", m["note"],
+                  style={"ce": "bold yellow", "kd": "bold cyan"}.get(name))  # fmt: skip
+    for name, m in rows.items():
+        if m["acc_mean"] is None:
+            t.add_row("-", name, m["head"], "FAILED", "", "", "", "", f"{m['seconds']:.1f}", m["failed"], style="red")
+    out.print(t)
+    out.print("best single head: the best of the method's single networks on the test set (optimistic: picked on "
+              "test); vs KD / vs CE compare the deployed head.", highlight=False)  # fmt: skip

@@ -24,12 +24,20 @@ all started up front and idle (no CPU) while another is measured, with
 default, since the clients share the machine (see ``default_threads``). The
 clients are separate processes (multiprocessing, spawn), 1 torch thread each,
 started once and reused; each window warms up, starts all clients at one
-instant and counts the requests completed inside it. The server's Prometheus
-histogram gives the mean forward size inside the window.
+instant and counts the samples answered inside it (a request's samples credited by
+the share of its time inside the window). The server's Prometheus histogram gives
+the mean forward size inside the window.
+
+``peer="triton"`` (``--peer triton``) runs the same loads against Triton Inference
+Server through PyTriton (Python backend; ``TritonProcess``, in the interpreter
+``$KD_TRITON_PYTHON`` or this one), its windows interleaved with kd's, and reports
+the same ratios under ``"triton"``.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import multiprocessing as mp
 import os
@@ -109,6 +117,7 @@ class BenchSettings:
     teacher: str = DEFAULT_TEACHER
     rounds: int = 3  # alternated windows behind each ratio (in-process/served, batcher on/off, kd/floor)
     large_batch: int = 32  # 3x224x224 images per request of the large-input phases
+    peer: str = ""  # "triton": the same loads against Triton (PyTriton), interleaved with kd's windows
 
     @property
     def overload_batch(self) -> int:
@@ -152,26 +161,39 @@ class ClientPlan:
     seed: int
     dtype: str = "float32"  # of the inputs sent: float32 or uint8
     echo: bool = False  # raw grpcio: send the same request bytes to the floor's Echo, get them back
+    system: str = "kd"  # kd, or triton (the peer: tritonclient's gRPC client, ``teacher`` is the model name)
 
 
 @dataclass
 class ClientReport:
     requests: int = 0  # completed inside the window, whatever the outcome
-    samples: int = 0  # answered samples inside the window
+    samples: float = 0.0  # answered samples, each request credited for the share of it inside the window
     codes: dict[str, int] = field(default_factory=dict)  # inside the window, by gRPC code name
     latencies: list[float] = field(default_factory=list)  # seconds, answered requests inside the window
     stray_errors: dict[str, int] = field(default_factory=dict)  # non-OK, non-queue-full outside the window
 
-    def add(self, code: str, latency: float | None, batch: int, inside: bool) -> None:
+    def add(self, code: str, latency: float | None, batch: int, inside: bool, share: float | None = None) -> None:
+        """``share``: the fraction of the request's time [t0, t1] inside the window (None: all of
+        it when ``inside``). Crediting an answer's samples by that share, not whole at its end,
+        keeps slow requests (a 19 MB one takes ~0.1-1 s) from quantising a 3 s window."""
+        if share is None:
+            share = 1.0 if inside else 0.0
+        if code == OK:
+            self.samples += batch * share
         if inside:
             self.requests += 1
             self.codes[code] = self.codes.get(code, 0) + 1
-            if code == OK:
-                self.samples += batch
-                if latency is not None:
-                    self.latencies.append(latency)
+            if code == OK and latency is not None:
+                self.latencies.append(latency)
         elif code not in (OK, QUEUE_FULL):
             self.stray_errors[code] = self.stray_errors.get(code, 0) + 1
+
+
+def _share(t0: float, t1: float, begin: float, end: float) -> float:
+    """The fraction of [t0, t1] inside [begin, end]."""
+    if t1 <= t0:
+        return 1.0 if begin <= t1 <= end else 0.0
+    return max(0.0, min(t1, end) - max(t0, begin)) / (t1 - t0)
 
 
 def _sleep_until(t: float) -> None:
@@ -204,6 +226,8 @@ def _run_client(plan: ClientPlan, index: int, inbox: Any, outbox: Any) -> Client
     report = ClientReport()
     if plan.echo:
         return _run_echo(plan, x, index, inbox, outbox, report)
+    if plan.system == "triton":
+        return _run_triton(plan, x, index, inbox, outbox, report)
     with TeacherClient(plan.address, timeout=60.0) as client:
         client.wait_ready(60.0)
         try:  # connection set-up and first-call costs stay out of the window
@@ -223,7 +247,7 @@ def _run_client(plan: ClientPlan, index: int, inbox: Any, outbox: Any) -> Client
                 except TeacherRequestError as e:
                     code = e.code.name
                 t1 = time.monotonic()
-                report.add(code, t1 - t0, plan.batch, begin <= t1 <= end)
+                report.add(code, t1 - t0, plan.batch, begin <= t1 <= end, _share(t0, t1, begin, end))
         else:
 
             def batches():
@@ -234,7 +258,7 @@ def _run_client(plan: ClientPlan, index: int, inbox: Any, outbox: Any) -> Client
                 try:
                     for t0, _outputs in client.infer_stream(plan.teacher, batches(), depth=plan.depth):
                         t1 = time.monotonic()
-                        report.add(OK, t1 - t0, plan.batch, begin <= t1 <= end)
+                        report.add(OK, t1 - t0, plan.batch, begin <= t1 <= end, _share(t0, t1, begin, end))
                 except TeacherRequestError as e:  # the stream ends; open another
                     t1 = time.monotonic()
                     report.add(e.code.name, None, plan.batch, begin <= t1 <= end)
@@ -272,7 +296,58 @@ def _run_echo(plan: ClientPlan, x: torch.Tensor, index: int, inbox: Any, outbox:
             except grpc.RpcError as e:
                 code = e.code().name
             t1 = time.monotonic()
-            report.add(code, t1 - t0, plan.batch, begin <= t1 <= end)
+            report.add(code, t1 - t0, plan.batch, begin <= t1 <= end, _share(t0, t1, begin, end))
+    return report
+
+
+def _run_triton(plan: ClientPlan, x: torch.Tensor, index: int, inbox: Any, outbox: Any,
+                report: ClientReport) -> ClientReport:  # fmt: skip
+    """The Triton peer through its own gRPC client (``tritonclient.grpc``), one sequential
+    request at a time, the request built per call as kd's client builds its own."""
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    xn = x.numpy()
+    dt = "UINT8" if plan.dtype == "uint8" else "FP32"
+    client = tg.InferenceServerClient(plan.address)
+    asked = [tg.InferRequestedOutput("logits")]
+
+    def call() -> None:
+        inp = tg.InferInput("x", list(xn.shape), dt)
+        inp.set_data_from_numpy(xn)
+        out = client.infer(plan.teacher, [inp], outputs=asked, client_timeout=60.0).as_numpy("logits")
+        if out.shape[0] != plan.batch:
+            raise RuntimeError(f"triton answered {out.shape[0]} rows for {plan.batch}")
+
+    def code_of(e: InferenceServerException) -> str:
+        status = str(e.status() or "UNKNOWN")  # "StatusCode.UNAVAILABLE"
+        return status.rpartition(".")[2]
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the model may still be loading
+            try:
+                call()
+                break
+            except InferenceServerException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        outbox.put(("ready", index, None))
+        start = inbox.get()
+        begin = start + plan.warmup
+        end = begin + plan.seconds
+        _sleep_until(start)
+        while (t0 := time.monotonic()) < end:
+            try:
+                call()
+                code = OK
+            except InferenceServerException as e:
+                code = code_of(e)
+            t1 = time.monotonic()
+            report.add(code, t1 - t0, plan.batch, begin <= t1 <= end, _share(t0, t1, begin, end))
+    finally:
+        client.close()
     return report
 
 
@@ -417,7 +492,10 @@ class ServerProcess:
                 self.stop()
                 raise RuntimeError(f"kd serve did not start within {timeout:.0f} s:\n{self._log_tail()}")
             time.sleep(0.05)
-        self.address = f"127.0.0.1:{int(port_file.read_text())}"
+        self._started(port_file.read_text())
+
+    def _started(self, port_text: str) -> None:
+        self.address = f"127.0.0.1:{int(port_text)}"
 
     def _log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -510,6 +588,148 @@ def _floor_main(port_file: str, sample_bytes: int, classes: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
     server.stop(1).wait()
+
+
+# -- the Triton peer ------------------------------------------------------------------
+
+TRITON_PYTHON_ENV = "KD_TRITON_PYTHON"  # the interpreter that runs PyTriton (default: this one)
+
+
+@dataclass(frozen=True)
+class TritonModel:
+    """One model of the Triton peer: its name on the server and its batching."""
+
+    name: str
+    teacher: str  # module:factory
+    max_batch_size: int
+    max_queue_delay_us: int = 0
+    uint8: bool = False  # takes uint8 pixels and divides them by 255, as kd does with uint8 inputs
+
+
+class TritonProcess(ServerProcess):
+    """Triton Inference Server through PyTriton (Python backend) in its own interpreter, every
+    model bound at start-up; ``address`` is its gRPC port. The interpreter is
+    ``$KD_TRITON_PYTHON`` or this one (PyTriton 0.7 needs numpy < 2, so it may be another
+    environment's; it must import torch and kd too)."""
+
+    def __init__(self, models: list[TritonModel], threads: int, workdir: Path) -> None:
+        self.config = ServerConfig("triton", 0)
+        self.log_path = workdir / "server-triton.log"
+        self._port_file = workdir / "server-triton.port"
+        spec = workdir / "triton-models.json"
+        spec.write_text(json.dumps([asdict(m) for m in models]))
+        python = os.environ.get(TRITON_PYTHON_ENV) or sys.executable
+        cmd = [python, "-m", "kd.bench.serve", "triton", str(self._port_file), str(spec)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.address = ""
+        self.metrics_port = 0
+        self.model = ""  # the model whose counters ``metrics`` reads (set per phase)
+
+    def wait_started(self, timeout: float = 600.0) -> None:
+        super().wait_started(timeout)
+
+    def _started(self, port_text: str) -> None:
+        grpc_port, self.metrics_port = (int(v) for v in port_text.split())
+        self.address = f"127.0.0.1:{grpc_port}"
+
+    def for_model(self, model: str) -> TritonProcess:
+        """This server, with ``metrics`` reading ``model``'s counters (a shallow copy)."""
+        other = copy.copy(self)
+        other.model = model
+        return other
+
+    def metrics(self) -> dict[str, float]:
+        """Triton's counters of ``model`` as kd's names: inferences (samples) and executions (forwards)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        # Read by hand: prometheus_client's parser drops counters whose names do not end in _total.
+        names = {"nv_inference_count": "kd_batch_size_sum", "nv_inference_exec_count": "kd_batch_size_count"}
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            name, _, rest = line.partition("{")
+            if name in names and f'model="{self.model}"' in rest.partition("}")[0]:
+                out[names[name]] = float(rest.rpartition(" ")[2])
+        return out
+
+    def stop(self) -> int:
+        code = super().stop()
+        return 0 if code in (0, -signal.SIGTERM) else code
+
+
+def _triton_main(port_file: str, spec_file: str) -> None:
+    """Serve the models of ``spec_file`` with PyTriton until SIGTERM; write "GRPC METRICS" ports."""
+    import sysconfig
+    from importlib import metadata
+
+    # PyTriton's Python-backend stub links libpython: it must load this interpreter's, not a
+    # system one of another patch level (its stdlib would not match), so its lib dir goes first.
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    import pytriton
+
+    libs = Path(pytriton.__file__).resolve().parent.parent / "nvidia_pytriton.libs"
+    extra = [d for d in (libdir, str(libs) if libs.is_dir() else "") if d]
+    os.environ["LD_LIBRARY_PATH"] = ":".join([*extra, *filter(None, os.environ.get("LD_LIBRARY_PATH", "").split(":"))])
+    try:
+        from packaging.requirements import Requirement
+
+        for req in map(Requirement, metadata.requires("nvidia-pytriton") or []):
+            if req.name == "numpy" and not req.specifier.contains(np.__version__, prereleases=True):
+                sys.exit(f"PyTriton {metadata.version('nvidia-pytriton')} needs numpy {req.specifier} (this "
+                         f"interpreter has {np.__version__}; its outputs come back empty otherwise): set "
+                         f"{TRITON_PYTHON_ENV} to an interpreter with numpy {req.specifier}, torch and kd")  # fmt: skip
+    except ImportError:
+        pass
+    from pytriton.decorators import batch
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    from kd.core.factory import logits_of
+    from kd.teacher_server.loading import load_teacher
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    models = [TritonModel(**m) for m in json.loads(Path(spec_file).read_text())]
+    grpc_port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
+    config = TritonConfig(grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
+                          grpc_address="127.0.0.1", http_address="127.0.0.1", log_verbose=0)  # fmt: skip
+    loaded: dict[str, Any] = {}
+
+    def callable_for(m: TritonModel):
+        teacher = loaded.setdefault(m.teacher, load_teacher(TEACHER_NAME, m.teacher))
+        model = teacher.model
+
+        @batch
+        def infer(x: np.ndarray) -> dict[str, np.ndarray]:
+            t = torch.from_numpy(np.asarray(x))
+            if m.uint8:
+                t = t.to(torch.float32).div_(255.0)
+            with torch.inference_mode():
+                out = logits_of(model(t))
+            return {"logits": out.float().numpy()}
+
+        return infer, teacher
+
+    with Triton(config=config) as triton:
+        for m in models:
+            infer, teacher = callable_for(m)
+            shape = tuple(int(d) for d in teacher.input_shape)
+            triton.bind(
+                model_name=m.name,
+                infer_func=infer,
+                inputs=[Tensor(name="x", dtype=np.uint8 if m.uint8 else np.float32, shape=shape)],
+                outputs=[Tensor(name="logits", dtype=np.float32, shape=(int(teacher.num_classes),))],
+                config=ModelConfig(max_batch_size=m.max_batch_size,
+                                   batcher=DynamicBatcher(max_queue_delay_microseconds=m.max_queue_delay_us)),
+                strict=False,
+            )  # fmt: skip
+        triton.run()
+        tmp = Path(port_file + ".tmp")
+        tmp.write_text(f"{grpc_port} {metrics_port}")
+        tmp.replace(port_file)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        stop.wait()
 
 
 # -- phases ---------------------------------------------------------------------------
@@ -608,10 +828,13 @@ def _inprocess(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int,
 def _served(pool: ClientPool, server: ServerProcess, input_shape: tuple[int, ...], *, clients: int, batch: int,
             depth: int, warmup: float, seconds: float, dtype: str = "float32",
             echo: bool = False) -> Window:  # fmt: skip
+    triton = isinstance(server, TritonProcess)
+    model = server.model if triton else TEACHER_NAME
     plans = [
-        ClientPlan(server.address, TEACHER_NAME, input_shape, batch, depth, warmup, seconds, seed, dtype, echo)
+        ClientPlan(server.address, model, input_shape, batch, depth, warmup, seconds, seed, dtype, echo,
+                   "triton" if triton else "kd")
         for seed in range(clients)
-    ]
+    ]  # fmt: skip
     metrics: dict[str, dict[str, float]] = {}
 
     def on_window(begin: float, end: float) -> None:
@@ -636,19 +859,16 @@ def _served(pool: ClientPool, server: ServerProcess, input_shape: tuple[int, ...
     return w
 
 
-def _alternate(a, b, rounds: int) -> tuple[list[Window], list[Window]]:
-    """``rounds`` windows of each, in ABBA order, so a slow drift of the machine's load
-    (other tenants) weighs on both sides alike."""
-    wa: list[Window] = []
-    wb: list[Window] = []
+def _alternate(*sides, rounds: int) -> tuple[list[Window], ...]:
+    """``rounds`` windows of each side, in ABBA order (ABC CBA ... for more sides; None sides
+    are skipped and get no windows), so a slow drift of the machine's load (other tenants)
+    weighs on every side alike."""
+    windows: list[list[Window]] = [[] for _ in sides]
+    order = [i for i, side in enumerate(sides) if side is not None]
     for r in range(rounds):
-        if r % 2 == 0:
-            wa.append(a())
-            wb.append(b())
-        else:
-            wb.append(b())
-            wa.append(a())
-    return wa, wb
+        for i in order if r % 2 == 0 else reversed(order):
+            windows[i].append(sides[i]())
+    return tuple(windows)
 
 
 def _median_ratio(num: list[Window], den: list[Window]) -> tuple[float, list[float]]:
@@ -695,6 +915,17 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "free": ServerConfig("free", s.served_batch, teacher=FREE_TEACHER),
         "free_image": ServerConfig("free_image", s.large_batch, teacher=FREE_IMAGE_TEACHER),
     }
+    if s.peer not in ("", "triton"):
+        raise ValueError(f"peer {s.peer!r}: the only peer is triton")
+    # The Triton peer: the same configurations as models of one Triton server (as PyTriton binds them).
+    triton_models = [
+        TritonModel("served", s.teacher, s.served_batch),
+        TritonModel("batcher_on", s.teacher, s.merged_max_batch, s.queue_delay_us),
+        TritonModel("batcher_off", s.teacher, s.small_batch),
+        TritonModel("free", FREE_TEACHER, s.served_batch),
+        TritonModel("free_image", FREE_IMAGE_TEACHER, s.large_batch),
+        TritonModel("free_image_u8", FREE_IMAGE_TEACHER, s.large_batch, uint8=True),
+    ] if s.peer == "triton" else []  # fmt: skip
     console.print(
         f"starting {n_procs} client processes and {len(configs)} servers: "
         + "; ".join(f"{k} ({c.describe()})" for k, c in configs.items()),
@@ -715,12 +946,23 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         return lambda: _served(pool, servers[key], input_shape, clients=clients, batch=batch, depth=depth,
                                warmup=s.warmup, seconds=s.seconds, dtype=dtype, echo=echo)  # fmt: skip
 
+    def peer(model: str, clients: int, batch: int, input_shape: tuple[int, ...] = shape, dtype: str = "float32"):
+        """The same load against the Triton peer's ``model`` (None without a peer: no windows)."""
+        if not triton_models:
+            return None
+        return lambda: _served(pool, servers["triton"].for_model(model), input_shape, clients=clients, batch=batch,
+                               depth=0, warmup=s.warmup, seconds=s.seconds, dtype=dtype)  # fmt: skip
+
+    peers: dict[str, list[Window]] = {}
+
     def mode(depth: int) -> str:
         return f"InferStream depth {depth}" if depth else "unary"
 
     with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp, ClientPool(n_procs) as pool, ExitStack() as stack:
         servers = {k: stack.enter_context(ServerProcess(c, s, threads, Path(tmp))) for k, c in configs.items()}
         servers["floor"] = stack.enter_context(FloorProcess(Path(tmp), 4 * math.prod(FREE_SHAPE), FREE_CLASSES))
+        if triton_models:
+            servers["triton"] = stack.enter_context(TritonProcess(triton_models, threads, Path(tmp)))
         pool.wait_up()
         for server in servers.values():
             server.wait_started()
@@ -729,8 +971,9 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
                 raise RuntimeError("the served teacher's fingerprint differs from the in-process one")
         # Every server but the one measured sits idle (no CPU) during a window.
         console.print("measuring ...", highlight=False)
-        w_in, w_served = _alternate(inprocess, served("served", s.served_clients, s.served_batch, s.served_depth),
-                                    s.rounds)  # fmt: skip
+        w_in, w_served, peers["served"] = _alternate(
+            inprocess, served("served", s.served_clients, s.served_batch, s.served_depth),
+            peer("served", s.served_clients, s.served_batch), rounds=s.rounds)  # fmt: skip
         served_ratio, served_ratios = _median_ratio(w_served, w_in)
         note(PhaseResult.of("inprocess", "in-process", 0, s.served_batch, "forward loop", w_in))
         note(PhaseResult.of("served", configs["served"].describe(), s.served_clients, s.served_batch,
@@ -740,9 +983,12 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
                             [served("batcher_on", s.served_clients, s.served_batch, s.served_depth)()]))  # fmt: skip
         note(PhaseResult.of("low_load", configs["batcher_on"].describe(), 1, s.small_batch, mode(0),
                             [served("batcher_on", 1, s.small_batch)()]))  # fmt: skip
-        w_on, w_off = _alternate(served("batcher_on", s.clients, s.small_batch),
-                                 served("batcher_off", s.clients, s.small_batch), s.rounds)  # fmt: skip
+        w_on, w_off, peers["batcher_on"], peers["batcher_off"] = _alternate(
+            served("batcher_on", s.clients, s.small_batch), served("batcher_off", s.clients, s.small_batch),
+            peer("batcher_on", s.clients, s.small_batch), peer("batcher_off", s.clients, s.small_batch),
+            rounds=s.rounds)  # fmt: skip
         gain, gains = _median_ratio(w_on, w_off)
+        batched, batched_rounds = _median_ratio(w_on, w_in)  # round r of each: the same stretch of the run
         note(PhaseResult.of("saturation", configs["batcher_on"].describe(), s.clients, s.small_batch, mode(0), w_on))
         note(PhaseResult.of("batcher_off", configs["batcher_off"].describe(), s.clients, s.small_batch, mode(0),
                             w_off))  # fmt: skip
@@ -752,18 +998,22 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         shares: dict[str, tuple[float, list[float]]] = {}
         n = s.served_clients
         for batch in (1, s.served_batch):
-            w_kd, w_floor = _alternate(served("free", n, batch, input_shape=FREE_SHAPE),
-                                       served("floor", n, batch, input_shape=FREE_SHAPE), s.rounds)  # fmt: skip
             key = f"b{batch}"
+            w_kd, w_floor, peers[f"free_{key}"] = _alternate(
+                served("free", n, batch, input_shape=FREE_SHAPE), served("floor", n, batch, input_shape=FREE_SHAPE),
+                peer("free", n, batch, FREE_SHAPE), rounds=s.rounds)  # fmt: skip
+            peers[f"floor_{key}"] = w_floor
             shares[key] = _median_ratio(w_kd, w_floor)
             note(PhaseResult.of(f"free_{key}", configs["free"].describe(), n, batch, mode(0), w_kd))
             note(PhaseResult.of(f"floor_{key}", "raw grpcio, same-size reply", n, batch, mode(0), w_floor))
         for dtype, key in (("float32", "f32"), ("uint8", "u8")):
-            w_kd, w_echo = _alternate(
+            w_kd, w_echo, peers[f"large_{key}"] = _alternate(
                 served("free_image", n, s.large_batch, input_shape=FREE_IMAGE_SHAPE, dtype=dtype),
                 served("floor", n, s.large_batch, input_shape=FREE_IMAGE_SHAPE, dtype=dtype, echo=True),
-                s.rounds,
+                peer("free_image_u8" if dtype == "uint8" else "free_image", n, s.large_batch, FREE_IMAGE_SHAPE, dtype),
+                rounds=s.rounds,
             )
+            peers[f"echo_{key}"] = w_echo
             shares[key] = _median_ratio(w_kd, w_echo)
             note(PhaseResult.of(f"large_{key}", configs["free_image"].describe(), n, s.large_batch,
                                 f"unary, {dtype}", w_kd))  # fmt: skip
@@ -779,7 +1029,8 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     return {
         "served_over_inprocess": served_ratio,
         "served_over_inprocess_rounds": served_ratios,
-        "batched_over_inprocess": p["merged"].samples_per_s / p["inprocess"].samples_per_s,
+        "batched_over_inprocess": batched,
+        "batched_over_inprocess_rounds": batched_rounds,
         "merged_over_inprocess": p["merged"].samples_per_s / p["inprocess"].samples_per_s,
         "batching_gain": gain,
         "batching_gain_rounds": gains,
@@ -829,7 +1080,33 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "teacher": {"spec": s.teacher, "parameters": params, "fingerprint": teacher.fingerprint},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "seconds": round(time.perf_counter() - t_start, 1),
+        **({"triton": _peer_results(peers, w_in, s)} if triton_models else {}),
     }
+
+
+PEER_KEYS = ("served_over_inprocess", "batched_over_inprocess", "mean_batch_16x4", "batching_gain", "floor_share_b1",
+             "floor_share_b64", "large_input_share_f32", "large_input_share_u8")  # fmt: skip
+
+
+def _peer_results(peers: dict[str, list[Window]], w_in: list[Window], s: BenchSettings) -> dict[str, Any]:
+    """The Triton peer's figures, each the same ratio as kd's over the same round's windows."""
+    out: dict[str, Any] = {}
+    for key, num, den in (
+        ("served_over_inprocess", "served", None),
+        ("batched_over_inprocess", "batcher_on", None),
+        ("batching_gain", "batcher_on", "batcher_off"),
+        ("floor_share_b1", "free_b1", "floor_b1"),
+        ("floor_share_b64", f"free_b{s.served_batch}", f"floor_b{s.served_batch}"),
+        ("large_input_share_f32", "large_f32", "echo_f32"),
+        ("large_input_share_u8", "large_u8", "echo_u8"),
+    ):
+        out[key], out[f"{key}_rounds"] = _median_ratio(peers[num], w_in if den is None else peers[den])
+    on = peers["batcher_on"]
+    forwards = sum(w.forwards for w in on)
+    out["mean_batch_16x4"] = sum(w.forwarded for w in on) / forwards if forwards else None
+    out["samples_per_s"] = {k: sum(w.samples_per_s for w in v) / len(v) for k, v in peers.items() if v}
+    out["other_errors"] = sum(w.other_errors for v in peers.values() for w in v)
+    return out
 
 
 def print_report(results: dict[str, Any], out: Console | None = None) -> None:
@@ -931,9 +1208,21 @@ def print_report(results: dict[str, Any], out: Console | None = None) -> None:
         f"other errors ({o['clients']} clients x batch {o['batch']}, max_queue_size {o['max_queue_size']})",
     )
     out.print(summary)
+    if "triton" in results:
+        peer = Table(title="kd and Triton (PyTriton, Python backend), the same loads, windows interleaved")
+        for col in ("measure", "kd", "Triton"):
+            peer.add_column(col, justify="left" if col == "measure" else "right")
+        t = results["triton"]
+        for key in PEER_KEYS:
+            kd_v, t_v = results.get(key), t.get(key)
+            peer.add_row(key, "-" if kd_v is None else f"{kd_v:.3f}", "-" if t_v is None else f"{t_v:.3f}")
+        out.print(peer)
 
 
-if __name__ == "__main__":  # the floor server: python -m kd.bench.serve floor PORT_FILE SAMPLE_BYTES CLASSES
-    if len(sys.argv) != 5 or sys.argv[1] != "floor":
-        sys.exit("usage: python -m kd.bench.serve floor PORT_FILE SAMPLE_BYTES CLASSES")
-    _floor_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+if __name__ == "__main__":  # the floor and Triton servers of the bench
+    if len(sys.argv) == 5 and sys.argv[1] == "floor":
+        _floor_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "triton":
+        _triton_main(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python -m kd.bench.serve floor PORT_FILE SAMPLE_BYTES CLASSES | triton PORT_FILE MODELS_JSON")

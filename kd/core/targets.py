@@ -1,6 +1,7 @@
 """Sparse soft targets, and the KL divergence against them without densifying.
 
-Dense targets are plain logits ``[B, C]``. Sparse ones come from the cache's
+Dense targets are plain logits ``[B, C]`` (full and quantised codecs, and ``pca:K``, whose
+K coefficients in a low-rank basis decode to dense logits). Sparse ones come from the cache's
 ``topk:K``, ``rand:M`` and ``sample:K`` codecs (or a server's top-k output) and keep
 ``K << C`` entries per row, so a 32000-class teacher costs K entries, not C.
 

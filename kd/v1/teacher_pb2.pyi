@@ -60,7 +60,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TeacherInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "input_shape", "input_dtype", "num_classes", "class_names", "max_batch_size", "device", "accepted_input_dtypes", "normalization", "layers", "datasets", "access", "batch_norms", "has_activation_records", "inputs", "outputs", "signature_extra", "weights_fingerprint", "target_options")
+    __slots__ = ("name", "fingerprint", "input_shape", "input_dtype", "num_classes", "class_names", "max_batch_size", "device", "accepted_input_dtypes", "normalization", "layers", "datasets", "access", "batch_norms", "has_activation_records", "inputs", "outputs", "signature_extra", "weights_fingerprint", "target_options", "weights_version", "accepts_weights")
     class SignatureExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,8 @@ class TeacherInfo(_message.Message):
     SIGNATURE_EXTRA_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TARGET_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -115,7 +117,9 @@ class TeacherInfo(_message.Message):
     signature_extra: _containers.ScalarMap[str, str]
     weights_fingerprint: str
     target_options: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., device: _Optional[str] = ..., accepted_input_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., datasets: _Optional[_Iterable[str]] = ..., access: _Optional[_Union[Access, str]] = ..., batch_norms: _Optional[_Iterable[_Union[BatchNormInfo, _Mapping]]] = ..., has_activation_records: _Optional[bool] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., signature_extra: _Optional[_Mapping[str, str]] = ..., weights_fingerprint: _Optional[str] = ..., target_options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    weights_version: int
+    accepts_weights: bool
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., device: _Optional[str] = ..., accepted_input_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., datasets: _Optional[_Iterable[str]] = ..., access: _Optional[_Union[Access, str]] = ..., batch_norms: _Optional[_Iterable[_Union[BatchNormInfo, _Mapping]]] = ..., has_activation_records: _Optional[bool] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., signature_extra: _Optional[_Mapping[str, str]] = ..., weights_fingerprint: _Optional[str] = ..., target_options: _Optional[_Mapping[str, str]] = ..., weights_version: _Optional[int] = ..., accepts_weights: _Optional[bool] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -166,7 +170,7 @@ class ListTeachersResponse(_message.Message):
     def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherInfo, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class OutputSpec(_message.Message):
-    __slots__ = ("logits", "logits_dtype", "top_k", "probs_temperature", "features", "pool_features", "features_dtype", "labels", "sparse_temperature", "token_samples", "token_sample_seed", "token_logprobs")
+    __slots__ = ("logits", "logits_dtype", "top_k", "probs_temperature", "features", "pool_features", "features_dtype", "labels", "sparse_temperature", "token_samples", "token_sample_seed", "token_logprobs", "class_samples", "class_sample_rounds", "sample_uniforms", "class_sample_seed")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_DTYPE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +183,10 @@ class OutputSpec(_message.Message):
     TOKEN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_SAMPLE_SEED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CLASS_SAMPLE_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_UNIFORMS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_SAMPLE_SEED_FIELD_NUMBER: _ClassVar[int]
     logits: bool
     logits_dtype: DType
     top_k: int
@@ -191,7 +199,11 @@ class OutputSpec(_message.Message):
     token_samples: int
     token_sample_seed: int
     token_logprobs: bool
-    def __init__(self, logits: _Optional[bool] = ..., logits_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., probs_temperature: _Optional[float] = ..., features: _Optional[_Iterable[str]] = ..., pool_features: _Optional[bool] = ..., features_dtype: _Optional[_Union[DType, str]] = ..., labels: _Optional[bool] = ..., sparse_temperature: _Optional[float] = ..., token_samples: _Optional[int] = ..., token_sample_seed: _Optional[int] = ..., token_logprobs: _Optional[bool] = ...) -> None: ...
+    class_samples: int
+    class_sample_rounds: int
+    sample_uniforms: Tensor
+    class_sample_seed: int
+    def __init__(self, logits: _Optional[bool] = ..., logits_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., probs_temperature: _Optional[float] = ..., features: _Optional[_Iterable[str]] = ..., pool_features: _Optional[bool] = ..., features_dtype: _Optional[_Union[DType, str]] = ..., labels: _Optional[bool] = ..., sparse_temperature: _Optional[float] = ..., token_samples: _Optional[int] = ..., token_sample_seed: _Optional[int] = ..., token_logprobs: _Optional[bool] = ..., class_samples: _Optional[int] = ..., class_sample_rounds: _Optional[int] = ..., sample_uniforms: _Optional[_Union[Tensor, _Mapping]] = ..., class_sample_seed: _Optional[int] = ...) -> None: ...
 
 class DatasetRef(_message.Message):
     __slots__ = ("dataset", "indices", "view_seeds", "return_view_params")
@@ -232,7 +244,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("request_id", "teacher", "fingerprint", "outputs", "error", "usage", "view_params")
+    __slots__ = ("request_id", "teacher", "fingerprint", "outputs", "error", "usage", "view_params", "weights_version")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +259,7 @@ class InferResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     VIEW_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     teacher: str
     fingerprint: str
@@ -254,7 +267,8 @@ class InferResponse(_message.Message):
     error: Error
     usage: Usage
     view_params: Tensor
-    def __init__(self, request_id: _Optional[str] = ..., teacher: _Optional[str] = ..., fingerprint: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., view_params: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    weights_version: int
+    def __init__(self, request_id: _Optional[str] = ..., teacher: _Optional[str] = ..., fingerprint: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., view_params: _Optional[_Union[Tensor, _Mapping]] = ..., weights_version: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("client", "samples", "gradient_samples", "budget")
@@ -447,3 +461,27 @@ class SynthesisUpdate(_message.Message):
     done: bool
     usage: Usage
     def __init__(self, request_id: _Optional[str] = ..., iteration: _Optional[int] = ..., loss: _Optional[float] = ..., terms: _Optional[_Mapping[str, float]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., done: _Optional[bool] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("teacher", "data", "total_bytes", "expected_version")
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    teacher: str
+    data: bytes
+    total_bytes: int
+    expected_version: int
+    def __init__(self, teacher: _Optional[str] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class PublishWeightsResponse(_message.Message):
+    __slots__ = ("teacher", "weights_version", "fingerprint", "weights_fingerprint")
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    teacher: str
+    weights_version: int
+    fingerprint: str
+    weights_fingerprint: str
+    def __init__(self, teacher: _Optional[str] = ..., weights_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ...) -> None: ...

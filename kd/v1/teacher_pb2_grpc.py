@@ -74,6 +74,11 @@ class TeacherServiceStub:
                 request_serializer=kd_dot_v1_dot_teacher__pb2.SynthesisRequest.SerializeToString,
                 response_deserializer=kd_dot_v1_dot_teacher__pb2.SynthesisUpdate.FromString,
                 _registered_method=True)
+        self.PublishWeights = channel.stream_unary(
+                '/kd.v1.TeacherService/PublishWeights',
+                request_serializer=kd_dot_v1_dot_teacher__pb2.WeightsChunk.SerializeToString,
+                response_deserializer=kd_dot_v1_dot_teacher__pb2.PublishWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class TeacherServiceServicer:
@@ -130,6 +135,17 @@ class TeacherServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishWeights(self, request_iterator, context):
+        """Live weight update of a teacher served with accept_weights (off by default:
+        FAILED_PRECONDITION): the new state_dict as one safetensors file, streamed in
+        chunks. Validated whole (same keys, shapes and dtypes as the served model,
+        finite values) before anything changes, then swapped between two forwards;
+        requests in flight are answered by the old or the new weights, never a mix.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TeacherServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +188,11 @@ def add_TeacherServiceServicer_to_server(servicer, server):
                     servicer.Synthesize,
                     request_deserializer=kd_dot_v1_dot_teacher__pb2.SynthesisRequest.FromString,
                     response_serializer=kd_dot_v1_dot_teacher__pb2.SynthesisUpdate.SerializeToString,
+            ),
+            'PublishWeights': grpc.stream_unary_rpc_method_handler(
+                    servicer.PublishWeights,
+                    request_deserializer=kd_dot_v1_dot_teacher__pb2.WeightsChunk.FromString,
+                    response_serializer=kd_dot_v1_dot_teacher__pb2.PublishWeightsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +411,33 @@ class TeacherService:
             '/kd.v1.TeacherService/Synthesize',
             kd_dot_v1_dot_teacher__pb2.SynthesisRequest.SerializeToString,
             kd_dot_v1_dot_teacher__pb2.SynthesisUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishWeights(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/kd.v1.TeacherService/PublishWeights',
+            kd_dot_v1_dot_teacher__pb2.WeightsChunk.SerializeToString,
+            kd_dot_v1_dot_teacher__pb2.PublishWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,8 +17,10 @@ with rho the Pearson correlation with eps = 1e-8 added to the product of the nor
 ``DIST(beta=1., gamma=1.)``, softmax, loss_weight 1), CE weight 1.
 
 What is not here: DIST+'s *teacher acclimation* (adapting the teacher to reduce its discrepancy
-with the student) -- neither its code nor its formulas are public in a form that could be
-checked, so kd does not guess them. The logit-level DIST is ``dist``.
+with the student), which needs a teacher the run can train: that is the online method
+``dist-plus`` (``kd.student_trainer.online.dist_plus``, ``kd online dist-plus --teacher SPEC``),
+whose docstring says what of it could be checked (neither code nor equations are public). The
+logit-level DIST is ``dist``.
 """
 
 from __future__ import annotations

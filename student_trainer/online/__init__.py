@@ -14,6 +14,12 @@ that builds its models and plugs them into the shared trainer (``train_student``
   built online from their concatenated feature maps.
 * ``oemc``   -- OEMC (Walawalkar et al. 2020, arXiv:2011.07449): students of decreasing width on a
   common base, taught by their ensemble and by the uncompressed student's feature maps.
+* ``hes``    -- Highlight Every Step / CTKD (Zhao et al. 2019, arXiv:1907.09643): a scratch teacher
+  trained alongside the student, and a pretrained expert (``teacher=``) guiding its attention.
+* ``frskd``  -- FRSKD (Ji et al. 2021, arXiv:2103.08273): a BiFPN self-teacher refining the
+  classifier's own maps; feature and soft-label self-distillation.
+* ``dist-plus`` -- DIST+ (Huang et al. 2025, TPAMI): DIST with teacher acclimation, the
+  pretrained teacher (``teacher=``) adapted towards the student while it keeps learning the task.
 
 ``train_online(name, train, test, config)`` trains one of them and evaluates every head
 (each branch, the ensemble, ...) on ``test``; ``kd online NAME`` is its command line.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
@@ -32,11 +39,12 @@ from torch import nn
 
 from kd.core.samples import SampleSource
 from kd.student_trainer.losses import check_option_values
-from kd.student_trainer.online import dcm, od_cheap, oemc, okddip, one, pcl
+from kd.student_trainer.online import dcm, dist_plus, frskd, hes, od_cheap, oemc, okddip, one, pcl
 from kd.student_trainer.train import TrainConfig, accuracy, seed_everything, train_student, world
 
 METHODS: dict[str, ModuleType] = {
-    "one": one, "okddip": okddip, "pcl": pcl, "dcm": dcm, "od-cheap": od_cheap, "oemc": oemc,
+    "one": one, "okddip": okddip, "pcl": pcl, "dcm": dcm, "od-cheap": od_cheap, "oemc": oemc, "hes": hes,
+    "frskd": frskd, "dist-plus": dist_plus,
 }  # fmt: skip
 
 
@@ -88,15 +96,26 @@ def train_online(
     width: int = 8,
     options: dict[str, object] | None = None,
     subset: torch.Tensor | None = None,
+    teacher: nn.Module | None = None,
     run_dir: str | Path | None = None,
+    resume: bool = False,
     progress: bool = False,
+    on_epoch: Callable[[int, float, float], None] | None = None,
 ) -> OnlineResult:
     """Train online method ``name`` on ``train[subset]`` with the shared trainer's recipe
     (``config``: epochs, batch size, optimiser, ...; its ``method`` is ignored), then evaluate
     every head on ``test``. Seeded by ``config.seed`` (the models' initialisation and the batch
     order). ``branches``: peers/branches of a multi-branch method; ``width``: the CNN's width
-    (8: each branch path is ``kd.models.digits_cnn_student``'s architecture)."""
+    (8: each branch path is ``kd.models.digits_cnn_student``'s architecture). With ``run_dir``,
+    every epoch's checkpoint holds all the method's modules, optimisers and state, and
+    ``resume=True`` continues an interrupted run of the same method and options to the weights of
+    an uninterrupted one (``on_epoch(epoch, loss, acc)``: as ``train_student``'s)."""
     opts = method_options(name, options)
+    needs_teacher = getattr(METHODS[name], "NEEDS_TEACHER", False)
+    if needs_teacher and teacher is None:
+        raise ValueError(f"online method {name!r} needs a pretrained teacher (kd online {name} --teacher SPEC)")
+    if teacher is not None and not needs_teacher:
+        raise ValueError(f"online method {name!r} takes no pretrained teacher; leave out --teacher")
     config = replace(config or TrainConfig(), method="ce", method_options={})
     if world()[1] > 1:
         raise ValueError("online methods train in one process (their extra modules are not synchronised)")
@@ -109,10 +128,11 @@ def train_online(
     seed_everything(config.seed)
     shape = tuple(train.get(torch.zeros(1, dtype=torch.long)).shape[1:])
     setup = METHODS[name].setup(shape, train.num_classes, width=width, branches=branches, options=opts,
-                                config=config)  # fmt: skip
+                                config=config, **({"teacher": teacher} if needs_teacher else {}))  # fmt: skip
     t0 = time.perf_counter()
-    res = train_student(setup.student, train, test, config, hooks=setup.hooks(), subset=subset, run_dir=run_dir,
-                        progress=progress)  # fmt: skip
+    identity = {"method": name, "options": opts, "branches": branches, "width": width}
+    res = train_student(setup.student, train, test, config, hooks=setup.hooks(identity), subset=subset,
+                        run_dir=run_dir, resume=resume, progress=progress, on_epoch=on_epoch)  # fmt: skip
     accs = {head: accuracy(model, test, device=config.device) for head, model in setup.outputs.items()}
     singles = {k: v for k, v in accs.items() if "ensemble" not in k}
     best = max(singles, key=lambda k: singles[k])

@@ -1,5 +1,6 @@
 """What the online methods share: the consistency ramp-up, the temperature-scaled KL, how a
-method plugs into ``train_student`` (``Setup``) and a module view of one of a model's outputs."""
+method plugs into ``train_student`` (``Setup``, including what its checkpoints hold) and a module
+view of one of a model's outputs."""
 
 from __future__ import annotations
 
@@ -88,6 +89,31 @@ class Setup:
     evaluate: Callable | None = None
     # modules worth saving beside the student (e.g. PCL's temporal mean, DCM's second network)
     others: dict[str, nn.Module] = field(default_factory=dict)
+    # the method's own state beyond its modules (PCL's step counter), for checkpoints: plain values
+    state: Callable[[], dict] | None = None
+    load_state: Callable[[dict], None] | None = None
 
-    def hooks(self) -> Hooks:
-        return Hooks(extra=self.extra, loss=self.loss, on_step=self.on_step, evaluate=self.evaluate)
+    def hooks(self, identity: dict[str, object] | None = None) -> Hooks:
+        """The trainer's hooks. Checkpoints (``train_student(run_dir=...)``) hold, besides the
+        student and the ``extra`` modules with their optimisers (saved by the loop), every module
+        in ``others`` (an EMA teacher has no optimiser, so only this saves it), the method's own
+        ``state()`` and ``identity`` (the method, its options, ...); ``resume`` restores them all,
+        after refusing a checkpoint whose identity differs, so an interrupted run continues exactly."""
+
+        def state() -> dict:
+            return {"identity": identity, "others": {k: m.state_dict() for k, m in self.others.items()},
+                    "own": None if self.state is None else self.state()}  # fmt: skip
+
+        def load_state(saved: dict) -> None:
+            if saved.get("identity") != identity:
+                raise ValueError(f"cannot resume: the checkpoint is of {saved.get('identity')}, this run is {identity}")
+            missing = sorted(set(self.others) - set(saved.get("others", {})))
+            if missing:
+                raise ValueError(f"cannot resume: the checkpoint lacks the module(s) {missing}")
+            for k, m in self.others.items():
+                m.load_state_dict(saved["others"][k])
+            if self.load_state is not None:
+                self.load_state(saved["own"])
+
+        return Hooks(extra=self.extra, loss=self.loss, on_step=self.on_step, evaluate=self.evaluate, state=state,
+                     load_state=load_state)  # fmt: skip

@@ -148,4 +148,5 @@ def setup(input_shape: tuple[int, ...], num_classes: int, *, width: int, branche
         return accuracy(outputs["mean_branch0"], data, device=config.device)
 
     return Setup(student=model, loss=loss, outputs=outputs, ensemble="mean_ensemble", on_step=on_step,
-                 evaluate=evaluate, others={"temporal_mean": mean})  # fmt: skip
+                 evaluate=evaluate, others={"temporal_mean": mean}, state=lambda: {"ema_steps": steps[0]},
+                 load_state=lambda saved: steps.__setitem__(0, int(saved["ema_steps"])))  # fmt: skip

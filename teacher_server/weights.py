@@ -1,0 +1,284 @@
+"""Live weight updates: a served teacher takes new weights while it serves (``PublishWeights``).
+
+Why: in cross-process peer distillation (``kd peer``) each peer trains in its own process and
+serves its current predictions to the others; every N steps it publishes its weights to its own
+server, which must swap them without dropping or failing a request in flight.
+
+Off by default: a teacher takes updates only when its operator says so (``kd serve
+--accept-weights``, ``accept_weights = true`` in its ``[[teacher]]`` table); otherwise the RPC is
+FAILED_PRECONDITION. Anyone who may call such a server may replace its weights: serve it with a
+token (``--token-file``) or on a private network.
+
+An update is one safetensors file (never pickle) of the teacher's full ``state_dict``, streamed
+in ``WeightsChunk`` slices. Nothing changes before the whole file is in and validated: it parses
+as safetensors, has exactly the served model's keys, each with its shape and dtype, and every
+float value is finite; the first bad key is named (INVALID_ARGUMENT). Then, under each model
+instance's lock (held by its forward, so between two batches), the values are copied in place
+(staged on the device first, so the lock is held for a device-side copy only) and the version
+counter goes up by one. The fingerprints follow the weights: ``weights_fingerprint`` is
+``loading.fingerprint`` of the new weights, the target fingerprint covers the serving options
+as at start, and ``TeacherInfo.weights_version`` / ``InferResponse.weights_version`` carry the
+counter.
+
+Which weights answered: each forward tags its rows with the version that computed them
+(``VersionedRunner``); the batcher splits a request over forwards (and instances) freely, so a
+request whose rows came from two versions is computed again (``WeightSlot.settle``: a swap is
+rare next to a forward) and every answer comes from exactly one version, which its
+fingerprint and version name. The gradient paths (InputGradient, BatchNormLoss, Synthesize)
+read instance 0's weights without the lock: they see an update from their next forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import grpc
+import torch
+from torch import nn
+
+from kd.core.reductions import shorten
+from kd.core.signature import target_fingerprint
+from kd.teacher_server.service import Endpoint, RequestError
+from kd.v1 import teacher_pb2 as pb
+
+VERSION_KEY = "__weights_version"  # per-row version tag of a forward's outputs (never sent)
+CHUNK_BYTES = 4 << 20  # the client's default slice of an upload
+_HEADER_ALLOWANCE = 1 << 16  # safetensors header beyond ~200 bytes per tensor
+_KEPT_VERSIONS = 64  # fingerprints remembered for replies still being encoded
+_MAX_RECOMPUTES = 4
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def weights_fingerprint_of(architecture: str, state: Mapping[str, torch.Tensor]) -> str:
+    """``kd.teacher_server.loading.fingerprint`` of a model whose repr is ``architecture`` and
+    whose state_dict is ``state``, computed before the weights are swapped in."""
+    h = hashlib.sha256()
+    h.update(architecture.encode())
+    for name, t in sorted(state.items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def encode_state(weights: nn.Module | Mapping[str, torch.Tensor]) -> bytes:
+    """A module's (or a state_dict's) tensors as one safetensors file in memory (copies on the
+    host, so tied or shared tensors are saved as separate entries, as a state_dict lists them)."""
+    from safetensors.torch import save
+
+    state = weights.state_dict() if isinstance(weights, nn.Module) else dict(weights)
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise TypeError(f"state_dict entries that are not tensors: {bad[:4]}")
+    return save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()})
+
+
+def chunks_of(teacher: str, data: bytes, *, chunk_bytes: int = CHUNK_BYTES,
+              expected_version: int = 0) -> Iterator[pb.WeightsChunk]:  # fmt: skip
+    """The ``WeightsChunk`` messages of one upload (the first names the teacher and the size)."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    view = memoryview(data)
+    yield pb.WeightsChunk(teacher=teacher, data=bytes(view[:chunk_bytes]), total_bytes=len(data),
+                          expected_version=expected_version)  # fmt: skip
+    for start in range(chunk_bytes, len(data), chunk_bytes):
+        yield pb.WeightsChunk(data=bytes(view[start : start + chunk_bytes]))
+
+
+class VersionedRunner:
+    """A ``ModelRunner`` whose forwards hold a lock (so a swap waits for the forward in
+    progress and the next one waits for the swap) and tag their rows with the version of the
+    weights that computed them (``VERSION_KEY``). Everything else is the wrapped runner's."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.lock = threading.Lock()
+        self.version = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.inner.teacher.model
+
+    def forward(self, prepared: Any, layers: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+        with self.lock:
+            out = dict(self.inner.forward(prepared, layers))
+            version = self.version
+        logits = out["logits"]
+        out[VERSION_KEY] = torch.full((logits.shape[0],), version, dtype=torch.int64, device=logits.device)
+        return out
+
+
+class WeightSlot:
+    """The live weights of one endpoint: validation, the swap, and the version bookkeeping."""
+
+    def __init__(self, endpoint: Endpoint, runners: list[VersionedRunner], fp_options: dict[str, Any]) -> None:
+        self.endpoint = endpoint
+        self.runners = runners
+        self.fp_options = fp_options
+        model = runners[0].model
+        self.architecture = repr(model)
+        self.expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        tensor_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+        self.max_bytes = tensor_bytes + _HEADER_ALLOWANCE + 256 * len(self.expected)
+        self.version = 0
+        self._fingerprints = {0: (endpoint.fingerprint, endpoint.teacher.weights_fingerprint)}
+        self._publish_lock = threading.Lock()  # one update at a time
+        self._state_lock = threading.Lock()  # version and fingerprints read together
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.teacher.name
+
+    # -- serving ---------------------------------------------------------------------
+    def tag(self, post: Callable[[dict], dict]) -> Callable[[dict], dict]:
+        """``post`` (the request's post-processing) keeping the rows' version tags."""
+
+        def tagged(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            version = out[VERSION_KEY]
+            result = dict(post({k: v for k, v in out.items() if k != VERSION_KEY}))
+            result[VERSION_KEY] = version
+            return result
+
+        return tagged
+
+    def settle(self, out: dict[str, torch.Tensor], recompute: Callable[[], dict[str, torch.Tensor]]):
+        """-> (outputs, target fingerprint, version) of one version: rows from two versions
+        (a swap between the forwards of a split request) are computed again."""
+        for _ in range(_MAX_RECOMPUTES):
+            versions = out.pop(VERSION_KEY, None)
+            if versions is None:  # not tagged (cannot happen through the batcher): the current one
+                with self._state_lock:
+                    return out, self._fingerprints[self.version][0], self.version
+            lo, hi = int(versions.min()), int(versions.max())
+            with self._state_lock:
+                known = self._fingerprints.get(lo)
+            if lo == hi and known is not None:
+                return out, known[0], lo
+            out = recompute()
+        raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                           f"teacher {self.name!r}: its weights changed during each of {_MAX_RECOMPUTES} tries "
+                           "of this request; retry")  # fmt: skip
+
+    def describe(self, info: pb.TeacherInfo) -> None:
+        """The live version and its fingerprints into ``info`` (read together)."""
+        with self._state_lock:
+            fp, wfp = self._fingerprints[self.version]
+            info.fingerprint, info.weights_fingerprint = fp, wfp
+            info.weights_version, info.accepts_weights = self.version, True
+
+    # -- updates -----------------------------------------------------------------------
+    def receive(self, first: pb.WeightsChunk, rest: Iterator[pb.WeightsChunk]) -> pb.PublishWeightsResponse:
+        """Read one upload (``first`` and the chunks after it), validate it, swap it in."""
+        limit = self.max_bytes
+        too_big = (f"teacher {self.name!r}: an update of its state_dict is at most {limit} bytes "
+                   f"(its {len(self.expected)} tensors and the safetensors header)")  # fmt: skip
+        if first.total_bytes > limit:
+            raise _invalid(f"{too_big}; {first.total_bytes} bytes announced")
+        buf = bytearray()
+        for i, chunk in enumerate(itertools.chain([first], rest)):
+            if chunk.teacher and chunk.teacher != first.teacher:
+                raise _invalid(f"chunk #{i} names teacher {shorten(chunk.teacher)}, the upload's first chunk "
+                               f"{self.name!r}; one upload updates one teacher")  # fmt: skip
+            buf += chunk.data
+            if len(buf) > limit:
+                raise _invalid(f"{too_big}; more than that received")
+        if first.total_bytes and len(buf) != first.total_bytes:
+            raise _invalid(f"received {len(buf)} bytes of the {first.total_bytes} announced: the upload is incomplete")
+        state = self.parse(bytes(buf))
+        version, fp, wfp = self.publish(state, expected_version=first.expected_version)
+        return pb.PublishWeightsResponse(teacher=self.name, weights_version=version, fingerprint=fp,
+                                         weights_fingerprint=wfp)  # fmt: skip
+
+    def parse(self, data: bytes) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        if not data:
+            raise _invalid("the update is empty: send the state_dict as a safetensors file")
+        try:
+            return load(data)
+        except (SafetensorError, ValueError, RuntimeError, OSError, TypeError) as e:
+            raise _invalid(f"the update ({len(data)} bytes) is not a safetensors file: {shorten(str(e))}") from None
+
+    def validate(self, state: Mapping[str, torch.Tensor]) -> None:
+        """INVALID_ARGUMENT naming the first key (in sorted order) that does not fit."""
+        name = self.name
+        missing = sorted(set(self.expected) - set(state))
+        if missing:
+            raise _invalid(f"the update lacks key {missing[0]!r} of teacher {name!r} ({len(missing)} missing)")
+        unexpected = sorted(set(state) - set(self.expected))
+        if unexpected:
+            raise _invalid(f"the update has key {shorten(unexpected[0])}, which teacher {name!r} does not have "
+                           f"({len(unexpected)} unknown)")  # fmt: skip
+        for key in sorted(self.expected):
+            shape, dtype = self.expected[key]
+            t = state[key]
+            if tuple(t.shape) != shape:
+                raise _invalid(f"key {key!r} has shape {list(t.shape)}, teacher {name!r} has {list(shape)}")
+            if t.dtype != dtype:
+                raise _invalid(f"key {key!r} has dtype {str(t.dtype).removeprefix('torch.')}, teacher {name!r} "
+                               f"has {str(dtype).removeprefix('torch.')}")  # fmt: skip
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                raise _invalid(f"key {key!r} has NaN or Inf values; teacher {name!r} keeps its weights")
+
+    def publish(self, state: Mapping[str, torch.Tensor], *, expected_version: int = 0) -> tuple[int, str, str]:
+        """Validate ``state`` and swap it into every instance -> (version, fingerprint, weights fingerprint)."""
+        self.validate(state)
+        wfp = weights_fingerprint_of(self.architecture, state)
+        fp = target_fingerprint(wfp, **self.fp_options)
+        with self._publish_lock:
+            if expected_version and expected_version != self.version + 1:
+                raise RequestError(grpc.StatusCode.ABORTED,
+                                   f"teacher {self.name!r} serves version {self.version}; this update expected to "
+                                   f"make version {expected_version} (another publisher came first)")  # fmt: skip
+            version = self.version + 1
+            with self._state_lock:
+                self._fingerprints[version] = (fp, wfp)
+                for old in [v for v in self._fingerprints if v < version - _KEPT_VERSIONS]:
+                    del self._fingerprints[old]
+            for runner in self.runners:
+                targets = runner.model.state_dict()
+                staged = {k: v.to(targets[k].device, non_blocking=False) for k, v in state.items()}
+                with runner.lock, torch.no_grad():  # between two forwards of this instance
+                    for k, dst in targets.items():
+                        dst.copy_(staged[k])
+                    runner.version = version
+            with self._state_lock:
+                self.version = version
+                t = self.endpoint.teacher
+                self.endpoint.fingerprint, t.weights_fingerprint, t.fingerprint = fp, wfp, wfp
+        return version, fp, wfp
+
+
+def publish_rpc(endpoints: dict[str, Endpoint], chunks: Iterator[pb.WeightsChunk], lookup) -> pb.PublishWeightsResponse:
+    """The ``PublishWeights`` RPC: ``chunks`` parsed, ``lookup(name)`` the servicer's endpoint
+    lookup (NOT_FOUND for an unknown teacher)."""
+    first = next(chunks, None)
+    if first is None:
+        raise _invalid("PublishWeights: no chunks; send the safetensors file in one or more WeightsChunk messages")
+    ep = lookup(first.teacher)
+    slot = getattr(ep, "weights", None)
+    if slot is None:
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"teacher {ep.teacher.name!r} does not accept weight updates; its operator allows them "
+            "with `kd serve --accept-weights` (or accept_weights = true in its [[teacher]] table)",
+        )
+    return slot.receive(first, chunks)
+
+
+def enable(endpoint: Endpoint, runners: list[VersionedRunner], fp_options: dict[str, Any]) -> Endpoint:
+    """Give ``endpoint`` live weights (its batcher runs ``runners``)."""
+    endpoint.weights = WeightSlot(endpoint, runners, fp_options)
+    return endpoint

@@ -1,0 +1,276 @@
+"""Live weight updates (PublishWeights) and cross-process deep mutual learning (`kd peer`).
+
+Real `kd serve --accept-weights` and `kd peer` processes on 127.0.0.1, port 0: a client
+hammering a teacher while its weights are swapped gets only OK answers, each equal to one of the
+two models' outputs (the one its version names); bad updates are refused with precise statuses
+and the old weights keep serving; two peer processes train, publish, and serve what they trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kd.models import digits_cnn_student
+from kd.student_trainer.online.peer_process import build_model, dml_loss
+from kd.teacher_server.client import TeacherClient, TeacherRequestError
+from kd.teacher_server.loading import fingerprint
+from kd.teacher_server.weights import encode_state
+from kd.v1 import teacher_pb2 as pb
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+SPEC = "kd.models:digits_cnn_student"
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return digits_cnn_student().eval()
+
+
+def _wait_port(proc: subprocess.Popen, port_file: Path, log: Path, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while not (port_file.is_file() and port_file.read_text().strip()):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no port file {port_file}"
+        time.sleep(0.05)
+    return f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory):
+    """`kd serve --accept-weights` of model A (seed 1) in batches of at most 8, so a request of
+    20 rows is split over three forwards and a swap can fall between them."""
+    tmp = tmp_path_factory.mktemp("live")
+    a = _model(1)
+    save_file({k: v.contiguous() for k, v in a.state_dict().items()}, str(tmp / "a.safetensors"))
+    log = tmp / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kd", "serve", "--teacher", f"p={SPEC}@{tmp / 'a.safetensors'}", "--accept-weights",
+             "--port", "0", "--port-file", str(tmp / "port"), "--max-batch-size", "8", "--max-queue-delay-us", "200",
+             "--no-warmup"],
+            stdout=out, stderr=subprocess.STDOUT, env=ENV,
+        )  # fmt: skip
+    address = _wait_port(proc, tmp / "port", log)
+    client = TeacherClient(address)
+    yield client, a
+    client.close()
+    proc.kill()
+    proc.wait()
+
+
+def test_swaps_under_load_answer_from_one_version(live) -> None:
+    client, a = live
+    b = _model(2)
+    x = torch.randn(20, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    assert (ya - yb).abs().max() > 0.1
+    start = client.describe("p")
+    assert start.accepts_weights and start.weights_version == 0 and start.fingerprint == fingerprint(a)
+    fps = {0: fingerprint(a), 1: fingerprint(b)}  # even versions serve A, odd ones B
+    answers: list[tuple[torch.Tensor, str, int]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with TeacherClient(client.target) as c:
+            while not stop.is_set():
+                try:
+                    y = c.infer("p", x)["logits"]
+                except BaseException as e:  # noqa: BLE001 - collected, asserted below
+                    errors.append(e)
+                    return
+                answers.append((y, *c.served_by))
+
+    streamed: list[torch.Tensor] = []
+
+    def stream() -> None:  # InferStream's replies go through the same one-version rule
+        def batches():
+            i = 0
+            while not stop.is_set():
+                yield i, x
+                i += 1
+
+        with TeacherClient(client.target) as c:
+            try:
+                streamed.extend(y["logits"] for _, y in c.infer_stream("p", batches(), depth=4))
+            except BaseException as e:  # noqa: BLE001 - collected, asserted below
+                errors.append(e)
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)] + [threading.Thread(target=stream)]
+    for t in threads:
+        t.start()
+    versions = []
+    deadline = time.monotonic() + 120
+    for i in range(6):
+        while len(answers) < 3 * (i + 1) and not errors:  # some answers between two swaps
+            assert time.monotonic() < deadline, "the hammering clients got no answers"
+            time.sleep(0.005)
+        versions.append(client.publish_weights("p", b if i % 2 == 0 else a, chunk_bytes=1500))
+    time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert versions == [1, 2, 3, 4, 5, 6]
+    seen = set()
+    for y, fp, version in answers:
+        want = ya if version % 2 == 0 else yb
+        torch.testing.assert_close(y, want, rtol=0, atol=1e-5)  # all rows from the version it names
+        assert fp == fps[version % 2]
+        seen.add(version)
+    assert len(seen) >= 4, seen  # answers came from versions all along the swaps
+    assert streamed
+    for y in streamed:
+        assert (y - ya).abs().max() <= 1e-5 or (y - yb).abs().max() <= 1e-5
+    end = client.describe("p")
+    assert end.weights_version == 6 and end.fingerprint == end.weights_fingerprint == fingerprint(a)
+    torch.testing.assert_close(client.infer("p", x)["logits"], ya, rtol=0, atol=1e-5)
+    assert client.served_by == (fingerprint(a), 6)
+
+
+def _upload(client: TeacherClient, chunks: list[pb.WeightsChunk]) -> TeacherRequestError:
+    with pytest.raises(TeacherRequestError) as e:
+        client._call(client.stub.PublishWeights, iter(chunks))
+    return e.value
+
+
+def test_bad_updates_are_refused_and_the_old_weights_keep_serving(live, tmp_path: Path) -> None:
+    client, _ = live
+    before = client.describe("p")
+    x = torch.randn(4, 1, 8, 8)
+    y = client.infer("p", x)["logits"]
+    good = _model(3).state_dict()
+
+    def refused(state, code: grpc.StatusCode, *words: str) -> None:
+        with pytest.raises(TeacherRequestError) as e:
+            client.publish_weights("p", state)
+        assert e.value.code == code, e.value
+        for w in words:
+            assert w in e.value.message, e.value.message
+
+    refused({**good, "head.weight": torch.zeros(10, 15)}, grpc.StatusCode.INVALID_ARGUMENT, "'head.weight'", "[10, 15]")
+    refused({k: v for k, v in good.items() if k != "layer2.1.running_var"}, grpc.StatusCode.INVALID_ARGUMENT,
+            "lacks key 'layer2.1.running_var'")  # fmt: skip
+    refused({**good, "extra.weight": torch.zeros(2)}, grpc.StatusCode.INVALID_ARGUMENT, "'extra.weight'")
+    nan = good["layer1.0.weight"].clone()
+    nan[0, 0, 1, 1] = float("nan")
+    refused({**good, "layer1.0.weight": nan}, grpc.StatusCode.INVALID_ARGUMENT, "'layer1.0.weight'", "NaN")
+    refused({**good, "head.bias": good["head.bias"].double()}, grpc.StatusCode.INVALID_ARGUMENT, "'head.bias'",
+            "float64")  # fmt: skip
+    # Not safetensors: a pickled state_dict (never unpickled) and garbage.
+    torch.save(good, tmp_path / "state.pt")
+    for data in ((tmp_path / "state.pt").read_bytes(), b"\x00" * 64):
+        e = _upload(client, [pb.WeightsChunk(teacher="p", data=data)])
+        assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "not a safetensors file" in e.message, e
+    data = encode_state(good)
+    e = _upload(client, [pb.WeightsChunk(teacher="p", data=data[:100], total_bytes=len(data))])
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "incomplete" in e.message, e
+    e = _upload(client, [pb.WeightsChunk(teacher="p", data=data + bytes(200_000))])
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "at most" in e.message, e
+    raw = client.channel.stream_unary("/kd.v1.TeacherService/PublishWeights", request_serializer=None,
+                                      response_deserializer=None)  # fmt: skip
+    with pytest.raises(grpc.RpcError) as rpc_error:
+        raw(iter([b"\xff\xff\xff\xff"]), timeout=60)
+    assert rpc_error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "PublishWeights: the request body (chunk #0)" in rpc_error.value.details()
+    e = _upload(client, [pb.WeightsChunk(teacher="nope", data=data)])
+    assert e.code == grpc.StatusCode.NOT_FOUND, e
+    e = _upload(client, [pb.WeightsChunk(teacher="p", data=data, expected_version=before.weights_version + 5)])
+    assert e.code == grpc.StatusCode.ABORTED and f"serves version {before.weights_version}" in e.message, e
+    after = client.describe("p")
+    assert (after.weights_version, after.fingerprint) == (before.weights_version, before.fingerprint)
+    torch.testing.assert_close(client.infer("p", x)["logits"], y, rtol=0, atol=0)
+
+
+def test_a_server_without_accept_weights_refuses(address: str) -> None:
+    with TeacherClient(address) as c:
+        assert not c.describe("digits").accepts_weights
+        with pytest.raises(TeacherRequestError) as e:
+            c.publish_weights("digits", {"w": torch.zeros(1)})
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "--accept-weights" in e.value.message
+
+
+def test_dml_loss_matches_the_formula_in_float64() -> None:
+    g = torch.Generator().manual_seed(0)
+    z, p1, p2 = (torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    y = torch.tensor([0, 1, 2, 3, 0])
+    T = 2.0
+
+    def kl(teacher, student):  # sum_c p_t (log p_t - log p_s), batch mean, times T^2
+        pt, ps = (teacher / T).softmax(1), (student / T).softmax(1)
+        return (pt * (pt.log() - ps.log())).sum(1).mean() * T * T
+
+    ce = -z.log_softmax(1)[torch.arange(5), y].mean()
+    want = ce + (kl(p1, z) + kl(p2, z)) / 2
+    torch.testing.assert_close(dml_loss(z, [p1, p2], y, temperature=T), want, rtol=1e-12, atol=1e-12)
+
+
+def test_two_peer_processes_train_publish_and_serve_what_they_trained(live, tmp_path: Path) -> None:
+    """Peer "p" publishes to the `kd serve --accept-weights` process above (--server), peer "b"
+    serves itself (--serve-port); each trains against the other's server."""
+    client, _ = live
+    before = client.describe("p").weights_version
+    ports = {"p": client.target.rpartition(":")[2], "b": f"@{tmp_path / 'b.port'}"}
+    own = {"p": ["--server", client.target], "b": ["--serve-port", "0", "--port-file", str(tmp_path / "b.port")]}
+    procs = {}
+    for me, other, init in (("p", "b", 0), ("b", "p", 1)):
+        log = tmp_path / f"{me}.log"
+        procs[me] = (subprocess.Popen(
+            [sys.executable, "-m", "kd", "peer", "--name", me, "--init-seed", str(init), *own[me],
+             "--peer", f"127.0.0.1:{ports[other]}/{other}", "--publish-every", "2", "--max-lag", "2",
+             "--epochs", "2", "--labeled", "64",
+             "--linger", "60", "--json", str(tmp_path / f"{me}.json"), "--save", str(tmp_path / f"{me}.safetensors")],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ENV,
+        ), log)  # fmt: skip
+    try:
+        x = torch.randn(6, 1, 8, 8)
+        for me, (proc, log) in procs.items():
+            deadline = time.monotonic() + 240
+            while not (tmp_path / f"{me}.json").is_file():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            res = json.loads((tmp_path / f"{me}.json").read_text())
+            # 64 samples, batch 32, 2 epochs: 4 steps; published at start, after steps 2 and 4.
+            first = before if me == "p" else 0
+            assert (res["steps"], res["publishes"], res["published_version"]) == (4, 3, first + 3), res
+            assert res["mean_peer_age"] == res["mean_peer_age"]  # not NaN: the other peer answered each step
+            if me == "p":  # bounded staleness (b's versions count from 0; p's from `before` on the shared server)
+                assert res["max_peer_age"] <= 2, res
+            trained = digits_cnn_student().eval()
+            trained.load_state_dict(load_file(str(tmp_path / f"{me}.safetensors")))
+            initial = build_model(SPEC, 0 if me == "p" else 1)
+            moved = [k for k, v in initial.state_dict().items() if not torch.equal(v, trained.state_dict()[k])]
+            assert "head.weight" in moved and "layer1.0.weight" in moved
+            address = client.target if me == "p" else f"127.0.0.1:{(tmp_path / 'b.port').read_text()}"
+            with TeacherClient(address) as c:
+                d = c.describe(me)
+                assert d.weights_version == first + 3 and d.fingerprint == fingerprint(trained)
+                with torch.no_grad():
+                    torch.testing.assert_close(c.infer(me, x)["logits"], trained(x), rtol=0, atol=1e-5)
+    finally:
+        for proc, _ in procs.values():
+            proc.kill()
+            proc.wait()
+
+
+def test_accept_weights_is_a_config_key(tmp_path: Path) -> None:
+    from kd.teacher_server.config import load_config
+
+    path = tmp_path / "serve.toml"
+    path.write_text(f'[[teacher]]\nname = "p"\nspec = "{SPEC}"\naccept_weights = true\n\n'
+                    f'[[teacher]]\nname = "q"\nspec = "{SPEC}"\n')  # fmt: skip
+    cfg = load_config(path)
+    assert [t.options.accept_weights for t in cfg.teachers] == [True, False]
