@@ -46,8 +46,8 @@ cache stores one record per sequence: ``S`` such rows behind a small header
   header. A teacher's logits are ``W h + b``: they lie near a subspace of its hidden width
   (on the 1000-class bench 64 directions hold 99% of the spread), so 32 bytes carry almost
   the whole row. Decodes to dense logits (every method and temperature). The basis is stored
-  once per cache (``to_bytes``, CRC32-checked; about ``2 K C`` bytes) and must exist
-  before the first record: the cache store does not hold one yet (see ``LowRankCodec``).
+  once per cache (``to_bytes``, CRC32-checked; about ``2 K C`` bytes), committed with the
+  metadata before the first record (``kd.cache.store``; see ``LowRankCodec``).
 
 Codec version 2 (``CODEC_VERSION``, stored in the cache metadata): ``sample:K``
 changed layout (version 1 stored one draw at T with replacement and its unused

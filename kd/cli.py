@@ -900,7 +900,10 @@ def cache_basis(path: Path, out: Path) -> None:
         _fail(str(e))
     if raw is None:
         _fail(f"cache {str(env)!r} has no low-rank basis: only pca:K caches have one")
-    out.write_bytes(raw)
+    try:
+        out.write_bytes(raw)
+    except OSError as e:
+        _fail(f"cannot write the basis to {str(out)!r}: {e}")
     console.print(f"wrote the {len(raw)}-byte basis of {env} -> {out}", highlight=False)
 
 
@@ -1395,7 +1398,7 @@ def train_lm(
         losses = train_tokens(model, train_data, cache, method=method, epochs=epochs, batch_size=batch_size,
                               lr=lr, seed=seed, method_options=options, device=device, accumulate=accumulate,
                               amp=amp, optimizer=optimizer, weight_decay=weight_decay, on_epoch=validate)  # fmt: skip
-    except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
+    except (ValueError, TypeError, KeyError, RuntimeError, CacheError) as e:  # bad option, cache, data or student
         _fail(f"{type(e).__name__}: {e}")
     finally:
         cache.close()
@@ -1403,8 +1406,11 @@ def train_lm(
     if out is not None:
         from kd.teacher_server.loading import save_weights
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(model, out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            save_weights(model, out)
+        except OSError as e:
+            _fail(f"cannot write the student to {str(out)!r}: {e}")
     result = {"method": method, "source": source, "dataset": train_data.dataset_id, "val_dataset": val_data.dataset_id,
               "losses": losses, "val_ppl": metrics.perplexity, "val_accuracy": metrics.accuracy,
               "val_tokens": metrics.tokens, "epochs": epochs, "accumulate": accumulate, "amp": amp,
@@ -1626,7 +1632,7 @@ def qkd(
 @app.command()
 def online(
     method: str = typer.Argument(
-        ..., help="one, okddip, pcl, dcm, od-cheap, oemc, hes or frskd (kd.student_trainer.online)."
+        ..., help="one, okddip, pcl, dcm, od-cheap, oemc, hes, frskd or dist-plus (kd.student_trainer.online)."
     ),
     dataset: str = typer.Option("digits", help="Training dataset URI (kd.core.data.open_source)."),
     val_dataset: str | None = typer.Option(None, help="Evaluation dataset URI; digits defaults to digits:test."),

@@ -81,6 +81,11 @@ def run_peer(run: PeerRun) -> dict[str, object]:
         raise ValueError("a peer needs at least one other peer (--peer HOST:PORT/NAME)")
     if any(p.name == run.name for p in peers):
         raise ValueError(f"peer name {run.name!r} is also given as a --peer; each peer needs its own name")
+    if run.server is None and run.host not in ("127.0.0.1", "localhost", "::1"):
+        # its own server takes weight updates and has no token: anyone who reaches it could replace them
+        raise ValueError(f"--host {run.host}: a peer's own server accepts weight updates without a token, so it "
+                         "binds loopback only; across machines, serve each peer with `kd serve --accept-weights "
+                         "--token-file ...` on a private network")  # fmt: skip
     train, test = open_source(run.dataset), open_source(run.val_dataset)
     model = build_model(run.model, run.init_seed)
     running = None

@@ -41,9 +41,10 @@ from kd.cache.store import stored_basis
 from kd.core import reductions
 from kd.core.data import loader as data_loader
 from kd.core.samples import SampleSource
+from kd.core.sparse import topk_parts
 from kd.core.targets import SparseTargets
 from kd.core.views import PARAM_WIDTH
-from kd.student_trainer.sources import Batch, SampleDraws, SoftTargetSource, prefetched
+from kd.student_trainer.sources import Batch, SampleDraws, SoftTargetSource, prefetched, refuse_live_weights
 
 
 @dataclass
@@ -233,6 +234,11 @@ def cache_basis(path: Path, codec: str, basis: bytes | None, fit: Callable[[], t
             )
         return stored
     if basis is not None:
+        try:  # a bad --basis file is the file's fault, not the cache's: say so before any work
+            given = LowRankBasis.from_bytes(bytes(basis))
+            codec_obj.with_basis(given)
+        except ValueError as e:
+            raise ValueError(f"the given low-rank basis is unusable for {codec}: {e}") from None
         return bytes(basis)
     return LowRankBasis.fit(fit(), codec_obj.k).to_bytes()
 
@@ -327,6 +333,7 @@ def precompute(
         probe = Batch(first, dataset.get(first), torch.as_tensor(dataset.labels[:1]))
         _, _, feats = next(iter(teacher.iter_outputs([probe], features, pool_features)))
         shapes = {name: list(f.shape[1:]) for name, f in feats.items()}
+    refuse_live_weights(teacher)
     shard_index, shard_count = shard or (0, 1)
     path = shard_dir(out, shard_index, shard_count) if shard_count > 1 else Path(out)
     # sample:K draws at T = 1 unless a temperature is given (Anshumann et al. 2025: draw and train at T = 1).
@@ -547,8 +554,8 @@ def parts_rows(codec: Any, ask: TokenAsk, index: int, z: torch.Tensor, vocab: in
     answer (top-k and lse of z / T; draws by ``draw_counts`` with ``sample_seed``)."""
     z = z.float()
     if ask.kind == "topk":
-        values, ids = z.topk(ask.k, dim=-1)
-        return topk_rows(codec, values, ids, torch.logsumexp(z / ask.temperature, dim=-1), vocab)
+        values, ids, lse = topk_parts(z, ask.k, ask.temperature)
+        return topk_rows(codec, values, ids, lse, vocab)
     drawn = [draw_counts(z, ask.k, ask.temperature, sample_seed(index, r)) for r in range(ask.rounds)]
     return sample_rows(codec, [d[0] for d in drawn], [d[1] for d in drawn], vocab)
 

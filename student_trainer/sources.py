@@ -217,6 +217,15 @@ class SampleDraws:
     counts: torch.Tensor
 
 
+def refuse_live_weights(source: object) -> None:
+    """A cache holds one teacher's targets under one fingerprint: a served teacher whose weights
+    may change while it is read (``kd serve --accept-weights``) is refused as a cache's source."""
+    if getattr(source, "live_weights", False):
+        raise ValueError(f"teacher {getattr(source, 'teacher_name', '?')!r} takes live weight updates "
+                         "(--accept-weights): its answers may come from several weight versions, so it cannot fill "
+                         "a cache; serve a fixed copy of it")  # fmt: skip
+
+
 def sample_uniforms(codec: Any, indices: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
     """The uniforms a ``sample:K[xR]`` codec draws the records (index, view) with, float64
     [B, R * K]: sent to the server so that its draws are the records the codec makes from
@@ -258,6 +267,9 @@ class ServerSource(SoftTargetSource):
         desc = self.client.describe(teacher)
         self.teacher = self.teacher_name = desc.name
         self.fingerprint = desc.fingerprint
+        # A teacher that takes live weight updates answers from whichever version it holds: fine
+        # for live targets (peer training), not for a cache keyed by one fingerprint.
+        self.live_weights = desc.accepts_weights
         self.num_classes = desc.num_classes
         self.input_shape = tuple(desc.input_shape)
         # The teacher's final transform (kd.core.views.pixels_to_input): image views sent by value
@@ -490,6 +502,7 @@ class ReadThroughSource(SoftTargetSource):
     def __init__(self, path: str, upstream: SoftTargetSource, dataset: Dataset, *, codec: str = "fp32",
                  views: int = 1, temperature: float | None = None) -> None:  # fmt: skip
         self.upstream = upstream
+        refuse_live_weights(upstream)
         self.fingerprint = upstream.fingerprint
         self.num_classes = upstream.num_classes
         self.teacher_name = upstream.teacher_name

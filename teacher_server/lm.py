@@ -57,6 +57,7 @@ from torch import nn
 
 from kd.core import factory
 from kd.core.signature import VARIABLE, TeacherSignature, TensorSpec, target_fingerprint, target_options
+from kd.core.sparse import topk_parts
 from kd.teacher_server import access as tiers
 from kd.teacher_server.batcher import (
     BatcherStats,
@@ -493,13 +494,13 @@ def postprocess(
     if spec.labels or (empty and work.labels_only):
         out["labels"] = z.argmax(dim=-1).to(torch.int64)
     temperature = spec.sparse_temperature or 1.0
-    if spec.top_k or spec.token_samples:
-        out["logsumexp"] = torch.logsumexp(z / temperature, dim=-1)
     if spec.top_k:
-        values, ids = z.topk(spec.top_k, dim=-1)
+        values, ids, out["logsumexp"] = topk_parts(z, spec.top_k, temperature)  # the cache's topk arithmetic
         out["topk_values"] = values.to(dt)
         out["topk_indices"] = ids.to(torch.int32)
     if spec.token_samples:
+        if "logsumexp" not in out:
+            out["logsumexp"] = torch.logsumexp(z / temperature, dim=-1)
         per_row = mask.sum(dim=1).tolist()
         parts_ids, parts_counts = [], []
         for r, zr in zip(rows, torch.split(z, per_row)):

@@ -366,6 +366,12 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"teacher {name!r} takes token ids: {what or 'this call'} needs a teacher with "
                                "float inputs (kd.teacher_server.lm serves Infer and InferStream)")  # fmt: skip
+        if needed == "white" and getattr(ep, "weights", None) is not None:
+            # A swap copies into the parameters in place: a backward running across it would mix
+            # versions or fail, so the gradient paths are not served for a live-weights teacher.
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"teacher {name!r} takes live weight updates (--accept-weights): {what or 'this call'} "
+                               "is served only for teachers with fixed weights")  # fmt: skip
         return ep
 
     def _charge(self, context, *, samples: int = 0, gradient_samples: int = 0) -> pb.Usage:
@@ -699,14 +705,25 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         """Live weight update (kd.teacher_server.weights): off unless the teacher accepts them."""
         from kd.teacher_server.weights import publish_rpc
 
+        release = None
         try:
             self._check_open()
+            if not any(getattr(ep, "weights", None) is not None for ep in self.endpoints.values()):
+                # refused before reading a byte: an upload to a server that takes none holds no thread
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   "no teacher on this server accepts weight updates; its operator allows them "
+                                   "with `kd serve --accept-weights` (or accept_weights = true in its [[teacher]] "
+                                   "table)")  # fmt: skip
+            release = self._open_stream(context)  # an upload is a long-lived call: it takes a stream slot
             chunks = (_parse("PublishWeights", pb.WeightsChunk, raw, f" (chunk #{i})")
                       for i, raw in enumerate(request_iterator))  # fmt: skip
             return publish_rpc(self.endpoints, chunks, self._endpoint)
         except RequestError as e:
             self._count_error("", e.code)
             _abort(context, e)
+        finally:
+            if release is not None:
+                release()
 
     def _count_error(self, teacher: str, code: grpc.StatusCode) -> None:
         if self.metrics is not None:

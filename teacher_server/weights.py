@@ -25,7 +25,13 @@ Which weights answered: each forward tags its rows with the version that compute
 request whose rows came from two versions is computed again (``WeightSlot.settle``: a swap is
 rare next to a forward) and every answer comes from exactly one version, which its
 fingerprint and version name. The gradient paths (InputGradient, BatchNormLoss, Synthesize)
-read instance 0's weights without the lock: they see an update from their next forward.
+are refused (FAILED_PRECONDITION) for a teacher that takes updates: a swap copies into the
+parameters in place, which a backward running across it would see half done.
+
+An upload to a server where no teacher takes updates is refused before its first chunk is
+read; an upload takes a stream slot (``--max-streams``) while it is received, and a teacher
+buffers one upload at a time (a second is ABORTED), so uploads cannot hold every handler
+thread or buffer many copies of a model.
 """
 
 from __future__ import annotations
@@ -134,6 +140,7 @@ class WeightSlot:
         self.version = 0
         self._fingerprints = {0: (endpoint.fingerprint, endpoint.teacher.weights_fingerprint)}
         self._publish_lock = threading.Lock()  # one update at a time
+        self._receiving = threading.Lock()  # one upload buffered at a time
         self._state_lock = threading.Lock()  # version and fingerprints read together
 
     @property
@@ -185,17 +192,30 @@ class WeightSlot:
                    f"(its {len(self.expected)} tensors and the safetensors header)")  # fmt: skip
         if first.total_bytes > limit:
             raise _invalid(f"{too_big}; {first.total_bytes} bytes announced")
-        buf = bytearray()
-        for i, chunk in enumerate(itertools.chain([first], rest)):
-            if chunk.teacher and chunk.teacher != first.teacher:
-                raise _invalid(f"chunk #{i} names teacher {shorten(chunk.teacher)}, the upload's first chunk "
-                               f"{self.name!r}; one upload updates one teacher")  # fmt: skip
-            buf += chunk.data
-            if len(buf) > limit:
-                raise _invalid(f"{too_big}; more than that received")
-        if first.total_bytes and len(buf) != first.total_bytes:
-            raise _invalid(f"received {len(buf)} bytes of the {first.total_bytes} announced: the upload is incomplete")
-        state = self.parse(bytes(buf))
+        # One upload per teacher at a time: parallel uploads would each buffer a whole model.
+        if not self._receiving.acquire(blocking=False):
+            raise RequestError(grpc.StatusCode.ABORTED,
+                               f"teacher {self.name!r}: another weight update is being received; "
+                               "retry after it")  # fmt: skip
+        try:
+            parts: list[bytes] = []
+            size = 0
+            for i, chunk in enumerate(itertools.chain([first], rest)):
+                if chunk.teacher and chunk.teacher != first.teacher:
+                    raise _invalid(f"chunk #{i} names teacher {shorten(chunk.teacher)}, the upload's first chunk "
+                                   f"{self.name!r}; one upload updates one teacher")  # fmt: skip
+                parts.append(chunk.data)
+                size += len(chunk.data)
+                if size > limit:
+                    raise _invalid(f"{too_big}; more than that received")
+            if first.total_bytes and size != first.total_bytes:
+                raise _invalid(f"received {size} bytes of the {first.total_bytes} announced: the upload is incomplete")
+            data = b"".join(parts)  # one copy; the chunks are dropped before parsing
+            del parts
+            state = self.parse(data)
+            del data
+        finally:
+            self._receiving.release()
         version, fp, wfp = self.publish(state, expected_version=first.expected_version)
         return pb.PublishWeightsResponse(teacher=self.name, weights_version=version, fingerprint=fp,
                                          weights_fingerprint=wfp)  # fmt: skip
@@ -243,13 +263,23 @@ class WeightSlot:
                                    f"teacher {self.name!r} serves version {self.version}; this update expected to "
                                    f"make version {expected_version} (another publisher came first)")  # fmt: skip
             version = self.version + 1
+            # Staged on every instance's device before any swaps: a failure here (out of device
+            # memory) leaves every instance on the old weights and the version unchanged.
+            try:
+                staged_all = []
+                for runner in self.runners:
+                    targets = runner.model.state_dict()
+                    staged_all.append({k: v.to(targets[k].device, non_blocking=False) for k, v in state.items()})
+            except (RuntimeError, MemoryError) as e:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"teacher {self.name!r}: the update could not be staged on its devices "
+                                   f"({shorten(str(e))}); it keeps version {self.version}") from None  # fmt: skip
             with self._state_lock:
                 self._fingerprints[version] = (fp, wfp)
                 for old in [v for v in self._fingerprints if v < version - _KEPT_VERSIONS]:
                     del self._fingerprints[old]
-            for runner in self.runners:
+            for runner, staged in zip(self.runners, staged_all):
                 targets = runner.model.state_dict()
-                staged = {k: v.to(targets[k].device, non_blocking=False) for k, v in state.items()}
                 with runner.lock, torch.no_grad():  # between two forwards of this instance
                     for k, dst in targets.items():
                         dst.copy_(staged[k])

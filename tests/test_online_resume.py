@@ -79,6 +79,16 @@ def test_a_checkpoint_of_another_method_or_other_options_is_refused(tmp_path: Pa
     with pytest.raises(ValueError, match="cannot resume: the checkpoint is of .*'ema_decay': 0.999"):
         train_online("pcl", TRAIN, TEST, one_epoch, subset=SUBSET, run_dir=tmp_path, resume=True,
                      options={"ema_decay": 0.9})  # fmt: skip
+    # a method with a pretrained teacher: a resume with another teacher is refused, the same one continues
+    train_online("dist-plus", TRAIN, TEST, one_epoch, subset=SUBSET, run_dir=tmp_path / "t", teacher=_teacher())
+    other = _teacher()
+    with torch.no_grad():
+        other.head.bias.add_(0.5)  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="cannot resume: the checkpoint is of .*'teacher'"):
+        train_online("dist-plus", TRAIN, TEST, one_epoch, subset=SUBSET, run_dir=tmp_path / "t", resume=True,
+                     teacher=other)  # fmt: skip
+    train_online("dist-plus", TRAIN, TEST, one_epoch, subset=SUBSET, run_dir=tmp_path / "t", resume=True,
+                 teacher=_teacher())  # fmt: skip
 
 
 def test_kd_online_resume_restores_every_head(tmp_path: Path) -> None:

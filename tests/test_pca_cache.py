@@ -242,3 +242,14 @@ def test_token_cache_fits_on_positions(tmp_path: Path) -> None:
     want = codec.decode(codec.encode(positions), vocab)
     assert torch.equal(dense[b.attention_mask.bool()], want)
     assert reader.verify().ok
+
+
+def test_a_bad_basis_file_is_named_as_such_not_as_a_corrupt_cache(tmp_path: Path) -> None:
+    from kd.precompute import cache_basis
+
+    with pytest.raises(ValueError, match="the given low-rank basis is unusable for pca:4: not a kd low-rank basis"):
+        cache_basis(tmp_path / "new", "pca:4", b"garbage", fit=lambda: torch.zeros(0))
+    low_rank = LowRankBasis.fit(torch.randn(64, 10, generator=torch.Generator().manual_seed(0)), 2).to_bytes()
+    with pytest.raises(ValueError, match="unusable for pca:4: codec pca:4 needs a basis of rank 4 or more, got 2"):
+        cache_basis(tmp_path / "new", "pca:4", low_rank, fit=lambda: torch.zeros(0))
+    assert not (tmp_path / "new").exists()

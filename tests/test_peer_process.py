@@ -63,14 +63,14 @@ def live(tmp_path_factory: pytest.TempPathFactory):
         )  # fmt: skip
     address = _wait_port(proc, tmp / "port", log)
     client = TeacherClient(address)
-    yield client, a
+    yield client, a, address
     client.close()
     proc.kill()
     proc.wait()
 
 
 def test_swaps_under_load_answer_from_one_version(live) -> None:
-    client, a = live
+    client, a, _ = live
     b = _model(2)
     x = torch.randn(20, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -147,7 +147,7 @@ def _upload(client: TeacherClient, chunks: list[pb.WeightsChunk]) -> TeacherRequ
 
 
 def test_bad_updates_are_refused_and_the_old_weights_keep_serving(live, tmp_path: Path) -> None:
-    client, _ = live
+    client, _, _ = live
     before = client.describe("p")
     x = torch.randn(4, 1, 8, 8)
     y = client.infer("p", x)["logits"]
@@ -202,6 +202,27 @@ def test_a_server_without_accept_weights_refuses(address: str) -> None:
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "--accept-weights" in e.value.message
 
 
+def test_a_live_teacher_fills_no_cache_serves_no_gradients_and_a_peer_binds_loopback(live, tmp_path: Path) -> None:
+    """Its answers may come from several weight versions and a swap copies into the parameters in
+    place: a cache keyed by one fingerprint, and a backward across a swap, are refused; a peer's own
+    server (no token) never binds a public address."""
+    from kd.core.data import load_dataset
+    from kd.peers import PeerRun, run_peer
+    from kd.precompute import precompute
+    from kd.student_trainer.sources import ServerSource
+
+    client, _, address = live
+    source = ServerSource(address, "p")
+    with pytest.raises(ValueError, match=r"'p' takes live weight updates .* cannot fill a cache"):
+        precompute(load_dataset("digits", "train"), source, tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(TeacherRequestError) as e:
+        client.input_gradient("p", torch.zeros(2, 1, 8, 8), {"logits": torch.ones(2, 10)})
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "live weight updates" in e.value.message
+    with pytest.raises(ValueError, match="binds loopback only"):
+        run_peer(PeerRun(name="a", peers=["127.0.0.1:1/b"], host="0.0.0.0"))
+
+
 def test_dml_loss_matches_the_formula_in_float64() -> None:
     g = torch.Generator().manual_seed(0)
     z, p1, p2 = (torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(3))
@@ -220,7 +241,7 @@ def test_dml_loss_matches_the_formula_in_float64() -> None:
 def test_two_peer_processes_train_publish_and_serve_what_they_trained(live, tmp_path: Path) -> None:
     """Peer "p" publishes to the `kd serve --accept-weights` process above (--server), peer "b"
     serves itself (--serve-port); each trains against the other's server."""
-    client, _ = live
+    client, _, _ = live
     before = client.describe("p").weights_version
     ports = {"p": client.target.rpartition(":")[2], "b": f"@{tmp_path / 'b.port'}"}
     own = {"p": ["--server", client.target], "b": ["--serve-port", "0", "--port-file", str(tmp_path / "b.port")]}

@@ -33,7 +33,8 @@ methods whose statistic relates the samples of a batch (``sp``, ``cckd``) cannot
 cached per sample, so they read the full map and reduce it in the trainer.
 
 Online methods (``kd.student_trainer.online``: the teachers train together with the
-students, no pretrained teacher) run in a third section on the same CNN pair: each method
+students; ``hes`` and ``dist-plus`` also take the pretrained ``digits_cnn`` teacher, a
+fresh copy per seed) run in a third section on the same CNN pair: each method
 with ``branches=3, width=8`` (one branch path of width 8 is exactly ``digits_cnn_student``),
 on the same labelled subsets and seeds, next to CE and KD (from the same ``digits_cnn``
 teacher, in process) trained for the same ``online_epochs``. Each method reports the head it

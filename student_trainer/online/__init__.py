@@ -27,6 +27,7 @@ that builds its models and plugs them into the shared trainer (``train_student``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -86,6 +87,16 @@ class OnlineResult:
         return {k: getattr(self, k) for k in keep}
 
 
+def _state_hash(model: nn.Module) -> str:
+    """sha256/16 of a module's state_dict (names, dtypes, shapes and values, in name order)."""
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def train_online(
     name: str,
     train: SampleSource,
@@ -125,12 +136,16 @@ def train_online(
         raise ValueError(f"width must be >= 1, got {width}")
     if test.num_classes > train.num_classes:
         raise ValueError(f"the test data has {test.num_classes} classes, the training data {train.num_classes}")
+    # The pretrained teacher as given (before a method freezes or trains it) is part of what a
+    # resume must match: a checkpoint of a run with another teacher is refused, not continued.
+    teacher_hash = _state_hash(teacher) if isinstance(teacher, nn.Module) else None
     seed_everything(config.seed)
     shape = tuple(train.get(torch.zeros(1, dtype=torch.long)).shape[1:])
     setup = METHODS[name].setup(shape, train.num_classes, width=width, branches=branches, options=opts,
                                 config=config, **({"teacher": teacher} if needs_teacher else {}))  # fmt: skip
     t0 = time.perf_counter()
-    identity = {"method": name, "options": opts, "branches": branches, "width": width}
+    identity = {"method": name, "options": opts, "branches": branches, "width": width,
+                **({} if teacher_hash is None else {"teacher": teacher_hash})}  # fmt: skip
     res = train_student(setup.student, train, test, config, hooks=setup.hooks(identity), subset=subset,
                         run_dir=run_dir, resume=resume, progress=progress, on_epoch=on_epoch)  # fmt: skip
     accs = {head: accuracy(model, test, device=config.device) for head, model in setup.outputs.items()}
