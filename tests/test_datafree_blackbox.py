@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -318,3 +319,24 @@ def test_zsdb3kd_student_beats_chance(tiered: str) -> None:
     # with the server's batch composition). Chance is 0.10 with a binomial std of 0.012 on 599
     # test samples, so 0.15 is still 4 std above a student that learned nothing.
     assert res.test_acc > 0.15, res.test_acc
+
+
+def test_queries_larger_than_the_servers_queue_go_in_slices(local: Teacher, cnn_spec: str) -> None:
+    """zsdb3kd's boundary search asks about thousands of inputs at once: more rows than a server
+    queues (max_queue_size) are sent in slices of its batch size, and the answers are the same."""
+    teachers = [load_teacher(tier, cnn_spec) for tier in ("scores", "labels")]
+    small = TeacherOptions(max_batch_size=8, max_queue_size=16, max_queue_delay_us=0)
+    running = start_server(teachers, options={t.name: replace(small, access=t.name) for t in teachers})
+    x = torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = local.model(x)
+    try:
+        with TeacherClient(f"127.0.0.1:{running.port}", client_id="slices") as c:
+            with pytest.raises(TeacherRequestError, match="can never fit max_queue_size=16"):
+                c.infer("scores", x)  # one request of 50 rows: what the slices avoid
+            scores, labels = ServedTeacher(c, "scores"), ServedTeacher(c, "labels")
+            assert scores.chunk == 8
+            torch.testing.assert_close(scores.logits(x), want, rtol=1e-5, atol=1e-5)
+            assert torch.equal(labels.labels(x), want.argmax(1))
+    finally:
+        running.stop(grace=1)

@@ -95,6 +95,9 @@ class ServedTeacher:
         self.layers = dict(desc.layers)
         self.batch_norms = tuple(desc.batch_norms)
         self.has_activation_records = desc.has_activation_records
+        # Forward-only queries go in slices of the server's batch size: a method may ask about
+        # thousands of inputs at once (zsdb3kd's boundary search), more than a server queues.
+        self.chunk = max(1, int(desc.max_batch_size or 256))
         self._start = client.usage
 
     # -- shapes ------------------------------------------------------------------------
@@ -108,15 +111,21 @@ class ServedTeacher:
         return x.contiguous()
 
     # -- queries -----------------------------------------------------------------------
+    def _sliced(self, x: torch.Tensor, key: str, **asked: object) -> torch.Tensor:
+        w = self.to_wire(x)
+        starts = range(0, len(w), self.chunk) if len(w) else [0]  # an empty batch: the server's own refusal
+        parts = [self.client.infer(self.name, w[i : i + self.chunk], **asked)[key] for i in starts]
+        return torch.cat(parts).to(x.device)
+
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (SCORES tier), on ``x``'s device; no gradient."""
-        return self.client.infer(self.name, self.to_wire(x))["logits"].to(x.device)
+        return self._sliced(x, "logits")
 
     @torch.no_grad()
     def labels(self, x: torch.Tensor) -> torch.Tensor:
         """The argmax class only (LABELS tier)."""
-        return self.client.infer(self.name, self.to_wire(x), logits=False, labels=True)["labels"].to(x.device)
+        return self._sliced(x, "labels", logits=False, labels=True)
 
     def __call__(self, x: torch.Tensor, features: tuple[str, ...] = ()):
         """Logits (and named features), differentiable w.r.t. ``x`` through the server's VJP."""
