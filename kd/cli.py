@@ -48,6 +48,17 @@ def _floats(text: str | None) -> list[float] | None:
     return None if text is None else [float(v) for v in text.split(",") if v.strip()]
 
 
+def _save_student(model, out: Path) -> None:
+    """Write a trained student's weights (safetensors) to ``out``; an unwritable path is a clear error."""
+    from kd.teacher_server.loading import save_weights
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(model, out)
+    except OSError as e:
+        _fail(f"cannot write the student to {str(out)!r}: {e}")
+
+
 def _call(fn, *args, errors: tuple[type[Exception], ...] = (ValueError, TypeError), **kwargs):
     """``fn(*args, **kwargs)``; a refusal (ValueError/TypeError: bad option, data or recipe) becomes
     ``_fail`` with its message, so every command reports refusals the same way."""
@@ -682,11 +693,10 @@ def train(
     if rank != 0:
         return
     if out is not None:
-        from kd.teacher_server.loading import save_weights
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(model, out)
+        _save_student(model, out)
         if result.connectors is not None:  # a feature method's trained connectors, beside the student
+            from kd.teacher_server.loading import save_weights
+
             save_weights(result.connectors, out.with_suffix(".connectors.safetensors"))
     from kd.student_trainer.train import evaluate as _evaluate
     from kd.student_trainer.train import student_final
@@ -1263,10 +1273,7 @@ def datafree(
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
         _fail(f"{type(e).__name__}: {e}")
     if out is not None:
-        from kd.teacher_server.loading import save_weights
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(model, out)
+        _save_student(model, out)
     print(json.dumps(result.as_dict()))
 
 
@@ -1325,10 +1332,7 @@ def onpolicy(
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
         _fail(f"{type(e).__name__}: {e}")
     if out is not None:
-        from kd.teacher_server.loading import save_weights
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(model, out)
+        _save_student(model, out)
     print(json.dumps(result.as_dict()))
 
 
@@ -1404,13 +1408,7 @@ def train_lm(
         cache.close()
     metrics = evaluate_tokens(model, val_data, batch_size=batch_size, device=device)
     if out is not None:
-        from kd.teacher_server.loading import save_weights
-
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            save_weights(model, out)
-        except OSError as e:
-            _fail(f"cannot write the student to {str(out)!r}: {e}")
+        _save_student(model, out)
     result = {"method": method, "source": source, "dataset": train_data.dataset_id, "val_dataset": val_data.dataset_id,
               "losses": losses, "val_ppl": metrics.perplexity, "val_accuracy": metrics.accuracy,
               "val_tokens": metrics.tokens, "epochs": epochs, "accumulate": accumulate, "amp": amp,
