@@ -288,7 +288,8 @@ def serve(
         tmp.write_text(str(running.port))
         tmp.replace(port_file)  # atomic: a reader never sees a half-written port
     serve_until_signalled(running)
-    console.print("drained; bye")
+    accepted, unanswered = running.accepted()
+    console.print(f"drained: {accepted} requests accepted, {unanswered} unanswered; bye", highlight=False)
 
 
 @app.command()

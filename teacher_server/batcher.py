@@ -343,8 +343,7 @@ class DynamicBatcher(QueueAccounting):
                 return
             req.next_row = req.rows
             pieces = [(req, 0, req.rows)]
-            if (item := self._assemble(lane, pieces)) is not None and (done := self._forward(lane, item)) is not None:
-                self._complete(lane, done)
+            self._run_batch(lane, pieces)
         finally:
             with self._cv:
                 self._inline_busy = False
@@ -468,13 +467,22 @@ class DynamicBatcher(QueueAccounting):
         self._thread_start(lane)
         while (pieces := self._take_batch()) is not None:
             try:
-                if not pieces or (item := self._assemble(lane, pieces)) is None:
-                    continue
-                if (done := self._forward(lane, item)) is not None:
-                    self._complete(lane, done)
+                self._run_batch(lane, pieces)
             finally:
                 with self._cv:
                     self._model_busy = False
+
+    def _run_batch(self, lane: _Lane, pieces: list[tuple[_Request, int, int]]) -> None:
+        """Assemble, run and answer one batch on this thread. Whatever goes wrong is the
+        batch's callers' error, never the thread's: a model thread that died would leave
+        every later request queued until its caller's deadline."""
+        try:
+            if pieces and (item := self._assemble(lane, pieces)) is not None:
+                if (done := self._forward(lane, item)) is not None:
+                    self._complete(lane, done)
+        except BaseException as e:  # noqa: BLE001 - e.g. an observer or a host copy that raised
+            log.exception("batcher %s: a batch failed outside the forward", self.name)
+            self._fail(pieces, e)
 
     # -- pipelined (CUDA): stage 1, form a batch and start its copy to the device ----------
     def _assemble_loop(self, lane: _Lane) -> None:
@@ -508,7 +516,11 @@ class DynamicBatcher(QueueAccounting):
     # -- stage 3: copy back and answer -------------------------------------------------
     def _completion_loop(self, lane: _Lane) -> None:
         while (item := lane.to_completion.get()) is not _STOP:
-            self._complete(lane, item)
+            try:
+                self._complete(lane, item)
+            except BaseException as e:  # noqa: BLE001 - the batch's callers', not the thread's (see _run_batch)
+                log.exception("batcher %s: a batch failed while answering", self.name)
+                self._fail(item[0], e)
 
     def _complete(self, lane: _Lane, item: tuple) -> None:
         pieces, out, size, waits, t0 = item

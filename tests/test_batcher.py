@@ -208,3 +208,26 @@ def test_dict_outputs_and_layers_reach_the_runner() -> None:
     torch.testing.assert_close(o2["logits"], x2 * 2)  # split 2 + 2 across forwards, reassembled
     torch.testing.assert_close(o2["feature/b"], x2 + 1)
     assert seen[0] == {"a", "b"}
+
+
+@pytest.mark.parametrize("waits", [False, True], ids=["model-thread", "inline"])
+def test_error_outside_the_forward_fails_the_batch_not_the_thread(waits: bool) -> None:
+    """An observer that raises (a metrics bug, say) is the batch's callers' error; the model
+    thread survives and serves the next request (a dead thread would leave it queued forever)."""
+    seen: list[int] = []
+
+    def observer(obs) -> None:
+        seen.append(obs.size)
+        if len(seen) == 1:
+            raise RuntimeError("observer broke")
+
+    b = DynamicBatcher(lambda x: x * 2, max_batch_size=8, max_queue_delay_s=0.0, observer=observer)
+    try:
+        first = b.submit(torch.ones(2, 3), waits=waits)  # inline: the error is the future's, not submit's
+        with pytest.raises(RuntimeError, match="observer broke"):
+            first.result(timeout=5)
+        # Not inline: the model thread answers this one, so it must still be alive.
+        torch.testing.assert_close(b.submit(torch.ones(3, 3)).result(timeout=5), torch.full((3, 3), 2.0))
+        assert seen == [2, 3]
+    finally:
+        b.close(timeout=5)

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import string
 import subprocess
@@ -496,6 +497,12 @@ def _not_accepted(o: Outcome, signalled: float) -> bool:
         return o.details.startswith(("failed to connect to all addresses", "the server is draining"))
     if o.code == grpc.StatusCode.CANCELLED:
         return o.details == "CANCELLED" and o.done >= signalled
+    if o.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        # The client's own deadline (bare details) on a call made after the signal: seen once in
+        # ~30 clean-clone CI runs, a new call held by gRPC while the server shut down. That the
+        # server never accepted it is proved by the test, not assumed: the server's own count of
+        # accepted requests must equal the calls answered OK.
+        return o.details == "Deadline Exceeded" and o.sent >= signalled
     return False
 
 
@@ -561,7 +568,10 @@ def test_sigterm_under_load_answers_every_accepted_request(tmp_path: Path, teach
             proc.wait(timeout=10)
     assert not any(t.is_alive() for t in threads), "a client hung"
     assert rc == 0, log_path.read_text()
-    assert "drained" in log_path.read_text()
+    drained = re.search(r"drained: (\d+) requests accepted, (\d+) unanswered", log_path.read_text())
+    assert drained, log_path.read_text()
+    accepted, unanswered = int(drained[1]), int(drained[2])
+    assert unanswered == 0
 
     flat = [o for per in outcomes for o in per]
     codes: dict[str, int] = {}
@@ -574,6 +584,8 @@ def test_sigterm_under_load_answers_every_accepted_request(tmp_path: Path, teach
     )
     oks = [o for o in flat if o.code == grpc.StatusCode.OK]
     assert len(oks) >= clients, codes
+    # Every request the server accepted was answered OK (none lost, none failed by the drain).
+    assert accepted == len(oks), (accepted, codes)
     for o in oks:
         torch.testing.assert_close(o.logits, reference(teacher, o.x), rtol=1e-5, atol=1e-5)
     # The calls made after the process was gone were refused.
