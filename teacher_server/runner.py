@@ -14,6 +14,7 @@ model thread, and the post-processing runs there too, by the same code.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -172,14 +173,16 @@ class ModelRunner:
                 captured[f"feature/{name}"] = out.clone()
 
             handles.append(self._modules[name].register_forward_hook(hook))
+        kind = self.teacher.device.type
+        # Entering a disabled autocast costs ~10 us a forward; it is needed only to switch one
+        # on, or off where a caller has one on (never on the batcher's threads).
+        amp = self.amp_dtype is not None or torch.is_autocast_enabled(kind)
         try:
             with (
                 torch.inference_mode(),
-                torch.autocast(
-                    self.teacher.device.type,
-                    dtype=self.amp_dtype or torch.float32,
-                    enabled=self.amp_dtype is not None,
-                ),
+                torch.autocast(kind, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+                if amp
+                else contextlib.nullcontext(),
             ):
                 out = self._model(prepared.x)
         finally:

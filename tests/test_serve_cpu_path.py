@@ -1,0 +1,139 @@
+"""The unary path's cheaper parsing: a large request's input payload read as a view of the
+body (``kd.core.wire.split_payload``: the same message and tensor as parsing it whole, or
+the plain parse where the body is irregular), for image, uint8 and token inputs. Real
+servers on loopback, real models."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from kd.bench.serve import free_image_teacher
+from kd.core.wire import from_proto, split_payload
+from kd.teacher_server.client import TeacherClient, encode_request, make_request, spec_of
+from kd.teacher_server.loading import load_teacher
+from kd.teacher_server.server import TeacherOptions, start_server
+from kd.v1 import teacher_pb2 as pb
+
+INPUTS = pb.InferRequest.DESCRIPTOR.fields_by_name["inputs"].number
+
+
+def _parsed(body: bytes) -> pb.InferRequest | str:
+    try:
+        return pb.InferRequest.FromString(body)
+    except Exception as e:  # noqa: BLE001 - compared, not swallowed
+        return type(e).__name__
+
+
+def _via_split(body: bytes) -> pb.InferRequest | str | None:
+    parts = split_payload(body, INPUTS)
+    if parts is None:
+        return None
+    msg = _parsed(parts[0])
+    if isinstance(msg, pb.InferRequest) and msg.WhichOneof("input") == "inputs":
+        msg.inputs.data = bytes(parts[1])
+    return msg
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16], ids=str)
+def test_split_payload_gives_the_parsed_message_and_tensor(dtype: torch.dtype) -> None:
+    x = (torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(1)) * 255).to(dtype)
+    spec = spec_of(top_k=3, temperature=2.0)
+    for body in (encode_request("t", x, None, spec, "id-7"), make_request("t", x, None, spec, "r").SerializeToString()):
+        rest, view = split_payload(body, INPUTS)
+        assert len(rest) < 200 and view.nbytes == x.numel() * x.element_size()
+        assert _via_split(body) == pb.InferRequest.FromString(body)
+        assert torch.equal(from_proto(pb.InferRequest.FromString(rest).inputs, copy=False, data=view), x)
+
+
+def test_split_payload_declines_irregular_bodies_and_never_changes_a_parse() -> None:
+    body = encode_request("t", torch.arange(3000, dtype=torch.uint8).view(30, 100), None, spec_of())
+    assert split_payload(body[:-1], INPUTS) is None  # truncated
+    assert split_payload(body + body[body.index(b"\x1a") :], INPUTS) is None  # the inputs field twice
+    assert split_payload(make_request("t", None, _ref(), spec_of()).SerializeToString(), INPUTS) is None
+    assert split_payload(b"\x1b\x1c" + body, INPUTS) is None  # a group
+    assert split_payload(b"\x18\x05" + body[2:], INPUTS) is None  # inputs as a varint
+    rng = random.Random(0)
+    split = 0
+    for _ in range(400):  # corrupted bodies: the split path parses exactly what the parser does
+        b = bytearray(body)
+        for _ in range(rng.randint(1, 3)):
+            b[rng.randrange(60) if rng.random() < 0.8 else rng.randrange(len(b))] = rng.randrange(256)
+        got = _via_split(bytes(b))
+        if got is not None:
+            split += 1
+            assert got == _parsed(bytes(b))
+    assert split > 100
+
+
+def _ref():
+    from kd.teacher_server.client import DatasetRef
+
+    return DatasetRef("d", [1, 2])
+
+
+def test_large_uint8_batches_are_answered_from_their_own_payloads() -> None:
+    teacher = load_teacher("img", "kd.bench.serve:free_image_teacher")
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    opts = TeacherOptions(max_batch_size=4, max_queue_delay_us=0, warmup=False, mean=mean, std=std)
+    running = start_server([teacher], options={"img": opts})
+    model = free_image_teacher()
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+    def want(u8: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model((u8.float() / 255.0 - m) / s)
+
+    g = torch.Generator().manual_seed(5)
+    low = torch.randint(0, 100, (2, 3, 224, 224), dtype=torch.uint8, generator=g)  # 2 x 602 KB as float32
+    high = torch.randint(150, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=g)
+    split = torch.randint(0, 256, (6, 3, 224, 224), dtype=torch.uint8, generator=g)  # over max_batch_size
+    try:
+        with TeacherClient(f"127.0.0.1:{running.port}", timeout=60) as client:
+            for u8 in (low, high, low, split, high):
+                got = client.infer("img", u8)["logits"]
+                torch.testing.assert_close(got, want(u8), rtol=1e-5, atol=1e-6)
+            x = torch.rand(2, 3, 224, 224, generator=g)
+            torch.testing.assert_close(client.infer("img", x)["logits"], model(x), rtol=1e-5, atol=1e-6)
+            streamed = dict(client.infer_stream("img", [("high", high), ("low", low)], depth=2))
+            for key, u8 in (("high", high), ("low", low)):  # InferStream splits large bodies too
+                torch.testing.assert_close(streamed[key]["logits"], want(u8), rtol=1e-5, atol=1e-6)
+    finally:
+        running.stop(grace=1)
+
+
+class _TinyLM(nn.Module):
+    tokenizer_hash = "byte-test"
+
+    def __init__(self, vocab: int, max_length: int) -> None:
+        super().__init__()
+        self.max_length = max_length
+        self.embed = nn.Embedding(vocab, 16)
+        self.head = nn.Linear(16, vocab)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens).cumsum(1)))
+
+
+def tiny_lm(vocab: int = 50, max_length: int = 16) -> _TinyLM:
+    torch.manual_seed(2)
+    return _TinyLM(vocab, max_length)
+
+
+def test_a_large_token_request_is_decoded_from_the_split_payload() -> None:
+    teacher = load_teacher("lm", f"{__name__}:tiny_lm?vocab=50&input_shape=-1")
+    running = start_server([teacher], batching=TeacherOptions(max_batch_size=1024, max_batch_tokens=16384,
+                                                              warmup=False))  # fmt: skip
+    ids = torch.randint(0, 50, (600, 16), generator=torch.Generator().manual_seed(4))  # 76.8 KB of int64
+    assert split_payload(encode_request("lm", ids, None, spec_of()), INPUTS) is not None
+    try:
+        with TeacherClient(f"127.0.0.1:{running.port}", timeout=60) as client:
+            out = client.infer_tokens("lm", ids, labels=True)
+        with torch.inference_mode():
+            want = teacher.model(ids).argmax(-1)  # every position's label
+        assert torch.equal(out.dense("labels").long(), want)
+    finally:
+        running.stop(grace=1)
