@@ -307,7 +307,9 @@ def precompute(
         "(one record per sequence): text:DIR|FILE, jsonl:FILE, hf:DIR?text=COL, with ?block=&pack=&tokenizer=.",
     ),
     codec: str = typer.Option(
-        "fp32", help="fp32, fp16, bf16, int8, q8, q4, topk:K, sample:K[xR], rand:M or pca:K[bB] (low-rank basis)."
+        "fp32",
+        help="fp32, fp16, bf16, int8, q8, q4, topk:K, sample:K[xR], rand:M, pca:K[bB] or pca:K@N "
+        "(low-rank basis; @N: N bits in all over K coefficients, allocated by their spread).",
     ),
     basis: Path | None = typer.Option(
         None, help="pca:K: use this saved LowRankBasis file (shards share one) instead of fitting on the first rows."

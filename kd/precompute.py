@@ -217,7 +217,7 @@ def basis_fit_rows(k: int, available: int) -> int:
 def cache_basis(path: Path, codec: str, basis: bytes | None, fit: Callable[[], torch.Tensor]) -> bytes | None:
     """The low-rank basis a ``pca:K`` cache at ``path`` is written with: the one it already
     stores (a resumed run: its records were encoded with it), else ``basis`` (``--basis FILE``,
-    so shards share one), else ``LowRankBasis.fit`` on ``fit()``'s first teacher logits [N, C].
+    so shards share one), else the codec's ``fit_basis`` on ``fit()``'s first teacher logits [N, C].
     A given ``basis`` that differs from the stored one is refused: it was asked for explicitly
     (shards meant to share it would silently not). None for codecs without a basis."""
     codec_obj = get_codec(codec, 1.0)
@@ -240,7 +240,7 @@ def cache_basis(path: Path, codec: str, basis: bytes | None, fit: Callable[[], t
         except ValueError as e:
             raise ValueError(f"the given low-rank basis is unusable for {codec}: {e}") from None
         return bytes(basis)
-    return LowRankBasis.fit(fit(), codec_obj.k).to_bytes()
+    return codec_obj.fit_basis(fit()).to_bytes()  # pca:K@N fits a probability-weighted basis
 
 
 _MALLOC_BOUNDED = False
