@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import torch
 
+from kd.core.malloc import keep_large_blocks
 from kd.core.signature import TeacherSignature
 from kd.core.wire import fill_proto, from_proto, proto_dtype, tensor_field, to_proto, torch_dtype
 from kd.teacher_server import access as access_names
@@ -184,6 +185,19 @@ def encode_request(
         return make_request(teacher, inputs, ref, spec, request_id).SerializeToString()
     head = pb.InferRequest(request_id=request_id, teacher=teacher, outputs=spec).SerializeToString()
     return b"".join([head, *tensor_field(_INPUTS_FIELD, inputs)])
+
+
+def tune_for_large_requests() -> dict[str, bool]:
+    """Opt in: keep freed large blocks in this process's glibc heap (``kd.core.malloc.keep_large_blocks``).
+
+    Each request body and each decoded answer over 128 KiB is otherwise a fresh ``mmap``
+    whose every 4 KiB page faults on first touch: ~8 ms of client CPU per 4.8 MB
+    (32x3x224x224 uint8) request on a 2-core box, ~3-4 ms with this (``kd bench serve``'s
+    clients call it). It changes malloc for the whole process, so ``TeacherClient`` never
+    calls it itself; RSS may keep up to ~256 MiB of freed heap. A user's own
+    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``GLIBC_TUNABLES`` win; no-op
+    off glibc. Returns which settings it applied."""
+    return keep_large_blocks()
 
 
 class TeacherClient(TokenClientMixin):

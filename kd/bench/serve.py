@@ -23,6 +23,7 @@ all started up front and idle (no CPU) while another is measured, with
 ``OMP_NUM_THREADS`` = the in-process torch threads: half the logical CPUs by
 default, since the clients share the machine (see ``default_threads``). The
 clients are separate processes (multiprocessing, spawn), 1 torch thread each,
+glibc malloc keeping large blocks (``tune_for_large_requests``, as a user may),
 started once and reused; each window warms up, starts all clients at one
 instant and counts the samples answered inside it (a request's samples credited by
 the share of its time inside the window). The server's Prometheus histogram gives
@@ -205,7 +206,9 @@ def _client_worker(index: int, inbox: Any, outbox: Any) -> None:
     """A client process: runs one plan per message until it gets None."""
     try:
         torch.set_num_threads(1)
-        from kd.teacher_server.client import TeacherClient  # noqa: F401 - import cost paid before any phase
+        from kd.teacher_server.client import tune_for_large_requests  # import cost paid before any phase
+
+        tune_for_large_requests()  # large bodies reuse heap pages: kd, echo and Triton clients alike
 
         outbox.put(("up", index, None))
         while (plan := inbox.get()) is not None:
