@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from kd.bench import report_console
 from kd.cache import CacheMeta, CacheReader, CacheWriter
 from kd.cache.codecs import LowRankBasis, SampleCodec, bytes_per_sample, get_codec
 from kd.cache.store import record_key
@@ -914,10 +915,7 @@ def _f(v: float | None, fmt: str = ".4f") -> str:
 
 
 def print_report(r: dict[str, Any], out: Console | None = None) -> None:
-    if out is None:
-        out = Console()
-        if not out.is_terminal:
-            out = Console(width=160)
+    out = report_console(out, width=160)
     s = r["settings"]
     t = Table(
         title=f"kd bench cache: codecs (bytes incl. 8 B header+crc; KL error vs fp32 at C = {s['kl_classes']}, "

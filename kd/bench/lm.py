@@ -56,6 +56,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from kd.bench import report_console
 from kd.bench.serve import _device_name, default_threads
 
 console = Console(stderr=True)
@@ -510,10 +511,7 @@ def run_bench(settings: LMBenchSettings) -> dict[str, Any]:
 
 def print_report(results: dict[str, Any], out: Console | None = None) -> None:
     """The loads as a table, then bytes per token per codec."""
-    if out is None:
-        out = Console()
-        if not out.is_terminal:  # a pipe or a file: rich would wrap at 80 columns
-            out = Console(width=150)
+    out = report_console(out, width=150)
     s = results["settings"]
     table = Table(
         title=f"kd bench lm: {results['teacher']['spec']} ({results['teacher']['parameters'] / 1e6:.2f}M) on "

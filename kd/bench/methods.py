@@ -62,6 +62,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from kd.bench import report_console
 from kd.core import reductions
 from kd.core.data import Dataset, load_dataset
 from kd.demo import train_digits_teacher
@@ -543,10 +544,7 @@ def _online_section(s: MethodsBenchSettings, names: list[str], train: Dataset, t
 
 
 def print_report(r: dict[str, Any], out: Console | None = None) -> None:
-    if out is None:
-        out = Console()
-        if not out.is_terminal:
-            out = Console(width=200)
+    out = report_console(out, width=200)
     s = r["settings"]
     t = Table(
         title=f"kd bench methods: digits_student ({s['student_params']} params) on {s['labeled']} labelled samples, "

@@ -64,6 +64,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from kd.bench import report_console
+
 console = Console(stderr=True)
 
 TEACHER_NAME = "bench"
@@ -1114,10 +1116,7 @@ def _peer_results(peers: dict[str, list[Window]], w_in: list[Window], s: BenchSe
 
 def print_report(results: dict[str, Any], out: Console | None = None) -> None:
     """The phases as a table, then the ratios."""
-    if out is None:
-        out = Console()
-        if not out.is_terminal:  # a pipe or a file: rich would wrap at 80 columns
-            out = Console(width=150)
+    out = report_console(out, width=150)
     s = results["settings"]
     table = Table(
         title=f"kd bench serve: {results['teacher']['spec']} on {results['device']} ({results['device_name']}), "
