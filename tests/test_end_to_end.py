@@ -1,6 +1,13 @@
 """End to end through the CLI: `kd serve` as a real subprocess on loopback,
 `kd precompute` through it, the cache read back, `kd train` from every source,
-and `kd demo` in a reduced form."""
+and `kd demo` in a reduced form.
+
+The client commands run in this process (typer's CliRunner on ``kd.cli.app``, the
+function ``python -m kd`` calls): the same code without a new interpreter and torch
+import (seconds each on a busy 2-core machine) per call. The server stays a real
+process (started, SIGTERMed, exit 0); real `kd` processes of the client commands are
+run in test_precompute_cli.py (precompute, cache verify, cache export) and
+test_train_loop.py (train, train under torchrun, plot)."""
 
 from __future__ import annotations
 
@@ -14,8 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import Result
+from typer.testing import CliRunner
 
 from kd.cache import CacheReader
+from kd.cli import app
 from kd.core.data import load_dataset
 from kd.teacher_server.loading import Teacher
 
@@ -24,6 +34,17 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 def kd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kd", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def cli(*args: str) -> Result:
+    """``kd ARGS`` in this process: exit_code, stdout and stderr as a process would give them."""
+    return CliRunner().invoke(app, list(args))
+
+
+def ok(r: Result) -> Result:
+    """``r`` after asserting it exited 0 (else its output and any traceback in the message)."""
+    assert r.exit_code == 0, (r.output, r.exception)
+    return r
 
 
 @pytest.fixture()
@@ -50,15 +71,13 @@ def served(tmp_path: Path, teacher_spec: str):
 def test_serve_precompute_verify_train_from_every_source(tmp_path: Path, served, teacher: Teacher, teacher_spec):
     proc, address = served
     cache_dir = tmp_path / "cache"
-    r = kd("precompute", "--source", f"server:{address}", "--out", str(cache_dir), "--dataset", "digits")
-    assert r.returncode == 0, r.stderr
+    r = ok(cli("precompute", "--source", f"server:{address}", "--out", str(cache_dir), "--dataset", "digits"))
     train = load_dataset("digits", "train")
     assert f"wrote {len(train)}" in r.stderr
-    again = kd("precompute", "--source", f"server:{address}", "--out", str(cache_dir))
-    assert again.returncode == 0 and f"wrote 0, skipped {len(train)}" in again.stderr
+    again = cli("precompute", "--source", f"server:{address}", "--out", str(cache_dir))
+    assert again.exit_code == 0 and f"wrote 0, skipped {len(train)}" in again.stderr
 
-    verify = kd("cache", "verify", str(cache_dir))
-    assert verify.returncode == 0, verify.stderr
+    ok(cli("cache", "verify", str(cache_dir)))
     reader = CacheReader(cache_dir, teacher_fingerprint=teacher.fingerprint, dataset_id=train.dataset_id)
     with torch.inference_mode():
         torch.testing.assert_close(reader.get(range(len(train))), teacher.model(train.inputs), rtol=1e-5, atol=1e-5)
@@ -71,9 +90,8 @@ def test_serve_precompute_verify_train_from_every_source(tmp_path: Path, served,
     accs = {}
     for source in (f"cache:{cache_dir}", f"server:{address}/digits", f"local:{teacher_spec}"):
         out = tmp_path / f"student-{source.split(':')[0]}.safetensors"
-        r = kd("train", "--source", source, "--method", "kd", "--epochs", "2", "--subset", "200", "--opt",
-               "temperature=2", "--out", str(out))  # fmt: skip
-        assert r.returncode == 0, r.stderr
+        r = ok(cli("train", "--source", source, "--method", "kd", "--epochs", "2", "--subset", "200", "--opt",
+                   "temperature=2", "--out", str(out)))  # fmt: skip
         result = json.loads(r.stdout.strip().splitlines()[-1])
         student = digits_student()
         student.load_state_dict(load_file(out))
@@ -88,18 +106,30 @@ def test_serve_precompute_verify_train_from_every_source(tmp_path: Path, served,
     assert proc.wait(timeout=30) == 0
 
 
-def test_cli_errors_are_clear(tmp_path: Path, served) -> None:
-    _, address = served
-    r = kd("train", "--source", f"server:{address}/ghost", "--epochs", "1")
-    assert r.returncode != 0 and "unknown teacher 'ghost'" in r.stderr
-    r = kd("train", "--source", f"cache:{tmp_path / 'none'}", "--epochs", "1")
-    assert r.returncode != 0 and "no cache at" in r.stderr
-    r = kd("train", "--method", "nope", "--source", f"server:{address}", "--epochs", "1")
-    assert r.returncode != 0 and "unknown method 'nope'" in r.stderr
-    r = kd("serve", "--teacher", f"t=kd.models:digits_teacher@{tmp_path / 'missing.safetensors'}", "--port", "0")
-    assert r.returncode != 0 and "does not exist" in r.stderr
-    r = kd("precompute", "--source", f"server:{address}", "--out", str(tmp_path / "c"), "--codec", "zip")
-    assert r.returncode != 0 and "unknown codec 'zip'" in r.stderr
+def test_cli_errors_are_clear(tmp_path: Path, address: str) -> None:
+    # The refused teacher in a real `kd serve` process (in this process a regression would serve
+    # forever rather than fail); it starts up while the client commands run here, against `address`:
+    # a real gRPC server on loopback serving "digits" (conftest).
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "kd", "serve", "--teacher",
+         f"t=kd.models:digits_teacher@{tmp_path / 'missing.safetensors'}", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        r = cli("train", "--source", f"server:{address}/ghost", "--epochs", "1")
+        assert r.exit_code != 0 and "unknown teacher 'ghost'" in r.stderr
+        r = cli("train", "--source", f"cache:{tmp_path / 'none'}", "--epochs", "1")
+        assert r.exit_code != 0 and "no cache at" in r.stderr
+        r = cli("train", "--method", "nope", "--source", f"server:{address}", "--epochs", "1")
+        assert r.exit_code != 0 and "unknown method 'nope'" in r.stderr
+        r = cli("precompute", "--source", f"server:{address}", "--out", str(tmp_path / "c"), "--codec", "zip")
+        assert r.exit_code != 0 and "unknown codec 'zip'" in r.stderr
+        _, serve_err = serve.communicate(timeout=300)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+    assert serve.returncode != 0 and "does not exist" in serve_err
 
 
 def test_demo_reduced(tmp_path: Path) -> None:

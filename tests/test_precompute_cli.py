@@ -1,5 +1,10 @@
 """`kd precompute` as a process: kill -9 and resume, shards, inputs by
-reference through `kd serve`, export, read-through training, concurrent readers."""
+reference through `kd serve`, export, read-through training, concurrent readers.
+
+Real `kd` processes where the process is the point (kill -9, resume, `kd serve` to
+SIGTERM, and one `kd cache verify` and one `kd cache export`); the other commands run
+in this process (typer's CliRunner on ``kd.cli.app``, what ``python -m kd`` calls),
+sparing a new interpreter and torch import per call."""
 
 from __future__ import annotations
 
@@ -12,10 +17,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+from click.testing import Result
+from typer.testing import CliRunner
 
 from kd.cache import CacheMeta, CacheReader, CacheWriter
 from kd.cache.sharded import open_cache
+from kd.cli import app
 from kd.core.data import load_dataset, view_seeds
 from kd.teacher_server.loading import Teacher
 
@@ -24,6 +33,17 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 def kd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kd", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def cli(*args: str) -> Result:
+    """``kd ARGS`` in this process: exit_code, stdout and stderr as a process would give them."""
+    return CliRunner().invoke(app, list(args))
+
+
+def ok(r: Result) -> Result:
+    """``r`` after asserting it exited 0 (else its output and any exception in the message)."""
+    assert r.exit_code == 0, (r.output, r.exception)
+    return r
 
 
 def test_kill_9_during_precompute_loses_only_the_open_batch(tmp_path: Path, teacher_spec: str, teacher: Teacher):
@@ -66,7 +86,9 @@ def test_kill_9_during_precompute_loses_only_the_open_batch(tmp_path: Path, teac
     torch.testing.assert_close(reader.get(idx, views), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_shards_by_reference_through_the_server_then_export(tmp_path: Path, teacher_spec: str, teacher: Teacher):
+def test_shards_by_reference_through_the_server_then_export(
+    tmp_path: Path, teacher_spec: str, teacher: Teacher, monkeypatch: pytest.MonkeyPatch
+):
     port_file = tmp_path / "port"
     serve = subprocess.Popen(
         [sys.executable, "-m", "kd", "serve", "--teacher", f"digits={teacher_spec}", "--dataset", "train=digits:train",
@@ -81,24 +103,24 @@ def test_shards_by_reference_through_the_server_then_export(tmp_path: Path, teac
         address = f"127.0.0.1:{port_file.read_text()}"
         out = tmp_path / "sharded"
         for i in range(2):
-            r = kd("precompute", "--source", f"server:{address}", "--by-reference", "train", "--views", "2",
-                   "--shard", f"{i}/2", "--out", str(out), "--codec", "fp16")  # fmt: skip
-            assert r.returncode == 0, r.stderr
+            ok(cli("precompute", "--source", f"server:{address}", "--by-reference", "train", "--views", "2",
+                   "--shard", f"{i}/2", "--out", str(out), "--codec", "fp16"))  # fmt: skip
         # torchrun-style: rank/world from the environment pick the shard.
         env_out = tmp_path / "ranked"
         for rank in range(2):
-            r = subprocess.run(
-                [sys.executable, "-m", "kd", "precompute", "--source", f"server:{address}", "--out", str(env_out)],
-                capture_output=True, text=True, timeout=300, env={**ENV, "RANK": str(rank), "WORLD_SIZE": "2"},
-            )  # fmt: skip
-            assert r.returncode == 0, r.stderr
+            with monkeypatch.context() as env:
+                env.setenv("RANK", str(rank))
+                env.setenv("WORLD_SIZE", "2")
+                ok(cli("precompute", "--source", f"server:{address}", "--out", str(env_out)))
+            # the rank picked its own shard: samples rank, rank + 2, ... (599 of them)
+            assert len(CacheReader(env_out / f"shard-{rank:05d}-of-00002")) == 599
         assert len(open_cache(env_out)) == 1198
     finally:
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=30) == 0
-    info = json.loads(kd("cache", "info", str(out)).stdout)
+    info = json.loads(ok(cli("cache", "info", str(out))).stdout)
     assert info["records"] == 2 * 1198 and info["shards"] == 2 and info["codec"] == "fp16"
-    assert kd("cache", "verify", str(out)).returncode == 0
+    assert cli("cache", "verify", str(out)).exit_code == 0
     train = load_dataset("digits", "train")
     reader = open_cache(out)
     idx, views = torch.tensor([10, 11, 12]), torch.tensor([1, 0, 1])
@@ -116,10 +138,9 @@ def test_shards_by_reference_through_the_server_then_export(tmp_path: Path, teac
 
 def test_read_through_training_from_the_cli(tmp_path: Path, teacher_spec: str) -> None:
     cache = tmp_path / "rt"
-    r = kd("train", "--source", f"cache:{cache}", "--read-through", f"local:{teacher_spec}", "--subset", "120",
-           "--epochs", "2")  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert len(CacheReader(cache)) == 120 and kd("cache", "info", str(cache)).returncode == 0
+    ok(cli("train", "--source", f"cache:{cache}", "--read-through", f"local:{teacher_spec}", "--subset", "120",
+           "--epochs", "2"))  # fmt: skip
+    assert len(CacheReader(cache)) == 120 and cli("cache", "info", str(cache)).exit_code == 0
 
 
 class CachedTargets(torch.utils.data.Dataset):

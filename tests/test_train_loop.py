@@ -1,4 +1,9 @@
-"""The training loop's run directory: effective config, metrics, checkpoints, exact resume."""
+"""The training loop's run directory: effective config, metrics, checkpoints, exact resume.
+
+`kd train` runs as a real process in test_train_options_from_a_config_file and under torchrun,
+`kd plot` in test_cli_run_dir_resume_and_plot; the other commands run in this process (typer's
+CliRunner on ``kd.cli.app``, what ``python -m kd`` calls), sparing a new interpreter and torch
+import per call."""
 
 from __future__ import annotations
 
@@ -12,7 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import Result
+from typer.testing import CliRunner
 
+from kd.cli import app
 from kd.core.data import load_dataset
 from kd.student_trainer.sources import LocalSource
 from kd.student_trainer.train import TrainConfig, seed_everything, train_student
@@ -21,6 +29,17 @@ from kd.teacher_server.loading import Teacher
 
 class Interrupt(Exception):
     pass
+
+
+def cli(*args: str) -> Result:
+    """``kd ARGS`` in this process: exit_code, stdout and stderr as a process would give them."""
+    return CliRunner().invoke(app, list(args))
+
+
+def ok(r: Result) -> Result:
+    """``r`` after asserting it exited 0 (else its output and any exception in the message)."""
+    assert r.exit_code == 0, (r.output, r.exception)
+    return r
 
 
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path: Path, teacher: Teacher) -> None:
@@ -78,15 +97,10 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path: Path
 
 def test_cli_run_dir_resume_and_plot(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "kd"]
-    r = subprocess.run([*cmd, "train", "--method", "ce", "--epochs", "3", "--run-dir", str(run)],
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    r = ok(cli("train", "--method", "ce", "--epochs", "3", "--run-dir", str(run)))
     ckpt, metrics = run / "checkpoint.pt", (run / "metrics.csv").read_bytes()
     before = (ckpt.stat().st_ino, ckpt.stat().st_mtime_ns, ckpt.read_bytes())
-    again = subprocess.run([*cmd, "train", "--method", "ce", "--epochs", "3", "--run-dir", str(run), "--resume"],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert again.returncode == 0, again.stderr
+    again = ok(cli("train", "--method", "ce", "--epochs", "3", "--run-dir", str(run), "--resume"))
     # --resume skipped all three finished epochs: a fresh run would have rewritten the checkpoint
     # (a new file renamed over it) and metrics.csv (new timings), and seeded training would give the
     # same accuracy either way, so the accuracy alone cannot tell.
@@ -97,16 +111,15 @@ def test_cli_run_dir_resume_and_plot(tmp_path: Path) -> None:
         == json.loads(r.stdout.strip().splitlines()[-1])["test_acc"]
         == float(list(csv.DictReader(io.StringIO(metrics.decode())))[-1]["test_acc"])
     )
-    empty = subprocess.run([*cmd, "train", "--method", "ce", "--epochs", "3", "--run-dir", str(tmp_path / "none"),
-                            "--resume"], capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert empty.returncode == 2 and "has no checkpoint.pt" in " ".join(empty.stderr.split()), empty.stderr
-    p = subprocess.run([*cmd, "plot", str(run)], capture_output=True, text=True, timeout=300)
+    empty = cli("train", "--method", "ce", "--epochs", "3", "--run-dir", str(tmp_path / "none"), "--resume")
+    assert empty.exit_code == 2 and "has no checkpoint.pt" in " ".join(empty.stderr.split()), empty.stderr
+    p = subprocess.run([sys.executable, "-m", "kd", "plot", str(run)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert (run / "curves.png").stat().st_size > 5_000
 
 
 def test_cli_trains_from_two_teachers_with_a_combiner(tmp_path: Path, teacher_spec: str) -> None:
-    cmd = [sys.executable, "-m", "kd", "train", "--epochs", "2", "--subset", "100"]
+    cmd = ["train", "--epochs", "2", "--subset", "100"]
     two = ["--source", f"local:{teacher_spec}", "--source", "local:kd.models:digits_teacher"]
     from safetensors.torch import load_file
 
@@ -116,9 +129,7 @@ def test_cli_trains_from_two_teachers_with_a_combiner(tmp_path: Path, teacher_sp
     weights = {}
     for combiner in ("mean", "mean-logits", "confidence"):
         out = tmp_path / f"{combiner}.safetensors"
-        r = subprocess.run([*cmd, *two, "--combiner", combiner, "--out", str(out)], capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
-        assert r.returncode == 0, r.stderr
+        r = ok(cli(*cmd, *two, "--combiner", combiner, "--out", str(out)))
         weights[combiner] = load_file(out)
         student = digits_student()
         student.load_state_dict(weights[combiner])
@@ -131,21 +142,18 @@ def test_cli_trains_from_two_teachers_with_a_combiner(tmp_path: Path, teacher_sp
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             assert any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a]), (a, b)
-    bad = subprocess.run([*cmd, *two, "--combiner", "weighted", "--combiner-opt", "weights=[1,2,3]"],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert bad.returncode != 0 and "3 weight(s) for 2 source(s)" in bad.stderr
+    bad = cli(*cmd, *two, "--combiner", "weighted", "--combiner-opt", "weights=[1,2,3]")
+    assert bad.exit_code != 0 and "3 weight(s) for 2 source(s)" in bad.stderr
 
 
 def test_cli_views_reach_the_trainer(tmp_path: Path, teacher_spec: str) -> None:
     cache = tmp_path / "v"
     args = ["precompute", "--source", f"local:{teacher_spec}", "--out", str(cache), "--views", "2"]
-    pre = subprocess.run([sys.executable, "-m", "kd", *args], capture_output=True, text=True, timeout=300)
-    assert pre.returncode == 0, pre.stderr
-    base = [sys.executable, "-m", "kd", "train", "--source", f"cache:{cache}", "--epochs", "1", "--subset", "50"]
-    ok = subprocess.run([*base, "--views", "2"], capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr
-    wrong = subprocess.run(base, capture_output=True, text=True, timeout=300)
-    assert wrong.returncode != 0 and "2 view(s) per sample but training asks for 1" in wrong.stderr
+    ok(cli(*args))
+    base = ["train", "--source", f"cache:{cache}", "--epochs", "1", "--subset", "50"]
+    ok(cli(*base, "--views", "2"))
+    wrong = cli(*base)
+    assert wrong.exit_code != 0 and "2 view(s) per sample but training asks for 1" in wrong.stderr
 
 
 def test_train_options_from_a_config_file(tmp_path: Path, teacher_spec: str) -> None:
@@ -155,6 +163,7 @@ def test_train_options_from_a_config_file(tmp_path: Path, teacher_spec: str) -> 
         "[opt]\ntemperature = 3\n"
     )
     run = tmp_path / "run"
+    # a real `kd train` process (the other real ones run under torchrun)
     cmd = [sys.executable, "-m", "kd", "train", "--config", str(cfg), "--run-dir", str(run)]
     r = subprocess.run([*cmd, "--epochs", "3"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -164,22 +173,17 @@ def test_train_options_from_a_config_file(tmp_path: Path, teacher_spec: str) -> 
     assert effective["train_samples"] == 100 and effective["source"] == "local"
     yaml_cfg = tmp_path / "train.yaml"
     yaml_cfg.write_text("method: ce\nepochs: 1\nbatchsize: 8\n")
-    bad = subprocess.run([sys.executable, "-m", "kd", "train", "--config", str(yaml_cfg)],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert bad.returncode != 0 and "unknown option(s) ['batchsize']" in bad.stderr
+    bad = cli("train", "--config", str(yaml_cfg))
+    assert bad.exit_code != 0 and "unknown option(s) ['batchsize']" in bad.stderr
 
 
 def test_torchrun_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path: Path, teacher_spec: str) -> None:
     cache = tmp_path / "c"
-    pre = subprocess.run([sys.executable, "-m", "kd", "precompute", "--source", f"local:{teacher_spec}",
-                          "--out", str(cache)], capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert pre.returncode == 0, pre.stderr
+    ok(cli("precompute", "--source", f"local:{teacher_spec}", "--out", str(cache)))
     # 101 samples in batches of 32: the last global batch (5) splits 3 + 2 across the ranks.
     args = ["train", "--source", f"cache:{cache}", "--method", "kd", "--epochs", "3", "--batch-size", "32",
             "--subset", "101"]  # fmt: skip
-    single = subprocess.run([sys.executable, "-m", "kd", *args, "--out", str(tmp_path / "one.safetensors")],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert single.returncode == 0, single.stderr
+    single = ok(cli(*args, "--out", str(tmp_path / "one.safetensors")))
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kd", *args,
          "--out", str(tmp_path / "two.safetensors")],
