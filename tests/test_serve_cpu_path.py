@@ -137,3 +137,51 @@ def test_a_large_token_request_is_decoded_from_the_split_payload() -> None:
         assert torch.equal(out.dense("labels").long(), want)
     finally:
         running.stop(grace=1)
+
+
+def test_a_remembered_output_spec_is_still_checked_per_teacher_and_per_size() -> None:
+    """Output specs that passed are remembered by their bytes (``_checked_spec``); a later
+    request with the same spec must still be refused where its answer would be too large,
+    and the same bytes sent to a LABELS-tier teacher must still be refused logits; a
+    refused spec is refused every time."""
+    import grpc
+
+    from kd.teacher_server.client import TeacherRequestError
+    from kd.teacher_server.loading import Teacher, fingerprint
+
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1000).eval()  # 4 B in, 4,000 B of logits out per sample
+    cpu = torch.device("cpu")
+    white, labels = (Teacher(name, model, fingerprint(model), (1,), torch.float32, 1000, cpu, "test", {})
+                     for name in ("white", "labels"))  # fmt: skip
+    opts = TeacherOptions(max_batch_size=64, max_queue_delay_us=0, warmup=False)
+    running = start_server(
+        [white, labels],
+        options={
+            "white": opts,
+            "labels": TeacherOptions(max_batch_size=64, max_queue_delay_us=0, warmup=False, access="labels"),
+        },  # fmt: skip
+        max_message_bytes=64 << 10,  # room for 15 samples' logits
+    )
+    try:
+        with TeacherClient(f"127.0.0.1:{running.port}", timeout=30) as client:
+            small, large = torch.rand(8, 1), torch.rand(32, 1)
+            with torch.inference_mode():
+                want = model(small)
+            for _ in range(2):  # the second time from the remembered spec
+                torch.testing.assert_close(client.infer("white", small, logits=True)["logits"], want)
+                with pytest.raises(TeacherRequestError) as err:
+                    client.infer("white", large, logits=True)
+                assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "over the server's message limit" in str(err.value)
+                with pytest.raises(TeacherRequestError) as err:
+                    client.infer("labels", small, logits=True)
+                assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+                with pytest.raises(TeacherRequestError) as err:
+                    client.infer("white", small, top_k=1001)
+                assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert "top_k=1001" in str(err.value)
+            ep = running.endpoints["white"]
+            assert len(ep.spec_cache) == 1 and not running.endpoints["labels"].spec_cache
+    finally:
+        running.stop(grace=1)

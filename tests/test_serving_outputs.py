@@ -52,7 +52,7 @@ def running(wide: Teacher):
 
 
 def _reply_bytes(srv) -> float:
-    return srv.metrics.reply_bytes.labels("wide")._value.get()
+    return srv.metrics.reply_bytes("wide")
 
 
 class AllLogits(ServerSource):
@@ -174,10 +174,10 @@ def test_kd_train_with_server_topk_asks_the_server_for_topk_only(server, address
               "--batch-size", "32", "--out", str(tmp_path / "student.safetensors")]  # fmt: skip
     refused = CliRunner().invoke(app, [*common, "--method", "at", "--server-topk", "3"])
     assert refused.exit_code != 0 and "accepts sparse targets" in refused.output
-    before = server.metrics.reply_bytes.labels(teacher)._value.get()
+    before = server.metrics.reply_bytes(teacher)
     res = CliRunner().invoke(app, [*common, "--method", "kd", "--opt", "temperature=4", "--server-topk", "3"])
     assert res.exit_code == 0, res.output
-    sent = server.metrics.reply_bytes.labels(teacher)._value.get() - before
+    sent = server.metrics.reply_bytes(teacher) - before
     assert sent == 64 * (3 * 4 + 3 * 4 + 4)  # one epoch of 64 samples: top-3 + log-sum-exp, never 10 logits
 
 

@@ -87,11 +87,11 @@ def test_served_records_equal_the_in_process_records(tmp_path: Path, source) -> 
         sent: dict[str, float] = {}  # reply bytes per cached position, by the server's own counter
         try:
             for codec in codecs:
-                before = running.metrics.reply_bytes.labels("lm")._value.get()
+                before = running.metrics.reply_bytes("lm")
                 precompute_tokens(source, remote, tmp_path / f"srv-{codec}", codec=codec, batch_size=4,
                                   temperature=2.0 if codec == "topk:8" else None)  # fmt: skip
                 positions = CacheReader(tmp_path / f"srv-{codec}").token_stats()["positions"]
-                sent[codec] = (running.metrics.reply_bytes.labels("lm")._value.get() - before) / positions
+                sent[codec] = (running.metrics.reply_bytes("lm") - before) / positions
         finally:
             remote.close()
     finally:
