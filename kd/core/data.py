@@ -34,8 +34,10 @@ views run in the workers; ``loader.set_epoch(e)`` draws the next epoch.
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
 import importlib
+import importlib.util
 import io
 import json
 import math
@@ -145,17 +147,86 @@ class Dataset:
         return torch.stack([augment(self.name, row, int(s)) for row, s in zip(x, seeds)]) if len(idx) else x
 
 
+def digits_csv_path() -> Path | None:
+    """Where the installed scikit-learn keeps ``digits.csv.gz``, found without importing sklearn.
+
+    ``find_spec`` of a top-level package only locates it (its ``__init__`` does not run);
+    importing ``sklearn.datasets`` costs ~1.3 s (it pulls in scipy), every kd process
+    that loads digits paid it. None where the file is not there (another sklearn layout).
+    """
+    spec = importlib.util.find_spec("sklearn")
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(loc) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def load_digits_arrays(csv: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The digits data (float64 [1797, 64], 0..16) and targets (int [1797]), byte-for-byte
+    ``sklearn.datasets.load_digits(return_X_y=True)``, read from sklearn's bundled file.
+
+    ``csv``: the ``digits.csv.gz`` to read (default: the installed sklearn's); where it
+    is absent, sklearn's own loader is used (slow import, same arrays).
+    """
+    path = Path(csv) if csv is not None else digits_csv_path()
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        return load_digits(return_X_y=True)
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",", ndmin=2)  # as sklearn parses it (~25 ms)
+    return data[:, :-1], data[:, -1].astype(int, copy=False)  # the last column is the target
+
+
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """sklearn.utils.extmath._approximate_mode (1.x): per-class draws, ties broken by ``rng``."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            floored[rng.choice(inds, size=add_now, replace=False)] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
+
+
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices of ``train_test_split(..., test_size=test_fraction,
+    random_state=seed, stratify=y)`` (sklearn 1.x ``StratifiedShuffleSplit``), index for
+    index, without importing ``sklearn.model_selection`` (and scipy) for one split.
+    Fixed here, so the digits split (and every ``dataset_id``) is the same whatever sklearn.
+    """
+    n_test = math.ceil(test_fraction * len(y))
+    n_train = len(y) - n_test
+    classes, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
+    if class_counts.min() < 2 or min(n_train, n_test) < len(classes):
+        raise ValueError(f"cannot stratify {len(y)} labels of {len(classes)} classes, test_fraction={test_fraction}")
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(class_counts, n_train, rng)
+    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i in range(len(classes)):
+        perm = class_indices[i].take(rng.permutation(class_counts[i]), mode="clip")
+        train.extend(perm[: n_i[i]])
+        test.extend(perm[n_i[i] : n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
 @cache
 def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
+    x, y = load_digits_arrays()
     x = (x / 16.0).astype(np.float32)  # pixel intensities 0..16 -> 0..1
     y = y.astype(np.int64)
-    return tuple(  # type: ignore[return-value]
-        train_test_split(x, y, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=y)
-    )
+    train, test = stratified_split(y, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
+    return x[train], x[test], y[train], y[test]
 
 
 def load_dataset(name: str = "digits", split: str = "train") -> Dataset:
