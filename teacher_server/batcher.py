@@ -269,6 +269,9 @@ class DynamicBatcher(QueueAccounting):
         self.inline = len(self._lanes) == 1 and not self.pipelined and self.max_queue_delay_s == 0
         self._inline_busy = False
         self._model_busy = False
+        # CPU time of the last forward on its thread (waits for the GIL excluded): the service
+        # runs a cheap one inline under its small-work lock (TeacherServicer._small_work).
+        self.forward_cpu_s = 0.0
         self._tls = threading.local()  # callers' threads that ran the runner's per-thread set-up
         self._threads: list[threading.Thread] = []
         for lane in self._lanes:
@@ -457,12 +460,13 @@ class DynamicBatcher(QueueAccounting):
     def _forward(self, lane: _Lane, item: tuple) -> tuple | None:
         """Run a work item -> the completion's item (None: failed, callers told)."""
         pieces, prepared, layers, size, waits = item
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             out = lane.runner.forward(prepared, layers)
         except BaseException as e:  # noqa: BLE001
             self._fail(pieces, e)
             return None
+        self.forward_cpu_s = time.thread_time() - c0
         return pieces, out, size, waits, t0
 
     # -- no overlap to gain (CPU): one thread forms, runs and answers each batch -----------

@@ -185,3 +185,94 @@ def test_a_remembered_output_spec_is_still_checked_per_teacher_and_per_size() ->
             assert len(ep.spec_cache) == 1 and not running.endpoints["labels"].spec_cache
     finally:
         running.stop(grace=1)
+
+
+class _Costly(nn.Module):
+    """~3 ms of CPU a forward whatever the batch (a 300 x 300 matmul, twice), then a linear map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 4)
+        self.register_buffer("a", torch.rand(300, 300, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        burn = (self.a @ self.a @ self.a).mean() * 0.0
+        return self.head(x) + burn
+
+
+def _served(model: nn.Module, name: str):
+    from kd.teacher_server.loading import Teacher, fingerprint
+
+    teacher = Teacher(name, model.eval(), fingerprint(model), (8,), torch.float32, 4, torch.device("cpu"), "test", {})
+    opts = TeacherOptions(max_batch_size=64, max_queue_delay_us=0, warmup=True)  # inline path on
+    return start_server([teacher], options={name: opts})
+
+
+def _hammer(port: int, name: str, clients: int, per_client: int, bad_every: int = 0) -> dict:
+    """``clients`` threads, each ``per_client`` batch-1 requests of its own inputs (every
+    ``bad_every``-th of a wrong shape) -> {(client, i): logits or the error code}."""
+    import threading
+
+    from kd.teacher_server.client import TeacherRequestError
+
+    out: dict = {}
+
+    def run(c: int) -> None:
+        with TeacherClient(f"127.0.0.1:{port}", timeout=10) as client:
+            for i in range(per_client):
+                if bad_every and i % bad_every == bad_every - 1:
+                    try:
+                        client.infer(name, torch.zeros(1, 7))
+                        out[(c, i)] = "OK"
+                    except TeacherRequestError as e:
+                        out[(c, i)] = e.code.name
+                    continue
+                x = torch.full((1, 8), float(c * 1000 + i))
+                out[(c, i)] = client.infer(name, x)["logits"]
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a client hung: the small-work lock was not let go"
+    assert len(out) == clients * per_client, f"{clients * per_client - len(out)} requests failed (see the warnings)"
+    return out
+
+
+def test_concurrent_small_requests_each_get_their_own_answer_and_errors_let_the_lock_go() -> None:
+    """Small requests are decoded, run (a cheap forward) and encoded one handler at a time
+    (``TeacherServicer._small_work``): each still gets the answer to its own inputs, and a
+    refused request (decoded under the lock) does not keep the others waiting."""
+    torch.manual_seed(3)
+    model = nn.Linear(8, 4)
+    running = _served(model, "cheap")
+    try:
+        got = _hammer(running.port, "cheap", clients=5, per_client=24, bad_every=6)
+        with torch.inference_mode():
+            for (c, i), v in got.items():
+                if i % 6 == 5:
+                    assert v == "INVALID_ARGUMENT"
+                else:
+                    torch.testing.assert_close(v, model(torch.full((1, 8), float(c * 1000 + i))))
+        assert running.endpoints["cheap"].batcher.forward_cpu_s < 0.0005  # the cheap path was taken
+    finally:
+        running.stop(grace=1)
+
+
+def test_requests_arriving_during_a_costly_inline_forward_merge_into_one_forward() -> None:
+    """The lock is not held across a costly forward (``forward_cpu_s`` over 0.5 ms): requests
+    arriving meanwhile queue and merge, so there are fewer forwards than requests."""
+    model = _Costly()
+    running = _served(model, "costly")
+    try:
+        got = _hammer(running.port, "costly", clients=6, per_client=10)
+        with torch.inference_mode():
+            for (c, i), v in got.items():
+                torch.testing.assert_close(v, model(torch.full((1, 8), float(c * 1000 + i))))
+        batcher = running.endpoints["costly"].batcher
+        assert batcher.forward_cpu_s > 0.0005
+        assert batcher.stats.requests >= 60
+        assert batcher.stats.forwards < 0.8 * batcher.stats.requests, batcher.stats
+    finally:
+        running.stop(grace=1)
