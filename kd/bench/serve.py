@@ -444,6 +444,7 @@ class ServerConfig:
     max_queue_delay_us: int = 0
     max_queue_size: int = 0
     teacher: str = ""  # module:factory; "" = the bench's teacher (settings.teacher)
+    extra_args: tuple[str, ...] = ()  # more `kd serve` options
 
     def describe(self) -> str:
         text = f"max {self.max_batch_size}"
@@ -474,6 +475,7 @@ class ServerProcess:
             "--max-queue-delay-us", str(config.max_queue_delay_us),
             "--max-queue-size", str(config.max_queue_size),
             "--metrics-port", str(self.metrics_port),
+            *config.extra_args,
         ]  # fmt: skip
         env = {
             **os.environ,
