@@ -179,45 +179,12 @@ def load_digits_arrays(csv: str | os.PathLike[str] | None = None) -> tuple[np.nd
     return data[:, :-1], data[:, -1].astype(int, copy=False)  # the last column is the target
 
 
-def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
-    """sklearn.utils.extmath._approximate_mode (1.x): per-class draws, ties broken by ``rng``."""
-    continuous = class_counts / class_counts.sum() * n_draws
-    floored = np.floor(continuous)
-    need_to_add = int(n_draws - floored.sum())
-    if need_to_add > 0:
-        remainder = continuous - floored
-        for value in np.sort(np.unique(remainder))[::-1]:
-            (inds,) = np.where(remainder == value)
-            add_now = min(len(inds), need_to_add)
-            floored[rng.choice(inds, size=add_now, replace=False)] += 1
-            need_to_add -= add_now
-            if need_to_add == 0:
-                break
-    return floored.astype(int)
-
-
-def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) indices of ``train_test_split(..., test_size=test_fraction,
-    random_state=seed, stratify=y)`` (sklearn 1.x ``StratifiedShuffleSplit``), index for
-    index, without importing ``sklearn.model_selection`` (and scipy) for one split.
-    Fixed here, so the digits split (and every ``dataset_id``) is the same whatever sklearn.
-    """
-    n_test = math.ceil(test_fraction * len(y))
-    n_train = len(y) - n_test
-    classes, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
-    if class_counts.min() < 2 or min(n_train, n_test) < len(classes):
-        raise ValueError(f"cannot stratify {len(y)} labels of {len(classes)} classes, test_fraction={test_fraction}")
-    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
-    rng = np.random.RandomState(seed)
-    n_i = _approximate_mode(class_counts, n_train, rng)
-    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
-    train: list[int] = []
-    test: list[int] = []
-    for i in range(len(classes)):
-        perm = class_indices[i].take(rng.permutation(class_counts[i]), mode="clip")
-        train.extend(perm[: n_i[i]])
-        test.extend(perm[n_i[i] : n_i[i] + t_i[i]])
-    return rng.permutation(train), rng.permutation(test)
+# The digits split, pinned as data: the (train, test) indices that sklearn's
+# ``train_test_split(test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED,
+# stratify=y)`` gives (tests/test_digits_fast.py checks them against it). Read from here,
+# the split needs no ``sklearn.model_selection`` (and scipy) import, and it cannot change
+# with a future sklearn: every cache's ``dataset_id`` depends on it.
+DIGITS_SPLIT_FILE = Path(__file__).with_name("digits_split.npz")
 
 
 @cache
@@ -225,7 +192,8 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     x, y = load_digits_arrays()
     x = (x / 16.0).astype(np.float32)  # pixel intensities 0..16 -> 0..1
     y = y.astype(np.int64)
-    train, test = stratified_split(y, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
+    with np.load(DIGITS_SPLIT_FILE) as split:
+        train, test = split["train"].astype(np.int64), split["test"].astype(np.int64)
     return x[train], x[test], y[train], y[test]
 
 
