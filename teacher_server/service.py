@@ -512,7 +512,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             raise _invalid(f"inputs: {e}") from None
         if msg.dtype == pb.UINT8:
             return ep.from_uint8(x)
-        x = x.to(t.input_dtype)
+        if x.dtype != t.input_dtype:
+            x = x.to(t.input_dtype)
         self._check_finite(x)
         return x
 

@@ -99,14 +99,21 @@ def test_request_built_in_place_equals_the_message_built_by_copies() -> None:
     assert msg.SerializeToString() == to_proto(x).SerializeToString()
 
 
+@pytest.mark.parametrize("shape", [(4, 300), (5, 4096)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_all_finite_sees_nan_and_both_infinities(dtype: torch.dtype) -> None:
-    x = torch.randn(4, 300, dtype=torch.float32).to(dtype)
+def test_all_finite_sees_nan_and_both_infinities(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    x = torch.randn(shape, dtype=torch.float32).to(dtype)
     assert _all_finite(x)
     for bad in (float("nan"), float("inf"), float("-inf")):
         y = x.clone()
         y[2, 123] = bad
         assert not _all_finite(y), bad
+    both = x.clone()
+    both[0, 0], both[1, 1] = float("inf"), float("-inf")
+    assert not _all_finite(both)
+    top = torch.full(shape, torch.finfo(dtype).max, dtype=dtype)  # finite, and their sum must not overflow
+    assert _all_finite(top) and _all_finite(-top)
+    assert _all_finite(x.t())  # a non-contiguous view
     assert _all_finite(torch.arange(5))  # integers are finite by construction
 
 
