@@ -816,13 +816,12 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 out = future.result()
             except Exception:  # noqa: BLE001
                 raise self._failed(future) from None
-            if p.endpoint.weights is not None:  # its encode may wait for a recompute: not held
-                hold.release()
-            elif _small_outputs(out):
+            if p.endpoint.weights is None and _small_outputs(out):
                 hold.take(self._small_work)
+            else:  # large outputs; or live weights, whose encode may wait for a recompute
+                hold.release()
             return self._encode(request, p, out)
         except RequestError as e:
-            hold.release()
             self._count_error(request.teacher, e.code)
             _abort(context, e)
         finally:
