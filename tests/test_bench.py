@@ -30,12 +30,14 @@ def test_bench_serve_quick_writes_every_result(tmp_path: Path) -> None:
 
     for key in ("served_over_inprocess", "merged_over_inprocess", "batched_over_inprocess", "batching_gain",
                 "torch_threads", "mean_batch_16x4", "floor_share_b1", "floor_share_b64", "large_input_share_f32",
-                "large_input_share_u8"):  # fmt: skip
+                "large_input_share_u8", "batched_floor_share", "floor_batched_over_inprocess",
+                "mean_batch_16x4_floor"):  # fmt: skip
         assert _positive(res[key]), (key, res[key])
     for key in ("served_over_inprocess", "batching_gain", "floor_share_b1", "floor_share_b64",
-                "large_input_share_f32", "large_input_share_u8"):  # fmt: skip
+                "large_input_share_f32", "large_input_share_u8", "batched_floor_share"):  # fmt: skip
         assert len(res[f"{key}_rounds"]) == res["settings"]["rounds"] == 1, key  # every round is kept
-    for key in ("free_b1", "floor_b1", "free_b64", "floor_b64", "large_f32", "echo_f32", "large_u8", "echo_u8"):
+    for key in ("free_b1", "floor_b1", "free_b64", "floor_b64", "large_f32", "echo_f32", "large_u8", "echo_u8",
+                "floor_batched"):  # fmt: skip
         assert _positive(res["phases"][key]["samples_per_s"]), (key, res["phases"][key])
     assert res["phases"]["free_b64"]["mean_forward"] == res["settings"]["served_batch"]
     assert res["phases"]["large_u8"]["mean_forward"] == res["settings"]["large_batch"]
@@ -44,7 +46,7 @@ def test_bench_serve_quick_writes_every_result(tmp_path: Path) -> None:
         for q in ("p50", "p99"):
             assert _positive(res["latency_ms"][load][q]), (load, q, res["latency_ms"])
         assert res["latency_ms"][load]["p50"] <= res["latency_ms"][load]["p99"]
-    for key in ("inprocess", "served", "merged", "batcher_on", "batcher_off", "low_load"):
+    for key in ("inprocess", "served", "merged", "batcher_on", "batcher_off", "low_load", "floor_batched"):
         assert _positive(res["samples_per_s"][key]), (key, res["samples_per_s"])
 
     over = res["overload"]
@@ -57,3 +59,8 @@ def test_bench_serve_quick_writes_every_result(tmp_path: Path) -> None:
     assert res["settings"]["clients"] == 4 and res["settings"]["seconds"] == 0.5
     assert res["phases"]["served"]["mean_forward"] == res["settings"]["served_batch"]
     assert res["phases"]["batcher_off"]["mean_forward"] == res["settings"]["small_batch"]
+    # The batched floor's forwards are counted: merged requests of the 4 x 4 load, never over the cap.
+    floor = res["phases"]["floor_batched"]
+    assert res["settings"]["small_batch"] <= floor["mean_forward"] <= res["settings"]["merged_max_batch"]
+    assert floor["mean_forward"] == res["mean_batch_16x4_floor"]
+    assert res["batched_floor_share"] == res["samples_per_s"]["batcher_on"] / res["samples_per_s"]["floor_batched"]

@@ -13,6 +13,11 @@ matter are ratios of windows measured in the same run, alternated (ABBA) over
 * ``batching_gain``: samples/s of N clients sending batch 4 with the batcher
   merging (max 256 + a queue delay) / with ``max_batch_size`` 4 (each request
   alone).
+* ``batched_floor_share``: the same N x 4 load with the batcher on / against the
+  batched floor, a bare grpcio servicer running the same model through the plainest
+  greedy batching (``_GreedyBatcher``: no delay, no validation); with
+  ``floor_batched_over_inprocess`` it tells what of ``batched_over_inprocess`` is kd's
+  and what is any Python gRPC server's on this machine.
 * latency p50/p99 of batch-4 requests at low load (1 client, sequential) and at
   saturation (N clients); under overload (a small ``max_queue_size``, clients
   offering twice what the server holds, no back-off) every answer must be OK or
@@ -546,28 +551,102 @@ class FloorProcess(ServerProcess):
     """The raw grpcio floor: a servicer that does no work, on the same kind of gRPC server as
     ``kd serve`` (sync, thread pool, the same message limits), in its own interpreter. Its
     ``Infer`` returns a valid reply of the size kd's reply would have (logits [N, C] float32,
-    N from the request's size, without parsing it); ``Echo`` returns the request's bytes."""
+    N from the request's size, without parsing it); ``Echo`` returns the request's bytes.
 
-    def __init__(self, workdir: Path, sample_bytes: int, classes: int) -> None:
-        self.config = ServerConfig("floor", 0)
-        self.log_path = workdir / "server-floor.log"
-        self._port_file = workdir / "server-floor.port"
+    ``batched`` (a ``BatchedFloor``): the floor of a batched load instead, the least a Python
+    gRPC server does to batch one model: ``Infer`` parses the request, runs the model through
+    the plainest batching there is (``_GreedyBatcher``) and answers its logits; no validation,
+    metrics, accounting or limits."""
+
+    def __init__(self, workdir: Path, sample_bytes: int, classes: int, batched: BatchedFloor | None = None) -> None:
+        label = "floor_batched" if batched else "floor"
+        self.config = ServerConfig(label, batched.max_batch_size if batched else 0)
+        self.log_path = workdir / f"server-{label}.log"
+        self._port_file = workdir / f"server-{label}.port"
         cmd = [sys.executable, "-m", "kd.bench.serve", "floor", str(self._port_file), str(sample_bytes), str(classes)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if batched is not None:
+            cmd += [batched.teacher, str(batched.max_batch_size), str(batched.threads)]
+            env |= {"OMP_NUM_THREADS": str(batched.threads), "MKL_NUM_THREADS": str(batched.threads)}  # as kd serve's
         self._log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the server
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.address = ""
+        self.batched = batched is not None
 
     def metrics(self) -> dict[str, float]:
-        return {}
+        """The batched floor's forwards and samples, named as ``kd serve``'s metrics name them."""
+        if not self.batched:
+            return {}
+        import grpc
+
+        with grpc.insecure_channel(self.address) as channel:
+            stats = json.loads(channel.unary_unary(FLOOR_STATS_METHOD)(b"", timeout=10.0))
+        return {"kd_batch_size_count": float(stats["forwards"]), "kd_batch_size_sum": float(stats["samples"])}
 
 
-def _floor_main(port_file: str, sample_bytes: int, classes: int) -> None:
+FLOOR_STATS_METHOD = "/kd.v1.TeacherService/FloorStats"  # only the batched floor has it
+
+
+@dataclass(frozen=True)
+class BatchedFloor:
+    teacher: str  # module:factory, as kd serve loads it
+    max_batch_size: int
+    threads: int
+
+
+class _GreedyBatcher:
+    """The plainest dynamic batching: callers queue their inputs; one model thread takes what
+    is queued (whole requests, up to ``max_batch_size`` rows), runs one forward and hands each
+    caller its rows. No queue delay: a batch forms whenever the model is free."""
+
+    def __init__(self, model: torch.nn.Module, max_batch_size: int, threads: int) -> None:
+        self.model, self.max_batch_size, self.threads = model, max_batch_size, threads
+        self.forwards = self.samples = 0
+        self._cv = threading.Condition()
+        self._queue: list[tuple[torch.Tensor, list, threading.Event]] = []
+        threading.Thread(target=self._loop, name="floor-model", daemon=True).start()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        box: list = [None]
+        done = threading.Event()
+        with self._cv:
+            self._queue.append((x, box, done))
+            self._cv.notify()
+        done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def _loop(self) -> None:
+        torch.set_num_threads(self.threads)
+        while True:
+            with self._cv:
+                while not self._queue:
+                    self._cv.wait()
+                take, rows = 1, len(self._queue[0][0])
+                while take < len(self._queue) and rows + len(self._queue[take][0]) <= self.max_batch_size:
+                    rows += len(self._queue[take][0])
+                    take += 1
+                batch, self._queue = self._queue[:take], self._queue[take:]
+            try:
+                with torch.inference_mode():
+                    y = self.model(torch.cat([x for x, _, _ in batch]) if take > 1 else batch[0][0])
+                parts: list = list(torch.split(y, [len(x) for x, _, _ in batch]))
+            except Exception as e:  # noqa: BLE001 - each caller gets it
+                parts = [e] * take
+            self.forwards += 1
+            self.samples += rows
+            for (_, box, done), part in zip(batch, parts):
+                box[0] = part
+                done.set()
+
+
+def _floor_main(port_file: str, sample_bytes: int, classes: int, batched: BatchedFloor | None = None) -> None:
     from concurrent import futures
 
     import grpc
 
-    from kd.core.wire import to_proto
+    from kd.core.wire import from_proto, to_proto
     from kd.teacher_server.server import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options
     from kd.v1 import teacher_pb2 as pb
 
@@ -580,10 +659,25 @@ def _floor_main(port_file: str, sample_bytes: int, classes: int) -> None:
             replies[n] = pb.InferResponse(teacher=TEACHER_NAME, outputs={"logits": logits}).SerializeToString()
         return replies[n]
 
+    def infer_batched(body: bytes, _context) -> bytes:
+        reply = pb.InferResponse(teacher=TEACHER_NAME)
+        reply.outputs["logits"].CopyFrom(to_proto(batcher(from_proto(pb.InferRequest.FromString(body).inputs))))
+        return reply.SerializeToString()
+
+    def stats(_body: bytes, _context) -> bytes:
+        return json.dumps({"forwards": batcher.forwards, "samples": batcher.samples}).encode()
+
     def echo(body: bytes, _context) -> bytes:
         return body
 
     handlers = {"Infer": grpc.unary_unary_rpc_method_handler(infer), "Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    if batched is not None:
+        from kd.teacher_server.loading import load_teacher
+
+        batcher = _GreedyBatcher(load_teacher(TEACHER_NAME, batched.teacher).model.eval(), batched.max_batch_size,
+                                 batched.threads)  # fmt: skip
+        handlers["Infer"] = grpc.unary_unary_rpc_method_handler(infer_batched)
+        handlers[FLOOR_STATS_METHOD.rpartition("/")[2]] = grpc.unary_unary_rpc_method_handler(stats)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=channel_options(DEFAULT_MAX_MESSAGE_BYTES))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -968,6 +1062,10 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp, ClientPool(n_procs) as pool, ExitStack() as stack:
         servers = {k: stack.enter_context(ServerProcess(c, s, threads, Path(tmp))) for k, c in configs.items()}
         servers["floor"] = stack.enter_context(FloorProcess(Path(tmp), 4 * math.prod(FREE_SHAPE), FREE_CLASSES))
+        batched_floor = BatchedFloor(s.teacher, s.merged_max_batch, threads)
+        servers["floor_batched"] = stack.enter_context(
+            FloorProcess(Path(tmp), 4 * math.prod(shape), teacher.num_classes, batched_floor)
+        )
         if triton_models:
             servers["triton"] = stack.enter_context(TritonProcess(triton_models, threads, Path(tmp)))
         pool.wait_up()
@@ -990,15 +1088,20 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
                             [served("batcher_on", s.served_clients, s.served_batch, s.served_depth)()]))  # fmt: skip
         note(PhaseResult.of("low_load", configs["batcher_on"].describe(), 1, s.small_batch, mode(0),
                             [served("batcher_on", 1, s.small_batch)()]))  # fmt: skip
-        w_on, w_off, peers["batcher_on"], peers["batcher_off"] = _alternate(
+        # The batched floor: what a bare grpcio server with the plainest batching gets from the same load.
+        w_on, w_off, peers["batcher_on"], peers["batcher_off"], w_floor_batched = _alternate(
             served("batcher_on", s.clients, s.small_batch), served("batcher_off", s.clients, s.small_batch),
             peer("batcher_on", s.clients, s.small_batch), peer("batcher_off", s.clients, s.small_batch),
-            rounds=s.rounds)  # fmt: skip
+            served("floor_batched", s.clients, s.small_batch), rounds=s.rounds)  # fmt: skip
         gain, gains = _median_ratio(w_on, w_off)
         batched, batched_rounds = _median_ratio(w_on, w_in)  # round r of each: the same stretch of the run
+        batched_floor_share = _median_ratio(w_on, w_floor_batched)
+        floor_batched_over_inprocess = _median_ratio(w_floor_batched, w_in)
         note(PhaseResult.of("saturation", configs["batcher_on"].describe(), s.clients, s.small_batch, mode(0), w_on))
         note(PhaseResult.of("batcher_off", configs["batcher_off"].describe(), s.clients, s.small_batch, mode(0),
                             w_off))  # fmt: skip
+        note(PhaseResult.of("floor_batched", "raw grpcio, greedy batching", s.clients, s.small_batch, mode(0),
+                            w_floor_batched))  # fmt: skip
         note(PhaseResult.of("overload", configs["overload"].describe(), s.clients, s.overload_batch, mode(0),
                             [served("overload", s.clients, s.overload_batch)()]))  # fmt: skip
         # Against the raw grpcio floor (a servicer doing no work), near-free teachers.
@@ -1042,6 +1145,11 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "batching_gain": gain,
         "batching_gain_rounds": gains,
         "mean_batch_16x4": p["saturation"].mean_forward,
+        "batched_floor_share": batched_floor_share[0],
+        "batched_floor_share_rounds": batched_floor_share[1],
+        "floor_batched_over_inprocess": floor_batched_over_inprocess[0],
+        "floor_batched_over_inprocess_rounds": floor_batched_over_inprocess[1],
+        "mean_batch_16x4_floor": p["floor_batched"].mean_forward,
         "floor_share_b1": shares["b1"][0],
         "floor_share_b1_rounds": shares["b1"][1],
         "floor_share_b64": shares[f"b{s.served_batch}"][0],
@@ -1076,6 +1184,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
             "merged": p["merged"].samples_per_s,
             "batcher_on": p["saturation"].samples_per_s,
             "batcher_off": p["batcher_off"].samples_per_s,
+            "floor_batched": p["floor_batched"].samples_per_s,
             "low_load": p["low_load"].samples_per_s,
             "overload_ok": over.samples_per_s,
         },
@@ -1201,9 +1310,18 @@ def print_report(results: dict[str, Any], out: Console | None = None) -> None:
             f"{s['served_clients']} clients x {s['large_batch']} x 3x224x224 " + rounds(f"large_input_share_{key}"),
         )
     summary.add_row(
+        "batched_floor_share",
+        f"{results['batched_floor_share']:.3f}",
+        f"{s['clients']} clients x batch {s['small_batch']}: kd, batcher on {sps['batcher_on']:,.0f} / raw grpcio with "
+        f"greedy batching {sps['floor_batched']:,.0f} samples/s ({results['floor_batched_over_inprocess']:.3f} of "
+        f"in-process) " + rounds("batched_floor_share"),
+    )
+    summary.add_row(
         "mean_batch_16x4",
         "-" if results["mean_batch_16x4"] is None else f"{results['mean_batch_16x4']:.1f}",
-        f"mean forward with the batcher on, {s['clients']} clients x batch {s['small_batch']}",
+        f"mean forward with the batcher on, {s['clients']} clients x batch {s['small_batch']} (the batched floor's: "
+        + ("-" if results["mean_batch_16x4_floor"] is None else f"{results['mean_batch_16x4_floor']:.1f}")
+        + ")",
     )
     summary.add_row(
         "overload",
@@ -1224,9 +1342,13 @@ def print_report(results: dict[str, Any], out: Console | None = None) -> None:
 
 
 if __name__ == "__main__":  # the floor and Triton servers of the bench
-    if len(sys.argv) == 5 and sys.argv[1] == "floor":
-        _floor_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    if len(sys.argv) in (5, 8) and sys.argv[1] == "floor":
+        more = BatchedFloor(sys.argv[5], int(sys.argv[6]), int(sys.argv[7])) if len(sys.argv) == 8 else None
+        _floor_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), more)
     elif len(sys.argv) == 4 and sys.argv[1] == "triton":
         _triton_main(sys.argv[2], sys.argv[3])
     else:
-        sys.exit("usage: python -m kd.bench.serve floor PORT_FILE SAMPLE_BYTES CLASSES | triton PORT_FILE MODELS_JSON")
+        sys.exit(
+            "usage: python -m kd.bench.serve floor PORT_FILE SAMPLE_BYTES CLASSES [TEACHER MAX_BATCH THREADS] | "
+            "triton PORT_FILE MODELS_JSON"
+        )
