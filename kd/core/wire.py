@@ -6,6 +6,7 @@ so the server, the clients and the cache agree by construction.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import warnings
@@ -117,11 +118,19 @@ def tensor_field(field_number: int, t: torch.Tensor | np.ndarray) -> list:
     memory, so the join is its only copy (a message built with ``to_proto`` and
     serialised copies it three times)."""
     t = _cpu_contiguous(t)
-    head = pb.Tensor(dtype=proto_dtype(t.dtype), shape=list(t.shape)).SerializeToString()
     size = t.numel() * t.element_size()
     data = t.reshape(-1).view(torch.uint8).numpy() if size else b""
+    return [_field_prefix(field_number, proto_dtype(t.dtype), tuple(t.shape), size), data]
+
+
+@functools.lru_cache(maxsize=1024)
+def _field_prefix(field_number: int, dtype: int, shape: tuple[int, ...], size: int) -> bytes:
+    """Everything of a tensor field but its payload: the field's key and length, the dtype
+    and shape, the payload's key and length. Remembered: a client sends one shape over and
+    over, and building it is ~40% of encoding a small request."""
+    head = pb.Tensor(dtype=dtype, shape=list(shape)).SerializeToString()
     data_key = _varint(_DATA_FIELD << 3 | 2) + _varint(size)
-    return [_varint(field_number << 3 | 2) + _varint(len(head) + len(data_key) + size), head, data_key, data]
+    return _varint(field_number << 3 | 2) + _varint(len(head) + len(data_key) + size) + head + data_key
 
 
 def from_proto(msg: pb.Tensor, *, copy: bool = True, data: bytes | memoryview | None = None) -> torch.Tensor:
@@ -136,8 +145,8 @@ def from_proto(msg: pb.Tensor, *, copy: bool = True, data: bytes | memoryview | 
     ``data``: the payload read apart from the message (``split_payload``), instead of ``msg.data``.
     """
     dtype = torch_dtype(msg.dtype)
-    shape = tuple(int(d) for d in msg.shape)
-    if any(d < 0 for d in shape):
+    shape = tuple(msg.shape)  # Python ints (int64 fields)
+    if shape and min(shape) < 0:
         raise WireError(f"tensor shape {list(shape)} has a negative dimension")
     itemsize = _ITEMSIZE.get(dtype) or torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize
