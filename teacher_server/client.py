@@ -192,6 +192,12 @@ def request_head(teacher: str, spec: pb.OutputSpec, request_id: str = "") -> byt
 
 
 _MAX_HEADS = 256  # request heads one TeacherClient remembers (forgotten all at once past it)
+_PLAIN_TYPES = frozenset({str, bool, int, float, tuple, torch.dtype})
+
+
+def _plain(values: tuple) -> bool:
+    """Whether every value is a plain immutable Python value (a torch.dtype counts as one)."""
+    return all(type(v) in _PLAIN_TYPES for v in values)
 
 
 def tune_for_large_requests() -> dict[str, bool]:
@@ -346,11 +352,14 @@ class TeacherClient(TokenClientMixin):
         features = tuple(features)
         asked = (teacher, logits, top_k, temperature, dtype, features, pool_features, features_dtype, labels,
                  sparse_temperature, samples, sample_rounds, sample_seed)  # fmt: skip
-        if inputs is not None and ref is None and sample_uniforms is None:
-            if (head := self._heads.get(asked)) is None:
+        # Remembered only for plain values, keyed with their types: a tensor or numpy scalar
+        # may change in place (or not hash), and 2 and 2.0 are equal keys but not equal asks.
+        key = (asked, tuple(map(type, asked))) if _plain(asked) and all(type(f) is str for f in features) else None
+        if key is not None and inputs is not None and ref is None and sample_uniforms is None:
+            if (head := self._heads.get(key)) is None:
                 if len(self._heads) >= _MAX_HEADS:
                     self._heads.clear()
-                head = self._heads[asked] = request_head(teacher, spec_of(*asked[1:-1], None, sample_seed))
+                head = self._heads[key] = request_head(teacher, spec_of(*asked[1:-1], None, sample_seed))
             body = b"".join([head, *tensor_field(_INPUTS_FIELD, inputs)])
         else:
             spec = spec_of(*asked[1:-1], sample_uniforms, sample_seed)
