@@ -62,5 +62,4 @@ def test_bench_serve_quick_writes_every_result(tmp_path: Path) -> None:
     # The batched floor's forwards are counted: merged requests of the 4 x 4 load, never over the cap.
     floor = res["phases"]["floor_batched"]
     assert res["settings"]["small_batch"] <= floor["mean_forward"] <= res["settings"]["merged_max_batch"]
-    assert floor["mean_forward"] == res["mean_batch_16x4_floor"]
     assert res["batched_floor_share"] == res["samples_per_s"]["batcher_on"] / res["samples_per_s"]["floor_batched"]

@@ -566,7 +566,7 @@ class FloorProcess(ServerProcess):
         cmd = [sys.executable, "-m", "kd.bench.serve", "floor", str(self._port_file), str(sample_bytes), str(classes)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if batched is not None:
-            cmd += [batched.teacher, str(batched.max_batch_size), str(batched.threads)]
+            cmd += [batched.teacher, str(batched.max_batch_size), str(batched.threads), batched.device]
             env |= {"OMP_NUM_THREADS": str(batched.threads), "MKL_NUM_THREADS": str(batched.threads)}  # as kd serve's
         self._log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -581,7 +581,8 @@ class FloorProcess(ServerProcess):
 
         with grpc.insecure_channel(self.address) as channel:
             stats = json.loads(channel.unary_unary(FLOOR_STATS_METHOD)(b"", timeout=10.0))
-        return {"kd_batch_size_count": float(stats["forwards"]), "kd_batch_size_sum": float(stats["samples"])}
+        return {"kd_batch_size_count": float(stats["forwards"]), "kd_batch_size_sum": float(stats["samples"]),
+                "max_rows": float(stats["max_rows"])}  # fmt: skip
 
 
 FLOOR_STATS_METHOD = "/kd.v1.TeacherService/FloorStats"  # only the batched floor has it
@@ -592,21 +593,25 @@ class BatchedFloor:
     teacher: str  # module:factory, as kd serve loads it
     max_batch_size: int
     threads: int
+    device: str = "cpu"  # the model's, as kd serve's --device
 
 
 class _GreedyBatcher:
     """The plainest dynamic batching: callers queue their inputs; one model thread takes what
-    is queued (whole requests, up to ``max_batch_size`` rows), runs one forward and hands each
-    caller its rows. No queue delay: a batch forms whenever the model is free."""
+    is queued (whole requests of one sample shape, up to ``max_batch_size`` rows), runs one
+    forward and hands each caller its rows. No queue delay: a batch forms whenever the model
+    is free. Whatever fails is the callers' error, never the model thread's."""
 
-    def __init__(self, model: torch.nn.Module, max_batch_size: int, threads: int) -> None:
-        self.model, self.max_batch_size, self.threads = model, max_batch_size, threads
-        self.forwards = self.samples = 0
+    def __init__(self, model: torch.nn.Module, max_batch_size: int, threads: int, device: str = "cpu") -> None:
+        self.model, self.max_batch_size, self.threads, self.device = model, max_batch_size, threads, device
+        self.forwards = self.samples = self.max_rows = 0
         self._cv = threading.Condition()
         self._queue: list[tuple[torch.Tensor, list, threading.Event]] = []
         threading.Thread(target=self._loop, name="floor-model", daemon=True).start()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or len(x) == 0:
+            raise ValueError(f"inputs of shape {list(x.shape)}: the floor takes a batch [N >= 1, ...]")
         box: list = [None]
         done = threading.Event()
         with self._cv:
@@ -617,25 +622,37 @@ class _GreedyBatcher:
             raise box[0]
         return box[0]
 
+    def _take(self) -> tuple[list, int]:
+        with self._cv:
+            while not self._queue:
+                self._cv.wait()
+            first = self._queue[0][0]
+            take, rows = 1, len(first)
+            while take < len(self._queue):
+                x = self._queue[take][0]
+                if x.shape[1:] != first.shape[1:] or rows + len(x) > self.max_batch_size:
+                    break
+                rows += len(x)
+                take += 1
+            batch, self._queue = self._queue[:take], self._queue[take:]
+            return batch, rows
+
     def _loop(self) -> None:
+        from kd.core.factory import logits_of
+
         torch.set_num_threads(self.threads)
         while True:
-            with self._cv:
-                while not self._queue:
-                    self._cv.wait()
-                take, rows = 1, len(self._queue[0][0])
-                while take < len(self._queue) and rows + len(self._queue[take][0]) <= self.max_batch_size:
-                    rows += len(self._queue[take][0])
-                    take += 1
-                batch, self._queue = self._queue[:take], self._queue[take:]
+            batch, rows = self._take()
             try:
+                x = torch.cat([x for x, _, _ in batch]) if len(batch) > 1 else batch[0][0]
                 with torch.inference_mode():
-                    y = self.model(torch.cat([x for x, _, _ in batch]) if take > 1 else batch[0][0])
+                    y = logits_of(self.model(x.to(self.device))).float().cpu()
                 parts: list = list(torch.split(y, [len(x) for x, _, _ in batch]))
-            except Exception as e:  # noqa: BLE001 - each caller gets it
-                parts = [e] * take
+            except BaseException as e:  # noqa: BLE001 - each caller gets it
+                parts = [e] * len(batch)
             self.forwards += 1
             self.samples += rows
+            self.max_rows = max(self.max_rows, rows)
             for (_, box, done), part in zip(batch, parts):
                 box[0] = part
                 done.set()
@@ -665,7 +682,8 @@ def _floor_main(port_file: str, sample_bytes: int, classes: int, batched: Batche
         return reply.SerializeToString()
 
     def stats(_body: bytes, _context) -> bytes:
-        return json.dumps({"forwards": batcher.forwards, "samples": batcher.samples}).encode()
+        return json.dumps({"forwards": batcher.forwards, "samples": batcher.samples,
+                           "max_rows": batcher.max_rows}).encode()  # fmt: skip
 
     def echo(body: bytes, _context) -> bytes:
         return body
@@ -674,8 +692,8 @@ def _floor_main(port_file: str, sample_bytes: int, classes: int, batched: Batche
     if batched is not None:
         from kd.teacher_server.loading import load_teacher
 
-        batcher = _GreedyBatcher(load_teacher(TEACHER_NAME, batched.teacher).model.eval(), batched.max_batch_size,
-                                 batched.threads)  # fmt: skip
+        model = load_teacher(TEACHER_NAME, batched.teacher, device=batched.device).model.eval()
+        batcher = _GreedyBatcher(model, batched.max_batch_size, batched.threads, batched.device)
         handlers["Infer"] = grpc.unary_unary_rpc_method_handler(infer_batched)
         handlers[FLOOR_STATS_METHOD.rpartition("/")[2]] = grpc.unary_unary_rpc_method_handler(stats)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=channel_options(DEFAULT_MAX_MESSAGE_BYTES))
@@ -1062,7 +1080,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp, ClientPool(n_procs) as pool, ExitStack() as stack:
         servers = {k: stack.enter_context(ServerProcess(c, s, threads, Path(tmp))) for k, c in configs.items()}
         servers["floor"] = stack.enter_context(FloorProcess(Path(tmp), 4 * math.prod(FREE_SHAPE), FREE_CLASSES))
-        batched_floor = BatchedFloor(s.teacher, s.merged_max_batch, threads)
+        batched_floor = BatchedFloor(s.teacher, s.merged_max_batch, threads, s.device)
         servers["floor_batched"] = stack.enter_context(
             FloorProcess(Path(tmp), 4 * math.prod(shape), teacher.num_classes, batched_floor)
         )
@@ -1342,13 +1360,15 @@ def print_report(results: dict[str, Any], out: Console | None = None) -> None:
 
 
 if __name__ == "__main__":  # the floor and Triton servers of the bench
-    if len(sys.argv) in (5, 8) and sys.argv[1] == "floor":
-        more = BatchedFloor(sys.argv[5], int(sys.argv[6]), int(sys.argv[7])) if len(sys.argv) == 8 else None
+    if len(sys.argv) in (5, 9) and sys.argv[1] == "floor":
+        more = (
+            BatchedFloor(sys.argv[5], int(sys.argv[6]), int(sys.argv[7]), sys.argv[8]) if len(sys.argv) == 9 else None
+        )
         _floor_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), more)
     elif len(sys.argv) == 4 and sys.argv[1] == "triton":
         _triton_main(sys.argv[2], sys.argv[3])
     else:
         sys.exit(
-            "usage: python -m kd.bench.serve floor PORT_FILE SAMPLE_BYTES CLASSES [TEACHER MAX_BATCH THREADS] | "
+            "usage: python -m kd.bench.serve floor PORT_FILE SAMPLE_BYTES CLASSES [TEACHER MAX_BATCH THREADS DEVICE] | "
             "triton PORT_FILE MODELS_JSON"
         )
