@@ -43,7 +43,13 @@ from kd.core.wire import WireError, dtype_name, fill_proto, from_proto, proto_dt
 from kd.teacher_server import access as tiers
 from kd.teacher_server import lm
 from kd.teacher_server.access import Accounting, BudgetExceeded, client_identity
-from kd.teacher_server.batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
+from kd.teacher_server.batcher import (
+    Answered,
+    BatcherClosedError,
+    DeadlineExpiredError,
+    DynamicBatcher,
+    QueueFullError,
+)
 from kd.teacher_server.gradients import (
     BNStates,
     JobQueue,
@@ -696,7 +702,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             )
 
     # -- batching -----------------------------------------------------------------
-    def _submit(self, p: _Prepared, context: grpc.ServicerContext | None, *, waits: bool = False) -> Future:
+    def _submit(self, p: _Prepared, context: grpc.ServicerContext | None, *, waits: bool = False) -> Future | Answered:
         """Hand ``p`` to its batcher; ``waits``: the caller blocks on the result at once (Infer),
         so the batcher may run it on this thread when the model is idle (no hand-off)."""
         remaining = context.time_remaining() if context is not None else None
@@ -720,7 +726,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         return future
 
     @staticmethod
-    def _failed(future: Future) -> RequestError:
+    def _failed(future: Future | Answered) -> RequestError:
         if future.cancelled():  # the client went away or its deadline passed while queued
             return RequestError(grpc.StatusCode.CANCELLED, "cancelled while queued: the caller went away")
         e = future.exception()

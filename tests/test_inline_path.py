@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 from kd.teacher_server.batcher import DynamicBatcher
@@ -76,3 +77,60 @@ def test_inline_and_queued_forwards_never_overlap_and_every_caller_gets_its_rows
     assert rec.most == 1, "two forwards ran at once"
     assert b.stats.samples == sum(1 + (i + j) % 4 for i in range(6) for j in range(15))
     assert any(name.startswith("caller-") for name in rec.threads)
+
+
+def test_an_inline_answer_is_accounted_and_observed_like_a_batch_of_one() -> None:
+    """Requests, forwards, samples, batch sizes, the observer's report, and the unresolved count a
+    drain waits on: the same as the model thread keeps, for answers, errors and expired deadlines."""
+    from kd.teacher_server.batcher import BatchObservation, DeadlineExpiredError, QueueFullError
+
+    seen: list[BatchObservation] = []
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        if x[0, 0] < 0:
+            raise ArithmeticError("negative input")
+        return x * 2
+
+    b = DynamicBatcher(model, max_batch_size=8, max_queue_delay_s=0.0, max_queue_size=6, name="a",
+                       observer=seen.append)  # fmt: skip
+    f = b.submit(torch.ones(3, 2), waits=True)
+    assert f.done() and not f.cancelled() and f.exception() is None and not f.cancel()
+    assert torch.equal(f.result(), torch.full((3, 2), 2.0))
+    called: list[object] = []
+    f.add_done_callback(called.append)  # done already: called at once, as a Future does
+    assert called == [f]
+    assert (b.stats.requests, b.stats.forwards, b.stats.samples, list(b.stats.batch_sizes)) == (1, 1, 3, [3])
+    assert b.stats.instance_forwards == [1] and b.unresolved == 0
+    assert len(seen) == 1 and seen[0].size == 3 and seen[0].instance == 0
+    assert len(seen[0].queue_waits) == 1 and 0 <= seen[0].queue_waits[0] < 1 and seen[0].compute_seconds >= 0
+
+    bad = b.submit(-torch.ones(2, 2), waits=True)  # the forward's error is this request's, then the path is free
+    assert bad.done() and isinstance(bad.exception(), ArithmeticError)
+    with pytest.raises(ArithmeticError, match="negative input"):
+        bad.result()
+    assert b.unresolved == 0 and b.stats.forwards == 1
+
+    late = b.submit(torch.ones(1, 2), waits=True, deadline=time.monotonic() - 1)
+    assert isinstance(late.exception(), DeadlineExpiredError) and b.stats.expired == 1 and b.unresolved == 0
+
+    with pytest.raises(QueueFullError):  # admission is checked before the inline path, as for a queued request
+        b.submit(torch.ones(7, 2), waits=True)
+    assert b.unresolved == 0 and b.stats.rejected == 1
+
+    g = b.submit(torch.full((2, 2), 3.0), waits=True)  # still inline: nothing was left busy
+    assert torch.equal(g.result(), torch.full((2, 2), 6.0))
+    assert (b.stats.requests, b.stats.forwards, b.stats.samples) == (4, 2, 5) and len(seen) == 2
+    b.close(timeout=10)
+    assert b.unresolved == 0
+
+
+def test_an_observer_that_fails_fails_the_request_not_the_batcher() -> None:
+    def observer(_obs: object) -> None:
+        raise RuntimeError("metrics down")
+
+    b = DynamicBatcher(lambda x: x + 1, max_batch_size=8, max_queue_delay_s=0.0, name="o", observer=observer)
+    f = b.submit(torch.zeros(2, 2), waits=True)
+    assert isinstance(f.exception(), RuntimeError) and b.unresolved == 0
+    queued = b.submit(torch.zeros(1, 2))  # the model thread's path answers the same way
+    assert isinstance(queued.exception(timeout=10), RuntimeError)
+    b.close(timeout=10)
