@@ -200,7 +200,10 @@ class Answered:
         return self._exception
 
     def add_done_callback(self, fn: Callable[[Answered], Any]) -> None:
-        fn(self)
+        try:  # at once, as a done Future calls it, and like it logs what the callback raises
+            fn(self)
+        except Exception:
+            log.exception("exception calling callback for %r", self)
 
 
 class QueueAccounting:
@@ -348,6 +351,7 @@ class DynamicBatcher(QueueAccounting):
         if n == 0:
             raise ValueError("empty batch")
         arrival = time.monotonic()
+        layers = frozenset(layers)  # before admission: a bad argument must leave nothing admitted or busy
         with self._cv:
             inline = (waits and self.inline and not self._queue and not self._model_busy and not self._inline_busy
                       and n <= self.max_batch_size)  # fmt: skip
@@ -355,14 +359,14 @@ class DynamicBatcher(QueueAccounting):
                 self._admit(None, n)
                 self._inline_busy = True
             else:
-                req = _Request(inputs, Future(), arrival, frozenset(layers), deadline, post)
+                req = _Request(inputs, Future(), arrival, layers, deadline, post)
                 self._admit(req.future, n)
                 self._queue.append(req)
                 self._queued_rows += n
                 self._depth_changed()
                 self._cv.notify()
         if inline:
-            return self._run_inline(inputs, frozenset(layers), deadline, post, arrival)
+            return self._run_inline(inputs, layers, deadline, post, arrival)
         return req.future
 
     def _run_inline(self, inputs: torch.Tensor, layers: frozenset[str], deadline: float | None,
@@ -385,9 +389,16 @@ class DynamicBatcher(QueueAccounting):
                 t0, c0 = time.perf_counter(), time.thread_time()
                 out = lane.runner.forward(prepared, layers)
                 self.forward_cpu_s = time.thread_time() - c0
-                result = lane.runner.to_host(post(out) if post is not None else out)
+                if post is None:  # as _complete: a failed whole-batch host copy counts no forward
+                    result = lane.runner.to_host(out)
             except BaseException as e:  # noqa: BLE001 - the request's, as on the model thread
                 return Answered(exception=e)
+            error: BaseException | None = None
+            if post is not None:  # as _complete: this request's error, after its forward is counted and observed
+                try:
+                    result = lane.runner.to_host(post(out))
+                except BaseException as e:  # noqa: BLE001
+                    error = e
             compute = time.perf_counter() - t0
             n = int(inputs.shape[0])
             with self._stats_lock:
@@ -401,7 +412,7 @@ class DynamicBatcher(QueueAccounting):
                 except BaseException as e:  # noqa: BLE001 - as _run_batch: the batch's callers' error
                     log.exception("batcher %s: a batch failed outside the forward", self.name)
                     return Answered(exception=e)
-            return Answered(result)
+            return Answered(exception=error) if error is not None else Answered(result)
         finally:
             with self._cv:
                 self._inline_busy = False

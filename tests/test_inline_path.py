@@ -134,3 +134,45 @@ def test_an_observer_that_fails_fails_the_request_not_the_batcher() -> None:
     queued = b.submit(torch.zeros(1, 2))  # the model thread's path answers the same way
     assert isinstance(queued.exception(timeout=10), RuntimeError)
     b.close(timeout=10)
+
+
+def test_a_post_processing_error_inline_still_counts_and_observes_the_forward() -> None:
+    """As on the model thread: the forward ran (and cost compute), so it is counted and observed;
+    the error is this request's (e.g. NaN outputs refused as OUT_OF_RANGE by the service)."""
+    seen: list[object] = []
+
+    def refuse(_out: torch.Tensor) -> torch.Tensor:
+        raise OverflowError("outputs out of range")
+
+    for waits in (True, False):  # inline, then the model thread: the same accounting
+        b = DynamicBatcher(lambda x: x * 2, max_batch_size=8, max_queue_delay_s=0.0, name=f"p{waits}",
+                           observer=seen.append)  # fmt: skip
+        f = b.submit(torch.ones(3, 2), waits=waits, post=refuse)
+        assert isinstance(f.exception(timeout=10), OverflowError)
+        b.close(timeout=10)
+        assert (b.stats.forwards, b.stats.samples, list(b.stats.batch_sizes)) == (1, 3, [3]), waits
+        assert b.unresolved == 0
+    assert [o.size for o in seen] == [3, 3]
+
+
+def test_a_bad_layers_argument_leaves_nothing_admitted_or_busy() -> None:
+    b = DynamicBatcher(lambda x: x * 2, max_batch_size=8, max_queue_delay_s=0.0, name="l")
+    with pytest.raises(TypeError):
+        b.submit(torch.ones(1, 2), waits=True, layers=[["not", "hashable"]])
+    assert b.unresolved == 0 and b.stats.requests == 0
+    assert torch.equal(b.submit(torch.ones(1, 2)).result(timeout=10), torch.full((1, 2), 2.0))  # the model thread
+    f = b.submit(torch.ones(1, 2), waits=True)
+    assert f.done() and torch.equal(f.result(), torch.full((1, 2), 2.0))  # and inline again
+    b.close(timeout=10)
+
+
+def test_a_failing_done_callback_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    b = DynamicBatcher(lambda x: x, max_batch_size=8, max_queue_delay_s=0.0, name="c")
+    f = b.submit(torch.ones(1, 2), waits=True)
+
+    def bad(_f: object) -> None:
+        raise ValueError("callback bug")
+
+    f.add_done_callback(bad)  # as a done Future: called at once, its error logged
+    assert "callback bug" in caplog.text
+    b.close(timeout=10)
