@@ -399,19 +399,11 @@ class DynamicBatcher(QueueAccounting):
                     result = lane.runner.to_host(post(out))
                 except BaseException as e:  # noqa: BLE001
                     error = e
-            compute = time.perf_counter() - t0
-            n = int(inputs.shape[0])
-            with self._stats_lock:
-                self.stats.forwards += 1
-                self.stats.samples += n
-                self.stats.batch_sizes.append(n)
-                self.stats.instance_forwards[0] += 1
-            if self._observer is not None:
-                try:
-                    self._observer(BatchObservation(n, [started - arrival], compute, 0))
-                except BaseException as e:  # noqa: BLE001 - as _run_batch: the batch's callers' error
-                    log.exception("batcher %s: a batch failed outside the forward", self.name)
-                    return Answered(exception=e)
+            try:
+                self._count_forward(int(inputs.shape[0]), [started - arrival], time.perf_counter() - t0, 0)
+            except BaseException as e:  # noqa: BLE001 - the observer's; as _run_batch: the batch's callers' error
+                log.exception("batcher %s: a batch failed outside the forward", self.name)
+                return Answered(exception=e)
             return Answered(exception=error) if error is not None else Answered(result)
         finally:
             with self._cv:
@@ -628,14 +620,7 @@ class DynamicBatcher(QueueAccounting):
                 answers.append((req, chunk, None))
             except BaseException as e:  # noqa: BLE001 - this request's, not the batch's
                 answers.append((req, None, e))
-        compute = time.perf_counter() - t0
-        with self._stats_lock:
-            self.stats.forwards += 1
-            self.stats.samples += size
-            self.stats.batch_sizes.append(size)
-            self.stats.instance_forwards[lane.index] += 1
-        if self._observer is not None:
-            self._observer(BatchObservation(size, waits, compute, lane.index))
+        self._count_forward(size, waits, time.perf_counter() - t0, lane.index)
         for req, result, error in answers:
             if req.future.done():
                 continue
@@ -643,6 +628,17 @@ class DynamicBatcher(QueueAccounting):
                 req.future.set_exception(error)
             else:
                 req.future.set_result(result)
+
+    def _count_forward(self, size: int, waits: list[float], compute: float, lane_index: int) -> None:
+        """Count a forward that ran (whatever its callers' answers) and report it to the
+        observer, which may raise: the model thread's batches and inline answers alike."""
+        with self._stats_lock:
+            self.stats.forwards += 1
+            self.stats.samples += size
+            self.stats.batch_sizes.append(size)
+            self.stats.instance_forwards[lane_index] += 1
+        if self._observer is not None:
+            self._observer(BatchObservation(size, waits, compute, lane_index))
 
     @staticmethod
     def _fail(pieces: list[tuple[_Request, int, int]], e: BaseException) -> None:
