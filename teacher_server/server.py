@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kd.core.samples import SampleSource
+from kd.core.signals import wait_for_signal
 from kd.core.signature import target_fingerprint, target_options
 from kd.teacher_server import weights
 from kd.teacher_server.access import Accounting, parse_access
@@ -282,14 +283,8 @@ def start_server(
 
 
 def serve_until_signalled(running: RunningServer, grace: float = 30.0) -> None:
-    """Block until SIGTERM/SIGINT, then drain and return (the process exits 0)."""
-    stop = threading.Event()
-
-    def on_signal(signum, _frame) -> None:
-        log.info("signal %s: draining", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stop.wait()
+    """Block until SIGTERM/SIGINT, then drain and return (the process exits 0). Further
+    signals during the drain are caught and ignored (see ``kd.core.signals``)."""
+    signum = wait_for_signal()
+    log.info("signal %s: draining", signal.Signals(signum).name)
     running.stop(grace)

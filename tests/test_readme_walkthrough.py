@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -76,7 +77,17 @@ def test_readme_walkthrough_runs_start_to_finish(tmp_path: Path, monkeypatch: py
     }
     # A failing step stops the script; the server left in the background is stopped either way.
     script = "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true; wait' EXIT\n" + block
-    r = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
+    # ~25 s on a 2-core box. Its own process group, so a hang is cut off whole (no server left
+    # behind holding the port) and reported with where the script stood.
+    proc = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the walk-through did not finish in 240 s; its last output:\n{stdout[-1500:]}\n{stderr[-3000:]}")
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
 

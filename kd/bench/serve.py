@@ -70,6 +70,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kd.bench import report_console
+from kd.core.signals import wait_for_signal
 
 console = Console(stderr=True)
 
@@ -703,9 +704,7 @@ def _floor_main(port_file: str, sample_bytes: int, classes: int, batched: Batche
     tmp = Path(port_file + ".tmp")
     tmp.write_text(str(port))
     tmp.replace(port_file)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
+    wait_for_signal((signal.SIGTERM,))
     server.stop(1).wait()
 
 
@@ -846,9 +845,7 @@ def _triton_main(port_file: str, spec_file: str) -> None:
         tmp = Path(port_file + ".tmp")
         tmp.write_text(f"{grpc_port} {metrics_port}")
         tmp.replace(port_file)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        stop.wait()
+        wait_for_signal((signal.SIGTERM,))
 
 
 # -- phases ---------------------------------------------------------------------------
