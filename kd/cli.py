@@ -110,7 +110,11 @@ def serve(
     ),
     max_batch_size: int = typer.Option(256, help="Largest merged forward, in samples."),
     preferred_batch_size: list[int] = typer.Option([], help="A batch of this size runs at once. Repeatable."),
-    max_queue_delay_us: int = typer.Option(2000, help="How long a partial batch waits for more requests."),
+    max_queue_delay_us: int = typer.Option(
+        0,
+        help="How long a partial batch waits for more requests (0, as Triton: what is queued when the model is "
+        "free runs at once; requests that arrive during a forward join the next).",
+    ),
     max_batch_tokens: int = typer.Option(
         8192, help="Token teachers: positions per forward, padding included; a longer row is refused."
     ),

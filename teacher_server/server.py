@@ -47,7 +47,9 @@ class TeacherOptions:
 
     max_batch_size: int = 256
     preferred_batch_sizes: list[int] = field(default_factory=list)
-    max_queue_delay_us: int = 2000
+    # 0, as Triton's: a batch is what is queued when the model is free (what arrives during a
+    # forward joins the next one), so a lone client never waits; > 0 holds a partial batch.
+    max_queue_delay_us: int = 0
     # Samples queued per teacher before RESOURCE_EXHAUSTED (bounded by default; 0 = unbounded).
     max_queue_size: int = 4096
     # amp, compile and mean/std change the targets, so the fingerprint the server reports
