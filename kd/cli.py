@@ -1026,15 +1026,13 @@ def bench_serve(
 ) -> None:
     """Throughput and latency of `kd serve` (subprocess, N client processes) against the model in-process."""
     if peer is not None:  # refused before anything is measured
-        import importlib.util
+        from kd.bench.serve import triton_peer_problem
 
         if peer != "triton":
             _fail(f"--peer {peer!r}: the only peer is triton")
-        if importlib.util.find_spec("pytriton") is None or importlib.util.find_spec("tritonclient") is None:
-            _fail("--peer triton needs PyTriton (pip install 'kd[triton]' or nvidia-pytriton), which is not "
-                  "installed here; nothing was measured. PyTriton 0.7 needs numpy < 2: the Triton server may run "
-                  "in another interpreter with torch and kd (KD_TRITON_PYTHON=PATH); the bench puts that "
-                  "interpreter's lib directory first on LD_LIBRARY_PATH for PyTriton's stub.")  # fmt: skip
+        problem = triton_peer_problem()
+        if problem:
+            _fail(problem)
     from kd.bench.serve import BenchSettings, print_report, run_bench
 
     if clients < 1 or served_clients < 1 or served_depth < 0 or (rounds is not None and rounds < 1):

@@ -208,9 +208,20 @@ def test_bench_serve_peer_triton_says_what_is_missing_and_measures_nothing(tmp_p
     out = tmp_path / "bench.json"
     # As on a machine without PyTriton (CI never installs the optional extra), whatever this one has.
     with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("KD_TRITON_PYTHON", raising=False)
         mp.setattr(importlib.util, "find_spec", _without("pytriton", real_find_spec))
         res = CliRunner().invoke(app, ["bench", "serve", "--quick", "--peer", "triton", "--json", str(out)])
     assert res.exit_code != 0 and "PyTriton" in res.output and "nothing was measured" in res.output
     assert not out.exists()
+    # PyTriton in another interpreter (numpy < 2): that one is asked, and its problem named.
+    fake = tmp_path / "python-without-pytriton"
+    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'pytriton'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    for python, says in ((fake, "No module named 'pytriton'"), (tmp_path / "absent", "No such file")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("KD_TRITON_PYTHON", str(python))
+            res = CliRunner().invoke(app, ["bench", "serve", "--quick", "--peer", "triton", "--json", str(out)])
+        assert res.exit_code != 0 and f"KD_TRITON_PYTHON={python}" in res.output and says in res.output, res.output
+        assert "nothing was measured" in res.output and not out.exists()
     res = CliRunner().invoke(app, ["bench", "serve", "--quick", "--peer", "litserve"])
     assert res.exit_code != 0 and "the only peer is triton" in res.output

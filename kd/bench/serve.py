@@ -713,6 +713,34 @@ def _floor_main(port_file: str, sample_bytes: int, classes: int, batched: Batche
 TRITON_PYTHON_ENV = "KD_TRITON_PYTHON"  # the interpreter that runs PyTriton (default: this one)
 
 
+def triton_peer_problem() -> str | None:
+    """Why ``--peer triton`` cannot run here (None: it can): the clients need ``tritonclient``
+    in this interpreter, the server PyTriton in ``$KD_TRITON_PYTHON`` (default: this one)."""
+    import importlib.util
+
+    missing = []
+    if importlib.util.find_spec("tritonclient") is None:
+        missing.append("tritonclient[grpc] in this interpreter")
+    python = os.environ.get(TRITON_PYTHON_ENV)
+    if python:
+        try:
+            probe = subprocess.run([python, "-c", "import pytriton, torch, kd"], capture_output=True, text=True,
+                                   timeout=120)  # fmt: skip
+            problem = (probe.stderr.strip().splitlines() or ["(no output)"])[-1] if probe.returncode else ""
+        except (OSError, subprocess.TimeoutExpired) as e:
+            problem = str(e)
+        if problem:
+            missing.append(f"pytriton, torch and kd in {TRITON_PYTHON_ENV}={python} ({problem})")
+    elif importlib.util.find_spec("pytriton") is None:
+        missing.append(f"PyTriton in this interpreter (or in another one named by {TRITON_PYTHON_ENV})")
+    if not missing:
+        return None
+    return ("--peer triton needs " + " and ".join(missing) + "; nothing was measured. Install the extra "
+            "(pip install 'kd[triton]'); PyTriton 0.7 needs numpy < 2, so its server may run in another "
+            f"interpreter with torch and kd ({TRITON_PYTHON_ENV}=PATH), whose lib directory the bench puts first "
+            "on LD_LIBRARY_PATH for PyTriton's stub.")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class TritonModel:
     """One model of the Triton peer: its name on the server and its batching."""
