@@ -111,9 +111,9 @@ def serve(
     max_batch_size: int = typer.Option(256, help="Largest merged forward, in samples."),
     preferred_batch_size: list[int] = typer.Option([], help="A batch of this size runs at once. Repeatable."),
     max_queue_delay_us: int = typer.Option(
-        0,
-        help="How long a partial batch waits for more requests (0, as Triton: what is queued when the model is "
-        "free runs at once; requests that arrive during a forward join the next).",
+        2000,
+        help="How long a partial batch waits for more requests. 0 (Triton's default): a lone client never "
+        "waits, but closed-loop clients of a model with a fixed cost per forward (GPU) form smaller batches.",
     ),
     max_batch_tokens: int = typer.Option(
         8192, help="Token teachers: positions per forward, padding included; a longer row is refused."
@@ -157,6 +157,7 @@ def serve(
     import os
 
     from kd.core.data import open_source
+    from kd.core.signals import StopSignals
     from kd.teacher_server.auth import TLSConfig
     from kd.teacher_server.config import ConfigError, ServerConfig, TeacherEntry, load_config
     from kd.teacher_server.loading import TeacherLoadError, load_teacher
@@ -271,6 +272,7 @@ def serve(
         )
     except (TeacherLoadError, ValueError, OSError) as e:
         _fail(str(e))
+    signals = StopSignals()  # before "serving on" and the port file: a SIGTERM right after them drains
     for t in teachers:
         ep = running.endpoints[t.name]
         console.print(
@@ -291,7 +293,7 @@ def serve(
         tmp = port_file.with_suffix(".tmp")
         tmp.write_text(str(running.port))
         tmp.replace(port_file)  # atomic: a reader never sees a half-written port
-    serve_until_signalled(running)
+    serve_until_signalled(running, signals=signals)
     accepted, unanswered = running.accepted()
     console.print(f"drained: {accepted} requests accepted, {unanswered} unanswered; bye", highlight=False)
 

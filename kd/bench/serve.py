@@ -70,7 +70,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kd.bench import report_console
-from kd.core.signals import wait_for_signal
+from kd.core.signals import StopSignals
 
 console = Console(stderr=True)
 
@@ -701,10 +701,11 @@ def _floor_main(port_file: str, sample_bytes: int, classes: int, batched: Batche
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    stop = StopSignals((signal.SIGTERM,), force=None)  # before the port file: the bench may stop us right after
     tmp = Path(port_file + ".tmp")
     tmp.write_text(str(port))
     tmp.replace(port_file)
-    wait_for_signal((signal.SIGTERM,))
+    stop.wait()
     server.stop(1).wait()
 
 
@@ -870,10 +871,11 @@ def _triton_main(port_file: str, spec_file: str) -> None:
                 strict=False,
             )  # fmt: skip
         triton.run()
+        stop = StopSignals((signal.SIGTERM,), force=None)  # before the port file, as the floor's
         tmp = Path(port_file + ".tmp")
         tmp.write_text(f"{grpc_port} {metrics_port}")
         tmp.replace(port_file)
-        wait_for_signal((signal.SIGTERM,))
+        stop.wait()
 
 
 # -- phases ---------------------------------------------------------------------------

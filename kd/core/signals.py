@@ -2,13 +2,16 @@
 
 The obvious ``signal.signal(SIGTERM, lambda *_: stop.set()); stop.wait()`` can deadlock
 for good: ``Event.set`` takes the Event's lock, and Python runs a handler in the main
-thread between two bytecodes, so a second signal that lands while the main thread holds
-that same lock (on its way out of ``stop.wait()`` after the first one) waits on itself.
-A shell script's ``kill $SERVER`` followed by an EXIT trap's ``kill $(jobs -p)`` sends
-exactly two; measured: 1 hang in 300 such pairs a few microseconds to 2 ms apart. Here
-the handler only appends the signal's number to a list, and the main thread sleeps in
-``select`` on a pipe that CPython's C-level handler writes to (``signal.set_wakeup_fd``),
-so it wakes at once and never misses a signal that came before it started waiting.
+thread between two bytecodes, so a second signal that lands while the first handler's
+``set`` holds that lock waits on itself. A shell script's ``kill $SERVER`` followed by an
+EXIT trap's ``kill $(jobs -p)`` sends exactly two; measured: 1 hang in 300 such pairs a few
+microseconds to 2 ms apart. Here the handler only appends the signal's number to a list,
+and the main thread sleeps in ``poll`` on a pipe that CPython's C-level handler writes to
+(``signal.set_wakeup_fd``), so it wakes at once.
+
+``StopSignals`` is installed before a process announces that it is ready (prints its port,
+writes its port file), so a signal sent as soon as it is ready is recorded, never fatal;
+``wait`` returns at once if one came before it.
 """
 
 from __future__ import annotations
@@ -16,39 +19,78 @@ from __future__ import annotations
 import os
 import select
 import signal
+import threading
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_RECHECK_S = 0.5  # a signal taken by another thread wakes the pipe before its handler ran here
+_RECHECK_MS = 500  # a signal taken by another thread wakes the pipe before its handler ran here
 
 
-def wait_for_signal(signums: tuple[int, ...] = STOP_SIGNALS) -> int:
-    """Block the main thread until one of ``signums`` arrives; return the first one.
+class StopSignals:
+    """Catch ``signums`` from construction on (main thread only) and record each one.
 
-    Nothing in the handler takes a lock, so any number of signals at any moment is safe.
-    From then on the process keeps catching (and ignoring) ``signums``: a second SIGTERM
-    must not kill a server that is draining the work it accepted.
+    After the first, a further ``force`` signal (default SIGINT: Ctrl-C pressed again) ends
+    the process at once with status 128 + signal, as a user at a terminal expects of a long
+    drain; any other further signal (a second SIGTERM) is recorded and ignored, so a drain is
+    never cut short by an orchestrator or a shell trap repeating itself.
     """
-    received: list[int] = []
-    r, w = os.pipe()
-    os.set_blocking(w, False)  # set_wakeup_fd requires it: a full pipe never blocks a handler
-    os.set_blocking(r, False)
-    previous_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    try:
-        for s in signums:
-            signal.signal(s, lambda signum, _frame: received.append(signum))
-        while not received:
+
+    def __init__(self, signums: tuple[int, ...] = STOP_SIGNALS, force: int | None = signal.SIGINT) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("StopSignals must be created in the main thread (Python runs signal handlers there)")
+        self.received: list[int] = []
+        self.force = force
+        self._previous: dict[int, object] = {}
+        self._r, self._w = os.pipe()
+        try:
+            os.set_blocking(self._w, False)  # set_wakeup_fd requires it: a full pipe never blocks a handler
+            os.set_blocking(self._r, False)
+            self._previous_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+            for s in signums:
+                self._previous[s] = signal.signal(s, self._on_signal)
+        except BaseException:
+            self.close(restore_handlers=True)
+            raise
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.received and signum == self.force:
+            os.write(2, f"\nsignal {signal.Signals(signum).name} again: exiting now, without draining\n".encode())
+            os._exit(128 + signum)
+        self.received.append(signum)
+
+    def wait(self) -> int:
+        """Block until a signal was caught (at once if one already was); return the first."""
+        poller = select.poll()  # not select(): it refuses descriptors >= 1024
+        poller.register(self._r, select.POLLIN)
+        while not self.received:
             # Every caught signal writes a byte; the Python handler runs in this thread at the
             # next bytecode boundary, so look again after a short timeout, not only on a byte.
-            if select.select([r], [], [], _RECHECK_S)[0]:
-                os.read(r, 4096)
-        return received[0]
+            if poller.poll(_RECHECK_MS):
+                try:
+                    os.read(self._r, 4096)
+                except BlockingIOError:
+                    pass
+        return self.received[0]
+
+    def close(self, restore_handlers: bool = False) -> None:
+        """Give back the wake-up fd and the pipe. The handlers stay (later signals are still
+        caught as described above) unless ``restore_handlers``."""
+        if self._r < 0:
+            return
+        if hasattr(self, "_previous_fd"):
+            signal.set_wakeup_fd(self._previous_fd)
+        if restore_handlers:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+        os.close(self._r)
+        os.close(self._w)
+        self._r = self._w = -1
+
+
+def wait_for_signal(signums: tuple[int, ...] = STOP_SIGNALS, force: int | None = signal.SIGINT) -> int:
+    """``StopSignals(signums, force).wait()``: block the main thread until one of ``signums``
+    arrives and return it. Prefer creating ``StopSignals`` before announcing readiness."""
+    stop = StopSignals(signums, force)
+    try:
+        return stop.wait()
     finally:
-        signal.set_wakeup_fd(previous_fd)
-        os.close(r)
-        os.close(w)
-        for s in signums:
-            signal.signal(s, _ignore)
-
-
-def _ignore(_signum: int, _frame: object) -> None:
-    """Catch and drop (a handler, not SIG_IGN: SIG_IGN would be inherited by child processes)."""
+        stop.close()
