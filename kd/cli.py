@@ -112,8 +112,8 @@ def serve(
     preferred_batch_size: list[int] = typer.Option([], help="A batch of this size runs at once. Repeatable."),
     max_queue_delay_us: int = typer.Option(
         2000,
-        help="How long a partial batch waits for more requests. 0 (Triton's default): a lone client never "
-        "waits, but closed-loop clients of a model with a fixed cost per forward (GPU) form smaller batches.",
+        help="How long a partial batch waits for more requests, where more come (a lone client never waits). "
+        "0 (Triton's default): never; closed-loop clients of a fixed-cost forward (GPU) then form smaller batches.",
     ),
     max_batch_tokens: int = typer.Option(
         8192, help="Token teachers: positions per forward, padding included; a longer row is refused."

@@ -5,7 +5,9 @@ Semantics follow Triton's dynamic batcher:
 
 * a partial batch waits at most ``max_queue_delay`` after its oldest request
   arrived; a batch that reaches ``max_batch_size`` (or one of
-  ``preferred_batch_sizes``) runs at once;
+  ``preferred_batch_sizes``) runs at once; unlike Triton, the delay is waited only
+  where company comes (the last batch held several requests, or one arrived while
+  another was unanswered): a lone client never waits for it;
 * requests larger than ``max_batch_size`` are split across forwards and
   reassembled, many small ones are merged; each caller gets its own rows back;
 * a bounded queue (``max_queue_size`` samples) rejects new work at once
@@ -17,8 +19,8 @@ busy model would split closed-loop clients into small batches; waiting lets the
 queue fill up to a full batch instead. Where nothing overlaps the forward (a
 runner without ``overlaps_copy``: CPU), one *model* thread per teacher forms each
 batch, runs it and answers the callers, so a request crosses two threads (its
-handler's and this one), not four; with one such lane and no queue delay, a request
-whose caller waits for it (``submit(waits=True)``: a unary handler) and finds the queue
+handler's and this one), not four; with one such lane, a request (with no company
+expected, or no queue delay) whose caller waits for it (``submit(waits=True)``: a unary handler) and finds the queue
 empty and the model idle crosses none: it runs on its caller's thread (``inline``), and
 the model thread forms no batch until it is done. Where the copy to the device overlaps the
 forward (CUDA), three threads form a pipeline: the *assembler* forms one batch
@@ -258,6 +260,11 @@ class QueueAccounting:
         self.stats.requests += 1
 
 
+# Batches in a row of a single request, nothing overlapping them, after which the queue delay
+# is no longer waited (a lone client); any overlap or batch of several waits it again.
+LONE_AFTER = 4
+
+
 class DynamicBatcher(QueueAccounting):
     def __init__(
         self,
@@ -303,7 +310,15 @@ class DynamicBatcher(QueueAccounting):
         # nothing queued and the model idle runs on its caller's thread (no hand-off: the
         # caller's future is done when submit returns); the model thread forms no batch
         # meanwhile, so forwards never overlap, and what arrives during it is merged after.
-        self.inline = len(self._lanes) == 1 and not self.pipelined and self.max_queue_delay_s == 0
+        self.inline = len(self._lanes) == 1 and not self.pipelined
+        # The queue delay waits for company only where company comes: after a batch of more
+        # than one request, or once a request arrived while another was unanswered. A lone
+        # closed-loop client (batches of one, nothing overlapping) never waits for it, and takes
+        # the inline path; closed-loop clients of a fixed-cost forward, whose first returner
+        # finds the queue empty, still wait the delay for the others instead of running alone.
+        self._last_batch_requests = 0
+        self._overlap = False  # a request arrived while another was unanswered, since the last batch
+        self._lone_streak = LONE_AFTER  # batches in a row of one request that nothing overlapped
         self._inline_busy = False
         self._model_busy = False
         # CPU time of the last forward on its thread (waits for the GIL excluded): the service
@@ -353,11 +368,15 @@ class DynamicBatcher(QueueAccounting):
         arrival = time.monotonic()
         layers = frozenset(layers)  # before admission: a bad argument must leave nothing admitted or busy
         with self._cv:
-            inline = (waits and self.inline and not self._queue and not self._model_busy and not self._inline_busy
-                      and n <= self.max_batch_size)  # fmt: skip
+            if self._unresolved:
+                self._overlap = True
+            alone = self.max_queue_delay_s == 0 or not self._company()  # no company to wait for
+            inline = (waits and self.inline and alone and not self._queue and not self._model_busy
+                      and not self._inline_busy and n <= self.max_batch_size)  # fmt: skip
             if inline:
                 self._admit(None, n)
                 self._inline_busy = True
+                self._formed(1)
             else:
                 req = _Request(inputs, Future(), arrival, layers, deadline, post)
                 self._admit(req.future, n)
@@ -452,6 +471,21 @@ class DynamicBatcher(QueueAccounting):
             keep.append(req)
         self._queue = keep
 
+    def _company(self) -> bool:
+        """Whether more requests are likely within the queue delay (lock held): one arrived
+        while another was unanswered since the last batch, or a batch of the last
+        ``LONE_AFTER`` had several requests or such an overlap. One batch of one is not
+        enough to stop waiting: slow closed-loop clients make those now and then."""
+        return self._overlap or self._last_batch_requests > 1 or self._lone_streak < LONE_AFTER
+
+    def _formed(self, requests: int) -> None:
+        """A batch of ``requests`` requests starts (lock held): close the last one's record."""
+        if self._last_batch_requests == 1 and not self._overlap:
+            self._lone_streak += 1
+        elif self._last_batch_requests:
+            self._lone_streak = 0
+        self._last_batch_requests, self._overlap = requests, False
+
     def _take_batch(self) -> list[tuple[_Request, int, int]] | None:
         with self._cv:
             while True:
@@ -459,7 +493,7 @@ class DynamicBatcher(QueueAccounting):
                     self._cv.wait()
                 if not self._queue:
                     return None  # closed and drained
-                deadline = self._queue[0].arrival + self.max_queue_delay_s
+                deadline = self._queue[0].arrival + (self.max_queue_delay_s if self._company() else 0.0)
                 size = self._ready_size()
                 while size is None and not self._closed:
                     remaining = deadline - time.monotonic()
@@ -490,6 +524,7 @@ class DynamicBatcher(QueueAccounting):
                     self._queue.popleft()
             self._depth_changed()
             self._model_busy = True  # until this batch is answered (the serial loop clears it)
+            self._formed(len({id(req) for req, _, _ in pieces}))
             return pieces
 
     def _thread_start(self, lane: _Lane) -> None:

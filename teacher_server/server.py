@@ -47,10 +47,10 @@ class TeacherOptions:
 
     max_batch_size: int = 256
     preferred_batch_sizes: list[int] = field(default_factory=list)
-    # A partial batch waits this long for company. 0 (Triton's default) answers a lone client
-    # ~2.5 ms sooner, but with a fixed cost per forward (a GPU, a model that releases the GIL)
-    # closed-loop clients then split into a batch of one and the rest: measured up to x0.5 of
-    # the throughput at 2 ms. So 2 ms, and 0 is the operator's choice for latency.
+    # A partial batch waits at most this long for company, and only where company comes (the
+    # batcher's _company: recent batches of several requests, or overlapping ones), so a lone
+    # client never waits. 0 (Triton's default) never waits: with a fixed cost per forward (a
+    # GPU) closed-loop clients then split into a batch of one and the rest (x0.4-0.6 measured).
     max_queue_delay_us: int = 2000
     # Samples queued per teacher before RESOURCE_EXHAUSTED (bounded by default; 0 = unbounded).
     max_queue_size: int = 4096

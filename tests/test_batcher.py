@@ -71,7 +71,25 @@ def test_partial_batch_waits_at_most_the_queue_delay() -> None:
     never sends a partial batch (upper)."""
     delay = 2.0
     fwd = RecordingForward()
-    b = DynamicBatcher(fwd, max_batch_size=1000, max_queue_delay_s=delay)
+    gate = threading.Event()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        gate.wait(10)
+        return fwd(x)
+
+    b = DynamicBatcher(forward, max_batch_size=1000, max_queue_delay_s=delay)
+    # The delay is waited where company comes (a lone caller never waits it): first a batch of
+    # two requests, formed at once because it is full, while a forward held the model.
+    warm = [b.submit(torch.randn(1, 8))]
+    deadline = time.monotonic() + 10
+    while not fwd.sizes and not b._model_busy and time.monotonic() < deadline:
+        time.sleep(0.001)
+    warm += [b.submit(torch.randn(500, 8)), b.submit(torch.randn(500, 8))]
+    gate.set()
+    for f in warm:
+        f.result(timeout=10)
+    assert fwd.sizes == [1, 1000], fwd.sizes
+    fwd.sizes.clear()
     t0 = time.monotonic()
     first = b.submit(torch.randn(2, 8))
     time.sleep(delay / 2)

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from kd.teacher_server.batcher import DynamicBatcher
+from kd.teacher_server.batcher import LONE_AFTER, DynamicBatcher
 
 
 class Recorder:
@@ -48,13 +48,55 @@ def test_a_waiting_caller_on_an_idle_model_runs_its_forward_itself() -> None:
     assert rec.threads[1:] == ["model-i"] * 4 and b.stats.forwards == 5 and b.stats.requests == 3
 
 
-def test_with_a_queue_delay_nothing_runs_inline() -> None:
+def test_a_lone_caller_never_waits_the_queue_delay() -> None:
+    # A 0.5 s delay, and a caller alone: no company is coming, so nothing waits for it. Its
+    # waiting requests run inline; one that does not wait goes to the model thread at once.
     rec = Recorder()
-    b = DynamicBatcher(rec, max_batch_size=8, max_queue_delay_s=0.001, name="d")
-    assert not b.inline
-    assert torch.equal(b.submit(torch.ones(1, 2), waits=True).result(timeout=10), torch.full((1, 2), 2.0))
+    b = DynamicBatcher(rec, max_batch_size=8, max_queue_delay_s=0.5, name="d")
+    t0 = time.monotonic()
+    for i in range(10):
+        f = b.submit(torch.full((2, 2), float(i)), waits=True)
+        assert f.done() and torch.equal(f.result(), torch.full((2, 2), 2.0 * i))
+    assert rec.threads == [threading.current_thread().name] * 10
+    for _ in range(3):
+        assert torch.equal(b.submit(torch.ones(1, 2)).result(timeout=10), torch.full((1, 2), 2.0))
+    assert time.monotonic() - t0 < 0.5 * 3, "a lone caller waited the queue delay"
     b.close()
-    assert rec.threads == ["model-d"]
+    assert rec.threads[10:] == ["model-d"] * 3
+
+
+def test_closed_loop_callers_of_a_fixed_cost_forward_still_wait_for_each_other() -> None:
+    # Four callers, one row each, a forward of fixed cost that releases the GIL (as a GPU's):
+    # when a batch is answered the first caller back finds the queue empty. It must wait (the
+    # last batch had company) for the other three instead of running alone, which would split
+    # every cycle into a forward of one and one of three.
+    rec = Recorder(delay=0.02)
+    b = DynamicBatcher(rec, max_batch_size=4, max_queue_delay_s=0.2, name="c")
+    barrier = threading.Barrier(4)
+
+    def caller(i: int) -> None:
+        barrier.wait()
+        for j in range(8):
+            x = torch.full((1, 3), float(i * 100 + j))
+            assert torch.equal(b.submit(x, waits=True).result(timeout=30), x * 2)
+
+    threads = [threading.Thread(target=caller, args=(i,), name=f"caller-{i}") for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sizes = list(b.stats.batch_sizes)
+    assert sum(sizes) == 32 and rec.most == 1
+    # The first forward may run alone (nothing overlapped yet); then full batches of 4, not a
+    # forward of one and one of three per cycle (16 forwards, none of 4).
+    assert len(sizes) <= 10 and sizes.count(4) >= 6, sizes
+    # The company has gone: a lone caller's requests wait the delay (on the model thread) until
+    # LONE_AFTER batches in a row held only it, then run inline at once.
+    for _ in range(LONE_AFTER + 3):
+        b.submit(torch.ones(1, 3), waits=True).result(timeout=10)
+    b.close()
+    me = threading.current_thread().name
+    assert rec.threads[-(LONE_AFTER + 3) :] == ["model-c"] * (LONE_AFTER + 1) + [me] * 2, rec.threads
 
 
 def test_inline_and_queued_forwards_never_overlap_and_every_caller_gets_its_rows() -> None:
