@@ -112,7 +112,7 @@ def serve(
     preferred_batch_size: list[int] = typer.Option([], help="A batch of this size runs at once. Repeatable."),
     max_queue_delay_us: int = typer.Option(
         2000,
-        help="How long a partial batch waits for more requests, where more come (a lone client never waits). "
+        help="How long a partial batch waits for more requests, where more come (never for a lone client). "
         "0 (Triton's default): never; closed-loop clients of a fixed-cost forward (GPU) then form smaller batches.",
     ),
     max_batch_tokens: int = typer.Option(

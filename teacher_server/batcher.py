@@ -6,8 +6,10 @@ Semantics follow Triton's dynamic batcher:
 * a partial batch waits at most ``max_queue_delay`` after its oldest request
   arrived; a batch that reaches ``max_batch_size`` (or one of
   ``preferred_batch_sizes``) runs at once; unlike Triton, the delay is waited only
-  where company comes (the last batch held several requests, or one arrived while
-  another was unanswered): a lone client never waits for it;
+  where company comes (a recent batch held several requests, or one arrived while
+  another was unanswered): a lone client with one request at a time never waits for
+  it; and a request that queued behind a serial forward waits it from that forward's
+  end, when the callers it answered come back;
 * requests larger than ``max_batch_size`` are split across forwards and
   reassembled, many small ones are merged; each caller gets its own rows back;
 * a bounded queue (``max_queue_size`` samples) rejects new work at once
@@ -319,6 +321,11 @@ class DynamicBatcher(QueueAccounting):
         self._last_batch_requests = 0
         self._overlap = False  # a request arrived while another was unanswered, since the last batch
         self._lone_streak = LONE_AFTER  # batches in a row of one request that nothing overlapped
+        # When a serial forward (model thread or inline) last ended: with company expected, a
+        # request that queued behind it waits the delay from then, not from its arrival, since
+        # the callers it just answered come back only now (two closed-loop callers started
+        # together would otherwise alternate in batches of one for good).
+        self._free_since = 0.0
         self._inline_busy = False
         self._model_busy = False
         # CPU time of the last forward on its thread (waits for the GIL excluded): the service
@@ -427,6 +434,7 @@ class DynamicBatcher(QueueAccounting):
         finally:
             with self._cv:
                 self._inline_busy = False
+                self._free_since = time.monotonic()
                 self._unresolved -= 1
                 # The model thread may form the batch that queued meanwhile, or finish a drain;
                 # with neither, waking it costs ~20% of a batch-1 request's server CPU for nothing.
@@ -493,7 +501,10 @@ class DynamicBatcher(QueueAccounting):
                     self._cv.wait()
                 if not self._queue:
                     return None  # closed and drained
-                deadline = self._queue[0].arrival + (self.max_queue_delay_s if self._company() else 0.0)
+                if self._company():
+                    deadline = max(self._queue[0].arrival, self._free_since) + self.max_queue_delay_s
+                else:
+                    deadline = self._queue[0].arrival
                 size = self._ready_size()
                 while size is None and not self._closed:
                     remaining = deadline - time.monotonic()
@@ -572,6 +583,7 @@ class DynamicBatcher(QueueAccounting):
             finally:
                 with self._cv:
                     self._model_busy = False
+                    self._free_since = time.monotonic()
 
     def _run_batch(self, lane: _Lane, pieces: list[tuple[_Request, int, int]]) -> None:
         """Assemble, run and answer one batch on this thread. Whatever goes wrong is the

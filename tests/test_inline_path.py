@@ -218,3 +218,64 @@ def test_a_failing_done_callback_is_logged_not_raised(caplog: pytest.LogCaptureF
     f.add_done_callback(bad)  # as a done Future: called at once, its error logged
     assert "callback bug" in caplog.text
     b.close(timeout=10)
+
+
+def test_a_request_that_overlaps_a_lone_callers_forward_waits_for_company() -> None:
+    # A lone caller in its steady state (inline, no waiting). A second caller submits while the
+    # first one's inline forward runs: that overlap means company, so the second request waits
+    # the delay (from the end of the forward) and joins the first caller's next request.
+    gate, entered = threading.Event(), threading.Event()
+    rec = Recorder()
+    hold = {"on": False}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if hold["on"]:
+            hold["on"] = False
+            entered.set()
+            gate.wait(10)
+        return rec(x)
+
+    b = DynamicBatcher(forward, max_batch_size=2, max_queue_delay_s=5.0, name="o")
+    for _ in range(LONE_AFTER + 1):  # lone: inline on this thread
+        b.submit(torch.ones(1, 2), waits=True)
+    me = threading.current_thread().name
+    assert rec.threads == [me] * (LONE_AFTER + 1)
+    hold["on"] = True
+    other: list = []
+    first = threading.Thread(target=lambda: other.append(b.submit(torch.ones(1, 2), waits=True)), name="first")
+    first.start()
+    assert entered.wait(10)  # the first caller's inline forward is running
+    second = b.submit(torch.full((1, 2), 3.0))  # overlaps it
+    gate.set()
+    first.join(10)
+    assert not second.done()  # waiting for company (5 s), not run alone at once
+    nxt = b.submit(torch.full((1, 2), 4.0), waits=True)  # the first caller's next request joins it
+    assert torch.equal(nxt.result(timeout=10), torch.full((1, 2), 8.0))
+    assert torch.equal(second.result(timeout=10), torch.full((1, 2), 6.0))
+    b.close()
+    assert b.stats.batch_sizes[-1] == 2 and rec.threads[-1] == "model-o"
+
+
+def test_two_closed_loop_callers_started_together_batch_together() -> None:
+    # The first request of an idle batcher runs inline; the second queues behind it. Were the
+    # delay counted from its arrival, it would have expired by the end of that forward and the
+    # two callers would alternate in batches of one for good; counted from the end of the
+    # forward, the first caller is back in time and they merge.
+    rec = Recorder(delay=0.03)  # a forward longer than the delay, as a GPU's under a 2 ms delay
+    b = DynamicBatcher(rec, max_batch_size=2, max_queue_delay_s=0.01, name="p")
+    barrier = threading.Barrier(2)
+
+    def caller(i: int) -> None:
+        barrier.wait()
+        for j in range(10):
+            x = torch.full((1, 3), float(i * 100 + j))
+            assert torch.equal(b.submit(x, waits=True).result(timeout=30), x * 2)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    b.close()
+    sizes = list(b.stats.batch_sizes)
+    assert sum(sizes) == 20 and sizes.count(2) >= 6, sizes  # alternating: 20 batches of one
