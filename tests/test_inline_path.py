@@ -33,6 +33,27 @@ class Recorder:
         return x * 2
 
 
+def closed_loop(b: DynamicBatcher, callers: int, rounds: int) -> None:
+    """``callers`` threads started together, each sending ``rounds`` one-row requests in turn
+    (waiting for each answer), every answer checked here (a thread's assert would be lost)."""
+    barrier = threading.Barrier(callers)
+    wrong: list[tuple[int, int]] = []
+
+    def caller(i: int) -> None:
+        barrier.wait()
+        for j in range(rounds):
+            x = torch.full((1, 3), float(i * 100 + j))
+            if not torch.equal(b.submit(x, waits=True).result(timeout=30), x * 2):
+                wrong.append((i, j))
+
+    threads = [threading.Thread(target=caller, args=(i,), name=f"caller-{i}") for i in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not wrong and not any(t.is_alive() for t in threads), wrong
+
+
 def test_a_waiting_caller_on_an_idle_model_runs_its_forward_itself() -> None:
     rec = Recorder()
     b = DynamicBatcher(rec, max_batch_size=8, max_queue_delay_s=0.0, name="i")
@@ -72,19 +93,7 @@ def test_closed_loop_callers_of_a_fixed_cost_forward_still_wait_for_each_other()
     # every cycle into a forward of one and one of three.
     rec = Recorder(delay=0.02)
     b = DynamicBatcher(rec, max_batch_size=4, max_queue_delay_s=0.2, name="c")
-    barrier = threading.Barrier(4)
-
-    def caller(i: int) -> None:
-        barrier.wait()
-        for j in range(8):
-            x = torch.full((1, 3), float(i * 100 + j))
-            assert torch.equal(b.submit(x, waits=True).result(timeout=30), x * 2)
-
-    threads = [threading.Thread(target=caller, args=(i,), name=f"caller-{i}") for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    closed_loop(b, callers=4, rounds=8)
     sizes = list(b.stats.batch_sizes)
     assert sum(sizes) == 32 and rec.most == 1
     # The first forward may run alone (nothing overlapped yet); then full batches of 4, not a
@@ -263,19 +272,7 @@ def test_two_closed_loop_callers_started_together_batch_together() -> None:
     # forward, the first caller is back in time and they merge.
     rec = Recorder(delay=0.03)  # a forward longer than the delay, as a GPU's under a 2 ms delay
     b = DynamicBatcher(rec, max_batch_size=2, max_queue_delay_s=0.01, name="p")
-    barrier = threading.Barrier(2)
-
-    def caller(i: int) -> None:
-        barrier.wait()
-        for j in range(10):
-            x = torch.full((1, 3), float(i * 100 + j))
-            assert torch.equal(b.submit(x, waits=True).result(timeout=30), x * 2)
-
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    closed_loop(b, callers=2, rounds=10)
     b.close()
     sizes = list(b.stats.batch_sizes)
     assert sum(sizes) == 20 and sizes.count(2) >= 6, sizes  # alternating: 20 batches of one
