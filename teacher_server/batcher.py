@@ -21,14 +21,14 @@ busy model would split closed-loop clients into small batches; waiting lets the
 queue fill up to a full batch instead. Where nothing overlaps the forward (a
 runner without ``overlaps_copy``: CPU), one *model* thread per teacher forms each
 batch, runs it and answers the callers, so a request crosses two threads (its
-handler's and this one), not four; with one such lane, a request (with no company
-expected, or no queue delay) whose caller waits for it (``submit(waits=True)``: a unary handler) and finds the queue
-empty and the model idle crosses none: it runs on its caller's thread (``inline``), and
-the model thread forms no batch until it is done. Where the copy to the device overlaps the
-forward (CUDA), three threads form a pipeline: the *assembler* forms one batch
-ahead and starts its copy (pin, side stream) while the *model* thread runs the
-current forward; the *completion* thread copies outputs back and hands each
-caller its slice. Either way only the model thread ever runs the model.
+handler's and this one), not four; with one such lane, a request whose caller waits for
+it (``submit(waits=True)``: a unary handler), with no company expected (or no queue
+delay), that finds the queue empty and the model idle crosses none: it runs on its
+caller's thread (``inline``), and the model thread forms no batch until it is done.
+Where the copy to the device overlaps the forward (CUDA), three threads form a
+pipeline: the *assembler* forms one batch ahead and starts its copy (pin, side
+stream) while the *model* thread runs the current forward; the *completion* thread
+copies outputs back and hands each caller its slice. Either way only the model thread ever runs the model.
 
 Several runners (``kd serve --instances N``, Triton's instance groups: copies of
 one teacher on one or several devices) each get their own threads (a *lane*);

@@ -49,8 +49,9 @@ class TeacherOptions:
     preferred_batch_sizes: list[int] = field(default_factory=list)
     # A partial batch waits at most this long for company, and only where company comes (the
     # batcher's _company: recent batches of several requests, or overlapping ones), so a lone
-    # client with one request at a time never waits. 0 (Triton's default) never waits: with a fixed cost per forward (a
-    # GPU) closed-loop clients then split into a batch of one and the rest (x0.4-0.6 measured).
+    # client with one request at a time never waits. 0 (Triton's default) never waits: with a
+    # fixed cost per forward (a GPU) closed-loop clients then split into a batch of one and the
+    # rest (x0.4-0.6 measured).
     max_queue_delay_us: int = 2000
     # Samples queued per teacher before RESOURCE_EXHAUSTED (bounded by default; 0 = unbounded).
     max_queue_size: int = 4096
