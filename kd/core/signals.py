@@ -84,13 +84,3 @@ class StopSignals:
         os.close(self._r)
         os.close(self._w)
         self._r = self._w = -1
-
-
-def wait_for_signal(signums: tuple[int, ...] = STOP_SIGNALS, force: int | None = signal.SIGINT) -> int:
-    """``StopSignals(signums, force).wait()``: block the main thread until one of ``signums``
-    arrives and return it. Prefer creating ``StopSignals`` before announcing readiness."""
-    stop = StopSignals(signums, force)
-    try:
-        return stop.wait()
-    finally:
-        stop.close()
