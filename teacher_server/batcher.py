@@ -28,7 +28,8 @@ caller's thread (``inline``), and the model thread forms no batch until it is do
 Where the copy to the device overlaps the forward (CUDA), three threads form a
 pipeline: the *assembler* forms one batch ahead and starts its copy (pin, side
 stream) while the *model* thread runs the current forward; the *completion* thread
-copies outputs back and hands each caller its slice. Either way only the model thread ever runs the model.
+copies outputs back and hands each caller its slice. Either way forwards never overlap:
+the model thread, or one inline caller while the model thread forms no batch, runs the model.
 
 Several runners (``kd serve --instances N``, Triton's instance groups: copies of
 one teacher on one or several devices) each get their own threads (a *lane*);

@@ -40,6 +40,7 @@ class StopSignals:
         self.received: list[int] = []
         self.force = force
         self._previous: dict[int, object] = {}
+        self._previous_fd: int | None = None  # the wake-up fd before ours, once ours is set
         self._r, self._w = os.pipe()
         try:
             os.set_blocking(self._w, False)  # set_wakeup_fd requires it: a full pipe never blocks a handler
@@ -76,7 +77,7 @@ class StopSignals:
         caught as described above) unless ``restore_handlers``."""
         if self._r < 0:
             return
-        if hasattr(self, "_previous_fd"):
+        if self._previous_fd is not None:
             signal.set_wakeup_fd(self._previous_fd)
         if restore_handlers:
             for s, handler in self._previous.items():
