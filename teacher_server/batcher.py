@@ -358,12 +358,17 @@ class DynamicBatcher(QueueAccounting):
         deadline: float | None = None,
         post: Callable[[Outputs], Outputs] | None = None,
         waits: bool = False,
+        behind: bool = False,
     ) -> Future | Answered:
         """Queue a batch [N, ...]; the future resolves to the outputs for these N rows.
 
         ``waits``: the caller blocks on the result right after (a unary RPC handler), so where
         the inline path applies (``inline``: one serial lane, no queue delay, nothing queued,
         the model idle) the forward runs here and the future is done on return.
+
+        ``behind``: this request arrived while another for this batcher was in flight, before
+        either reached ``submit`` (the service's small-work lock held it back), so company is
+        here even if every earlier request is answered by now; counted as an overlap.
 
         ``deadline`` is a ``time.monotonic()`` instant after which the request is
         dropped unanswered (DeadlineExpiredError) if it has not started. ``post`` maps
@@ -376,7 +381,7 @@ class DynamicBatcher(QueueAccounting):
         arrival = time.monotonic()
         layers = frozenset(layers)  # before admission: a bad argument must leave nothing admitted or busy
         with self._cv:
-            if self._unresolved:
+            if self._unresolved or behind:
                 self._overlap = True
             alone = self.max_queue_delay_s == 0 or not self._company()  # no company to wait for
             inline = (waits and self.inline and alone and not self._queue and not self._model_busy

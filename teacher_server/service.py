@@ -369,6 +369,10 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         # are not held to it (their few long calls run in parallel with the GIL released), nor
         # inputs by reference (dataset reads), nor a costly forward (queued requests merge).
         self._small_work = threading.Lock()
+        # The teacher of the last Infer that took it: a request that finds the lock held for
+        # its own teacher arrived while another was in flight, which its batcher must count as
+        # company (the lock hides that request from the batcher until the holder is done).
+        self._small_teacher = ""
 
     def _one_at_a_time(self, small: bool):
         return self._small_work if small else contextlib.nullcontext()
@@ -702,9 +706,11 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             )
 
     # -- batching -----------------------------------------------------------------
-    def _submit(self, p: _Prepared, context: grpc.ServicerContext | None, *, waits: bool = False) -> Future | Answered:
+    def _submit(self, p: _Prepared, context: grpc.ServicerContext | None, *, waits: bool = False,
+                behind: bool = False) -> Future | Answered:  # fmt: skip
         """Hand ``p`` to its batcher; ``waits``: the caller blocks on the result at once (Infer),
-        so the batcher may run it on this thread when the model is idle (no hand-off)."""
+        so the batcher may run it on this thread when the model is idle (no hand-off);
+        ``behind``: it waited behind another request for this teacher (``DynamicBatcher.submit``)."""
         remaining = context.time_remaining() if context is not None else None
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
@@ -714,7 +720,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             if p.endpoint.weights is not None:  # live weights: the rows keep their version tags
                 post = p.endpoint.weights.tag(post)
             batcher = p.endpoint.batcher
-            more = {"waits": True} if waits and isinstance(batcher, DynamicBatcher) else {}  # not token batchers
+            unary = waits and isinstance(batcher, DynamicBatcher)  # token batchers have no inline path
+            more = {"waits": True, "behind": behind} if unary else {}
             future = batcher.submit(p.inputs, layers=p.layers, deadline=deadline, post=post, **more)
         except QueueFullError as e:
             name = p.endpoint.teacher.name
@@ -808,12 +815,16 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         # inline forward and the encode; a costly forward runs without it, so that requests
         # arriving meanwhile queue up and merge into one forward after it; a request that
         # queues (the model busy) never waits for its answer holding the lock.
-        hold = _Hold(self._small_work if _small_request(request, payload) else None)
+        hold = _Hold()
+        behind = False
+        if _small_request(request, payload):
+            behind = hold.take(self._small_work) and self._small_teacher == request.teacher
+            self._small_teacher = request.teacher
         try:
             p = self._prepare(request, context, payload=payload)
             if getattr(p.endpoint.batcher, "forward_cpu_s", 1.0) > _CHEAP_FORWARD_S:
                 hold.release()
-            future = self._submit(p, context, waits=True)
+            future = self._submit(p, context, waits=True, behind=behind)
             if not future.done():  # the inline path has answered already: nothing to cancel
                 hold.release()
                 # A client that goes away cancels its queued work instead of leaving it to run.
@@ -1212,19 +1223,22 @@ _SPLIT_MIN_BYTES = 1 << 16  # below this, scanning the body costs more than the 
 
 
 class _Hold:
-    """A hold on a lock (None: none) that can be let go early, and taken again."""
+    """A hold on a lock, taken when needed, that can be let go early and taken again."""
 
     __slots__ = ("lock",)
 
-    def __init__(self, lock: threading.Lock | None) -> None:
-        self.lock = lock
-        if lock is not None:
-            lock.acquire()
+    def __init__(self) -> None:
+        self.lock: threading.Lock | None = None
 
-    def take(self, lock: threading.Lock) -> None:
-        if self.lock is None:
+    def take(self, lock: threading.Lock) -> bool:
+        """Hold ``lock`` (if not held yet); whether another thread held it, so this one waited."""
+        if self.lock is not None:
+            return False
+        waited = not lock.acquire(blocking=False)
+        if waited:
             lock.acquire()
-            self.lock = lock
+        self.lock = lock
+        return waited
 
     def release(self) -> None:
         if self.lock is not None:

@@ -6,9 +6,11 @@ servers on loopback, real models."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
+from prometheus_client import generate_latest
 from torch import nn
 
 from kd.bench.serve import free_image_teacher
@@ -275,4 +277,94 @@ def test_requests_arriving_during_a_costly_inline_forward_merge_into_one_forward
         assert batcher.stats.requests >= 60
         assert batcher.stats.forwards < 0.8 * batcher.stats.requests, batcher.stats
     finally:
+        running.stop(grace=1)
+
+
+def _two_cheap_teachers(delay_us: int):
+    from kd.teacher_server.loading import Teacher, fingerprint
+
+    torch.manual_seed(5)
+    models = {name: nn.Linear(8, 4).eval() for name in ("a", "b")}
+    teachers = [Teacher(n, m, fingerprint(m), (8,), torch.float32, 4, torch.device("cpu"), "test", {})
+                for n, m in models.items()]  # fmt: skip
+    opts = TeacherOptions(max_batch_size=64, max_queue_delay_us=delay_us, warmup=True)
+    return models, start_server(teachers, options={n: opts for n in models})
+
+
+def test_concurrent_callers_of_a_cheap_inline_forward_still_merge_with_a_queue_delay() -> None:
+    """A cheap forward runs inline under the small-work lock, so the callers it holds back
+    are invisible to the batcher until the holder is answered: each would find nothing
+    unanswered and run alone (the CI failure: 12 simultaneous callers, 12 forwards of one
+    request, with a 50 ms queue delay asked for). A caller that waited behind one for the
+    same teacher tells the batcher, which waits the delay for the rest."""
+    import threading
+
+    models, running = _two_cheap_teachers(delay_us=200_000)
+    try:
+        batcher = running.endpoints["a"].batcher
+        with TeacherClient(f"127.0.0.1:{running.port}") as c:
+            for _ in range(3):  # warm: the forward is cheap, so the lock is held across it
+                c.infer("a", torch.rand(1, 8))
+        assert batcher.forward_cpu_s < 0.0005
+        before = batcher.stats.forwards
+        n = 12
+        xs = [torch.rand(1, 8) for _ in range(n)]
+        got: list = [None] * n
+        barrier = threading.Barrier(n)
+
+        def one(i: int) -> None:
+            with TeacherClient(f"127.0.0.1:{running.port}", timeout=10) as client:
+                client.wait_ready()
+                barrier.wait()
+                got[i] = client.infer("a", xs[i])["logits"]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        with torch.inference_mode():
+            for x, y in zip(xs, got):
+                torch.testing.assert_close(y, models["a"](x))
+        forwards = batcher.stats.forwards - before
+        sizes = list(batcher.stats.batch_sizes)
+        assert forwards <= n // 3, f"{forwards} forwards for {n} simultaneous requests: {sizes}"
+    finally:
+        running.stop(grace=1)
+
+
+def test_a_lone_client_of_one_teacher_does_not_wait_for_another_teachers_callers() -> None:
+    """The small-work lock is shared by every teacher of a server: waiting behind another
+    teacher's request is not company, so a lone client of "a" keeps its inline path (no
+    queue wait) while three clients hammer "b", whose batcher waits its delay for company."""
+    import threading
+
+    models, running = _two_cheap_teachers(delay_us=300_000)
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with TeacherClient(f"127.0.0.1:{running.port}", timeout=10) as client:
+            while not stop.is_set():
+                client.infer("b", torch.rand(1, 8))
+
+    others = [threading.Thread(target=hammer) for _ in range(3)]
+    try:
+        for t in others:
+            t.start()
+        with TeacherClient(f"127.0.0.1:{running.port}") as client:
+            for i in range(20):
+                x = torch.full((1, 8), float(i))
+                with torch.inference_mode():
+                    torch.testing.assert_close(client.infer("a", x)["logits"], models["a"](x))
+        b = running.endpoints["b"].batcher.stats
+        assert b.forwards < b.requests, "the other teacher's callers should have merged"
+        # Waiting out the 300 ms delay even once would show here; preemption costs milliseconds.
+        text = generate_latest(running.metrics.registry).decode()
+        count = float(re.search(r'kd_queue_wait_seconds_count\{teacher="a"\} (\S+)', text)[1])
+        under = float(re.search(r'kd_queue_wait_seconds_bucket\{le="0.1",teacher="a"\} (\S+)', text)[1])
+        assert count == 20 and under == count, text
+    finally:
+        stop.set()
+        for t in others:
+            t.join(30)
         running.stop(grace=1)
