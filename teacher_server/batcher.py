@@ -268,6 +268,53 @@ class QueueAccounting:
 LONE_AFTER = 4
 
 
+class Company:
+    """Whether a batcher waits its queue delay for more requests, and until when: only where
+    company comes. A lone closed-loop client (batches of one, nothing overlapping) never
+    waits for it; closed-loop clients of a fixed-cost forward, whose first returner finds
+    the queue empty, still wait for the others instead of running alone. The batcher calls
+    every method with its lock held."""
+
+    __slots__ = ("_last_requests", "_overlap", "_lone_streak", "free_since")
+
+    def __init__(self) -> None:
+        self._last_requests = 0  # requests in the last batch formed
+        self._overlap = False  # a request arrived while another was unanswered, since the last batch
+        self._lone_streak = LONE_AFTER  # batches in a row of one request that nothing overlapped
+        # When a serial forward last ended (set by the batcher): with company expected, a
+        # request that queued behind it waits the delay from then, not from its arrival, since
+        # the callers it just answered come back only now (two closed-loop callers started
+        # together would otherwise alternate in batches of one for good).
+        self.free_since = 0.0
+
+    def arrived(self, others_unanswered: bool) -> None:
+        """A request arrives; ``others_unanswered``: another was accepted and not answered yet,
+        or held back behind one before it reached the batcher."""
+        if others_unanswered:
+            self._overlap = True
+
+    def expected(self) -> bool:
+        """Whether more requests are likely within the queue delay: one arrived while another
+        was unanswered since the last batch, or a batch of the last ``LONE_AFTER`` had several
+        requests or such an overlap. One batch of one is not enough to stop waiting: slow
+        closed-loop clients make those now and then."""
+        return self._overlap or self._last_requests > 1 or self._lone_streak < LONE_AFTER
+
+    def deadline(self, oldest_arrival: float, delay_s: float) -> float:
+        """Until when a partial batch whose oldest request arrived then waits for more."""
+        if not delay_s or not self.expected():
+            return oldest_arrival
+        return max(oldest_arrival, self.free_since) + delay_s
+
+    def formed(self, requests: int) -> None:
+        """A batch of ``requests`` requests starts: close the last one's record."""
+        if self._last_requests == 1 and not self._overlap:
+            self._lone_streak += 1
+        elif self._last_requests:
+            self._lone_streak = 0
+        self._last_requests, self._overlap = requests, False
+
+
 class DynamicBatcher(QueueAccounting):
     def __init__(
         self,
@@ -314,19 +361,9 @@ class DynamicBatcher(QueueAccounting):
         # caller's future is done when submit returns); the model thread forms no batch
         # meanwhile, so forwards never overlap, and what arrives during it is merged after.
         self.inline = len(self._lanes) == 1 and not self.pipelined
-        # The queue delay waits for company only where company comes: after a batch of more
-        # than one request, or once a request arrived while another was unanswered. A lone
-        # closed-loop client (batches of one, nothing overlapping) never waits for it, and takes
-        # the inline path; closed-loop clients of a fixed-cost forward, whose first returner
-        # finds the queue empty, still wait the delay for the others instead of running alone.
-        self._last_batch_requests = 0
-        self._overlap = False  # a request arrived while another was unanswered, since the last batch
-        self._lone_streak = LONE_AFTER  # batches in a row of one request that nothing overlapped
-        # When a serial forward (model thread or inline) last ended: with company expected, a
-        # request that queued behind it waits the delay from then, not from its arrival, since
-        # the callers it just answered come back only now (two closed-loop callers started
-        # together would otherwise alternate in batches of one for good).
-        self._free_since = 0.0
+        # The queue delay is waited only where company comes (``Company``); a lone client
+        # takes the inline path.
+        self._company = Company()
         self._inline_busy = False
         self._model_busy = False
         # CPU time of the last forward on its thread (waits for the GIL excluded): the service
@@ -381,15 +418,14 @@ class DynamicBatcher(QueueAccounting):
         arrival = time.monotonic()
         layers = frozenset(layers)  # before admission: a bad argument must leave nothing admitted or busy
         with self._cv:
-            if self._unresolved or behind:
-                self._overlap = True
-            alone = self.max_queue_delay_s == 0 or not self._company()  # no company to wait for
+            self._company.arrived(bool(self._unresolved) or behind)
+            alone = self.max_queue_delay_s == 0 or not self._company.expected()  # no company to wait for
             inline = (waits and self.inline and alone and not self._queue and not self._model_busy
                       and not self._inline_busy and n <= self.max_batch_size)  # fmt: skip
             if inline:
                 self._admit(None, n)
                 self._inline_busy = True
-                self._formed(1)
+                self._company.formed(1)
             else:
                 req = _Request(inputs, Future(), arrival, layers, deadline, post)
                 self._admit(req.future, n)
@@ -440,7 +476,7 @@ class DynamicBatcher(QueueAccounting):
         finally:
             with self._cv:
                 self._inline_busy = False
-                self._free_since = time.monotonic()
+                self._company.free_since = time.monotonic()
                 self._unresolved -= 1
                 # The model thread may form the batch that queued meanwhile, or finish a drain;
                 # with neither, waking it costs ~20% of a batch-1 request's server CPU for nothing.
@@ -485,21 +521,6 @@ class DynamicBatcher(QueueAccounting):
             keep.append(req)
         self._queue = keep
 
-    def _company(self) -> bool:
-        """Whether more requests are likely within the queue delay (lock held): one arrived
-        while another was unanswered since the last batch, or a batch of the last
-        ``LONE_AFTER`` had several requests or such an overlap. One batch of one is not
-        enough to stop waiting: slow closed-loop clients make those now and then."""
-        return self._overlap or self._last_batch_requests > 1 or self._lone_streak < LONE_AFTER
-
-    def _formed(self, requests: int) -> None:
-        """A batch of ``requests`` requests starts (lock held): close the last one's record."""
-        if self._last_batch_requests == 1 and not self._overlap:
-            self._lone_streak += 1
-        elif self._last_batch_requests:
-            self._lone_streak = 0
-        self._last_batch_requests, self._overlap = requests, False
-
     def _take_batch(self) -> list[tuple[_Request, int, int]] | None:
         with self._cv:
             while True:
@@ -507,10 +528,7 @@ class DynamicBatcher(QueueAccounting):
                     self._cv.wait()
                 if not self._queue:
                     return None  # closed and drained
-                if self._company():
-                    deadline = max(self._queue[0].arrival, self._free_since) + self.max_queue_delay_s
-                else:
-                    deadline = self._queue[0].arrival
+                deadline = self._company.deadline(self._queue[0].arrival, self.max_queue_delay_s)
                 size = self._ready_size()
                 while size is None and not self._closed:
                     remaining = deadline - time.monotonic()
@@ -541,7 +559,7 @@ class DynamicBatcher(QueueAccounting):
                     self._queue.popleft()
             self._depth_changed()
             self._model_busy = True  # until this batch is answered (the serial loop clears it)
-            self._formed(len({id(req) for req, _, _ in pieces}))
+            self._company.formed(len({id(req) for req, _, _ in pieces}))
             return pieces
 
     def _thread_start(self, lane: _Lane) -> None:
@@ -589,7 +607,7 @@ class DynamicBatcher(QueueAccounting):
             finally:
                 with self._cv:
                     self._model_busy = False
-                    self._free_since = time.monotonic()
+                    self._company.free_since = time.monotonic()
 
     def _run_batch(self, lane: _Lane, pieces: list[tuple[_Request, int, int]]) -> None:
         """Assemble, run and answer one batch on this thread. Whatever goes wrong is the

@@ -62,6 +62,7 @@ from kd.teacher_server import access as tiers
 from kd.teacher_server.batcher import (
     BatcherStats,
     BatchObservation,
+    Company,
     DeadlineExpiredError,
     QueueAccounting,
 )
@@ -679,7 +680,9 @@ class TokenBatcher(QueueAccounting):
     """Queues token requests and runs their rows in length-grouped forwards within a token
     budget, on one model thread. Same contract as ``DynamicBatcher`` for the service:
     ``submit`` -> a future of the request's packed outputs; a bounded queue (rows),
-    deadlines and cancellation before the forward, ``close`` drains."""
+    deadlines and cancellation before the forward, ``close`` drains. The queue delay is
+    waited only where company comes (``Company``, as the tensor batcher): never for a lone
+    caller with one request at a time."""
 
     def __init__(
         self,
@@ -708,6 +711,7 @@ class TokenBatcher(QueueAccounting):
         self._queue: list[_Req] = []
         self._queued_tokens = 0
         self._init_accounting()
+        self._company = Company()  # the queue delay is waited only where company comes
         self._thread = threading.Thread(target=self._loop, name=f"model-{name}", daemon=True)
         self._thread.start()
 
@@ -725,6 +729,7 @@ class TokenBatcher(QueueAccounting):
             raise ValueError("no position asked: nothing to compute")
         req = _Req(work, Future(), time.monotonic(), deadline, rows, needed=n)
         with self._cv:
+            self._company.arrived(bool(self._unresolved))
             self._admit(req.future, n, unit="rows")
             self._queue.append(req)
             self._queued_rows += n
@@ -771,7 +776,7 @@ class TokenBatcher(QueueAccounting):
                     self._cv.wait()
                 if not self._queue:
                     return None
-                until = self._queue[0].arrival + self.max_queue_delay_s
+                until = self._company.deadline(self._queue[0].arrival, self.max_queue_delay_s)
                 while not self._full() and not self._closed:
                     remaining = until - time.monotonic()
                     if remaining <= 0:
@@ -800,6 +805,7 @@ class TokenBatcher(QueueAccounting):
                 if groups:
                     break
                 self._depth_changed()
+            self._company.formed(len(groups))
             for req, taken in groups.values():
                 picked = set(taken)
                 req.pending = [r for r in req.pending if r not in picked]
@@ -817,39 +823,47 @@ class TokenBatcher(QueueAccounting):
             except Exception:  # noqa: BLE001
                 log.exception("batcher %s: the runner's thread set-up failed", self.name)
         while (groups := self._take()) is not None:
-            started = time.monotonic()
-            t0 = time.perf_counter()
             try:
-                results = self.runner.run([(req.work, rows) for req, rows in groups])
-            except BaseException as e:  # noqa: BLE001 - belongs to the callers
-                for req, _ in groups:
-                    self._fail(req, e)
+                self._run(groups)
+            finally:
+                with self._cv:
+                    self._company.free_since = time.monotonic()
+
+    def _run(self, groups: list[tuple[_Req, list[int]]]) -> None:
+        """Run one forward of ``groups`` (request, its rows) and answer the requests it completes."""
+        started = time.monotonic()
+        t0 = time.perf_counter()
+        try:
+            results = self.runner.run([(req.work, rows) for req, rows in groups])
+        except BaseException as e:  # noqa: BLE001 - belongs to the callers
+            for req, _ in groups:
+                self._fail(req, e)
+            return
+        compute = time.perf_counter() - t0
+        n = sum(len(rows) for _, rows in groups)
+        width = max(req.work.lengths[r] for req, rows in groups for r in rows)
+        real = sum(req.work.lengths[r] for req, rows in groups for r in rows)
+        self.stats.forwards += 1
+        self.stats.samples += n
+        self.stats.batch_sizes.append(n)
+        self.stats.real_tokens += real
+        self.stats.padded_tokens += n * width
+        if self._observer is not None:
+            self._observer(BatchObservation(n, [started - req.arrival for req, _ in groups], compute))
+        if self._on_tokens is not None:
+            self._on_tokens(real, n * width)
+        for (req, rows), out in zip(groups, results):
+            if req.future.done():
                 continue
-            compute = time.perf_counter() - t0
-            n = sum(len(rows) for _, rows in groups)
-            width = max(req.work.lengths[r] for req, rows in groups for r in rows)
-            real = sum(req.work.lengths[r] for req, rows in groups for r in rows)
-            self.stats.forwards += 1
-            self.stats.samples += n
-            self.stats.batch_sizes.append(n)
-            self.stats.real_tokens += real
-            self.stats.padded_tokens += n * width
-            if self._observer is not None:
-                self._observer(BatchObservation(n, [started - req.arrival for req, _ in groups], compute))
-            if self._on_tokens is not None:
-                self._on_tokens(real, n * width)
-            for (req, rows), out in zip(groups, results):
-                if req.future.done():
-                    continue
-                counts = [int(req.work.positions[r].sum()) for r in rows]
-                for r, part in zip(rows, _split(out, counts)):
-                    req.done[r] = part
-                if len(req.done) == req.needed:
-                    try:
-                        req.future.set_result(assemble(req.work, req.done))
-                    except BaseException as e:  # noqa: BLE001
-                        req.future.set_exception(e)
-                    req.done = {}
+            counts = [int(req.work.positions[r].sum()) for r in rows]
+            for r, part in zip(rows, _split(out, counts)):
+                req.done[r] = part
+            if len(req.done) == req.needed:
+                try:
+                    req.future.set_result(assemble(req.work, req.done))
+                except BaseException as e:  # noqa: BLE001
+                    req.future.set_exception(e)
+                req.done = {}
 
     def _fail(self, req: _Req, e: BaseException) -> None:
         with self._cv:

@@ -30,7 +30,7 @@ class RecordingForward:
 
 
 def test_concurrent_requests_are_merged_and_split_back_exactly() -> None:
-    fwd = RecordingForward()
+    fwd = RecordingForward(delay=0.1)  # the first request runs at once (no company yet): the rest queue behind it
     b = DynamicBatcher(fwd, max_batch_size=64, max_queue_delay_s=0.05, name="t")
     inputs = [torch.randn(n, 8) for n in (3, 5, 1, 7, 2, 4, 6, 8)]
     barrier = threading.Barrier(len(inputs))

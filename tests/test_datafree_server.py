@@ -4,6 +4,7 @@ synthesis, and per-client query accounting -- against a real server on loopback.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import urllib.request
@@ -13,6 +14,7 @@ import grpc
 import pytest
 import torch
 import torch.nn.functional as F
+from gates import HeldForward
 from typer.testing import CliRunner
 
 from kd.cli import app
@@ -85,27 +87,38 @@ def test_input_gradient_equals_local_autograd(address, cnn: Teacher) -> None:
     assert all(p.grad is None for p in cnn.model.parameters())
 
 
-def test_input_gradients_of_many_clients_share_forwards(address, cnn: Teacher) -> None:
-    addr, running = address
+def test_input_gradients_of_many_clients_share_forwards(cnn: Teacher) -> None:
+    """Eight clients' gradient requests that arrive while the model is busy share forwards.
+    The first forward is held (``HeldForward``) so that they arrive together for sure."""
+    held = HeldForward(cnn.model)
+    running = start_server([dataclasses.replace(cnn, model=held)],
+                           options={"cnn": TeacherOptions(max_queue_delay_us=20_000, warmup=False)})  # fmt: skip
     results: dict[int, torch.Tensor] = {}
-    xs = {k: images(3, seed=k) for k in range(8)}
-    gs = {k: torch.randn(3, 10, generator=torch.Generator().manual_seed(100 + k)) for k in range(8)}
-    start = threading.Barrier(8)
+    xs = {k: images(3, seed=k) for k in range(9)}
+    gs = {k: torch.randn(3, 10, generator=torch.Generator().manual_seed(100 + k)) for k in range(9)}
 
     def client(k: int) -> None:
-        with TeacherClient(addr) as c:
-            c.wait_ready()
-            start.wait()
+        with TeacherClient(f"127.0.0.1:{running.port}", timeout=30) as c:
             results[k] = c.input_gradient("cnn", xs[k], {"logits": gs[k]})[0]
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    batcher = running.endpoints["cnn"].vjp_batchers[frozenset()]
-    assert batcher.stats.requests >= 8 and batcher.stats.forwards < batcher.stats.requests
-    for k in range(8):
+    try:
+        held.hold()
+        first = threading.Thread(target=client, args=(0,))
+        first.start()
+        assert held.inside.wait(30)
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(1, 9)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # they arrive while the first forward is held
+        held.gate.set()
+        for t in [first, *threads]:
+            t.join(30)
+        batcher = running.endpoints["cnn"].vjp_batchers[frozenset()]
+        assert batcher.stats.requests == 9 and batcher.stats.forwards <= 3, list(batcher.stats.batch_sizes)
+    finally:
+        held.gate.set()
+        running.stop(grace=1)
+    for k in range(9):
         zero = torch.zeros(3, 32, 8, 8)
         torch.testing.assert_close(results[k], local_vjp(cnn, xs[k], gs[k], "layer1", zero), rtol=1e-4, atol=1e-5)
 

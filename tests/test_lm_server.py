@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from typing import NamedTuple
@@ -384,28 +386,82 @@ def test_token_fields_refused_by_a_classifier(teacher):
         running.stop(grace=1)
 
 
+class _Gated(TokenRunner):
+    """The real runner, whose first forward waits for ``gate``: requests submitted meanwhile
+    queue behind a busy model, unanswered, which is what makes company for the batcher."""
+
+    def __init__(self, teacher) -> None:
+        super().__init__(teacher)
+        self.inside, self.gate = threading.Event(), threading.Event()
+
+    def run(self, groups):
+        if not self.inside.is_set():
+            self.inside.set()
+            assert self.gate.wait(60), "the test never opened the gate"
+        return super().run(groups)
+
+
+def _work(teacher, n: int):
+    ids = torch.randint(0, 50, (1, n), generator=torch.Generator().manual_seed(n))
+    return prepare(teacher, ids, [n], None, pb.OutputSpec(labels=True), access="white", max_batch_tokens=10_000,
+                   max_message_bytes=1 << 20)  # fmt: skip
+
+
+def _labels_match(teacher, work, result) -> None:
+    with torch.no_grad():
+        want = teacher.model(work.tokens)[0].argmax(-1)
+    assert torch.equal(result["labels"], want)
+
+
 def test_token_batcher_groups_queued_rows_by_length(gru_teacher):
     """Four rows queued together: the forwards pair 15 with 14 and 2 with 3 (36 positions
     computed for 34 real ones), not arrival order (15 + 2, 14 + 3: 58)."""
-    runner = TokenRunner(gru_teacher)
-    # A long delay: all four are queued before the first forward forms (the budget fills at the 4th).
+    runner = _Gated(gru_teacher)
+    # A long delay, and the four queue behind a held first forward (the budget fills at the 4th).
     batcher = TokenBatcher(runner, max_batch_tokens=32, max_batch_size=8, max_queue_delay_s=2.0)
-    spec = pb.OutputSpec(labels=True)
     try:
-        works = []
-        for n in (15, 2, 14, 3):
-            ids = torch.randint(0, 50, (1, n), generator=torch.Generator().manual_seed(n))
-            works.append(prepare(gru_teacher, ids, [n], None, spec, access="white", max_batch_tokens=10_000,
-                                 max_message_bytes=1 << 20))  # fmt: skip
+        first = batcher.submit(_work(gru_teacher, 5))
+        assert runner.inside.wait(30)
+        works = [_work(gru_teacher, n) for n in (15, 2, 14, 3)]
         futures = [batcher.submit(w) for w in works]
+        runner.gate.set()
+        first.result(timeout=60)
         results = [f.result(timeout=60) for f in futures]
-        assert batcher.stats.forwards == 2 and batcher.stats.padded_tokens == 36 and batcher.stats.real_tokens == 34
+        assert batcher.stats.forwards == 3 and batcher.stats.padded_tokens == 5 + 36
+        assert batcher.stats.real_tokens == 5 + 34
         for w, r in zip(works, results):
-            with torch.no_grad():
-                want = gru_teacher.model(w.tokens)[0].argmax(-1)
-            assert torch.equal(r["labels"], want)
+            _labels_match(gru_teacher, w, r)
     finally:
         batcher.close(timeout=5)
+
+
+def test_token_batcher_waits_its_delay_only_where_company_comes(gru_teacher):
+    """As the tensor batcher (``kd.teacher_server.batcher.Company``): a lone caller with one
+    request at a time is never held for the queue delay (here 30 s); a request that queued
+    behind a busy forward waits for company, from that forward's end, and merges with one
+    that comes after it."""
+    lone = TokenBatcher(TokenRunner(gru_teacher), max_batch_tokens=64, max_batch_size=2, max_queue_delay_s=30.0)
+    try:
+        for n in (4, 9, 6, 11, 5, 7):
+            w = _work(gru_teacher, n)
+            _labels_match(gru_teacher, w, lone.submit(w).result(timeout=10))  # waiting the delay: TimeoutError
+        assert list(lone.stats.batch_sizes) == [1] * 6
+    finally:
+        lone.close(timeout=5)
+    runner = _Gated(gru_teacher)
+    crowd = TokenBatcher(runner, max_batch_tokens=64, max_batch_size=2, max_queue_delay_s=30.0)
+    try:
+        first = crowd.submit(_work(gru_teacher, 5))
+        assert runner.inside.wait(30)
+        a = crowd.submit(_work(gru_teacher, 8))  # arrives while the first is unanswered: company
+        runner.gate.set()
+        first.result(timeout=60)
+        time.sleep(0.05)  # the model is free now; without company, a would run alone at once
+        b = crowd.submit(_work(gru_teacher, 9))
+        a.result(timeout=60), b.result(timeout=60)
+        assert list(crowd.stats.batch_sizes) == [1, 2], "a should have waited for b (max_batch_size 2 fills)"
+    finally:
+        crowd.close(timeout=5)
 
 
 def test_tokenizer_hash_is_over_the_files(hf_dir):

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import random
 import re
+import threading
+import time
 
 import pytest
 import torch
+from gates import HeldForward
 from prometheus_client import generate_latest
 from torch import nn
 
@@ -213,7 +216,6 @@ def _served(model: nn.Module, name: str):
 def _hammer(port: int, name: str, clients: int, per_client: int, bad_every: int = 0) -> dict:
     """``clients`` threads, each ``per_client`` batch-1 requests of its own inputs (every
     ``bad_every``-th of a wrong shape) -> {(client, i): logits or the error code}."""
-    import threading
 
     from kd.teacher_server.client import TeacherRequestError
 
@@ -284,52 +286,55 @@ def _two_cheap_teachers(delay_us: int):
     from kd.teacher_server.loading import Teacher, fingerprint
 
     torch.manual_seed(5)
-    models = {name: nn.Linear(8, 4).eval() for name in ("a", "b")}
+    models = {"a": HeldForward(nn.Linear(8, 4)).eval(), "b": nn.Linear(8, 4).eval()}
     teachers = [Teacher(n, m, fingerprint(m), (8,), torch.float32, 4, torch.device("cpu"), "test", {})
                 for n, m in models.items()]  # fmt: skip
     opts = TeacherOptions(max_batch_size=64, max_queue_delay_us=delay_us, warmup=True)
     return models, start_server(teachers, options={n: opts for n in models})
 
 
-def test_concurrent_callers_of_a_cheap_inline_forward_still_merge_with_a_queue_delay() -> None:
+def test_callers_held_back_behind_a_cheap_inline_forward_merge_with_a_queue_delay() -> None:
     """A cheap forward runs inline under the small-work lock, so the callers it holds back
-    are invisible to the batcher until the holder is answered: each would find nothing
+    are invisible to the batcher until the holder is answered: each would then find nothing
     unanswered and run alone (the CI failure: 12 simultaneous callers, 12 forwards of one
     request, with a 50 ms queue delay asked for). A caller that waited behind one for the
     same teacher tells the batcher, which waits the delay for the rest."""
-    import threading
-
     models, running = _two_cheap_teachers(delay_us=200_000)
+    model = models["a"]
     try:
         batcher = running.endpoints["a"].batcher
         with TeacherClient(f"127.0.0.1:{running.port}") as c:
             for _ in range(3):  # warm: the forward is cheap, so the lock is held across it
                 c.infer("a", torch.rand(1, 8))
-        assert batcher.forward_cpu_s < 0.0005
-        before = batcher.stats.forwards
-        n = 12
-        xs = [torch.rand(1, 8) for _ in range(n)]
-        got: list = [None] * n
-        barrier = threading.Barrier(n)
+            assert batcher.forward_cpu_s < 0.0005
+            model.hold()
+            n = 12
+            xs = [torch.rand(1, 8) for _ in range(n)]
+            got: list = [None] * n
 
-        def one(i: int) -> None:
-            with TeacherClient(f"127.0.0.1:{running.port}", timeout=10) as client:
-                client.wait_ready()
-                barrier.wait()
-                got[i] = client.infer("a", xs[i])["logits"]
+            def one(i: int) -> None:
+                with TeacherClient(f"127.0.0.1:{running.port}", timeout=30) as client:
+                    got[i] = client.infer("a", xs[i])["logits"]
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+            first = threading.Thread(target=one, args=(0,))
+            first.start()
+            assert model.inside.wait(30)  # inline, holding the lock: the others queue on it
+            before = batcher.stats.forwards
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(1, n)]
+            for t in threads:
+                t.start()
+            time.sleep(1.0)  # they reach the lock
+            model.gate.set()
+            for t in [first, *threads]:
+                t.join(30)
         with torch.inference_mode():
             for x, y in zip(xs, got):
-                torch.testing.assert_close(y, models["a"](x))
+                torch.testing.assert_close(y, model.inner(x))
         forwards = batcher.stats.forwards - before
         sizes = list(batcher.stats.batch_sizes)
-        assert forwards <= n // 3, f"{forwards} forwards for {n} simultaneous requests: {sizes}"
+        assert forwards <= 3, f"{forwards} forwards for {n - 1} callers held back together: {sizes}"
     finally:
+        model.gate.set()
         running.stop(grace=1)
 
 
@@ -337,8 +342,6 @@ def test_a_lone_client_of_one_teacher_does_not_wait_for_another_teachers_callers
     """The small-work lock is shared by every teacher of a server: waiting behind another
     teacher's request is not company, so a lone client of "a" keeps its inline path (no
     queue wait) while three clients hammer "b", whose batcher waits its delay for company."""
-    import threading
-
     models, running = _two_cheap_teachers(delay_us=300_000)
     stop = threading.Event()
 
