@@ -157,6 +157,7 @@ def serve(
     import os
 
     from kd.core.data import open_source
+    from kd.core.files import write_text_atomically
     from kd.core.signals import StopSignals
     from kd.teacher_server.auth import TLSConfig
     from kd.teacher_server.config import ConfigError, ServerConfig, TeacherEntry, load_config
@@ -290,9 +291,7 @@ def serve(
         highlight=False,
     )
     if port_file is not None:
-        tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(str(running.port))
-        tmp.replace(port_file)  # atomic: a reader never sees a half-written port
+        write_text_atomically(port_file, str(running.port))  # a reader never sees a half-written port
     serve_until_signalled(running, signals=signals)
     accepted, unanswered = running.accepted()
     console.print(f"drained: {accepted} requests accepted, {unanswered} unanswered; bye", highlight=False)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from kd.core.data import open_source
+from kd.core.files import write_text_atomically
 from kd.student_trainer.online.peer_process import PeerAddress, build_model, serve_until_quiet, train_dml_local
 from kd.student_trainer.online.peer_process import train_peer as _train_peer
 from kd.student_trainer.train import TrainConfig
@@ -94,9 +94,7 @@ def run_peer(run: PeerRun) -> dict[str, object]:
         options = TeacherOptions(accept_weights=True, warmup=False, max_queue_delay_us=0, max_batch_size=1024)
         running = start_server([teacher], host=run.host, port=run.serve_port or 0, batching=options)
         if run.port_file is not None:
-            tmp = run.port_file.with_suffix(".tmp")
-            tmp.write_text(str(running.port))
-            os.replace(tmp, run.port_file)  # appears whole: a reader never sees an empty file
+            write_text_atomically(run.port_file, str(running.port))  # a reader never sees an empty file
     try:
         publish_to = run.server or f"127.0.0.1:{running.port}"
         config = TrainConfig(epochs=run.epochs, batch_size=run.batch_size, lr=run.lr, seed=run.seed,
@@ -109,9 +107,7 @@ def run_peer(run: PeerRun) -> dict[str, object]:
         if run.save is not None:
             save_file({k: v.contiguous() for k, v in result.state.items()}, str(run.save))
         if run.json_out is not None:
-            tmp = run.json_out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(summary, indent=2))
-            os.replace(tmp, run.json_out)
+            write_text_atomically(run.json_out, json.dumps(summary, indent=2))
         if running is not None and run.linger > 0:
             ep = running.endpoints[run.name]
             serve_until_quiet(lambda: ep.batcher.stats.requests, run.linger)

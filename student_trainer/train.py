@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -47,6 +46,7 @@ from torch import nn
 
 from kd.core import reductions
 from kd.core.factory import logits_of
+from kd.core.files import replace_atomically
 from kd.core.samples import SampleSource
 from kd.core.views import Final
 from kd.student_trainer import optim
@@ -270,20 +270,8 @@ def _my_part(batch: Batch, rank: int, size: int) -> Batch:
     return Batch(batch.indices[sl], batch.inputs[sl], batch.labels[sl], views, n)
 
 
-def _replace_atomically(path: Path, write: Callable[[object], None], *, binary: bool) -> None:
-    """Write through ``write(file)`` into a temporary file, flush it to disk, then rename it over
-    ``path``: a kill at any moment leaves either the previous file or the new one, never a
-    half-written (or, after a crash, empty) one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 def _save_checkpoint(path: Path, state: dict) -> None:
-    _replace_atomically(path, lambda f: torch.save(state, f), binary=True)
+    replace_atomically(path, lambda f: torch.save(state, f), binary=True)
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
@@ -292,7 +280,7 @@ def _write_metrics(run_dir: Path, history: list[dict]) -> None:
         w.writeheader()
         w.writerows(history)
 
-    _replace_atomically(run_dir / "metrics.csv", write, binary=False)
+    replace_atomically(run_dir / "metrics.csv", write, binary=False)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -516,7 +504,7 @@ def train_student(
             history = list(ckpt["history"])
             start = int(ckpt["epoch"]) + 1
         elif rank == 0:
-            _replace_atomically(run / "config.json", lambda f: f.write(json.dumps(effective, indent=2)), binary=False)
+            replace_atomically(run / "config.json", lambda f: f.write(json.dumps(effective, indent=2)), binary=False)
     if rank != 0:
         ckpt_path = None
     bar = _progress(progress and rank == 0, config.epochs, start)

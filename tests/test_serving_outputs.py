@@ -9,6 +9,8 @@ code unpinned here)."""
 
 from __future__ import annotations
 
+import sys
+
 import grpc
 import pytest
 import torch
@@ -217,7 +219,11 @@ def test_bench_serve_peer_triton_says_what_is_missing_and_measures_nothing(tmp_p
     fake = tmp_path / "python-without-pytriton"
     fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'pytriton'\" >&2\nexit 1\n")
     fake.chmod(0o755)
-    for python, says in ((fake, "No module named 'pytriton'"), (tmp_path / "absent", "No such file")):
+    import numpy
+
+    assert int(numpy.__version__.split(".")[0]) >= 2, "this check needs an interpreter with numpy 2"
+    for python, says in ((fake, "No module named 'pytriton'"), (tmp_path / "absent", "No such file"),
+                         (sys.executable, f"numpy {numpy.__version__}: PyTriton 0.7 needs numpy < 2")):  # fmt: skip
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("KD_TRITON_PYTHON", str(python))
             res = CliRunner().invoke(app, ["bench", "serve", "--quick", "--peer", "triton", "--json", str(out)])

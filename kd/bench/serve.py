@@ -70,6 +70,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kd.bench import report_console
+from kd.core.files import write_text_atomically
 from kd.core.signals import StopSignals
 
 console = Console(stderr=True)
@@ -702,9 +703,7 @@ def _floor_main(port_file: str, sample_bytes: int, classes: int, batched: Batche
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     stop = StopSignals((signal.SIGTERM,), force=None)  # before the port file: the bench may stop us right after
-    tmp = Path(port_file + ".tmp")
-    tmp.write_text(str(port))
-    tmp.replace(port_file)
+    write_text_atomically(port_file, str(port))
     stop.wait()
     server.stop(1).wait()
 
@@ -712,6 +711,16 @@ def _floor_main(port_file: str, sample_bytes: int, classes: int, batched: Batche
 # -- the Triton peer ------------------------------------------------------------------
 
 TRITON_PYTHON_ENV = "KD_TRITON_PYTHON"  # the interpreter that runs PyTriton (default: this one)
+
+
+# Run by the interpreter that is to serve the Triton peer. PyTriton 0.7 needs numpy < 2 (the
+# README's set-up); the version is checked first so that the refusal names it.
+_TRITON_PROBE = (
+    "import numpy\n"
+    "if int(numpy.__version__.split('.')[0]) >= 2:\n"
+    "    raise SystemExit(f'numpy {numpy.__version__}: PyTriton 0.7 needs numpy < 2')\n"
+    "import pytriton, torch, kd\n"
+)
 
 
 def triton_peer_problem() -> str | None:
@@ -725,15 +734,17 @@ def triton_peer_problem() -> str | None:
     python = os.environ.get(TRITON_PYTHON_ENV)
     if python:
         try:
-            probe = subprocess.run([python, "-c", "import pytriton, torch, kd"], capture_output=True, text=True,
-                                   timeout=120)  # fmt: skip
+            probe = subprocess.run([python, "-c", _TRITON_PROBE], capture_output=True, text=True, timeout=120)
             problem = (probe.stderr.strip().splitlines() or ["(no output)"])[-1] if probe.returncode else ""
         except (OSError, subprocess.TimeoutExpired) as e:
             problem = str(e)
         if problem:
-            missing.append(f"pytriton, torch and kd in {TRITON_PYTHON_ENV}={python} ({problem})")
+            missing.append(f"pytriton, torch and kd with numpy < 2 in {TRITON_PYTHON_ENV}={python} ({problem})")
     elif importlib.util.find_spec("pytriton") is None:
         missing.append(f"PyTriton in this interpreter (or in another one named by {TRITON_PYTHON_ENV})")
+    elif int(np.__version__.split(".")[0]) >= 2:
+        missing.append(f"numpy < 2 for PyTriton 0.7 (this interpreter has numpy {np.__version__}; name another "
+                       f"one by {TRITON_PYTHON_ENV})")  # fmt: skip
     if not missing:
         return None
     return ("--peer triton needs " + " and ".join(missing) + "; nothing was measured. Install the extra "
@@ -872,9 +883,7 @@ def _triton_main(port_file: str, spec_file: str) -> None:
             )  # fmt: skip
         triton.run()
         stop = StopSignals((signal.SIGTERM,), force=None)  # before the port file, as the floor's
-        tmp = Path(port_file + ".tmp")
-        tmp.write_text(f"{grpc_port} {metrics_port}")
-        tmp.replace(port_file)
+        write_text_atomically(port_file, f"{grpc_port} {metrics_port}")
         stop.wait()
 
 
