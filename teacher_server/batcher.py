@@ -289,7 +289,8 @@ class Company:
 
     def arrived(self, others_unanswered: bool) -> None:
         """A request arrives; ``others_unanswered``: another was accepted and not answered yet,
-        or held back behind one before it reached the batcher."""
+        or was in the caller's hands when this one arrived (``DynamicBatcher.submit``'s
+        ``overlapped``)."""
         if others_unanswered:
             self._overlap = True
 
@@ -395,7 +396,7 @@ class DynamicBatcher(QueueAccounting):
         deadline: float | None = None,
         post: Callable[[Outputs], Outputs] | None = None,
         waits: bool = False,
-        behind: bool = False,
+        overlapped: bool = False,
     ) -> Future | Answered:
         """Queue a batch [N, ...]; the future resolves to the outputs for these N rows.
 
@@ -403,9 +404,10 @@ class DynamicBatcher(QueueAccounting):
         the inline path applies (``inline``: one serial lane, no queue delay, nothing queued,
         the model idle) the forward runs here and the future is done on return.
 
-        ``behind``: this request arrived while another for this batcher was in flight, before
-        either reached ``submit`` (the service's small-work lock held it back), so company is
-        here even if every earlier request is answered by now; counted as an overlap.
+        ``overlapped``: the caller saw this request arrive while another for this batcher was
+        in its hands, perhaps not submitted yet or answered by now (the service's unary calls,
+        which may wait for its small-work lock before they reach ``submit``): company, as a
+        request that arrives while another is unanswered here.
 
         ``deadline`` is a ``time.monotonic()`` instant after which the request is
         dropped unanswered (DeadlineExpiredError) if it has not started. ``post`` maps
@@ -418,7 +420,7 @@ class DynamicBatcher(QueueAccounting):
         arrival = time.monotonic()
         layers = frozenset(layers)  # before admission: a bad argument must leave nothing admitted or busy
         with self._cv:
-            self._company.arrived(bool(self._unresolved) or behind)
+            self._company.arrived(bool(self._unresolved) or overlapped)
             alone = self.max_queue_delay_s == 0 or not self._company.expected()  # no company to wait for
             inline = (waits and self.inline and alone and not self._queue and not self._model_busy
                       and not self._inline_busy and n <= self.max_batch_size)  # fmt: skip

@@ -825,6 +825,12 @@ class TokenBatcher(QueueAccounting):
         while (groups := self._take()) is not None:
             try:
                 self._run(groups)
+            except BaseException as e:  # noqa: BLE001 - the batch's callers' error, never the thread's
+                # (outside the forward: an observer, or outputs that do not split by rows); a
+                # dead model thread would leave every later request unanswered.
+                log.exception("batcher %s: a batch failed outside the forward", self.name)
+                for req, _ in groups:
+                    self._fail(req, e)
             finally:
                 with self._cv:
                     self._company.free_since = time.monotonic()

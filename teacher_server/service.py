@@ -369,10 +369,13 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         # are not held to it (their few long calls run in parallel with the GIL released), nor
         # inputs by reference (dataset reads), nor a costly forward (queued requests merge).
         self._small_work = threading.Lock()
-        # The teacher of the last Infer that took it: a request that finds the lock held for
-        # its own teacher arrived while another was in flight, which its batcher must count as
-        # company (the lock hides that request from the batcher until the holder is done).
-        self._small_teacher = ""
+        # Unary Infer calls in this service per teacher name, from arrival to return: one that
+        # arrives while another for its teacher is here overlaps it, which its batcher must
+        # count as company, though that other may not have reached the batcher yet (it waits
+        # for the lock above, or decodes) or may be answered already (inline, while this one
+        # waited for the lock).
+        self._unary_here: dict[str, int] = {}
+        self._unary_here_lock = threading.Lock()
 
     def _one_at_a_time(self, small: bool):
         return self._small_work if small else contextlib.nullcontext()
@@ -707,10 +710,11 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
     # -- batching -----------------------------------------------------------------
     def _submit(self, p: _Prepared, context: grpc.ServicerContext | None, *, waits: bool = False,
-                behind: bool = False) -> Future | Answered:  # fmt: skip
+                overlapped: bool = False) -> Future | Answered:  # fmt: skip
         """Hand ``p`` to its batcher; ``waits``: the caller blocks on the result at once (Infer),
         so the batcher may run it on this thread when the model is idle (no hand-off);
-        ``behind``: it waited behind another request for this teacher (``DynamicBatcher.submit``)."""
+        ``overlapped``: it arrived while another for this teacher was in the service
+        (``DynamicBatcher.submit``)."""
         remaining = context.time_remaining() if context is not None else None
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
@@ -721,7 +725,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 post = p.endpoint.weights.tag(post)
             batcher = p.endpoint.batcher
             unary = waits and isinstance(batcher, DynamicBatcher)  # token batchers have no inline path
-            more = {"waits": True, "behind": behind} if unary else {}
+            more = {"waits": True, "overlapped": overlapped} if unary else {}
             future = batcher.submit(p.inputs, layers=p.layers, deadline=deadline, post=post, **more)
         except QueueFullError as e:
             name = p.endpoint.teacher.name
@@ -815,16 +819,17 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         # inline forward and the encode; a costly forward runs without it, so that requests
         # arriving meanwhile queue up and merge into one forward after it; a request that
         # queues (the model busy) never waits for its answer holding the lock.
-        hold = _Hold()
-        behind = False
-        if _small_request(request, payload):
-            behind = hold.take(self._small_work) and self._small_teacher == request.teacher
-            self._small_teacher = request.teacher
+        teacher, hold = request.teacher, _Hold()
+        with self._unary_here_lock:
+            overlapped = teacher in self._unary_here
+            self._unary_here[teacher] = self._unary_here.get(teacher, 0) + 1
         try:
+            if _small_request(request, payload):
+                hold.take(self._small_work)
             p = self._prepare(request, context, payload=payload)
             if getattr(p.endpoint.batcher, "forward_cpu_s", 1.0) > _CHEAP_FORWARD_S:
                 hold.release()
-            future = self._submit(p, context, waits=True, behind=behind)
+            future = self._submit(p, context, waits=True, overlapped=overlapped)
             if not future.done():  # the inline path has answered already: nothing to cancel
                 hold.release()
                 # A client that goes away cancels its queued work instead of leaving it to run.
@@ -843,6 +848,10 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             _abort(context, e)
         finally:
             hold.release()
+            with self._unary_here_lock:
+                left = self._unary_here.pop(teacher) - 1
+                if left:
+                    self._unary_here[teacher] = left
 
     def InferStream(self, request_iterator: Iterator[bytes | pb.InferRequest], context: grpc.ServicerContext):
         # A reader thread parses and submits requests as they arrive, so many batches are in
@@ -1230,15 +1239,10 @@ class _Hold:
     def __init__(self) -> None:
         self.lock: threading.Lock | None = None
 
-    def take(self, lock: threading.Lock) -> bool:
-        """Hold ``lock`` (if not held yet); whether another thread held it, so this one waited."""
-        if self.lock is not None:
-            return False
-        waited = not lock.acquire(blocking=False)
-        if waited:
+    def take(self, lock: threading.Lock) -> None:
+        if self.lock is None:
             lock.acquire()
-        self.lock = lock
-        return waited
+            self.lock = lock
 
     def release(self) -> None:
         if self.lock is not None:

@@ -464,6 +464,30 @@ def test_token_batcher_waits_its_delay_only_where_company_comes(gru_teacher):
         crowd.close(timeout=5)
 
 
+def test_a_token_batch_that_fails_after_its_forward_fails_its_callers_and_the_thread_serves_on(gru_teacher):
+    """An error outside the forward (here the metrics observer of the 2nd forward) is that
+    batch's callers' error; the model thread goes on answering, and a drain completes."""
+    seen: list[int] = []
+
+    def observer(obs) -> None:
+        seen.append(obs.size)
+        if len(seen) == 2:
+            raise RuntimeError("observer broke")
+
+    batcher = TokenBatcher(TokenRunner(gru_teacher), max_batch_tokens=64, max_batch_size=4, max_queue_delay_s=0.0,
+                           observer=observer)  # fmt: skip
+    try:
+        works = [_work(gru_teacher, n) for n in (6, 7, 8)]
+        _labels_match(gru_teacher, works[0], batcher.submit(works[0]).result(timeout=30))
+        with pytest.raises(RuntimeError, match="observer broke"):
+            batcher.submit(works[1]).result(timeout=30)
+        _labels_match(gru_teacher, works[2], batcher.submit(works[2]).result(timeout=30))
+        assert batcher.unresolved == 0 and len(seen) == 3
+    finally:
+        batcher.close(timeout=5)
+    assert not batcher._thread.is_alive()
+
+
 def test_tokenizer_hash_is_over_the_files(hf_dir):
     from kd.teacher_server.lm import tokenizer_hash
 

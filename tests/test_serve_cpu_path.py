@@ -282,15 +282,16 @@ def test_requests_arriving_during_a_costly_inline_forward_merge_into_one_forward
         running.stop(grace=1)
 
 
-def _two_cheap_teachers(delay_us: int):
+def _two_cheap_teachers(delay_us: int, b_delay_us: int | None = None):
     from kd.teacher_server.loading import Teacher, fingerprint
 
     torch.manual_seed(5)
     models = {"a": HeldForward(nn.Linear(8, 4)).eval(), "b": nn.Linear(8, 4).eval()}
     teachers = [Teacher(n, m, fingerprint(m), (8,), torch.float32, 4, torch.device("cpu"), "test", {})
                 for n, m in models.items()]  # fmt: skip
-    opts = TeacherOptions(max_batch_size=64, max_queue_delay_us=delay_us, warmup=True)
-    return models, start_server(teachers, options={n: opts for n in models})
+    delays = {"a": delay_us, "b": delay_us if b_delay_us is None else b_delay_us}
+    opts = {n: TeacherOptions(max_batch_size=64, max_queue_delay_us=d, warmup=True) for n, d in delays.items()}
+    return models, start_server(teachers, options=opts)
 
 
 def test_callers_held_back_behind_a_cheap_inline_forward_merge_with_a_queue_delay() -> None:
@@ -339,33 +340,60 @@ def test_callers_held_back_behind_a_cheap_inline_forward_merge_with_a_queue_dela
 
 
 def test_a_lone_client_of_one_teacher_does_not_wait_for_another_teachers_callers() -> None:
-    """The small-work lock is shared by every teacher of a server: waiting behind another
-    teacher's request is not company, so a lone client of "a" keeps its inline path (no
-    queue wait) while three clients hammer "b", whose batcher waits its delay for company."""
-    models, running = _two_cheap_teachers(delay_us=300_000)
+    """The small-work lock is shared by every teacher of a server and by streams: a lone
+    client of "a" that waits for it behind "b"'s unary calls, their encodes or a stream's
+    decoding is not in company, so it keeps its inline path and never waits "a"'s 300 ms
+    delay. (Deciding by which teacher last took the lock went wrong here: "a"'s own stale
+    name, left by its previous call, made it wait the delay for 5 calls in a row.)"""
+    models, running = _two_cheap_teachers(delay_us=300_000, b_delay_us=0)
     stop = threading.Event()
 
-    def hammer() -> None:
+    def unary() -> None:
         with TeacherClient(f"127.0.0.1:{running.port}", timeout=10) as client:
             while not stop.is_set():
                 client.infer("b", torch.rand(1, 8))
 
-    others = [threading.Thread(target=hammer) for _ in range(3)]
+    def streamed() -> None:
+        def batches():
+            i = 0
+            while not stop.is_set():
+                yield i, torch.rand(2, 8)
+                i += 1
+
+        with TeacherClient(f"127.0.0.1:{running.port}", timeout=10) as client:
+            for _ in client.infer_stream("b", batches(), depth=2):
+                pass
+
+    others = [threading.Thread(target=f) for f in (unary, unary, streamed)]
     try:
         for t in others:
             t.start()
+        b = running.endpoints["b"].batcher.stats
+        until = time.monotonic() + 20
+        while b.requests < 50 and time.monotonic() < until:  # "b"'s traffic is flowing
+            time.sleep(0.01)
+        assert b.requests >= 50
         with TeacherClient(f"127.0.0.1:{running.port}") as client:
-            for i in range(20):
+            for i in range(40):
                 x = torch.full((1, 8), float(i))
                 with torch.inference_mode():
                     torch.testing.assert_close(client.infer("a", x)["logits"], models["a"](x))
-        b = running.endpoints["b"].batcher.stats
-        assert b.forwards < b.requests, "the other teacher's callers should have merged"
+            stop.set()
+            for t in others:
+                t.join(30)
+            # And for sure: other work (as a stream's decoding) holds the lock as "a"'s call comes.
+            for _ in range(3):
+                with running.servicer._small_work:
+                    call = threading.Thread(target=client.infer, args=("a", torch.rand(1, 8)))
+                    call.start()
+                    time.sleep(0.05)
+                call.join(30)
+                client.infer("a", torch.rand(1, 8))
         # Waiting out the 300 ms delay even once would show here; preemption costs milliseconds.
         text = generate_latest(running.metrics.registry).decode()
         count = float(re.search(r'kd_queue_wait_seconds_count\{teacher="a"\} (\S+)', text)[1])
         under = float(re.search(r'kd_queue_wait_seconds_bucket\{le="0.1",teacher="a"\} (\S+)', text)[1])
-        assert count == 20 and under == count, text
+        assert count == 46 and under == count, text
     finally:
         stop.set()
         for t in others:
