@@ -4,6 +4,8 @@ simultaneous client threads in one process (the GIL, a loaded machine) do not gu
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,3 +28,21 @@ class HeldForward(nn.Module):
             self.inside.set()
             assert self.gate.wait(60), "the test never opened the gate"
         return self.inner(x)
+
+    def crowd(self, call: Callable[[int], object], n: int, settle: float = 1.0) -> None:
+        """``call(0)`` runs into the held forward; ``call(1)`` .. ``call(n - 1)`` start
+        meanwhile, each on its thread; ``settle`` seconds later the forward goes on."""
+        self.hold()
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+        try:
+            threads[0].start()
+            assert self.inside.wait(30), "the first call never reached the model"
+            for t in threads[1:]:
+                t.start()
+            time.sleep(settle)  # they arrive while the first forward is held
+        finally:
+            self.gate.set()
+            for t in threads:
+                if t.ident is not None:  # started
+                    t.join(30)
+        assert not any(t.is_alive() for t in threads), "a call hung"

@@ -102,21 +102,10 @@ def test_input_gradients_of_many_clients_share_forwards(cnn: Teacher) -> None:
             results[k] = c.input_gradient("cnn", xs[k], {"logits": gs[k]})[0]
 
     try:
-        held.hold()
-        first = threading.Thread(target=client, args=(0,))
-        first.start()
-        assert held.inside.wait(30)
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(1, 9)]
-        for t in threads:
-            t.start()
-        time.sleep(1.0)  # they arrive while the first forward is held
-        held.gate.set()
-        for t in [first, *threads]:
-            t.join(30)
+        held.crowd(client, 9)
         batcher = running.endpoints["cnn"].vjp_batchers[frozenset()]
         assert batcher.stats.requests == 9 and batcher.stats.forwards <= 3, list(batcher.stats.batch_sizes)
     finally:
-        held.gate.set()
         running.stop(grace=1)
     for k in range(9):
         zero = torch.zeros(3, 32, 8, 8)

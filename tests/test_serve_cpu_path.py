@@ -308,7 +308,6 @@ def test_callers_held_back_behind_a_cheap_inline_forward_merge_with_a_queue_dela
             for _ in range(3):  # warm: the forward is cheap, so the lock is held across it
                 c.infer("a", torch.rand(1, 8))
             assert batcher.forward_cpu_s < 0.0005
-            model.hold()
             n = 12
             xs = [torch.rand(1, 8) for _ in range(n)]
             got: list = [None] * n
@@ -317,25 +316,15 @@ def test_callers_held_back_behind_a_cheap_inline_forward_merge_with_a_queue_dela
                 with TeacherClient(f"127.0.0.1:{running.port}", timeout=30) as client:
                     got[i] = client.infer("a", xs[i])["logits"]
 
-            first = threading.Thread(target=one, args=(0,))
-            first.start()
-            assert model.inside.wait(30)  # inline, holding the lock: the others queue on it
             before = batcher.stats.forwards
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(1, n)]
-            for t in threads:
-                t.start()
-            time.sleep(1.0)  # they reach the lock
-            model.gate.set()
-            for t in [first, *threads]:
-                t.join(30)
+            model.crowd(one, n)  # the first inline, holding the lock: the others queue on it
         with torch.inference_mode():
             for x, y in zip(xs, got):
                 torch.testing.assert_close(y, model.inner(x))
         forwards = batcher.stats.forwards - before
         sizes = list(batcher.stats.batch_sizes)
-        assert forwards <= 3, f"{forwards} forwards for {n - 1} callers held back together: {sizes}"
+        assert forwards <= 3, f"{forwards} forwards for {n} calls, {n - 1} held back together: {sizes}"
     finally:
-        model.gate.set()
         running.stop(grace=1)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 
 import grpc
@@ -69,18 +68,8 @@ def test_concurrent_clients_are_batched_together(teacher: Teacher) -> None:
             with TeacherClient(f"127.0.0.1:{running.port}", timeout=30) as c:
                 results[i] = c.infer("digits", xs[i])["logits"]
 
-        held.hold()
-        first = threading.Thread(target=one, args=(0,))
-        first.start()
-        assert held.inside.wait(30)
         before = batcher.stats.forwards
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(1, len(xs))]
-        for t in threads:
-            t.start()
-        time.sleep(1.0)  # they arrive while the first forward is held
-        held.gate.set()
-        for t in [first, *threads]:
-            t.join(30)
+        held.crowd(one, len(xs))
         for x, r in zip(xs, results):
             torch.testing.assert_close(r, reference(teacher, x), rtol=1e-5, atol=1e-5)
         stats = batcher.stats
@@ -88,7 +77,6 @@ def test_concurrent_clients_are_batched_together(teacher: Teacher) -> None:
         forwards = stats.forwards - before
         assert forwards <= 3, f"requests were not merged: {list(stats.batch_sizes)}"
     finally:
-        held.gate.set()
         running.stop(grace=1)
 
 
