@@ -216,7 +216,8 @@ class QueueAccounting:
     queued, requests not yet answered, the max-depth statistic and the depth callback, and the
     admission of a request (closed? over ``max_queue_size``?). ``DynamicBatcher`` (tensor rows)
     and ``kd.teacher_server.lm.TokenBatcher`` (token rows) share it; the subclass sets
-    ``stats``, ``max_queue_size`` and ``_on_queue_depth`` and holds ``_cv`` around ``_admit``."""
+    ``name``, ``stats``, ``max_queue_size`` and ``_on_queue_depth`` and holds ``_cv`` around
+    ``_admit``."""
 
     def _init_accounting(self) -> None:
         self._queued_rows = 0
@@ -240,7 +241,10 @@ class QueueAccounting:
     def _depth_changed(self) -> None:
         self.stats.max_queued_samples = max(self.stats.max_queued_samples, self._queued_rows)
         if self._on_queue_depth is not None:
-            self._on_queue_depth(self._queued_rows)
+            try:
+                self._on_queue_depth(self._queued_rows)
+            except Exception:  # noqa: BLE001 - a gauge; raised in the model thread, it would kill it
+                log.exception("batcher %s: the queue-depth observer failed", self.name)
 
     def _admit(self, future: Future | None, n: int, unit: str = "samples") -> None:
         """Accept a request of ``n`` rows (under ``_cv``) or raise why not; an accepted request
@@ -404,10 +408,10 @@ class DynamicBatcher(QueueAccounting):
         the inline path applies (``inline``: one serial lane, no queue delay, nothing queued,
         the model idle) the forward runs here and the future is done on return.
 
-        ``overlapped``: the caller saw this request arrive while another for this batcher was
-        in its hands, perhaps not submitted yet or answered by now (the service's unary calls,
-        which may wait for its small-work lock before they reach ``submit``): company, as a
-        request that arrives while another is unanswered here.
+        ``overlapped``: the caller saw another request for this batcher overlap this one
+        before it reached ``submit``, which may be answered by now (the service's unary calls,
+        which may wait for its small-work lock first): company, as a request that arrives
+        while another is unanswered here.
 
         ``deadline`` is a ``time.monotonic()`` instant after which the request is
         dropped unanswered (DeadlineExpiredError) if it has not started. ``post`` maps

@@ -369,13 +369,9 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         # are not held to it (their few long calls run in parallel with the GIL released), nor
         # inputs by reference (dataset reads), nor a costly forward (queued requests merge).
         self._small_work = threading.Lock()
-        # Unary Infer calls in this service per teacher name, from arrival to return: one that
-        # arrives while another for its teacher is here overlaps it, which its batcher must
-        # count as company, though that other may not have reached the batcher yet (it waits
-        # for the lock above, or decodes) or may be answered already (inline, while this one
-        # waited for the lock).
-        self._unary_here: dict[str, int] = {}
-        self._unary_here_lock = threading.Lock()
+        # The lock above hides the callers queued on it from the batcher: which unary calls
+        # overlapped another of their teacher is counted here instead (_UnaryCalls).
+        self._unary = _UnaryCalls()
 
     def _one_at_a_time(self, small: bool):
         return self._small_work if small else contextlib.nullcontext()
@@ -713,8 +709,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 overlapped: bool = False) -> Future | Answered:  # fmt: skip
         """Hand ``p`` to its batcher; ``waits``: the caller blocks on the result at once (Infer),
         so the batcher may run it on this thread when the model is idle (no hand-off);
-        ``overlapped``: it arrived while another for this teacher was in the service
-        (``DynamicBatcher.submit``)."""
+        ``overlapped``: another call for this teacher overlapped it (``_UnaryCalls``,
+        ``DynamicBatcher.submit``)."""
         remaining = context.time_remaining() if context is not None else None
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
@@ -819,16 +815,15 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         # inline forward and the encode; a costly forward runs without it, so that requests
         # arriving meanwhile queue up and merge into one forward after it; a request that
         # queues (the model busy) never waits for its answer holding the lock.
-        teacher, hold = request.teacher, _Hold()
-        with self._unary_here_lock:
-            overlapped = teacher in self._unary_here
-            self._unary_here[teacher] = self._unary_here.get(teacher, 0) + 1
+        teacher, hold, submitted = request.teacher, _Hold(), False
+        arrival = self._unary.arrive(teacher)
         try:
             if _small_request(request, payload):
                 hold.take(self._small_work)
             p = self._prepare(request, context, payload=payload)
             if getattr(p.endpoint.batcher, "forward_cpu_s", 1.0) > _CHEAP_FORWARD_S:
                 hold.release()
+            overlapped, submitted = self._unary.submitting(teacher, arrival), True
             future = self._submit(p, context, waits=True, overlapped=overlapped)
             if not future.done():  # the inline path has answered already: nothing to cancel
                 hold.release()
@@ -848,10 +843,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             _abort(context, e)
         finally:
             hold.release()
-            with self._unary_here_lock:
-                left = self._unary_here.pop(teacher) - 1
-                if left:
-                    self._unary_here[teacher] = left
+            if submitted:
+                self._unary.returned(teacher)
 
     def InferStream(self, request_iterator: Iterator[bytes | pb.InferRequest], context: grpc.ServicerContext):
         # A reader thread parses and submits requests as they arrive, so many batches are in
@@ -1229,6 +1222,39 @@ def _internal(e: BaseException) -> str:
 
 _INPUTS_FIELD = pb.InferRequest.DESCRIPTOR.fields_by_name["inputs"].number
 _SPLIT_MIN_BYTES = 1 << 16  # below this, scanning the body costs more than the copies it saves
+
+
+class _UnaryCalls:
+    """Which unary Infer calls overlapped another of their teacher, for the batcher's company
+    rule (``DynamicBatcher.submit``'s ``overlapped``): a call did when, as it arrived, another
+    had been submitted to the batcher and not returned (its answer may be done already:
+    inline, while this one waited for the small-work lock), or when another was submitted
+    between its arrival and its own submit. Calls refused before the batcher never count, and
+    a call never overlaps its client's previous one: gRPC sends a reply after its handler
+    returned."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._teachers: dict[str, list[int]] = {}  # name -> [submitted and not returned, submitted ever]
+
+    def arrive(self, teacher: str) -> tuple[bool, int]:
+        with self._lock:  # read only: a name that never reaches the batcher adds nothing
+            counts = self._teachers.get(teacher)
+            return (counts is not None and counts[0] > 0), (counts[1] if counts is not None else 0)
+
+    def submitting(self, teacher: str, arrival: tuple[bool, int]) -> bool:
+        """The call that ``arrive`` returned ``arrival`` for is about to be submitted (a valid
+        teacher name): whether it overlapped another. ``returned`` must follow."""
+        with self._lock:
+            counts = self._teachers.setdefault(teacher, [0, 0])
+            overlapped = arrival[0] or counts[1] != arrival[1]
+            counts[0] += 1
+            counts[1] += 1
+        return overlapped
+
+    def returned(self, teacher: str) -> None:
+        with self._lock:
+            self._teachers[teacher][0] -= 1
 
 
 class _Hold:

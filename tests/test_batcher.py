@@ -249,3 +249,21 @@ def test_error_outside_the_forward_fails_the_batch_not_the_thread(waits: bool) -
         assert seen == [2, 3]
     finally:
         b.close(timeout=5)
+
+
+def test_a_failing_queue_depth_observer_never_stops_the_batcher() -> None:
+    """The queue-depth gauge is called in the model thread too (as batches form): an error
+    there is logged, and requests are still answered (it used to kill the model thread)."""
+    fwd = RecordingForward()
+
+    def depth(_: int) -> None:
+        raise RuntimeError("gauge broke")
+
+    b = DynamicBatcher(fwd, max_batch_size=8, max_queue_delay_s=0.0, name="t", on_queue_depth=depth)
+    try:
+        for n in (3, 5, 2):
+            x = torch.randn(n, 8)
+            torch.testing.assert_close(b.submit(x).result(timeout=10), x @ fwd.w)
+        assert b.unresolved == 0
+    finally:
+        b.close(timeout=5)

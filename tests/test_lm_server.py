@@ -488,6 +488,20 @@ def test_a_token_batch_that_fails_after_its_forward_fails_its_callers_and_the_th
     assert not batcher._thread.is_alive()
 
 
+def test_a_failing_queue_depth_observer_never_stops_the_token_batcher(gru_teacher):
+    def depth(_: int) -> None:
+        raise RuntimeError("gauge broke")
+
+    batcher = TokenBatcher(TokenRunner(gru_teacher), max_batch_tokens=64, max_batch_size=4, max_queue_delay_s=0.0,
+                           on_queue_depth=depth)  # fmt: skip
+    try:
+        for n in (6, 7, 8):
+            w = _work(gru_teacher, n)
+            _labels_match(gru_teacher, w, batcher.submit(w).result(timeout=30))
+    finally:
+        batcher.close(timeout=5)
+
+
 def test_tokenizer_hash_is_over_the_files(hf_dir):
     from kd.teacher_server.lm import tokenizer_hash
 

@@ -328,6 +328,50 @@ def test_callers_held_back_behind_a_cheap_inline_forward_merge_with_a_queue_dela
         running.stop(grace=1)
 
 
+def test_callers_that_arrive_together_before_any_reaches_the_batcher_merge() -> None:
+    """Three calls arrive while other work holds the small-work lock, so none has reached the
+    batcher: the first to get the lock runs inline, alone; the others were overlapped by it
+    (it was submitted after they arrived, and is answered before they get the lock) and
+    merge into one forward after the queue delay, instead of running inline one by one."""
+    models, running = _two_cheap_teachers(delay_us=200_000)
+    try:
+        batcher = running.endpoints["a"].batcher
+        with TeacherClient(f"127.0.0.1:{running.port}") as c:
+            for _ in range(3):  # warm, and a lone client's inline path
+                c.infer("a", torch.rand(1, 8))
+        before = batcher.stats.forwards
+        xs = [torch.full((1, 8), float(i)) for i in range(3)]
+        got: list = [None] * 3
+
+        def one(i: int) -> None:
+            with TeacherClient(f"127.0.0.1:{running.port}", timeout=30) as client:
+                got[i] = client.infer("a", xs[i])["logits"]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+        with running.servicer._small_work:
+            for t in threads:
+                t.start()
+            time.sleep(0.3)  # all three arrive
+        for t in threads:
+            t.join(30)
+        with torch.inference_mode():
+            for x, y in zip(xs, got):
+                torch.testing.assert_close(y, models["a"].inner(x))
+        assert batcher.stats.forwards - before == 2, list(batcher.stats.batch_sizes)
+    finally:
+        running.stop(grace=1)
+
+
+def _refused(client: TeacherClient, teacher: str, x: torch.Tensor, codes: list[str]) -> None:
+    from kd.teacher_server.client import TeacherRequestError
+
+    try:
+        client.infer(teacher, x)
+        codes.append("OK")
+    except TeacherRequestError as e:
+        codes.append(e.code.name)
+
+
 def test_a_lone_client_of_one_teacher_does_not_wait_for_another_teachers_callers() -> None:
     """The small-work lock is shared by every teacher of a server and by streams: a lone
     client of "a" that waits for it behind "b"'s unary calls, their encodes or a stream's
@@ -378,11 +422,25 @@ def test_a_lone_client_of_one_teacher_does_not_wait_for_another_teachers_callers
                     time.sleep(0.05)
                 call.join(30)
                 client.infer("a", torch.rand(1, 8))
+            # A refused call of "a" (here a wrong shape) that arrived first never reaches the
+            # batcher, so it is not company either (counting every arriving call made it so).
+            codes: list[str] = []
+            for _ in range(3):
+                with running.servicer._small_work:
+                    bad = threading.Thread(target=_refused, args=(client, "a", torch.rand(1, 9), codes))
+                    bad.start()
+                    time.sleep(0.05)
+                    call = threading.Thread(target=client.infer, args=("a", torch.rand(1, 8)))
+                    call.start()
+                    time.sleep(0.05)
+                bad.join(30), call.join(30)
+                client.infer("a", torch.rand(1, 8))
+            assert codes == ["INVALID_ARGUMENT"] * 3
         # Waiting out the 300 ms delay even once would show here; preemption costs milliseconds.
         text = generate_latest(running.metrics.registry).decode()
         count = float(re.search(r'kd_queue_wait_seconds_count\{teacher="a"\} (\S+)', text)[1])
         under = float(re.search(r'kd_queue_wait_seconds_bucket\{le="0.1",teacher="a"\} (\S+)', text)[1])
-        assert count == 46 and under == count, text
+        assert count == 52 and under == count, text
     finally:
         stop.set()
         for t in others:
