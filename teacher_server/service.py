@@ -823,6 +823,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             p = self._prepare(request, context, payload=payload)
             if getattr(p.endpoint.batcher, "forward_cpu_s", 1.0) > _CHEAP_FORWARD_S:
                 hold.release()
+            if not context.is_active():  # its client went away (or its deadline passed) while it waited
+                raise RequestError(grpc.StatusCode.CANCELLED, "the caller went away before the forward")
             overlapped, submitted = self._unary.submitting(teacher, arrival), True
             future = self._submit(p, context, waits=True, overlapped=overlapped)
             if not future.done():  # the inline path has answered already: nothing to cancel
