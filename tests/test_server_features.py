@@ -3,6 +3,7 @@ reference, deadlines, preferred batches, config files, metrics."""
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from prometheus_client import generate_latest
 
 from kd.core.data import load_dataset
 from kd.core.wire import to_proto
@@ -143,7 +145,11 @@ def test_expired_client_deadline_is_not_computed(teacher: Teacher) -> None:
             f.result(timeout=10)
         time.sleep(0.1)
         assert 3 not in batcher.stats.batch_sizes
-        assert batcher.stats.expired + batcher.stats.cancelled >= 1
+        # Dropped by the batcher (expired or cancelled in its queue) or, where it still waited
+        # for the service's small-work lock, refused before it reached the batcher.
+        text = generate_latest(running.metrics.registry).decode()
+        refused = re.search(r'kd_errors_total\{code="CANCELLED",teacher="digits"\} (\S+)', text)
+        assert batcher.stats.expired + batcher.stats.cancelled + (float(refused[1]) if refused else 0) >= 1, text
     finally:
         running.stop(grace=1)
 
