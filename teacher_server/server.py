@@ -48,7 +48,7 @@ class TeacherOptions:
     max_batch_size: int = 256
     preferred_batch_sizes: list[int] = field(default_factory=list)
     # A partial batch waits at most this long for company, and only where company comes (the
-    # batcher's _company: recent batches of several requests, or overlapping ones), so a lone
+    # batcher's Company rule: recent batches of several requests, or overlapping ones), so a lone
     # client with one request at a time never waits. 0 (Triton's default) never waits: with a
     # fixed cost per forward (a GPU) closed-loop clients then split into a batch of one and the
     # rest (x0.4-0.6 measured).
