@@ -105,3 +105,18 @@ def test_kd_online_resume_restores_every_head(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoint.pt").exists()
     bad = runner.invoke(app, ["online", "pcl", "--epochs", "1", "--resume"])
     assert bad.exit_code == 2 and "give --run-dir" in bad.output, bad.output
+
+
+def test_a_module_trained_as_extra_is_saved_once(tmp_path: Path) -> None:
+    """DCM's second network is an ``extra`` module (saved by the loop with its optimiser) and one of
+    the method's ``others``: the checkpoint holds it once, and the resume test above shows the
+    loop's copy is enough. PCL's temporal mean, outside any optimiser, stays in ``others``."""
+    one_epoch = TrainConfig(epochs=1, batch_size=32, seed=3)
+    res = train_online("dcm", TRAIN, TEST, one_epoch, subset=SUBSET, run_dir=tmp_path / "dcm")
+    ckpt = torch.load(tmp_path / "dcm" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    peer = res.others["peer"].state_dict()
+    assert len(ckpt["extra"]) == 1 and ckpt["extra"][0]["module"].keys() == peer.keys()
+    assert ckpt["hooks"]["others"] == {}
+    train_online("pcl", TRAIN, TEST, one_epoch, subset=SUBSET, run_dir=tmp_path / "pcl")
+    pcl = torch.load(tmp_path / "pcl" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert list(pcl["hooks"]["others"]) == ["temporal_mean"] and pcl["extra"] == []

@@ -95,22 +95,27 @@ class Setup:
 
     def hooks(self, identity: dict[str, object] | None = None) -> Hooks:
         """The trainer's hooks. Checkpoints (``train_student(run_dir=...)``) hold, besides the
-        student and the ``extra`` modules with their optimisers (saved by the loop), every module
-        in ``others`` (an EMA teacher has no optimiser, so only this saves it), the method's own
+        student and the ``extra`` modules with their optimisers (saved by the loop), every other
+        module in ``others`` (an EMA teacher has no optimiser, so only this saves it), the method's own
         ``state()`` and ``identity`` (the method, its options, ...); ``resume`` restores them all,
         after refusing a checkpoint whose identity differs, so an interrupted run continues exactly."""
 
+        # A module in ``others`` that is also an ``extra`` one (DCM's second network) is saved by the
+        # loop with its optimiser; saving it here as well doubled its share of every checkpoint.
+        trained = {id(m) for m, _ in self.extra}
+        own_modules = {k: m for k, m in self.others.items() if id(m) not in trained}
+
         def state() -> dict:
-            return {"identity": identity, "others": {k: m.state_dict() for k, m in self.others.items()},
+            return {"identity": identity, "others": {k: m.state_dict() for k, m in own_modules.items()},
                     "own": None if self.state is None else self.state()}  # fmt: skip
 
         def load_state(saved: dict) -> None:
             if saved.get("identity") != identity:
                 raise ValueError(f"cannot resume: the checkpoint is of {saved.get('identity')}, this run is {identity}")
-            missing = sorted(set(self.others) - set(saved.get("others", {})))
+            missing = sorted(set(own_modules) - set(saved.get("others", {})))
             if missing:
                 raise ValueError(f"cannot resume: the checkpoint lacks the module(s) {missing}")
-            for k, m in self.others.items():
+            for k, m in own_modules.items():
                 m.load_state_dict(saved["others"][k])
             if self.load_state is not None:
                 self.load_state(saved["own"])
