@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,9 +148,15 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
 
 def fingerprint(model: nn.Module) -> str:
     """sha256 over the architecture (module repr) and every parameter and buffer."""
+    return fingerprint_of(repr(model), model.state_dict())
+
+
+def fingerprint_of(architecture: str, state: Mapping[str, torch.Tensor]) -> str:
+    """``fingerprint`` of a model whose repr is ``architecture`` and whose state_dict is
+    ``state``: what a published set of weights will be fingerprinted as, before it is swapped in."""
     h = hashlib.sha256()
-    h.update(repr(model).encode())
-    for name, t in sorted(model.state_dict().items()):
+    h.update(architecture.encode())
+    for name, t in sorted(state.items()):
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         if t.numel():

@@ -36,7 +36,6 @@ thread or buffer many copies of a model.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -48,6 +47,7 @@ from torch import nn
 
 from kd.core.reductions import shorten
 from kd.core.signature import target_fingerprint
+from kd.teacher_server.loading import fingerprint_of
 from kd.teacher_server.service import Endpoint, RequestError
 from kd.v1 import teacher_pb2 as pb
 
@@ -60,19 +60,6 @@ _MAX_RECOMPUTES = 4
 
 def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def weights_fingerprint_of(architecture: str, state: Mapping[str, torch.Tensor]) -> str:
-    """``kd.teacher_server.loading.fingerprint`` of a model whose repr is ``architecture`` and
-    whose state_dict is ``state``, computed before the weights are swapped in."""
-    h = hashlib.sha256()
-    h.update(architecture.encode())
-    for name, t in sorted(state.items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def encode_state(weights: nn.Module | Mapping[str, torch.Tensor]) -> bytes:
@@ -255,7 +242,7 @@ class WeightSlot:
     def publish(self, state: Mapping[str, torch.Tensor], *, expected_version: int = 0) -> tuple[int, str, str]:
         """Validate ``state`` and swap it into every instance -> (version, fingerprint, weights fingerprint)."""
         self.validate(state)
-        wfp = weights_fingerprint_of(self.architecture, state)
+        wfp = fingerprint_of(self.architecture, state)
         fp = target_fingerprint(wfp, **self.fp_options)
         with self._publish_lock:
             if expected_version and expected_version != self.version + 1:
