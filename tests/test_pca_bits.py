@@ -29,7 +29,7 @@ from kd.cache.codecs import (
     bytes_per_sample,
     get_codec,
 )
-from kd.cache.store import BASIS_KEY
+from kd.cache.store import BASIS_KEY, CacheMeta, CacheWriter
 from kd.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,24 +70,31 @@ def test_allocation_is_the_brute_force_optimum_and_the_record_has_exactly_n_bits
         assert get_codec(name).record_bytes(259) == nbytes and bytes_per_sample(name, 259) == nbytes + 8
 
 
-def fisher_reference(z: torch.Tensor, basis: LowRankBasis, widths: np.ndarray, steps: np.ndarray) -> np.ndarray:
+def fisher_reference(z: torch.Tensor, basis: LowRankBasis, widths: np.ndarray, steps: np.ndarray,
+                     euclidean: bool = False) -> np.ndarray:  # fmt: skip
     """Cells by the definition, one row at a time in float64: among the stored coefficients, from
-    the last to the first, solve min (x - B^T c)^T F (x - B^T c) over those not yet fixed (F the
-    row's Fisher matrix at T = 1), quantise the first of them to its nearest cell, fix it, repeat."""
+    the last to the first, solve min (x - B^T c)^T M (x - B^T c) over those not yet fixed, quantise
+    the first of them to its nearest cell, fix it, repeat. M = F + lambda I: F the row's Fisher
+    matrix at T = 1 and lambda = 1e-9 tr(B F B^T) / A + 1e-12 tr(B B^T) / A over the A stored
+    coefficients (what keeps a nearly one-hot row's system regular); M = I with ``euclidean``."""
     act = [j for j in range(len(widths)) if widths[j] > 0][::-1]
     comps = basis.components.astype(np.float64)
+    stored = comps[act]
     out = np.zeros((len(z), len(widths)), dtype=np.int64)
     for r in range(len(z)):
         row = z[r].double().numpy()
         x = row - row.mean() - basis.mean.astype(np.float64)
         p = np.exp(row - row.max())
         p /= p.sum()
-        fisher = np.diag(p) - np.outer(p, p)
+        d = np.eye(len(p)) - p[None, :]  # rows e_c - p: F = sum_c p_c (e_c - p)(e_c - p)^T, exact when p_max ~ 1
+        fisher = d.T @ (p[:, None] * d)
+        lam = (np.trace(stored @ fisher @ stored.T) * 1e-9 + np.trace(stored @ stored.T) * 1e-12) / len(act)
+        metric = np.eye(len(p)) if euclidean else fisher + lam * np.eye(len(p))
         fixed = np.zeros(len(x))  # B_f^T q_f so far
         for i, j in enumerate(act):
             free = comps[act[i:]]
             resid = x - fixed
-            c = np.linalg.solve(free @ fisher @ free.T, free @ fisher @ resid)
+            c = np.linalg.solve(free @ metric @ free.T, free @ metric @ resid)
             half = 1 << (int(widths[j]) - 1)
             cell = min(max(math.floor(c[0] / steps[j]), -half), half - 1)
             out[r, j] = cell + half
@@ -131,6 +138,34 @@ def test_encode_matches_the_float64_reference_and_decode_rebuilds_the_midpoints(
     ref = basis.mean.astype(np.float64) + mid @ basis.components.astype(np.float64)
     np.testing.assert_array_equal(codec.coefficients(raw, c), mid)
     torch.testing.assert_close(codec.decode(raw, c).double(), torch.from_numpy(ref), rtol=0, atol=1e-5)
+
+
+def test_confident_and_one_hot_rows_encode(tmp_path: Path) -> None:
+    """A confident teacher (median top probability 0.9999, as trained classifiers give) made the
+    Fisher encoder fail with numpy's "Matrix is not positive definite": B diag(p) B^T - (Bp)(Bp)^T
+    cancels when p is nearly one-hot. A row whose softmax is exactly one-hot in float64 (the
+    others underflow) has no Fisher metric at all: its cells are the squared error's choice."""
+    c, k, n = 40, 8, 20
+    z = low_rank_logits(96, c, rank=10, seed=2, decay=0.8) * 25
+    assert float(torch.softmax(z, 1).max(1).values.median()) > 0.9999
+    hot = torch.randn(8, c, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    hot[torch.arange(8), torch.arange(8)] += 2000.0  # exp(-2000) underflows: p is exactly one-hot
+    assert bool((torch.softmax(hot, 1).max(1).values == 1.0).all())
+    codec = get_codec(f"pca:{k}@{n}")
+    codec = get_codec(f"pca:{k}@{n}", basis=codec.fit_basis(torch.cat([z, hot])))
+    widths, steps = codec.allocation(c), codec.steps(c)
+    raw = codec.encode(torch.cat([z, hot]))
+    cells = unpack_reference(raw, [int(w) for w in widths if w])
+    assert np.array_equal(cells[:96], fisher_reference(z, codec.basis, widths, steps)[:, widths > 0])
+    assert np.array_equal(cells[96:], fisher_reference(hot, codec.basis, widths, steps, euclidean=True)[:, widths > 0])
+    assert torch.isfinite(codec.decode(raw, c)).all()
+    # through a cache, as `kd precompute --codec pca:K@N` writes one
+    meta = CacheMeta(teacher_fingerprint="t", dataset_id="d", dataset_size=len(z), codec=f"pca:{k}@{n}",
+                     num_classes=c)  # fmt: skip
+    with CacheWriter(tmp_path / "c", meta, basis=codec.basis.to_bytes()) as w:
+        w.put(list(range(len(z))), z.float())
+    got = CacheReader(str(tmp_path / "c")).get(list(range(len(z))))
+    torch.testing.assert_close(got, codec.decode(codec.encode(z.float()), c), rtol=0, atol=0)
 
 
 def test_the_kl_choice_of_cells_beats_rounding_and_the_old_codec_at_the_same_bytes() -> None:
