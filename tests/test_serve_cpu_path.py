@@ -188,6 +188,13 @@ def test_a_remembered_output_spec_is_still_checked_per_teacher_and_per_size() ->
                 assert "top_k=1001" in str(err.value)
             ep = running.endpoints["white"]
             assert len(ep.spec_cache) == 1 and not running.endpoints["labels"].spec_cache
+            # A spec with the request's own uniforms is not remembered: its bytes are the request's
+            # data (up to the message limit), and each new set pinned one more payload for good.
+            for i in range(3):
+                u = torch.rand(8, 16, dtype=torch.float64)
+                got = client.infer("white", small, logits=False, samples=16, sample_uniforms=u)
+                assert bool((got["sample_counts"].sum(dim=-1) == 16).all()), i
+            assert len(ep.spec_cache) == 1
     finally:
         running.stop(grace=1)
 
