@@ -125,8 +125,9 @@ class RunningServer:
     def accepted(self) -> tuple[int, int]:
         """(requests the batchers accepted since start, of those not answered yet): after a
         drain the second is 0, and the first is what the clients must have been answered."""
-        batchers = [b for ep in self.endpoints.values() for b in (ep.batcher, *ep.vjp_batchers.values())]
-        return sum(b.stats.requests for b in batchers), sum(b.unresolved for b in batchers)
+        batchers = [b for ep in self.endpoints.values() for b in (ep.batcher, *ep.all_vjp_batchers())]
+        retired = sum(ep.vjp_retired_requests for ep in self.endpoints.values())
+        return retired + sum(b.stats.requests for b in batchers), sum(b.unresolved for b in batchers)
 
     def wait(self) -> None:
         self.server.wait_for_termination()

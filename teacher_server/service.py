@@ -209,8 +209,11 @@ class Endpoint:
     max_synthesis_iterations: int = 10_000
     max_jobs_queued: int = 8
     jobs: dict[str, JobQueue] = field(default_factory=dict)
-    # Input-gradient batchers, one per set of feature layers with an upstream gradient.
+    # Input-gradient batchers, one per set of feature layers with an upstream gradient, least
+    # recently used first; the calls holding each (``vjp_batcher``); requests of those retired.
     vjp_batchers: dict[frozenset[str], DynamicBatcher] = field(default_factory=dict)
+    vjp_users: dict[frozenset[str], int] = field(default_factory=dict)
+    vjp_retired_requests: int = 0
     vjp_lock: threading.Lock = field(default_factory=threading.Lock)
     bn_states: BNStates = field(default_factory=BNStates)
     # The target fingerprint (kd.core.signature.target_fingerprint of the serving options,
@@ -237,18 +240,31 @@ class Endpoint:
 
     MAX_VJP_BATCHERS = 16
 
-    def vjp_batcher(self, layers: frozenset[str]) -> tuple[DynamicBatcher, PackLayout]:
+    @contextlib.contextmanager
+    def vjp_batcher(self, layers: frozenset[str]) -> Iterator[tuple[DynamicBatcher, PackLayout]]:
+        """The input-gradient batcher of ``layers`` and its layout, held for the ``with`` block.
+
+        At most ``MAX_VJP_BATCHERS`` sets are served at once: a new set retires the least
+        recently used batcher that no call holds (its threads end); only when every one is
+        held is the call refused. (They were never retired: 16 sets asked once, by anyone,
+        refused every later new set for good, logits alone included.)"""
         t = self.teacher
         layout = PackLayout(t.input_shape, t.num_classes, tuple((n, tuple(t.layers[n])) for n in sorted(layers)))
+        retired = None
         with self.vjp_lock:
-            b = self.vjp_batchers.get(layers)
+            b = self.vjp_batchers.pop(layers, None)
             if b is None:
                 if len(self.vjp_batchers) >= self.MAX_VJP_BATCHERS:
-                    raise RequestError(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"teacher {t.name!r}: at most {self.MAX_VJP_BATCHERS} distinct sets of feature layers "
-                        "with upstream gradients are served at once",
-                    )
+                    idle = next((k for k, v in self.vjp_batchers.items()
+                                 if not self.vjp_users.get(k) and not v.unresolved), None)  # fmt: skip
+                    if idle is None:
+                        raise RequestError(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"teacher {t.name!r}: at most {self.MAX_VJP_BATCHERS} distinct sets of feature layers "
+                            "with upstream gradients are served at once",
+                        )
+                    retired = self.vjp_batchers.pop(idle)
+                    self.vjp_retired_requests += retired.stats.requests
                 b = DynamicBatcher(
                     VJPRunner(t, layout),
                     max_batch_size=self.batcher.max_batch_size,
@@ -256,12 +272,25 @@ class Endpoint:
                     max_queue_size=self.batcher.max_queue_size,
                     name=f"{t.name}-vjp",
                 )
-                self.vjp_batchers[layers] = b
-        return b, layout
+            self.vjp_batchers[layers] = b  # (re)inserted last: the most recently used
+            self.vjp_users[layers] = self.vjp_users.get(layers, 0) + 1
+        if retired is not None:
+            retired.close(timeout=None)  # idle: nothing to drain
+        try:
+            yield b, layout
+        finally:
+            with self.vjp_lock:
+                self.vjp_users[layers] -= 1
+                if not self.vjp_users[layers]:
+                    del self.vjp_users[layers]
+
+    def all_vjp_batchers(self) -> list[DynamicBatcher]:
+        with self.vjp_lock:
+            return list(self.vjp_batchers.values())
 
     def busy(self) -> bool:
         """Whether accepted work is still queued or running (a drain waits for False)."""
-        batchers = [self.batcher, *self.vjp_batchers.values()]
+        batchers = [self.batcher, *self.all_vjp_batchers()]
         return any(b.unresolved for b in batchers) or any(q.busy for q in self.jobs.values())
 
     def job_queue(self, kind: str) -> JobQueue:
@@ -274,7 +303,7 @@ class Endpoint:
 
     def close(self, timeout: float | None) -> None:
         self.batcher.close(timeout=timeout)
-        for b in list(self.vjp_batchers.values()):
+        for b in self.all_vjp_batchers():
             b.close(timeout=timeout)
         for q in list(self.jobs.values()):
             q.close(timeout=timeout)
@@ -665,7 +694,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             layers = self._check_spec(ep.teacher, spec)
             self._check_tier(ep, spec)
             self._check_reply_size(ep, spec, n)
-            if key is not None and not spec.features and len(ep.spec_cache) < _SPEC_CACHE_SIZE:  # (features: shapes per n)
+            # (a spec with features is not remembered: their reply sizes need the shapes per n)
+            if key is not None and not spec.features and len(ep.spec_cache) < _SPEC_CACHE_SIZE:
                 ep.spec_cache[key] = (layers, self._reply_bytes(ep, spec, 1) - _REPLY_SLACK)
             return layers
         layers, per_sample = hit
@@ -1005,20 +1035,20 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                                       for k, v in upstream.items())  # fmt: skip
             self._check_gradient_batch(ep, n, "InputGradient", per_sample)
             usage = self._charge(context, gradient_samples=n)
-            batcher, layout = ep.vjp_batcher(frozenset(layers))
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None else None
-            try:
-                future = batcher.submit(layout.pack(x, upstream), deadline=deadline)
-            except QueueFullError as e:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"teacher {t.name!r}: {e}") from None
-            except BatcherClosedError as e:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-            context.add_callback(future.cancel)
-            try:
-                out = future.result()
-            except Exception:  # noqa: BLE001
-                raise self._failed(future) from None
+            with ep.vjp_batcher(frozenset(layers)) as (batcher, layout):
+                remaining = context.time_remaining()
+                deadline = time.monotonic() + remaining if remaining is not None else None
+                try:
+                    future = batcher.submit(layout.pack(x, upstream), deadline=deadline)
+                except QueueFullError as e:
+                    raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"teacher {t.name!r}: {e}") from None
+                except BatcherClosedError as e:
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+                context.add_callback(future.cancel)
+                try:
+                    out = future.result()
+                except Exception:  # noqa: BLE001
+                    raise self._failed(future) from None
             results = {"input_grad": out["input_grad"]}
             if request.return_outputs:
                 results.update({key: out[key] for key in upstream})

@@ -373,3 +373,41 @@ def test_loss_through_the_service_matches_local_for_a_real_client_loss(address, 
     pl = F.softmax(lo, 1).mean(0)
     (F.cross_entropy(lo, lo.argmax(1)) + (pl * pl.log()).sum()).backward()
     torch.testing.assert_close(grad, xl.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_input_gradient_batchers_of_idle_layer_sets_are_retired(cnn: Teacher) -> None:
+    """Each set of feature layers with an upstream gradient has its batcher; at most
+    ``MAX_VJP_BATCHERS`` at once (2 here). A new set retires the least recently used one that no
+    call holds; only when every one is held is a new set refused. (They were never retired: the
+    first 16 sets anyone asked locked every later new set out, logits alone included.)"""
+    running = start_server([cnn], options={"cnn": TeacherOptions(max_queue_delay_us=0, warmup=False)})
+    ep = running.endpoints["cnn"]
+    ep.MAX_VJP_BATCHERS = 2
+    x, g = images(2), torch.randn(2, 10)
+    feats = {name: torch.randn(2, *cnn.layers[name], generator=torch.Generator().manual_seed(i))
+             for i, name in enumerate(("layer1", "layer2"))}  # fmt: skip
+    a, b, both, none = frozenset({"layer1"}), frozenset({"layer2"}), frozenset({"layer1", "layer2"}), frozenset()
+
+    def ask(c: TeacherClient, layers: frozenset) -> torch.Tensor:
+        return c.input_gradient("cnn", x, {"logits": g, **{f"feature/{n}": feats[n] for n in layers}})[0]
+
+    try:
+        with TeacherClient(f"127.0.0.1:{running.port}", timeout=30) as c:
+            ask(c, a)
+            ask(c, b)
+            assert set(ep.vjp_batchers) == {a, b}
+            with ep.vjp_batcher(a):  # a call holds a's batcher
+                ask(c, both)  # retires b, the idle one, though a is older
+                assert set(ep.vjp_batchers) == {a, both}
+                with ep.vjp_batcher(both):
+                    with pytest.raises(TeacherRequestError) as err:  # every batcher held: refused
+                        ask(c, none)
+                    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "at most 2" in err.value.message
+                ask(c, none)  # both is idle again: retired
+                assert set(ep.vjp_batchers) == {a, none}
+            got = ask(c, b)  # a retired set comes back, answering as before
+            assert set(ep.vjp_batchers) == {none, b}
+        torch.testing.assert_close(got, local_vjp(cnn, x, g, "layer2", feats["layer2"]), rtol=1e-4, atol=1e-5)
+        assert running.accepted() == (5, 0)  # the retired batchers' requests still count (3 of the 5)
+    finally:
+        running.stop(grace=1)
