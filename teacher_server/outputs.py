@@ -89,6 +89,7 @@ def postprocess(spec: pb.OutputSpec, out: dict[str, torch.Tensor], *, labels_onl
         result["topk_values"] = values.to(dt)
         result["topk_indices"] = indices.to(torch.int32)
         result["logsumexp"] = lse
+        check_finite("logsumexp", lse)  # z / T overflows float32 at a small T with finite logits
     if spec.class_samples:
         k, rounds = spec.class_samples, spec.class_sample_rounds or 1
         if uniforms is None:

@@ -185,6 +185,17 @@ def test_non_finite_outputs_are_refused_not_sent(stub) -> None:
         pytest.fail("precondition: these inputs should give logits beyond float16's range")
     code, details = _code(stub.Infer, req, timeout=T)
     assert code == grpc.StatusCode.OUT_OF_RANGE and "float16" in details, (code, details)
+    # Finite logits whose log-sum-exp at a small sparse temperature leaves float32: refused too
+    # (it was sent as +Inf with OK); the same logits at T = 1 are answered.
+    large = torch.full((2, 64), 1e37)
+    plain = stub.Infer(pb.InferRequest(teacher="digits", inputs=to_proto(large), outputs=pb.OutputSpec(top_k=2)),
+                       timeout=T)  # fmt: skip
+    lse = from_proto(plain.outputs["logsumexp"])
+    assert bool(torch.isfinite(lse).all()) and float(lse.abs().max()) * 1e3 > 3.5e38, lse  # precondition
+    req = pb.InferRequest(teacher="digits", inputs=to_proto(large), outputs=pb.OutputSpec(top_k=2,
+                          sparse_temperature=1e-3))  # fmt: skip
+    code, details = _code(stub.Infer, req, timeout=T)
+    assert code == grpc.StatusCode.OUT_OF_RANGE and "logsumexp" in details, (code, details)
 
 
 def test_gradient_options_must_be_finite_and_in_range(cnn: Teacher) -> None:
