@@ -510,7 +510,12 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 tokens = from_proto(request.inputs, copy=False, data=payload)
             else:
                 raise _invalid("request has no inputs: set `inputs` (token ids) or `ref` (a token dataset's samples)")
-            positions = from_proto(request.positions) if request.HasField("positions") else default
+            positions = default
+            if request.HasField("positions"):
+                try:
+                    positions = from_proto(request.positions)
+                except WireError as e:  # named as what it is, not as the inputs
+                    raise _invalid(f"positions: {e}") from None
             work = lm.prepare(ep.teacher, tokens, lengths, positions, request.outputs, access=ep.access,
                               max_batch_tokens=ep.batcher.max_batch_tokens, max_message_bytes=self.max_message_bytes,
                               echo_positions=kind == "ref")  # fmt: skip

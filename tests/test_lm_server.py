@@ -268,6 +268,20 @@ def test_refusals_name_the_numbers_and_the_server_keeps_serving(served):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "FLOAT32" in msg
     code, msg = _code(lambda: client.synthesize("gpt", 2).__next__())
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "token ids" in msg
+    # A malformed positions tensor is named as such (it was reported as the inputs).
+    from kd.core.wire import to_proto
+
+    bad = to_proto(torch.ones(1, 4, dtype=torch.bool))
+    bad.dtype = 99
+    req = pb.InferRequest(teacher="gpt", inputs=to_proto(_seqs([4])[0][None]), positions=bad,
+                          outputs=pb.OutputSpec(token_logprobs=True))  # fmt: skip
+    with grpc.insecure_channel(f"127.0.0.1:{served[0].port}") as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary("/kd.v1.TeacherService/Infer", request_serializer=pb.InferRequest.SerializeToString,
+                           response_deserializer=pb.InferResponse.FromString)(req, timeout=30)  # fmt: skip
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("positions: "), (
+        e.value.details()
+    )
     assert client.infer_tokens("gpt", _seqs([BUDGET]), labels=True)["labels"].shape == (BUDGET,)
 
 
