@@ -598,7 +598,9 @@ class TokenRunner:
         for name in layers:
 
             def hook(_m, _i, output, name=name) -> None:
-                captured[name] = output[0] if isinstance(output, (tuple, list)) else output
+                out = output[0] if isinstance(output, (tuple, list)) else output
+                # A clone: a later in-place op (ReLU(inplace=True)) must not change it.
+                captured[name] = out.clone()
 
             handles.append(self._modules[name].register_forward_hook(hook))
         try:

@@ -386,6 +386,46 @@ def test_token_fields_refused_by_a_classifier(teacher):
         running.stop(grace=1)
 
 
+class InplaceTokenLM(nn.Module):
+    """embed -> proj (Linear) -> ReLU(inplace=True) -> head: the ReLU overwrites proj's output."""
+
+    tokenizer_hash = "byte-test"
+
+    def __init__(self, vocab: int = 50, max_length: int = 16, dim: int = 32) -> None:
+        super().__init__()
+        self.max_length = max_length
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.act(self.proj(self.embed(tokens))))
+
+
+def inplace_token_lm(vocab: int = 50, max_length: int = 16) -> InplaceTokenLM:
+    torch.manual_seed(5)
+    return InplaceTokenLM(vocab, max_length)
+
+
+def test_hidden_states_of_a_layer_the_next_module_changes_in_place():
+    t = load_teacher("inplace", f"{__name__}:inplace_token_lm?vocab=50&input_shape=-1")
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the reference: proj's output from a plain forward of the pieces, no ReLU
+        want = t.model.proj(t.model.embed(ids))
+        logits = t.model.head(torch.relu(want))
+    assert want.min() < 0  # what the in-place ReLU would overwrite
+    running = start_server([t], batching=TeacherOptions(max_batch_tokens=64, max_batch_size=4, warmup=False))
+    try:
+        with TeacherClient(f"127.0.0.1:{running.port}") as client:
+            out = client.infer_tokens("inplace", ids, hidden=["proj", "act"], logits=True)
+        torch.testing.assert_close(out.dense("feature/proj"), want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.dense("feature/act"), torch.relu(want), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.dense("logits"), logits, rtol=0, atol=1e-5)
+    finally:
+        running.stop(grace=1)
+
+
 class _Gated(TokenRunner):
     """The real runner, whose first forward waits for ``gate``: requests submitted meanwhile
     queue behind a busy model, unanswered, which is what makes company for the batcher."""
