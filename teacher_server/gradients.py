@@ -55,8 +55,16 @@ class _ThreadHooks:
             def hook(_m, args, output, name=name) -> None:
                 if threading.get_ident() != self.owner:
                     return
-                v = args[0] if inputs else (output[0] if isinstance(output, (tuple, list)) else output)
-                self.seen[name] = v
+                if inputs:
+                    # Not cloned: the BatchNorm layers whose inputs these are save them for their
+                    # backward, so autograd refuses any later in-place change of them.
+                    self.seen[name] = args[0]
+                    return
+                v = output[0] if isinstance(output, (tuple, list)) else output
+                # A clone, which autograd tracks (the gradient still flows through it into the
+                # input): a later in-place op (ReLU(inplace=True)) must not change the output
+                # served or the one the upstream gradient is paired with.
+                self.seen[name] = v.clone()
 
             self.handles.append(modules[name].register_forward_hook(hook))
 

@@ -497,11 +497,16 @@ def postprocess(
     temperature = spec.sparse_temperature or 1.0
     if spec.top_k:
         values, ids, out["logsumexp"] = topk_parts(z, spec.top_k, temperature)  # the cache's topk arithmetic
+        check_finite("logsumexp", out["logsumexp"])  # z / T overflows at a small sparse_temperature
         out["topk_values"] = values.to(dt)
+        check_finite("topk_values", out["topk_values"])  # float16 overflows past 65504
         out["topk_indices"] = ids.to(torch.int32)
     if spec.token_samples:
         if "logsumexp" not in out:
             out["logsumexp"] = torch.logsumexp(z / temperature, dim=-1)
+            # Before any draw: a finite logsumexp means z / T has no +Inf (z is finite), so the
+            # sampling probabilities softmax(z / T) are a valid distribution.
+            check_finite("logsumexp", out["logsumexp"])
         per_row = mask.sum(dim=1).tolist()
         parts_ids, parts_counts = [], []
         for r, zr in zip(rows, torch.split(z, per_row)):
@@ -518,6 +523,7 @@ def postprocess(
         out["sample_counts"] = counts
         values = z.gather(1, ids.clamp(min=0))
         out["sample_values"] = torch.where(ids >= 0, values, torch.zeros_like(values)).to(dt)
+        check_finite("sample_values", out["sample_values"])
     if spec.probs_temperature > 0:
         out["probs"] = torch.softmax(z / spec.probs_temperature, dim=-1).to(dt)
         check_finite("probs", out["probs"])
@@ -526,6 +532,7 @@ def postprocess(
         nxt[:, :-1] = tokens[:, 1:]
         target = nxt[mask]
         out["token_logprobs"] = z.gather(1, target.unsqueeze(1)).squeeze(1) - torch.logsumexp(z, dim=-1)
+        check_finite("token_logprobs", out["token_logprobs"])
     fdt = FLOAT_OUT.get(spec.features_dtype, torch.float32)
     for name in work.layers:
         out[f"feature/{name}"] = feats[name][mask].to(fdt)
@@ -598,7 +605,9 @@ class TokenRunner:
         for name in layers:
 
             def hook(_m, _i, output, name=name) -> None:
-                captured[name] = output[0] if isinstance(output, (tuple, list)) else output
+                out = output[0] if isinstance(output, (tuple, list)) else output
+                # A clone: a later in-place op (ReLU(inplace=True)) must not change it.
+                captured[name] = out.clone()
 
             handles.append(self._modules[name].register_forward_hook(hook))
         try:

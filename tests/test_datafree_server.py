@@ -4,6 +4,7 @@ synthesis, and per-client query accounting -- against a real server on loopback.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 import time
@@ -84,6 +85,43 @@ def test_input_gradient_equals_local_autograd(address, cnn: Teacher) -> None:
         torch.testing.assert_close(outs["logits"], cnn.model(x), rtol=1e-4, atol=1e-5)
     assert set(outs) == {"logits", "feature/layer1"}
     # The teacher stays frozen: no parameter gradient is left behind.
+    assert all(p.grad is None for p in cnn.model.parameters())
+
+
+def test_input_gradient_of_a_layer_the_next_module_changes_in_place(address, cnn: Teacher) -> None:
+    # layer1.1 and layer2.1 are BatchNorms followed by ReLU(inplace=True): the feature the upstream
+    # gradient is paired with, and the one returned, is the BN output, not the ReLU's.
+    addr, _ = address
+    x = images(4, seed=3)
+    g = torch.randn(4, 10, generator=torch.Generator().manual_seed(1))
+    g1 = torch.randn(4, 32, 8, 8, generator=torch.Generator().manual_seed(2))
+    g2 = torch.randn(4, 64, 8, 8, generator=torch.Generator().manual_seed(3))
+    # The reference: a copy with out-of-place ReLUs, plain autograd.
+    ref = copy.deepcopy(cnn.model).eval()
+    for name, m in list(ref.named_modules()):
+        if isinstance(m, torch.nn.ReLU):
+            parent, _, leaf = name.rpartition(".")
+            setattr(ref.get_submodule(parent), leaf, torch.nn.ReLU(inplace=False))
+    seen = {}
+    for name in ("layer1.1", "layer2.1"):
+        ref.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+    xr = x.clone().requires_grad_(True)
+    logits = ref(xr)
+    assert seen["layer1.1"].min() < 0 and seen["layer2.1"].min() < 0  # what the ReLU would overwrite
+    (want,) = torch.autograd.grad(
+        (logits * g).sum() + (seen["layer1.1"] * g1).sum() + (seen["layer2.1"] * g2).sum(), xr, retain_graph=True
+    )
+    with TeacherClient(addr) as c:
+        grad, outs = c.input_gradient(
+            "cnn", x, {"logits": g, "feature/layer1.1": g1, "feature/layer2.1": g2}, return_outputs=True
+        )
+        only_layer1, _ = c.input_gradient("cnn", x, {"feature/layer1.1": g1})
+    torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs["feature/layer1.1"], seen["layer1.1"].detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["feature/layer2.1"], seen["layer2.1"].detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["logits"], logits.detach(), rtol=1e-4, atol=1e-5)
+    (want1,) = torch.autograd.grad((seen["layer1.1"] * g1).sum(), xr)
+    torch.testing.assert_close(only_layer1, want1, rtol=1e-4, atol=1e-5)
     assert all(p.grad is None for p in cnn.model.parameters())
 
 

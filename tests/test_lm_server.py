@@ -400,6 +400,103 @@ def test_token_fields_refused_by_a_classifier(teacher):
         running.stop(grace=1)
 
 
+class InplaceTokenLM(nn.Module):
+    """embed -> proj (Linear) -> ReLU(inplace=True) -> head: the ReLU overwrites proj's output."""
+
+    tokenizer_hash = "byte-test"
+
+    def __init__(self, vocab: int = 50, max_length: int = 16, dim: int = 32) -> None:
+        super().__init__()
+        self.max_length = max_length
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.act(self.proj(self.embed(tokens))))
+
+
+def inplace_token_lm(vocab: int = 50, max_length: int = 16) -> InplaceTokenLM:
+    torch.manual_seed(5)
+    return InplaceTokenLM(vocab, max_length)
+
+
+def test_hidden_states_of_a_layer_the_next_module_changes_in_place():
+    t = load_teacher("inplace", f"{__name__}:inplace_token_lm?vocab=50&input_shape=-1")
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the reference: proj's output from a plain forward of the pieces, no ReLU
+        want = t.model.proj(t.model.embed(ids))
+        logits = t.model.head(torch.relu(want))
+    assert want.min() < 0  # what the in-place ReLU would overwrite
+    running = start_server([t], batching=TeacherOptions(max_batch_tokens=64, max_batch_size=4, warmup=False))
+    try:
+        with TeacherClient(f"127.0.0.1:{running.port}") as client:
+            out = client.infer_tokens("inplace", ids, hidden=["proj", "act"], logits=True)
+        torch.testing.assert_close(out.dense("feature/proj"), want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.dense("feature/act"), torch.relu(want), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.dense("logits"), logits, rtol=0, atol=1e-5)
+    finally:
+        running.stop(grace=1)
+
+
+class PatternLM(nn.Module):
+    """Logits ``scale`` for token 0 and ``-scale`` for every other token, at every position."""
+
+    tokenizer_hash = "byte-test"
+
+    def __init__(self, vocab: int = 50, max_length: int = 16, scale: float = 1.0) -> None:
+        super().__init__()
+        self.max_length = max_length
+        self.scale = scale
+        self.embed = nn.Embedding(vocab, vocab)
+        with torch.no_grad():
+            self.embed.weight.fill_(-1.0)
+            self.embed.weight[:, 0] = 1.0
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.embed(tokens) * self.scale
+
+
+def pattern_lm(vocab: int = 50, max_length: int = 16, scale: float = 1.0) -> PatternLM:
+    return PatternLM(vocab, max_length, scale)
+
+
+def test_token_outputs_that_overflow_are_refused_out_of_range_before_any_draw():
+    """Finite logits whose top-k / sampled values overflow float16, whose logsumexp at a small
+    sparse_temperature overflows float32 (and whose draws would come from NaN probabilities),
+    or whose log-probabilities overflow: OUT_OF_RANGE naming the output, never OK or INTERNAL."""
+    big = load_teacher("big", f"{__name__}:pattern_lm?vocab=50&scale=1e6&input_shape=-1")
+    huge = load_teacher("huge", f"{__name__}:pattern_lm?vocab=50&scale=2e38&input_shape=-1")
+    ids = torch.randint(1, 50, (2, 8), generator=torch.Generator().manual_seed(0))  # no token 0: targets at -scale
+    running = start_server([big, huge], batching=TeacherOptions(max_batch_tokens=64, max_batch_size=4, warmup=False))
+    try:
+        with TeacherClient(f"127.0.0.1:{running.port}") as client:
+            refused = [
+                ("big", dict(top_k=3, dtype=torch.float16), "topk_values"),
+                ("big", dict(samples=3, dtype=torch.float16), "sample_values"),
+                ("huge", dict(top_k=3, sparse_temperature=0.001), "logsumexp"),
+                ("huge", dict(samples=3, sparse_temperature=0.001), "logsumexp"),
+                ("huge", dict(token_logprobs=True), "token_logprobs"),
+            ]
+            for teacher, kw, name in refused:
+                code, msg = _code(lambda teacher=teacher, kw=kw: client.infer_tokens(teacher, ids, **kw))
+                assert code == grpc.StatusCode.OUT_OF_RANGE, (teacher, kw, code, msg)
+                assert f"output '{name}'" in msg and "NaN or Inf" in msg, (teacher, kw, msg)
+            # The same teachers within range: answered, finite, and as the logits say.
+            out = client.infer_tokens("huge", ids, top_k=2, samples=3)
+            assert torch.equal(out["topk_indices"][:, 0], torch.zeros(16, dtype=torch.int32))
+            assert torch.equal(out["topk_values"][:, 0], torch.full((16,), 2e38))
+            torch.testing.assert_close(out["logsumexp"], torch.full((16,), 2e38))
+            assert torch.equal(out["sample_indices"][:, 0], torch.zeros(16, dtype=out["sample_indices"].dtype))
+            assert torch.equal(out["sample_counts"][:, 0], torch.full((16,), 3, dtype=out["sample_counts"].dtype))
+            out = client.infer_tokens("big", ids, top_k=3, samples=3, token_logprobs=True)
+            assert all(torch.isfinite(v).all() for v in out.outputs.values() if v.is_floating_point())
+            torch.testing.assert_close(out["token_logprobs"], torch.full((14,), -2e6))
+    finally:
+        running.stop(grace=1)
+
+
 class _Gated(TokenRunner):
     """The real runner, whose first forward waits for ``gate``: requests submitted meanwhile
     queue behind a busy model, unanswered, which is what makes company for the batcher."""
