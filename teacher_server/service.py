@@ -1102,9 +1102,13 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             t = ep.teacher
             self._check_gradient_batch(ep, n, "BatchNormLoss", 4 * (math.prod(t.input_shape) + t.num_classes))
             usage = self._charge(context, gradient_samples=n)
+            # Momentum states are each client's own: the same state_id from another client (its
+            # token, certificate, kd-client-id or host) names another state, never the first's
+            # batch statistics (which it would otherwise read back through its losses).
+            state_id = f"{client_identity(context)}\x00{request.state_id}" if request.state_id else ""
 
             def job():
-                return batchnorm_loss(t, x, states=ep.bn_states, state_id=request.state_id,
+                return batchnorm_loss(t, x, states=ep.bn_states, state_id=state_id,
                                       momentum=request.momentum, ttl=request.ttl_seconds,
                                       upstream_logits=upstream, layer_weights=weights)  # fmt: skip
 

@@ -209,6 +209,20 @@ def test_batchnorm_stats_and_loss_with_momentum_state(address, cnn: Teacher) -> 
         torch.testing.assert_close(first.logits, cnn.model(x1), rtol=1e-4, atol=1e-5)
 
 
+def test_momentum_states_are_each_clients_own(address, cnn: Teacher) -> None:
+    """The same state_id from two clients names two states: bob's loss under alice's id blends
+    bob's own first batch, never alice's statistics (attack a27: it read hers back)."""
+    addr, _ = address
+    xa, xb1, xb2 = images(6, 11) * 3 + 2, images(6, 12), images(6, 13)
+    with TeacherClient(addr, client_id="alice") as alice, TeacherClient(addr, client_id="bob") as bob:
+        alice.batchnorm_loss("cnn", xa, state_id="shared", momentum=0.0, ttl_seconds=30)
+        bob.batchnorm_loss("cnn", xb1, state_id="shared", momentum=0.9, ttl_seconds=30)
+        second = bob.batchnorm_loss("cnn", xb2, state_id="shared", momentum=0.9, ttl_seconds=30)
+    _, _, own = local_bn(cnn, xb1)
+    want, _, _ = local_bn(cnn, xb2, own, 0.9)
+    assert second.loss == pytest.approx(want, rel=1e-5)
+
+
 def test_batchnorm_loss_plus_a_logit_gradient_in_one_call(address, cnn: Teacher) -> None:
     addr, _ = address
     x, g = images(4, 3), torch.randn(4, 10)
