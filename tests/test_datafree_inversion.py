@@ -326,7 +326,8 @@ def test_fast_dfkd_run_counts_its_queries_and_trains_both_nets(server, client, l
     assert res.synthetic is not None and torch.isfinite(res.synthetic).all()
     # one momentum state per inner step was kept on the server for this run
     states = server[1].endpoints["white"].bn_states
-    ours = [k for k in states._items if k.startswith("fast-dfkd/")]
+    ids = [k.partition("\x00")[2] for k in states._items]  # (each client's states are its own: identity, NUL, id)
+    ours = [k for k in ids if k.startswith("fast-dfkd/")]
     assert len(ours) >= 2 and {k.rsplit("/", 1)[1] for k in ours} >= {"0", "1"}
 
 
