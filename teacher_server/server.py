@@ -277,9 +277,19 @@ def start_server(
         server,
     )
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpc >= 1.60 raises where older ones returned 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind {address}")
+        for ep in endpoints.values():
+            ep.close(timeout=1)
+        why = (
+            "in use, not an address of this host, or the TLS certificate and key do not match"
+            if tls
+            else "in use, or not an address of this host"
+        )
+        raise OSError(f"cannot bind {address}: {why}")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
