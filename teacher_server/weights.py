@@ -58,6 +58,36 @@ _KEPT_VERSIONS = 64  # fingerprints remembered for replies still being encoded
 _MAX_RECOMPUTES = 4
 
 
+# The safetensors dtype names safetensors.torch reads, where this torch has the dtype. A file may
+# name others that the format's parser accepts but torch cannot hold (F8_E8M0, F4, ...): those are
+# refused by name before the file is parsed.
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32",
+                "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+                "F8_E5M2": "float8_e5m2", "F8_E5M2FNUZ": "float8_e5m2fnuz", "C64": "complex64"}  # fmt: skip
+SAFETENSORS_DTYPES = {name: getattr(torch, attr) for name, attr in _TORCH_NAMES.items() if hasattr(torch, attr)}
+
+
+def _header_dtypes(data: bytes) -> dict[str, str]:
+    """key -> dtype name of a safetensors file's header; {} where the header does not parse
+    (the parser then says why)."""
+    import json
+
+    if len(data) < 8:
+        return {}
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        return {}
+    try:
+        header = json.loads(bytes(data[8 : 8 + size]))
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(header, dict):
+        return {}
+    return {k: v["dtype"] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("dtype"), str)}  # fmt: skip
+
+
 def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
@@ -213,9 +243,13 @@ class WeightSlot:
 
         if not data:
             raise _invalid("the update is empty: send the state_dict as a safetensors file")
+        for key, dtype in _header_dtypes(data).items():
+            if dtype not in SAFETENSORS_DTYPES:
+                raise _invalid(f"key {shorten(key)} has safetensors dtype {shorten(dtype)}, which torch cannot read "
+                               f"here; supported: {', '.join(SAFETENSORS_DTYPES)}")  # fmt: skip
         try:
             return load(data)
-        except (SafetensorError, ValueError, RuntimeError, OSError, TypeError) as e:
+        except (SafetensorError, ValueError, RuntimeError, OSError, TypeError, KeyError) as e:
             raise _invalid(f"the update ({len(data)} bytes) is not a safetensors file: {shorten(str(e))}") from None
 
     def validate(self, state: Mapping[str, torch.Tensor]) -> None:

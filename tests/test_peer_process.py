@@ -194,6 +194,21 @@ def test_bad_updates_are_refused_and_the_old_weights_keep_serving(live, tmp_path
     torch.testing.assert_close(client.infer("p", x)["logits"], y, rtol=0, atol=0)
 
 
+def test_an_update_with_a_dtype_torch_cannot_read_is_invalid_argument(live) -> None:
+    """A well-formed safetensors file whose dtype the format's parser knows but torch does not
+    (F8_E8M0, F4) is refused by name, not an INTERNAL KeyError, and the old weights stay."""
+    client, _, _ = live
+    before = client.describe("p")
+    for dtype in ("F8_E8M0", "F4"):
+        header = json.dumps({"head.bias": {"dtype": dtype, "shape": [2], "data_offsets": [0, 2]}}).encode()
+        header += b" " * (-len(header) % 8)
+        data = len(header).to_bytes(8, "little") + header + b"\0\0"
+        e = _upload(client, [pb.WeightsChunk(teacher="p", data=data)])
+        assert e.code == grpc.StatusCode.INVALID_ARGUMENT, e
+        assert "'head.bias'" in e.message and f"dtype '{dtype}'" in e.message and "F32" in e.message, e.message
+    assert client.describe("p").weights_version == before.weights_version
+
+
 def test_a_server_without_accept_weights_refuses(address: str) -> None:
     with TeacherClient(address) as c:
         assert not c.describe("digits").accepts_weights
