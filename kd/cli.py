@@ -158,6 +158,11 @@ def serve(
     accept_weights: bool = typer.Option(
         False, "--accept-weights", help="Let clients replace the weights while serving (PublishWeights; kd peer)."
     ),
+    upload_idle_timeout: float = typer.Option(
+        60.0,
+        help="--accept-weights: an upload that sends no chunk for this many seconds is dropped "
+        "(DEADLINE_EXCEEDED), so a stalled publisher cannot keep the others out.",
+    ),
 ) -> None:
     """Serve teachers over gRPC with dynamic batching."""
     import os
@@ -206,11 +211,13 @@ def serve(
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
         mean=_floats(mean, "--mean"),
         std=_floats(std, "--std"),
+        upload_idle_timeout_s=upload_idle_timeout,
     )
     bad = teacher_problem(flags)
     if bad:
         key, problem = bad
-        _fail(f"--{'preferred-batch-size' if key == 'preferred_batch_sizes' else key.replace('_', '-')} {problem}")
+        flag = {"preferred_batch_sizes": "preferred-batch-size", "upload_idle_timeout_s": "upload-idle-timeout"}
+        _fail(f"--{flag.get(key, key.replace('_', '-'))} {problem}")
     import dataclasses
 
     tiers: dict[str, str] = {}

@@ -27,6 +27,7 @@ max_queue_size = 4096
 mean = [0.485, 0.456, 0.406]        # uint8 inputs: x/255 normalised per channel
 std = [0.229, 0.224, 0.225]
 accept_weights = false              # true: clients may replace the weights while serving (PublishWeights, kd peer)
+upload_idle_timeout_s = 60          # an upload with no chunk for this long is dropped (DEADLINE_EXCEEDED)
 
 [[teacher]]
 name = "lm"
@@ -140,6 +141,8 @@ def teacher_problem(o: TeacherOptions) -> tuple[str, str] | None:
         problem = range_problem(getattr(o, key), lo, hi)
         if problem:
             return key, problem
+    if not 0 < o.upload_idle_timeout_s < math.inf:
+        return "upload_idle_timeout_s", f"must be a number of seconds > 0, got {o.upload_idle_timeout_s}"
     bad = [p for p in o.preferred_batch_sizes if not 1 <= p <= o.max_batch_size]
     if bad:
         return "preferred_batch_sizes", f"must lie in 1..max_batch_size={o.max_batch_size}, got {bad}"

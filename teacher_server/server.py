@@ -87,6 +87,9 @@ class TeacherOptions:
     max_batch_tokens: int = 8192
     # Live weight updates (PublishWeights, kd.teacher_server.weights): off unless the operator says.
     accept_weights: bool = False
+    # An upload that sends no chunk for this many seconds is dropped (DEADLINE_EXCEEDED), so a
+    # stalled publisher cannot keep the teacher's one upload slot from the others.
+    upload_idle_timeout_s: float = weights.UPLOAD_IDLE_TIMEOUT_S
 
 
 # The first version's name, kept for callers that only set batching fields.
@@ -208,7 +211,7 @@ def _endpoint(t: Teacher, o: TeacherOptions, metrics: ServerMetrics) -> Endpoint
                   records_dataset=records_dataset, class_names=list(o.class_names or []),
                   fingerprint=target_fingerprint(t.weights_fingerprint, **fp_options),
                   target_options=target_options(**fp_options))  # fmt: skip
-    return weights.enable(ep, runners, fp_options) if o.accept_weights else ep
+    return weights.enable(ep, runners, fp_options, o.upload_idle_timeout_s) if o.accept_weights else ep
 
 
 def start_server(

@@ -220,14 +220,14 @@ def _errors(running) -> dict[str, float]:
 
 @pytest.fixture()
 def publishable():
-    """An in-process server whose teacher (its own model) takes updates -> (running server, raw
-    stub, client)."""
+    """An in-process server whose teacher (its own model) takes updates and drops an upload idle
+    for 1.5 s -> (running server, raw stub, client)."""
     from kd.teacher_server.loading import load_teacher
     from kd.teacher_server.server import TeacherOptions, start_server
     from kd.v1 import teacher_pb2_grpc as pb_grpc
 
     torch.manual_seed(0)
-    opts = TeacherOptions(warmup=False, accept_weights=True)
+    opts = TeacherOptions(warmup=False, accept_weights=True, upload_idle_timeout_s=1.5)
     running = start_server([load_teacher("p", SPEC)], port=0, options={"p": opts})
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     client = TeacherClient(f"127.0.0.1:{running.port}")
@@ -267,6 +267,31 @@ def test_a_cancelled_upload_is_counted_cancelled_without_a_traceback(publishable
         assert _errors(running) == {"CANCELLED": 1.0}
         assert "Traceback" not in caplog.text and "failed" not in caplog.text, caplog.text
         assert client.publish_weights("p", _model(3).state_dict()) == 1  # the slot is free
+    finally:
+        release.set()
+
+
+def test_a_stalled_upload_is_dropped_after_the_idle_timeout_so_others_can_publish(publishable) -> None:
+    running, stub, client = publishable
+    release = threading.Event()
+    try:
+        start = time.monotonic()
+        stalled = _stalled_upload(running, stub, encode_state(_model(3)), release)
+        with pytest.raises(TeacherRequestError) as e:  # meanwhile the slot is taken
+            client.publish_weights("p", _model(4).state_dict())
+        assert e.value.code == grpc.StatusCode.ABORTED and "1.5 s" in e.value.message, e.value
+        with pytest.raises(grpc.RpcError) as dropped:  # the stalled client still holds its call open
+            stalled.result(timeout=30)
+        assert dropped.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, dropped.value
+        assert "no chunk of this upload for 1.5 s" in dropped.value.details()
+        assert 1.5 <= time.monotonic() - start < 20
+        assert not release.is_set()
+        assert client.publish_weights("p", _model(3).state_dict()) == 1
+        assert _errors(running) == {"ABORTED": 1.0, "DEADLINE_EXCEEDED": 1.0}
+        deadline = time.monotonic() + 10  # the upload's reader ended with its call
+        while any(t.name == "upload-p" for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "the stalled upload's reader thread outlived its call"
+            time.sleep(0.02)
     finally:
         release.set()
 

@@ -66,6 +66,7 @@ def refused(r: Result, *needles: str) -> str:
         (["--mean", "abc", "--std", "1"], ["--mean", "'abc'"]),
         (["--mean", "0.5", "--std", "nan"], ["--std", "finite"]),
         (["--host", "999.1.1.1"], ["--host", "999.1.1.1"]),
+        (["--accept-weights", "--upload-idle-timeout", "0"], ["--upload-idle-timeout", "> 0"]),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) and v[0].startswith("--") else "",
 )
@@ -98,6 +99,7 @@ CONFIGS = {
     'amp = "fp8"': "amp must be one of fp32, bf16, fp16",
     'device = "tpu"': "device 'tpu' is not a device",
     "mean = [0.5]\nstd = [0.0]": "std must be > 0",
+    "upload_idle_timeout_s = -1": "upload_idle_timeout_s must be a number of seconds > 0",
 }
 
 
