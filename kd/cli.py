@@ -44,8 +44,14 @@ def _parse_options(items: list[str]) -> dict[str, object]:
     return out
 
 
-def _floats(text: str | None) -> list[float] | None:
-    return None if text is None else [float(v) for v in text.split(",") if v.strip()]
+def _floats(text: str | None, option: str = "value") -> list[float] | None:
+    """Comma-separated numbers (None stays None); anything else fails naming ``option``."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{option} {text!r}: expected comma-separated numbers, e.g. 0.485,0.456,0.406")
 
 
 def _save_student(model, out: Path) -> None:
@@ -152,23 +158,44 @@ def serve(
     accept_weights: bool = typer.Option(
         False, "--accept-weights", help="Let clients replace the weights while serving (PublishWeights; kd peer)."
     ),
+    upload_idle_timeout: float = typer.Option(
+        60.0,
+        help="--accept-weights: an upload that sends no chunk for this many seconds is dropped "
+        "(DEADLINE_EXCEEDED), so a stalled publisher cannot keep the others out.",
+    ),
 ) -> None:
     """Serve teachers over gRPC with dynamic batching."""
     import os
+    import socket
 
     from kd.core.data import open_source
     from kd.core.files import write_text_atomically
     from kd.core.signals import StopSignals
+    from kd.teacher_server.access import parse_access
     from kd.teacher_server.auth import TLSConfig
-    from kd.teacher_server.config import ConfigError, ServerConfig, TeacherEntry, load_config
-    from kd.teacher_server.loading import TeacherLoadError, load_teacher
+    from kd.teacher_server.config import (
+        ConfigError,
+        ServerConfig,
+        TeacherEntry,
+        load_config,
+        server_problem,
+        teacher_problem,
+    )
+    from kd.teacher_server.loading import TeacherLoadError, device_problem, load_teacher
     from kd.teacher_server.server import TeacherOptions, serve_until_signalled, start_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        cfg = load_config(config) if config is not None else ServerConfig()
-    except ConfigError as e:
-        _fail(str(e))
+    # Every option is checked before the config is read or a teacher loaded: a mistake costs no work.
+    server_flags = {"host": host, "port": port, "max_message_mb": max_message_mb, "workers": workers,
+                    "metrics_port": metrics_port, "query_budget": query_budget, "max_streams": max_streams,
+                    "max_streams_per_client": max_streams_per_client}  # fmt: skip
+    for key, value in server_flags.items():
+        problem = server_problem(key, value)
+        if problem:
+            _fail(f"--{key.replace('_', '-')} {problem}")
+    problem = device_problem(device)
+    if problem:
+        _fail(f"--device {problem}")
     flags = TeacherOptions(
         max_batch_size=max_batch_size,
         preferred_batch_sizes=list(preferred_batch_size),
@@ -182,23 +209,36 @@ def serve(
         threads=threads,
         instances=instances,
         devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
-        mean=_floats(mean),
-        std=_floats(std),
+        mean=_floats(mean, "--mean"),
+        std=_floats(std, "--std"),
+        upload_idle_timeout_s=upload_idle_timeout,
     )
-    if instances < 1:
-        _fail(f"--instances must be >= 1, got {instances}")
+    bad = teacher_problem(flags)
+    if bad:
+        key, problem = bad
+        flag = {"preferred_batch_sizes": "preferred-batch-size", "upload_idle_timeout_s": "upload-idle-timeout"}
+        _fail(f"--{flag.get(key, key.replace('_', '-'))} {problem}")
     import dataclasses
 
     tiers: dict[str, str] = {}
     for item in access:
         name, sep, tier = item.rpartition("=")
-        tiers[name if sep else "*"] = tier
+        try:
+            tiers[name if sep else "*"] = parse_access(tier)
+        except ValueError as e:
+            _fail(f"--access {item!r}: {e}")
     served_records = {}
     for item in records:
         name, sep, path = item.partition("=")
         if not sep or not name:
             _fail(f"--records {item!r} must look like NAME=FILE")
+        if not Path(path).is_file():
+            _fail(f"--records {item!r}: no such file {path!r}")
         served_records[name] = path
+    try:
+        cfg = load_config(config) if config is not None else ServerConfig()
+    except ConfigError as e:
+        _fail(str(e))
     for item in teacher:
         name, sep, spec = item.partition("=")
         if not sep or not name:
@@ -223,11 +263,13 @@ def serve(
         cfg.datasets[name] = ref
     if not cfg.teachers:
         _fail("no teachers: give --teacher NAME=SPEC or --config FILE")
-    for key, value in (("host", host), ("port", port), ("max_message_mb", max_message_mb), ("workers", workers),
-                       ("metrics_port", metrics_port), ("query_budget", query_budget), ("max_streams", max_streams),
-                       ("max_streams_per_client", max_streams_per_client)):  # fmt: skip
+    for key, value in server_flags.items():
         if value is not None:
             setattr(cfg, key, value)
+    try:
+        socket.getaddrinfo(cfg.host, None)
+    except (OSError, UnicodeError) as e:
+        _fail(f"{'--host' if host is not None else f'{config} [server] host'} {cfg.host!r} cannot be resolved: {e}")
     for key, value in (("token_file", token_file), ("tls_cert", tls_cert), ("tls_key", tls_key),
                        ("tls_client_ca", tls_client_ca)):  # fmt: skip
         if value is not None:
@@ -246,6 +288,10 @@ def serve(
         if not (cfg.tls_cert and cfg.tls_key):
             _fail("TLS needs both --tls-cert and --tls-key")
         tls = TLSConfig(Path(cfg.tls_cert), Path(cfg.tls_key), Path(cfg.tls_client_ca) if cfg.tls_client_ca else None)
+        try:
+            tls.server_credentials()  # the files are read and checked before any teacher loads
+        except (ValueError, OSError) as e:
+            _fail(str(e))
     elif cfg.tls_client_ca:
         _fail("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     try:
@@ -382,7 +428,7 @@ def precompute(
         which = parse_shard(shard) if shard else torchrun_shard()
         kwargs: dict = {}
         if source.startswith("local:"):
-            kwargs = {"device": device, "mean": _floats(mean), "std": _floats(std)}
+            kwargs = {"device": device, "mean": _floats(mean, "--mean"), "std": _floats(std, "--std")}
         if by_reference:
             kwargs = {"dataset": by_reference, "num_views": views}
         with parse_source(source, **kwargs) as src:
@@ -675,8 +721,8 @@ def train(
             matches=list(match),
             workers=workers,
             input_size=input_size,
-            input_mean=_floats(input_mean) or [],
-            input_std=_floats(input_std) or [],
+            input_mean=_floats(input_mean, "--input-mean") or [],
+            input_std=_floats(input_std, "--input-std") or [],
             **recipe,
         )
         hooks = None
@@ -764,8 +810,8 @@ def evaluate_model(
         net.to(device)
         from kd.student_trainer.train import TrainConfig, student_final
 
-        final = student_final(TrainConfig(input_size=input_size, input_mean=_floats(input_mean) or [],
-                                          input_std=_floats(input_std) or []))  # fmt: skip
+        final = student_final(TrainConfig(input_size=input_size, input_mean=_floats(input_mean, "--input-mean") or [],
+                                          input_std=_floats(input_std, "--input-std") or []))  # fmt: skip
         acc = evaluate(net, data, batch_size=batch_size, workers=workers, device=device, input_shape=shape,
                        final=final)  # fmt: skip
     except (TeacherLoadError, ValueError, RuntimeError, TypeError) as e:

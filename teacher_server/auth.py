@@ -62,9 +62,20 @@ class TLSConfig:
         for what, path in (("certificate", self.cert), ("key", self.key), ("client CA", self.client_ca)):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"TLS {what} file {str(path)!r} does not exist")
-        ca = Path(self.client_ca).read_bytes() if self.client_ca else None
+        # gRPC takes any bytes here and fails only later, at bind, without saying which file: check
+        # that each is PEM of the right kind now.
+        pems = {}
+        for what, path, marker in (("certificate", self.cert, b"-----BEGIN CERTIFICATE-----"),
+                                   ("key", self.key, b"PRIVATE KEY-----"),
+                                   ("client CA", self.client_ca, b"-----BEGIN CERTIFICATE-----")):  # fmt: skip
+            if path is None:
+                continue
+            pems[what] = Path(path).read_bytes()
+            if marker not in pems[what]:
+                raise ValueError(f"TLS {what} file {str(path)!r} is not PEM (no {marker.decode().strip('-')} block)")
+        ca = pems.get("client CA")
         return grpc.ssl_server_credentials(
-            [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())],
+            [(pems["key"], pems["certificate"])],
             root_certificates=ca,
             require_client_auth=ca is not None,
         )

@@ -27,6 +27,7 @@ max_queue_size = 4096
 mean = [0.485, 0.456, 0.406]        # uint8 inputs: x/255 normalised per channel
 std = [0.229, 0.224, 0.225]
 accept_weights = false              # true: clients may replace the weights while serving (PublishWeights, kd peer)
+upload_idle_timeout_s = 60          # an upload with no chunk for this long is dropped (DEADLINE_EXCEEDED)
 
 [[teacher]]
 name = "lm"
@@ -41,11 +42,15 @@ ref = "digits:train"
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kd.teacher_server.access import parse_access
+from kd.teacher_server.loading import device_problem
+from kd.teacher_server.runner import AMP_DTYPES
 from kd.teacher_server.server import TeacherOptions
 
 
@@ -83,6 +88,116 @@ class ServerConfig:
     max_clients: int = 10_000
     teachers: list[TeacherEntry] = field(default_factory=list)
     datasets: dict[str, str] = field(default_factory=dict)  # name -> bundled dataset ref
+
+
+# The largest message gRPC takes is 2 GiB - 1 byte (a signed 32-bit length).
+MAX_MESSAGE_MB = (2**31 - 1) >> 20
+
+# Integer ranges (lo, hi; None = no bound) of the server's and a teacher's options; 0 keeps the
+# documented meaning where one is listed (port: any free one; query_budget, max_queue_size:
+# unbounded; threads: torch's default; max_queue_delay_us: never wait).
+SERVER_RANGES: dict[str, tuple[int, int | None]] = {
+    "port": (0, 65535),
+    "metrics_port": (0, 65535),
+    "max_message_mb": (1, MAX_MESSAGE_MB),
+    "workers": (1, None),
+    "query_budget": (0, None),
+    "max_streams": (1, None),
+    "max_streams_per_client": (1, None),
+    "stream_window": (1, None),
+    "max_clients": (1, None),
+}
+TEACHER_RANGES: dict[str, tuple[int, int | None]] = {
+    "max_batch_size": (1, None),
+    "max_queue_delay_us": (0, None),
+    "max_queue_size": (0, None),
+    "threads": (0, None),
+    "instances": (1, None),
+    "max_gradient_batch": (1, None),
+    "max_synthesis_iterations": (1, None),
+    "max_jobs_queued": (1, None),
+    "max_batch_tokens": (1, None),
+}
+
+
+def range_problem(value: int, lo: int, hi: int | None) -> str | None:
+    """Why integer ``value`` lies outside lo..hi, or None."""
+    if value < lo or (hi is not None and value > hi):
+        return f"must be in {lo}..{hi}, got {value}" if hi is not None else f"must be >= {lo}, got {value}"
+    return None
+
+
+def server_problem(key: str, value: object) -> str | None:
+    """Why a server option's value is out of range (None where it is fine or has no range)."""
+    if key in SERVER_RANGES and isinstance(value, int):
+        return range_problem(value, *SERVER_RANGES[key])
+    return None
+
+
+def teacher_problem(o: TeacherOptions) -> tuple[str, str] | None:
+    """(option, why) for the first out-of-range value of a teacher's options, or None: checked
+    before any teacher is loaded, so a mistake costs no work."""
+    for key, (lo, hi) in TEACHER_RANGES.items():
+        problem = range_problem(getattr(o, key), lo, hi)
+        if problem:
+            return key, problem
+    if not 0 < o.upload_idle_timeout_s < math.inf:
+        return "upload_idle_timeout_s", f"must be a number of seconds > 0, got {o.upload_idle_timeout_s}"
+    bad = [p for p in o.preferred_batch_sizes if not 1 <= p <= o.max_batch_size]
+    if bad:
+        return "preferred_batch_sizes", f"must lie in 1..max_batch_size={o.max_batch_size}, got {bad}"
+    if o.amp not in AMP_DTYPES:
+        return "amp", f"must be one of {', '.join(AMP_DTYPES)}, got {o.amp!r}"
+    try:
+        parse_access(o.access)
+    except ValueError as e:
+        return "access", str(e)
+    for d in o.devices or []:
+        problem = device_problem(d)
+        if problem:
+            return "devices", problem
+    for key in ("mean", "std"):
+        values = getattr(o, key)
+        if values is not None and (not values or not all(math.isfinite(v) for v in values)):
+            return key, f"must be one or more finite numbers, got {values}"
+    if (o.mean is None) != (o.std is None):
+        return "std" if o.std is None else "mean", "is missing: uint8 inputs need both mean and std, or neither"
+    if o.std is not None and any(v <= 0 for v in o.std):
+        return "std", f"must be > 0, got {o.std}"
+    if o.mean is not None and len(o.mean) != len(o.std):
+        return "std", f"needs as many values as mean ({len(o.mean)}), got {len(o.std)}"
+    return None
+
+
+def _matches(value: object, annotation: str) -> bool:
+    """Whether a config value has a dataclass field's type (its annotation as written)."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if len(kinds) > 1:
+        return any(_matches(value, k) for k in kinds)
+    kind = kinds[0]
+    if kind.startswith("list[") and kind.endswith("]"):
+        return isinstance(value, list) and all(_matches(v, kind[5:-1]) for v in value)
+    checks = {
+        "None": lambda v: v is None,
+        "bool": lambda v: isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+    }
+    return checks[kind](value)
+
+
+def _check_types(table: dict[str, Any], types: dict[str, str], where: str) -> None:
+    for key, value in table.items():
+        if key in types and not _matches(value, types[key]):
+            raise ConfigError(f"{where}: {key} must be {types[key]}, got {value!r} ({type(value).__name__})")
+
+
+def _tables(data: dict[str, Any], key: str, path: Path) -> list[dict[str, Any]]:
+    items = data.get(key, [])
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ConfigError(f"{path}: {key} must be a list of tables ([[{key}]]), got {items!r}")
+    return items
 
 
 def read_table(path: str | Path) -> dict[str, Any]:
@@ -124,23 +239,39 @@ def load_config(path: str | Path) -> ServerConfig:
     path = Path(path)
     data = _read(path)
     _take(data, {"server", "teacher", "dataset"}, str(path))
-    server = dict(data.get("server", {}))
-    server_keys = {f.name for f in fields(ServerConfig)} - {"teachers", "datasets"}
-    _take(server, server_keys, f"{path} [server]")
+    server = data.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError(f"{path}: server must be a table ([server]), got {server!r}")
+    server_types = {f.name: f.type for f in fields(ServerConfig) if f.name not in ("teachers", "datasets")}
+    _take(server, set(server_types), f"{path} [server]")
+    _check_types(server, server_types, f"{path} [server]")
+    for key, value in server.items():
+        problem = server_problem(key, value)
+        if problem:
+            raise ConfigError(f"{path} [server]: {key} {problem}")
     cfg = ServerConfig(**server)
-    option_keys = {f.name for f in fields(TeacherOptions)}
-    for i, entry in enumerate(data.get("teacher", [])):
+    option_types = {f.name: f.type for f in fields(TeacherOptions)}
+    for i, entry in enumerate(_tables(data, "teacher", path)):
         where = f"{path} [[teacher]] #{i + 1}"
-        _take(entry, option_keys | {"name", "spec", "device"}, where)
+        _take(entry, set(option_types) | {"name", "spec", "device"}, where)
         if "name" not in entry or "spec" not in entry:
             raise ConfigError(f"{where}: needs `name` and `spec`")
-        opts = TeacherOptions(**{k: v for k, v in entry.items() if k in option_keys})
-        cfg.teachers.append(TeacherEntry(entry["name"], entry["spec"], entry.get("device", "cpu"), opts))
-    for i, entry in enumerate(data.get("dataset", [])):
+        _check_types(entry, option_types | {"name": "str", "spec": "str", "device": "str"}, where)
+        device = entry.get("device", "cpu")
+        problem = device_problem(device)
+        if problem:
+            raise ConfigError(f"{where}: device {problem}")
+        opts = TeacherOptions(**{k: v for k, v in entry.items() if k in option_types})
+        bad = teacher_problem(opts)
+        if bad:
+            raise ConfigError(f"{where}: {bad[0]} {bad[1]}")
+        cfg.teachers.append(TeacherEntry(entry["name"], entry["spec"], device, opts))
+    for i, entry in enumerate(_tables(data, "dataset", path)):
         where = f"{path} [[dataset]] #{i + 1}"
         _take(entry, {"name", "ref"}, where)
         if "name" not in entry or "ref" not in entry:
             raise ConfigError(f"{where}: needs `name` and `ref`")
+        _check_types(entry, {"name": "str", "ref": "str"}, where)
         cfg.datasets[entry["name"]] = entry["ref"]
     if not cfg.teachers:
         raise ConfigError(f"{path}: no [[teacher]] entries")

@@ -196,6 +196,25 @@ def build_model(spec: TeacherSpec, *, trust_archive: bool = False) -> nn.Module:
     return model
 
 
+def device_problem(device: str) -> str | None:
+    """Why ``device`` (cpu, cuda, cuda:N, mps) cannot hold a model here, or None where it can."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"{device!r} is not a device; use cpu, cuda or cuda:N"
+    if dev.type == "cpu":
+        return None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{device!r}: CUDA is not available here (torch {torch.__version__} sees no GPU)"
+        if (dev.index or 0) >= torch.cuda.device_count():
+            return f"{device!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+        return None
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return None
+    return f"{device!r} is not available here; use cpu, cuda or cuda:N"
+
+
 def load_teacher(
     name: str,
     spec: str,
@@ -207,6 +226,9 @@ def load_teacher(
 
     ``hf:DIR`` specs and models whose input shape is ``(-1,)`` are token teachers
     (kd.teacher_server.lm): probed with int64 token ids, never float zeros."""
+    problem = device_problem(device)
+    if problem is not None:
+        raise TeacherLoadError(f"teacher {name!r}: device {problem}")
     if spec.startswith("hf:"):
         from kd.teacher_server.lm import load_token_teacher
 

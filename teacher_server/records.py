@@ -198,9 +198,14 @@ def load_records(path: str | Path, teacher: Teacher) -> tuple[dict[str, torch.Te
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"activation records {str(path)!r} not found")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        records = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            records = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"activation records {str(path)!r} are not a readable safetensors file: {e}") from None
     if meta.get("teacher_fingerprint") != teacher.fingerprint:
         raise ValueError(
             f"activation records {str(path)!r} were computed for teacher fingerprint "

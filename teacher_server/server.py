@@ -87,6 +87,9 @@ class TeacherOptions:
     max_batch_tokens: int = 8192
     # Live weight updates (PublishWeights, kd.teacher_server.weights): off unless the operator says.
     accept_weights: bool = False
+    # An upload that sends no chunk for this many seconds is dropped (DEADLINE_EXCEEDED), so a
+    # stalled publisher cannot keep the teacher's one upload slot from the others.
+    upload_idle_timeout_s: float = weights.UPLOAD_IDLE_TIMEOUT_S
 
 
 # The first version's name, kept for callers that only set batching fields.
@@ -209,7 +212,7 @@ def _endpoint(t: Teacher, o: TeacherOptions, metrics: ServerMetrics) -> Endpoint
                   records_dataset=records_dataset, class_names=list(o.class_names or []),
                   fingerprint=target_fingerprint(t.weights_fingerprint, **fp_options),
                   target_options=target_options(**fp_options))  # fmt: skip
-    return weights.enable(ep, runners, fp_options) if o.accept_weights else ep
+    return weights.enable(ep, runners, fp_options, o.upload_idle_timeout_s) if o.accept_weights else ep
 
 
 def start_server(
@@ -278,9 +281,19 @@ def start_server(
         server,
     )
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpc >= 1.60 raises where older ones returned 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind {address}")
+        for ep in endpoints.values():
+            ep.close(timeout=1)
+        why = (
+            "in use, not an address of this host, or the TLS certificate and key do not match"
+            if tls
+            else "in use, or not an address of this host"
+        )
+        raise OSError(f"cannot bind {address}: {why}")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

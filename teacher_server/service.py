@@ -109,6 +109,25 @@ def _clip(message: str) -> str:
     return message if len(message) <= _MAX_DETAILS else message[: _MAX_DETAILS - 20] + " ... (truncated)"
 
 
+def _upload_chunks(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[pb.WeightsChunk]:
+    """An upload's ``WeightsChunk`` messages, each parsed; a call its client cancelled (or whose
+    deadline passed) while it was read is CANCELLED (DEADLINE_EXCEEDED), not a server error."""
+    received = 0
+    try:
+        for raw in request_iterator:
+            yield _parse("PublishWeights", pb.WeightsChunk, raw, f" (chunk #{received})")
+            received += 1
+    except grpc.RpcError:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"PublishWeights: the call's deadline passed after {received} chunk(s); "
+                               "the weights are unchanged") from None  # fmt: skip
+        raise RequestError(grpc.StatusCode.CANCELLED,
+                           f"PublishWeights: the client cancelled the upload after {received} chunk(s); "
+                           "the weights are unchanged") from None  # fmt: skip
+
+
 def _abort(context: grpc.ServicerContext, e: RequestError) -> None:
     context.abort(e.code, _clip(e.message))
 
@@ -822,9 +841,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                                    "with `kd serve --accept-weights` (or accept_weights = true in its [[teacher]] "
                                    "table)")  # fmt: skip
             release = self._open_stream(context)  # an upload is a long-lived call: it takes a stream slot
-            chunks = (_parse("PublishWeights", pb.WeightsChunk, raw, f" (chunk #{i})")
-                      for i, raw in enumerate(request_iterator))  # fmt: skip
-            return publish_rpc(self.endpoints, chunks, self._endpoint)
+            return publish_rpc(self.endpoints, _upload_chunks(request_iterator, context), self._endpoint)
         except RequestError as e:
             self._count_error("", e.code)
             _abort(context, e)

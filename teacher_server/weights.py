@@ -31,12 +31,16 @@ parameters in place, which a backward running across it would see half done.
 An upload to a server where no teacher takes updates is refused before its first chunk is
 read; an upload takes a stream slot (``--max-streams``) while it is received, and a teacher
 buffers one upload at a time (a second is ABORTED), so uploads cannot hold every handler
-thread or buffer many copies of a model.
+thread or buffer many copies of a model. An upload that sends no chunk for
+``upload_idle_timeout_s`` (60 s; ``kd serve --upload-idle-timeout``) is dropped with
+DEADLINE_EXCEEDED, so a stalled publisher cannot keep the others out while it stays connected; one
+its client cancels is counted CANCELLED.
 """
 
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -56,6 +60,40 @@ CHUNK_BYTES = 4 << 20  # the client's default slice of an upload
 _HEADER_ALLOWANCE = 1 << 16  # safetensors header beyond ~200 bytes per tensor
 _KEPT_VERSIONS = 64  # fingerprints remembered for replies still being encoded
 _MAX_RECOMPUTES = 4
+# An upload that sends no chunk for this long is dropped (DEADLINE_EXCEEDED), so a stalled or
+# malicious publisher cannot hold a teacher's one upload slot while it stays connected
+# (kd serve --upload-idle-timeout; upload_idle_timeout_s in a [[teacher]] table).
+UPLOAD_IDLE_TIMEOUT_S = 60.0
+
+
+# The safetensors dtype names safetensors.torch reads, where this torch has the dtype. A file may
+# name others that the format's parser accepts but torch cannot hold (F8_E8M0, F4, ...): those are
+# refused by name before the file is parsed.
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32",
+                "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+                "F8_E5M2": "float8_e5m2", "F8_E5M2FNUZ": "float8_e5m2fnuz", "C64": "complex64"}  # fmt: skip
+SAFETENSORS_DTYPES = {name: getattr(torch, attr) for name, attr in _TORCH_NAMES.items() if hasattr(torch, attr)}
+
+
+def _header_dtypes(data: bytes) -> dict[str, str]:
+    """key -> dtype name of a safetensors file's header; {} where the header does not parse
+    (the parser then says why)."""
+    import json
+
+    if len(data) < 8:
+        return {}
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        return {}
+    try:
+        header = json.loads(bytes(data[8 : 8 + size]))
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(header, dict):
+        return {}
+    return {k: v["dtype"] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("dtype"), str)}  # fmt: skip
 
 
 def _invalid(message: str) -> RequestError:
@@ -115,7 +153,13 @@ class VersionedRunner:
 class WeightSlot:
     """The live weights of one endpoint: validation, the swap, and the version bookkeeping."""
 
-    def __init__(self, endpoint: Endpoint, runners: list[VersionedRunner], fp_options: dict[str, Any]) -> None:
+    def __init__(self, endpoint: Endpoint, runners: list[VersionedRunner], fp_options: dict[str, Any],
+                 idle_timeout_s: float = UPLOAD_IDLE_TIMEOUT_S) -> None:  # fmt: skip
+        if not 0 < idle_timeout_s < float("inf"):
+            raise ValueError(
+                f"teacher {endpoint.teacher.name!r}: upload idle timeout must be > 0 s, got {idle_timeout_s}"
+            )
+        self.idle_timeout_s = idle_timeout_s
         self.endpoint = endpoint
         self.runners = runners
         self.fp_options = fp_options
@@ -182,12 +226,13 @@ class WeightSlot:
         # One upload per teacher at a time: parallel uploads would each buffer a whole model.
         if not self._receiving.acquire(blocking=False):
             raise RequestError(grpc.StatusCode.ABORTED,
-                               f"teacher {self.name!r}: another weight update is being received; "
-                               "retry after it")  # fmt: skip
+                               f"teacher {self.name!r}: another weight update is being received; retry after it "
+                               f"(one idle for {self.idle_timeout_s:g} s between chunks is dropped)")  # fmt: skip
+        paced = self._paced(rest)
         try:
             parts: list[bytes] = []
             size = 0
-            for i, chunk in enumerate(itertools.chain([first], rest)):
+            for i, chunk in enumerate(itertools.chain([first], paced)):
                 if chunk.teacher and chunk.teacher != first.teacher:
                     raise _invalid(f"chunk #{i} names teacher {shorten(chunk.teacher)}, the upload's first chunk "
                                    f"{self.name!r}; one upload updates one teacher")  # fmt: skip
@@ -202,10 +247,54 @@ class WeightSlot:
             state = self.parse(data)
             del data
         finally:
+            paced.close()  # its reader ends with the call
             self._receiving.release()
         version, fp, wfp = self.publish(state, expected_version=first.expected_version)
         return pb.PublishWeightsResponse(teacher=self.name, weights_version=version, fingerprint=fp,
                                          weights_fingerprint=wfp)  # fmt: skip
+
+    def _paced(self, chunks: Iterator[pb.WeightsChunk]) -> Iterator[pb.WeightsChunk]:
+        """``chunks``, each due within ``idle_timeout_s`` of the one before, else DEADLINE_EXCEEDED.
+        gRPC's request iterator has no timeout, so a thread of the upload's own reads it; once the
+        call ends (the refusal answered, or the client gone) that read ends and the thread with it."""
+        box: queue.Queue = queue.Queue(maxsize=1)  # one chunk read ahead at most
+        done = threading.Event()
+
+        def hand(item: tuple) -> bool:
+            while not done.is_set():
+                try:
+                    box.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def read() -> None:
+            try:
+                for chunk in chunks:
+                    if not hand((chunk, None)):
+                        return
+                hand((None, None))
+            except Exception as e:  # noqa: BLE001 - a bad chunk or a cancelled call: raised by the reader
+                hand((None, e))
+
+        threading.Thread(target=read, name=f"upload-{self.name}", daemon=True).start()
+        try:
+            while True:
+                try:
+                    chunk, error = box.get(timeout=self.idle_timeout_s)
+                except queue.Empty:
+                    raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       f"teacher {self.name!r}: no chunk of this upload for {self.idle_timeout_s:g} s "
+                                       "(the server's upload idle timeout); it is dropped so others can publish, "
+                                       "the weights are unchanged") from None  # fmt: skip
+                if error is not None:
+                    raise error
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            done.set()
 
     def parse(self, data: bytes) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
@@ -213,9 +302,13 @@ class WeightSlot:
 
         if not data:
             raise _invalid("the update is empty: send the state_dict as a safetensors file")
+        for key, dtype in _header_dtypes(data).items():
+            if dtype not in SAFETENSORS_DTYPES:
+                raise _invalid(f"key {shorten(key)} has safetensors dtype {shorten(dtype)}, which torch cannot read "
+                               f"here; supported: {', '.join(SAFETENSORS_DTYPES)}")  # fmt: skip
         try:
             return load(data)
-        except (SafetensorError, ValueError, RuntimeError, OSError, TypeError) as e:
+        except (SafetensorError, ValueError, RuntimeError, OSError, TypeError, KeyError) as e:
             raise _invalid(f"the update ({len(data)} bytes) is not a safetensors file: {shorten(str(e))}") from None
 
     def validate(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -295,7 +388,9 @@ def publish_rpc(endpoints: dict[str, Endpoint], chunks: Iterator[pb.WeightsChunk
     return slot.receive(first, chunks)
 
 
-def enable(endpoint: Endpoint, runners: list[VersionedRunner], fp_options: dict[str, Any]) -> Endpoint:
-    """Give ``endpoint`` live weights (its batcher runs ``runners``)."""
-    endpoint.weights = WeightSlot(endpoint, runners, fp_options)
+def enable(endpoint: Endpoint, runners: list[VersionedRunner], fp_options: dict[str, Any],
+           idle_timeout_s: float = UPLOAD_IDLE_TIMEOUT_S) -> Endpoint:  # fmt: skip
+    """Give ``endpoint`` live weights (its batcher runs ``runners``); an upload idle for
+    ``idle_timeout_s`` between chunks is dropped."""
+    endpoint.weights = WeightSlot(endpoint, runners, fp_options, idle_timeout_s)
     return endpoint

@@ -9,7 +9,9 @@ and the old weights keep serving; two peer processes train, publish, and serve w
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -192,6 +194,106 @@ def test_bad_updates_are_refused_and_the_old_weights_keep_serving(live, tmp_path
     after = client.describe("p")
     assert (after.weights_version, after.fingerprint) == (before.weights_version, before.fingerprint)
     torch.testing.assert_close(client.infer("p", x)["logits"], y, rtol=0, atol=0)
+
+
+def test_an_update_with_a_dtype_torch_cannot_read_is_invalid_argument(live) -> None:
+    """A well-formed safetensors file whose dtype the format's parser knows but torch does not
+    (F8_E8M0, F4) is refused by name, not an INTERNAL KeyError, and the old weights stay."""
+    client, _, _ = live
+    before = client.describe("p")
+    for dtype in ("F8_E8M0", "F4"):
+        header = json.dumps({"head.bias": {"dtype": dtype, "shape": [2], "data_offsets": [0, 2]}}).encode()
+        header += b" " * (-len(header) % 8)
+        data = len(header).to_bytes(8, "little") + header + b"\0\0"
+        e = _upload(client, [pb.WeightsChunk(teacher="p", data=data)])
+        assert e.code == grpc.StatusCode.INVALID_ARGUMENT, e
+        assert "'head.bias'" in e.message and f"dtype '{dtype}'" in e.message and "F32" in e.message, e.message
+    assert client.describe("p").weights_version == before.weights_version
+
+
+def _errors(running) -> dict[str, float]:
+    from prometheus_client import generate_latest
+
+    text = generate_latest(running.metrics.registry).decode()
+    return {m[1]: float(m[2]) for m in re.finditer(r'kd_errors_total\{code="(\w+)",teacher="[^"]*"\} (\S+)', text)}
+
+
+@pytest.fixture()
+def publishable():
+    """An in-process server whose teacher (its own model) takes updates and drops an upload idle
+    for 1.5 s -> (running server, raw stub, client)."""
+    from kd.teacher_server.loading import load_teacher
+    from kd.teacher_server.server import TeacherOptions, start_server
+    from kd.v1 import teacher_pb2_grpc as pb_grpc
+
+    torch.manual_seed(0)
+    opts = TeacherOptions(warmup=False, accept_weights=True, upload_idle_timeout_s=1.5)
+    running = start_server([load_teacher("p", SPEC)], port=0, options={"p": opts})
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    client = TeacherClient(f"127.0.0.1:{running.port}")
+    yield running, pb_grpc.TeacherServiceStub(channel), client
+    client.close()
+    channel.close()
+    running.stop(grace=1)
+
+
+def _stalled_upload(running, stub, data: bytes, release: threading.Event) -> grpc.Future:
+    """An upload that sends its first chunk, then nothing until ``release`` (a stalled publisher);
+    returned once the server holds the teacher's upload slot for it."""
+
+    def chunks():
+        yield pb.WeightsChunk(teacher="p", data=data[:10], total_bytes=len(data))
+        release.wait(120)
+
+    future = stub.PublishWeights.future(chunks(), timeout=120)
+    deadline = time.monotonic() + 30
+    while not running.endpoints["p"].weights._receiving.locked():
+        assert time.monotonic() < deadline and not future.done(), future
+        time.sleep(0.01)
+    return future
+
+
+def test_a_cancelled_upload_is_counted_cancelled_without_a_traceback(publishable, caplog) -> None:
+    running, stub, client = publishable
+    release = threading.Event()
+    try:
+        with caplog.at_level(logging.INFO):
+            stalled = _stalled_upload(running, stub, encode_state(_model(3)), release)
+            stalled.cancel()
+            deadline = time.monotonic() + 30
+            while "CANCELLED" not in _errors(running):
+                assert time.monotonic() < deadline, _errors(running)
+                time.sleep(0.02)
+        assert _errors(running) == {"CANCELLED": 1.0}
+        assert "Traceback" not in caplog.text and "failed" not in caplog.text, caplog.text
+        assert client.publish_weights("p", _model(3).state_dict()) == 1  # the slot is free
+    finally:
+        release.set()
+
+
+def test_a_stalled_upload_is_dropped_after_the_idle_timeout_so_others_can_publish(publishable) -> None:
+    running, stub, client = publishable
+    release = threading.Event()
+    try:
+        start = time.monotonic()
+        stalled = _stalled_upload(running, stub, encode_state(_model(3)), release)
+        with pytest.raises(TeacherRequestError) as e:  # meanwhile the slot is taken
+            client.publish_weights("p", _model(4).state_dict())
+        assert e.value.code == grpc.StatusCode.ABORTED and "1.5 s" in e.value.message, e.value
+        with pytest.raises(grpc.RpcError) as dropped:  # the stalled client still holds its call open
+            stalled.result(timeout=30)
+        assert dropped.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, dropped.value
+        assert "no chunk of this upload for 1.5 s" in dropped.value.details()
+        assert 1.5 <= time.monotonic() - start < 20
+        assert not release.is_set()
+        assert client.publish_weights("p", _model(3).state_dict()) == 1
+        assert _errors(running) == {"ABORTED": 1.0, "DEADLINE_EXCEEDED": 1.0}
+        deadline = time.monotonic() + 10  # the upload's reader ended with its call
+        while any(t.name == "upload-p" for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "the stalled upload's reader thread outlived its call"
+            time.sleep(0.02)
+    finally:
+        release.set()
 
 
 def test_a_server_without_accept_weights_refuses(address: str) -> None:
