@@ -429,15 +429,40 @@ def _name_split(path: Path, opts: dict[str, str], default_split: str = "train") 
     return name, split
 
 
+def _to_8bit(im: Any, what: str) -> Any:
+    """``im`` with 8-bit channels. Pillow's ``convert`` clips a 16-bit grayscale image
+    (mode ``I;16*``, or ``I`` from a PNG) to 255, so 30000 and 300 would both be white:
+    its values are scaled to 8 bits here (the high byte, as Pillow does for 16-bit RGB).
+    32-bit integer and float images have no known range: refused."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):  # a PNG holds at most 16 bits
+        a = np.asarray(im).astype(np.uint32)
+        if a.size and int(a.max()) > 0xFFFF:
+            raise DatasetError(f"image {what} has values up to {int(a.max())} in a 16-bit image")
+        return Image.fromarray((a >> 8).astype(np.uint8), "L")
+    if im.mode in ("I", "F") or im.mode.startswith(("I;32", "F;")):
+        kind = "floating-point" if im.mode.startswith("F") else "integer"
+        raise DatasetError(
+            f"image {what} has 32-bit {kind} pixels (Pillow mode {im.mode}), whose range kd cannot know; "
+            "convert it to an 8- or 16-bit image"
+        )
+    return im
+
+
 def _decode_image(src: str | Path | bytes, mode: str, what: str) -> torch.Tensor:
-    """Decode one image file (or its bytes) with Pillow to uint8 CHW."""
+    """Decode one image file (or its bytes) with Pillow to uint8 CHW (16-bit images scaled to 8 bits)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-            arr = np.asarray(im.convert(mode))
+            arr = np.asarray(_to_8bit(im, what).convert(mode))
+    except DatasetError:
+        raise
     except FileNotFoundError:
         raise DatasetError(f"image {what} is missing (was the dataset changed after opening?)") from None
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"image {what} is too large to decode safely: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"cannot decode image {what}: {e}") from None
     t = torch.from_numpy(arr.copy())
@@ -1303,7 +1328,7 @@ class ModuleSource(FileSource):
         if isinstance(x, torch.Tensor):
             return x if x.dtype in (torch.uint8, torch.float32) else x.float()
         if hasattr(x, "convert") and hasattr(x, "size"):  # a PIL image
-            arr = np.asarray(x.convert(self.mode))
+            arr = np.asarray(_to_8bit(x, self._what(i)).convert(self.mode))
             t = torch.from_numpy(arr.copy())
             return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
         a = np.asarray(x)
