@@ -324,7 +324,8 @@ def precompute(
             f"feature(s) {batchwise} relate the samples of a batch to each other and cannot be cached per sample; "
             "cache the full (or pooled) map and let the trainer compute them"
         )
-    if views > 1 and getattr(dataset, "augmentation", "none") in ("", "none"):
+    # A view policy's name carries its version ("none@v1"): the policy is what is compared.
+    if views > 1 and str(getattr(dataset, "augmentation", "none")).partition("@")[0] in ("", "none"):
         raise ValueError(f"dataset {dataset.dataset_id!r} has no augmentation: --views {views} would be {views} "
                          "copies of the same sample")  # fmt: skip
     shapes: dict[str, list[int]] = {}

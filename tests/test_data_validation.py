@@ -14,9 +14,46 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import Result
 from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
 
+from kd.cli import app
 from kd.core.data import DatasetError, open_source
+
+TEACHER = "local:test_data_validation:tiny?num_classes=3&input_shape=3x8x8"
+
+
+def tiny(num_classes: int = 3) -> nn.Module:
+    """A seeded 3x8x8 image teacher (this module is on pytest's path: ``local:test_data_validation:tiny``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, int(num_classes)))  # fmt: skip
+
+
+def cli(*args: str) -> Result:
+    """``kd ARGS`` in this process (typer's runner on ``kd.cli.app``)."""
+    return CliRunner().invoke(app, list(args))
+
+
+def refused(r: Result, *needles: str) -> str:
+    """The message of a CLI refusal: exit code 2, ``error:``, no traceback, every needle in it."""
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert "error:" in r.output and "Traceback" not in r.output, r.output
+    text = " ".join(r.output.split())
+    for needle in needles:
+        assert needle in text, text
+    return text
+
+
+def write_folder(root: Path, n: int = 4, side: int = 8) -> Path:
+    rs = np.random.RandomState(0)
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rs.rand(side, side, 3) * 255).astype(np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
+    return root
 
 
 @pytest.fixture(autouse=True)
@@ -70,3 +107,15 @@ def test_decompression_bomb_png_is_a_dataset_error(tmp_path: Path) -> None:
     src = open_source(f"imagefolder:{tmp_path / 'd'}?size=8")
     with pytest.raises(DatasetError, match=r"bomb\.png is too large to decode safely"):
         src.get(torch.tensor([0]))
+
+
+# -- precompute options ----------------------------------------------------------------------------
+def test_views_on_a_dataset_without_augmentation_is_refused(tmp_path: Path) -> None:
+    data = write_folder(tmp_path / "d")
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}", "--views", "3",
+            "--out", str(tmp_path / "c"), "--workers", "0")  # fmt: skip
+    refused(r, "has no augmentation: --views 3 would be 3 copies of the same sample")
+    assert not (tmp_path / "c" / "data.mdb").exists()
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}?views=flip", "--views", "3",
+            "--out", str(tmp_path / "c2"), "--workers", "0")  # fmt: skip
+    assert r.exit_code == 0, r.output
