@@ -119,3 +119,92 @@ def test_views_on_a_dataset_without_augmentation_is_refused(tmp_path: Path) -> N
     r = cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}?views=flip", "--views", "3",
             "--out", str(tmp_path / "c2"), "--workers", "0")  # fmt: skip
     assert r.exit_code == 0, r.output
+
+
+# -- labels ---------------------------------------------------------------------------------------
+def save_hf(root: Path, labels: list, feature: str) -> Path:
+    datasets = pytest.importorskip("datasets")
+    imgs = [Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)) for i in range(len(labels))]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value(feature)})
+    datasets.Dataset.from_dict({"image": imgs, "label": labels}, features=feats).save_to_disk(str(root))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("labels", "feature", "message"),
+    [
+        ([0, None, 2, 1], "int64", r"label column 'label' at row 1 of .* is null: a missing label"),
+        ([0.0, 1.5, 2.0, 1.0], "float32", r"label column 'label' at row 1 of .* is 1\.5: not a whole number"),
+        ([0, 2, -3, 1], "int64", r"label column 'label' at row 2 of .* is -3: negative"),
+        (["cat", "dog", "cat", "dog"], "string", r"label column 'label' at row 0 of .* is 'cat': class labels must be"),
+    ],
+)
+def test_bad_hf_labels_are_refused_naming_the_column_row_and_value(
+    tmp_path: Path, labels: list, feature: str, message: str
+) -> None:
+    src = open_source(f"hf:{save_hf(tmp_path / 'hf', labels, feature)}")
+    with pytest.raises(DatasetError, match=message):
+        src.labels  # noqa: B018
+    with pytest.raises(DatasetError, match=message):
+        src.num_classes  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("y", "message"),
+    [
+        (np.full(4, 2**63 + 5, np.uint64), r"label 0 \(array 'y'\) of .*y\.npz is 9223372036854775813: larger than"),
+        (np.array([0, 1, -1, 2]), r"label 2 \(array 'y'\) of .*y\.npz is -1: negative"),
+    ],
+)
+def test_bad_npz_labels_are_refused(tmp_path: Path, y: np.ndarray, message: str) -> None:
+    np.savez(tmp_path / "y.npz", x=np.zeros((4, 3, 8, 8), np.float32), y=y)
+    src = open_source(f"npz:{tmp_path / 'y.npz'}")
+    with pytest.raises(DatasetError, match=message):
+        src.num_classes  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [(b"-1", r"label k1\.cls in .*s\.tar is '-1': class labels are 0\.\."),
+     (b"9" * 23, r"label k1\.cls in .*s\.tar is '9{23}': class labels are 0\.\.")],
+)  # fmt: skip
+def test_bad_tar_labels_are_refused(tmp_path: Path, text: bytes, message: str) -> None:
+    png = image_bytes(np.zeros((8, 8, 3), np.uint8), "PNG")
+    shard = write_tar(tmp_path / "s.tar", [("k0.png", png), ("k0.cls", b"0"), ("k1.png", png), ("k1.cls", text)])
+    with pytest.raises(DatasetError, match=message):
+        open_source(f"webdataset:{shard}")
+
+
+def test_cifar10_label_byte_outside_its_10_classes_is_refused(tmp_path: Path) -> None:
+    labels = np.array([3, 9, 200, 1], np.uint8)
+    records = np.concatenate([labels[:, None], np.zeros((4, 3072), np.uint8)], axis=1)
+    for k in range(1, 6):
+        records.tofile(tmp_path / f"data_batch_{k}.bin")
+    src = open_source(f"cifar:{tmp_path}")
+    with pytest.raises(
+        DatasetError, match=r"label byte of record 2 of .*data_batch_1\.bin is 200: outside the 10 classes"
+    ):
+        src.labels  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "the number of classes must be >= 1"),
+        ("-5", "the number of classes must be >= 1"),
+        ("abc", "expected a whole number of classes"),
+        ("2", r"label 2 \(array 'y'\) .* is 2: outside the 2 classes of \?classes=2"),
+    ],
+)
+def test_classes_option_is_checked(tmp_path: Path, value: str, message: str) -> None:
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 8, 8), np.float32), y=np.array([0, 1, 2, 0]))
+    with pytest.raises(DatasetError, match=rf"{message}"):
+        open_source(f"npz:{tmp_path / 'd.npz'}?classes={value}").num_classes  # noqa: B018
+    assert open_source(f"npz:{tmp_path / 'd.npz'}?classes=5").num_classes == 5
+
+
+def test_precompute_refuses_a_null_label_before_writing(tmp_path: Path) -> None:
+    hf = save_hf(tmp_path / "hf", [0, 1, None, 2], "int64")
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"hf:{hf}", "--out", str(tmp_path / "c"), "--workers", "0")
+    refused(r, "label column 'label' at row 2", "is null")
+    assert not (tmp_path / "c" / "data.mdb").exists()

@@ -252,6 +252,9 @@ class DatasetError(ValueError):
     """A dataset that cannot be opened or read, with the file or option at fault named."""
 
 
+LABEL_MAX = 2**31 - 1  # the largest class label kd accepts (a class count must fit an int32)
+
+
 def _pick(given: str | None, candidates: Sequence[str], available: list[str], what: str, *,
           fmt: str, noun: str, ref: str) -> str:  # fmt: skip
     """The array/column for ``what``: the one named by ``?what=`` (which must exist), else the
@@ -516,6 +519,14 @@ class FileSource:
         if self.mode not in ("RGB", "L"):
             raise DatasetError(f"mode={self.mode!r}: expected RGB or L")
         self.shape = _parse_size(opts["shape"], "shape") if "shape" in opts else None
+        self.classes_option: int | None = None
+        if "classes" in opts:
+            try:
+                self.classes_option = int(opts["classes"])
+            except ValueError:
+                raise DatasetError(f"classes={opts['classes']!r}: expected a whole number of classes") from None
+            if not 1 <= self.classes_option <= LABEL_MAX + 1:
+                raise DatasetError(f"classes={opts['classes']!r}: the number of classes must be >= 1")
         try:
             self.policy = ViewPolicy.parse(opts.get("views"))
         except ValueError as e:
@@ -556,19 +567,62 @@ class FileSource:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r}, {len(self)} samples)"
 
+    def _label_what(self, i: int) -> str:
+        """Where label ``i`` is stored, for messages (subclasses name their array, column or member)."""
+        return f"the label of {self._what(i)}"
+
     @cached_property
     def labels(self) -> torch.Tensor:
-        """int64 ``[N]``, read without decoding any sample."""
-        return torch.from_numpy(np.array(self._read_labels(), dtype=np.int64, copy=True))
+        """int64 ``[N]``, read without decoding any sample; each one checked to be a class 0..num_classes-1."""
+        return torch.from_numpy(self._checked_labels(np.asarray(self._read_labels())))
+
+    def _checked_labels(self, a: np.ndarray) -> np.ndarray:
+        """``a`` as int64 after refusing any label that is not a whole number in range, naming the first."""
+
+        def bad(mask: np.ndarray, problem: str) -> None:
+            if mask.any():
+                i = int(np.flatnonzero(mask)[0])
+                raise DatasetError(
+                    f"{self.format}: {self._label_what(i)} is {a[i].item()!r}: {problem} "
+                    f"({int(mask.sum())} such label(s) in {self.uri})"
+                )
+
+        if a.ndim != 1:
+            raise DatasetError(
+                f"{self.format}: labels of {self.uri} must be one integer per sample, got shape {list(a.shape)}"
+            )
+        if a.dtype.kind == "b":
+            a = a.astype(np.int64)
+        elif a.dtype.kind == "f":
+            bad(np.isnan(a), "a missing label (null or NaN)")
+            bad(~np.isfinite(a) | (a != np.floor(a)), "not a whole number (class labels are integers)")
+        elif a.dtype.kind not in "iu":  # objects (Python numbers, None, lists) or strings
+            vals = a.tolist()
+            for i, v in enumerate(vals):
+                if not isinstance(v, (int, float)) or isinstance(v, bool):
+                    raise DatasetError(
+                        f"{self.format}: {self._label_what(i)} is {v!r}: class labels must be integers "
+                        f"(the labels of {self.uri} are {a.dtype})"
+                    )
+            return self._checked_labels(np.asarray(vals, dtype=np.float64))  # exact below 2**53: the range holds
+        limit, known = self.classes_option, self._class_names()
+        why = f"outside the {limit} classes of ?classes={limit}" if limit else ""
+        if limit is None and known:
+            limit, why = len(known), f"outside the {len(known)} classes of {self.uri}"
+        if a.dtype.kind in "if":
+            bad(a < 0, "negative (class labels are 0, 1, ...)")
+        bad(a > (LABEL_MAX if limit is None else limit - 1), why or f"larger than the largest class label {LABEL_MAX}")
+        return np.array(a, dtype=np.int64, copy=True)
 
     @cached_property
     def num_classes(self) -> int:
-        if "classes" in self.options:
-            return int(self.options["classes"])
+        labels = self.labels  # checked: every label is one of the classes counted here
+        if self.classes_option is not None:
+            return self.classes_option
         names = self._class_names()
         if names:
             return len(names)
-        return int(self.labels.max()) + 1 if len(self) else 0
+        return int(labels.max()) + 1 if len(labels) else 0
 
     @cached_property
     def class_names(self) -> list[str]:
@@ -901,6 +955,13 @@ class ArraySource(FileSource):
     def _what(self, i: int) -> str:
         return f"sample {i} of {self.path}"
 
+    def _label_what(self, i: int) -> str:
+        return (
+            f"label {i} (array {self.y_key!r}) of {self.y_path}"
+            if self.format == "npz"
+            else f"label {i} of {self.y_path}"
+        )
+
     def _raw(self, i: int) -> torch.Tensor:
         try:
             return _array_to_chw(self._arrays()[0][i], self.layout)
@@ -1018,6 +1079,10 @@ class CifarSource(FileSource):
         f, r = self._locate(i)
         return f"record {r} of {self.root / self.files[f]}"
 
+    def _label_what(self, i: int) -> str:
+        kind = {10: "label byte", 100: f"{self.label_kind} label byte"}[self.variant]
+        return f"the {kind} of {self._what(i)}"
+
     def _raw(self, i: int) -> torch.Tensor:
         f, r = self._locate(i)
         rec = self._maps()[f][r]
@@ -1082,6 +1147,12 @@ class HFSource(FileSource):
 
     def _read_labels(self) -> np.ndarray:
         col = self._dataset().data.column(self.label_col)
+        if col.null_count:  # to_numpy would give NaN (an int64 cast of it: INT64_MIN), or None
+            missing = np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))
+            raise DatasetError(
+                f"hf: {self._label_what(int(missing[0]))} is null: a missing label "
+                f"({len(missing)} such row(s) in {self.uri})"
+            )
         return np.asarray(col.to_numpy(zero_copy_only=False))
 
     def _class_names(self) -> list[str] | None:
@@ -1091,6 +1162,9 @@ class HFSource(FileSource):
 
     def _what(self, i: int) -> str:
         return f"row {i} of {self.root}"
+
+    def _label_what(self, i: int) -> str:
+        return f"label column {self.label_col!r} at row {i} of {self.root}"
 
     def _raw(self, i: int) -> torch.Tensor:
         v = self._rows()[int(i)][self.image_col]
@@ -1228,6 +1302,11 @@ class WebDatasetSource(FileSource):
                     raise DatasetError(
                         f"webdataset: label {key}{self.label_ext} in {shard} is {text!r}, not an integer"
                     ) from None
+                if not 0 <= label <= LABEL_MAX:
+                    raise DatasetError(
+                        f"webdataset: label {key}{self.label_ext} in {shard} is {text!r}: class labels are "
+                        f"0..{LABEL_MAX}"
+                    )
                 yield key, (img.offset_data, img.size), label
 
     def __len__(self) -> int:
@@ -1238,6 +1317,9 @@ class WebDatasetSource(FileSource):
 
     def _what(self, i: int) -> str:
         return f"sample {str(self.keys[i])!r} in {self.shards[self.shard_of[i]]}"
+
+    def _label_what(self, i: int) -> str:
+        return f"label {str(self.keys[i])}{self.label_ext} in {self.shards[self.shard_of[i]]}"
 
     def _raw(self, i: int) -> torch.Tensor:
         h = self._handles()
@@ -1316,8 +1398,9 @@ class ModuleSource(FileSource):
         for attr in ("targets", "labels"):
             v = getattr(ds, attr, None)
             if v is not None and len(v) == self.n:
-                return np.asarray(torch.as_tensor(v), dtype=np.int64)
-        return np.asarray([int(self._item(i)[1]) for i in range(self.n)], dtype=np.int64)
+                return torch.as_tensor(v).numpy()
+        items = [self._item(i)[1] for i in range(self.n)]
+        return np.asarray([v.item() if hasattr(v, "item") else v for v in items], dtype=object)
 
     def _class_names(self) -> list[str] | None:
         names = getattr(self._dataset(), "classes", None)
