@@ -168,6 +168,39 @@ def manifest_of(dataset: SampleSource) -> dict[str, Any]:
     return fn(files=False) if "files" in inspect.signature(fn).parameters else fn()
 
 
+def check_served_dataset(dataset: SampleSource, teacher: SoftTargetSource, views: int) -> None:
+    """Refuse to fill a cache by reference unless the server's dataset ``teacher.dataset`` is ``dataset``.
+
+    The cache is labelled with the local dataset's identity but holds the targets of the
+    samples the server reads: the two must be the same data (the same content hash,
+    sample count and, with views, view policy; the ``name/`` part of the id may differ)."""
+    name = teacher.dataset  # type: ignore[attr-defined]
+    served = getattr(teacher, "served_datasets", None) or {}
+    if name not in served:
+        have = ", ".join(sorted(served)) or "none"
+        raise ValueError(f"--by-reference {name!r}: the server has no such dataset; it has registered: {have}")
+    info, local_id = served[name], str(dataset.dataset_id)
+    if not info.dataset_id:
+        raise ValueError(
+            f"--by-reference {name!r}: the server does not report its dataset's identity (an older kd serve), "
+            f"so it cannot be checked against --dataset {local_id}; fill the cache by value instead"
+        )
+    local_aug = str(getattr(dataset, "augmentation", "none"))
+    problems = []
+    if info.dataset_id.partition("@")[2] != local_id.partition("@")[2]:
+        problems.append(f"it is {info.dataset_id}, --dataset is {local_id}")
+    if info.num_samples != len(dataset):
+        problems.append(f"it has {info.num_samples} samples, --dataset {len(dataset)}")
+    if views > 1 and info.augmentation != local_aug:
+        problems.append(f"its views are {info.augmentation!r}, --dataset's {local_aug!r}")
+    if problems:
+        raise ValueError(
+            f"--by-reference {name!r}: the server's dataset is not --dataset ({'; '.join(problems)}): the cache "
+            "would be labelled with one dataset and hold the targets of the other. Give --dataset the URI (and "
+            "options) the server registered"
+        )
+
+
 def _skipping(rows, skip: np.ndarray, views: int):
     """Drop the (sample, view) rows already committed (``skip``: their codes; samples a killed
     run left half done)."""
@@ -328,6 +361,8 @@ def precompute(
     if views > 1 and str(getattr(dataset, "augmentation", "none")).partition("@")[0] in ("", "none"):
         raise ValueError(f"dataset {dataset.dataset_id!r} has no augmentation: --views {views} would be {views} "
                          "copies of the same sample")  # fmt: skip
+    if getattr(teacher, "dataset", None) is not None:  # by reference: the server reads its own copy of the data
+        check_served_dataset(dataset, teacher, views)
     shapes: dict[str, list[int]] = {}
     if features:  # one probe sample tells the stored shape of every requested layer
         first = torch.tensor([0])

@@ -280,6 +280,7 @@ class ServerSource(SoftTargetSource):
         self.floating = desc.input_dtype.is_floating_point
         self.depth = depth
         self.dataset = dataset  # a dataset registered on the server: send keys, not pixels
+        self.served_datasets = desc.datasets  # what the server reports of each: name -> ServedDataset
         self.num_views = num_views
 
     def _payload(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None,

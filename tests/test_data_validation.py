@@ -21,6 +21,8 @@ from typer.testing import CliRunner
 
 from kd.cli import app
 from kd.core.data import DatasetError, open_source
+from kd.teacher_server.loading import load_teacher
+from kd.teacher_server.server import start_server
 
 TEACHER = "local:test_data_validation:tiny?num_classes=3&input_shape=3x8x8"
 
@@ -48,8 +50,8 @@ def refused(r: Result, *needles: str) -> str:
     return text
 
 
-def write_folder(root: Path, n: int = 4, side: int = 8) -> Path:
-    rs = np.random.RandomState(0)
+def write_folder(root: Path, n: int = 4, side: int = 8, seed: int = 0) -> Path:
+    rs = np.random.RandomState(seed)
     for i in range(n):
         (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         Image.fromarray((rs.rand(side, side, 3) * 255).astype(np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
@@ -208,3 +210,28 @@ def test_precompute_refuses_a_null_label_before_writing(tmp_path: Path) -> None:
     r = cli("precompute", "--source", TEACHER, "--dataset", f"hf:{hf}", "--out", str(tmp_path / "c"), "--workers", "0")
     refused(r, "label column 'label' at row 2", "is null")
     assert not (tmp_path / "c" / "data.mdb").exists()
+
+
+# -- inputs by reference ------------------------------------------------------------------------------
+def test_by_reference_refuses_a_local_dataset_that_is_not_the_servers(tmp_path: Path) -> None:
+    served, other = write_folder(tmp_path / "served"), write_folder(tmp_path / "other", seed=1)  # same sizes
+    uri = f"imagefolder:{served}?views=flip"
+    running = start_server([load_teacher("t", TEACHER.removeprefix("local:"))], port=0,
+                           datasets={"good": open_source(uri)})  # fmt: skip
+    try:
+        source = f"server:127.0.0.1:{running.port}/t"
+
+        def by_ref(dataset: str, out: str, *more: str) -> Result:
+            return cli("precompute", "--source", source, "--by-reference", "good", "--dataset", dataset,
+                       "--views", "2", "--out", str(tmp_path / out), "--workers", "0", *more)  # fmt: skip
+
+        refused(by_ref(f"imagefolder:{other}?views=flip", "c1"), "--by-reference 'good': the server's dataset is not")
+        refused(by_ref(f"imagefolder:{served}?views=flip&size=6", "c2"), "is not --dataset")  # decoded otherwise
+        refused(by_ref(f"imagefolder:{served}?views=crop:pad=2", "c3"), "its views are 'flip:p=0.5@v1'")
+        r = cli("precompute", "--source", source, "--by-reference", "nope", "--dataset", uri, "--out",
+                str(tmp_path / "c4"), "--workers", "0")  # fmt: skip
+        refused(r, "the server has no such dataset; it has registered: good")
+        assert not any((tmp_path / c / "data.mdb").exists() for c in ("c1", "c2", "c3", "c4"))
+        assert by_ref(uri, "ok").exit_code == 0  # the same data: filled
+    finally:
+        running.stop(grace=1)
