@@ -370,6 +370,12 @@ def precompute(
         basis_raw = None if basis is None else basis.read_bytes()
     except OSError as e:
         _fail(f"--basis {str(basis)!r}: {e}")
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {str(out)!r} is a file, not a cache directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _fail(f"--out {str(out)!r}: cannot create the cache directory ({e.strerror or e})")
     from kd.core.tokens import TokenSource
 
     if isinstance(data, TokenSource):  # a token dataset: one record per sequence, a token teacher
@@ -389,7 +395,7 @@ def precompute(
             report = run(data, src, out, codec=codec, batch_size=batch_size, views=views, temperature=temperature,
                          shard=which, commit_every=commit_every, features=feature,
                          pool_features=pool_features, workers=workers, basis=basis_raw)  # fmt: skip
-    except (CacheError, ValueError, RuntimeError) as e:
+    except (CacheError, ValueError, RuntimeError, OSError) as e:  # OSError: a full disk, a file gone
         _fail(str(e))
     console.print(
         f"wrote {report.written}, skipped {report.skipped} already cached, {report.bytes_per_sample} B/sample, "
@@ -417,7 +423,7 @@ def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: fl
         from kd.cache import CacheReader
 
         stats = CacheReader(out).token_stats()
-    except (CacheError, ValueError, RuntimeError) as e:
+    except (CacheError, ValueError, RuntimeError, OSError) as e:
         _fail(str(e))
     console.print(
         f"wrote {report.written}, skipped {report.skipped} already cached sequences, "
@@ -981,9 +987,13 @@ def cache_export(
     else:
         arrays["logits"] = targets.numpy()
     meta = json.dumps(dict(vars(reader.meta)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, meta=np.asarray(meta), **arrays)
-    console.print(f"exported {len(idx)} records to {out}", highlight=False)
+    written = out if out.name.endswith(".npz") else out.with_name(out.name + ".npz")  # np.savez adds .npz
+    try:
+        written.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(written, meta=np.asarray(meta), **arrays)
+    except OSError as e:
+        _fail(f"--out {str(out)!r}: cannot write the export ({e.strerror or e})")
+    console.print(f"exported {len(idx)} records to {written}", highlight=False)
 
 
 def _report_bench(run_bench, print_report, settings, json_out: Path | None) -> None:

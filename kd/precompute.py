@@ -613,6 +613,7 @@ class LocalTokenTeacher:
         self.teacher_name = name
         self.fingerprint = fingerprint(model)
         self.hf: bool | None = None  # None: called as model(tokens); else as the server calls it
+        self.vocab_size: int | None = None  # known when loaded from a spec (the logits' last dimension)
 
     @classmethod
     def from_spec(cls, spec: str, name: str = "teacher", device: str | torch.device = "cpu") -> LocalTokenTeacher:
@@ -626,6 +627,7 @@ class LocalTokenTeacher:
         self = cls(teacher.model, name, device)
         self.fingerprint = token_target_options(teacher, "fp32", False)[0]
         self.hf = teacher.signature is not None and teacher.signature.extra.get("source") == "hf"
+        self.vocab_size = int(teacher.num_classes)
         return self
 
     @torch.no_grad()
@@ -653,6 +655,7 @@ class ServerTokenTeacher:
         desc = self.client.describe(teacher)
         self.teacher_name = desc.name
         self.fingerprint = desc.fingerprint
+        self.vocab_size = int(desc.num_classes)  # a token teacher's num_classes is its vocabulary
         self.depth = depth
 
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -737,6 +740,13 @@ def precompute_tokens(
     vocab = int(source.vocab_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    teacher_vocab = getattr(teacher, "vocab_size", None)
+    if teacher_vocab is not None and int(teacher_vocab) != vocab:
+        raise ValueError(
+            f"the token teacher {getattr(teacher, 'teacher_name', '')!r} has a vocabulary of {teacher_vocab} but the "
+            f"dataset's tokenizer has {vocab} token ids: the teacher must be the tokenizer's model (give the "
+            "dataset ?tokenizer= of the teacher)"
+        )
     codec_obj = get_codec(codec, temperature if codec_uses_temperature(codec) else None)
     ask = token_ask(codec_obj)
     served = isinstance(teacher, ServerTokenTeacher)

@@ -235,3 +235,107 @@ def test_by_reference_refuses_a_local_dataset_that_is_not_the_servers(tmp_path: 
         assert by_ref(uri, "ok").exit_code == 0  # the same data: filled
     finally:
         running.stop(grace=1)
+
+
+# -- user mistakes: a clear error, never a traceback ----------------------------------------------
+@pytest.mark.parametrize(
+    ("x", "kind"),
+    [
+        (np.array(["a"] * 4), "text"),
+        (np.zeros((4, 3, 8, 8), "datetime64[s]"), "dates"),
+        (np.zeros((4, 3, 8, 8), dtype=[("a", "f4")]), "structured records"),
+    ],
+)
+def test_npz_inputs_that_are_not_numbers_are_refused(tmp_path: Path, x: np.ndarray, kind: str) -> None:
+    np.savez(tmp_path / "x.npz", x=x, y=np.arange(4) % 2)
+    with pytest.raises(DatasetError, match=rf"npz: the inputs \(array 'x' of .*x\.npz\) are .* \({kind}\)"):
+        open_source(f"npz:{tmp_path / 'x.npz'}").get(torch.tensor([0]))
+
+
+def test_hf_dataset_with_no_rows_is_refused(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"image": [], "label": []}, features=feats).save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(DatasetError, match=r"hf: .*hf.*(has no rows|with at least one row)"):
+        open_source(f"hf:{tmp_path / 'hf'}")
+
+
+def test_hf_image_column_with_a_null_row_is_refused(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    img = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"image": [img, None, img], "label": [0, 1, 0]}, features=feats).save_to_disk(
+        str(tmp_path / "hf")
+    )
+    src = open_source(f"hf:{tmp_path / 'hf'}")
+    assert src.get(torch.tensor([0])).shape == (1, 3, 8, 8)
+    with pytest.raises(DatasetError, match=r"hf: row 1 of .*hf has no image \(null in column 'image'\)"):
+        src.get(torch.tensor([1]))
+
+
+@pytest.mark.parametrize("cut", [100, 600])  # inside the header of k1.png / inside its data
+def test_tar_shard_truncated_is_refused(tmp_path: Path, cut: int) -> None:
+    png = image_bytes(np.zeros((8, 8, 3), np.uint8), "PNG")
+    shard = write_tar(tmp_path / "s.tar", [("k0.png", png), ("k0.cls", b"0"), ("k1.png", png), ("k1.cls", b"1")])
+    data = shard.read_bytes()
+    k1 = 512 + -(-len(png) // 512) * 512 + 1024  # the header of k1.png
+    shard.write_bytes(data[: k1 + cut])
+    with pytest.raises(DatasetError, match=r"webdataset: .*s\.tar is truncated or corrupt"):
+        open_source(f"webdataset:{shard}")
+    whole = write_tar(tmp_path / "whole.tar", [("k0.png", png), ("k0.cls", b"0")])
+    assert len(open_source(f"webdataset:{whole}")) == 1
+
+
+def test_precompute_out_that_is_a_file_or_cannot_be_made_is_refused(tmp_path: Path) -> None:
+    data = write_folder(tmp_path / "d")
+    (tmp_path / "afile").write_text("not a cache")
+    for out, message in ((tmp_path / "afile", "is a file, not a cache directory"),
+                         (tmp_path / "afile" / "c", "cannot create the cache directory")):  # fmt: skip
+        r = cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}", "--out", str(out),
+                "--workers", "0")  # fmt: skip
+        refused(r, f"--out '{out}'", message)
+    assert (tmp_path / "afile").read_text() == "not a cache"
+
+
+def test_cache_export_to_an_unwritable_path_is_refused_and_the_written_name_is_reported(tmp_path: Path) -> None:
+    data = write_folder(tmp_path / "d")
+    cache = tmp_path / "c"
+    assert cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}", "--out", str(cache),
+               "--workers", "0").exit_code == 0  # fmt: skip
+    (tmp_path / "afile").write_text("")
+    refused(cli("cache", "export", str(cache), "--out", str(tmp_path / "afile" / "x.npz")), "cannot write the export")
+    r = cli("cache", "export", str(cache), "--out", str(tmp_path / "foo"))
+    assert r.exit_code == 0 and f"exported 4 records to {tmp_path / 'foo.npz'}" in " ".join(r.output.split())
+    with np.load(tmp_path / "foo.npz") as z:
+        assert z["logits"].shape == (4, 3)
+
+
+class TokLM(nn.Module):
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, 8), nn.Linear(8, vocab)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.embed(tokens))
+
+
+def toklm(vocab: int = 259) -> nn.Module:
+    """A token teacher (``local:test_data_validation:toklm?vocab=V&input_shape=-1``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return TokLM(int(vocab))
+
+
+def test_token_teacher_with_a_smaller_vocabulary_than_the_tokenizer_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("hello world, a small corpus of bytes\n" * 4)
+    args = ["precompute", "--dataset", f"text:{tmp_path / 'corpus'}?block=8", "--codec", "fp16"]
+    r = cli(
+        *args, "--source", "local:test_data_validation:toklm?vocab=100&input_shape=-1", "--out", str(tmp_path / "a")
+    )
+    refused(r, "has a vocabulary of 100 but the dataset's tokenizer has 259 token ids")
+    assert not (tmp_path / "a" / "data.mdb").exists()
+    r = cli(
+        *args, "--source", "local:test_data_validation:toklm?vocab=259&input_shape=-1", "--out", str(tmp_path / "b")
+    )
+    assert r.exit_code == 0, r.output

@@ -279,6 +279,11 @@ def load_hf_split(root: Path, split: str = "train") -> Any:
         ds = datasets.load_from_disk(str(root))
     except FileNotFoundError as e:
         raise DatasetError(f"hf: {root} is not a dataset saved with save_to_disk ({e})") from None
+    except Exception as e:  # the library's own failure on a broken or empty (0-row) dataset: IndexError, ...
+        raise DatasetError(
+            f"hf: datasets.load_from_disk cannot load {root} ({type(e).__name__}: {e}); is it a complete "
+            "dataset saved with save_to_disk, with at least one row?"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DatasetError(f"hf: no split {split!r} in {root}; splits: {', '.join(ds)}")
@@ -472,9 +477,18 @@ def _decode_image(src: str | Path | bytes, mode: str, what: str) -> torch.Tensor
     return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
 
+_KIND_NAMES = {"U": "text", "S": "bytes", "O": "Python objects", "M": "dates", "m": "time spans",
+               "V": "structured records", "c": "complex numbers"}  # fmt: skip
+
+
 def _array_to_chw(a: np.ndarray, layout: str) -> torch.Tensor:
     """One sample of an array: integers are pixel values 0..255 (kept uint8), floats stay floats."""
     a = np.asarray(a)
+    if a.dtype.kind not in "iubf":
+        raise DatasetError(
+            f"samples are {a.dtype} ({_KIND_NAMES.get(a.dtype.kind, 'not numbers')}); kd reads integer, float "
+            "or bool arrays"
+        )
     if a.dtype.kind in "iub" and a.dtype != np.uint8:
         if a.size and (a.min() < 0 or a.max() > 255):
             raise DatasetError(f"integer samples are read as pixel values 0..255; found {a.min()}..{a.max()}")
@@ -919,6 +933,12 @@ class ArraySource(FileSource):
             raise DatasetError(f"{fmt}: {len(x)} inputs but {len(y)} labels in {self.path}")
         if y.ndim != 1 or y.dtype.kind not in "iu":
             raise DatasetError(f"{fmt}: labels must be a 1-d integer array, got {y.dtype} {list(y.shape)}")
+        if x.dtype.kind not in "iubf":
+            what = f"array {self.x_key!r} of {self.path}" if fmt == "npz" else str(self.path)
+            raise DatasetError(
+                f"{fmt}: the inputs ({what}) are {x.dtype} ({_KIND_NAMES.get(x.dtype.kind, 'not numbers')}); "
+                "kd reads integer, float or bool arrays"
+            )
         self.n = len(x)
         self.sample_dims = tuple(x.shape[1:])
         if self.layout == "auto":
@@ -1114,6 +1134,8 @@ class HFSource(FileSource):
         self.image_col = _pick(opts.get("image"), self.IMAGE_KEYS, cols, "image", fmt="hf", noun="column", ref="COLUMN")
         self.label_col = _pick(opts.get("label"), self.LABEL_KEYS, cols, "label", fmt="hf", noun="column", ref="COLUMN")
         self.n = len(ds)
+        if not self.n:
+            raise DatasetError(f"hf: {self.root} (split {self.options.get('split', 'train')!r}) has no rows")
         self.fingerprint = str(ds._fingerprint)
 
     def _dataset(self) -> Any:
@@ -1168,6 +1190,8 @@ class HFSource(FileSource):
 
     def _raw(self, i: int) -> torch.Tensor:
         v = self._rows()[int(i)][self.image_col]
+        if v is None:
+            raise DatasetError(f"hf: {self._what(i)} has no image (null in column {self.image_col!r})")
         if isinstance(v, dict):  # an Image feature, undecoded
             if v.get("bytes"):
                 return _decode_image(v["bytes"], self.mode, self._what(i))
@@ -1281,21 +1305,34 @@ class WebDatasetSource(FileSource):
             raise DatasetError(f"webdataset: {shard} is not an uncompressed tar file ({e})") from None
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         with tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                d, base = os.path.split(m.name)
-                stem, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                groups.setdefault(os.path.join(d, stem), {})["." + ext.lower()] = m
+            try:
+                for m in tf:  # reads every header: a truncated or corrupt shard fails here
+                    if not m.isfile():
+                        continue
+                    d, base = os.path.split(m.name)
+                    stem, dot, ext = base.partition(".")
+                    if not dot:
+                        continue
+                    groups.setdefault(os.path.join(d, stem), {})["." + ext.lower()] = m
+            except (tarfile.TarError, OSError) as e:
+                raise DatasetError(f"webdataset: {shard} is truncated or corrupt ({e})") from None
+            # tarfile ends quietly at a header cut short: a POSIX tar ends with zero blocks instead
+            tf.fileobj.seek(tf.offset)
+            if tf.fileobj.read(512) != bytes(512):
+                raise DatasetError(
+                    f"webdataset: {shard} is truncated or corrupt: no end-of-archive marker after byte {tf.offset} "
+                    "(a shard cut short, e.g. by an interrupted copy)"
+                )
             for key, members in groups.items():
                 img = next((members[e] for e in self.image_exts if e in members), None)
                 lab = members.get(self.label_ext)
                 if img is None or lab is None:
                     what = "image (" + ", ".join(self.image_exts) + ")" if img is None else self.label_ext
                     raise DatasetError(f"webdataset: sample {key!r} in {shard} has no {what} member")
-                text = tf.extractfile(lab).read().decode("utf-8", "replace").strip()  # type: ignore[union-attr]
+                try:
+                    text = tf.extractfile(lab).read().decode("utf-8", "replace").strip()  # type: ignore[union-attr]
+                except (tarfile.TarError, OSError) as e:
+                    raise DatasetError(f"webdataset: cannot read {lab.name} in {shard} ({e})") from None
                 try:
                     label = int(text)
                 except ValueError:
