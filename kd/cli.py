@@ -349,7 +349,7 @@ def precompute(
     """Run a dataset through a teacher and store its soft targets in an LMDB cache (resumable)."""
     from kd.cache import CacheError
     from kd.cache.sharded import parse_shard
-    from kd.core.data import open_source
+    from kd.core.data import open_source, worker_error_message
     from kd.precompute import precompute as run
     from kd.precompute import torchrun_shard
     from kd.student_trainer.sources import parse_source
@@ -396,7 +396,7 @@ def precompute(
                          shard=which, commit_every=commit_every, features=feature,
                          pool_features=pool_features, workers=workers, basis=basis_raw)  # fmt: skip
     except (CacheError, ValueError, RuntimeError, OSError) as e:  # OSError: a full disk, a file gone
-        _fail(str(e))
+        _fail(worker_error_message(e))  # a DataLoader worker's error: its own message, not torch's wrapping
     console.print(
         f"wrote {report.written}, skipped {report.skipped} already cached, {report.bytes_per_sample} B/sample, "
         f"{report.seconds:.1f}s -> {report.path}",

@@ -339,3 +339,14 @@ def test_token_teacher_with_a_smaller_vocabulary_than_the_tokenizer_is_refused(t
         *args, "--source", "local:test_data_validation:toklm?vocab=259&input_shape=-1", "--out", str(tmp_path / "b")
     )
     assert r.exit_code == 0, r.output
+
+
+def test_a_corrupt_image_read_in_a_worker_is_reported_with_its_own_message(tmp_path: Path) -> None:
+    data = write_folder(tmp_path / "d")
+    Image.fromarray(np.full((64, 64, 3), 7, np.uint8)).save(tmp_path / "d" / "c1" / "z.jpg", quality=90)
+    jpg = (tmp_path / "d" / "c1" / "z.jpg").read_bytes()
+    (tmp_path / "d" / "c1" / "z.jpg").write_bytes(jpg[: len(jpg) * 2 // 3])  # the last sample: read in a worker
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}?size=8", "--out",
+            str(tmp_path / "c"), "--workers", "2")  # fmt: skip
+    text = refused(r, f"error: cannot decode image {data / 'c1' / 'z.jpg'}: ")
+    assert "Caught" not in text and "DataLoader worker" not in text

@@ -1572,6 +1572,23 @@ def _collate_views(items: list[tuple[int, torch.Tensor, int, int, torch.Tensor |
     return b._replace(views=views, params=torch.stack(params) if all(p is not None for p in params) else None)
 
 
+def worker_error_message(e: BaseException) -> str:
+    """The message of ``e`` as it was raised, also when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception in the main process with "Caught X in DataLoader
+    worker process N. Original Traceback ..." as its message; the original message is the
+    end of that traceback, after ``module.X: ``."""
+    text = str(e)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return text
+    t = type(e)
+    for name in (f"{t.__module__}.{t.__qualname__}", t.__qualname__):
+        k = text.rfind(f"\n{name}: ")
+        if k >= 0:
+            return text[k + len(name) + 3 :].strip()
+    return text.strip().rsplit("\n", 1)[-1]  # re-raised as another type (torch's RuntimeError fallback)
+
+
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # workers decode in parallel; no intra-op threads fighting them
 
