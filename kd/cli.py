@@ -362,6 +362,8 @@ def precompute(
         _fail("--by-reference needs a server: source")
     if (mean or std) and not source.startswith("local:"):
         _fail("--mean/--std are a local: teacher's normalisation; a server applies its own (kd serve --mean/--std)")
+    if batch_size < 1 or commit_every < 1:
+        _fail(f"--batch-size and --commit-every must be >= 1, got {batch_size} and {commit_every}")
     try:
         data = open_source(dataset)
     except (CacheError, ValueError, RuntimeError) as e:
@@ -372,10 +374,12 @@ def precompute(
         _fail(f"--basis {str(basis)!r}: {e}")
     if out.exists() and not out.is_dir():
         _fail(f"--out {str(out)!r} is a file, not a cache directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        _fail(f"--out {str(out)!r}: cannot create the cache directory ({e.strerror or e})")
+    if not out.exists():  # can it be made? (made for good once the data and the teacher are checked)
+        try:
+            out.mkdir(parents=True)
+            out.rmdir()
+        except OSError as e:
+            _fail(f"--out {str(out)!r}: cannot create the cache directory ({e.strerror or e})")
     from kd.core.tokens import TokenSource
 
     if isinstance(data, TokenSource):  # a token dataset: one record per sequence, a token teacher

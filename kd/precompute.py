@@ -351,6 +351,8 @@ def precompute(
     workers = default_workers() if workers is None else workers
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
+    if batch_size < 1 or commit_every < 1:
+        raise ValueError(f"batch_size and commit_every must be >= 1, got {batch_size} and {commit_every}")
     batchwise = [name for name in features if not reductions.parse(name).per_sample]
     if batchwise:
         raise ValueError(

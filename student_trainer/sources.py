@@ -444,6 +444,25 @@ def _pooled_stream(
         stop.set()
 
 
+def _check_normalisation(teacher: Teacher, mean: list[float] | None, std: list[float] | None) -> None:
+    """Refuse a mean/std that does not fit the teacher's input channels, or a std that is not > 0
+    (a std of 0 would make every input infinite)."""
+    shape = tuple(teacher.input_shape)
+    channels = int(shape[0]) if len(shape) == 3 else None
+    for name, vals in (("mean", mean), ("std", std)):
+        if vals is None:
+            continue
+        if channels is not None and len(vals) != channels:
+            raise ValueError(
+                f"{name} has {len(vals)} value(s) {list(vals)}, but teacher {teacher.name!r} takes {channels} "
+                f"input channels (input shape {list(shape)}): give one per channel"
+            )
+        if not all(math.isfinite(v) for v in vals):
+            raise ValueError(f"{name} {list(vals)}: values must be finite numbers")
+    if std is not None and any(v <= 0 for v in std):
+        raise ValueError(f"std {list(std)}: every value must be > 0")
+
+
 class LocalSource(SoftTargetSource):
     name = "local"
 
@@ -453,6 +472,7 @@ class LocalSource(SoftTargetSource):
         are resized to its input shape and normalised (kd.core.views.pixels_to_input)."""
         if isinstance(teacher, str):
             teacher = load_teacher("local", teacher, device=device)
+        _check_normalisation(teacher, mean, std)
         self.teacher = teacher
         self.teacher_name = teacher.name
         self.runner = ModelRunner(teacher, amp=amp)

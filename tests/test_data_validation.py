@@ -350,3 +350,30 @@ def test_a_corrupt_image_read_in_a_worker_is_reported_with_its_own_message(tmp_p
             str(tmp_path / "c"), "--workers", "2")  # fmt: skip
     text = refused(r, f"error: cannot decode image {data / 'c1' / 'z.jpg'}: ")
     assert "Caught" not in text and "DataLoader worker" not in text
+
+
+# -- unclear messages -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--mean", "0.5,0.5", "--std", "0.2,0.2,0.2"], "mean has 2 value(s) [0.5, 0.5], but teacher 'local' takes 3"),
+        (["--mean", "0.5,0.5,0.5", "--std", "0,0.2,0.2"], "std [0.0, 0.2, 0.2]: every value must be > 0"),
+        (["--commit-every", "0"], "--batch-size and --commit-every must be >= 1, got 256 and 0"),
+        (["--commit-every", "-5"], "--batch-size and --commit-every must be >= 1, got 256 and -5"),
+    ],
+)
+def test_precompute_options_out_of_range_are_refused(tmp_path: Path, options: list[str], message: str) -> None:
+    data = write_folder(tmp_path / "d")
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}", "--out", str(tmp_path / "c"),
+            "--workers", "0", *options)  # fmt: skip
+    refused(r, message)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    ("size", "message"), [("0", "rrc size=0: must be >= 1 pixel"), ("x", "rrc size='x': expected a whole number")]
+)
+def test_rrc_size_must_be_a_positive_number(tmp_path: Path, size: str, message: str) -> None:
+    data = write_folder(tmp_path / "d")
+    with pytest.raises(DatasetError, match=rf"views='rrc:size={size}': {message}"):
+        open_source(f"imagefolder:{data}?views=rrc:size={size}")
