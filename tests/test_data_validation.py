@@ -377,3 +377,34 @@ def test_rrc_size_must_be_a_positive_number(tmp_path: Path, size: str, message: 
     data = write_folder(tmp_path / "d")
     with pytest.raises(DatasetError, match=rf"views='rrc:size={size}': {message}"):
         open_source(f"imagefolder:{data}?views=rrc:size={size}")
+
+
+class Pairs(torch.utils.data.Dataset):
+    """A map-style dataset of (image, label) with no targets/labels attribute and no declared identity."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.full((3, 8, 8), i / 4), i % 2
+
+
+def pairs() -> Pairs:
+    return Pairs()
+
+
+def test_module_source_identity_is_the_same_in_every_process(tmp_path: Path) -> None:
+    """Its labels (read item by item) are hashed as int64, not as the addresses of Python objects."""
+    import os
+    import subprocess
+    import sys
+
+    uri = "module:test_data_validation:pairs"
+    here = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    code = f"from kd.core.data import open_source; print(open_source({uri!r}).dataset_id)"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert other.returncode == 0, other.stderr
+    src = open_source(uri)
+    assert src.labels.tolist() == [0, 1, 0, 1]
+    assert other.stdout.strip() == src.dataset_id
