@@ -320,7 +320,7 @@ def check_data_file(path: str | Path, *, allow_empty: bool = False) -> None:
     data = Path(path) / "data.mdb"
     try:
         size = data.stat().st_size
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no cache yet (or ``path`` is a file: the writer says so)
         return
     if size == 0:
         if allow_empty:

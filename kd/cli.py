@@ -395,7 +395,7 @@ def precompute(
     """Run a dataset through a teacher and store its soft targets in an LMDB cache (resumable)."""
     from kd.cache import CacheError
     from kd.cache.sharded import parse_shard
-    from kd.core.data import open_source
+    from kd.core.data import open_source, worker_error_message
     from kd.precompute import precompute as run
     from kd.precompute import torchrun_shard
     from kd.student_trainer.sources import parse_source
@@ -408,6 +408,8 @@ def precompute(
         _fail("--by-reference needs a server: source")
     if (mean or std) and not source.startswith("local:"):
         _fail("--mean/--std are a local: teacher's normalisation; a server applies its own (kd serve --mean/--std)")
+    if batch_size < 1 or commit_every < 1:
+        _fail(f"--batch-size and --commit-every must be >= 1, got {batch_size} and {commit_every}")
     try:
         data = open_source(dataset)
     except (CacheError, ValueError, RuntimeError) as e:
@@ -416,6 +418,14 @@ def precompute(
         basis_raw = None if basis is None else basis.read_bytes()
     except OSError as e:
         _fail(f"--basis {str(basis)!r}: {e}")
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {str(out)!r} is a file, not a cache directory")
+    if not out.exists():  # can it be made? (made for good once the data and the teacher are checked)
+        try:
+            out.mkdir(parents=True)
+            out.rmdir()
+        except OSError as e:
+            _fail(f"--out {str(out)!r}: cannot create the cache directory ({e.strerror or e})")
     from kd.core.tokens import TokenSource
 
     if isinstance(data, TokenSource):  # a token dataset: one record per sequence, a token teacher
@@ -435,8 +445,8 @@ def precompute(
             report = run(data, src, out, codec=codec, batch_size=batch_size, views=views, temperature=temperature,
                          shard=which, commit_every=commit_every, features=feature,
                          pool_features=pool_features, workers=workers, basis=basis_raw)  # fmt: skip
-    except (CacheError, ValueError, RuntimeError) as e:
-        _fail(str(e))
+    except (CacheError, ValueError, RuntimeError, OSError) as e:  # OSError: a full disk, a file gone
+        _fail(worker_error_message(e))  # a DataLoader worker's error: its own message, not torch's wrapping
     console.print(
         f"wrote {report.written}, skipped {report.skipped} already cached, {report.bytes_per_sample} B/sample, "
         f"{report.seconds:.1f}s -> {report.path}",
@@ -463,7 +473,7 @@ def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: fl
         from kd.cache import CacheReader
 
         stats = CacheReader(out).token_stats()
-    except (CacheError, ValueError, RuntimeError) as e:
+    except (CacheError, ValueError, RuntimeError, OSError) as e:
         _fail(str(e))
     console.print(
         f"wrote {report.written}, skipped {report.skipped} already cached sequences, "
@@ -1027,9 +1037,13 @@ def cache_export(
     else:
         arrays["logits"] = targets.numpy()
     meta = json.dumps(dict(vars(reader.meta)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, meta=np.asarray(meta), **arrays)
-    console.print(f"exported {len(idx)} records to {out}", highlight=False)
+    written = out if out.name.endswith(".npz") else out.with_name(out.name + ".npz")  # np.savez adds .npz
+    try:
+        written.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(written, meta=np.asarray(meta), **arrays)
+    except OSError as e:
+        _fail(f"--out {str(out)!r}: cannot write the export ({e.strerror or e})")
+    console.print(f"exported {len(idx)} records to {written}", highlight=False)
 
 
 def _report_bench(run_bench, print_report, settings, json_out: Path | None) -> None:

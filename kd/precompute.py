@@ -168,6 +168,39 @@ def manifest_of(dataset: SampleSource) -> dict[str, Any]:
     return fn(files=False) if "files" in inspect.signature(fn).parameters else fn()
 
 
+def check_served_dataset(dataset: SampleSource, teacher: SoftTargetSource, views: int) -> None:
+    """Refuse to fill a cache by reference unless the server's dataset ``teacher.dataset`` is ``dataset``.
+
+    The cache is labelled with the local dataset's identity but holds the targets of the
+    samples the server reads: the two must be the same data (the same content hash,
+    sample count and, with views, view policy; the ``name/`` part of the id may differ)."""
+    name = teacher.dataset  # type: ignore[attr-defined]
+    served = getattr(teacher, "served_datasets", None) or {}
+    if name not in served:
+        have = ", ".join(sorted(served)) or "none"
+        raise ValueError(f"--by-reference {name!r}: the server has no such dataset; it has registered: {have}")
+    info, local_id = served[name], str(dataset.dataset_id)
+    if not info.dataset_id:
+        raise ValueError(
+            f"--by-reference {name!r}: the server does not report its dataset's identity (an older kd serve), "
+            f"so it cannot be checked against --dataset {local_id}; fill the cache by value instead"
+        )
+    local_aug = str(getattr(dataset, "augmentation", "none"))
+    problems = []
+    if info.dataset_id.partition("@")[2] != local_id.partition("@")[2]:
+        problems.append(f"it is {info.dataset_id}, --dataset is {local_id}")
+    if info.num_samples != len(dataset):
+        problems.append(f"it has {info.num_samples} samples, --dataset {len(dataset)}")
+    if views > 1 and info.augmentation != local_aug:
+        problems.append(f"its views are {info.augmentation!r}, --dataset's {local_aug!r}")
+    if problems:
+        raise ValueError(
+            f"--by-reference {name!r}: the server's dataset is not --dataset ({'; '.join(problems)}): the cache "
+            "would be labelled with one dataset and hold the targets of the other. Give --dataset the URI (and "
+            "options) the server registered"
+        )
+
+
 def _skipping(rows, skip: np.ndarray, views: int):
     """Drop the (sample, view) rows already committed (``skip``: their codes; samples a killed
     run left half done)."""
@@ -318,15 +351,20 @@ def precompute(
     workers = default_workers() if workers is None else workers
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
+    if batch_size < 1 or commit_every < 1:
+        raise ValueError(f"batch_size and commit_every must be >= 1, got {batch_size} and {commit_every}")
     batchwise = [name for name in features if not reductions.parse(name).per_sample]
     if batchwise:
         raise ValueError(
             f"feature(s) {batchwise} relate the samples of a batch to each other and cannot be cached per sample; "
             "cache the full (or pooled) map and let the trainer compute them"
         )
-    if views > 1 and getattr(dataset, "augmentation", "none") in ("", "none"):
+    # A view policy's name carries its version ("none@v1"): the policy is what is compared.
+    if views > 1 and str(getattr(dataset, "augmentation", "none")).partition("@")[0] in ("", "none"):
         raise ValueError(f"dataset {dataset.dataset_id!r} has no augmentation: --views {views} would be {views} "
                          "copies of the same sample")  # fmt: skip
+    if getattr(teacher, "dataset", None) is not None:  # by reference: the server reads its own copy of the data
+        check_served_dataset(dataset, teacher, views)
     shapes: dict[str, list[int]] = {}
     if features:  # one probe sample tells the stored shape of every requested layer
         first = torch.tensor([0])
@@ -577,6 +615,7 @@ class LocalTokenTeacher:
         self.teacher_name = name
         self.fingerprint = fingerprint(model)
         self.hf: bool | None = None  # None: called as model(tokens); else as the server calls it
+        self.vocab_size: int | None = None  # known when loaded from a spec (the logits' last dimension)
 
     @classmethod
     def from_spec(cls, spec: str, name: str = "teacher", device: str | torch.device = "cpu") -> LocalTokenTeacher:
@@ -590,6 +629,7 @@ class LocalTokenTeacher:
         self = cls(teacher.model, name, device)
         self.fingerprint = token_target_options(teacher, "fp32", False)[0]
         self.hf = teacher.signature is not None and teacher.signature.extra.get("source") == "hf"
+        self.vocab_size = int(teacher.num_classes)
         return self
 
     @torch.no_grad()
@@ -617,6 +657,7 @@ class ServerTokenTeacher:
         desc = self.client.describe(teacher)
         self.teacher_name = desc.name
         self.fingerprint = desc.fingerprint
+        self.vocab_size = int(desc.num_classes)  # a token teacher's num_classes is its vocabulary
         self.depth = depth
 
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -701,6 +742,13 @@ def precompute_tokens(
     vocab = int(source.vocab_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    teacher_vocab = getattr(teacher, "vocab_size", None)
+    if teacher_vocab is not None and int(teacher_vocab) != vocab:
+        raise ValueError(
+            f"the token teacher {getattr(teacher, 'teacher_name', '')!r} has a vocabulary of {teacher_vocab} but the "
+            f"dataset's tokenizer has {vocab} token ids: the teacher must be the tokenizer's model (give the "
+            "dataset ?tokenizer= of the teacher)"
+        )
     codec_obj = get_codec(codec, temperature if codec_uses_temperature(codec) else None)
     ask = token_ask(codec_obj)
     served = isinstance(teacher, ServerTokenTeacher)

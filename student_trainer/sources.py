@@ -280,6 +280,7 @@ class ServerSource(SoftTargetSource):
         self.floating = desc.input_dtype.is_floating_point
         self.depth = depth
         self.dataset = dataset  # a dataset registered on the server: send keys, not pixels
+        self.served_datasets = desc.datasets  # what the server reports of each: name -> ServedDataset
         self.num_views = num_views
 
     def _payload(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None,
@@ -443,6 +444,25 @@ def _pooled_stream(
         stop.set()
 
 
+def _check_normalisation(teacher: Teacher, mean: list[float] | None, std: list[float] | None) -> None:
+    """Refuse a mean/std that does not fit the teacher's input channels, or a std that is not > 0
+    (a std of 0 would make every input infinite)."""
+    shape = tuple(teacher.input_shape)
+    channels = int(shape[0]) if len(shape) == 3 else None
+    for name, vals in (("mean", mean), ("std", std)):
+        if vals is None:
+            continue
+        if channels is not None and len(vals) != channels:
+            raise ValueError(
+                f"{name} has {len(vals)} value(s) {list(vals)}, but teacher {teacher.name!r} takes {channels} "
+                f"input channels (input shape {list(shape)}): give one per channel"
+            )
+        if not all(math.isfinite(v) for v in vals):
+            raise ValueError(f"{name} {list(vals)}: values must be finite numbers")
+    if std is not None and any(v <= 0 for v in std):
+        raise ValueError(f"std {list(std)}: every value must be > 0")
+
+
 class LocalSource(SoftTargetSource):
     name = "local"
 
@@ -452,6 +472,7 @@ class LocalSource(SoftTargetSource):
         are resized to its input shape and normalised (kd.core.views.pixels_to_input)."""
         if isinstance(teacher, str):
             teacher = load_teacher("local", teacher, device=device)
+        _check_normalisation(teacher, mean, std)
         self.teacher = teacher
         self.teacher_name = teacher.name
         self.runner = ModelRunner(teacher, amp=amp)

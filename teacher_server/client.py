@@ -35,6 +35,16 @@ class TeacherRequestError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class ServedDataset:
+    """A dataset registered on a server for inputs by reference, as the server reports it."""
+
+    name: str
+    dataset_id: str  # kd.core.data's name/split@hash ("": a server too old to report it)
+    num_samples: int = 0
+    augmentation: str = ""
+
+
+@dataclass(frozen=True)
 class TeacherDescription:
     name: str
     fingerprint: str
@@ -56,6 +66,15 @@ class TeacherDescription:
     # Live weight updates (kd.teacher_server.weights): updates taken so far, and whether it takes them.
     weights_version: int = 0
     accepts_weights: bool = False
+    # The datasets registered on the server (inputs by reference), by name.
+    datasets: dict[str, ServedDataset] = field(default_factory=dict)
+
+
+def _served_datasets(info: pb.TeacherInfo) -> dict[str, ServedDataset]:
+    out = {name: ServedDataset(name, "") for name in info.datasets}
+    for d in info.dataset_infos:
+        out[d.name] = ServedDataset(d.name, d.dataset_id, int(d.num_samples), d.augmentation)
+    return out
 
 
 @dataclass(frozen=True)
@@ -302,6 +321,7 @@ class TeacherClient(TokenClientMixin):
                 dict(t.target_options),
                 int(t.weights_version),
                 bool(t.accepts_weights),
+                _served_datasets(t),
             )
             for t in resp.teachers
         ]

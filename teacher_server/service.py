@@ -25,7 +25,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -327,7 +327,7 @@ class Endpoint:
         for q in list(self.jobs.values()):
             q.close(timeout=timeout)
 
-    def info(self, datasets: list[str]) -> pb.TeacherInfo:
+    def info(self, datasets: list[str], dataset_infos: Sequence[pb.DatasetInfo] = ()) -> pb.TeacherInfo:
         t = self.teacher
         norm = pb.Normalization(
             mean=[] if self.mean is None else self.mean.tolist(), std=[] if self.std is None else self.std.tolist()
@@ -346,6 +346,7 @@ class Endpoint:
             normalization=norm,
             layers=[pb.LayerInfo(name=n, shape=list(s)) for n, s in t.layers.items()],
             datasets=datasets,
+            dataset_infos=list(dataset_infos),
             access=tiers.PROTO[self.access],
             batch_norms=[
                 pb.BatchNormInfo(name=n, num_features=m.num_features, eps=m.eps) for n, m in batchnorm_layers(t.model)
@@ -399,6 +400,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
     ) -> None:
         self.endpoints = endpoints
         self.datasets = datasets or {}
+        self._infos: list[pb.DatasetInfo] | None = None  # _dataset_infos, made on the first ListTeachers
         self.metrics = metrics
         self.accounting = accounting or Accounting()
         self.max_message_bytes = max_message_bytes
@@ -853,11 +855,27 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         if self.metrics is not None:
             self.metrics.error(teacher if teacher in self.endpoints else "", code.name)
 
+    def _dataset_infos(self) -> list[pb.DatasetInfo]:
+        """The identity of each registered dataset (its id is hashed once, on the first call)."""
+        infos = self._infos
+        if infos is None:
+            infos = self._infos = [
+                pb.DatasetInfo(
+                    name=name,
+                    dataset_id=str(getattr(d, "dataset_id", "")),
+                    num_samples=len(d),
+                    augmentation=str(getattr(d, "augmentation", "")),
+                )
+                for name, d in sorted(self.datasets.items())
+            ]
+        return infos
+
     # -- RPCs ---------------------------------------------------------------------
     def ListTeachers(self, request: pb.ListTeachersRequest, context: grpc.ServicerContext) -> pb.ListTeachersResponse:
         datasets = sorted(self.datasets)
+        infos = self._dataset_infos()
         return pb.ListTeachersResponse(
-            teachers=[ep.info(datasets) for _, ep in sorted(self.endpoints.items())],
+            teachers=[ep.info(datasets, infos) for _, ep in sorted(self.endpoints.items())],
             usage=self.accounting.usage(client_identity(context)),
         )
 

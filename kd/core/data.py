@@ -252,6 +252,9 @@ class DatasetError(ValueError):
     """A dataset that cannot be opened or read, with the file or option at fault named."""
 
 
+LABEL_MAX = 2**31 - 1  # the largest class label kd accepts (a class count must fit an int32)
+
+
 def _pick(given: str | None, candidates: Sequence[str], available: list[str], what: str, *,
           fmt: str, noun: str, ref: str) -> str:  # fmt: skip
     """The array/column for ``what``: the one named by ``?what=`` (which must exist), else the
@@ -276,6 +279,11 @@ def load_hf_split(root: Path, split: str = "train") -> Any:
         ds = datasets.load_from_disk(str(root))
     except FileNotFoundError as e:
         raise DatasetError(f"hf: {root} is not a dataset saved with save_to_disk ({e})") from None
+    except Exception as e:  # the library's own failure on a broken or empty (0-row) dataset: IndexError, ...
+        raise DatasetError(
+            f"hf: datasets.load_from_disk cannot load {root} ({type(e).__name__}: {e}); is it a complete "
+            "dataset saved with save_to_disk, with at least one row?"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DatasetError(f"hf: no split {split!r} in {root}; splits: {', '.join(ds)}")
@@ -429,24 +437,58 @@ def _name_split(path: Path, opts: dict[str, str], default_split: str = "train") 
     return name, split
 
 
+def _to_8bit(im: Any, what: str) -> Any:
+    """``im`` with 8-bit channels. Pillow's ``convert`` clips a 16-bit grayscale image
+    (mode ``I;16*``, or ``I`` from a PNG) to 255, so 30000 and 300 would both be white:
+    its values are scaled to 8 bits here (the high byte, as Pillow does for 16-bit RGB).
+    32-bit integer and float images have no known range: refused."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):  # a PNG holds at most 16 bits
+        a = np.asarray(im).astype(np.uint32)
+        if a.size and int(a.max()) > 0xFFFF:
+            raise DatasetError(f"image {what} has values up to {int(a.max())} in a 16-bit image")
+        return Image.fromarray((a >> 8).astype(np.uint8), "L")
+    if im.mode in ("I", "F") or im.mode.startswith(("I;32", "F;")):
+        kind = "floating-point" if im.mode.startswith("F") else "integer"
+        raise DatasetError(
+            f"image {what} has 32-bit {kind} pixels (Pillow mode {im.mode}), whose range kd cannot know; "
+            "convert it to an 8- or 16-bit image"
+        )
+    return im
+
+
 def _decode_image(src: str | Path | bytes, mode: str, what: str) -> torch.Tensor:
-    """Decode one image file (or its bytes) with Pillow to uint8 CHW."""
+    """Decode one image file (or its bytes) with Pillow to uint8 CHW (16-bit images scaled to 8 bits)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-            arr = np.asarray(im.convert(mode))
+            arr = np.asarray(_to_8bit(im, what).convert(mode))
+    except DatasetError:
+        raise
     except FileNotFoundError:
         raise DatasetError(f"image {what} is missing (was the dataset changed after opening?)") from None
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"image {what} is too large to decode safely: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"cannot decode image {what}: {e}") from None
     t = torch.from_numpy(arr.copy())
     return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
 
+_KIND_NAMES = {"U": "text", "S": "bytes", "O": "Python objects", "M": "dates", "m": "time spans",
+               "V": "structured records", "c": "complex numbers"}  # fmt: skip
+
+
 def _array_to_chw(a: np.ndarray, layout: str) -> torch.Tensor:
     """One sample of an array: integers are pixel values 0..255 (kept uint8), floats stay floats."""
     a = np.asarray(a)
+    if a.dtype.kind not in "iubf":
+        raise DatasetError(
+            f"samples are {a.dtype} ({_KIND_NAMES.get(a.dtype.kind, 'not numbers')}); kd reads integer, float "
+            "or bool arrays"
+        )
     if a.dtype.kind in "iub" and a.dtype != np.uint8:
         if a.size and (a.min() < 0 or a.max() > 255):
             raise DatasetError(f"integer samples are read as pixel values 0..255; found {a.min()}..{a.max()}")
@@ -491,6 +533,14 @@ class FileSource:
         if self.mode not in ("RGB", "L"):
             raise DatasetError(f"mode={self.mode!r}: expected RGB or L")
         self.shape = _parse_size(opts["shape"], "shape") if "shape" in opts else None
+        self.classes_option: int | None = None
+        if "classes" in opts:
+            try:
+                self.classes_option = int(opts["classes"])
+            except ValueError:
+                raise DatasetError(f"classes={opts['classes']!r}: expected a whole number of classes") from None
+            if not 1 <= self.classes_option <= LABEL_MAX + 1:
+                raise DatasetError(f"classes={opts['classes']!r}: the number of classes must be >= 1")
         try:
             self.policy = ViewPolicy.parse(opts.get("views"))
         except ValueError as e:
@@ -531,19 +581,62 @@ class FileSource:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r}, {len(self)} samples)"
 
+    def _label_what(self, i: int) -> str:
+        """Where label ``i`` is stored, for messages (subclasses name their array, column or member)."""
+        return f"the label of {self._what(i)}"
+
     @cached_property
     def labels(self) -> torch.Tensor:
-        """int64 ``[N]``, read without decoding any sample."""
-        return torch.from_numpy(np.array(self._read_labels(), dtype=np.int64, copy=True))
+        """int64 ``[N]``, read without decoding any sample; each one checked to be a class 0..num_classes-1."""
+        return torch.from_numpy(self._checked_labels(np.asarray(self._read_labels())))
+
+    def _checked_labels(self, a: np.ndarray) -> np.ndarray:
+        """``a`` as int64 after refusing any label that is not a whole number in range, naming the first."""
+
+        def bad(mask: np.ndarray, problem: str) -> None:
+            if mask.any():
+                i = int(np.flatnonzero(mask)[0])
+                raise DatasetError(
+                    f"{self.format}: {self._label_what(i)} is {a[i].item()!r}: {problem} "
+                    f"({int(mask.sum())} such label(s) in {self.uri})"
+                )
+
+        if a.ndim != 1:
+            raise DatasetError(
+                f"{self.format}: labels of {self.uri} must be one integer per sample, got shape {list(a.shape)}"
+            )
+        if a.dtype.kind == "b":
+            a = a.astype(np.int64)
+        elif a.dtype.kind == "f":
+            bad(np.isnan(a), "a missing label (null or NaN)")
+            bad(~np.isfinite(a) | (a != np.floor(a)), "not a whole number (class labels are integers)")
+        elif a.dtype.kind not in "iu":  # objects (Python numbers, None, lists) or strings
+            vals = a.tolist()
+            for i, v in enumerate(vals):
+                if not isinstance(v, (int, float)) or isinstance(v, bool):
+                    raise DatasetError(
+                        f"{self.format}: {self._label_what(i)} is {v!r}: class labels must be integers "
+                        f"(the labels of {self.uri} are {a.dtype})"
+                    )
+            return self._checked_labels(np.asarray(vals, dtype=np.float64))  # exact below 2**53: the range holds
+        limit, known = self.classes_option, self._class_names()
+        why = f"outside the {limit} classes of ?classes={limit}" if limit else ""
+        if limit is None and known:
+            limit, why = len(known), f"outside the {len(known)} classes of {self.uri}"
+        if a.dtype.kind in "if":
+            bad(a < 0, "negative (class labels are 0, 1, ...)")
+        bad(a > (LABEL_MAX if limit is None else limit - 1), why or f"larger than the largest class label {LABEL_MAX}")
+        return np.array(a, dtype=np.int64, copy=True)
 
     @cached_property
     def num_classes(self) -> int:
-        if "classes" in self.options:
-            return int(self.options["classes"])
+        labels = self.labels  # checked: every label is one of the classes counted here
+        if self.classes_option is not None:
+            return self.classes_option
         names = self._class_names()
         if names:
             return len(names)
-        return int(self.labels.max()) + 1 if len(self) else 0
+        return int(labels.max()) + 1 if len(labels) else 0
 
     @cached_property
     def class_names(self) -> list[str]:
@@ -840,6 +933,12 @@ class ArraySource(FileSource):
             raise DatasetError(f"{fmt}: {len(x)} inputs but {len(y)} labels in {self.path}")
         if y.ndim != 1 or y.dtype.kind not in "iu":
             raise DatasetError(f"{fmt}: labels must be a 1-d integer array, got {y.dtype} {list(y.shape)}")
+        if x.dtype.kind not in "iubf":
+            what = f"array {self.x_key!r} of {self.path}" if fmt == "npz" else str(self.path)
+            raise DatasetError(
+                f"{fmt}: the inputs ({what}) are {x.dtype} ({_KIND_NAMES.get(x.dtype.kind, 'not numbers')}); "
+                "kd reads integer, float or bool arrays"
+            )
         self.n = len(x)
         self.sample_dims = tuple(x.shape[1:])
         if self.layout == "auto":
@@ -875,6 +974,13 @@ class ArraySource(FileSource):
 
     def _what(self, i: int) -> str:
         return f"sample {i} of {self.path}"
+
+    def _label_what(self, i: int) -> str:
+        return (
+            f"label {i} (array {self.y_key!r}) of {self.y_path}"
+            if self.format == "npz"
+            else f"label {i} of {self.y_path}"
+        )
 
     def _raw(self, i: int) -> torch.Tensor:
         try:
@@ -993,6 +1099,10 @@ class CifarSource(FileSource):
         f, r = self._locate(i)
         return f"record {r} of {self.root / self.files[f]}"
 
+    def _label_what(self, i: int) -> str:
+        kind = {10: "label byte", 100: f"{self.label_kind} label byte"}[self.variant]
+        return f"the {kind} of {self._what(i)}"
+
     def _raw(self, i: int) -> torch.Tensor:
         f, r = self._locate(i)
         rec = self._maps()[f][r]
@@ -1024,6 +1134,8 @@ class HFSource(FileSource):
         self.image_col = _pick(opts.get("image"), self.IMAGE_KEYS, cols, "image", fmt="hf", noun="column", ref="COLUMN")
         self.label_col = _pick(opts.get("label"), self.LABEL_KEYS, cols, "label", fmt="hf", noun="column", ref="COLUMN")
         self.n = len(ds)
+        if not self.n:
+            raise DatasetError(f"hf: {self.root} (split {self.options.get('split', 'train')!r}) has no rows")
         self.fingerprint = str(ds._fingerprint)
 
     def _dataset(self) -> Any:
@@ -1057,6 +1169,12 @@ class HFSource(FileSource):
 
     def _read_labels(self) -> np.ndarray:
         col = self._dataset().data.column(self.label_col)
+        if col.null_count:  # to_numpy would give NaN (an int64 cast of it: INT64_MIN), or None
+            missing = np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))
+            raise DatasetError(
+                f"hf: {self._label_what(int(missing[0]))} is null: a missing label "
+                f"({len(missing)} such row(s) in {self.uri})"
+            )
         return np.asarray(col.to_numpy(zero_copy_only=False))
 
     def _class_names(self) -> list[str] | None:
@@ -1067,8 +1185,13 @@ class HFSource(FileSource):
     def _what(self, i: int) -> str:
         return f"row {i} of {self.root}"
 
+    def _label_what(self, i: int) -> str:
+        return f"label column {self.label_col!r} at row {i} of {self.root}"
+
     def _raw(self, i: int) -> torch.Tensor:
         v = self._rows()[int(i)][self.image_col]
+        if v is None:
+            raise DatasetError(f"hf: {self._what(i)} has no image (null in column {self.image_col!r})")
         if isinstance(v, dict):  # an Image feature, undecoded
             if v.get("bytes"):
                 return _decode_image(v["bytes"], self.mode, self._what(i))
@@ -1182,27 +1305,45 @@ class WebDatasetSource(FileSource):
             raise DatasetError(f"webdataset: {shard} is not an uncompressed tar file ({e})") from None
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         with tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                d, base = os.path.split(m.name)
-                stem, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                groups.setdefault(os.path.join(d, stem), {})["." + ext.lower()] = m
+            try:
+                for m in tf:  # reads every header: a truncated or corrupt shard fails here
+                    if not m.isfile():
+                        continue
+                    d, base = os.path.split(m.name)
+                    stem, dot, ext = base.partition(".")
+                    if not dot:
+                        continue
+                    groups.setdefault(os.path.join(d, stem), {})["." + ext.lower()] = m
+            except (tarfile.TarError, OSError) as e:
+                raise DatasetError(f"webdataset: {shard} is truncated or corrupt ({e})") from None
+            # tarfile ends quietly at a header cut short: a POSIX tar ends with zero blocks instead
+            tf.fileobj.seek(tf.offset)
+            if tf.fileobj.read(512) != bytes(512):
+                raise DatasetError(
+                    f"webdataset: {shard} is truncated or corrupt: no end-of-archive marker after byte {tf.offset} "
+                    "(a shard cut short, e.g. by an interrupted copy)"
+                )
             for key, members in groups.items():
                 img = next((members[e] for e in self.image_exts if e in members), None)
                 lab = members.get(self.label_ext)
                 if img is None or lab is None:
                     what = "image (" + ", ".join(self.image_exts) + ")" if img is None else self.label_ext
                     raise DatasetError(f"webdataset: sample {key!r} in {shard} has no {what} member")
-                text = tf.extractfile(lab).read().decode("utf-8", "replace").strip()  # type: ignore[union-attr]
+                try:
+                    text = tf.extractfile(lab).read().decode("utf-8", "replace").strip()  # type: ignore[union-attr]
+                except (tarfile.TarError, OSError) as e:
+                    raise DatasetError(f"webdataset: cannot read {lab.name} in {shard} ({e})") from None
                 try:
                     label = int(text)
                 except ValueError:
                     raise DatasetError(
                         f"webdataset: label {key}{self.label_ext} in {shard} is {text!r}, not an integer"
                     ) from None
+                if not 0 <= label <= LABEL_MAX:
+                    raise DatasetError(
+                        f"webdataset: label {key}{self.label_ext} in {shard} is {text!r}: class labels are "
+                        f"0..{LABEL_MAX}"
+                    )
                 yield key, (img.offset_data, img.size), label
 
     def __len__(self) -> int:
@@ -1213,6 +1354,9 @@ class WebDatasetSource(FileSource):
 
     def _what(self, i: int) -> str:
         return f"sample {str(self.keys[i])!r} in {self.shards[self.shard_of[i]]}"
+
+    def _label_what(self, i: int) -> str:
+        return f"label {str(self.keys[i])}{self.label_ext} in {self.shards[self.shard_of[i]]}"
 
     def _raw(self, i: int) -> torch.Tensor:
         h = self._handles()
@@ -1291,8 +1435,9 @@ class ModuleSource(FileSource):
         for attr in ("targets", "labels"):
             v = getattr(ds, attr, None)
             if v is not None and len(v) == self.n:
-                return np.asarray(torch.as_tensor(v), dtype=np.int64)
-        return np.asarray([int(self._item(i)[1]) for i in range(self.n)], dtype=np.int64)
+                return torch.as_tensor(v).numpy()
+        items = [self._item(i)[1] for i in range(self.n)]
+        return np.asarray([v.item() if hasattr(v, "item") else v for v in items], dtype=object)
 
     def _class_names(self) -> list[str] | None:
         names = getattr(self._dataset(), "classes", None)
@@ -1303,7 +1448,7 @@ class ModuleSource(FileSource):
         if isinstance(x, torch.Tensor):
             return x if x.dtype in (torch.uint8, torch.float32) else x.float()
         if hasattr(x, "convert") and hasattr(x, "size"):  # a PIL image
-            arr = np.asarray(x.convert(self.mode))
+            arr = np.asarray(_to_8bit(x, self._what(i)).convert(self.mode))
             t = torch.from_numpy(arr.copy())
             return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
         a = np.asarray(x)
@@ -1318,7 +1463,7 @@ class ModuleSource(FileSource):
         h = hashlib.sha256()  # no declared identity: hash every sample once, streaming
         for i in range(self.n):
             h.update(self._raw(i).numpy().tobytes())
-        h.update(self._read_labels().tobytes())
+        h.update(self.labels.numpy().tobytes())  # int64, checked: the same bytes in every process
         return "content:" + h.hexdigest()
 
     def _identity(self) -> dict[str, Any]:
@@ -1425,6 +1570,23 @@ def _collate_views(items: list[tuple[int, torch.Tensor, int, int, torch.Tensor |
     views = torch.tensor([it[3] for it in items], dtype=torch.long)
     params = [it[4] for it in items]
     return b._replace(views=views, params=torch.stack(params) if all(p is not None for p in params) else None)
+
+
+def worker_error_message(e: BaseException) -> str:
+    """The message of ``e`` as it was raised, also when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception in the main process with "Caught X in DataLoader
+    worker process N. Original Traceback ..." as its message; the original message is the
+    end of that traceback, after ``module.X: ``."""
+    text = str(e)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return text
+    t = type(e)
+    for name in (f"{t.__module__}.{t.__qualname__}", t.__qualname__):
+        k = text.rfind(f"\n{name}: ")
+        if k >= 0:
+            return text[k + len(name) + 3 :].strip()
+    return text.strip().rsplit("\n", 1)[-1]  # re-raised as another type (torch's RuntimeError fallback)
 
 
 def _worker_init(_worker_id: int) -> None:

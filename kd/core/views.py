@@ -104,7 +104,12 @@ class ViewPolicy:
             elif op == "rrc":
                 kw["use_rrc"] = True
                 size = take("size")
-                kw["rrc_size"] = int(size) if size else None
+                try:
+                    kw["rrc_size"] = int(size) if size else None
+                except ValueError:
+                    raise ValueError(f"rrc size={size!r}: expected a whole number of pixels") from None
+                if kw["rrc_size"] is not None and kw["rrc_size"] < 1:
+                    raise ValueError(f"rrc size={size}: must be >= 1 pixel")
                 kw["rrc_scale"] = _range(take("scale", "0.08-1"), "rrc scale")
                 ratio = take("ratio")
                 kw["rrc_ratio"] = _range(ratio, "rrc ratio") if ratio else (3 / 4, 4 / 3)  # torchvision's

@@ -60,7 +60,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TeacherInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "input_shape", "input_dtype", "num_classes", "class_names", "max_batch_size", "device", "accepted_input_dtypes", "normalization", "layers", "datasets", "access", "batch_norms", "has_activation_records", "inputs", "outputs", "signature_extra", "weights_fingerprint", "target_options", "weights_version", "accepts_weights")
+    __slots__ = ("name", "fingerprint", "input_shape", "input_dtype", "num_classes", "class_names", "max_batch_size", "device", "accepted_input_dtypes", "normalization", "layers", "datasets", "access", "batch_norms", "has_activation_records", "inputs", "outputs", "signature_extra", "weights_fingerprint", "target_options", "weights_version", "accepts_weights", "dataset_infos")
     class SignatureExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class TeacherInfo(_message.Message):
     TARGET_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_INFOS_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -119,7 +120,20 @@ class TeacherInfo(_message.Message):
     target_options: _containers.ScalarMap[str, str]
     weights_version: int
     accepts_weights: bool
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., device: _Optional[str] = ..., accepted_input_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., datasets: _Optional[_Iterable[str]] = ..., access: _Optional[_Union[Access, str]] = ..., batch_norms: _Optional[_Iterable[_Union[BatchNormInfo, _Mapping]]] = ..., has_activation_records: _Optional[bool] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., signature_extra: _Optional[_Mapping[str, str]] = ..., weights_fingerprint: _Optional[str] = ..., target_options: _Optional[_Mapping[str, str]] = ..., weights_version: _Optional[int] = ..., accepts_weights: _Optional[bool] = ...) -> None: ...
+    dataset_infos: _containers.RepeatedCompositeFieldContainer[DatasetInfo]
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., device: _Optional[str] = ..., accepted_input_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., datasets: _Optional[_Iterable[str]] = ..., access: _Optional[_Union[Access, str]] = ..., batch_norms: _Optional[_Iterable[_Union[BatchNormInfo, _Mapping]]] = ..., has_activation_records: _Optional[bool] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., signature_extra: _Optional[_Mapping[str, str]] = ..., weights_fingerprint: _Optional[str] = ..., target_options: _Optional[_Mapping[str, str]] = ..., weights_version: _Optional[int] = ..., accepts_weights: _Optional[bool] = ..., dataset_infos: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ...) -> None: ...
+
+class DatasetInfo(_message.Message):
+    __slots__ = ("name", "dataset_id", "num_samples", "augmentation")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    AUGMENTATION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dataset_id: str
+    num_samples: int
+    augmentation: str
+    def __init__(self, name: _Optional[str] = ..., dataset_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., augmentation: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")

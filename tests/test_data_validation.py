@@ -1,0 +1,410 @@
+"""Datasets whose values kd cannot read as they are: refused with the file and the value named,
+or read correctly, never silently wrong (16-bit images, bad labels, broken files).
+
+Every file is written here in its real format (Pillow, numpy, ``datasets``, tarfile, the
+CIFAR record layout) and opened through ``open_source`` or ``kd precompute``.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import Result
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from kd.cli import app
+from kd.core.data import DatasetError, open_source
+from kd.teacher_server.loading import load_teacher
+from kd.teacher_server.server import start_server
+
+TEACHER = "local:test_data_validation:tiny?num_classes=3&input_shape=3x8x8"
+
+
+def tiny(num_classes: int = 3) -> nn.Module:
+    """A seeded 3x8x8 image teacher (this module is on pytest's path: ``local:test_data_validation:tiny``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, int(num_classes)))  # fmt: skip
+
+
+def cli(*args: str) -> Result:
+    """``kd ARGS`` in this process (typer's runner on ``kd.cli.app``)."""
+    return CliRunner().invoke(app, list(args))
+
+
+def refused(r: Result, *needles: str) -> str:
+    """The message of a CLI refusal: exit code 2, ``error:``, no traceback, every needle in it."""
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert "error:" in r.output and "Traceback" not in r.output, r.output
+    text = " ".join(r.output.split())
+    for needle in needles:
+        assert needle in text, text
+    return text
+
+
+def write_folder(root: Path, n: int = 4, side: int = 8, seed: int = 0) -> Path:
+    rs = np.random.RandomState(seed)
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rs.rand(side, side, 3) * 255).astype(np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path / "kd-cache"))
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def image_bytes(arr: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# -- 16-bit and 32-bit images ------------------------------------------------------------------
+def test_16bit_grayscale_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path: Path) -> None:
+    for cls, value in (("a", 30000), ("b", 300)):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        Image.fromarray(np.full((4, 5), value, np.uint16)).save(tmp_path / "d" / cls / "0.png")
+    assert Image.open(tmp_path / "d" / "a" / "0.png").mode == "I;16"  # what Pillow reads a 16-bit PNG as
+    src = open_source(f"imagefolder:{tmp_path / 'd'}?dtype=uint8")
+    x = src.get(torch.tensor([0, 1]))
+    assert x.shape == (2, 3, 4, 5)
+    assert (x[0] == 30000 >> 8).all() and (x[1] == 300 >> 8).all()  # 117 and 1, was 255 and 255
+    gray = open_source(f"imagefolder:{tmp_path / 'd'}?mode=L")
+    assert torch.equal(gray.get(torch.tensor([0, 1])).flatten(1)[:, 0], torch.tensor([117 / 255, 1 / 255]))
+
+
+@pytest.mark.parametrize(
+    ("arr", "kind"),
+    [(np.full((4, 4), 300000, np.int32), "integer"), (np.full((4, 4), 0.5, np.float32), "floating-point")],
+)
+def test_32bit_images_are_refused_with_the_file_named(tmp_path: Path, arr: np.ndarray, kind: str) -> None:
+    shard = write_tar(tmp_path / "s.tar", [("k0.tiff", image_bytes(arr, "TIFF")), ("k0.cls", b"0")])
+    src = open_source(f"webdataset:{shard}?image=tiff")
+    with pytest.raises(DatasetError, match=rf"'k0'.*s\.tar has 32-bit {kind} pixels"):
+        src.get(torch.tensor([0]))
+
+
+def test_decompression_bomb_png_is_a_dataset_error(tmp_path: Path) -> None:
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    Image.new("1", (20000, 10000)).save(tmp_path / "d" / "a" / "bomb.png")  # 200 Mpixel, a few kB on disk
+    src = open_source(f"imagefolder:{tmp_path / 'd'}?size=8")
+    with pytest.raises(DatasetError, match=r"bomb\.png is too large to decode safely"):
+        src.get(torch.tensor([0]))
+
+
+# -- precompute options ----------------------------------------------------------------------------
+def test_views_on_a_dataset_without_augmentation_is_refused(tmp_path: Path) -> None:
+    data = write_folder(tmp_path / "d")
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}", "--views", "3",
+            "--out", str(tmp_path / "c"), "--workers", "0")  # fmt: skip
+    refused(r, "has no augmentation: --views 3 would be 3 copies of the same sample")
+    assert not (tmp_path / "c" / "data.mdb").exists()
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}?views=flip", "--views", "3",
+            "--out", str(tmp_path / "c2"), "--workers", "0")  # fmt: skip
+    assert r.exit_code == 0, r.output
+
+
+# -- labels ---------------------------------------------------------------------------------------
+def save_hf(root: Path, labels: list, feature: str) -> Path:
+    datasets = pytest.importorskip("datasets")
+    imgs = [Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)) for i in range(len(labels))]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value(feature)})
+    datasets.Dataset.from_dict({"image": imgs, "label": labels}, features=feats).save_to_disk(str(root))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("labels", "feature", "message"),
+    [
+        ([0, None, 2, 1], "int64", r"label column 'label' at row 1 of .* is null: a missing label"),
+        ([0.0, 1.5, 2.0, 1.0], "float32", r"label column 'label' at row 1 of .* is 1\.5: not a whole number"),
+        ([0, 2, -3, 1], "int64", r"label column 'label' at row 2 of .* is -3: negative"),
+        (["cat", "dog", "cat", "dog"], "string", r"label column 'label' at row 0 of .* is 'cat': class labels must be"),
+    ],
+)
+def test_bad_hf_labels_are_refused_naming_the_column_row_and_value(
+    tmp_path: Path, labels: list, feature: str, message: str
+) -> None:
+    src = open_source(f"hf:{save_hf(tmp_path / 'hf', labels, feature)}")
+    with pytest.raises(DatasetError, match=message):
+        src.labels  # noqa: B018
+    with pytest.raises(DatasetError, match=message):
+        src.num_classes  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("y", "message"),
+    [
+        (np.full(4, 2**63 + 5, np.uint64), r"label 0 \(array 'y'\) of .*y\.npz is 9223372036854775813: larger than"),
+        (np.array([0, 1, -1, 2]), r"label 2 \(array 'y'\) of .*y\.npz is -1: negative"),
+    ],
+)
+def test_bad_npz_labels_are_refused(tmp_path: Path, y: np.ndarray, message: str) -> None:
+    np.savez(tmp_path / "y.npz", x=np.zeros((4, 3, 8, 8), np.float32), y=y)
+    src = open_source(f"npz:{tmp_path / 'y.npz'}")
+    with pytest.raises(DatasetError, match=message):
+        src.num_classes  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [(b"-1", r"label k1\.cls in .*s\.tar is '-1': class labels are 0\.\."),
+     (b"9" * 23, r"label k1\.cls in .*s\.tar is '9{23}': class labels are 0\.\.")],
+)  # fmt: skip
+def test_bad_tar_labels_are_refused(tmp_path: Path, text: bytes, message: str) -> None:
+    png = image_bytes(np.zeros((8, 8, 3), np.uint8), "PNG")
+    shard = write_tar(tmp_path / "s.tar", [("k0.png", png), ("k0.cls", b"0"), ("k1.png", png), ("k1.cls", text)])
+    with pytest.raises(DatasetError, match=message):
+        open_source(f"webdataset:{shard}")
+
+
+def test_cifar10_label_byte_outside_its_10_classes_is_refused(tmp_path: Path) -> None:
+    labels = np.array([3, 9, 200, 1], np.uint8)
+    records = np.concatenate([labels[:, None], np.zeros((4, 3072), np.uint8)], axis=1)
+    for k in range(1, 6):
+        records.tofile(tmp_path / f"data_batch_{k}.bin")
+    src = open_source(f"cifar:{tmp_path}")
+    with pytest.raises(
+        DatasetError, match=r"label byte of record 2 of .*data_batch_1\.bin is 200: outside the 10 classes"
+    ):
+        src.labels  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "the number of classes must be >= 1"),
+        ("-5", "the number of classes must be >= 1"),
+        ("abc", "expected a whole number of classes"),
+        ("2", r"label 2 \(array 'y'\) .* is 2: outside the 2 classes of \?classes=2"),
+    ],
+)
+def test_classes_option_is_checked(tmp_path: Path, value: str, message: str) -> None:
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 8, 8), np.float32), y=np.array([0, 1, 2, 0]))
+    with pytest.raises(DatasetError, match=rf"{message}"):
+        open_source(f"npz:{tmp_path / 'd.npz'}?classes={value}").num_classes  # noqa: B018
+    assert open_source(f"npz:{tmp_path / 'd.npz'}?classes=5").num_classes == 5
+
+
+def test_precompute_refuses_a_null_label_before_writing(tmp_path: Path) -> None:
+    hf = save_hf(tmp_path / "hf", [0, 1, None, 2], "int64")
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"hf:{hf}", "--out", str(tmp_path / "c"), "--workers", "0")
+    refused(r, "label column 'label' at row 2", "is null")
+    assert not (tmp_path / "c" / "data.mdb").exists()
+
+
+# -- inputs by reference ------------------------------------------------------------------------------
+def test_by_reference_refuses_a_local_dataset_that_is_not_the_servers(tmp_path: Path) -> None:
+    served, other = write_folder(tmp_path / "served"), write_folder(tmp_path / "other", seed=1)  # same sizes
+    uri = f"imagefolder:{served}?views=flip"
+    running = start_server([load_teacher("t", TEACHER.removeprefix("local:"))], port=0,
+                           datasets={"good": open_source(uri)})  # fmt: skip
+    try:
+        source = f"server:127.0.0.1:{running.port}/t"
+
+        def by_ref(dataset: str, out: str, *more: str) -> Result:
+            return cli("precompute", "--source", source, "--by-reference", "good", "--dataset", dataset,
+                       "--views", "2", "--out", str(tmp_path / out), "--workers", "0", *more)  # fmt: skip
+
+        refused(by_ref(f"imagefolder:{other}?views=flip", "c1"), "--by-reference 'good': the server's dataset is not")
+        refused(by_ref(f"imagefolder:{served}?views=flip&size=6", "c2"), "is not --dataset")  # decoded otherwise
+        refused(by_ref(f"imagefolder:{served}?views=crop:pad=2", "c3"), "its views are 'flip:p=0.5@v1'")
+        r = cli("precompute", "--source", source, "--by-reference", "nope", "--dataset", uri, "--out",
+                str(tmp_path / "c4"), "--workers", "0")  # fmt: skip
+        refused(r, "the server has no such dataset; it has registered: good")
+        assert not any((tmp_path / c / "data.mdb").exists() for c in ("c1", "c2", "c3", "c4"))
+        assert by_ref(uri, "ok").exit_code == 0  # the same data: filled
+    finally:
+        running.stop(grace=1)
+
+
+# -- user mistakes: a clear error, never a traceback ----------------------------------------------
+@pytest.mark.parametrize(
+    ("x", "kind"),
+    [
+        (np.array(["a"] * 4), "text"),
+        (np.zeros((4, 3, 8, 8), "datetime64[s]"), "dates"),
+        (np.zeros((4, 3, 8, 8), dtype=[("a", "f4")]), "structured records"),
+    ],
+)
+def test_npz_inputs_that_are_not_numbers_are_refused(tmp_path: Path, x: np.ndarray, kind: str) -> None:
+    np.savez(tmp_path / "x.npz", x=x, y=np.arange(4) % 2)
+    with pytest.raises(DatasetError, match=rf"npz: the inputs \(array 'x' of .*x\.npz\) are .* \({kind}\)"):
+        open_source(f"npz:{tmp_path / 'x.npz'}").get(torch.tensor([0]))
+
+
+def test_hf_dataset_with_no_rows_is_refused(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"image": [], "label": []}, features=feats).save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(DatasetError, match=r"hf: .*hf.*(has no rows|with at least one row)"):
+        open_source(f"hf:{tmp_path / 'hf'}")
+
+
+def test_hf_image_column_with_a_null_row_is_refused(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    img = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"image": [img, None, img], "label": [0, 1, 0]}, features=feats).save_to_disk(
+        str(tmp_path / "hf")
+    )
+    src = open_source(f"hf:{tmp_path / 'hf'}")
+    assert src.get(torch.tensor([0])).shape == (1, 3, 8, 8)
+    with pytest.raises(DatasetError, match=r"hf: row 1 of .*hf has no image \(null in column 'image'\)"):
+        src.get(torch.tensor([1]))
+
+
+@pytest.mark.parametrize("cut", [100, 600])  # inside the header of k1.png / inside its data
+def test_tar_shard_truncated_is_refused(tmp_path: Path, cut: int) -> None:
+    png = image_bytes(np.zeros((8, 8, 3), np.uint8), "PNG")
+    shard = write_tar(tmp_path / "s.tar", [("k0.png", png), ("k0.cls", b"0"), ("k1.png", png), ("k1.cls", b"1")])
+    data = shard.read_bytes()
+    k1 = 512 + -(-len(png) // 512) * 512 + 1024  # the header of k1.png
+    shard.write_bytes(data[: k1 + cut])
+    with pytest.raises(DatasetError, match=r"webdataset: .*s\.tar is truncated or corrupt"):
+        open_source(f"webdataset:{shard}")
+    whole = write_tar(tmp_path / "whole.tar", [("k0.png", png), ("k0.cls", b"0")])
+    assert len(open_source(f"webdataset:{whole}")) == 1
+
+
+def test_precompute_out_that_is_a_file_or_cannot_be_made_is_refused(tmp_path: Path) -> None:
+    data = write_folder(tmp_path / "d")
+    (tmp_path / "afile").write_text("not a cache")
+    for out, message in ((tmp_path / "afile", "is a file, not a cache directory"),
+                         (tmp_path / "afile" / "c", "cannot create the cache directory")):  # fmt: skip
+        r = cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}", "--out", str(out),
+                "--workers", "0")  # fmt: skip
+        refused(r, f"--out '{out}'", message)
+    assert (tmp_path / "afile").read_text() == "not a cache"
+
+
+def test_cache_export_to_an_unwritable_path_is_refused_and_the_written_name_is_reported(tmp_path: Path) -> None:
+    data = write_folder(tmp_path / "d")
+    cache = tmp_path / "c"
+    assert cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}", "--out", str(cache),
+               "--workers", "0").exit_code == 0  # fmt: skip
+    (tmp_path / "afile").write_text("")
+    refused(cli("cache", "export", str(cache), "--out", str(tmp_path / "afile" / "x.npz")), "cannot write the export")
+    r = cli("cache", "export", str(cache), "--out", str(tmp_path / "foo"))
+    assert r.exit_code == 0 and f"exported 4 records to {tmp_path / 'foo.npz'}" in " ".join(r.output.split())
+    with np.load(tmp_path / "foo.npz") as z:
+        assert z["logits"].shape == (4, 3)
+
+
+class TokLM(nn.Module):
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, 8), nn.Linear(8, vocab)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.embed(tokens))
+
+
+def toklm(vocab: int = 259) -> nn.Module:
+    """A token teacher (``local:test_data_validation:toklm?vocab=V&input_shape=-1``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return TokLM(int(vocab))
+
+
+def test_token_teacher_with_a_smaller_vocabulary_than_the_tokenizer_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("hello world, a small corpus of bytes\n" * 4)
+    args = ["precompute", "--dataset", f"text:{tmp_path / 'corpus'}?block=8", "--codec", "fp16"]
+    r = cli(
+        *args, "--source", "local:test_data_validation:toklm?vocab=100&input_shape=-1", "--out", str(tmp_path / "a")
+    )
+    refused(r, "has a vocabulary of 100 but the dataset's tokenizer has 259 token ids")
+    assert not (tmp_path / "a" / "data.mdb").exists()
+    r = cli(
+        *args, "--source", "local:test_data_validation:toklm?vocab=259&input_shape=-1", "--out", str(tmp_path / "b")
+    )
+    assert r.exit_code == 0, r.output
+
+
+def test_a_corrupt_image_read_in_a_worker_is_reported_with_its_own_message(tmp_path: Path) -> None:
+    data = write_folder(tmp_path / "d")
+    Image.fromarray(np.full((64, 64, 3), 7, np.uint8)).save(tmp_path / "d" / "c1" / "z.jpg", quality=90)
+    jpg = (tmp_path / "d" / "c1" / "z.jpg").read_bytes()
+    (tmp_path / "d" / "c1" / "z.jpg").write_bytes(jpg[: len(jpg) * 2 // 3])  # the last sample: read in a worker
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}?size=8", "--out",
+            str(tmp_path / "c"), "--workers", "2")  # fmt: skip
+    text = refused(r, f"error: cannot decode image {data / 'c1' / 'z.jpg'}: ")
+    assert "Caught" not in text and "DataLoader worker" not in text
+
+
+# -- unclear messages -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--mean", "0.5,0.5", "--std", "0.2,0.2,0.2"], "mean has 2 value(s) [0.5, 0.5], but teacher 'local' takes 3"),
+        (["--mean", "0.5,0.5,0.5", "--std", "0,0.2,0.2"], "std [0.0, 0.2, 0.2]: every value must be > 0"),
+        (["--commit-every", "0"], "--batch-size and --commit-every must be >= 1, got 256 and 0"),
+        (["--commit-every", "-5"], "--batch-size and --commit-every must be >= 1, got 256 and -5"),
+    ],
+)
+def test_precompute_options_out_of_range_are_refused(tmp_path: Path, options: list[str], message: str) -> None:
+    data = write_folder(tmp_path / "d")
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}", "--out", str(tmp_path / "c"),
+            "--workers", "0", *options)  # fmt: skip
+    refused(r, message)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    ("size", "message"), [("0", "rrc size=0: must be >= 1 pixel"), ("x", "rrc size='x': expected a whole number")]
+)
+def test_rrc_size_must_be_a_positive_number(tmp_path: Path, size: str, message: str) -> None:
+    data = write_folder(tmp_path / "d")
+    with pytest.raises(DatasetError, match=rf"views='rrc:size={size}': {message}"):
+        open_source(f"imagefolder:{data}?views=rrc:size={size}")
+
+
+class Pairs(torch.utils.data.Dataset):
+    """A map-style dataset of (image, label) with no targets/labels attribute and no declared identity."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.full((3, 8, 8), i / 4), i % 2
+
+
+def pairs() -> Pairs:
+    return Pairs()
+
+
+def test_module_source_identity_is_the_same_in_every_process(tmp_path: Path) -> None:
+    """Its labels (read item by item) are hashed as int64, not as the addresses of Python objects."""
+    import os
+    import subprocess
+    import sys
+
+    uri = "module:test_data_validation:pairs"
+    here = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    code = f"from kd.core.data import open_source; print(open_source({uri!r}).dataset_id)"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert other.returncode == 0, other.stderr
+    src = open_source(uri)
+    assert src.labels.tolist() == [0, 1, 0, 1]
+    assert other.stdout.strip() == src.dataset_id
