@@ -1408,7 +1408,8 @@ def train_lm(
         losses = train_tokens(model, train_data, cache, method=method, epochs=epochs, batch_size=batch_size,
                               lr=lr, seed=seed, method_options=options, device=device, accumulate=accumulate,
                               amp=amp, optimizer=optimizer, weight_decay=weight_decay, on_epoch=validate)  # fmt: skip
-    except (ValueError, TypeError, KeyError, RuntimeError, CacheError) as e:  # bad option, cache, data or student
+    except (ValueError, TypeError, KeyError, RuntimeError, CacheError, FloatingPointError) as e:  # bad option, cache,
+        # data or student, or a diverged run
         _fail(f"{type(e).__name__}: {e}")
     finally:
         cache.close()

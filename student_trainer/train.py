@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -109,6 +110,11 @@ def student_final(config: TrainConfig) -> Final | None:
         raise ValueError("give both input_mean and input_std, or neither")
     if config.input_size < 0:
         raise ValueError(f"input_size must be >= 0, got {config.input_size}")
+    bad_std = [v for v in config.input_std if not math.isfinite(v) or v <= 0]
+    if bad_std:  # dividing by 0 (or a negative/NaN std) makes every input inf/NaN
+        raise ValueError(f"input_std must be finite numbers > 0, got {config.input_std}")
+    if [v for v in config.input_mean if not math.isfinite(v)]:
+        raise ValueError(f"input_mean must be finite numbers, got {config.input_mean}")
     if not config.input_size and not config.input_mean:
         return None
     return Final(size=config.input_size or None, mean=tuple(config.input_mean) or None,
@@ -268,6 +274,14 @@ def _my_part(batch: Batch, rank: int, size: int) -> Batch:
     sl = slice(min(rank * per, n), min((rank + 1) * per, n))
     views = None if batch.views is None else batch.views[sl]
     return Batch(batch.indices[sl], batch.inputs[sl], batch.labels[sl], views, n)
+
+
+def _check_finite(model: nn.Module, epoch: int) -> None:
+    """Refuse weights that became NaN/inf (a diverged last step, whose loss was still finite)."""
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise FloatingPointError(f"epoch {epoch}: the student's {name} holds NaN/inf values "
+                                     "(the run diverged: lower --lr, or set --clip-grad-norm)")  # fmt: skip
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -605,11 +619,15 @@ def train_student(
             if scaler is not None:
                 scaler.update()
             value = float(loss.detach())
+            if not math.isfinite(value):  # diverged: its weights are garbage, not a result to save
+                raise FloatingPointError(f"epoch {epoch} step {step}: the training loss is {value} "
+                                         "(the run diverged: lower --lr, or set --clip-grad-norm)")  # fmt: skip
             total += value * len(idx)
             n += len(idx)
             if hooks.on_step is not None:
                 hooks.on_step(epoch, step, value, lr)
         seconds = time.perf_counter() - t_epoch
+        _check_finite(student, epoch)
         if hooks.evaluate is not None:
             acc, top5 = hooks.evaluate(student, test), None
         else:
@@ -891,12 +909,17 @@ def train_tokens(
                     logits = logits_of(student(tokens.to(dev)))
                 loss = loss_fn(logits, targets.to(dev), labels.to(dev), **options)
                 weight = n / counted if counted else 1.0 / len(micro)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"epoch {epoch}: the training loss is {value} "
+                                             "(the run diverged: lower --lr)")  # fmt: skip
                 (loss * weight).backward()
-                step_loss += float(loss.detach()) * weight
+                step_loss += value * weight
             opt.step()
             total += step_loss * counted
             tokens_seen += counted
         losses.append(total / tokens_seen if tokens_seen else float("nan"))
+        _check_finite(student, epoch)
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
     return losses

