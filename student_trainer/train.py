@@ -487,17 +487,23 @@ def train_student(
                              "run without --resume to start it")  # fmt: skip
         if resume and ckpt_path.exists():
             ckpt = load_checkpoint(ckpt_path)
-            try:
-                saved = json.loads((run / "config.json").read_text())
-            except (OSError, ValueError) as e:
-                raise ValueError(f"cannot resume {str(run)!r}: its config.json is unreadable ({e})") from e
+            # The checkpoint carries the config it was written under: config.json may be a newer run's
+            # (one started in this directory without --resume and killed before its first epoch ended).
+            saved = ckpt.get("config")
+            if not isinstance(saved, dict):  # a checkpoint from before it carried its config
+                try:
+                    saved = json.loads((run / "config.json").read_text())
+                except (OSError, ValueError) as e:
+                    raise ValueError(f"cannot resume {str(run)!r}: its config.json is unreadable ({e})") from e
             # A run dir written before a TrainConfig field existed lacks that key; it ran with what is now
             # the field's default, so a missing key equal to its default is no difference.
             defaults = json.loads(json.dumps(asdict(TrainConfig())))
             saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-            if saved != json.loads(json.dumps(effective)):
-                diff = sorted(k for k in effective if saved.get(k) != json.loads(json.dumps(effective)).get(k))
-                raise ValueError(f"cannot resume {str(run)!r}: its config differs in {diff}")
+            now = json.loads(json.dumps(effective))
+            if saved != now:
+                diff = sorted(k for k in set(now) | set(saved) if saved.get(k) != now.get(k))
+                details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)
+                raise ValueError(f"cannot resume {str(run)!r}: its checkpoint's config differs in {diff} ({details})")
             if hooks.load_state is not None:  # first: a method's own check names a run of another method
                 if "hooks" not in ckpt:
                     raise ValueError(f"cannot resume {str(run)!r}: its checkpoint holds no state of this method")
@@ -518,6 +524,8 @@ def train_student(
             history = list(ckpt["history"])
             start = int(ckpt["epoch"]) + 1
         elif rank == 0:
+            # A new run here: an older run's checkpoint must not be resumed as this one's.
+            ckpt_path.unlink(missing_ok=True)
             replace_atomically(run / "config.json", lambda f: f.write(json.dumps(effective, indent=2)), binary=False)
     if rank != 0:
         ckpt_path = None
@@ -645,6 +653,7 @@ def train_student(
                 **({} if plan is None else {"connectors": plan.distilled.connectors.state_dict()}),
                 "extra": [{"module": m.state_dict(), "optimizer": o.state_dict()} for m, o in hooks.extra],
                 **({} if hooks.state is None else {"hooks": hooks.state()}),
+                "config": json.loads(json.dumps(effective)),
             })  # fmt: skip
             _write_metrics(ckpt_path.parent, history)
         if bar is not None:

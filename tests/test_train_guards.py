@@ -120,3 +120,26 @@ def test_diverging_token_training_fails_and_saves_no_student(token_cache, tmp_pa
     res = train_lm(token_cache, "--lr", "1e30", "--optimizer", "sgd", "--batch-size", "4", "--out", str(out))
     assert res.exit_code == 2, res.output
     assert "diverged" in res.output and "NaN" not in res.stdout and not out.exists()
+
+
+# ---- item 2: resume refuses a checkpoint of another run ----
+
+
+def test_a_new_run_in_a_used_run_dir_leaves_no_checkpoint_to_resume(data, tmp_path: Path) -> None:
+    run(data, None, TrainConfig(method="ce", epochs=2, lr=0.01), run_dir=tmp_path)
+    other = TrainConfig(method="ce", epochs=2, lr=0.05)
+    with pytest.raises(Crash):  # run B, started here without --resume, dies before its first epoch ends
+        run(data, None, other, run_dir=tmp_path, hooks=crash_at_first_step())
+    with pytest.raises(ValueError, match="no checkpoint.pt"):
+        run(data, None, other, run_dir=tmp_path, resume=True)
+
+
+def test_resume_compares_with_the_config_the_checkpoint_was_written_under(data, tmp_path: Path) -> None:
+    run(data, None, TrainConfig(method="ce", epochs=2, lr=0.01), run_dir=tmp_path)
+    other = TrainConfig(method="ce", epochs=3, lr=0.05)
+    with pytest.raises(Crash):
+        run(data, None, other, run_dir=tmp_path / "b", hooks=crash_at_first_step())
+    # config.json now says run B's (as a run B killed after writing it left it), the checkpoint is run A's
+    (tmp_path / "config.json").write_text((tmp_path / "b" / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"checkpoint's config differs in \['epochs', 'lr'\]"):
+        run(data, None, other, run_dir=tmp_path, resume=True)
