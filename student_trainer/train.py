@@ -504,6 +504,11 @@ def train_student(
                 diff = sorted(k for k in set(now) | set(saved) if saved.get(k) != now.get(k))
                 details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)
                 raise ValueError(f"cannot resume {str(run)!r}: its checkpoint's config differs in {diff} ({details})")
+            if scaler is not None:
+                if "scaler" not in ckpt:
+                    raise ValueError(f"cannot resume {str(run)!r}: its checkpoint holds no fp16 grad-scaler state "
+                                     "(written before it was saved): the resumed run would not be exact")  # fmt: skip
+                scaler.load_state_dict(ckpt["scaler"])
             if hooks.load_state is not None:  # first: a method's own check names a run of another method
                 if "hooks" not in ckpt:
                     raise ValueError(f"cannot resume {str(run)!r}: its checkpoint holds no state of this method")
@@ -653,6 +658,7 @@ def train_student(
                 **({} if plan is None else {"connectors": plan.distilled.connectors.state_dict()}),
                 "extra": [{"module": m.state_dict(), "optimizer": o.state_dict()} for m, o in hooks.extra],
                 **({} if hooks.state is None else {"hooks": hooks.state()}),
+                **({} if scaler is None else {"scaler": scaler.state_dict()}),
                 "config": json.loads(json.dumps(effective)),
             })  # fmt: skip
             _write_metrics(ckpt_path.parent, history)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from kd.cli import app
 from kd.core.data import load_dataset
 from kd.models import digits_student
+from kd.student_trainer.sources import LocalSource
 from kd.student_trainer.train import Hooks, TrainConfig, seed_everything, train_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -143,3 +144,18 @@ def test_resume_compares_with_the_config_the_checkpoint_was_written_under(data, 
     (tmp_path / "config.json").write_text((tmp_path / "b" / "config.json").read_text())
     with pytest.raises(ValueError, match=r"checkpoint's config differs in \['epochs', 'lr'\]"):
         run(data, None, other, run_dir=tmp_path, resume=True)
+
+
+# ---- item 3: fp16 resume restores the grad scaler ----
+
+
+def test_fp16_resume_restores_the_grad_scaler_and_is_exact(data, teacher, tmp_path: Path) -> None:
+    # dkd with beta=1000 overflows fp16 gradients early, so the scaler's scale moves off its initial 65536
+    config = TrainConfig(method="dkd", method_options={"beta": 1000.0}, epochs=3, amp="fp16", lr=0.01)
+    full, _ = run(data, LocalSource(teacher), config, run_dir=tmp_path / "full")
+    with pytest.raises(Crash):
+        run(data, LocalSource(teacher), config, run_dir=tmp_path / "res", hooks=crash_after(0))
+    resumed, _ = run(data, LocalSource(teacher), config, run_dir=tmp_path / "res", resume=True)
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["scaler"]["scale"] != 65536.0
