@@ -141,6 +141,7 @@ class CacheSource(SoftTargetSource):
 
     def __init__(self, path: str, *, prefetch: int = 0, **expect: Any) -> None:
         self.reader = open_cache(path, **{k: v for k, v in expect.items() if v is not None})
+        self.path = str(path)
         # Batches read ahead in a background thread. Off by default: on a machine whose
         # cores are all busy with the student's step (2 CPU cores, kd bench cache) the
         # reader's Python competes with the step and makes it slower; with spare cores

@@ -276,6 +276,37 @@ def _my_part(batch: Batch, rank: int, size: int) -> Batch:
     return Batch(batch.indices[sl], batch.inputs[sl], batch.labels[sl], views, n)
 
 
+def source_identity(source: SoftTargetSource | None) -> dict | list | None:
+    """What identifies a source's targets beyond its teacher's fingerprint (recorded in config.json
+    and the checkpoint, compared on resume): a cache's path and codec, a server's top-k, a pool's
+    members and combiner."""
+    if source is None:
+        return None
+    if hasattr(source, "sources"):  # several teachers merged (multi.MultiTeacherSource)
+        return {"kind": source.name, "combiner": getattr(source, "combiner_name", None),
+                "options": {k: v for k, v in sorted(getattr(source, "options", {}).items())},
+                "members": [source_identity(s) for s in source.sources]}  # fmt: skip
+    out: dict = {"kind": source.name, "fingerprint": source.fingerprint}
+    reader = getattr(source, "reader", None)
+    meta = getattr(reader, "meta", None)
+    if meta is not None:
+        path = getattr(source, "path", None) or getattr(reader, "path", None)
+        out.update({"path": None if path is None else str(Path(path).resolve()), "codec": meta.codec,
+                    "temperature": meta.temperature})  # fmt: skip
+    if source.name == "server":
+        out.update({"teacher": source.teacher_name, "topk": getattr(source, "topk", 0)})
+    return out
+
+
+def student_identity(student: nn.Module) -> dict:
+    """The student's class and a digest of its parameter names and shapes (its architecture)."""
+    import hashlib
+
+    shapes = [[k, list(v.shape)] for k, v in student.state_dict().items()]
+    digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
+    return {"class": f"{type(student).__module__}.{type(student).__qualname__}", "shapes": digest}
+
+
 def _check_finite(model: nn.Module, epoch: int) -> None:
     """Refuse weights that became NaN/inf (a diverged last step, whose loss was still finite)."""
     for name, p in model.state_dict().items():
@@ -481,12 +512,21 @@ def train_student(
             "train_samples": len(subset),
             "source": None if source is None else source.name,
             "teacher_fingerprint": None if source is None else source.fingerprint,
+            # what else makes the targets and the student: another cache (codec) of the same teacher,
+            # or another architecture, is another run
+            "source_identity": source_identity(source),
+            "student": student_identity(student),
         }
         if resume and not ckpt_path.exists():
             raise ValueError(f"cannot resume {str(run)!r}: it has no checkpoint.pt (no epoch finished there); "
                              "run without --resume to start it")  # fmt: skip
         if resume and ckpt_path.exists():
             ckpt = load_checkpoint(ckpt_path)
+            if hooks.load_state is not None:  # first: a method's own check names a run of another
+                # method (its student differs too)
+                if "hooks" not in ckpt:
+                    raise ValueError(f"cannot resume {str(run)!r}: its checkpoint holds no state of this method")
+                hooks.load_state(ckpt["hooks"])
             # The checkpoint carries the config it was written under: config.json may be a newer run's
             # (one started in this directory without --resume and killed before its first epoch ended).
             saved = ckpt.get("config")
@@ -496,10 +536,14 @@ def train_student(
                 except (OSError, ValueError) as e:
                     raise ValueError(f"cannot resume {str(run)!r}: its config.json is unreadable ({e})") from e
             # A run dir written before a TrainConfig field existed lacks that key; it ran with what is now
-            # the field's default, so a missing key equal to its default is no difference.
+            # the field's default, so a missing key equal to its default is no difference. One written
+            # before the source's identity and the student were recorded is checked on the rest.
             defaults = json.loads(json.dumps(asdict(TrainConfig())))
             saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
             now = json.loads(json.dumps(effective))
+            for key in ("source_identity", "student"):
+                if key not in saved:
+                    now.pop(key)
             if saved != now:
                 diff = sorted(k for k in set(now) | set(saved) if saved.get(k) != now.get(k))
                 details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)
@@ -509,10 +553,6 @@ def train_student(
                     raise ValueError(f"cannot resume {str(run)!r}: its checkpoint holds no fp16 grad-scaler state "
                                      "(written before it was saved): the resumed run would not be exact")  # fmt: skip
                 scaler.load_state_dict(ckpt["scaler"])
-            if hooks.load_state is not None:  # first: a method's own check names a run of another method
-                if "hooks" not in ckpt:
-                    raise ValueError(f"cannot resume {str(run)!r}: its checkpoint holds no state of this method")
-                hooks.load_state(ckpt["hooks"])
             saved_extra = ckpt.get("extra", [])
             if len(saved_extra) != len(hooks.extra):
                 raise ValueError(f"cannot resume {str(run)!r}: its checkpoint holds {len(saved_extra)} extra "

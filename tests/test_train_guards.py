@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from kd.cli import app
 from kd.core.data import load_dataset
-from kd.models import digits_student
-from kd.student_trainer.sources import LocalSource
+from kd.models import MLP, digits_student
+from kd.student_trainer.sources import CacheSource, LocalSource
 from kd.student_trainer.train import Hooks, TrainConfig, seed_everything, train_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -159,3 +159,34 @@ def test_fp16_resume_restores_the_grad_scaler_and_is_exact(data, teacher, tmp_pa
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
     assert torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["scaler"]["scale"] != 65536.0
+
+
+# ---- item 4: resume refuses another cache of the same teacher, and another student ----
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, teacher_spec: str) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("caches")
+    for codec in ("fp32", "q8"):
+        res = invoke("precompute", "--source", f"local:{teacher_spec}", "--dataset", "digits", "--out",
+                     str(d / codec), "--codec", codec)  # fmt: skip
+        assert res.exit_code == 0, res.output
+    return {c: str(d / c) for c in ("fp32", "q8")}
+
+
+def test_resume_refuses_another_cache_of_the_same_teacher(data, caches, tmp_path: Path) -> None:
+    config = TrainConfig(method="kd", epochs=2)
+    digits_id = data[0].dataset_id
+    with pytest.raises(Crash):
+        run(data, CacheSource(caches["fp32"], dataset_id=digits_id), config, run_dir=tmp_path, hooks=crash_after(0))
+    with pytest.raises(ValueError, match=r"differs in \['source_identity'\].*'codec': 'q8'"):
+        run(data, CacheSource(caches["q8"], dataset_id=digits_id), config, run_dir=tmp_path, resume=True)
+    run(data, CacheSource(caches["fp32"], dataset_id=digits_id), config, run_dir=tmp_path, resume=True)
+
+
+def test_resume_refuses_another_student(data, tmp_path: Path) -> None:
+    config = TrainConfig(method="ce", epochs=2)
+    with pytest.raises(Crash):
+        run(data, None, config, run_dir=tmp_path, hooks=crash_after(0))
+    with pytest.raises(ValueError, match=r"differs in \['student'\]"):
+        run(data, None, config, student=MLP([64, 32, 10]), run_dir=tmp_path, resume=True)
