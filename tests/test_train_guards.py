@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from kd.cli import app
 from kd.core.data import load_dataset
 from kd.models import MLP, digits_student
-from kd.student_trainer.sources import CacheSource, LocalSource
+from kd.student_trainer.sources import CacheSource, LocalSource, ServerSource
 from kd.student_trainer.train import Hooks, TrainConfig, seed_everything, train_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -190,3 +190,27 @@ def test_resume_refuses_another_student(data, tmp_path: Path) -> None:
         run(data, None, config, run_dir=tmp_path, hooks=crash_after(0))
     with pytest.raises(ValueError, match=r"differs in \['student'\]"):
         run(data, None, config, student=MLP([64, 32, 10]), run_dir=tmp_path, resume=True)
+
+
+# ---- item 5: a server pool must serve one teacher ----
+
+
+def test_a_pool_of_servers_holding_different_weights_is_refused(teacher, teacher_spec: str) -> None:
+    from kd.teacher_server.loading import load_teacher
+    from kd.teacher_server.server import start_server
+
+    torch.manual_seed(99)
+    other = load_teacher("digits", "kd.models:digits_teacher")  # the same name, other (random) weights
+    assert other.fingerprint != teacher.fingerprint
+    servers = [start_server([t], port=0) for t in (teacher, teacher, other)]
+    a, b, c = (f"127.0.0.1:{s.port}" for s in servers)
+    try:
+        with ServerSource(f"{a},{b}", "digits") as same:  # one teacher on both: a pool
+            assert same.fingerprint == teacher.fingerprint
+        with pytest.raises(ValueError, match=f"server pool serves different teachers.*{a}.*{c}"):
+            ServerSource(f"{a},{c}", "digits")
+        res = invoke("train", "--source", f"server:{a},{c}/digits", "--subset", "50", "--epochs", "1")
+        assert res.exit_code == 2 and "different teachers" in res.output and "Traceback" not in res.output
+    finally:
+        for s in servers:
+            s.stop(grace=1)
