@@ -59,6 +59,45 @@ def _save_student(model, out: Path) -> None:
         _fail(f"cannot write the student to {str(out)!r}: {e}")
 
 
+def _check_out(out: Path | None, flag: str = "--out") -> None:
+    """Before any training: ``out`` must be writable (not a directory, its parent a writable directory),
+    so a trained student is never lost to a path that was wrong from the start."""
+    import os
+
+    if out is None:
+        return
+    if out.is_dir():
+        _fail(f"{flag} {str(out)!r} is a directory; give the file to write")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        _fail(f"{flag} {str(out)!r} cannot be written: {str(parent)!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        _fail(f"{flag} {str(out)!r} cannot be written: {str(parent)!r} is not writable")
+
+
+def _check_run_options(seed: int, device: str) -> None:
+    """``--seed`` (numpy takes 0 to 2**32 - 1) and ``--device`` (one this torch has), before any work."""
+    import torch
+
+    if not 0 <= seed < 2**32:
+        _fail(f"--seed must be >= 0 and < 2**32, got {seed}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        _fail(f"--device {device!r}: {e}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            _fail(f"--device {device!r}: this torch sees {count} CUDA device(s)"
+                  + ("" if torch.backends.cuda.is_built() else " (it is built without CUDA)"))  # fmt: skip
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        _fail(f"--device {device!r}: MPS is not available here")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        _fail(f"--device {device!r}: use cpu, cuda[:N] or mps")
+
+
 def _call(fn, *args, errors: tuple[type[Exception], ...] = (ValueError, TypeError), **kwargs):
     """``fn(*args, **kwargs)``; a refusal (ValueError/TypeError: bad option, data or recipe) becomes
     ``_fail`` with its message, so every command reports refusals the same way."""
@@ -598,6 +637,12 @@ def train(
 
     if keep_every and run_dir is None:
         _fail("--keep-every needs --run-dir")
+    if epochs < 1 or batch_size < 1:
+        _fail(f"--epochs and --batch-size must be >= 1, got {epochs} and {batch_size}")
+    if subset < 0:
+        _fail(f"--subset must be >= 0 (0: all samples), got {subset}")
+    _check_run_options(seed, device)
+    _check_out(out)
 
     import torch
     import torch.distributed as dist
@@ -757,6 +802,7 @@ def evaluate_model(
 
     if batch_size < 1 or workers < 0:
         _fail("--batch-size must be >= 1, --workers >= 0")
+    _check_run_options(0, device)
     try:
         data = open_source(dataset)
         net = _build_student(model)
@@ -1324,6 +1370,8 @@ def onpolicy(
                             eval_prompts=eval_prompts, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                             schedule=schedule, warmup_epochs=warmup_epochs, amp=amp,
                             clip_grad_norm=clip_grad_norm)  # fmt: skip
+    _check_run_options(seed, device)
+    _check_out(out)
     try:
         config.validate()
         train_data = open_source(dataset)
@@ -1378,6 +1426,8 @@ def train_lm(
     if not source.startswith("cache:"):
         _fail(f"--source {source!r}: kd train-lm trains from a token cache, cache:PATH (kd precompute makes it; "
               "kd onpolicy trains against a live server)")  # fmt: skip
+    _check_run_options(seed, device)
+    _check_out(out)
     options = _parse_options(opt)
     try:
         get_method(method).check_options(options)
@@ -1668,8 +1718,9 @@ def online(
     from kd.student_trainer.online import train_online
     from kd.student_trainer.train import TrainConfig
 
-    if min(epochs, batch_size, branches, width, labeled or 1) < 1 or lr <= 0:
+    if min(epochs, batch_size, branches, width, 1 if labeled is None else labeled) < 1 or lr <= 0:
         _fail("--epochs, --batch-size, --branches, --width and --labeled must be >= 1, --lr > 0")
+    _check_run_options(seed, device)
     train_data, val_data = _train_and_val(dataset, val_dataset)
     subset = None
     if labeled is not None:

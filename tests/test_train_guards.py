@@ -214,3 +214,50 @@ def test_a_pool_of_servers_holding_different_weights_is_refused(teacher, teacher
     finally:
         for s in servers:
             s.stop(grace=1)
+
+
+# ---- items 6 and 7: the training commands validate --out and their values before any work ----
+
+
+def test_an_unwritable_out_is_refused_before_training(tmp_path: Path, token_cache) -> None:
+    (tmp_path / "afile").write_text("not a directory")
+    out = str(tmp_path / "afile" / "s.safetensors")
+    res = invoke("train", "--method", "ce", "--subset", "50", "--epochs", "1", "--out", out,
+                 "--run-dir", str(tmp_path / "run"))  # fmt: skip
+    assert res.exit_code == 2 and "--out" in res.output and "not a directory" in res.output, res.output
+    assert not (tmp_path / "run").exists()  # refused before the run started
+    res = train_lm(token_cache, "--out", out)
+    assert res.exit_code == 2 and "--out" in res.output and "val perplexity" not in res.output, res.output
+    res = invoke("train", "--method", "ce", "--subset", "50", "--epochs", "1", "--out", str(tmp_path))
+    assert res.exit_code == 2 and "is a directory" in res.output, res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--epochs", "0"], "--epochs and --batch-size must be >= 1"),
+        (["--epochs", "-1"], "--epochs and --batch-size must be >= 1"),
+        (["--batch-size", "0"], "--epochs and --batch-size must be >= 1"),
+        (["--batch-size", "-3"], "--epochs and --batch-size must be >= 1"),
+        (["--subset", "-5"], "--subset must be >= 0"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--device", "cuda:99"], "--device 'cuda:99'"),
+    ],
+)
+def test_train_refuses_bad_values(args: list[str], why: str) -> None:
+    res = invoke("train", "--method", "ce", "--subset", "50", "--epochs", "1", *args)
+    assert res.exit_code == 2 and why in res.output, res.output
+
+
+def test_other_commands_refuse_a_negative_seed_an_absent_device_and_no_samples(token_cache) -> None:
+    for res in (train_lm(token_cache, "--seed", "-1"),
+                invoke("onpolicy", "--server", "127.0.0.1:1", "--teacher", "t", "--dataset", token_cache["train"],
+                       "--student", f"{__name__}:student_lm", "--seed", "-1")):  # fmt: skip
+        assert res.exit_code == 2 and "--seed must be >= 0" in res.output, res.output
+    for res in (train_lm(token_cache, "--device", "cuda:99"),
+                invoke("evaluate", "--model", "kd.models:digits_student", "--dataset", "digits:test", "--device",
+                       "cuda:99"),
+                invoke("online", "one", "--epochs", "1", "--labeled", "50", "--device", "cuda:99")):  # fmt: skip
+        assert res.exit_code == 2 and "--device 'cuda:99'" in res.output, res.output
+    res = invoke("online", "one", "--epochs", "1", "--labeled", "0")
+    assert res.exit_code == 2 and "--labeled must be >= 1" in res.output, res.output
