@@ -484,6 +484,8 @@ def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
         raise typer.BadParameter(f"{value}: unknown option(s) {unknown}; see `kd train --help`")
     if "opt" in values and isinstance(values["opt"], dict):  # a table of method options
         values["opt"] = [f"{k}={json.dumps(v)}" for k, v in values["opt"].items()]
+    if "opt" in values:  # merged with the command line's --opt in train (which wins key by key)
+        ctx.meta["kd_config_opt"] = [values["opt"]] if isinstance(values["opt"], str) else list(values["opt"])
     if isinstance(values.get("milestones"), list):  # milestones: [150, 180, 210]
         values["milestones"] = ",".join(str(m) for m in values["milestones"])
     ctx.default_map = {**(ctx.default_map or {}), **values}
@@ -558,6 +560,7 @@ def _recipe(lr: float, weight_decay: float, optimizer: str, momentum: float, nes
 
 @app.command()
 def train(
+    ctx: typer.Context,
     config: Path | None = typer.Option(
         None, is_eager=True, callback=_train_config, help="TOML/YAML file of these options (the command line wins)."
     ),
@@ -634,6 +637,10 @@ def train(
 ) -> None:
     """Train a student from a soft-target source with a KD method."""
     import os
+
+    # --opt on the command line replaces the config's list as a whole: merge them, the command line's
+    # keys winning, so the config's other method options stay (when no --opt is given, opt is the config's).
+    opt = [*ctx.meta.get("kd_config_opt", []), *opt]
 
     if keep_every and run_dir is None:
         _fail("--keep-every needs --run-dir")

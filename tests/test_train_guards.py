@@ -4,6 +4,7 @@ scaler's state is in the checkpoint), and the training commands validate their o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,18 @@ def test_other_commands_refuse_a_negative_seed_an_absent_device_and_no_samples(t
         assert res.exit_code == 2 and "--device 'cuda:99'" in res.output, res.output
     res = invoke("online", "one", "--epochs", "1", "--labeled", "0")
     assert res.exit_code == 2 and "--labeled must be >= 1" in res.output, res.output
+
+
+# ---- item 8: --opt on the command line overrides the config's method options key by key ----
+
+
+def test_command_line_opt_merges_with_the_configs(tmp_path: Path, teacher_spec: str) -> None:
+    cfg = tmp_path / "kd.yaml"
+    cfg.write_text("method: kd\nepochs: 1\nsubset: 50\nopt:\n  temperature: 4\n  alpha: 0.5\n")
+    for extra, want in (([], {"temperature": 4, "alpha": 0.5}),
+                        (["--opt", "temperature=2"], {"temperature": 2, "alpha": 0.5})):  # fmt: skip
+        run_dir = tmp_path / f"run{len(extra)}"
+        res = invoke("train", "--config", str(cfg), "--source", f"local:{teacher_spec}", "--run-dir", str(run_dir),
+                     *extra)  # fmt: skip
+        assert res.exit_code == 0, res.output
+        assert json.loads((run_dir / "config.json").read_text())["method_options"] == want
