@@ -644,6 +644,10 @@ def train(
 
     if keep_every and run_dir is None:
         _fail("--keep-every needs --run-dir")
+    if resume and run_dir is None:
+        _fail("--resume continues the run in --run-dir: give --run-dir")
+    if prefetch < 0:
+        _fail(f"--prefetch must be >= 0 (batches read ahead), got {prefetch}")
     if epochs < 1 or batch_size < 1:
         _fail(f"--epochs and --batch-size must be >= 1, got {epochs} and {batch_size}")
     if subset < 0:
@@ -1388,6 +1392,10 @@ def onpolicy(
     seed_everything(seed)
     try:
         model = _build_student(student)
+        limit = getattr(model, "max_length", None)
+        if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
+            raise ValueError(f"--prompt-tokens {prompt_tokens} + --max-new-tokens {max_new_tokens} exceed the "
+                             f"student's max_length {limit}")  # fmt: skip
         with TeacherClient(server, client_id="onpolicy") as client:
             result = train_onpolicy(model, client, teacher, train_data, config, val=val_data)
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read

@@ -277,3 +277,27 @@ def test_command_line_opt_merges_with_the_configs(tmp_path: Path, teacher_spec: 
                      *extra)  # fmt: skip
         assert res.exit_code == 0, res.output
         assert json.loads((run_dir / "config.json").read_text())["method_options"] == want
+
+
+# ---- item 9: more values checked up front ----
+
+
+def test_onpolicy_checks_the_students_max_length_up_front(token_cache) -> None:
+    res = invoke("onpolicy", "--server", "127.0.0.1:1", "--teacher", "t", "--dataset", token_cache["train"],
+                 "--student", "kd.demo_lm:byte_lm?dim=16&layers=1&heads=2&max_length=32", "--prompt-tokens", "16",
+                 "--max-new-tokens", "32")  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert "--prompt-tokens 16 + --max-new-tokens 32 exceed the student's max_length 32" in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--prefetch", "-1"], "--prefetch must be >= 0"),
+        (["--optimizer", "sgd", "--momentum", "5"], "momentum must be < 1"),
+        (["--resume"], "--resume continues the run in --run-dir: give --run-dir"),
+    ],
+)
+def test_train_refuses_more_bad_values(args: list[str], why: str, teacher_spec: str) -> None:
+    res = invoke("train", "--source", f"local:{teacher_spec}", "--subset", "50", "--epochs", "1", *args)
+    assert res.exit_code == 2 and why in res.output, res.output
