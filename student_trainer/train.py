@@ -299,18 +299,18 @@ def source_identity(source: SoftTargetSource | None) -> dict | list | None:
 
 
 def student_identity(student: nn.Module) -> dict:
-    """The student's class and a digest of its parameter names and shapes (its architecture)."""
+    """The student's class and a digest of its parameters' names and shapes (its architecture)."""
     import hashlib
 
-    shapes = [[k, list(v.shape)] for k, v in student.state_dict().items()]
+    shapes = [[k, list(v.shape)] for k, v in student.named_parameters()]  # buffers: observers change shape
     digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
     return {"class": f"{type(student).__module__}.{type(student).__qualname__}", "shapes": digest}
 
 
 def _check_finite(model: nn.Module, epoch: int) -> None:
     """Refuse weights that became NaN/inf (a diverged last step, whose loss was still finite)."""
-    for name, p in model.state_dict().items():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+    for name, p in model.named_parameters():  # not buffers: a QAT observer's min/max start at inf
+        if not bool(torch.isfinite(p.detach()).all()):
             raise FloatingPointError(f"epoch {epoch}: the student's {name} holds NaN/inf values "
                                      "(the run diverged: lower --lr, or set --clip-grad-norm)")  # fmt: skip
 
