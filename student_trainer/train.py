@@ -19,10 +19,13 @@ With a run directory the loop writes ``config.json`` (the effective config,
 recipe included), ``metrics.csv`` (per epoch: loss, top-1 and top-5 test
 accuracy, the learning rate at the epoch's first step, samples/s, and the
 seconds the step waited for its source, which shows when the teacher is the bottleneck)
-and ``checkpoint.pt`` at the end of every epoch (model, optimiser, the batch
-order's and torch's RNG states, history, and a method's ``Hooks.extra`` modules with their
-optimisers and its ``Hooks.state()``). ``resume=True`` continues from it
-and ends with exactly the weights of an uninterrupted run.
+and ``checkpoint.pt`` at the end of every epoch (model, optimiser, the fp16 grad scaler, the batch
+order's and torch's RNG states, history, a method's ``Hooks.extra`` modules with their
+optimisers and its ``Hooks.state()``, and the effective config it was written under: the source's
+identity and the student's architecture included). ``resume=True`` continues from it, refuses a
+checkpoint whose config differs, and ends with exactly the weights of an uninterrupted run; a new
+run in the directory removes an older run's checkpoint. A non-finite loss or weights stop the run
+(FloatingPointError): a diverged student is never reported as trained.
 
 Under ``torchrun`` (an initialised torch.distributed group) the student is
 wrapped in DistributedDataParallel and every global batch is split across the
