@@ -65,6 +65,45 @@ def _save_student(model, out: Path) -> None:
         _fail(f"cannot write the student to {str(out)!r}: {e}")
 
 
+def _check_out(out: Path | None, flag: str = "--out") -> None:
+    """Before any training: ``out`` must be writable (not a directory, its parent a writable directory),
+    so a trained student is never lost to a path that was wrong from the start."""
+    import os
+
+    if out is None:
+        return
+    if out.is_dir():
+        _fail(f"{flag} {str(out)!r} is a directory; give the file to write")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        _fail(f"{flag} {str(out)!r} cannot be written: {str(parent)!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        _fail(f"{flag} {str(out)!r} cannot be written: {str(parent)!r} is not writable")
+
+
+def _check_run_options(seed: int, device: str) -> None:
+    """``--seed`` (numpy takes 0 to 2**32 - 1) and ``--device`` (one this torch has), before any work."""
+    import torch
+
+    if not 0 <= seed < 2**32:
+        _fail(f"--seed must be >= 0 and < 2**32, got {seed}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        _fail(f"--device {device!r}: {e}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            _fail(f"--device {device!r}: this torch sees {count} CUDA device(s)"
+                  + ("" if torch.backends.cuda.is_built() else " (it is built without CUDA)"))  # fmt: skip
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        _fail(f"--device {device!r}: MPS is not available here")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        _fail(f"--device {device!r}: use cpu, cuda[:N] or mps")
+
+
 def _call(fn, *args, errors: tuple[type[Exception], ...] = (ValueError, TypeError), **kwargs):
     """``fn(*args, **kwargs)``; a refusal (ValueError/TypeError: bad option, data or recipe) becomes
     ``_fail`` with its message, so every command reports refusals the same way."""
@@ -501,6 +540,8 @@ def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
         raise typer.BadParameter(f"{value}: unknown option(s) {unknown}; see `kd train --help`")
     if "opt" in values and isinstance(values["opt"], dict):  # a table of method options
         values["opt"] = [f"{k}={json.dumps(v)}" for k, v in values["opt"].items()]
+    if "opt" in values:  # merged with the command line's --opt in train (which wins key by key)
+        ctx.meta["kd_config_opt"] = [values["opt"]] if isinstance(values["opt"], str) else list(values["opt"])
     if isinstance(values.get("milestones"), list):  # milestones: [150, 180, 210]
         values["milestones"] = ",".join(str(m) for m in values["milestones"])
     ctx.default_map = {**(ctx.default_map or {}), **values}
@@ -575,6 +616,7 @@ def _recipe(lr: float, weight_decay: float, optimizer: str, momentum: float, nes
 
 @app.command()
 def train(
+    ctx: typer.Context,
     config: Path | None = typer.Option(
         None, is_eager=True, callback=_train_config, help="TOML/YAML file of these options (the command line wins)."
     ),
@@ -652,8 +694,22 @@ def train(
     """Train a student from a soft-target source with a KD method."""
     import os
 
+    # --opt on the command line replaces the config's list as a whole: merge them, the command line's
+    # keys winning, so the config's other method options stay (when no --opt is given, opt is the config's).
+    opt = [*ctx.meta.get("kd_config_opt", []), *opt]
+
     if keep_every and run_dir is None:
         _fail("--keep-every needs --run-dir")
+    if resume and run_dir is None:
+        _fail("--resume continues the run in --run-dir: give --run-dir")
+    if prefetch < 0:
+        _fail(f"--prefetch must be >= 0 (batches read ahead), got {prefetch}")
+    if epochs < 1 or batch_size < 1:
+        _fail(f"--epochs and --batch-size must be >= 1, got {epochs} and {batch_size}")
+    if subset < 0:
+        _fail(f"--subset must be >= 0 (0: all samples), got {subset}")
+    _check_run_options(seed, device)
+    _check_out(out)
 
     import torch
     import torch.distributed as dist
@@ -813,6 +869,7 @@ def evaluate_model(
 
     if batch_size < 1 or workers < 0:
         _fail("--batch-size must be >= 1, --workers >= 0")
+    _check_run_options(0, device)
     try:
         data = open_source(dataset)
         net = _build_student(model)
@@ -1384,6 +1441,8 @@ def onpolicy(
                             eval_prompts=eval_prompts, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                             schedule=schedule, warmup_epochs=warmup_epochs, amp=amp,
                             clip_grad_norm=clip_grad_norm)  # fmt: skip
+    _check_run_options(seed, device)
+    _check_out(out)
     try:
         config.validate()
         train_data = open_source(dataset)
@@ -1393,6 +1452,10 @@ def onpolicy(
     seed_everything(seed)
     try:
         model = _build_student(student)
+        limit = getattr(model, "max_length", None)
+        if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
+            raise ValueError(f"--prompt-tokens {prompt_tokens} + --max-new-tokens {max_new_tokens} exceed the "
+                             f"student's max_length {limit}")  # fmt: skip
         with TeacherClient(server, client_id="onpolicy") as client:
             result = train_onpolicy(model, client, teacher, train_data, config, val=val_data)
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
@@ -1438,6 +1501,8 @@ def train_lm(
     if not source.startswith("cache:"):
         _fail(f"--source {source!r}: kd train-lm trains from a token cache, cache:PATH (kd precompute makes it; "
               "kd onpolicy trains against a live server)")  # fmt: skip
+    _check_run_options(seed, device)
+    _check_out(out)
     options = _parse_options(opt)
     try:
         get_method(method).check_options(options)
@@ -1468,7 +1533,8 @@ def train_lm(
         losses = train_tokens(model, train_data, cache, method=method, epochs=epochs, batch_size=batch_size,
                               lr=lr, seed=seed, method_options=options, device=device, accumulate=accumulate,
                               amp=amp, optimizer=optimizer, weight_decay=weight_decay, on_epoch=validate)  # fmt: skip
-    except (ValueError, TypeError, KeyError, RuntimeError, CacheError) as e:  # bad option, cache, data or student
+    except (ValueError, TypeError, KeyError, RuntimeError, CacheError, FloatingPointError) as e:  # bad option, cache,
+        # data or student, or a diverged run
         _fail(f"{type(e).__name__}: {e}")
     finally:
         cache.close()
@@ -1727,8 +1793,9 @@ def online(
     from kd.student_trainer.online import train_online
     from kd.student_trainer.train import TrainConfig
 
-    if min(epochs, batch_size, branches, width, labeled or 1) < 1 or lr <= 0:
+    if min(epochs, batch_size, branches, width, 1 if labeled is None else labeled) < 1 or lr <= 0:
         _fail("--epochs, --batch-size, --branches, --width and --labeled must be >= 1, --lr > 0")
+    _check_run_options(seed, device)
     train_data, val_data = _train_and_val(dataset, val_dataset)
     subset = None
     if labeled is not None:

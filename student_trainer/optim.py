@@ -65,6 +65,8 @@ class Recipe:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.momentum >= 1:  # a momentum of 1 or more never forgets a gradient: the updates grow without bound
+            raise ValueError(f"momentum must be < 1, got {self.momentum!r}")
         if not math.isfinite(self.gamma) or self.gamma <= 0:
             raise ValueError(f"gamma must be a finite number > 0, got {self.gamma!r}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):

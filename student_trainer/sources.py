@@ -141,6 +141,7 @@ class CacheSource(SoftTargetSource):
 
     def __init__(self, path: str, *, prefetch: int = 0, **expect: Any) -> None:
         self.reader = open_cache(path, **{k: v for k, v in expect.items() if v is not None})
+        self.path = str(path)
         # Batches read ahead in a background thread. Off by default: on a machine whose
         # cores are all busy with the student's step (2 CPU cores, kd bench cache) the
         # reader's Python competes with the step and makes it slower; with spare cores
@@ -264,7 +265,17 @@ class ServerSource(SoftTargetSource):
         self.pool: list[TeacherClient] = []
         if len(self.addresses) > 1:
             self.pool = [TeacherClient(a, **client_options) for a in self.addresses]
-        desc = self.client.describe(teacher)
+        try:
+            desc = self.client.describe(teacher)
+            if self.pool:  # the round-robin client asks one member: every member must serve the same teacher
+                members = [(a, c.describe(teacher)) for a, c in zip(self.addresses, self.pool)]
+                if len({(d.name, d.fingerprint) for _, d in members}) > 1:
+                    listing = ", ".join(f"{a}: {d.name!r} {d.fingerprint[:12]}" for a, d in members)
+                    raise ValueError(f"the server pool serves different teachers ({listing}); a pool's "
+                                     "servers must hold the same weights (or give each its own --source)")  # fmt: skip
+        except BaseException:
+            self.close()
+            raise
         self.teacher = self.teacher_name = desc.name
         self.fingerprint = desc.fingerprint
         # A teacher that takes live weight updates answers from whichever version it holds: fine

@@ -19,10 +19,13 @@ With a run directory the loop writes ``config.json`` (the effective config,
 recipe included), ``metrics.csv`` (per epoch: loss, top-1 and top-5 test
 accuracy, the learning rate at the epoch's first step, samples/s, and the
 seconds the step waited for its source, which shows when the teacher is the bottleneck)
-and ``checkpoint.pt`` at the end of every epoch (model, optimiser, the batch
-order's and torch's RNG states, history, and a method's ``Hooks.extra`` modules with their
-optimisers and its ``Hooks.state()``). ``resume=True`` continues from it
-and ends with exactly the weights of an uninterrupted run.
+and ``checkpoint.pt`` at the end of every epoch (model, optimiser, the fp16 grad scaler, the batch
+order's and torch's RNG states, history, a method's ``Hooks.extra`` modules with their
+optimisers and its ``Hooks.state()``, and the effective config it was written under: the source's
+identity and the student's architecture included). ``resume=True`` continues from it, refuses a
+checkpoint whose config differs, and ends with exactly the weights of an uninterrupted run; a new
+run in the directory removes an older run's checkpoint. A non-finite loss or weights stop the run
+(FloatingPointError): a diverged student is never reported as trained.
 
 Under ``torchrun`` (an initialised torch.distributed group) the student is
 wrapped in DistributedDataParallel and every global batch is split across the
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -109,6 +113,11 @@ def student_final(config: TrainConfig) -> Final | None:
         raise ValueError("give both input_mean and input_std, or neither")
     if config.input_size < 0:
         raise ValueError(f"input_size must be >= 0, got {config.input_size}")
+    bad_std = [v for v in config.input_std if not math.isfinite(v) or v <= 0]
+    if bad_std:  # dividing by 0 (or a negative/NaN std) makes every input inf/NaN
+        raise ValueError(f"input_std must be finite numbers > 0, got {config.input_std}")
+    if [v for v in config.input_mean if not math.isfinite(v)]:
+        raise ValueError(f"input_mean must be finite numbers, got {config.input_mean}")
     if not config.input_size and not config.input_mean:
         return None
     return Final(size=config.input_size or None, mean=tuple(config.input_mean) or None,
@@ -268,6 +277,45 @@ def _my_part(batch: Batch, rank: int, size: int) -> Batch:
     sl = slice(min(rank * per, n), min((rank + 1) * per, n))
     views = None if batch.views is None else batch.views[sl]
     return Batch(batch.indices[sl], batch.inputs[sl], batch.labels[sl], views, n)
+
+
+def source_identity(source: SoftTargetSource | None) -> dict | list | None:
+    """What identifies a source's targets beyond its teacher's fingerprint (recorded in config.json
+    and the checkpoint, compared on resume): a cache's path and codec, a server's top-k, a pool's
+    members and combiner."""
+    if source is None:
+        return None
+    if hasattr(source, "sources"):  # several teachers merged (multi.MultiTeacherSource)
+        return {"kind": source.name, "combiner": getattr(source, "combiner_name", None),
+                "options": {k: v for k, v in sorted(getattr(source, "options", {}).items())},
+                "members": [source_identity(s) for s in source.sources]}  # fmt: skip
+    out: dict = {"kind": source.name, "fingerprint": source.fingerprint}
+    reader = getattr(source, "reader", None)
+    meta = getattr(reader, "meta", None)
+    if meta is not None:
+        path = getattr(source, "path", None) or getattr(reader, "path", None)
+        out.update({"path": None if path is None else str(Path(path).resolve()), "codec": meta.codec,
+                    "temperature": meta.temperature})  # fmt: skip
+    if source.name == "server":
+        out.update({"teacher": source.teacher_name, "topk": getattr(source, "topk", 0)})
+    return out
+
+
+def student_identity(student: nn.Module) -> dict:
+    """The student's class and a digest of its parameters' names and shapes (its architecture)."""
+    import hashlib
+
+    shapes = [[k, list(v.shape)] for k, v in student.named_parameters()]  # buffers: observers change shape
+    digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
+    return {"class": f"{type(student).__module__}.{type(student).__qualname__}", "shapes": digest}
+
+
+def _check_finite(model: nn.Module, epoch: int) -> None:
+    """Refuse weights that became NaN/inf (a diverged last step, whose loss was still finite)."""
+    for name, p in model.named_parameters():  # not buffers: a QAT observer's min/max start at inf
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise FloatingPointError(f"epoch {epoch}: the student's {name} holds NaN/inf values "
+                                     "(the run diverged: lower --lr, or set --clip-grad-norm)")  # fmt: skip
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -467,27 +515,47 @@ def train_student(
             "train_samples": len(subset),
             "source": None if source is None else source.name,
             "teacher_fingerprint": None if source is None else source.fingerprint,
+            # what else makes the targets and the student: another cache (codec) of the same teacher,
+            # or another architecture, is another run
+            "source_identity": source_identity(source),
+            "student": student_identity(student),
         }
         if resume and not ckpt_path.exists():
             raise ValueError(f"cannot resume {str(run)!r}: it has no checkpoint.pt (no epoch finished there); "
                              "run without --resume to start it")  # fmt: skip
         if resume and ckpt_path.exists():
             ckpt = load_checkpoint(ckpt_path)
-            try:
-                saved = json.loads((run / "config.json").read_text())
-            except (OSError, ValueError) as e:
-                raise ValueError(f"cannot resume {str(run)!r}: its config.json is unreadable ({e})") from e
-            # A run dir written before a TrainConfig field existed lacks that key; it ran with what is now
-            # the field's default, so a missing key equal to its default is no difference.
-            defaults = json.loads(json.dumps(asdict(TrainConfig())))
-            saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-            if saved != json.loads(json.dumps(effective)):
-                diff = sorted(k for k in effective if saved.get(k) != json.loads(json.dumps(effective)).get(k))
-                raise ValueError(f"cannot resume {str(run)!r}: its config differs in {diff}")
-            if hooks.load_state is not None:  # first: a method's own check names a run of another method
+            if hooks.load_state is not None:  # first: a method's own check names a run of another
+                # method (its student differs too)
                 if "hooks" not in ckpt:
                     raise ValueError(f"cannot resume {str(run)!r}: its checkpoint holds no state of this method")
                 hooks.load_state(ckpt["hooks"])
+            # The checkpoint carries the config it was written under: config.json may be a newer run's
+            # (one started in this directory without --resume and killed before its first epoch ended).
+            saved = ckpt.get("config")
+            if not isinstance(saved, dict):  # a checkpoint from before it carried its config
+                try:
+                    saved = json.loads((run / "config.json").read_text())
+                except (OSError, ValueError) as e:
+                    raise ValueError(f"cannot resume {str(run)!r}: its config.json is unreadable ({e})") from e
+            # A run dir written before a TrainConfig field existed lacks that key; it ran with what is now
+            # the field's default, so a missing key equal to its default is no difference. One written
+            # before the source's identity and the student were recorded is checked on the rest.
+            defaults = json.loads(json.dumps(asdict(TrainConfig())))
+            saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+            now = json.loads(json.dumps(effective))
+            for key in ("source_identity", "student"):
+                if key not in saved:
+                    now.pop(key)
+            if saved != now:
+                diff = sorted(k for k in set(now) | set(saved) if saved.get(k) != now.get(k))
+                details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)
+                raise ValueError(f"cannot resume {str(run)!r}: its checkpoint's config differs in {diff} ({details})")
+            if scaler is not None:
+                if "scaler" not in ckpt:
+                    raise ValueError(f"cannot resume {str(run)!r}: its checkpoint holds no fp16 grad-scaler state "
+                                     "(written before it was saved): the resumed run would not be exact")  # fmt: skip
+                scaler.load_state_dict(ckpt["scaler"])
             saved_extra = ckpt.get("extra", [])
             if len(saved_extra) != len(hooks.extra):
                 raise ValueError(f"cannot resume {str(run)!r}: its checkpoint holds {len(saved_extra)} extra "
@@ -504,6 +572,8 @@ def train_student(
             history = list(ckpt["history"])
             start = int(ckpt["epoch"]) + 1
         elif rank == 0:
+            # A new run here: an older run's checkpoint must not be resumed as this one's.
+            ckpt_path.unlink(missing_ok=True)
             replace_atomically(run / "config.json", lambda f: f.write(json.dumps(effective, indent=2)), binary=False)
     if rank != 0:
         ckpt_path = None
@@ -605,11 +675,15 @@ def train_student(
             if scaler is not None:
                 scaler.update()
             value = float(loss.detach())
+            if not math.isfinite(value):  # diverged: its weights are garbage, not a result to save
+                raise FloatingPointError(f"epoch {epoch} step {step}: the training loss is {value} "
+                                         "(the run diverged: lower --lr, or set --clip-grad-norm)")  # fmt: skip
             total += value * len(idx)
             n += len(idx)
             if hooks.on_step is not None:
                 hooks.on_step(epoch, step, value, lr)
         seconds = time.perf_counter() - t_epoch
+        _check_finite(student, epoch)
         if hooks.evaluate is not None:
             acc, top5 = hooks.evaluate(student, test), None
         else:
@@ -627,6 +701,8 @@ def train_student(
                 **({} if plan is None else {"connectors": plan.distilled.connectors.state_dict()}),
                 "extra": [{"module": m.state_dict(), "optimizer": o.state_dict()} for m, o in hooks.extra],
                 **({} if hooks.state is None else {"hooks": hooks.state()}),
+                **({} if scaler is None else {"scaler": scaler.state_dict()}),
+                "config": json.loads(json.dumps(effective)),
             })  # fmt: skip
             _write_metrics(ckpt_path.parent, history)
         if bar is not None:
@@ -891,12 +967,17 @@ def train_tokens(
                     logits = logits_of(student(tokens.to(dev)))
                 loss = loss_fn(logits, targets.to(dev), labels.to(dev), **options)
                 weight = n / counted if counted else 1.0 / len(micro)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"epoch {epoch}: the training loss is {value} "
+                                             "(the run diverged: lower --lr)")  # fmt: skip
                 (loss * weight).backward()
-                step_loss += float(loss.detach()) * weight
+                step_loss += value * weight
             opt.step()
             total += step_loss * counted
             tokens_seen += counted
         losses.append(total / tokens_seen if tokens_seen else float("nan"))
+        _check_finite(student, epoch)
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
     return losses

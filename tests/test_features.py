@@ -226,6 +226,8 @@ def test_fitnet_connector_is_trained_checkpointed_and_resumed_exactly(cnn: Teach
     cfg_json = json.loads((tmp_path / "run" / "config.json").read_text())
     cfg_json["epochs"] = 3
     (tmp_path / "run" / "config.json").write_text(json.dumps(cfg_json))
+    ckpt["config"]["epochs"] = 3  # the checkpoint carries its config too
+    torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
     seed_everything(123)  # resume must not depend on the caller's RNG
     resumed = digits_cnn_student()
     r2 = train_student(resumed, TRAIN, TEST, cfg, source=src, subset=SUBSET, run_dir=tmp_path / "run", resume=True)
