@@ -1255,7 +1255,8 @@ class CacheReader:
         return sum(1 for _ in self.keys())
 
     def verify(self) -> VerifyReport:
-        """Check every record's checksum and decode, and which (index, view) are missing."""
+        """Check every record's checksum and decode, that a lookup by its key (what readers do) finds
+        it, and which (index, view) are missing."""
         expected = self.meta.expected_keys()
         report = VerifyReport(expected=len(expected))
         seen: set[tuple[int, int]] = set()
@@ -1269,6 +1270,14 @@ class CacheReader:
                     report.problems.append(f"foreign key {key[:40]!r}")
                     continue
                 iv = _KEY.unpack(key[len(self._prefix) :])
+                found = txn.get(key)  # what a reader does: the walk above does not use the index pages
+                if found != value:
+                    report.problems.append(
+                        f"{_where(path, key)} is stored but a lookup by its key "
+                        f"{'finds nothing' if found is None else 'finds other bytes'}: an index page of the file is "
+                        "damaged, so readers report it missing or read other bytes; rebuild it with `kd precompute`"
+                    )
+                    continue
                 try:
                     if self.meta.per_token:
                         row = self._sequence_rows(path, key, value)

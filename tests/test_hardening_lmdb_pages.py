@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.cache import CacheMeta, CacheReader, CacheWriter
+from kd.cache import CacheError, CacheMeta, CacheReader, CacheWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -156,3 +156,35 @@ def test_kd_cache_commands_name_a_damaged_page(tmp_path: Path, command: str) -> 
     assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
     assert f"{path / 'data.mdb'}" in err and f"is corrupted: page {leaf} " in err, err
     assert "Traceback" not in r.stderr
+
+
+def test_verify_finds_records_readers_cannot_look_up(tmp_path: Path) -> None:
+    """A damaged separator key in a branch page: the cursor walk still sees every record (verify said
+    "0 problems"), but lookups by key, which readers use, are routed to the wrong leaf."""
+    m = meta()
+    build(tmp_path / "good", m)
+    data = (tmp_path / "good" / "data.mdb").read_bytes()
+    root = tree_pages(data)[0][0]
+    last = (struct.unpack_from("=H", data, root * PSIZE + 12)[0] - 16) // 2 - 1
+    assert last >= 2
+
+    def lower_separator(b: bytearray) -> None:  # the last separator's index and view bytes -> 0
+        at = node_at(data, root, last)
+        ksize = struct.unpack_from("=H", data, at + 6)[0]
+        b[at + 8 + ksize - 12 : at + 8 + ksize] = bytes(12)
+
+    path = damaged_copy(tmp_path / "good", tmp_path / "bad", lower_separator)
+    r = CacheReader(path)
+    refused = []
+    for i in range(m.dataset_size):
+        try:
+            r.get([i])
+        except CacheError:
+            refused.append(i)
+    assert refused  # readers cannot find these records
+    report = r.verify()
+    assert not report.ok
+    for i in refused:
+        assert any(f"(index={i}, view=0)" in p and "a lookup by its key finds nothing" in p for p in report.problems)
+    assert report.present == m.dataset_size - len(refused)
+    assert CacheReader(tmp_path / "good").verify().ok
