@@ -1287,9 +1287,10 @@ class CacheReader:
                         row = np.frombuffer(payload, dtype=np.uint8)[None]
                         keys = np.asarray([iv], dtype=np.int64)
                     decoded = self.codec.decode_targets(row[:, : self.logit_bytes], self.meta.num_classes, keys)
-                    values = decoded.logits if isinstance(decoded, SparseTargets) else decoded
-                    feats = self._split_features(row).values()
-                    if not torch.isfinite(values).all() or not all(torch.isfinite(f).all() for f in feats):
+                    # what readers refuse (_check_finite): a sparse record's log-sum-exp as well as its values
+                    parts = [decoded.logits, decoded.logsumexp] if isinstance(decoded, SparseTargets) else [decoded]
+                    parts += self._split_features(row).values()
+                    if not all(torch.isfinite(t).all() for t in parts):
                         raise CorruptRecordError(f"record (index={iv[0]}, view={iv[1]}) decodes to NaN/Inf")
                 except CorruptRecordError as e:
                     report.problems.append(str(e))

@@ -263,6 +263,28 @@ def test_non_finite_targets_are_refused_on_read(tmp_path: Path, codec: str) -> N
             read([3, 17, 5])
 
 
+@pytest.mark.parametrize("per_token", [False, True])
+def test_verify_lists_a_sparse_record_with_nan_logsumexp(tmp_path: Path, per_token: bool) -> None:
+    """A top-k record with a valid checksum but a NaN log-sum-exp: readers refuse it (and say
+    `kd cache verify` lists every such record), so verify must list it."""
+    m = meta(dataset_size=6, codec="topk:2", num_classes=5, temperature=1.0, per_token=per_token)
+    values, classes = torch.tensor([[1.0, 0.5]]), torch.tensor([[0, 1]])
+    with CacheWriter(tmp_path / "c", m) as w:
+        for i in range(m.dataset_size):
+            lse = torch.tensor([float("nan") if i == 4 else 2.0])
+            rows = w.codec._pack(values, classes, lse, m.num_classes)  # what a server's top-k reply encodes to
+            if per_token:
+                w.put_sequence_rows([i], [rows])
+            else:
+                w._pending.extend(_seal_rows([record_key(w._prefix, i, 0)], rows))
+    r = CacheReader(tmp_path / "c")
+    with pytest.raises(CorruptRecordError, match=r"index=4, .* holds NaN or Inf"):
+        r.token_targets([3, 4]) if per_token else r.targets([3, 4])
+    (r.token_targets if per_token else r.targets)([0, 1, 2, 3, 5])  # the others read fine
+    report = r.verify()
+    assert report.problems == ["record (index=4, view=0) decodes to NaN/Inf"], report.problems
+
+
 def test_training_stops_on_non_finite_targets(tmp_path: Path) -> None:
     """What ``kd train --source cache:`` runs: the loop gets the reader's error naming the record
     instead of a NaN loss every epoch."""
