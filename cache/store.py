@@ -705,9 +705,8 @@ class CacheWriter:
         self.committed = 0
         self.env = _environment(self.path, write=True)
         try:
-            with _lmdb_errors(self.path), self.env.begin() as txn:
-                raw, stored = txn.get(META_KEY), txn.get(BASIS_KEY)
-        except CacheError:
+            raw, stored = self._claim(basis if codec.needs_basis else None)
+        except BaseException:
             _release(self.path)
             raise
         if raw is not None:
@@ -725,16 +724,31 @@ class CacheWriter:
                 self.basis = stored
                 self.meta = replace(meta, basis_sha256=existing.basis_sha256)
         elif codec.needs_basis:
-            if basis is None:
-                _release(self.path)
-                raise ValueError(
-                    f"a {meta.codec} cache needs its low-rank basis before the first record: pass "
-                    "basis=LowRankBasis.fit(first logits, K).to_bytes() (kd precompute fits one)"
-                )
             self.basis = basis
-            self._commit([(META_KEY, self.meta.to_json()), (BASIS_KEY, basis)])  # one transaction
-        else:
-            self._commit([(META_KEY, meta.to_json())])
+
+    def _claim(self, basis: bytes | None) -> tuple[bytes | None, bytes | None]:
+        """The stored metadata and basis; for a new cache, write ours (and a pca:K cache's basis) in
+        the same write transaction that found none. LMDB runs one write transaction at a time, so
+        of two writers creating one cache at once the second finds the first's metadata and is
+        checked against it (a mismatch is refused) instead of overwriting it."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    raw, stored = txn.get(META_KEY), txn.get(BASIS_KEY)
+                    if raw is None:
+                        if self.codec.needs_basis:
+                            if basis is None:
+                                raise ValueError(
+                                    f"a {self.meta.codec} cache needs its low-rank basis before the first record: "
+                                    "pass basis=LowRankBasis.fit(first logits, K).to_bytes() (kd precompute fits one)"
+                                )
+                            txn.put(BASIS_KEY, basis)
+                        txn.put(META_KEY, self.meta.to_json())
+                return raw, stored
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.Error as e:
+                raise CacheError(self._write_error(e, 0)) from e
 
     def present(self) -> set[tuple[int, int]]:
         """(index, view) of every committed record."""
