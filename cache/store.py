@@ -30,6 +30,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -349,6 +350,184 @@ def check_data_file(path: str | Path, *, allow_empty: bool = False) -> None:
         )
 
 
+# The B-trees of an LMDB file (mdb.c, 64-bit build), checked in Python before LMDB walks them:
+# liblmdb trusts every page it reads, so a damaged node (a flipped offset, key size or flag) makes it
+# read past its page and past the end of the file (SIGBUS), hit an assert (abort), or follow a page
+# number anywhere. Page header: pgno u64, pad u16, flags u16, lower u16, upper u16 (an overflow page
+# has its page count u32 there); then the u16 offsets of its nodes. Node: lo u16, hi u16, flags u16,
+# key size u16, key, then the value (leaf; its size is lo | hi << 16) or nothing (branch: the child page
+# is lo | hi << 16 | flags << 32). A value in overflow pages (F_BIGDATA) stores their first page number.
+_PAGE_HDR = struct.Struct("=QHHHH")
+_PAGE_HDR_SIZE = 16
+_NODE_HDR = 8
+_P_BRANCH, _P_LEAF, _P_OVERFLOW = 0x01, 0x02, 0x04
+_F_BIGDATA = 0x01
+_MDB_INTEGERKEY = 0x08  # the free-page database's flags
+_DB = struct.Struct("=IHHQQQQQ")  # pad, flags, depth, branch/leaf/overflow pages, entries, root
+_META_DBS = struct.Struct("=II8x8x48s48sQQ")  # magic, version, free db, main db, last page, txnid
+_NO_PAGE = 2**64 - 1
+
+
+class _TreeCheck:
+    """Walk the main (and, for a writer, the free-page) B-tree of one snapshot of ``data.mdb`` level by
+    level, a batch of pages at a time with numpy, and raise CacheError at the first page or node that
+    liblmdb could not read safely (about 1 GB/s from the page cache; once per process and file version)."""
+
+    BATCH = 4096  # pages gathered at once
+
+    def __init__(self, data: Path, psize: int, size: int, last_pg: int) -> None:
+        self.data, self.psize, self.last_pg = data, psize, last_pg
+        self.pages = min(size // psize, last_pg + 1)  # check_data_file: the file holds every used page
+        self.mm = np.memmap(data, dtype=np.uint8, mode="r", shape=(self.pages, psize))
+
+    def fail(self, pgno: int, why: str) -> None:
+        raise CacheError(
+            f"cache file {str(self.data)!r} is corrupted: page {pgno} {why}; it cannot be read safely. "
+            "Restore it from a copy or rebuild the cache with `kd precompute`"
+        )
+
+    def in_file(self, pgnos: np.ndarray, what: str) -> None:
+        bad = (pgnos < 2) | (pgnos >= self.pages)
+        if bad.any():
+            self.fail(int(pgnos[bad][0]), f"({what}) is outside the file's {self.pages} pages")
+
+    def tree(self, db: bytes, name: str, want_flags: int, values: bool = False) -> None:
+        _, flags, depth, _, _, _, entries, root = _DB.unpack(db)
+        if root == _NO_PAGE:
+            if entries:
+                self.fail(0, f"(the {name} database's header) says {entries} entries but no root page")
+            return
+        if flags != want_flags or not 1 <= depth <= 32:  # LMDB's cursor stack holds 32 levels
+            self.fail(0, f"(the {name} database's header) has flags {flags:#x} and depth {depth}")
+        found = 0
+        level = np.asarray([root], dtype=np.uint64)
+        for d in range(1, depth + 1):
+            nxt = []
+            for s in range(0, len(level), self.BATCH):
+                out = self.level(level[s : s + self.BATCH], d, depth, name, values)
+                if d < depth:
+                    nxt.append(out)
+                else:
+                    found += out
+            level = np.concatenate(nxt) if d < depth else level
+        if found != entries:
+            self.fail(root, f"(root of the {name} tree) leads to {found} entries, its header says {entries}")
+
+    def level(self, pgnos: np.ndarray, d: int, depth: int, name: str, values: bool):
+        """Check a batch of pages at level ``d``; -> their children (branch) or entry count (leaf)."""
+        leaf = d == depth
+        what = f"{name} tree, level {d} of {depth}"
+        self.in_file(pgnos, what)
+        p = pgnos.astype(np.int64)
+        block = self.mm[p]  # [n, psize] copy
+        hdr = block[:, :_PAGE_HDR_SIZE].copy()
+        own = hdr[:, :8].view("<u8")[:, 0]
+        flags, lower, upper = (hdr[:, 10:16].view("<u2").astype(np.int64)[:, j] for j in range(3))
+        first = lambda bad: int(p[np.nonzero(bad)[0][0]])  # noqa: E731
+        if (bad := own != pgnos).any():
+            self.fail(first(bad), f"({what}) holds the header of another page")
+        if (bad := flags != (_P_LEAF if leaf else _P_BRANCH)).any():  # a committed page carries its type only
+            self.fail(first(bad), f"({what}) has page flags {int(flags[bad][0]):#x}, expected a "
+                      f"{'leaf' if leaf else 'branch'} page")  # fmt: skip
+        if (bad := ((lower & 1) == 1) | (lower < _PAGE_HDR_SIZE + 2) | (lower > upper) | (upper > self.psize)).any():
+            lo_, up_ = int(lower[bad][0]), int(upper[bad][0])
+            self.fail(first(bad), f"({what}) has a bad node table (lower={lo_}, upper={up_})")
+        n = (lower - _PAGE_HDR_SIZE) // 2
+        # node offsets, [pages, max nodes] with a mask of the real ones
+        width = int(n.max())
+        cols = np.arange(width)
+        used = cols[None, :] < n[:, None]
+        raw_at = block[:, _PAGE_HDR_SIZE : _PAGE_HDR_SIZE + 2 * width].copy().view("<u2").astype(np.int64)
+        rows = np.broadcast_to(np.arange(len(p))[:, None], used.shape)[used]
+        at = raw_at[used]
+        if (bad := ((at & 1) == 1) | (at < upper[rows]) | (at + _NODE_HDR > self.psize)).any():
+            self.fail(int(p[rows[bad][0]]), f"({what}) has a node offset outside its node area")
+
+        def u16(off: int) -> np.ndarray:
+            return block[rows, at + off].astype(np.int64) | (block[rows, at + off + 1].astype(np.int64) << 8)
+
+        lo, hi, nflags, ksize = u16(0), u16(2), u16(4), u16(6)
+        if not leaf:
+            if (bad := at + _NODE_HDR + ksize > self.psize).any():
+                self.fail(int(p[rows[bad][0]]), f"({what}) has a branch node whose key runs past the page")
+            return (lo | (hi << 16) | (nflags << 32)).astype(np.uint64)
+        if (bad := (nflags & ~_F_BIGDATA) != 0).any():
+            self.fail(int(p[rows[bad][0]]), f"({what}) has a leaf node with flags {int(nflags[bad][0]):#x}")
+        big = (nflags & _F_BIGDATA) != 0
+        dsize = lo | (hi << 16)
+        if (bad := at + _NODE_HDR + ksize + np.where(big, 8, dsize) > self.psize).any():
+            self.fail(int(p[rows[bad][0]]), f"({what}) has a leaf node whose key or value runs past the page")
+        if big.any():
+            start = at[big] + _NODE_HDR + ksize[big]
+            ov = np.zeros(int(big.sum()), dtype=np.uint64)
+            for k in range(8):
+                ov |= block[rows[big], start + k].astype(np.uint64) << np.uint64(8 * k)
+            self.overflow(p[rows[big]], ov, dsize[big])
+        if values:  # the free-page tree: its records are read by a writer
+            for r, a, k, s, b in zip(rows.tolist(), at.tolist(), ksize.tolist(), dsize.tolist(), big.tolist()):
+                self.free_list(int(p[r]), block[r], a + _NODE_HDR + k, s, b)
+        return len(at)
+
+    def overflow(self, parents: np.ndarray, first: np.ndarray, dsize: np.ndarray) -> None:
+        count = (_PAGE_HDR_SIZE - 1 + dsize) // self.psize + 1
+        if (bad := (first < 2) | (first + count.astype(np.uint64) > self.pages)).any():
+            self.fail(int(parents[bad][0]), f"has a value of {int(dsize[bad][0])} bytes in pages outside the file")
+        hdr = self.mm[first.astype(np.int64), :_PAGE_HDR_SIZE].copy()
+        own, flags = hdr[:, :8].view("<u8")[:, 0], hdr[:, 10:12].view("<u2")[:, 0]
+        pages = hdr[:, 12:16].view("<u4")[:, 0]
+        if (bad := (own != first) | (flags != _P_OVERFLOW) | (pages != count)).any():
+            self.fail(int(first[bad][0]), f"is not the {int(count[bad][0])}-page overflow value page "
+                      f"{int(parents[bad][0])} points to")  # fmt: skip
+
+    def free_list(self, pgno: int, page: np.ndarray, at: int, dsize: int, big: bool) -> None:
+        """A free-page record (a writer reads it): u64 count, then that many page numbers."""
+        if big:
+            first = int(page[at : at + 8].copy().view("<u8")[0])
+            value = self.mm.reshape(-1)[first * self.psize + _PAGE_HDR_SIZE :][:dsize].copy()
+        else:
+            value = page[at : at + dsize].copy()
+        if len(value) < 8 or len(value) % 8:
+            self.fail(pgno, f"has a free-page record of {len(value)} bytes")
+        ids = value.view("<u8")
+        if int(ids[0]) != len(ids) - 1 or ((ids[1:] < 2) | (ids[1:] > self.last_pg)).any():
+            self.fail(pgno, "has a free-page record that lists pages outside the file")
+
+
+def _check_trees(path: Path, txnid: int | None) -> bool:
+    """Check the B-trees of the snapshot ``txnid`` (a reader's; its pages cannot be reused while its
+    transaction is open) or, with None, of the newest snapshot and its free-page tree (a writer, holding
+    the write lock). False for a reader when that snapshot's meta page was overwritten meanwhile."""
+    data = path / "data.mdb"
+    size = data.stat().st_size
+    with open(data, "rb") as f:
+        head = f.read(_PAGE_HDR_SIZE + _META_DBS.size)
+        if len(head) < _PAGE_HDR_SIZE + _META_DBS.size:
+            return txnid is None  # a new, empty file (check_data_file refused it for a reader)
+        psize = _META_FIELDS.unpack_from(head, _META_OFFSET)[2]
+        metas = []
+        for m in range(2):
+            f.seek(m * psize)
+            raw = f.read(_PAGE_HDR_SIZE + _META_DBS.size)
+            if len(raw) == _PAGE_HDR_SIZE + _META_DBS.size:
+                values = _META_DBS.unpack_from(raw, _META_OFFSET)
+                if values[0] == _LMDB_MAGIC:
+                    metas.append(values)
+    if txnid is None:
+        chosen = max(metas, key=lambda m: m[5], default=None)
+    else:
+        chosen = next((m for m in metas if m[5] == txnid), None)
+    if chosen is None:
+        return txnid is None
+    _, _, free_db, main_db, last_pg, _ = chosen
+    if size < 2 * psize:
+        return txnid is None
+    check = _TreeCheck(data, psize, size, last_pg)
+    check.tree(main_db, "main", 0)  # the caches' one unnamed database: plain byte keys
+    if txnid is None:
+        check.tree(free_db, "free-page", _MDB_INTEGERKEY, values=True)
+    return True
+
+
 _ENVS: dict[str, tuple[int, lmdb.Environment, bool]] = {}
 _ENVS_LOCK = threading.Lock()
 
@@ -386,8 +565,62 @@ def _environment(path: Path, *, write: bool) -> lmdb.Environment:
                 env = lmdb.open(str(path), readonly=True, lock=True, readahead=False, max_readers=1024, subdir=True)
         except lmdb.Error as e:
             raise CacheError(f"cannot open cache {str(path)!r}: {e}") from e
+        try:
+            _check_environment(path, env, write=write)
+        except BaseException:
+            env.close()
+            raise
         _ENVS[key] = (os.getpid(), env, write)
         return env
+
+
+# (device, inode, size, mtime) of the data files whose trees this process (or the parent it was forked
+# from: a DataLoader worker) checked, and whether the free-page tree was checked too.
+_CHECKED: dict[str, tuple[tuple[int, int, int, int], bool]] = {}
+
+
+def _check_environment(path: Path, env: lmdb.Environment, *, write: bool) -> None:
+    """Check the file's B-trees before LMDB reads them (``_TreeCheck``): a reader the snapshot it
+    reads, inside a read transaction (so no writer can reuse its pages meanwhile); a writer, under
+    the write lock, also the free-page tree that it allocates pages from. Once per file version."""
+    key = os.path.realpath(path)
+    try:
+        st = (path / "data.mdb").stat()
+    except OSError as e:
+        raise CacheError(f"cannot open cache {str(path)!r}: {e}") from e
+    sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    done = _CHECKED.get(key)
+    if done is not None and done[0] == sig and (done[1] or not write):
+        return
+    try:
+        if write:
+            with env.begin(write=True):
+                _check_trees(path, None)
+        else:
+            for _ in range(100):  # a writer committing twice meanwhile overwrote that snapshot's meta page
+                try:
+                    txn = env.begin(buffers=False)
+                except lmdb.MapResizedError:
+                    env.set_mapsize(0)
+                    continue
+                with txn:
+                    if _check_trees(path, txn.id()):
+                        break
+    except lmdb.Error as e:
+        raise CacheError(f"cannot read cache {str(path)!r}: {type(e).__name__}: {e}") from e
+    _CHECKED[key] = (sig, write)
+
+
+@contextmanager
+def _lmdb_errors(path: Path) -> Iterator[None]:
+    """Turn an LMDB error (MDB_CORRUPTED, MDB_PAGE_NOTFOUND, ... from a damaged file) into a CacheError."""
+    try:
+        yield
+    except lmdb.Error as e:
+        raise CacheError(
+            f"cannot read cache {str(path)!r}: LMDB reports {type(e).__name__}: {e}; its file is damaged. "
+            "Restore it from a copy or rebuild the cache with `kd precompute`"
+        ) from e
 
 
 def _release(path: Path) -> None:
@@ -432,7 +665,7 @@ def stored_basis(path: str | Path) -> bytes | None:
     path = Path(path)
     if not (path / "data.mdb").is_file():
         return None
-    with _environment(path, write=False).begin(buffers=False) as txn:
+    with _lmdb_errors(path), _environment(path, write=False).begin(buffers=False) as txn:
         raw, basis = txn.get(META_KEY), txn.get(BASIS_KEY)
     if raw is None:
         return None
@@ -471,8 +704,11 @@ class CacheWriter:
         self._pending: list[tuple[bytes, bytes]] = []
         self.committed = 0
         self.env = _environment(self.path, write=True)
-        with self.env.begin() as txn:
-            raw, stored = txn.get(META_KEY), txn.get(BASIS_KEY)
+        try:
+            raw, stored = self._claim(basis if codec.needs_basis else None)
+        except BaseException:
+            _release(self.path)
+            raise
         if raw is not None:
             try:
                 existing = CacheMeta.from_json(raw, self.path)
@@ -488,27 +724,44 @@ class CacheWriter:
                 self.basis = stored
                 self.meta = replace(meta, basis_sha256=existing.basis_sha256)
         elif codec.needs_basis:
-            if basis is None:
-                _release(self.path)
-                raise ValueError(
-                    f"a {meta.codec} cache needs its low-rank basis before the first record: pass "
-                    "basis=LowRankBasis.fit(first logits, K).to_bytes() (kd precompute fits one)"
-                )
             self.basis = basis
-            self._commit([(META_KEY, self.meta.to_json()), (BASIS_KEY, basis)])  # one transaction
-        else:
-            self._commit([(META_KEY, meta.to_json())])
+
+    def _claim(self, basis: bytes | None) -> tuple[bytes | None, bytes | None]:
+        """The stored metadata and basis; for a new cache, write ours (and a pca:K cache's basis) in
+        the same write transaction that found none. LMDB runs one write transaction at a time, so
+        of two writers creating one cache at once the second finds the first's metadata and is
+        checked against it (a mismatch is refused) instead of overwriting it."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    raw, stored = txn.get(META_KEY), txn.get(BASIS_KEY)
+                    if raw is None:
+                        if self.codec.needs_basis:
+                            if basis is None:
+                                raise ValueError(
+                                    f"a {self.meta.codec} cache needs its low-rank basis before the first record: "
+                                    "pass basis=LowRankBasis.fit(first logits, K).to_bytes() (kd precompute fits one)"
+                                )
+                            txn.put(BASIS_KEY, basis)
+                        txn.put(META_KEY, self.meta.to_json())
+                return raw, stored
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.Error as e:
+                raise CacheError(self._write_error(e, 0)) from e
 
     def present(self) -> set[tuple[int, int]]:
         """(index, view) of every committed record."""
         out: set[tuple[int, int]] = set()
-        with self.env.begin() as txn:
+        width = len(self._prefix) + _KEY.size
+        with _lmdb_errors(self.path), self.env.begin() as txn:
             cur = txn.cursor()
             if cur.set_range(self._prefix):
                 for key in cur.iternext(keys=True, values=False):
                     if not key.startswith(self._prefix):
                         break
-                    out.add(_KEY.unpack(key[len(self._prefix) :]))
+                    if len(key) == width:  # another length: no record of this cache (verify lists it)
+                        out.add(_KEY.unpack(key[len(self._prefix) :]))
         return out
 
     def put(
@@ -824,13 +1077,18 @@ class CacheReader:
         with self._txn() as txn:
             return txn.get(key)
 
-    def _txn(self) -> lmdb.Transaction:
+    @contextmanager
+    def _txn(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction; an LMDB error in it (a damaged page) is a CacheError naming the cache."""
         env = self._environment()
-        try:
-            return env.begin(buffers=False)
-        except lmdb.MapResizedError:
-            env.set_mapsize(0)  # a writer grew the map: adopt its size
-            return env.begin(buffers=False)
+        with _lmdb_errors(self.path):
+            try:
+                txn = env.begin(buffers=False)
+            except lmdb.MapResizedError:
+                env.set_mapsize(0)  # a writer grew the map: adopt its size
+                txn = env.begin(buffers=False)
+            with txn:
+                yield txn
 
     def read_raw(self, indices: Iterable[int], views: Iterable[int] | None = None) -> np.ndarray:
         """Checked payloads, uint8 [B, record_bytes]."""
@@ -997,19 +1255,22 @@ class CacheReader:
             return [txn.get(record_key(self._prefix, i, v)) is not None for i, v in zip(idx, vw)]
 
     def keys(self) -> Iterator[tuple[int, int]]:
+        width = len(self._prefix) + _KEY.size
         with self._txn() as txn:
             cur = txn.cursor()
             if cur.set_range(self._prefix):
                 for key in cur.iternext(keys=True, values=False):
                     if not key.startswith(self._prefix):
                         break
-                    yield _KEY.unpack(key[len(self._prefix) :])
+                    if len(key) == width:  # another length: no record of this cache (verify lists it)
+                        yield _KEY.unpack(key[len(self._prefix) :])
 
     def __len__(self) -> int:
         return sum(1 for _ in self.keys())
 
     def verify(self) -> VerifyReport:
-        """Check every record's checksum and decode, and which (index, view) are missing."""
+        """Check every record's checksum and decode, that a lookup by its key (what readers do) finds
+        it, and which (index, view) are missing."""
         expected = self.meta.expected_keys()
         report = VerifyReport(expected=len(expected))
         seen: set[tuple[int, int]] = set()
@@ -1023,6 +1284,14 @@ class CacheReader:
                     report.problems.append(f"foreign key {key[:40]!r}")
                     continue
                 iv = _KEY.unpack(key[len(self._prefix) :])
+                found = txn.get(key)  # what a reader does: the walk above does not use the index pages
+                if found != value:
+                    report.problems.append(
+                        f"{_where(path, key)} is stored but a lookup by its key "
+                        f"{'finds nothing' if found is None else 'finds other bytes'}: an index page of the file is "
+                        "damaged, so readers report it missing or read other bytes; rebuild it with `kd precompute`"
+                    )
+                    continue
                 try:
                     if self.meta.per_token:
                         row = self._sequence_rows(path, key, value)
@@ -1032,9 +1301,10 @@ class CacheReader:
                         row = np.frombuffer(payload, dtype=np.uint8)[None]
                         keys = np.asarray([iv], dtype=np.int64)
                     decoded = self.codec.decode_targets(row[:, : self.logit_bytes], self.meta.num_classes, keys)
-                    values = decoded.logits if isinstance(decoded, SparseTargets) else decoded
-                    feats = self._split_features(row).values()
-                    if not torch.isfinite(values).all() or not all(torch.isfinite(f).all() for f in feats):
+                    # what readers refuse (_check_finite): a sparse record's log-sum-exp as well as its values
+                    parts = [decoded.logits, decoded.logsumexp] if isinstance(decoded, SparseTargets) else [decoded]
+                    parts += self._split_features(row).values()
+                    if not all(torch.isfinite(t).all() for t in parts):
                         raise CorruptRecordError(f"record (index={iv[0]}, view={iv[1]}) decodes to NaN/Inf")
                 except CorruptRecordError as e:
                     report.problems.append(str(e))

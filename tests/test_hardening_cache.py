@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import lmdb
@@ -263,6 +264,28 @@ def test_non_finite_targets_are_refused_on_read(tmp_path: Path, codec: str) -> N
             read([3, 17, 5])
 
 
+@pytest.mark.parametrize("per_token", [False, True])
+def test_verify_lists_a_sparse_record_with_nan_logsumexp(tmp_path: Path, per_token: bool) -> None:
+    """A top-k record with a valid checksum but a NaN log-sum-exp: readers refuse it (and say
+    `kd cache verify` lists every such record), so verify must list it."""
+    m = meta(dataset_size=6, codec="topk:2", num_classes=5, temperature=1.0, per_token=per_token)
+    values, classes = torch.tensor([[1.0, 0.5]]), torch.tensor([[0, 1]])
+    with CacheWriter(tmp_path / "c", m) as w:
+        for i in range(m.dataset_size):
+            lse = torch.tensor([float("nan") if i == 4 else 2.0])
+            rows = w.codec._pack(values, classes, lse, m.num_classes)  # what a server's top-k reply encodes to
+            if per_token:
+                w.put_sequence_rows([i], [rows])
+            else:
+                w._pending.extend(_seal_rows([record_key(w._prefix, i, 0)], rows))
+    r = CacheReader(tmp_path / "c")
+    with pytest.raises(CorruptRecordError, match=r"index=4, .* holds NaN or Inf"):
+        r.token_targets([3, 4]) if per_token else r.targets([3, 4])
+    (r.token_targets if per_token else r.targets)([0, 1, 2, 3, 5])  # the others read fine
+    report = r.verify()
+    assert report.problems == ["record (index=4, view=0) decodes to NaN/Inf"], report.problems
+
+
 def test_training_stops_on_non_finite_targets(tmp_path: Path) -> None:
     """What ``kd train --source cache:`` runs: the loop gets the reader's error naming the record
     instead of a NaN loss every epoch."""
@@ -281,3 +304,62 @@ def test_training_stops_on_non_finite_targets(tmp_path: Path) -> None:
     with pytest.raises(CorruptRecordError, match=r"record \(index=5, view=0\) of cache .* holds NaN or Inf"):
         train_student(digits_student(), train, test, TrainConfig(method="kd", epochs=1, batch_size=64),
                       source=source, subset=torch.arange(64))  # fmt: skip
+
+
+# ---- two writers creating one new cache at once: one metadata, the other writer refused ----
+
+_RACER = textwrap.dedent(
+    """
+    import sys, torch
+    from kd.cache import CacheError, CacheMeta, CacheWriter
+    path, teacher, codec, first, size = sys.argv[1:6]
+    meta = CacheMeta(teacher_fingerprint=teacher, dataset_id="d", dataset_size=int(size), codec=codec, num_classes=3)
+    print("ready", flush=True)
+    try:
+        with CacheWriter(path, meta) as w:
+            w.put([int(first), int(first) + 1], torch.tensor([[1.0, 2.0, 3.0]] * 2))
+        print("acknowledged", flush=True)
+    except CacheError as e:
+        print(f"refused {type(e).__name__}: {e}", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("field", "racers"),
+    [
+        ("teacher_fingerprint", [(f"teacher{n}", "fp32") for n in range(5)]),
+        ("codec", [("same", codec) for codec in ("fp16", "bf16", "fp32", "int8")]),
+    ],
+)
+def test_writers_creating_one_cache_at_once_cannot_both_succeed(tmp_path: Path, field: str, racers) -> None:
+    """The writers are lined up behind LMDB's writer lock (held here) after opening the new, empty
+    cache, then let go together: the metadata must be checked and written in one write transaction,
+    so the later ones see the first's and are refused, instead of overwriting it (its records then were
+    foreign keys, or decoded with the other codec while verify passed)."""
+    path = tmp_path / "c"
+    env = lmdb.open(str(path), subdir=True)  # the new cache's file, as a first writer would create it
+    txn = env.begin(write=True)  # LMDB's writer lock
+    size = str(2 * len(racers))
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(path), teacher, codec, str(2 * n), size],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+             for n, (teacher, codec) in enumerate(racers)]  # fmt: skip
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        time.sleep(3)  # all open the cache and read its (absent) metadata, then wait for the lock
+    finally:
+        txn.abort()
+        env.close()
+    outs = [p.communicate(timeout=120) for p in procs]
+    results = [out.strip() for out, _ in outs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sorted(r.split(" ")[0] for r in results) == ["acknowledged"] + ["refused"] * (len(racers) - 1), results
+    won = results.index("acknowledged")
+    for refused in results[:won] + results[won + 1 :]:
+        assert refused.startswith("refused StaleCacheError") and f"built with {field}=" in refused, refused
+        assert str(path) in refused
+    r = CacheReader(path)
+    assert (r.meta.teacher_fingerprint, r.meta.codec) == racers[won]
+    assert r.verify().problems == []
+    assert torch.allclose(r.get([2 * won, 2 * won + 1]), torch.tensor([[1.0, 2.0, 3.0]] * 2), atol=0.01)
