@@ -27,7 +27,9 @@ def _fail(message: str, code: int = 2) -> None:
     # escaped: a message's own square brackets ("[x]", a list of names) are text, not markup;
     # never wrapped: a path or a name cut by the terminal's width is no longer findable
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+    # SystemExit, not typer.Exit: click's Exit is a RuntimeError, which the commands' own
+    # `except (..., RuntimeError)` around their work caught and printed again ("error: 2").
+    raise SystemExit(code)
 
 
 def _parse_options(items: list[str]) -> dict[str, object]:
