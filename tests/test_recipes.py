@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
@@ -328,8 +327,9 @@ def test_unimportable_factory_says_importable_and_names_the_role() -> None:
 
 
 def test_fail_prints_square_brackets_whole(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(typer.Exit):
+    with pytest.raises(SystemExit) as exited:
         _fail("unknown option(s) ['colour'] in [x] and [bold]not bold[/bold]")
+    assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "unknown option(s) ['colour'] in [x] and [bold]not bold[/bold]" in err
 
