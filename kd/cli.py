@@ -87,23 +87,12 @@ def _check_out(out: Path | None, flag: str = "--out") -> None:
 
 def _check_run_options(seed: int, device: str) -> None:
     """``--seed`` (numpy takes 0 to 2**32 - 1) and ``--device`` (one this torch has), before any work."""
-    import torch
+    from kd.teacher_server.loading import device_problem
 
     if not 0 <= seed < 2**32:
         _fail(f"--seed must be >= 0 and < 2**32, got {seed}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        _fail(f"--device {device!r}: {e}")
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (dev.index or 0) >= count:
-            _fail(f"--device {device!r}: this torch sees {count} CUDA device(s)"
-                  + ("" if torch.backends.cuda.is_built() else " (it is built without CUDA)"))  # fmt: skip
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        _fail(f"--device {device!r}: MPS is not available here")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        _fail(f"--device {device!r}: use cpu, cuda[:N] or mps")
+    if problem := device_problem(device):
+        _fail(f"--device {problem}")
 
 
 def _call(fn, *args, errors: tuple[type[Exception], ...] = (ValueError, TypeError), **kwargs):
