@@ -837,6 +837,34 @@ def train(
     )
 
 
+# The top-level names of kd's own code (installed as kd.*; a source checkout also imports the card's
+# folders by their own names). Its factories never load weights: they only initialise.
+_OWN_PACKAGES = ("kd", "student_trainer", "teacher_server")
+
+
+def _check_evaluated_weights(spec: str) -> None:
+    """``kd evaluate``'s model must be a trained one: one of kd's own factories (the zoo, kd.models)
+    without ``@WEIGHTS`` only initialises, so its accuracy would be a random model's, reported as if
+    it meant something. Another package's factory may build a pretrained model by itself (e.g.
+    ``timm:create_model?pretrained=true``), so it is left to the user."""
+    from kd.core import factory
+
+    try:
+        parsed = factory.parse_factory(spec, "model")
+        if parsed.weights is not None:
+            return
+        fn = factory.import_factory(parsed.factory, "model")
+    except factory.FactoryError as e:
+        _fail(str(e))
+    # the module that defines the factory, so a re-export of a zoo model under another name counts too
+    module = getattr(fn, "__module__", None) or parsed.factory.partition(":")[0]
+    if module.partition(".")[0] in _OWN_PACKAGES:
+        name, query, opts = spec.partition("?")
+        _fail(f"--model {spec!r} has no @WEIGHTS: kd's factory {parsed.factory!r} only initialises a model, so "
+              f"its accuracy would be a random model's; give the trained weights, e.g. "
+              f"--model '{name}@student.safetensors{query}{opts}'")  # fmt: skip
+
+
 @app.command("evaluate")
 def evaluate_model(
     model: str = typer.Option(
@@ -861,6 +889,7 @@ def evaluate_model(
     if batch_size < 1 or workers < 0:
         _fail("--batch-size must be >= 1, --workers >= 0")
     _check_run_options(0, device)
+    _check_evaluated_weights(model)
     try:
         data = open_source(dataset)
         net = _build_student(model)

@@ -301,3 +301,41 @@ def test_onpolicy_checks_the_students_max_length_up_front(token_cache) -> None:
 def test_train_refuses_more_bad_values(args: list[str], why: str, teacher_spec: str) -> None:
     res = invoke("train", "--source", f"local:{teacher_spec}", "--subset", "50", "--epochs", "1", *args)
     assert res.exit_code == 2 and why in res.output, res.output
+
+
+# ---- evaluate: a model of kd's own factories needs its trained weights ----
+
+
+def refused(res, *needles: str) -> str:
+    """A CLI refusal: exit code 2, exactly one ``error:`` line, no traceback, every needle in it."""
+    assert res.exit_code == 2, res.output
+    assert res.output.count("error:") == 1 and "Traceback" not in res.output, res.output
+    text = " ".join(res.output.split())
+    for needle in needles:
+        assert needle in text, text
+    return text
+
+
+def pretrained_student() -> MLP:
+    """Stands for another package's factory that builds a model with its weights (e.g. timm's pretrained)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return digits_student()
+
+
+def test_evaluate_refuses_kds_own_factory_without_weights(tmp_path: Path, data) -> None:
+    for spec, fixed in (("kd.models:digits_student", "kd.models:digits_student@student.safetensors"),
+                        ("kd.student_trainer.zoo:resnet8x4?num_classes=10",
+                         "kd.student_trainer.zoo:resnet8x4@student.safetensors?num_classes=10")):  # fmt: skip
+        refused(invoke("evaluate", "--model", spec, "--dataset", "digits:test"), "has no @WEIGHTS", fixed)
+    from kd.student_trainer.evaluate import evaluate
+    from kd.teacher_server.loading import save_weights
+
+    weights = tmp_path / "student.safetensors"
+    save_weights(pretrained_student(), weights)
+    want = evaluate(pretrained_student(), data[1])
+    for spec in (f"kd.models:digits_student@{weights}", f"{__name__}:pretrained_student"):
+        res = invoke("evaluate", "--model", spec, "--dataset", "digits:test")
+        assert res.exit_code == 0, res.output
+        line = json.loads(res.stdout.strip().splitlines()[-1])
+        assert (line["top1"], line["n"]) == (want.top1, want.n), line
