@@ -720,6 +720,16 @@ def train(
     if server_topk < 0 or (server_topk and not _get_method(method).accepts_sparse):
         _fail(f"--server-topk {server_topk}: needs K >= 1 and a method that accepts sparse targets "
               f"(method {method!r} needs full logits)")  # fmt: skip
+    # Only a server: source asks for top-K (next to the model): a cache holds what it was made with
+    # (its codec; a read-through's upstream follows the cache's codec) and a local: teacher gives all
+    # C logits, so --server-topk with neither a server: source would be dropped without a word.
+    if server_topk and read_through is not None:
+        _fail(f"--server-topk {server_topk} does not apply to --read-through: the cache's codec decides what is "
+              f"asked and stored; create it with --codec topk:{server_topk}")  # fmt: skip
+    if server_topk and not any(ref.startswith("server:") for ref in source):
+        _fail(f"--server-topk {server_topk} applies only to --source server:...; got {source or 'no --source'}: "
+              "a cache: source holds what its codec stored (precompute with --codec topk:K) and local: gives "
+              "all logits")  # fmt: skip
     default_t = _get_method(method).defaults.get("temperature", 1.0)
     sparse_temperature = float(_parse_options(opt).get("temperature", default_t))  # type: ignore[arg-type]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():

@@ -339,3 +339,16 @@ def test_evaluate_refuses_kds_own_factory_without_weights(tmp_path: Path, data) 
         assert res.exit_code == 0, res.output
         line = json.loads(res.stdout.strip().splitlines()[-1])
         assert (line["top1"], line["n"]) == (want.top1, want.n), line
+
+
+# ---- --server-topk: only a server: source asks for top-K; anything else is refused, never ignored ----
+
+
+def test_server_topk_without_a_server_source_is_refused(caches, teacher_spec: str, tmp_path: Path) -> None:
+    out = tmp_path / "s.safetensors"
+    common = ["train", "--epochs", "1", "--subset", "50", "--server-topk", "5", "--out", str(out)]
+    for extra in (["--source", f"cache:{caches['fp32']}"], ["--source", f"local:{teacher_spec}"]):
+        refused(invoke(*common, *extra), "--server-topk 5 applies only to --source server:", "--codec topk:K")
+    refused(invoke(*common, "--source", f"cache:{tmp_path / 'rt'}", "--read-through", f"local:{teacher_spec}"),
+            "--server-topk 5 does not apply to --read-through", "--codec topk:5")  # fmt: skip
+    assert not out.exists() and not (tmp_path / "rt").exists()
