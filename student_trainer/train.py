@@ -441,6 +441,12 @@ def train_student(
     hooks = hooks or Hooks()
     recipe = optim.recipe_of(config)
     recipe.validate()
+    # Checked here, not only by the CLI: with no epoch there is no result to return (it failed
+    # later with an IndexError), and a batch size of 0 divided by zero once training had set up.
+    if config.epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {config.epochs}")
+    if config.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
     if config.workers < 0:
         raise ValueError(f"workers must be >= 0, got {config.workers}")
     method = get_method(config.method)

@@ -352,3 +352,19 @@ def test_server_topk_without_a_server_source_is_refused(caches, teacher_spec: st
     refused(invoke(*common, "--source", f"cache:{tmp_path / 'rt'}", "--read-through", f"local:{teacher_spec}"),
             "--server-topk 5 does not apply to --read-through", "--codec topk:5")  # fmt: skip
     assert not out.exists() and not (tmp_path / "rt").exists()
+
+
+# ---- the library entry points refuse a run with no epoch or empty batches, as the CLI does ----
+
+
+@pytest.mark.parametrize(("field", "value"), [("epochs", 0), ("epochs", -1), ("batch_size", 0)])
+def test_train_student_refuses_no_epochs_and_empty_batches(data, field: str, value: int) -> None:
+    with pytest.raises(ValueError, match=f"^{field} must be >= 1, got {value}$"):
+        run(data, None, TrainConfig(method="ce", **{field: value}))
+
+
+def test_train_online_refuses_no_epochs(data) -> None:
+    from kd.student_trainer.online import train_online
+
+    with pytest.raises(ValueError, match="^epochs must be >= 1, got 0$"):
+        train_online("one", data[0], data[1], TrainConfig(epochs=0), subset=torch.arange(32))
