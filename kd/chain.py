@@ -51,6 +51,7 @@ training split with cross-entropy, seed 0, and shared by every seed.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ from kd.core.data import Dataset, load_dataset
 from kd.core.factory import build
 from kd.demo import start_server_process, stop_server_process
 from kd.models import MLP
+from kd.student_trainer.losses import get_method
 from kd.student_trainer.sources import LocalSource, ServerSource, SoftTargetSource
 from kd.student_trainer.train import Hooks, StepContext, TrainConfig, accuracy, seed_everything, train_student
 from kd.teacher_server.loading import load_teacher, save_weights
@@ -144,6 +146,60 @@ class _Served:
         return self.exit_code
 
 
+def default_models(mode: str) -> list[str]:
+    """The chain's models when none are given: TAKD's assistant then student, or two born-again generations."""
+    return (
+        ["kd.chain:digits_assistant", "kd.models:digits_student"]
+        if mode == "takd"
+        else ["kd.models:digits_student"] * 2
+    )
+
+
+def check_chain(
+    *,
+    mode: str = "takd",
+    teacher: str | None = None,
+    models: list[str] | None = None,
+    epochs: int = 300,
+    seeds: int = 1,
+    labeled: int = 100,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    teacher_factory: str = "kd.models:digits_teacher",
+    teacher_epochs: int = 40,
+    tolerant_gamma: float = 0.0,
+    tolerant_k: int = 5,
+) -> list[str]:
+    """Refuse (ValueError, naming the argument) a chain that could not run to its end, before any stage
+    trains: a bad option or model found only after the teacher had trained lost that work. -> the
+    models of the chain (``models`` or the mode's defaults)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    models = default_models(mode) if models is None else list(models)
+    if not models:
+        raise ValueError("a chain needs at least one model")
+    for name, value, least in (("epochs", epochs, 1), ("seeds", seeds, 1), ("labeled", labeled, 1),
+                               ("teacher_epochs", teacher_epochs, 1), ("tolerant_k", tolerant_k, 2)):  # fmt: skip
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
+    # tolerant_loss treats any gamma <= 0 (and NaN, which compares false) as "off": a negative or NaN
+    # weight would silently train a plain teacher, so only a finite gamma >= 0 is taken.
+    if not (math.isfinite(tolerant_gamma) and tolerant_gamma >= 0):
+        raise ValueError(f"tolerant_gamma must be a finite number >= 0 (0: off), got {tolerant_gamma}")
+    if teacher is not None and tolerant_gamma > 0:
+        raise ValueError("tolerant_gamma applies to a teacher trained here: leave out the teacher spec")
+    # every stage trains with method kd and these options: the method's own check, as train_student's
+    get_method("kd").check_options({"temperature": temperature, "alpha": alpha})
+    # Every model is built once (its own RNG untouched), so a spec that does not import, takes
+    # other arguments or carries @WEIGHTS is refused now rather than after the stages before it.
+    with torch.random.fork_rng(devices=[]):
+        if teacher is None:
+            build(teacher_factory, "teacher")
+        for spec in dict.fromkeys(models):
+            build(spec, "student")
+    return models
+
+
 def run_chain(
     out: Path,
     *,
@@ -162,18 +218,10 @@ def run_chain(
     direct: bool = True,
     serve: bool = True,
 ) -> dict:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if models is None:
-        models = (
-            ["kd.chain:digits_assistant", "kd.models:digits_student"]
-            if mode == "takd"
-            else ["kd.models:digits_student"] * 2
-        )
-    if not models:
-        raise ValueError("a chain needs at least one model")
-    if teacher is not None and tolerant_gamma > 0:
-        raise ValueError("tolerant_gamma applies to a teacher trained here: leave out the teacher spec")
+    models = check_chain(mode=mode, teacher=teacher, models=models, epochs=epochs, seeds=seeds, labeled=labeled,
+                         temperature=temperature, alpha=alpha, teacher_factory=teacher_factory,
+                         teacher_epochs=teacher_epochs, tolerant_gamma=tolerant_gamma,
+                         tolerant_k=tolerant_k)  # fmt: skip
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -1341,12 +1341,20 @@ def chain(
     out: Path = typer.Option(Path("chain-out"), help="Where stage-<i>.safetensors, server logs and chain.json go."),
 ) -> None:
     """Distillation chains: TAKD (teacher -> assistant -> student) or born-again generations, each served in turn."""
-    from kd.chain import MODES, run_chain
+    import math
+
+    from kd.chain import MODES, check_chain, run_chain
 
     if mode not in MODES:
         _fail(f"--mode must be one of {', '.join(MODES)}")
     if min(epochs, seeds, labeled, teacher_epochs, tolerant_k - 1) < 1 or temperature <= 0:
         _fail("--epochs, --seeds, --labeled, --teacher-epochs must be >= 1, --tolerant-k >= 2, -T > 0")
+    if not (math.isfinite(tolerant_gamma) and tolerant_gamma >= 0):
+        _fail(f"--tolerant-gamma must be a finite number >= 0 (0: off), got {tolerant_gamma}")
+    # The rest (--alpha, -T, the models) before stage 0 trains: a refusal (exit 2), not a failed run.
+    _call(check_chain, mode=mode, teacher=teacher, models=model or None, epochs=epochs, seeds=seeds, labeled=labeled,
+          temperature=temperature, alpha=alpha, teacher_factory=teacher_factory, teacher_epochs=teacher_epochs,
+          tolerant_gamma=tolerant_gamma, tolerant_k=tolerant_k)  # fmt: skip
     try:
         run_chain(out, mode=mode, teacher=teacher, models=model or None, epochs=epochs, seeds=seeds,
                   labeled=labeled, temperature=temperature, alpha=alpha, teacher_factory=teacher_factory,

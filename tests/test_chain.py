@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from kd.chain import tolerant_loss
+from kd.chain import run_chain, tolerant_loss
+from kd.cli import app
 from kd.core.data import load_dataset
 from kd.teacher_server.loading import load_teacher
 
@@ -94,6 +97,41 @@ def test_born_again_chain_with_tolerant_teacher(tmp_path: Path):
 def test_bad_mode_is_refused(tmp_path: Path):
     r = kd_chain("--mode", "nope", "--out", str(tmp_path))
     assert r.returncode == 2 and "--mode" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--alpha", "2"], "option alpha=2.0 must be >= 0 and <= 1"),
+        (["-T", "nan"], "option temperature=nan must be finite"),
+        (["--tolerant-gamma", "-1"], "--tolerant-gamma must be a finite number >= 0 (0: off), got -1.0"),
+        (["--tolerant-gamma", "nan"], "--tolerant-gamma must be a finite number >= 0 (0: off), got nan"),
+        (["--model", "kd.models:digits_student", "--model", "kd.models:no_such_model"],
+         "module 'kd.models' has no attribute 'no_such_model'"),
+        (["--model", "kd.models:digits_student@w.safetensors"], "@WEIGHTS is for teachers"),
+    ],
+)  # fmt: skip
+def test_chain_options_are_checked_before_the_teacher_trains(tmp_path: Path, args: list[str], why: str):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["chain", "--epochs", "1", "--teacher-epochs", "1", "--no-serve", "--out", str(out),
+                                 *args])  # fmt: skip
+    assert r.exit_code == 2, r.output
+    assert r.output.count("error:") == 1 and "Traceback" not in r.output, r.output
+    assert why in " ".join(r.output.split())
+    assert not out.exists()  # refused before anything was trained or written
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [({"alpha": 2.0}, "alpha=2.0"), ({"tolerant_gamma": float("nan")}, "tolerant_gamma must be"),
+     ({"tolerant_gamma": -1.0}, "tolerant_gamma must be"), ({"epochs": 0}, "epochs must be >= 1"),
+     ({"tolerant_k": 1}, "tolerant_k must be >= 2"), ({"models": ["kd.models:no_such_model"]}, "no_such_model")],
+)  # fmt: skip
+def test_run_chain_checks_its_arguments_first(tmp_path: Path, kwargs: dict, why: str):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=re.escape(why)):
+        run_chain(out, epochs=kwargs.pop("epochs", 1), teacher_epochs=1, serve=False, **kwargs)
+    assert not out.exists()
 
 
 def test_tolerant_loss():
