@@ -940,6 +940,18 @@ def train_tokens(
         raise ValueError(f"amp={amp!r}: token training takes {' or '.join(TOKEN_AMP)} (bf16 needs no grad scaler)")
     if optimizer not in TOKEN_OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: choose {', '.join(TOKEN_OPTIMIZERS)}")
+    # Every epoch is a pass over all of ``train``: if no position of it is a target (documents no
+    # longer than their prompt, or cut by the block before the completion), no epoch has a token to
+    # learn from or to average the loss over. Refused before the student is touched; the scan stops
+    # at the first batch that holds a target (normally the first).
+    for lo in range(0, len(train), batch_size):
+        b = train.batch(torch.arange(lo, min(lo + batch_size, len(train))))
+        if bool(token_mask(next_token_labels(b.tokens, b.loss_mask)).any()):
+            break
+    else:
+        raise ValueError(f"{train.dataset_id}: no token is a prediction target (every position is padding or a "
+                         "prompt, or the block cuts each document before its targets), so there is nothing to "
+                         "distil")  # fmt: skip
     dev = torch.device(device)
     student.to(dev).train()
     params = [p for p in student.parameters() if p.requires_grad]
@@ -982,7 +994,7 @@ def train_tokens(
             opt.step()
             total += step_loss * counted
             tokens_seen += counted
-        losses.append(total / tokens_seen if tokens_seen else float("nan"))
+        losses.append(total / tokens_seen)  # > 0 tokens: train holds a target (checked above)
         _check_finite(student, epoch)
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])

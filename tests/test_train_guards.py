@@ -368,3 +368,27 @@ def test_train_online_refuses_no_epochs(data) -> None:
 
     with pytest.raises(ValueError, match="^epochs must be >= 1, got 0$"):
         train_online("one", data[0], data[1], TrainConfig(epochs=0), subset=torch.arange(32))
+
+
+# ---- train_tokens: training data without a single target is refused, never reported as a NaN loss ----
+
+
+def test_token_training_without_targets_is_refused(tmp_path: Path) -> None:
+    from kd.core.data import open_source
+    from kd.precompute import LocalTokenTeacher, precompute_tokens
+    from kd.student_trainer.train import train_tokens
+
+    # block=6 keeps bos and the first 5 prompt bytes of each document: no completion byte is a target
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"q": f"question number {i}", "a": "yes"}) + "\n" for i in range(6)))
+    uri = f"jsonl:{path}?prompt=q&completion=a&pack=0&block=6"
+    train = open_source(uri)
+    precompute_tokens(train, LocalTokenTeacher(teacher_lm()), tmp_path / "cache", codec="topk:8", batch_size=4)
+    student = student_lm()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with CacheSource(str(tmp_path / "cache")) as cache, pytest.raises(ValueError, match="no token is a prediction"):
+        train_tokens(student, train, cache, epochs=2, batch_size=4, optimizer="adamw", weight_decay=0.1)
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # untouched
+    res = invoke("train-lm", "--source", f"cache:{tmp_path / 'cache'}", "--dataset", uri, "--val-dataset", uri,
+                 "--student", f"{__name__}:student_lm")  # fmt: skip
+    refused(res, "no token is a prediction target")
