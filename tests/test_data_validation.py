@@ -410,3 +410,21 @@ def test_module_source_identity_is_the_same_in_every_process(tmp_path: Path) -> 
     src = open_source(uri)
     assert src.labels.tolist() == [0, 1, 0, 1]
     assert other.stdout.strip() == src.dataset_id
+
+
+# -- byte order and damaged files ------------------------------------------------------------------
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])  # memory-mapped / read into memory
+def test_big_endian_npz_arrays_are_read_in_native_order(tmp_path: Path, save) -> None:
+    rs = np.random.RandomState(0)
+    x, pixels, y = rs.rand(4, 3, 8, 8).astype(np.float32), rs.randint(0, 256, (4, 3, 8, 8)), np.array([0, 2, 1, 2])
+    save(tmp_path / "f.npz", x=x.astype(">f4"), y=y.astype(">i8"))
+    save(tmp_path / "u.npz", x=pixels.astype(">u2"), y=y.astype(">u2"))  # 16-bit pixel values 0..255
+    src = open_source(f"npz:{tmp_path / 'f.npz'}")
+    assert torch.equal(src.get(torch.arange(4)), torch.from_numpy(x))  # the values, not byte-swapped garbage
+    assert src.labels.tolist() == [0, 2, 1, 2] and src.num_classes == 3
+    src = open_source(f"npz:{tmp_path / 'u.npz'}?dtype=uint8")
+    assert torch.equal(src.get(torch.arange(4)), torch.from_numpy(pixels.astype(np.uint8)))
+    assert src.labels.tolist() == [0, 2, 1, 2]
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"npz:{tmp_path / 'f.npz'}", "--out",
+            str(tmp_path / "c"), "--workers", "0")  # fmt: skip
+    assert r.exit_code == 0, r.output

@@ -489,6 +489,8 @@ def _array_to_chw(a: np.ndarray, layout: str) -> torch.Tensor:
             f"samples are {a.dtype} ({_KIND_NAMES.get(a.dtype.kind, 'not numbers')}); kd reads integer, float "
             "or bool arrays"
         )
+    if not a.dtype.isnative:  # a big-endian array (numpy records the byte order): torch takes native only
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype.kind in "iub" and a.dtype != np.uint8:
         if a.size and (a.min() < 0 or a.max() > 255):
             raise DatasetError(f"integer samples are read as pixel values 0..255; found {a.min()}..{a.max()}")
