@@ -428,3 +428,35 @@ def test_big_endian_npz_arrays_are_read_in_native_order(tmp_path: Path, save) ->
     r = cli("precompute", "--source", TEACHER, "--dataset", f"npz:{tmp_path / 'f.npz'}", "--out",
             str(tmp_path / "c"), "--workers", "0")  # fmt: skip
     assert r.exit_code == 0, r.output
+
+
+def _npz_members(path: Path, members: dict[str, bytes], compression: int) -> Path:
+    """An npz (a zip of .npy files) written member by member, so a member can be cut short."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=compression) as z:
+        for name, data in members.items():
+            z.writestr(name + ".npy", data)
+    return path
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_with_a_truncated_member_is_refused_naming_the_file_and_member(tmp_path: Path, compressed: bool) -> None:
+    import zipfile
+
+    x = _npy_bytes(np.zeros((4, 3, 8, 8), np.float32))
+    y = _npy_bytes(np.array([0, 1, 2, 0]))
+    # x last: a memory map of the cut x ran on into the zip's directory (or past the end: numpy's mmap error)
+    path = _npz_members(tmp_path / "cut.npz", {"y": y, "x": x[:-1000]},
+                        zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED)  # fmt: skip
+    with pytest.raises(DatasetError, match=r"npz: member 'x' of .*cut\.npz is truncated"):
+        open_source(f"npz:{path}")
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"npz:{path}", "--out", str(tmp_path / "c"),
+            "--workers", "0")  # fmt: skip
+    refused(r, f"member 'x' of {path} is truncated")
