@@ -8,6 +8,7 @@ CIFAR record layout) and opened through ``open_source`` or ``kd precompute``.
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from kd.teacher_server.loading import load_teacher
 from kd.teacher_server.server import start_server
 
 TEACHER = "local:test_data_validation:tiny?num_classes=3&input_shape=3x8x8"
+CIFAR10 = [f"data_batch_{k}.bin" for k in range(1, 6)]  # the official binary files, as kd looks for them
+CIFAR100 = ["train.bin"]
 
 
 def tiny(num_classes: int = 3) -> nn.Module:
@@ -460,3 +463,19 @@ def test_npz_with_a_truncated_member_is_refused_naming_the_file_and_member(tmp_p
     r = cli("precompute", "--source", TEACHER, "--dataset", f"npz:{path}", "--out", str(tmp_path / "c"),
             "--workers", "0")  # fmt: skip
     refused(r, f"member 'x' of {path} is truncated")
+
+
+@pytest.mark.parametrize(("variant", "names", "record"), [(10, CIFAR10, 3073), (100, CIFAR100, 3074)])
+def test_empty_cifar_file_is_refused_naming_the_file_and_record_size(
+    tmp_path: Path, variant: int, names: list[str], record: int
+) -> None:
+    for name in names:
+        np.zeros((2, record), np.uint8).tofile(tmp_path / name)
+    assert len(open_source(f"cifar:{tmp_path}")) == 2 * len(names)
+    (tmp_path / names[-1]).write_bytes(b"")  # a failed copy: every other file whole
+    message = f"{tmp_path / names[-1]} is 0 bytes, not a whole number of {record}-byte CIFAR-{variant} records"
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        open_source(f"cifar:{tmp_path}")
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"cifar:{tmp_path}", "--out", str(tmp_path / "c"),
+            "--workers", "0")  # fmt: skip
+    refused(r, message)

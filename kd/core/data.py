@@ -1073,10 +1073,10 @@ class CifarSource(FileSource):
         self.files, counts = names, []
         for f in names:
             size = (self.root / f).stat().st_size
-            if size % self.record:
+            if size == 0 or size % self.record:  # 0 bytes: an official file is never empty (a failed copy)
                 raise DatasetError(
                     f"cifar: {self.root / f} is {size} bytes, not a whole number of {self.record}-byte "
-                    f"CIFAR-{self.variant} records"
+                    f"CIFAR-{self.variant} records" + (" (an empty file)" if size == 0 else "")
                 )
             counts.append(size // self.record)
         self.starts = np.cumsum([0, *counts])
