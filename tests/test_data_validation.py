@@ -479,3 +479,21 @@ def test_empty_cifar_file_is_refused_naming_the_file_and_record_size(
     r = cli("precompute", "--source", TEACHER, "--dataset", f"cifar:{tmp_path}", "--out", str(tmp_path / "c"),
             "--workers", "0")  # fmt: skip
     refused(r, message)
+
+
+def test_hf_string_labels_are_refused_saying_they_are_strings_and_how_to_encode_them(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    root = save_hf(tmp_path / "hf", ["cat", "dog", "cat", "bird"], "string")
+    message = (
+        r"label column 'label' at row 0 of .*hf is 'cat': class labels must be integer class ids 0, 1, \.\.\., "
+        r"and column 'label' holds strings \(string\); map them to ids with datasets' "
+        r"`ds = ds\.class_encode_column\('label'\)`"
+    )
+    with pytest.raises(DatasetError, match=message):
+        open_source(f"hf:{root}").labels  # noqa: B018
+    refused(cli("precompute", "--source", TEACHER, "--dataset", f"hf:{root}", "--out", str(tmp_path / "c"),
+                "--workers", "0"), "holds strings", "class_encode_column('label')")  # fmt: skip
+    # the advice works: the encoded dataset is read, its ClassLabel names are the class names
+    datasets.load_from_disk(str(root)).class_encode_column("label").save_to_disk(str(tmp_path / "encoded"))
+    src = open_source(f"hf:{tmp_path / 'encoded'}")
+    assert src.class_names == ["bird", "cat", "dog"] and src.labels.tolist() == [1, 2, 1, 0]

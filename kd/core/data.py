@@ -1199,6 +1199,16 @@ class HFSource(FileSource):
                 f"hf: {self._label_what(int(missing[0]))} is null: a missing label "
                 f"({len(missing)} such row(s) in {self.uri})"
             )
+        import pyarrow as pa
+
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            # Names, not ids: the usual shape of a dataset before its labels are encoded; say how to encode them.
+            raise DatasetError(
+                f"hf: {self._label_what(0)} is {col[0].as_py()!r}: class labels must be integer class ids "
+                f"0, 1, ..., and column {self.label_col!r} holds strings ({col.type}); map them to ids with "
+                f"datasets' `ds = ds.class_encode_column({self.label_col!r})` (a ClassLabel feature: its names "
+                "become kd's class names) and save_to_disk again"
+            )
         return np.asarray(col.to_numpy(zero_copy_only=False))
 
     def _class_names(self) -> list[str] | None:
