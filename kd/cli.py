@@ -426,8 +426,8 @@ def precompute(
     from kd.cache import CacheError
     from kd.cache.sharded import parse_shard
     from kd.core.data import open_source, worker_error_message
+    from kd.precompute import BasisError, torchrun_shard
     from kd.precompute import precompute as run
-    from kd.precompute import torchrun_shard
     from kd.student_trainer.sources import parse_source
 
     if source.startswith("cache:"):
@@ -463,7 +463,8 @@ def precompute(
                   "--feature": bool(feature), "--pool-features": pool_features}  # fmt: skip
         if [k for k, v in unused.items() if v]:
             _fail(f"{', '.join(k for k, v in unused.items() if v)}: not for token datasets (one record per sequence)")
-        return _precompute_tokens(data, source, out, codec, temperature, batch_size, commit_every, device, basis_raw)
+        return _precompute_tokens(data, source, out, codec, temperature, batch_size, commit_every, device, basis_raw,
+                                  basis)  # fmt: skip
     try:
         which = parse_shard(shard) if shard else torchrun_shard()
         kwargs: dict = {}
@@ -475,6 +476,8 @@ def precompute(
             report = run(data, src, out, codec=codec, batch_size=batch_size, views=views, temperature=temperature,
                          shard=which, commit_every=commit_every, features=feature,
                          pool_features=pool_features, workers=workers, basis=basis_raw)  # fmt: skip
+    except BasisError as e:  # the file's fault: name it
+        _fail(f"--basis {str(basis)!r}: {e}")
     except (CacheError, ValueError, RuntimeError, OSError) as e:  # OSError: a full disk, a file gone
         _fail(worker_error_message(e))  # a DataLoader worker's error: its own message, not torch's wrapping
     console.print(
@@ -485,11 +488,12 @@ def precompute(
 
 
 def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: float | None, batch_size: int,
-                       commit_every: int, device: str, basis: bytes | None = None) -> None:  # fmt: skip
+                       commit_every: int, device: str, basis: bytes | None = None,
+                       basis_path: Path | None = None) -> None:  # fmt: skip
     """``kd precompute`` of a token dataset: a token teacher (``kd.precompute.token_teacher``)
     asked only for what ``codec`` keeps, one record per sequence."""
     from kd.cache import CacheError
-    from kd.precompute import precompute_tokens, token_teacher
+    from kd.precompute import BasisError, precompute_tokens, token_teacher
 
     try:
         teacher = token_teacher(source, device=device)
@@ -503,6 +507,8 @@ def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: fl
         from kd.cache import CacheReader
 
         stats = CacheReader(out).token_stats()
+    except BasisError as e:  # the file's fault: name it
+        _fail(f"--basis {str(basis_path)!r}: {e}")
     except (CacheError, ValueError, RuntimeError, OSError) as e:
         _fail(str(e))
     console.print(

@@ -247,12 +247,25 @@ def basis_fit_rows(k: int, available: int) -> int:
     return min(max(k, BASIS_FIT_ROWS), available)
 
 
-def cache_basis(path: Path, codec: str, basis: bytes | None, fit: Callable[[], torch.Tensor]) -> bytes | None:
+class BasisError(ValueError):
+    """A given low-rank basis (``--basis FILE``) that cannot serve this run: the file's fault, not
+    the cache's, so the command line names the file (a ValueError, as before, for other callers)."""
+
+
+def cache_basis(
+    path: Path,
+    codec: str,
+    basis: bytes | None,
+    fit: Callable[[], torch.Tensor],
+    num_classes: int | None = None,
+) -> bytes | None:
     """The low-rank basis a ``pca:K`` cache at ``path`` is written with: the one it already
     stores (a resumed run: its records were encoded with it), else ``basis`` (``--basis FILE``,
-    so shards share one), else the codec's ``fit_basis`` on ``fit()``'s first teacher logits [N, C].
+    so shards share one), else the codec's ``fit_basis`` on ``fit()``'s teacher logits [N, C].
     A given ``basis`` that differs from the stored one is refused: it was asked for explicitly
-    (shards meant to share it would silently not). None for codecs without a basis."""
+    (shards meant to share it would silently not); so is one (``BasisError``) that is not a basis,
+    has too low a rank, or has other than ``num_classes`` (the teacher's outputs per row) classes.
+    None for codecs without a basis."""
     codec_obj = get_codec(codec, 1.0)
     if not codec_obj.needs_basis:
         if basis is not None:
@@ -271,7 +284,13 @@ def cache_basis(path: Path, codec: str, basis: bytes | None, fit: Callable[[], t
             given = LowRankBasis.from_bytes(bytes(basis))
             codec_obj.with_basis(given)
         except ValueError as e:
-            raise ValueError(f"the given low-rank basis is unusable for {codec}: {e}") from None
+            raise BasisError(f"the given low-rank basis is unusable for {codec}: {e}") from None
+        if num_classes is not None and given.num_classes != num_classes:  # else blamed on the cache when opened
+            raise BasisError(
+                f"the given low-rank basis has {given.num_classes} classes but the teacher's outputs have "
+                f"{num_classes}: it was fitted on another teacher's outputs (take the basis of a cache of this "
+                "teacher with `kd cache basis`, or leave --basis out to fit one)"
+            )
         return bytes(basis)
     return codec_obj.fit_basis(fit()).to_bytes()  # pca:K@N fits a probability-weighted basis
 
@@ -415,7 +434,7 @@ def precompute(
         fit_batches = (Batch(idx, x, y, vw if views > 1 else None) for idx, vw, x, y in loader)
         return torch.cat([z.float().cpu() for _, z, _ in teacher.iter_outputs(fit_batches, [], False)])
 
-    cache_b = cache_basis(path, codec, basis, first_logits)
+    cache_b = cache_basis(path, codec, basis, first_logits, num_classes=meta.num_classes)
     with (
         CacheWriter(path, meta, commit_every=never, basis=cache_b) as writer,
         CacheWriter(view_params_path(path), _params_meta(meta), commit_every=never)
@@ -786,7 +805,7 @@ def precompute_tokens(
                 break
         return torch.cat(rows)[:want]
 
-    cache_b = cache_basis(Path(out), codec, basis, first_positions)
+    cache_b = cache_basis(Path(out), codec, basis, first_positions, num_classes=vocab)
     with (
         CacheWriter(out, meta, commit_every=commit_every, basis=cache_b) as writer,
         Progress(TextColumn("precompute {task.description}"), BarColumn(), MofNCompleteColumn(),

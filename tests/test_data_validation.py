@@ -497,3 +497,22 @@ def test_hf_string_labels_are_refused_saying_they_are_strings_and_how_to_encode_
     datasets.load_from_disk(str(root)).class_encode_column("label").save_to_disk(str(tmp_path / "encoded"))
     src = open_source(f"hf:{tmp_path / 'encoded'}")
     assert src.class_names == ["bird", "cat", "dog"] and src.labels.tolist() == [1, 2, 1, 0]
+
+
+def test_a_basis_file_for_another_class_count_is_blamed_on_the_file_not_the_cache(tmp_path: Path) -> None:
+    from kd.cache.codecs import LowRankBasis
+
+    saved = tmp_path / "basis5.bin"  # a basis of a 5-class teacher's outputs; this teacher has 3 classes
+    saved.write_bytes(LowRankBasis.fit(torch.randn(64, 5, generator=torch.Generator().manual_seed(0)), 2).to_bytes())
+    data = write_folder(tmp_path / "d")
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}", "--codec", "pca:2@8",
+            "--basis", str(saved), "--out", str(tmp_path / "c"), "--workers", "0")  # fmt: skip
+    text = refused(r, f"--basis '{saved}': the given low-rank basis has 5 classes but the teacher's outputs have 3")
+    assert "basis of cache" not in text  # was: "the low-rank basis of cache '...c' is unusable"
+    assert not (tmp_path / "c" / "data.mdb").exists()
+    (tmp_path / "corpus").mkdir()  # a token teacher: its vocabulary is the class count
+    (tmp_path / "corpus" / "a.txt").write_text("hello world, a small corpus of bytes\n" * 4)
+    r = cli("precompute", "--dataset", f"text:{tmp_path / 'corpus'}?block=8", "--codec", "pca:2",
+            "--source", "local:test_data_validation:toklm?vocab=259&input_shape=-1", "--basis", str(saved),
+            "--out", str(tmp_path / "t"))  # fmt: skip
+    refused(r, f"--basis '{saved}': the given low-rank basis has 5 classes but the teacher's outputs have 259")
