@@ -56,6 +56,20 @@ def _floats(text: str | None, option: str = "value") -> list[float] | None:
         _fail(f"{option} {text!r}: expected comma-separated numbers, e.g. 0.485,0.456,0.406")
 
 
+def _probe_mkdir(path: Path) -> None:
+    """Raise the OSError that making ``path`` (and its missing parents) would raise, and leave nothing
+    behind: every directory made here is removed again, so a later refusal leaves the disk as it was."""
+    made: list[Path] = []
+    try:
+        for d in [*reversed(path.parents), path]:  # outermost first, as mkdir(parents=True) makes them
+            if not d.exists():
+                d.mkdir()
+                made.append(d)
+    finally:
+        for d in reversed(made):
+            d.rmdir()
+
+
 def _save_student(model, out: Path) -> None:
     """Write a trained student's weights (safetensors) to ``out``; an unwritable path is a clear error."""
     from kd.teacher_server.loading import save_weights
@@ -452,8 +466,7 @@ def precompute(
         _fail(f"--out {str(out)!r} is a file, not a cache directory")
     if not out.exists():  # can it be made? (made for good once the data and the teacher are checked)
         try:
-            out.mkdir(parents=True)
-            out.rmdir()
+            _probe_mkdir(out)
         except OSError as e:
             _fail(f"--out {str(out)!r}: cannot create the cache directory ({e.strerror or e})")
     from kd.core.tokens import TokenSource

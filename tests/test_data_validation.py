@@ -516,3 +516,20 @@ def test_a_basis_file_for_another_class_count_is_blamed_on_the_file_not_the_cach
             "--source", "local:test_data_validation:toklm?vocab=259&input_shape=-1", "--basis", str(saved),
             "--out", str(tmp_path / "t"))  # fmt: skip
     refused(r, f"--basis '{saved}': the given low-rank basis has 5 classes but the teacher's outputs have 259")
+
+
+def test_a_refused_precompute_leaves_no_out_directories_behind(tmp_path: Path) -> None:
+    data = write_folder(tmp_path / "d")
+
+    def precompute(out: Path, *more: str) -> Result:
+        return cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}", "--out", str(out),
+                   "--workers", "0", *more)  # fmt: skip
+
+    # refused after the --out probe (no augmentation for --views 3): was new/deeper left behind
+    refused(precompute(tmp_path / "new" / "deeper" / "c", "--views", "3"), "has no augmentation")
+    assert not (tmp_path / "new").exists()
+    # refused by the probe itself, its parent made first: a name longer than the file system takes
+    refused(precompute(tmp_path / "new2" / ("n" * 300)), "cannot create the cache directory")
+    assert not (tmp_path / "new2").exists()
+    out = tmp_path / "x" / "y" / "c"
+    assert precompute(out).exit_code == 0 and (out / "data.mdb").exists()  # what can be made still is
