@@ -407,7 +407,7 @@ def precompute(
         "(low-rank basis; @N: N bits in all over K coefficients, allocated by their spread).",
     ),
     basis: Path | None = typer.Option(
-        None, help="pca:K: use this saved LowRankBasis file (shards share one) instead of fitting on the first rows."
+        None, help="pca:K: use this saved LowRankBasis file (shards share one) instead of fitting one."
     ),
     temperature: float | None = typer.Option(
         None, help="Training T: topk:K, rand:M, q8/q4 are exact at it; sample:K draws at it (default 1, the paper's)."
