@@ -124,7 +124,7 @@ class Codec:
     temperature: float = 1.0  # T_c: the temperature the cache was made for (sparse and q codecs)
 
     needs_keys = False  # True: encode/decode need the record keys (index, view)
-    needs_basis = False  # True: encode/decode need a LowRankBasis fitted on the first records (pca:K)
+    needs_basis = False  # True: encode/decode need a LowRankBasis fitted on the teacher logits (pca:K)
 
     @property
     def max_abs(self) -> float | None:
@@ -445,7 +445,7 @@ _BASIS_MAGIC, _BASIS_VERSION = b"KDLR", 1
 @dataclass(frozen=True, eq=False)
 class LowRankBasis:
     """The basis of a ``pca:K`` cache: the mean and the top principal directions of the
-    row-centred teacher logits, fitted once on the first records and stored beside them.
+    row-centred teacher logits, fitted once on records spread over the data and stored beside them.
 
     A teacher's logits are ``W h + b`` with ``h`` of the teacher's hidden width, so they lie
     in a subspace far smaller than the class count (a language model's in one of its model

@@ -56,6 +56,20 @@ def _floats(text: str | None, option: str = "value") -> list[float] | None:
         _fail(f"{option} {text!r}: expected comma-separated numbers, e.g. 0.485,0.456,0.406")
 
 
+def _probe_mkdir(path: Path) -> None:
+    """Raise the OSError that making ``path`` (and its missing parents) would raise, and leave nothing
+    behind: every directory made here is removed again, so a later refusal leaves the disk as it was."""
+    made: list[Path] = []
+    try:
+        for d in [*reversed(path.parents), path]:  # outermost first, as mkdir(parents=True) makes them
+            if not d.exists():
+                d.mkdir()
+                made.append(d)
+    finally:
+        for d in reversed(made):
+            d.rmdir()
+
+
 def _save_student(model, out: Path) -> None:
     """Write a trained student's weights (safetensors) to ``out``; an unwritable path is a clear error."""
     from kd.teacher_server.loading import save_weights
@@ -393,7 +407,7 @@ def precompute(
         "(low-rank basis; @N: N bits in all over K coefficients, allocated by their spread).",
     ),
     basis: Path | None = typer.Option(
-        None, help="pca:K: use this saved LowRankBasis file (shards share one) instead of fitting on the first rows."
+        None, help="pca:K: use this saved LowRankBasis file (shards share one) instead of fitting one."
     ),
     temperature: float | None = typer.Option(
         None, help="Training T: topk:K, rand:M, q8/q4 are exact at it; sample:K draws at it (default 1, the paper's)."
@@ -426,8 +440,8 @@ def precompute(
     from kd.cache import CacheError
     from kd.cache.sharded import parse_shard
     from kd.core.data import open_source, worker_error_message
+    from kd.precompute import BasisError, torchrun_shard
     from kd.precompute import precompute as run
-    from kd.precompute import torchrun_shard
     from kd.student_trainer.sources import parse_source
 
     if source.startswith("cache:"):
@@ -452,8 +466,7 @@ def precompute(
         _fail(f"--out {str(out)!r} is a file, not a cache directory")
     if not out.exists():  # can it be made? (made for good once the data and the teacher are checked)
         try:
-            out.mkdir(parents=True)
-            out.rmdir()
+            _probe_mkdir(out)
         except OSError as e:
             _fail(f"--out {str(out)!r}: cannot create the cache directory ({e.strerror or e})")
     from kd.core.tokens import TokenSource
@@ -463,7 +476,8 @@ def precompute(
                   "--feature": bool(feature), "--pool-features": pool_features}  # fmt: skip
         if [k for k, v in unused.items() if v]:
             _fail(f"{', '.join(k for k, v in unused.items() if v)}: not for token datasets (one record per sequence)")
-        return _precompute_tokens(data, source, out, codec, temperature, batch_size, commit_every, device, basis_raw)
+        return _precompute_tokens(data, source, out, codec, temperature, batch_size, commit_every, device, basis_raw,
+                                  basis)  # fmt: skip
     try:
         which = parse_shard(shard) if shard else torchrun_shard()
         kwargs: dict = {}
@@ -475,6 +489,8 @@ def precompute(
             report = run(data, src, out, codec=codec, batch_size=batch_size, views=views, temperature=temperature,
                          shard=which, commit_every=commit_every, features=feature,
                          pool_features=pool_features, workers=workers, basis=basis_raw)  # fmt: skip
+    except BasisError as e:  # the file's fault: name it
+        _fail(f"--basis {str(basis)!r}: {e}")
     except (CacheError, ValueError, RuntimeError, OSError) as e:  # OSError: a full disk, a file gone
         _fail(worker_error_message(e))  # a DataLoader worker's error: its own message, not torch's wrapping
     console.print(
@@ -485,11 +501,12 @@ def precompute(
 
 
 def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: float | None, batch_size: int,
-                       commit_every: int, device: str, basis: bytes | None = None) -> None:  # fmt: skip
+                       commit_every: int, device: str, basis: bytes | None = None,
+                       basis_path: Path | None = None) -> None:  # fmt: skip
     """``kd precompute`` of a token dataset: a token teacher (``kd.precompute.token_teacher``)
     asked only for what ``codec`` keeps, one record per sequence."""
     from kd.cache import CacheError
-    from kd.precompute import precompute_tokens, token_teacher
+    from kd.precompute import BasisError, precompute_tokens, token_teacher
 
     try:
         teacher = token_teacher(source, device=device)
@@ -503,6 +520,8 @@ def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: fl
         from kd.cache import CacheReader
 
         stats = CacheReader(out).token_stats()
+    except BasisError as e:  # the file's fault: name it
+        _fail(f"--basis {str(basis_path)!r}: {e}")
     except (CacheError, ValueError, RuntimeError, OSError) as e:
         _fail(str(e))
     console.print(

@@ -22,10 +22,11 @@ import collections
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,7 +240,7 @@ def batch_loader(
     )
 
 
-BASIS_FIT_ROWS = 1024  # a pca:K basis is fitted on the first max(K, this) rows (or all there are)
+BASIS_FIT_ROWS = 1024  # a pca:K basis is fitted on max(K, this) rows spread over the data (or all there are)
 
 
 def basis_fit_rows(k: int, available: int) -> int:
@@ -247,12 +248,44 @@ def basis_fit_rows(k: int, available: int) -> int:
     return min(max(k, BASIS_FIT_ROWS), available)
 
 
-def cache_basis(path: Path, codec: str, basis: bytes | None, fit: Callable[[], torch.Tensor]) -> bytes | None:
+def basis_fit_sample(k: int, available: int) -> np.ndarray:
+    """int64 positions (sorted, distinct, the first one 0) of the ``basis_fit_rows`` rows out of
+    ``available`` that a rank-``k`` basis is fitted on: evenly spaced over all of them. Not the
+    first rows: a dataset sorted by class (an image folder) would give a basis of its first
+    classes only, decoding the others badly. Deterministic, so a rerun fits the same basis."""
+    m = basis_fit_rows(k, available)
+    return (np.arange(m, dtype=np.int64) * available) // max(m, 1)
+
+
+def spread_order(n: int) -> Iterator[int]:
+    """0..n-1, each once, in bit-reversed order (0, n/2, n/4, 3n/4, ...): every prefix is spread
+    over the whole range, so a fit that stops once it has enough rows still sees all of it."""
+    bits = max(n - 1, 0).bit_length()
+    for i in range(1 << bits):
+        j = int(format(i, f"0{bits}b")[::-1], 2) if bits else 0
+        if j < n:
+            yield j
+
+
+class BasisError(ValueError):
+    """A given low-rank basis (``--basis FILE``) that cannot serve this run: the file's fault, not
+    the cache's, so the command line names the file (a ValueError, as before, for other callers)."""
+
+
+def cache_basis(
+    path: Path,
+    codec: str,
+    basis: bytes | None,
+    fit: Callable[[], torch.Tensor],
+    num_classes: int | None = None,
+) -> bytes | None:
     """The low-rank basis a ``pca:K`` cache at ``path`` is written with: the one it already
     stores (a resumed run: its records were encoded with it), else ``basis`` (``--basis FILE``,
-    so shards share one), else the codec's ``fit_basis`` on ``fit()``'s first teacher logits [N, C].
+    so shards share one), else the codec's ``fit_basis`` on ``fit()``'s teacher logits [N, C].
     A given ``basis`` that differs from the stored one is refused: it was asked for explicitly
-    (shards meant to share it would silently not). None for codecs without a basis."""
+    (shards meant to share it would silently not); so is one (``BasisError``) that is not a basis,
+    has too low a rank, or has other than ``num_classes`` (the teacher's outputs per row) classes.
+    None for codecs without a basis."""
     codec_obj = get_codec(codec, 1.0)
     if not codec_obj.needs_basis:
         if basis is not None:
@@ -271,7 +304,13 @@ def cache_basis(path: Path, codec: str, basis: bytes | None, fit: Callable[[], t
             given = LowRankBasis.from_bytes(bytes(basis))
             codec_obj.with_basis(given)
         except ValueError as e:
-            raise ValueError(f"the given low-rank basis is unusable for {codec}: {e}") from None
+            raise BasisError(f"the given low-rank basis is unusable for {codec}: {e}") from None
+        if num_classes is not None and given.num_classes != num_classes:  # else blamed on the cache when opened
+            raise BasisError(
+                f"the given low-rank basis has {given.num_classes} classes but the teacher's outputs have "
+                f"{num_classes}: it was fitted on another teacher's outputs (take the basis of a cache of this "
+                "teacher with `kd cache basis`, or leave --basis out to fit one)"
+            )
         return bytes(basis)
     return codec_obj.fit_basis(fit()).to_bytes()  # pca:K@N fits a probability-weighted basis
 
@@ -330,7 +369,7 @@ def precompute(
 
     ``pca:K``: the basis is the cache's stored one when resuming, else ``basis``
     (``LowRankBasis.to_bytes``; one for all shards), else fitted on the teacher's logits
-    of this environment's first ``basis_fit_rows`` (index, view) keys in order (computed
+    of ``basis_fit_rows`` of this environment's (index, view) keys evenly spaced over them (computed
     twice: once to fit, once as records).
 
     ``features`` (teacher layer names) are stored beside the targets, fp16,
@@ -408,14 +447,14 @@ def precompute(
     flush_at = commit_every
     never = 1 << 62  # the writers commit when this loop says: view params first, then the targets
 
-    def first_logits() -> torch.Tensor:
-        first = todo_keys(meta, np.empty(0, dtype=np.int64))
-        first = first[: basis_fit_rows(get_codec(codec, 1.0).k, len(first))]
-        loader = batch_loader(dataset, first, batch_size=batch_size, views=views, workers=0, decode=not by_reference)
+    def fit_logits() -> torch.Tensor:
+        every = todo_keys(meta, np.empty(0, dtype=np.int64))
+        keys = every[basis_fit_sample(get_codec(codec, 1.0).k, len(every))]
+        loader = batch_loader(dataset, keys, batch_size=batch_size, views=views, workers=0, decode=not by_reference)
         fit_batches = (Batch(idx, x, y, vw if views > 1 else None) for idx, vw, x, y in loader)
         return torch.cat([z.float().cpu() for _, z, _ in teacher.iter_outputs(fit_batches, [], False)])
 
-    cache_b = cache_basis(path, codec, basis, first_logits)
+    cache_b = cache_basis(path, codec, basis, fit_logits, num_classes=meta.num_classes)
     with (
         CacheWriter(path, meta, commit_every=never, basis=cache_b) as writer,
         CacheWriter(view_params_path(path), _params_meta(meta), commit_every=never)
@@ -734,7 +773,8 @@ def precompute_tokens(
     in-process teacher's logits go through the same arithmetic (``parts_rows``), so both
     paths write the same records for the same logits (sampled ids included: the draws are
     the server's function of ``sample_seed(index, round)``). ``pca:K``: as ``precompute``,
-    the basis fitted on the positions of the first sequences (at least ``basis_fit_rows``)."""
+    the basis fitted on ``basis_fit_rows`` positions evenly spaced over those of sequences spread
+    over the source (``spread_order``), taken until there are enough."""
     from kd.cache.codecs import get_codec
 
     t0 = time.perf_counter()
@@ -777,16 +817,22 @@ def precompute_tokens(
             )
         return [logits[r, : int(lengths[r])] for r in range(len(idx))]
 
-    def first_positions() -> torch.Tensor:
-        rows: list[torch.Tensor] = []
-        want = max(codec_obj.k, BASIS_FIT_ROWS)
-        for lo in range(0, n, batch_size):
-            rows += [z.float().cpu() for z in logits_of(list(range(lo, min(lo + batch_size, n))))]
-            if sum(len(z) for z in rows) >= want:
+    def fit_positions() -> torch.Tensor:
+        # Sequences spread over the corpus (a sorted corpus's first ones are one file), in batches until
+        # there are enough positions, then positions evenly spaced over those: the cost stays bounded.
+        taken: dict[int, torch.Tensor] = {}
+        order, count = spread_order(n), 0
+        while count < max(codec_obj.k, BASIS_FIT_ROWS):
+            idx = sorted(itertools.islice(order, batch_size))
+            if not idx:
                 break
-        return torch.cat(rows)[:want]
+            for i, z in zip(idx, logits_of(idx)):
+                taken[i] = z.float().cpu()
+                count += len(z)
+        rows = torch.cat([taken[i] for i in sorted(taken)])
+        return rows[torch.from_numpy(basis_fit_sample(codec_obj.k, len(rows)))]
 
-    cache_b = cache_basis(Path(out), codec, basis, first_positions)
+    cache_b = cache_basis(Path(out), codec, basis, fit_positions, num_classes=vocab)
     with (
         CacheWriter(out, meta, commit_every=commit_every, basis=cache_b) as writer,
         Progress(TextColumn("precompute {task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -8,6 +8,7 @@ CIFAR record layout) and opened through ``open_source`` or ``kd precompute``.
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from kd.teacher_server.loading import load_teacher
 from kd.teacher_server.server import start_server
 
 TEACHER = "local:test_data_validation:tiny?num_classes=3&input_shape=3x8x8"
+CIFAR10 = [f"data_batch_{k}.bin" for k in range(1, 6)]  # the official binary files, as kd looks for them
+CIFAR100 = ["train.bin"]
 
 
 def tiny(num_classes: int = 3) -> nn.Module:
@@ -410,3 +413,123 @@ def test_module_source_identity_is_the_same_in_every_process(tmp_path: Path) -> 
     src = open_source(uri)
     assert src.labels.tolist() == [0, 1, 0, 1]
     assert other.stdout.strip() == src.dataset_id
+
+
+# -- byte order and damaged files ------------------------------------------------------------------
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])  # memory-mapped / read into memory
+def test_big_endian_npz_arrays_are_read_in_native_order(tmp_path: Path, save) -> None:
+    rs = np.random.RandomState(0)
+    x, pixels, y = rs.rand(4, 3, 8, 8).astype(np.float32), rs.randint(0, 256, (4, 3, 8, 8)), np.array([0, 2, 1, 2])
+    save(tmp_path / "f.npz", x=x.astype(">f4"), y=y.astype(">i8"))
+    save(tmp_path / "u.npz", x=pixels.astype(">u2"), y=y.astype(">u2"))  # 16-bit pixel values 0..255
+    src = open_source(f"npz:{tmp_path / 'f.npz'}")
+    assert torch.equal(src.get(torch.arange(4)), torch.from_numpy(x))  # the values, not byte-swapped garbage
+    assert src.labels.tolist() == [0, 2, 1, 2] and src.num_classes == 3
+    src = open_source(f"npz:{tmp_path / 'u.npz'}?dtype=uint8")
+    assert torch.equal(src.get(torch.arange(4)), torch.from_numpy(pixels.astype(np.uint8)))
+    assert src.labels.tolist() == [0, 2, 1, 2]
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"npz:{tmp_path / 'f.npz'}", "--out",
+            str(tmp_path / "c"), "--workers", "0")  # fmt: skip
+    assert r.exit_code == 0, r.output
+
+
+def _npz_members(path: Path, members: dict[str, bytes], compression: int) -> Path:
+    """An npz (a zip of .npy files) written member by member, so a member can be cut short."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=compression) as z:
+        for name, data in members.items():
+            z.writestr(name + ".npy", data)
+    return path
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_with_a_truncated_member_is_refused_naming_the_file_and_member(tmp_path: Path, compressed: bool) -> None:
+    import zipfile
+
+    x = _npy_bytes(np.zeros((4, 3, 8, 8), np.float32))
+    y = _npy_bytes(np.array([0, 1, 2, 0]))
+    # x last: a memory map of the cut x ran on into the zip's directory (or past the end: numpy's mmap error)
+    path = _npz_members(tmp_path / "cut.npz", {"y": y, "x": x[:-1000]},
+                        zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED)  # fmt: skip
+    with pytest.raises(DatasetError, match=r"npz: member 'x' of .*cut\.npz is truncated"):
+        open_source(f"npz:{path}")
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"npz:{path}", "--out", str(tmp_path / "c"),
+            "--workers", "0")  # fmt: skip
+    refused(r, f"member 'x' of {path} is truncated")
+
+
+@pytest.mark.parametrize(("variant", "names", "record"), [(10, CIFAR10, 3073), (100, CIFAR100, 3074)])
+def test_empty_cifar_file_is_refused_naming_the_file_and_record_size(
+    tmp_path: Path, variant: int, names: list[str], record: int
+) -> None:
+    for name in names:
+        np.zeros((2, record), np.uint8).tofile(tmp_path / name)
+    assert len(open_source(f"cifar:{tmp_path}")) == 2 * len(names)
+    (tmp_path / names[-1]).write_bytes(b"")  # a failed copy: every other file whole
+    message = f"{tmp_path / names[-1]} is 0 bytes, not a whole number of {record}-byte CIFAR-{variant} records"
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        open_source(f"cifar:{tmp_path}")
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"cifar:{tmp_path}", "--out", str(tmp_path / "c"),
+            "--workers", "0")  # fmt: skip
+    refused(r, message)
+
+
+def test_hf_string_labels_are_refused_saying_they_are_strings_and_how_to_encode_them(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    root = save_hf(tmp_path / "hf", ["cat", "dog", "cat", "bird"], "string")
+    message = (
+        r"label column 'label' at row 0 of .*hf is 'cat': class labels must be integer class ids 0, 1, \.\.\., "
+        r"and column 'label' holds strings \(string\); map them to ids with datasets' "
+        r"`ds = ds\.class_encode_column\('label'\)`"
+    )
+    with pytest.raises(DatasetError, match=message):
+        open_source(f"hf:{root}").labels  # noqa: B018
+    refused(cli("precompute", "--source", TEACHER, "--dataset", f"hf:{root}", "--out", str(tmp_path / "c"),
+                "--workers", "0"), "holds strings", "class_encode_column('label')")  # fmt: skip
+    # the advice works: the encoded dataset is read, its ClassLabel names are the class names
+    datasets.load_from_disk(str(root)).class_encode_column("label").save_to_disk(str(tmp_path / "encoded"))
+    src = open_source(f"hf:{tmp_path / 'encoded'}")
+    assert src.class_names == ["bird", "cat", "dog"] and src.labels.tolist() == [1, 2, 1, 0]
+
+
+def test_a_basis_file_for_another_class_count_is_blamed_on_the_file_not_the_cache(tmp_path: Path) -> None:
+    from kd.cache.codecs import LowRankBasis
+
+    saved = tmp_path / "basis5.bin"  # a basis of a 5-class teacher's outputs; this teacher has 3 classes
+    saved.write_bytes(LowRankBasis.fit(torch.randn(64, 5, generator=torch.Generator().manual_seed(0)), 2).to_bytes())
+    data = write_folder(tmp_path / "d")
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}", "--codec", "pca:2@8",
+            "--basis", str(saved), "--out", str(tmp_path / "c"), "--workers", "0")  # fmt: skip
+    text = refused(r, f"--basis '{saved}': the given low-rank basis has 5 classes but the teacher's outputs have 3")
+    assert "basis of cache" not in text  # was: "the low-rank basis of cache '...c' is unusable"
+    assert not (tmp_path / "c" / "data.mdb").exists()
+    (tmp_path / "corpus").mkdir()  # a token teacher: its vocabulary is the class count
+    (tmp_path / "corpus" / "a.txt").write_text("hello world, a small corpus of bytes\n" * 4)
+    r = cli("precompute", "--dataset", f"text:{tmp_path / 'corpus'}?block=8", "--codec", "pca:2",
+            "--source", "local:test_data_validation:toklm?vocab=259&input_shape=-1", "--basis", str(saved),
+            "--out", str(tmp_path / "t"))  # fmt: skip
+    refused(r, f"--basis '{saved}': the given low-rank basis has 5 classes but the teacher's outputs have 259")
+
+
+def test_a_refused_precompute_leaves_no_out_directories_behind(tmp_path: Path) -> None:
+    data = write_folder(tmp_path / "d")
+
+    def precompute(out: Path, *more: str) -> Result:
+        return cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}", "--out", str(out),
+                   "--workers", "0", *more)  # fmt: skip
+
+    # refused after the --out probe (no augmentation for --views 3): was new/deeper left behind
+    refused(precompute(tmp_path / "new" / "deeper" / "c", "--views", "3"), "has no augmentation")
+    assert not (tmp_path / "new").exists()
+    # refused by the probe itself, its parent made first: a name longer than the file system takes
+    refused(precompute(tmp_path / "new2" / ("n" * 300)), "cannot create the cache directory")
+    assert not (tmp_path / "new2").exists()
+    out = tmp_path / "x" / "y" / "c"
+    assert precompute(out).exit_code == 0 and (out / "data.mdb").exists()  # what can be made still is

@@ -28,7 +28,7 @@ from kd.cache.store import (
 )
 from kd.cli import app
 from kd.core.data import load_dataset
-from kd.precompute import BASIS_FIT_ROWS, precompute, precompute_tokens
+from kd.precompute import BASIS_FIT_ROWS, basis_fit_sample, precompute, precompute_tokens
 from kd.student_trainer.sources import CacheSource, LocalSource
 from kd.student_trainer.train import TrainConfig, train_student
 from kd.teacher_server.loading import Teacher
@@ -67,8 +67,8 @@ def roundtrip(basis: bytes, z: torch.Tensor) -> torch.Tensor:
 
 
 def test_fitted_basis_is_stored_and_records_decode_to_the_in_memory_round_trip(fitted: Path, logits, train) -> None:
-    assert len(train) > BASIS_FIT_ROWS  # so the fit sees the first 1024 rows, not all
-    want = LowRankBasis.fit(logits[:BASIS_FIT_ROWS], 4).to_bytes()
+    assert len(train) > BASIS_FIT_ROWS  # so the fit sees 1024 rows spread over the split, not all
+    want = LowRankBasis.fit(logits[basis_fit_sample(4, len(train))], 4).to_bytes()
     reader = CacheReader(fitted)
     stored = reader._get_raw(BASIS_KEY)
     assert stored == want and stored != LowRankBasis.fit(logits, 4).to_bytes()
@@ -176,7 +176,7 @@ def test_shards_fit_their_own_basis_or_share_a_given_one(
     tmp_path: Path, teacher: Teacher, teacher_spec: str, train, logits
 ) -> None:
     n = len(train)
-    for s in range(2):  # without --basis: each shard fits on its own first rows
+    for s in range(2):  # without --basis: each shard fits on its own rows
         precompute(train, LocalSource(teacher), tmp_path / "own", codec=CODEC, shard=(s, 2), workers=0, progress=False)
     # --basis: shard 0 fits, `kd cache basis` saves it, shard 1 uses it
     cli = CliRunner()
@@ -191,7 +191,7 @@ def test_shards_fit_their_own_basis_or_share_a_given_one(
     assert res.exit_code != 0 and "absent.bin" in res.output
     res = cli.invoke(app, [*args, "--shard", "1/2", "--basis", str(saved)])
     assert res.exit_code == 0, res.output
-    fit = [LowRankBasis.fit(logits[s::2][:BASIS_FIT_ROWS], 4).to_bytes() for s in range(2)]
+    fit = [LowRankBasis.fit(logits[s::2][basis_fit_sample(4, len(logits[s::2]))], 4).to_bytes() for s in range(2)]
     assert fit[0] != fit[1]
     for name, want in (("own", fit), ("shared", [fit[0], fit[0]])):
         reader = open_cache(tmp_path / name)
@@ -253,3 +253,93 @@ def test_a_bad_basis_file_is_named_as_such_not_as_a_corrupt_cache(tmp_path: Path
     with pytest.raises(ValueError, match="unusable for pca:4: codec pca:4 needs a basis of rank 4 or more, got 2"):
         cache_basis(tmp_path / "new", "pca:4", low_rank, fit=lambda: torch.zeros(0))
     assert not (tmp_path / "new").exists()
+
+
+def eye8() -> torch.nn.Module:
+    """A teacher whose logits are its 8 inputs (``local:test_pca_cache:eye8?input_shape=8``)."""
+    lin = torch.nn.Linear(8, 8)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(8))
+        lin.bias.zero_()
+    return lin
+
+
+def test_the_basis_is_fitted_on_rows_spread_over_a_class_sorted_dataset(tmp_path: Path) -> None:
+    """600 rows of each of 4 classes, sorted by class (an image folder's order): the first 1,024 rows
+    hold classes 0 and 1 only. Each class's logits lie along its own direction, so a rank-4 basis
+    fitted on rows of every class reconstructs every class; one fitted on the first rows cannot."""
+    rs = np.random.RandomState(0)
+    y = np.repeat(np.arange(4), 600)
+    x = 5 * rs.uniform(0.5, 1.5, (len(y), 1)) * np.eye(8)[y] + 0.01 * rs.randn(len(y), 8)
+    np.savez(tmp_path / "sorted.npz", x=x.astype(np.float32), y=y)
+    cli = CliRunner()
+    res = cli.invoke(app, ["precompute", "--source", "local:test_pca_cache:eye8?input_shape=8", "--dataset",
+                           f"npz:{tmp_path / 'sorted.npz'}", "--codec", "pca:4", "--out", str(tmp_path / "c"),
+                           "--workers", "0"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = cli.invoke(app, ["cache", "basis", str(tmp_path / "c"), str(tmp_path / "basis.bin")])
+    assert res.exit_code == 0, res.output
+    stored = LowRankBasis.from_bytes((tmp_path / "basis.bin").read_bytes())
+
+    # float64 reference: the logits are x (identity teacher), row-centred as LowRankBasis.fit does
+    z = x.astype(np.float32).astype(np.float64)
+    z -= z.mean(axis=1, keepdims=True)
+    first = z[:BASIS_FIT_ROWS]
+    first_mean = first.mean(axis=0)
+    first_comps = np.linalg.svd(first - first_mean, full_matrices=False)[2][:4]
+
+    def residual(mean: np.ndarray, comps: np.ndarray, rows: np.ndarray) -> float:
+        """Relative squared error of the rows' best reconstruction in the basis (mean + span)."""
+        d = rows - mean
+        coef = np.linalg.lstsq(comps.T, d.T, rcond=None)[0]
+        return float(((d - coef.T @ comps) ** 2).sum() / (d**2).sum())
+
+    assert residual(first_mean, first_comps, z[y == 3]) > 0.1  # the first rows' basis misses class 3 (0.26)
+    for c in range(4):  # the stored basis: every class, to the fp16 storage and the noise
+        assert residual(stored.mean.astype(np.float64), stored.components.astype(np.float64), z[y == c]) < 1e-3, c
+
+
+class TableLM(torch.nn.Module):
+    """[B, S] tokens -> [B, S, V] logits: a fixed random vector per token id (positions of few
+    distinct tokens span few directions)."""
+
+    fingerprint = "table-lm-pca"
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.table[tokens]
+
+
+def test_token_basis_is_fitted_on_positions_spread_over_a_sorted_corpus(tmp_path: Path) -> None:
+    from kd.core.data import open_source
+
+    (tmp_path / "corpus").mkdir()  # two files, read in order: the first 1,024 positions are all of a.txt
+    (tmp_path / "corpus" / "a.txt").write_text("abcd" * 1000)
+    (tmp_path / "corpus" / "b.txt").write_text("wxyz" * 1000)
+    source = open_source(f"text:{tmp_path / 'corpus'}?block=64")
+    lm = TableLM(int(source.vocab_size))
+    precompute_tokens(source, lm, tmp_path / "tok", codec="pca:12", batch_size=4)
+    stored = LowRankBasis.from_bytes(CacheReader(tmp_path / "tok")._get_raw(BASIS_KEY))
+
+    b = source.batch(list(range(len(source))))
+    real = b.attention_mask.bool()
+    z = lm.table[b.tokens][real].double()  # every position's logits, in corpus order (float64 reference)
+    tokens = b.tokens[real]
+    z -= z.mean(dim=1, keepdim=True)
+    first = z[:BASIS_FIT_ROWS]
+    assert not torch.isin(tokens[:BASIS_FIT_ROWS], torch.tensor(list(b"wxyz"))).any()
+    first_mean = first.mean(dim=0)
+    first_comps = torch.linalg.svd(first - first_mean, full_matrices=False)[2][:12]
+
+    def residual(mean: torch.Tensor, comps: torch.Tensor, rows: torch.Tensor) -> float:
+        d = rows - mean
+        coef = torch.linalg.lstsq(comps.T, d.T).solution
+        return float(((d - coef.T @ comps) ** 2).sum() / (d**2).sum())
+
+    late = z[tokens == ord("w")]  # byte-level tokenizer: a byte's id is its value
+    assert len(late) == 1000 and residual(first_mean, first_comps, late) > 0.5  # the first positions': 0.93
+    mean, comps = torch.from_numpy(stored.mean).double(), torch.from_numpy(stored.components).double()
+    assert residual(mean, comps, late) < 1e-3 and residual(mean, comps, z) < 1e-3  # every position's token

@@ -47,6 +47,7 @@ import struct
 import tarfile
 import time
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache, cached_property
@@ -489,6 +490,8 @@ def _array_to_chw(a: np.ndarray, layout: str) -> torch.Tensor:
             f"samples are {a.dtype} ({_KIND_NAMES.get(a.dtype.kind, 'not numbers')}); kd reads integer, float "
             "or bool arrays"
         )
+    if not a.dtype.isnative:  # a big-endian array (numpy records the byte order): torch takes native only
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype.kind in "iub" and a.dtype != np.uint8:
         if a.size and (a.min() < 0 or a.max() > 255):
             raise DatasetError(f"integer samples are read as pixel values 0..255; found {a.min()}..{a.max()}")
@@ -866,7 +869,10 @@ class ImageFolderSource(FileSource):
 
 # -- npz / npy --------------------------------------------------------------------------
 def _npz_memmap(path: Path, key: str) -> np.ndarray | None:
-    """Member ``key`` of an npz as a read-only memory map (None when stored compressed)."""
+    """Member ``key`` of an npz as a read-only memory map (None when stored compressed).
+
+    A member shorter than its header's shape says (a damaged or partly copied file) is refused:
+    the map would otherwise run into the next member's bytes, or past the end of the file."""
     with zipfile.ZipFile(path) as z:
         info = z.getinfo(key + ".npy")
     if info.compress_type != zipfile.ZIP_STORED:
@@ -875,18 +881,37 @@ def _npz_memmap(path: Path, key: str) -> np.ndarray | None:
         f.seek(info.header_offset)
         local = f.read(30)
         name_len, extra_len = struct.unpack("<HH", local[26:30])
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            return None
+        start = info.header_offset + 30 + name_len + extra_len
+        f.seek(start)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                return None
+        except ValueError as e:  # numpy's own words on the header; the file and member are ours to name
+            raise DatasetError(f"npz: member {key!r} of {path} is not a readable .npy array ({e})") from None
         offset = f.tell()
     if dtype.hasobject:
         raise DatasetError(f"{path}: member {key!r} holds Python objects; kd never unpickles dataset files")
+    need, have = math.prod(shape) * dtype.itemsize, info.file_size - (offset - start)
+    if have < need:
+        raise DatasetError(
+            f"npz: member {key!r} of {path} is truncated: its header declares {dtype} {list(shape)} ({need} bytes "
+            f"of data) but it holds {max(have, 0)} (a damaged or partly copied file; write it again)"
+        )
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def _npz_read(path: Path, key: str) -> np.ndarray:
+    """Member ``key`` of a compressed npz, read into memory; a damaged member is named, not numpy's EOF."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z[key]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DatasetError(f"npz: member {key!r} of {path} is truncated or corrupt ({e}); write it again") from None
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -958,9 +983,8 @@ class ArraySource(FileSource):
                 x = _npz_memmap(self.path, self.x_key)
                 y = _npz_memmap(self.path, self.y_key)
                 if x is None or y is None:  # compressed: no memory map possible
-                    with np.load(self.path, allow_pickle=False) as z:
-                        x = z[self.x_key] if x is None else x
-                        y = z[self.y_key] if y is None else y
+                    x = _npz_read(self.path, self.x_key) if x is None else x
+                    y = _npz_read(self.path, self.y_key) if y is None else y
             else:
                 x, y = _load_npy(self.path), _load_npy(self.y_path)
             h["x"], h["y"] = x, y
@@ -1049,10 +1073,10 @@ class CifarSource(FileSource):
         self.files, counts = names, []
         for f in names:
             size = (self.root / f).stat().st_size
-            if size % self.record:
+            if size == 0 or size % self.record:  # 0 bytes: an official file is never empty (a failed copy)
                 raise DatasetError(
                     f"cifar: {self.root / f} is {size} bytes, not a whole number of {self.record}-byte "
-                    f"CIFAR-{self.variant} records"
+                    f"CIFAR-{self.variant} records" + (" (an empty file)" if size == 0 else "")
                 )
             counts.append(size // self.record)
         self.starts = np.cumsum([0, *counts])
@@ -1174,6 +1198,16 @@ class HFSource(FileSource):
             raise DatasetError(
                 f"hf: {self._label_what(int(missing[0]))} is null: a missing label "
                 f"({len(missing)} such row(s) in {self.uri})"
+            )
+        import pyarrow as pa
+
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            # Names, not ids: the usual shape of a dataset before its labels are encoded; say how to encode them.
+            raise DatasetError(
+                f"hf: {self._label_what(0)} is {col[0].as_py()!r}: class labels must be integer class ids "
+                f"0, 1, ..., and column {self.label_col!r} holds strings ({col.type}); map them to ids with "
+                f"datasets' `ds = ds.class_encode_column({self.label_col!r})` (a ClassLabel feature: its names "
+                "become kd's class names) and save_to_disk again"
             )
         return np.asarray(col.to_numpy(zero_copy_only=False))
 
