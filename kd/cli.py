@@ -50,8 +50,12 @@ def _floats(text: str | None, option: str = "value") -> list[float] | None:
     """Comma-separated numbers (None stays None); anything else fails naming ``option``."""
     if text is None:
         return None
+    parts = text.split(",")
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        # An empty entry ("0.5,,0.5") is refused, not skipped: it read as one value fewer than typed.
+        if not all(v.strip() for v in parts):
+            raise ValueError(text)
+        return [float(v) for v in parts]
     except ValueError:
         _fail(f"{option} {text!r}: expected comma-separated numbers, e.g. 0.485,0.456,0.406")
 

@@ -365,6 +365,9 @@ def test_a_corrupt_image_read_in_a_worker_is_reported_with_its_own_message(tmp_p
         (["--commit-every", "0"], "--batch-size and --commit-every must be >= 1, got 256 and 0"),
         (["--commit-every", "-5"], "--batch-size and --commit-every must be >= 1, got 256 and -5"),
         (["--mean", "abc"], "--mean 'abc': expected comma-separated numbers"),
+        # an empty entry was skipped: three values read as the two typed around it, or "0.5,,0.5,0.5" as three
+        (["--mean", "0.5,,0.5,0.5"], "--mean '0.5,,0.5,0.5': expected comma-separated numbers"),
+        (["--std", "0.2,0.2,"], "--std '0.2,0.2,': expected comma-separated numbers"),
     ],
 )
 def test_precompute_options_out_of_range_are_refused(tmp_path: Path, options: list[str], message: str) -> None:
@@ -533,3 +536,18 @@ def test_a_refused_precompute_leaves_no_out_directories_behind(tmp_path: Path) -
     assert not (tmp_path / "new2").exists()
     out = tmp_path / "x" / "y" / "c"
     assert precompute(out).exit_code == 0 and (out / "data.mdb").exists()  # what can be made still is
+
+
+def test_a_truncated_or_misnamed_npy_file_is_named_for_what_it_is(tmp_path: Path) -> None:
+    x, y = tmp_path / "x.npy", tmp_path / "y.npy"
+    np.save(y, np.array([0, 1, 2, 0]))
+    np.save(x, np.zeros((4, 3, 8, 8), np.float32))
+    x.write_bytes(x.read_bytes()[:-100])  # cut short: numpy's own words were followed by an unpickling remark
+    with pytest.raises(DatasetError) as e:
+        open_source(f"npy:{x}?y={y}")
+    assert f"npy: {x} is not a readable .npy array" in str(e.value) and "shorter than its header" in str(e.value)
+    assert "unpickle" not in str(e.value)
+    np.savez(tmp_path / "a.npz", x=np.zeros((4, 3, 8, 8), np.float32))
+    x.write_bytes((tmp_path / "a.npz").read_bytes())  # an npz under a .npy name: np.load returned an NpzFile
+    with pytest.raises(DatasetError, match=r"is an npz archive, not a \.npy array: read it with npz:"):
+        open_source(f"npy:{x}?y={y}")

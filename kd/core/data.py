@@ -916,9 +916,17 @@ def _npz_read(path: Path, key: str) -> np.ndarray:
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
-        raise DatasetError(f"{path}: {e} (kd never unpickles dataset files)") from None
+        # numpy's words name the cause; only a pickled (object) array is refused by kd's own rule
+        pickled = "pickle" in str(e) or "Python objects" in str(e)
+        why = " (kd never unpickles dataset files)" if pickled else ""
+        if "mmap length" in str(e):
+            why = " (the file is shorter than its header declares: a damaged or partly copied file)"
+        raise DatasetError(f"npy: {path} is not a readable .npy array: {e}{why}") from None
+    if not isinstance(a, np.ndarray):  # np.load of a zip gives an NpzFile: the npz: format reads those
+        raise DatasetError(f"npy: {path} is an npz archive, not a .npy array: read it with npz:{path}")
+    return a
 
 
 class ArraySource(FileSource):
