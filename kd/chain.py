@@ -182,6 +182,9 @@ def check_chain(
                                ("teacher_epochs", teacher_epochs, 1), ("tolerant_k", tolerant_k, 2)):  # fmt: skip
         if value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
+    available = len(load_dataset("digits", "train"))
+    if labeled > available:  # the subset was cut to what there is, without a word
+        raise ValueError(f"labeled must be <= {available} (the digits training split), got {labeled}")
     # tolerant_loss treats any gamma <= 0 (and NaN, which compares false) as "off": a negative or NaN
     # weight would silently train a plain teacher, so only a finite gamma >= 0 is taken.
     if not (math.isfinite(tolerant_gamma) and tolerant_gamma >= 0):
