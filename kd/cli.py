@@ -71,14 +71,32 @@ def _probe_mkdir(path: Path) -> None:
 
 
 def _save_student(model, out: Path) -> None:
-    """Write a trained student's weights (safetensors) to ``out``; an unwritable path is a clear error."""
+    """Write a trained student's weights (safetensors) to ``out``; any failure (an unwritable path, a
+    tensor safetensors cannot hold) is a one-line error, never a traceback."""
+    from safetensors import SafetensorError
+
     from kd.teacher_server.loading import save_weights
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_weights(model, out)
-    except OSError as e:
-        _fail(f"cannot write the student to {str(out)!r}: {e}")
+    except (OSError, RuntimeError, ValueError, TypeError, SafetensorError) as e:
+        _fail(f"cannot write the student to {str(out)!r}: {type(e).__name__}: {e}")
+
+
+def _check_saveable(model, out: Path | None) -> None:
+    """Before training: with ``--out``, the initial student must be one ``_save_student`` can write
+    (dtypes, layouts, shared tensors; no weights are written), so a run is not lost at its end."""
+    if out is None:
+        return
+    from safetensors import SafetensorError
+
+    from kd.teacher_server.loading import check_saveable
+
+    try:
+        check_saveable(model)
+    except (RuntimeError, ValueError, TypeError, SafetensorError) as e:
+        _fail(f"--out {str(out)!r}: the student cannot be saved as safetensors: {type(e).__name__}: {e}")
 
 
 def _check_out(out: Path | None, flag: str = "--out") -> None:
@@ -761,6 +779,7 @@ def train(
         model = _build_student(student)
     except (TeacherLoadError, ValueError) as e:
         _fail(str(e))
+    _check_saveable(model, out)
 
     def open_source(ref: str):
         if ref.startswith("cache:"):
@@ -1448,6 +1467,7 @@ def datafree(
     seed_everything(seed)
     try:
         model = _build_student(student)
+        _check_saveable(model, out)
         with TeacherClient(address, client_id=f"datafree-{method}") as client:
             result = chosen.run(ServedTeacher(client, name or None), model, config, test=test, **_parse_options(opt))
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
@@ -1509,6 +1529,7 @@ def onpolicy(
     seed_everything(seed)
     try:
         model = _build_student(student)
+        _check_saveable(model, out)
         limit = getattr(model, "max_length", None)
         if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
             raise ValueError(f"--prompt-tokens {prompt_tokens} + --max-new-tokens {max_new_tokens} exceed the "
@@ -1579,6 +1600,7 @@ def train_lm(
         model = _build_student(student)
     except (RuntimeError, ValueError) as e:
         _fail(str(e))
+    _check_saveable(model, out)
     t0 = time.perf_counter()
 
     def validate(epoch: int, loss: float) -> None:
