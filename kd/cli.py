@@ -619,6 +619,14 @@ def _train_and_val(dataset: str, val_dataset: str | None):
     return train_data, val_data
 
 
+def _milestones(milestones: str) -> list[int]:
+    """``--milestones`` (comma-separated epochs) as integers; anything else exits 2 naming the flag."""
+    try:
+        return [int(m) for m in milestones.replace(" ", "").split(",") if m]
+    except ValueError:
+        _fail(f"--milestones must be comma-separated epochs like 150,180,210, got {milestones!r}")
+
+
 def _recipe(lr: float, weight_decay: float, optimizer: str, momentum: float, nesterov: bool, schedule: str,
             milestones: str, gamma: float, warmup_epochs: float, amp: str, channels_last: bool,
             clip_grad_norm: float) -> dict[str, object]:  # fmt: skip
@@ -627,10 +635,7 @@ def _recipe(lr: float, weight_decay: float, optimizer: str, momentum: float, nes
     from kd.student_trainer.optim import recipe_of
     from kd.student_trainer.train import TrainConfig
 
-    try:
-        steps = [int(m) for m in milestones.replace(" ", "").split(",") if m]
-    except ValueError:
-        _fail(f"--milestones must be comma-separated epochs like 150,180,210, got {milestones!r}")
+    steps = _milestones(milestones)
     recipe = {"lr": lr, "weight_decay": weight_decay, "optimizer": optimizer, "momentum": momentum,
               "nesterov": nesterov, "schedule": schedule, "milestones": steps, "gamma": gamma,
               "warmup_epochs": warmup_epochs, "amp": amp, "channels_last": channels_last,
@@ -1498,7 +1503,15 @@ def onpolicy(
     lr: float = typer.Option(1e-3),
     optimizer: str = typer.Option("adam", help="adam, adamw, sgd (the recipe's names, as `kd train`)."),
     weight_decay: float = typer.Option(0.0),
-    schedule: str = typer.Option("constant", help="constant or cosine (per step)."),
+    momentum: float = typer.Option(0.9, help="sgd: momentum."),
+    nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
+    schedule: str = typer.Option(
+        "constant", help="constant, cosine (per step) or multistep (per pass over --dataset)."
+    ),
+    milestones: str = typer.Option(
+        "", help="multistep: passes over --dataset (from 0) at which lr is multiplied by --gamma, e.g. 2,4."
+    ),
+    gamma: float = typer.Option(0.1, help="multistep: the factor at each milestone."),
     warmup_epochs: float = typer.Option(0.0, help="Linear warm-up over this many passes over --dataset."),
     amp: str = typer.Option("fp32", help="fp32, bf16 or fp16 autocast of the student."),
     clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
@@ -1516,7 +1529,8 @@ def onpolicy(
                             max_new_tokens=max_new_tokens, temperature=temperature, lmbda=lmbda,
                             divergence=divergence, beta=beta, scoring=scoring, top_k=top_k, seed=seed, device=device,
                             eval_prompts=eval_prompts, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                            schedule=schedule, warmup_epochs=warmup_epochs, amp=amp,
+                            momentum=momentum, nesterov=nesterov, schedule=schedule,
+                            milestones=_milestones(milestones), gamma=gamma, warmup_epochs=warmup_epochs, amp=amp,
                             clip_grad_norm=clip_grad_norm)  # fmt: skip
     _check_run_options(seed, device)
     _check_out(out)
