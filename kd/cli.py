@@ -75,14 +75,32 @@ def _probe_mkdir(path: Path) -> None:
 
 
 def _save_student(model, out: Path) -> None:
-    """Write a trained student's weights (safetensors) to ``out``; an unwritable path is a clear error."""
+    """Write a trained student's weights (safetensors) to ``out``; any failure (an unwritable path, a
+    tensor safetensors cannot hold) is a one-line error, never a traceback."""
+    from safetensors import SafetensorError
+
     from kd.teacher_server.loading import save_weights
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_weights(model, out)
-    except OSError as e:
-        _fail(f"cannot write the student to {str(out)!r}: {e}")
+    except (OSError, RuntimeError, ValueError, TypeError, SafetensorError) as e:
+        _fail(f"cannot write the student to {str(out)!r}: {type(e).__name__}: {e}")
+
+
+def _check_saveable(model, out: Path | None) -> None:
+    """Before training: with ``--out``, the initial student must be one ``_save_student`` can write
+    (dtypes, layouts, shared tensors; no weights are written), so a run is not lost at its end."""
+    if out is None:
+        return
+    from safetensors import SafetensorError
+
+    from kd.teacher_server.loading import check_saveable
+
+    try:
+        check_saveable(model)
+    except (RuntimeError, ValueError, TypeError, SafetensorError) as e:
+        _fail(f"--out {str(out)!r}: the student cannot be saved as safetensors: {type(e).__name__}: {e}")
 
 
 def _check_out(out: Path | None, flag: str = "--out") -> None:
@@ -605,6 +623,14 @@ def _train_and_val(dataset: str, val_dataset: str | None):
     return train_data, val_data
 
 
+def _milestones(milestones: str) -> list[int]:
+    """``--milestones`` (comma-separated epochs) as integers; anything else exits 2 naming the flag."""
+    try:
+        return [int(m) for m in milestones.replace(" ", "").split(",") if m]
+    except ValueError:
+        _fail(f"--milestones must be comma-separated epochs like 150,180,210, got {milestones!r}")
+
+
 def _recipe(lr: float, weight_decay: float, optimizer: str, momentum: float, nesterov: bool, schedule: str,
             milestones: str, gamma: float, warmup_epochs: float, amp: str, channels_last: bool,
             clip_grad_norm: float) -> dict[str, object]:  # fmt: skip
@@ -613,10 +639,7 @@ def _recipe(lr: float, weight_decay: float, optimizer: str, momentum: float, nes
     from kd.student_trainer.optim import recipe_of
     from kd.student_trainer.train import TrainConfig
 
-    try:
-        steps = [int(m) for m in milestones.replace(" ", "").split(",") if m]
-    except ValueError:
-        _fail(f"--milestones must be comma-separated epochs like 150,180,210, got {milestones!r}")
+    steps = _milestones(milestones)
     recipe = {"lr": lr, "weight_decay": weight_decay, "optimizer": optimizer, "momentum": momentum,
               "nesterov": nesterov, "schedule": schedule, "milestones": steps, "gamma": gamma,
               "warmup_epochs": warmup_epochs, "amp": amp, "channels_last": channels_last,
@@ -765,6 +788,7 @@ def train(
         model = _build_student(student)
     except (TeacherLoadError, ValueError) as e:
         _fail(str(e))
+    _check_saveable(model, out)
 
     def open_source(ref: str):
         if ref.startswith("cache:"):
@@ -1452,6 +1476,7 @@ def datafree(
     seed_everything(seed)
     try:
         model = _build_student(student)
+        _check_saveable(model, out)
         with TeacherClient(address, client_id=f"datafree-{method}") as client:
             result = chosen.run(ServedTeacher(client, name or None), model, config, test=test, **_parse_options(opt))
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
@@ -1482,7 +1507,15 @@ def onpolicy(
     lr: float = typer.Option(1e-3),
     optimizer: str = typer.Option("adam", help="adam, adamw, sgd (the recipe's names, as `kd train`)."),
     weight_decay: float = typer.Option(0.0),
-    schedule: str = typer.Option("constant", help="constant or cosine (per step)."),
+    momentum: float = typer.Option(0.9, help="sgd: momentum."),
+    nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
+    schedule: str = typer.Option(
+        "constant", help="constant, cosine (per step) or multistep (per pass over --dataset)."
+    ),
+    milestones: str = typer.Option(
+        "", help="multistep: passes over --dataset (from 0) at which lr is multiplied by --gamma, e.g. 2,4."
+    ),
+    gamma: float = typer.Option(0.1, help="multistep: the factor at each milestone."),
     warmup_epochs: float = typer.Option(0.0, help="Linear warm-up over this many passes over --dataset."),
     amp: str = typer.Option("fp32", help="fp32, bf16 or fp16 autocast of the student."),
     clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
@@ -1500,7 +1533,8 @@ def onpolicy(
                             max_new_tokens=max_new_tokens, temperature=temperature, lmbda=lmbda,
                             divergence=divergence, beta=beta, scoring=scoring, top_k=top_k, seed=seed, device=device,
                             eval_prompts=eval_prompts, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                            schedule=schedule, warmup_epochs=warmup_epochs, amp=amp,
+                            momentum=momentum, nesterov=nesterov, schedule=schedule,
+                            milestones=_milestones(milestones), gamma=gamma, warmup_epochs=warmup_epochs, amp=amp,
                             clip_grad_norm=clip_grad_norm)  # fmt: skip
     _check_run_options(seed, device)
     _check_out(out)
@@ -1513,6 +1547,7 @@ def onpolicy(
     seed_everything(seed)
     try:
         model = _build_student(student)
+        _check_saveable(model, out)
         limit = getattr(model, "max_length", None)
         if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
             raise ValueError(f"--prompt-tokens {prompt_tokens} + --max-new-tokens {max_new_tokens} exceed the "
@@ -1583,6 +1618,7 @@ def train_lm(
         model = _build_student(student)
     except (RuntimeError, ValueError) as e:
         _fail(str(e))
+    _check_saveable(model, out)
     t0 = time.perf_counter()
 
     def validate(epoch: int, loss: float) -> None:

@@ -9,6 +9,8 @@ All of them give the same targets for the same sample and view (a test compares 
   training step, so the student rarely waits for the network or the teacher.
   With ``dataset=`` it sends sample keys instead of pixels (inputs by
   reference; the server holds the data and replays the same seeded views).
+  A token teacher is asked on its own protocol (``token_targets``: ids with their
+  lengths, per-position answers unpacked to ``[B, S, ...]``), one request per batch.
 * ``LocalSource``: runs a teacher in this process (the classic way).
 * ``ReadThroughSource``: a cache in front of another source: a miss asks the
   other source and writes the answer back, so the first epoch fills the cache
@@ -110,6 +112,13 @@ class SoftTargetSource:
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         """Teacher targets for these samples (and views)."""
         raise NotImplementedError
+
+    def token_targets(self, indices: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor) -> Targets:
+        """A token teacher's per-position targets ``[B, S, ...]`` for right-padded ids ``tokens``
+        [B, S] whose real positions ``attention_mask`` (bool [B, S]) marks (``train_tokens``). By
+        default ``targets``: the teacher sees the padding too, whose positions no token loss counts;
+        a source that can leave the padding out (a server) does."""
+        return self.targets(indices, tokens)
 
     def iter_targets(self, batches: Iterable[Batch | tuple]) -> Iterator[tuple[Batch, Targets]]:
         """Pair each batch with its targets; sources that can work ahead override this."""
@@ -289,6 +298,9 @@ class ServerSource(SoftTargetSource):
         self.mean = None if sig is None else sig.mean
         self.std = None if sig is None else sig.std
         self.floating = desc.input_dtype.is_floating_point
+        # A token teacher (kd.teacher_server.lm) answers on its own protocol: lengths in, outputs
+        # packed over the real positions out (TokenClientMixin), unpacked here to [B, S, ...].
+        self.tokens = sig is not None and sig.extra.get("kind") == "tokens"
         self.depth = depth
         self.dataset = dataset  # a dataset registered on the server: send keys, not pixels
         self.served_datasets = desc.datasets  # what the server reports of each: name -> ServedDataset
@@ -343,7 +355,22 @@ class ServerSource(SoftTargetSource):
         return SparseTargets("topk", outputs["topk_indices"].long(), outputs["topk_values"].float(),
                              outputs["logsumexp"], self.num_classes, self.topk_temperature)  # fmt: skip
 
+    def token_targets(self, indices: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor) -> Targets:
+        """A token teacher's targets ``[B, S, V]`` float32 logits (``topk``: ``TokenTargets``) for
+        right-padded ``tokens``: only the real positions are computed and sent (the lengths go with
+        the request); padding positions hold 0 logits (top-k: ids -1), which no token loss counts."""
+        if not self.tokens:
+            raise ValueError(f"teacher {self.teacher!r} is not a token teacher; its targets are per sample")
+        if self.sample_codec is not None or self.dataset is not None:
+            raise ValueError("a token teacher's server source takes token ids by value, with logits or top-k")
+        if self.topk:
+            return self.client.token_topk(self.teacher, tokens, self.topk, self.topk_temperature,
+                                          attention_mask=attention_mask)  # fmt: skip
+        return self.client.token_logits(self.teacher, tokens, attention_mask=attention_mask).float()
+
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
+        if self.tokens:  # every position real, as an in-process teacher sees the ids
+            return self.token_targets(indices, inputs, torch.ones(inputs.shape, dtype=torch.bool))
         payload = self._payload(indices, inputs, views)
         asked = self._asked()
         if self.sample_codec is not None:
@@ -353,6 +380,9 @@ class ServerSource(SoftTargetSource):
         return self._targets_of(self.client.infer(self.teacher, payload, **asked))
 
     def iter_targets(self, batches: Iterable[Batch | tuple]) -> Iterator[tuple[Batch, Targets]]:
+        if self.tokens:  # the token protocol, one request per batch (the stream below speaks the image one)
+            yield from super().iter_targets(batches)
+            return
         for batch, logits, _ in self.iter_outputs(batches, []):
             yield batch, logits
 

@@ -973,14 +973,15 @@ def train_tokens(
                 idx = step[m : m + batch_size]
                 b = train.batch(idx)
                 labels = next_token_labels(b.tokens, b.loss_mask)
-                micro.append((idx, b.tokens, labels, int(token_mask(labels).sum())))
+                micro.append((idx, b.tokens, b.attention_mask, labels, int(token_mask(labels).sum())))
             counted = sum(n for *_, n in micro)
             opt.zero_grad(set_to_none=True)
             step_loss = 0.0
-            for idx, tokens, labels, n in micro:
+            for idx, tokens, real, labels, n in micro:
                 if counted and not n:
                     continue  # no counted token: its loss is 0 and its weight 0
-                targets = source.targets(idx, tokens)
+                # With the real positions: a live server computes and sends only those (its answer is packed).
+                targets = source.token_targets(idx, tokens, real)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
                     logits = logits_of(student(tokens.to(dev)))
                 loss = loss_fn(logits, targets.to(dev), labels.to(dev), **options)

@@ -114,13 +114,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise TeacherLoadError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
         try:
-            return load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                state = {name: f.get_tensor(name) for name in f.keys()}
+                metadata = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as e:
             raise TeacherLoadError(f"weights file {str(path)!r} is not a valid safetensors file: {e}") from e
+        # Tied weights (an embedding shared with the output head) are stored once; the metadata maps each
+        # dropped name to the kept one (save_weights, and safetensors.torch.save_model, write it so). Only
+        # names that are absent and point at a stored tensor are restored: metadata never replaces a tensor.
+        for dropped, kept in metadata.items():
+            if dropped not in state and kept in state:
+                state[dropped] = state[kept]
+        return state
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -137,12 +145,59 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def weights_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``model``'s state_dict as safetensors can store it: (tensors, metadata).
+
+    safetensors refuses tensors that share memory, which tied weights do (a GPT-2 style LM's input
+    embedding is its output head: two state_dict names, one tensor). A name that is exactly the same
+    tensor as an earlier one is dropped and recorded in the metadata as ``dropped -> kept``, the format
+    of ``safetensors.torch.save_model``, from which ``read_state_dict`` restores it. Distinct tensors
+    that merely overlap in one storage (views of one buffer) are copied apart, since no alias can stand
+    for them. Raises ValueError for a tensor safetensors cannot hold (sparse, meta)."""
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    same: dict[tuple, str] = {}  # identity of a view -> the first name it was stored under
+    storages: dict[tuple, list[str]] = {}  # storage -> the kept names that live in it
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        if t.layout != torch.strided or t.is_meta:
+            raise ValueError(f"cannot save {name!r}: a {t.layout} tensor on {t.device} (safetensors holds dense ones)")
+        if t.numel() == 0:  # empty tensors own no memory: nothing to share
+            tensors[name] = t
+            continue
+        storage = (t.device, t.untyped_storage().data_ptr())
+        view = (*storage, t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
+        if view in same:
+            metadata[name] = same[view]
+            continue
+        same[view] = name
+        storages.setdefault(storage, []).append(name)
+        tensors[name] = t
+    for names in storages.values():
+        if len(names) > 1:
+            for name in names:
+                tensors[name] = tensors[name].clone()
+    return {k: v.cpu().contiguous() for k, v in tensors.items()}, metadata
+
+
+def check_saveable(model: nn.Module) -> None:
+    """Raise ValueError (or safetensors' error) now if ``save_weights(model, ...)`` would fail for the
+    model's tensors: run before training, so a run is not lost at its end. Cheap: it serialises only
+    each tensor's name and dtype (empty tensors), never the weights themselves."""
+    from safetensors.torch import save
+
+    tensors, metadata = weights_to_save(model)
+    save({k: torch.empty(0, dtype=v.dtype) for k, v in tensors.items()}, metadata=metadata or None)
+
+
 def save_weights(model: nn.Module, path: str | Path) -> Path:
-    """Write a model's state_dict as safetensors (what ``read_state_dict`` and SPECs load)."""
+    """Write a model's state_dict as safetensors (what ``read_state_dict`` and SPECs load); tied
+    weights are stored once (``weights_to_save``) and restored by ``read_state_dict``."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    tensors, metadata = weights_to_save(model)
+    save_file(tensors, str(path), metadata=metadata or None)
     return path
 
 
