@@ -41,6 +41,7 @@ from kd.cache.sharded import open_cache, shard_dir
 from kd.cache.store import stored_basis
 from kd.core import reductions
 from kd.core.data import loader as data_loader
+from kd.core.lmchecks import refuse_masked_lm
 from kd.core.samples import SampleSource
 from kd.core.sparse import topk_parts
 from kd.core.targets import SparseTargets
@@ -655,6 +656,10 @@ class LocalTokenTeacher:
         self.fingerprint = fingerprint(model)
         self.hf: bool | None = None  # None: called as model(tokens); else as the server calls it
         self.vocab_size: int | None = None  # known when loaded from a spec (the logits' last dimension)
+        # What the teacher says of itself (a token teacher's signature facts: task, max_length,
+        # tokenizer...), checked against the dataset before any work; a bare module states its
+        # task as kd serve would read it (the ``task`` attribute, default causal-lm).
+        self.facts: dict[str, str] = {"task": str(getattr(model, "task", "causal-lm"))}
 
     @classmethod
     def from_spec(cls, spec: str, name: str = "teacher", device: str | torch.device = "cpu") -> LocalTokenTeacher:
@@ -669,6 +674,7 @@ class LocalTokenTeacher:
         self.fingerprint = token_target_options(teacher, "fp32", False)[0]
         self.hf = teacher.signature is not None and teacher.signature.extra.get("source") == "hf"
         self.vocab_size = int(teacher.num_classes)
+        self.facts = dict(teacher.signature.extra) if teacher.signature is not None else {}
         return self
 
     @torch.no_grad()
@@ -697,6 +703,8 @@ class ServerTokenTeacher:
         self.teacher_name = desc.name
         self.fingerprint = desc.fingerprint
         self.vocab_size = int(desc.num_classes)  # a token teacher's num_classes is its vocabulary
+        # The served teacher's signature facts (task, max_length, tokenizer...), checked up front.
+        self.facts: dict[str, str] = dict(desc.signature.extra) if desc.signature is not None else {}
         self.depth = depth
 
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -782,6 +790,9 @@ def precompute_tokens(
     vocab = int(source.vocab_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # A masked LM's targets describe each position's own token: refused before any work (the
+    # server refuses token_logprobs of one for the same reason).
+    refuse_masked_lm(getattr(teacher, "facts", None) or {}, getattr(teacher, "teacher_name", ""))
     teacher_vocab = getattr(teacher, "vocab_size", None)
     if teacher_vocab is not None and int(teacher_vocab) != vocab:
         raise ValueError(

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.core.factory import logits_of
+from kd.core.lmchecks import refuse_masked_lm
 from kd.core.tokens import TokenBatch, TokenSource, TokenTargets
 from kd.student_trainer.losses.token_kd import (
     DIVERGENCES,
@@ -379,7 +380,11 @@ def train_onpolicy(
     config.validate()
     if len(train) == 0:
         raise ValueError(f"{train.uri} has no samples")
-    vocab = client.describe(teacher).num_classes
+    desc = client.describe(teacher)
+    facts = dict(desc.signature.extra) if desc.signature is not None else {}
+    # Checked before any step: a masked LM scores each position's own token, not the next one.
+    refuse_masked_lm(facts, teacher)
+    vocab = desc.num_classes
     if int(vocab) != train.vocab_size:
         raise ValueError(f"teacher {teacher!r} has {vocab} ids but {train.uri}'s tokenizer has {train.vocab_size}")
     started = time.perf_counter()

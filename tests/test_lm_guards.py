@@ -1,0 +1,138 @@
+"""Token teachers, students and datasets that do not fit one another are refused up front, by
+name: a masked LM as a causal teacher, a dataset of another tokenizer, sequences longer than a
+model's positions, token data given to ``kd train``. Real parts: tiny modules and Hugging Face
+models built from configs (no downloads), real servers on 127.0.0.1, real caches in tmp dirs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import Result
+from torch import nn
+from typer.testing import CliRunner
+
+from kd.cli import app
+from kd.core.data import open_source
+from kd.precompute import LocalTokenTeacher, precompute_tokens
+from kd.teacher_server.loading import load_teacher
+from kd.teacher_server.server import TeacherOptions, start_server
+
+VOCAB = 259  # the byte tokenizer's
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class BigramLM(nn.Module):
+    """A causal token module: position s sees tokens s and s - 1."""
+
+    input_shape = (-1,)
+
+    def __init__(self, vocab: int = VOCAB, max_length: int = 64) -> None:
+        super().__init__()
+        self.max_length = max_length
+        self.embed = nn.Embedding(vocab, 8)
+        self.prev = nn.Embedding(vocab, 8)
+        self.head = nn.Linear(8, vocab)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        prev = nn.functional.pad(self.prev(tokens)[:, :-1], (0, 0, 1, 0))
+        return self.head(torch.tanh(self.embed(tokens) + prev)) * 3.0
+
+
+def bigram(vocab: int = VOCAB, max_length: int = 64) -> BigramLM:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        return BigramLM(int(vocab), int(max_length))
+
+
+class CopyMLM(nn.Module):
+    """A (perfect) masked LM: at position s it predicts the token at s, as an MLM's logits mean."""
+
+    input_shape = (-1,)
+    task = "masked-lm"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(8.0))
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return nn.functional.one_hot(tokens, VOCAB).float() * self.scale
+
+
+def copy_mlm() -> CopyMLM:
+    return CopyMLM()
+
+
+BIGRAM, MLM = f"{__name__}:bigram", f"{__name__}:copy_mlm"
+
+
+def cli(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args))
+
+
+def refused(r: Result, *needles: str) -> str:
+    """A CLI refusal: exit 2, exactly one ``error:`` line, no traceback, every needle in it."""
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert r.output.count("error:") == 1 and "Traceback" not in r.output, r.output
+    text = " ".join(r.output.split())
+    for needle in needles:
+        assert needle in text, text
+    return text
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("lmguards")
+    (d / "c.txt").write_text("\n".join(f"line {i}: the cat sat on the mat"[: 8 + 3 * i] for i in range(8)) + "\n")
+    return f"text:{d / 'c.txt'}?doc=line&pack=0&block=32"
+
+
+def _serve(*teachers):
+    return start_server(list(teachers), batching=TeacherOptions(max_batch_tokens=512, max_batch_size=8, warmup=False))
+
+
+def hf_bert_mlm(directory: Path, n_pos: int = 64) -> Path:
+    """A tiny BertForMaskedLM saved as safetensors (built from a config: nothing downloaded)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=VOCAB, max_position_embeddings=n_pos, hidden_size=16,
+                                  num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)  # fmt: skip
+    transformers.BertForMaskedLM(cfg).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+# -- 1. a masked LM is no causal teacher -------------------------------------------------------
+def test_precompute_refuses_a_masked_lm_teacher_local_hf_and_served(tmp_path: Path, corpus: str) -> None:
+    refused(cli("precompute", "--source", f"local:{MLM}", "--dataset", corpus, "--codec", "topk:4",
+                "--out", str(tmp_path / "a")), "masked LM", "token s + 1")  # fmt: skip
+    bert = hf_bert_mlm(tmp_path / "bert")
+    refused(cli("precompute", "--source", f"local:hf:{bert}", "--dataset", corpus, "--codec", "topk:4",
+                "--out", str(tmp_path / "b")), "masked LM")  # fmt: skip
+    running = _serve(load_teacher("mlm", MLM))
+    try:
+        refused(cli("precompute", "--source", f"server:127.0.0.1:{running.port}/mlm", "--dataset", corpus,
+                    "--codec", "fp16", "--out", str(tmp_path / "c")), "masked LM")  # fmt: skip
+    finally:
+        running.stop(grace=1)
+    assert not (tmp_path / "a" / "data.mdb").exists() and not (tmp_path / "c" / "data.mdb").exists()
+    # A causal module is still taken, and a bare masked module given in process is refused as well.
+    with pytest.raises(ValueError, match="masked LM"):
+        precompute_tokens(open_source(corpus), LocalTokenTeacher(copy_mlm()), tmp_path / "d", codec="topk:4")
+    precompute_tokens(open_source(corpus), LocalTokenTeacher.from_spec(BIGRAM), tmp_path / "e", codec="topk:4")
+
+
+def test_train_lm_and_onpolicy_refuse_a_masked_lm_teacher(tmp_path: Path, corpus: str) -> None:
+    from kd.student_trainer.sources import LocalSource
+    from kd.student_trainer.train import train_tokens
+
+    with pytest.raises(ValueError, match="masked LM"):
+        train_tokens(bigram(), open_source(corpus), LocalSource(MLM), epochs=1, batch_size=4)
+    running = _serve(load_teacher("mlm", MLM))
+    try:
+        refused(cli("onpolicy", "--server", f"127.0.0.1:{running.port}", "--teacher", "mlm", "--dataset", corpus,
+                    "--student", BIGRAM, "--steps", "1", "--batch-size", "2", "--prompt-tokens", "4",
+                    "--max-new-tokens", "4", "--eval-prompts", "0"), "masked LM")  # fmt: skip
+    finally:
+        running.stop(grace=1)
