@@ -1546,6 +1546,7 @@ def train_lm(
 
     from kd.cache import CacheError
     from kd.core.data import open_source
+    from kd.core.lmchecks import refuse_other_dataset_tokenizer
     from kd.core.tokens import TokenSource
     from kd.student_trainer.losses import METHODS, get_method
     from kd.student_trainer.losses.token_kd import evaluate_tokens
@@ -1569,6 +1570,8 @@ def train_lm(
                 raise ValueError(f"{flag} {d.dataset_id}: not a token dataset (text:, jsonl:, hf:DIR?text=...)")
         if val_data.vocab_size != train_data.vocab_size:
             raise ValueError(f"--val-dataset has vocabulary {val_data.vocab_size}, --dataset {train_data.vocab_size}")
+        # The cache is --dataset's (its id covers the tokenizer); --val-dataset's ids must be the same tokens.
+        refuse_other_dataset_tokenizer(val_data, train_data, "--val-dataset", "--dataset")
         cache = CacheSource(source[len("cache:") :], dataset_id=train_data.dataset_id)
         if not cache.reader.meta.per_token:
             raise ValueError(f"{source} holds one record per sample; kd train-lm needs a token cache")

@@ -41,7 +41,7 @@ from kd.cache.sharded import open_cache, shard_dir
 from kd.cache.store import stored_basis
 from kd.core import reductions
 from kd.core.data import loader as data_loader
-from kd.core.lmchecks import refuse_masked_lm
+from kd.core.lmchecks import refuse_masked_lm, refuse_other_tokenizer
 from kd.core.samples import SampleSource
 from kd.core.sparse import topk_parts
 from kd.core.targets import SparseTargets
@@ -660,6 +660,8 @@ class LocalTokenTeacher:
         # tokenizer...), checked against the dataset before any work; a bare module states its
         # task as kd serve would read it (the ``task`` attribute, default causal-lm).
         self.facts: dict[str, str] = {"task": str(getattr(model, "task", "causal-lm"))}
+        if getattr(model, "tokenizer_hash", None):
+            self.facts["tokenizer"] = str(model.tokenizer_hash)
 
     @classmethod
     def from_spec(cls, spec: str, name: str = "teacher", device: str | torch.device = "cpu") -> LocalTokenTeacher:
@@ -792,7 +794,10 @@ def precompute_tokens(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     # A masked LM's targets describe each position's own token: refused before any work (the
     # server refuses token_logprobs of one for the same reason).
-    refuse_masked_lm(getattr(teacher, "facts", None) or {}, getattr(teacher, "teacher_name", ""))
+    facts, name = getattr(teacher, "facts", None) or {}, getattr(teacher, "teacher_name", "")
+    refuse_masked_lm(facts, name)
+    # Same vocabulary size is not the same tokenizer: where both say which, they must agree.
+    refuse_other_tokenizer(facts, name, source)
     teacher_vocab = getattr(teacher, "vocab_size", None)
     if teacher_vocab is not None and int(teacher_vocab) != vocab:
         raise ValueError(

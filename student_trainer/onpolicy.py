@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.core.factory import logits_of
-from kd.core.lmchecks import refuse_masked_lm
+from kd.core.lmchecks import refuse_masked_lm, refuse_other_tokenizer
 from kd.core.tokens import TokenBatch, TokenSource, TokenTargets
 from kd.student_trainer.losses.token_kd import (
     DIVERGENCES,
@@ -384,6 +384,10 @@ def train_onpolicy(
     facts = dict(desc.signature.extra) if desc.signature is not None else {}
     # Checked before any step: a masked LM scores each position's own token, not the next one.
     refuse_masked_lm(facts, teacher)
+    # The prompts (and the held-out data) must be the teacher's tokens, not merely as many ids.
+    refuse_other_tokenizer(facts, teacher, train)
+    if val is not None:
+        refuse_other_tokenizer(facts, teacher, val, "--val-dataset")
     vocab = desc.num_classes
     if int(vocab) != train.vocab_size:
         raise ValueError(f"teacher {teacher!r} has {vocab} ids but {train.uri}'s tokenizer has {train.vocab_size}")

@@ -51,7 +51,7 @@ from torch import nn
 from kd.core import reductions
 from kd.core.factory import logits_of
 from kd.core.files import replace_atomically
-from kd.core.lmchecks import refuse_masked_lm
+from kd.core.lmchecks import refuse_masked_lm, refuse_other_tokenizer
 from kd.core.samples import SampleSource
 from kd.core.views import Final
 from kd.student_trainer import optim
@@ -940,7 +940,9 @@ def train_tokens(
     from kd.student_trainer.losses.token_kd import token_mask
 
     loss_fn = get_method(method)
-    refuse_masked_lm(source_facts(source), str(getattr(source, "teacher_name", "") or ""))
+    facts, name = source_facts(source), str(getattr(source, "teacher_name", "") or "")
+    refuse_masked_lm(facts, name)
+    refuse_other_tokenizer(facts, name, train)
     if source.num_classes != train.num_classes:
         raise ValueError(f"source has vocabulary {source.num_classes}, the token source {train.num_classes}")
     if accumulate < 1 or batch_size < 1 or epochs < 0:

@@ -136,3 +136,90 @@ def test_train_lm_and_onpolicy_refuse_a_masked_lm_teacher(tmp_path: Path, corpus
                     "--max-new-tokens", "4", "--eval-prompts", "0"), "masked LM")  # fmt: skip
     finally:
         running.stop(grace=1)
+
+
+# -- 2. the teacher's tokenizer is the dataset's ------------------------------------------------
+def byte_bigram() -> BigramLM:
+    """A causal module that says it was trained on the byte tokenizer's ids (as kd.demo_lm's ByteLM)."""
+    from kd.core.tokens import ByteTokenizer
+
+    model = bigram()
+    model.tokenizer_hash = ByteTokenizer().hash
+    return model
+
+
+BYTE_BIGRAM = f"{__name__}:byte_bigram"
+
+
+def word_tokenizer(path: Path, n: int = VOCAB) -> Path:
+    """A WordLevel tokenizer.json of ``n`` ids (``<pad>``, ``<s>``, ``</s>``, then w0, w1, ...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(n - 3)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def words(tmp_path_factory) -> dict[str, str]:
+    """A corpus tokenised by a 259-word tokenizer: as many ids as the byte tokenizer, other tokens."""
+    d = tmp_path_factory.mktemp("words")
+    tok = word_tokenizer(d / "tokenizer.json")
+    (d / "a.txt").write_text("\n".join(" ".join(f"w{(7 * i + j) % 250}" for j in range(8)) for i in range(6)) + "\n")
+    return {"uri": f"text:{d / 'a.txt'}?doc=line&pack=0&tokenizer={tok}", "tokenizer": str(tok), "dir": str(d)}
+
+
+def test_precompute_refuses_a_dataset_of_another_tokenizer(tmp_path: Path, corpus: str, words) -> None:
+    assert open_source(words["uri"]).vocab_size == VOCAB  # the sizes agree: only the identity tells
+    refused(cli("precompute", "--source", f"local:{BYTE_BIGRAM}", "--dataset", words["uri"], "--codec", "topk:4",
+                "--out", str(tmp_path / "a")), "another tokenizer", "?tokenizer=")  # fmt: skip
+    running = _serve(load_teacher("lm", BYTE_BIGRAM))
+    try:
+        refused(cli("precompute", "--source", f"server:127.0.0.1:{running.port}/lm", "--dataset", words["uri"],
+                    "--codec", "topk:4", "--out", str(tmp_path / "b")), "another tokenizer")  # fmt: skip
+        assert cli("precompute", "--source", f"server:127.0.0.1:{running.port}/lm", "--dataset", corpus,
+                   "--codec", "topk:4", "--out", str(tmp_path / "c")).exit_code == 0  # fmt: skip
+    finally:
+        running.stop(grace=1)
+    # A teacher that states no tokenizer is taken on the vocabulary size alone, as before.
+    assert cli("precompute", "--source", f"local:{BIGRAM}", "--dataset", words["uri"], "--codec", "topk:4",
+               "--out", str(tmp_path / "d")).exit_code == 0  # fmt: skip
+
+
+def test_hf_teacher_tokenizer_json_is_compared_with_the_dataset(tmp_path: Path, corpus: str, words) -> None:
+    import shutil
+
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    d = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(d, safe_serialization=True)
+    shutil.copy(words["tokenizer"], d / "tokenizer.json")
+    teacher = load_teacher("hf", f"hf:{d}")
+    assert teacher.signature.extra["tokenizer_json"] == open_source(words["uri"]).tokenizer.hash
+    refused(cli("precompute", "--source", f"local:hf:{d}", "--dataset", corpus, "--codec", "topk:4",
+                "--out", str(tmp_path / "a")), "another tokenizer")  # fmt: skip
+    uri = words["uri"].replace(words["tokenizer"], str(d / "tokenizer.json"))  # the teacher's own file
+    r = cli("precompute", "--source", f"local:hf:{d}", "--dataset", uri, "--codec", "topk:4", "--out",
+            str(tmp_path / "b"))  # fmt: skip
+    assert r.exit_code == 0, r.output
+
+
+def test_onpolicy_and_train_lm_refuse_data_of_another_tokenizer(tmp_path: Path, corpus: str, words) -> None:
+    running = _serve(load_teacher("lm", BYTE_BIGRAM))
+    base = ["onpolicy", "--server", f"127.0.0.1:{running.port}", "--teacher", "lm", "--student", BIGRAM,
+            "--steps", "1", "--batch-size", "2", "--prompt-tokens", "2", "--max-new-tokens", "2",
+            "--eval-prompts", "0"]  # fmt: skip
+    try:
+        refused(cli(*base, "--dataset", words["uri"]), "--dataset", "another tokenizer")
+        refused(cli(*base, "--dataset", corpus, "--val-dataset", words["uri"]), "--val-dataset", "another tokenizer")
+    finally:
+        running.stop(grace=1)
+    cache = tmp_path / "cache"
+    assert cli("precompute", "--source", f"local:{BIGRAM}", "--dataset", corpus, "--codec", "topk:4",
+               "--out", str(cache)).exit_code == 0  # fmt: skip
+    refused(cli("train-lm", "--source", f"cache:{cache}", "--dataset", corpus, "--val-dataset", words["uri"],
+                "--student", BIGRAM, "--batch-size", "4"), "--val-dataset", "tokenised by")  # fmt: skip
