@@ -1488,6 +1488,7 @@ def onpolicy(
 ) -> None:
     """On-policy distillation (GKD / MiniLLM style): the student samples, the served teacher scores its tokens."""
     from kd.core.data import open_source
+    from kd.core.lmchecks import model_max_length
     from kd.student_trainer.onpolicy import OnPolicyConfig, train_onpolicy
     from kd.student_trainer.train import seed_everything
     from kd.teacher_server.client import TeacherClient
@@ -1509,8 +1510,10 @@ def onpolicy(
     seed_everything(seed)
     try:
         model = _build_student(student)
-        limit = getattr(model, "max_length", None)
-        if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
+        # Before the server is asked anything. model_max_length: a Hugging Face student states its
+        # positions in its config (no max_length attribute); train_onpolicy checks the data's lengths.
+        limit = model_max_length(model)
+        if limit is not None and prompt_tokens + max_new_tokens > limit:
             raise ValueError(f"--prompt-tokens {prompt_tokens} + --max-new-tokens {max_new_tokens} exceed the "
                              f"student's max_length {limit}")  # fmt: skip
         with TeacherClient(server, client_id="onpolicy") as client:
@@ -1546,7 +1549,7 @@ def train_lm(
 
     from kd.cache import CacheError
     from kd.core.data import open_source
-    from kd.core.lmchecks import refuse_other_dataset_tokenizer
+    from kd.core.lmchecks import longest_sequence, model_max_length, refuse_other_dataset_tokenizer, refuse_too_long
     from kd.core.tokens import TokenSource
     from kd.student_trainer.losses import METHODS, get_method
     from kd.student_trainer.losses.token_kd import evaluate_tokens
@@ -1580,6 +1583,9 @@ def train_lm(
     seed_everything(seed)
     try:
         model = _build_student(student)
+        # Training and validation run the student over whole samples: both checked before any step.
+        for flag, d in (("--dataset", train_data), ("--val-dataset", val_data)):
+            refuse_too_long(longest_sequence(d), model_max_length(model), "the student", f"lower {flag}'s ?block=")
     except (RuntimeError, ValueError) as e:
         _fail(str(e))
     t0 = time.perf_counter()

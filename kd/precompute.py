@@ -41,7 +41,14 @@ from kd.cache.sharded import open_cache, shard_dir
 from kd.cache.store import stored_basis
 from kd.core import reductions
 from kd.core.data import loader as data_loader
-from kd.core.lmchecks import refuse_masked_lm, refuse_other_tokenizer
+from kd.core.lmchecks import (
+    facts_max_length,
+    longest_sequence,
+    model_max_length,
+    refuse_masked_lm,
+    refuse_other_tokenizer,
+    refuse_too_long,
+)
 from kd.core.samples import SampleSource
 from kd.core.sparse import topk_parts
 from kd.core.targets import SparseTargets
@@ -798,6 +805,11 @@ def precompute_tokens(
     refuse_masked_lm(facts, name)
     # Same vocabulary size is not the same tokenizer: where both say which, they must agree.
     refuse_other_tokenizer(facts, name, source)
+    # A sequence past the teacher's positions fails deep inside its embedding (in process) or is
+    # refused by the server mid-run: refused here, before work, as the server words it.
+    limit = facts_max_length(facts) or model_max_length(getattr(teacher, "model", None))
+    refuse_too_long(longest_sequence(source), limit, f"teacher {name!r}",
+                    "lower the dataset's ?block= (documents are cut to it)")  # fmt: skip
     teacher_vocab = getattr(teacher, "vocab_size", None)
     if teacher_vocab is not None and int(teacher_vocab) != vocab:
         raise ValueError(

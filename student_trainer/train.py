@@ -51,7 +51,14 @@ from torch import nn
 from kd.core import reductions
 from kd.core.factory import logits_of
 from kd.core.files import replace_atomically
-from kd.core.lmchecks import refuse_masked_lm, refuse_other_tokenizer
+from kd.core.lmchecks import (
+    facts_max_length,
+    longest_sequence,
+    model_max_length,
+    refuse_masked_lm,
+    refuse_other_tokenizer,
+    refuse_too_long,
+)
 from kd.core.samples import SampleSource
 from kd.core.views import Final
 from kd.student_trainer import optim
@@ -943,6 +950,10 @@ def train_tokens(
     facts, name = source_facts(source), str(getattr(source, "teacher_name", "") or "")
     refuse_masked_lm(facts, name)
     refuse_other_tokenizer(facts, name, train)
+    # Sequences past a model's positions fail deep inside its embedding: refused before any step.
+    longest = longest_sequence(train)
+    refuse_too_long(longest, model_max_length(student), "the student", "lower the dataset's ?block=")
+    refuse_too_long(longest, facts_max_length(facts), f"teacher {name!r}", "lower the dataset's ?block=")
     if source.num_classes != train.num_classes:
         raise ValueError(f"source has vocabulary {source.num_classes}, the token source {train.num_classes}")
     if accumulate < 1 or batch_size < 1 or epochs < 0:

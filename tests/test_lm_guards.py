@@ -223,3 +223,67 @@ def test_onpolicy_and_train_lm_refuse_data_of_another_tokenizer(tmp_path: Path, 
                "--out", str(cache)).exit_code == 0  # fmt: skip
     refused(cli("train-lm", "--source", f"cache:{cache}", "--dataset", corpus, "--val-dataset", words["uri"],
                 "--student", BIGRAM, "--batch-size", "4"), "--val-dataset", "tokenised by")  # fmt: skip
+
+
+# -- 3. sequences longer than a model's positions: one line, before work --------------------------
+def hf_gpt2(n_pos: int = 16):
+    """A tiny GPT-2 causal LM of ``n_pos`` positions (no max_length attribute: its config says it)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=int(n_pos), n_embd=16, n_layer=1, n_head=2)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+HF_STUDENT = f"{__name__}:hf_gpt2?n_pos=16"
+
+
+def test_precompute_refuses_sequences_longer_than_the_teachers_positions(tmp_path: Path, corpus: str) -> None:
+    hf_gpt2(16).save_pretrained(tmp_path / "gpt2", safe_serialization=True)
+    longest = int(open_source(corpus).batch(range(8)).attention_mask.sum(1).max())
+    assert longest > 16
+    refused(cli("precompute", "--source", f"local:hf:{tmp_path / 'gpt2'}", "--dataset", corpus, "--codec", "fp16",
+                "--out", str(tmp_path / "a")),
+            f"a row of {longest} tokens is longer than teacher 'teacher''s maximum length 16", "?block=")  # fmt: skip
+    refused(cli("precompute", "--source", f"local:{BIGRAM}?max_length=16", "--dataset", corpus, "--codec", "topk:4",
+                "--out", str(tmp_path / "b")), "maximum length 16")  # fmt: skip
+    # An in-process model given as it is: its config's positions.
+    with pytest.raises(ValueError, match="maximum length 16"):
+        precompute_tokens(open_source(corpus), LocalTokenTeacher(hf_gpt2(16)), tmp_path / "c", codec="fp16")
+    assert not (tmp_path / "a" / "data.mdb").exists() and not (tmp_path / "c" / "data.mdb").exists()
+    ok = corpus.replace("block=32", "block=16")  # cut to the positions: taken
+    r = cli("precompute", "--source", f"local:hf:{tmp_path / 'gpt2'}", "--dataset", ok, "--codec", "fp16",
+            "--out", str(tmp_path / "d"))  # fmt: skip
+    assert r.exit_code == 0, r.output
+
+
+def test_train_lm_refuses_a_student_with_fewer_positions_than_the_data(tmp_path: Path, corpus: str) -> None:
+    short = corpus.replace("block=32", "block=16")
+    for name, uri in (("long", corpus), ("short", short)):
+        assert cli("precompute", "--source", f"local:{BIGRAM}", "--dataset", uri, "--codec", "topk:4",
+                   "--out", str(tmp_path / name)).exit_code == 0  # fmt: skip
+    refused(cli("train-lm", "--source", f"cache:{tmp_path / 'long'}", "--dataset", corpus, "--val-dataset", short,
+                "--student", HF_STUDENT, "--batch-size", "4"), "the student's maximum length 16",
+            "lower --dataset")  # fmt: skip
+    refused(cli("train-lm", "--source", f"cache:{tmp_path / 'short'}", "--dataset", short, "--val-dataset", corpus,
+                "--student", HF_STUDENT, "--batch-size", "4"), "the student's maximum length 16",
+            "--val-dataset")  # fmt: skip
+    r = cli("train-lm", "--source", f"cache:{tmp_path / 'short'}", "--dataset", short, "--val-dataset", short,
+            "--student", HF_STUDENT, "--batch-size", "4")  # fmt: skip
+    assert r.exit_code == 0, r.output
+
+
+def test_onpolicy_reads_a_hf_students_positions_and_the_teachers(corpus: str) -> None:
+    running = _serve(load_teacher("lm", f"{BIGRAM}?max_length=24"))
+    base = ["onpolicy", "--server", f"127.0.0.1:{running.port}", "--teacher", "lm", "--dataset", corpus,
+            "--steps", "1", "--batch-size", "2", "--eval-prompts", "0"]  # fmt: skip
+    try:
+        refused(cli(*base, "--student", HF_STUDENT, "--prompt-tokens", "12", "--max-new-tokens", "8"),
+                "exceed the student's max_length 16")  # fmt: skip
+        refused(cli(*base, "--student", BIGRAM, "--prompt-tokens", "20", "--max-new-tokens", "8"),
+                "a row of 28 tokens is longer than teacher 'lm''s maximum length 24")  # fmt: skip
+        # Short rollouts, but the perplexity runs the student over whole --val-dataset samples.
+        refused(cli(*base, "--student", HF_STUDENT, "--prompt-tokens", "4", "--max-new-tokens", "4",
+                    "--val-dataset", corpus), "the student's maximum length 16", "--val-dataset")  # fmt: skip
+    finally:
+        running.stop(grace=1)

@@ -17,6 +17,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
+# The Hugging Face config fields that bound a model's positions (as kd.teacher_server.lm reads
+# them for a teacher). Not ``config.max_length``: that is a generation default, not a limit.
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
 
 def refuse_masked_lm(facts: Mapping[str, str], name: str) -> None:
     """Refuse a teacher whose signature says ``task=masked-lm``: its position s scores token s
@@ -64,3 +70,51 @@ def refuse_other_dataset_tokenizer(source: Any, other: Any, flag: str, other_fla
             f"{flag} is tokenised by {source.tokenizer.name} (hash {a}), {other_flag} by {other.tokenizer.name} "
             f"(hash {b}): the same ids would mean other tokens; give both the same ?tokenizer="
         )
+
+
+def model_max_length(model: Any) -> int | None:
+    """The most positions ``model`` takes: its ``max_length`` attribute (kd's convention for token
+    modules), else its Hugging Face config's position count; None when it states no bound."""
+    value = getattr(model, "max_length", None)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    config = getattr(model, "config", None)
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def facts_max_length(facts: Mapping[str, str]) -> int | None:
+    """A token teacher's ``max_length`` signature fact (0 or absent: not bounded -> None)."""
+    try:
+        value = int(facts.get("max_length", 0) or 0)
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+def longest_sequence(source: Any) -> int:
+    """The longest sample (real tokens) of a token source, without building its batches."""
+    block = getattr(source, "block", None)
+    if getattr(source, "pack", False) and block:
+        return int(block)  # packed: every sample is one block
+    arrays = getattr(source, "_arrays", None)
+    if arrays is not None:  # kd.core.tokens.TokenSource: document offsets, truncated to the block
+        lengths = np.diff(arrays[2])
+        if block:
+            lengths = np.minimum(lengths, int(block))
+        return int(lengths.max()) if len(lengths) else 0
+    longest = 0  # another token source: its attention masks, a batch at a time
+    for lo in range(0, len(source), 256):
+        b = source.batch(range(lo, min(lo + 256, len(source))))
+        longest = max(longest, int(b.attention_mask.sum(1).max()))
+    return longest
+
+
+def refuse_too_long(longest: int, limit: int | None, who: str, hint: str) -> None:
+    """The one-line refusal of the served path (``a row of N tokens is longer than ...'s maximum
+    length M``) for a sequence that would run past a model's positions; ``hint``: what to change."""
+    if limit is not None and longest > limit:
+        raise ValueError(f"a row of {longest} tokens is longer than {who}'s maximum length {limit}: {hint}")
