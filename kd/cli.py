@@ -571,7 +571,7 @@ def _build_student(spec: str):
     return model
 
 
-def _train_and_val(dataset: str, val_dataset: str | None):
+def _train_and_val(dataset: str, val_dataset: str | None, command: str = "kd train"):
     """``kd train``'s training and evaluation sources, opened by URI (``kd.core.data.open_source``).
 
     The evaluation split is the user's to name: only the bundled digits have a known test
@@ -591,6 +591,15 @@ def _train_and_val(dataset: str, val_dataset: str | None):
         train_data, val_data = open_source(dataset), open_source(val_dataset)
     except ValueError as e:
         _fail(str(e))
+    from kd.core.tokens import TokenSource
+
+    # A token dataset's samples are sequences with per-token targets, not one class label: the
+    # classifier trainers would fail deep inside on the shapes ("Expected target size [4, 259]").
+    for flag, d in (("--dataset", train_data), ("--val-dataset", val_data)):
+        if isinstance(d, TokenSource):
+            _fail(f"{flag} {d.dataset_id} is a token dataset: {command} trains classifiers (one label per sample); "
+                  "distil a language model with `kd train-lm` (from a token cache made by kd precompute) or "
+                  "`kd onpolicy` (against a served token teacher)")  # fmt: skip
     # Labels are class positions: a val folder missing a class would shift every later label.
     names, val_names = list(train_data.class_names), list(val_data.class_names)
     named = val_names != [str(c) for c in range(len(val_names))]
@@ -732,6 +741,8 @@ def train(
                      channels_last, clip_grad_norm)  # fmt: skip
     from kd.student_trainer.losses import get_method as _get_method
 
+    if method.startswith("token-"):  # per-token losses take token data, which kd train does not
+        _fail(f"--method {method!r} is a per-token loss: distil a language model with `kd train-lm` or `kd onpolicy`")
     try:  # before any source is opened: a bad --opt is the user's to fix, not a training run's
         _get_method(method).check_options(_parse_options(opt))
     except (TypeError, ValueError) as e:
@@ -1771,7 +1782,7 @@ def qkd(
         config.validate()
     except (ValueError, RuntimeError) as e:
         _fail(str(e))
-    train_data, test_data = _train_and_val(dataset, val_dataset)
+    train_data, test_data = _train_and_val(dataset, val_dataset, "kd qkd")
     if teacher is None and (getattr(train_data, "format", "") != "digits" or teacher_epochs < 1):
         _fail("without --teacher a digits teacher is trained here: --dataset digits, --teacher-epochs >= 1")
     out.mkdir(parents=True, exist_ok=True)
@@ -1862,7 +1873,7 @@ def online(
     if min(epochs, batch_size, branches, width, 1 if labeled is None else labeled) < 1 or lr <= 0:
         _fail("--epochs, --batch-size, --branches, --width and --labeled must be >= 1, --lr > 0")
     _check_run_options(seed, device)
-    train_data, val_data = _train_and_val(dataset, val_dataset)
+    train_data, val_data = _train_and_val(dataset, val_dataset, "kd online")
     subset = None
     if labeled is not None:
         subset = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(1000 + seed))[:labeled]

@@ -287,3 +287,22 @@ def test_onpolicy_reads_a_hf_students_positions_and_the_teachers(corpus: str) ->
                     "--val-dataset", corpus), "the student's maximum length 16", "--val-dataset")  # fmt: skip
     finally:
         running.stop(grace=1)
+
+
+# -- 5. kd train takes no token data -----------------------------------------------------------
+def test_kd_train_refuses_token_data_naming_train_lm(tmp_path: Path, corpus: str) -> None:
+    cache = tmp_path / "cache"
+    assert cli("precompute", "--source", f"local:{BIGRAM}", "--dataset", corpus, "--codec", "topk:8",
+               "--out", str(cache)).exit_code == 0  # fmt: skip
+    base = ["train", "--dataset", corpus, "--val-dataset", corpus, "--student", BIGRAM, "--epochs", "1",
+            "--batch-size", "4"]  # fmt: skip
+    for extra in (["--method", "ce"], ["--method", "kd", "--source", f"cache:{cache}"],
+                  ["--method", "token-fkl", "--source", f"cache:{cache}"],
+                  ["--method", "kd", "--source", f"local:{BIGRAM}"]):  # fmt: skip
+        refused(cli(*base, *extra), "kd train-lm", "kd onpolicy")
+    # The held-out split alone is token data: refused as well, naming the flag.
+    refused(cli("train", "--dataset", "digits", "--val-dataset", corpus, "--epochs", "1"), "--val-dataset",
+            "token dataset")  # fmt: skip
+    refused(
+        cli("online", "one", "--dataset", corpus, "--val-dataset", corpus, "--epochs", "1"), "kd online", "kd train-lm"
+    )
