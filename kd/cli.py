@@ -593,7 +593,7 @@ def _build_student(spec: str):
     return model
 
 
-def _train_and_val(dataset: str, val_dataset: str | None):
+def _train_and_val(dataset: str, val_dataset: str | None, command: str = "kd train"):
     """``kd train``'s training and evaluation sources, opened by URI (``kd.core.data.open_source``).
 
     The evaluation split is the user's to name: only the bundled digits have a known test
@@ -613,6 +613,15 @@ def _train_and_val(dataset: str, val_dataset: str | None):
         train_data, val_data = open_source(dataset), open_source(val_dataset)
     except ValueError as e:
         _fail(str(e))
+    from kd.core.tokens import TokenSource
+
+    # A token dataset's samples are sequences with per-token targets, not one class label: the
+    # classifier trainers would fail deep inside on the shapes ("Expected target size [4, 259]").
+    for flag, d in (("--dataset", train_data), ("--val-dataset", val_data)):
+        if isinstance(d, TokenSource):
+            _fail(f"{flag} {d.dataset_id} is a token dataset: {command} trains classifiers (one label per sample); "
+                  "distil a language model with `kd train-lm` (from a token cache made by kd precompute) or "
+                  "`kd onpolicy` (against a served token teacher)")  # fmt: skip
     # Labels are class positions: a val folder missing a class would shift every later label.
     names, val_names = list(train_data.class_names), list(val_data.class_names)
     named = val_names != [str(c) for c in range(len(val_names))]
@@ -759,6 +768,8 @@ def train(
                      channels_last, clip_grad_norm)  # fmt: skip
     from kd.student_trainer.losses import get_method as _get_method
 
+    if method.startswith("token-"):  # per-token losses take token data, which kd train does not
+        _fail(f"--method {method!r} is a per-token loss: distil a language model with `kd train-lm` or `kd onpolicy`")
     try:  # before any source is opened: a bad --opt is the user's to fix, not a training run's
         _get_method(method).check_options(_parse_options(opt))
     except (TypeError, ValueError) as e:
@@ -1525,6 +1536,7 @@ def onpolicy(
 ) -> None:
     """On-policy distillation (GKD / MiniLLM style): the student samples, the served teacher scores its tokens."""
     from kd.core.data import open_source
+    from kd.core.lmchecks import model_max_length
     from kd.student_trainer.onpolicy import OnPolicyConfig, train_onpolicy
     from kd.student_trainer.train import seed_everything
     from kd.teacher_server.client import TeacherClient
@@ -1548,8 +1560,10 @@ def onpolicy(
     try:
         model = _build_student(student)
         _check_saveable(model, out)
-        limit = getattr(model, "max_length", None)
-        if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
+        # Before the server is asked anything. model_max_length: a Hugging Face student states its
+        # positions in its config (no max_length attribute); train_onpolicy checks the data's lengths.
+        limit = model_max_length(model)
+        if limit is not None and prompt_tokens + max_new_tokens > limit:
             raise ValueError(f"--prompt-tokens {prompt_tokens} + --max-new-tokens {max_new_tokens} exceed the "
                              f"student's max_length {limit}")  # fmt: skip
         with TeacherClient(server, client_id="onpolicy") as client:
@@ -1585,6 +1599,7 @@ def train_lm(
 
     from kd.cache import CacheError
     from kd.core.data import open_source
+    from kd.core.lmchecks import longest_sequence, model_max_length, refuse_other_dataset_tokenizer, refuse_too_long
     from kd.core.tokens import TokenSource
     from kd.student_trainer.losses import METHODS, get_method
     from kd.student_trainer.losses.token_kd import evaluate_tokens
@@ -1608,6 +1623,8 @@ def train_lm(
                 raise ValueError(f"{flag} {d.dataset_id}: not a token dataset (text:, jsonl:, hf:DIR?text=...)")
         if val_data.vocab_size != train_data.vocab_size:
             raise ValueError(f"--val-dataset has vocabulary {val_data.vocab_size}, --dataset {train_data.vocab_size}")
+        # The cache is --dataset's (its id covers the tokenizer); --val-dataset's ids must be the same tokens.
+        refuse_other_dataset_tokenizer(val_data, train_data, "--val-dataset", "--dataset")
         cache = CacheSource(source[len("cache:") :], dataset_id=train_data.dataset_id)
         if not cache.reader.meta.per_token:
             raise ValueError(f"{source} holds one record per sample; kd train-lm needs a token cache")
@@ -1616,6 +1633,9 @@ def train_lm(
     seed_everything(seed)
     try:
         model = _build_student(student)
+        # Training and validation run the student over whole samples: both checked before any step.
+        for flag, d in (("--dataset", train_data), ("--val-dataset", val_data)):
+            refuse_too_long(longest_sequence(d), model_max_length(model), "the student", f"lower {flag}'s ?block=")
     except (RuntimeError, ValueError) as e:
         _fail(str(e))
     _check_saveable(model, out)
@@ -1802,7 +1822,7 @@ def qkd(
         config.validate()
     except (ValueError, RuntimeError) as e:
         _fail(str(e))
-    train_data, test_data = _train_and_val(dataset, val_dataset)
+    train_data, test_data = _train_and_val(dataset, val_dataset, "kd qkd")
     if teacher is None and (getattr(train_data, "format", "") != "digits" or teacher_epochs < 1):
         _fail("without --teacher a digits teacher is trained here: --dataset digits, --teacher-epochs >= 1")
     out.mkdir(parents=True, exist_ok=True)
@@ -1893,7 +1913,7 @@ def online(
     if min(epochs, batch_size, branches, width, 1 if labeled is None else labeled) < 1 or lr <= 0:
         _fail("--epochs, --batch-size, --branches, --width and --labeled must be >= 1, --lr > 0")
     _check_run_options(seed, device)
-    train_data, val_data = _train_and_val(dataset, val_dataset)
+    train_data, val_data = _train_and_val(dataset, val_dataset, "kd online")
     subset = None
     if labeled is not None:
         subset = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(1000 + seed))[:labeled]

@@ -25,6 +25,7 @@ import inspect
 import itertools
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +42,14 @@ from kd.cache.sharded import open_cache, shard_dir
 from kd.cache.store import stored_basis
 from kd.core import reductions
 from kd.core.data import loader as data_loader
+from kd.core.lmchecks import (
+    facts_max_length,
+    longest_sequence,
+    model_max_length,
+    refuse_masked_lm,
+    refuse_other_tokenizer,
+    refuse_too_long,
+)
 from kd.core.samples import SampleSource
 from kd.core.sparse import topk_parts
 from kd.core.targets import SparseTargets
@@ -655,6 +664,12 @@ class LocalTokenTeacher:
         self.fingerprint = fingerprint(model)
         self.hf: bool | None = None  # None: called as model(tokens); else as the server calls it
         self.vocab_size: int | None = None  # known when loaded from a spec (the logits' last dimension)
+        # What the teacher says of itself (a token teacher's signature facts: task, max_length,
+        # tokenizer...), checked against the dataset before any work; a bare module states its
+        # task as kd serve would read it (the ``task`` attribute, default causal-lm).
+        self.facts: dict[str, str] = {"task": str(getattr(model, "task", "causal-lm"))}
+        if getattr(model, "tokenizer_hash", None):
+            self.facts["tokenizer"] = str(model.tokenizer_hash)
 
     @classmethod
     def from_spec(cls, spec: str, name: str = "teacher", device: str | torch.device = "cpu") -> LocalTokenTeacher:
@@ -669,6 +684,7 @@ class LocalTokenTeacher:
         self.fingerprint = token_target_options(teacher, "fp32", False)[0]
         self.hf = teacher.signature is not None and teacher.signature.extra.get("source") == "hf"
         self.vocab_size = int(teacher.num_classes)
+        self.facts = dict(teacher.signature.extra) if teacher.signature is not None else {}
         return self
 
     @torch.no_grad()
@@ -684,6 +700,9 @@ class LocalTokenTeacher:
             return call_model(self.model, tokens, mask, self.hf).float().cpu()
 
 
+ANSWER_SLACK = 4096  # bytes the server adds to an answer's tensors when it sizes it (kd.teacher_server.lm)
+
+
 class ServerTokenTeacher:
     """A served token teacher (``kd serve --teacher lm=...``), asked only for what the cache
     keeps (``TokenAsk``): top-k + lse for ``topk:K``, sampled ids with counts for ``sample:K``
@@ -691,13 +710,20 @@ class ServerTokenTeacher:
 
     def __init__(self, address: str, teacher: str | None = None, *, depth: int = 8, **client_options: Any) -> None:
         from kd.teacher_server.client import TeacherClient
+        from kd.teacher_server.server import DEFAULT_MAX_MESSAGE_BYTES
 
         self.client = TeacherClient(address, **client_options)
         desc = self.client.describe(teacher)
         self.teacher_name = desc.name
         self.fingerprint = desc.fingerprint
         self.vocab_size = int(desc.num_classes)  # a token teacher's num_classes is its vocabulary
+        # The served teacher's signature facts (task, max_length, tokenizer...), checked up front.
+        self.facts: dict[str, str] = dict(desc.signature.extra) if desc.signature is not None else {}
         self.depth = depth
+        # The largest answer asked for in one request: this channel's own limit at first, lowered to
+        # the server's when it refuses an answer as too large (its limit is not in its description).
+        # A batch is asked in as many requests as fit: a user of kd precompute cannot pick positions.
+        self.answer_limit = int(client_options.get("max_message_bytes") or DEFAULT_MAX_MESSAGE_BYTES)
 
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Full fp32 logits ``[B, S, V]`` (0 at padding)."""
@@ -724,13 +750,67 @@ class ServerTokenTeacher:
             with ThreadPoolExecutor(max_workers=self.depth) as pool:  # the server batches them
                 answers = list(pool.map(one, jobs))
             return [answers[r * ask.rounds : (r + 1) * ask.rounds] for r in range(len(indices))]
+
+        def call(rows: list[int]) -> list[Any]:
+            part, part_lens = tokens[rows, : max(lens[r] for r in rows)], [lens[r] for r in rows]
+            if ask.kind == "topk":
+                out = self.client.infer_tokens(name, part, lengths=part_lens, top_k=ask.k,
+                                               sparse_temperature=ask.temperature)  # fmt: skip
+                parts = [torch.split(out[key], part_lens) for key in ("topk_values", "topk_indices", "logsumexp")]
+                return list(zip(*parts))
+            out = self.client.infer_tokens(name, part, lengths=part_lens, logits=True, dtype=ask.dtype)
+            return [z.float() for z in torch.split(out["logits"], part_lens)]
+
+        return self._fitting(list(range(len(lens))), lens, ask, call)
+
+    def answer_bytes(self, positions: int, ask: TokenAsk) -> int:
+        """The size the server reckons for an answer over ``positions`` positions
+        (``kd.teacher_server.lm.prepare``), which it refuses over its message limit."""
         if ask.kind == "topk":
-            out = self.client.infer_tokens(name, tokens, lengths=lens, top_k=ask.k,
-                                           sparse_temperature=ask.temperature)  # fmt: skip
-            parts = [torch.split(out[key], lens) for key in ("topk_values", "topk_indices", "logsumexp")]
-            return list(zip(*parts))
-        out = self.client.infer_tokens(name, tokens, lengths=lens, logits=True, dtype=ask.dtype)
-        return [z.float() for z in torch.split(out["logits"], lens)]
+            per = ask.k * (4 + 4) + 4  # fp32 values and int32 ids, the fp32 log-sum-exp
+        else:
+            per = self.vocab_size * torch.empty((), dtype=ask.dtype).element_size()
+        return positions * per + ANSWER_SLACK
+
+    def _plan(self, rows: list[int], lens: list[int], ask: TokenAsk) -> list[list[int]]:
+        """``rows`` in order, cut into runs whose answers fit ``answer_limit`` (a row too large on
+        its own is a run of its own: the server refuses it, naming the sizes)."""
+        runs: list[list[int]] = []
+        run: list[int] = []
+        positions = 0
+        for r in rows:
+            if run and self.answer_bytes(positions + lens[r], ask) > self.answer_limit:
+                runs.append(run)
+                run, positions = [], 0
+            run.append(r)
+            positions += lens[r]
+        return [*runs, run] if run else runs
+
+    def _fitting(
+        self, rows: list[int], lens: list[int], ask: TokenAsk, call: Callable[[list[int]], list[Any]]
+    ) -> list[Any]:
+        """``call(run)`` (per-row answers) over ``rows`` in runs that fit; a run the server refuses
+        as too large teaches its limit and is asked again in smaller runs (same answers: each row's
+        outputs depend on that row alone)."""
+        import grpc
+
+        from kd.teacher_server.client import TeacherRequestError
+
+        out: list[Any] = []
+        for run in self._plan(rows, lens, ask):
+            try:
+                out += call(run)
+            except TeacherRequestError as e:
+                if e.code != grpc.StatusCode.RESOURCE_EXHAUSTED or "message limit" not in e.message or len(run) == 1:
+                    raise
+                need = self.answer_bytes(sum(lens[r] for r in run), ask)
+                stated = re.search(r"message limit of ([0-9.]+) MiB", e.message)
+                # The limit as the server states it (to 0.1 MiB), else half of what was refused;
+                # below ``need`` in any case, so the run is cut and this ends.
+                learned = int((float(stated.group(1)) - 0.05) * 2**20) if stated else need // 2
+                self.answer_limit = max(1, min(self.answer_limit, learned, need - 1))
+                out += self._fitting(run, lens, ask, call)
+        return out
 
     def close(self) -> None:
         self.client.close()
@@ -782,6 +862,17 @@ def precompute_tokens(
     vocab = int(source.vocab_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # A masked LM's targets describe each position's own token: refused before any work (the
+    # server refuses token_logprobs of one for the same reason).
+    facts, name = getattr(teacher, "facts", None) or {}, getattr(teacher, "teacher_name", "")
+    refuse_masked_lm(facts, name)
+    # Same vocabulary size is not the same tokenizer: where both say which, they must agree.
+    refuse_other_tokenizer(facts, name, source)
+    # A sequence past the teacher's positions fails deep inside its embedding (in process) or is
+    # refused by the server mid-run: refused here, before work, as the server words it.
+    limit = facts_max_length(facts) or model_max_length(getattr(teacher, "model", None))
+    refuse_too_long(longest_sequence(source), limit, f"teacher {name!r}",
+                    "lower the dataset's ?block= (documents are cut to it)")  # fmt: skip
     teacher_vocab = getattr(teacher, "vocab_size", None)
     if teacher_vocab is not None and int(teacher_vocab) != vocab:
         raise ValueError(

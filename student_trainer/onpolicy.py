@@ -53,6 +53,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.core.factory import logits_of
+from kd.core.lmchecks import (
+    facts_max_length,
+    longest_sequence,
+    model_max_length,
+    refuse_masked_lm,
+    refuse_other_tokenizer,
+    refuse_too_long,
+)
 from kd.core.tokens import TokenBatch, TokenSource, TokenTargets
 from kd.student_trainer.losses.token_kd import (
     DIVERGENCES,
@@ -362,6 +370,41 @@ def _val(model: nn.Module, val: TokenSource | None, config: OnPolicyConfig) -> d
     return {"ppl": m.perplexity, "acc": m.accuracy, "nll": m.loss, "tokens": m.tokens}
 
 
+def longest_rollout(source: TokenSource, config: OnPolicyConfig) -> int:
+    """The longest sequence a run builds from ``source``'s samples: a prompt (``prompt_lengths``)
+    and at most ``config.max_new_tokens`` tokens after it, sampled or the sample's own."""
+    if not source.instruct:  # every prompt is prompt_tokens, cut to leave one real token
+        longest = longest_sequence(source)
+        return max(1, min(int(config.prompt_tokens), longest - 1)) + int(config.max_new_tokens)
+    prompt = 0  # instruction data: each sample's own prompt
+    for lo in range(0, len(source), 256):
+        batch = source.batch(range(lo, min(lo + 256, len(source))))
+        prompt = max(prompt, int(prompt_lengths(batch, config.prompt_tokens, True).max()))
+    return prompt + int(config.max_new_tokens)
+
+
+def check_lengths(
+    student: nn.Module,
+    facts: dict[str, str],
+    teacher: str,
+    train: TokenSource,
+    config: OnPolicyConfig,
+    *,
+    val: TokenSource | None = None,
+) -> None:
+    """Refuse, before any step, a run whose sequences would pass the student's positions (its
+    ``max_length`` or Hugging Face config) or the served teacher's (its ``max_length`` fact):
+    the student's embedding fails deep inside, the server only at that batch."""
+    hint = "lower --prompt-tokens / --max-new-tokens (or the dataset's ?block=)"
+    student_limit, teacher_limit = model_max_length(student), facts_max_length(facts)
+    for src in (train, val) if val is not None and config.eval_prompts else (train,):
+        longest = longest_rollout(src, config)
+        refuse_too_long(longest, student_limit, "the student", hint)
+        refuse_too_long(longest, teacher_limit, f"teacher {teacher!r}", hint)
+    if val is not None:  # the perplexity before and after runs the student over whole samples
+        refuse_too_long(longest_sequence(val), student_limit, "the student", "lower --val-dataset's ?block=")
+
+
 def train_onpolicy(
     student: nn.Module,
     client: TeacherClient,
@@ -379,7 +422,16 @@ def train_onpolicy(
     config.validate()
     if len(train) == 0:
         raise ValueError(f"{train.uri} has no samples")
-    vocab = client.describe(teacher).num_classes
+    desc = client.describe(teacher)
+    facts = dict(desc.signature.extra) if desc.signature is not None else {}
+    # Checked before any step: a masked LM scores each position's own token, not the next one.
+    refuse_masked_lm(facts, teacher)
+    # The prompts (and the held-out data) must be the teacher's tokens, not merely as many ids.
+    refuse_other_tokenizer(facts, teacher, train)
+    if val is not None:
+        refuse_other_tokenizer(facts, teacher, val, "--val-dataset")
+    check_lengths(student, facts, teacher, train, config, val=val)
+    vocab = desc.num_classes
     if int(vocab) != train.vocab_size:
         raise ValueError(f"teacher {teacher!r} has {vocab} ids but {train.uri}'s tokenizer has {train.vocab_size}")
     started = time.perf_counter()

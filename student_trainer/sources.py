@@ -295,6 +295,7 @@ class ServerSource(SoftTargetSource):
         # The teacher's final transform (kd.core.views.pixels_to_input): image views sent by value
         # are resized to its input and normalised with its mean/std, as the server does by reference.
         sig = desc.signature
+        self.signature = sig  # what a token trainer checks up front (task, tokenizer, max_length)
         self.mean = None if sig is None else sig.mean
         self.std = None if sig is None else sig.std
         self.floating = desc.input_dtype.is_floating_point

@@ -51,6 +51,14 @@ from torch import nn
 from kd.core import reductions
 from kd.core.factory import logits_of
 from kd.core.files import replace_atomically
+from kd.core.lmchecks import (
+    facts_max_length,
+    longest_sequence,
+    model_max_length,
+    refuse_masked_lm,
+    refuse_other_tokenizer,
+    refuse_too_long,
+)
 from kd.core.samples import SampleSource
 from kd.core.views import Final
 from kd.student_trainer import optim
@@ -897,6 +905,14 @@ TOKEN_OPTIMIZERS = ("adam", "adamw", "sgd")
 TOKEN_AMP = ("fp32", "bf16")
 
 
+def source_facts(source: SoftTargetSource) -> dict[str, str]:
+    """The signature facts of a live token teacher behind ``source`` (a ``local:`` teacher or a
+    ``server:`` one); empty for a cache, whose records say nothing of the teacher's task."""
+    teacher = getattr(source, "teacher", None)
+    sig = getattr(teacher, "signature", None) or getattr(source, "signature", None)
+    return dict(getattr(sig, "extra", None) or {})
+
+
 def train_tokens(
     student: nn.Module,
     train: SampleSource,
@@ -931,6 +947,13 @@ def train_tokens(
     from kd.student_trainer.losses.token_kd import token_mask
 
     loss_fn = get_method(method)
+    facts, name = source_facts(source), str(getattr(source, "teacher_name", "") or "")
+    refuse_masked_lm(facts, name)
+    refuse_other_tokenizer(facts, name, train)
+    # Sequences past a model's positions fail deep inside its embedding: refused before any step.
+    longest = longest_sequence(train)
+    refuse_too_long(longest, model_max_length(student), "the student", "lower the dataset's ?block=")
+    refuse_too_long(longest, facts_max_length(facts), f"teacher {name!r}", "lower the dataset's ?block=")
     if source.num_classes != train.num_classes:
         raise ValueError(f"source has vocabulary {source.num_classes}, the token source {train.num_classes}")
     if accumulate < 1 or batch_size < 1 or epochs < 0:

@@ -18,6 +18,8 @@ Its signature: ``tokens: int64 [S] -> logits: float32 [S, V]`` with ``extra`` fa
 ``kind=tokens``, ``task``, ``vocab_size``, ``max_length`` (0: not bounded) and
 ``tokenizer`` (sha256/16 over the tokenizer files of the directory, when it has any).
 The target fingerprint covers those facts (``kd.core.signature.target_fingerprint``).
+An ``hf:DIR`` with a tokenizer.json also reports ``tokenizer_json`` (sha256/16 of that
+file, as a dataset's ``?tokenizer=`` hashes it), which the trainers compare with the data's.
 
 **Requests** are right-padded ``[N, S]`` ids (int64 or int32) with the real length of
 each row (``InferRequest.lengths``; none: every row is S long) and optionally the
@@ -229,6 +231,11 @@ def load_token_teacher(
     facts.update(task=task, vocab_size=str(vocab), max_length=str(max_length), source="hf" if hf else "module")
     if tok:
         facts["tokenizer"] = str(tok)
+    if hf and (directory / "tokenizer.json").is_file():
+        # The directory's tokenizer.json alone, hashed as a dataset's ?tokenizer=PATH reports it
+        # (kd.core.tokens.JsonTokenizer.hash), so a dataset of another tokenizer can be told
+        # apart; "tokenizer" (every tokenizer file) stays what the fingerprint covers.
+        facts["tokenizer_json"] = hashlib.sha256((directory / "tokenizer.json").read_bytes()).hexdigest()[:16]
     signature = TeacherSignature(
         (TensorSpec("tokens", torch.int64, (VARIABLE,)),),
         (TensorSpec("logits", torch.float32, (VARIABLE, vocab)),),

@@ -115,3 +115,86 @@ def test_served_records_equal_the_in_process_records(tmp_path: Path, source) -> 
     t = CacheReader(tmp_path / "srv-sample:12x2")
     ids, counts = get_codec("sample:12x2").decode_rounds(np.concatenate(t.read_sequences([0])), VOCAB)
     assert bool((counts.sum(-1) == 12).all()) and not torch.equal(ids[:, 0], ids[:, 1])
+
+
+def _records(path: Path, n: int) -> list[np.ndarray]:
+    r = CacheReader(path)
+    assert r.verify().ok and len(r) == n
+    return r.read_sequences(range(n))
+
+
+def test_a_batch_is_asked_in_requests_whose_answers_fit_the_servers_limit(tmp_path: Path, source) -> None:
+    """A server with a 64 KiB message limit cannot send the fp16 logits of a whole batch (164
+    positions x 518 B): the batch is asked in several requests, and the records equal those
+    of one request per batch (a server with the default limit) and of the in-process teacher."""
+    from kd.teacher_server.loading import load_teacher
+    from kd.teacher_server.server import TeacherOptions, start_server
+
+    n = len(source)
+    positions = int(source.batch(range(n)).attention_mask.sum())
+    assert positions * 2 * VOCAB > 64 << 10  # the whole batch's answer does not fit the small limit
+    served = load_teacher("lm", SPEC)
+    for name, limit in (("whole", None), ("split", 64 << 10)):
+        running = start_server([served], batching=TeacherOptions(max_batch_tokens=512, warmup=False),
+                               **({} if limit is None else {"max_message_bytes": limit}))  # fmt: skip
+        try:
+            for codec in ("fp16", "topk:8"):
+                remote = ServerTokenTeacher(f"127.0.0.1:{running.port}", "lm")
+                try:
+                    precompute_tokens(source, remote, tmp_path / f"{name}-{codec}", codec=codec, batch_size=256)
+                    if limit is not None and codec == "fp16":
+                        assert remote.answer_limit < limit  # learned from the server's refusal
+                finally:
+                    remote.close()
+        finally:
+            running.stop(grace=1)
+    for codec in ("fp16", "topk:8"):
+        precompute_tokens(source, LocalTokenTeacher.from_spec(SPEC, name="lm"), tmp_path / f"loc-{codec}",
+                          codec=codec, batch_size=256)  # fmt: skip
+        whole, split, local = (_records(tmp_path / f"{k}-{codec}", n) for k in ("whole", "split", "loc"))
+        for a, b, c in zip(whole, split, local):
+            assert np.array_equal(a, b) and np.array_equal(a, c), codec
+
+
+def big_bigram(vocab: int = 70_000) -> BigramLM:
+    """A causal bigram of a realistic vocabulary (70,000 ids; under a million weights: fast)."""
+    torch.manual_seed(5)
+    model = BigramLM(4)
+    model.embed, model.prev = nn.Embedding(vocab, 4), nn.Embedding(vocab, 4)
+    model.head = nn.Linear(4, vocab)
+    return model
+
+
+def test_precompute_default_batch_of_a_large_vocabulary_through_a_server(tmp_path: Path) -> None:
+    """kd precompute's default --batch-size (256) at 70,000 ids: 48 blocks of 8 positions ask
+    for 51 MiB of fp16 logits, over a 2 MiB server limit (as 4 GiB is over the default 256 MiB
+    at block 128): it is asked in requests that fit, and the records equal the in-process ones."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+    from kd.teacher_server.loading import load_teacher
+    from kd.teacher_server.server import TeacherOptions, start_server
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(70_000 - 3)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    (tmp_path / "a.txt").write_text(" ".join(f"w{i}" for i in rng.integers(0, 69_990, 48 * 8)))
+    uri = f"text:{tmp_path / 'a.txt'}?block=8&tokenizer={tmp_path / 'tokenizer.json'}"
+    data = open_source(uri)
+    assert data.vocab_size == 70_000 and len(data) >= 40
+    spec = f"{__name__}:big_bigram"
+    running = start_server([load_teacher("lm", spec)], batching=TeacherOptions(max_batch_tokens=512, warmup=False),
+                           max_message_bytes=2 << 20)  # fmt: skip
+    try:
+        res = CliRunner().invoke(app, ["precompute", "--source", f"server:127.0.0.1:{running.port}/lm", "--dataset",
+                                       uri, "--codec", "fp16", "--out", str(tmp_path / "srv")])  # fmt: skip
+        assert res.exit_code == 0, res.output
+    finally:
+        running.stop(grace=1)
+    precompute_tokens(data, LocalTokenTeacher.from_spec(spec, name="lm"), tmp_path / "loc", codec="fp16",
+                      batch_size=256)  # fmt: skip
+    for a, b in zip(_records(tmp_path / "srv", len(data)), _records(tmp_path / "loc", len(data))):
+        assert np.array_equal(a, b)
