@@ -13,15 +13,18 @@ cache stores one record per sequence: ``S`` such rows behind a small header
   the maximum are clipped there: together they hold at most e^-20 / e^-10 of the
   mass. Meant for flat teachers, whose mass is spread over many classes, where no
   sparse codec covers it.
-* ``topk:K``: the K largest logits (fp16), their class indices (the smallest
-  unsigned type that holds the class count) and the row's log-sum-exp of
-  z / T_c (fp32), so the mass outside the top K at T_c is known exactly. The
-  top K of z are the top K at every temperature; the mass they cover does depend
-  on T (``covered_mass``; ``kd cache info`` reports it). Decodes to
-  ``SparseTargets("topk")``: the KD losses compare the K stored classes plus one
-  **rest bucket** holding the exact remaining mass (never spread over the other
-  classes); ``decode`` (dense logits, for methods that need them) is the
-  maximum-entropy completion: the remaining mass spread evenly.
+* ``topk:K``: the classes of the K largest logits (the smallest unsigned type that
+  holds the class count), their log-probabilities at T_c (fp16: ``z / T_c - logsumexp``,
+  which lie in (-inf, 0], so a probability keeps fp16's *relative* precision) and the log of
+  the mass outside them at T_c (fp32), computed in float64 from the fp32 top-k parts
+  (``TopKCodec``). The top K of z are the top K at every temperature; the mass they cover
+  does depend on T (``covered_mass``; ``kd cache info`` reports it). Decodes to
+  ``SparseTargets("topk")`` with the K probabilities rescaled so that they and the stored
+  rest sum to 1: the KD losses compare the K stored classes plus one **rest bucket**
+  holding the remaining mass (never spread over the other classes); ``decode`` (dense
+  logits, for methods that need them) is the maximum-entropy completion: the remaining
+  mass spread evenly. The decoded values are ``T_c * log p`` with ``logsumexp`` 0 (the
+  logits up to a constant per row).
 * ``sample:K`` and ``sample:KxR`` (Anshumann et al. 2025, "Sparse Logit
   Sampling"): K ids drawn with replacement from softmax(z / T_s), T_s the cache
   temperature (1 by default, the paper's), stored as unique ids with uint8
@@ -58,6 +61,15 @@ changed layout (version 1 stored one draw at T with replacement and its unused
 logits); a version-1 ``sample:K`` cache is refused with a message to rebuild it.
 Every other version-1 cache reads as before (same bytes; topk's loss now uses
 the rest bucket).
+
+Codec version 3: ``topk:K`` stores log-probabilities at T_c and the log of the rest mass
+instead of the raw logits (fp16) and ``logsumexp(z / T_c)`` (fp32), same record size.
+fp16's absolute rounding of a raw logit (~0.016 for |z| in 32..64) made a confident
+teacher's stored probabilities sum to 1.0135 and the rest go negative. A cache of
+version 2 or older is decoded with the layout it was written with (``TopKCodec.version``,
+from the metadata's ``codec_version``); a version-3 cache is refused by a kd that reads up
+to version 2 ("upgrade kd"), so neither is read with the other's layout. Every other
+codec's records are unchanged.
 """
 
 from __future__ import annotations
@@ -71,11 +83,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from kd.core.sparse import sample_parts
+from kd.core.sparse import sample_parts, topk_parts
 from kd.core.targets import SparseTargets
 from kd.core.tokens import TokenTargets
 
-CODEC_VERSION = 2
+CODEC_VERSION = 3
 MAX_SAMPLE_DRAWS = 255  # counts are uint8
 
 
@@ -257,11 +269,43 @@ class QuantCodec(Codec):
 
 @dataclass(frozen=True)
 class TopKCodec(Codec):
+    """``topk:K``: the K largest logits' classes and their probabilities at T_c (see the module).
+
+    Record layout, version 3 (``CODEC_VERSION``): K **log-probabilities** at T_c,
+    ``l_k = z_k / T_c - logsumexp(z / T_c)`` (fp16, rounded to nearest, clipped to fp16's
+    range: -65504 is probability 0 in any float), K class ids (``index_bytes``), then the
+    **log of the rest mass** ``log(1 - sum_k p_k)`` at T_c (fp32; -inf when nothing is left).
+    Both are computed in float64 from the top-k parts (``kd.core.sparse.topk_parts``: fp32
+    values and fp32 logsumexp, what a server sends), so a cache filled from a server's reply
+    holds the same bytes as one filled from full logits.
+
+    What is exact: each decoded probability to fp16's *relative* precision, |dp| / p <=
+    2^-11 |l_k| + 2^-24 / p (normal and subnormal fp16 steps), doubled by the renormalisation
+    below; the rest mass to the fp32 parts' precision (an absolute error of a few fp32 ulps
+    of ``logsumexp``: ~1e-6 at logits of 40). Decoding rescales the K probabilities so that
+    they and the stored rest sum to exactly 1 (so the stored mass never exceeds 1 and a
+    student equal to the teacher has a loss of ~0), and returns ``values = T_c * log p``
+    (fp32, rounded toward -inf) with ``logsumexp`` 0: logits shifted by a constant per row,
+    which no softmax sees. The teacher's own logit scale is not kept.
+
+    Version 2 and older (caches written before; ``get_codec(..., version=2)``): the K raw
+    logits in fp16 and ``logsumexp(z / T_c)`` in fp32, decoded as stored. fp16's absolute
+    rounding of a logit (~0.016 for |z| in 32..64) made a confident teacher's stored
+    probabilities sum to more than 1 there; such caches still read exactly as before."""
+
     k: int = 10
+    version: int = CODEC_VERSION  # the record layout (see the class)
+
+    @property
+    def log_probs(self) -> bool:
+        """Whether the records hold log-probabilities and the rest mass (version 3 on)."""
+        return self.version >= 3
 
     @property
     def max_abs(self) -> float | None:
-        return float(torch.finfo(torch.float16).max)  # values are stored as fp16
+        if self.log_probs:
+            return None  # log-probabilities are stored: any finite logit fits
+        return float(torch.finfo(torch.float16).max)  # version 2: values are stored as fp16
 
     def _layout(self, num_classes: int) -> tuple[np.dtype, int, int]:
         idx = _index_dtype(num_classes)
@@ -276,26 +320,57 @@ class TopKCodec(Codec):
     def encode(self, logits: torch.Tensor, keys: np.ndarray | None = None) -> np.ndarray:
         z = logits.detach().to("cpu", torch.float32)
         self.record_bytes(z.shape[1])
-        values, indices = z.topk(self.k, dim=1)
-        return self._pack(values, indices, torch.logsumexp(z / self.temperature, dim=1), z.shape[1])
+        values, indices, lse = topk_parts(z, self.k, self.temperature)
+        return self._pack(values, indices, lse, z.shape[1])
 
     def decode_sparse(self, raw: np.ndarray, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (values fp32 [B, K], indices int64 [B, K], logsumexp fp32 [B])."""
+        """-> (values fp32 [B, K], indices int64 [B, K], logsumexp fp32 [B]) with
+        ``log p = values / T_c - logsumexp`` at T_c. Version 3: ``values = T_c * log p``
+        (renormalised with the stored rest, see the class), ``logsumexp`` 0; version 2: the
+        stored fp16 logits and fp32 logsumexp."""
         idx_dt, vbytes, ibytes = self._layout(num_classes)
         raw = np.ascontiguousarray(raw)
-        values = raw[:, :vbytes].copy().view("<f2").astype(np.float32)
+        stored = raw[:, :vbytes].copy().view("<f2")
         indices = raw[:, vbytes : vbytes + ibytes].copy().view(idx_dt).astype(np.int64)
-        lse = raw[:, vbytes + ibytes :].copy().view("<f4")[:, 0]
-        return torch.from_numpy(values), torch.from_numpy(indices), torch.from_numpy(lse.copy())
+        last = raw[:, vbytes + ibytes :].copy().view("<f4")[:, 0]
+        if not self.log_probs:
+            values, lse = stored.astype(np.float32), last.copy()
+        else:
+            values, lse = self._probs_values(stored.astype(np.float64), last.astype(np.float64)), np.zeros_like(last)
+        return torch.from_numpy(values), torch.from_numpy(indices), torch.from_numpy(lse)
+
+    def _probs_values(self, log_p: np.ndarray, log_rest: np.ndarray) -> np.ndarray:
+        """float64 stored log p [B, K] and log rest [B] -> fp32 ``T_c * log p'`` with the K
+        probabilities rescaled to ``1 - rest`` (their fp16 errors no longer add up past 1)."""
+        top = log_p.max(axis=1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_s = top[:, 0] + np.log(np.exp(log_p - top).sum(axis=1))  # log sum p_k, float64
+            log_target = np.log1p(-np.exp(log_rest))  # log(1 - rest): exact for a tiny rest
+        scaled = self.temperature * (log_p + (log_target - log_s)[:, None])
+        out = scaled.astype(np.float32)
+        # Round toward -inf, so no decoded probability exceeds its float64 value (the sum stays <= 1).
+        up = out.astype(np.float64) > scaled
+        out[up] = np.nextafter(out[up], np.float32(-np.inf))
+        return out
 
     def _pack(self, values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int) -> np.ndarray:
+        """Records from the top-k parts: values fp32 [B, K] (the logits z), indices [B, K] and
+        ``logsumexp(z / T_c)`` fp32 [B] (``kd.core.sparse.topk_parts``, a server's reply)."""
         idx_dt, _, _ = self._layout(num_classes)
-        parts = [
-            values.to(torch.float16).numpy().view(np.uint8),
-            indices.numpy().astype(idx_dt).view(np.uint8),
-            lse.reshape(-1, 1).numpy().astype("<f4").view(np.uint8),
-        ]
-        return np.concatenate(parts, axis=1)
+        if not self.log_probs:
+            head = values.to(torch.float16).numpy().view(np.uint8)
+            tail = lse.reshape(-1, 1).numpy().astype("<f4").view(np.uint8)
+        else:
+            # float64 from the fp32 parts: log p at T_c, and the rest 1 - sum p as log(-expm1(log sum p))
+            # so a tiny rest keeps its digits (clipped to 0 where the parts' rounding leaves sum p >= 1).
+            log_p = values.double().numpy() / self.temperature - lse.double().numpy()[:, None]
+            log_s = np.logaddexp.reduce(log_p, axis=1) if log_p.shape[1] else np.full(len(log_p), -np.inf)
+            with np.errstate(divide="ignore"):
+                log_rest = np.where(log_s < 0, np.log(-np.expm1(np.minimum(log_s, 0.0))), -np.inf)
+            fp16_min = float(np.finfo(np.float16).min)
+            head = np.clip(log_p, fp16_min, 0.0).astype("<f2").view(np.uint8)
+            tail = log_rest.reshape(-1, 1).astype("<f4").view(np.uint8)
+        return np.concatenate([head, indices.numpy().astype(idx_dt).view(np.uint8), tail], axis=1)
 
     def decode_targets(self, raw: np.ndarray, num_classes: int, keys: np.ndarray | None = None) -> SparseTargets:
         values, indices, lse = self.decode_sparse(raw, num_classes)
@@ -793,7 +868,7 @@ def get_codec(
             example = "sample:12 or sample:12x4" if kind == "sample" else f"{kind}:10"
             raise ValueError(f"codec {name!r}: K must be a positive integer, as in {example}")
         if kind == "topk":
-            return TopKCodec(name, t, k=k)
+            return TopKCodec(name, t, k=k, version=version)
         if kind == "rand":
             return RandomSubsetCodec(name, t, m=k, bits=bits)
         if version < 2:

@@ -845,7 +845,7 @@ class CacheWriter:
         peak = float(values.abs().max()) if values.numel() else 0.0
         if not (math.isfinite(peak) and bool(torch.isfinite(lse).all())):
             raise ValueError("put_topk: values or log-sum-exp contain NaN or Inf; refusing to cache them")
-        if peak > codec.max_abs:
+        if codec.max_abs is not None and peak > codec.max_abs:  # version 2 kept fp16 logits
             raise ValueError(f"put_topk: |logits| up to {peak:.4g} exceed the {self.meta.codec} range "
                              f"({codec.max_abs:.4g})")  # fmt: skip
         ii, vv = torch.tensor(idx, dtype=torch.long), torch.tensor(vw, dtype=torch.long)

@@ -1155,7 +1155,9 @@ def cache_export(
     to: str = typer.Option("npz", help="Format: npz."),
 ) -> None:
     """Export every record for other tools: arrays index, view, and logits (dense codecs)
-    or topk/sample indices, logits and logsumexp (sparse codecs), plus the metadata as JSON."""
+    or topk/sample indices, logits and logsumexp (sparse codecs; log p = logits / T - logsumexp at
+    the cache temperature T, and a topk cache of codec version 3 gives logits = T log p with
+    logsumexp 0), plus the metadata as JSON."""
     import numpy as np
 
     from kd.cache import CacheError

@@ -625,12 +625,12 @@ def sample_rows(codec: Any, ids: list[torch.Tensor], counts: list[torch.Tensor],
 
 def topk_rows(codec: Any, values: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, vocab: int) -> np.ndarray:
     """``topk:K`` codec rows from the parts (values [L, K], ids [L, K], lse [L]); refuses what
-    the codec would: NaN/Inf, or values beyond its fp16 range."""
+    the codec would: NaN/Inf, or (version 2 caches) values beyond its fp16 range."""
     values, lse = values.to("cpu", torch.float32), lse.to("cpu", torch.float32)
     peak = float(values.abs().max()) if values.numel() else 0.0
     if not (math.isfinite(peak) and bool(torch.isfinite(lse).all())):
         raise ValueError("top-k values or log-sum-exp contain NaN or Inf; refusing to cache them")
-    if peak > codec.max_abs:
+    if codec.max_abs is not None and peak > codec.max_abs:  # version 2 kept fp16 logits
         raise ValueError(f"|logits| up to {peak:.4g} exceed the {codec.name} range ({codec.max_abs:.4g})")
     return codec._pack(values, ids.to("cpu", torch.int64), lse, vocab)
 
@@ -929,6 +929,9 @@ def precompute_tokens(
         Progress(TextColumn("precompute {task.description}"), BarColumn(), MofNCompleteColumn(),
                  TimeRemainingColumn(), disable=not progress) as bar,
     ):  # fmt: skip
+        # A resumed cache keeps the record layout it was written with (its codec_version: topk:K
+        # of version 2 holds fp16 logits, of version 3 log-probabilities): rows are made by its codec.
+        codec_obj = writer.codec
         done = {i for i, _ in writer.present()}
         todo = [i for i in range(n) if i not in done]
         task = bar.add_task(f"{source.dataset_id} -> {out}", total=n, completed=n - len(todo))

@@ -59,7 +59,7 @@ from torch import nn
 
 from kd.core import factory
 from kd.core.signature import VARIABLE, TeacherSignature, TensorSpec, target_fingerprint, target_options
-from kd.core.sparse import topk_parts
+from kd.core.sparse import sent_topk_logsumexp, topk_parts
 from kd.teacher_server import access as tiers
 from kd.teacher_server.batcher import (
     BatcherStats,
@@ -507,6 +507,8 @@ def postprocess(
         check_finite("logsumexp", out["logsumexp"])  # z / T overflows at a small sparse_temperature
         out["topk_values"] = values.to(dt)
         check_finite("topk_values", out["topk_values"])  # float16 overflows past 65504
+        if dt != torch.float32:  # the lse of the values as sent: their probabilities and the rest sum to 1
+            out["logsumexp"] = sent_topk_logsumexp(z, out["topk_values"], ids, temperature)
         out["topk_indices"] = ids.to(torch.int32)
     if spec.token_samples:
         if "logsumexp" not in out:

@@ -22,7 +22,7 @@ import torch
 
 from kd.core import reductions
 from kd.core.reductions import shorten
-from kd.core.sparse import sample_parts, topk_parts
+from kd.core.sparse import sample_parts, sent_topk_logsumexp, topk_parts
 from kd.v1 import teacher_pb2 as pb
 
 FLOAT_OUT = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16}
@@ -88,6 +88,8 @@ def postprocess(spec: pb.OutputSpec, out: dict[str, torch.Tensor], *, labels_onl
         values, indices, lse = topk_parts(logits, spec.top_k, temperature)
         result["topk_values"] = values.to(dt)
         result["topk_indices"] = indices.to(torch.int32)
+        if dt != torch.float32:  # the lse of the values as sent: their probabilities and the rest sum to 1
+            lse = sent_topk_logsumexp(logits, result["topk_values"], indices, temperature)
         result["logsumexp"] = lse
         check_finite("logsumexp", lse)  # z / T overflows float32 at a small T with finite logits
     if spec.class_samples:

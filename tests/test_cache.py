@@ -144,26 +144,28 @@ def test_topk_keeps_top_classes_and_spreads_the_tail_evenly(tmp_path: Path) -> N
     reader = CacheReader(tmp_path / "c")
 
     ref_vals, ref_idx = z.topk(k, dim=1)
-    ref_lse = torch.logsumexp(z, dim=1)
+    ref_logp = torch.log_softmax(z.double(), dim=1).gather(1, ref_idx)
     values, indices, lse = reader.codec.decode_sparse(reader.read_raw(range(n)), c)
     assert torch.equal(indices, ref_idx)
-    assert (values - ref_vals).abs().le(ref_vals.abs() * 2.0**-11).all()
-    assert torch.allclose(lse, ref_lse, rtol=1e-6, atol=0)
+    # Codec version 3: log p at T_c = 1 (fp16, <= 2^-11 |log p|; rescaled with the stored rest by at most
+    # the largest of those) with logsumexp 0, plus fp32 rounding of the parts.
+    log_tol = ref_logp.abs() * 2.0**-11 + (ref_logp.abs() * 2.0**-11).amax(1, keepdim=True) + 1e-5
+    assert bool(((values.double() - lse.double()[:, None] - ref_logp).abs() <= log_tol).all())
+    assert not lse.any()
 
     dense = reader.get(range(n))
     assert dense.shape == (n, c)
-    assert torch.equal(dense.gather(1, ref_idx), ref_vals.half().float())
+    assert torch.equal(dense.gather(1, ref_idx), values)
     assert torch.equal(dense.argmax(dim=1), z.argmax(dim=1))
 
     p = torch.softmax(z, dim=1)
     p_dec = torch.softmax(dense, dim=1)
     assert torch.allclose(p_dec.sum(dim=1), torch.ones(n), atol=1e-5)
 
-    # Top-K probabilities: log-probability off by at most the fp16 rounding of the logit
-    # (<= 2^-11 |v|) plus float32 rounding of the log-sum-exp.
+    # Top-K probabilities: off by at most the log-probability bound above.
     p_top = p.gather(1, ref_idx)
     p_dec_top = p_dec.gather(1, ref_idx)
-    tol_top = p_top * torch.expm1(ref_vals.abs() * 2.0**-11 + 1e-5)
+    tol_top = p_top * torch.expm1(log_tol.float())
     assert ((p_dec_top - p_top).abs() <= tol_top).all()
 
     # Tail: every other class gets (1 - sum(top-K probs)) / (C - K).
@@ -178,10 +180,14 @@ def test_topk_keeps_top_classes_and_spreads_the_tail_evenly(tmp_path: Path) -> N
 
 
 def test_topk_edge_cases() -> None:
-    # K == C: nothing in the tail, the dense decode is the fp16 logits themselves.
+    # K == C: nothing in the tail, the dense decode is the log-probabilities themselves (fp16, then
+    # rescaled to sum to 1: within twice fp16's relative step of |log p|).
     z = random_logits(4, 6, seed=3)
     codec = get_codec("topk:6")
-    assert torch.equal(codec.decode(codec.encode(z), 6), z.half().float())
+    dense = codec.decode(codec.encode(z), 6)
+    ref = torch.log_softmax(z.double(), dim=1)
+    assert bool(((dense.double() - ref).abs() <= 2 * 2.0**-11 * ref.abs().amax(1, keepdim=True) + 1e-6).all())
+    assert float(dense.double().exp().sum(1).sub(1).abs().max()) < 1e-6
     # K > C is refused, for the codec and for a writer.
     with pytest.raises(ValueError, match="topk:7 needs at least 7 classes"):
         get_codec("topk:7").record_bytes(6)
@@ -219,8 +225,10 @@ def test_topk_index_width_switches_at_256_and_65536_classes(c: int, index_bytes:
     assert raw.shape == (2, codec.record_bytes(c))
     _, indices, _ = codec.decode_sparse(raw, c)
     assert indices.tolist() == [[c - 1, c - 2, 0], [1, c // 2, c - 1]]
-    dense = codec.decode(raw, c)
-    assert dense[0, c - 1] == 9.0 and dense[1, c // 2] == 4.0
+    dense = codec.decode(raw, c)  # log p (codec version 3): the logits up to a constant per row
+    ref = torch.log_softmax(z.double(), dim=1)
+    for r, j in ((0, c - 1), (0, c - 2), (1, c // 2)):
+        assert abs(float(dense[r, j]) - float(ref[r, j])) <= 2 * 2.0**-11 * abs(float(ref[r, j])) + 1e-5
 
 
 # --------------------------------------------------------------------------- metadata

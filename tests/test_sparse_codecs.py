@@ -243,10 +243,10 @@ def _meta(**kw: object) -> CacheMeta:
 
 def test_codec_version_is_stored_and_old_sample_caches_are_refused(tmp_path: Path) -> None:
     meta = _meta()
-    assert meta.codec_version == CODEC_VERSION == 2
+    assert meta.codec_version == CODEC_VERSION == 3
     with CacheWriter(tmp_path / "new", meta) as w:
         w.put(range(4), teacher_logits(4, 10))
-    assert CacheReader(tmp_path / "new").meta.codec_version == 2
+    assert CacheReader(tmp_path / "new").meta.codec_version == 3
     # A cache written before the field (plain JSON metadata, as version 1 wrote it).
     for codec, refused in (("sample:4", True), ("topk:3", False)):
         path = tmp_path / codec.replace(":", "-")

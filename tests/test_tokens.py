@@ -91,6 +91,62 @@ def test_json_tokenizer_trained_here(tmp_path: Path) -> None:
     assert src2.dataset_id != src.dataset_id
 
 
+class GapLM(torch.nn.Module):
+    """A token teacher over ``vocab`` ids ([B, S] int64 -> [B, S, vocab]): an embedding, so an id
+    past its vocabulary is an IndexError, as in any language model."""
+
+    input_shape = (-1,)
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.embed(tokens)
+
+
+def gap_lm(vocab: int = 41) -> GapLM:
+    return GapLM(int(vocab))
+
+
+def test_json_tokenizer_with_gaps_in_its_ids_counts_up_to_its_largest_id(tmp_path: Path) -> None:
+    """A tokenizer.json whose ids have gaps (4 tokens, ids 0, 1, 2, 40): its vocabulary is what models
+    index by, the largest id + 1 (41), not the token count (4) get_vocab_size gives, which let id 40
+    through to a 4-id teacher (an IndexError traceback from kd precompute)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    from kd.cache import CacheReader
+    from kd.cli import app
+
+    tk = tokenizers.Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "a": 2, "b": 40}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "tok.json"
+    tk.save(str(path))
+    tok = JsonTokenizer(path)
+    assert tok.vocab_size == 41 and (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, None)
+    (tmp_path / "c.txt").write_text("a b a b\nb b a\n")
+    uri = f"text:{tmp_path / 'c.txt'}?doc=line&pack=0&tokenizer={path}"
+    src = open_source(uri)
+    batch = src.batch(range(len(src)))
+    assert batch.tokens[0].tolist() == [2, 40, 2, 40, 1] and batch.tokens[1].tolist() == [40, 40, 2, 1, 0]
+    assert src.vocab_size == src.num_classes == 41
+    # kd precompute: a teacher of the token count (4 ids) is refused by name, not an IndexError ...
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    args = ["precompute", "--dataset", uri, "--codec", "fp16"]
+    res = runner.invoke(app, [*args, "--source", f"local:{__name__}:gap_lm?vocab=4", "--out", str(tmp_path / "c4")])
+    assert res.exit_code == 2 and not isinstance(res.exception, IndexError), res.output  # _fail: a usage error
+    assert "vocabulary of 4 but the dataset's tokenizer has 41 token ids" in " ".join(res.output.split())
+    # ... and one of the tokenizer's 41 ids reads every token.
+    res = runner.invoke(app, [*args, "--source", f"local:{__name__}:gap_lm", "--out", str(tmp_path / "c41")])
+    assert res.exit_code == 0, res.output
+    reader = CacheReader(tmp_path / "c41")
+    assert reader.meta.num_classes == 41 and len(reader) == 2
+
+
 def test_json_tokenizer_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TokenizerError, match="does not exist"):
         JsonTokenizer(tmp_path / "missing.json")

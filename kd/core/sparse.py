@@ -23,6 +23,25 @@ def topk_parts(
     return values, indices, torch.logsumexp(z / temperature, dim=1)
 
 
+def sent_topk_logsumexp(
+    logits: torch.Tensor, sent_values: torch.Tensor, indices: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """The log-sum-exp a server sends with top-k values cast to a narrower dtype (fp16, bf16):
+    of z / T with the K top logits replaced by the values as sent, fp32 [B].
+
+    fp16 rounds a logit by up to ~0.016 at |z| in 32..64 (bf16 ~0.125): with the exact
+    ``logsumexp(z / T)`` the client's ``exp(v / T - lse)`` of a confident row summed to more
+    than 1 and left a negative rest. With this one the sent probabilities and the rest mass
+    sum to 1 (each probability off by the value's rounding, exp(|dv| / T) - 1, as the dtype
+    asked for implies). Rounded up to fp32, so the sent probabilities never sum past 1.
+    fp32 values keep ``topk_parts``' exact log-sum-exp."""
+    z = logits.float() / temperature
+    rest = torch.logsumexp(z.scatter(1, indices, -torch.inf), dim=1).double()  # -inf when K = C
+    exact = torch.logaddexp(rest, torch.logsumexp(sent_values.double() / temperature, dim=1))  # [B] float64
+    out = exact.float()
+    return torch.where(out.double() < exact, torch.nextafter(out, torch.full_like(out, torch.inf)), out)
+
+
 def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Draws int64 [B, N] -> (unique ids [B, N] ascending, counts [B, N]) on the draws' device;
     unused slots have id 0, count 0 (the ``sample:K`` layout)."""

@@ -8,8 +8,10 @@ K coefficients in a low-rank basis decode to dense logits). Sparse ones come fro
 * ``topk``: the K largest teacher logits, their classes and the row's
   log-sum-exp of z / T_c (T_c the cache's temperature, 1 by default), so each
   stored probability and the remaining mass ``1 - sum(stored probs)`` at T_c are
-  exact. The loss compares K + 1 buckets, the stored classes and one **rest
-  bucket** (student side: logsumexp of the student over the classes not stored),
+  exact (a ``topk:K`` cache of codec version 3 gives the logits shifted by a
+  constant per row, ``T_c * log p``, with log-sum-exp 0: the same probabilities).
+  The loss compares K + 1 buckets, the stored classes and one **rest bucket**
+  (student side: logsumexp of the student over the classes not stored),
   and is minimised exactly when the student matches the teacher on them; the
   tail is never spread evenly over the other classes (an outside audit measured
   0.67 for that against 0.76 for the bucket on topk:10). At T != T_c the stored

@@ -109,7 +109,9 @@ class JsonTokenizer:
 
     Special ids are found by their usual names (``<pad>``/``[PAD]``, ``<s>``/``<bos>``,
     ``</s>``/``<|endoftext|>``...); without a pad token padding uses eos (or 0): padded
-    positions are masked anyway. The hash is that of the file's bytes.
+    positions are masked anyway. The hash is that of the file's bytes. ``vocab_size`` is the
+    largest id + 1 (added tokens included), what a model's embedding and logits are indexed by:
+    a vocabulary with gaps in its ids has fewer tokens than that.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -130,7 +132,11 @@ class JsonTokenizer:
             raise TokenizerError(f"{self.path} is not a valid tokenizer.json: {e}") from None
         self._hash = hashlib.sha256(raw).hexdigest()[:16]
         self.name = f"json:{self.path.name}"
-        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        # What models index by: the largest id + 1. get_vocab_size counts the tokens, which is
+        # smaller when the ids have gaps ({"a": 2, "b": 40}: 4 tokens, id 40), and an id past it
+        # would reach an embedding or a cache as an index out of range.
+        ids = self._tok.get_vocab(with_added_tokens=True).values()
+        self.vocab_size = max(int(self._tok.get_vocab_size(with_added_tokens=True)), max(ids, default=-1) + 1)
         self.bos_id = self._special(_BOS_NAMES)
         self.eos_id = self._special(_EOS_NAMES)
         pad = self._special(_PAD_NAMES)
@@ -424,7 +430,15 @@ class TokenSource:
             ids += i
             mask += m
             offsets.append(len(ids))
-        return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool), np.asarray(offsets, dtype=np.int64)
+        tokens = np.asarray(ids, dtype=np.int64)
+        vocab = int(self.tokenizer.vocab_size)
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+            bad = int(tokens[(tokens < 0) | (tokens >= vocab)][0])
+            raise _error(
+                f"{self.uri}: the tokenizer {self.tokenizer.name} gave token id {bad}, outside its vocabulary "
+                f"of {vocab} ids (0..{vocab - 1}); a model indexes its embedding and its logits by these ids"
+            )
+        return tokens, np.asarray(mask, dtype=bool), np.asarray(offsets, dtype=np.int64)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
