@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from kd.cache import CacheError, CacheMeta, CacheReader, CacheWriter
 from kd.cache.codecs import get_codec, index_bytes
 from kd.core.data import open_source
-from kd.core.tokens import TokenTargets, next_token_labels
+from kd.core.tokens import ByteTokenizer, TokenTargets, next_token_labels
 from kd.precompute import LocalTokenTeacher, ServerTokenTeacher, precompute_tokens
 from kd.student_trainer.losses import get_method
 from kd.student_trainer.sources import CacheSource
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 class TinyLM(nn.Module):
     """A causal bigram-ish token teacher ([B, S] int64 -> [B, S, V]): position s sees tokens s and s - 1."""
 
-    tokenizer_hash = "byte-test"
+    tokenizer_hash = ByteTokenizer().hash  # the corpus's own tokenizer (a teacher of another one is refused)
 
     def __init__(self, vocab: int = VOCAB, dim: int = 16, scale: float = 3.0) -> None:
         super().__init__()
