@@ -34,6 +34,22 @@ class TeacherRequestError(RuntimeError):
         self.message = message
 
 
+class TeacherChangedError(TeacherRequestError):
+    """A reply came from other weights than the ones this client was told to expect
+    (``TeacherClient.expect_fingerprint``): a server restarted on the same address with
+    another teacher. gRPC reconnects to it silently, so only the reply's fingerprint tells."""
+
+    def __init__(self, address: str, teacher: str, expected: str, got: str) -> None:
+        super().__init__(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"server {address} answered for teacher {teacher!r} with fingerprint {got or '(none)'}, but this run "
+            f"started with fingerprint {expected}: the server was restarted or replaced with other weights, and "
+            "mixing two teachers' targets would corrupt the run; serve the original weights at that address "
+            "again, or start the run anew against the new teacher",
+        )
+        self.address, self.teacher, self.expected, self.got = address, teacher, expected, got
+
+
 @dataclass(frozen=True)
 class ServedDataset:
     """A dataset registered on a server for inputs by reference, as the server reports it."""
@@ -275,6 +291,8 @@ class TeacherClient(TokenClientMixin):
             f"/{SERVICE_NAME}/InferStream", request_serializer=None, response_deserializer=pb.InferResponse.FromString
         )
         self.timeout = timeout
+        # teacher name -> the fingerprint every reply for it must carry (expect_fingerprint).
+        self._expected: dict[str, str] = {}
         metadata = [("authorization", f"Bearer {token}")] if token else []
         if client_id:  # how the server names this client in its query accounting (without a token)
             metadata.append(("kd-client-id", client_id))
@@ -298,6 +316,19 @@ class TeacherClient(TokenClientMixin):
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def expect_fingerprint(self, teacher: str, fingerprint: str) -> None:
+        """Every later reply for ``teacher`` must carry ``fingerprint`` (what ``describe`` said
+        when the run started), or fail with ``TeacherChangedError``: gRPC reconnects on its own to
+        a server restarted at the same address, which may hold other weights. Not for a teacher
+        that takes live weight updates (``accepts_weights``): its fingerprint changes by design."""
+        self._expected[teacher] = fingerprint
+
+    def _check_reply(self, resp: pb.InferResponse) -> None:
+        """Refuse a reply computed by other weights than the ones expected of its teacher."""
+        want = self._expected.get(resp.teacher)
+        if want is not None and resp.fingerprint != want:
+            raise TeacherChangedError(self.target, resp.teacher, want, resp.fingerprint)
 
     def list_teachers(self) -> list[TeacherDescription]:
         resp = self._call(self.stub.ListTeachers, pb.ListTeachersRequest())
@@ -385,6 +416,7 @@ class TeacherClient(TokenClientMixin):
             spec = spec_of(*asked[1:-1], sample_uniforms, sample_seed)
             body = encode_request(teacher, inputs, ref, spec)
         resp = self._call(self._infer, body)
+        self._check_reply(resp)
         self.usage = Usage.of(resp.usage)
         self.served_by = (resp.fingerprint, int(resp.weights_version))
         return _outputs(resp)
@@ -546,6 +578,7 @@ class TeacherClient(TokenClientMixin):
                         raise TeacherRequestError(e.code(), e.details()) from None
                     if resp.HasField("error"):
                         raise TeacherRequestError(status_code(resp.error.code), resp.error.message)
+                    self._check_reply(resp)
                     self.usage = Usage.of(resp.usage)
                     ready[int(resp.request_id)] = resp
                 yield decode(states.pop(want), ready.pop(want))

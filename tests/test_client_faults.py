@@ -1,0 +1,144 @@
+"""A client against servers that misbehave: a server restarted with other weights. Real gRPC servers
+(in-process on 127.0.0.1, or `kd serve` processes) and the digits teachers."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kd.cache.sharded import open_cache
+from kd.core.data import load_dataset
+from kd.models import digits_teacher
+from kd.student_trainer.sources import ReadThroughSource, ServerSource
+from kd.teacher_server.client import TeacherChangedError
+from kd.teacher_server.loading import Teacher, load_teacher
+from kd.teacher_server.server import TeacherOptions, start_server
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def train():
+    return load_dataset("digits", "train")
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory: pytest.TempPathFactory) -> Teacher:
+    """Another digits teacher (other seed) under the same name as the ``teacher`` fixture."""
+    torch.manual_seed(99)
+    path = tmp_path_factory.mktemp("other") / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in digits_teacher().state_dict().items()}, str(path))
+    return load_teacher("digits", f"kd.models:digits_teacher@{path}")
+
+
+def _free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _batches(train, n: int, size: int = 16) -> list[tuple]:
+    return [(i, train.inputs[i], train.labels[i]) for i in torch.arange(n * size).split(size)]
+
+
+# -- 1. a server restarted on its address with other weights ---------------------------------
+def test_a_server_restarted_with_other_weights_is_refused(teacher: Teacher, other: Teacher, train) -> None:
+    assert teacher.name == other.name and teacher.fingerprint != other.fingerprint
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    running = start_server([teacher], port=port)
+    src = ServerSource(address)
+    try:
+        x = train.inputs[:8]
+        src.targets(torch.arange(8), x)
+        assert len(list(src.iter_targets(_batches(train, 2)))) == 2
+        running.stop(grace=0)
+        running = start_server([other], port=port)  # the same address, other weights
+        # gRPC reconnects on its own; the replies' fingerprint is what tells.
+        with pytest.raises(TeacherChangedError) as unary:
+            src.targets(torch.arange(8), x)
+        for needed in (address, teacher.fingerprint, other.fingerprint, "restarted"):
+            assert needed in str(unary.value)
+        with pytest.raises(TeacherChangedError, match=address):
+            list(src.iter_targets(_batches(train, 2)))
+    finally:
+        src.close()
+        running.stop(grace=0)
+
+
+def test_a_restarted_pool_member_and_a_read_through_cache_are_refused(
+    tmp_path: Path, teacher: Teacher, other: Teacher, train
+) -> None:
+    port = _free_port()
+    servers = [start_server([teacher], port=0), start_server([teacher], port=port)]
+    pool = ServerSource([f"127.0.0.1:{servers[0].port}", f"127.0.0.1:{port}"], depth=2)
+    upstream = ServerSource(f"127.0.0.1:{port}")
+    rt = ReadThroughSource(str(tmp_path / "c"), upstream, train)
+    try:
+        assert len(list(pool.iter_targets(_batches(train, 4)))) == 4
+        rt.targets(torch.arange(8), train.inputs[:8])
+        servers[1].stop(grace=0)
+        servers[1] = start_server([other], port=port)
+        with pytest.raises(TeacherChangedError, match=f"127.0.0.1:{port}"):
+            list(pool.iter_targets(_batches(train, 4)))
+        with pytest.raises(TeacherChangedError):
+            rt.targets(torch.arange(8, 16), train.inputs[8:16])
+    finally:
+        pool.close()
+        rt.close()
+        for s in servers:
+            s.stop(grace=0)
+    # The cache keyed by the first teacher holds only that teacher's targets.
+    reader = open_cache(str(tmp_path / "c"))
+    assert sorted(i for i, _ in reader.keys()) == list(range(8))
+
+
+def test_a_live_weights_teacher_still_answers_after_an_update(teacher: Teacher, other: Teacher, train) -> None:
+    running = start_server([teacher], port=0, batching=TeacherOptions(warmup=False, accept_weights=True))
+    try:
+        with ServerSource(f"127.0.0.1:{running.port}") as src:
+            assert src.live_weights
+            x = train.inputs[:8]
+            before = src.targets(torch.arange(8), x)
+            assert src.client.publish_weights(teacher.name, other.model) == 1
+            after = src.targets(torch.arange(8), x)  # another fingerprint by design: not refused
+            assert not torch.allclose(before, after)
+            assert len(list(src.iter_targets(_batches(train, 2)))) == 2
+    finally:
+        running.stop(grace=0)
+
+
+def other_lm() -> torch.nn.Module:
+    """The token tests' bigram LM with other weights (``kd.precompute.ServerTokenTeacher``'s test)."""
+    from test_token_precompute_server import BigramLM
+
+    torch.manual_seed(12)
+    return BigramLM()
+
+
+def test_a_token_teacher_restarted_with_other_weights_is_refused() -> None:
+    from test_token_precompute_server import SPEC
+
+    from kd.precompute import ServerTokenTeacher
+
+    lm_a, lm_b = load_teacher("lm", SPEC), load_teacher("lm", f"{__name__}:other_lm")
+    assert lm_a.fingerprint != lm_b.fingerprint
+    port = _free_port()
+    options = TeacherOptions(max_batch_tokens=256, max_batch_size=8, warmup=False)
+    running = start_server([lm_a], port=port, batching=options)
+    remote = ServerTokenTeacher(f"127.0.0.1:{port}", "lm")
+    try:
+        tokens, lengths = torch.randint(0, 200, (2, 6)), torch.tensor([6, 4])
+        remote(tokens, lengths)
+        running.stop(grace=0)
+        running = start_server([lm_b], port=port, batching=options)
+        with pytest.raises(TeacherChangedError, match=f"127.0.0.1:{port}"):
+            remote(tokens, lengths)  # kd precompute's token path: the cache is keyed by lm_a
+    finally:
+        remote.client.close()
+        running.stop(grace=0)
