@@ -248,6 +248,12 @@ def tune_for_large_requests() -> dict[str, bool]:
     return keep_large_blocks()
 
 
+# Seconds to wait for a server before the first request: a listening server connects in
+# milliseconds, and kd serve started at the same moment (the README's `kd serve ... &` then
+# `kd precompute`) is up within seconds; a wrong or dead address then fails naming itself.
+DEFAULT_CONNECT_TIMEOUT = 30.0
+
+
 class TeacherClient(TokenClientMixin):
     """One client for one server or a pool (round_robin over addresses or a DNS name).
 
@@ -257,6 +263,11 @@ class TeacherClient(TokenClientMixin):
 
     ``token`` is sent as ``authorization: Bearer <token>``; ``root_certificates``
     (PEM bytes) turns on TLS, ``client_cert``/``client_key`` add mutual TLS.
+
+    Time limits (seconds; None: none): ``timeout`` bounds each unary request;
+    ``connect_timeout`` bounds the wait for the server before the first request (``describe``
+    or ``list_teachers``), so a wrong or dead address fails naming it instead of waiting out a
+    request's deadline.
     """
 
     def __init__(
@@ -271,6 +282,7 @@ class TeacherClient(TokenClientMixin):
         client_key: bytes | None = None,
         server_name: str | None = None,
         client_id: str | None = None,
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         options: list[tuple[str, Any]] = channel_options(max_message_bytes)
         options += [("grpc.service_config", _service_config()), ("grpc.enable_retries", 1)]
@@ -291,6 +303,8 @@ class TeacherClient(TokenClientMixin):
             f"/{SERVICE_NAME}/InferStream", request_serializer=None, response_deserializer=pb.InferResponse.FromString
         )
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._reached = False  # whether the server answered once (connect_timeout applies before that)
         # teacher name -> the fingerprint every reply for it must carry (expect_fingerprint).
         self._expected: dict[str, str] = {}
         metadata = [("authorization", f"Bearer {token}")] if token else []
@@ -331,7 +345,7 @@ class TeacherClient(TokenClientMixin):
             raise TeacherChangedError(self.target, resp.teacher, want, resp.fingerprint)
 
     def list_teachers(self) -> list[TeacherDescription]:
-        resp = self._call(self.stub.ListTeachers, pb.ListTeachersRequest())
+        resp = self._first_contact(self.stub.ListTeachers, pb.ListTeachersRequest())
         self.usage = Usage.of(resp.usage)
         return [
             TeacherDescription(
@@ -373,11 +387,37 @@ class TeacherClient(TokenClientMixin):
             f"unknown teacher {teacher!r}; server {self.target} has: {', '.join(t.name for t in teachers)}",
         )
 
-    def _call(self, method, request):
+    def _first_contact(self, method, request):
+        """``_call`` bounded by ``connect_timeout`` until the server has answered once: an address
+        nothing answers at fails here, named, instead of as a request's bare DEADLINE_EXCEEDED.
+        (A deadline, not grpc.channel_ready_future: that one leaves a gRPC polling thread behind,
+        and a DataLoader that forks its workers next to it loses them.)"""
+        if self._reached or self.connect_timeout is None:
+            return self._call(method, request)
         try:
-            return method(request, timeout=self.timeout, wait_for_ready=True, metadata=self.metadata)
+            resp = self._call(method, request, timeout=self.connect_timeout)
+        except TeacherRequestError as e:
+            if e.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            raise TeacherRequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"could not reach a teacher server at {self.target} within {self.connect_timeout:g} s "
+                "(connect_timeout): no connection could be made, or nothing answered on it (nothing listening "
+                "there, a firewall, a failed TLS handshake); check the address and that kd serve is running and "
+                "reachable from here",
+            ) from None
+        self._reached = True
+        return resp
+
+    def _call(self, method, request, timeout: float | None | object = ...):
+        timeout = self.timeout if timeout is ... else timeout
+        try:
+            return method(request, timeout=timeout, wait_for_ready=True, metadata=self.metadata)
         except grpc.RpcError as e:
-            raise TeacherRequestError(e.code(), e.details()) from None
+            details = e.details()
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # gRPC's own text names neither
+                details = f"{details}: server {self.target} did not answer within {timeout} s (timeout)"
+            raise TeacherRequestError(e.code(), details) from None
 
     def infer(
         self,

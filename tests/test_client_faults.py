@@ -1,10 +1,12 @@
-"""A client against servers that misbehave: a server restarted with other weights. Real gRPC servers
-(in-process on 127.0.0.1, or `kd serve` processes) and the digits teachers."""
+"""A client against servers that misbehave, and the addresses it is given, one section per
+failure. Real gRPC servers (in-process on 127.0.0.1, or `kd serve` processes) and the digits
+teachers."""
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from kd.cache.sharded import open_cache
 from kd.core.data import load_dataset
 from kd.models import digits_teacher
 from kd.student_trainer.sources import ReadThroughSource, ServerSource
-from kd.teacher_server.client import TeacherChangedError
+from kd.teacher_server.client import TeacherChangedError, TeacherClient, TeacherRequestError
 from kd.teacher_server.loading import Teacher, load_teacher
 from kd.teacher_server.server import TeacherOptions, start_server
 
@@ -141,4 +143,20 @@ def test_a_token_teacher_restarted_with_other_weights_is_refused() -> None:
             remote(tokens, lengths)  # kd precompute's token path: the cache is keyed by lm_a
     finally:
         remote.client.close()
+        running.stop(grace=0)
+
+
+# -- 2. an unreachable server ---------------------------------------------------------------
+def test_an_unreachable_server_fails_fast_naming_its_address(teacher: Teacher) -> None:
+    dead = f"127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(TeacherRequestError, match=f"could not reach .*{dead}.*1 s"):
+        with TeacherClient(dead, connect_timeout=1.0) as c:
+            c.describe()
+    assert time.monotonic() - t0 < 5
+    running = start_server([teacher], port=0)
+    try:  # a pool with one dead member names that member
+        with pytest.raises(TeacherRequestError, match=f"could not reach .*{dead}"):
+            ServerSource([f"127.0.0.1:{running.port}", dead], connect_timeout=1.0)
+    finally:
         running.stop(grace=0)
