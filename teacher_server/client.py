@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -252,6 +254,11 @@ def tune_for_large_requests() -> dict[str, bool]:
 # milliseconds, and kd serve started at the same moment (the README's `kd serve ... &` then
 # `kd precompute`) is up within seconds; a wrong or dead address then fails naming itself.
 DEFAULT_CONNECT_TIMEOUT = 30.0
+# Seconds a stream waits for its next reply before it gives up: the unary ``timeout``'s 60 s.
+# Any of the up-to-``depth`` requests in flight may answer, so the wait is about one forward
+# (a big model on a busy or CPU-only server: seconds to tens of seconds) plus other clients'
+# queued work, as for one unary request; a stalled server is named within a minute.
+DEFAULT_STREAM_TIMEOUT = 60.0
 
 
 class TeacherClient(TokenClientMixin):
@@ -267,7 +274,9 @@ class TeacherClient(TokenClientMixin):
     Time limits (seconds; None: none): ``timeout`` bounds each unary request;
     ``connect_timeout`` bounds the wait for the server before the first request (``describe``
     or ``list_teachers``), so a wrong or dead address fails naming it instead of waiting out a
-    request's deadline.
+    request's deadline; ``stream_timeout`` bounds how long a stream (``infer_stream``) waits
+    for its next answer, so a server that stops answering (stalled, hung, paused) fails the
+    stream instead of blocking it forever.
     """
 
     def __init__(
@@ -283,6 +292,7 @@ class TeacherClient(TokenClientMixin):
         server_name: str | None = None,
         client_id: str | None = None,
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+        stream_timeout: float | None = DEFAULT_STREAM_TIMEOUT,
     ) -> None:
         options: list[tuple[str, Any]] = channel_options(max_message_bytes)
         options += [("grpc.service_config", _service_config()), ("grpc.enable_retries", 1)]
@@ -304,6 +314,7 @@ class TeacherClient(TokenClientMixin):
         )
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.stream_timeout = stream_timeout
         self._reached = False  # whether the server answered once (connect_timeout applies before that)
         # teacher name -> the fingerprint every reply for it must carry (expect_fingerprint).
         self._expected: dict[str, str] = {}
@@ -582,14 +593,18 @@ class TeacherClient(TokenClientMixin):
         """The ordered window of one InferStream (``infer_stream``, ``infer_tokens_stream``):
         ``encode(item, request_id) -> (state, body)`` per item, up to ``depth`` requests in
         flight; replies (in any order) are matched by request id and yielded in input order as
-        ``decode(state, reply)``; an error reply or a broken stream raises TeacherRequestError."""
+        ``decode(state, reply)``; an error reply or a broken stream raises TeacherRequestError, and
+        so does a wait of over ``stream_timeout`` for the next reply (the call is cancelled)."""
         outbox: queue.Queue = queue.Queue()
 
         def requests() -> Iterator[bytes]:
             while (req := outbox.get()) is not None:
                 yield req
 
+        # No deadline on the call (a stream lives as long as its epoch) and wait_for_ready (a
+        # server restarting is waited for): the watchdog below bounds each wait for a reply instead.
         call = self._infer_stream(requests(), timeout=None, wait_for_ready=True, metadata=self.metadata)
+        watchdog = _Watchdog(call, self.stream_timeout)
         source = iter(items)
         states: dict[int, Any] = {}
         ready: dict[int, pb.InferResponse] = {}
@@ -613,8 +628,16 @@ class TeacherClient(TokenClientMixin):
             while want < sent:
                 while want not in ready:
                     try:
-                        resp = next(call)
+                        with watchdog:  # only the time spent waiting counts, not the consumer's
+                            resp = next(call)
                     except grpc.RpcError as e:
+                        if watchdog.fired:
+                            raise TeacherRequestError(
+                                grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"server {self.target} sent no answer for {self.stream_timeout} s (stream_timeout) "
+                                f"with {sent - want - len(ready)} request(s) outstanding; the stream was cancelled: "
+                                "the server is stalled, overloaded or unreachable",
+                            ) from None
                         raise TeacherRequestError(e.code(), e.details()) from None
                     if resp.HasField("error"):
                         raise TeacherRequestError(status_code(resp.error.code), resp.error.message)
@@ -625,8 +648,57 @@ class TeacherClient(TokenClientMixin):
                 want += 1
                 send_next()
         finally:
+            watchdog.close()
             outbox.put(None)
             call.cancel()
+
+
+class _Watchdog:
+    """Cancels a streaming ``call`` when one wait for its next reply (``with watchdog:``)
+    lasts over ``timeout`` seconds: a blocked ``next(call)`` takes no timeout of its own, and
+    a server that stops answering (SIGSTOP, a hung forward, a dead link that TCP has not
+    noticed) would block it forever. One thread per stream, idle between waits."""
+
+    def __init__(self, call: grpc.Future, timeout: float | None) -> None:
+        self.call, self.timeout = call, timeout
+        self.fired = False
+        self._since: float | None = None  # when the current wait began (None: not waiting)
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if timeout is not None:
+            self._thread = threading.Thread(target=self._watch, name="kd-stream-watchdog", daemon=True)
+            self._thread.start()
+
+    def __enter__(self) -> _Watchdog:
+        with self._cond:
+            self._since = time.monotonic()
+            self._cond.notify()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._since = None
+
+    def _watch(self) -> None:
+        assert self.timeout is not None
+        with self._cond:
+            while not self._closed:
+                if self._since is None:
+                    self._cond.wait()
+                    continue
+                left = self._since + self.timeout - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self.fired = True
+                self.call.cancel()  # the blocked next(call) raises CANCELLED
+                return
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
 
 
 def _outputs(resp: pb.InferResponse) -> dict[str, torch.Tensor]:

@@ -5,7 +5,10 @@ teachers."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -160,3 +163,33 @@ def test_an_unreachable_server_fails_fast_naming_its_address(teacher: Teacher) -
             ServerSource([f"127.0.0.1:{running.port}", dead], connect_timeout=1.0)
     finally:
         running.stop(grace=0)
+
+
+# -- 3. a stalled server ---------------------------------------------------------------------
+def test_a_stalled_server_fails_the_stream_naming_server_and_timeout(tmp_path: Path, teacher_spec: str, train):
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kd", "serve", "--teacher", f"digits={teacher_spec}", "--host", "127.0.0.1",
+             "--port", str(port), "--no-warmup"],
+            stdout=out, stderr=subprocess.STDOUT, env=ENV,
+        )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    try:
+        with ServerSource(address, depth=2, connect_timeout=60.0, stream_timeout=1.5) as src:
+            got = 0
+            t0 = None
+            with pytest.raises(TeacherRequestError) as stalled:
+                for _ in src.iter_targets(_batches(train, 40)):
+                    got += 1
+                    if got == 1:
+                        proc.send_signal(signal.SIGSTOP)
+                        t0 = time.monotonic()
+            assert t0 is not None and time.monotonic() - t0 < 8
+            assert stalled.value.code.name == "DEADLINE_EXCEEDED"
+            assert address in str(stalled.value) and "1.5 s" in str(stalled.value), str(stalled.value)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
