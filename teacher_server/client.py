@@ -6,8 +6,10 @@ own ``round_robin`` policy; UNAVAILABLE is retried by gRPC's retry policy.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -137,15 +139,52 @@ def _service_config() -> str:
     )
 
 
+def _split_host_port(address: str) -> tuple[str, str]:
+    """``host:port`` or ``[v6]:port`` -> (host without brackets, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"pool member {address!r}: expected HOST:PORT (an IPv6 address in brackets: [::1]:PORT)")
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host, port
+
+
+def _member_ips(address: str) -> tuple[list[str], list[str], str]:
+    """A pool member -> (its IPv4 ``ip:port`` targets, its IPv6 ``[ip]:port`` targets, its port)."""
+    host, port = _split_host_port(address)
+    try:
+        ips = [ipaddress.ip_address(host)]
+    except ValueError:  # a host name: resolved here (see target_of)
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise ValueError(f"pool member {address!r}: cannot resolve host {host!r} ({e})") from None
+        ips = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    v4 = list(dict.fromkeys(f"{ip}:{port}" for ip in ips if ip.version == 4))
+    v6 = list(dict.fromkeys(f"[{ip}]:{port}" for ip in ips if ip.version == 6))
+    return v4, v6, port
+
+
 def target_of(addresses: str | list[str]) -> str:
-    """``host:port``, a list of them, or ``dns:///name:port`` -> a gRPC target."""
+    """``host:port``, a list of them, or ``dns:///name:port`` -> a gRPC target.
+
+    One address is given to gRPC as it is (its own resolver takes host names and
+    ``[v6]:port``). A list becomes one ``ipv4:`` (or ``ipv6:``) target for gRPC's round_robin:
+    those schemes take address literals only and a gRPC target names one resolver, so host
+    names are resolved here, once, to the addresses of the family every member has (IPv4
+    first: ``localhost`` resolves to both, and a server bound to one family refuses the other).
+    """
     if isinstance(addresses, str):
         addresses = [a for a in addresses.split(",") if a]
     if len(addresses) == 1:
         return addresses[0]
     if any("://" in a for a in addresses):
         raise ValueError("give either one resolver URI (dns:///...) or a list of host:port")
-    return "ipv4:" + ",".join(addresses)
+    members = [_member_ips(a) for a in addresses]
+    if all(v4 for v4, _, _ in members):
+        return "ipv4:" + ",".join(t for v4, _, _ in members for t in v4)
+    if all(v6 for _, v6, _ in members):
+        return "ipv6:" + ",".join(t for _, v6, _ in members for t in v6)
+    raise ValueError(f"pool {','.join(addresses)}: its members have no address family in common (some only IPv4, "
+                     "some only IPv6); name them all by addresses of one family")  # fmt: skip
 
 
 def spec_of(

@@ -20,7 +20,7 @@ from kd.cache.sharded import open_cache
 from kd.core.data import load_dataset
 from kd.models import digits_teacher
 from kd.student_trainer.sources import ReadThroughSource, ServerSource
-from kd.teacher_server.client import TeacherChangedError, TeacherClient, TeacherRequestError
+from kd.teacher_server.client import TeacherChangedError, TeacherClient, TeacherRequestError, target_of
 from kd.teacher_server.loading import Teacher, load_teacher
 from kd.teacher_server.server import TeacherOptions, start_server
 
@@ -193,3 +193,43 @@ def test_a_stalled_server_fails_the_stream_naming_server_and_timeout(tmp_path: P
         proc.send_signal(signal.SIGCONT)
         proc.kill()
         proc.wait()
+
+
+# -- 4. pools named by host names and IPv6 literals ------------------------------------------
+def test_target_of_resolves_host_names_and_keeps_literals() -> None:
+    assert target_of("localhost:1,localhost:2").startswith("ipv4:127.0.0.1:1,")
+    assert target_of("10.0.0.1:5,10.0.0.2:6") == "ipv4:10.0.0.1:5,10.0.0.2:6"
+    assert target_of("[::1]:5,[::1]:6") == "ipv6:[::1]:5,[::1]:6"
+    assert target_of("gpu1:50051") == "gpu1:50051"  # one address: gRPC's own resolver
+    with pytest.raises(ValueError, match="no address family in common"):
+        target_of("127.0.0.1:5,[::1]:6")
+    with pytest.raises(ValueError, match="cannot resolve host"):
+        target_of("no-such-host.invalid:5,localhost:6")
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("family", ["localhost", "ipv6"])
+def test_a_pool_named_by_host_names_or_ipv6_literals_works(family: str, teacher: Teacher, train) -> None:
+    if family == "ipv6" and not _ipv6_loopback():
+        pytest.skip("this machine cannot bind ::1")
+    host = "[::1]" if family == "ipv6" else "127.0.0.1"
+    name = "[::1]" if family == "ipv6" else "localhost"
+    servers = [start_server([teacher], host=host, port=0) for _ in range(2)]
+    try:
+        with ServerSource(",".join(f"{name}:{s.port}" for s in servers), depth=2) as src:
+            x = train.inputs[:8]
+            with torch.inference_mode():
+                want = teacher.model(x)
+            torch.testing.assert_close(src.targets(torch.arange(8), x), want, rtol=1e-5, atol=1e-5)
+            assert len(list(src.iter_targets(_batches(train, 4)))) == 4
+    finally:
+        for s in servers:
+            s.stop(grace=0)
