@@ -195,6 +195,49 @@ def test_a_stalled_server_fails_the_stream_naming_server_and_timeout(tmp_path: P
         proc.wait()
 
 
+def test_kd_train_fails_on_a_stalled_server_after_its_server_timeout(tmp_path: Path, teacher_spec: str) -> None:
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "kd", "serve", "--teacher", f"digits={teacher_spec}", "--host", "127.0.0.1",
+         "--port", str(port), "--no-warmup"],
+        stdout=log, stderr=subprocess.STDOUT, env=ENV,
+    )  # fmt: skip
+    run = tmp_path / "run"
+    # Started together: the trainer's first contact waits for the server (connect_timeout).
+    train = subprocess.Popen(
+        [sys.executable, "-m", "kd", "train", "--source", f"server:127.0.0.1:{port}/digits", "--method", "kd",
+         "--epochs", "100", "--batch-size", "64", "--subset", "128", "--run-dir", str(run), "--server-timeout", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "metrics.csv").is_file():  # epoch 0 done: the stream is in use
+            assert train.poll() is None and time.monotonic() < deadline, train.stderr.read() if train.stderr else ""
+            time.sleep(0.05)
+        server.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        _, err = train.communicate(timeout=30)
+        assert time.monotonic() - t0 < 15
+        assert train.returncode == 2, err
+        assert f"server 127.0.0.1:{port}" in err and "1.0 s" in err, err
+    finally:
+        server.send_signal(signal.SIGCONT)
+        for p in (train, server):
+            p.kill()
+            p.wait()
+        log.close()
+
+
+def test_kd_train_refuses_a_server_timeout_that_is_not_positive() -> None:
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--source", "server:127.0.0.1:1/t", "--server-timeout", "0"])
+    assert r.exit_code == 2 and "--server-timeout 0.0" in r.output, r.output
+
+
 # -- 4. pools named by host names and IPv6 literals ------------------------------------------
 def test_target_of_resolves_host_names_and_keeps_literals() -> None:
     assert target_of("localhost:1,localhost:2").startswith("ipv4:127.0.0.1:1,")
