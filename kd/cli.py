@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import typer
@@ -680,6 +681,12 @@ def train(
         help="With --source server:...: ask only for the top K logits (+ the log-sum-exp at the method's "
         "temperature), made next to the model, instead of all C; for methods that accept sparse targets (kd).",
     ),
+    server_timeout: float = typer.Option(
+        60.0,
+        help="With server: sources: seconds one request, or a stream's wait for its next answer, may take before "
+        "the run fails naming the server (a stalled server otherwise blocks it); raise it for a teacher whose "
+        "forward takes longer.",
+    ),
     match: list[str] = typer.Option(
         [], help="Feature methods: STUDENT_LAYER=TEACHER_LAYER (module paths; 'logits' = the output). Repeatable."
     ),
@@ -774,6 +781,8 @@ def train(
         _get_method(method).check_options(_parse_options(opt))
     except (TypeError, ValueError) as e:
         _fail(str(e))
+    if not (math.isfinite(server_timeout) and server_timeout > 0):
+        _fail(f"--server-timeout {server_timeout}: give a number of seconds > 0")
     if server_topk < 0 or (server_topk and not _get_method(method).accepts_sparse):
         _fail(f"--server-topk {server_topk}: needs K >= 1 and a method that accepts sparse targets "
               f"(method {method!r} needs full logits)")  # fmt: skip
@@ -801,11 +810,16 @@ def train(
         _fail(str(e))
     _check_saveable(model, out)
 
+    # A server's client: each request, and each wait of a stream for its next answer, bounded alike.
+    timeouts = {"timeout": server_timeout, "stream_timeout": server_timeout}
+
     def open_source(ref: str):
         if ref.startswith("cache:"):
             return parse_source(ref, dataset_id=train_data.dataset_id, prefetch=prefetch)
         if ref.startswith("server:") and server_topk:
-            return parse_source(ref, topk=server_topk, temperature=sparse_temperature)
+            return parse_source(ref, topk=server_topk, temperature=sparse_temperature, **timeouts)
+        if ref.startswith("server:"):
+            return parse_source(ref, **timeouts)
         return parse_source(ref, **({"device": device} if ref.startswith("local:") else {}))
 
     src = None
@@ -815,7 +829,9 @@ def train(
                 _fail("--read-through needs one --source cache:PATH")
             from kd.student_trainer.sources import ReadThroughSource
 
-            upstream = parse_source(read_through, **({"device": device} if read_through.startswith("local:") else {}))
+            # server: and local: as a --source of that kind opens them (timeouts, device).
+            cached = read_through.startswith("cache:")
+            upstream = parse_source(read_through) if cached else open_source(read_through)
             src = ReadThroughSource(source[0][len("cache:") :], upstream, train_data, codec=codec, views=views)
         elif len(source) == 1:
             src = open_source(source[0])

@@ -716,6 +716,8 @@ class ServerTokenTeacher:
         desc = self.client.describe(teacher)
         self.teacher_name = desc.name
         self.fingerprint = desc.fingerprint
+        if not desc.accepts_weights:  # every answer must come from the weights the cache is keyed by
+            self.client.expect_fingerprint(desc.name, desc.fingerprint)
         self.vocab_size = int(desc.num_classes)  # a token teacher's num_classes is its vocabulary
         # The served teacher's signature facts (task, max_length, tokenizer...), checked up front.
         self.facts: dict[str, str] = dict(desc.signature.extra) if desc.signature is not None else {}

@@ -290,6 +290,9 @@ class ServerSource(SoftTargetSource):
         # A teacher that takes live weight updates answers from whichever version it holds: fine
         # for live targets (peer training), not for a cache keyed by one fingerprint.
         self.live_weights = desc.accepts_weights
+        if not self.live_weights:  # a server restarted at an address with other weights fails, named
+            for c in (self.client, *self.pool):
+                c.expect_fingerprint(desc.name, desc.fingerprint)
         self.num_classes = desc.num_classes
         self.input_shape = tuple(desc.input_shape)
         # The teacher's final transform (kd.core.views.pixels_to_input): image views sent by value

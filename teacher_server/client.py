@@ -6,8 +6,12 @@ own ``round_robin`` policy; UNAVAILABLE is retried by gRPC's retry policy.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import queue
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +36,22 @@ class TeacherRequestError(RuntimeError):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+
+
+class TeacherChangedError(TeacherRequestError):
+    """A reply came from other weights than the ones this client was told to expect
+    (``TeacherClient.expect_fingerprint``): a server restarted on the same address with
+    another teacher. gRPC reconnects to it silently, so only the reply's fingerprint tells."""
+
+    def __init__(self, address: str, teacher: str, expected: str, got: str) -> None:
+        super().__init__(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"server {address} answered for teacher {teacher!r} with fingerprint {got or '(none)'}, but this run "
+            f"started with fingerprint {expected}: the server was restarted or replaced with other weights, and "
+            "mixing two teachers' targets would corrupt the run; serve the original weights at that address "
+            "again, or start the run anew against the new teacher",
+        )
+        self.address, self.teacher, self.expected, self.got = address, teacher, expected, got
 
 
 @dataclass(frozen=True)
@@ -119,15 +139,52 @@ def _service_config() -> str:
     )
 
 
+def _split_host_port(address: str) -> tuple[str, str]:
+    """``host:port`` or ``[v6]:port`` -> (host without brackets, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"pool member {address!r}: expected HOST:PORT (an IPv6 address in brackets: [::1]:PORT)")
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host, port
+
+
+def _member_ips(address: str) -> tuple[list[str], list[str], str]:
+    """A pool member -> (its IPv4 ``ip:port`` targets, its IPv6 ``[ip]:port`` targets, its port)."""
+    host, port = _split_host_port(address)
+    try:
+        ips = [ipaddress.ip_address(host)]
+    except ValueError:  # a host name: resolved here (see target_of)
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise ValueError(f"pool member {address!r}: cannot resolve host {host!r} ({e})") from None
+        ips = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    v4 = list(dict.fromkeys(f"{ip}:{port}" for ip in ips if ip.version == 4))
+    v6 = list(dict.fromkeys(f"[{ip}]:{port}" for ip in ips if ip.version == 6))
+    return v4, v6, port
+
+
 def target_of(addresses: str | list[str]) -> str:
-    """``host:port``, a list of them, or ``dns:///name:port`` -> a gRPC target."""
+    """``host:port``, a list of them, or ``dns:///name:port`` -> a gRPC target.
+
+    One address is given to gRPC as it is (its own resolver takes host names and
+    ``[v6]:port``). A list becomes one ``ipv4:`` (or ``ipv6:``) target for gRPC's round_robin:
+    those schemes take address literals only and a gRPC target names one resolver, so host
+    names are resolved here, once, to the addresses of the family every member has (IPv4
+    first: ``localhost`` resolves to both, and a server bound to one family refuses the other).
+    """
     if isinstance(addresses, str):
         addresses = [a for a in addresses.split(",") if a]
     if len(addresses) == 1:
         return addresses[0]
     if any("://" in a for a in addresses):
         raise ValueError("give either one resolver URI (dns:///...) or a list of host:port")
-    return "ipv4:" + ",".join(addresses)
+    members = [_member_ips(a) for a in addresses]
+    if all(v4 for v4, _, _ in members):
+        return "ipv4:" + ",".join(t for v4, _, _ in members for t in v4)
+    if all(v6 for _, v6, _ in members):
+        return "ipv6:" + ",".join(t for _, v6, _ in members for t in v6)
+    raise ValueError(f"pool {','.join(addresses)}: its members have no address family in common (some only IPv4, "
+                     "some only IPv6); name them all by addresses of one family")  # fmt: skip
 
 
 def spec_of(
@@ -232,6 +289,17 @@ def tune_for_large_requests() -> dict[str, bool]:
     return keep_large_blocks()
 
 
+# Seconds to wait for a server before the first request: a listening server connects in
+# milliseconds, and kd serve started at the same moment (the README's `kd serve ... &` then
+# `kd precompute`) is up within seconds; a wrong or dead address then fails naming itself.
+DEFAULT_CONNECT_TIMEOUT = 30.0
+# Seconds a stream waits for its next reply before it gives up: the unary ``timeout``'s 60 s.
+# Any of the up-to-``depth`` requests in flight may answer, so the wait is about one forward
+# (a big model on a busy or CPU-only server: seconds to tens of seconds) plus other clients'
+# queued work, as for one unary request; a stalled server is named within a minute.
+DEFAULT_STREAM_TIMEOUT = 60.0
+
+
 class TeacherClient(TokenClientMixin):
     """One client for one server or a pool (round_robin over addresses or a DNS name).
 
@@ -241,6 +309,13 @@ class TeacherClient(TokenClientMixin):
 
     ``token`` is sent as ``authorization: Bearer <token>``; ``root_certificates``
     (PEM bytes) turns on TLS, ``client_cert``/``client_key`` add mutual TLS.
+
+    Time limits (seconds; None: none): ``timeout`` bounds each unary request;
+    ``connect_timeout`` bounds the wait for the server before the first request (``describe``
+    or ``list_teachers``), so a wrong or dead address fails naming it instead of waiting out a
+    request's deadline; ``stream_timeout`` bounds how long a stream (``infer_stream``) waits
+    for its next answer, so a server that stops answering (stalled, hung, paused) fails the
+    stream instead of blocking it forever.
     """
 
     def __init__(
@@ -255,6 +330,8 @@ class TeacherClient(TokenClientMixin):
         client_key: bytes | None = None,
         server_name: str | None = None,
         client_id: str | None = None,
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+        stream_timeout: float | None = DEFAULT_STREAM_TIMEOUT,
     ) -> None:
         options: list[tuple[str, Any]] = channel_options(max_message_bytes)
         options += [("grpc.service_config", _service_config()), ("grpc.enable_retries", 1)]
@@ -275,6 +352,11 @@ class TeacherClient(TokenClientMixin):
             f"/{SERVICE_NAME}/InferStream", request_serializer=None, response_deserializer=pb.InferResponse.FromString
         )
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.stream_timeout = stream_timeout
+        self._reached = False  # whether the server answered once (connect_timeout applies before that)
+        # teacher name -> the fingerprint every reply for it must carry (expect_fingerprint).
+        self._expected: dict[str, str] = {}
         metadata = [("authorization", f"Bearer {token}")] if token else []
         if client_id:  # how the server names this client in its query accounting (without a token)
             metadata.append(("kd-client-id", client_id))
@@ -299,8 +381,21 @@ class TeacherClient(TokenClientMixin):
     def wait_ready(self, timeout: float = 30.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
+    def expect_fingerprint(self, teacher: str, fingerprint: str) -> None:
+        """Every later reply for ``teacher`` must carry ``fingerprint`` (what ``describe`` said
+        when the run started), or fail with ``TeacherChangedError``: gRPC reconnects on its own to
+        a server restarted at the same address, which may hold other weights. Not for a teacher
+        that takes live weight updates (``accepts_weights``): its fingerprint changes by design."""
+        self._expected[teacher] = fingerprint
+
+    def _check_reply(self, resp: pb.InferResponse) -> None:
+        """Refuse a reply computed by other weights than the ones expected of its teacher."""
+        want = self._expected.get(resp.teacher)
+        if want is not None and resp.fingerprint != want:
+            raise TeacherChangedError(self.target, resp.teacher, want, resp.fingerprint)
+
     def list_teachers(self) -> list[TeacherDescription]:
-        resp = self._call(self.stub.ListTeachers, pb.ListTeachersRequest())
+        resp = self._first_contact(self.stub.ListTeachers, pb.ListTeachersRequest())
         self.usage = Usage.of(resp.usage)
         return [
             TeacherDescription(
@@ -342,11 +437,37 @@ class TeacherClient(TokenClientMixin):
             f"unknown teacher {teacher!r}; server {self.target} has: {', '.join(t.name for t in teachers)}",
         )
 
-    def _call(self, method, request):
+    def _first_contact(self, method, request):
+        """``_call`` bounded by ``connect_timeout`` until the server has answered once: an address
+        nothing answers at fails here, named, instead of as a request's bare DEADLINE_EXCEEDED.
+        (A deadline, not grpc.channel_ready_future: that one leaves a gRPC polling thread behind,
+        and a DataLoader that forks its workers next to it loses them.)"""
+        if self._reached or self.connect_timeout is None:
+            return self._call(method, request)
         try:
-            return method(request, timeout=self.timeout, wait_for_ready=True, metadata=self.metadata)
+            resp = self._call(method, request, timeout=self.connect_timeout)
+        except TeacherRequestError as e:
+            if e.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            raise TeacherRequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"could not reach a teacher server at {self.target} within {self.connect_timeout:g} s "
+                "(connect_timeout): no connection could be made, or nothing answered on it (nothing listening "
+                "there, a firewall, a failed TLS handshake); check the address and that kd serve is running and "
+                "reachable from here",
+            ) from None
+        self._reached = True
+        return resp
+
+    def _call(self, method, request, timeout: float | None | object = ...):
+        timeout = self.timeout if timeout is ... else timeout
+        try:
+            return method(request, timeout=timeout, wait_for_ready=True, metadata=self.metadata)
         except grpc.RpcError as e:
-            raise TeacherRequestError(e.code(), e.details()) from None
+            details = e.details()
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # gRPC's own text names neither
+                details = f"{details}: server {self.target} did not answer within {timeout} s (timeout)"
+            raise TeacherRequestError(e.code(), details) from None
 
     def infer(
         self,
@@ -385,6 +506,7 @@ class TeacherClient(TokenClientMixin):
             spec = spec_of(*asked[1:-1], sample_uniforms, sample_seed)
             body = encode_request(teacher, inputs, ref, spec)
         resp = self._call(self._infer, body)
+        self._check_reply(resp)
         self.usage = Usage.of(resp.usage)
         self.served_by = (resp.fingerprint, int(resp.weights_version))
         return _outputs(resp)
@@ -510,14 +632,18 @@ class TeacherClient(TokenClientMixin):
         """The ordered window of one InferStream (``infer_stream``, ``infer_tokens_stream``):
         ``encode(item, request_id) -> (state, body)`` per item, up to ``depth`` requests in
         flight; replies (in any order) are matched by request id and yielded in input order as
-        ``decode(state, reply)``; an error reply or a broken stream raises TeacherRequestError."""
+        ``decode(state, reply)``; an error reply or a broken stream raises TeacherRequestError, and
+        so does a wait of over ``stream_timeout`` for the next reply (the call is cancelled)."""
         outbox: queue.Queue = queue.Queue()
 
         def requests() -> Iterator[bytes]:
             while (req := outbox.get()) is not None:
                 yield req
 
+        # No deadline on the call (a stream lives as long as its epoch) and wait_for_ready (a
+        # server restarting is waited for): the watchdog below bounds each wait for a reply instead.
         call = self._infer_stream(requests(), timeout=None, wait_for_ready=True, metadata=self.metadata)
+        watchdog = _Watchdog(call, self.stream_timeout)
         source = iter(items)
         states: dict[int, Any] = {}
         ready: dict[int, pb.InferResponse] = {}
@@ -541,19 +667,77 @@ class TeacherClient(TokenClientMixin):
             while want < sent:
                 while want not in ready:
                     try:
-                        resp = next(call)
+                        with watchdog:  # only the time spent waiting counts, not the consumer's
+                            resp = next(call)
                     except grpc.RpcError as e:
+                        if watchdog.fired:
+                            raise TeacherRequestError(
+                                grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"server {self.target} sent no answer for {self.stream_timeout} s (stream_timeout) "
+                                f"with {sent - want - len(ready)} request(s) outstanding; the stream was cancelled: "
+                                "the server is stalled, overloaded or unreachable",
+                            ) from None
                         raise TeacherRequestError(e.code(), e.details()) from None
                     if resp.HasField("error"):
                         raise TeacherRequestError(status_code(resp.error.code), resp.error.message)
+                    self._check_reply(resp)
                     self.usage = Usage.of(resp.usage)
                     ready[int(resp.request_id)] = resp
                 yield decode(states.pop(want), ready.pop(want))
                 want += 1
                 send_next()
         finally:
+            watchdog.close()
             outbox.put(None)
             call.cancel()
+
+
+class _Watchdog:
+    """Cancels a streaming ``call`` when one wait for its next reply (``with watchdog:``)
+    lasts over ``timeout`` seconds: a blocked ``next(call)`` takes no timeout of its own, and
+    a server that stops answering (SIGSTOP, a hung forward, a dead link that TCP has not
+    noticed) would block it forever. One thread per stream, idle between waits."""
+
+    def __init__(self, call: grpc.Future, timeout: float | None) -> None:
+        self.call, self.timeout = call, timeout
+        self.fired = False
+        self._since: float | None = None  # when the current wait began (None: not waiting)
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if timeout is not None:
+            self._thread = threading.Thread(target=self._watch, name="kd-stream-watchdog", daemon=True)
+            self._thread.start()
+
+    def __enter__(self) -> _Watchdog:
+        with self._cond:
+            self._since = time.monotonic()
+            self._cond.notify()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._since = None
+
+    def _watch(self) -> None:
+        assert self.timeout is not None
+        with self._cond:
+            while not self._closed:
+                if self._since is None:
+                    self._cond.wait()
+                    continue
+                left = self._since + self.timeout - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self.fired = True
+                self.call.cancel()  # the blocked next(call) raises CANCELLED
+                return
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
 
 
 def _outputs(resp: pb.InferResponse) -> dict[str, torch.Tensor]:

@@ -206,7 +206,7 @@ def _outputs(
 
 
 class TokenClientMixin:
-    """Token-teacher calls of ``TeacherClient`` (needs its ``_call``, ``_infer``,
+    """Token-teacher calls of ``TeacherClient`` (needs its ``_call``, ``_check_reply``, ``_infer``,
     ``_ordered_stream``, ``describe`` and ``usage``)."""
 
     _vocab_sizes: dict[str, int]
@@ -256,6 +256,7 @@ class TokenClientMixin:
         (ids, lens, sent), body = encode_token_request(teacher, spec, tokens, lengths, attention_mask, positions,
                                                        token_logprobs)  # fmt: skip
         resp = self._call(self._infer, body)  # type: ignore[attr-defined]
+        self._check_reply(resp)  # type: ignore[attr-defined]
         self.usage = Usage.of(resp.usage)
         return _outputs(resp, ids, lens, sent, token_logprobs, self._vocab(teacher), sparse_temperature)
 

@@ -1,0 +1,278 @@
+"""A client against servers that misbehave, and the addresses it is given, one section per
+failure. Real gRPC servers (in-process on 127.0.0.1, or `kd serve` processes) and the digits
+teachers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kd.cache.sharded import open_cache
+from kd.core.data import load_dataset
+from kd.models import digits_teacher
+from kd.student_trainer.sources import ReadThroughSource, ServerSource
+from kd.teacher_server.client import TeacherChangedError, TeacherClient, TeacherRequestError, target_of
+from kd.teacher_server.loading import Teacher, load_teacher
+from kd.teacher_server.server import TeacherOptions, start_server
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def train():
+    return load_dataset("digits", "train")
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory: pytest.TempPathFactory) -> Teacher:
+    """Another digits teacher (other seed) under the same name as the ``teacher`` fixture."""
+    torch.manual_seed(99)
+    path = tmp_path_factory.mktemp("other") / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in digits_teacher().state_dict().items()}, str(path))
+    return load_teacher("digits", f"kd.models:digits_teacher@{path}")
+
+
+def _free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _batches(train, n: int, size: int = 16) -> list[tuple]:
+    return [(i, train.inputs[i], train.labels[i]) for i in torch.arange(n * size).split(size)]
+
+
+# -- 1. a server restarted on its address with other weights ---------------------------------
+def test_a_server_restarted_with_other_weights_is_refused(teacher: Teacher, other: Teacher, train) -> None:
+    assert teacher.name == other.name and teacher.fingerprint != other.fingerprint
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    running = start_server([teacher], port=port)
+    src = ServerSource(address)
+    try:
+        x = train.inputs[:8]
+        src.targets(torch.arange(8), x)
+        assert len(list(src.iter_targets(_batches(train, 2)))) == 2
+        running.stop(grace=0)
+        running = start_server([other], port=port)  # the same address, other weights
+        # gRPC reconnects on its own; the replies' fingerprint is what tells.
+        with pytest.raises(TeacherChangedError) as unary:
+            src.targets(torch.arange(8), x)
+        for needed in (address, teacher.fingerprint, other.fingerprint, "restarted"):
+            assert needed in str(unary.value)
+        with pytest.raises(TeacherChangedError, match=address):
+            list(src.iter_targets(_batches(train, 2)))
+    finally:
+        src.close()
+        running.stop(grace=0)
+
+
+def test_a_restarted_pool_member_and_a_read_through_cache_are_refused(
+    tmp_path: Path, teacher: Teacher, other: Teacher, train
+) -> None:
+    port = _free_port()
+    servers = [start_server([teacher], port=0), start_server([teacher], port=port)]
+    pool = ServerSource([f"127.0.0.1:{servers[0].port}", f"127.0.0.1:{port}"], depth=2)
+    upstream = ServerSource(f"127.0.0.1:{port}")
+    rt = ReadThroughSource(str(tmp_path / "c"), upstream, train)
+    try:
+        assert len(list(pool.iter_targets(_batches(train, 4)))) == 4
+        rt.targets(torch.arange(8), train.inputs[:8])
+        servers[1].stop(grace=0)
+        servers[1] = start_server([other], port=port)
+        with pytest.raises(TeacherChangedError, match=f"127.0.0.1:{port}"):
+            list(pool.iter_targets(_batches(train, 4)))
+        with pytest.raises(TeacherChangedError):
+            rt.targets(torch.arange(8, 16), train.inputs[8:16])
+    finally:
+        pool.close()
+        rt.close()
+        for s in servers:
+            s.stop(grace=0)
+    # The cache keyed by the first teacher holds only that teacher's targets.
+    reader = open_cache(str(tmp_path / "c"))
+    assert sorted(i for i, _ in reader.keys()) == list(range(8))
+
+
+def test_a_live_weights_teacher_still_answers_after_an_update(teacher: Teacher, other: Teacher, train) -> None:
+    running = start_server([teacher], port=0, batching=TeacherOptions(warmup=False, accept_weights=True))
+    try:
+        with ServerSource(f"127.0.0.1:{running.port}") as src:
+            assert src.live_weights
+            x = train.inputs[:8]
+            before = src.targets(torch.arange(8), x)
+            assert src.client.publish_weights(teacher.name, other.model) == 1
+            after = src.targets(torch.arange(8), x)  # another fingerprint by design: not refused
+            assert not torch.allclose(before, after)
+            assert len(list(src.iter_targets(_batches(train, 2)))) == 2
+    finally:
+        running.stop(grace=0)
+
+
+def other_lm() -> torch.nn.Module:
+    """The token tests' bigram LM with other weights (``kd.precompute.ServerTokenTeacher``'s test)."""
+    from test_token_precompute_server import BigramLM
+
+    torch.manual_seed(12)
+    return BigramLM()
+
+
+def test_a_token_teacher_restarted_with_other_weights_is_refused() -> None:
+    from test_token_precompute_server import SPEC
+
+    from kd.precompute import ServerTokenTeacher
+
+    lm_a, lm_b = load_teacher("lm", SPEC), load_teacher("lm", f"{__name__}:other_lm")
+    assert lm_a.fingerprint != lm_b.fingerprint
+    port = _free_port()
+    options = TeacherOptions(max_batch_tokens=256, max_batch_size=8, warmup=False)
+    running = start_server([lm_a], port=port, batching=options)
+    remote = ServerTokenTeacher(f"127.0.0.1:{port}", "lm")
+    try:
+        tokens, lengths = torch.randint(0, 200, (2, 6)), torch.tensor([6, 4])
+        remote(tokens, lengths)
+        running.stop(grace=0)
+        running = start_server([lm_b], port=port, batching=options)
+        with pytest.raises(TeacherChangedError, match=f"127.0.0.1:{port}"):
+            remote(tokens, lengths)  # kd precompute's token path: the cache is keyed by lm_a
+    finally:
+        remote.client.close()
+        running.stop(grace=0)
+
+
+# -- 2. an unreachable server ---------------------------------------------------------------
+def test_an_unreachable_server_fails_fast_naming_its_address(teacher: Teacher) -> None:
+    dead = f"127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(TeacherRequestError, match=f"could not reach .*{dead}.*1 s"):
+        with TeacherClient(dead, connect_timeout=1.0) as c:
+            c.describe()
+    assert time.monotonic() - t0 < 5
+    running = start_server([teacher], port=0)
+    try:  # a pool with one dead member names that member
+        with pytest.raises(TeacherRequestError, match=f"could not reach .*{dead}"):
+            ServerSource([f"127.0.0.1:{running.port}", dead], connect_timeout=1.0)
+    finally:
+        running.stop(grace=0)
+
+
+# -- 3. a stalled server ---------------------------------------------------------------------
+def test_a_stalled_server_fails_the_stream_naming_server_and_timeout(tmp_path: Path, teacher_spec: str, train):
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kd", "serve", "--teacher", f"digits={teacher_spec}", "--host", "127.0.0.1",
+             "--port", str(port), "--no-warmup"],
+            stdout=out, stderr=subprocess.STDOUT, env=ENV,
+        )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    try:
+        with ServerSource(address, depth=2, connect_timeout=60.0, stream_timeout=1.5) as src:
+            got = 0
+            t0 = None
+            with pytest.raises(TeacherRequestError) as stalled:
+                for _ in src.iter_targets(_batches(train, 40)):
+                    got += 1
+                    if got == 1:
+                        proc.send_signal(signal.SIGSTOP)
+                        t0 = time.monotonic()
+            assert t0 is not None and time.monotonic() - t0 < 8
+            assert stalled.value.code.name == "DEADLINE_EXCEEDED"
+            assert address in str(stalled.value) and "1.5 s" in str(stalled.value), str(stalled.value)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
+def test_kd_train_fails_on_a_stalled_server_after_its_server_timeout(tmp_path: Path, teacher_spec: str) -> None:
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "kd", "serve", "--teacher", f"digits={teacher_spec}", "--host", "127.0.0.1",
+         "--port", str(port), "--no-warmup"],
+        stdout=log, stderr=subprocess.STDOUT, env=ENV,
+    )  # fmt: skip
+    run = tmp_path / "run"
+    # Started together: the trainer's first contact waits for the server (connect_timeout).
+    train = subprocess.Popen(
+        [sys.executable, "-m", "kd", "train", "--source", f"server:127.0.0.1:{port}/digits", "--method", "kd",
+         "--epochs", "100", "--batch-size", "64", "--subset", "128", "--run-dir", str(run), "--server-timeout", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "metrics.csv").is_file():  # epoch 0 done: the stream is in use
+            assert train.poll() is None and time.monotonic() < deadline, train.stderr.read() if train.stderr else ""
+            time.sleep(0.05)
+        server.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        _, err = train.communicate(timeout=30)
+        assert time.monotonic() - t0 < 15
+        assert train.returncode == 2, err
+        assert f"server 127.0.0.1:{port}" in err and "1.0 s" in err, err
+    finally:
+        server.send_signal(signal.SIGCONT)
+        for p in (train, server):
+            p.kill()
+            p.wait()
+        log.close()
+
+
+def test_kd_train_refuses_a_server_timeout_that_is_not_positive() -> None:
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--source", "server:127.0.0.1:1/t", "--server-timeout", "0"])
+    assert r.exit_code == 2 and "--server-timeout 0.0" in r.output, r.output
+
+
+# -- 4. pools named by host names and IPv6 literals ------------------------------------------
+def test_target_of_resolves_host_names_and_keeps_literals() -> None:
+    assert target_of("localhost:1,localhost:2").startswith("ipv4:127.0.0.1:1,")
+    assert target_of("10.0.0.1:5,10.0.0.2:6") == "ipv4:10.0.0.1:5,10.0.0.2:6"
+    assert target_of("[::1]:5,[::1]:6") == "ipv6:[::1]:5,[::1]:6"
+    assert target_of("gpu1:50051") == "gpu1:50051"  # one address: gRPC's own resolver
+    with pytest.raises(ValueError, match="no address family in common"):
+        target_of("127.0.0.1:5,[::1]:6")
+    with pytest.raises(ValueError, match="cannot resolve host"):
+        target_of("no-such-host.invalid:5,localhost:6")
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("family", ["localhost", "ipv6"])
+def test_a_pool_named_by_host_names_or_ipv6_literals_works(family: str, teacher: Teacher, train) -> None:
+    if family == "ipv6" and not _ipv6_loopback():
+        pytest.skip("this machine cannot bind ::1")
+    host = "[::1]" if family == "ipv6" else "127.0.0.1"
+    name = "[::1]" if family == "ipv6" else "localhost"
+    servers = [start_server([teacher], host=host, port=0) for _ in range(2)]
+    try:
+        with ServerSource(",".join(f"{name}:{s.port}" for s in servers), depth=2) as src:
+            x = train.inputs[:8]
+            with torch.inference_mode():
+                want = teacher.model(x)
+            torch.testing.assert_close(src.targets(torch.arange(8), x), want, rtol=1e-5, atol=1e-5)
+            assert len(list(src.iter_targets(_batches(train, 4)))) == 4
+    finally:
+        for s in servers:
+            s.stop(grace=0)
