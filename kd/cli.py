@@ -574,6 +574,13 @@ def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
         values["opt"] = [f"{k}={json.dumps(v)}" for k, v in values["opt"].items()]
     if "opt" in values:  # merged with the command line's --opt in train (which wins key by key)
         ctx.meta["kd_config_opt"] = [values["opt"]] if isinstance(values["opt"], str) else list(values["opt"])
+    # A repeatable option (--source, --match, --combiner-opt) written once as a plain string
+    # (`source = "cache:X"`) is one entry: click iterates a default_map value of a multiple
+    # option, and a string is refused ("Value must be an iterable"), not split into characters.
+    multiple = {p.name for p in ctx.command.params if getattr(p, "multiple", False)}
+    for key in multiple & set(values):
+        if isinstance(values[key], str):
+            values[key] = [values[key]]
     if isinstance(values.get("milestones"), list):  # milestones: [150, 180, 210]
         values["milestones"] = ",".join(str(m) for m in values["milestones"])
     ctx.default_map = {**(ctx.default_map or {}), **values}

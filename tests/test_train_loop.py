@@ -181,6 +181,19 @@ def test_train_options_from_a_config_file(tmp_path: Path, teacher_spec: str) -> 
     assert bad.exit_code != 0 and "unknown option(s) ['batchsize']" in bad.stderr
 
 
+@pytest.mark.parametrize("suffix", ["toml", "yaml"])
+def test_a_repeatable_option_written_once_as_a_string_in_a_config_file(tmp_path: Path, teacher_spec: str,
+                                                                       suffix: str) -> None:  # fmt: skip
+    # `source = "cache:X"` is one source, as `--source cache:X` is (it was "Value must be an iterable").
+    cache = tmp_path / "c"
+    ok(cli("precompute", "--source", f"local:{teacher_spec}", "--out", str(cache)))
+    cfg = tmp_path / f"train.{suffix}"
+    sep = " =" if suffix == "toml" else ":"
+    cfg.write_text(f'source{sep} "cache:{cache}"\nepochs{sep} 1\nsubset{sep} 40\n')
+    r = ok(cli("train", "--config", str(cfg), "--method", "kd"))
+    assert json.loads(r.stdout.strip().splitlines()[-1])["source"] == [f"cache:{cache}"]
+
+
 def test_torchrun_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path: Path, teacher_spec: str) -> None:
     cache = tmp_path / "c"
     ok(cli("precompute", "--source", f"local:{teacher_spec}", "--out", str(cache)))
