@@ -181,6 +181,38 @@ def test_train_options_from_a_config_file(tmp_path: Path, teacher_spec: str) -> 
     assert bad.exit_code != 0 and "unknown option(s) ['batchsize']" in bad.stderr
 
 
+def test_torchrun_two_ranks_equal_one_process_with_the_ae_kd_combiner(tmp_path: Path) -> None:
+    # ae-kd finds one weight vector per global batch from batch statistics: each rank used to take
+    # them from its own slice, so the ranks mixed the teachers differently (weights 1.5e-2 apart).
+    from safetensors.torch import load_file
+
+    caches = []
+    for seed in (0, 1):  # two trained teachers (one epoch of ce, ~90% top-1): untrained ones' logits are
+        # ~0.07 apart, so the weights sit at a corner of the simplex, whatever the batch
+        teacher = tmp_path / f"t{seed}.safetensors"
+        ok(cli("train", "--method", "ce", "--epochs", "1", "--batch-size", "64", "--seed", str(seed),
+               "--student", "kd.models:digits_teacher", "--out", str(teacher)))  # fmt: skip
+        cache = tmp_path / f"c{seed}"
+        ok(cli("precompute", "--source", f"local:kd.models:digits_teacher@{teacher}", "--out", str(cache)))
+        caches += ["--source", f"cache:{cache}"]
+    # tolerance=1: the plain min-norm point, not clipped to [0.4, 0.6], so every batch's weights
+    # depend on its statistics. 101 samples in batches of 32: the last batch splits 3 + 2.
+    args = ["train", *caches, "--combiner", "ae-kd", "--combiner-opt", "tolerance=1", "--method", "kd",
+            "--epochs", "2", "--batch-size", "32", "--subset", "101"]  # fmt: skip
+    ok(cli(*args, "--out", str(tmp_path / "one.safetensors")))
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kd", *args,
+         "--out", str(tmp_path / "two.safetensors")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    # The tolerance of the plain-kd test above: the weights are float64 sums (rounding ~1e-16), so
+    # what is left is DDP's float32 gradient averaging, ~1e-7 relative per step.
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("suffix", ["toml", "yaml"])
 def test_a_repeatable_option_written_once_as_a_string_in_a_config_file(tmp_path: Path, teacher_spec: str,
                                                                        suffix: str) -> None:  # fmt: skip
