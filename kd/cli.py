@@ -132,6 +132,27 @@ def _check_run_options(seed: int, device: str) -> None:
         _fail(f"--device {problem}")
 
 
+def _stop_signals():
+    """SIGTERM and SIGINT recorded from now on (``kd.core.signals.StopSignals``), for a loop that
+    asks ``first()`` between its steps and ends there cleanly: a scheduler's or ``kill``'s polite
+    SIGTERM no longer kills the process mid-step. A second Ctrl-C (1 s after the first: torchrun
+    forwards the terminal's to ranks that got it already) still exits at once."""
+    from kd.core.signals import StopSignals
+
+    signals = StopSignals(force_after_s=1.0)
+    signals.close()  # nobody waits on its wake-up pipe: the handlers stay, the fd goes back
+    return signals
+
+
+def _stopped_exit(signum: int, message: str) -> None:
+    """One line on how to resume, then exit 128 + the signal (130 for SIGINT, 143 for SIGTERM):
+    the shell's status for a job ended by that signal, so a scheduler sees an unfinished job."""
+    import signal
+
+    console.print(f"stopped by {signal.Signals(signum).name}: {message}", highlight=False, soft_wrap=True)
+    raise SystemExit(128 + signum)
+
+
 def _call(fn, *args, errors: tuple[type[Exception], ...] = (ValueError, TypeError), **kwargs):
     """``fn(*args, **kwargs)``; a refusal (ValueError/TypeError: bad option, data or recipe) becomes
     ``_fail`` with its message, so every command reports refusals the same way."""
@@ -508,14 +529,22 @@ def precompute(
             kwargs = {"device": device, "mean": _floats(mean, "--mean"), "std": _floats(std, "--std")}
         if by_reference:
             kwargs = {"dataset": by_reference, "num_views": views}
-        with parse_source(source, **kwargs) as src:
-            report = run(data, src, out, codec=codec, batch_size=batch_size, views=views, temperature=temperature,
-                         shard=which, commit_every=commit_every, features=feature,
-                         pool_features=pool_features, workers=workers, basis=basis_raw)  # fmt: skip
+        signals = _stop_signals()
+        try:
+            with parse_source(source, **kwargs) as src:
+                report = run(data, src, out, codec=codec, batch_size=batch_size, views=views,
+                             temperature=temperature, shard=which, commit_every=commit_every, features=feature,
+                             pool_features=pool_features, workers=workers, basis=basis_raw,
+                             stop=signals.first)  # fmt: skip
+        finally:
+            signals.close(restore_handlers=True)
     except BasisError as e:  # the file's fault: name it
         _fail(f"--basis {str(basis)!r}: {e}")
     except (CacheError, ValueError, RuntimeError, OSError) as e:  # OSError: a full disk, a file gone
         _fail(worker_error_message(e))  # a DataLoader worker's error: its own message, not torch's wrapping
+    if report.stopped:
+        _stopped_exit(report.stopped, f"{report.written} more records committed to {report.path} "
+                      f"({report.skipped} were already there); run the same command again to resume")  # fmt: skip
     console.print(
         f"wrote {report.written}, skipped {report.skipped} already cached, {report.bytes_per_sample} B/sample, "
         f"{report.seconds:.1f}s -> {report.path}",
@@ -575,6 +604,13 @@ def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
         values["opt"] = [f"{k}={json.dumps(v)}" for k, v in values["opt"].items()]
     if "opt" in values:  # merged with the command line's --opt in train (which wins key by key)
         ctx.meta["kd_config_opt"] = [values["opt"]] if isinstance(values["opt"], str) else list(values["opt"])
+    # A repeatable option (--source, --match, --combiner-opt) written once as a plain string
+    # (`source = "cache:X"`) is one entry: click iterates a default_map value of a multiple
+    # option, and a string is refused ("Value must be an iterable"), not split into characters.
+    multiple = {p.name for p in ctx.command.params if getattr(p, "multiple", False)}
+    for key in multiple & set(values):
+        if isinstance(values[key], str):
+            values[key] = [values[key]]
     if isinstance(values.get("milestones"), list):  # milestones: [150, 180, 210]
         values["milestones"] = ",".join(str(m) for m in values["milestones"])
     ctx.default_map = {**(ctx.default_map or {}), **values}
@@ -875,8 +911,12 @@ def train(
             if not resume:
                 saver.save_initial()
             hooks = Hooks(on_epoch=saver)
-        result = train_student(model, train_data, test_data, config, source=src, subset=sub, run_dir=run_dir,
-                               resume=resume, progress=progress, hooks=hooks)  # fmt: skip
+        signals = _stop_signals()
+        try:
+            result = train_student(model, train_data, test_data, config, source=src, subset=sub, run_dir=run_dir,
+                                   resume=resume, progress=progress, hooks=hooks, stop=signals.first)  # fmt: skip
+        finally:
+            signals.close(restore_handlers=True)
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
         _fail(f"{type(e).__name__}: {e}")
     finally:
@@ -885,6 +925,15 @@ def train(
     ranks = dist.get_world_size() if dist.is_initialized() else 1
     if dist.is_initialized():
         dist.destroy_process_group()
+    if result.stopped:  # every rank ends so (torchrun sees its workers exit, none killed)
+        if rank != 0:
+            raise SystemExit(128 + result.stopped)
+        epoch, step = result.stopped_at or (0, 0)
+        where = f"in epoch {epoch} after {step} step(s)"
+        if run_dir is None:
+            _stopped_exit(result.stopped, f"{where}; nothing saved (no --run-dir to resume from)")
+        _stopped_exit(result.stopped, f"{where}; checkpoint in {run_dir}: run the same command with --resume "
+                      "to continue")  # fmt: skip
     if rank != 0:
         return
     if out is not None:

@@ -64,6 +64,7 @@ class PrecomputeReport:
     seconds: float
     bytes_per_sample: int
     path: Path
+    stopped: int | None = None  # the signal number when ``stop`` ended the run before its end
 
 
 def torchrun_shard() -> tuple[int, int] | None:
@@ -373,6 +374,7 @@ def precompute(
     workers: int | None = None,
     on_batch: Callable[[int], Any] | None = None,
     basis: bytes | None = None,
+    stop: Callable[[], int | None] | None = None,
 ) -> PrecomputeReport:
     """Run ``dataset`` (any SampleSource) through ``teacher`` into the cache at ``out``.
 
@@ -391,7 +393,9 @@ def precompute(
     The cache keeps the data's identity and view policy, never the teacher's final
     transform (its resolution and normalisation are in the teacher's fingerprint): one
     cache serves students at any resolution (``TrainConfig.input_size``). ``on_batch(records_done)`` is called after
-    each batch (the data benchmark samples memory with it).
+    each batch (the data benchmark samples memory with it). ``stop() -> signal number or None`` is
+    asked after each batch (a SIGTERM handler's record): when it answers, the batches done so far are
+    committed, the teacher's thread is stopped, and the report's ``stopped`` says so (a rerun resumes).
     """
     t0 = time.perf_counter()
     bound_malloc_retention()  # memory flat in the dataset size on glibc, without MALLOC_MMAP_THRESHOLD_
@@ -496,6 +500,7 @@ def precompute(
 
         done = total - len(keys)
         pending = 0
+        stopped: int | None = None
         with Progress(
             TextColumn("precompute {task.description}"),
             BarColumn(),
@@ -536,12 +541,17 @@ def precompute(
                     done += len(batch.indices)
                     if on_batch is not None:
                         on_batch(done)
+                    if stop is not None and (stopped := stop()):
+                        # Leaving the with-blocks closes the teacher's thread, then the writers
+                        # commit what is pending (view params before the targets).
+                        break
     return PrecomputeReport(
-        written=len(keys),
+        written=done - (total - len(keys)) if stopped else len(keys),
         skipped=total - len(keys),
         seconds=time.perf_counter() - t0,
         bytes_per_sample=bytes_per_sample(codec, teacher.num_classes) + sum(meta.feature_bytes.values()),
         path=path,
+        stopped=stopped or None,
     )
 
 

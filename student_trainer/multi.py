@@ -277,6 +277,19 @@ def _frank_wolfe(g: np.ndarray, cap: float, max_iter: int, tol: float) -> np.nda
     return a
 
 
+def _global_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks of an initialised torch.distributed group (``t`` itself on one
+    process). Every rank must call it for each batch, as the trainer does: a rank whose part of a
+    short last batch is empty still takes part with zeros."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)  # in the trainer's main thread, between steps: the same order on every rank
+    return t
+
+
 def ae_kd(
     logits: torch.Tensor,
     *,
@@ -311,6 +324,11 @@ def ae_kd(
     cap may then be exceeded, as in the reference). The reference's SVM solver tolerance
     (1e-6) is not reproduced; the weights are the exact optimum up to ``min_norm_weights``'
     tolerance. Not covered: AE-KD's hint (feature) variant.
+
+    Under torchrun (an initialised torch.distributed group) ``logits`` are this rank's slice of
+    the global batch: the batch sums behind the Gram matrix are all-reduced, so every rank uses
+    the weights of the whole global batch, those one process computes (to float rounding), and
+    every rank must call this for every batch (a collective).
     """
     logits = _check_stack(logits)
     k, b, c = logits.shape
@@ -320,18 +338,26 @@ def ae_kd(
     zs = student_logits.detach().to(device=logits.device, dtype=logits.dtype)
     if zs.shape != (b, c):
         raise ValueError(f"ae-kd: student logits of shape {tuple(zs.shape)}, teachers give {(b, c)}")
-    grads = torch.softmax(zs / temperature, dim=1)[None] - torch.softmax(logits / temperature, dim=2)  # [K, B, C]
-    if space == "mean":
-        vecs = grads.mean(dim=1)
-    elif space == "flat":
-        vecs = grads.reshape(k, b * c)
-    else:
+    if space not in ("mean", "flat"):
         raise ValueError(f"ae-kd: space must be 'mean' or 'flat', got {space!r}")
-    vecs = vecs.to(torch.float64)
-    norms = vecs.norm(dim=1)
+    # float64 from here: the statistics are sums over the batch, and under torchrun sums of the
+    # ranks' parts, so the order of the additions must not show in the weights.
+    grads = (torch.softmax(zs / temperature, dim=1)[None] - torch.softmax(logits / temperature, dim=2)).to(
+        torch.float64
+    )  # [K, B, C]
+    # The weights are one vector for the (global) batch, so they must come from the whole batch:
+    # both spaces' Gram matrices are functions of sums over the samples, which under an initialised
+    # torch.distributed group are summed over the ranks (each holds its slice of the global batch).
+    if space == "mean":
+        sums = _global_sum(torch.cat([grads.sum(dim=1).reshape(-1), grads.new_tensor([b])]))
+        vecs = sums[:-1].reshape(k, c) / sums[-1].clamp(min=1)
+        gram = vecs @ vecs.T
+    else:  # "flat": the Gram of the [B * C] vectors is the sum of the per-sample Grams
+        gram = _global_sum(torch.einsum("kbc,jbc->kj", grads, grads))
+    norms = gram.diagonal().clamp(min=0).sqrt()
     if normalize:
-        vecs = vecs / norms.clamp(min=1e-300)[:, None]
-    a = min_norm_weights(vecs @ vecs.T, cap=tolerance)
+        gram = gram / (norms.clamp(min=1e-300)[:, None] * norms.clamp(min=1e-300)[None, :])
+    a = min_norm_weights(gram, cap=tolerance)
     if normalize:
         a = a / norms.cpu().clamp(min=1e-300)
         a = a / a.sum()

@@ -38,6 +38,7 @@ same global batch. Only rank 0 writes the run directory.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import time
@@ -140,6 +141,10 @@ class TrainResult:
     seconds: float
     # Feature methods: the trained connectors (one per match), saved beside the student.
     connectors: nn.Module | None = None
+    # The signal number when ``stop`` ended the run early (at a step boundary), else None; a
+    # run directory then holds a checkpoint that ``resume`` continues from that step.
+    stopped: int | None = None
+    stopped_at: tuple[int, int] | None = None  # (epoch, steps of it done) when stopped
 
 
 def seed_everything(seed: int) -> None:
@@ -435,6 +440,7 @@ def train_student(
     hooks: Hooks | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
+    stop: Callable[[], int | None] | None = None,
 ) -> TrainResult:
     """Train ``student`` in place on ``train[subset]``; evaluate on ``test`` every epoch.
 
@@ -445,6 +451,12 @@ def train_student(
     ``config`` (``student_trainer.optim``); ``hooks`` lets a method add modules, its own loss
     and callbacks. ``optimizer`` and ``generator`` (the batch order's RNG), when given, are
     used instead of fresh ones, so a multi-phase method (QKD) continues both across calls.
+
+    ``stop() -> signal number or None`` is asked before every step (a SIGTERM handler's record):
+    when it answers, the run ends at that step boundary, with a checkpoint of the steps done so
+    far in ``run_dir`` (``resume`` skips them and ends with the weights of an uninterrupted run),
+    and the result's ``stopped`` set. Under torchrun the ranks agree on it (an all-reduce per
+    step), so they stop at the same step and none waits in a collective for the others.
     """
     hooks = hooks or Hooks()
     recipe = optim.recipe_of(config)
@@ -516,6 +528,7 @@ def train_student(
     gen = generator if generator is not None else torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
     start = 0
+    partial: dict = {}  # a stopped run's progress in its last epoch (steps, loss sums, seconds)
     ckpt_path = None
     if run_dir is not None and rank != 0:
         run_dir = None if not resume else run_dir  # only rank 0 writes; every rank may resume
@@ -585,6 +598,9 @@ def train_student(
             torch.set_rng_state(ckpt["torch_rng"])
             history = list(ckpt["history"])
             start = int(ckpt["epoch"]) + 1
+            # Stopped inside epoch ``start``: batch_rng is that epoch's start state, so its
+            # batches are drawn again and the first ``steps`` of them skipped (not trained).
+            partial = dict(ckpt.get("partial") or {})
         elif rank == 0:
             # A new run here: an older run's checkpoint must not be resumed as this one's.
             ckpt_path.unlink(missing_ok=True)
@@ -594,7 +610,11 @@ def train_student(
     bar = _progress(progress and rank == 0, config.epochs, start)
     board = _tensorboard(ckpt_path.parent if ckpt_path is not None else None)
     t0 = time.perf_counter()
+    stopped: int | None = None
+    stop_flag = torch.zeros(1, dtype=torch.int64, device=dev if dev.type == "cuda" else "cpu")
     for epoch in range(start, config.epochs):
+        epoch_rng = gen.get_state()  # what a checkpoint written inside this epoch resumes from
+        skip = int(partial.get("steps", 0)) if epoch == start else 0
         trained.train()
         for module, _ in hooks.extra:
             module.train()
@@ -606,6 +626,8 @@ def train_student(
         if method.pairs:
             # A list: all of the epoch's draws from ``gen`` happen in a fixed order.
             batches = iter([_with_partners(b, train, subset, gen) for b in batches])
+        if skip:  # drawn (same gen draws) and dropped: the steps a stopped run had done
+            batches = itertools.islice(batches, skip, None)
         if size > 1:
             batches = (_my_part(b, rank, size) for b in batches)
         if rot_shape is not None:
@@ -618,11 +640,22 @@ def train_student(
             pairs = source.iter_targets(batches)
         else:
             pairs = ((b, None) for b in batches)
-        total, n, wait, step = 0.0, 0, 0.0, -1
-        t_epoch = time.perf_counter()
+        total, n, wait, step = 0.0, 0, 0.0, skip - 1
+        if skip:
+            total, n, wait = float(partial["total"]), int(partial["n"]), float(partial["wait"])
+        t_epoch = time.perf_counter() - (float(partial.get("seconds", 0.0)) if skip else 0.0)
         it = iter(pairs)
         while True:
             step += 1
+            if stop is not None:
+                signum = stop() or 0
+                if size > 1:  # every rank stops at the same step: the highest signal any rank got
+                    stop_flag.fill_(signum)
+                    torch.distributed.all_reduce(stop_flag, op=torch.distributed.ReduceOp.MAX)
+                    signum = int(stop_flag.item())
+                if signum:
+                    stopped = signum
+                    break
             t_wait = time.perf_counter()
             try:
                 batch, teacher_logits, *teacher_feats = next(it)
@@ -696,6 +729,24 @@ def train_student(
             n += len(idx)
             if hooks.on_step is not None:
                 hooks.on_step(epoch, step, value, lr)
+        if stopped is not None:
+            close = getattr(it, "close", None)
+            if close is not None:  # a source's threads and streams working ahead end here
+                close()
+            if ckpt_path is not None:
+                _check_finite(student, epoch)
+                _save_checkpoint(ckpt_path, {
+                    "epoch": epoch - 1, "model": student.state_dict(), "optimizer": opt.state_dict(),
+                    "batch_rng": epoch_rng, "torch_rng": torch.get_rng_state(), "history": history,
+                    "partial": {"steps": step, "total": total, "n": n, "wait": wait,
+                                "seconds": time.perf_counter() - t_epoch},
+                    **({} if plan is None else {"connectors": plan.distilled.connectors.state_dict()}),
+                    "extra": [{"module": m.state_dict(), "optimizer": o.state_dict()} for m, o in hooks.extra],
+                    **({} if hooks.state is None else {"hooks": hooks.state()}),
+                    **({} if scaler is None else {"scaler": scaler.state_dict()}),
+                    "config": json.loads(json.dumps(effective)),
+                })  # fmt: skip
+            break
         seconds = time.perf_counter() - t_epoch
         _check_finite(student, epoch)
         if hooks.evaluate is not None:
@@ -736,7 +787,9 @@ def train_student(
         board.close()
     accs = [h["test_acc"] for h in history]
     connectors = None if plan is None else plan.distilled.connectors
-    return TrainResult(accs[-1], accs, [h["train_loss"] for h in history], time.perf_counter() - t0, connectors)
+    return TrainResult(accs[-1] if accs else math.nan, accs, [h["train_loss"] for h in history],
+                       time.perf_counter() - t0, connectors, stopped,
+                       None if stopped is None else (epoch, step))  # fmt: skip
 
 
 class _FeaturePlan:

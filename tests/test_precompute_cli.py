@@ -86,6 +86,50 @@ def test_kill_9_during_precompute_loses_only_the_open_batch(tmp_path: Path, teac
     torch.testing.assert_close(reader.get(idx, views), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_sigterm_commits_the_open_batch_and_a_rerun_resumes(tmp_path: Path, teacher_spec: str):
+    # SIGTERM used to kill precompute outright (status -15) and lose its uncommitted records; now it
+    # commits them and ends 143, with one line on how to resume.
+    out = tmp_path / "c"
+    cmd = ["precompute", "--source", f"local:{teacher_spec}", "--out", str(out), "--views", "8", "--batch-size", "8",
+           "--commit-every", "64", "--workers", "0"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "kd", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**ENV, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    deadline = time.monotonic() + 120
+    committed = 0
+    try:
+        while committed < 200:  # some transactions committed, far from done (1198 * 8 records)
+            assert proc.poll() is None, "precompute finished before it could be stopped"
+            assert time.monotonic() < deadline, "precompute made no progress"
+            if (out / "data.mdb").exists():
+                try:
+                    committed = len(CacheReader(out))
+                except Exception:  # noqa: BLE001 - metadata not committed yet
+                    committed = 0
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("stopped by SIGTERM")]
+    assert "run the same command again to resume" in line, line
+    verify = cli("cache", "verify", str(out))  # exits 1: records are missing, none corrupt
+    assert ", 0 problems" in verify.stderr, verify.stderr
+    present = CacheReader(out).verify().present
+    assert line.startswith(f"stopped by SIGTERM: {present} more records committed")  # the open batch too
+    assert 200 <= present < 1198 * 8
+    resumed = ok(cli(*cmd))
+    assert f"skipped {present} already cached" in resumed.stderr
+    ok(cli(*cmd[:4], str(tmp_path / "straight"), *cmd[5:]))
+    a, b = CacheReader(out), CacheReader(tmp_path / "straight")
+    assert a.verify().ok and len(a) == len(b) == 1198 * 8
+    idx = torch.arange(1198).repeat_interleave(8)
+    views = torch.arange(8).repeat(1198)
+    assert torch.equal(a.get(idx, views), b.get(idx, views))
+
+
 def test_shards_by_reference_through_the_server_then_export(
     tmp_path: Path, teacher_spec: str, teacher: Teacher, monkeypatch: pytest.MonkeyPatch
 ):

@@ -11,8 +11,10 @@ import csv
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -179,6 +181,137 @@ def test_train_options_from_a_config_file(tmp_path: Path, teacher_spec: str) -> 
     yaml_cfg.write_text("method: ce\nepochs: 1\nbatchsize: 8\n")
     bad = cli("train", "--config", str(yaml_cfg))
     assert bad.exit_code != 0 and "unknown option(s) ['batchsize']" in bad.stderr
+
+
+def test_torchrun_two_ranks_equal_one_process_with_the_ae_kd_combiner(tmp_path: Path) -> None:
+    # ae-kd finds one weight vector per global batch from batch statistics: each rank used to take
+    # them from its own slice, so the ranks mixed the teachers differently (weights 1.5e-2 apart).
+    from safetensors.torch import load_file
+
+    caches = []
+    for seed in (0, 1):  # two trained teachers (one epoch of ce, ~90% top-1): untrained ones' logits are
+        # ~0.07 apart, so the weights sit at a corner of the simplex, whatever the batch
+        teacher = tmp_path / f"t{seed}.safetensors"
+        ok(cli("train", "--method", "ce", "--epochs", "1", "--batch-size", "64", "--seed", str(seed),
+               "--student", "kd.models:digits_teacher", "--out", str(teacher)))  # fmt: skip
+        cache = tmp_path / f"c{seed}"
+        ok(cli("precompute", "--source", f"local:kd.models:digits_teacher@{teacher}", "--out", str(cache)))
+        caches += ["--source", f"cache:{cache}"]
+    # tolerance=1: the plain min-norm point, not clipped to [0.4, 0.6], so every batch's weights
+    # depend on its statistics. 101 samples in batches of 32: the last batch splits 3 + 2.
+    args = ["train", *caches, "--combiner", "ae-kd", "--combiner-opt", "tolerance=1", "--method", "kd",
+            "--epochs", "2", "--batch-size", "32", "--subset", "101"]  # fmt: skip
+    ok(cli(*args, "--out", str(tmp_path / "one.safetensors")))
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kd", *args,
+         "--out", str(tmp_path / "two.safetensors")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    # The tolerance of the plain-kd test above: the weights are float64 sums (rounding ~1e-16), so
+    # what is left is DDP's float32 gradient averaging, ~1e-7 relative per step.
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+
+
+def _sigterm_when_progressed(cmd: list[str], run: Path, after_s: float = 0.5) -> subprocess.CompletedProcess:
+    """``cmd`` as a process, sent SIGTERM ``after_s`` after its first epoch's checkpoint appeared."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoint.pt").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no epoch finished"
+            time.sleep(0.02)
+        time.sleep(after_s)  # inside the next epoch: the stop is at a step boundary, not an epoch's
+        assert proc.poll() is None, "training finished before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_sigterm_stops_kd_train_at_a_step_and_resume_ends_as_an_uninterrupted_run(
+    tmp_path: Path, teacher_spec: str, one_torch_thread: None
+) -> None:
+    # SIGTERM (a scheduler's, kill's) used to kill kd train outright (status -15), losing the epoch.
+    # 599 steps an epoch (~1 s): the stop lands inside epoch 1, and the resumed run must redo
+    # neither a step nor skip one (optimiser, batch order, step) for the weights to be equal.
+    args = ["train", "--source", f"local:{teacher_spec}", "--epochs", "2", "--batch-size", "2"]
+    run = tmp_path / "run"
+    r = _sigterm_when_progressed([sys.executable, "-m", "kd", *args, "--run-dir", str(run)], run)
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    line = [x for x in r.stderr.splitlines() if x.startswith("stopped by SIGTERM")]
+    assert len(line) == 1 and f"checkpoint in {run}" in line[0] and "--resume" in line[0], r.stderr
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert (
+        ckpt["epoch"] == 0
+        and 0 < ckpt["partial"]["steps"] < 599
+        and f"after {ckpt['partial']['steps']} step(s)" in line[0]
+    )
+    ok(cli(*args, "--run-dir", str(run), "--resume", "--out", str(tmp_path / "resumed.safetensors")))
+    ok(cli(*args, "--run-dir", str(tmp_path / "straight"), "--out", str(tmp_path / "straight.safetensors")))
+    from safetensors.torch import load_file
+
+    resumed, straight = (
+        load_file(str(tmp_path / "resumed.safetensors")),
+        load_file(str(tmp_path / "straight.safetensors")),
+    )
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    acc = [[row["test_acc"] for row in csv.DictReader(open(d / "metrics.csv"))] for d in (run, tmp_path / "straight")]
+    assert acc[0] == acc[1] and len(acc[0]) == 2
+
+
+def test_sigterm_to_torchrun_ends_its_ranks_cleanly_with_a_checkpoint(tmp_path: Path, teacher_spec: str) -> None:
+    # torchrun forwards the SIGTERM to its ranks, which used to die mid-collective; now they agree on
+    # the step to stop at, rank 0 writes the checkpoint, and every rank exits 143 (torchrun's own
+    # SignalException traceback is torchrun's, not a rank's).
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "kd",
+        "train",
+        "--source",
+        f"local:{teacher_spec}",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--run-dir",
+        str(run),
+    ]
+    r = _sigterm_when_progressed(cmd, run, after_s=0.3)
+    assert r.returncode != 0
+    assert r.stderr.count("stopped by SIGTERM") == 1, r.stderr[-3000:]  # rank 0's line
+    assert r.stderr.count("Traceback") <= 1 and "ProcessGroup" not in r.stderr, r.stderr[-3000:]
+    assert "Unable to shutdown process" not in r.stderr  # no rank had to be killed
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert "partial" in ckpt
+
+
+@pytest.mark.parametrize("suffix", ["toml", "yaml"])
+def test_a_repeatable_option_written_once_as_a_string_in_a_config_file(tmp_path: Path, teacher_spec: str,
+                                                                       suffix: str) -> None:  # fmt: skip
+    # `source = "cache:X"` is one source, as `--source cache:X` is (it was "Value must be an iterable").
+    cache = tmp_path / "c"
+    ok(cli("precompute", "--source", f"local:{teacher_spec}", "--out", str(cache)))
+    cfg = tmp_path / f"train.{suffix}"
+    sep = " =" if suffix == "toml" else ":"
+    cfg.write_text(f'source{sep} "cache:{cache}"\nepochs{sep} 1\nsubset{sep} 40\n')
+    r = ok(cli("train", "--config", str(cfg), "--method", "kd"))
+    assert json.loads(r.stdout.strip().splitlines()[-1])["source"] == [f"cache:{cache}"]
 
 
 def test_torchrun_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path: Path, teacher_spec: str) -> None:

@@ -20,6 +20,7 @@ import os
 import select
 import signal
 import threading
+import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _RECHECK_MS = 500  # a signal taken by another thread wakes the pipe before its handler ran here
@@ -31,14 +32,23 @@ class StopSignals:
     After the first, a further ``force`` signal (default SIGINT: Ctrl-C pressed again) ends
     the process at once with status 128 + signal, as a user at a terminal expects of a long
     drain; any other further signal (a second SIGTERM) is recorded and ignored, so a drain is
-    never cut short by an orchestrator or a shell trap repeating itself.
+    never cut short by an orchestrator or a shell trap repeating itself. ``force_after_s``: a
+    ``force`` signal within that many seconds of the first is the same press arriving twice (a
+    Ctrl-C reaches a torchrun rank from the terminal and again forwarded by torchrun), recorded
+    and ignored like a second SIGTERM.
+
+    ``kd train`` and ``kd precompute`` use it without ``wait``: ``close()`` at once gives the
+    wake-up fd back, and their loops look at ``first()`` between steps.
     """
 
-    def __init__(self, signums: tuple[int, ...] = STOP_SIGNALS, force: int | None = signal.SIGINT) -> None:
+    def __init__(self, signums: tuple[int, ...] = STOP_SIGNALS, force: int | None = signal.SIGINT,
+                 force_after_s: float = 0.0) -> None:  # fmt: skip
         if threading.current_thread() is not threading.main_thread():
             raise ValueError("StopSignals must be created in the main thread (Python runs signal handlers there)")
         self.received: list[int] = []
         self.force = force
+        self.force_after_s = force_after_s
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
         self._previous_fd: int | None = None  # the wake-up fd before ours, once ours is set
         self._r, self._w = os.pipe()
@@ -53,10 +63,17 @@ class StopSignals:
             raise
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        if self.received and signum == self.force:
+        now = time.monotonic()
+        if self.received and signum == self.force and now - self._first_at >= self.force_after_s:
             os.write(2, f"\nsignal {signal.Signals(signum).name} again: exiting now, without draining\n".encode())
             os._exit(128 + signum)
+        if not self.received:
+            self._first_at = now
         self.received.append(signum)
+
+    def first(self) -> int | None:
+        """The first signal caught, or None: what a loop asks between its steps."""
+        return self.received[0] if self.received else None
 
     def wait(self) -> int:
         """Block until a signal was caught (at once if one already was); return the first."""
@@ -75,13 +92,14 @@ class StopSignals:
     def close(self, restore_handlers: bool = False) -> None:
         """Give back the wake-up fd and the pipe. The handlers stay (later signals are still
         caught as described above) unless ``restore_handlers``."""
+        if restore_handlers:  # also after an earlier close() that kept them
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+            self._previous = {}
         if self._r < 0:
             return
         if self._previous_fd is not None:
             signal.set_wakeup_fd(self._previous_fd)
-        if restore_handlers:
-            for s, handler in self._previous.items():
-                signal.signal(s, handler)
         os.close(self._r)
         os.close(self._w)
         self._r = self._w = -1
