@@ -46,23 +46,29 @@ def ok(r: Result) -> Result:
     return r
 
 
+def _wait_for_commits(proc: subprocess.Popen, out: Path, at_least: int) -> None:
+    """Until precompute ``proc`` has committed ``at_least`` records to ``out`` (some transactions,
+    far from done: 1198 * 8 records), failing if it ends or stalls first."""
+    deadline = time.monotonic() + 120
+    committed = 0
+    while committed < at_least:
+        assert proc.poll() is None, "precompute finished before it could be stopped"
+        assert time.monotonic() < deadline, "precompute made no progress"
+        if (out / "data.mdb").exists():
+            try:
+                committed = len(CacheReader(out))
+            except Exception:  # noqa: BLE001 - metadata not committed yet
+                committed = 0
+        time.sleep(0.02)
+
+
 def test_kill_9_during_precompute_loses_only_the_open_batch(tmp_path: Path, teacher_spec: str, teacher: Teacher):
     out = tmp_path / "c"
     cmd = [sys.executable, "-m", "kd", "precompute", "--source", f"local:{teacher_spec}", "--out", str(out),
            "--views", "8", "--batch-size", "8", "--commit-every", "64"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.monotonic() + 120
-    committed = 0
     try:
-        while committed < 200:  # some transactions committed, far from done (1198 * 8 records)
-            assert proc.poll() is None, "precompute finished before it could be killed"
-            assert time.monotonic() < deadline, "precompute made no progress"
-            if (out / "data.mdb").exists():
-                try:
-                    committed = len(CacheReader(out))
-                except Exception:  # noqa: BLE001 - metadata not committed yet
-                    committed = 0
-            time.sleep(0.02)
+        _wait_for_commits(proc, out, 200)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -94,18 +100,8 @@ def test_sigterm_commits_the_open_batch_and_a_rerun_resumes(tmp_path: Path, teac
            "--commit-every", "64", "--workers", "0"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "kd", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**ENV, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    deadline = time.monotonic() + 120
-    committed = 0
     try:
-        while committed < 200:  # some transactions committed, far from done (1198 * 8 records)
-            assert proc.poll() is None, "precompute finished before it could be stopped"
-            assert time.monotonic() < deadline, "precompute made no progress"
-            if (out / "data.mdb").exists():
-                try:
-                    committed = len(CacheReader(out))
-                except Exception:  # noqa: BLE001 - metadata not committed yet
-                    committed = 0
-            time.sleep(0.02)
+        _wait_for_commits(proc, out, 200)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
