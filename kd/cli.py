@@ -137,11 +137,27 @@ def _stop_signals():
     asks ``first()`` between its steps and ends there cleanly: a scheduler's or ``kill``'s polite
     SIGTERM no longer kills the process mid-step. A second Ctrl-C (1 s after the first: torchrun
     forwards the terminal's to ranks that got it already) still exits at once."""
+    import threading
+
     from kd.core.signals import StopSignals
 
+    if threading.current_thread() is not threading.main_thread():
+        # Python installs signal handlers from the main thread only; a command run from another
+        # (a job runner, a notebook's worker thread) keeps the default behaviour instead of failing.
+        return _NoStopSignals()
     signals = StopSignals(force_after_s=1.0)
     signals.close()  # nobody waits on its wake-up pipe: the handlers stay, the fd goes back
     return signals
+
+
+class _NoStopSignals:
+    """``_stop_signals`` off the main thread: no signal is ever recorded."""
+
+    def first(self) -> int | None:
+        return None
+
+    def close(self, restore_handlers: bool = False) -> None:
+        pass
 
 
 def _stopped_exit(signum: int, message: str) -> None:

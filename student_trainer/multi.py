@@ -285,9 +285,15 @@ def _global_sum(t: torch.Tensor) -> torch.Tensor:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
-    t = t.clone()
+    # NCCL reduces CUDA tensors only, and the targets combined here may sit on the host (a cache's,
+    # a server's: moved to the device after combining); gloo takes either.
+    device = t.device
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    else:
+        t = t.clone()
     dist.all_reduce(t)  # in the trainer's main thread, between steps: the same order on every rank
-    return t
+    return t.to(device)
 
 
 def ae_kd(

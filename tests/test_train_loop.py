@@ -342,3 +342,27 @@ def test_torchrun_two_ranks_equal_one_process_with_the_same_global_batch(tmp_pat
     seed_everything(0)
     init = digits_student().state_dict()
     assert any(not torch.allclose(init[k], one[k]) for k in one)
+
+
+def test_train_and_precompute_run_from_a_thread_other_than_the_main_one(tmp_path: Path, teacher_spec: str) -> None:
+    # The SIGTERM handling installs signal handlers, which Python allows from the main thread only:
+    # run from another thread (a job runner, a notebook's worker), both commands failed with
+    # "StopSignals must be created in the main thread"; they run there without it.
+    import threading
+
+    results: dict[str, Result] = {}
+    before = signal.getsignal(signal.SIGTERM)
+
+    def run() -> None:
+        results["train"] = cli("train", "--method", "ce", "--epochs", "1", "--subset", "50", "--run-dir",
+                               str(tmp_path / "run"))  # fmt: skip
+        results["precompute"] = cli("precompute", "--source", f"local:{teacher_spec}", "--out", str(tmp_path / "c"),
+                                    "--workers", "0")  # fmt: skip
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(timeout=300)
+    assert not worker.is_alive()
+    for name in ("train", "precompute"):
+        ok(results[name])
+    assert signal.getsignal(signal.SIGTERM) == before  # nothing was installed from the thread
