@@ -82,9 +82,16 @@ class ShardedCacheReader:
         for i, r in enumerate(self.shards):
             # pca:K: each shard decodes with its own stored basis (one fitted per shard unless
             # `kd precompute --basis` shared one), so the bases may differ
-            same = dict(shard_index=0, shard_count=1, created_by=base.created_by, basis_sha256=base.basis_sha256)
+            # codec_version: a shard written (or resumed) by another kd release keeps its own record
+            # layout, and each shard's reader decodes with its own (the record size is the same).
+            same = dict(shard_index=0, shard_count=1, created_by=base.created_by, basis_sha256=base.basis_sha256,
+                        codec_version=base.codec_version)  # fmt: skip
             if dataclasses.replace(r.meta, **same) != base:
-                raise CacheError(f"shard {i} of {str(self.path)!r} was built with other metadata than shard 0")
+                mine = dataclasses.asdict(dataclasses.replace(r.meta, **same))
+                differ = [f"{k} {v!r} (shard 0: {getattr(base, k)!r})"
+                          for k, v in mine.items() if getattr(base, k) != v]  # fmt: skip
+                raise CacheError(f"shard {i} of {str(self.path)!r} was built with other metadata than shard 0: "
+                                 + "; ".join(differ))  # fmt: skip
             if (r.meta.shard_index, r.meta.shard_count) != (i, count):
                 raise CacheError(f"shard folder {i}/{count} of {str(self.path)!r} holds shard {r.meta.shard_index}")
         self.meta: CacheMeta = base

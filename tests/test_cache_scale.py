@@ -259,3 +259,34 @@ def test_features_are_cached_beside_the_targets(tmp_path: Path, train) -> None:
     precompute(data, CacheSource(str(tmp_path / "f")), tmp_path / "q", features=["layer1@at"], progress=False)
     l1_at = open_cache(tmp_path / "q").features(idx)["layer1@at"]
     torch.testing.assert_close(l1_at, attention(l1), rtol=5e-3, atol=5e-3)
+
+
+def test_shards_of_two_codec_layouts_read_as_one_cache_and_other_differences_are_named(tmp_path: Path) -> None:
+    # A multi-host precompute upgraded part-way leaves shards of two record layouts (topk:K version 2
+    # stores the top logits, version 3 the log-probabilities): each shard decodes with its own, so the
+    # cache reads as one; it used to be refused as "other metadata than shard 0", naming nothing.
+    from kd.cache.codecs import get_codec
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 20, generator=g) * 4
+    root = tmp_path / "c"
+    for i, version in ((0, 2), (1, 3)):
+        meta = CacheMeta("f", "d", 4, "topk:5", 20, shard_index=i, shard_count=2, codec_version=version)
+        with CacheWriter(shard_dir(root, i, 2), meta) as w:
+            idx = [j for j in range(4) if j % 2 == i]
+            w.put(idx, z[idx])
+    reader = open_cache(root)
+    for j in range(4):
+        version = 2 if j % 2 == 0 else 3
+        codec = get_codec("topk:5", 1.0, version=version)
+        want = codec.decode_targets(codec.encode(z[j : j + 1]), 20)
+        got = reader.targets([j])
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.logits, want.logits), (j, version)
+        torch.testing.assert_close(got.logsumexp, want.logsumexp, rtol=0, atol=0)
+    other = tmp_path / "o"
+    for i, temperature in ((0, 1.0), (1, 4.0)):
+        meta = CacheMeta("f", "d", 4, "topk:5", 20, temperature=temperature, shard_index=i, shard_count=2)
+        with CacheWriter(shard_dir(other, i, 2), meta) as w:
+            w.put([i], z[[i]])
+    with pytest.raises(CacheError, match=r"shard 1 .* other metadata than shard 0: temperature 4\.0 \(shard 0: 1\.0\)"):
+        open_cache(other)
