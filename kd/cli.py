@@ -495,6 +495,12 @@ def precompute(
         "resized to its input shape.",
     ),
     std: str | None = typer.Option(None, help="local: teacher's per-channel std (as kd serve --std)."),
+    server_timeout: float = typer.Option(
+        60.0,
+        help="With a server: source: seconds one request, or a stream's wait for its next answer, may take before "
+        "the run fails naming the server (a stalled server otherwise blocks it); raise it for a teacher whose "
+        "forward takes longer.",
+    ),
 ) -> None:
     """Run a dataset through a teacher and store its soft targets in an LMDB cache (resumable)."""
     from kd.cache import CacheError
@@ -514,6 +520,9 @@ def precompute(
         _fail("--mean/--std are a local: teacher's normalisation; a server applies its own (kd serve --mean/--std)")
     if batch_size < 1 or commit_every < 1:
         _fail(f"--batch-size and --commit-every must be >= 1, got {batch_size} and {commit_every}")
+    if not (math.isfinite(server_timeout) and server_timeout > 0):
+        _fail(f"--server-timeout {server_timeout}: give a number of seconds > 0")
+    timeouts = {"timeout": server_timeout, "stream_timeout": server_timeout}  # a server's client, as kd train's
     try:
         data = open_source(dataset)
     except (CacheError, ValueError, RuntimeError) as e:
@@ -537,7 +546,7 @@ def precompute(
         if [k for k, v in unused.items() if v]:
             _fail(f"{', '.join(k for k, v in unused.items() if v)}: not for token datasets (one record per sequence)")
         return _precompute_tokens(data, source, out, codec, temperature, batch_size, commit_every, device, basis_raw,
-                                  basis)  # fmt: skip
+                                  basis, timeouts)  # fmt: skip
     try:
         which = parse_shard(shard) if shard else torchrun_shard()
         kwargs: dict = {}
@@ -545,6 +554,8 @@ def precompute(
             kwargs = {"device": device, "mean": _floats(mean, "--mean"), "std": _floats(std, "--std")}
         if by_reference:
             kwargs = {"dataset": by_reference, "num_views": views}
+        if source.startswith("server:"):
+            kwargs |= timeouts
         signals = _stop_signals()
         try:
             with parse_source(source, **kwargs) as src:
@@ -570,14 +581,14 @@ def precompute(
 
 def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: float | None, batch_size: int,
                        commit_every: int, device: str, basis: bytes | None = None,
-                       basis_path: Path | None = None) -> None:  # fmt: skip
+                       basis_path: Path | None = None, client_options: dict | None = None) -> None:  # fmt: skip
     """``kd precompute`` of a token dataset: a token teacher (``kd.precompute.token_teacher``)
     asked only for what ``codec`` keeps, one record per sequence."""
     from kd.cache import CacheError
     from kd.precompute import BasisError, precompute_tokens, token_teacher
 
     try:
-        teacher = token_teacher(source, device=device)
+        teacher = token_teacher(source, device=device, **(client_options or {}))
         try:
             report = precompute_tokens(data, teacher, out, codec=codec, batch_size=batch_size,
                                        temperature=temperature, commit_every=commit_every, progress=True,

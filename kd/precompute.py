@@ -828,15 +828,16 @@ class ServerTokenTeacher:
         self.client.close()
 
 
-def token_teacher(ref: str, device: str = "cpu") -> LocalTokenTeacher | ServerTokenTeacher:
+def token_teacher(ref: str, device: str = "cpu", **client_options: Any) -> LocalTokenTeacher | ServerTokenTeacher:
     """``server:HOST:PORT[/TEACHER]`` or ``local:SPEC`` (``hf:DIR``, ``module:factory[@WEIGHTS]?...``)
-    as a token teacher for ``precompute_tokens`` (``kd precompute`` with a token dataset)."""
+    as a token teacher for ``precompute_tokens`` (``kd precompute`` with a token dataset);
+    ``client_options``: a server's ``TeacherClient`` options (timeouts), unused for a local one."""
     kind, sep, rest = ref.partition(":")
     if kind == "server" and sep and rest:
         address, _, name = rest.partition("/")
         if "," in address:
             raise ValueError(f"source {ref!r}: token precompute talks to one server; give one HOST:PORT")
-        return ServerTokenTeacher(address, name or None)
+        return ServerTokenTeacher(address, name or None, **client_options)
     if kind == "local" and sep and rest:
         return LocalTokenTeacher.from_spec(rest, device=device)
     raise ValueError(f"source {ref!r}: a token teacher is server:HOST:PORT[/TEACHER] or local:SPEC "

@@ -291,8 +291,10 @@ def tune_for_large_requests() -> dict[str, bool]:
 
 # Seconds to wait for a server before the first request: a listening server connects in
 # milliseconds, and kd serve started at the same moment (the README's `kd serve ... &` then
-# `kd precompute`) is up within seconds; a wrong or dead address then fails naming itself.
-DEFAULT_CONNECT_TIMEOUT = 30.0
+# `kd precompute`) answers once its teachers are loaded; 60 s, the unary deadline the first
+# request had before this bound (a big teacher may take tens of seconds to load). A wrong or
+# dead address then fails naming itself.
+DEFAULT_CONNECT_TIMEOUT = 60.0
 # Seconds a stream waits for its next reply before it gives up: the unary ``timeout``'s 60 s.
 # Any of the up-to-``depth`` requests in flight may answer, so the wait is about one forward
 # (a big model on a busy or CPU-only server: seconds to tens of seconds) plus other clients'
@@ -640,8 +642,8 @@ class TeacherClient(TokenClientMixin):
             while (req := outbox.get()) is not None:
                 yield req
 
-        # No deadline on the call (a stream lives as long as its epoch) and wait_for_ready (a
-        # server restarting is waited for): the watchdog below bounds each wait for a reply instead.
+        # No deadline on the call (a stream lives as long as its epoch) and wait_for_ready (a server
+        # restarting is waited for, up to stream_timeout): the watchdog below bounds each wait instead.
         call = self._infer_stream(requests(), timeout=None, wait_for_ready=True, metadata=self.metadata)
         watchdog = _Watchdog(call, self.stream_timeout)
         source = iter(items)

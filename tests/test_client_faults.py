@@ -229,6 +229,46 @@ def test_kd_train_fails_on_a_stalled_server_after_its_server_timeout(tmp_path: P
         log.close()
 
 
+def test_kd_precompute_fails_on_a_stalled_server_after_its_server_timeout(tmp_path: Path, teacher_spec: str) -> None:
+    from kd.cache import CacheReader
+
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "kd", "serve", "--teacher", f"digits={teacher_spec}", "--host", "127.0.0.1",
+         "--port", str(port), "--no-warmup"],
+        stdout=log, stderr=subprocess.STDOUT, env=ENV,
+    )  # fmt: skip
+    out = tmp_path / "c"
+    # Far from done when stopped (1198 x 8 records in batches of 8): the stream is in use.
+    pre = subprocess.Popen(
+        [sys.executable, "-m", "kd", "precompute", "--source", f"server:127.0.0.1:{port}/digits", "--out", str(out),
+         "--views", "8", "--batch-size", "8", "--commit-every", "64", "--workers", "0", "--server-timeout", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        deadline, committed = time.monotonic() + 60, 0
+        while committed < 64:
+            assert pre.poll() is None and time.monotonic() < deadline, pre.stderr.read() if pre.stderr else ""
+            try:
+                committed = len(CacheReader(out)) if (out / "data.mdb").exists() else 0
+            except Exception:  # noqa: BLE001 - metadata not committed yet
+                committed = 0
+            time.sleep(0.05)
+        server.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        _, err = pre.communicate(timeout=30)
+        assert time.monotonic() - t0 < 15  # without the option: 60 s (the default); before it: never
+        assert pre.returncode == 2, err
+        assert f"server 127.0.0.1:{port}" in err and "1.0 s" in err, err
+    finally:
+        server.send_signal(signal.SIGCONT)
+        for p in (pre, server):
+            p.kill()
+            p.wait()
+        log.close()
+
+
 def test_kd_train_refuses_a_server_timeout_that_is_not_positive() -> None:
     from typer.testing import CliRunner
 
@@ -236,6 +276,9 @@ def test_kd_train_refuses_a_server_timeout_that_is_not_positive() -> None:
 
     r = CliRunner().invoke(app, ["train", "--source", "server:127.0.0.1:1/t", "--server-timeout", "0"])
     assert r.exit_code == 2 and "--server-timeout 0.0" in r.output, r.output
+    r = CliRunner().invoke(app, ["precompute", "--source", "server:127.0.0.1:1/t", "--out", "c", "--server-timeout",
+                                 "nan"])  # fmt: skip
+    assert r.exit_code == 2 and "--server-timeout nan" in r.output, r.output
 
 
 # -- 4. pools named by host names and IPv6 literals ------------------------------------------
