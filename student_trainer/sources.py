@@ -275,13 +275,15 @@ class ServerSource(SoftTargetSource):
         if len(self.addresses) > 1:
             self.pool = [TeacherClient(a, **client_options) for a in self.addresses]
         try:
-            desc = self.client.describe(teacher)
-            if self.pool:  # the round-robin client asks one member: every member must serve the same teacher
-                members = [(a, c.describe(teacher)) for a, c in zip(self.addresses, self.pool)]
-                if len({(d.name, d.fingerprint) for _, d in members}) > 1:
-                    listing = ", ".join(f"{a}: {d.name!r} {d.fingerprint[:12]}" for a, d in members)
-                    raise ValueError(f"the server pool serves different teachers ({listing}); a pool's "
-                                     "servers must hold the same weights (or give each its own --source)")  # fmt: skip
+            if self.pool:
+                # The round-robin client's describe reaches one member, chosen by gRPC: every
+                # member is asked, and they must agree on all that this source takes from the
+                # description, or batches would get answers of whichever member they reach.
+                desc = _agreed_description(
+                    [(a, c.describe(teacher)) for a, c in zip(self.addresses, self.pool)], dataset
+                )
+            else:
+                desc = self.client.describe(teacher)
         except BaseException:
             self.close()
             raise
@@ -417,6 +419,62 @@ class ServerSource(SoftTargetSource):
         self.client.close()
         for c in self.pool:
             c.close()
+
+
+def _member_facts(d: Any, dataset: str | None) -> dict[str, Any]:
+    """What a ``ServerSource`` relies on in one member's description, by the name a refusal gives it."""
+    facts = {
+        "teacher": d.name,
+        "fingerprint": d.fingerprint,
+        "live weights (--accept-weights)": d.accepts_weights,
+        "classes": d.num_classes,
+        "class names": tuple(d.class_names),
+        "input shape": tuple(d.input_shape),
+        "input dtype": str(d.input_dtype).removeprefix("torch."),
+        "signature": d.signature,
+    }
+    if dataset is not None:  # by reference: the data each member reads for a key
+        info = d.datasets.get(dataset)
+        # compared as check_served_dataset compares it with --dataset: content hash, size, view policy
+        facts[f"dataset {dataset!r}"] = (
+            ("not registered",)
+            if info is None
+            else (info.dataset_id.partition("@")[2], info.num_samples, info.augmentation, info.dataset_id)
+        )
+    return facts
+
+
+def _agreed_description(members: list[tuple[str, Any]], dataset: str | None) -> Any:
+    """The description a pool's members agree on (the first one's); a ``ValueError`` naming each
+    member and its value of every fact they differ on otherwise."""
+    facts = [(a, _member_facts(d, dataset)) for a, d in members]
+
+    def same(key: str, value: Any) -> str:
+        return repr(value[:3]) if key.startswith("dataset ") else repr(value)  # not the id's name part
+
+    differ = [k for k in facts[0][1] if len({same(k, f[k]) for _, f in facts}) > 1]
+    if not differ:
+        return members[0][1]
+
+    def shown(key: str, value: Any) -> str:
+        if key.startswith("dataset "):
+            return value[0] if len(value) == 1 else f"{value[3]} ({value[1]} samples, views {value[2] or 'none'})"
+        if key == "fingerprint":
+            return str(value)[:12]
+        if key == "signature":  # long: its fields that differ are named by the other facts, or here in short
+            return (
+                "none"
+                if value is None
+                else f"{len(value.inputs)} input(s), {len(value.outputs)} output(s), "
+                f"mean {value.mean}, std {value.std}, {dict(value.extra)}"
+            )
+        return repr(value) if isinstance(value, str) else str(value)
+
+    how = "; ".join(f"{k}: " + ", ".join(f"{a} {shown(k, f[k])}" for a, f in facts) for k in differ)
+    raise ValueError(
+        f"the server pool serves different teachers: its members differ ({how}); a pool's servers must serve "
+        "the same teacher, with the same options and datasets (or give each its own --source)"
+    )
 
 
 def _pooled_stream(
