@@ -25,10 +25,12 @@ import copy
 import math
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import grpc
 import numpy as np
 import torch
 
@@ -39,7 +41,7 @@ from kd.core.data import Dataset, view_seeds
 from kd.core.signature import target_fingerprint
 from kd.core.targets import SparseTargets, Targets
 from kd.core.views import pixels_to_input
-from kd.teacher_server.client import DatasetRef, TeacherClient
+from kd.teacher_server.client import DatasetRef, TeacherClient, TeacherRequestError
 from kd.teacher_server.loading import Teacher, load_teacher
 from kd.teacher_server.runner import ModelRunner
 
@@ -408,7 +410,7 @@ class ServerSource(SoftTargetSource):
             keyed = ((b, x, sample_uniforms(self.sample_codec, b.indices, b.views)) for b, x in keyed)
         options = {"features": features, "pool_features": pool, **self._asked()}
         if self.pool:
-            stream = _pooled_stream(self.pool, self.teacher, keyed, depth=self.depth, **options)
+            stream = _pooled_stream(self.pool, self.teacher, keyed, depth=self.depth, names=self.addresses, **options)
         else:
             stream = self.client.infer_stream(self.teacher, keyed, depth=self.depth, **options)
         for batch, outputs in stream:
@@ -477,74 +479,186 @@ def _agreed_description(members: list[tuple[str, Any]], dataset: str | None) -> 
     )
 
 
+# Errors that are a request's own fault: every member would give the same answer, so they fail
+# the run. Any other member error (UNAVAILABLE from a draining or dead server, a stalled stream's
+# timeout, a reset connection, a server-side failure) is the member's, and its batches go elsewhere.
+_REQUEST_FAULTS = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.UNIMPLEMENTED,
+})  # fmt: skip
+
+# How long closing a pooled stream waits for its member threads to finish their last replies.
+_POOL_JOIN_S = 15.0
+
+
+def member_failed(error: BaseException) -> bool:
+    """Whether ``error`` from one member of a pool is that member's failure (retry the batches on
+    another member) rather than the request's own fault (fail the run)."""
+    if isinstance(error, TeacherRequestError):
+        return error.code not in _REQUEST_FAULTS
+    return isinstance(error, (TimeoutError, ConnectionError, grpc.RpcError))
+
+
 def _pooled_stream(
-    clients: list[TeacherClient], teacher: str, keyed: Iterator[tuple[Any, Any]], *, depth: int, **options: Any
+    clients: list[TeacherClient],
+    teacher: str,
+    keyed: Iterator[tuple[Any, Any]],
+    *,
+    depth: int,
+    names: list[str] | None = None,
+    **options: Any,
 ) -> Iterator[tuple[Any, dict[str, torch.Tensor]]]:
-    """``TeacherClient.infer_stream`` over a pool: batch i goes to server i % n, each server
-    on its own stream (thread) with up to ``depth`` batches in flight; results come back in
-    input order. An error on any stream is raised here; closing the iterator stops them all."""
+    """``TeacherClient.infer_stream`` over a pool: batches take turns over the healthy members,
+    each member on its own stream (thread), up to ``depth`` batches in flight per member; results
+    come back in input order.
+
+    A member that fails (``member_failed``: drained, gone, stalled) leaves the pool for this
+    stream, and its unanswered batches are sent again, in order, to the remaining members: the
+    members serve one teacher (``_agreed_description``), so the targets are the same whichever
+    answers. With no member left, ``TeacherRequestError`` UNAVAILABLE names each and why. A
+    request's own error is raised as it is. Closing the iterator ends every member's stream and
+    waits (bounded) for its thread, so no gRPC call is live after it returns: a DataLoader that
+    forks its workers next would otherwise fork in the middle of one."""
     n = len(clients)
+    names = names or [c.target for c in clients]
     stop = threading.Event()
-    done = object()
-    inboxes = [queue.Queue(maxsize=max(1, depth)) for _ in range(n)]
-    outboxes: list[queue.Queue] = [queue.Queue() for _ in range(n)]
+    events: queue.Queue = queue.Queue()  # (kind, lane, seq, value) from the lanes' threads
+    # A lane is one stream to one member, fed from its inbox until a None. A member's stream sends
+    # its next request only after handing on a reply, and waits for it: so a member's inbox is
+    # kept ahead of its stream while batches remain (it never waits with replies unread), and at
+    # the end of the batches every lane is closed. Batches sent again after that (a member failed
+    # late) go on a new lane of a remaining member.
+    lane_member: list[int] = []
+    lane_inbox: list[queue.Queue] = []
+    threads: list[threading.Thread] = []
+    open_lane: list[int | None] = [None] * n
 
-    def put(q: queue.Queue, item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def feed() -> None:
-        try:
-            for i, item in enumerate(keyed):
-                if not put(inboxes[i % n], item):
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            for out in outboxes:
-                out.put((done, e))
-        for box in inboxes:
-            put(box, done)
-
-    def requests(k: int) -> Iterator[tuple[Any, Any]]:
+    def requests(inbox: queue.Queue) -> Iterator[tuple[Any, ...]]:
         while True:
             try:
-                item = inboxes[k].get(timeout=0.1)
+                item = inbox.get(timeout=0.1)
             except queue.Empty:
                 if stop.is_set():
                     return
                 continue
-            if item is done:
+            if item is None:
                 return
             yield item
 
-    def serve(k: int) -> None:
+    def serve(lane: int) -> None:
+        client = clients[lane_member[lane]]
         try:
-            for result in clients[k].infer_stream(teacher, requests(k), depth=depth, **options):
-                outboxes[k].put((result, None))
-            outboxes[k].put((done, None))
+            for seq, outputs in client.infer_stream(teacher, requests(lane_inbox[lane]), depth=depth, **options):
+                events.put(("ok", lane, seq, outputs))
+            events.put(("end", lane, None, None))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            outboxes[k].put((done, e))
+            events.put(("error", lane, None, e))
 
-    threads = [threading.Thread(target=feed, name="pool-feed", daemon=True)]
-    threads += [threading.Thread(target=serve, args=(k,), name=f"pool-stream-{k}", daemon=True) for k in range(n)]
-    for t in threads:
-        t.start()
+    def lane_of(k: int) -> int:
+        if open_lane[k] is None:
+            open_lane[k] = len(lane_member)
+            lane_member.append(k)
+            lane_inbox.append(queue.Queue())
+            threads.append(threading.Thread(target=serve, args=(open_lane[k],), name=f"pool-stream-{k}", daemon=True))
+            threads[-1].start()
+        return open_lane[k]  # type: ignore[return-value]
+
+    def close_lanes() -> None:
+        for k, lane in enumerate(open_lane):
+            if lane is not None:
+                lane_inbox[lane].put(None)
+                open_lane[k] = None
+
+    source = iter(keyed)
+    healthy = list(range(n))
+    failed: dict[int, str] = {}
+    pending: dict[int, tuple[Any, tuple]] = {}  # seq -> (batch, what is sent): not yet yielded
+    owner: dict[int, int] = {}  # seq -> the lane it was last sent on, while unanswered
+    load = [0] * n  # unanswered batches per member
+    ready: dict[int, dict[str, torch.Tensor]] = {}
+    sent = want = turn = 0
+    exhausted = False
+
+    def least_loaded() -> int:
+        nonlocal turn
+        turn += 1
+        return min(healthy, key=lambda k: (load[k], (k - turn) % n))
+
+    def send(seq: int, k: int) -> None:
+        lane = lane_of(k)
+        owner[seq] = lane
+        load[k] += 1
+        lane_inbox[lane].put((seq, *pending[seq][1]))
+
+    def answered(seq: int) -> None:
+        lane = owner.pop(seq, None)
+        if lane is not None:
+            load[lane_member[lane]] -= 1
+
+    def lose(k: int, why: str) -> None:
+        """Member k is out: its unanswered batches go, in order, to the others."""
+        healthy.remove(k)
+        failed[k] = why
+        if open_lane[k] is not None:
+            lane_inbox[open_lane[k]].put(None)  # type: ignore[index]
+            open_lane[k] = None
+        if not healthy:
+            listing = "; ".join(f"{names[j]}: {failed[j]}" for j in sorted(failed))
+            raise TeacherRequestError(
+                grpc.StatusCode.UNAVAILABLE, f"every server of the pool failed, none is left to ask ({listing})"
+            )
+        for seq in sorted(s for s, lane in owner.items() if lane_member[lane] == k):
+            answered(seq)
+            send(seq, least_loaded())
+        if exhausted:
+            close_lanes()
+
     try:
-        i = 0
         while True:
-            result, error = outboxes[i % n].get()
-            if error is not None:
-                raise error
-            if result is done:
-                return  # server i % n has no more batches: neither has any later one
-            yield result
-            i += 1
+            while not exhausted:
+                k = least_loaded()
+                if load[k] > depth:
+                    break
+                try:
+                    batch, *rest = next(source)
+                except StopIteration:
+                    exhausted = True
+                    close_lanes()
+                    break
+                pending[sent] = (batch, tuple(rest))
+                send(sent, k)
+                sent += 1
+            if want in ready:
+                outputs = ready.pop(want)
+                batch = pending.pop(want)[0]
+                want += 1
+                yield batch, outputs
+                continue
+            if exhausted and want == sent:
+                return
+            kind, lane, seq, value = events.get()
+            k = lane_member[lane]
+            if kind == "ok":
+                # The first answer counts; a failed member's late answer to a batch sent again
+                # is the same teacher's, and the second one is dropped.
+                if seq >= want and seq not in ready:
+                    ready[seq] = value
+                    answered(seq)
+            elif k in healthy:
+                if kind == "error" and not member_failed(value):
+                    raise value
+                if kind == "error":
+                    lose(k, str(value))
+                elif any(o == lane for o in owner.values()):
+                    lose(k, "its stream ended with batches unanswered")
     finally:
         stop.set()
+        for inbox in lane_inbox:  # each lane sends no more, reads its last replies, and ends
+            inbox.put(None)
+        deadline = time.monotonic() + _POOL_JOIN_S
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _check_normalisation(teacher: Teacher, mean: list[float] | None, std: list[float] | None) -> None:

@@ -1,5 +1,7 @@
 """A pool of real ``kd serve`` processes as one source (``server:A,B/teacher``): the members must
-agree on what the source relies on."""
+agree on what the source relies on, a member that drains mid-epoch hands its batches to the
+others (the targets stay exactly the same), and a pool's streams are closed before the next
+epoch's DataLoader forks its workers. Also the gRPC target schemes ``server:`` takes."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +21,7 @@ import torch
 
 from kd.core.data import load_dataset
 from kd.student_trainer.sources import Batch, ServerSource
+from kd.teacher_server.client import TeacherRequestError
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
@@ -89,3 +93,96 @@ def test_pool_members_must_agree_on_datasets_and_live_weights(tmp_path: Path, te
             assert a in str(e.value) and c in str(e.value)
         # The same members by value (no dataset asked): A and B agree on all the source relies on.
         ServerSource([a, b], "t").close()
+
+
+def test_a_member_drained_mid_epoch_hands_its_batches_to_the_others(tmp_path: Path, teacher_spec: str) -> None:
+    batches = _batches(8)
+    # Requests of 8 on servers that batch at most 8: none is merged with another, so each
+    # batch's targets are computed alike whichever server answers, and compare exactly.
+    alone = ["--max-batch-size", "8"]
+    with served(tmp_path, teacher_spec, alone, alone) as [(a, _), (b, proc_b)]:
+        with ServerSource(a, "t") as single:
+            want = [t.clone() for _, t in single.iter_targets(batches)]
+        got = []
+        with ServerSource([a, b], "t", depth=2) as pool:
+            started = time.monotonic()
+            for i, (batch, t) in enumerate(pool.iter_targets(batches)):
+                if i == 10:
+                    proc_b.send_signal(signal.SIGTERM)  # a rolling restart: B drains and exits 0
+                if i > 10:
+                    time.sleep(0.02)  # B's refusals and its exit happen while the epoch goes on
+                assert torch.equal(batch.indices, batches[i].indices)
+                got.append(t.clone())
+            assert time.monotonic() - started < 30
+        assert proc_b.wait(30) == 0
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), i
+
+
+def test_a_stalled_member_hands_its_batches_to_the_others(tmp_path: Path, teacher_spec: str) -> None:
+    # B stops answering (SIGSTOP: a hung node); its stream's stall timeout fails it, and its
+    # unanswered batches go to A.
+    batches = _batches(8, limit=400)
+    alone = ["--max-batch-size", "8"]
+    with served(tmp_path, teacher_spec, alone, alone) as [(a, _), (b, proc_b)]:
+        with ServerSource(a, "t") as single:
+            want = [t.clone() for _, t in single.iter_targets(batches)]
+        got = []
+        try:
+            with ServerSource([a, b], "t", depth=2, stream_timeout=2.0) as pool:
+                for i, (_, t) in enumerate(pool.iter_targets(batches)):
+                    if i == 5:
+                        proc_b.send_signal(signal.SIGSTOP)
+                    got.append(t.clone())
+        finally:
+            proc_b.send_signal(signal.SIGCONT)
+    assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_a_pool_with_no_member_left_names_them(tmp_path: Path, teacher_spec: str) -> None:
+    batches = _batches(8, limit=400)
+    with served(tmp_path, teacher_spec, [], []) as [(a, proc_a), (b, proc_b)]:
+        with ServerSource([a, b], "t", depth=2) as pool:
+            with pytest.raises(TeacherRequestError, match="every server of the pool failed") as e:
+                for i, _ in enumerate(pool.iter_targets(batches)):
+                    if i == 3:
+                        proc_a.send_signal(signal.SIGTERM)
+                        proc_b.send_signal(signal.SIGTERM)
+                    time.sleep(0.01)
+        assert a in str(e.value) and b in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, teacher_spec: str) -> Iterator[list[str]]:
+    """Two healthy members that register the digits training split (tests that keep them so)."""
+    registered = ["--dataset", "train=digits:train"]
+    with served(tmp_path_factory.mktemp("pair"), teacher_spec, registered, registered) as members:
+        yield [address for address, _ in members]
+
+
+def test_a_request_error_still_fails_a_pool(pair: list[str]) -> None:
+    bad = [Batch(torch.tensor([0, 100000]), torch.zeros(2, 64), torch.zeros(2, dtype=torch.long))]
+    with ServerSource(pair, "t", dataset="train") as pool:
+        with pytest.raises(TeacherRequestError) as e:
+            list(pool.iter_targets(bad))
+    assert e.value.code.name in ("INVALID_ARGUMENT", "OUT_OF_RANGE"), e.value
+
+
+def _pool_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("pool-")]
+
+
+def test_a_pooled_stream_ends_its_member_streams_before_it_returns(pair: list[str]) -> None:
+    # The next epoch's DataLoader forks its workers right after this epoch's stream returns:
+    # a member stream still live in its thread then is a gRPC call in flight at the fork, and
+    # the forked workers died ("DataLoader worker ... exited unexpectedly", kd train --workers 2).
+    batches = _batches(16, limit=320)
+    with ServerSource(pair, "t", depth=2) as pool:
+        for _ in range(3):
+            assert len(list(pool.iter_targets(batches))) == len(batches)
+            assert _pool_threads() == []
+            stream = pool.iter_targets(batches)  # an epoch broken off (an error, a stop)
+            next(stream)
+            stream.close()
+            assert _pool_threads() == []
