@@ -54,7 +54,14 @@ from kd.core.samples import SampleSource
 from kd.core.sparse import topk_parts
 from kd.core.targets import SparseTargets
 from kd.core.views import PARAM_WIDTH
-from kd.student_trainer.sources import Batch, SampleDraws, SoftTargetSource, prefetched, refuse_live_weights
+from kd.student_trainer.sources import (
+    Batch,
+    SampleDraws,
+    SoftTargetSource,
+    prefetched,
+    refuse_live_weights,
+    split_server_address,
+)
 
 
 @dataclass
@@ -833,7 +840,7 @@ def token_teacher(ref: str, device: str = "cpu") -> LocalTokenTeacher | ServerTo
     as a token teacher for ``precompute_tokens`` (``kd precompute`` with a token dataset)."""
     kind, sep, rest = ref.partition(":")
     if kind == "server" and sep and rest:
-        address, _, name = rest.partition("/")
+        address, name = split_server_address(rest)
         if "," in address:
             raise ValueError(f"source {ref!r}: token precompute talks to one server; give one HOST:PORT")
         return ServerTokenTeacher(address, name or None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import queue
 import threading
 import time
@@ -787,16 +788,48 @@ class ReadThroughSource(SoftTargetSource):
         self.upstream.close()
 
 
+def split_server_address(rest: str) -> tuple[str, str | None]:
+    """``server:``'s part after the colon -> (gRPC address, teacher name or None).
+
+    The teacher is after the first ``/`` that follows the address, and an address may hold
+    slashes of its own: ``HOST:PORT[,HOST:PORT...]``, ``[::1]:PORT``, ``dns:///HOST:PORT``,
+    ``dns://RESOLVER/HOST:PORT``, ``ipv4:A:P[,B:Q...]``, ``ipv6:[A]:P[,...]``, ``unix:PATH`` (its
+    teacher after the last ``/``, unless PATH with it is the socket). An ``ipv4:``/``ipv6:`` list
+    becomes a plain one, so it is a pool (one stream per member) like ``HOST:PORT,HOST:PORT``."""
+    head = ""
+    body = rest
+    if rest.startswith("dns:"):
+        body = rest[len("dns:") :]
+        if body.startswith("//"):  # dns://[RESOLVER]/HOST:PORT: the name starts after the authority's /
+            end = body.find("/", 2)
+            if end < 0:
+                raise ValueError(f"server:{rest}: a dns:// target is dns://[RESOLVER]/HOST:PORT (dns:///HOST:PORT)")
+            head, body = "dns:" + body[: end + 1], body[end + 1 :]
+        else:
+            head = "dns:"
+    elif rest.startswith(("unix:", "unix-abstract:")):
+        if os.path.exists(rest.partition(":")[2]) or "/" not in rest.partition(":")[2].lstrip("/"):
+            return rest, None
+        address, _, teacher = rest.rpartition("/")
+        return address, teacher or None
+    elif rest.startswith(("ipv4:", "ipv6:")):
+        body = rest[len("ipv4:") :]
+    address, _, teacher = body.partition("/")
+    if not address:
+        raise ValueError(f"server:{rest}: no server address (expected HOST:PORT[/TEACHER])")
+    return head + address, teacher or None
+
+
 def parse_source(ref: str, **kwargs: Any) -> SoftTargetSource:
-    """``cache:PATH``, ``server:HOST:PORT[,HOST:PORT...][/TEACHER]`` or ``local:SPEC``."""
+    """``cache:PATH``, ``server:HOST:PORT[,HOST:PORT...][/TEACHER]`` (or another gRPC target:
+    ``split_server_address``) or ``local:SPEC``."""
     kind, sep, rest = ref.partition(":")
     if not sep or not rest:
         raise ValueError(f"source {ref!r}: expected cache:PATH, server:HOST:PORT[/TEACHER] or local:SPEC")
     if kind == "cache":
         return CacheSource(rest, **kwargs)
     if kind == "server":
-        address, _, teacher = rest.partition("/")
-        return ServerSource(address, teacher or None, **kwargs)
+        return ServerSource(*split_server_address(rest), **kwargs)
     if kind == "local":
         return LocalSource(rest, **kwargs)
     raise ValueError(f"unknown source kind {kind!r} in {ref!r}; use cache:, server: or local:")

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from kd.core.data import load_dataset
-from kd.student_trainer.sources import Batch, ServerSource
+from kd.student_trainer.sources import Batch, ServerSource, parse_source, split_server_address
 from kd.teacher_server.client import TeacherRequestError
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -186,3 +186,38 @@ def test_a_pooled_stream_ends_its_member_streams_before_it_returns(pair: list[st
             next(stream)
             stream.close()
             assert _pool_threads() == []
+
+
+@pytest.mark.parametrize(
+    ("rest", "address", "teacher"),
+    [
+        ("127.0.0.1:50051", "127.0.0.1:50051", None),
+        ("127.0.0.1:50051/t", "127.0.0.1:50051", "t"),
+        ("a:1,b:2/t", "a:1,b:2", "t"),
+        ("[::1]:50051/t", "[::1]:50051", "t"),
+        ("dns:///localhost:50051", "dns:///localhost:50051", None),
+        ("dns:///localhost:50051/t", "dns:///localhost:50051", "t"),
+        ("dns://8.8.8.8:53/teachers:50051/t", "dns://8.8.8.8:53/teachers:50051", "t"),
+        ("dns:localhost:50051/t", "dns:localhost:50051", "t"),
+        ("ipv4:10.0.0.1:1,10.0.0.2:2/t", "10.0.0.1:1,10.0.0.2:2", "t"),
+        ("ipv6:[::1]:1,[::1]:2", "[::1]:1,[::1]:2", None),
+        ("unix:/run/kd/teachers.sock/t", "unix:/run/kd/teachers.sock", "t"),
+        ("unix:teachers.sock", "unix:teachers.sock", None),
+    ],
+)
+def test_server_addresses_keep_their_scheme_and_give_the_teacher_after_them(
+    rest: str, address: str, teacher: str | None
+) -> None:
+    assert split_server_address(rest) == (address, teacher)
+
+
+def test_a_dns_target_reaches_the_server(pair: list[str]) -> None:
+    # The README's `--source server:dns:///HOST:PORT/TEACHER`: "dns:///" is not a teacher name.
+    port = pair[0].rpartition(":")[2]
+    batches = _batches(16, limit=64)
+    with ServerSource(pair[0], "t") as direct, parse_source(f"server:dns:///localhost:{port}/t") as by_dns:
+        assert by_dns.teacher == "t" and by_dns.fingerprint == direct.fingerprint
+        for (_, a), (_, b) in zip(direct.iter_targets(batches), by_dns.iter_targets(batches)):
+            assert torch.allclose(a, b, atol=1e-6)
+    with parse_source(f"server:dns:///localhost:{port}") as unnamed:  # the server's one teacher
+        assert unnamed.teacher == "t"
