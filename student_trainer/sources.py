@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import grpc
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from kd.cache import CacheMeta, CacheWriter
-from kd.cache.sharded import open_cache
+from kd.cache.sharded import ShardedCacheWriter, open_cache, shard_count_at
 from kd.core import reductions
 from kd.core.data import Dataset, view_seeds
 from kd.core.signature import target_fingerprint
@@ -754,7 +755,15 @@ class ReadThroughSource(SoftTargetSource):
             views=views,
             temperature=temperature,
         )
-        self.writer = CacheWriter(path, meta)
+        count = None if (Path(path) / "data.mdb").is_file() else shard_count_at(path)
+        if count is None:
+            self.writer: CacheWriter | ShardedCacheWriter = CacheWriter(path, meta)
+        else:
+            # A directory of shards (kd precompute --shard, torchrun): every shard present and
+            # alike first, then each shard's writer checks the teacher (and the rest) against it,
+            # and misses are written to their shards, where readers look for them.
+            open_cache(path).close()
+            self.writer = ShardedCacheWriter(path, meta, count)
         self.reader = open_cache(path)
         self.hits = 0
         self.misses = 0
