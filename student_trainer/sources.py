@@ -27,7 +27,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -272,6 +272,7 @@ class ServerSource(SoftTargetSource):
         self.topk, self.topk_temperature = topk, temperature or 1.0
         self.sample_codec: Any = None  # keeping_samples: a sample:K[xR] codec whose draws are asked for
         self.client = TeacherClient(address, **client_options)
+        self._client_options = client_options  # the pool's later probes of a failed member (_members_up)
         self.addresses = [a for a in address.split(",") if a] if isinstance(address, str) else list(address)
         # One channel per server for streams: a stream is one HTTP/2 call, which gRPC's round_robin
         # pins to a single server, so a pool gets a stream per server and the batches take turns.
@@ -312,6 +313,7 @@ class ServerSource(SoftTargetSource):
         # packed over the real positions out (TokenClientMixin), unpacked here to [B, S, ...].
         self.tokens = sig is not None and sig.extra.get("kind") == "tokens"
         self.depth = depth
+        self._down: set[int] = set()  # pool members that failed a stream (_members_up)
         self.dataset = dataset  # a dataset registered on the server: send keys, not pixels
         self.served_datasets = desc.datasets  # what the server reports of each: name -> ServedDataset
         self.num_views = num_views
@@ -412,12 +414,34 @@ class ServerSource(SoftTargetSource):
             keyed = ((b, x, sample_uniforms(self.sample_codec, b.indices, b.views)) for b, x in keyed)
         options = {"features": features, "pool_features": pool, **self._asked()}
         if self.pool:
-            stream = _pooled_stream(self.pool, self.teacher, keyed, depth=self.depth, names=self.addresses, **options)
+            up = self._members_up()
+            stream = _pooled_stream([self.pool[k] for k in up], self.teacher, keyed, depth=self.depth,
+                                    names=[self.addresses[k] for k in up], on_failure=lambda j: self._down.add(up[j]),
+                                    **options)  # fmt: skip
         else:
             stream = self.client.infer_stream(self.teacher, keyed, depth=self.depth, **options)
         for batch, outputs in stream:
             feats = {name: outputs[f"feature/{name}"] for name in features}
             yield batch, self._targets_of(outputs), feats, outputs.get("view_params")
+
+    def _members_up(self) -> list[int]:
+        """The pool's members to stream to now: a member that failed a stream (``_down``) is left
+        out until it answers a describe within ``_REJOIN_PROBE_S`` with the teacher's fingerprint.
+        A new stream to a server that is gone waits for it to come back (gRPC's wait_for_ready),
+        and one to a stalled server waits for an answer, both until the client's stream_timeout:
+        without this every later epoch would wait that long for it. With every member down, all
+        are tried (the streams' errors then name each)."""
+        for k in sorted(self._down):
+            options = {**self._client_options, "timeout": _REJOIN_PROBE_S, "connect_timeout": _REJOIN_PROBE_S}
+            try:
+                with TeacherClient(self.addresses[k], **options) as probe:
+                    back = probe.describe(self.teacher).fingerprint == self.fingerprint
+            except Exception:  # noqa: BLE001 - unreachable, stalled or refusing: not back yet
+                back = False
+            if back:
+                self._down.discard(k)
+        up = [k for k in range(len(self.pool)) if k not in self._down]
+        return up or list(range(len(self.pool)))
 
     def close(self) -> None:
         self.client.close()
@@ -492,6 +516,8 @@ _REQUEST_FAULTS = frozenset({
 
 # How long closing a pooled stream waits for its member threads to finish their last replies.
 _POOL_JOIN_S = 15.0
+# How long a pool member that failed is given to answer a describe before a later stream.
+_REJOIN_PROBE_S = 1.0
 
 
 def member_failed(error: BaseException) -> bool:
@@ -509,6 +535,7 @@ def _pooled_stream(
     *,
     depth: int,
     names: list[str] | None = None,
+    on_failure: Callable[[int], None] | None = None,
     **options: Any,
 ) -> Iterator[tuple[Any, dict[str, torch.Tensor]]]:
     """``TeacherClient.infer_stream`` over a pool: batches take turns over the healthy members,
@@ -518,7 +545,7 @@ def _pooled_stream(
     A member that fails (``member_failed``: drained, gone, stalled) leaves the pool for this
     stream, and its unanswered batches are sent again, in order, to the remaining members: the
     members serve one teacher (``_agreed_description``), so the targets are the same whichever
-    answers. With no member left, ``TeacherRequestError`` UNAVAILABLE names each and why. A
+    answers; ``on_failure(k)`` is told. With no member left, ``TeacherRequestError`` UNAVAILABLE names each and why. A
     request's own error is raised as it is. Closing the iterator ends every member's stream and
     waits (bounded) for its thread, so no gRPC call is live after it returns: a DataLoader that
     forks its workers next would otherwise fork in the middle of one."""
@@ -602,6 +629,8 @@ def _pooled_stream(
         """Member k is out: its unanswered batches go, in order, to the others."""
         healthy.remove(k)
         failed[k] = why
+        if on_failure is not None:  # the source leaves it out of its next streams until it is back
+            on_failure(k)
         if open_lane[k] is not None:
             lane_inbox[open_lane[k]].put(None)  # type: ignore[index]
             open_lane[k] = None

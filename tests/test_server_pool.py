@@ -114,10 +114,15 @@ def test_a_member_drained_mid_epoch_hands_its_batches_to_the_others(tmp_path: Pa
                 assert torch.equal(batch.indices, batches[i].indices)
                 got.append(t.clone())
             assert time.monotonic() - started < 30
-        assert proc_b.wait(30) == 0
-    assert len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert torch.equal(g, w), i
+            assert proc_b.wait(30) == 0
+            # The next epoch, B gone: its new stream would wait for B to come back (until the
+            # client's 60 s stream_timeout); the pool leaves it out until it accepts connections.
+            started = time.monotonic()
+            second = [t.clone() for _, t in pool.iter_targets(batches)]
+            assert time.monotonic() - started < 10
+    assert len(got) == len(want) == len(second)
+    for i, (g, w, h) in enumerate(zip(got, want, second)):
+        assert torch.equal(g, w) and torch.equal(h, w), i
 
 
 def test_a_stalled_member_hands_its_batches_to_the_others(tmp_path: Path, teacher_spec: str) -> None:
@@ -130,14 +135,20 @@ def test_a_stalled_member_hands_its_batches_to_the_others(tmp_path: Path, teache
             want = [t.clone() for _, t in single.iter_targets(batches)]
         got = []
         try:
-            with ServerSource([a, b], "t", depth=2, stream_timeout=2.0) as pool:
+            with ServerSource([a, b], "t", depth=2, stream_timeout=6.0) as pool:
                 for i, (_, t) in enumerate(pool.iter_targets(batches)):
                     if i == 5:
                         proc_b.send_signal(signal.SIGSTOP)
                     got.append(t.clone())
+                # The next epoch, B still stalled: left out (a probe of it fails in 1 s) instead
+                # of waiting stream_timeout for it again.
+                started = time.monotonic()
+                second = [t.clone() for _, t in pool.iter_targets(batches)]
+                assert time.monotonic() - started < 5
         finally:
             proc_b.send_signal(signal.SIGCONT)
-    assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
+    assert len(got) == len(want) == len(second)
+    assert all(torch.equal(g, w) and torch.equal(h, w) for g, w, h in zip(got, want, second))
 
 
 def test_a_pool_with_no_member_left_names_them(tmp_path: Path, teacher_spec: str) -> None:
