@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kd.cache.store import CacheError, CacheMeta, CacheReader, VerifyReport
+from kd.cache.store import CacheError, CacheMeta, CacheReader, CacheWriter, VerifyReport
 from kd.core.targets import SparseTargets, Targets
 
 _SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
@@ -165,6 +165,97 @@ class ShardedCacheReader:
 
     def close(self) -> None:
         pass
+
+
+def shard_count_at(root: str | Path) -> int | None:
+    """N of the ``shard-*-of-N`` folders in ``root`` (None: no shard folders there)."""
+    path = Path(root)
+    if not path.is_dir():
+        return None
+    counts = {int(m[2]) for p in path.iterdir() if p.is_dir() and (m := _SHARD_RE.match(p.name))}
+    if len(counts) > 1:
+        raise CacheError(f"cache {str(path)!r} mixes shard counts {sorted(counts)}")
+    return counts.pop() if counts else None
+
+
+def check_layout(root: str | Path, shard_count: int) -> None:
+    """Refuse to write a cache at ``root`` in ``shard_count`` shards (1: one environment at the
+    root) where another layout is already there: readers take a root ``data.mdb`` over shard
+    folders, so a root environment written beside shards would hide them (and shards beside a
+    root environment would never be read), and shards of another count are a different split."""
+    path = Path(root)
+    existing = shard_count_at(path)
+    if shard_count == 1 and existing is not None and not (path / "data.mdb").is_file():
+        raise CacheError(
+            f"{str(path)!r} holds a cache in {existing} shards (shard-*-of-{existing:05d}): writing it as one "
+            f"environment would hide them from every reader; resume it with --shard I/{existing} (one run per "
+            "shard, or torchrun with that many ranks), or give another --out"
+        )
+    if shard_count > 1 and (path / "data.mdb").is_file():
+        raise CacheError(
+            f"{str(path)!r} holds a cache in one environment (data.mdb): shards written beside it would never be "
+            "read; resume it without --shard, or give another --out"
+        )
+    if shard_count > 1 and existing is not None and existing != shard_count:
+        raise CacheError(
+            f"{str(path)!r} holds a cache in {existing} shards, not {shard_count}: resume it with "
+            f"--shard I/{existing}, or give another --out"
+        )
+
+
+class ShardedCacheWriter:
+    """Adds records to an existing directory of ``count`` shards (``ReadThroughSource`` on a
+    sharded cache): sample i goes to shard i % count, as ``kd precompute --shard`` puts it.
+    Each shard's writer checks ``meta`` (the teacher's fingerprint, the dataset, the codec...)
+    against what the shard holds, so a stale or other teacher is refused as for one environment."""
+
+    def __init__(self, root: str | Path, meta: CacheMeta, count: int) -> None:
+        self.writers: list[CacheWriter] = []
+        try:
+            for i in range(count):
+                shard_meta = dataclasses.replace(meta, shard_index=i, shard_count=count)
+                self.writers.append(CacheWriter(shard_dir(root, i, count), shard_meta))
+        except BaseException:
+            self.close()
+            raise
+        self.meta = meta
+        self.codec = self.writers[0].codec
+
+    def _route(self, indices: Iterable[int], views: Iterable[int] | None) -> list[tuple[int, list[int]]]:
+        groups: dict[int, list[int]] = {}
+        for pos, i in enumerate(indices):
+            groups.setdefault(int(i) % len(self.writers), []).append(pos)
+        return sorted(groups.items())
+
+    @staticmethod
+    def _pick(values: list[int] | None, pos: list[int]) -> list[int] | None:
+        return None if values is None else [values[p] for p in pos]
+
+    def put(self, indices: Iterable[int], logits: torch.Tensor, views: Iterable[int] | None = None) -> None:
+        idx, vw = list(indices), None if views is None else list(views)
+        for s, pos in self._route(idx, vw):
+            self.writers[s].put([idx[p] for p in pos], logits[pos], self._pick(vw, pos))
+
+    def put_topk(self, indices: Iterable[int], targets: SparseTargets, views: Iterable[int] | None = None) -> None:
+        idx, vw = list(indices), None if views is None else list(views)
+        for s, pos in self._route(idx, vw):
+            part = dataclasses.replace(targets, indices=targets.indices[pos], logits=targets.logits[pos],
+                                       logsumexp=targets.logsumexp[pos])  # fmt: skip
+            self.writers[s].put_topk([idx[p] for p in pos], part, self._pick(vw, pos))
+
+    def put_samples(self, indices: Iterable[int], ids: torch.Tensor, counts: torch.Tensor,
+                    views: Iterable[int] | None = None) -> None:  # fmt: skip
+        idx, vw = list(indices), None if views is None else list(views)
+        for s, pos in self._route(idx, vw):
+            self.writers[s].put_samples([idx[p] for p in pos], ids[pos], counts[pos], self._pick(vw, pos))
+
+    def flush(self) -> None:
+        for w in self.writers:
+            w.flush()
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
 
 
 def open_cache(path: str | Path, **expect: object) -> CacheReader | ShardedCacheReader:

@@ -1577,7 +1577,9 @@ def datafree(
     config = DataFreeConfig(steps=steps, batch_size=batch_size, generator_lr=generator_lr, temperature=temperature,
                             seed=seed, device=device, eval_every=eval_every,
                             run_dir=None if run_dir is None else str(run_dir), **recipe)  # fmt: skip
-    address, _, name = server.partition("/")
+    from kd.student_trainer.sources import split_server_address
+
+    address, name = split_server_address(server)
     seed_everything(seed)
     try:
         model = _build_student(student)

@@ -38,7 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kd.cache import CacheMeta, CacheReader, CacheWriter
 from kd.cache.codecs import LowRankBasis, bytes_per_sample, codec_uses_temperature, get_codec
-from kd.cache.sharded import open_cache, shard_dir
+from kd.cache.sharded import check_layout, open_cache, shard_dir
 from kd.cache.store import stored_basis
 from kd.core import reductions
 from kd.core.data import loader as data_loader
@@ -54,7 +54,14 @@ from kd.core.samples import SampleSource
 from kd.core.sparse import topk_parts
 from kd.core.targets import SparseTargets
 from kd.core.views import PARAM_WIDTH
-from kd.student_trainer.sources import Batch, SampleDraws, SoftTargetSource, prefetched, refuse_live_weights
+from kd.student_trainer.sources import (
+    Batch,
+    SampleDraws,
+    SoftTargetSource,
+    prefetched,
+    refuse_live_weights,
+    split_server_address,
+)
 
 
 @dataclass
@@ -426,6 +433,7 @@ def precompute(
     refuse_live_weights(teacher)
     shard_index, shard_count = shard or (0, 1)
     path = shard_dir(out, shard_index, shard_count) if shard_count > 1 else Path(out)
+    check_layout(out, shard_count)  # never a root environment beside shards, nor the other way round
     # sample:K draws at T = 1 unless a temperature is given (Anshumann et al. 2025: draw and train at T = 1).
     meta = CacheMeta.for_dataset(
         teacher_fingerprint=teacher.fingerprint,
@@ -834,7 +842,7 @@ def token_teacher(ref: str, device: str = "cpu", **client_options: Any) -> Local
     ``client_options``: a server's ``TeacherClient`` options (timeouts), unused for a local one."""
     kind, sep, rest = ref.partition(":")
     if kind == "server" and sep and rest:
-        address, _, name = rest.partition("/")
+        address, name = split_server_address(rest)
         if "," in address:
             raise ValueError(f"source {ref!r}: token precompute talks to one server; give one HOST:PORT")
         return ServerTokenTeacher(address, name or None, **client_options)

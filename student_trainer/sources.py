@@ -23,23 +23,27 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
+import grpc
 import numpy as np
 import torch
 
 from kd.cache import CacheMeta, CacheWriter
-from kd.cache.sharded import open_cache
+from kd.cache.sharded import ShardedCacheWriter, open_cache, shard_count_at
 from kd.core import reductions
 from kd.core.data import Dataset, view_seeds
 from kd.core.signature import target_fingerprint
 from kd.core.targets import SparseTargets, Targets
 from kd.core.views import pixels_to_input
-from kd.teacher_server.client import DatasetRef, TeacherClient
+from kd.teacher_server.client import DatasetRef, TeacherClient, TeacherRequestError
 from kd.teacher_server.loading import Teacher, load_teacher
 from kd.teacher_server.runner import ModelRunner
 
@@ -268,6 +272,7 @@ class ServerSource(SoftTargetSource):
         self.topk, self.topk_temperature = topk, temperature or 1.0
         self.sample_codec: Any = None  # keeping_samples: a sample:K[xR] codec whose draws are asked for
         self.client = TeacherClient(address, **client_options)
+        self._client_options = client_options  # the pool's later probes of a failed member (_members_up)
         self.addresses = [a for a in address.split(",") if a] if isinstance(address, str) else list(address)
         # One channel per server for streams: a stream is one HTTP/2 call, which gRPC's round_robin
         # pins to a single server, so a pool gets a stream per server and the batches take turns.
@@ -275,13 +280,15 @@ class ServerSource(SoftTargetSource):
         if len(self.addresses) > 1:
             self.pool = [TeacherClient(a, **client_options) for a in self.addresses]
         try:
-            desc = self.client.describe(teacher)
-            if self.pool:  # the round-robin client asks one member: every member must serve the same teacher
-                members = [(a, c.describe(teacher)) for a, c in zip(self.addresses, self.pool)]
-                if len({(d.name, d.fingerprint) for _, d in members}) > 1:
-                    listing = ", ".join(f"{a}: {d.name!r} {d.fingerprint[:12]}" for a, d in members)
-                    raise ValueError(f"the server pool serves different teachers ({listing}); a pool's "
-                                     "servers must hold the same weights (or give each its own --source)")  # fmt: skip
+            if self.pool:
+                # The round-robin client's describe reaches one member, chosen by gRPC: every
+                # member is asked, and they must agree on all that this source takes from the
+                # description, or batches would get answers of whichever member they reach.
+                desc = _agreed_description(
+                    [(a, c.describe(teacher)) for a, c in zip(self.addresses, self.pool)], dataset
+                )
+            else:
+                desc = self.client.describe(teacher)
         except BaseException:
             self.close()
             raise
@@ -306,6 +313,7 @@ class ServerSource(SoftTargetSource):
         # packed over the real positions out (TokenClientMixin), unpacked here to [B, S, ...].
         self.tokens = sig is not None and sig.extra.get("kind") == "tokens"
         self.depth = depth
+        self._down: set[int] = set()  # pool members that failed a stream (_members_up)
         self.dataset = dataset  # a dataset registered on the server: send keys, not pixels
         self.served_datasets = desc.datasets  # what the server reports of each: name -> ServedDataset
         self.num_views = num_views
@@ -406,12 +414,34 @@ class ServerSource(SoftTargetSource):
             keyed = ((b, x, sample_uniforms(self.sample_codec, b.indices, b.views)) for b, x in keyed)
         options = {"features": features, "pool_features": pool, **self._asked()}
         if self.pool:
-            stream = _pooled_stream(self.pool, self.teacher, keyed, depth=self.depth, **options)
+            up = self._members_up()
+            stream = _pooled_stream([self.pool[k] for k in up], self.teacher, keyed, depth=self.depth,
+                                    names=[self.addresses[k] for k in up], on_failure=lambda j: self._down.add(up[j]),
+                                    **options)  # fmt: skip
         else:
             stream = self.client.infer_stream(self.teacher, keyed, depth=self.depth, **options)
         for batch, outputs in stream:
             feats = {name: outputs[f"feature/{name}"] for name in features}
             yield batch, self._targets_of(outputs), feats, outputs.get("view_params")
+
+    def _members_up(self) -> list[int]:
+        """The pool's members to stream to now: a member that failed a stream (``_down``) is left
+        out until it answers a describe within ``_REJOIN_PROBE_S`` with the teacher's fingerprint.
+        A new stream to a server that is gone waits for it to come back (gRPC's wait_for_ready),
+        and one to a stalled server waits for an answer, both until the client's stream_timeout:
+        without this every later epoch would wait that long for it. With every member down, all
+        are tried (the streams' errors then name each)."""
+        for k in sorted(self._down):
+            options = {**self._client_options, "timeout": _REJOIN_PROBE_S, "connect_timeout": _REJOIN_PROBE_S}
+            try:
+                with TeacherClient(self.addresses[k], **options) as probe:
+                    back = probe.describe(self.teacher).fingerprint == self.fingerprint
+            except Exception:  # noqa: BLE001 - unreachable, stalled or refusing: not back yet
+                back = False
+            if back:
+                self._down.discard(k)
+        up = [k for k in range(len(self.pool)) if k not in self._down]
+        return up or list(range(len(self.pool)))
 
     def close(self) -> None:
         self.client.close()
@@ -419,74 +449,247 @@ class ServerSource(SoftTargetSource):
             c.close()
 
 
+def _member_facts(d: Any, dataset: str | None) -> dict[str, Any]:
+    """What a ``ServerSource`` relies on in one member's description, by the name a refusal gives it."""
+    facts = {
+        "teacher": d.name,
+        "fingerprint": d.fingerprint,
+        "live weights (--accept-weights)": d.accepts_weights,
+        "classes": d.num_classes,
+        "class names": tuple(d.class_names),
+        "input shape": tuple(d.input_shape),
+        "input dtype": str(d.input_dtype).removeprefix("torch."),
+        "signature": d.signature,
+    }
+    if dataset is not None:  # by reference: the data each member reads for a key
+        info = d.datasets.get(dataset)
+        # compared as check_served_dataset compares it with --dataset: content hash, size, view policy
+        facts[f"dataset {dataset!r}"] = (
+            ("not registered",)
+            if info is None
+            else (info.dataset_id.partition("@")[2], info.num_samples, info.augmentation, info.dataset_id)
+        )
+    return facts
+
+
+def _agreed_description(members: list[tuple[str, Any]], dataset: str | None) -> Any:
+    """The description a pool's members agree on (the first one's); a ``ValueError`` naming each
+    member and its value of every fact they differ on otherwise."""
+    facts = [(a, _member_facts(d, dataset)) for a, d in members]
+
+    def same(key: str, value: Any) -> str:
+        return repr(value[:3]) if key.startswith("dataset ") else repr(value)  # not the id's name part
+
+    differ = [k for k in facts[0][1] if len({same(k, f[k]) for _, f in facts}) > 1]
+    if not differ:
+        return members[0][1]
+
+    def shown(key: str, value: Any) -> str:
+        if key.startswith("dataset "):
+            return value[0] if len(value) == 1 else f"{value[3]} ({value[1]} samples, views {value[2] or 'none'})"
+        if key == "fingerprint":
+            return str(value)[:12]
+        if key == "signature":  # long: its fields that differ are named by the other facts, or here in short
+            return (
+                "none"
+                if value is None
+                else f"{len(value.inputs)} input(s), {len(value.outputs)} output(s), "
+                f"mean {value.mean}, std {value.std}, {dict(value.extra)}"
+            )
+        return repr(value) if isinstance(value, str) else str(value)
+
+    how = "; ".join(f"{k}: " + ", ".join(f"{a} {shown(k, f[k])}" for a, f in facts) for k in differ)
+    raise ValueError(
+        f"the server pool serves different teachers: its members differ ({how}); a pool's servers must serve "
+        "the same teacher, with the same options and datasets (or give each its own --source)"
+    )
+
+
+# Errors that are a request's own fault: every member would give the same answer, so they fail
+# the run. Any other member error (UNAVAILABLE from a draining or dead server, a stalled stream's
+# timeout, a reset connection, a server-side failure) is the member's, and its batches go elsewhere.
+_REQUEST_FAULTS = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.UNIMPLEMENTED,
+})  # fmt: skip
+
+# How long closing a pooled stream waits for its member threads to finish their last replies.
+_POOL_JOIN_S = 15.0
+# How long a pool member that failed is given to answer a describe before a later stream.
+_REJOIN_PROBE_S = 1.0
+
+
+def member_failed(error: BaseException) -> bool:
+    """Whether ``error`` from one member of a pool is that member's failure (retry the batches on
+    another member) rather than the request's own fault (fail the run)."""
+    if isinstance(error, TeacherRequestError):
+        return error.code not in _REQUEST_FAULTS
+    return isinstance(error, (TimeoutError, ConnectionError, grpc.RpcError))
+
+
 def _pooled_stream(
-    clients: list[TeacherClient], teacher: str, keyed: Iterator[tuple[Any, Any]], *, depth: int, **options: Any
+    clients: list[TeacherClient],
+    teacher: str,
+    keyed: Iterator[tuple[Any, Any]],
+    *,
+    depth: int,
+    names: list[str] | None = None,
+    on_failure: Callable[[int], None] | None = None,
+    **options: Any,
 ) -> Iterator[tuple[Any, dict[str, torch.Tensor]]]:
-    """``TeacherClient.infer_stream`` over a pool: batch i goes to server i % n, each server
-    on its own stream (thread) with up to ``depth`` batches in flight; results come back in
-    input order. An error on any stream is raised here; closing the iterator stops them all."""
+    """``TeacherClient.infer_stream`` over a pool: batches take turns over the healthy members,
+    each member on its own stream (thread), up to ``depth`` batches in flight per member; results
+    come back in input order.
+
+    A member that fails (``member_failed``: drained, gone, stalled) leaves the pool for this
+    stream, and its unanswered batches are sent again, in order, to the remaining members: the
+    members serve one teacher (``_agreed_description``), so the targets are the same whichever
+    answers; ``on_failure(k)`` is told. With no member left, ``TeacherRequestError`` UNAVAILABLE names each and why. A
+    request's own error is raised as it is. Closing the iterator ends every member's stream and
+    waits (bounded) for its thread, so no gRPC call is live after it returns: a DataLoader that
+    forks its workers next would otherwise fork in the middle of one."""
     n = len(clients)
+    names = names or [c.target for c in clients]
     stop = threading.Event()
-    done = object()
-    inboxes = [queue.Queue(maxsize=max(1, depth)) for _ in range(n)]
-    outboxes: list[queue.Queue] = [queue.Queue() for _ in range(n)]
+    events: queue.Queue = queue.Queue()  # (kind, lane, seq, value) from the lanes' threads
+    # A lane is one stream to one member, fed from its inbox until a None. A member's stream sends
+    # its next request only after handing on a reply, and waits for it: so a member's inbox is
+    # kept ahead of its stream while batches remain (it never waits with replies unread), and at
+    # the end of the batches every lane is closed. Batches sent again after that (a member failed
+    # late) go on a new lane of a remaining member.
+    lane_member: list[int] = []
+    lane_inbox: list[queue.Queue] = []
+    threads: list[threading.Thread] = []
+    open_lane: list[int | None] = [None] * n
 
-    def put(q: queue.Queue, item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def feed() -> None:
-        try:
-            for i, item in enumerate(keyed):
-                if not put(inboxes[i % n], item):
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            for out in outboxes:
-                out.put((done, e))
-        for box in inboxes:
-            put(box, done)
-
-    def requests(k: int) -> Iterator[tuple[Any, Any]]:
+    def requests(inbox: queue.Queue) -> Iterator[tuple[Any, ...]]:
         while True:
             try:
-                item = inboxes[k].get(timeout=0.1)
+                item = inbox.get(timeout=0.1)
             except queue.Empty:
                 if stop.is_set():
                     return
                 continue
-            if item is done:
+            if item is None:
                 return
             yield item
 
-    def serve(k: int) -> None:
+    def serve(lane: int) -> None:
+        client = clients[lane_member[lane]]
         try:
-            for result in clients[k].infer_stream(teacher, requests(k), depth=depth, **options):
-                outboxes[k].put((result, None))
-            outboxes[k].put((done, None))
+            for seq, outputs in client.infer_stream(teacher, requests(lane_inbox[lane]), depth=depth, **options):
+                events.put(("ok", lane, seq, outputs))
+            events.put(("end", lane, None, None))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            outboxes[k].put((done, e))
+            events.put(("error", lane, None, e))
 
-    threads = [threading.Thread(target=feed, name="pool-feed", daemon=True)]
-    threads += [threading.Thread(target=serve, args=(k,), name=f"pool-stream-{k}", daemon=True) for k in range(n)]
-    for t in threads:
-        t.start()
+    def lane_of(k: int) -> int:
+        if open_lane[k] is None:
+            open_lane[k] = len(lane_member)
+            lane_member.append(k)
+            lane_inbox.append(queue.Queue())
+            threads.append(threading.Thread(target=serve, args=(open_lane[k],), name=f"pool-stream-{k}", daemon=True))
+            threads[-1].start()
+        return open_lane[k]  # type: ignore[return-value]
+
+    def close_lanes() -> None:
+        for k, lane in enumerate(open_lane):
+            if lane is not None:
+                lane_inbox[lane].put(None)
+                open_lane[k] = None
+
+    source = iter(keyed)
+    healthy = list(range(n))
+    failed: dict[int, str] = {}
+    pending: dict[int, tuple[Any, tuple]] = {}  # seq -> (batch, what is sent): not yet yielded
+    owner: dict[int, int] = {}  # seq -> the lane it was last sent on, while unanswered
+    load = [0] * n  # unanswered batches per member
+    ready: dict[int, dict[str, torch.Tensor]] = {}
+    sent = want = turn = 0
+    exhausted = False
+
+    def least_loaded() -> int:
+        nonlocal turn
+        turn += 1
+        return min(healthy, key=lambda k: (load[k], (k - turn) % n))
+
+    def send(seq: int, k: int) -> None:
+        lane = lane_of(k)
+        owner[seq] = lane
+        load[k] += 1
+        lane_inbox[lane].put((seq, *pending[seq][1]))
+
+    def answered(seq: int) -> None:
+        lane = owner.pop(seq, None)
+        if lane is not None:
+            load[lane_member[lane]] -= 1
+
+    def lose(k: int, why: str) -> None:
+        """Member k is out: its unanswered batches go, in order, to the others."""
+        healthy.remove(k)
+        failed[k] = why
+        if on_failure is not None:  # the source leaves it out of its next streams until it is back
+            on_failure(k)
+        if open_lane[k] is not None:
+            lane_inbox[open_lane[k]].put(None)  # type: ignore[index]
+            open_lane[k] = None
+        if not healthy:
+            listing = "; ".join(f"{names[j]}: {failed[j]}" for j in sorted(failed))
+            raise TeacherRequestError(
+                grpc.StatusCode.UNAVAILABLE, f"every server of the pool failed, none is left to ask ({listing})"
+            )
+        for seq in sorted(s for s, lane in owner.items() if lane_member[lane] == k):
+            answered(seq)
+            send(seq, least_loaded())
+        if exhausted:
+            close_lanes()
+
     try:
-        i = 0
         while True:
-            result, error = outboxes[i % n].get()
-            if error is not None:
-                raise error
-            if result is done:
-                return  # server i % n has no more batches: neither has any later one
-            yield result
-            i += 1
+            while not exhausted:
+                k = least_loaded()
+                if load[k] > depth:
+                    break
+                try:
+                    batch, *rest = next(source)
+                except StopIteration:
+                    exhausted = True
+                    close_lanes()
+                    break
+                pending[sent] = (batch, tuple(rest))
+                send(sent, k)
+                sent += 1
+            if want in ready:
+                outputs = ready.pop(want)
+                batch = pending.pop(want)[0]
+                want += 1
+                yield batch, outputs
+                continue
+            if exhausted and want == sent:
+                return
+            kind, lane, seq, value = events.get()
+            k = lane_member[lane]
+            if kind == "ok":
+                # The first answer counts; a failed member's late answer to a batch sent again
+                # is the same teacher's, and the second one is dropped.
+                if seq >= want and seq not in ready:
+                    ready[seq] = value
+                    answered(seq)
+            elif k in healthy:
+                if kind == "error" and not member_failed(value):
+                    raise value
+                if kind == "error":
+                    lose(k, str(value))
+                elif any(o == lane for o in owner.values()):
+                    lose(k, "its stream ended with batches unanswered")
     finally:
         stop.set()
+        for inbox in lane_inbox:  # each lane sends no more, reads its last replies, and ends
+            inbox.put(None)
+        deadline = time.monotonic() + _POOL_JOIN_S
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _check_normalisation(teacher: Teacher, mean: list[float] | None, std: list[float] | None) -> None:
@@ -581,7 +784,15 @@ class ReadThroughSource(SoftTargetSource):
             views=views,
             temperature=temperature,
         )
-        self.writer = CacheWriter(path, meta)
+        count = None if (Path(path) / "data.mdb").is_file() else shard_count_at(path)
+        if count is None:
+            self.writer: CacheWriter | ShardedCacheWriter = CacheWriter(path, meta)
+        else:
+            # A directory of shards (kd precompute --shard, torchrun): every shard present and
+            # alike first, then each shard's writer checks the teacher (and the rest) against it,
+            # and misses are written to their shards, where readers look for them.
+            open_cache(path).close()
+            self.writer = ShardedCacheWriter(path, meta, count)
         self.reader = open_cache(path)
         self.hits = 0
         self.misses = 0
@@ -615,16 +826,48 @@ class ReadThroughSource(SoftTargetSource):
         self.upstream.close()
 
 
+def split_server_address(rest: str) -> tuple[str, str | None]:
+    """``server:``'s part after the colon -> (gRPC address, teacher name or None).
+
+    The teacher is after the first ``/`` that follows the address, and an address may hold
+    slashes of its own: ``HOST:PORT[,HOST:PORT...]``, ``[::1]:PORT``, ``dns:///HOST:PORT``,
+    ``dns://RESOLVER/HOST:PORT``, ``ipv4:A:P[,B:Q...]``, ``ipv6:[A]:P[,...]``, ``unix:PATH`` (its
+    teacher after the last ``/``, unless PATH with it is the socket). An ``ipv4:``/``ipv6:`` list
+    becomes a plain one, so it is a pool (one stream per member) like ``HOST:PORT,HOST:PORT``."""
+    head = ""
+    body = rest
+    if rest.startswith("dns:"):
+        body = rest[len("dns:") :]
+        if body.startswith("//"):  # dns://[RESOLVER]/HOST:PORT: the name starts after the authority's /
+            end = body.find("/", 2)
+            if end < 0:
+                raise ValueError(f"server:{rest}: a dns:// target is dns://[RESOLVER]/HOST:PORT (dns:///HOST:PORT)")
+            head, body = "dns:" + body[: end + 1], body[end + 1 :]
+        else:
+            head = "dns:"
+    elif rest.startswith(("unix:", "unix-abstract:")):
+        if os.path.exists(rest.partition(":")[2]) or "/" not in rest.partition(":")[2].lstrip("/"):
+            return rest, None
+        address, _, teacher = rest.rpartition("/")
+        return address, teacher or None
+    elif rest.startswith(("ipv4:", "ipv6:")):
+        body = rest[len("ipv4:") :]
+    address, _, teacher = body.partition("/")
+    if not address:
+        raise ValueError(f"server:{rest}: no server address (expected HOST:PORT[/TEACHER])")
+    return head + address, teacher or None
+
+
 def parse_source(ref: str, **kwargs: Any) -> SoftTargetSource:
-    """``cache:PATH``, ``server:HOST:PORT[,HOST:PORT...][/TEACHER]`` or ``local:SPEC``."""
+    """``cache:PATH``, ``server:HOST:PORT[,HOST:PORT...][/TEACHER]`` (or another gRPC target:
+    ``split_server_address``) or ``local:SPEC``."""
     kind, sep, rest = ref.partition(":")
     if not sep or not rest:
         raise ValueError(f"source {ref!r}: expected cache:PATH, server:HOST:PORT[/TEACHER] or local:SPEC")
     if kind == "cache":
         return CacheSource(rest, **kwargs)
     if kind == "server":
-        address, _, teacher = rest.partition("/")
-        return ServerSource(address, teacher or None, **kwargs)
+        return ServerSource(*split_server_address(rest), **kwargs)
     if kind == "local":
         return LocalSource(rest, **kwargs)
     raise ValueError(f"unknown source kind {kind!r} in {ref!r}; use cache:, server: or local:")
