@@ -103,7 +103,10 @@ def test_a_restarted_pool_member_and_a_read_through_cache_are_refused(
     assert sorted(i for i, _ in reader.keys()) == list(range(8))
 
 
-def test_a_live_weights_teacher_still_answers_after_an_update(teacher: Teacher, other: Teacher, train) -> None:
+def test_a_live_weights_teacher_still_answers_after_an_update(teacher_spec: str, other: Teacher, train) -> None:
+    # A teacher of its own: an update copies into the served model's parameters in place, and the
+    # session's shared teacher must keep the weights every later test compares against.
+    teacher = load_teacher("digits", teacher_spec)
     running = start_server([teacher], port=0, batching=TeacherOptions(warmup=False, accept_weights=True))
     try:
         with ServerSource(f"127.0.0.1:{running.port}") as src:
