@@ -19,7 +19,9 @@ Its signature: ``tokens: int64 [S] -> logits: float32 [S, V]`` with ``extra`` fa
 ``tokenizer`` (sha256/16 over the tokenizer files of the directory, when it has any).
 The target fingerprint covers those facts (``kd.core.signature.target_fingerprint``).
 An ``hf:DIR`` with a tokenizer.json also reports ``tokenizer_json`` (sha256/16 of that
-file, as a dataset's ``?tokenizer=`` hashes it), which the trainers compare with the data's.
+file, as a dataset's ``?tokenizer=`` hashes it) and ``tokenizer_vocab`` (``kd.core.tokens.vocab_hash``
+of its vocabulary, when the ``tokenizers`` package reads it), which the trainers compare with the
+data's: the vocabularies where both are known, else the files.
 
 **Requests** are right-padded ``[N, S]`` ids (int64 or int32) with the real length of
 each row (``InferRequest.lengths``; none: every row is S long) and optionally the
@@ -60,6 +62,7 @@ from torch import nn
 from kd.core import factory
 from kd.core.signature import VARIABLE, TeacherSignature, TensorSpec, target_fingerprint, target_options
 from kd.core.sparse import sent_topk_logsumexp, topk_parts
+from kd.core.tokens import vocab_hash
 from kd.teacher_server import access as tiers
 from kd.teacher_server.batcher import (
     BatcherStats,
@@ -110,6 +113,20 @@ def tokenizer_hash(directory: str | Path) -> str | None:
             h.update(f"{name}:{p.stat().st_size}:".encode())
             h.update(p.read_bytes())
     return h.hexdigest()[:16] if found else None
+
+
+def _tokenizer_vocab_hash(path: Path) -> str | None:
+    """``kd.core.tokens.vocab_hash`` of a tokenizer.json's vocabulary; None without the optional
+    ``tokenizers`` package or for a file it cannot read (then the file hash alone is compared)."""
+    try:
+        import tokenizers
+    except ImportError:
+        return None
+    try:
+        tok = tokenizers.Tokenizer.from_file(str(path))
+    except Exception:  # noqa: BLE001 - the Rust side raises a plain Exception on a malformed file
+        return None
+    return vocab_hash(tok.get_vocab(with_added_tokens=True))
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -236,6 +253,9 @@ def load_token_teacher(
         # (kd.core.tokens.JsonTokenizer.hash), so a dataset of another tokenizer can be told
         # apart; "tokenizer" (every tokenizer file) stays what the fingerprint covers.
         facts["tokenizer_json"] = hashlib.sha256((directory / "tokenizer.json").read_bytes()).hexdigest()[:16]
+        ids = _tokenizer_vocab_hash(directory / "tokenizer.json")
+        if ids is not None:  # which token each id is, however the file is formatted (compared first)
+            facts["tokenizer_vocab"] = ids
     signature = TeacherSignature(
         (TensorSpec("tokens", torch.int64, (VARIABLE,)),),
         (TensorSpec("logits", torch.float32, (VARIABLE, vocab)),),

@@ -206,6 +206,31 @@ def test_hf_teacher_tokenizer_json_is_compared_with_the_dataset(tmp_path: Path, 
     r = cli("precompute", "--source", f"local:hf:{d}", "--dataset", uri, "--codec", "topk:4", "--out",
             str(tmp_path / "b"))  # fmt: skip
     assert r.exit_code == 0, r.output
+    # The same tokenizer saved with other formatting (another tokenizers version, a copy): other
+    # bytes, the same id for every token. It was refused when the files' bytes were compared.
+    import json
+
+    same = tmp_path / "same" / "tokenizer.json"
+    same.parent.mkdir()
+    same.write_text(json.dumps(json.loads((d / "tokenizer.json").read_text()), indent=4, sort_keys=True))
+    assert (
+        open_source(uri.replace(str(d / "tokenizer.json"), str(same))).tokenizer.hash
+        != teacher.signature.extra["tokenizer_json"]
+    )
+    r = cli("precompute", "--source", f"local:hf:{d}", "--dataset", uri.replace(str(d / "tokenizer.json"), str(same)),
+            "--codec", "topk:4", "--out", str(tmp_path / "c"))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    # Two ids swapped, as many tokens: the sizes agree, the ids mean other tokens: refused.
+    spec = json.loads((d / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[3], list(vocab)[4]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    swapped = tmp_path / "swapped" / "tokenizer.json"
+    swapped.parent.mkdir()
+    swapped.write_text(json.dumps(spec))
+    refused(cli("precompute", "--source", f"local:hf:{d}", "--dataset",
+                uri.replace(str(d / "tokenizer.json"), str(swapped)), "--codec", "topk:4", "--out",
+                str(tmp_path / "e")), "another tokenizer")  # fmt: skip
 
 
 def test_onpolicy_and_train_lm_refuse_data_of_another_tokenizer(tmp_path: Path, corpus: str, words) -> None:

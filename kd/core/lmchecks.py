@@ -49,10 +49,16 @@ def teacher_tokenizer(facts: Mapping[str, str]) -> str | None:
 
 def refuse_other_tokenizer(facts: Mapping[str, str], name: str, source: Any, flag: str = "--dataset") -> None:
     """Refuse a token ``source`` tokenised by another tokenizer than teacher ``name``'s, when both
-    know theirs: the vocabulary sizes may agree while every id means another token."""
-    theirs = teacher_tokenizer(facts)
+    know theirs: the vocabulary sizes may agree while every id means another token. Where both
+    state their vocabulary's hash (an ``hf:`` teacher's ``tokenizer_vocab``, a tokenizer.json
+    dataset's ``vocab_hash``), that is compared: the same tokenizer saved with other formatting
+    (another ``tokenizers`` version, a copy) is the same; else the files' hashes are."""
     tokenizer = getattr(source, "tokenizer", None)
-    ours = getattr(tokenizer, "hash", None)
+    theirs_vocab, ours_vocab = facts.get("tokenizer_vocab"), getattr(tokenizer, "vocab_hash", None)
+    if theirs_vocab and ours_vocab:
+        theirs, ours = theirs_vocab, ours_vocab
+    else:
+        theirs, ours = teacher_tokenizer(facts), getattr(tokenizer, "hash", None)
     if theirs and ours and str(theirs) != str(ours):
         raise ValueError(
             f"{flag} {source.dataset_id} is tokenised by {tokenizer.name} (hash {ours}) but teacher {name!r} by "
@@ -62,9 +68,12 @@ def refuse_other_tokenizer(facts: Mapping[str, str], name: str, source: Any, fla
 
 
 def refuse_other_dataset_tokenizer(source: Any, other: Any, flag: str, other_flag: str) -> None:
-    """Refuse two token sources tokenised differently (``flag`` names ``source``)."""
-    a = getattr(getattr(source, "tokenizer", None), "hash", None)
-    b = getattr(getattr(other, "tokenizer", None), "hash", None)
+    """Refuse two token sources tokenised differently (``flag`` names ``source``): their vocabularies
+    where both know them (``vocab_hash``), else their tokenizers' hashes."""
+    both = all(hasattr(getattr(d, "tokenizer", None), "vocab_hash") for d in (source, other))
+    key = "vocab_hash" if both else "hash"
+    a = getattr(getattr(source, "tokenizer", None), key, None)
+    b = getattr(getattr(other, "tokenizer", None), key, None)
     if a and b and a != b:
         raise ValueError(
             f"{flag} is tokenised by {source.tokenizer.name} (hash {a}), {other_flag} by {other.tokenizer.name} "

@@ -104,6 +104,15 @@ _BOS_NAMES = ("<s>", "<bos>", "[BOS]", "<|begin_of_text|>", "<|startoftext|>", "
 _EOS_NAMES = ("</s>", "<eos>", "[EOS]", "<|endoftext|>", "<|end_of_text|>", "[SEP]")
 
 
+def vocab_hash(vocab: dict[str, int]) -> str:
+    """sha256/16 of a tokenizer's token -> id map (added tokens included), in id order: what ids
+    mean, whatever the file's formatting, key order or the ``tokenizers`` version that wrote it.
+    Two tokenizers with equal vocab hashes give every id the same token (the distillation check:
+    ``kd.core.lmchecks``); the file hash (``JsonTokenizer.hash``) stays the dataset's identity."""
+    items = sorted((int(i), str(t)) for t, i in vocab.items())
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
 class JsonTokenizer:
     """A local ``tokenizer.json`` read by the ``tokenizers`` package (optional: ``pip install tokenizers``).
 
@@ -158,6 +167,11 @@ class JsonTokenizer:
     @property
     def hash(self) -> str:
         return self._hash
+
+    @property
+    def vocab_hash(self) -> str:
+        """``vocab_hash`` of this tokenizer's vocabulary (which token each id is)."""
+        return vocab_hash(self._tok.get_vocab(with_added_tokens=True))
 
     def __getstate__(self) -> dict[str, Any]:  # the Rust tokenizer is rebuilt from the file's text
         state = self.__dict__.copy()
