@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -198,7 +199,11 @@ def test_a_stalled_server_fails_the_stream_naming_server_and_timeout(tmp_path: P
         proc.wait()
 
 
-def test_kd_train_fails_on_a_stalled_server_after_its_server_timeout(tmp_path: Path, teacher_spec: str) -> None:
+def _fails_on_a_stalled_server(tmp_path: Path, teacher_spec: str, command: Callable[[str], list[str]],
+                               progressed: Callable[[], bool]) -> None:  # fmt: skip
+    """Start kd serve, then ``kd COMMAND(server address)`` (with ``--server-timeout 1``) against it;
+    once ``progressed()`` (its stream is in use), SIGSTOP the server: the command must exit 2 within
+    seconds, naming the server and the 1 s limit (the default would take 60 s; before the option: never)."""
     port = _free_port()
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
@@ -206,70 +211,56 @@ def test_kd_train_fails_on_a_stalled_server_after_its_server_timeout(tmp_path: P
          "--port", str(port), "--no-warmup"],
         stdout=log, stderr=subprocess.STDOUT, env=ENV,
     )  # fmt: skip
-    run = tmp_path / "run"
-    # Started together: the trainer's first contact waits for the server (connect_timeout).
-    train = subprocess.Popen(
-        [sys.executable, "-m", "kd", "train", "--source", f"server:127.0.0.1:{port}/digits", "--method", "kd",
-         "--epochs", "100", "--batch-size", "64", "--subset", "128", "--run-dir", str(run), "--server-timeout", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
+    # Started together: the command's first contact waits for the server (connect_timeout).
+    proc = subprocess.Popen([sys.executable, "-m", "kd", *command(f"127.0.0.1:{port}"), "--server-timeout", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while not (run / "metrics.csv").is_file():  # epoch 0 done: the stream is in use
-            assert train.poll() is None and time.monotonic() < deadline, train.stderr.read() if train.stderr else ""
+        while not progressed():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
             time.sleep(0.05)
         server.send_signal(signal.SIGSTOP)
         t0 = time.monotonic()
-        _, err = train.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
         assert time.monotonic() - t0 < 15
-        assert train.returncode == 2, err
+        assert proc.returncode == 2, err
         assert f"server 127.0.0.1:{port}" in err and "1.0 s" in err, err
     finally:
         server.send_signal(signal.SIGCONT)
-        for p in (train, server):
+        for p in (proc, server):
             p.kill()
             p.wait()
         log.close()
+
+
+def test_kd_train_fails_on_a_stalled_server_after_its_server_timeout(tmp_path: Path, teacher_spec: str) -> None:
+    run = tmp_path / "run"
+    _fails_on_a_stalled_server(
+        tmp_path, teacher_spec,
+        lambda address: ["train", "--source", f"server:{address}/digits", "--method", "kd", "--epochs", "100",
+                         "--batch-size", "64", "--subset", "128", "--run-dir", str(run)],
+        lambda: (run / "metrics.csv").is_file(),  # epoch 0 done
+    )  # fmt: skip
 
 
 def test_kd_precompute_fails_on_a_stalled_server_after_its_server_timeout(tmp_path: Path, teacher_spec: str) -> None:
     from kd.cache import CacheReader
 
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "kd", "serve", "--teacher", f"digits={teacher_spec}", "--host", "127.0.0.1",
-         "--port", str(port), "--no-warmup"],
-        stdout=log, stderr=subprocess.STDOUT, env=ENV,
-    )  # fmt: skip
     out = tmp_path / "c"
-    # Far from done when stopped (1198 x 8 records in batches of 8): the stream is in use.
-    pre = subprocess.Popen(
-        [sys.executable, "-m", "kd", "precompute", "--source", f"server:127.0.0.1:{port}/digits", "--out", str(out),
-         "--views", "8", "--batch-size", "8", "--commit-every", "64", "--workers", "0", "--server-timeout", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+
+    def committed() -> int:
+        try:
+            return len(CacheReader(out)) if (out / "data.mdb").exists() else 0
+        except Exception:  # noqa: BLE001 - metadata not committed yet
+            return 0
+
+    # Far from done when stopped (1198 x 8 records in batches of 8).
+    _fails_on_a_stalled_server(
+        tmp_path, teacher_spec,
+        lambda address: ["precompute", "--source", f"server:{address}/digits", "--out", str(out), "--views", "8",
+                         "--batch-size", "8", "--commit-every", "64", "--workers", "0"],
+        lambda: committed() >= 64,
     )  # fmt: skip
-    try:
-        deadline, committed = time.monotonic() + 60, 0
-        while committed < 64:
-            assert pre.poll() is None and time.monotonic() < deadline, pre.stderr.read() if pre.stderr else ""
-            try:
-                committed = len(CacheReader(out)) if (out / "data.mdb").exists() else 0
-            except Exception:  # noqa: BLE001 - metadata not committed yet
-                committed = 0
-            time.sleep(0.05)
-        server.send_signal(signal.SIGSTOP)
-        t0 = time.monotonic()
-        _, err = pre.communicate(timeout=30)
-        assert time.monotonic() - t0 < 15  # without the option: 60 s (the default); before it: never
-        assert pre.returncode == 2, err
-        assert f"server 127.0.0.1:{port}" in err and "1.0 s" in err, err
-    finally:
-        server.send_signal(signal.SIGCONT)
-        for p in (pre, server):
-            p.kill()
-            p.wait()
-        log.close()
 
 
 def test_kd_train_refuses_a_server_timeout_that_is_not_positive() -> None:
