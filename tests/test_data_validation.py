@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_checks import refused
 from click.testing import Result
 from PIL import Image
 from torch import nn
@@ -41,17 +42,6 @@ def tiny(num_classes: int = 3) -> nn.Module:
 def cli(*args: str) -> Result:
     """``kd ARGS`` in this process (typer's runner on ``kd.cli.app``)."""
     return CliRunner().invoke(app, list(args))
-
-
-def refused(r: Result, *needles: str) -> str:
-    """The message of a CLI refusal: exit code 2, ``error:``, no traceback, every needle in it."""
-    assert r.exit_code == 2, (r.output, r.exception)
-    # once: a refusal inside a command's own `except (..., RuntimeError)` was printed twice ("error: 2")
-    assert r.output.count("error:") == 1 and "Traceback" not in r.output, r.output
-    text = " ".join(r.output.split())
-    for needle in needles:
-        assert needle in text, text
-    return text
 
 
 def write_folder(root: Path, n: int = 4, side: int = 8, seed: int = 0) -> Path:

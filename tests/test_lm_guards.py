@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import refused
 from click.testing import Result
 from torch import nn
 from typer.testing import CliRunner
@@ -69,16 +70,6 @@ BIGRAM, MLM = f"{__name__}:bigram", f"{__name__}:copy_mlm"
 
 def cli(*args: str) -> Result:
     return CliRunner().invoke(app, list(args))
-
-
-def refused(r: Result, *needles: str) -> str:
-    """A CLI refusal: exit 2, exactly one ``error:`` line, no traceback, every needle in it."""
-    assert r.exit_code == 2, (r.output, r.exception)
-    assert r.output.count("error:") == 1 and "Traceback" not in r.output, r.output
-    text = " ".join(r.output.split())
-    for needle in needles:
-        assert needle in text, text
-    return text
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import refused
 from typer.testing import CliRunner
 
 from kd.cli import app
@@ -304,16 +305,6 @@ def test_train_refuses_more_bad_values(args: list[str], why: str, teacher_spec: 
 
 
 # ---- evaluate: a model of kd's own factories needs its trained weights ----
-
-
-def refused(res, *needles: str) -> str:
-    """A CLI refusal: exit code 2, exactly one ``error:`` line, no traceback, every needle in it."""
-    assert res.exit_code == 2, res.output
-    assert res.output.count("error:") == 1 and "Traceback" not in res.output, res.output
-    text = " ".join(res.output.split())
-    for needle in needles:
-        assert needle in text, text
-    return text
 
 
 def pretrained_student() -> MLP:
