@@ -280,3 +280,45 @@ def test_token_server_top_k_in_fp16_sends_a_consistent_logsumexp() -> None:
     rest = torch.exp(torch.logsumexp(z.double().scatter(1, ref_ids, -math.inf), 1) - half.lse.reshape(-1).double())
     lse_ulps = 2.0**-21 * half.lse.reshape(-1).double().abs()
     assert bool(((log_p.exp().sum(1) + rest - 1).abs() <= lse_ulps).all()) and float(log_p.exp().sum(1).max()) <= 1
+
+
+def test_top_k_parts_a_block_of_rows_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """topk_parts and sent_topk_logsumexp work a block of rows at a time (their [N, V] temporaries
+    are one block): the results are those of one pass over all rows, to the bit, at T = 1 and not."""
+    import kd.core.sparse as sparse
+
+    monkeypatch.setattr(sparse, "BLOCK_ELEMENTS", 3 * 1000 + 7)  # blocks of 3 rows, the last of 1
+    z = confident_logits(10, 1000, 40.0, seed=5)
+    for t in (1.0, 2.0, 0.5):
+        values, ids, lse = sparse.topk_parts(z, 5, t)
+        assert torch.equal(lse, torch.logsumexp(z / t, dim=1))
+        sent = values.half()
+        rest = torch.logsumexp((z / t).scatter(1, ids, -math.inf), dim=1).double()
+        exact = torch.logaddexp(rest, torch.logsumexp(sent.double() / t, dim=1))
+        got = sparse.sent_topk_logsumexp(z, sent, ids, t)
+        up = torch.nextafter(exact.float(), torch.tensor(math.inf))
+        assert torch.equal(got, torch.where(exact.float().double() < exact, up, exact.float()))  # rounded up
+
+
+_PEAK = """
+import resource, sys, torch
+from kd.core.sparse import BLOCK_ELEMENTS, sent_topk_logsumexp, topk_parts
+torch.set_num_threads(1)
+z = torch.randn(512, 1 << 17)  # 256 MiB of fp32 logits, 4 blocks
+values, ids, _ = topk_parts(z, 8, 1.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+topk_parts(z, 8, 2.0)
+sent_topk_logsumexp(z, values.half(), ids, 2.0)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, BLOCK_ELEMENTS * 4)
+"""
+
+
+def test_top_k_parts_allocate_one_block_not_copies_of_the_logits() -> None:
+    """Peak memory beside 256 MiB of logits: one block (64 MiB) and its masked copy, not the
+    [N, V] copies z / T and the scattered logits (512 MiB more before)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PEAK], capture_output=True, text=True, check=True, timeout=120)
+    grown, block = map(int, out.stdout.split())
+    assert grown <= 2 * block, f"peak grew by {grown / 2**20:.0f} MiB for a {block / 2**20:.0f} MiB block"

@@ -13,6 +13,17 @@ from __future__ import annotations
 
 import torch
 
+# Row blocks of the [N, V] temporaries below hold at most this many elements (64 MiB in fp32):
+# a top-k reply for 64 x 2048 positions of a 150k vocabulary would otherwise allocate [N, V]
+# fp32 copies (z / T, the masked logits) beside the logits themselves. Per-row results do not
+# depend on the block.
+BLOCK_ELEMENTS = 1 << 24
+
+
+def _blocks(z: torch.Tensor) -> list[slice]:
+    step = max(1, BLOCK_ELEMENTS // max(z.shape[1], 1))
+    return [slice(i, i + step) for i in range(0, len(z), step)]
+
 
 def topk_parts(
     logits: torch.Tensor, k: int, temperature: float = 1.0
@@ -20,7 +31,12 @@ def topk_parts(
     """-> (values fp32 [B, K], indices int64 [B, K], logsumexp(z / T) fp32 [B])."""
     z = logits.float()
     values, indices = z.topk(k, dim=1)
-    return values, indices, torch.logsumexp(z / temperature, dim=1)
+    if temperature == 1.0:  # z / 1 is z to the bit: no copy at all
+        return values, indices, torch.logsumexp(z, dim=1)
+    lse = torch.empty(len(z), dtype=torch.float32, device=z.device)
+    for rows in _blocks(z):
+        lse[rows] = torch.logsumexp(z[rows] / temperature, dim=1)
+    return values, indices, lse
 
 
 def sent_topk_logsumexp(
@@ -31,12 +47,14 @@ def sent_topk_logsumexp(
 
     fp16 rounds a logit by up to ~0.016 at |z| in 32..64 (bf16 ~0.125): with the exact
     ``logsumexp(z / T)`` the client's ``exp(v / T - lse)`` of a confident row summed to more
-    than 1 and left a negative rest. With this one the sent probabilities and the rest mass
-    sum to 1 (each probability off by the value's rounding, exp(|dv| / T) - 1, as the dtype
-    asked for implies). Rounded up to fp32, so the sent probabilities never sum past 1.
-    fp32 values keep ``topk_parts``' exact log-sum-exp."""
-    z = logits.float() / temperature
-    rest = torch.logsumexp(z.scatter(1, indices, -torch.inf), dim=1).double()  # -inf when K = C
+    than 1 and left a negative rest. With this one the sent probabilities and the rest sum to 1
+    (each probability off by the value's rounding, exp(|dv| / T) - 1, as the dtype asked for
+    implies). Rounded up to fp32, so the sent probabilities never sum past 1. fp32 values keep
+    ``topk_parts``' exact log-sum-exp. Temporaries: one block of rows (``BLOCK_ELEMENTS``)."""
+    rest = torch.empty(len(logits), dtype=torch.float64, device=logits.device)
+    for rows in _blocks(logits):
+        z = logits[rows].float() / temperature  # a new block: masked in place
+        rest[rows] = torch.logsumexp(z.scatter_(1, indices[rows], -torch.inf), dim=1).double()  # -inf when K = C
     exact = torch.logaddexp(rest, torch.logsumexp(sent_values.double() / temperature, dim=1))  # [B] float64
     out = exact.float()
     return torch.where(out.double() < exact, torch.nextafter(out, torch.full_like(out, torch.inf)), out)
