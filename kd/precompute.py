@@ -53,6 +53,7 @@ from kd.core.lmchecks import (
 from kd.core.samples import SampleSource
 from kd.core.sparse import topk_parts
 from kd.core.targets import SparseTargets
+from kd.core.tokens import refuse_no_samples
 from kd.core.views import PARAM_WIDTH
 from kd.student_trainer.sources import (
     Batch,
@@ -900,6 +901,7 @@ def precompute_tokens(
 
     t0 = time.perf_counter()
     refuse_unkeyed_teacher(teacher, TOKEN_TEACHERS)
+    refuse_no_samples(source)  # a file shorter than one block: named, not the cache's "dataset_size ... 0"
     n = len(source)
     vocab = int(source.vocab_size)
     if batch_size < 1:

@@ -996,10 +996,11 @@ def train_tokens(
     batch of ``batch_size * accumulate`` sequences, whatever their lengths (a plain mean of the
     micro-batch losses would over-weight short ones). ``amp="bf16"``: the student's forward in
     bfloat16 autocast (CUDA or CPU); the losses are computed in float32 or wider."""
-    from kd.core.tokens import next_token_labels
+    from kd.core.tokens import next_token_labels, refuse_no_samples
     from kd.student_trainer.losses.token_kd import token_mask
 
     loss_fn = get_method(method)
+    refuse_no_samples(train)  # a file shorter than one block, named (not "no token is a prediction target")
     facts, name = source_facts(source), str(getattr(source, "teacher_name", "") or "")
     refuse_masked_lm(facts, name)
     refuse_other_tokenizer(facts, name, train)
