@@ -424,6 +424,11 @@ def train_onpolicy(
     if val is not None:
         refuse_no_samples(val)
     desc = client.describe(teacher)
+    # Every later score must come from these weights: gRPC reconnects silently to a server restarted at
+    # the address, which may hold other ones (TeacherChangedError then). Not for a teacher taking live
+    # weight updates, whose fingerprint changes by design (as ServerSource).
+    if not desc.accepts_weights:
+        client.expect_fingerprint(desc.name, desc.fingerprint)
     facts = dict(desc.signature.extra) if desc.signature is not None else {}
     # Checked before any step: a masked LM scores each position's own token, not the next one.
     refuse_masked_lm(facts, teacher)
