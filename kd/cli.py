@@ -538,9 +538,13 @@ def precompute(
             _probe_mkdir(out)
         except OSError as e:
             _fail(f"--out {str(out)!r}: cannot create the cache directory ({e.strerror or e})")
-    from kd.core.tokens import TokenSource
+    from kd.core.tokens import TokenSource, refuse_no_samples
 
     if isinstance(data, TokenSource):  # a token dataset: one record per sequence, a token teacher
+        try:  # a file shorter than one block: named here, not as the cache's "dataset_size ... 0"
+            refuse_no_samples(data, "--dataset")
+        except ValueError as e:
+            _fail(str(e))
         unused = {"--views": views != 1, "--shard": bool(shard), "--by-reference": bool(by_reference),
                   "--feature": bool(feature), "--pool-features": pool_features}  # fmt: skip
         if [k for k, v in unused.items() if v]:
@@ -1633,6 +1637,7 @@ def onpolicy(
     """On-policy distillation (GKD / MiniLLM style): the student samples, the served teacher scores its tokens."""
     from kd.core.data import open_source
     from kd.core.lmchecks import model_max_length
+    from kd.core.tokens import refuse_no_samples
     from kd.student_trainer.onpolicy import OnPolicyConfig, train_onpolicy
     from kd.student_trainer.train import seed_everything
     from kd.teacher_server.client import TeacherClient
@@ -1650,6 +1655,9 @@ def onpolicy(
         config.validate()
         train_data = open_source(dataset)
         val_data = open_source(val_dataset) if val_dataset else None
+        for flag, d in (("--dataset", train_data), ("--val-dataset", val_data)):
+            if d is not None:  # before the server is asked anything
+                refuse_no_samples(d, flag)
     except ValueError as e:
         _fail(str(e))
     seed_everything(seed)
@@ -1696,7 +1704,7 @@ def train_lm(
     from kd.cache import CacheError
     from kd.core.data import open_source
     from kd.core.lmchecks import longest_sequence, model_max_length, refuse_other_dataset_tokenizer, refuse_too_long
-    from kd.core.tokens import TokenSource
+    from kd.core.tokens import TokenSource, refuse_no_samples
     from kd.student_trainer.losses import METHODS, get_method
     from kd.student_trainer.losses.token_kd import evaluate_tokens
     from kd.student_trainer.sources import CacheSource
@@ -1717,6 +1725,7 @@ def train_lm(
         for flag, d in (("--dataset", train_data), ("--val-dataset", val_data)):
             if not isinstance(d, TokenSource):
                 raise ValueError(f"{flag} {d.dataset_id}: not a token dataset (text:, jsonl:, hf:DIR?text=...)")
+            refuse_no_samples(d, flag)  # before the cache is opened: it names the block, the cache would not
         if val_data.vocab_size != train_data.vocab_size:
             raise ValueError(f"--val-dataset has vocabulary {val_data.vocab_size}, --dataset {train_data.vocab_size}")
         # The cache is --dataset's (its id covers the tokenizer); --val-dataset's ids must be the same tokens.

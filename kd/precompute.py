@@ -53,6 +53,7 @@ from kd.core.lmchecks import (
 from kd.core.samples import SampleSource
 from kd.core.sparse import topk_parts
 from kd.core.targets import SparseTargets
+from kd.core.tokens import refuse_no_samples
 from kd.core.views import PARAM_WIDTH
 from kd.student_trainer.sources import (
     Batch,
@@ -62,6 +63,12 @@ from kd.student_trainer.sources import (
     refuse_live_weights,
     split_server_address,
 )
+
+# What each path takes as its teacher, named when a bare model or function is given instead.
+IMAGE_TEACHERS = ("a soft-target source: kd.student_trainer.sources.LocalSource(teacher) for a model in this "
+                  "process (a kd.teacher_server.loading.Teacher or a SPEC), or a ServerSource")  # fmt: skip
+TOKEN_TEACHERS = ("a token teacher: kd.precompute.LocalTokenTeacher(model) (or .from_spec(SPEC)) for a model in "
+                  "this process, or a ServerTokenTeacher")  # fmt: skip
 
 
 @dataclass
@@ -184,6 +191,19 @@ def manifest_of(dataset: SampleSource) -> dict[str, Any]:
     if fn is None:
         return {"dataset_id": dataset.dataset_id, "num_samples": len(dataset)}
     return fn(files=False) if "files" in inspect.signature(fn).parameters else fn()
+
+
+def refuse_unkeyed_teacher(teacher: object, wrap: str) -> None:
+    """Refuse a teacher that states no fingerprint (a bare function or ``nn.Module``), before any work.
+
+    A cache is keyed by its teacher's fingerprint, so that a student or a resumed run never mixes two
+    teachers' targets: a bare callable has none, and hashing its weights here would guess at what a
+    server of the same model would call it (amp, normalisation). ``wrap`` names the wrapper that
+    states it for this path (the image and token paths refuse alike)."""
+    fp = getattr(teacher, "fingerprint", None)
+    if not (isinstance(fp, str) and fp):
+        raise TypeError(f"the teacher ({type(teacher).__name__}) states no fingerprint, which keys the cache: "
+                        f"give {wrap}")  # fmt: skip
 
 
 def check_served_dataset(dataset: SampleSource, teacher: SoftTargetSource, views: int) -> None:
@@ -405,6 +425,7 @@ def precompute(
     committed, the teacher's thread is stopped, and the report's ``stopped`` says so (a rerun resumes).
     """
     t0 = time.perf_counter()
+    refuse_unkeyed_teacher(teacher, IMAGE_TEACHERS)
     bound_malloc_retention()  # memory flat in the dataset size on glibc, without MALLOC_MMAP_THRESHOLD_
     features = sorted(features or [])
     workers = default_workers() if workers is None else workers
@@ -854,7 +875,7 @@ def token_teacher(ref: str, device: str = "cpu", **client_options: Any) -> Local
 
 def precompute_tokens(
     source: Any,
-    teacher: LocalTokenTeacher | ServerTokenTeacher | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    teacher: LocalTokenTeacher | ServerTokenTeacher,
     out: str | Path,
     *,
     codec: str = "fp16",
@@ -879,6 +900,8 @@ def precompute_tokens(
     from kd.cache.codecs import get_codec
 
     t0 = time.perf_counter()
+    refuse_unkeyed_teacher(teacher, TOKEN_TEACHERS)
+    refuse_no_samples(source)  # a file shorter than one block: named, not the cache's "dataset_size ... 0"
     n = len(source)
     vocab = int(source.vocab_size)
     if batch_size < 1:

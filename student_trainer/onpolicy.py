@@ -61,7 +61,7 @@ from kd.core.lmchecks import (
     refuse_other_tokenizer,
     refuse_too_long,
 )
-from kd.core.tokens import TokenBatch, TokenSource, TokenTargets
+from kd.core.tokens import TokenBatch, TokenSource, TokenTargets, refuse_no_samples
 from kd.student_trainer.losses.token_kd import (
     DIVERGENCES,
     evaluate_tokens,
@@ -420,9 +420,15 @@ def train_onpolicy(
     evaluated before and after (perplexity, next-token accuracy) and its first
     ``eval_prompts`` prompts give the held-out divergence before and after."""
     config.validate()
-    if len(train) == 0:
-        raise ValueError(f"{train.uri} has no samples")
+    refuse_no_samples(train)  # named with its token count and block, before the server is asked
+    if val is not None:
+        refuse_no_samples(val)
     desc = client.describe(teacher)
+    # Every later score must come from these weights: gRPC reconnects silently to a server restarted at
+    # the address, which may hold other ones (TeacherChangedError then). Not for a teacher taking live
+    # weight updates, whose fingerprint changes by design (as ServerSource).
+    if not desc.accepts_weights:
+        client.expect_fingerprint(desc.name, desc.fingerprint)
     facts = dict(desc.signature.extra) if desc.signature is not None else {}
     # Checked before any step: a masked LM scores each position's own token, not the next one.
     refuse_masked_lm(facts, teacher)

@@ -994,12 +994,18 @@ def train_tokens(
     token losses are means over a micro-batch's counted tokens, so each micro-batch's loss is
     weighted by its share of the step's tokens (n_j / sum n): the step's gradient is that of one
     batch of ``batch_size * accumulate`` sequences, whatever their lengths (a plain mean of the
-    micro-batch losses would over-weight short ones). ``amp="bf16"``: the student's forward in
-    bfloat16 autocast (CUDA or CPU); the losses are computed in float32 or wider."""
-    from kd.core.tokens import next_token_labels
+    micro-batch losses would over-weight short ones). A step none of whose micro-batches holds a
+    counted token (every label ignored: padding, prompts, documents cut before their completion) is
+    skipped whole: its teacher targets are not asked for and the optimizer does not step, since a
+    step on zero gradients still moves the weights (AdamW's decoupled weight decay, Adam's moments
+    from earlier steps). The learning rate is constant (no scheduler to hold back), and the epoch's
+    loss is per counted token, so the skipped step changes neither. ``amp="bf16"``: the student's
+    forward in bfloat16 autocast (CUDA or CPU); the losses are computed in float32 or wider."""
+    from kd.core.tokens import next_token_labels, refuse_no_samples
     from kd.student_trainer.losses.token_kd import token_mask
 
     loss_fn = get_method(method)
+    refuse_no_samples(train)  # a file shorter than one block, named (not "no token is a prediction target")
     facts, name = source_facts(source), str(getattr(source, "teacher_name", "") or "")
     refuse_masked_lm(facts, name)
     refuse_other_tokenizer(facts, name, train)
@@ -1051,17 +1057,21 @@ def train_tokens(
                 labels = next_token_labels(b.tokens, b.loss_mask)
                 micro.append((idx, b.tokens, b.attention_mask, labels, int(token_mask(labels).sum())))
             counted = sum(n for *_, n in micro)
+            if not counted:
+                # No target in the whole step: no teacher targets asked and no optimizer step, which on
+                # zero gradients would still move the weights (AdamW's decay, Adam's moments).
+                continue
             opt.zero_grad(set_to_none=True)
             step_loss = 0.0
             for idx, tokens, real, labels, n in micro:
-                if counted and not n:
+                if not n:
                     continue  # no counted token: its loss is 0 and its weight 0
                 # With the real positions: a live server computes and sends only those (its answer is packed).
                 targets = source.token_targets(idx, tokens, real)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
                     logits = logits_of(student(tokens.to(dev)))
                 loss = loss_fn(logits, targets.to(dev), labels.to(dev), **options)
-                weight = n / counted if counted else 1.0 / len(micro)
+                weight = n / counted
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise FloatingPointError(f"epoch {epoch}: the training loss is {value} "

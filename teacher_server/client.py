@@ -495,10 +495,15 @@ class TeacherClient(TokenClientMixin):
         features = tuple(features)
         asked = (teacher, logits, top_k, temperature, dtype, features, pool_features, features_dtype, labels,
                  sparse_temperature, samples, sample_rounds, sample_seed)  # fmt: skip
-        # Remembered only for plain values, keyed with their types: a tensor or numpy scalar
-        # may change in place (or not hash), and 2 and 2.0 are equal keys but not equal asks.
-        key = (asked, tuple(map(type, asked))) if _plain(asked) and all(type(f) is str for f in features) else None
-        if key is not None and inputs is not None and ref is None and sample_uniforms is None:
+        # Only a request by value without uniforms reuses a head (one by DatasetRef, or with uniforms,
+        # is encoded whole each time), so only it works out the key. Remembered only for plain values,
+        # keyed with their types: a tensor or numpy scalar may change in place (or not hash), and 2 and
+        # 2.0 are equal keys but not equal asks.
+        key = None
+        by_value = inputs is not None and ref is None and sample_uniforms is None
+        if by_value and _plain(asked) and all(type(f) is str for f in features):
+            key = (asked, tuple(map(type, asked)))
+        if key is not None:
             if (head := self._heads.get(key)) is None:
                 if len(self._heads) >= _MAX_HEADS:
                     self._heads.clear()

@@ -153,6 +153,95 @@ def test_a_token_teacher_restarted_with_other_weights_is_refused() -> None:
         running.stop(grace=0)
 
 
+# The command-line runs below restart their server mid-run from inside the student: on its ``at``-th
+# forward (between two of the run's teacher calls; nothing is in flight) it runs the hook the test
+# left in ``_restart``, once.
+_restart: list[Callable[[], None]] = []
+
+
+class RestartingStudent(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module, at: int) -> None:
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.at and _restart:
+            _restart.pop()()
+        return self.inner(x)
+
+
+def restarting_lm_student() -> RestartingStudent:
+    """A token student; its first forward follows the first step's scores (--lmbda 0: no sampling)."""
+    from test_token_precompute_server import BigramLM
+
+    torch.manual_seed(13)
+    return RestartingStudent(BigramLM(dim=8), at=1)
+
+
+def restarting_cnn_student() -> RestartingStudent:
+    from kd.models import digits_cnn_student
+
+    torch.manual_seed(14)
+    return RestartingStudent(digits_cnn_student(), at=2)
+
+
+def _cnn_teacher(tmp_path: Path, seed: int) -> Teacher:
+    """An (untrained) digits CNN teacher named "cnn", its weights drawn with ``seed``."""
+    from kd.models import digits_cnn
+    from kd.teacher_server.loading import save_weights
+
+    torch.manual_seed(seed)
+    path = save_weights(digits_cnn(), tmp_path / f"cnn-{seed}.safetensors")
+    return load_teacher("cnn", f"kd.models:digits_cnn@{path}")
+
+
+def _restarted_mid_run(args: list[str], first: Teacher, then: Teacher, options: TeacherOptions) -> None:
+    """``kd ARGS --server ADDRESS`` against ``first``, which its student replaces mid-run by ``then`` on
+    the same port: the run fails naming the server and both fingerprints (on the old code it went on
+    with ``then``'s answers and exited 0)."""
+    from cli_checks import refused
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+
+    assert first.name == then.name and first.fingerprint != then.fingerprint
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    servers = [start_server([first], port=port, batching=options)]
+
+    def restart() -> None:
+        servers[0].stop(grace=0)
+        servers[0] = start_server([then], port=port, batching=options)
+
+    _restart[:] = [restart]
+    try:
+        res = CliRunner().invoke(app, [*args, "--server", address])
+    finally:
+        _restart.clear()
+        servers[0].stop(grace=0)
+    refused(res, "TeacherChangedError", address, first.fingerprint, then.fingerprint, "restarted")
+
+
+def test_kd_onpolicy_fails_when_its_server_is_restarted_with_other_weights(tmp_path: Path) -> None:
+    from test_token_precompute_server import SPEC
+
+    lines = [f"line {i}: the cat sat on the mat"[: 10 + 2 * i] for i in range(8)]
+    (tmp_path / "c.txt").write_text("\n".join(lines) + "\n")
+    args = ["onpolicy", "--teacher", "lm", "--dataset", f"text:{tmp_path / 'c.txt'}?doc=line&pack=0&block=24",
+            "--student", f"{__name__}:restarting_lm_student", "--steps", "3", "--batch-size", "2", "--lmbda", "0",
+            "--prompt-tokens", "4", "--max-new-tokens", "4", "--eval-prompts", "0"]  # fmt: skip
+    options = TeacherOptions(max_batch_tokens=256, max_batch_size=8, warmup=False)
+    _restarted_mid_run(args, load_teacher("lm", SPEC), load_teacher("lm", f"{__name__}:other_lm"), options)
+
+
+def test_kd_datafree_fails_when_its_server_is_restarted_with_other_weights(tmp_path: Path) -> None:
+    args = ["datafree", "dfad", "--student", f"{__name__}:restarting_cnn_student", "--val-dataset", "none",
+            "--steps", "3", "--batch-size", "8", "--opt", "k=1"]  # fmt: skip
+    options = TeacherOptions(warmup=False)
+    _restarted_mid_run(args, _cnn_teacher(tmp_path, 1), _cnn_teacher(tmp_path, 2), options)
+
+
 # -- 2. an unreachable server ---------------------------------------------------------------
 def test_an_unreachable_server_fails_fast_naming_its_address(teacher: Teacher) -> None:
     dead = f"127.0.0.1:{_free_port()}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,22 @@ def test_teacher_ppl_is_what_the_saved_weights_give(demo) -> None:
                     n += 1
     assert n == r["rows"][0]["val_tokens"]
     assert r["teacher_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_the_table_shows_bytes_per_token_only_for_rows_that_read_a_cache(demo) -> None:
+    """The CE student reads no teacher targets: its bytes per token are not applicable ("-", null in
+    results.json), as the teacher's and the on-policy student's, not 0.0; each cache row shows its
+    cache's figure."""
+    _, r, output = demo
+    rows = {row["name"]: row for row in r["rows"]}
+    assert rows["ce"]["bytes_per_token"] is None
+    # rich draws the header's cells with "┃", the body's with "│"
+    table = [[c.strip() for c in re.split("[│┃]", line)[1:-1]] for line in output.splitlines()
+             if len(re.findall("[│┃]", line)) == 6]  # fmt: skip
+    header = next(cells for cells in table if "bytes/token" in cells)
+    shown = {cells[0]: cells[header.index("bytes/token")] for cells in table if cells[0] in rows}
+    assert set(shown) == set(rows), output
+    for name, cell in shown.items():
+        bpt = rows[name].get("bytes_per_token")
+        assert cell == ("-" if bpt is None else f"{bpt:.1f}"), (name, cell)
+    assert [n for n, c in shown.items() if c == "-"] == ["teacher", "ce", "on-policy"]

@@ -322,3 +322,47 @@ def test_kd_train_refuses_token_data_naming_train_lm(tmp_path: Path, corpus: str
     refused(
         cli("online", "one", "--dataset", corpus, "--val-dataset", corpus, "--epochs", "1"), "kd online", "kd train-lm"
     )
+
+
+# -- 6. a token file shorter than one block holds no sample: named, before work ----------------------
+def test_a_token_file_shorter_than_one_block_is_refused_naming_it(tmp_path: Path, corpus: str) -> None:
+    """The text "hello" is 7 byte-tokenizer ids with bos and eos: no block of 16. Every command that opens a
+    token dataset names the file, its token count and the block (the cache said "dataset_size must
+    be a positive integer, got 0"; onpolicy "has no samples"), and nothing is created."""
+    from kd.core.data import DatasetError
+    from kd.student_trainer.sources import LocalSource
+    from kd.student_trainer.train import train_tokens
+
+    text = "hello"
+    (tmp_path / "short.txt").write_text(text)
+    count = 1 + len(text.encode()) + 1  # bos, the bytes, eos
+    short = f"text:{tmp_path / 'short.txt'}?block=16"
+    needles = (str(tmp_path / "short.txt"), f"{count} tokens", "one block of 16", f"at most {count}")
+    out = tmp_path / "c"
+    refused(cli("precompute", "--source", f"local:{BIGRAM}", "--dataset", short, "--codec", "topk:4",
+                "--out", str(out)), "--dataset", *needles)  # fmt: skip
+    assert not (out / "data.mdb").exists()
+    (tmp_path / "blank.txt").write_text("\n \n")
+    refused(cli("precompute", "--source", f"local:{BIGRAM}", "--dataset",
+                f"text:{tmp_path / 'blank.txt'}?doc=line&pack=0", "--out", str(out)),
+            str(tmp_path / "blank.txt"), "no document")  # fmt: skip
+    with pytest.raises(DatasetError, match=f"{count} tokens"):
+        precompute_tokens(open_source(short), LocalTokenTeacher(bigram()), out, codec="topk:4")
+    with pytest.raises(DatasetError, match=f"{count} tokens"):
+        train_tokens(bigram(), open_source(short), LocalSource(BIGRAM), epochs=1, batch_size=4)
+    assert not out.exists()
+
+    cache = tmp_path / "cache"
+    assert cli("precompute", "--source", f"local:{BIGRAM}", "--dataset", corpus, "--codec", "topk:4",
+               "--out", str(cache)).exit_code == 0  # fmt: skip
+    base = ["train-lm", "--source", f"cache:{cache}", "--student", BIGRAM, "--batch-size", "4"]
+    refused(cli(*base, "--dataset", short, "--val-dataset", corpus), "--dataset", *needles)
+    refused(cli(*base, "--dataset", corpus, "--val-dataset", short), "--val-dataset", *needles)
+    running = _serve(load_teacher("lm", BIGRAM))
+    base = ["onpolicy", "--server", f"127.0.0.1:{running.port}", "--teacher", "lm", "--student", BIGRAM,
+            "--steps", "1", "--batch-size", "2", "--prompt-tokens", "2", "--max-new-tokens", "2"]  # fmt: skip
+    try:
+        refused(cli(*base, "--dataset", short), "--dataset", *needles)
+        refused(cli(*base, "--dataset", corpus, "--val-dataset", short), "--val-dataset", *needles)
+    finally:
+        running.stop(grace=1)

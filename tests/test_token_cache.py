@@ -196,3 +196,25 @@ def test_precompute_through_the_server_matches_in_process(tmp_path: Path, source
     torch.testing.assert_close(ta.logits[both], tb.logits[both], rtol=0, atol=2e-2)
     torch.testing.assert_close(ta.lse, tb.lse, rtol=0, atol=1e-4)
     assert np.isclose(a.token_stats()["bytes_per_token"], b.token_stats()["bytes_per_token"])
+
+
+def test_a_teacher_without_a_fingerprint_is_refused_on_both_paths(tmp_path: Path, source) -> None:
+    """A cache is keyed by its teacher's fingerprint: a bare module or function states none. Both
+    precompute paths refuse it alike, naming the wrapper that does, before any cache is made (the
+    token path raised AttributeError from the cache metadata, the image path too)."""
+    from kd.core.data import load_dataset
+    from kd.models import digits_teacher
+    from kd.precompute import precompute
+
+    lm = tiny_lm()
+    for bare in (lm, lambda tokens, lengths: lm(tokens)):
+        with pytest.raises(TypeError, match=r"states no fingerprint.*LocalTokenTeacher\(model\)"):
+            precompute_tokens(source, bare, tmp_path / "tokens", codec="topk:8")
+    digits = load_dataset("digits", "train")
+    mlp = digits_teacher()
+    for bare in (mlp, lambda x: mlp(x)):
+        with pytest.raises(TypeError, match=r"states no fingerprint.*LocalSource\(teacher\)"):
+            precompute(digits, bare, tmp_path / "images", progress=False, workers=0)
+    assert not (tmp_path / "tokens").exists() and not (tmp_path / "images").exists()
+    # The wrapper it names works on the same module.
+    assert precompute_tokens(source, LocalTokenTeacher(lm), tmp_path / "tokens", codec="topk:8").written == len(source)

@@ -383,3 +383,35 @@ def test_token_training_without_targets_is_refused(tmp_path: Path) -> None:
     res = invoke("train-lm", "--source", f"cache:{tmp_path / 'cache'}", "--dataset", uri, "--val-dataset", uri,
                  "--student", f"{__name__}:student_lm")  # fmt: skip
     refused(res, "no token is a prediction target")
+
+
+def test_a_token_step_without_a_target_leaves_the_weights_alone(tmp_path: Path) -> None:
+    """A step whose sequences hold no target (each one a prompt cut by the block) is skipped whole:
+    with AdamW's decoupled weight decay (and Adam's moments from earlier steps) an optimizer step on
+    zero gradients would still move the weights. So training on the documents with targets plus those
+    without gives bit for bit the student of training on the documents with targets alone, over two
+    epochs (the empty steps fall before and after real ones)."""
+    from kd.core.data import open_source
+    from kd.precompute import LocalTokenTeacher, precompute_tokens
+    from kd.student_trainer.train import train_tokens
+
+    # One document with targets (bos, 2 prompt bytes, then 3 completion bytes in the block of 6), so that
+    # both runs make their real steps on it in the same order; three without (bos, 5 prompt bytes).
+    good = [{"q": "hi", "a": "yes"}]
+    empty = [{"q": f"a long question {i}", "a": "no"} for i in range(3)]
+    teacher = LocalTokenTeacher(teacher_lm())
+    students, losses = {}, {}
+    for name, rows in (("good", good), ("mixed", good + empty)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        train = open_source(f"jsonl:{path}?prompt=q&completion=a&pack=0&block=6")
+        precompute_tokens(train, teacher, tmp_path / name, codec="fp32", batch_size=4)
+        students[name] = student_lm().double()
+        with CacheSource(str(tmp_path / name)) as cache:
+            losses[name] = train_tokens(students[name], train, cache, epochs=2, batch_size=1, lr=0.05, seed=3,
+                                        optimizer="adamw", weight_decay=0.5)  # fmt: skip
+    start = student_lm().double().state_dict()
+    for k, v in students["mixed"].state_dict().items():
+        assert torch.equal(v, students["good"].state_dict()[k]), k
+        assert not torch.equal(v, start[k]), k  # the real steps did move it
+    assert losses["mixed"] == losses["good"]

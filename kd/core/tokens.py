@@ -470,6 +470,26 @@ class TokenSource:
     def __repr__(self) -> str:
         return f"TokenSource({self.uri!r})"
 
+    def _where(self) -> str:
+        """The file (or folder of files) the tokens come from, for messages."""
+        if self.format == "hf":
+            return f"the dataset {self.root} (split {self.options.get('split', 'train')})"
+        if len(self.rels) == 1:
+            return str(self.root / self.rels[0])
+        return f"the {len(self.rels)} files under {self.root}"
+
+    def why_empty(self) -> str:
+        """Why this source holds no sample: its token count against the block (``pack=1``), or no document."""
+        tokens = int(self._arrays[0].shape[0])
+        if not self.pack:
+            return f"{self.uri}: no document with a token in {self._where()} (pack=0: one sample per document)"
+        block = int(self.block or 1)
+        fix = f"lower ?block= to at most {tokens}, or give more text" if tokens >= 2 else "give more text"
+        return (
+            f"{self.uri}: {tokens} tokens (bos/eos included) in {self._where()}, fewer than one block of "
+            f"{block} (samples are whole blocks of ?block={block} tokens, the remainder dropped): {fix}"
+        )
+
     @property
     def num_classes(self) -> int:
         """The vocabulary size (a token teacher's logits have this last dimension)."""
@@ -529,6 +549,16 @@ class TokenSource:
         """(loss mask, attention mask), both bool ``[B, S]``, aligned with ``get(indices)``."""
         b = self.batch(indices)
         return b.loss_mask, b.attention_mask
+
+
+def refuse_no_samples(source: Any, flag: str = "") -> None:
+    """Refuse, before any work, a dataset with no sample (a token file shorter than one block),
+    naming it (``flag``: the option that gave it); a cache or a training run would fail deep inside
+    on an empty split ("cache dataset_size must be a positive integer")."""
+    if len(source):
+        return
+    why = source.why_empty() if callable(getattr(source, "why_empty", None)) else f"{source!r} has no samples"
+    raise _error(f"{flag} {why}" if flag else why)
 
 
 def open_token_source(uri: str, fmt: str, target: str, opts: dict[str, str]) -> TokenSource:

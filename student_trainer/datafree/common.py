@@ -87,6 +87,12 @@ class ServedTeacher:
 
     def __init__(self, client: TeacherClient, name: str | None = None) -> None:
         desc = client.describe(name)
+        # Every later forward (Infer) must come from these weights: gRPC reconnects silently to a server
+        # restarted at the address, which may hold other ones (TeacherChangedError then; gradient, BN-loss
+        # and synthesis replies carry no fingerprint). Not for a teacher taking live weight updates, whose
+        # fingerprint changes by design (as ServerSource).
+        if not desc.accepts_weights:
+            client.expect_fingerprint(desc.name, desc.fingerprint)
         self.client = client
         self.name = desc.name
         self.num_classes = desc.num_classes
