@@ -400,7 +400,7 @@ source = LocalSource(sys.argv[1])
 for method, (matches, n) in json.loads(sys.argv[2]).items():
     seed_everything(0)
     student = digits_student()
-    config = TrainConfig(method=method, matches=matches, epochs=2, batch_size=16, lr=0.01)
+    config = TrainConfig(method=method, matches=matches, epochs=2, batch_size=16, optimizer="sgd", lr=0.1)
     train_student(student, train, test, config, source=source, subset=torch.arange(n))
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_file({k: v.contiguous() for k, v in student.state_dict().items()}, f"{sys.argv[3]}-{method}.safetensors")
@@ -414,8 +414,11 @@ def test_torchrun_two_ranks_equal_one_process_with_batch_coupled_losses(tmp_path
     # over the batch, SP's similarity matrix, RKD's distances, CCKD's kernel matrix, GKD's count of
     # right rows; CS-KD's pairs split apart), so 2 ranks trained another student than one process, or
     # failed (cskd). Now the loop gathers what the loss reads from every rank and computes it on the
-    # global batch. Both sides run the script (one process, and 2 CPU ranks under torchrun with gloo,
-    # as kd train makes them) so that the ranks start once for every method.
+    # global batch. SGD, not Adam: Adam's update hardly changes when every gradient is scaled, so
+    # it would hide a wrong weighting of the ranks' gradients (without the world_size factor the
+    # weights differ by 0.08 to 6.5 here; with Adam by 7e-6). Both sides run the script (one
+    # process, and 2 CPU ranks under torchrun with gloo, as kd train makes them), so that the ranks
+    # start once for every method.
     from safetensors.torch import load_file
 
     script = tmp_path / "coupled.py"
