@@ -32,7 +32,10 @@ wrapped in DistributedDataParallel and every global batch is split across the
 ranks; each rank asks its source only for its own samples (its part of the
 cache, or its own stream to the server pool), and each rank's loss is weighted
 by its share of the batch, so the update equals a single process's with the
-same global batch. Only rank 0 writes the run directory.
+same global batch. A loss that relates the samples of a batch (``couples`` in the
+registry) or pairs them (CS-KD) is computed on the global batch instead: each rank
+gathers what it reads from all ranks (``student_trainer.gather``). Only rank 0 writes
+the run directory.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ from kd.student_trainer.features import (
     make_connector,
     probe_student_shapes,
 )
+from kd.student_trainer.gather import gather_rows, rank_sizes
 from kd.student_trainer.losses import FeatureMethod, get_method
 from kd.student_trainer.losses.dot import DOT, task_loss, task_weight
 from kd.student_trainer.sources import Batch, SoftTargetSource
@@ -489,9 +493,14 @@ def train_student(
         raise ValueError(f"source has {source.num_classes} classes, dataset {train.dataset_id} has {train.num_classes}")
     dev = torch.device(config.device)
     subset = torch.arange(0 if train is None else len(train)) if subset is None else subset
+    rank, size = world()
+    # Under torchrun a loss that relates the samples of a batch (or, CS-KD, pairs each sample with a
+    # partner the split may put on another rank) is computed on the gathered global batch, as one
+    # process computes it; an undeclared method (couples=None) is treated so, which is always exact.
+    whole_batch = size > 1 and hooks.loss is None and (method.couples is not False or method.pairs)
     plan = None
     if isinstance(method, FeatureMethod):
-        plan = _FeaturePlan(method, config, student, train, subset, source)
+        plan = _FeaturePlan(method, config, student, train, subset, source, whole_batch=whole_batch)
     elif config.matches:
         raise ValueError(f"method {config.method!r} works on logits; --match is for feature methods")
     if hooks.loss is not None and plan is not None:
@@ -503,7 +512,6 @@ def train_student(
         trained.to(memory_format=torch.channels_last)
     for module, _ in hooks.extra:
         module.to(dev)
-    rank, size = world()
     if size > 1 and (hooks.extra or hooks.batches is not None):
         raise ValueError("a hook's extra modules and batches are not shared across torchrun ranks yet; "
                          "train on one process")  # fmt: skip
@@ -678,12 +686,14 @@ def train_student(
                         group["lr"] = group["initial_lr"] * factor
             extra_terms: list[torch.Tensor] = []
             task = None
+            # whole_batch: every rank's rows (a rank may have none: it still joins the gathers)
+            sizes = rank_sizes(len(idx), dev) if whole_batch else None
             with optim.autocast(recipe, dev):
-                if not len(idx):
+                if not len(idx) and sizes is None:
                     loss = torch.zeros((), device=dev)
                 elif plan is not None:
                     loss = plan.loss(model, x, y, teacher_logits, teacher_feats[0], dev, epoch, config,
-                                     indices=idx.to(dev))  # fmt: skip
+                                     indices=idx.to(dev), sizes=sizes)  # fmt: skip
                     if dot is not None:
                         task = task_loss(method, config.method_options, plan.last_logits, y)
                 elif hooks.loss is not None:
@@ -693,6 +703,8 @@ def train_student(
                         loss = loss["loss"]
                 else:
                     logits = logits_of(model(x))
+                    if sizes is not None:  # the global batch's logits, targets and labels, in rank order
+                        logits, teacher_logits, y = gather_rows((logits, teacher_logits, y), sizes)
                     loss = method(logits, teacher_logits, y, epoch=epoch, epochs=config.epochs,
                                   **config.method_options)  # fmt: skip
                     if dot is not None:
@@ -706,6 +718,10 @@ def train_student(
                 objective = objective + term
             if size == 1:
                 backward = objective
+            elif sizes is not None:
+                # the global batch's loss, the same on every rank: each rank's slice gets its whole
+                # gradient, and DDP's average divides by world_size (student_trainer/gather.py)
+                backward = objective * size
             elif len(idx):
                 backward = objective * (len(idx) * size / batch.global_size)
             else:  # a rank with no samples in a short last batch still joins the all-reduce
@@ -797,7 +813,8 @@ class _FeaturePlan:
     ask the source for, and the student wrapped with its connectors (``Distilled``)."""
 
     def __init__(self, method: FeatureMethod, config: TrainConfig, student: nn.Module, train: SampleSource,
-                 subset: torch.Tensor, source: SoftTargetSource | None) -> None:  # fmt: skip
+                 subset: torch.Tensor, source: SoftTargetSource | None, *,
+                 whole_batch: bool = False) -> None:  # fmt: skip
         if source is None:
             raise ValueError(f"feature method {method.name!r} needs a teacher source (server:, cache: or local:)")
         method.check_options(config.method_options)
@@ -811,6 +828,11 @@ class _FeaturePlan:
             if method.layers and len(m.student) != method.layers:  # 0: any number (ReviewKD)
                 raise ValueError(f"method {method.name!r} takes {method.layers} layer(s) per side, match {m.text!r}")
         self.at_source = config.method_options.get("teacher_reduce", "source") == "source"
+        if whole_batch and method.reduce is not None:
+            # A batch statistic (sp, cc) a source computes over a rank's slice only: on the global
+            # batch it is taken here, from the teacher's per-sample maps gathered from every rank.
+            batch_stats = [not reductions.parse(self._name(m.teacher)).per_sample for m in self.matches]
+            self.at_source = self.at_source and not any(batch_stats)
         # The teacher layer "logits" is the teacher's output: it comes with every reply, and
         # any statistic of it is computed here.
         names = []
@@ -893,8 +915,10 @@ class _FeaturePlan:
         return out
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher_logits, teacher_feats: dict,
-             dev: torch.device, epoch: int, config: TrainConfig,
-             indices: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+             dev: torch.device, epoch: int, config: TrainConfig, indices: torch.Tensor | None = None,
+             sizes: list[int] | None = None) -> torch.Tensor:  # fmt: skip
+        """The method's objective on this batch; with ``sizes`` (every torchrun rank's rows) on the
+        global batch: what the loss reads is gathered from all ranks first (``student_trainer.gather``)."""
         if isinstance(teacher_logits, torch.Tensor) and teacher_logits.is_inference():
             teacher_logits = teacher_logits.clone()  # an in-process teacher's: usable in autograd
 
@@ -907,6 +931,15 @@ class _FeaturePlan:
         t_list = [ready(t) for t in self._teacher_side(teacher_feats, teacher_logits)]
         logits, connected, maps = model(x, t_list)
         self.last_logits = logits  # the student's logits of this step (DOT's task term)
+        if sizes is not None:
+            # the student's maps a reduction reads besides the connected one (FSP's second layer)
+            others = {layer: maps[layer] for m in self.matches if self.method.reduce is not None
+                      for layer in m.student[1:]}  # fmt: skip
+            teacher_feats = {k: ready(v) for k, v in teacher_feats.items()}  # on the device: NCCL gathers there
+            logits, connected, others, y, indices, teacher_logits, teacher_feats = gather_rows(
+                (logits, connected, others, y, indices, teacher_logits, teacher_feats), sizes)  # fmt: skip
+            maps = {**maps, **others}
+            t_list = [ready(t) for t in self._teacher_side(teacher_feats, teacher_logits)]
         s_list = []
         for m, f in zip(self.matches, connected):
             if self.method.reduce is not None:

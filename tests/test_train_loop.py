@@ -366,3 +366,76 @@ def test_train_and_precompute_run_from_a_thread_other_than_the_main_one(tmp_path
     for name in ("train", "precompute"):
         ok(results[name])
     assert signal.getsignal(signal.SIGTERM) == before  # nothing was installed from the thread
+
+
+# Methods whose loss relates the samples of a batch (couples=True; cskd pairs each sample with a
+# partner the split may put on the other rank), each with the student-teacher match it needs on the
+# digits MLPs (student layer 1: the 16-wide hidden ReLU; teacher layer 4: its second 512-wide one)
+# and the samples it trains on, in batches of 16: 45 leave a last global batch of 13 (7 + 6 across
+# the ranks), 33 one of 1 (rank 1 has none and still joins the gathers).
+COUPLED_RUNS = {
+    "dist": ([], 33),
+    "gkd": ([], 45),
+    "cskd": ([], 45),
+    "sp": (["1=4"], 45),
+    "rkd": (["1=4"], 33),
+    "cckd": (["1=4"], 45),
+}
+# Trains the digits student on each run of argv[2] (JSON) from the in-process teacher SPEC argv[1] and saves
+# its weights to OUT-METHOD.safetensors (argv[3]); under torchrun with the group kd train makes.
+_COUPLED_SCRIPT = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from kd.core.data import load_dataset
+from kd.models import digits_student
+from kd.student_trainer.sources import LocalSource
+from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    dist.init_process_group("gloo")
+train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+source = LocalSource(sys.argv[1])
+for method, (matches, n) in json.loads(sys.argv[2]).items():
+    seed_everything(0)
+    student = digits_student()
+    config = TrainConfig(method=method, matches=matches, epochs=2, batch_size=16, optimizer="sgd", lr=0.1)
+    train_student(student, train, test, config, source=source, subset=torch.arange(n))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_file({k: v.contiguous() for k, v in student.state_dict().items()}, f"{sys.argv[3]}-{method}.safetensors")
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+
+
+def test_torchrun_two_ranks_equal_one_process_with_batch_coupled_losses(tmp_path: Path, teacher_spec: str) -> None:
+    # Each rank used to compute these losses on its own slice of the global batch (DIST's correlation
+    # over the batch, SP's similarity matrix, RKD's distances, CCKD's kernel matrix, GKD's count of
+    # right rows; CS-KD's pairs split apart), so 2 ranks trained another student than one process, or
+    # failed (cskd). Now the loop gathers what the loss reads from every rank and computes it on the
+    # global batch. SGD, not Adam: Adam's update hardly changes when every gradient is scaled, so
+    # it would hide a wrong weighting of the ranks' gradients (without the world_size factor the
+    # weights differ by 0.08 to 6.5 here; with Adam by 7e-6). Both sides run the script (one
+    # process, and 2 CPU ranks under torchrun with gloo, as kd train makes them), so that the ranks
+    # start once for every method.
+    from safetensors.torch import load_file
+
+    script = tmp_path / "coupled.py"
+    script.write_text(_COUPLED_SCRIPT)
+    args = [str(script), teacher_spec, json.dumps(COUPLED_RUNS)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, str(tmp_path / "one")], capture_output=True, text=True, timeout=300,
+                         env=env)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args,
+         str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    for m in COUPLED_RUNS:
+        one, two = load_file(str(tmp_path / f"one-{m}.safetensors")), load_file(str(tmp_path / f"two-{m}.safetensors"))
+        assert one.keys() == two.keys()
+        for k in one:  # the tolerance of the plain-kd test above (DDP's float32 gradient averaging)
+            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=lambda e, m=m, k=k: f"{m} {k}: {e}")

@@ -4,6 +4,14 @@ config file name the same registry entry.
 Every loss is a pure function of tensors -- student logits, teacher logits,
 labels, hyper-parameters -- with no model inside, so the same function works
 whether targets come from a server, a cache or a local teacher.
+
+Every method declares ``couples``: whether its loss on a batch differs from the sample-weighted
+mean of its losses on the parts of that batch (statistics, pairwise relations, counts, medians
+or random draws over the batch, a memory bank moved per batch, a mean over tokens).
+``tests/test_batch_coupling.py`` measures it for every registered method and compares. Under
+torchrun such a loss is computed on the whole global batch, gathered from the ranks
+(``student_trainer.gather``), as one process would; a method that leaves it undeclared (None)
+is treated as coupled there.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ class Method:
     # The loop doubles each batch with a same-class partner per sample (CS-KD):
     # the loss gets the student's logits for [x; x'] and labels for both halves.
     pairs: bool = False
+    # The loss relates the samples of a batch (see the module docstring); None: not declared.
+    couples: bool | None = None
     kind = "logit"  # class attribute (FeatureMethod: "feature")
 
     @property
@@ -190,6 +200,8 @@ class FeatureMethod:
     rotations: bool = False
     # The method's own defaults for FEATURE_COMMON options, as (name, value) pairs.
     common: tuple[tuple[str, object], ...] = ()
+    # The loss relates the samples of a batch (see the module docstring); None: not declared.
+    couples: bool | None = None
     needs_teacher = True
     accepts_sparse = False
     pairs = False
@@ -265,12 +277,20 @@ METHODS: dict[str, Method | FeatureMethod] = {}
 
 
 def register(
-    name: str, paper: str, *, needs_teacher: bool = True, accepts_sparse: bool = False, pairs: bool = False
+    name: str,
+    paper: str,
+    *,
+    needs_teacher: bool = True,
+    accepts_sparse: bool = False,
+    pairs: bool = False,
+    couples: bool | None = None,
 ) -> Callable[[LossFn], LossFn]:
+    """Register a logit method; ``couples``: see the module docstring."""
+
     def deco(fn: LossFn) -> LossFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = Method(name, fn, paper, needs_teacher, accepts_sparse, pairs)
+        METHODS[name] = Method(name, fn, paper, needs_teacher, accepts_sparse, pairs, couples)
         return fn
 
     return deco
@@ -286,14 +306,15 @@ def register_feature(
     default_matches: tuple[str, ...] = (),
     rotations: bool = False,
     common: dict[str, object] | None = None,
+    couples: bool | None = None,
 ) -> Callable[[LossFn], LossFn]:
-    """Register a feature method (see ``FeatureMethod``)."""
+    """Register a feature method (see ``FeatureMethod``; ``couples``: see the module docstring)."""
 
     def deco(fn: LossFn) -> LossFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
         METHODS[name] = FeatureMethod(name, fn, paper, reduce, connector, layers, tuple(default_matches), rotations,
-                                      tuple((common or {}).items()))  # fmt: skip
+                                      tuple((common or {}).items()), couples)  # fmt: skip
         return fn
 
     return deco

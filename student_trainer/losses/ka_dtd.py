@@ -104,7 +104,11 @@ def dtd_temperatures(
         return tau.clamp(min=temperature / 10.0)
 
 
-@register("ka-dtd", "Wen, Lai, Qian 2019, Preparing Lessons: Improve Knowledge Distillation with Better Supervision")
+@register(
+    "ka-dtd",
+    "Wen, Lai, Qian 2019, Preparing Lessons: Improve Knowledge Distillation with Better Supervision",
+    couples=True,
+)
 def ka_dtd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

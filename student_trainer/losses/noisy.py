@@ -76,7 +76,11 @@ def perturb_teacher(
     return torch.where(chosen[:, None], noisy, z)
 
 
-@register("noisy", "Sau & Balasubramanian 2016, Deep Model Compression: Distilling Knowledge from Noisy Teachers")
+@register(
+    "noisy",
+    "Sau & Balasubramanian 2016, Deep Model Compression: Distilling Knowledge from Noisy Teachers",
+    couples=True,
+)
 def noisy_teacher_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

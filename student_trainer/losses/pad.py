@@ -76,6 +76,7 @@ def per_sample_distance(
     "pad",
     "Zhang et al. 2020, Prime-Aware Adaptive Distillation (ECCV), per-sample uncertainty-weighted KD",
     connector=pad_logit_connector,
+    couples=False,
 )
 def pad_loss(
     student_feats: list[torch.Tensor],

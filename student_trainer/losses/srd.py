@@ -129,6 +129,7 @@ def srd_connector(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]
     "Yang, Martinez, Bulat, Tzimiropoulos 2021, Knowledge Distillation via Softmax Regression "
     "Representation Learning (ICLR)",
     connector=srd_connector,
+    couples=False,
 )
 def srd_loss(
     student_feats: list[SRDFeatures],
