@@ -18,6 +18,9 @@ import torch
 from kd.core.targets import SparseTargets
 
 LossFn = Callable[..., torch.Tensor]
+# Whether a loss sees the teacher's logits only up to a constant per row: a bool, or a function of
+# the method's options (its defaults with the given ones over them) for methods where an option decides.
+ShiftInvariance = bool | Callable[[dict[str, object]], bool]
 # Passed by the training loop to losses that declare them (0-based epoch, total epochs).
 SCHEDULE_ARGS = ("epoch", "epochs")
 
@@ -33,7 +36,17 @@ class Method:
     # The loop doubles each batch with a same-class partner per sample (CS-KD):
     # the loss gets the student's logits for [x; x'] and labels for both halves.
     pairs: bool = False
+    # The loss is unchanged when the teacher's logits move by a constant per row (it reads them through
+    # softmax, ranks, standardisation): then targets that keep only the probabilities (topk/q8/q4/pca
+    # caches, a mixture of teachers) train it as the full logits would. False, the default for a method
+    # that does not declare it, makes the trainer refuse such targets (``logit_offsets_lost``);
+    # tests/test_shift_invariance.py checks every registered method's declaration against its loss.
+    teacher_logits_shift_invariant: ShiftInvariance = False
     kind = "logit"  # class attribute (FeatureMethod: "feature")
+
+    def shift_invariant(self, options: dict[str, object] | None = None) -> bool:
+        """``teacher_logits_shift_invariant`` for these options (the defaults where not given)."""
+        return _resolve_invariance(self.teacher_logits_shift_invariant, {**self.defaults, **(options or {})})
 
     @property
     def defaults(self) -> dict[str, object]:
@@ -82,6 +95,10 @@ class Method:
                 raise ValueError(f"method {self.name!r} needs the {name} (the training loop passes it)")
             hparams[name] = schedule[name]
         return self.loss(student_logits, teacher_logits, labels, **hparams)
+
+
+def _resolve_invariance(declared: ShiftInvariance, options: dict[str, object]) -> bool:
+    return bool(declared(options) if callable(declared) else declared)
 
 
 _INF = math.inf
@@ -190,6 +207,9 @@ class FeatureMethod:
     rotations: bool = False
     # The method's own defaults for FEATURE_COMMON options, as (name, value) pairs.
     common: tuple[tuple[str, object], ...] = ()
+    # As Method's, for the teacher's logits wherever this loss reads them: its ``teacher_logits``
+    # keyword and a match whose teacher side is ``logits`` (the common KD term only sees softmax).
+    teacher_logits_shift_invariant: ShiftInvariance = False
     needs_teacher = True
     accepts_sparse = False
     pairs = False
@@ -209,6 +229,10 @@ class FeatureMethod:
     @property
     def defaults(self) -> dict[str, object]:
         return {**self.own_defaults, **FEATURE_COMMON, **dict(self.common)}
+
+    def shift_invariant(self, options: dict[str, object] | None = None) -> bool:
+        """``teacher_logits_shift_invariant`` for these options (the defaults where not given)."""
+        return _resolve_invariance(self.teacher_logits_shift_invariant, {**self.defaults, **(options or {})})
 
     @property
     def extras(self) -> set[str]:
@@ -265,12 +289,21 @@ METHODS: dict[str, Method | FeatureMethod] = {}
 
 
 def register(
-    name: str, paper: str, *, needs_teacher: bool = True, accepts_sparse: bool = False, pairs: bool = False
+    name: str,
+    paper: str,
+    *,
+    needs_teacher: bool = True,
+    accepts_sparse: bool = False,
+    pairs: bool = False,
+    teacher_logits_shift_invariant: ShiftInvariance = False,
 ) -> Callable[[LossFn], LossFn]:
+    """Register a logit method. ``teacher_logits_shift_invariant``: see ``Method`` (declare True
+    only for a loss that reads the teacher's logits through a per-row shift-invariant function)."""
+
     def deco(fn: LossFn) -> LossFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = Method(name, fn, paper, needs_teacher, accepts_sparse, pairs)
+        METHODS[name] = Method(name, fn, paper, needs_teacher, accepts_sparse, pairs, teacher_logits_shift_invariant)
         return fn
 
     return deco
@@ -286,6 +319,7 @@ def register_feature(
     default_matches: tuple[str, ...] = (),
     rotations: bool = False,
     common: dict[str, object] | None = None,
+    teacher_logits_shift_invariant: ShiftInvariance = False,
 ) -> Callable[[LossFn], LossFn]:
     """Register a feature method (see ``FeatureMethod``)."""
 
@@ -293,7 +327,7 @@ def register_feature(
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
         METHODS[name] = FeatureMethod(name, fn, paper, reduce, connector, layers, tuple(default_matches), rotations,
-                                      tuple((common or {}).items()))  # fmt: skip
+                                      tuple((common or {}).items()), teacher_logits_shift_invariant)  # fmt: skip
         return fn
 
     return deco

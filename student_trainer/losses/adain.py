@@ -75,6 +75,7 @@ def moments_connector(student_shape: tuple[int, ...], teacher_shape: tuple[int, 
     "(moment-matching term)",
     reduce="adain",
     connector=moments_connector,
+    teacher_logits_shift_invariant=True,
 )
 def adain_loss(
     student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], *, weight: float = 10.0

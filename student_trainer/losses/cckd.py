@@ -48,7 +48,12 @@ from kd.student_trainer.losses import register_feature
 from kd.student_trainer.losses.kd import soft_kl
 
 
-@register_feature("cckd", "Peng et al. 2019, Correlation Congruence for Knowledge Distillation (ICCV)", reduce="cc")
+@register_feature(
+    "cckd",
+    "Peng et al. 2019, Correlation Congruence for Knowledge Distillation (ICCV)",
+    reduce="cc",
+    teacher_logits_shift_invariant=True,
+)
 def cckd_loss(
     student_feats: list[torch.Tensor],
     teacher_feats: list[torch.Tensor],

@@ -58,7 +58,11 @@ def intra_class_relation(y_s: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
     return 1.0 - pearson_rows(y_s.t(), y_t.t()).mean()
 
 
-@register("dist", "Huang, You, Wang, Qian, Xu 2022, Knowledge Distillation from A Stronger Teacher (DIST)")
+@register(
+    "dist",
+    "Huang, You, Wang, Qian, Xu 2022, Knowledge Distillation from A Stronger Teacher (DIST)",
+    teacher_logits_shift_invariant=True,
+)
 def dist_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

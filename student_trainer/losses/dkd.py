@@ -74,7 +74,11 @@ def warmup_factor(epoch: int, warmup: int) -> float:
     return min((epoch + 1) / warmup, 1.0)
 
 
-@register("dkd", "Zhao, Cui, Song, Qiu, Liang 2022, Decoupled Knowledge Distillation (CVPR)")
+@register(
+    "dkd",
+    "Zhao, Cui, Song, Qiu, Liang 2022, Decoupled Knowledge Distillation (CVPR)",
+    teacher_logits_shift_invariant=True,
+)
 def dkd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

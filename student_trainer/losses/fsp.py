@@ -55,6 +55,7 @@ from kd.student_trainer.losses import register_feature
     # Identity when a student layer has the teacher's width (the paper's setting); else a 1x1 conv + BN
     # per layer, so students narrower than their teacher can be matched (an adaptation).
     connector="auto",
+    teacher_logits_shift_invariant=True,
 )
 def fsp_loss(
     student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], *, weight: float = 50.0

@@ -48,7 +48,9 @@ def edt_weight(epoch: int, epochs: int, kd_weight: float, decay: float, decay_ev
 
 
 @register(
-    "gkd", "Zhou et al. 2020, Channel Distillation: Channel-Wise Attention for Knowledge Distillation (GKD + EDT)"
+    "gkd",
+    "Zhou et al. 2020, Channel Distillation: Channel-Wise Attention for Knowledge Distillation (GKD + EDT)",
+    teacher_logits_shift_invariant=True,
 )
 def gkd_loss(
     student_logits: torch.Tensor,

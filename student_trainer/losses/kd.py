@@ -33,7 +33,12 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
 
 
-@register("kd", "Hinton, Vinyals, Dean 2015, Distilling the Knowledge in a Neural Network", accepts_sparse=True)
+@register(
+    "kd",
+    "Hinton, Vinyals, Dean 2015, Distilling the Knowledge in a Neural Network",
+    accepts_sparse=True,
+    teacher_logits_shift_invariant=True,
+)
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | SparseTargets,

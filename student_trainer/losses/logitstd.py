@@ -65,7 +65,11 @@ def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
         )
 
 
-@register("logitstd", "Sun, Ren, Li, Wang, Cao 2024, Logit Standardization in Knowledge Distillation (CVPR); over KD")
+@register(
+    "logitstd",
+    "Sun, Ren, Li, Wang, Cao 2024, Logit Standardization in Knowledge Distillation (CVPR); over KD",
+    teacher_logits_shift_invariant=True,
+)
 def logitstd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -84,7 +88,9 @@ def logitstd_loss(
 
 
 @register(
-    "dkd-logitstd", "Sun, Ren, Li, Wang, Cao 2024, Logit Standardization in Knowledge Distillation (CVPR); over DKD"
+    "dkd-logitstd",
+    "Sun, Ren, Li, Wang, Cao 2024, Logit Standardization in Knowledge Distillation (CVPR); over DKD",
+    teacher_logits_shift_invariant=True,
 )
 def dkd_logitstd_loss(
     student_logits: torch.Tensor,

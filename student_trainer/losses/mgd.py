@@ -108,7 +108,12 @@ def reduce_teacher(t: torch.Tensor, index: torch.Tensor, reduction: str) -> torc
     return picked.gather(1, which).squeeze(1)
 
 
-@register_feature("mgd", "Yue, Deng, Zhou 2020, Matching Guided Distillation (ECCV)", connector=mgd_connector)
+@register_feature(
+    "mgd",
+    "Yue, Deng, Zhou 2020, Matching Guided Distillation (ECCV)",
+    connector=mgd_connector,
+    teacher_logits_shift_invariant=True,
+)
 def mgd_loss(
     student_feats: list[torch.Tensor],
     teacher_feats: list[torch.Tensor],

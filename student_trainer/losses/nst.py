@@ -42,7 +42,10 @@ from kd.student_trainer.losses import register_feature
 
 
 @register_feature(
-    "nst", "Huang & Wang 2017, Like What You Like: Knowledge Distill via Neuron Selectivity Transfer", reduce="nst"
+    "nst",
+    "Huang & Wang 2017, Like What You Like: Knowledge Distill via Neuron Selectivity Transfer",
+    reduce="nst",
+    teacher_logits_shift_invariant=True,
 )
 def nst_loss(
     student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], *, lam: float = 50.0

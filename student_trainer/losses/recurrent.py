@@ -66,6 +66,7 @@ class RecurrentResidual(nn.Module):
     "recurrent",
     "Pintea, Liu & van Gemert 2018, Recurrent Knowledge Distillation (ICIP)",
     reduce="at",
+    teacher_logits_shift_invariant=True,
 )
 def recurrent_loss(
     student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], *, beta: float = 1000.0

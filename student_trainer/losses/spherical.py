@@ -56,7 +56,11 @@ def spherical_normalize(logits: torch.Tensor, multiplier: float, eps: float = EP
     return F.layer_norm(logits, logits.shape[-1:], None, None, eps) * multiplier
 
 
-@register("spherical", "Guo et al. 2020, Reducing the Teacher-Student Gap via Spherical Knowledge Distillation")
+@register(
+    "spherical",
+    "Guo et al. 2020, Reducing the Teacher-Student Gap via Spherical Knowledge Distillation",
+    teacher_logits_shift_invariant=True,
+)
 def spherical_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

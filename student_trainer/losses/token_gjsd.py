@@ -17,7 +17,12 @@ from kd.student_trainer.losses import register
 from kd.student_trainer.losses.token_kd import token_kd_loss
 
 
-@register("token-gjsd", "Agarwal et al. 2024, On-Policy Distillation of Language Models (GKD)", accepts_sparse=True)
+@register(
+    "token-gjsd",
+    "Agarwal et al. 2024, On-Policy Distillation of Language Models (GKD)",
+    accepts_sparse=True,
+    teacher_logits_shift_invariant=True,
+)
 def token_gjsd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | TokenTargets,

@@ -17,7 +17,12 @@ from kd.student_trainer.losses import register
 from kd.student_trainer.losses.token_kd import token_kd_loss
 
 
-@register("token-skl", "Ko et al. 2024, DistiLLM: Towards Streamlined Distillation for LLMs", accepts_sparse=True)
+@register(
+    "token-skl",
+    "Ko et al. 2024, DistiLLM: Towards Streamlined Distillation for LLMs",
+    accepts_sparse=True,
+    teacher_logits_shift_invariant=True,
+)
 def token_skl_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | TokenTargets,
