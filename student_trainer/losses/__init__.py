@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kd.cache.codecs import FULL_LOGIT_CODECS
 from kd.core.targets import SparseTargets
 
 LossFn = Callable[..., torch.Tensor]
@@ -331,6 +332,24 @@ def register_feature(
         return fn
 
     return deco
+
+
+def logit_offsets_refusal(method: str, options: dict[str, object], lost: str) -> str | None:
+    """The refusal of ``method`` (with ``options``) on targets that keep only the teacher's logits up
+    to a constant per row (``lost``: what they keep, from ``SoftTargetSource.logit_offsets_lost``);
+    None where the method's loss does not see the difference (``teacher_logits_shift_invariant``)."""
+    m = get_method(method)
+    if m.shift_invariant(options):
+        return None
+    given = ", ".join(f"{k}={v!r}" for k, v in options.items() if k in m.defaults)
+    codecs = f"{', '.join(FULL_LOGIT_CODECS[:-1])} or {FULL_LOGIT_CODECS[-1]}"
+    return (
+        f"method {method!r}{f' with {given}' if given else ''} reads the teacher's absolute logits (its loss changes "
+        f"when a row's logits move by a constant), but {lost}; it would train on other targets than the teacher's. "
+        f"Use targets with full logits: a cache precomputed with --codec {codecs}, a server: "
+        "source without --server-topk, or a local: teacher; or a method that reads only the teacher's softmax "
+        "(e.g. kd; `kd methods` marks the methods that need full logits)"
+    )
 
 
 def get_method(name: str) -> Method | FeatureMethod:
