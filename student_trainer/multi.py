@@ -37,6 +37,9 @@ differs by that constant). Loss-level scale factors of the reference code
 
 Targets from a ``topk:K`` cache are densified (``SparseTargets.dense()``, exact at
 the cache's temperature only); ``sample:K`` targets have no dense form and are refused.
+The combined targets keep the teachers' logit offsets only with ``mean-logits`` over full-logit
+sources (``logit_offsets_lost``): the trainer refuses the methods that read absolute logits
+(``teacher_logits_shift_invariant``) on any other mixture.
 
 Teachers must agree on the class count: sources whose ``num_classes`` differ are
 refused at construction, with a message naming each source and its count.
