@@ -858,7 +858,7 @@ def train(
     if read_through is not None and logit_offsets_lost(codec) is not None:
         lost_by_flags.append(f"the read-through cache: {logit_offsets_lost(codec)}")
     for lost in lost_by_flags:
-        refusal = logit_offsets_refusal(method, _parse_options(opt), lost)
+        refusal = logit_offsets_refusal(method, _parse_options(opt), lost, list(match))
         if refusal is not None:
             _fail(refusal)
     if server_topk < 0 or (server_topk and not _get_method(method).accepts_sparse):
@@ -929,7 +929,7 @@ def train(
         from kd.student_trainer.train import check_logit_offsets
 
         try:  # a cache's codec (or a mixture of teachers) that lost the logits' offsets: before any target is read
-            check_logit_offsets(method, _parse_options(opt), src)
+            check_logit_offsets(method, _parse_options(opt), src, list(match))
         except ValueError as e:
             _fail(str(e))
         sub = None

@@ -166,3 +166,15 @@ def test_kd_methods_says_which_methods_need_full_logits() -> None:
     assert "absolute: full logits" in rows["adversarial"] and "up to a shift" in rows["kd"]
     assert "absolute: full logits (at the defaults; options decide)" in rows["noisy"]
     assert "up to a shift (at the defaults; options decide)" in rows["pad"]
+
+
+def test_a_logits_match_of_a_feature_loss_not_made_for_logits_is_refused(caches) -> None:
+    """rkd's distances on `pool=logits` read the raw logits (refused on q8); pad is made for the teacher's
+    logits and with the kl distance sees only their softmax (trains), with l2 reads them (refused)."""
+    cnn = ["--student", "kd.models:digits_cnn_student", "--source", f"cache:{caches['q8']}"]
+    fed = "the match 'pool=logits' feeds the teacher's logits to method 'rkd' as plain values"
+    refused(invoke(*TRAIN, "--method", "rkd", "--match", "pool=logits", *cnn), fed, "q8 keeps")
+    refused(invoke(*TRAIN, "--method", "pad", "--match", "pool=logits", "--opt", "distance=l2", *cnn),
+            "method 'pad' with distance='l2' reads the teacher's absolute logits")  # fmt: skip
+    r = invoke(*TRAIN, "--method", "pad", "--match", "pool=logits", *cnn)
+    assert r.exit_code == 0, r.output

@@ -158,3 +158,21 @@ def test_feature_method_declares_what_its_loss_does(name: str, options: dict[str
         f"{name} {options}: its loss is {'' if observed else 'not '}invariant to a per-row shift of the teacher's "
         "logits (with its matches on the CNN pair); declare teacher_logits_shift_invariant accordingly"
     )
+
+
+# Feature methods not made for the teacher's logits whose setup takes a `pool=logits` match on the CNN pair;
+# the others refuse it (their connector or statistic needs maps).
+BUILD_WITH_LOGITS = {"cckd", "cd", "crd", "mimic", "pkt", "reviewkd", "rkd", "sp", "sskd"}
+
+
+@pytest.mark.parametrize("name", [n for n in FEATURE_METHODS if not METHODS[n].teacher_side_logits])
+def test_a_logits_match_feeds_other_feature_losses_absolute_logits(name: str, cnn: Teacher,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Why the trainer refuses a ``S=logits`` match of a feature method not made for logits on targets
+    that lost the offsets: each such loss that takes the match changes with a per-row shift."""
+    monkeypatch.setitem(FEATURE_MATCHES, name, ("pool=logits",))
+    if name in BUILD_WITH_LOGITS:
+        assert not _observed(_feature_loss(name, {}, cnn))
+    else:
+        with pytest.raises(ValueError):  # at setup, or at the first loss (a statistic of maps)
+            _observed(_feature_loss(name, {}, cnn))

@@ -209,8 +209,13 @@ class FeatureMethod:
     # The method's own defaults for FEATURE_COMMON options, as (name, value) pairs.
     common: tuple[tuple[str, object], ...] = ()
     # As Method's, for the teacher's logits wherever this loss reads them: its ``teacher_logits``
-    # keyword and a match whose teacher side is ``logits`` (the common KD term only sees softmax).
+    # keyword and, for a method made for it (``teacher_side_logits``), a match whose teacher side is
+    # ``logits`` (the common KD term only sees softmax).
     teacher_logits_shift_invariant: ShiftInvariance = False
+    # The teacher side of its match is the teacher's logits by design (pad, adversarial). Any other
+    # feature loss given a ``S=logits`` match reads them as plain values (distances, kernels,
+    # regressions): the trainer refuses such a match on targets that lost the logits' offsets.
+    teacher_side_logits: bool = False
     needs_teacher = True
     accepts_sparse = False
     pairs = False
@@ -321,6 +326,7 @@ def register_feature(
     rotations: bool = False,
     common: dict[str, object] | None = None,
     teacher_logits_shift_invariant: ShiftInvariance = False,
+    teacher_side_logits: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Register a feature method (see ``FeatureMethod``)."""
 
@@ -328,27 +334,39 @@ def register_feature(
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
         METHODS[name] = FeatureMethod(name, fn, paper, reduce, connector, layers, tuple(default_matches), rotations,
-                                      tuple((common or {}).items()), teacher_logits_shift_invariant)  # fmt: skip
+                                      tuple((common or {}).items()), teacher_logits_shift_invariant,
+                                      teacher_side_logits)  # fmt: skip
         return fn
 
     return deco
 
 
-def logit_offsets_refusal(method: str, options: dict[str, object], lost: str) -> str | None:
-    """The refusal of ``method`` (with ``options``) on targets that keep only the teacher's logits up
-    to a constant per row (``lost``: what they keep, from ``SoftTargetSource.logit_offsets_lost``);
-    None where the method's loss does not see the difference (``teacher_logits_shift_invariant``)."""
+def logit_offsets_refusal(
+    method: str, options: dict[str, object], lost: str, matches: list[str] | tuple[str, ...] = ()
+) -> str | None:
+    """The refusal of ``method`` (with ``options``; a feature method with ``matches``, else its
+    default ones) on targets that keep only the teacher's logits up to a constant per row (``lost``:
+    what they keep, from ``SoftTargetSource.logit_offsets_lost``); None where its loss does not see
+    the difference (``teacher_logits_shift_invariant``, ``teacher_side_logits``)."""
     m = get_method(method)
-    if m.shift_invariant(options):
-        return None
     given = ", ".join(f"{k}={v!r}" for k, v in options.items() if k in m.defaults)
+    who = f"method {method!r}{f' with {given}' if given else ''}"
+    if not m.shift_invariant(options):
+        why = f"{who} reads the teacher's absolute logits (its loss changes when a row's logits move by a constant)"
+    else:
+        texts = matches or (m.default_matches if isinstance(m, FeatureMethod) else ())
+        # The teacher side of S=T (comma lists for several layers); a malformed match is refused later.
+        fed = [t for t in texts if "logits" in (x.strip() for x in t.partition("=")[2].split(","))]
+        if not isinstance(m, FeatureMethod) or m.teacher_side_logits or not fed:
+            return None
+        why = f"the match {fed[0]!r} feeds the teacher's logits to {who} as plain values (its feature loss is not " \
+              "made for logits and changes when a row's logits move by a constant)"  # fmt: skip
     codecs = f"{', '.join(FULL_LOGIT_CODECS[:-1])} or {FULL_LOGIT_CODECS[-1]}"
     return (
-        f"method {method!r}{f' with {given}' if given else ''} reads the teacher's absolute logits (its loss changes "
-        f"when a row's logits move by a constant), but {lost}; it would train on other targets than the teacher's. "
-        f"Use targets with full logits: a cache precomputed with --codec {codecs}, a server: "
-        "source without --server-topk, or a local: teacher; or a method that reads only the teacher's softmax "
-        "(e.g. kd; `kd methods` marks the methods that need full logits)"
+        f"{why}, but {lost}; it would train on other targets than the teacher's. Use targets with full logits: "
+        f"a cache precomputed with --codec {codecs}, a server: source without --server-topk, or a local: "
+        "teacher; or a method that reads only the teacher's softmax (e.g. kd; `kd methods` marks the methods "
+        "that need full logits)"
     )
 
 

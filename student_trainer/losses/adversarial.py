@@ -70,6 +70,7 @@ def discriminator(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]
     default_matches=("logits=logits",),
     # D is trained on the raw teacher logits (real) against the student's: a per-row shift changes it.
     teacher_logits_shift_invariant=False,
+    teacher_side_logits=True,
 )
 def adversarial_loss(
     student_feats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],

@@ -83,6 +83,7 @@ def _pad_invariant(options: dict[str, object]) -> bool:
     "Zhang et al. 2020, Prime-Aware Adaptive Distillation (ECCV), per-sample uncertainty-weighted KD",
     connector=pad_logit_connector,
     teacher_logits_shift_invariant=_pad_invariant,
+    teacher_side_logits=True,
 )
 def pad_loss(
     student_feats: list[torch.Tensor],
