@@ -21,7 +21,7 @@ from kd.student_trainer.sources import CacheSource, ServerSource
 from kd.student_trainer.train import TrainConfig, seed_everything, train_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-LOSING = ("topk:5", "q8", "pca:8")  # each keeps the logits up to a constant per row
+LOSING = ("topk:5", "q8", "pca:8", "sample:12")  # the logits up to a constant per row, or (sample) no logits
 KEEPING = ("fp16", "int8")
 TRAIN = ["train", "--epochs", "1", "--subset", "48", "--batch-size", "16"]
 FULL_LOGITS_HINT = "a cache precomputed with --codec fp32, fp16, bf16 or int8"
