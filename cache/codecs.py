@@ -814,6 +814,30 @@ def codec_uses_temperature(name: str) -> bool:
     return name.startswith(TEMPERED)
 
 
+# Codecs whose decoded targets are the teacher's logits themselves, up to rounding: stored as they
+# are, or (int8) with each row's offset and scale.
+FULL_LOGIT_CODECS = ("fp32", "fp16", "bf16", "int8")
+
+
+def logit_offsets_lost(name: str) -> str | None:
+    """None where a cache of codec ``name`` gives the teacher's logits as computed; else what it
+    keeps instead. Losses that read only softmax(z) see no difference; losses that read the absolute
+    logits (their magnitude, a regression onto them) would silently train on other targets."""
+    if name in FULL_LOGIT_CODECS:
+        return None
+    if name.startswith("topk:"):
+        # Version 3 decodes T_c * log p (logsumexp 0), version 2 the raw top K; both fill in the others.
+        return (f"{name} keeps the top {name[5:]} classes' probabilities, decoded as logits shifted by a constant "
+                "per row with the other classes' logits made up (top-k targets lose the logits' offsets)")  # fmt: skip
+    if name in ("q8", "q4"):
+        return f"{name} keeps log-probabilities below each row's maximum, not the logits (their offsets are lost)"
+    if name.startswith("pca:"):
+        return f"{name} keeps the row-centred logits in a low-rank basis (each row's offset is lost)"
+    if name.startswith(("sample:", "rand:")):
+        return f"{name} keeps sampled or subset classes' probabilities, no logits"
+    return f"codec {name} is not known to keep the teacher's logits"
+
+
 def get_codec(
     name: str,
     temperature: float | None = None,

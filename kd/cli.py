@@ -850,6 +850,21 @@ def train(
         _fail(str(e))
     if not (math.isfinite(server_timeout) and server_timeout > 0):
         _fail(f"--server-timeout {server_timeout}: give a number of seconds > 0")
+    from kd.cache.codecs import logit_offsets_lost
+    from kd.student_trainer.losses import logit_offsets_refusal
+    from kd.student_trainer.sources import server_topk_lost
+
+    # What the flags alone say the targets lose, refused before any source is opened (a read-through
+    # would create its cache first); a cache: source's codec is read from its metadata below.
+    lost_by_flags = []
+    if server_topk > 0 and any(ref.startswith("server:") for ref in source):
+        lost_by_flags.append(server_topk_lost(server_topk))
+    if read_through is not None and logit_offsets_lost(codec) is not None:
+        lost_by_flags.append(f"the read-through cache: {logit_offsets_lost(codec)}")
+    for lost in lost_by_flags:
+        refusal = logit_offsets_refusal(method, _parse_options(opt), lost, list(match))
+        if refusal is not None:
+            _fail(refusal)
     if server_topk < 0 or (server_topk and not _get_method(method).accepts_sparse):
         _fail(f"--server-topk {server_topk}: needs K >= 1 and a method that accepts sparse targets "
               f"(method {method!r} needs full logits)")  # fmt: skip
@@ -915,6 +930,12 @@ def train(
             if combiner in COMBINERS and "temperature" not in COMBINERS[combiner].options:
                 options.pop("temperature")
             src = MultiTeacherSource([open_source(ref) for ref in source], combiner, student=model, **options)
+        from kd.student_trainer.train import check_logit_offsets
+
+        try:  # a cache's codec (or a mixture of teachers) that lost the logits' offsets: before any target is read
+            check_logit_offsets(method, _parse_options(opt), src, list(match))
+        except ValueError as e:
+            _fail(str(e))
         sub = None
         if subset:
             sub = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(seed))[:subset]
@@ -1143,13 +1164,19 @@ def methods() -> None:
     """List the KD methods with their papers and default options."""
     from kd.student_trainer.losses import METHODS
 
-    table = Table("method", "kind", "paper", "defaults")
+    # "teacher logits": whether the loss sees them only up to a constant per row (softmax, ranks; q8/q4
+    # and pca caches serve it too) or their absolute values (it needs full logits: fp32/fp16/bf16/int8
+    # caches, servers without --server-topk, local teachers); a method whose options decide says so.
+    table = Table("method", "kind", "teacher logits", "paper", "defaults")
     for name, m in sorted(METHODS.items()):
         kind = getattr(m, "kind", "logit")
         defaults = m.own_defaults if kind == "feature" else m.defaults
         if kind == "feature" and m.reduce:
             kind = f"feature (@{m.reduce})"
-        table.add_row(name, kind, m.paper, ", ".join(f"{k}={v}" for k, v in defaults.items()))
+        targets = "up to a shift" if m.shift_invariant() else "absolute: full logits"
+        if callable(m.teacher_logits_shift_invariant):
+            targets += " (at the defaults; options decide)"
+        table.add_row(name, kind, targets, m.paper, ", ".join(f"{k}={v}" for k, v in defaults.items()))
     Console().print(table)
 
 

@@ -37,6 +37,9 @@ differs by that constant). Loss-level scale factors of the reference code
 
 Targets from a ``topk:K`` cache are densified (``SparseTargets.dense()``, exact at
 the cache's temperature only); ``sample:K`` targets have no dense form and are refused.
+The combined targets keep the teachers' logit offsets only with ``mean-logits`` over full-logit
+sources (``logit_offsets_lost``): the trainer refuses the methods that read absolute logits
+(``teacher_logits_shift_invariant``) on any other mixture.
 
 Teachers must agree on the class count: sources whose ``num_classes`` differ are
 refused at construction, with a message naming each source and its count.
@@ -559,6 +562,17 @@ class MultiTeacherSource(SoftTargetSource):
         )
         self.fingerprint = "multi-" + hashlib.sha256(ident.encode()).hexdigest()
         self.last_weights: torch.Tensor | None = None  # [B, K] of the last combined batch, for inspection
+
+    def logit_offsets_lost(self) -> str | None:
+        for i, s in enumerate(self.sources):
+            lost = s.logit_offsets_lost()
+            if lost is not None:
+                return f"{_describe(i, s)}: {lost}"
+        if self.combiner.fn is not mean_logits:
+            # A mixture's T * log p_mix is normalised (logsumexp 0 at T): no teacher's offsets survive it.
+            return (f"combiner {self.combiner_name!r} returns T * log of the teachers' mixed probabilities, not "
+                    "logits (use mean-logits, which averages the logits)")  # fmt: skip
+        return None
 
     def _student_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         model = self.student

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from kd.cache import CacheMeta, CacheWriter
+from kd.cache.codecs import logit_offsets_lost
 from kd.cache.sharded import ShardedCacheWriter, open_cache, shard_count_at
 from kd.core import reductions
 from kd.core.data import Dataset, view_seeds
@@ -124,6 +125,12 @@ class SoftTargetSource:
         a source that can leave the padding out (a server) does."""
         return self.targets(indices, tokens)
 
+    def logit_offsets_lost(self) -> str | None:
+        """None where the targets are the teacher's logits as it computed them; else what the source
+        keeps instead (a top-k, quantised log-probabilities, ...), for the trainer's refusal of methods
+        that read absolute logits (``kd.student_trainer.train.check_logit_offsets``)."""
+        return None
+
     def iter_targets(self, batches: Iterable[Batch | tuple]) -> Iterator[tuple[Batch, Targets]]:
         """Pair each batch with its targets; sources that can work ahead override this."""
         for b in batches:
@@ -167,6 +174,10 @@ class CacheSource(SoftTargetSource):
         self.teacher_name = meta.teacher
         self.views = meta.views
         self.augmentation = meta.augmentation  # the view policy its views were made with ("" without views)
+
+    def logit_offsets_lost(self) -> str | None:
+        lost = logit_offsets_lost(self.reader.meta.codec)
+        return None if lost is None else f"cache {self.path!r}: {lost}"
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         if self.reader.meta.per_token:
@@ -247,6 +258,12 @@ def sample_uniforms(codec: Any, indices: torch.Tensor, views: torch.Tensor | Non
     idx = indices.detach().cpu().numpy().astype(np.int64)
     vw = np.zeros_like(idx) if views is None else views.detach().cpu().numpy().astype(np.int64)
     return codec.uniforms(np.stack([idx, vw], axis=1))
+
+
+def server_topk_lost(k: int, where: str = "the server") -> str:
+    """What a server source asked for its top-k only (``topk=K``, ``kd train --server-topk K``) loses."""
+    return (f"{where} is asked for the top {k} logits only (--server-topk {k}): the other classes' logits are made "
+            "up (top-k targets lose the logits' offsets)")  # fmt: skip
 
 
 class ServerSource(SoftTargetSource):
@@ -350,6 +367,12 @@ class ServerSource(SoftTargetSource):
         other = copy.copy(self)
         other.topk, other.sample_codec = 0, codec
         return other
+
+    def logit_offsets_lost(self) -> str | None:
+        where = f"server {','.join(self.addresses)}"
+        if self.sample_codec is not None:
+            return f"{where}: {logit_offsets_lost(self.sample_codec.name)}"
+        return None if not self.topk else server_topk_lost(self.topk, where)
 
     def _asked(self) -> dict[str, Any]:
         c = self.sample_codec
@@ -802,6 +825,10 @@ class ReadThroughSource(SoftTargetSource):
             self.upstream = upstream.keeping_topk(c.k, c.temperature)
         elif meta.codec.startswith("sample:") and callable(getattr(upstream, "keeping_samples", None)):
             self.upstream = upstream.keeping_samples(c)
+
+    def logit_offsets_lost(self) -> str | None:
+        lost = logit_offsets_lost(self.reader.meta.codec)
+        return None if lost is None else f"read-through cache: {lost}"
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         present = torch.tensor(self.reader.present(indices.tolist(), None if views is None else views.tolist()))

@@ -77,7 +77,7 @@ from kd.student_trainer.features import (
     probe_student_shapes,
 )
 from kd.student_trainer.gather import gather_rows, rank_sizes
-from kd.student_trainer.losses import FeatureMethod, get_method
+from kd.student_trainer.losses import FeatureMethod, get_method, logit_offsets_refusal
 from kd.student_trainer.losses.dot import DOT, task_loss, task_weight
 from kd.student_trainer.sources import Batch, SoftTargetSource
 
@@ -296,6 +296,22 @@ def _my_part(batch: Batch, rank: int, size: int) -> Batch:
     return Batch(batch.indices[sl], batch.inputs[sl], batch.labels[sl], views, n)
 
 
+def check_logit_offsets(
+    method: str, options: dict[str, object], source: SoftTargetSource | None, matches: list[str] | None = None
+) -> None:
+    """Refuse a method whose loss reads the teacher's absolute logits (not shift-invariant with these
+    options, or a feature method fed them by a ``S=logits`` match) on a source whose targets lost them
+    (a top-k, q8/q4 or pca cache, a server's top-k, a mixture of teachers): it would train without an
+    error on other targets. Reads only the source's description (a cache's metadata), never a target,
+    so it runs before any teacher or cache work."""
+    if source is None:
+        return
+    lost = getattr(source, "logit_offsets_lost", lambda: None)()
+    message = None if lost is None else logit_offsets_refusal(method, options, lost, matches or ())
+    if message is not None:
+        raise ValueError(message)
+
+
 def source_identity(source: SoftTargetSource | None) -> dict | list | None:
     """What identifies a source's targets beyond its teacher's fingerprint (recorded in config.json
     and the checkpoint, compared on resume): a cache's path and codec, a server's top-k, a pool's
@@ -474,6 +490,8 @@ def train_student(
     if config.workers < 0:
         raise ValueError(f"workers must be >= 0, got {config.workers}")
     method = get_method(config.method)
+    if hooks.loss is None:  # a loss hook replaces the method's loss (and reads the targets its own way)
+        check_logit_offsets(config.method, config.method_options, source, config.matches)
     if hooks.batches is not None:
         if hooks.loss is None or hooks.steps_per_epoch < 1 or source is not None or method.pairs or resume:
             raise ValueError("Hooks.batches needs Hooks.loss and steps_per_epoch >= 1, and takes no source, "

@@ -541,6 +541,9 @@ class _PlainSampleTargets(SoftTargetSource):
     def targets(self, indices, inputs, views=None):
         return self.inner.targets(indices, inputs, None)
 
+    def logit_offsets_lost(self) -> str | None:
+        return self.inner.logit_offsets_lost()
+
 
 def _students(
     s: CacheBenchSettings, train: Dataset, test: Dataset, method: str, source: SoftTargetSource | None, views: int = 1

@@ -91,7 +91,10 @@ class SparseTargets:
 
     def dense(self) -> torch.Tensor:
         """The dense logits [B, C] of the maximum-entropy completion (topk only; for methods
-        that need dense targets, tests and small C). The KD losses never use it."""
+        that need dense targets, tests and small C). The KD losses never use it. They are the
+        teacher's logits only up to a constant per row (and made up outside the top K): fit for
+        losses that read softmax only, which is why the trainer refuses the others on top-k
+        targets (``teacher_logits_shift_invariant``)."""
         if self.kind != "topk":
             raise ValueError(
                 f"{self.kind} targets have no dense form (sampled counts, or a random subset of the classes); "

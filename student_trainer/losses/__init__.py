@@ -23,9 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kd.cache.codecs import FULL_LOGIT_CODECS
 from kd.core.targets import SparseTargets
 
 LossFn = Callable[..., torch.Tensor]
+# Whether a loss sees the teacher's logits only up to a constant per row: a bool, or a function of
+# the method's options (its defaults with the given ones over them) for methods where an option decides.
+ShiftInvariance = bool | Callable[[dict[str, object]], bool]
 # Passed by the training loop to losses that declare them (0-based epoch, total epochs).
 SCHEDULE_ARGS = ("epoch", "epochs")
 
@@ -43,7 +47,17 @@ class Method:
     pairs: bool = False
     # The loss relates the samples of a batch (see the module docstring); None: not declared.
     couples: bool | None = None
+    # The loss is unchanged when the teacher's logits move by a constant per row (it reads them through
+    # softmax, ranks, standardisation): then targets that keep only the probabilities (topk/q8/q4/pca
+    # caches, a mixture of teachers) train it as the full logits would. False, the default for a method
+    # that does not declare it, makes the trainer refuse such targets (``logit_offsets_lost``);
+    # tests/test_shift_invariance.py checks every registered method's declaration against its loss.
+    teacher_logits_shift_invariant: ShiftInvariance = False
     kind = "logit"  # class attribute (FeatureMethod: "feature")
+
+    def shift_invariant(self, options: dict[str, object] | None = None) -> bool:
+        """``teacher_logits_shift_invariant`` for these options (the defaults where not given)."""
+        return _resolve_invariance(self.teacher_logits_shift_invariant, {**self.defaults, **(options or {})})
 
     @property
     def defaults(self) -> dict[str, object]:
@@ -92,6 +106,10 @@ class Method:
                 raise ValueError(f"method {self.name!r} needs the {name} (the training loop passes it)")
             hparams[name] = schedule[name]
         return self.loss(student_logits, teacher_logits, labels, **hparams)
+
+
+def _resolve_invariance(declared: ShiftInvariance, options: dict[str, object]) -> bool:
+    return bool(declared(options) if callable(declared) else declared)
 
 
 _INF = math.inf
@@ -202,6 +220,14 @@ class FeatureMethod:
     common: tuple[tuple[str, object], ...] = ()
     # The loss relates the samples of a batch (see the module docstring); None: not declared.
     couples: bool | None = None
+    # As Method's, for the teacher's logits wherever this loss reads them: its ``teacher_logits``
+    # keyword and, for a method made for it (``teacher_side_logits``), a match whose teacher side is
+    # ``logits`` (the common KD term only sees softmax).
+    teacher_logits_shift_invariant: ShiftInvariance = False
+    # The teacher side of its match is the teacher's logits by design (pad, adversarial). Any other
+    # feature loss given a ``S=logits`` match reads them as plain values (distances, kernels,
+    # regressions): the trainer refuses such a match on targets that lost the logits' offsets.
+    teacher_side_logits: bool = False
     needs_teacher = True
     accepts_sparse = False
     pairs = False
@@ -221,6 +247,10 @@ class FeatureMethod:
     @property
     def defaults(self) -> dict[str, object]:
         return {**self.own_defaults, **FEATURE_COMMON, **dict(self.common)}
+
+    def shift_invariant(self, options: dict[str, object] | None = None) -> bool:
+        """``teacher_logits_shift_invariant`` for these options (the defaults where not given)."""
+        return _resolve_invariance(self.teacher_logits_shift_invariant, {**self.defaults, **(options or {})})
 
     @property
     def extras(self) -> set[str]:
@@ -284,13 +314,17 @@ def register(
     accepts_sparse: bool = False,
     pairs: bool = False,
     couples: bool | None = None,
+    teacher_logits_shift_invariant: ShiftInvariance = False,
 ) -> Callable[[LossFn], LossFn]:
-    """Register a logit method; ``couples``: see the module docstring."""
+    """Register a logit method; ``couples``: see the module docstring. ``teacher_logits_shift_invariant``:
+    see ``Method`` (declare True only for a loss that reads the teacher's logits through a per-row
+    shift-invariant function)."""
 
     def deco(fn: LossFn) -> LossFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = Method(name, fn, paper, needs_teacher, accepts_sparse, pairs, couples)
+        METHODS[name] = Method(name, fn, paper, needs_teacher, accepts_sparse, pairs, couples,
+                               teacher_logits_shift_invariant)  # fmt: skip
         return fn
 
     return deco
@@ -307,6 +341,8 @@ def register_feature(
     rotations: bool = False,
     common: dict[str, object] | None = None,
     couples: bool | None = None,
+    teacher_logits_shift_invariant: ShiftInvariance = False,
+    teacher_side_logits: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Register a feature method (see ``FeatureMethod``; ``couples``: see the module docstring)."""
 
@@ -314,10 +350,40 @@ def register_feature(
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
         METHODS[name] = FeatureMethod(name, fn, paper, reduce, connector, layers, tuple(default_matches), rotations,
-                                      tuple((common or {}).items()), couples)  # fmt: skip
+                                      tuple((common or {}).items()), couples, teacher_logits_shift_invariant,
+                                      teacher_side_logits)  # fmt: skip
         return fn
 
     return deco
+
+
+def logit_offsets_refusal(
+    method: str, options: dict[str, object], lost: str, matches: list[str] | tuple[str, ...] = ()
+) -> str | None:
+    """The refusal of ``method`` (with ``options``; a feature method with ``matches``, else its
+    default ones) on targets that keep only the teacher's logits up to a constant per row (``lost``:
+    what they keep, from ``SoftTargetSource.logit_offsets_lost``); None where its loss does not see
+    the difference (``teacher_logits_shift_invariant``, ``teacher_side_logits``)."""
+    m = get_method(method)
+    given = ", ".join(f"{k}={v!r}" for k, v in options.items() if k in m.defaults)
+    who = f"method {method!r}{f' with {given}' if given else ''}"
+    if not m.shift_invariant(options):
+        why = f"{who} reads the teacher's absolute logits (its loss changes when a row's logits move by a constant)"
+    else:
+        texts = matches or (m.default_matches if isinstance(m, FeatureMethod) else ())
+        # The teacher side of S=T (comma lists for several layers); a malformed match is refused later.
+        fed = [t for t in texts if "logits" in (x.strip() for x in t.partition("=")[2].split(","))]
+        if not isinstance(m, FeatureMethod) or m.teacher_side_logits or not fed:
+            return None
+        why = f"the match {fed[0]!r} feeds the teacher's logits to {who} as plain values (its feature loss is not " \
+              "made for logits and changes when a row's logits move by a constant)"  # fmt: skip
+    codecs = f"{', '.join(FULL_LOGIT_CODECS[:-1])} or {FULL_LOGIT_CODECS[-1]}"
+    return (
+        f"{why}, but {lost}; it would train on other targets than the teacher's. Use targets with full logits: "
+        f"a cache precomputed with --codec {codecs}, a server: source without --server-topk, or a local: "
+        "teacher; or a method that reads only the teacher's softmax (e.g. kd; `kd methods` marks the methods "
+        "that need full logits)"
+    )
 
 
 def get_method(name: str) -> Method | FeatureMethod:

@@ -46,6 +46,7 @@ def ab_hinge(s: torch.Tensor, t: torch.Tensor, margin: float) -> torch.Tensor:
     "Heo, Lee, Yun, Choi 2019, Knowledge Transfer via Distillation of Activation Boundaries "
     "Formed by Hidden Neurons (AAAI)",
     connector="auto",
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def ab_loss(

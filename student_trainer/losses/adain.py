@@ -75,6 +75,7 @@ def moments_connector(student_shape: tuple[int, ...], teacher_shape: tuple[int, 
     "(moment-matching term)",
     reduce="adain",
     connector=moments_connector,
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def adain_loss(

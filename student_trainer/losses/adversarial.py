@@ -68,7 +68,10 @@ def discriminator(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]
     "Xu, Hsu, Huang 2017, Learning Loss for Knowledge Distillation with Conditional Adversarial Networks",
     connector=discriminator,
     default_matches=("logits=logits",),
+    # D is trained on the raw teacher logits (real) against the student's: a per-row shift changes it.
+    teacher_logits_shift_invariant=False,
     couples=False,
+    teacher_side_logits=True,
 )
 def adversarial_loss(
     student_feats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],

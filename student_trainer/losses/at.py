@@ -37,6 +37,7 @@ from kd.student_trainer.losses import register_feature
     "at",
     "Zagoruyko & Komodakis 2017, Paying More Attention to Attention (ICLR); Crowley et al. 2018, Moonshine",
     reduce="at",
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def at_loss(

@@ -49,7 +49,11 @@ from kd.student_trainer.losses.kd import soft_kl
 
 
 @register_feature(
-    "cckd", "Peng et al. 2019, Correlation Congruence for Knowledge Distillation (ICCV)", reduce="cc", couples=True
+    "cckd",
+    "Peng et al. 2019, Correlation Congruence for Knowledge Distillation (ICCV)",
+    reduce="cc",
+    teacher_logits_shift_invariant=True,
+    couples=True,
 )
 def cckd_loss(
     student_feats: list[torch.Tensor],

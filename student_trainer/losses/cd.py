@@ -66,6 +66,7 @@ def cd_connector(s: tuple[int, ...], t: tuple[int, ...]) -> nn.Module:
     "Zhou et al. 2020, Channel Distillation: Channel-Wise Attention for Knowledge Distillation (CD + EDT)",
     reduce="pool",
     connector=cd_connector,
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def cd_loss(

@@ -162,6 +162,7 @@ def nce_loss(p: torch.Tensor, num_samples: int) -> torch.Tensor:
     "crd",
     "Tian, Krishnan, Isola 2019, Contrastive Representation Distillation (ICLR 2020, arXiv 1910.10699)",
     connector=crd_connector,
+    teacher_logits_shift_invariant=True,
     couples=True,
 )
 def crd_loss(

@@ -21,7 +21,7 @@ from kd.student_trainer.losses import register
 
 
 @register("cskd", "Yun, Park, Lee, Shin 2020, Class-wise Self-Knowledge Distillation (CVPR)", needs_teacher=False,
-          pairs=True, couples=False)  # fmt: skip
+          pairs=True, teacher_logits_shift_invariant=True, couples=False)  # fmt: skip
 def cskd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,

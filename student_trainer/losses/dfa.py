@@ -109,6 +109,7 @@ def search_epochs(search_fraction: float, epochs: int) -> int:
     "dfa",
     "Guan et al. 2020, Differentiable Feature Aggregation Search for Knowledge Distillation (ECCV)",
     connector=dfa_connector,
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def dfa_loss(

@@ -59,7 +59,10 @@ def intra_class_relation(y_s: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
 
 
 @register(
-    "dist", "Huang, You, Wang, Qian, Xu 2022, Knowledge Distillation from A Stronger Teacher (DIST)", couples=True
+    "dist",
+    "Huang, You, Wang, Qian, Xu 2022, Knowledge Distillation from A Stronger Teacher (DIST)",
+    teacher_logits_shift_invariant=True,
+    couples=True,
 )
 def dist_loss(
     student_logits: torch.Tensor,

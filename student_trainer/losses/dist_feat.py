@@ -44,6 +44,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     "Huang, You, Wang, Qian, Xu 2022, Knowledge Distillation from A Stronger Teacher (DIST; arXiv 2205.10536): "
     "the dense relation loss (DIST+'s feature-level extension)",
     connector="auto",
+    teacher_logits_shift_invariant=True,
     couples=True,
 )
 def dist_feat_loss(

@@ -74,7 +74,12 @@ def warmup_factor(epoch: int, warmup: int) -> float:
     return min((epoch + 1) / warmup, 1.0)
 
 
-@register("dkd", "Zhao, Cui, Song, Qiu, Liang 2022, Decoupled Knowledge Distillation (CVPR)", couples=False)
+@register(
+    "dkd",
+    "Zhao, Cui, Song, Qiu, Liang 2022, Decoupled Knowledge Distillation (CVPR)",
+    teacher_logits_shift_invariant=True,
+    couples=False,
+)
 def dkd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

@@ -74,6 +74,7 @@ def kd_stop_epoch(epochs: int, stop_fraction: float, stop_epoch: int | None) -> 
     "eskd",
     "Cho & Hariharan 2019, On the Efficacy of Knowledge Distillation (early-stopped KD)",
     accepts_sparse=True,
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def eskd_loss(

@@ -21,7 +21,11 @@ from kd.student_trainer.losses import register_feature
 
 
 @register_feature(
-    "fitnet", "Romero et al. 2015, FitNets: Hints for Thin Deep Nets (ICLR)", connector="auto", couples=False
+    "fitnet",
+    "Romero et al. 2015, FitNets: Hints for Thin Deep Nets (ICLR)",
+    connector="auto",
+    teacher_logits_shift_invariant=True,
+    couples=False,
 )
 def fitnet_loss(
     student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], *, weight: float = 100.0

@@ -24,6 +24,7 @@ from kd.student_trainer.losses.fitnet import fitnet_loss
     "fitnet-convreg",
     "Romero et al. 2015, FitNets: Hints for Thin Deep Nets (ICLR); regressor as CRD / mdistiller build it",
     connector="convreg",
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def fitnet_convreg_loss(

@@ -55,6 +55,7 @@ from kd.student_trainer.losses import register_feature
     # Identity when a student layer has the teacher's width (the paper's setting); else a 1x1 conv + BN
     # per layer, so students narrower than their teacher can be matched (an adaptation).
     connector="auto",
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def fsp_loss(

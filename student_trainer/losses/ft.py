@@ -109,6 +109,7 @@ def factor_distance(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
     "ft",
     "Kim, Park, Kwak 2018, Paraphrasing Complex Network: Network Compression via Factor Transfer (NeurIPS)",
     connector=ft_connector,
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def ft_loss(

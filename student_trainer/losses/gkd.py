@@ -50,6 +50,7 @@ def edt_weight(epoch: int, epochs: int, kd_weight: float, decay: float, decay_ev
 @register(
     "gkd",
     "Zhou et al. 2020, Channel Distillation: Channel-Wise Attention for Knowledge Distillation (GKD + EDT)",
+    teacher_logits_shift_invariant=True,
     couples=True,
 )
 def gkd_loss(

@@ -104,9 +104,17 @@ def dtd_temperatures(
         return tau.clamp(min=temperature / 10.0)
 
 
+def _dtd_invariant(options: dict[str, object]) -> bool:
+    """flsw's weights are cosines of the raw teacher logits, which a per-row shift changes (KA's swap,
+    cwsm and the KL see only their softmax); beta = 0 or gamma = 0 makes every temperature tau_0,
+    alpha = 0 leaves only CE."""
+    return options["dtd"] != "flsw" or options["beta"] == 0 or options["gamma"] == 0 or options["alpha"] == 0
+
+
 @register(
     "ka-dtd",
     "Wen, Lai, Qian 2019, Preparing Lessons: Improve Knowledge Distillation with Better Supervision",
+    teacher_logits_shift_invariant=_dtd_invariant,
     couples=True,
 )
 def ka_dtd_loss(

@@ -34,7 +34,11 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 @register(
-    "kd", "Hinton, Vinyals, Dean 2015, Distilling the Knowledge in a Neural Network", accepts_sparse=True, couples=False
+    "kd",
+    "Hinton, Vinyals, Dean 2015, Distilling the Knowledge in a Neural Network",
+    accepts_sparse=True,
+    teacher_logits_shift_invariant=True,
+    couples=False,
 )
 def kd_loss(
     student_logits: torch.Tensor,

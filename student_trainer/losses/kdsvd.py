@@ -95,6 +95,7 @@ def align(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
     "kdsvd",
     "Lee, Kim, Song 2018, Self-supervised Knowledge Distillation Using Singular Value Decomposition (ECCV)",
     connector="auto",
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def kdsvd_loss(

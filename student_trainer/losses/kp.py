@@ -81,6 +81,7 @@ def kp_connector(s: tuple[int, ...], t: tuple[int, ...]) -> nn.Module:
     "kp",
     "Zhang, Ning, He 2017, Knowledge Projection for Deep Neural Networks (arXiv 1710.09505)",
     connector=kp_connector,
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def kp_loss(

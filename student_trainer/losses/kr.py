@@ -76,6 +76,7 @@ def kr_connector(s: tuple[int, ...], t: tuple[int, ...]) -> nn.Module:
     "kr",
     "Liu et al. 2019, Knowledge Representing: Efficient, Sparse Representation of Prior Knowledge for KD",
     connector=kr_connector,
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def kr_loss(

@@ -68,6 +68,7 @@ def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
 @register(
     "logitstd",
     "Sun, Ren, Li, Wang, Cao 2024, Logit Standardization in Knowledge Distillation (CVPR); over KD",
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def logitstd_loss(
@@ -90,6 +91,7 @@ def logitstd_loss(
 @register(
     "dkd-logitstd",
     "Sun, Ren, Li, Wang, Cao 2024, Logit Standardization in Knowledge Distillation (CVPR); over DKD",
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def dkd_logitstd_loss(

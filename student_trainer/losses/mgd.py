@@ -109,7 +109,11 @@ def reduce_teacher(t: torch.Tensor, index: torch.Tensor, reduction: str) -> torc
 
 
 @register_feature(
-    "mgd", "Yue, Deng, Zhou 2020, Matching Guided Distillation (ECCV)", connector=mgd_connector, couples=True
+    "mgd",
+    "Yue, Deng, Zhou 2020, Matching Guided Distillation (ECCV)",
+    connector=mgd_connector,
+    teacher_logits_shift_invariant=True,
+    couples=True,
 )
 def mgd_loss(
     student_feats: list[torch.Tensor],

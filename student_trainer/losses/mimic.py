@@ -116,6 +116,7 @@ def lsh_term(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor, bias: str) -> to
     "Wang, Ge, Wu 2020, In Defense of Feature Mimicking for Knowledge Distillation (arXiv 2011.01424)",
     reduce="pool",
     connector=mimic_connector,
+    teacher_logits_shift_invariant=True,
     couples=True,
 )
 def mimic_loss(

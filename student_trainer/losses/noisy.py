@@ -76,9 +76,17 @@ def perturb_teacher(
     return torch.where(chosen[:, None], noisy, z)
 
 
+def _noise_invariant(options: dict[str, object]) -> bool:
+    """z * (1 + sigma * xi) scales each logit by its own factor, so the perturbed targets depend on the
+    logits' absolute values (a per-row shift of z is not a shift of the result); without noise this is
+    kd, and alpha = 0 leaves only CE."""
+    return options["noise_fraction"] == 0 or options["noise_variance"] == 0 or options["alpha"] == 0
+
+
 @register(
     "noisy",
     "Sau & Balasubramanian 2016, Deep Model Compression: Distilling Knowledge from Noisy Teachers",
+    teacher_logits_shift_invariant=_noise_invariant,
     couples=True,
 )
 def noisy_teacher_loss(

@@ -45,6 +45,7 @@ from kd.student_trainer.losses import register_feature
     "nst",
     "Huang & Wang 2017, Like What You Like: Knowledge Distill via Neuron Selectivity Transfer",
     reduce="nst",
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def nst_loss(

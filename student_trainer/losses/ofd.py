@@ -70,6 +70,7 @@ def partial_l2(s: torch.Tensor, t: torch.Tensor, margin: torch.Tensor) -> torch.
     "ofd",
     "Heo, Kim, Yun, Park, Kwak, Choi 2019, A Comprehensive Overhaul of Feature Distillation (ICCV)",
     connector="conv1x1bn",
+    teacher_logits_shift_invariant=True,
     couples=True,
 )
 def ofd_loss(

@@ -72,11 +72,19 @@ def per_sample_distance(
     raise ValueError(f"pad: distance must be 'kl' or 'l2', got {distance!r}")
 
 
+def _pad_invariant(options: dict[str, object]) -> bool:
+    """distance = "l2" compares the raw logits (a per-row shift of the teacher's moves d_i); "kl" sees
+    only their softmax; weight = 0 drops the term."""
+    return options["distance"] != "l2" or options["weight"] == 0
+
+
 @register_feature(
     "pad",
     "Zhang et al. 2020, Prime-Aware Adaptive Distillation (ECCV), per-sample uncertainty-weighted KD",
     connector=pad_logit_connector,
+    teacher_logits_shift_invariant=_pad_invariant,
     couples=False,
+    teacher_side_logits=True,
 )
 def pad_loss(
     student_feats: list[torch.Tensor],

@@ -66,6 +66,7 @@ def gaussian_term(mu: torch.Tensor, log_var: torch.Tensor, target: torch.Tensor,
     "pad-feat",
     "Zhang et al. 2020, Prime-Aware Adaptive Distillation (ECCV), feature form",
     connector=pad_connector,
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def pad_feat_loss(

@@ -40,6 +40,7 @@ def _conditional(x: torch.Tensor, eps: float) -> torch.Tensor:
 @register_feature(
     "pkt",
     "Passalis & Tefas 2018, Learning Deep Representations with Probabilistic Knowledge Transfer (ECCV)",
+    teacher_logits_shift_invariant=True,
     couples=True,
 )
 def pkt_loss(

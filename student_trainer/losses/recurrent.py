@@ -66,6 +66,7 @@ class RecurrentResidual(nn.Module):
     "recurrent",
     "Pintea, Liu & van Gemert 2018, Recurrent Knowledge Distillation (ICIP)",
     reduce="at",
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def recurrent_loss(

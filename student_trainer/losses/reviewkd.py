@@ -128,6 +128,7 @@ def hcl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     "Chen, Liu, Zhao, Jia 2021, Distilling Knowledge via Knowledge Review (CVPR, arXiv 2104.09044)",
     connector=ReviewKDConnector,
     layers=0,
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def reviewkd_loss(

@@ -61,7 +61,12 @@ def _angle_potential(x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(e, e.transpose(1, 2))  # [i, j, k] = <e_ij, e_ik>
 
 
-@register_feature("rkd", "Park, Kim, Lu, Cho 2019, Relational Knowledge Distillation (CVPR)", couples=True)
+@register_feature(
+    "rkd",
+    "Park, Kim, Lu, Cho 2019, Relational Knowledge Distillation (CVPR)",
+    teacher_logits_shift_invariant=True,
+    couples=True,
+)
 def rkd_loss(
     student_feats: list[torch.Tensor],
     teacher_feats: list[torch.Tensor],

@@ -26,7 +26,11 @@ from kd.student_trainer.losses import register_feature
 
 
 @register_feature(
-    "sp", "Tung & Mori 2019, Similarity-Preserving Knowledge Distillation (ICCV)", reduce="sp", couples=True
+    "sp",
+    "Tung & Mori 2019, Similarity-Preserving Knowledge Distillation (ICCV)",
+    reduce="sp",
+    teacher_logits_shift_invariant=True,
+    couples=True,
 )
 def sp_loss(
     student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], *, gamma: float = 3000.0

@@ -57,7 +57,10 @@ def spherical_normalize(logits: torch.Tensor, multiplier: float, eps: float = EP
 
 
 @register(
-    "spherical", "Guo et al. 2020, Reducing the Teacher-Student Gap via Spherical Knowledge Distillation", couples=False
+    "spherical",
+    "Guo et al. 2020, Reducing the Teacher-Student Gap via Spherical Knowledge Distillation",
+    teacher_logits_shift_invariant=True,
+    couples=False,
 )
 def spherical_loss(
     student_logits: torch.Tensor,

@@ -124,11 +124,19 @@ def srd_connector(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]
     return SRDConnector(student_shape, teacher_shape)
 
 
+def _srd_invariant(options: dict[str, object]) -> bool:
+    """L_sr regresses the student's logits onto the teacher's raw logits, and L_fit the fitted head's
+    (``head="fit"``, chosen for a server or a cache): both see a per-row shift of z_t."""
+    sr_off = options["weight"] == 0 or options["sr_weight"] == 0
+    return sr_off and (options["fit_weight"] == 0 or options["head"] == "teacher")
+
+
 @register_feature(
     "srd",
     "Yang, Martinez, Bulat, Tzimiropoulos 2021, Knowledge Distillation via Softmax Regression "
     "Representation Learning (ICLR)",
     connector=srd_connector,
+    teacher_logits_shift_invariant=_srd_invariant,
     couples=False,
 )
 def srd_loss(

@@ -104,6 +104,7 @@ def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> tor
     connector=sskd_connector,
     rotations=True,
     common={"ce_weight": 0.1, "kd_weight": 0.9, "kd_temperature": 4.0},
+    teacher_logits_shift_invariant=True,
     couples=True,
 )
 def sskd_loss(

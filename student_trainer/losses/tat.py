@@ -147,6 +147,7 @@ def _reconfigure(gamma: torch.Tensor, phi: torch.Tensor, theta: torch.Tensor, di
     "tat",
     "Lin et al. 2022, Knowledge Distillation via the Target-aware Transformer (CVPR)",
     connector=tat_connector,
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def tat_loss(

@@ -49,6 +49,7 @@ def virtual_teacher(
     "tfkd-reg",
     "Yuan et al. 2019, Revisiting Knowledge Distillation via Label Smoothing Regularization (Tf-KD_reg)",
     needs_teacher=False,
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def tfkd_reg_loss(

@@ -32,6 +32,7 @@ from kd.student_trainer.losses import register
     "tfkd-self",
     "Yuan et al. 2019, Revisiting Knowledge Distillation via Label Smoothing Regularization (Tf-KD_self)",
     accepts_sparse=True,
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def tfkd_self_loss(

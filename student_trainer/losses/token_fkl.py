@@ -15,7 +15,7 @@ from kd.student_trainer.losses.token_kd import token_kd_loss
 
 
 @register("token-fkl", "per-token forward KL (Hinton et al. 2015; Agarwal et al. 2024, GKD beta = 0)",
-          accepts_sparse=True, couples=True)  # fmt: skip
+          accepts_sparse=True, teacher_logits_shift_invariant=True, couples=True)  # fmt: skip
 def token_fkl_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | TokenTargets,

@@ -21,6 +21,7 @@ from kd.student_trainer.losses.token_kd import token_kd_loss
     "token-gjsd",
     "Agarwal et al. 2024, On-Policy Distillation of Language Models (GKD)",
     accepts_sparse=True,
+    teacher_logits_shift_invariant=True,
     couples=True,
 )
 def token_gjsd_loss(

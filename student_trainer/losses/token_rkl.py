@@ -15,7 +15,7 @@ from kd.student_trainer.losses.token_kd import token_kd_loss
 
 
 @register("token-rkl", "per-token reverse KL (Gu et al. 2024, MiniLLM; Agarwal et al. 2024, GKD beta = 1)",
-          accepts_sparse=True, couples=True)  # fmt: skip
+          accepts_sparse=True, teacher_logits_shift_invariant=True, couples=True)  # fmt: skip
 def token_rkl_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | TokenTargets,

@@ -21,6 +21,7 @@ from kd.student_trainer.losses.token_kd import token_kd_loss
     "token-skl",
     "Ko et al. 2024, DistiLLM: Towards Streamlined Distillation for LLMs",
     accepts_sparse=True,
+    teacher_logits_shift_invariant=True,
     couples=True,
 )
 def token_skl_loss(

@@ -14,7 +14,7 @@ from kd.student_trainer.losses.token_kd import token_kd_loss
 
 
 @register("token-tv", "per-token total variation distance (Wen et al. 2023, f-divergence KD; DistillKit TVD)",
-          accepts_sparse=True, couples=True)  # fmt: skip
+          accepts_sparse=True, teacher_logits_shift_invariant=True, couples=True)  # fmt: skip
 def token_tv_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | TokenTargets,

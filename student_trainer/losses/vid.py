@@ -75,6 +75,7 @@ def vid_connector(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]
     "vid",
     "Ahn, Hu, Damianou, Lawrence, Dai 2019, Variational Information Distillation for Knowledge Transfer (CVPR)",
     connector=vid_connector,
+    teacher_logits_shift_invariant=True,
     couples=False,
 )
 def vid_loss(
