@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from kd.cli import app
 from kd.student_trainer.losses import METHODS
 from kd.student_trainer.online import METHODS as ONLINE
 
@@ -119,7 +121,8 @@ def test_bench_methods_subset_and_a_method_that_raises(tmp_path: Path) -> None:
     assert res["methods"]["broken"]["acc_mean"] is None and _acc(res["methods"]["dkd"]["acc_mean"])
     assert "online_methods" not in res and res["settings"]["online_methods"] == []  # --online-methods none
 
-    bad = _run("--quick", "--methods", "no-such-method")
-    assert bad.returncode == 2 and "unknown method" in bad.stderr
-    bad = _run("--quick", "--online-methods", "dml")
-    assert bad.returncode == 2 and "unknown online method(s) ['dml']" in bad.stderr
+    # Refused before any work: in this process (typer's CliRunner on kd.cli.app), sparing two interpreters.
+    bad = CliRunner().invoke(app, ["bench", "methods", "--quick", "--methods", "no-such-method"])
+    assert bad.exit_code == 2 and "unknown method" in bad.stderr
+    bad = CliRunner().invoke(app, ["bench", "methods", "--quick", "--online-methods", "dml"])
+    assert bad.exit_code == 2 and "unknown online method(s) ['dml']" in bad.stderr

@@ -163,10 +163,10 @@ class CacheBenchSettings:
                 many_classes=100,
                 many_teacher_epochs=3,
                 many_epochs=3,
-                crd_samples=16,
+                crd_samples=8,  # the resnet32x4 teacher's forwards were most of a --quick run's CPU time
                 crd_precompute_batch=8,
                 crd_precompute_rounds=1,
-                crd_step_batch=4,
+                crd_step_batch=2,
                 crd_step_block=2,
                 crd_step_rounds=1,
             )
