@@ -39,9 +39,10 @@ ids; the rest of the mass is known exactly) or their draw counts (Anshumann et a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -52,6 +53,13 @@ import torch
 
 IGNORE_INDEX = -100  # labels at positions without a next-token target (PyTorch's / HF's convention)
 BYTE_TOKENIZER_VERSION = 1
+TOKEN_SIDECAR_VERSION = 1  # the layout of cache_dir()/tokens/KEY (tokens.npy, mask.npy, offsets.npy)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype holding ids 0..vocab_size - 1 (uint16, else uint32): 2 bytes a token
+    for vocabularies up to 65536, not int64's 8."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
 class TokenizerError(ValueError):
@@ -72,6 +80,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]: ...
+
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
@@ -88,6 +98,10 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """``encode`` of each text as a uint8 array: its UTF-8 bytes, without a Python int per byte."""
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of the byte ids; special ids are dropped, broken UTF-8 replaced."""
@@ -161,6 +175,12 @@ class JsonTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
+    def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """``encode`` of each text as a uint32 array, the batch encoded in one call (the Rust side's threads)."""
+        return [
+            np.asarray(e.ids, dtype=np.uint32) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)
+        ]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
@@ -231,8 +251,9 @@ def _error(msg: str) -> ValueError:
 class TokenSource:
     """A tokenised text corpus as a sample source (see the module docstring for URIs and layouts).
 
-    Tokenisation runs once per process, on first use (``len``, ``get``...), so opening
-    is cheap and a DataLoader worker forked after it shares the arrays.
+    Tokenisation runs on first use (``len``, ``get``...), so opening is cheap, and once per
+    corpus: the arrays are kept in a sidecar (``_arrays``) that later processes and DataLoader
+    workers memory-map.
     """
 
     COMMON = ("block", "tokenizer", "pack", "bos", "eos", "name", "split")
@@ -366,9 +387,9 @@ class TokenSource:
             self._hf = ds
         return self._hf
 
-    def _documents(self) -> list[tuple[str, ...]]:
-        """Each document as (text,) or (prompt, completion), in a fixed order."""
-        docs: list[tuple[str, ...]] = []
+    def _documents(self) -> Iterator[tuple[str, ...]]:
+        """Each document as (text,) or (prompt, completion), in a fixed order (read as they are
+        tokenised: a corpus's text is never all in memory at once)."""
         if self.format == "text":
             enc = self.options.get("encoding", "utf-8")
             for rel in self.rels:
@@ -377,10 +398,10 @@ class TokenSource:
                 except (UnicodeDecodeError, LookupError) as e:
                     raise _error(f"text: cannot decode {self.root / rel} as {enc}: {e}") from None
                 if self.doc == "file":
-                    docs.append((text,))
+                    yield (text,)
                 else:
-                    docs.extend((line,) for line in text.splitlines() if line.strip())
-            return docs
+                    yield from ((line,) for line in text.splitlines() if line.strip())
+            return
         if self.format == "hf":
             ds = self._hf_dataset().select_columns(list(self.fields))
             cols = [ds[f] for f in self.fields]
@@ -388,8 +409,8 @@ class TokenSource:
                 for f, v in zip(self.fields, row):
                     if not isinstance(v, str):
                         raise _error(f"hf: row {i} of {self.root}: column {f!r} is {type(v).__name__}, not text")
-                docs.append(tuple(row))
-            return docs
+                yield tuple(row)
+            return
         path = self.root / self.rels[0]
         with open(path, encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):
@@ -408,55 +429,157 @@ class TokenSource:
                     if not isinstance(obj[f], str):
                         raise _error(f"jsonl: {path}:{n}: field {f!r} is {type(obj[f]).__name__}, not text")
                     row.append(obj[f])
-                docs.append(tuple(row))
-        return docs
+                yield tuple(row)
 
-    def _encode_doc(self, doc: tuple[str, ...]) -> tuple[list[int], list[bool]]:
-        tok = self.tokenizer
-        ids: list[int] = []
-        mask: list[bool] = []
-        if self.add_bos:
-            ids.append(int(tok.bos_id))  # type: ignore[arg-type]
-            mask.append(False)
-        if self.instruct:
-            p, c = tok.encode(doc[0]), tok.encode(doc[1])
-            ids += p + c
-            mask += [False] * len(p) + [True] * len(c)
-        else:
-            t = tok.encode(doc[0])
-            ids += t
-            mask += [True] * len(t)
-        if self.add_eos:
-            ids.append(int(tok.eos_id))  # type: ignore[arg-type]
-            mask.append(True)
-        return ids, mask
+    def _stream_key(self) -> str:
+        """What the token stream depends on (files or fingerprint, tokenizer, bos/eos, fields, doc,
+        encoding; not the block or the layout, which only cut it): the sidecar's name."""
+        from kd.core.data import _digest
+
+        ident = self._identity()
+        ident.pop("block")
+        ident.pop("pack")
+        return _digest("kd-tokens", TOKEN_SIDECAR_VERSION, self.format, ident)[:32]
+
+    def _sidecar(self) -> Path:
+        from kd.core.data import cache_dir
+
+        return cache_dir() / "tokens" / self._stream_key()
+
+    def _load_sidecar(self, where: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The arrays a previous run wrote to ``where``, memory-mapped; None when absent or not whole."""
+        try:
+            tokens = np.load(where / "tokens.npy", mmap_mode="r", allow_pickle=False)
+            mask = np.load(where / "mask.npy", mmap_mode="r", allow_pickle=False)
+            offsets = np.load(where / "offsets.npy", allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        n = tokens.shape[0] if tokens.ndim == 1 else -1
+        whole = (
+            tokens.dtype == token_dtype(self.vocab_size)
+            and mask.dtype == np.bool_
+            and mask.shape == (n,)
+            and offsets.dtype == np.int64
+            and offsets.ndim == 1
+            and len(offsets) >= 1
+            and int(offsets[0]) == 0
+            and int(offsets[-1]) == n
+        )
+        return (tokens, mask, offsets) if whole else None
+
+    def _write_sidecar(self, where: Path, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], stats: Any) -> bool:
+        """Keep the arrays for later runs and DataLoader workers, unless a file changed while it was read
+        (or too recently to tell, as git's racy index): its content hash in the name would not be theirs."""
+        import os
+        import time
+
+        from kd.core.data import _RACY_NS
+
+        try:
+            if stats != self._file_stats() or any(time.time_ns() - m < _RACY_NS for _, _, m in stats):
+                return False
+        except OSError:  # a file gone since
+            return False
+        tmp = where.with_name(f"{where.name}.{os.getpid()}.tmp")
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            for name, a in zip(("tokens", "mask", "offsets"), arrays):
+                np.save(tmp / f"{name}.npy", a, allow_pickle=False)
+            os.rename(tmp, where)  # whole or absent; a racing writer's copy is as good
+            return True
+        except OSError:  # a read-only cache dir, a full disk, another process first: re-tokenised next time
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+
+    def _file_stats(self) -> list[tuple[str, int, int]]:
+        if self.format == "hf":
+            return []
+        out = []
+        for rel in self.rels:
+            st = (self.root / rel).stat()
+            out.append((rel, st.st_size, st.st_mtime_ns))
+        return out
 
     @cached_property
     def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(token stream int64, loss mask bool, document start offsets int64 [D + 1])."""
-        ids: list[int] = []
-        mask: list[bool] = []
-        offsets = [0]
-        for doc in self._documents():
-            i, m = self._encode_doc(doc)
-            if not i:
-                continue
-            ids += i
-            mask += m
-            offsets.append(len(ids))
-        tokens = np.asarray(ids, dtype=np.int64)
-        vocab = int(self.tokenizer.vocab_size)
-        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
-            bad = int(tokens[(tokens < 0) | (tokens >= vocab)][0])
-            raise _error(
-                f"{self.uri}: the tokenizer {self.tokenizer.name} gave token id {bad}, outside its vocabulary "
-                f"of {vocab} ids (0..{vocab - 1}); a model indexes its embedding and its logits by these ids"
-            )
-        return tokens, np.asarray(mask, dtype=bool), np.asarray(offsets, dtype=np.int64)
+        """(token stream in ``token_dtype(vocab)``, loss mask bool, document start offsets int64 [D + 1]).
+
+        Tokenised once per corpus, tokenizer and options: the arrays are kept as .npy files in
+        ``cache_dir()/tokens/KEY`` (KEY: ``_stream_key``, over the files' content hashes) and
+        memory-mapped by every later process, DataLoader workers included."""
+        where = getattr(self, "_token_dir", None)
+        loaded = self._load_sidecar(where) if where is not None else None
+        if loaded is not None:
+            return loaded
+        stats = self._file_stats()
+        where = self._sidecar()
+        loaded = self._load_sidecar(where)
+        if loaded is None:
+            arrays = self._tokenise()
+            if not self._write_sidecar(where, arrays, stats):
+                return arrays
+            loaded = self._load_sidecar(where)
+            if loaded is None:
+                return arrays
+        self._token_dir = where
+        return loaded
+
+    def _tokenise(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every document through the tokenizer, 1024 at a time, into numpy arrays: no Python int per
+        token, and per chunk one array, not one per document."""
+        chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        docs = self._documents()
+        while chunk := list(itertools.islice(docs, 1024)):
+            chunks.append(self._encode_chunk(chunk))
+        if not chunks:
+            return np.empty(0, token_dtype(self.vocab_size)), np.empty(0, bool), np.zeros(1, np.int64)
+        lengths = np.concatenate([c[2] for c in chunks])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks]), offsets
+
+    def _encode_chunk(self, chunk: list[tuple[str, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, loss mask, per-document lengths) of some documents: ``[bos] text [eos]`` each, the
+        mask False at bos and, for instruction data, at the prompt; empty documents dropped."""
+        tok, vocab = self.tokenizer, int(self.tokenizer.vocab_size)
+        bos, eos = int(self.add_bos), int(self.add_eos)
+        texts = tok.encode_many([d[0] for d in chunk])
+        comps = tok.encode_many([d[1] for d in chunk]) if self.instruct else [texts[0][:0]] * len(texts)
+        for parts in (texts, comps):
+            for p in parts:
+                if len(p) and int(p.max()) >= vocab:
+                    raise _error(
+                        f"{self.uri}: the tokenizer {tok.name} gave token id {int(p[p >= vocab][0])}, outside its "
+                        f"vocabulary of {vocab} ids (0..{vocab - 1}); a model indexes its embedding and its "
+                        "logits by these ids"
+                    )
+        lengths = np.asarray([bos + eos + len(t) + len(c) for t, c in zip(texts, comps)], dtype=np.int64)
+        tokens = np.empty(int(lengths.sum()), dtype=token_dtype(vocab))
+        mask = np.ones(len(tokens), dtype=bool)
+        at = 0
+        for t, c in zip(texts, comps):  # an empty document (no text, no bos/eos) takes no place
+            if bos:
+                tokens[at] = tok.bos_id
+                mask[at] = False  # bos is never a target
+                at += 1
+            tokens[at : at + len(t)] = t
+            if self.instruct:
+                mask[at : at + len(t)] = False  # nor is the prompt: only the completion and its eos
+            at += len(t)
+            tokens[at : at + len(c)] = c
+            at += len(c)
+            if eos:
+                tokens[at] = tok.eos_id
+                at += 1
+        return tokens, mask, lengths[lengths > 0]
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.pop("_arrays", None)  # re-tokenised in the receiving process
+        # The arrays are memory-mapped again from the sidecar (_token_dir) in the receiving process,
+        # or re-tokenised there when none could be written.
+        state.pop("_arrays", None)
         state.pop("_hf", None)
         return state
 
