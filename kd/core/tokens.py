@@ -8,6 +8,7 @@ by URI like every other dataset (``kd.core.data.open_source``)::
     open_source("jsonl:chat.jsonl?prompt=question&completion=answer&pack=0&block=512")
     open_source("jsonl:web.jsonl?text=body&tokenizer=tok/tokenizer.json")
     open_source("hf:saved_dir?text=content&split=train")         # datasets.save_to_disk
+    open_source("tokens:ids.npy?block=1024&tokenizer=tok.json")  # pre-tokenised: 1-D uint16/uint32 ids
 
 ``get(indices)`` returns int64 token ids ``[B, S]``; ``batch(indices)`` returns them
 with the loss mask (which tokens are prediction targets) and the attention mask
@@ -18,6 +19,11 @@ with the loss mask (which tokens are prediction targets) and the attention mask
   is dropped). Attention is not masked across document boundaries (standard packing).
 * ``pack=0``: one sample per document, truncated to ``block`` tokens when given,
   right-padded with the pad id to the longest sample *of the batch*.
+
+``tokens:FILE.npy`` is a corpus tokenised elsewhere: one stream of ids (``numpy.save`` of a 1-D
+uint16/uint32 array, the documents' bos/eos already in it), memory-mapped, cut into blocks of
+``block`` tokens, every token but the tokenizer's bos a target; ``tokenizer=`` names the
+tokenizer the ids are of (its vocabulary bounds them; its hash is in the dataset id).
 
 The loss mask marks the tokens a model is trained to predict: every document token
 and its eos, never bos or padding, and for instruction data (``prompt=`` /
@@ -261,13 +267,18 @@ class TokenSource:
         "text": ("doc", "glob", "encoding"),
         "jsonl": ("text", "prompt", "completion"),
         "hf": ("text", "prompt", "completion"),
+        "tokens": (),  # a pre-tokenised .npy of ids: block, tokenizer, name, split only
     }
 
     def __init__(self, uri: str, fmt: str, target: str, opts: dict[str, str]) -> None:
         from kd.core.data import _existing_dir, _existing_file
 
         if fmt not in self.OPTIONS:
-            raise _error(f"{fmt}: not a token format; token formats: text, jsonl, hf (with text=)")
+            raise _error(f"{fmt}: not a token format; token formats: text, jsonl, hf (with text=), tokens")
+        fixed = sorted({"pack", "bos", "eos"} & set(opts)) if fmt == "tokens" else []
+        if fixed:  # the ids are the stream as stored: cut into blocks, nothing added
+            raise _error(f"tokens: {', '.join(fixed)}= do not apply to pre-tokenised ids (the stream as stored, cut "
+                         "into blocks of ?block= tokens)")  # fmt: skip
         unknown = set(opts) - set(self.COMMON) - set(self.OPTIONS[fmt])
         if unknown:
             valid = ", ".join(sorted({*self.COMMON, *self.OPTIONS[fmt]}))
@@ -285,8 +296,8 @@ class TokenSource:
             self.tokenizer = load_tokenizer(opts.get("tokenizer"))
         except TokenizerError as e:
             raise _error(f"{uri}: {e}") from None
-        self.add_bos = _flag(opts, "bos", self.tokenizer.bos_id is not None, fmt)
-        self.add_eos = _flag(opts, "eos", self.tokenizer.eos_id is not None, fmt)
+        self.add_bos = _flag(opts, "bos", self.tokenizer.bos_id is not None and fmt != "tokens", fmt)
+        self.add_eos = _flag(opts, "eos", self.tokenizer.eos_id is not None and fmt != "tokens", fmt)
         for key, tid in (("bos", self.tokenizer.bos_id), ("eos", self.tokenizer.eos_id)):
             if getattr(self, f"add_{key}") and tid is None:
                 raise _error(f"{fmt}: {key}=1 but the tokenizer {self.tokenizer.name} has no {key} token")
@@ -309,7 +320,7 @@ class TokenSource:
             else:
                 f = _existing_file(fmt, target)
                 self.root, self.rels = f.parent, [f.name]
-        elif fmt == "jsonl":
+        elif fmt in ("jsonl", "tokens"):
             f = _existing_file(fmt, target)
             self.root, self.rels = f.parent, [f.name]
         else:
@@ -509,6 +520,8 @@ class TokenSource:
         Tokenised once per corpus, tokenizer and options: the arrays are kept as .npy files in
         ``cache_dir()/tokens/KEY`` (KEY: ``_stream_key``, over the files' content hashes) and
         memory-mapped by every later process, DataLoader workers included."""
+        if self.format == "tokens":
+            return self._stored_ids()
         where = getattr(self, "_token_dir", None)
         loaded = self._load_sidecar(where) if where is not None else None
         if loaded is not None:
@@ -525,6 +538,30 @@ class TokenSource:
                 return arrays
         self._token_dir = where
         return loaded
+
+    def _stored_ids(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``tokens:FILE.npy``: the file's 1-D integer ids, memory-mapped (never read whole), checked
+        against the vocabulary before use. The mask is a view of one True: ``_sample`` marks the
+        tokenizer's bos ids as no target from the ids themselves (no mask file of 1 B a token)."""
+        path = self.root / self.rels[0]
+        try:
+            ids = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise _error(f"tokens: {path} is not a .npy array of token ids (numpy.save): {e}") from None
+        if ids.ndim != 1 or ids.dtype.kind not in "ui":
+            raise _error(f"tokens: {path} holds {ids.dtype} {list(ids.shape)}; expected a 1-D integer array of "
+                         "token ids (uint16 or uint32: 2 or 4 bytes a token)")  # fmt: skip
+        vocab = int(self.tokenizer.vocab_size)
+        for lo in range(0, len(ids), 1 << 24):  # in pieces: the check never holds the file in memory twice
+            part = ids[lo : lo + (1 << 24)]
+            if len(part) and (int(part.min()) < 0 or int(part.max()) >= vocab):
+                at = lo + int(np.flatnonzero((part < 0) | (part >= vocab))[0])
+                raise _error(
+                    f"{self.uri}: token {at} of {path} is id {int(ids[at])}, outside the vocabulary of the tokenizer "
+                    f"{self.tokenizer.name} ({vocab} ids, 0..{vocab - 1}); give the ?tokenizer= the ids were made with"
+                )
+        mask = np.broadcast_to(np.True_, ids.shape)
+        return ids, mask, np.asarray([0, len(ids)], dtype=np.int64)
 
     def _tokenise(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every document through the tokenizer, 1024 at a time, into numpy arrays: no Python int per
@@ -642,7 +679,10 @@ class TokenSource:
         tokens, mask, offsets = self._arrays
         if self.pack:
             b = int(self.block or 0)
-            return tokens[i * b : (i + 1) * b], mask[i * b : (i + 1) * b]
+            t = tokens[i * b : (i + 1) * b]
+            if self.format == "tokens" and self.tokenizer.bos_id is not None:
+                return t, t != self.tokenizer.bos_id  # stored ids: bos is no target, as in a text stream
+            return t, mask[i * b : (i + 1) * b]
         lo, hi = int(offsets[i]), int(offsets[i + 1])
         if self.block is not None:
             hi = min(hi, lo + self.block)
