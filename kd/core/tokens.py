@@ -584,32 +584,32 @@ class TokenSource:
         bos, eos = int(self.add_bos), int(self.add_eos)
         texts = tok.encode_many([d[0] for d in chunk])
         comps = tok.encode_many([d[1] for d in chunk]) if self.instruct else [texts[0][:0]] * len(texts)
-        for parts in (texts, comps):
-            for p in parts:
-                if len(p) and int(p.max()) >= vocab:
-                    raise _error(
-                        f"{self.uri}: the tokenizer {tok.name} gave token id {int(p[p >= vocab][0])}, outside its "
-                        f"vocabulary of {vocab} ids (0..{vocab - 1}); a model indexes its embedding and its "
-                        "logits by these ids"
-                    )
-        lengths = np.asarray([bos + eos + len(t) + len(c) for t, c in zip(texts, comps)], dtype=np.int64)
-        tokens = np.empty(int(lengths.sum()), dtype=token_dtype(vocab))
-        mask = np.ones(len(tokens), dtype=bool)
-        at = 0
-        for t, c in zip(texts, comps):  # an empty document (no text, no bos/eos) takes no place
-            if bos:
-                tokens[at] = tok.bos_id
-                mask[at] = False  # bos is never a target
-                at += 1
-            tokens[at : at + len(t)] = t
-            if self.instruct:
-                mask[at : at + len(t)] = False  # nor is the prompt: only the completion and its eos
-            at += len(t)
-            tokens[at : at + len(c)] = c
-            at += len(c)
-            if eos:
-                tokens[at] = tok.eos_id
-                at += 1
+        # Ids are checked before they are narrowed to token_dtype (bytes, uint8, never reach 259).
+        wide = [parts for parts in (texts, comps) if parts and np.iinfo(parts[0].dtype).max >= vocab]
+        for p in (np.concatenate(parts) for parts in wide):
+            if len(p) and int(p.max()) >= vocab:
+                raise _error(
+                    f"{self.uri}: the tokenizer {tok.name} gave token id {int(p[p >= vocab][0])}, outside its "
+                    f"vocabulary of {vocab} ids (0..{vocab - 1}); a model indexes its embedding and its "
+                    "logits by these ids"
+                )
+        # Two C calls for the whole chunk, nothing per token in Python and no index array: the ids are
+        # one concatenation of [bos] text [completion] [eos] per document, the mask one np.repeat of
+        # (bos: False, prompt: False, completion and text: True, eos: True) by those lengths.
+        lt = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+        lc = np.fromiter((len(c) for c in comps), dtype=np.int64, count=len(comps))
+        lengths = bos + eos + lt + lc
+        dtype = token_dtype(vocab)
+        head = [np.asarray([tok.bos_id], dtype)] if bos else []
+        tail = [np.asarray([tok.eos_id], dtype)] if eos else []
+        pieces: list[np.ndarray] = []
+        for t, c, n in zip(texts, comps, lengths.tolist()):
+            if n:  # an empty document (no text, no bos/eos) takes no place
+                pieces += [*head, t, c, *tail]
+        tokens = np.concatenate(pieces, dtype=dtype, casting="unsafe") if pieces else np.empty(0, dtype)
+        counts = np.stack([np.full_like(lt, bos), lt, lc, np.full_like(lt, eos)], axis=1).reshape(-1)
+        target = np.tile(np.asarray([False, not self.instruct, True, True]), len(lt))
+        mask = np.repeat(target, counts)
         return tokens, mask, lengths[lengths > 0]
 
     def __getstate__(self) -> dict[str, Any]:
