@@ -620,10 +620,11 @@ def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: fl
         _fail(f"--basis {str(basis_path)!r}: {e}")
     except (CacheError, ValueError, RuntimeError, OSError) as e:
         _fail(str(e))
+    # A shard past the last sequence (more torchrun ranks than sequences) holds none: no "nan B/token".
+    size = f"{stats['bytes_per_token']:.1f} B/token" if stats["positions"] else "no sequence in this shard"
     console.print(
         f"wrote {report.written}, skipped {report.skipped} already cached sequences, "
-        f"{stats['bytes_per_token']:.1f} B/token ({int(stats['positions'])} positions), {report.seconds:.1f}s "
-        f"-> {report.path}",
+        f"{size} ({int(stats['positions'])} positions), {report.seconds:.1f}s -> {report.path}",
         highlight=False,
     )
 

@@ -969,6 +969,12 @@ def precompute_tokens(
         # Sequences spread over the corpus (a sorted corpus's first ones are one file), in batches until
         # there are enough positions, then positions evenly spaced over those: the cost stays bounded.
         # A shard fits on its own sequences, as an image shard fits on its own keys.
+        if not len(mine):  # more shards than sequences: this one has nothing to fit on
+            raise ValueError(
+                f"shard {shard_index}/{shard_count} holds none of the {n} sequences: a {codec} basis cannot be fitted "
+                "on it; fit one on all of them (kd cache basis of a finished shard) and give it with --basis, or "
+                "use fewer shards"
+            )
         taken: dict[int, torch.Tensor] = {}
         order, count = (mine[j] for j in spread_order(len(mine))), 0
         while count < max(codec_obj.k, BASIS_FIT_ROWS):

@@ -114,6 +114,12 @@ def test_shard_option_splits_a_token_corpus_and_refuses_a_bad_shard(tmp_path: Pa
         # A resumed shard writes nothing again.
         r = runner.invoke(app, [*args, "--shard", "1/3"])
         assert r.exit_code == 0 and "wrote 0, skipped 8" in r.output, r.output
+        # More shards than sequences: the last shard is empty (its folder still there for readers) ...
+        r = runner.invoke(app, [*args[:-3], str(tmp_path / "e"), "--codec", "fp16", "--shard", "23/24"])
+        assert r.exit_code == 0 and "wrote 0, skipped 0 already cached sequences, no sequence in this shard" in r.output
+        # ... and a pca basis cannot be fitted on it: refused, naming the way out.
+        pca = [*args[:-3], str(tmp_path / "p"), "--codec", "pca:4", "--shard", "23/24"]
+        refused(runner.invoke(app, pca), "shard 23/24 holds none of the 23 sequences", "--basis")
         refused(runner.invoke(app, [*args, "--shard", "3/3"]), "--shard", "need 0 <= I < N")
         refused(runner.invoke(app, [*args, "--shard", "1/2"]), "holds a cache in 3 shards, not 2")
         refused(runner.invoke(app, [*args[:-4], "--out", str(tmp_path / "c")]), "holds a cache in 3 shards")
