@@ -459,7 +459,8 @@ def precompute(
         "digits",
         help="Dataset URI: digits[:test], imagefolder:DIR, npz:FILE, cifar:DIR, hf:DIR, webdataset:GLOB, "
         "module:MOD:ATTR, with ?size=..&views=.. options (kd.core.data.open_source); token datasets "
-        "(one record per sequence): text:DIR|FILE, jsonl:FILE, hf:DIR?text=COL, with ?block=&pack=&tokenizer=.",
+        "(one record per sequence): text:DIR|FILE, jsonl:FILE, hf:DIR?text=COL, tokens:IDS.npy (pre-tokenised), "
+        "with ?block=&pack=&tokenizer=.",
     ),
     codec: str = typer.Option(
         "fp32",
