@@ -9,6 +9,7 @@ with the same interface for a single environment or a directory of shards.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 from kd.cache.store import CacheError, CacheMeta, CacheReader, CacheWriter, VerifyReport
 from kd.core.targets import SparseTargets, Targets
+from kd.core.tokens import TokenTargets
 
 _SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
 
@@ -144,6 +146,44 @@ class ShardedCacheReader:
             for p, ok in zip(pos, r.present(i, v)):
                 out[p] = ok
         return out
+
+    def read_sequences(self, indices: Iterable[int] | torch.Tensor) -> list[np.ndarray]:
+        """Each sequence's checked codec rows from its shard (``per_token`` caches), in request order."""
+        idx = list(indices.tolist() if isinstance(indices, torch.Tensor) else indices)
+        out: list[np.ndarray] = [np.empty(0, np.uint8)] * len(idx)
+        for pos, r, i, _ in self._route(idx, None):
+            for p, rows in zip(pos, r.read_sequences(i)):
+                out[p] = rows
+        return out
+
+    def token_targets(self, indices: Iterable[int] | torch.Tensor, width: int | None = None) -> Targets | TokenTargets:
+        """``CacheReader.token_targets`` over the shards: each shard decodes its own sequences (its own
+        codec and basis) and the rows go back to their places, padded to one width."""
+        idx = list(indices.tolist() if isinstance(indices, torch.Tensor) else indices)
+        routes = self._route(idx, None)
+        if not routes:
+            return self.shards[0].token_targets([], width)
+        if width is None:  # the longest sequence of the request, whichever shard holds it
+            width = max(len(rows) for _, r, i, _ in routes for rows in r.read_sequences(i))
+        parts = [(pos, r.token_targets(i, width)) for pos, r, i, _ in routes]
+        first = parts[0][1]
+        if isinstance(first, torch.Tensor):
+            return _merge_rows(parts, len(idx))  # type: ignore[arg-type]
+        out = {}
+        for name in ("ids", "logits", "lse", "counts"):
+            t = getattr(first, name)
+            if t is not None:
+                merged = torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype)
+                for pos, part in parts:
+                    merged[pos] = getattr(part, name)
+                out[name] = merged
+        return TokenTargets(vocab_size=first.vocab_size, temperature=first.temperature, **out)
+
+    def token_stats(self) -> dict[str, float]:
+        """``CacheReader.token_stats`` summed over the shards."""
+        stats = [r.token_stats() for r in self.shards]
+        total = {k: sum(s[k] for s in stats) for k in ("sequences", "positions", "bytes")}
+        return {**total, "bytes_per_token": total["bytes"] / total["positions"] if total["positions"] else math.nan}
 
     def keys(self) -> Iterator[tuple[int, int]]:
         for r in self.shards:

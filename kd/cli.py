@@ -459,7 +459,8 @@ def precompute(
         "digits",
         help="Dataset URI: digits[:test], imagefolder:DIR, npz:FILE, cifar:DIR, hf:DIR, webdataset:GLOB, "
         "module:MOD:ATTR, with ?size=..&views=.. options (kd.core.data.open_source); token datasets "
-        "(one record per sequence): text:DIR|FILE, jsonl:FILE, hf:DIR?text=COL, with ?block=&pack=&tokenizer=.",
+        "(one record per sequence): text:DIR|FILE, jsonl:FILE, hf:DIR?text=COL, tokens:IDS.npy (pre-tokenised), "
+        "with ?block=&pack=&tokenizer=.",
     ),
     codec: str = typer.Option(
         "fp32",
@@ -504,9 +505,8 @@ def precompute(
 ) -> None:
     """Run a dataset through a teacher and store its soft targets in an LMDB cache (resumable)."""
     from kd.cache import CacheError
-    from kd.cache.sharded import parse_shard
     from kd.core.data import open_source, worker_error_message
-    from kd.precompute import BasisError, torchrun_shard
+    from kd.precompute import BasisError
     from kd.precompute import precompute as run
     from kd.student_trainer.sources import parse_source
 
@@ -523,6 +523,7 @@ def precompute(
     if not (math.isfinite(server_timeout) and server_timeout > 0):
         _fail(f"--server-timeout {server_timeout}: give a number of seconds > 0")
     timeouts = {"timeout": server_timeout, "stream_timeout": server_timeout}  # a server's client, as kd train's
+    which = _shard_of(shard)  # --shard I/N, or this torchrun rank's: checked before the data is read
     try:
         data = open_source(dataset)
     except (CacheError, ValueError, RuntimeError) as e:
@@ -545,14 +546,15 @@ def precompute(
             refuse_no_samples(data, "--dataset")
         except ValueError as e:
             _fail(str(e))
-        unused = {"--views": views != 1, "--shard": bool(shard), "--by-reference": bool(by_reference),
+        unused = {"--views": views != 1, "--by-reference": bool(by_reference),
                   "--feature": bool(feature), "--pool-features": pool_features}  # fmt: skip
         if [k for k, v in unused.items() if v]:
             _fail(f"{', '.join(k for k, v in unused.items() if v)}: not for token datasets (one record per sequence)")
+        # Sequences are split as samples are (`which`): under torchrun each rank fills its own shard,
+        # not the whole corpus N times into one environment.
         return _precompute_tokens(data, source, out, codec, temperature, batch_size, commit_every, device, basis_raw,
-                                  basis, timeouts)  # fmt: skip
+                                  basis, timeouts, which)  # fmt: skip
     try:
-        which = parse_shard(shard) if shard else torchrun_shard()
         kwargs: dict = {}
         if source.startswith("local:"):
             kwargs = {"device": device, "mean": _floats(mean, "--mean"), "std": _floats(std, "--std")}
@@ -583,9 +585,21 @@ def precompute(
     )
 
 
+def _shard_of(shard: str | None) -> tuple[int, int] | None:
+    """``--shard I/N``, else the torchrun rank and world size, else None (one environment)."""
+    from kd.cache.sharded import parse_shard
+    from kd.precompute import torchrun_shard
+
+    try:
+        return parse_shard(shard) if shard else torchrun_shard()
+    except ValueError as e:
+        _fail(f"--shard: {e}")
+
+
 def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: float | None, batch_size: int,
                        commit_every: int, device: str, basis: bytes | None = None,
-                       basis_path: Path | None = None, client_options: dict | None = None) -> None:  # fmt: skip
+                       basis_path: Path | None = None, client_options: dict | None = None,
+                       shard: tuple[int, int] | None = None) -> None:  # fmt: skip
     """``kd precompute`` of a token dataset: a token teacher (``kd.precompute.token_teacher``)
     asked only for what ``codec`` keeps, one record per sequence."""
     from kd.cache import CacheError
@@ -596,21 +610,22 @@ def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: fl
         try:
             report = precompute_tokens(data, teacher, out, codec=codec, batch_size=batch_size,
                                        temperature=temperature, commit_every=commit_every, progress=True,
-                                       basis=basis)  # fmt: skip
+                                       basis=basis, shard=shard)  # fmt: skip
         finally:
             if hasattr(teacher, "close"):
                 teacher.close()
         from kd.cache import CacheReader
 
-        stats = CacheReader(out).token_stats()
+        stats = CacheReader(report.path).token_stats()  # this run's environment (its shard)
     except BasisError as e:  # the file's fault: name it
         _fail(f"--basis {str(basis_path)!r}: {e}")
     except (CacheError, ValueError, RuntimeError, OSError) as e:
         _fail(str(e))
+    # A shard past the last sequence (more torchrun ranks than sequences) holds none: no "nan B/token".
+    size = f"{stats['bytes_per_token']:.1f} B/token" if stats["positions"] else "no sequence in this shard"
     console.print(
         f"wrote {report.written}, skipped {report.skipped} already cached sequences, "
-        f"{stats['bytes_per_token']:.1f} B/token ({int(stats['positions'])} positions), {report.seconds:.1f}s "
-        f"-> {report.path}",
+        f"{size} ({int(stats['positions'])} positions), {report.seconds:.1f}s -> {report.path}",
         highlight=False,
     )
 

@@ -884,6 +884,7 @@ def precompute_tokens(
     commit_every: int = 256,
     progress: bool = False,
     basis: bytes | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> PrecomputeReport:
     """One record per sequence of a token source (``kd.core.tokens.TokenSource``): the teacher's
     targets at each real position, through ``codec`` (``fp16``, ``topk:K`` + rest, ``sample:K``
@@ -896,7 +897,11 @@ def precompute_tokens(
     paths write the same records for the same logits (sampled ids included: the draws are
     the server's function of ``sample_seed(index, round)``). ``pca:K``: as ``precompute``,
     the basis fitted on ``basis_fit_rows`` positions evenly spaced over those of sequences spread
-    over the source (``spread_order``), taken until there are enough."""
+    over the source (``spread_order``), taken until there are enough.
+
+    ``shard=(I, N)`` (``kd precompute --shard``, or a ``torchrun`` rank): only sequences i with
+    i % N == I, into ``OUT/shard-IIIII-of-NNNNN``, as ``precompute`` splits samples; readers open
+    the directory of shards as one cache (``kd.cache.sharded.open_cache``)."""
     from kd.cache.codecs import get_codec
 
     t0 = time.perf_counter()
@@ -927,6 +932,12 @@ def precompute_tokens(
     codec_obj = get_codec(codec, temperature if codec_uses_temperature(codec) else None)
     ask = token_ask(codec_obj)
     served = isinstance(teacher, ServerTokenTeacher)
+    shard_index, shard_count = shard or (0, 1)
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard {shard_index}/{shard_count}: need 0 <= I < N")
+    path = shard_dir(out, shard_index, shard_count) if shard_count > 1 else Path(out)
+    check_layout(out, shard_count)  # never a root environment beside shards, nor the other way round
+    mine = range(shard_index, n, shard_count)  # this shard's sequences
     meta = CacheMeta(
         teacher_fingerprint=teacher.fingerprint,
         dataset_id=source.dataset_id,
@@ -937,6 +948,8 @@ def precompute_tokens(
         temperature=temperature if codec_uses_temperature(codec) else None,
         per_token=True,
         dataset_manifest=manifest_of(source),
+        shard_index=shard_index,
+        shard_count=shard_count,
     )
 
     def logits_of(idx: list[int]) -> list[torch.Tensor]:
@@ -955,8 +968,15 @@ def precompute_tokens(
     def fit_positions() -> torch.Tensor:
         # Sequences spread over the corpus (a sorted corpus's first ones are one file), in batches until
         # there are enough positions, then positions evenly spaced over those: the cost stays bounded.
+        # A shard fits on its own sequences, as an image shard fits on its own keys.
+        if not len(mine):  # more shards than sequences: this one has nothing to fit on
+            raise ValueError(
+                f"shard {shard_index}/{shard_count} holds none of the {n} sequences: a {codec} basis cannot be fitted "
+                "on it; fit one on all of them (kd cache basis of a finished shard) and give it with --basis, or "
+                "use fewer shards"
+            )
         taken: dict[int, torch.Tensor] = {}
-        order, count = spread_order(n), 0
+        order, count = (mine[j] for j in spread_order(len(mine))), 0
         while count < max(codec_obj.k, BASIS_FIT_ROWS):
             idx = sorted(itertools.islice(order, batch_size))
             if not idx:
@@ -967,9 +987,9 @@ def precompute_tokens(
         rows = torch.cat([taken[i] for i in sorted(taken)])
         return rows[torch.from_numpy(basis_fit_sample(codec_obj.k, len(rows)))]
 
-    cache_b = cache_basis(Path(out), codec, basis, fit_positions, num_classes=vocab)
+    cache_b = cache_basis(path, codec, basis, fit_positions, num_classes=vocab)
     with (
-        CacheWriter(out, meta, commit_every=commit_every, basis=cache_b) as writer,
+        CacheWriter(path, meta, commit_every=commit_every, basis=cache_b) as writer,
         Progress(TextColumn("precompute {task.description}"), BarColumn(), MofNCompleteColumn(),
                  TimeRemainingColumn(), disable=not progress) as bar,
     ):  # fmt: skip
@@ -977,8 +997,8 @@ def precompute_tokens(
         # of version 2 holds fp16 logits, of version 3 log-probabilities): rows are made by its codec.
         codec_obj = writer.codec
         done = {i for i, _ in writer.present()}
-        todo = [i for i in range(n) if i not in done]
-        task = bar.add_task(f"{source.dataset_id} -> {out}", total=n, completed=n - len(todo))
+        todo = [i for i in mine if i not in done]
+        task = bar.add_task(f"{source.dataset_id} -> {path}", total=len(mine), completed=len(mine) - len(todo))
         for lo in range(0, len(todo), batch_size):
             idx = todo[lo : lo + batch_size]
             answers = logits_of(idx)
@@ -992,11 +1012,10 @@ def precompute_tokens(
                 rows = [sample_rows(codec_obj, [p[0] for p in a], [p[1] for p in a], vocab) for a in answers]
                 writer.put_sequence_rows(idx, rows)
             bar.advance(task, len(idx))
-    path = Path(out)
     stats = CacheReader(path).token_stats()
     return PrecomputeReport(
         written=len(todo),
-        skipped=n - len(todo),
+        skipped=len(mine) - len(todo),
         seconds=time.perf_counter() - t0,
         bytes_per_sample=round(stats["bytes"] / max(stats["sequences"], 1)),
         path=path,

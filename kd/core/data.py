@@ -322,7 +322,7 @@ def open_source(uri: str) -> SampleSource:
     fmt, target, opts = split_uri(uri)
     if fmt == "digits":
         return _open_digits(target, opts)
-    if fmt in ("text", "jsonl") or (fmt == "hf" and {"text", "prompt", "completion"} & set(opts)):
+    if fmt in ("text", "jsonl", "tokens") or (fmt == "hf" and {"text", "prompt", "completion"} & set(opts)):
         from kd.core.tokens import open_token_source  # token corpora (language-model teachers)
 
         if not target:
@@ -331,7 +331,7 @@ def open_source(uri: str) -> SampleSource:
     cls = _SOURCES.get(fmt)
     if cls is None:
         hint = " (prefix a path with its format, e.g. imagefolder:DIR)" if ("/" in uri or fmt == "") else ""
-        known = ", ".join((*FORMATS, "text", "jsonl"))
+        known = ", ".join((*FORMATS, "text", "jsonl", "tokens"))
         raise DatasetError(f"unknown dataset format {fmt!r} in {uri!r}{hint}; known formats: {known}")
     if not target:
         raise DatasetError(f"{uri!r}: {fmt} needs a path after '{fmt}:'")

@@ -8,6 +8,7 @@ by URI like every other dataset (``kd.core.data.open_source``)::
     open_source("jsonl:chat.jsonl?prompt=question&completion=answer&pack=0&block=512")
     open_source("jsonl:web.jsonl?text=body&tokenizer=tok/tokenizer.json")
     open_source("hf:saved_dir?text=content&split=train")         # datasets.save_to_disk
+    open_source("tokens:ids.npy?block=1024&tokenizer=tok.json")  # pre-tokenised: 1-D uint16/uint32 ids
 
 ``get(indices)`` returns int64 token ids ``[B, S]``; ``batch(indices)`` returns them
 with the loss mask (which tokens are prediction targets) and the attention mask
@@ -18,6 +19,11 @@ with the loss mask (which tokens are prediction targets) and the attention mask
   is dropped). Attention is not masked across document boundaries (standard packing).
 * ``pack=0``: one sample per document, truncated to ``block`` tokens when given,
   right-padded with the pad id to the longest sample *of the batch*.
+
+``tokens:FILE.npy`` is a corpus tokenised elsewhere: one stream of ids (``numpy.save`` of a 1-D
+uint16/uint32 array, the documents' bos/eos already in it), memory-mapped, cut into blocks of
+``block`` tokens, every token but the tokenizer's bos a target; ``tokenizer=`` names the
+tokenizer the ids are of (its vocabulary bounds them; its hash is in the dataset id).
 
 The loss mask marks the tokens a model is trained to predict: every document token
 and its eos, never bos or padding, and for instruction data (``prompt=`` /
@@ -39,9 +45,10 @@ ids; the rest of the mass is known exactly) or their draw counts (Anshumann et a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -52,6 +59,13 @@ import torch
 
 IGNORE_INDEX = -100  # labels at positions without a next-token target (PyTorch's / HF's convention)
 BYTE_TOKENIZER_VERSION = 1
+TOKEN_SIDECAR_VERSION = 1  # the layout of cache_dir()/tokens/KEY (tokens.npy, mask.npy, offsets.npy)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype holding ids 0..vocab_size - 1 (uint16, else uint32): 2 bytes a token
+    for vocabularies up to 65536, not int64's 8."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
 class TokenizerError(ValueError):
@@ -72,6 +86,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]: ...
+
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
@@ -88,6 +104,10 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """``encode`` of each text as a uint8 array: its UTF-8 bytes, without a Python int per byte."""
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of the byte ids; special ids are dropped, broken UTF-8 replaced."""
@@ -161,6 +181,12 @@ class JsonTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
+    def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """``encode`` of each text as a uint32 array, the batch encoded in one call (the Rust side's threads)."""
+        return [
+            np.asarray(e.ids, dtype=np.uint32) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)
+        ]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
@@ -231,8 +257,9 @@ def _error(msg: str) -> ValueError:
 class TokenSource:
     """A tokenised text corpus as a sample source (see the module docstring for URIs and layouts).
 
-    Tokenisation runs once per process, on first use (``len``, ``get``...), so opening
-    is cheap and a DataLoader worker forked after it shares the arrays.
+    Tokenisation runs on first use (``len``, ``get``...), so opening is cheap, and once per
+    corpus: the arrays are kept in a sidecar (``_arrays``) that later processes and DataLoader
+    workers memory-map.
     """
 
     COMMON = ("block", "tokenizer", "pack", "bos", "eos", "name", "split")
@@ -240,13 +267,18 @@ class TokenSource:
         "text": ("doc", "glob", "encoding"),
         "jsonl": ("text", "prompt", "completion"),
         "hf": ("text", "prompt", "completion"),
+        "tokens": (),  # a pre-tokenised .npy of ids: block, tokenizer, name, split only
     }
 
     def __init__(self, uri: str, fmt: str, target: str, opts: dict[str, str]) -> None:
         from kd.core.data import _existing_dir, _existing_file
 
         if fmt not in self.OPTIONS:
-            raise _error(f"{fmt}: not a token format; token formats: text, jsonl, hf (with text=)")
+            raise _error(f"{fmt}: not a token format; token formats: text, jsonl, hf (with text=), tokens")
+        fixed = sorted({"pack", "bos", "eos"} & set(opts)) if fmt == "tokens" else []
+        if fixed:  # the ids are the stream as stored: cut into blocks, nothing added
+            raise _error(f"tokens: {', '.join(fixed)}= do not apply to pre-tokenised ids (the stream as stored, cut "
+                         "into blocks of ?block= tokens)")  # fmt: skip
         unknown = set(opts) - set(self.COMMON) - set(self.OPTIONS[fmt])
         if unknown:
             valid = ", ".join(sorted({*self.COMMON, *self.OPTIONS[fmt]}))
@@ -264,8 +296,8 @@ class TokenSource:
             self.tokenizer = load_tokenizer(opts.get("tokenizer"))
         except TokenizerError as e:
             raise _error(f"{uri}: {e}") from None
-        self.add_bos = _flag(opts, "bos", self.tokenizer.bos_id is not None, fmt)
-        self.add_eos = _flag(opts, "eos", self.tokenizer.eos_id is not None, fmt)
+        self.add_bos = _flag(opts, "bos", self.tokenizer.bos_id is not None and fmt != "tokens", fmt)
+        self.add_eos = _flag(opts, "eos", self.tokenizer.eos_id is not None and fmt != "tokens", fmt)
         for key, tid in (("bos", self.tokenizer.bos_id), ("eos", self.tokenizer.eos_id)):
             if getattr(self, f"add_{key}") and tid is None:
                 raise _error(f"{fmt}: {key}=1 but the tokenizer {self.tokenizer.name} has no {key} token")
@@ -288,7 +320,7 @@ class TokenSource:
             else:
                 f = _existing_file(fmt, target)
                 self.root, self.rels = f.parent, [f.name]
-        elif fmt == "jsonl":
+        elif fmt in ("jsonl", "tokens"):
             f = _existing_file(fmt, target)
             self.root, self.rels = f.parent, [f.name]
         else:
@@ -366,9 +398,9 @@ class TokenSource:
             self._hf = ds
         return self._hf
 
-    def _documents(self) -> list[tuple[str, ...]]:
-        """Each document as (text,) or (prompt, completion), in a fixed order."""
-        docs: list[tuple[str, ...]] = []
+    def _documents(self) -> Iterator[tuple[str, ...]]:
+        """Each document as (text,) or (prompt, completion), in a fixed order (read as they are
+        tokenised: a corpus's text is never all in memory at once)."""
         if self.format == "text":
             enc = self.options.get("encoding", "utf-8")
             for rel in self.rels:
@@ -377,10 +409,10 @@ class TokenSource:
                 except (UnicodeDecodeError, LookupError) as e:
                     raise _error(f"text: cannot decode {self.root / rel} as {enc}: {e}") from None
                 if self.doc == "file":
-                    docs.append((text,))
+                    yield (text,)
                 else:
-                    docs.extend((line,) for line in text.splitlines() if line.strip())
-            return docs
+                    yield from ((line,) for line in text.splitlines() if line.strip())
+            return
         if self.format == "hf":
             ds = self._hf_dataset().select_columns(list(self.fields))
             cols = [ds[f] for f in self.fields]
@@ -388,8 +420,8 @@ class TokenSource:
                 for f, v in zip(self.fields, row):
                     if not isinstance(v, str):
                         raise _error(f"hf: row {i} of {self.root}: column {f!r} is {type(v).__name__}, not text")
-                docs.append(tuple(row))
-            return docs
+                yield tuple(row)
+            return
         path = self.root / self.rels[0]
         with open(path, encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):
@@ -408,55 +440,183 @@ class TokenSource:
                     if not isinstance(obj[f], str):
                         raise _error(f"jsonl: {path}:{n}: field {f!r} is {type(obj[f]).__name__}, not text")
                     row.append(obj[f])
-                docs.append(tuple(row))
-        return docs
+                yield tuple(row)
 
-    def _encode_doc(self, doc: tuple[str, ...]) -> tuple[list[int], list[bool]]:
-        tok = self.tokenizer
-        ids: list[int] = []
-        mask: list[bool] = []
-        if self.add_bos:
-            ids.append(int(tok.bos_id))  # type: ignore[arg-type]
-            mask.append(False)
-        if self.instruct:
-            p, c = tok.encode(doc[0]), tok.encode(doc[1])
-            ids += p + c
-            mask += [False] * len(p) + [True] * len(c)
-        else:
-            t = tok.encode(doc[0])
-            ids += t
-            mask += [True] * len(t)
-        if self.add_eos:
-            ids.append(int(tok.eos_id))  # type: ignore[arg-type]
-            mask.append(True)
-        return ids, mask
+    def _stream_key(self) -> str:
+        """What the token stream depends on (files or fingerprint, tokenizer, bos/eos, fields, doc,
+        encoding; not the block or the layout, which only cut it): the sidecar's name."""
+        from kd.core.data import _digest
+
+        ident = self._identity()
+        ident.pop("block")
+        ident.pop("pack")
+        return _digest("kd-tokens", TOKEN_SIDECAR_VERSION, self.format, ident)[:32]
+
+    def _sidecar(self) -> Path:
+        from kd.core.data import cache_dir
+
+        return cache_dir() / "tokens" / self._stream_key()
+
+    def _load_sidecar(self, where: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The arrays a previous run wrote to ``where``, memory-mapped; None when absent or not whole."""
+        try:
+            tokens = np.load(where / "tokens.npy", mmap_mode="r", allow_pickle=False)
+            mask = np.load(where / "mask.npy", mmap_mode="r", allow_pickle=False)
+            offsets = np.load(where / "offsets.npy", allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        n = tokens.shape[0] if tokens.ndim == 1 else -1
+        whole = (
+            tokens.dtype == token_dtype(self.vocab_size)
+            and mask.dtype == np.bool_
+            and mask.shape == (n,)
+            and offsets.dtype == np.int64
+            and offsets.ndim == 1
+            and len(offsets) >= 1
+            and int(offsets[0]) == 0
+            and int(offsets[-1]) == n
+        )
+        return (tokens, mask, offsets) if whole else None
+
+    def _write_sidecar(self, where: Path, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], stats: Any) -> bool:
+        """Keep the arrays for later runs and DataLoader workers, unless a file changed while it was read
+        (or too recently to tell, as git's racy index): its content hash in the name would not be theirs."""
+        import os
+        import time
+
+        from kd.core.data import _RACY_NS
+
+        try:
+            if stats != self._file_stats() or any(time.time_ns() - m < _RACY_NS for _, _, m in stats):
+                return False
+        except OSError:  # a file gone since
+            return False
+        tmp = where.with_name(f"{where.name}.{os.getpid()}.tmp")
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            for name, a in zip(("tokens", "mask", "offsets"), arrays):
+                np.save(tmp / f"{name}.npy", a, allow_pickle=False)
+            os.rename(tmp, where)  # whole or absent; a racing writer's copy is as good
+            return True
+        except OSError:  # a read-only cache dir, a full disk, another process first: re-tokenised next time
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+
+    def _file_stats(self) -> list[tuple[str, int, int]]:
+        if self.format == "hf":
+            return []
+        out = []
+        for rel in self.rels:
+            st = (self.root / rel).stat()
+            out.append((rel, st.st_size, st.st_mtime_ns))
+        return out
 
     @cached_property
     def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(token stream int64, loss mask bool, document start offsets int64 [D + 1])."""
-        ids: list[int] = []
-        mask: list[bool] = []
-        offsets = [0]
-        for doc in self._documents():
-            i, m = self._encode_doc(doc)
-            if not i:
-                continue
-            ids += i
-            mask += m
-            offsets.append(len(ids))
-        tokens = np.asarray(ids, dtype=np.int64)
+        """(token stream in ``token_dtype(vocab)``, loss mask bool, document start offsets int64 [D + 1]).
+
+        Tokenised once per corpus, tokenizer and options: the arrays are kept as .npy files in
+        ``cache_dir()/tokens/KEY`` (KEY: ``_stream_key``, over the files' content hashes) and
+        memory-mapped by every later process, DataLoader workers included."""
+        if self.format == "tokens":
+            return self._stored_ids()
+        where = getattr(self, "_token_dir", None)
+        loaded = self._load_sidecar(where) if where is not None else None
+        if loaded is not None:
+            return loaded
+        stats = self._file_stats()
+        where = self._sidecar()
+        loaded = self._load_sidecar(where)
+        if loaded is None:
+            arrays = self._tokenise()
+            if not self._write_sidecar(where, arrays, stats):
+                return arrays
+            loaded = self._load_sidecar(where)
+            if loaded is None:
+                return arrays
+        self._token_dir = where
+        return loaded
+
+    def _stored_ids(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``tokens:FILE.npy``: the file's 1-D integer ids, memory-mapped (never read whole), checked
+        against the vocabulary before use. The mask is a view of one True: ``_sample`` marks the
+        tokenizer's bos ids as no target from the ids themselves (no mask file of 1 B a token)."""
+        path = self.root / self.rels[0]
+        try:
+            ids = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise _error(f"tokens: {path} is not a .npy array of token ids (numpy.save): {e}") from None
+        if ids.ndim != 1 or ids.dtype.kind not in "ui":
+            raise _error(f"tokens: {path} holds {ids.dtype} {list(ids.shape)}; expected a 1-D integer array of "
+                         "token ids (uint16 or uint32: 2 or 4 bytes a token)")  # fmt: skip
         vocab = int(self.tokenizer.vocab_size)
-        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
-            bad = int(tokens[(tokens < 0) | (tokens >= vocab)][0])
-            raise _error(
-                f"{self.uri}: the tokenizer {self.tokenizer.name} gave token id {bad}, outside its vocabulary "
-                f"of {vocab} ids (0..{vocab - 1}); a model indexes its embedding and its logits by these ids"
-            )
-        return tokens, np.asarray(mask, dtype=bool), np.asarray(offsets, dtype=np.int64)
+        for lo in range(0, len(ids), 1 << 24):  # in pieces: the check never holds the file in memory twice
+            part = ids[lo : lo + (1 << 24)]
+            if len(part) and (int(part.min()) < 0 or int(part.max()) >= vocab):
+                at = lo + int(np.flatnonzero((part < 0) | (part >= vocab))[0])
+                raise _error(
+                    f"{self.uri}: token {at} of {path} is id {int(ids[at])}, outside the vocabulary of the tokenizer "
+                    f"{self.tokenizer.name} ({vocab} ids, 0..{vocab - 1}); give the ?tokenizer= the ids were made with"
+                )
+        mask = np.broadcast_to(np.True_, ids.shape)
+        return ids, mask, np.asarray([0, len(ids)], dtype=np.int64)
+
+    def _tokenise(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every document through the tokenizer, 1024 at a time, into numpy arrays: no Python int per
+        token, and per chunk one array, not one per document."""
+        chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        docs = self._documents()
+        while chunk := list(itertools.islice(docs, 1024)):
+            chunks.append(self._encode_chunk(chunk))
+        if not chunks:
+            return np.empty(0, token_dtype(self.vocab_size)), np.empty(0, bool), np.zeros(1, np.int64)
+        lengths = np.concatenate([c[2] for c in chunks])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks]), offsets
+
+    def _encode_chunk(self, chunk: list[tuple[str, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, loss mask, per-document lengths) of some documents: ``[bos] text [eos]`` each, the
+        mask False at bos and, for instruction data, at the prompt; empty documents dropped."""
+        tok, vocab = self.tokenizer, int(self.tokenizer.vocab_size)
+        bos, eos = int(self.add_bos), int(self.add_eos)
+        texts = tok.encode_many([d[0] for d in chunk])
+        comps = tok.encode_many([d[1] for d in chunk]) if self.instruct else [texts[0][:0]] * len(texts)
+        # Ids are checked before they are narrowed to token_dtype (bytes, uint8, never reach 259).
+        wide = [parts for parts in (texts, comps) if parts and np.iinfo(parts[0].dtype).max >= vocab]
+        for p in (np.concatenate(parts) for parts in wide):
+            if len(p) and int(p.max()) >= vocab:
+                raise _error(
+                    f"{self.uri}: the tokenizer {tok.name} gave token id {int(p[p >= vocab][0])}, outside its "
+                    f"vocabulary of {vocab} ids (0..{vocab - 1}); a model indexes its embedding and its "
+                    "logits by these ids"
+                )
+        # Two C calls for the whole chunk, nothing per token in Python and no index array: the ids are
+        # one concatenation of [bos] text [completion] [eos] per document, the mask one np.repeat of
+        # (bos: False, prompt: False, completion and text: True, eos: True) by those lengths.
+        lt = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+        lc = np.fromiter((len(c) for c in comps), dtype=np.int64, count=len(comps))
+        lengths = bos + eos + lt + lc
+        dtype = token_dtype(vocab)
+        head = [np.asarray([tok.bos_id], dtype)] if bos else []
+        tail = [np.asarray([tok.eos_id], dtype)] if eos else []
+        pieces: list[np.ndarray] = []
+        for t, c, n in zip(texts, comps, lengths.tolist()):
+            if n:  # an empty document (no text, no bos/eos) takes no place
+                pieces += [*head, t, c, *tail]
+        tokens = np.concatenate(pieces, dtype=dtype, casting="unsafe") if pieces else np.empty(0, dtype)
+        counts = np.stack([np.full_like(lt, bos), lt, lc, np.full_like(lt, eos)], axis=1).reshape(-1)
+        target = np.tile(np.asarray([False, not self.instruct, True, True]), len(lt))
+        mask = np.repeat(target, counts)
+        return tokens, mask, lengths[lengths > 0]
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.pop("_arrays", None)  # re-tokenised in the receiving process
+        # The arrays are memory-mapped again from the sidecar (_token_dir) in the receiving process,
+        # or re-tokenised there when none could be written.
+        state.pop("_arrays", None)
         state.pop("_hf", None)
         return state
 
@@ -519,7 +679,10 @@ class TokenSource:
         tokens, mask, offsets = self._arrays
         if self.pack:
             b = int(self.block or 0)
-            return tokens[i * b : (i + 1) * b], mask[i * b : (i + 1) * b]
+            t = tokens[i * b : (i + 1) * b]
+            if self.format == "tokens" and self.tokenizer.bos_id is not None:
+                return t, t != self.tokenizer.bos_id  # stored ids: bos is no target, as in a text stream
+            return t, mask[i * b : (i + 1) * b]
         lo, hi = int(offsets[i]), int(offsets[i + 1])
         if self.block is not None:
             hi = min(hi, lo + self.block)
