@@ -3,6 +3,10 @@ saved as safetensors) and a real gRPC server on 127.0.0.1, port 0."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,13 @@ from kd.teacher_server.loading import Teacher, load_teacher
 from kd.teacher_server.server import BatchingOptions, RunningServer, start_server
 
 torch.set_num_threads(2)
+
+# kd's per-user metadata (file manifests, webdataset indexes, token sidecars) goes to a directory of
+# this run, for the tests and every process they start: none is read from or left in ~/.cache/kd,
+# where a stale one from another checkout could change what a test sees.
+_CACHE_DIR = tempfile.mkdtemp(prefix="kd-test-cache-")
+os.environ["KD_CACHE_DIR"] = _CACHE_DIR
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
