@@ -210,3 +210,20 @@ def test_a_bad_sample_in_a_batch_is_named_as_a_single_read_names_it(tmp_path: Pa
         src.read_batch([1, N, 2])
     x, params = src.read_batch([], [])
     assert x.shape == (0, 1, 12, 10) and params is not None and params.shape == (0, 10)
+
+
+def test_a_bench_window_reads_its_batches_whole(tmp_path: Path) -> None:
+    """kd bench's window of a source (precompute of one window) passes whole batches through."""
+    from kd.bench.data import _Window
+
+    uri = _npz(tmp_path)[0] + "?views=crop:pad=2"
+    src = open_source(uri)
+    _ = src.native_size, src.sample_shape
+    src._raw = None
+    win, ref = _Window(src, 7, 12), open_source(uri)
+    for b in loader(win, batch_size=5, num_views=2):
+        keys = (b.indices * VIEW_STRIDE + b.views).tolist()
+        rows = [ref.read(k // VIEW_STRIDE + 7, k) for k in keys]  # the window's seeds, the source's samples
+        want = ViewBatch(b.indices, torch.stack([r[0] for r in rows]), ref.labels[b.indices + 7], b.views,
+                         torch.stack([r[1] for r in rows]))  # fmt: skip
+        _same(b, want, "window")

@@ -16,7 +16,9 @@ no image decoded), ``num_classes``, ``class_names``, ``dataset_id``
 (``name/split@hash16`` from a per-file manifest, cached in a sidecar keyed by
 path+size+mtime; Arrow's fingerprint for ``hf:``), ``augmentation`` (the view
 policy's name), ``manifest()`` (a JSON-able dict for cache metadata),
-``get(indices, views)`` and ``read(i, seed) -> (input, view params | None)``.
+``get(indices, views)`` and ``read(i, seed) -> (input, view params | None)``;
+``read_batch(indices, seeds)`` is ``read`` of a whole batch (arrays, CIFAR and Arrow
+columns gathered and converted once per batch), what the loader's workers call.
 Sources are picklable and open files lazily per process.
 
 Common options: ``size=N|HxW`` (resize shorter side + centre crop; default: the
