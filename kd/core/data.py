@@ -1357,15 +1357,29 @@ class HFSource(FileSource):
                 dims.append(t.list_size)
                 t = t.value_type
             numeric = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
-            fixed = bool(dims) and numeric
-            h["arrow"] = (ds.select_columns([self.image_col]).with_format("arrow"), dims) if fixed else None
+            if not (dims and numeric):
+                h["arrow"] = None
+            elif getattr(ds, "_indices", None) is None and hasattr(ds.data, "table"):
+                # The memory-mapped column itself: Arrow's take is one C++ gather, where datasets'
+                # row selection by a list of indices slices the table once per row in Python.
+                h["arrow"] = (ds.data.table.column(self.image_col), dims)
+            else:  # a dataset with an indices mapping (select/shuffle): datasets maps the rows
+                h["arrow"] = (ds.select_columns([self.image_col]).with_format("arrow"), dims)
         return h["arrow"]
 
     def _raw_batch(self, idx: np.ndarray) -> torch.Tensor | list[torch.Tensor] | None:
+        import pyarrow as pa
+
         il = idx.tolist()
         fixed = self._arrow_fixed()
         if fixed is not None:
-            a = fixed[0][il].column(0).combine_chunks()
+            col, lo, n = fixed[0], int(idx[0]), len(il)
+            run = int(idx[-1]) - lo == n - 1 and (n == 1 or bool((np.diff(idx) == 1).all()))
+            if isinstance(col, pa.ChunkedArray):
+                a = col.slice(lo, n) if run else col.take(pa.array(idx))
+            else:
+                a = (col[lo : lo + n] if run else col[il]).column(0)
+            a = a.combine_chunks()
             for _ in fixed[1]:
                 if a.null_count:
                     return None  # a null row: read one by one, which names it
