@@ -194,6 +194,15 @@ class _Window:
     def read(self, index: int, seed: int | None = None, policy: Any = None):
         return self.src.read(int(index) + self.start, seed, policy)
 
+    def read_batch(self, indices: Any, seeds: Any = None, policy: Any = None):
+        """Whole batches as the source reads them (kd.core.data's loader asks for this)."""
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1) + self.start
+        if hasattr(self.src, "read_batch"):
+            return self.src.read_batch(idx, seeds, policy)
+        sd = [None] * len(idx) if seeds is None else torch.as_tensor(seeds).reshape(-1).tolist()
+        rows = [self.src.read(i, s, policy) for i, s in zip(idx.tolist(), sd)]
+        return torch.stack([r[0] for r in rows]), None if seeds is None else torch.stack([r[1] for r in rows])
+
 
 def decode_rate(src, s: DataBenchSettings, workers: int, start: int) -> float:
     """Samples/s of the loader alone over ``window`` samples from ``start`` (worker start included,

@@ -16,7 +16,9 @@ no image decoded), ``num_classes``, ``class_names``, ``dataset_id``
 (``name/split@hash16`` from a per-file manifest, cached in a sidecar keyed by
 path+size+mtime; Arrow's fingerprint for ``hf:``), ``augmentation`` (the view
 policy's name), ``manifest()`` (a JSON-able dict for cache metadata),
-``get(indices, views)`` and ``read(i, seed) -> (input, view params | None)``.
+``get(indices, views)`` and ``read(i, seed) -> (input, view params | None)``;
+``read_batch(indices, seeds)`` is ``read`` of a whole batch (arrays, CIFAR and Arrow
+columns gathered and converted once per batch), what the loader's workers call.
 Sources are picklable and open files lazily per process.
 
 Common options: ``size=N|HxW`` (resize shorter side + centre crop; default: the
@@ -506,6 +508,35 @@ def _array_to_chw(a: np.ndarray, layout: str) -> torch.Tensor:
     return t
 
 
+def _batch_to_chw(a: np.ndarray, layout: str, fresh: bool = False) -> torch.Tensor:
+    """Samples ``a`` [B, ...] as ``_array_to_chw`` gives each one, stacked, in one vectorised pass.
+
+    Every step is elementwise (a byte-order swap, a cast of integers 0..255 to uint8, a
+    widening to float32) or a layout move, so row k is bit-identical to ``_array_to_chw(a[k])``.
+    ``fresh``: ``a`` is a private copy (a gather's result) that the tensor may own; otherwise
+    (a slice of a memory map or of an in-memory array) it is copied, as ``_array_to_chw`` does.
+    A DatasetError here is for the batch; the caller re-reads sample by sample to name the one at fault.
+    """
+    if a.dtype.kind not in "iubf":
+        raise DatasetError(f"samples are {a.dtype}")
+    if not a.dtype.isnative:
+        a, fresh = a.astype(a.dtype.newbyteorder("=")), True
+    if a.dtype.kind in "iub" and a.dtype != np.uint8:
+        if a.size and (a.min() < 0 or a.max() > 255):
+            raise DatasetError("integer samples outside 0..255")
+        a, fresh = a.astype(np.uint8), True
+    if not (fresh and a.flags.writeable and a.flags.c_contiguous):
+        a = np.array(a, order="C")
+    t = torch.from_numpy(a)
+    if t.dtype not in (torch.uint8, torch.float32):
+        t = t.float()
+    if layout == "nhwc" and t.dim() == 4:
+        t = t.permute(0, 3, 1, 2).contiguous()
+    elif t.dim() == 3 and layout != "flat":
+        t = t[:, None]
+    return t
+
+
 class FileSource:
     """A sample source over files: common options, views, identity, lazy per-process handles.
 
@@ -722,8 +753,16 @@ class FileSource:
             return ()
         return tuple(self.read(0)[0].shape)
 
+    def _raw_batch(self, idx: np.ndarray) -> torch.Tensor | list[torch.Tensor] | None:
+        """The raw samples at ``idx`` read together: one tensor [B, ...] (every row exactly
+        ``_raw(i)``), a list of ``_raw(i)`` (one decode per file, without per-sample reads), or
+        None (read them one by one). Sources that can read many samples at once override it."""
+        return None
+
     def _shaped(self, i: int) -> torch.Tensor:
-        x = self._raw(i)
+        return self._reshape(i, self._raw(i))
+
+    def _reshape(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if self.shape is not None:
             if x.numel() != math.prod(self.shape):
                 raise DatasetError(
@@ -760,10 +799,15 @@ class FileSource:
         i = int(index)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {self.uri} of {len(self)} samples")
-        x = self._shaped(i)
-        if seed is None:
+        pol = None if seed is None else self.policy if policy is None else ViewPolicy.parse(policy)
+        return self._finish(i, self._shaped(i), seed, pol)
+
+    def _finish(
+        self, i: int, x: torch.Tensor, seed: int | None, pol: ViewPolicy | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``read``'s work on sample ``i`` once it is decoded and shaped (``x``): fit, view, output dtype."""
+        if seed is None or pol is None:
             return self._out(self._fit(i, x)), None
-        pol = self.policy if policy is None else ViewPolicy.parse(policy)
         if pol.is_identity:
             return self._out(self._fit(i, x)), IDENTITY_PARAMS.clone()
         if x.dim() != 3:
@@ -781,17 +825,64 @@ class FileSource:
         self, indices: torch.Tensor | Sequence[int], seeds: torch.Tensor | Sequence[int] | None = None
     ) -> torch.Tensor:
         """The samples at ``indices``; with ``seeds`` (one per index), their seeded views."""
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1).tolist()
-        if seeds is None:
-            rows = [self.read(i)[0] for i in idx]
+        return self.read_batch(indices, seeds)[0]
+
+    def read_batch(
+        self,
+        indices: torch.Tensor | Sequence[int],
+        seeds: torch.Tensor | Sequence[int] | None = None,
+        policy: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``read`` of many samples at once: (inputs [B, ...], params [B, PARAM_WIDTH] or None),
+        row k exactly ``read(indices[k], seeds[k], policy)``.
+
+        Sources that can (arrays, CIFAR, Arrow) read the whole batch with one gather and
+        convert it in one vectorised pass; views stay per sample (each has its own seed).
+        """
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1).numpy()
+        sd = None if seeds is None else torch.as_tensor(seeds, dtype=torch.long).reshape(-1).tolist()
+        if sd is not None and len(sd) != len(idx):
+            raise ValueError(f"{len(sd)} view seeds for {len(idx)} indices")
+        if not len(idx):
+            return torch.empty(0, *self.sample_shape), None if sd is None else torch.empty(0, len(IDENTITY_PARAMS))
+        bad = (idx < 0) | (idx >= len(self))
+        if bad.any():
+            i = int(idx[np.flatnonzero(bad)[0]])
+            raise IndexError(f"index {i} out of range for {self.uri} of {len(self)} samples")
+        pol = None if sd is None else self.policy if policy is None else ViewPolicy.parse(policy)
+        il = idx.tolist()
+        raw = self._raw_batch(idx)
+        if isinstance(raw, torch.Tensor):
+            x = self._reshape_batch(il, raw)
+            if pol is None or pol.is_identity:  # plain samples: fit and output dtype for the whole batch
+                x = self._out(self._fit_batch(il, x))
+                return x, None if pol is None else IDENTITY_PARAMS.repeat(len(il), 1)
+            rows_in = list(x)
+        elif raw is None:
+            rows_in = [self._shaped(i) for i in il]
         else:
-            sd = torch.as_tensor(seeds, dtype=torch.long).reshape(-1).tolist()
-            if len(sd) != len(idx):
-                raise ValueError(f"{len(sd)} view seeds for {len(idx)} indices")
-            rows = [self.read(i, s)[0] for i, s in zip(idx, sd)]
-        if not rows:
-            return torch.empty(0, *self.sample_shape)
-        return torch.stack(rows)
+            rows_in = [self._reshape(i, r) for i, r in zip(il, raw)]
+        rows = [self._finish(i, r, None if sd is None else sd[k], pol) for k, (i, r) in enumerate(zip(il, rows_in))]
+        x = torch.stack([r[0] for r in rows])
+        return x, None if sd is None else torch.stack([r[1] for r in rows])  # type: ignore[misc]
+
+    def _reshape_batch(self, il: list[int], x: torch.Tensor) -> torch.Tensor:
+        """``_reshape`` of every row of a uniform batch (one check: the rows share a shape)."""
+        if self.shape is None:
+            return x
+        self._reshape(il[0], x[0])  # refuses as a per-sample read would, naming the first sample
+        return x.reshape(len(x), *self.shape)
+
+    def _fit_batch(self, il: list[int], x: torch.Tensor) -> torch.Tensor:
+        """``_fit`` of every row of a uniform batch."""
+        if x.dim() != 4:
+            return x
+        if self.size is not None:
+            if tuple(x.shape[-2:]) == self.size:
+                return x  # resize_center returns such an image as it is
+            return torch.stack([resize_center(r, self.size) for r in x])  # per image: bit-identical to read
+        self._fit(il[0], x[0])  # the rows share a size: refused here exactly when every read would be
+        return x
 
     def get(self, indices: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
         """``SampleSource.get``: the samples, or views ``views`` of them (seed = index*65536 + view)."""
@@ -1020,6 +1111,16 @@ class ArraySource(FileSource):
         except DatasetError as e:
             raise DatasetError(f"{self._what(i)}: {e}") from None
 
+    def _raw_batch(self, idx: np.ndarray) -> torch.Tensor | None:
+        x = self._arrays()[0]
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        # An ascending run (an unshuffled loader) is one slice of the map; else one gather.
+        run = hi - lo == len(idx) and (len(idx) == 1 or bool((np.diff(idx) == 1).all()))
+        try:
+            return _batch_to_chw(x[lo:hi], self.layout) if run else _batch_to_chw(x[idx], self.layout, fresh=True)
+        except DatasetError:
+            return None  # read one by one: the sample at fault is named
+
     def _identity(self) -> dict[str, Any]:
         paths = [self.path] if self.y_path == self.path else [self.path, self.y_path]
         root = self.path.parent
@@ -1140,6 +1241,16 @@ class CifarSource(FileSource):
         rec = self._maps()[f][r]
         return torch.from_numpy(np.array(rec[self.label_bytes :], copy=True).reshape(3, 32, 32))
 
+    def _raw_batch(self, idx: np.ndarray) -> torch.Tensor:
+        f = np.searchsorted(self.starts, idx, side="right") - 1
+        r = idx - self.starts[f]
+        out = np.empty((len(idx), 3072), dtype=np.uint8)
+        maps = self._maps()
+        for k in np.unique(f).tolist():  # one gather per file the batch touches
+            m = f == k
+            out[m] = maps[k][r[m], self.label_bytes :]
+        return torch.from_numpy(out).reshape(len(idx), 3, 32, 32)
+
     def _identity(self) -> dict[str, Any]:
         return {"variant": self.variant, "label": self.label_kind, "files": file_manifest(self.root, self.files)}
 
@@ -1231,7 +1342,67 @@ class HFSource(FileSource):
         return f"label column {self.label_col!r} at row {i} of {self.root}"
 
     def _raw(self, i: int) -> torch.Tensor:
-        v = self._rows()[int(i)][self.image_col]
+        return self._value(i, self._rows()[int(i)][self.image_col])
+
+    def _arrow_fixed(self) -> tuple[Any, list[int]] | None:
+        """The dataset as Arrow tables and the sample shape, where the image column is a
+        (nested) fixed-size list of numbers: then a batch is one gather and one flat copy."""
+        h = self._handles()
+        if "arrow" not in h:
+            import pyarrow as pa
+
+            ds = self._dataset()
+            t, dims = ds.data.schema.field(self.image_col).type, []
+            while pa.types.is_fixed_size_list(t):
+                dims.append(t.list_size)
+                t = t.value_type
+            numeric = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+            if not (dims and numeric):
+                h["arrow"] = None
+            elif getattr(ds, "_indices", None) is None and hasattr(ds.data, "table"):
+                # The memory-mapped column itself: Arrow's take is one C++ gather, where datasets'
+                # row selection by a list of indices slices the table once per row in Python.
+                h["arrow"] = (ds.data.table.column(self.image_col), dims)
+            else:  # a dataset with an indices mapping (select/shuffle): datasets maps the rows
+                h["arrow"] = (ds.select_columns([self.image_col]).with_format("arrow"), dims)
+        return h["arrow"]
+
+    def _raw_batch(self, idx: np.ndarray) -> torch.Tensor | list[torch.Tensor] | None:
+        import pyarrow as pa
+
+        il = idx.tolist()
+        fixed = self._arrow_fixed()
+        if fixed is not None:
+            col, lo, n = fixed[0], int(idx[0]), len(il)
+            run = int(idx[-1]) - lo == n - 1 and (n == 1 or bool((np.diff(idx) == 1).all()))
+            if isinstance(col, pa.ChunkedArray):
+                a = col.slice(lo, n) if run else col.take(pa.array(idx))
+            else:
+                a = (col[lo : lo + n] if run else col[il]).column(0)
+            a = a.combine_chunks()
+            for _ in fixed[1]:
+                if a.null_count:
+                    return None  # a null row: read one by one, which names it
+                a = a.flatten()
+            if a.null_count:
+                return None
+            rows = a.to_numpy(zero_copy_only=False).reshape(len(il), *fixed[1])
+        else:
+            vals = self._rows()[il][self.image_col]
+            if isinstance(vals, list):  # an Image feature, undecoded: one batched read, one decode per image
+                return [self._value(i, v) for i, v in zip(il, vals)]
+            if not (isinstance(vals, np.ndarray) and vals.ndim >= 2 and vals.dtype.kind in "iubf"):
+                return None  # ragged or null rows: read one by one
+            rows = vals
+        s = rows.shape[1:]
+        layout = "nhwc" if len(s) == 3 and s[-1] in (1, 3, 4) and s[0] not in (1, 3, 4) else "nchw"
+        try:
+            return _batch_to_chw(rows, layout)
+        except DatasetError:
+            return None
+
+    def _value(self, i: int, v: Any) -> torch.Tensor:
+        """Sample ``i`` from its column value ``v`` (undecoded image dict or array)."""
         if v is None:
             raise DatasetError(f"hf: {self._what(i)} has no image (null in column {self.image_col!r})")
         if isinstance(v, dict):  # an Image feature, undecoded
@@ -1599,15 +1770,41 @@ class _Keyed(torch.utils.data.Dataset):
             x, params = self.source.get(torch.tensor([i]), None if seed is None else torch.tensor([v]))[0], None
         return i, x, int(self.labels[i]), v, params
 
+    def __getitems__(self, keys: list[int]) -> ViewBatch:
+        """A whole batch of keys at once (torch's DataLoader calls this, not ``__getitem__``, when
+        it exists): the source reads them together (``read_batch``), so an array is gathered and
+        converted once per batch, not once per sample. Rows and params equal ``__getitem__``'s."""
+        k = torch.as_tensor(keys, dtype=torch.long).reshape(-1)
+        idx, v = k // VIEW_STRIDE, k % VIEW_STRIDE
+        labels = torch.as_tensor(self.labels)[idx].long()
+        seeds = None if self.plain else k
+        params: torch.Tensor | None = None
+        if hasattr(self.source, "read_batch"):
+            x, params = self.source.read_batch(idx, seeds, self.policy)
+        elif hasattr(self.source, "read"):  # a source that reads one sample at a time
+            rows = [
+                self.source.read(i, None if seeds is None else s, self.policy) for i, s in zip(idx.tolist(), k.tolist())
+            ]
+            x = torch.stack([r[0] for r in rows])
+            got = [r[1] for r in rows]
+            params = torch.stack(got) if all(p is not None for p in got) else None  # type: ignore[misc]
+        else:  # any other SampleSource: its own views, no params
+            x = self.source.get(idx, None if seeds is None else v)
+        return ViewBatch(idx, x, labels, None if seeds is None else v, params)
 
-def _collate(items: list[tuple[int, torch.Tensor, int, int, torch.Tensor | None]]) -> ViewBatch:
+
+def _collate(items: list[tuple[int, torch.Tensor, int, int, torch.Tensor | None]] | ViewBatch) -> ViewBatch:
+    if isinstance(items, ViewBatch):  # read whole by _Keyed.__getitems__
+        return items._replace(views=None, params=None)
     idx = torch.tensor([it[0] for it in items], dtype=torch.long)
     x = torch.stack([it[1] for it in items])
     y = torch.tensor([it[2] for it in items], dtype=torch.long)
     return ViewBatch(idx, x, y, None, None)
 
 
-def _collate_views(items: list[tuple[int, torch.Tensor, int, int, torch.Tensor | None]]) -> ViewBatch:
+def _collate_views(items: list[tuple[int, torch.Tensor, int, int, torch.Tensor | None]] | ViewBatch) -> ViewBatch:
+    if isinstance(items, ViewBatch):
+        return items
     b = _collate(items)
     views = torch.tensor([it[3] for it in items], dtype=torch.long)
     params = [it[4] for it in items]
