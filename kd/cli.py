@@ -929,7 +929,13 @@ def train(
 
             if combiner in COMBINERS and "temperature" not in COMBINERS[combiner].options:
                 options.pop("temperature")
-            src = MultiTeacherSource([open_source(ref) for ref in source], combiner, student=model, **options)
+            from kd.student_trainer.train import student_final
+
+            # the combiner's student forward (ae-kd) sees the student's own input, as training does
+            means, stds = _floats(input_mean, "--input-mean") or [], _floats(input_std, "--input-std") or []
+            final = student_final(TrainConfig(input_size=input_size, input_mean=means, input_std=stds))
+            src = MultiTeacherSource([open_source(ref) for ref in source], combiner, student=model,
+                                     student_final=final, **options)  # fmt: skip
         from kd.student_trainer.train import check_logit_offsets
 
         try:  # a cache's codec (or a mixture of teachers) that lost the logits' offsets: before any target is read

@@ -2,7 +2,7 @@
 
 ``evaluate(model, source)`` reads the plain samples (no views) through
 ``kd.core.data.loader`` (decoding in ``workers`` processes), shapes them for
-the model (``conform`` to ``input_shape``, then the model's ``final`` transform:
+the model (uint8 pixels as value/255, ``conform`` to ``input_shape``, then the model's ``final`` transform:
 resolution and normalisation), and counts top-1 and top-5 hits. Outputs that are
 not a tensor (Hugging Face ``.logits``, dicts, tuples) are unwrapped with
 ``kd.core.factory.logits_of``. Memory is flat
@@ -20,7 +20,7 @@ from torch import nn
 from kd.core.data import loader
 from kd.core.factory import logits_of
 from kd.core.samples import SampleSource
-from kd.core.views import conform
+from kd.core.views import model_input
 
 
 @dataclass(frozen=True)
@@ -75,11 +75,7 @@ def evaluate(
     correct1 = correct5 = n = 0
     try:
         for inputs, labels in _batches(source, indices, batch_size, workers, pin):
-            x = inputs.to(device, non_blocking=pin)
-            if input_shape is not None:
-                x = conform(x, input_shape)
-            if final is not None:
-                x = final(x)
+            x = model_input(inputs.to(device, non_blocking=pin), final, input_shape)
             logits = logits_of(model(x.to(dtype)))
             y = labels.to(device)
             # top-1 by argmax (ties to the lowest index, as everywhere in kd); topk may order ties otherwise

@@ -64,7 +64,7 @@ from kd.core.lmchecks import (
     refuse_too_long,
 )
 from kd.core.samples import SampleSource
-from kd.core.views import Final
+from kd.core.views import Final, model_input
 from kd.student_trainer import optim
 from kd.student_trainer.evaluate import evaluate as evaluate_source
 from kd.student_trainer.features import (
@@ -689,9 +689,8 @@ def train_student(
                 break
             idx, x, y = batch.indices, batch.inputs, batch.labels
             wait += time.perf_counter() - t_wait
-            x = x.to(dev, non_blocking=True)
-            if final is not None:
-                x = final(x)  # the student's resolution and normalisation, on the device
+            # uint8 pixels as value/255, then the student's resolution and normalisation, on the device
+            x = model_input(x.to(dev, non_blocking=True), final)
             x, y = optim.to_memory_format(x, recipe), None if y is None else y.to(dev)
             if teacher_logits is not None:
                 teacher_logits = teacher_logits.to(dev)
@@ -870,7 +869,7 @@ class _FeaturePlan:
             views = torch.zeros(len(idx), dtype=torch.long) if config.views > 1 else None
             x = train.get(idx, views)
             final = student_final(config)  # the student sees its own resolution
-            s_in = x if final is None else final(x)
+            s_in = model_input(x, final)
             s_shapes = probe_student_shapes(student, s_in, [layer for m in self.matches for layer in m.student])
             t_shapes = self._teacher_shapes(source, Batch(idx, x, train.labels[idx], views), s_shapes)
             connectors = []
