@@ -105,14 +105,20 @@ def _check_saveable(model, out: Path | None) -> None:
 
 
 def _check_out(out: Path | None, flag: str = "--out") -> None:
-    """Before any training: ``out`` must be writable (not a directory, its parent a writable directory),
-    so a trained student is never lost to a path that was wrong from the start."""
+    """Before any training: ``out`` must be writable (not a directory, its parent a writable directory)
+    and named ``*.safetensors``, so a trained student is never lost to a path that was wrong from the start."""
     import os
 
     if out is None:
         return
     if out.is_dir():
         _fail(f"{flag} {str(out)!r} is a directory; give the file to write")
+    if out.suffix != ".safetensors":
+        # The student is written as safetensors, and every loader (kd evaluate, kd serve, --student
+        # ...@WEIGHTS) reads a file by its suffix: under another name it would be read as a torch pickle
+        # and refused, so the trained student could not be loaded again.
+        _fail(f"{flag} {str(out)!r}: the student is saved as safetensors; give a name ending in .safetensors "
+              f"(e.g. {str(out.with_suffix('.safetensors'))!r}), which kd's loaders read as such")  # fmt: skip
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -801,7 +807,7 @@ def train(
     input_std: str | None = typer.Option(None, help="The student's own per-channel std."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
-    out: Path | None = typer.Option(None, help="Save the student's weights here (safetensors)."),
+    out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
     run_dir: Path | None = typer.Option(
         None, help="Write config.json, metrics.csv and a checkpoint per epoch here (see `kd plot`)."
     ),
@@ -1586,13 +1592,14 @@ def datafree(
     clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
-    out: Path | None = typer.Option(None, help="Save the student's weights here (safetensors)."),
+    out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
     run_dir: Path | None = typer.Option(None, help="Write the trainer's config.json and metrics.csv here."),
 ) -> None:
     """Distil a student from a served teacher without training data (one data-free method).
 
     The student trains through `kd train`'s trainer and recipe flags; a method's own recipe
     defaults (e.g. dafl's --opt student_optimizer=sgd) apply where a flag is left at its default."""
+    _check_out(out)
     from kd.student_trainer.datafree import DataFreeConfig, ServedTeacher, get
     from kd.student_trainer.train import seed_everything
     from kd.teacher_server.client import TeacherClient
@@ -1665,7 +1672,7 @@ def onpolicy(
     clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
-    out: Path | None = typer.Option(None, help="Save the student's weights here (safetensors)."),
+    out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
 ) -> None:
     """On-policy distillation (GKD / MiniLLM style): the student samples, the served teacher scores its tokens."""
     from kd.core.data import open_source
@@ -1729,7 +1736,7 @@ def train_lm(
     weight_decay: float = typer.Option(0.0),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
-    out: Path | None = typer.Option(None, help="Save the student's weights here (safetensors)."),
+    out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
 ) -> None:
     """Distil a causal-LM student from a token cache with a per-token loss; validation perplexity and accuracy."""
     import time

@@ -11,15 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_checks import refused
 from typer.testing import CliRunner
 
 from kd.cli import app
 from kd.core.data import open_source
-from kd.models import digits_cnn_student
+from kd.models import MLP, digits_cnn_student
 from kd.student_trainer.evaluate import evaluate
 from kd.student_trainer.sources import LocalSource
 from kd.student_trainer.train import TrainConfig, seed_everything, train_student
-from kd.teacher_server.loading import load_teacher, read_state_dict
+from kd.teacher_server.loading import TeacherLoadError, load_teacher, read_state_dict, save_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -115,3 +116,27 @@ def test_kd_train_and_kd_evaluate_score_a_uint8_split_as_its_float_twin(splits: 
         scores[name] = json.loads(r.stdout.strip().splitlines()[-1])
     assert (scores["u8"]["top1"], scores["u8"]["top5"]) == (scores["f32"]["top1"], scores["f32"]["top5"])
     assert scores["f32"]["top1"] == accs["f32"]["test_acc"]
+
+
+def test_out_must_be_a_safetensors_name_and_the_loader_says_what_a_misnamed_file_is(tmp_path: Path) -> None:
+    """kd train --out x.pt wrote safetensors bytes under .pt (exit 0), which every loader then refused as
+    "pickled objects": now refused before training; and such a file's refusal says what it is."""
+    out = tmp_path / "x.pt"
+    for command in (["train", "--method", "ce"], ["train-lm", "--method", "token-fkl", "--source", "cache:c",
+                                                  "--dataset", "text:d", "--val-dataset", "text:d",
+                                                  "--student", "m:f"]):  # fmt: skip
+        text = refused(invoke(*command, "--epochs", "1", "--out", str(out)), f"--out '{out}'", "ending in .safetensors")
+        assert str(out.with_suffix(".safetensors")) in text
+    assert not out.exists()
+    model = MLP([64, 16, 10])
+    save_weights(model, tmp_path / "w.safetensors").rename(out)
+    with pytest.raises(
+        TeacherLoadError, match=r"is a safetensors file under the suffix '\.pt'.*rename it to 'x\.safetensors'"
+    ):
+        read_state_dict(out)
+    text = refused(invoke("evaluate", "--model", f"kd.models:digits_student@{out}", "--dataset", "digits:test"))
+    assert "safetensors file under the suffix" in text and "pickled" not in text
+    # a real torch file under .pt still loads (the content check does not take it for safetensors)
+    torch.save(model.state_dict(), tmp_path / "real.pt")
+    loaded = read_state_dict(tmp_path / "real.pt")
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
