@@ -75,7 +75,7 @@ def _probe_mkdir(path: Path) -> None:
             d.rmdir()
 
 
-def _save_student(model, out: Path) -> None:
+def _save_student(model, out: Path, what: str = "the student") -> None:
     """Write a trained student's weights (safetensors) to ``out``; any failure (an unwritable path, a
     tensor safetensors cannot hold) is a one-line error, never a traceback."""
     from safetensors import SafetensorError
@@ -86,7 +86,7 @@ def _save_student(model, out: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_weights(model, out)
     except (OSError, RuntimeError, ValueError, TypeError, SafetensorError) as e:
-        _fail(f"cannot write the student to {str(out)!r}: {type(e).__name__}: {e}")
+        _fail(f"cannot write {what} to {str(out)!r}: {type(e).__name__}: {e}")
 
 
 def _check_saveable(model, out: Path | None) -> None:
@@ -126,6 +126,15 @@ def _check_out(out: Path | None, flag: str = "--out") -> None:
         _fail(f"{flag} {str(out)!r} cannot be written: {str(parent)!r} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         _fail(f"{flag} {str(out)!r} cannot be written: {str(parent)!r} is not writable")
+
+
+def connectors_path(out: Path) -> Path:
+    """Where a feature method's connectors go beside the student ``out``: its name with
+    ``.connectors.safetensors`` in place of ``.safetensors`` (student.safetensors ->
+    student.connectors.safetensors, as always), or appended to the whole name of any other
+    file, so distinct --out names never share one connectors file (with_suffix turned both
+    student_lr0.05 and student_lr0.1 into student_lr0.connectors.safetensors)."""
+    return out.with_name(out.name.removesuffix(".safetensors") + ".connectors.safetensors")
 
 
 def _check_run_options(seed: int, device: str) -> None:
@@ -840,14 +849,22 @@ def train(
     import torch
     import torch.distributed as dist
 
+    from kd.student_trainer.losses import FeatureMethod
+    from kd.student_trainer.losses import get_method as _get_method
+
+    try:
+        feature_method = isinstance(_get_method(method), FeatureMethod)
+    except ValueError as e:
+        _fail(str(e))
+    if out is not None and feature_method:  # the connectors are saved beside the student: writable too
+        _check_out(connectors_path(out), "the connectors file of --out")
+
     from kd.student_trainer.sources import parse_source
     from kd.student_trainer.train import TrainConfig, seed_everything, train_student
     from kd.teacher_server.loading import TeacherLoadError
 
     recipe = _recipe(lr, weight_decay, optimizer, momentum, nesterov, schedule, milestones, gamma, warmup_epochs, amp,
                      channels_last, clip_grad_norm)  # fmt: skip
-    from kd.student_trainer.losses import get_method as _get_method
-
     if method.startswith("token-"):  # per-token losses take token data, which kd train does not
         _fail(f"--method {method!r} is a per-token loss: distil a language model with `kd train-lm` or `kd onpolicy`")
     try:  # before any source is opened: a bad --opt is the user's to fix, not a training run's
@@ -1003,9 +1020,7 @@ def train(
     if out is not None:
         _save_student(model, out)
         if result.connectors is not None:  # a feature method's trained connectors, beside the student
-            from kd.teacher_server.loading import save_weights
-
-            save_weights(result.connectors, out.with_suffix(".connectors.safetensors"))
+            _save_student(result.connectors, connectors_path(out), "the connectors")
     from kd.student_trainer.train import evaluate as _evaluate
     from kd.student_trainer.train import student_final
 

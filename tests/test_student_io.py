@@ -14,7 +14,7 @@ import torch
 from cli_checks import refused
 from typer.testing import CliRunner
 
-from kd.cli import app
+from kd.cli import app, connectors_path
 from kd.core.data import open_source
 from kd.models import MLP, digits_cnn_student
 from kd.student_trainer.evaluate import evaluate
@@ -140,3 +140,37 @@ def test_out_must_be_a_safetensors_name_and_the_loader_says_what_a_misnamed_file
     torch.save(model.state_dict(), tmp_path / "real.pt")
     loaded = read_state_dict(tmp_path / "real.pt")
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_connectors_path_keeps_each_out_name_and_is_checked_before_training(tmp_path: Path) -> None:
+    """The connectors go to OUT's name with .connectors.safetensors for .safetensors (the name files were
+    always written under), and a connectors path that cannot be written is refused before training
+    (before: a traceback and exit 1 after the student was trained)."""
+    assert connectors_path(Path("runs/student.safetensors")) == Path("runs/student.connectors.safetensors")
+    assert connectors_path(Path("runs/s_lr0.05.safetensors")) != connectors_path(Path("runs/s_lr0.1.safetensors"))
+    assert connectors_path(Path("runs/s_lr0.05")) == Path("runs/s_lr0.05.connectors.safetensors")
+    (tmp_path / "fx.connectors.safetensors").mkdir()
+    out = tmp_path / "fx.safetensors"
+    refused(
+        invoke(
+            "train",
+            "--method",
+            "fitnet",
+            "--match",
+            "layer2=layer2",
+            "--source",
+            "local:kd.models:digits_cnn",
+            "--student",
+            "kd.models:digits_cnn_student",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+        ),  # fmt: skip
+        "connectors file",
+        f"{tmp_path / 'fx.connectors.safetensors'}' is a directory",
+    )
+    assert not out.exists()
+    # a logit method writes no connectors: the same path is no reason to refuse it
+    r = invoke("train", "--method", "ce", "--epochs", "1", "--subset", "32", "--out", str(out))
+    assert r.exit_code == 0, r.output
