@@ -983,6 +983,13 @@ def train(
             input_std=_floats(input_std, "--input-std") or [],
             **recipe,
         )
+        from kd.student_trainer.evaluate import check_output_width
+        from kd.student_trainer.train import student_final
+
+        try:  # before any step: a student with another number of outputs than the data's classes
+            check_output_width(model, train_data, f"--student {student!r}", final=student_final(config))
+        except ValueError as e:
+            _fail(str(e))
         hooks = None
         if keep_every and int(os.environ.get("RANK", "0")) == 0:
             from kd.explain import EpochSaver
@@ -1095,7 +1102,7 @@ def evaluate_model(
     """Top-1 and top-5 accuracy of a trained model on a dataset (your validation split)."""
     from kd.core import factory
     from kd.core.data import open_source
-    from kd.student_trainer.evaluate import evaluate
+    from kd.student_trainer.evaluate import check_output_width, evaluate
     from kd.teacher_server.loading import TeacherLoadError
 
     if batch_size < 1 or workers < 0:
@@ -1111,6 +1118,10 @@ def evaluate_model(
 
         final = student_final(TrainConfig(input_size=input_size, input_mean=_floats(input_mean, "--input-mean") or [],
                                           input_std=_floats(input_std, "--input-std") or []))  # fmt: skip
+        try:  # before the whole split is read: a model with another number of outputs than its classes
+            check_output_width(net, data, f"--model {model!r}", final=final, input_shape=shape)
+        except ValueError as e:
+            _fail(str(e))
         acc = evaluate(net, data, batch_size=batch_size, workers=workers, device=device, input_shape=shape,
                        final=final)  # fmt: skip
     except (TeacherLoadError, ValueError, RuntimeError, TypeError) as e:

@@ -174,3 +174,36 @@ def test_connectors_path_keeps_each_out_name_and_is_checked_before_training(tmp_
     # a logit method writes no connectors: the same path is no reason to refuse it
     r = invoke("train", "--method", "ce", "--epochs", "1", "--subset", "32", "--out", str(out))
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("width", [5, 20])
+def test_the_students_outputs_must_match_the_datas_classes(width: int, tmp_path: Path) -> None:
+    """kd train and kd evaluate refuse a model with another number of outputs than the data's classes,
+    naming both (before: kd evaluate printed top-1 0.0985 for a 5-output model on 10 classes; kd train
+    failed at step 0 with "Target 5 is out of bounds", or, with 20 outputs, trained with exit 0)."""
+    spec = f"kd.models:MLP?sizes=[64,16,{width}]"
+    refused(
+        invoke(
+            "train",
+            "--method",
+            "ce",
+            "--student",
+            spec,
+            "--epochs",
+            "1",
+            "--subset",
+            "32",
+            "--out",
+            str(tmp_path / "s.safetensors"),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ),  # fmt: skip
+        f"--student '{spec}' gives {width} outputs per sample but digits/train",
+        "has 10 classes",
+    )
+    assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "s.safetensors").exists()
+    torch.manual_seed(0)
+    weights = save_weights(MLP([64, 16, width]), tmp_path / "w.safetensors")
+    model = f"kd.models:MLP@{weights}?sizes=[64,16,{width}]"
+    refused(invoke("evaluate", "--model", model, "--dataset", "digits:test"),
+            f"--model '{model}' gives {width} outputs per sample but digits/test", "has 10 classes")  # fmt: skip
