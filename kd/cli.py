@@ -670,9 +670,18 @@ def _build_student(spec: str):
     parsed = factory.parse_factory(spec, "student")
     model = factory.call_factory(parsed.factory, parsed.arguments, "student")
     if parsed.weights is not None:
-        from kd.teacher_server.loading import read_state_dict
+        from kd.teacher_server.loading import TeacherLoadError, read_state_dict
 
-        model.load_state_dict(read_state_dict(Path(parsed.weights)), strict=True)
+        try:
+            model.load_state_dict(read_state_dict(Path(parsed.weights)), strict=True)
+        except RuntimeError as e:
+            if isinstance(e, TeacherLoadError):
+                raise
+            # load_state_dict's mismatch report spans lines (missing, unexpected, size mismatch):
+            # one line here, naming the file, so every caller refuses it with one error line
+            why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            raise TeacherLoadError(f"weights file {parsed.weights!r} does not fit the student "
+                                   f"{parsed.factory!r}: {why}") from None  # fmt: skip
     return model
 
 

@@ -207,3 +207,18 @@ def test_the_students_outputs_must_match_the_datas_classes(width: int, tmp_path:
     model = f"kd.models:MLP@{weights}?sizes=[64,16,{width}]"
     refused(invoke("evaluate", "--model", model, "--dataset", "digits:test"),
             f"--model '{model}' gives {width} outputs per sample but digits/test", "has 10 classes")  # fmt: skip
+
+
+def test_student_weights_that_do_not_fit_are_one_error_line(tmp_path: Path, teacher_spec: str) -> None:
+    """--student SPEC@WEIGHTS of another architecture: kd train (and kd qkd, which builds its student the
+    same way) refuse it with exit 2 and one error: line naming the file and the mismatch (before: kd
+    train printed load_state_dict's traceback, exit 1)."""
+    weights = save_weights(MLP([64, 32, 10]), tmp_path / "wide.safetensors")
+    spec = f"kd.models:digits_student@{weights}"
+    for command in (["train", "--method", "ce", "--epochs", "1"],
+                    ["qkd", "--teacher", teacher_spec, "--out", str(tmp_path / "q")]):  # fmt: skip
+        refused(
+            invoke(*command, "--student", spec),
+            f"weights file '{weights}' does not fit the student",
+            "size mismatch for 0.weight: copying a param with shape torch.Size([32, 64])",
+        )
