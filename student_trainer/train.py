@@ -355,6 +355,25 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     replace_atomically(path, lambda f: torch.save(state, f), binary=True)
 
 
+def _cuda_rng(dev: torch.device) -> dict[str, list[torch.Tensor]]:
+    """On CUDA, the checkpoint's ``cuda_rng``: every CUDA generator's state. torch.get_rng_state is the
+    CPU generator only, while dropout and on-device draws (noisy, CRD's negatives) use the device's,
+    so a resumed CUDA run would draw other numbers than an uninterrupted one. Nothing on the CPU."""
+    return {"cuda_rng": torch.cuda.get_rng_state_all()} if dev.type == "cuda" else {}
+
+
+def _set_cuda_rng(ckpt: dict, dev: torch.device, run: Path) -> None:
+    """Restore what ``_cuda_rng`` saved. A checkpoint without it (a CPU run's, or one written before it
+    was saved) leaves the CUDA generators as seeded, as resuming always did."""
+    states = ckpt.get("cuda_rng")
+    if states is None or dev.type != "cuda":
+        return
+    if len(states) != torch.cuda.device_count():
+        raise ValueError(f"cannot resume {str(run)!r} exactly: its checkpoint holds {len(states)} CUDA generator "
+                         f"state(s), this process sees {torch.cuda.device_count()} device(s)")  # fmt: skip
+    torch.cuda.set_rng_state_all(states)
+
+
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
     def write(f) -> None:
         w = csv.DictWriter(f, fieldnames=METRICS)
@@ -622,6 +641,7 @@ def train_student(
             opt.load_state_dict(ckpt["optimizer"])
             gen.set_state(ckpt["batch_rng"])
             torch.set_rng_state(ckpt["torch_rng"])
+            _set_cuda_rng(ckpt, dev, run)
             history = list(ckpt["history"])
             start = int(ckpt["epoch"]) + 1
             # Stopped inside epoch ``start``: batch_rng is that epoch's start state, so its
@@ -770,7 +790,7 @@ def train_student(
                 _check_finite(student, epoch)
                 _save_checkpoint(ckpt_path, {
                     "epoch": epoch - 1, "model": student.state_dict(), "optimizer": opt.state_dict(),
-                    "batch_rng": epoch_rng, "torch_rng": torch.get_rng_state(), "history": history,
+                    "batch_rng": epoch_rng, "torch_rng": torch.get_rng_state(), **_cuda_rng(dev), "history": history,
                     "partial": {"steps": step, "total": total, "n": n, "wait": wait,
                                 "seconds": time.perf_counter() - t_epoch},
                     **({} if plan is None else {"connectors": plan.distilled.connectors.state_dict()}),
@@ -795,7 +815,7 @@ def train_student(
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, {
                 "epoch": epoch, "model": student.state_dict(), "optimizer": opt.state_dict(),
-                "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(), **_cuda_rng(dev), "history": history,
                 **({} if plan is None else {"connectors": plan.distilled.connectors.state_dict()}),
                 "extra": [{"module": m.state_dict(), "optimizer": o.state_dict()} for m, o in hooks.extra],
                 **({} if hooks.state is None else {"hooks": hooks.state()}),

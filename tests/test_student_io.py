@@ -19,7 +19,7 @@ from kd.core.data import open_source
 from kd.models import MLP, digits_cnn_student
 from kd.student_trainer.evaluate import evaluate
 from kd.student_trainer.sources import LocalSource
-from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+from kd.student_trainer.train import TrainConfig, load_checkpoint, seed_everything, train_student
 from kd.teacher_server.loading import TeacherLoadError, load_teacher, read_state_dict, save_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -222,3 +222,31 @@ def test_student_weights_that_do_not_fit_are_one_error_line(tmp_path: Path, teac
             f"weights file '{weights}' does not fit the student",
             "size mismatch for 0.weight: copying a param with shape torch.Size([32, 64])",
         )
+
+
+def test_a_cpu_checkpoint_holds_no_cuda_generators_and_one_that_does_still_resumes(tmp_path: Path) -> None:
+    """The CPU side of saving torch.cuda's generators (the CUDA side, resuming a dropout student exactly,
+    is tests/test_cuda.py's and runs only on a GPU): a CPU run's checkpoint has no ``cuda_rng``, and a
+    CPU resume of a checkpoint that has one ignores it and still ends with the uninterrupted run's weights."""
+    train, test = open_source("digits:train"), open_source("digits:test")
+    config = TrainConfig(method="ce", epochs=2, batch_size=16)  # 6 steps an epoch
+    sub = torch.arange(96)
+
+    def student() -> torch.nn.Module:
+        seed_everything(0)
+        return MLP([64, 16, 10], dropout=0.5)
+
+    whole = student()
+    train_student(whole, train, test, config, subset=sub)
+    part = student()
+    run = tmp_path / "run"
+    steps = iter(range(100))
+    train_student(part, train, test, config, subset=sub, run_dir=run, stop=lambda: 15 if next(steps) == 3 else None)
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert "cuda_rng" not in ckpt and ckpt["partial"]["steps"] == 3
+    ckpt["cuda_rng"] = [torch.zeros(16, dtype=torch.uint8)]  # as a CUDA run would hold, unreadable here
+    torch.save(ckpt, run / "checkpoint.pt")
+    resumed = student()
+    train_student(resumed, train, test, config, subset=sub, run_dir=run, resume=True)
+    for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
+        assert torch.equal(a, b)
