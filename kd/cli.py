@@ -75,7 +75,7 @@ def _probe_mkdir(path: Path) -> None:
             d.rmdir()
 
 
-def _save_student(model, out: Path) -> None:
+def _save_student(model, out: Path, what: str = "the student") -> None:
     """Write a trained student's weights (safetensors) to ``out``; any failure (an unwritable path, a
     tensor safetensors cannot hold) is a one-line error, never a traceback."""
     from safetensors import SafetensorError
@@ -86,7 +86,7 @@ def _save_student(model, out: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_weights(model, out)
     except (OSError, RuntimeError, ValueError, TypeError, SafetensorError) as e:
-        _fail(f"cannot write the student to {str(out)!r}: {type(e).__name__}: {e}")
+        _fail(f"cannot write {what} to {str(out)!r}: {type(e).__name__}: {e}")
 
 
 def _check_saveable(model, out: Path | None) -> None:
@@ -105,14 +105,20 @@ def _check_saveable(model, out: Path | None) -> None:
 
 
 def _check_out(out: Path | None, flag: str = "--out") -> None:
-    """Before any training: ``out`` must be writable (not a directory, its parent a writable directory),
-    so a trained student is never lost to a path that was wrong from the start."""
+    """Before any training: ``out`` must be writable (not a directory, its parent a writable directory)
+    and named ``*.safetensors``, so a trained student is never lost to a path that was wrong from the start."""
     import os
 
     if out is None:
         return
     if out.is_dir():
         _fail(f"{flag} {str(out)!r} is a directory; give the file to write")
+    if out.suffix != ".safetensors":
+        # The student is written as safetensors, and every loader (kd evaluate, kd serve, --student
+        # ...@WEIGHTS) reads a file by its suffix: under another name it would be read as a torch pickle
+        # and refused, so the trained student could not be loaded again.
+        _fail(f"{flag} {str(out)!r}: the student is saved as safetensors; give a name ending in .safetensors "
+              f"(e.g. {str(out.with_suffix('.safetensors'))!r}), which kd's loaders read as such")  # fmt: skip
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -120,6 +126,15 @@ def _check_out(out: Path | None, flag: str = "--out") -> None:
         _fail(f"{flag} {str(out)!r} cannot be written: {str(parent)!r} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         _fail(f"{flag} {str(out)!r} cannot be written: {str(parent)!r} is not writable")
+
+
+def connectors_path(out: Path) -> Path:
+    """Where a feature method's connectors go beside the student ``out``: its name with
+    ``.connectors.safetensors`` in place of ``.safetensors`` (student.safetensors ->
+    student.connectors.safetensors, as always), or appended to the whole name of any other
+    file, so distinct --out names never share one connectors file (with_suffix turned both
+    student_lr0.05 and student_lr0.1 into student_lr0.connectors.safetensors)."""
+    return out.with_name(out.name.removesuffix(".safetensors") + ".connectors.safetensors")
 
 
 def _check_run_options(seed: int, device: str) -> None:
@@ -670,9 +685,18 @@ def _build_student(spec: str):
     parsed = factory.parse_factory(spec, "student")
     model = factory.call_factory(parsed.factory, parsed.arguments, "student")
     if parsed.weights is not None:
-        from kd.teacher_server.loading import read_state_dict
+        from kd.teacher_server.loading import TeacherLoadError, read_state_dict
 
-        model.load_state_dict(read_state_dict(Path(parsed.weights)), strict=True)
+        try:
+            model.load_state_dict(read_state_dict(Path(parsed.weights)), strict=True)
+        except RuntimeError as e:
+            if isinstance(e, TeacherLoadError):
+                raise
+            # load_state_dict's mismatch report spans lines (missing, unexpected, size mismatch):
+            # one line here, naming the file, so every caller refuses it with one error line
+            why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            raise TeacherLoadError(f"weights file {parsed.weights!r} does not fit the student "
+                                   f"{parsed.factory!r}: {why}") from None  # fmt: skip
     return model
 
 
@@ -816,7 +840,7 @@ def train(
     input_std: str | None = typer.Option(None, help="The student's own per-channel std."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
-    out: Path | None = typer.Option(None, help="Save the student's weights here (safetensors)."),
+    out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
     run_dir: Path | None = typer.Option(
         None, help="Write config.json, metrics.csv and a checkpoint per epoch here (see `kd plot`)."
     ),
@@ -849,14 +873,22 @@ def train(
     import torch
     import torch.distributed as dist
 
+    from kd.student_trainer.losses import FeatureMethod
+    from kd.student_trainer.losses import get_method as _get_method
+
+    try:
+        feature_method = isinstance(_get_method(method), FeatureMethod)
+    except ValueError as e:
+        _fail(str(e))
+    if out is not None and feature_method:  # the connectors are saved beside the student: writable too
+        _check_out(connectors_path(out), "the connectors file of --out")
+
     from kd.student_trainer.sources import parse_source
     from kd.student_trainer.train import TrainConfig, seed_everything, train_student
     from kd.teacher_server.loading import TeacherLoadError
 
     recipe = _recipe(lr, weight_decay, optimizer, momentum, nesterov, schedule, milestones, gamma, warmup_epochs, amp,
                      channels_last, clip_grad_norm)  # fmt: skip
-    from kd.student_trainer.losses import get_method as _get_method
-
     if method.startswith("token-"):  # per-token losses take token data, which kd train does not
         _fail(f"--method {method!r} is a per-token loss: distil a language model with `kd train-lm` or `kd onpolicy`")
     try:  # before any source is opened: a bad --opt is the user's to fix, not a training run's
@@ -944,7 +976,13 @@ def train(
 
             if combiner in COMBINERS and "temperature" not in COMBINERS[combiner].options:
                 options.pop("temperature")
-            src = MultiTeacherSource([open_source(ref) for ref in source], combiner, student=model, **options)
+            from kd.student_trainer.train import student_final
+
+            # the combiner's student forward (ae-kd) sees the student's own input, as training does
+            means, stds = _floats(input_mean, "--input-mean") or [], _floats(input_std, "--input-std") or []
+            final = student_final(TrainConfig(input_size=input_size, input_mean=means, input_std=stds))
+            src = MultiTeacherSource([open_source(ref) for ref in source], combiner, student=model,
+                                     student_final=final, **options)  # fmt: skip
         from kd.student_trainer.train import check_logit_offsets
 
         try:  # a cache's codec (or a mixture of teachers) that lost the logits' offsets: before any target is read
@@ -969,6 +1007,13 @@ def train(
             input_std=_floats(input_std, "--input-std") or [],
             **recipe,
         )
+        from kd.student_trainer.evaluate import check_output_width
+        from kd.student_trainer.train import student_final
+
+        try:  # before any step: a student with another number of outputs than the data's classes
+            check_output_width(model, train_data, f"--student {student!r}", final=student_final(config))
+        except ValueError as e:
+            _fail(str(e))
         hooks = None
         if keep_every and int(os.environ.get("RANK", "0")) == 0:
             from kd.explain import EpochSaver
@@ -1006,9 +1051,7 @@ def train(
     if out is not None:
         _save_student(model, out)
         if result.connectors is not None:  # a feature method's trained connectors, beside the student
-            from kd.teacher_server.loading import save_weights
-
-            save_weights(result.connectors, out.with_suffix(".connectors.safetensors"))
+            _save_student(result.connectors, connectors_path(out), "the connectors")
     from kd.student_trainer.train import evaluate as _evaluate
     from kd.student_trainer.train import student_final
 
@@ -1083,7 +1126,7 @@ def evaluate_model(
     """Top-1 and top-5 accuracy of a trained model on a dataset (your validation split)."""
     from kd.core import factory
     from kd.core.data import open_source
-    from kd.student_trainer.evaluate import evaluate
+    from kd.student_trainer.evaluate import check_output_width, evaluate
     from kd.teacher_server.loading import TeacherLoadError
 
     if batch_size < 1 or workers < 0:
@@ -1099,6 +1142,10 @@ def evaluate_model(
 
         final = student_final(TrainConfig(input_size=input_size, input_mean=_floats(input_mean, "--input-mean") or [],
                                           input_std=_floats(input_std, "--input-std") or []))  # fmt: skip
+        try:  # before the whole split is read: a model with another number of outputs than its classes
+            check_output_width(net, data, f"--model {model!r}", final=final, input_shape=shape)
+        except ValueError as e:
+            _fail(str(e))
         acc = evaluate(net, data, batch_size=batch_size, workers=workers, device=device, input_shape=shape,
                        final=final)  # fmt: skip
     except (TeacherLoadError, ValueError, RuntimeError, TypeError) as e:
@@ -1595,13 +1642,14 @@ def datafree(
     clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
-    out: Path | None = typer.Option(None, help="Save the student's weights here (safetensors)."),
+    out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
     run_dir: Path | None = typer.Option(None, help="Write the trainer's config.json and metrics.csv here."),
 ) -> None:
     """Distil a student from a served teacher without training data (one data-free method).
 
     The student trains through `kd train`'s trainer and recipe flags; a method's own recipe
     defaults (e.g. dafl's --opt student_optimizer=sgd) apply where a flag is left at its default."""
+    _check_out(out)
     from kd.student_trainer.datafree import DataFreeConfig, ServedTeacher, get
     from kd.student_trainer.train import seed_everything
     from kd.teacher_server.client import TeacherClient
@@ -1674,7 +1722,7 @@ def onpolicy(
     clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
-    out: Path | None = typer.Option(None, help="Save the student's weights here (safetensors)."),
+    out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
 ) -> None:
     """On-policy distillation (GKD / MiniLLM style): the student samples, the served teacher scores its tokens."""
     from kd.core.data import open_source
@@ -1738,7 +1786,7 @@ def train_lm(
     weight_decay: float = typer.Option(0.0),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
-    out: Path | None = typer.Option(None, help="Save the student's weights here (safetensors)."),
+    out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
 ) -> None:
     """Distil a causal-LM student from a token cache with a per-token loss; validation perplexity and accuracy."""
     import time

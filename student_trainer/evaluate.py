@@ -2,7 +2,7 @@
 
 ``evaluate(model, source)`` reads the plain samples (no views) through
 ``kd.core.data.loader`` (decoding in ``workers`` processes), shapes them for
-the model (``conform`` to ``input_shape``, then the model's ``final`` transform:
+the model (uint8 pixels as value/255, ``conform`` to ``input_shape``, then the model's ``final`` transform:
 resolution and normalisation), and counts top-1 and top-5 hits. Outputs that are
 not a tensor (Hugging Face ``.logits``, dicts, tuples) are unwrapped with
 ``kd.core.factory.logits_of``. Memory is flat
@@ -20,7 +20,7 @@ from torch import nn
 from kd.core.data import loader
 from kd.core.factory import logits_of
 from kd.core.samples import SampleSource
-from kd.core.views import conform
+from kd.core.views import model_input
 
 
 @dataclass(frozen=True)
@@ -75,11 +75,7 @@ def evaluate(
     correct1 = correct5 = n = 0
     try:
         for inputs, labels in _batches(source, indices, batch_size, workers, pin):
-            x = inputs.to(device, non_blocking=pin)
-            if input_shape is not None:
-                x = conform(x, input_shape)
-            if final is not None:
-                x = final(x)
+            x = model_input(inputs.to(device, non_blocking=pin), final, input_shape)
             logits = logits_of(model(x.to(dtype)))
             y = labels.to(device)
             # top-1 by argmax (ties to the lowest index, as everywhere in kd); topk may order ties otherwise
@@ -92,3 +88,49 @@ def evaluate(
     if n == 0:
         raise ValueError("evaluate: no samples to evaluate")
     return Accuracy(correct1 / n, correct5 / n, n, correct1, correct5)
+
+
+@torch.no_grad()
+def output_width(
+    model: nn.Module,
+    source: SampleSource,
+    *,
+    final: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    input_shape: Sequence[int] | None = None,
+) -> int | None:
+    """Outputs per sample of ``model`` on ``source``'s first sample, shaped as ``evaluate`` shapes
+    it (None when the source is empty or the output is not [B, K]). One forward in eval mode (no
+    dropout, no BatchNorm statistics updated; the mode is restored), on the model's device."""
+    if len(source) == 0:
+        return None
+    param = next(model.parameters(), None)
+    x = source.get(torch.arange(1))
+    if param is not None:
+        x = x.to(param.device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = logits_of(model(model_input(x, final, input_shape).to(torch.float32)))
+    finally:
+        model.train(was_training)
+    return int(logits.shape[1]) if logits.ndim == 2 else None
+
+
+def check_output_width(
+    model: nn.Module,
+    source: SampleSource,
+    what: str,
+    *,
+    final: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    input_shape: Sequence[int] | None = None,
+) -> None:
+    """A ValueError naming both numbers when ``model`` (``what``) gives another number of outputs
+    than ``source`` has classes: fewer, and labels fall outside its outputs (a wrong accuracy, or
+    an IndexError at the first step); more, and it trains or is scored over classes the data has not."""
+    width = output_width(model, source, final=final, input_shape=input_shape)
+    classes = source.num_classes
+    if width is None or width == classes:
+        return
+    hint = (f"; if the data lacks its last classes, give ?classes={width} to its URI" if width > classes
+            else "; build the model with as many outputs as classes")  # fmt: skip
+    raise ValueError(f"{what} gives {width} outputs per sample but {source.dataset_id} has {classes} classes{hint}")

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.core.targets import SparseTargets, Targets
+from kd.core.views import Final, model_input
 from kd.student_trainer.sources import Batch, SoftTargetSource
 
 
@@ -517,6 +518,7 @@ class MultiTeacherSource(SoftTargetSource):
         combiner: str = "mean",
         *,
         student: nn.Module | Callable[[torch.Tensor], torch.Tensor] | None = None,
+        student_final: Final | None = None,
         **options: Any,
     ) -> None:
         sources = list(sources)
@@ -549,6 +551,9 @@ class MultiTeacherSource(SoftTargetSource):
         self.sources = sources
         self.options = options
         self.student = student
+        # the student's own input transform (the trainer's): the combiner's student forward must see
+        # what the trained student sees, uint8 pixels as value/255 and its resolution/normalisation
+        self.student_final = student_final
         self.num_classes = counts.pop()
         if views:
             self.views = views.pop()
@@ -577,6 +582,7 @@ class MultiTeacherSource(SoftTargetSource):
     def _student_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         model = self.student
         assert model is not None
+        inputs = model_input(inputs, self.student_final)
         with torch.no_grad():
             if isinstance(model, nn.Module):
                 param = next(model.parameters(), None)

@@ -80,6 +80,7 @@ import torch
 from torch import nn
 
 from kd.core.samples import SampleSource
+from kd.core.views import model_input
 from kd.student_trainer.losses import get_method
 from kd.student_trainer.sources import SoftTargetSource
 from kd.student_trainer.train import Hooks, StepContext, TrainConfig, accuracy, seed_everything, train_student
@@ -410,7 +411,7 @@ def train_qkd(
     torch.backends.quantized.engine = backend
     probe = train.get(torch.arange(min(2, len(train))))  # two samples, not the dataset
     with torch.no_grad():
-        _check_logits("student", copy.deepcopy(student).eval()(probe), train.num_classes)
+        _check_logits("student", copy.deepcopy(student).eval()(model_input(probe)), train.num_classes)
     qat = prepare_qat_student(student, backend)
 
     local_teacher: nn.Module | None = None

@@ -64,7 +64,7 @@ from kd.core.lmchecks import (
     refuse_too_long,
 )
 from kd.core.samples import SampleSource
-from kd.core.views import Final
+from kd.core.views import Final, model_input
 from kd.student_trainer import optim
 from kd.student_trainer.evaluate import evaluate as evaluate_source
 from kd.student_trainer.features import (
@@ -355,6 +355,25 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     replace_atomically(path, lambda f: torch.save(state, f), binary=True)
 
 
+def _cuda_rng(dev: torch.device) -> dict[str, list[torch.Tensor]]:
+    """On CUDA, the checkpoint's ``cuda_rng``: every CUDA generator's state. torch.get_rng_state is the
+    CPU generator only, while dropout and on-device draws (noisy, CRD's negatives) use the device's,
+    so a resumed CUDA run would draw other numbers than an uninterrupted one. Nothing on the CPU."""
+    return {"cuda_rng": torch.cuda.get_rng_state_all()} if dev.type == "cuda" else {}
+
+
+def _set_cuda_rng(ckpt: dict, dev: torch.device, run: Path) -> None:
+    """Restore what ``_cuda_rng`` saved. A checkpoint without it (a CPU run's, or one written before it
+    was saved) leaves the CUDA generators as seeded, as resuming always did."""
+    states = ckpt.get("cuda_rng")
+    if states is None or dev.type != "cuda":
+        return
+    if len(states) != torch.cuda.device_count():
+        raise ValueError(f"cannot resume {str(run)!r} exactly: its checkpoint holds {len(states)} CUDA generator "
+                         f"state(s), this process sees {torch.cuda.device_count()} device(s)")  # fmt: skip
+    torch.cuda.set_rng_state_all(states)
+
+
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
     def write(f) -> None:
         w = csv.DictWriter(f, fieldnames=METRICS)
@@ -622,6 +641,7 @@ def train_student(
             opt.load_state_dict(ckpt["optimizer"])
             gen.set_state(ckpt["batch_rng"])
             torch.set_rng_state(ckpt["torch_rng"])
+            _set_cuda_rng(ckpt, dev, run)
             history = list(ckpt["history"])
             start = int(ckpt["epoch"]) + 1
             # Stopped inside epoch ``start``: batch_rng is that epoch's start state, so its
@@ -689,9 +709,8 @@ def train_student(
                 break
             idx, x, y = batch.indices, batch.inputs, batch.labels
             wait += time.perf_counter() - t_wait
-            x = x.to(dev, non_blocking=True)
-            if final is not None:
-                x = final(x)  # the student's resolution and normalisation, on the device
+            # uint8 pixels as value/255, then the student's resolution and normalisation, on the device
+            x = model_input(x.to(dev, non_blocking=True), final)
             x, y = optim.to_memory_format(x, recipe), None if y is None else y.to(dev)
             if teacher_logits is not None:
                 teacher_logits = teacher_logits.to(dev)
@@ -771,7 +790,7 @@ def train_student(
                 _check_finite(student, epoch)
                 _save_checkpoint(ckpt_path, {
                     "epoch": epoch - 1, "model": student.state_dict(), "optimizer": opt.state_dict(),
-                    "batch_rng": epoch_rng, "torch_rng": torch.get_rng_state(), "history": history,
+                    "batch_rng": epoch_rng, "torch_rng": torch.get_rng_state(), **_cuda_rng(dev), "history": history,
                     "partial": {"steps": step, "total": total, "n": n, "wait": wait,
                                 "seconds": time.perf_counter() - t_epoch},
                     **({} if plan is None else {"connectors": plan.distilled.connectors.state_dict()}),
@@ -796,7 +815,7 @@ def train_student(
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, {
                 "epoch": epoch, "model": student.state_dict(), "optimizer": opt.state_dict(),
-                "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(), **_cuda_rng(dev), "history": history,
                 **({} if plan is None else {"connectors": plan.distilled.connectors.state_dict()}),
                 "extra": [{"module": m.state_dict(), "optimizer": o.state_dict()} for m, o in hooks.extra],
                 **({} if hooks.state is None else {"hooks": hooks.state()}),
@@ -870,7 +889,7 @@ class _FeaturePlan:
             views = torch.zeros(len(idx), dtype=torch.long) if config.views > 1 else None
             x = train.get(idx, views)
             final = student_final(config)  # the student sees its own resolution
-            s_in = x if final is None else final(x)
+            s_in = model_input(x, final)
             s_shapes = probe_student_shapes(student, s_in, [layer for m in self.matches for layer in m.student])
             t_shapes = self._teacher_shapes(source, Batch(idx, x, train.labels[idx], views), s_shapes)
             connectors = []

@@ -109,6 +109,19 @@ def _import_factory(path: str):
         raise TeacherLoadError(str(e)) from e
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts as a safetensors file does: an 8-byte little-endian header length that
+    fits in the file, then the header's JSON object (``{``). A torch file starts with a zip's "PK" or
+    a pickle's protocol byte, neither of which passes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read plain weights from a safetensors file or a weights-only torch file."""
     if not path.is_file():
@@ -129,6 +142,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             if dropped not in state and kept in state:
                 state[dropped] = state[kept]
         return state
+    if _looks_like_safetensors(path):
+        # torch.load would call it "pickled objects that are not plain weights", which sends the user
+        # looking for a pickle; the file is fine, only its name is not what the loaders go by
+        raise TeacherLoadError(
+            f"weights file {str(path)!r} is a safetensors file under the suffix {path.suffix!r}: kd reads "
+            f"safetensors by the suffix; rename it to {path.with_suffix('.safetensors').name!r}"
+        )
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -357,6 +357,21 @@ def pixels_to_input(
     return Final.for_input(shape, mean, std)(x)
 
 
+def model_input(x: torch.Tensor, final: Final | None = None, shape: Sequence[int] | None = None) -> torch.Tensor:
+    """A batch of samples as a (student) model's input: the one conversion every path uses.
+
+    uint8 samples are pixels, read as value/255 (as ``Final``, ``pixels_to_input`` and the server
+    read them), before anything else: a model fed raw 0..255 values (or a resize of them) would
+    see another input than the one it was trained or served on. Then ``conform`` to ``shape``
+    (when given) and the model's ``final`` transform (resolution and normalisation).
+    """
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    if shape is not None:
+        x = conform(x, shape)
+    return x if final is None else final(x)
+
+
 def conform(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Shape a batch ``[B, ...]`` as a model's per-sample input ``shape`` requires.
 
