@@ -520,6 +520,8 @@ def precompute(
         _fail("--mean/--std are a local: teacher's normalisation; a server applies its own (kd serve --mean/--std)")
     if batch_size < 1 or commit_every < 1:
         _fail(f"--batch-size and --commit-every must be >= 1, got {batch_size} and {commit_every}")
+    if views < 1:  # named here, before the data is opened (the cache's own check says "cache views")
+        _fail(f"--views must be >= 1 (1: the plain samples), got {views}")
     if not (math.isfinite(server_timeout) and server_timeout > 0):
         _fail(f"--server-timeout {server_timeout}: give a number of seconds > 0")
     timeouts = {"timeout": server_timeout, "stream_timeout": server_timeout}  # a server's client, as kd train's
@@ -828,6 +830,8 @@ def train(
         _fail(f"--epochs and --batch-size must be >= 1, got {epochs} and {batch_size}")
     if subset < 0:
         _fail(f"--subset must be >= 0 (0: all samples), got {subset}")
+    if views < 1:  # 0 or negative was recorded in config.json and trained as 1
+        _fail(f"--views must be >= 1 (1: the plain samples), got {views}")
     _check_run_options(seed, device)
     _check_out(out)
 

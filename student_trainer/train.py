@@ -489,6 +489,8 @@ def train_student(
         raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
     if config.workers < 0:
         raise ValueError(f"workers must be >= 0, got {config.workers}")
+    if config.views < 1:
+        raise ValueError(f"views must be >= 1 (1: the plain samples), got {config.views}")
     method = get_method(config.method)
     if hooks.loss is None:  # a loss hook replaces the method's loss (and reads the targets its own way)
         check_logit_offsets(config.method, config.method_options, source, config.matches)
