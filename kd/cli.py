@@ -619,24 +619,47 @@ def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: fl
 
 def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
     """``--config FILE``: every ``kd train`` option from a TOML or YAML table; options
-    given on the command line win. Keys are option names (``batch-size`` or ``batch_size``)."""
+    given on the command line win. Keys are option names (``batch-size`` or ``batch_size``).
+
+    ``opt`` is a table of the config's ``method``'s options, or a table of such tables keyed by
+    method (``opt: {kd: {temperature: 4}, dkd: {...}}``): then a ``--method`` given on the command
+    line takes its own entry (none: its defaults). A plain table is for the config's method only:
+    ``train`` refuses it under another ``--method`` (see ``_config_method_options``)."""
     if value is None:
         return value
     from kd.teacher_server.config import ConfigError, read_table
 
+    # Refusals here are kd's one-line "error:" (exit 2), not click's usage block.
     try:
         table = read_table(value)
     except ConfigError as e:
-        raise typer.BadParameter(str(e)) from None
+        _fail(f"--config: {e}")
     names = {p.name for p in ctx.command.params}
     values = {str(k).replace("-", "_"): v for k, v in table.items()}
     unknown = sorted(set(values) - names - {"config"})
     if unknown:
-        raise typer.BadParameter(f"{value}: unknown option(s) {unknown}; see `kd train --help`")
-    if "opt" in values and isinstance(values["opt"], dict):  # a table of method options
-        values["opt"] = [f"{k}={json.dumps(v)}" for k, v in values["opt"].items()]
-    if "opt" in values:  # merged with the command line's --opt in train (which wins key by key)
-        ctx.meta["kd_config_opt"] = [values["opt"]] if isinstance(values["opt"], str) else list(values["opt"])
+        _fail(f"--config {str(value)!r}: unknown option(s) {unknown}; see `kd train --help`")
+    if "resume" in values:  # a file reused by every run of a recipe: each new run would resume (or fail)
+        _fail(f"--config {str(value)!r}: resume is not a recipe setting (it continues one run directory): "
+              "leave it out of the file and give --resume on the command line")  # fmt: skip
+    opt = values.pop("opt", None)
+    ctx.meta["kd_config_path"] = str(value)
+    if isinstance(opt, dict) and any(isinstance(v, dict) for v in opt.values()):  # keyed by method
+        from kd.student_trainer.losses import METHODS
+
+        bad = sorted(str(k) for k, v in opt.items() if not isinstance(v, dict) or k not in METHODS)
+        if bad:
+            _fail(f"--config {str(value)!r}: opt keyed by method must map method names to tables of their "
+                  f"options; not such: {bad}")  # fmt: skip
+        ctx.meta["kd_config_opt_by_method"] = {
+            m: [f"{k}={json.dumps(v)}" for k, v in table.items()] for m, table in opt.items()
+        }
+    elif opt is not None:
+        if isinstance(opt, dict):  # a table of the config's method's options
+            opt = [f"{k}={json.dumps(v)}" for k, v in opt.items()]
+        # merged with the command line's --opt in train (which wins key by key)
+        ctx.meta["kd_config_opt"] = [opt] if isinstance(opt, str) else list(opt)
+        ctx.meta["kd_config_opt_method"] = values.get("method")
     # A repeatable option (--source, --match, --combiner-opt) written once as a plain string
     # (`source = "cache:X"`) is one entry: click iterates a default_map value of a multiple
     # option, and a string is refused ("Value must be an iterable"), not split into characters.
@@ -648,6 +671,27 @@ def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
         values["milestones"] = ",".join(str(m) for m in values["milestones"])
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
+
+
+def _config_method_options(ctx: typer.Context, method: str) -> list[str]:
+    """The ``--config`` file's method options that apply to ``method``.
+
+    A plain ``opt`` table belongs to the file's ``method``: under another ``--method`` its keys
+    mean something else (kd's alpha 0.9 became DKD's TCKD weight without a word) or do not exist,
+    so that is refused, naming the options and their method. Options keyed by method give
+    ``method`` its own entry, or none (its defaults)."""
+    by_method = ctx.meta.get("kd_config_opt_by_method")
+    if by_method is not None:
+        return list(by_method.get(method, []))
+    items = list(ctx.meta.get("kd_config_opt", []))
+    owner = ctx.meta.get("kd_config_opt_method")
+    if items and owner is not None and owner != method:
+        path = ctx.meta.get("kd_config_path")
+        keys = sorted(_parse_options(items))
+        _fail(f"--config {path!r} sets method options {keys} for its method {owner!r}, not for --method "
+              f"{method!r}: leave --method out, or key the file's opt by method (opt: {{{owner}: {{...}}, "
+              f"{method}: {{...}}}}) and give {method}'s there or with --opt")  # fmt: skip
+    return items
 
 
 def _build_student(spec: str):
@@ -783,7 +827,7 @@ def train(
     weight_decay: float = typer.Option(0.0, help="Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
     optimizer: str = typer.Option("adam", help="adam, adamw, sgd or dot (DOT, split momenta)."),
     momentum: float = typer.Option(0.9, help="sgd: momentum."),
-    nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
+    nesterov: bool = typer.Option(False, "--nesterov/--no-nesterov", help="sgd: Nesterov momentum."),
     schedule: str = typer.Option("constant", help="constant, cosine (per step) or multistep (per epoch)."),
     milestones: str = typer.Option(
         "", help="multistep: epochs (from 0) at which lr is multiplied by --gamma, e.g. 150,180,210."
@@ -791,7 +835,9 @@ def train(
     gamma: float = typer.Option(0.1, help="multistep: the factor at each milestone."),
     warmup_epochs: float = typer.Option(0.0, help="Linear warm-up of the learning rate over this many epochs."),
     amp: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast; fp16 with a grad scaler). CUDA; bf16 on CPU."),
-    channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format (CUDA convnets)."),
+    channels_last: bool = typer.Option(
+        False, "--channels-last/--no-channels-last", help="Channels-last memory format (CUDA convnets)."
+    ),
     clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
     workers: int = typer.Option(0, help="Read training batches in this many worker processes (file datasets)."),
     input_size: int = typer.Option(
@@ -808,7 +854,9 @@ def train(
         None, help="Write config.json, metrics.csv and a checkpoint per epoch here (see `kd plot`)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from --run-dir's checkpoint (exact resume)."),
-    progress: bool = typer.Option(False, "--progress", help="A progress bar with samples/s and target wait time."),
+    progress: bool = typer.Option(
+        False, "--progress/--no-progress", help="A progress bar with samples/s and target wait time."
+    ),
     keep_every: int = typer.Option(
         0, help="Also keep the weights every N epochs as RUN_DIR/epochs/epoch_NNNN.safetensors (for `kd explain`)."
     ),
@@ -816,9 +864,9 @@ def train(
     """Train a student from a soft-target source with a KD method."""
     import os
 
-    # --opt on the command line replaces the config's list as a whole: merge them, the command line's
-    # keys winning, so the config's other method options stay (when no --opt is given, opt is the config's).
-    opt = [*ctx.meta.get("kd_config_opt", []), *opt]
+    # The config's method options (kept out of click's default_map, which a command-line --opt would
+    # replace as a whole) first, so the command line's --opt wins key by key and the rest stay.
+    opt = [*_config_method_options(ctx, method), *opt]
 
     if keep_every and run_dir is None:
         _fail("--keep-every needs --run-dir")

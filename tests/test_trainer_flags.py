@@ -34,6 +34,64 @@ def _config(run: Path) -> dict:
     return json.loads((run / "config.json").read_text())
 
 
+# --- F3: a recipe's method options belong to its method -------------------------------------------
+
+
+def test_the_shipped_recipe_trains_other_methods_with_their_own_options(tmp_path: Path, teacher_spec: str) -> None:
+    """Its options are keyed by method: --method dkd got kd's alpha 0.9 as DKD's TCKD weight, and
+    --method dist was refused ("no option alpha")."""
+    for method in ("dkd", "dist", "kd"):
+        run = tmp_path / method
+        r = _train("--config", CIFAR, "--method", method, "--source", f"local:{teacher_spec}", *SUB,
+                   "--milestones", "1", "--run-dir", str(run))  # fmt: skip
+        assert r.exit_code == 0, (method, r.output)
+        expected = {"temperature": 4, "alpha": 0.9} if method == "kd" else {}
+        assert _config(run)["method_options"] == expected, method
+    run = tmp_path / "dkd-opt"  # the command line's --opt still applies
+    r = _train("--config", CIFAR, "--method", "dkd", "--opt", "beta=2", "--source", f"local:{teacher_spec}", *SUB,
+               "--milestones", "1", "--run-dir", str(run))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert _config(run)["method_options"] == {"beta": 2}
+
+
+def test_a_plain_opt_table_under_another_method_is_refused_naming_it(tmp_path: Path, teacher_spec: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: kd\nopt:\n  temperature: 4\n  alpha: 0.9\n")
+    refused(_train("--config", str(cfg), "--method", "dkd", "--source", f"local:{teacher_spec}", *SUB),
+            f"--config {str(cfg)!r} sets method options ['alpha', 'temperature'] for its method 'kd', "
+            "not for --method 'dkd'")  # fmt: skip
+    run = tmp_path / "run"  # its own method: the file's options, the command line's --opt winning key by key
+    r = _train("--config", str(cfg), "--opt", "alpha=0.5", "--source", f"local:{teacher_spec}", *SUB,
+               "--run-dir", str(run))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert _config(run)["method_options"] == {"temperature": 4, "alpha": 0.5}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("opt:\n  kd: {alpha: 0.5}\n  no_such_method: {x: 1}\n")
+    refused(_train("--config", str(bad), *SUB), "not such: ['no_such_method']")
+
+
+# --- F9: on/off flags from a config can be turned off -----------------------------------------------
+
+
+def test_on_off_flags_from_a_config_can_be_turned_off(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optimizer: sgd\nnesterov: true\nchannels-last: true\nprogress: true\nmethod: ce\n")
+    on, off = tmp_path / "on", tmp_path / "off"
+    assert _train("--config", str(cfg), *SUB, "--run-dir", str(on)).exit_code == 0
+    r = _train("--config", str(cfg), *SUB, "--no-nesterov", "--no-channels-last", "--no-progress",
+               "--run-dir", str(off))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (_config(on)["nesterov"], _config(on)["channels_last"]) == (True, True)
+    assert (_config(off)["nesterov"], _config(off)["channels_last"]) == (False, False)
+
+
+def test_resume_in_a_config_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: ce\nresume: true\n")
+    refused(_train("--config", str(cfg), *SUB, "--run-dir", str(tmp_path / "run")),
+            "resume is not a recipe setting", "give --resume on the command line")  # fmt: skip
+
+
 # --- F11: option ranges, --views -----------------------------------------------------------------------
 
 
@@ -90,3 +148,22 @@ def test_views_below_one_are_refused(views: str, tmp_path: Path, teacher_spec: s
     with pytest.raises(ValueError, match=rf"views must be >= 1 \(1: the plain samples\), got {views}"):
         train_student(digits_student(), open_source("digits"), open_source("digits:test"),
                       TrainConfig(method="ce", epochs=1, views=int(views)), subset=torch.arange(8))  # fmt: skip
+
+
+# --- F12: refusals of --config and kd chain --teacher ------------------------------------------------------
+
+
+def test_an_unknown_config_key_is_one_error_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("optimizer: sgd\nwieght-decay: 0.1\n")
+    text = refused(_train("--config", str(cfg), *SUB), f"--config {str(cfg)!r}: unknown option(s) ['wieght_decay']")
+    assert "Usage:" not in text
+    refused(_train("--config", str(tmp_path / "missing.yaml"), *SUB), "missing.yaml", "does not exist")
+
+
+def test_chain_refuses_a_missing_teacher_weights_file_before_stage_0(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.safetensors"
+    r = CliRunner().invoke(app, ["chain", "--teacher", f"kd.models:digits_teacher@{missing}", "--epochs", "1",
+                                 "--out", str(tmp_path / "out")])  # fmt: skip
+    refused(r, f"teacher: weights file {str(missing)!r} does not exist")
+    assert not (tmp_path / "out").exists()
