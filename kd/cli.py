@@ -774,6 +774,47 @@ def _recipe(lr: float, weight_decay: float, optimizer: str, momentum: float, nes
     return recipe
 
 
+def _inert_recipe_flags(ctx: typer.Context, optimizer: str, schedule: str) -> dict[str, object]:
+    """Refuse recipe flags that the chosen optimiser or schedule would ignore without a word:
+    --milestones/--gamma without --schedule multistep (config.json recorded them, the rate stayed
+    constant) and --momentum with adam/adamw (byte-identical weights for any value), as --nesterov
+    with adam is refused. A value from --config whose optimiser or schedule the command line
+    replaced does not apply to it: dropped (back to its default) with a note, not refused, since
+    a file's momentum cannot be unset from the command line. Returns the flags to reset."""
+    config = ctx.meta.get("kd_config_path")
+
+    def source(name: str) -> str | None:
+        # by name: typer's context may come with its own copy of click's ParameterSource enum
+        given = getattr(ctx.get_parameter_source(name), "name", None)
+        if given in ("COMMANDLINE", "ENVIRONMENT"):
+            return "command line"
+        return "config" if given == "DEFAULT_MAP" else None
+
+    reset: dict[str, object] = {}
+    inert = []
+    if schedule != "multistep":
+        needs = f"--schedule multistep (the schedule is {schedule})"
+        # milestones: its default "" is no milestone, so only a non-empty value is one that is ignored
+        inert += [(n, "--schedule", needs) for n in ("milestones", "gamma")
+                  if source(n) and (n != "milestones" or ctx.params.get(n))]  # fmt: skip
+    if optimizer in ("adam", "adamw") and source("momentum"):
+        inert.append(("momentum", "--optimizer", f"--optimizer sgd or dot ({optimizer} has no momentum)"))
+    for name, governing, needs in inert:
+        flag = "--" + name.replace("_", "-")
+        if source(name) == "config" and source(governing[2:]) == "command line":
+            console.print(
+                f"note: {flag} from --config {config!r} does not apply with the command line's "
+                f"{governing} {ctx.params.get(governing[2:])}; left out",
+                highlight=False,
+                soft_wrap=True,
+            )
+            reset[name] = next(p.default for p in ctx.command.params if p.name == name)
+            continue
+        where = f" (set in --config {config!r})" if source(name) == "config" else ""
+        _fail(f"{flag}{where} applies only with {needs}: it would be ignored")
+    return reset
+
+
 @app.command()
 def train(
     ctx: typer.Context,
@@ -890,6 +931,9 @@ def train(
     from kd.student_trainer.train import TrainConfig, seed_everything, train_student
     from kd.teacher_server.loading import TeacherLoadError
 
+    reset = _inert_recipe_flags(ctx, optimizer, schedule)
+    milestones, gamma = reset.get("milestones", milestones), reset.get("gamma", gamma)
+    momentum = reset.get("momentum", momentum)
     recipe = _recipe(lr, weight_decay, optimizer, momentum, nesterov, schedule, milestones, gamma, warmup_epochs, amp,
                      channels_last, clip_grad_norm)  # fmt: skip
     from kd.student_trainer.losses import get_method as _get_method

@@ -34,6 +34,52 @@ def _config(run: Path) -> dict:
     return json.loads((run / "config.json").read_text())
 
 
+# --- F2: recipe flags that the optimiser or schedule would ignore ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--milestones", "1,2", "--gamma", "0.1"], ["--milestones applies only with --schedule multistep"]),
+        (["--gamma", "0.5"], ["--gamma applies only with --schedule multistep (the schedule is constant)"]),
+        (["--schedule", "cosine", "--milestones", "1"], ["--milestones", "(the schedule is cosine)"]),
+        (["--optimizer", "adamw", "--momentum", "0.5"], ["--momentum applies only with --optimizer sgd or dot",
+                                                          "(adamw has no momentum)"]),
+        (["--momentum", "0.9"], ["--momentum", "(adam has no momentum)"]),  # the default optimiser, default value
+    ],
+)  # fmt: skip
+def test_flags_the_recipe_would_ignore_are_refused(args: list[str], needles: list[str]) -> None:
+    refused(_train("--method", "ce", *SUB, *args), *needles)
+
+
+def test_the_same_flags_where_they_apply_train(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    r = _train("--method", "ce", *SUB, "--optimizer", "sgd", "--momentum", "0.5", "--schedule", "multistep",
+               "--milestones", "0", "--gamma", "0.5", "--run-dir", str(run))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    config = _config(run)
+    assert (config["momentum"], config["milestones"], config["gamma"]) == (0.5, [0], 0.5)
+
+
+def test_a_config_value_whose_setting_the_command_line_replaced_is_left_out(tmp_path: Path) -> None:
+    """The shipped recipe's momentum with --optimizer adamw, its milestones with --schedule cosine:
+    left out with a note (a file's value cannot be unset from the command line)."""
+    run = tmp_path / "run"
+    r = _train("--config", CIFAR, "--method", "ce", *SUB, "--optimizer", "adamw", "--schedule", "cosine",
+               "--run-dir", str(run))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "note: --momentum from --config" in r.output and "note: --milestones from --config" in r.output
+    config = _config(run)
+    assert (config["optimizer"], config["schedule"], config["milestones"]) == ("adamw", "cosine", [])
+    assert config["lr"] == 0.05  # the rest of the file still applies
+
+
+def test_a_config_that_contradicts_itself_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optimizer: adam\nmomentum: 0.5\nmethod: ce\n")
+    refused(_train("--config", str(cfg), *SUB), f"--momentum (set in --config {str(cfg)!r}) applies only with")
+
+
 # --- F3: a recipe's method options belong to its method -------------------------------------------
 
 
