@@ -981,6 +981,8 @@ def train(
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     train_data, test_data = _train_and_val(dataset, val_dataset)
+    if subset > len(train_data):  # the permutation's first N was all of it: trained on fewer, without a word
+        _fail(f"--subset {subset} is larger than --dataset {train_data.dataset_id} ({len(train_data)} samples)")
     seed_everything(seed)
     try:
         model = _build_student(student)

@@ -13,12 +13,12 @@ import torch
 from typer.testing import CliRunner
 
 from kd.cli import app
-from kd.core.data import open_source
+from kd.core.data import load_dataset, open_source
 from kd.models import digits_student
 from kd.student_trainer.losses import get_method
 from kd.student_trainer.losses.mgd import mgd_loss
 from kd.student_trainer.losses.noisy import perturb_teacher
-from kd.student_trainer.train import TrainConfig, train_student
+from kd.student_trainer.train import TrainConfig, load_checkpoint, train_student
 from tests.cli_checks import refused
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +116,46 @@ def test_a_plain_opt_table_under_another_method_is_refused_naming_it(tmp_path: P
     refused(_train("--config", str(bad), *SUB), "not such: ['no_such_method']")
 
 
+# --- F8: --subset, and --resume with another --workers ----------------------------------------------
+
+
+def test_a_subset_larger_than_the_split_is_refused() -> None:
+    n = len(load_dataset("digits", "train"))
+    refused(_train("--method", "ce", "--epochs", "1", "--subset", str(n + 1)),
+            f"--subset {n + 1} is larger than --dataset digits/train@", f"({n} samples)")  # fmt: skip
+
+
+def _stop_at(call: int):
+    calls = [0]
+
+    def stop() -> int | None:
+        calls[0] += 1
+        return 15 if calls[0] == call else None
+
+    return stop
+
+
+def test_resume_with_other_workers_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
+    """Workers read the batches that the main process plans: a run stopped in epoch 1 and resumed
+    with workers=2 ends with the weights of an uninterrupted workers=0 run, bit for bit."""
+    train, test = open_source("digits"), open_source("digits:test")
+    sub = torch.arange(96)
+    cfg = TrainConfig(method="ce", epochs=2, batch_size=32, optimizer="sgd", lr=0.1)
+    torch.manual_seed(0)
+    whole = digits_student()
+    train_student(whole, train, test, cfg, subset=sub)
+    torch.manual_seed(0)
+    part = digits_student()
+    r = train_student(part, train, test, cfg, subset=sub, run_dir=tmp_path, stop=_stop_at(6))
+    assert r.stopped_at == (1, 1)
+    torch.manual_seed(0)
+    resumed = digits_student()
+    train_student(resumed, train, test, TrainConfig(**{**cfg.__dict__, "workers": 2}), subset=sub,
+                  run_dir=tmp_path, resume=True)  # fmt: skip
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
 # --- F9: on/off flags from a config can be turned off -----------------------------------------------
 
 
@@ -136,6 +176,31 @@ def test_resume_in_a_config_is_refused(tmp_path: Path) -> None:
     cfg.write_text("method: ce\nresume: true\n")
     refused(_train("--config", str(cfg), *SUB, "--run-dir", str(tmp_path / "run")),
             "resume is not a recipe setting", "give --resume on the command line")  # fmt: skip
+
+
+# --- F10: the validation split is part of a run -------------------------------------------------------
+
+
+def test_resume_with_another_validation_split_is_refused(tmp_path: Path) -> None:
+    import numpy as np
+
+    digits = load_dataset("digits", "test")
+    other = tmp_path / "other_val.npz"
+    np.savez(other, x=digits.inputs[::2].numpy(), y=digits.labels[::2].numpy())
+    train, test, test2 = open_source("digits"), open_source("digits:test"), open_source(f"npz:{other}")
+    cfg = TrainConfig(method="ce", epochs=2, batch_size=32)
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    train_student(digits_student(), train, test, cfg, subset=torch.arange(64), run_dir=run, stop=_stop_at(3))
+    assert _config(run)["val_dataset"] == test.dataset_id
+    with pytest.raises(ValueError, match=r"differs in \['val_dataset'\] \(val_dataset: checkpoint 'digits/test@"):
+        train_student(digits_student(), train, test2, cfg, subset=torch.arange(64), run_dir=run, resume=True)
+    # A checkpoint written before the split was recorded: resumed on the split given (nothing to check).
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    del ckpt["config"]["val_dataset"]
+    torch.save(ckpt, run / "checkpoint.pt")
+    r = train_student(digits_student(), train, test2, cfg, subset=torch.arange(64), run_dir=run, resume=True)
+    assert len(r.acc_per_epoch) == 2
 
 
 # --- F11: option ranges, --views -----------------------------------------------------------------------
