@@ -69,7 +69,7 @@ from kd.models import MLP
 from kd.student_trainer.losses import get_method
 from kd.student_trainer.sources import LocalSource, ServerSource, SoftTargetSource
 from kd.student_trainer.train import Hooks, StepContext, TrainConfig, accuracy, seed_everything, train_student
-from kd.teacher_server.loading import load_teacher, save_weights
+from kd.teacher_server.loading import TeacherLoadError, load_teacher, save_weights
 
 console = Console(stderr=True)
 MODES = ("takd", "born-again")
@@ -198,6 +198,11 @@ def check_chain(
     with torch.random.fork_rng(devices=[]):
         if teacher is None:
             build(teacher_factory, "teacher")
+        else:  # a missing or mismatched weights file: exit 2 naming it, not exit 1 from run_chain's stage 0
+            try:
+                load_teacher("chain", teacher)
+            except TeacherLoadError as e:
+                raise ValueError(f"teacher: {e}") from e
         for spec in dict.fromkeys(models):
             build(spec, "student")
     return models

@@ -535,6 +535,8 @@ def precompute(
         _fail("--mean/--std are a local: teacher's normalisation; a server applies its own (kd serve --mean/--std)")
     if batch_size < 1 or commit_every < 1:
         _fail(f"--batch-size and --commit-every must be >= 1, got {batch_size} and {commit_every}")
+    if views < 1:  # named here, before the data is opened (the cache's own check says "cache views")
+        _fail(f"--views must be >= 1 (1: the plain samples), got {views}")
     if not (math.isfinite(server_timeout) and server_timeout > 0):
         _fail(f"--server-timeout {server_timeout}: give a number of seconds > 0")
     timeouts = {"timeout": server_timeout, "stream_timeout": server_timeout}  # a server's client, as kd train's
@@ -647,24 +649,47 @@ def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: fl
 
 def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
     """``--config FILE``: every ``kd train`` option from a TOML or YAML table; options
-    given on the command line win. Keys are option names (``batch-size`` or ``batch_size``)."""
+    given on the command line win. Keys are option names (``batch-size`` or ``batch_size``).
+
+    ``opt`` is a table of the config's ``method``'s options, or a table of such tables keyed by
+    method (``opt: {kd: {temperature: 4}, dkd: {...}}``): then a ``--method`` given on the command
+    line takes its own entry (none: its defaults). A plain table is for the config's method only:
+    ``train`` refuses it under another ``--method`` (see ``_config_method_options``)."""
     if value is None:
         return value
     from kd.teacher_server.config import ConfigError, read_table
 
+    # Refusals here are kd's one-line "error:" (exit 2), not click's usage block.
     try:
         table = read_table(value)
     except ConfigError as e:
-        raise typer.BadParameter(str(e)) from None
+        _fail(f"--config: {e}")
     names = {p.name for p in ctx.command.params}
     values = {str(k).replace("-", "_"): v for k, v in table.items()}
     unknown = sorted(set(values) - names - {"config"})
     if unknown:
-        raise typer.BadParameter(f"{value}: unknown option(s) {unknown}; see `kd train --help`")
-    if "opt" in values and isinstance(values["opt"], dict):  # a table of method options
-        values["opt"] = [f"{k}={json.dumps(v)}" for k, v in values["opt"].items()]
-    if "opt" in values:  # merged with the command line's --opt in train (which wins key by key)
-        ctx.meta["kd_config_opt"] = [values["opt"]] if isinstance(values["opt"], str) else list(values["opt"])
+        _fail(f"--config {str(value)!r}: unknown option(s) {unknown}; see `kd train --help`")
+    if "resume" in values:  # a file reused by every run of a recipe: each new run would resume (or fail)
+        _fail(f"--config {str(value)!r}: resume is not a recipe setting (it continues one run directory): "
+              "leave it out of the file and give --resume on the command line")  # fmt: skip
+    opt = values.pop("opt", None)
+    ctx.meta["kd_config_path"] = str(value)
+    if isinstance(opt, dict) and any(isinstance(v, dict) for v in opt.values()):  # keyed by method
+        from kd.student_trainer.losses import METHODS
+
+        bad = sorted(str(k) for k, v in opt.items() if not isinstance(v, dict) or k not in METHODS)
+        if bad:
+            _fail(f"--config {str(value)!r}: opt keyed by method must map method names to tables of their "
+                  f"options; not such: {bad}")  # fmt: skip
+        ctx.meta["kd_config_opt_by_method"] = {
+            m: [f"{k}={json.dumps(v)}" for k, v in table.items()] for m, table in opt.items()
+        }
+    elif opt is not None:
+        if isinstance(opt, dict):  # a table of the config's method's options
+            opt = [f"{k}={json.dumps(v)}" for k, v in opt.items()]
+        # merged with the command line's --opt in train (which wins key by key)
+        ctx.meta["kd_config_opt"] = [opt] if isinstance(opt, str) else list(opt)
+        ctx.meta["kd_config_opt_method"] = values.get("method")
     # A repeatable option (--source, --match, --combiner-opt) written once as a plain string
     # (`source = "cache:X"`) is one entry: click iterates a default_map value of a multiple
     # option, and a string is refused ("Value must be an iterable"), not split into characters.
@@ -676,6 +701,27 @@ def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
         values["milestones"] = ",".join(str(m) for m in values["milestones"])
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
+
+
+def _config_method_options(ctx: typer.Context, method: str) -> list[str]:
+    """The ``--config`` file's method options that apply to ``method``.
+
+    A plain ``opt`` table belongs to the file's ``method``: under another ``--method`` its keys
+    mean something else (kd's alpha 0.9 became DKD's TCKD weight without a word) or do not exist,
+    so that is refused, naming the options and their method. Options keyed by method give
+    ``method`` its own entry, or none (its defaults)."""
+    by_method = ctx.meta.get("kd_config_opt_by_method")
+    if by_method is not None:
+        return list(by_method.get(method, []))
+    items = list(ctx.meta.get("kd_config_opt", []))
+    owner = ctx.meta.get("kd_config_opt_method")
+    if items and owner is not None and owner != method:
+        path = ctx.meta.get("kd_config_path")
+        keys = sorted(_parse_options(items))
+        _fail(f"--config {path!r} sets method options {keys} for its method {owner!r}, not for --method "
+              f"{method!r}: leave --method out, or key the file's opt by method (opt: {{{owner}: {{...}}, "
+              f"{method}: {{...}}}}) and give {method}'s there or with --opt")  # fmt: skip
+    return items
 
 
 def _build_student(spec: str):
@@ -767,6 +813,47 @@ def _recipe(lr: float, weight_decay: float, optimizer: str, momentum: float, nes
     return recipe
 
 
+def _inert_recipe_flags(ctx: typer.Context, optimizer: str, schedule: str) -> dict[str, object]:
+    """Refuse recipe flags that the chosen optimiser or schedule would ignore without a word:
+    --milestones/--gamma without --schedule multistep (config.json recorded them, the rate stayed
+    constant) and --momentum with adam/adamw (byte-identical weights for any value), as --nesterov
+    with adam is refused. A value from --config whose optimiser or schedule the command line
+    replaced does not apply to it: dropped (back to its default) with a note, not refused, since
+    a file's momentum cannot be unset from the command line. Returns the flags to reset."""
+    config = ctx.meta.get("kd_config_path")
+
+    def source(name: str) -> str | None:
+        # by name: typer's context may come with its own copy of click's ParameterSource enum
+        given = getattr(ctx.get_parameter_source(name), "name", None)
+        if given in ("COMMANDLINE", "ENVIRONMENT"):
+            return "command line"
+        return "config" if given == "DEFAULT_MAP" else None
+
+    reset: dict[str, object] = {}
+    inert = []
+    if schedule != "multistep":
+        needs = f"--schedule multistep (the schedule is {schedule})"
+        # milestones: its default "" is no milestone, so only a non-empty value is one that is ignored
+        inert += [(n, "--schedule", needs) for n in ("milestones", "gamma")
+                  if source(n) and (n != "milestones" or ctx.params.get(n))]  # fmt: skip
+    if optimizer in ("adam", "adamw") and source("momentum"):
+        inert.append(("momentum", "--optimizer", f"--optimizer sgd or dot ({optimizer} has no momentum)"))
+    for name, governing, needs in inert:
+        flag = "--" + name.replace("_", "-")
+        if source(name) == "config" and source(governing[2:]) == "command line":
+            console.print(
+                f"note: {flag} from --config {config!r} does not apply with the command line's "
+                f"{governing} {ctx.params.get(governing[2:])}; left out",
+                highlight=False,
+                soft_wrap=True,
+            )
+            reset[name] = next(p.default for p in ctx.command.params if p.name == name)
+            continue
+        where = f" (set in --config {config!r})" if source(name) == "config" else ""
+        _fail(f"{flag}{where} applies only with {needs}: it would be ignored")
+    return reset
+
+
 @app.command()
 def train(
     ctx: typer.Context,
@@ -820,7 +907,7 @@ def train(
     weight_decay: float = typer.Option(0.0, help="Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
     optimizer: str = typer.Option("adam", help="adam, adamw, sgd or dot (DOT, split momenta)."),
     momentum: float = typer.Option(0.9, help="sgd: momentum."),
-    nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
+    nesterov: bool = typer.Option(False, "--nesterov/--no-nesterov", help="sgd: Nesterov momentum."),
     schedule: str = typer.Option("constant", help="constant, cosine (per step) or multistep (per epoch)."),
     milestones: str = typer.Option(
         "", help="multistep: epochs (from 0) at which lr is multiplied by --gamma, e.g. 150,180,210."
@@ -828,7 +915,9 @@ def train(
     gamma: float = typer.Option(0.1, help="multistep: the factor at each milestone."),
     warmup_epochs: float = typer.Option(0.0, help="Linear warm-up of the learning rate over this many epochs."),
     amp: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast; fp16 with a grad scaler). CUDA; bf16 on CPU."),
-    channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format (CUDA convnets)."),
+    channels_last: bool = typer.Option(
+        False, "--channels-last/--no-channels-last", help="Channels-last memory format (CUDA convnets)."
+    ),
     clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
     workers: int = typer.Option(0, help="Read training batches in this many worker processes (file datasets)."),
     input_size: int = typer.Option(
@@ -845,7 +934,9 @@ def train(
         None, help="Write config.json, metrics.csv and a checkpoint per epoch here (see `kd plot`)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from --run-dir's checkpoint (exact resume)."),
-    progress: bool = typer.Option(False, "--progress", help="A progress bar with samples/s and target wait time."),
+    progress: bool = typer.Option(
+        False, "--progress/--no-progress", help="A progress bar with samples/s and target wait time."
+    ),
     keep_every: int = typer.Option(
         0, help="Also keep the weights every N epochs as RUN_DIR/epochs/epoch_NNNN.safetensors (for `kd explain`)."
     ),
@@ -853,9 +944,9 @@ def train(
     """Train a student from a soft-target source with a KD method."""
     import os
 
-    # --opt on the command line replaces the config's list as a whole: merge them, the command line's
-    # keys winning, so the config's other method options stay (when no --opt is given, opt is the config's).
-    opt = [*ctx.meta.get("kd_config_opt", []), *opt]
+    # The config's method options (kept out of click's default_map, which a command-line --opt would
+    # replace as a whole) first, so the command line's --opt wins key by key and the rest stay.
+    opt = [*_config_method_options(ctx, method), *opt]
 
     if keep_every and run_dir is None:
         _fail("--keep-every needs --run-dir")
@@ -867,6 +958,8 @@ def train(
         _fail(f"--epochs and --batch-size must be >= 1, got {epochs} and {batch_size}")
     if subset < 0:
         _fail(f"--subset must be >= 0 (0: all samples), got {subset}")
+    if views < 1:  # 0 or negative was recorded in config.json and trained as 1
+        _fail(f"--views must be >= 1 (1: the plain samples), got {views}")
     _check_run_options(seed, device)
     _check_out(out)
 
@@ -887,6 +980,9 @@ def train(
     from kd.student_trainer.train import TrainConfig, seed_everything, train_student
     from kd.teacher_server.loading import TeacherLoadError
 
+    reset = _inert_recipe_flags(ctx, optimizer, schedule)
+    milestones, gamma = reset.get("milestones", milestones), reset.get("gamma", gamma)
+    momentum = reset.get("momentum", momentum)
     recipe = _recipe(lr, weight_decay, optimizer, momentum, nesterov, schedule, milestones, gamma, warmup_epochs, amp,
                      channels_last, clip_grad_norm)  # fmt: skip
     if method.startswith("token-"):  # per-token losses take token data, which kd train does not
@@ -932,6 +1028,8 @@ def train(
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     train_data, test_data = _train_and_val(dataset, val_dataset)
+    if subset > len(train_data):  # the permutation's first N was all of it: trained on fewer, without a word
+        _fail(f"--subset {subset} is larger than --dataset {train_data.dataset_id} ({len(train_data)} samples)")
     seed_everything(seed)
     try:
         model = _build_student(student)

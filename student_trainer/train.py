@@ -120,6 +120,11 @@ class TrainConfig:
     input_std: list[float] = field(default_factory=list)
 
 
+# TrainConfig fields that do not change the trained weights or the metrics (workers: the batch
+# order and views are drawn in the main process, see TrainConfig.workers), so a resume may change them.
+RESULT_NEUTRAL = ("workers",)
+
+
 def student_final(config: TrainConfig) -> Final | None:
     """The student's ``Final`` from ``config`` (None when it changes nothing)."""
     if bool(config.input_mean) != bool(config.input_std):
@@ -508,6 +513,8 @@ def train_student(
         raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
     if config.workers < 0:
         raise ValueError(f"workers must be >= 0, got {config.workers}")
+    if config.views < 1:
+        raise ValueError(f"views must be >= 1 (1: the plain samples), got {config.views}")
     method = get_method(config.method)
     if hooks.loss is None:  # a loss hook replaces the method's loss (and reads the targets its own way)
         check_logit_offsets(config.method, config.method_options, source, config.matches)
@@ -584,6 +591,8 @@ def train_student(
         effective = {
             **asdict(config),
             "dataset": None if train is None else train.dataset_id,
+            # the split every epoch's test_acc is measured on: another one mixes two splits in metrics.csv
+            "val_dataset": getattr(test, "dataset_id", None),
             "train_samples": len(subset),
             "source": None if source is None else source.name,
             "teacher_fingerprint": None if source is None else source.fingerprint,
@@ -616,9 +625,14 @@ def train_student(
             defaults = json.loads(json.dumps(asdict(TrainConfig())))
             saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
             now = json.loads(json.dumps(effective))
-            for key in ("source_identity", "student"):
+            # val_dataset: a checkpoint written before it was recorded is resumed on the split given now
+            # (nothing to compare it with).
+            for key in ("source_identity", "student", "val_dataset"):
                 if key not in saved:
                     now.pop(key)
+            for key in RESULT_NEUTRAL:  # how batches are read, not what is trained: may change on resume
+                saved.pop(key, None)
+                now.pop(key, None)
             if saved != now:
                 diff = sorted(k for k in set(now) | set(saved) if saved.get(k) != now.get(k))
                 details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)

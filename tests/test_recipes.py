@@ -402,11 +402,11 @@ MDISTILLER = {
     "cifar100_mdistiller.yaml": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight-decay": 0.0005,
                                  "batch-size": 64, "epochs": 240, "schedule": "multistep",
                                  "milestones": [150, 180, 210], "gamma": 0.1, "method": "kd",
-                                 "opt": {"temperature": 4, "alpha": 0.9}},
+                                 "opt": {"kd": {"temperature": 4, "alpha": 0.9}}},
     "imagenet_mdistiller.yaml": {"optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "weight-decay": 0.0001,
                                  "batch-size": 512, "epochs": 100, "schedule": "multistep",
                                  "milestones": [30, 60, 90], "gamma": 0.1, "method": "kd",
-                                 "opt": {"temperature": 1, "alpha": 0.5}},
+                                 "opt": {"kd": {"temperature": 1, "alpha": 0.5}}},
 }  # fmt: skip
 
 

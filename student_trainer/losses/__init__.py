@@ -135,7 +135,15 @@ OPTION_RANGES: dict[str, tuple[float, float, bool]] = {
     "warmup": (0.0, _INF, False),
     "sparsity": (0.0, _INF, False),
     "hash_ratio": (0.0, _INF, True),
+    # Divides each shallower stage's term once more (mgd, ofd): 0 divides by zero, a negative
+    # value flips the sign of every other stage's term.
+    "stage_decay": (0.0, _INF, True),
+    # eskd: the first epoch without KD (0-based); a negative one trained CE alone without a word.
+    "stop_epoch": (0.0, _INF, False),
 }
+# Options whose default is None (unset) but that take an integer when given: torch's
+# manual_seed refused seed=1.5 only at the first step, and epoch numbers are whole.
+INTEGER_OPTIONS = ("seed", "stop_epoch")
 METHOD_OPTION_RANGES: dict[tuple[str, str], tuple[float, float, bool]] = {
     ("dkd", "alpha"): (0.0, _INF, False),  # DKD's alpha weighs TCKD; it is not a KD/CE mix
     ("token-gjsd", "beta"): (0.0, 1.0, False),  # GKD's mixture weight: 0 = forward KL, 1 = reverse KL
@@ -165,7 +173,8 @@ def check_option_values(method: str, defaults: dict[str, object], options: dict[
             raise ValueError(f"method {method!r}: option {name}={value!r} must be a number (default {default!r})")
         if not math.isfinite(value):
             raise ValueError(f"method {method!r}: option {name}={value!r} must be finite")
-        if isinstance(default, int) and not float(value).is_integer():
+        integral = isinstance(default, int) or (default is None and name in INTEGER_OPTIONS)
+        if integral and not float(value).is_integer():
             raise ValueError(f"method {method!r}: option {name}={value!r} must be an integer (default {default!r})")
         rng = METHOD_OPTION_RANGES.get((method, name)) or OPTION_RANGES.get(name)
         if rng is None and name.endswith("weight"):

@@ -123,6 +123,8 @@ def mgd_loss(
     weight: float = 1e-4,
     stage_decay: float = 2.0,
 ) -> torch.Tensor:
+    if stage_decay <= 0:  # as ofd's: 0 divides by zero, a negative value flips every other stage's sign
+        raise ValueError(f"mgd: stage_decay must be > 0, got {stage_decay}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"mgd: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if len(student_feats) != len(teacher_feats) or not student_feats:

@@ -103,6 +103,6 @@ def noisy_teacher_loss(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=teacher_logits.device)
-        generator.manual_seed(seed)
+        generator.manual_seed(int(seed))  # 2.0 from JSON is a whole number; torch takes only an int
     noisy = perturb_teacher(teacher_logits, noise_fraction, noise_variance, generator)
     return kd_loss(student_logits, noisy, labels, temperature=temperature, alpha=alpha)
