@@ -1532,12 +1532,40 @@ def _epoch_generator(seed: int | None, epoch: int, salt: int) -> torch.Generator
     return torch.Generator().manual_seed(((seed or 0) * 1_000_003 + epoch) * 8 + salt)
 
 
+_KEY_CHUNK = 1 << 16  # keys made into Python ints at a time: ~2 MiB of them, whatever the dataset size
+
+
+def compact_indices(indices: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
+    """``indices`` as a flat int32 tensor when every one fits (else int64), without a copy when it already is.
+
+    Sample indices are held for a whole run (a sampler's, a precompute's to-do list): int32 is 4 bytes a
+    sample instead of 8, and a dataset of 2**31 samples or more keeps int64."""
+    t = torch.as_tensor(indices).reshape(-1)
+    if t.dtype == torch.int32:
+        return t
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        t = t.long()  # as torch.as_tensor(indices, dtype=torch.long) always took them
+    if len(t) == 0 or (int(t.min()) >= -(2**31) and int(t.max()) < 2**31):
+        return t.to(torch.int32)
+    return t.to(torch.long)
+
+
+def _perm_dtype(n: int) -> torch.dtype:
+    return torch.int32 if n < 2**31 else torch.long
+
+
 class KeySampler(torch.utils.data.Sampler[int]):
-    """Yields keys ``index * 65536 + view``, lazily (memory: a few int64 per sample).
+    """Yields keys ``index * 65536 + view``, lazily.
 
     ``num_views <= 1``: plain samples (view 0). ``fresh_views``: one view per
     sample per epoch, drawn from an epoch-seeded generator. Otherwise every
     view of every sample, sample-major (the cache's key order).
+
+    Memory: the indices (int32: 4 bytes a sample), and while an epoch is iterated
+    its permutation (4 bytes a sample, when shuffled) and its drawn views (2 bytes a
+    sample, with ``fresh_views``); keys become Python ints ``_KEY_CHUNK`` at a time.
+    The order is the one of ``torch.randperm`` / ``torch.randint`` in int64: those
+    draw the same numbers whatever the output dtype.
     """
 
     def __init__(
@@ -1550,7 +1578,7 @@ class KeySampler(torch.utils.data.Sampler[int]):
     ) -> None:
         if num_views > VIEW_STRIDE:
             raise ValueError(f"at most {VIEW_STRIDE} views per sample")
-        self.indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        self.indices = compact_indices(indices)
         self.num_views, self.fresh_views, self.shuffle_seed, self.epoch = num_views, fresh_views, shuffle_seed, epoch
 
     def set_epoch(self, epoch: int) -> None:
@@ -1566,19 +1594,25 @@ class KeySampler(torch.utils.data.Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         n = len(self.indices)
-        pos = torch.arange(n)
+        pos = None
         if self.shuffle_seed is not None:
-            pos = torch.randperm(n, generator=_epoch_generator(self.shuffle_seed, self.epoch, 1))
-        if self.plain:
-            keys = self.indices[pos] * VIEW_STRIDE
-        elif self.fresh_views:
-            v = torch.randint(0, self.num_views, (n,), generator=_epoch_generator(self.shuffle_seed, self.epoch, 2))
-            keys = self.indices[pos] * VIEW_STRIDE + v[pos]
-        else:
-            for i in self.indices[pos].tolist():
-                yield from range(i * VIEW_STRIDE, i * VIEW_STRIDE + self.num_views)
-            return
-        yield from keys.tolist()
+            pos = torch.randperm(n, generator=_epoch_generator(self.shuffle_seed, self.epoch, 1), dtype=_perm_dtype(n))
+        drawn = None
+        if not self.plain and self.fresh_views:
+            dtype = torch.int16 if self.num_views <= 2**15 else torch.int32
+            drawn = torch.randint(
+                0, self.num_views, (n,), generator=_epoch_generator(self.shuffle_seed, self.epoch, 2), dtype=dtype
+            )
+        # Every view of a sample is a key: fewer samples a chunk, so a chunk stays _KEY_CHUNK keys.
+        step = _KEY_CHUNK if self.plain or self.fresh_views else max(1, _KEY_CHUNK // self.num_views)
+        for lo in range(0, n, step):
+            at = slice(lo, lo + step) if pos is None else pos[lo : lo + step]
+            keys = self.indices[at].long() * VIEW_STRIDE
+            if drawn is not None:
+                keys += drawn[at]
+            elif not self.plain:
+                keys = (keys[:, None] + torch.arange(self.num_views)).reshape(-1)
+            yield from keys.tolist()
 
 
 class _Keyed(torch.utils.data.Dataset):
@@ -1665,9 +1699,10 @@ def loader(
     batches); ``fresh_views``: one view per sample per epoch drawn from
     ``range(num_views)`` (training), else every view of every sample
     (precompute); ``shuffle_seed``: shuffle per epoch (None: index order).
-    Memory is flat in the dataset size: only indices and labels are held.
+    What grows with the dataset: the source's labels, and the sampler's ~4-10 bytes
+    a sample (``KeySampler``); never a Python object per sample.
     """
-    idx = torch.arange(len(source)) if indices is None else torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    idx = compact_indices(torch.arange(len(source), dtype=_perm_dtype(len(source))) if indices is None else indices)
     if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(source)):
         raise IndexError(f"indices out of range for a source of {len(source)} samples")
     policy = None if views is None else ViewPolicy.parse(views)
