@@ -1043,11 +1043,19 @@ def train(
     def open_source(ref: str):
         if ref.startswith("cache:"):
             return parse_source(ref, dataset_id=train_data.dataset_id, prefetch=prefetch)
+        from kd.precompute import check_sample_shape
+
         if ref.startswith("server:") and server_topk:
-            return parse_source(ref, topk=server_topk, temperature=sparse_temperature, **timeouts)
-        if ref.startswith("server:"):
-            return parse_source(ref, **timeouts)
-        return parse_source(ref, **({"device": device} if ref.startswith("local:") else {}))
+            teacher = parse_source(ref, topk=server_topk, temperature=sparse_temperature, **timeouts)
+        elif ref.startswith("server:"):
+            teacher = parse_source(ref, **timeouts)
+        else:
+            teacher = parse_source(ref, **({"device": device} if ref.startswith("local:") else {}))
+        try:  # samples the teacher cannot take: refused now, not at the first step inside the model
+            check_sample_shape(train_data, teacher)
+        except ValueError as e:
+            _fail(str(e))
+        return teacher
 
     src = None
     try:

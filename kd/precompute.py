@@ -98,23 +98,43 @@ def present_codes(path: str | Path, views: int) -> np.ndarray:
     return np.fromiter((i * views + v for i, v in CacheReader(path).keys()), dtype=np.int64)
 
 
-def todo_keys(meta: CacheMeta, present: np.ndarray) -> np.ndarray:
-    """(index, view) int64 ``[M, 2]`` this environment still lacks, in index order.
+_PLAN_CHUNK = 1 << 20  # to-do positions found at a time: no int64 temporary the size of the dataset
 
-    ``present``: ``present_codes`` of the environment. A numpy array (16 bytes a
-    key) rather than a list of tuples, so the plan of a large dataset stays small."""
-    idx = np.arange(meta.shard_index, meta.dataset_size, meta.shard_count, dtype=np.int64)
-    keys = np.stack([np.repeat(idx, meta.views), np.tile(np.arange(meta.views, dtype=np.int64), len(idx))], axis=1)
-    if len(present):
-        keys = keys[~np.isin(keys[:, 0] * meta.views + keys[:, 1], present)]
-    return keys
+
+def todo_samples(meta: CacheMeta, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(samples, skip)``: the samples of this environment with a view still to compute, in index
+    order, and the ``index * views + view`` codes of the views already committed among them (the
+    samples a killed run left with some of their views: those are not redone).
+
+    ``present``: ``present_codes`` of the environment. ``samples`` is int32 when the dataset fits
+    (4 bytes a sample, the whole plan: the (index, view) keys are made a batch at a time from it)."""
+    views, first, step = meta.views, meta.shard_index, meta.shard_count
+    dtype = np.int32 if meta.dataset_size <= 2**31 else np.int64
+    m = len(range(first, meta.dataset_size, step))
+    if not len(present):
+        return np.arange(first, meta.dataset_size, step, dtype=dtype), present[:0]
+    sample = present // views
+    ours = (sample >= first) & (sample < meta.dataset_size) & ((sample - first) % step == 0)
+    present, slot = present[ours], (sample[ours] - first) // step  # this environment's records, by position
+    del sample, ours
+    slots, counts = np.unique(slot, return_counts=True)
+    todo = np.ones(m, dtype=bool)
+    todo[slots[counts >= views]] = False
+    partial = slots[counts < views]
+    parts = [np.flatnonzero(todo[lo : lo + _PLAN_CHUNK]).astype(dtype) + dtype(lo) for lo in range(0, m, _PLAN_CHUNK)]
+    samples = np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+    samples *= dtype(step)
+    samples += dtype(first)
+    skip = present[np.isin(slot, partial)] if len(partial) else present[:0]
+    return samples, skip
 
 
 class KeyBatches(torch.utils.data.Dataset):
-    """Item k = the k-th batch of ``keys``: (indices, views, inputs, labels), made in a DataLoader worker.
+    """Item k = the k-th batch of keys: (indices, views, inputs, labels), made in a DataLoader worker.
 
-    ``decode=False`` (the server holds the data: inputs by reference) skips the
-    samples and yields an empty input tensor."""
+    ``keys``: (index, view) pairs ``[M, 2]``, or sample indices ``[S]`` standing for every view of
+    each (``S * views`` keys, sample-major, made a batch at a time). ``decode=False`` (the server
+    holds the data: inputs by reference) skips the samples and yields an empty input tensor."""
 
     def __init__(self, source: SampleSource, keys: np.ndarray, batch_size: int, views: int, decode: bool = True):
         self.source = source
@@ -124,12 +144,20 @@ class KeyBatches(torch.utils.data.Dataset):
         self.decode = decode
         self.labels = torch.as_tensor(source.labels, dtype=torch.long)  # read once, not per batch
 
+    def _rows(self) -> int:
+        return len(self.keys) if self.keys.ndim == 2 else len(self.keys) * self.views
+
     def __len__(self) -> int:
-        return math.ceil(len(self.keys) / self.batch_size)
+        return math.ceil(self._rows() / self.batch_size)
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        chunk = torch.from_numpy(self.keys[k * self.batch_size : (k + 1) * self.batch_size])
-        idx, vw = chunk[:, 0].contiguous(), chunk[:, 1].contiguous()
+        lo, hi = k * self.batch_size, min((k + 1) * self.batch_size, self._rows())
+        if self.keys.ndim == 2:
+            chunk = torch.from_numpy(self.keys[lo:hi].astype(np.int64))
+            idx, vw = chunk[:, 0].contiguous(), chunk[:, 1].contiguous()
+        else:
+            at = torch.arange(lo, hi)
+            idx, vw = torch.from_numpy(self.keys[(at // self.views).numpy()].astype(np.int64)), at % self.views
         if self.decode:
             inputs = self.source.get(idx, vw if self.views > 1 else None)
         else:
@@ -237,6 +265,35 @@ def check_served_dataset(dataset: SampleSource, teacher: SoftTargetSource, views
             "would be labelled with one dataset and hold the targets of the other. Give --dataset the URI (and "
             "options) the server registered"
         )
+
+
+def check_sample_shape(dataset: SampleSource, teacher: SoftTargetSource) -> None:
+    """Refuse, before any work, samples the teacher cannot take, naming both shapes (else the first
+    batch fails inside the model: "mat1 and mat2 shapes cannot be multiplied", no shape named).
+
+    An in-process teacher takes samples of its input shape, or images of its channels at any size
+    (resized: ``kd.core.views.pixels_to_input``); a server's client also reshapes samples of as many
+    values (``ServerSource._payload``). By reference the server reads its own data: not checked here."""
+    inner = getattr(teacher, "teacher", None)  # a LocalSource's Teacher (a ServerSource's is a name)
+    if hasattr(inner, "input_dtype"):
+        shape, floating, reshapes, name = inner.input_shape, inner.input_dtype.is_floating_point, False, inner.name
+    elif getattr(teacher, "dataset", None) is None and getattr(teacher, "input_shape", None) is not None:
+        shape, floating, reshapes = teacher.input_shape, bool(getattr(teacher, "floating", True)), True
+        name = teacher.teacher_name
+    else:
+        return
+    sample = getattr(dataset, "sample_shape", None)
+    if sample is None or not floating or not shape or min(int(s) for s in shape) <= 0:  # token teachers: theirs
+        return
+    sample, shape = tuple(int(s) for s in sample), tuple(int(s) for s in shape)
+    if sample == shape or (len(sample) == len(shape) == 3 and sample[0] == shape[0]):
+        return
+    if reshapes and math.prod(sample) == math.prod(shape):
+        return
+    raise ValueError(
+        f"the dataset's samples are {list(sample)} but teacher {name!r} takes input {list(shape)}: "
+        "give the dataset ?shape= (or ?size=/mode=) to match, or another teacher"
+    )
 
 
 def _skipping(rows, skip: np.ndarray, views: int):
@@ -445,6 +502,7 @@ def precompute(
                          "copies of the same sample")  # fmt: skip
     if getattr(teacher, "dataset", None) is not None:  # by reference: the server reads its own copy of the data
         check_served_dataset(dataset, teacher, views)
+    check_sample_shape(dataset, teacher)
     shapes: dict[str, list[int]] = {}
     if features:  # one probe sample tells the stored shape of every requested layer
         first = torch.tensor([0])
@@ -490,8 +548,9 @@ def precompute(
     never = 1 << 62  # the writers commit when this loop says: view params first, then the targets
 
     def fit_logits() -> torch.Tensor:
-        every = todo_keys(meta, np.empty(0, dtype=np.int64))
-        keys = every[basis_fit_sample(get_codec(codec, 1.0).k, len(every))]
+        # The fit's rows of the environment's keys, sample-major (index, view), without listing them all.
+        at = basis_fit_sample(get_codec(codec, 1.0).k, len(range(shard_index, meta.dataset_size, shard_count)) * views)
+        keys = np.stack([shard_index + (at // views) * shard_count, at % views], axis=1)
         loader = batch_loader(dataset, keys, batch_size=batch_size, views=views, workers=0, decode=not by_reference)
         fit_batches = (Batch(idx, x, y, vw if views > 1 else None) for idx, vw, x, y in loader)
         return torch.cat([z.float().cpu() for _, z, _ in teacher.iter_outputs(fit_batches, [], False)])
@@ -503,23 +562,21 @@ def precompute(
         if store_params
         else contextlib.nullcontext() as params_writer,
     ):
-        present = present_codes(path, views)
-        keys = todo_keys(meta, present)
+        # The plan is 4 bytes a sample to do (samples int32) and the codes of a killed run's half-done samples.
+        samples, skip = todo_samples(meta, present_codes(path, views))
+        todo = len(samples) * views - len(skip)
         total = len(range(shard_index, meta.dataset_size, shard_count)) * views
         pin = _on_cuda(teacher)
         if by_reference:
-            loader = batch_loader(dataset, keys, batch_size=batch_size, views=views, workers=workers,
+            loader = batch_loader(dataset, samples, batch_size=batch_size, views=views, workers=workers,
                                   pin_memory=pin, decode=False)  # fmt: skip
             rows = ((idx, x, y, vw if views > 1 else None, None) for idx, vw, x, y in loader)
         else:
-            samples = np.unique(keys[:, 0])
-            # Samples a killed run left with some of their views: the committed views are not redone.
-            skip = present[np.isin(present // views, samples)] if views > 1 and len(present) else present[:0]
             stream = data_loader(dataset, torch.from_numpy(samples), batch_size, num_views=views, workers=workers,
                                  pin_memory=pin)  # fmt: skip
             rows = ((b.indices, b.inputs, b.labels, b.views, b.params) for b in stream)
-            if len(skip):
-                rows = _skipping(rows, skip, views)
+        if len(skip):  # the committed views of a killed run's half-done samples are not redone
+            rows = _skipping(rows, skip, views)
         params_fifo: collections.deque = collections.deque()
 
         def batches():
@@ -527,7 +584,7 @@ def precompute(
                 params_fifo.append(params)
                 yield Batch(idx, x, y, vw)
 
-        done = total - len(keys)
+        done = total - todo
         pending = 0
         stopped: int | None = None
         with Progress(
@@ -575,8 +632,8 @@ def precompute(
                         # commit what is pending (view params before the targets).
                         break
     return PrecomputeReport(
-        written=done - (total - len(keys)) if stopped else len(keys),
-        skipped=total - len(keys),
+        written=done - (total - todo) if stopped else todo,
+        skipped=total - todo,
         seconds=time.perf_counter() - t0,
         bytes_per_sample=bytes_per_sample(codec, teacher.num_classes) + sum(meta.feature_bytes.values()),
         path=path,

@@ -34,6 +34,7 @@ from kd.core.data import (
 )
 from kd.core.samples import SampleSource
 from kd.core.views import resize_center
+from kd.precompute import manifest_of
 from kd.student_trainer.evaluate import evaluate
 
 RS = np.random.RandomState(13)
@@ -173,6 +174,54 @@ def test_dataset_id_changes_on_edit_add_remove_and_only_then(tmp_path: Path, mon
     assert open_source(uri).dataset_id == edited  # back to the same files: the same id
     files[0][0].unlink()
     assert open_source(uri).dataset_id not in (first, edited, added)
+
+
+def test_one_pass_over_the_files_serves_the_id_and_the_cache_manifest(tmp_path: Path, monkeypatch) -> None:
+    files = write_folder(tmp_path / "train", n=9)
+    uri = f"imagefolder:{tmp_path / 'train'}"
+    passes: list[int] = []
+    real = data_mod.file_manifest
+    monkeypatch.setattr(data_mod, "file_manifest", lambda root, rels: passes.append(len(rels)) or real(root, rels))
+    unchanged = manifest_of(open_source(uri))
+    src = open_source(uri)
+    first = src.dataset_id
+    assert passes == [9, 9] and unchanged["dataset_id"] == first and len(files) == 9
+    a = np.asarray(Image.open(files[4][0])).copy()
+    a[0, 0] = 255 - a[0, 0]
+    Image.fromarray(a).save(files[4][0])  # the folder changes after the id was taken
+    # What a cache stores (precompute's manifest_of) comes from the pass the id was taken from: the
+    # files that id names, with no second pass over every file (the old code walked them again here
+    # and refused). The full per-file manifest still re-reads the files and refuses a changed folder.
+    assert manifest_of(src) == unchanged and "files" not in unchanged and passes == [9, 9]
+    with pytest.raises(DatasetError, match=f"changed since it was opened \\(was {first}\\)"):
+        src.manifest()
+    assert passes == [9, 9, 9]
+    again = open_source(uri)  # a new open sees the change
+    assert again.dataset_id != first and manifest_of(again)["dataset_id"] == again.dataset_id
+    assert passes == [9, 9, 9, 9]
+    assert pickle.loads(pickle.dumps(again)).dataset_id == again.dataset_id and passes == [9, 9, 9, 9]
+
+
+def test_first_open_hashes_on_several_threads_the_same_hashes(tmp_path: Path, monkeypatch) -> None:
+    import hashlib
+    import threading
+
+    rng = np.random.default_rng(0)
+    rels = [f"d{i % 7}/f{i:04d}.bin" for i in range(800)]
+    for k, rel in enumerate(rels):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes(rng.bytes(int(rng.integers(0, 6000))) if k else b"")  # 2 KiB: blake2b's GIL
+    threads: set[str] = set()
+    real = data_mod._hash_file
+    monkeypatch.setattr(data_mod, "_hash_file", lambda p: threads.add(threading.current_thread().name) or real(p))
+    got = file_manifest(tmp_path, rels)
+    want = [hashlib.blake2b((tmp_path / rel).read_bytes(), digest_size=16).hexdigest() for rel in rels]
+    assert [h for _, _, _, h in got] == want  # bit-identical to one blake2b per file, in listing order
+    assert [(rel, size) for rel, size, _, _ in got] == [(rel, (tmp_path / rel).stat().st_size) for rel in rels]
+    assert len(threads) > 1 and threading.current_thread().name not in threads
+    (tmp_path / rels[5]).unlink()
+    with pytest.raises(DatasetError, match=f"cannot read {tmp_path / rels[5]}: No such file"):
+        file_manifest(tmp_path, rels)
 
 
 def test_file_manifest_rehashes_a_racy_same_size_same_mtime_edit(tmp_path: Path) -> None:

@@ -232,3 +232,37 @@ def test_training_from_a_cache_while_another_process_reads_it(tmp_path: Path, te
     assert seen == len(train) and torch.isfinite(loss)
     out, _ = other.communicate(timeout=120)
     assert other.returncode == 0 and out.strip() == str(len(train))
+
+
+def test_samples_the_teacher_cannot_take_are_refused_before_any_work(tmp_path: Path, teacher_spec: str, server):
+    from PIL import Image
+
+    from tests.cli_checks import refused
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "img" / f"c{c}").mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                tmp_path / "img" / f"c{c}" / f"{i}.png"
+            )
+    gray, rgb = f"imagefolder:{tmp_path / 'img'}?mode=L", f"imagefolder:{tmp_path / 'img'}"
+    address = f"server:127.0.0.1:{server.port}"
+    # [1, 8, 8] to a local teacher of 64 values: the old code failed at its first batch inside the model
+    # ("mat1 and mat2 shapes cannot be multiplied (80x8 and 64x16)"), naming no shape.
+    for dataset, source, sample in ((gray, f"local:{teacher_spec}", "[1, 8, 8]"), (rgb, address, "[3, 8, 8]")):
+        out = tmp_path / f"c{sample[1]}{source[:5]}"
+        refused(cli("precompute", "--source", source, "--dataset", dataset, "--out", str(out)),
+                f"the dataset's samples are {sample} but teacher", "takes input [64]")  # fmt: skip
+        assert not (out / "data.mdb").exists()
+    # kd train with a teacher run per step: the old code failed at its first step, inside the teacher
+    refused(cli("train", "--source", f"local:{teacher_spec}", "--dataset", gray + "&classes=10", "--val-dataset",
+                gray + "&classes=10", "--student", "kd.models:digits_cnn_student", "--epochs", "1", "--out",
+                str(tmp_path / "run")),
+            "the dataset's samples are [1, 8, 8] but teacher", "takes input [64]")  # fmt: skip
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+    # What each path does take: a server's client reshapes 64 values; ?shape=64 gives the local one its shape.
+    ok(cli("precompute", "--source", address, "--dataset", gray, "--out", str(tmp_path / "served")))
+    ok(cli("precompute", "--source", f"local:{teacher_spec}", "--dataset", gray + "&shape=64", "--out",
+           str(tmp_path / "flat")))  # fmt: skip
+    assert len(CacheReader(tmp_path / "served")) == len(CacheReader(tmp_path / "flat")) == 10

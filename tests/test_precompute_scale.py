@@ -16,7 +16,7 @@ from kd.cache import CacheReader
 from kd.cache.sharded import open_cache
 from kd.core.data import load_dataset, open_source, view_seeds
 from kd.core.views import apply_params
-from kd.precompute import precompute, read_view_params, todo_keys
+from kd.precompute import precompute, read_view_params, todo_samples
 from kd.student_trainer.sources import LocalSource, ServerSource
 from kd.teacher_server.client import TeacherClient
 from kd.teacher_server.loading import Teacher
@@ -53,13 +53,24 @@ def test_workers_decode_the_same_views_as_the_main_process(tmp_path: Path, teach
     assert len({tuple(p.tolist()) for p in params[:30]}) > 3  # the views do differ
 
 
-def test_todo_keys_skip_what_is_present_and_respect_the_shard(teacher: Teacher, train) -> None:
+def test_todo_samples_skip_what_is_present_and_respect_the_shard(teacher: Teacher, train) -> None:
     from kd.cache import CacheMeta
 
     meta = CacheMeta("fp", "ds", 10, "fp32", 10, views=2, shard_index=1, shard_count=3)
-    keys = todo_keys(meta, np.array([1 * 2 + 0, 7 * 2 + 1]))
-    assert keys.dtype == np.int64 and keys.tolist() == [[1, 1], [4, 0], [4, 1], [7, 0]]
-    assert todo_keys(meta, np.array([], dtype=np.int64)).tolist() == [[1, 0], [1, 1], [4, 0], [4, 1], [7, 0], [7, 1]]
+    # sample 1 has view 0, sample 4 both views (done), sample 7 view 1
+    samples, skip = todo_samples(meta, np.array([1 * 2 + 0, 4 * 2 + 1, 7 * 2 + 1, 4 * 2 + 0]))
+    assert samples.dtype == np.int32 and samples.tolist() == [1, 7] and sorted(skip.tolist()) == [2, 15]
+    samples, skip = todo_samples(meta, np.array([], dtype=np.int64))
+    assert samples.dtype == np.int32 and samples.tolist() == [1, 4, 7] and skip.tolist() == []
+    one = CacheMeta("fp", "ds", 10, "fp32", 10, views=1, shard_index=0, shard_count=2)
+    samples, skip = todo_samples(one, np.array([4, 0, 8]))
+    assert samples.tolist() == [2, 6] and skip.tolist() == []
+    # a plan over several of todo_samples' 2**20-position chunks, sharded, one in three samples present
+    big = CacheMeta("fp", "ds", 7_000_001, "fp32", 10, views=1, shard_index=1, shard_count=2)
+    mine = np.arange(1, 7_000_001, 2)
+    present = np.random.default_rng(0).permutation(mine[::3])
+    samples, skip = todo_samples(big, present)
+    assert samples.dtype == np.int32 and np.array_equal(samples, np.setdiff1d(mine, present)) and len(skip) == 0
 
 
 def test_a_pool_of_two_servers_shares_the_precompute(tmp_path: Path, teacher: Teacher, train) -> None:

@@ -51,6 +51,7 @@ import time
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
@@ -366,12 +367,54 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kd"
 
 
-def _hash_file(path: Path) -> str:
+def _hash_file(path: str | Path) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _hash_one(path: str) -> str:
+    try:
+        return _hash_file(path)
+    except OSError as e:  # removed or unreadable since it was listed
+        raise DatasetError(f"cannot read {path}: {e.strerror}") from None
+
+
+HASH_THREADS = min(32, (os.cpu_count() or 1) + 4)  # files hashed at once on a first open (I/O waits overlap)
+
+
+def _hash_files(paths: list[str]) -> list[str]:
+    """``_hash_file`` of each path, in order, on up to HASH_THREADS threads: opening and reading a
+    file releases the GIL, and so does blake2b on buffers over 2 KiB, so the threads overlap."""
+    threads = min(HASH_THREADS, len(paths) // 16)  # a handful of files: not worth the threads
+    if threads < 2:
+        return [_hash_one(p) for p in paths]
+    step = -(-len(paths) // (threads * 8))  # slices, not a future per file: small files are many
+
+    def some(lo: int) -> list[str]:
+        return [_hash_one(p) for p in paths[lo : lo + step]]
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="kd-hash") as pool:
+        return [h for part in pool.map(some, range(0, len(paths), step)) for h in part]
+
+
+def _read_sidecar(side: Path) -> tuple[int, list[str], list[tuple[int, int, str]]]:
+    """(written_ns, relative paths, (size, mtime_ns, hash) of each) of a manifest sidecar; empty if unreadable."""
+    try:
+        with open(side, encoding="utf-8") as f:
+            head = f.readline().split()
+            if not (len(head) == 3 and head[1] == f"v{MANIFEST_VERSION}"):
+                return 0, [], []
+            rels, entries = [], []
+            for line in f:
+                h, size, mtime, rel = line.rstrip("\n").split("\t", 3)
+                rels.append(rel)
+                entries.append((int(size), int(mtime), h))
+            return int(head[2]), rels, entries
+    except (OSError, ValueError):
+        return 0, [], []
 
 
 def file_manifest(root: Path, rels: Sequence[str]) -> list[tuple[str, int, int, str]]:
@@ -380,35 +423,43 @@ def file_manifest(root: Path, rels: Sequence[str]) -> list[tuple[str, int, int, 
     A file's hash is computed once and kept in a sidecar (``cache_dir()/manifests``)
     keyed by path, size and mtime, so re-opening a large folder only stats it.
     A file modified within 2 s of its hashing is hashed again (as git's racy index).
+    Files are stat'ed relative to an open descriptor of ``root`` (no path object per file),
+    the files to hash are hashed on several threads (``_hash_files``).
     """
     root = Path(root).resolve()
-    side = cache_dir() / "manifests" / (hashlib.sha256(str(root).encode()).hexdigest()[:32] + ".tsv")
-    known: dict[str, tuple[int, int, str]] = {}
-    written_ns = 0
+    base = str(root)
+    side = cache_dir() / "manifests" / (hashlib.sha256(base.encode()).hexdigest()[:32] + ".tsv")
+    written_ns, known_rels, known = _read_sidecar(side)
+    rels = list(rels)
+    # Re-opening an unchanged folder lists the same files in the same order as the sidecar: matched by
+    # position, without a dict of every path; any other listing is matched by name.
+    where = None if known_rels == rels else {rel: k for k, rel in enumerate(known_rels)}
+    del known_rels
+    use_fd = os.stat in os.supports_dir_fd
+    fd = os.open(base, os.O_RDONLY) if use_fd else None
+    out: list[tuple[str, int, int, str]] = []
+    stale: list[int] = []  # positions in out whose hash is not known
     try:
-        with open(side, encoding="utf-8") as f:
-            head = f.readline().split()
-            if len(head) == 3 and head[1] == f"v{MANIFEST_VERSION}":
-                written_ns = int(head[2])
-                for line in f:
-                    h, size, mtime, rel = line.rstrip("\n").split("\t", 3)
-                    known[rel] = (int(size), int(mtime), h)
-    except (OSError, ValueError):
-        known = {}
-    out, fresh = [], 0
-    for rel in rels:
-        path = root / rel
-        try:
-            st = path.stat()
-        except OSError as e:
-            raise DatasetError(f"cannot read {path}: {e.strerror}") from None
-        hit = known.get(rel)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns and st.st_mtime_ns < written_ns - _RACY_NS:
-            h = hit[2]
-        else:
-            h, fresh = _hash_file(path), fresh + 1
-        out.append((rel, st.st_size, st.st_mtime_ns, h))
-    if fresh or len(known) != len(out):
+        for i, rel in enumerate(rels):
+            try:
+                st = os.stat(rel, dir_fd=fd) if use_fd else os.stat(os.path.join(base, rel))
+            except OSError as e:
+                raise DatasetError(f"cannot read {os.path.join(base, rel)}: {e.strerror}") from None
+            size, mtime = st.st_size, st.st_mtime_ns
+            k = i if where is None else where.get(rel, -1)
+            hit = known[k] if k >= 0 else None
+            if hit and hit[0] == size and hit[1] == mtime and mtime < written_ns - _RACY_NS:
+                out.append((rel, size, mtime, hit[2]))
+            else:
+                out.append((rel, size, mtime, ""))
+                stale.append(i)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if stale:
+        for i, h in zip(stale, _hash_files([os.path.join(base, out[i][0]) for i in stale])):
+            out[i] = (*out[i][:3], h)
+    if stale or len(known) != len(out):
         try:
             side.parent.mkdir(parents=True, exist_ok=True)
             tmp = side.with_suffix(f".{os.getpid()}.tmp")
@@ -703,23 +754,35 @@ class FileSource:
         return f"{self.name}/{self.split}@{_digest(self.format, content, files)[:16]}"
 
     @cached_property
-    def dataset_id(self) -> str:
-        """``name/split@hash16``: any changed, added or removed file (or decode option) changes it.
+    def _walked(self) -> tuple[str, dict[str, Any]]:
+        """``(dataset_id, identity without its per-file list)`` from one pass over the files.
 
-        Only the id is kept (not the per-file list), so a source stays small in
-        every DataLoader worker however many files it has.
-        """
-        return self._id_of(self._ident())
+        Only these are kept (not the per-file list), so a source stays small in every
+        DataLoader worker however many files it has; ``dataset_id`` and ``manifest(files=False)``
+        both come from this one pass, taken once for the source's lifetime (a new
+        ``open_source`` walks the files again, so it sees any change)."""
+        ident = self._ident()
+        return self._id_of(ident), {k: v for k, v in ident.items() if k != "files"}
+
+    @property
+    def dataset_id(self) -> str:
+        """``name/split@hash16``: any changed, added or removed file (or decode option) changes it."""
+        return self._walked[0]
 
     def manifest(self, files: bool = True) -> dict[str, Any]:
         """JSON-able identity for cache metadata: URI, id, counts, classes, per-file entries.
 
-        Re-reads the per-file manifest (stat only: hashes come from the sidecar)
-        and refuses if the data changed since ``dataset_id`` was taken.
+        ``files=False`` (what a cache stores) is the pass ``dataset_id`` was taken from, so
+        it describes exactly the data that id names. ``files=True`` re-reads the per-file
+        manifest (stat only: hashes come from the sidecar) and refuses if the data changed
+        since ``dataset_id`` was taken.
         """
-        ident = self._ident()
-        if self._id_of(ident) != self.dataset_id:
-            raise DatasetError(f"{self.uri} changed since it was opened (was {self.dataset_id}); open it again")
+        if files:
+            ident = self._ident()
+            if self._id_of(ident) != self.dataset_id:
+                raise DatasetError(f"{self.uri} changed since it was opened (was {self.dataset_id}); open it again")
+        else:
+            ident = self._walked[1]
         out = {
             "format": self.format,
             "uri": self.uri,
@@ -1703,12 +1766,40 @@ def _epoch_generator(seed: int | None, epoch: int, salt: int) -> torch.Generator
     return torch.Generator().manual_seed(((seed or 0) * 1_000_003 + epoch) * 8 + salt)
 
 
+_KEY_CHUNK = 1 << 16  # keys made into Python ints at a time: ~2 MiB of them, whatever the dataset size
+
+
+def compact_indices(indices: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
+    """``indices`` as a flat int32 tensor when every one fits (else int64), without a copy when it already is.
+
+    Sample indices are held for a whole run (a sampler's, a precompute's to-do list): int32 is 4 bytes a
+    sample instead of 8, and a dataset of 2**31 samples or more keeps int64."""
+    t = torch.as_tensor(indices).reshape(-1)
+    if t.dtype == torch.int32:
+        return t
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        t = t.long()  # as torch.as_tensor(indices, dtype=torch.long) always took them
+    if len(t) == 0 or (int(t.min()) >= -(2**31) and int(t.max()) < 2**31):
+        return t.to(torch.int32)
+    return t.to(torch.long)
+
+
+def _perm_dtype(n: int) -> torch.dtype:
+    return torch.int32 if n < 2**31 else torch.long
+
+
 class KeySampler(torch.utils.data.Sampler[int]):
-    """Yields keys ``index * 65536 + view``, lazily (memory: a few int64 per sample).
+    """Yields keys ``index * 65536 + view``, lazily.
 
     ``num_views <= 1``: plain samples (view 0). ``fresh_views``: one view per
     sample per epoch, drawn from an epoch-seeded generator. Otherwise every
     view of every sample, sample-major (the cache's key order).
+
+    Memory: the indices (int32: 4 bytes a sample), and while an epoch is iterated
+    its permutation (4 bytes a sample, when shuffled) and its drawn views (2 bytes a
+    sample, with ``fresh_views``); keys become Python ints ``_KEY_CHUNK`` at a time.
+    The order is the one of ``torch.randperm`` / ``torch.randint`` in int64: those
+    draw the same numbers whatever the output dtype.
     """
 
     def __init__(
@@ -1721,7 +1812,7 @@ class KeySampler(torch.utils.data.Sampler[int]):
     ) -> None:
         if num_views > VIEW_STRIDE:
             raise ValueError(f"at most {VIEW_STRIDE} views per sample")
-        self.indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        self.indices = compact_indices(indices)
         self.num_views, self.fresh_views, self.shuffle_seed, self.epoch = num_views, fresh_views, shuffle_seed, epoch
 
     def set_epoch(self, epoch: int) -> None:
@@ -1737,19 +1828,25 @@ class KeySampler(torch.utils.data.Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         n = len(self.indices)
-        pos = torch.arange(n)
+        pos = None
         if self.shuffle_seed is not None:
-            pos = torch.randperm(n, generator=_epoch_generator(self.shuffle_seed, self.epoch, 1))
-        if self.plain:
-            keys = self.indices[pos] * VIEW_STRIDE
-        elif self.fresh_views:
-            v = torch.randint(0, self.num_views, (n,), generator=_epoch_generator(self.shuffle_seed, self.epoch, 2))
-            keys = self.indices[pos] * VIEW_STRIDE + v[pos]
-        else:
-            for i in self.indices[pos].tolist():
-                yield from range(i * VIEW_STRIDE, i * VIEW_STRIDE + self.num_views)
-            return
-        yield from keys.tolist()
+            pos = torch.randperm(n, generator=_epoch_generator(self.shuffle_seed, self.epoch, 1), dtype=_perm_dtype(n))
+        drawn = None
+        if not self.plain and self.fresh_views:
+            dtype = torch.int16 if self.num_views <= 2**15 else torch.int32
+            drawn = torch.randint(
+                0, self.num_views, (n,), generator=_epoch_generator(self.shuffle_seed, self.epoch, 2), dtype=dtype
+            )
+        # Every view of a sample is a key: fewer samples a chunk, so a chunk stays _KEY_CHUNK keys.
+        step = _KEY_CHUNK if self.plain or self.fresh_views else max(1, _KEY_CHUNK // self.num_views)
+        for lo in range(0, n, step):
+            at = slice(lo, lo + step) if pos is None else pos[lo : lo + step]
+            keys = self.indices[at].long() * VIEW_STRIDE
+            if drawn is not None:
+                keys += drawn[at]
+            elif not self.plain:
+                keys = (keys[:, None] + torch.arange(self.num_views)).reshape(-1)
+            yield from keys.tolist()
 
 
 class _Keyed(torch.utils.data.Dataset):
@@ -1862,9 +1959,10 @@ def loader(
     batches); ``fresh_views``: one view per sample per epoch drawn from
     ``range(num_views)`` (training), else every view of every sample
     (precompute); ``shuffle_seed``: shuffle per epoch (None: index order).
-    Memory is flat in the dataset size: only indices and labels are held.
+    What grows with the dataset: the source's labels, and the sampler's ~4-10 bytes
+    a sample (``KeySampler``); never a Python object per sample.
     """
-    idx = torch.arange(len(source)) if indices is None else torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    idx = compact_indices(torch.arange(len(source), dtype=_perm_dtype(len(source))) if indices is None else indices)
     if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(source)):
         raise IndexError(f"indices out of range for a source of {len(source)} samples")
     policy = None if views is None else ViewPolicy.parse(views)
