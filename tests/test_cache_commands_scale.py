@@ -5,8 +5,14 @@ walking every key."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import struct
+import subprocess
+import sys
 import tracemalloc
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -14,8 +20,10 @@ import lmdb
 import numpy as np
 import pytest
 import torch
+from cli_checks import refused
+from typer.testing import CliRunner
 
-from kd.cache import CacheMeta, CacheReader, CacheWriter, store
+from kd.cache import CacheMeta, CacheReader, CacheWriter, CorruptRecordError, store
 from kd.cache.store import record_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +126,145 @@ def test_verify_memory_does_not_grow_with_the_record_count(tmp_path: Path) -> No
         assert report.ok and report.present == n
     # the per-record walk peaked 11.7 MB higher at 64k records than at 8k; in batches of 4096: +68 kB
     assert peaks[64_000] - peaks[8_000] < 1_000_000, peaks
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def savez_reference(reader, out: Path) -> None:
+    """What `kd cache export` wrote before it was chunked: every record read at once, one np.savez."""
+    from kd.core.targets import SparseTargets
+
+    keys = sorted(reader.keys())
+    idx, views = [i for i, _ in keys], [v for _, v in keys]
+    t = reader.targets(idx, views)
+    arrays = {"index": np.asarray(idx, dtype=np.int64), "view": np.asarray(views, dtype=np.int64)}
+    if isinstance(t, SparseTargets) and t.kind == "sample":
+        arrays.update(class_index=t.indices.numpy(), counts=t.counts.numpy())
+    elif isinstance(t, SparseTargets):
+        arrays.update(class_index=t.indices.numpy(), logits=t.logits.numpy(), logsumexp=t.logsumexp.numpy())
+    else:
+        arrays["logits"] = t.numpy()
+    np.savez(out, meta=np.asarray(json.dumps(dict(vars(reader.meta)))), **arrays)
+
+
+def without_times(path: Path) -> bytes:
+    """The file's bytes with the zip's member dates and times (np.savez takes them from the clock) zeroed."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        infos, start = zf.infolist(), zf.start_dir
+    for info in infos:
+        assert data[info.header_offset : info.header_offset + 4] == b"PK\x03\x04"
+        data[info.header_offset + 10 : info.header_offset + 14] = bytes(4)
+    at = start
+    for _ in infos:
+        assert data[at : at + 4] == b"PK\x01\x02"
+        data[at + 12 : at + 16] = bytes(4)
+        n, m, k = struct.unpack_from("<HHH", data, at + 28)
+        at += 46 + n + m + k
+    return bytes(data)
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "topk:3", "sample:4", "rand:4"])
+def test_export_in_chunks_writes_the_bytes_of_one_savez(tmp_path: Path, codec: str) -> None:
+    """The chunked export (chunks of 7 records, and the CLI's default) against one np.savez of all
+    records: the same file but for the zip's timestamps, for dense and sparse codecs, views, a cache
+    in 3 shards (merged in key order) and an empty cache."""
+    from kd.cache.export import export_npz
+    from kd.cache.sharded import open_cache, shard_dir
+    from kd.cli import app
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(50, 2, 12, generator=g) * 3
+    gone = {(4, 1), (17, 0), (30, 0), (30, 1)}
+    caches = {"one": [tmp_path / "one"], "sharded": [shard_dir(tmp_path / "sharded", s, 3) for s in range(3)],
+              "empty": [tmp_path / "empty"]}  # fmt: skip
+    for name, paths in caches.items():
+        for s, path in enumerate(paths):
+            m = CacheMeta("fp-A", "ds", 50, codec, 12, views=2, augmentation="aug", temperature=2.0,
+                          shard_index=s, shard_count=len(paths))  # fmt: skip
+            keys = [(i, v) for i in range(s, 50, len(paths)) for v in range(2) if (i, v) not in gone]
+            with CacheWriter(path, m, commit_every=16) as w:
+                if name != "empty":
+                    w.put(
+                        [i for i, _ in keys], z[[i for i, _ in keys], [v for _, v in keys]], views=[v for _, v in keys]
+                    )
+    for name in caches:
+        reader = open_cache(tmp_path / name)
+        savez_reference(reader, tmp_path / f"{name}-ref.npz")
+        want = without_times(tmp_path / f"{name}-ref.npz")
+        assert export_npz(reader, tmp_path / f"{name}-7.npz", chunk=7) == {"one": 96, "sharded": 96, "empty": 0}[name]
+        assert without_times(tmp_path / f"{name}-7.npz") == want, name
+        r = CliRunner().invoke(app, ["cache", "export", str(tmp_path / name), "--out", str(tmp_path / f"{name}-cli")])
+        assert r.exit_code == 0, r.output
+        assert without_times(tmp_path / f"{name}-cli.npz") == want, name
+    with np.load(tmp_path / "sharded-7.npz") as f:  # what the bytes hold: every record once, in key order
+        assert f["index"].tolist() == sorted(i for i in range(50) for v in range(2) if (i, v) not in gone)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A record that fails its checksum in the second chunk: the export is refused (exit 2, the record
+    named) and neither the output nor a temporary file is left, as when it was read all at once."""
+    from kd.cache.export import export_npz
+    from kd.cli import app
+
+    m = CacheMeta("fp-A", "ds", 40, "fp32", 5)
+    with CacheWriter(tmp_path / "c", m) as w:
+        w.put(range(40), torch.randn(40, 5, generator=torch.Generator().manual_seed(0)))
+    key = record_key(m.record_prefix, 37)
+
+    def flip(txn) -> None:
+        v = bytearray(txn.get(key))
+        v[5] ^= 1
+        txn.put(key, bytes(v))
+
+    edit(tmp_path / "c", flip)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(CorruptRecordError, match=r"record \(index=37, view=0\) .* fails its checksum"):
+        export_npz(CacheReader(tmp_path / "c"), tmp_path / "out" / "x.npz", chunk=8)  # chunks 1-4 were written
+    assert list((tmp_path / "out").iterdir()) == []
+    r = CliRunner().invoke(app, ["cache", "export", str(tmp_path / "c"), "--out", str(tmp_path / "out" / "x.npz")])
+    refused(r, "record (index=37, view=0)", "fails its checksum")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+_EXPORT_PEAK = """
+import re, runpy, sys
+from kd.cache.sharded import open_cache
+
+def status(field):
+    return int(re.search(rf"{field}:\\s+(\\d+) kB", open("/proc/self/status").read())[1])
+
+# The cache's file pages the export maps (counted in RSS once touched) and the B-tree check at open
+# (its own transient peak) come before the mark; then the peak (VmHWM) is reset to the RSS now.
+assert sum(1 for _ in open_cache(sys.argv[1]).keys()) > 0
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
+sys.argv = ["kd", "cache", "export", sys.argv[1], "--out", sys.argv[2]]
+try:
+    runpy.run_module("kd", run_name="__main__")
+except SystemExit as e:
+    assert not e.code, e.code
+print(f"peak growth KiB: {status('VmHWM') - before}", file=sys.stderr)
+"""
+
+
+def test_export_peak_memory_does_not_grow_with_the_record_count(tmp_path: Path) -> None:
+    """`kd cache export` held every key, index, value and decoded row at once (782 MB peak for a 56 MB
+    npz at 10^6 records); now a chunk. Its peak RSS above the mapped cache, in a fresh process, at
+    40k and 200k records."""
+    growth = {}
+    for n in (40_000, 200_000):
+        m = CacheMeta("fp-A", "ds", n, "fp32", 10)
+        with CacheWriter(tmp_path / f"c{n}", m, commit_every=65536) as w:
+            w.put(range(n), torch.randn(n, 10, generator=torch.Generator().manual_seed(0)))
+        proc = subprocess.run([sys.executable, "-c", _EXPORT_PEAK, str(tmp_path / f"c{n}"), str(tmp_path / f"{n}.npz")],
+                              capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        growth[n] = int(re.search(r"peak growth KiB: (\d+)", proc.stderr)[1])
+        with np.load(tmp_path / f"{n}.npz") as f:
+            assert f["logits"].shape == (n, 10)
+    # all at once: 69 MB more at 200k records than at 40k; in chunks of 16384: within 1 MB
+    assert growth[200_000] - growth[40_000] < 8 * 1024, growth
