@@ -10,31 +10,21 @@ renamed over it only when complete, so an error part-way leaves no partial expor
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import json
 import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from kd.cache.sharded import keys_in_order
 from kd.core.targets import SparseTargets
 
 EXPORT_CHUNK = 16384  # records read, decoded and appended at once
 _COPY_BYTES = 1 << 20
-
-
-def _keys_in_order(reader) -> Iterator[tuple[int, int]]:
-    """(index, view) of every record in increasing order: one environment's cursor walk is already in
-    that order (big-endian keys); a sharded cache's shards are merged, not sorted as a whole."""
-    shards = getattr(reader, "shards", None)
-    if shards is None:
-        return reader.keys()
-    return heapq.merge(*(s.keys() for s in shards))
 
 
 def _arrays(targets, index: list[int], view: list[int]) -> dict[str, np.ndarray]:
@@ -66,7 +56,7 @@ def export_npz(reader, out: str | Path, *, chunk: int = EXPORT_CHUNK) -> int:
         parts = {name: open(os.path.join(tmp, name), "wb") for name in template}  # noqa: SIM115 (closed below)
         rows = 0
         try:
-            keys = _keys_in_order(reader)
+            keys = keys_in_order(reader)
             while batch := list(itertools.islice(keys, chunk)):
                 index, view = [i for i, _ in batch], [v for _, v in batch]
                 arrays = _arrays(reader.targets(index, view), index, view)

@@ -1258,7 +1258,24 @@ class CacheReader:
                         yield _KEY.unpack(key[len(self._prefix) :])
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.keys())
+        """The records of this cache, without walking them: LMDB's entry count (the B-tree header, which
+        the check at open matched against the leaves) less the keys outside this cache's key range,
+        counted by short cursor walks at both ends (the metadata and a pca:K basis sort before it; a
+        foreign key is counted wherever it sorts). A key of another length inside the range (damage,
+        which verify lists) would count as a record; walking every key took 1.4 s at 10^6 records."""
+        end = (int.from_bytes(self._prefix, "big") + 1).to_bytes(len(self._prefix), "big")  # first key after
+        with self._txn() as txn:
+            entries = txn.stat(self._environment().open_db(txn=txn))["entries"]
+            cur = txn.cursor()
+            outside = 0
+            if cur.first():
+                for key in cur.iternext(keys=True, values=False):
+                    if key >= self._prefix:
+                        break
+                    outside += 1
+            if cur.set_range(end):
+                outside += sum(1 for _ in cur.iternext(keys=True, values=False))
+        return entries - outside
 
     def verify(self) -> VerifyReport:
         """Check every record's checksum and decode, that a lookup by its key (what readers do) finds

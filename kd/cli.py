@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -1185,7 +1186,7 @@ def cache_info(path: Path) -> None:
     """Print a cache's metadata, record count and size (a directory of shards counts as one)."""
     from kd.cache import CacheError
     from kd.cache.codecs import bytes_per_sample, covered_mass, index_bytes
-    from kd.cache.sharded import open_cache
+    from kd.cache.sharded import keys_in_order, open_cache
 
     try:
         reader = open_cache(path)
@@ -1212,7 +1213,7 @@ def cache_info(path: Path) -> None:
         info[f"bytes_per_{unit}_with_basis"] = round(per, 3)
     if reader.meta.codec.startswith(("topk:", "rand:")) and info["records"]:
         # How much of the teacher's mass at the cache temperature the stored classes hold (first 1024 records).
-        keys = sorted(reader.keys())[:1024]
+        keys = list(itertools.islice(keys_in_order(reader), 1024))  # the first 1024 in key order, as sorted
         if reader.meta.per_token:
             t = reader.token_targets([i for i, _ in keys])
         else:

@@ -268,3 +268,73 @@ def test_export_peak_memory_does_not_grow_with_the_record_count(tmp_path: Path) 
             assert f["logits"].shape == (n, 10)
     # all at once: 69 MB more at 200k records than at 40k; in chunks of 16384: within 1 MB
     assert growth[200_000] - growth[40_000] < 8 * 1024, growth
+
+
+# ------------------------------------------------------------------------------------- len and info
+
+
+def test_len_counts_records_exactly_beside_metadata_basis_and_foreign_keys(tmp_path: Path) -> None:
+    """len() from LMDB's entry count: the metadata, a pca:K basis and keys of other caches or tools
+    (before and after this cache's key range) are not records; shards add up; no record is 0."""
+    from kd.cache.codecs import LowRankBasis
+    from kd.cache.sharded import open_cache, shard_dir
+
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(30, 8, generator=g) * 3
+    m = CacheMeta("fp-A", "ds", 15, "fp32", 8, views=2, augmentation="aug")
+    keep = [(i, v) for i in range(15) for v in range(2) if (i + v) % 4]
+    other = CacheMeta("fp-B", "ds", 15, "fp32", 8).record_prefix  # another teacher's records
+    foreign = [b"\x00zz", b"a-tool", other + bytes(12), b"r", b"z-after", b"\xff" * 30]
+    assert sum(1 for k in foreign if k < m.record_prefix) >= 3 and sum(1 for k in foreign if k > m.record_prefix) >= 2
+    for name in ("c", "f"):
+        with CacheWriter(tmp_path / name, m) as w:
+            w.put([i for i, _ in keep], z[: len(keep)], views=[v for _, v in keep])
+    edit(tmp_path / "f", lambda txn: [txn.put(k, b"x") for k in foreign])
+    assert len(CacheReader(tmp_path / "c")) == len(CacheReader(tmp_path / "f")) == len(keep) == 23
+
+    p = CacheMeta("fp-A", "ds", 30, "pca:4", 8)
+    basis = LowRankBasis.fit(z.double(), 4).to_bytes()
+    with CacheWriter(tmp_path / "pca", p, basis=basis) as w:
+        w.put(range(0, 30, 3), z[:10])
+    assert len(CacheReader(tmp_path / "pca")) == 10
+    with CacheWriter(tmp_path / "empty", CacheMeta("fp-A", "ds", 5, "fp32", 8)):
+        pass
+    assert len(CacheReader(tmp_path / "empty")) == 0
+    for s in range(3):
+        with CacheWriter(shard_dir(tmp_path / "s", s, 3), CacheMeta("fp-A", "ds", 30, "fp16", 8, shard_index=s,
+                                                                     shard_count=3)) as w:  # fmt: skip
+            w.put(range(s, 30 - 3 * s, 3), z[: len(range(s, 30 - 3 * s, 3))])
+    assert len(open_cache(tmp_path / "s")) == 10 + 9 + 8
+
+
+def test_cache_info_samples_the_first_records_in_key_order(tmp_path: Path) -> None:
+    """`kd cache info` on a topk cache in 3 shards with more than 1024 records: its covered mass is
+    that of the first 1024 (index, view) in sorted order (the shards merged), computed here in float64."""
+    from kd.cache.codecs import get_codec
+    from kd.cache.sharded import shard_dir
+    from kd.cli import app
+
+    g = torch.Generator().manual_seed(3)
+    n, c, t = 700, 20, 2.0
+    z = torch.randn(n, 2, c, generator=g) * 4
+    for s in range(3):
+        m = CacheMeta("fp-A", "ds", n, "topk:3", c, views=2, augmentation="aug", temperature=t, shard_index=s,
+                      shard_count=3)  # fmt: skip
+        idx = [i for i in range(s, n, 3) for _ in range(2)]
+        with CacheWriter(shard_dir(tmp_path / "s", s, 3), m) as w:
+            w.put(
+                idx,
+                z[idx, [v for _ in range(s, n, 3) for v in range(2)]],
+                views=[v for _ in idx[::2] for v in range(2)],
+            )
+    r = CliRunner().invoke(app, ["cache", "info", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    first = sorted((i, v) for i in range(n) for v in range(2))[:1024]
+    codec = get_codec("topk:3", t)
+    p = torch.softmax(torch.stack([z[i, v] for i, v in first]).double() / t, 1)
+    stored = codec.decode_targets(codec.encode(torch.stack([z[i, v] for i, v in first])), c).indices
+    mass = p.gather(1, stored).sum(1)
+    assert info["records"] == 2 * n and info["covered_mass"]["records"] == 1024
+    assert info["covered_mass"]["mean"] == round(float(mass.mean()), 6)
+    assert info["covered_mass"]["min"] == round(float(mass.min()), 6)
