@@ -435,10 +435,9 @@ class _TreeCheck:
         if (bad := ((at & 1) == 1) | (at < upper[rows]) | (at + _NODE_HDR > self.psize)).any():
             self.fail(int(p[rows[bad][0]]), f"({what}) has a node offset outside its node area")
 
-        def u16(off: int) -> np.ndarray:
-            return block[rows, at + off].astype(np.int64) | (block[rows, at + off + 1].astype(np.int64) << 8)
-
-        lo, hi, nflags, ksize = u16(0), u16(2), u16(4), u16(6)
+        # every node's header (lo, hi, flags, key size: u16 each, in its page, checked above) in one gather
+        node = block.reshape(-1)[(rows * self.psize + at)[:, None] + np.arange(_NODE_HDR)]
+        lo, hi, nflags, ksize = node.view("<u2").astype(np.int64).T
         if not leaf:
             if (bad := at + _NODE_HDR + ksize > self.psize).any():
                 self.fail(int(p[rows[bad][0]]), f"({what}) has a branch node whose key runs past the page")
