@@ -185,6 +185,8 @@ class FullCodec(Codec):
         return t.view(torch.uint8).numpy().reshape(t.shape[0], self.record_bytes(t.shape[1]))
 
     def decode(self, raw: np.ndarray, num_classes: int, keys: np.ndarray | None = None) -> torch.Tensor:
+        if not len(raw):  # torch.from_numpy gives no rows a byte stride of 0, which cannot be viewed as floats
+            return torch.empty(0, num_classes, dtype=torch.float32)
         t = torch.from_numpy(np.require(raw, requirements=["C", "W"])).view(self.torch_dtype)
         return t.reshape(raw.shape[0], num_classes).float()
 

@@ -9,6 +9,7 @@ with the same interface for a single environment or a directory of shards.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -296,6 +297,13 @@ class ShardedCacheWriter:
     def close(self) -> None:
         for w in self.writers:
             w.close()
+
+
+def keys_in_order(reader: CacheReader | ShardedCacheReader) -> Iterator[tuple[int, int]]:
+    """(index, view) of every record of ``reader`` in increasing order, lazily: one environment's cursor
+    walk is in that order already (big-endian keys); a sharded cache's shards are merged, not sorted."""
+    shards = getattr(reader, "shards", None)
+    return reader.keys() if shards is None else heapq.merge(*(s.keys() for s in shards))
 
 
 def open_cache(path: str | Path, **expect: object) -> CacheReader | ShardedCacheReader:

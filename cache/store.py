@@ -257,14 +257,6 @@ def _seal_rows(keys: list[bytes], payloads: np.ndarray) -> list[tuple[bytes, byt
     return [(key, rows[r].tobytes()) for r, key in enumerate(keys)]
 
 
-def _unseal(path: str, key: bytes, value: bytes, payload_bytes: int) -> bytes:
-    """Check one record (size, checksum over key and value, header) and return its payload."""
-    width = len(_HEADER) + payload_bytes + _CRC.size
-    if len(value) != width:
-        raise CorruptRecordError(f"{_where(path, key)} has {len(value)} bytes, expected {width}")
-    return _check_rows(path, [key], value, 1, payload_bytes)[0].tobytes()
-
-
 def _check_rows(path: str, keys: list[bytes], joined: bytes, n: int, payload_bytes: int) -> np.ndarray:
     """Check ``n`` records laid end to end in ``joined``; -> payloads uint8 [n, payload_bytes].
 
@@ -443,10 +435,9 @@ class _TreeCheck:
         if (bad := ((at & 1) == 1) | (at < upper[rows]) | (at + _NODE_HDR > self.psize)).any():
             self.fail(int(p[rows[bad][0]]), f"({what}) has a node offset outside its node area")
 
-        def u16(off: int) -> np.ndarray:
-            return block[rows, at + off].astype(np.int64) | (block[rows, at + off + 1].astype(np.int64) << 8)
-
-        lo, hi, nflags, ksize = u16(0), u16(2), u16(4), u16(6)
+        # every node's header (lo, hi, flags, key size: u16 each, in its page, checked above) in one gather
+        node = block.reshape(-1)[(rows * self.psize + at)[:, None] + np.arange(_NODE_HDR)]
+        lo, hi, nflags, ksize = node.view("<u2").astype(np.int64).T
         if not leaf:
             if (bad := at + _NODE_HDR + ksize > self.psize).any():
                 self.fail(int(p[rows[bad][0]]), f"({what}) has a branch node whose key runs past the page")
@@ -1266,59 +1257,224 @@ class CacheReader:
                         yield _KEY.unpack(key[len(self._prefix) :])
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.keys())
+        """The records of this cache, without walking them: LMDB's entry count (the B-tree header, which
+        the check at open matched against the leaves) less the keys outside this cache's key range,
+        counted by short cursor walks at both ends (the metadata and a pca:K basis sort before it; a
+        foreign key is counted wherever it sorts). A key of another length inside the range (damage,
+        which verify lists) would count as a record; walking every key took 1.4 s at 10^6 records."""
+        end = (int.from_bytes(self._prefix, "big") + 1).to_bytes(len(self._prefix), "big")  # first key after
+        with self._txn() as txn:
+            entries = txn.stat(self._environment().open_db(txn=txn))["entries"]
+            cur = txn.cursor()
+            outside = 0
+            if cur.first():
+                for key in cur.iternext(keys=True, values=False):
+                    if key >= self._prefix:
+                        break
+                    outside += 1
+            if cur.set_range(end):
+                outside += sum(1 for _ in cur.iternext(keys=True, values=False))
+        return entries - outside
 
     def verify(self) -> VerifyReport:
         """Check every record's checksum and decode, that a lookup by its key (what readers do) finds
-        it, and which (index, view) are missing."""
-        expected = self.meta.expected_keys()
-        report = VerifyReport(expected=len(expected))
-        seen: set[tuple[int, int]] = set()
-        path = str(self.path)
+        it, and which (index, view) are missing.
+
+        One cursor walk in key order; records are checked ``_VERIFY_BATCH`` at a time (one join, one
+        decode and one finiteness reduction per batch; per record only the C-level crc32 and lookup),
+        and the missing keys come from comparing the walk with the expected range, so memory stays
+        bounded by a batch (plus the missing list) however many records the cache holds."""
+        meta = self.meta
+        owned = len(range(meta.shard_index, meta.dataset_size, meta.shard_count))
+        report = VerifyReport(expected=owned * meta.views)
+        walk = _MissingWalk(owned * meta.views)
+        batch: list[tuple[bytes, bytes]] = []
         with self._txn() as txn:
-            cur = txn.cursor()
-            for key, value in cur:
+            for key, value in txn.cursor():
                 if key in (META_KEY, BASIS_KEY):  # the basis was checked when this reader opened
                     continue
-                if not key.startswith(self._prefix) or len(key) != len(self._prefix) + _KEY.size:
-                    report.problems.append(f"foreign key {key[:40]!r}")
-                    continue
-                iv = _KEY.unpack(key[len(self._prefix) :])
-                found = txn.get(key)  # what a reader does: the walk above does not use the index pages
-                if found != value:
-                    report.problems.append(
-                        f"{_where(path, key)} is stored but a lookup by its key "
-                        f"{'finds nothing' if found is None else 'finds other bytes'}: an index page of the file is "
-                        "damaged, so readers report it missing or read other bytes; rebuild it with `kd precompute`"
-                    )
-                    continue
-                try:
-                    if self.meta.per_token:
-                        row = self._sequence_rows(path, key, value)
-                        keys = np.stack([np.full(len(row), iv[0]), np.arange(len(row))], axis=1)
-                    else:
-                        payload = _unseal(path, key, value, self.record_bytes)
-                        row = np.frombuffer(payload, dtype=np.uint8)[None]
-                        keys = np.asarray([iv], dtype=np.int64)
-                    decoded = self.codec.decode_targets(row[:, : self.logit_bytes], self.meta.num_classes, keys)
-                    # what readers refuse (_check_finite): a sparse record's log-sum-exp as well as its values
-                    parts = [decoded.logits, decoded.logsumexp] if isinstance(decoded, SparseTargets) else [decoded]
-                    parts += self._split_features(row).values()
-                    if not all(torch.isfinite(t).all() for t in parts):
-                        raise CorruptRecordError(f"record (index={iv[0]}, view={iv[1]}) decodes to NaN/Inf")
-                except CorruptRecordError as e:
-                    report.problems.append(str(e))
-                    continue
-                if not (0 <= iv[0] < self.meta.dataset_size and 0 <= iv[1] < self.meta.views and self.meta.owns(iv[0])):
-                    report.problems.append(f"record (index={iv[0]}, view={iv[1]}) is outside the dataset")
-                    continue
-                seen.add(iv)
-        report.present = len(seen)
-        report.missing = [key for key in expected if key not in seen]
+                batch.append((key, value))
+                if len(batch) == _VERIFY_BATCH:
+                    walk.add(self._verify_batch(txn, batch, report.problems))
+                    batch = []
+            if batch:
+                walk.add(self._verify_batch(txn, batch, report.problems))
+        report.present, missing = walk.finish()
+        # position p -> (index, view): p = (index - shard_index) // shard_count * views + view
+        index = meta.shard_index + (missing // meta.views) * meta.shard_count
+        report.missing = list(zip(index.tolist(), (missing % meta.views).tolist()))
         return report
+
+    def _verify_batch(self, txn: lmdb.Transaction, items: list[tuple[bytes, bytes]], problems: list[str]) -> np.ndarray:
+        """Check a batch of walked (key, value) records; append their problems to ``problems`` in walk
+        order (at most one per record, the first check it fails) and return the expected-range
+        positions (int64, walk order) of the records that passed every check."""
+        meta, path, plen = self.meta, str(self.path), len(self._prefix)
+        found: dict[int, str] = {}  # batch row -> its problem
+        rows: list[int] = []  # rows still to check
+        for r, (key, value) in enumerate(items):
+            if not key.startswith(self._prefix) or len(key) != plen + _KEY.size:
+                found[r] = f"foreign key {key[:40]!r}"
+                continue
+            looked_up = txn.get(key)  # what a reader does: the walk does not use the index pages
+            if looked_up != value:
+                found[r] = (
+                    f"{_where(path, key)} is stored but a lookup by its key "
+                    f"{'finds nothing' if looked_up is None else 'finds other bytes'}: an index page of the file is "
+                    "damaged, so readers report it missing or read other bytes; rebuild it with `kd precompute`"
+                )
+                continue
+            rows.append(r)
+        ids = np.zeros((0, 2), dtype=np.int64)
+        if rows:
+            keys = np.frombuffer(b"".join(items[r][0][plen:] for r in rows), dtype=_KEY_DTYPE)
+            ids = np.stack([keys["index"].astype(np.int64), keys["view"].astype(np.int64)], axis=1)
+            check = self._verify_sequences if meta.per_token else self._verify_records
+            bad = check(path, [items[r] for r in rows], ids)
+            for j, why in bad.items():
+                found[rows[j]] = why
+            index, view = ids[:, 0], ids[:, 1]
+            outside = (
+                (index >= meta.dataset_size) | (view >= meta.views) | (index % meta.shard_count != meta.shard_index)
+            )
+            for j in np.flatnonzero(outside).tolist():
+                found.setdefault(rows[j], f"record (index={int(index[j])}, view={int(view[j])}) is outside the dataset")
+        problems.extend(found[r] for r in sorted(found))
+        good = np.asarray([r not in found for r in rows], dtype=bool)
+        ids = ids[good]
+        return (ids[:, 0] - meta.shard_index) // meta.shard_count * meta.views + ids[:, 1]
+
+    def _verify_records(self, path: str, items: list[tuple[bytes, bytes]], ids: np.ndarray) -> dict[int, str]:
+        """Per-sample records of one batch: size, checksum, header, then one decode and one finiteness
+        check for all that pass; -> {row: problem} (what ``read_raw`` and ``_check_finite`` refuse)."""
+        width = len(_HEADER) + self.record_bytes + _CRC.size
+        bad: dict[int, str] = {}
+        sized = []
+        for r, (key, value) in enumerate(items):
+            if len(value) != width:
+                bad[r] = f"{_where(path, key)} has {len(value)} bytes, expected {width}"
+            else:
+                sized.append(r)
+        if not sized:
+            return bad
+        joined = b"".join(items[r][1] for r in sized)
+        table = np.frombuffer(joined, dtype=np.uint8).reshape(len(sized), width)
+        view = memoryview(joined)
+        stored = table[:, -_CRC.size :].copy().view("<u4")[:, 0]
+        crcs = np.fromiter(
+            (
+                zlib.crc32(view[j * width : (j + 1) * width - _CRC.size], zlib.crc32(items[r][0]))
+                for j, r in enumerate(sized)
+            ),
+            dtype=np.uint32,
+            count=len(sized),
+        )
+        header = (table[:, : len(_HEADER) - 1] == np.frombuffer(_HEADER[:3], dtype=np.uint8)).all(axis=1)
+        for j in np.flatnonzero(crcs != stored).tolist():
+            bad[sized[j]] = f"{_where(path, items[sized[j]][0])} fails its checksum: the stored targets are corrupted"
+        for j in np.flatnonzero((crcs == stored) & ~header).tolist():
+            bad[sized[j]] = f"{_where(path, items[sized[j]][0])} has an unknown header {bytes(table[j, :4])!r}"
+        keep = np.flatnonzero((crcs == stored) & header)
+        if len(keep):
+            at = [sized[j] for j in keep.tolist()]
+            payload = table[keep, len(_HEADER) : -_CRC.size]
+            for j in self._nonfinite_rows(payload, ids[at]):
+                r = at[j]
+                bad[r] = f"record (index={int(ids[r, 0])}, view={int(ids[r, 1])}) decodes to NaN/Inf"
+        return bad
+
+    def _nonfinite_rows(self, payload: np.ndarray, ids: np.ndarray) -> list[int]:
+        """Rows of ``payload`` (checked records, uint8 [n, record_bytes]) that decode to NaN/Inf in their
+        targets (a sparse record's log-sum-exp too: what readers refuse) or stored features."""
+        # a copy: numpy calls a one-row slice contiguous, but torch.from_numpy keeps its row stride
+        decoded = self.codec.decode_targets(payload[:, : self.logit_bytes].copy(), self.meta.num_classes, ids)
+        parts = [decoded.logits, decoded.logsumexp] if isinstance(decoded, SparseTargets) else [decoded]
+        parts += self._split_features(payload).values()
+        return np.flatnonzero(~_finite_rows(parts, len(payload))).tolist()
+
+    def _verify_sequences(self, path: str, items: list[tuple[bytes, bytes]], ids: np.ndarray) -> dict[int, str]:
+        """Per-sequence records of one batch (``per_token``): each checked as readers do
+        (``_sequence_rows``), then all their positions decoded at once; -> {row: problem}."""
+        bad: dict[int, str] = {}
+        seqs: list[int] = []
+        parts: list[np.ndarray] = []
+        for r, (key, value) in enumerate(items):
+            try:
+                parts.append(self._sequence_rows(path, key, value))
+                seqs.append(r)
+            except CorruptRecordError as e:
+                bad[r] = str(e)
+        if not seqs:
+            return bad
+        lengths = np.asarray([len(p) for p in parts], dtype=np.int64)
+        owner = np.repeat(np.arange(len(seqs)), lengths)
+        starts = np.cumsum(lengths) - lengths
+        position = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
+        keys = np.stack([ids[seqs, 0][owner], position], axis=1)  # position p of sequence i: key (i, p)
+        rows = np.concatenate(parts)
+        decoded = self.codec.decode_targets(rows, self.meta.num_classes, keys)
+        tensors = [decoded.logits, decoded.logsumexp] if isinstance(decoded, SparseTargets) else [decoded]
+        for j in np.unique(owner[~_finite_rows(tensors, len(rows))]).tolist():
+            r = seqs[j]
+            bad[r] = f"record (index={int(ids[r, 0])}, view={int(ids[r, 1])}) decodes to NaN/Inf"
+        return bad
 
     def close(self) -> None:
         """Nothing to do: the handle is shared per process and closed at exit."""
+
+
+def _finite_rows(parts: list[torch.Tensor], n: int) -> np.ndarray:
+    """bool [n]: whether row r of every part (CPU tensors [n, ...]) is all finite. numpy's isfinite:
+    torch's parallel kernel took 90 ms per 4096 x 10 batch on a loaded 2-core machine (40x)."""
+    ok = np.ones(n, dtype=bool)
+    for t in parts:
+        if t.numel():
+            ok &= np.isfinite(t.numpy().reshape(n, -1)).all(axis=1)
+    return ok
+
+
+_VERIFY_BATCH = 4096  # records checked at once by CacheReader.verify: one join, decode and reduction each
+_KEY_DTYPE = np.dtype([("index", ">u8"), ("view", ">u4")])  # a record key after its prefix (_KEY)
+
+
+class _MissingWalk:
+    """The expected positions 0..expected-1 (index-major: (index, view) of the environment's shard)
+    that a cursor walk did not yield as good records. A walk in key order yields them increasing, so
+    the gaps between consecutive ones are the missing keys: no set of all keys, memory bounded by a
+    batch plus the answer. A position that comes out of order (the nodes of a damaged page) is set
+    aside and taken out of the gaps at the end, so the answer is exact whatever the order."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.next = 0  # every position below this one was yielded or is in a gap
+        self.gaps: list[np.ndarray] = []
+        self.late: list[np.ndarray] = []
+        self.in_order = 0
+
+    def add(self, pos: np.ndarray) -> None:
+        """The positions of a batch's good records, in walk order."""
+        if not len(pos):
+            return
+        before = np.maximum.accumulate(np.concatenate([np.asarray([self.next - 1], dtype=np.int64), pos]))[:-1]
+        fresh = pos > before
+        if not fresh.all():
+            self.late.append(pos[~fresh])
+        seen = pos[fresh]
+        if len(seen):
+            last = int(seen[-1])
+            gap = np.ones(last + 1 - self.next, dtype=bool)
+            gap[seen - self.next] = False
+            self.gaps.append(np.flatnonzero(gap) + self.next)
+            self.next = last + 1
+            self.in_order += len(seen)
+
+    def finish(self) -> tuple[int, np.ndarray]:
+        """-> (how many distinct positions were yielded, the missing positions in increasing order)."""
+        gaps = np.concatenate([*self.gaps, np.arange(self.next, self.expected, dtype=np.int64)])
+        if not self.late:
+            return self.in_order, gaps
+        found = np.isin(gaps, np.concatenate(self.late))  # yielded late: not missing after all
+        return self.in_order + int(found.sum()), gaps[~found]
 
 
 @dataclass
