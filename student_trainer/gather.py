@@ -19,8 +19,12 @@ gradients instead, with one more collective per tensor in the backward, and is d
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
+
+from kd.core.targets import SparseTargets
 
 
 def rank_sizes(rows: int, device: torch.device) -> list[int]:
@@ -63,6 +67,10 @@ def gather_rows(value: object, sizes: list[int]) -> object:
     this with values of one structure (the same code on the same kind of batch)."""
     if isinstance(value, torch.Tensor):
         return _Gather.apply(value, sizes)
+    if isinstance(value, SparseTargets):  # a top-k / sampled cache's or --server-topk's targets: per row
+        return dataclasses.replace(value, indices=_Gather.apply(value.indices, sizes),
+                                   logits=_Gather.apply(value.logits, sizes),
+                                   logsumexp=_Gather.apply(value.logsumexp, sizes))  # fmt: skip
     if isinstance(value, dict):
         return {k: gather_rows(v, sizes) for k, v in value.items()}
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a connector's named output
@@ -73,5 +81,5 @@ def gather_rows(value: object, sizes: list[int]) -> object:
         return value
     raise ValueError(
         f"cannot gather a {type(value).__name__} across torchrun ranks to compute a batch-coupled loss on the "
-        "global batch (sparse targets: use a dense cache codec or a server/local source)"
+        "global batch"
     )

@@ -126,3 +126,50 @@ def test_a_methods_declared_coupling_is_what_its_loss_does(name: str, cnn_source
         f"{name}: loss of the batch {whole!r}, weighted mean of its parts {weighted!r} (relative difference "
         f"{rel:.3g}), declared couples={method.couples}"
     )
+
+
+_GATHER_SPARSE = """
+import sys, torch, torch.distributed as dist
+from kd.core.targets import SparseTargets
+from kd.student_trainer.gather import gather_rows
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+rows = (3, 1)[rank]  # unequal slices: the second rank's is padded for the gather
+g = torch.Generator().manual_seed(rank)
+mine = SparseTargets("topk", torch.randint(0, 10, (rows, 4), generator=g), torch.randn(rows, 4, generator=g),
+                     torch.randn(rows, generator=g), 10, 2.0)
+mine.logits.requires_grad_(True)
+every = gather_rows({"t": mine}, [3, 1])["t"]
+parts = []
+for r, n in enumerate((3, 1)):
+    h = torch.Generator().manual_seed(r)
+    ids = torch.randint(0, 10, (n, 4), generator=h)
+    parts.append((ids, torch.randn(n, 4, generator=h), torch.randn(n, generator=h)))
+assert isinstance(every, SparseTargets) and (every.kind, every.num_classes, every.temperature) == ("topk", 10, 2.0)
+for got, i in ((every.indices, 0), (every.logits, 1), (every.logsumexp, 2)):
+    assert torch.equal(got.detach(), torch.cat([p[i] for p in parts])), (rank, i)
+(every.logits * torch.arange(16.0).reshape(4, 4)).sum().backward()  # this rank's rows of the gradient
+start = (0, 3)[rank]
+assert torch.equal(mine.logits.grad, torch.arange(16.0).reshape(4, 4)[start : start + rows])
+dist.destroy_process_group()
+print("ok", rank)
+"""
+
+
+def test_sparse_targets_are_gathered_row_by_row_across_ranks(tmp_path: Path) -> None:
+    """A batch-coupled feature loss (rkd, sp...) on a top-k cache or --server-topk under torchrun: the
+    teacher's SparseTargets are gathered field by field (2 gloo ranks, slices of 3 and 1 rows), in rank
+    order, and the backward keeps each rank's rows. Before, gather_rows refused them and every rank
+    failed at its first step, where each used to train on its slice."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "gather_sparse.py"
+    script.write_text(_GATHER_SPARSE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script)], capture_output=True, text=True, timeout=180, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(line for line in out.stdout.split("\n") if line.startswith("ok")) == ["ok 0", "ok 1"]
