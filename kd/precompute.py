@@ -271,15 +271,15 @@ def check_sample_shape(dataset: SampleSource, teacher: SoftTargetSource) -> None
     """Refuse, before any work, samples the teacher cannot take, naming both shapes (else the first
     batch fails inside the model: "mat1 and mat2 shapes cannot be multiplied", no shape named).
 
-    An in-process teacher takes samples of its input shape, or images of its channels at any size
-    (resized: ``kd.core.views.pixels_to_input``); a server's client also reshapes samples of as many
-    values (``ServerSource._payload``). By reference the server reads its own data: not checked here."""
+    A teacher takes samples of its input shape, images of its channels at any size (resized:
+    ``kd.core.views.pixels_to_input``), or samples of as many values, put in its layout
+    (``LocalSource._input``, ``ServerSource._payload``). By reference the server reads its own data:
+    not checked here."""
     inner = getattr(teacher, "teacher", None)  # a LocalSource's Teacher (a ServerSource's is a name)
     if hasattr(inner, "input_dtype"):
-        shape, floating, reshapes, name = inner.input_shape, inner.input_dtype.is_floating_point, False, inner.name
+        shape, floating, name = inner.input_shape, inner.input_dtype.is_floating_point, inner.name
     elif getattr(teacher, "dataset", None) is None and getattr(teacher, "input_shape", None) is not None:
-        shape, floating, reshapes = teacher.input_shape, bool(getattr(teacher, "floating", True)), True
-        name = teacher.teacher_name
+        shape, floating, name = teacher.input_shape, bool(getattr(teacher, "floating", True)), teacher.teacher_name
     else:
         return
     sample = getattr(dataset, "sample_shape", None)
@@ -288,7 +288,7 @@ def check_sample_shape(dataset: SampleSource, teacher: SoftTargetSource) -> None
     sample, shape = tuple(int(s) for s in sample), tuple(int(s) for s in shape)
     if sample == shape or (len(sample) == len(shape) == 3 and sample[0] == shape[0]):
         return
-    if reshapes and math.prod(sample) == math.prod(shape):
+    if math.prod(sample) == math.prod(shape):
         return
     raise ValueError(
         f"the dataset's samples are {list(sample)} but teacher {name!r} takes input {list(shape)}: "

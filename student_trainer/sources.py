@@ -754,11 +754,18 @@ class LocalSource(SoftTargetSource):
         self.mean, self.std = mean, std
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        """Image views through the teacher's final transform; other samples as they are."""
+        """Image views through the teacher's final transform; samples of as many values as the
+        teacher's input in its layout (a view, as ``ServerSource._payload`` does: flat digits for a
+        CNN teacher, 1x8x8 images for an MLP); other samples as they are."""
         if not self.teacher.input_dtype.is_floating_point:
             return x
         y = pixels_to_input(x, self.teacher.input_shape, self.mean, self.std)
-        return x if y is None else y
+        if y is not None:
+            return y
+        shape = tuple(self.teacher.input_shape)
+        if len(x) and shape and min(shape) > 0 and tuple(x.shape[1:]) != shape and x[0].numel() == math.prod(shape):
+            return x.reshape(len(x), *shape)
+        return x
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         return self.runner(self._input(inputs))

@@ -248,21 +248,26 @@ def test_samples_the_teacher_cannot_take_are_refused_before_any_work(tmp_path: P
             )
     gray, rgb = f"imagefolder:{tmp_path / 'img'}?mode=L", f"imagefolder:{tmp_path / 'img'}"
     address = f"server:127.0.0.1:{server.port}"
-    # [1, 8, 8] to a local teacher of 64 values: the old code failed at its first batch inside the model
-    # ("mat1 and mat2 shapes cannot be multiplied (80x8 and 64x16)"), naming no shape.
-    for dataset, source, sample in ((gray, f"local:{teacher_spec}", "[1, 8, 8]"), (rgb, address, "[3, 8, 8]")):
-        out = tmp_path / f"c{sample[1]}{source[:5]}"
-        refused(cli("precompute", "--source", source, "--dataset", dataset, "--out", str(out)),
-                f"the dataset's samples are {sample} but teacher", "takes input [64]")  # fmt: skip
+    # [3, 8, 8] (192 values) to a teacher of 64 values: the old code failed at its first batch inside the
+    # model ("mat1 and mat2 shapes cannot be multiplied"), naming no shape.
+    for source in (f"local:{teacher_spec}", address):
+        out = tmp_path / f"rgb-{source[:5]}"
+        refused(cli("precompute", "--source", source, "--dataset", rgb, "--out", str(out)),
+                "the dataset's samples are [3, 8, 8] but teacher", "takes input [64]")  # fmt: skip
         assert not (out / "data.mdb").exists()
     # kd train with a teacher run per step: the old code failed at its first step, inside the teacher
-    refused(cli("train", "--source", f"local:{teacher_spec}", "--dataset", gray + "&classes=10", "--val-dataset",
-                gray + "&classes=10", "--student", "kd.models:digits_cnn_student", "--epochs", "1", "--out",
-                str(tmp_path / "run")),
-            "the dataset's samples are [1, 8, 8] but teacher", "takes input [64]")  # fmt: skip
-    assert not (tmp_path / "run" / "metrics.csv").exists()
-    # What each path does take: a server's client reshapes 64 values; ?shape=64 gives the local one its shape.
+    refused(cli("train", "--source", f"local:{teacher_spec}", "--dataset", rgb + "?classes=10", "--val-dataset",
+                rgb + "?classes=10", "--student", "kd.models:digits_cnn_student", "--epochs", "1", "--out",
+                str(tmp_path / "run.safetensors")),
+            "the dataset's samples are [3, 8, 8] but teacher", "takes input [64]")  # fmt: skip
+    assert not (tmp_path / "run.safetensors").exists()
+    # What each path does take: [1, 8, 8] holds 64 values, put in the teacher's layout by a server's client
+    # and by an in-process teacher alike (the same targets); ?shape=64 gives the samples that shape.
     ok(cli("precompute", "--source", address, "--dataset", gray, "--out", str(tmp_path / "served")))
+    ok(cli("precompute", "--source", f"local:{teacher_spec}", "--dataset", gray, "--out", str(tmp_path / "local")))
     ok(cli("precompute", "--source", f"local:{teacher_spec}", "--dataset", gray + "&shape=64", "--out",
            str(tmp_path / "flat")))  # fmt: skip
+    served, local = CacheReader(tmp_path / "served"), CacheReader(tmp_path / "local")
+    keys = torch.arange(10)
+    torch.testing.assert_close(served.targets(keys), local.targets(keys), rtol=1e-6, atol=1e-6)
     assert len(CacheReader(tmp_path / "served")) == len(CacheReader(tmp_path / "flat")) == 10
