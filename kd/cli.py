@@ -690,7 +690,9 @@ def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
             opt = [f"{k}={json.dumps(v)}" for k, v in opt.items()]
         # merged with the command line's --opt in train (which wins key by key)
         ctx.meta["kd_config_opt"] = [opt] if isinstance(opt, str) else list(opt)
-        ctx.meta["kd_config_opt_method"] = values.get("method")
+        # A file without `method` trains the command's default method: its table is that one's.
+        default = next((p.default for p in ctx.command.params if p.name == "method"), None)
+        ctx.meta["kd_config_opt_method"] = values.get("method", default)
     # A repeatable option (--source, --match, --combiner-opt) written once as a plain string
     # (`source = "cache:X"`) is one entry: click iterates a default_map value of a multiple
     # option, and a string is refused ("Value must be an iterable"), not split into characters.

@@ -111,6 +111,11 @@ def test_a_plain_opt_table_under_another_method_is_refused_naming_it(tmp_path: P
                "--run-dir", str(run))  # fmt: skip
     assert r.exit_code == 0, r.output
     assert _config(run)["method_options"] == {"temperature": 4, "alpha": 0.5}
+    # A file without `method:` trains kd (the default): its plain table is kd's, refused under dkd too
+    implicit = tmp_path / "implicit.yaml"
+    implicit.write_text("opt:\n  temperature: 4\n  alpha: 0.9\n")
+    refused(_train("--config", str(implicit), "--method", "dkd", "--source", f"local:{teacher_spec}", *SUB),
+            "sets method options ['alpha', 'temperature'] for its method 'kd', not for --method 'dkd'")  # fmt: skip
     bad = tmp_path / "bad.yaml"
     bad.write_text("opt:\n  kd: {alpha: 0.5}\n  no_such_method: {x: 1}\n")
     refused(_train("--config", str(bad), *SUB), "not such: ['no_such_method']")
