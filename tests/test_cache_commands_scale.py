@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from cli_checks import refused
+from test_cache import tamper
 from typer.testing import CliRunner
 
 from kd.cache import CacheMeta, CacheReader, CacheWriter, CorruptRecordError, store
@@ -34,15 +35,6 @@ def sealed(key: bytes, payload: bytes, header: bytes = HEADER) -> bytes:
     """A record value written by hand: header + payload + crc32 over key and both, little-endian."""
     body = header + payload
     return body + zlib.crc32(body, zlib.crc32(key)).to_bytes(4, "little")
-
-
-def edit(path: Path, fn) -> None:
-    env = lmdb.open(str(path), subdir=True)
-    try:
-        with env.begin(write=True) as txn:
-            fn(txn)
-    finally:
-        env.close()
 
 
 @pytest.mark.parametrize("shard", [(0, 1), (1, 3)])
@@ -98,7 +90,7 @@ def test_verify_finds_every_defect_across_batches(tmp_path: Path, monkeypatch: p
         edits[k] = (sealed(k, fine), f"record (index={i}, view={v}) is outside the dataset")
     for k in (b"q-before", prefix + b"\x00short", b"z-after"):
         edits[k] = (b"x", f"foreign key {k[:40]!r}")
-    edit(tmp_path / "c", lambda txn: [txn.put(k, v) for k, (v, _) in edits.items()])
+    tamper(tmp_path / "c", lambda txn: [txn.put(k, v) for k, (v, _) in edits.items()])
     assert len(fine) == width
 
     report = CacheReader(tmp_path / "c").verify()
@@ -219,7 +211,7 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path: Path) -> None:
         v[5] ^= 1
         txn.put(key, bytes(v))
 
-    edit(tmp_path / "c", flip)
+    tamper(tmp_path / "c", flip)
     (tmp_path / "out").mkdir()
     with pytest.raises(CorruptRecordError, match=r"record \(index=37, view=0\) .* fails its checksum"):
         export_npz(CacheReader(tmp_path / "c"), tmp_path / "out" / "x.npz", chunk=8)  # chunks 1-4 were written
@@ -289,7 +281,7 @@ def test_len_counts_records_exactly_beside_metadata_basis_and_foreign_keys(tmp_p
     for name in ("c", "f"):
         with CacheWriter(tmp_path / name, m) as w:
             w.put([i for i, _ in keep], z[: len(keep)], views=[v for _, v in keep])
-    edit(tmp_path / "f", lambda txn: [txn.put(k, b"x") for k in foreign])
+    tamper(tmp_path / "f", lambda txn: [txn.put(k, b"x") for k in foreign])
     assert len(CacheReader(tmp_path / "c")) == len(CacheReader(tmp_path / "f")) == len(keep) == 23
 
     p = CacheMeta("fp-A", "ds", 30, "pca:4", 8)
