@@ -776,8 +776,8 @@ def _train_and_val(dataset: str, val_dataset: str | None, command: str = "kd tra
     for flag, d in (("--dataset", train_data), ("--val-dataset", val_data)):
         if isinstance(d, TokenSource):
             _fail(f"{flag} {d.dataset_id} is a token dataset: {command} trains classifiers (one label per sample); "
-                  "distil a language model with `kd train-lm` (from a token cache made by kd precompute) or "
-                  "`kd onpolicy` (against a served token teacher)")  # fmt: skip
+                  "distil a language model with `kd train-lm` (from a token cache, a served token teacher or one in "
+                  "process) or `kd onpolicy` (on its own samples, against a served token teacher)")  # fmt: skip
     # Labels are class positions: a val folder missing a class would shift every later label.
     names, val_names = list(train_data.class_names), list(val_data.class_names)
     named = val_names != [str(c) for c in range(len(val_names))]
@@ -1862,8 +1862,14 @@ def onpolicy(
 
 @app.command("train-lm")
 def train_lm(
-    source: str = typer.Option(..., help="cache:PATH of a token cache (kd precompute with a token dataset)."),
-    dataset: str = typer.Option(..., help="The token dataset the cache was precomputed on, e.g. text:DIR?block=128."),
+    source: str = typer.Option(
+        ...,
+        help="cache:PATH of a token cache (kd precompute with a token dataset), server:HOST:PORT[,HOST:PORT...]"
+        "[/TEACHER] of a served token teacher, or local:SPEC of one run in this process.",
+    ),
+    dataset: str = typer.Option(
+        ..., help="The token dataset to train on (a cache's: the one it was precomputed on), e.g. text:DIR?block=128."
+    ),
     val_dataset: str = typer.Option(..., help="Held-out token dataset: validation perplexity and next-token accuracy."),
     student: str = typer.Option(..., help="module:factory[@WEIGHTS][?k=v] of the causal-LM student."),
     method: str = typer.Option("token-fkl", help="token-fkl, token-rkl, token-gjsd, token-tv or token-skl."),
@@ -1878,8 +1884,17 @@ def train_lm(
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
     out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
+    server_topk: int = typer.Option(
+        0,
+        help="With --source server:...: ask for the top K tokens of each position (+ the log-sum-exp at the "
+        "method's temperature), made next to the model, instead of all V logits.",
+    ),
+    server_timeout: float = typer.Option(
+        60.0, help="With --source server:...: seconds one request may take before the run fails naming the server."
+    ),
 ) -> None:
-    """Distil a causal-LM student from a token cache with a per-token loss; validation perplexity and accuracy."""
+    """Distil a causal-LM student with a per-token loss from a token cache, a served token teacher or
+    one in process; validation perplexity and accuracy."""
     import time
 
     from kd.cache import CacheError
@@ -1888,18 +1903,25 @@ def train_lm(
     from kd.core.tokens import TokenSource, refuse_no_samples
     from kd.student_trainer.losses import METHODS, get_method
     from kd.student_trainer.losses.token_kd import evaluate_tokens
-    from kd.student_trainer.sources import CacheSource
+    from kd.student_trainer.sources import CacheSource, parse_source
     from kd.student_trainer.train import seed_everything, train_tokens
+    from kd.teacher_server.lm import is_token_teacher
 
     token_methods = sorted(m for m in METHODS if m.startswith("token-"))
     if method not in token_methods:
         _fail(f"--method {method!r}: kd train-lm takes a per-token loss: {', '.join(token_methods)}")
-    if not source.startswith("cache:"):
-        _fail(f"--source {source!r}: kd train-lm trains from a token cache, cache:PATH (kd precompute makes it; "
-              "kd onpolicy trains against a live server)")  # fmt: skip
+    kind = source.partition(":")[0]
+    if kind not in ("cache", "server", "local") or not source.partition(":")[2]:
+        _fail(f"--source {source!r}: kd train-lm trains from cache:PATH (a token cache: kd precompute makes it), "
+              "server:HOST:PORT[/TEACHER] (a served token teacher) or local:SPEC (one in this process)")  # fmt: skip
+    if server_topk < 0 or (server_topk and kind != "server"):
+        _fail(f"--server-topk {server_topk}: needs K >= 1 and applies only to --source server:...; got {source!r}")
+    if not (math.isfinite(server_timeout) and server_timeout > 0):
+        _fail(f"--server-timeout must be a number of seconds > 0, got {server_timeout}")
     _check_run_options(seed, device)
     _check_out(out)
     options = _parse_options(opt)
+    cache = None
     try:
         get_method(method).check_options(options)
         train_data, val_data = open_source(dataset), open_source(val_dataset)
@@ -1911,11 +1933,30 @@ def train_lm(
             raise ValueError(f"--val-dataset has vocabulary {val_data.vocab_size}, --dataset {train_data.vocab_size}")
         # The cache is --dataset's (its id covers the tokenizer); --val-dataset's ids must be the same tokens.
         refuse_other_dataset_tokenizer(val_data, train_data, "--val-dataset", "--dataset")
-        cache = CacheSource(source[len("cache:") :], dataset_id=train_data.dataset_id)
-        if not cache.reader.meta.per_token:
-            raise ValueError(f"{source} holds one record per sample; kd train-lm needs a token cache")
-    except (CacheError, ValueError, TypeError) as e:
-        _fail(str(e))
+        if kind == "cache":
+            cache = CacheSource(source[len("cache:") :], dataset_id=train_data.dataset_id)
+            if not cache.reader.meta.per_token:
+                raise ValueError(f"{source} holds one record per sample; kd train-lm needs a token cache")
+        elif kind == "server":
+            # Sparse targets hold the log-sum-exp at one temperature: the loss's (token losses' default 1).
+            temperature = float(options.get("temperature", get_method(method).defaults.get("temperature", 1.0)))
+            cache = parse_source(source, topk=server_topk, temperature=temperature, timeout=server_timeout,
+                                 stream_timeout=server_timeout)  # fmt: skip
+            if not cache.tokens:
+                raise ValueError(f"--source {source}: teacher {cache.teacher_name!r} is not a token teacher (its "
+                                 "targets are one row per sample): distil it with kd train")  # fmt: skip
+        else:
+            cache = parse_source(source, device=device)
+            if not is_token_teacher(cache.teacher):
+                raise ValueError(f"--source {source}: teacher {cache.teacher_name!r} is not a token teacher (its "
+                                 "signature does not take token ids): distil it with kd train")  # fmt: skip
+        if cache.num_classes != train_data.vocab_size:  # before the student is built; train_tokens checks it again
+            raise ValueError(f"--source {source} has vocabulary {cache.num_classes}, --dataset "
+                             f"{train_data.vocab_size}")  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - a bad cache, server, teacher or dataset: the user's to read
+        if cache is not None:
+            cache.close()
+        _fail(str(e) if isinstance(e, (CacheError, ValueError, TypeError)) else f"{type(e).__name__}: {e}")
     seed_everything(seed)
     try:
         model = _build_student(student)

@@ -1,0 +1,138 @@
+"""``kd train-lm`` from a live token teacher: ``--source server:HOST:PORT/TEACHER`` (a real gRPC
+server on 127.0.0.1, full logits or ``--server-topk K``) and ``--source local:SPEC`` train a student
+exactly as the library's ``train_tokens`` does from the same source, and a source that cannot give
+per-token targets is refused up front with one line. Tiny token modules, a corpus the test writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cli_checks import refused
+from click.testing import Result
+from torch import nn
+from typer.testing import CliRunner
+
+from kd.cli import app
+from kd.core.data import open_source
+from kd.student_trainer.sources import LocalSource, ServerSource
+from kd.student_trainer.train import train_tokens
+from kd.teacher_server.loading import load_teacher
+from kd.teacher_server.server import TeacherOptions, start_server
+
+VOCAB = 259  # the byte tokenizer's
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class BigramLM(nn.Module):
+    input_shape = (-1,)  # a token module: kd serve / local: take it as a token teacher
+
+    def __init__(self, dim: int, scale: float, vocab: int = VOCAB) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.prev = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab)
+        self.scale = scale
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        prev = nn.functional.pad(self.prev(tokens)[:, :-1], (0, 0, 1, 0))
+        return self.head(torch.tanh(self.embed(tokens) + prev)) * self.scale
+
+
+def teacher_lm() -> BigramLM:
+    torch.manual_seed(41)
+    return BigramLM(16, 3.0)
+
+
+def student_lm() -> BigramLM:
+    torch.manual_seed(42)
+    return BigramLM(8, 1.0)
+
+
+def wide_lm() -> BigramLM:
+    """A token teacher of another vocabulary (300 ids) than the byte corpus's."""
+    torch.manual_seed(43)
+    return BigramLM(8, 1.0, vocab=300)
+
+
+TEACHER, STUDENT = f"{__name__}:teacher_lm", f"{__name__}:student_lm"
+RUN = {"epochs": 2, "batch_size": 4, "lr": 0.03, "seed": 5}
+
+
+def cli(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("lmsrc")
+    (d / "train.txt").write_text("\n".join(f"line {i}: the cat sat on the mat"[: 9 + 2 * i] for i in range(12)) + "\n")
+    (d / "val.txt").write_text("the dog sat on the log\nthe bird sang\n")
+    return {"train": f"text:{d / 'train.txt'}?doc=line&pack=0&block=32",
+            "val": f"text:{d / 'val.txt'}?doc=line&pack=0&block=32"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def served() -> str:
+    running = start_server(
+        [load_teacher("lm", TEACHER), load_teacher("wide", f"{__name__}:wide_lm"),
+         load_teacher("digits", "kd.models:digits_teacher")],
+        batching=TeacherOptions(max_batch_tokens=512, max_batch_size=8, warmup=False),
+    )  # fmt: skip
+    yield f"127.0.0.1:{running.port}"
+    running.stop(grace=1)
+
+
+def train_lm(corpus: dict[str, str], source: str, *extra: str) -> dict:
+    args = ["train-lm", "--source", source, "--dataset", corpus["train"], "--val-dataset", corpus["val"],
+            "--student", STUDENT, "--epochs", str(RUN["epochs"]), "--batch-size", str(RUN["batch_size"]),
+            "--lr", str(RUN["lr"]), "--seed", str(RUN["seed"]), *extra]  # fmt: skip
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def library_losses(corpus: dict[str, str], source, **options) -> list[float]:
+    """The same run through ``train_tokens`` directly (the CLI seeds torch before the student is built;
+    the factory seeds its own weights, so the student starts the same)."""
+    return train_tokens(student_lm(), open_source(corpus["train"]), source, method="token-fkl",
+                        epochs=RUN["epochs"], batch_size=RUN["batch_size"], lr=RUN["lr"], seed=RUN["seed"],
+                        method_options=options)  # fmt: skip
+
+
+def test_train_lm_from_a_server_and_in_process_trains_as_the_library_does(corpus, served) -> None:
+    local = train_lm(corpus, f"local:{TEACHER}")
+    assert local["losses"] == library_losses(corpus, LocalSource(TEACHER))  # the same arithmetic, bit for bit
+    remote = train_lm(corpus, f"server:{served}/lm")
+    # The server computes the same fp32 teacher on the real positions only, batched by length, so
+    # a matmul may sum in another order: equal to float32 rounding, not bit for bit.
+    assert remote["losses"] == pytest.approx(local["losses"], rel=1e-5)
+    assert remote["val_ppl"] == pytest.approx(local["val_ppl"], rel=1e-5)
+    assert remote["source"] == f"server:{served}/lm"
+
+
+def test_server_topk_asks_the_top_k_at_the_losss_temperature(corpus, served) -> None:
+    # At T = 2 the top-k's log-sum-exp must be the one at 2: one at 1 is refused by the loss at step 1.
+    got = train_lm(corpus, f"server:{served}/lm", "--server-topk", "8", "--opt", "temperature=2")
+    with ServerSource(served, "lm", topk=8, temperature=2.0) as source:
+        want = library_losses(corpus, source, temperature=2.0)
+    assert got["losses"] == pytest.approx(want, rel=1e-5)
+    full = train_lm(corpus, f"server:{served}/lm", "--opt", "temperature=2")
+    assert abs(got["losses"][0] - full["losses"][0]) > 1e-3  # top-8 of 259 is not the full distribution
+
+
+def test_train_lm_refuses_sources_without_per_token_targets_up_front(corpus, served, tmp_path: Path) -> None:
+    base = ["train-lm", "--dataset", corpus["train"], "--val-dataset", corpus["val"], "--student", STUDENT]
+    out = tmp_path / "s.safetensors"
+    refused(cli(*base, "--source", f"server:{served}/digits", "--out", str(out)), "teacher 'digits'",
+            "not a token teacher", "kd train")  # fmt: skip
+    refused(cli(*base, "--source", "local:kd.models:digits_teacher", "--out", str(out)), "not a token teacher")
+    refused(cli(*base, "--source", f"server:{served}/wide"), "vocabulary 300", "--dataset 259")
+    refused(cli(*base, "--source", f"local:{TEACHER}", "--server-topk", "8"), "--server-topk 8",
+            "only to --source server:")  # fmt: skip
+    refused(cli(*base, "--source", f"server:{served}/lm", "--server-topk", "-1"), "--server-topk -1", "K >= 1")
+    refused(cli(*base, "--source", f"server:{served}/lm", "--server-timeout", "0"), "--server-timeout")
+    refused(cli(*base, "--source", "http://x"), "--source 'http://x'", "cache:PATH", "server:", "local:")
+    assert not out.exists()  # nothing trained or saved
