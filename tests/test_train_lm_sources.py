@@ -113,6 +113,16 @@ def test_train_lm_from_a_server_and_in_process_trains_as_the_library_does(corpus
     assert remote["source"] == f"server:{served}/lm"
 
 
+def test_train_lm_from_a_pool_of_servers_takes_turns(corpus, served) -> None:
+    other = start_server([load_teacher("lm", TEACHER)], batching=TeacherOptions(max_batch_tokens=512, warmup=False))
+    try:
+        pool = train_lm(corpus, f"server:{served},127.0.0.1:{other.port}/lm")
+        assert other.servicer.endpoints["lm"].batcher.stats.forwards > 0  # the second member answered some
+    finally:
+        other.stop(grace=1)
+    assert pool["losses"] == pytest.approx(train_lm(corpus, f"local:{TEACHER}")["losses"], rel=1e-5)
+
+
 def test_server_topk_asks_the_top_k_at_the_losss_temperature(corpus, served) -> None:
     # At T = 2 the top-k's log-sum-exp must be the one at 2: one at 1 is refused by the loss at step 1.
     got = train_lm(corpus, f"server:{served}/lm", "--server-topk", "8", "--opt", "temperature=2")
