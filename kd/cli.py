@@ -148,6 +148,31 @@ def _check_run_options(seed: int, device: str) -> None:
         _fail(f"--device {problem}")
 
 
+def rank_device(device: str, local_rank: int) -> str:
+    """The device of a torchrun rank: a bare ``cuda`` is this rank's GPU, ``cuda:LOCAL_RANK`` (every
+    rank on GPU 0 would share it, and NCCL refuses two ranks on one device); a device with an index,
+    or the CPU, as given (one rank per node, or the user's own choice)."""
+    return f"cuda:{local_rank}" if device == "cuda" else device
+
+
+def _join_torchrun(device: str) -> tuple[str, int]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on the CPU) and
+    take this rank's device -> (device, rank); else (device, 0)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
+    device = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # NCCL's collectives run on the current device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device, dist.get_rank()
+
+
 def _stop_signals():
     """SIGTERM and SIGINT recorded from now on (``kd.core.signals.StopSignals``), for a loop that
     asks ``first()`` between its steps and ends there cleanly: a scheduler's or ``kill``'s polite
@@ -1026,10 +1051,7 @@ def train(
               "all logits")  # fmt: skip
     default_t = _get_method(method).defaults.get("temperature", 1.0)
     sparse_temperature = float(_parse_options(opt).get("temperature", default_t))  # type: ignore[arg-type]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        # Under torchrun: one process per rank, DistributedDataParallel in train_student.
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    device, rank = _join_torchrun(device)  # under torchrun: DistributedDataParallel in train_student
     train_data, test_data = _train_and_val(dataset, val_dataset)
     if subset > len(train_data):  # the permutation's first N was all of it: trained on fewer, without a word
         _fail(f"--subset {subset} is larger than --dataset {train_data.dataset_id} ({len(train_data)} samples)")
@@ -1921,6 +1943,7 @@ def train_lm(
     _check_run_options(seed, device)
     _check_out(out)
     options = _parse_options(opt)
+    device, rank = _join_torchrun(device)  # under torchrun each rank trains on its slice of every step
     cache = None
     try:
         get_method(method).check_options(options)
@@ -1969,6 +1992,8 @@ def train_lm(
     t0 = time.perf_counter()
 
     def validate(epoch: int, loss: float) -> None:
+        if rank != 0:  # the ranks hold the same weights: one validation, one line
+            return
         m = evaluate_tokens(model, val_data, batch_size=batch_size, device=device)
         console.print(f"epoch {epoch + 1}: loss {loss:.4f}, val perplexity {m.perplexity:.3f}, "
                       f"next-token accuracy {m.accuracy:.4f}", highlight=False)  # fmt: skip
@@ -1982,6 +2007,12 @@ def train_lm(
         _fail(f"{type(e).__name__}: {e}")
     finally:
         cache.close()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    if rank != 0:
+        return
     metrics = evaluate_tokens(model, val_data, batch_size=batch_size, device=device)
     if out is not None:
         _save_student(model, out)

@@ -348,6 +348,47 @@ def student_identity(student: nn.Module) -> dict:
     return {"class": f"{type(student).__module__}.{type(student).__qualname__}", "shapes": digest}
 
 
+def _rank_slice(n: int, rank: int, size: int) -> slice:
+    """This rank's contiguous slice of ``n`` rows (``_my_part``'s split; the last slices may be empty)."""
+    per = -(-n // size)
+    return slice(min(rank * per, n), min((rank + 1) * per, n))
+
+
+def _broadcast_weights(model: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (what DistributedDataParallel does at its start)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            dist.broadcast(t.data, 0)
+
+
+def _sum_step(params: list[nn.Parameter], step_loss: float, diverged: float | None) -> tuple[float, float | None]:
+    """Sum the ranks' gradients of one step into every rank's ``.grad`` (each rank weighted its own
+    slices by their share of the step's tokens, so the sum is the one process's gradient), with their
+    losses and whether any diverged: -> (the step's loss, a non-finite loss of some rank or None). A
+    parameter no rank gave a gradient keeps ``grad=None``, as in one process (the optimizer skips it)."""
+    import torch.distributed as dist
+
+    dev = params[0].device if params else torch.device("cpu")
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads]) if grads else torch.zeros(0, device=dev)
+    # float64 scalars: the step's loss, whether a rank diverged (and its loss), which parameters had a gradient
+    facts = torch.tensor([step_loss, float(diverged is not None), diverged if diverged is not None else 0.0,
+                          *(float(p.grad is not None) for p in params)], dtype=torch.float64, device=dev)  # fmt: skip
+    dist.all_reduce(flat)
+    dist.all_reduce(facts)
+    offset = 0
+    for p, had in zip(params, facts[3:].tolist()):
+        k = p.numel()
+        p.grad = flat[offset : offset + k].view_as(p).to(p.dtype) if had else None
+        offset += k
+    if not facts[1].item():
+        return float(facts[0]), None
+    bad = facts[2].item()  # the sum of the ranks' non-finite losses is not finite either
+    return float(facts[0]), bad if not math.isfinite(bad) else math.nan
+
+
 def _check_finite(model: nn.Module, epoch: int) -> None:
     """Refuse weights that became NaN/inf (a diverged last step, whose loss was still finite)."""
     for name, p in model.named_parameters():  # not buffers: a QAT observer's min/max start at inf
@@ -1084,7 +1125,16 @@ def train_tokens(
     step on zero gradients still moves the weights (AdamW's decoupled weight decay, Adam's moments
     from earlier steps). The learning rate is constant (no scheduler to hold back), and the epoch's
     loss is per counted token, so the skipped step changes neither. ``amp="bf16"``: the student's
-    forward in bfloat16 autocast (CUDA or CPU); the losses are computed in float32 or wider."""
+    forward in bfloat16 autocast (CUDA or CPU); the losses are computed in float32 or wider.
+
+    Under ``torchrun`` (an initialised torch.distributed group) every rank reads the ids of the whole
+    step (cheap: it counts the step's tokens without a collective) and trains on its contiguous slice
+    of each micro-batch: it asks ``source`` only for those rows and weights its loss by its share of
+    the step's counted tokens, and the ranks' gradients are summed (one all-reduce a step) before
+    each identical optimizer step, so the update is the one process's with the same step. Rank 0's
+    starting weights are broadcast. A rank whose slice is empty or holds no target still joins every
+    all-reduce (no DistributedDataParallel: its fixed backward count per step would hang the ranks
+    on an uneven step), and a diverged loss on any rank stops every rank at the same step."""
     from kd.core.tokens import next_token_labels, refuse_no_samples
     from kd.student_trainer.losses.token_kd import token_mask
 
@@ -1120,6 +1170,9 @@ def train_tokens(
                          "distil")  # fmt: skip
     dev = torch.device(device)
     student.to(dev).train()
+    rank, size = world()
+    if size > 1:
+        _broadcast_weights(student)
     params = [p for p in student.parameters() if p.requires_grad]
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
@@ -1146,8 +1199,12 @@ def train_tokens(
                 # zero gradients would still move the weights (AdamW's decay, Adam's moments).
                 continue
             opt.zero_grad(set_to_none=True)
-            step_loss = 0.0
+            step_loss, diverged = 0.0, None
             for idx, tokens, real, labels, n in micro:
+                if size > 1:  # this rank's slice of the micro-batch; its weight is its share of the step
+                    sl = _rank_slice(len(idx), rank, size)
+                    idx, tokens, real, labels = idx[sl], tokens[sl], real[sl], labels[sl]
+                    n = int(token_mask(labels).sum())
                 if not n:
                     continue  # no counted token: its loss is 0 and its weight 0
                 # With the real positions: a live server computes and sends only those (its answer is packed).
@@ -1158,10 +1215,17 @@ def train_tokens(
                 weight = n / counted
                 value = float(loss.detach())
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"epoch {epoch}: the training loss is {value} "
-                                             "(the run diverged: lower --lr)")  # fmt: skip
+                    diverged = value
+                    if size == 1:
+                        break
+                    continue  # the other ranks learn of it at the step's all-reduce
                 (loss * weight).backward()
                 step_loss += value * weight
+            if size > 1:
+                step_loss, diverged = _sum_step(params, step_loss, diverged)
+            if diverged is not None:
+                raise FloatingPointError(f"epoch {epoch}: the training loss is {diverged} "
+                                         "(the run diverged: lower --lr)")  # fmt: skip
             opt.step()
             total += step_loss * counted
             tokens_seen += counted
