@@ -567,6 +567,10 @@ def precompute(
         _fail(f"--server-timeout {server_timeout}: give a number of seconds > 0")
     timeouts = {"timeout": server_timeout, "stream_timeout": server_timeout}  # a server's client, as kd train's
     which = _shard_of(shard)  # --shard I/N, or this torchrun rank's: checked before the data is read
+    import os
+
+    if "LOCAL_RANK" in os.environ:  # a torchrun rank: its own GPU for a local: teacher, not all on cuda:0
+        device = rank_device(device, int(os.environ["LOCAL_RANK"]))
     try:
         data = open_source(dataset)
     except (CacheError, ValueError, RuntimeError) as e:
