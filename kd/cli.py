@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kd.core.signals import Stopped  # stdlib only: the CLI's start stays fast
+
 app = typer.Typer(
     help="kd: teacher-as-a-service knowledge distillation.",
     no_args_is_help=True,
@@ -183,6 +185,13 @@ def _stopped_exit(signum: int, message: str) -> None:
 
     console.print(f"stopped by {signal.Signals(signum).name}: {message}", highlight=False, soft_wrap=True)
     raise SystemExit(128 + signum)
+
+
+def _stopped_unsaved(stopped: Stopped, command: str) -> None:
+    """``_stopped_exit`` for a command that cannot resume (``stopped``: the trainer's
+    ``kd.core.signals.Stopped``): its student is half-trained, so nothing of it is written."""
+    _stopped_exit(stopped.signum, f"{stopped.where}; the student is not saved: {command} has no --resume "
+                  "(run it again from the start)")  # fmt: skip
 
 
 def _call(fn, *args, errors: tuple[type[Exception], ...] = (ValueError, TypeError), **kwargs):
@@ -625,11 +634,13 @@ def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: fl
 
     try:
         teacher = token_teacher(source, device=device, **(client_options or {}))
+        signals = _stop_signals()
         try:
             report = precompute_tokens(data, teacher, out, codec=codec, batch_size=batch_size,
                                        temperature=temperature, commit_every=commit_every, progress=True,
-                                       basis=basis, shard=shard)  # fmt: skip
+                                       basis=basis, shard=shard, stop=signals.first)  # fmt: skip
         finally:
+            signals.close(restore_handlers=True)
             if hasattr(teacher, "close"):
                 teacher.close()
         from kd.cache import CacheReader
@@ -639,6 +650,9 @@ def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: fl
         _fail(f"--basis {str(basis_path)!r}: {e}")
     except (CacheError, ValueError, RuntimeError, OSError) as e:
         _fail(str(e))
+    if report.stopped:
+        _stopped_exit(report.stopped, f"{report.written} more sequences committed to {report.path} "
+                      f"({report.skipped} were already there); run the same command again to resume")  # fmt: skip
     # A shard past the last sequence (more torchrun ranks than sequences) holds none: no "nan B/token".
     size = f"{stats['bytes_per_token']:.1f} B/token" if stats["positions"] else "no sequence in this shard"
     console.print(
@@ -1851,8 +1865,14 @@ def onpolicy(
         if limit is not None and prompt_tokens + max_new_tokens > limit:
             raise ValueError(f"--prompt-tokens {prompt_tokens} + --max-new-tokens {max_new_tokens} exceed the "
                              f"student's max_length {limit}")  # fmt: skip
-        with TeacherClient(server, client_id="onpolicy") as client:
-            result = train_onpolicy(model, client, teacher, train_data, config, val=val_data)
+        signals = _stop_signals()
+        try:
+            with TeacherClient(server, client_id="onpolicy") as client:
+                result = train_onpolicy(model, client, teacher, train_data, config, val=val_data, stop=signals.first)
+        finally:
+            signals.close(restore_handlers=True)
+    except Stopped as e:
+        _stopped_unsaved(e, "kd onpolicy")
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
         _fail(f"{type(e).__name__}: {e}")
     if out is not None:
@@ -1932,14 +1952,19 @@ def train_lm(
         console.print(f"epoch {epoch + 1}: loss {loss:.4f}, val perplexity {m.perplexity:.3f}, "
                       f"next-token accuracy {m.accuracy:.4f}", highlight=False)  # fmt: skip
 
+    signals = _stop_signals()
     try:
         losses = train_tokens(model, train_data, cache, method=method, epochs=epochs, batch_size=batch_size,
                               lr=lr, seed=seed, method_options=options, device=device, accumulate=accumulate,
-                              amp=amp, optimizer=optimizer, weight_decay=weight_decay, on_epoch=validate)  # fmt: skip
+                              amp=amp, optimizer=optimizer, weight_decay=weight_decay, on_epoch=validate,
+                              stop=signals.first)  # fmt: skip
+    except Stopped as e:
+        _stopped_unsaved(e, "kd train-lm")
     except (ValueError, TypeError, KeyError, RuntimeError, CacheError, FloatingPointError) as e:  # bad option, cache,
         # data or student, or a diverged run
         _fail(f"{type(e).__name__}: {e}")
     finally:
+        signals.close(restore_handlers=True)
         cache.close()
     metrics = evaluate_tokens(model, val_data, batch_size=batch_size, device=device)
     if out is not None:

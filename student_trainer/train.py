@@ -64,6 +64,7 @@ from kd.core.lmchecks import (
     refuse_too_long,
 )
 from kd.core.samples import SampleSource
+from kd.core.signals import Stopped
 from kd.core.views import Final, model_input
 from kd.student_trainer import optim
 from kd.student_trainer.evaluate import evaluate as evaluate_source
@@ -1067,6 +1068,7 @@ def train_tokens(
     optimizer: str = "adam",
     weight_decay: float = 0.0,
     on_epoch: Callable[[int, float], None] | None = None,
+    stop: Callable[[], int | None] | None = None,
 ) -> list[float]:
     """Distil a causal LM ``student`` (tokens [B, S] -> logits [B, S, V]) on a token source
     (``kd.core.tokens.TokenSource``) from ``source``'s per-token targets (a token cache read as
@@ -1084,7 +1086,11 @@ def train_tokens(
     step on zero gradients still moves the weights (AdamW's decoupled weight decay, Adam's moments
     from earlier steps). The learning rate is constant (no scheduler to hold back), and the epoch's
     loss is per counted token, so the skipped step changes neither. ``amp="bf16"``: the student's
-    forward in bfloat16 autocast (CUDA or CPU); the losses are computed in float32 or wider."""
+    forward in bfloat16 autocast (CUDA or CPU); the losses are computed in float32 or wider.
+
+    ``stop() -> signal number or None`` is asked before every optimizer step (a SIGTERM handler's
+    record): once it answers, ``kd.core.signals.Stopped`` is raised there, the student left as the
+    last whole step made it (there is no checkpoint to resume from)."""
     from kd.core.tokens import next_token_labels, refuse_no_samples
     from kd.student_trainer.losses.token_kd import token_mask
 
@@ -1133,6 +1139,8 @@ def train_tokens(
         order = torch.randperm(len(train), generator=gen)
         total, tokens_seen = 0.0, 0
         for lo in range(0, len(order), step_size):
+            if stop is not None and (signum := stop()):
+                raise Stopped(signum, f"in epoch {epoch + 1} after {lo // step_size} of its steps")
             step = order[lo : lo + step_size]
             micro = []
             for m in range(0, len(step), batch_size):
