@@ -1780,13 +1780,19 @@ def datafree(
 
     address, name = split_server_address(server)
     seed_everything(seed)
+    signals = _stop_signals()
     try:
         model = _build_student(student)
         _check_saveable(model, out)
+        config.stop = signals.first
         with TeacherClient(address, client_id=f"datafree-{method}") as client:
             result = chosen.run(ServedTeacher(client, name or None), model, config, test=test, **_parse_options(opt))
+    except Stopped as e:
+        _stopped_unsaved(e, "kd datafree")
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
         _fail(f"{type(e).__name__}: {e}")
+    finally:
+        signals.close(restore_handlers=True)
     if out is not None:
         _save_student(model, out)
     print(json.dumps(result.as_dict()))
@@ -2139,12 +2145,20 @@ def qkd(
     out.mkdir(parents=True, exist_ok=True)
     teacher_info: dict[str, object] = {"spec": teacher}
     src = None
+    phase_epochs = {"self_studying": epochs_self, "co_studying": epochs_co, "tutoring": epochs_tutor}
+
+    def progress(phase: str, epoch: int, loss: float, acc: float) -> None:  # a long run shows where it is
+        console.print(f"qkd {phase} epoch {epoch + 1}/{phase_epochs[phase]}: loss {loss:.4f}, test acc {acc:.4f}",
+                      highlight=False)  # fmt: skip
+
+    signals = _stop_signals()
     try:
         if teacher is None:
             from kd.demo import train_digits_teacher
 
             weights = out / "teacher.safetensors"
-            loaded, acc = train_digits_teacher(train_data, test_data, weights, epochs=teacher_epochs)
+            loaded, acc = train_digits_teacher(train_data, test_data, weights, epochs=teacher_epochs,
+                                               stop=signals.first)  # fmt: skip
             teacher_obj: object = loaded
             teacher_info = {"spec": loaded.spec, "trained_here": True, "test_acc": acc}
         elif teacher.startswith(("cache:", "server:")):
@@ -2154,12 +2168,15 @@ def qkd(
             teacher_obj = load_teacher("qkd", teacher.removeprefix("local:"))
         seed_everything(seed)
         model = _build_student(student)
-        result = train_qkd(model, teacher_obj, train_data, test_data, config)
+        result = train_qkd(model, teacher_obj, train_data, test_data, config, on_epoch=progress, stop=signals.first)
+    except Stopped as e:
+        _stopped_unsaved(e, "kd qkd")
     except TeacherLoadError as e:
         _fail(str(e))
     except (ValueError, RuntimeError, TypeError) as e:
         _fail(f"{type(e).__name__}: {e}")
     finally:
+        signals.close(restore_handlers=True)
         if src is not None:
             src.close()
     with quiet_quantization_warnings():
@@ -2243,9 +2260,17 @@ def online(
             expert = load_teacher("expert", teacher.removeprefix("local:"), device=device).model
         except TeacherLoadError as e:
             _fail(str(e))
-    result = _call(train_online, method, train_data, val_data, config, branches=branches, width=width,
-                   options=_parse_options(opt), subset=subset, run_dir=run_dir, teacher=expert,
-                   resume=resume)  # fmt: skip
+    signals = _stop_signals()
+    try:
+        result = _call(train_online, method, train_data, val_data, config, branches=branches, width=width,
+                       options=_parse_options(opt), subset=subset, run_dir=run_dir, teacher=expert,
+                       resume=resume, stop=signals.first)  # fmt: skip
+    except Stopped as e:
+        if run_dir is None:
+            _stopped_exit(e.signum, f"{e.where}; nothing saved (no --run-dir to resume from)")
+        _stopped_exit(e.signum, f"{e.where}; checkpoint in {run_dir}: run the same command with --resume to continue")
+    finally:
+        signals.close(restore_handlers=True)
     ens = "none" if result.ensemble_acc is None else f"{result.ensemble_acc:.4f}"
     _report(f"online: {method}", ["head", "test acc"], [[h, f"{a:.4f}"] for h, a in result.accuracies.items()],
             caption=f"best single head {result.best_branch} {result.best_branch_acc:.4f}; ensemble {ens}")  # fmt: skip

@@ -156,6 +156,14 @@ class TrainResult:
     stopped: int | None = None
     stopped_at: tuple[int, int] | None = None  # (epoch, steps of it done) when stopped
 
+    def raise_if_stopped(self, what: str = "") -> None:
+        """``kd.core.signals.Stopped`` if ``stop`` ended this run early: for a caller with more to do
+        after the run (later phases, an evaluation, a conversion) that must not do it on a student
+        stopped mid-run. ``what`` prefixes where, e.g. "in phase tutoring, "."""
+        if self.stopped is not None:
+            epoch, step = self.stopped_at or (0, 0)
+            raise Stopped(self.stopped, f"{what}in epoch {epoch} after {step} step(s)")
+
 
 def seed_everything(seed: int) -> None:
     import random

@@ -1,13 +1,14 @@
 """SIGTERM / Ctrl-C stop the long-running commands at a step or batch boundary, as they do
 ``kd train`` and ``kd precompute`` (tests/test_train_loop.py, tests/test_precompute_cli.py):
 one ``stopped by SIG...`` line, exit 128 + the signal, and what was done kept (a token cache's
-records committed) or, for a command that cannot resume, nothing half-done written. Each command
-runs as a real process and gets a real signal once it has provably entered its loop (a line it
-prints, a file it writes, a forward of the served teacher); servers run in this process on
-127.0.0.1 port 0."""
+records committed, kd online's checkpoint) or, for a command that cannot resume, nothing
+half-done written. Each command runs as a real process and gets a real signal once it has
+provably entered its loop (a line it prints, a file it writes, a forward of the served teacher);
+servers run in this process on 127.0.0.1 port 0."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -26,7 +27,7 @@ from typer.testing import CliRunner
 
 from kd.cache import CacheReader
 from kd.cli import app
-from kd.teacher_server.loading import load_teacher
+from kd.teacher_server.loading import load_teacher, save_weights
 from kd.teacher_server.server import TeacherOptions, start_server
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -201,3 +202,81 @@ def test_sigterm_stops_onpolicy_between_steps(tmp_path: Path, corpus) -> None:
                      r"no --resume \(run it again from the start\)", line)  # fmt: skip
     assert m and 1 <= int(m[1]) < 100000, line  # the teacher scored step 0 before the signal
     assert not out.exists() and r.stdout == ""
+
+
+def test_sigterm_stops_datafree_between_rounds_with_its_finished_epochs_recorded(tmp_path: Path) -> None:
+    from kd.models import digits_cnn
+
+    torch.manual_seed(0)
+    weights = save_weights(digits_cnn(), tmp_path / "cnn.safetensors")  # untrained: only the stop is tested
+    teacher = load_teacher("cnn", f"kd.models:digits_cnn@{weights}")
+    running = start_server([teacher], options={"cnn": TeacherOptions(access="white")})
+    run, out = tmp_path / "run", tmp_path / "student.safetensors"
+    try:
+        args = ["datafree", "dafl", "--server", f"127.0.0.1:{running.port}/cnn", "--steps", "100000",
+                "--eval-every", "2", "--batch-size", "8", "--opt", "nz=16", "--opt", "generator_width=8",
+                "--val-dataset", "none", "--run-dir", str(run), "--out", str(out)]  # fmt: skip
+        r = stop_when(args, lambda _: (run / "metrics.csv").exists())  # an epoch (2 rounds) ended
+    finally:
+        running.stop(grace=1)
+    line = stop_line(r)
+    m = re.fullmatch(r"stopped by SIGTERM: in epoch (\d+) after (\d+) step\(s\); the student is not saved: "
+                     r"kd datafree has no --resume \(run it again from the start\)", line)  # fmt: skip
+    assert m and int(m[1]) >= 1 and int(m[2]) in (0, 1), line
+    assert not out.exists() and r.stdout == ""
+    # The run directory's metrics hold exactly the epochs that ended, each whole.
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + int(m[1]), rows
+
+
+def test_sigterm_stops_online_at_a_step_and_resume_ends_as_an_uninterrupted_run(tmp_path: Path) -> None:
+    # Killed outright before (status -15), the epoch lost. Stopped in epoch 1 or later (the signal
+    # follows epoch 0's checkpoint), the resumed run must redo no step and skip none.
+    args = ["online", "one", "--labeled", "120", "--batch-size", "4", "--epochs", "3", "--branches", "2",
+            "--width", "4"]  # fmt: skip
+    run = tmp_path / "run"
+    r = stop_when([*args, "--run-dir", str(run)], lambda _: (run / "checkpoint.pt").exists())
+    line = stop_line(r)
+    m = re.fullmatch(rf"stopped by SIGTERM: in epoch (\d+) after (\d+) step\(s\); checkpoint in {re.escape(str(run))}:"
+                     r" run the same command with --resume to continue", line)  # fmt: skip
+    assert m and 1 <= int(m[1]) < 3 and 0 <= int(m[2]) < 30, line  # 30 steps of 4 an epoch
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == int(m[1]) - 1 and ckpt["partial"]["steps"] == int(m[2])
+    assert not (run / "online.json").exists()
+    ok(cli(*args, "--run-dir", str(run), "--resume"))
+    ok(cli(*args, "--run-dir", str(tmp_path / "straight")))
+    resumed, straight = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (run, tmp_path / "straight"))
+    assert resumed["epoch"] == straight["epoch"] == 2
+    for key in ("model", "optimizer", "extra", "hooks"):  # every module's weights, optimiser's and method's state
+        a, b = leaves(resumed.get(key)), leaves(straight.get(key))
+        assert len(a) == len(b), key
+        for x, y in zip(a, b):
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, key
+    assert len(leaves(resumed["model"])) > 0
+    summaries = [json.loads((d / "online.json").read_text()) for d in (run, tmp_path / "straight")]
+    for s in summaries:
+        s.pop("seconds")
+    assert summaries[0] == summaries[1]
+
+
+def leaves(tree: object) -> list[object]:
+    """The tensors, numbers and strings of nested dicts and lists (a state_dict), in order."""
+    if isinstance(tree, dict):
+        return [x for k in sorted(tree, key=str) for x in leaves(tree[k])]
+    if isinstance(tree, list | tuple):
+        return [x for v in tree for x in leaves(v)]
+    return [tree]
+
+
+def test_sigterm_stops_qkd_inside_a_phase_and_writes_nothing(tmp_path: Path, teacher_spec: str) -> None:
+    # Killed outright before (status -15). It has no --resume: no later phase, no int8 conversion,
+    # nothing in --out.
+    out = tmp_path / "q"
+    args = ["qkd", "--teacher", f"local:{teacher_spec}", "--epochs-self", "1", "--epochs-co", "100000",
+            "--epochs-tutor", "1", "--out", str(out)]  # fmt: skip
+    r = stop_when(args, lambda err: "qkd self_studying epoch 1/1: loss" in err)
+    line = stop_line(r)
+    m = re.fullmatch(r"stopped by SIGTERM: in phase co_studying, in epoch (\d+) after (\d+) step\(s\); the student "
+                     r"is not saved: kd qkd has no --resume \(run it again from the start\)", line)  # fmt: skip
+    assert m and 0 <= int(m[2]) < 38, line  # 1198 samples: 38 steps of 32 an epoch
+    assert list(out.iterdir()) == [] and r.stdout == ""
