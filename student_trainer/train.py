@@ -279,6 +279,9 @@ class Hooks:
       (an EMA model, a step counter), saved in ``checkpoint.pt`` every epoch and given back on
       ``resume`` (tensors and plain containers only: the checkpoint is read with weights_only).
       The ``extra`` modules and their optimisers are saved and restored by the loop itself.
+    * ``resumable``: False for a caller that never resumes a run (the data-free methods, whose
+      ``batches`` iterator's state no checkpoint holds): a ``stop`` then writes no checkpoint of
+      the half-done epoch, and the run directory keeps the last whole epoch's.
     """
 
     extra: list[tuple[nn.Module, torch.optim.Optimizer]] = field(default_factory=list)
@@ -290,6 +293,7 @@ class Hooks:
     steps_per_epoch: int = 0
     state: Callable[[], dict] | None = None
     load_state: Callable[[dict], None] | None = None
+    resumable: bool = True
 
 
 def world() -> tuple[int, int]:
@@ -809,7 +813,7 @@ def train_student(
             close = getattr(it, "close", None)
             if close is not None:  # a source's threads and streams working ahead end here
                 close()
-            if ckpt_path is not None:
+            if ckpt_path is not None and hooks.resumable:
                 _check_finite(student, epoch)
                 _save_checkpoint(ckpt_path, {
                     "epoch": epoch - 1, "model": student.state_dict(), "optimizer": opt.state_dict(),

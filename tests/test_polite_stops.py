@@ -224,9 +224,11 @@ def test_sigterm_stops_datafree_between_rounds_with_its_finished_epochs_recorded
                      r"kd datafree has no --resume \(run it again from the start\)", line)  # fmt: skip
     assert m and int(m[1]) >= 1 and int(m[2]) in (0, 1), line
     assert not out.exists() and r.stdout == ""
-    # The run directory's metrics hold exactly the epochs that ended, each whole.
+    # The run directory holds exactly the epochs that ended, each whole: no half-done checkpoint.
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + int(m[1]), rows
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == int(m[1]) - 1 and "partial" not in ckpt
 
 
 def test_sigterm_stops_online_at_a_step_and_resume_ends_as_an_uninterrupted_run(tmp_path: Path) -> None:

@@ -358,8 +358,9 @@ class Run:
                 yield item
 
         no_test = None if self.test is not None else (lambda _m, _d: float("nan"))
+        # Not resumable: a stop leaves the run directory's last whole epoch, no half-done checkpoint.
         hooks = Hooks(extra=extra, loss=checked, on_step=on_step, on_epoch=on_epoch, steps_per_epoch=max(spe, 1),
-                      batches=feed, evaluate=no_test)  # fmt: skip
+                      batches=feed, evaluate=no_test, resumable=False)  # fmt: skip
         res = train_student(self.student, None, self.test, config, hooks=hooks, run_dir=c.run_dir, stop=c.stop)
         res.raise_if_stopped()
 
