@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kd.core.signals import Stopped  # stdlib only: the CLI's start stays fast
+
 app = typer.Typer(
     help="kd: teacher-as-a-service knowledge distillation.",
     no_args_is_help=True,
@@ -208,6 +210,13 @@ def _stopped_exit(signum: int, message: str) -> None:
 
     console.print(f"stopped by {signal.Signals(signum).name}: {message}", highlight=False, soft_wrap=True)
     raise SystemExit(128 + signum)
+
+
+def _stopped_unsaved(stopped: Stopped, command: str) -> None:
+    """``_stopped_exit`` for a command that cannot resume (``stopped``: the trainer's
+    ``kd.core.signals.Stopped``): its student is half-trained, so nothing of it is written."""
+    _stopped_exit(stopped.signum, f"{stopped.where}; the student is not saved: {command} has no --resume "
+                  "(run it again from the start)")  # fmt: skip
 
 
 def _call(fn, *args, errors: tuple[type[Exception], ...] = (ValueError, TypeError), **kwargs):
@@ -654,11 +663,13 @@ def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: fl
 
     try:
         teacher = token_teacher(source, device=device, **(client_options or {}))
+        signals = _stop_signals()
         try:
             report = precompute_tokens(data, teacher, out, codec=codec, batch_size=batch_size,
                                        temperature=temperature, commit_every=commit_every, progress=True,
-                                       basis=basis, shard=shard)  # fmt: skip
+                                       basis=basis, shard=shard, stop=signals.first)  # fmt: skip
         finally:
+            signals.close(restore_handlers=True)
             if hasattr(teacher, "close"):
                 teacher.close()
         from kd.cache import CacheReader
@@ -668,6 +679,9 @@ def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: fl
         _fail(f"--basis {str(basis_path)!r}: {e}")
     except (CacheError, ValueError, RuntimeError, OSError) as e:
         _fail(str(e))
+    if report.stopped:
+        _stopped_exit(report.stopped, f"{report.written} more sequences committed to {report.path} "
+                      f"({report.skipped} were already there); run the same command again to resume")  # fmt: skip
     # A shard past the last sequence (more torchrun ranks than sequences) holds none: no "nan B/token".
     size = f"{stats['bytes_per_token']:.1f} B/token" if stats["positions"] else "no sequence in this shard"
     console.print(
@@ -1792,13 +1806,19 @@ def datafree(
 
     address, name = split_server_address(server)
     seed_everything(seed)
+    signals = _stop_signals()
     try:
         model = _build_student(student)
         _check_saveable(model, out)
+        config.stop = signals.first
         with TeacherClient(address, client_id=f"datafree-{method}") as client:
             result = chosen.run(ServedTeacher(client, name or None), model, config, test=test, **_parse_options(opt))
+    except Stopped as e:
+        _stopped_unsaved(e, "kd datafree")
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
         _fail(f"{type(e).__name__}: {e}")
+    finally:
+        signals.close(restore_handlers=True)
     if out is not None:
         _save_student(model, out)
     print(json.dumps(result.as_dict()))
@@ -1877,8 +1897,14 @@ def onpolicy(
         if limit is not None and prompt_tokens + max_new_tokens > limit:
             raise ValueError(f"--prompt-tokens {prompt_tokens} + --max-new-tokens {max_new_tokens} exceed the "
                              f"student's max_length {limit}")  # fmt: skip
-        with TeacherClient(server, client_id="onpolicy") as client:
-            result = train_onpolicy(model, client, teacher, train_data, config, val=val_data)
+        signals = _stop_signals()
+        try:
+            with TeacherClient(server, client_id="onpolicy") as client:
+                result = train_onpolicy(model, client, teacher, train_data, config, val=val_data, stop=signals.first)
+        finally:
+            signals.close(restore_handlers=True)
+    except Stopped as e:
+        _stopped_unsaved(e, "kd onpolicy")
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
         _fail(f"{type(e).__name__}: {e}")
     if out is not None:
@@ -2002,14 +2028,21 @@ def train_lm(
         console.print(f"epoch {epoch + 1}: loss {loss:.4f}, val perplexity {m.perplexity:.3f}, "
                       f"next-token accuracy {m.accuracy:.4f}", highlight=False)  # fmt: skip
 
+    signals = _stop_signals()
     try:
         losses = train_tokens(model, train_data, cache, method=method, epochs=epochs, batch_size=batch_size,
                               lr=lr, seed=seed, method_options=options, device=device, accumulate=accumulate,
-                              amp=amp, optimizer=optimizer, weight_decay=weight_decay, on_epoch=validate)  # fmt: skip
+                              amp=amp, optimizer=optimizer, weight_decay=weight_decay, on_epoch=validate,
+                              stop=signals.first)  # fmt: skip
+    except Stopped as e:
+        if rank != 0:  # every rank stopped before the same step (train_tokens): rank 0 says so
+            raise SystemExit(128 + e.signum) from None
+        _stopped_unsaved(e, "kd train-lm")
     except (ValueError, TypeError, KeyError, RuntimeError, CacheError, FloatingPointError) as e:  # bad option, cache,
         # data or student, or a diverged run
         _fail(f"{type(e).__name__}: {e}")
     finally:
+        signals.close(restore_handlers=True)
         cache.close()
     import torch.distributed as dist
 
@@ -2190,12 +2223,20 @@ def qkd(
     out.mkdir(parents=True, exist_ok=True)
     teacher_info: dict[str, object] = {"spec": teacher}
     src = None
+    phase_epochs = {"self_studying": epochs_self, "co_studying": epochs_co, "tutoring": epochs_tutor}
+
+    def progress(phase: str, epoch: int, loss: float, acc: float) -> None:  # a long run shows where it is
+        console.print(f"qkd {phase} epoch {epoch + 1}/{phase_epochs[phase]}: loss {loss:.4f}, test acc {acc:.4f}",
+                      highlight=False)  # fmt: skip
+
+    signals = _stop_signals()
     try:
         if teacher is None:
             from kd.demo import train_digits_teacher
 
             weights = out / "teacher.safetensors"
-            loaded, acc = train_digits_teacher(train_data, test_data, weights, epochs=teacher_epochs)
+            loaded, acc = train_digits_teacher(train_data, test_data, weights, epochs=teacher_epochs,
+                                               stop=signals.first)  # fmt: skip
             teacher_obj: object = loaded
             teacher_info = {"spec": loaded.spec, "trained_here": True, "test_acc": acc}
         elif teacher.startswith(("cache:", "server:")):
@@ -2205,12 +2246,15 @@ def qkd(
             teacher_obj = load_teacher("qkd", teacher.removeprefix("local:"))
         seed_everything(seed)
         model = _build_student(student)
-        result = train_qkd(model, teacher_obj, train_data, test_data, config)
+        result = train_qkd(model, teacher_obj, train_data, test_data, config, on_epoch=progress, stop=signals.first)
+    except Stopped as e:
+        _stopped_unsaved(e, "kd qkd")
     except TeacherLoadError as e:
         _fail(str(e))
     except (ValueError, RuntimeError, TypeError) as e:
         _fail(f"{type(e).__name__}: {e}")
     finally:
+        signals.close(restore_handlers=True)
         if src is not None:
             src.close()
     with quiet_quantization_warnings():
@@ -2294,9 +2338,17 @@ def online(
             expert = load_teacher("expert", teacher.removeprefix("local:"), device=device).model
         except TeacherLoadError as e:
             _fail(str(e))
-    result = _call(train_online, method, train_data, val_data, config, branches=branches, width=width,
-                   options=_parse_options(opt), subset=subset, run_dir=run_dir, teacher=expert,
-                   resume=resume)  # fmt: skip
+    signals = _stop_signals()
+    try:
+        result = _call(train_online, method, train_data, val_data, config, branches=branches, width=width,
+                       options=_parse_options(opt), subset=subset, run_dir=run_dir, teacher=expert,
+                       resume=resume, stop=signals.first)  # fmt: skip
+    except Stopped as e:
+        if run_dir is None:
+            _stopped_exit(e.signum, f"{e.where}; nothing saved (no --run-dir to resume from)")
+        _stopped_exit(e.signum, f"{e.where}; checkpoint in {run_dir}: run the same command with --resume to continue")
+    finally:
+        signals.close(restore_handlers=True)
     ens = "none" if result.ensemble_acc is None else f"{result.ensemble_acc:.4f}"
     _report(f"online: {method}", ["head", "test acc"], [[h, f"{a:.4f}"] for h, a in result.accuracies.items()],
             caption=f"best single head {result.best_branch} {result.best_branch_acc:.4f}; ensemble {ens}")  # fmt: skip

@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,13 +46,17 @@ LABELS = {
 }
 
 
-def train_digits_teacher(train, test, path: Path, *, epochs: int = 40) -> tuple[Teacher, float]:
+def train_digits_teacher(train, test, path: Path, *, epochs: int = 40,
+                         stop: Callable[[], int | None] | None = None) -> tuple[Teacher, float]:  # fmt: skip
     """The demo's teacher: kd.models:digits_teacher trained with cross-entropy on the whole
     split (seed 0, Adam 1e-3, batch 64), saved to ``path`` and loaded back as a served
-    teacher would be. -> (teacher, test accuracy)."""
+    teacher would be. -> (teacher, test accuracy). ``stop``: as ``train_student``'s; a stopped
+    run raises ``kd.core.signals.Stopped`` and saves nothing."""
     seed_everything(0)
     model = digits_teacher()
-    res = train_student(model, train, test, TrainConfig(method="ce", epochs=epochs, lr=1e-3, batch_size=64))
+    res = train_student(model, train, test, TrainConfig(method="ce", epochs=epochs, lr=1e-3, batch_size=64),
+                        stop=stop)  # fmt: skip
+    res.raise_if_stopped("while training the teacher, ")
     save_weights(model, path)
     return load_teacher("digits", f"kd.models:digits_teacher@{path}"), res.test_acc
 

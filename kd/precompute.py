@@ -942,6 +942,7 @@ def precompute_tokens(
     progress: bool = False,
     basis: bytes | None = None,
     shard: tuple[int, int] | None = None,
+    stop: Callable[[], int | None] | None = None,
 ) -> PrecomputeReport:
     """One record per sequence of a token source (``kd.core.tokens.TokenSource``): the teacher's
     targets at each real position, through ``codec`` (``fp16``, ``topk:K`` + rest, ``sample:K``
@@ -958,7 +959,11 @@ def precompute_tokens(
 
     ``shard=(I, N)`` (``kd precompute --shard``, or a ``torchrun`` rank): only sequences i with
     i % N == I, into ``OUT/shard-IIIII-of-NNNNN``, as ``precompute`` splits samples; readers open
-    the directory of shards as one cache (``kd.cache.sharded.open_cache``)."""
+    the directory of shards as one cache (``kd.cache.sharded.open_cache``).
+
+    ``stop() -> signal number or None`` is asked after every batch, as by ``precompute``: once it
+    answers, the writer commits every record put so far and the report's ``stopped`` says so (a
+    rerun resumes after them)."""
     from kd.cache.codecs import get_codec
 
     t0 = time.perf_counter()
@@ -1056,6 +1061,7 @@ def precompute_tokens(
         done = {i for i, _ in writer.present()}
         todo = [i for i in mine if i not in done]
         task = bar.add_task(f"{source.dataset_id} -> {path}", total=len(mine), completed=len(mine) - len(todo))
+        written, stopped = 0, None
         for lo in range(0, len(todo), batch_size):
             idx = todo[lo : lo + batch_size]
             answers = logits_of(idx)
@@ -1069,11 +1075,15 @@ def precompute_tokens(
                 rows = [sample_rows(codec_obj, [p[0] for p in a], [p[1] for p in a], vocab) for a in answers]
                 writer.put_sequence_rows(idx, rows)
             bar.advance(task, len(idx))
+            written += len(idx)
+            if stop is not None and (stopped := stop()):
+                break  # leaving the with-block commits the records put since the last commit
     stats = CacheReader(path).token_stats()
     return PrecomputeReport(
-        written=len(todo),
+        written=written,
         skipped=len(mine) - len(todo),
         seconds=time.perf_counter() - t0,
         bytes_per_sample=round(stats["bytes"] / max(stats["sequences"], 1)),
         path=path,
+        stopped=stopped,
     )

@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,7 @@ from kd.core.lmchecks import (
     refuse_other_tokenizer,
     refuse_too_long,
 )
+from kd.core.signals import Stopped
 from kd.core.tokens import TokenBatch, TokenSource, TokenTargets, refuse_no_samples
 from kd.student_trainer.losses.token_kd import (
     DIVERGENCES,
@@ -413,12 +415,15 @@ def train_onpolicy(
     config: OnPolicyConfig,
     *,
     val: TokenSource | None = None,
+    stop: Callable[[], int | None] | None = None,
 ) -> OnPolicyResult:
     """Distil ``student`` from the served ``teacher`` on its own samples (GKD, module docstring).
 
     ``train`` gives the prompts (and the off-policy continuations); ``val``, when given, is
     evaluated before and after (perplexity, next-token accuracy) and its first
-    ``eval_prompts`` prompts give the held-out divergence before and after."""
+    ``eval_prompts`` prompts give the held-out divergence before and after. ``stop() -> signal
+    number or None`` is asked before every step (a SIGTERM handler's record): once it answers,
+    ``kd.core.signals.Stopped`` is raised there, before the evaluation after (no checkpoint exists)."""
     config.validate()
     refuse_no_samples(train)  # named with its token count and block, before the server is asked
     if val is not None:
@@ -458,6 +463,8 @@ def train_onpolicy(
     on_batches = scored = 0
     order = torch.randperm(len(train), generator=order_gen)
     for step in range(config.steps):
+        if stop is not None and (signum := stop()):
+            raise Stopped(signum, f"after {step} of {config.steps} steps")
         epoch, i = divmod(step, per_epoch)
         if i == 0 and step:
             order = torch.randperm(len(train), generator=order_gen)

@@ -373,6 +373,7 @@ def train_qkd(
     *,
     on_phase_end: Callable[[str, nn.Module, nn.Module | None], None] | None = None,
     on_epoch: Callable[[str, int, float, float], None] | None = None,
+    stop: Callable[[], int | None] | None = None,
 ) -> QKDResult:
     """Train a quantization-aware copy of ``student`` with QKD's three phases, then convert it to int8.
 
@@ -380,7 +381,8 @@ def train_qkd(
     ``teacher_server.loading.Teacher``, or a ``SoftTargetSource`` (tutoring only; see
     ``QKDConfig.untrainable_teacher``). ``student`` is not modified. ``on_phase_end(phase,
     qat_student, teacher)`` runs after each phase that ran; ``on_epoch(phase, epoch, loss,
-    test_acc)`` after each epoch.
+    test_acc)`` after each epoch. ``stop``: as ``train_student``'s, asked before every step of every
+    phase; a stopped run raises ``kd.core.signals.Stopped`` there (no later phase, no conversion).
     """
     config = config or QKDConfig()
     config.validate()
@@ -484,7 +486,8 @@ def train_qkd(
         cfg = TrainConfig(method=method, epochs=epochs[phase], batch_size=config.batch_size, lr=config.lr,
                           seed=config.seed, workers=config.workers)  # fmt: skip
         res = train_student(qat, train, test, cfg, source=source, hooks=hooks, optimizer=opt, generator=gen,
-                            on_epoch=report)  # fmt: skip
+                            on_epoch=report, stop=stop)  # fmt: skip
+        res.raise_if_stopped(f"in phase {phase}, ")
         acc_per_epoch[phase] = list(res.acc_per_epoch)
         loss_per_epoch[phase] = list(res.loss_per_epoch)
         if local_teacher is not None:

@@ -64,6 +64,7 @@ from kd.core.lmchecks import (
     refuse_too_long,
 )
 from kd.core.samples import SampleSource
+from kd.core.signals import Stopped
 from kd.core.views import Final, model_input
 from kd.student_trainer import optim
 from kd.student_trainer.evaluate import evaluate as evaluate_source
@@ -154,6 +155,14 @@ class TrainResult:
     # run directory then holds a checkpoint that ``resume`` continues from that step.
     stopped: int | None = None
     stopped_at: tuple[int, int] | None = None  # (epoch, steps of it done) when stopped
+
+    def raise_if_stopped(self, what: str = "") -> None:
+        """``kd.core.signals.Stopped`` if ``stop`` ended this run early: for a caller with more to do
+        after the run (later phases, an evaluation, a conversion) that must not do it on a student
+        stopped mid-run. ``what`` prefixes where, e.g. "in phase tutoring, "."""
+        if self.stopped is not None:
+            epoch, step = self.stopped_at or (0, 0)
+            raise Stopped(self.stopped, f"{what}in epoch {epoch} after {step} step(s)")
 
 
 def seed_everything(seed: int) -> None:
@@ -270,6 +279,9 @@ class Hooks:
       (an EMA model, a step counter), saved in ``checkpoint.pt`` every epoch and given back on
       ``resume`` (tensors and plain containers only: the checkpoint is read with weights_only).
       The ``extra`` modules and their optimisers are saved and restored by the loop itself.
+    * ``resumable``: False for a caller that never resumes a run (the data-free methods, whose
+      ``batches`` iterator's state no checkpoint holds): a ``stop`` then writes no checkpoint of
+      the half-done epoch, and the run directory keeps the last whole epoch's.
     """
 
     extra: list[tuple[nn.Module, torch.optim.Optimizer]] = field(default_factory=list)
@@ -281,6 +293,7 @@ class Hooks:
     steps_per_epoch: int = 0
     state: Callable[[], dict] | None = None
     load_state: Callable[[dict], None] | None = None
+    resumable: bool = True
 
 
 def world() -> tuple[int, int]:
@@ -387,6 +400,18 @@ def _sum_step(params: list[nn.Parameter], step_loss: float, diverged: float | No
         return float(facts[0]), None
     bad = facts[2].item()  # the sum of the ranks' non-finite losses is not finite either
     return float(facts[0]), bad if not math.isfinite(bad) else math.nan
+
+
+def _agreed_stop(signum: int | None, size: int, dev: torch.device) -> int | None:
+    """A stop signal any rank got (torchrun forwards a SIGTERM to every rank, each sees it at another
+    moment): every rank stops before the same step instead of one leaving the others in an all-reduce."""
+    if size == 1:
+        return signum
+    import torch.distributed as dist
+
+    flag = torch.tensor([signum or 0], dtype=torch.int64, device=dev)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
 
 
 def _check_finite(model: nn.Module, epoch: int) -> None:
@@ -841,7 +866,7 @@ def train_student(
             close = getattr(it, "close", None)
             if close is not None:  # a source's threads and streams working ahead end here
                 close()
-            if ckpt_path is not None:
+            if ckpt_path is not None and hooks.resumable:
                 _check_finite(student, epoch)
                 _save_checkpoint(ckpt_path, {
                     "epoch": epoch - 1, "model": student.state_dict(), "optimizer": opt.state_dict(),
@@ -1108,6 +1133,7 @@ def train_tokens(
     optimizer: str = "adam",
     weight_decay: float = 0.0,
     on_epoch: Callable[[int, float], None] | None = None,
+    stop: Callable[[], int | None] | None = None,
 ) -> list[float]:
     """Distil a causal LM ``student`` (tokens [B, S] -> logits [B, S, V]) on a token source
     (``kd.core.tokens.TokenSource``) from ``source``'s per-token targets (a token cache read as
@@ -1134,7 +1160,13 @@ def train_tokens(
     each identical optimizer step, so the update is the one process's with the same step. Rank 0's
     starting weights are broadcast. A rank whose slice is empty or holds no target still joins every
     all-reduce (no DistributedDataParallel: its fixed backward count per step would hang the ranks
-    on an uneven step), and a diverged loss on any rank stops every rank at the same step."""
+    on an uneven step), and a diverged loss on any rank stops every rank at the same step.
+
+
+    ``stop() -> signal number or None`` is asked before every optimizer step (a SIGTERM handler's
+    record): once it answers, ``kd.core.signals.Stopped`` is raised there, the student left as the
+    last whole step made it (there is no checkpoint to resume from); under torchrun the ranks agree
+    on it (one all-reduce before each step), so they all stop before the same step."""
     from kd.core.tokens import next_token_labels, refuse_no_samples
     from kd.student_trainer.losses.token_kd import token_mask
 
@@ -1186,6 +1218,8 @@ def train_tokens(
         order = torch.randperm(len(train), generator=gen)
         total, tokens_seen = 0.0, 0
         for lo in range(0, len(order), step_size):
+            if stop is not None and (signum := _agreed_stop(stop(), size, dev)):
+                raise Stopped(signum, f"in epoch {epoch + 1} after {lo // step_size} of its steps")
             step = order[lo : lo + step_size]
             micro = []
             for m in range(0, len(step), batch_size):

@@ -103,3 +103,16 @@ class StopSignals:
         os.close(self._r)
         os.close(self._w)
         self._r = self._w = -1
+
+
+class Stopped(Exception):
+    """A run ended early by a stop signal, at a step boundary: raised by a trainer that asks its
+    ``stop()`` between steps and has nothing left to finish (no result to return), so that
+    nothing after the loop (an evaluation, a conversion, saving the student) runs on a half-trained
+    model. ``signum``: the signal; ``where``: where the run stopped, e.g. "in epoch 2 after 5
+    step(s)", for the command's one ``stopped by`` line."""
+
+    def __init__(self, signum: int, where: str) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
+        self.signum = signum
+        self.where = where

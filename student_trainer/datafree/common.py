@@ -63,6 +63,9 @@ class DataFreeConfig:
     channels_last: bool = False
     clip_grad_norm: float = 0.0
     run_dir: str | None = None  # the trainer's config.json, metrics.csv (one row per epoch), checkpoint.pt
+    # Asked before every student step (``train_student``'s ``stop``: a SIGTERM handler's record); once it
+    # answers a signal number the run raises ``kd.core.signals.Stopped`` there (no method resumes).
+    stop: Callable[[], int | None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -355,9 +358,11 @@ class Run:
                 yield item
 
         no_test = None if self.test is not None else (lambda _m, _d: float("nan"))
+        # Not resumable: a stop leaves the run directory's last whole epoch, no half-done checkpoint.
         hooks = Hooks(extra=extra, loss=checked, on_step=on_step, on_epoch=on_epoch, steps_per_epoch=max(spe, 1),
-                      batches=feed, evaluate=no_test)  # fmt: skip
-        train_student(self.student, None, self.test, config, hooks=hooks, run_dir=c.run_dir)
+                      batches=feed, evaluate=no_test, resumable=False)  # fmt: skip
+        res = train_student(self.student, None, self.test, config, hooks=hooks, run_dir=c.run_dir, stop=c.stop)
+        res.raise_if_stopped()
 
     def result(self, synthetic: torch.Tensor | None = None) -> DataFreeResult:
         acc = self.history[-1][1] if self.history else evaluate(self.student, self.test, self.config.device)

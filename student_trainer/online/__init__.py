@@ -112,6 +112,7 @@ def train_online(
     resume: bool = False,
     progress: bool = False,
     on_epoch: Callable[[int, float, float], None] | None = None,
+    stop: Callable[[], int | None] | None = None,
 ) -> OnlineResult:
     """Train online method ``name`` on ``train[subset]`` with the shared trainer's recipe
     (``config``: epochs, batch size, optimiser, ...; its ``method`` is ignored), then evaluate
@@ -120,7 +121,9 @@ def train_online(
     (8: each branch path is ``kd.models.digits_cnn_student``'s architecture). With ``run_dir``,
     every epoch's checkpoint holds all the method's modules, optimisers and state, and
     ``resume=True`` continues an interrupted run of the same method and options to the weights of
-    an uninterrupted one (``on_epoch(epoch, loss, acc)``: as ``train_student``'s)."""
+    an uninterrupted one (``on_epoch(epoch, loss, acc)``: as ``train_student``'s). ``stop``: as
+    ``train_student``'s; a stopped run raises ``kd.core.signals.Stopped`` after the trainer wrote its
+    checkpoint (with ``run_dir``), before any head is evaluated or online.json written."""
     opts = method_options(name, options)
     needs_teacher = getattr(METHODS[name], "NEEDS_TEACHER", False)
     if needs_teacher and teacher is None:
@@ -147,7 +150,8 @@ def train_online(
     identity = {"method": name, "options": opts, "branches": branches, "width": width,
                 **({} if teacher_hash is None else {"teacher": teacher_hash})}  # fmt: skip
     res = train_student(setup.student, train, test, config, hooks=setup.hooks(identity), subset=subset,
-                        run_dir=run_dir, resume=resume, progress=progress, on_epoch=on_epoch)  # fmt: skip
+                        run_dir=run_dir, resume=resume, progress=progress, on_epoch=on_epoch, stop=stop)  # fmt: skip
+    res.raise_if_stopped()
     accs = {head: accuracy(model, test, device=config.device) for head, model in setup.outputs.items()}
     singles = {k: v for k, v in accs.items() if "ensemble" not in k}
     best = max(singles, key=lambda k: singles[k])
