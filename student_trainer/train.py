@@ -77,7 +77,7 @@ from kd.student_trainer.features import (
     probe_student_shapes,
 )
 from kd.student_trainer.gather import gather_rows, rank_sizes
-from kd.student_trainer.losses import FeatureMethod, get_method, logit_offsets_refusal
+from kd.student_trainer.losses import FeatureMethod, get_method, logit_offsets_refusal, sparse_refusal
 from kd.student_trainer.losses.dot import DOT, task_loss, task_weight
 from kd.student_trainer.sources import Batch, SoftTargetSource
 
@@ -317,6 +317,19 @@ def check_logit_offsets(
         raise ValueError(message)
 
 
+def check_sparse_targets(
+    method: str, options: dict[str, object], source: SoftTargetSource | None, matches: list[str] | None = None
+) -> None:
+    """Refuse a method whose loss needs dense teacher logits (``accepts_sparse``, or a feature method's
+    ``S=logits`` match) on a source whose targets are sparse (a topk/sample/rand cache, a server asked
+    for its top-k): it failed only at its first step, after the run had set up and read a batch. Reads
+    only the source's description (a cache's metadata), so it runs before any teacher or cache work."""
+    sparse = None if source is None else getattr(source, "sparse_targets", lambda: None)()
+    message = None if sparse is None else sparse_refusal(method, options, sparse, matches or ())
+    if message is not None:
+        raise ValueError(message)
+
+
 def source_identity(source: SoftTargetSource | None) -> dict | list | None:
     """What identifies a source's targets beyond its teacher's fingerprint (recorded in config.json
     and the checkpoint, compared on resume): a cache's path and codec, a server's top-k, a pool's
@@ -518,6 +531,7 @@ def train_student(
     method = get_method(config.method)
     if hooks.loss is None:  # a loss hook replaces the method's loss (and reads the targets its own way)
         check_logit_offsets(config.method, config.method_options, source, config.matches)
+        check_sparse_targets(config.method, config.method_options, source, config.matches)
     if hooks.batches is not None:
         if hooks.loss is None or hooks.steps_per_epoch < 1 or source is not None or method.pairs or resume:
             raise ValueError("Hooks.batches needs Hooks.loss and steps_per_epoch >= 1, and takes no source, "
