@@ -66,6 +66,7 @@ from kd.core.lmchecks import (
 from kd.core.samples import SampleSource
 from kd.core.views import Final, model_input
 from kd.student_trainer import optim
+from kd.student_trainer.evaluate import check_output_width
 from kd.student_trainer.evaluate import evaluate as evaluate_source
 from kd.student_trainer.features import (
     LOGITS,
@@ -549,6 +550,12 @@ def train_student(
     final = student_final(config)
     if source is not None and source.num_classes != train.num_classes:
         raise ValueError(f"source has {source.num_classes} classes, dataset {train.dataset_id} has {train.num_classes}")
+    # Here, where every trainer path passes (kd train, chain, explain, the demos, online, datafree, qkd), not
+    # only in kd train: a student with fewer outputs than the data's classes failed at its first step (or
+    # trained on the labels it has), one with more trained and was scored over classes the data has not.
+    data = train if train is not None else test
+    if data is not None:
+        check_output_width(student, data, "the student", final=final)
     dev = torch.device(config.device)
     subset = torch.arange(0 if train is None else len(train)) if subset is None else subset
     rank, size = world()

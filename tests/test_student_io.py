@@ -209,6 +209,19 @@ def test_the_students_outputs_must_match_the_datas_classes(width: int, tmp_path:
             f"--model '{model}' gives {width} outputs per sample but digits/test", "has 10 classes")  # fmt: skip
 
 
+def test_train_student_refuses_a_student_of_another_width_before_the_run(tmp_path: Path) -> None:
+    """The shared training entry (kd chain, kd explain, the demos, kd online, kd datafree and kd qkd train
+    through it) checks the width as kd train does: a 20-output student on digits used to train with CE and
+    return (exit 0), scored over 20 classes; with 5 outputs it failed at its first step (an IndexError)."""
+    train, test = open_source("digits:train"), open_source("digits:test")
+    for width in (20, 5):
+        with pytest.raises(ValueError, match=rf"^the student gives {width} outputs per sample but digits/train.* has "
+                                             "10 classes"):  # fmt: skip
+            train_student(MLP([64, 16, width]), train, test, TrainConfig(method="ce", epochs=1),
+                          subset=torch.arange(32), run_dir=tmp_path / "run")  # fmt: skip
+        assert not (tmp_path / "run").exists()
+
+
 def test_student_weights_that_do_not_fit_are_one_error_line(tmp_path: Path, teacher_spec: str) -> None:
     """--student SPEC@WEIGHTS of another architecture: kd train (and kd qkd, which builds its student the
     same way) refuse it with exit 2 and one error: line naming the file and the mismatch (before: kd
