@@ -120,6 +120,15 @@ def _check_out(out: Path | None, flag: str = "--out") -> None:
         # and refused, so the trained student could not be loaded again.
         _fail(f"{flag} {str(out)!r}: the student is saved as safetensors; give a name ending in .safetensors "
               f"(e.g. {str(out.with_suffix('.safetensors'))!r}), which kd's loaders read as such")  # fmt: skip
+    suffix = ".connectors.safetensors"
+    if flag == "--out" and out.name.endswith(suffix):
+        # connectors_path(X.safetensors) is this very name: a student written here would overwrite the
+        # connectors of a feature run with --out X.safetensors (and that run would overwrite this student).
+        owner = out.with_name(out.name.removesuffix(suffix) + ".safetensors")
+        _fail(
+            f"{flag} {str(out)!r} ends in {suffix}, where kd train writes the connectors of --out "
+            f"{str(owner)!r}; a student saved there would overwrite them (or be overwritten): choose another name"
+        )
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

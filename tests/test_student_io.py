@@ -176,6 +176,24 @@ def test_connectors_path_keeps_each_out_name_and_is_checked_before_training(tmp_
     assert r.exit_code == 0, r.output
 
 
+def test_an_out_named_like_a_connectors_file_is_refused(tmp_path: Path) -> None:
+    """Run a (a feature method, --out a.safetensors) writes a.connectors.safetensors beside its student;
+    another run's --out a.connectors.safetensors would overwrite it (before: exit 0, run a's connectors
+    replaced by a student) and is refused before training, its file untouched."""
+    out = tmp_path / "a.safetensors"
+    cnn = ["--source", "local:kd.models:digits_cnn", "--student", "kd.models:digits_cnn_student", "--epochs", "1",
+           "--subset", "32"]  # fmt: skip
+    r = invoke("train", "--method", "fitnet", "--match", "layer2=layer2", *cnn, "--out", str(out))
+    assert r.exit_code == 0, r.output
+    connectors = connectors_path(out)
+    before = connectors.read_bytes()
+    for method in (["--method", "ce"], ["--method", "fitnet", "--match", "layer2=layer2", *cnn]):
+        r = invoke("train", *method, "--epochs", "1", "--subset", "32", "--out", str(connectors))
+        refused(r, f"--out {str(connectors)!r}", "ends in .connectors.safetensors",
+                f"the connectors of --out {str(out)!r}")  # fmt: skip
+        assert connectors.read_bytes() == before
+
+
 @pytest.mark.parametrize("width", [5, 20])
 def test_the_students_outputs_must_match_the_datas_classes(width: int, tmp_path: Path) -> None:
     """kd train and kd evaluate refuse a model with another number of outputs than the data's classes,
