@@ -151,6 +151,11 @@ OPTION_RANGES: dict[str, tuple[float, float, bool]] = {
     "stage_decay": (0.0, _INF, True),
     # eskd: the first epoch without KD (0-based); a negative one trained CE alone without a word.
     "stop_epoch": (0.0, _INF, False),
+    # A generator's seed (noisy, mimic's hyperplanes): torch's manual_seed takes 0..2**64 - 1, reads a
+    # negative seed as that plus 2**64 (-1 drew 2**64 - 1's numbers under another name) and refused 2**64
+    # and above only at the first step. An int bound: a float would round 2**64 - 1 up to 2**64.
+    "seed": (0, 2**64 - 1, False),
+    "lsh_seed": (0, 2**64 - 1, False),
 }
 # Options whose default is None (unset) but that take an integer when given: torch's
 # manual_seed refused seed=1.5 only at the first step, and epoch numbers are whole.
@@ -194,7 +199,7 @@ def check_option_values(method: str, defaults: dict[str, object], options: dict[
             lo, hi, open_low = rng
             if value < lo or (open_low and value == lo) or value > hi:
                 low = f"> {lo:g}" if open_low else f">= {lo:g}"
-                high = "" if hi == _INF else f" and <= {hi:g}"
+                high = "" if hi == _INF else f" and <= {hi}" if isinstance(hi, int) else f" and <= {hi:g}"
                 raise ValueError(f"method {method!r}: option {name}={value!r} must be {low}{high}")
 
 
