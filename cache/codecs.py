@@ -840,6 +840,19 @@ def logit_offsets_lost(name: str) -> str | None:
     return f"codec {name} is not known to keep the teacher's logits"
 
 
+def sparse_targets_of(name: str) -> str | None:
+    """None where a cache of codec ``name`` decodes to dense logits ``[B, C]``; else what its sparse
+    targets (``SparseTargets``: ``decode_targets`` of topk, sample and rand) hold, for the trainer's
+    refusal of methods whose loss needs every class's logit."""
+    if name.startswith("topk:"):
+        return f"{name} gives sparse targets (the top {name[5:]} classes and the rest mass, not every class's logit)"
+    if name.startswith("sample:"):
+        return f"{name} gives sparse targets (sampled classes with their counts, no logits)"
+    if name.startswith("rand:"):
+        return f"{name} gives sparse targets (a subset of the classes chosen per record, not every class's logit)"
+    return None
+
+
 def get_codec(
     name: str,
     temperature: float | None = None,

@@ -66,6 +66,7 @@ from kd.core.data import Dataset, load_dataset
 from kd.core.factory import build
 from kd.demo import start_server_process, stop_server_process
 from kd.models import MLP
+from kd.student_trainer.evaluate import check_output_width
 from kd.student_trainer.losses import get_method
 from kd.student_trainer.sources import LocalSource, ServerSource, SoftTargetSource
 from kd.student_trainer.train import Hooks, StepContext, TrainConfig, accuracy, seed_everything, train_student
@@ -203,8 +204,10 @@ def check_chain(
                 load_teacher("chain", teacher)
             except TeacherLoadError as e:
                 raise ValueError(f"teacher: {e}") from e
+        train = load_dataset("digits", "train")
         for spec in dict.fromkeys(models):
-            build(spec, "student")
+            # train_student refuses a model of another width too, but only once the stages before it trained
+            check_output_width(build(spec, "student"), train, f"model {spec!r}")
     return models
 
 

@@ -122,6 +122,15 @@ def _check_out(out: Path | None, flag: str = "--out") -> None:
         # and refused, so the trained student could not be loaded again.
         _fail(f"{flag} {str(out)!r}: the student is saved as safetensors; give a name ending in .safetensors "
               f"(e.g. {str(out.with_suffix('.safetensors'))!r}), which kd's loaders read as such")  # fmt: skip
+    suffix = ".connectors.safetensors"
+    if flag == "--out" and out.name.endswith(suffix):
+        # connectors_path(X.safetensors) is this very name: a student written here would overwrite the
+        # connectors of a feature run with --out X.safetensors (and that run would overwrite this student).
+        owner = out.with_name(out.name.removesuffix(suffix) + ".safetensors")
+        _fail(
+            f"{flag} {str(out)!r} ends in {suffix}, where kd train writes the connectors of --out "
+            f"{str(owner)!r}; a student saved there would overwrite them (or be overwritten): choose another name"
+        )
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -1039,9 +1048,9 @@ def train(
         _fail(str(e))
     if not (math.isfinite(server_timeout) and server_timeout > 0):
         _fail(f"--server-timeout {server_timeout}: give a number of seconds > 0")
-    from kd.cache.codecs import logit_offsets_lost
-    from kd.student_trainer.losses import logit_offsets_refusal
-    from kd.student_trainer.sources import server_topk_lost
+    from kd.cache.codecs import logit_offsets_lost, sparse_targets_of
+    from kd.student_trainer.losses import logit_offsets_refusal, sparse_refusal
+    from kd.student_trainer.sources import server_topk_lost, server_topk_sparse
 
     # What the flags alone say the targets lose, refused before any source is opened (a read-through
     # would create its cache first); a cache: source's codec is read from its metadata below.
@@ -1054,9 +1063,21 @@ def train(
         refusal = logit_offsets_refusal(method, _parse_options(opt), lost, list(match))
         if refusal is not None:
             _fail(refusal)
-    if server_topk < 0 or (server_topk and not _get_method(method).accepts_sparse):
-        _fail(f"--server-topk {server_topk}: needs K >= 1 and a method that accepts sparse targets "
-              f"(method {method!r} needs full logits)")  # fmt: skip
+    if server_topk < 0:
+        _fail(f"--server-topk {server_topk}: needs K >= 1")
+    if server_topk and not _get_method(method).needs_teacher:
+        _fail(f"--server-topk {server_topk}: method {method!r} reads no teacher targets")
+    # Sparse targets the flags alone announce, refused for a method that needs dense logits before any
+    # source is opened, as above (a cache: source's codec is checked by train_student from its metadata).
+    sparse_by_flags = []
+    if server_topk > 0 and any(ref.startswith("server:") for ref in source):
+        sparse_by_flags.append(server_topk_sparse(server_topk))
+    if read_through is not None and sparse_targets_of(codec) is not None:
+        sparse_by_flags.append(f"the read-through cache: {sparse_targets_of(codec)}")
+    for sparse in sparse_by_flags:
+        refusal = sparse_refusal(method, _parse_options(opt), sparse, list(match))
+        if refusal is not None:
+            _fail(refusal)
     # Only a server: source asks for top-K (next to the model): a cache holds what it was made with
     # (its codec; a read-through's upstream follows the cache's codec) and a local: teacher gives all
     # C logits, so --server-topk with neither a server: source would be dropped without a word.

@@ -16,6 +16,11 @@ one LMDB transaction (``__getitems__``). When the cache holds several views per
 sample, each epoch draws one stored view per sample (``set_epoch``), and the
 inputs are that view's pixels, replayed from the data source by its seed: the
 student sees exactly what the teacher saw.
+
+Inputs come out as every kd path feeds a student (``kd.core.views.model_input``): uint8
+pixels (image folders, CIFAR, ``dtype=uint8`` sources) as float32 value/255, other samples
+as the source gives them. The student's own resolution and normalisation (``kd train
+--input-size/--input-mean/--input-std``) are left to your loop.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from kd.cache import StaleCacheError
 from kd.cache.sharded import open_cache
 from kd.core.samples import SampleSource
 from kd.core.targets import SparseTargets
+from kd.core.views import model_input
 from kd.student_trainer.sources import CacheSource, SoftTargetSource
 
 Item = tuple[torch.Tensor, torch.Tensor, Any]
@@ -57,11 +63,21 @@ class SoftTargetDataset(torch.utils.data.Dataset):
     sample, its view drawn per epoch from ``seed`` and ``set_epoch``; ``"all"`` gives
     one item per (sample, view), ``len = N * V``.
 
-    ``sparse``: False gives dense float32 logits ``[C]`` per item (a top-k cache
-    is densified, its tail mass spread evenly); True gives one-row
+    ``sparse``: False gives dense float32 logits ``[C]`` per item; True gives one-row
     ``SparseTargets`` that ``collate`` (pass ``collate_fn=SoftTargetDataset.collate``)
     stacks into the sparse batch kd's losses take as they are (needed for
-    ``sample:K`` caches, which have no dense form).
+    ``sample:K`` and ``rand:M`` caches, which have no dense form).
+
+    A ``topk:K`` cache (or a server source asked for its top-k) read with ``sparse=False`` is
+    densified (``SparseTargets.dense()``): the K stored classes get ``T_c * log p`` (the
+    teacher's logits up to a constant per row, T_c the cache's temperature) and every other
+    class the same made-up logit, so that at T_c the rest mass is spread evenly over them.
+    Its softmax at T_c is the stored probabilities and that even tail; the absolute logits
+    and the tail's shape are not the teacher's. Fit for a loss that reads softmax at T_c
+    (Hinton KD); not for one that reads the logits themselves (a regression onto them, DKD's
+    or DIST's per-class terms), and not what ``kd train`` trains on: its KD loss compares the
+    K classes plus one rest bucket (``sparse=True`` gives those targets). Dense codecs give the
+    teacher's logits as computed (fp32, fp16, bf16, int8) or up to a constant per row (q8, q4, pca).
     """
 
     def __init__(
@@ -142,7 +158,9 @@ class SoftTargetDataset(torch.utils.data.Dataset):
         """A whole batch at once: one decode call and one cache transaction."""
         idx, views = self.keys(items)
         inputs = self.data.get(idx, views)
-        targets = self._targets(idx, inputs, views)
+        targets = self._targets(idx, inputs, views)  # a source reads the samples as stored (its own conversion)
+        # uint8 pixels as value/255, through the function kd's trainer uses (it handed out the raw bytes)
+        inputs = model_input(inputs)
         labels = self.labels[idx]
         return [(inputs[r], labels[r], targets[r : r + 1] if self.sparse else targets[r]) for r in range(len(idx))]
 

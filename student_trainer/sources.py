@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from kd.cache import CacheMeta, CacheWriter
-from kd.cache.codecs import logit_offsets_lost
+from kd.cache.codecs import logit_offsets_lost, sparse_targets_of
 from kd.cache.sharded import ShardedCacheWriter, open_cache, shard_count_at
 from kd.core import reductions
 from kd.core.data import Dataset, view_seeds
@@ -131,6 +131,12 @@ class SoftTargetSource:
         that read absolute logits (``kd.student_trainer.train.check_logit_offsets``)."""
         return None
 
+    def sparse_targets(self) -> str | None:
+        """None where the targets are dense logits ``[B, C]``; else what the sparse ones are (a top-k,
+        sampled or subset cache, a server asked for its top-k), for the trainer's refusal of methods
+        that need dense logits (``kd.student_trainer.train.check_sparse_targets``)."""
+        return None
+
     def iter_targets(self, batches: Iterable[Batch | tuple]) -> Iterator[tuple[Batch, Targets]]:
         """Pair each batch with its targets; sources that can work ahead override this."""
         for b in batches:
@@ -178,6 +184,10 @@ class CacheSource(SoftTargetSource):
     def logit_offsets_lost(self) -> str | None:
         lost = logit_offsets_lost(self.reader.meta.codec)
         return None if lost is None else f"cache {self.path!r}: {lost}"
+
+    def sparse_targets(self) -> str | None:
+        sparse = sparse_targets_of(self.reader.meta.codec)
+        return None if sparse is None else f"cache {self.path!r}: {sparse}"
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         if self.reader.meta.per_token:
@@ -264,6 +274,11 @@ def server_topk_lost(k: int, where: str = "the server") -> str:
     """What a server source asked for its top-k only (``topk=K``, ``kd train --server-topk K``) loses."""
     return (f"{where} is asked for the top {k} logits only (--server-topk {k}): the other classes' logits are made "
             "up (top-k targets lose the logits' offsets)")  # fmt: skip
+
+
+def server_topk_sparse(k: int, where: str = "the server") -> str:
+    """What a server source asked for its top-k only (``--server-topk K``) gives: sparse targets."""
+    return f"{where} is asked for the top {k} logits only (--server-topk {k}): it gives sparse targets"
 
 
 class ServerSource(SoftTargetSource):
@@ -373,6 +388,12 @@ class ServerSource(SoftTargetSource):
         if self.sample_codec is not None:
             return f"{where}: {logit_offsets_lost(self.sample_codec.name)}"
         return None if not self.topk else server_topk_lost(self.topk, where)
+
+    def sparse_targets(self) -> str | None:
+        where = f"server {','.join(self.addresses)}"
+        if self.sample_codec is not None:
+            return f"{where}: {sparse_targets_of(self.sample_codec.name)}"
+        return None if not self.topk else server_topk_sparse(self.topk, where)
 
     def _asked(self) -> dict[str, Any]:
         c = self.sample_codec
@@ -836,6 +857,10 @@ class ReadThroughSource(SoftTargetSource):
     def logit_offsets_lost(self) -> str | None:
         lost = logit_offsets_lost(self.reader.meta.codec)
         return None if lost is None else f"read-through cache: {lost}"
+
+    def sparse_targets(self) -> str | None:
+        sparse = sparse_targets_of(self.reader.meta.codec)
+        return None if sparse is None else f"read-through cache: {sparse}"
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         present = torch.tensor(self.reader.present(indices.tolist(), None if views is None else views.tolist()))

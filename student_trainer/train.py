@@ -67,6 +67,7 @@ from kd.core.samples import SampleSource
 from kd.core.signals import Stopped
 from kd.core.views import Final, model_input
 from kd.student_trainer import optim
+from kd.student_trainer.evaluate import check_output_width
 from kd.student_trainer.evaluate import evaluate as evaluate_source
 from kd.student_trainer.features import (
     LOGITS,
@@ -78,7 +79,7 @@ from kd.student_trainer.features import (
     probe_student_shapes,
 )
 from kd.student_trainer.gather import gather_rows, rank_sizes
-from kd.student_trainer.losses import FeatureMethod, get_method, logit_offsets_refusal
+from kd.student_trainer.losses import FeatureMethod, get_method, logit_offsets_refusal, sparse_refusal
 from kd.student_trainer.losses.dot import DOT, task_loss, task_weight
 from kd.student_trainer.sources import Batch, SoftTargetSource
 
@@ -326,6 +327,19 @@ def check_logit_offsets(
         return
     lost = getattr(source, "logit_offsets_lost", lambda: None)()
     message = None if lost is None else logit_offsets_refusal(method, options, lost, matches or ())
+    if message is not None:
+        raise ValueError(message)
+
+
+def check_sparse_targets(
+    method: str, options: dict[str, object], source: SoftTargetSource | None, matches: list[str] | None = None
+) -> None:
+    """Refuse a method whose loss needs dense teacher logits (``accepts_sparse``, or a feature method's
+    ``S=logits`` match) on a source whose targets are sparse (a topk/sample/rand cache, a server asked
+    for its top-k): it failed only at its first step, after the run had set up and read a batch. Reads
+    only the source's description (a cache's metadata), so it runs before any teacher or cache work."""
+    sparse = None if source is None else getattr(source, "sparse_targets", lambda: None)()
+    message = None if sparse is None else sparse_refusal(method, options, sparse, matches or ())
     if message is not None:
         raise ValueError(message)
 
@@ -584,6 +598,7 @@ def train_student(
     method = get_method(config.method)
     if hooks.loss is None:  # a loss hook replaces the method's loss (and reads the targets its own way)
         check_logit_offsets(config.method, config.method_options, source, config.matches)
+        check_sparse_targets(config.method, config.method_options, source, config.matches)
     if hooks.batches is not None:
         if hooks.loss is None or hooks.steps_per_epoch < 1 or source is not None or method.pairs or resume:
             raise ValueError("Hooks.batches needs Hooks.loss and steps_per_epoch >= 1, and takes no source, "
@@ -601,6 +616,12 @@ def train_student(
     final = student_final(config)
     if source is not None and source.num_classes != train.num_classes:
         raise ValueError(f"source has {source.num_classes} classes, dataset {train.dataset_id} has {train.num_classes}")
+    # Here, where every trainer path passes (kd train, chain, explain, the demos, online, datafree, qkd), not
+    # only in kd train: a student with fewer outputs than the data's classes failed at its first step (or
+    # trained on the labels it has), one with more trained and was scored over classes the data has not.
+    data = train if train is not None else test
+    if data is not None:
+        check_output_width(student, data, "the student", final=final)
     dev = torch.device(config.device)
     subset = torch.arange(0 if train is None else len(train)) if subset is None else subset
     rank, size = world()

@@ -110,6 +110,8 @@ def test_bad_mode_is_refused(tmp_path: Path):
          "module 'kd.models' has no attribute 'no_such_model'"),
         (["--model", "kd.models:digits_student@w.safetensors"], "@WEIGHTS is for teachers"),
         (["--labeled", "5000"], "labeled must be <= 1198 (the digits training split), got 5000"),
+        (["--model", "kd.models:digits_student", "--model", "kd.models:MLP?sizes=[64,16,20]"],
+         "model 'kd.models:MLP?sizes=[64,16,20]' gives 20 outputs per sample but digits/train"),
     ],
 )  # fmt: skip
 def test_chain_options_are_checked_before_the_teacher_trains(tmp_path: Path, args: list[str], why: str):

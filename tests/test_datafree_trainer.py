@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import refused
 
 from kd.core.data import load_dataset
 from kd.demo_datafree import QUICK
@@ -155,3 +156,18 @@ def test_kd_datafree_takes_the_train_commands_recipe_flags(address: str, tmp_pat
 
     bad = CliRunner().invoke(app, [*args[:4], "--optimizer", "nope"])
     assert bad.exit_code == 2 and "unknown optimizer 'nope'" in bad.output
+
+
+def test_kd_datafree_refuses_a_student_of_another_width_before_any_query(address: str, tmp_path: Path) -> None:
+    """kd datafree trains through train_student, which now checks the student's outputs against the data's
+    classes as kd train did alone: before, a 20-output student wrote its run directory, queried the teacher
+    and failed at its first step with a shape error."""
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+
+    spec = "kd.models:DigitsCNN?num_classes=20&width=4"
+    args = ["datafree", "dfad", "--server", f"{address}/white", "--student", spec, "--steps", "1", "--batch-size",
+            "8", "--val-dataset", "digits:test", "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    refused(CliRunner().invoke(app, args), "the student gives 20 outputs per sample but digits/test", "10 classes")
+    assert not (tmp_path / "run").exists()

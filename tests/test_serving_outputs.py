@@ -177,8 +177,8 @@ def test_kd_train_with_server_topk_asks_the_server_for_topk_only(server, address
     teacher = server.endpoints["digits"].teacher.name
     common = ["train", "--source", f"server:{address}/{teacher}", "--epochs", "1", "--subset", "64",
               "--batch-size", "32", "--out", str(tmp_path / "student.safetensors")]  # fmt: skip
-    refused = CliRunner().invoke(app, [*common, "--method", "at", "--server-topk", "3"])
-    assert refused.exit_code != 0 and "accepts sparse targets" in refused.output
+    refused = CliRunner().invoke(app, [*common, "--method", "dkd", "--server-topk", "3"])
+    assert refused.exit_code == 2 and "method 'dkd' needs the teacher's dense logits" in refused.output
     before = server.metrics.reply_bytes(teacher)
     res = CliRunner().invoke(app, [*common, "--method", "kd", "--opt", "temperature=4", "--server-topk", "3"])
     assert res.exit_code == 0, res.output

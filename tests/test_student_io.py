@@ -176,6 +176,24 @@ def test_connectors_path_keeps_each_out_name_and_is_checked_before_training(tmp_
     assert r.exit_code == 0, r.output
 
 
+def test_an_out_named_like_a_connectors_file_is_refused(tmp_path: Path) -> None:
+    """Run a (a feature method, --out a.safetensors) writes a.connectors.safetensors beside its student;
+    another run's --out a.connectors.safetensors would overwrite it (before: exit 0, run a's connectors
+    replaced by a student) and is refused before training, its file untouched."""
+    out = tmp_path / "a.safetensors"
+    cnn = ["--source", "local:kd.models:digits_cnn", "--student", "kd.models:digits_cnn_student", "--epochs", "1",
+           "--subset", "32"]  # fmt: skip
+    r = invoke("train", "--method", "fitnet", "--match", "layer2=layer2", *cnn, "--out", str(out))
+    assert r.exit_code == 0, r.output
+    connectors = connectors_path(out)
+    before = connectors.read_bytes()
+    for method in (["--method", "ce"], ["--method", "fitnet", "--match", "layer2=layer2", *cnn]):
+        r = invoke("train", *method, "--epochs", "1", "--subset", "32", "--out", str(connectors))
+        refused(r, f"--out {str(connectors)!r}", "ends in .connectors.safetensors",
+                f"the connectors of --out {str(out)!r}")  # fmt: skip
+        assert connectors.read_bytes() == before
+
+
 @pytest.mark.parametrize("width", [5, 20])
 def test_the_students_outputs_must_match_the_datas_classes(width: int, tmp_path: Path) -> None:
     """kd train and kd evaluate refuse a model with another number of outputs than the data's classes,
@@ -207,6 +225,19 @@ def test_the_students_outputs_must_match_the_datas_classes(width: int, tmp_path:
     model = f"kd.models:MLP@{weights}?sizes=[64,16,{width}]"
     refused(invoke("evaluate", "--model", model, "--dataset", "digits:test"),
             f"--model '{model}' gives {width} outputs per sample but digits/test", "has 10 classes")  # fmt: skip
+
+
+def test_train_student_refuses_a_student_of_another_width_before_the_run(tmp_path: Path) -> None:
+    """The shared training entry (kd chain, kd explain, the demos, kd online, kd datafree and kd qkd train
+    through it) checks the width as kd train does: a 20-output student on digits used to train with CE and
+    return (exit 0), scored over 20 classes; with 5 outputs it failed at its first step (an IndexError)."""
+    train, test = open_source("digits:train"), open_source("digits:test")
+    for width in (20, 5):
+        with pytest.raises(ValueError, match=rf"^the student gives {width} outputs per sample but digits/train.* has "
+                                             "10 classes"):  # fmt: skip
+            train_student(MLP([64, 16, width]), train, test, TrainConfig(method="ce", epochs=1),
+                          subset=torch.arange(32), run_dir=tmp_path / "run")  # fmt: skip
+        assert not (tmp_path / "run").exists()
 
 
 def test_student_weights_that_do_not_fit_are_one_error_line(tmp_path: Path, teacher_spec: str) -> None:

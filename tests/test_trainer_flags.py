@@ -220,6 +220,11 @@ def test_resume_with_another_validation_split_is_refused(tmp_path: Path) -> None
         ("eskd", {"stop_epoch": -4}, "option stop_epoch=-4 must be >= 0"),
         ("eskd", {"stop_epoch": 1.5}, "option stop_epoch=1.5 must be an integer"),
         ("noisy", {"seed": 1.5}, "option seed=1.5 must be an integer"),
+        # torch's manual_seed took -1 as 2**64 - 1 (another seed's noise under another name) and refused
+        # 2**64 only at the first step
+        ("noisy", {"seed": -1}, "option seed=-1 must be >= 0 and <= 18446744073709551615"),
+        ("noisy", {"seed": 2**64}, "option seed=18446744073709551616 must be >= 0 and <= 18446744073709551615"),
+        ("mimic", {"lsh_seed": -3}, "option lsh_seed=-3 must be >= 0 and <= 18446744073709551615"),
     ],
 )
 def test_option_ranges(method: str, options: dict, why: str) -> None:
@@ -252,6 +257,8 @@ def test_a_whole_float_seed_draws_the_integer_seeds_noise() -> None:
 def test_the_noisy_seed_on_the_command_line(teacher_spec: str) -> None:
     refused(_train("--method", "noisy", "--opt", "seed=1.5", "--source", f"local:{teacher_spec}", *SUB),
             "method 'noisy': option seed=1.5 must be an integer")  # fmt: skip
+    refused(_train("--method", "noisy", "--opt", "seed=-1", "--source", f"local:{teacher_spec}", *SUB),
+            "method 'noisy': option seed=-1 must be >= 0")  # fmt: skip
 
 
 @pytest.mark.parametrize("views", ["0", "-2"])

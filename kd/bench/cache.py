@@ -544,6 +544,9 @@ class _PlainSampleTargets(SoftTargetSource):
     def logit_offsets_lost(self) -> str | None:
         return self.inner.logit_offsets_lost()
 
+    def sparse_targets(self) -> str | None:
+        return self.inner.sparse_targets()
+
 
 def _students(
     s: CacheBenchSettings, train: Dataset, test: Dataset, method: str, source: SoftTargetSource | None, views: int = 1

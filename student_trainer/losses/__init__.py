@@ -12,6 +12,11 @@ or random draws over the batch, a memory bank moved per batch, a mean over token
 torchrun such a loss is computed on the whole global batch, gathered from the ranks
 (``student_trainer.gather``), as one process would; a method that leaves it undeclared (None)
 is treated as coupled there.
+
+Every method that reads the teacher's logits declares ``accepts_sparse``: whether its loss takes the
+sparse targets of a ``topk:K``, ``sample:K`` or ``rand:M`` cache (or ``--server-topk``) as they are.
+The trainer refuses the others on such a source before any work (``sparse_refusal``);
+``tests/test_sparse_declarations.py`` checks every registered method's declaration against its loss.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ LossFn = Callable[..., torch.Tensor]
 # Whether a loss sees the teacher's logits only up to a constant per row: a bool, or a function of
 # the method's options (its defaults with the given ones over them) for methods where an option decides.
 ShiftInvariance = bool | Callable[[dict[str, object]], bool]
+# Whether a loss takes sparse teacher targets: a bool, or a function of the method's options (as above).
+SparseAcceptance = bool | Callable[[dict[str, object]], bool]
 # Passed by the training loop to losses that declare them (0-based epoch, total epochs).
 SCHEDULE_ARGS = ("epoch", "epochs")
 
@@ -58,6 +65,10 @@ class Method:
     def shift_invariant(self, options: dict[str, object] | None = None) -> bool:
         """``teacher_logits_shift_invariant`` for these options (the defaults where not given)."""
         return _resolve_invariance(self.teacher_logits_shift_invariant, {**self.defaults, **(options or {})})
+
+    def takes_sparse(self, options: dict[str, object] | None = None) -> bool:
+        """Whether the loss takes sparse teacher targets as they are (``accepts_sparse``)."""
+        return bool(self.accepts_sparse)
 
     @property
     def defaults(self) -> dict[str, object]:
@@ -140,6 +151,11 @@ OPTION_RANGES: dict[str, tuple[float, float, bool]] = {
     "stage_decay": (0.0, _INF, True),
     # eskd: the first epoch without KD (0-based); a negative one trained CE alone without a word.
     "stop_epoch": (0.0, _INF, False),
+    # A generator's seed (noisy, mimic's hyperplanes): torch's manual_seed takes 0..2**64 - 1, reads a
+    # negative seed as that plus 2**64 (-1 drew 2**64 - 1's numbers under another name) and refused 2**64
+    # and above only at the first step. An int bound: a float would round 2**64 - 1 up to 2**64.
+    "seed": (0, 2**64 - 1, False),
+    "lsh_seed": (0, 2**64 - 1, False),
 }
 # Options whose default is None (unset) but that take an integer when given: torch's
 # manual_seed refused seed=1.5 only at the first step, and epoch numbers are whole.
@@ -183,7 +199,7 @@ def check_option_values(method: str, defaults: dict[str, object], options: dict[
             lo, hi, open_low = rng
             if value < lo or (open_low and value == lo) or value > hi:
                 low = f"> {lo:g}" if open_low else f">= {lo:g}"
-                high = "" if hi == _INF else f" and <= {hi:g}"
+                high = "" if hi == _INF else f" and <= {hi}" if isinstance(hi, int) else f" and <= {hi:g}"
                 raise ValueError(f"method {method!r}: option {name}={value!r} must be {low}{high}")
 
 
@@ -237,8 +253,11 @@ class FeatureMethod:
     # feature loss given a ``S=logits`` match reads them as plain values (distances, kernels,
     # regressions): the trainer refuses such a match on targets that lost the logits' offsets.
     teacher_side_logits: bool = False
+    # Whether the loss takes sparse teacher logits (its ``teacher_logits`` keyword; a bool, or a function
+    # of the options). None: the loss has no such keyword, so it never sees them. A match whose teacher
+    # side is ``logits`` needs them dense whatever this says (``sparse_refusal``).
+    accepts_sparse: SparseAcceptance | None = None
     needs_teacher = True
-    accepts_sparse = False
     pairs = False
     kind = "feature"
 
@@ -260,6 +279,13 @@ class FeatureMethod:
     def shift_invariant(self, options: dict[str, object] | None = None) -> bool:
         """``teacher_logits_shift_invariant`` for these options (the defaults where not given)."""
         return _resolve_invariance(self.teacher_logits_shift_invariant, {**self.defaults, **(options or {})})
+
+    def takes_sparse(self, options: dict[str, object] | None = None) -> bool:
+        """Whether the loss itself takes sparse teacher logits (``accepts_sparse``, for these options; the
+        common KD term does: it is kd's loss). The matches decide the rest (``sparse_refusal``)."""
+        if self.accepts_sparse is None:
+            return "teacher_logits" not in self.extras
+        return _resolve_invariance(self.accepts_sparse, {**self.defaults, **(options or {})})
 
     @property
     def extras(self) -> set[str]:
@@ -352,15 +378,19 @@ def register_feature(
     couples: bool | None = None,
     teacher_logits_shift_invariant: ShiftInvariance = False,
     teacher_side_logits: bool = False,
+    accepts_sparse: SparseAcceptance | None = None,
 ) -> Callable[[LossFn], LossFn]:
-    """Register a feature method (see ``FeatureMethod``; ``couples``: see the module docstring)."""
+    """Register a feature method (see ``FeatureMethod``; ``couples``: see the module docstring). A loss
+    that takes the ``teacher_logits`` keyword must declare ``accepts_sparse``."""
 
     def deco(fn: LossFn) -> LossFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
+        if accepts_sparse is None and "teacher_logits" in inspect.signature(fn).parameters:
+            raise ValueError(f"feature method {name!r} reads the teacher's logits: declare accepts_sparse")
         METHODS[name] = FeatureMethod(name, fn, paper, reduce, connector, layers, tuple(default_matches), rotations,
                                       tuple((common or {}).items()), couples, teacher_logits_shift_invariant,
-                                      teacher_side_logits)  # fmt: skip
+                                      teacher_side_logits, accepts_sparse)  # fmt: skip
         return fn
 
     return deco
@@ -379,9 +409,8 @@ def logit_offsets_refusal(
     if not m.shift_invariant(options):
         why = f"{who} reads the teacher's absolute logits (its loss changes when a row's logits move by a constant)"
     else:
-        texts = matches or (m.default_matches if isinstance(m, FeatureMethod) else ())
         # The teacher side of S=T (comma lists for several layers); a malformed match is refused later.
-        fed = [t for t in texts if "logits" in (x.strip() for x in t.partition("=")[2].split(","))]
+        fed = logits_matches(m, matches)
         if not isinstance(m, FeatureMethod) or m.teacher_side_logits or not fed:
             return None
         why = f"the match {fed[0]!r} feeds the teacher's logits to {who} as plain values (its feature loss is not " \
@@ -392,6 +421,43 @@ def logit_offsets_refusal(
         f"a cache precomputed with --codec {codecs}, a server: source without --server-topk, or a local: "
         "teacher; or a method that reads only the teacher's softmax (e.g. kd; `kd methods` marks the methods "
         "that need full logits)"
+    )
+
+
+def logits_matches(method: Method | FeatureMethod, matches: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The matches (``S=T``; a feature method's default ones where none are given) whose teacher side
+    is the teacher's logits."""
+    texts = matches or (method.default_matches if isinstance(method, FeatureMethod) else ())
+    return [t for t in texts if "logits" in (x.strip() for x in t.partition("=")[2].split(","))]
+
+
+def sparse_refusal(
+    method: str, options: dict[str, object], sparse: str, matches: list[str] | tuple[str, ...] = ()
+) -> str | None:
+    """The refusal of ``method`` (with ``options``; a feature method with ``matches``, else its default
+    ones) on a source whose targets are sparse (``sparse``: what they are, from
+    ``SoftTargetSource.sparse_targets``); None where its loss takes them (``accepts_sparse``) or it
+    reads no teacher targets. Reads declarations only, so the trainer refuses before any work."""
+    m = get_method(method)
+    if not m.needs_teacher:
+        return None  # the loop never asks such a method's source for targets
+    given = ", ".join(f"{k}={v!r}" for k, v in options.items() if k in m.defaults)
+    who = f"method {method!r}{f' with {given}' if given else ''}"
+    if not m.takes_sparse(options):
+        why = f"{who} needs the teacher's dense logits (its loss reads every class's logit)"
+    else:
+        fed = logits_matches(m, matches) if isinstance(m, FeatureMethod) else []
+        if not fed:
+            return None
+        why = f"the match {fed[0]!r} of {who} needs the teacher's dense logits"
+    # The logit methods kd train takes that read sparse targets as they are (per-token ones are kd train-lm's).
+    takers = sorted(n for n, x in METHODS.items()
+                    if isinstance(x, Method) and x.needs_teacher and x.takes_sparse() and x.kind == "logit"
+                    and not n.startswith("token-"))  # fmt: skip
+    return (
+        f"{why}, but {sparse}. Use dense targets: a cache precomputed with a dense codec (--codec fp32, fp16, "
+        "bf16, int8, q8, q4 or pca:K), a server: source without --server-topk, or a local: teacher; or a method "
+        f"that takes top-k targets ({', '.join(takers)}, or a feature method without a logits match)"
     )
 
 

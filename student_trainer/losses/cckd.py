@@ -54,6 +54,8 @@ from kd.student_trainer.losses.kd import soft_kl
     reduce="cc",
     teacher_logits_shift_invariant=True,
     couples=True,
+    # The instance-level KD term compares dense logits; without it the loss reads no logits.
+    accepts_sparse=lambda o: o["instance_weight"] == 0,
 )
 def cckd_loss(
     student_feats: list[torch.Tensor],

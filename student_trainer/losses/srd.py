@@ -138,6 +138,7 @@ def _srd_invariant(options: dict[str, object]) -> bool:
     connector=srd_connector,
     teacher_logits_shift_invariant=_srd_invariant,
     couples=False,
+    accepts_sparse=False,  # L_sr and L_fit regress onto every class's logit
 )
 def srd_loss(
     student_feats: list[SRDFeatures],

@@ -106,6 +106,7 @@ def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> tor
     common={"ce_weight": 0.1, "kd_weight": 0.9, "kd_temperature": 4.0},
     teacher_logits_shift_invariant=True,
     couples=True,
+    accepts_sparse=False,  # its rotation terms read the teacher's logits of every class on all four views
 )
 def sskd_loss(
     student_feats: list[SSKDFeatures],
