@@ -283,6 +283,9 @@ def server_topk_sparse(k: int, where: str = "the server") -> str:
 
 class ServerSource(SoftTargetSource):
     name = "server"
+    # train_tokens asks for the next micro-batch's targets while the student trains on this one:
+    # a request waits on the network and the teacher, and the client is thread-safe.
+    token_targets_ahead = 1
 
     def __init__(
         self,

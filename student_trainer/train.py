@@ -40,11 +40,13 @@ the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -414,6 +416,40 @@ def _sum_step(params: list[nn.Parameter], step_loss: float, diverged: float | No
         return float(facts[0]), None
     bad = facts[2].item()  # the sum of the ranks' non-finite losses is not finite either
     return float(facts[0]), bad if not math.isfinite(bad) else math.nan
+
+
+def _targets_ahead(plans: Iterator[tuple[int, int, list]], fetch: Callable[..., object],
+                   ahead: int) -> Iterator[tuple[tuple[int, int, tuple, bool, bool], object]]:  # fmt: skip
+    """Each micro-batch of ``plans`` (``train_tokens``' steps) in order as ((step number, counted,
+    item, first of its step, last of its step), its targets or None where it counts no token), the
+    targets from ``fetch(idx, tokens, real)``. ``ahead`` > 0: the next ``ahead`` micro-batches' are
+    asked on one thread while this one is used (across step boundaries too); closing the generator
+    cancels what was not started and waits for the request under way."""
+    flat = ((step_no, counted, item, i == 0, i == len(micro) - 1)
+            for step_no, counted, micro in plans for i, item in enumerate(micro))  # fmt: skip
+    if ahead <= 0:
+        for entry in flat:
+            item = entry[2]
+            yield entry, (fetch(*item[:3]) if item[4] else None)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    window: deque = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="kd-token-targets") as pool:
+        try:
+            for entry in flat:
+                item = entry[2]
+                window.append((entry, pool.submit(fetch, *item[:3]) if item[4] else None))
+                if len(window) > ahead:
+                    entry, future = window.popleft()
+                    yield entry, (future.result() if future is not None else None)
+            while window:
+                entry, future = window.popleft()
+                yield entry, (future.result() if future is not None else None)
+        finally:
+            for _, future in window:
+                if future is not None:
+                    future.cancel()
 
 
 def _agreed_stop(signum: int | None, size: int, dev: torch.device) -> int | None:
@@ -1235,14 +1271,15 @@ def train_tokens(
     options = method_options or {}
     step_size = batch_size * accumulate
     losses = []
-    for epoch in range(epochs):
-        order = torch.randperm(len(train), generator=gen)
-        total, tokens_seen = 0.0, 0
+    # A live server's targets of the next micro-batch are asked on a thread while the student trains
+    # on this one (the request waits on the network and the teacher, not on this process's cores).
+    ahead = int(getattr(source, "token_targets_ahead", 0))
+
+    def plan(order: torch.Tensor) -> Iterator[tuple[int, int, list]]:
+        """The steps of an epoch holding a counted token: (step number, the step's counted tokens,
+        this rank's micro-batches (idx, tokens, real, labels, counted tokens))."""
         for lo in range(0, len(order), step_size):
-            if stop is not None and (signum := _agreed_stop(stop(), size, dev)):
-                raise Stopped(signum, f"in epoch {epoch + 1} after {lo // step_size} of its steps")
-            step = order[lo : lo + step_size]
-            micro = []
+            step, micro = order[lo : lo + step_size], []
             for m in range(0, len(step), batch_size):
                 idx = step[m : m + batch_size]
                 b = train.batch(idx)
@@ -1253,37 +1290,49 @@ def train_tokens(
                 # No target in the whole step: no teacher targets asked and no optimizer step, which on
                 # zero gradients would still move the weights (AdamW's decay, Adam's moments).
                 continue
-            opt.zero_grad(set_to_none=True)
-            step_loss, diverged = 0.0, None
-            for idx, tokens, real, labels, n in micro:
-                if size > 1:  # this rank's slice of the micro-batch; its weight is its share of the step
+            if size > 1:  # this rank's slice of each micro-batch; its weight is its share of the step
+                sliced = []
+                for idx, tokens, real, labels, _ in micro:
                     sl = _rank_slice(len(idx), rank, size)
-                    idx, tokens, real, labels = idx[sl], tokens[sl], real[sl], labels[sl]
-                    n = int(token_mask(labels).sum())
-                if not n:
-                    continue  # no counted token: its loss is 0 and its weight 0
-                # With the real positions: a live server computes and sends only those (its answer is packed).
-                targets = source.token_targets(idx, tokens, real)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-                    logits = logits_of(student(tokens.to(dev)))
-                loss = loss_fn(logits, targets.to(dev), labels.to(dev), **options)
-                weight = n / counted
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    diverged = value
-                    if size == 1:
-                        break
-                    continue  # the other ranks learn of it at the step's all-reduce
-                (loss * weight).backward()
-                step_loss += value * weight
-            if size > 1:
-                step_loss, diverged = _sum_step(params, step_loss, diverged)
-            if diverged is not None:
-                raise FloatingPointError(f"epoch {epoch}: the training loss is {diverged} "
-                                         "(the run diverged: lower --lr)")  # fmt: skip
-            opt.step()
-            total += step_loss * counted
-            tokens_seen += counted
+                    sliced.append((idx[sl], tokens[sl], real[sl], labels[sl], int(token_mask(labels[sl]).sum())))
+                micro = sliced
+            yield lo // step_size, counted, micro
+
+    for epoch in range(epochs):
+        order = torch.randperm(len(train), generator=gen)
+        total, tokens_seen = 0.0, 0
+        # With the real positions: a live server computes and sends only those (its answer is packed).
+        with contextlib.closing(_targets_ahead(plan(order), source.token_targets, ahead)) as stream:
+            for (step_no, counted, item, first, last), targets in stream:
+                if first:
+                    if stop is not None and (signum := _agreed_stop(stop(), size, dev)):
+                        raise Stopped(signum, f"in epoch {epoch + 1} after {step_no} of its steps")
+                    opt.zero_grad(set_to_none=True)
+                    step_loss, diverged = 0.0, None
+                idx, tokens, real, labels, n = item
+                # no counted token: its loss is 0 and its weight 0; after a diverged micro-batch one
+                # process stops at this step's end (the ranks learn of it at its all-reduce)
+                if n and (diverged is None or size > 1):
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                        logits = logits_of(student(tokens.to(dev)))
+                    loss = loss_fn(logits, targets.to(dev), labels.to(dev), **options)
+                    weight = n / counted
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        diverged = value
+                    else:
+                        (loss * weight).backward()
+                        step_loss += value * weight
+                if not last:
+                    continue
+                if size > 1:
+                    step_loss, diverged = _sum_step(params, step_loss, diverged)
+                if diverged is not None:
+                    raise FloatingPointError(f"epoch {epoch}: the training loss is {diverged} "
+                                             "(the run diverged: lower --lr)")  # fmt: skip
+                opt.step()
+                total += step_loss * counted
+                tokens_seen += counted
         losses.append(total / tokens_seen)  # > 0 tokens: train holds a target (checked above)
         _check_finite(student, epoch)
         if on_epoch is not None:

@@ -6,6 +6,7 @@ per-token targets is refused up front with one line. Tiny token modules, a corpu
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,55 @@ def test_train_lm_refuses_sources_without_per_token_targets_up_front(corpus, ser
     refused(cli(*base, "--source", f"server:{served}/lm", "--server-timeout", "0"), "--server-timeout")
     refused(cli(*base, "--source", "http://x"), "--source 'http://x'", "cache:PATH", "server:", "local:")
     assert not out.exists()  # nothing trained or saved
+
+
+class AskingSource(LocalSource):
+    """An in-process teacher that says when and on which thread each micro-batch's targets were asked."""
+
+    def __init__(self, spec: str, ahead: int) -> None:
+        super().__init__(spec)
+        self.token_targets_ahead = ahead
+        self.asked = 0
+        self.threads: set[int] = set()
+        self.cond = threading.Condition()
+
+    def token_targets(self, indices, tokens, attention_mask):
+        with self.cond:
+            self.asked += 1
+            self.threads.add(threading.get_ident())
+            self.cond.notify_all()
+        return super().token_targets(indices, tokens, attention_mask)
+
+
+class Observing(nn.Module):
+    """A student that, at each training forward, records whether the next micro-batch's targets of
+    the epoch had been asked by then (waiting up to 10 s for it: a thread asking ahead gets there)."""
+
+    def __init__(self, inner: nn.Module, source: AskingSource, per_epoch: int) -> None:
+        super().__init__()
+        self.inner, self.source, self.per_epoch = inner, source, per_epoch
+        self.forwards, self.ahead_seen = 0, []
+
+    def forward(self, tokens, attention_mask=None):
+        if self.training:
+            epoch, k = divmod(self.forwards, self.per_epoch)
+            want = epoch * self.per_epoch + min(k + 2, self.per_epoch)
+            with self.source.cond:
+                self.ahead_seen.append(self.source.cond.wait_for(lambda: self.source.asked >= want, timeout=10))
+            self.forwards += 1
+        return self.inner(tokens)
+
+
+def test_a_live_sources_next_targets_are_asked_while_the_student_trains(corpus) -> None:
+    data = open_source(corpus["train"])
+    per_epoch = -(-len(data) // RUN["batch_size"])
+    assert per_epoch >= 3
+    kw = {k: v for k, v in RUN.items() if k != "seed"}
+    source = AskingSource(TEACHER, 1)
+    student = Observing(student_lm(), source, per_epoch)
+    losses = train_tokens(student, data, source, seed=RUN["seed"], **kw)
+    assert student.forwards == per_epoch * RUN["epochs"] and all(student.ahead_seen), student.ahead_seen
+    assert threading.get_ident() not in source.threads  # asked on the thread, not the loop's
+    plain = AskingSource(TEACHER, 0)
+    assert train_tokens(student_lm(), data, plain, seed=RUN["seed"], **kw) == losses  # the same, bit for bit
+    assert plain.threads == {threading.get_ident()} and plain.asked == source.asked
