@@ -20,7 +20,9 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect and check soft-label caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
-console = Console(stderr=True)
+# soft_wrap: a line is printed whole, not wrapped at 80 columns when stderr is a file or a pipe (a log
+# line cut in two cannot be grepped).
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
