@@ -249,8 +249,10 @@ def serve(
     max_queue_size: int = typer.Option(
         4096, help="Queued samples per teacher before RESOURCE_EXHAUSTED (0 = unbounded, not advised)."
     ),
-    mean: str | None = typer.Option(None, help="uint8 inputs: per-channel mean after /255, e.g. 0.485,0.456,0.406."),
-    std: str | None = typer.Option(None, help="uint8 inputs: per-channel std after /255."),
+    mean: str | None = typer.Option(
+        None, help="uint8 inputs: per-channel mean after /255, e.g. 0.485,0.456,0.406 (with --std) [none: x/255 only]."
+    ),
+    std: str | None = typer.Option(None, help="uint8 inputs: per-channel std after /255 (with --mean)."),
     max_message_mb: int | None = typer.Option(None, help="Largest request/response message, MiB [256]."),
     workers: int | None = typer.Option(None, help="gRPC handler threads [32]."),
     trust_archive: bool = typer.Option(
@@ -489,19 +491,23 @@ def precompute(
         None, help="pca:K: use this saved LowRankBasis file (shards share one) instead of fitting one."
     ),
     temperature: float | None = typer.Option(
-        None, help="Training T: topk:K, rand:M, q8/q4 are exact at it; sample:K draws at it (default 1, the paper's)."
+        None,
+        help="Training T the sparse codecs are made for: topk:K, rand:M, q8/q4 are exact at it; sample:K draws at it "
+        "(Anshumann et al.: 1) [1].",
     ),
     views: int = typer.Option(
         1, help="Augmented views per sample (seeded; 1 = the plain samples); each view's params are stored."
     ),
-    shard: str | None = typer.Option(None, help="I/N: samples i % N == I into OUT/shard-I-of-N (torchrun: rank)."),
+    shard: str | None = typer.Option(
+        None, help="I/N: samples i % N == I into OUT/shard-IIIII-of-NNNNN (torchrun: rank)."
+    ),
     by_reference: str | None = typer.Option(None, help="Send keys, not pixels: the dataset name on the server."),
     batch_size: int = typer.Option(256, help="Samples per teacher forward (and per request to a server)."),
     commit_every: int = typer.Option(4096, help="Records per LMDB transaction (a kill loses at most these)."),
     feature: list[str] = typer.Option(
         [],
         help="Also store this teacher layer's output (fp16), or a statistic of it: LAYER@at, LAYER@fsp:OTHER, "
-        "LAYER@nst, LAYER@adain, LAYER@pool (kd/reductions.py). Repeatable.",
+        "LAYER@nst, LAYER@adain, LAYER@pool (kd/core/reductions.py). Repeatable.",
     ),
     pool_features: bool = typer.Option(False, help="Store features globally average-pooled."),
     device: str = typer.Option("cpu", help="Device for a local: teacher."),
@@ -2261,7 +2267,8 @@ def peer(
     port_file: Path | None = typer.Option(None, help="Write the own server's port here once serving."),
     publish_every: int = typer.Option(1, help="Publish the weights every N steps."),
     max_lag: int | None = typer.Option(
-        None, help="Bounded staleness: ask a peer again until its weights are at most this many steps old."
+        None,
+        help="Bounded staleness: ask a peer again until its weights are at most this many steps old [none: any age].",
     ),
     temperature: float = typer.Option(1.0, help="DML's temperature (the paper: 1)."),
     dataset: str = typer.Option("digits", help="Training dataset URI (kd.core.data.open_source)."),
