@@ -873,10 +873,14 @@ def train(
     ),
     source: list[str] = typer.Option(
         [],
-        help="cache:PATH, server:HOST:PORT[/TEACHER] or local:SPEC (not needed for ce). "
+        help="cache:PATH, server:HOST:PORT[,HOST:PORT...][/TEACHER] or local:SPEC (not needed for ce). "
         "Repeat for several teachers, merged by --combiner.",
     ),
-    combiner: str = typer.Option("mean", help="How several sources' targets merge: see student_trainer/multi.py."),
+    combiner: str = typer.Option(
+        "mean",
+        help="How several sources' targets merge: mean (of probabilities), mean-logits, weighted, confidence, "
+        "ae-kd or 1909.08097 (student_trainer/multi.py).",
+    ),
     combiner_opt: list[str] = typer.Option([], help="Combiner option key=value (e.g. weights=[1,2]). Repeatable."),
     method: str = typer.Option("kd", help="A method from `kd methods`."),
     opt: list[str] = typer.Option([], "--opt", help="Method option key=value, e.g. --opt temperature=4. Repeatable."),
