@@ -73,7 +73,7 @@ from kd.bench import report_console
 from kd.core.files import write_text_atomically
 from kd.core.signals import StopSignals
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # each line whole in a log, as kd.cli's
 
 TEACHER_NAME = "bench"
 DEFAULT_TEACHER = "kd.models:bench_teacher"
