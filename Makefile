@@ -1,6 +1,7 @@
 # The two quick-start commands (`make demo`, `make test`) build their own
-# environment in $(VENV) first. TORCH picks the torch build: the CPU wheel by
-# default; on a GPU node use e.g. `make TORCH=torch demo` for the CUDA build.
+# environment in $(VENV) first. TORCH picks the torch release (from PyPI on Linux: the
+# CUDA build; PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu adds the CPU build,
+# whose 2.13.0+cpu pip then prefers), e.g. `make TORCH=torch demo` for the newest.
 PY    ?= python3
 VENV  ?= .venv
 TORCH ?= torch==2.13.0

@@ -72,7 +72,7 @@ from kd.student_trainer.sources import LocalSource, ServerSource, SoftTargetSour
 from kd.student_trainer.train import Hooks, StepContext, TrainConfig, accuracy, seed_everything, train_student
 from kd.teacher_server.loading import TeacherLoadError, load_teacher, save_weights
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # each line whole in a log, as kd.cli's
 MODES = ("takd", "born-again")
 
 

@@ -22,7 +22,9 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect and check soft-label caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
-console = Console(stderr=True)
+# soft_wrap: a line is printed whole, not wrapped at 80 columns when stderr is a file or a pipe (a log
+# line cut in two cannot be grepped).
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -290,8 +292,10 @@ def serve(
     max_queue_size: int = typer.Option(
         4096, help="Queued samples per teacher before RESOURCE_EXHAUSTED (0 = unbounded, not advised)."
     ),
-    mean: str | None = typer.Option(None, help="uint8 inputs: per-channel mean after /255, e.g. 0.485,0.456,0.406."),
-    std: str | None = typer.Option(None, help="uint8 inputs: per-channel std after /255."),
+    mean: str | None = typer.Option(
+        None, help="uint8 inputs: per-channel mean after /255, e.g. 0.485,0.456,0.406 (with --std) [none: x/255 only]."
+    ),
+    std: str | None = typer.Option(None, help="uint8 inputs: per-channel std after /255 (with --mean)."),
     max_message_mb: int | None = typer.Option(None, help="Largest request/response message, MiB [256]."),
     workers: int | None = typer.Option(None, help="gRPC handler threads [32]."),
     trust_archive: bool = typer.Option(
@@ -530,19 +534,23 @@ def precompute(
         None, help="pca:K: use this saved LowRankBasis file (shards share one) instead of fitting one."
     ),
     temperature: float | None = typer.Option(
-        None, help="Training T: topk:K, rand:M, q8/q4 are exact at it; sample:K draws at it (default 1, the paper's)."
+        None,
+        help="Training T the sparse codecs are made for: topk:K, rand:M, q8/q4 are exact at it; sample:K draws at it "
+        "(Anshumann et al.: 1) [1].",
     ),
     views: int = typer.Option(
         1, help="Augmented views per sample (seeded; 1 = the plain samples); each view's params are stored."
     ),
-    shard: str | None = typer.Option(None, help="I/N: samples i % N == I into OUT/shard-I-of-N (torchrun: rank)."),
+    shard: str | None = typer.Option(
+        None, help="I/N: samples i % N == I into OUT/shard-IIIII-of-NNNNN (torchrun: rank)."
+    ),
     by_reference: str | None = typer.Option(None, help="Send keys, not pixels: the dataset name on the server."),
-    batch_size: int = typer.Option(256),
+    batch_size: int = typer.Option(256, help="Samples per teacher forward (and per request to a server)."),
     commit_every: int = typer.Option(4096, help="Records per LMDB transaction (a kill loses at most these)."),
     feature: list[str] = typer.Option(
         [],
         help="Also store this teacher layer's output (fp16), or a statistic of it: LAYER@at, LAYER@fsp:OTHER, "
-        "LAYER@nst, LAYER@adain, LAYER@pool (kd/reductions.py). Repeatable.",
+        "LAYER@nst, LAYER@adain, LAYER@pool (kd/core/reductions.py). Repeatable.",
     ),
     pool_features: bool = typer.Option(False, help="Store features globally average-pooled."),
     device: str = typer.Option("cpu", help="Device for a local: teacher."),
@@ -917,10 +925,14 @@ def train(
     ),
     source: list[str] = typer.Option(
         [],
-        help="cache:PATH, server:HOST:PORT[/TEACHER] or local:SPEC (not needed for ce). "
+        help="cache:PATH, server:HOST:PORT[,HOST:PORT...][/TEACHER] or local:SPEC (not needed for ce). "
         "Repeat for several teachers, merged by --combiner.",
     ),
-    combiner: str = typer.Option("mean", help="How several sources' targets merge: see student_trainer/multi.py."),
+    combiner: str = typer.Option(
+        "mean",
+        help="How several sources' targets merge: mean (of probabilities), mean-logits, weighted, confidence, "
+        "ae-kd or 1909.08097 (student_trainer/multi.py).",
+    ),
     combiner_opt: list[str] = typer.Option([], help="Combiner option key=value (e.g. weights=[1,2]). Repeatable."),
     method: str = typer.Option("kd", help="A method from `kd methods`."),
     opt: list[str] = typer.Option([], "--opt", help="Method option key=value, e.g. --opt temperature=4. Repeatable."),
@@ -956,8 +968,8 @@ def train(
     ),
     codec: str = typer.Option("fp32", help="Codec of a cache created by --read-through."),
     prefetch: int = typer.Option(0, help="cache: source: read this many batches ahead in a thread (spare cores)."),
-    epochs: int = typer.Option(60),
-    batch_size: int = typer.Option(32),
+    epochs: int = typer.Option(60, help="Passes over the training set."),
+    batch_size: int = typer.Option(32, help="Samples per optimiser step (under torchrun: the global batch)."),
     lr: float = typer.Option(3e-3, help="Base learning rate (see --schedule, --warmup-epochs)."),
     weight_decay: float = typer.Option(0.0, help="Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
     optimizer: str = typer.Option("adam", help="adam, adamw, sgd or dot (DOT, split momenta)."),
@@ -982,8 +994,8 @@ def train(
     ),
     input_mean: str | None = typer.Option(None, help="The student's own per-channel mean (pixels in [0, 1])."),
     input_std: str | None = typer.Option(None, help="The student's own per-channel std."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("cpu"),
+    seed: int = typer.Option(0, help="Seed of the student's initial weights, each epoch's order and --subset's draw."),
+    device: str = typer.Option("cpu", help="Device of the student (and of a local: teacher): cpu, cuda or cuda:N."),
     out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
     run_dir: Path | None = typer.Option(
         None, help="Write config.json, metrics.csv and a checkpoint per epoch here (see `kd plot`)."
@@ -1286,9 +1298,9 @@ def evaluate_model(
         "or a teacher's SPEC as `kd serve` takes it).",
     ),
     dataset: str = typer.Option(..., help="Dataset URI of the evaluation split, e.g. imagefolder:DIR/val."),
-    batch_size: int = typer.Option(256),
+    batch_size: int = typer.Option(256, help="Samples per forward."),
     workers: int = typer.Option(0, help="DataLoader worker processes that decode the samples (0 = in this process)."),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", help="Device of the model: cpu, cuda or cuda:N."),
     input_size: int = typer.Option(0, help="The model's resolution, as `kd train --input-size` (0: the samples')."),
     input_mean: str | None = typer.Option(None, help="The model's per-channel mean, as `kd train --input-mean`."),
     input_std: str | None = typer.Option(None, help="The model's per-channel std, as `kd train --input-std`."),
@@ -1329,7 +1341,9 @@ def evaluate_model(
     print(json.dumps({"model": model, "dataset": data.dataset_id, "top1": acc.top1, "top5": top5, "n": acc.n}))
 
 
-@app.command()
+# short_help here and below: click ends the one-line summary of `kd --help` at the first word ending
+# in "." and listed "Compute Lopes et al." (likewise "QKD (Kim et al.").
+@app.command(short_help="Lopes et al.'s activation records of a teacher.")
 def records(
     teacher: str = typer.Option(..., help="The teacher as kd serve loads it: module:factory@WEIGHTS or local:SPEC."),
     out: Path = typer.Option(..., help="Records file to write (safetensors)."),
@@ -1344,7 +1358,7 @@ def records(
     rank: int = typer.Option(8, help="Principal directions kept per class and layer (the spectral record)."),
     batch_size: int = typer.Option(256, help="Samples per teacher forward."),
     workers: int = typer.Option(0, help="DataLoader worker processes that decode the samples (0 = in this process)."),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", help="Device of the teacher: cpu, cuda or cuda:N."),
 ) -> None:
     """Compute Lopes et al. activation records of a teacher on its real data, for `kd serve --records`."""
     from kd.core.data import open_source
@@ -1413,7 +1427,11 @@ def methods() -> None:
 
 
 @cache_app.command("info")
-def cache_info(path: Path) -> None:
+def cache_info(
+    path: Path = typer.Argument(
+        ..., help="The cache: a `kd precompute --out` directory, one environment or a directory of shards."
+    ),
+) -> None:
     """Print a cache's metadata, record count and size (a directory of shards counts as one)."""
     from kd.cache import CacheError
     from kd.cache.codecs import bytes_per_sample, covered_mass, index_bytes
@@ -1456,7 +1474,10 @@ def cache_info(path: Path) -> None:
 
 
 @cache_app.command("basis")
-def cache_basis(path: Path, out: Path) -> None:
+def cache_basis(
+    path: Path = typer.Argument(..., help="The pca:K cache (see below)."),
+    out: Path = typer.Argument(..., help="The basis file to write."),
+) -> None:
     """Save a pca:K cache's checked low-rank basis to OUT, for `kd precompute --basis OUT` (shards share it).
 
     PATH: one environment, or a directory of shards (the first shard present: the one a
@@ -1482,7 +1503,11 @@ def cache_basis(path: Path, out: Path) -> None:
 
 
 @cache_app.command("verify")
-def cache_verify(path: Path) -> None:
+def cache_verify(
+    path: Path = typer.Argument(
+        ..., help="The cache: a `kd precompute --out` directory, one environment or a directory of shards."
+    ),
+) -> None:
     """Check every record's checksum and the coverage; exit 1 on any problem."""
     from kd.cache import CacheError
     from kd.cache.sharded import open_cache
@@ -1505,7 +1530,9 @@ def cache_verify(path: Path) -> None:
 
 @cache_app.command("export")
 def cache_export(
-    path: Path,
+    path: Path = typer.Argument(
+        ..., help="The cache: a `kd precompute --out` directory, one environment or a directory of shards."
+    ),
     out: Path = typer.Option(..., help="Output file (.npz)."),
     to: str = typer.Option("npz", help="Format: npz."),
 ) -> None:
@@ -1777,7 +1804,7 @@ def datafree(
     ),
     steps: int = typer.Option(200, help="The method's rounds (generator/student rounds, synthesised batches)."),
     eval_every: int = typer.Option(0, help="Evaluate (one trainer epoch) every N rounds; 0: only at the end."),
-    batch_size: int = typer.Option(64),
+    batch_size: int = typer.Option(64, help="Synthetic samples per round."),
     generator_lr: float = typer.Option(1e-3, help="The generator's learning rate (it follows the schedule too)."),
     temperature: float = typer.Option(4.0, help="KD temperature on synthetic inputs."),
     lr: float = typer.Option(1e-3, help="The student's base learning rate (see --schedule, --warmup-epochs)."),
@@ -1792,8 +1819,8 @@ def datafree(
     amp: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast; fp16 with a grad scaler). CUDA; bf16 on CPU."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format (CUDA convnets)."),
     clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("cpu"),
+    seed: int = typer.Option(0, help="Seed of the student's and the generator's initial weights and of every draw."),
+    device: str = typer.Option("cpu", help="Device of the student: cpu, cuda or cuda:N."),
     out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
     run_dir: Path | None = typer.Option(None, help="Write the trainer's config.json and metrics.csv here."),
 ) -> None:
@@ -1853,7 +1880,7 @@ def onpolicy(
     student: str = typer.Option(..., help="module:factory[@WEIGHTS][?k=v] of the causal-LM student."),
     val_dataset: str | None = typer.Option(None, help="Held-out token dataset: perplexity, accuracy, divergence."),
     steps: int = typer.Option(100, help="Training steps (one batch of prompts each)."),
-    batch_size: int = typer.Option(8),
+    batch_size: int = typer.Option(8, help="Prompts (sequences) per step."),
     prompt_tokens: int = typer.Option(16, help="Prompt = a sample's first N tokens (instruction data: its prompt)."),
     max_new_tokens: int = typer.Option(32, help="Tokens the student samples per prompt (fewer at eos)."),
     temperature: float = typer.Option(1.0, help="The student's sampling temperature (0: greedy)."),
@@ -1863,9 +1890,9 @@ def onpolicy(
     scoring: str = typer.Option("logits", help="logits, topk (with --top-k) or logprobs (sampled-token reverse KL)."),
     top_k: int = typer.Option(0, help="scoring=topk: ids per position."),
     eval_prompts: int = typer.Option(64, help="Held-out prompts for the divergence before/after (0: skip)."),
-    lr: float = typer.Option(1e-3),
+    lr: float = typer.Option(1e-3, help="The student's base learning rate (see --schedule, --warmup-epochs)."),
     optimizer: str = typer.Option("adam", help="adam, adamw, sgd (the recipe's names, as `kd train`)."),
-    weight_decay: float = typer.Option(0.0),
+    weight_decay: float = typer.Option(0.0, help="Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
     momentum: float = typer.Option(0.9, help="sgd: momentum."),
     nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
     schedule: str = typer.Option(
@@ -1878,8 +1905,10 @@ def onpolicy(
     warmup_epochs: float = typer.Option(0.0, help="Linear warm-up over this many passes over --dataset."),
     amp: str = typer.Option("fp32", help="fp32, bf16 or fp16 autocast of the student."),
     clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("cpu"),
+    seed: int = typer.Option(
+        0, help="Seed of the student's initial weights (without @WEIGHTS), its sampling and the batch order."
+    ),
+    device: str = typer.Option("cpu", help="Device of the student: cpu, cuda or cuda:N."),
     out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
 ) -> None:
     """On-policy distillation (GKD / MiniLLM style): the student samples, the served teacher scores its tokens."""
@@ -1947,15 +1976,15 @@ def train_lm(
     student: str = typer.Option(..., help="module:factory[@WEIGHTS][?k=v] of the causal-LM student."),
     method: str = typer.Option("token-fkl", help="token-fkl, token-rkl, token-gjsd, token-tv or token-skl."),
     opt: list[str] = typer.Option([], "--opt", help="Method option key=value, e.g. --opt beta=0.5. Repeatable."),
-    epochs: int = typer.Option(1),
+    epochs: int = typer.Option(1, help="Passes over the token dataset."),
     batch_size: int = typer.Option(8, help="Sequences per micro-batch."),
     accumulate: int = typer.Option(1, help="Micro-batches per optimizer step, weighted by their token counts."),
     amp: str = typer.Option("fp32", help="fp32 or bf16 (autocast of the student's forward)."),
     optimizer: str = typer.Option("adam", help="adam, adamw or sgd."),
-    lr: float = typer.Option(1e-3),
-    weight_decay: float = typer.Option(0.0),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("cpu"),
+    lr: float = typer.Option(1e-3, help="The student's learning rate (constant)."),
+    weight_decay: float = typer.Option(0.0, help="Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
+    seed: int = typer.Option(0, help="Seed of the student's initial weights and the batch order."),
+    device: str = typer.Option("cpu", help="Device of the student: cpu, cuda or cuda:N."),
     out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
     server_topk: int = typer.Option(
         0,
@@ -2130,9 +2159,11 @@ def demo(
     seeds: int = typer.Option(3, help="Student seeds per setting."),
     epochs: int = typer.Option(300, help="Student epochs."),
     labeled: int = typer.Option(100, help="Training samples the student sees (the teacher sees the whole split)."),
-    teacher_epochs: int = typer.Option(40),
+    teacher_epochs: int = typer.Option(
+        40, help="Epochs of the teacher's cross-entropy training on the whole training split."
+    ),
 ) -> None:
-    """Serve a teacher, cache its soft targets, train students from kd.cache and server, print a table."""
+    """Serve a teacher, cache its soft targets, train students from the cache and the server, print a table."""
     from kd.demo import run_demo
 
     try:
@@ -2141,7 +2172,7 @@ def demo(
         _fail(str(e), code=1)
 
 
-@app.command()
+@app.command(short_help="Cheng et al. 2020's knowledge metrics of models.")
 def explain(
     out: Path = typer.Option(Path("explain-out"), help="Where results.json, a plot per model and checkpoints go."),
     demo_dir: Path | None = typer.Option(None, "--demo", help="A `kd demo --out` folder: retrain its models, explain."),
@@ -2159,7 +2190,7 @@ def explain(
     steps: int = typer.Option(300, help="Adam steps of the sigma optimisation."),
     samples: int = typer.Option(8, help="Noise draws per image and step."),
     layer: str | None = typer.Option(None, help="Module whose output is explained [the last Linear's input]."),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", help="Device of the models and the sigma optimisation: cpu, cuda or cuda:N."),
 ) -> None:
     """Cheng et al. 2020: visual concepts (N_fg, N_bg, lambda), D_mean, D_std and rho of models."""
     from kd.explain import METRICS, ExplainConfig, run_explain, table_rows
@@ -2188,7 +2219,7 @@ def _parse_options_pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
     return pairs
 
 
-@app.command()
+@app.command(short_help="QKD (Kim et al. 2019): an int8 student.")
 def qkd(
     teacher: str | None = typer.Option(
         None,
@@ -2214,8 +2245,8 @@ def qkd(
     temperature: float = typer.Option(2.0, "--temperature", "-T", help="KD temperature."),
     alpha: float = typer.Option(0.5, help="KD weight of the student's loss."),
     teacher_alpha: float = typer.Option(0.5, help="KD weight of the teacher's co-studying loss."),
-    batch_size: int = typer.Option(32),
-    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(32, help="Samples per step, in every phase."),
+    seed: int = typer.Option(0, help="Seed of the student's initial weights and the batch order."),
     backend: str = typer.Option("auto", help="Quantized CPU backend: auto, fbgemm, x86 or qnnpack."),
     skip_co_studying: bool = typer.Option(
         False, "--skip-co-studying", help="Skip co-studying when the teacher cannot be trained here (cache/server)."
@@ -2317,10 +2348,10 @@ def online(
     ),
     width: int = typer.Option(8, help="CNN width (8: each branch path is kd.models:digits_cnn_student)."),
     opt: list[str] = typer.Option([], "--opt", help="Method option key=value (e.g. temperature=3). Repeatable."),
-    batch_size: int = typer.Option(32),
-    lr: float = typer.Option(3e-3),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("cpu"),
+    batch_size: int = typer.Option(32, help="Samples per step."),
+    lr: float = typer.Option(3e-3, help="Learning rate (Adam) of every trained module."),
+    seed: int = typer.Option(0, help="Seed of the initial weights, the batch order and the --labeled draw."),
+    device: str = typer.Option("cpu", help="Device of the models: cpu, cuda or cuda:N."),
     run_dir: Path | None = typer.Option(None, help="Write config.json, metrics.csv, checkpoint.pt, online.json."),
     teacher: str | None = typer.Option(
         None,
@@ -2331,7 +2362,8 @@ def online(
         False, "--resume", help="Continue the run in --run-dir from its last checkpoint (every module and optimiser)."
     ),
 ) -> None:
-    """Online distillation (ONE, OKDDip, PCL, DCM, od-cheap, OEMC, HES, FRSKD): teachers train with the students."""
+    """Online distillation (ONE, OKDDip, PCL, DCM, od-cheap, OEMC, HES, FRSKD, DIST+): teachers train with
+    the students."""
     import torch
 
     from kd.student_trainer.online import train_online
@@ -2388,17 +2420,18 @@ def peer(
     port_file: Path | None = typer.Option(None, help="Write the own server's port here once serving."),
     publish_every: int = typer.Option(1, help="Publish the weights every N steps."),
     max_lag: int | None = typer.Option(
-        None, help="Bounded staleness: ask a peer again until its weights are at most this many steps old."
+        None,
+        help="Bounded staleness: ask a peer again until its weights are at most this many steps old [none: any age].",
     ),
     temperature: float = typer.Option(1.0, help="DML's temperature (the paper: 1)."),
-    dataset: str = typer.Option("digits"),
-    val_dataset: str = typer.Option("digits:test"),
+    dataset: str = typer.Option("digits", help="Training dataset URI (kd.core.data.open_source)."),
+    val_dataset: str = typer.Option("digits:test", help="Dataset URI this peer is evaluated on."),
     labeled: int | None = typer.Option(100, help="Train on this many samples (kd online's seeded draw)."),
-    epochs: int = typer.Option(150),
-    batch_size: int = typer.Option(32),
-    lr: float = typer.Option(3e-3),
+    epochs: int = typer.Option(150, help="Passes over the labelled samples."),
+    batch_size: int = typer.Option(32, help="Samples per step."),
+    lr: float = typer.Option(3e-3, help="Learning rate (Adam)."),
     seed: int = typer.Option(0, help="Batch order and labelled draw (the same for all peers)."),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", help="Device of this peer's model: cpu, cuda or cuda:N."),
     linger: float = typer.Option(3.0, help="After training, serve until no peer asked for this many seconds."),
     json_out: Path | None = typer.Option(None, "--json", help="Write this peer's results here."),
     save: Path | None = typer.Option(None, help="Save the last published weights (safetensors)."),
@@ -2414,7 +2447,7 @@ def peer(
     print(json.dumps(_call(run_peer, run)))
 
 
-@app.command()
+@app.command(short_help="GCN distillation with LSP (Yang et al. 2020).")
 def graph(
     seeds: int = typer.Option(3, help="Student seeds (CE and LSP students share each seed's initialisation)."),
     epochs: int = typer.Option(40, help="Student epochs."),
@@ -2477,7 +2510,7 @@ def multitask(
             json_out=json_out, result=res)  # fmt: skip
 
 
-@app.command()
+@app.command(short_help="Task distillation (Zhou et al. 2020).")
 def taskdistill(
     seeds: int = typer.Option(3, help="Seeds (each trains source model, proxy, target model and oracle)."),
     epochs: int = typer.Option(30, help="Epochs of every stage."),

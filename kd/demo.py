@@ -37,7 +37,7 @@ from kd.student_trainer.sources import CacheSource, ServerSource
 from kd.student_trainer.train import TrainConfig, seed_everything, train_student
 from kd.teacher_server.loading import Teacher, load_teacher, save_weights
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # each line whole in a log, as kd.cli's
 MODES = ("ce", "kd_cache", "kd_server")
 LABELS = {
     "ce": "student, cross-entropy only",

@@ -38,7 +38,7 @@ from kd.teacher_server.client import TeacherClient
 from kd.teacher_server.loading import load_teacher, save_weights
 from kd.teacher_server.records import compute_records, save_records
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # each line whole in a log, as kd.cli's
 RECORDED_LAYERS = ["logits", "pool", "layer2", "layer1"]
 # --quick (tests, smoke runs): a couple of steps with the inner loops cut to the bone.
 QUICK: dict[str, dict] = {

@@ -127,7 +127,14 @@ def check_output_width(
     """A ValueError naming both numbers when ``model`` (``what``) gives another number of outputs
     than ``source`` has classes: fewer, and labels fall outside its outputs (a wrong accuracy, or
     an IndexError at the first step); more, and it trains or is scored over classes the data has not."""
-    width = output_width(model, source, final=final, input_shape=input_shape)
+    try:
+        width = output_width(model, source, final=final, input_shape=input_shape)
+    except RuntimeError as e:  # samples the model cannot take: say so, not only torch's shape error
+        shape = list(source.get(torch.arange(1)).shape[1:])
+        raise ValueError(
+            f"{what} cannot take the samples of {source.dataset_id}, shaped {shape} ({e}); give the dataset "
+            "?shape= (or ?size=/mode=) to match the model's input"
+        ) from None
     classes = source.num_classes
     if width is None or width == classes:
         return

@@ -235,7 +235,7 @@ class CacheSource(SoftTargetSource):
             missing = [layer for layer in f.layers if layer not in stored]
             if missing or (pooled and f.reduction not in (None, "pool")):
                 raise ValueError(
-                    f"cache {self.name!r} does not store teacher feature {name!r}"
+                    f"cache {self.path!r} does not store teacher feature {name!r}"
                     + (f" (its layers {missing} are not stored)" if missing else " (its maps are stored pooled)")
                     + f"; stored: {sorted(stored) or 'none'}{' (pooled)' if pooled else ''}"
                 )

@@ -8,7 +8,7 @@ ways to load one:
 * ``hf:DIR[?task=causal-lm|masked-lm]``: a Hugging Face ``AutoModelForCausalLM`` /
   ``AutoModelForMaskedLM`` from a *local* directory (``config.json`` + safetensors
   weights; never a download, never ``trust_remote_code``, never a pickled
-  ``pytorch_model.bin``). Needs ``transformers`` (``pip install kd[lm]``). The task
+  ``pytorch_model.bin``). Needs ``transformers`` (``pip install -e '.[lm]'`` in kd's repository). The task
   comes from the config's ``architectures`` unless given.
 * ``module:factory[@WEIGHTS][?input_shape=-1&...]``: any module with that signature;
   ``input_shape=-1`` (or a model attribute ``input_shape = (-1,)``) marks it a token
@@ -158,7 +158,8 @@ def load_hf(directory: Path, task: str | None) -> tuple[nn.Module, str, int]:
         import transformers
     except ImportError:
         raise TeacherLoadError(
-            f"hf:{directory} needs the 'transformers' package: pip install 'kd[lm]' (or pip install transformers)"
+            f"hf:{directory} needs the 'transformers' package: pip install transformers "
+            "(or pip install -e '.[lm]' in kd's repository)"
         ) from None
     try:
         config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)

@@ -551,3 +551,12 @@ def test_evaluate_top1_top5_streams_over_a_source(tmp_path: Path) -> None:
     top = torch.tensor([i for i in range(n) if rank[i] == 0])
     sub = evaluate(Ranker(), src, indices=top, batch_size=2)
     assert (sub.n, sub.correct1) == (len(top), len(top))
+
+
+def test_hf_without_the_datasets_package_names_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    """hf: without `datasets` said "pip install 'kd[hf]'", which installs nothing of kd's (kd is installed
+    from its repository): the message names the package, and the extra as the repository spells it."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError, as when absent
+    with pytest.raises(data_mod.DatasetError) as e:
+        data_mod.open_source(f"hf:{tmp_path}")
+    assert "pip install datasets" in str(e.value) and "pip install -e '.[hf]'" in str(e.value), str(e.value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -202,7 +203,9 @@ def test_cache_with_the_full_map_computes_the_statistic_and_refuses_what_it_lack
     with CacheSource(str(tmp_path / "full")) as src:
         _, r = _student("at", src, epochs=1)
         assert math.isfinite(r.loss_per_epoch[0])
-        with pytest.raises(ValueError, match="does not store teacher feature 'layer1@at'"):
+        # The message names the cache's path (it once said "cache 'cache'", the source kind).
+        lacks = f"cache {str(tmp_path / 'full')!r} does not store teacher feature 'layer1@at'"
+        with pytest.raises(ValueError, match=re.escape(lacks)):
             _student("at", src, matches=("layer1=layer1",), epochs=1)
     with pytest.raises(ValueError, match="cannot be cached per sample"):
         precompute(TRAIN, LocalSource(cnn), tmp_path / "sp", features=["layer2@sp"], progress=False)

@@ -27,7 +27,7 @@ from kd.teacher_server.loading import load_teacher
 from kd.teacher_server.server import TeacherOptions, start_server
 from kd.v1 import teacher_pb2 as pb
 
-try:  # in the dev extras (and kd[lm]); the plain-module tests below run without it
+try:  # in the dev extras (and the lm extra); the plain-module tests below run without it
     import transformers
 except ImportError:  # pragma: no cover - a bare install
     transformers = None
@@ -39,7 +39,7 @@ LAYER = "transformer.h.0"
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     if transformers is None:
-        pytest.skip("transformers is not installed (pip install 'kd[lm]'); the plain token module tests still run")
+        pytest.skip("transformers is not installed (pip install transformers); the plain token module tests still run")
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=N_POS, n_embd=32, n_layer=2, n_head=2,
                                   bos_token_id=0, eos_token_id=0)  # fmt: skip
     torch.manual_seed(0)
@@ -623,7 +623,7 @@ def test_tokenizer_hash_is_over_the_files(hf_dir):
 
 def test_masked_lm_from_a_local_directory(tmp_path):
     if transformers is None:
-        pytest.skip("transformers is not installed (pip install 'kd[lm]')")
+        pytest.skip("transformers is not installed (pip install transformers)")
     cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                   intermediate_size=64, max_position_embeddings=40)  # fmt: skip
     torch.manual_seed(0)

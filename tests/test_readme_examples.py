@@ -71,3 +71,31 @@ def test_your_own_training_loop_example(tmp_path: Path, digits_cnn_spec, monkeyp
     fresh = type(student)(*[type(m)(m.in_features, m.out_features) if hasattr(m, "in_features") else m
                             for m in student])  # fmt: skip
     assert kl_to_teacher(student) < 0.5 * kl_to_teacher(fresh)
+
+
+def test_kd_cache_commands_as_written(tmp_path: Path, teacher, monkeypatch) -> None:
+    """The `### kd cache` block, each line through the CLI in this process (a subprocess per line would
+    cost seconds): info, verify, export and basis on the caches its paths name."""
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+    from kd.precompute import precompute
+    from kd.student_trainer.sources import LocalSource
+
+    [(lang, code)] = section_blocks("`kd cache`")
+    assert lang == "bash"
+    monkeypatch.chdir(tmp_path)
+    train = load_dataset("digits", "train")
+    precompute(train, LocalSource(teacher), "cache/digits", progress=False)
+    precompute(train, LocalSource(teacher), "cache/pca", codec="pca:8", progress=False)
+    lines = [line.split("  #")[0] for line in code.strip().splitlines()]
+    assert {shlex.split(line)[2] for line in lines} == {"info", "verify", "export", "basis"}, lines
+    outputs = {}
+    for line in lines:
+        argv = shlex.split(line)
+        assert argv[:2] == ["kd", "cache"], line
+        r = CliRunner().invoke(app, argv[1:])
+        assert r.exit_code == 0, f"{line}\n{r.output}"
+        outputs[argv[2]] = r.output
+    assert "1198/1198 records present, 0 problems" in outputs["verify"]
+    assert (tmp_path / "digits.npz").is_file() and (tmp_path / "basis.bin").is_file()

@@ -94,6 +94,10 @@ def test_readme_walkthrough_runs_start_to_finish(tmp_path: Path, monkeypatch: py
     n_train, n_val = CLASSES * TRAIN_PER_CLASS, CLASSES * VAL_PER_CLASS
     assert (tmp_path / "teacher.safetensors").is_file() and (tmp_path / "student.safetensors").is_file()
     assert f"serving on 127.0.0.1:{port}" in out
+    # The lines the README quotes, each whole on its own line: stderr is a pipe here, where rich once
+    # wrapped them at 80 columns ("... on cpu, \naccess white").
+    teacher_line = r"^teacher teacher fingerprint [0-9a-f]{16} input \[3, 8, 8\] classes 6 on cpu, access white$"
+    assert re.search(teacher_line, r.stderr, re.M), r.stderr[-3000:]
     assert f"wrote {n_train * 4}, skipped 0 already cached" in out  # every image x 4 views
     assert f"{n_train * 4}/{n_train * 4} records present, 0 problems" in out
     lines = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]

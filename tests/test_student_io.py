@@ -281,3 +281,18 @@ def test_a_cpu_checkpoint_holds_no_cuda_generators_and_one_that_does_still_resum
     train_student(resumed, train, test, config, subset=sub, run_dir=run, resume=True)
     for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_samples_the_student_cannot_take_are_named(tmp_path: Path, teacher_spec: str) -> None:
+    """Samples of another shape than the model takes (an RGB folder for a one-channel model): kd train
+    and kd evaluate name the samples' shape and the URI options that reshape them (before: only torch's
+    "error: RuntimeError: mat1 and mat2 shapes cannot be multiplied (24x8 and 64x16)")."""
+    rs = np.random.RandomState(0)
+    np.savez(tmp_path / "rgb.npz", x=rs.randint(0, 256, (20, 3, 8, 8)).astype(np.uint8), y=np.arange(20) % 10)
+    uri = f"npz:{tmp_path / 'rgb.npz'}"
+    spec = "kd.models:digits_student"
+    needles = ("cannot take the samples of rgb/train@", "shaped [3, 8, 8]", "give the dataset ?shape=")
+    args = ("--dataset", uri, "--val-dataset", uri, "--epochs", "1", "--run-dir", str(tmp_path / "run"))
+    refused(invoke("train", "--method", "ce", "--student", spec, *args), f"--student '{spec}'", *needles)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    refused(invoke("evaluate", "--model", teacher_spec, "--dataset", uri), f"--model '{teacher_spec}'", *needles)

@@ -83,7 +83,7 @@ from kd.student_trainer.sources import Batch, CacheSource, LocalSource, SoftTarg
 from kd.student_trainer.train import TrainConfig, seed_everything, train_student
 from kd.teacher_server.loading import Teacher, fingerprint, load_teacher
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # each line whole in a log, as kd.cli's
 
 # Byte and KL tables (C = 1000 and 32000).
 CODECS = ("fp32", "fp16", "bf16", "int8", "q8", "q4", "topk:3", "topk:10", "topk:20", "sample:4", "sample:8",

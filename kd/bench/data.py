@@ -74,7 +74,7 @@ from kd.student_trainer.soft_dataset import SoftTargetDataset
 from kd.student_trainer.sources import LocalSource
 from kd.teacher_server.loading import load_teacher
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # each line whole in a log, as kd.cli's
 CLASSES = 100
 
 

@@ -59,7 +59,7 @@ from rich.table import Table
 from kd.bench import report_console
 from kd.bench.serve import _device_name, default_threads
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # each line whole in a log, as kd.cli's
 
 TEACHER_NAME = "lm"
 HF_NAME = "gpt2"

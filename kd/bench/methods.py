@@ -76,7 +76,7 @@ from kd.student_trainer.sources import CacheSource, LocalSource, SoftTargetSourc
 from kd.student_trainer.train import TrainConfig, seed_everything, train_student
 from kd.teacher_server.loading import load_teacher, save_weights
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # each line whole in a log, as kd.cli's
 
 # The references every other method is compared with (always run).
 BASELINES = ("ce", "kd")

@@ -73,7 +73,7 @@ from kd.bench import report_console
 from kd.core.files import write_text_atomically
 from kd.core.signals import StopSignals
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # each line whole in a log, as kd.cli's
 
 TEACHER_NAME = "bench"
 DEFAULT_TEACHER = "kd.models:bench_teacher"
@@ -756,7 +756,8 @@ def triton_peer_problem() -> str | None:
     if not missing:
         return None
     return ("--peer triton needs " + " and ".join(missing) + "; nothing was measured. Install the extra "
-            "(pip install 'kd[triton]'); PyTriton 0.7 needs numpy < 2, so its server may run in another "
+            "(pip install nvidia-pytriton, or pip install -e '.[triton]' in kd's repository); PyTriton 0.7 "
+            "needs numpy < 2, so its server may run in another "
             f"interpreter with torch and kd ({TRITON_PYTHON_ENV}=PATH), whose lib directory the bench puts first "
             "on LD_LIBRARY_PATH for PyTriton's stub.")  # fmt: skip
 

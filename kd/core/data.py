@@ -278,7 +278,10 @@ def load_hf_split(root: Path, split: str = "train") -> Any:
     try:
         import datasets
     except ImportError:
-        raise DatasetError("hf: needs the 'datasets' package: pip install 'kd[hf]'") from None
+        # kd installs from its repository, not from PyPI ('kd[hf]' names no package of ours): name the package.
+        raise DatasetError(
+            "hf: needs the 'datasets' package: pip install datasets (or, in kd's repository, pip install -e '.[hf]')"
+        ) from None
     try:
         ds = datasets.load_from_disk(str(root))
     except FileNotFoundError as e:
