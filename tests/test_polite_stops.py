@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import Result
-from torch import nn
+from tiny_lm import BigramLM
 from typer.testing import CliRunner
 
 from kd.cache import CacheReader
@@ -39,32 +39,14 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
 VOCAB = 259  # the byte tokenizer's
 
 
-class BigramLM(nn.Module):
-    """A causal token model (each position sees itself and the one before): teacher and student."""
-
-    input_shape = (-1,)
-    max_length = 64
-
-    def __init__(self, dim: int, scale: float) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, dim)
-        self.prev = nn.Embedding(VOCAB, dim)
-        self.head = nn.Linear(dim, VOCAB)
-        self.scale = scale
-
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        prev = nn.functional.pad(self.prev(tokens)[:, :-1], (0, 0, 1, 0))
-        return self.head(torch.tanh(self.embed(tokens) + prev)) * self.scale
-
-
 def teacher_lm() -> BigramLM:
     torch.manual_seed(21)
-    return BigramLM(16, 3.0)
+    return BigramLM(16, 3.0, max_length=64)
 
 
 def student_lm() -> BigramLM:
     torch.manual_seed(22)
-    return BigramLM(8, 1.0)
+    return BigramLM(8, 1.0, max_length=64)
 
 
 TEACHER, STUDENT = f"{__name__}:teacher_lm", f"{__name__}:student_lm"

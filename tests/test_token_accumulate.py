@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from tiny_lm import BigramLM
 from torch import nn
 
 from kd.core.data import open_source
@@ -19,19 +20,6 @@ from kd.student_trainer.train import train_tokens
 
 VOCAB = 259
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-class BigramLM(nn.Module):
-    def __init__(self, dim: int = 8, scale: float = 2.0) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, dim)
-        self.prev = nn.Embedding(VOCAB, dim)
-        self.head = nn.Linear(dim, VOCAB)
-        self.scale = scale
-
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        prev = nn.functional.pad(self.prev(tokens)[:, :-1], (0, 0, 1, 0))
-        return self.head(torch.tanh(self.embed(tokens) + prev)) * self.scale
 
 
 @pytest.fixture(scope="module")

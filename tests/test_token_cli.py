@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from tiny_lm import BigramLM
 from typer.testing import CliRunner
 
 from kd.cache import CacheReader
@@ -23,21 +23,6 @@ from kd.teacher_server.loading import read_state_dict
 
 VOCAB = 259
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-class BigramLM(nn.Module):
-    input_shape = (-1,)  # a token teacher for kd serve / local:
-
-    def __init__(self, dim: int, scale: float) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, dim)
-        self.prev = nn.Embedding(VOCAB, dim)
-        self.head = nn.Linear(dim, VOCAB)
-        self.scale = scale
-
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        prev = nn.functional.pad(self.prev(tokens)[:, :-1], (0, 0, 1, 0))
-        return self.head(torch.tanh(self.embed(tokens) + prev)) * self.scale
 
 
 def teacher_lm() -> BigramLM:

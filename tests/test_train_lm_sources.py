@@ -13,6 +13,7 @@ import pytest
 import torch
 from cli_checks import refused
 from click.testing import Result
+from tiny_lm import BigramLM
 from torch import nn
 from typer.testing import CliRunner
 
@@ -23,23 +24,7 @@ from kd.student_trainer.train import train_tokens
 from kd.teacher_server.loading import load_teacher
 from kd.teacher_server.server import TeacherOptions, start_server
 
-VOCAB = 259  # the byte tokenizer's
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-class BigramLM(nn.Module):
-    input_shape = (-1,)  # a token module: kd serve / local: take it as a token teacher
-
-    def __init__(self, dim: int, scale: float, vocab: int = VOCAB) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.prev = nn.Embedding(vocab, dim)
-        self.head = nn.Linear(dim, vocab)
-        self.scale = scale
-
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        prev = nn.functional.pad(self.prev(tokens)[:, :-1], (0, 0, 1, 0))
-        return self.head(torch.tanh(self.embed(tokens) + prev)) * self.scale
 
 
 def teacher_lm() -> BigramLM:
