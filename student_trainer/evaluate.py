@@ -100,7 +100,7 @@ def output_width(
 ) -> int | None:
     """Outputs per sample of ``model`` on ``source``'s first sample, shaped as ``evaluate`` shapes
     it (None when the source is empty or the output is not [B, K]). One forward in eval mode (no
-    dropout, no BatchNorm statistics updated; the mode is restored), on the model's device."""
+    dropout; the mode is restored), on the model's device, that leaves every buffer as it was."""
     if len(source) == 0:
         return None
     param = next(model.parameters(), None)
@@ -108,11 +108,19 @@ def output_width(
     if param is not None:
         x = x.to(param.device)
     was_training = model.training
+    # Each module's buffers, put back after the forward: a QAT observer records in eval mode too (train_student
+    # runs this before every qkd phase, whose observers then started from this one sample's ranges).
+    buffers = [(m, dict(m._buffers)) for m in model.modules()]
+    for m, saved in buffers:
+        m._buffers.update({k: b.clone() for k, b in saved.items() if b is not None})
     model.eval()
     try:
-        logits = logits_of(model(model_input(x, final, input_shape).to(torch.float32)))
+        with torch.no_grad():
+            logits = logits_of(model(model_input(x, final, input_shape).to(torch.float32)))
     finally:
         model.train(was_training)
+        for m, saved in buffers:
+            m._buffers.update(saved)
     return int(logits.shape[1]) if logits.ndim == 2 else None
 
 

@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -498,6 +498,11 @@ class ServerSource(SoftTargetSource):
 
 def _member_facts(d: Any, dataset: str | None) -> dict[str, Any]:
     """What a ``ServerSource`` relies on in one member's description, by the name a refusal gives it."""
+    sig = d.signature
+    if sig is not None:
+        # Sorted: a protobuf map is decoded in an order of its own, another in each server process, and
+        # the facts are compared by repr (the same teacher in two kd serve processes was refused).
+        sig = replace(sig, extra=dict(sorted(sig.extra.items())))
     facts = {
         "teacher": d.name,
         "fingerprint": d.fingerprint,
@@ -506,7 +511,7 @@ def _member_facts(d: Any, dataset: str | None) -> dict[str, Any]:
         "class names": tuple(d.class_names),
         "input shape": tuple(d.input_shape),
         "input dtype": str(d.input_dtype).removeprefix("torch."),
-        "signature": d.signature,
+        "signature": sig,
     }
     if dataset is not None:  # by reference: the data each member reads for a key
         info = d.datasets.get(dataset)

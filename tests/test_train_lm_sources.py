@@ -184,3 +184,26 @@ def test_a_live_sources_next_targets_are_asked_while_the_student_trains(corpus) 
     plain = AskingSource(TEACHER, 0)
     assert train_tokens(student_lm(), data, plain, seed=RUN["seed"], **kw) == losses  # the same, bit for bit
     assert plain.threads == {threading.get_ident()} and plain.asked == source.asked
+
+
+def test_a_pool_of_server_processes_is_not_refused_for_the_order_of_its_signature_facts(served) -> None:
+    # A protobuf map comes off the wire in an order of its own (each kd serve process serialises the
+    # token teacher's signature facts in another), and the pool compared the members' signatures by
+    # their repr: two processes serving the same teacher were refused about one time in two. Here the
+    # second member's description is the first one's with its facts in the reverse order, as another
+    # process decodes it.
+    from dataclasses import replace
+
+    from kd.student_trainer.sources import _agreed_description
+    from kd.teacher_server.client import TeacherClient
+
+    with TeacherClient(served) as client:
+        desc = client.describe("lm")
+    sig = desc.signature
+    assert len(sig.extra) >= 2  # a token teacher's task, kind, vocab_size, ...
+    other = replace(desc, signature=replace(sig, extra=dict(reversed(list(sig.extra.items())))))
+    assert other.signature == sig and repr(other.signature) != repr(sig)  # the same facts in another order
+    assert _agreed_description([("a:1", desc), ("b:2", other)], None) is desc
+    changed = replace(desc, signature=replace(sig, extra={**sig.extra, "vocab_size": "300"}))
+    with pytest.raises(ValueError, match="serves different teachers.*signature.*'vocab_size': '300'"):
+        _agreed_description([("a:1", desc), ("b:2", changed)], None)
