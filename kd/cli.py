@@ -179,6 +179,11 @@ def _join_torchrun(device: str) -> tuple[str, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device, (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
     device = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    from kd.teacher_server.loading import device_problem
+
+    if problem := device_problem(device):  # cuda:LOCAL_RANK on a node with fewer GPUs than ranks
+        _fail(f"--device {problem} (torchrun rank {os.environ.get('RANK', '?')}, local rank "
+              f"{os.environ.get('LOCAL_RANK', '0')})")  # fmt: skip
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))  # NCCL's collectives run on the current device
     if not dist.is_initialized():

@@ -452,6 +452,16 @@ def _targets_ahead(plans: Iterator[tuple[int, int, list]], fetch: Callable[..., 
                     future.cancel()
 
 
+def _targets_kind(source: SoftTargetSource) -> str:
+    """What a token source's targets are, for a refusal: a cache's codec, a server's top-k, or logits."""
+    reader = getattr(source, "reader", None)
+    if reader is not None:
+        return f"cache {getattr(source, 'path', '')}, codec {reader.meta.codec}"
+    if getattr(source, "topk", 0):
+        return f"server top-{source.topk} at temperature {source.topk_temperature}"
+    return f"{source.name} logits"
+
+
 def _agreed_stop(signum: int | None, size: int, dev: torch.device) -> int | None:
     """A stop signal any rank got (torchrun forwards a SIGTERM to every rank, each sees it at another
     moment): every rank stops before the same step instead of one leaving the others in an all-reduce."""
@@ -1257,6 +1267,21 @@ def train_tokens(
         raise ValueError(f"{train.dataset_id}: no token is a prediction target (every position is padding or a "
                          "prompt, or the block cuts each document before its targets), so there is nothing to "
                          "distil")  # fmt: skip
+    # The loss once on the source's targets of one sequence that holds a target (against uniform
+    # student logits), before the student trains: what the targets cannot serve is refused now, not at
+    # the first step (a divergence that sampled counts do not estimate, another temperature than the
+    # one a sparse cache or a server's top-k was made at).
+    probe_idx = torch.arange(lo, min(lo + batch_size, len(train)))
+    probe_labels = next_token_labels(b.tokens, b.loss_mask)
+    first = int(torch.nonzero(token_mask(probe_labels).any(dim=1))[0])
+    one = probe_idx[first : first + 1]
+    probe = train.batch(one)
+    probe_targets = source.token_targets(one, probe.tokens, probe.attention_mask)
+    try:
+        loss_fn(torch.zeros(*probe.tokens.shape, source.num_classes), probe_targets,
+                next_token_labels(probe.tokens, probe.loss_mask), **(method_options or {}))  # fmt: skip
+    except ValueError as e:
+        raise ValueError(f"{method} on these targets ({_targets_kind(source)}): {e}") from None
     dev = torch.device(device)
     student.to(dev).train()
     rank, size = world()

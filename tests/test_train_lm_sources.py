@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -141,13 +142,13 @@ class AskingSource(LocalSource):
         super().__init__(spec)
         self.token_targets_ahead = ahead
         self.asked = 0
-        self.threads: set[int] = set()
+        self.threads: Counter[int] = Counter()
         self.cond = threading.Condition()
 
     def token_targets(self, indices, tokens, attention_mask):
         with self.cond:
             self.asked += 1
-            self.threads.add(threading.get_ident())
+            self.threads[threading.get_ident()] += 1
             self.cond.notify_all()
         return super().token_targets(indices, tokens, attention_mask)
 
@@ -164,7 +165,8 @@ class Observing(nn.Module):
     def forward(self, tokens, attention_mask=None):
         if self.training:
             epoch, k = divmod(self.forwards, self.per_epoch)
-            want = epoch * self.per_epoch + min(k + 2, self.per_epoch)
+            # 1: train_tokens asks for one sequence's targets before any step (its check of the loss)
+            want = 1 + epoch * self.per_epoch + min(k + 2, self.per_epoch)
             with self.source.cond:
                 self.ahead_seen.append(self.source.cond.wait_for(lambda: self.source.asked >= want, timeout=10))
             self.forwards += 1
@@ -180,10 +182,10 @@ def test_a_live_sources_next_targets_are_asked_while_the_student_trains(corpus) 
     student = Observing(student_lm(), source, per_epoch)
     losses = train_tokens(student, data, source, seed=RUN["seed"], **kw)
     assert student.forwards == per_epoch * RUN["epochs"] and all(student.ahead_seen), student.ahead_seen
-    assert threading.get_ident() not in source.threads  # asked on the thread, not the loop's
+    assert source.threads[threading.get_ident()] == 1  # the check before any step; the rest on the thread
     plain = AskingSource(TEACHER, 0)
     assert train_tokens(student_lm(), data, plain, seed=RUN["seed"], **kw) == losses  # the same, bit for bit
-    assert plain.threads == {threading.get_ident()} and plain.asked == source.asked
+    assert plain.threads == {threading.get_ident(): source.asked} and plain.asked == source.asked
 
 
 def test_a_pool_of_server_processes_is_not_refused_for_the_order_of_its_signature_facts(served) -> None:
@@ -207,3 +209,19 @@ def test_a_pool_of_server_processes_is_not_refused_for_the_order_of_its_signatur
     changed = replace(desc, signature=replace(sig, extra={**sig.extra, "vocab_size": "300"}))
     with pytest.raises(ValueError, match="serves different teachers.*signature.*'vocab_size': '300'"):
         _agreed_description([("a:1", desc), ("b:2", changed)], None)
+
+
+def test_losses_the_targets_cannot_serve_are_refused_before_any_step(corpus, tmp_path: Path) -> None:
+    """A sample:K cache holds drawn counts: only forward KL is estimated without bias from them, and
+    only at the temperature they were drawn at. Refused before the student trains, naming the cache."""
+    cache = tmp_path / "s8"
+    r = cli("precompute", "--source", f"local:{TEACHER}", "--dataset", corpus["train"], "--codec", "sample:8",
+            "--out", str(cache))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    base = ["train-lm", "--source", f"cache:{cache}", "--dataset", corpus["train"], "--val-dataset", corpus["val"],
+            "--student", STUDENT, "--out", str(tmp_path / "s.safetensors")]  # fmt: skip
+    refused(cli(*base, "--method", "token-rkl"), "token-rkl on these targets", "codec sample:8",
+            "not estimated without bias")  # fmt: skip
+    refused(cli(*base, "--opt", "temperature=2"), "token-fkl on these targets", "drawn at temperature 1.0")
+    assert not (tmp_path / "s.safetensors").exists()
+    assert cli(*base, "--epochs", "1").exit_code == 0  # forward KL at the cache's temperature trains

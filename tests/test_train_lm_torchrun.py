@@ -102,8 +102,12 @@ def test_two_torchrun_ranks_train_lm_as_one_process(tmp_path: Path, corpus) -> N
     assert two.returncode == 0, (two.stdout[-2000:], two.stderr[-3000:])
     # Each rank asked the teacher for its slice only: together, the rows and tokens of one process.
     after = _asked(corpus)
-    assert middle[0] - before[0] == 2 * 23  # two epochs
-    assert (after[0] - middle[0], after[1] - middle[1]) == (middle[0] - before[0], middle[1] - before[1])
+    # Two epochs of every sequence, plus the first sequence once per process: train_tokens' check of the
+    # loss on the targets before any step.
+    lengths = open_source(corpus[1]).batch(torch.arange(23)).attention_mask.sum(dim=1)
+    epoch_tokens, first = int(lengths.sum()), int(lengths[0])
+    assert (middle[0] - before[0], middle[1] - before[1]) == (2 * 23 + 1, 2 * epoch_tokens + first)
+    assert (after[0] - middle[0], after[1] - middle[1]) == (2 * 23 + 2, 2 * epoch_tokens + 2 * first)
     a, b = read_state_dict(tmp_path / "one.safetensors"), read_state_dict(tmp_path / "two.safetensors")
     import ddplm
 
