@@ -91,12 +91,19 @@ def evaluate(
 
 
 @torch.no_grad()
+def _first(source: SampleSource, view: bool) -> torch.Tensor:
+    """The first sample as a batch of one: its view 0 (``view``), as the trainer reads views, or as stored."""
+    idx = torch.arange(1)
+    return source.get(idx, torch.zeros(1, dtype=torch.long)) if view else source.get(idx)
+
+
 def output_width(
     model: nn.Module,
     source: SampleSource,
     *,
     final: Callable[[torch.Tensor], torch.Tensor] | None = None,
     input_shape: Sequence[int] | None = None,
+    view: bool = False,
 ) -> int | None:
     """Outputs per sample of ``model`` on ``source``'s first sample, shaped as ``evaluate`` shapes
     it (None when the source is empty or the output is not [B, K]). One forward in eval mode (no
@@ -104,7 +111,7 @@ def output_width(
     if len(source) == 0:
         return None
     param = next(model.parameters(), None)
-    x = source.get(torch.arange(1))
+    x = _first(source, view)
     if param is not None:
         x = x.to(param.device)
     was_training = model.training
@@ -131,14 +138,17 @@ def check_output_width(
     *,
     final: Callable[[torch.Tensor], torch.Tensor] | None = None,
     input_shape: Sequence[int] | None = None,
+    view: bool = False,
 ) -> None:
     """A ValueError naming both numbers when ``model`` (``what``) gives another number of outputs
     than ``source`` has classes: fewer, and labels fall outside its outputs (a wrong accuracy, or
-    an IndexError at the first step); more, and it trains or is scored over classes the data has not."""
+    an IndexError at the first step); more, and it trains or is scored over classes the data has not.
+    ``view``: the model trains on the source's views (``--views``), so it is probed on the first one,
+    as the trainer's batches give it, not on the stored sample (another size under a crop policy)."""
     try:
-        width = output_width(model, source, final=final, input_shape=input_shape)
+        width = output_width(model, source, final=final, input_shape=input_shape, view=view)
     except RuntimeError as e:  # samples the model cannot take: say so, not only torch's shape error
-        shape = list(source.get(torch.arange(1)).shape[1:])
+        shape = list(_first(source, view).shape[1:])
         raise ValueError(
             f"{what} cannot take the samples of {source.dataset_id}, shaped {shape} ({e}); give the dataset "
             "?shape= (or ?size=/mode=) to match the model's input"

@@ -666,8 +666,8 @@ def train_student(
     # only in kd train: a student with fewer outputs than the data's classes failed at its first step (or
     # trained on the labels it has), one with more trained and was scored over classes the data has not.
     data = train if train is not None else test
-    if data is not None:
-        check_output_width(student, data, "the student", final=final)
+    if data is not None:  # on what the loop feeds: a training view under --views
+        check_output_width(student, data, "the student", final=final, view=config.views > 1 and data is train)
     dev = torch.device(config.device)
     subset = torch.arange(0 if train is None else len(train)) if subset is None else subset
     rank, size = world()

@@ -183,7 +183,9 @@ def test_the_student_trains_at_its_own_resolution_from_the_cache_and_the_server(
     for other in (from_ref, from_value):  # the same targets, so the same student
         for a, b in zip(from_cache.parameters(), other.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    with pytest.raises(RuntimeError):  # without its Final the student meets 32x32 views and cannot take them
+    # Without its Final the student meets 32x32 views and cannot take them: refused before any step,
+    # probed on a training view (the stored 40x40 sample is not what the loop feeds).
+    with pytest.raises(ValueError, match=r"cannot take the samples .* shaped \[3, 32, 32\]"):
         _student_sees(world, CacheSource(str(world["caches"]["local"])), input_size=0)
 
 
