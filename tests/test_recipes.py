@@ -371,7 +371,9 @@ def test_trains_from_any_sample_source_as_from_the_dataset() -> None:
     src_train, src_test = _Source(TRAIN), _Source(TEST)
     ra = train_student(a, src_train, src_test, cfg, subset=SUB)
     rb = train_student(b, TRAIN, TEST, cfg, subset=SUB)
-    assert src_train.gets == 10 and src_test.gets == 2  # 5 batches x 2 epochs; 1 eval batch x 2
+    # 5 batches x 2 epochs, + 1: the output-width check's probe of the first sample before any step;
+    # 1 eval batch x 2
+    assert src_train.gets == 11 and src_test.gets == 2
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
     assert ra.acc_per_epoch == rb.acc_per_epoch
