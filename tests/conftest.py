@@ -17,7 +17,13 @@ from kd.models import digits_teacher
 from kd.teacher_server.loading import Teacher, load_teacher
 from kd.teacher_server.server import BatchingOptions, RunningServer, start_server
 
-torch.set_num_threads(2)
+# One intra-op thread in the test process and (OMP_NUM_THREADS, unless the caller set it) in every
+# process a test starts: the models are tiny (digits MLPs and CNNs, batches of 2 to 256), where a
+# second OpenMP thread buys nothing and, on the shared 2-core CI machine, costs up to 10x (a forward
+# of digits_cnn: 4 ms on one thread, 61 ms on two while other processes hold the cores). The same
+# count on both sides also keeps in-process and subprocess results computed alike.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # kd's per-user metadata (file manifests, webdataset indexes, token sidecars) goes to a directory of
 # this run, for the tests and every process they start: none is read from or left in ~/.cache/kd,

@@ -8,11 +8,13 @@ invariant. A method declared otherwise fails here."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from kd.bench.methods import FEATURE_MATCHES, _feature_options
-from kd.core.data import load_dataset
+from kd.core.data import Dataset, load_dataset
 from kd.models import digits_cnn, digits_cnn_student
 from kd.student_trainer.losses import METHODS, FeatureMethod
 from kd.student_trainer.sources import Batch, LocalSource
@@ -93,10 +95,15 @@ def cnn(tmp_path_factory: pytest.TempPathFactory) -> Teacher:
     return load_teacher("cnn", f"kd.models:digits_cnn@{path}")
 
 
+@functools.cache
+def _digits_train() -> Dataset:
+    return load_dataset("digits", "train")  # only read below (samples, labels): loaded once, not for every case
+
+
 def _feature_loss(name: str, options: dict[str, object], teacher: Teacher):
     """The loss the training loop computes for a feature method (``_FeaturePlan.loss``: connectors,
     the teacher side of each match, the common terms), in float64, on one batch of the CNN pair."""
-    train = load_dataset("digits", "train")
+    train = _digits_train()
     method = METHODS[name]
     opts = {**_feature_options(name), **options}
     config = TrainConfig(method=name, matches=list(FEATURE_MATCHES[name]), method_options=opts, epochs=EPOCHS,
