@@ -1069,32 +1069,22 @@ def train(
     from kd.student_trainer.losses import logit_offsets_refusal, sparse_refusal
     from kd.student_trainer.sources import server_topk_lost, server_topk_sparse
 
-    # What the flags alone say the targets lose, refused before any source is opened (a read-through
-    # would create its cache first); a cache: source's codec is read from its metadata below.
-    lost_by_flags = []
-    if server_topk > 0 and any(ref.startswith("server:") for ref in source):
-        lost_by_flags.append(server_topk_lost(server_topk))
-    if read_through is not None and logit_offsets_lost(codec) is not None:
-        lost_by_flags.append(f"the read-through cache: {logit_offsets_lost(codec)}")
-    for lost in lost_by_flags:
-        refusal = logit_offsets_refusal(method, _parse_options(opt), lost, list(match))
-        if refusal is not None:
-            _fail(refusal)
     if server_topk < 0:
         _fail(f"--server-topk {server_topk}: needs K >= 1")
     if server_topk and not _get_method(method).needs_teacher:
         _fail(f"--server-topk {server_topk}: method {method!r} reads no teacher targets")
-    # Sparse targets the flags alone announce, refused for a method that needs dense logits before any
-    # source is opened, as above (a cache: source's codec is checked by train_student from its metadata).
-    sparse_by_flags = []
-    if server_topk > 0 and any(ref.startswith("server:") for ref in source):
-        sparse_by_flags.append(server_topk_sparse(server_topk))
-    if read_through is not None and sparse_targets_of(codec) is not None:
-        sparse_by_flags.append(f"the read-through cache: {sparse_targets_of(codec)}")
-    for sparse in sparse_by_flags:
-        refusal = sparse_refusal(method, _parse_options(opt), sparse, list(match))
-        if refusal is not None:
-            _fail(refusal)
+    # What the flags alone say of the targets, refused before any source is opened (a read-through
+    # would create its cache first): lost logit offsets for a method that reads absolute logits, sparse
+    # targets for one that needs dense logits. A cache: source's codec is read from its metadata later.
+    asks_topk = server_topk > 0 and any(ref.startswith("server:") for ref in source)
+    for refuse, of_server, of_codec in ((logit_offsets_refusal, server_topk_lost, logit_offsets_lost),
+                                        (sparse_refusal, server_topk_sparse, sparse_targets_of)):  # fmt: skip
+        said = [of_server(server_topk)] if asks_topk else []
+        if read_through is not None and of_codec(codec) is not None:
+            said.append(f"the read-through cache: {of_codec(codec)}")
+        for what in said:
+            if (refusal := refuse(method, _parse_options(opt), what, list(match))) is not None:
+                _fail(refusal)
     # Only a server: source asks for top-K (next to the model): a cache holds what it was made with
     # (its codec; a read-through's upstream follows the cache's codec) and a local: teacher gives all
     # C logits, so --server-topk with neither a server: source would be dropped without a word.
