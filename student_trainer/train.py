@@ -311,8 +311,7 @@ def world() -> tuple[int, int]:
 def _my_part(batch: Batch, rank: int, size: int) -> Batch:
     """This rank's contiguous slice of a global batch (the last slices may be smaller)."""
     n = len(batch.indices)
-    per = -(-n // size)
-    sl = slice(min(rank * per, n), min((rank + 1) * per, n))
+    sl = _rank_slice(n, rank, size)
     views = None if batch.views is None else batch.views[sl]
     return Batch(batch.indices[sl], batch.inputs[sl], batch.labels[sl], views, n)
 
@@ -378,7 +377,8 @@ def student_identity(student: nn.Module) -> dict:
 
 
 def _rank_slice(n: int, rank: int, size: int) -> slice:
-    """This rank's contiguous slice of ``n`` rows (``_my_part``'s split; the last slices may be empty)."""
+    """This rank's contiguous slice of ``n`` rows (a global batch's, or a token step's micro-batch):
+    ceil(n / size) each, so the last slices may be smaller or empty."""
     per = -(-n // size)
     return slice(min(rank * per, n), min((rank + 1) * per, n))
 
@@ -1229,7 +1229,6 @@ def train_tokens(
     all-reduce (no DistributedDataParallel: its fixed backward count per step would hang the ranks
     on an uneven step), and a diverged loss on any rank stops every rank at the same step.
 
-
     ``stop() -> signal number or None`` is asked before every optimizer step (a SIGTERM handler's
     record): once it answers, ``kd.core.signals.Stopped`` is raised there, the student left as the
     last whole step made it (there is no checkpoint to resume from); under torchrun the ranks agree
@@ -1260,26 +1259,26 @@ def train_tokens(
     # learn from or to average the loss over. Refused before the student is touched; the scan stops
     # at the first batch that holds a target (normally the first).
     for lo in range(0, len(train), batch_size):
-        b = train.batch(torch.arange(lo, min(lo + batch_size, len(train))))
-        if bool(token_mask(next_token_labels(b.tokens, b.loss_mask)).any()):
+        idx = torch.arange(lo, min(lo + batch_size, len(train)))
+        b = train.batch(idx)
+        labels = next_token_labels(b.tokens, b.loss_mask)
+        holds = token_mask(labels).any(dim=1)
+        if bool(holds.any()):
             break
     else:
         raise ValueError(f"{train.dataset_id}: no token is a prediction target (every position is padding or a "
                          "prompt, or the block cuts each document before its targets), so there is nothing to "
                          "distil")  # fmt: skip
-    # The loss once on the source's targets of one sequence that holds a target (against uniform
-    # student logits), before the student trains: what the targets cannot serve is refused now, not at
-    # the first step (a divergence that sampled counts do not estimate, another temperature than the
-    # one a sparse cache or a server's top-k was made at).
-    probe_idx = torch.arange(lo, min(lo + batch_size, len(train)))
-    probe_labels = next_token_labels(b.tokens, b.loss_mask)
-    first = int(torch.nonzero(token_mask(probe_labels).any(dim=1))[0])
-    one = probe_idx[first : first + 1]
-    probe = train.batch(one)
-    probe_targets = source.token_targets(one, probe.tokens, probe.attention_mask)
+    # The loss once on the source's targets of one sequence that holds a target (the first of the batch
+    # just read; against uniform student logits), before the student trains: what the targets cannot
+    # serve is refused now, not at the first step (a divergence that sampled counts do not estimate,
+    # another temperature than the one a sparse cache or a server's top-k was made at).
+    first = int(holds.nonzero()[0])
+    row = slice(first, first + 1)
+    probe_targets = source.token_targets(idx[row], b.tokens[row], b.attention_mask[row])
     try:
-        loss_fn(torch.zeros(*probe.tokens.shape, source.num_classes), probe_targets,
-                next_token_labels(probe.tokens, probe.loss_mask), **(method_options or {}))  # fmt: skip
+        loss_fn(torch.zeros(*b.tokens[row].shape, source.num_classes), probe_targets, labels[row],
+                **(method_options or {}))  # fmt: skip
     except ValueError as e:
         raise ValueError(f"{method} on these targets ({_targets_kind(source)}): {e}") from None
     dev = torch.device(device)
