@@ -7,7 +7,7 @@ VENV  ?= .venv
 TORCH ?= torch==2.13.0
 BIN   := $(VENV)/bin
 
-.PHONY: demo test lint protos clean
+.PHONY: demo test lint protos clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,15 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# The wheels .ci/gpu-check installs on a GPU machine with no network (its torch kept): kd's
+# packages that such a machine's image lacks or has too old, for its Python (GPU_PY).
+GPU_PY ?= 3.12
+GPU_WHEELS ?= grpcio==1.85.4 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 lmdb==3.0.0
+gpu-wheels:
+	for w in $(GPU_WHEELS); do $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl $$w || exit 1; done
 
 protos: $(VENV)/.installed
 	$(BIN)/python -m kd.protogen

@@ -180,3 +180,47 @@ def test_resuming_a_dropout_student_on_cuda_continues_the_cuda_generator(tmp_pat
     train_student(resumed, train, test, config, subset=sub, run_dir=run, resume=True)
     for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def teacher_lm() -> torch.nn.Module:
+    from tiny_lm import BigramLM
+
+    torch.manual_seed(41)
+    return BigramLM(16, 3.0)
+
+
+def student_lm() -> torch.nn.Module:
+    from tiny_lm import BigramLM
+
+    torch.manual_seed(42)
+    return BigramLM(8, 1.0)
+
+
+def lm_losses(corpus: str, device: str, topk: int) -> list[float]:
+    """``train_tokens`` of a student on ``device`` from a token teacher served on ``device``
+    (full logits, or the top-k at T = 2 made next to the model: [batch, seq, vocab] outputs)."""
+    from kd.core.data import open_source
+    from kd.student_trainer.sources import ServerSource
+    from kd.student_trainer.train import train_tokens
+
+    running = start_server(
+        [load_teacher("lm", f"{__name__}:teacher_lm", device=device)],
+        batching=TeacherOptions(max_batch_tokens=512, max_batch_size=8, warmup=False),
+    )
+    try:
+        with ServerSource(f"127.0.0.1:{running.port}", "lm", topk=topk, temperature=2.0) as source:
+            return train_tokens(student_lm(), open_source(corpus), source, method="token-fkl", epochs=2,
+                                batch_size=4, lr=0.03, seed=5, method_options={"temperature": 2.0},
+                                device=device)  # fmt: skip
+    finally:
+        running.stop(grace=1)
+
+
+@pytest.mark.parametrize("topk", [0, 8])
+def test_a_token_teacher_served_on_cuda_trains_a_cuda_student_as_the_cpu_does(tmp_path, topk: int) -> None:
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(f"line {i}: the cat sat on the mat"[: 9 + 2 * i] for i in range(12)) + "\n")
+    corpus = f"text:{text}?doc=line&pack=0&block=32"
+    cpu, gpu = lm_losses(corpus, "cpu", topk), lm_losses(corpus, "cuda", topk)
+    assert len(gpu) == 2
+    assert gpu == pytest.approx(cpu, rel=1e-4)  # fp32 both; kernels sum in another order
