@@ -2066,10 +2066,14 @@ def train_lm(
     _check_saveable(model, out)
     t0 = time.perf_counter()
 
+    validated: list = []  # the last epoch's metrics: the trained student's (train_tokens ends with that epoch)
+
     def validate(epoch: int, loss: float) -> None:
-        if rank != 0:  # the ranks hold the same weights: one validation, one line
+        # Under torchrun every rank validates its share of the split (the same weights), rank 0 prints.
+        m = evaluate_tokens(model, val_data, batch_size=batch_size, device=device, across_ranks=True)
+        validated[:] = [m]
+        if rank != 0:
             return
-        m = evaluate_tokens(model, val_data, batch_size=batch_size, device=device)
         console.print(f"epoch {epoch + 1}: loss {loss:.4f}, val perplexity {m.perplexity:.3f}, "
                       f"next-token accuracy {m.accuracy:.4f}", highlight=False)  # fmt: skip
 
@@ -2095,7 +2099,7 @@ def train_lm(
         dist.destroy_process_group()
     if rank != 0:
         return
-    metrics = evaluate_tokens(model, val_data, batch_size=batch_size, device=device)
+    metrics = validated[0] if validated else evaluate_tokens(model, val_data, batch_size=batch_size, device=device)
     if out is not None:
         _save_student(model, out)
     result = {"method": method, "source": source, "dataset": train_data.dataset_id, "val_dataset": val_data.dataset_id,

@@ -24,22 +24,29 @@ from kd.teacher_server.loading import load_teacher, read_state_dict
 from kd.teacher_server.server import TeacherOptions, start_server
 
 # Teacher and student the torchrun ranks import by name: a module the test writes next to the corpus.
+# The student notes the rows it runs in eval mode (validation) in eval-RANK.txt beside the module.
 MODELS = """
+import os
 import torch
 from torch import nn
 
 class BigramLM(nn.Module):
     input_shape = (-1,)
 
-    def __init__(self, dim, scale, seed):
+    def __init__(self, dim, scale, seed, notes=False):
         super().__init__()
         torch.manual_seed(seed)
         self.embed = nn.Embedding(259, dim)
         self.prev = nn.Embedding(259, dim)
         self.head = nn.Linear(dim, 259)
         self.scale = scale
+        self.notes = notes
 
     def forward(self, tokens, attention_mask=None):
+        if self.notes and not self.training:
+            name = f"eval-{os.environ.get('RANK', 'solo')}.txt"
+            with open(os.path.join(os.path.dirname(__file__), name), "a") as f:
+                f.write(f"{len(tokens)}\\n")
         prev = nn.functional.pad(self.prev(tokens)[:, :-1], (0, 0, 1, 0))
         return self.head(torch.tanh(self.embed(tokens) + prev)) * self.scale
 
@@ -47,7 +54,7 @@ def teacher():
     return BigramLM(12, 2.0, 31)
 
 def student():
-    return BigramLM(6, 1.0, 32)
+    return BigramLM(6, 1.0, 32, notes=True)
 """
 
 
@@ -118,8 +125,17 @@ def test_two_torchrun_ranks_train_lm_as_one_process(tmp_path: Path, corpus) -> N
         # The ranks sum their slices' gradients in another order than one process sums its tokens,
         # and the server batches their rows otherwise: equal to float32 rounding.
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
-    # Rank 0 alone validates, prints and saves: one line per epoch, one result.
+    # Rank 0 alone prints and saves: one line per epoch, one result; each validation is shared by the
+    # ranks (each runs its half of the split: none waits in a collective while another validates),
+    # and the result reuses the last epoch's (the same weights: not a third pass).
     assert two.stderr.count("epoch 1:") == 1 and two.stderr.count("epoch 2:") == 1, two.stderr[-3000:]
+    rows = {
+        name: sum(int(n) for n in (corpus[0] / f"eval-{name}.txt").read_text().split()) for name in ("solo", "0", "1")
+    }
+    assert rows == {"solo": 2 * 23, "0": 2 * 12, "1": 2 * 11}
+    for line in ("epoch 1:", "epoch 2:"):
+        ppl = [float(o.split(line)[1].split("val perplexity ")[1].split(",")[0]) for o in (one.output, two.stderr)]
+        assert ppl[1] == pytest.approx(ppl[0], rel=1e-3), line  # printed to 3 decimals
     assert two.stdout.count('"losses"') == 1, two.stdout
     ra, rb = json.loads(one.stdout.strip().splitlines()[-1]), json.loads(two.stdout.strip().splitlines()[-1])
     assert rb["losses"] == pytest.approx(ra["losses"], rel=1e-5)

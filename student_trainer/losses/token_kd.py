@@ -298,21 +298,42 @@ def next_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate_tokens(
-    model: torch.nn.Module, source: TokenSource, *, batch_size: int = 16, device: str | torch.device = "cpu"
+    model: torch.nn.Module,
+    source: TokenSource,
+    *,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    across_ranks: bool = False,
 ) -> TokenMetrics:
     """Perplexity and next-token accuracy of a causal LM on every sample of ``source`` (a
     validation split), counting only loss-mask tokens. ``model(tokens)`` returns logits
     ``[B, S, V]`` (or an object with ``.logits``); padding is on the right, so a causal
-    model's real positions never see it."""
+    model's real positions never see it.
+
+    ``across_ranks`` (every rank of an initialised ``torch.distributed`` group calls it, with the
+    same weights): each rank runs its contiguous share of the samples (ceil(n / world) each) and
+    the sums are all-reduced, so every rank returns the whole split's metrics in 1/world of the
+    time, and no rank sits in its next collective while another validates alone (a validation
+    longer than the group's timeout, NCCL's 10 minutes by default, would end the run)."""
+    import torch.distributed as dist
+
+    lo, hi, world = 0, len(source), 1
+    if across_ranks and dist.is_available() and dist.is_initialized():
+        world, per = dist.get_world_size(), -(-len(source) // dist.get_world_size())
+        lo, hi = min(dist.get_rank() * per, hi), min((dist.get_rank() + 1) * per, hi)
     was_training = model.training
     model.eval()
     metrics = TokenMetrics()
     try:
-        for lo in range(0, len(source), batch_size):
-            b = source.batch(range(lo, min(lo + batch_size, len(source))))
+        for start in range(lo, hi, batch_size):
+            b = source.batch(range(start, min(start + batch_size, hi)))
             out = model(b.tokens.to(device))
             logits = getattr(out, "logits", out)
             metrics.update(logits, next_token_labels(b.tokens, b.loss_mask).to(logits.device))
     finally:
         model.train(was_training)
+    if world > 1:  # float64 sums: the token and correct counts stay exact
+        sums = torch.tensor([metrics.nll_sum, metrics.correct, metrics.tokens], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        metrics = TokenMetrics(float(sums[0]), int(sums[1]), int(sums[2]))
     return metrics
