@@ -627,9 +627,10 @@ def precompute(
                     done += len(batch.indices)
                     if on_batch is not None:
                         on_batch(done)
-                    if stop is not None and (stopped := stop()):
-                        # Leaving the with-blocks closes the teacher's thread, then the writers
-                        # commit what is pending (view params before the targets).
+                    # A signal after the last batch stops nothing: the run is complete. Leaving the
+                    # with-blocks closes the teacher's thread, then the writers commit what is
+                    # pending (view params before the targets).
+                    if done < total and stop is not None and (stopped := stop()):
                         break
     return PrecomputeReport(
         written=done - (total - todo) if stopped else todo,
@@ -1076,7 +1077,7 @@ def precompute_tokens(
                 writer.put_sequence_rows(idx, rows)
             bar.advance(task, len(idx))
             written += len(idx)
-            if stop is not None and (stopped := stop()):
+            if lo + batch_size < len(todo) and stop is not None and (stopped := stop()):  # none after the last
                 break  # leaving the with-block commits the records put since the last commit
     stats = CacheReader(path).token_stats()
     return PrecomputeReport(
