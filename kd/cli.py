@@ -1989,6 +1989,12 @@ def train_lm(
     server_timeout: float = typer.Option(
         60.0, help="With --source server:...: seconds one request may take before the run fails naming the server."
     ),
+    run_dir: Path | None = typer.Option(
+        None, help="Write checkpoint.pt here after each epoch and when stopped (SIGTERM, Ctrl-C): see --resume."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from --run-dir's checkpoint, to the result of an uninterrupted run."
+    ),
 ) -> None:
     """Distil a causal-LM student with a per-token loss from a token cache, a served token teacher or
     one in process; validation perplexity and accuracy."""
@@ -2017,6 +2023,10 @@ def train_lm(
         _fail(f"--server-timeout must be a number of seconds > 0, got {server_timeout}")
     _check_run_options(seed, device)
     _check_out(out)
+    if resume and run_dir is None:
+        _fail("--resume continues the run in --run-dir: give --run-dir")
+    if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+        _fail(f"--run-dir {str(run_dir)!r} is a file, not a directory")
     options = _parse_options(opt)
     device, rank = _join_torchrun(device)  # under torchrun each rank trains on its slice of every step
     cache = None
@@ -2082,11 +2092,15 @@ def train_lm(
         losses = train_tokens(model, train_data, cache, method=method, epochs=epochs, batch_size=batch_size,
                               lr=lr, seed=seed, method_options=options, device=device, accumulate=accumulate,
                               amp=amp, optimizer=optimizer, weight_decay=weight_decay, on_epoch=validate,
-                              stop=signals.first)  # fmt: skip
+                              stop=signals.first, run_dir=run_dir, resume=resume)  # fmt: skip
     except Stopped as e:
         if rank != 0:  # every rank stopped before the same step (train_tokens): rank 0 says so
             raise SystemExit(128 + e.signum) from None
-        _stopped_unsaved(e, "kd train-lm")
+        if run_dir is None:
+            _stopped_exit(e.signum, f"{e.where}; the student is not saved: no --run-dir to resume from (run it again "
+                          "from the start; with --run-dir a stop leaves a checkpoint)")  # fmt: skip
+        _stopped_exit(e.signum, f"{e.where}; checkpoint in {run_dir}: run the same command with --resume to "
+                      "continue")  # fmt: skip
     except (ValueError, TypeError, KeyError, RuntimeError, CacheError, FloatingPointError) as e:  # bad option, cache,
         # data or student, or a diverged run
         _fail(f"{type(e).__name__}: {e}")

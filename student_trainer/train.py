@@ -519,6 +519,16 @@ def load_checkpoint(path: Path) -> dict:
 
     A file that holds anything but tensors and plain containers is refused: unpickling it
     could run code, so the message says not to load it with ``weights_only=False``."""
+    ckpt = _read_checkpoint(path)
+    keys = set(ckpt) if isinstance(ckpt, dict) else set()
+    missing = {"epoch", "model", "optimizer", "batch_rng", "torch_rng", "history"} - keys
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} is not a kd training checkpoint (missing {sorted(missing)})")
+    return ckpt
+
+
+def _read_checkpoint(path: Path) -> object:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and what to do."""
     import pickle
 
     try:
@@ -535,10 +545,6 @@ def load_checkpoint(path: Path) -> dict:
             f"checkpoint {str(path)!r} is unreadable (truncated or corrupted: {type(e).__name__}: {e}); "
             "restore it, or start the run again without --resume"
         ) from e
-    keys = set(ckpt) if isinstance(ckpt, dict) else set()
-    missing = {"epoch", "model", "optimizer", "batch_rng", "torch_rng", "history"} - keys
-    if missing:
-        raise ValueError(f"checkpoint {str(path)!r} is not a kd training checkpoint (missing {sorted(missing)})")
     return ckpt
 
 
@@ -1175,6 +1181,51 @@ TOKEN_OPTIMIZERS = ("adam", "adamw", "sgd")
 TOKEN_AMP = ("fp32", "bf16")
 
 
+TOKEN_CHECKPOINT = "checkpoint.pt"  # in train_tokens' run_dir
+_TOKEN_CKPT_KEYS = {"kind", "identity", "epoch", "step", "epoch_rng", "total", "tokens_seen", "losses", "model",
+                    "optimizer", "torch_rng"}  # fmt: skip
+
+
+def _rank_rng_states(size: int, dev: torch.device) -> dict[str, list[torch.Tensor]]:
+    """Every rank's generator states (the CPU's; on CUDA its device's too), in rank order: each rank's
+    dropout draws on its own slices, so each resumes from its own. A collective under torchrun."""
+    states = {"torch_rng": torch.get_rng_state()}
+    if dev.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(dev)
+    if size == 1:
+        return {k: [v] for k, v in states.items()}
+    import torch.distributed as dist
+
+    out = {}
+    for key, state in states.items():  # on the group's device (NCCL gathers CUDA tensors only)
+        mine = state.to(dev)
+        parts = [torch.empty_like(mine) for _ in range(size)]
+        dist.all_gather(parts, mine)
+        out[key] = [p.cpu() for p in parts]
+    return out
+
+
+def _read_token_checkpoint(run_dir: Path, identity: dict, size: int) -> dict:
+    """``train_tokens``' checkpoint in ``run_dir``, refused (naming the file and what differs) where it
+    is missing, damaged, another kind of checkpoint, or of another run than ``identity`` describes."""
+    path = Path(run_dir) / TOKEN_CHECKPOINT
+    if not path.is_file():
+        raise ValueError(f"--resume: no checkpoint {str(path)!r} to continue from (a run with this --run-dir "
+                         "writes one after each epoch and when it is stopped)")  # fmt: skip
+    ckpt = _read_checkpoint(path)
+    missing = _TOKEN_CKPT_KEYS - (set(ckpt) if isinstance(ckpt, dict) else set())
+    if missing or ckpt.get("kind") != "train-lm":
+        raise ValueError(f"checkpoint {str(path)!r} is not a kd train-lm checkpoint (missing {sorted(missing)})")
+    theirs = json.loads(ckpt["identity"])
+    differ = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in identity.items() if theirs.get(k) != v]
+    if differ:
+        raise ValueError(f"checkpoint {str(path)!r} is of another run ({'; '.join(differ)}): resume it with "
+                         "the options it was started with, or give another --run-dir")  # fmt: skip
+    if len(ckpt["torch_rng"]) != size:  # (identity holds the world size; a hand-edited file might not)
+        raise ValueError(f"checkpoint {str(path)!r} holds {len(ckpt['torch_rng'])} rank(s)' generators, not {size}")
+    return ckpt
+
+
 def source_facts(source: SoftTargetSource) -> dict[str, str]:
     """The signature facts of a live token teacher behind ``source`` (a ``local:`` teacher or a
     ``server:`` one); empty for a cache, whose records say nothing of the teacher's task."""
@@ -1201,6 +1252,8 @@ def train_tokens(
     weight_decay: float = 0.0,
     on_epoch: Callable[[int, float], None] | None = None,
     stop: Callable[[], int | None] | None = None,
+    run_dir: Path | None = None,
+    resume: bool = False,
 ) -> list[float]:
     """Distil a causal LM ``student`` (tokens [B, S] -> logits [B, S, V]) on a token source
     (``kd.core.tokens.TokenSource``) from ``source``'s per-token targets (a token cache read as
@@ -1231,8 +1284,15 @@ def train_tokens(
 
     ``stop() -> signal number or None`` is asked before every optimizer step (a SIGTERM handler's
     record): once it answers, ``kd.core.signals.Stopped`` is raised there, the student left as the
-    last whole step made it (there is no checkpoint to resume from); under torchrun the ranks agree
-    on it (one all-reduce before each step), so they all stop before the same step."""
+    last whole step made it; under torchrun the ranks agree on it (one all-reduce before each step),
+    so they all stop before the same step.
+
+    ``run_dir``: rank 0 writes ``run_dir/checkpoint.pt`` (aside, then renamed over the old one) after
+    each epoch and when stopped: the student, the optimizer, where the run is (epoch, next step, the
+    epoch's batch order as its generator state, the epoch's loss so far) and each rank's generators.
+    ``resume``: continue from it, to the losses and weights of an uninterrupted run (more ``epochs``
+    than the run was started with train on; every other setting, the dataset, the targets and the
+    number of ranks must be the same, else it is refused naming what differs)."""
     from kd.core.tokens import next_token_labels, refuse_no_samples
     from kd.student_trainer.losses.token_kd import token_mask
 
@@ -1295,14 +1355,47 @@ def train_tokens(
     options = method_options or {}
     step_size = batch_size * accumulate
     losses = []
+    start_epoch, start_step, partial = 0, 0, (0.0, 0)
+    identity = {"method": method, "options": json.loads(json.dumps(options, sort_keys=True)), "lr": lr,
+                "batch_size": batch_size, "accumulate": accumulate, "optimizer": optimizer,
+                "weight_decay": weight_decay, "seed": seed, "amp": amp, "dataset": train.dataset_id,
+                "targets": _targets_kind(source), "world_size": size}  # fmt: skip
+    if resume:
+        if run_dir is None:
+            raise ValueError("resume continues the run in run_dir: give run_dir")
+        ckpt = _read_token_checkpoint(run_dir, identity, size)
+        try:
+            student.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"checkpoint {str(Path(run_dir) / TOKEN_CHECKPOINT)!r} is not this student's "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]})") from None  # fmt: skip
+        gen.set_state(ckpt["epoch_rng"])
+        losses = [float(v) for v in ckpt["losses"]]
+        start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
+        partial = (float(ckpt["total"]), int(ckpt["tokens_seen"]))
+        torch.set_rng_state(ckpt["torch_rng"][rank])
+        if dev.type == "cuda" and "cuda_rng" in ckpt:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"][rank], dev)
+
+    def save(epoch: int, step: int, epoch_rng: torch.Tensor, total: float, seen: int) -> None:
+        rngs = _rank_rng_states(size, dev)  # every rank: a collective
+        if run_dir is None or rank != 0:
+            return
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        _save_checkpoint(Path(run_dir) / TOKEN_CHECKPOINT, {
+            "kind": "train-lm", "identity": json.dumps(identity, sort_keys=True), "epoch": epoch, "step": step,
+            "epoch_rng": epoch_rng, "total": total, "tokens_seen": seen, "losses": list(losses),
+            "model": student.state_dict(), "optimizer": opt.state_dict(), **rngs})  # fmt: skip
+
     # A live server's targets of the next micro-batch are asked on a thread while the student trains
     # on this one (the request waits on the network and the teacher, not on this process's cores).
     ahead = int(getattr(source, "token_targets_ahead", 0))
 
-    def plan(order: torch.Tensor) -> Iterator[tuple[int, int, list]]:
-        """The steps of an epoch holding a counted token: (step number, the step's counted tokens,
-        this rank's micro-batches (idx, tokens, real, labels, counted tokens))."""
-        for lo in range(0, len(order), step_size):
+    def plan(order: torch.Tensor, first_step: int) -> Iterator[tuple[int, int, list]]:
+        """The steps of an epoch holding a counted token, from ``first_step`` on: (step number, the
+        step's counted tokens, this rank's micro-batches (idx, tokens, real, labels, counted tokens))."""
+        for lo in range(first_step * step_size, len(order), step_size):
             step, micro = order[lo : lo + step_size], []
             for m in range(0, len(step), batch_size):
                 idx = step[m : m + batch_size]
@@ -1322,14 +1415,18 @@ def train_tokens(
                 micro = sliced
             yield lo // step_size, counted, micro
 
-    for epoch in range(epochs):
+    for epoch in range(start_epoch, epochs):
+        epoch_rng = gen.get_state()  # the epoch's batch order, for a checkpoint within it
         order = torch.randperm(len(train), generator=gen)
-        total, tokens_seen = 0.0, 0
+        first_step = start_step if epoch == start_epoch else 0
+        total, tokens_seen = partial if epoch == start_epoch else (0.0, 0)
         # With the real positions: a live server computes and sends only those (its answer is packed).
-        with contextlib.closing(_targets_ahead(plan(order), source.token_targets, ahead)) as stream:
+        with contextlib.closing(_targets_ahead(plan(order, first_step), source.token_targets, ahead)) as stream:
             for (step_no, counted, item, first, last), targets in stream:
                 if first:
                     if stop is not None and (signum := _agreed_stop(stop(), size, dev)):
+                        if run_dir is not None:
+                            save(epoch, step_no, epoch_rng, total, tokens_seen)
                         raise Stopped(signum, f"in epoch {epoch + 1} after {step_no} of its steps")
                     opt.zero_grad(set_to_none=True)
                     step_loss, diverged = 0.0, None
@@ -1359,6 +1456,8 @@ def train_tokens(
                 tokens_seen += counted
         losses.append(total / tokens_seen)  # > 0 tokens: train holds a target (checked above)
         _check_finite(student, epoch)
+        if run_dir is not None:  # before the validation: a kill during it loses no step
+            save(epoch + 1, 0, gen.get_state(), 0.0, 0)
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
     return losses

@@ -150,7 +150,7 @@ def test_sigterm_stops_token_precompute_with_every_finished_record_committed(tmp
 
 def test_ctrl_c_stops_train_lm_between_steps_and_saves_no_half_trained_student(tmp_path: Path, corpus) -> None:
     # Ctrl-C used to end it in a KeyboardInterrupt (130, no word of where it was); SIGTERM killed
-    # it. It has no --resume: the line says so, and --out is not written.
+    # it. Without --run-dir it cannot resume: the line says so, and --out is not written.
     cache = tmp_path / "c"
     ok(cli("precompute", "--source", f"local:{TEACHER}", "--dataset", corpus["small"], "--out", str(cache)))
     out = tmp_path / "student.safetensors"
@@ -159,10 +159,39 @@ def test_ctrl_c_stops_train_lm_between_steps_and_saves_no_half_trained_student(t
     r = stop_when(args, lambda err: "epoch 1: loss" in err, signal.SIGINT)
     line = stop_line(r, signal.SIGINT)
     m = re.fullmatch(r"stopped by SIGINT: in epoch (\d+) after (\d+) of its steps; the student is not saved: "
-                     r"kd train-lm has no --resume \(run it again from the start\)", line)  # fmt: skip
+                     r"no --run-dir to resume from \(run it again from the start; with --run-dir a stop leaves a "
+                     r"checkpoint\)", line)  # fmt: skip
     assert m and int(m[1]) >= 2 and 0 <= int(m[2]) < 6, line  # 24 sequences: 6 steps of 4 an epoch
     assert f"epoch {m[1]}: loss" not in r.stderr  # that epoch did not end
     assert not out.exists() and r.stdout == ""  # no weights, no result line
+
+
+def test_sigterm_stops_train_lm_with_a_checkpoint_and_resume_ends_as_an_uninterrupted_run(tmp_path: Path,
+                                                                                          corpus) -> None:  # fmt: skip
+    # With --run-dir the stop leaves a checkpoint, and --resume (here with the epoch it stopped in as
+    # the last) ends with the losses, perplexity and weights of a run never stopped.
+    from kd.teacher_server.loading import read_state_dict
+
+    cache = tmp_path / "c"
+    ok(cli("precompute", "--source", f"local:{TEACHER}", "--dataset", corpus["small"], "--out", str(cache)))
+    base = ["train-lm", "--source", f"cache:{cache}", "--dataset", corpus["small"], "--val-dataset", corpus["small"],
+            "--student", STUDENT, "--batch-size", "4"]  # fmt: skip
+    run = tmp_path / "run"
+    r = stop_when([*base, "--run-dir", str(run), "--epochs", "100000"], lambda err: "epoch 1: loss" in err)
+    m = re.fullmatch(r"stopped by SIGTERM: in epoch (\d+) after (\d+) of its steps; checkpoint in (.+): run the same "
+                     r"command with --resume to continue", stop_line(r))  # fmt: skip
+    assert m and m[3] == str(run) and int(m[1]) >= 2 and 0 <= int(m[2]) < 6, r.stderr[-2000:]
+    epochs = ["--epochs", m[1], "--out"]
+    resumed = ok(cli(*base, "--run-dir", str(run), "--resume", *epochs, str(tmp_path / "a.safetensors")))
+    straight = ok(cli(*base, *epochs, str(tmp_path / "b.safetensors")))
+    # It ran only the epoch it was stopped in (a resume that started over would validate epoch 1 again).
+    assert f"epoch {m[1]}: loss" in resumed.stderr and "epoch 1: loss" not in resumed.stderr, resumed.stderr
+    a, b = (json.loads(x.stdout.strip().splitlines()[-1]) for x in (resumed, straight))
+    assert len(a["losses"]) == int(m[1]) and a["losses"] == pytest.approx(b["losses"], rel=1e-12)
+    assert a["val_ppl"] == pytest.approx(b["val_ppl"], rel=1e-12)
+    wa, wb = read_state_dict(tmp_path / "a.safetensors"), read_state_dict(tmp_path / "b.safetensors")
+    for k in wb:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=0, msg=k)
 
 
 def test_sigterm_stops_onpolicy_between_steps(tmp_path: Path, corpus) -> None:

@@ -1,9 +1,10 @@
-"""``kd train-lm`` under torchrun: 2 CPU ranks (gloo) end with the weights and losses of one process
-with the same steps. SGD (a per-rank weighting error or a gradient not summed moves the weights by
-as much, where Adam would normalise it away), accumulation over micro-batches, and a last step of
-one sequence whose slice on rank 1 is empty (that rank must still join the step's all-reduce).
-The ranks ask a real token server (127.0.0.1) for their slices only: together, one process's rows.
-Real torchrun subprocesses, modules and a corpus the test writes."""
+"""``kd train-lm`` under torchrun: 2 CPU ranks (gloo), one epoch then ``--resume`` for the second,
+end with the weights and losses of one process with the same steps. SGD (a per-rank weighting
+error or a gradient not summed moves the weights by as much, where Adam would normalise it away),
+accumulation over micro-batches, and a last step of one sequence whose slice on rank 1 is empty
+(that rank must still join the step's all-reduce). The ranks ask a real token server (127.0.0.1)
+for their slices only: together, one process's rows. Real torchrun subprocesses, modules and a
+corpus the test writes."""
 
 from __future__ import annotations
 
@@ -84,10 +85,10 @@ def cli(*args: str) -> Result:
     return CliRunner().invoke(app, list(args))
 
 
-def _args(corpus, out: Path) -> list[str]:
+def _args(corpus, out: Path, epochs: int = 2) -> list[str]:
     d, uri, running = corpus
     return ["train-lm", "--source", f"server:127.0.0.1:{running.port}/lm", "--dataset", uri, "--val-dataset", uri,
-            "--student", "ddplm:student", "--epochs", "2", "--batch-size", "11", "--accumulate", "2",
+            "--student", "ddplm:student", "--epochs", str(epochs), "--batch-size", "11", "--accumulate", "2",
             "--optimizer", "sgd", "--lr", "2.0", "--seed", "3", "--out", str(out)]  # fmt: skip
 
 
@@ -103,18 +104,41 @@ def test_two_torchrun_ranks_train_lm_as_one_process(tmp_path: Path, corpus) -> N
     middle = _asked(corpus)
     path = os.pathsep.join(p for p in (str(corpus[0]), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "kd", *_args(corpus, tmp_path / "two.safetensors")],
-                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
-    assert two.returncode == 0, (two.stdout[-2000:], two.stderr[-3000:])
+    # The two ranks train epoch 1 with a checkpoint in --run-dir, then resume for epoch 2: together, one
+    # process's two epochs (each rank resumes its own generators; rank 0 wrote the checkpoint).
+    run = ["--run-dir", str(tmp_path / "run")]
+    first_epoch, two = (
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "kd",
+                *_args(corpus, tmp_path / "two.safetensors", epochs),
+                *run,
+                *more,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )  # fmt: skip
+        for epochs, more in ((1, []), (2, ["--resume"]))
+    )
+    for r in (first_epoch, two):
+        assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     # Each rank asked the teacher for its slice only: together, the rows and tokens of one process.
     after = _asked(corpus)
     # Two epochs of every sequence, plus the first sequence once per process: train_tokens' check of the
-    # loss on the targets before any step.
+    # loss on the targets before any step (2 launches of 2 ranks).
     lengths = open_source(corpus[1]).batch(torch.arange(23)).attention_mask.sum(dim=1)
     epoch_tokens, first = int(lengths.sum()), int(lengths[0])
     assert (middle[0] - before[0], middle[1] - before[1]) == (2 * 23 + 1, 2 * epoch_tokens + first)
-    assert (after[0] - middle[0], after[1] - middle[1]) == (2 * 23 + 2, 2 * epoch_tokens + 2 * first)
+    assert (after[0] - middle[0], after[1] - middle[1]) == (2 * 23 + 4, 2 * epoch_tokens + 4 * first)
     a, b = read_state_dict(tmp_path / "one.safetensors"), read_state_dict(tmp_path / "two.safetensors")
     import ddplm
 
@@ -128,13 +152,15 @@ def test_two_torchrun_ranks_train_lm_as_one_process(tmp_path: Path, corpus) -> N
     # Rank 0 alone prints and saves: one line per epoch, one result; each validation is shared by the
     # ranks (each runs its half of the split: none waits in a collective while another validates),
     # and the result reuses the last epoch's (the same weights: not a third pass).
-    assert two.stderr.count("epoch 1:") == 1 and two.stderr.count("epoch 2:") == 1, two.stderr[-3000:]
+    assert first_epoch.stderr.count("epoch 1:") == 1 and "epoch 2:" not in first_epoch.stderr, first_epoch.stderr
+    assert two.stderr.count("epoch 2:") == 1 and "epoch 1:" not in two.stderr, two.stderr[-3000:]
     rows = {
         name: sum(int(n) for n in (corpus[0] / f"eval-{name}.txt").read_text().split()) for name in ("solo", "0", "1")
     }
     assert rows == {"solo": 2 * 23, "0": 2 * 12, "1": 2 * 11}
     for line in ("epoch 1:", "epoch 2:"):
-        ppl = [float(o.split(line)[1].split("val perplexity ")[1].split(",")[0]) for o in (one.output, two.stderr)]
+        led = two.stderr if line == "epoch 2:" else first_epoch.stderr
+        ppl = [float(o.split(line)[1].split("val perplexity ")[1].split(",")[0]) for o in (one.output, led)]
         assert ppl[1] == pytest.approx(ppl[0], rel=1e-3), line  # printed to 3 decimals
     assert two.stdout.count('"losses"') == 1, two.stdout
     ra, rb = json.loads(one.stdout.strip().splitlines()[-1]), json.loads(two.stdout.strip().splitlines()[-1])

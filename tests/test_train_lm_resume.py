@@ -1,0 +1,116 @@
+"""``train_tokens(run_dir=..., resume=True)`` (``kd train-lm --run-dir D --resume``): a run stopped
+mid-epoch, or ended after fewer epochs, continues to exactly the losses and weights of an
+uninterrupted run (a dropout student: the generators resume too; Adam: its moments resume), and a
+checkpoint that is missing, of another kind, of another run or of another student is refused naming
+the file and what differs. In process, a teacher in process; the signal-driven path of the CLI is in
+tests/test_polite_stops.py, torchrun's in tests/test_train_lm_torchrun.py."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_lm import BigramLM
+from torch import nn
+
+from kd.core.data import open_source
+from kd.core.signals import Stopped
+from kd.student_trainer.sources import LocalSource
+from kd.student_trainer.train import TOKEN_CHECKPOINT, train_tokens
+
+RUN = {"batch_size": 3, "accumulate": 2, "lr": 0.02, "seed": 4, "method": "token-fkl"}
+
+
+def teacher_lm() -> BigramLM:
+    torch.manual_seed(51)
+    return BigramLM(16, 3.0)
+
+
+class DropoutLM(nn.Module):
+    """A student whose forward draws from torch's generator (dropout on its logits)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(52)
+        self.lm, self.drop = BigramLM(dim, 1.0), nn.Dropout(0.3)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.drop(self.lm(tokens))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    d = tmp_path_factory.mktemp("lmresume")
+    (d / "t.txt").write_text("\n".join(f"row {i}: " + "ab cd " * (1 + i % 4) for i in range(20)) + "\n")
+    data = open_source(f"text:{d / 't.txt'}?doc=line&pack=0&block=32")
+    source = LocalSource(f"{__name__}:teacher_lm")
+    student = DropoutLM()
+    torch.manual_seed(7)
+    whole = train_tokens(student, data, source, epochs=3, **RUN)
+    return data, source, whole, {k: v.clone() for k, v in student.state_dict().items()}
+
+
+def stop_at(n: int):
+    calls = itertools.count(1)
+    return lambda: 15 if next(calls) == n else None
+
+
+def same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_run(setup, tmp_path: Path) -> None:
+    data, source, whole, weights = setup
+    first = DropoutLM()
+    torch.manual_seed(7)  # as the uninterrupted run's dropout
+    with pytest.raises(Stopped, match=r"in epoch 2 after 2 of its steps"):  # 20 sequences: 4 steps of 6 an epoch
+        train_tokens(first, data, source, epochs=3, run_dir=tmp_path, stop=stop_at(7), **RUN)
+    assert (tmp_path / TOKEN_CHECKPOINT).is_file()
+    torch.manual_seed(999)  # the generators come from the checkpoint, not from here
+    student = DropoutLM()
+    assert train_tokens(student, data, source, epochs=3, run_dir=tmp_path, resume=True, **RUN) == whole
+    same_weights(student.state_dict(), weights)
+
+
+def test_a_finished_run_resumes_with_more_epochs(setup, tmp_path: Path) -> None:
+    data, source, whole, weights = setup
+    first = DropoutLM()
+    torch.manual_seed(7)
+    assert train_tokens(first, data, source, epochs=1, run_dir=tmp_path, **RUN) == whole[:1]
+    student = DropoutLM()
+    assert train_tokens(student, data, source, epochs=3, run_dir=tmp_path, resume=True, **RUN) == whole
+    same_weights(student.state_dict(), weights)
+
+
+def test_resume_refuses_a_checkpoint_it_cannot_continue(setup, tmp_path: Path) -> None:
+    data, source, _, _ = setup
+    with pytest.raises(ValueError, match=r"no checkpoint .*checkpoint\.pt. to continue from"):
+        train_tokens(DropoutLM(), data, source, epochs=1, run_dir=tmp_path, resume=True, **RUN)
+    train_tokens(DropoutLM(), data, source, epochs=1, run_dir=tmp_path, **RUN)
+    with pytest.raises(ValueError, match=r"of another run \(lr: 0\.02 there, 0\.05 here\)"):
+        train_tokens(DropoutLM(), data, source, epochs=2, run_dir=tmp_path, resume=True, **{**RUN, "lr": 0.05})
+    with pytest.raises(ValueError, match=r"is not this student's"):
+        train_tokens(DropoutLM(dim=4), data, source, epochs=2, run_dir=tmp_path, resume=True, **RUN)
+    torch.save({"epoch": 1, "model": {}}, tmp_path / TOKEN_CHECKPOINT)  # e.g. a kd train checkpoint
+    with pytest.raises(ValueError, match=r"is not a kd train-lm checkpoint"):
+        train_tokens(DropoutLM(), data, source, epochs=2, run_dir=tmp_path, resume=True, **RUN)
+
+
+def test_the_cli_refuses_resume_without_a_run_directory(tmp_path: Path) -> None:
+    from cli_checks import refused
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+
+    (tmp_path / "t.txt").write_text("some text to train on\n" * 4)
+    (tmp_path / "file").write_text("")
+    base = ["train-lm", "--source", f"local:{__name__}:teacher_lm", "--dataset", f"text:{tmp_path / 't.txt'}?block=16",
+            "--val-dataset", f"text:{tmp_path / 't.txt'}?block=16", "--student", f"{__name__}:teacher_lm"]  # fmt: skip
+    refused(CliRunner().invoke(app, [*base, "--resume"]), "--resume continues the run in --run-dir: give --run-dir")
+    refused(CliRunner().invoke(app, [*base, "--run-dir", str(tmp_path / "file")]), "is a file, not a directory")
+    refused(CliRunner().invoke(app, [*base, "--run-dir", str(tmp_path / "new"), "--resume"]),
+            "no checkpoint", "checkpoint.pt")  # fmt: skip
