@@ -1995,6 +1995,9 @@ def train_lm(
     resume: bool = typer.Option(
         False, "--resume", help="Continue from --run-dir's checkpoint, to the result of an uninterrupted run."
     ),
+    checkpoint_every: int = typer.Option(
+        0, help="With --run-dir: also write the checkpoint every N steps (a crash then loses fewer); 0: per epoch."
+    ),
 ) -> None:
     """Distil a causal-LM student with a per-token loss from a token cache, a served token teacher or
     one in process; validation perplexity and accuracy."""
@@ -2025,6 +2028,8 @@ def train_lm(
     _check_out(out)
     if resume and run_dir is None:
         _fail("--resume continues the run in --run-dir: give --run-dir")
+    if checkpoint_every < 0 or (checkpoint_every and run_dir is None):
+        _fail(f"--checkpoint-every {checkpoint_every}: a number of steps >= 0, with --run-dir to write to")
     if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
         _fail(f"--run-dir {str(run_dir)!r} is a file, not a directory")
     options = _parse_options(opt)
@@ -2092,7 +2097,8 @@ def train_lm(
         losses = train_tokens(model, train_data, cache, method=method, epochs=epochs, batch_size=batch_size,
                               lr=lr, seed=seed, method_options=options, device=device, accumulate=accumulate,
                               amp=amp, optimizer=optimizer, weight_decay=weight_decay, on_epoch=validate,
-                              stop=signals.first, run_dir=run_dir, resume=resume)  # fmt: skip
+                              stop=signals.first, run_dir=run_dir, resume=resume,
+                              checkpoint_every=checkpoint_every)  # fmt: skip
     except Stopped as e:
         if rank != 0:  # every rank stopped before the same step (train_tokens): rank 0 says so
             raise SystemExit(128 + e.signum) from None

@@ -1254,6 +1254,7 @@ def train_tokens(
     stop: Callable[[], int | None] | None = None,
     run_dir: Path | None = None,
     resume: bool = False,
+    checkpoint_every: int = 0,
 ) -> list[float]:
     """Distil a causal LM ``student`` (tokens [B, S] -> logits [B, S, V]) on a token source
     (``kd.core.tokens.TokenSource``) from ``source``'s per-token targets (a token cache read as
@@ -1290,9 +1291,11 @@ def train_tokens(
     ``run_dir``: rank 0 writes ``run_dir/checkpoint.pt`` (aside, then renamed over the old one) after
     each epoch and when stopped: the student, the optimizer, where the run is (epoch, next step, the
     epoch's batch order as its generator state, the epoch's loss so far) and each rank's generators.
-    ``resume``: continue from it, to the losses and weights of an uninterrupted run (more ``epochs``
-    than the run was started with train on; every other setting, the dataset, the targets and the
-    number of ranks must be the same, else it is refused naming what differs)."""
+    ``checkpoint_every=N``: also after every N-th step of an epoch (a crash, not only a stop, then
+    loses fewer steps: one epoch over a large corpus is a whole run). ``resume``: continue from
+    the checkpoint, to the losses and weights of an uninterrupted run (more ``epochs`` than the run
+    was started with train on; every other setting, the dataset, the targets and the number of
+    ranks must be the same, else it is refused naming what differs)."""
     from kd.core.tokens import next_token_labels, refuse_no_samples
     from kd.student_trainer.losses.token_kd import token_mask
 
@@ -1310,6 +1313,8 @@ def train_tokens(
     if accumulate < 1 or batch_size < 1 or epochs < 0:
         raise ValueError(f"accumulate and batch_size must be >= 1 and epochs >= 0; got {accumulate}, {batch_size}, "
                          f"{epochs}")  # fmt: skip
+    if checkpoint_every < 0 or (checkpoint_every and run_dir is None):
+        raise ValueError(f"checkpoint_every={checkpoint_every}: a number of steps >= 0, with a run_dir to write to")
     if amp not in TOKEN_AMP:
         raise ValueError(f"amp={amp!r}: token training takes {' or '.join(TOKEN_AMP)} (bf16 needs no grad scaler)")
     if optimizer not in TOKEN_OPTIMIZERS:
@@ -1454,6 +1459,8 @@ def train_tokens(
                 opt.step()
                 total += step_loss * counted
                 tokens_seen += counted
+                if checkpoint_every and (step_no + 1) % checkpoint_every == 0:
+                    save(epoch, step_no + 1, epoch_rng, total, tokens_seen)
         losses.append(total / tokens_seen)  # > 0 tokens: train holds a target (checked above)
         _check_finite(student, epoch)
         if run_dir is not None:  # before the validation: a kill during it loses no step

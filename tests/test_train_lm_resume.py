@@ -86,6 +86,38 @@ def test_a_finished_run_resumes_with_more_epochs(setup, tmp_path: Path) -> None:
     same_weights(student.state_dict(), weights)
 
 
+class FailsAt(LocalSource):
+    """The teacher in process, failing at its ``n``-th targets (a crash: no stop, no epoch end)."""
+
+    def __init__(self, spec: str, n: int) -> None:
+        super().__init__(spec)
+        self.calls = itertools.count(1)
+        self.n = n
+
+    def token_targets(self, indices, tokens, attention_mask):
+        if next(self.calls) == self.n:
+            raise RuntimeError("the teacher's node went away")
+        return super().token_targets(indices, tokens, attention_mask)
+
+
+def test_a_crashed_run_resumes_from_its_last_periodic_checkpoint(setup, tmp_path: Path) -> None:
+    data, source, whole, weights = setup
+    first, failing = DropoutLM(), FailsAt(f"{__name__}:teacher_lm", 12)  # (their factories seed torch)
+    torch.manual_seed(7)
+    # 2 micro-batches a step, one probe call first: call 12 is step 2 of epoch 2's second micro-batch
+    with pytest.raises(RuntimeError, match="went away"):
+        train_tokens(first, data, failing, epochs=3, run_dir=tmp_path, checkpoint_every=1, **RUN)
+    ckpt = torch.load(tmp_path / TOKEN_CHECKPOINT, weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 1)  # after the last whole step, not the last epoch's end
+    student = DropoutLM()
+    assert train_tokens(student, data, source, epochs=3, run_dir=tmp_path, resume=True, **RUN) == whole
+    same_weights(student.state_dict(), weights)
+    with pytest.raises(ValueError, match="checkpoint_every=-1"):
+        train_tokens(DropoutLM(), data, source, run_dir=tmp_path, checkpoint_every=-1, **RUN)
+    with pytest.raises(ValueError, match="with a run_dir"):
+        train_tokens(DropoutLM(), data, source, checkpoint_every=2, **RUN)
+
+
 def test_resume_refuses_a_checkpoint_it_cannot_continue(setup, tmp_path: Path) -> None:
     data, source, _, _ = setup
     with pytest.raises(ValueError, match=r"no checkpoint .*checkpoint\.pt. to continue from"):
@@ -112,5 +144,6 @@ def test_the_cli_refuses_resume_without_a_run_directory(tmp_path: Path) -> None:
             "--val-dataset", f"text:{tmp_path / 't.txt'}?block=16", "--student", f"{__name__}:teacher_lm"]  # fmt: skip
     refused(CliRunner().invoke(app, [*base, "--resume"]), "--resume continues the run in --run-dir: give --run-dir")
     refused(CliRunner().invoke(app, [*base, "--run-dir", str(tmp_path / "file")]), "is a file, not a directory")
+    refused(CliRunner().invoke(app, [*base, "--checkpoint-every", "5"]), "--checkpoint-every 5", "with --run-dir")
     refused(CliRunner().invoke(app, [*base, "--run-dir", str(tmp_path / "new"), "--resume"]),
             "no checkpoint", "checkpoint.pt")  # fmt: skip
