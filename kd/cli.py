@@ -235,6 +235,25 @@ def _stopped_unsaved(stopped: Stopped, command: str) -> None:
                   "(run it again from the start)")  # fmt: skip
 
 
+def _check_run_dir(run_dir: Path | None, resume: bool, checkpoint_every: int) -> None:
+    """--run-dir, --resume and --checkpoint-every of a command whose trainer writes a checkpoint."""
+    if resume and run_dir is None:
+        _fail("--resume continues the run in --run-dir: give --run-dir")
+    if checkpoint_every < 0 or (checkpoint_every and run_dir is None):
+        _fail(f"--checkpoint-every {checkpoint_every}: a number of steps >= 0, with --run-dir to write to")
+    if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+        _fail(f"--run-dir {str(run_dir)!r} is a file, not a directory")
+
+
+def _stopped_resumable(stopped: Stopped, run_dir: Path | None) -> None:
+    """``_stopped_exit`` for a trainer that left a checkpoint in ``run_dir`` when given one."""
+    if run_dir is None:
+        _stopped_exit(stopped.signum, f"{stopped.where}; the student is not saved: no --run-dir to resume from "
+                      "(run it again from the start; with --run-dir a stop leaves a checkpoint)")  # fmt: skip
+    _stopped_exit(stopped.signum, f"{stopped.where}; checkpoint in {run_dir}: run the same command with --resume to "
+                  "continue")  # fmt: skip
+
+
 def _call(fn, *args, errors: tuple[type[Exception], ...] = (ValueError, TypeError), **kwargs):
     """``fn(*args, **kwargs)``; a refusal (ValueError/TypeError: bad option, data or recipe) becomes
     ``_fail`` with its message, so every command reports refusals the same way."""
@@ -1905,6 +1924,13 @@ def onpolicy(
     ),
     device: str = typer.Option("cpu", help="Device of the student: cpu, cuda or cuda:N."),
     out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
+    run_dir: Path | None = typer.Option(
+        None, help="Write checkpoint.pt here when stopped (SIGTERM, Ctrl-C) and every --checkpoint-every steps."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from --run-dir's checkpoint, to the result of an uninterrupted run."
+    ),
+    checkpoint_every: int = typer.Option(0, help="With --run-dir: also write the checkpoint every N steps."),
 ) -> None:
     """On-policy distillation (GKD / MiniLLM style): the student samples, the served teacher scores its tokens."""
     from kd.core.data import open_source
@@ -1923,6 +1949,7 @@ def onpolicy(
                             clip_grad_norm=clip_grad_norm)  # fmt: skip
     _check_run_options(seed, device)
     _check_out(out)
+    _check_run_dir(run_dir, resume, checkpoint_every)
     try:
         config.validate()
         train_data = open_source(dataset)
@@ -1945,11 +1972,12 @@ def onpolicy(
         signals = _stop_signals()
         try:
             with TeacherClient(server, client_id="onpolicy") as client:
-                result = train_onpolicy(model, client, teacher, train_data, config, val=val_data, stop=signals.first)
+                result = train_onpolicy(model, client, teacher, train_data, config, val=val_data, stop=signals.first,
+                                        run_dir=run_dir, resume=resume, checkpoint_every=checkpoint_every)  # fmt: skip
         finally:
             signals.close(restore_handlers=True)
     except Stopped as e:
-        _stopped_unsaved(e, "kd onpolicy")
+        _stopped_resumable(e, run_dir)
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
         _fail(f"{type(e).__name__}: {e}")
     if out is not None:
@@ -2026,12 +2054,7 @@ def train_lm(
         _fail(f"--server-timeout must be a number of seconds > 0, got {server_timeout}")
     _check_run_options(seed, device)
     _check_out(out)
-    if resume and run_dir is None:
-        _fail("--resume continues the run in --run-dir: give --run-dir")
-    if checkpoint_every < 0 or (checkpoint_every and run_dir is None):
-        _fail(f"--checkpoint-every {checkpoint_every}: a number of steps >= 0, with --run-dir to write to")
-    if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
-        _fail(f"--run-dir {str(run_dir)!r} is a file, not a directory")
+    _check_run_dir(run_dir, resume, checkpoint_every)
     options = _parse_options(opt)
     device, rank = _join_torchrun(device)  # under torchrun each rank trains on its slice of every step
     cache = None
@@ -2102,11 +2125,7 @@ def train_lm(
     except Stopped as e:
         if rank != 0:  # every rank stopped before the same step (train_tokens): rank 0 says so
             raise SystemExit(128 + e.signum) from None
-        if run_dir is None:
-            _stopped_exit(e.signum, f"{e.where}; the student is not saved: no --run-dir to resume from (run it again "
-                          "from the start; with --run-dir a stop leaves a checkpoint)")  # fmt: skip
-        _stopped_exit(e.signum, f"{e.where}; checkpoint in {run_dir}: run the same command with --resume to "
-                      "continue")  # fmt: skip
+        _stopped_resumable(e, run_dir)
     except (ValueError, TypeError, KeyError, RuntimeError, CacheError, FloatingPointError) as e:  # bad option, cache,
         # data or student, or a diverged run
         _fail(f"{type(e).__name__}: {e}")

@@ -42,11 +42,13 @@ seeded (``seed``), so a run's samples are reproducible.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -82,6 +84,7 @@ from kd.student_trainer.optim import (
     recipe_of,
     set_lr,
 )
+from kd.student_trainer.train import RUN_CHECKPOINT, read_run_checkpoint, write_run_checkpoint
 
 if TYPE_CHECKING:
     from kd.teacher_server.client import TeacherClient
@@ -407,6 +410,16 @@ def check_lengths(
         refuse_too_long(longest_sequence(val), student_limit, "the student", "lower --val-dataset's ?block=")
 
 
+_CKPT_KEYS = {"step", "order", "coin", "sampler", "order_rng", "torch_rng", "model", "optimizer", "scaler", "losses",
+              "on_batches", "scored", "before"}  # fmt: skip
+
+
+def _coin_state(saved: list) -> tuple:
+    """``random.Random.getstate()`` from the list a checkpoint holds (its 625 words, then the version):
+    the checkpoint stays plain ints, which ``weights_only`` loading accepts."""
+    return (int(saved[-1]), tuple(int(v) for v in saved[:-1]), None)
+
+
 def train_onpolicy(
     student: nn.Module,
     client: TeacherClient,
@@ -416,6 +429,9 @@ def train_onpolicy(
     *,
     val: TokenSource | None = None,
     stop: Callable[[], int | None] | None = None,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 0,
 ) -> OnPolicyResult:
     """Distil ``student`` from the served ``teacher`` on its own samples (GKD, module docstring).
 
@@ -423,8 +439,19 @@ def train_onpolicy(
     evaluated before and after (perplexity, next-token accuracy) and its first
     ``eval_prompts`` prompts give the held-out divergence before and after. ``stop() -> signal
     number or None`` is asked before every step (a SIGTERM handler's record): once it answers,
-    ``kd.core.signals.Stopped`` is raised there, before the evaluation after (no checkpoint exists)."""
+    ``kd.core.signals.Stopped`` is raised there, before the evaluation after.
+
+    ``run_dir``: ``run_dir/checkpoint.pt`` is written when stopped and every ``checkpoint_every``
+    steps (0: only when stopped): the student, the optimizer (and fp16's grad scaler), the step, the
+    batch order, GKD's coin, the sampler's and torch's generators, the losses and the evaluation
+    before. ``resume``: continue from it, to the result of an uninterrupted run; a checkpoint of
+    another configuration, dataset or teacher (its weights' fingerprint) is refused naming what
+    differs."""
     config.validate()
+    if checkpoint_every < 0 or (checkpoint_every and run_dir is None):
+        raise ValueError(f"checkpoint_every={checkpoint_every}: a number of steps >= 0, with a run_dir to write to")
+    if resume and run_dir is None:
+        raise ValueError("resume continues the run in run_dir: give run_dir")
     refuse_no_samples(train)  # named with its token count and block, before the server is asked
     if val is not None:
         refuse_no_samples(val)
@@ -457,14 +484,54 @@ def train_onpolicy(
     per_epoch = max(math.ceil(len(train) / config.batch_size), 1)
     epochs = max(math.ceil(config.steps / per_epoch), 1)
     eval_n = min(config.eval_prompts, len(val)) if val is not None else 0
-    div_before = heldout_divergence(student, client, teacher, val, config, limit=eval_n) if eval_n else None
-    val_before = _val(student, val, config)
-    losses: list[float] = []
-    on_batches = scored = 0
-    order = torch.randperm(len(train), generator=order_gen)
-    for step in range(config.steps):
+    identity = {**json.loads(json.dumps(asdict(config), sort_keys=True)), "dataset": train.dataset_id,
+                "val_dataset": val.dataset_id if val is not None else None, "teacher": teacher,
+                "fingerprint": None if desc.accepts_weights else desc.fingerprint}  # fmt: skip
+    first = 0
+    if resume:
+        ckpt = read_run_checkpoint(run_dir, "onpolicy", identity, _CKPT_KEYS, "when it is stopped and every "
+                                   "--checkpoint-every steps")  # fmt: skip
+        try:
+            student.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"checkpoint {str(Path(run_dir) / RUN_CHECKPOINT)!r} is not this student's "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]})") from None  # fmt: skip
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        first, order = int(ckpt["step"]), ckpt["order"]
+        coin.setstate(_coin_state(ckpt["coin"]))
+        sampler.set_state(ckpt["sampler"])
+        order_gen.set_state(ckpt["order_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in ckpt:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        losses, on_batches, scored = [float(v) for v in ckpt["losses"]], int(ckpt["on_batches"]), int(ckpt["scored"])
+        val_before, div_before = ckpt["before"]["val"], ckpt["before"]["divergence"]
+    else:
+        div_before = heldout_divergence(student, client, teacher, val, config, limit=eval_n) if eval_n else None
+        val_before = _val(student, val, config)
+        losses: list[float] = []
+        on_batches = scored = 0
+        order = torch.randperm(len(train), generator=order_gen)
+
+    def save(step: int) -> None:
+        write_run_checkpoint(run_dir, "onpolicy", identity, {
+            "step": step, "order": order, "coin": list(coin.getstate()[1]) + [coin.getstate()[0]],
+            "sampler": sampler.get_state(), "order_rng": order_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+            "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {}, "losses": list(losses),
+            "on_batches": on_batches, "scored": scored,
+            "before": {"val": val_before, "divergence": div_before}})  # fmt: skip
+
+    for step in range(first, config.steps):
         if stop is not None and (signum := stop()):
+            if run_dir is not None:
+                save(step)
             raise Stopped(signum, f"after {step} of {config.steps} steps")
+        if checkpoint_every and step > first and step % checkpoint_every == 0:
+            save(step)
         epoch, i = divmod(step, per_epoch)
         if i == 0 and step:
             order = torch.randperm(len(train), generator=order_gen)

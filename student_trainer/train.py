@@ -1181,9 +1181,8 @@ TOKEN_OPTIMIZERS = ("adam", "adamw", "sgd")
 TOKEN_AMP = ("fp32", "bf16")
 
 
-TOKEN_CHECKPOINT = "checkpoint.pt"  # in train_tokens' run_dir
-_TOKEN_CKPT_KEYS = {"kind", "identity", "epoch", "step", "epoch_rng", "total", "tokens_seen", "losses", "model",
-                    "optimizer", "torch_rng"}  # fmt: skip
+RUN_CHECKPOINT = "checkpoint.pt"  # in the run_dir of train_tokens and train_onpolicy
+_TOKEN_CKPT_KEYS = {"epoch", "step", "epoch_rng", "total", "tokens_seen", "losses", "model", "optimizer", "torch_rng"}
 
 
 def _rank_rng_states(size: int, dev: torch.device) -> dict[str, list[torch.Tensor]]:
@@ -1205,25 +1204,33 @@ def _rank_rng_states(size: int, dev: torch.device) -> dict[str, list[torch.Tenso
     return out
 
 
-def _read_token_checkpoint(run_dir: Path, identity: dict, size: int) -> dict:
-    """``train_tokens``' checkpoint in ``run_dir``, refused (naming the file and what differs) where it
-    is missing, damaged, another kind of checkpoint, or of another run than ``identity`` describes."""
-    path = Path(run_dir) / TOKEN_CHECKPOINT
+def read_run_checkpoint(run_dir: Path, kind: str, identity: dict, keys: set[str], written: str) -> dict:
+    """The ``kind`` checkpoint (``write_run_checkpoint``) in ``run_dir``, read with ``weights_only``,
+    refused (naming the file and what differs) where it is missing, damaged, of another kind or
+    without ``keys``, or of another run than ``identity`` (plain values) describes. ``written``: when
+    such a run writes one, for the message of a missing one."""
+    path = Path(run_dir) / RUN_CHECKPOINT
     if not path.is_file():
         raise ValueError(f"--resume: no checkpoint {str(path)!r} to continue from (a run with this --run-dir "
-                         "writes one after each epoch and when it is stopped)")  # fmt: skip
+                         f"writes one {written})")  # fmt: skip
     ckpt = _read_checkpoint(path)
-    missing = _TOKEN_CKPT_KEYS - (set(ckpt) if isinstance(ckpt, dict) else set())
-    if missing or ckpt.get("kind") != "train-lm":
-        raise ValueError(f"checkpoint {str(path)!r} is not a kd train-lm checkpoint (missing {sorted(missing)})")
+    missing = (keys | {"kind", "identity"}) - (set(ckpt) if isinstance(ckpt, dict) else set())
+    if missing or ckpt.get("kind") != kind:
+        raise ValueError(f"checkpoint {str(path)!r} is not a kd {kind} checkpoint (missing {sorted(missing)})")
     theirs = json.loads(ckpt["identity"])
     differ = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in identity.items() if theirs.get(k) != v]
     if differ:
         raise ValueError(f"checkpoint {str(path)!r} is of another run ({'; '.join(differ)}): resume it with "
                          "the options it was started with, or give another --run-dir")  # fmt: skip
-    if len(ckpt["torch_rng"]) != size:  # (identity holds the world size; a hand-edited file might not)
-        raise ValueError(f"checkpoint {str(path)!r} holds {len(ckpt['torch_rng'])} rank(s)' generators, not {size}")
     return ckpt
+
+
+def write_run_checkpoint(run_dir: Path, kind: str, identity: dict, state: dict) -> None:
+    """``state`` (tensors, plain containers) with ``kind`` and ``identity`` as ``run_dir``'s checkpoint:
+    written aside and renamed over the old one, so a kill never leaves half of one."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    _save_checkpoint(Path(run_dir) / RUN_CHECKPOINT,
+                     {"kind": kind, "identity": json.dumps(identity, sort_keys=True), **state})  # fmt: skip
 
 
 def source_facts(source: SoftTargetSource) -> dict[str, str]:
@@ -1368,12 +1375,13 @@ def train_tokens(
     if resume:
         if run_dir is None:
             raise ValueError("resume continues the run in run_dir: give run_dir")
-        ckpt = _read_token_checkpoint(run_dir, identity, size)
+        ckpt = read_run_checkpoint(run_dir, "train-lm", identity, _TOKEN_CKPT_KEYS,
+                                   "after each epoch and when it is stopped")  # fmt: skip
         try:
             student.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"checkpoint {str(Path(run_dir) / TOKEN_CHECKPOINT)!r} is not this student's "
+            raise ValueError(f"checkpoint {str(Path(run_dir) / RUN_CHECKPOINT)!r} is not this student's "
                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None  # fmt: skip
         gen.set_state(ckpt["epoch_rng"])
         losses = [float(v) for v in ckpt["losses"]]
@@ -1387,11 +1395,9 @@ def train_tokens(
         rngs = _rank_rng_states(size, dev)  # every rank: a collective
         if run_dir is None or rank != 0:
             return
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        _save_checkpoint(Path(run_dir) / TOKEN_CHECKPOINT, {
-            "kind": "train-lm", "identity": json.dumps(identity, sort_keys=True), "epoch": epoch, "step": step,
-            "epoch_rng": epoch_rng, "total": total, "tokens_seen": seen, "losses": list(losses),
-            "model": student.state_dict(), "optimizer": opt.state_dict(), **rngs})  # fmt: skip
+        write_run_checkpoint(run_dir, "train-lm", identity, {
+            "epoch": epoch, "step": step, "epoch_rng": epoch_rng, "total": total, "tokens_seen": seen,
+            "losses": list(losses), "model": student.state_dict(), "optimizer": opt.state_dict(), **rngs})  # fmt: skip
 
     # A live server's targets of the next micro-batch are asked on a thread while the student trains
     # on this one (the request waits on the network and the teacher, not on this process's cores).

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from kd.cli import app
 from kd.core.data import open_source
+from kd.core.signals import Stopped
 from kd.core.tokens import TokenTargets
 from kd.student_trainer.losses.token_kd import evaluate_tokens, token_kd_loss
 from kd.student_trainer.onpolicy import (
@@ -316,3 +317,54 @@ def test_hf_causal_lm_student_with_topk_scoring(served, corpus):
     res = train_onpolicy(student, client, "bigram", train, _cfg(steps=2, scoring="topk", top_k=16, eval_prompts=0))
     assert len(res.losses) == 2 and all(math.isfinite(v) and v > 0 for v in res.losses)
     assert not torch.equal(student.lm_head.weight.detach(), before)
+
+
+# -- (5) resuming ---------------------------------------------------------------------------------
+def test_a_stopped_or_checkpointed_run_resumes_to_the_uninterrupted_result(served, corpus, tmp_path):
+    """A stop mid-epoch (48 prompts: 6 steps of 8 an epoch) and a periodic checkpoint both continue to
+    the losses, counts, evaluations and weights of an uninterrupted run: the batch order, GKD's coin,
+    the sampler and the optimizer resume with the student."""
+    _, client, _ = served
+    train, val = open_source(corpus[0]), open_source(corpus[1])
+    cfg = _cfg(steps=14, lmbda=0.5, eval_prompts=4, optimizer="adam")
+    whole_student = tiny_student()
+    whole = train_onpolicy(whole_student, client, "bigram", train, cfg, val=val)
+    assert 0 < whole.on_policy_batches < 14
+    calls = iter(range(100))
+    with pytest.raises(Stopped, match="after 5 of 14 steps"):  # each resumes across an epoch's new order
+        train_onpolicy(tiny_student(), client, "bigram", train, cfg, val=val, run_dir=tmp_path / "a",
+                       stop=lambda: 15 if next(calls) == 5 else None)  # fmt: skip
+    periodic = train_onpolicy(tiny_student(), client, "bigram", train, cfg, val=val, run_dir=tmp_path / "b",
+                              checkpoint_every=4)  # fmt: skip
+    assert periodic.losses == whole.losses  # writing checkpoints changes nothing
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 12
+    for run in ("a", "b"):
+        student = tiny_student()
+        torch.manual_seed(1234)  # the generators come from the checkpoint
+        got = train_onpolicy(student, client, "bigram", train, cfg, val=val, run_dir=tmp_path / run, resume=True)
+        for key in ("losses", "on_policy_batches", "tokens_scored", "val_before", "val_after", "divergence_before",
+                    "divergence_after"):  # fmt: skip
+            assert getattr(got, key) == getattr(whole, key), (run, key)
+        for k, v in whole_student.state_dict().items():
+            assert torch.equal(student.state_dict()[k], v), (run, k)
+    with pytest.raises(ValueError, match=r"of another run \(lr: 0\.02 there, 0\.5 here\)"):
+        train_onpolicy(tiny_student(), client, "bigram", train, _cfg(steps=14, lmbda=0.5, eval_prompts=4, lr=0.5),
+                       val=val, run_dir=tmp_path / "a", resume=True)  # fmt: skip
+
+
+def test_cli_onpolicy_resumes_from_its_run_directory(served, corpus, tmp_path):
+    running, _, _ = served
+    args = ["onpolicy", "--server", f"127.0.0.1:{running.port}", "--teacher", "bigram", "--dataset", corpus[0],
+            "--student", f"{__name__}:tiny_student", "--steps", "6", "--prompt-tokens", "4", "--max-new-tokens", "6",
+            "--eval-prompts", "0", "--run-dir", str(tmp_path / "run"), "--checkpoint-every", "4"]  # fmt: skip
+    stats = running.servicer.endpoints["bigram"].batcher.stats
+    before = stats.samples
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    middle = stats.samples
+    again = CliRunner().invoke(app, [*args, "--resume"])  # from step 4: steps 4 and 5 again, as they ran
+    assert again.exit_code == 0, again.output
+    a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (first, again))
+    assert b["losses"] == a["losses"] and b["tokens_scored"] == a["tokens_scored"] and len(a["losses"]) == 6
+    # The resumed run asked the teacher for 2 steps' rows (8 prompts each at most), not 6 steps' again.
+    assert 0 < stats.samples - middle <= 16 < middle - before

@@ -209,8 +209,9 @@ def test_sigterm_stops_onpolicy_between_steps(tmp_path: Path, corpus) -> None:
     finally:
         running.stop(grace=1)
     line = stop_line(r)
-    m = re.fullmatch(r"stopped by SIGTERM: after (\d+) of 100000 steps; the student is not saved: kd onpolicy has "
-                     r"no --resume \(run it again from the start\)", line)  # fmt: skip
+    m = re.fullmatch(r"stopped by SIGTERM: after (\d+) of 100000 steps; the student is not saved: no --run-dir to "
+                     r"resume from \(run it again from the start; with --run-dir a stop leaves a checkpoint\)",
+                     line)  # fmt: skip
     assert m and 1 <= int(m[1]) < 100000, line  # the teacher scored step 0 before the signal
     assert not out.exists() and r.stdout == ""
 

@@ -18,7 +18,7 @@ from torch import nn
 from kd.core.data import open_source
 from kd.core.signals import Stopped
 from kd.student_trainer.sources import LocalSource
-from kd.student_trainer.train import TOKEN_CHECKPOINT, train_tokens
+from kd.student_trainer.train import RUN_CHECKPOINT, train_tokens
 
 RUN = {"batch_size": 3, "accumulate": 2, "lr": 0.02, "seed": 4, "method": "token-fkl"}
 
@@ -69,7 +69,7 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_run(setup, tmp_pat
     torch.manual_seed(7)  # as the uninterrupted run's dropout
     with pytest.raises(Stopped, match=r"in epoch 2 after 2 of its steps"):  # 20 sequences: 4 steps of 6 an epoch
         train_tokens(first, data, source, epochs=3, run_dir=tmp_path, stop=stop_at(7), **RUN)
-    assert (tmp_path / TOKEN_CHECKPOINT).is_file()
+    assert (tmp_path / RUN_CHECKPOINT).is_file()
     torch.manual_seed(999)  # the generators come from the checkpoint, not from here
     student = DropoutLM()
     assert train_tokens(student, data, source, epochs=3, run_dir=tmp_path, resume=True, **RUN) == whole
@@ -107,7 +107,7 @@ def test_a_crashed_run_resumes_from_its_last_periodic_checkpoint(setup, tmp_path
     # 2 micro-batches a step, one probe call first: call 12 is step 2 of epoch 2's second micro-batch
     with pytest.raises(RuntimeError, match="went away"):
         train_tokens(first, data, failing, epochs=3, run_dir=tmp_path, checkpoint_every=1, **RUN)
-    ckpt = torch.load(tmp_path / TOKEN_CHECKPOINT, weights_only=True)
+    ckpt = torch.load(tmp_path / RUN_CHECKPOINT, weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 1)  # after the last whole step, not the last epoch's end
     student = DropoutLM()
     assert train_tokens(student, data, source, epochs=3, run_dir=tmp_path, resume=True, **RUN) == whole
@@ -127,7 +127,7 @@ def test_resume_refuses_a_checkpoint_it_cannot_continue(setup, tmp_path: Path) -
         train_tokens(DropoutLM(), data, source, epochs=2, run_dir=tmp_path, resume=True, **{**RUN, "lr": 0.05})
     with pytest.raises(ValueError, match=r"is not this student's"):
         train_tokens(DropoutLM(dim=4), data, source, epochs=2, run_dir=tmp_path, resume=True, **RUN)
-    torch.save({"epoch": 1, "model": {}}, tmp_path / TOKEN_CHECKPOINT)  # e.g. a kd train checkpoint
+    torch.save({"epoch": 1, "model": {}}, tmp_path / RUN_CHECKPOINT)  # e.g. a kd train checkpoint
     with pytest.raises(ValueError, match=r"is not a kd train-lm checkpoint"):
         train_tokens(DropoutLM(), data, source, epochs=2, run_dir=tmp_path, resume=True, **RUN)
 
