@@ -38,6 +38,11 @@ def _fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def _count(n: int, noun: str) -> str:
+    """``n`` and the noun, plural unless n is 1 ("1 record", "2 records")."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _parse_options(items: list[str]) -> dict[str, object]:
     """``key=value`` pairs; values parsed as JSON where they can be (numbers, true/false)."""
     out: dict[str, object] = {}
@@ -1517,7 +1522,10 @@ def cache_verify(
         shown = ", ".join(f"{i}/{v}" for i, v in report.missing[:10])
         console.print(f"[red]missing {len(report.missing)} of {report.expected}[/] (index/view): {shown}"
                       + (" ..." if len(report.missing) > 10 else ""), highlight=False)  # fmt: skip
-    console.print(f"{report.present}/{report.expected} records present, {len(report.problems)} problems",
+    # good + corrupt + missing = expected; the other problems are keys that belong to no expected record
+    stray = len(report.problems) - report.corrupt
+    console.print(f"{report.present}/{report.expected} records good, {report.corrupt} corrupt, "
+                  f"{len(report.missing)} missing" + (f", {_count(stray, 'stray key')}" if stray else ""),
                   highlight=False)  # fmt: skip
     if not report.ok:
         raise typer.Exit(1)
