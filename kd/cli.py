@@ -575,9 +575,9 @@ def precompute(
     std: str | None = typer.Option(None, help="local: teacher's per-channel std (as kd serve --std)."),
     server_timeout: float = typer.Option(
         60.0,
-        help="With a server: source: seconds one request, or a stream's wait for its next answer, may take before "
-        "the run fails naming the server (a stalled server otherwise blocks it); raise it for a teacher whose "
-        "forward takes longer.",
+        help="With a server: source: seconds the first contact with the server, one request, or a stream's wait for "
+        "its next answer may take before the run fails naming the server (an unreachable or stalled server "
+        "otherwise blocks it); raise it for a teacher whose forward takes longer.",
     ),
 ) -> None:
     """Run a dataset through a teacher and store its soft targets in an LMDB cache (resumable)."""
@@ -601,7 +601,8 @@ def precompute(
         _fail(f"--views must be >= 1 (1: the plain samples), got {views}")
     if not (math.isfinite(server_timeout) and server_timeout > 0):
         _fail(f"--server-timeout {server_timeout}: give a number of seconds > 0")
-    timeouts = {"timeout": server_timeout, "stream_timeout": server_timeout}  # a server's client, as kd train's
+    # a server's client, as kd train's: reaching it, each request and each stream wait bounded alike
+    timeouts = {"timeout": server_timeout, "stream_timeout": server_timeout, "connect_timeout": server_timeout}
     which = _shard_of(shard)  # --shard I/N, or this torchrun rank's: checked before the data is read
     import os
 
@@ -953,9 +954,9 @@ def train(
     ),
     server_timeout: float = typer.Option(
         60.0,
-        help="With server: sources: seconds one request, or a stream's wait for its next answer, may take before "
-        "the run fails naming the server (a stalled server otherwise blocks it); raise it for a teacher whose "
-        "forward takes longer.",
+        help="With server: sources: seconds the first contact with a server, one request, or a stream's wait for "
+        "its next answer may take before the run fails naming the server (an unreachable or stalled server "
+        "otherwise blocks it); raise it for a teacher whose forward takes longer.",
     ),
     match: list[str] = typer.Option(
         [], help="Feature methods: STUDENT_LAYER=TEACHER_LAYER (module paths; 'logits' = the output). Repeatable."
@@ -1113,8 +1114,9 @@ def train(
         _fail(str(e))
     _check_saveable(model, out)
 
-    # A server's client: each request, and each wait of a stream for its next answer, bounded alike.
-    timeouts = {"timeout": server_timeout, "stream_timeout": server_timeout}
+    # A server's client: reaching it, each request, and each wait of a stream for its next answer,
+    # bounded alike (the connect wait was the client's own 60 s whatever --server-timeout said).
+    timeouts = {"timeout": server_timeout, "stream_timeout": server_timeout, "connect_timeout": server_timeout}
 
     def open_source(ref: str):
         if ref.startswith("cache:"):
@@ -1995,7 +1997,9 @@ def train_lm(
         "method's temperature), made next to the model, instead of all V logits.",
     ),
     server_timeout: float = typer.Option(
-        60.0, help="With --source server:...: seconds one request may take before the run fails naming the server."
+        60.0,
+        help="With --source server:...: seconds the first contact with the server, or one request, may take before "
+        "the run fails naming the server.",
     ),
 ) -> None:
     """Distil a causal-LM student with a per-token loss from a token cache, a served token teacher or
@@ -2047,7 +2051,7 @@ def train_lm(
             # Sparse targets hold the log-sum-exp at one temperature: the loss's (token losses' default 1).
             temperature = float(options.get("temperature", get_method(method).defaults.get("temperature", 1.0)))
             cache = parse_source(source, topk=server_topk, temperature=temperature, timeout=server_timeout,
-                                 stream_timeout=server_timeout)  # fmt: skip
+                                 stream_timeout=server_timeout, connect_timeout=server_timeout)  # fmt: skip
             if not cache.tokens:
                 raise ValueError(f"--source {source}: teacher {cache.teacher_name!r} is not a token teacher (its "
                                  "targets are one row per sample): distil it with kd train")  # fmt: skip
