@@ -2031,7 +2031,7 @@ def train_lm(
     _check_out(out)
     options = _parse_options(opt)
     device, rank = _join_torchrun(device)  # under torchrun each rank trains on its slice of every step
-    cache = None
+    teacher_src = None
     try:
         get_method(method).check_options(options)
         train_data, val_data = open_source(dataset), open_source(val_dataset)
@@ -2044,28 +2044,29 @@ def train_lm(
         # The cache is --dataset's (its id covers the tokenizer); --val-dataset's ids must be the same tokens.
         refuse_other_dataset_tokenizer(val_data, train_data, "--val-dataset", "--dataset")
         if kind == "cache":
-            cache = CacheSource(source[len("cache:") :], dataset_id=train_data.dataset_id)
-            if not cache.reader.meta.per_token:
+            teacher_src = CacheSource(source[len("cache:") :], dataset_id=train_data.dataset_id)
+            if not teacher_src.reader.meta.per_token:
                 raise ValueError(f"{source} holds one record per sample; kd train-lm needs a token cache")
         elif kind == "server":
             # Sparse targets hold the log-sum-exp at one temperature: the loss's (token losses' default 1).
             temperature = float(options.get("temperature", get_method(method).defaults.get("temperature", 1.0)))
-            cache = parse_source(source, topk=server_topk, temperature=temperature, timeout=server_timeout,
-                                 stream_timeout=server_timeout, connect_timeout=server_timeout)  # fmt: skip
-            if not cache.tokens:
-                raise ValueError(f"--source {source}: teacher {cache.teacher_name!r} is not a token teacher (its "
+            teacher_src = parse_source(source, topk=server_topk, temperature=temperature, timeout=server_timeout,
+                                       stream_timeout=server_timeout, connect_timeout=server_timeout)  # fmt: skip
+            if not teacher_src.tokens:
+                raise ValueError(f"--source {source}: teacher {teacher_src.teacher_name!r} is not a token teacher (its "
                                  "targets are one row per sample): distil it with kd train")  # fmt: skip
         else:
-            cache = parse_source(source, device=device)
-            if not is_token_teacher(cache.teacher):
-                raise ValueError(f"--source {source}: teacher {cache.teacher_name!r} is not a token teacher (its "
+            teacher_src = parse_source(source, device=device)
+            if not is_token_teacher(teacher_src.teacher):
+                raise ValueError(f"--source {source}: teacher {teacher_src.teacher_name!r} is not a token teacher (its "
                                  "signature does not take token ids): distil it with kd train")  # fmt: skip
-        if cache.num_classes != train_data.vocab_size:  # before the student is built; train_tokens checks it again
-            raise ValueError(f"--source {source} has vocabulary {cache.num_classes}, --dataset "
+        # before the student is built; train_tokens checks it again
+        if teacher_src.num_classes != train_data.vocab_size:
+            raise ValueError(f"--source {source} has vocabulary {teacher_src.num_classes}, --dataset "
                              f"{train_data.vocab_size}")  # fmt: skip
     except Exception as e:  # noqa: BLE001 - a bad cache, server, teacher or dataset: the user's to read
-        if cache is not None:
-            cache.close()
+        if teacher_src is not None:
+            teacher_src.close()
         _fail(str(e) if isinstance(e, (CacheError, ValueError, TypeError)) else f"{type(e).__name__}: {e}")
     seed_everything(seed)
     try:
@@ -2087,7 +2088,7 @@ def train_lm(
 
     signals = _stop_signals()
     try:
-        losses = train_tokens(model, train_data, cache, method=method, epochs=epochs, batch_size=batch_size,
+        losses = train_tokens(model, train_data, teacher_src, method=method, epochs=epochs, batch_size=batch_size,
                               lr=lr, seed=seed, method_options=options, device=device, accumulate=accumulate,
                               amp=amp, optimizer=optimizer, weight_decay=weight_decay, on_epoch=validate,
                               stop=signals.first)  # fmt: skip
@@ -2100,7 +2101,7 @@ def train_lm(
         _fail(f"{type(e).__name__}: {e}")
     finally:
         signals.close(restore_handlers=True)
-        cache.close()
+        teacher_src.close()
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
