@@ -1167,10 +1167,12 @@ def train(
             final = student_final(TrainConfig(input_size=input_size, input_mean=means, input_std=stds))
             src = MultiTeacherSource([open_source(ref) for ref in source], combiner, student=model,
                                      student_final=final, **options)  # fmt: skip
-        from kd.student_trainer.train import check_logit_offsets
+        from kd.student_trainer.train import check_logit_offsets, check_sample_temperature
 
         try:  # a cache's codec (or a mixture of teachers) that lost the logits' offsets: before any target is read
             check_logit_offsets(method, _parse_options(opt), src, list(match))
+            # draws of a sample:K cache at another temperature than the loss's (it failed at the first step)
+            check_sample_temperature(method, _parse_options(opt), src)
         except ValueError as e:
             _fail(str(e))
         sub = None
