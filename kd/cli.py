@@ -1165,8 +1165,13 @@ def train(
             # the combiner's student forward (ae-kd) sees the student's own input, as training does
             means, stds = _floats(input_mean, "--input-mean") or [], _floats(input_std, "--input-std") or []
             final = student_final(TrainConfig(input_size=input_size, input_mean=means, input_std=stds))
-            src = MultiTeacherSource([open_source(ref) for ref in source], combiner, student=model,
-                                     student_final=final, **options)  # fmt: skip
+            members = [open_source(ref) for ref in source]
+            try:  # members that cannot be combined (classes, views, sampled targets): refused before any step
+                src = MultiTeacherSource(members, combiner, student=model, student_final=final, **options)
+            except ValueError as e:
+                for m in members:
+                    m.close()
+                _fail(str(e))
         from kd.student_trainer.train import check_logit_offsets, check_sample_temperature
 
         try:  # a cache's codec (or a mixture of teachers) that lost the logits' offsets: before any target is read

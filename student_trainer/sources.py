@@ -131,6 +131,11 @@ class SoftTargetSource:
         that read absolute logits (``kd.student_trainer.train.check_logit_offsets``)."""
         return None
 
+    def sparse_kind(self) -> str | None:
+        """The kind of the sparse targets it gives (``SparseTargets.kind``: "topk", "sample" or "subset"),
+        known without reading one; None for dense logits."""
+        return None
+
     def sampled_at(self) -> float | None:
         """The temperature its targets were drawn at where they are draws (a sample:K cache, or its draws
         asked of a server): the only one a loss can train on them at; None for any other targets."""
@@ -196,6 +201,9 @@ class CacheSource(SoftTargetSource):
 
     def sampled_at(self) -> float | None:
         return _drawn_at(self.reader.codec)
+
+    def sparse_kind(self) -> str | None:
+        return _sparse_kind_of(self.reader.meta.codec)
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         if self.reader.meta.per_token:
@@ -408,6 +416,9 @@ class ServerSource(SoftTargetSource):
 
     def sampled_at(self) -> float | None:
         return None if self.sample_codec is None else float(self.sample_codec.temperature)
+
+    def sparse_kind(self) -> str | None:
+        return "sample" if self.sample_codec is not None else "topk" if self.topk else None
 
     def _asked(self) -> dict[str, Any]:
         c = self.sample_codec
@@ -884,6 +895,9 @@ class ReadThroughSource(SoftTargetSource):
     def sampled_at(self) -> float | None:
         return _drawn_at(self.reader.codec)
 
+    def sparse_kind(self) -> str | None:
+        return _sparse_kind_of(self.reader.meta.codec)
+
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         present = torch.tensor(self.reader.present(indices.tolist(), None if views is None else views.tolist()))
         missing = (~present).nonzero().flatten()
@@ -937,6 +951,14 @@ def split_server_address(rest: str) -> tuple[str, str | None]:
     if not address:
         raise ValueError(f"server:{rest}: no server address (expected HOST:PORT[/TEACHER])")
     return head + address, teacher or None
+
+
+def _sparse_kind_of(codec: str) -> str | None:
+    """What a cache of codec ``codec`` decodes to: its ``SparseTargets.kind``, None for dense logits."""
+    for prefix, kind in (("topk:", "topk"), ("sample:", "sample"), ("rand:", "subset")):
+        if codec.startswith(prefix):
+            return kind
+    return None
 
 
 def _drawn_at(codec: Any) -> float | None:
