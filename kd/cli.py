@@ -1422,7 +1422,10 @@ def methods() -> None:
     # "teacher logits": whether the loss sees them only up to a constant per row (softmax, ranks; q8/q4
     # and pca caches serve it too) or their absolute values (it needs full logits: fp32/fp16/bf16/int8
     # caches, servers without --server-topk, local teachers); a method whose options decide says so.
-    table = Table("method", "kind", "teacher logits", "paper", "defaults")
+    # "sparse targets": whether the loss takes top-k / sampled / random-subset targets as they are
+    # (topk:K, sample:K, rand:M caches, --server-topk; its accepts_sparse), or needs every class's logit;
+    # "-": it reads no teacher targets. A feature method's S=logits match needs dense logits whatever it says.
+    table = Table("method", "kind", "teacher logits", "sparse targets", "paper", "defaults")
     for name, m in sorted(METHODS.items()):
         kind = getattr(m, "kind", "logit")
         defaults = m.own_defaults if kind == "feature" else m.defaults
@@ -1431,7 +1434,10 @@ def methods() -> None:
         targets = "up to a shift" if m.shift_invariant() else "absolute: full logits"
         if callable(m.teacher_logits_shift_invariant):
             targets += " (at the defaults; options decide)"
-        table.add_row(name, kind, targets, m.paper, ", ".join(f"{k}={v}" for k, v in defaults.items()))
+        sparse = "-" if not m.needs_teacher else "yes" if m.takes_sparse() else "no"
+        if m.needs_teacher and callable(m.accepts_sparse):
+            sparse += " (at the defaults; options decide)"
+        table.add_row(name, kind, targets, sparse, m.paper, ", ".join(f"{k}={v}" for k, v in defaults.items()))
     Console().print(table)
 
 

@@ -272,3 +272,26 @@ def test_a_sample_cache_at_another_temperature_is_refused_before_the_run_starts(
     assert not (tmp_path / "run").exists()
     r = invoke(*TRAIN, "--method", "kd", "--opt", "temperature=1", "--source", f"cache:{sample_cache}")
     assert r.exit_code == 0, r.output
+
+
+def test_kd_methods_shows_which_methods_take_sparse_targets() -> None:
+    """`kd methods` had no word on it: a user picking a method for a topk:K / sample:K cache or
+    --server-topk learnt it from a refusal. Its "sparse targets" column says what each method's
+    declaration says (checked against its loss above): yes, no, or "-" where it reads no targets."""
+    r = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "1000"})  # one line per row: nothing wraps
+    assert r.exit_code == 0, r.output
+    header = next(line for line in r.output.splitlines() if "┃ method" in line)
+    columns = [c.strip() for c in header.split("┃")[1:-1]]
+    assert columns[:4] == ["method", "kind", "teacher logits", "sparse targets"], columns
+    cells = {}
+    for line in r.output.splitlines():
+        parts = [c.strip() for c in line.split("│")[1:-1]]
+        if parts and parts[0] in METHODS:
+            cells[parts[0]] = parts[3]
+    assert set(cells) == set(METHODS)
+    assert (cells["kd"], cells["eskd"], cells["tfkd-self"], cells["at"]) == ("yes", "yes", "yes", "yes")
+    assert (cells["dkd"], cells["dist"], cells["sskd"], cells["ce"]) == ("no", "no", "no", "-")
+    assert cells["cckd"] == "no (at the defaults; options decide)"  # instance_weight=0 makes it yes
+    for name, m in METHODS.items():
+        said = cells[name].split(" (")[0]
+        assert said == ("-" if not m.needs_teacher else "yes" if m.takes_sparse() else "no"), name
