@@ -506,7 +506,7 @@ def serve(
             highlight=False,
         )
     for name, source in datasets.items():
-        console.print(f"dataset [bold]{name}[/] {source.dataset_id}, {len(source)} samples", highlight=False)
+        console.print(f"dataset [bold]{name}[/] {source.dataset_id}, {_count(len(source), 'sample')}", highlight=False)
     security = ("mutual TLS" if cfg.tls_client_ca else "TLS") if tls else "plaintext"
     console.print(
         f"serving on {cfg.host}:{running.port} ({security}{', token' if token else ''})"
@@ -517,7 +517,7 @@ def serve(
         write_text_atomically(port_file, str(running.port))  # a reader never sees a half-written port
     serve_until_signalled(running, signals=signals)
     accepted, unanswered = running.accepted()
-    console.print(f"drained: {accepted} requests accepted, {unanswered} unanswered; bye", highlight=False)
+    console.print(f"drained: {_count(accepted, 'request')} accepted, {unanswered} unanswered; bye", highlight=False)
 
 
 @app.command()
@@ -1106,7 +1106,8 @@ def train(
     device, rank = _join_torchrun(device)  # under torchrun: DistributedDataParallel in train_student
     train_data, test_data = _train_and_val(dataset, val_dataset)
     if subset > len(train_data):  # the permutation's first N was all of it: trained on fewer, without a word
-        _fail(f"--subset {subset} is larger than --dataset {train_data.dataset_id} ({len(train_data)} samples)")
+        _fail(f"--subset {subset} is larger than --dataset {train_data.dataset_id} "
+              f"({_count(len(train_data), 'sample')})")  # fmt: skip
     seed_everything(seed)
     try:
         model = _build_student(student)
@@ -1251,7 +1252,7 @@ def train(
     console.print(
         f"top-1 {result.test_acc:.4f}"
         + (f", top-5 {top5:.4f}" if top5 is not None else "")
-        + f" on {test_data.dataset_id} ({len(test_data)} samples)",
+        + f" on {test_data.dataset_id} ({_count(len(test_data), 'sample')})",
         highlight=False,
     )
     print(
@@ -1344,7 +1345,7 @@ def evaluate_model(
     top5 = acc.top5 if data.num_classes > 5 else None  # with <= 5 classes every class is in the top 5
     console.print(
         f"top-1 {acc.top1:.4f}" + (f", top-5 {top5:.4f}" if top5 is not None else "")
-        + f" on {data.dataset_id} ({acc.n} samples)",
+        + f" on {data.dataset_id} ({_count(acc.n, 'sample')})",
         highlight=False,
     )  # fmt: skip
     print(json.dumps({"model": model, "dataset": data.dataset_id, "top1": acc.top1, "top5": top5, "n": acc.n}))
@@ -1383,7 +1384,8 @@ def records(
     except (TeacherLoadError, ValueError) as e:
         _fail(str(e))
     size = sum(v.numel() * v.element_size() for v in recs.values())
-    console.print(f"wrote {path}: {len(layer)} layer(s), {size:,} bytes, from {len(data)} samples", highlight=False)
+    console.print(f"wrote {path}: {len(layer)} layer(s), {size:,} bytes, from {_count(len(data), 'sample')}",
+                  highlight=False)  # fmt: skip
 
 
 @app.command()
@@ -1572,7 +1574,7 @@ def cache_export(
         _fail(str(e))
     except OSError as e:
         _fail(f"--out {str(out)!r}: cannot write the export ({e.strerror or e})")
-    console.print(f"exported {count} records to {written}", highlight=False)
+    console.print(f"exported {_count(count, 'record')} to {written}", highlight=False)
 
 
 def _report_bench(run_bench, print_report, settings, json_out: Path | None) -> None:
@@ -2221,7 +2223,7 @@ def explain(
     res = _call(
         run_explain, config, out, demo_dir=demo_dir, specs=specs, seeds=seeds, every=every, teacher_path=teacher_path
     )
-    _report(f"kd explain (Cheng et al. 2020) on {images} digits test images", ["model", *METRICS],
+    _report(f"kd explain (Cheng et al. 2020) on {_count(images, 'digits test image')}", ["model", *METRICS],
             table_rows(res["summary"]), caption=f"{out / 'results.json'}; plots in {out}")  # fmt: skip
     if res.get("problems"):
         _fail(f"the retrained models differ from the demo's: {res['problems']}", code=1)

@@ -195,7 +195,8 @@ def train_peer(
                     if max_lag is None or age <= max_lag:
                         break
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"peer {peer!r} stayed {age} steps behind for {wait_timeout:.0f} s")
+                        raise TimeoutError(f"peer {peer!r} stayed {age} step{'s' * (age != 1)} behind for "
+                                           f"{wait_timeout:.0f} s")  # fmt: skip
                     time.sleep(0.002)
                 peer_logits.append(z.to(logits.device))
                 ages.append(age)
