@@ -343,6 +343,24 @@ def test_value_moved_under_another_key_fails_the_checksum(tmp_path: Path) -> Non
     assert report.missing == [] and report.corrupt == 1 and report.present == 9
 
 
+def test_a_sharded_cache_counts_a_corrupt_record_once(tmp_path: Path) -> None:
+    """Two shards, one record of shard 1 corrupt and one of shard 0 absent: the report over the shards
+    sums each shard's counts, the corrupt one counted as corrupt and not also as missing."""
+    from kd.cache.sharded import open_cache, shard_dir
+
+    z = random_logits(10, 7, seed=21)
+    for si in range(2):
+        meta = make_meta(shard_index=si, shard_count=2)
+        owned = [i for i in range(si, 10, 2) if i != 4]  # 4 (shard 0) is never written
+        with CacheWriter(shard_dir(tmp_path / "c", si, 2), meta) as w:
+            w.put(owned, z[owned])
+    key = record_key(make_meta(shard_index=1, shard_count=2).record_prefix, 7)
+    tamper(shard_dir(tmp_path / "c", 1, 2), lambda txn: txn.put(key, _flip(10)(txn.get(key))))
+    report = open_cache(tmp_path / "c").verify()
+    assert (report.present, report.corrupt, report.missing, report.expected) == (8, 1, [(4, 0)], 10)
+    assert len(report.problems) == 1 and "index=7" in report.problems[0]
+
+
 # --------------------------------------------------------------------------- missing records
 
 
