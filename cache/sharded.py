@@ -199,6 +199,7 @@ class ShardedCacheReader:
             part = r.verify()
             report.expected += part.expected
             report.present += part.present
+            report.corrupt += part.corrupt
             report.missing += part.missing
             report.problems += part.problems
         report.missing.sort()

@@ -1295,27 +1295,33 @@ class CacheReader:
                     continue
                 batch.append((key, value))
                 if len(batch) == _VERIFY_BATCH:
-                    walk.add(self._verify_batch(txn, batch, report.problems))
+                    report.corrupt += self._verify_batch(txn, batch, report.problems, walk)
                     batch = []
             if batch:
-                walk.add(self._verify_batch(txn, batch, report.problems))
-        report.present, missing = walk.finish()
+                report.corrupt += self._verify_batch(txn, batch, report.problems, walk)
+        # a corrupt record is stored, so the walk took it out of the missing ones: counted once
+        stored, missing = walk.finish()
+        report.present = stored - report.corrupt
         # position p -> (index, view): p = (index - shard_index) // shard_count * views + view
         index = meta.shard_index + (missing // meta.views) * meta.shard_count
         report.missing = list(zip(index.tolist(), (missing % meta.views).tolist()))
         return report
 
-    def _verify_batch(self, txn: lmdb.Transaction, items: list[tuple[bytes, bytes]], problems: list[str]) -> np.ndarray:
+    def _verify_batch(
+        self, txn: lmdb.Transaction, items: list[tuple[bytes, bytes]], problems: list[str], walk: _MissingWalk
+    ) -> int:
         """Check a batch of walked (key, value) records; append their problems to ``problems`` in walk
-        order (at most one per record, the first check it fails) and return the expected-range
-        positions (int64, walk order) of the records that passed every check."""
+        order (at most one per record, the first check it fails), give ``walk`` the expected-range
+        positions (int64, walk order) of every record stored there, good or corrupt, and return how
+        many of those are corrupt."""
         meta, path, plen = self.meta, str(self.path), len(self._prefix)
         found: dict[int, str] = {}  # batch row -> its problem
-        rows: list[int] = []  # rows still to check
+        rows: list[int] = []  # rows with a key of this cache: an (index, view), whatever their value
         for r, (key, value) in enumerate(items):
             if not key.startswith(self._prefix) or len(key) != plen + _KEY.size:
                 found[r] = f"foreign key {key[:40]!r}"
                 continue
+            rows.append(r)
             looked_up = txn.get(key)  # what a reader does: the walk does not use the index pages
             if looked_up != value:
                 found[r] = (
@@ -1323,26 +1329,25 @@ class CacheReader:
                     f"{'finds nothing' if looked_up is None else 'finds other bytes'}: an index page of the file is "
                     "damaged, so readers report it missing or read other bytes; rebuild it with `kd precompute`"
                 )
-                continue
-            rows.append(r)
-        ids = np.zeros((0, 2), dtype=np.int64)
-        if rows:
-            keys = np.frombuffer(b"".join(items[r][0][plen:] for r in rows), dtype=_KEY_DTYPE)
-            ids = np.stack([keys["index"].astype(np.int64), keys["view"].astype(np.int64)], axis=1)
+        if not rows:
+            problems.extend(found[r] for r in sorted(found))
+            return 0
+        keys = np.frombuffer(b"".join(items[r][0][plen:] for r in rows), dtype=_KEY_DTYPE)
+        ids = np.stack([keys["index"].astype(np.int64), keys["view"].astype(np.int64)], axis=1)
+        todo = [j for j, r in enumerate(rows) if r not in found]  # the lookups that found the record
+        if todo:
             check = self._verify_sequences if meta.per_token else self._verify_records
-            bad = check(path, [items[r] for r in rows], ids)
+            bad = check(path, [items[rows[j]] for j in todo], ids[todo])
             for j, why in bad.items():
-                found[rows[j]] = why
-            index, view = ids[:, 0], ids[:, 1]
-            outside = (
-                (index >= meta.dataset_size) | (view >= meta.views) | (index % meta.shard_count != meta.shard_index)
-            )
-            for j in np.flatnonzero(outside).tolist():
-                found.setdefault(rows[j], f"record (index={int(index[j])}, view={int(view[j])}) is outside the dataset")
+                found[rows[todo[j]]] = why
+        index, view = ids[:, 0], ids[:, 1]
+        outside = (index >= meta.dataset_size) | (view >= meta.views) | (index % meta.shard_count != meta.shard_index)
+        for j in np.flatnonzero(outside).tolist():
+            found.setdefault(rows[j], f"record (index={int(index[j])}, view={int(view[j])}) is outside the dataset")
         problems.extend(found[r] for r in sorted(found))
-        good = np.asarray([r not in found for r in rows], dtype=bool)
-        ids = ids[good]
-        return (ids[:, 0] - meta.shard_index) // meta.shard_count * meta.views + ids[:, 1]
+        inside = np.flatnonzero(~outside)
+        walk.add((index[inside] - meta.shard_index) // meta.shard_count * meta.views + view[inside])
+        return sum(1 for j in inside.tolist() if rows[j] in found)
 
     def _verify_records(self, path: str, items: list[tuple[bytes, bytes]], ids: np.ndarray) -> dict[int, str]:
         """Per-sample records of one batch: size, checksum, header, then one decode and one finiteness
@@ -1483,6 +1488,9 @@ class VerifyReport:
     present: int = 0
     missing: list[tuple[int, int]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # expected-range records that are stored but fail a check: each is one of ``problems``, and
+    # present + corrupt + len(missing) == expected (the other problems are foreign or stray keys)
+    corrupt: int = 0
 
     @property
     def ok(self) -> bool:

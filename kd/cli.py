@@ -38,6 +38,11 @@ def _fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def _count(n: int, noun: str) -> str:
+    """``n`` and the noun, plural unless n is 1 ("1 record", "2 records")."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _parse_options(items: list[str]) -> dict[str, object]:
     """``key=value`` pairs; values parsed as JSON where they can be (numbers, true/false)."""
     out: dict[str, object] = {}
@@ -520,7 +525,7 @@ def serve(
             highlight=False,
         )
     for name, source in datasets.items():
-        console.print(f"dataset [bold]{name}[/] {source.dataset_id}, {len(source)} samples", highlight=False)
+        console.print(f"dataset [bold]{name}[/] {source.dataset_id}, {_count(len(source), 'sample')}", highlight=False)
     security = ("mutual TLS" if cfg.tls_client_ca else "TLS") if tls else "plaintext"
     console.print(
         f"serving on {cfg.host}:{running.port} ({security}{', token' if token else ''})"
@@ -531,7 +536,7 @@ def serve(
         write_text_atomically(port_file, str(running.port))  # a reader never sees a half-written port
     serve_until_signalled(running, signals=signals)
     accepted, unanswered = running.accepted()
-    console.print(f"drained: {accepted} requests accepted, {unanswered} unanswered; bye", highlight=False)
+    console.print(f"drained: {_count(accepted, 'request')} accepted, {unanswered} unanswered; bye", highlight=False)
 
 
 @app.command()
@@ -589,9 +594,9 @@ def precompute(
     std: str | None = typer.Option(None, help="local: teacher's per-channel std (as kd serve --std)."),
     server_timeout: float = typer.Option(
         60.0,
-        help="With a server: source: seconds one request, or a stream's wait for its next answer, may take before "
-        "the run fails naming the server (a stalled server otherwise blocks it); raise it for a teacher whose "
-        "forward takes longer.",
+        help="With a server: source: seconds the first contact with the server, one request, or a stream's wait for "
+        "its next answer may take before the run fails naming the server (an unreachable or stalled server "
+        "otherwise blocks it); raise it for a teacher whose forward takes longer.",
     ),
 ) -> None:
     """Run a dataset through a teacher and store its soft targets in an LMDB cache (resumable)."""
@@ -615,7 +620,8 @@ def precompute(
         _fail(f"--views must be >= 1 (1: the plain samples), got {views}")
     if not (math.isfinite(server_timeout) and server_timeout > 0):
         _fail(f"--server-timeout {server_timeout}: give a number of seconds > 0")
-    timeouts = {"timeout": server_timeout, "stream_timeout": server_timeout}  # a server's client, as kd train's
+    # a server's client, as kd train's: reaching it, each request and each stream wait bounded alike
+    timeouts = {"timeout": server_timeout, "stream_timeout": server_timeout, "connect_timeout": server_timeout}
     which = _shard_of(shard)  # --shard I/N, or this torchrun rank's: checked before the data is read
     import os
 
@@ -967,9 +973,9 @@ def train(
     ),
     server_timeout: float = typer.Option(
         60.0,
-        help="With server: sources: seconds one request, or a stream's wait for its next answer, may take before "
-        "the run fails naming the server (a stalled server otherwise blocks it); raise it for a teacher whose "
-        "forward takes longer.",
+        help="With server: sources: seconds the first contact with a server, one request, or a stream's wait for "
+        "its next answer may take before the run fails naming the server (an unreachable or stalled server "
+        "otherwise blocks it); raise it for a teacher whose forward takes longer.",
     ),
     match: list[str] = typer.Option(
         [], help="Feature methods: STUDENT_LAYER=TEACHER_LAYER (module paths; 'logits' = the output). Repeatable."
@@ -1119,7 +1125,8 @@ def train(
     device, rank = _join_torchrun(device)  # under torchrun: DistributedDataParallel in train_student
     train_data, test_data = _train_and_val(dataset, val_dataset)
     if subset > len(train_data):  # the permutation's first N was all of it: trained on fewer, without a word
-        _fail(f"--subset {subset} is larger than --dataset {train_data.dataset_id} ({len(train_data)} samples)")
+        _fail(f"--subset {subset} is larger than --dataset {train_data.dataset_id} "
+              f"({_count(len(train_data), 'sample')})")  # fmt: skip
     seed_everything(seed)
     try:
         model = _build_student(student)
@@ -1127,8 +1134,9 @@ def train(
         _fail(str(e))
     _check_saveable(model, out)
 
-    # A server's client: each request, and each wait of a stream for its next answer, bounded alike.
-    timeouts = {"timeout": server_timeout, "stream_timeout": server_timeout}
+    # A server's client: reaching it, each request, and each wait of a stream for its next answer,
+    # bounded alike (the connect wait was the client's own 60 s whatever --server-timeout said).
+    timeouts = {"timeout": server_timeout, "stream_timeout": server_timeout, "connect_timeout": server_timeout}
 
     def open_source(ref: str):
         if ref.startswith("cache:"):
@@ -1177,12 +1185,19 @@ def train(
             # the combiner's student forward (ae-kd) sees the student's own input, as training does
             means, stds = _floats(input_mean, "--input-mean") or [], _floats(input_std, "--input-std") or []
             final = student_final(TrainConfig(input_size=input_size, input_mean=means, input_std=stds))
-            src = MultiTeacherSource([open_source(ref) for ref in source], combiner, student=model,
-                                     student_final=final, **options)  # fmt: skip
-        from kd.student_trainer.train import check_logit_offsets
+            members = [open_source(ref) for ref in source]
+            try:  # members that cannot be combined (classes, views, sampled targets): refused before any step
+                src = MultiTeacherSource(members, combiner, student=model, student_final=final, **options)
+            except ValueError as e:
+                for m in members:
+                    m.close()
+                _fail(str(e))
+        from kd.student_trainer.train import check_logit_offsets, check_sample_temperature
 
         try:  # a cache's codec (or a mixture of teachers) that lost the logits' offsets: before any target is read
             check_logit_offsets(method, _parse_options(opt), src, list(match))
+            # draws of a sample:K cache at another temperature than the loss's (it failed at the first step)
+            check_sample_temperature(method, _parse_options(opt), src)
         except ValueError as e:
             _fail(str(e))
         sub = None
@@ -1256,7 +1271,7 @@ def train(
     console.print(
         f"top-1 {result.test_acc:.4f}"
         + (f", top-5 {top5:.4f}" if top5 is not None else "")
-        + f" on {test_data.dataset_id} ({len(test_data)} samples)",
+        + f" on {test_data.dataset_id} ({_count(len(test_data), 'sample')})",
         highlight=False,
     )
     print(
@@ -1349,7 +1364,7 @@ def evaluate_model(
     top5 = acc.top5 if data.num_classes > 5 else None  # with <= 5 classes every class is in the top 5
     console.print(
         f"top-1 {acc.top1:.4f}" + (f", top-5 {top5:.4f}" if top5 is not None else "")
-        + f" on {data.dataset_id} ({acc.n} samples)",
+        + f" on {data.dataset_id} ({_count(acc.n, 'sample')})",
         highlight=False,
     )  # fmt: skip
     print(json.dumps({"model": model, "dataset": data.dataset_id, "top1": acc.top1, "top5": top5, "n": acc.n}))
@@ -1388,7 +1403,8 @@ def records(
     except (TeacherLoadError, ValueError) as e:
         _fail(str(e))
     size = sum(v.numel() * v.element_size() for v in recs.values())
-    console.print(f"wrote {path}: {len(layer)} layer(s), {size:,} bytes, from {len(data)} samples", highlight=False)
+    console.print(f"wrote {path}: {len(layer)} layer(s), {size:,} bytes, from {_count(len(data), 'sample')}",
+                  highlight=False)  # fmt: skip
 
 
 @app.command()
@@ -1427,7 +1443,10 @@ def methods() -> None:
     # "teacher logits": whether the loss sees them only up to a constant per row (softmax, ranks; q8/q4
     # and pca caches serve it too) or their absolute values (it needs full logits: fp32/fp16/bf16/int8
     # caches, servers without --server-topk, local teachers); a method whose options decide says so.
-    table = Table("method", "kind", "teacher logits", "paper", "defaults")
+    # "sparse targets": whether the loss takes top-k / sampled / random-subset targets as they are
+    # (topk:K, sample:K, rand:M caches, --server-topk; its accepts_sparse), or needs every class's logit;
+    # "-": it reads no teacher targets. A feature method's S=logits match needs dense logits whatever it says.
+    table = Table("method", "kind", "teacher logits", "sparse targets", "paper", "defaults")
     for name, m in sorted(METHODS.items()):
         kind = getattr(m, "kind", "logit")
         defaults = m.own_defaults if kind == "feature" else m.defaults
@@ -1436,7 +1455,10 @@ def methods() -> None:
         targets = "up to a shift" if m.shift_invariant() else "absolute: full logits"
         if callable(m.teacher_logits_shift_invariant):
             targets += " (at the defaults; options decide)"
-        table.add_row(name, kind, targets, m.paper, ", ".join(f"{k}={v}" for k, v in defaults.items()))
+        sparse = "-" if not m.needs_teacher else "yes" if m.takes_sparse() else "no"
+        if m.needs_teacher and callable(m.accepts_sparse):
+            sparse += " (at the defaults; options decide)"
+        table.add_row(name, kind, targets, sparse, m.paper, ", ".join(f"{k}={v}" for k, v in defaults.items()))
     Console().print(table)
 
 
@@ -1536,7 +1558,10 @@ def cache_verify(
         shown = ", ".join(f"{i}/{v}" for i, v in report.missing[:10])
         console.print(f"[red]missing {len(report.missing)} of {report.expected}[/] (index/view): {shown}"
                       + (" ..." if len(report.missing) > 10 else ""), highlight=False)  # fmt: skip
-    console.print(f"{report.present}/{report.expected} records present, {len(report.problems)} problems",
+    # good + corrupt + missing = expected; the other problems are keys that belong to no expected record
+    stray = len(report.problems) - report.corrupt
+    console.print(f"{report.present}/{report.expected} records good, {report.corrupt} corrupt, "
+                  f"{len(report.missing)} missing" + (f", {_count(stray, 'stray key')}" if stray else ""),
                   highlight=False)  # fmt: skip
     if not report.ok:
         raise typer.Exit(1)
@@ -1568,7 +1593,7 @@ def cache_export(
         _fail(str(e))
     except OSError as e:
         _fail(f"--out {str(out)!r}: cannot write the export ({e.strerror or e})")
-    console.print(f"exported {count} records to {written}", highlight=False)
+    console.print(f"exported {_count(count, 'record')} to {written}", highlight=False)
 
 
 def _report_bench(run_bench, print_report, settings, json_out: Path | None) -> None:
@@ -2015,7 +2040,9 @@ def train_lm(
         "method's temperature), made next to the model, instead of all V logits.",
     ),
     server_timeout: float = typer.Option(
-        60.0, help="With --source server:...: seconds one request may take before the run fails naming the server."
+        60.0,
+        help="With --source server:...: seconds the first contact with the server, or one request, may take before "
+        "the run fails naming the server.",
     ),
     run_dir: Path | None = typer.Option(
         None, help="Write checkpoint.pt here after each epoch and when stopped (SIGTERM, Ctrl-C): see --resume."
@@ -2057,7 +2084,7 @@ def train_lm(
     _check_run_dir(run_dir, resume, checkpoint_every)
     options = _parse_options(opt)
     device, rank = _join_torchrun(device)  # under torchrun each rank trains on its slice of every step
-    cache = None
+    teacher_src = None
     try:
         get_method(method).check_options(options)
         train_data, val_data = open_source(dataset), open_source(val_dataset)
@@ -2070,28 +2097,29 @@ def train_lm(
         # The cache is --dataset's (its id covers the tokenizer); --val-dataset's ids must be the same tokens.
         refuse_other_dataset_tokenizer(val_data, train_data, "--val-dataset", "--dataset")
         if kind == "cache":
-            cache = CacheSource(source[len("cache:") :], dataset_id=train_data.dataset_id)
-            if not cache.reader.meta.per_token:
+            teacher_src = CacheSource(source[len("cache:") :], dataset_id=train_data.dataset_id)
+            if not teacher_src.reader.meta.per_token:
                 raise ValueError(f"{source} holds one record per sample; kd train-lm needs a token cache")
         elif kind == "server":
             # Sparse targets hold the log-sum-exp at one temperature: the loss's (token losses' default 1).
             temperature = float(options.get("temperature", get_method(method).defaults.get("temperature", 1.0)))
-            cache = parse_source(source, topk=server_topk, temperature=temperature, timeout=server_timeout,
-                                 stream_timeout=server_timeout)  # fmt: skip
-            if not cache.tokens:
-                raise ValueError(f"--source {source}: teacher {cache.teacher_name!r} is not a token teacher (its "
+            teacher_src = parse_source(source, topk=server_topk, temperature=temperature, timeout=server_timeout,
+                                       stream_timeout=server_timeout, connect_timeout=server_timeout)  # fmt: skip
+            if not teacher_src.tokens:
+                raise ValueError(f"--source {source}: teacher {teacher_src.teacher_name!r} is not a token teacher (its "
                                  "targets are one row per sample): distil it with kd train")  # fmt: skip
         else:
-            cache = parse_source(source, device=device)
-            if not is_token_teacher(cache.teacher):
-                raise ValueError(f"--source {source}: teacher {cache.teacher_name!r} is not a token teacher (its "
+            teacher_src = parse_source(source, device=device)
+            if not is_token_teacher(teacher_src.teacher):
+                raise ValueError(f"--source {source}: teacher {teacher_src.teacher_name!r} is not a token teacher (its "
                                  "signature does not take token ids): distil it with kd train")  # fmt: skip
-        if cache.num_classes != train_data.vocab_size:  # before the student is built; train_tokens checks it again
-            raise ValueError(f"--source {source} has vocabulary {cache.num_classes}, --dataset "
+        # before the student is built; train_tokens checks it again
+        if teacher_src.num_classes != train_data.vocab_size:
+            raise ValueError(f"--source {source} has vocabulary {teacher_src.num_classes}, --dataset "
                              f"{train_data.vocab_size}")  # fmt: skip
     except Exception as e:  # noqa: BLE001 - a bad cache, server, teacher or dataset: the user's to read
-        if cache is not None:
-            cache.close()
+        if teacher_src is not None:
+            teacher_src.close()
         _fail(str(e) if isinstance(e, (CacheError, ValueError, TypeError)) else f"{type(e).__name__}: {e}")
     seed_everything(seed)
     try:
@@ -2117,7 +2145,7 @@ def train_lm(
 
     signals = _stop_signals()
     try:
-        losses = train_tokens(model, train_data, cache, method=method, epochs=epochs, batch_size=batch_size,
+        losses = train_tokens(model, train_data, teacher_src, method=method, epochs=epochs, batch_size=batch_size,
                               lr=lr, seed=seed, method_options=options, device=device, accumulate=accumulate,
                               amp=amp, optimizer=optimizer, weight_decay=weight_decay, on_epoch=validate,
                               stop=signals.first, run_dir=run_dir, resume=resume,
@@ -2131,7 +2159,7 @@ def train_lm(
         _fail(f"{type(e).__name__}: {e}")
     finally:
         signals.close(restore_handlers=True)
-        cache.close()
+        teacher_src.close()
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -2238,7 +2266,7 @@ def explain(
     res = _call(
         run_explain, config, out, demo_dir=demo_dir, specs=specs, seeds=seeds, every=every, teacher_path=teacher_path
     )
-    _report(f"kd explain (Cheng et al. 2020) on {images} digits test images", ["model", *METRICS],
+    _report(f"kd explain (Cheng et al. 2020) on {_count(images, 'digits test image')}", ["model", *METRICS],
             table_rows(res["summary"]), caption=f"{out / 'results.json'}; plots in {out}")  # fmt: skip
     if res.get("problems"):
         _fail(f"the retrained models differ from the demo's: {res['problems']}", code=1)

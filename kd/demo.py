@@ -230,7 +230,7 @@ def run_demo(out: Path, *, seeds: int = 3, epochs: int = 300, labeled: int = 100
 
     table = Table(
         title=f"digits: student ({results['student_params']} params) on {labeled} samples, "
-        f"{epochs} epochs, {seeds} seeds"
+        f"{epochs} epoch{'s' * (epochs != 1)}, {seeds} seed{'s' * (seeds != 1)}"
     )
     table.add_column("model")
     table.add_column("test acc (mean ± std)", justify="right")

@@ -528,6 +528,12 @@ class MultiTeacherSource(SoftTargetSource):
         if len(counts) != 1:
             listing = "; ".join(f"{_describe(i, s)}: {s.num_classes} classes" for i, s in enumerate(sources))
             raise ValueError(f"teachers disagree on the number of classes, refusing to combine them: {listing}")
+        for i, s in enumerate(sources):  # refused here: their first batch failed once the run had set up
+            if s.sparse_kind() not in (None, "topk"):
+                raise ValueError(f"{_describe(i, s)}: {s.sparse_targets()}; sampled and random-subset targets "
+                                 "have no dense form to combine with the other teachers' (top-k ones do): give "
+                                 "that teacher as a cache of a dense or topk:K codec, or a server: or local: "
+                                 "source")  # fmt: skip
         views = {s.views for s in sources if hasattr(s, "views")}
         if len(views) > 1:
             listing = "; ".join(f"{_describe(i, s)}: {getattr(s, 'views', '-')}" for i, s in enumerate(sources))

@@ -131,6 +131,16 @@ class SoftTargetSource:
         that read absolute logits (``kd.student_trainer.train.check_logit_offsets``)."""
         return None
 
+    def sparse_kind(self) -> str | None:
+        """The kind of the sparse targets it gives (``SparseTargets.kind``: "topk", "sample" or "subset"),
+        known without reading one; None for dense logits."""
+        return None
+
+    def sampled_at(self) -> float | None:
+        """The temperature its targets were drawn at where they are draws (a sample:K cache, or its draws
+        asked of a server): the only one a loss can train on them at; None for any other targets."""
+        return None
+
     def sparse_targets(self) -> str | None:
         """None where the targets are dense logits ``[B, C]``; else what the sparse ones are (a top-k,
         sampled or subset cache, a server asked for its top-k), for the trainer's refusal of methods
@@ -188,6 +198,12 @@ class CacheSource(SoftTargetSource):
     def sparse_targets(self) -> str | None:
         sparse = sparse_targets_of(self.reader.meta.codec)
         return None if sparse is None else f"cache {self.path!r}: {sparse}"
+
+    def sampled_at(self) -> float | None:
+        return _drawn_at(self.reader.codec)
+
+    def sparse_kind(self) -> str | None:
+        return _sparse_kind_of(self.reader.meta.codec)
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         if self.reader.meta.per_token:
@@ -397,6 +413,12 @@ class ServerSource(SoftTargetSource):
         if self.sample_codec is not None:
             return f"{where}: {sparse_targets_of(self.sample_codec.name)}"
         return None if not self.topk else server_topk_sparse(self.topk, where)
+
+    def sampled_at(self) -> float | None:
+        return None if self.sample_codec is None else float(self.sample_codec.temperature)
+
+    def sparse_kind(self) -> str | None:
+        return "sample" if self.sample_codec is not None else "topk" if self.topk else None
 
     def _asked(self) -> dict[str, Any]:
         c = self.sample_codec
@@ -870,6 +892,12 @@ class ReadThroughSource(SoftTargetSource):
         sparse = sparse_targets_of(self.reader.meta.codec)
         return None if sparse is None else f"read-through cache: {sparse}"
 
+    def sampled_at(self) -> float | None:
+        return _drawn_at(self.reader.codec)
+
+    def sparse_kind(self) -> str | None:
+        return _sparse_kind_of(self.reader.meta.codec)
+
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         present = torch.tensor(self.reader.present(indices.tolist(), None if views is None else views.tolist()))
         missing = (~present).nonzero().flatten()
@@ -923,6 +951,19 @@ def split_server_address(rest: str) -> tuple[str, str | None]:
     if not address:
         raise ValueError(f"server:{rest}: no server address (expected HOST:PORT[/TEACHER])")
     return head + address, teacher or None
+
+
+def _sparse_kind_of(codec: str) -> str | None:
+    """What a cache of codec ``codec`` decodes to: its ``SparseTargets.kind``, None for dense logits."""
+    for prefix, kind in (("topk:", "topk"), ("sample:", "sample"), ("rand:", "subset")):
+        if codec.startswith(prefix):
+            return kind
+    return None
+
+
+def _drawn_at(codec: Any) -> float | None:
+    """A cache codec's sampling temperature if it stores draws (sample:K[xR]), else None."""
+    return float(codec.temperature) if codec.name.startswith("sample:") else None
 
 
 def parse_source(ref: str, **kwargs: Any) -> SoftTargetSource:

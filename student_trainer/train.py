@@ -67,6 +67,7 @@ from kd.core.lmchecks import (
 )
 from kd.core.samples import SampleSource
 from kd.core.signals import Stopped
+from kd.core.targets import sample_temperature_refusal
 from kd.core.views import Final, model_input
 from kd.student_trainer import optim
 from kd.student_trainer.evaluate import check_output_width
@@ -343,6 +344,27 @@ def check_sparse_targets(
     message = None if sparse is None else sparse_refusal(method, options, sparse, matches or ())
     if message is not None:
         raise ValueError(message)
+
+
+def check_sample_temperature(method: str, options: dict[str, object], source: SoftTargetSource | None) -> None:
+    """Refuse a method whose KL on the teacher's targets runs at another temperature than the one a
+    source's sampled targets were drawn at (a sample:K cache, or its draws asked of a server): its
+    loss refused them only at the first step, after the run had set up. Reads only the source's
+    description (a cache's metadata), so it runs before any target is read."""
+    drawn = None if source is None else getattr(source, "sampled_at", lambda: None)()
+    if drawn is None:
+        return
+    m = get_method(method)
+    if not m.needs_teacher:
+        return
+    opts = {**m.defaults, **options}
+    if isinstance(m, FeatureMethod):  # only the common KD term reads the logits (a logits match is refused)
+        temperature = opts["kd_temperature"] if opts["kd_weight"] else None
+    else:  # a logit method that takes sparse targets trains its KL at its temperature
+        temperature = opts.get("temperature") if m.takes_sparse(options) else None
+    refusal = None if temperature is None else sample_temperature_refusal(drawn, float(temperature))  # type: ignore[arg-type]
+    if refusal is not None:
+        raise ValueError(f"method {method!r} on these targets ({source.sparse_targets()}): {refusal}")
 
 
 def source_identity(source: SoftTargetSource | None) -> dict | list | None:
@@ -651,6 +673,7 @@ def train_student(
     if hooks.loss is None:  # a loss hook replaces the method's loss (and reads the targets its own way)
         check_logit_offsets(config.method, config.method_options, source, config.matches)
         check_sparse_targets(config.method, config.method_options, source, config.matches)
+        check_sample_temperature(config.method, config.method_options, source)
     if hooks.batches is not None:
         if hooks.loss is None or hooks.steps_per_epoch < 1 or source is not None or method.pairs or resume:
             raise ValueError("Hooks.batches needs Hooks.loss and steps_per_epoch >= 1, and takes no source, "

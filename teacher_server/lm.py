@@ -355,8 +355,8 @@ def prepare(
             f"{max_batch_tokens} of teacher {name!r}; split or truncate it"
         )
     if max_length and longest > max_length:
-        raise TokenRequestError(f"a row of {longest} tokens is longer than teacher {name!r}'s maximum length "
-                                f"{max_length}")  # fmt: skip
+        raise TokenRequestError(f"a row of {longest} tokens is longer than the maximum length {max_length} of "
+                                f"teacher {name!r}")  # fmt: skip
     real = torch.arange(s).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
     ids = tokens[real]
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):

@@ -322,7 +322,8 @@ def test_corrupted_record_is_caught_by_index(tmp_path: Path, edit, message: str)
     report = reader.verify()
     assert not report.ok
     assert len(report.problems) == 1 and "index=3" in report.problems[0] and message in report.problems[0]
-    assert report.present == 9 and report.missing == [(3, 0)]
+    # counted once, as corrupt: not also missing (verify reported it both ways), and the totals add up
+    assert report.present == 9 and report.corrupt == 1 and report.missing == []
 
 
 def test_value_moved_under_another_key_fails_the_checksum(tmp_path: Path) -> None:
@@ -339,7 +340,25 @@ def test_value_moved_under_another_key_fails_the_checksum(tmp_path: Path) -> Non
     assert torch.equal(reader.get([3]), z[[3]])
     report = reader.verify()
     assert len(report.problems) == 1 and "index=4" in report.problems[0]
-    assert report.missing == [(4, 0)]
+    assert report.missing == [] and report.corrupt == 1 and report.present == 9
+
+
+def test_a_sharded_cache_counts_a_corrupt_record_once(tmp_path: Path) -> None:
+    """Two shards, one record of shard 1 corrupt and one of shard 0 absent: the report over the shards
+    sums each shard's counts, the corrupt one counted as corrupt and not also as missing."""
+    from kd.cache.sharded import open_cache, shard_dir
+
+    z = random_logits(10, 7, seed=21)
+    for si in range(2):
+        meta = make_meta(shard_index=si, shard_count=2)
+        owned = [i for i in range(si, 10, 2) if i != 4]  # 4 (shard 0) is never written
+        with CacheWriter(shard_dir(tmp_path / "c", si, 2), meta) as w:
+            w.put(owned, z[owned])
+    key = record_key(make_meta(shard_index=1, shard_count=2).record_prefix, 7)
+    tamper(shard_dir(tmp_path / "c", 1, 2), lambda txn: txn.put(key, _flip(10)(txn.get(key))))
+    report = open_cache(tmp_path / "c").verify()
+    assert (report.present, report.corrupt, report.missing, report.expected) == (8, 1, [(4, 0)], 10)
+    assert len(report.problems) == 1 and "index=7" in report.problems[0]
 
 
 # --------------------------------------------------------------------------- missing records
@@ -364,6 +383,7 @@ def test_missing_record_is_a_key_error_naming_the_index(tmp_path: Path) -> None:
     report = reader.verify()
     assert report.missing == [(5, 1), (7, 0)]
     assert report.problems == [] and report.present == 18 and report.expected == 20 and not report.ok
+    assert report.corrupt == 0
     assert len(reader) == 18
 
 
@@ -580,20 +600,30 @@ def test_cli_verify_exit_codes(tmp_path: Path) -> None:
     build(tmp_path / "good", meta, z)
     build(tmp_path / "bad", meta, z)
     build(tmp_path / "partial", meta, z, indices=[i for i in range(10) if i != 6])
+    build(tmp_path / "both", meta, z, indices=[i for i in range(10) if i != 6])
     key = record_key(meta.record_prefix, 3)
-    tamper(tmp_path / "bad", lambda txn: txn.put(key, _flip(10)(txn.get(key))))
+    for name in ("bad", "both"):
+        tamper(tmp_path / name, lambda txn: txn.put(key, _flip(10)(txn.get(key))))
+    stray = record_key(meta.record_prefix, 12)  # past the dataset's end: a problem, but no expected record
+    tamper(tmp_path / "both", lambda txn: txn.put(stray, txn.get(record_key(meta.record_prefix, 2))))
 
-    good, bad, partial = run_kd(*(["cache", "verify", str(tmp_path / name)] for name in ("good", "bad", "partial")))
+    names = ("good", "bad", "partial", "both")
+    good, bad, partial, both = run_kd(*(["cache", "verify", str(tmp_path / name)] for name in names))
 
     rc, _, err = good
     assert rc == 0, err
-    assert "10/10 records present, 0 problems" in err
+    assert "10/10 records good, 0 corrupt, 0 missing" in err
     rc, _, err = bad
     assert rc == 1, err
-    assert "index=3" in err and "9/10 records present, 1 problems" in err
+    # the corrupt record is counted once (it was also listed as missing: "missing 1 of 10 ... 3/0")
+    assert "index=3" in err and "9/10 records good, 1 corrupt, 0 missing" in err and "missing 1" not in err, err
     rc, _, err = partial
     assert rc == 1, err
-    assert "missing 1 of 10" in err and "6/0" in err
+    assert "missing 1 of 10" in err and "6/0" in err and "9/10 records good, 0 corrupt, 1 missing" in err
+    rc, _, err = both
+    assert rc == 1, err
+    assert "missing 1 of 10 (index/view): 6/0\n" in err, err
+    assert "8/10 records good, 1 corrupt, 1 missing, 1 stray key" in err, err
 
 
 def test_cli_info_prints_json(tmp_path: Path) -> None:

@@ -258,6 +258,35 @@ def test_an_unreachable_server_fails_fast_naming_its_address(teacher: Teacher) -
         running.stop(grace=0)
 
 
+@pytest.mark.parametrize("command", ["train", "precompute", "train-lm", "precompute-tokens"])
+def test_server_timeout_bounds_the_connect_wait_of_the_cli(tmp_path: Path, command: str) -> None:
+    """``--server-timeout`` bounded requests but not the first contact: a port nobody listens on
+    waited the client's 60 s connect timeout ("within 60 s") whatever it said. Now the wait is
+    --server-timeout's 1 s, and the run is refused with one error line naming the address."""
+    from cli_checks import refused
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+
+    dead = f"127.0.0.1:{_free_port()}"  # bound, then closed: nothing listens there
+    (tmp_path / "t.txt").write_text("the cat sat on the mat\nthe dog sat on the log\n")
+    text = f"text:{tmp_path / 't.txt'}?doc=line&pack=0&block=16"
+    args = {
+        "train": ["train", "--source", f"server:{dead}", "--epochs", "1"],
+        "precompute": ["precompute", "--source", f"server:{dead}", "--out", str(tmp_path / "c")],
+        "train-lm": ["train-lm", "--source", f"server:{dead}", "--dataset", text, "--val-dataset", text,
+                     "--student", "kd.models:digits_cnn_student"],
+        "precompute-tokens": ["precompute", "--source", f"server:{dead}", "--dataset", text, "--out",
+                              str(tmp_path / "c")],
+    }[command]  # fmt: skip
+    t0 = time.monotonic()
+    r = CliRunner().invoke(app, [*args, "--server-timeout", "1"])
+    took = time.monotonic() - t0
+    refused(r, f"could not reach a teacher server at {dead} within 1 s")
+    assert took < 45, took  # 60 s before; generous for a loaded machine
+    assert not (tmp_path / "c").exists()
+
+
 # -- 3. a stalled server ---------------------------------------------------------------------
 def test_a_stalled_server_fails_the_stream_naming_server_and_timeout(tmp_path: Path, teacher_spec: str, train):
     port = _free_port()

@@ -541,3 +541,15 @@ def test_a_truncated_or_misnamed_npy_file_is_named_for_what_it_is(tmp_path: Path
     x.write_bytes((tmp_path / "a.npz").read_bytes())  # an npz under a .npy name: np.load returned an NpzFile
     with pytest.raises(DatasetError, match=r"is an npz archive, not a \.npy array: read it with npz:"):
         open_source(f"npy:{x}?y={y}")
+
+
+def test_cache_export_of_one_record_says_1_record(tmp_path: Path) -> None:
+    """The count's noun followed it: "exported 1 records" before."""
+    data = write_folder(tmp_path / "d", n=2)
+    cache = tmp_path / "c"
+    r = cli("precompute", "--source", TEACHER, "--dataset", f"imagefolder:{data}", "--out", str(cache),
+            "--workers", "0", "--shard", "0/2")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (shard,) = cache.glob("shard-*")  # the other shard is not written: its one environment
+    r = cli("cache", "export", str(shard), "--out", str(tmp_path / "one.npz"))
+    assert r.exit_code == 0 and f"exported 1 record to {tmp_path / 'one.npz'}" in " ".join(r.output.split()), r.output

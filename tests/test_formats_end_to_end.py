@@ -267,7 +267,7 @@ def test_format_served_precomputed_verified_and_trained(fmt: str, world: World, 
     assert f"wrote {total}, skipped 0" in r.stderr
     for cache in (by_server, in_process):
         v = kd_here("cache", "verify", cache)
-        assert v.returncode == 0 and f"{total}/{total} records present, 0 problems" in v.stderr, v.stderr
+        assert v.returncode == 0 and f"{total}/{total} records good, 0 corrupt, 0 missing" in v.stderr, v.stderr
 
     a, b = CacheReader(by_server), CacheReader(in_process)
     assert sorted(a.keys()) == sorted(b.keys()) == sorted(zip(*(t.tolist() for t in all_keys(N_TRAIN, VIEWS))))
@@ -368,7 +368,7 @@ def test_kill_9_and_resume_precompute_of_an_image_folder(world: World, tmp_path:
     assert resumed.returncode == 0, resumed.stderr
     assert f"wrote {total - after.present}, skipped {after.present} already cached" in resumed.stderr
     v = kd_here("cache", "verify", out)
-    assert v.returncode == 0 and f"{total}/{total} records present, 0 problems" in v.stderr, v.stderr
+    assert v.returncode == 0 and f"{total}/{total} records good, 0 corrupt, 0 missing" in v.stderr, v.stderr
     reader = CacheReader(out)
     keys = list(reader.keys())
     assert len(keys) == len(set(keys)) == total

@@ -187,4 +187,5 @@ def test_verify_finds_records_readers_cannot_look_up(tmp_path: Path) -> None:
     for i in refused:
         assert any(f"(index={i}, view=0)" in p and "a lookup by its key finds nothing" in p for p in report.problems)
     assert report.present == m.dataset_size - len(refused)
+    assert report.corrupt == len(refused) and report.missing == []  # stored, so counted once: not missing
     assert CacheReader(tmp_path / "good").verify().ok

@@ -11,6 +11,7 @@ import datetime
 import inspect
 import ipaddress
 import math
+import re
 import threading
 import time
 import urllib.request
@@ -544,6 +545,27 @@ def test_per_client_state_is_bounded_and_unauthenticated_refusals_are_counted(te
         assert not any('client="id:c0"' in s for s in series)
     finally:
         r.stop(grace=1)
+
+
+def test_every_metric_the_docs_name_is_in_a_scrape(teacher: Teacher) -> None:
+    """The README and docs name metrics as a scrape shows them: prometheus-client exposes a counter
+    ``kd_x`` as ``kd_x_total`` (the README named ``kd_token_positions`` and ``kd_padding_positions``,
+    which no scrape has). Names from the ``# TYPE`` lines (a family with no series yet, a histogram's
+    family) and from the series of a server that answered one request."""
+    root = Path(__file__).resolve().parents[1]
+    texts = [(root / "README.md").read_text(), *(p.read_text() for p in sorted((root / "docs").glob("*.md")))]
+    named = {m for text in texts for m in re.findall(r"`(kd_[a-z_]+)", text)}
+    assert {"kd_requests_total", "kd_batch_size", "kd_streams_open"} <= named, named  # the pattern finds them
+    r = start_server([teacher], port=0, metrics_port=0)
+    try:
+        with TeacherClient(f"127.0.0.1:{r.port}", timeout=T) as c:
+            c.infer("digits", torch.rand(1, 64))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{r.metrics_port}/metrics", timeout=T).read().decode()
+    finally:
+        r.stop(grace=1)
+    families = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    series = set(re.findall(r"^(kd_[a-z_]+)[{ ]", text, re.M))
+    assert named - families - series == set(), sorted(families | series)
 
 
 def _cert(subject: str, key, issuer: x509.Name | None, issuer_key, *, ca: bool, server: bool) -> x509.Certificate:

@@ -385,7 +385,9 @@ def test_plain_token_module_served_with_int32_ids(gru_teacher):
                 want = torch.log_softmax(z, -1)[:-1].gather(1, s[1:, None].long()).squeeze(1)
                 torch.testing.assert_close(lp[i, : len(s) - 1].double(), want, rtol=0, atol=1e-5)
             code, msg = _code(lambda: client.infer_tokens("gru", _seqs([17]), logits=True))
-            assert code == grpc.StatusCode.INVALID_ARGUMENT and "17 tokens" in msg and "maximum length 16" in msg
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, msg)
+            # "of teacher 'gru'", not "teacher 'gru''s" (a possessive after the name's quote)
+            assert "a row of 17 tokens is longer than the maximum length 16 of teacher 'gru'" in msg, msg
     finally:
         running.stop(grace=1)
 

@@ -363,3 +363,50 @@ def test_two_real_sources_train_a_student(address: str, teacher: Teacher, other_
         states.append(s.state_dict())
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k])
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory: pytest.TempPathFactory, teacher_spec: str) -> dict[str, str]:
+    """The digits teacher precomputed with a dense, a top-k, a sampled and a random-subset codec."""
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+
+    root, out = tmp_path_factory.mktemp("multi-caches"), {}
+    for codec in ("fp16", "topk:3", "sample:4", "rand:3"):
+        out[codec] = str(root / codec.replace(":", "-"))
+        r = CliRunner().invoke(app, ["precompute", "--source", f"local:{teacher_spec}", "--codec", codec,
+                                     "--out", out[codec]])  # fmt: skip
+        assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.mark.parametrize("codec", ["sample:4", "rand:3"])
+def test_a_sampled_or_subset_member_is_refused_up_front_naming_it(caches: dict[str, str], codec: str,
+                                                                 tmp_path) -> None:  # fmt: skip
+    """Their targets have no dense form to combine: the mixture failed at its first batch ("#1 ... gives
+    sampled (sample) targets"), after kd train had set up its run; now refused when the source is made,
+    naming the member (its place, cache and codec), and kd train refuses before its run directory."""
+    from cli_checks import refused
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+    from kd.student_trainer.sources import CacheSource
+
+    train = load_dataset("digits", "train")
+    members = [CacheSource(caches[c], dataset_id=train.dataset_id) for c in ("fp16", "topk:3", codec)]
+    try:
+        with pytest.raises(ValueError, match=rf"^#2 cache .*: cache {caches[codec]!r}: {codec} gives sparse targets"):
+            MultiTeacherSource(members, "mean", temperature=1.0)
+        # dense and top-k members combine (as the targets of the first batch show)
+        both = MultiTeacherSource(members[:2], "mean", temperature=1.0)
+        assert both.targets(torch.arange(4), torch.zeros(4, 64)).shape == (4, 10)
+    finally:
+        for m in members:
+            m.close()
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", "--source", f"cache:{caches['fp16']}", "--source", f"cache:{caches[codec]}",
+                                 "--epochs", "1", "--run-dir", str(run)])  # fmt: skip
+    refused(r, "#1 cache 'local' (", f"cache {caches[codec]!r}: {codec} gives sparse targets",
+            "no dense form to combine")  # fmt: skip
+    assert not run.exists()

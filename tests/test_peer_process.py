@@ -397,3 +397,33 @@ def test_accept_weights_is_a_config_key(tmp_path: Path) -> None:
                     f'[[teacher]]\nname = "q"\nspec = "{SPEC}"\n')  # fmt: skip
     cfg = load_config(path)
     assert [t.options.accept_weights for t in cfg.teachers] == [True, False]
+
+
+def test_peer_age_counts_steps_behind_and_a_peer_ahead_as_zero() -> None:
+    """Age = this peer's step minus the step of the snapshot a peer answered with. Peer "b" serves
+    version 5 (the weights of its step 4) from the start, ahead of "a" for a's first 4 steps: it was
+    counted -4, -3, -2, -1 steps old (a mean below 0 in the README's staleness table); now 0. Peer
+    "c" stays at version 1 (its step 0): 0, 1, 2, 3 steps old at a's steps 0..3."""
+    from kd.core.data import open_source
+    from kd.student_trainer.online.peer_process import PeerAddress, train_peer
+    from kd.student_trainer.train import TrainConfig
+    from kd.teacher_server.loading import load_teacher
+    from kd.teacher_server.server import TeacherOptions, start_server
+
+    options = TeacherOptions(accept_weights=True, warmup=False, max_queue_delay_us=0, max_batch_size=1024)
+    running = start_server([load_teacher(n, SPEC) for n in ("a", "b", "c")], batching=options)
+    try:
+        address = f"127.0.0.1:{running.port}"
+        with TeacherClient(address) as c:
+            for _ in range(5):
+                c.publish_weights("b", _model(2))
+            c.publish_weights("c", _model(3))
+            assert (c.describe("b").weights_version, c.describe("c").weights_version) == (5, 1)
+        config = TrainConfig(epochs=1, batch_size=32, lr=3e-3, seed=0)
+        res = train_peer(build_model(SPEC, 0), open_source("digits"), open_source("digits:test"), config, name="a",
+                         publish_to=address, peers=[PeerAddress.parse(f"{address}/{p}") for p in ("b", "c")],
+                         subset=torch.arange(128))  # fmt: skip
+    finally:
+        running.stop(grace=1.0)
+    assert res.steps == 4
+    assert res.mean_peer_age == (0 + 0 + 0 + 0 + 0 + 1 + 2 + 3) / 8 and res.max_peer_age == 3, res

@@ -97,5 +97,5 @@ def test_kd_cache_commands_as_written(tmp_path: Path, teacher, monkeypatch) -> N
         r = CliRunner().invoke(app, argv[1:])
         assert r.exit_code == 0, f"{line}\n{r.output}"
         outputs[argv[2]] = r.output
-    assert "1198/1198 records present, 0 problems" in outputs["verify"]
+    assert "1198/1198 records good, 0 corrupt, 0 missing" in outputs["verify"]
     assert (tmp_path / "digits.npz").is_file() and (tmp_path / "basis.bin").is_file()

@@ -99,7 +99,7 @@ def test_readme_walkthrough_runs_start_to_finish(tmp_path: Path, monkeypatch: py
     teacher_line = r"^teacher teacher fingerprint [0-9a-f]{16} input \[3, 8, 8\] classes 6 on cpu, access white$"
     assert re.search(teacher_line, r.stderr, re.M), r.stderr[-3000:]
     assert f"wrote {n_train * 4}, skipped 0 already cached" in out  # every image x 4 views
-    assert f"{n_train * 4}/{n_train * 4} records present, 0 problems" in out
+    assert f"{n_train * 4}/{n_train * 4} records good, 0 corrupt, 0 missing" in out
     lines = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
     teacher, student, evaluated = lines  # kd train (teacher), kd train (student), kd evaluate
     assert teacher["method"] == "ce" and student["method"] == "kd" and student["source"] == ["cache:cache"]

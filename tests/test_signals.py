@@ -200,3 +200,28 @@ def test_kd_serve_drains_on_a_sigterm_sent_the_moment_its_port_file_appears(tmp_
             assert proc.returncode == 0 and "drained: 0 requests accepted, 0 unanswered" in out, (i, out)
         finally:
             _finish(proc)
+
+
+def test_kd_serve_says_1_request_not_1_requests_when_it_drains(tmp_path: Path, teacher_spec: str) -> None:
+    """The drain line counted in the plural whatever the number ("drained: 1 requests accepted")."""
+    import torch
+
+    from kd.teacher_server.client import TeacherClient
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "kd", "serve", "--teacher", f"digits={teacher_spec}",
+                             "--port", "0", "--port-file", str(port_file)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert port_file.exists(), proc.communicate(timeout=10)[0] if proc.poll() is not None else "no port file"
+        with TeacherClient(f"127.0.0.1:{port_file.read_text()}", timeout=60) as c:
+            assert c.infer("digits", torch.rand(3, 64))["logits"].shape == (3, 10)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "drained: 1 request accepted, 0 unanswered; bye" in out, out
+    finally:
+        _finish(proc)

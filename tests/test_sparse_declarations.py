@@ -237,3 +237,61 @@ def test_ce_and_a_sparse_method_train_from_a_topk_cache(topk_cache: str) -> None
     for method in ("kd", "ce"):
         r = invoke(*TRAIN, "--method", method, "--source", f"cache:{topk_cache}")
         assert r.exit_code == 0, (method, r.output)
+
+
+@pytest.fixture(scope="module")
+def sample_cache(tmp_path_factory: pytest.TempPathFactory, teacher_spec: str) -> str:
+    path = tmp_path_factory.mktemp("caches") / "sample4"  # drawn at T = 1 (no --temperature)
+    r = invoke("precompute", "--source", f"local:{teacher_spec}", "--dataset", "digits", "--out", str(path),
+               "--codec", "sample:4")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return str(path)
+
+
+def test_a_sample_cache_at_another_temperature_is_refused_before_the_run_starts(sample_cache: str,
+                                                                               tmp_path: Path) -> None:  # fmt: skip
+    """Draws at T = 1 estimate the teacher only at T = 1: kd at its default T = 4 failed at its first
+    step, after the run directory was made ("ValueError: these targets were drawn ..."); now refused
+    before it, naming the method and the cache, as kd train-lm does. At T = 1 it trains."""
+    out, run = tmp_path / "s.safetensors", tmp_path / "run"
+    drawn = "these targets were drawn at temperature 1.0"
+    for method, opts, t in (("kd", [], "4"), ("eskd", ["--opt", "temperature=2"], "2"),
+                            ("at", ["--match", "a=b", "--opt", "kd_weight=1"], "4")):  # fmt: skip
+        r = invoke(*TRAIN, "--method", method, *opts, "--source", f"cache:{sample_cache}", "--out", str(out),
+                   "--run-dir", str(run))  # fmt: skip
+        refused(r, f"method '{method}' on these targets (cache {sample_cache!r}: sample:4 gives sparse targets",
+                drawn, f"so train at temperature 1, not {t} ")  # fmt: skip
+        assert not out.exists() and not run.exists()  # refused before the run directory or a step
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    with (
+        CacheSource(sample_cache, dataset_id=train.dataset_id) as src,
+        pytest.raises(ValueError, match=r"^method 'tfkd-self' on these targets \(cache .*not 6 "),
+    ):  # the Python API as the CLI (tfkd-self's default T is 6)
+        train_student(digits_student(), train, test, TrainConfig(method="tfkd-self", epochs=1), source=src,
+                      run_dir=tmp_path / "run")  # fmt: skip
+    assert not (tmp_path / "run").exists()
+    r = invoke(*TRAIN, "--method", "kd", "--opt", "temperature=1", "--source", f"cache:{sample_cache}")
+    assert r.exit_code == 0, r.output
+
+
+def test_kd_methods_shows_which_methods_take_sparse_targets() -> None:
+    """`kd methods` had no word on it: a user picking a method for a topk:K / sample:K cache or
+    --server-topk learnt it from a refusal. Its "sparse targets" column says what each method's
+    declaration says (checked against its loss above): yes, no, or "-" where it reads no targets."""
+    r = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "1000"})  # one line per row: nothing wraps
+    assert r.exit_code == 0, r.output
+    header = next(line for line in r.output.splitlines() if "┃ method" in line)
+    columns = [c.strip() for c in header.split("┃")[1:-1]]
+    assert columns[:4] == ["method", "kind", "teacher logits", "sparse targets"], columns
+    cells = {}
+    for line in r.output.splitlines():
+        parts = [c.strip() for c in line.split("│")[1:-1]]
+        if parts and parts[0] in METHODS:
+            cells[parts[0]] = parts[3]
+    assert set(cells) == set(METHODS)
+    assert (cells["kd"], cells["eskd"], cells["tfkd-self"], cells["at"]) == ("yes", "yes", "yes", "yes")
+    assert (cells["dkd"], cells["dist"], cells["sskd"], cells["ce"]) == ("no", "no", "no", "-")
+    assert cells["cckd"] == "no (at the defaults; options decide)"  # instance_weight=0 makes it yes
+    for name, m in METHODS.items():
+        said = cells[name].split(" (")[0]
+        assert said == ("-" if not m.needs_teacher else "yes" if m.takes_sparse() else "no"), name

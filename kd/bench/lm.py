@@ -17,7 +17,7 @@ transformer, ``kd.demo_lm.ByteLM``, random init: throughput does not depend on t
   lengths drawn uniformly from ``mixed_lengths``, top-k. In-process, each client batch is
   one forward padded to its longest row; served, the token-budget batcher
   (``max_batch_tokens``) regroups the rows of all clients by length, so the padding it
-  computes (``kd_padding_positions`` / ``kd_token_positions``, read from the server's
+  computes (``kd_padding_positions_total`` / ``kd_token_positions_total``, read from the server's
   metrics) can be smaller than the clients' own, and the ratio can exceed 1.
 
 In-process work per batch: the forward, then the same post-processing the server does at
@@ -539,9 +539,10 @@ def print_report(results: dict[str, Any], out: Console | None = None) -> None:
             "-" if ld["reply_bytes_per_token"] is None else f"{ld['reply_bytes_per_token']:,.0f}",
         )
     out.print(table)
-    out.print("tok/s: real tokens per second (padding excluded). padding server: kd_padding_positions / "
-              "kd_token_positions over the served windows (the token-budget batcher's forwards); padding batches: "
-              "the clients' own padded batches, as the in-process loop runs them. rows / fwd: rows per server forward.",
+    out.print("tok/s: real tokens per second (padding excluded). padding server: kd_padding_positions_total / "
+              "kd_token_positions_total over the served windows (the token-budget batcher's forwards); padding "
+              "batches: the clients' own padded batches, as the in-process loop runs them. rows / fwd: rows per "
+              "server forward.",
               highlight=False)  # fmt: skip
     vocab = results["vocab_size"]
     computed = results["bytes_per_token_computed"]

@@ -123,7 +123,8 @@ def longest_sequence(source: Any) -> int:
 
 
 def refuse_too_long(longest: int, limit: int | None, who: str, hint: str) -> None:
-    """The one-line refusal of the served path (``a row of N tokens is longer than ...'s maximum
-    length M``) for a sequence that would run past a model's positions; ``hint``: what to change."""
+    """The one-line refusal of the served path (``a row of N tokens is longer than the maximum length
+    M of ...``) for a sequence that would run past a model's positions; ``hint``: what to change."""
     if limit is not None and longest > limit:
-        raise ValueError(f"a row of {longest} tokens is longer than {who}'s maximum length {limit}: {hint}")
+        # "of WHO", not "WHO's": a quoted name took the possessive after its quote ("teacher 'lm''s")
+        raise ValueError(f"a row of {longest} tokens is longer than the maximum length {limit} of {who}: {hint}")

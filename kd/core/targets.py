@@ -137,6 +137,18 @@ class SparseTargets:
 Targets = torch.Tensor | SparseTargets
 
 
+def sample_temperature_refusal(drawn: float, temperature: float) -> str | None:
+    """Why sampled targets drawn at temperature ``drawn`` cannot train a KL at ``temperature`` (None
+    where they can): the loss's refusal, and the trainer's before any step (``check_sample_temperature``)."""
+    if math.isclose(temperature, drawn, rel_tol=1e-6):
+        return None
+    return (
+        f"these targets were drawn at temperature {drawn}; the sampled distribution estimates the "
+        f"teacher only there, so train at temperature {drawn:g}, not {temperature:g} "
+        "(sample:K caches are drawn at T = 1 unless precomputed with --temperature)"
+    )
+
+
 def sparse_kl(student_logits: torch.Tensor, t: SparseTargets, temperature: float) -> torch.Tensor:
     """KL(p_t || p_s) at temperature T, batchmean, with teacher targets never densified.
 
@@ -149,12 +161,9 @@ def sparse_kl(student_logits: torch.Tensor, t: SparseTargets, temperature: float
     log_q_k = log_q.gather(1, t.indices)
     zero = torch.zeros((), dtype=dt, device=log_q.device)
     if t.kind == "sample":
-        if not math.isclose(temperature, t.temperature, rel_tol=1e-6):
-            raise ValueError(
-                f"these targets were drawn at temperature {t.temperature}; the sampled distribution estimates the "
-                f"teacher only there, so train at temperature {t.temperature:g}, not {temperature:g} "
-                "(sample:K caches are drawn at T = 1 unless precomputed with --temperature)"
-            )
+        refusal = sample_temperature_refusal(t.temperature, temperature)
+        if refusal is not None:
+            raise ValueError(refusal)
         counts = t.counts.to(dt)
         valid = counts > 0
         w = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)

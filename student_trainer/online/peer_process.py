@@ -108,8 +108,10 @@ class PeerResult:
     steps: int
     published_version: int  # the version of the last publish (1 = the initial weights)
     publishes: int
-    # How old the peers' weights were when they answered, in steps (their version v holds the
-    # weights of step (v - 1) * publish_every, assuming the peers publish as often as this one).
+    # How old the peers' weights were when they answered, in steps of this peer: its step minus the
+    # step of their snapshot (their version v holds the weights of step (v - 1) * publish_every,
+    # assuming the peers publish as often as this one), 0 for a snapshot of a step this peer has not
+    # reached yet (a peer ahead serves weights newer, not older, than this one's).
     mean_peer_age: float
     max_peer_age: int
     seconds: float
@@ -187,11 +189,14 @@ def train_peer(
                 deadline = time.monotonic() + wait_timeout
                 while True:
                     z = client.infer(peer, x.reshape(x.shape[0], *shapes[peer]))["logits"]
-                    age = steps - (client.served_by[1] - 1) * publish_every
+                    # never negative: a peer ahead of this one would count as -d steps old and pull
+                    # the mean below the true staleness of the peers that are behind
+                    age = max(0, steps - (client.served_by[1] - 1) * publish_every)
                     if max_lag is None or age <= max_lag:
                         break
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"peer {peer!r} stayed {age} steps behind for {wait_timeout:.0f} s")
+                        raise TimeoutError(f"peer {peer!r} stayed {age} step{'s' * (age != 1)} behind for "
+                                           f"{wait_timeout:.0f} s")  # fmt: skip
                     time.sleep(0.002)
                 peer_logits.append(z.to(logits.device))
                 ages.append(age)
