@@ -329,7 +329,10 @@ def _fails_on_a_stalled_server(tmp_path: Path, teacher_spec: str, command: Calla
          "--port", str(port), "--no-warmup"],
         stdout=log, stderr=subprocess.STDOUT, env=ENV,
     )  # fmt: skip
-    # Started together: the command's first contact waits for the server (connect_timeout).
+    # The server up first: --server-timeout 1 bounds the command's first contact too, and kd serve
+    # takes seconds to start on a loaded machine.
+    with TeacherClient(f"127.0.0.1:{port}") as up:
+        up.wait_ready(60.0)
     proc = subprocess.Popen([sys.executable, "-m", "kd", *command(f"127.0.0.1:{port}"), "--server-timeout", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
     try:
