@@ -240,6 +240,15 @@ def _stopped_unsaved(stopped: Stopped, command: str) -> None:
                   "(run it again from the start)")  # fmt: skip
 
 
+def _error_text(e: BaseException) -> str:
+    """What a command's catch-all prints: kd's own refusals (a ValueError naming the option, file or
+    record; a diverged run's FloatingPointError) as they are, anything else after its type, which
+    says where it came from ("error: ValueError: --dataset ..." read as noise)."""
+    if isinstance(e, (ValueError, FloatingPointError)) and str(e):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
 def _check_run_dir(run_dir: Path | None, resume: bool, checkpoint_every: int) -> None:
     """--run-dir, --resume and --checkpoint-every of a command whose trainer writes a checkpoint."""
     if resume and run_dir is None:
@@ -1241,7 +1250,7 @@ def train(
         finally:
             signals.close(restore_handlers=True)
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
-        _fail(f"{type(e).__name__}: {e}")
+        _fail(_error_text(e))
     finally:
         if src is not None:
             src.close()
@@ -1360,7 +1369,7 @@ def evaluate_model(
         acc = evaluate(net, data, batch_size=batch_size, workers=workers, device=device, input_shape=shape,
                        final=final)  # fmt: skip
     except (TeacherLoadError, ValueError, RuntimeError, TypeError) as e:
-        _fail(f"{type(e).__name__}: {e}")
+        _fail(_error_text(e))
     top5 = acc.top5 if data.num_classes > 5 else None  # with <= 5 classes every class is in the top 5
     console.print(
         f"top-1 {acc.top1:.4f}" + (f", top-5 {top5:.4f}" if top5 is not None else "")
@@ -1903,7 +1912,7 @@ def datafree(
     except Stopped as e:
         _stopped_unsaved(e, "kd datafree")
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
-        _fail(f"{type(e).__name__}: {e}")
+        _fail(_error_text(e))
     finally:
         signals.close(restore_handlers=True)
     if out is not None:
@@ -2004,7 +2013,7 @@ def onpolicy(
     except Stopped as e:
         _stopped_resumable(e, run_dir)
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
-        _fail(f"{type(e).__name__}: {e}")
+        _fail(_error_text(e))
     if out is not None:
         _save_student(model, out)
     print(json.dumps(result.as_dict()))
@@ -2156,7 +2165,7 @@ def train_lm(
         _stopped_resumable(e, run_dir)
     except (ValueError, TypeError, KeyError, RuntimeError, CacheError, FloatingPointError) as e:  # bad option, cache,
         # data or student, or a diverged run
-        _fail(f"{type(e).__name__}: {e}")
+        _fail(_error_text(e))
     finally:
         signals.close(restore_handlers=True)
         teacher_src.close()
@@ -2370,7 +2379,7 @@ def qkd(
     except TeacherLoadError as e:
         _fail(str(e))
     except (ValueError, RuntimeError, TypeError) as e:
-        _fail(f"{type(e).__name__}: {e}")
+        _fail(_error_text(e))
     finally:
         signals.close(restore_handlers=True)
         if src is not None:
