@@ -1400,6 +1400,14 @@ def train_tokens(
             raise ValueError("resume continues the run in run_dir: give run_dir")
         ckpt = read_run_checkpoint(run_dir, "train-lm", identity, _TOKEN_CKPT_KEYS,
                                    "after each epoch and when it is stopped")  # fmt: skip
+        # Fewer epochs than the checkpoint has begun would return a student trained past them (and
+        # the losses of the epochs asked for): refused before the student is touched.
+        done, into = int(ckpt["epoch"]), int(ckpt["step"])
+        if epochs < done + (1 if into else 0):
+            where = f"in epoch {done + 1} after {into} of its steps" if into else f"after epoch {done}"
+            raise ValueError(f"checkpoint {str(Path(run_dir) / RUN_CHECKPOINT)!r} is {where}: a run of {epochs} "
+                             f"epoch(s) ends before it; resume with epochs (--epochs) >= "
+                             f"{done + (1 if into else 0)}")  # fmt: skip
         try:
             student.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])

@@ -148,3 +148,25 @@ def test_the_cli_refuses_resume_without_a_run_directory(tmp_path: Path) -> None:
     text = refused(CliRunner().invoke(app, [*base, "--run-dir", str(tmp_path / "new"), "--resume"]),
                    "no checkpoint", "checkpoint.pt")  # fmt: skip
     assert "error: --resume: no checkpoint" in text  # kd's own refusal, not after its type ("ValueError: ")
+
+
+def test_a_resume_with_fewer_epochs_than_the_checkpoint_began_is_refused(setup, tmp_path: Path) -> None:
+    # The run stopped 2 steps into epoch 3: a resume with epochs=2 returned the 2 epochs' losses of a
+    # student that had trained on into epoch 3 (and the CLI saved it as a 2-epoch result).
+    data, source, whole, weights = setup
+    first = DropoutLM()
+    torch.manual_seed(7)
+    with pytest.raises(Stopped, match=r"in epoch 3 after 2 of its steps"):
+        train_tokens(first, data, source, epochs=3, run_dir=tmp_path, stop=stop_at(11), **RUN)
+    student = DropoutLM()
+    untouched = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(ValueError, match=r"is in epoch 3 after 2 of its steps: a run of 2 epoch\(s\) ends before it; "
+                       r"resume with epochs \(--epochs\) >= 3"):  # fmt: skip
+        train_tokens(student, data, source, epochs=2, run_dir=tmp_path, resume=True, **RUN)
+    same_weights(student.state_dict(), untouched)  # refused before the checkpoint was loaded into it
+    assert train_tokens(student, data, source, epochs=3, run_dir=tmp_path, resume=True, **RUN) == whole
+    same_weights(student.state_dict(), weights)
+    # After the last epoch's end: as many epochs continue to nothing more, fewer are refused.
+    assert train_tokens(DropoutLM(), data, source, epochs=3, run_dir=tmp_path, resume=True, **RUN) == whole
+    with pytest.raises(ValueError, match=r"is after epoch 3: a run of 1 epoch\(s\) ends before it"):
+        train_tokens(DropoutLM(), data, source, epochs=1, run_dir=tmp_path, resume=True, **RUN)
