@@ -170,3 +170,45 @@ def test_a_resume_with_fewer_epochs_than_the_checkpoint_began_is_refused(setup, 
     assert train_tokens(DropoutLM(), data, source, epochs=3, run_dir=tmp_path, resume=True, **RUN) == whole
     with pytest.raises(ValueError, match=r"is after epoch 3: a run of 1 epoch\(s\) ends before it"):
         train_tokens(DropoutLM(), data, source, epochs=1, run_dir=tmp_path, resume=True, **RUN)
+
+
+def other_teacher_lm() -> BigramLM:
+    torch.manual_seed(53)
+    return BigramLM(16, 3.0)
+
+
+def test_resume_compares_the_teacher_not_how_its_cache_is_named(setup, tmp_path: Path, monkeypatch) -> None:
+    # The targets were compared by their description: 'local logits' for any teacher in process (and
+    # 'server logits' for any served one), so another teacher resumed the run, while one cache named
+    # 'c' and then by its absolute path was 'another run'.
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+    from kd.student_trainer.sources import CacheSource
+
+    data, source, _, _ = setup
+    first = DropoutLM()
+    torch.manual_seed(7)
+    with pytest.raises(Stopped):
+        train_tokens(first, data, source, epochs=2, run_dir=tmp_path / "a", stop=stop_at(3), **RUN)
+    other = LocalSource(f"{__name__}:other_teacher_lm")
+    fingerprints = r"of another run \(targets\.fingerprint: '[0-9a-f]+' there, '[0-9a-f]+' here\)"
+    with pytest.raises(ValueError, match=fingerprints):
+        train_tokens(DropoutLM(), data, other, epochs=2, run_dir=tmp_path / "a", resume=True, **RUN)
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["precompute", "--source", f"local:{__name__}:teacher_lm", "--dataset", data.uri,
+                                 "--out", "c"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    straight = DropoutLM()
+    torch.manual_seed(7)
+    whole = train_tokens(straight, data, CacheSource(str(tmp_path / "c"), dataset_id=data.dataset_id), epochs=2, **RUN)
+    first = DropoutLM()
+    torch.manual_seed(7)
+    with pytest.raises(Stopped):
+        train_tokens(first, data, CacheSource("c", dataset_id=data.dataset_id), epochs=2, run_dir=tmp_path / "b",
+                     stop=stop_at(3), **RUN)  # fmt: skip
+    student = DropoutLM()
+    by_path = CacheSource(str(tmp_path / "c"), dataset_id=data.dataset_id)
+    assert train_tokens(student, data, by_path, epochs=2, run_dir=tmp_path / "b", resume=True, **RUN) == whole
+    same_weights(student.state_dict(), straight.state_dict())
