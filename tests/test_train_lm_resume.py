@@ -212,3 +212,24 @@ def test_resume_compares_the_teacher_not_how_its_cache_is_named(setup, tmp_path:
     by_path = CacheSource(str(tmp_path / "c"), dataset_id=data.dataset_id)
     assert train_tokens(student, data, by_path, epochs=2, run_dir=tmp_path / "b", resume=True, **RUN) == whole
     same_weights(student.state_dict(), straight.state_dict())
+
+
+def test_the_cli_refuses_a_run_directory_it_could_not_write_before_training(tmp_path: Path) -> None:
+    # A --run-dir below a file failed with a traceback (NotADirectoryError) at the first checkpoint,
+    # after a whole epoch; a checkpoint that cannot be written later (here checkpoint.pt is a folder)
+    # is one error line, not a traceback.
+    from cli_checks import refused
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+
+    (tmp_path / "t.txt").write_text("some text to train on\n" * 4)
+    (tmp_path / "file").write_text("")
+    base = ["train-lm", "--source", f"local:{__name__}:teacher_lm", "--dataset", f"text:{tmp_path / 't.txt'}?block=16",
+            "--val-dataset", f"text:{tmp_path / 't.txt'}?block=16", "--student", f"{__name__}:teacher_lm"]  # fmt: skip
+    below = tmp_path / "file" / "run"
+    text = refused(CliRunner().invoke(app, [*base, "--run-dir", str(below)]),
+                   f"--run-dir '{below}' cannot be made: '{below.parent}' is a file, not a directory")  # fmt: skip
+    assert "epoch 1" not in text
+    (tmp_path / "run" / RUN_CHECKPOINT / "x").mkdir(parents=True)
+    refused(CliRunner().invoke(app, [*base, "--run-dir", str(tmp_path / "run")]), "Is a directory", RUN_CHECKPOINT)
