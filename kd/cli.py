@@ -257,6 +257,13 @@ def _check_run_dir(run_dir: Path | None, resume: bool, checkpoint_every: int) ->
         _fail(f"--checkpoint-every {checkpoint_every}: a number of steps >= 0, with --run-dir to write to")
     if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
         _fail(f"--run-dir {str(run_dir)!r} is a file, not a directory")
+    # The checkpoint is first written after an epoch (or N steps, or at a stop): a folder that cannot
+    # be made there would fail only then, with that work lost. Checked without creating anything.
+    for above in run_dir.parents if run_dir is not None and not run_dir.exists() else ():
+        if above.exists():
+            if not above.is_dir():
+                _fail(f"--run-dir {str(run_dir)!r} cannot be made: {str(above)!r} is a file, not a directory")
+            break
 
 
 def _stopped_resumable(stopped: Stopped, run_dir: Path | None) -> None:
@@ -2163,8 +2170,8 @@ def train_lm(
         if rank != 0:  # every rank stopped before the same step (train_tokens): rank 0 says so
             raise SystemExit(128 + e.signum) from None
         _stopped_resumable(e, run_dir)
-    except (ValueError, TypeError, KeyError, RuntimeError, CacheError, FloatingPointError) as e:  # bad option, cache,
-        # data or student, or a diverged run
+    except (ValueError, TypeError, KeyError, RuntimeError, CacheError, FloatingPointError, OSError) as e:  # bad
+        # option, cache, data or student, a diverged run, or a checkpoint that could not be written
         _fail(_error_text(e))
     finally:
         signals.close(restore_handlers=True)

@@ -1240,12 +1240,24 @@ def read_run_checkpoint(run_dir: Path, kind: str, identity: dict, keys: set[str]
     missing = (keys | {"kind", "identity"}) - (set(ckpt) if isinstance(ckpt, dict) else set())
     if missing or ckpt.get("kind") != kind:
         raise ValueError(f"checkpoint {str(path)!r} is not a kd {kind} checkpoint (missing {sorted(missing)})")
-    theirs = json.loads(ckpt["identity"])
-    differ = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in identity.items() if theirs.get(k) != v]
+    differ = _differences(json.loads(ckpt["identity"]), json.loads(json.dumps(identity)))
     if differ:
         raise ValueError(f"checkpoint {str(path)!r} is of another run ({'; '.join(differ)}): resume it with "
                          "the options it was started with, or give another --run-dir")  # fmt: skip
     return ckpt
+
+
+def _differences(theirs: dict, ours: dict, prefix: str = "") -> list[str]:
+    """``key: theirs there, ours here`` for each value that differs, nested keys named by their path
+    (``targets.fingerprint``): a whole source's description would hide the one field that differs."""
+    out = []
+    for k in sorted(set(theirs) | set(ours)):
+        a, b = theirs.get(k), ours.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} there, {b!r} here")
+    return out
 
 
 def write_run_checkpoint(run_dir: Path, kind: str, identity: dict, state: dict) -> None:
@@ -1324,8 +1336,9 @@ def train_tokens(
     ``checkpoint_every=N``: also after every N-th step of an epoch (a crash, not only a stop, then
     loses fewer steps: one epoch over a large corpus is a whole run). ``resume``: continue from
     the checkpoint, to the losses and weights of an uninterrupted run (more ``epochs`` than the run
-    was started with train on; every other setting, the dataset, the targets and the number of
-    ranks must be the same, else it is refused naming what differs)."""
+    was started with train on, fewer than the checkpoint has begun are refused; every other setting,
+    the dataset, the targets (``source_identity``: the teacher's fingerprint, a cache's resolved path)
+    and the number of ranks must be the same, else it is refused naming what differs)."""
     from kd.core.tokens import next_token_labels, refuse_no_samples
     from kd.student_trainer.losses.token_kd import token_mask
 
@@ -1394,12 +1407,20 @@ def train_tokens(
     identity = {"method": method, "options": json.loads(json.dumps(options, sort_keys=True)), "lr": lr,
                 "batch_size": batch_size, "accumulate": accumulate, "optimizer": optimizer,
                 "weight_decay": weight_decay, "seed": seed, "amp": amp, "dataset": train.dataset_id,
-                "targets": _targets_kind(source), "world_size": size}  # fmt: skip
+                "targets": source_identity(source), "world_size": size}  # fmt: skip
     if resume:
         if run_dir is None:
             raise ValueError("resume continues the run in run_dir: give run_dir")
         ckpt = read_run_checkpoint(run_dir, "train-lm", identity, _TOKEN_CKPT_KEYS,
                                    "after each epoch and when it is stopped")  # fmt: skip
+        # Fewer epochs than the checkpoint has begun would return a student trained past them (and
+        # the losses of the epochs asked for): refused before the student is touched.
+        done, into = int(ckpt["epoch"]), int(ckpt["step"])
+        if epochs < done + (1 if into else 0):
+            where = f"in epoch {done + 1} after {into} of its steps" if into else f"after epoch {done}"
+            raise ValueError(f"checkpoint {str(Path(run_dir) / RUN_CHECKPOINT)!r} is {where}: a run of {epochs} "
+                             f"epoch(s) ends before it; resume with epochs (--epochs) >= "
+                             f"{done + (1 if into else 0)}")  # fmt: skip
         try:
             student.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])

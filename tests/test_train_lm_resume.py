@@ -148,3 +148,88 @@ def test_the_cli_refuses_resume_without_a_run_directory(tmp_path: Path) -> None:
     text = refused(CliRunner().invoke(app, [*base, "--run-dir", str(tmp_path / "new"), "--resume"]),
                    "no checkpoint", "checkpoint.pt")  # fmt: skip
     assert "error: --resume: no checkpoint" in text  # kd's own refusal, not after its type ("ValueError: ")
+
+
+def test_a_resume_with_fewer_epochs_than_the_checkpoint_began_is_refused(setup, tmp_path: Path) -> None:
+    # The run stopped 2 steps into epoch 3: a resume with epochs=2 returned the 2 epochs' losses of a
+    # student that had trained on into epoch 3 (and the CLI saved it as a 2-epoch result).
+    data, source, whole, weights = setup
+    first = DropoutLM()
+    torch.manual_seed(7)
+    with pytest.raises(Stopped, match=r"in epoch 3 after 2 of its steps"):
+        train_tokens(first, data, source, epochs=3, run_dir=tmp_path, stop=stop_at(11), **RUN)
+    student = DropoutLM()
+    untouched = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(ValueError, match=r"is in epoch 3 after 2 of its steps: a run of 2 epoch\(s\) ends before it; "
+                       r"resume with epochs \(--epochs\) >= 3"):  # fmt: skip
+        train_tokens(student, data, source, epochs=2, run_dir=tmp_path, resume=True, **RUN)
+    same_weights(student.state_dict(), untouched)  # refused before the checkpoint was loaded into it
+    assert train_tokens(student, data, source, epochs=3, run_dir=tmp_path, resume=True, **RUN) == whole
+    same_weights(student.state_dict(), weights)
+    # After the last epoch's end: as many epochs continue to nothing more, fewer are refused.
+    assert train_tokens(DropoutLM(), data, source, epochs=3, run_dir=tmp_path, resume=True, **RUN) == whole
+    with pytest.raises(ValueError, match=r"is after epoch 3: a run of 1 epoch\(s\) ends before it"):
+        train_tokens(DropoutLM(), data, source, epochs=1, run_dir=tmp_path, resume=True, **RUN)
+
+
+def other_teacher_lm() -> BigramLM:
+    torch.manual_seed(53)
+    return BigramLM(16, 3.0)
+
+
+def test_resume_compares_the_teacher_not_how_its_cache_is_named(setup, tmp_path: Path, monkeypatch) -> None:
+    # The targets were compared by their description: 'local logits' for any teacher in process (and
+    # 'server logits' for any served one), so another teacher resumed the run, while one cache named
+    # 'c' and then by its absolute path was 'another run'.
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+    from kd.student_trainer.sources import CacheSource
+
+    data, source, _, _ = setup
+    first = DropoutLM()
+    torch.manual_seed(7)
+    with pytest.raises(Stopped):
+        train_tokens(first, data, source, epochs=2, run_dir=tmp_path / "a", stop=stop_at(3), **RUN)
+    other = LocalSource(f"{__name__}:other_teacher_lm")
+    fingerprints = r"of another run \(targets\.fingerprint: '[0-9a-f]+' there, '[0-9a-f]+' here\)"
+    with pytest.raises(ValueError, match=fingerprints):
+        train_tokens(DropoutLM(), data, other, epochs=2, run_dir=tmp_path / "a", resume=True, **RUN)
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["precompute", "--source", f"local:{__name__}:teacher_lm", "--dataset", data.uri,
+                                 "--out", "c"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    straight = DropoutLM()
+    torch.manual_seed(7)
+    whole = train_tokens(straight, data, CacheSource(str(tmp_path / "c"), dataset_id=data.dataset_id), epochs=2, **RUN)
+    first = DropoutLM()
+    torch.manual_seed(7)
+    with pytest.raises(Stopped):
+        train_tokens(first, data, CacheSource("c", dataset_id=data.dataset_id), epochs=2, run_dir=tmp_path / "b",
+                     stop=stop_at(3), **RUN)  # fmt: skip
+    student = DropoutLM()
+    by_path = CacheSource(str(tmp_path / "c"), dataset_id=data.dataset_id)
+    assert train_tokens(student, data, by_path, epochs=2, run_dir=tmp_path / "b", resume=True, **RUN) == whole
+    same_weights(student.state_dict(), straight.state_dict())
+
+
+def test_the_cli_refuses_a_run_directory_it_could_not_write_before_training(tmp_path: Path) -> None:
+    # A --run-dir below a file failed with a traceback (NotADirectoryError) at the first checkpoint,
+    # after a whole epoch; a checkpoint that cannot be written later (here checkpoint.pt is a folder)
+    # is one error line, not a traceback.
+    from cli_checks import refused
+    from typer.testing import CliRunner
+
+    from kd.cli import app
+
+    (tmp_path / "t.txt").write_text("some text to train on\n" * 4)
+    (tmp_path / "file").write_text("")
+    base = ["train-lm", "--source", f"local:{__name__}:teacher_lm", "--dataset", f"text:{tmp_path / 't.txt'}?block=16",
+            "--val-dataset", f"text:{tmp_path / 't.txt'}?block=16", "--student", f"{__name__}:teacher_lm"]  # fmt: skip
+    below = tmp_path / "file" / "run"
+    text = refused(CliRunner().invoke(app, [*base, "--run-dir", str(below)]),
+                   f"--run-dir '{below}' cannot be made: '{below.parent}' is a file, not a directory")  # fmt: skip
+    assert "epoch 1" not in text
+    (tmp_path / "run" / RUN_CHECKPOINT / "x").mkdir(parents=True)
+    refused(CliRunner().invoke(app, [*base, "--run-dir", str(tmp_path / "run")]), "Is a directory", RUN_CHECKPOINT)
