@@ -1404,7 +1404,9 @@ def train_tokens(
     step_size = batch_size * accumulate
     losses = []
     start_epoch, start_step, partial = 0, 0, (0.0, 0)
-    identity = {"method": method, "options": json.loads(json.dumps(options, sort_keys=True)), "lr": lr,
+    # The options as the loss takes them (its defaults filled in): --opt temperature=1 is the default run.
+    effective = {**getattr(loss_fn, "defaults", {}), **options}
+    identity = {"method": method, "options": json.loads(json.dumps(effective, sort_keys=True)), "lr": lr,
                 "batch_size": batch_size, "accumulate": accumulate, "optimizer": optimizer,
                 "weight_decay": weight_decay, "seed": seed, "amp": amp, "dataset": train.dataset_id,
                 "targets": source_identity(source), "world_size": size}  # fmt: skip

@@ -123,6 +123,12 @@ def test_resume_refuses_a_checkpoint_it_cannot_continue(setup, tmp_path: Path) -
     with pytest.raises(ValueError, match=r"no checkpoint .*checkpoint\.pt. to continue from"):
         train_tokens(DropoutLM(), data, source, epochs=1, run_dir=tmp_path, resume=True, **RUN)
     train_tokens(DropoutLM(), data, source, epochs=1, run_dir=tmp_path, **RUN)
+    # The loss's defaults given explicitly are the same run; another value is not.
+    opts = {**RUN, "method_options": {"temperature": 1.0}}
+    assert len(train_tokens(DropoutLM(), data, source, epochs=2, run_dir=tmp_path, resume=True, **opts)) == 2
+    with pytest.raises(ValueError, match=r"options\.temperature: 1\.0 there, 2\.0 here"):
+        train_tokens(DropoutLM(), data, source, epochs=3, run_dir=tmp_path, resume=True,
+                     **{**RUN, "method_options": {"temperature": 2.0}})  # fmt: skip
     with pytest.raises(ValueError, match=r"of another run \(lr: 0\.02 there, 0\.05 here\)"):
         train_tokens(DropoutLM(), data, source, epochs=2, run_dir=tmp_path, resume=True, **{**RUN, "lr": 0.05})
     with pytest.raises(ValueError, match=r"is not this student's"):
