@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import typer
@@ -27,9 +28,21 @@ app.add_typer(cache_app, name="cache")
 console = Console(stderr=True, soft_wrap=True)
 
 
+# torch re-raises a DataLoader worker's exception as "Caught X in DataLoader worker process N.",
+# then the worker's whole traceback, then "module.X: message" (kd.core.data.worker_error_message).
+_WORKER_WRAPPER = re.compile(
+    r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback \(most recent call last\):\n"
+    r".*\n(?:[\w.]+\.)?\1: (.*)\Z",
+    re.DOTALL,
+)
+
+
 def _fail(message: str, code: int = 2) -> None:
     from rich.markup import escape
 
+    # A worker's error as itself: the commands that print f"{type(e).__name__}: {e}" (kd train,
+    # evaluate, train-lm, ...) printed torch's wrapper, the worker's traceback included.
+    message = _WORKER_WRAPPER.sub(lambda m: m.group(2).strip(), message)
     # escaped: a message's own square brackets ("[x]", a list of names) are text, not markup;
     # never wrapped: a path or a name cut by the terminal's width is no longer findable
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)

@@ -541,3 +541,14 @@ def test_a_truncated_or_misnamed_npy_file_is_named_for_what_it_is(tmp_path: Path
     x.write_bytes((tmp_path / "a.npz").read_bytes())  # an npz under a .npy name: np.load returned an NpzFile
     with pytest.raises(DatasetError, match=r"is an npz archive, not a \.npy array: read it with npz:"):
         open_source(f"npy:{x}?y={y}")
+
+
+def test_a_data_error_in_a_kd_train_worker_is_its_own_message_not_torchs_traceback(tmp_path: Path) -> None:
+    data = write_folder(tmp_path / "d", n=8)
+    (tmp_path / "d" / "c1" / "7.png").write_bytes((tmp_path / "d" / "c1" / "7.png").read_bytes()[:60])
+    for command in (["train", "--method", "ce"], ["train", "--source", TEACHER]):
+        uri = f"imagefolder:{data}?classes=3"  # the teacher's 3 classes
+        r = cli(*command, "--dataset", uri, "--val-dataset", uri, "--student", TEACHER[6:], "--epochs", "1",
+                "--out", str(tmp_path / "s.safetensors"), "--workers", "2")  # fmt: skip
+        text = refused(r, f"error: DatasetError: cannot decode image {data / 'c1' / '7.png'}: ")
+        assert "Caught" not in text and "DataLoader worker" not in text
