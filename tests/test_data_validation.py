@@ -600,3 +600,30 @@ def test_a_data_error_in_a_kd_train_worker_is_its_own_message_not_torchs_traceba
                 "--out", str(tmp_path / "s.safetensors"), "--workers", "2")  # fmt: skip
         text = refused(r, f"error: DatasetError: cannot decode image {data / 'c1' / '7.png'}: ")
         assert "Caught" not in text and "DataLoader worker" not in text
+
+
+def test_tar_shard_hard_links_are_read_as_their_file_and_symbolic_links_refused(tmp_path: Path) -> None:
+    rs = np.random.RandomState(0)
+    a, b = (image_bytes((rs.rand(8, 8, 3) * 255).astype(np.uint8), "PNG") for _ in range(2))
+
+    def link(name: str, kind: bytes, target: str) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, target
+        return info
+
+    def shard(path: Path, last: tarfile.TarInfo) -> Path:
+        # GNU tar writes a file's second name (a hard link, e.g. a duplicate image) as a link to its first
+        write_tar(path, [("s0.png", a), ("s0.cls", b"0"), ("s1.png", b), ("s1.cls", b"1"), ("s2.cls", b"2")])
+        with tarfile.open(path, "a") as tf:
+            tf.addfile(last)
+        return path
+
+    src = open_source(f"webdataset:{shard(tmp_path / 'h.tar', link('s2.png', tarfile.LNKTYPE, 's0.png'))}")
+    assert len(src) == 3 and src.labels.tolist() == [0, 1, 2]  # was: "sample 's2' ... has no image member"
+    assert torch.equal(src.get(torch.tensor([2])), src.get(torch.tensor([0])))  # s2 is s0's bytes
+    assert not torch.equal(src.get(torch.tensor([1])), src.get(torch.tensor([0])))
+    with pytest.raises(DatasetError) as e:
+        open_source(f"webdataset:{shard(tmp_path / 's.tar', link('s2.png', tarfile.SYMTYPE, 's1.png'))}")
+    assert str(e.value).startswith(f"webdataset: member s2.png in {tmp_path / 's.tar'} is a symbolic link (to s1.png)")
+    with pytest.raises(DatasetError, match=r"member s2\.png in .* is a hard link to s9\.png, which is not a file"):
+        open_source(f"webdataset:{shard(tmp_path / 'x.tar', link('s2.png', tarfile.LNKTYPE, 's9.png'))}")

@@ -1610,13 +1610,32 @@ class WebDatasetSource(FileSource):
         except tarfile.TarError as e:
             raise DatasetError(f"webdataset: {shard} is not an uncompressed tar file ({e})") from None
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        regular: dict[str, tarfile.TarInfo] = {}
+        used = (*self.image_exts, self.label_ext)
         with tf:
             try:
                 for m in tf:  # reads every header: a truncated or corrupt shard fails here
-                    if not m.isfile():
-                        continue
                     d, base = os.path.split(m.name)
                     stem, dot, ext = base.partition(".")
+                    if m.isfile():
+                        regular[m.name] = m
+                    elif m.islnk() and dot and "." + ext.lower() in used:
+                        # GNU tar stores a second name of one file (a hard link: duplicate images,
+                        # deduplicated trees) as a link to the member stored first: its bytes are that one's
+                        target = regular.get(m.linkname)
+                        if target is None:
+                            raise DatasetError(
+                                f"webdataset: member {m.name} in {shard} is a hard link to {m.linkname}, which is "
+                                "not a file stored before it in the shard"
+                            )
+                        m = target
+                    elif m.issym() and dot and "." + ext.lower() in used:
+                        raise DatasetError(
+                            f"webdataset: member {m.name} in {shard} is a symbolic link (to {m.linkname}): a shard's "
+                            "samples are its files; write the shard with the files themselves (tar --dereference)"
+                        )
+                    else:
+                        continue
                     if not dot:
                         continue
                     groups.setdefault(os.path.join(d, stem), {})["." + ext.lower()] = m
