@@ -441,10 +441,16 @@ def serve(
     unknown = (set(tiers) - {"*"} | set(served_records)) - {e.name for e in cfg.teachers}
     if unknown:
         _fail(f"--access/--records name unknown teacher(s) {sorted(unknown)}")
+    given: set[str] = set()
     for item in dataset:
         name, sep, ref = item.partition("=")
         if not sep or not name:
             _fail(f"--dataset {item!r} must look like NAME=URI")
+        if name in cfg.datasets:  # the later one silently replaced it: clients asking for NAME got other data
+            where = "another --dataset" if name in given else f"--config {str(config)!r}"
+            _fail(f"--dataset {item!r}: the name {name!r} is already given to {cfg.datasets[name]!r} (by {where}); "
+                  "dataset names must be unique")  # fmt: skip
+        given.add(name)
         cfg.datasets[name] = ref
     if not cfg.teachers:
         _fail("no teachers: give --teacher NAME=SPEC or --config FILE")

@@ -11,6 +11,7 @@ import signal
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner, Result
@@ -134,3 +135,20 @@ def test_serve_fails_a_bad_config_cleanly(tmp_path: Path, teacher_spec: str) -> 
     path = tmp_path / "serve.toml"
     path.write_text(f'[[teacher]]\nname = "t"\nspec = "{teacher_spec}"\nmax_batch_size = "abc"\n')
     refused(serve(tmp_path, "--config", str(path)), str(path), "max_batch_size must be int")
+
+
+def test_serve_refuses_two_datasets_of_one_name(tmp_path: Path, teacher_spec: str) -> None:
+    np.savez(tmp_path / "a.npz", x=np.zeros((4, 64), np.float32), y=np.arange(4))
+    np.savez(tmp_path / "b.npz", x=np.ones((4, 64), np.float32), y=np.arange(4))
+    a, b = f"a=npz:{tmp_path / 'a.npz'}", f"a=npz:{tmp_path / 'b.npz'}"
+    # the second replaced the first without a word: clients asking for 'a' got b.npz
+    refused(serve(tmp_path, "--port", "0", "-t", f"t={teacher_spec}", "--dataset", a, "--dataset", b),
+            f"--dataset {b!r}: the name 'a' is already given to", "(by another --dataset)")  # fmt: skip
+    path = tmp_path / "serve.toml"
+    table = '[[dataset]]\nname = "a"\nref = "npz:{}"\n'
+    path.write_text(f'[[teacher]]\nname = "t"\nspec = "{teacher_spec}"\n' + table.format(tmp_path / "a.npz"))
+    refused(serve(tmp_path, "--config", str(path), "--dataset", b), f"(by --config {str(path)!r})")
+    path.write_text(path.read_text() + table.format(tmp_path / "b.npz"))
+    with pytest.raises(ConfigError, match=r"\[\[dataset\]\] #2: dataset name 'a' is already given to"):
+        load_config(path)
+
