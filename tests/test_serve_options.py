@@ -152,3 +152,10 @@ def test_serve_refuses_two_datasets_of_one_name(tmp_path: Path, teacher_spec: st
     with pytest.raises(ConfigError, match=r"\[\[dataset\]\] #2: dataset name 'a' is already given to"):
         load_config(path)
 
+
+def test_serve_refuses_an_empty_dataset(tmp_path: Path, teacher_spec: str) -> None:
+    # it was served (0 samples) and every request by reference to it refused
+    np.savez(tmp_path / "e.npz", x=np.zeros((0, 64), np.float32), y=np.zeros(0, np.int64))
+    e = f"e=npz:{tmp_path / 'e.npz'}"
+    refused(serve(tmp_path, "--port", "0", "-t", f"t={teacher_spec}", "--dataset", e),
+            f"npz: {tmp_path / 'e.npz'} holds no samples (inputs float32 [0, 64])")  # fmt: skip

@@ -1157,6 +1157,8 @@ class ArraySource(FileSource):
                 "kd reads integer, float or bool arrays"
             )
         self.n = len(x)
+        if not self.n:  # as every other format refuses an empty one (was "the dataset's samples are []")
+            raise DatasetError(f"{fmt}: {self.path} holds no samples (inputs {x.dtype} {list(x.shape)})")
         self.sample_dims = tuple(x.shape[1:])
         if self.layout == "auto":
             nd = len(self.sample_dims)
