@@ -159,3 +159,16 @@ def test_serve_refuses_an_empty_dataset(tmp_path: Path, teacher_spec: str) -> No
     e = f"e=npz:{tmp_path / 'e.npz'}"
     refused(serve(tmp_path, "--port", "0", "-t", f"t={teacher_spec}", "--dataset", e),
             f"npz: {tmp_path / 'e.npz'} holds no samples (inputs float32 [0, 64])")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ("input_shape=0x64", "input_shape '0x64' in "),  # was "teacher 't' returned shape (2, 0, 10)"
+        ("input_shape=-2x64", "input_shape '-2x64' in "),  # was torch's RuntimeError: exit 1, a traceback
+        ("input_shape=64&input_shape=0x64", "option 'input_shape' given twice in teacher spec"),  # the last won
+    ],
+)
+def test_serve_refuses_a_teacher_input_shape_of_no_size(tmp_path: Path, teacher_spec: str, shape: str,
+                                                        message: str) -> None:  # fmt: skip
+    refused(serve(tmp_path, "--port", "0", "-t", f"t={teacher_spec}?{shape}"), message)
