@@ -2034,6 +2034,8 @@ def train_lm(
         _fail(f"--server-topk {server_topk}: needs K >= 1 and applies only to --source server:...; got {source!r}")
     if not (math.isfinite(server_timeout) and server_timeout > 0):
         _fail(f"--server-timeout must be a number of seconds > 0, got {server_timeout}")
+    if epochs < 1 or batch_size < 1:  # as kd train: 0 epochs saved the untrained student to --out, exit 0
+        _fail(f"--epochs and --batch-size must be >= 1, got {epochs} and {batch_size}")
     _check_run_options(seed, device)
     _check_out(out)
     options = _parse_options(opt)
