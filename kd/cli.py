@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import typer
@@ -27,9 +28,21 @@ app.add_typer(cache_app, name="cache")
 console = Console(stderr=True, soft_wrap=True)
 
 
+# torch re-raises a DataLoader worker's exception as "Caught X in DataLoader worker process N.",
+# then the worker's whole traceback, then "module.X: message" (kd.core.data.worker_error_message).
+_WORKER_WRAPPER = re.compile(
+    r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback \(most recent call last\):\n"
+    r".*\n(?:[\w.]+\.)?\1: (.*)\Z",
+    re.DOTALL,
+)
+
+
 def _fail(message: str, code: int = 2) -> None:
     from rich.markup import escape
 
+    # A worker's error as itself: the commands that print f"{type(e).__name__}: {e}" (kd train,
+    # evaluate, train-lm, ...) printed torch's wrapper, the worker's traceback included.
+    message = _WORKER_WRAPPER.sub(lambda m: m.group(2).strip(), message)
     # escaped: a message's own square brackets ("[x]", a list of names) are text, not markup;
     # never wrapped: a path or a name cut by the terminal's width is no longer findable
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
@@ -468,10 +481,16 @@ def serve(
     unknown = (set(tiers) - {"*"} | set(served_records)) - {e.name for e in cfg.teachers}
     if unknown:
         _fail(f"--access/--records name unknown teacher(s) {sorted(unknown)}")
+    given: set[str] = set()
     for item in dataset:
         name, sep, ref = item.partition("=")
         if not sep or not name:
             _fail(f"--dataset {item!r} must look like NAME=URI")
+        if name in cfg.datasets:  # the later one silently replaced it: clients asking for NAME got other data
+            where = "another --dataset" if name in given else f"--config {str(config)!r}"
+            _fail(f"--dataset {item!r}: the name {name!r} is already given to {cfg.datasets[name]!r} (by {where}); "
+                  "dataset names must be unique")  # fmt: skip
+        given.add(name)
         cfg.datasets[name] = ref
     if not cfg.teachers:
         _fail("no teachers: give --teacher NAME=SPEC or --config FILE")
@@ -2095,6 +2114,8 @@ def train_lm(
         _fail(f"--server-topk {server_topk}: needs K >= 1 and applies only to --source server:...; got {source!r}")
     if not (math.isfinite(server_timeout) and server_timeout > 0):
         _fail(f"--server-timeout must be a number of seconds > 0, got {server_timeout}")
+    if epochs < 1 or batch_size < 1:  # as kd train: 0 epochs saved the untrained student to --out, exit 0
+        _fail(f"--epochs and --batch-size must be >= 1, got {epochs} and {batch_size}")
     _check_run_options(seed, device)
     _check_out(out)
     _check_run_dir(run_dir, resume, checkpoint_every)

@@ -272,6 +272,9 @@ def load_config(path: str | Path) -> ServerConfig:
         if "name" not in entry or "ref" not in entry:
             raise ConfigError(f"{where}: needs `name` and `ref`")
         _check_types(entry, {"name": "str", "ref": "str"}, where)
+        if entry["name"] in cfg.datasets:  # a later table silently replaced the earlier one
+            raise ConfigError(f"{where}: dataset name {entry['name']!r} is already given to "
+                              f"{cfg.datasets[entry['name']]!r}; dataset names must be unique")  # fmt: skip
         cfg.datasets[entry["name"]] = entry["ref"]
     if not cfg.teachers:
         raise ConfigError(f"{path}: no [[teacher]] entries")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,18 @@ def _looks_like_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
 
 
+def _unpickling_reason(e: Exception) -> str:
+    """What torch's weights-only unpickler refused, on one line. Its message wraps that in ~7
+    lines of advice (that ``weights_only=False`` "will likely succeed", or how to allowlist the
+    global: the code execution kd refuses), with terminal escapes: only the cause is kept (the
+    whole message on one line where torch words it otherwise)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    text = text.partition("WeightsUnpickler error:")[2] or text
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
+    cause = " ".join(p for p in paragraphs if not p.startswith(("Weights only load failed", "Check the documentation")))
+    return cause.split(" Please use `torch.serialization")[0] or " ".join(text.split())
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read plain weights from a safetensors file or a weights-only torch file."""
     if not path.is_file():
@@ -150,11 +163,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"safetensors by the suffix; rename it to {path.with_suffix('.safetensors').name!r}"
         )
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol: not the user's to act on
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise TeacherLoadError(
             f"weights file {str(path)!r} holds pickled objects that are not plain weights; "
-            f"refused (loaded with weights_only=True). Save model.state_dict() or use safetensors. ({e})"
+            f"refused (loaded with weights_only=True). Save model.state_dict() or use safetensors. "
+            f"({_unpickling_reason(e)})"
         ) from e
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
         raise TeacherLoadError(f"cannot read weights file {str(path)!r}: {e}") from e

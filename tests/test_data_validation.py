@@ -553,3 +553,89 @@ def test_cache_export_of_one_record_says_1_record(tmp_path: Path) -> None:
     (shard,) = cache.glob("shard-*")  # the other shard is not written: its one environment
     r = cli("cache", "export", str(shard), "--out", str(tmp_path / "one.npz"))
     assert r.exit_code == 0 and f"exported 1 record to {tmp_path / 'one.npz'}" in " ".join(r.output.split()), r.output
+
+
+# -- non-finite inputs ------------------------------------------------------------------------------
+def nan_arrays(n: int = 12, bad: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Float images [n, 3, 8, 8] with one NaN and one Inf in sample ``bad``, labels 0, 1, 2, ..."""
+    x = np.random.RandomState(0).rand(n, 3, 8, 8).astype(np.float32)
+    x[bad, 0, 1, 2], x[bad, 2, 7, 7] = np.nan, -np.inf
+    return x, np.arange(n) % 3
+
+
+@pytest.mark.parametrize("fmt", ["npz", "npz-uint8", "npy", "hf"])
+def test_a_float_sample_holding_nan_or_inf_is_refused_naming_it(tmp_path: Path, fmt: str) -> None:
+    x, y = nan_arrays()
+    if fmt == "hf":
+        datasets = pytest.importorskip("datasets")
+        datasets.Dataset.from_dict({"pixel_values": x.tolist(), "label": y.tolist()}).save_to_disk(str(tmp_path / "hf"))
+        uri, what = f"hf:{tmp_path / 'hf'}", f"row 5 of {tmp_path / 'hf'}"
+    elif fmt == "npy":
+        np.save(tmp_path / "x.npy", x)
+        np.save(tmp_path / "y.npy", y)
+        uri, what = f"npy:{tmp_path / 'x.npy'}?y=y.npy", f"sample 5 of {tmp_path / 'x.npy'}"
+    else:
+        np.savez(tmp_path / "x.npz", x=x, y=y)
+        # ?dtype=uint8 made pixels of them: NaN became 0 without a word
+        uri = f"npz:{tmp_path / 'x.npz'}" + ("?dtype=uint8" if fmt == "npz-uint8" else "")
+        what = f"sample 5 of {tmp_path / 'x.npz'}"
+    message = f"{what} holds NaN or Inf (2 of its 192 values): inputs must be finite numbers"
+    src = open_source(uri)
+    for read in (
+        lambda: src.read(5),
+        lambda: src.get(torch.arange(12)),  # one slice of the map
+        lambda: src.get(torch.tensor([9, 5, 0])),  # one gather
+        lambda: src.read_batch(torch.tensor([4, 5]), torch.tensor([0, 1])),  # with seeds
+    ):
+        with pytest.raises(DatasetError) as e:
+            read()
+        assert str(e.value) == message + "; fix or drop that sample"
+    assert torch.isfinite(src.get(torch.tensor([0, 1, 2, 3, 4, 6, 7]))).all()  # the others are read as they are
+    np.savez(tmp_path / "big.npz", x=np.full((4, 3, 8, 8), 3e38, np.float32), y=np.arange(4))
+    assert (open_source(f"npz:{tmp_path / 'big.npz'}").get(torch.arange(4)) == 3e38).all()  # finite; their sum is not
+
+    # through the CLI: named before any record (was "put: logits contain NaN or Inf"), and kd train's refusal
+    # names the sample (was "the run diverged: lower --lr"), also when a DataLoader worker reads it
+    r = cli("precompute", "--source", TEACHER, "--dataset", uri, "--out", str(tmp_path / "c"), "--workers", "0")
+    refused(r, message)
+    r = cli("train", "--method", "ce", "--dataset", uri, "--val-dataset", uri, "--student", TEACHER[6:], "--epochs",
+            "1", "--out", str(tmp_path / "s.safetensors"), "--workers", "2")  # fmt: skip
+    assert "Caught" not in refused(r, message) and not (tmp_path / "s.safetensors").exists()
+
+
+def test_a_data_error_in_a_kd_train_worker_is_its_own_message_not_torchs_traceback(tmp_path: Path) -> None:
+    data = write_folder(tmp_path / "d", n=8)
+    (tmp_path / "d" / "c1" / "7.png").write_bytes((tmp_path / "d" / "c1" / "7.png").read_bytes()[:60])
+    for command in (["train", "--method", "ce"], ["train", "--source", TEACHER]):
+        uri = f"imagefolder:{data}?classes=3"  # the teacher's 3 classes
+        r = cli(*command, "--dataset", uri, "--val-dataset", uri, "--student", TEACHER[6:], "--epochs", "1",
+                "--out", str(tmp_path / "s.safetensors"), "--workers", "2")  # fmt: skip
+        text = refused(r, f"error: DatasetError: cannot decode image {data / 'c1' / '7.png'}: ")
+        assert "Caught" not in text and "DataLoader worker" not in text
+
+
+def test_tar_shard_hard_links_are_read_as_their_file_and_symbolic_links_refused(tmp_path: Path) -> None:
+    rs = np.random.RandomState(0)
+    a, b = (image_bytes((rs.rand(8, 8, 3) * 255).astype(np.uint8), "PNG") for _ in range(2))
+
+    def link(name: str, kind: bytes, target: str) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, target
+        return info
+
+    def shard(path: Path, last: tarfile.TarInfo) -> Path:
+        # GNU tar writes a file's second name (a hard link, e.g. a duplicate image) as a link to its first
+        write_tar(path, [("s0.png", a), ("s0.cls", b"0"), ("s1.png", b), ("s1.cls", b"1"), ("s2.cls", b"2")])
+        with tarfile.open(path, "a") as tf:
+            tf.addfile(last)
+        return path
+
+    src = open_source(f"webdataset:{shard(tmp_path / 'h.tar', link('s2.png', tarfile.LNKTYPE, 's0.png'))}")
+    assert len(src) == 3 and src.labels.tolist() == [0, 1, 2]  # was: "sample 's2' ... has no image member"
+    assert torch.equal(src.get(torch.tensor([2])), src.get(torch.tensor([0])))  # s2 is s0's bytes
+    assert not torch.equal(src.get(torch.tensor([1])), src.get(torch.tensor([0])))
+    with pytest.raises(DatasetError) as e:
+        open_source(f"webdataset:{shard(tmp_path / 's.tar', link('s2.png', tarfile.SYMTYPE, 's1.png'))}")
+    assert str(e.value).startswith(f"webdataset: member s2.png in {tmp_path / 's.tar'} is a symbolic link (to s1.png)")
+    with pytest.raises(DatasetError, match=r"member s2\.png in .* is a hard link to s9\.png, which is not a file"):
+        open_source(f"webdataset:{shard(tmp_path / 'x.tar', link('s2.png', tarfile.LNKTYPE, 's9.png'))}")

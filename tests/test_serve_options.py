@@ -11,6 +11,7 @@ import signal
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner, Result
@@ -134,3 +135,40 @@ def test_serve_fails_a_bad_config_cleanly(tmp_path: Path, teacher_spec: str) -> 
     path = tmp_path / "serve.toml"
     path.write_text(f'[[teacher]]\nname = "t"\nspec = "{teacher_spec}"\nmax_batch_size = "abc"\n')
     refused(serve(tmp_path, "--config", str(path)), str(path), "max_batch_size must be int")
+
+
+def test_serve_refuses_two_datasets_of_one_name(tmp_path: Path, teacher_spec: str) -> None:
+    np.savez(tmp_path / "a.npz", x=np.zeros((4, 64), np.float32), y=np.arange(4))
+    np.savez(tmp_path / "b.npz", x=np.ones((4, 64), np.float32), y=np.arange(4))
+    a, b = f"a=npz:{tmp_path / 'a.npz'}", f"a=npz:{tmp_path / 'b.npz'}"
+    # the second replaced the first without a word: clients asking for 'a' got b.npz
+    refused(serve(tmp_path, "--port", "0", "-t", f"t={teacher_spec}", "--dataset", a, "--dataset", b),
+            f"--dataset {b!r}: the name 'a' is already given to", "(by another --dataset)")  # fmt: skip
+    path = tmp_path / "serve.toml"
+    table = '[[dataset]]\nname = "a"\nref = "npz:{}"\n'
+    path.write_text(f'[[teacher]]\nname = "t"\nspec = "{teacher_spec}"\n' + table.format(tmp_path / "a.npz"))
+    refused(serve(tmp_path, "--config", str(path), "--dataset", b), f"(by --config {str(path)!r})")
+    path.write_text(path.read_text() + table.format(tmp_path / "b.npz"))
+    with pytest.raises(ConfigError, match=r"\[\[dataset\]\] #2: dataset name 'a' is already given to"):
+        load_config(path)
+
+
+def test_serve_refuses_an_empty_dataset(tmp_path: Path, teacher_spec: str) -> None:
+    # it was served (0 samples) and every request by reference to it refused
+    np.savez(tmp_path / "e.npz", x=np.zeros((0, 64), np.float32), y=np.zeros(0, np.int64))
+    e = f"e=npz:{tmp_path / 'e.npz'}"
+    refused(serve(tmp_path, "--port", "0", "-t", f"t={teacher_spec}", "--dataset", e),
+            f"npz: {tmp_path / 'e.npz'} holds no samples (inputs float32 [0, 64])")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ("input_shape=0x64", "input_shape '0x64' in "),  # was "teacher 't' returned shape (2, 0, 10)"
+        ("input_shape=-2x64", "input_shape '-2x64' in "),  # was torch's RuntimeError: exit 1, a traceback
+        ("input_shape=64&input_shape=0x64", "option 'input_shape' given twice in teacher spec"),  # the last won
+    ],
+)
+def test_serve_refuses_a_teacher_input_shape_of_no_size(tmp_path: Path, teacher_spec: str, shape: str,
+                                                        message: str) -> None:  # fmt: skip
+    refused(serve(tmp_path, "--port", "0", "-t", f"t={teacher_spec}?{shape}"), message)

@@ -283,6 +283,19 @@ def test_pickle_round_trip(chat: Path) -> None:
 
 
 # -- errors ---------------------------------------------------------------------------------------
+def test_jsonl_not_utf8_is_named_by_line_and_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    lines = ['{"text": "one"}\n', '{"text": "two"}\n'] * 3000  # far past one read buffer: the line is still exact
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes("".join(lines).encode() + '{"text": "caf\u00e9"}\n'.encode("latin-1") + b'{"text": "x"}\n')
+    with pytest.raises(DatasetError) as e:  # was UnicodeDecodeError's words alone: no file, no line
+        len(open_source(f"jsonl:{latin}?pack=0"))
+    assert str(e.value) == f"jsonl: {latin}:6001 is not UTF-8 text (invalid continuation byte at byte 13)"
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + "".join(lines[:2]).encode())  # UTF-8 as Windows editors save it
+    src = open_source(f"jsonl:{bom}?pack=0")  # was: "bom.jsonl:1 is not valid JSON (Unexpected UTF-8 BOM ...)"
+    assert src.batch([0, 1]).tokens.tolist() == [[BOS, *b("one"), EOS], [BOS, *b("two"), EOS]]
+
+
 def test_bad_input_is_named(tmp_path: Path, chat: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{broken\n')

@@ -125,6 +125,13 @@ def test_diverging_token_training_fails_and_saves_no_student(token_cache, tmp_pa
     assert "diverged" in res.output and "NaN" not in res.stdout and not out.exists()
 
 
+def test_train_lm_refuses_zero_epochs_and_saves_no_student(token_cache, tmp_path: Path) -> None:
+    out = tmp_path / "lm.safetensors"
+    # it exited 0 and wrote the untrained student to --out, where kd train refuses --epochs 0
+    refused(train_lm(token_cache, "--epochs", "0", "--out", str(out)), "--epochs and --batch-size must be >= 1, got 0")
+    assert not out.exists()
+
+
 # ---- item 2: resume refuses a checkpoint of another run ----
 
 

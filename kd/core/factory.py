@@ -60,10 +60,16 @@ def parse_options(opts: str | None, spec: str, role: str = "teacher") -> tuple[d
         if not sep or not key.isidentifier():
             raise FactoryError(f"option {item!r} in {role} spec {spec!r} must look like name=value")
         if key == "input_shape":
+            if shape is not None:  # the later one won without a word, as no other option does
+                raise FactoryError(f"option 'input_shape' given twice in {role} spec {spec!r}")
             try:
                 shape = tuple(int(d) for d in value.lower().split("x"))
             except ValueError:
                 raise FactoryError(f"input_shape must look like 3x32x32, got {value!r} in {spec!r}") from None
+            if any(d == 0 or d < -1 for d in shape):  # -1: a variable dim (a token teacher's positions)
+                raise FactoryError(
+                    f"input_shape {value!r} in {spec!r}: every size must be >= 1 (or -1, a variable length)"
+                )
             continue
         if key in kwargs:
             raise FactoryError(f"option {key!r} given twice in {role} spec {spec!r}")

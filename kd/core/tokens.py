@@ -423,8 +423,13 @@ class TokenSource:
                 yield tuple(row)
             return
         path = self.root / self.rels[0]
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
+        with open(path, "rb") as fh:  # decoded line by line: a bad byte is named with its line
+            for n, raw in enumerate(fh, 1):
+                try:
+                    # a byte-order mark (as Windows editors save UTF-8) starts the file, not its JSON
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise _error(f"jsonl: {path}:{n} is not UTF-8 text ({e.reason} at byte {e.start})") from None
                 if not line.strip():
                     continue
                 try:
