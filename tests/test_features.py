@@ -270,5 +270,5 @@ def test_kd_train_cli_feature_method_saves_connectors_and_tensorboard(cnn_spec: 
     assert conn["0.conv.weight"].shape == (64, 16, 1, 1)
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
-    res = CliRunner().invoke(app, ["methods"])
+    res = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "1000"})  # one line per row: nothing wraps
     assert "feature (@at)" in res.output
