@@ -323,9 +323,12 @@ def batch_loader(
     pin_memory: bool = False,
     decode: bool = True,
 ) -> torch.utils.data.DataLoader:
-    """The batches of ``keys`` read through a DataLoader (``workers`` processes; 0 = in this one)."""
+    """The batches of ``keys`` read through a DataLoader (``workers`` processes, one per batch at
+    most; 0 = in this one)."""
+    batches = KeyBatches(source, keys, batch_size, views, decode)
+    workers = min(workers, max(1, len(batches)))
     return torch.utils.data.DataLoader(
-        KeyBatches(source, keys, batch_size, views, decode),
+        batches,
         batch_size=None,  # every item already is a batch
         shuffle=False,
         num_workers=workers,

@@ -222,7 +222,7 @@ def _batches(train: SampleSource, subset: torch.Tensor, config: TrainConfig, gen
             plan.append((idx, views))
         # its own generator: the loader's worker seeds must not be drawn from torch's global RNG
         loader = torch.utils.data.DataLoader(
-            _Planned(train, plan), batch_size=None, num_workers=config.workers,
+            _Planned(train, plan), batch_size=None, num_workers=min(config.workers, max(1, len(plan))),
             pin_memory=config.device.startswith("cuda"), generator=torch.Generator().manual_seed(config.seed),
         )  # fmt: skip
         for (idx, views), x in zip(plan, loader):
