@@ -639,3 +639,15 @@ def test_tar_shard_hard_links_are_read_as_their_file_and_symbolic_links_refused(
     assert str(e.value).startswith(f"webdataset: member s2.png in {tmp_path / 's.tar'} is a symbolic link (to s1.png)")
     with pytest.raises(DatasetError, match=r"member s2\.png in .* is a hard link to s9\.png, which is not a file"):
         open_source(f"webdataset:{shard(tmp_path / 'x.tar', link('s2.png', tarfile.LNKTYPE, 's9.png'))}")
+
+
+def test_macos_appledouble_files_in_an_image_folder_are_not_images(tmp_path: Path) -> None:
+    # A folder copied from a Mac to another file system has a "._NAME" metadata file beside each
+    # file; kd refused the whole folder on the first ("cannot identify image").
+    clean = write_folder(tmp_path / "clean")
+    mac = write_folder(tmp_path / "mac")
+    for png in list(mac.rglob("*.png")):
+        (png.parent / f"._{png.name}").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # AppleDouble magic
+    a, b = open_source(f"imagefolder:{clean}"), open_source(f"imagefolder:{mac}")
+    assert len(b) == len(a) == 4
+    assert torch.equal(b.get(torch.arange(4)), a.get(torch.arange(4)))

@@ -1022,7 +1022,10 @@ class ImageFolderSource(FileSource):
             for dirpath, dirnames, names in os.walk(self.root / cls, followlinks=True):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 rel = os.path.relpath(dirpath, self.root)
-                found += [os.path.join(rel, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTS)]
+                # "._NAME" files are macOS's AppleDouble metadata beside each file copied from a Mac
+                # to another file system, never an image (each refused the whole folder before).
+                found += [os.path.join(rel, n) for n in sorted(names)
+                          if n.lower().endswith(IMAGE_EXTS) and not n.startswith("._")]  # fmt: skip
             if not found:
                 raise DatasetError(
                     f"imagefolder: class folder {self.root / cls} has no images ({', '.join(IMAGE_EXTS)})"
