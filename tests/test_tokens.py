@@ -89,6 +89,14 @@ def test_json_tokenizer_trained_here(tmp_path: Path) -> None:
     other = _train_tokenizer(tmp_path / "other.json", ["completely different words here"], vocab=280)
     src2 = open_source(f"text:{tmp_path / 'c.txt'}?tokenizer={other}&pack=0")
     assert src2.dataset_id != src.dataset_id
+    # ?tokenizer= a Hugging Face model's directory: its tokenizer.json (it was "does not exist")
+    src3 = open_source(f"text:{tmp_path / 'c.txt'}?tokenizer={tmp_path}&pack=0")
+    assert src3.dataset_id == src.dataset_id and torch.equal(
+        src3.get(torch.tensor([0]))[0], src.get(torch.tensor([0]))[0]
+    )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerError, match="is a directory without a tokenizer.json"):
+        JsonTokenizer(tmp_path / "empty")
 
 
 class GapLM(torch.nn.Module):

@@ -145,6 +145,10 @@ class JsonTokenizer:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
+        if self.path.is_dir():  # a Hugging Face model's directory holds its tokenizer.json
+            if not (self.path / "tokenizer.json").is_file():
+                raise TokenizerError(f"tokenizer {self.path} is a directory without a tokenizer.json")
+            self.path = self.path / "tokenizer.json"
         if not self.path.is_file():
             raise TokenizerError(f"tokenizer file {self.path} does not exist")
         try:
