@@ -180,7 +180,31 @@ def load_hf(directory: Path, task: str | None) -> tuple[nn.Module, str, int]:
         if isinstance(value, int) and value > 0:
             max_length = value
             break
+    _cut_padded_vocabulary(model, directory)
     return model, task, max_length
+
+
+def _cut_padded_vocabulary(model: nn.Module, directory: Path) -> None:
+    """Cut a model's embedding and output rows to its tokenizer's ids where the model has more.
+
+    Many LMs (Pythia, OPT, Phi, Qwen, ...) pad ``vocab_size`` past their tokenizer's ids (to a
+    multiple of 64 or 128, for speed): no token maps to the extra rows, their logits are untrained,
+    and a dataset of the model's own tokenizer has fewer ids than its logits. The real ids' logits
+    are unchanged by the cut (every other row stays as it is), and top-k and sampling can no longer
+    pick an id no text has. A model without a tokenizer.json, or when the optional ``tokenizers``
+    package is missing, is left as it is."""
+    path = directory / "tokenizer.json"
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not path.is_file() or emb is None:
+        return
+    from kd.core.tokens import JsonTokenizer, TokenizerError
+
+    try:
+        ids = JsonTokenizer(path).vocab_size
+    except TokenizerError:
+        return
+    if 0 < ids < emb.num_embeddings:
+        model.resize_token_embeddings(ids)
 
 
 def call_model(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, hf: bool) -> torch.Tensor:
