@@ -91,10 +91,10 @@ def digits_cnn_spec(tmp_path_factory: pytest.TempPathFactory):
     return spec
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """One intra-op thread for a module of tiny models: fastest, and far faster on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True)
+def _one_torch_thread_after_each_test():
+    """Each test leaves torch on the one thread set above: a test, or kd code it runs in this process
+    (the bench sets its own count), that changed it would otherwise slow every test after it."""
     yield
-    torch.set_num_threads(threads)
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)

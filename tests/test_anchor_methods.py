@@ -28,9 +28,6 @@ SUBSET = torch.arange(96)
 D = torch.float64
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @pytest.fixture(scope="module")
 def source(digits_cnn_spec) -> LocalSource:
     return LocalSource(load_teacher("cnn", digits_cnn_spec(3)))

@@ -28,8 +28,6 @@ TEST = load_dataset("digits", "test")
 SUBSET = torch.arange(96)
 D = torch.float64
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 @pytest.fixture(scope="module")
 def source(digits_cnn_spec) -> LocalSource:

@@ -113,8 +113,7 @@ def _feature_losses(name: str, source: LocalSource) -> tuple[torch.Tensor, list[
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_a_methods_declared_coupling_is_what_its_loss_does(name: str, cnn_source: LocalSource,
-                                                           one_torch_thread: None) -> None:  # fmt: skip
+def test_a_methods_declared_coupling_is_what_its_loss_does(name: str, cnn_source: LocalSource) -> None:
     method = METHODS[name]
     assert isinstance(method.couples, bool), f"{name} must declare couples=True/False when it registers"
     with torch.no_grad():

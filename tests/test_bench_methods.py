@@ -38,8 +38,10 @@ def _run(*args: str, register_broken: bool = False) -> subprocess.CompletedProce
         "from kd.cli import app\n"
         "app(['bench', 'methods', *sys.argv[2:]], prog_name='kd')\n"
     )
+    # --threads 1 (the bench's default is 2): tiny models gain nothing from a second OpenMP thread, and on
+    # a shared 2-core machine it made the quick run 3-4x slower (47-64 s against 14-21 s at load ~2.8).
     return subprocess.run(
-        [sys.executable, "-c", code, "broken" if register_broken else "-", *args],
+        [sys.executable, "-c", code, "broken" if register_broken else "-", *args, "--threads", "1"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
 

@@ -27,9 +27,6 @@ TRAIN = load_dataset("digits", "train")
 TEST = load_dataset("digits", "test")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @pytest.fixture(scope="module")
 def cnn_spec(digits_cnn_spec) -> str:
     return digits_cnn_spec(5)

@@ -29,9 +29,6 @@ TEST = load_dataset("digits", "test")
 LAYERS = ["layer2", "logits"]  # the order lopes matches them in: the teacher's, logits last
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @pytest.fixture(scope="module")
 def spec(digits_cnn_spec) -> str:
     return digits_cnn_spec(5)

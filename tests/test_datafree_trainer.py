@@ -28,8 +28,6 @@ from kd.teacher_server.loading import load_teacher
 from kd.teacher_server.records import compute_records, save_records
 from kd.teacher_server.server import TeacherOptions, start_server
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 TRAIN = load_dataset("digits", "train")
 TEST = load_dataset("digits", "test")
 

@@ -24,12 +24,11 @@ from kd.cli import app
 from kd.core.data import open_source
 from kd.demo_lm import QUICK, byte_lm
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 V = 259  # the byte tokenizer's vocabulary
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, one_torch_thread) -> tuple[Path, dict, str]:
+def demo(tmp_path_factory) -> tuple[Path, dict, str]:
     out = tmp_path_factory.mktemp("demo-lm")
     res = CliRunner().invoke(app, ["demo-lm", "--quick", "--out", str(out)])
     assert res.exit_code == 0, res.output

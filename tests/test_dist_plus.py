@@ -26,8 +26,6 @@ TEST = load_dataset("digits", "test")
 D = torch.float64
 B, K = 6, 5
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 # ----------------------------------------------------------------------------- plain float reference
 def _softmax(row: list[float], t: float) -> list[float]:

@@ -34,7 +34,7 @@ from kd.explain import (
 from kd.models import digits_student
 
 
-def test_entropy_matches_the_closed_form_on_a_linear_layer(one_torch_thread) -> None:
+def test_entropy_matches_the_closed_form_on_a_linear_layer() -> None:
     # f(x) = W x + c (module "0" of the model): E||f(x + sigma*eps) - f(x)||^2 = sum_i sigma_i^2 ||W_i||^2,
     # so the Lagrangian's optimum is sigma_i^2 = lam * delta^2 / (2 ||W_i||^2) for every image.
     w = np.array([[1.0, 0.5, 0.0, 2.0, 0.1, 0.3], [0.0, 1.0, 0.2, 0.0, 0.1, 3.0], [0.5, 0.0, 1.0, 0.0, 0.2, 0.0]])
@@ -155,7 +155,7 @@ def test_epoch_saver_keeps_the_epochs_it_is_asked_for(saved_students: tuple[Path
     assert epoch == -1 and set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
-def test_cli_explains_saved_models(saved_students: tuple[Path, Path], tmp_path: Path, one_torch_thread) -> None:
+def test_cli_explains_saved_models(saved_students: tuple[Path, Path], tmp_path: Path) -> None:
     folder, last = saved_students
     out = tmp_path / "out"
     student = "kd.models:digits_student"
@@ -191,7 +191,7 @@ def test_cli_refuses_bad_models(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--demo DIR" in res.output
 
 
-def test_kd_train_keeps_epochs_for_explain(tmp_path: Path, one_torch_thread) -> None:
+def test_kd_train_keeps_epochs_for_explain(tmp_path: Path) -> None:
     run, out = tmp_path / "run", tmp_path / "student.safetensors"
     args = ["train", "--method", "ce", "--epochs", "3", "--subset", "100", "--run-dir", str(run),
             "--keep-every", "2", "--out", str(out)]  # fmt: skip

@@ -32,9 +32,6 @@ SUBSET = torch.arange(128)
 D = torch.float64
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @pytest.fixture(scope="module")
 def source(digits_cnn_spec) -> LocalSource:
     return LocalSource(load_teacher("cnn", digits_cnn_spec(3)))

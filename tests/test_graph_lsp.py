@@ -94,7 +94,6 @@ def test_generated_graphs_are_seeded_inductive_and_homophilous() -> None:
 
 
 def test_a_short_run_trains_teacher_and_students_and_lsp_changes_the_student() -> None:
-    torch.set_num_threads(1)
     spec = GraphSpec(nodes=60, classes=3, signal=0.8)
     cfg = GraphDistillConfig(spec=spec, train_graphs=4, test_graphs=2, teacher_hidden=32, epochs=3,
                              teacher_epochs=8, seeds=1, scale=1.0, lsp_weight=10.0)  # fmt: skip

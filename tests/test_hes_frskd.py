@@ -31,8 +31,6 @@ TEST = Dataset("digits", "test", _TEST.inputs[:64], _TEST.labels[:64], 10)  # sm
 D = torch.float64
 B, K = 4, 6
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 # ----------------------------------------------------------------------------- plain float references
 def _log_softmax(row: list[float], t: float = 1.0) -> list[float]:

@@ -38,7 +38,7 @@ def _hold_first_forwards(runners: list, parties: int) -> threading.Barrier:
     return barrier
 
 
-def test_two_instances_serve_concurrent_clients_with_the_teachers_targets(teacher: Teacher, one_torch_thread) -> None:
+def test_two_instances_serve_concurrent_clients_with_the_teachers_targets(teacher: Teacher) -> None:
     options = TeacherOptions(max_batch_size=8, max_queue_delay_us=500, instances=2, warmup=False)
     running = start_server([teacher], port=0, batching=options, metrics_port=0)
     try:

@@ -21,7 +21,6 @@ from kd.teacher_server.loading import load_teacher
 from kd.teacher_server.server import TeacherOptions, start_server
 
 VOCAB = 259  # the byte tokenizer's
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class BigramLM(nn.Module):

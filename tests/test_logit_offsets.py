@@ -20,7 +20,6 @@ from kd.student_trainer.multi import MultiTeacherSource
 from kd.student_trainer.sources import CacheSource, ServerSource
 from kd.student_trainer.train import TrainConfig, seed_everything, train_student
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOSING = ("topk:5", "q8", "pca:8", "sample:12")  # the logits up to a constant per row, or (sample) no logits
 KEEPING = ("fp16", "int8")
 TRAIN = ["train", "--epochs", "1", "--subset", "48", "--batch-size", "16"]

@@ -119,7 +119,6 @@ def test_task_targets_and_relative_gain() -> None:
 
 
 def test_a_short_run_trains_heads_and_adaptors() -> None:
-    torch.set_num_threads(1)
     train = load_dataset("digits", "train")
     x, y = train.inputs[:256], train.labels[:256]
     targets = task_targets(x, y, InkStats.of(train.inputs))
@@ -158,7 +157,6 @@ def test_a_short_run_trains_heads_and_adaptors() -> None:
 def test_served_teachers_answer_as_the_in_process_ones(tmp_path: Path) -> None:
     """Each task's teacher behind a real loopback kd teacher server (loaded from its factory and
     safetensors as ``kd serve`` does): the same feature maps, and the same KD-MTL student."""
-    torch.set_num_threads(1)
     train = load_dataset("digits", "train")
     x, y = train.inputs[:128], train.labels[:128]
     targets = task_targets(x, y, InkStats.of(train.inputs))
@@ -206,7 +204,6 @@ def test_target_domain_is_seeded_and_differs_from_the_source() -> None:
 
 
 def test_a_short_task_distillation_run_beats_the_source_only_model() -> None:
-    torch.set_num_threads(1)
     d = make_domains(0)
     res = run_seed(d, TaskDistillConfig(width=8, epochs=8, lr=1e-2), seed=0)
     assert res["source_model_on_source"] > 0.8  # the source task was learnt

@@ -34,8 +34,6 @@ SUBSET = torch.arange(96)
 D = torch.float64
 B, K = 5, 7
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 # ----------------------------------------------------------------------------- plain float references
 def _log_softmax(row: list[float], t: float = 1.0) -> list[float]:

@@ -24,8 +24,6 @@ TEST = load_dataset("digits", "test")
 SUBSET = torch.arange(64)
 CONFIG = TrainConfig(epochs=3, batch_size=32, seed=3)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 class Interrupt(Exception):
     pass

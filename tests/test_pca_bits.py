@@ -32,8 +32,6 @@ from kd.cache.codecs import (
 from kd.cache.store import BASIS_KEY, CacheMeta, CacheWriter
 from kd.cli import app
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 def low_rank_logits(rows: int, classes: int, rank: int, seed: int, decay: float = 0.8) -> torch.Tensor:
     """Logits W h + b, float64, with h of width ``rank`` whose spread decays by ``decay`` per

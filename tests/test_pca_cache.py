@@ -34,7 +34,6 @@ from kd.student_trainer.train import TrainConfig, train_student
 from kd.teacher_server.loading import Teacher
 
 CODEC = "pca:4"  # the digits teacher has 10 classes: rank 4 keeps a real projection
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Interrupt(Exception):

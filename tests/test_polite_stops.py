@@ -30,8 +30,6 @@ from kd.cli import app
 from kd.teacher_server.loading import load_teacher, save_weights
 from kd.teacher_server.server import TeacherOptions, start_server
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 HERE = Path(__file__).resolve().parent
 # This file's models (module:factory) load in the kd processes too.
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",

@@ -24,8 +24,6 @@ from kd.teacher_server.loading import save_weights
 
 CLASSES, SIDE = 4, 8
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 class TinyCNN(nn.Module):
     def __init__(self, num_classes: int = CLASSES) -> None:

@@ -29,8 +29,6 @@ CLASSES, PER_CLASS, SIDE = 4, 12, 8
 LAYERS = ["features", "head.1", "logits"]
 RANK = 3
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 class TinyCNN(nn.Module):
     def __init__(self, num_classes: int = CLASSES) -> None:

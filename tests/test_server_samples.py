@@ -25,7 +25,7 @@ CLASSES = 200
 
 
 @pytest.fixture(scope="module")
-def wide(one_torch_thread) -> Teacher:
+def wide() -> Teacher:
     """200 classes on the digits' 64 inputs, weights scaled so the draws are spread over few classes."""
     torch.manual_seed(11)
     t = load_teacher("wide", f"kd.models:MLP?sizes=[64,128,{CLASSES}]")

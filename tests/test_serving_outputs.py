@@ -35,7 +35,7 @@ T = 4.0
 
 
 @pytest.fixture(scope="module")
-def wide(one_torch_thread) -> Teacher:
+def wide() -> Teacher:
     """A 200-class teacher on the digits' 64 inputs (seeded weights, scaled up so the
     distribution at T is far from uniform and the top-k are well separated)."""
     torch.manual_seed(7)

@@ -35,7 +35,6 @@ from kd.student_trainer.train import (
 )
 from kd.teacher_server.loading import Teacher, load_teacher, save_weights
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EPOCH, EPOCHS = 5, 40  # inside every schedule's active part (DKD's warm-up, ESKD's KD phase)
 TEACHER_METHODS = sorted(n for n, m in METHODS.items() if m.needs_teacher)
 # Option values and matches that change a method's answer (the rest keep the one at the defaults).

@@ -22,8 +22,6 @@ from kd.student_trainer.sources import LocalSource
 from kd.student_trainer.train import TrainConfig, load_checkpoint, seed_everything, train_student
 from kd.teacher_server.loading import TeacherLoadError, load_teacher, read_state_dict, save_weights
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 def invoke(*args: str):
     return CliRunner().invoke(app, list(args))

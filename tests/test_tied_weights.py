@@ -17,7 +17,6 @@ from kd.cli import app
 from kd.teacher_server.loading import TeacherSpec, build_model, load_teacher, read_state_dict, save_weights
 
 VOCAB = 259
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TiedLM(nn.Module):

@@ -19,7 +19,6 @@ from kd.student_trainer.sources import CacheSource
 from kd.student_trainer.train import train_tokens
 
 VOCAB = 259
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

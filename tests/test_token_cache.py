@@ -23,7 +23,6 @@ from kd.student_trainer.sources import CacheSource
 from kd.student_trainer.train import train_tokens
 
 VOCAB = 259  # the byte tokenizer's: ids need 2 bytes
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TinyLM(nn.Module):

@@ -22,7 +22,6 @@ from kd.student_trainer.losses.token_kd import evaluate_tokens
 from kd.teacher_server.loading import read_state_dict
 
 VOCAB = 259
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def teacher_lm() -> BigramLM:

@@ -17,7 +17,6 @@ from kd.core.data import open_source
 from kd.precompute import LocalTokenTeacher, ServerTokenTeacher, TokenAsk, precompute_tokens, sample_rows, token_ask
 
 VOCAB = 259
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class BigramLM(nn.Module):

@@ -19,7 +19,6 @@ from kd.teacher_server.loading import load_teacher
 from kd.teacher_server.server import TeacherOptions, start_server
 
 VOCAB = 259
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class PrefixLM(nn.Module):

@@ -35,7 +35,6 @@ from kd.precompute import LocalTokenTeacher, precompute_tokens
 from kd.student_trainer.losses.token_kd import token_kd_loss
 from kd.student_trainer.sources import CacheSource
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 259
 K = 8
 TOPS = (12.0, 20.0, 40.0)

@@ -18,8 +18,6 @@ from kd.models import MLP, digits_student
 from kd.student_trainer.sources import CacheSource, LocalSource, ServerSource
 from kd.student_trainer.train import Hooks, TrainConfig, seed_everything, train_student
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 @pytest.fixture(scope="module")
 def data():

@@ -25,8 +25,6 @@ from kd.student_trainer.train import train_tokens
 from kd.teacher_server.loading import load_teacher
 from kd.teacher_server.server import TeacherOptions, start_server
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 def teacher_lm() -> BigramLM:
     torch.manual_seed(41)

@@ -237,7 +237,7 @@ def _sigterm_when_progressed(cmd: list[str], run: Path, after_s: float = 0.5) ->
 
 
 def test_sigterm_stops_kd_train_at_a_step_and_resume_ends_as_an_uninterrupted_run(
-    tmp_path: Path, teacher_spec: str, one_torch_thread: None
+    tmp_path: Path, teacher_spec: str
 ) -> None:
     # SIGTERM (a scheduler's, kill's) used to kill kd train outright (status -15), losing the epoch.
     # 599 steps an epoch (~1 s here): the stop lands inside a later epoch (4 of them, so a machine a

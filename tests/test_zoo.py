@@ -8,8 +8,6 @@ import torch
 from kd.student_trainer import zoo
 from kd.teacher_server.loading import load_teacher
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # batches of 2 gain nothing from threads
-
 # Parameter counts at 100 classes, counted from modules that follow the RepDistiller
 # (CRD) definitions layer for layer; the CRD paper/mdistiller tables round them to
 # 1.23M, 7.43M, 0.70M, 2.26M, 0.95M, 1.36M, 0.81M.
