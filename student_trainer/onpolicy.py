@@ -84,7 +84,7 @@ from kd.student_trainer.optim import (
     recipe_of,
     set_lr,
 )
-from kd.student_trainer.train import RUN_CHECKPOINT, read_run_checkpoint, write_run_checkpoint
+from kd.student_trainer.train import load_run_state, read_run_checkpoint, write_run_checkpoint
 
 if TYPE_CHECKING:
     from kd.teacher_server.client import TeacherClient
@@ -491,12 +491,7 @@ def train_onpolicy(
     if resume:
         ckpt = read_run_checkpoint(run_dir, "onpolicy", identity, _CKPT_KEYS, "when it is stopped and every "
                                    "--checkpoint-every steps")  # fmt: skip
-        try:
-            student.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"checkpoint {str(Path(run_dir) / RUN_CHECKPOINT)!r} is not this student's "
-                             f"({type(e).__name__}: {str(e).splitlines()[0]})") from None  # fmt: skip
+        load_run_state(run_dir, ckpt, student, optimizer)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         first, order = int(ckpt["step"]), ckpt["order"]

@@ -1260,6 +1260,17 @@ def _differences(theirs: dict, ours: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def load_run_state(run_dir: Path, ckpt: dict, student: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The student's and the optimizer's state from a ``read_run_checkpoint`` answer; one of another
+    architecture (or optimizer) is refused naming the file."""
+    try:
+        student.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {str(Path(run_dir) / RUN_CHECKPOINT)!r} is not this student's "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None  # fmt: skip
+
+
 def write_run_checkpoint(run_dir: Path, kind: str, identity: dict, state: dict) -> None:
     """``state`` (tensors, plain containers) with ``kind`` and ``identity`` as ``run_dir``'s checkpoint:
     written aside and renamed over the old one, so a kill never leaves half of one."""
@@ -1423,12 +1434,7 @@ def train_tokens(
             raise ValueError(f"checkpoint {str(Path(run_dir) / RUN_CHECKPOINT)!r} is {where}: a run of {epochs} "
                              f"epoch(s) ends before it; resume with epochs (--epochs) >= "
                              f"{done + (1 if into else 0)}")  # fmt: skip
-        try:
-            student.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"checkpoint {str(Path(run_dir) / RUN_CHECKPOINT)!r} is not this student's "
-                             f"({type(e).__name__}: {str(e).splitlines()[0]})") from None  # fmt: skip
+        load_run_state(run_dir, ckpt, student, opt)
         gen.set_state(ckpt["epoch_rng"])
         losses = [float(v) for v in ckpt["losses"]]
         start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
