@@ -22,12 +22,9 @@ demo: $(VENV)/.installed
 # writes a .pyc, so every `python -m kd` a test starts compiled kd's sources again (~0.2-0.4 s of CPU
 # each, hundreds of processes a run); compileall writes them whatever that variable says, and an import
 # still recompiles any source changed since.
-# -n 2: two pytest workers (pytest-xdist), each test file on one of them (its module fixtures built once).
-# Most of a serial run's time is one process waiting for another (a kd subprocess importing torch, a
-# server, a signal); two workers keep both CPU cores of the CI machine busy.
 test: $(VENV)/.installed
 	$(BIN)/python -m compileall -q kd cache teacher_server student_trainer tests
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
