@@ -405,6 +405,7 @@ for method, (matches, n) in json.loads(sys.argv[2]).items():
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_file({k: v.contiguous() for k, v in student.state_dict().items()}, f"{sys.argv[3]}-{method}.safetensors")
 if dist.is_initialized():
+    dist.barrier()
     dist.destroy_process_group()
 """
 
