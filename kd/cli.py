@@ -1906,13 +1906,19 @@ def datafree(
     seed: int = typer.Option(0, help="Seed of the student's and the generator's initial weights and of every draw."),
     device: str = typer.Option("cpu", help="Device of the student: cpu, cuda or cuda:N."),
     out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
-    run_dir: Path | None = typer.Option(None, help="Write the trainer's config.json and metrics.csv here."),
+    run_dir: Path | None = typer.Option(
+        None, help="Write config.json, metrics.csv and checkpoint.pt (every --eval-every rounds) here: see --resume."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue --run-dir's run from its last checkpoint (the last --eval-every rounds)."
+    ),
 ) -> None:
     """Distil a student from a served teacher without training data (one data-free method).
 
     The student trains through `kd train`'s trainer and recipe flags; a method's own recipe
     defaults (e.g. dafl's --opt student_optimizer=sgd) apply where a flag is left at its default."""
     _check_out(out)
+    _check_run_dir(run_dir, resume, 0)
     from kd.student_trainer.datafree import DataFreeConfig, ServedTeacher, get
     from kd.student_trainer.train import seed_everything
     from kd.teacher_server.client import TeacherClient
@@ -1933,7 +1939,7 @@ def datafree(
             _fail(str(e))
     config = DataFreeConfig(steps=steps, batch_size=batch_size, generator_lr=generator_lr, temperature=temperature,
                             seed=seed, device=device, eval_every=eval_every,
-                            run_dir=None if run_dir is None else str(run_dir), **recipe)  # fmt: skip
+                            run_dir=None if run_dir is None else str(run_dir), resume=resume, **recipe)  # fmt: skip
     from kd.student_trainer.sources import split_server_address
 
     address, name = split_server_address(server)
@@ -1946,7 +1952,11 @@ def datafree(
         with TeacherClient(address, client_id=f"datafree-{method}") as client:
             result = chosen.run(ServedTeacher(client, name or None), model, config, test=test, **_parse_options(opt))
     except Stopped as e:
-        _stopped_unsaved(e, "kd datafree")
+        if run_dir is None:
+            _stopped_resumable(e, None)
+        # A round's work between checkpoints is in none: the run goes on from the last whole epoch.
+        _stopped_exit(e.signum, f"{e.where}; {run_dir} holds the checkpoint of the last --eval-every rounds done: "
+                      "run the same command with --resume to continue from there")  # fmt: skip
     except Exception as e:  # noqa: BLE001 - every failure here is the user's to read
         _fail(_error_text(e))
     finally:

@@ -675,9 +675,12 @@ def train_student(
         check_sparse_targets(config.method, config.method_options, source, config.matches)
         check_sample_temperature(config.method, config.method_options, source)
     if hooks.batches is not None:
-        if hooks.loss is None or hooks.steps_per_epoch < 1 or source is not None or method.pairs or resume:
+        # A resume inside an epoch would skip its first steps by drawing them from the iterator, which runs
+        # the method's own updates: own batches resume from whole epochs only (resumable=False).
+        if (hooks.loss is None or hooks.steps_per_epoch < 1 or source is not None or method.pairs
+                or (resume and hooks.resumable)):  # fmt: skip
             raise ValueError("Hooks.batches needs Hooks.loss and steps_per_epoch >= 1, and takes no source, "
-                             "pair method or resume")  # fmt: skip
+                             "pair method or resume within an epoch (resumable=True)")  # fmt: skip
     elif train is None:
         raise ValueError("train_student needs a training set (or Hooks.batches)")
     if method.needs_teacher and source is None and hooks.loss is None:

@@ -169,3 +169,76 @@ def test_kd_datafree_refuses_a_student_of_another_width_before_any_query(address
             "8", "--val-dataset", "digits:test", "--run-dir", str(tmp_path / "run")]  # fmt: skip
     refused(CliRunner().invoke(app, args), "the student gives 20 outputs per sample but digits/test", "10 classes")
     assert not (tmp_path / "run").exists()
+
+
+class _StopInSecondEpoch:
+    """``DataFreeConfig.stop``: SIGTERM at the second student step asked after the first epoch's
+    checkpoint was written (metrics.csv appears with it), i.e. inside the run's second epoch."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.asked = run_dir, 0
+
+    def __call__(self) -> int | None:
+        if (self.run_dir / "metrics.csv").exists():
+            self.asked += 1
+            if self.asked >= 2:
+                return 15
+        return None
+
+
+def _resume_setting(name: str) -> tuple[DataFreeConfig, dict]:
+    """A method's QUICK options over 6 rounds in 3 epochs (fast-dfkd without its server-side BN
+    momentum, which a checkpoint cannot hold: see FastSynthesizer.load_state_dict)."""
+    settings = QUICK[name]
+    config = replace(DataFreeConfig(lr=0.01, generator_lr=1e-2), **settings["config"])
+    config = replace(config, steps=6, eval_every=2)
+    options = dict(settings.get("options", {}), **({"max_draws": 1000} if name == "zsdb3kd" else {}))
+    if name == "fast-dfkd":
+        options["bn_momentum"] = 0.0
+    if name in ("dafl", "dfad", "zskt"):
+        options.update(nz=16, generator_width=8)
+    return config, options
+
+
+@pytest.mark.parametrize("name", sorted(DATAFREE))
+def test_a_stopped_run_resumes_from_its_last_epoch_to_the_uninterrupted_result(address: str, name: str,
+                                                                               tmp_path: Path) -> None:  # fmt: skip
+    """Every method: a run stopped inside its second epoch, then resumed from the run directory,
+    ends with the uninterrupted run's student bit for bit, its evaluation history and its query
+    count (the method's own state comes back: generators, banks, transfer sets, meta-optimiser)."""
+    from kd.core.signals import Stopped
+
+    config, options = _resume_setting(name)
+    seed_everything(0)
+    whole_student = digits_cnn_student()
+    whole = run(address, name, replace(config, run_dir=str(tmp_path / "whole")), whole_student, **options)
+
+    cut = tmp_path / "cut"
+    seed_everything(0)
+    with pytest.raises(Stopped):
+        run(address, name, replace(config, run_dir=str(cut), stop=_StopInSecondEpoch(cut)), digits_cnn_student(),
+            **options)  # fmt: skip
+    assert len(rows(cut)) == 1  # the first epoch's checkpoint, nothing of the second
+    seed_everything(0)
+    student = digits_cnn_student()
+    resumed = run(address, name, replace(config, run_dir=str(cut), resume=True), student, **options)
+
+    want = whole_student.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in student.state_dict().items())
+    assert resumed.history == whole.history and len(whole.history) == 3
+    assert (resumed.samples, resumed.gradient_samples) == (whole.samples, whole.gradient_samples)
+
+    def losses(run_dir: Path) -> list[tuple[str, str, str]]:
+        return [(r["epoch"], r["train_loss"], r["test_acc"]) for r in rows(run_dir)]
+
+    assert losses(cut) == losses(tmp_path / "whole")  # the second epoch's loss: its steps before the stop not kept
+
+
+def test_a_resume_with_other_method_options_is_refused_naming_them(address: str, tmp_path: Path) -> None:
+    config = DataFreeConfig(steps=4, batch_size=8, eval_every=2, run_dir=str(tmp_path))
+    seed_everything(0)
+    run(address, "dfad", config, digits_cnn_student(), nz=16, generator_width=8, k=1)
+    with pytest.raises(ValueError, match=r"another data-free run \(options: checkpoint .*'k': 1.*'k': 2"):
+        run(address, "dfad", replace(config, resume=True), digits_cnn_student(), nz=16, generator_width=8, k=2)
+    with pytest.raises(ValueError, match=r"method: checkpoint 'dfad', now 'dafl'"):
+        run(address, "dafl", replace(config, resume=True), digits_cnn_student(), nz=16, generator_width=8)

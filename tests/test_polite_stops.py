@@ -213,7 +213,10 @@ def test_sigterm_stops_onpolicy_between_steps(tmp_path: Path, corpus) -> None:
     assert not out.exists() and r.stdout == ""
 
 
-def test_sigterm_stops_datafree_between_rounds_with_its_finished_epochs_recorded(tmp_path: Path) -> None:
+def test_sigterm_stops_datafree_between_rounds_and_resume_continues_from_its_last_epoch(tmp_path: Path) -> None:
+    """A stop keeps the run directory's whole epochs (no half-done checkpoint) and says how to go on;
+    ``--resume`` continues there: the second process's epochs follow the first's, which stay as they
+    were. (Exactness of the resumed training, method by method: test_datafree_trainer.)"""
     from kd.models import digits_cnn
 
     torch.manual_seed(0)
@@ -221,23 +224,35 @@ def test_sigterm_stops_datafree_between_rounds_with_its_finished_epochs_recorded
     teacher = load_teacher("cnn", f"kd.models:digits_cnn@{weights}")
     running = start_server([teacher], options={"cnn": TeacherOptions(access="white")})
     run, out = tmp_path / "run", tmp_path / "student.safetensors"
+
+    def epochs() -> list[str]:
+        return (run / "metrics.csv").read_text().splitlines()[1:] if (run / "metrics.csv").exists() else []
+
     try:
         args = ["datafree", "dafl", "--server", f"127.0.0.1:{running.port}/cnn", "--steps", "100000",
                 "--eval-every", "2", "--batch-size", "8", "--opt", "nz=16", "--opt", "generator_width=8",
                 "--val-dataset", "none", "--run-dir", str(run), "--out", str(out)]  # fmt: skip
-        r = stop_when(args, lambda _: (run / "metrics.csv").exists())  # an epoch (2 rounds) ended
+        r = stop_when(args, lambda _: len(epochs()) >= 1)  # an epoch (2 rounds) ended
+        line = stop_line(r)
+        m = re.fullmatch(r"stopped by SIGTERM: in epoch (\d+) after (\d+) step\(s\); (.+) holds the checkpoint of "
+                         r"the last --eval-every rounds done: run the same command with --resume to continue from "
+                         r"there", line)  # fmt: skip
+        assert m and int(m[1]) >= 1 and int(m[2]) in (0, 1) and m[3] == str(run), line
+        assert not out.exists() and r.stdout == ""
+        # The run directory holds exactly the epochs that ended, each whole: no half-done checkpoint.
+        first = epochs()
+        assert len(first) == int(m[1]), first
+        ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+        assert ckpt["epoch"] == int(m[1]) - 1 and "partial" not in ckpt
+
+        r = stop_when([*args, "--resume"], lambda _: len(epochs()) >= len(first) + 1)
+        stop_line(r)
     finally:
         running.stop(grace=1)
-    line = stop_line(r)
-    m = re.fullmatch(r"stopped by SIGTERM: in epoch (\d+) after (\d+) step\(s\); the student is not saved: "
-                     r"kd datafree has no --resume \(run it again from the start\)", line)  # fmt: skip
-    assert m and int(m[1]) >= 1 and int(m[2]) in (0, 1), line
-    assert not out.exists() and r.stdout == ""
-    # The run directory holds exactly the epochs that ended, each whole: no half-done checkpoint.
-    rows = (run / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 1 + int(m[1]), rows
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == int(m[1]) - 1 and "partial" not in ckpt
+    later = epochs()
+    assert later[: len(first)] == first  # the first process's epochs, untouched
+    assert [int(x.split(",")[0]) for x in later] == list(range(len(later)))  # numbered on, not from 0 again
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == len(later) - 1
 
 
 def test_sigterm_stops_online_at_a_step_and_resume_ends_as_an_uninterrupted_run(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ from torch import nn
 
 from kd.core.data import Dataset
 from kd.student_trainer.datafree import register
-from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Run, ServedTeacher
+from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Run, ServedTeacher, given_options
 from kd.student_trainer.datafree.lopes import Reconstructor, for_student
 
 NAME = "adv-samples"
@@ -206,6 +206,7 @@ def run(
     pool_t = torch.cat([teacher.logits(pool_x[s : s + 256]) for s in range(0, len(pool_x), 256)])
     student.to(config.device).train()
     gen = torch.Generator().manual_seed(config.seed + 1)
+    r.keep(given_options(run, locals()), gen=gen)  # the base set is made again, the same, before a resume
     now: dict[str, object] = {}
 
     def rounds(first: int, end: int):

@@ -20,7 +20,9 @@ computed server-side, differentiable the same way.
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -63,8 +65,11 @@ class DataFreeConfig:
     channels_last: bool = False
     clip_grad_norm: float = 0.0
     run_dir: str | None = None  # the trainer's config.json, metrics.csv (one row per epoch), checkpoint.pt
+    # Continue run_dir's run from its last whole epoch (``Run.keep``: the method's own state comes back too).
+    resume: bool = False
     # Asked before every student step (``train_student``'s ``stop``: a SIGTERM handler's record); once it
-    # answers a signal number the run raises ``kd.core.signals.Stopped`` there (no method resumes).
+    # answers a signal number the run raises ``kd.core.signals.Stopped`` there; run_dir keeps the last
+    # whole epoch's checkpoint, which ``resume`` continues from.
     stop: Callable[[], int | None] | None = field(default=None, repr=False, compare=False)
 
 
@@ -104,6 +109,7 @@ class ServedTeacher:
         self.layers = dict(desc.layers)
         self.batch_norms = tuple(desc.batch_norms)
         self.has_activation_records = desc.has_activation_records
+        self.fingerprint = desc.fingerprint  # a resumed run must query the same weights
         # Forward-only queries go in slices of the server's batch size: a method may ask about
         # thousands of inputs at once (zsdb3kd's boundary search), more than a server queues.
         self.chunk = max(1, int(desc.max_batch_size or 256))
@@ -295,7 +301,23 @@ class Run:
         self.t0 = time.perf_counter()
         self.history: list[tuple[int, float]] = []
         self.last_loss = float("nan")  # the student's last step loss
+        self.options: dict[str, object] = {}
+        self.kept: dict[str, object] = {}
+        # Teacher queries of the epochs a resumed run's checkpoint holds, and the client's count when
+        # it was loaded: the result counts the run's queries as an uninterrupted run's.
+        self.queries_before = (0, 0)
+        self.usage_at_resume: Usage | None = None
         torch.manual_seed(config.seed)
+
+    def keep(self, options: dict[str, object], **state: object) -> None:
+        """What a resumed run needs beyond the student, its optimiser, the ``extra`` modules and
+        torch's generator (which the trainer's checkpoint holds): ``options``, the method's options
+        (a resume with others is refused), and ``state``, the method's own objects that live across
+        epochs (``torch.Generator``s, lists of tensors such as a transfer set, dicts of tensors and
+        numbers, objects with ``state_dict``/``load_state_dict``: a bank, a meta-optimiser). They
+        are saved with every epoch's checkpoint and given back in place on ``config.resume``."""
+        self.options = dict(options)
+        self.kept = dict(state)
 
     def train(
         self,
@@ -330,11 +352,6 @@ class Run:
         def on_step(_epoch: int, _step: int, value: float, _lr: float) -> None:
             self.last_loss = value
 
-        def on_epoch(epoch: int, row: dict) -> None:
-            done = min((epoch + 1) * per, c.steps)
-            if done == c.steps or (c.eval_every and done % c.eval_every == 0):
-                self.history.append((done, row["test_acc"]))
-
         config = TrainConfig(method="kd", method_options={"datafree": self.method}, epochs=epochs,
                              batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=c.device, **recipe)  # fmt: skip
         extra = list(extra)
@@ -358,15 +375,103 @@ class Run:
                 yield item
 
         no_test = None if self.test is not None else (lambda _m, _d: float("nan"))
-        # Not resumable: a stop leaves the run directory's last whole epoch, no half-done checkpoint.
-        hooks = Hooks(extra=extra, loss=checked, on_step=on_step, on_epoch=on_epoch, steps_per_epoch=max(spe, 1),
-                      batches=feed, evaluate=no_test, resumable=False)  # fmt: skip
-        res = train_student(self.student, None, self.test, config, hooks=hooks, run_dir=c.run_dir, stop=c.stop)
+        # resumable=False: a round's iterator state (mid-epoch) is in no checkpoint, so a stop leaves
+        # the run directory's last whole epoch, which ``resume`` continues from (state: ``keep``).
+        hooks = Hooks(extra=extra, loss=checked, on_step=on_step, steps_per_epoch=max(spe, 1),
+                      batches=feed, evaluate=no_test, state=self._state, load_state=self._load_state,
+                      resumable=False)  # fmt: skip
+        res = train_student(self.student, None, self.test, config, hooks=hooks, run_dir=c.run_dir, stop=c.stop,
+                            resume=c.resume)  # fmt: skip
         res.raise_if_stopped()
+        # Every epoch's evaluation (a resumed run's earlier ones from its checkpoint) at the rounds it ends.
+        for epoch, acc in enumerate(res.acc_per_epoch):
+            done = min((epoch + 1) * per, c.steps)
+            if done == c.steps or (c.eval_every and done % c.eval_every == 0):
+                self.history.append((done, acc))
+
+    # -- resume ------------------------------------------------------------------------
+    def _identity(self) -> dict[str, object]:
+        c = self.config
+        return {"method": self.method, "options": {k: _identity_value(v) for k, v in sorted(self.options.items())},
+                "steps": c.steps, "batch_size": c.batch_size, "generator_lr": c.generator_lr,
+                "temperature": c.temperature, "eval_every": c.eval_every,
+                "teacher": self.teacher.name, "teacher_fingerprint": self.teacher.fingerprint}  # fmt: skip
+
+    def _queries(self) -> tuple[int, int]:
+        u, base = self.teacher.usage, self.usage_at_resume
+        if base is None:
+            return u.samples, u.gradient_samples
+        return (self.queries_before[0] + u.samples - base.samples,
+                self.queries_before[1] + u.gradient_samples - base.gradient_samples)  # fmt: skip
+
+    def _state(self) -> dict:
+        return {"identity": self._identity(), "last_loss": self.last_loss, "queries": list(self._queries()),
+                "kept": {k: _dump(v) for k, v in self.kept.items()}}  # fmt: skip
+
+    def _load_state(self, saved: dict) -> None:
+        ident, now = saved.get("identity", {}), self._identity()
+        if ident != now:
+            diff = sorted(k for k in set(ident) | set(now) if ident.get(k) != now.get(k))
+            raise ValueError(
+                "cannot resume: the checkpoint is of another data-free run ("
+                + "; ".join(f"{k}: checkpoint {ident.get(k)!r}, now {now.get(k)!r}" for k in diff)
+                + ")"
+            )
+        missing = sorted(set(self.kept) - set(saved.get("kept", {})))
+        if missing:
+            raise ValueError(f"cannot resume: the checkpoint holds no {', '.join(missing)} of {self.method}")
+        for name, obj in self.kept.items():
+            _restore(obj, saved["kept"][name], self.config.device)
+        self.last_loss = float(saved["last_loss"])
+        self.queries_before = (int(saved["queries"][0]), int(saved["queries"][1]))
+        self.usage_at_resume = self.teacher.usage
 
     def result(self, synthetic: torch.Tensor | None = None) -> DataFreeResult:
         acc = self.history[-1][1] if self.history else evaluate(self.student, self.test, self.config.device)
-        u = self.teacher.usage
+        samples, gradient_samples = self._queries()
         keep = None if synthetic is None else synthetic[:16].detach().cpu()
-        return DataFreeResult(self.method, acc, u.samples, u.gradient_samples, time.perf_counter() - self.t0,
+        return DataFreeResult(self.method, acc, samples, gradient_samples, time.perf_counter() - self.t0,
                               self.history, keep)  # fmt: skip
+
+
+def given_options(fn: Callable, scope: dict[str, object]) -> dict[str, object]:
+    """A method's keyword-only options as its ``run`` got them (``scope``: its ``locals()``)."""
+    return {k: scope[k] for k, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY
+            and k != "test"}  # fmt: skip
+
+
+def _identity_value(value: object) -> object:
+    """An option as a resume compares it: a module or callable given in Python (a generator to
+    continue, a log callback) is compared as given or not: its weights are part of the state."""
+    if isinstance(value, nn.Module) or callable(value):
+        return "<object>"
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _dump(obj: object) -> dict:
+    """``obj`` (see ``Run.keep``) as tensors and plain containers (checkpoints are read weights_only)."""
+    if isinstance(obj, torch.Generator):
+        return {"rng": obj.get_state()}
+    if isinstance(obj, list):
+        return {"list": [t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in obj]}
+    if isinstance(obj, dict):
+        return {"dict": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in obj.items()}}
+    if hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
+        return {"state": obj.state_dict()}
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
+
+
+def _restore(obj: object, saved: dict, device: str) -> None:
+    """Put ``_dump``'s ``saved`` back into ``obj`` in place (lists' tensors on ``device``, as made)."""
+    if isinstance(obj, torch.Generator):
+        obj.set_state(saved["rng"])
+    elif isinstance(obj, list):
+        obj[:] = [t.to(device) if isinstance(t, torch.Tensor) else t for t in saved["list"]]
+    elif isinstance(obj, dict):
+        obj.clear()
+        obj.update(saved["dict"])
+    else:
+        obj.load_state_dict(saved["state"])

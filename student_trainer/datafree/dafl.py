@@ -67,7 +67,15 @@ from torch import nn
 
 from kd.core.data import Dataset
 from kd.student_trainer.datafree import register
-from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Generator, Run, ServedTeacher, kd_loss
+from kd.student_trainer.datafree.common import (
+    DataFreeConfig,
+    DataFreeResult,
+    Generator,
+    Run,
+    ServedTeacher,
+    given_options,
+    kd_loss,
+)
 
 NAME = "dafl"
 PAPER = "Chen et al., Data-Free Learning of Student Networks, ICCV 2019 (arXiv:1904.01186)"
@@ -196,6 +204,7 @@ def run(
                          f"{', '.join(teacher.layers)}")  # fmt: skip
     device = config.device
     book = Run(NAME, teacher, student, config, test)
+    book.keep(given_options(run, locals()))
     if generator is None:
         generator = Generator(teacher.input_shape, nz=nz, width=generator_width)
     generator.to(device).train()

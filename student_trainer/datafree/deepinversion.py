@@ -224,7 +224,8 @@ class SyntheticBank:
     """The synthesised batches so far with the teacher's logits on them; the student is distilled
     on random batches of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device  # where a checkpoint's bank goes back to (where its batches were made)
         self.inputs: list[torch.Tensor] = []
         self.logits: list[torch.Tensor] = []
         self._x: torch.Tensor | None = None
@@ -237,6 +238,14 @@ class SyntheticBank:
 
     def __len__(self) -> int:
         return sum(len(x) for x in self.inputs)
+
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        return {"inputs": [x.cpu() for x in self.inputs], "logits": [t.cpu() for t in self.logits]}
+
+    def load_state_dict(self, state: dict[str, list[torch.Tensor]]) -> None:
+        self.inputs = [x.to(self.device) for x in state["inputs"]]
+        self.logits = [t.to(self.device) for t in state["logits"]]
+        self._x = self._t = None
 
     def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if self._x is None:
@@ -355,7 +364,8 @@ def run(teacher: ServedTeacher, student: nn.Module, config: DataFreeConfig, *, t
     r = Run(NAME, teacher, student, config, test)
     gen = torch.Generator().manual_seed(config.seed)
     student.to(config.device)
-    bank = SyntheticBank()
+    bank = SyntheticBank(config.device)
+    r.keep(o, gen=gen, bank=bank)
     last: dict[str, torch.Tensor] = {}
 
     def rounds(first: int, end: int):

@@ -206,6 +206,7 @@ def run(teacher: ServedTeacher, student: nn.Module, config: DataFreeConfig, *, t
     if len(teacher.input_shape) != 3:
         raise ValueError(f"dfme's generator makes [C, H, W] images; teacher input is {list(teacher.input_shape)}")
     book = Run(NAME, teacher, student, config, test)
+    book.keep(o)
     device = config.device
     student.to(device).train()
     generator = o["generator"]

@@ -184,6 +184,18 @@ class FastSynthesizer:
         self.run_id = uuid.uuid4().hex  # names this run's BN momentum states on the server
         self.last_fast: nn.Module | None = None
 
+    def state_dict(self) -> dict[str, object]:
+        return {"generator": self.generator.state_dict(), "meta_opt": self.meta_opt.state_dict(), "run_id": self.run_id}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """A checkpoint's meta-generator and meta optimiser. The run id comes back too, so the server's
+        BN momentum states (``bn_momentum`` > 0) continue while the server keeps them (``state_ttl``);
+        they hold the rounds after the checkpoint as well, which makes such a resume close to, not
+        exactly, the uninterrupted run (``bn_momentum=0`` resumes exactly)."""
+        self.generator.load_state_dict(state["generator"])
+        self.meta_opt.load_state_dict(state["meta_opt"])
+        self.run_id = str(state["run_id"])
+
     def synthesize(self, y: torch.Tensor, student: nn.Module | None, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         o = self.o
         z = torch.randn(len(y), o["nz"], generator=gen).to(self.device).requires_grad_(True)
@@ -257,7 +269,8 @@ def run(teacher: ServedTeacher, student: nn.Module, config: DataFreeConfig, *, t
     generator.to(config.device).train()
     student.to(config.device)
     synth = FastSynthesizer(teacher, generator, o, config.generator_lr, config.device)
-    bank = SyntheticBank()
+    bank = SyntheticBank(config.device)
+    r.keep(o, gen=gen, bank=bank, synth=synth)
     last: dict[str, torch.Tensor] = {}
 
     def rounds(first: int, end: int):

@@ -79,7 +79,14 @@ from torch import nn
 
 from kd.core.data import Dataset
 from kd.student_trainer.datafree import register
-from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Run, ServedTeacher, kd_loss
+from kd.student_trainer.datafree.common import (
+    DataFreeConfig,
+    DataFreeResult,
+    Run,
+    ServedTeacher,
+    given_options,
+    kd_loss,
+)
 
 NAME = "lopes"
 PAPER = ("Lopes, Fenu & Starner 2017, Data-Free Knowledge Distillation for Deep Neural Networks, "
@@ -281,6 +288,13 @@ class Reconstructor:
         self.made = 0
         self.last_loss = float("nan")
 
+    def state_dict(self) -> dict[str, object]:
+        return {"gen": self.gen.get_state(), "made": self.made}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.gen.set_state(state["gen"])
+        self.made = int(state["made"])
+
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(n reconstructed inputs, the class each was drawn for)."""
         classes = balanced_classes(self.records[self.layers[0]].count, n, self.made)
@@ -327,6 +341,7 @@ def run(
     pool_x: list[torch.Tensor] = []
     pool_t: list[torch.Tensor] = []
     pick = torch.Generator().manual_seed(config.seed + 1)
+    r.keep(given_options(run, locals()), maker=maker, pool_x=pool_x, pool_t=pool_t, pick=pick)
 
     def rounds(first: int, end: int):
         """Per step: reconstruct a batch into the transfer set, then ``kd_steps`` student batches of it."""

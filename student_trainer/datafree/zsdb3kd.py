@@ -372,6 +372,7 @@ def run(teacher: ServedTeacher, student: nn.Module, config: DataFreeConfig, *, t
     student.to(device).train()
     xd, yd, td = x.to(device), y.to(device), targets.to(device)
     state = {"order": torch.randperm(len(x), generator=gen), "pos": 0}
+    book.keep(o, gen=gen, order=state)  # the transfer set is made again, the same, before a resume
 
     def rounds(first: int, end: int):
         """One student batch per step, in epochs of seeded permutations of the transfer set."""

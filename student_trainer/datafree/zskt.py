@@ -61,7 +61,14 @@ from torch import nn
 from kd.core.data import Dataset
 from kd.core.reductions import attention as attention_map
 from kd.student_trainer.datafree import register
-from kd.student_trainer.datafree.common import DataFreeConfig, DataFreeResult, Generator, Run, ServedTeacher
+from kd.student_trainer.datafree.common import (
+    DataFreeConfig,
+    DataFreeResult,
+    Generator,
+    Run,
+    ServedTeacher,
+    given_options,
+)
 from kd.student_trainer.datafree.dafl import check_options, finite_or_raise, require_tier, student_recipe, to_input
 
 NAME = "zskt"
@@ -152,6 +159,7 @@ def run(
 
     device = config.device
     book = Run(NAME, teacher, student, config, test)
+    book.keep(given_options(run, locals()))
     if generator is None:
         generator = Generator(teacher.input_shape, nz=nz, width=generator_width)
     generator.to(device).train()
