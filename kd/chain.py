@@ -54,6 +54,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -62,8 +63,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from kd.core.data import Dataset, load_dataset
+from kd.core.data import open_source
 from kd.core.factory import build
+from kd.core.samples import SampleSource
 from kd.demo import start_server_process, stop_server_process
 from kd.models import MLP
 from kd.student_trainer.evaluate import check_output_width
@@ -101,7 +103,14 @@ def tolerant_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float, k: i
 
 
 def _train_teacher(
-    model: nn.Module, train: Dataset, test: Dataset, *, epochs: int, gamma: float, k: int
+    model: nn.Module,
+    train: SampleSource,
+    test: SampleSource,
+    *,
+    epochs: int,
+    gamma: float,
+    k: int,
+    stop: Callable[[], int | None] | None = None,
 ) -> tuple[float, float]:
     """Cross-entropy (plus the tolerant term when gamma > 0) on the whole split, as the demo:
     the shared trainer, its loss replaced by ``tolerant_loss`` through a hook."""
@@ -113,14 +122,41 @@ def _train_teacher(
 
         hooks = Hooks(loss=loss)
     res = train_student(model, train, test, TrainConfig(method="ce", epochs=epochs, lr=1e-3, batch_size=64),
-                        hooks=hooks)  # fmt: skip
+                        hooks=hooks, stop=stop)  # fmt: skip
+    res.raise_if_stopped("training the teacher (stage 0), ")
     return res.test_acc, res.seconds
 
 
-@torch.no_grad()
-def _ensemble_acc(models: list[nn.Module], test: Dataset) -> float:
-    probs = torch.stack([m.eval()(test.inputs).softmax(1) for m in models]).mean(0)
-    return float((probs.argmax(1) == test.labels).float().mean())
+class _MeanSoftmax(nn.Module):
+    """The born-again ensemble: the mean of its members' softmax (its argmax is the ensemble's class)."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x).softmax(1) for m in self.members]).mean(0)
+
+
+def _ensemble_acc(models: list[nn.Module], test: SampleSource) -> float:
+    return accuracy(_MeanSoftmax(models), test)
+
+
+DIGITS_LABELED = 100  # the default subset on the bundled digits: the TAKD experiment's low-data setting
+
+
+def open_splits(dataset: str, val_dataset: str, labeled: int | None) -> tuple[SampleSource, SampleSource, int]:
+    """(train, test, labelled samples per stage): ``labeled`` None is 100 of the bundled digits'
+    training split and every sample of any other dataset; more than the dataset holds is refused
+    (the subset was cut to what there is without a word)."""
+    train, test = open_source(dataset), open_source(val_dataset)
+    if labeled is None:
+        labeled = DIGITS_LABELED if train.dataset_id.split("@")[0] == "digits/train" else len(train)
+    if labeled < 1:
+        raise ValueError(f"labeled must be >= 1, got {labeled}")
+    if labeled > len(train):
+        raise ValueError(f"labeled must be <= {len(train)} (the samples of {dataset}), got {labeled}")
+    return train, test, labeled
 
 
 class _Served:
@@ -163,13 +199,17 @@ def check_chain(
     models: list[str] | None = None,
     epochs: int = 300,
     seeds: int = 1,
-    labeled: int = 100,
+    labeled: int | None = None,
     temperature: float = 4.0,
     alpha: float = 0.9,
     teacher_factory: str = "kd.models:digits_teacher",
     teacher_epochs: int = 40,
     tolerant_gamma: float = 0.0,
     tolerant_k: int = 5,
+    dataset: str = "digits:train",
+    val_dataset: str = "digits:test",
+    recipe: dict[str, object] | None = None,
+    batch_size: int = 64,
 ) -> list[str]:
     """Refuse (ValueError, naming the argument) a chain that could not run to its end, before any stage
     trains: a bad option or model found only after the teacher had trained lost that work. -> the
@@ -179,13 +219,12 @@ def check_chain(
     models = default_models(mode) if models is None else list(models)
     if not models:
         raise ValueError("a chain needs at least one model")
-    for name, value, least in (("epochs", epochs, 1), ("seeds", seeds, 1), ("labeled", labeled, 1),
-                               ("teacher_epochs", teacher_epochs, 1), ("tolerant_k", tolerant_k, 2)):  # fmt: skip
+    for name, value, least in (("epochs", epochs, 1), ("seeds", seeds, 1), ("teacher_epochs", teacher_epochs, 1),
+                               ("tolerant_k", tolerant_k, 2), ("batch_size", batch_size, 1)):  # fmt: skip
         if value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
-    available = len(load_dataset("digits", "train"))
-    if labeled > available:  # the subset was cut to what there is, without a word
-        raise ValueError(f"labeled must be <= {available} (the digits training split), got {labeled}")
+    train, _, _ = open_splits(dataset, val_dataset, labeled)
+    stage_config(epochs, 0, batch_size, recipe, {"temperature": temperature, "alpha": alpha})  # the recipe's own check
     # tolerant_loss treats any gamma <= 0 (and NaN, which compares false) as "off": a negative or NaN
     # weight would silently train a plain teacher, so only a finite gamma >= 0 is taken.
     if not (math.isfinite(tolerant_gamma) and tolerant_gamma >= 0):
@@ -204,11 +243,22 @@ def check_chain(
                 load_teacher("chain", teacher)
             except TeacherLoadError as e:
                 raise ValueError(f"teacher: {e}") from e
-        train = load_dataset("digits", "train")
         for spec in dict.fromkeys(models):
             # train_student refuses a model of another width too, but only once the stages before it trained
             check_output_width(build(spec, "student"), train, f"model {spec!r}")
     return models
+
+
+def stage_config(epochs: int, seed: int, batch_size: int, recipe: dict[str, object] | None,
+                 opts: dict[str, float]) -> TrainConfig:  # fmt: skip
+    """The TrainConfig of a stage (method kd with ``opts``; ``recipe``: TrainConfig's optimiser,
+    schedule, AMP and clipping fields, as ``kd train``'s flags), validated."""
+    from kd.student_trainer.optim import recipe_of
+
+    cfg = TrainConfig(method="kd", method_options=opts, epochs=epochs, seed=seed, batch_size=batch_size,
+                      **(recipe or {}))  # fmt: skip
+    recipe_of(cfg).validate()
+    return cfg
 
 
 def run_chain(
@@ -219,7 +269,7 @@ def run_chain(
     models: list[str] | None = None,
     epochs: int = 300,
     seeds: int = 1,
-    labeled: int = 100,
+    labeled: int | None = None,
     temperature: float = 4.0,
     alpha: float = 0.9,
     teacher_factory: str = "kd.models:digits_teacher",
@@ -228,15 +278,25 @@ def run_chain(
     tolerant_k: int = 5,
     direct: bool = True,
     serve: bool = True,
+    dataset: str = "digits:train",
+    val_dataset: str = "digits:test",
+    recipe: dict[str, object] | None = None,
+    batch_size: int = 64,
+    stop: Callable[[], int | None] | None = None,
 ) -> dict:
+    """The chain on ``dataset`` (any dataset URI; a seeded subset of ``labeled`` samples per seed),
+    each model evaluated on ``val_dataset``; the stages train with method kd, ``batch_size`` and
+    ``recipe`` (TrainConfig's recipe fields; default Adam at 1e-3). ``stop``: as
+    ``train_student``'s; a stopped chain raises ``kd.core.signals.Stopped`` (the stages saved
+    before stay, the server of the stage in training is stopped)."""
     models = check_chain(mode=mode, teacher=teacher, models=models, epochs=epochs, seeds=seeds, labeled=labeled,
                          temperature=temperature, alpha=alpha, teacher_factory=teacher_factory,
-                         teacher_epochs=teacher_epochs, tolerant_gamma=tolerant_gamma,
-                         tolerant_k=tolerant_k)  # fmt: skip
+                         teacher_epochs=teacher_epochs, tolerant_gamma=tolerant_gamma, tolerant_k=tolerant_k,
+                         dataset=dataset, val_dataset=val_dataset, recipe=recipe, batch_size=batch_size)  # fmt: skip
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    train, test, labeled = open_splits(dataset, val_dataset, labeled)
     opts = {"temperature": temperature, "alpha": alpha}
     console.rule(f"kd chain ({mode}): {len(models)} stage(s) after the teacher, {seeds} seed(s)")
 
@@ -244,7 +304,8 @@ def run_chain(
     if teacher is None:
         seed_everything(0)
         model0 = build(teacher_factory, "teacher")
-        acc0, secs0 = _train_teacher(model0, train, test, epochs=teacher_epochs, gamma=tolerant_gamma, k=tolerant_k)
+        acc0, secs0 = _train_teacher(model0, train, test, epochs=teacher_epochs, gamma=tolerant_gamma, k=tolerant_k,
+                                     stop=stop)  # fmt: skip
         weights0 = out / "stage-0.safetensors"
         save_weights(model0, weights0)
         teacher = with_weights(teacher_factory, weights0)
@@ -261,8 +322,9 @@ def run_chain(
     def train_from(served: _Served, factory: str, seed: int, subset: torch.Tensor) -> tuple[nn.Module, float, float]:
         seed_everything(seed)
         student = build(factory, "student")
-        cfg = TrainConfig(method="kd", method_options=opts, epochs=epochs, seed=seed)
-        r = train_student(student, train, test, cfg, source=served.source, subset=subset)
+        cfg = stage_config(epochs, seed, batch_size, recipe, opts)
+        r = train_student(student, train, test, cfg, source=served.source, subset=subset, stop=stop)
+        r.raise_if_stopped(f"training {factory} (seed {seed}), ")
         return student, r.test_acc, r.seconds
 
     runs = []
@@ -319,13 +381,14 @@ def run_chain(
         a = [r["ensemble_acc"] for r in runs]
         summary["ensemble"] = {"mean": mean(a), "std": std(a)}
     results = {
-        "mode": mode, "epochs": epochs, "labeled_samples": labeled, "seeds": list(range(seeds)),
+        "mode": mode, "dataset": train.dataset_id, "val_dataset": test.dataset_id, "epochs": epochs,
+        "batch_size": batch_size, "recipe": recipe or {}, "labeled_samples": labeled, "seeds": list(range(seeds)),
         "method": "kd", "method_options": opts, "served": serve, "teacher": stage0, "runs": runs,
         "summary": summary, "seconds": round(time.perf_counter() - t_start, 2),
     }  # fmt: skip
     (out / "chain.json").write_text(json.dumps(results, indent=2))
 
-    table = Table(title=f"kd chain ({mode}) on digits: {labeled} labelled samples, {epochs} epochs, {seeds} seed(s)")
+    table = Table(title=f"kd chain ({mode}) on {dataset}: {labeled} labelled samples, {epochs} epochs, {seeds} seed(s)")
     table.add_column("stage")
     table.add_column("model")
     table.add_column("params", justify="right")

@@ -1837,7 +1837,26 @@ def chain(
     ),
     epochs: int = typer.Option(300, help="Epochs of each stage."),
     seeds: int = typer.Option(1, help="Seeds: the whole chain is run once per seed."),
-    labeled: int = typer.Option(100, help="Labelled training samples each stage sees."),
+    dataset: str = typer.Option("digits:train", help="Training dataset URI (image folder, npz, hf, ... as kd train)."),
+    val_dataset: str = typer.Option("digits:test", help="Dataset URI every model is evaluated on."),
+    labeled: int | None = typer.Option(
+        None,
+        help="Labelled training samples each stage sees (a seeded subset per seed); default: 100 of the "
+        "bundled digits (the TAKD experiment's low-data setting), every sample of any other --dataset.",
+    ),
+    batch_size: int = typer.Option(64, help="Batch size of each stage."),
+    lr: float = typer.Option(1e-3, help="Each stage's base learning rate (see --schedule, --warmup-epochs)."),
+    weight_decay: float = typer.Option(0.0, help="Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
+    optimizer: str = typer.Option("adam", help="Each stage's optimiser (the recipe's names, as `kd train`)."),
+    momentum: float = typer.Option(0.9, help="sgd: momentum."),
+    nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
+    schedule: str = typer.Option("constant", help="constant, cosine (per step) or multistep (per epoch)."),
+    milestones: str = typer.Option("", help="multistep: epochs at which lr *= --gamma, e.g. 150,180,210."),
+    gamma: float = typer.Option(0.1, help="multistep: the factor at each milestone."),
+    warmup_epochs: float = typer.Option(0.0, help="Linear warm-up of the learning rate over this many epochs."),
+    amp: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast; fp16 with a grad scaler). CUDA; bf16 on CPU."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format (CUDA convnets)."),
+    clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
     temperature: float = typer.Option(4.0, "--temperature", "-T", help="KD temperature."),
     alpha: float = typer.Option(0.9, help="KD weight of the soft term."),
     teacher_factory: str = typer.Option("kd.models:digits_teacher", help="Architecture of a teacher trained here."),
@@ -1855,21 +1874,32 @@ def chain(
 
     if mode not in MODES:
         _fail(f"--mode must be one of {', '.join(MODES)}")
-    if min(epochs, seeds, labeled, teacher_epochs, tolerant_k - 1) < 1 or temperature <= 0:
-        _fail("--epochs, --seeds, --labeled, --teacher-epochs must be >= 1, --tolerant-k >= 2, -T > 0")
+    if min(epochs, seeds, labeled or 1, teacher_epochs, tolerant_k - 1, batch_size) < 1 or temperature <= 0:
+        _fail("--epochs, --seeds, --labeled, --teacher-epochs, --batch-size must be >= 1, --tolerant-k >= 2, -T > 0")
+    recipe = _recipe(lr, weight_decay, optimizer, momentum, nesterov, schedule, milestones, gamma, warmup_epochs, amp,
+                     channels_last, clip_grad_norm)  # fmt: skip
     if not (math.isfinite(tolerant_gamma) and tolerant_gamma >= 0):
         _fail(f"--tolerant-gamma must be a finite number >= 0 (0: off), got {tolerant_gamma}")
     # The rest (--alpha, -T, the models) before stage 0 trains: a refusal (exit 2), not a failed run.
     _call(check_chain, mode=mode, teacher=teacher, models=model or None, epochs=epochs, seeds=seeds, labeled=labeled,
           temperature=temperature, alpha=alpha, teacher_factory=teacher_factory, teacher_epochs=teacher_epochs,
-          tolerant_gamma=tolerant_gamma, tolerant_k=tolerant_k)  # fmt: skip
+          tolerant_gamma=tolerant_gamma, tolerant_k=tolerant_k, dataset=dataset, val_dataset=val_dataset,
+          recipe=recipe, batch_size=batch_size)  # fmt: skip
+    signals = _stop_signals()
     try:
         run_chain(out, mode=mode, teacher=teacher, models=model or None, epochs=epochs, seeds=seeds,
                   labeled=labeled, temperature=temperature, alpha=alpha, teacher_factory=teacher_factory,
                   teacher_epochs=teacher_epochs, tolerant_gamma=tolerant_gamma, tolerant_k=tolerant_k,
-                  direct=direct, serve=serve)  # fmt: skip
+                  direct=direct, serve=serve, dataset=dataset, val_dataset=val_dataset, recipe=recipe,
+                  batch_size=batch_size, stop=signals.first)  # fmt: skip
+    except Stopped as e:
+        # Each finished stage's weights are in --out; the stage in training is not saved, its server stopped.
+        _stopped_exit(e.signum, f"{e.where}; the stages finished before are in {out} (stage-N.safetensors), the "
+                      "one in training is not saved: run the chain again to train it")  # fmt: skip
     except (ValueError, RuntimeError) as e:
         _fail(str(e), 1)
+    finally:
+        signals.close(restore_handlers=True)
 
 
 @app.command()

@@ -113,7 +113,9 @@ def test_bad_mode_is_refused(tmp_path: Path):
         (["--model", "kd.models:digits_student", "--model", "kd.models:no_such_model"],
          "module 'kd.models' has no attribute 'no_such_model'"),
         (["--model", "kd.models:digits_student@w.safetensors"], "@WEIGHTS is for teachers"),
-        (["--labeled", "5000"], "labeled must be <= 1198 (the digits training split), got 5000"),
+        (["--labeled", "5000"], "labeled must be <= 1198 (the samples of digits:train), got 5000"),
+        (["--optimizer", "lamb"], "unknown optimizer 'lamb'"),
+        (["--dataset", "npz:/no/such.npz"], "/no/such.npz"),
         (["--model", "kd.models:digits_student", "--model", "kd.models:MLP?sizes=[64,16,20]"],
          "model 'kd.models:MLP?sizes=[64,16,20]' gives 20 outputs per sample but digits/train"),
     ],
@@ -148,3 +150,112 @@ def test_tolerant_loss():
     # gap between top-1 (3) and the mean of the next K-1 = 2 logits (1, 0): 2.5
     torch.testing.assert_close(tolerant_loss(logits, labels, 0.4, k=3), ce + 0.4 * 2.5)
     torch.testing.assert_close(tolerant_loss(logits, labels, 0.0), ce)
+
+
+def _blobs(path: Path, n: int, seed: int) -> str:
+    """An npz of ``n`` samples of 12 features in 3 classes (a Gaussian blob per class)."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    x = (g.normal(size=(n, 12)) + 2.0 * np.eye(3, 12)[y] * 1.5).astype(np.float32)
+    np.savez(path, x=x, y=y)
+    return f"npz:{path}"
+
+
+def test_a_chain_on_the_users_own_data_with_a_recipe(tmp_path: Path) -> None:
+    """kd chain reads any dataset URI (an npz here, 90 samples: every one, as --labeled is left out),
+    trains each stage with the recipe flags (SGD, cosine, batch 16), and each stage is exactly the
+    model train_student makes from the previous stage's saved weights with that recipe."""
+    from kd.core.data import open_source
+    from kd.student_trainer.sources import LocalSource
+    from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+
+    train, val = _blobs(tmp_path / "train.npz", 90, 0), _blobs(tmp_path / "val.npz", 60, 1)
+    mlp = "kd.models:MLP?sizes=[12,8,3]"
+    teacher = tmp_path / "teacher.safetensors"
+    seed_everything(0)
+    from kd.core.factory import build
+    from kd.teacher_server.loading import save_weights
+
+    t = build("kd.models:MLP?sizes=[12,32,3]", "teacher")
+    train_student(t, open_source(train), open_source(val), TrainConfig(method="ce", epochs=5, batch_size=16))
+    save_weights(t, teacher)
+    out = tmp_path / "out"
+    args = ["chain", "--mode", "born-again", "--teacher", f"kd.models:MLP@{teacher}?sizes=[12,32,3]", "--model", mlp,
+            "--dataset", train, "--val-dataset", val, "--epochs", "2", "--batch-size", "16", "--optimizer", "sgd",
+            "--lr", "0.05", "--schedule", "cosine", "--no-serve", "--out", str(out)]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    result = json.loads((out / "chain.json").read_text())
+    assert (result["dataset"], result["labeled_samples"], result["batch_size"]) == (open_source(train).dataset_id,
+                                                                                      90, 16)  # fmt: skip
+    assert (result["recipe"]["optimizer"], result["recipe"]["schedule"]) == ("sgd", "cosine")
+
+    seed_everything(0)
+    want = build(mlp, "student")
+    subset = torch.randperm(90, generator=torch.Generator().manual_seed(1000))[:90]
+    cfg = TrainConfig(method="kd", method_options={"temperature": 4.0, "alpha": 0.9}, epochs=2, seed=0,
+                      batch_size=16, optimizer="sgd", lr=0.05, schedule="cosine")  # fmt: skip
+    train_student(want, open_source(train), open_source(val), cfg, subset=subset,
+                  source=LocalSource(f"kd.models:MLP@{teacher}?sizes=[12,32,3]"))  # fmt: skip
+    got = load_teacher("s", f"{mlp.split('?')[0]}@{out / 'stage-1.safetensors'}?sizes=[12,8,3]").model
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
+    stage = result["runs"][0]["stages"][0]
+    from kd.student_trainer.train import accuracy
+
+    assert stage["test_acc"] == accuracy(got, open_source(val))
+
+
+def test_labeled_defaults_to_the_digits_experiments_100_and_to_all_of_another_dataset(tmp_path: Path) -> None:
+    from kd.chain import open_splits
+
+    assert open_splits("digits:train", "digits:test", None)[2] == 100
+    assert open_splits(_blobs(tmp_path / "d.npz", 30, 0), "digits:test", None)[2] == 30
+    assert open_splits("digits:train", "digits:test", 7)[2] == 7
+
+
+def _alive_with(text: str) -> list[int]:
+    """Pids of live processes whose command line holds ``text``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_sigterm_stops_a_chain_at_a_step_and_stops_its_stage_server(tmp_path: Path) -> None:
+    """A SIGTERM while a stage trains from its served teacher: one "stopped by" line, exit 143, the
+    teacher's weights kept, the stage in training not saved, and its kd serve process stopped
+    (killed outright before, the chain left its server running)."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "kd", "chain", "--epochs", "100000", "--teacher-epochs", "1",
+                             "--labeled", "100", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "server-stage-1.log.port").exists():  # stage 1's server listens: training begins
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    line = [x for x in err.splitlines() if x.startswith("stopped by")]
+    assert len(line) == 1 and re.fullmatch(r"stopped by SIGTERM: training kd.chain:digits_assistant \(seed 0\), in "
+                                           r"epoch \d+ after \d+ step\(s\); the stages finished before are in .*",
+                                           " ".join(line[0].split())), line  # fmt: skip
+    assert (out / "stage-0.safetensors").is_file() and not (out / "stage-1.safetensors").exists()
+    assert _alive_with(str(out / "server-stage-1.log.port")) == []
