@@ -61,7 +61,9 @@ from kd.core.lmchecks import (
     facts_max_length,
     longest_sequence,
     model_max_length,
+    real_vocabulary,
     refuse_masked_lm,
+    refuse_narrow_student,
     refuse_other_tokenizer,
     refuse_too_long,
 )
@@ -1364,6 +1366,10 @@ def train_tokens(
     refuse_too_long(longest, facts_max_length(facts), f"teacher {name!r}", "lower the dataset's ?block=")
     if source.num_classes != train.num_classes:
         raise ValueError(f"source has vocabulary {source.num_classes}, the token source {train.num_classes}")
+    # A padded student (vocab_size past its tokenizer's ids) trains on its first V logits; a narrower
+    # one cannot score every token: refused before any step.
+    vocab = int(train.num_classes)
+    refuse_narrow_student(student, vocab)
     if accumulate < 1 or batch_size < 1 or epochs < 0:
         raise ValueError(f"accumulate and batch_size must be >= 1 and epochs >= 0; got {accumulate}, {batch_size}, "
                          f"{epochs}")  # fmt: skip
@@ -1498,7 +1504,7 @@ def train_tokens(
                 # process stops at this step's end (the ranks learn of it at its all-reduce)
                 if n and (diverged is None or size > 1):
                     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-                        logits = logits_of(student(tokens.to(dev)))
+                        logits = real_vocabulary(logits_of(student(tokens.to(dev))), vocab)
                     loss = loss_fn(logits, targets.to(dev), labels.to(dev), **options)
                     weight = n / counted
                     value = float(loss.detach())
