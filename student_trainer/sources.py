@@ -366,6 +366,7 @@ class ServerSource(SoftTargetSource):
                 c.expect_fingerprint(desc.name, desc.fingerprint)
         self.num_classes = desc.num_classes
         self.layers = dict(desc.layers)  # name -> per-sample shape: a token teacher's (-1, D) hidden states
+        self.access = desc.access  # the tier it is served at: what it may give (teacher_server.access)
         self.input_shape = tuple(desc.input_shape)
         # The teacher's final transform (kd.core.views.pixels_to_input): image views sent by value
         # are resized to its input and normalised with its mean/std, as the server does by reference.
@@ -464,8 +465,14 @@ class ServerSource(SoftTargetSource):
         return self.client.token_logits(self.teacher, tokens, attention_mask=attention_mask).float()
 
     def token_hidden_widths(self) -> dict[str, int] | None:
+        from kd.teacher_server import access as tiers
+
         if not self.tokens:
             return None
+        if not tiers.allows(self.access, "features"):  # before any step, not at the first request
+            raise ValueError(
+                str(tiers.AccessDenied(self.teacher, self.access, "features", "hidden states (--feature)"))
+            )
         return {name: int(shape[-1]) for name, shape in self.layers.items() if len(shape) == 2}
 
     def token_targets_hidden(

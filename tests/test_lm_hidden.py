@@ -231,6 +231,14 @@ def test_cli_refuses_bad_features_before_any_step(corpus, served, tmp_path: Path
     refused(cli(*local, "--feature", "embed=embed", "--feature-connector", "conv"), "--feature-connector 'conv'")
     refused(cli(*[a if a != str(out) else str(tmp_path / "x.connectors.safetensors") for a in local],
                 "--feature", "embed=embed"), "connectors")  # fmt: skip
+    # a teacher served at a tier that gives no hidden states: refused before any step, not at the first request
+    running = start_server([load_teacher("lm", TEACHER)], options={"lm": TeacherOptions(access="scores",
+                                                                                        warmup=False)})  # fmt: skip
+    try:
+        refused(cli(*base, "--source", f"server:127.0.0.1:{running.port}/lm", "--feature", "embed=embed"),
+                "access tier 'scores'", "hidden states (--feature) needs tier 'features'")  # fmt: skip
+    finally:
+        running.stop(grace=1)
     assert not out.exists()
     with CacheSource(str(cache)) as source, pytest.raises(ValueError, match="token cache does not store"):
         train_tokens(student_lm(), open_source(corpus["train"]), source, hidden=PAIRS)
