@@ -2138,15 +2138,27 @@ def train_lm(
     checkpoint_every: int = typer.Option(
         0, help="With --run-dir: also write the checkpoint every N steps (a crash then loses fewer); 0: per epoch."
     ),
+    feature: list[str] = typer.Option(
+        [],
+        "--feature",
+        help="Hidden-state distillation: STUDENT=TEACHER[:LOSS[:WEIGHT]] (module paths; LOSS cosine, DistilBERT's, "
+        "the default, or mse, TinyBERT's; WEIGHT 1), added to the token loss. Repeatable. Not from a cache.",
+    ),
+    feature_connector: str | None = typer.Option(
+        None,
+        help="With --feature: auto (none at equal widths) or linear (D_s -> D_t) for every pair; default: "
+        "auto for cosine, linear for mse.",
+    ),
 ) -> None:
     """Distil a causal-LM student with a per-token loss from a token cache, a served token teacher or
-    one in process; validation perplexity and accuracy."""
+    one in process (and, with --feature, its hidden states); validation perplexity and accuracy."""
     import time
 
     from kd.cache import CacheError
     from kd.core.data import open_source
     from kd.core.lmchecks import longest_sequence, model_max_length, refuse_other_dataset_tokenizer, refuse_too_long
     from kd.core.tokens import TokenSource, refuse_no_samples
+    from kd.student_trainer.hidden import CONNECTOR_KINDS, HiddenMatch, HiddenStates
     from kd.student_trainer.losses import METHODS, get_method
     from kd.student_trainer.losses.token_kd import evaluate_tokens
     from kd.student_trainer.sources import CacheSource, parse_source
@@ -2168,7 +2180,19 @@ def train_lm(
         _fail(f"--epochs and --batch-size must be >= 1, got {epochs} and {batch_size}")
     _check_run_options(seed, device)
     _check_out(out)
+    if out is not None and feature:  # the connectors go beside the student: writable too
+        _check_out(connectors_path(out), "the connectors file of --out")
     _check_run_dir(run_dir, resume, checkpoint_every)
+    if feature_connector is not None and (not feature or feature_connector not in CONNECTOR_KINDS):
+        _fail(f"--feature-connector {feature_connector!r}: {' or '.join(CONNECTOR_KINDS)}, with --feature")
+    try:
+        matches = [HiddenMatch.parse(f) for f in feature]
+    except ValueError as e:
+        _fail(str(e))
+    if feature and kind == "cache":  # before the cache is opened
+        _fail(f"--feature needs the teacher's hidden states, which a token cache does not store (--source "
+              f"{source}): distil them from the teacher itself, --source server:HOST:PORT/TEACHER or "
+              "local:SPEC")  # fmt: skip
     options = _parse_options(opt)
     device, rank = _join_torchrun(device)  # under torchrun each rank trains on its slice of every step
     teacher_src = None
@@ -2214,7 +2238,11 @@ def train_lm(
         # Training and validation run the student over whole samples: both checked before any step.
         for flag, d in (("--dataset", train_data), ("--val-dataset", val_data)):
             refuse_too_long(longest_sequence(d), model_max_length(model), "the student", f"lower {flag}'s ?block=")
+        # Built here (its layers checked on both sides before any step) so its trained connectors are ours to save.
+        hidden = (HiddenStates.build(matches, model, teacher_src, train_data.batch([0]).tokens, feature_connector)
+                  if matches else None)  # fmt: skip
     except (RuntimeError, ValueError) as e:
+        teacher_src.close()
         _fail(str(e))
     _check_saveable(model, out)
     t0 = time.perf_counter()
@@ -2236,7 +2264,7 @@ def train_lm(
                               lr=lr, seed=seed, method_options=options, device=device, accumulate=accumulate,
                               amp=amp, optimizer=optimizer, weight_decay=weight_decay, on_epoch=validate,
                               stop=signals.first, run_dir=run_dir, resume=resume,
-                              checkpoint_every=checkpoint_every)  # fmt: skip
+                              checkpoint_every=checkpoint_every, hidden=hidden)  # fmt: skip
     except Stopped as e:
         if rank != 0:  # every rank stopped before the same step (train_tokens): rank 0 says so
             raise SystemExit(128 + e.signum) from None
@@ -2253,10 +2281,12 @@ def train_lm(
     metrics = validated[0] if validated else evaluate_tokens(model, val_data, batch_size=batch_size, device=device)
     if out is not None:
         _save_student(model, out)
+        if hidden is not None:  # the trained connectors, beside the student (as kd train's)
+            _save_student(hidden, connectors_path(out), "the connectors")
     result = {"method": method, "source": source, "dataset": train_data.dataset_id, "val_dataset": val_data.dataset_id,
               "losses": losses, "val_ppl": metrics.perplexity, "val_accuracy": metrics.accuracy,
               "val_tokens": metrics.tokens, "epochs": epochs, "accumulate": accumulate, "amp": amp,
-              "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+              "features": feature, "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
     print(json.dumps(result))
 
 

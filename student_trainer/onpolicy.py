@@ -60,7 +60,9 @@ from kd.core.lmchecks import (
     facts_max_length,
     longest_sequence,
     model_max_length,
+    real_vocabulary,
     refuse_masked_lm,
+    refuse_narrow_student,
     refuse_other_tokenizer,
     refuse_too_long,
 )
@@ -209,9 +211,12 @@ def generate(
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
     recipe: Recipe | None = None,
+    vocab: int | None = None,
 ) -> Sequences:
     """Sample up to ``max_new_tokens`` after each row's prompt (``prompts[i, :prompt_lens[i]]``)
     from softmax(logits / ``temperature``) (argmax at 0), stopping a row at ``eos_id`` (kept).
+    ``vocab``: the tokenizer's ids; a padded student's logits past them are cut first, so no id
+    that no text has (nor the teacher scores) is ever drawn.
 
     Any causal module works (no KV cache: each step re-runs the rows, right-padded, so a real
     position never sees padding). The draws use ``generator`` on the CPU, so a seed gives the
@@ -236,6 +241,8 @@ def generate(
             with autocast(recipe or Recipe(), device):
                 logits = logits_of(model(buf[:, : int(lens.max())].to(device)))
             last = logits[rows.to(device), (lens - 1).to(device)].float().cpu()
+            if vocab is not None:
+                last = real_vocabulary(last, vocab)
             if temperature == 0:
                 nxt = last.argmax(-1)
             else:
@@ -311,9 +318,12 @@ def onpolicy_loss(
                          temperature=config.kd_temperature, beta=config.beta, alpha=config.alpha)  # fmt: skip
 
 
-def _student_logits(model: nn.Module, tokens: torch.Tensor, device: torch.device, recipe: Recipe) -> torch.Tensor:
+def _student_logits(
+    model: nn.Module, tokens: torch.Tensor, device: torch.device, recipe: Recipe, vocab: int
+) -> torch.Tensor:
+    """The student's logits over the tokenizer's ``vocab`` ids (a padded vocabulary's extra columns cut)."""
     with autocast(recipe, device):
-        return logits_of(model(tokens.to(device)))
+        return real_vocabulary(logits_of(model(tokens.to(device))), vocab)
 
 
 @torch.no_grad()
@@ -342,9 +352,10 @@ def heldout_divergence(
         seqs = generate(model, batch.tokens, prompt_lengths(batch, config.prompt_tokens, source.instruct),
                         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                         eos_id=source.tokenizer.eos_id, pad_id=source.tokenizer.pad_id, generator=gen,
-                        device=device, recipe=recipe)  # fmt: skip
+                        device=device, recipe=recipe, vocab=source.vocab_size)  # fmt: skip
         t = score(client, teacher, seqs, scoring="logits").to(device)
-        d = per_token_divergence(config.divergence, _student_logits(model, seqs.tokens, device, recipe), t,
+        d = per_token_divergence(config.divergence,
+                                 _student_logits(model, seqs.tokens, device, recipe, source.vocab_size), t,
                                  temperature=config.kd_temperature, beta=config.beta, alpha=config.alpha)  # fmt: skip
         total += float(d[seqs.positions.to(device)].double().sum())
         count += seqs.num_scored
@@ -472,6 +483,8 @@ def train_onpolicy(
     vocab = desc.num_classes
     if int(vocab) != train.vocab_size:
         raise ValueError(f"teacher {teacher!r} has {vocab} ids but {train.uri}'s tokenizer has {train.vocab_size}")
+    # A padded student samples and learns over its first V logits; a narrower one is refused here.
+    refuse_narrow_student(student, int(train.vocab_size))
     started = time.perf_counter()
     device = torch.device(config.device)
     recipe = recipe_of(config)
@@ -535,7 +548,8 @@ def train_onpolicy(
         if coin.random() < config.lmbda:
             seqs = generate(student, batch.tokens, plens, max_new_tokens=config.max_new_tokens,
                             temperature=config.temperature, eos_id=train.tokenizer.eos_id,
-                            pad_id=train.tokenizer.pad_id, generator=sampler, device=device, recipe=recipe)  # fmt: skip
+                            pad_id=train.tokenizer.pad_id, generator=sampler, device=device, recipe=recipe,
+                            vocab=train.vocab_size)  # fmt: skip
             on_batches += 1
         else:
             seqs = dataset_sequences(batch, plens, config.max_new_tokens)
@@ -549,7 +563,8 @@ def train_onpolicy(
                         temperature=config.kd_temperature)  # fmt: skip
         set_lr(optimizer, recipe.lr * lr_factor(recipe, epoch, i, per_epoch, epochs))
         student.train()
-        loss = onpolicy_loss(_student_logits(student, seqs.tokens, device, recipe), seqs, targets, config)
+        loss = onpolicy_loss(_student_logits(student, seqs.tokens, device, recipe, train.vocab_size), seqs, targets,
+                             config)  # fmt: skip
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {step}: the loss is {float(loss)} (lower --lr, or --clip-grad-norm)")
         optimizer.zero_grad(set_to_none=True)

@@ -125,6 +125,19 @@ class SoftTargetSource:
         a source that can leave the padding out (a server) does."""
         return self.targets(indices, tokens)
 
+    def token_hidden_widths(self) -> dict[str, int] | None:
+        """A token teacher's layers giving hidden states ``[B, S, D]``, by name -> D; None where the
+        source cannot give hidden states (a token cache stores none)."""
+        return None
+
+    def token_targets_hidden(
+        self, indices: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+        layers: list[str],
+    ) -> tuple[Targets, dict[str, torch.Tensor]]:  # fmt: skip
+        """``token_targets`` (at least at ``positions``) and the teacher's hidden states of ``layers``
+        at ``positions`` (bool ``[B, S]``), each packed ``[P, D]`` float32 in row-major order."""
+        raise ValueError(f"a {self.name} source gives no hidden states: use server: or local:")
+
     def logit_offsets_lost(self) -> str | None:
         """None where the targets are the teacher's logits as it computed them; else what the source
         keeps instead (a top-k, quantised log-probabilities, ...), for the trainer's refusal of methods
@@ -352,6 +365,8 @@ class ServerSource(SoftTargetSource):
             for c in (self.client, *self.pool):
                 c.expect_fingerprint(desc.name, desc.fingerprint)
         self.num_classes = desc.num_classes
+        self.layers = dict(desc.layers)  # name -> per-sample shape: a token teacher's (-1, D) hidden states
+        self.access = desc.access  # the tier it is served at: what it may give (teacher_server.access)
         self.input_shape = tuple(desc.input_shape)
         # The teacher's final transform (kd.core.views.pixels_to_input): image views sent by value
         # are resized to its input and normalised with its mean/std, as the server does by reference.
@@ -448,6 +463,32 @@ class ServerSource(SoftTargetSource):
             return self.client.token_topk(self.teacher, tokens, self.topk, self.topk_temperature,
                                           attention_mask=attention_mask)  # fmt: skip
         return self.client.token_logits(self.teacher, tokens, attention_mask=attention_mask).float()
+
+    def token_hidden_widths(self) -> dict[str, int] | None:
+        from kd.teacher_server import access as tiers
+
+        if not self.tokens:
+            return None
+        if not tiers.allows(self.access, "features"):  # before any step, not at the first request
+            raise ValueError(
+                str(tiers.AccessDenied(self.teacher, self.access, "features", "hidden states (--feature)"))
+            )
+        return {name: int(shape[-1]) for name, shape in self.layers.items() if len(shape) == 2}
+
+    def token_targets_hidden(
+        self, indices: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+        layers: list[str],
+    ) -> tuple[Targets, dict[str, torch.Tensor]]:  # fmt: skip
+        """One request: the targets and the hidden states, computed and sent only at ``positions`` (the
+        counted ones: every other position's logits are 0, top-k ids -1, which no token loss counts)."""
+        if not self.tokens:
+            raise ValueError(f"teacher {self.teacher!r} is not a token teacher; its targets are per sample")
+        asked: dict[str, Any] = ({"top_k": self.topk, "sparse_temperature": self.topk_temperature} if self.topk
+                                 else {"logits": True})  # fmt: skip
+        out = self.client.infer_tokens(self.teacher, tokens, attention_mask=attention_mask, positions=positions,
+                                       hidden=layers, **asked)  # fmt: skip
+        targets = out.topk_targets() if self.topk else out.dense("logits").float()
+        return targets, {name: out[f"feature/{name}"].float() for name in layers}
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         if self.tokens:  # every position real, as an in-process teacher sees the ids
@@ -820,6 +861,22 @@ class LocalSource(SoftTargetSource):
 
     def targets(self, indices: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor | None = None) -> Targets:
         return self.runner(self._input(inputs))
+
+    def token_hidden_widths(self) -> dict[str, int] | None:
+        from kd.teacher_server.lm import is_token_teacher
+
+        if not is_token_teacher(self.teacher):
+            return None
+        return {name: int(shape[-1]) for name, shape in self.teacher.layers.items() if len(shape) == 2}
+
+    def token_targets_hidden(
+        self, indices: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+        layers: list[str],
+    ) -> tuple[Targets, dict[str, torch.Tensor]]:  # fmt: skip
+        """The logits of every position (as ``token_targets``) and the hidden states picked at ``positions``."""
+        out = self.runner.to_host(self.runner.forward(self.runner.prepare(tokens), frozenset(layers)))
+        mask = positions.to(torch.bool).cpu()
+        return out["logits"], {name: out[f"feature/{name}"][mask].float() for name in layers}
 
     def iter_outputs(
         self, batches: Iterable[Batch | tuple], features: list[str], pool: bool = False

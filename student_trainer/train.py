@@ -47,7 +47,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -61,7 +61,9 @@ from kd.core.lmchecks import (
     facts_max_length,
     longest_sequence,
     model_max_length,
+    real_vocabulary,
     refuse_masked_lm,
+    refuse_narrow_student,
     refuse_other_tokenizer,
     refuse_too_long,
 )
@@ -82,6 +84,7 @@ from kd.student_trainer.features import (
     probe_student_shapes,
 )
 from kd.student_trainer.gather import gather_rows, rank_sizes
+from kd.student_trainer.hidden import HiddenStates
 from kd.student_trainer.losses import FeatureMethod, get_method, logit_offsets_refusal, sparse_refusal
 from kd.student_trainer.losses.dot import DOT, task_loss, task_weight
 from kd.student_trainer.sources import Batch, SoftTargetSource
@@ -444,7 +447,7 @@ def _targets_ahead(plans: Iterator[tuple[int, int, list]], fetch: Callable[..., 
                    ahead: int) -> Iterator[tuple[tuple[int, int, tuple, bool, bool], object]]:  # fmt: skip
     """Each micro-batch of ``plans`` (``train_tokens``' steps) in order as ((step number, counted,
     item, first of its step, last of its step), its targets or None where it counts no token), the
-    targets from ``fetch(idx, tokens, real)``. ``ahead`` > 0: the next ``ahead`` micro-batches' are
+    targets from ``fetch(idx, tokens, real, labels)``. ``ahead`` > 0: the next ``ahead`` micro-batches' are
     asked on one thread while this one is used (across step boundaries too); closing the generator
     cancels what was not started and waits for the request under way."""
     flat = ((step_no, counted, item, i == 0, i == len(micro) - 1)
@@ -452,7 +455,7 @@ def _targets_ahead(plans: Iterator[tuple[int, int, list]], fetch: Callable[..., 
     if ahead <= 0:
         for entry in flat:
             item = entry[2]
-            yield entry, (fetch(*item[:3]) if item[4] else None)
+            yield entry, (fetch(*item[:4]) if item[4] else None)
         return
     from concurrent.futures import ThreadPoolExecutor
 
@@ -461,7 +464,7 @@ def _targets_ahead(plans: Iterator[tuple[int, int, list]], fetch: Callable[..., 
         try:
             for entry in flat:
                 item = entry[2]
-                window.append((entry, pool.submit(fetch, *item[:3]) if item[4] else None))
+                window.append((entry, pool.submit(fetch, *item[:4]) if item[4] else None))
                 if len(window) > ahead:
                     entry, future = window.popleft()
                     yield entry, (future.result() if future is not None else None)
@@ -1311,6 +1314,7 @@ def train_tokens(
     run_dir: Path | None = None,
     resume: bool = False,
     checkpoint_every: int = 0,
+    hidden: HiddenStates | Sequence[str] | None = None,
 ) -> list[float]:
     """Distil a causal LM ``student`` (tokens [B, S] -> logits [B, S, V]) on a token source
     (``kd.core.tokens.TokenSource``) from ``source``'s per-token targets (a token cache read as
@@ -1352,7 +1356,15 @@ def train_tokens(
     the checkpoint, to the losses and weights of an uninterrupted run (more ``epochs`` than the run
     was started with train on, fewer than the checkpoint has begun are refused; every other setting,
     the dataset, the targets (``source_identity``: the teacher's fingerprint, a cache's resolved path)
-    and the number of ranks must be the same, else it is refused naming what differs)."""
+    and the number of ranks must be the same, else it is refused naming what differs).
+
+    ``hidden``: hidden-state matches (``student_trainer.hidden``: DistilBERT's cosine, TinyBERT's
+    MSE through a learned connector), as ``STUDENT=TEACHER[:LOSS[:WEIGHT]]`` strings or a built
+    ``HiddenStates`` (whose trained connectors the caller then keeps). Each micro-batch's loss is
+    the token loss plus the weighted hidden-state losses, all means over its counted tokens; the
+    teacher's states come with its targets, at the counted positions only. The connectors train
+    with the student (same optimizer), are checkpointed, and the pairs are part of the resume
+    identity. A source without hidden states (a token cache) is refused before any step."""
     from kd.core.tokens import next_token_labels, refuse_no_samples
     from kd.student_trainer.losses.token_kd import token_mask
 
@@ -1367,6 +1379,10 @@ def train_tokens(
     refuse_too_long(longest, facts_max_length(facts), f"teacher {name!r}", "lower the dataset's ?block=")
     if source.num_classes != train.num_classes:
         raise ValueError(f"source has vocabulary {source.num_classes}, the token source {train.num_classes}")
+    # A padded student (vocab_size past its tokenizer's ids) trains on its first V logits; a narrower
+    # one cannot score every token: refused before any step.
+    vocab = int(train.num_classes)
+    refuse_narrow_student(student, vocab)
     if accumulate < 1 or batch_size < 1 or epochs < 0:
         raise ValueError(f"accumulate and batch_size must be >= 1 and epochs >= 0; got {accumulate}, {batch_size}, "
                          f"{epochs}")  # fmt: skip
@@ -1403,12 +1419,19 @@ def train_tokens(
                 **(method_options or {}))  # fmt: skip
     except ValueError as e:
         raise ValueError(f"{method} on these targets ({_targets_kind(source)}): {e}") from None
+    if hidden is not None and not isinstance(hidden, HiddenStates):  # pairs as text; none: no hidden states
+        hidden = HiddenStates.build(list(hidden), student, source, b.tokens[row]) if list(hidden) else None
     dev = torch.device(device)
     student.to(dev).train()
     rank, size = world()
     if size > 1:
         _broadcast_weights(student)
     params = [p for p in student.parameters() if p.requires_grad]
+    if hidden is not None:  # the connectors: trained by the same optimizer, after the student's parameters
+        hidden.to(dev).train()
+        if size > 1:
+            _broadcast_weights(hidden)
+        params += [p for p in hidden.parameters() if p.requires_grad]
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     else:
@@ -1424,6 +1447,8 @@ def train_tokens(
                 "batch_size": batch_size, "accumulate": accumulate, "optimizer": optimizer,
                 "weight_decay": weight_decay, "seed": seed, "amp": amp, "dataset": train.dataset_id,
                 "targets": source_identity(source), "world_size": size}  # fmt: skip
+    if hidden is not None:  # only with --feature: a run without one resumes an older checkpoint as before
+        identity["features"] = hidden.identity()
     if resume:
         if run_dir is None:
             raise ValueError("resume continues the run in run_dir: give run_dir")
@@ -1437,6 +1462,8 @@ def train_tokens(
             raise ValueError(f"checkpoint {str(Path(run_dir) / RUN_CHECKPOINT)!r} is {where}: a run of {epochs} "
                              f"epoch(s) ends before it; resume with epochs (--epochs) >= "
                              f"{done + (1 if into else 0)}")  # fmt: skip
+        if hidden is not None:  # the identity says the checkpoint was written with these pairs
+            hidden.load_state_dict(ckpt["connectors"])
         load_run_state(run_dir, ckpt, student, opt)
         gen.set_state(ckpt["epoch_rng"])
         losses = [float(v) for v in ckpt["losses"]]
@@ -1452,11 +1479,24 @@ def train_tokens(
             return
         write_run_checkpoint(run_dir, "train-lm", identity, {
             "epoch": epoch, "step": step, "epoch_rng": epoch_rng, "total": total, "tokens_seen": seen,
-            "losses": list(losses), "model": student.state_dict(), "optimizer": opt.state_dict(), **rngs})  # fmt: skip
+            "losses": list(losses), "model": student.state_dict(), "optimizer": opt.state_dict(), **rngs,
+            **({"connectors": hidden.state_dict()} if hidden is not None else {})})  # fmt: skip
 
     # A live server's targets of the next micro-batch are asked on a thread while the student trains
     # on this one (the request waits on the network and the teacher, not on this process's cores).
     ahead = int(getattr(source, "token_targets_ahead", 0))
+    if hidden is None:
+
+        def fetch(idx: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor, labels: torch.Tensor) -> object:
+            return source.token_targets(idx, tokens, real)
+    else:
+        layers = hidden.teacher_layers
+
+        def fetch(idx: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor, labels: torch.Tensor) -> object:
+            # the teacher's states only where the loss counts a token (the logits' counted positions)
+            return source.token_targets_hidden(idx, tokens, real, token_mask(labels), layers)
+
+        hidden.attach(student)
 
     def plan(order: torch.Tensor, first_step: int) -> Iterator[tuple[int, int, list]]:
         """The steps of an epoch holding a counted token, from ``first_step`` on: (step number, the
@@ -1481,51 +1521,59 @@ def train_tokens(
                 micro = sliced
             yield lo // step_size, counted, micro
 
-    for epoch in range(start_epoch, epochs):
-        epoch_rng = gen.get_state()  # the epoch's batch order, for a checkpoint within it
-        order = torch.randperm(len(train), generator=gen)
-        first_step = start_step if epoch == start_epoch else 0
-        total, tokens_seen = partial if epoch == start_epoch else (0.0, 0)
-        # With the real positions: a live server computes and sends only those (its answer is packed).
-        with contextlib.closing(_targets_ahead(plan(order, first_step), source.token_targets, ahead)) as stream:
-            for (step_no, counted, item, first, last), targets in stream:
-                if first:
-                    if stop is not None and (signum := _agreed_stop(stop(), size, dev)):
-                        if run_dir is not None:
-                            save(epoch, step_no, epoch_rng, total, tokens_seen)
-                        raise Stopped(signum, f"in epoch {epoch + 1} after {step_no} of its steps")
-                    opt.zero_grad(set_to_none=True)
-                    step_loss, diverged = 0.0, None
-                idx, tokens, real, labels, n = item
-                # no counted token: its loss is 0 and its weight 0; after a diverged micro-batch one
-                # process stops at this step's end (the ranks learn of it at its all-reduce)
-                if n and (diverged is None or size > 1):
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-                        logits = logits_of(student(tokens.to(dev)))
-                    loss = loss_fn(logits, targets.to(dev), labels.to(dev), **options)
-                    weight = n / counted
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        diverged = value
-                    else:
-                        (loss * weight).backward()
-                        step_loss += value * weight
-                if not last:
-                    continue
-                if size > 1:
-                    step_loss, diverged = _sum_step(params, step_loss, diverged)
-                if diverged is not None:
-                    raise FloatingPointError(f"epoch {epoch}: the training loss is {diverged} "
-                                             "(the run diverged: lower --lr)")  # fmt: skip
-                opt.step()
-                total += step_loss * counted
-                tokens_seen += counted
-                if checkpoint_every and (step_no + 1) % checkpoint_every == 0:
-                    save(epoch, step_no + 1, epoch_rng, total, tokens_seen)
-        losses.append(total / tokens_seen)  # > 0 tokens: train holds a target (checked above)
-        _check_finite(student, epoch)
-        if run_dir is not None:  # before the validation: a kill during it loses no step
-            save(epoch + 1, 0, gen.get_state(), 0.0, 0)
-        if on_epoch is not None:
-            on_epoch(epoch, losses[-1])
+    try:
+        for epoch in range(start_epoch, epochs):
+            epoch_rng = gen.get_state()  # the epoch's batch order, for a checkpoint within it
+            order = torch.randperm(len(train), generator=gen)
+            first_step = start_step if epoch == start_epoch else 0
+            total, tokens_seen = partial if epoch == start_epoch else (0.0, 0)
+            # With the real positions: a live server computes and sends only those (its answer is packed).
+            with contextlib.closing(_targets_ahead(plan(order, first_step), fetch, ahead)) as stream:
+                for (step_no, counted, item, first, last), targets in stream:
+                    if first:
+                        if stop is not None and (signum := _agreed_stop(stop(), size, dev)):
+                            if run_dir is not None:
+                                save(epoch, step_no, epoch_rng, total, tokens_seen)
+                            raise Stopped(signum, f"in epoch {epoch + 1} after {step_no} of its steps")
+                        opt.zero_grad(set_to_none=True)
+                        step_loss, diverged = 0.0, None
+                    idx, tokens, real, labels, n = item
+                    # no counted token: its loss is 0 and its weight 0; after a diverged micro-batch one
+                    # process stops at this step's end (the ranks learn of it at its all-reduce)
+                    if n and (diverged is None or size > 1):
+                        if hidden is not None:
+                            targets, states = targets
+                        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                            logits = real_vocabulary(logits_of(student(tokens.to(dev))), vocab)
+                        loss = loss_fn(logits, targets.to(dev), labels.to(dev), **options)
+                        if hidden is not None:
+                            loss = loss + hidden.loss(token_mask(labels).to(dev), states)
+                        weight = n / counted
+                        value = float(loss.detach())
+                        if not math.isfinite(value):
+                            diverged = value
+                        else:
+                            (loss * weight).backward()
+                            step_loss += value * weight
+                    if not last:
+                        continue
+                    if size > 1:
+                        step_loss, diverged = _sum_step(params, step_loss, diverged)
+                    if diverged is not None:
+                        raise FloatingPointError(f"epoch {epoch}: the training loss is {diverged} "
+                                                 "(the run diverged: lower --lr)")  # fmt: skip
+                    opt.step()
+                    total += step_loss * counted
+                    tokens_seen += counted
+                    if checkpoint_every and (step_no + 1) % checkpoint_every == 0:
+                        save(epoch, step_no + 1, epoch_rng, total, tokens_seen)
+            losses.append(total / tokens_seen)  # > 0 tokens: train holds a target (checked above)
+            _check_finite(student, epoch)
+            if run_dir is not None:  # before the validation: a kill during it loses no step
+                save(epoch + 1, 0, gen.get_state(), 0.0, 0)
+            if on_epoch is not None:
+                on_epoch(epoch, losses[-1])
+    finally:  # the student is the user's: no hook of this run stays on it
+        if hidden is not None:
+            hidden.detach()
     return losses

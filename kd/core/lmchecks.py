@@ -128,3 +128,54 @@ def refuse_too_long(longest: int, limit: int | None, who: str, hint: str) -> Non
     if limit is not None and longest > limit:
         # "of WHO", not "WHO's": a quoted name took the possessive after its quote ("teacher 'lm''s")
         raise ValueError(f"a row of {longest} tokens is longer than the maximum length {limit} of {who}: {hint}")
+
+
+def refuse_narrow_student(model: Any, vocab: int, who: str = "the student") -> int:
+    """The width of ``model``'s logits (one eval-mode forward of two ids, 0 and ``vocab - 1``, no
+    gradient), refused where it is narrower than the ``vocab`` ids of the data's tokenizer (or its
+    embedding takes fewer ids): its logits cannot score every token. Wider is a padded vocabulary
+    (Pythia, OPT, Phi, Qwen pad ``vocab_size`` to a multiple of 64 or 128): its first ``vocab``
+    columns are the tokenizer's ids and the trainers cut the rest (``real_vocabulary``)."""
+    import torch
+
+    from kd.core.factory import logits_of
+
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    if isinstance(rows, int) and rows < vocab:  # before a forward that would index past it
+        raise ValueError(f"{who} embeds {rows} token ids, fewer than the {vocab} ids of the dataset's tokenizer: "
+                         "give a student of the tokenizer's vocabulary (or more: a padded one is cut)")  # fmt: skip
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    width = 2 if (model_max_length(model) or 2) >= 2 else 1
+    probe = torch.tensor([[0, vocab - 1][-width:]], dtype=torch.int64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = logits_of(model(probe))
+    except IndexError as e:  # an embedding of fewer rows than the ids (a module without get_input_embeddings)
+        raise ValueError(f"{who} cannot take id {vocab - 1} of the dataset's tokenizer ({e}): give a student of "
+                         f"its {vocab} ids (or more: a padded one is cut)") from None  # fmt: skip
+    finally:
+        model.train(was_training)
+    got = int(out.shape[-1])
+    if got < vocab:
+        raise ValueError(f"{who} gives {got} logits per position, fewer than the {vocab} ids of the dataset's "
+                         "tokenizer: give a student of the tokenizer's vocabulary (or more: a padded one is "
+                         "cut to its first ids)")  # fmt: skip
+    return got
+
+
+def real_vocabulary(logits: Any, vocab: int) -> Any:
+    """``logits [..., W]`` of a student cut to the tokenizer's ``vocab`` ids (its first columns):
+    a padded vocabulary's extra columns are ids no text has, and would take probability mass from
+    the real ones in every softmax (loss, sampling, perplexity). A view: no copy, and the gradient
+    of the cut columns is zero. A narrower width is refused naming both numbers."""
+    width = int(logits.shape[-1])
+    if width == vocab:
+        return logits
+    if width < vocab:
+        raise ValueError(f"the student gives {width} logits per position, fewer than the {vocab} ids of the "
+                         "dataset's tokenizer")  # fmt: skip
+    return logits[..., :vocab]

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kd.core.lmchecks import real_vocabulary
 from kd.core.targets import SparseTargets
 from kd.core.tokens import IGNORE_INDEX, TokenSource, TokenTargets, next_token_labels
 
@@ -307,7 +308,8 @@ def evaluate_tokens(
 ) -> TokenMetrics:
     """Perplexity and next-token accuracy of a causal LM on every sample of ``source`` (a
     validation split), counting only loss-mask tokens. ``model(tokens)`` returns logits
-    ``[B, S, V]`` (or an object with ``.logits``); padding is on the right, so a causal
+    ``[B, S, V]`` (or an object with ``.logits``; a padded vocabulary's columns past the
+    tokenizer's ``source.vocab_size`` ids are cut, a narrower one refused); padding is on the right, so a causal
     model's real positions never see it.
 
     ``across_ranks`` (every rank of an initialised ``torch.distributed`` group calls it, with the
@@ -328,7 +330,8 @@ def evaluate_tokens(
         for start in range(lo, hi, batch_size):
             b = source.batch(range(start, min(start + batch_size, hi)))
             out = model(b.tokens.to(device))
-            logits = getattr(out, "logits", out)
+            # a padded student's extra columns are ids no text has: the metrics are over the real ones
+            logits = real_vocabulary(getattr(out, "logits", out), int(source.vocab_size))
             metrics.update(logits, next_token_labels(b.tokens, b.loss_mask).to(logits.device))
     finally:
         model.train(was_training)

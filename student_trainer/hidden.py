@@ -1,0 +1,163 @@
+"""Hidden-state distillation for language models (``kd train-lm --feature``).
+
+A *hidden match* pairs one student module with one teacher module whose outputs are hidden states
+``[B, S, D]`` (a transformer block, a final norm), written as kd train's ``--match`` pairs are
+(``STUDENT=TEACHER``, module paths) with the loss and its weight after colons:
+``STUDENT=TEACHER[:LOSS[:WEIGHT]]``, e.g. ``transformer.h.1=transformer.h.3:mse:0.5``.
+
+* ``cosine`` (default): DistilBERT's cosine embedding loss, ``losses/hidden_cosine.py``;
+* ``mse``: TinyBERT's hidden-state MSE through a learned W_h, ``losses/hidden_mse.py``.
+
+The student's states are captured with forward hooks (``features.Taps``) and pass through the
+match's connector (``features.make_connector`` on the vectors' widths): ``linear`` (D_s -> D_t with
+a bias: TinyBERT's W_h) by default for ``mse``; ``auto`` (none where the widths agree, as
+DistilBERT, else linear) for ``cosine``. The connectors train with the student, are checkpointed
+with it and saved beside it. Both sides are compared at the *counted* positions only (those whose
+next token is a target, the token loss's positions), packed ``[P, D]`` in row-major order: a server
+computes and sends the teacher's states only there (``ServerSource.token_targets_hidden``), an
+in-process teacher's are picked there. Each match's loss is a mean over those positions, like the
+token losses, so the trainer's token-share weighting of micro-batches and ranks holds for the sum
+``token loss + sum_k weight_k * hidden loss_k``.
+
+A token cache holds no hidden states (a source without ``token_hidden_widths``): refused up front.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from kd.student_trainer.features import Match, Taps, make_connector, probe_student_shapes
+from kd.student_trainer.losses.hidden_cosine import hidden_cosine_loss
+from kd.student_trainer.losses.hidden_mse import hidden_mse_loss
+
+HIDDEN_LOSSES = {"cosine": hidden_cosine_loss, "mse": hidden_mse_loss}
+# DistilBERT compares the states as they are (one width); TinyBERT always maps the student's by W_h.
+DEFAULT_CONNECTOR = {"cosine": "auto", "mse": "linear"}
+CONNECTOR_KINDS = ("auto", "linear")
+
+
+@dataclass(frozen=True)
+class HiddenMatch:
+    student: str
+    teacher: str
+    loss: str = "cosine"
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> HiddenMatch:
+        """``STUDENT=TEACHER[:LOSS[:WEIGHT]]`` (module paths hold dots, never colons)."""
+        pair, *rest = text.split(":")
+        what = f"--feature {text!r}"
+        try:
+            m = Match.parse(pair)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}; give STUDENT=TEACHER[:LOSS[:WEIGHT]]") from None
+        if len(m.student) != 1:
+            raise ValueError(f"{what}: one student and one teacher layer a pair (repeat --feature for more)")
+        if len(rest) > 2:
+            raise ValueError(f"{what}: expected STUDENT=TEACHER[:LOSS[:WEIGHT]]")
+        loss = rest[0] if rest and rest[0] else "cosine"
+        if loss not in HIDDEN_LOSSES:
+            raise ValueError(f"{what}: unknown loss {loss!r}; choose {' or '.join(HIDDEN_LOSSES)}")
+        weight = 1.0
+        if len(rest) == 2:
+            try:
+                weight = float(rest[1])
+            except ValueError:
+                raise ValueError(f"{what}: weight {rest[1]!r} is not a number") from None
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"{what}: weight must be a finite number > 0, got {rest[1]}")
+        return cls(m.student[0], m.teacher[0], loss, weight)
+
+
+class HiddenStates(nn.Module):
+    """The connectors of a run's hidden matches (one per match), the student's hooks and the loss.
+
+    ``connector``: ``auto`` or ``linear`` for every match, or None for each loss's default
+    (``DEFAULT_CONNECTOR``). Build it with ``HiddenStates.build`` (checks both sides' layers)."""
+
+    def __init__(self, matches: Sequence[HiddenMatch], student_widths: Sequence[int],
+                 teacher_widths: Sequence[int], connector: str | None = None) -> None:  # fmt: skip
+        super().__init__()
+        if connector is not None and connector not in CONNECTOR_KINDS:
+            raise ValueError(f"--feature-connector {connector!r}: choose {' or '.join(CONNECTOR_KINDS)}")
+        self.matches = list(matches)
+        self.kinds = [connector or DEFAULT_CONNECTOR[m.loss] for m in self.matches]
+        self.widths = [(int(s), int(t)) for s, t in zip(student_widths, teacher_widths)]
+        self.connectors = nn.ModuleList(
+            make_connector(kind, (s,), (t,)) for kind, (s, t) in zip(self.kinds, self.widths)
+        )
+        self._taps: Taps | None = None
+
+    @classmethod
+    def build(cls, specs: Sequence[str | HiddenMatch], student: nn.Module, source: object, probe: torch.Tensor,
+              connector: str | None = None) -> HiddenStates:  # fmt: skip
+        """The matches of ``specs`` between ``student`` and ``source``'s teacher, refused (naming the
+        layer) where a side has no such layer or its output is not hidden states ``[B, S, D]``, and
+        where ``source`` gives no hidden states (a token cache). ``probe``: ids ``[1, S]`` the student
+        runs once in eval mode, without a gradient, to read its widths."""
+        matches = [s if isinstance(s, HiddenMatch) else HiddenMatch.parse(s) for s in specs]
+        if not matches:
+            raise ValueError("no --feature pair given")
+        widths = getattr(source, "token_hidden_widths", lambda: None)()
+        if widths is None:
+            where = getattr(source, "path", None) or getattr(source, "name", "this source")
+            raise ValueError(f"--feature needs the teacher's hidden states, which a token cache does not store "
+                             f"({where}): distil them from the teacher itself, --source server:... or "
+                             "local:SPEC")  # fmt: skip
+        unknown = [m.teacher for m in matches if m.teacher not in widths]
+        if unknown:
+            known = ", ".join(list(widths)[:40])
+            raise ValueError(f"--feature: teacher {getattr(source, 'teacher_name', '')!r} has no hidden-state "
+                             f"layer(s) {unknown}; its layers giving [B, S, D]: {known}")  # fmt: skip
+        layers = list(dict.fromkeys(m.student for m in matches))
+        try:
+            shapes = probe_student_shapes(student, probe, layers)
+        except ValueError as e:
+            raise ValueError(f"--feature: {e}") from None
+        flat = [n for n in layers if len(shapes[n]) != 2]
+        if flat:
+            raise ValueError(f"--feature: student layer(s) {flat} give {[list(shapes[n]) for n in flat]} per "
+                             "sequence, not hidden states [S, D]")  # fmt: skip
+        return cls(matches, [shapes[m.student][-1] for m in matches], [widths[m.teacher] for m in matches],
+                   connector)  # fmt: skip
+
+    @property
+    def teacher_layers(self) -> list[str]:
+        return list(dict.fromkeys(m.teacher for m in self.matches))
+
+    def identity(self) -> list[dict]:
+        """What a resumed run must share: each pair, its loss, weight, connector kind and widths."""
+        return [{**asdict(m), "connector": k, "widths": list(w)}
+                for m, k, w in zip(self.matches, self.kinds, self.widths)]  # fmt: skip
+
+    def attach(self, student: nn.Module) -> None:
+        """Hook the student's matched modules (their outputs are kept at every forward until ``detach``)."""
+        self.detach()
+        self._taps = Taps(student, [m.student for m in self.matches])
+        self._taps.maps = {}
+
+    def detach(self) -> None:
+        if self._taps is not None:
+            self._taps.remove()
+            self._taps = None
+
+    def loss(self, counted: torch.Tensor, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sum_k weight_k * loss_k(connector_k(student states at ``counted``), teacher states ``[P, D]``)
+        after a student forward; ``counted``: bool ``[B, S]`` on the student's device."""
+        assert self._taps is not None, "attach the student first"
+        maps, total = self._taps.maps, None
+        for m, conn in zip(self.matches, self.connectors):
+            # float32: under bf16 autocast of the student's forward the states are bf16, the connector fp32
+            s = conn(maps[m.student][counted].float())
+            t = teacher[m.teacher].to(s.device)
+            term = m.weight * HIDDEN_LOSSES[m.loss](s, t)
+            total = term if total is None else total + term
+        self._taps.maps = {}  # the step's states are not kept past their loss
+        assert total is not None
+        return total
