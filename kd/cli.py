@@ -2097,6 +2097,7 @@ def onpolicy(
 
 @app.command("train-lm")
 def train_lm(
+    ctx: typer.Context,
     source: str = typer.Option(
         ...,
         help="cache:PATH of a token cache (kd precompute with a token dataset), server:HOST:PORT[,HOST:PORT...]"
@@ -2114,8 +2115,19 @@ def train_lm(
     accumulate: int = typer.Option(1, help="Micro-batches per optimizer step, weighted by their token counts."),
     amp: str = typer.Option("fp32", help="fp32 or bf16 (autocast of the student's forward)."),
     optimizer: str = typer.Option("adam", help="adam, adamw or sgd."),
-    lr: float = typer.Option(1e-3, help="The student's learning rate (constant)."),
+    lr: float = typer.Option(1e-3, help="The student's base learning rate (see --schedule, --warmup-epochs)."),
     weight_decay: float = typer.Option(0.0, help="Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
+    momentum: float = typer.Option(0.9, help="sgd: momentum."),
+    nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
+    schedule: str = typer.Option(
+        "constant", help="constant, cosine (per optimizer step, to 0 at the end of --epochs) or multistep (per epoch)."
+    ),
+    milestones: str = typer.Option("", help="multistep: epochs (from 0) at which lr is multiplied by --gamma."),
+    gamma: float = typer.Option(0.1, help="multistep: the factor at each milestone."),
+    warmup_epochs: float = typer.Option(
+        0.0, help="Linear warm-up over this many epochs of optimizer steps (fractions too, e.g. 0.05)."
+    ),
+    clip_grad_norm: float = typer.Option(0.0, help="Clip each optimizer step's total gradient norm to this (0: off)."),
     seed: int = typer.Option(0, help="Seed of the student's initial weights and the batch order."),
     device: str = typer.Option("cpu", help="Device of the student: cpu, cuda or cuda:N."),
     out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
@@ -2178,6 +2190,16 @@ def train_lm(
         _fail(f"--server-timeout must be a number of seconds > 0, got {server_timeout}")
     if epochs < 1 or batch_size < 1:  # as kd train: 0 epochs saved the untrained student to --out, exit 0
         _fail(f"--epochs and --batch-size must be >= 1, got {epochs} and {batch_size}")
+    from kd.student_trainer.optim import Recipe
+    from kd.student_trainer.train import TOKEN_OPTIMIZERS
+
+    if optimizer not in TOKEN_OPTIMIZERS:
+        _fail(f"--optimizer {optimizer!r}: kd train-lm takes {', '.join(TOKEN_OPTIMIZERS)}")
+    steps = _milestones(milestones)
+    _call(Recipe(optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                 schedule=schedule, milestones=steps, gamma=gamma, warmup_epochs=warmup_epochs, amp=amp,
+                 clip_grad_norm=clip_grad_norm).validate)  # fmt: skip
+    _inert_recipe_flags(ctx, optimizer, schedule)  # --momentum with adam, --milestones without multistep
     _check_run_options(seed, device)
     _check_out(out)
     if out is not None and feature:  # the connectors go beside the student: writable too
@@ -2264,7 +2286,9 @@ def train_lm(
                               lr=lr, seed=seed, method_options=options, device=device, accumulate=accumulate,
                               amp=amp, optimizer=optimizer, weight_decay=weight_decay, on_epoch=validate,
                               stop=signals.first, run_dir=run_dir, resume=resume,
-                              checkpoint_every=checkpoint_every, hidden=hidden)  # fmt: skip
+                              checkpoint_every=checkpoint_every, hidden=hidden, momentum=momentum,
+                              nesterov=nesterov, schedule=schedule, milestones=steps, gamma=gamma,
+                              warmup_epochs=warmup_epochs, clip_grad_norm=clip_grad_norm)  # fmt: skip
     except Stopped as e:
         if rank != 0:  # every rank stopped before the same step (train_tokens): rank 0 says so
             raise SystemExit(128 + e.signum) from None

@@ -1315,6 +1315,13 @@ def train_tokens(
     resume: bool = False,
     checkpoint_every: int = 0,
     hidden: HiddenStates | Sequence[str] | None = None,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    schedule: str = "constant",
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    warmup_epochs: float = 0.0,
+    clip_grad_norm: float = 0.0,
 ) -> list[float]:
     """Distil a causal LM ``student`` (tokens [B, S] -> logits [B, S, V]) on a token source
     (``kd.core.tokens.TokenSource``) from ``source``'s per-token targets (a token cache read as
@@ -1330,9 +1337,16 @@ def train_tokens(
     counted token (every label ignored: padding, prompts, documents cut before their completion) is
     skipped whole: its teacher targets are not asked for and the optimizer does not step, since a
     step on zero gradients still moves the weights (AdamW's decoupled weight decay, Adam's moments
-    from earlier steps). The learning rate is constant (no scheduler to hold back), and the epoch's
-    loss is per counted token, so the skipped step changes neither. ``amp="bf16"``: the student's
-    forward in bfloat16 autocast (CUDA or CPU); the losses are computed in float32 or wider.
+    from earlier steps). The learning rate's schedule is a function of the step's number and the
+    epoch's loss is per counted token, so the skipped step changes neither. ``amp="bf16"``: the
+    student's forward in bfloat16 autocast (CUDA or CPU); the losses are computed in float32 or wider.
+
+    The recipe is ``kd train``'s (``student_trainer.optim``): ``optimizer`` adam, adamw or sgd (with
+    ``momentum``, ``nesterov``) at ``lr`` with ``weight_decay``; ``schedule`` constant, cosine (per
+    optimizer step, to 0 at the last step of ``epochs``) or multistep (x ``gamma`` at each epoch of
+    ``milestones``); a linear warm-up over ``warmup_epochs`` epochs of optimizer steps (fractions
+    allowed: LLM recipes warm up over a few hundred steps); ``clip_grad_norm``: the total gradient
+    norm of each optimizer step (the summed gradient under torchrun, so every rank clips the same).
 
     Under ``torchrun`` (an initialised torch.distributed group) every rank reads the ids of the whole
     step (cheap: it counts the step's tokens without a collective) and trains on its contiguous slice
@@ -1392,6 +1406,10 @@ def train_tokens(
         raise ValueError(f"amp={amp!r}: token training takes {' or '.join(TOKEN_AMP)} (bf16 needs no grad scaler)")
     if optimizer not in TOKEN_OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: choose {', '.join(TOKEN_OPTIMIZERS)}")
+    recipe = optim.Recipe(optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                          nesterov=nesterov, schedule=schedule, milestones=[int(m) for m in milestones], gamma=gamma,
+                          warmup_epochs=warmup_epochs, amp=amp, clip_grad_norm=clip_grad_norm)  # fmt: skip
+    recipe.validate()
     # Every epoch is a pass over all of ``train``: if no position of it is a target (documents no
     # longer than their prompt, or cut by the block before the completion), no epoch has a token to
     # learn from or to average the loss over. Refused before the student is touched; the scan stops
@@ -1432,13 +1450,11 @@ def train_tokens(
         if size > 1:
             _broadcast_weights(hidden)
         params += [p for p in hidden.parameters() if p.requires_grad]
-    if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)
+    opt = optim.make_optimizer(params, recipe)
     gen = torch.Generator().manual_seed(seed)
     options = method_options or {}
     step_size = batch_size * accumulate
+    steps_per_epoch = -(-len(train) // step_size)  # the schedule's steps, those without a target included
     losses = []
     start_epoch, start_step, partial = 0, 0, (0.0, 0)
     # The options as the loss takes them (its defaults filled in): --opt temperature=1 is the default run.
@@ -1449,6 +1465,19 @@ def train_tokens(
                 "targets": source_identity(source), "world_size": size}  # fmt: skip
     if hidden is not None:  # only with --feature: a run without one resumes an older checkpoint as before
         identity["features"] = hidden.identity()
+    # The recipe's other fields where they make a difference (a run with the old constant-rate recipe
+    # resumes its older checkpoint as before). A cosine reaches 0 at the last epoch's last step, so its
+    # epochs are part of it: more epochs would change the rates of the steps already trained.
+    shaped = {k: v for k, v in (("schedule", schedule), ("warmup_epochs", warmup_epochs),
+                                ("clip_grad_norm", clip_grad_norm)) if v not in ("constant", 0.0)}  # fmt: skip
+    if schedule == "multistep":
+        shaped.update(milestones=recipe.milestones, gamma=gamma)
+    if schedule == "cosine":
+        shaped["epochs"] = epochs
+    if optimizer == "sgd":  # train-lm's sgd had no momentum before these fields: such a checkpoint differs
+        shaped.update(momentum=momentum, nesterov=nesterov)
+    if shaped:
+        identity["recipe"] = shaped
     if resume:
         if run_dir is None:
             raise ValueError("resume continues the run in run_dir: give run_dir")
@@ -1561,8 +1590,9 @@ def train_tokens(
                         step_loss, diverged = _sum_step(params, step_loss, diverged)
                     if diverged is not None:
                         raise FloatingPointError(f"epoch {epoch}: the training loss is {diverged} "
-                                                 "(the run diverged: lower --lr)")  # fmt: skip
-                    opt.step()
+                                                 "(the run diverged: lower --lr, or set --clip-grad-norm)")  # fmt: skip
+                    optim.set_lr(opt, lr * optim.lr_factor(recipe, epoch, step_no, steps_per_epoch, epochs))
+                    optim.optimizer_step(opt, recipe, None)  # clips the (summed) gradient first
                     total += step_loss * counted
                     tokens_seen += counted
                     if checkpoint_every and (step_no + 1) % checkpoint_every == 0:
