@@ -805,7 +805,7 @@ def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
     values = {str(k).replace("-", "_"): v for k, v in table.items()}
     unknown = sorted(set(values) - names - {"config"})
     if unknown:
-        _fail(f"--config {str(value)!r}: unknown option(s) {unknown}; see `kd train --help`")
+        _fail(f"--config {str(value)!r}: unknown option(s) {unknown}; see `kd {ctx.info_name} --help`")
     if "resume" in values:  # a file reused by every run of a recipe: each new run would resume (or fail)
         _fail(f"--config {str(value)!r}: resume is not a recipe setting (it continues one run directory): "
               "leave it out of the file and give --resume on the command line")  # fmt: skip
@@ -1051,7 +1051,9 @@ def train(
     optimizer: str = typer.Option("adam", help="adam, adamw, sgd or dot (DOT, split momenta)."),
     momentum: float = typer.Option(0.9, help="sgd: momentum."),
     nesterov: bool = typer.Option(False, "--nesterov/--no-nesterov", help="sgd: Nesterov momentum."),
-    schedule: str = typer.Option("constant", help="constant, cosine (per step) or multistep (per epoch)."),
+    schedule: str = typer.Option(
+        "constant", help="constant, cosine or linear (per step, to 0 at the end) or multistep (per epoch)."
+    ),
     milestones: str = typer.Option(
         "", help="multistep: epochs (from 0) at which lr is multiplied by --gamma, e.g. 150,180,210."
     ),
@@ -1850,7 +1852,9 @@ def chain(
     optimizer: str = typer.Option("adam", help="Each stage's optimiser (the recipe's names, as `kd train`)."),
     momentum: float = typer.Option(0.9, help="sgd: momentum."),
     nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
-    schedule: str = typer.Option("constant", help="constant, cosine (per step) or multistep (per epoch)."),
+    schedule: str = typer.Option(
+        "constant", help="constant, cosine or linear (per step, to 0 at the end) or multistep (per epoch)."
+    ),
     milestones: str = typer.Option("", help="multistep: epochs at which lr *= --gamma, e.g. 150,180,210."),
     gamma: float = typer.Option(0.1, help="multistep: the factor at each milestone."),
     warmup_epochs: float = typer.Option(0.0, help="Linear warm-up of the learning rate over this many epochs."),
@@ -1926,7 +1930,9 @@ def datafree(
     optimizer: str = typer.Option("adam", help="The student's optimiser (the recipe's names, as `kd train`)."),
     momentum: float = typer.Option(0.9, help="sgd: momentum."),
     nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
-    schedule: str = typer.Option("constant", help="constant, cosine (per step) or multistep (per epoch)."),
+    schedule: str = typer.Option(
+        "constant", help="constant, cosine or linear (per step, to 0 at the end) or multistep (per epoch)."
+    ),
     milestones: str = typer.Option("", help="multistep: epochs (of --eval-every rounds) at which lr *= --gamma."),
     gamma: float = typer.Option(0.1, help="multistep: the factor at each milestone."),
     warmup_epochs: float = typer.Option(0.0, help="Linear warm-up of the learning rate over this many epochs."),
@@ -1998,6 +2004,10 @@ def datafree(
 
 @app.command()
 def onpolicy(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(
+        None, is_eager=True, callback=_train_config, help="TOML/YAML file of these options (the command line wins)."
+    ),
     server: str = typer.Option(..., help="HOST:PORT of `kd serve` with a token (causal LM) teacher."),
     teacher: str = typer.Option(..., help="The served teacher's name."),
     dataset: str = typer.Option(..., help="Token dataset URI giving the prompts, e.g. text:corpus/?block=128."),
@@ -2020,7 +2030,8 @@ def onpolicy(
     momentum: float = typer.Option(0.9, help="sgd: momentum."),
     nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
     schedule: str = typer.Option(
-        "constant", help="constant, cosine (per step) or multistep (per pass over --dataset)."
+        "constant",
+        help="constant, cosine or linear (per step, to 0 at the end) or multistep (per pass over --dataset).",
     ),
     milestones: str = typer.Option(
         "", help="multistep: passes over --dataset (from 0) at which lr is multiplied by --gamma, e.g. 2,4."
@@ -2050,6 +2061,9 @@ def onpolicy(
     from kd.student_trainer.train import seed_everything
     from kd.teacher_server.client import TeacherClient
 
+    reset = _inert_recipe_flags(ctx, optimizer, schedule)  # --momentum with adam, --milestones without multistep
+    milestones, gamma = reset.get("milestones", milestones), reset.get("gamma", gamma)
+    momentum = reset.get("momentum", momentum)
     config = OnPolicyConfig(steps=steps, batch_size=batch_size, prompt_tokens=prompt_tokens,
                             max_new_tokens=max_new_tokens, temperature=temperature, lmbda=lmbda,
                             divergence=divergence, beta=beta, scoring=scoring, top_k=top_k, seed=seed, device=device,
@@ -2098,6 +2112,9 @@ def onpolicy(
 @app.command("train-lm")
 def train_lm(
     ctx: typer.Context,
+    config: Path | None = typer.Option(
+        None, is_eager=True, callback=_train_config, help="TOML/YAML file of these options (the command line wins)."
+    ),
     source: str = typer.Option(
         ...,
         help="cache:PATH of a token cache (kd precompute with a token dataset), server:HOST:PORT[,HOST:PORT...]"
@@ -2120,7 +2137,8 @@ def train_lm(
     momentum: float = typer.Option(0.9, help="sgd: momentum."),
     nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
     schedule: str = typer.Option(
-        "constant", help="constant, cosine (per optimizer step, to 0 at the end of --epochs) or multistep (per epoch)."
+        "constant",
+        help="constant, cosine or linear (per optimizer step, to 0 at the end of --epochs) or multistep (per epoch).",
     ),
     milestones: str = typer.Option("", help="multistep: epochs (from 0) at which lr is multiplied by --gamma."),
     gamma: float = typer.Option(0.1, help="multistep: the factor at each milestone."),
@@ -2199,7 +2217,10 @@ def train_lm(
     _call(Recipe(optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                  schedule=schedule, milestones=steps, gamma=gamma, warmup_epochs=warmup_epochs, amp=amp,
                  clip_grad_norm=clip_grad_norm).validate)  # fmt: skip
-    _inert_recipe_flags(ctx, optimizer, schedule)  # --momentum with adam, --milestones without multistep
+    reset = _inert_recipe_flags(ctx, optimizer, schedule)  # --momentum with adam, --milestones without multistep
+    milestones, gamma = reset.get("milestones", milestones), reset.get("gamma", gamma)
+    momentum = reset.get("momentum", momentum)
+    steps = _milestones(milestones)
     _check_run_options(seed, device)
     _check_out(out)
     if out is not None and feature:  # the connectors go beside the student: writable too
@@ -2215,7 +2236,7 @@ def train_lm(
         _fail(f"--feature needs the teacher's hidden states, which a token cache does not store (--source "
               f"{source}): distil them from the teacher itself, --source server:HOST:PORT/TEACHER or "
               "local:SPEC")  # fmt: skip
-    options = _parse_options(opt)
+    options = _parse_options([*_config_method_options(ctx, method), *opt])  # the file's, then --opt's
     device, rank = _join_torchrun(device)  # under torchrun each rank trains on its slice of every step
     teacher_src = None
     try:

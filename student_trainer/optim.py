@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "dot")
-SCHEDULES = ("constant", "cosine", "multistep")
+SCHEDULES = ("constant", "cosine", "linear", "multistep")
 AMP_MODES = ("fp32", "bf16", "fp16")
 
 
@@ -108,10 +108,12 @@ def lr_factor(recipe: Recipe, epoch: int, step: int, steps_per_epoch: int, epoch
     factor = 1.0
     if recipe.schedule == "multistep":
         factor = recipe.gamma ** sum(1 for m in recipe.milestones if epoch >= int(m))
-    elif recipe.schedule == "cosine":
+    elif recipe.schedule in ("cosine", "linear"):
         total = max(epochs * steps_per_epoch - warm, 1)
         t = min(max(g - warm, 0) / total, 1.0)
-        factor = 0.5 * (1.0 + math.cos(math.pi * t))
+        # linear: transformers' get_linear_schedule_with_warmup after its warm-up (BERT, DistilBERT, the
+        # HF Trainer's default): 1 at the warm-up's end, 0 at the last step's end
+        factor = 0.5 * (1.0 + math.cos(math.pi * t)) if recipe.schedule == "cosine" else 1.0 - t
     if g < warm:
         factor *= (g + 1) / warm
     return factor

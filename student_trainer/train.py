@@ -1342,7 +1342,7 @@ def train_tokens(
     student's forward in bfloat16 autocast (CUDA or CPU); the losses are computed in float32 or wider.
 
     The recipe is ``kd train``'s (``student_trainer.optim``): ``optimizer`` adam, adamw or sgd (with
-    ``momentum``, ``nesterov``) at ``lr`` with ``weight_decay``; ``schedule`` constant, cosine (per
+    ``momentum``, ``nesterov``) at ``lr`` with ``weight_decay``; ``schedule`` constant, cosine or linear (per
     optimizer step, to 0 at the last step of ``epochs``) or multistep (x ``gamma`` at each epoch of
     ``milestones``); a linear warm-up over ``warmup_epochs`` epochs of optimizer steps (fractions
     allowed: LLM recipes warm up over a few hundred steps); ``clip_grad_norm``: the total gradient
@@ -1472,7 +1472,7 @@ def train_tokens(
                                 ("clip_grad_norm", clip_grad_norm)) if v not in ("constant", 0.0)}  # fmt: skip
     if schedule == "multistep":
         shaped.update(milestones=recipe.milestones, gamma=gamma)
-    if schedule == "cosine":
+    if schedule in ("cosine", "linear"):
         shaped["epochs"] = epochs
     if optimizer == "sgd":  # train-lm's sgd had no momentum before these fields: such a checkpoint differs
         shaped.update(momentum=momentum, nesterov=nesterov)

@@ -138,7 +138,7 @@ def test_a_cosine_run_resumes_exactly_and_refuses_more_epochs(data, tmp_path: Pa
         (["--momentum", "0.5"], "--momentum applies only with --optimizer sgd"),
         (["--milestones", "1"], "--milestones applies only with --schedule multistep"),
         (["--schedule", "multistep"], "the multistep schedule needs milestones"),
-        (["--schedule", "linear"], "unknown schedule 'linear'"),
+        (["--schedule", "step"], "unknown schedule 'step'"),
         (["--optimizer", "dot"], "--optimizer 'dot': kd train-lm takes adam, adamw, sgd"),
         (["--clip-grad-norm", "-1"], "clip_grad_norm must be a finite number >= 0"),
         (["--warmup-epochs", "nan"], "warmup_epochs must be a finite number >= 0"),
@@ -151,3 +151,75 @@ def test_recipe_flags_that_cannot_apply_are_refused_before_any_work(uri: str, tm
                                  "--run-dir", str(tmp_path / "run"), *flags])  # fmt: skip
     refused(r, why)
     assert not (tmp_path / "run").exists()
+
+
+def linear_warmup(epochs: int, per_epoch: int, warmup_epochs: float):
+    """transformers' get_linear_schedule_with_warmup after the warm-up: (N - g) / (N - W)."""
+    warm, total = round(warmup_epochs * per_epoch), epochs * per_epoch
+
+    def rate(epoch: int, step: int) -> float:
+        g = epoch * per_epoch + step
+        return (g + 1) / warm if g < warm else (total - g) / (total - warm)
+
+    return rate
+
+
+def test_adam_with_a_linear_decay_after_warm_up(data) -> None:
+    student = student_lm()
+    train_tokens(student, *data, epochs=2, batch_size=4, lr=0.05, schedule="linear", warmup_epochs=0.6)
+    want = reference(data, 2, 4, 0.05, linear_warmup(2, 5, 0.6), lambda p: torch.optim.Adam(p, lr=0.05), 0.0)
+    assert_same(student.state_dict(), want)
+
+
+def gpt2_lm(seed: int = 3, dim: int = 16):
+    """A tiny Hugging Face GPT-2 over the byte tokenizer's 259 ids, taken as a token module."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=259, n_positions=64, n_embd=dim, n_layer=1, n_head=2, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.input_shape = (-1,)  # kd's marker of a token teacher
+    return model
+
+
+def gpt2_teacher():
+    return gpt2_lm(11, 16)
+
+
+def gpt2_student():
+    return gpt2_lm(12, 16)
+
+
+def test_the_shipped_causal_lm_recipe_trains_as_its_settings_say(uri: str, tmp_path: Path) -> None:
+    """configs/distil_causal_lm.yaml (DistilBERT's recipe for a causal LM: its loss weights, AdamW, linear
+    warm-up and decay, clipping, the cosine on GPT-2's last hidden states) runs on tiny GPT-2s, with the
+    command line's --epochs/--batch-size/--accumulate winning, and trains the student train_tokens
+    trains with those settings."""
+    from kd.teacher_server.loading import read_state_dict
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "distil_causal_lm.yaml"
+    out = tmp_path / "s.safetensors"
+    r = CliRunner().invoke(app, ["train-lm", "--config", str(config), "--source", f"local:{__name__}:gpt2_teacher",
+                                 "--dataset", uri, "--val-dataset", uri, "--student", f"{__name__}:gpt2_student",
+                                 "--epochs", "2", "--batch-size", "4", "--accumulate", "2",
+                                 "--out", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    want = gpt2_student()
+    train_tokens(want, open_source(uri), LocalSource(f"{__name__}:gpt2_teacher"), method="token-fkl", epochs=2,
+                 batch_size=4, accumulate=2, lr=5e-4, optimizer="adamw", weight_decay=0.0, schedule="linear",
+                 warmup_epochs=0.15, clip_grad_norm=1.0, method_options={"temperature": 2.0, "ce_weight": 0.4},
+                 hidden=["transformer.ln_f=transformer.ln_f:cosine:0.2"])  # fmt: skip
+    got, expected = read_state_dict(out), want.state_dict()
+    shared = [k for k in expected if k in got]
+    assert len(shared) >= len(expected) - 1, (sorted(got), sorted(expected))  # (a tied lm_head may be left out)
+    for k in shared:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7)
+
+
+def test_a_config_key_train_lm_does_not_take_is_refused_naming_it(uri: str, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 0.001\nmilestone: [2]\n")
+    r = CliRunner().invoke(app, ["train-lm", "--config", str(bad), "--source", f"local:{__name__}:teacher_lm",
+                                 "--dataset", uri, "--val-dataset", uri,
+                                 "--student", f"{__name__}:student_lm"])  # fmt: skip
+    refused(r, "unknown option(s) ['milestone']; see `kd train-lm --help`")
