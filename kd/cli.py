@@ -390,7 +390,14 @@ def serve(
         None, help="Per client: samples + gradient samples before RESOURCE_EXHAUSTED [0 = no budget]."
     ),
     max_streams: int | None = typer.Option(None, help="Open InferStream/Synthesize calls at once [64]."),
-    max_streams_per_client: int | None = typer.Option(None, help="Open streams per client [16]."),
+    max_streams_per_client: int | None = typer.Option(
+        None, help="Open streams per client: per token or certificate, else per kd client instance [16]."
+    ),
+    stream_idle_timeout: float | None = typer.Option(
+        None,
+        help="Close an InferStream with nothing in flight for this many seconds (kd clients reopen it) [300]; "
+        "at a stream limit the stream idle longest gives way to a new one.",
+    ),
     accept_weights: bool = typer.Option(
         False, "--accept-weights", help="Let clients replace the weights while serving (PublishWeights; kd peer)."
     ),
@@ -424,11 +431,12 @@ def serve(
     # Every option is checked before the config is read or a teacher loaded: a mistake costs no work.
     server_flags = {"host": host, "port": port, "max_message_mb": max_message_mb, "workers": workers,
                     "metrics_port": metrics_port, "query_budget": query_budget, "max_streams": max_streams,
-                    "max_streams_per_client": max_streams_per_client}  # fmt: skip
+                    "max_streams_per_client": max_streams_per_client,
+                    "stream_idle_timeout_s": stream_idle_timeout}  # fmt: skip
     for key, value in server_flags.items():
         problem = server_problem(key, value)
         if problem:
-            _fail(f"--{key.replace('_', '-')} {problem}")
+            _fail(f"--{key.removesuffix('_s').replace('_', '-')} {problem}")
     problem = device_problem(device)
     if problem:
         _fail(f"--device {problem}")
@@ -558,6 +566,7 @@ def serve(
             max_streams_per_client=cfg.max_streams_per_client,
             stream_window=cfg.stream_window,
             max_clients=cfg.max_clients,
+            stream_idle_timeout_s=cfg.stream_idle_timeout_s,
         )
     except (TeacherLoadError, ValueError, OSError) as e:
         _fail(str(e))

@@ -1,0 +1,141 @@
+"""Stream limits that neither lock out active clients nor honest processes of one host, over
+real loopback gRPC: idle streams of one client give way to another client's new stream, the
+server closes a stream idle past ``stream_idle_timeout_s`` and kd's client reopens it without
+losing or repeating a request, and the per-client limit counts each kd client apart while the
+query accounting still counts the host (and a token stays one client)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from kd.teacher_server.client import TeacherClient, TeacherRequestError
+from kd.teacher_server.loading import Teacher
+from kd.teacher_server.server import TeacherOptions, start_server
+
+T = 10.0
+
+
+def reference(teacher: Teacher, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return teacher.model(x)
+
+
+def _settles(predicate, seconds: float = T) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_idle_streams_of_one_client_do_not_lock_out_another(teacher: Teacher) -> None:
+    # The attack: every stream the server allows (64), held idle under 4 made-up client ids.
+    r = start_server([teacher], port=0, batching=TeacherOptions(max_batch_size=64, max_queue_delay_us=0))
+    ch = grpc.insecure_channel(f"127.0.0.1:{r.port}")
+    block = threading.Event()
+
+    def idle():
+        block.wait(60)
+        return
+        yield  # a generator that sends nothing until the test ends
+
+    stream = ch.stream_stream("/kd.v1.TeacherService/InferStream", request_serializer=None,
+                              response_deserializer=None)  # fmt: skip
+    calls = [stream(idle(), timeout=60, metadata=[("kd-client-id", f"mallory-{i // 16}")]) for i in range(64)]
+    try:
+        assert _settles(lambda: r.servicer.streams.open == 64)
+        time.sleep(1.2)  # idle for longer than STREAM_RECLAIM_IDLE_S (1 s)
+        x = torch.rand(5, 64)
+        with TeacherClient(f"127.0.0.1:{r.port}", client_id="alice", timeout=T) as alice:
+            got = [out["logits"] for _, out in alice.infer_stream("digits", [(0, x[:2]), (1, x[2:])], depth=2)]
+        torch.testing.assert_close(torch.cat(got), reference(teacher, x), rtol=1e-5, atol=1e-5)
+        # Alice's stream took the place of exactly one idle stream, which was told why.
+        closed = [c for c in calls if c.done()]
+        assert len(closed) == 1 and r.servicer.streams.reclaimed == 1
+        assert closed[0].code() == grpc.StatusCode.UNAVAILABLE
+        assert "idle while its stream limit was reached" in closed[0].details()
+        assert dict(closed[0].trailing_metadata())["kd-stream-closed"] == "reclaimed"
+        assert _settles(lambda: r.servicer.streams.open == 63)  # Alice's ended, 63 of Mallory's remain
+    finally:
+        block.set()
+        for c in calls:
+            c.cancel()
+        ch.close()
+        r.stop(grace=1)
+
+
+def test_a_kd_client_goes_on_after_the_server_closes_its_idle_stream(teacher: Teacher) -> None:
+    r = start_server([teacher], port=0, batching=TeacherOptions(max_batch_size=64, max_queue_delay_us=0),
+                     stream_idle_timeout_s=0.3)  # fmt: skip
+    batcher = r.endpoints["digits"].batcher
+    torch.manual_seed(0)
+    xs = [torch.rand(3, 64) for _ in range(6)]
+    try:
+        with TeacherClient(f"127.0.0.1:{r.port}", timeout=T) as client:
+            got = []
+            for key, out in client.infer_stream("digits", list(enumerate(xs)), depth=2):
+                got.append((key, out["logits"]))
+                if key in (1, 3):
+                    time.sleep(1.0)  # a slow consumer: the stream has nothing in flight for 1 s
+        # Every answer once, in order, each the teacher's logits of its own batch.
+        assert [k for k, _ in got] == list(range(6))
+        for (_, logits), x in zip(got, xs, strict=True):
+            torch.testing.assert_close(logits, reference(teacher, x), rtol=1e-5, atol=1e-5)
+        # The server did close the stream (twice) and no request was forwarded twice.
+        assert r.servicer.streams.closed_idle == 2, r.servicer.streams.closed_idle
+        assert batcher.stats.requests == 6 and batcher.stats.samples == 18, batcher.stats
+        assert _settles(lambda: r.servicer.streams.open == 0)
+    finally:
+        r.stop(grace=1)
+
+
+def test_seventeen_kd_clients_of_one_host_stream_at_once(teacher: Teacher) -> None:
+    # 20 kd clients as 20 processes of one host run them: no client id, one address (127.0.0.1).
+    r = start_server([teacher], port=0, batching=TeacherOptions(max_batch_size=64, max_queue_delay_us=0))
+    assert (r.servicer.streams.max_streams, r.servicer.streams.per_client) == (64, 16)
+    clients = [TeacherClient(f"127.0.0.1:{r.port}", timeout=T) for _ in range(20)]
+    streams = []
+    x = torch.rand(2, 64)
+    try:
+        for c in clients:
+            s = c.infer_stream("digits", [(0, x), (1, x)], depth=1)
+            _, out = next(s)  # the stream is open, held by this suspended generator
+            torch.testing.assert_close(out["logits"], reference(teacher, x), rtol=1e-5, atol=1e-5)
+            streams.append(s)
+        assert r.servicer.streams.open == 20
+        # Query accounting still counts the host as one client: quotas keep their meaning.
+        assert r.servicer.accounting.clients == 1
+        assert r.servicer.accounting.usage("ipv4:127.0.0.1").samples == 20 * 2
+    finally:
+        for s in streams:
+            s.close()
+        for c in clients:
+            c.close()
+        r.stop(grace=1)
+
+
+def test_a_token_is_one_client_for_the_stream_limit(teacher: Teacher) -> None:
+    # Guard of the policy's other half: an authenticated identity is not split by instance.
+    r = start_server([teacher], port=0, token="s3cret", max_streams_per_client=2)
+    clients = [TeacherClient(f"127.0.0.1:{r.port}", token="s3cret", timeout=T) for _ in range(3)]
+    streams = []
+    x = torch.rand(2, 64)
+    try:
+        for c in clients[:2]:
+            streams.append(c.infer_stream("digits", [(0, x), (1, x)], depth=1))
+            next(streams[-1])
+        with pytest.raises(TeacherRequestError) as e:  # at once: the two are idle for under 1 s
+            next(clients[2].infer_stream("digits", [(0, x)], depth=1))
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_streams_per_client=2" in str(e.value)
+    finally:
+        for s in streams:
+            s.close()
+        for c in clients:
+            c.close()
+        r.stop(grace=1)
