@@ -60,7 +60,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from kd.core.samples import VIEW_STRIDE, SampleSource, view_seeds  # noqa: F401 - re-exported
+from kd.core.samples import (  # noqa: F401 - VIEW_STRIDE, SampleSource, view_seeds: re-exported
+    MAX_IMAGE_SIDE,
+    VIEW_STRIDE,
+    SampleSource,
+    sample_size_problem,
+    view_seeds,
+)
 from kd.core.views import IDENTITY_PARAMS, ViewPolicy, resize_center
 
 DIGITS_SPLIT_SEED = 0
@@ -305,6 +311,11 @@ def _parse_size(text: str, what: str = "size") -> tuple[int, ...]:
         raise DatasetError(f"{what}={text!r}: expected N or HxW (e.g. 64 or 48x64)") from None
     if not dims or any(d <= 0 for d in dims):
         raise DatasetError(f"{what}={text!r}: sizes must be positive")
+    if what == "size" and max(dims) > MAX_IMAGE_SIDE:
+        raise DatasetError(f"{what}={text!r}: images are resized to at most {MAX_IMAGE_SIDE} pixels a side")
+    problem = sample_size_problem(dims)
+    if problem:
+        raise DatasetError(f"{what}={text!r}: {problem}")
     return dims
 
 
