@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import queue
+import re
 import socket
 import threading
 import time
@@ -633,7 +634,7 @@ class TeacherClient(TokenClientMixin):
                 return key, encode_request(teacher, None, x, spec, request_id)
             return key, encode_request(teacher, x, None, spec, request_id)
 
-        yield from self._ordered_stream(batches, encode, lambda key, resp: (key, _outputs(resp)), depth)
+        yield from self._ordered_stream(batches, encode, lambda key, resp: (key, _outputs(resp)), depth, _name_row)
 
     def _ordered_stream(
         self,
@@ -641,11 +642,13 @@ class TeacherClient(TokenClientMixin):
         encode: Callable[[Any, str], tuple[Any, bytes]],
         decode: Callable[[Any, pb.InferResponse], Any],
         depth: int,
+        explain: Callable[[Any, str], str] | None = None,
     ) -> Iterator[Any]:
         """The ordered window of one InferStream (``infer_stream``, ``infer_tokens_stream``):
         ``encode(item, request_id) -> (state, body)`` per item, up to ``depth`` requests in
         flight; replies (in any order) are matched by request id and yielded in input order as
-        ``decode(state, reply)``; an error reply or a broken stream raises TeacherRequestError, and
+        ``decode(state, reply)``; an error reply (its message through ``explain(state, message)``
+        when given) or a broken stream raises TeacherRequestError, and
         so does a wait of over ``stream_timeout`` for the next reply (the call is cancelled)."""
         source = iter(items)
         states: dict[int, Any] = {}
@@ -699,7 +702,10 @@ class TeacherClient(TokenClientMixin):
                             continue
                         raise TeacherRequestError(e.code(), e.details()) from None
                     if resp.HasField("error"):
-                        raise TeacherRequestError(status_code(resp.error.code), resp.error.message)
+                        message = resp.error.message
+                        if explain is not None and resp.request_id.isdigit() and int(resp.request_id) in states:
+                            message = explain(states[int(resp.request_id)], message)
+                        raise TeacherRequestError(status_code(resp.error.code), message)
                     self._check_reply(resp)
                     self.usage = Usage.of(resp.usage)
                     seq = int(resp.request_id)
@@ -727,6 +733,22 @@ class TeacherClient(TokenClientMixin):
         # restarting is waited for, up to stream_timeout): the watchdog bounds each wait instead.
         call = self._infer_stream(requests(), timeout=None, wait_for_ready=True, metadata=self.metadata)
         return call, outbox, _Watchdog(call, self.stream_timeout)
+
+
+_BAD_ROW = re.compile(r"first in row ([0-9]+) of the inputs")
+
+
+def _name_row(key: Any, message: str) -> str:
+    """A refusal that names a row of a batch (non-finite inputs), with the dataset sample that row
+    holds when the batch's key knows it (``ServerSource``'s ``Batch``: ``indices``, ``views``)."""
+    m = _BAD_ROW.search(message)
+    indices = getattr(key, "indices", None)
+    if m is None or indices is None or int(m.group(1)) >= len(indices):
+        return message
+    row = int(m.group(1))
+    views = getattr(key, "views", None)
+    view = f", view {int(views[row])}" if views is not None and row < len(views) else ""
+    return f"{message}: dataset sample {int(indices[row])}{view}"
 
 
 # Reopens of a stream the server closed as idle before one of its requests is answered: the

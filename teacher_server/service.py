@@ -691,7 +691,10 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
         if bad.any():
             first = int(bad.nonzero()[0])
-            raise _invalid(f"inputs contain NaN or Inf in {int(bad.sum())} sample(s), first at index {first}")
+            # The row in this request: the one index the server knows (by value, the client's
+            # rows are its own); kd's stream client adds the dataset index the row holds.
+            raise _invalid(f"inputs contain NaN or Inf in {int(bad.sum())} of the request's {len(bad)} sample(s), "
+                           f"first in row {first} of the inputs (counted from 0)")  # fmt: skip
 
     def _load_ref(self, ep: Endpoint, ref: pb.DatasetRef) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The samples of ``ref`` as the teacher's inputs, and their view params when asked for."""

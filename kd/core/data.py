@@ -530,8 +530,9 @@ def _decode_image(src: str | Path | bytes, mode: str, what: str) -> torch.Tensor
     """Decode one image file (or its bytes) with Pillow to uint8 CHW (16-bit images scaled to 8 bits)."""
     from PIL import Image, UnidentifiedImageError
 
+    stream = io.BytesIO(src) if isinstance(src, bytes) else src
     try:
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        with Image.open(stream) as im:
             arr = np.asarray(_to_8bit(im, what).convert(mode))
     except DatasetError:
         raise
@@ -540,7 +541,12 @@ def _decode_image(src: str | Path | bytes, mode: str, what: str) -> torch.Tensor
     except Image.DecompressionBombError as e:
         raise DatasetError(f"image {what} is too large to decode safely: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"cannot decode image {what}: {e}") from None
+        # Pillow names what it was given: for bytes (hf, webdataset) that is "<_io.BytesIO object at
+        # 0x...>", which tells nothing; ``what`` already names the sample.
+        why = (
+            str(e).replace(f" {stream!r}", "").replace(repr(stream), "the bytes") if isinstance(src, bytes) else str(e)
+        )
+        raise DatasetError(f"cannot decode image {what}: {why}") from None
     t = torch.from_numpy(arr.copy())
     return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
