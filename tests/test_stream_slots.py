@@ -12,9 +12,11 @@ import time
 import grpc
 import pytest
 import torch
+from tiny_lm import VOCAB, BigramLM
 
+from kd.student_trainer.sources import Batch, ServerSource
 from kd.teacher_server.client import TeacherClient, TeacherRequestError
-from kd.teacher_server.loading import Teacher
+from kd.teacher_server.loading import Teacher, load_teacher
 from kd.teacher_server.server import TeacherOptions, start_server
 
 T = 10.0
@@ -139,3 +141,47 @@ def test_a_token_is_one_client_for_the_stream_limit(teacher: Teacher) -> None:
         for c in clients:
             c.close()
         r.stop(grace=1)
+
+
+def test_a_pool_and_a_token_stream_go_on_after_their_idle_streams_are_closed(teacher: Teacher) -> None:
+    # ServerSource over a pool of two servers (a stream per member) and lm_client's token stream:
+    # both ride on the same reopening stream, each checked against answers of its own teacher.
+    opts = TeacherOptions(max_batch_size=64, max_queue_delay_us=0)
+    servers = [start_server([teacher], port=0, batching=opts, stream_idle_timeout_s=0.3) for _ in range(2)]
+    lm = start_server([load_teacher("lm", f"{__name__}:bigram?input_shape=-1")], port=0, stream_idle_timeout_s=0.3)
+    torch.manual_seed(0)
+    batches = [Batch(torch.arange(3 * i, 3 * i + 3), torch.rand(3, 64), torch.zeros(3, dtype=torch.long))
+               for i in range(16)]  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    seqs = [(i, [torch.randint(0, VOCAB, (n,), generator=g) for n in (5, 9)], None, None) for i in range(4)]
+    try:
+        source = ServerSource([f"127.0.0.1:{s.port}" for s in servers], "digits", depth=1, timeout=T)
+        got = []
+        for batch, logits, _ in source.iter_outputs(batches, []):
+            got.append((batch, logits))
+            if len(got) in (2, 8):  # the pool keeps (depth + 1) x 2 batches unanswered: 4 of 16
+                time.sleep(1.0)  # both members' streams have nothing in flight for 1 s
+        source.close()
+        assert [int(b.indices[0]) for b, _ in got] == list(range(0, 48, 3))
+        for b, logits in got:
+            torch.testing.assert_close(logits, reference(teacher, b.inputs), rtol=1e-5, atol=1e-5)
+        assert sum(s.servicer.streams.closed_idle for s in servers) >= 2
+        assert sum(s.endpoints["digits"].batcher.stats.requests for s in servers) == 16  # none sent twice
+        with TeacherClient(f"127.0.0.1:{lm.port}", timeout=T) as client:
+            streamed = []
+            for key, out in client.infer_tokens_stream("lm", seqs, depth=2, logits=True):
+                streamed.append((key, out["logits"]))
+                if key == 1:
+                    time.sleep(1.0)
+            assert lm.servicer.streams.closed_idle == 1
+            assert [k for k, _ in streamed] == [0, 1, 2, 3]
+            for (_, s, _, _), (_, logits) in zip(seqs, streamed, strict=True):
+                torch.testing.assert_close(logits, client.infer_tokens("lm", s, logits=True)["logits"], rtol=0, atol=0)
+    finally:
+        for s in (*servers, lm):
+            s.stop(grace=1)
+
+
+def bigram() -> torch.nn.Module:
+    torch.manual_seed(3)
+    return BigramLM()
