@@ -25,7 +25,8 @@ Common options: ``size=N|HxW`` (resize shorter side + centre crop; default: the
 images must all share the first one's size), ``dtype=float32|uint8`` (float32:
 CHW in [0, 1]), ``views=POLICY`` (``kd.core.views``, e.g. ``crop:pad=4;flip``),
 ``mode=RGB|L``, ``shape=1x8x8`` (reshape each sample), ``name=``, ``split=``,
-``classes=N``.
+``classes=N``. Sizes are bounded where parsed (kd.core.samples: a side of at most 8192
+pixels, at most 2**28 values per sample), so a typo is refused instead of allocated.
 
 Streaming: ``loader(src, indices, batch_size, num_views=V, fresh_views=True,
 workers=4, pin_memory=True, shuffle_seed=0)`` is a ``torch.utils.data.DataLoader``

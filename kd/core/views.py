@@ -22,9 +22,11 @@ Ops (applied in this order; random draws are made in this order too):
 
 - ``rrc:size=S,scale=a-b,ratio=c-d``: random-resized crop (torchvision's
   algorithm: 10 tries, then a centre crop), box stored normalised to the image,
-  resized to SxS (bilinear, antialiased). ``size`` defaults to the source size.
+  resized to SxS (bilinear, antialiased). ``size`` defaults to the source size;
+  at most ``MAX_IMAGE_SIDE`` (8192, kd.core.samples).
 - ``crop:pad=P``: padded random crop = a shift by (dy, dx) in [-P, P] with zero
-  fill (same distribution as ``RandomCrop(size, padding=P)``).
+  fill (same distribution as ``RandomCrop(size, padding=P)``); P at most
+  ``MAX_CROP_PAD`` (1024).
   ``shift1`` = ``crop:pad=1`` (the digits augmentation, pixel-identical).
 - ``flip`` (or ``flip:p=0.5``): horizontal flip.
 - ``jitter:brightness=b,contrast=c,saturation=s``: multiplicative factors
