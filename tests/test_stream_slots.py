@@ -18,6 +18,7 @@ from kd.student_trainer.sources import Batch, ServerSource
 from kd.teacher_server.client import TeacherClient, TeacherRequestError
 from kd.teacher_server.loading import Teacher, load_teacher
 from kd.teacher_server.server import TeacherOptions, start_server
+from kd.teacher_server.service import RequestError, StreamSlots
 
 T = 10.0
 
@@ -185,3 +186,29 @@ def test_a_pool_and_a_token_stream_go_on_after_their_idle_streams_are_closed(tea
 def bigram() -> torch.nn.Module:
     torch.manual_seed(3)
     return BigramLM()
+
+
+def test_only_streams_with_nothing_in_flight_are_closed_the_longest_idle_first() -> None:
+    # The slot bookkeeping itself (teacher_server.service.StreamSlots), without waiting on clocks:
+    # reclaim_idle_s=0, so "idle" is "nothing in flight".
+    slots = StreamSlots(max_streams=3, per_client=2, reclaim_idle_s=0.0)
+    told: list[str] = []
+    a1 = slots.acquire("a", on_reclaim=lambda: told.append("a1"))
+    a2 = slots.acquire("a", on_reclaim=lambda: told.append("a2"))
+    assert a1.begin()  # a1 has a request in flight: never taken
+    a3 = slots.acquire("a", on_reclaim=lambda: told.append("a3"))  # a's limit: a2, its idle one, gives way
+    assert told == ["a2"] and a2.closed == "reclaimed" and not a2.begin()  # a request read now is dropped
+    b1 = slots.acquire("b", on_reclaim=lambda: told.append("b1"))  # a free place: nothing taken
+    assert told == ["a2"] and slots.open == 3
+    synth = slots.acquire("c")  # the overall limit: a3 gives way (idle longer than b1); synth is never taken
+    assert told == ["a2", "a3"] and slots.open == 3
+    assert b1.begin()
+    with pytest.raises(RequestError) as e:  # a1 and b1 busy, synth never taken: nothing to take
+        slots.acquire("d")
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "none of them idle" in e.value.message
+    a1.end()  # a1's reply sent: idle again, and past a timeout of 0 s it is closed
+    assert a1.close_if_idle(0.0) and not a1.begin() and slots.closed_idle == 1
+    assert not b1.close_if_idle(0.0)  # b1 still has its request in flight
+    for s in (a1, a2, a3, b1, synth):
+        s()  # releasing twice (or a closed slot) frees nothing more
+    assert slots.open == 0 and slots.reclaimed == 2
