@@ -6,6 +6,7 @@ query accounting still counts the host (and a token stays one client)."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -91,7 +92,8 @@ def test_a_kd_client_goes_on_after_the_server_closes_its_idle_stream(teacher: Te
         for (_, logits), x in zip(got, xs, strict=True):
             torch.testing.assert_close(logits, reference(teacher, x), rtol=1e-5, atol=1e-5)
         # The server did close the stream (twice) and no request was forwarded twice.
-        assert r.servicer.streams.closed_idle == 2, r.servicer.streams.closed_idle
+        # (at least twice: a loaded machine may pause the client 0.3 s elsewhere too)
+        assert r.servicer.streams.closed_idle >= 2, r.servicer.streams.closed_idle
         assert batcher.stats.requests == 6 and batcher.stats.samples == 18, batcher.stats
         assert _settles(lambda: r.servicer.streams.open == 0)
     finally:
@@ -126,6 +128,7 @@ def test_seventeen_kd_clients_of_one_host_stream_at_once(teacher: Teacher) -> No
 def test_a_token_is_one_client_for_the_stream_limit(teacher: Teacher) -> None:
     # Guard of the policy's other half: an authenticated identity is not split by instance.
     r = start_server([teacher], port=0, token="s3cret", max_streams_per_client=2)
+    r.servicer.streams.reclaim_idle_s = math.inf  # refused, not reclaimed, however slowly the streams start
     clients = [TeacherClient(f"127.0.0.1:{r.port}", token="s3cret", timeout=T) for _ in range(3)]
     streams = []
     x = torch.rand(2, 64)
@@ -133,7 +136,7 @@ def test_a_token_is_one_client_for_the_stream_limit(teacher: Teacher) -> None:
         for c in clients[:2]:
             streams.append(c.infer_stream("digits", [(0, x), (1, x)], depth=1))
             next(streams[-1])
-        with pytest.raises(TeacherRequestError) as e:  # at once: the two are idle for under 1 s
+        with pytest.raises(TeacherRequestError) as e:
             next(clients[2].infer_stream("digits", [(0, x)], depth=1))
         assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_streams_per_client=2" in str(e.value)
     finally:
@@ -174,7 +177,7 @@ def test_a_pool_and_a_token_stream_go_on_after_their_idle_streams_are_closed(tea
                 streamed.append((key, out["logits"]))
                 if key == 1:
                     time.sleep(1.0)
-            assert lm.servicer.streams.closed_idle == 1
+            assert lm.servicer.streams.closed_idle >= 1
             assert [k for k, _ in streamed] == [0, 1, 2, 3]
             for (_, s, _, _), (_, logits) in zip(seqs, streamed, strict=True):
                 torch.testing.assert_close(logits, client.infer_tokens("lm", s, logits=True)["logits"], rtol=0, atol=0)
