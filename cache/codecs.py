@@ -89,6 +89,10 @@ from kd.core.tokens import TokenTargets
 
 CODEC_VERSION = 3
 MAX_SAMPLE_DRAWS = 255  # counts are uint8
+# Rounds of sample:KxR at most: each sample draws K x R uniforms (float64) per record, so an
+# unbounded R (sample:12x1000000000) was one allocation of terabytes at the first batch. The
+# server's bound on OutputSpec.sample_rounds (teacher_server.service.MAX_SAMPLE_ROUNDS) is the same.
+MAX_SAMPLE_ROUNDS = 256
 
 
 def _index_dtype(num_classes: int) -> np.dtype:
@@ -931,6 +935,8 @@ def get_codec(
             )
         if k > MAX_SAMPLE_DRAWS:
             raise ValueError(f"codec {name!r}: at most {MAX_SAMPLE_DRAWS} draws per round (uint8 counts)")
+        if rounds > MAX_SAMPLE_ROUNDS:
+            raise ValueError(f"codec {name!r}: at most {MAX_SAMPLE_ROUNDS} rounds (R of sample:KxR)")
         return SampleCodec(name, t, k=k, rounds=rounds)
     raise ValueError(
         f"unknown codec {name!r}; choose from {', '.join(CODECS)}, q8, q4, topk:K, sample:K, sample:KxR, rand:M, "

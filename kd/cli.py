@@ -390,7 +390,14 @@ def serve(
         None, help="Per client: samples + gradient samples before RESOURCE_EXHAUSTED [0 = no budget]."
     ),
     max_streams: int | None = typer.Option(None, help="Open InferStream/Synthesize calls at once [64]."),
-    max_streams_per_client: int | None = typer.Option(None, help="Open streams per client [16]."),
+    max_streams_per_client: int | None = typer.Option(
+        None, help="Open streams per client: per token or certificate, else per kd client instance [16]."
+    ),
+    stream_idle_timeout: float | None = typer.Option(
+        None,
+        help="Close an InferStream with nothing in flight for this many seconds (kd clients reopen it) [300]; "
+        "at a stream limit the stream idle longest gives way to a new one.",
+    ),
     accept_weights: bool = typer.Option(
         False, "--accept-weights", help="Let clients replace the weights while serving (PublishWeights; kd peer)."
     ),
@@ -424,11 +431,12 @@ def serve(
     # Every option is checked before the config is read or a teacher loaded: a mistake costs no work.
     server_flags = {"host": host, "port": port, "max_message_mb": max_message_mb, "workers": workers,
                     "metrics_port": metrics_port, "query_budget": query_budget, "max_streams": max_streams,
-                    "max_streams_per_client": max_streams_per_client}  # fmt: skip
+                    "max_streams_per_client": max_streams_per_client,
+                    "stream_idle_timeout_s": stream_idle_timeout}  # fmt: skip
     for key, value in server_flags.items():
         problem = server_problem(key, value)
         if problem:
-            _fail(f"--{key.replace('_', '-')} {problem}")
+            _fail(f"--{key.removesuffix('_s').replace('_', '-')} {problem}")
     problem = device_problem(device)
     if problem:
         _fail(f"--device {problem}")
@@ -558,6 +566,7 @@ def serve(
             max_streams_per_client=cfg.max_streams_per_client,
             stream_window=cfg.stream_window,
             max_clients=cfg.max_clients,
+            stream_idle_timeout_s=cfg.stream_idle_timeout_s,
         )
     except (TeacherLoadError, ValueError, OSError) as e:
         _fail(str(e))
@@ -587,6 +596,7 @@ def serve(
 
 @app.command()
 def precompute(
+    ctx: typer.Context,
     source: str = typer.Option(
         ...,
         help="Teacher to run: server:HOST:PORT[,HOST:PORT...][/TEACHER] or local:SPEC (a token teacher: "
@@ -666,6 +676,7 @@ def precompute(
         _fail(f"--views must be >= 1 (1: the plain samples), got {views}")
     if not (math.isfinite(server_timeout) and server_timeout > 0):
         _fail(f"--server-timeout {server_timeout}: give a number of seconds > 0")
+    _server_flag_unused(ctx, "server_timeout", [source])
     # a server's client, as kd train's: reaching it, each request and each stream wait bounded alike
     timeouts = {"timeout": server_timeout, "stream_timeout": server_timeout, "connect_timeout": server_timeout}
     which = _shard_of(shard)  # --shard I/N, or this torchrun rank's: checked before the data is read
@@ -952,6 +963,17 @@ def _recipe(lr: float, weight_decay: float, optimizer: str, momentum: float, nes
     return recipe
 
 
+def _server_flag_unused(ctx: typer.Context, name: str, refs: list[str | None]) -> None:
+    """Refuse a server-only option (--server-timeout) set on the command line or in --config when no
+    teacher is a server (cache:, local:): it would be ignored without a word, as kd refuses
+    --server-topk then and any recipe flag the run would not use (_inert_recipe_flags)."""
+    given = getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT", "DEFAULT_MAP")
+    named = [r for r in refs if r]
+    if given and not any(r.startswith("server:") for r in named):
+        _fail(f"--{name.replace('_', '-')} applies only with a server: teacher; got {', '.join(named) or 'none'}: "
+              "it would be ignored")  # fmt: skip
+
+
 def _inert_recipe_flags(ctx: typer.Context, optimizer: str, schedule: str) -> dict[str, object]:
     """Refuse recipe flags that the chosen optimiser or schedule would ignore without a word:
     --milestones/--gamma without --schedule multistep (config.json recorded them, the rate stayed
@@ -1138,6 +1160,7 @@ def train(
         _fail(str(e))
     if not (math.isfinite(server_timeout) and server_timeout > 0):
         _fail(f"--server-timeout {server_timeout}: give a number of seconds > 0")
+    _server_flag_unused(ctx, "server_timeout", [*source, read_through])
     from kd.cache.codecs import logit_offsets_lost, sparse_targets_of
     from kd.student_trainer.losses import logit_offsets_refusal, sparse_refusal
     from kd.student_trainer.sources import server_topk_lost, server_topk_sparse
@@ -2206,6 +2229,7 @@ def train_lm(
         _fail(f"--server-topk {server_topk}: needs K >= 1 and applies only to --source server:...; got {source!r}")
     if not (math.isfinite(server_timeout) and server_timeout > 0):
         _fail(f"--server-timeout must be a number of seconds > 0, got {server_timeout}")
+    _server_flag_unused(ctx, "server_timeout", [source])
     if epochs < 1 or batch_size < 1:  # as kd train: 0 epochs saved the untrained student to --out, exit 0
         _fail(f"--epochs and --batch-size must be >= 1, got {epochs} and {batch_size}")
     from kd.student_trainer.optim import Recipe

@@ -85,6 +85,29 @@ def client_identity(context: grpc.ServicerContext | None) -> str:
 
 
 _MAX_ID = 128
+INSTANCE_KEY = "kd-client-instance"
+# The trailing metadata key of a stream the server closed because it was idle ("idle": past
+# stream_idle_timeout_s; "reclaimed": its place went to another stream at a limit). Only streams
+# with nothing in flight are closed, so a client reopens and resends what was unanswered.
+STREAM_CLOSED_KEY = "kd-stream-closed"
+
+
+def stream_key(context: grpc.ServicerContext | None) -> str:
+    """Whom the per-client stream limit (max_streams_per_client) counts: the client's identity,
+    refined by its ``kd-client-instance`` metadata (kd's clients send a random one per
+    ``TeacherClient``) unless the identity is authenticated. Without a token or certificate the
+    identity is the host's address or a claimed id, which many honest processes share (one
+    host, one NAT) and anyone can vary, so a limit per identity alone refuses the 17th honest
+    process and stops no one. A token or certificate is the one client the operator admitted:
+    its processes share its limit, as they share its query budget (accounting is never keyed
+    on the instance)."""
+    identity = client_identity(context)
+    if context is None or identity.startswith(("token:", "cert:")):
+        return identity
+    instance = dict(context.invocation_metadata() or ()).get(INSTANCE_KEY)
+    if isinstance(instance, bytes):
+        instance = instance.decode(errors="replace")
+    return f"{identity}#{instance[:_MAX_ID]}" if instance else identity
 
 
 def _certificate_identity(context: grpc.ServicerContext) -> str:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import queue
+import re
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -362,7 +364,12 @@ class TeacherClient(TokenClientMixin):
         metadata = [("authorization", f"Bearer {token}")] if token else []
         if client_id:  # how the server names this client in its query accounting (without a token)
             metadata.append(("kd-client-id", client_id))
-        self.metadata = metadata or None
+        # Which client this is among those of one address (access.stream_key): the server's
+        # per-client stream limit counts it apart from other processes of the host, while its
+        # query accounting keeps to the token, certificate, client id or address.
+        self.instance = uuid.uuid4().hex[:16]
+        metadata.append((access_names.INSTANCE_KEY, self.instance))
+        self.metadata = metadata
         self.usage = Usage()
         # (fingerprint, weights_version) of the weights that answered the last ``infer``.
         self.served_by: tuple[str, int] = ("", 0)
@@ -627,7 +634,7 @@ class TeacherClient(TokenClientMixin):
                 return key, encode_request(teacher, None, x, spec, request_id)
             return key, encode_request(teacher, x, None, spec, request_id)
 
-        yield from self._ordered_stream(batches, encode, lambda key, resp: (key, _outputs(resp)), depth)
+        yield from self._ordered_stream(batches, encode, lambda key, resp: (key, _outputs(resp)), depth, _name_row)
 
     def _ordered_stream(
         self,
@@ -635,26 +642,20 @@ class TeacherClient(TokenClientMixin):
         encode: Callable[[Any, str], tuple[Any, bytes]],
         decode: Callable[[Any, pb.InferResponse], Any],
         depth: int,
+        explain: Callable[[Any, str], str] | None = None,
     ) -> Iterator[Any]:
         """The ordered window of one InferStream (``infer_stream``, ``infer_tokens_stream``):
         ``encode(item, request_id) -> (state, body)`` per item, up to ``depth`` requests in
         flight; replies (in any order) are matched by request id and yielded in input order as
-        ``decode(state, reply)``; an error reply or a broken stream raises TeacherRequestError, and
+        ``decode(state, reply)``; an error reply (its message through ``explain(state, message)``
+        when given) or a broken stream raises TeacherRequestError, and
         so does a wait of over ``stream_timeout`` for the next reply (the call is cancelled)."""
-        outbox: queue.Queue = queue.Queue()
-
-        def requests() -> Iterator[bytes]:
-            while (req := outbox.get()) is not None:
-                yield req
-
-        # No deadline on the call (a stream lives as long as its epoch) and wait_for_ready (a server
-        # restarting is waited for, up to stream_timeout): the watchdog below bounds each wait instead.
-        call = self._infer_stream(requests(), timeout=None, wait_for_ready=True, metadata=self.metadata)
-        watchdog = _Watchdog(call, self.stream_timeout)
         source = iter(items)
         states: dict[int, Any] = {}
+        bodies: dict[int, bytes] = {}  # sent and not yet answered: resent on a reopened stream
         ready: dict[int, pb.InferResponse] = {}
         sent = 0
+        call, outbox, watchdog = self._open_ordered_stream()
 
         def send_next() -> bool:
             nonlocal sent
@@ -663,10 +664,12 @@ class TeacherClient(TokenClientMixin):
             except StopIteration:
                 return False
             states[sent], body = encode(item, str(sent))
+            bodies[sent] = body
             outbox.put(body)
             sent += 1
             return True
 
+        reopened = 0  # reopens in a row without an answer between them
         try:
             while len(states) < depth and send_next():
                 pass
@@ -684,12 +687,32 @@ class TeacherClient(TokenClientMixin):
                                 f"with {sent - want - len(ready)} request(s) outstanding; the stream was cancelled: "
                                 "the server is stalled, overloaded or unreachable",
                             ) from None
+                        if _closed_idle(e) and reopened < _MAX_REOPENS:
+                            # The server closed the stream with nothing of it in flight (idle too long,
+                            # or its place given to another client): a new one, and every request not
+                            # answered yet sent again, in order. Each is answered once: a request read
+                            # by a closing stream is dropped there unanswered.
+                            reopened += 1
+                            watchdog.close()
+                            outbox.put(None)
+                            call.cancel()
+                            call, outbox, watchdog = self._open_ordered_stream()
+                            for seq in sorted(bodies):
+                                outbox.put(bodies[seq])
+                            continue
                         raise TeacherRequestError(e.code(), e.details()) from None
                     if resp.HasField("error"):
-                        raise TeacherRequestError(status_code(resp.error.code), resp.error.message)
+                        message = resp.error.message
+                        if explain is not None and resp.request_id.isdigit() and int(resp.request_id) in states:
+                            message = explain(states[int(resp.request_id)], message)
+                        raise TeacherRequestError(status_code(resp.error.code), message)
                     self._check_reply(resp)
                     self.usage = Usage.of(resp.usage)
-                    ready[int(resp.request_id)] = resp
+                    seq = int(resp.request_id)
+                    if seq in bodies:
+                        ready[seq] = resp
+                        del bodies[seq]
+                        reopened = 0
                 yield decode(states.pop(want), ready.pop(want))
                 want += 1
                 send_next()
@@ -697,6 +720,48 @@ class TeacherClient(TokenClientMixin):
             watchdog.close()
             outbox.put(None)
             call.cancel()
+
+    def _open_ordered_stream(self) -> tuple[Any, queue.Queue, _Watchdog]:
+        """A new InferStream call fed from a queue of request bodies (None ends it), and its watchdog."""
+        outbox: queue.Queue = queue.Queue()
+
+        def requests() -> Iterator[bytes]:
+            while (req := outbox.get()) is not None:
+                yield req
+
+        # No deadline on the call (a stream lives as long as its epoch) and wait_for_ready (a server
+        # restarting is waited for, up to stream_timeout): the watchdog bounds each wait instead.
+        call = self._infer_stream(requests(), timeout=None, wait_for_ready=True, metadata=self.metadata)
+        return call, outbox, _Watchdog(call, self.stream_timeout)
+
+
+_BAD_ROW = re.compile(r"first in row ([0-9]+) of the inputs")
+
+
+def _name_row(key: Any, message: str) -> str:
+    """A refusal that names a row of a batch (non-finite inputs), with the dataset sample that row
+    holds when the batch's key knows it (``ServerSource``'s ``Batch``: ``indices``, ``views``)."""
+    m = _BAD_ROW.search(message)
+    indices = getattr(key, "indices", None)
+    if m is None or indices is None or int(m.group(1)) >= len(indices):
+        return message
+    row = int(m.group(1))
+    views = getattr(key, "views", None)
+    view = f", view {int(views[row])}" if views is not None and row < len(views) else ""
+    return f"{message}: dataset sample {int(indices[row])}{view}"
+
+
+# Reopens of a stream the server closed as idle before one of its requests is answered: the
+# server closes only streams with nothing in flight, so a fresh stream with requests is not
+# closed again unless something is wrong; then the error is raised rather than looping.
+_MAX_REOPENS = 3
+
+
+def _closed_idle(e: grpc.RpcError) -> bool:
+    """Whether the server ended a stream as idle (UNAVAILABLE with the kd-stream-closed trailer)."""
+    if not isinstance(e, grpc.Call) or e.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    return any(k == access_names.STREAM_CLOSED_KEY for k, _ in e.trailing_metadata() or ())
 
 
 class _Watchdog:

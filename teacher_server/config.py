@@ -10,6 +10,7 @@ tls_cert = "server.pem"             # TLS; add tls_client_ca for mutual TLS
 tls_key = "server.key"
 metrics_port = 9090                 # Prometheus /metrics
 max_streams = 64                    # open InferStream/Synthesize calls; 16 per client (max_streams_per_client)
+stream_idle_timeout_s = 300         # an InferStream with nothing in flight this long is closed (kd clients reopen)
 
 [[teacher]]
 name = "resnet"
@@ -82,9 +83,19 @@ class ServerConfig:
     query_budget: int = 0
     # Long-lived calls (InferStream, Synthesize) at once, overall and per client; requests per
     # stream between read and answered; clients remembered by the query accounting.
+    # The policy (teacher_server.service.StreamSlots): "per client" is per token or certificate,
+    # else per identity and kd-client-instance (each kd TeacherClient sends its own, so honest
+    # processes behind one address do not share 16 streams; access.stream_key). A stream with
+    # nothing in flight for stream_idle_timeout_s is closed (UNAVAILABLE, trailer
+    # kd-stream-closed: idle), and at either limit a new stream takes the place of the stream
+    # idle longest (1 s or more; "reclaimed"), so idle streams never lock out a client with work.
+    # kd's clients reopen such a stream and resend what was unanswered. Like gRPC's
+    # max_connection_idle, the timeout bounds what an abandoned stream holds; 300 s is far above
+    # any pause of a training loop between batches, and kd's clients do not notice it anyway.
     max_streams: int = 64
     max_streams_per_client: int = 16
     stream_window: int = 32
+    stream_idle_timeout_s: float = 300.0
     max_clients: int = 10_000
     teachers: list[TeacherEntry] = field(default_factory=list)
     datasets: dict[str, str] = field(default_factory=dict)  # name -> bundled dataset ref
@@ -131,7 +142,12 @@ def server_problem(key: str, value: object) -> str | None:
     """Why a server option's value is out of range (None where it is fine or has no range)."""
     if key in SERVER_RANGES and isinstance(value, int):
         return range_problem(value, *SERVER_RANGES[key])
+    if key == "stream_idle_timeout_s" and isinstance(value, (int, float)) and not 0 < value <= MAX_IDLE_TIMEOUT_S:
+        return f"must be a number of seconds in (0, {MAX_IDLE_TIMEOUT_S:g}], got {value}"
     return None
+
+
+MAX_IDLE_TIMEOUT_S = 7 * 24 * 3600.0  # a week: beyond it, "never" (and no overflow of a wait)
 
 
 def teacher_problem(o: TeacherOptions) -> tuple[str, str] | None:

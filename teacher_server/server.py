@@ -233,6 +233,7 @@ def start_server(
     max_streams_per_client: int = 16,
     stream_window: int = 32,
     max_clients: int = 10_000,
+    stream_idle_timeout_s: float = 300.0,
 ) -> RunningServer:
     """Start serving ``teachers`` on ``host:port`` (0 = any free port).
 
@@ -243,7 +244,9 @@ def start_server(
     (InferStream, Synthesize) run on ``max_streams`` threads of their own, at most
     ``max_streams_per_client`` per client, so idle streams never take the unary
     calls' threads. Each stream has at most ``stream_window`` requests between read
-    and answered. Query accounting keeps at most ``max_clients`` clients.
+    and answered. A stream with nothing in flight for ``stream_idle_timeout_s`` is closed, and
+    at a limit an idle stream gives its place to a new one (``service.StreamSlots``); kd's
+    clients reopen such a stream and resend. Query accounting keeps at most ``max_clients`` clients.
     """
     default = batching or TeacherOptions()
     options = options or {}
@@ -272,7 +275,7 @@ def start_server(
                             on_forget=metrics.forget_client)  # fmt: skip
     servicer = TeacherServicer(endpoints, datasets, metrics, accounting, max_message_bytes=max_message_bytes,
                                max_streams=max_streams, max_streams_per_client=max_streams_per_client,
-                               stream_window=stream_window)  # fmt: skip
+                               stream_window=stream_window, stream_idle_timeout_s=stream_idle_timeout_s)  # fmt: skip
     add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -42,7 +42,7 @@ from kd.core.views import pixels_to_input
 from kd.core.wire import WireError, dtype_name, fill_proto, from_proto, proto_dtype, split_payload, to_proto
 from kd.teacher_server import access as tiers
 from kd.teacher_server import lm
-from kd.teacher_server.access import Accounting, BudgetExceeded, client_identity
+from kd.teacher_server.access import STREAM_CLOSED_KEY, Accounting, BudgetExceeded, client_identity, stream_key
 from kd.teacher_server.batcher import (
     Answered,
     BatcherClosedError,
@@ -157,51 +157,139 @@ def _check_outputs(outputs: dict[str, torch.Tensor]) -> None:
             )
 
 
+# Streams idle for at least this long may be closed to make room when a limit is reached: a
+# stream between two requests of a busy client (nothing in flight for milliseconds) is never
+# taken, one that waits on its client for a second or more gives way to a client that has none.
+STREAM_RECLAIM_IDLE_S = 1.0
+
+
+class StreamSlot:
+    """One open long-lived call's place in ``StreamSlots``; calling it releases the place (once).
+    An InferStream tells it when a request is read (``begin``) and when its reply is sent
+    (``end``): a slot with nothing in flight is idle since its last read or reply."""
+
+    __slots__ = ("_slots", "client", "last_active", "pending", "closed", "_on_reclaim")
+
+    def __init__(self, slots: StreamSlots, client: str, on_reclaim) -> None:
+        self._slots = slots
+        self.client = client
+        self.last_active = time.monotonic()
+        self.pending = 0  # requests read whose reply is not sent yet
+        self.closed = ""  # why the server closed it ("idle", "reclaimed"), or "released"
+        self._on_reclaim = on_reclaim  # None: never reclaimed (Synthesize: busy until it ends)
+
+    def __call__(self) -> None:
+        self._slots._release(self, "released")
+
+    def begin(self) -> bool:
+        """A request was read; False if the server has closed the stream (drop the request
+        unanswered and uncharged: the client resends it on its next stream)."""
+        with self._slots._lock:
+            if self.closed:
+                return False
+            self.pending += 1
+            self.last_active = time.monotonic()
+            return True
+
+    def end(self) -> None:
+        """A reply was sent."""
+        with self._slots._lock:
+            self.pending -= 1
+            self.last_active = time.monotonic()
+
+    def idle_for(self) -> float:
+        """Seconds without anything in flight (0 while a request is)."""
+        with self._slots._lock:
+            return 0.0 if self.pending else time.monotonic() - self.last_active
+
+    def close_if_idle(self, timeout: float) -> bool:
+        """Close the stream (free its place) if nothing was in flight for ``timeout`` seconds."""
+        with self._slots._lock:
+            if self.closed or self.pending or time.monotonic() - self.last_active < timeout:
+                return False
+            self._slots._free(self, "idle")
+            self._slots.closed_idle += 1
+        self._slots._changed()
+        return True
+
+
 class StreamSlots:
     """Long-lived calls (InferStream, Synthesize) each hold a handler thread: at most
-    ``max_streams`` at once and ``per_client`` per client identity; beyond that a new
-    one is refused (RESOURCE_EXHAUSTED) at once. Per-client entries exist only while open."""
+    ``max_streams`` at once and ``per_client`` per stream key (``access.stream_key``). A new
+    stream beyond a limit takes the place of the longest-idle stream (nothing in flight for at
+    least ``STREAM_RECLAIM_IDLE_S``; of the same key at the per-client limit, of any at the
+    overall one), which is closed with UNAVAILABLE and the ``kd-stream-closed`` trailer; with
+    none idle it is refused (RESOURCE_EXHAUSTED) at once. So idle streams never lock out a
+    client that has work. Per-key entries exist only while open."""
 
-    def __init__(self, max_streams: int, per_client: int, on_change=None) -> None:
+    def __init__(self, max_streams: int, per_client: int, on_change=None,
+                 reclaim_idle_s: float = STREAM_RECLAIM_IDLE_S) -> None:  # fmt: skip
         if max_streams < 1 or per_client < 1:
             raise ValueError(f"stream limits must be >= 1, got {max_streams} overall, {per_client} per client")
         self.max_streams = max_streams
         self.per_client = per_client
+        self.reclaim_idle_s = reclaim_idle_s
         self.open = 0
+        self.reclaimed = 0  # streams closed to make room, and closed past the idle timeout (counters)
+        self.closed_idle = 0
         self._by_client: dict[str, int] = {}
+        self._live: dict[StreamSlot, None] = {}  # insertion-ordered set
         self._lock = threading.Lock()
         self._on_change = on_change
 
-    def acquire(self, client: str):
+    def acquire(self, client: str, on_reclaim=None) -> StreamSlot:
+        """A place for a new stream of ``client``. ``on_reclaim()`` (None: the stream is never
+        reclaimed) is called, outside the lock, when its place is given to another stream."""
+        victim = None
         with self._lock:
             mine = self._by_client.get(client, 0)
-            if self.open >= self.max_streams:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"{self.open} streams open, the server's limit (max_streams={self.max_streams}); "
-                                   "retry later or use unary calls")  # fmt: skip
-            if mine >= self.per_client:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"client {shorten(client)} has {mine} streams open, the limit per client "
-                                   f"(max_streams_per_client={self.per_client})")  # fmt: skip
-            self._by_client[client] = mine + 1
+            if mine >= self.per_client or self.open >= self.max_streams:
+                victim = self._longest_idle(client if mine >= self.per_client else None)
+                if victim is None and mine >= self.per_client:
+                    raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                       f"client {shorten(client)} has {mine} streams open, the limit per client "
+                                       f"(max_streams_per_client={self.per_client}), none of them idle")  # fmt: skip
+                if victim is None:
+                    raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                       f"{self.open} streams open, the server's limit (max_streams={self.max_streams}),"
+                                       " none of them idle; retry later or use unary calls")  # fmt: skip
+                self._free(victim, "reclaimed")
+                self.reclaimed += 1
+            slot = StreamSlot(self, client, on_reclaim)
+            self._live[slot] = None
+            self._by_client[client] = self._by_client.get(client, 0) + 1
             self.open += 1
-            self._changed()
-        released = threading.Event()
+        if victim is not None:
+            victim._on_reclaim()
+        self._changed()
+        return slot
 
-        def release() -> None:
-            with self._lock:
-                if released.is_set():
-                    return
-                released.set()
-                left = self._by_client.get(client, 1) - 1
-                if left:
-                    self._by_client[client] = left
-                else:
-                    self._by_client.pop(client, None)
-                self.open -= 1
-                self._changed()
+    def _longest_idle(self, client: str | None) -> StreamSlot | None:
+        """The reclaimable stream (of ``client``; any when None) idle longest, if idle enough."""
+        now, best = time.monotonic(), None
+        for s in self._live:
+            if s._on_reclaim is None or s.pending or (client is not None and s.client != client):
+                continue
+            if now - s.last_active >= self.reclaim_idle_s and (best is None or s.last_active < best.last_active):
+                best = s
+        return best
 
-        return release
+    def _free(self, slot: StreamSlot, why: str) -> None:  # under the lock
+        slot.closed = why
+        self._live.pop(slot, None)
+        left = self._by_client.get(slot.client, 1) - 1
+        if left:
+            self._by_client[slot.client] = left
+        else:
+            self._by_client.pop(slot.client, None)
+        self.open -= 1
+
+    def _release(self, slot: StreamSlot, why: str) -> None:
+        with self._lock:
+            if slot.closed:
+                return
+            self._free(slot, why)
+        self._changed()
 
     def _changed(self) -> None:
         if self._on_change is not None:
@@ -397,6 +485,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         max_streams: int = 64,
         max_streams_per_client: int = 16,
         stream_window: int = 32,
+        stream_idle_timeout_s: float = 300.0,
     ) -> None:
         self.endpoints = endpoints
         self.datasets = datasets or {}
@@ -407,6 +496,9 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         if stream_window < 1:
             raise ValueError(f"stream_window must be >= 1, got {stream_window}")
         self.stream_window = stream_window
+        if not 0 < stream_idle_timeout_s < math.inf:
+            raise ValueError(f"stream_idle_timeout_s must be a number of seconds > 0, got {stream_idle_timeout_s}")
+        self.stream_idle_timeout_s = stream_idle_timeout_s
         self.streams = StreamSlots(max_streams, max_streams_per_client,
                                    on_change=metrics.streams_open.set if metrics is not None else None)  # fmt: skip
         # Set by RunningServer.stop: new work is refused with UNAVAILABLE while accepted work finishes.
@@ -599,7 +691,10 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
         if bad.any():
             first = int(bad.nonzero()[0])
-            raise _invalid(f"inputs contain NaN or Inf in {int(bad.sum())} sample(s), first at index {first}")
+            # The row in this request: the one index the server knows (by value, the client's
+            # rows are its own); kd's stream client adds the dataset index the row holds.
+            raise _invalid(f"inputs contain NaN or Inf in {int(bad.sum())} of the request's {len(bad)} sample(s), "
+                           f"first in row {first} of the inputs (counted from 0)")  # fmt: skip
 
     def _load_ref(self, ep: Endpoint, ref: pb.DatasetRef) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The samples of ``ref`` as the teacher's inputs, and their view params when asked for."""
@@ -926,10 +1021,12 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         # (a reply that completes early waits for those before it). Flow control: at most
         # `stream_window` requests are between read and sent, so a client that does not read
         # its answers stops the reader instead of piling answers up in memory. A request that
-        # does not parse or is refused is answered in-band and the stream goes on.
-        release = self._open_stream(context)
-        window = threading.Semaphore(self.stream_window)
+        # does not parse or is refused is answered in-band and the stream goes on. A stream
+        # with nothing in flight for `stream_idle_timeout_s`, or whose place another stream took
+        # at a limit (StreamSlots), is closed: UNAVAILABLE with the kd-stream-closed trailer.
         done: queue.Queue = queue.Queue()
+        slot = self._open_stream(context, on_reclaim=lambda: done.put(_RECLAIMED))
+        window = threading.Semaphore(self.stream_window)
         inflight: dict[int, Future] = {}
         stop = threading.Event()
         total: list[int] = []  # set by the reader when the client half-closes
@@ -944,6 +1041,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                         raw = next(request_iterator)
                     except StopIteration:
                         break
+                    if not slot.begin():  # closed as idle meanwhile: unanswered, uncharged, resent
+                        return
                     seq, n = n, n + 1
                     request = pb.InferRequest()
                     try:
@@ -972,17 +1071,29 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             for f in list(inflight.values()):
                 f.cancel()
             done.put(_CLOSED)
-            release()
+            slot()
 
         context.add_callback(on_end)
         threading.Thread(target=read, name="infer-stream-reader", daemon=True).start()
         ready: dict[int, tuple] = {}
         next_seq = 0
+        idle_timeout = self.stream_idle_timeout_s
         try:
             while not total or next_seq < total[0]:
-                item = done.get()
+                try:
+                    # Nothing in flight: wait out what is left of the idle timeout, then check again.
+                    item = done.get(timeout=max(idle_timeout - slot.idle_for(), 0.0) if idle_timeout else None)
+                except queue.Empty:
+                    if slot.close_if_idle(idle_timeout):
+                        why = f"{idle_timeout:g} s with nothing in flight (stream_idle_timeout_s)"
+                        self._close_stream(context, "idle", f"InferStream closed by the server after {why}")
+                    continue
                 if item is _CLOSED:
                     return
+                if item is _RECLAIMED:
+                    self._close_stream(context, "reclaimed",
+                                       "InferStream closed by the server: idle while its stream limit was reached, "
+                                       "its place went to another stream")  # fmt: skip
                 if item is None:
                     continue
                 ready[item[0]] = item[1:]
@@ -993,17 +1104,26 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                     reply = self._reply(request, p, result)
                     if reply is not None:
                         yield reply  # returns once gRPC has sent it (HTTP/2 flow control)
+                    slot.end()
                     window.release()
         finally:
             stop.set()
             for f in list(inflight.values()):
                 f.cancel()
-            release()
+            slot()
 
-    def _open_stream(self, context: grpc.ServicerContext):
+    def _open_stream(self, context: grpc.ServicerContext, on_reclaim=None) -> StreamSlot:
         """A slot for a long-lived call (RequestError RESOURCE_EXHAUSTED when none is free)."""
         self._check_open()
-        return self.streams.acquire(client_identity(context))
+        return self.streams.acquire(stream_key(context), on_reclaim)
+
+    def _close_stream(self, context: grpc.ServicerContext, why: str, message: str) -> None:
+        """End an idle stream: UNAVAILABLE (gRPC's status for "retry on a new call", as for a
+        connection closed by max_connection_idle/age) with the trailer naming why, so a kd
+        client reopens and resends; nothing was in flight, so nothing is lost."""
+        self._count_error("", grpc.StatusCode.UNAVAILABLE)
+        context.set_trailing_metadata(((STREAM_CLOSED_KEY, why),))
+        context.abort(grpc.StatusCode.UNAVAILABLE, message + "; open a new stream to go on")
 
     # -- data-free distillation (WHITE tier) ----------------------------------------
     def _float_inputs(self, ep: Endpoint, msg: pb.Tensor) -> torch.Tensor:
@@ -1292,6 +1412,7 @@ def _error_response(request: pb.InferRequest, e: RequestError) -> pb.InferRespon
 
 
 _CLOSED = object()
+_RECLAIMED = object()  # StreamSlots gave this stream's place to another
 
 
 def _internal(e: BaseException) -> str:

@@ -369,7 +369,7 @@ def test_precompute_options_out_of_range_are_refused(tmp_path: Path, options: li
 
 
 @pytest.mark.parametrize(
-    ("size", "message"), [("0", "rrc size=0: must be >= 1 pixel"), ("x", "rrc size='x': expected a whole number")]
+    ("size", "message"), [("0", "rrc size=0: must be 1..8192 pixels"), ("x", "rrc size='x': expected a whole number")]
 )
 def test_rrc_size_must_be_a_positive_number(tmp_path: Path, size: str, message: str) -> None:
     data = write_folder(tmp_path / "d")

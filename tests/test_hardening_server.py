@@ -255,6 +255,9 @@ def test_a_hundred_idle_streams_leave_unary_calls_and_health_checks_served(runni
     address = f"127.0.0.1:{running.port}"
     ch = _channel(address)
     block = threading.Event()
+    # Idle streams would give their places to new ones once idle for 1 s (a slow start of 100
+    # calls on a loaded machine): that is test_stream_slots' subject; here every one beyond a limit is refused.
+    running.servicer.streams.reclaim_idle_s = math.inf
 
     def idle():
         block.wait(60)
@@ -295,6 +298,7 @@ def test_a_hundred_idle_streams_leave_unary_calls_and_health_checks_served(runni
 
 def test_streams_per_client_are_bounded(teacher: Teacher) -> None:
     r = start_server([teacher], port=0, max_streams=8, max_streams_per_client=2)
+    r.servicer.streams.reclaim_idle_s = math.inf  # refused, not reclaimed, however slowly the three start
     ch = _channel(f"127.0.0.1:{r.port}")
     block = threading.Event()
 

@@ -68,6 +68,8 @@ def refused(r: Result, *needles: str) -> str:
         (["--mean", "0.5", "--std", "nan"], ["--std", "finite"]),
         (["--host", "999.1.1.1"], ["--host", "999.1.1.1"]),
         (["--accept-weights", "--upload-idle-timeout", "0"], ["--upload-idle-timeout", "> 0"]),
+        (["--stream-idle-timeout", "0"], ["--stream-idle-timeout", "(0, 604800]", "got 0"]),
+        (["--stream-idle-timeout", "nan"], ["--stream-idle-timeout", "got nan"]),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) and v[0].startswith("--") else "",
 )
@@ -119,6 +121,11 @@ def test_config_refuses_a_teacher_value_of_the_wrong_type_or_range(tmp_path: Pat
         ('[server]\nport = "x"\n', "[server]: port must be int, got 'x'"),
         ("[server]\nport = 99999\n", "[server]: port must be in 0..65535, got 99999"),
         ("[server]\nmax_message_mb = 0\n", "[server]: max_message_mb must be in 1..2047, got 0"),
+        (
+            "[server]\nstream_idle_timeout_s = -1\n",
+            "[server]: stream_idle_timeout_s must be a number of seconds in (0, 604800], got -1",
+        ),
+        ('[server]\nstream_idle_timeout_s = "x"\n', "[server]: stream_idle_timeout_s must be float, got 'x'"),
         ("server = 3\n", ": server must be a table ([server]), got 3"),
         ("teacher = 5\n", ": teacher must be a list of tables ([[teacher]]), got 5"),
     ],

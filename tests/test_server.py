@@ -118,7 +118,7 @@ BAD_REQUESTS = [
         "nan",
         dict(teacher="digits", inputs=to_proto(torch.tensor([[0.0] * 64, [float("nan")] * 64]))),
         "INVALID_ARGUMENT",
-        "first at index 1",
+        "first in row 1 of the inputs",
     ),
     (
         "top_k too large",

@@ -25,7 +25,8 @@ Common options: ``size=N|HxW`` (resize shorter side + centre crop; default: the
 images must all share the first one's size), ``dtype=float32|uint8`` (float32:
 CHW in [0, 1]), ``views=POLICY`` (``kd.core.views``, e.g. ``crop:pad=4;flip``),
 ``mode=RGB|L``, ``shape=1x8x8`` (reshape each sample), ``name=``, ``split=``,
-``classes=N``.
+``classes=N``. Sizes are bounded where parsed (kd.core.samples: a side of at most 8192
+pixels, at most 2**28 values per sample), so a typo is refused instead of allocated.
 
 Streaming: ``loader(src, indices, batch_size, num_views=V, fresh_views=True,
 workers=4, pin_memory=True, shuffle_seed=0)`` is a ``torch.utils.data.DataLoader``
@@ -60,7 +61,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from kd.core.samples import VIEW_STRIDE, SampleSource, view_seeds  # noqa: F401 - re-exported
+from kd.core.samples import (  # noqa: F401 - VIEW_STRIDE, SampleSource, view_seeds: re-exported
+    MAX_IMAGE_SIDE,
+    VIEW_STRIDE,
+    SampleSource,
+    sample_size_problem,
+    view_seeds,
+)
 from kd.core.views import IDENTITY_PARAMS, ViewPolicy, resize_center
 
 DIGITS_SPLIT_SEED = 0
@@ -305,6 +312,11 @@ def _parse_size(text: str, what: str = "size") -> tuple[int, ...]:
         raise DatasetError(f"{what}={text!r}: expected N or HxW (e.g. 64 or 48x64)") from None
     if not dims or any(d <= 0 for d in dims):
         raise DatasetError(f"{what}={text!r}: sizes must be positive")
+    if what == "size" and max(dims) > MAX_IMAGE_SIDE:
+        raise DatasetError(f"{what}={text!r}: images are resized to at most {MAX_IMAGE_SIDE} pixels a side")
+    problem = sample_size_problem(dims)
+    if problem:
+        raise DatasetError(f"{what}={text!r}: {problem}")
     return dims
 
 
@@ -519,8 +531,9 @@ def _decode_image(src: str | Path | bytes, mode: str, what: str) -> torch.Tensor
     """Decode one image file (or its bytes) with Pillow to uint8 CHW (16-bit images scaled to 8 bits)."""
     from PIL import Image, UnidentifiedImageError
 
+    stream = io.BytesIO(src) if isinstance(src, bytes) else src
     try:
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        with Image.open(stream) as im:
             arr = np.asarray(_to_8bit(im, what).convert(mode))
     except DatasetError:
         raise
@@ -529,7 +542,12 @@ def _decode_image(src: str | Path | bytes, mode: str, what: str) -> torch.Tensor
     except Image.DecompressionBombError as e:
         raise DatasetError(f"image {what} is too large to decode safely: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"cannot decode image {what}: {e}") from None
+        # Pillow names what it was given: for bytes (hf, webdataset) that is "<_io.BytesIO object at
+        # 0x...>", which tells nothing; ``what`` already names the sample.
+        why = (
+            str(e).replace(f" {stream!r}", "").replace(repr(stream), "the bytes") if isinstance(src, bytes) else str(e)
+        )
+        raise DatasetError(f"cannot decode image {what}: {why}") from None
     t = torch.from_numpy(arr.copy())
     return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd.core.samples import sample_size_problem
+
 _SPEC_RE = re.compile(
     r"^(?P<module>[A-Za-z_][\w.]*):(?P<attr>[A-Za-z_][\w.]*)(?:@(?P<weights>[^?]+))?(?:\?(?P<opts>.*))?$"
 )
@@ -70,6 +72,9 @@ def parse_options(opts: str | None, spec: str, role: str = "teacher") -> tuple[d
                 raise FactoryError(
                     f"input_shape {value!r} in {spec!r}: every size must be >= 1 (or -1, a variable length)"
                 )
+            problem = sample_size_problem(shape)
+            if problem:
+                raise FactoryError(f"input_shape {value!r} in {spec!r}: {problem}")
             continue
         if key in kwargs:
             raise FactoryError(f"option {key!r} given twice in {role} spec {spec!r}")

@@ -21,6 +21,29 @@ import torch
 
 VIEW_STRIDE = 1 << 16  # views per sample at most
 
+# Upper bounds of user-given sizes that are multiplied into one allocation, checked where the
+# option is parsed: without them a typo (input_shape=3x100000x100000, views crop:pad=100000)
+# was accepted and then tried as a 120-240 GB allocation at the first read (the allocator's
+# message, or an overcommitting machine killing the process). No real use comes near them:
+# MAX_SAMPLE_ELEMENTS values per sample (2**28: 1 GiB as float32; a 4K RGB image holds 2**24.6,
+# a 512^3 CT volume 2**27, a 16-frame 224x224 clip 2**21.3); MAX_IMAGE_SIDE pixels per side of
+# a resized image or crop (8192: 8K; 3 x 8192^2 is under MAX_SAMPLE_ELEMENTS); MAX_CROP_PAD
+# pixels of a padded crop's shift (1024: recipes pad 4 at 32 px and up to ~32 at 224 px, and
+# a shift beyond the image leaves only zeros).
+MAX_SAMPLE_ELEMENTS = 1 << 28
+MAX_IMAGE_SIDE = 8192
+MAX_CROP_PAD = 1024
+
+
+def sample_size_problem(dims: tuple[int, ...]) -> str | None:
+    """Why a sample of shape ``dims`` (-1: a variable length, not counted) is too large, or None."""
+    n = 1
+    for d in dims:
+        n *= max(d, 1)
+    if n > MAX_SAMPLE_ELEMENTS:
+        return f"{n:,} values per sample is over the bound of {MAX_SAMPLE_ELEMENTS:,} (2**28)"
+    return None
+
 
 @runtime_checkable
 class SampleSource(Protocol):

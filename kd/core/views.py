@@ -22,9 +22,11 @@ Ops (applied in this order; random draws are made in this order too):
 
 - ``rrc:size=S,scale=a-b,ratio=c-d``: random-resized crop (torchvision's
   algorithm: 10 tries, then a centre crop), box stored normalised to the image,
-  resized to SxS (bilinear, antialiased). ``size`` defaults to the source size.
+  resized to SxS (bilinear, antialiased). ``size`` defaults to the source size;
+  at most ``MAX_IMAGE_SIDE`` (8192, kd.core.samples).
 - ``crop:pad=P``: padded random crop = a shift by (dy, dx) in [-P, P] with zero
-  fill (same distribution as ``RandomCrop(size, padding=P)``).
+  fill (same distribution as ``RandomCrop(size, padding=P)``); P at most
+  ``MAX_CROP_PAD`` (1024).
   ``shift1`` = ``crop:pad=1`` (the digits augmentation, pixel-identical).
 - ``flip`` (or ``flip:p=0.5``): horizontal flip.
 - ``jitter:brightness=b,contrast=c,saturation=s``: multiplicative factors
@@ -39,6 +41,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kd.core.samples import MAX_CROP_PAD, MAX_IMAGE_SIDE
 
 PARAM_NAMES = ("top", "left", "height", "width", "dy", "dx", "flip", "brightness", "contrast", "saturation")
 PARAM_WIDTH = len(PARAM_NAMES)
@@ -108,17 +112,21 @@ class ViewPolicy:
                     kw["rrc_size"] = int(size) if size else None
                 except ValueError:
                     raise ValueError(f"rrc size={size!r}: expected a whole number of pixels") from None
-                if kw["rrc_size"] is not None and kw["rrc_size"] < 1:
-                    raise ValueError(f"rrc size={size}: must be >= 1 pixel")
+                if kw["rrc_size"] is not None and not 1 <= kw["rrc_size"] <= MAX_IMAGE_SIDE:
+                    raise ValueError(f"rrc size={size}: must be 1..{MAX_IMAGE_SIDE} pixels")
                 kw["rrc_scale"] = _range(take("scale", "0.08-1"), "rrc scale")
                 ratio = take("ratio")
                 kw["rrc_ratio"] = _range(ratio, "rrc ratio") if ratio else (3 / 4, 4 / 3)  # torchvision's
                 if kw["rrc_scale"][1] > 1:
                     raise ValueError("rrc scale must lie in (0, 1]")
             elif op in ("crop", "shift1"):
-                kw["pad"] = 1 if op == "shift1" else int(take("pad", "4"))
-                if kw["pad"] < 1:
-                    raise ValueError("crop pad must be >= 1")
+                pad = take("pad", "4")
+                try:
+                    kw["pad"] = 1 if op == "shift1" else int(pad)
+                except ValueError:
+                    raise ValueError(f"crop pad={pad!r}: expected a whole number of pixels") from None
+                if not 1 <= kw["pad"] <= MAX_CROP_PAD:
+                    raise ValueError(f"crop pad={kw['pad']}: must be 1..{MAX_CROP_PAD} pixels")
             elif op == "flip":
                 kw["flip_p"] = float(take("p", "0.5"))
                 if not 0 < kw["flip_p"] <= 1:

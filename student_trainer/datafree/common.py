@@ -290,6 +290,12 @@ def epoch_plan(config: DataFreeConfig, recipe: dict, fractions: Iterable[float] 
     return per, milestones
 
 
+# Values in one synthetic batch (2**31: 8 GiB as float32, a batch of 699,050 CIFAR images): the
+# batch, its generator's activations and its gradients are allocated at once, so a mistyped
+# --batch-size was tried as one allocation of terabytes at the first step.
+MAX_BATCH_VALUES = 1 << 31
+
+
 class Run:
     """One method run: seeding, timing, the student's training by the shared trainer, the result."""
 
@@ -297,6 +303,10 @@ class Run:
                  test: SampleSource | None) -> None:  # fmt: skip
         if config.steps < 1:
             raise ValueError(f"{method}: steps must be >= 1, got {config.steps}")
+        values = config.batch_size * math.prod(max(d, 1) for d in teacher.input_shape)
+        if not 1 <= config.batch_size or values > MAX_BATCH_VALUES:
+            raise ValueError(f"{method}: batch_size {config.batch_size} of inputs {list(teacher.input_shape)} must be "
+                             f">= 1 and hold at most {MAX_BATCH_VALUES:,} values (2**31), got {values:,}")  # fmt: skip
         self.method, self.teacher, self.student, self.config, self.test = method, teacher, student, config, test
         self.t0 = time.perf_counter()
         self.history: list[tuple[int, float]] = []
