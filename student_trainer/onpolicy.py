@@ -86,7 +86,7 @@ from kd.student_trainer.optim import (
     recipe_of,
     set_lr,
 )
-from kd.student_trainer.train import load_run_state, read_run_checkpoint, write_run_checkpoint
+from kd.student_trainer.train import RUN_CHECKPOINT, load_run_state, read_run_checkpoint, write_run_checkpoint
 
 if TYPE_CHECKING:
     from kd.teacher_server.client import TeacherClient
@@ -500,10 +500,19 @@ def train_onpolicy(
     identity = {**json.loads(json.dumps(asdict(config), sort_keys=True)), "dataset": train.dataset_id,
                 "val_dataset": val.dataset_id if val is not None else None, "teacher": teacher,
                 "fingerprint": None if desc.accepts_weights else desc.fingerprint}  # fmt: skip
+    # More steps continue a run whose rates do not depend on its length (a constant or multistep rate; a
+    # warm-up counts steps from the start); a cosine or linear decay reaches 0 at the last step, so there
+    # the steps are the run's.
+    if config.schedule not in ("cosine", "linear"):
+        del identity["steps"]
     first = 0
     if resume:
         ckpt = read_run_checkpoint(run_dir, "onpolicy", identity, _CKPT_KEYS, "when it is stopped and every "
                                    "--checkpoint-every steps")  # fmt: skip
+        if int(ckpt["step"]) > config.steps:
+            raise ValueError(f"checkpoint {str(Path(run_dir) / RUN_CHECKPOINT)!r} is after step {int(ckpt['step'])}: "
+                             f"a run of {config.steps} steps ends before it; resume with steps (--steps) >= "
+                             f"{int(ckpt['step'])}")  # fmt: skip
         load_run_state(run_dir, ckpt, student, optimizer)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
@@ -574,6 +583,8 @@ def train_onpolicy(
             scaler.update()
         losses.append(float(loss.detach()))
         scored += seqs.num_scored
+    if run_dir is not None:  # the finished run: a resume with more --steps goes on from here
+        save(config.steps)
     div_after = heldout_divergence(student, client, teacher, val, config, limit=eval_n) if eval_n else None
     return OnPolicyResult(config.steps, on_batches, scored, losses, val_before, _val(student, val, config),
                           div_before, div_after, time.perf_counter() - started)  # fmt: skip

@@ -334,9 +334,19 @@ def test_a_stopped_or_checkpointed_run_resumes_to_the_uninterrupted_result(serve
     with pytest.raises(Stopped, match="after 5 of 14 steps"):  # each resumes across an epoch's new order
         train_onpolicy(tiny_student(), client, "bigram", train, cfg, val=val, run_dir=tmp_path / "a",
                        stop=lambda: 15 if next(calls) == 5 else None)  # fmt: skip
-    periodic = train_onpolicy(tiny_student(), client, "bigram", train, cfg, val=val, run_dir=tmp_path / "b",
+    periodic = train_onpolicy(tiny_student(), client, "bigram", train, cfg, val=val, run_dir=tmp_path / "c",
                               checkpoint_every=4)  # fmt: skip
     assert periodic.losses == whole.losses  # writing checkpoints changes nothing
+    assert torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)["step"] == 14  # the finished run's
+    crash = iter(range(100))
+
+    def crash_at_13() -> None:  # a crash (no stop, no checkpoint of its own) after the periodic one at 12
+        if next(crash) == 13:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        train_onpolicy(tiny_student(), client, "bigram", train, cfg, val=val, run_dir=tmp_path / "b",
+                       checkpoint_every=4, stop=crash_at_13)  # fmt: skip
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 12
     for run in ("a", "b"):
         student = tiny_student()
@@ -352,19 +362,50 @@ def test_a_stopped_or_checkpointed_run_resumes_to_the_uninterrupted_result(serve
                        val=val, run_dir=tmp_path / "a", resume=True)  # fmt: skip
 
 
+def test_a_finished_or_stopped_run_goes_on_with_more_steps_unless_its_rate_decays_to_the_end(served, corpus, tmp_path):
+    """A constant-rate run of 8 steps, then --steps 14 with --resume: the 14-step run's losses and
+    weights (the finished run left a checkpoint). A cosine's rates depend on the run's length: more
+    steps are refused; fewer steps than a checkpoint holds are refused either way."""
+    _, client, _ = served
+    train = open_source(corpus[0])
+    cfg = _cfg(steps=14, lmbda=0.5, eval_prompts=0)
+    whole_student = tiny_student()
+    whole = train_onpolicy(whole_student, client, "bigram", train, cfg)
+    train_onpolicy(tiny_student(), client, "bigram", train, _cfg(steps=8, lmbda=0.5, eval_prompts=0),
+                   run_dir=tmp_path / "a")  # fmt: skip
+    student = tiny_student()
+    got = train_onpolicy(student, client, "bigram", train, cfg, run_dir=tmp_path / "a", resume=True)
+    assert got.losses == whole.losses and got.on_policy_batches == whole.on_policy_batches
+    for k, v in whole_student.state_dict().items():
+        assert torch.equal(student.state_dict()[k], v), k
+    with pytest.raises(ValueError, match=r"is after step 14: a run of 10 steps ends before it"):
+        train_onpolicy(tiny_student(), client, "bigram", train, _cfg(steps=10, lmbda=0.5, eval_prompts=0),
+                       run_dir=tmp_path / "a", resume=True)  # fmt: skip
+    cosine = _cfg(steps=8, lmbda=0.5, eval_prompts=0, schedule="cosine")
+    train_onpolicy(tiny_student(), client, "bigram", train, cosine, run_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match=r"of another run \(steps: 8 there, 14 here\)"):
+        train_onpolicy(tiny_student(), client, "bigram", train, _cfg(steps=14, lmbda=0.5, eval_prompts=0,
+                                                                     schedule="cosine"),
+                       run_dir=tmp_path / "c", resume=True)  # fmt: skip
+
+
 def test_cli_onpolicy_resumes_from_its_run_directory(served, corpus, tmp_path):
+    """kd onpolicy --steps 4 --run-dir D, then --steps 6 --resume: the 6-step run's losses, asking the
+    teacher for the 2 new steps' rows only."""
     running, _, _ = served
     args = ["onpolicy", "--server", f"127.0.0.1:{running.port}", "--teacher", "bigram", "--dataset", corpus[0],
-            "--student", f"{__name__}:tiny_student", "--steps", "6", "--prompt-tokens", "4", "--max-new-tokens", "6",
-            "--eval-prompts", "0", "--run-dir", str(tmp_path / "run"), "--checkpoint-every", "4"]  # fmt: skip
+            "--student", f"{__name__}:tiny_student", "--prompt-tokens", "4", "--max-new-tokens", "6",
+            "--eval-prompts", "0", "--checkpoint-every", "4"]  # fmt: skip
     stats = running.servicer.endpoints["bigram"].batcher.stats
+    whole = CliRunner().invoke(app, [*args, "--steps", "6", "--run-dir", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
     before = stats.samples
-    first = CliRunner().invoke(app, args)
+    first = CliRunner().invoke(app, [*args, "--steps", "4", "--run-dir", str(tmp_path / "run")])
     assert first.exit_code == 0, first.output
     middle = stats.samples
-    again = CliRunner().invoke(app, [*args, "--resume"])  # from step 4: steps 4 and 5 again, as they ran
+    again = CliRunner().invoke(app, [*args, "--steps", "6", "--run-dir", str(tmp_path / "run"), "--resume"])
     assert again.exit_code == 0, again.output
-    a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (first, again))
-    assert b["losses"] == a["losses"] and b["tokens_scored"] == a["tokens_scored"] and len(a["losses"]) == 6
+    w, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (whole, again))
+    assert b["losses"] == w["losses"] and b["tokens_scored"] == w["tokens_scored"] and len(w["losses"]) == 6
     # The resumed run asked the teacher for 2 steps' rows (8 prompts each at most), not 6 steps' again.
     assert 0 < stats.samples - middle <= 16 < middle - before
