@@ -2501,6 +2501,12 @@ def qkd(
         False, "--skip-co-studying", help="Skip co-studying when the teacher cannot be trained here (cache/server)."
     ),
     out: Path = typer.Option(Path("qkd-out"), help="Where the int8 student, teacher weights and results.json go."),
+    run_dir: Path | None = typer.Option(
+        None, help="Each phase's config.json, metrics.csv and checkpoint.pt (every epoch, and when stopped) here."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue --run-dir's run: finished phases loaded, the stopped one from its step."
+    ),
 ) -> None:
     """QKD (Kim et al. 2019): a quantization-aware student trained in three phases, converted to int8."""
     import torch
@@ -2518,6 +2524,7 @@ def qkd(
         config.validate()
     except (ValueError, RuntimeError) as e:
         _fail(str(e))
+    _check_run_dir(run_dir, resume, 0)
     train_data, test_data = _train_and_val(dataset, val_dataset, "kd qkd")
     if teacher is None and (getattr(train_data, "format", "") != "digits" or teacher_epochs < 1):
         _fail("without --teacher a digits teacher is trained here: --dataset digits, --teacher-epochs >= 1")
@@ -2538,6 +2545,7 @@ def qkd(
             weights = out / "teacher.safetensors"
             loaded, acc = train_digits_teacher(train_data, test_data, weights, epochs=teacher_epochs,
                                                stop=signals.first)  # fmt: skip
+            # (a resume trains it again, the same: seeded; the phases' checkpoints check its weights)
             teacher_obj: object = loaded
             teacher_info = {"spec": loaded.spec, "trained_here": True, "test_acc": acc}
         elif teacher.startswith(("cache:", "server:")):
@@ -2547,9 +2555,10 @@ def qkd(
             teacher_obj = load_teacher("qkd", teacher.removeprefix("local:"))
         seed_everything(seed)
         model = _build_student(student)
-        result = train_qkd(model, teacher_obj, train_data, test_data, config, on_epoch=progress, stop=signals.first)
+        result = train_qkd(model, teacher_obj, train_data, test_data, config, on_epoch=progress, stop=signals.first,
+                           run_dir=run_dir, resume=resume)  # fmt: skip
     except Stopped as e:
-        _stopped_unsaved(e, "kd qkd")
+        _stopped_resumable(e, run_dir)
     except TeacherLoadError as e:
         _fail(str(e))
     except (ValueError, RuntimeError, TypeError) as e:

@@ -69,11 +69,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -364,6 +366,17 @@ def _check_logits(who: str, out: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"the {who} returns {shape} per sample; expected logits of shape ({num_classes},)")
 
 
+def _teacher_identity(teacher: nn.Module | SoftTargetSource) -> str:
+    """A source's fingerprint, or a hash of a module's weights (a resume must have the same teacher)."""
+    if isinstance(teacher, SoftTargetSource):
+        return str(teacher.fingerprint)
+    h = hashlib.sha256()
+    for name, t in teacher.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def train_qkd(
     student: nn.Module,
     teacher: nn.Module | SoftTargetSource | Any,
@@ -374,6 +387,8 @@ def train_qkd(
     on_phase_end: Callable[[str, nn.Module, nn.Module | None], None] | None = None,
     on_epoch: Callable[[str, int, float, float], None] | None = None,
     stop: Callable[[], int | None] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> QKDResult:
     """Train a quantization-aware copy of ``student`` with QKD's three phases, then convert it to int8.
 
@@ -383,7 +398,14 @@ def train_qkd(
     qat_student, teacher)`` runs after each phase that ran; ``on_epoch(phase, epoch, loss,
     test_acc)`` after each epoch. ``stop``: as ``train_student``'s, asked before every step of every
     phase; a stopped run raises ``kd.core.signals.Stopped`` there (no later phase, no conversion).
-    """
+
+    ``run_dir``: each phase is a ``train_student`` run in ``run_dir/<phase>`` (config.json,
+    metrics.csv, checkpoint.pt after every epoch and at a stop: the QAT student with its observers,
+    the shared optimiser and batch order, co-studying's teacher and its optimiser). ``resume``:
+    the phases that finished are loaded from their last checkpoint, the one that was stopped
+    continues from its step, the rest run: the result is the uninterrupted run's. A run without
+    ``resume`` removes an older run's checkpoints first (one of its later phases must not be taken
+    for this run's)."""
     config = config or QKDConfig()
     config.validate()
     backend = resolve_backend(config.backend)
@@ -430,6 +452,27 @@ def train_qkd(
     # the shared trainer (student_trainer.train.train_student); each phase is a loss hook.
     opt = torch.optim.Adam(qat.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
+    if resume and run_dir is None:
+        raise ValueError("resume continues the run in run_dir: give run_dir")
+    phase_dirs = {p: None if run_dir is None else Path(run_dir) / p for p in PHASES}
+    if run_dir is not None and not resume:
+        for d in phase_dirs.values():
+            (d / "checkpoint.pt").unlink(missing_ok=True)
+    # What a phase's checkpoint must have been written under besides the trainer's own config: the
+    # QKD options (workers read batches, they change nothing) and the teacher's weights.
+    identity = {k: v for k, v in asdict(config).items() if k != "workers"}
+    identity["teacher"] = _teacher_identity(teacher)
+
+    def restore(state: dict) -> None:
+        """A phase's checkpoint's own state: checked to be of this run, and the teacher's accuracies."""
+        saved = state.get("qkd", {})
+        if saved != identity:
+            diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+            raise ValueError(f"cannot resume {str(run_dir)!r}: its checkpoints are of another QKD run ("
+                             + "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {identity.get(k)!r}" for k in diff)
+                             + ")")  # fmt: skip
+        teacher_acc_per_epoch[:] = [float(a) for a in state["teacher_acc"]]
+
     opts = {"temperature": config.temperature, "alpha": config.alpha}
     t_opts = {"temperature": config.temperature, "alpha": config.teacher_alpha}
     acc_per_epoch: dict[str, list[float]] = {p: [] for p in PHASES}
@@ -468,10 +511,12 @@ def train_qkd(
             hooks.extra = [(local_teacher, torch.optim.Adam(local_teacher.parameters(), lr=config.teacher_lr))]
             hooks.loss = co_studying
 
-            def teacher_acc(epoch: int, row: dict) -> None:
+            def both_accuracies(model: nn.Module, data: SampleSource) -> float:
+                # the teacher's with the student's evaluation, before the epoch's checkpoint holds both
                 teacher_acc_per_epoch.append(accuracy(local_teacher, test))
+                return qat_accuracy(model, data)
 
-            hooks.on_epoch = teacher_acc
+            hooks.evaluate = both_accuracies
         elif phase == "tutoring":
             if local_teacher is not None:
                 for p in local_teacher.parameters():
@@ -483,10 +528,14 @@ def train_qkd(
             if on_epoch is not None:
                 on_epoch(phase, epoch, loss, acc)
 
+        hooks.state = lambda: {"qkd": identity, "teacher_acc": list(teacher_acc_per_epoch)}
+        hooks.load_state = restore
         cfg = TrainConfig(method=method, epochs=epochs[phase], batch_size=config.batch_size, lr=config.lr,
                           seed=config.seed, workers=config.workers)  # fmt: skip
+        here = phase_dirs[phase]
         res = train_student(qat, train, test, cfg, source=source, hooks=hooks, optimizer=opt, generator=gen,
-                            on_epoch=report, stop=stop)  # fmt: skip
+                            on_epoch=report, stop=stop, run_dir=here,
+                            resume=resume and here is not None and (here / "checkpoint.pt").exists())  # fmt: skip
         res.raise_if_stopped(f"in phase {phase}, ")
         acc_per_epoch[phase] = list(res.acc_per_epoch)
         loss_per_epoch[phase] = list(res.loss_per_epoch)

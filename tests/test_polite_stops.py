@@ -294,15 +294,19 @@ def leaves(tree: object) -> list[object]:
     return [tree]
 
 
-def test_sigterm_stops_qkd_inside_a_phase_and_writes_nothing(tmp_path: Path, teacher_spec: str) -> None:
-    # Killed outright before (status -15). It has no --resume: no later phase, no int8 conversion,
-    # nothing in --out.
-    out = tmp_path / "q"
+def test_sigterm_stops_qkd_inside_a_phase_with_its_checkpoints(tmp_path: Path, teacher_spec: str) -> None:
+    # Killed outright before (status -15). No later phase, no int8 conversion, nothing in --out; with
+    # --run-dir each phase's checkpoint (the stopped one's at its step) for --resume (whose result is
+    # the uninterrupted run's: test_qkd).
+    out, run = tmp_path / "q", tmp_path / "run"
     args = ["qkd", "--teacher", f"local:{teacher_spec}", "--epochs-self", "1", "--epochs-co", "100000",
-            "--epochs-tutor", "1", "--out", str(out)]  # fmt: skip
+            "--epochs-tutor", "1", "--out", str(out), "--run-dir", str(run)]  # fmt: skip
     r = stop_when(args, lambda err: "qkd self_studying epoch 1/1: loss" in err)
     line = stop_line(r)
-    m = re.fullmatch(r"stopped by SIGTERM: in phase co_studying, in epoch (\d+) after (\d+) step\(s\); the student "
-                     r"is not saved: kd qkd has no --resume \(run it again from the start\)", line)  # fmt: skip
+    m = re.fullmatch(r"stopped by SIGTERM: in phase co_studying, in epoch (\d+) after (\d+) step\(s\); checkpoint "
+                     rf"in {re.escape(str(run))}: run the same command with --resume.*", line)  # fmt: skip
     assert m and 0 <= int(m[2]) < 38, line  # 1198 samples: 38 steps of 32 an epoch
     assert list(out.iterdir()) == [] and r.stdout == ""
+    assert torch.load(run / "self_studying" / "checkpoint.pt", weights_only=True)["epoch"] == 0  # finished
+    assert torch.load(run / "co_studying" / "checkpoint.pt", weights_only=True)["partial"]["steps"] == int(m[2])
+    assert not (run / "tutoring").exists()

@@ -281,3 +281,42 @@ def test_the_trainers_width_check_leaves_a_qat_students_observers_alone(data) ->
     assert seen and seen[0].keys() == start.keys()
     for k, v in start.items():
         assert torch.equal(seen[0][k], v), k
+
+
+@pytest.mark.parametrize("stop_at", [40, 170])  # co-studying, first epoch; tutoring, second (38 steps an epoch)
+def test_a_stopped_run_resumes_to_the_uninterrupted_int8_student(data, trained_teacher, tmp_path: Path,
+                                                                   stop_at: int) -> None:  # fmt: skip
+    """train_qkd(run_dir=...) stopped inside a phase, then resume=True: the finished phases come back
+    from their checkpoints (the QAT observers, the shared optimiser and batch order, co-studying's
+    teacher), the stopped one goes on from its step; the int8 student, the accuracies per epoch and
+    the co-studied teacher's are the uninterrupted run's."""
+    from kd.core.signals import Stopped
+
+    train, test = data
+    teacher = trained_teacher[0].model
+    config = QKDConfig(epochs_self=1, epochs_co=2, epochs_tutor=2)
+    all_asked = []  # the whole run asks stop() before each of its 190 steps (38 an epoch) and at each epoch's end
+    whole = train_qkd(_student(), teacher, train, test, config, run_dir=tmp_path / "whole",
+                      stop=lambda: all_asked.append(1))  # fmt: skip
+    calls = iter(range(10_000))
+    with pytest.raises(Stopped):
+        train_qkd(_student(), teacher, train, test, config, run_dir=tmp_path / "cut",
+                  stop=lambda: 15 if next(calls) == stop_at else None)  # fmt: skip
+    asked = []  # the resumed run does only what the stopped one had not: nothing twice
+    got = train_qkd(_student(), teacher, train, test, config, run_dir=tmp_path / "cut", resume=True,
+                    stop=lambda: asked.append(1))  # fmt: skip
+    assert len(asked) == len(all_asked) - stop_at and len(all_asked) >= 190
+    want = whole.int8_model.state_dict()
+    for k, v in got.int8_model.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(
+                v.dequantize() if v.is_quantized else v, want[k].dequantize() if want[k].is_quantized else want[k]
+            ), k
+    assert (got.acc_per_epoch, got.teacher_acc_per_epoch, got.int8_acc) == (whole.acc_per_epoch,
+                                                                            whole.teacher_acc_per_epoch,
+                                                                            whole.int8_acc)  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(got.teacher.state_dict().values(),
+                                                 whole.teacher.state_dict().values()))  # fmt: skip
+    other = QKDConfig(epochs_self=1, epochs_co=2, epochs_tutor=2, temperature=3.0)
+    with pytest.raises(ValueError, match=r"another QKD run \(temperature: checkpoint 2\.0, now 3\.0\)"):
+        train_qkd(_student(), teacher, train, test, other, run_dir=tmp_path / "cut", resume=True)
