@@ -66,6 +66,7 @@ from torch import nn
 from kd.core.data import open_source
 from kd.core.factory import build
 from kd.core.samples import SampleSource
+from kd.core.signals import Stopped
 from kd.demo import start_server_process, stop_server_process
 from kd.models import MLP
 from kd.student_trainer.evaluate import check_output_width
@@ -333,7 +334,14 @@ def run_chain(
         prefix = "" if seeds == 1 else f"seed-{seed}-"
         prev_spec, stages, trained, direct_res = teacher, [], [], None
         for i, factory in enumerate(models, start=1):
-            served = _Served(prev_spec, out, f"{prefix}server-stage-{i}.log", serve)
+            try:
+                served = _Served(prev_spec, out, f"{prefix}server-stage-{i}.log", serve)
+            except RuntimeError:
+                # Ctrl-C (or a job scheduler) signals the whole process group: the kd serve child still
+                # starting dies of it, and the stop, not its exit code, is what the user must be told.
+                if stop is not None and (signum := stop()):
+                    raise Stopped(signum, f"starting the server of stage {i} (seed {seed})") from None
+                raise
             try:
                 student, acc, secs = train_from(served, factory, seed, subset)
                 if mode == "takd" and direct and i == 1 and len(models) > 1:

@@ -259,3 +259,37 @@ def test_sigterm_stops_a_chain_at_a_step_and_stops_its_stage_server(tmp_path: Pa
                                            " ".join(line[0].split())), line  # fmt: skip
     assert (out / "stage-0.safetensors").is_file() and not (out / "stage-1.safetensors").exists()
     assert _alive_with(str(out / "server-stage-1.log.port")) == []
+
+
+def test_ctrl_c_while_a_stage_server_starts_is_a_stop_not_a_failed_server(tmp_path: Path) -> None:
+    """Ctrl-C signals the terminal's whole process group: the stage's kd serve child, still starting,
+    dies of it. The chain says it was stopped (exit 130, one line), not 'kd serve exited with -2'
+    (exit 1, which it said before), and leaves no server running."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "kd", "chain", "--epochs", "100000", "--teacher-epochs", "1",
+                             "--labeled", "100", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "server-stage-1.log").exists():  # the child is spawned: it imports for seconds
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert not (out / "server-stage-1.log.port").exists()  # still starting
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the chain and its child
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "error:" not in err, err[-3000:]
+    line = [x for x in err.splitlines() if x.startswith("stopped by")]
+    assert len(line) == 1 and " ".join(line[0].split()).startswith(
+        "stopped by SIGINT: starting the server of stage 1 (seed 0); the stages finished before are in"
+    ), line
+    assert (out / "stage-0.safetensors").is_file() and not (out / "stage-1.safetensors").exists()
+    assert _alive_with(str(out / "server-stage-1.log.port")) == []
