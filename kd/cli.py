@@ -1984,6 +1984,10 @@ def datafree(
     except Stopped as e:
         if run_dir is None:
             _stopped_resumable(e, None)
+        if not (run_dir / "checkpoint.pt").is_file():  # stopped before its first --eval-every rounds ended
+            _stopped_exit(e.signum, f"{e.where}; the student is not saved: no --eval-every rounds ended, so {run_dir} "
+                          "holds no checkpoint to resume from (one is written every --eval-every rounds; 0: only at "
+                          "the end): run it again from the start")  # fmt: skip
         # A round's work between checkpoints is in none: the run goes on from the last whole epoch.
         _stopped_exit(e.signum, f"{e.where}; {run_dir} holds the checkpoint of the last --eval-every rounds done: "
                       "run the same command with --resume to continue from there")  # fmt: skip
