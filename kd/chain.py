@@ -344,6 +344,9 @@ def run_chain(
                 raise
             try:
                 student, acc, secs = train_from(served, factory, seed, subset)
+                # saved now: a stop in the direct baseline below must not lose a finished stage
+                weights = out / f"{prefix}stage-{i}.safetensors"
+                save_weights(student, weights)
                 if mode == "takd" and direct and i == 1 and len(models) > 1:
                     _, dacc, dsecs = train_from(served, models[-1], seed, subset)
                     direct_res = {"model": models[-1], "test_acc": dacc, "seconds": round(dsecs, 2),
@@ -352,8 +355,6 @@ def run_chain(
                 rc = served.close()
             if serve and rc != 0:
                 raise RuntimeError(f"kd serve exited with {rc} after SIGTERM (stage {i}, seed {seed})")
-            weights = out / f"{prefix}stage-{i}.safetensors"
-            save_weights(student, weights)
             prev_spec = with_weights(factory, weights)
             trained.append(student)
             stages.append({"stage": i, "model": factory, "spec": prev_spec, "test_acc": accuracy(student, test),

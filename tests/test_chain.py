@@ -293,3 +293,23 @@ def test_ctrl_c_while_a_stage_server_starts_is_a_stop_not_a_failed_server(tmp_pa
     ), line
     assert (out / "stage-0.safetensors").is_file() and not (out / "stage-1.safetensors").exists()
     assert _alive_with(str(out / "server-stage-1.log.port")) == []
+
+
+def test_a_stop_in_the_direct_baseline_keeps_the_finished_first_stage(tmp_path: Path) -> None:
+    """TAKD trains the direct baseline (teacher -> last model) after stage 1, from stage 1's server.
+    A stop there must leave stage 1, which finished, in --out: it was saved only after the baseline,
+    so the stop lost it while the message said the finished stages were kept."""
+    from kd.core.signals import Stopped
+
+    calls = []
+
+    def stop() -> int | None:
+        # asked before every step and once more at each epoch's end: the teacher's epoch (1198
+        # samples in batches of 64: 20), stage 1's (100 samples: 3), then the baseline's first step
+        calls.append(1)
+        return 15 if len(calls) == 24 else None
+
+    with pytest.raises(Stopped) as stopped:
+        run_chain(tmp_path, mode="takd", epochs=1, teacher_epochs=1, serve=False, stop=stop)
+    assert stopped.value.where.startswith("training kd.models:digits_student (seed 0), in epoch 0 after 0 step(s)")
+    assert (tmp_path / "stage-1.safetensors").is_file() and not (tmp_path / "stage-2.safetensors").exists()
