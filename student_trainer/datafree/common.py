@@ -297,6 +297,8 @@ class Run:
                  test: SampleSource | None) -> None:  # fmt: skip
         if config.steps < 1:
             raise ValueError(f"{method}: steps must be >= 1, got {config.steps}")
+        if config.resume and config.run_dir is None:  # before any query; else it silently starts over
+            raise ValueError(f"{method}: resume continues the run in run_dir: give run_dir")
         self.method, self.teacher, self.student, self.config, self.test = method, teacher, student, config, test
         self.t0 = time.perf_counter()
         self.history: list[tuple[int, float]] = []
