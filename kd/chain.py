@@ -69,7 +69,7 @@ from kd.core.samples import SampleSource
 from kd.core.signals import Stopped
 from kd.demo import start_server_process, stop_server_process
 from kd.models import MLP
-from kd.student_trainer.evaluate import check_output_width
+from kd.student_trainer.evaluate import check_output_width, output_width
 from kd.student_trainer.losses import get_method
 from kd.student_trainer.sources import LocalSource, ServerSource, SoftTargetSource
 from kd.student_trainer.train import Hooks, StepContext, TrainConfig, accuracy, seed_everything, train_student
@@ -224,7 +224,7 @@ def check_chain(
                                ("tolerant_k", tolerant_k, 2), ("batch_size", batch_size, 1)):  # fmt: skip
         if value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
-    train, _, _ = open_splits(dataset, val_dataset, labeled)
+    train, test, _ = open_splits(dataset, val_dataset, labeled)
     stage_config(epochs, 0, batch_size, recipe, {"temperature": temperature, "alpha": alpha})  # the recipe's own check
     # tolerant_loss treats any gamma <= 0 (and NaN, which compares false) as "off": a negative or NaN
     # weight would silently train a plain teacher, so only a finite gamma >= 0 is taken.
@@ -238,16 +238,32 @@ def check_chain(
     # other arguments or carries @WEIGHTS is refused now rather than after the stages before it.
     with torch.random.fork_rng(devices=[]):
         if teacher is None:
-            build(teacher_factory, "teacher")
+            _takes(build(teacher_factory, "teacher"), test, f"teacher factory {teacher_factory!r}")
         else:  # a missing or mismatched weights file: exit 2 naming it, not exit 1 from run_chain's stage 0
             try:
-                load_teacher("chain", teacher)
+                _takes(load_teacher("chain", teacher).model, test, f"teacher {teacher!r}")
             except TeacherLoadError as e:
                 raise ValueError(f"teacher: {e}") from e
         for spec in dict.fromkeys(models):
             # train_student refuses a model of another width too, but only once the stages before it trained
-            check_output_width(build(spec, "student"), train, f"model {spec!r}")
+            model = build(spec, "student")
+            check_output_width(model, train, f"model {spec!r}")
+            _takes(model, test, f"model {spec!r}")
     return models
+
+
+def _takes(model: nn.Module, test: SampleSource, what: str) -> None:
+    """Refuse a model that cannot take ``test``'s samples: every model is evaluated on the val split
+    after each epoch, where another sample shape failed with torch's shape error (after the first
+    epoch of the teacher's training). Its classes may be fewer than the model's outputs (as kd
+    train's --val-dataset), so only the shape is checked here."""
+    try:
+        output_width(model, test)
+    except RuntimeError as e:
+        shape = list(test.get(torch.arange(1)).shape[1:])
+        raise ValueError(
+            f"{what} cannot take the samples of val_dataset {test.dataset_id}, shaped {shape} ({e})"
+        ) from None
 
 
 def stage_config(epochs: int, seed: int, batch_size: int, recipe: dict[str, object] | None,

@@ -313,3 +313,18 @@ def test_a_stop_in_the_direct_baseline_keeps_the_finished_first_stage(tmp_path: 
         run_chain(tmp_path, mode="takd", epochs=1, teacher_epochs=1, serve=False, stop=stop)
     assert stopped.value.where.startswith("training kd.models:digits_student (seed 0), in epoch 0 after 0 step(s)")
     assert (tmp_path / "stage-1.safetensors").is_file() and not (tmp_path / "stage-2.safetensors").exists()
+
+
+def test_a_val_split_the_models_cannot_take_is_refused_before_the_teacher_trains(tmp_path: Path) -> None:
+    """Every model is evaluated on --val-dataset after each epoch: a split of 12 features for digits'
+    64-feature models failed there, after the teacher's first epoch, with torch's shape error (exit
+    1). It is refused up front now (exit 2, one line naming the split), and the same for --model."""
+    val = _blobs(tmp_path / "val.npz", 30, 0)
+    out = tmp_path / "out"
+    cases = [([], "teacher factory 'kd.models:digits_teacher'"),
+             (["--teacher", "kd.models:MLP?sizes=[12,8,10]"], "model 'kd.chain:digits_assistant'")]  # fmt: skip
+    for extra, who in cases:
+        r = CliRunner().invoke(app, ["chain", "--epochs", "1", "--teacher-epochs", "1", "--no-serve", "--out", str(out),
+                                     "--val-dataset", val, *extra])  # fmt: skip
+        refused(r, f"{who} cannot take the samples of val_dataset", "shaped [12]")
+        assert not out.exists()
