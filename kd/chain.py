@@ -210,7 +210,7 @@ def check_chain(
     dataset: str = "digits:train",
     val_dataset: str = "digits:test",
     recipe: dict[str, object] | None = None,
-    batch_size: int = 64,
+    batch_size: int = 32,
 ) -> list[str]:
     """Refuse (ValueError, naming the argument) a chain that could not run to its end, before any stage
     trains: a bad option or model found only after the teacher had trained lost that work. -> the
@@ -298,12 +298,12 @@ def run_chain(
     dataset: str = "digits:train",
     val_dataset: str = "digits:test",
     recipe: dict[str, object] | None = None,
-    batch_size: int = 64,
+    batch_size: int = 32,
     stop: Callable[[], int | None] | None = None,
 ) -> dict:
     """The chain on ``dataset`` (any dataset URI; a seeded subset of ``labeled`` samples per seed),
     each model evaluated on ``val_dataset``; the stages train with method kd, ``batch_size`` and
-    ``recipe`` (TrainConfig's recipe fields; default Adam at 1e-3). ``stop``: as
+    ``recipe`` (TrainConfig's recipe fields; default Adam at 3e-3, TrainConfig's). ``stop``: as
     ``train_student``'s; a stopped chain raises ``kd.core.signals.Stopped`` (the stages saved
     before stay, the server of the stage in training is stopped)."""
     models = check_chain(mode=mode, teacher=teacher, models=models, epochs=epochs, seeds=seeds, labeled=labeled,

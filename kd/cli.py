@@ -1844,8 +1844,11 @@ def chain(
         help="Labelled training samples each stage sees (a seeded subset per seed); default: 100 of the "
         "bundled digits (the TAKD experiment's low-data setting), every sample of any other --dataset.",
     ),
-    batch_size: int = typer.Option(64, help="Batch size of each stage."),
-    lr: float = typer.Option(1e-3, help="Each stage's base learning rate (see --schedule, --warmup-epochs)."),
+    batch_size: int = typer.Option(32, help="Batch size of each stage (32: the stages' batch before the flag)."),
+    lr: float = typer.Option(
+        3e-3,
+        help="Each stage's base learning rate (see --schedule, --warmup-epochs; 3e-3: the stages' before the flag).",
+    ),
     weight_decay: float = typer.Option(0.0, help="Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
     optimizer: str = typer.Option("adam", help="Each stage's optimiser (the recipe's names, as `kd train`)."),
     momentum: float = typer.Option(0.9, help="sgd: momentum."),

@@ -305,12 +305,12 @@ def test_a_stop_in_the_direct_baseline_keeps_the_finished_first_stage(tmp_path: 
 
     def stop() -> int | None:
         # asked before every step and once more at each epoch's end: the teacher's epoch (1198
-        # samples in batches of 64: 20), stage 1's (100 samples: 3), then the baseline's first step
+        # samples in batches of 64: 20), stage 1's (100 samples, batch 64: 3), then the baseline's first step
         calls.append(1)
         return 15 if len(calls) == 24 else None
 
     with pytest.raises(Stopped) as stopped:
-        run_chain(tmp_path, mode="takd", epochs=1, teacher_epochs=1, serve=False, stop=stop)
+        run_chain(tmp_path, mode="takd", epochs=1, teacher_epochs=1, serve=False, stop=stop, batch_size=64)
     assert stopped.value.where.startswith("training kd.models:digits_student (seed 0), in epoch 0 after 0 step(s)")
     assert (tmp_path / "stage-1.safetensors").is_file() and not (tmp_path / "stage-2.safetensors").exists()
 
@@ -328,3 +328,34 @@ def test_a_val_split_the_models_cannot_take_is_refused_before_the_teacher_trains
                                      "--val-dataset", val, *extra])  # fmt: skip
         refused(r, f"{who} cannot take the samples of val_dataset", "shaped [12]")
         assert not out.exists()
+
+
+def test_the_default_stage_recipe_is_the_one_before_the_recipe_flags(tmp_path: Path) -> None:
+    """The stages trained with TrainConfig's defaults (Adam, lr 3e-3, batch 32) before kd chain took
+    recipe flags; the flags' defaults (lr 1e-3, batch 64) changed every default chain, whose
+    published digits numbers came from the old recipe. A stage of a default chain is again the
+    model train_student makes with TrainConfig's defaults, bit for bit."""
+    from kd.core.factory import build
+    from kd.student_trainer.sources import LocalSource
+    from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+    from kd.teacher_server.loading import save_weights
+
+    seed_everything(0)
+    weights = save_weights(build("kd.models:digits_teacher", "teacher"), tmp_path / "t.safetensors")
+    teacher = f"kd.models:digits_teacher@{weights}"
+    out = tmp_path / "out"
+    args = ["chain", "--mode", "born-again", "--teacher", teacher, "--model", "kd.models:digits_student",
+            "--epochs", "2", "--no-serve", "--out", str(out)]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    result = json.loads((out / "chain.json").read_text())
+    assert (result["batch_size"], result["recipe"]["lr"], result["recipe"]["optimizer"]) == (32, 3e-3, "adam")
+
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    seed_everything(0)
+    want = build("kd.models:digits_student", "student")
+    subset = torch.randperm(len(train), generator=torch.Generator().manual_seed(1000))[:100]
+    cfg = TrainConfig(method="kd", method_options={"temperature": 4.0, "alpha": 0.9}, epochs=2, seed=0)
+    train_student(want, train, test, cfg, source=LocalSource(teacher), subset=subset)
+    got = load_teacher("s", f"kd.models:digits_student@{out / 'stage-1.safetensors'}").model
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
