@@ -66,9 +66,10 @@ from torch import nn
 from kd.core.data import open_source
 from kd.core.factory import build
 from kd.core.samples import SampleSource
+from kd.core.signals import Stopped
 from kd.demo import start_server_process, stop_server_process
 from kd.models import MLP
-from kd.student_trainer.evaluate import check_output_width
+from kd.student_trainer.evaluate import check_output_width, output_width
 from kd.student_trainer.losses import get_method
 from kd.student_trainer.sources import LocalSource, ServerSource, SoftTargetSource
 from kd.student_trainer.train import Hooks, StepContext, TrainConfig, accuracy, seed_everything, train_student
@@ -209,7 +210,7 @@ def check_chain(
     dataset: str = "digits:train",
     val_dataset: str = "digits:test",
     recipe: dict[str, object] | None = None,
-    batch_size: int = 64,
+    batch_size: int = 32,
 ) -> list[str]:
     """Refuse (ValueError, naming the argument) a chain that could not run to its end, before any stage
     trains: a bad option or model found only after the teacher had trained lost that work. -> the
@@ -223,7 +224,7 @@ def check_chain(
                                ("tolerant_k", tolerant_k, 2), ("batch_size", batch_size, 1)):  # fmt: skip
         if value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
-    train, _, _ = open_splits(dataset, val_dataset, labeled)
+    train, test, _ = open_splits(dataset, val_dataset, labeled)
     stage_config(epochs, 0, batch_size, recipe, {"temperature": temperature, "alpha": alpha})  # the recipe's own check
     # tolerant_loss treats any gamma <= 0 (and NaN, which compares false) as "off": a negative or NaN
     # weight would silently train a plain teacher, so only a finite gamma >= 0 is taken.
@@ -237,16 +238,32 @@ def check_chain(
     # other arguments or carries @WEIGHTS is refused now rather than after the stages before it.
     with torch.random.fork_rng(devices=[]):
         if teacher is None:
-            build(teacher_factory, "teacher")
+            _takes(build(teacher_factory, "teacher"), test, f"teacher factory {teacher_factory!r}")
         else:  # a missing or mismatched weights file: exit 2 naming it, not exit 1 from run_chain's stage 0
             try:
-                load_teacher("chain", teacher)
+                _takes(load_teacher("chain", teacher).model, test, f"teacher {teacher!r}")
             except TeacherLoadError as e:
                 raise ValueError(f"teacher: {e}") from e
         for spec in dict.fromkeys(models):
             # train_student refuses a model of another width too, but only once the stages before it trained
-            check_output_width(build(spec, "student"), train, f"model {spec!r}")
+            model = build(spec, "student")
+            check_output_width(model, train, f"model {spec!r}")
+            _takes(model, test, f"model {spec!r}")
     return models
+
+
+def _takes(model: nn.Module, test: SampleSource, what: str) -> None:
+    """Refuse a model that cannot take ``test``'s samples: every model is evaluated on the val split
+    after each epoch, where another sample shape failed with torch's shape error (after the first
+    epoch of the teacher's training). Its classes may be fewer than the model's outputs (as kd
+    train's --val-dataset), so only the shape is checked here."""
+    try:
+        output_width(model, test)
+    except RuntimeError as e:
+        shape = list(test.get(torch.arange(1)).shape[1:])
+        raise ValueError(
+            f"{what} cannot take the samples of val_dataset {test.dataset_id}, shaped {shape} ({e})"
+        ) from None
 
 
 def stage_config(epochs: int, seed: int, batch_size: int, recipe: dict[str, object] | None,
@@ -281,12 +298,12 @@ def run_chain(
     dataset: str = "digits:train",
     val_dataset: str = "digits:test",
     recipe: dict[str, object] | None = None,
-    batch_size: int = 64,
+    batch_size: int = 32,
     stop: Callable[[], int | None] | None = None,
 ) -> dict:
     """The chain on ``dataset`` (any dataset URI; a seeded subset of ``labeled`` samples per seed),
     each model evaluated on ``val_dataset``; the stages train with method kd, ``batch_size`` and
-    ``recipe`` (TrainConfig's recipe fields; default Adam at 1e-3). ``stop``: as
+    ``recipe`` (TrainConfig's recipe fields; default Adam at 3e-3, TrainConfig's). ``stop``: as
     ``train_student``'s; a stopped chain raises ``kd.core.signals.Stopped`` (the stages saved
     before stay, the server of the stage in training is stopped)."""
     models = check_chain(mode=mode, teacher=teacher, models=models, epochs=epochs, seeds=seeds, labeled=labeled,
@@ -333,9 +350,19 @@ def run_chain(
         prefix = "" if seeds == 1 else f"seed-{seed}-"
         prev_spec, stages, trained, direct_res = teacher, [], [], None
         for i, factory in enumerate(models, start=1):
-            served = _Served(prev_spec, out, f"{prefix}server-stage-{i}.log", serve)
+            try:
+                served = _Served(prev_spec, out, f"{prefix}server-stage-{i}.log", serve)
+            except RuntimeError:
+                # Ctrl-C (or a job scheduler) signals the whole process group: the kd serve child still
+                # starting dies of it, and the stop, not its exit code, is what the user must be told.
+                if stop is not None and (signum := stop()):
+                    raise Stopped(signum, f"starting the server of stage {i} (seed {seed})") from None
+                raise
             try:
                 student, acc, secs = train_from(served, factory, seed, subset)
+                # saved now: a stop in the direct baseline below must not lose a finished stage
+                weights = out / f"{prefix}stage-{i}.safetensors"
+                save_weights(student, weights)
                 if mode == "takd" and direct and i == 1 and len(models) > 1:
                     _, dacc, dsecs = train_from(served, models[-1], seed, subset)
                     direct_res = {"model": models[-1], "test_acc": dacc, "seconds": round(dsecs, 2),
@@ -344,8 +371,6 @@ def run_chain(
                 rc = served.close()
             if serve and rc != 0:
                 raise RuntimeError(f"kd serve exited with {rc} after SIGTERM (stage {i}, seed {seed})")
-            weights = out / f"{prefix}stage-{i}.safetensors"
-            save_weights(student, weights)
             prev_spec = with_weights(factory, weights)
             trained.append(student)
             stages.append({"stage": i, "model": factory, "spec": prev_spec, "test_acc": accuracy(student, test),

@@ -1869,8 +1869,11 @@ def chain(
         help="Labelled training samples each stage sees (a seeded subset per seed); default: 100 of the "
         "bundled digits (the TAKD experiment's low-data setting), every sample of any other --dataset.",
     ),
-    batch_size: int = typer.Option(64, help="Batch size of each stage."),
-    lr: float = typer.Option(1e-3, help="Each stage's base learning rate (see --schedule, --warmup-epochs)."),
+    batch_size: int = typer.Option(32, help="Batch size of each stage (32: the stages' batch before the flag)."),
+    lr: float = typer.Option(
+        3e-3,
+        help="Each stage's base learning rate (see --schedule, --warmup-epochs; 3e-3: the stages' before the flag).",
+    ),
     weight_decay: float = typer.Option(0.0, help="Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
     optimizer: str = typer.Option("adam", help="Each stage's optimiser (the recipe's names, as `kd train`)."),
     momentum: float = typer.Option(0.9, help="sgd: momentum."),
@@ -2013,6 +2016,10 @@ def datafree(
     except Stopped as e:
         if run_dir is None:
             _stopped_resumable(e, None)
+        if not (run_dir / "checkpoint.pt").is_file():  # stopped before its first --eval-every rounds ended
+            _stopped_exit(e.signum, f"{e.where}; the student is not saved: no --eval-every rounds ended, so {run_dir} "
+                          "holds no checkpoint to resume from (one is written every --eval-every rounds; 0: only at "
+                          "the end): run it again from the start")  # fmt: skip
         # A round's work between checkpoints is in none: the run goes on from the last whole epoch.
         _stopped_exit(e.signum, f"{e.where}; {run_dir} holds the checkpoint of the last --eval-every rounds done: "
                       "run the same command with --resume to continue from there")  # fmt: skip

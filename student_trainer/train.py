@@ -672,6 +672,8 @@ def train_student(
         raise ValueError(f"workers must be >= 0, got {config.workers}")
     if config.views < 1:
         raise ValueError(f"views must be >= 1 (1: the plain samples), got {config.views}")
+    if resume and run_dir is None:  # else a resume would silently train from the start
+        raise ValueError("resume continues the run in run_dir: give run_dir")
     method = get_method(config.method)
     if hooks.loss is None:  # a loss hook replaces the method's loss (and reads the targets its own way)
         check_logit_offsets(config.method, config.method_options, source, config.matches)

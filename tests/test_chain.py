@@ -259,3 +259,103 @@ def test_sigterm_stops_a_chain_at_a_step_and_stops_its_stage_server(tmp_path: Pa
                                            " ".join(line[0].split())), line  # fmt: skip
     assert (out / "stage-0.safetensors").is_file() and not (out / "stage-1.safetensors").exists()
     assert _alive_with(str(out / "server-stage-1.log.port")) == []
+
+
+def test_ctrl_c_while_a_stage_server_starts_is_a_stop_not_a_failed_server(tmp_path: Path) -> None:
+    """Ctrl-C signals the terminal's whole process group: the stage's kd serve child, still starting,
+    dies of it. The chain says it was stopped (exit 130, one line), not 'kd serve exited with -2'
+    (exit 1, which it said before), and leaves no server running."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "kd", "chain", "--epochs", "100000", "--teacher-epochs", "1",
+                             "--labeled", "100", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "server-stage-1.log").exists():  # the child is spawned: it imports for seconds
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert not (out / "server-stage-1.log.port").exists()  # still starting
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the chain and its child
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "error:" not in err, err[-3000:]
+    line = [x for x in err.splitlines() if x.startswith("stopped by")]
+    assert len(line) == 1 and " ".join(line[0].split()).startswith(
+        "stopped by SIGINT: starting the server of stage 1 (seed 0); the stages finished before are in"
+    ), line
+    assert (out / "stage-0.safetensors").is_file() and not (out / "stage-1.safetensors").exists()
+    assert _alive_with(str(out / "server-stage-1.log.port")) == []
+
+
+def test_a_stop_in_the_direct_baseline_keeps_the_finished_first_stage(tmp_path: Path) -> None:
+    """TAKD trains the direct baseline (teacher -> last model) after stage 1, from stage 1's server.
+    A stop there must leave stage 1, which finished, in --out: it was saved only after the baseline,
+    so the stop lost it while the message said the finished stages were kept."""
+    from kd.core.signals import Stopped
+
+    calls = []
+
+    def stop() -> int | None:
+        # asked before every step and once more at each epoch's end: the teacher's epoch (1198
+        # samples in batches of 64: 20), stage 1's (100 samples, batch 64: 3), then the baseline's first step
+        calls.append(1)
+        return 15 if len(calls) == 24 else None
+
+    with pytest.raises(Stopped) as stopped:
+        run_chain(tmp_path, mode="takd", epochs=1, teacher_epochs=1, serve=False, stop=stop, batch_size=64)
+    assert stopped.value.where.startswith("training kd.models:digits_student (seed 0), in epoch 0 after 0 step(s)")
+    assert (tmp_path / "stage-1.safetensors").is_file() and not (tmp_path / "stage-2.safetensors").exists()
+
+
+def test_a_val_split_the_models_cannot_take_is_refused_before_the_teacher_trains(tmp_path: Path) -> None:
+    """Every model is evaluated on --val-dataset after each epoch: a split of 12 features for digits'
+    64-feature models failed there, after the teacher's first epoch, with torch's shape error (exit
+    1). It is refused up front now (exit 2, one line naming the split), and the same for --model."""
+    val = _blobs(tmp_path / "val.npz", 30, 0)
+    out = tmp_path / "out"
+    cases = [([], "teacher factory 'kd.models:digits_teacher'"),
+             (["--teacher", "kd.models:MLP?sizes=[12,8,10]"], "model 'kd.chain:digits_assistant'")]  # fmt: skip
+    for extra, who in cases:
+        r = CliRunner().invoke(app, ["chain", "--epochs", "1", "--teacher-epochs", "1", "--no-serve", "--out", str(out),
+                                     "--val-dataset", val, *extra])  # fmt: skip
+        refused(r, f"{who} cannot take the samples of val_dataset", "shaped [12]")
+        assert not out.exists()
+
+
+def test_the_default_stage_recipe_is_the_one_before_the_recipe_flags(tmp_path: Path) -> None:
+    """The stages trained with TrainConfig's defaults (Adam, lr 3e-3, batch 32) before kd chain took
+    recipe flags; the flags' defaults (lr 1e-3, batch 64) changed every default chain, whose
+    published digits numbers came from the old recipe. A stage of a default chain is again the
+    model train_student makes with TrainConfig's defaults, bit for bit."""
+    from kd.core.factory import build
+    from kd.student_trainer.sources import LocalSource
+    from kd.student_trainer.train import TrainConfig, seed_everything, train_student
+    from kd.teacher_server.loading import save_weights
+
+    seed_everything(0)
+    weights = save_weights(build("kd.models:digits_teacher", "teacher"), tmp_path / "t.safetensors")
+    teacher = f"kd.models:digits_teacher@{weights}"
+    out = tmp_path / "out"
+    args = ["chain", "--mode", "born-again", "--teacher", teacher, "--model", "kd.models:digits_student",
+            "--epochs", "2", "--no-serve", "--out", str(out)]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    result = json.loads((out / "chain.json").read_text())
+    assert (result["batch_size"], result["recipe"]["lr"], result["recipe"]["optimizer"]) == (32, 3e-3, "adam")
+
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    seed_everything(0)
+    want = build("kd.models:digits_student", "student")
+    subset = torch.randperm(len(train), generator=torch.Generator().manual_seed(1000))[:100]
+    cfg = TrainConfig(method="kd", method_options={"temperature": 4.0, "alpha": 0.9}, epochs=2, seed=0)
+    train_student(want, train, test, cfg, source=LocalSource(teacher), subset=subset)
+    got = load_teacher("s", f"kd.models:digits_student@{out / 'stage-1.safetensors'}").model
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))

@@ -242,3 +242,19 @@ def test_a_resume_with_other_method_options_is_refused_naming_them(address: str,
         run(address, "dfad", replace(config, resume=True), digits_cnn_student(), nz=16, generator_width=8, k=2)
     with pytest.raises(ValueError, match=r"method: checkpoint 'dfad', now 'dafl'"):
         run(address, "dafl", replace(config, resume=True), digits_cnn_student(), nz=16, generator_width=8)
+
+
+def test_a_resume_without_a_run_directory_is_refused_before_any_query(address: str) -> None:
+    """resume=True with no run_dir had nothing to continue from and trained from the start without a
+    word (train_student ignored resume without run_dir); both refuse it now, the data-free run
+    before its first teacher query."""
+    from kd.student_trainer.train import TrainConfig, train_student
+
+    with TeacherClient(address, client_id=f"dft-{uuid.uuid4().hex[:8]}") as client:
+        teacher = ServedTeacher(client, "white")
+        with pytest.raises(ValueError, match=r"dfad: resume continues the run in run_dir: give run_dir"):
+            get("dfad").run(teacher, digits_cnn_student(), DataFreeConfig(steps=2, batch_size=8, resume=True),
+                            test=TEST, nz=16, generator_width=8)  # fmt: skip
+        assert teacher.usage.samples == 0
+    with pytest.raises(ValueError, match=r"resume continues the run in run_dir: give run_dir"):
+        train_student(digits_cnn_student(), TRAIN, TEST, TrainConfig(method="ce", epochs=1), resume=True)

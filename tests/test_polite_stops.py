@@ -255,6 +255,29 @@ def test_sigterm_stops_datafree_between_rounds_and_resume_continues_from_its_las
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == len(later) - 1
 
 
+def test_a_datafree_stop_before_its_first_checkpoint_does_not_offer_a_resume(tmp_path: Path) -> None:
+    """--eval-every left at 0: the run is one trainer epoch, checkpointed only at its end. A stop in
+    it leaves no checkpoint.pt, so the stop line must not tell the user to --resume (it did, and
+    --resume then failed: 'it has no checkpoint.pt')."""
+    from kd.models import digits_cnn
+
+    torch.manual_seed(0)
+    weights = save_weights(digits_cnn(), tmp_path / "t.safetensors")
+    teacher = load_teacher("cnn", f"kd.models:digits_cnn@{weights}")
+    running = start_server([teacher], options={"cnn": TeacherOptions(access="white")})
+    run = tmp_path / "run"
+    try:
+        args = ["datafree", "dafl", "--server", f"127.0.0.1:{running.port}/cnn", "--steps", "100000",
+                "--batch-size", "8", "--opt", "nz=16", "--opt", "generator_width=8", "--val-dataset", "none",
+                "--run-dir", str(run)]  # fmt: skip
+        r = stop_when(args, lambda _: (run / "config.json").exists())  # the trainer started its only epoch
+    finally:
+        running.stop(grace=1)
+    line = stop_line(r)
+    assert not (run / "checkpoint.pt").exists()
+    assert "--resume" not in line and f"{run} holds no checkpoint to resume from" in " ".join(line.split()), line
+
+
 def test_sigterm_stops_online_at_a_step_and_resume_ends_as_an_uninterrupted_run(tmp_path: Path) -> None:
     # Killed outright before (status -15), the epoch lost. Stopped in epoch 1 or later (the signal
     # follows epoch 0's checkpoint), the resumed run must redo no step and skip none.

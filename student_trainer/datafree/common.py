@@ -307,6 +307,8 @@ class Run:
         if not 1 <= config.batch_size or values > MAX_BATCH_VALUES:
             raise ValueError(f"{method}: batch_size {config.batch_size} of inputs {list(teacher.input_shape)} must be "
                              f">= 1 and hold at most {MAX_BATCH_VALUES:,} values (2**31), got {values:,}")  # fmt: skip
+        if config.resume and config.run_dir is None:  # before any query; else it silently starts over
+            raise ValueError(f"{method}: resume continues the run in run_dir: give run_dir")
         self.method, self.teacher, self.student, self.config, self.test = method, teacher, student, config, test
         self.t0 = time.perf_counter()
         self.history: list[tuple[int, float]] = []
