@@ -801,15 +801,26 @@ def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
         table = read_table(value)
     except ConfigError as e:
         _fail(f"--config: {e}")
-    names = {p.name for p in ctx.command.params}
-    values = {str(k).replace("-", "_"): v for k, v in table.items()}
-    unknown = sorted(set(values) - names - {"config"})
+    params = {p.name: p for p in ctx.command.params}
+    values: dict[str, object] = {}
+    spelled: dict[str, str] = {}
+    for k, v in table.items():
+        key = str(k).replace("-", "_")
+        if key in spelled:  # batch-size and batch_size both: one would be dropped without a word
+            _fail(f"--config {str(value)!r}: {spelled[key]!r} and {str(k)!r} are the same option; give it once")
+        spelled[key], values[key] = str(k), v
+    unknown = sorted(set(values) - set(params))
     if unknown:
         _fail(f"--config {str(value)!r}: unknown option(s) {unknown}; see `kd train --help`")
+    if "config" in values:  # read before this file's values: it would be ignored
+        _fail(f"--config {str(value)!r}: config cannot name another config file; give one --config")
     if "resume" in values:  # a file reused by every run of a recipe: each new run would resume (or fail)
         _fail(f"--config {str(value)!r}: resume is not a recipe setting (it continues one run directory): "
               "leave it out of the file and give --resume on the command line")  # fmt: skip
     opt = values.pop("opt", None)
+    if opt is not None and not isinstance(opt, (dict, list, str)):
+        _fail(f"--config {str(value)!r}: opt must be a table of method options (opt: {{temperature: 4}}) or a "
+              f"list of key=value strings, got {opt!r}")  # fmt: skip
     ctx.meta["kd_config_path"] = str(value)
     if isinstance(opt, dict) and any(isinstance(v, dict) for v in opt.values()):  # keyed by method
         from kd.student_trainer.losses import METHODS
@@ -838,8 +849,33 @@ def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
             values[key] = [values[key]]
     if isinstance(values.get("milestones"), list):  # milestones: [150, 180, 210]
         values["milestones"] = ",".join(str(m) for m in values["milestones"])
+    for key, v in values.items():
+        _check_config_value(ctx, params[key], v, value)
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
+
+
+def _check_config_value(ctx: typer.Context, param, v: object, path: Path) -> None:
+    """A --config value the option takes, checked here so that a refusal names the file and the key
+    (click's own check came later as "Invalid value for '--epochs'", an option the user never typed)."""
+    where = f"--config {str(path)!r}: {param.name.replace('_', '-')}"
+    if v is None:  # YAML's `epochs:` or `~`: the option's default was used without a word
+        _fail(f"{where} has no value; give one or leave the key out")
+    flag = bool(getattr(param, "is_flag", False))
+    if flag != isinstance(v, bool):  # `epochs = true` trained 1 epoch; `progress = "no"` is not a boolean
+        _fail(f"{where} must be {'true or false' if flag else 'a ' + _config_kind(param)}, got {v!r}")
+    if isinstance(v, list) and not getattr(param, "multiple", False):
+        _fail(f"{where} takes one value, got the list {v!r}")
+    try:
+        param.process_value(ctx, v)
+    except Exception as e:  # noqa: BLE001 - click's BadParameter (typer vendors its own click)
+        _fail(f"{where}: {getattr(e, 'message', None) or e} (got {v!r})")
+
+
+def _config_kind(param) -> str:
+    """'number', 'whole number' or 'string': what an option of the command line takes, for a message."""
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    return {int: "whole number", float: "number"}.get(annotation, "string")
 
 
 def _config_method_options(ctx: typer.Context, method: str) -> list[str]:

@@ -206,15 +206,19 @@ def read_table(path: str | Path) -> dict[str, Any]:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give the TOML or YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                          f"offset {e.start}): TOML and YAML files are UTF-8") from None  # fmt: skip
     if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError("YAML configs need PyYAML (pip install pyyaml); or use TOML") from None
-        data = yaml.safe_load(text)
+        data = _read_yaml(text, path)
     else:
         if sys.version_info >= (3, 11):
             import tomllib
@@ -227,6 +231,37 @@ def _read(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a table/mapping at the top")
     return data
+
+
+def _read_yaml(text: str, path: Path) -> Any:
+    """One YAML document, read safely; a key given twice in one mapping is refused, as TOML does
+    (PyYAML keeps the last silently: `epochs: 240` then `epochs: 1` trained 1 epoch)."""
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError("YAML configs need PyYAML (pip install pyyaml); or use TOML") from None
+
+    class _UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN202 - PyYAML's signature
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) or key is None:
+                    if key in seen:
+                        raise ConfigError(f"config file {str(path)!r}: key {key!r} is given twice in one mapping "
+                                          f"(line {key_node.start_mark.line + 1})")  # fmt: skip
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader: plain data only
+    except yaml.YAMLError as e:
+        # PyYAML's message spans several lines (context, the offending line, a caret): one line here
+        where = getattr(e, "problem_mark", None)
+        parts = [getattr(e, "context", None), getattr(e, "problem", None)]
+        problem = ", ".join(p for p in parts if p) or str(e).splitlines()[0]
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {problem}{at}") from None
 
 
 def _take(table: dict[str, Any], allowed: set[str], where: str) -> None:
