@@ -130,7 +130,6 @@ def _check_saveable(model, out: Path | None) -> None:
 def _check_out(out: Path | None, flag: str = "--out") -> None:
     """Before any training: ``out`` must be writable (not a directory, its parent a writable directory)
     and named ``*.safetensors``, so a trained student is never lost to a path that was wrong from the start."""
-    import os
 
     if out is None:
         return
@@ -151,6 +150,19 @@ def _check_out(out: Path | None, flag: str = "--out") -> None:
             f"{flag} {str(out)!r} ends in {suffix}, where kd train writes the connectors of --out "
             f"{str(owner)!r}; a student saved there would overwrite them (or be overwritten): choose another name"
         )
+    _check_file_out(out, flag)
+
+
+def _check_file_out(out: Path | None, flag: str) -> None:
+    """Before any work: a file a command writes at its end (--json, --save, --out) must be one it can
+    write (not a directory; the nearest existing folder above it writable), so a finished run is not
+    lost to a traceback at its last line."""
+    import os
+
+    if out is None:
+        return
+    if out.is_dir():
+        _fail(f"{flag} {str(out)!r} is a directory; give the file to write")
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -158,6 +170,16 @@ def _check_out(out: Path | None, flag: str = "--out") -> None:
         _fail(f"{flag} {str(out)!r} cannot be written: {str(parent)!r} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         _fail(f"{flag} {str(out)!r} cannot be written: {str(parent)!r} is not writable")
+
+
+def _check_dir_out(out: Path, flag: str) -> None:
+    """Before any work: an output folder (made when missing) that is not a file and not below one."""
+    for d in [out, *out.parents]:
+        if d.exists():
+            if not d.is_dir():
+                what = "is a file" if d == out else f"cannot be made: {str(d)!r} is a file"
+                _fail(f"{flag} {str(out)!r} {what}, not a directory")
+            break
 
 
 def connectors_path(out: Path) -> Path:
@@ -1471,6 +1493,7 @@ def records(
     device: str = typer.Option("cpu", help="Device of the teacher: cpu, cuda or cuda:N."),
 ) -> None:
     """Compute Lopes et al. activation records of a teacher on its real data, for `kd serve --records`."""
+    _check_file_out(out, "--out")
     from kd.core.data import open_source
     from kd.teacher_server.loading import TeacherLoadError, load_teacher
     from kd.teacher_server.records import compute_records, save_records
@@ -1717,6 +1740,7 @@ def bench_serve(
     ),
 ) -> None:
     """Throughput and latency of `kd serve` (subprocess, N client processes) against the model in-process."""
+    _check_file_out(json_out, "--json")
     if peer is not None:  # refused before anything is measured
         from kd.bench.serve import triton_peer_problem
 
@@ -1756,6 +1780,7 @@ def bench_lm(
     quick: bool = typer.Option(False, "--quick", help="A small teacher, short windows (tests, smoke runs)."),
 ) -> None:
     """Token teachers: served / in-process tokens/s by batch and length mix, padding, bytes per token per codec."""
+    _check_file_out(json_out, "--json")
     from kd.bench.lm import LMBenchSettings, print_report, run_bench
 
     if (seconds is not None and seconds <= 0) or (rounds is not None and rounds < 1) or threads < 0:
@@ -1778,6 +1803,7 @@ def bench_cache(
     quick: bool = typer.Option(False, "--quick", help="Few epochs, one seed, short phases (tests, smoke runs)."),
 ) -> None:
     """Cache codecs: bytes per sample, KL error, student accuracy; views; read, precompute and step-time ratios."""
+    _check_file_out(json_out, "--json")
     from kd.bench.cache import CacheBenchSettings, print_report, run_bench
 
     if (seeds is not None and seeds < 1) or (epochs is not None and epochs < 1) or views < 2 or threads < 0:
@@ -1806,6 +1832,7 @@ def bench_data(
     json_out: Path | None = typer.Option(None, "--json", help="Also write the results here as JSON."),
 ) -> None:
     """Data flow at scale: decode, teacher forward and `kd precompute` rates, RSS, step from cache vs no teacher."""
+    _check_file_out(json_out, "--json")
     from kd.bench.data import DataBenchSettings, print_report, run_bench
 
     if (
@@ -1843,6 +1870,7 @@ def bench_methods(
     online_epochs: int | None = typer.Option(None, help="Epochs of the online section [150; 1 with --quick]."),
 ) -> None:
     """Every registered KD method on the demo's digits setting: test accuracy next to CE and plain KD."""
+    _check_file_out(json_out, "--json")
     from kd.bench.methods import MethodsBenchSettings, print_report, run_bench, selected_methods, selected_online
 
     names = tuple(m.strip() for m in (methods or "").split(",") if m.strip())
@@ -1885,6 +1913,7 @@ def chain(
     out: Path = typer.Option(Path("chain-out"), help="Where stage-<i>.safetensors, server logs and chain.json go."),
 ) -> None:
     """Distillation chains: TAKD (teacher -> assistant -> student) or born-again generations, each served in turn."""
+    _check_dir_out(out, "--out")
     import math
 
     from kd.chain import MODES, check_chain, run_chain
@@ -2263,6 +2292,7 @@ def demo_lm(
     quick: bool = typer.Option(False, "--quick", help="A tiny corpus and models (tests, smoke runs)."),
 ) -> None:
     """Language-model KD on the Python standard library: CE vs dense/sparse caches vs on-policy, val perplexity."""
+    _check_dir_out(out, "--out")
     import torch
 
     from kd.demo_lm import print_report, run_demo_lm
@@ -2284,6 +2314,7 @@ def demo_datafree(
     quick: bool = typer.Option(False, "--quick", help="A few steps per method (tests, smoke runs)."),
 ) -> None:
     """Data-free distillation on digits: every method against a served teacher, next to real-data KD."""
+    _check_dir_out(out, "--out")
     import torch
 
     from kd.demo_datafree import print_report, run_demo_datafree
@@ -2310,6 +2341,7 @@ def demo(
     ),
 ) -> None:
     """Serve a teacher, cache its soft targets, train students from the cache and the server, print a table."""
+    _check_dir_out(out, "--out")
     from kd.demo import run_demo
 
     try:
@@ -2339,6 +2371,7 @@ def explain(
     device: str = typer.Option("cpu", help="Device of the models and the sigma optimisation: cpu, cuda or cuda:N."),
 ) -> None:
     """Cheng et al. 2020: visual concepts (N_fg, N_bg, lambda), D_mean, D_std and rho of models."""
+    _check_dir_out(out, "--out")
     from kd.explain import METRICS, ExplainConfig, run_explain, table_rows
 
     specs = dict(_parse_options_pairs(model, "--model"))
@@ -2415,6 +2448,7 @@ def qkd(
         config.validate()
     except (ValueError, RuntimeError) as e:
         _fail(str(e))
+    _check_dir_out(out, "--out")
     train_data, test_data = _train_and_val(dataset, val_dataset, "kd qkd")
     if teacher is None and (getattr(train_data, "format", "") != "digits" or teacher_epochs < 1):
         _fail("without --teacher a digits teacher is trained here: --dataset digits, --teacher-epochs >= 1")
@@ -2583,6 +2617,8 @@ def peer(
     save: Path | None = typer.Option(None, help="Save the last published weights (safetensors)."),
 ) -> None:
     """Deep mutual learning with each peer in its own process, through live-updated servers."""
+    _check_file_out(json_out, "--json")
+    _check_file_out(save, "--save")
     from kd.peers import PeerRun, run_peer
 
     run = PeerRun(name=name, peers=list(peer), model=model, init_seed=init_seed, serve_port=serve_port, host=host,
@@ -2604,6 +2640,7 @@ def graph(
     json_out: Path | None = typer.Option(None, "--json", help="Write the results here."),
 ) -> None:
     """GCN distillation with the local structure preserving module (Yang et al. 2020) on generated graphs."""
+    _check_file_out(json_out, "--json")
     from kd.student_trainer.graph.distill import GraphDistillConfig, run
     from kd.student_trainer.graph.graphs import GraphSpec
 
@@ -2639,6 +2676,7 @@ def multitask(
     json_out: Path | None = typer.Option(None, "--json", help="Write the results here."),
 ) -> None:
     """Knowledge distillation for multi-task learning (Li & Bilen 2020) on digits tasks."""
+    _check_file_out(json_out, "--json")
     from kd.student_trainer.multitask.multitask import MultiTaskConfig, run
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -2666,6 +2704,7 @@ def taskdistill(
     json_out: Path | None = typer.Option(None, "--json", help="Write the results here."),
 ) -> None:
     """Domain adaptation through task distillation (Zhou et al. 2020): digits -> re-rendered digits."""
+    _check_file_out(json_out, "--json")
     from kd.student_trainer.multitask.taskdistill import ROWS, TaskDistillConfig, run
 
     config = TaskDistillConfig(seeds=seeds, epochs=epochs, width=width, lr=lr, temperature=temperature)
