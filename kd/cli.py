@@ -1988,6 +1988,7 @@ def datafree(
         chosen = get(method)
     except ValueError as e:
         _fail(str(e))
+    _check_run_options(seed, device)  # seed -1 was numpy's traceback
     test = None
     if val_dataset != "none":
         from kd.core.data import open_source
@@ -1999,6 +2000,7 @@ def datafree(
     config = DataFreeConfig(steps=steps, batch_size=batch_size, generator_lr=generator_lr, temperature=temperature,
                             seed=seed, device=device, eval_every=eval_every,
                             run_dir=None if run_dir is None else str(run_dir), **recipe)  # fmt: skip
+    _call(config.validate, method)  # before the server is asked anything
     from kd.student_trainer.sources import split_server_address
 
     address, name = split_server_address(server)
