@@ -63,6 +63,8 @@ def _parse_options(items: list[str]) -> dict[str, object]:
         key, sep, value = item.partition("=")
         if not sep:
             _fail(f"option {item!r} must look like key=value")
+        if key in out:  # --opt temperature=4 --opt temperature=2 trained at 2 without a word
+            _fail(f"option {key!r} is given twice ({key}={json.dumps(out[key])} and {item}); give it once")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -682,6 +684,14 @@ def precompute(
         _fail("--by-reference needs a server: source")
     if (mean or std) and not source.startswith("local:"):
         _fail("--mean/--std are a local: teacher's normalisation; a server applies its own (kd serve --mean/--std)")
+    # Options that the source or the other options would ignore without a word (a server's teacher runs
+    # on the server's device; a local: teacher has no server to wait for; pooling pools --feature's maps).
+    if device != "cpu" and not source.startswith("local:"):
+        _fail(f"--device {device} is a local: teacher's device; a server runs its teacher where kd serve put it")
+    if server_timeout != 60.0 and not source.startswith("server:"):
+        _fail(f"--server-timeout {server_timeout} bounds a server: source's calls; {source.split(':')[0]}: has none")
+    if pool_features and not feature:
+        _fail("--pool-features pools the maps of --feature: give --feature LAYER, or leave it out")
     if batch_size < 1 or commit_every < 1:
         _fail(f"--batch-size and --commit-every must be >= 1, got {batch_size} and {commit_every}")
     if views < 1:  # named here, before the data is opened (the cache's own check says "cache views")
@@ -1147,7 +1157,9 @@ def train(
 
     # The config's method options (kept out of click's default_map, which a command-line --opt would
     # replace as a whole) first, so the command line's --opt wins key by key and the rest stay.
-    opt = [*_config_method_options(ctx, method), *opt]
+    # (each list's keys unique: _parse_options refuses a key given twice in one place)
+    given = _parse_options(opt)
+    opt = [*(i for i in _config_method_options(ctx, method) if i.partition("=")[0] not in given), *opt]
 
     if keep_every and run_dir is None:
         _fail("--keep-every needs --run-dir")
@@ -1161,6 +1173,17 @@ def train(
         _fail(f"--subset must be >= 0 (0: all samples), got {subset}")
     if views < 1:  # 0 or negative was recorded in config.json and trained as 1
         _fail(f"--views must be >= 1 (1: the plain samples), got {views}")
+    # Options that the sources would ignore without a word (each trained as if it had not been given).
+    if codec != "fp32" and read_through is None:
+        _fail(f"--codec {codec} is the codec of the cache --read-through creates; without --read-through it is unused")
+    if len(source) < 2 and (combiner != "mean" or combiner_opt):
+        _fail(f"--combiner/--combiner-opt merge several --source teachers; with {_count(len(source), 'source')} "
+              "they would be ignored")  # fmt: skip
+    if prefetch and not any(s.startswith("cache:") for s in source):
+        _fail(f"--prefetch {prefetch} reads a cache: source ahead; these sources have none: {list(source)}")
+    if server_timeout != 60.0 and not any(s.startswith("server:") for s in [*source, read_through or ""]):
+        _fail(f"--server-timeout {server_timeout} bounds a server: source's calls; these sources have none: "
+              f"{list(source)}")  # fmt: skip
     _check_run_options(seed, device)
     _check_out(out)
 
