@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -279,6 +281,45 @@ def _stopped_exit(signum: int, message: str) -> None:
 
     console.print(f"stopped by {signal.Signals(signum).name}: {message}", highlight=False, soft_wrap=True)
     raise SystemExit(128 + signum)
+
+
+class _Signalled(BaseException):
+    """SIGTERM or SIGINT inside ``_stopped_politely``: a BaseException, so the commands' ``except
+    Exception`` (a study's per-method error rows) lets it through to the ``finally`` blocks."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stopped_politely(command: str) -> Iterator[None]:
+    """For a command whose loops cannot stop between steps (studies, demos, benches, kd records):
+    SIGTERM or SIGINT ends it as an exception raised in the main thread, so its ``finally`` blocks
+    run (the ``kd serve`` subprocesses of chain and the demos are stopped, not left serving with no
+    parent; a peer's server is stopped), then one line and exit 128 + the signal, with no traceback.
+    Further signals while it unwinds are ignored, so the clean-up is not cut short."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, _frame: object) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        raise _Signalled(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    except _Signalled as e:
+        _stopped_exit(e.signum, f"{command} did not finish; what it had not written yet is not saved "
+                      "(run it again from the start)")  # fmt: skip
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _stopped_unsaved(stopped: Stopped, command: str) -> None:
@@ -1523,10 +1564,11 @@ def records(
 
     spec = teacher.removeprefix("local:")
     try:
-        t = load_teacher("teacher", spec, device=device)
-        data = open_source(dataset)
-        recs = compute_records(t, data, list(layer), rank=rank, batch_size=batch_size, workers=workers)
-        path = save_records(out, recs, t, data.dataset_id)
+        with _stopped_politely("kd records"):
+            t = load_teacher("teacher", spec, device=device)
+            data = open_source(dataset)
+            recs = compute_records(t, data, list(layer), rank=rank, batch_size=batch_size, workers=workers)
+            path = save_records(out, recs, t, data.dataset_id)
     except (TeacherLoadError, ValueError) as e:
         _fail(str(e))
     size = sum(v.numel() * v.element_size() for v in recs.values())
@@ -1726,7 +1768,8 @@ def cache_export(
 def _report_bench(run_bench, print_report, settings, json_out: Path | None) -> None:
     """Run a benchmark, print its tables, and write its JSON if asked."""
     try:
-        results = run_bench(settings)
+        with _stopped_politely(f"kd bench {settings.__class__.__module__.rsplit('.', 1)[-1]}"):
+            results = run_bench(settings)
     except (RuntimeError, ValueError, OSError) as e:
         _fail(str(e), code=1)
     print_report(results)
@@ -1952,10 +1995,11 @@ def chain(
           temperature=temperature, alpha=alpha, teacher_factory=teacher_factory, teacher_epochs=teacher_epochs,
           tolerant_gamma=tolerant_gamma, tolerant_k=tolerant_k)  # fmt: skip
     try:
-        run_chain(out, mode=mode, teacher=teacher, models=model or None, epochs=epochs, seeds=seeds,
-                  labeled=labeled, temperature=temperature, alpha=alpha, teacher_factory=teacher_factory,
-                  teacher_epochs=teacher_epochs, tolerant_gamma=tolerant_gamma, tolerant_k=tolerant_k,
-                  direct=direct, serve=serve)  # fmt: skip
+        with _stopped_politely("kd chain"):
+            run_chain(out, mode=mode, teacher=teacher, models=model or None, epochs=epochs, seeds=seeds,
+                      labeled=labeled, temperature=temperature, alpha=alpha, teacher_factory=teacher_factory,
+                      teacher_epochs=teacher_epochs, tolerant_gamma=tolerant_gamma, tolerant_k=tolerant_k,
+                      direct=direct, serve=serve)  # fmt: skip
     except (ValueError, RuntimeError) as e:
         _fail(str(e), 1)
 
@@ -2324,7 +2368,8 @@ def demo_lm(
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     try:
-        result = run_demo_lm(out, quick=quick, seed=seed)
+        with _stopped_politely("kd demo-lm"):
+            result = run_demo_lm(out, quick=quick, seed=seed)
     except (ValueError, RuntimeError) as e:
         _fail(str(e))
     print_report(result)
@@ -2346,7 +2391,8 @@ def demo_datafree(
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     try:
-        result = run_demo_datafree(out, methods=list(method) or None, quick=quick, teacher_epochs=teacher_epochs)
+        with _stopped_politely("kd demo-datafree"):
+            result = run_demo_datafree(out, methods=list(method) or None, quick=quick, teacher_epochs=teacher_epochs)
     except (ValueError, RuntimeError) as e:
         _fail(str(e))
     print_report(result)
@@ -2370,7 +2416,8 @@ def demo(
     from kd.demo import run_demo
 
     try:
-        run_demo(out, seeds=seeds, epochs=epochs, labeled=labeled, teacher_epochs=teacher_epochs)
+        with _stopped_politely("kd demo"):
+            run_demo(out, seeds=seeds, epochs=epochs, labeled=labeled, teacher_epochs=teacher_epochs)
     except RuntimeError as e:  # a failed check or a server that did not exit cleanly
         _fail(str(e), code=1)
 
@@ -2401,9 +2448,9 @@ def explain(
 
     specs = dict(_parse_options_pairs(model, "--model"))
     config = ExplainConfig(lam=lam, b=b, steps=steps, samples=samples, layer=layer, images=images, device=device)
-    res = _call(
-        run_explain, config, out, demo_dir=demo_dir, specs=specs, seeds=seeds, every=every, teacher_path=teacher_path
-    )
+    with _stopped_politely("kd explain"):
+        res = _call(run_explain, config, out, demo_dir=demo_dir, specs=specs, seeds=seeds, every=every,
+                    teacher_path=teacher_path)  # fmt: skip
     _report(f"kd explain (Cheng et al. 2020) on {_count(images, 'digits test image')}", ["model", *METRICS],
             table_rows(res["summary"]), caption=f"{out / 'results.json'}; plots in {out}")  # fmt: skip
     if res.get("problems"):
@@ -2651,7 +2698,9 @@ def peer(
                   temperature=temperature,
                   dataset=dataset, val_dataset=val_dataset, labeled=labeled, epochs=epochs, batch_size=batch_size,
                   lr=lr, seed=seed, device=device, linger=linger, json_out=json_out, save=save)  # fmt: skip
-    print(json.dumps(_call(run_peer, run)))
+    with _stopped_politely("kd peer"):
+        result = _call(run_peer, run)
+    print(json.dumps(result))
 
 
 @app.command(short_help="GCN distillation with LSP (Yang et al. 2020).")
@@ -2673,7 +2722,8 @@ def graph(
     config = GraphDistillConfig(spec=spec, seeds=seeds, epochs=epochs, teacher_epochs=teacher_epochs,
                                 lsp_weight=lsp_weight, scale=scale, student_hidden=student_hidden,
                                 train_graphs=10)  # fmt: skip
-    res = _call(run, config)
+    with _stopped_politely("kd graph"):
+        res = _call(run, config)
     rows = [["teacher GCN", str(res["teacher_params"]), f"{res['teacher_acc']:.4f}"]]
     for n in ("ce", "lsp"):
         rows.append([f"student, {n.upper()}", str(res["student_params"]), _mean_std(res[n]["acc_per_seed"])])
@@ -2708,7 +2758,8 @@ def multitask(
     config = MultiTaskConfig(tasks=names, seeds=seeds, epochs=epochs, teacher_epochs=teacher_epochs, lr=lr,
                              adaptor_lr=adaptor_lr, student_width=student_width, served=served,
                              dist_weights=dict.fromkeys(names, dist_weight))  # fmt: skip
-    res = _call(run, config)
+    with _stopped_politely("kd multitask"):
+        res = _call(run, config)
     rows = [["single-task teachers", *(f"{res['single_task'][t]:.4f}" for t in names), "0"]]
     for key, label in (("mtl", "multi-task, task losses"), ("kdmtl", "multi-task, KD-MTL")):
         per = res[key]["per_seed"]
@@ -2733,7 +2784,8 @@ def taskdistill(
     from kd.student_trainer.multitask.taskdistill import ROWS, TaskDistillConfig, run
 
     config = TaskDistillConfig(seeds=seeds, epochs=epochs, width=width, lr=lr, temperature=temperature)
-    res = _call(run, config)
+    with _stopped_politely("kd taskdistill"):
+        res = _call(run, config)
     where = {"source_model_on_source": "source test", "proxy_on_target_masks": "target test masks"}
     rows = [[row, where.get(row, "target test"), _mean_std([r[row] for r in res["per_seed"]])] for row in ROWS]
     _report(f"task distillation, digits -> re-rendered digits, {seeds} seed(s)", ["model", "evaluated on", "accuracy"],
