@@ -521,6 +521,19 @@ def serve(
         _fail(f"--{flag.get(key, key.replace('_', '-'))} {problem}")
     import dataclasses
 
+    if config is not None and not teacher:  # the per-teacher flags set --teacher's options only
+        base = TeacherOptions()
+        names = {"preferred_batch_sizes": "preferred-batch-size", "upload_idle_timeout_s": "upload-idle-timeout",
+                 "warmup": "no-warmup"}  # fmt: skip
+        given = ["device"] * (device != "cpu") + [
+            names.get(f.name, f.name.replace("_", "-"))
+            for f in dataclasses.fields(flags)
+            if getattr(flags, f.name) != getattr(base, f.name)
+        ]
+        if given:
+            _fail(f"--{', --'.join(given)} set the options of --teacher teachers; the teachers of --config "
+                  f"{str(config)!r} take theirs from their [[teacher]] tables (here it would be ignored)")  # fmt: skip
+
     tiers: dict[str, str] = {}
     for item in access:
         name, sep, tier = item.rpartition("=")

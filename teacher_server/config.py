@@ -107,21 +107,26 @@ SERVER_RANGES: dict[str, tuple[int, int | None]] = {
     "stream_window": (1, None),
     "max_clients": (1, None),
 }
+# A teacher's sizes end up in tensor shapes and C integers: max_batch_size 10**23 was torch's
+# "Overflow when unpacking long long" traceback at the warm-up. 2**31 - 1 is far above any real use.
+LARGEST = 2**31 - 1
 TEACHER_RANGES: dict[str, tuple[int, int | None]] = {
-    "max_batch_size": (1, None),
-    "max_queue_delay_us": (0, None),
-    "max_queue_size": (0, None),
-    "threads": (0, None),
-    "instances": (1, None),
-    "max_gradient_batch": (1, None),
-    "max_synthesis_iterations": (1, None),
-    "max_jobs_queued": (1, None),
-    "max_batch_tokens": (1, None),
+    "max_batch_size": (1, LARGEST),
+    "max_queue_delay_us": (0, LARGEST),
+    "max_queue_size": (0, LARGEST),
+    "threads": (0, LARGEST),
+    "instances": (1, LARGEST),
+    "max_gradient_batch": (1, LARGEST),
+    "max_synthesis_iterations": (1, LARGEST),
+    "max_jobs_queued": (1, LARGEST),
+    "max_batch_tokens": (1, LARGEST),
 }
 
 
 def range_problem(value: int, lo: int, hi: int | None) -> str | None:
     """Why integer ``value`` lies outside lo..hi, or None."""
+    if value < lo and hi in (None, LARGEST):  # a size: the bound above is only for the absurd
+        return f"must be >= {lo}, got {value}"
     if value < lo or (hi is not None and value > hi):
         return f"must be in {lo}..{hi}, got {value}" if hi is not None else f"must be >= {lo}, got {value}"
     return None
@@ -284,6 +289,9 @@ def load_config(path: str | Path) -> ServerConfig:
         problem = server_problem(key, value)
         if problem:
             raise ConfigError(f"{path} [server]: {key} {problem}")
+        if key in ("token_file", "tls_cert", "tls_key", "tls_client_ca", "host") and value == "":
+            # token_file = "" served with no token at all: an empty path read as "not given"
+            raise ConfigError(f"{path} [server]: {key} is empty; give the value or leave the key out")
     cfg = ServerConfig(**server)
     option_types = {f.name: f.type for f in fields(TeacherOptions)}
     for i, entry in enumerate(_tables(data, "teacher", path)):
@@ -291,6 +299,8 @@ def load_config(path: str | Path) -> ServerConfig:
         _take(entry, set(option_types) | {"name", "spec", "device"}, where)
         if "name" not in entry or "spec" not in entry:
             raise ConfigError(f"{where}: needs `name` and `spec`")
+        if entry["name"] == "" or entry["spec"] == "":  # a teacher named "" was served; --teacher refuses it
+            raise ConfigError(f"{where}: `name` and `spec` must not be empty")
         _check_types(entry, option_types | {"name": "str", "spec": "str", "device": "str"}, where)
         device = entry.get("device", "cpu")
         problem = device_problem(device)

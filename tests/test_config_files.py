@@ -78,3 +78,37 @@ def test_serve_config_mistakes_are_refused_naming_the_file(tmp_path: Path, name:
     assert str(path) in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
     r = CliRunner().invoke(app, ["serve", "--config", str(path), "--port", "0"])
     refused(r, str(path), needle)
+
+
+TEACHER = '[[teacher]]\nname = "t"\nspec = "kd.models:digits_teacher"\n'
+SERVE_VALUES = [
+    # token_file = "" served with no token at all; a teacher named "" was served (--teacher refuses it);
+    # max_batch_size 10**23 was torch's overflow traceback at the warm-up
+    ('[server]\ntoken_file = ""\n' + TEACHER, "[server]: token_file is empty"),
+    ('[[teacher]]\nname = ""\nspec = "kd.models:digits_teacher"\n', "#1: `name` and `spec` must not be empty"),
+    (TEACHER + "max_batch_size = 100000000000000000000000\n", "max_batch_size must be in 1..2147483647"),
+]
+
+
+@pytest.mark.parametrize(("text", "needle"), SERVE_VALUES, ids=["token_file", "name", "max_batch_size"])
+def test_serve_config_values_that_cannot_work_are_refused(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "serve.toml"
+    path.write_text(text)
+    refused(CliRunner().invoke(app, ["serve", "--config", str(path), "--port", "0"]), str(path), needle)
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--max-batch-size", "8"], "--max-batch-size set the options of --teacher teachers"),
+        (["--no-warmup", "--device", "cpu", "--amp", "bf16"], "--amp, --no-warmup set the options"),
+        (["--max-batch-size", "100000000000000000000000"], "--max-batch-size must be in 1..2147483647"),
+    ],
+    ids=["max-batch-size", "warmup and amp", "huge"],
+)
+def test_serve_teacher_flags_beside_a_config_of_teachers_are_refused(tmp_path: Path, flags: list[str],
+                                                                     needle: str) -> None:  # fmt: skip
+    # the flags set only --teacher's options: the config's teacher served with 256, warmed up, fp32
+    path = tmp_path / "serve.toml"
+    path.write_text(TEACHER)
+    refused(CliRunner().invoke(app, ["serve", "--config", str(path), "--port", "0", *flags]), needle)
