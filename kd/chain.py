@@ -167,9 +167,14 @@ class _Served:
         self.expected = load_teacher("chain", spec).fingerprint
         self.proc = None
         self.exit_code: int | None = None
+        self.source: SoftTargetSource | None = None
         if serve:
             self.proc, port = start_server_process(spec, out, name="chain", log_name=log_name)
-            self.source: SoftTargetSource = ServerSource(f"127.0.0.1:{port}", "chain")
+            try:  # an object never returned is never closed: its server is stopped here
+                self.source = ServerSource(f"127.0.0.1:{port}", "chain")
+            except BaseException:
+                self.close()
+                raise
         else:
             self.source = LocalSource(spec)
         self.fingerprint = self.source.fingerprint
@@ -178,7 +183,8 @@ class _Served:
             raise RuntimeError(f"served fingerprint {self.fingerprint[:16]} != saved weights' {self.expected[:16]}")
 
     def close(self) -> int | None:
-        self.source.close()
+        if self.source is not None:
+            self.source.close()
         if self.proc is not None and self.exit_code is None:
             self.exit_code = stop_server_process(self.proc)
         return self.exit_code

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -63,6 +65,8 @@ def _parse_options(items: list[str]) -> dict[str, object]:
         key, sep, value = item.partition("=")
         if not sep:
             _fail(f"option {item!r} must look like key=value")
+        if key in out:  # --opt temperature=4 --opt temperature=2 trained at 2 without a word
+            _fail(f"option {key!r} is given twice ({key}={json.dumps(out[key])} and {item}); give it once")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -130,7 +134,6 @@ def _check_saveable(model, out: Path | None) -> None:
 def _check_out(out: Path | None, flag: str = "--out") -> None:
     """Before any training: ``out`` must be writable (not a directory, its parent a writable directory)
     and named ``*.safetensors``, so a trained student is never lost to a path that was wrong from the start."""
-    import os
 
     if out is None:
         return
@@ -151,6 +154,19 @@ def _check_out(out: Path | None, flag: str = "--out") -> None:
             f"{flag} {str(out)!r} ends in {suffix}, where kd train writes the connectors of --out "
             f"{str(owner)!r}; a student saved there would overwrite them (or be overwritten): choose another name"
         )
+    _check_file_out(out, flag)
+
+
+def _check_file_out(out: Path | None, flag: str) -> None:
+    """Before any work: a file a command writes at its end (--json, --save, --out) must be one it can
+    write (not a directory; the nearest existing folder above it writable), so a finished run is not
+    lost to a traceback at its last line."""
+    import os
+
+    if out is None:
+        return
+    if out.is_dir():
+        _fail(f"{flag} {str(out)!r} is a directory; give the file to write")
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -158,6 +174,16 @@ def _check_out(out: Path | None, flag: str = "--out") -> None:
         _fail(f"{flag} {str(out)!r} cannot be written: {str(parent)!r} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         _fail(f"{flag} {str(out)!r} cannot be written: {str(parent)!r} is not writable")
+
+
+def _check_dir_out(out: Path, flag: str) -> None:
+    """Before any work: an output folder (made when missing) that is not a file and not below one."""
+    for d in [out, *out.parents]:
+        if d.exists():
+            if not d.is_dir():
+                what = "is a file" if d == out else f"cannot be made: {str(d)!r} is a file"
+                _fail(f"{flag} {str(out)!r} {what}, not a directory")
+            break
 
 
 def connectors_path(out: Path) -> Path:
@@ -255,6 +281,45 @@ def _stopped_exit(signum: int, message: str) -> None:
 
     console.print(f"stopped by {signal.Signals(signum).name}: {message}", highlight=False, soft_wrap=True)
     raise SystemExit(128 + signum)
+
+
+class _Signalled(BaseException):
+    """SIGTERM or SIGINT inside ``_stopped_politely``: a BaseException, so the commands' ``except
+    Exception`` (a study's per-method error rows) lets it through to the ``finally`` blocks."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stopped_politely(command: str) -> Iterator[None]:
+    """For a command whose loops cannot stop between steps (studies, demos, benches, kd records):
+    SIGTERM or SIGINT ends it as an exception raised in the main thread, so its ``finally`` blocks
+    run (the ``kd serve`` subprocesses of chain and the demos are stopped, not left serving with no
+    parent; a peer's server is stopped), then one line and exit 128 + the signal, with no traceback.
+    Further signals while it unwinds are ignored, so the clean-up is not cut short."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, _frame: object) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        raise _Signalled(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    except _Signalled as e:
+        _stopped_exit(e.signum, f"{command} did not finish; what it had not written yet is not saved "
+                      "(run it again from the start)")  # fmt: skip
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _stopped_unsaved(stopped: Stopped, command: str) -> None:
@@ -464,6 +529,19 @@ def serve(
         _fail(f"--{flag.get(key, key.replace('_', '-'))} {problem}")
     import dataclasses
 
+    if config is not None and not teacher:  # the per-teacher flags set --teacher's options only
+        base = TeacherOptions()
+        names = {"preferred_batch_sizes": "preferred-batch-size", "upload_idle_timeout_s": "upload-idle-timeout",
+                 "warmup": "no-warmup"}  # fmt: skip
+        given = ["device"] * (device != "cpu") + [
+            names.get(f.name, f.name.replace("_", "-"))
+            for f in dataclasses.fields(flags)
+            if getattr(flags, f.name) != getattr(base, f.name)
+        ]
+        if given:
+            _fail(f"--{', --'.join(given)} set the options of --teacher teachers; the teachers of --config "
+                  f"{str(config)!r} take theirs from their [[teacher]] tables (here it would be ignored)")  # fmt: skip
+
     tiers: dict[str, str] = {}
     for item in access:
         name, sep, tier = item.rpartition("=")
@@ -670,6 +748,14 @@ def precompute(
         _fail("--by-reference needs a server: source")
     if (mean or std) and not source.startswith("local:"):
         _fail("--mean/--std are a local: teacher's normalisation; a server applies its own (kd serve --mean/--std)")
+    # Options that the source or the other options would ignore without a word (a server's teacher runs
+    # on the server's device; a local: teacher has no server to wait for; pooling pools --feature's maps).
+    if device != "cpu" and not source.startswith("local:"):
+        _fail(f"--device {device} is a local: teacher's device; a server runs its teacher where kd serve put it")
+    if server_timeout != 60.0 and not source.startswith("server:"):
+        _fail(f"--server-timeout {server_timeout} bounds a server: source's calls; {source.split(':')[0]}: has none")
+    if pool_features and not feature:
+        _fail("--pool-features pools the maps of --feature: give --feature LAYER, or leave it out")
     if batch_size < 1 or commit_every < 1:
         _fail(f"--batch-size and --commit-every must be >= 1, got {batch_size} and {commit_every}")
     if views < 1:  # named here, before the data is opened (the cache's own check says "cache views")
@@ -812,15 +898,26 @@ def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
         table = read_table(value)
     except ConfigError as e:
         _fail(f"--config: {e}")
-    names = {p.name for p in ctx.command.params}
-    values = {str(k).replace("-", "_"): v for k, v in table.items()}
-    unknown = sorted(set(values) - names - {"config"})
+    params = {p.name: p for p in ctx.command.params}
+    values: dict[str, object] = {}
+    spelled: dict[str, str] = {}
+    for k, v in table.items():
+        key = str(k).replace("-", "_")
+        if key in spelled:  # batch-size and batch_size both: one would be dropped without a word
+            _fail(f"--config {str(value)!r}: {spelled[key]!r} and {str(k)!r} are the same option; give it once")
+        spelled[key], values[key] = str(k), v
+    unknown = sorted(set(values) - set(params))
     if unknown:
         _fail(f"--config {str(value)!r}: unknown option(s) {unknown}; see `kd {ctx.info_name} --help`")
+    if "config" in values:  # read before this file's values: it would be ignored
+        _fail(f"--config {str(value)!r}: config cannot name another config file; give one --config")
     if "resume" in values:  # a file reused by every run of a recipe: each new run would resume (or fail)
         _fail(f"--config {str(value)!r}: resume is not a recipe setting (it continues one run directory): "
               "leave it out of the file and give --resume on the command line")  # fmt: skip
     opt = values.pop("opt", None)
+    if opt is not None and not isinstance(opt, (dict, list, str)):
+        _fail(f"--config {str(value)!r}: opt must be a table of method options (opt: {{temperature: 4}}) or a "
+              f"list of key=value strings, got {opt!r}")  # fmt: skip
     ctx.meta["kd_config_path"] = str(value)
     if isinstance(opt, dict) and any(isinstance(v, dict) for v in opt.values()):  # keyed by method
         from kd.student_trainer.losses import METHODS
@@ -849,8 +946,33 @@ def _train_config(ctx: typer.Context, value: Path | None) -> Path | None:
             values[key] = [values[key]]
     if isinstance(values.get("milestones"), list):  # milestones: [150, 180, 210]
         values["milestones"] = ",".join(str(m) for m in values["milestones"])
+    for key, v in values.items():
+        _check_config_value(ctx, params[key], v, value)
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
+
+
+def _check_config_value(ctx: typer.Context, param, v: object, path: Path) -> None:
+    """A --config value the option takes, checked here so that a refusal names the file and the key
+    (click's own check came later as "Invalid value for '--epochs'", an option the user never typed)."""
+    where = f"--config {str(path)!r}: {param.name.replace('_', '-')}"
+    if v is None:  # YAML's `epochs:` or `~`: the option's default was used without a word
+        _fail(f"{where} has no value; give one or leave the key out")
+    flag = bool(getattr(param, "is_flag", False))
+    if flag != isinstance(v, bool):  # `epochs = true` trained 1 epoch; `progress = "no"` is not a boolean
+        _fail(f"{where} must be {'true or false' if flag else 'a ' + _config_kind(param)}, got {v!r}")
+    if isinstance(v, list) and not getattr(param, "multiple", False):
+        _fail(f"{where} takes one value, got the list {v!r}")
+    try:
+        param.process_value(ctx, v)
+    except Exception as e:  # noqa: BLE001 - click's BadParameter (typer vendors its own click)
+        _fail(f"{where}: {getattr(e, 'message', None) or e} (got {v!r})")
+
+
+def _config_kind(param) -> str:
+    """'number', 'whole number' or 'string': what an option of the command line takes, for a message."""
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    return {int: "whole number", float: "number"}.get(annotation, "string")
 
 
 def _config_method_options(ctx: typer.Context, method: str) -> list[str]:
@@ -1113,7 +1235,9 @@ def train(
 
     # The config's method options (kept out of click's default_map, which a command-line --opt would
     # replace as a whole) first, so the command line's --opt wins key by key and the rest stay.
-    opt = [*_config_method_options(ctx, method), *opt]
+    # (each list's keys unique: _parse_options refuses a key given twice in one place)
+    given = _parse_options(opt)
+    opt = [*(i for i in _config_method_options(ctx, method) if i.partition("=")[0] not in given), *opt]
 
     if keep_every and run_dir is None:
         _fail("--keep-every needs --run-dir")
@@ -1127,6 +1251,17 @@ def train(
         _fail(f"--subset must be >= 0 (0: all samples), got {subset}")
     if views < 1:  # 0 or negative was recorded in config.json and trained as 1
         _fail(f"--views must be >= 1 (1: the plain samples), got {views}")
+    # Options that the sources would ignore without a word (each trained as if it had not been given).
+    if codec != "fp32" and read_through is None:
+        _fail(f"--codec {codec} is the codec of the cache --read-through creates; without --read-through it is unused")
+    if len(source) < 2 and (combiner != "mean" or combiner_opt):
+        _fail(f"--combiner/--combiner-opt merge several --source teachers; with {_count(len(source), 'source')} "
+              "they would be ignored")  # fmt: skip
+    if prefetch and not any(s.startswith("cache:") for s in source):
+        _fail(f"--prefetch {prefetch} reads a cache: source ahead; these sources have none: {list(source)}")
+    if server_timeout != 60.0 and not any(s.startswith("server:") for s in [*source, read_through or ""]):
+        _fail(f"--server-timeout {server_timeout} bounds a server: source's calls; these sources have none: "
+              f"{list(source)}")  # fmt: skip
     _check_run_options(seed, device)
     _check_out(out)
 
@@ -1460,16 +1595,18 @@ def records(
     device: str = typer.Option("cpu", help="Device of the teacher: cpu, cuda or cuda:N."),
 ) -> None:
     """Compute Lopes et al. activation records of a teacher on its real data, for `kd serve --records`."""
+    _check_file_out(out, "--out")
     from kd.core.data import open_source
     from kd.teacher_server.loading import TeacherLoadError, load_teacher
     from kd.teacher_server.records import compute_records, save_records
 
     spec = teacher.removeprefix("local:")
     try:
-        t = load_teacher("teacher", spec, device=device)
-        data = open_source(dataset)
-        recs = compute_records(t, data, list(layer), rank=rank, batch_size=batch_size, workers=workers)
-        path = save_records(out, recs, t, data.dataset_id)
+        with _stopped_politely("kd records"):
+            t = load_teacher("teacher", spec, device=device)
+            data = open_source(dataset)
+            recs = compute_records(t, data, list(layer), rank=rank, batch_size=batch_size, workers=workers)
+            path = save_records(out, recs, t, data.dataset_id)
     except (TeacherLoadError, ValueError) as e:
         _fail(str(e))
     size = sum(v.numel() * v.element_size() for v in recs.values())
@@ -1669,7 +1806,8 @@ def cache_export(
 def _report_bench(run_bench, print_report, settings, json_out: Path | None) -> None:
     """Run a benchmark, print its tables, and write its JSON if asked."""
     try:
-        results = run_bench(settings)
+        with _stopped_politely(f"kd bench {settings.__class__.__module__.rsplit('.', 1)[-1]}"):
+            results = run_bench(settings)
     except (RuntimeError, ValueError, OSError) as e:
         _fail(str(e), code=1)
     print_report(results)
@@ -1706,6 +1844,7 @@ def bench_serve(
     ),
 ) -> None:
     """Throughput and latency of `kd serve` (subprocess, N client processes) against the model in-process."""
+    _check_file_out(json_out, "--json")
     if peer is not None:  # refused before anything is measured
         from kd.bench.serve import triton_peer_problem
 
@@ -1745,6 +1884,7 @@ def bench_lm(
     quick: bool = typer.Option(False, "--quick", help="A small teacher, short windows (tests, smoke runs)."),
 ) -> None:
     """Token teachers: served / in-process tokens/s by batch and length mix, padding, bytes per token per codec."""
+    _check_file_out(json_out, "--json")
     from kd.bench.lm import LMBenchSettings, print_report, run_bench
 
     if (seconds is not None and seconds <= 0) or (rounds is not None and rounds < 1) or threads < 0:
@@ -1767,6 +1907,7 @@ def bench_cache(
     quick: bool = typer.Option(False, "--quick", help="Few epochs, one seed, short phases (tests, smoke runs)."),
 ) -> None:
     """Cache codecs: bytes per sample, KL error, student accuracy; views; read, precompute and step-time ratios."""
+    _check_file_out(json_out, "--json")
     from kd.bench.cache import CacheBenchSettings, print_report, run_bench
 
     if (seeds is not None and seeds < 1) or (epochs is not None and epochs < 1) or views < 2 or threads < 0:
@@ -1795,6 +1936,7 @@ def bench_data(
     json_out: Path | None = typer.Option(None, "--json", help="Also write the results here as JSON."),
 ) -> None:
     """Data flow at scale: decode, teacher forward and `kd precompute` rates, RSS, step from cache vs no teacher."""
+    _check_file_out(json_out, "--json")
     from kd.bench.data import DataBenchSettings, print_report, run_bench
 
     if (
@@ -1832,6 +1974,7 @@ def bench_methods(
     online_epochs: int | None = typer.Option(None, help="Epochs of the online section [150; 1 with --quick]."),
 ) -> None:
     """Every registered KD method on the demo's digits setting: test accuracy next to CE and plain KD."""
+    _check_file_out(json_out, "--json")
     from kd.bench.methods import MethodsBenchSettings, print_report, run_bench, selected_methods, selected_online
 
     names = tuple(m.strip() for m in (methods or "").split(",") if m.strip())
@@ -1898,6 +2041,7 @@ def chain(
     out: Path = typer.Option(Path("chain-out"), help="Where stage-<i>.safetensors, server logs and chain.json go."),
 ) -> None:
     """Distillation chains: TAKD (teacher -> assistant -> student) or born-again generations, each served in turn."""
+    _check_dir_out(out, "--out")
     import math
 
     from kd.chain import MODES, check_chain, run_chain
@@ -1991,6 +2135,7 @@ def datafree(
         chosen = get(method)
     except ValueError as e:
         _fail(str(e))
+    _check_run_options(seed, device)  # seed -1 was numpy's traceback
     test = None
     if val_dataset != "none":
         from kd.core.data import open_source
@@ -2002,6 +2147,7 @@ def datafree(
     config = DataFreeConfig(steps=steps, batch_size=batch_size, generator_lr=generator_lr, temperature=temperature,
                             seed=seed, device=device, eval_every=eval_every,
                             run_dir=None if run_dir is None else str(run_dir), resume=resume, **recipe)  # fmt: skip
+    _call(config.validate, method)  # before the server is asked anything
     from kd.student_trainer.sources import split_server_address
 
     address, name = split_server_address(server)
@@ -2373,13 +2519,15 @@ def demo_lm(
     quick: bool = typer.Option(False, "--quick", help="A tiny corpus and models (tests, smoke runs)."),
 ) -> None:
     """Language-model KD on the Python standard library: CE vs dense/sparse caches vs on-policy, val perplexity."""
+    _check_dir_out(out, "--out")
     import torch
 
     from kd.demo_lm import print_report, run_demo_lm
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     try:
-        result = run_demo_lm(out, quick=quick, seed=seed)
+        with _stopped_politely("kd demo-lm"):
+            result = run_demo_lm(out, quick=quick, seed=seed)
     except (ValueError, RuntimeError) as e:
         _fail(str(e))
     print_report(result)
@@ -2394,13 +2542,15 @@ def demo_datafree(
     quick: bool = typer.Option(False, "--quick", help="A few steps per method (tests, smoke runs)."),
 ) -> None:
     """Data-free distillation on digits: every method against a served teacher, next to real-data KD."""
+    _check_dir_out(out, "--out")
     import torch
 
     from kd.demo_datafree import print_report, run_demo_datafree
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     try:
-        result = run_demo_datafree(out, methods=list(method) or None, quick=quick, teacher_epochs=teacher_epochs)
+        with _stopped_politely("kd demo-datafree"):
+            result = run_demo_datafree(out, methods=list(method) or None, quick=quick, teacher_epochs=teacher_epochs)
     except (ValueError, RuntimeError) as e:
         _fail(str(e))
     print_report(result)
@@ -2420,10 +2570,12 @@ def demo(
     ),
 ) -> None:
     """Serve a teacher, cache its soft targets, train students from the cache and the server, print a table."""
+    _check_dir_out(out, "--out")
     from kd.demo import run_demo
 
     try:
-        run_demo(out, seeds=seeds, epochs=epochs, labeled=labeled, teacher_epochs=teacher_epochs)
+        with _stopped_politely("kd demo"):
+            run_demo(out, seeds=seeds, epochs=epochs, labeled=labeled, teacher_epochs=teacher_epochs)
     except RuntimeError as e:  # a failed check or a server that did not exit cleanly
         _fail(str(e), code=1)
 
@@ -2449,13 +2601,14 @@ def explain(
     device: str = typer.Option("cpu", help="Device of the models and the sigma optimisation: cpu, cuda or cuda:N."),
 ) -> None:
     """Cheng et al. 2020: visual concepts (N_fg, N_bg, lambda), D_mean, D_std and rho of models."""
+    _check_dir_out(out, "--out")
     from kd.explain import METRICS, ExplainConfig, run_explain, table_rows
 
     specs = dict(_parse_options_pairs(model, "--model"))
     config = ExplainConfig(lam=lam, b=b, steps=steps, samples=samples, layer=layer, images=images, device=device)
-    res = _call(
-        run_explain, config, out, demo_dir=demo_dir, specs=specs, seeds=seeds, every=every, teacher_path=teacher_path
-    )
+    with _stopped_politely("kd explain"):
+        res = _call(run_explain, config, out, demo_dir=demo_dir, specs=specs, seeds=seeds, every=every,
+                    teacher_path=teacher_path)  # fmt: skip
     _report(f"kd explain (Cheng et al. 2020) on {_count(images, 'digits test image')}", ["model", *METRICS],
             table_rows(res["summary"]), caption=f"{out / 'results.json'}; plots in {out}")  # fmt: skip
     if res.get("problems"):
@@ -2532,6 +2685,7 @@ def qkd(
     except (ValueError, RuntimeError) as e:
         _fail(str(e))
     _check_run_dir(run_dir, resume, 0)
+    _check_dir_out(out, "--out")
     train_data, test_data = _train_and_val(dataset, val_dataset, "kd qkd")
     if teacher is None and (getattr(train_data, "format", "") != "digits" or teacher_epochs < 1):
         _fail("without --teacher a digits teacher is trained here: --dataset digits, --teacher-epochs >= 1")
@@ -2702,6 +2856,8 @@ def peer(
     save: Path | None = typer.Option(None, help="Save the last published weights (safetensors)."),
 ) -> None:
     """Deep mutual learning with each peer in its own process, through live-updated servers."""
+    _check_file_out(json_out, "--json")
+    _check_file_out(save, "--save")
     from kd.peers import PeerRun, run_peer
 
     run = PeerRun(name=name, peers=list(peer), model=model, init_seed=init_seed, serve_port=serve_port, host=host,
@@ -2709,7 +2865,9 @@ def peer(
                   temperature=temperature,
                   dataset=dataset, val_dataset=val_dataset, labeled=labeled, epochs=epochs, batch_size=batch_size,
                   lr=lr, seed=seed, device=device, linger=linger, json_out=json_out, save=save)  # fmt: skip
-    print(json.dumps(_call(run_peer, run)))
+    with _stopped_politely("kd peer"):
+        result = _call(run_peer, run)
+    print(json.dumps(result))
 
 
 @app.command(short_help="GCN distillation with LSP (Yang et al. 2020).")
@@ -2723,6 +2881,7 @@ def graph(
     json_out: Path | None = typer.Option(None, "--json", help="Write the results here."),
 ) -> None:
     """GCN distillation with the local structure preserving module (Yang et al. 2020) on generated graphs."""
+    _check_file_out(json_out, "--json")
     from kd.student_trainer.graph.distill import GraphDistillConfig, run
     from kd.student_trainer.graph.graphs import GraphSpec
 
@@ -2730,7 +2889,8 @@ def graph(
     config = GraphDistillConfig(spec=spec, seeds=seeds, epochs=epochs, teacher_epochs=teacher_epochs,
                                 lsp_weight=lsp_weight, scale=scale, student_hidden=student_hidden,
                                 train_graphs=10)  # fmt: skip
-    res = _call(run, config)
+    with _stopped_politely("kd graph"):
+        res = _call(run, config)
     rows = [["teacher GCN", str(res["teacher_params"]), f"{res['teacher_acc']:.4f}"]]
     for n in ("ce", "lsp"):
         rows.append([f"student, {n.upper()}", str(res["student_params"]), _mean_std(res[n]["acc_per_seed"])])
@@ -2758,13 +2918,15 @@ def multitask(
     json_out: Path | None = typer.Option(None, "--json", help="Write the results here."),
 ) -> None:
     """Knowledge distillation for multi-task learning (Li & Bilen 2020) on digits tasks."""
+    _check_file_out(json_out, "--json")
     from kd.student_trainer.multitask.multitask import MultiTaskConfig, run
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     config = MultiTaskConfig(tasks=names, seeds=seeds, epochs=epochs, teacher_epochs=teacher_epochs, lr=lr,
                              adaptor_lr=adaptor_lr, student_width=student_width, served=served,
                              dist_weights=dict.fromkeys(names, dist_weight))  # fmt: skip
-    res = _call(run, config)
+    with _stopped_politely("kd multitask"):
+        res = _call(run, config)
     rows = [["single-task teachers", *(f"{res['single_task'][t]:.4f}" for t in names), "0"]]
     for key, label in (("mtl", "multi-task, task losses"), ("kdmtl", "multi-task, KD-MTL")):
         per = res[key]["per_seed"]
@@ -2785,10 +2947,12 @@ def taskdistill(
     json_out: Path | None = typer.Option(None, "--json", help="Write the results here."),
 ) -> None:
     """Domain adaptation through task distillation (Zhou et al. 2020): digits -> re-rendered digits."""
+    _check_file_out(json_out, "--json")
     from kd.student_trainer.multitask.taskdistill import ROWS, TaskDistillConfig, run
 
     config = TaskDistillConfig(seeds=seeds, epochs=epochs, width=width, lr=lr, temperature=temperature)
-    res = _call(run, config)
+    with _stopped_politely("kd taskdistill"):
+        res = _call(run, config)
     where = {"source_model_on_source": "source test", "proxy_on_target_masks": "target test masks"}
     rows = [[row, where.get(row, "target test"), _mean_std([r[row] for r in res["per_seed"]])] for row in ROWS]
     _report(f"task distillation, digits -> re-rendered digits, {seeds} seed(s)", ["model", "evaluated on", "accuracy"],

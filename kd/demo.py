@@ -71,14 +71,19 @@ def start_server_process(spec: str, out: Path, *, name: str = "digits", log_name
            "--port-file", str(port_file), "--max-queue-delay-us", "500", *(extra or [])]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120
-    while not port_file.exists():  # written atomically by kd serve once it listens
-        if proc.poll() is not None:
-            raise RuntimeError(f"kd serve exited with {proc.returncode}; see {out / log_name}")
-        if time.monotonic() > deadline:
+    try:
+        while not port_file.exists():  # written atomically by kd serve once it listens
+            if proc.poll() is not None:
+                raise RuntimeError(f"kd serve exited with {proc.returncode}; see {out / log_name}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kd serve did not start within 120 s; see {out / log_name}")
+            time.sleep(0.05)
+        return proc, int(port_file.read_text())
+    except BaseException:  # a failed start, or a stop signal of the caller's: no server left without its parent
+        if proc.poll() is None:
             proc.kill()
-            raise RuntimeError(f"kd serve did not start within 120 s; see {out / log_name}")
-        time.sleep(0.05)
-    return proc, int(port_file.read_text())
+            proc.wait()
+        raise
 
 
 def stop_server_process(proc: subprocess.Popen) -> int:
@@ -138,10 +143,10 @@ def run_demo(out: Path, *, seeds: int = 3, epochs: int = 300, labeled: int = 100
 
     # 2. the server, as its own process
     proc, port = start_server_process(f"kd.models:digits_teacher@{weights}", out)
-    address = f"127.0.0.1:{port}"
-    console.print(f"kd serve running (pid {proc.pid}) on {address}", highlight=False)
-    cache_dir = out / "cache"
-    try:
+    try:  # from here on, whatever ends the demo (a stop signal too) stops the server below
+        address = f"127.0.0.1:{port}"
+        console.print(f"kd serve running (pid {proc.pid}) on {address}", highlight=False)
+        cache_dir = out / "cache"
         server = ServerSource(address, "digits")
         if server.fingerprint != fingerprint:
             raise RuntimeError("the served teacher's fingerprint differs from the trained one")

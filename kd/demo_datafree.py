@@ -99,9 +99,9 @@ def run_demo_datafree(out: Path, *, methods: list[str] | None = None, quick: boo
             extra += ["--teacher", f"{tier}={spec}"]
         extra += ["--access", f"{tier}={tier}", "--records", f"{tier}={records}"]
     proc, port = start_server_process(spec, out, name="white", extra=extra)
-    address = f"127.0.0.1:{port}"
-    rows: dict[str, dict] = {}
-    try:
+    try:  # from here on, whatever ends the demo (a stop signal too) stops the server below
+        address = f"127.0.0.1:{port}"
+        rows: dict[str, dict] = {}
         # 3. The reference: the same student, KD on the real training inputs.
         seed_everything(seed)
         student = digits_cnn_student()

@@ -119,15 +119,15 @@ class ExplainConfig:
 
     def validate(self) -> None:
         for name in ("lam", "sigma_max", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         for name in ("samples", "steps", "images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.sigma_init < 1:
             raise ValueError(f"sigma_init must be in (0, 1), got {self.sigma_init}")
-        if self.b < 0:
-            raise ValueError(f"b must be >= 0, got {self.b}")
+        if not (math.isfinite(self.b) and self.b >= 0):  # nan and inf passed `b < 0`
+            raise ValueError(f"b must be a finite number >= 0, got {self.b}")
 
 
 # ----------------------------------------------------------------------------- features

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,23 @@ class PeerRun:
     json_out: Path | None = None
     save: Path | None = None
 
+    def problem(self) -> str | None:
+        """Why these numbers cannot run, or None: checked before the peer serves or waits for a peer
+        (they were checked only once every peer answered; --labeled -1 trained on all but one sample)."""
+        if min(self.epochs, self.batch_size) < 1 or (self.labeled is not None and self.labeled < 1):
+            sizes = f"{self.epochs}, {self.batch_size}, {self.labeled}"
+            return f"--epochs, --batch-size and --labeled must be >= 1, got {sizes}"
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            return f"--lr must be a finite number > 0, got {self.lr}"
+        if not (math.isfinite(self.linger) and self.linger >= 0):
+            return f"--linger must be a finite number of seconds >= 0, got {self.linger}"
+        if self.serve_port is not None and not 0 <= self.serve_port <= 65535:
+            return f"--serve-port must be in 0..65535, got {self.serve_port}"
+        for flag, seed in (("--seed", self.seed), ("--init-seed", self.init_seed)):
+            if not 0 <= seed < 2**32:
+                return f"{flag} must be >= 0 and < 2**32, got {seed}"
+        return None
+
 
 def run_peer(run: PeerRun) -> dict[str, object]:
     """Start the peer's server (unless ``run.server``), train, write the results, and keep
@@ -76,6 +94,8 @@ def run_peer(run: PeerRun) -> dict[str, object]:
     from kd.teacher_server.loading import load_teacher
     from kd.teacher_server.server import TeacherOptions, start_server
 
+    if problem := run.problem():
+        raise ValueError(problem)
     peers = [PeerAddress.parse(p) for p in run.peers]
     if not peers:
         raise ValueError("a peer needs at least one other peer (--peer HOST:PORT/NAME)")

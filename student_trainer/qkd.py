@@ -71,6 +71,7 @@ import contextlib
 import copy
 import hashlib
 import io
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -127,13 +128,15 @@ class QKDConfig:
                 raise ValueError(f"QKDConfig.{name} must be an integer >= {int(name == 'batch_size')}, got {value!r}")
         if self.epochs_self + self.epochs_co + self.epochs_tutor == 0:
             raise ValueError("QKDConfig: every phase has 0 epochs; nothing to train")
-        if self.temperature <= 0:
-            raise ValueError(f"QKDConfig.temperature must be > 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):  # nan passed `<= 0`
+            raise ValueError(f"QKDConfig.temperature must be a finite number > 0, got {self.temperature}")
         for name in ("alpha", "teacher_alpha"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"QKDConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.lr <= 0 or self.teacher_lr <= 0:
+        if not all(math.isfinite(v) and v > 0 for v in (self.lr, self.teacher_lr)):
             raise ValueError(f"QKDConfig learning rates must be > 0, got lr={self.lr}, teacher_lr={self.teacher_lr}")
+        if not 0 <= self.seed < 2**32:  # numpy's range; refused by seed_everything only after --out was made
+            raise ValueError(f"QKDConfig.seed must be >= 0 and < 2**32, got {self.seed}")
         if self.untrainable_teacher not in ("error", "skip"):
             raise ValueError(
                 f"QKDConfig.untrainable_teacher must be 'error' or 'skip', got {self.untrainable_teacher!r}"

@@ -118,21 +118,26 @@ SERVER_RANGES: dict[str, tuple[int, int | None]] = {
     "stream_window": (1, None),
     "max_clients": (1, None),
 }
+# A teacher's sizes end up in tensor shapes and C integers: max_batch_size 10**23 was torch's
+# "Overflow when unpacking long long" traceback at the warm-up. 2**31 - 1 is far above any real use.
+LARGEST = 2**31 - 1
 TEACHER_RANGES: dict[str, tuple[int, int | None]] = {
-    "max_batch_size": (1, None),
-    "max_queue_delay_us": (0, None),
-    "max_queue_size": (0, None),
-    "threads": (0, None),
-    "instances": (1, None),
-    "max_gradient_batch": (1, None),
-    "max_synthesis_iterations": (1, None),
-    "max_jobs_queued": (1, None),
-    "max_batch_tokens": (1, None),
+    "max_batch_size": (1, LARGEST),
+    "max_queue_delay_us": (0, LARGEST),
+    "max_queue_size": (0, LARGEST),
+    "threads": (0, LARGEST),
+    "instances": (1, LARGEST),
+    "max_gradient_batch": (1, LARGEST),
+    "max_synthesis_iterations": (1, LARGEST),
+    "max_jobs_queued": (1, LARGEST),
+    "max_batch_tokens": (1, LARGEST),
 }
 
 
 def range_problem(value: int, lo: int, hi: int | None) -> str | None:
     """Why integer ``value`` lies outside lo..hi, or None."""
+    if value < lo and hi in (None, LARGEST):  # a size: the bound above is only for the absurd
+        return f"must be >= {lo}, got {value}"
     if value < lo or (hi is not None and value > hi):
         return f"must be in {lo}..{hi}, got {value}" if hi is not None else f"must be >= {lo}, got {value}"
     return None
@@ -222,15 +227,19 @@ def read_table(path: str | Path) -> dict[str, Any]:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give the TOML or YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                          f"offset {e.start}): TOML and YAML files are UTF-8") from None  # fmt: skip
     if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError("YAML configs need PyYAML (pip install pyyaml); or use TOML") from None
-        data = yaml.safe_load(text)
+        data = _read_yaml(text, path)
     else:
         if sys.version_info >= (3, 11):
             import tomllib
@@ -243,6 +252,37 @@ def _read(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a table/mapping at the top")
     return data
+
+
+def _read_yaml(text: str, path: Path) -> Any:
+    """One YAML document, read safely; a key given twice in one mapping is refused, as TOML does
+    (PyYAML keeps the last silently: `epochs: 240` then `epochs: 1` trained 1 epoch)."""
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError("YAML configs need PyYAML (pip install pyyaml); or use TOML") from None
+
+    class _UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN202 - PyYAML's signature
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) or key is None:
+                    if key in seen:
+                        raise ConfigError(f"config file {str(path)!r}: key {key!r} is given twice in one mapping "
+                                          f"(line {key_node.start_mark.line + 1})")  # fmt: skip
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader: plain data only
+    except yaml.YAMLError as e:
+        # PyYAML's message spans several lines (context, the offending line, a caret): one line here
+        where = getattr(e, "problem_mark", None)
+        parts = [getattr(e, "context", None), getattr(e, "problem", None)]
+        problem = ", ".join(p for p in parts if p) or str(e).splitlines()[0]
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {problem}{at}") from None
 
 
 def _take(table: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -265,6 +305,9 @@ def load_config(path: str | Path) -> ServerConfig:
         problem = server_problem(key, value)
         if problem:
             raise ConfigError(f"{path} [server]: {key} {problem}")
+        if key in ("token_file", "tls_cert", "tls_key", "tls_client_ca", "host") and value == "":
+            # token_file = "" served with no token at all: an empty path read as "not given"
+            raise ConfigError(f"{path} [server]: {key} is empty; give the value or leave the key out")
     cfg = ServerConfig(**server)
     option_types = {f.name: f.type for f in fields(TeacherOptions)}
     for i, entry in enumerate(_tables(data, "teacher", path)):
@@ -272,6 +315,8 @@ def load_config(path: str | Path) -> ServerConfig:
         _take(entry, set(option_types) | {"name", "spec", "device"}, where)
         if "name" not in entry or "spec" not in entry:
             raise ConfigError(f"{where}: needs `name` and `spec`")
+        if entry["name"] == "" or entry["spec"] == "":  # a teacher named "" was served; --teacher refuses it
+            raise ConfigError(f"{where}: `name` and `spec` must not be empty")
         _check_types(entry, option_types | {"name": "str", "spec": "str", "device": "str"}, where)
         device = entry.get("device", "cpu")
         problem = device_problem(device)

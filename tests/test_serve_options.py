@@ -34,7 +34,9 @@ def serve(tmp_path: Path, *args: str) -> Result:
     watchdog = threading.Thread(target=stop_once_serving, daemon=True)
     watchdog.start()
     try:
-        return CliRunner().invoke(app, ["serve", "--no-warmup", "--port-file", str(port_file), *args])
+        # --no-warmup sets --teacher's options only (refused beside a config of teachers)
+        quick = [] if "--config" in args else ["--no-warmup"]
+        return CliRunner().invoke(app, ["serve", *quick, "--port-file", str(port_file), *args])
     finally:
         done.set()
         watchdog.join()

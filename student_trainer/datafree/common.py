@@ -72,6 +72,19 @@ class DataFreeConfig:
     # whole epoch's checkpoint, which ``resume`` continues from.
     stop: Callable[[], int | None] | None = field(default=None, repr=False, compare=False)
 
+    def validate(self, method: str) -> None:
+        """The shared knobs, before the teacher is asked anything (a method checks its own options)."""
+        if self.steps < 1:
+            raise ValueError(f"{method}: steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1 or self.eval_every < 0:  # eval_every -1 ran and evaluated only at the end
+            raise ValueError(f"{method}: batch_size must be >= 1 and eval_every >= 0, got {self.batch_size} and "
+                             f"{self.eval_every}")  # fmt: skip
+        # generator_lr inf and temperature -1 trained to a NaN student that exited 0
+        if not (math.isfinite(self.generator_lr) and self.generator_lr >= 0):
+            raise ValueError(f"{method}: generator_lr must be a finite number >= 0, got {self.generator_lr}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"{method}: temperature must be a finite number > 0, got {self.temperature}")
+
 
 @dataclass
 class DataFreeResult:
@@ -301,8 +314,7 @@ class Run:
 
     def __init__(self, method: str, teacher: ServedTeacher, student: nn.Module, config: DataFreeConfig,
                  test: SampleSource | None) -> None:  # fmt: skip
-        if config.steps < 1:
-            raise ValueError(f"{method}: steps must be >= 1, got {config.steps}")
+        config.validate(method)
         values = config.batch_size * math.prod(max(d, 1) for d in teacher.input_shape)
         if not 1 <= config.batch_size or values > MAX_BATCH_VALUES:
             raise ValueError(f"{method}: batch_size {config.batch_size} of inputs {list(teacher.input_shape)} must be "

@@ -7,6 +7,7 @@ One graph per step, the recipe's optimiser (Adam at 5e-3 as the official code by
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -48,8 +49,14 @@ class GraphDistillConfig:
             raise ValueError(f"teacher_layer must name a hidden layer in [0, {self.teacher_layers - 2}]")
         if not 0 <= self.student_layer < self.student_layers - 1:
             raise ValueError(f"student_layer must name a hidden layer in [0, {self.student_layers - 2}]")
-        if not (self.lsp_weight >= 0 and self.scale > 0 and self.lr >= 0):
-            raise ValueError("lsp_weight and lr must be >= 0 and scale > 0")
+        for name in ("teacher_hidden", "student_hidden", "teacher_layers", "student_layers", "epochs",
+                     "teacher_epochs"):  # fmt: skip
+            if getattr(self, name) < 1:  # epochs -3 trained nothing and reported the untrained models
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        finite = all(math.isfinite(v) for v in (self.lsp_weight, self.scale, self.lr))
+        if not (finite and self.lsp_weight >= 0 and self.scale > 0 and self.lr >= 0):
+            raise ValueError(f"lsp_weight and lr must be finite numbers >= 0 and scale > 0, got lsp_weight="
+                             f"{self.lsp_weight}, scale={self.scale}, lr={self.lr}")  # fmt: skip
 
 
 def _prepared(graphs: list[Graph], device: torch.device) -> list[tuple[Graph, torch.Tensor]]:

@@ -36,6 +36,7 @@ statistics, MSE).
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -187,12 +188,14 @@ class MultiTaskConfig:
             raise ValueError("epochs and teacher_epochs must be >= 0")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
-        if not (self.lr > 0 and self.adaptor_lr > 0 and self.adaptor_weight_decay >= 0):
-            raise ValueError("lr and adaptor_lr must be > 0, adaptor_weight_decay >= 0")
+        rates = (self.lr, self.adaptor_lr, self.adaptor_weight_decay)
+        if not (all(math.isfinite(v) for v in rates) and self.lr > 0 and self.adaptor_lr > 0
+                and self.adaptor_weight_decay >= 0):  # fmt: skip
+            raise ValueError(f"lr and adaptor_lr must be finite numbers > 0, adaptor_weight_decay >= 0, got {rates}")
         for name in ("task_weights", "dist_weights"):
             for t, w in getattr(self, name).items():
-                if t not in self.tasks or not w >= 0:
-                    raise ValueError(f"{name}: {t}={w} names no task of this run or is negative")
+                if t not in self.tasks or not (math.isfinite(w) and w >= 0):
+                    raise ValueError(f"{name}: {t}={w} names no task of this run or is not a finite number >= 0")
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ The report compares the source-only model and an oracle trained on target labels
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -109,8 +110,8 @@ class TaskDistillConfig:
     def validate(self) -> None:
         if min(self.width, self.batch_size, self.seeds) < 1 or self.epochs < 0:
             raise ValueError("width, batch_size and seeds must be >= 1, epochs >= 0")
-        if not (self.lr > 0 and self.temperature > 0):
-            raise ValueError("lr and temperature must be > 0")
+        if not (math.isfinite(self.lr) and math.isfinite(self.temperature) and self.lr > 0 and self.temperature > 0):
+            raise ValueError(f"lr and temperature must be finite numbers > 0, got {self.lr} and {self.temperature}")
 
 
 @dataclass(frozen=True)
