@@ -156,6 +156,7 @@ open(f"{sys.argv[1]}/ok{rank}", "w").close()  # a file per rank: the ranks' prin
 """
 
 
+@pytest.mark.serial
 def test_sparse_targets_are_gathered_row_by_row_across_ranks(tmp_path: Path) -> None:
     """A batch-coupled feature loss (rkd, sp...) on a top-k cache or --server-topk under torchrun: the
     teacher's SparseTargets are gathered field by field (2 gloo ranks, slices of 3 and 1 rows), in rank

@@ -63,6 +63,7 @@ def test_request_larger_than_max_batch_is_split_and_reassembled() -> None:
     assert max(fwd.sizes) <= 16 and sum(fwd.sizes) == 50 and len(fwd.sizes) == 4
 
 
+@pytest.mark.serial
 def test_partial_batch_waits_at_most_the_queue_delay() -> None:
     """A partial batch leaves ``delay`` after its OLDEST request: a second request arriving half-way
     joins it without restarting the clock. The bounds are wide (0.8 s of slack each side on a 2 s

@@ -243,6 +243,7 @@ def test_kd_datafree_fails_when_its_server_is_restarted_with_other_weights(tmp_p
 
 
 # -- 2. an unreachable server ---------------------------------------------------------------
+@pytest.mark.serial
 def test_an_unreachable_server_fails_fast_naming_its_address(teacher: Teacher) -> None:
     dead = f"127.0.0.1:{_free_port()}"
     t0 = time.monotonic()
@@ -288,6 +289,7 @@ def test_server_timeout_bounds_the_connect_wait_of_the_cli(tmp_path: Path, comma
 
 
 # -- 3. a stalled server ---------------------------------------------------------------------
+@pytest.mark.serial
 def test_a_stalled_server_fails_the_stream_naming_server_and_timeout(tmp_path: Path, teacher_spec: str, train):
     port = _free_port()
     log = tmp_path / "serve.log"
@@ -354,6 +356,7 @@ def _fails_on_a_stalled_server(tmp_path: Path, teacher_spec: str, command: Calla
         log.close()
 
 
+@pytest.mark.serial
 def test_kd_train_fails_on_a_stalled_server_after_its_server_timeout(tmp_path: Path, teacher_spec: str) -> None:
     run = tmp_path / "run"
     _fails_on_a_stalled_server(
@@ -364,6 +367,7 @@ def test_kd_train_fails_on_a_stalled_server_after_its_server_timeout(tmp_path: P
     )  # fmt: skip
 
 
+@pytest.mark.serial
 def test_kd_precompute_fails_on_a_stalled_server_after_its_server_timeout(tmp_path: Path, teacher_spec: str) -> None:
     from kd.cache import CacheReader
 

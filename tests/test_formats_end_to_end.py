@@ -379,6 +379,7 @@ def test_kill_9_and_resume_precompute_of_an_image_folder(world: World, tmp_path:
     torch.testing.assert_close(reader.get(idx, vw), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.serial
 def test_torchrun_two_ranks_train_from_an_image_folder_cache(world: World, tmp_path: Path) -> None:
     """`kd train` under torchrun (2 CPU ranks, gloo) on a file dataset ends where one process does."""
     uri, val_uri = world.uris["png"]

@@ -480,6 +480,7 @@ def test_calls_beyond_the_threads_wait_in_a_bounded_backlog(teacher: Teacher, tm
 # -- 10. a draining server answers new calls with UNAVAILABLE and finishes accepted ones ----------
 
 
+@pytest.mark.serial
 def test_stop_answers_new_calls_unavailable_while_accepted_work_finishes(teacher: Teacher) -> None:
     r = start_server([teacher], port=0, batching=TeacherOptions(max_batch_size=8, max_queue_delay_us=0))
     batcher = r.endpoints["digits"].batcher

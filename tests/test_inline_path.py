@@ -69,6 +69,7 @@ def test_a_waiting_caller_on_an_idle_model_runs_its_forward_itself() -> None:
     assert rec.threads[1:] == ["model-i"] * 4 and b.stats.forwards == 5 and b.stats.requests == 3
 
 
+@pytest.mark.serial
 def test_a_lone_caller_never_waits_the_queue_delay() -> None:
     # A 0.5 s delay, and a caller alone: no company is coming, so nothing waits for it. Its
     # waiting requests run inline; one that does not wait goes to the model thread at once.

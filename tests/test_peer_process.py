@@ -271,6 +271,7 @@ def test_a_cancelled_upload_is_counted_cancelled_without_a_traceback(publishable
         release.set()
 
 
+@pytest.mark.serial
 def test_a_stalled_upload_is_dropped_after_the_idle_timeout_so_others_can_publish(publishable) -> None:
     running, stub, client = publishable
     release = threading.Event()

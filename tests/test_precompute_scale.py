@@ -154,6 +154,7 @@ def test_an_interrupted_run_resumes_without_redoing_committed_views(tmp_path: Pa
     assert torch.equal(replayed, train.views(idx, view_seeds(idx, vw, 3)))
 
 
+@pytest.mark.serial
 def test_torchrun_ranks_each_precompute_their_shard_of_an_npz(tmp_path: Path, teacher_spec: str, teacher: Teacher):
     train = load_dataset("digits", "train")
     x, y = train.inputs[:300].numpy(), train.labels[:300].numpy()

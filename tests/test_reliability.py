@@ -506,6 +506,7 @@ def _not_accepted(o: Outcome, signalled: float) -> bool:
     return False
 
 
+@pytest.mark.serial
 def test_sigterm_under_load_answers_every_accepted_request(tmp_path: Path, teacher: Teacher, teacher_spec: str):
     port_file = tmp_path / "port"
     log_path = tmp_path / "serve.log"
@@ -599,6 +600,7 @@ def test_sigterm_under_load_answers_every_accepted_request(tmp_path: Path, teach
 # -- 4. a deadline that passes while the request is queued ---------------------------------------
 
 
+@pytest.mark.serial
 def test_deadline_passing_while_queued_ends_the_call_without_a_handler_exception(
     teacher: Teacher, caplog: pytest.LogCaptureFixture
 ) -> None:

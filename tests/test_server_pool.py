@@ -95,6 +95,7 @@ def test_pool_members_must_agree_on_datasets_and_live_weights(tmp_path: Path, te
         ServerSource([a, b], "t").close()
 
 
+@pytest.mark.serial
 def test_a_member_drained_mid_epoch_hands_its_batches_to_the_others(tmp_path: Path, teacher_spec: str) -> None:
     batches = _batches(8)
     # Requests of 8 on servers that batch at most 8: none is merged with another, so each
@@ -125,6 +126,7 @@ def test_a_member_drained_mid_epoch_hands_its_batches_to_the_others(tmp_path: Pa
         assert torch.equal(g, w) and torch.equal(h, w), i
 
 
+@pytest.mark.serial
 def test_a_stalled_member_hands_its_batches_to_the_others(tmp_path: Path, teacher_spec: str) -> None:
     # B stops answering (SIGSTOP: a hung node); its stream's stall timeout fails it, and its
     # unanswered batches go to A.

@@ -180,6 +180,7 @@ def test_a_signal_it_cannot_catch_leaves_every_handler_as_it_was() -> None:
     assert signal.set_wakeup_fd(-1) == -1  # and the wake-up fd given back
 
 
+@pytest.mark.serial
 def test_kd_serve_drains_on_a_sigterm_sent_the_moment_its_port_file_appears(tmp_path: Path, teacher_spec: str) -> None:
     # The handlers are installed before the port file is written (and before "serving on" is
     # printed): a SIGTERM sent as soon as the server says it is ready drains it, never kills it.
@@ -202,6 +203,7 @@ def test_kd_serve_drains_on_a_sigterm_sent_the_moment_its_port_file_appears(tmp_
             _finish(proc)
 
 
+@pytest.mark.serial
 def test_kd_serve_says_1_request_not_1_requests_when_it_drains(tmp_path: Path, teacher_spec: str) -> None:
     """The drain line counted in the plural whatever the number ("drained: 1 requests accepted")."""
     import torch

@@ -68,6 +68,7 @@ def _precompute(d: Path, uri: str, out: Path, *launcher: str, extra: tuple[str, 
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.serial
 def test_torchrun_ranks_each_precompute_their_shard_of_a_token_corpus(tmp_path: Path, corpus) -> None:
     d, uri = corpus
     n = len(open_source(uri))

@@ -97,6 +97,7 @@ def _asked(corpus) -> tuple[int, int]:
     return stats.samples, stats.real_tokens
 
 
+@pytest.mark.serial
 def test_two_torchrun_ranks_train_lm_as_one_process(tmp_path: Path, corpus) -> None:
     before = _asked(corpus)
     one = cli(*_args(corpus, tmp_path / "one.safetensors"))

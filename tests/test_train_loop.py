@@ -183,6 +183,7 @@ def test_train_options_from_a_config_file(tmp_path: Path, teacher_spec: str) -> 
     assert bad.exit_code != 0 and "unknown option(s) ['batchsize']" in bad.stderr
 
 
+@pytest.mark.serial
 def test_torchrun_two_ranks_equal_one_process_with_the_ae_kd_combiner(tmp_path: Path) -> None:
     # ae-kd finds one weight vector per global batch from batch statistics: each rank used to take
     # them from its own slice, so the ranks mixed the teachers differently (weights 1.5e-2 apart).
@@ -269,6 +270,7 @@ def test_sigterm_stops_kd_train_at_a_step_and_resume_ends_as_an_uninterrupted_ru
     assert acc[0] == acc[1] and len(acc[0]) == 4
 
 
+@pytest.mark.serial
 def test_sigterm_to_torchrun_ends_its_ranks_cleanly_with_a_checkpoint(tmp_path: Path, teacher_spec: str) -> None:
     # torchrun forwards the SIGTERM to its ranks, which used to die mid-collective; now they agree on
     # the step to stop at, rank 0 writes the checkpoint, and every rank exits 143 (torchrun's own
@@ -315,6 +317,7 @@ def test_a_repeatable_option_written_once_as_a_string_in_a_config_file(tmp_path:
     assert json.loads(r.stdout.strip().splitlines()[-1])["source"] == [f"cache:{cache}"]
 
 
+@pytest.mark.serial
 def test_torchrun_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path: Path, teacher_spec: str) -> None:
     cache = tmp_path / "c"
     ok(cli("precompute", "--source", f"local:{teacher_spec}", "--out", str(cache)))
@@ -410,6 +413,7 @@ if dist.is_initialized():
 """
 
 
+@pytest.mark.serial
 def test_torchrun_two_ranks_equal_one_process_with_batch_coupled_losses(tmp_path: Path, teacher_spec: str) -> None:
     # Each rank used to compute these losses on its own slice of the global batch (DIST's correlation
     # over the batch, SP's similarity matrix, RKD's distances, CCKD's kernel matrix, GKD's count of
