@@ -113,19 +113,27 @@ def _upload_chunks(request_iterator: Iterator[bytes], context: grpc.ServicerCont
     """An upload's ``WeightsChunk`` messages, each parsed; a call its client cancelled (or whose
     deadline passed) while it was read is CANCELLED (DEADLINE_EXCEEDED), not a server error."""
     received = 0
+
+    def ended() -> RequestError:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"PublishWeights: the call's deadline passed after {received} chunk(s); "
+                                "the weights are unchanged")  # fmt: skip
+        return RequestError(grpc.StatusCode.CANCELLED,
+                            f"PublishWeights: the client cancelled the upload after {received} chunk(s); "
+                            "the weights are unchanged")  # fmt: skip
+
     try:
         for raw in request_iterator:
             yield _parse("PublishWeights", pb.WeightsChunk, raw, f" (chunk #{received})")
             received += 1
     except grpc.RpcError:
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"PublishWeights: the call's deadline passed after {received} chunk(s); "
-                               "the weights are unchanged") from None  # fmt: skip
-        raise RequestError(grpc.StatusCode.CANCELLED,
-                           f"PublishWeights: the client cancelled the upload after {received} chunk(s); "
-                           "the weights are unchanged") from None  # fmt: skip
+        raise ended() from None
+    # A cancelled call's requests may also just end (no RpcError, depending on when the cancel
+    # lands): that is the client's cancel, not an upload short of its announced bytes.
+    if not context.is_active():
+        raise ended()
 
 
 def _abort(context: grpc.ServicerContext, e: RequestError) -> None:
