@@ -752,8 +752,6 @@ def precompute(
     # on the server's device; a local: teacher has no server to wait for; pooling pools --feature's maps).
     if device != "cpu" and not source.startswith("local:"):
         _fail(f"--device {device} is a local: teacher's device; a server runs its teacher where kd serve put it")
-    if server_timeout != 60.0 and not source.startswith("server:"):
-        _fail(f"--server-timeout {server_timeout} bounds a server: source's calls; {source.split(':')[0]}: has none")
     if pool_features and not feature:
         _fail("--pool-features pools the maps of --feature: give --feature LAYER, or leave it out")
     if batch_size < 1 or commit_every < 1:
@@ -1259,9 +1257,6 @@ def train(
               "they would be ignored")  # fmt: skip
     if prefetch and not any(s.startswith("cache:") for s in source):
         _fail(f"--prefetch {prefetch} reads a cache: source ahead; these sources have none: {list(source)}")
-    if server_timeout != 60.0 and not any(s.startswith("server:") for s in [*source, read_through or ""]):
-        _fail(f"--server-timeout {server_timeout} bounds a server: source's calls; these sources have none: "
-              f"{list(source)}")  # fmt: skip
     _check_run_options(seed, device)
     _check_out(out)
 

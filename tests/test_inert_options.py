@@ -18,9 +18,9 @@ CASES = [
     (["train", "--source", "cache:c", "--combiner", "weighted"], "with 1 source they would be ignored"),
     (["train", "--source", "cache:c", "--combiner-opt", "weights=[1,2]"], "merge several --source teachers"),
     (["train", "--source", LOCAL, "--prefetch", "2"], "--prefetch 2 reads a cache: source ahead"),
-    (["train", "--source", "cache:c", "--server-timeout", "5"], "--server-timeout 5.0 bounds a server: source's"),
+    (["train", "--source", "cache:c", "--server-timeout", "5"], "--server-timeout applies only with a server: teacher"),
     (["precompute", "--source", "server:127.0.0.1:1/t", "--out", "c", "--device", "cuda"], "--device cuda is a local:"),
-    (["precompute", "--source", LOCAL, "--out", "c", "--server-timeout", "5"], "local: has none"),
+    (["precompute", "--source", LOCAL, "--out", "c", "--server-timeout", "5"], f"got {LOCAL}: it would be ignored"),
     (["precompute", "--source", LOCAL, "--out", "c", "--pool-features"], "--pool-features pools the maps of --feature"),
 ]
 
