@@ -2385,14 +2385,13 @@ def train_lm(
 
     if optimizer not in TOKEN_OPTIMIZERS:
         _fail(f"--optimizer {optimizer!r}: kd train-lm takes {', '.join(TOKEN_OPTIMIZERS)}")
-    steps = _milestones(milestones)
-    _call(Recipe(optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                 schedule=schedule, milestones=steps, gamma=gamma, warmup_epochs=warmup_epochs, amp=amp,
-                 clip_grad_norm=clip_grad_norm).validate)  # fmt: skip
     reset = _inert_recipe_flags(ctx, optimizer, schedule)  # --momentum with adam, --milestones without multistep
     milestones, gamma = reset.get("milestones", milestones), reset.get("gamma", gamma)
     momentum = reset.get("momentum", momentum)
     steps = _milestones(milestones)
+    _call(Recipe(optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                 schedule=schedule, milestones=steps, gamma=gamma, warmup_epochs=warmup_epochs, amp=amp,
+                 clip_grad_norm=clip_grad_norm).validate)  # fmt: skip
     _check_run_options(seed, device)
     _check_out(out)
     if out is not None and feature:  # the connectors go beside the student: writable too

@@ -464,7 +464,8 @@ def train_qkd(
     # What a phase's checkpoint must have been written under besides the trainer's own config: the
     # QKD options (workers read batches, they change nothing) and the teacher's weights.
     identity = {k: v for k, v in asdict(config).items() if k != "workers"}
-    identity["teacher"] = _teacher_identity(teacher)
+    # (hashing a large teacher's weights takes time: only a run that writes checkpoints needs it)
+    identity["teacher"] = _teacher_identity(teacher) if run_dir is not None else ""
 
     def restore(state: dict) -> None:
         """A phase's checkpoint's own state: checked to be of this run, and the teacher's accuracies."""
