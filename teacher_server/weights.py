@@ -192,8 +192,10 @@ class WeightSlot:
 
     def settle(self, out: dict[str, torch.Tensor], recompute: Callable[[], dict[str, torch.Tensor]]):
         """-> (outputs, target fingerprint, version) of one version: rows from two versions
-        (a swap between the forwards of a split request) are computed again."""
-        for _ in range(_MAX_RECOMPUTES):
+        (a swap between the forwards of a split request) are computed again. Swaps that keep
+        outpacing a request cannot starve it: its last try holds the next swap off (the swap waits
+        for those forwards, as it waits for a forward in progress), so it always settles."""
+        for attempt in range(_MAX_RECOMPUTES + 1):
             versions = out.pop(VERSION_KEY, None)
             if versions is None:  # not tagged (cannot happen through the batcher): the current one
                 with self._state_lock:
@@ -203,9 +205,15 @@ class WeightSlot:
                 known = self._fingerprints.get(lo)
             if lo == hi and known is not None:
                 return out, known[0], lo
-            out = recompute()
-        raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                           f"teacher {self.name!r}: its weights changed during each of {_MAX_RECOMPUTES} tries "
+            if attempt < _MAX_RECOMPUTES - 1:
+                out = recompute()
+            elif attempt == _MAX_RECOMPUTES - 1:
+                # publish() swaps under this lock (after its upload is read and staged), and this
+                # try's forwards do not need it, so holding it here cannot deadlock a swap
+                with self._publish_lock:
+                    out = recompute()
+        raise RequestError(grpc.StatusCode.UNAVAILABLE,  # not seen: the held-off try is of one version
+                           f"teacher {self.name!r}: its weights changed during each of {_MAX_RECOMPUTES + 1} tries "
                            "of this request; retry")  # fmt: skip
 
     def describe(self, info: pb.TeacherInfo) -> None:
