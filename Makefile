@@ -21,10 +21,13 @@ demo: $(VENV)/.installed
 # compileall first: where PYTHONDONTWRITEBYTECODE is set (as on this project's machines) no import
 # writes a .pyc, so every `python -m kd` a test starts compiled kd's sources again (~0.2-0.4 s of CPU
 # each, hundreds of processes a run); compileall writes them whatever that variable says, and an import
-# still recompiles any source changed since.
+# still recompiles any source changed since. Two parts (pyproject's `serial` marker): most tests on two
+# pytest-xdist workers, a whole file per worker (module fixtures start one server each); then the
+# torchrun and wall-clock tests alone, so they never share the two cores with another worker.
 test: $(VENV)/.installed
 	$(BIN)/python -m compileall -q kd cache teacher_server student_trainer tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not serial"
+	$(BIN)/python -m pytest -q -m serial
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
