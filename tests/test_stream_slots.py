@@ -38,6 +38,14 @@ def _settles(predicate, seconds: float = T) -> bool:
     return True
 
 
+def _closes(count) -> None:
+    """Wait (a consumer that does not read) until the server closed one more idle stream: its
+    requests in flight are answered first, which on a loaded machine can take longer than the
+    0.3 s idle timeout a fixed sleep would allow for."""
+    before = count()
+    assert _settles(lambda: count() > before), "no stream was closed for being idle"
+
+
 def test_idle_streams_of_one_client_do_not_lock_out_another(teacher: Teacher) -> None:
     # The attack: every stream the server allows (64), held idle under 4 made-up client ids.
     r = start_server([teacher], port=0, batching=TeacherOptions(max_batch_size=64, max_queue_delay_us=0))
@@ -85,8 +93,8 @@ def test_a_kd_client_goes_on_after_the_server_closes_its_idle_stream(teacher: Te
             got = []
             for key, out in client.infer_stream("digits", list(enumerate(xs)), depth=2):
                 got.append((key, out["logits"]))
-                if key in (1, 3):
-                    time.sleep(1.0)  # a slow consumer: the stream has nothing in flight for 1 s
+                if key in (1, 3):  # a slow consumer: the stream has nothing in flight until the server
+                    _closes(lambda: r.servicer.streams.closed_idle)  # closes it (a loaded machine takes > 1 s)
         # Every answer once, in order, each the teacher's logits of its own batch.
         assert [k for k, _ in got] == list(range(6))
         for (_, logits), x in zip(got, xs, strict=True):
@@ -164,7 +172,7 @@ def test_a_pool_and_a_token_stream_go_on_after_their_idle_streams_are_closed(tea
         for batch, logits, _ in source.iter_outputs(batches, []):
             got.append((batch, logits))
             if len(got) in (2, 8):  # the pool keeps (depth + 1) x 2 batches unanswered: 4 of 16
-                time.sleep(1.0)  # both members' streams have nothing in flight for 1 s
+                _closes(lambda: sum(s.servicer.streams.closed_idle for s in servers))  # then nothing in flight
         source.close()
         assert [int(b.indices[0]) for b, _ in got] == list(range(0, 48, 3))
         for b, logits in got:
@@ -176,7 +184,7 @@ def test_a_pool_and_a_token_stream_go_on_after_their_idle_streams_are_closed(tea
             for key, out in client.infer_tokens_stream("lm", seqs, depth=2, logits=True):
                 streamed.append((key, out["logits"]))
                 if key == 1:
-                    time.sleep(1.0)
+                    _closes(lambda: lm.servicer.streams.closed_idle)
             assert lm.servicer.streams.closed_idle >= 1
             assert [k for k, _ in streamed] == [0, 1, 2, 3]
             for (_, s, _, _), (_, logits) in zip(seqs, streamed, strict=True):
