@@ -45,6 +45,14 @@ def _merge_rows(parts: list[tuple[list[int], Targets]], n: int) -> Targets:
     first = parts[0][1]
     if isinstance(first, dict):
         return {k: _merge_rows([(pos, part[k]) for pos, part in parts], n) for k in first}
+    if isinstance(first, tuple):  # (token targets, hidden states)
+        return tuple(_merge_rows([(pos, part[j]) for pos, part in parts], n) for j in range(len(first)))
+    if isinstance(first, TokenTargets):
+        fields = {}
+        for name in ("ids", "logits", "lse", "counts"):
+            if getattr(first, name) is not None:
+                fields[name] = _merge_rows([(pos, getattr(part, name)) for pos, part in parts], n)
+        return TokenTargets(vocab_size=first.vocab_size, temperature=first.temperature, **fields)
     if isinstance(first, SparseTargets):
         k = first.indices.shape[1]
         out = SparseTargets(
@@ -160,25 +168,22 @@ class ShardedCacheReader:
     def token_targets(self, indices: Iterable[int] | torch.Tensor, width: int | None = None) -> Targets | TokenTargets:
         """``CacheReader.token_targets`` over the shards: each shard decodes its own sequences (its own
         codec and basis) and the rows go back to their places, padded to one width."""
+        return self._token_parts("token_targets", indices, width)
+
+    def token_targets_hidden(
+        self, indices: Iterable[int] | torch.Tensor, width: int | None = None
+    ) -> tuple[Targets | TokenTargets, dict[str, torch.Tensor]]:  # fmt: skip
+        """``CacheReader.token_targets_hidden`` over the shards, as ``token_targets``."""
+        return self._token_parts("token_targets_hidden", indices, width)
+
+    def _token_parts(self, fn_name: str, indices: Iterable[int] | torch.Tensor, width: int | None):
         idx = list(indices.tolist() if isinstance(indices, torch.Tensor) else indices)
         routes = self._route(idx, None)
         if not routes:
-            return self.shards[0].token_targets([], width)
+            return getattr(self.shards[0], fn_name)([], width)
         if width is None:  # the longest sequence of the request, whichever shard holds it
             width = max(len(rows) for _, r, i, _ in routes for rows in r.read_sequences(i))
-        parts = [(pos, r.token_targets(i, width)) for pos, r, i, _ in routes]
-        first = parts[0][1]
-        if isinstance(first, torch.Tensor):
-            return _merge_rows(parts, len(idx))  # type: ignore[arg-type]
-        out = {}
-        for name in ("ids", "logits", "lse", "counts"):
-            t = getattr(first, name)
-            if t is not None:
-                merged = torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype)
-                for pos, part in parts:
-                    merged[pos] = getattr(part, name)
-                out[name] = merged
-        return TokenTargets(vocab_size=first.vocab_size, temperature=first.temperature, **out)
+        return _merge_rows([(pos, getattr(r, fn_name)(i, width)) for pos, r, i, _ in routes], len(idx))
 
     def token_stats(self) -> dict[str, float]:
         """``CacheReader.token_stats`` summed over the shards."""

@@ -915,18 +915,22 @@ class CacheWriter:
             out.append(f.to(torch.float16).reshape(n, -1).numpy().view(np.uint8))
         return out
 
-    def put_sequences(self, indices: Iterable[int], sequences: list[torch.Tensor]) -> None:
+    def put_sequences(self, indices: Iterable[int], sequences: list[torch.Tensor],
+                      features: list[dict[str, torch.Tensor]] | None = None) -> None:  # fmt: skip
         """Buffer one record per sequence (``per_token`` caches): ``sequences[i]`` is the
         teacher's logits ``[L_i, V]`` at the sequence's L_i real positions (L_i >= 1).
-        Position p of sequence i is encoded with the key (i, p) (key-derived codecs)."""
+        Position p of sequence i is encoded with the key (i, p) (key-derived codecs).
+        ``features[i]`` (required exactly when the cache stores features): layer -> hidden states
+        ``[L_i, D]`` at the same positions, stored fp16 after each position's codec row."""
         if not self.meta.per_token:
             raise ValueError("put_sequences: this cache holds one record per sample; use put")
         idx = [int(i) for i in indices]
         if len(idx) != len(sequences):
             raise ValueError(f"put_sequences: {len(idx)} indices for {len(sequences)} sequences")
+        self._check_sequence_features(features, len(idx), "put_sequences")
         limit = self.codec.max_abs
         items: list[tuple[bytes, bytes]] = []
-        for i, z in zip(idx, sequences):
+        for k, (i, z) in enumerate(zip(idx, sequences)):
             if z.ndim != 2 or z.shape[0] < 1 or z.shape[1] != self.meta.num_classes:
                 raise ValueError(f"put_sequences: sequence {i} has logits {list(z.shape)}, expected "
                                  f"[positions >= 1, {self.meta.num_classes}]")  # fmt: skip
@@ -942,24 +946,25 @@ class CacheWriter:
                                  f"({limit:.4g}); use a codec with a wider range (fp32, bf16)")  # fmt: skip
             n = z.shape[0]
             rows = self.codec.encode(z, np.stack([np.full(n, i), np.arange(n)], axis=1))
-            payload = np.concatenate([np.frombuffer(struct.pack("<I", n), dtype=np.uint8), rows.reshape(-1)])
-            items.extend(_seal_rows([record_key(self._prefix, i, 0)], payload[None]))
+            items.extend(self._sequence_record(i, rows, features, k))
         self._pending.extend(items)
         if len(self._pending) >= self.commit_every:
             self.flush()
 
-    def put_sequence_rows(self, indices: Iterable[int], rows: list[np.ndarray]) -> None:
+    def put_sequence_rows(self, indices: Iterable[int], rows: list[np.ndarray],
+                          features: list[dict[str, torch.Tensor]] | None = None) -> None:  # fmt: skip
         """Like ``put_sequences`` from rows already in the codec's layout, uint8 ``[L_i,
         record_bytes]`` each: what a server's top-k or sampled reply encodes to without the
-        full logits (``kd.precompute.precompute_tokens``)."""
+        full logits (``kd.precompute.precompute_tokens``); ``features`` as ``put_sequences``."""
         if not self.meta.per_token:
             raise ValueError("put_sequence_rows: this cache holds one record per sample; use put")
         idx = [int(i) for i in indices]
         if len(idx) != len(rows):
             raise ValueError(f"put_sequence_rows: {len(idx)} indices for {len(rows)} sequences")
+        self._check_sequence_features(features, len(idx), "put_sequence_rows")
         width = self.codec.record_bytes(self.meta.num_classes)
         items: list[tuple[bytes, bytes]] = []
-        for i, r in zip(idx, rows):
+        for k, (i, r) in enumerate(zip(idx, rows)):
             if r.dtype != np.uint8 or r.ndim != 2 or r.shape[0] < 1 or r.shape[1] != width:
                 raise ValueError(f"put_sequence_rows: sequence {i} has rows {r.dtype} {list(r.shape)}, expected "
                                  f"uint8 [positions >= 1, {width}] ({self.meta.codec})")  # fmt: skip
@@ -967,11 +972,29 @@ class CacheWriter:
                 raise ValueError(
                     f"put_sequence_rows: index {i} outside dataset_size={self.meta.dataset_size} or this shard"
                 )
-            payload = np.concatenate([np.frombuffer(struct.pack("<I", r.shape[0]), dtype=np.uint8), r.reshape(-1)])
-            items.extend(_seal_rows([record_key(self._prefix, i, 0)], payload[None]))
+            items.extend(self._sequence_record(i, r, features, k))
         self._pending.extend(items)
         if len(self._pending) >= self.commit_every:
             self.flush()
+
+    def _check_sequence_features(self, features: list | None, n: int, what: str) -> None:
+        if features is None:
+            if self.meta.features:
+                raise ValueError(f"{what}: the cache stores hidden states {sorted(self.meta.features)}; give them")
+        elif len(features) != n:
+            raise ValueError(f"{what}: {len(features)} feature sets for {n} sequences")
+
+    def _sequence_record(self, i: int, rows: np.ndarray, features: list | None, k: int) -> list[tuple[bytes, bytes]]:
+        """One sealed sequence record: its position count, then per position the codec row and
+        (where the cache stores them) the fp16 hidden states of ``features[k]``."""
+        n = rows.shape[0]
+        if features is not None:
+            try:
+                rows = np.concatenate([rows, *self._encode_features(features[k], n)], axis=1)
+            except ValueError as e:
+                raise ValueError(f"sequence {i}: {e}") from None
+        payload = np.concatenate([np.frombuffer(struct.pack("<I", n), dtype=np.uint8), rows.reshape(-1)])
+        return _seal_rows([record_key(self._prefix, i, 0)], payload[None])
 
     def flush(self) -> None:
         if self._pending:
@@ -1127,19 +1150,20 @@ class CacheReader:
                              "read it with token_targets / a token source")  # fmt: skip
 
     def _sequence_rows(self, path: str, key: bytes, value: bytes) -> np.ndarray:
-        """Check one sequence record; -> its codec rows uint8 [L, logit_bytes]."""
+        """Check one sequence record; -> its rows uint8 [L, record_bytes]: each position's codec
+        row (``logit_bytes``), then its stored hidden states (fp16, ``meta.feature_bytes``)."""
         if len(value) < len(_HEADER) + 4 + _CRC.size:
             raise CorruptRecordError(f"{_where(path, key)} has {len(value)} bytes, too few for a sequence record")
         payload = _check_rows(path, [key], value, 1, len(value) - len(_HEADER) - _CRC.size)[0]
         (n,) = struct.unpack("<I", payload[:4].tobytes())
-        if n < 1 or len(payload) != 4 + n * self.logit_bytes:
+        if n < 1 or len(payload) != 4 + n * self.record_bytes:
             raise CorruptRecordError(
-                f"{_where(path, key)} says {n} positions of {self.logit_bytes} bytes but holds {len(payload) - 4}"
+                f"{_where(path, key)} says {n} positions of {self.record_bytes} bytes but holds {len(payload) - 4}"
             )
-        return payload[4:].reshape(n, self.logit_bytes)
+        return payload[4:].reshape(n, self.record_bytes)
 
     def read_sequences(self, indices: Iterable[int] | torch.Tensor) -> list[np.ndarray]:
-        """Checked codec rows of each sequence, uint8 [L_i, logit_bytes] (``per_token`` caches)."""
+        """Checked rows of each sequence, uint8 [L_i, record_bytes] (``per_token`` caches)."""
         if not self.meta.per_token:
             raise CacheError(f"cache {str(self.path)!r} holds one record per sample, not per sequence")
         idx, _ = _as_lists(indices, None)
@@ -1160,25 +1184,48 @@ class CacheReader:
         zeros at padding) or ``TokenTargets`` ``[B, W, K]`` (topk / rand: logits + lse, the rest
         bucket; sample: unique ids with counts), unused slots and padding with id -1."""
         idx, _ = _as_lists(indices, None)
-        rows = self.read_sequences(idx)
+        return self._token_targets(idx, *self._positions(self.read_sequences(idx), width))
+
+    def token_targets_hidden(
+        self, indices: Iterable[int] | torch.Tensor, width: int | None = None
+    ) -> tuple[Targets | TokenTargets, dict[str, torch.Tensor]]:  # fmt: skip
+        """``token_targets`` and the stored hidden states, layer -> float32 ``[B, W, D]`` (zeros at
+        padding), from one read of the records."""
+        idx, _ = _as_lists(indices, None)
+        rows, where, owners = self._positions(self.read_sequences(idx), width)
+        flat = self._split_features(rows)
+        self._check_finite(list(flat.values()), [idx[r] for r in owners], None)
+        hidden = {}
+        for name, values in flat.items():
+            hidden[name] = torch.zeros(*where.shape, *values.shape[1:])
+            hidden[name][where] = values
+        return self._token_targets(idx, rows, where, owners), hidden
+
+    def _positions(self, rows: list[np.ndarray], width: int | None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+        """The sequences' rows as one array [P, record_bytes]; bool ``[B, W]``, where they sit right-padded
+        to ``width`` (default: the longest); and each position's sequence number (for errors)."""
         lengths = [len(r) for r in rows]
         w = max(lengths, default=0) if width is None else int(width)
         if lengths and max(lengths) > w:
             raise ValueError(f"sequence records hold up to {max(lengths)} positions, more than the width {w} asked for")
-        keys = np.concatenate([np.stack([np.full(n, i), np.arange(n)], axis=1) for i, n in zip(idx, lengths)]) if idx \
+        where = torch.arange(w)[None, :] < torch.tensor(lengths, dtype=torch.int64)[:, None]
+        flat = np.concatenate(rows) if rows else np.empty((0, self.record_bytes), np.uint8)
+        return flat, where, [r for r, n in enumerate(lengths) for _ in range(n)]
+
+    def _token_targets(self, idx: list[int], rows: np.ndarray, where: torch.Tensor,
+                       owners: list[int]) -> Targets | TokenTargets:  # fmt: skip
+        b, w = where.shape
+        v = self.meta.num_classes
+        keys = np.stack([np.asarray(idx, dtype=np.int64)[owners], where.nonzero()[:, 1].numpy()], axis=1) if owners \
             else np.empty((0, 2), dtype=np.int64)  # fmt: skip
-        flat = self.codec.decode_targets(np.concatenate(rows) if rows else np.empty((0, self.logit_bytes), np.uint8),
-                                         self.meta.num_classes, keys)  # fmt: skip
-        b, v = len(idx), self.meta.num_classes
-        where = torch.zeros(b, w, dtype=torch.bool)
-        for r, n in enumerate(lengths):
-            where[r, :n] = True
+        flat = self.codec.decode_targets(np.ascontiguousarray(rows[:, : self.logit_bytes]), v, keys)
+        seqs = [idx[r] for r in owners]  # each position's sequence index, for errors
         if not isinstance(flat, SparseTargets):
-            self._check_finite([flat], idx, None)
+            self._check_finite([flat], seqs, None)
             out = torch.zeros(b, w, v)
             out[where] = flat
             return out
-        self._check_finite([flat.logits, flat.logsumexp], idx, None)
+        self._check_finite([flat.logits, flat.logsumexp], seqs, None)
         k = flat.indices.shape[1]
         ids = torch.full((b, w, k), -1, dtype=torch.int64)
         vals = torch.zeros(b, w, k)
@@ -1417,8 +1464,10 @@ class CacheReader:
         position = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
         keys = np.stack([ids[seqs, 0][owner], position], axis=1)  # position p of sequence i: key (i, p)
         rows = np.concatenate(parts)
-        decoded = self.codec.decode_targets(rows, self.meta.num_classes, keys)
+        decoded = self.codec.decode_targets(np.ascontiguousarray(rows[:, : self.logit_bytes]), self.meta.num_classes,
+                                            keys)  # fmt: skip
         tensors = [decoded.logits, decoded.logsumexp] if isinstance(decoded, SparseTargets) else [decoded]
+        tensors += self._split_features(rows).values()  # stored hidden states
         for j in np.unique(owner[~_finite_rows(tensors, len(rows))]).tolist():
             r = seqs[j]
             bad[r] = f"record (index={int(ids[r, 0])}, view={int(ids[r, 1])}) decodes to NaN/Inf"

@@ -713,7 +713,8 @@ def precompute(
     feature: list[str] = typer.Option(
         [],
         help="Also store this teacher layer's output (fp16), or a statistic of it: LAYER@at, LAYER@fsp:OTHER, "
-        "LAYER@nst, LAYER@adain, LAYER@pool (kd/core/reductions.py). Repeatable.",
+        "LAYER@nst, LAYER@adain, LAYER@pool (kd/core/reductions.py); of a token teacher, a module giving hidden "
+        "states [B, S, D] (for kd train-lm --feature). Repeatable.",
     ),
     pool_features: bool = typer.Option(False, help="Store features globally average-pooled."),
     device: str = typer.Option("cpu", help="Device for a local: teacher."),
@@ -791,13 +792,13 @@ def precompute(
         except ValueError as e:
             _fail(str(e))
         unused = {"--views": views != 1, "--by-reference": bool(by_reference),
-                  "--feature": bool(feature), "--pool-features": pool_features}  # fmt: skip
+                  "--pool-features": pool_features}  # fmt: skip
         if [k for k, v in unused.items() if v]:
             _fail(f"{', '.join(k for k, v in unused.items() if v)}: not for token datasets (one record per sequence)")
         # Sequences are split as samples are (`which`): under torchrun each rank fills its own shard,
         # not the whole corpus N times into one environment.
         return _precompute_tokens(data, source, out, codec, temperature, batch_size, commit_every, device, basis_raw,
-                                  basis, timeouts, which)  # fmt: skip
+                                  basis, timeouts, which, feature)  # fmt: skip
     try:
         kwargs: dict = {}
         if source.startswith("local:"):
@@ -843,9 +844,9 @@ def _shard_of(shard: str | None) -> tuple[int, int] | None:
 def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: float | None, batch_size: int,
                        commit_every: int, device: str, basis: bytes | None = None,
                        basis_path: Path | None = None, client_options: dict | None = None,
-                       shard: tuple[int, int] | None = None) -> None:  # fmt: skip
+                       shard: tuple[int, int] | None = None, features: list[str] | None = None) -> None:  # fmt: skip
     """``kd precompute`` of a token dataset: a token teacher (``kd.precompute.token_teacher``)
-    asked only for what ``codec`` keeps, one record per sequence."""
+    asked only for what ``codec`` keeps, one record per sequence (with ``features``' hidden states)."""
     from kd.cache import CacheError
     from kd.precompute import BasisError, precompute_tokens, token_teacher
 
@@ -855,7 +856,8 @@ def _precompute_tokens(data, source: str, out: Path, codec: str, temperature: fl
         try:
             report = precompute_tokens(data, teacher, out, codec=codec, batch_size=batch_size,
                                        temperature=temperature, commit_every=commit_every, progress=True,
-                                       basis=basis, shard=shard, stop=signals.first)  # fmt: skip
+                                       basis=basis, shard=shard, stop=signals.first,
+                                       features=features or ())  # fmt: skip
         finally:
             signals.close(restore_handlers=True)
             if hasattr(teacher, "close"):
@@ -2403,10 +2405,6 @@ def train_lm(
         matches = [HiddenMatch.parse(f) for f in feature]
     except ValueError as e:
         _fail(str(e))
-    if feature and kind == "cache":  # before the cache is opened
-        _fail(f"--feature needs the teacher's hidden states, which a token cache does not store (--source "
-              f"{source}): distil them from the teacher itself, --source server:HOST:PORT/TEACHER or "
-              "local:SPEC")  # fmt: skip
     options = _parse_options([*_config_method_options(ctx, method), *opt])  # the file's, then --opt's
     device, rank = _join_torchrun(device)  # under torchrun each rank trains on its slice of every step
     teacher_src = None

@@ -27,7 +27,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -789,15 +789,54 @@ class LocalTokenTeacher:
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        tokens = tokens.to(self.device)
-        if self.hf is None:
-            out = self.model(tokens)
-            return getattr(out, "logits", out).float().cpu()
-        from kd.teacher_server.lm import call_model
+        return self.forward(tokens, lengths)[0]
 
-        mask = torch.arange(tokens.shape[1], device=self.device)[None, :] < lengths.to(self.device)[:, None]
-        with torch.inference_mode():
-            return call_model(self.model, tokens, mask, self.hf).float().cpu()
+    @torch.no_grad()
+    def forward(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, layers: Sequence[str] = ()
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        """Logits ``[B, S, V]`` and the outputs of the named modules (hidden states ``[B, S, D]``,
+        the first element of a tuple output, as a server's hooks take them), float32 on the host."""
+        modules = dict(self.model.named_modules())
+        unknown = [name for name in layers if not name or name not in modules]
+        if unknown:
+            raise ValueError(f"token teacher {self.teacher_name!r} has no module(s) {unknown}")
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(name: str):
+            def keep(_m, _i, output) -> None:
+                out = output[0] if isinstance(output, (tuple, list)) and output else output
+                captured[name] = out.float().cpu() if isinstance(out, torch.Tensor) else out
+
+            return keep
+
+        handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
+        tokens = tokens.to(self.device)
+        try:
+            if self.hf is None:
+                out = self.model(tokens)
+                logits = getattr(out, "logits", out).float().cpu()
+            else:
+                from kd.teacher_server.lm import call_model
+
+                mask = torch.arange(tokens.shape[1], device=self.device)[None, :] < lengths.to(self.device)[:, None]
+                with torch.inference_mode():
+                    logits = call_model(self.model, tokens, mask, self.hf).float().cpu()
+        finally:
+            for h in handles:
+                h.remove()
+        for name in layers:
+            h = captured.get(name)
+            if not isinstance(h, torch.Tensor) or h.ndim != 3 or h.shape[:2] != tokens.shape:
+                got = list(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+                raise ValueError(f"module {name!r} of token teacher {self.teacher_name!r} gave {got} for tokens "
+                                 f"{list(tokens.shape)}, not hidden states [B, S, D]")  # fmt: skip
+        return logits, {name: captured[name] for name in layers}
+
+    def hidden_widths(self, layers: Sequence[str], tokens: torch.Tensor) -> dict[str, int]:
+        """The width D of each named module's hidden states, from one forward of ``tokens`` [1, S]."""
+        _, hidden = self.forward(tokens, torch.tensor([tokens.shape[1]]), layers)
+        return {name: int(h.shape[-1]) for name, h in hidden.items()}
 
 
 ANSWER_SLACK = 4096  # bytes the server adds to an answer's tensors when it sizes it (kd.teacher_server.lm)
@@ -821,6 +860,7 @@ class ServerTokenTeacher:
         self.vocab_size = int(desc.num_classes)  # a token teacher's num_classes is its vocabulary
         # The served teacher's signature facts (task, max_length, tokenizer...), checked up front.
         self.facts: dict[str, str] = dict(desc.signature.extra) if desc.signature is not None else {}
+        self.layers = dict(desc.layers)  # name -> per-position shape: (-1, D) for hidden states
         self.depth = depth
         # The largest answer asked for in one request: this channel's own limit at first, lowered to
         # the server's when it refuses an answer as too large (its limit is not in its description).
@@ -831,57 +871,78 @@ class ServerTokenTeacher:
         """Full fp32 logits ``[B, S, V]`` (0 at padding)."""
         return self.client.token_logits(self.teacher_name, tokens, lengths=lengths.tolist()).float()
 
+    def hidden_widths(self, layers: Sequence[str], tokens: torch.Tensor | None = None) -> dict[str, int]:
+        """The width D of each named layer's hidden states, as the server describes its teacher."""
+        widths = {name: int(shape[-1]) for name, shape in self.layers.items() if len(shape) == 2}
+        unknown = [name for name in layers if name not in widths]
+        if unknown:
+            raise ValueError(f"token teacher {self.teacher_name!r} has no hidden-state layer(s) {unknown}; its layers "
+                             f"giving [B, S, D]: {', '.join(list(widths)[:40]) or 'none'}")  # fmt: skip
+        return {name: widths[name] for name in layers}
+
     def sequences(
-        self, indices: list[int], tokens: torch.Tensor, lengths: torch.Tensor, ask: TokenAsk
-    ) -> list[Any]:  # fmt: skip
+        self, indices: list[int], tokens: torch.Tensor, lengths: torch.Tensor, ask: TokenAsk,
+        layers: Sequence[str] = (),
+    ) -> tuple[list[Any], list[dict[str, torch.Tensor]]]:  # fmt: skip
         """Per sequence: logits [L, V] (``logits``), (values, ids, lse) (``topk``) or a list of
-        (ids, counts) per round (``sample``), each over the sequence's L real positions."""
+        (ids, counts) per round (``sample``), each over the sequence's L real positions; and per
+        sequence the hidden states of ``layers`` there, layer -> fp16 [L, D] (what a cache keeps:
+        asked in fp16, rounded next to the model as a cache rounds them)."""
         lens = [int(n) for n in lengths]
         name = self.teacher_name
+        hidden = {"hidden": list(layers), "hidden_dtype": torch.float16} if layers else {}
+
+        def states(out: Any, part_lens: list[int]) -> list[dict[str, torch.Tensor]]:
+            split = {n: torch.split(out[f"feature/{n}"], part_lens) for n in layers}
+            return [{n: split[n][r] for n in layers} for r in range(len(part_lens))]
+
         if ask.kind == "sample":
             from concurrent.futures import ThreadPoolExecutor
 
-            def one(job: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+            def one(job: tuple[int, int]) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
                 r, rnd = job
                 out = self.client.infer_tokens(name, tokens[r : r + 1, : lens[r]], samples=ask.k,
-                                               seed=sample_seed(indices[r], rnd),
-                                               sparse_temperature=ask.temperature)  # fmt: skip
-                return out["sample_indices"], out["sample_counts"]
+                                               seed=sample_seed(indices[r], rnd), sparse_temperature=ask.temperature,
+                                               **(hidden if rnd == 0 else {}))  # fmt: skip
+                return (out["sample_indices"], out["sample_counts"]), (states(out, [lens[r]])[0] if rnd == 0 else {})
 
             jobs = [(r, rnd) for r in range(len(indices)) for rnd in range(ask.rounds)]
             with ThreadPoolExecutor(max_workers=self.depth) as pool:  # the server batches them
                 answers = list(pool.map(one, jobs))
-            return [answers[r * ask.rounds : (r + 1) * ask.rounds] for r in range(len(indices))]
+            rounds = [[a for a, _ in answers[r * ask.rounds : (r + 1) * ask.rounds]] for r in range(len(indices))]
+            return rounds, [answers[r * ask.rounds][1] for r in range(len(indices))]
 
         def call(rows: list[int]) -> list[Any]:
             part, part_lens = tokens[rows, : max(lens[r] for r in rows)], [lens[r] for r in rows]
             if ask.kind == "topk":
                 out = self.client.infer_tokens(name, part, lengths=part_lens, top_k=ask.k,
-                                               sparse_temperature=ask.temperature)  # fmt: skip
+                                               sparse_temperature=ask.temperature, **hidden)  # fmt: skip
                 parts = [torch.split(out[key], part_lens) for key in ("topk_values", "topk_indices", "logsumexp")]
-                return list(zip(*parts))
-            out = self.client.infer_tokens(name, part, lengths=part_lens, logits=True, dtype=ask.dtype)
-            return [z.float() for z in torch.split(out["logits"], part_lens)]
+                return list(zip(zip(*parts), states(out, part_lens)))
+            out = self.client.infer_tokens(name, part, lengths=part_lens, logits=True, dtype=ask.dtype, **hidden)
+            return list(zip((z.float() for z in torch.split(out["logits"], part_lens)), states(out, part_lens)))
 
-        return self._fitting(list(range(len(lens))), lens, ask, call)
+        pairs = self._fitting(list(range(len(lens))), lens, ask, call, layers)
+        return [a for a, _ in pairs], [h for _, h in pairs]
 
-    def answer_bytes(self, positions: int, ask: TokenAsk) -> int:
+    def answer_bytes(self, positions: int, ask: TokenAsk, layers: Sequence[str] = ()) -> int:
         """The size the server reckons for an answer over ``positions`` positions
         (``kd.teacher_server.lm.prepare``), which it refuses over its message limit."""
         if ask.kind == "topk":
             per = ask.k * (4 + 4) + 4  # fp32 values and int32 ids, the fp32 log-sum-exp
         else:
             per = self.vocab_size * torch.empty((), dtype=ask.dtype).element_size()
+        per += sum(2 * int(self.layers[n][-1]) for n in layers)  # fp16 hidden states
         return positions * per + ANSWER_SLACK
 
-    def _plan(self, rows: list[int], lens: list[int], ask: TokenAsk) -> list[list[int]]:
+    def _plan(self, rows: list[int], lens: list[int], ask: TokenAsk, layers: Sequence[str] = ()) -> list[list[int]]:
         """``rows`` in order, cut into runs whose answers fit ``answer_limit`` (a row too large on
         its own is a run of its own: the server refuses it, naming the sizes)."""
         runs: list[list[int]] = []
         run: list[int] = []
         positions = 0
         for r in rows:
-            if run and self.answer_bytes(positions + lens[r], ask) > self.answer_limit:
+            if run and self.answer_bytes(positions + lens[r], ask, layers) > self.answer_limit:
                 runs.append(run)
                 run, positions = [], 0
             run.append(r)
@@ -889,8 +950,9 @@ class ServerTokenTeacher:
         return [*runs, run] if run else runs
 
     def _fitting(
-        self, rows: list[int], lens: list[int], ask: TokenAsk, call: Callable[[list[int]], list[Any]]
-    ) -> list[Any]:
+        self, rows: list[int], lens: list[int], ask: TokenAsk, call: Callable[[list[int]], list[Any]],
+        layers: Sequence[str] = (),
+    ) -> list[Any]:  # fmt: skip
         """``call(run)`` (per-row answers) over ``rows`` in runs that fit; a run the server refuses
         as too large teaches its limit and is asked again in smaller runs (same answers: each row's
         outputs depend on that row alone)."""
@@ -899,19 +961,19 @@ class ServerTokenTeacher:
         from kd.teacher_server.client import TeacherRequestError
 
         out: list[Any] = []
-        for run in self._plan(rows, lens, ask):
+        for run in self._plan(rows, lens, ask, layers):
             try:
                 out += call(run)
             except TeacherRequestError as e:
                 if e.code != grpc.StatusCode.RESOURCE_EXHAUSTED or "message limit" not in e.message or len(run) == 1:
                     raise
-                need = self.answer_bytes(sum(lens[r] for r in run), ask)
+                need = self.answer_bytes(sum(lens[r] for r in run), ask, layers)
                 stated = re.search(r"message limit of ([0-9.]+) MiB", e.message)
                 # The limit as the server states it (to 0.1 MiB), else half of what was refused;
                 # below ``need`` in any case, so the run is cut and this ends.
                 learned = int((float(stated.group(1)) - 0.05) * 2**20) if stated else need // 2
                 self.answer_limit = max(1, min(self.answer_limit, learned, need - 1))
-                out += self._fitting(run, lens, ask, call)
+                out += self._fitting(run, lens, ask, call, layers)
         return out
 
     def close(self) -> None:
@@ -947,6 +1009,7 @@ def precompute_tokens(
     basis: bytes | None = None,
     shard: tuple[int, int] | None = None,
     stop: Callable[[], int | None] | None = None,
+    features: Sequence[str] = (),
 ) -> PrecomputeReport:
     """One record per sequence of a token source (``kd.core.tokens.TokenSource``): the teacher's
     targets at each real position, through ``codec`` (``fp16``, ``topk:K`` + rest, ``sample:K``
@@ -967,7 +1030,11 @@ def precompute_tokens(
 
     ``stop() -> signal number or None`` is asked after every batch, as by ``precompute``: once it
     answers, the writer commits every record put so far and the report's ``stopped`` says so (a
-    rerun resumes after them)."""
+    rerun resumes after them).
+
+    ``features``: teacher modules whose outputs are hidden states ``[B, S, D]`` (``kd serve``'s
+    layers of a token teacher), stored beside each position's targets in fp16 (2 D bytes a position
+    and layer), for ``kd train-lm --feature`` from the cache; a server sends them in fp16 already."""
     from kd.cache.codecs import get_codec
 
     t0 = time.perf_counter()
@@ -1004,6 +1071,11 @@ def precompute_tokens(
     path = shard_dir(out, shard_index, shard_count) if shard_count > 1 else Path(out)
     check_layout(out, shard_count)  # never a root environment beside shards, nor the other way round
     mine = range(shard_index, n, shard_count)  # this shard's sequences
+    layers = sorted(dict.fromkeys(features))
+    if layers and not hasattr(teacher, "hidden_widths"):
+        raise ValueError(f"features {layers}: hidden states come from a LocalTokenTeacher or a ServerTokenTeacher, "
+                         f"not from {type(teacher).__name__}")  # fmt: skip
+    widths = teacher.hidden_widths(layers, source.batch([0]).tokens[:, :2]) if layers else {}
     meta = CacheMeta(
         teacher_fingerprint=teacher.fingerprint,
         dataset_id=source.dataset_id,
@@ -1016,20 +1088,27 @@ def precompute_tokens(
         dataset_manifest=manifest_of(source),
         shard_index=shard_index,
         shard_count=shard_count,
+        features={name: [widths[name]] for name in layers},
     )
 
-    def logits_of(idx: list[int]) -> list[torch.Tensor]:
+    def answers_of(idx: list[int], layers: list[str]) -> tuple[list[Any], list[dict[str, torch.Tensor]]]:
+        """Per sequence the teacher's answer over its real positions and its hidden states there."""
         b = source.batch(idx)
         lengths = b.attention_mask.sum(dim=1)
         if served:
-            return teacher.sequences(idx, b.tokens, lengths, ask)
-        logits = teacher(b.tokens, lengths)
+            return teacher.sequences(idx, b.tokens, lengths, ask, layers)
+        logits, hidden = teacher.forward(b.tokens, lengths, layers) if layers else (teacher(b.tokens, lengths), {})
         if logits.ndim != 3 or logits.shape[:2] != b.tokens.shape or logits.shape[2] != vocab:
             raise ValueError(
                 f"the token teacher gave logits {list(logits.shape)} for tokens {list(b.tokens.shape)}; "
                 f"expected [B, S, {vocab}] (the source's vocabulary)"
             )
-        return [logits[r, : int(lengths[r])] for r in range(len(idx))]
+        real = [int(n) for n in lengths]
+        return ([logits[r, : real[r]] for r in range(len(idx))],
+                [{k: h[r, : real[r]] for k, h in hidden.items()} for r in range(len(idx))])  # fmt: skip
+
+    def logits_of(idx: list[int]) -> list[torch.Tensor]:
+        return answers_of(idx, [])[0]
 
     def fit_positions() -> torch.Tensor:
         # Sequences spread over the corpus (a sorted corpus's first ones are one file), in batches until
@@ -1068,16 +1147,18 @@ def precompute_tokens(
         written, stopped = 0, None
         for lo in range(0, len(todo), batch_size):
             idx = todo[lo : lo + batch_size]
-            answers = logits_of(idx)
+            answers, hidden = answers_of(idx, layers)
+            kept = hidden if layers else None
             if ask.kind == "logits":
-                writer.put_sequences(idx, answers)
+                writer.put_sequences(idx, answers, kept)
             elif not served:
-                writer.put_sequence_rows(idx, [parts_rows(codec_obj, ask, i, z, vocab) for i, z in zip(idx, answers)])
+                rows = [parts_rows(codec_obj, ask, i, z, vocab) for i, z in zip(idx, answers)]
+                writer.put_sequence_rows(idx, rows, kept)
             elif ask.kind == "topk":
-                writer.put_sequence_rows(idx, [topk_rows(codec_obj, *a, vocab) for a in answers])
+                writer.put_sequence_rows(idx, [topk_rows(codec_obj, *a, vocab) for a in answers], kept)
             else:
                 rows = [sample_rows(codec_obj, [p[0] for p in a], [p[1] for p in a], vocab) for a in answers]
-                writer.put_sequence_rows(idx, rows)
+                writer.put_sequence_rows(idx, rows, kept)
             bar.advance(task, len(idx))
             written += len(idx)
             if lo + batch_size < len(todo) and stop is not None and (stopped := stop()):  # none after the last

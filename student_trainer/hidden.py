@@ -19,7 +19,8 @@ in-process teacher's are picked there. Each match's loss is a mean over those po
 token losses, so the trainer's token-share weighting of micro-batches and ranks holds for the sum
 ``token loss + sum_k weight_k * hidden loss_k``.
 
-A token cache holds no hidden states (a source without ``token_hidden_widths``): refused up front.
+A token cache gives the hidden states it stores (``kd precompute --feature LAYER``: fp16, at every real
+position); one without the layers asked for is refused up front, naming what it stores.
 """
 
 from __future__ import annotations
@@ -107,12 +108,16 @@ class HiddenStates(nn.Module):
         widths = getattr(source, "token_hidden_widths", lambda: None)()
         if widths is None:
             where = getattr(source, "path", None) or getattr(source, "name", "this source")
-            raise ValueError(f"--feature needs the teacher's hidden states, which a token cache does not store "
-                             f"({where}): distil them from the teacher itself, --source server:... or "
-                             "local:SPEC")  # fmt: skip
+            raise ValueError(f"--feature needs the teacher's hidden states, which this token cache does not store "
+                             f"({where}): make one that does (kd precompute --feature "
+                             f"{' --feature '.join(dict.fromkeys(m.teacher for m in matches))}), or distil them from "
+                             "the teacher itself, --source server:... or local:SPEC")  # fmt: skip
         unknown = [m.teacher for m in matches if m.teacher not in widths]
         if unknown:
             known = ", ".join(list(widths)[:40])
+            if getattr(source, "name", "") == "cache":
+                raise ValueError(f"--feature: token cache {getattr(source, 'path', '')!r} stores no hidden states of "
+                                 f"layer(s) {unknown}; it stores: {known}")  # fmt: skip
             raise ValueError(f"--feature: teacher {getattr(source, 'teacher_name', '')!r} has no hidden-state "
                              f"layer(s) {unknown}; its layers giving [B, S, D]: {known}")  # fmt: skip
         layers = list(dict.fromkeys(m.student for m in matches))

@@ -225,6 +225,26 @@ class CacheSource(SoftTargetSource):
             return self.reader.token_targets(indices, width)  # type: ignore[union-attr]
         return self.reader.targets(indices, views)
 
+    def token_hidden_widths(self) -> dict[str, int] | None:
+        """The hidden states a token cache stores (``kd precompute --feature``), layer -> D; None for a
+        cache of per-sample records or a token cache without them."""
+        meta = self.reader.meta
+        if not meta.per_token or not meta.features:
+            return None
+        return {name: int(shape[-1]) for name, shape in meta.features.items()}
+
+    def token_targets_hidden(
+        self, indices: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+        layers: list[str],
+    ) -> tuple[Targets, dict[str, torch.Tensor]]:  # fmt: skip
+        """The stored targets padded to ``tokens``' width and the stored hidden states of ``layers``
+        (fp16 as the cache keeps them, in float32) picked at ``positions``, packed ``[P, D]``."""
+        if not self.reader.meta.per_token:
+            return super().token_targets_hidden(indices, tokens, attention_mask, positions, layers)
+        targets, hidden = self.reader.token_targets_hidden(indices, tokens.shape[1])  # type: ignore[union-attr]
+        mask = positions.to(torch.bool).cpu()
+        return targets, {name: hidden[name][mask] for name in layers}
+
     def iter_targets(self, batches: Iterable[Batch | tuple]) -> Iterator[tuple[Batch, Targets]]:
         if self.prefetch:
             # Reads (and builds) the next batches while the student trains on this one.
