@@ -10,6 +10,7 @@ import math
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -262,3 +263,28 @@ def test_a_request_read_as_its_idle_stream_is_reclaimed_ends_the_stream_unavaila
         a.cancel()
         ch.close()
         r.stop(grace=1)
+
+
+def test_a_stream_ended_ok_with_requests_unanswered_is_a_clear_error() -> None:
+    # A server (not kd's: a stand-in on loopback) that answers one request of a stream and then ends
+    # it OK: the old client's next(call) raised StopIteration inside its generator, a RuntimeError.
+    def infer_stream(requests, _context):
+        first = pb.InferRequest.FromString(next(requests))
+        yield pb.InferResponse(request_id=first.request_id, teacher=first.teacher).SerializeToString()
+
+    handler = grpc.method_handlers_generic_handler("kd.v1.TeacherService", {
+        "InferStream": grpc.stream_stream_rpc_method_handler(infer_stream)})  # fmt: skip
+    server = grpc.server(ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    x = torch.rand(2, 64)
+    try:
+        with TeacherClient(f"127.0.0.1:{port}", timeout=T) as client:
+            got = client.infer_stream("digits", [(0, x), (1, x), (2, x)], depth=3)
+            assert next(got)[0] == 0
+            with pytest.raises(TeacherRequestError) as e:
+                next(got)
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "ended the stream with 2 request(s) unanswered" in str(e.value)
+    finally:
+        server.stop(grace=None)
