@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from kd.student_trainer.features import Match, Taps, make_connector, probe_student_shapes
+from kd.student_trainer.features import LOGITS, Match, Taps, make_connector, probe_student_shapes
 from kd.student_trainer.losses.hidden_cosine import hidden_cosine_loss
 from kd.student_trainer.losses.hidden_mse import hidden_mse_loss
 
@@ -59,6 +59,9 @@ class HiddenMatch:
             raise ValueError(f"{what}: {e}; give STUDENT=TEACHER[:LOSS[:WEIGHT]]") from None
         if len(m.student) != 1:
             raise ValueError(f"{what}: one student and one teacher layer a pair (repeat --feature for more)")
+        if m.student[0] == LOGITS:  # kd train's --match name for the output: no module, so no hook (Taps)
+            raise ValueError(f"{what}: the student's {LOGITS!r} are its output, which the token loss distils; "
+                             "name a module whose output is hidden states [B, S, D]")  # fmt: skip
         if len(rest) > 2:
             raise ValueError(f"{what}: expected STUDENT=TEACHER[:LOSS[:WEIGHT]]")
         loss = rest[0] if rest and rest[0] else "cosine"

@@ -227,6 +227,8 @@ def test_cli_refuses_bad_features_before_any_step(corpus, served, tmp_path: Path
     refused(cli(*local, "--feature", "embed=embed:mse:-1"), "weight must be a finite number > 0")
     refused(cli(*local, "--feature", "embed,prev=embed,prev"), "one student and one teacher layer")
     refused(cli(*local, "--feature", "embed"), "STUDENT=TEACHER")
+    # kd train's --match name of the student's output: no module to hook (was KeyError: 'logits' at the first step)
+    refused(cli(*local, "--feature", "logits=head"), "--feature 'logits=head'", "the student's 'logits' are its output")
     refused(cli(*local, "--feature-connector", "linear"), "--feature-connector", "with --feature")
     refused(cli(*local, "--feature", "embed=embed", "--feature-connector", "conv"), "--feature-connector 'conv'")
     refused(cli(*[a if a != str(out) else str(tmp_path / "x.connectors.safetensors") for a in local],
