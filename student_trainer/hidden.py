@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from kd.student_trainer.features import LOGITS, Match, Taps, make_connector, probe_student_shapes
+from kd.student_trainer.features import LOGITS, Match, Taps, make_connector
 from kd.student_trainer.losses.hidden_cosine import hidden_cosine_loss
 from kd.student_trainer.losses.hidden_mse import hidden_mse_loss
 
@@ -119,14 +119,7 @@ class HiddenStates(nn.Module):
             raise ValueError(f"--feature: teacher {getattr(source, 'teacher_name', '')!r} has no hidden-state "
                              f"layer(s) {unknown}; its layers giving [B, S, D]: {known}")  # fmt: skip
         layers = list(dict.fromkeys(m.student for m in matches))
-        try:
-            shapes = probe_student_shapes(student, probe, layers)
-        except ValueError as e:
-            raise ValueError(f"--feature: {e}") from None
-        flat = [n for n in layers if len(shapes[n]) != 2]
-        if flat:
-            raise ValueError(f"--feature: student layer(s) {flat} give {[list(shapes[n]) for n in flat]} per "
-                             "sequence, not hidden states [S, D]")  # fmt: skip
+        shapes = _student_shapes(student, probe, layers)
         return cls(matches, [shapes[m.student][-1] for m in matches], [widths[m.teacher] for m in matches],
                    connector)  # fmt: skip
 
@@ -164,3 +157,34 @@ class HiddenStates(nn.Module):
         self._taps.maps = {}  # the step's states are not kept past their loss
         assert total is not None
         return total
+
+
+def _student_shapes(student: nn.Module, probe: torch.Tensor, layers: list[str]) -> dict[str, tuple[int, ...]]:
+    """The outputs' shapes of the student's ``layers`` for two copies of ``probe``'s first row (one
+    eval-mode forward, no gradient), refused naming the layer where the forward never runs it (it
+    would be missing at the first step) or its output is not one vector per token ``[2, S, D]``:
+    the loss picks the counted positions of each batch out of it, so an output that does not
+    follow the batch (a position embedding's ``[1, S, D]``) or the sequence cannot be compared."""
+    rows = probe[:1].repeat(2, 1)  # two rows: an output of one row whatever the batch shows
+    try:
+        taps = Taps(student, layers)
+    except ValueError as e:
+        raise ValueError(f"--feature: {e}") from None
+    was_training = student.training
+    try:
+        student.eval()
+        with torch.no_grad():
+            student(rows)
+    finally:
+        taps.remove()
+        student.train(was_training)
+    unused = [n for n in layers if n not in taps.maps]
+    if unused:
+        raise ValueError(f"--feature: student module(s) {unused} are not run by its forward: they give no hidden "
+                         "states")  # fmt: skip
+    shapes = {n: tuple(taps.maps[n].shape) for n in layers}
+    bad = [n for n in layers if len(shapes[n]) != 3 or shapes[n][:2] != tuple(rows.shape)]
+    if bad:
+        raise ValueError(f"--feature: student layer(s) {bad} give {[list(shapes[n]) for n in bad]} for tokens "
+                         f"{list(rows.shape)}, not hidden states [B, S, D] (one vector per token)")  # fmt: skip
+    return shapes
