@@ -102,8 +102,9 @@ class HiddenStates(nn.Module):
               connector: str | None = None) -> HiddenStates:  # fmt: skip
         """The matches of ``specs`` between ``student`` and ``source``'s teacher, refused (naming the
         layer) where a side has no such layer or its output is not hidden states ``[B, S, D]``, and
-        where ``source`` gives no hidden states (a token cache). ``probe``: ids ``[1, S]`` the student
-        runs once in eval mode, without a gradient, to read its widths."""
+        where ``source`` gives no hidden states (a token cache). ``probe``: ids ``[1, S]``; the student
+        runs once on two copies of it in eval mode, without a gradient, to read its widths (and see
+        that each layer runs and gives one vector per token: ``_student_shapes``)."""
         matches = [s if isinstance(s, HiddenMatch) else HiddenMatch.parse(s) for s in specs]
         if not matches:
             raise ValueError("no --feature pair given")
