@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from kd.student_trainer.features import Match, Taps, make_connector, probe_student_shapes
+from kd.student_trainer.features import LOGITS, Match, Taps, make_connector
 from kd.student_trainer.losses.hidden_cosine import hidden_cosine_loss
 from kd.student_trainer.losses.hidden_mse import hidden_mse_loss
 
@@ -60,6 +60,9 @@ class HiddenMatch:
             raise ValueError(f"{what}: {e}; give STUDENT=TEACHER[:LOSS[:WEIGHT]]") from None
         if len(m.student) != 1:
             raise ValueError(f"{what}: one student and one teacher layer a pair (repeat --feature for more)")
+        if m.student[0] == LOGITS:  # kd train's --match name for the output: no module, so no hook (Taps)
+            raise ValueError(f"{what}: the student's {LOGITS!r} are its output, which the token loss distils; "
+                             "name a module whose output is hidden states [B, S, D]")  # fmt: skip
         if len(rest) > 2:
             raise ValueError(f"{what}: expected STUDENT=TEACHER[:LOSS[:WEIGHT]]")
         loss = rest[0] if rest and rest[0] else "cosine"
@@ -100,8 +103,9 @@ class HiddenStates(nn.Module):
               connector: str | None = None) -> HiddenStates:  # fmt: skip
         """The matches of ``specs`` between ``student`` and ``source``'s teacher, refused (naming the
         layer) where a side has no such layer or its output is not hidden states ``[B, S, D]``, and
-        where ``source`` gives no hidden states (a token cache). ``probe``: ids ``[1, S]`` the student
-        runs once in eval mode, without a gradient, to read its widths."""
+        where ``source`` gives no hidden states (a token cache). ``probe``: ids ``[1, S]``; the student
+        runs once on two copies of it in eval mode, without a gradient, to read its widths (and see
+        that each layer runs and gives one vector per token: ``_student_shapes``)."""
         matches = [s if isinstance(s, HiddenMatch) else HiddenMatch.parse(s) for s in specs]
         if not matches:
             raise ValueError("no --feature pair given")
@@ -121,14 +125,7 @@ class HiddenStates(nn.Module):
             raise ValueError(f"--feature: teacher {getattr(source, 'teacher_name', '')!r} has no hidden-state "
                              f"layer(s) {unknown}; its layers giving [B, S, D]: {known}")  # fmt: skip
         layers = list(dict.fromkeys(m.student for m in matches))
-        try:
-            shapes = probe_student_shapes(student, probe, layers)
-        except ValueError as e:
-            raise ValueError(f"--feature: {e}") from None
-        flat = [n for n in layers if len(shapes[n]) != 2]
-        if flat:
-            raise ValueError(f"--feature: student layer(s) {flat} give {[list(shapes[n]) for n in flat]} per "
-                             "sequence, not hidden states [S, D]")  # fmt: skip
+        shapes = _student_shapes(student, probe, layers)
         return cls(matches, [shapes[m.student][-1] for m in matches], [widths[m.teacher] for m in matches],
                    connector)  # fmt: skip
 
@@ -166,3 +163,34 @@ class HiddenStates(nn.Module):
         self._taps.maps = {}  # the step's states are not kept past their loss
         assert total is not None
         return total
+
+
+def _student_shapes(student: nn.Module, probe: torch.Tensor, layers: list[str]) -> dict[str, tuple[int, ...]]:
+    """The outputs' shapes of the student's ``layers`` for two copies of ``probe``'s first row (one
+    eval-mode forward, no gradient), refused naming the layer where the forward never runs it (it
+    would be missing at the first step) or its output is not one vector per token ``[2, S, D]``:
+    the loss picks the counted positions of each batch out of it, so an output that does not
+    follow the batch (a position embedding's ``[1, S, D]``) or the sequence cannot be compared."""
+    rows = probe[:1].repeat(2, 1)  # two rows: an output of one row whatever the batch shows
+    try:
+        taps = Taps(student, layers)
+    except ValueError as e:
+        raise ValueError(f"--feature: {e}") from None
+    was_training = student.training
+    try:
+        student.eval()
+        with torch.no_grad():
+            student(rows)
+    finally:
+        taps.remove()
+        student.train(was_training)
+    unused = [n for n in layers if n not in taps.maps]
+    if unused:
+        raise ValueError(f"--feature: student module(s) {unused} are not run by its forward: they give no hidden "
+                         "states")  # fmt: skip
+    shapes = {n: tuple(taps.maps[n].shape) for n in layers}
+    bad = [n for n in layers if len(shapes[n]) != 3 or shapes[n][:2] != tuple(rows.shape)]
+    if bad:
+        raise ValueError(f"--feature: student layer(s) {bad} give {[list(shapes[n]) for n in bad]} for tokens "
+                         f"{list(rows.shape)}, not hidden states [B, S, D] (one vector per token)")  # fmt: skip
+    return shapes

@@ -679,6 +679,12 @@ class TeacherClient(TokenClientMixin):
                     try:
                         with watchdog:  # only the time spent waiting counts, not the consumer's
                             resp = next(call)
+                    except StopIteration:  # ended OK with requests unanswered: no kd server does that
+                        raise TeacherRequestError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            f"server {self.target} ended the stream with {sent - want - len(ready)} request(s) "
+                            "unanswered",
+                        ) from None
                     except grpc.RpcError as e:
                         if watchdog.fired:
                             raise TeacherRequestError(

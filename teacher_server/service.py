@@ -1050,6 +1050,10 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                     except StopIteration:
                         break
                     if not slot.begin():  # closed as idle meanwhile: unanswered, uncharged, resent
+                        # A reclaim frees the place under StreamSlots' lock and tells this handler only
+                        # after (on_reclaim): this reader's end (None below) may come first and must
+                        # not end the call OK with this request dropped, so the handler is told here too.
+                        done.put(_RECLAIMED)
                         return
                     seq, n = n, n + 1
                     request = pb.InferRequest()

@@ -43,6 +43,26 @@ def student_lm() -> BigramLM:
 
 
 TEACHER, STUDENT = f"{__name__}:teacher_lm", f"{__name__}:student_lm"
+
+
+class _Positions(BigramLM):
+    """A student with a module its forward never runs and a position embedding whose output is
+    ``[1, S, D]`` whatever the batch (as GPT-2's ``wpe``)."""
+
+    def __init__(self) -> None:
+        super().__init__(8, 1.0)
+        self.unused = torch.nn.Linear(8, 8)
+        self.pos = torch.nn.Embedding(64, 8)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(tokens) + self.head(self.pos(torch.arange(tokens.shape[1])[None]))
+
+
+def student_positions() -> _Positions:
+    torch.manual_seed(42)
+    return _Positions()
+
+
 # TinyBERT's MSE through a linear 8 -> 16, DistilBERT's cosine through a linear 8 -> 16 (the widths
 # differ), and cosine on the 259-wide head outputs with no connector (equal widths)
 PAIRS = ["embed=embed:mse:0.5", "prev=prev", "head=head:cosine:0.25"]
@@ -227,6 +247,14 @@ def test_cli_refuses_bad_features_before_any_step(corpus, served, tmp_path: Path
     refused(cli(*local, "--feature", "embed=embed:mse:-1"), "weight must be a finite number > 0")
     refused(cli(*local, "--feature", "embed,prev=embed,prev"), "one student and one teacher layer")
     refused(cli(*local, "--feature", "embed"), "STUDENT=TEACHER")
+    # kd train's --match name of the student's output: no module to hook (was KeyError: 'logits' at the first step)
+    refused(cli(*local, "--feature", "logits=head"), "--feature 'logits=head'", "the student's 'logits' are its output")
+    # a module the forward never runs (was KeyError: 'unused'), an output that does not follow the batch (was
+    # IndexError at the first step: the mask [4, S] does not match [1, S, 8])
+    other = [a if a != STUDENT else f"{__name__}:student_positions" for a in local]
+    refused(cli(*other, "--feature", "unused=embed"), "student module(s) ['unused'] are not run by its forward")
+    refused(cli(*other, "--feature", "pos=embed"), "student layer(s) ['pos'] give [[1, ", "] for tokens [2, ",
+            "not hidden states [B, S, D]")  # fmt: skip
     refused(cli(*local, "--feature-connector", "linear"), "--feature-connector", "with --feature")
     refused(cli(*local, "--feature", "embed=embed", "--feature-connector", "conv"), "--feature-connector 'conv'")
     refused(cli(*[a if a != str(out) else str(tmp_path / "x.connectors.safetensors") for a in local],

@@ -7,8 +7,10 @@ query accounting still counts the host (and a token stays one client)."""
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -16,10 +18,11 @@ import torch
 from tiny_lm import VOCAB, BigramLM
 
 from kd.student_trainer.sources import Batch, ServerSource
-from kd.teacher_server.client import TeacherClient, TeacherRequestError
+from kd.teacher_server.client import TeacherClient, TeacherRequestError, encode_request, spec_of
 from kd.teacher_server.loading import Teacher, load_teacher
 from kd.teacher_server.server import TeacherOptions, start_server
 from kd.teacher_server.service import RequestError, StreamSlots
+from kd.v1 import teacher_pb2 as pb
 
 T = 10.0
 
@@ -223,3 +226,75 @@ def test_only_streams_with_nothing_in_flight_are_closed_the_longest_idle_first()
     for s in (a1, a2, a3, b1, synth):
         s()  # releasing twice (or a closed slot) frees nothing more
     assert slots.open == 0 and slots.reclaimed == 2
+
+
+def test_a_request_read_as_its_idle_stream_is_reclaimed_ends_the_stream_unavailable(teacher: Teacher) -> None:
+    # StreamSlots frees the victim's place under its lock and tells its handler (on_reclaim) only
+    # after: a request the victim's reader takes in between is dropped (begin() is False), so the
+    # stream must still end UNAVAILABLE with the trailer, which makes a kd client resend it. The
+    # test widens that window: the victim's notice waits until its call has ended (or 5 s).
+    r = start_server([teacher], port=0, batching=TeacherOptions(max_batch_size=64, max_queue_delay_us=0),
+                     max_streams=1)  # fmt: skip
+    r.servicer.streams.reclaim_idle_s = 0.0  # "idle" is "nothing in flight": no clock in the test
+    ch = grpc.insecure_channel(f"127.0.0.1:{r.port}")
+    stream = ch.stream_stream("/kd.v1.TeacherService/InferStream", request_serializer=None,
+                              response_deserializer=pb.InferResponse.FromString)  # fmt: skip
+    outbox: queue.Queue = queue.Queue()
+    a = stream(iter(outbox.get, None), timeout=T)
+    x = torch.rand(3, 64)
+    try:
+        outbox.put(encode_request("digits", x, None, spec_of(), "0"))
+        assert next(a).request_id == "0"  # answered: A's stream has nothing in flight
+        assert _settles(lambda: len(r.servicer.streams._live) == 1)
+        [slot] = r.servicer.streams._live
+        # the handler counts the reply sent once gRPC has taken it, which may be after the client read it
+        assert _settles(lambda: slot.pending == 0)
+        told = slot._on_reclaim
+
+        def late_notice() -> None:
+            outbox.put(encode_request("digits", x, None, spec_of(), "1"))  # read after the place is gone
+            _settles(a.done, 5.0)
+            told()
+
+        slot._on_reclaim = late_notice
+        with TeacherClient(f"127.0.0.1:{r.port}", timeout=T) as b:  # takes A's place
+            [(_, out)] = list(b.infer_stream("digits", [(0, x)], depth=1))
+        torch.testing.assert_close(out["logits"], reference(teacher, x), rtol=1e-5, atol=1e-5)
+        # The old code ended A's call OK with request 1 unanswered (a kd client: RuntimeError).
+        with pytest.raises(grpc.RpcError) as e:
+            next(a)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, (e.value.code(), e.value.details())
+        assert dict(e.value.trailing_metadata())["kd-stream-closed"] == "reclaimed"
+        assert r.servicer.streams.reclaimed == 1
+        assert r.endpoints["digits"].batcher.stats.requests == 2  # request 1 was not forwarded
+        assert _settles(lambda: r.servicer.streams.open == 0)
+    finally:
+        outbox.put(None)
+        a.cancel()
+        ch.close()
+        r.stop(grace=1)
+
+
+def test_a_stream_ended_ok_with_requests_unanswered_is_a_clear_error() -> None:
+    # A server (not kd's: a stand-in on loopback) that answers one request of a stream and then ends
+    # it OK: the old client's next(call) raised StopIteration inside its generator, a RuntimeError.
+    def infer_stream(requests, _context):
+        first = pb.InferRequest.FromString(next(requests))
+        yield pb.InferResponse(request_id=first.request_id, teacher=first.teacher).SerializeToString()
+
+    handler = grpc.method_handlers_generic_handler("kd.v1.TeacherService", {
+        "InferStream": grpc.stream_stream_rpc_method_handler(infer_stream)})  # fmt: skip
+    server = grpc.server(ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    x = torch.rand(2, 64)
+    try:
+        with TeacherClient(f"127.0.0.1:{port}", timeout=T) as client:
+            got = client.infer_stream("digits", [(0, x), (1, x), (2, x)], depth=3)
+            assert next(got)[0] == 0
+            with pytest.raises(TeacherRequestError) as e:
+                next(got)
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "ended the stream with 2 request(s) unanswered" in str(e.value)
+    finally:
+        server.stop(grace=None)
