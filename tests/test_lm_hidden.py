@@ -120,12 +120,16 @@ def _reference(student: BigramLM, teacher: BigramLM, hidden: HiddenStates, token
         for pair, conn in zip(PAIRS, conns):
             m = HiddenMatch.parse(pair)
             a, b = conn(states["s"][m.student][keep]), states["t"][m.teacher][keep]
-            if m.loss == "cosine":
-                term = (1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean()
-            else:
-                term = ((a - b) ** 2).mean()
-            total += m.weight * float(term)
+            total += m.weight * reference_term(m.loss, a, b)
     return total
+
+
+def reference_term(loss: str, a: torch.Tensor, b: torch.Tensor) -> float:
+    """One hidden loss of states [P, D] as the papers write it: DistilBERT's mean of 1 - cos(a, b),
+    or TinyBERT's elementwise MSE."""
+    if loss == "cosine":
+        return float((1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean())
+    return float(((a - b) ** 2).mean())
 
 
 def test_the_training_loss_is_the_token_loss_plus_the_weighted_hidden_losses(corpus) -> None:

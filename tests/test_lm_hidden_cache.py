@@ -16,7 +16,7 @@ import pytest
 import test_lm_hidden
 import torch
 from cli_checks import refused
-from test_lm_hidden import TEACHER, cli, student_lm, teacher_lm
+from test_lm_hidden import TEACHER, cli, reference_term, student_lm, teacher_lm
 
 from kd.cache import CacheReader
 from kd.cache.sharded import open_cache
@@ -88,11 +88,7 @@ def _reference(student, tokens: torch.Tensor, loss_mask: torch.Tensor, pairs: li
         for pair, conn in zip(pairs, connectors):
             m = HiddenMatch.parse(pair)
             a, b = copy.deepcopy(conn).double()(mine[m.student][keep]), teacher[m.teacher][keep]
-            if m.loss == "cosine":
-                term = (1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean()
-            else:
-                term = ((a - b) ** 2).mean()
-            total += m.weight * float(term)
+            total += m.weight * reference_term(m.loss, a, b)
     return total
 
 
