@@ -244,31 +244,40 @@ def check_chain(
     # other arguments or carries @WEIGHTS is refused now rather than after the stages before it.
     with torch.random.fork_rng(devices=[]):
         if teacher is None:
-            _takes(build(teacher_factory, "teacher"), test, f"teacher factory {teacher_factory!r}")
+            built = build(teacher_factory, "teacher")
+            check_val_takes(built, test, f"teacher factory {teacher_factory!r}", train=train)
         else:  # a missing or mismatched weights file: exit 2 naming it, not exit 1 from run_chain's stage 0
             try:
-                _takes(load_teacher("chain", teacher).model, test, f"teacher {teacher!r}")
+                check_val_takes(load_teacher("chain", teacher).model, test, f"teacher {teacher!r}", train=train)
             except TeacherLoadError as e:
                 raise ValueError(f"teacher: {e}") from e
         for spec in dict.fromkeys(models):
             # train_student refuses a model of another width too, but only once the stages before it trained
             model = build(spec, "student")
             check_output_width(model, train, f"model {spec!r}")
-            _takes(model, test, f"model {spec!r}")
+            check_val_takes(model, test, f"model {spec!r}", train=train)
     return models
 
 
-def _takes(model: nn.Module, test: SampleSource, what: str) -> None:
-    """Refuse a model that cannot take ``test``'s samples: every model is evaluated on the val split
-    after each epoch, where another sample shape failed with torch's shape error (after the first
-    epoch of the teacher's training). Its classes may be fewer than the model's outputs (as kd
-    train's --val-dataset), so only the shape is checked here."""
+def check_val_takes(model: nn.Module, test: SampleSource, what: str, *, train: SampleSource | None = None,
+                    test_name: str = "val_dataset", train_name: str = "dataset",
+                    final: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:  # fmt: skip
+    """Refuse a model that cannot take ``test``'s samples: a model is evaluated on the val split after
+    each epoch, where another sample shape failed with torch's shape error (after the first epoch of
+    training: kd chain's teacher, kd train's student). Its classes may be fewer than the model's
+    outputs (as kd train's --val-dataset), so only the shape is checked here. ``train``: the split the
+    model trains on, whose sample shape the message names too; ``final``: the student's own input
+    transform (kd train's --input-size/--input-mean), as the evaluation applies it."""
     try:
-        output_width(model, test)
+        output_width(model, test, final=final)
     except RuntimeError as e:
         shape = list(test.get(torch.arange(1)).shape[1:])
+        trained = ""
+        if train is not None and len(train):
+            trained_shape = list(train.get(torch.arange(1)).shape[1:])
+            trained = f", while {train_name} {train.dataset_id}'s are shaped {trained_shape}"
         raise ValueError(
-            f"{what} cannot take the samples of val_dataset {test.dataset_id}, shaped {shape} ({e})"
+            f"{what} cannot take the samples of {test_name} {test.dataset_id}, shaped {shape}{trained} ({e})"
         ) from None
 
 

@@ -1419,11 +1419,15 @@ def train(
             input_std=_floats(input_std, "--input-std") or [],
             **recipe,
         )
+        from kd.chain import check_val_takes
         from kd.student_trainer.evaluate import check_output_width
         from kd.student_trainer.train import student_final
 
         try:  # before any step: a student with another number of outputs than the data's classes
             check_output_width(model, train_data, f"--student {student!r}", final=student_final(config))
+            # ... or one that cannot take --val-dataset's samples: evaluated after epoch 1, it failed there
+            check_val_takes(model, test_data, f"--student {student!r}", train=train_data, test_name="--val-dataset",
+                            train_name="--dataset", final=student_final(config))  # fmt: skip
         except ValueError as e:
             _fail(str(e))
         hooks = None
