@@ -386,6 +386,10 @@ def _report(title: str, columns: list[str], rows: list[list[str]], *, caption: s
         json_out.write_text(json.dumps(result, indent=1))
 
 
+# What a served teacher may be named (Triton's model names alike): see serve.
+_TEACHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
 @app.command()
 def serve(
     teacher: list[str] = typer.Option(
@@ -567,6 +571,12 @@ def serve(
             _fail(f"--teacher {item!r} must look like NAME=SPEC")
         cfg.teachers.append(TeacherEntry(name, spec, device, flags))
     for entry in cfg.teachers:
+        # A name is a metrics label, part of file names (chain's logs) and of server:HOST:PORT/NAME and NAME=SPEC
+        # references: a "/" or "=" in it could not be named there again.
+        if not _TEACHER_NAME.fullmatch(entry.name):
+            where = "--teacher" if entry.name in {i.partition("=")[0] for i in teacher} else f"--config {str(config)!r}"
+            _fail(f"{where}: teacher name {entry.name!r} must match {_TEACHER_NAME.pattern} (letters, digits, '_', "
+                  "'.', '-'; a letter or digit first)")  # fmt: skip
         tier = tiers.get(entry.name, tiers.get("*"))
         extra = {"access": tier} if tier else {}
         if accept_weights:
@@ -1094,6 +1104,16 @@ def _server_flag_unused(ctx: typer.Context, name: str, refs: list[str | None]) -
               "it would be ignored")  # fmt: skip
 
 
+def _option_source(ctx: typer.Context, name: str) -> str | None:
+    """Where option ``name``'s value came from: "command line" (or the environment), "config" (a
+    --config file), or None (its default), for refusing an option that the others make unused."""
+    # by name: typer's context may come with its own copy of click's ParameterSource enum
+    given = getattr(ctx.get_parameter_source(name), "name", None)
+    if given in ("COMMANDLINE", "ENVIRONMENT"):
+        return "command line"
+    return "config" if given == "DEFAULT_MAP" else None
+
+
 def _inert_recipe_flags(ctx: typer.Context, optimizer: str, schedule: str) -> dict[str, object]:
     """Refuse recipe flags that the chosen optimiser or schedule would ignore without a word:
     --milestones/--gamma without --schedule multistep (config.json recorded them, the rate stayed
@@ -1104,11 +1124,7 @@ def _inert_recipe_flags(ctx: typer.Context, optimizer: str, schedule: str) -> di
     config = ctx.meta.get("kd_config_path")
 
     def source(name: str) -> str | None:
-        # by name: typer's context may come with its own copy of click's ParameterSource enum
-        given = getattr(ctx.get_parameter_source(name), "name", None)
-        if given in ("COMMANDLINE", "ENVIRONMENT"):
-            return "command line"
-        return "config" if given == "DEFAULT_MAP" else None
+        return _option_source(ctx, name)
 
     reset: dict[str, object] = {}
     inert = []
@@ -1578,6 +1594,7 @@ def evaluate_model(
 # in "." and listed "Compute Lopes et al." (likewise "QKD (Kim et al.").
 @app.command(short_help="Lopes et al.'s activation records of a teacher.")
 def records(
+    ctx: typer.Context,
     teacher: str = typer.Option(..., help="The teacher as kd serve loads it: module:factory@WEIGHTS or local:SPEC."),
     out: Path = typer.Option(..., help="Records file to write (safetensors)."),
     layer: list[str] = typer.Option(
@@ -1604,7 +1621,9 @@ def records(
         with _stopped_politely("kd records"):
             t = load_teacher("teacher", spec, device=device)
             data = open_source(dataset)
-            recs = compute_records(t, data, list(layer), rank=rank, batch_size=batch_size, workers=workers)
+            # a --rank the user gave above every layer's width is refused (the default 8 is cut to a narrow layer's)
+            recs = compute_records(t, data, list(layer), rank=rank, batch_size=batch_size, workers=workers,
+                                   strict_rank=_option_source(ctx, "rank") is not None)  # fmt: skip
             path = save_records(out, recs, t, data.dataset_id)
     except (TeacherLoadError, ValueError) as e:
         _fail(str(e))
@@ -2628,6 +2647,7 @@ def _parse_options_pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
 
 @app.command(short_help="QKD (Kim et al. 2019): an int8 student.")
 def qkd(
+    ctx: typer.Context,
     teacher: str | None = typer.Option(
         None,
         help="module:factory@WEIGHTS (or local:SPEC) of a trained teacher, co-studied in process; "
@@ -2684,6 +2704,9 @@ def qkd(
         _fail(str(e))
     _check_run_dir(run_dir, resume, 0)
     _check_dir_out(out, "--out")
+    if teacher is not None and _option_source(ctx, "teacher_epochs"):  # it trained with --teacher's as given
+        _fail(f"--teacher-epochs {teacher_epochs} applies only to a teacher trained here (no --teacher); with "
+              f"--teacher {teacher!r} it would be ignored")  # fmt: skip
     train_data, test_data = _train_and_val(dataset, val_dataset, "kd qkd")
     if teacher is None and (getattr(train_data, "format", "") != "digits" or teacher_epochs < 1):
         _fail("without --teacher a digits teacher is trained here: --dataset digits, --teacher-epochs >= 1")
@@ -2917,6 +2940,8 @@ def multitask(
 ) -> None:
     """Knowledge distillation for multi-task learning (Li & Bilen 2020) on digits tasks."""
     _check_file_out(json_out, "--json")
+    if epochs < 1 or teacher_epochs < 1:  # as kd train: 0 epochs reported untrained models as results
+        _fail(f"--epochs and --teacher-epochs must be >= 1, got {epochs} and {teacher_epochs}")
     from kd.student_trainer.multitask.multitask import MultiTaskConfig, run
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -2946,6 +2971,8 @@ def taskdistill(
 ) -> None:
     """Domain adaptation through task distillation (Zhou et al. 2020): digits -> re-rendered digits."""
     _check_file_out(json_out, "--json")
+    if epochs < 1:  # as kd train: 0 epochs reported untrained models as results
+        _fail(f"--epochs must be >= 1, got {epochs}")
     from kd.student_trainer.multitask.taskdistill import ROWS, TaskDistillConfig, run
 
     config = TaskDistillConfig(seeds=seeds, epochs=epochs, width=width, lr=lr, temperature=temperature)

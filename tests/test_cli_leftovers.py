@@ -34,3 +34,51 @@ def test_train_refuses_a_val_dataset_of_another_sample_shape_before_training(tmp
     r = CliRunner().invoke(app, ["train", "--method", "ce", "--dataset", train, "--val-dataset", train, "--epochs",
                                  "1"])  # fmt: skip
     assert r.exit_code == 0, r.output
+
+
+def test_records_refuses_a_rank_above_every_recorded_layers_width(tmp_path: Path) -> None:
+    """--rank 100000 was taken and cut to the logits' 10 values per sample without a word; a rank the
+    user gives above every recorded layer's width is refused now, naming the widths, before any file."""
+    out = tmp_path / "records.safetensors"
+    args = ["records", "--teacher", "kd.models:digits_teacher", "--out", str(out), "--dataset", "digits:test"]
+    refused(CliRunner().invoke(app, [*args, "--rank", "100000"]), "--rank 100000", "{'logits': 10}", "at most 10")
+    assert not out.exists()
+    r = CliRunner().invoke(app, [*args, "--rank", "10"])  # the widest layer's width is a rank
+    assert r.exit_code == 0, r.output
+    assert out.is_file()
+
+
+def test_the_studies_refuse_zero_epochs(tmp_path: Path) -> None:
+    """kd multitask and kd taskdistill ran --epochs 0 (and multitask --teacher-epochs 0) to the end and
+    reported untrained models as their results, exit 0; refused as kd train refuses it, no --json written."""
+    js = tmp_path / "r.json"
+    cases = [(["multitask", "--tasks", "digit", "--seeds", "1", "--epochs", "0", "--teacher-epochs", "1"],
+              "--epochs and --teacher-epochs must be >= 1, got 0 and 1"),
+             (["multitask", "--tasks", "digit", "--seeds", "1", "--epochs", "1", "--teacher-epochs", "0"],
+              "--epochs and --teacher-epochs must be >= 1, got 1 and 0"),
+             (["taskdistill", "--seeds", "1", "--epochs", "0"], "--epochs must be >= 1, got 0")]  # fmt: skip
+    for args, needle in cases:
+        refused(CliRunner().invoke(app, [*args, "--json", str(js)]), needle)
+        assert not js.exists()
+
+
+def test_serve_refuses_teacher_names_that_cannot_be_named_again(tmp_path: Path) -> None:
+    """A teacher named a/b was served, and no server:HOST:PORT/NAME reference could name it (its "/"
+    splits the address from the name). Refused with the allowed pattern, from --teacher and --config.
+    (--dataset is unreadable so that the old code, which took the name, fails instead of serving.)"""
+    bad = ["--dataset", f"d=npz:{tmp_path / 'missing.npz'}", "--port", "0"]
+    for name in ("a/b", "-t", "t t"):
+        r = CliRunner().invoke(app, ["serve", "--teacher", f"{name}=kd.models:digits_teacher", *bad])
+        refused(r, f"--teacher: teacher name {name!r} must match [A-Za-z0-9][A-Za-z0-9_.-]")
+    config = tmp_path / "c.toml"
+    config.write_text('[[teacher]]\nname = "x=y"\nspec = "kd.models:digits_teacher"\n')
+    refused(CliRunner().invoke(app, ["serve", "--config", str(config), *bad]),
+            f"--config {str(config)!r}: teacher name 'x=y' must match")  # fmt: skip
+
+
+def test_serve_refuses_a_teacher_factory_that_fails_in_one_line() -> None:
+    """A teacher factory raising anything but TypeError (torch's RuntimeError for a negative size here)
+    printed a traceback from kd serve; it is one line naming the factory and its arguments, exit 2."""
+    r = CliRunner().invoke(app, ["serve", "--teacher", "t=kd.models:MLP?sizes=[64,-3]", "--port", "0"])
+    refused(r, "the teacher factory 'kd.models:MLP' failed with the arguments {'sizes': [64, -3]}: RuntimeError:",
+            "negative dimension -3")  # fmt: skip
