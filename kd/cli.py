@@ -2062,7 +2062,7 @@ def chain(
     _check_dir_out(out, "--out")
     import math
 
-    from kd.chain import MODES, check_chain, run_chain
+    from kd.chain import MODES, check_chain, open_splits, run_chain
 
     if mode not in MODES:
         _fail(f"--mode must be one of {', '.join(MODES)}")
@@ -2072,18 +2072,20 @@ def chain(
                      channels_last, clip_grad_norm)  # fmt: skip
     if not (math.isfinite(tolerant_gamma) and tolerant_gamma >= 0):
         _fail(f"--tolerant-gamma must be a finite number >= 0 (0: off), got {tolerant_gamma}")
+    # The splits once, for the check and the run (an image folder's opening scans its directories).
+    splits = _call(open_splits, dataset, val_dataset, labeled)
     # The rest (--alpha, -T, the models) before stage 0 trains: a refusal (exit 2), not a failed run.
     _call(check_chain, mode=mode, teacher=teacher, models=model or None, epochs=epochs, seeds=seeds, labeled=labeled,
           temperature=temperature, alpha=alpha, teacher_factory=teacher_factory, teacher_epochs=teacher_epochs,
           tolerant_gamma=tolerant_gamma, tolerant_k=tolerant_k, dataset=dataset, val_dataset=val_dataset,
-          recipe=recipe, batch_size=batch_size)  # fmt: skip
+          recipe=recipe, batch_size=batch_size, splits=splits)  # fmt: skip
     signals = _stop_signals()
     try:
         run_chain(out, mode=mode, teacher=teacher, models=model or None, epochs=epochs, seeds=seeds,
                   labeled=labeled, temperature=temperature, alpha=alpha, teacher_factory=teacher_factory,
                   teacher_epochs=teacher_epochs, tolerant_gamma=tolerant_gamma, tolerant_k=tolerant_k,
                   direct=direct, serve=serve, dataset=dataset, val_dataset=val_dataset, recipe=recipe,
-                  batch_size=batch_size, stop=signals.first)  # fmt: skip
+                  batch_size=batch_size, stop=signals.first, splits=splits)  # fmt: skip
     except Stopped as e:
         # Each finished stage's weights are in --out; the stage in training is not saved, its server stopped.
         _stopped_exit(e.signum, f"{e.where}; the stages finished before are in {out} (stage-N.safetensors), the "

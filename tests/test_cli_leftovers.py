@@ -82,3 +82,29 @@ def test_serve_refuses_a_teacher_factory_that_fails_in_one_line() -> None:
     r = CliRunner().invoke(app, ["serve", "--teacher", "t=kd.models:MLP?sizes=[64,-3]", "--port", "0"])
     refused(r, "the teacher factory 'kd.models:MLP' failed with the arguments {'sizes': [64, -3]}: RuntimeError:",
             "negative dimension -3")  # fmt: skip
+
+
+def test_a_chain_opens_its_splits_once(tmp_path: Path, monkeypatch) -> None:
+    """kd chain opened --dataset and --val-dataset three times before training (the CLI's check_chain,
+    run_chain's own, then open_splits): three directory scans of an image folder. The CLI opens them once
+    and hands them on, and run_chain called alone opens them once too (kd's own open_source, counted)."""
+    import kd.chain
+
+    opened: list[str] = []
+    real = kd.chain.open_source
+
+    def counting(uri: str, *args, **kwargs):
+        opened.append(uri)
+        return real(uri, *args, **kwargs)
+
+    monkeypatch.setattr(kd.chain, "open_source", counting)
+    quick = {"mode": "born-again", "models": ["kd.models:digits_student"], "epochs": 1, "teacher_epochs": 1,
+             "labeled": 20}  # fmt: skip
+    r = CliRunner().invoke(app, ["chain", "--mode", "born-again", "-m", quick["models"][0], "--epochs", "1",
+                                 "--teacher-epochs", "1", "--labeled", "20", "--no-serve",
+                                 "--out", str(tmp_path / "cli")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert sorted(opened) == ["digits:test", "digits:train"]
+    opened.clear()
+    kd.chain.run_chain(tmp_path / "lib", serve=False, **quick)
+    assert sorted(opened) == ["digits:test", "digits:train"]
