@@ -2066,6 +2066,7 @@ def bench_methods(
     milestones={"help": "multistep: epochs at which lr *= --gamma, e.g. 150,180,210."},
 )  # fmt: skip
 def chain(
+    ctx: typer.Context,
     mode: str = typer.Option("takd", help="takd (teacher -> assistant(s) -> student) or born-again (N generations)."),
     teacher: str | None = typer.Option(
         None, help="module:factory@WEIGHTS of a trained teacher; left out, one is trained as in `kd demo`."
@@ -2105,7 +2106,7 @@ def chain(
         _fail(f"--mode must be one of {', '.join(MODES)}")
     if min(epochs, seeds, labeled or 1, teacher_epochs, tolerant_k - 1, batch_size) < 1 or temperature <= 0:
         _fail("--epochs, --seeds, --labeled, --teacher-epochs, --batch-size must be >= 1, --tolerant-k >= 2, -T > 0")
-    recipe = _recipe(recipe)
+    recipe = _recipe(recipe, ctx)  # --momentum with adam, --milestones without multistep: refused, as kd train
     if not (math.isfinite(tolerant_gamma) and tolerant_gamma >= 0):
         _fail(f"--tolerant-gamma must be a finite number >= 0 (0: off), got {tolerant_gamma}")
     # The splits once, for the check and the run (an image folder's opening scans its directories).

@@ -161,3 +161,13 @@ def test_the_recipe_flags_are_the_same_options_in_every_command() -> None:
             assert params[flag].type_descriptor.annotation is kind, (name, flag)
             own = {("train", "lr"): 3e-3, ("chain", "lr"): 3e-3}.get((name, flag), default)
             assert params[flag].default == own, (name, flag, params[flag].default)
+
+
+def test_chain_refuses_the_recipe_flags_its_recipe_would_ignore(tmp_path: Path) -> None:
+    """kd chain took --momentum with Adam and --gamma without the multistep schedule and trained every
+    stage as if they had not been given; refused now as kd train, onpolicy and train-lm refuse them
+    (_recipe with the context). An unreadable --val-dataset makes the old code fail instead of training."""
+    args = ["chain", "--out", str(tmp_path / "out"), "--val-dataset", f"npz:{tmp_path / 'none.npz'}"]
+    refused(CliRunner().invoke(app, [*args, "--momentum", "0.5"]), "--momentum applies only with --optimizer sgd")
+    refused(CliRunner().invoke(app, [*args, "--gamma", "0.5"]), "--gamma applies only with --schedule multistep")
+    assert list(tmp_path.iterdir()) == []
