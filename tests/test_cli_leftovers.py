@@ -171,3 +171,11 @@ def test_chain_refuses_the_recipe_flags_its_recipe_would_ignore(tmp_path: Path) 
     refused(CliRunner().invoke(app, [*args, "--momentum", "0.5"]), "--momentum applies only with --optimizer sgd")
     refused(CliRunner().invoke(app, [*args, "--gamma", "0.5"]), "--gamma applies only with --schedule multistep")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_refuses_a_teacher_that_cannot_take_its_own_input_shape_in_one_line() -> None:
+    """load_teacher's probe forward (zeros of the teacher's input shape) raised torch's RuntimeError,
+    which kd serve printed as a traceback; it is a TeacherLoadError naming the teacher and the shape."""
+    r = CliRunner().invoke(app, ["serve", "--teacher", "t=kd.models:MLP?sizes=[64,10]&input_shape=3x32x32",
+                                 "--port", "0"])  # fmt: skip
+    refused(r, "teacher 't' cannot take inputs of its input shape [3, 32, 32]: RuntimeError: mat1 and mat2 shapes")
