@@ -670,8 +670,9 @@ def serve(
     for name, source in datasets.items():
         console.print(f"dataset [bold]{name}[/] {source.dataset_id}, {_count(len(source), 'sample')}", highlight=False)
     security = ("mutual TLS" if cfg.tls_client_ca else "TLS") if tls else "plaintext"
+    shown = f"[{cfg.host}]" if ":" in cfg.host else cfg.host  # an IPv6 host as clients name it: [::1]:PORT
     console.print(
-        f"serving on {cfg.host}:{running.port} ({security}{', token' if token else ''})"
+        f"serving on {shown}:{running.port} ({security}{', token' if token else ''})"
         + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""),
         highlight=False,
     )

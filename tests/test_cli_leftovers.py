@@ -179,3 +179,30 @@ def test_serve_refuses_a_teacher_that_cannot_take_its_own_input_shape_in_one_lin
     r = CliRunner().invoke(app, ["serve", "--teacher", "t=kd.models:MLP?sizes=[64,10]&input_shape=3x32x32",
                                  "--port", "0"])  # fmt: skip
     refused(r, "teacher 't' cannot take inputs of its input shape [3, 32, 32]: RuntimeError: mat1 and mat2 shapes")
+
+
+def test_a_server_binds_an_ipv6_host() -> None:
+    """kd serve --host ::1 was refused ("cannot bind ::1:0": gRPC read the unbracketed address as
+    ::0.1.0.0 port 443); the host is bracketed now and a client reaches the server at [::1]:PORT.
+    Skipped where this machine has no IPv6 loopback (not counted as a pass)."""
+    import socket
+
+    import torch
+
+    from kd.teacher_server.client import TeacherClient
+    from kd.teacher_server.loading import load_teacher
+    from kd.teacher_server.server import start_server
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    teacher = load_teacher("t", "kd.models:digits_teacher")
+    running = start_server([teacher], host="::1", port=0)
+    try:
+        with TeacherClient(f"[::1]:{running.port}") as client:
+            out = client.infer("t", torch.zeros(2, 64))
+        assert tuple(out["logits"].shape) == (2, 10)
+    finally:
+        running.stop(0)
