@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import typer
@@ -1095,7 +1095,8 @@ RECIPE_FLAGS: dict[str, tuple[type, object, tuple[str, ...], str]] = {
 }  # fmt: skip
 
 
-def _recipe_flags(after: str, order: tuple[str, ...] = tuple(RECIPE_FLAGS), **changes: dict[str, object]):
+def _recipe_flags(after: str, order: tuple[str, ...] = tuple(RECIPE_FLAGS),
+                  **changes: dict[str, object]) -> Callable[[Callable[..., None]], Callable[..., None]]:  # fmt: skip
     """A decorator giving a command the recipe flags of ``RECIPE_FLAGS`` named in ``order`` (all by
     default), placed after its option ``after`` (their place in --help), each with its ``changes``
     (``default``, ``help``, ``decls``). The command takes their values as one keyword-only argument
@@ -1107,7 +1108,7 @@ def _recipe_flags(after: str, order: tuple[str, ...] = tuple(RECIPE_FLAGS), **ch
     if unknown:  # a misspelt change would leave the flag as declared above without a word
         raise TypeError(f"_recipe_flags: not recipe flags of this command: {sorted(unknown)}")
 
-    def decorate(fn):
+    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
         sig = inspect.signature(fn, eval_str=True)  # the annotations as types: typer reads them from here
         params = [p for p in sig.parameters.values() if p.name != "recipe"]
         at = next(i for i, p in enumerate(params) if p.name == after) + 1
@@ -1121,7 +1122,7 @@ def _recipe_flags(after: str, order: tuple[str, ...] = tuple(RECIPE_FLAGS), **ch
                                            annotation=kind))  # fmt: skip
 
         @functools.wraps(fn)
-        def command(**kwargs: object) -> object:
+        def command(**kwargs: object) -> None:
             return fn(**{k: v for k, v in kwargs.items() if k not in order}, recipe={n: kwargs[n] for n in order})
 
         command.__signature__ = sig.replace(parameters=[*params[:at], *flags, *params[at:]])
