@@ -1105,8 +1105,9 @@ def _recipe_flags(after: str, order: tuple[str, ...] = tuple(RECIPE_FLAGS),
     import inspect
 
     unknown = set(changes) - set(order) | set(order) - set(RECIPE_FLAGS)
+    unknown |= {key for change in changes.values() for key in change} - {"default", "help", "decls"}
     if unknown:  # a misspelt change would leave the flag as declared above without a word
-        raise TypeError(f"_recipe_flags: not recipe flags of this command: {sorted(unknown)}")
+        raise TypeError(f"_recipe_flags: not recipe flags of this command, or not a change: {sorted(unknown)}")
 
     def decorate(fn: Callable[..., None]) -> Callable[..., None]:
         sig = inspect.signature(fn, eval_str=True)  # the annotations as types: typer reads them from here
