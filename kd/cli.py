@@ -1398,6 +1398,15 @@ def train(
     except (TeacherLoadError, ValueError) as e:
         _fail(str(e))
     _check_saveable(model, out)
+    from kd.chain import check_val_takes
+    from kd.student_trainer.train import student_final
+
+    # A student that cannot take --val-dataset's samples (evaluated after epoch 1, it failed there with torch's
+    # shape error): refused before any source is opened (a --read-through would create its cache first).
+    own_input = TrainConfig(input_size=input_size, input_mean=_floats(input_mean, "--input-mean") or [],
+                            input_std=_floats(input_std, "--input-std") or [])  # fmt: skip
+    _call(check_val_takes, model, test_data, f"--student {student!r}", train=train_data, test_name="--val-dataset",
+          train_name="--dataset", final=student_final(own_input))  # fmt: skip
 
     # A server's client: reaching it, each request, and each wait of a stream for its next answer,
     # bounded alike (the connect wait was the client's own 60 s whatever --server-timeout said).
@@ -1483,15 +1492,11 @@ def train(
             input_std=_floats(input_std, "--input-std") or [],
             **recipe,
         )
-        from kd.chain import check_val_takes
         from kd.student_trainer.evaluate import check_output_width
         from kd.student_trainer.train import student_final
 
         try:  # before any step: a student with another number of outputs than the data's classes
             check_output_width(model, train_data, f"--student {student!r}", final=student_final(config))
-            # ... or one that cannot take --val-dataset's samples: evaluated after epoch 1, it failed there
-            check_val_takes(model, test_data, f"--student {student!r}", train=train_data, test_name="--val-dataset",
-                            train_name="--dataset", final=student_final(config))  # fmt: skip
         except ValueError as e:
             _fail(str(e))
         hooks = None

@@ -31,6 +31,12 @@ def test_train_refuses_a_val_dataset_of_another_sample_shape_before_training(tmp
     refused(r, "--student 'kd.models:digits_student' cannot take the samples of --val-dataset", "shaped [12]",
             "while --dataset", "are shaped [64]")  # fmt: skip
     assert not run.exists()
+    # before any source is opened: a --read-through cache is not created for a run that cannot go on
+    cache = tmp_path / "c"
+    r = CliRunner().invoke(app, ["train", "--dataset", train, "--val-dataset", val, "--epochs", "1", "--source",
+                                 f"cache:{cache}", "--read-through", "local:kd.models:digits_teacher"])  # fmt: skip
+    refused(r, "cannot take the samples of --val-dataset")
+    assert not cache.exists()
     # the same student and splits of one shape train (the check refuses only what would fail)
     r = CliRunner().invoke(app, ["train", "--method", "ce", "--dataset", train, "--val-dataset", train, "--epochs",
                                  "1"])  # fmt: skip
