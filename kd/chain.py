@@ -146,7 +146,10 @@ def _ensemble_acc(models: list[nn.Module], test: SampleSource) -> float:
 DIGITS_LABELED = 100  # the default subset on the bundled digits: the TAKD experiment's low-data setting
 
 
-def open_splits(dataset: str, val_dataset: str, labeled: int | None) -> tuple[SampleSource, SampleSource, int]:
+Splits = tuple[SampleSource, SampleSource, int]  # open_splits': (train, test, labelled samples per stage)
+
+
+def open_splits(dataset: str, val_dataset: str, labeled: int | None) -> Splits:
     """(train, test, labelled samples per stage): ``labeled`` None is 100 of the bundled digits'
     training split and every sample of any other dataset; more than the dataset holds is refused
     (the subset was cut to what there is without a word)."""
@@ -217,10 +220,13 @@ def check_chain(
     val_dataset: str = "digits:test",
     recipe: dict[str, object] | None = None,
     batch_size: int = 32,
+    splits: Splits | None = None,
 ) -> list[str]:
     """Refuse (ValueError, naming the argument) a chain that could not run to its end, before any stage
     trains: a bad option or model found only after the teacher had trained lost that work. -> the
-    models of the chain (``models`` or the mode's defaults)."""
+    models of the chain (``models`` or the mode's defaults). ``splits``: ``open_splits``' result for
+    ``dataset``, ``val_dataset`` and ``labeled``, when the caller opened them already (then they are
+    not opened again: an image folder of millions of files is one directory scan, not one per check)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     models = default_models(mode) if models is None else list(models)
@@ -230,7 +236,7 @@ def check_chain(
                                ("tolerant_k", tolerant_k, 2), ("batch_size", batch_size, 1)):  # fmt: skip
         if value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
-    train, test, _ = open_splits(dataset, val_dataset, labeled)
+    train, test, _ = splits if splits is not None else open_splits(dataset, val_dataset, labeled)
     stage_config(epochs, 0, batch_size, recipe, {"temperature": temperature, "alpha": alpha})  # the recipe's own check
     # tolerant_loss treats any gamma <= 0 (and NaN, which compares false) as "off": a negative or NaN
     # weight would silently train a plain teacher, so only a finite gamma >= 0 is taken.
@@ -244,31 +250,40 @@ def check_chain(
     # other arguments or carries @WEIGHTS is refused now rather than after the stages before it.
     with torch.random.fork_rng(devices=[]):
         if teacher is None:
-            _takes(build(teacher_factory, "teacher"), test, f"teacher factory {teacher_factory!r}")
+            built = build(teacher_factory, "teacher")
+            check_val_takes(built, test, f"teacher factory {teacher_factory!r}", train=train)
         else:  # a missing or mismatched weights file: exit 2 naming it, not exit 1 from run_chain's stage 0
             try:
-                _takes(load_teacher("chain", teacher).model, test, f"teacher {teacher!r}")
+                check_val_takes(load_teacher("chain", teacher).model, test, f"teacher {teacher!r}", train=train)
             except TeacherLoadError as e:
                 raise ValueError(f"teacher: {e}") from e
         for spec in dict.fromkeys(models):
             # train_student refuses a model of another width too, but only once the stages before it trained
             model = build(spec, "student")
             check_output_width(model, train, f"model {spec!r}")
-            _takes(model, test, f"model {spec!r}")
+            check_val_takes(model, test, f"model {spec!r}", train=train)
     return models
 
 
-def _takes(model: nn.Module, test: SampleSource, what: str) -> None:
-    """Refuse a model that cannot take ``test``'s samples: every model is evaluated on the val split
-    after each epoch, where another sample shape failed with torch's shape error (after the first
-    epoch of the teacher's training). Its classes may be fewer than the model's outputs (as kd
-    train's --val-dataset), so only the shape is checked here."""
+def check_val_takes(model: nn.Module, test: SampleSource, what: str, *, train: SampleSource | None = None,
+                    test_name: str = "val_dataset", train_name: str = "dataset",
+                    final: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:  # fmt: skip
+    """Refuse a model that cannot take ``test``'s samples: a model is evaluated on the val split after
+    each epoch, where another sample shape failed with torch's shape error (after the first epoch of
+    training: kd chain's teacher, kd train's student). Its classes may be fewer than the model's
+    outputs (as kd train's --val-dataset), so only the shape is checked here. ``train``: the split the
+    model trains on, whose sample shape the message names too; ``final``: the student's own input
+    transform (kd train's --input-size/--input-mean), as the evaluation applies it."""
     try:
-        output_width(model, test)
+        output_width(model, test, final=final)
     except RuntimeError as e:
         shape = list(test.get(torch.arange(1)).shape[1:])
+        trained = ""
+        if train is not None and len(train):
+            trained_shape = list(train.get(torch.arange(1)).shape[1:])
+            trained = f", while {train_name} {train.dataset_id}'s are shaped {trained_shape}"
         raise ValueError(
-            f"{what} cannot take the samples of val_dataset {test.dataset_id}, shaped {shape} ({e})"
+            f"{what} cannot take the samples of {test_name} {test.dataset_id}, shaped {shape}{trained} ({e})"
         ) from None
 
 
@@ -306,20 +321,24 @@ def run_chain(
     recipe: dict[str, object] | None = None,
     batch_size: int = 32,
     stop: Callable[[], int | None] | None = None,
+    splits: Splits | None = None,
 ) -> dict:
     """The chain on ``dataset`` (any dataset URI; a seeded subset of ``labeled`` samples per seed),
     each model evaluated on ``val_dataset``; the stages train with method kd, ``batch_size`` and
     ``recipe`` (TrainConfig's recipe fields; default Adam at 3e-3, TrainConfig's). ``stop``: as
     ``train_student``'s; a stopped chain raises ``kd.core.signals.Stopped`` (the stages saved
-    before stay, the server of the stage in training is stopped)."""
+    before stay, the server of the stage in training is stopped). ``splits``: as ``check_chain``'s (the
+    CLI opens them once for its own check and this run); left out, they are opened here, once."""
+    splits = splits if splits is not None else open_splits(dataset, val_dataset, labeled)
     models = check_chain(mode=mode, teacher=teacher, models=models, epochs=epochs, seeds=seeds, labeled=labeled,
                          temperature=temperature, alpha=alpha, teacher_factory=teacher_factory,
                          teacher_epochs=teacher_epochs, tolerant_gamma=tolerant_gamma, tolerant_k=tolerant_k,
-                         dataset=dataset, val_dataset=val_dataset, recipe=recipe, batch_size=batch_size)  # fmt: skip
+                         dataset=dataset, val_dataset=val_dataset, recipe=recipe, batch_size=batch_size,
+                         splits=splits)  # fmt: skip
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    train, test, labeled = open_splits(dataset, val_dataset, labeled)
+    train, test, labeled = splits
     opts = {"temperature": temperature, "alpha": alpha}
     console.rule(f"kd chain ({mode}): {len(models)} stage(s) after the teacher, {seeds} seed(s)")
 

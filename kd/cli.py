@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import typer
@@ -386,6 +386,10 @@ def _report(title: str, columns: list[str], rows: list[list[str]], *, caption: s
         json_out.write_text(json.dumps(result, indent=1))
 
 
+# What a served teacher may be named (Triton's model names alike): see serve.
+_TEACHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
 @app.command()
 def serve(
     teacher: list[str] = typer.Option(
@@ -567,6 +571,12 @@ def serve(
             _fail(f"--teacher {item!r} must look like NAME=SPEC")
         cfg.teachers.append(TeacherEntry(name, spec, device, flags))
     for entry in cfg.teachers:
+        # A name is a metrics label, part of file names (chain's logs) and of server:HOST:PORT/NAME and NAME=SPEC
+        # references: a "/" or "=" in it could not be named there again.
+        if not _TEACHER_NAME.fullmatch(entry.name):
+            where = "--teacher" if entry.name in {i.partition("=")[0] for i in teacher} else f"--config {str(config)!r}"
+            _fail(f"{where}: teacher name {entry.name!r} must match {_TEACHER_NAME.pattern} (letters, digits, '_', "
+                  "'.', '-'; a letter or digit first)")  # fmt: skip
         tier = tiers.get(entry.name, tiers.get("*"))
         extra = {"access": tier} if tier else {}
         if accept_weights:
@@ -660,8 +670,9 @@ def serve(
     for name, source in datasets.items():
         console.print(f"dataset [bold]{name}[/] {source.dataset_id}, {_count(len(source), 'sample')}", highlight=False)
     security = ("mutual TLS" if cfg.tls_client_ca else "TLS") if tls else "plaintext"
+    shown = f"[{cfg.host}]" if ":" in cfg.host else cfg.host  # an IPv6 host as clients name it: [::1]:PORT
     console.print(
-        f"serving on {cfg.host}:{running.port} ({security}{', token' if token else ''})"
+        f"serving on {shown}:{running.port} ({security}{', token' if token else ''})"
         + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""),
         highlight=False,
     )
@@ -1065,23 +1076,83 @@ def _milestones(milestones: str) -> list[int]:
         _fail(f"--milestones must be comma-separated epochs like 150,180,210, got {milestones!r}")
 
 
-def _recipe(lr: float, weight_decay: float, optimizer: str, momentum: float, nesterov: bool, schedule: str,
-            milestones: str, gamma: float, warmup_epochs: float, amp: str, channels_last: bool,
-            clip_grad_norm: float) -> dict[str, object]:  # fmt: skip
-    """The recipe flags (``kd train``, ``kd datafree``) as ``TrainConfig`` fields, validated before
-    any work starts; a bad one exits 2 naming it."""
+# The training-recipe flags of kd train, chain, datafree, onpolicy and train-lm, declared once here (they
+# were declared in each command, where their spelling, defaults and checks could drift apart): name ->
+# (type, default, option declarations, help). A command states only where its own differ (_recipe_flags):
+# a default, a help that names its own units (passes, rounds, optimizer steps), --no-FLAG spellings.
+RECIPE_FLAGS: dict[str, tuple[type, object, tuple[str, ...], str]] = {
+    "lr": (float, 1e-3, (), "The student's base learning rate (see --schedule, --warmup-epochs)."),
+    "weight_decay": (float, 0.0, (), "Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
+    "optimizer": (str, "adam", (), "adam, adamw, sgd or dot (DOT, split momenta)."),
+    "momentum": (float, 0.9, (), "sgd: momentum."),
+    "nesterov": (bool, False, ("--nesterov",), "sgd: Nesterov momentum."),
+    "schedule": (str, "constant", (),
+                 "constant, cosine or linear (per step, to 0 at the end) or multistep (per epoch)."),
+    "milestones": (str, "", (), "multistep: epochs (from 0) at which lr is multiplied by --gamma."),
+    "gamma": (float, 0.1, (), "multistep: the factor at each milestone."),
+    "warmup_epochs": (float, 0.0, (), "Linear warm-up of the learning rate over this many epochs."),
+    "amp": (str, "fp32", (), "fp32, bf16 or fp16 (autocast; fp16 with a grad scaler). CUDA; bf16 on CPU."),
+    "channels_last": (bool, False, ("--channels-last",), "Channels-last memory format (CUDA convnets)."),
+    "clip_grad_norm": (float, 0.0, (), "Clip the gradients' total norm to this (0: off)."),
+}  # fmt: skip
+
+
+def _recipe_flags(after: str, order: tuple[str, ...] = tuple(RECIPE_FLAGS),
+                  **changes: dict[str, object]) -> Callable[[Callable[..., None]], Callable[..., None]]:  # fmt: skip
+    """A decorator giving a command the recipe flags of ``RECIPE_FLAGS`` named in ``order`` (all by
+    default), placed after its option ``after`` (their place in --help), each with its ``changes``
+    (``default``, ``help``, ``decls``). The command takes their values as one keyword-only argument
+    ``recipe`` (name -> value), which ``_recipe`` turns into the validated recipe."""
+    import functools
+    import inspect
+
+    unknown = set(changes) - set(order) | set(order) - set(RECIPE_FLAGS)
+    unknown |= {key for change in changes.values() for key in change} - {"default", "help", "decls"}
+    if unknown:  # a misspelt change would leave the flag as declared above without a word
+        raise TypeError(f"_recipe_flags: not recipe flags of this command, or not a change: {sorted(unknown)}")
+
+    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
+        sig = inspect.signature(fn, eval_str=True)  # the annotations as types: typer reads them from here
+        params = [p for p in sig.parameters.values() if p.name != "recipe"]
+        at = next(i for i, p in enumerate(params) if p.name == after) + 1
+        flags = []
+        for name in order:
+            kind, default, decls, help_text = RECIPE_FLAGS[name]
+            change = changes.get(name, {})
+            option = typer.Option(change.get("default", default), *change.get("decls", decls),
+                                  help=change.get("help", help_text))  # fmt: skip
+            flags.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option,
+                                           annotation=kind))  # fmt: skip
+
+        @functools.wraps(fn)
+        def command(**kwargs: object) -> None:
+            return fn(**{k: v for k, v in kwargs.items() if k not in order}, recipe={n: kwargs[n] for n in order})
+
+        command.__signature__ = sig.replace(parameters=[*params[:at], *flags, *params[at:]])
+        command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+        return command
+
+    return decorate
+
+
+def _recipe(flags: dict[str, object], ctx: typer.Context | None = None, *,
+            validate: bool = True) -> dict[str, object]:  # fmt: skip
+    """The recipe flags (``_recipe_flags``' ``recipe``) as ``TrainConfig`` fields (--milestones as
+    integers), checked before any work starts; a bad one exits 2 naming it. With ``ctx``, flags that the
+    optimiser or schedule would ignore are refused first (``_inert_recipe_flags``; a --config value
+    overridden so is reset). ``validate`` False: the command's own config validates them (kd onpolicy)."""
     from kd.student_trainer.optim import recipe_of
     from kd.student_trainer.train import TrainConfig
 
-    steps = _milestones(milestones)
-    recipe = {"lr": lr, "weight_decay": weight_decay, "optimizer": optimizer, "momentum": momentum,
-              "nesterov": nesterov, "schedule": schedule, "milestones": steps, "gamma": gamma,
-              "warmup_epochs": warmup_epochs, "amp": amp, "channels_last": channels_last,
-              "clip_grad_norm": clip_grad_norm}  # fmt: skip
-    try:
-        recipe_of(TrainConfig(**recipe)).validate()
-    except ValueError as e:
-        _fail(str(e))
+    recipe = dict(flags)
+    if ctx is not None:
+        recipe.update(_inert_recipe_flags(ctx, str(recipe["optimizer"]), str(recipe["schedule"])))
+    recipe["milestones"] = _milestones(str(recipe["milestones"]))
+    if validate:
+        try:
+            recipe_of(TrainConfig(**recipe)).validate()
+        except ValueError as e:
+            _fail(str(e))
     return recipe
 
 
@@ -1096,6 +1167,16 @@ def _server_flag_unused(ctx: typer.Context, name: str, refs: list[str | None]) -
               "it would be ignored")  # fmt: skip
 
 
+def _option_source(ctx: typer.Context, name: str) -> str | None:
+    """Where option ``name``'s value came from: "command line" (or the environment), "config" (a
+    --config file), or None (its default), for refusing an option that the others make unused."""
+    # by name: typer's context may come with its own copy of click's ParameterSource enum
+    given = getattr(ctx.get_parameter_source(name), "name", None)
+    if given in ("COMMANDLINE", "ENVIRONMENT"):
+        return "command line"
+    return "config" if given == "DEFAULT_MAP" else None
+
+
 def _inert_recipe_flags(ctx: typer.Context, optimizer: str, schedule: str) -> dict[str, object]:
     """Refuse recipe flags that the chosen optimiser or schedule would ignore without a word:
     --milestones/--gamma without --schedule multistep (config.json recorded them, the rate stayed
@@ -1106,11 +1187,7 @@ def _inert_recipe_flags(ctx: typer.Context, optimizer: str, schedule: str) -> di
     config = ctx.meta.get("kd_config_path")
 
     def source(name: str) -> str | None:
-        # by name: typer's context may come with its own copy of click's ParameterSource enum
-        given = getattr(ctx.get_parameter_source(name), "name", None)
-        if given in ("COMMANDLINE", "ENVIRONMENT"):
-            return "command line"
-        return "config" if given == "DEFAULT_MAP" else None
+        return _option_source(ctx, name)
 
     reset: dict[str, object] = {}
     inert = []
@@ -1138,6 +1215,13 @@ def _inert_recipe_flags(ctx: typer.Context, optimizer: str, schedule: str) -> di
 
 
 @app.command()
+@_recipe_flags(
+    "batch_size",
+    lr={"default": 3e-3, "help": "Base learning rate (see --schedule, --warmup-epochs)."},
+    nesterov={"decls": ("--nesterov/--no-nesterov",)},
+    milestones={"help": "multistep: epochs (from 0) at which lr is multiplied by --gamma, e.g. 150,180,210."},
+    channels_last={"decls": ("--channels-last/--no-channels-last",)},
+)
 def train(
     ctx: typer.Context,
     config: Path | None = typer.Option(
@@ -1190,24 +1274,6 @@ def train(
     prefetch: int = typer.Option(0, help="cache: source: read this many batches ahead in a thread (spare cores)."),
     epochs: int = typer.Option(60, help="Passes over the training set."),
     batch_size: int = typer.Option(32, help="Samples per optimiser step (under torchrun: the global batch)."),
-    lr: float = typer.Option(3e-3, help="Base learning rate (see --schedule, --warmup-epochs)."),
-    weight_decay: float = typer.Option(0.0, help="Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
-    optimizer: str = typer.Option("adam", help="adam, adamw, sgd or dot (DOT, split momenta)."),
-    momentum: float = typer.Option(0.9, help="sgd: momentum."),
-    nesterov: bool = typer.Option(False, "--nesterov/--no-nesterov", help="sgd: Nesterov momentum."),
-    schedule: str = typer.Option(
-        "constant", help="constant, cosine or linear (per step, to 0 at the end) or multistep (per epoch)."
-    ),
-    milestones: str = typer.Option(
-        "", help="multistep: epochs (from 0) at which lr is multiplied by --gamma, e.g. 150,180,210."
-    ),
-    gamma: float = typer.Option(0.1, help="multistep: the factor at each milestone."),
-    warmup_epochs: float = typer.Option(0.0, help="Linear warm-up of the learning rate over this many epochs."),
-    amp: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast; fp16 with a grad scaler). CUDA; bf16 on CPU."),
-    channels_last: bool = typer.Option(
-        False, "--channels-last/--no-channels-last", help="Channels-last memory format (CUDA convnets)."
-    ),
-    clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
     workers: int = typer.Option(0, help="Read training batches in this many worker processes (file datasets)."),
     input_size: int = typer.Option(
         0,
@@ -1229,6 +1295,8 @@ def train(
     keep_every: int = typer.Option(
         0, help="Also keep the weights every N epochs as RUN_DIR/epochs/epoch_NNNN.safetensors (for `kd explain`)."
     ),
+    *,
+    recipe: dict[str, object],
 ) -> None:
     """Train a student from a soft-target source with a KD method."""
     import os
@@ -1279,11 +1347,7 @@ def train(
     from kd.student_trainer.train import TrainConfig, seed_everything, train_student
     from kd.teacher_server.loading import TeacherLoadError
 
-    reset = _inert_recipe_flags(ctx, optimizer, schedule)
-    milestones, gamma = reset.get("milestones", milestones), reset.get("gamma", gamma)
-    momentum = reset.get("momentum", momentum)
-    recipe = _recipe(lr, weight_decay, optimizer, momentum, nesterov, schedule, milestones, gamma, warmup_epochs, amp,
-                     channels_last, clip_grad_norm)  # fmt: skip
+    recipe = _recipe(recipe, ctx)  # --momentum with adam, --milestones without multistep: refused
     if method.startswith("token-"):  # per-token losses take token data, which kd train does not
         _fail(f"--method {method!r} is a per-token loss: distil a language model with `kd train-lm` or `kd onpolicy`")
     try:  # before any source is opened: a bad --opt is the user's to fix, not a training run's
@@ -1336,6 +1400,15 @@ def train(
     except (TeacherLoadError, ValueError) as e:
         _fail(str(e))
     _check_saveable(model, out)
+    from kd.chain import check_val_takes
+    from kd.student_trainer.train import student_final
+
+    # A student that cannot take --val-dataset's samples (evaluated after epoch 1, it failed there with torch's
+    # shape error): refused before any source is opened (a --read-through would create its cache first).
+    own_input = TrainConfig(input_size=input_size, input_mean=_floats(input_mean, "--input-mean") or [],
+                            input_std=_floats(input_std, "--input-std") or [])  # fmt: skip
+    _call(check_val_takes, model, test_data, f"--student {student!r}", train=train_data, test_name="--val-dataset",
+          train_name="--dataset", final=student_final(own_input))  # fmt: skip
 
     # A server's client: reaching it, each request, and each wait of a stream for its next answer,
     # bounded alike (the connect wait was the client's own 60 s whatever --server-timeout said).
@@ -1576,6 +1649,7 @@ def evaluate_model(
 # in "." and listed "Compute Lopes et al." (likewise "QKD (Kim et al.").
 @app.command(short_help="Lopes et al.'s activation records of a teacher.")
 def records(
+    ctx: typer.Context,
     teacher: str = typer.Option(..., help="The teacher as kd serve loads it: module:factory@WEIGHTS or local:SPEC."),
     out: Path = typer.Option(..., help="Records file to write (safetensors)."),
     layer: list[str] = typer.Option(
@@ -1602,7 +1676,9 @@ def records(
         with _stopped_politely("kd records"):
             t = load_teacher("teacher", spec, device=device)
             data = open_source(dataset)
-            recs = compute_records(t, data, list(layer), rank=rank, batch_size=batch_size, workers=workers)
+            # a --rank the user gave above every layer's width is refused (the default 8 is cut to a narrow layer's)
+            recs = compute_records(t, data, list(layer), rank=rank, batch_size=batch_size, workers=workers,
+                                   strict_rank=_option_source(ctx, "rank") is not None)  # fmt: skip
             path = save_records(out, recs, t, data.dataset_id)
     except (TeacherLoadError, ValueError) as e:
         _fail(str(e))
@@ -1992,7 +2068,15 @@ def bench_methods(
 
 
 @app.command()
+@_recipe_flags(
+    "batch_size",
+    lr={"default": 3e-3, "help": "Each stage's base learning rate (see --schedule, --warmup-epochs; 3e-3: the "
+        "stages' before the flag)."},
+    optimizer={"help": "Each stage's optimiser (the recipe's names, as `kd train`)."},
+    milestones={"help": "multistep: epochs at which lr *= --gamma, e.g. 150,180,210."},
+)  # fmt: skip
 def chain(
+    ctx: typer.Context,
     mode: str = typer.Option("takd", help="takd (teacher -> assistant(s) -> student) or born-again (N generations)."),
     teacher: str | None = typer.Option(
         None, help="module:factory@WEIGHTS of a trained teacher; left out, one is trained as in `kd demo`."
@@ -2010,23 +2094,6 @@ def chain(
         "bundled digits (the TAKD experiment's low-data setting), every sample of any other --dataset.",
     ),
     batch_size: int = typer.Option(32, help="Batch size of each stage (32: the stages' batch before the flag)."),
-    lr: float = typer.Option(
-        3e-3,
-        help="Each stage's base learning rate (see --schedule, --warmup-epochs; 3e-3: the stages' before the flag).",
-    ),
-    weight_decay: float = typer.Option(0.0, help="Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
-    optimizer: str = typer.Option("adam", help="Each stage's optimiser (the recipe's names, as `kd train`)."),
-    momentum: float = typer.Option(0.9, help="sgd: momentum."),
-    nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
-    schedule: str = typer.Option(
-        "constant", help="constant, cosine or linear (per step, to 0 at the end) or multistep (per epoch)."
-    ),
-    milestones: str = typer.Option("", help="multistep: epochs at which lr *= --gamma, e.g. 150,180,210."),
-    gamma: float = typer.Option(0.1, help="multistep: the factor at each milestone."),
-    warmup_epochs: float = typer.Option(0.0, help="Linear warm-up of the learning rate over this many epochs."),
-    amp: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast; fp16 with a grad scaler). CUDA; bf16 on CPU."),
-    channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format (CUDA convnets)."),
-    clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
     temperature: float = typer.Option(4.0, "--temperature", "-T", help="KD temperature."),
     alpha: float = typer.Option(0.9, help="KD weight of the soft term."),
     teacher_factory: str = typer.Option("kd.models:digits_teacher", help="Architecture of a teacher trained here."),
@@ -2036,33 +2103,36 @@ def chain(
     direct: bool = typer.Option(True, help="takd: also train the last model straight from the teacher."),
     serve: bool = typer.Option(True, help="Serve each stage with `kd serve` (--no-serve: in process)."),
     out: Path = typer.Option(Path("chain-out"), help="Where stage-<i>.safetensors, server logs and chain.json go."),
+    *,
+    recipe: dict[str, object],
 ) -> None:
     """Distillation chains: TAKD (teacher -> assistant -> student) or born-again generations, each served in turn."""
     _check_dir_out(out, "--out")
     import math
 
-    from kd.chain import MODES, check_chain, run_chain
+    from kd.chain import MODES, check_chain, open_splits, run_chain
 
     if mode not in MODES:
         _fail(f"--mode must be one of {', '.join(MODES)}")
     if min(epochs, seeds, labeled or 1, teacher_epochs, tolerant_k - 1, batch_size) < 1 or temperature <= 0:
         _fail("--epochs, --seeds, --labeled, --teacher-epochs, --batch-size must be >= 1, --tolerant-k >= 2, -T > 0")
-    recipe = _recipe(lr, weight_decay, optimizer, momentum, nesterov, schedule, milestones, gamma, warmup_epochs, amp,
-                     channels_last, clip_grad_norm)  # fmt: skip
+    recipe = _recipe(recipe, ctx)  # --momentum with adam, --milestones without multistep: refused, as kd train
     if not (math.isfinite(tolerant_gamma) and tolerant_gamma >= 0):
         _fail(f"--tolerant-gamma must be a finite number >= 0 (0: off), got {tolerant_gamma}")
+    # The splits once, for the check and the run (an image folder's opening scans its directories).
+    splits = _call(open_splits, dataset, val_dataset, labeled)
     # The rest (--alpha, -T, the models) before stage 0 trains: a refusal (exit 2), not a failed run.
     _call(check_chain, mode=mode, teacher=teacher, models=model or None, epochs=epochs, seeds=seeds, labeled=labeled,
           temperature=temperature, alpha=alpha, teacher_factory=teacher_factory, teacher_epochs=teacher_epochs,
           tolerant_gamma=tolerant_gamma, tolerant_k=tolerant_k, dataset=dataset, val_dataset=val_dataset,
-          recipe=recipe, batch_size=batch_size)  # fmt: skip
+          recipe=recipe, batch_size=batch_size, splits=splits)  # fmt: skip
     signals = _stop_signals()
     try:
         run_chain(out, mode=mode, teacher=teacher, models=model or None, epochs=epochs, seeds=seeds,
                   labeled=labeled, temperature=temperature, alpha=alpha, teacher_factory=teacher_factory,
                   teacher_epochs=teacher_epochs, tolerant_gamma=tolerant_gamma, tolerant_k=tolerant_k,
                   direct=direct, serve=serve, dataset=dataset, val_dataset=val_dataset, recipe=recipe,
-                  batch_size=batch_size, stop=signals.first)  # fmt: skip
+                  batch_size=batch_size, stop=signals.first, splits=splits)  # fmt: skip
     except Stopped as e:
         # Each finished stage's weights are in --out; the stage in training is not saved, its server stopped.
         _stopped_exit(e.signum, f"{e.where}; the stages finished before are in {out} (stage-N.safetensors), the "
@@ -2074,6 +2144,11 @@ def chain(
 
 
 @app.command()
+@_recipe_flags(
+    "temperature",
+    optimizer={"help": "The student's optimiser (the recipe's names, as `kd train`)."},
+    milestones={"help": "multistep: epochs (of --eval-every rounds) at which lr *= --gamma."},
+)
 def datafree(
     method: str = typer.Argument(
         ...,
@@ -2092,20 +2167,6 @@ def datafree(
     batch_size: int = typer.Option(64, help="Synthetic samples per round."),
     generator_lr: float = typer.Option(1e-3, help="The generator's learning rate (it follows the schedule too)."),
     temperature: float = typer.Option(4.0, help="KD temperature on synthetic inputs."),
-    lr: float = typer.Option(1e-3, help="The student's base learning rate (see --schedule, --warmup-epochs)."),
-    weight_decay: float = typer.Option(0.0, help="Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
-    optimizer: str = typer.Option("adam", help="The student's optimiser (the recipe's names, as `kd train`)."),
-    momentum: float = typer.Option(0.9, help="sgd: momentum."),
-    nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
-    schedule: str = typer.Option(
-        "constant", help="constant, cosine or linear (per step, to 0 at the end) or multistep (per epoch)."
-    ),
-    milestones: str = typer.Option("", help="multistep: epochs (of --eval-every rounds) at which lr *= --gamma."),
-    gamma: float = typer.Option(0.1, help="multistep: the factor at each milestone."),
-    warmup_epochs: float = typer.Option(0.0, help="Linear warm-up of the learning rate over this many epochs."),
-    amp: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast; fp16 with a grad scaler). CUDA; bf16 on CPU."),
-    channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format (CUDA convnets)."),
-    clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
     seed: int = typer.Option(0, help="Seed of the student's and the generator's initial weights and of every draw."),
     device: str = typer.Option("cpu", help="Device of the student: cpu, cuda or cuda:N."),
     out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
@@ -2115,6 +2176,8 @@ def datafree(
     resume: bool = typer.Option(
         False, "--resume", help="Continue --run-dir's run from its last checkpoint (the last --eval-every rounds)."
     ),
+    *,
+    recipe: dict[str, object],
 ) -> None:
     """Distil a student from a served teacher without training data (one data-free method).
 
@@ -2126,8 +2189,7 @@ def datafree(
     from kd.student_trainer.train import seed_everything
     from kd.teacher_server.client import TeacherClient
 
-    recipe = _recipe(lr, weight_decay, optimizer, momentum, nesterov, schedule, milestones, gamma, warmup_epochs, amp,
-                     channels_last, clip_grad_norm)  # fmt: skip
+    recipe = _recipe(recipe)
     try:
         chosen = get(method)
     except ValueError as e:
@@ -2176,6 +2238,16 @@ def datafree(
 
 
 @app.command()
+@_recipe_flags(
+    "eval_prompts",
+    ("lr", "optimizer", "weight_decay", "momentum", "nesterov", "schedule", "milestones", "gamma", "warmup_epochs",
+     "amp", "clip_grad_norm"),
+    optimizer={"help": "adam, adamw, sgd (the recipe's names, as `kd train`)."},
+    schedule={"help": "constant, cosine or linear (per step, to 0 at the end) or multistep (per pass over --dataset)."},
+    milestones={"help": "multistep: passes over --dataset (from 0) at which lr is multiplied by --gamma, e.g. 2,4."},
+    warmup_epochs={"help": "Linear warm-up over this many passes over --dataset."},
+    amp={"help": "fp32, bf16 or fp16 autocast of the student."},
+)  # fmt: skip
 def onpolicy(
     ctx: typer.Context,
     config: Path | None = typer.Option(
@@ -2197,22 +2269,6 @@ def onpolicy(
     scoring: str = typer.Option("logits", help="logits, topk (with --top-k) or logprobs (sampled-token reverse KL)."),
     top_k: int = typer.Option(0, help="scoring=topk: ids per position."),
     eval_prompts: int = typer.Option(64, help="Held-out prompts for the divergence before/after (0: skip)."),
-    lr: float = typer.Option(1e-3, help="The student's base learning rate (see --schedule, --warmup-epochs)."),
-    optimizer: str = typer.Option("adam", help="adam, adamw, sgd (the recipe's names, as `kd train`)."),
-    weight_decay: float = typer.Option(0.0, help="Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
-    momentum: float = typer.Option(0.9, help="sgd: momentum."),
-    nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
-    schedule: str = typer.Option(
-        "constant",
-        help="constant, cosine or linear (per step, to 0 at the end) or multistep (per pass over --dataset).",
-    ),
-    milestones: str = typer.Option(
-        "", help="multistep: passes over --dataset (from 0) at which lr is multiplied by --gamma, e.g. 2,4."
-    ),
-    gamma: float = typer.Option(0.1, help="multistep: the factor at each milestone."),
-    warmup_epochs: float = typer.Option(0.0, help="Linear warm-up over this many passes over --dataset."),
-    amp: str = typer.Option("fp32", help="fp32, bf16 or fp16 autocast of the student."),
-    clip_grad_norm: float = typer.Option(0.0, help="Clip the gradients' total norm to this (0: off)."),
     seed: int = typer.Option(
         0, help="Seed of the student's initial weights (without @WEIGHTS), its sampling and the batch order."
     ),
@@ -2225,6 +2281,8 @@ def onpolicy(
         False, "--resume", help="Continue from --run-dir's checkpoint, to the result of an uninterrupted run."
     ),
     checkpoint_every: int = typer.Option(0, help="With --run-dir: also write the checkpoint every N steps."),
+    *,
+    recipe: dict[str, object],
 ) -> None:
     """On-policy distillation (GKD / MiniLLM style): the student samples, the served teacher scores its tokens."""
     from kd.core.data import open_source
@@ -2234,16 +2292,12 @@ def onpolicy(
     from kd.student_trainer.train import seed_everything
     from kd.teacher_server.client import TeacherClient
 
-    reset = _inert_recipe_flags(ctx, optimizer, schedule)  # --momentum with adam, --milestones without multistep
-    milestones, gamma = reset.get("milestones", milestones), reset.get("gamma", gamma)
-    momentum = reset.get("momentum", momentum)
+    # --momentum with adam, --milestones without multistep: refused; the rest is validated with the config below
+    recipe = _recipe(recipe, ctx, validate=False)
     config = OnPolicyConfig(steps=steps, batch_size=batch_size, prompt_tokens=prompt_tokens,
                             max_new_tokens=max_new_tokens, temperature=temperature, lmbda=lmbda,
                             divergence=divergence, beta=beta, scoring=scoring, top_k=top_k, seed=seed, device=device,
-                            eval_prompts=eval_prompts, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                            momentum=momentum, nesterov=nesterov, schedule=schedule,
-                            milestones=_milestones(milestones), gamma=gamma, warmup_epochs=warmup_epochs, amp=amp,
-                            clip_grad_norm=clip_grad_norm)  # fmt: skip
+                            eval_prompts=eval_prompts, **recipe)  # fmt: skip
     _check_run_options(seed, device)
     _check_out(out)
     _check_run_dir(run_dir, resume, checkpoint_every)
@@ -2283,6 +2337,17 @@ def onpolicy(
 
 
 @app.command("train-lm")
+@_recipe_flags(
+    "accumulate",
+    ("amp", "optimizer", "lr", "weight_decay", "momentum", "nesterov", "schedule", "milestones", "gamma",
+     "warmup_epochs", "clip_grad_norm"),
+    amp={"help": "fp32 or bf16 (autocast of the student's forward)."},
+    optimizer={"help": "adam, adamw or sgd."},
+    schedule={"help": "constant, cosine or linear (per optimizer step, to 0 at the end of --epochs) or multistep "
+              "(per epoch)."},
+    warmup_epochs={"help": "Linear warm-up over this many epochs of optimizer steps (fractions too, e.g. 0.05)."},
+    clip_grad_norm={"help": "Clip each optimizer step's total gradient norm to this (0: off)."},
+)  # fmt: skip
 def train_lm(
     ctx: typer.Context,
     config: Path | None = typer.Option(
@@ -2303,22 +2368,6 @@ def train_lm(
     epochs: int = typer.Option(1, help="Passes over the token dataset."),
     batch_size: int = typer.Option(8, help="Sequences per micro-batch."),
     accumulate: int = typer.Option(1, help="Micro-batches per optimizer step, weighted by their token counts."),
-    amp: str = typer.Option("fp32", help="fp32 or bf16 (autocast of the student's forward)."),
-    optimizer: str = typer.Option("adam", help="adam, adamw or sgd."),
-    lr: float = typer.Option(1e-3, help="The student's base learning rate (see --schedule, --warmup-epochs)."),
-    weight_decay: float = typer.Option(0.0, help="Weight decay (adam: L2 in the gradient; adamw: decoupled; sgd)."),
-    momentum: float = typer.Option(0.9, help="sgd: momentum."),
-    nesterov: bool = typer.Option(False, "--nesterov", help="sgd: Nesterov momentum."),
-    schedule: str = typer.Option(
-        "constant",
-        help="constant, cosine or linear (per optimizer step, to 0 at the end of --epochs) or multistep (per epoch).",
-    ),
-    milestones: str = typer.Option("", help="multistep: epochs (from 0) at which lr is multiplied by --gamma."),
-    gamma: float = typer.Option(0.1, help="multistep: the factor at each milestone."),
-    warmup_epochs: float = typer.Option(
-        0.0, help="Linear warm-up over this many epochs of optimizer steps (fractions too, e.g. 0.05)."
-    ),
-    clip_grad_norm: float = typer.Option(0.0, help="Clip each optimizer step's total gradient norm to this (0: off)."),
     seed: int = typer.Option(0, help="Seed of the student's initial weights and the batch order."),
     device: str = typer.Option("cpu", help="Device of the student: cpu, cuda or cuda:N."),
     out: Path | None = typer.Option(None, help="Save the student's weights here: a file named *.safetensors."),
@@ -2352,6 +2401,8 @@ def train_lm(
         help="With --feature: auto (none at equal widths) or linear (D_s -> D_t) for every pair; default: "
         "auto for cosine, linear for mse.",
     ),
+    *,
+    recipe: dict[str, object],
 ) -> None:
     """Distil a causal-LM student with a per-token loss from a token cache, a served token teacher or
     one in process (and, with --feature, its hidden states); validation perplexity and accuracy."""
@@ -2382,18 +2433,11 @@ def train_lm(
     _server_flag_unused(ctx, "server_timeout", [source])
     if epochs < 1 or batch_size < 1:  # as kd train: 0 epochs saved the untrained student to --out, exit 0
         _fail(f"--epochs and --batch-size must be >= 1, got {epochs} and {batch_size}")
-    from kd.student_trainer.optim import Recipe
     from kd.student_trainer.train import TOKEN_OPTIMIZERS
 
-    if optimizer not in TOKEN_OPTIMIZERS:
-        _fail(f"--optimizer {optimizer!r}: kd train-lm takes {', '.join(TOKEN_OPTIMIZERS)}")
-    reset = _inert_recipe_flags(ctx, optimizer, schedule)  # --momentum with adam, --milestones without multistep
-    milestones, gamma = reset.get("milestones", milestones), reset.get("gamma", gamma)
-    momentum = reset.get("momentum", momentum)
-    steps = _milestones(milestones)
-    _call(Recipe(optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                 schedule=schedule, milestones=steps, gamma=gamma, warmup_epochs=warmup_epochs, amp=amp,
-                 clip_grad_norm=clip_grad_norm).validate)  # fmt: skip
+    if recipe["optimizer"] not in TOKEN_OPTIMIZERS:
+        _fail(f"--optimizer {recipe['optimizer']!r}: kd train-lm takes {', '.join(TOKEN_OPTIMIZERS)}")
+    recipe = _recipe(recipe, ctx)  # --momentum with adam, --milestones without multistep: refused
     _check_run_options(seed, device)
     _check_out(out)
     if out is not None and feature:  # the connectors go beside the student: writable too
@@ -2473,12 +2517,9 @@ def train_lm(
     signals = _stop_signals()
     try:
         losses = train_tokens(model, train_data, teacher_src, method=method, epochs=epochs, batch_size=batch_size,
-                              lr=lr, seed=seed, method_options=options, device=device, accumulate=accumulate,
-                              amp=amp, optimizer=optimizer, weight_decay=weight_decay, on_epoch=validate,
-                              stop=signals.first, run_dir=run_dir, resume=resume,
-                              checkpoint_every=checkpoint_every, hidden=hidden, momentum=momentum,
-                              nesterov=nesterov, schedule=schedule, milestones=steps, gamma=gamma,
-                              warmup_epochs=warmup_epochs, clip_grad_norm=clip_grad_norm)  # fmt: skip
+                              seed=seed, method_options=options, device=device, accumulate=accumulate,
+                              on_epoch=validate, stop=signals.first, run_dir=run_dir, resume=resume,
+                              checkpoint_every=checkpoint_every, hidden=hidden, **recipe)  # fmt: skip
     except Stopped as e:
         if rank != 0:  # every rank stopped before the same step (train_tokens): rank 0 says so
             raise SystemExit(128 + e.signum) from None
@@ -2499,7 +2540,7 @@ def train_lm(
             _save_student(hidden, connectors_path(out), "the connectors")
     result = {"method": method, "source": source, "dataset": train_data.dataset_id, "val_dataset": val_data.dataset_id,
               "losses": losses, "val_ppl": metrics.perplexity, "val_accuracy": metrics.accuracy,
-              "val_tokens": metrics.tokens, "epochs": epochs, "accumulate": accumulate, "amp": amp,
+              "val_tokens": metrics.tokens, "epochs": epochs, "accumulate": accumulate, "amp": recipe["amp"],
               "features": feature, "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
     print(json.dumps(result))
 
@@ -2622,6 +2663,7 @@ def _parse_options_pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
 
 @app.command(short_help="QKD (Kim et al. 2019): an int8 student.")
 def qkd(
+    ctx: typer.Context,
     teacher: str | None = typer.Option(
         None,
         help="module:factory@WEIGHTS (or local:SPEC) of a trained teacher, co-studied in process; "
@@ -2678,6 +2720,9 @@ def qkd(
         _fail(str(e))
     _check_run_dir(run_dir, resume, 0)
     _check_dir_out(out, "--out")
+    if teacher is not None and _option_source(ctx, "teacher_epochs"):  # it trained with --teacher's as given
+        _fail(f"--teacher-epochs {teacher_epochs} applies only to a teacher trained here (no --teacher); with "
+              f"--teacher {teacher!r} it would be ignored")  # fmt: skip
     train_data, test_data = _train_and_val(dataset, val_dataset, "kd qkd")
     if teacher is None and (getattr(train_data, "format", "") != "digits" or teacher_epochs < 1):
         _fail("without --teacher a digits teacher is trained here: --dataset digits, --teacher-epochs >= 1")
@@ -2911,6 +2956,8 @@ def multitask(
 ) -> None:
     """Knowledge distillation for multi-task learning (Li & Bilen 2020) on digits tasks."""
     _check_file_out(json_out, "--json")
+    if epochs < 1 or teacher_epochs < 1:  # as kd train: 0 epochs reported untrained models as results
+        _fail(f"--epochs and --teacher-epochs must be >= 1, got {epochs} and {teacher_epochs}")
     from kd.student_trainer.multitask.multitask import MultiTaskConfig, run
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -2940,6 +2987,8 @@ def taskdistill(
 ) -> None:
     """Domain adaptation through task distillation (Zhou et al. 2020): digits -> re-rendered digits."""
     _check_file_out(json_out, "--json")
+    if epochs < 1:  # as kd train: 0 epochs reported untrained models as results
+        _fail(f"--epochs must be >= 1, got {epochs}")
     from kd.student_trainer.multitask.taskdistill import ROWS, TaskDistillConfig, run
 
     config = TaskDistillConfig(seeds=seeds, epochs=epochs, width=width, lr=lr, temperature=temperature)

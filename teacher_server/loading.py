@@ -363,6 +363,10 @@ def load_teacher(
     try:
         with torch.inference_mode():
             probe = model(torch.zeros((2, *input_shape), device=dev))
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:  # its own input does not fit: the spec's mistake
+        why = " ".join(str(e).split())
+        raise TeacherLoadError(f"teacher {name!r} cannot take inputs of its input shape {list(input_shape)}: "
+                               f"{type(e).__name__}: {why}; give the spec its ?input_shape=...") from e  # fmt: skip
     finally:
         for h in handles:
             h.remove()

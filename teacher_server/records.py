@@ -130,9 +130,12 @@ def compute_records(
     batch_size: int = 256,
     workers: int = 0,
     max_bytes: int = MAX_ACCUMULATOR_BYTES,
+    strict_rank: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The records of ``layers`` over every sample of ``data`` (any ``SampleSource``), read
-    in batches of ``batch_size`` (decoded in ``workers`` DataLoader processes)."""
+    in batches of ``batch_size`` (decoded in ``workers`` DataLoader processes). A layer keeps
+    min(``rank``, its width) directions; ``strict_rank``: a ``rank`` above every layer's width (a
+    value the user chose, which would be cut without a word) is refused after the first batch."""
     unknown = [n for n in layers if n != LOGITS and n not in teacher.layers]
     if unknown:
         raise ValueError(f"unknown layer(s) {unknown} of teacher {teacher.name!r}; valid: {list(teacher.layers)}")
@@ -160,6 +163,10 @@ def compute_records(
             x = _model_input(batch.inputs, teacher)
             logits = logits_of(teacher.model(x))
             acts = {n: (logits if n == LOGITS else seen[n]).float().reshape(len(x), -1).cpu() for n in layers}
+            if not moments and strict_rank and rank > max(a.shape[1] for a in acts.values()):
+                widths = {n: a.shape[1] for n, a in acts.items()}
+                raise ValueError(f"--rank {rank}: more principal directions than the recorded layers have values per "
+                                 f"sample {widths}; give at most {max(widths.values())}")  # fmt: skip
             if not moments:  # the first batch tells every layer's width: check the memory before any work
                 need = sum(_Moments.nbytes(counts, a.shape[1]) for a in acts.values())
                 if need > max_bytes:

@@ -283,7 +283,8 @@ def start_server(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    address = f"{host}:{port}"
+    # An IPv6 host in brackets ([::1]:PORT): gRPC read "::1:0" as host "::0.1.0.0", port 443, and refused it.
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:  # grpc >= 1.60 raises where older ones returned 0

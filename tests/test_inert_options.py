@@ -22,6 +22,8 @@ CASES = [
     (["precompute", "--source", "server:127.0.0.1:1/t", "--out", "c", "--device", "cuda"], "--device cuda is a local:"),
     (["precompute", "--source", LOCAL, "--out", "c", "--server-timeout", "5"], f"got {LOCAL}: it would be ignored"),
     (["precompute", "--source", LOCAL, "--out", "c", "--pool-features"], "--pool-features pools the maps of --feature"),
+    # the given teacher was distilled from as it was: no teacher trained, --teacher-epochs unused
+    (["qkd", "--teacher", LOCAL, "--teacher-epochs", "3"], "--teacher-epochs 3 applies only to a teacher trained here"),
 ]
 
 

@@ -120,6 +120,9 @@ def call_factory(factory: str, kwargs: dict[str, Any] | None = None, role: str =
         model = fn(**(kwargs or {}))
     except TypeError as e:
         raise FactoryError(f"the {role} factory {factory!r} refused the arguments {kwargs or {}}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - the user's factory failed (a negative size, ...): one line naming it
+        raise FactoryError(f"the {role} factory {factory!r} failed with the arguments {kwargs or {}}: "
+                           f"{type(e).__name__}: {e}") from e  # fmt: skip
     if not isinstance(model, nn.Module):
         raise FactoryError(f"the {role} factory {factory!r} returned {type(model).__name__}, not an nn.Module")
     return model
