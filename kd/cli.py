@@ -1403,12 +1403,15 @@ def train(
     from kd.chain import check_val_takes
     from kd.student_trainer.train import student_final
 
-    # A student that cannot take --val-dataset's samples (evaluated after epoch 1, it failed there with torch's
-    # shape error): refused before any source is opened (a --read-through would create its cache first).
+    # A student that cannot take --val-dataset's samples of another shape than --dataset's (evaluated after
+    # epoch 1, it failed there with torch's shape error): refused before any source is opened (a --read-through
+    # would create its cache first). Samples of the training shape are the training's checks' to name.
     own_input = TrainConfig(input_size=input_size, input_mean=_floats(input_mean, "--input-mean") or [],
                             input_std=_floats(input_std, "--input-std") or [])  # fmt: skip
-    _call(check_val_takes, model, test_data, f"--student {student!r}", train=train_data, test_name="--val-dataset",
-          train_name="--dataset", final=student_final(own_input))  # fmt: skip
+    if len(test_data) and len(train_data) and test_data.get(torch.arange(1)).shape != train_data.get(
+            torch.arange(1)).shape:  # fmt: skip
+        _call(check_val_takes, model, test_data, f"--student {student!r}", train=train_data,
+              test_name="--val-dataset", train_name="--dataset", final=student_final(own_input))  # fmt: skip
 
     # A server's client: reaching it, each request, and each wait of a stream for its next answer,
     # bounded alike (the connect wait was the client's own 60 s whatever --server-timeout said).
