@@ -370,8 +370,18 @@ def _open_digits(split: str, opts: dict[str, str]) -> Dataset:
 
 
 # -- manifests -------------------------------------------------------------------
-MANIFEST_VERSION = 1
+# v2: entries keyed by inode and ctime too. v1 trusted a hash on (size, mtime) alone, so a file replaced by
+# one of the same size with its mtime carried over (cp -p, rsync -t, touch -r, an extracted archive) kept the
+# old content's hash: the dataset_id did not change and a resumed precompute kept the old file's targets.
+MANIFEST_VERSION = 2
 _RACY_NS = 2_000_000_000  # files modified this close to a hash are hashed again next time
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    """(size, mtime_ns, inode, ctime_ns): what a file's kept hash (or index) is trusted on. Nobody can set a
+    ctime (every write, rename over or utime sets it to now), so a same-size edit with its mtime put back, or
+    another file renamed over this one, is seen even where the mtime is not."""
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 def cache_dir() -> Path:
@@ -415,18 +425,20 @@ def _hash_files(paths: list[str]) -> list[str]:
         return [h for part in pool.map(some, range(0, len(paths), step)) for h in part]
 
 
-def _read_sidecar(side: Path) -> tuple[int, list[str], list[tuple[int, int, str]]]:
-    """(written_ns, relative paths, (size, mtime_ns, hash) of each) of a manifest sidecar; empty if unreadable."""
+def _read_sidecar(side: Path) -> tuple[int, list[str], list[tuple[tuple[int, ...], str]]]:
+    """(written_ns, relative paths, (``_stat_key``, hash) of each) of a manifest sidecar; empty if unreadable."""
     try:
-        with open(side, encoding="utf-8") as f:
+        # surrogateescape: file names are bytes on POSIX; one that is not UTF-8 (a Latin-1 name copied
+        # from an old system) is a str with surrogates, which plain UTF-8 refuses to write or read
+        with open(side, encoding="utf-8", errors="surrogateescape") as f:
             head = f.readline().split()
             if not (len(head) == 3 and head[1] == f"v{MANIFEST_VERSION}"):
                 return 0, [], []
             rels, entries = [], []
             for line in f:
-                h, size, mtime, rel = line.rstrip("\n").split("\t", 3)
+                h, size, mtime, ino, ctime, rel = line.rstrip("\n").split("\t", 5)
                 rels.append(rel)
-                entries.append((int(size), int(mtime), h))
+                entries.append(((int(size), int(mtime), int(ino), int(ctime)), h))
             return int(head[2]), rels, entries
     except (OSError, ValueError):
         return 0, [], []
@@ -436,14 +448,14 @@ def file_manifest(root: Path, rels: Sequence[str]) -> list[tuple[str, int, int, 
     """(relative path, size, mtime_ns, content hash) of each file under ``root``.
 
     A file's hash is computed once and kept in a sidecar (``cache_dir()/manifests``)
-    keyed by path, size and mtime, so re-opening a large folder only stats it.
+    keyed by path, size, mtime, inode and ctime (``_stat_key``), so re-opening a large folder only stats it.
     A file modified within 2 s of its hashing is hashed again (as git's racy index).
     Files are stat'ed relative to an open descriptor of ``root`` (no path object per file),
     the files to hash are hashed on several threads (``_hash_files``).
     """
     root = Path(root).resolve()
     base = str(root)
-    side = cache_dir() / "manifests" / (hashlib.sha256(base.encode()).hexdigest()[:32] + ".tsv")
+    side = cache_dir() / "manifests" / (hashlib.sha256(os.fsencode(base)).hexdigest()[:32] + ".tsv")
     written_ns, known_rels, known = _read_sidecar(side)
     rels = list(rels)
     # Re-opening an unchanged folder lists the same files in the same order as the sidecar: matched by
@@ -453,6 +465,7 @@ def file_manifest(root: Path, rels: Sequence[str]) -> list[tuple[str, int, int, 
     use_fd = os.stat in os.supports_dir_fd
     fd = os.open(base, os.O_RDONLY) if use_fd else None
     out: list[tuple[str, int, int, str]] = []
+    keys: list[tuple[int, int, int, int]] = []  # _stat_key of each file, for the sidecar
     stale: list[int] = []  # positions in out whose hash is not known
     try:
         for i, rel in enumerate(rels):
@@ -460,11 +473,15 @@ def file_manifest(root: Path, rels: Sequence[str]) -> list[tuple[str, int, int, 
                 st = os.stat(rel, dir_fd=fd) if use_fd else os.stat(os.path.join(base, rel))
             except OSError as e:
                 raise DatasetError(f"cannot read {os.path.join(base, rel)}: {e.strerror}") from None
-            size, mtime = st.st_size, st.st_mtime_ns
+            key = _stat_key(st)
+            size, mtime = key[0], key[1]
+            keys.append(key)
             k = i if where is None else where.get(rel, -1)
             hit = known[k] if k >= 0 else None
-            if hit and hit[0] == size and hit[1] == mtime and mtime < written_ns - _RACY_NS:
-                out.append((rel, size, mtime, hit[2]))
+            # the racy window is the mtime's alone: a file whose mtime was set back (utime, cp -p) has a ctime of
+            # when that was done, and a ctime in the window would re-hash it on every open for 2 s
+            if hit and hit[0] == key and mtime < written_ns - _RACY_NS:
+                out.append((rel, size, mtime, hit[1]))
             else:
                 out.append((rel, size, mtime, ""))
                 stale.append(i)
@@ -478,9 +495,12 @@ def file_manifest(root: Path, rels: Sequence[str]) -> list[tuple[str, int, int, 
         try:
             side.parent.mkdir(parents=True, exist_ok=True)
             tmp = side.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
+            with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
                 f.write(f"kd-manifest v{MANIFEST_VERSION} {time.time_ns()}\n")
-                f.writelines(f"{h}\t{size}\t{mtime}\t{rel}\n" for rel, size, mtime, h in out)
+                f.writelines(
+                    f"{h}\t{size}\t{mtime}\t{ino}\t{ctime}\t{rel}\n"
+                    for (rel, _, _, h), (size, mtime, ino, ctime) in zip(out, keys)
+                )
             os.replace(tmp, side)
         except OSError:
             pass  # a read-only cache dir only costs re-hashing next time
@@ -1596,10 +1616,10 @@ class WebDatasetSource(FileSource):
         self.keys = np.concatenate([p["keys"] for p in parts])
 
     def _shard_index(self, shard: Path) -> dict[str, np.ndarray]:
-        """One shard's index, from a sidecar keyed by path, size, mtime and options (else from its headers)."""
+        """One shard's index, from a sidecar keyed by path, ``_stat_key`` and options (else from its headers)."""
         st = shard.stat()
-        tag = f"{shard}|{st.st_size}|{st.st_mtime_ns}|{self.image_exts}|{self.label_ext}"
-        side = cache_dir() / "wds-index" / (hashlib.sha256(tag.encode()).hexdigest()[:32] + ".npz")
+        tag = f"{shard}|{'|'.join(map(str, _stat_key(st)))}|{self.image_exts}|{self.label_ext}"
+        side = cache_dir() / "wds-index" / (hashlib.sha256(os.fsencode(tag)).hexdigest()[:32] + ".npz")
         try:
             with np.load(side, allow_pickle=False) as z:
                 return {k: z[k] for k in ("offsets", "sizes", "labels", "keys")}

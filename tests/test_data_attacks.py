@@ -1,0 +1,89 @@
+"""Dataset folders and shards that broke kd's readers without a word (session 17's attack on them).
+
+Every file is written here with its format's own tools (Pillow, tarfile) in tmp dirs; the per-file
+hash sidecars go to a tmp ``KD_CACHE_DIR``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kd.core.data import open_source
+
+OLD_NS = 1_600_000_000_000_000_000  # an mtime long before any hashing: the sidecar trusts it
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path / "kd-cache"))
+
+
+def png(path: Path | bytes, value: int) -> None:
+    """A 4x4 RGB PNG of one grey level, stored uncompressed: every such file has the same size."""
+    Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(path, format="PNG", compress_level=0)
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_its_hash_kept(tmp_path: Path) -> None:
+    root = tmp_path / "latin1"
+    (root / "c").mkdir(parents=True)
+    png(os.fsencode(root / "c") + b"/caf\xe9.png", 200)  # a Latin-1 name: not UTF-8
+    png(root / "c" / "plain.png", 10)
+    os.utime(root / "c" / "plain.png", ns=(OLD_NS, OLD_NS))
+    os.utime(os.fsencode(root / "c") + b"/caf\xe9.png", ns=(OLD_NS, OLD_NS))
+    # The old code raised UnicodeEncodeError writing the hash sidecar (a traceback from kd precompute)
+    first = open_source(f"imagefolder:{root}")
+    assert len(first) == 2 and first.get(torch.tensor([0]))[0, 0, 0, 0].item() == pytest.approx(200 / 255)
+    again = open_source(f"imagefolder:{root}")
+    assert again.dataset_id == first.dataset_id and again.manifest()["dataset_id"] == first.dataset_id
+    png(os.fsencode(root / "c") + b"/caf\xe9.png", 201)
+    assert open_source(f"imagefolder:{root}").dataset_id != first.dataset_id
+
+
+@pytest.mark.parametrize("how", ["rewritten", "renamed over"])
+def test_a_file_replaced_with_the_same_size_and_mtime_changes_the_dataset_id(tmp_path: Path, how: str) -> None:
+    # cp -p, rsync -t, touch -r or an extracted archive carry an mtime over: the old sidecar trusted the kept
+    # hash on (size, mtime) alone, so the id stayed and a resumed precompute kept the old image's targets
+    root = tmp_path / "data"
+    (root / "c").mkdir(parents=True)
+    target = root / "c" / "x.png"
+    png(target, 0)
+    os.utime(target, ns=(OLD_NS, OLD_NS))
+    first = open_source(f"imagefolder:{root}").dataset_id
+    assert open_source(f"imagefolder:{root}").dataset_id == first  # kept hash: unchanged
+    if how == "rewritten":
+        png(target, 255)
+    else:
+        png(tmp_path / "other.png", 255)
+        os.replace(tmp_path / "other.png", target)
+    os.utime(target, ns=(OLD_NS, OLD_NS))
+    src = open_source(f"imagefolder:{root}")
+    assert src.get(torch.tensor([0])).min().item() == 1.0  # the new pixels are read ...
+    assert src.dataset_id != first  # ... and the id says the data changed
+
+
+def test_a_tar_shard_replaced_with_the_same_size_and_mtime_is_indexed_again(tmp_path: Path) -> None:
+    def shard(labels: bytes) -> None:
+        with tarfile.open(tmp_path / "s.tar", "w") as tf:
+            for k, lab in enumerate(labels):
+                for name, payload in ((f"{k}.png", b"\x89PNG not read here"), (f"{k}.cls", bytes([lab]))):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime = len(payload), 0
+                    tf.addfile(info, io.BytesIO(payload))
+        os.utime(tmp_path / "s.tar", ns=(OLD_NS, OLD_NS))
+
+    uri = f"webdataset:{tmp_path / 's.tar'}"
+    shard(b"0123")
+    first = open_source(uri)
+    first_id = first.dataset_id
+    assert first.labels.tolist() == [0, 1, 2, 3]
+    shard(b"3210")  # same size, same mtime: the old index sidecar (keyed on them) gave the old labels
+    again = open_source(uri)
+    assert again.labels.tolist() == [3, 2, 1, 0] and again.dataset_id != first_id
