@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kd.core.data import open_source
+from kd.core.data import DatasetError, open_source
 
 OLD_NS = 1_600_000_000_000_000_000  # an mtime long before any hashing: the sidecar trusts it
 
@@ -29,6 +29,26 @@ def _cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def png(path: Path | bytes, value: int) -> None:
     """A 4x4 RGB PNG of one grey level, stored uncompressed: every such file has the same size."""
     Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(path, format="PNG", compress_level=0)
+
+
+def test_a_link_looping_back_into_its_own_folder_is_refused_not_read_forty_times(tmp_path: Path) -> None:
+    root = tmp_path / "loop"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            png(root / c / f"{i}.png", 50 * i)
+    assert len(open_source(f"imagefolder:{root}")) == 4
+    (root / "a" / "deeper").mkdir()
+    os.symlink("..", root / "a" / "deeper" / "up")  # a/deeper/up -> a: a loop
+    # The old code walked a/deeper/up/deeper/up/... until the path was too long: 80 extra samples of class a
+    with pytest.raises(DatasetError) as e:
+        open_source(f"imagefolder:{root}")
+    link = root / "a" / "deeper" / "up"
+    assert str(e.value).startswith(f"imagefolder: {link} links to {root / 'a'}, a folder it is in")
+    os.unlink(root / "a" / "deeper" / "up")
+    os.symlink(str(root / "b"), root / "a" / "deeper" / "b")  # a link elsewhere is no loop: read as files of a
+    src = open_source(f"imagefolder:{root}")
+    assert len(src) == 6 and src.labels.tolist() == [0, 0, 0, 0, 1, 1]
 
 
 def test_a_file_name_that_is_not_utf8_is_read_and_its_hash_kept(tmp_path: Path) -> None:

@@ -1042,6 +1042,23 @@ def _existing_file(fmt: str, target: str) -> Path:
 
 
 # -- imagefolder -----------------------------------------------------------------------
+def _refuse_link_loops(dirpath: str, dirnames: list[str]) -> None:
+    """Refuse a folder under ``dirpath`` that is (a link to) ``dirpath`` itself or a folder above it.
+
+    Links are followed (a class folder may link to images kept elsewhere), and ``os.walk`` does not
+    notice a loop: it went round until the path grew too long for the OS, so a link ``cls/up -> ..``
+    read every image of the folder some 40 times over, as that many extra samples, without a word."""
+    here = os.path.realpath(dirpath)
+    for d in dirnames:
+        link = os.path.join(dirpath, d)
+        there = os.path.realpath(link)
+        if here == there or here.startswith(there.rstrip(os.sep) + os.sep):
+            raise DatasetError(
+                f"imagefolder: {link} links to {there}, a folder it is in: reading it would loop over the same "
+                "images again and again; remove the link (or make it point outside its own folder)"
+            )
+
+
 class ImageFolderSource(FileSource):
     """``imagefolder:DIR``: ``DIR/<class>/**/<image>``, classes sorted by name (torchvision's layout)."""
 
@@ -1059,6 +1076,7 @@ class ImageFolderSource(FileSource):
             found = []
             for dirpath, dirnames, names in os.walk(self.root / cls, followlinks=True):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                _refuse_link_loops(dirpath, dirnames)
                 rel = os.path.relpath(dirpath, self.root)
                 # "._NAME" files are macOS's AppleDouble metadata beside each file copied from a Mac
                 # to another file system, never an image (each refused the whole folder before).
