@@ -179,10 +179,41 @@ class CacheMeta:
             t = self.temperature
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
                 raise ValueError(f"cache temperature must be a finite number > 0, got {t!r}")
-        for name in ("dataset_size", "num_classes", "views", "shard_count"):
+        for name in ("dataset_size", "num_classes", "views", "shard_count", "format_version"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"cache {name} must be a positive integer, got {value!r}")
+        # A metadata record without its checksum (as before it had one) may have been edited by hand: a
+        # value of another type crashed far from here (AttributeError in record_prefix, TypeError in
+        # feature_bytes: a traceback from `kd cache info`) or was taken as it was (shard 5 of 2, "yes").
+        for name in ("teacher_fingerprint", "dataset_id", "codec", "teacher", "augmentation", "basis_sha256",
+                     "created_by"):  # fmt: skip
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"cache {name} must be a string, got {getattr(self, name)!r}")
+        for name in ("features_pooled", "per_token"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"cache {name} must be true or false, got {getattr(self, name)!r}")
+        index = self.shard_index
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.shard_count:
+            raise ValueError(f"cache shard_index must be an integer 0..{self.shard_count - 1}, got {index!r}")
+        vp = self.view_params
+        if isinstance(vp, bool) or not isinstance(vp, int) or vp < 0:
+            raise ValueError(f"cache view_params must be an integer >= 0, got {vp!r}")
+        feats = self.features
+        if not isinstance(feats, dict) or not all(
+            isinstance(name, str)
+            and isinstance(shape, (list, tuple))
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+            for name, shape in feats.items()
+        ):
+            raise ValueError(f"cache features must map each layer name to its shape (positive integers), got {feats!r}")
+        if not isinstance(self.dataset_manifest, dict):
+            raise ValueError(f"cache dataset_manifest must be a JSON object, got {self.dataset_manifest!r}")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"the cache was written in format {self.format_version}, newer than this kd reads "
+                f"({FORMAT_VERSION}); upgrade kd"
+            )
 
     def to_json(self) -> bytes:
         """The metadata record: sorted JSON, then a line ``crc32=XXXXXXXX`` over those bytes
@@ -211,8 +242,9 @@ class CacheMeta:
                 )
         try:
             data = json.loads(body)
-            if isinstance(data, dict):
-                data.setdefault("codec_version", 1)  # written before the field: the first layouts
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, got {type(data).__name__} {body[:60]!r}")
+            data.setdefault("codec_version", 1)  # written before the field: the first layouts
             known = {f.name for f in fields(cls)}
             return cls(**{k: v for k, v in data.items() if k in known})
         except (ValueError, TypeError, UnicodeDecodeError) as e:
