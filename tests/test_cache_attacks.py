@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import lmdb
 import pytest
 import torch
 
-from kd.cache import CacheMeta, CacheReader, CacheWriter, CorruptRecordError
+from kd.cache import CacheError, CacheMeta, CacheReader, CacheWriter, CorruptRecordError
+from kd.cache.sharded import open_cache, shard_dir
 from kd.cache.store import META_KEY, _release
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +81,23 @@ def test_metadata_edited_by_hand_is_refused_naming_the_field(tmp_path: Path, cha
         r = run_kd("cache", command, str(path))
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert message in r.stderr and f"metadata record of cache {str(path)!r} is unreadable" in r.stderr
+
+
+def test_a_shard_folder_beyond_the_shard_count_is_refused_not_skipped(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    for i in range(2):
+        m = CacheMeta(teacher_fingerprint="fp", dataset_id="ds", dataset_size=9, codec="fp32", num_classes=3,
+                      shard_index=i, shard_count=2)  # fmt: skip
+        with CacheWriter(shard_dir(root, i, 2), m) as w:
+            w.put(range(i, 9, 2), torch.randn(len(range(i, 9, 2)), 3))
+    assert open_cache(root).verify().ok
+    shutil.copytree(shard_dir(root, 1, 2), root / "shard-00002-of-00002")  # a copy renamed by hand
+    # the old reader skipped it: verify passed with the copy's records never read
+    with pytest.raises(CacheError) as e:
+        open_cache(root)
+    assert str(e.value) == (
+        f"cache {str(root)!r} has shard folder(s) ['shard-00002-of-00002'] beyond its 2 shards (0..1); "
+        "remove or rename them"
+    )
+    r = run_kd("cache", "verify", str(root))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "beyond its 2 shards" in r.stderr, r.stderr
