@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,19 @@ def test_a_tar_shard_replaced_with_the_same_size_and_mtime_is_indexed_again(tmp_
     shard(b"3210")  # same size, same mtime: the old index sidecar (keyed on them) gave the old labels
     again = open_source(uri)
     assert again.labels.tolist() == [3, 2, 1, 0] and again.dataset_id != first_id
+
+
+def test_npz_arrays_of_one_value_or_without_a_header_are_dataset_errors(tmp_path: Path) -> None:
+    # the old code: TypeError (len() of a 0-d array) and AttributeError (numpy hands back a compressed
+    # member without the .npy magic as bytes), tracebacks from kd precompute --dataset npz:...
+    np.savez(tmp_path / "x0.npz", x=np.float32(3), y=np.array([0]))
+    with pytest.raises(DatasetError, match=r"the inputs \(array 'x' of .*x0\.npz\) are one value \(float32 3\.0\)"):
+        open_source(f"npz:{tmp_path / 'x0.npz'}")
+    np.savez(tmp_path / "y0.npz", x=np.zeros((2, 3), np.float32), y=np.int64(0))
+    with pytest.raises(DatasetError, match=r"npz: labels must be a 1-d integer array, got int64 \[\]"):
+        open_source(f"npz:{tmp_path / 'y0.npz'}")
+    with zipfile.ZipFile(tmp_path / "raw.npz", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.npy", "not an array")
+        z.writestr("y.npy", "not an array")
+    with pytest.raises(DatasetError, match=r"npz: member 'x' of .*raw\.npz is not a readable \.npy array"):
+        open_source(f"npz:{tmp_path / 'raw.npz'}")

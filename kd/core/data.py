@@ -1152,9 +1152,12 @@ def _npz_read(path: Path, key: str) -> np.ndarray:
     """Member ``key`` of a compressed npz, read into memory; a damaged member is named, not numpy's EOF."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return z[key]
+            a = z[key]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DatasetError(f"npz: member {key!r} of {path} is truncated or corrupt ({e}); write it again") from None
+    if not isinstance(a, np.ndarray):  # numpy hands back a member without the .npy magic as its raw bytes
+        raise DatasetError(f"npz: member {key!r} of {path} is not a readable .npy array (no .npy header)")
+    return a
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -1205,10 +1208,15 @@ class ArraySource(FileSource):
                 raise DatasetError("npy: give the labels file as ?y=LABELS.npy (relative to the inputs' folder)")
             self.y_path = _existing_file(fmt, str(self.path.parent / opts["y"]))
         x, y = self._arrays()
-        if len(x) != len(y):
-            raise DatasetError(f"{fmt}: {len(x)} inputs but {len(y)} labels in {self.path}")
+        if x.ndim == 0:  # len() of a 0-d array is a TypeError: a traceback, not a message
+            what = f"array {self.x_key!r} of {self.path}" if fmt == "npz" else str(self.path)
+            raise DatasetError(
+                f"{fmt}: the inputs ({what}) are one value ({x.dtype} {x.item()!r}), not one sample per row"
+            )
         if y.ndim != 1 or y.dtype.kind not in "iu":
             raise DatasetError(f"{fmt}: labels must be a 1-d integer array, got {y.dtype} {list(y.shape)}")
+        if len(x) != len(y):
+            raise DatasetError(f"{fmt}: {len(x)} inputs but {len(y)} labels in {self.path}")
         if x.dtype.kind not in "iubf":
             what = f"array {self.x_key!r} of {self.path}" if fmt == "npz" else str(self.path)
             raise DatasetError(
