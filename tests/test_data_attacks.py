@@ -124,3 +124,19 @@ def test_npz_arrays_of_one_value_or_without_a_header_are_dataset_errors(tmp_path
         z.writestr("y.npy", "not an array")
     with pytest.raises(DatasetError, match=r"npz: member 'x' of .*raw\.npz is not a readable \.npy array"):
         open_source(f"npz:{tmp_path / 'raw.npz'}")
+
+
+def test_jsonl_text_with_a_lone_surrogate_escape_is_named_not_a_unicode_traceback(tmp_path: Path) -> None:
+    # JSON may escape half of a UTF-16 pair ("\ud800"), json.loads takes it, and the old code crashed
+    # tokenising it with UnicodeEncodeError (a traceback); a whole escaped pair is one character and reads
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "\\ud83d\\ude00 pair"}\n{"text": "half \\ud800 of one"}\n')
+    src = open_source(f"jsonl:{path}?pack=0")
+    with pytest.raises(DatasetError) as e:
+        len(src)
+    assert str(e.value) == (
+        f"jsonl: {path}:3: field 'text' holds \\ud800, half of a UTF-16 surrogate pair and no character (JSON "
+        "escapes it, UTF-8 cannot hold it); fix the text"
+    )
+    path.write_text('{"text": "fine"}\n{"text": "\\ud83d\\ude00 pair"}\n')
+    assert len(open_source(f"jsonl:{path}?pack=0")) == 2
