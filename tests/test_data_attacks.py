@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -140,3 +141,31 @@ def test_jsonl_text_with_a_lone_surrogate_escape_is_named_not_a_unicode_tracebac
     )
     path.write_text('{"text": "fine"}\n{"text": "\\ud83d\\ude00 pair"}\n')
     assert len(open_source(f"jsonl:{path}?pack=0")) == 2
+
+
+def test_a_named_pipe_among_the_images_is_refused_not_waited_on(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "c").mkdir(parents=True)
+    png(root / "c" / "a.png", 0)
+    fifo = root / "c" / "b.png"
+    os.mkfifo(fifo)  # the old code hung hashing it: open() waits for a writer
+    done = threading.Event()
+
+    def unblock() -> None:  # so that the old code fails this test instead of hanging it: a writer comes and goes
+        while not done.wait(5):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader waiting (ENXIO)
+                pass
+
+    helper = threading.Thread(target=unblock, daemon=True)
+    helper.start()
+    try:
+        with pytest.raises(DatasetError) as e:
+            _ = open_source(f"imagefolder:{root}").dataset_id
+    finally:
+        done.set()
+        helper.join()
+    assert str(e.value) == (
+        f"{fifo} is a named pipe, not a regular file: reading it could wait for ever; remove it from the dataset"
+    )

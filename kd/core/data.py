@@ -46,6 +46,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 import tarfile
 import time
@@ -473,6 +474,14 @@ def file_manifest(root: Path, rels: Sequence[str]) -> list[tuple[str, int, int, 
                 st = os.stat(rel, dir_fd=fd) if use_fd else os.stat(os.path.join(base, rel))
             except OSError as e:
                 raise DatasetError(f"cannot read {os.path.join(base, rel)}: {e.strerror}") from None
+            if not stat.S_ISREG(st.st_mode):
+                # a named pipe (mkfifo) hung the hashing (and any decode) for ever, waiting for a writer
+                mode = st.st_mode
+                kind = "named pipe" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+                raise DatasetError(
+                    f"{os.path.join(base, rel)} is a {kind}, not a regular file: reading it could wait for ever; "
+                    "remove it from the dataset"
+                )
             key = _stat_key(st)
             size, mtime = key[0], key[1]
             keys.append(key)
