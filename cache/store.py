@@ -44,6 +44,9 @@ from kd.core.tokens import TokenTargets
 
 FORMAT_VERSION = 1
 META_KEY = b"\x00meta"
+# A cache precomputed with views keeps each record's view params in an environment of their own in this
+# folder of the cache environment (kd.precompute writes them, committed before the targets they belong to)
+VIEW_PARAMS_DIR = "view-params"
 BASIS_KEY = b"\x00basis"  # a pca:K cache's LowRankBasis: written with the metadata, before any record
 _META_CRC_TAG = b"\ncrc32="
 _HEADER = b"KD" + bytes([FORMAT_VERSION, 0])
@@ -1333,11 +1336,43 @@ class CacheReader:
                 report.corrupt += self._verify_batch(txn, batch, report.problems, walk)
         # a corrupt record is stored, so the walk took it out of the missing ones: counted once
         stored, missing = walk.finish()
+        report.corrupt += self._verify_view_params(report.problems)
         report.present = stored - report.corrupt
         # position p -> (index, view): p = (index - shard_index) // shard_count * views + view
         index = meta.shard_index + (missing // meta.views) * meta.shard_count
         report.missing = list(zip(index.tolist(), (missing % meta.views).tolist()))
         return report
+
+    def _verify_view_params(self, problems: list[str]) -> int:
+        """The records stored without their view params (``meta.view_params``: a cache precomputed with
+        views): each is a problem, and the count is returned (they are corrupt: their view cannot be
+        replayed). A cache copied without its VIEW_PARAMS_DIR folder (``cp cache/*.mdb``), or one whose
+        folder was removed and then resumed (a resume redoes no target it holds, so no params either),
+        passed verify before, and only ``read_view_params`` failed, later."""
+        if not self.meta.view_params:
+            return 0
+        where = self.path / VIEW_PARAMS_DIR
+        try:
+            params: CacheReader | None = CacheReader(where)
+        except CacheError as e:  # the folder is gone (or not a cache): no record has its params
+            params, why = None, f" ({e})"
+        else:
+            why = ""
+        have = iter(()) if params is None else params.keys()
+        nxt = next(have, None)
+        bad = 0
+        for key in self.keys():  # both walks are in (index, view) order: one merge, no set of keys
+            while nxt is not None and nxt < key:
+                nxt = next(have, None)
+            if nxt != key:  # one problem per record, as for any corrupt one (kd cache verify counts them)
+                bad += 1
+                problems.append(
+                    f"record (index={key[0]}, view={key[1]}) has no view params in {str(where)!r}{why}; rebuild the "
+                    "cache with `kd precompute` into an empty --out"
+                )
+        if params is not None:
+            params.close()
+        return bad
 
     def _verify_batch(
         self, txn: lmdb.Transaction, items: list[tuple[bytes, bytes]], problems: list[str], walk: _MissingWalk

@@ -17,6 +17,10 @@ import torch
 from kd.cache import CacheError, CacheMeta, CacheReader, CacheWriter, CorruptRecordError
 from kd.cache.sharded import open_cache, shard_dir
 from kd.cache.store import META_KEY, _release
+from kd.core.data import load_dataset
+from kd.precompute import precompute
+from kd.student_trainer.sources import LocalSource
+from kd.teacher_server.loading import Teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,3 +105,35 @@ def test_a_shard_folder_beyond_the_shard_count_is_refused_not_skipped(tmp_path: 
     )
     r = run_kd("cache", "verify", str(root))
     assert r.returncode != 0 and "Traceback" not in r.stderr and "beyond its 2 shards" in r.stderr, r.stderr
+
+
+def test_verify_finds_records_whose_view_params_are_gone(tmp_path: Path, teacher: Teacher) -> None:
+    train = load_dataset("digits", "train")
+    out = tmp_path / "v"
+    precompute(train, LocalSource(teacher), out, views=2, progress=False, workers=0)
+    whole = open_cache(out).verify()
+    assert whole.ok and whole.present == 2 * len(train)
+    # `cp cache/*.mdb` copies the targets without the params folder; the old verify passed such a cache,
+    # and only read_view_params (a replay of the views) failed, later
+    shutil.rmtree(out / "view-params")
+    gone = open_cache(out).verify()
+    assert not gone.ok and gone.corrupt == 2 * len(train) and gone.present == 0
+    assert gone.problems[0].startswith(f"record (index=0, view=0) has no view params in {str(out / 'view-params')!r} (")
+    # a resume redoes no target it holds, so it writes no params for them either: still refused
+    precompute(train, LocalSource(teacher), out, views=2, progress=False, workers=0)
+    lost = [(3, 1), (700, 0)]
+    edited = open_cache(out / "view-params")
+    assert len(edited) == 0
+    edited.close()
+    with CacheWriter(out / "view-params", CacheReader(out / "view-params").meta) as w:
+        w.put([i for i, _ in lost], torch.zeros(2, CacheReader(out / "view-params").meta.num_classes),
+              [v for _, v in lost])  # fmt: skip
+    some = open_cache(out).verify()
+    assert some.corrupt == 2 * len(train) - 2 and some.present == 2
+    assert some.problems[0] == (
+        f"record (index=0, view=0) has no view params in {str(out / 'view-params')!r}; rebuild the cache with "
+        "`kd precompute` into an empty --out"
+    )
+    r = run_kd("cache", "verify", str(out))
+    n = 2 * len(train)
+    assert r.returncode == 1 and f"2/{n} records good, {n - 2} corrupt, 0 missing\n" in r.stderr, r.stderr
