@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 import threading
 import zipfile
@@ -169,3 +170,17 @@ def test_a_named_pipe_among_the_images_is_refused_not_waited_on(tmp_path: Path) 
     assert str(e.value) == (
         f"{fifo} is a named pipe, not a regular file: reading it could wait for ever; remove it from the dataset"
     )
+
+
+def test_samples_of_another_length_are_named_not_stacked_by_torch(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"x": [[1.0, 2.0], [3.0], [4.0, 5.0]], "label": [0, 1, 0]}).save_to_disk(tmp_path / "hf")
+    src = open_source(f"hf:{tmp_path / 'hf'}")
+    assert torch.equal(src.get(torch.tensor([0, 2])), torch.tensor([[1.0, 2.0], [4.0, 5.0]]))
+    want = f"row 1 of {tmp_path / 'hf'} has shape [1] but this source's samples have [2] (that of sample 0)"
+    # the old code: RuntimeError "stack expects each tensor to be equal size" naming no row, and a read of
+    # that row alone (a batch of it, a DataLoader worker's) handed the teacher a sample of another width
+    with pytest.raises(DatasetError, match=re.escape(want)):
+        src.get(torch.arange(3))
+    with pytest.raises(DatasetError, match=re.escape(want)):
+        src.read(1)

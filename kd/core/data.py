@@ -885,8 +885,25 @@ class FileSource:
             x = x.reshape(self.shape)
         return x
 
+    @cached_property
+    def native_shape(self) -> tuple[int, ...] | None:
+        """The shape every sample that is not an image [C, H, W] must have (that of sample 0)."""
+        return tuple(self._shaped(0).shape) if len(self) else None
+
+    def _refuse_other_shape(self, i: int, shape: tuple[int, ...]) -> None:
+        # Samples of other lengths (a ragged Hugging Face column, a module's vectors) were stacked by torch:
+        # "stack expects each tensor to be equal size" (a RuntimeError naming no sample), or, a batch at a
+        # time, handed to the teacher at another width
+        want = self.native_shape
+        if want is not None and shape != want:
+            raise DatasetError(
+                f"{self._what(i)} has shape {list(shape)} but this source's samples have {list(want)} (that of "
+                "sample 0); every sample must have the same shape"
+            )
+
     def _fit(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3:
+            self._refuse_other_shape(i, tuple(x.shape))
             return x
         if self.size is not None:
             return resize_center(x, self.size)
@@ -1016,6 +1033,7 @@ class FileSource:
     def _fit_batch(self, il: list[int], x: torch.Tensor) -> torch.Tensor:
         """``_fit`` of every row of a uniform batch."""
         if x.dim() != 4:
+            self._refuse_other_shape(il[0], tuple(x.shape[1:]))  # the rows share a shape
             return x
         if self.size is not None:
             if tuple(x.shape[-2:]) == self.size:
