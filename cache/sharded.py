@@ -88,6 +88,12 @@ class ShardedCacheReader:
         missing = sorted(set(range(count)) - present)
         if missing:
             raise CacheError(f"cache {str(self.path)!r} is missing shard(s) {missing} of {count}")
+        # A folder past the last shard (shard-00005-of-00004: copied or renamed by hand) was skipped without
+        # a word, and `kd cache verify` passed with its records unread
+        extra = sorted(p.name for p in found if int(_SHARD_RE.match(p.name)[1]) >= count)
+        if extra:
+            raise CacheError(f"cache {str(self.path)!r} has shard folder(s) {extra} beyond its {count} shards "
+                             f"(0..{count - 1}); remove or rename them")  # fmt: skip
         self.shards = [CacheReader(shard_dir(self.path, i, count), **expect) for i in range(count)]
         base = dataclasses.replace(self.shards[0].meta, shard_index=0, shard_count=1)
         for i, r in enumerate(self.shards):

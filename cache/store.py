@@ -44,6 +44,9 @@ from kd.core.tokens import TokenTargets
 
 FORMAT_VERSION = 1
 META_KEY = b"\x00meta"
+# A cache precomputed with views keeps each record's view params in an environment of their own in this
+# folder of the cache environment (kd.precompute writes them, committed before the targets they belong to)
+VIEW_PARAMS_DIR = "view-params"
 BASIS_KEY = b"\x00basis"  # a pca:K cache's LowRankBasis: written with the metadata, before any record
 _META_CRC_TAG = b"\ncrc32="
 _HEADER = b"KD" + bytes([FORMAT_VERSION, 0])
@@ -179,10 +182,41 @@ class CacheMeta:
             t = self.temperature
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
                 raise ValueError(f"cache temperature must be a finite number > 0, got {t!r}")
-        for name in ("dataset_size", "num_classes", "views", "shard_count"):
+        for name in ("dataset_size", "num_classes", "views", "shard_count", "format_version"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"cache {name} must be a positive integer, got {value!r}")
+        # A metadata record without its checksum (as before it had one) may have been edited by hand: a
+        # value of another type crashed far from here (AttributeError in record_prefix, TypeError in
+        # feature_bytes: a traceback from `kd cache info`) or was taken as it was (shard 5 of 2, "yes").
+        for name in ("teacher_fingerprint", "dataset_id", "codec", "teacher", "augmentation", "basis_sha256",
+                     "created_by"):  # fmt: skip
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"cache {name} must be a string, got {getattr(self, name)!r}")
+        for name in ("features_pooled", "per_token"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"cache {name} must be true or false, got {getattr(self, name)!r}")
+        index = self.shard_index
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.shard_count:
+            raise ValueError(f"cache shard_index must be an integer 0..{self.shard_count - 1}, got {index!r}")
+        vp = self.view_params
+        if isinstance(vp, bool) or not isinstance(vp, int) or vp < 0:
+            raise ValueError(f"cache view_params must be an integer >= 0, got {vp!r}")
+        feats = self.features
+        if not isinstance(feats, dict) or not all(
+            isinstance(name, str)
+            and isinstance(shape, (list, tuple))
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+            for name, shape in feats.items()
+        ):
+            raise ValueError(f"cache features must map each layer name to its shape (positive integers), got {feats!r}")
+        if not isinstance(self.dataset_manifest, dict):
+            raise ValueError(f"cache dataset_manifest must be a JSON object, got {self.dataset_manifest!r}")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"the cache was written in format {self.format_version}, newer than this kd reads "
+                f"({FORMAT_VERSION}); upgrade kd"
+            )
 
     def to_json(self) -> bytes:
         """The metadata record: sorted JSON, then a line ``crc32=XXXXXXXX`` over those bytes
@@ -211,8 +245,9 @@ class CacheMeta:
                 )
         try:
             data = json.loads(body)
-            if isinstance(data, dict):
-                data.setdefault("codec_version", 1)  # written before the field: the first layouts
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, got {type(data).__name__} {body[:60]!r}")
+            data.setdefault("codec_version", 1)  # written before the field: the first layouts
             known = {f.name for f in fields(cls)}
             return cls(**{k: v for k, v in data.items() if k in known})
         except (ValueError, TypeError, UnicodeDecodeError) as e:
@@ -1348,11 +1383,43 @@ class CacheReader:
                 report.corrupt += self._verify_batch(txn, batch, report.problems, walk)
         # a corrupt record is stored, so the walk took it out of the missing ones: counted once
         stored, missing = walk.finish()
+        report.corrupt += self._verify_view_params(report.problems)
         report.present = stored - report.corrupt
         # position p -> (index, view): p = (index - shard_index) // shard_count * views + view
         index = meta.shard_index + (missing // meta.views) * meta.shard_count
         report.missing = list(zip(index.tolist(), (missing % meta.views).tolist()))
         return report
+
+    def _verify_view_params(self, problems: list[str]) -> int:
+        """The records stored without their view params (``meta.view_params``: a cache precomputed with
+        views): each is a problem, and the count is returned (they are corrupt: their view cannot be
+        replayed). A cache copied without its VIEW_PARAMS_DIR folder (``cp cache/*.mdb``), or one whose
+        folder was removed and then resumed (a resume redoes no target it holds, so no params either),
+        passed verify before, and only ``read_view_params`` failed, later."""
+        if not self.meta.view_params:
+            return 0
+        where = self.path / VIEW_PARAMS_DIR
+        try:
+            params: CacheReader | None = CacheReader(where)
+        except CacheError as e:  # the folder is gone (or not a cache): no record has its params
+            params, why = None, f" ({e})"
+        else:
+            why = ""
+        have = iter(()) if params is None else params.keys()
+        nxt = next(have, None)
+        bad = 0
+        for key in self.keys():  # both walks are in (index, view) order: one merge, no set of keys
+            while nxt is not None and nxt < key:
+                nxt = next(have, None)
+            if nxt != key:  # one problem per record, as for any corrupt one (kd cache verify counts them)
+                bad += 1
+                problems.append(
+                    f"record (index={key[0]}, view={key[1]}) has no view params in {str(where)!r}{why}; rebuild the "
+                    "cache with `kd precompute` into an empty --out"
+                )
+        if params is not None:
+            params.close()
+        return bad
 
     def _verify_batch(
         self, txn: lmdb.Transaction, items: list[tuple[bytes, bytes]], problems: list[str], walk: _MissingWalk

@@ -39,7 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kd.cache import CacheMeta, CacheReader, CacheWriter
 from kd.cache.codecs import LowRankBasis, bytes_per_sample, codec_uses_temperature, get_codec
 from kd.cache.sharded import check_layout, open_cache, shard_dir
-from kd.cache.store import stored_basis
+from kd.cache.store import VIEW_PARAMS_DIR, stored_basis
 from kd.core import reductions
 from kd.core.data import loader as data_loader
 from kd.core.lmchecks import (
@@ -163,9 +163,6 @@ class KeyBatches(torch.utils.data.Dataset):
         else:
             inputs = torch.empty(len(idx), 0)
         return idx, vw, inputs, self.labels[idx]
-
-
-VIEW_PARAMS_DIR = "view-params"
 
 
 def view_params_path(cache: str | Path) -> Path:

@@ -46,6 +46,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 import tarfile
 import time
@@ -370,8 +371,18 @@ def _open_digits(split: str, opts: dict[str, str]) -> Dataset:
 
 
 # -- manifests -------------------------------------------------------------------
-MANIFEST_VERSION = 1
+# v2: entries keyed by inode and ctime too. v1 trusted a hash on (size, mtime) alone, so a file replaced by
+# one of the same size with its mtime carried over (cp -p, rsync -t, touch -r, an extracted archive) kept the
+# old content's hash: the dataset_id did not change and a resumed precompute kept the old file's targets.
+MANIFEST_VERSION = 2
 _RACY_NS = 2_000_000_000  # files modified this close to a hash are hashed again next time
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    """(size, mtime_ns, inode, ctime_ns): what a file's kept hash (or index) is trusted on. Nobody can set a
+    ctime (every write, rename over or utime sets it to now), so a same-size edit with its mtime put back, or
+    another file renamed over this one, is seen even where the mtime is not."""
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 def cache_dir() -> Path:
@@ -415,18 +426,20 @@ def _hash_files(paths: list[str]) -> list[str]:
         return [h for part in pool.map(some, range(0, len(paths), step)) for h in part]
 
 
-def _read_sidecar(side: Path) -> tuple[int, list[str], list[tuple[int, int, str]]]:
-    """(written_ns, relative paths, (size, mtime_ns, hash) of each) of a manifest sidecar; empty if unreadable."""
+def _read_sidecar(side: Path) -> tuple[int, list[str], list[tuple[tuple[int, ...], str]]]:
+    """(written_ns, relative paths, (``_stat_key``, hash) of each) of a manifest sidecar; empty if unreadable."""
     try:
-        with open(side, encoding="utf-8") as f:
+        # surrogateescape: file names are bytes on POSIX; one that is not UTF-8 (a Latin-1 name copied
+        # from an old system) is a str with surrogates, which plain UTF-8 refuses to write or read
+        with open(side, encoding="utf-8", errors="surrogateescape") as f:
             head = f.readline().split()
             if not (len(head) == 3 and head[1] == f"v{MANIFEST_VERSION}"):
                 return 0, [], []
             rels, entries = [], []
             for line in f:
-                h, size, mtime, rel = line.rstrip("\n").split("\t", 3)
+                h, size, mtime, ino, ctime, rel = line.rstrip("\n").split("\t", 5)
                 rels.append(rel)
-                entries.append((int(size), int(mtime), h))
+                entries.append(((int(size), int(mtime), int(ino), int(ctime)), h))
             return int(head[2]), rels, entries
     except (OSError, ValueError):
         return 0, [], []
@@ -436,14 +449,14 @@ def file_manifest(root: Path, rels: Sequence[str]) -> list[tuple[str, int, int, 
     """(relative path, size, mtime_ns, content hash) of each file under ``root``.
 
     A file's hash is computed once and kept in a sidecar (``cache_dir()/manifests``)
-    keyed by path, size and mtime, so re-opening a large folder only stats it.
+    keyed by path, size, mtime, inode and ctime (``_stat_key``), so re-opening a large folder only stats it.
     A file modified within 2 s of its hashing is hashed again (as git's racy index).
     Files are stat'ed relative to an open descriptor of ``root`` (no path object per file),
     the files to hash are hashed on several threads (``_hash_files``).
     """
     root = Path(root).resolve()
     base = str(root)
-    side = cache_dir() / "manifests" / (hashlib.sha256(base.encode()).hexdigest()[:32] + ".tsv")
+    side = cache_dir() / "manifests" / (hashlib.sha256(os.fsencode(base)).hexdigest()[:32] + ".tsv")
     written_ns, known_rels, known = _read_sidecar(side)
     rels = list(rels)
     # Re-opening an unchanged folder lists the same files in the same order as the sidecar: matched by
@@ -453,6 +466,7 @@ def file_manifest(root: Path, rels: Sequence[str]) -> list[tuple[str, int, int, 
     use_fd = os.stat in os.supports_dir_fd
     fd = os.open(base, os.O_RDONLY) if use_fd else None
     out: list[tuple[str, int, int, str]] = []
+    keys: list[tuple[int, int, int, int]] = []  # _stat_key of each file, for the sidecar
     stale: list[int] = []  # positions in out whose hash is not known
     try:
         for i, rel in enumerate(rels):
@@ -460,11 +474,23 @@ def file_manifest(root: Path, rels: Sequence[str]) -> list[tuple[str, int, int, 
                 st = os.stat(rel, dir_fd=fd) if use_fd else os.stat(os.path.join(base, rel))
             except OSError as e:
                 raise DatasetError(f"cannot read {os.path.join(base, rel)}: {e.strerror}") from None
-            size, mtime = st.st_size, st.st_mtime_ns
+            if not stat.S_ISREG(st.st_mode):
+                # a named pipe (mkfifo) hung the hashing (and any decode) for ever, waiting for a writer
+                mode = st.st_mode
+                kind = "named pipe" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+                raise DatasetError(
+                    f"{os.path.join(base, rel)} is a {kind}, not a regular file: reading it could wait for ever; "
+                    "remove it from the dataset"
+                )
+            key = _stat_key(st)
+            size, mtime = key[0], key[1]
+            keys.append(key)
             k = i if where is None else where.get(rel, -1)
             hit = known[k] if k >= 0 else None
-            if hit and hit[0] == size and hit[1] == mtime and mtime < written_ns - _RACY_NS:
-                out.append((rel, size, mtime, hit[2]))
+            # the racy window is the mtime's alone: a file whose mtime was set back (utime, cp -p) has a ctime of
+            # when that was done, and a ctime in the window would re-hash it on every open for 2 s
+            if hit and hit[0] == key and mtime < written_ns - _RACY_NS:
+                out.append((rel, size, mtime, hit[1]))
             else:
                 out.append((rel, size, mtime, ""))
                 stale.append(i)
@@ -478,9 +504,12 @@ def file_manifest(root: Path, rels: Sequence[str]) -> list[tuple[str, int, int, 
         try:
             side.parent.mkdir(parents=True, exist_ok=True)
             tmp = side.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
+            with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
                 f.write(f"kd-manifest v{MANIFEST_VERSION} {time.time_ns()}\n")
-                f.writelines(f"{h}\t{size}\t{mtime}\t{rel}\n" for rel, size, mtime, h in out)
+                f.writelines(
+                    f"{h}\t{size}\t{mtime}\t{ino}\t{ctime}\t{rel}\n"
+                    for (rel, _, _, h), (size, mtime, ino, ctime) in zip(out, keys)
+                )
             os.replace(tmp, side)
         except OSError:
             pass  # a read-only cache dir only costs re-hashing next time
@@ -856,8 +885,25 @@ class FileSource:
             x = x.reshape(self.shape)
         return x
 
+    @cached_property
+    def native_shape(self) -> tuple[int, ...] | None:
+        """The shape every sample that is not an image [C, H, W] must have (that of sample 0)."""
+        return tuple(self._shaped(0).shape) if len(self) else None
+
+    def _refuse_other_shape(self, i: int, shape: tuple[int, ...]) -> None:
+        # Samples of other lengths (a ragged Hugging Face column, a module's vectors) were stacked by torch:
+        # "stack expects each tensor to be equal size" (a RuntimeError naming no sample), or, a batch at a
+        # time, handed to the teacher at another width
+        want = self.native_shape
+        if want is not None and shape != want:
+            raise DatasetError(
+                f"{self._what(i)} has shape {list(shape)} but this source's samples have {list(want)} (that of "
+                "sample 0); every sample must have the same shape"
+            )
+
     def _fit(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3:
+            self._refuse_other_shape(i, tuple(x.shape))
             return x
         if self.size is not None:
             return resize_center(x, self.size)
@@ -987,6 +1033,7 @@ class FileSource:
     def _fit_batch(self, il: list[int], x: torch.Tensor) -> torch.Tensor:
         """``_fit`` of every row of a uniform batch."""
         if x.dim() != 4:
+            self._refuse_other_shape(il[0], tuple(x.shape[1:]))  # the rows share a shape
             return x
         if self.size is not None:
             if tuple(x.shape[-2:]) == self.size:
@@ -1022,6 +1069,23 @@ def _existing_file(fmt: str, target: str) -> Path:
 
 
 # -- imagefolder -----------------------------------------------------------------------
+def _refuse_link_loops(dirpath: str, dirnames: list[str]) -> None:
+    """Refuse a folder under ``dirpath`` that is (a link to) ``dirpath`` itself or a folder above it.
+
+    Links are followed (a class folder may link to images kept elsewhere), and ``os.walk`` does not
+    notice a loop: it went round until the path grew too long for the OS, so a link ``cls/up -> ..``
+    read every image of the folder some 40 times over, as that many extra samples, without a word."""
+    here = os.path.realpath(dirpath)
+    for d in dirnames:
+        link = os.path.join(dirpath, d)
+        there = os.path.realpath(link)
+        if here == there or here.startswith(there.rstrip(os.sep) + os.sep):
+            raise DatasetError(
+                f"imagefolder: {link} links to {there}, a folder it is in: reading it would loop over the same "
+                "images again and again; remove the link (or make it point outside its own folder)"
+            )
+
+
 class ImageFolderSource(FileSource):
     """``imagefolder:DIR``: ``DIR/<class>/**/<image>``, classes sorted by name (torchvision's layout)."""
 
@@ -1039,6 +1103,7 @@ class ImageFolderSource(FileSource):
             found = []
             for dirpath, dirnames, names in os.walk(self.root / cls, followlinks=True):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                _refuse_link_loops(dirpath, dirnames)
                 rel = os.path.relpath(dirpath, self.root)
                 # "._NAME" files are macOS's AppleDouble metadata beside each file copied from a Mac
                 # to another file system, never an image (each refused the whole folder before).
@@ -1114,9 +1179,12 @@ def _npz_read(path: Path, key: str) -> np.ndarray:
     """Member ``key`` of a compressed npz, read into memory; a damaged member is named, not numpy's EOF."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return z[key]
+            a = z[key]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DatasetError(f"npz: member {key!r} of {path} is truncated or corrupt ({e}); write it again") from None
+    if not isinstance(a, np.ndarray):  # numpy hands back a member without the .npy magic as its raw bytes
+        raise DatasetError(f"npz: member {key!r} of {path} is not a readable .npy array (no .npy header)")
+    return a
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -1167,10 +1235,15 @@ class ArraySource(FileSource):
                 raise DatasetError("npy: give the labels file as ?y=LABELS.npy (relative to the inputs' folder)")
             self.y_path = _existing_file(fmt, str(self.path.parent / opts["y"]))
         x, y = self._arrays()
-        if len(x) != len(y):
-            raise DatasetError(f"{fmt}: {len(x)} inputs but {len(y)} labels in {self.path}")
+        if x.ndim == 0:  # len() of a 0-d array is a TypeError: a traceback, not a message
+            what = f"array {self.x_key!r} of {self.path}" if fmt == "npz" else str(self.path)
+            raise DatasetError(
+                f"{fmt}: the inputs ({what}) are one value ({x.dtype} {x.item()!r}), not one sample per row"
+            )
         if y.ndim != 1 or y.dtype.kind not in "iu":
             raise DatasetError(f"{fmt}: labels must be a 1-d integer array, got {y.dtype} {list(y.shape)}")
+        if len(x) != len(y):
+            raise DatasetError(f"{fmt}: {len(x)} inputs but {len(y)} labels in {self.path}")
         if x.dtype.kind not in "iubf":
             what = f"array {self.x_key!r} of {self.path}" if fmt == "npz" else str(self.path)
             raise DatasetError(
@@ -1596,10 +1669,10 @@ class WebDatasetSource(FileSource):
         self.keys = np.concatenate([p["keys"] for p in parts])
 
     def _shard_index(self, shard: Path) -> dict[str, np.ndarray]:
-        """One shard's index, from a sidecar keyed by path, size, mtime and options (else from its headers)."""
+        """One shard's index, from a sidecar keyed by path, ``_stat_key`` and options (else from its headers)."""
         st = shard.stat()
-        tag = f"{shard}|{st.st_size}|{st.st_mtime_ns}|{self.image_exts}|{self.label_ext}"
-        side = cache_dir() / "wds-index" / (hashlib.sha256(tag.encode()).hexdigest()[:32] + ".npz")
+        tag = f"{shard}|{'|'.join(map(str, _stat_key(st)))}|{self.image_exts}|{self.label_ext}"
+        side = cache_dir() / "wds-index" / (hashlib.sha256(os.fsencode(tag)).hexdigest()[:32] + ".npz")
         try:
             with np.load(side, allow_pickle=False) as z:
                 return {k: z[k] for k in ("offsets", "sizes", "labels", "keys")}

@@ -252,6 +252,10 @@ def _flag(opts: dict[str, str], key: str, default: bool, fmt: str) -> bool:
     raise _error(f"{fmt}: {key}={v!r}: expected 0 or 1")
 
 
+# A JSON escape of a UTF-16 surrogate ("\\ud800"): json.loads takes a lone one, which no tokenizer can encode
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def _error(msg: str) -> ValueError:
     from kd.core.data import DatasetError
 
@@ -448,6 +452,15 @@ class TokenSource:
                         raise _error(f"jsonl: {path}:{n} has no field {f!r}; fields: {', '.join(obj)}")
                     if not isinstance(obj[f], str):
                         raise _error(f"jsonl: {path}:{n}: field {f!r} is {type(obj[f]).__name__}, not text")
+                    if _SURROGATE_ESCAPE.search(raw):  # rare: only then is the text encoded to check it
+                        try:
+                            obj[f].encode("utf-8")
+                        except UnicodeEncodeError as e:
+                            bad = f"\\u{ord(obj[f][e.start]):04x}"
+                            raise _error(
+                                f"jsonl: {path}:{n}: field {f!r} holds {bad}, half of a UTF-16 surrogate pair "
+                                "and no character (JSON escapes it, UTF-8 cannot hold it); fix the text"
+                            ) from None
                     row.append(obj[f])
                 yield tuple(row)
 
