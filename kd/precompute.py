@@ -836,6 +836,19 @@ class LocalTokenTeacher:
         return {name: int(h.shape[-1]) for name, h in hidden.items()}
 
 
+def _named(e: Any, indices: list[int], rows: list[int]) -> Any:
+    """``e`` (a ``TeacherRequestError``), its message naming the dataset sequences of ``rows`` where
+    the server refused their answer as out of range (it names no sequence); any other refusal as it is."""
+    import grpc
+
+    from kd.teacher_server.client import TeacherRequestError
+
+    if e.code != grpc.StatusCode.OUT_OF_RANGE:
+        return e
+    which = ", ".join(str(indices[r]) for r in rows)
+    return TeacherRequestError(e.code, f"sequence{'s' if len(rows) > 1 else ''} {which}: {e.message}")
+
+
 ANSWER_SLACK = 4096  # bytes the server adds to an answer's tensors when it sizes it (kd.teacher_server.lm)
 
 
@@ -885,6 +898,10 @@ class ServerTokenTeacher:
         (ids, counts) per round (``sample``), each over the sequence's L real positions; and per
         sequence the hidden states of ``layers`` there, layer -> fp16 [L, D] (what a cache keeps:
         asked in fp16, rounded next to the model as a cache rounds them)."""
+        import grpc
+
+        from kd.teacher_server.client import TeacherRequestError
+
         lens = [int(n) for n in lengths]
         name = self.teacher_name
         hidden = {"hidden": list(layers), "hidden_dtype": torch.float16} if layers else {}
@@ -898,9 +915,13 @@ class ServerTokenTeacher:
 
             def one(job: tuple[int, int]) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
                 r, rnd = job
-                out = self.client.infer_tokens(name, tokens[r : r + 1, : lens[r]], samples=ask.k,
-                                               seed=sample_seed(indices[r], rnd), sparse_temperature=ask.temperature,
-                                               **(hidden if rnd == 0 else {}))  # fmt: skip
+                try:
+                    out = self.client.infer_tokens(name, tokens[r : r + 1, : lens[r]], samples=ask.k,
+                                                   seed=sample_seed(indices[r], rnd),
+                                                   sparse_temperature=ask.temperature,
+                                                   **(hidden if rnd == 0 else {}))  # fmt: skip
+                except TeacherRequestError as e:
+                    raise _named(e, indices, [r]) from None
                 return (out["sample_indices"], out["sample_counts"]), (states(out, [lens[r]])[0] if rnd == 0 else {})
 
             jobs = [(r, rnd) for r in range(len(indices)) for rnd in range(ask.rounds)]
@@ -919,7 +940,22 @@ class ServerTokenTeacher:
             out = self.client.infer_tokens(name, part, lengths=part_lens, logits=True, dtype=ask.dtype, **hidden)
             return list(zip((z.float() for z in torch.split(out["logits"], part_lens)), states(out, part_lens)))
 
-        pairs = self._fitting(list(range(len(lens))), lens, ask, call, layers)
+        def named(rows: list[int]) -> list[Any]:
+            """``call(rows)``; an answer the server refuses as out of range (NaN/Inf, or hidden
+            states past fp16's range, as they are asked) names the sequence it comes from: the server
+            names no row, so the rows of a refused run are asked alone until one is refused."""
+            try:
+                return call(rows)
+            except TeacherRequestError as e:
+                if len(rows) > 1 and e.code == grpc.StatusCode.OUT_OF_RANGE:
+                    for r in rows:
+                        try:
+                            call([r])
+                        except TeacherRequestError as alone:
+                            raise _named(alone, indices, [r]) from None
+                raise _named(e, indices, rows) from None
+
+        pairs = self._fitting(list(range(len(lens))), lens, ask, named, layers)
         return [a for a, _ in pairs], [h for _, h in pairs]
 
     def answer_bytes(self, positions: int, ask: TokenAsk, layers: Sequence[str] = ()) -> int:

@@ -72,7 +72,7 @@ from kd.teacher_server.batcher import (
     QueueAccounting,
 )
 from kd.teacher_server.loading import Teacher, TeacherLoadError, TeacherSpec, build_model, fingerprint
-from kd.teacher_server.outputs import FLOAT_OUT, check_finite
+from kd.teacher_server.outputs import FLOAT_OUT, OutputRangeError, check_finite
 from kd.v1 import teacher_pb2 as pb
 
 log = logging.getLogger("kd.serve")
@@ -636,9 +636,10 @@ class TokenRunner:
         if self.threads:
             torch.set_num_threads(self.threads)
 
-    def run(self, groups: list[tuple[TokenWork, list[int]]]) -> list[dict[str, torch.Tensor]]:
+    def run(self, groups: list[tuple[TokenWork, list[int]]]) -> list[dict[str, torch.Tensor] | OutputRangeError]:
         """One forward over the rows of ``groups`` (each a request and some of its row indices),
-        padded to the longest; per group the outputs of those rows, copied to the host."""
+        padded to the longest; per group the outputs of those rows, copied to the host, or the
+        OutputRangeError that refuses that group's outputs (NaN/Inf) without failing the others."""
         dev = self.teacher.device
         flat = [(w, r) for w, rows in groups for r in rows]
         width = max(w.lengths[r] for w, r in flat)
@@ -677,7 +678,11 @@ class TokenRunner:
                     sl = slice(start, start + len(rows))
                     start += len(rows)
                     feats = {k: captured[k][sl].float() for k in work.layers}
-                    out = postprocess(work, rows, logits[sl], feats, tokens[sl], asked[sl])
+                    try:
+                        out = postprocess(work, rows, logits[sl], feats, tokens[sl], asked[sl])
+                    except OutputRangeError as e:  # this request's answer alone: the others batched with it stand
+                        results.append(e)
+                        continue
                     # Split per row on the device, then one copy of each output to the host.
                     results.append({k: v.cpu() for k, v in out.items()})
         finally:
@@ -923,6 +928,9 @@ class TokenBatcher(QueueAccounting):
             self._on_tokens(real, n * width)
         for (req, rows), out in zip(groups, results):
             if req.future.done():
+                continue
+            if isinstance(out, OutputRangeError):
+                self._fail(req, out)
                 continue
             counts = [int(req.work.positions[r].sum()) for r in rows]
             for r, part in zip(rows, _split(out, counts)):

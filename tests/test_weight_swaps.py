@@ -32,11 +32,16 @@ def test_swaps_that_outpace_every_try_are_held_off_on_the_last() -> None:
             """Two forwards of one request (rows tagged as VersionedRunner tags them) with a
             publisher's swap attempted between them, as the batcher would meet it."""
             first = slot.version
+            # Only the request can hold the publish lock here (every earlier publisher has finished):
+            # read before this publisher starts, it says whether the request holds the swap off, with
+            # no wait whose length a loaded machine could outlast.
+            held = slot._publish_lock.locked()
             p = threading.Thread(target=slot.publish, args=(states[len(publishers) % 2],))
             publishers.append(p)
             p.start()
-            p.join(0.5)
-            held_off.append(p.is_alive())  # still waiting for the publish lock: the swap is held
+            if not held:
+                p.join()  # the swap goes through between the two forwards
+            held_off.append(held)
             second = slot.version
             return {"logits": torch.zeros(2, 10), VERSION_KEY: torch.tensor([first, second])}
 
