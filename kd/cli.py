@@ -1765,7 +1765,8 @@ def cache_info(
     info["bytes_per_sample"] = bytes_per_sample(reader.meta.codec, reader.meta.num_classes) + sum(
         reader.meta.feature_bytes.values()
     )
-    info["feature_bytes_per_sample"] = reader.meta.feature_bytes
+    # a token cache's states are per position (token), not per record
+    info["feature_bytes_per_token" if reader.meta.per_token else "feature_bytes_per_sample"] = reader.meta.feature_bytes
     info["file_bytes"] = sum(f.stat().st_size for f in path.rglob("data.mdb"))
     if hasattr(reader, "shards"):
         info["shards"] = len(reader.shards)

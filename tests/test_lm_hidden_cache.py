@@ -121,6 +121,8 @@ def test_cli_precompute_and_train_lm_with_cached_states(corpus, served, tmp_path
             "--feature", "embed", "--out", str(cache))  # fmt: skip
     assert r.exit_code == 0, r.output
     assert open_cache(str(cache)).meta.features == {"embed": [16]}
+    info = json.loads(cli("cache", "info", str(cache)).stdout)
+    assert info["feature_bytes_per_token"] == {"embed": 32} and "feature_bytes_per_sample" not in info
     r = cli("cache", "verify", str(cache))  # each record's length and checksum, its states included
     assert r.exit_code == 0 and "12/12 records good, 0 corrupt" in r.output, r.output
     assert cli("precompute", "--source", f"local:{TEACHER}", "--dataset", corpus["train"], "--codec", "topk:4",
