@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 from ports import _ephemeral_low, unused_port
+
+from kd.teacher_server.loading import Teacher
+from kd.teacher_server.server import start_server
 
 
 def test_unused_port_is_below_the_ephemeral_range_and_free() -> None:
@@ -15,3 +19,14 @@ def test_unused_port_is_below_the_ephemeral_range_and_free() -> None:
     for p in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))  # free when handed out (nothing here holds it)
+
+
+def test_a_port_another_server_listens_on_is_refused_not_shared(teacher: Teacher) -> None:
+    # gRPC's default SO_REUSEPORT let this second bind succeed, and the kernel then split new connections
+    # between the two servers (test_stream_slots' pool once streamed to another test's server).
+    first = start_server([teacher], port=0)
+    try:
+        with pytest.raises(OSError, match=f"cannot bind 127.0.0.1:{first.port}: in use"):
+            start_server([teacher], port=first.port)
+    finally:
+        first.stop(grace=0)
