@@ -267,7 +267,11 @@ def start_server(
         # A thread per open stream beyond the unary workers; calls beyond the threads wait in a
         # bounded backlog (maximum_concurrent_rpcs) instead of an unbounded one.
         futures.ThreadPoolExecutor(max_workers=max_workers + max_streams, thread_name_prefix="grpc"),
-        options=channel_options(max_message_bytes),
+        # grpc.so_reuseport off: gRPC sets SO_REUSEPORT by default, so a second server (another `kd serve`,
+        # a test's restart on a port another process took meanwhile) bound a port already served without an
+        # error, and the kernel split new connections between the two: clients were answered by a teacher
+        # they never named. Now that bind fails ("cannot bind ...: in use").
+        options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)],
         interceptors=[TokenInterceptor(token, on_deny=lambda: metrics.error("", "UNAUTHENTICATED"))] if token else [],
         maximum_concurrent_rpcs=4 * max_workers + max_streams,
     )

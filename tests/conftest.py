@@ -30,6 +30,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # where a stale one from another checkout could change what a test sees.
 _CACHE_DIR = tempfile.mkdtemp(prefix="kd-test-cache-")
 os.environ["KD_CACHE_DIR"] = _CACHE_DIR
+# Likewise matplotlib's config and font cache (`kd plot` in test_train_loop): it made ~/.config/matplotlib
+# and wrote ~/.cache/matplotlib/fontlist-*.json, outside every test's tmp dir.
+os.environ["MPLCONFIGDIR"] = os.path.join(_CACHE_DIR, "matplotlib")
 atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ports import unused_port
 from safetensors.torch import save_file
 
 from kd.cache.sharded import open_cache
@@ -42,12 +43,6 @@ def other(tmp_path_factory: pytest.TempPathFactory) -> Teacher:
     return load_teacher("digits", f"kd.models:digits_teacher@{path}")
 
 
-def _free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _batches(train, n: int, size: int = 16) -> list[tuple]:
     return [(i, train.inputs[i], train.labels[i]) for i in torch.arange(n * size).split(size)]
 
@@ -55,7 +50,7 @@ def _batches(train, n: int, size: int = 16) -> list[tuple]:
 # -- 1. a server restarted on its address with other weights ---------------------------------
 def test_a_server_restarted_with_other_weights_is_refused(teacher: Teacher, other: Teacher, train) -> None:
     assert teacher.name == other.name and teacher.fingerprint != other.fingerprint
-    port = _free_port()
+    port = unused_port()
     address = f"127.0.0.1:{port}"
     running = start_server([teacher], port=port)
     src = ServerSource(address)
@@ -80,7 +75,7 @@ def test_a_server_restarted_with_other_weights_is_refused(teacher: Teacher, othe
 def test_a_restarted_pool_member_and_a_read_through_cache_are_refused(
     tmp_path: Path, teacher: Teacher, other: Teacher, train
 ) -> None:
-    port = _free_port()
+    port = unused_port()
     servers = [start_server([teacher], port=0), start_server([teacher], port=port)]
     pool = ServerSource([f"127.0.0.1:{servers[0].port}", f"127.0.0.1:{port}"], depth=2)
     upstream = ServerSource(f"127.0.0.1:{port}")
@@ -137,7 +132,7 @@ def test_a_token_teacher_restarted_with_other_weights_is_refused() -> None:
 
     lm_a, lm_b = load_teacher("lm", SPEC), load_teacher("lm", f"{__name__}:other_lm")
     assert lm_a.fingerprint != lm_b.fingerprint
-    port = _free_port()
+    port = unused_port()
     options = TeacherOptions(max_batch_tokens=256, max_batch_size=8, warmup=False)
     running = start_server([lm_a], port=port, batching=options)
     remote = ServerTokenTeacher(f"127.0.0.1:{port}", "lm")
@@ -206,7 +201,7 @@ def _restarted_mid_run(args: list[str], first: Teacher, then: Teacher, options: 
     from kd.cli import app
 
     assert first.name == then.name and first.fingerprint != then.fingerprint
-    port = _free_port()
+    port = unused_port()
     address = f"127.0.0.1:{port}"
     servers = [start_server([first], port=port, batching=options)]
 
@@ -245,7 +240,7 @@ def test_kd_datafree_fails_when_its_server_is_restarted_with_other_weights(tmp_p
 # -- 2. an unreachable server ---------------------------------------------------------------
 @pytest.mark.serial
 def test_an_unreachable_server_fails_fast_naming_its_address(teacher: Teacher) -> None:
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{unused_port()}"
     t0 = time.monotonic()
     with pytest.raises(TeacherRequestError, match=f"could not reach .*{dead}.*1 s"):
         with TeacherClient(dead, connect_timeout=1.0) as c:
@@ -269,7 +264,7 @@ def test_server_timeout_bounds_the_connect_wait_of_the_cli(tmp_path: Path, comma
 
     from kd.cli import app
 
-    dead = f"127.0.0.1:{_free_port()}"  # bound, then closed: nothing listens there
+    dead = f"127.0.0.1:{unused_port()}"  # bound, then closed: nothing listens there
     (tmp_path / "t.txt").write_text("the cat sat on the mat\nthe dog sat on the log\n")
     text = f"text:{tmp_path / 't.txt'}?doc=line&pack=0&block=16"
     args = {
@@ -291,7 +286,7 @@ def test_server_timeout_bounds_the_connect_wait_of_the_cli(tmp_path: Path, comma
 # -- 3. a stalled server ---------------------------------------------------------------------
 @pytest.mark.serial
 def test_a_stalled_server_fails_the_stream_naming_server_and_timeout(tmp_path: Path, teacher_spec: str, train):
-    port = _free_port()
+    port = unused_port()
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -324,7 +319,7 @@ def _fails_on_a_stalled_server(tmp_path: Path, teacher_spec: str, command: Calla
     """Start kd serve, then ``kd COMMAND(server address)`` (with ``--server-timeout 1``) against it;
     once ``progressed()`` (its stream is in use), SIGSTOP the server: the command must exit 2 within
     seconds, naming the server and the 1 s limit (the default would take 60 s; before the option: never)."""
-    port = _free_port()
+    port = unused_port()
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "kd", "serve", "--teacher", f"digits={teacher_spec}", "--host", "127.0.0.1",

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from ports import unused_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 6, 2
@@ -51,19 +51,13 @@ def write_image_folder(root: Path) -> None:
                 Image.fromarray(img).save(d / f"{split}_{i:03d}.{ext}", format=fmt)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_readme_walkthrough_runs_start_to_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     block = walkthrough_block()
     for command in ("kd train", "kd serve", "kd precompute", "kd cache verify", "kd evaluate"):
         assert command in block, f"the walk-through lost its `{command}` step"
     write_image_folder(tmp_path / "data")
     (tmp_path / "configs").symlink_to(ROOT / "configs")  # "from the repository root"
-    port = free_port()
+    port = unused_port()  # below the ephemeral range: the other worker cannot take it first
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # this venv's `kd`
