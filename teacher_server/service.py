@@ -109,10 +109,15 @@ def _clip(message: str) -> str:
     return message if len(message) <= _MAX_DETAILS else message[: _MAX_DETAILS - 20] + " ... (truncated)"
 
 
+_CANCEL_GRACE_S = 2.0  # how long a short upload waits for its client's cancel to arrive
+
+
 def _upload_chunks(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[pb.WeightsChunk]:
     """An upload's ``WeightsChunk`` messages, each parsed; a call its client cancelled (or whose
     deadline passed) while it was read is CANCELLED (DEADLINE_EXCEEDED), not a server error."""
-    received = 0
+    received = announced = size = 0
+    terminated = threading.Event()
+    context.add_callback(terminated.set)  # a cancel or a passed deadline ends the call before its handler
 
     def ended() -> RequestError:
         remaining = context.time_remaining()
@@ -126,13 +131,17 @@ def _upload_chunks(request_iterator: Iterator[bytes], context: grpc.ServicerCont
 
     try:
         for raw in request_iterator:
-            yield _parse("PublishWeights", pb.WeightsChunk, raw, f" (chunk #{received})")
+            chunk = _parse("PublishWeights", pb.WeightsChunk, raw, f" (chunk #{received})")
+            announced = chunk.total_bytes if received == 0 else announced
+            size += len(chunk.data)
+            yield chunk
             received += 1
     except grpc.RpcError:
         raise ended() from None
-    # A cancelled call's requests may also just end (no RpcError, depending on when the cancel
-    # lands): that is the client's cancel, not an upload short of its announced bytes.
-    if not context.is_active():
+    # A cancelled call's requests may also just end (no RpcError), and the cancel can reach the
+    # server a moment after that end: an upload short of its announced bytes waits a moment for
+    # it before it is the client's mistake (INVALID_ARGUMENT, from WeightSlot.receive).
+    if not context.is_active() or (size < announced and terminated.wait(_CANCEL_GRACE_S)):
         raise ended()
 
 

@@ -271,6 +271,33 @@ def test_a_cancelled_upload_is_counted_cancelled_without_a_traceback(publishable
         release.set()
 
 
+@pytest.mark.serial  # the cancel must reach the server within its grace (2 s) of the requests' end
+def test_a_cancel_that_follows_the_end_of_a_short_upload_is_counted_cancelled(publishable) -> None:
+    # The client's requests end (half-close) short of the announced bytes and its cancel arrives a
+    # moment later, as a cancelled upload's end and cancel may reach the server: the old server had
+    # already answered INVALID_ARGUMENT 'the upload is incomplete' (the flake of session 17's CI).
+    running, stub, client = publishable
+    data = encode_state(_model(3))
+    sent = threading.Event()
+
+    def chunks():
+        try:
+            yield pb.WeightsChunk(teacher="p", data=data[:10], total_bytes=len(data))
+        finally:
+            sent.set()  # gRPC asked for the next request: the requests end here
+
+    call = stub.PublishWeights.future(chunks(), timeout=120)
+    assert sent.wait(30)
+    time.sleep(0.2)  # the end reaches the server first
+    call.cancel()
+    deadline = time.monotonic() + 30
+    while not _errors(running):
+        assert time.monotonic() < deadline, "no error counted"
+        time.sleep(0.02)
+    assert _errors(running) == {"CANCELLED": 1.0}
+    assert client.publish_weights("p", _model(3).state_dict()) == 1  # the slot is free
+
+
 @pytest.mark.serial
 def test_a_stalled_upload_is_dropped_after_the_idle_timeout_so_others_can_publish(publishable) -> None:
     running, stub, client = publishable
