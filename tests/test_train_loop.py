@@ -237,6 +237,7 @@ def _sigterm_when_progressed(cmd: list[str], run: Path, after_s: float = 0.5) ->
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.mark.serial  # the stop is sent a fixed 0.5 s into the next epoch: it must land inside it
 def test_sigterm_stops_kd_train_at_a_step_and_resume_ends_as_an_uninterrupted_run(
     tmp_path: Path, teacher_spec: str
 ) -> None:
