@@ -965,7 +965,7 @@ class CacheWriter:
         self._check_sequence_features(features, len(idx), "put_sequences")
         limit = self.codec.max_abs
         items: list[tuple[bytes, bytes]] = []
-        for k, (i, z) in enumerate(zip(idx, sequences)):
+        for i, z, feats in zip(idx, sequences, features or [None] * len(idx)):
             if z.ndim != 2 or z.shape[0] < 1 or z.shape[1] != self.meta.num_classes:
                 raise ValueError(f"put_sequences: sequence {i} has logits {list(z.shape)}, expected "
                                  f"[positions >= 1, {self.meta.num_classes}]")  # fmt: skip
@@ -981,7 +981,7 @@ class CacheWriter:
                                  f"({limit:.4g}); use a codec with a wider range (fp32, bf16)")  # fmt: skip
             n = z.shape[0]
             rows = self.codec.encode(z, np.stack([np.full(n, i), np.arange(n)], axis=1))
-            items.extend(self._sequence_record(i, rows, features, k))
+            items.extend(self._sequence_record(i, rows, feats))
         self._pending.extend(items)
         if len(self._pending) >= self.commit_every:
             self.flush()
@@ -999,7 +999,7 @@ class CacheWriter:
         self._check_sequence_features(features, len(idx), "put_sequence_rows")
         width = self.codec.record_bytes(self.meta.num_classes)
         items: list[tuple[bytes, bytes]] = []
-        for k, (i, r) in enumerate(zip(idx, rows)):
+        for i, r, feats in zip(idx, rows, features or [None] * len(idx)):
             if r.dtype != np.uint8 or r.ndim != 2 or r.shape[0] < 1 or r.shape[1] != width:
                 raise ValueError(f"put_sequence_rows: sequence {i} has rows {r.dtype} {list(r.shape)}, expected "
                                  f"uint8 [positions >= 1, {width}] ({self.meta.codec})")  # fmt: skip
@@ -1007,7 +1007,7 @@ class CacheWriter:
                 raise ValueError(
                     f"put_sequence_rows: index {i} outside dataset_size={self.meta.dataset_size} or this shard"
                 )
-            items.extend(self._sequence_record(i, r, features, k))
+            items.extend(self._sequence_record(i, r, feats))
         self._pending.extend(items)
         if len(self._pending) >= self.commit_every:
             self.flush()
@@ -1019,13 +1019,13 @@ class CacheWriter:
         elif len(features) != n:
             raise ValueError(f"{what}: {len(features)} feature sets for {n} sequences")
 
-    def _sequence_record(self, i: int, rows: np.ndarray, features: list | None, k: int) -> list[tuple[bytes, bytes]]:
+    def _sequence_record(self, i: int, rows: np.ndarray, feats: dict | None) -> list[tuple[bytes, bytes]]:
         """One sealed sequence record: its position count, then per position the codec row and
-        (where the cache stores them) the fp16 hidden states of ``features[k]``."""
+        (where the cache stores them) the fp16 hidden states of ``feats``."""
         n = rows.shape[0]
-        if features is not None:
+        if feats is not None:
             try:
-                rows = np.concatenate([rows, *self._encode_features(features[k], n)], axis=1)
+                rows = np.concatenate([rows, *self._encode_features(feats, n)], axis=1)
             except ValueError as e:
                 raise ValueError(f"sequence {i}: {e}") from None
         payload = np.concatenate([np.frombuffer(struct.pack("<I", n), dtype=np.uint8), rows.reshape(-1)])
